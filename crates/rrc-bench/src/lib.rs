@@ -1,0 +1,9 @@
+//! Workloads and measurement for rrc: protocol clients of the real servers,
+//! latency statistics, the lab sessions that benchmarks and the demo run in,
+//! and the benchmarks themselves.
+
+pub mod net;
+pub mod redis_benchmark;
+pub mod resp;
+pub mod session;
+pub mod stats;

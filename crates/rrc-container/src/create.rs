@@ -1,0 +1,457 @@
+//! Building a container: claim the name, create the cgroup, fork the first
+//! process into new namespaces, give it a TAP device and a configured
+//! network, then let it exec the program. Any failure undoes every step
+//! taken so far.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::mount::{MsFlags, mount};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, kill, signal, sigprocmask};
+use nix::sys::wait::waitpid;
+use nix::unistd::{
+    Pid, dup2_stderr, dup2_stdin, dup2_stdout, pipe2, read, sethostname, setsid, write,
+};
+use rrc_cgroup::{Cgroup, Layout};
+use rrc_net::forward::Forwarder;
+use rrc_net::gate::{PacketGate, PassThrough};
+use rrc_net::packet::PacketSocket;
+use rrc_net::tap::Tap;
+use rrc_net::{NetNs, arp, netconf};
+
+use crate::proc::ProcRef;
+use crate::spec::ContainerSpec;
+use crate::state::{CgroupRecord, Claim, ContainerRecord, HostState, Phase};
+use crate::{Error, Result, nix_setup_err, setup_err, sys};
+
+/// Where the program's output goes.
+#[derive(Debug, Clone, Default)]
+pub enum Output {
+    /// The program shares rrc's terminal.
+    #[default]
+    Inherit,
+    /// rrc and the program write to this file (detached mode); the
+    /// program's stdin is /dev/null.
+    File(PathBuf),
+}
+
+pub struct CreateOptions {
+    pub output: Output,
+    /// The gate between the container and the LAN; [`PassThrough`] if none.
+    pub gate: Option<Arc<dyn PacketGate>>,
+    /// How long the forwarder keeps polling after a frame before it sleeps
+    /// (see [`rrc_net::forward`]).
+    pub spin: Duration,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            output: Output::Inherit,
+            gate: None,
+            spin: rrc_net::forward::DEFAULT_SPIN,
+        }
+    }
+}
+
+/// The network half of a running container.
+pub struct ContainerNet {
+    pub tap: Arc<Tap>,
+    pub uplink: Arc<PacketSocket>,
+    pub gate: Arc<dyn PacketGate>,
+    pub forwarder: Forwarder,
+}
+
+/// A running container and the rrc process's hold on it.
+pub struct Container {
+    pub(crate) host: HostState,
+    pub(crate) claim: Option<Claim>,
+    pub(crate) record: ContainerRecord,
+    pub(crate) cgroup: Cgroup,
+    pub(crate) init: Pid,
+    pub(crate) net: Option<ContainerNet>,
+}
+
+/// Signals the supervisor takes through a signalfd; blocked before any
+/// thread starts so every thread inherits the mask.
+pub(crate) fn supervisor_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Steps already taken, undone in reverse on failure.
+struct Partial {
+    claim: Option<Claim>,
+    cgroup: Option<Cgroup>,
+    init: Option<Pid>,
+}
+
+impl Partial {
+    fn rollback(mut self) {
+        if let Some(pid) = self.init.take() {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+        }
+        if let Some(cg) = self.cgroup.take()
+            && let Err(e) = cg
+                .kill_all(Duration::from_secs(5))
+                .and_then(|()| cg.remove(Duration::from_secs(5)))
+        {
+            tracing::warn!(error = %e, "rollback: cgroup left behind");
+        }
+        if let Some(claim) = self.claim.take() {
+            let _ = claim.release();
+        }
+    }
+}
+
+impl Container {
+    /// Creates and starts a container. Returns once the program has been
+    /// exec'd inside it and its network is forwarding.
+    pub fn create(
+        spec: &ContainerSpec,
+        layout: &Layout,
+        host: HostState,
+        opts: CreateOptions,
+    ) -> Result<Container> {
+        let argv: Vec<String> = spec
+            .argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let mut record = ContainerRecord::new(spec.name.clone(), argv);
+        record.net = spec.net.clone();
+        let claim = host.claim(&record)?;
+        let mut partial = Partial {
+            claim: Some(claim),
+            cgroup: None,
+            init: None,
+        };
+        match Self::build(spec, layout, &host, opts, &mut record, &mut partial) {
+            Ok((cgroup, init, net)) => Ok(Container {
+                host,
+                claim: partial.claim.take(),
+                record,
+                cgroup,
+                init,
+                net,
+            }),
+            Err(e) => {
+                partial.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn build(
+        spec: &ContainerSpec,
+        layout: &Layout,
+        host: &HostState,
+        opts: CreateOptions,
+        record: &mut ContainerRecord,
+        partial: &mut Partial,
+    ) -> Result<(Cgroup, Pid, Option<ContainerNet>)> {
+        let save = |partial: &Partial, record: &ContainerRecord| {
+            partial.claim.as_ref().expect("claimed").save(record)
+        };
+        if let Output::File(path) = &opts.output {
+            redirect_output(path)?;
+            record.log = Some(path.clone());
+        }
+
+        let cgroup = layout.create_below_self(&PathBuf::from(format!("rrc.{}", spec.name)))?;
+        partial.cgroup = Some(cgroup.clone());
+        record.cgroup = Some(CgroupRecord::from_cgroup(&cgroup));
+        save(partial, record)?;
+
+        // Everything the child needs is prepared before the fork, so that
+        // the child only makes system calls.
+        let hostname = spec.name.as_str().as_bytes().to_vec();
+        let program = CString::new(spec.program.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidSpec("program path contains a NUL byte".into()))?;
+        let argv: Vec<CString> = spec
+            .argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::InvalidSpec("an argument contains a NUL byte".into()))?;
+        let (go_rd, go_wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;
+        let (rep_rd, rep_wr) =
+            pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;
+
+        let flags = CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWNET;
+        // SAFETY: `rrc run` forks its container before starting any thread
+        // (the forwarder starts below); the child only makes system calls
+        // and then execs or exits (see `child_main`).
+        let forked = unsafe { sys::fork_into_namespaces(flags.bits()) };
+        let init = match forked {
+            Ok(Some(pid)) => pid,
+            Ok(None) => {
+                drop(go_wr);
+                drop(rep_rd);
+                child_main(&hostname, &program, &argv, go_rd, rep_wr)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                // Some namespace kind is missing; name it.
+                crate::probe::require_namespaces()?;
+                return Err(setup_err("clone")(e));
+            }
+            Err(e) => return Err(setup_err("clone")(e)),
+        };
+        drop(go_rd);
+        drop(rep_wr);
+        partial.init = Some(init);
+        // From here on the supervisor takes signals through a signalfd.
+        sigprocmask(SigmaskHow::SIG_BLOCK, Some(&supervisor_signals()), None)
+            .map_err(nix_setup_err("signal mask"))?;
+
+        cgroup.add_process(init)?;
+        record.init = ProcRef::of(init.as_raw());
+
+        let ns = NetNs::of_pid(init.as_raw())?;
+        record.netns = ns.id().ok();
+        let net_spec = spec.net.clone();
+        let tap = ns.run(move || -> Result<Option<Tap>> {
+            netconf::loopback_up()?;
+            let Some(net) = net_spec else {
+                return Ok(None);
+            };
+            let tap = Tap::create("eth0")?;
+            netconf::configure_interface(tap.name(), net.mac, net.addr)?;
+            if let Some(gw) = net.gateway {
+                netconf::add_default_route(gw)?;
+            }
+            Ok(Some(tap))
+        })??;
+        drop(ns);
+
+        let net = match (tap, &spec.net) {
+            (Some(tap), Some(n)) => {
+                let uplink = PacketSocket::open(&n.uplink, n.mac)?;
+                Some((Arc::new(tap), Arc::new(uplink)))
+            }
+            _ => None,
+        };
+        save(partial, record)?;
+
+        // Let the child exec, and learn whether it could.
+        write(&go_wr, b"g").map_err(nix_setup_err("release the container"))?;
+        drop(go_wr);
+        if let Some(err) = read_child_report(rep_rd) {
+            return Err(err.into_error(spec));
+        }
+
+        let net = match net {
+            Some((tap, uplink)) => {
+                let n = spec.net.as_ref().expect("net spec");
+                // Tell the LAN where the service address lives now.
+                if let Err(e) = uplink.send_frame(&arp::gratuitous(n.mac, n.addr.addr())) {
+                    tracing::warn!(error = %e, "gratuitous ARP not sent");
+                }
+                let gate: Arc<dyn PacketGate> = opts
+                    .gate
+                    .unwrap_or_else(|| Arc::new(PassThrough::default()));
+                let forwarder =
+                    Forwarder::start(tap.clone(), uplink.clone(), n.mac, gate.clone(), opts.spin)
+                        .map_err(setup_err("start forwarding"))?;
+                Some(ContainerNet {
+                    tap,
+                    uplink,
+                    gate,
+                    forwarder,
+                })
+            }
+            None => None,
+        };
+        record.phase = Phase::Running;
+        save(partial, record)?;
+        tracing::info!(
+            container = %spec.name,
+            pid = init.as_raw(),
+            host = host.host(),
+            "container running"
+        );
+        partial.init = None;
+        partial.cgroup = None;
+        Ok((cgroup, init, net))
+    }
+
+    pub fn host(&self) -> &HostState {
+        &self.host
+    }
+
+    pub fn record(&self) -> &ContainerRecord {
+        &self.record
+    }
+
+    pub fn init_pid(&self) -> Pid {
+        self.init
+    }
+
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    pub fn net(&self) -> Option<&ContainerNet> {
+        self.net.as_ref()
+    }
+}
+
+/// Sends the supervisor's and the program's output to `path` and detaches
+/// stdin, for containers that run in the background.
+fn redirect_output(path: &std::path::Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| Error::State {
+            path: dir.into(),
+            source,
+        })?;
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|source| Error::State {
+            path: path.into(),
+            source,
+        })?;
+    let null = File::open("/dev/null").map_err(setup_err("open /dev/null"))?;
+    dup2_stdin(null.as_fd()).map_err(nix_setup_err("redirect stdin"))?;
+    dup2_stdout(log.as_fd()).map_err(nix_setup_err("redirect stdout"))?;
+    dup2_stderr(log.as_fd()).map_err(nix_setup_err("redirect stderr"))?;
+    Ok(())
+}
+
+/// What the child reports when it cannot reach exec.
+struct ChildFailure {
+    stage: u8,
+    errno: i32,
+}
+
+const STAGES: [&str; 8] = [
+    "wait for setup",
+    "parent-death signal",
+    "new session",
+    "hostname",
+    "mount propagation",
+    "mount /proc",
+    "mount /sys",
+    "exec",
+];
+const STAGE_EXEC: u8 = 7;
+
+impl ChildFailure {
+    fn into_error(self, spec: &ContainerSpec) -> Error {
+        let source = std::io::Error::from_raw_os_error(self.errno);
+        if self.stage == STAGE_EXEC {
+            Error::Exec {
+                command: spec.program.display().to_string(),
+                source,
+            }
+        } else {
+            Error::Setup {
+                stage: STAGES[usize::from(self.stage).min(STAGES.len() - 1)],
+                source,
+            }
+        }
+    }
+}
+
+/// Blocks until the child execs (its end of the pipe closes on exec) or
+/// reports the step that failed.
+fn read_child_report(rep_rd: OwnedFd) -> Option<ChildFailure> {
+    let mut buf = [0u8; 5];
+    let mut got = 0;
+    while got < buf.len() {
+        match read(rep_rd.as_fd(), &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(nix::Error::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    (got == buf.len()).then(|| ChildFailure {
+        stage: buf[0],
+        errno: i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]),
+    })
+}
+
+/// The container's first process, between the fork and exec.
+fn child_main(
+    hostname: &[u8],
+    program: &CString,
+    argv: &[CString],
+    go: OwnedFd,
+    report: OwnedFd,
+) -> ! {
+    let fail = |stage: u8, e: nix::Error| -> ! {
+        let mut msg = [0u8; 5];
+        msg[0] = stage;
+        msg[1..].copy_from_slice(&(e as i32).to_ne_bytes());
+        let _ = write(&report, &msg);
+        sys::exit_now(127)
+    };
+    // Dies with its rrc process, so a killed rrc leaves no orphan container.
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
+        fail(1, e);
+    }
+    let mut b = [0u8; 1];
+    match read(go.as_fd(), &mut b) {
+        Ok(1) => {}
+        // The parent gave up (or died) before releasing us.
+        _ => sys::exit_now(1),
+    }
+    drop(go);
+    // Its own session: the terminal's ^C goes to rrc, which stops the
+    // container in order.
+    if let Err(e) = setsid() {
+        fail(2, e);
+    }
+    if let Err(e) = sethostname(std::ffi::OsStr::from_bytes(hostname)) {
+        fail(3, e);
+    }
+    // Mounts made in here stay in here.
+    if let Err(e) = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    ) {
+        fail(4, e);
+    }
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    // A /proc of the container's pid namespace, a /sys of its network one.
+    if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>) {
+        fail(5, e);
+    }
+    if let Err(e) = mount(Some("sysfs"), "/sys", Some("sysfs"), nosuid, None::<&str>) {
+        fail(6, e);
+    }
+    // The program starts with the signal state a shell would give it:
+    // rrc blocks nothing yet here, but Rust's runtime ignores SIGPIPE.
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // SAFETY: restoring the default disposition installs no handler code.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    let e = nix::unistd::execv(program, argv).unwrap_err();
+    fail(STAGE_EXEC, e)
+}

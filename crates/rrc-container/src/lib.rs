@@ -1,0 +1,90 @@
+//! rrc containers: an unmodified program in its own pid, mount, uts, ipc and
+//! network namespaces and its own cgroup, whose only LAN interface is a TAP
+//! device held by the rrc process that supervises it.
+//!
+//! - [`spec`]: what the user asked for, validated before anything is created.
+//! - [`probe`]: the kernel features a container needs, checked up front.
+//! - [`state`]: the per-host state directory (`rrc ps`, stale detection).
+//! - [`create`]: building the container, with rollback on any failure.
+//! - [`supervise`]: the rrc process's life beside the running container.
+//! - [`stop`]: stopping a container by name, from another process.
+
+pub mod create;
+pub mod daemon;
+pub mod probe;
+pub mod proc;
+pub mod spec;
+pub mod state;
+pub mod stop;
+pub mod supervise;
+mod sys;
+
+pub use spec::{ContainerName, ContainerSpec, NetSpec};
+pub use state::{ContainerRecord, HostState, Status};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0} needs root: it creates namespaces, a cgroup and a TAP device (try sudo)")]
+    NotRoot(&'static str),
+    #[error(
+        "this kernel has no {kind} namespaces ({path} is missing): rebuild it with CONFIG_{config}_NS=y"
+    )]
+    NoNamespace {
+        kind: &'static str,
+        path: String,
+        config: &'static str,
+    },
+    #[error(transparent)]
+    Cgroup(#[from] rrc_cgroup::Error),
+    #[error(transparent)]
+    Net(#[from] rrc_net::Error),
+    #[error("{0}")]
+    InvalidSpec(String),
+    #[error("command `{0}` not found in PATH; give an existing program (or its full path)")]
+    CommandNotFound(String),
+    #[error("`{0}` is not an executable file")]
+    NotExecutable(String),
+    #[error(
+        "a container named `{name}` already exists on this host (rrc process {pid}); stop it with `rrc stop {name}` or pick another name"
+    )]
+    NameInUse { name: String, pid: i32 },
+    #[error("no container named `{0}` on this host; `rrc ps` lists them")]
+    UnknownContainer(String),
+    #[error("cannot start `{command}` in the container: {source}")]
+    Exec {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("container setup failed at {stage}: {source}")]
+    Setup {
+        stage: &'static str,
+        source: std::io::Error,
+    },
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("corrupt state file {path}: {source}")]
+    CorruptState {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("container `{name}` did not stop within {secs} s")]
+    StopTimeout { name: String, secs: u64 },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn setup_err(stage: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Setup { stage, source }
+}
+
+pub(crate) fn nix_setup_err(stage: &'static str) -> impl FnOnce(nix::Error) -> Error {
+    move |e| Error::Setup {
+        stage,
+        source: e.into(),
+    }
+}

@@ -1,0 +1,129 @@
+//! The rrc process's life beside its running container: wait for the
+//! program to end or for a request to stop it, then remove every trace.
+
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+
+use crate::create::{Container, supervisor_signals};
+use crate::proc::catches_signal;
+use crate::{Result, nix_setup_err};
+
+/// How the container's program ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitReport {
+    /// What a shell would report: the exit code, or 128 + signal.
+    pub code: i32,
+    pub description: String,
+}
+
+impl ExitReport {
+    fn from_status(s: WaitStatus) -> Option<ExitReport> {
+        match s {
+            WaitStatus::Exited(_, code) => Some(ExitReport {
+                code,
+                description: format!("exited with code {code}"),
+            }),
+            WaitStatus::Signaled(_, sig, _) => Some(ExitReport {
+                code: 128 + sig as i32,
+                description: format!("killed by {sig}"),
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl Container {
+    /// Runs until the container's first process ends, forwarding frames all
+    /// the while. SIGTERM, SIGINT or SIGHUP to rrc stop the container:
+    /// SIGTERM to its program, and after `grace` (or a second signal) SIGKILL
+    /// to everything in it. Returns after the cgroup and state are removed.
+    pub fn supervise(mut self, grace: Duration) -> Result<ExitReport> {
+        let sfd = SignalFd::with_flags(
+            &supervisor_signals(),
+            SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
+        )
+        .map_err(nix_setup_err("signalfd"))?;
+        let mut kill_at: Option<Instant> = None;
+        let report = loop {
+            match waitpid(self.init, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(s) => {
+                    if let Some(r) = ExitReport::from_status(s) {
+                        break r;
+                    }
+                }
+                Err(nix::Error::ECHILD) => {
+                    break ExitReport {
+                        code: 1,
+                        description: "vanished".into(),
+                    };
+                }
+                Err(e) => return Err(nix_setup_err("wait for the container")(e)),
+            }
+            let timeout = match kill_at {
+                Some(t) => {
+                    let left = t.saturating_duration_since(Instant::now());
+                    PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1)
+                        .unwrap_or(PollTimeout::MAX)
+                }
+                None => PollTimeout::NONE,
+            };
+            let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(nix_setup_err("poll")(e)),
+            }
+            while let Ok(Some(info)) = sfd.read_signal() {
+                let sig = info.ssi_signo as i32;
+                if sig == Signal::SIGCHLD as i32 {
+                    continue;
+                }
+                if kill_at.is_none() {
+                    tracing::info!(container = %self.record.name, "stopping");
+                    kill_at = Some(self.request_stop(grace));
+                } else {
+                    // Asked twice: no more waiting.
+                    kill_at = Some(Instant::now());
+                }
+            }
+            if kill_at.is_some_and(|t| Instant::now() >= t) {
+                tracing::warn!(container = %self.record.name, "killing what is left of the container");
+                self.cgroup.kill_all(Duration::from_secs(5))?;
+                kill_at = Some(Instant::now() + Duration::from_secs(3600));
+            }
+        };
+        tracing::info!(container = %self.record.name, "{}", report.description);
+        self.teardown()?;
+        Ok(report)
+    }
+
+    /// Asks the program to stop; returns when to stop asking. A program that
+    /// is pid 1 of its namespace and has no SIGTERM handler would never see
+    /// the signal, so it is killed at once.
+    fn request_stop(&self, grace: Duration) -> Instant {
+        let pid = self.init.as_raw();
+        if catches_signal(pid, Signal::SIGTERM as i32) {
+            let _ = kill(self.init, Signal::SIGTERM);
+            Instant::now() + grace
+        } else {
+            Instant::now()
+        }
+    }
+
+    /// Removes the container's remaining processes, its cgroup and its state.
+    /// The TAP device and network namespace go when this process exits and
+    /// closes the TAP.
+    fn teardown(&mut self) -> Result<()> {
+        self.cgroup.kill_all(Duration::from_secs(5))?;
+        self.cgroup.remove(Duration::from_secs(5))?;
+        if let Some(claim) = self.claim.take() {
+            claim.release()?;
+        }
+        Ok(())
+    }
+}

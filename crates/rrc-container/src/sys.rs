@@ -1,0 +1,64 @@
+//! Raw process creation for containers: the only `unsafe` code in this crate.
+
+use std::io;
+
+use nix::unistd::Pid;
+
+/// `struct clone_args` of clone3(2), as of Linux 5.7.
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Forks with `flags` (namespace flags such as `CLONE_NEWPID`), the way
+/// fork(2) does: returns `Some(child)` in the parent and `None` in the child,
+/// which continues on a copy of the caller's stack. The child sends SIGCHLD
+/// when it exits.
+///
+/// # Safety
+///
+/// The calling process must have a single thread (as for fork(2) in a
+/// program that then allocates or takes locks). In the child, glibc's cached
+/// thread id still names the parent's thread, so the child must not use
+/// pthread functions that rely on it (`raise`, `pthread_kill`, error-checking
+/// mutexes) before it calls `exec` or `_exit`.
+pub unsafe fn fork_into_namespaces(flags: libc::c_int) -> io::Result<Option<Pid>> {
+    let args = CloneArgs {
+        flags: flags as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 with no stack behaves as fork(2); `args` is a valid
+    // clone_args of the size we pass. Single-threadedness is the caller's
+    // contract (see above).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        child => Ok(Some(Pid::from_raw(child as i32))),
+    }
+}
+
+/// Ends the calling process at once, without running atexit handlers or
+/// flushing stdio buffers that belong to the parent's copy.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions; it never returns.
+    unsafe { libc::_exit(code) }
+}

@@ -1,0 +1,151 @@
+//! `rrc run`: start a program as a container.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use nix::net::if_::if_nametoindex;
+use rrc_container::create::{Container, CreateOptions, Output};
+use rrc_container::daemon::{self, Detached};
+use rrc_container::spec::{NetRequest, resolve_command};
+use rrc_container::state::Status;
+use rrc_container::{ContainerName, ContainerSpec, Error, HostState, probe};
+use rrc_net::MacAddr;
+
+/// Run a program in a new container.
+///
+/// The program gets its own pid, mount, uts, ipc and network namespaces and
+/// its own cgroup. With --addr, its network interface `eth0` is a TAP device
+/// held by this rrc process, which forwards its frames to and from the host
+/// interface --uplink (by default the one whose subnet holds the address).
+/// rrc stays in the foreground supervising the container (or in the
+/// background with --detach) and removes every trace of it when the program
+/// ends or the container is stopped (Ctrl-C, SIGTERM, `rrc stop NAME`).
+///
+/// Example: rrc run --name redis --addr 10.0.0.100/24 -- redis-server --protected-mode no
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Container name, unique on this host; also its hostname.
+    #[arg(long)]
+    name: String,
+    /// The container's IPv4 address, ADDR/PREFIX (prefix defaults to the uplink's).
+    #[arg(long, value_name = "ADDR/PREFIX")]
+    addr: Option<String>,
+    /// The container's MAC address (default: derived from its name).
+    #[arg(long, requires = "addr")]
+    mac: Option<MacAddr>,
+    /// Host interface to forward the container's frames through.
+    #[arg(long, value_name = "IF", requires = "addr")]
+    uplink: Option<String>,
+    /// Default gateway for the container.
+    #[arg(long, value_name = "ADDR", requires = "addr")]
+    gateway: Option<std::net::Ipv4Addr>,
+    /// Return once the container runs; rrc keeps supervising it in the
+    /// background and the program's output goes to a log file.
+    #[arg(short, long)]
+    detach: bool,
+    /// How long a stop waits for the program to exit after SIGTERM before
+    /// killing everything in the container.
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    stop_timeout: Duration,
+    /// How long the forwarder keeps polling for more frames after each frame
+    /// instead of sleeping (0: always sleep). Trades CPU while traffic flows
+    /// for latency: waking a sleeping thread is slow, on VMs especially.
+    #[arg(long, default_value = "200us", value_parser = super::parse_duration)]
+    spin: Duration,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+pub fn run(a: RunArgs) -> Result<i32> {
+    let name: ContainerName = a.name.parse()?;
+    let layout = probe::require_container_support(a.addr.is_some())?;
+    let program = resolve_command(&a.command[0], std::env::var_os("PATH").as_deref())?;
+    let net = match &a.addr {
+        Some(addr) => {
+            let req = NetRequest {
+                addr: addr.clone(),
+                mac: a.mac,
+                uplink: a.uplink.clone(),
+                gateway: a.gateway,
+            };
+            let host_addrs = rrc_net::netconf::ipv4_addresses()?;
+            Some(req.resolve(&name, &host_addrs, |i| if_nametoindex(i).is_ok())?)
+        }
+        None => None,
+    };
+    let host = HostState::current();
+    // Checked again, atomically, when the name is claimed; checking here
+    // too gives a detached run its error before it forks.
+    if let Some((rec, st)) = host.load(&name)?
+        && st != Status::Stale
+    {
+        return Err(Error::NameInUse {
+            name: name.to_string(),
+            pid: rec.supervisor.pid,
+        }
+        .into());
+    }
+    let spec = ContainerSpec {
+        name: name.clone(),
+        argv: a.command.clone(),
+        program,
+        net,
+    };
+
+    let mut notifier = None;
+    let output = if a.detach {
+        match daemon::detach()? {
+            Detached::Foreground(w) => {
+                return match w.wait() {
+                    Ok(msg) => {
+                        println!("{msg}");
+                        Ok(0)
+                    }
+                    Err(msg) => bail!("{msg}"),
+                };
+            }
+            Detached::Background(n) => {
+                notifier = Some(n);
+                Output::File(host.log_path(&name))
+            }
+        }
+    } else {
+        Output::Inherit
+    };
+    let log = match &output {
+        Output::File(p) => Some(p.clone()),
+        Output::Inherit => None,
+    };
+    let opts = CreateOptions {
+        output,
+        gate: None,
+        spin: a.spin,
+    };
+    let container = match Container::create(&spec, &layout, host, opts) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(n) = &mut notifier {
+                n.failed(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some(n) = &mut notifier {
+        let mut msg = format!(
+            "container {name} running: pid {}",
+            container.init_pid().as_raw()
+        );
+        if let Some(net) = &spec.net {
+            msg += &format!(", {} via {}", net.addr, net.uplink);
+        }
+        if let Some(log) = log {
+            msg += &format!(", output in {}", log.display());
+        }
+        n.ready(&msg);
+    }
+    let report = container.supervise(a.stop_timeout)?;
+    Ok(report.code)
+}

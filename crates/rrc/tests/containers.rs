@@ -1,0 +1,188 @@
+//! Containers started by `rrc run` serve the lab's client through their
+//! address, are listed by `rrc ps`, and leave nothing behind when stopped.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rrc_bench::resp::RespConn;
+
+#[test]
+fn redis_and_memcached_serve_the_client_and_stop_cleanly() {
+    let lab = TestLab::up("serve");
+    let vip = lab.vip();
+    let mc_addr = lab.lan_at(101);
+    let redis = lab.run_container(
+        "primary",
+        "redis",
+        &vip,
+        &[
+            "redis-server",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    );
+    let mc = lab.run_container(
+        "primary",
+        "memcached",
+        &mc_addr,
+        &["memcached", "-u", "root"],
+    );
+    let vip_ip = strip_prefix(&vip);
+    let mc_ip = strip_prefix(&mc_addr);
+    lab.wait_tcp(&format!("{vip_ip}:6379"));
+    lab.wait_tcp(&format!("{mc_ip}:11211"));
+
+    // The real Redis client, from the client host.
+    let out = lab
+        .exec(
+            "client",
+            &["redis-cli", "-h", &vip_ip, "set", "greeting", "hello"],
+        )
+        .ok();
+    assert_eq!(out.stdout.trim(), "OK");
+    let out = lab
+        .exec("client", &["redis-cli", "-h", &vip_ip, "get", "greeting"])
+        .ok();
+    assert_eq!(out.stdout.trim(), "hello");
+    // Many requests and bigger values through the same path.
+    let addr = format!("{vip_ip}:6379");
+    lab.on("client", || {
+        let mut c = RespConn::connect(addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
+        let big = vec![b'z'; 200_000];
+        c.set(b"big", &big).unwrap();
+        assert_eq!(c.get(b"big").unwrap().unwrap(), big);
+        for i in 0..2000 {
+            c.set(format!("k{i}").as_bytes(), format!("v{i}").as_bytes())
+                .unwrap();
+        }
+        for i in 0..2000 {
+            assert_eq!(
+                c.get(format!("k{i}").as_bytes()).unwrap().unwrap(),
+                format!("v{i}").into_bytes()
+            );
+        }
+    });
+    let reply = lab.on("client", || {
+        memcached_set_get(&format!("{mc_ip}:11211"), "answer", "forty-two")
+    });
+    assert_eq!(reply, "VALUE answer 0 9\r\nforty-two\r\n");
+
+    // `rrc ps` lists both, running, with their addresses.
+    let ps = lab.rrc_on("primary", &["ps"]).ok().stdout;
+    for (name, addr) in [("redis", &vip), ("memcached", &mc_addr)] {
+        let line = ps
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{ps}"));
+        assert!(
+            line.contains("running") && line.contains(addr.as_str()),
+            "{line}"
+        );
+    }
+    // Containers live on their host only.
+    assert!(
+        lab.rrc_on("backup", &["ps"])
+            .ok()
+            .stdout
+            .contains("no containers")
+    );
+
+    // In the container the program is pid 1 with its own hostname.
+    assert_eq!(redis["init"]["pid"].as_i64().map(|p| p > 1), Some(true));
+    let out = lab.rrc_on("primary", &["stop", "redis"]).ok();
+    assert!(out.stdout.contains("stopped redis"), "{out:?}");
+    assert_container_gone(&lab, "primary", &redis);
+    lab.rrc_on("primary", &["stop", "--timeout", "5s", "memcached"])
+        .ok();
+    assert_container_gone(&lab, "primary", &mc);
+}
+
+#[test]
+fn foreground_run_reports_exit_code_and_stops_on_signal() {
+    require_root();
+    let name = format!("fg{}", std::process::id());
+    // The program sees itself as pid 1 under its container's hostname.
+    let out = rrc(&[
+        "run",
+        "--name",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "echo $$ $(hostname); exit 7",
+    ]);
+    assert_eq!(out.code, 7, "{out:?}");
+    assert_eq!(out.stdout.trim(), format!("1 {name}"));
+
+    // SIGTERM to a foreground rrc stops its container in order.
+    let mut child = std::process::Command::new(RRC)
+        .args(["run", "--name", &name, "--", "sleep", "1000"])
+        .spawn()
+        .unwrap();
+    let rec = {
+        let mut rec = None;
+        wait_until("the container to run", Duration::from_secs(10), || {
+            let out = rrc(&["ps", "--json"]).ok();
+            let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            rec = list
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name.as_str() && c["status"] == "running")
+                .cloned();
+            rec.is_some()
+        });
+        rec.unwrap()
+    };
+    nix_kill(child.id() as i32, 15);
+    let status = child.wait().unwrap();
+    // sleep has no SIGTERM handler and is pid 1: it is killed.
+    assert_eq!(status.code(), Some(128 + 9), "{status:?}");
+    let init = rec["init"]["pid"].as_i64().unwrap();
+    assert!(!process_alive(init));
+    for dir in rec["cgroup"]["dirs"].as_array().unwrap() {
+        assert!(!std::path::Path::new(dir.as_str().unwrap()).exists());
+    }
+}
+
+fn nix_kill(pid: i32, sig: i32) {
+    let out = output({
+        let mut c = std::process::Command::new("kill");
+        c.args([format!("-{sig}"), pid.to_string()]);
+        c
+    });
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[test]
+fn a_dead_rrc_leaves_stale_state_that_the_next_start_cleans() {
+    let lab = TestLab::up("stale");
+    let addr = lab.lan_at(120);
+    let rec = lab.run_container("primary", "web", &addr, &["sleep", "1000"]);
+    let supervisor = rec["supervisor"]["pid"].as_i64().unwrap();
+    nix_kill(supervisor as i32, 9);
+    // The container dies with its rrc process.
+    let init = rec["init"]["pid"].as_i64().unwrap();
+    wait_until(
+        "the container to die with rrc",
+        Duration::from_secs(5),
+        || !process_alive(init),
+    );
+    let listed = lab.container("primary", "web").unwrap();
+    assert_eq!(listed["status"], "stale");
+    // A new start under the same name cleans up and succeeds.
+    let again = lab.run_container("primary", "web", &addr, &["sleep", "1000"]);
+    assert_eq!(again["status"], "running");
+    assert_ne!(again["init"]["pid"], rec["init"]["pid"]);
+    for dir in again["cgroup"]["dirs"].as_array().unwrap() {
+        assert!(std::path::Path::new(dir.as_str().unwrap()).exists());
+    }
+    lab.rrc_on("primary", &["stop", "web"]).ok();
+    assert_container_gone(&lab, "primary", &again);
+}
