@@ -83,17 +83,25 @@ const V1_CONTROLLERS: [&str; 3] = ["freezer", "memory", "pids"];
 
 impl Layout {
     /// Finds the hierarchies mounted on this machine (as seen from this
-    /// process's mount namespace).
+    /// process's mount namespace). v1 is preferred when its freezer is
+    /// mounted; `RRC_CGROUP=v2` picks the unified hierarchy on a host that
+    /// mounts both.
     pub fn detect() -> Result<Layout> {
+        let want_v2 = std::env::var("RRC_CGROUP").is_ok_and(|v| v == "v2");
+        Self::detect_preferring(if want_v2 { Version::V2 } else { Version::V1 })
+    }
+
+    /// As [`Layout::detect`], preferring `version` when both are mounted.
+    pub fn detect_preferring(version: Version) -> Result<Layout> {
         let path = Path::new("/proc/self/mountinfo");
         let text = fs::read_to_string(path).map_err(|source| Error::Read {
             path: path.into(),
             source,
         })?;
-        Self::from_mountinfo(&text).ok_or(Error::NotMounted)
+        Self::from_mountinfo(&text, version == Version::V2).ok_or(Error::NotMounted)
     }
 
-    fn from_mountinfo(text: &str) -> Option<Layout> {
+    fn from_mountinfo(text: &str, want_v2: bool) -> Option<Layout> {
         let mut v1: Vec<Hierarchy> = Vec::new();
         let mut v2: Option<PathBuf> = None;
         for line in text.lines() {
@@ -124,7 +132,7 @@ impl Layout {
                 _ => {}
             }
         }
-        if v1.iter().any(|h| h.controller == Some("freezer")) {
+        if !want_v2 && v1.iter().any(|h| h.controller == Some("freezer")) {
             v1.sort_by_key(|h| V1_CONTROLLERS.iter().position(|c| Some(*c) == h.controller));
             return Some(Layout {
                 version: Version::V1,
@@ -489,7 +497,7 @@ mod tests {
 
     #[test]
     fn prefers_v1_freezer_and_orders_it_first() {
-        let l = Layout::from_mountinfo(HYBRID).unwrap();
+        let l = Layout::from_mountinfo(HYBRID, false).unwrap();
         assert_eq!(l.version, Version::V1);
         assert_eq!(l.hierarchies[0].controller, Some("freezer"));
         assert_eq!(l.hierarchies[1].controller, Some("memory"));
@@ -498,15 +506,21 @@ mod tests {
 
     #[test]
     fn falls_back_to_v2() {
-        let l = Layout::from_mountinfo("29 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
-            .unwrap();
+        let l = Layout::from_mountinfo(
+            "29 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n",
+            false,
+        )
+        .unwrap();
         assert_eq!(l.version, Version::V2);
         assert_eq!(l.hierarchies[0].mount, Path::new("/sys/fs/cgroup"));
+        let l = Layout::from_mountinfo(HYBRID, true).unwrap();
+        assert_eq!(l.version, Version::V2);
+        assert_eq!(l.hierarchies[0].mount, Path::new("/sys/fs/cgroup/unified"));
     }
 
     #[test]
     fn nothing_mounted() {
-        assert!(Layout::from_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n").is_none());
+        assert!(Layout::from_mountinfo("1 0 0:1 / / rw - ext4 /dev/vda rw\n", false).is_none());
     }
 
     #[test]
