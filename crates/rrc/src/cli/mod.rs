@@ -2,9 +2,11 @@
 //! its own module and returns the process exit code.
 
 mod bench;
+mod checkpoint;
 mod demo;
 mod lab;
 mod ps;
+mod restore;
 mod run;
 mod stop;
 
@@ -30,6 +32,8 @@ pub enum Command {
     Run(run::RunArgs),
     Ps(ps::PsArgs),
     Stop(stop::StopArgs),
+    Checkpoint(checkpoint::CheckpointArgs),
+    Restore(restore::RestoreArgs),
     #[command(subcommand)]
     Lab(lab::LabCommand),
     #[command(subcommand)]
@@ -58,6 +62,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(a) => run::run(a),
         Command::Ps(a) => ps::ps(a),
         Command::Stop(a) => stop::stop(a),
+        Command::Checkpoint(a) => checkpoint::checkpoint(a),
+        Command::Restore(a) => restore::restore(a),
         Command::Lab(c) => lab::lab(c),
         Command::Bench(c) => bench::bench(c),
         Command::Demo(a) => demo::demo(a),

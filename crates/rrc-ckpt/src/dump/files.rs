@@ -1,0 +1,316 @@
+//! The file descriptors of a stopped process and the open files behind them.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
+
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+use nix::sys::socket::{self, sockopt};
+use nix::unistd::Pid;
+
+use crate::dump::memory::ShmemTable;
+use crate::image::{EpollTarget, Fd, FileKind, ImageDir, OpenFile};
+use crate::procfs::{self as pfs, FdInfo};
+use crate::{Error, Result, sys};
+
+/// Open file descriptions met so far in the tree.
+#[derive(Default)]
+pub struct FileTable {
+    pub files: Vec<OpenFile>,
+    /// One (process, fd) holding each file, to compare others against.
+    holders: Vec<(Pid, i32)>,
+    by_inode: HashMap<(u64, u64), Vec<usize>>,
+    pipes_saved: std::collections::HashSet<u64>,
+}
+
+const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+
+/// Lists and classifies every fd of `pid`.
+pub fn dump(
+    pid: Pid,
+    img: &ImageDir,
+    table: &mut FileTable,
+    shmem: &mut ShmemTable,
+    problems: &mut Vec<String>,
+) -> Result<Vec<Fd>> {
+    let raw = pid.as_raw();
+    let dir = format!("/proc/{raw}/fd");
+    let mut fds: Vec<i32> = fs::read_dir(&dir)
+        .map_err(|e| Error::Proc {
+            pid: raw,
+            what: "file descriptors",
+            detail: e.to_string(),
+        })?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    fds.sort();
+    let mut out = Vec::new();
+    for fd in fds {
+        let link_path = format!("{dir}/{fd}");
+        let Ok(link) = fs::read_link(&link_path) else {
+            continue; // closed meanwhile (impossible while stopped, but harmless)
+        };
+        let link = link.to_string_lossy().into_owned();
+        let meta = fs::metadata(&link_path).map_err(|e| Error::Proc {
+            pid: raw,
+            what: "file descriptor",
+            detail: format!("fd {fd} ({link}): {e}"),
+        })?;
+        let info = pfs::read_fdinfo(raw, fd)?;
+        let cloexec = info.flags & O_CLOEXEC != 0;
+        let key = (meta.dev(), meta.ino());
+        // The same open file as one already seen (dup, fork)?
+        let mut found = None;
+        for &id in table.by_inode.get(&key).into_iter().flatten() {
+            let (hp, hfd) = table.holders[id];
+            if sys::same_file(pid, fd, hp, hfd).unwrap_or(false) {
+                found = Some(id);
+                break;
+            }
+        }
+        let id = match found {
+            Some(id) => id,
+            None => {
+                let Some(kind) =
+                    classify(pid, fd, &link, &meta, &info, img, table, shmem, problems)?
+                else {
+                    continue;
+                };
+                let id = table.files.len();
+                table.files.push(OpenFile {
+                    id,
+                    flags: info.flags & !O_CLOEXEC,
+                    kind,
+                });
+                table.holders.push((pid, fd));
+                table.by_inode.entry(key).or_default().push(id);
+                if let FileKind::Regular { deleted: true, .. } = table.files[id].kind {
+                    save_deleted(raw, fd, &img.file_data(id))?;
+                }
+                id
+            }
+        };
+        out.push(Fd {
+            fd,
+            file: id,
+            cloexec,
+        });
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn classify(
+    pid: Pid,
+    fd: i32,
+    link: &str,
+    meta: &fs::Metadata,
+    info: &FdInfo,
+    img: &ImageDir,
+    table: &mut FileTable,
+    shmem: &mut ShmemTable,
+    problems: &mut Vec<String>,
+) -> Result<Option<FileKind>> {
+    let raw = pid.as_raw();
+    let mut problem = |what: String| {
+        problems.push(format!("process {raw}: fd {fd} ({link}): {what}"));
+        Ok(None)
+    };
+    let field = |k: &str| info.fields.get(k).map(String::as_str).unwrap_or("");
+    if link.starts_with("pipe:[") {
+        let pipe = meta.ino();
+        let capacity = save_pipe(raw, fd, pipe, img, table)?;
+        return Ok(Some(FileKind::Pipe {
+            pipe,
+            write_end: info.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32,
+            capacity,
+        }));
+    }
+    if link.starts_with("socket:[") {
+        return match socket_kind(pid, fd)? {
+            Ok(kind) => Ok(Some(kind)),
+            Err(what) => problem(what),
+        };
+    }
+    if let Some(anon) = link.strip_prefix("anon_inode:") {
+        return match anon {
+            "[eventfd]" => Ok(Some(FileKind::EventFd {
+                count: u64::from_str_radix(field("eventfd-count"), 16).unwrap_or(0),
+                semaphore: field("eventfd-semaphore") == "1",
+            })),
+            "[signalfd]" => Ok(Some(FileKind::SignalFd {
+                mask: u64::from_str_radix(field("sigmask"), 16).unwrap_or(0),
+            })),
+            "[timerfd]" => Ok(Some(FileKind::TimerFd {
+                clock: field("clockid").parse().unwrap_or(libc::CLOCK_MONOTONIC),
+                ticks: field("ticks").parse().unwrap_or(0),
+                value_ns: pfs::parse_timespec_pair(field("it_value")).unwrap_or(0),
+                interval_ns: pfs::parse_timespec_pair(field("it_interval")).unwrap_or(0),
+            })),
+            "[eventpoll]" => Ok(Some(FileKind::Epoll {
+                targets: info
+                    .epoll
+                    .iter()
+                    .map(|e| EpollTarget {
+                        fd: e.tfd,
+                        events: e.events,
+                        data: e.data,
+                    })
+                    .collect(),
+            })),
+            other => problem(format!("{} is not supported", describe_anon(other))),
+        };
+    }
+    if let Some(name) = link.strip_prefix("/memfd:") {
+        let name = name.trim_end_matches(" (deleted)").to_string();
+        let f = File::open(format!("/proc/{raw}/fd/{fd}")).map_err(Error::io("open memfd"))?;
+        let id = shmem.memfd(&f, name, img)?;
+        return Ok(Some(FileKind::Memfd {
+            shmem: id,
+            pos: info.pos,
+        }));
+    }
+    let ft = meta.mode() & libc::S_IFMT;
+    let deleted = link.ends_with(" (deleted)");
+    let path = link.trim_end_matches(" (deleted)").to_string();
+    Ok(Some(match ft {
+        libc::S_IFREG => FileKind::Regular {
+            path,
+            pos: info.pos,
+            deleted,
+            size: meta.len(),
+            mode: meta.mode() & 0o7777,
+        },
+        libc::S_IFDIR if !deleted => FileKind::Directory { path },
+        libc::S_IFCHR if !deleted => FileKind::CharDevice {
+            path,
+            rdev: meta.rdev(),
+        },
+        libc::S_IFIFO if !deleted => {
+            let pipe = meta.ino();
+            save_pipe(raw, fd, pipe, img, table)?;
+            FileKind::Fifo { path, pipe }
+        }
+        _ => {
+            return problem(
+                "unsupported file type (deleted directory, device or FIFO, or a block device)"
+                    .into(),
+            );
+        }
+    }))
+}
+
+fn describe_anon(name: &str) -> String {
+    match name {
+        "inotify" => "an inotify instance".into(),
+        "[fanotify]" => "a fanotify instance".into(),
+        "[io_uring]" => "an io_uring instance".into(),
+        "[userfaultfd]" => "a userfaultfd".into(),
+        "[pidfd]" => "a pidfd".into(),
+        "[perf_event]" => "a perf event".into(),
+        other => format!("an anonymous inode of kind {other}"),
+    }
+}
+
+/// A listening TCP socket, or why the socket is not supported.
+fn socket_kind(pid: Pid, fd: i32) -> Result<std::result::Result<FileKind, String>> {
+    let s = sys::steal_fd(pid, fd).map_err(Error::io(format!("take fd {fd} of process {pid}")))?;
+    let domain = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
+        .map_err(Error::io("socket domain"))?;
+    let domain = socket::AddressFamily::from_i32(domain).unwrap_or(socket::AddressFamily::Unix);
+    let ty = socket::getsockopt(&s, sockopt::SockType)
+        .map_err(|e| Error::io("socket type")(e.into()))?;
+    let listening = socket::getsockopt(&s, sockopt::AcceptConn).unwrap_or(false);
+    let inet = matches!(
+        domain,
+        socket::AddressFamily::Inet | socket::AddressFamily::Inet6
+    );
+    if !(inet && ty == socket::SockType::Stream && listening) {
+        return Ok(Err(format!(
+            "a {domain:?} {ty:?} socket{}: only listening TCP sockets are supported so far",
+            if listening { " (listening)" } else { "" }
+        )));
+    }
+    let addr: socket::SockaddrStorage =
+        socket::getsockname(s.as_raw_fd()).map_err(|e| Error::io("socket address")(e.into()))?;
+    let addr = if let Some(a) = addr.as_sockaddr_in() {
+        std::net::SocketAddr::from(std::net::SocketAddrV4::from(*a))
+    } else if let Some(a) = addr.as_sockaddr_in6() {
+        std::net::SocketAddr::from(std::net::SocketAddrV6::from(*a))
+    } else {
+        return Ok(Err("a TCP socket with an unknown address family".into()));
+    };
+    let mut options = Vec::new();
+    for (level, name) in [
+        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+        (libc::SOL_SOCKET, libc::SO_RCVBUF),
+        (libc::SOL_SOCKET, libc::SO_SNDBUF),
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+        (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+        (libc::IPPROTO_TCP, libc::TCP_FASTOPEN),
+        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+    ] {
+        if level == libc::IPPROTO_IPV6 && domain != socket::AddressFamily::Inet6 {
+            continue;
+        }
+        if let Ok(v) = sys::getsockopt_int(s.as_fd(), level, name) {
+            options.push((level, name, v));
+        }
+    }
+    Ok(Ok(FileKind::TcpListen {
+        addr: addr.to_string(),
+        backlog: listen_backlog(pid, &addr).unwrap_or(4096),
+        options,
+    }))
+}
+
+/// The kernel does not show a listening socket's backlog; listen() clamps it
+/// to net.core.somaxconn, so that limit is the largest the original can
+/// have had and a safe value to listen with again.
+fn listen_backlog(pid: Pid, _addr: &std::net::SocketAddr) -> Option<u32> {
+    let ns = format!("/proc/{pid}/root/proc/sys/net/core/somaxconn");
+    fs::read_to_string(ns)
+        .or_else(|_| fs::read_to_string("/proc/sys/net/core/somaxconn"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Saves the unread data of pipe `pipe` (once per pipe, whichever end is
+/// met first) without consuming it; returns the pipe's capacity.
+fn save_pipe(pid: i32, fd: i32, pipe: u64, img: &ImageDir, table: &mut FileTable) -> Result<u32> {
+    // A new read end of the same pipe, opened through the fd's /proc link.
+    let reader = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/{pid}/fd/{fd}"))
+        .map_err(Error::io(format!("reopen pipe fd {fd} of process {pid}")))?;
+    let capacity = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+        .map_err(|e| Error::io("pipe size")(e.into()))? as u32;
+    if !table.pipes_saved.insert(pipe) {
+        return Ok(capacity);
+    }
+    let data = sys::peek_pipe(reader.as_fd(), capacity as usize).map_err(Error::io(format!(
+        "copy pipe data of fd {fd} of process {pid}"
+    )))?;
+    let path = img.pipe_data(pipe);
+    fs::write(&path, &data).map_err(|e| Error::image(&path, e))?;
+    Ok(capacity)
+}
+
+fn save_deleted(pid: i32, fd: i32, out: &std::path::Path) -> Result<()> {
+    let mut f = File::open(format!("/proc/{pid}/fd/{fd}")).map_err(Error::io(format!(
+        "reopen deleted file fd {fd} of process {pid}"
+    )))?;
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).map_err(Error::io(format!(
+        "read deleted file fd {fd} of process {pid}"
+    )))?;
+    fs::write(out, &data).map_err(|e| Error::image(out, e))
+}

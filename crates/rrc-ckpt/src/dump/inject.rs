@@ -1,0 +1,192 @@
+//! Making system calls inside a stopped process during a checkpoint, and
+//! leaving it exactly as it was afterwards.
+
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+use std::io::IoSliceMut;
+
+use crate::dump::seize::SeizedProcess;
+use crate::nr;
+use crate::ptrace::{self, Regs};
+use crate::remote::Remote;
+use crate::{Error, Result};
+
+/// Every signal but SIGKILL and SIGSTOP, which cannot be blocked: while the
+/// engine makes calls in a thread, no signal may be delivered to it.
+pub const BLOCK_ALL: u64 = !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
+
+pub const SCRATCH_SIZE: u64 = 64 * 1024;
+
+/// A process whose threads the engine drives. Dropping it (or
+/// [`Injector::finish`]) puts back every register and signal mask and
+/// unmaps the scratch memory.
+pub struct Injector {
+    pid: Pid,
+    threads: Vec<(Pid, Regs, u64)>,
+    syscall_ip: u64,
+    scratch: Option<u64>,
+    finished: bool,
+}
+
+/// Finds a `syscall` instruction in the process's executable memory,
+/// preferring the vDSO (always there, never unmapped by the process).
+pub fn find_syscall_insn(pid: Pid) -> Result<u64> {
+    let maps = procfs::process::Process::new(pid.as_raw())
+        .and_then(|p| p.maps())
+        .map_err(Error::proc(pid.as_raw(), "memory maps"))?;
+    let mut candidates: Vec<(u64, u64)> = Vec::new();
+    for m in maps.iter() {
+        if !m.perms.contains(procfs::process::MMPermissions::EXECUTE) {
+            continue;
+        }
+        let (s, e) = m.address;
+        if m.pathname == procfs::process::MMapPath::Vdso {
+            candidates.insert(0, (s, e));
+        } else if m.perms.contains(procfs::process::MMPermissions::READ) {
+            candidates.push((s, e));
+        }
+    }
+    for (start, end) in candidates {
+        let len = (end - start).min(4 << 20) as usize;
+        let mut buf = vec![0u8; len];
+        if read_memory(pid, start, &mut buf).is_err() {
+            continue;
+        }
+        if let Some(off) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
+            return Ok(start + off as u64);
+        }
+    }
+    Err(Error::Unsupported(vec![format!(
+        "process {pid} has no executable memory with a syscall instruction"
+    )]))
+}
+
+/// Reads `buf.len()` bytes at `addr` of `pid`.
+pub fn read_memory(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
+    let len = buf.len();
+    let n = process_vm_readv(
+        pid,
+        &mut [IoSliceMut::new(buf)],
+        &[RemoteIoVec {
+            base: addr as usize,
+            len,
+        }],
+    )
+    .map_err(|e| Error::Proc {
+        pid: pid.as_raw(),
+        what: "memory",
+        detail: format!("at {addr:#x}: {e}"),
+    })?;
+    if n != len {
+        return Err(Error::Proc {
+            pid: pid.as_raw(),
+            what: "memory",
+            detail: format!("short read at {addr:#x}: {n} of {len}"),
+        });
+    }
+    Ok(())
+}
+
+impl Injector {
+    pub fn new(p: &SeizedProcess) -> Result<Injector> {
+        let mut inj = Injector {
+            pid: p.pid,
+            threads: Vec::new(),
+            syscall_ip: 0,
+            scratch: None,
+            finished: false,
+        };
+        for t in &p.threads {
+            let regs = ptrace::get_regs(t.tid)?;
+            let mask = ptrace::get_sigmask(t.tid)?;
+            inj.threads.push((t.tid, regs, mask));
+            ptrace::set_sigmask(t.tid, BLOCK_ALL)?;
+        }
+        inj.syscall_ip = find_syscall_insn(p.pid)?;
+        Ok(inj)
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The registers and signal mask a thread had when it was stopped.
+    pub fn original(&self, tid: Pid) -> (Regs, u64) {
+        let (_, r, m) = self
+            .threads
+            .iter()
+            .find(|(t, _, _)| *t == tid)
+            .expect("a thread of this process");
+        (*r, *m)
+    }
+
+    /// A driver for calls made by thread `tid`.
+    pub fn remote(&self, tid: Pid) -> Remote {
+        let (regs, _) = self.original(tid);
+        Remote::new(tid, self.syscall_ip, regs)
+    }
+
+    /// Memory in the process for call arguments and results, mapped on
+    /// first use.
+    pub fn scratch(&mut self) -> Result<u64> {
+        if let Some(a) = self.scratch {
+            return Ok(a);
+        }
+        let mut r = self.remote(self.pid);
+        let addr = r.call(
+            "mmap scratch memory",
+            nr::SYS_mmap,
+            &[
+                0,
+                SCRATCH_SIZE,
+                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
+                u64::MAX,
+                0,
+            ],
+        )?;
+        self.scratch = Some(addr);
+        Ok(addr)
+    }
+
+    /// Reads back what a call left in scratch memory.
+    pub fn read_scratch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let base = self.scratch.expect("scratch mapped before use");
+        read_memory(self.pid, base + offset, buf)
+    }
+
+    /// Unmaps the scratch memory and puts registers and masks back.
+    pub fn finish(mut self) -> Result<()> {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> Result<()> {
+        if self.finished {
+            return Ok(());
+        }
+        self.finished = true;
+        let mut first_err = None;
+        if let Some(addr) = self.scratch.take() {
+            let mut r = self.remote(self.pid);
+            if let Err(e) = r.call(
+                "munmap scratch memory",
+                nr::SYS_munmap,
+                &[addr, SCRATCH_SIZE],
+            ) {
+                first_err.get_or_insert(e);
+            }
+        }
+        for (tid, regs, mask) in &self.threads {
+            if let Err(e) = ptrace::set_regs(*tid, regs).and(ptrace::set_sigmask(*tid, *mask)) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        let _ = self.undo();
+    }
+}

@@ -1,0 +1,414 @@
+//! The address space of a stopped process: its mappings, and the contents
+//! that are not in some file already.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+use procfs::process::{MMPermissions, MMapPath, MemoryMap, VmFlags};
+
+use crate::image::{ImageDir, PageRun, SharedMemory, ShmemKind, Vma, VmaKind};
+use crate::procfs::{PAGE_SIZE, PM_FILE, PM_PRESENT, PM_SWAPPED, PageMap, runs};
+use crate::{Error, Result};
+
+/// Shared memory objects met so far in the tree, by (dev, inode).
+#[derive(Default)]
+pub struct ShmemTable {
+    pub objects: Vec<SharedMemory>,
+    index: HashMap<(u64, u64), usize>,
+}
+
+/// What a process's memory turned into.
+pub struct MemoryDump {
+    pub vmas: Vec<Vma>,
+    pub pages: Vec<PageRun>,
+    pub bytes: u64,
+}
+
+fn makedev(major: i32, minor: i32) -> u64 {
+    libc::makedev(major as u32, minor as u32)
+}
+
+fn prot_of(perms: MMPermissions) -> u32 {
+    let mut p = 0;
+    if perms.contains(MMPermissions::READ) {
+        p |= libc::PROT_READ as u32;
+    }
+    if perms.contains(MMPermissions::WRITE) {
+        p |= libc::PROT_WRITE as u32;
+    }
+    if perms.contains(MMPermissions::EXECUTE) {
+        p |= libc::PROT_EXEC as u32;
+    }
+    p
+}
+
+/// The madvise-like state of a mapping that a restore has to set again.
+fn kept_flags(f: VmFlags) -> Vec<String> {
+    [
+        (VmFlags::DD, "dd"),
+        (VmFlags::DC, "dc"),
+        (VmFlags::WF, "wf"),
+        (VmFlags::HG, "hg"),
+        (VmFlags::NH, "nh"),
+        (VmFlags::MG, "mg"),
+        (VmFlags::LO, "lo"),
+        (VmFlags::GD, "gd"),
+    ]
+    .iter()
+    .filter(|(bit, _)| f.contains(*bit))
+    .map(|(_, n)| n.to_string())
+    .collect()
+}
+
+/// Writes pages read from a process into an image file, recording runs.
+struct PageWriter {
+    out: BufWriter<File>,
+    offset: u64,
+}
+
+impl PageWriter {
+    fn create(path: &Path) -> Result<PageWriter> {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::image(path, e))?;
+        Ok(PageWriter {
+            out: BufWriter::with_capacity(1 << 20, f),
+            offset: 0,
+        })
+    }
+
+    fn put(&mut self, data: &[u8], path: &Path) -> Result<u64> {
+        let at = self.offset;
+        self.out
+            .write_all(data)
+            .map_err(|e| Error::image(path, e))?;
+        self.offset += data.len() as u64;
+        Ok(at)
+    }
+}
+
+/// Reads `len` bytes at `addr`: through process_vm_readv where the mapping
+/// is readable, else through /proc/PID/mem (which may read PROT_NONE pages).
+fn read_remote(pid: Pid, mem: &File, addr: u64, buf: &mut [u8], readable: bool) -> Result<()> {
+    let fail = |detail: String| Error::Proc {
+        pid: pid.as_raw(),
+        what: "memory",
+        detail,
+    };
+    if readable {
+        let len = buf.len();
+        let n = process_vm_readv(
+            pid,
+            &mut [std::io::IoSliceMut::new(buf)],
+            &[RemoteIoVec {
+                base: addr as usize,
+                len,
+            }],
+        )
+        .map_err(|e| fail(format!("{addr:#x}+{len}: {e}")))?;
+        if n == len {
+            return Ok(());
+        }
+    }
+    mem.read_exact_at(buf, addr)
+        .map_err(|e| fail(format!("{addr:#x}+{}: {e}", buf.len())))
+}
+
+/// Dumps the memory of `pid` (all its threads stopped).
+pub fn dump(
+    pid: Pid,
+    img: &ImageDir,
+    image_pid: i32,
+    shmem: &mut ShmemTable,
+    problems: &mut Vec<String>,
+) -> Result<MemoryDump> {
+    let raw = pid.as_raw();
+    let maps = procfs::process::Process::new(raw)
+        .and_then(|p| p.smaps())
+        .map_err(Error::proc(raw, "memory maps"))?;
+    let pagemap = PageMap::open(raw)?;
+    let mem = File::open(format!("/proc/{raw}/mem")).map_err(|e| Error::Proc {
+        pid: raw,
+        what: "memory",
+        detail: e.to_string(),
+    })?;
+    let pages_path = img.pages_file(image_pid);
+    let mut writer = PageWriter::create(&pages_path)?;
+    let mut out = MemoryDump {
+        vmas: Vec::new(),
+        pages: Vec::new(),
+        bytes: 0,
+    };
+    let mut buf = Vec::new();
+    for m in maps.iter() {
+        let (start, end) = m.address;
+        let shared = m.perms.contains(MMPermissions::SHARED);
+        let prot = prot_of(m.perms);
+        let kind = match classify(pid, m, shared, shmem, img, problems)? {
+            Some(k) => k,
+            None => continue,
+        };
+        // Which pages hold data no file has: private anonymous memory, and
+        // copied-on-write pages of private file mappings.
+        let keep: Option<fn(u64) -> bool> = match (&kind, shared) {
+            (VmaKind::Anon, false) => Some(|e| e & (PM_PRESENT | PM_SWAPPED) != 0),
+            (VmaKind::File { .. }, false) => {
+                Some(|e| e & (PM_PRESENT | PM_SWAPPED) != 0 && e & PM_FILE == 0)
+            }
+            _ => None,
+        };
+        if let Some(keep) = keep {
+            let entries = pagemap.entries(start, end)?;
+            let readable = prot & libc::PROT_READ as u32 != 0;
+            for (first, count) in runs(&entries, keep) {
+                let addr = start + first as u64 * PAGE_SIZE;
+                let len = count as u64 * PAGE_SIZE;
+                // Large runs go through in 8 MiB pieces.
+                let mut done = 0;
+                let mut file_offset = None;
+                while done < len {
+                    let piece = (len - done).min(8 << 20);
+                    buf.resize(piece as usize, 0);
+                    read_remote(pid, &mem, addr + done, &mut buf, readable)?;
+                    let at = writer.put(&buf, &pages_path)?;
+                    file_offset.get_or_insert(at);
+                    done += piece;
+                }
+                out.pages.push(PageRun {
+                    start: addr,
+                    count: count as u64,
+                    offset: file_offset.expect("non-empty run"),
+                });
+                out.bytes += len;
+            }
+        }
+        out.vmas.push(Vma {
+            start,
+            end,
+            prot,
+            shared,
+            kind,
+            flags: kept_flags(m.extension.vm_flags),
+        });
+    }
+    writer
+        .out
+        .flush()
+        .map_err(|e| Error::image(&pages_path, e))?;
+    Ok(out)
+}
+
+/// What a mapping is; `None` for mappings nothing needs to be done about.
+fn classify(
+    pid: Pid,
+    m: &MemoryMap,
+    shared: bool,
+    shmem: &mut ShmemTable,
+    img: &ImageDir,
+    problems: &mut Vec<String>,
+) -> Result<Option<VmaKind>> {
+    let (start, end) = m.address;
+    let dev = makedev(m.dev.0, m.dev.1);
+    let problem = |what: String| format!("process {pid}: mapping {start:#x}-{end:#x}: {what}");
+    Ok(Some(match &m.pathname {
+        MMapPath::Vsyscall => return Ok(None),
+        MMapPath::Vdso => VmaKind::Vdso,
+        MMapPath::Vvar => VmaKind::Vvar,
+        MMapPath::Other(s) if s.trim_matches(|c| c == '[' || c == ']') == "vvar_vclock" => {
+            VmaKind::VvarVclock
+        }
+        MMapPath::Heap | MMapPath::Stack | MMapPath::TStack(_) | MMapPath::Anonymous if !shared => {
+            VmaKind::Anon
+        }
+        MMapPath::Vsys(key) => {
+            let id = shmem.object(
+                pid,
+                m,
+                dev,
+                img,
+                ShmemKind::SysV {
+                    key: *key,
+                    shmid: m.inode as i32,
+                    mode: 0,
+                },
+            )?;
+            VmaKind::Shmem {
+                id,
+                offset: m.offset,
+            }
+        }
+        MMapPath::Path(p) => {
+            let s = p.to_string_lossy();
+            if s == "/dev/zero (deleted)" || (shared && s.starts_with("/SYSV")) {
+                let id = shmem.object(pid, m, dev, img, ShmemKind::Anon)?;
+                VmaKind::Shmem {
+                    id,
+                    offset: m.offset,
+                }
+            } else if let Some(name) = s.strip_prefix("/memfd:") {
+                let name = name.trim_end_matches(" (deleted)").to_string();
+                let id = shmem.object(pid, m, dev, img, ShmemKind::Memfd { name, seals: 0 })?;
+                VmaKind::Shmem {
+                    id,
+                    offset: m.offset,
+                }
+            } else if s.ends_with(" (deleted)") {
+                problems.push(problem(format!("maps deleted file {s}")));
+                return Ok(None);
+            } else if s == "/dev/zero" && !shared {
+                VmaKind::Anon
+            } else if s.starts_with("/dev/") {
+                problems.push(problem(format!("maps device {s}")));
+                return Ok(None);
+            } else {
+                VmaKind::File {
+                    path: s.into_owned(),
+                    offset: m.offset,
+                    ino: m.inode,
+                    dev,
+                }
+            }
+        }
+        other => {
+            problems.push(problem(format!("unsupported mapping kind {other:?}")));
+            return Ok(None);
+        }
+    }))
+}
+
+impl ShmemTable {
+    /// The id of the shared memory object behind mapping `m`, saving its
+    /// contents the first time it is met.
+    fn object(
+        &mut self,
+        pid: Pid,
+        m: &MemoryMap,
+        dev: u64,
+        img: &ImageDir,
+        kind: ShmemKind,
+    ) -> Result<usize> {
+        if let Some(&id) = self.index.get(&(dev, m.inode)) {
+            return Ok(id);
+        }
+        let (start, end) = m.address;
+        // The object itself, whole, through the kernel's handle on the
+        // mapping (it also reaches pages this process never touched).
+        let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+        let f = File::open(&path).map_err(|e| Error::Proc {
+            pid: pid.as_raw(),
+            what: "shared memory",
+            detail: format!("{path}: {e}"),
+        })?;
+        let id = self.objects.len();
+        let (size, pages) = save_object(&f, &img.shmem_file(id))?;
+        let kind = match kind {
+            ShmemKind::Memfd { name, .. } => ShmemKind::Memfd {
+                name,
+                seals: memfd_seals(&f),
+            },
+            ShmemKind::SysV { key, shmid, .. } => ShmemKind::SysV {
+                key,
+                shmid,
+                mode: sysv_mode(shmid).unwrap_or(0o600),
+            },
+            k => k,
+        };
+        self.objects.push(SharedMemory {
+            id,
+            kind,
+            size,
+            dev,
+            ino: m.inode,
+            pages,
+        });
+        self.index.insert((dev, m.inode), id);
+        Ok(id)
+    }
+
+    /// The id of a memfd open as a file (saving it if it was not mapped).
+    pub fn memfd(&mut self, f: &File, name: String, img: &ImageDir) -> Result<usize> {
+        let meta = f.metadata().map_err(Error::io("stat memfd"))?;
+        if let Some(&id) = self.index.get(&(meta.dev(), meta.ino())) {
+            return Ok(id);
+        }
+        let id = self.objects.len();
+        let (size, pages) = save_object(f, &img.shmem_file(id))?;
+        self.objects.push(SharedMemory {
+            id,
+            kind: ShmemKind::Memfd {
+                name,
+                seals: memfd_seals(f),
+            },
+            size,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            pages,
+        });
+        self.index.insert((meta.dev(), meta.ino()), id);
+        Ok(id)
+    }
+}
+
+fn memfd_seals(f: &File) -> u32 {
+    nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_GET_SEALS)
+        .map(|s| s as u32)
+        .unwrap_or(0)
+}
+
+/// Mode bits of SysV segment `shmid` from /proc/sysvipc/shm.
+fn sysv_mode(shmid: i32) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/sysvipc/shm").ok()?;
+    text.lines().skip(1).find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        (w.get(1)?.parse::<i32>().ok()? == shmid).then(|| u32::from_str_radix(w.get(2)?, 8).ok())?
+    })
+}
+
+/// Copies the data regions of a shared memory file (holes stay holes).
+fn save_object(f: &File, out: &Path) -> Result<(u64, Vec<PageRun>)> {
+    use nix::unistd::{Whence, lseek};
+    let size = f.metadata().map_err(Error::io("stat shared memory"))?.len();
+    let mut w = PageWriter::create(out)?;
+    let mut runs = Vec::new();
+    let mut pos: i64 = 0;
+    let mut regions: BTreeMap<u64, u64> = BTreeMap::new();
+    while (pos as u64) < size {
+        let data = match lseek(f, pos, Whence::SeekData) {
+            Ok(d) => d,
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => return Err(Error::io("seek shared memory")(e.into())),
+        };
+        let hole = lseek(f, data, Whence::SeekHole).unwrap_or(size as i64);
+        regions.insert(data as u64, hole as u64);
+        pos = hole;
+    }
+    for (s, e) in regions {
+        let s = s / PAGE_SIZE * PAGE_SIZE;
+        let e = e.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let mut buf = vec![0u8; (e - s) as usize];
+        let n = f
+            .read_at(&mut buf, s)
+            .map_err(Error::io("read shared memory"))?;
+        // The buffer started zeroed: a short last page keeps zeros.
+        buf.truncate(n.div_ceil(PAGE_SIZE as usize) * PAGE_SIZE as usize);
+        if buf.is_empty() {
+            continue;
+        }
+        let at = w.put(&buf, out)?;
+        runs.push(PageRun {
+            start: s,
+            count: buf.len() as u64 / PAGE_SIZE,
+            offset: at,
+        });
+    }
+    w.out.flush().map_err(|e| Error::image(out, e))?;
+    Ok((size, runs))
+}

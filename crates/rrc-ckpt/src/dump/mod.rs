@@ -1,0 +1,200 @@
+//! Checkpoint: stop a process tree, record it in an image, then let it go
+//! or kill it.
+
+mod files;
+pub mod inject;
+mod memory;
+mod process;
+pub mod seize;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::unistd::Pid;
+use procfs::process::Process;
+
+use crate::image::{CpuInfo, FORMAT, ImageDir, Manifest, ProcessImage, VERSION};
+use crate::{Error, Result, sys};
+
+pub struct CheckpointOptions<'a> {
+    /// The root of the tree, as this process's pid namespace numbers it.
+    pub root: Pid,
+    pub images: &'a Path,
+    /// Let the tree go on running afterwards instead of killing it.
+    pub leave_running: bool,
+    pub annotations: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckpointReport {
+    pub processes: usize,
+    pub threads: usize,
+    /// Bytes of memory contents saved.
+    pub memory_bytes: u64,
+    /// Size of the image on disk.
+    pub image_bytes: u64,
+    /// How long the tree was stopped.
+    pub frozen: Duration,
+    pub total: Duration,
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn cpu_info() -> CpuInfo {
+    let (xsave_size, xcr0) = sys::xsave_layout();
+    CpuInfo { xsave_size, xcr0 }
+}
+
+/// Checkpoints the tree rooted at `opts.root` into `opts.images`. On error
+/// the tree keeps running as if nothing happened and no image is left.
+pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
+    let start = Instant::now();
+    let img = ImageDir::create(opts.images)?;
+    let result = checkpoint_into(&img, opts, start);
+    if result.is_err() {
+        // Only what we wrote: the directory was empty.
+        if let Ok(rd) = fs::read_dir(img.path()) {
+            for e in rd.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    result
+}
+
+fn checkpoint_into(
+    img: &ImageDir,
+    opts: &CheckpointOptions,
+    start: Instant,
+) -> Result<CheckpointReport> {
+    let cpu = cpu_info();
+    let mut seized = seize::Seized::tree(opts.root)?;
+    let frozen_at = Instant::now();
+    let mut problems = Vec::new();
+    let mut shmem = memory::ShmemTable::default();
+    let mut files = files::FileTable::default();
+    let mut images: Vec<ProcessImage> = Vec::new();
+    let mut memory_bytes = 0;
+    let (root_ns_pid, depth) = process::ns_pid(opts.root.as_raw(), None)?;
+    let own_pid_ns = depth > 1 && root_ns_pid == 1;
+    let mut ns_of: BTreeMap<Pid, i32> = BTreeMap::new();
+    for p in &seized.processes {
+        let raw = p.pid.as_raw();
+        let (ns, d) = process::ns_pid(raw, None)?;
+        if d != depth {
+            problems.push(format!(
+                "process {raw} is in a nested pid namespace, which is not supported"
+            ));
+        }
+        ns_of.insert(p.pid, ns);
+    }
+    for p in &seized.processes {
+        let raw = p.pid.as_raw();
+        let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
+        let status = proc.status().map_err(Error::proc(raw, "status"))?;
+        if status.seccomp.unwrap_or(0) != 0 {
+            problems.push(format!(
+                "process {raw} runs under seccomp, which is not supported"
+            ));
+        }
+        if status.state.starts_with('Z') {
+            problems.push(format!(
+                "process {raw} is a zombie (not yet reaped by its parent)"
+            ));
+            continue;
+        }
+        let ts = process::threads_and_signals(p, cpu.xsave_size)?;
+        let mem = memory::dump(p.pid, img, ns_of[&p.pid], &mut shmem, &mut problems)?;
+        memory_bytes += mem.bytes;
+        let fds = files::dump(p.pid, img, &mut files, &mut shmem, &mut problems)?;
+        let link = |what: &str| {
+            fs::read_link(format!("/proc/{raw}/{what}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let ns_field = |v: &Option<Vec<i32>>, fallback: i32| {
+            v.as_ref()
+                .and_then(|l| l.last().copied())
+                .unwrap_or(fallback)
+        };
+        let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
+        let personality = fs::read_to_string(format!("/proc/{raw}/personality"))
+            .ok()
+            .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
+            .unwrap_or(0);
+        images.push(ProcessImage {
+            pid: ns_of[&p.pid],
+            parent: p.parent.map(|pp| ns_of[&pp]),
+            pgid: ns_field(&status.nspgid, st.pgrp),
+            sid: ns_field(&status.nssid, st.session),
+            exe: link("exe"),
+            threads: ts.threads,
+            mm: process::mm_state(p.pid, ts.brk)?,
+            vmas: mem.vmas,
+            pages: mem.pages,
+            fds,
+            sigactions: ts.sigactions,
+            shared_pending: ts.shared_pending,
+            itimers: ts.itimers,
+            posix_timers: ts.posix_timers,
+            creds: process::creds(&status),
+            rlimits: process::rlimits(raw)?,
+            umask: status.umask.unwrap_or(0o022),
+            cwd: link("cwd"),
+            root: link("root"),
+            personality,
+            dumpable: ts.dumpable,
+            no_new_privs: status.nonewprivs.unwrap_or(0) != 0,
+            pdeath_signal: ts.pdeath_signal,
+            child_subreaper: ts.child_subreaper,
+        });
+    }
+    if !problems.is_empty() {
+        return Err(Error::Unsupported(problems));
+    }
+    for p in &images {
+        img.write_json(&ImageDir::process_name(p.pid), p)?;
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        created_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        kernel: kernel_release(),
+        cpu,
+        root: root_ns_pid,
+        processes: images.iter().map(|p| p.pid).collect(),
+        own_pid_ns,
+        files: files.files,
+        shmem: shmem.objects,
+        annotations: opts.annotations.clone(),
+    };
+    img.write_json("manifest.json", &manifest)?;
+    let threads = images.iter().map(|p| p.threads.len()).sum();
+    seized.release(!opts.leave_running);
+    let frozen = frozen_at.elapsed();
+    let image_bytes = fs::read_dir(img.path())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    Ok(CheckpointReport {
+        processes: images.len(),
+        threads,
+        memory_bytes,
+        image_bytes,
+        frozen,
+        total: start.elapsed(),
+    })
+}

@@ -1,0 +1,313 @@
+//! Everything about one stopped process, apart from memory and files.
+
+use std::fs;
+
+use nix::unistd::Pid;
+use procfs::process::Process;
+
+use crate::dump::inject::Injector;
+use crate::dump::seize::SeizedProcess;
+use crate::image::{
+    AltStack, Creds, Hex, ITimer, MmState, PosixTimer, Rseq, SigAction, ThreadImage,
+};
+use crate::ptrace::{self, ERESTART_RESTARTBLOCK};
+use crate::{Error, Result, nr, procfs as pfs, sys};
+
+/// Offsets in the scratch memory for call results.
+const SCRATCH_OUT: u64 = 0;
+
+fn read_u64s(inj: &Injector, n: usize) -> Result<Vec<u64>> {
+    let mut buf = vec![0u8; n * 8];
+    inj.read_scratch(SCRATCH_OUT, &mut buf)?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+/// The pid of `pid` as its own (innermost) pid namespace numbers it.
+pub fn ns_pid(pid: i32, tid: Option<i32>) -> Result<(i32, usize)> {
+    let path = match tid {
+        Some(t) => format!("/proc/{pid}/task/{t}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    let text = fs::read_to_string(&path).map_err(|e| Error::Proc {
+        pid,
+        what: "status",
+        detail: e.to_string(),
+    })?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .ok_or_else(|| Error::Proc {
+            pid,
+            what: "status",
+            detail: "no NSpid line".into(),
+        })?;
+    let levels: Vec<i32> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    Ok((*levels.last().unwrap_or(&pid), levels.len()))
+}
+
+pub struct ThreadsAndSignals {
+    pub threads: Vec<ThreadImage>,
+    pub sigactions: Vec<SigAction>,
+    pub itimers: [ITimer; 3],
+    pub posix_timers: Vec<PosixTimer>,
+    pub shared_pending: Vec<Hex>,
+    pub brk: u64,
+    pub dumpable: u64,
+    pub pdeath_signal: u64,
+    pub child_subreaper: bool,
+}
+
+/// What only the process itself can tell (asked through injected calls)
+/// and what ptrace shows about each thread.
+pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<ThreadsAndSignals> {
+    let pid = p.pid;
+    let mut inj = Injector::new(p)?;
+    let scratch = inj.scratch()?;
+    let out = scratch + SCRATCH_OUT;
+    let mut threads = Vec::new();
+    for t in &p.threads {
+        let (mut regs, sigmask) = inj.original(t.tid);
+        // A sleep interrupted here would resume through its kernel restart
+        // block, which a restore cannot bring back: it returns EINTR instead.
+        if regs.rax as i64 == ERESTART_RESTARTBLOCK {
+            regs.rax = (-(libc::EINTR as i64)) as u64;
+        }
+        let mut pending: Vec<Hex> = sys::peek_siginfo(t.tid, false)
+            .map_err(|e| Error::io(format!("pending signals of thread {}", t.tid))(e))?
+            .into_iter()
+            .map(|b| Hex(b.to_vec()))
+            .collect();
+        if t.signal.is_some() {
+            // The signal it was stopped delivering goes back in its queue.
+            let si = nix::sys::ptrace::getsiginfo(t.tid).map_err(|e| Error::Ptrace {
+                what: "read the signal of",
+                tid: t.tid.as_raw(),
+                source: e,
+            })?;
+            pending.push(Hex(sys::siginfo_bytes(&si).to_vec()));
+        }
+        let mut r = inj.remote(t.tid);
+        r.call("sigaltstack", libc::SYS_sigaltstack, &[0, out])?;
+        let ss = read_u64s(&inj, 3)?;
+        let mut r = inj.remote(t.tid);
+        r.call(
+            "prctl(PR_GET_TID_ADDRESS)",
+            nr::SYS_prctl,
+            &[libc::PR_GET_TID_ADDRESS as u64, out],
+        )?;
+        let ctid = read_u64s(&inj, 1)?[0];
+        let (ns_tid, _) = ns_pid(pid.as_raw(), Some(t.tid.as_raw()))?;
+        threads.push(ThreadImage {
+            tid: ns_tid,
+            comm: fs::read_to_string(format!("/proc/{pid}/task/{}/comm", t.tid))
+                .unwrap_or_default()
+                .trim_end_matches('\n')
+                .to_string(),
+            regs,
+            xstate: Hex(ptrace::get_xstate(t.tid, xsave_size)?),
+            sigmask,
+            pending,
+            rseq: sys::get_rseq(t.tid)
+                .map_err(|e| Error::io(format!("rseq of thread {}", t.tid))(e))?
+                .map(|c| Rseq {
+                    ptr: c.ptr,
+                    size: c.size,
+                    signature: c.signature,
+                }),
+            robust_list: sys::get_robust_list(t.tid)
+                .map_err(|e| Error::io(format!("robust list of thread {}", t.tid))(e))?,
+            clear_child_tid: ctid,
+            altstack: AltStack {
+                sp: ss[0],
+                flags: ss[1] as i32,
+                size: ss[2],
+            },
+        });
+    }
+
+    let mut r = inj.remote(pid);
+    let mut sigactions = Vec::with_capacity(64);
+    for sig in 1..=64u64 {
+        if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+            sigactions.push(SigAction::default());
+            continue;
+        }
+        r.call("rt_sigaction", nr::SYS_rt_sigaction, &[sig, 0, out, 8])?;
+        let a = read_u64s(&inj, 4)?;
+        sigactions.push(SigAction {
+            handler: a[0],
+            flags: a[1],
+            restorer: a[2],
+            mask: a[3],
+        });
+    }
+    let mut itimers = [ITimer::default(); 3];
+    for (which, slot) in itimers.iter_mut().enumerate() {
+        r.call("getitimer", nr::SYS_getitimer, &[which as u64, out])?;
+        let v = read_u64s(&inj, 4)?;
+        *slot = ITimer {
+            interval_us: v[0] * 1_000_000 + v[1],
+            value_us: v[2] * 1_000_000 + v[3],
+        };
+    }
+    let mut posix_timers = Vec::new();
+    for t in pfs::read_timers(pid.as_raw())? {
+        r.call("timer_gettime", nr::SYS_timer_gettime, &[t.id as u64, out])?;
+        let v = read_u64s(&inj, 4)?;
+        let overrun = r.call("timer_getoverrun", nr::SYS_timer_getoverrun, &[t.id as u64])?;
+        let notify = match t.notify.as_str() {
+            "thread" => libc::SIGEV_THREAD_ID,
+            "none" => libc::SIGEV_NONE,
+            _ => libc::SIGEV_SIGNAL,
+        };
+        posix_timers.push(PosixTimer {
+            id: t.id,
+            clock: t.clock,
+            signal: t.signal,
+            notify,
+            notify_tid: ns_pid(pid.as_raw(), Some(t.notify_tid))
+                .map(|(n, _)| n)
+                .unwrap_or(t.notify_tid),
+            sigval: t.sigval,
+            interval_ns: v[0] * 1_000_000_000 + v[1],
+            value_ns: v[2] * 1_000_000_000 + v[3],
+            overrun: overrun as i32,
+        });
+    }
+    let brk = r.call("brk", nr::SYS_brk, &[0])?;
+    let dumpable = r.call(
+        "prctl(PR_GET_DUMPABLE)",
+        nr::SYS_prctl,
+        &[libc::PR_GET_DUMPABLE as u64],
+    )?;
+    r.call(
+        "prctl(PR_GET_PDEATHSIG)",
+        nr::SYS_prctl,
+        &[libc::PR_GET_PDEATHSIG as u64, out],
+    )?;
+    let pdeath_signal = read_u64s(&inj, 1)?[0] & 0xffff_ffff;
+    r.call(
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+        nr::SYS_prctl,
+        &[libc::PR_GET_CHILD_SUBREAPER as u64, out],
+    )?;
+    let child_subreaper = read_u64s(&inj, 1)?[0] & 0xffff_ffff != 0;
+    let shared_pending = sys::peek_siginfo(pid, true)
+        .map_err(|e| Error::io(format!("shared pending signals of process {pid}"))(e))?
+        .into_iter()
+        .map(|b| Hex(b.to_vec()))
+        .collect();
+    inj.finish()?;
+    Ok(ThreadsAndSignals {
+        threads,
+        sigactions,
+        itimers,
+        posix_timers,
+        shared_pending,
+        brk,
+        dumpable,
+        pdeath_signal,
+        child_subreaper,
+    })
+}
+
+pub fn mm_state(pid: Pid, brk: u64) -> Result<MmState> {
+    let raw = pid.as_raw();
+    let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
+    let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
+    let auxv_raw = fs::read(format!("/proc/{raw}/auxv")).map_err(|e| Error::Proc {
+        pid: raw,
+        what: "auxv",
+        detail: e.to_string(),
+    })?;
+    let auxv = auxv_raw
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok(MmState {
+        start_code: st.startcode,
+        end_code: st.endcode,
+        start_data: st.start_data.unwrap_or(0),
+        end_data: st.end_data.unwrap_or(0),
+        start_brk: st.start_brk.unwrap_or(0),
+        brk,
+        start_stack: st.startstack,
+        arg_start: st.arg_start.unwrap_or(0),
+        arg_end: st.arg_end.unwrap_or(0),
+        env_start: st.env_start.unwrap_or(0),
+        env_end: st.env_end.unwrap_or(0),
+        auxv,
+    })
+}
+
+pub fn creds(status: &procfs::process::Status) -> Creds {
+    Creds {
+        uid: [status.ruid, status.euid, status.suid, status.fuid],
+        gid: [status.rgid, status.egid, status.sgid, status.fgid],
+        groups: status.groups.clone(),
+        cap_inh: status.capinh,
+        cap_prm: status.capprm,
+        cap_eff: status.capeff,
+        cap_bnd: status.capbnd.unwrap_or(u64::MAX),
+        cap_amb: status.capamb.unwrap_or(0),
+    }
+}
+
+/// Soft and hard limits for every resource, from /proc/PID/limits (readable
+/// where prlimit(2) on another user's process is not).
+pub fn rlimits(pid: i32) -> Result<Vec<(u64, u64)>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/limits")).map_err(|e| Error::Proc {
+        pid,
+        what: "limits",
+        detail: e.to_string(),
+    })?;
+    parse_limits(&text).ok_or_else(|| Error::Proc {
+        pid,
+        what: "limits",
+        detail: "unexpected format".into(),
+    })
+}
+
+/// Resources Linux has limits for (RLIMIT_CPU ..= RLIMIT_RTTIME).
+pub const RLIMITS: usize = 16;
+
+fn parse_limits(text: &str) -> Option<Vec<(u64, u64)>> {
+    let value = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s == "unlimited" {
+            Some(libc::RLIM_INFINITY)
+        } else {
+            s.parse().ok()
+        }
+    };
+    let mut out = Vec::new();
+    // "%-25s %-20s %-20s %-10s": name, soft, hard, units.
+    for line in text.lines().skip(1) {
+        if line.len() < 47 {
+            return None;
+        }
+        let soft = value(line.get(26..46)?)?;
+        let hard = value(line.get(47..67.min(line.len()))?)?;
+        out.push((soft, hard));
+    }
+    (out.len() == RLIMITS).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_limits_parse() {
+        let l = rlimits(std::process::id() as i32).unwrap();
+        let want =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(l[libc::RLIMIT_NOFILE as usize], want);
+    }
+}

@@ -1,0 +1,189 @@
+//! Stopping every thread of a process tree, and letting it go again.
+
+use std::collections::BTreeSet;
+use std::fs;
+
+use nix::errno::Errno;
+use nix::sys::ptrace::Options;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::ptrace::{self, Stop};
+use crate::{Error, Result};
+
+const PTRACE_EVENT_STOP: i32 = 128;
+
+#[derive(Debug, Clone)]
+pub struct SeizedThread {
+    pub tid: Pid,
+    /// A signal the thread was about to receive when it stopped; delivered
+    /// again when it is let go, and recorded as pending in the image.
+    pub signal: Option<Signal>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeizedProcess {
+    pub pid: Pid,
+    pub parent: Option<Pid>,
+    pub threads: Vec<SeizedThread>,
+}
+
+/// A stopped process tree, parents before children.
+#[derive(Debug)]
+pub struct Seized {
+    pub processes: Vec<SeizedProcess>,
+    released: bool,
+}
+
+fn tasks(pid: Pid) -> Vec<Pid> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+                .map(Pid::from_raw)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn children(pid: Pid, threads: &[SeizedThread]) -> Vec<Pid> {
+    let mut out = BTreeSet::new();
+    for t in threads {
+        if let Ok(s) = fs::read_to_string(format!("/proc/{pid}/task/{}/children", t.tid)) {
+            out.extend(
+                s.split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .map(Pid::from_raw),
+            );
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Stops every thread of one process; threads it creates meanwhile are
+/// caught by going round until the thread list stops changing.
+fn seize_process(pid: Pid) -> Result<Vec<SeizedThread>> {
+    let mut seized: Vec<Pid> = Vec::new();
+    loop {
+        let fresh: Vec<Pid> = tasks(pid)
+            .into_iter()
+            .filter(|t| !seized.contains(t))
+            .collect();
+        if fresh.is_empty() {
+            break;
+        }
+        for tid in fresh {
+            match ptrace::seize(tid, Options::empty()) {
+                Ok(()) => {}
+                // It exited between the listing and now.
+                Err(Error::Ptrace {
+                    source: Errno::ESRCH,
+                    ..
+                }) => continue,
+                Err(Error::Ptrace {
+                    source: Errno::EPERM,
+                    ..
+                }) => {
+                    return Err(Error::Unsupported(vec![format!(
+                        "thread {tid} of process {pid} is already traced by another process (a debugger?)"
+                    )]));
+                }
+                Err(e) => return Err(e),
+            }
+            seized.push(tid);
+            ptrace::interrupt(tid)?;
+        }
+    }
+    let mut threads = Vec::new();
+    for tid in seized {
+        match ptrace::wait_stop(tid)? {
+            Stop::Event(PTRACE_EVENT_STOP, _) | Stop::Event(_, _) => {
+                threads.push(SeizedThread { tid, signal: None })
+            }
+            Stop::Signal(sig) => threads.push(SeizedThread {
+                tid,
+                signal: Some(sig),
+            }),
+            Stop::Exited(_) | Stop::Killed(_) => {}
+        }
+    }
+    if threads.is_empty() {
+        return Err(Error::NoSuchProcess(pid.as_raw()));
+    }
+    threads.sort_by_key(|t| (t.tid != pid, t.tid));
+    Ok(threads)
+}
+
+impl Seized {
+    /// Stops the tree rooted at `root` (a pid of the caller's namespace).
+    pub fn tree(root: Pid) -> Result<Seized> {
+        if !std::path::Path::new(&format!("/proc/{root}")).exists() {
+            return Err(Error::NoSuchProcess(root.as_raw()));
+        }
+        let mut s = Seized {
+            processes: Vec::new(),
+            released: false,
+        };
+        let mut queue = vec![(root, None)];
+        while let Some((pid, parent)) = queue.pop() {
+            let threads = match seize_process(pid) {
+                Ok(t) => t,
+                // A child that exited while we walked the tree.
+                Err(Error::NoSuchProcess(_)) if parent.is_some() => continue,
+                Err(e) => {
+                    s.release(false);
+                    return Err(e);
+                }
+            };
+            // Stable now: every thread of `pid` is stopped.
+            for c in children(pid, &threads).into_iter().rev() {
+                queue.push((c, Some(pid)));
+            }
+            s.processes.push(SeizedProcess {
+                pid,
+                parent,
+                threads,
+            });
+        }
+        Ok(s)
+    }
+
+    /// Lets every thread go (`kill` false: on its way, with any signal it
+    /// was about to receive) or kills the whole tree and waits until every
+    /// thread is gone.
+    pub fn release(&mut self, kill_tree: bool) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        if kill_tree {
+            for p in &self.processes {
+                let _ = kill(p.pid, Signal::SIGKILL);
+            }
+            for p in &self.processes {
+                for t in &p.threads {
+                    // Each traced thread reports its death to us first.
+                    while let Ok(stop) = ptrace::wait_stop(t.tid) {
+                        if matches!(stop, Stop::Exited(_) | Stop::Killed(_)) {
+                            break;
+                        }
+                        let _ = nix::sys::ptrace::cont(t.tid, None);
+                    }
+                }
+            }
+        } else {
+            for p in &self.processes {
+                for t in &p.threads {
+                    let _ = ptrace::detach(t.tid, t.signal);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Seized {
+    fn drop(&mut self) {
+        // An error path that did not decide: leave the tree running.
+        self.release(false);
+    }
+}

@@ -1,0 +1,461 @@
+//! The checkpoint image: plain, versioned records (JSON) plus raw page data.
+//!
+//! A directory holds `manifest.json` (what was checkpointed and on what
+//! machine), one `process-<pid>.json` per process, and the memory contents:
+//! `pages-<pid>.img` for each process's private pages and `shmem-<id>.img`
+//! for each shared memory object, referenced by offset from the records.
+//! Records are the whole truth about a process; a restore reads nothing else.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::ptrace::Regs;
+use crate::{Error, Result};
+
+pub const FORMAT: &str = "rrc-image";
+pub const VERSION: u32 = 1;
+
+/// What the image holds and where it was taken; checked before a restore
+/// touches anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub created_unix: u64,
+    /// `uname -r` of the machine that took it.
+    pub kernel: String,
+    pub cpu: CpuInfo,
+    /// The tree's root, as numbered in its own pid namespace.
+    pub root: i32,
+    /// Every process, parents before their children.
+    pub processes: Vec<i32>,
+    /// Whether the tree was the whole of its own pid namespace (a
+    /// container): it is then restored into a new one, as pid 1.
+    pub own_pid_ns: bool,
+    /// Open file descriptions, shared by the fds that refer to them.
+    pub files: Vec<OpenFile>,
+    /// Shared memory objects (shared anonymous, memfd, SysV).
+    pub shmem: Vec<SharedMemory>,
+    /// Data kept on behalf of the layer that asked for the checkpoint (for
+    /// containers: name, network settings).
+    pub annotations: BTreeMap<String, serde_json::Value>,
+}
+
+/// The extended register state format of the CPU and kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuInfo {
+    pub xsave_size: usize,
+    pub xcr0: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub pid: i32,
+    /// Parent within the tree; `None` for the root.
+    pub parent: Option<i32>,
+    pub pgid: i32,
+    pub sid: i32,
+    pub exe: String,
+    pub threads: Vec<ThreadImage>,
+    pub mm: MmState,
+    pub vmas: Vec<Vma>,
+    /// Private memory contents: runs of pages stored in `pages-<pid>.img`.
+    pub pages: Vec<PageRun>,
+    pub fds: Vec<Fd>,
+    /// Index = signal number - 1, for signals 1..=64.
+    pub sigactions: Vec<SigAction>,
+    pub shared_pending: Vec<Hex>,
+    pub itimers: [ITimer; 3],
+    pub posix_timers: Vec<PosixTimer>,
+    pub creds: Creds,
+    pub rlimits: Vec<(u64, u64)>,
+    pub umask: u32,
+    pub cwd: String,
+    pub root: String,
+    pub personality: u64,
+    pub dumpable: u64,
+    pub no_new_privs: bool,
+    pub pdeath_signal: u64,
+    pub child_subreaper: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadImage {
+    pub tid: i32,
+    pub comm: String,
+    pub regs: Regs,
+    pub xstate: Hex,
+    pub sigmask: u64,
+    /// Signals queued for this thread, as raw `siginfo_t`.
+    pub pending: Vec<Hex>,
+    pub rseq: Option<Rseq>,
+    pub robust_list: (u64, u64),
+    pub clear_child_tid: u64,
+    pub altstack: AltStack,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rseq {
+    pub ptr: u64,
+    pub size: u32,
+    pub signature: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AltStack {
+    pub sp: u64,
+    pub flags: i32,
+    pub size: u64,
+}
+
+/// The mm fields `prctl(PR_SET_MM_MAP)` restores, plus brk and auxv.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MmState {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    pub prot: u32,
+    pub shared: bool,
+    pub kind: VmaKind,
+    /// Two-letter `VmFlags` of smaps that need restoring (madvise state:
+    /// dd, dc, wf, hg, nh, mg, lo, gd).
+    pub flags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum VmaKind {
+    /// Private anonymous memory (heap, stacks, guard pages, malloc arenas).
+    Anon,
+    /// A regular file mapped at `offset`.
+    File {
+        path: String,
+        offset: u64,
+        ino: u64,
+        dev: u64,
+    },
+    /// A shared memory object of the manifest, mapped at `offset`.
+    Shmem {
+        id: usize,
+        offset: u64,
+    },
+    Vdso,
+    Vvar,
+    VvarVclock,
+    /// `[vsyscall]`: fixed by the kernel, nothing to do.
+    Vsyscall,
+}
+
+/// A run of `count` consecutive pages at `start`, stored at `offset` of the
+/// process's pages file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub start: u64,
+    pub count: u64,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedMemory {
+    pub id: usize,
+    pub kind: ShmemKind,
+    pub size: u64,
+    /// Device and inode on the checkpointed machine (identity only).
+    pub dev: u64,
+    pub ino: u64,
+    /// Contents: runs whose `start` is an offset in the object.
+    pub pages: Vec<PageRun>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ShmemKind {
+    /// `MAP_SHARED | MAP_ANONYMOUS`.
+    Anon,
+    Memfd {
+        name: String,
+        seals: u32,
+    },
+    SysV {
+        key: i32,
+        shmid: i32,
+        mode: u32,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fd {
+    pub fd: i32,
+    pub file: usize,
+    pub cloexec: bool,
+}
+
+/// An open file description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenFile {
+    pub id: usize,
+    /// `O_*` status flags (access mode, append, nonblock...).
+    pub flags: u32,
+    pub kind: FileKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FileKind {
+    Regular {
+        path: String,
+        pos: u64,
+        /// Deleted while open: its content is in `file-<id>.img`, and it is
+        /// recreated at its path, reopened and unlinked again.
+        deleted: bool,
+        size: u64,
+        mode: u32,
+    },
+    Directory {
+        path: String,
+    },
+    CharDevice {
+        path: String,
+        rdev: u64,
+    },
+    /// A named pipe; unread data (of the pipe object `pipe`) is in
+    /// `pipe-<pipe>.img`.
+    Fifo {
+        path: String,
+        pipe: u64,
+    },
+    /// One end of a pipe; `pipe` numbers the pipe object (its inode) and its
+    /// unread data is in `pipe-<pipe>.img`.
+    Pipe {
+        pipe: u64,
+        write_end: bool,
+        capacity: u32,
+    },
+    EventFd {
+        count: u64,
+        semaphore: bool,
+    },
+    SignalFd {
+        mask: u64,
+    },
+    TimerFd {
+        clock: i32,
+        interval_ns: u64,
+        value_ns: u64,
+        ticks: u64,
+    },
+    Epoll {
+        targets: Vec<EpollTarget>,
+    },
+    /// A memfd (its memory is shared object `shmem`).
+    Memfd {
+        shmem: usize,
+        pos: u64,
+    },
+    TcpListen {
+        addr: String,
+        backlog: u32,
+        options: Vec<(i32, i32, i32)>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SigAction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ITimer {
+    pub interval_us: u64,
+    pub value_us: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    pub signal: i32,
+    /// SIGEV_* notification and its target thread (for SIGEV_THREAD_ID).
+    pub notify: i32,
+    pub notify_tid: i32,
+    pub sigval: u64,
+    pub interval_ns: u64,
+    pub value_ns: u64,
+    pub overrun: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Creds {
+    pub uid: [u32; 4],
+    pub gid: [u32; 4],
+    pub groups: Vec<u32>,
+    pub cap_inh: u64,
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_bnd: u64,
+    pub cap_amb: u64,
+}
+
+/// Bytes kept as a hex string in the JSON records.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Hex(pub Vec<u8>);
+
+impl std::fmt::Debug for Hex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hex({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Hex {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut out = String::with_capacity(self.0.len() * 2);
+        for b in &self.0 {
+            out.push_str(&format!("{b:02x}"));
+        }
+        s.serialize_str(&out)
+    }
+}
+
+impl<'de> Deserialize<'de> for Hex {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Hex, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() % 2 != 0 {
+            return Err(serde::de::Error::custom("odd-length hex"));
+        }
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
+            .collect::<std::result::Result<Vec<u8>, _>>()
+            .map(Hex)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// An image directory.
+#[derive(Debug, Clone)]
+pub struct ImageDir {
+    dir: PathBuf,
+}
+
+impl ImageDir {
+    pub fn new(dir: &Path) -> ImageDir {
+        ImageDir { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Prepares an empty directory for a new image (creating it if needed).
+    pub fn create(dir: &Path) -> Result<ImageDir> {
+        fs::create_dir_all(dir).map_err(|e| Error::image(dir, e))?;
+        let nonempty = fs::read_dir(dir)
+            .map_err(|e| Error::image(dir, e))?
+            .next()
+            .is_some();
+        if nonempty {
+            return Err(Error::ImageDirNotEmpty(dir.into()));
+        }
+        Ok(ImageDir { dir: dir.into() })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn pages_file(&self, pid: i32) -> PathBuf {
+        self.file(&format!("pages-{pid}.img"))
+    }
+
+    pub fn shmem_file(&self, id: usize) -> PathBuf {
+        self.file(&format!("shmem-{id}.img"))
+    }
+
+    pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        let path = self.file(name);
+        let bytes = serde_json::to_vec_pretty(value).expect("image records serialize");
+        let mut f = fs::File::create(&path).map_err(|e| Error::image(&path, e))?;
+        f.write_all(&bytes).map_err(|e| Error::image(&path, e))?;
+        Ok(())
+    }
+
+    pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
+        let path = self.file(name);
+        let bytes = fs::read(&path).map_err(|e| Error::image(&path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::CorruptImage {
+            path,
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn read_manifest(&self) -> Result<Manifest> {
+        let m: Manifest = self.read_json("manifest.json")?;
+        if m.format != FORMAT || m.version != VERSION {
+            return Err(Error::CorruptImage {
+                path: self.file("manifest.json"),
+                detail: format!(
+                    "format {} version {} (this rrc reads {FORMAT} version {VERSION})",
+                    m.format, m.version
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    pub fn file_data(&self, id: usize) -> PathBuf {
+        self.file(&format!("file-{id}.img"))
+    }
+
+    pub fn pipe_data(&self, pipe: u64) -> PathBuf {
+        self.file(&format!("pipe-{pipe}.img"))
+    }
+
+    pub fn process_name(pid: i32) -> String {
+        format!("process-{pid}.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip() {
+        let h = Hex(vec![0, 1, 0xab, 0xff]);
+        let s = serde_json::to_string(&h).unwrap();
+        assert_eq!(s, "\"0001abff\"");
+        assert_eq!(serde_json::from_str::<Hex>(&s).unwrap(), h);
+        assert!(serde_json::from_str::<Hex>("\"abc\"").is_err());
+        assert!(serde_json::from_str::<Hex>("\"zz\"").is_err());
+    }
+}

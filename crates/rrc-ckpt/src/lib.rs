@@ -1,0 +1,39 @@
+//! rrc's checkpoint/restore engine.
+//!
+//! A *checkpoint* stops every thread of a process tree with ptrace, reads
+//! what the kernel shows in /proc and through ptrace, asks each process for
+//! the rest by making system calls in it (signal handlers, timers, the brk),
+//! copies its memory, and writes an [`image`]. A *restore* forks a skeleton
+//! process per recorded pid (same pids and tids, via `clone3`'s `set_tid`),
+//! replaces each skeleton's address space with the recorded one, and
+//! rebuilds threads, files and the remaining kernel state, again by making
+//! system calls inside the skeletons, before letting them run.
+//!
+//! Modules: [`ptrace`] and [`remote`] are the mechanism (stopping threads,
+//! injecting calls); [`procfs`] reads /proc; [`dump`] and [`restore`] are the
+//! two halves of the engine; [`image`] is the format between them.
+
+pub mod dump;
+mod error;
+pub mod image;
+pub mod procfs;
+pub mod ptrace;
+pub mod remote;
+pub mod restore;
+mod sys;
+
+pub use error::{Error, Result};
+
+/// x86-64 system call numbers used by the engine.
+pub(crate) mod nr {
+    pub use libc::{
+        SYS_arch_prctl, SYS_brk, SYS_chdir, SYS_chroot, SYS_clone3, SYS_close, SYS_dup3,
+        SYS_epoll_create1, SYS_epoll_ctl, SYS_eventfd2, SYS_fchdir, SYS_fcntl, SYS_getitimer,
+        SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mmap, SYS_mprotect, SYS_munmap, SYS_openat,
+        SYS_personality, SYS_pipe2, SYS_prctl, SYS_prlimit64, SYS_rseq, SYS_rt_sigaction,
+        SYS_rt_sigqueueinfo, SYS_rt_tgsigqueueinfo, SYS_set_robust_list, SYS_set_tid_address,
+        SYS_setgroups, SYS_setitimer, SYS_setresgid, SYS_setresuid, SYS_shmat, SYS_sigaltstack,
+        SYS_signalfd4, SYS_timer_create, SYS_timer_getoverrun, SYS_timer_gettime,
+        SYS_timer_settime, SYS_timerfd_create, SYS_timerfd_settime, SYS_umask, SYS_write,
+    };
+}

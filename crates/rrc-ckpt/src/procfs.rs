@@ -1,0 +1,272 @@
+//! What /proc says about a process beyond what the `procfs` crate parses:
+//! fdinfo, POSIX timers, and the pagemap.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::{Error, Result};
+
+pub const PAGE_SIZE: u64 = 4096;
+
+/// `/proc/PID/fdinfo/FD`, as key/value lines plus the epoll target lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FdInfo {
+    pub pos: u64,
+    pub flags: u32,
+    pub fields: BTreeMap<String, String>,
+    pub epoll: Vec<EpollLine>,
+    /// Lines naming inotify watches or fanotify marks: present means the fd
+    /// is one of those.
+    pub watches: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpollLine {
+    pub tfd: i32,
+    pub events: u32,
+    pub data: u64,
+}
+
+pub fn read_fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).map_err(|e| Error::Proc {
+            pid,
+            what: "fdinfo",
+            detail: e.to_string(),
+        })?;
+    parse_fdinfo(&text).ok_or_else(|| Error::Proc {
+        pid,
+        what: "fdinfo",
+        detail: format!("unexpected content for fd {fd}: {text:?}"),
+    })
+}
+
+pub fn parse_fdinfo(text: &str) -> Option<FdInfo> {
+    let mut info = FdInfo::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("tfd:") {
+            // "tfd:        5 events:       19 data:                0  pos:0 ino:.. sdev:.."
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let tfd = words.first()?.parse().ok()?;
+            let mut events = None;
+            let mut data = None;
+            for w in words.windows(2) {
+                match w[0] {
+                    "events:" => events = u32::from_str_radix(w[1], 16).ok(),
+                    "data:" => data = u64::from_str_radix(w[1], 16).ok(),
+                    _ => {}
+                }
+            }
+            info.epoll.push(EpollLine {
+                tfd,
+                events: events?,
+                data: data?,
+            });
+            continue;
+        }
+        if line.starts_with("inotify ") || line.starts_with("fanotify ") {
+            info.watches += 1;
+            continue;
+        }
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k {
+            "pos" => info.pos = v.parse().ok()?,
+            "flags" => info.flags = u32::from_str_radix(v, 8).ok()?,
+            _ => {
+                info.fields.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    Some(info)
+}
+
+/// Parses "(sec, nsec)" as timerfd fdinfo prints it, into nanoseconds.
+pub fn parse_timespec_pair(s: &str) -> Option<u64> {
+    let s = s.trim().strip_prefix('(')?.strip_suffix(')')?;
+    let (sec, nsec) = s.split_once(',')?;
+    let sec: u64 = sec.trim().parse().ok()?;
+    let nsec: u64 = nsec.trim().parse().ok()?;
+    Some(sec * 1_000_000_000 + nsec)
+}
+
+/// A POSIX timer as listed in `/proc/PID/timers`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerLine {
+    pub id: i32,
+    pub signal: i32,
+    pub sigval: u64,
+    /// "signal", "thread", "none".
+    pub notify: String,
+    pub notify_tid: i32,
+    pub clock: i32,
+}
+
+pub fn read_timers(pid: i32) -> Result<Vec<TimerLine>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/timers")).map_err(|e| Error::Proc {
+        pid,
+        what: "timers",
+        detail: e.to_string(),
+    })?;
+    parse_timers(&text).ok_or_else(|| Error::Proc {
+        pid,
+        what: "timers",
+        detail: format!("unexpected content: {text:?}"),
+    })
+}
+
+pub fn parse_timers(text: &str) -> Option<Vec<TimerLine>> {
+    let mut out = Vec::new();
+    let mut cur: Option<TimerLine> = None;
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k {
+            "ID" => {
+                out.extend(cur.take());
+                cur = Some(TimerLine {
+                    id: v.parse().ok()?,
+                    signal: 0,
+                    sigval: 0,
+                    notify: String::new(),
+                    notify_tid: 0,
+                    clock: 0,
+                });
+            }
+            "signal" => {
+                let t = cur.as_mut()?;
+                let (sig, val) = v.split_once('/')?;
+                t.signal = sig.parse().ok()?;
+                t.sigval = u64::from_str_radix(val, 16).ok()?;
+            }
+            "notify" => {
+                let t = cur.as_mut()?;
+                let (how, target) = v.split_once('/')?;
+                t.notify = how.to_string();
+                t.notify_tid = target.split_once('.')?.1.parse().ok()?;
+            }
+            "ClockID" => cur.as_mut()?.clock = v.parse().ok()?,
+            _ => {}
+        }
+    }
+    out.extend(cur);
+    Some(out)
+}
+
+/// The pagemap of a process: one 64-bit entry per virtual page.
+pub struct PageMap {
+    file: File,
+    pid: i32,
+}
+
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAPPED: u64 = 1 << 62;
+/// The page is a page-cache page of a file or shared memory: a private file
+/// mapping's page without it was written (copied on write).
+pub const PM_FILE: u64 = 1 << 61;
+
+impl PageMap {
+    pub fn open(pid: i32) -> Result<PageMap> {
+        let file = File::open(format!("/proc/{pid}/pagemap")).map_err(|e| Error::Proc {
+            pid,
+            what: "pagemap",
+            detail: e.to_string(),
+        })?;
+        Ok(PageMap { file, pid })
+    }
+
+    /// The entries of the pages in `[start, end)`.
+    pub fn entries(&self, start: u64, end: u64) -> Result<Vec<u64>> {
+        let n = ((end - start) / PAGE_SIZE) as usize;
+        let mut raw = vec![0u8; n * 8];
+        self.file
+            .read_exact_at(&mut raw, start / PAGE_SIZE * 8)
+            .map_err(|e| Error::Proc {
+                pid: self.pid,
+                what: "pagemap",
+                detail: e.to_string(),
+            })?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+            .collect())
+    }
+}
+
+/// Runs of consecutive page indices for which `keep` holds.
+pub fn runs(entries: &[u64], keep: impl Fn(u64) -> bool) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < entries.len() {
+        if keep(entries[i]) {
+            let s = i;
+            while i < entries.len() && keep(entries[i]) {
+                i += 1;
+            }
+            out.push((s, i - s));
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fdinfo_epoll_and_eventfd() {
+        let e = parse_fdinfo(
+            "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\ntfd:        5 events:       19 data:     1122334455667788  pos:0 ino:41 sdev:d\ntfd:        7 events: 80000001 data:                7  pos:0 ino:42 sdev:d\n",
+        )
+        .unwrap();
+        assert_eq!(e.flags, 0o2000002);
+        assert_eq!(
+            e.epoll,
+            vec![
+                EpollLine {
+                    tfd: 5,
+                    events: 0x19,
+                    data: 0x1122334455667788
+                },
+                EpollLine {
+                    tfd: 7,
+                    events: 0x80000001,
+                    data: 7
+                },
+            ]
+        );
+        let ev = parse_fdinfo("pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\neventfd-count:               2a\neventfd-id: 3\neventfd-semaphore: 0\n").unwrap();
+        assert_eq!(ev.fields["eventfd-count"], "2a");
+    }
+
+    #[test]
+    fn timerfd_times() {
+        assert_eq!(parse_timespec_pair("(1, 500)"), Some(1_000_000_500));
+        assert_eq!(parse_timespec_pair(" (0, 0)"), Some(0));
+        assert_eq!(parse_timespec_pair("0, 0"), None);
+    }
+
+    #[test]
+    fn timers() {
+        let t = parse_timers("ID: 0\nsignal: 34/0000000000000007\nnotify: signal/pid.123\nClockID: 1\nID: 1\nsignal: 14/00000000deadbeef\nnotify: thread/tid.124\nClockID: 0\n").unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].signal, 34);
+        assert_eq!(t[0].sigval, 7);
+        assert_eq!(t[1].notify, "thread");
+        assert_eq!(t[1].notify_tid, 124);
+    }
+
+    #[test]
+    fn page_runs() {
+        let e = [PM_PRESENT, PM_PRESENT, 0, PM_SWAPPED, 0, PM_PRESENT];
+        let r = runs(&e, |x| x & (PM_PRESENT | PM_SWAPPED) != 0);
+        assert_eq!(r, vec![(0, 2), (3, 1), (5, 1)]);
+    }
+}

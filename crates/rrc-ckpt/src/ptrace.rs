@@ -1,0 +1,156 @@
+//! Tracing threads: seizing, stopping, reading and writing their state.
+
+use nix::errno::Errno;
+use nix::sys::ptrace::{self, Options};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result, sys};
+
+/// The general-purpose registers of a thread (`struct user_regs_struct`),
+/// fs/gs base included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Regs {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub rbp: u64,
+    pub rbx: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rax: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub orig_rax: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub eflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+    pub fs_base: u64,
+    pub gs_base: u64,
+    pub ds: u64,
+    pub es: u64,
+    pub fs: u64,
+    pub gs: u64,
+}
+
+macro_rules! regs_conv {
+    ($($f:ident),*) => {
+        impl From<libc::user_regs_struct> for Regs {
+            fn from(r: libc::user_regs_struct) -> Regs {
+                Regs { $($f: r.$f),* }
+            }
+        }
+        impl From<Regs> for libc::user_regs_struct {
+            fn from(r: Regs) -> libc::user_regs_struct {
+                libc::user_regs_struct { $($f: r.$f),* }
+            }
+        }
+    };
+}
+regs_conv!(
+    r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs,
+    eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs
+);
+
+/// Error values a system call interrupted by a stop leaves in `rax`; the
+/// kernel restarts the call when the thread resumes.
+pub const ERESTARTSYS: i64 = -512;
+pub const ERESTARTNOINTR: i64 = -513;
+pub const ERESTARTNOHAND: i64 = -514;
+pub const ERESTART_RESTARTBLOCK: i64 = -516;
+
+fn err(what: &'static str, tid: Pid) -> impl FnOnce(Errno) -> Error {
+    move |e| Error::Ptrace {
+        what,
+        tid: tid.as_raw(),
+        source: e,
+    }
+}
+
+/// Why a traced thread stopped (or ended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// A `PTRACE_EVENT_*` stop, with the event's message.
+    Event(i32, u64),
+    /// About to receive a signal (signal-delivery-stop).
+    Signal(Signal),
+    Exited(i32),
+    Killed(Signal),
+}
+
+/// Waits for the next stop of `tid` (any thread, traced by us).
+pub fn wait_stop(tid: Pid) -> Result<Stop> {
+    loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::PtraceEvent(_, _, ev)) => {
+                let msg = ptrace::getevent(tid).unwrap_or(0) as u64;
+                return Ok(Stop::Event(ev, msg));
+            }
+            Ok(WaitStatus::Stopped(_, sig)) => return Ok(Stop::Signal(sig)),
+            Ok(WaitStatus::Exited(_, code)) => return Ok(Stop::Exited(code)),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(Stop::Killed(sig)),
+            Ok(_) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(err("wait", tid)(e)),
+        }
+    }
+}
+
+pub fn seize(tid: Pid, options: Options) -> Result<()> {
+    ptrace::seize(tid, options).map_err(err("seize", tid))
+}
+
+pub fn interrupt(tid: Pid) -> Result<()> {
+    ptrace::interrupt(tid).map_err(err("interrupt", tid))
+}
+
+pub fn set_options(tid: Pid, options: Options) -> Result<()> {
+    ptrace::setoptions(tid, options).map_err(err("set options", tid))
+}
+
+pub fn get_regs(tid: Pid) -> Result<Regs> {
+    ptrace::getregs(tid)
+        .map(Regs::from)
+        .map_err(err("read registers", tid))
+}
+
+pub fn set_regs(tid: Pid, regs: &Regs) -> Result<()> {
+    ptrace::setregs(tid, (*regs).into()).map_err(err("write registers", tid))
+}
+
+pub fn get_xstate(tid: Pid, size: usize) -> Result<Vec<u8>> {
+    sys::get_xstate(tid, size).map_err(|e| err("read extended registers", tid)(io_errno(e)))
+}
+
+pub fn set_xstate(tid: Pid, state: &[u8]) -> Result<()> {
+    sys::set_xstate(tid, state).map_err(|e| err("write extended registers", tid)(io_errno(e)))
+}
+
+pub fn get_sigmask(tid: Pid) -> Result<u64> {
+    sys::get_sigmask(tid).map_err(|e| err("read signal mask", tid)(io_errno(e)))
+}
+
+pub fn set_sigmask(tid: Pid, mask: u64) -> Result<()> {
+    sys::set_sigmask(tid, mask).map_err(|e| err("write signal mask", tid)(io_errno(e)))
+}
+
+pub fn step(tid: Pid) -> Result<()> {
+    ptrace::step(tid, None).map_err(err("single-step", tid))
+}
+
+pub fn detach(tid: Pid, sig: Option<Signal>) -> Result<()> {
+    ptrace::detach(tid, sig).map_err(err("detach", tid))
+}
+
+pub fn io_errno(e: std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
+}

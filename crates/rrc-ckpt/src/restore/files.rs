@@ -1,0 +1,560 @@
+//! Open files and fd tables.
+//!
+//! Each open file description is created once, in the lowest process of
+//! the tree that is an ancestor of (or is) every process using it, at a
+//! temporary fd above every fd number the tree uses; children inherit it
+//! when they are forked. Once a process's children exist, it moves the
+//! files it uses to their recorded numbers and closes everything else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
+use crate::image::{FileKind, ImageDir, Manifest, OpenFile, ProcessImage};
+use crate::restore::mm::{MemCtx, create_memfd};
+use crate::restore::tracee::Tracee;
+use crate::{Error, Result, nr};
+
+fn rerr(pid: i32, stage: &'static str, detail: String) -> Error {
+    Error::Restore { pid, stage, detail }
+}
+
+/// Where each open file is created and what must stay open meanwhile.
+pub struct FilePlan {
+    pub creator: HashMap<usize, i32>,
+    /// Pipes with an end outside the tree, and the stdio slot (0, 1, 2) the
+    /// tree had them at, if any: those become the restorer's own stdio.
+    external: HashMap<usize, Option<i32>>,
+    /// First fd number above every number the tree uses.
+    pub temp_base: u64,
+    /// Files held by the engine until the restore ends (FIFO ends, ghosts).
+    pub keep_open: Vec<File>,
+    pub ghosts: Vec<std::path::PathBuf>,
+}
+
+impl FilePlan {
+    pub fn new(m: &Manifest, procs: &BTreeMap<i32, ProcessImage>) -> FilePlan {
+        let parent: HashMap<i32, Option<i32>> = procs.values().map(|p| (p.pid, p.parent)).collect();
+        let ancestors = |pid: i32| {
+            let mut chain = vec![pid];
+            let mut cur = pid;
+            while let Some(Some(p)) = parent.get(&cur) {
+                chain.push(*p);
+                cur = *p;
+            }
+            chain
+        };
+        let lca = |pids: &[i32]| -> i32 {
+            let mut common: Option<Vec<i32>> = None;
+            for &p in pids {
+                let a = ancestors(p);
+                common = Some(match common {
+                    None => a,
+                    Some(c) => c.into_iter().filter(|x| a.contains(x)).collect(),
+                });
+            }
+            common.and_then(|c| c.first().copied()).unwrap_or(m.root)
+        };
+        // Users of each file, counting both ends of a pipe as one unit.
+        let mut users: HashMap<usize, Vec<i32>> = HashMap::new();
+        let mut max_fd = 2;
+        for p in procs.values() {
+            for fd in &p.fds {
+                users.entry(fd.file).or_default().push(p.pid);
+                max_fd = max_fd.max(fd.fd);
+            }
+        }
+        let mut pipe_ends: HashMap<u64, Vec<usize>> = HashMap::new();
+        for f in &m.files {
+            if let FileKind::Pipe { pipe, .. } = f.kind {
+                pipe_ends.entry(pipe).or_default().push(f.id);
+            }
+        }
+        let mut creator = HashMap::new();
+        let mut external = HashMap::new();
+        for f in &m.files {
+            let group: Vec<usize> = match f.kind {
+                FileKind::Pipe { pipe, .. } => pipe_ends[&pipe].clone(),
+                _ => vec![f.id],
+            };
+            let all: Vec<i32> = group
+                .iter()
+                .flat_map(|id| users.get(id).cloned().unwrap_or_default())
+                .collect();
+            creator.insert(f.id, lca(&all));
+            if matches!(f.kind, FileKind::Pipe { .. }) && group.len() == 1 {
+                let slot = procs
+                    .values()
+                    .flat_map(|p| p.fds.iter())
+                    .find(|fd| fd.file == f.id && fd.fd <= 2)
+                    .map(|fd| fd.fd);
+                external.insert(f.id, slot);
+            }
+        }
+        FilePlan {
+            creator,
+            external,
+            temp_base: max_fd as u64 + 1,
+            keep_open: Vec::new(),
+            ghosts: Vec::new(),
+        }
+    }
+
+    /// Files whose other end lives outside the tree and that did not sit at
+    /// a stdio slot: they are restored as fresh, unconnected pipes.
+    pub fn disconnected(&self) -> Vec<usize> {
+        self.external
+            .iter()
+            .filter(|(_, slot)| slot.is_none())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+/// Which files a process holds, and at which fd.
+pub type Held = HashMap<usize, u64>;
+
+/// Moves `fd` to the first free number at or above the temporary base.
+fn stash(t: &mut Tracee, fd: u64, plan: &FilePlan) -> Result<u64> {
+    let high = t.call(
+        "move an fd out of the way",
+        nr::SYS_fcntl,
+        &[fd, libc::F_DUPFD as u64, plan.temp_base],
+    )?;
+    t.call("close", nr::SYS_close, &[fd])?;
+    Ok(high)
+}
+
+/// Creates the files `t` is the creator of; records where they are.
+pub fn create_owned(
+    t: &mut Tracee,
+    m: &Manifest,
+    img: &ImageDir,
+    plan: &mut FilePlan,
+    mem: &mut MemCtx,
+    held: &mut Held,
+) -> Result<()> {
+    let pid = t.ns_pid;
+    let mine: Vec<&OpenFile> = m
+        .files
+        .iter()
+        .filter(|f| plan.creator.get(&f.id) == Some(&pid) && !held.contains_key(&f.id))
+        .collect();
+    for f in mine {
+        if held.contains_key(&f.id) {
+            continue; // the other end of a pipe made it already
+        }
+        match plan.external.get(&f.id) {
+            Some(Some(slot)) => {
+                // The restorer's own stdio stands in for the outside end.
+                let fd = t.call(
+                    "take the restorer's stdio",
+                    nr::SYS_fcntl,
+                    &[*slot as u64, libc::F_DUPFD as u64, plan.temp_base],
+                )?;
+                held.insert(f.id, fd);
+                continue;
+            }
+            Some(None) => {
+                tracing::warn!(
+                    pid,
+                    file = f.id,
+                    "a pipe to a process outside the tree is restored unconnected"
+                );
+            }
+            None => {}
+        }
+        if let FileKind::Pipe { pipe, .. } = f.kind {
+            let (rd, wr) = make_pipe(t, m, img, f, pipe)?;
+            let (rd, wr) = (stash(t, rd, plan)?, stash(t, wr, plan)?);
+            for other in m
+                .files
+                .iter()
+                .filter(|o| matches!(o.kind, FileKind::Pipe { pipe: p, .. } if p == pipe))
+            {
+                let write_end = matches!(
+                    other.kind,
+                    FileKind::Pipe {
+                        write_end: true,
+                        ..
+                    }
+                );
+                let fd = if write_end { wr } else { rd };
+                set_flags(t, fd, other.flags)?;
+                held.insert(other.id, fd);
+            }
+            if !held.values().any(|&v| v == rd) {
+                t.call("close", nr::SYS_close, &[rd])?;
+            }
+            if !held.values().any(|&v| v == wr) {
+                t.call("close", nr::SYS_close, &[wr])?;
+            }
+            continue;
+        }
+        let fd = create(t, f, img, plan, mem, m)?;
+        let fd = stash(t, fd, plan)?;
+        held.insert(f.id, fd);
+    }
+    let _ = pid;
+    Ok(())
+}
+
+fn set_flags(t: &mut Tracee, fd: u64, flags: u32) -> Result<()> {
+    // Only the flags F_SETFL can change; the access mode was set at open.
+    let settable =
+        (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME)
+            as u32;
+    t.call(
+        "set file status flags",
+        nr::SYS_fcntl,
+        &[fd, libc::F_SETFL as u64, u64::from(flags & settable)],
+    )?;
+    Ok(())
+}
+
+/// A pipe with its saved contents and capacity; returns (read, write) fds.
+fn make_pipe(
+    t: &mut Tracee,
+    m: &Manifest,
+    img: &ImageDir,
+    f: &OpenFile,
+    pipe: u64,
+) -> Result<(u64, u64)> {
+    let pid = t.ns_pid;
+    let out = t.out(8)?;
+    t.call("pipe2", nr::SYS_pipe2, &[out, 0])?;
+    let mut b = [0u8; 8];
+    crate::dump::inject::read_memory(t.pid, out, &mut b)?;
+    let rd = u64::from(u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")));
+    let wr = u64::from(u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")));
+    let capacity = m
+        .files
+        .iter()
+        .find_map(|o| match o.kind {
+            FileKind::Pipe {
+                pipe: p, capacity, ..
+            } if p == pipe => Some(capacity),
+            _ => None,
+        })
+        .unwrap_or(65536);
+    let _ = t.raw_on(
+        t.pid,
+        nr::SYS_fcntl,
+        &[wr, libc::F_SETPIPE_SZ as u64, u64::from(capacity)],
+    );
+    let data_path = img.pipe_data(pipe);
+    let data = fs::read(&data_path).unwrap_or_default();
+    if !data.is_empty() {
+        let mut w = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/{}/fd/{wr}", t.pid))
+            .map_err(|e| rerr(pid, "pipe data", e.to_string()))?;
+        w.write_all(&data)
+            .map_err(|e| rerr(pid, "pipe data", format!("{} bytes: {e}", data.len())))?;
+    }
+    let _ = f;
+    Ok((rd, wr))
+}
+
+fn open_path(t: &mut Tracee, path: &str, flags: u32) -> Result<u64> {
+    let a = t.arg_str(path)?;
+    let clean = flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32);
+    t.call(
+        "open a file",
+        nr::SYS_openat,
+        &[libc::AT_FDCWD as u64, a, u64::from(clean)],
+    )
+    .map_err(|e| match e {
+        Error::RemoteFailed { errno, .. } => {
+            rerr(t.ns_pid, "open a file", format!("{path}: {errno}"))
+        }
+        e => e,
+    })
+}
+
+/// Creates one (non-pipe) open file in `t`; returns its fd.
+fn create(
+    t: &mut Tracee,
+    f: &OpenFile,
+    img: &ImageDir,
+    plan: &mut FilePlan,
+    mem: &mut MemCtx,
+    m: &Manifest,
+) -> Result<u64> {
+    let pid = t.ns_pid;
+    let nonblock = u64::from(f.flags & libc::O_NONBLOCK as u32 != 0);
+    Ok(match &f.kind {
+        FileKind::Regular {
+            path,
+            pos,
+            deleted,
+            mode,
+            ..
+        } => {
+            let path = if *deleted {
+                let ghost = ghost_path(path);
+                let data = fs::read(img.file_data(f.id))
+                    .map_err(|e| Error::image(&img.file_data(f.id), e))?;
+                fs::write(&ghost, &data).map_err(|e| {
+                    rerr(
+                        pid,
+                        "recreate a deleted file",
+                        format!("{}: {e}", ghost.display()),
+                    )
+                })?;
+                let _ = fs::set_permissions(
+                    &ghost,
+                    std::os::unix::fs::PermissionsExt::from_mode(*mode),
+                );
+                plan.ghosts.push(ghost.clone());
+                ghost.to_string_lossy().into_owned()
+            } else {
+                path.clone()
+            };
+            let fd = open_path(t, &path, f.flags)?;
+            t.call("seek", nr::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
+            fd
+        }
+        FileKind::Directory { path } => open_path(t, path, f.flags | libc::O_DIRECTORY as u32)?,
+        FileKind::CharDevice { path, .. } => open_path(t, path, f.flags)?,
+        FileKind::Fifo { path, pipe } => {
+            // Held open read-write by the engine, the FIFO has a reader and
+            // a writer, so the process's open cannot block or fail.
+            let keeper = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| rerr(pid, "open a FIFO", format!("{path}: {e}")))?;
+            let data = fs::read(img.pipe_data(*pipe)).unwrap_or_default();
+            if !data.is_empty() {
+                (&keeper)
+                    .write_all(&data)
+                    .map_err(|e| rerr(pid, "FIFO data", e.to_string()))?;
+            }
+            plan.keep_open.push(keeper);
+            let fd = open_path(t, path, f.flags | libc::O_NONBLOCK as u32)?;
+            set_flags(t, fd, f.flags)?;
+            fd
+        }
+        FileKind::Pipe { .. } => unreachable!("pipes are made in pairs by make_pipe"),
+        FileKind::EventFd { count, semaphore } => {
+            let flags = if *semaphore { libc::EFD_SEMAPHORE } else { 0 }
+                | if nonblock != 0 { libc::EFD_NONBLOCK } else { 0 };
+            let fd = t.call("eventfd2", nr::SYS_eventfd2, &[0, flags as u64])?;
+            if *count > 0 {
+                let a = t.arg(&count.to_ne_bytes())?;
+                t.call("set the eventfd count", nr::SYS_write, &[fd, a, 8])?;
+            }
+            fd
+        }
+        FileKind::SignalFd { mask } => {
+            let a = t.arg(&mask.to_ne_bytes())?;
+            let flags = if nonblock != 0 { libc::SFD_NONBLOCK } else { 0 };
+            t.call(
+                "signalfd4",
+                nr::SYS_signalfd4,
+                &[u64::MAX, a, 8, flags as u64],
+            )?
+        }
+        FileKind::TimerFd {
+            clock,
+            interval_ns,
+            value_ns,
+            ticks,
+        } => {
+            let flags = if nonblock != 0 { libc::TFD_NONBLOCK } else { 0 };
+            let fd = t.call(
+                "timerfd_create",
+                nr::SYS_timerfd_create,
+                &[*clock as u64, flags as u64],
+            )?;
+            if *value_ns > 0 || *interval_ns > 0 {
+                let mut spec = Vec::new();
+                for ns in [interval_ns, value_ns] {
+                    spec.extend_from_slice(&(ns / 1_000_000_000).to_ne_bytes());
+                    spec.extend_from_slice(&(ns % 1_000_000_000).to_ne_bytes());
+                }
+                // A timer that had just expired resumes at once, not never.
+                if *value_ns == 0 {
+                    spec[16..24].copy_from_slice(&0u64.to_ne_bytes());
+                    spec[24..32].copy_from_slice(&1u64.to_ne_bytes());
+                }
+                let a = t.arg(&spec)?;
+                t.call("timerfd_settime", nr::SYS_timerfd_settime, &[fd, 0, a, 0])?;
+            }
+            if *ticks > 0 {
+                const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+                let a = t.arg(&ticks.to_ne_bytes())?;
+                let _ = t.raw_on(t.pid, libc::SYS_ioctl, &[fd, TFD_IOC_SET_TICKS, a]);
+            }
+            fd
+        }
+        FileKind::Epoll { .. } => t.call("epoll_create1", nr::SYS_epoll_create1, &[0])?,
+        FileKind::Memfd { shmem, pos } => {
+            let fd = match mem.handle_path(*shmem) {
+                Some(path) => open_path(t, &path, (libc::O_RDWR) as u32)?,
+                None => {
+                    let obj = m.shmem.iter().find(|o| o.id == *shmem).ok_or_else(|| {
+                        rerr(
+                            pid,
+                            "memfd",
+                            format!("shared memory object {shmem} missing"),
+                        )
+                    })?;
+                    let name = match &obj.kind {
+                        crate::image::ShmemKind::Memfd { name, .. } => name.clone(),
+                        _ => String::new(),
+                    };
+                    let fd = create_memfd(t, &name, obj, img)?;
+                    mem.keep(*shmem, &format!("/proc/{}/fd/{fd}", t.pid), pid)?;
+                    fd
+                }
+            };
+            t.call("seek", nr::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
+            fd
+        }
+        FileKind::TcpListen {
+            addr,
+            backlog,
+            options,
+        } => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| rerr(pid, "listening socket", format!("bad address {addr}")))?;
+            let (family, raw) = sockaddr_bytes(&addr);
+            let mut ty = libc::SOCK_STREAM;
+            if nonblock != 0 {
+                ty |= libc::SOCK_NONBLOCK;
+            }
+            let fd = t.call("socket", libc::SYS_socket, &[family as u64, ty as u64, 0])?;
+            for (level, name, value) in options {
+                let a = t.arg(&value.to_ne_bytes())?;
+                let _ = t.raw_on(
+                    t.pid,
+                    libc::SYS_setsockopt,
+                    &[fd, *level as u64, *name as u64, a, 4],
+                );
+            }
+            let a = t.arg(&raw)?;
+            t.call("bind", libc::SYS_bind, &[fd, a, raw.len() as u64])
+                .map_err(|e| match e {
+                    Error::RemoteFailed { errno, .. } => {
+                        rerr(pid, "bind a listening socket", format!("{addr}: {errno}"))
+                    }
+                    e => e,
+                })?;
+            t.call("listen", libc::SYS_listen, &[fd, u64::from(*backlog)])?;
+            fd
+        }
+    })
+}
+
+/// Where to recreate a file that was deleted while open: its own path if
+/// free, else beside it.
+fn ghost_path(path: &str) -> std::path::PathBuf {
+    let p = std::path::PathBuf::from(path);
+    if !p.exists() {
+        return p;
+    }
+    (0..)
+        .map(|i| std::path::PathBuf::from(format!("{path}.rrc-ghost-{i}")))
+        .find(|c| !c.exists())
+        .expect("some free name")
+}
+
+fn sockaddr_bytes(addr: &std::net::SocketAddr) -> (i32, Vec<u8>) {
+    match addr {
+        std::net::SocketAddr::V4(a) => {
+            let mut b = Vec::with_capacity(16);
+            b.extend_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+            b.extend_from_slice(&a.port().to_be_bytes());
+            b.extend_from_slice(&a.ip().octets());
+            b.extend_from_slice(&[0; 8]);
+            (libc::AF_INET, b)
+        }
+        std::net::SocketAddr::V6(a) => {
+            let mut b = Vec::with_capacity(28);
+            b.extend_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
+            b.extend_from_slice(&a.port().to_be_bytes());
+            b.extend_from_slice(&a.flowinfo().to_be_bytes());
+            b.extend_from_slice(&a.ip().octets());
+            b.extend_from_slice(&a.scope_id().to_ne_bytes());
+            (libc::AF_INET6, b)
+        }
+    }
+}
+
+/// Puts the files `p` uses at their recorded numbers and closes the rest;
+/// then re-registers epoll targets.
+pub fn arrange(t: &mut Tracee, p: &ProcessImage, m: &Manifest, held: &Held) -> Result<()> {
+    let pid = t.ns_pid;
+    let mut wanted: HashSet<u64> = HashSet::new();
+    for fd in &p.fds {
+        let src = *held.get(&fd.file).ok_or_else(|| {
+            rerr(
+                pid,
+                "file descriptors",
+                format!("fd {}: its open file was not created", fd.fd),
+            )
+        })?;
+        let target = fd.fd as u64;
+        let flags = if fd.cloexec {
+            libc::O_CLOEXEC as u64
+        } else {
+            0
+        };
+        if src == target {
+            if fd.cloexec {
+                t.call(
+                    "set FD_CLOEXEC",
+                    nr::SYS_fcntl,
+                    &[target, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64],
+                )?;
+            }
+        } else {
+            t.call("place an fd", nr::SYS_dup3, &[src, target, flags])?;
+        }
+        wanted.insert(target);
+    }
+    let current: Vec<u64> = fs::read_dir(format!("/proc/{}/fd", t.pid))
+        .map_err(|e| rerr(pid, "file descriptors", e.to_string()))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    for fd in current {
+        if !wanted.contains(&fd) {
+            t.call("close", nr::SYS_close, &[fd])?;
+        }
+    }
+    for fd in &p.fds {
+        let Some(f) = m.files.get(fd.file) else {
+            continue;
+        };
+        if let FileKind::Epoll { targets } = &f.kind {
+            for tg in targets {
+                let mut ev = Vec::with_capacity(12);
+                ev.extend_from_slice(&tg.events.to_ne_bytes());
+                ev.extend_from_slice(&tg.data.to_ne_bytes());
+                let a = t.arg(&ev)?;
+                let r = t.raw_on(
+                    t.pid,
+                    nr::SYS_epoll_ctl,
+                    &[fd.fd as u64, libc::EPOLL_CTL_ADD as u64, tg.fd as u64, a],
+                )?;
+                if r < 0 {
+                    tracing::warn!(
+                        pid,
+                        epoll = fd.fd,
+                        target = tg.fd,
+                        errno = -r,
+                        "epoll registration not restored"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,523 @@
+//! Replacing a skeleton's address space with the recorded one.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::IoSlice;
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use nix::sys::uio::{RemoteIoVec, process_vm_writev};
+use nix::unistd::Pid;
+
+use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
+use crate::procfs::PAGE_SIZE;
+use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
+use crate::{Error, Result, nr};
+
+/// The highest user address of a 47-bit address space.
+const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+const ARCH_MAP_VDSO_64: u64 = 0x2003;
+const PR_SET_MM: u64 = 35;
+const PR_SET_MM_MAP: u64 = 14;
+
+/// State shared across the processes of one restore.
+pub struct MemCtx<'a> {
+    pub img: &'a ImageDir,
+    pub shmem: &'a [SharedMemory],
+    /// Shared memory objects restored so far, held open by the engine so
+    /// later processes can reach them as `/proc/<engine>/fd/<fd>` however
+    /// the first process's fds change.
+    pub handles: HashMap<usize, File>,
+}
+
+impl MemCtx<'_> {
+    /// The path through which a process opens restored object `id`.
+    pub fn handle_path(&self, id: usize) -> Option<String> {
+        self.handles.get(&id).map(|f| {
+            format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                std::os::fd::AsRawFd::as_raw_fd(f)
+            )
+        })
+    }
+
+    /// Keeps the object behind `path` (in a process being restored) open.
+    pub fn keep(&mut self, id: usize, path: &str, pid: i32) -> Result<()> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| rerr(pid, "shared memory", format!("{path}: {e}")))?;
+        self.handles.insert(id, f);
+        Ok(())
+    }
+}
+
+fn rerr(pid: i32, stage: &'static str, detail: String) -> Error {
+    Error::Restore { pid, stage, detail }
+}
+
+/// The start address and layout of this kernel's vDSO group ([vvar],
+/// [vvar_vclock], [vdso]) as offsets from the group start, from our own maps.
+fn own_vdso_group() -> Result<Vec<(String, u64, u64)>> {
+    let maps = procfs::process::Process::myself()
+        .and_then(|p| p.maps())
+        .map_err(Error::proc(std::process::id() as i32, "memory maps"))?;
+    let mut group = Vec::new();
+    for m in maps.iter() {
+        let name = match &m.pathname {
+            procfs::process::MMapPath::Vdso => "vdso",
+            procfs::process::MMapPath::Vvar => "vvar",
+            procfs::process::MMapPath::Other(s) if s.contains("vvar_vclock") => "vvar_vclock",
+            _ => continue,
+        };
+        group.push((name.to_string(), m.address.0, m.address.1));
+    }
+    let base = group.iter().map(|g| g.1).min().unwrap_or(0);
+    Ok(group
+        .into_iter()
+        .map(|(n, s, e)| (n, s - base, e - s))
+        .collect())
+}
+
+fn image_vdso_group(vmas: &[Vma]) -> Vec<(String, u64, u64)> {
+    let parts: Vec<(&str, u64, u64)> = vmas
+        .iter()
+        .filter_map(|v| {
+            let n = match v.kind {
+                VmaKind::Vdso => "vdso",
+                VmaKind::Vvar => "vvar",
+                VmaKind::VvarVclock => "vvar_vclock",
+                _ => return None,
+            };
+            Some((n, v.start, v.end))
+        })
+        .collect();
+    let base = parts.iter().map(|p| p.1).min().unwrap_or(0);
+    parts
+        .into_iter()
+        .map(|(n, s, e)| (n.to_string(), s - base, e - s))
+        .collect()
+}
+
+/// Whether a restored vDSO can be placed where the image had it: the same
+/// kernel layout of vvar/vdso pages.
+pub fn check_vdso(p: &ProcessImage) -> Result<()> {
+    let want = image_vdso_group(&p.vmas);
+    if want.is_empty() {
+        return Ok(());
+    }
+    let have = own_vdso_group()?;
+    if want != have {
+        return Err(Error::Incompatible(format!(
+            "the vDSO layout differs from the checkpointed kernel's ({have:?} here, {want:?} in the image)"
+        )));
+    }
+    Ok(())
+}
+
+fn madvise_of(flag: &str) -> Option<i32> {
+    Some(match flag {
+        "dd" => libc::MADV_DONTDUMP,
+        "dc" => libc::MADV_DONTFORK,
+        "wf" => libc::MADV_WIPEONFORK,
+        "hg" => libc::MADV_HUGEPAGE,
+        "nh" => libc::MADV_NOHUGEPAGE,
+        "mg" => libc::MADV_MERGEABLE,
+        _ => return None,
+    })
+}
+
+/// Replaces the address space of `t` (a skeleton) with `p`'s.
+pub fn replace(t: &mut Tracee, p: &ProcessImage, ctx: &mut MemCtx) -> Result<()> {
+    let pid = p.pid;
+    let scratch = t.scratch;
+    // The skeleton's glibc registered its thread area for restartable
+    // sequences; with that memory gone the kernel would fault the process
+    // on its next return to user mode.
+    if let Some(rs) = crate::sys::get_rseq(t.pid).map_err(|e| rerr(pid, "rseq", e.to_string()))? {
+        const RSEQ_FLAG_UNREGISTER: u64 = 1;
+        t.call(
+            "unregister the skeleton's rseq",
+            nr::SYS_rseq,
+            &[
+                rs.ptr,
+                u64::from(rs.size),
+                RSEQ_FLAG_UNREGISTER,
+                u64::from(rs.signature),
+            ],
+        )?;
+    }
+    // Everything of the skeleton but the scratch region goes.
+    t.call("munmap below scratch", libc::SYS_munmap, &[0, scratch])?;
+    let above = scratch + SCRATCH_SIZE;
+    t.call(
+        "munmap above scratch",
+        libc::SYS_munmap,
+        &[above, TASK_SIZE - above],
+    )?;
+
+    let vdso = image_vdso_group(&p.vmas);
+    if !vdso.is_empty() {
+        let start = p
+            .vmas
+            .iter()
+            .filter(|v| matches!(v.kind, VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock))
+            .map(|v| v.start)
+            .min()
+            .expect("non-empty group");
+        t.call(
+            "map the vDSO",
+            nr::SYS_arch_prctl,
+            &[ARCH_MAP_VDSO_64, start],
+        )?;
+    }
+
+    let mut open_files: HashMap<String, u64> = HashMap::new();
+    let has_pages = |v: &Vma| -> bool {
+        p.pages
+            .iter()
+            .any(|r| r.start < v.end && r.start + r.count * PAGE_SIZE > v.start)
+    };
+    let mut fix_prot = Vec::new();
+    for v in &p.vmas {
+        let len = v.end - v.start;
+        // Pages get written through a writable mapping first.
+        let needs_write = !v.shared && has_pages(v);
+        let map_prot = if needs_write {
+            v.prot | (libc::PROT_READ | libc::PROT_WRITE) as u32
+        } else {
+            v.prot
+        };
+        if map_prot != v.prot {
+            fix_prot.push(v);
+        }
+        let fixed = (libc::MAP_FIXED
+            | if v.shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            }) as u64;
+        match &v.kind {
+            VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => continue,
+            VmaKind::Anon => {
+                let mut flags = fixed | libc::MAP_ANONYMOUS as u64;
+                if v.flags.iter().any(|f| f == "gd") {
+                    flags |= libc::MAP_GROWSDOWN as u64;
+                }
+                t.call(
+                    "mmap anonymous memory",
+                    nr::SYS_mmap,
+                    &[v.start, len, u64::from(map_prot), flags, u64::MAX, 0],
+                )?;
+            }
+            VmaKind::File {
+                path,
+                offset,
+                ino,
+                dev,
+            } => {
+                let meta = std::fs::metadata(path)
+                    .map_err(|e| rerr(pid, "mapped file", format!("{path}: {e}")))?;
+                if meta.ino() != *ino || meta.dev() != *dev {
+                    return Err(rerr(
+                        pid,
+                        "mapped file",
+                        format!(
+                            "{path} is not the file that was mapped (it was replaced since the checkpoint)"
+                        ),
+                    ));
+                }
+                let writable_shared = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
+                let key = format!("{}{path}", if writable_shared { "w:" } else { "r:" });
+                let fd = match open_files.get(&key) {
+                    Some(fd) => *fd,
+                    None => {
+                        let a = t.arg_str(path)?;
+                        let mode = if writable_shared {
+                            libc::O_RDWR
+                        } else {
+                            libc::O_RDONLY
+                        };
+                        let fd = t.call(
+                            "open a mapped file",
+                            nr::SYS_openat,
+                            &[libc::AT_FDCWD as u64, a, (mode | libc::O_CLOEXEC) as u64],
+                        )?;
+                        open_files.insert(key, fd);
+                        fd
+                    }
+                };
+                t.call(
+                    "mmap a file",
+                    nr::SYS_mmap,
+                    &[v.start, len, u64::from(map_prot), fixed, fd, *offset],
+                )?;
+            }
+            VmaKind::Shmem { id, offset } => {
+                map_shmem(t, v, *id, *offset, map_prot, ctx)?;
+            }
+        }
+        for f in &v.flags {
+            if let Some(advice) = madvise_of(f) {
+                // Best effort: THP or KSM may be off on this kernel.
+                let _ = t.raw_on(t.pid, nr::SYS_madvise, &[v.start, len, advice as u64]);
+            } else if f == "lo" {
+                let _ = t.raw_on(t.pid, libc::SYS_mlock, &[v.start, len]);
+            }
+        }
+    }
+    for fd in open_files.into_values() {
+        t.call("close a mapped file", nr::SYS_close, &[fd])?;
+    }
+
+    write_pages(t.pid, &ctx.img.pages_file(pid), &p.pages, pid)?;
+
+    for v in fix_prot {
+        t.call(
+            "mprotect",
+            nr::SYS_mprotect,
+            &[v.start, v.end - v.start, u64::from(v.prot)],
+        )?;
+    }
+    set_mm(t, p)
+}
+
+/// Maps shared memory object `id`: creating it on first use (filled from
+/// the image), reopening it through the first process's handle after that.
+fn map_shmem(
+    t: &mut Tracee,
+    v: &Vma,
+    id: usize,
+    offset: u64,
+    prot: u32,
+    ctx: &mut MemCtx,
+) -> Result<()> {
+    let pid = t.ns_pid;
+    let obj = ctx.shmem.get(id).ok_or_else(|| {
+        rerr(
+            pid,
+            "shared memory",
+            format!("object {id} missing from the image"),
+        )
+    })?;
+    let len = v.end - v.start;
+    let shared = (libc::MAP_FIXED | libc::MAP_SHARED) as u64;
+    if let Some(path) = ctx.handle_path(id) {
+        let a = t.arg_str(&path)?;
+        let mode = if prot & libc::PROT_WRITE as u32 != 0 {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        let fd = t.call(
+            "reopen shared memory",
+            nr::SYS_openat,
+            &[libc::AT_FDCWD as u64, a, (mode | libc::O_CLOEXEC) as u64],
+        )?;
+        t.call(
+            "mmap shared memory",
+            nr::SYS_mmap,
+            &[v.start, len, u64::from(prot), shared, fd, offset],
+        )?;
+        t.call("close shared memory", nr::SYS_close, &[fd])?;
+        return Ok(());
+    }
+    match &obj.kind {
+        ShmemKind::Anon => {
+            if offset != 0 {
+                return Err(rerr(
+                    pid,
+                    "shared memory",
+                    "a shared anonymous mapping that does not start at offset 0".into(),
+                ));
+            }
+            t.call(
+                "mmap shared anonymous memory",
+                nr::SYS_mmap,
+                &[
+                    v.start,
+                    len,
+                    (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                    shared | libc::MAP_ANONYMOUS as u64,
+                    u64::MAX,
+                    0,
+                ],
+            )?;
+            fill_through_mapping(t.pid, ctx.img, obj, v.start, 0, len, pid)?;
+            if prot != (libc::PROT_READ | libc::PROT_WRITE) as u32 {
+                t.call(
+                    "mprotect shared memory",
+                    nr::SYS_mprotect,
+                    &[v.start, len, u64::from(prot)],
+                )?;
+            }
+            let path = format!("/proc/{}/map_files/{:x}-{:x}", t.pid, v.start, v.end);
+            ctx.keep(id, &path, pid)?;
+        }
+        ShmemKind::Memfd { name, .. } => {
+            let fd = create_memfd(t, name, obj, ctx.img)?;
+            t.call(
+                "mmap a memfd",
+                nr::SYS_mmap,
+                &[v.start, len, u64::from(prot), shared, fd, offset],
+            )?;
+            ctx.keep(id, &format!("/proc/{}/fd/{fd}", t.pid), pid)?;
+            t.call("close a memfd", nr::SYS_close, &[fd])?;
+        }
+        ShmemKind::SysV { .. } => {
+            return Err(rerr(
+                pid,
+                "shared memory",
+                "SysV shared memory segments cannot be restored yet".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates a memfd in the process holding `obj`'s contents; returns its fd.
+pub fn create_memfd(t: &mut Tracee, name: &str, obj: &SharedMemory, img: &ImageDir) -> Result<u64> {
+    let pid = t.ns_pid;
+    let a = t.arg_str(name)?;
+    let fd = t.call(
+        "memfd_create",
+        nr::SYS_memfd_create,
+        &[a, (libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) as u64],
+    )?;
+    t.call("size a memfd", libc::SYS_ftruncate, &[fd, obj.size])?;
+    // Fill it from here, through the process's fd.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{}/fd/{fd}", t.pid))
+        .map_err(|e| rerr(pid, "fill a memfd", e.to_string()))?;
+    let data =
+        File::open(img.shmem_file(obj.id)).map_err(|e| Error::image(&img.shmem_file(obj.id), e))?;
+    let mut buf = Vec::new();
+    for r in &obj.pages {
+        buf.resize((r.count * PAGE_SIZE) as usize, 0);
+        data.read_exact_at(&mut buf, r.offset)
+            .map_err(|e| Error::image(&img.shmem_file(obj.id), e))?;
+        let n = buf.len().min(obj.size.saturating_sub(r.start) as usize);
+        f.write_all_at(&buf[..n], r.start)
+            .map_err(|e| rerr(pid, "fill a memfd", e.to_string()))?;
+    }
+    Ok(fd)
+}
+
+/// Writes a shared object's saved pages through a writable mapping of its
+/// `[obj_start, obj_start+len)` range at `addr`.
+fn fill_through_mapping(
+    tid: Pid,
+    img: &ImageDir,
+    obj: &SharedMemory,
+    addr: u64,
+    obj_start: u64,
+    len: u64,
+    pid: i32,
+) -> Result<()> {
+    let runs: Vec<PageRun> = obj
+        .pages
+        .iter()
+        .filter(|r| r.start >= obj_start && r.start < obj_start + len)
+        .map(|r| PageRun {
+            start: addr + (r.start - obj_start),
+            count: r.count.min((obj_start + len - r.start) / PAGE_SIZE),
+            offset: r.offset,
+        })
+        .collect();
+    write_pages(tid, &img.shmem_file(obj.id), &runs, pid)
+}
+
+/// Copies page runs from an image file into the process.
+fn write_pages(tid: Pid, file: &std::path::Path, runs: &[PageRun], pid: i32) -> Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let data = File::open(file).map_err(|e| Error::image(file, e))?;
+    const CHUNK: u64 = 8 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for r in runs {
+        let total = r.count * PAGE_SIZE;
+        let mut done = 0;
+        while done < total {
+            let n = (total - done).min(CHUNK) as usize;
+            data.read_exact_at(&mut buf[..n], r.offset + done)
+                .map_err(|e| Error::image(file, e))?;
+            let wrote = process_vm_writev(
+                tid,
+                &[IoSlice::new(&buf[..n])],
+                &[RemoteIoVec {
+                    base: (r.start + done) as usize,
+                    len: n,
+                }],
+            )
+            .map_err(|e| {
+                rerr(
+                    pid,
+                    "write memory",
+                    format!("{:#x}+{n}: {e}", r.start + done),
+                )
+            })?;
+            if wrote != n {
+                return Err(rerr(
+                    pid,
+                    "write memory",
+                    format!("short write at {:#x}: {wrote} of {n}", r.start + done),
+                ));
+            }
+            done += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Restores the mm fields (code/data/brk/stack/args/env, auxv, exe link).
+fn set_mm(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let exe_fd = if p.exe.is_empty() {
+        None
+    } else {
+        let a = t.arg_str(&p.exe)?;
+        Some(t.call(
+            "open the executable",
+            nr::SYS_openat,
+            &[
+                libc::AT_FDCWD as u64,
+                a,
+                (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+            ],
+        )?)
+    };
+    let m = &p.mm;
+    let auxv: Vec<u8> = m.auxv.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let auxv_addr = t.arg(&auxv)?;
+    let mut map = Vec::with_capacity(104);
+    for v in [
+        m.start_code,
+        m.end_code,
+        m.start_data,
+        m.end_data,
+        m.start_brk,
+        m.brk,
+        m.start_stack,
+        m.arg_start,
+        m.arg_end,
+        m.env_start,
+        m.env_end,
+        auxv_addr,
+    ] {
+        map.extend_from_slice(&v.to_ne_bytes());
+    }
+    map.extend_from_slice(&(auxv.len() as u32).to_ne_bytes());
+    map.extend_from_slice(&(exe_fd.map(|f| f as u32).unwrap_or(u32::MAX)).to_ne_bytes());
+    let a = t.arg(&map)?;
+    t.call(
+        "prctl(PR_SET_MM_MAP)",
+        nr::SYS_prctl,
+        &[PR_SET_MM, PR_SET_MM_MAP, a, map.len() as u64, 0],
+    )?;
+    if let Some(fd) = exe_fd {
+        t.call("close the executable", nr::SYS_close, &[fd])?;
+    }
+    Ok(())
+}

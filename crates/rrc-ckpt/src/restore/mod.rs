@@ -1,0 +1,393 @@
+//! Restore: rebuild a process tree from an image, with the same pids, and
+//! let it run.
+//!
+//! The root is forked by the engine with the recorded pid; every other
+//! process is forked by its restored parent (a system call the engine
+//! makes in it), so parentage is exact. Each process starts as a copy of
+//! the engine (a skeleton), creates the files its children will inherit,
+//! forks them, and only then has its address space replaced, its own files
+//! put in place, its threads created and its remaining state set. All
+//! threads stay stopped until the whole tree is ready; then every thread
+//! gets its registers back and is let go.
+
+mod files;
+mod mm;
+mod state;
+pub mod tracee;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::ptrace::Options;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::dump::inject::BLOCK_ALL;
+use crate::image::{ImageDir, Manifest, ProcessImage};
+use crate::ptrace::{self, Stop};
+use crate::restore::files::{FilePlan, Held};
+use crate::restore::mm::MemCtx;
+use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
+use crate::{Error, Result, sys};
+
+/// Code run in the root process, once forked, before it becomes a skeleton
+/// (a container mounts its /proc, sets its hostname). An error text aborts.
+pub type RootSetup<'a> = &'a (dyn Fn() -> std::result::Result<(), String> + Sync);
+
+pub struct RestoreOptions<'a> {
+    pub images: &'a Path,
+    /// Namespaces (`CLONE_NEW*`) the root gets besides a new pid namespace
+    /// when the image was a whole pid namespace.
+    pub root_flags: u64,
+    pub root_setup: Option<RootSetup<'a>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The root, as our pid namespace numbers it.
+    pub root: Pid,
+    pub processes: usize,
+    pub threads: usize,
+    pub took: Duration,
+}
+
+const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+
+fn rerr(pid: i32, stage: &'static str, detail: impl Into<String>) -> Error {
+    Error::Restore {
+        pid,
+        stage,
+        detail: detail.into(),
+    }
+}
+
+/// Reads an image and checks that this machine can run it.
+pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessImage>)> {
+    let img = ImageDir::new(images);
+    let m = img.read_manifest()?;
+    let cpu = crate::dump::cpu_info();
+    if cpu != m.cpu {
+        return Err(Error::Incompatible(format!(
+            "the CPU's extended register state differs (XSAVE size {} and XCR0 {:#x} here, {} and {:#x} in the image)",
+            cpu.xsave_size, cpu.xcr0, m.cpu.xsave_size, m.cpu.xcr0
+        )));
+    }
+    let mut procs = BTreeMap::new();
+    for pid in &m.processes {
+        let p: ProcessImage = img.read_json(&ImageDir::process_name(*pid))?;
+        procs.insert(*pid, p);
+    }
+    if let Some(p) = procs.values().next() {
+        mm::check_vdso(p)?;
+    }
+    Ok((img, m, procs))
+}
+
+/// An address for the scratch region that no process of the image and not
+/// the engine itself uses.
+fn choose_scratch(procs: &BTreeMap<i32, ProcessImage>) -> Result<u64> {
+    let mut used: Vec<(u64, u64)> = procs
+        .values()
+        .flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
+    let own = procfs::process::Process::myself()
+        .and_then(|p| p.maps())
+        .map_err(Error::proc(std::process::id() as i32, "memory maps"))?;
+    used.extend(own.iter().map(|m| m.address));
+    // Leave a guard page on both sides.
+    let need = SCRATCH_SIZE + 2 * 4096;
+    let mut candidate: u64 = 0x1_0000_0000;
+    used.sort();
+    for (s, e) in used {
+        if e <= candidate {
+            continue;
+        }
+        if s >= candidate + need {
+            break;
+        }
+        candidate = e.next_multiple_of(1 << 21);
+    }
+    if candidate + need >= 0x7fff_0000_0000 {
+        return Err(Error::Incompatible(
+            "no free address range for the restorer's scratch memory".into(),
+        ));
+    }
+    Ok(candidate + 4096)
+}
+
+/// Forks the root with its recorded pid and turns it into a traced,
+/// stopped skeleton.
+fn spawn_root(p: &ProcessImage, flags: u64, setup: Option<RootSetup>, scratch: u64) -> Result<Pid> {
+    let (mut ready_rd, mut ready_wr) = pipe()?;
+    let (hold_rd, hold_wr) = pipe()?;
+    // SAFETY: the engine restores from a single thread (the CLI starts
+    // none before), and the child only runs `root_setup`, maps its scratch
+    // region, reports and blocks until it is taken over.
+    let forked = unsafe { sys::fork_with_pid(flags, Some(p.pid)) };
+    match forked {
+        Err(e) => {
+            return Err(match e.raw_os_error() {
+                Some(libc::EEXIST) => Error::PidTaken(p.pid),
+                _ => rerr(p.pid, "fork the root", e.to_string()),
+            });
+        }
+        Ok(None) => {
+            drop(ready_rd);
+            drop(hold_wr);
+            let outcome = setup.map(|f| f()).unwrap_or(Ok(())).and_then(|()| {
+                sys::map_scratch(scratch, SCRATCH_SIZE).map_err(|e| format!("scratch memory: {e}"))
+            });
+            let msg = match outcome {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e,
+            };
+            let _ = ready_wr.write_all(msg.as_bytes());
+            drop(ready_wr);
+            let mut b = [0u8; 1];
+            let mut hold = hold_rd;
+            let _ = hold.read(&mut b);
+            sys::exit_now(1)
+        }
+        Ok(Some(child)) => {
+            drop(ready_wr);
+            drop(hold_rd);
+            let mut msg = String::new();
+            let _ = ready_rd.read_to_string(&mut msg);
+            if msg != "ok" {
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(child, None);
+                return Err(rerr(
+                    p.pid,
+                    "prepare the root",
+                    if msg.is_empty() {
+                        "it died".into()
+                    } else {
+                        msg
+                    },
+                ));
+            }
+            let opts = Options::PTRACE_O_TRACEFORK
+                | Options::PTRACE_O_TRACECLONE
+                | Options::PTRACE_O_EXITKILL;
+            ptrace::seize(child, opts)?;
+            ptrace::interrupt(child)?;
+            wait_started(child, p.pid)?;
+            // The hold pipe's write end may close now: the child never runs
+            // its own code again.
+            drop(hold_wr);
+            Ok(child)
+        }
+    }
+}
+
+fn pipe() -> Result<(std::fs::File, std::fs::File)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("pipe")(e.into()))?;
+    Ok((std::fs::File::from(r), std::fs::File::from(w)))
+}
+
+/// Waits for a new task to report its first stop.
+fn wait_started(tid: Pid, ns: i32) -> Result<()> {
+    match ptrace::wait_stop(tid)? {
+        Stop::Event(_, _) | Stop::Signal(_) => Ok(()),
+        other => Err(rerr(ns, "start a process", format!("{other:?}"))),
+    }
+}
+
+/// clone3 arguments in the tracee's scratch: fork-like, or a thread.
+fn clone_args(t: &mut Tracee, flags: u64, exit_signal: u64, id: i32) -> Result<u64> {
+    let set_tid = t.arg(&id.to_ne_bytes())?;
+    let mut a = Vec::with_capacity(88);
+    for v in [flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid, 1, 0] {
+        a.extend_from_slice(&v.to_ne_bytes());
+    }
+    t.arg(&a)
+}
+
+fn fork_child(parent: &mut Tracee, ns_pid: i32) -> Result<Tracee> {
+    let args = clone_args(parent, 0, libc::SIGCHLD as u64, ns_pid)?;
+    let (_, spawned) = parent
+        .call_spawning("clone3 (fork)", libc::SYS_clone3, &[args, 88])
+        .map_err(|e| match e {
+            Error::RemoteFailed {
+                errno: nix::errno::Errno::EEXIST,
+                ..
+            } => Error::PidTaken(ns_pid),
+            e => e,
+        })?;
+    let host = *spawned
+        .tids
+        .first()
+        .ok_or_else(|| rerr(ns_pid, "fork", "the new process was not reported"))?;
+    wait_started(host, ns_pid)?;
+    Tracee::new(ns_pid, host, parent.scratch)
+}
+
+fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    for th in p.threads.iter().skip(1) {
+        let args = clone_args(t, CLONE_THREAD_FLAGS, 0, th.tid)?;
+        let (_, spawned) = t
+            .call_spawning("clone3 (thread)", libc::SYS_clone3, &[args, 88])
+            .map_err(|e| match e {
+                Error::RemoteFailed {
+                    errno: nix::errno::Errno::EEXIST,
+                    ..
+                } => Error::PidTaken(th.tid),
+                e => e,
+            })?;
+        let host = *spawned
+            .tids
+            .first()
+            .ok_or_else(|| rerr(p.pid, "create a thread", "the new thread was not reported"))?;
+        wait_started(host, p.pid)?;
+        t.threads.push((th.tid, host));
+    }
+    Ok(())
+}
+
+struct Ctx<'a> {
+    img: &'a ImageDir,
+    m: &'a Manifest,
+    procs: &'a BTreeMap<i32, ProcessImage>,
+    children: BTreeMap<i32, Vec<i32>>,
+    plan: FilePlan,
+    mem: MemCtx<'a>,
+    /// Every process restored so far, stopped, in creation order.
+    done: Vec<Tracee>,
+}
+
+fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
+    let p = &ctx.procs[&t.ns_pid];
+    let pid = p.pid;
+    ptrace::set_sigmask(t.pid, BLOCK_ALL)?;
+    // Session and group before the children, who inherit them.
+    if p.sid == pid {
+        let r = t.raw_on(t.pid, libc::SYS_setsid, &[])?;
+        if r < 0 {
+            tracing::warn!(pid, errno = -r, "session not restored");
+        }
+    } else if p.pgid == pid {
+        t.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
+    } else {
+        // Joins a group led by a process restored earlier, if it can.
+        let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, p.pgid as u64]);
+    }
+    files::create_owned(
+        &mut t,
+        ctx.m,
+        ctx.img,
+        &mut ctx.plan,
+        &mut ctx.mem,
+        &mut held,
+    )?;
+    for child in ctx.children.get(&pid).cloned().unwrap_or_default() {
+        let ct = fork_child(&mut t, child)?;
+        restore_process(ctx, ct, held.clone())?;
+    }
+    mm::replace(&mut t, p, &mut ctx.mem)?;
+    files::arrange(&mut t, p, ctx.m, &held)?;
+    spawn_threads(&mut t, p)?;
+    state::process_state(&mut t, p)?;
+    state::thread_state(&mut t, p)?;
+    state::pending_signals(&mut t, p)?;
+    state::identity(&mut t, p)?;
+    ctx.done.push(t);
+    Ok(())
+}
+
+/// Restores the image at `opts.images`. On error every process created so
+/// far is killed.
+pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
+    let start = Instant::now();
+    let (img, m, procs) = load(opts.images)?;
+    let root = procs
+        .get(&m.root)
+        .ok_or_else(|| rerr(m.root, "read the image", "the root process is missing"))?;
+    let mut flags = opts.root_flags;
+    if m.own_pid_ns {
+        flags |= libc::CLONE_NEWPID as u64;
+    } else {
+        for p in procs.values() {
+            for id in std::iter::once(p.pid).chain(p.threads.iter().map(|t| t.tid)) {
+                if Path::new(&format!("/proc/{id}")).exists() {
+                    return Err(Error::PidTaken(id));
+                }
+            }
+        }
+    }
+    let scratch = choose_scratch(&procs)?;
+    let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for p in procs.values() {
+        if let Some(parent) = p.parent {
+            children.entry(parent).or_default().push(p.pid);
+        }
+    }
+    let mut ctx = Ctx {
+        img: &img,
+        m: &m,
+        procs: &procs,
+        children,
+        plan: FilePlan::new(&m, &procs),
+        mem: MemCtx {
+            img: &img,
+            shmem: &m.shmem,
+            handles: Default::default(),
+        },
+        done: Vec::new(),
+    };
+    let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
+    let outcome = Tracee::new(root.pid, root_pid, scratch).and_then(|t| {
+        // Room for the temporary fds: the soft limit up to the hard one.
+        let lim = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_err(|e| Error::io("fd limit")(e.into()))?;
+        let mut t = t;
+        let b: Vec<u8> = [lim.1, lim.1]
+            .iter()
+            .flat_map(|v| v.to_ne_bytes())
+            .collect();
+        let a = t.arg(&b)?;
+        let _ = t.raw_on(
+            t.pid,
+            crate::nr::SYS_prlimit64,
+            &[0, libc::RLIMIT_NOFILE as u64, a, 0],
+        );
+        restore_process(&mut ctx, t, Held::new())
+    });
+    let outcome = outcome.and_then(|()| {
+        // Everything is in place: drop the scratch regions, then let go.
+        for t in ctx.done.iter_mut() {
+            t.call(
+                "unmap the scratch region",
+                libc::SYS_munmap,
+                &[t.scratch, SCRATCH_SIZE],
+            )?;
+        }
+        for t in &ctx.done {
+            state::release(t, &procs[&t.ns_pid])?;
+        }
+        Ok(())
+    });
+    for g in &ctx.plan.ghosts {
+        let _ = std::fs::remove_file(g);
+    }
+    if let Err(e) = outcome {
+        let _ = kill(root_pid, Signal::SIGKILL);
+        for t in &ctx.done {
+            let _ = kill(t.pid, Signal::SIGKILL);
+        }
+        return Err(e);
+    }
+    Ok(Restored {
+        root: root_pid,
+        processes: procs.len(),
+        threads: procs.values().map(|p| p.threads.len()).sum(),
+        took: start.elapsed(),
+    })
+}

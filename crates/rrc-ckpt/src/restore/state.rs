@@ -1,0 +1,297 @@
+//! The kernel state of a restored process beyond memory and files: signals,
+//! timers, limits, identity, and per-thread registrations.
+
+use nix::unistd::Pid;
+
+use crate::image::ProcessImage;
+use crate::restore::tracee::Tracee;
+use crate::{Error, Result, nr};
+
+const PR_SET_NAME: u64 = 15;
+
+fn warn_failed(pid: i32, what: &str, r: i64) {
+    if r < 0 {
+        tracing::warn!(pid, errno = -r, "{what} not restored");
+    }
+}
+
+/// Signal handlers, timers, limits, directories, personality: the
+/// process-wide state that does not depend on credentials.
+pub fn process_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let pid = p.pid;
+    for (i, a) in p.sigactions.iter().enumerate() {
+        let sig = i as u64 + 1;
+        if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+            continue;
+        }
+        let mut b = Vec::with_capacity(32);
+        for v in [a.handler, a.flags, a.restorer, a.mask] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        let addr = t.arg(&b)?;
+        t.call("rt_sigaction", nr::SYS_rt_sigaction, &[sig, addr, 0, 8])?;
+    }
+    for (which, it) in p.itimers.iter().enumerate() {
+        if it.value_us == 0 && it.interval_us == 0 {
+            continue;
+        }
+        let mut b = Vec::with_capacity(32);
+        for us in [it.interval_us, it.value_us.max(1)] {
+            b.extend_from_slice(&(us / 1_000_000).to_ne_bytes());
+            b.extend_from_slice(&(us % 1_000_000).to_ne_bytes());
+        }
+        let a = t.arg(&b)?;
+        t.call("setitimer", nr::SYS_setitimer, &[which as u64, a, 0])?;
+    }
+    posix_timers(t, p)?;
+    for (res, (soft, hard)) in p.rlimits.iter().enumerate() {
+        let mut b = Vec::with_capacity(16);
+        b.extend_from_slice(&soft.to_ne_bytes());
+        b.extend_from_slice(&hard.to_ne_bytes());
+        let a = t.arg(&b)?;
+        let r = t.raw_on(t.pid, nr::SYS_prlimit64, &[0, res as u64, a, 0])?;
+        if r < 0 {
+            // Raising a hard limit needs CAP_SYS_RESOURCE: keep the hard
+            // limit we have and the soft limit as close as it allows.
+            tracing::warn!(
+                pid,
+                resource = res,
+                errno = -r,
+                "resource limit not restored exactly"
+            );
+        }
+    }
+    if p.root != "/" && !p.root.is_empty() {
+        let a = t.arg_str(&p.root)?;
+        let r = t.raw_on(t.pid, nr::SYS_chroot, &[a])?;
+        warn_failed(pid, "root directory", r);
+    }
+    let a = t.arg_str(&p.cwd)?;
+    t.call("chdir", nr::SYS_chdir, &[a]).map_err(|e| match e {
+        Error::RemoteFailed { errno, .. } => Error::Restore {
+            pid,
+            stage: "working directory",
+            detail: format!("{}: {errno}", p.cwd),
+        },
+        e => e,
+    })?;
+    t.call("umask", nr::SYS_umask, &[u64::from(p.umask)])?;
+    t.call("personality", nr::SYS_personality, &[p.personality])?;
+    if p.child_subreaper {
+        t.call(
+            "prctl(PR_SET_CHILD_SUBREAPER)",
+            nr::SYS_prctl,
+            &[libc::PR_SET_CHILD_SUBREAPER as u64, 1],
+        )?;
+    }
+    Ok(())
+}
+
+/// POSIX timers, with the ids the process knows them by: ids are handed out
+/// in order, so timers are created until each recorded id is reached and
+/// the fillers are deleted.
+fn posix_timers(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    if p.posix_timers.is_empty() {
+        return Ok(());
+    }
+    let mut timers = p.posix_timers.clone();
+    timers.sort_by_key(|x| x.id);
+    let mut fillers = Vec::new();
+    for tm in &timers {
+        loop {
+            // struct sigevent: value (8), signo (4), notify (4), tid (4), pad.
+            let mut ev = vec![0u8; 64];
+            ev[0..8].copy_from_slice(&tm.sigval.to_ne_bytes());
+            ev[8..12].copy_from_slice(&tm.signal.to_ne_bytes());
+            ev[12..16].copy_from_slice(&tm.notify.to_ne_bytes());
+            ev[16..20].copy_from_slice(&tm.notify_tid.to_ne_bytes());
+            let evp = t.arg(&ev)?;
+            let out = t.out(4)?;
+            t.call(
+                "timer_create",
+                nr::SYS_timer_create,
+                &[tm.clock as u64, evp, out],
+            )?;
+            let mut b = [0u8; 4];
+            crate::dump::inject::read_memory(t.pid, out, &mut b)?;
+            let id = i32::from_ne_bytes(b);
+            if id == tm.id {
+                break;
+            }
+            if id > tm.id {
+                return Err(Error::Restore {
+                    pid: p.pid,
+                    stage: "POSIX timers",
+                    detail: format!("timer id {} is no longer available (got {id})", tm.id),
+                });
+            }
+            fillers.push(id);
+        }
+        if tm.value_ns > 0 || tm.interval_ns > 0 {
+            let mut spec = Vec::with_capacity(32);
+            for ns in [tm.interval_ns, tm.value_ns.max(1)] {
+                spec.extend_from_slice(&(ns / 1_000_000_000).to_ne_bytes());
+                spec.extend_from_slice(&(ns % 1_000_000_000).to_ne_bytes());
+            }
+            let a = t.arg(&spec)?;
+            t.call(
+                "timer_settime",
+                nr::SYS_timer_settime,
+                &[tm.id as u64, 0, a, 0],
+            )?;
+        }
+    }
+    for id in fillers {
+        t.call("timer_delete", libc::SYS_timer_delete, &[id as u64])?;
+    }
+    Ok(())
+}
+
+/// Per-thread registrations: rseq, robust futex list, clear_child_tid,
+/// alternate signal stack, name.
+pub fn thread_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let pid = p.pid;
+    let threads = t.threads.clone();
+    for th in &p.threads {
+        let Some(&(_, host)) = threads.iter().find(|(ns, _)| *ns == th.tid) else {
+            continue;
+        };
+        if let Some(rs) = th.rseq {
+            let r = t.raw_on(
+                host,
+                nr::SYS_rseq,
+                &[rs.ptr, u64::from(rs.size), 0, u64::from(rs.signature)],
+            )?;
+            warn_failed(pid, "rseq registration", r);
+        }
+        if th.robust_list.0 != 0 {
+            t.call_on(
+                host,
+                "set_robust_list",
+                nr::SYS_set_robust_list,
+                &[th.robust_list.0, th.robust_list.1],
+            )?;
+        }
+        t.call_on(
+            host,
+            "set_tid_address",
+            nr::SYS_set_tid_address,
+            &[th.clear_child_tid],
+        )?;
+        const SS_DISABLE: i32 = 2;
+        const SS_AUTODISARM: i32 = 1 << 31;
+        let mut ss = Vec::with_capacity(24);
+        ss.extend_from_slice(&th.altstack.sp.to_ne_bytes());
+        let flags = if th.altstack.flags & SS_DISABLE != 0 {
+            SS_DISABLE
+        } else {
+            th.altstack.flags & SS_AUTODISARM
+        };
+        ss.extend_from_slice(&(flags as i64).to_ne_bytes());
+        ss.extend_from_slice(&th.altstack.size.to_ne_bytes());
+        let a = t.arg(&ss)?;
+        let r = t.raw_on(host, nr::SYS_sigaltstack, &[a, 0])?;
+        warn_failed(pid, "alternate signal stack", r);
+        let mut name = th.comm.as_bytes().to_vec();
+        name.truncate(15);
+        name.push(0);
+        let a = t.arg(&name)?;
+        t.call_on(host, "prctl(PR_SET_NAME)", nr::SYS_prctl, &[PR_SET_NAME, a])?;
+    }
+    Ok(())
+}
+
+/// Re-queues signals that were pending (process-wide and per thread), in
+/// their original order.
+pub fn pending_signals(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let tgid = p.pid as u64;
+    for si in &p.shared_pending {
+        let sig = u32::from_ne_bytes(si.0[0..4].try_into().expect("siginfo"));
+        let a = t.arg(&si.0)?;
+        let r = t.raw_on(t.pid, nr::SYS_rt_sigqueueinfo, &[tgid, u64::from(sig), a])?;
+        warn_failed(p.pid, "pending signal", r);
+    }
+    let threads = t.threads.clone();
+    for th in &p.threads {
+        let Some(&(_, host)) = threads.iter().find(|(ns, _)| *ns == th.tid) else {
+            continue;
+        };
+        for si in &th.pending {
+            let sig = u32::from_ne_bytes(si.0[0..4].try_into().expect("siginfo"));
+            let a = t.arg(&si.0)?;
+            let r = t.raw_on(
+                host,
+                nr::SYS_rt_tgsigqueueinfo,
+                &[tgid, th.tid as u64, u64::from(sig), a],
+            )?;
+            warn_failed(p.pid, "pending thread signal", r);
+        }
+    }
+    Ok(())
+}
+
+/// Identity last: credentials, then what changing them resets.
+pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let c = &p.creds;
+    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+    let a = t.arg(&groups)?;
+    t.call("setgroups", nr::SYS_setgroups, &[c.groups.len() as u64, a])?;
+    t.call(
+        "setresgid",
+        nr::SYS_setresgid,
+        &[
+            u64::from(c.gid[0]),
+            u64::from(c.gid[1]),
+            u64::from(c.gid[2]),
+        ],
+    )?;
+    t.call(
+        "setresuid",
+        nr::SYS_setresuid,
+        &[
+            u64::from(c.uid[0]),
+            u64::from(c.uid[1]),
+            u64::from(c.uid[2]),
+        ],
+    )?;
+    if p.no_new_privs {
+        t.call(
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            nr::SYS_prctl,
+            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+        )?;
+    }
+    t.call(
+        "prctl(PR_SET_DUMPABLE)",
+        nr::SYS_prctl,
+        &[libc::PR_SET_DUMPABLE as u64, p.dumpable],
+    )?;
+    if p.pdeath_signal != 0 {
+        t.call(
+            "prctl(PR_SET_PDEATHSIG)",
+            nr::SYS_prctl,
+            &[libc::PR_SET_PDEATHSIG as u64, p.pdeath_signal],
+        )?;
+    }
+    Ok(())
+}
+
+/// Puts every thread's registers and mask back and lets it run.
+pub fn release(t: &Tracee, p: &ProcessImage) -> Result<()> {
+    for th in &p.threads {
+        let Some(&(_, host)) = t.threads.iter().find(|(ns, _)| *ns == th.tid) else {
+            continue;
+        };
+        crate::ptrace::set_xstate(host, &th.xstate.0)?;
+        crate::ptrace::set_regs(host, &th.regs)?;
+        crate::ptrace::set_sigmask(host, th.sigmask)?;
+    }
+    for &(_, host) in &t.threads {
+        crate::ptrace::detach(host, None)?;
+    }
+    Ok(())
+}
+
+pub fn host_pid(t: &Tracee) -> Pid {
+    t.pid
+}

@@ -1,0 +1,147 @@
+//! A process being restored: its threads (all stopped, traced by us), and
+//! the scratch region through which the engine makes calls in it.
+//!
+//! The scratch region sits at the same address in every process of the
+//! tree (children inherit it from their parent skeleton) and holds a
+//! `syscall` instruction at its start and argument space after it.
+
+use std::io::IoSlice;
+
+use nix::sys::uio::{RemoteIoVec, process_vm_writev};
+use nix::unistd::Pid;
+
+use crate::ptrace::{self, Regs};
+use crate::remote::{Remote, Spawned};
+use crate::{Error, Result};
+
+/// Size of the scratch region: one code page and argument space.
+pub const SCRATCH_SIZE: u64 = 1 << 20;
+const ARGS_OFFSET: u64 = 4096;
+
+pub struct Tracee {
+    /// The pid the image numbers it with.
+    pub ns_pid: i32,
+    /// Its pid in our namespace.
+    pub pid: Pid,
+    /// Threads created so far (ns tid, host tid); the first is the leader.
+    pub threads: Vec<(i32, Pid)>,
+    pub scratch: u64,
+    base: Regs,
+    next_arg: u64,
+}
+
+impl Tracee {
+    pub fn new(ns_pid: i32, pid: Pid, scratch: u64) -> Result<Tracee> {
+        let base = ptrace::get_regs(pid)?;
+        Ok(Tracee {
+            ns_pid,
+            pid,
+            threads: vec![(ns_pid, pid)],
+            scratch,
+            base,
+            next_arg: ARGS_OFFSET,
+        })
+    }
+
+    fn remote_for(&self, tid: Pid) -> Remote {
+        Remote::new(tid, self.scratch, self.base)
+    }
+
+    /// A system call made by the process's main thread; errors name `what`.
+    pub fn call(&mut self, what: &'static str, nr: i64, args: &[u64]) -> Result<u64> {
+        let r = self.remote_for(self.pid).call(what, nr, args);
+        self.reset_args();
+        r
+    }
+
+    /// The raw result (negative errno on failure) of a call by thread `tid`.
+    pub fn raw_on(&mut self, tid: Pid, nr: i64, args: &[u64]) -> Result<i64> {
+        let r = self.remote_for(tid).raw(nr, args);
+        self.reset_args();
+        r
+    }
+
+    pub fn call_on(&mut self, tid: Pid, what: &'static str, nr: i64, args: &[u64]) -> Result<u64> {
+        let r = self.remote_for(tid).call(what, nr, args);
+        self.reset_args();
+        r
+    }
+
+    /// A call that creates processes or threads; returns their host ids.
+    pub fn call_spawning(
+        &mut self,
+        what: &'static str,
+        nr: i64,
+        args: &[u64],
+    ) -> Result<(u64, Spawned)> {
+        let (r, spawned) = self.remote_for(self.pid).raw_spawning(nr, args)?;
+        self.reset_args();
+        if (-4095..0).contains(&r) {
+            return Err(Error::RemoteFailed {
+                tid: self.pid.as_raw(),
+                what,
+                errno: nix::errno::Errno::from_raw(-r as i32),
+            });
+        }
+        Ok((r as u64, spawned))
+    }
+
+    /// Copies `bytes` into the argument space; returns their address in the
+    /// process. Valid until the next call.
+    pub fn arg(&mut self, bytes: &[u8]) -> Result<u64> {
+        let len = bytes.len() as u64;
+        let at = self.next_arg.next_multiple_of(16);
+        if at + len > SCRATCH_SIZE {
+            return Err(Error::Restore {
+                pid: self.ns_pid,
+                stage: "call arguments",
+                detail: format!("{len} bytes do not fit the scratch region"),
+            });
+        }
+        write_memory(self.pid, self.scratch + at, bytes)?;
+        self.next_arg = at + len;
+        Ok(self.scratch + at)
+    }
+
+    /// A NUL-terminated copy of `s` in the argument space.
+    pub fn arg_str(&mut self, s: &str) -> Result<u64> {
+        let mut b = s.as_bytes().to_vec();
+        b.push(0);
+        self.arg(&b)
+    }
+
+    /// Room for a call to write `len` bytes into; read it back with
+    /// [`crate::dump::inject::read_memory`].
+    pub fn out(&mut self, len: usize) -> Result<u64> {
+        self.arg(&vec![0u8; len])
+    }
+
+    fn reset_args(&mut self) {
+        self.next_arg = ARGS_OFFSET;
+    }
+}
+
+/// Writes `bytes` at `addr` of `pid` (the pages must be writable).
+pub fn write_memory(pid: Pid, addr: u64, bytes: &[u8]) -> Result<()> {
+    let n = process_vm_writev(
+        pid,
+        &[IoSlice::new(bytes)],
+        &[RemoteIoVec {
+            base: addr as usize,
+            len: bytes.len(),
+        }],
+    )
+    .map_err(|e| Error::Restore {
+        pid: pid.as_raw(),
+        stage: "write memory",
+        detail: format!("{addr:#x}+{}: {e}", bytes.len()),
+    })?;
+    if n != bytes.len() {
+        return Err(Error::Restore {
+            pid: pid.as_raw(),
+            stage: "write memory",
+            detail: format!("short write at {addr:#x}: {n} of {}", bytes.len()),
+        });
+    }
+    Ok(())
+}

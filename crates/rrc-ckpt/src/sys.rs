@@ -1,0 +1,399 @@
+//! Raw system calls and CPU instructions the engine needs that `nix` does
+//! not wrap: the only `unsafe` code of this crate besides [`crate::ptrace`]'s
+//! wrappers of these. Each function takes and returns plain Rust values.
+
+use std::io;
+use std::mem;
+
+use nix::unistd::Pid;
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `NT_X86_XSTATE`: the XSAVE area of a thread (x87, SSE, AVX, AVX-512...).
+const NT_X86_XSTATE: libc::c_int = 0x202;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+
+/// The size of the XSAVE area for the features the OS enabled (CPUID leaf
+/// 0xD, sub-leaf 0, EBX), and XCR0 itself: a thread's extended state is only
+/// portable to a CPU/kernel with the same two values.
+pub fn xsave_layout() -> (usize, u64) {
+    let leaf = std::arch::x86_64::__cpuid_count(0xd, 0);
+    let xcr0_lo: u32;
+    let xcr0_hi: u32;
+    // SAFETY: XGETBV with ECX=0 reads XCR0; it is available whenever the OS
+    // enabled XSAVE (OSXSAVE), which Linux on x86-64 always does.
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") xcr0_lo, out("edx") xcr0_hi,
+            options(nomem, nostack, preserves_flags));
+    }
+    (
+        leaf.ebx as usize,
+        (u64::from(xcr0_hi) << 32) | u64::from(xcr0_lo),
+    )
+}
+
+pub fn get_xstate(tid: Pid, size: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; size];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: PTRACE_GETREGSET writes at most iov_len bytes into iov_base,
+    // which points to our buffer of that size, and updates iov_len.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid.as_raw(),
+            NT_X86_XSTATE as libc::c_long,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+pub fn set_xstate(tid: Pid, state: &[u8]) -> io::Result<()> {
+    let mut copy = state.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr().cast(),
+        iov_len: copy.len(),
+    };
+    // SAFETY: PTRACE_SETREGSET reads iov_len bytes from our buffer.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETREGSET,
+            tid.as_raw(),
+            NT_X86_XSTATE as libc::c_long,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    Ok(())
+}
+
+pub fn get_sigmask(tid: Pid) -> io::Result<u64> {
+    let mut mask: u64 = 0;
+    // SAFETY: PTRACE_GETSIGMASK writes `addr` (8) bytes into `data`.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETSIGMASK,
+            tid.as_raw(),
+            mem::size_of::<u64>(),
+            &mut mask as *mut u64,
+        )
+    })?;
+    Ok(mask)
+}
+
+pub fn set_sigmask(tid: Pid, mask: u64) -> io::Result<()> {
+    // SAFETY: PTRACE_SETSIGMASK reads `addr` (8) bytes from `data`.
+    check(unsafe {
+        libc::ptrace(
+            libc::PTRACE_SETSIGMASK,
+            tid.as_raw(),
+            mem::size_of::<u64>(),
+            &mask as *const u64,
+        )
+    })?;
+    Ok(())
+}
+
+/// A queued signal as the kernel reports it: the 128-byte `siginfo_t`.
+pub type RawSigInfo = [u8; 128];
+
+/// Reads (without dequeuing) the signals queued for `tid`, or for its whole
+/// process when `shared`.
+pub fn peek_siginfo(tid: Pid, shared: bool) -> io::Result<Vec<RawSigInfo>> {
+    #[repr(C)]
+    struct PeekArgs {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    const BATCH: usize = 32;
+    let mut out = Vec::new();
+    loop {
+        let args = PeekArgs {
+            off: out.len() as u64,
+            flags: u32::from(shared),
+            nr: BATCH as i32,
+        };
+        let mut buf = [[0u8; 128]; BATCH];
+        // SAFETY: PTRACE_PEEKSIGINFO writes at most `nr` siginfo_t (128
+        // bytes each) into `data`, which has room for BATCH of them.
+        let n = check(unsafe {
+            libc::ptrace(
+                libc::PTRACE_PEEKSIGINFO,
+                tid.as_raw(),
+                &args as *const PeekArgs,
+                buf.as_mut_ptr(),
+            )
+        })? as usize;
+        out.extend_from_slice(&buf[..n]);
+        if n < BATCH {
+            return Ok(out);
+        }
+    }
+}
+
+/// A thread's restartable-sequence registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RseqConfig {
+    pub ptr: u64,
+    pub size: u32,
+    pub flags: u32,
+    pub signature: u32,
+}
+
+pub fn get_rseq(tid: Pid) -> io::Result<Option<RseqConfig>> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Conf {
+        rseq_abi_pointer: u64,
+        rseq_abi_size: u32,
+        signature: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut c = Conf::default();
+    // SAFETY: the request writes at most `addr` bytes (the struct's size)
+    // into `data`, our struct.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid.as_raw(),
+            mem::size_of::<Conf>(),
+            &mut c as *mut Conf,
+        )
+    })?;
+    Ok((c.rseq_abi_pointer != 0).then_some(RseqConfig {
+        ptr: c.rseq_abi_pointer,
+        size: c.rseq_abi_size,
+        flags: c.flags,
+        signature: c.signature,
+    }))
+}
+
+/// The robust futex list head and its length for `tid`.
+pub fn get_robust_list(tid: Pid) -> io::Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: libc::size_t = 0;
+    // SAFETY: get_robust_list writes a pointer and a size_t through the two
+    // pointers, both to live locals.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw(),
+            &mut head as *mut u64,
+            &mut len as *mut libc::size_t,
+        )
+    })?;
+    Ok((head, len as u64))
+}
+
+/// Whether fd `fd1` of `pid1` and fd `fd2` of `pid2` are the same open file
+/// description.
+pub fn same_file(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp compares kernel objects; it takes integers only.
+    let r = check(unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1.as_raw(),
+            pid2.as_raw(),
+            KCMP_FILE,
+            fd1 as libc::c_ulong,
+            fd2 as libc::c_ulong,
+        )
+    })?;
+    Ok(r == 0)
+}
+
+/// Duplicates file descriptor `fd` of process `pid` into this process.
+pub fn steal_fd(pid: Pid, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers and returns a new fd we own.
+    let pidfd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })? as i32;
+    // SAFETY: pidfd was just returned to us.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: pidfd_getfd takes integers and returns a new fd we own.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            fd,
+            0,
+        )
+    })? as i32;
+    // SAFETY: fd was just returned by pidfd_getfd and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct clone_args` of clone3(2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Forks (fork(2) semantics: `None` in the child) with `flags`, giving the
+/// child the pid `pid` in its innermost pid namespace when `pid` is set.
+///
+/// # Safety
+///
+/// As for fork(2) in a program: the caller must be single-threaded, and the
+/// child must only make system calls (glibc's cached thread id names the
+/// parent's thread) until it execs, exits or is taken over by a tracer.
+pub unsafe fn fork_with_pid(flags: u64, pid: Option<i32>) -> io::Result<Option<Pid>> {
+    let set_tid = [pid.unwrap_or(0)];
+    let args = CloneArgs {
+        flags,
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: if pid.is_some() {
+            set_tid.as_ptr() as u64
+        } else {
+            0
+        },
+        set_tid_size: u64::from(pid.is_some()),
+        ..Default::default()
+    };
+    // SAFETY: clone3 without a stack behaves as fork(2); `args` and the
+    // set_tid array it points to outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        child => Ok(Some(Pid::from_raw(child as i32))),
+    }
+}
+
+/// Sends SIGSTOP to the calling thread and nothing else (no libc wrapper:
+/// after a raw fork, glibc's idea of "this thread" is stale).
+pub fn stop_self() {
+    // SAFETY: getpid/gettid/tgkill take and return integers only.
+    unsafe {
+        let pid = libc::syscall(libc::SYS_getpid);
+        let tid = libc::syscall(libc::SYS_gettid);
+        libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGSTOP);
+    }
+}
+
+/// Ends the calling process at once (no atexit handlers, no stdio flush).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// An integer socket option of a socket of ours.
+pub fn getsockopt_int(
+    fd: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `v`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    check(r as libc::c_long)?;
+    Ok(v)
+}
+
+/// The data queued in a pipe, copied without consuming it: `tee(2)` into a
+/// pipe of our own as large as the original, then read from that.
+pub fn peek_pipe(reader: std::os::fd::BorrowedFd<'_>, capacity: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let (rd, wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    nix::fcntl::fcntl(&wr, nix::fcntl::FcntlArg::F_SETPIPE_SZ(capacity as i32))?;
+    // SAFETY: tee takes two fds we hold open and integers.
+    let n = unsafe {
+        libc::tee(
+            reader.as_raw_fd(),
+            wr.as_raw_fd(),
+            capacity,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        // An empty pipe: nothing to copy.
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok(Vec::new());
+        }
+        return Err(e);
+    }
+    drop(wr);
+    let mut out = Vec::with_capacity(n as usize);
+    std::fs::File::from(rd).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The raw bytes of a `siginfo_t`, as the image keeps them.
+pub fn siginfo_bytes(si: &libc::siginfo_t) -> RawSigInfo {
+    // SAFETY: siginfo_t is a 128-byte plain C structure; viewing it as
+    // bytes reads initialised memory of exactly that size.
+    unsafe { mem::transmute_copy::<libc::siginfo_t, RawSigInfo>(si) }
+}
+
+/// In a freshly forked skeleton: maps the engine's scratch region at `addr`
+/// (readable, writable, executable) with a `syscall` instruction at its
+/// start, for the tracer to point the process's registers at.
+pub fn map_scratch(addr: u64, size: u64) -> io::Result<()> {
+    // SAFETY: a new anonymous mapping at an address the caller chose to be
+    // free (MAP_FIXED_NOREPLACE fails rather than replace anything).
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    if p as u64 != addr {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "scratch region placed elsewhere",
+        ));
+    }
+    // SAFETY: the mapping is ours, writable and at least two bytes long.
+    unsafe {
+        std::ptr::write_volatile(p.cast::<[u8; 2]>(), [0x0f, 0x05]);
+    }
+    Ok(())
+}
