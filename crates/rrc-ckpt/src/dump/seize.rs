@@ -161,8 +161,9 @@ impl Seized {
                 let _ = kill(p.pid, Signal::SIGKILL);
             }
             for p in &self.processes {
-                for t in &p.threads {
-                    // Each traced thread reports its death to us first.
+                // Each traced thread reports its death to us; a thread-group
+                // leader only once the other threads are gone, so it is last.
+                for t in p.threads.iter().rev() {
                     while let Ok(stop) = ptrace::wait_stop(t.tid) {
                         if matches!(stop, Stop::Exited(_) | Stop::Killed(_)) {
                             break;
