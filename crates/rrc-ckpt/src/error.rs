@@ -45,6 +45,8 @@ pub enum Error {
         "pid {0} is in use; the checkpointed process must be gone (or restore into a new pid namespace)"
     )]
     PidTaken(i32),
+    #[error("pid {pid} is still held by a zombie: its parent (pid {parent}) has not reaped it yet")]
+    PidZombie { pid: i32, parent: i32 },
     #[error("restore of process {pid} failed at {stage}: {detail}")]
     Restore {
         pid: i32,

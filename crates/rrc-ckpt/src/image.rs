@@ -82,6 +82,8 @@ pub struct ProcessImage {
     pub no_new_privs: bool,
     pub pdeath_signal: u64,
     pub child_subreaper: bool,
+    pub thp_disable: bool,
+    pub keepcaps: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +99,8 @@ pub struct ThreadImage {
     pub robust_list: (u64, u64),
     pub clear_child_tid: u64,
     pub altstack: AltStack,
+    pub timer_slack_ns: u64,
+    pub nice: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

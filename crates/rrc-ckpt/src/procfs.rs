@@ -101,6 +101,8 @@ pub struct TimerLine {
     pub sigval: u64,
     /// "signal", "thread", "none".
     pub notify: String,
+    /// Delivered to one thread (`SIGEV_THREAD_ID`): `notify_tid` is a tid.
+    pub to_thread: bool,
     pub notify_tid: i32,
     pub clock: i32,
 }
@@ -134,6 +136,7 @@ pub fn parse_timers(text: &str) -> Option<Vec<TimerLine>> {
                     signal: 0,
                     sigval: 0,
                     notify: String::new(),
+                    to_thread: false,
                     notify_tid: 0,
                     clock: 0,
                 });
@@ -148,7 +151,9 @@ pub fn parse_timers(text: &str) -> Option<Vec<TimerLine>> {
                 let t = cur.as_mut()?;
                 let (how, target) = v.split_once('/')?;
                 t.notify = how.to_string();
-                t.notify_tid = target.split_once('.')?.1.parse().ok()?;
+                let (kind, id) = target.split_once('.')?;
+                t.to_thread = kind == "tid";
+                t.notify_tid = id.parse().ok()?;
             }
             "ClockID" => cur.as_mut()?.clock = v.parse().ok()?,
             _ => {}
@@ -255,11 +260,12 @@ mod tests {
 
     #[test]
     fn timers() {
-        let t = parse_timers("ID: 0\nsignal: 34/0000000000000007\nnotify: signal/pid.123\nClockID: 1\nID: 1\nsignal: 14/00000000deadbeef\nnotify: thread/tid.124\nClockID: 0\n").unwrap();
+        let t = parse_timers("ID: 0\nsignal: 34/0000000000000007\nnotify: signal/pid.123\nClockID: 1\nID: 1\nsignal: 14/00000000deadbeef\nnotify: signal/tid.124\nClockID: 0\n").unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!(t[0].signal, 34);
         assert_eq!(t[0].sigval, 7);
-        assert_eq!(t[1].notify, "thread");
+        assert_eq!(t[1].notify, "signal");
+        assert!(t[1].to_thread && !t[0].to_thread);
         assert_eq!(t[1].notify_tid, 124);
     }
 

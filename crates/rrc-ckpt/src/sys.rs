@@ -288,17 +288,6 @@ pub unsafe fn fork_with_pid(flags: u64, pid: Option<i32>) -> io::Result<Option<P
     }
 }
 
-/// Sends SIGSTOP to the calling thread and nothing else (no libc wrapper:
-/// after a raw fork, glibc's idea of "this thread" is stale).
-pub fn stop_self() {
-    // SAFETY: getpid/gettid/tgkill take and return integers only.
-    unsafe {
-        let pid = libc::syscall(libc::SYS_getpid);
-        let tid = libc::syscall(libc::SYS_gettid);
-        libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGSTOP);
-    }
-}
-
 /// Ends the calling process at once (no atexit handlers, no stdio flush).
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit has no preconditions and never returns.

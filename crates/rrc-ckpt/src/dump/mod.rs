@@ -153,6 +153,8 @@ fn checkpoint_into(
             no_new_privs: status.nonewprivs.unwrap_or(0) != 0,
             pdeath_signal: ts.pdeath_signal,
             child_subreaper: ts.child_subreaper,
+            thp_disable: ts.thp_disable,
+            keepcaps: ts.keepcaps,
         });
     }
     if !problems.is_empty() {

@@ -11,7 +11,7 @@ use crate::image::{
     AltStack, Creds, Hex, ITimer, MmState, PosixTimer, Rseq, SigAction, ThreadImage,
 };
 use crate::ptrace::{self, ERESTART_RESTARTBLOCK};
-use crate::{Error, Result, nr, procfs as pfs, sys};
+use crate::{Error, Result, nr, pr, procfs as pfs, sys};
 
 /// Offsets in the scratch memory for call results.
 const SCRATCH_OUT: u64 = 0;
@@ -61,6 +61,8 @@ pub struct ThreadsAndSignals {
     pub dumpable: u64,
     pub pdeath_signal: u64,
     pub child_subreaper: bool,
+    pub thp_disable: bool,
+    pub keepcaps: bool,
 }
 
 /// What only the process itself can tell (asked through injected calls)
@@ -102,6 +104,13 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
             &[libc::PR_GET_TID_ADDRESS as u64, out],
         )?;
         let ctid = read_u64s(&inj, 1)?[0];
+        let mut r = inj.remote(t.tid);
+        let timer_slack_ns = r.call(
+            "prctl(PR_GET_TIMERSLACK)",
+            nr::SYS_prctl,
+            &[pr::GET_TIMERSLACK],
+        )?;
+        let nice = thread_nice(pid.as_raw(), t.tid.as_raw())?;
         let (ns_tid, _) = ns_pid(pid.as_raw(), Some(t.tid.as_raw()))?;
         threads.push(ThreadImage {
             tid: ns_tid,
@@ -128,6 +137,8 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
                 flags: ss[1] as i32,
                 size: ss[2],
             },
+            timer_slack_ns,
+            nice,
         });
     }
 
@@ -162,9 +173,13 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
         let v = read_u64s(&inj, 4)?;
         let overrun = r.call("timer_getoverrun", nr::SYS_timer_getoverrun, &[t.id as u64])?;
         let notify = match t.notify.as_str() {
-            "thread" => libc::SIGEV_THREAD_ID,
+            "thread" => libc::SIGEV_THREAD,
             "none" => libc::SIGEV_NONE,
             _ => libc::SIGEV_SIGNAL,
+        } | if t.to_thread {
+            libc::SIGEV_THREAD_ID
+        } else {
+            0
         };
         posix_timers.push(PosixTimer {
             id: t.id,
@@ -198,6 +213,12 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
         &[libc::PR_GET_CHILD_SUBREAPER as u64, out],
     )?;
     let child_subreaper = read_u64s(&inj, 1)?[0] & 0xffff_ffff != 0;
+    let thp_disable = r.call(
+        "prctl(PR_GET_THP_DISABLE)",
+        nr::SYS_prctl,
+        &[pr::GET_THP_DISABLE],
+    )? != 0;
+    let keepcaps = r.call("prctl(PR_GET_KEEPCAPS)", nr::SYS_prctl, &[pr::GET_KEEPCAPS])? != 0;
     let shared_pending = sys::peek_siginfo(pid, true)
         .map_err(|e| Error::io(format!("shared pending signals of process {pid}"))(e))?
         .into_iter()
@@ -214,7 +235,27 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
         dumpable,
         pdeath_signal,
         child_subreaper,
+        thp_disable,
+        keepcaps,
     })
+}
+
+/// The nice value of a thread (field 19 of its stat).
+fn thread_nice(pid: i32, tid: i32) -> Result<i32> {
+    let stat =
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).map_err(|e| Error::Proc {
+            pid,
+            what: "thread stat",
+            detail: e.to_string(),
+        })?;
+    stat.rfind(')')
+        .and_then(|i| stat[i + 2..].split(' ').nth(16))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Proc {
+            pid,
+            what: "thread stat",
+            detail: "no nice field".into(),
+        })
 }
 
 pub fn mm_state(pid: Pid, brk: u64) -> Result<MmState> {

@@ -100,16 +100,6 @@ impl FilePlan {
             ghosts: Vec::new(),
         }
     }
-
-    /// Files whose other end lives outside the tree and that did not sit at
-    /// a stdio slot: they are restored as fresh, unconnected pipes.
-    pub fn disconnected(&self) -> Vec<usize> {
-        self.external
-            .iter()
-            .filter(|(_, slot)| slot.is_none())
-            .map(|(id, _)| *id)
-            .collect()
-    }
 }
 
 /// Which files a process holds, and at which fd.

@@ -365,12 +365,124 @@ fn map_shmem(
             ctx.keep(id, &format!("/proc/{}/fd/{fd}", t.pid), pid)?;
             t.call("close a memfd", nr::SYS_close, &[fd])?;
         }
-        ShmemKind::SysV { .. } => {
+        ShmemKind::SysV { shmid, .. } => {
+            // Created (and filled) by the tree's root before anything else.
+            if offset != 0 {
+                return Err(rerr(
+                    pid,
+                    "shared memory",
+                    "a partially unmapped SysV segment".into(),
+                ));
+            }
+            let mut flags = 0u64;
+            if prot & libc::PROT_WRITE as u32 == 0 {
+                flags |= libc::SHM_RDONLY as u64;
+            }
+            if prot & libc::PROT_EXEC as u32 != 0 {
+                flags |= libc::SHM_EXEC as u64;
+            }
+            tracing::debug!(shmid, start = v.start, flags, "shmat");
+            t.call("shmat", libc::SYS_shmat, &[*shmid as u64, v.start, flags])?;
+        }
+    }
+    Ok(())
+}
+
+/// Recreates every SysV segment of the image, with its key, id, mode and
+/// contents, from the tree's root (so it is their creator).
+pub fn create_sysv_segments(t: &mut Tracee, ctx: &MemCtx) -> Result<()> {
+    for obj in ctx.shmem {
+        let ShmemKind::SysV { key, shmid, mode } = obj.kind else {
+            continue;
+        };
+        let pid = t.ns_pid;
+        // Still there (same host, same IPC namespace: segments outlive their
+        // processes)? Then it is the very segment, contents and all.
+        let r = t.raw_on(t.pid, libc::SYS_shmget, &[key as u32 as u64, 0, 0])?;
+        if key != libc::IPC_PRIVATE && r == i64::from(shmid) {
+            continue;
+        }
+        if key == libc::IPC_PRIVATE && sysv_exists(t, shmid)? {
+            continue;
+        }
+        // The next id the IPC namespace hands out is settable (for exactly
+        // this purpose); the process sets it in its own namespace.
+        let path = t.arg_str("/proc/sys/kernel/shm_next_id")?;
+        let fd = t.call(
+            "open shm_next_id",
+            nr::SYS_openat,
+            &[
+                libc::AT_FDCWD as u64,
+                path,
+                (libc::O_WRONLY | libc::O_CLOEXEC) as u64,
+            ],
+        )?;
+        let text = shmid.to_string();
+        let a = t.arg(text.as_bytes())?;
+        t.call(
+            "set shm_next_id",
+            nr::SYS_write,
+            &[fd, a, text.len() as u64],
+        )?;
+        t.call("close", nr::SYS_close, &[fd])?;
+        let id = t.call(
+            "shmget",
+            libc::SYS_shmget,
+            &[
+                key as u32 as u64,
+                obj.size,
+                (libc::IPC_CREAT | libc::IPC_EXCL) as u64 | u64::from(mode & 0o777),
+            ],
+        )?;
+        if id != shmid as u64 {
             return Err(rerr(
                 pid,
                 "shared memory",
-                "SysV shared memory segments cannot be restored yet".into(),
+                format!("SysV segment {shmid} came back as {id} (is the id taken?)"),
             ));
+        }
+        let addr = t.call("shmat", libc::SYS_shmat, &[id, 0, 0])?;
+        fill_through_mapping(
+            t.pid,
+            ctx.img,
+            obj,
+            addr,
+            0,
+            obj.size.next_multiple_of(PAGE_SIZE),
+            pid,
+        )?;
+        t.call("shmdt", libc::SYS_shmdt, &[addr])?;
+    }
+    Ok(())
+}
+
+/// Whether segment `shmid` exists in the process's IPC namespace.
+fn sysv_exists(t: &mut Tracee, shmid: i32) -> Result<bool> {
+    let buf = t.out(128)?;
+    Ok(t.raw_on(
+        t.pid,
+        libc::SYS_shmctl,
+        &[shmid as u64, libc::IPC_STAT as u64, buf],
+    )? >= 0)
+}
+
+/// Seals memfds once every mapping and write is done (a write seal would
+/// forbid the writable mappings the restore makes).
+pub fn seal_memfds(ctx: &MemCtx) -> Result<()> {
+    for obj in ctx.shmem {
+        if let ShmemKind::Memfd { seals, .. } = obj.kind {
+            if seals == 0 {
+                continue;
+            }
+            if let Some(f) = ctx.handles.get(&obj.id) {
+                nix::fcntl::fcntl(
+                    f,
+                    nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::from_bits_truncate(
+                        seals as i32,
+                    )),
+                )
+                .map_err(|e| rerr(0, "memfd seals", e.to_string()))?;
+            }
         }
     }
     Ok(())

@@ -132,12 +132,10 @@ fn spawn_root(p: &ProcessImage, flags: u64, setup: Option<RootSetup>, scratch: u
     // region, reports and blocks until it is taken over.
     let forked = unsafe { sys::fork_with_pid(flags, Some(p.pid)) };
     match forked {
-        Err(e) => {
-            return Err(match e.raw_os_error() {
-                Some(libc::EEXIST) => Error::PidTaken(p.pid),
-                _ => rerr(p.pid, "fork the root", e.to_string()),
-            });
-        }
+        Err(e) => Err(match e.raw_os_error() {
+            Some(libc::EEXIST) => Error::PidTaken(p.pid),
+            _ => rerr(p.pid, "fork the root", e.to_string()),
+        }),
         Ok(None) => {
             drop(ready_rd);
             drop(hold_wr);
@@ -316,7 +314,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     } else {
         for p in procs.values() {
             for id in std::iter::once(p.pid).chain(p.threads.iter().map(|t| t.tid)) {
-                if Path::new(&format!("/proc/{id}")).exists() {
+                if let Ok(st) = std::fs::read_to_string(format!("/proc/{id}/stat")) {
+                    let rest = st.rfind(')').map(|i| &st[i + 2..]).unwrap_or("");
+                    let mut f = rest.split(' ');
+                    if f.next() == Some("Z") {
+                        let parent = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+                        return Err(Error::PidZombie { pid: id, parent });
+                    }
                     return Err(Error::PidTaken(id));
                 }
             }
@@ -358,9 +362,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             crate::nr::SYS_prlimit64,
             &[0, libc::RLIMIT_NOFILE as u64, a, 0],
         );
+        mm::create_sysv_segments(&mut t, &ctx.mem)?;
         restore_process(&mut ctx, t, Held::new())
     });
     let outcome = outcome.and_then(|()| {
+        mm::seal_memfds(&ctx.mem)?;
         // Everything is in place: drop the scratch regions, then let go.
         for t in ctx.done.iter_mut() {
             t.call(

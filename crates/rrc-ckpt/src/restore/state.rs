@@ -1,13 +1,9 @@
 //! The kernel state of a restored process beyond memory and files: signals,
 //! timers, limits, identity, and per-thread registrations.
 
-use nix::unistd::Pid;
-
 use crate::image::ProcessImage;
 use crate::restore::tracee::Tracee;
-use crate::{Error, Result, nr};
-
-const PR_SET_NAME: u64 = 15;
+use crate::{Error, Result, nr, pr};
 
 fn warn_failed(pid: i32, what: &str, r: i64) {
     if r < 0 {
@@ -196,7 +192,30 @@ pub fn thread_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
         name.truncate(15);
         name.push(0);
         let a = t.arg(&name)?;
-        t.call_on(host, "prctl(PR_SET_NAME)", nr::SYS_prctl, &[PR_SET_NAME, a])?;
+        t.call_on(
+            host,
+            "prctl(PR_SET_NAME)",
+            nr::SYS_prctl,
+            &[pr::SET_NAME, a],
+        )?;
+        if th.timer_slack_ns > 0 {
+            t.call_on(
+                host,
+                "prctl(PR_SET_TIMERSLACK)",
+                nr::SYS_prctl,
+                &[pr::SET_TIMERSLACK, th.timer_slack_ns],
+            )?;
+        }
+        let r = t.raw_on(
+            host,
+            libc::SYS_setpriority,
+            &[
+                libc::PRIO_PROCESS as u64,
+                th.tid as u64,
+                th.nice as i64 as u64,
+            ],
+        )?;
+        warn_failed(pid, "nice value", r);
     }
     Ok(())
 }
@@ -230,9 +249,29 @@ pub fn pending_signals(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     Ok(())
 }
 
-/// Identity last: credentials, then what changing them resets.
+/// The highest capability number this kernel knows.
+fn cap_last() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// Identity last: capabilities and credentials, then what changing them
+/// resets.
 pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     let c = &p.creds;
+    let last = cap_last();
+    // The bounding set only shrinks, and needs CAP_SETPCAP: first.
+    for cap in 0..=last {
+        if c.cap_bnd & (1 << cap) == 0 {
+            t.call(
+                "prctl(PR_CAPBSET_DROP)",
+                nr::SYS_prctl,
+                &[pr::CAPBSET_DROP, cap],
+            )?;
+        }
+    }
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let a = t.arg(&groups)?;
     t.call("setgroups", nr::SYS_setgroups, &[c.groups.len() as u64, a])?;
@@ -245,6 +284,12 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             u64::from(c.gid[2]),
         ],
     )?;
+    // Capabilities survive the uid change so they can be set exactly after.
+    t.call(
+        "prctl(PR_SET_KEEPCAPS)",
+        nr::SYS_prctl,
+        &[pr::SET_KEEPCAPS, 1],
+    )?;
     t.call(
         "setresuid",
         nr::SYS_setresuid,
@@ -254,6 +299,41 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             u64::from(c.uid[2]),
         ],
     )?;
+    // capset, version 3: a header and two 32-bit halves of each set.
+    const CAP_V3: u32 = 0x2008_0522;
+    let mut hdr = Vec::with_capacity(8);
+    hdr.extend_from_slice(&CAP_V3.to_ne_bytes());
+    hdr.extend_from_slice(&0i32.to_ne_bytes());
+    let mut data = Vec::with_capacity(24);
+    for half in 0..2 {
+        for set in [c.cap_eff, c.cap_prm, c.cap_inh] {
+            data.extend_from_slice(&((set >> (32 * half)) as u32).to_ne_bytes());
+        }
+    }
+    let h = t.arg(&hdr)?;
+    let d = t.arg(&data)?;
+    t.call("capset", libc::SYS_capset, &[h, d])?;
+    for cap in 0..=last {
+        if c.cap_amb & (1 << cap) != 0 {
+            t.call(
+                "raise an ambient capability",
+                nr::SYS_prctl,
+                &[pr::CAP_AMBIENT, pr::CAP_AMBIENT_RAISE, cap, 0, 0],
+            )?;
+        }
+    }
+    t.call(
+        "prctl(PR_SET_KEEPCAPS)",
+        nr::SYS_prctl,
+        &[pr::SET_KEEPCAPS, u64::from(p.keepcaps)],
+    )?;
+    if p.thp_disable {
+        t.call(
+            "prctl(PR_SET_THP_DISABLE)",
+            nr::SYS_prctl,
+            &[pr::SET_THP_DISABLE, 1, 0, 0, 0],
+        )?;
+    }
     if p.no_new_privs {
         t.call(
             "prctl(PR_SET_NO_NEW_PRIVS)",
@@ -290,8 +370,4 @@ pub fn release(t: &Tracee, p: &ProcessImage) -> Result<()> {
         crate::ptrace::detach(host, None)?;
     }
     Ok(())
-}
-
-pub fn host_pid(t: &Tracee) -> Pid {
-    t.pid
 }

@@ -1,0 +1,295 @@
+//! The checkpoint/restore engine through the CLI, as an outside conformance
+//! suite drives it: `rrc checkpoint --pid PID --images DIR` then
+//! `rrc restore --images DIR`, on the fixture programs of
+//! `crates/rrc-ckpt/tests/fixtures` (each checks one kind of state and
+//! prints PASS or FAIL after restore).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+fn fixtures_src() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../rrc-ckpt/tests/fixtures")
+}
+
+/// A scratch directory of this test process.
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rrc-ckpt-test-{}-{tag}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Compiles fixture `name` into `dir`.
+fn build(name: &str, dir: &Path) -> PathBuf {
+    let out = dir.join(name);
+    let src = fixtures_src();
+    let status = Command::new("gcc")
+        .args(["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pthread", "-I"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .arg(src.join(format!("{name}.c")))
+        .arg("-lrt")
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "fixture {name} does not compile");
+    out
+}
+
+/// Reaps the killed tree's other processes, which were orphaned to us.
+fn reap_orphans() {
+    while let Ok(s) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if s == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// The test process adopts orphans, so that a restored fixture (whose
+/// restorer exits) becomes its child and can be waited for.
+fn become_subreaper() {
+    nix::sys::prctl::set_child_subreaper(true).unwrap();
+}
+
+struct Running {
+    pid: Pid,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+fn start(bin: &Path, dir: &Path) -> Running {
+    let log = dir.join("fixture.log");
+    let f = fs::File::create(&log).unwrap();
+    let child = Command::new(bin)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let r = Running {
+        pid: Pid::from_raw(child.id() as i32),
+        child: Some(child),
+        log,
+    };
+    wait_until("READY", Duration::from_secs(10), || {
+        r.log_text().contains("READY")
+    });
+    // Let the state settle (threads reach their loops).
+    std::thread::sleep(Duration::from_millis(300));
+    r
+}
+
+impl Running {
+    fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Tells the fixture to check itself; returns its exit code and log.
+    fn verdict(mut self) -> (i32, String) {
+        kill(self.pid, Signal::SIGUSR1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let code = loop {
+            let status = match &mut self.child {
+                Some(c) => match c.try_wait().unwrap() {
+                    Some(s) => Some(s.code().unwrap_or(128 + 9)),
+                    None => None,
+                },
+                None => match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(_, c)) => Some(c),
+                    Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
+                    _ => None,
+                },
+            };
+            if let Some(c) = status {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "no verdict: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (code, self.log_text())
+    }
+}
+
+/// Checkpoint (killing the original), restore, check.
+fn checkpoint_restore(name: &str) {
+    require_root();
+    become_subreaper();
+    let dir = scratch(name);
+    let bin = build(name, &dir);
+    let mut run = start(&bin, &dir);
+    let images = dir.join("images");
+    let pid = run.pid.to_string();
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        images.to_str().unwrap(),
+    ])
+    .ok();
+    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    // Reap the original so its pid is free again.
+    let status = run.child.take().unwrap().wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    reap_orphans();
+    let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
+    assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
+    let (code, log) = run.verdict();
+    assert!(
+        code == 0 && log.trim_end().ends_with("PASS"),
+        "{name} after restore: exit {code}\n{log}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn memory_private_anonymous_heap_stack_and_layout() {
+    checkpoint_restore("mem_anon");
+}
+
+#[test]
+fn memory_shared_memfd_sysv_and_files() {
+    checkpoint_restore("mem_shared");
+}
+
+#[test]
+fn registers_general_vector_and_fs_base() {
+    checkpoint_restore("regs");
+}
+
+#[test]
+fn threads_ids_tls_masks_altstacks_names() {
+    checkpoint_restore("threads");
+}
+
+#[test]
+fn threads_under_load_keep_computing() {
+    checkpoint_restore("threads_load");
+}
+
+#[test]
+fn signal_handlers_masks_pending_signals() {
+    checkpoint_restore("signals");
+}
+
+#[test]
+fn process_tree_sessions_groups_pipes() {
+    checkpoint_restore("tree");
+}
+
+#[test]
+fn credentials_limits_and_process_attributes() {
+    checkpoint_restore("creds_misc");
+}
+
+#[test]
+fn interval_posix_and_timerfd_timers() {
+    checkpoint_restore("timers");
+}
+
+#[test]
+fn file_descriptors_of_every_kind() {
+    checkpoint_restore("fds");
+}
+
+#[test]
+fn unsupported_state_is_refused_by_name_and_left_running() {
+    require_root();
+    become_subreaper();
+    let dir = scratch("inotify");
+    let bin = build("unsupported_inotify", &dir);
+    let run = start(&bin, &dir);
+    let images = dir.join("images");
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &run.pid.to_string(),
+        "--images",
+        images.to_str().unwrap(),
+    ]);
+    out.fails_with("inotify");
+    assert!(
+        fs::read_dir(&images).map(|d| d.count()).unwrap_or(0) == 0,
+        "a refused checkpoint leaves no image"
+    );
+    let (code, log) = run.verdict();
+    assert_eq!(code, 0, "the original must carry on untouched: {log}");
+}
+
+#[test]
+fn leave_running_then_restore_after_the_original_ends() {
+    require_root();
+    become_subreaper();
+    let dir = scratch("leave");
+    let bin = build("threads", &dir);
+    let run = start(&bin, &dir);
+    let images = dir.join("images");
+    let pid = run.pid.to_string();
+    let img = images.to_str().unwrap();
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        img,
+        "--leave-running",
+    ])
+    .ok();
+    assert!(!out.stdout.contains("killed"), "{out:?}");
+    // While the original lives its pids are taken.
+    rrc(&["restore", "--images", img]).fails_with(&format!("pid {pid} is in use"));
+    let log_before = run.log_text();
+    let (code, log) = run.verdict();
+    assert_eq!(code, 0, "the original goes on after a checkpoint: {log}");
+    // Now a second life from the image, checked in a fresh log.
+    fs::write(dir.join("fixture.log"), &log_before).unwrap();
+    let out = rrc(&["restore", "--images", img]).ok();
+    assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
+    let again = Running {
+        pid: Pid::from_raw(pid.parse().unwrap()),
+        child: None,
+        log: dir.join("fixture.log"),
+    };
+    let (code, log) = again.verdict();
+    assert!(code == 0 && log.trim_end().ends_with("PASS"), "{log}");
+}
+
+#[test]
+fn bad_checkpoint_and_restore_input() {
+    require_root();
+    let dir = scratch("bad");
+    rrc(&[
+        "checkpoint",
+        "--pid",
+        "999999999",
+        "--images",
+        dir.join("x").to_str().unwrap(),
+    ])
+    .fails_with("no process 999999999");
+    fs::write(dir.join("junk"), "x").unwrap();
+    rrc(&[
+        "checkpoint",
+        "--pid",
+        "1",
+        "--images",
+        dir.to_str().unwrap(),
+    ])
+    .fails_with("not empty");
+    rrc(&["restore", "--images", dir.join("missing").to_str().unwrap()])
+        .fails_with("manifest.json");
+    fs::write(dir.join("manifest.json"), "{}").unwrap();
+    rrc(&["restore", "--images", dir.to_str().unwrap()]).fails_with("unusable");
+}
