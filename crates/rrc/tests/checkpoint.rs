@@ -100,10 +100,7 @@ impl Running {
         let deadline = Instant::now() + Duration::from_secs(20);
         let code = loop {
             let status = match &mut self.child {
-                Some(c) => match c.try_wait().unwrap() {
-                    Some(s) => Some(s.code().unwrap_or(128 + 9)),
-                    None => None,
-                },
+                Some(c) => c.try_wait().unwrap().map(|s| s.code().unwrap_or(128 + 9)),
                 None => match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::Exited(_, c)) => Some(c),
                     Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
