@@ -95,14 +95,14 @@ pub(crate) fn supervisor_signals() -> SigSet {
 }
 
 /// Steps already taken, undone in reverse on failure.
-struct Partial {
-    claim: Option<Claim>,
-    cgroup: Option<Cgroup>,
-    init: Option<Pid>,
+pub(crate) struct Partial {
+    pub(crate) claim: Option<Claim>,
+    pub(crate) cgroup: Option<Cgroup>,
+    pub(crate) init: Option<Pid>,
 }
 
 impl Partial {
-    fn rollback(mut self) {
+    pub(crate) fn rollback(mut self) {
         if let Some(pid) = self.init.take() {
             let _ = kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
@@ -227,30 +227,8 @@ impl Container {
         cgroup.add_process(init)?;
         record.init = ProcRef::of(init.as_raw());
 
-        let ns = NetNs::of_pid(init.as_raw())?;
-        record.netns = ns.id().ok();
-        let net_spec = spec.net.clone();
-        let tap = ns.run(move || -> Result<Option<Tap>> {
-            netconf::loopback_up()?;
-            let Some(net) = net_spec else {
-                return Ok(None);
-            };
-            let tap = Tap::create("eth0")?;
-            netconf::configure_interface(tap.name(), net.mac, net.addr)?;
-            if let Some(gw) = net.gateway {
-                netconf::add_default_route(gw)?;
-            }
-            Ok(Some(tap))
-        })??;
-        drop(ns);
-
-        let net = match (tap, &spec.net) {
-            (Some(tap), Some(n)) => {
-                let uplink = PacketSocket::open(&n.uplink, n.mac)?;
-                Some((Arc::new(tap), Arc::new(uplink)))
-            }
-            _ => None,
-        };
+        let (netns, net) = attach_network(init, spec.net.as_ref())?;
+        record.netns = netns;
         save(partial, record)?;
 
         // Let the child exec, and learn whether it could.
@@ -260,28 +238,7 @@ impl Container {
             return Err(err.into_error(spec));
         }
 
-        let net = match net {
-            Some((tap, uplink)) => {
-                let n = spec.net.as_ref().expect("net spec");
-                // Tell the LAN where the service address lives now.
-                if let Err(e) = uplink.send_frame(&arp::gratuitous(n.mac, n.addr.addr())) {
-                    tracing::warn!(error = %e, "gratuitous ARP not sent");
-                }
-                let gate: Arc<dyn PacketGate> = opts
-                    .gate
-                    .unwrap_or_else(|| Arc::new(PassThrough::default()));
-                let forwarder =
-                    Forwarder::start(tap.clone(), uplink.clone(), n.mac, gate.clone(), opts.spin)
-                        .map_err(setup_err("start forwarding"))?;
-                Some(ContainerNet {
-                    tap,
-                    uplink,
-                    gate,
-                    forwarder,
-                })
-            }
-            None => None,
-        };
+        let net = start_forwarding(net, spec.net.as_ref(), opts.gate, opts.spin)?;
         record.phase = Phase::Running;
         save(partial, record)?;
         tracing::info!(
@@ -316,9 +273,70 @@ impl Container {
     }
 }
 
+/// The TAP and uplink of a container whose network is set up but not yet
+/// forwarding.
+pub(crate) type PendingNet = Option<(Arc<Tap>, Arc<PacketSocket>)>;
+
+/// Gives the network namespace of `init` its loopback and, with `net`, its
+/// TAP device and address; opens the uplink. Returns the namespace's
+/// identity too.
+pub(crate) fn attach_network(
+    init: Pid,
+    net: Option<&crate::spec::NetSpec>,
+) -> Result<(Option<(u64, u64)>, PendingNet)> {
+    let ns = NetNs::of_pid(init.as_raw())?;
+    let id = ns.id().ok();
+    let net_spec = net.cloned();
+    let tap = ns.run(move || -> Result<Option<Tap>> {
+        netconf::loopback_up()?;
+        let Some(net) = net_spec else {
+            return Ok(None);
+        };
+        let tap = Tap::create("eth0")?;
+        netconf::configure_interface(tap.name(), net.mac, net.addr)?;
+        if let Some(gw) = net.gateway {
+            netconf::add_default_route(gw)?;
+        }
+        Ok(Some(tap))
+    })??;
+    let pending = match (tap, net) {
+        (Some(tap), Some(n)) => {
+            let uplink = PacketSocket::open(&n.uplink, n.mac)?;
+            Some((Arc::new(tap), Arc::new(uplink)))
+        }
+        _ => None,
+    };
+    Ok((id, pending))
+}
+
+/// Announces the container's address on the LAN and starts moving frames.
+pub(crate) fn start_forwarding(
+    pending: PendingNet,
+    net: Option<&crate::spec::NetSpec>,
+    gate: Option<Arc<dyn PacketGate>>,
+    spin: Duration,
+) -> Result<Option<ContainerNet>> {
+    let (Some((tap, uplink)), Some(n)) = (pending, net) else {
+        return Ok(None);
+    };
+    // Tell the LAN where the service address lives now.
+    if let Err(e) = uplink.send_frame(&arp::gratuitous(n.mac, n.addr.addr())) {
+        tracing::warn!(error = %e, "gratuitous ARP not sent");
+    }
+    let gate: Arc<dyn PacketGate> = gate.unwrap_or_else(|| Arc::new(PassThrough::default()));
+    let forwarder = Forwarder::start(tap.clone(), uplink.clone(), n.mac, gate.clone(), spin)
+        .map_err(setup_err("start forwarding"))?;
+    Ok(Some(ContainerNet {
+        tap,
+        uplink,
+        gate,
+        forwarder,
+    }))
+}
+
 /// Sends the supervisor's and the program's output to `path` and detaches
 /// stdin, for containers that run in the background.
-fn redirect_output(path: &std::path::Path) -> Result<()> {
+pub(crate) fn redirect_output(path: &std::path::Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| Error::State {
             path: dir.into(),
@@ -369,7 +387,7 @@ impl ChildFailure {
             }
         } else {
             Error::Setup {
-                stage: STAGES[usize::from(self.stage).min(STAGES.len() - 1)],
+                stage: stage_name(self.stage),
                 source,
             }
         }
@@ -393,6 +411,30 @@ fn read_child_report(rep_rd: OwnedFd) -> Option<ChildFailure> {
         stage: buf[0],
         errno: i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]),
     })
+}
+
+/// Inside a new container's first process: its hostname, and a /proc and
+/// /sys of its own namespaces, mounted in its own mount namespace. Errors
+/// carry the index of the failed stage in [`STAGES`].
+pub(crate) fn prepare_namespaces(hostname: &[u8]) -> std::result::Result<(), (u8, nix::Error)> {
+    sethostname(std::ffi::OsStr::from_bytes(hostname)).map_err(|e| (3, e))?;
+    // Mounts made in here stay in here.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .map_err(|e| (4, e))?;
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>).map_err(|e| (5, e))?;
+    mount(Some("sysfs"), "/sys", Some("sysfs"), nosuid, None::<&str>).map_err(|e| (6, e))?;
+    Ok(())
+}
+
+pub(crate) fn stage_name(stage: u8) -> &'static str {
+    STAGES[usize::from(stage).min(STAGES.len() - 1)]
 }
 
 /// The container's first process, between the fork and exec.
@@ -426,26 +468,8 @@ fn child_main(
     if let Err(e) = setsid() {
         fail(2, e);
     }
-    if let Err(e) = sethostname(std::ffi::OsStr::from_bytes(hostname)) {
-        fail(3, e);
-    }
-    // Mounts made in here stay in here.
-    if let Err(e) = mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_SLAVE,
-        None::<&str>,
-    ) {
-        fail(4, e);
-    }
-    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    // A /proc of the container's pid namespace, a /sys of its network one.
-    if let Err(e) = mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>) {
-        fail(5, e);
-    }
-    if let Err(e) = mount(Some("sysfs"), "/sys", Some("sysfs"), nosuid, None::<&str>) {
-        fail(6, e);
+    if let Err((stage, e)) = prepare_namespaces(hostname) {
+        fail(stage, e);
     }
     // The program starts with the signal state a shell would give it:
     // rrc blocks nothing yet here, but Rust's runtime ignores SIGPIPE.

@@ -13,6 +13,7 @@ pub mod create;
 pub mod daemon;
 pub mod probe;
 pub mod proc;
+pub mod restore;
 pub mod spec;
 pub mod state;
 pub mod stop;
@@ -72,6 +73,8 @@ pub enum Error {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error(transparent)]
+    Checkpoint(#[from] rrc_ckpt::Error),
     #[error("container `{name}` did not stop within {secs} s")]
     StopTimeout { name: String, secs: u64 },
 }

@@ -6,6 +6,7 @@ use std::fs;
 use nix::errno::Errno;
 use nix::sys::ptrace::Options;
 use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::ptrace::{self, Stop};
@@ -160,17 +161,28 @@ impl Seized {
             for p in &self.processes {
                 let _ = kill(p.pid, Signal::SIGKILL);
             }
-            for p in &self.processes {
-                // Each traced thread reports its death to us; a thread-group
-                // leader only once the other threads are gone, so it is last.
-                for t in p.threads.iter().rev() {
-                    while let Ok(stop) = ptrace::wait_stop(t.tid) {
-                        if matches!(stop, Stop::Exited(_) | Stop::Killed(_)) {
-                            break;
+            // Each traced thread reports its death to us, and is released
+            // only once we collect that: a group leader waits for its other
+            // threads, a pid namespace's init for every task of the
+            // namespace. So collect whatever is ready, in any order.
+            let mut left: Vec<Pid> = self
+                .processes
+                .iter()
+                .flat_map(|p| p.threads.iter().map(|t| t.tid))
+                .collect();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !left.is_empty() && std::time::Instant::now() < deadline {
+                left.retain(|&tid| {
+                    match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
+                        Ok(WaitStatus::StillAlive) => true,
+                        Ok(_) => {
+                            let _ = nix::sys::ptrace::cont(tid, None);
+                            true
                         }
-                        let _ = nix::sys::ptrace::cont(t.tid, None);
                     }
-                }
+                });
+                std::thread::sleep(std::time::Duration::from_millis(1));
             }
         } else {
             for p in &self.processes {

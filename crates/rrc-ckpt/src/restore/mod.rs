@@ -36,12 +36,18 @@ use crate::{Error, Result, sys};
 /// (a container mounts its /proc, sets its hostname). An error text aborts.
 pub type RootSetup<'a> = &'a (dyn Fn() -> std::result::Result<(), String> + Sync);
 
+/// Code run by the caller once the root exists, before anything is restored
+/// in it (a container puts it in its cgroup and gives its network namespace
+/// an interface). An error text aborts.
+pub type AfterSpawn<'a> = &'a dyn Fn(Pid) -> std::result::Result<(), String>;
+
 pub struct RestoreOptions<'a> {
     pub images: &'a Path,
     /// Namespaces (`CLONE_NEW*`) the root gets besides a new pid namespace
     /// when the image was a whole pid namespace.
     pub root_flags: u64,
     pub root_setup: Option<RootSetup<'a>>,
+    pub after_spawn: Option<AfterSpawn<'a>>,
 }
 
 #[derive(Debug, Clone)]
@@ -347,24 +353,30 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         done: Vec::new(),
     };
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
-    let outcome = Tracee::new(root.pid, root_pid, scratch).and_then(|t| {
-        // Room for the temporary fds: the soft limit up to the hard one.
-        let lim = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_err(|e| Error::io("fd limit")(e.into()))?;
-        let mut t = t;
-        let b: Vec<u8> = [lim.1, lim.1]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        let a = t.arg(&b)?;
-        let _ = t.raw_on(
-            t.pid,
-            crate::nr::SYS_prlimit64,
-            &[0, libc::RLIMIT_NOFILE as u64, a, 0],
-        );
-        mm::create_sysv_segments(&mut t, &ctx.mem)?;
-        restore_process(&mut ctx, t, Held::new())
-    });
+    let prepared = match opts.after_spawn {
+        Some(f) => f(root_pid).map_err(|e| rerr(root.pid, "prepare the root", e)),
+        None => Ok(()),
+    };
+    let outcome = prepared
+        .and_then(|()| Tracee::new(root.pid, root_pid, scratch))
+        .and_then(|t| {
+            // Room for the temporary fds: the soft limit up to the hard one.
+            let lim = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_err(|e| Error::io("fd limit")(e.into()))?;
+            let mut t = t;
+            let b: Vec<u8> = [lim.1, lim.1]
+                .iter()
+                .flat_map(|v| v.to_ne_bytes())
+                .collect();
+            let a = t.arg(&b)?;
+            let _ = t.raw_on(
+                t.pid,
+                crate::nr::SYS_prlimit64,
+                &[0, libc::RLIMIT_NOFILE as u64, a, 0],
+            );
+            mm::create_sysv_segments(&mut t, &ctx.mem)?;
+            restore_process(&mut ctx, t, Held::new())
+        });
     let outcome = outcome.and_then(|()| {
         mm::seal_memfds(&ctx.mem)?;
         // Everything is in place: drop the scratch regions, then let go.

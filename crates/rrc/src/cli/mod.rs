@@ -4,6 +4,7 @@
 mod bench;
 mod checkpoint;
 mod demo;
+mod detach;
 mod lab;
 mod ps;
 mod restore;

@@ -1,31 +1,59 @@
-//! `rrc restore`: bring a checkpointed process tree (or container) back.
+//! `rrc restore`: bring a checkpointed container or process tree back.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use nix::net::if_::if_nametoindex;
 use rrc_ckpt::restore::{RestoreOptions, restore as run_restore};
+use rrc_container::create::{Container, CreateOptions};
+use rrc_container::restore::{ContainerAnnotation, RestoreSpec};
+use rrc_container::spec::NetRequest;
+use rrc_container::state::Status;
+use rrc_container::{ContainerName, Error, HostState, probe};
 
-/// Restore a process tree from an image made by `rrc checkpoint`.
+/// Restore a container or process tree from an image made by
+/// `rrc checkpoint`.
 ///
-/// The processes get their recorded pids and tids back (the originals must
-/// be gone), their memory, threads, registers, files and kernel state, and
-/// continue where they were. The command returns once the tree runs; it
-/// stays running on its own. Standard input, output and error that were
-/// pipes to processes outside the tree become this command's own.
+/// A container comes back as a new container on this host (same name
+/// unless --name, same address and MAC, its listening sockets open), with
+/// a new rrc process supervising it in the background. A process tree gets
+/// its recorded pids and tids back (the originals must be gone), its
+/// memory, threads, registers, files and kernel state, and continues where
+/// it was; its standard input, output and error, where they were pipes to
+/// processes outside the tree, become this command's own. Either way the
+/// command returns once the restored processes run.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Image directory written by `rrc checkpoint`.
     #[arg(long, value_name = "DIR")]
     images: PathBuf,
+    /// Name for a restored container (default: the checkpointed name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Host interface for a restored container's frames (default: the one
+    /// whose subnet holds its address).
+    #[arg(long, value_name = "IF")]
+    uplink: Option<String>,
 }
 
 pub fn restore(a: RestoreArgs) -> Result<i32> {
-    rrc_container::probe::require_root("rrc restore")?;
+    probe::require_root("rrc restore")?;
+    let annotation = ContainerAnnotation::read(&a.images)
+        .with_context(|| format!("reading {}", a.images.display()))?;
+    match annotation {
+        Some(ann) => restore_container(a, ann),
+        None => restore_tree(a),
+    }
+}
+
+fn restore_tree(a: RestoreArgs) -> Result<i32> {
     let r = run_restore(&RestoreOptions {
         images: &a.images,
         root_flags: 0,
         root_setup: None,
+        after_spawn: None,
     })
     .with_context(|| format!("restore from {}", a.images.display()))?;
     println!(
@@ -36,4 +64,60 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         r.root
     );
     Ok(0)
+}
+
+fn restore_container(a: RestoreArgs, ann: ContainerAnnotation) -> Result<i32> {
+    let name: ContainerName = match &a.name {
+        Some(n) => n.parse()?,
+        None => ann.name.clone(),
+    };
+    let layout = probe::require_container_support(ann.net.is_some())?;
+    let net = match &ann.net {
+        Some(n) => {
+            // The same address and MAC; the uplink is this host's.
+            let req = NetRequest {
+                addr: n.addr.to_string(),
+                mac: Some(n.mac),
+                uplink: a.uplink.clone(),
+                gateway: n.gateway,
+            };
+            let host_addrs = rrc_net::netconf::ipv4_addresses()?;
+            Some(req.resolve(&name, &host_addrs, |i| if_nametoindex(i).is_ok())?)
+        }
+        None => None,
+    };
+    let host = HostState::current();
+    if let Some((rec, st)) = host.load(&name)?
+        && st != Status::Stale
+    {
+        return Err(Error::NameInUse {
+            name: name.to_string(),
+            pid: rec.supervisor.pid,
+        }
+        .into());
+    }
+    let spec = RestoreSpec {
+        images: a.images.clone(),
+        name: name.clone(),
+        argv: ann.argv.clone(),
+        net,
+    };
+    super::detach::supervise_container(
+        &name,
+        &host.clone(),
+        true,
+        Duration::from_secs(10),
+        "restored",
+        |output| {
+            Container::restore(
+                &spec,
+                &layout,
+                host,
+                CreateOptions {
+                    output,
+                    ..Default::default()
+                },
+            )
+        },
+    )
 }

@@ -3,11 +3,10 @@
 use std::ffi::OsString;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::Args;
 use nix::net::if_::if_nametoindex;
-use rrc_container::create::{Container, CreateOptions, Output};
-use rrc_container::daemon::{self, Detached};
+use rrc_container::create::{Container, CreateOptions};
 use rrc_container::spec::{NetRequest, resolve_command};
 use rrc_container::state::Status;
 use rrc_container::{ContainerName, ContainerSpec, Error, HostState, probe};
@@ -95,57 +94,24 @@ pub fn run(a: RunArgs) -> Result<i32> {
         net,
     };
 
-    let mut notifier = None;
-    let output = if a.detach {
-        match daemon::detach()? {
-            Detached::Foreground(w) => {
-                return match w.wait() {
-                    Ok(msg) => {
-                        println!("{msg}");
-                        Ok(0)
-                    }
-                    Err(msg) => bail!("{msg}"),
-                };
-            }
-            Detached::Background(n) => {
-                notifier = Some(n);
-                Output::File(host.log_path(&name))
-            }
-        }
-    } else {
-        Output::Inherit
-    };
-    let log = match &output {
-        Output::File(p) => Some(p.clone()),
-        Output::Inherit => None,
-    };
-    let opts = CreateOptions {
-        output,
-        gate: None,
-        spin: a.spin,
-    };
-    let container = match Container::create(&spec, &layout, host, opts) {
-        Ok(c) => c,
-        Err(e) => {
-            if let Some(n) = &mut notifier {
-                n.failed(&e.to_string());
-            }
-            return Err(e.into());
-        }
-    };
-    if let Some(n) = &mut notifier {
-        let mut msg = format!(
-            "container {name} running: pid {}",
-            container.init_pid().as_raw()
-        );
-        if let Some(net) = &spec.net {
-            msg += &format!(", {} via {}", net.addr, net.uplink);
-        }
-        if let Some(log) = log {
-            msg += &format!(", output in {}", log.display());
-        }
-        n.ready(&msg);
-    }
-    let report = container.supervise(a.stop_timeout)?;
-    Ok(report.code)
+    let opts_spin = a.spin;
+    super::detach::supervise_container(
+        &name,
+        &host.clone(),
+        a.detach,
+        a.stop_timeout,
+        "running",
+        |output| {
+            Container::create(
+                &spec,
+                &layout,
+                host,
+                CreateOptions {
+                    output,
+                    gate: None,
+                    spin: opts_spin,
+                },
+            )
+        },
+    )
 }

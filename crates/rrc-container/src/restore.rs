@@ -1,0 +1,163 @@
+//! Bringing a checkpointed container back: a new container (cgroup, network
+//! namespace with the same address and MAC, TAP held by this process)
+//! around the restored process tree.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::Pid;
+use rrc_cgroup::Layout;
+use rrc_ckpt::restore::{RestoreOptions, restore};
+use serde::{Deserialize, Serialize};
+
+use crate::create::{
+    Container, CreateOptions, Output, Partial, PendingNet, attach_network, redirect_output,
+    stage_name, start_forwarding,
+};
+use crate::proc::ProcRef;
+use crate::spec::{ContainerName, NetSpec};
+use crate::state::{CgroupRecord, ContainerRecord, HostState, Phase};
+use crate::{Error, Result};
+
+/// What a container checkpoint records about the container, beside the
+/// process tree (kept in the image's annotations).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerAnnotation {
+    pub name: ContainerName,
+    pub argv: Vec<String>,
+    pub net: Option<NetSpec>,
+}
+
+/// The annotation key of [`ContainerAnnotation`].
+pub const ANNOTATION: &str = "container";
+
+impl ContainerAnnotation {
+    pub fn of(record: &ContainerRecord) -> ContainerAnnotation {
+        ContainerAnnotation {
+            name: record.name.clone(),
+            argv: record.argv.clone(),
+            net: record.net.clone(),
+        }
+    }
+
+    /// The container described by the image at `images`, if it is one.
+    pub fn read(images: &Path) -> Result<Option<ContainerAnnotation>> {
+        let m = rrc_ckpt::image::ImageDir::new(images).read_manifest()?;
+        match m.annotations.get(ANNOTATION) {
+            None => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|source| Error::CorruptState {
+                    path: images.join("manifest.json"),
+                    source,
+                }),
+        }
+    }
+}
+
+/// How to restore: under which name, with which (re-resolved) network.
+pub struct RestoreSpec {
+    pub images: PathBuf,
+    pub name: ContainerName,
+    pub argv: Vec<String>,
+    pub net: Option<NetSpec>,
+}
+
+impl Container {
+    /// Restores the container image of `spec.images` as a running
+    /// container on this host.
+    pub fn restore(
+        spec: &RestoreSpec,
+        layout: &Layout,
+        host: HostState,
+        opts: CreateOptions,
+    ) -> Result<Container> {
+        let mut record = ContainerRecord::new(spec.name.clone(), spec.argv.clone());
+        record.net = spec.net.clone();
+        let claim = host.claim(&record)?;
+        let mut partial = Partial {
+            claim: Some(claim),
+            cgroup: None,
+            init: None,
+        };
+        match Self::rebuild(spec, layout, opts, &mut record, &mut partial) {
+            Ok((cgroup, init, net)) => Ok(Container {
+                host,
+                claim: partial.claim.take(),
+                record,
+                cgroup,
+                init,
+                net,
+            }),
+            Err(e) => {
+                partial.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    fn rebuild(
+        spec: &RestoreSpec,
+        layout: &Layout,
+        opts: CreateOptions,
+        record: &mut ContainerRecord,
+        partial: &mut Partial,
+    ) -> Result<(rrc_cgroup::Cgroup, Pid, Option<crate::create::ContainerNet>)> {
+        let save = |partial: &Partial, record: &ContainerRecord| {
+            partial.claim.as_ref().expect("claimed").save(record)
+        };
+        if let Output::File(path) = &opts.output {
+            redirect_output(path)?;
+            record.log = Some(path.clone());
+        }
+        let cgroup = layout.create_below_self(&PathBuf::from(format!("rrc.{}", spec.name)))?;
+        partial.cgroup = Some(cgroup.clone());
+        record.cgroup = Some(CgroupRecord::from_cgroup(&cgroup));
+        save(partial, record)?;
+
+        let hostname = spec.name.as_str().as_bytes().to_vec();
+        let setup = move || -> std::result::Result<(), String> {
+            crate::create::prepare_namespaces(&hostname)
+                .map_err(|(stage, e)| format!("{}: {e}", stage_name(stage)))
+        };
+        // Filled in by the hook once the root exists: the network must be
+        // there before the restored processes bind their sockets.
+        let attached: RefCell<Option<(Option<(u64, u64)>, PendingNet)>> = RefCell::new(None);
+        let after_spawn = |root: Pid| -> std::result::Result<(), String> {
+            cgroup.add_process(root).map_err(|e| e.to_string())?;
+            let net = attach_network(root, spec.net.as_ref()).map_err(|e| e.to_string())?;
+            *attached.borrow_mut() = Some(net);
+            Ok(())
+        };
+        let flags =
+            (libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET)
+                as u64;
+        let restored = restore(&RestoreOptions {
+            images: &spec.images,
+            root_flags: flags,
+            root_setup: Some(&setup),
+            after_spawn: Some(&after_spawn),
+        })?;
+        let init = restored.root;
+        partial.init = Some(init);
+        // From here on the supervisor takes signals through a signalfd.
+        nix::sys::signal::sigprocmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&crate::create::supervisor_signals()),
+            None,
+        )
+        .map_err(crate::nix_setup_err("signal mask"))?;
+        let (netns, pending) = attached.into_inner().ok_or_else(|| {
+            Error::InvalidSpec("the restored container's network was not set up".into())
+        })?;
+        record.init = ProcRef::of(init.as_raw());
+        record.netns = netns;
+        let net = start_forwarding(pending, spec.net.as_ref(), opts.gate, opts.spin)?;
+        record.phase = Phase::Running;
+        save(partial, record)?;
+        tracing::info!(container = %spec.name, pid = init.as_raw(), "container restored");
+        partial.init = None;
+        partial.cgroup = None;
+        Ok((cgroup, init, net))
+    }
+}
