@@ -277,13 +277,13 @@ impl Container {
 /// forwarding.
 pub(crate) type PendingNet = Option<(Arc<Tap>, Arc<PacketSocket>)>;
 
+/// A network namespace's identity and its pending network.
+pub(crate) type AttachedNet = (Option<(u64, u64)>, PendingNet);
+
 /// Gives the network namespace of `init` its loopback and, with `net`, its
 /// TAP device and address; opens the uplink. Returns the namespace's
 /// identity too.
-pub(crate) fn attach_network(
-    init: Pid,
-    net: Option<&crate::spec::NetSpec>,
-) -> Result<(Option<(u64, u64)>, PendingNet)> {
+pub(crate) fn attach_network(init: Pid, net: Option<&crate::spec::NetSpec>) -> Result<AttachedNet> {
     let ns = NetNs::of_pid(init.as_raw())?;
     let id = ns.id().ok();
     let net_spec = net.cloned();

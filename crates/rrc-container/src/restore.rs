@@ -11,7 +11,7 @@ use rrc_ckpt::restore::{RestoreOptions, restore};
 use serde::{Deserialize, Serialize};
 
 use crate::create::{
-    Container, CreateOptions, Output, Partial, PendingNet, attach_network, redirect_output,
+    AttachedNet, Container, CreateOptions, Output, Partial, attach_network, redirect_output,
     stage_name, start_forwarding,
 };
 use crate::proc::ProcRef;
@@ -122,7 +122,7 @@ impl Container {
         };
         // Filled in by the hook once the root exists: the network must be
         // there before the restored processes bind their sockets.
-        let attached: RefCell<Option<(Option<(u64, u64)>, PendingNet)>> = RefCell::new(None);
+        let attached: RefCell<Option<AttachedNet>> = RefCell::new(None);
         let after_spawn = |root: Pid| -> std::result::Result<(), String> {
             cgroup.add_process(root).map_err(|e| e.to_string())?;
             let net = attach_network(root, spec.net.as_ref()).map_err(|e| e.to_string())?;

@@ -1,0 +1,225 @@
+//! Containers checkpointed on one lab host and restored on another: Redis
+//! and Memcached answer the client through the same address with their
+//! data intact.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use rrc_bench::resp::{Reply, RespConn};
+
+fn image_dir(tag: &str) -> String {
+    let d = std::env::temp_dir().join(format!("rrc-cimg-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d.to_string_lossy().into_owned()
+}
+
+#[test]
+fn redis_moves_from_primary_to_backup_with_its_data() {
+    let lab = TestLab::up("credis");
+    let vip = lab.vip();
+    let ip = strip_prefix(&vip);
+    let rec = lab.run_container(
+        "primary",
+        "redis",
+        &vip,
+        &[
+            "redis-server",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    );
+    let addr = format!("{ip}:6379");
+    lab.wait_tcp(&addr);
+    let a = addr.clone();
+    lab.on("client", move || {
+        let mut c = RespConn::connect(a.parse().unwrap(), Duration::from_secs(5)).unwrap();
+        for i in 0..5000 {
+            c.set(
+                format!("key:{i}").as_bytes(),
+                format!("value-{i}").as_bytes(),
+            )
+            .unwrap();
+        }
+        c.command(&[b"RPUSH", b"list", b"a", b"b", b"c"]).unwrap();
+        c.command(&[b"HSET", b"hash", b"f", b"v"]).unwrap();
+        c.command(&[b"INCRBY", b"counter", b"41"]).unwrap();
+    });
+    let images = image_dir("redis");
+    let out = lab
+        .rrc_on("primary", &["checkpoint", "redis", "--images", &images])
+        .ok();
+    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    // The container is gone from primary, all of it.
+    assert_container_gone(&lab, "primary", &rec);
+
+    let out = lab.rrc_on("backup", &["restore", "--images", &images]).ok();
+    assert!(out.stdout.contains("container redis restored"), "{out:?}");
+    let listed = lab.container("backup", "redis").expect("listed on backup");
+    assert_eq!(listed["status"], "running");
+    assert_eq!(listed["net"]["addr"], vip.as_str());
+    lab.on("client", move || {
+        let mut c = RespConn::connect(addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
+        for i in 0..5000 {
+            assert_eq!(
+                c.get(format!("key:{i}").as_bytes()).unwrap().unwrap(),
+                format!("value-{i}").into_bytes()
+            );
+        }
+        let list = c.command(&[b"LRANGE", b"list", b"0", b"-1"]).unwrap();
+        assert_eq!(
+            list,
+            Reply::Array(Some(vec![
+                Reply::Bulk(Some(b"a".to_vec())),
+                Reply::Bulk(Some(b"b".to_vec())),
+                Reply::Bulk(Some(b"c".to_vec())),
+            ]))
+        );
+        assert_eq!(
+            c.command(&[b"HGET", b"hash", b"f"]).unwrap(),
+            Reply::Bulk(Some(b"v".to_vec()))
+        );
+        assert_eq!(
+            c.command(&[b"INCR", b"counter"]).unwrap(),
+            Reply::Integer(42)
+        );
+        // It keeps taking writes.
+        c.set(b"after", b"restore").unwrap();
+        assert_eq!(c.get(b"after").unwrap().unwrap(), b"restore".to_vec());
+    });
+    lab.rrc_on("backup", &["stop", "redis"]).ok();
+    assert_container_gone(&lab, "backup", &listed);
+    let _ = std::fs::remove_dir_all(&images);
+}
+
+fn memcached(addr: &str, cmd: &str) -> String {
+    let s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(cmd.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    loop {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        out.push_str(&l);
+        if ["END\r\n", "STORED\r\n", "DELETED\r\n", "ERROR\r\n"].contains(&l.as_str())
+            || l.is_empty()
+        {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn memcached_with_worker_threads_moves_with_its_data() {
+    let lab = TestLab::up("cmemc");
+    let vip = lab.lan_at(110);
+    let ip = strip_prefix(&vip);
+    lab.run_container(
+        "primary",
+        "memcached",
+        &vip,
+        &["memcached", "-u", "root", "-t", "4"],
+    );
+    let addr = format!("{ip}:11211");
+    lab.wait_tcp(&addr);
+    let a = addr.clone();
+    lab.on("client", move || {
+        for i in 0..500 {
+            let v = format!("v{i:04}");
+            assert_eq!(
+                memcached(&a, &format!("set k{i} 0 0 {}\r\n{v}\r\n", v.len())),
+                "STORED\r\n"
+            );
+        }
+    });
+    let images = image_dir("memc");
+    lab.rrc_on("primary", &["checkpoint", "memcached", "--images", &images])
+        .ok();
+    lab.rrc_on("backup", &["restore", "--images", &images]).ok();
+    lab.on("client", move || {
+        for i in 0..500 {
+            let v = format!("v{i:04}");
+            assert_eq!(
+                memcached(&addr, &format!("get k{i}\r\n")),
+                format!("VALUE k{i} 0 5\r\n{v}\r\nEND\r\n")
+            );
+        }
+        assert_eq!(memcached(&addr, "set new 0 0 1\r\nx\r\n"), "STORED\r\n");
+    });
+    let _ = std::fs::remove_dir_all(&images);
+}
+
+#[test]
+fn a_container_checkpointed_with_leave_running_keeps_serving() {
+    let lab = TestLab::up("cleave");
+    let vip = lab.vip();
+    let ip = strip_prefix(&vip);
+    lab.run_container(
+        "primary",
+        "redis",
+        &vip,
+        &["redis-server", "--protected-mode", "no", "--save", ""],
+    );
+    lab.wait_tcp(&format!("{ip}:6379"));
+    lab.exec("client", &["redis-cli", "-h", &ip, "set", "a", "1"])
+        .ok();
+    let images = image_dir("leave");
+    let out = lab
+        .rrc_on(
+            "primary",
+            &[
+                "checkpoint",
+                "redis",
+                "--images",
+                &images,
+                "--leave-running",
+            ],
+        )
+        .ok();
+    assert!(!out.stdout.contains("killed"), "{out:?}");
+    lab.exec("client", &["redis-cli", "-h", &ip, "set", "b", "2"])
+        .ok();
+    assert_eq!(
+        lab.exec("client", &["redis-cli", "-h", &ip, "get", "a"])
+            .ok()
+            .stdout
+            .trim(),
+        "1"
+    );
+    // The same name cannot be restored beside the running original.
+    lab.rrc_on("primary", &["restore", "--images", &images])
+        .fails_with("already exists");
+    // Once the original is gone, a copy comes back under another name.
+    lab.rrc_on("primary", &["stop", "redis"]).ok();
+    lab.rrc_on(
+        "primary",
+        &["restore", "--images", &images, "--name", "clone"],
+    )
+    .ok();
+    lab.wait_tcp(&format!("{ip}:6379"));
+    assert_eq!(
+        lab.exec("client", &["redis-cli", "-h", &ip, "get", "a"])
+            .ok()
+            .stdout
+            .trim(),
+        "1"
+    );
+    // Taken after the checkpoint: not in the image.
+    assert_eq!(
+        lab.exec("client", &["redis-cli", "-h", &ip, "get", "b"])
+            .ok()
+            .stdout
+            .trim(),
+        ""
+    );
+    let _ = std::fs::remove_dir_all(&images);
+}
