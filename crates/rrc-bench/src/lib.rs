@@ -2,6 +2,7 @@
 //! latency statistics, the lab sessions that benchmarks and the demo run in,
 //! and the benchmarks themselves.
 
+pub mod ckpt;
 pub mod net;
 pub mod redis_benchmark;
 pub mod resp;

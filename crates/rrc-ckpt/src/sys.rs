@@ -386,3 +386,21 @@ pub fn map_scratch(addr: u64, size: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// A read-only view of an image file, to copy pages from without reading
+/// them into a buffer first.
+pub fn map_image(file: &std::fs::File) -> io::Result<memmap2::Mmap> {
+    // SAFETY: image files are written once by a checkpoint and only read by
+    // a restore; nothing truncates or rewrites them while they are mapped
+    // (a concurrent writer would be a misuse the engine cannot prevent,
+    // and could at worst corrupt the restored memory, not ours).
+    unsafe { memmap2::MmapOptions::new().map(file) }
+}
+
+/// A writable shared mapping of a new image file, for copying pages into it
+/// directly from another process.
+pub fn map_image_mut(file: &std::fs::File) -> io::Result<memmap2::MmapMut> {
+    // SAFETY: the file was just created by this checkpoint and is private to
+    // it until the checkpoint completes; nothing else resizes or maps it.
+    unsafe { memmap2::MmapOptions::new().map_mut(file) }
+}

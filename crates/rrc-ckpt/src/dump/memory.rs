@@ -95,33 +95,6 @@ impl PageWriter {
     }
 }
 
-/// Reads `len` bytes at `addr`: through process_vm_readv where the mapping
-/// is readable, else through /proc/PID/mem (which may read PROT_NONE pages).
-fn read_remote(pid: Pid, mem: &File, addr: u64, buf: &mut [u8], readable: bool) -> Result<()> {
-    let fail = |detail: String| Error::Proc {
-        pid: pid.as_raw(),
-        what: "memory",
-        detail,
-    };
-    if readable {
-        let len = buf.len();
-        let n = process_vm_readv(
-            pid,
-            &mut [std::io::IoSliceMut::new(buf)],
-            &[RemoteIoVec {
-                base: addr as usize,
-                len,
-            }],
-        )
-        .map_err(|e| fail(format!("{addr:#x}+{len}: {e}")))?;
-        if n == len {
-            return Ok(());
-        }
-    }
-    mem.read_exact_at(buf, addr)
-        .map_err(|e| fail(format!("{addr:#x}+{}: {e}", buf.len())))
-}
-
 /// Dumps the memory of `pid` (all its threads stopped).
 pub fn dump(
     pid: Pid,
@@ -140,14 +113,14 @@ pub fn dump(
         what: "memory",
         detail: e.to_string(),
     })?;
-    let pages_path = img.pages_file(image_pid);
-    let mut writer = PageWriter::create(&pages_path)?;
     let mut out = MemoryDump {
         vmas: Vec::new(),
         pages: Vec::new(),
         bytes: 0,
     };
-    let mut buf = Vec::new();
+    // First where the data is, then one pass copying it straight from the
+    // process into a mapping of the pages file (one copy, no buffer).
+    let mut readable_runs = Vec::new();
     for m in maps.iter() {
         let (start, end) = m.address;
         let shared = m.perms.contains(MMPermissions::SHARED);
@@ -167,27 +140,14 @@ pub fn dump(
         };
         if let Some(keep) = keep {
             let entries = pagemap.entries(start, end)?;
-            let readable = prot & libc::PROT_READ as u32 != 0;
             for (first, count) in runs(&entries, keep) {
-                let addr = start + first as u64 * PAGE_SIZE;
-                let len = count as u64 * PAGE_SIZE;
-                // Large runs go through in 8 MiB pieces.
-                let mut done = 0;
-                let mut file_offset = None;
-                while done < len {
-                    let piece = (len - done).min(8 << 20);
-                    buf.resize(piece as usize, 0);
-                    read_remote(pid, &mem, addr + done, &mut buf, readable)?;
-                    let at = writer.put(&buf, &pages_path)?;
-                    file_offset.get_or_insert(at);
-                    done += piece;
-                }
                 out.pages.push(PageRun {
-                    start: addr,
+                    start: start + first as u64 * PAGE_SIZE,
                     count: count as u64,
-                    offset: file_offset.expect("non-empty run"),
+                    offset: out.bytes,
                 });
-                out.bytes += len;
+                readable_runs.push(prot & libc::PROT_READ as u32 != 0);
+                out.bytes += count as u64 * PAGE_SIZE;
             }
         }
         out.vmas.push(Vma {
@@ -199,11 +159,83 @@ pub fn dump(
             flags: kept_flags(m.extension.vm_flags),
         });
     }
-    writer
-        .out
-        .flush()
-        .map_err(|e| Error::image(&pages_path, e))?;
+    copy_out(
+        pid,
+        &mem,
+        &img.pages_file(image_pid),
+        &out.pages,
+        &readable_runs,
+        out.bytes,
+    )?;
     Ok(out)
+}
+
+/// Copies the page runs of `pid` into a new file of `total` bytes, laid
+/// out as the runs' offsets say.
+fn copy_out(
+    pid: Pid,
+    mem: &File,
+    path: &Path,
+    runs: &[PageRun],
+    readable: &[bool],
+    total: u64,
+) -> Result<()> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::image(path, e))?;
+    if total == 0 {
+        return Ok(());
+    }
+    f.set_len(total).map_err(|e| Error::image(path, e))?;
+    let mut map = crate::sys::map_image_mut(&f).map_err(|e| Error::image(path, e))?;
+    let fail = |detail: String| Error::Proc {
+        pid: pid.as_raw(),
+        what: "memory",
+        detail,
+    };
+    let mut i = 0;
+    while i < runs.len() {
+        if !readable[i] {
+            // PROT_NONE or write-only: only /proc/PID/mem reads those.
+            let r = runs[i];
+            let len = (r.count * PAGE_SIZE) as usize;
+            let dst = &mut map[r.offset as usize..r.offset as usize + len];
+            mem.read_exact_at(dst, r.start)
+                .map_err(|e| fail(format!("{:#x}+{len}: {e}", r.start)))?;
+            i += 1;
+            continue;
+        }
+        // Consecutive readable runs, up to the kernel's iovec limit, in one
+        // call: their file ranges are consecutive too.
+        let mut j = i;
+        let mut remote = Vec::new();
+        let mut len = 0usize;
+        while j < runs.len() && readable[j] && j - i < 1024 {
+            let n = (runs[j].count * PAGE_SIZE) as usize;
+            remote.push(RemoteIoVec {
+                base: runs[j].start as usize,
+                len: n,
+            });
+            len += n;
+            j += 1;
+        }
+        let at = runs[i].offset as usize;
+        let dst = &mut map[at..at + len];
+        let n = process_vm_readv(pid, &mut [std::io::IoSliceMut::new(dst)], &remote)
+            .map_err(|e| fail(format!("{} runs from {:#x}: {e}", j - i, runs[i].start)))?;
+        if n != len {
+            return Err(fail(format!(
+                "short read from {:#x}: {n} of {len}",
+                runs[i].start
+            )));
+        }
+        i = j;
+    }
+    Ok(())
 }
 
 /// What a mapping is; `None` for mappings nothing needs to be done about.

@@ -541,44 +541,48 @@ fn fill_through_mapping(
     write_pages(tid, &img.shmem_file(obj.id), &runs, pid)
 }
 
-/// Copies page runs from an image file into the process.
+/// Copies page runs from an image file into the process, straight from a
+/// mapping of the file (one copy, no staging buffer).
 fn write_pages(tid: Pid, file: &std::path::Path, runs: &[PageRun], pid: i32) -> Result<()> {
     if runs.is_empty() {
         return Ok(());
     }
     let data = File::open(file).map_err(|e| Error::image(file, e))?;
-    const CHUNK: u64 = 8 << 20;
-    let mut buf = vec![0u8; CHUNK as usize];
-    for r in runs {
-        let total = r.count * PAGE_SIZE;
-        let mut done = 0;
-        while done < total {
-            let n = (total - done).min(CHUNK) as usize;
-            data.read_exact_at(&mut buf[..n], r.offset + done)
-                .map_err(|e| Error::image(file, e))?;
-            let wrote = process_vm_writev(
-                tid,
-                &[IoSlice::new(&buf[..n])],
-                &[RemoteIoVec {
-                    base: (r.start + done) as usize,
-                    len: n,
-                }],
+    let map = crate::sys::map_image(&data).map_err(|e| Error::image(file, e))?;
+    // Batches of runs per call, within the kernel's iovec limit.
+    const IOV_MAX: usize = 1024;
+    for batch in runs.chunks(IOV_MAX) {
+        let mut local = Vec::with_capacity(batch.len());
+        let mut remote = Vec::with_capacity(batch.len());
+        let mut total = 0;
+        for r in batch {
+            let len = (r.count * PAGE_SIZE) as usize;
+            let src = map
+                .get(r.offset as usize..r.offset as usize + len)
+                .ok_or_else(|| Error::CorruptImage {
+                    path: file.into(),
+                    detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
+                })?;
+            local.push(IoSlice::new(src));
+            remote.push(RemoteIoVec {
+                base: r.start as usize,
+                len,
+            });
+            total += len;
+        }
+        let wrote = process_vm_writev(tid, &local, &remote).map_err(|e| {
+            rerr(
+                pid,
+                "write memory",
+                format!("{} runs from {:#x}: {e}", batch.len(), batch[0].start),
             )
-            .map_err(|e| {
-                rerr(
-                    pid,
-                    "write memory",
-                    format!("{:#x}+{n}: {e}", r.start + done),
-                )
-            })?;
-            if wrote != n {
-                return Err(rerr(
-                    pid,
-                    "write memory",
-                    format!("short write at {:#x}: {wrote} of {n}", r.start + done),
-                ));
-            }
-            done += n as u64;
+        })?;
+        if wrote != total {
+            return Err(rerr(
+                pid,
+                "write memory",
+                format!("short write from {:#x}: {wrote} of {total}", batch[0].start),
+            ));
         }
     }
     Ok(())
@@ -586,7 +590,16 @@ fn write_pages(tid: Pid, file: &std::path::Path, runs: &[PageRun], pid: i32) -> 
 
 /// Restores the mm fields (code/data/brk/stack/args/env, auxv, exe link).
 fn set_mm(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
-    let exe_fd = if p.exe.is_empty() {
+    // The kernel refuses to change the exe link while the old executable is
+    // still mapped; a skeleton of the same program needs no change anyway.
+    let same_exe = match (
+        std::fs::metadata(format!("/proc/{}/exe", t.pid)),
+        std::fs::metadata(&p.exe),
+    ) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    };
+    let exe_fd = if p.exe.is_empty() || same_exe {
         None
     } else {
         let a = t.arg_str(&p.exe)?;

@@ -8,6 +8,16 @@ use rrc_bench::net::{self, NetBenchConfig};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Checkpoint time, the pause the process sees, image size and restore
+    /// time for 10 MB, 100 MB and 1 GB of touched memory, and for a Redis
+    /// holding about 114 MB.
+    Ckpt(CkptArgs),
+    /// The workload process of `bench ckpt` (not for direct use).
+    #[command(hide = true)]
+    Target {
+        #[arg(long)]
+        mb: usize,
+    },
     /// Redis latency and throughput through rrc's TAP forwarding path versus
     /// the same Redis on a plain veth, side by side in one lab.
     Net(NetArgs),
@@ -32,9 +42,42 @@ pub struct NetArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct CkptArgs {
+    /// Memory sizes to measure, in MiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [10usize, 100, 1024])]
+    sizes: Vec<usize>,
+    /// Rounds per workload (the median round is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 pub fn bench(c: BenchCommand) -> Result<i32> {
+    if let BenchCommand::Target { mb } = c {
+        rrc_bench::ckpt::target(mb)?;
+        return Ok(0);
+    }
     rrc_container::probe::require_root("rrc bench")?;
     match c {
+        BenchCommand::Target { .. } => unreachable!("handled above"),
+        BenchCommand::Ckpt(a) => {
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let work = rrc_bench::ckpt::default_work_dir();
+            let results = rrc_bench::ckpt::run(&exe, &a.sizes, a.rounds.max(1), &work, &|m| {
+                eprintln!("bench: {m}")
+            });
+            let _ = std::fs::remove_dir_all(&work);
+            let results = results?;
+            print!("{}", rrc_bench::ckpt::render(&results));
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(0)
+        }
         BenchCommand::Net(a) => {
             let cfg = NetBenchConfig {
                 requests: a.requests,
