@@ -9,8 +9,10 @@
 //! - [`supervise`]: the rrc process's life beside the running container.
 //! - [`stop`]: stopping a container by name, from another process.
 
+pub mod control;
 pub mod create;
 pub mod daemon;
+pub mod netstate;
 pub mod probe;
 pub mod proc;
 pub mod restore;

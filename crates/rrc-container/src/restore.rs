@@ -26,6 +26,9 @@ pub struct ContainerAnnotation {
     pub name: ContainerName,
     pub argv: Vec<String>,
     pub net: Option<NetSpec>,
+    /// The network namespace's own configuration beyond `net`.
+    #[serde(default)]
+    pub netns: Option<crate::netstate::NetnsConfig>,
 }
 
 /// The annotation key of [`ContainerAnnotation`].
@@ -37,6 +40,7 @@ impl ContainerAnnotation {
             name: record.name.clone(),
             argv: record.argv.clone(),
             net: record.net.clone(),
+            netns: None,
         }
     }
 
@@ -61,6 +65,7 @@ pub struct RestoreSpec {
     pub name: ContainerName,
     pub argv: Vec<String>,
     pub net: Option<NetSpec>,
+    pub netns: Option<crate::netstate::NetnsConfig>,
 }
 
 impl Container {
@@ -126,6 +131,9 @@ impl Container {
         let after_spawn = |root: Pid| -> std::result::Result<(), String> {
             cgroup.add_process(root).map_err(|e| e.to_string())?;
             let net = attach_network(root, spec.net.as_ref()).map_err(|e| e.to_string())?;
+            if let Some(cfg) = &spec.netns {
+                crate::netstate::apply(root, cfg).map_err(|e| e.to_string())?;
+            }
             *attached.borrow_mut() = Some(net);
             Ok(())
         };

@@ -9,8 +9,14 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
+use std::path::Path;
+
+use rrc_ckpt::dump::{CheckpointOptions, CheckpointReport};
+
+use crate::control::{self, ControlSocket, Request, Response};
 use crate::create::{Container, supervisor_signals};
 use crate::proc::catches_signal;
+use crate::restore::{ANNOTATION, ContainerAnnotation};
 use crate::{Result, nix_setup_err};
 
 /// How the container's program ended.
@@ -48,7 +54,9 @@ impl Container {
             SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
         )
         .map_err(nix_setup_err("signalfd"))?;
+        let control = ControlSocket::bind(&self.host, &self.record.name)?;
         let mut kill_at: Option<Instant> = None;
+        let mut checkpointed = false;
         let report = loop {
             match waitpid(self.init, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {}
@@ -56,6 +64,13 @@ impl Container {
                     if let Some(r) = ExitReport::from_status(s) {
                         break r;
                     }
+                }
+                Err(nix::Error::ECHILD) if checkpointed => {
+                    // The checkpoint took the tree down (and reaped it).
+                    break ExitReport {
+                        code: 0,
+                        description: "checkpointed and stopped".into(),
+                    };
                 }
                 Err(nix::Error::ECHILD) => {
                     break ExitReport {
@@ -73,10 +88,17 @@ impl Container {
                 }
                 None => PollTimeout::NONE,
             };
-            let mut fds = [PollFd::new(sfd.as_fd(), PollFlags::POLLIN)];
+            let mut fds = [
+                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+                PollFd::new(control.fd(), PollFlags::POLLIN),
+            ];
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(nix_setup_err("poll")(e)),
+            }
+            if let Some((req, stream)) = control.accept() {
+                let resp = self.handle(req, &mut checkpointed);
+                control::answer(stream, &resp);
             }
             while let Ok(Some(info)) = sfd.read_signal() {
                 let sig = info.ssi_signo as i32;
@@ -100,6 +122,57 @@ impl Container {
         tracing::info!(container = %self.record.name, "{}", report.description);
         self.teardown()?;
         Ok(report)
+    }
+
+    fn handle(&mut self, req: Request, checkpointed: &mut bool) -> Response {
+        match req {
+            Request::Checkpoint {
+                images,
+                leave_running,
+            } => match self.checkpoint(&images, leave_running) {
+                Ok(r) => {
+                    *checkpointed |= !leave_running;
+                    Response::Checkpointed {
+                        processes: r.processes,
+                        threads: r.threads,
+                        memory_bytes: r.memory_bytes,
+                        image_bytes: r.image_bytes,
+                        stopped_us: r.frozen.as_micros() as u64,
+                        total_us: r.total.as_micros() as u64,
+                        killed: !leave_running,
+                    }
+                }
+                Err(e) => Response::Failed(e.to_string()),
+            },
+        }
+    }
+
+    /// Checkpoints the container into `images` with its network cut, so no
+    /// TCP state changes while it is read; the tree is then killed (and
+    /// this process removes the container) or goes on, reconnected.
+    pub fn checkpoint(&mut self, images: &Path, leave_running: bool) -> Result<CheckpointReport> {
+        let mut annotations = std::collections::BTreeMap::new();
+        let mut ann = ContainerAnnotation::of(&self.record);
+        ann.netns = Some(crate::netstate::capture(self.init)?);
+        annotations.insert(
+            ANNOTATION.to_string(),
+            serde_json::to_value(ann).expect("annotations serialize"),
+        );
+        if let Some(net) = &self.net {
+            net.forwarder.set_blocked(true);
+        }
+        let r = rrc_ckpt::dump::checkpoint(&CheckpointOptions {
+            root: self.init,
+            images,
+            leave_running,
+            annotations,
+        });
+        if let Some(net) = &self.net
+            && (leave_running || r.is_err())
+        {
+            net.forwarder.set_blocked(false);
+        }
+        Ok(r?)
     }
 
     /// Asks the program to stop; returns when to stop asking. A program that

@@ -11,6 +11,7 @@
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,7 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 /// bursts and lives as long as the process; dropping the handle detaches it.
 pub struct Forwarder {
     thread: JoinHandle<()>,
+    blocked: Arc<AtomicBool>,
 }
 
 struct Ends {
@@ -37,6 +39,7 @@ struct Ends {
     mac: MacAddr,
     gate: Arc<dyn PacketGate>,
     spin: Duration,
+    blocked: Arc<AtomicBool>,
 }
 
 impl Forwarder {
@@ -48,17 +51,27 @@ impl Forwarder {
         spin: Duration,
     ) -> io::Result<Forwarder> {
         tap.set_nonblocking(true)?;
+        let blocked = Arc::new(AtomicBool::new(false));
         let ends = Ends {
             tap,
             uplink,
             mac,
             gate,
             spin,
+            blocked: blocked.clone(),
         };
         let thread = thread::Builder::new()
             .name("rrc-forward".into())
             .spawn(move || ends.run())?;
-        Ok(Forwarder { thread })
+        Ok(Forwarder { thread, blocked })
+    }
+
+    /// Cuts the container off the LAN (every frame either way is dropped,
+    /// as on an unplugged cable) or reconnects it. A checkpoint blocks the
+    /// network so that no TCP state changes under it; peers retransmit what
+    /// was dropped.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Ordering::SeqCst);
     }
 
     /// Whether the thread is still forwarding.
@@ -133,13 +146,14 @@ impl Ends {
         {
             // The socket filter already dropped frames for other hosts;
             // our own frames echoed back by a hub are dropped here.
-            if frame.src() != self.mac {
+            if frame.src() != self.mac && !self.blocked.load(Ordering::SeqCst) {
                 nonfatal(self.gate.inbound(frame, &*self.tap), "inbound delivery")?;
                 did = Step::Inbound;
             }
         }
         if let Some(n) = nonfatal(self.tap.read_frame(buf), "outbound receive")?
             && let Some(frame) = Frame::new(&buf[..n])
+            && !self.blocked.load(Ordering::SeqCst)
         {
             nonfatal(
                 self.gate.outbound(frame, &*self.uplink),

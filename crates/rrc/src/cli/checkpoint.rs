@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use nix::unistd::Pid;
 use rrc_ckpt::dump::{CheckpointOptions, checkpoint as take_checkpoint};
-use rrc_container::restore::{ANNOTATION, ContainerAnnotation};
+use rrc_container::control::{self, Request, Response};
 use rrc_container::{ContainerName, HostState, Status};
 
 /// Checkpoint a container (by name) or any process tree (--pid) into an
@@ -35,45 +35,71 @@ pub struct CheckpointArgs {
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
     rrc_container::probe::require_root("rrc checkpoint")?;
-    let mut annotations = std::collections::BTreeMap::new();
-    let mut supervisor = None;
-    let (pid, what) = match (a.pid, &a.name) {
-        (Some(pid), _) => (pid, format!("process {pid}")),
+    let (report, what) = match (a.pid, &a.name) {
+        (Some(pid), _) => {
+            let r = take_checkpoint(&CheckpointOptions {
+                root: Pid::from_raw(pid),
+                images: &a.images,
+                leave_running: a.leave_running,
+                annotations: Default::default(),
+            })
+            .with_context(|| format!("checkpoint of process {pid}"))?;
+            (r, format!("process {pid}"))
+        }
         (None, Some(name)) => {
             let name: ContainerName = name.parse()?;
             let host = HostState::current();
             let Some((rec, status)) = host.load(&name)? else {
                 return Err(rrc_container::Error::UnknownContainer(name.to_string()).into());
             };
-            let Some(init) = rec.init.filter(|_| status == Status::Running) else {
+            if status != Status::Running {
                 bail!("container {name} is {status}, not running; nothing to checkpoint");
+            }
+            // The rrc process holding the container does it: it alone can
+            // cut the container's network while the TCP state is read.
+            let images = std::path::absolute(&a.images).context("image directory")?;
+            let resp = control::request(
+                &host,
+                &name,
+                &Request::Checkpoint {
+                    images,
+                    leave_running: a.leave_running,
+                },
+            )
+            .with_context(|| format!("checkpoint of container {name}"))?;
+            let r = match resp {
+                Response::Checkpointed {
+                    processes,
+                    threads,
+                    memory_bytes,
+                    image_bytes,
+                    stopped_us,
+                    total_us,
+                    ..
+                } => rrc_ckpt::dump::CheckpointReport {
+                    processes,
+                    threads,
+                    memory_bytes,
+                    image_bytes,
+                    frozen: std::time::Duration::from_micros(stopped_us),
+                    total: std::time::Duration::from_micros(total_us),
+                },
+                Response::Failed(e) => bail!("checkpoint of container {name}: {e}"),
             };
-            annotations.insert(
-                ANNOTATION.to_string(),
-                serde_json::to_value(ContainerAnnotation::of(&rec))?,
-            );
-            supervisor = Some(rec.supervisor);
-            (init.pid, format!("container {name}"))
+            if !a.leave_running {
+                // Its rrc process removes the container once the tree is
+                // gone; wait so that the name is free when we return.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while rec.supervisor.is_alive() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+            (r, format!("container {name}"))
         }
         (None, None) => bail!("name a container or give --pid"),
     };
-    let report = take_checkpoint(&CheckpointOptions {
-        root: Pid::from_raw(pid),
-        images: &a.images,
-        leave_running: a.leave_running,
-        annotations,
-    })
-    .with_context(|| format!("checkpoint of {what}"))?;
-    if let (Some(sup), false) = (supervisor, a.leave_running) {
-        // Its rrc process removes the container once the tree is gone;
-        // wait so that the name is free when we return.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while sup.is_alive() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
     println!(
-        "checkpointed {} process(es), {} thread(s): {:.1} MiB of memory, image {:.1} MiB in {}; stopped for {:.1} ms, total {:.1} ms{}",
+        "checkpointed {what}: {} process(es), {} thread(s): {:.1} MiB of memory, image {:.1} MiB in {}; stopped for {:.1} ms, total {:.1} ms{}",
         report.processes,
         report.threads,
         report.memory_bytes as f64 / (1 << 20) as f64,

@@ -101,6 +101,7 @@ fn restore_container(a: RestoreArgs, ann: ContainerAnnotation) -> Result<i32> {
         name: name.clone(),
         argv: ann.argv.clone(),
         net,
+        netns: ann.netns.clone(),
     };
     super::detach::supervise_container(
         &name,

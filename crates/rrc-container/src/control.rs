@@ -1,0 +1,132 @@
+//! The supervisor's control socket: how `rrc checkpoint NAME` asks the rrc
+//! process that holds a container to checkpoint it (only that process can
+//! cut the container's network while its TCP state is read).
+//!
+//! An abstract unix socket (no file to leave behind, scoped to the host's
+//! network namespace like the container's name), one JSON request and one
+//! JSON response per connection; only root may connect.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::ContainerName;
+use crate::state::HostState;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    Checkpoint {
+        images: PathBuf,
+        leave_running: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    Checkpointed {
+        processes: usize,
+        threads: usize,
+        memory_bytes: u64,
+        image_bytes: u64,
+        stopped_us: u64,
+        total_us: u64,
+        killed: bool,
+    },
+    Failed(String),
+}
+
+/// The abstract socket name of container `name` on `host`.
+fn address(host: &HostState, name: &ContainerName) -> Result<SocketAddr> {
+    // FNV-1a of the container's state directory: unique per host and name,
+    // and short enough for a socket address.
+    let key = host.dir().join("containers").join(name.as_str());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    SocketAddr::from_abstract_name(format!("rrc-control-{h:016x}").as_bytes()).map_err(|e| {
+        Error::Setup {
+            stage: "control socket address",
+            source: e,
+        }
+    })
+}
+
+pub struct ControlSocket {
+    listener: UnixListener,
+}
+
+impl ControlSocket {
+    pub fn bind(host: &HostState, name: &ContainerName) -> Result<ControlSocket> {
+        let listener =
+            UnixListener::bind_addr(&address(host, name)?).map_err(|e| Error::Setup {
+                stage: "control socket",
+                source: e,
+            })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(crate::setup_err("control socket"))?;
+        Ok(ControlSocket { listener })
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// The next pending request from root, with the stream to answer on.
+    pub fn accept(&self) -> Option<(Request, UnixStream)> {
+        let (stream, _) = self.listener.accept().ok()?;
+        let cred =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .ok()?;
+        if cred.uid() != 0 {
+            tracing::warn!(
+                uid = cred.uid(),
+                pid = cred.pid(),
+                "control request from a non-root process refused"
+            );
+            return None;
+        }
+        stream.set_nonblocking(false).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).ok()?;
+        let req = serde_json::from_str(&line).ok()?;
+        Some((req, stream))
+    }
+}
+
+pub fn answer(mut stream: UnixStream, resp: &Response) {
+    let mut text = serde_json::to_string(resp).expect("responses serialize");
+    text.push('\n');
+    let _ = stream.write_all(text.as_bytes());
+}
+
+/// Sends `req` to the rrc process holding container `name` and waits for
+/// its answer (a checkpoint of a large container takes a while).
+pub fn request(host: &HostState, name: &ContainerName, req: &Request) -> Result<Response> {
+    let stream = UnixStream::connect_addr(&address(host, name)?).map_err(|e| Error::Setup {
+        stage: "reach the container's rrc process",
+        source: e,
+    })?;
+    let mut text = serde_json::to_string(req).expect("requests serialize");
+    text.push('\n');
+    (&stream)
+        .write_all(text.as_bytes())
+        .map_err(crate::setup_err("send a request"))?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .map_err(crate::setup_err("read the answer"))?;
+    serde_json::from_str(&line).map_err(|e| Error::Setup {
+        stage: "read the answer",
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line:?}")),
+    })
+}
