@@ -281,6 +281,22 @@ pub enum FileKind {
         backlog: u32,
         options: Vec<(i32, i32, i32)>,
     },
+    /// A TCP connection; its send queue then its receive queue are in
+    /// `file-<id>.img`.
+    Tcp {
+        local: String,
+        peer: String,
+        tcp: crate::tcp::TcpState,
+        options: Vec<(i32, i32, i32)>,
+    },
+    /// An unconnected TCP socket, or a UDP socket (bound and/or connected).
+    Inet {
+        family: i32,
+        ty: i32,
+        local: Option<String>,
+        peer: Option<String>,
+        options: Vec<(i32, i32, i32)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

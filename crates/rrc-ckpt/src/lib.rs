@@ -21,6 +21,7 @@ pub mod ptrace;
 pub mod remote;
 pub mod restore;
 mod sys;
+pub mod tcp;
 
 pub use error::{Error, Result};
 

@@ -404,3 +404,72 @@ pub fn map_image_mut(file: &std::fs::File) -> io::Result<memmap2::MmapMut> {
     // it until the checkpoint completes; nothing else resizes or maps it.
     unsafe { memmap2::MmapOptions::new().map_mut(file) }
 }
+
+/// An integer socket option of a socket of ours.
+pub fn setsockopt_int(
+    fd: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    setsockopt_bytes(fd, level, name, &value.to_ne_bytes())
+}
+
+/// A socket option given as raw bytes (a C structure the caller laid out).
+pub fn setsockopt_bytes(
+    fd: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &[u8],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads `len` bytes from `value`, which has them.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_ptr().cast(),
+            value.len() as libc::socklen_t,
+        )
+    };
+    check(r as libc::c_long)?;
+    Ok(())
+}
+
+/// A socket option read as raw bytes, at most `max` of them.
+pub fn getsockopt_bytes(
+    fd: std::os::fd::BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    max: usize,
+) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; max];
+    let mut len = max as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `buf` and updates
+    // `len` to what it wrote.
+    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut len) };
+    check(r as libc::c_long)?;
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
+/// An `ioctl` that reports one int (SIOCINQ, SIOCOUTQ, SIOCOUTQNSD).
+pub fn ioctl_int(fd: std::os::fd::BorrowedFd<'_>, request: libc::c_ulong) -> io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    // SAFETY: these requests write one int through the pointer.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut v) } as libc::c_long)?;
+    Ok(v)
+}
+
+/// Sends `fds` over a unix socket of ours as one SCM_RIGHTS message.
+pub fn send_fds(sock: std::os::fd::BorrowedFd<'_>, fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let iov = [io::IoSlice::new(b"f")];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)?;
+    Ok(())
+}

@@ -7,13 +7,13 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
-use nix::sys::socket::{self, sockopt};
+use nix::sys::socket;
 use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
 use crate::image::{EpollTarget, Fd, FileKind, ImageDir, OpenFile};
 use crate::procfs::{self as pfs, FdInfo};
-use crate::{Error, Result, sys};
+use crate::{Error, Result, sys, tcp};
 
 /// Open file descriptions met so far in the tree.
 #[derive(Default)]
@@ -23,6 +23,8 @@ pub struct FileTable {
     holders: Vec<(Pid, i32)>,
     by_inode: HashMap<(u64, u64), Vec<usize>>,
     pipes_saved: std::collections::HashSet<u64>,
+    /// TCP sockets put in repair mode to be read.
+    pub repaired: Vec<std::os::fd::OwnedFd>,
 }
 
 const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
@@ -130,7 +132,8 @@ fn classify(
         }));
     }
     if link.starts_with("socket:[") {
-        return match socket_kind(pid, fd)? {
+        let id = table.files.len();
+        return match socket_kind(pid, fd, id, img, table)? {
             Ok(kind) => Ok(Some(kind)),
             Err(what) => problem(what),
         };
@@ -215,58 +218,142 @@ fn describe_anon(name: &str) -> String {
     }
 }
 
-/// A listening TCP socket, or why the socket is not supported.
-fn socket_kind(pid: Pid, fd: i32) -> Result<std::result::Result<FileKind, String>> {
+/// Integer options worth carrying over for inet sockets.
+const INET_OPTIONS: &[(i32, i32)] = &[
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::SOL_SOCKET, libc::SO_PRIORITY),
+    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
+    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+    (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
+    (libc::IPPROTO_TCP, libc::TCP_FASTOPEN),
+    (libc::IPPROTO_IP, libc::IP_TOS),
+    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
+];
+
+fn inet_options(s: std::os::fd::BorrowedFd<'_>, v6: bool, tcp: bool) -> Vec<(i32, i32, i32)> {
+    INET_OPTIONS
+        .iter()
+        .filter(|(level, _)| (*level != libc::IPPROTO_IPV6 || v6) && (*level != libc::IPPROTO_TCP || tcp))
+        .filter_map(|&(level, name)| sys::getsockopt_int(s, level, name).ok().map(|v| (level, name, v)))
+        .collect()
+}
+
+fn socket_addr(addr: &socket::SockaddrStorage) -> Option<std::net::SocketAddr> {
+    if let Some(a) = addr.as_sockaddr_in() {
+        Some(std::net::SocketAddr::from(std::net::SocketAddrV4::from(*a)))
+    } else {
+        addr.as_sockaddr_in6()
+            .map(|a| std::net::SocketAddr::from(std::net::SocketAddrV6::from(*a)))
+    }
+}
+
+/// What a socket is (with its state and data), or why it is not supported.
+fn socket_kind(
+    pid: Pid,
+    fd: i32,
+    id: usize,
+    img: &ImageDir,
+    table: &mut FileTable,
+) -> Result<std::result::Result<FileKind, String>> {
     let s = sys::steal_fd(pid, fd).map_err(Error::io(format!("take fd {fd} of process {pid}")))?;
     let domain = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
         .map_err(Error::io("socket domain"))?;
-    let domain = socket::AddressFamily::from_i32(domain).unwrap_or(socket::AddressFamily::Unix);
-    let ty = socket::getsockopt(&s, sockopt::SockType)
-        .map_err(|e| Error::io("socket type")(e.into()))?;
-    let listening = socket::getsockopt(&s, sockopt::AcceptConn).unwrap_or(false);
-    let inet = matches!(
-        domain,
-        socket::AddressFamily::Inet | socket::AddressFamily::Inet6
-    );
-    if !(inet && ty == socket::SockType::Stream && listening) {
-        return Ok(Err(format!(
-            "a {domain:?} {ty:?} socket{}: only listening TCP sockets are supported so far",
-            if listening { " (listening)" } else { "" }
-        )));
+    let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)
+        .map_err(Error::io("socket type"))?;
+    if domain != libc::AF_INET && domain != libc::AF_INET6 {
+        let name = socket::AddressFamily::from_i32(domain)
+            .map(|f| format!("{f:?}"))
+            .unwrap_or_else(|| format!("family {domain}"));
+        return Ok(Err(format!("a {name} socket: only TCP and UDP sockets are supported so far")));
     }
-    let addr: socket::SockaddrStorage =
-        socket::getsockname(s.as_raw_fd()).map_err(|e| Error::io("socket address")(e.into()))?;
-    let addr = if let Some(a) = addr.as_sockaddr_in() {
-        std::net::SocketAddr::from(std::net::SocketAddrV4::from(*a))
-    } else if let Some(a) = addr.as_sockaddr_in6() {
-        std::net::SocketAddr::from(std::net::SocketAddrV6::from(*a))
-    } else {
-        return Ok(Err("a TCP socket with an unknown address family".into()));
-    };
-    let mut options = Vec::new();
-    for (level, name) in [
-        (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-        (libc::SOL_SOCKET, libc::SO_REUSEPORT),
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-        (libc::SOL_SOCKET, libc::SO_RCVBUF),
-        (libc::SOL_SOCKET, libc::SO_SNDBUF),
-        (libc::IPPROTO_TCP, libc::TCP_NODELAY),
-        (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
-        (libc::IPPROTO_TCP, libc::TCP_FASTOPEN),
-        (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
-    ] {
-        if level == libc::IPPROTO_IPV6 && domain != socket::AddressFamily::Inet6 {
-            continue;
-        }
-        if let Ok(v) = sys::getsockopt_int(s.as_fd(), level, name) {
-            options.push((level, name, v));
-        }
+    let v6 = domain == libc::AF_INET6;
+    let local = socket::getsockname::<socket::SockaddrStorage>(s.as_raw_fd())
+        .ok()
+        .and_then(|a| socket_addr(&a))
+        .filter(|a| a.port() != 0);
+    let peer = socket::getpeername::<socket::SockaddrStorage>(s.as_raw_fd())
+        .ok()
+        .and_then(|a| socket_addr(&a));
+    if ty == libc::SOCK_DGRAM {
+        return Ok(Ok(FileKind::Inet {
+            family: domain,
+            ty,
+            local: local.map(|a| a.to_string()),
+            peer: peer.map(|a| a.to_string()),
+            options: inet_options(s.as_fd(), v6, false),
+        }));
     }
-    Ok(Ok(FileKind::TcpListen {
-        addr: addr.to_string(),
-        backlog: listen_backlog(pid, &addr).unwrap_or(4096),
-        options,
-    }))
+    if ty != libc::SOCK_STREAM {
+        return Ok(Err(format!("an inet socket of type {ty}: only stream and datagram sockets are supported")));
+    }
+    let info = tcp::info(s.as_fd()).map_err(Error::io("TCP_INFO"))?;
+    let options = inet_options(s.as_fd(), v6, true);
+    match info.state {
+        tcp::TCP_LISTEN => {
+            if info.unacked > 0 {
+                return Ok(Err(format!(
+                    "listening socket {} has {} connection(s) not yet accepted",
+                    local.map(|a| a.to_string()).unwrap_or_default(),
+                    info.unacked
+                )));
+            }
+            let addr = local.ok_or_else(|| Error::io("listening socket address")(std::io::Error::other("unbound")))?;
+            Ok(Ok(FileKind::TcpListen {
+                addr: addr.to_string(),
+                backlog: listen_backlog(pid, &addr).unwrap_or(4096),
+                options,
+            }))
+        }
+        tcp::TCP_CLOSE => Ok(Ok(FileKind::Inet {
+            family: domain,
+            ty,
+            local: local.map(|a| a.to_string()),
+            peer: None,
+            options,
+        })),
+        tcp::TCP_ESTABLISHED
+        | tcp::TCP_CLOSE_WAIT
+        | tcp::TCP_FIN_WAIT1
+        | tcp::TCP_FIN_WAIT2
+        | tcp::TCP_LAST_ACK
+        | tcp::TCP_CLOSING => {
+            let (Some(local), Some(peer)) = (local, peer) else {
+                return Ok(Err("a connected TCP socket without addresses".into()));
+            };
+            if v6 && tcp::needs_peer_packet(info.state) {
+                return Ok(Err(format!(
+                    "a half-closed IPv6 connection ({})",
+                    tcp::state_name(info.state)
+                )));
+            }
+            let (st, sndq, rcvq) = tcp::dump(s.as_fd()).map_err(Error::io(format!(
+                "read TCP connection {local} -> {peer} of process {pid}"
+            )))?;
+            let path = img.file_data(id);
+            fs::write(&path, [sndq, rcvq].concat()).map_err(|e| Error::image(&path, e))?;
+            // Kept open: the connection stays in repair mode until the
+            // checkpoint ends (then it dies silently, or leaves repair
+            // mode quietly if the tree goes on).
+            table.repaired.push(s);
+            Ok(Ok(FileKind::Tcp {
+                local: local.to_string(),
+                peer: peer.to_string(),
+                tcp: st,
+                options,
+            }))
+        }
+        other => Ok(Err(format!(
+            "a TCP socket in state {}, which is not supported",
+            tcp::state_name(other)
+        ))),
+    }
 }
 
 /// The kernel does not show a listening socket's backlog; listen() clamps it

@@ -157,7 +157,11 @@ fn checkpoint_into(
             keepcaps: ts.keepcaps,
         });
     }
+    let repaired = std::mem::take(&mut files.repaired);
     if !problems.is_empty() {
+        for s in &repaired {
+            let _ = crate::tcp::leave_repair_quietly(std::os::fd::AsFd::as_fd(s));
+        }
         return Err(Error::Unsupported(problems));
     }
     for p in &images {
@@ -175,13 +179,23 @@ fn checkpoint_into(
         root: root_ns_pid,
         processes: images.iter().map(|p| p.pid).collect(),
         own_pid_ns,
-        files: files.files,
+        files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
         annotations: opts.annotations.clone(),
     };
     img.write_json("manifest.json", &manifest)?;
     let threads = images.iter().map(|p| p.threads.len()).sum();
+    if opts.leave_running {
+        // The connections go on: out of repair mode without a word.
+        for s in &repaired {
+            if let Err(e) = crate::tcp::leave_repair_quietly(std::os::fd::AsFd::as_fd(s)) {
+                tracing::warn!(error = %e, "a TCP connection stays in repair mode");
+            }
+        }
+    }
     seized.release(!opts.leave_running);
+    // Killed in repair mode, the connections close without FIN or RST.
+    drop(repaired);
     let frozen = frozen_at.elapsed();
     let image_bytes = fs::read_dir(img.path())
         .map(|rd| {

@@ -13,6 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use crate::image::{FileKind, ImageDir, Manifest, OpenFile, ProcessImage};
 use crate::restore::mm::{MemCtx, create_memfd};
+use crate::restore::sockets::{self, Transport};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, nr};
 
@@ -31,6 +32,9 @@ pub struct FilePlan {
     /// Files held by the engine until the restore ends (FIFO ends, ghosts).
     pub keep_open: Vec<File>,
     pub ghosts: Vec<std::path::PathBuf>,
+    pub transport: Option<Transport>,
+    /// Restored TCP connections, in repair mode until the tree is let go.
+    pub repaired: Vec<std::os::fd::OwnedFd>,
 }
 
 impl FilePlan {
@@ -98,6 +102,8 @@ impl FilePlan {
             temp_base: max_fd as u64 + 1,
             keep_open: Vec::new(),
             ghosts: Vec::new(),
+            transport: None,
+            repaired: Vec::new(),
         }
     }
 }
@@ -126,11 +132,21 @@ pub fn create_owned(
     held: &mut Held,
 ) -> Result<()> {
     let pid = t.ns_pid;
-    let mine: Vec<&OpenFile> = m
+    let (sockets, mine): (Vec<&OpenFile>, Vec<&OpenFile>) = m
         .files
         .iter()
         .filter(|f| plan.creator.get(&f.id) == Some(&pid) && !held.contains_key(&f.id))
-        .collect();
+        .partition(|f| sockets::is_socket(f));
+    if !sockets.is_empty() {
+        let transport = plan.transport.as_ref().expect("a transport when restoring sockets");
+        let mut repaired = Vec::new();
+        let got = sockets::create(t, &sockets, img, transport, &mut repaired)?;
+        plan.repaired.extend(repaired);
+        for (id, fd) in got {
+            let fd = stash(t, fd, plan)?;
+            held.insert(id, fd);
+        }
+    }
     for f in mine {
         if held.contains_key(&f.id) {
             continue; // the other end of a pipe made it already
@@ -406,6 +422,7 @@ fn create(
             t.call("seek", nr::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
             fd
         }
+        FileKind::Tcp { .. } | FileKind::Inet { .. } => unreachable!("sockets are built by the engine"),
         FileKind::TcpListen {
             addr,
             backlog,

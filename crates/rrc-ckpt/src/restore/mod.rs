@@ -12,6 +12,7 @@
 
 mod files;
 mod mm;
+mod sockets;
 mod state;
 pub mod tracee;
 
@@ -352,6 +353,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         },
         done: Vec::new(),
     };
+    if m.files.iter().any(sockets::is_socket) {
+        // Inherited by every skeleton, for passing sockets in.
+        ctx.plan.transport = Some(sockets::Transport::new()?);
+    }
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
         Some(f) => f(root_pid).map_err(|e| rerr(root.pid, "prepare the root", e)),
@@ -379,6 +384,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         });
     let outcome = outcome.and_then(|()| {
         mm::seal_memfds(&ctx.mem)?;
+        // Connections leave repair mode before their processes run: the
+        // window probe each sends makes its peer resend what it lacks.
+        for s in ctx.plan.repaired.drain(..) {
+            crate::tcp::leave_repair(std::os::fd::AsFd::as_fd(&s))
+                .map_err(|e| rerr(root.pid, "sockets", format!("leave repair mode: {e}")))?;
+        }
         // Everything is in place: drop the scratch regions, then let go.
         for t in ctx.done.iter_mut() {
             t.call(

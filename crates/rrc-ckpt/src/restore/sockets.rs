@@ -1,0 +1,217 @@
+//! Sockets at restore: built by the engine itself inside the process's
+//! network namespace (TCP connections in repair mode, with their queues),
+//! then passed into the process over a unix socket it inherited from the
+//! engine, as SCM_RIGHTS.
+
+use std::fs;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, bind, connect, socket, SockaddrStorage};
+use nix::unistd::Pid;
+
+use crate::image::{FileKind, ImageDir, OpenFile};
+use crate::restore::tracee::Tracee;
+use crate::{Error, Result, sys, tcp};
+
+fn rerr(pid: i32, detail: String) -> Error {
+    Error::Restore {
+        pid,
+        stage: "sockets",
+        detail,
+    }
+}
+
+pub fn is_socket(f: &OpenFile) -> bool {
+    matches!(f.kind, FileKind::Tcp { .. } | FileKind::Inet { .. })
+}
+
+/// Runs `f` on a thread inside the network namespace of process `pid`.
+fn in_netns<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
+        .map_err(|e| rerr(pid.as_raw(), format!("network namespace: {e}")))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| rerr(pid.as_raw(), format!("enter its network namespace: {e}")))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+fn parse_addr(pid: i32, s: &str) -> Result<std::net::SocketAddr> {
+    s.parse().map_err(|_| rerr(pid, format!("bad address {s}")))
+}
+
+fn set_options(fd: &OwnedFd, options: &[(i32, i32, i32)]) {
+    for &(level, name, value) in options {
+        if let Err(e) = sys::setsockopt_int(fd.as_fd(), level, name, value) {
+            tracing::debug!(level, name, error = %e, "socket option not restored");
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd, flags: u32) -> std::io::Result<()> {
+    if flags & libc::O_NONBLOCK as u32 != 0 {
+        let cur = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let new = nix::fcntl::OFlag::from_bits_truncate(cur) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(new))?;
+    }
+    Ok(())
+}
+
+/// Builds one socket (in the calling thread's network namespace). TCP
+/// connections come back in repair mode: `true` says so.
+fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| rerr(pid, format!("{what}: {e}"))
+    };
+    match &f.kind {
+        FileKind::Tcp {
+            local,
+            peer,
+            tcp: st,
+            options,
+        } => {
+            let (l, p) = (parse_addr(pid, local)?, parse_addr(pid, peer)?);
+            let path = img.file_data(f.id);
+            let data = fs::read(&path).map_err(|e| Error::image(&path, e))?;
+            let n = st.sndq_len as usize;
+            if data.len() != n + st.rcvq_len as usize {
+                return Err(Error::CorruptImage {
+                    path,
+                    detail: "queued data does not match the connection's record".into(),
+                });
+            }
+            let s = tcp::build(&l, &p, st, &data[..n], &data[n..])
+                .map_err(io(&format!("rebuild TCP connection {local} -> {peer}")))?;
+            if tcp::needs_peer_packet(st.state) {
+                tcp::inject_peer_packet(&l, &p, st)
+                    .map_err(io(&format!("half-close TCP connection {local} -> {peer}")))?;
+            }
+            set_options(&s, options);
+            set_nonblocking(&s, f.flags).map_err(io("socket flags"))?;
+            Ok((s, true))
+        }
+        FileKind::Inet {
+            family,
+            ty,
+            local,
+            peer,
+            options,
+        } => {
+            let fam = if *family == libc::AF_INET6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+            let sty = if *ty == libc::SOCK_DGRAM { SockType::Datagram } else { SockType::Stream };
+            let s = socket(fam, sty, SockFlag::SOCK_CLOEXEC, None).map_err(|e| io("socket")(e.into()))?;
+            set_options(&s, options);
+            if let Some(l) = local {
+                let a = SockaddrStorage::from(parse_addr(pid, l)?);
+                bind(s.as_raw_fd(), &a).map_err(|e| io(&format!("bind {l}"))(e.into()))?;
+            }
+            if let Some(p) = peer {
+                let a = SockaddrStorage::from(parse_addr(pid, p)?);
+                connect(s.as_raw_fd(), &a).map_err(|e| io(&format!("connect {p}"))(e.into()))?;
+            }
+            set_nonblocking(&s, f.flags).map_err(io("socket flags"))?;
+            Ok((s, false))
+        }
+        _ => unreachable!("only sockets are built here"),
+    }
+}
+
+/// The engine's end of the fd transport, and the number the processes
+/// know the other end by (inherited from the engine at fork).
+pub struct Transport {
+    ours: OwnedFd,
+    theirs: OwnedFd,
+}
+
+impl Transport {
+    pub fn new() -> Result<Transport> {
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| Error::io("fd transport")(e.into()))?;
+        Ok(Transport { ours, theirs })
+    }
+
+    fn tracee_fd(&self) -> RawFd {
+        self.theirs.as_raw_fd()
+    }
+}
+
+/// At most this many fds travel in one message (the kernel's SCM_MAX_FD).
+const BATCH: usize = 250;
+
+/// Builds `files` for process `t` and puts them in its fd table; returns
+/// (file id, fd in the process) and keeps the repair-mode connections in
+/// `repaired` so they can leave repair mode once the tree runs.
+pub fn create(
+    t: &mut Tracee,
+    files: &[&OpenFile],
+    img: &ImageDir,
+    transport: &Transport,
+    repaired: &mut Vec<OwnedFd>,
+) -> Result<Vec<(usize, u64)>> {
+    let pid = t.ns_pid;
+    let built = in_netns(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
+        files
+            .iter()
+            .map(|f| build(f, img, pid).map(|(s, r)| (f.id, s, r)))
+            .collect()
+    })??;
+    let mut out = Vec::with_capacity(built.len());
+    for chunk in built.chunks(BATCH) {
+        let raw: Vec<RawFd> = chunk.iter().map(|(_, s, _)| s.as_raw_fd()).collect();
+        sys::send_fds(transport.ours.as_fd(), &raw).map_err(|e| rerr(pid, format!("pass sockets: {e}")))?;
+        let fds = receive(t, transport.tracee_fd(), raw.len())?;
+        out.extend(chunk.iter().zip(fds).map(|((id, _, _), fd)| (*id, fd)));
+    }
+    for (_, s, in_repair) in built {
+        if in_repair {
+            repaired.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// Makes the process receive one SCM_RIGHTS message of `n` fds on `sock`;
+/// returns the fd numbers it got.
+fn receive(t: &mut Tracee, sock: RawFd, n: usize) -> Result<Vec<u64>> {
+    let pid = t.ns_pid;
+    let data = t.out(8)?;
+    let mut iov = Vec::with_capacity(16);
+    iov.extend_from_slice(&data.to_ne_bytes());
+    iov.extend_from_slice(&8u64.to_ne_bytes());
+    let iov = t.arg(&iov)?;
+    // CMSG_SPACE(4 n): a 16-byte header and the fds, 8-byte aligned.
+    let cmsg_len = 16 + (4 * n).next_multiple_of(8);
+    let cmsg = t.out(cmsg_len)?;
+    let mut msg = vec![0u8; 56];
+    msg[16..24].copy_from_slice(&iov.to_ne_bytes());
+    msg[24..32].copy_from_slice(&1u64.to_ne_bytes());
+    msg[32..40].copy_from_slice(&cmsg.to_ne_bytes());
+    msg[40..48].copy_from_slice(&(cmsg_len as u64).to_ne_bytes());
+    let msg = t.arg(&msg)?;
+    t.call(
+        "receive sockets",
+        libc::SYS_recvmsg,
+        &[sock as u64, msg, libc::MSG_CMSG_CLOEXEC as u64],
+    )?;
+    let mut buf = vec![0u8; cmsg_len];
+    crate::dump::inject::read_memory(t.pid, cmsg, &mut buf)?;
+    let level = i32::from_ne_bytes(buf[8..12].try_into().expect("4 bytes"));
+    let ty = i32::from_ne_bytes(buf[12..16].try_into().expect("4 bytes"));
+    if level != libc::SOL_SOCKET || ty != libc::SCM_RIGHTS {
+        return Err(rerr(pid, "no fds arrived".into()));
+    }
+    Ok(buf[16..16 + 4 * n]
+        .chunks_exact(4)
+        .map(|c| u64::from(u32::from_ne_bytes(c.try_into().expect("4 bytes"))))
+        .collect())
+}
