@@ -8,3 +8,4 @@ pub mod redis_benchmark;
 pub mod resp;
 pub mod session;
 pub mod stats;
+pub mod verify;

@@ -289,6 +289,30 @@ pub enum FileKind {
         tcp: crate::tcp::TcpState,
         options: Vec<(i32, i32, i32)>,
     },
+    /// A listening unix socket.
+    UnixListen {
+        ty: i32,
+        name: crate::unixdiag::UnixName,
+        backlog: u32,
+    },
+    /// A connected unix socket (inode `ino`, connected to inode `peer`).
+    /// What it had queued to read is in `file-<id>.img`, as consecutive
+    /// messages of the lengths given (one run for a stream socket).
+    UnixConnected {
+        ty: i32,
+        ino: u32,
+        peer: u32,
+        name: Option<crate::unixdiag::UnixName>,
+        /// The peer's address, for a datagram socket connected to a socket
+        /// outside the tree (reconnected by name).
+        peer_name: Option<crate::unixdiag::UnixName>,
+        messages: Vec<u32>,
+    },
+    /// An unconnected unix socket, bound or not.
+    Unix {
+        ty: i32,
+        name: Option<crate::unixdiag::UnixName>,
+    },
     /// An unconnected TCP socket, or a UDP socket (bound and/or connected).
     Inet {
         family: i32,

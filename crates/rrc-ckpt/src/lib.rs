@@ -22,6 +22,7 @@ pub mod remote;
 pub mod restore;
 mod sys;
 pub mod tcp;
+pub mod unixdiag;
 
 pub use error::{Error, Result};
 

@@ -449,7 +449,15 @@ pub fn getsockopt_bytes(
     let mut len = max as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `buf` and updates
     // `len` to what it wrote.
-    let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
     check(r as libc::c_long)?;
     buf.truncate(len as usize);
     Ok(buf)
@@ -472,4 +480,42 @@ pub fn send_fds(sock: std::os::fd::BorrowedFd<'_>, fds: &[std::os::fd::RawFd]) -
     let cmsg = [ControlMessage::ScmRights(fds)];
     sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)?;
     Ok(())
+}
+
+/// Peeks at the next message queued on a socket of ours without taking it:
+/// returns its bytes and whether it carried ancillary data (file
+/// descriptors in flight: any it carried are closed again here).
+pub fn peek_message(
+    fd: std::os::fd::BorrowedFd<'_>,
+    max: usize,
+) -> io::Result<Option<(Vec<u8>, bool)>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; max];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 253]);
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let r = match recvmsg::<()>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    ) {
+        Ok(r) => r,
+        Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let n = r.bytes;
+    let mut had_fds = r.flags.contains(MsgFlags::MSG_CTRUNC);
+    if let Ok(cmsgs) = r.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                had_fds = true;
+                for f in fds {
+                    let _ = nix::unistd::close(f);
+                }
+            }
+        }
+    }
+    buf.truncate(n);
+    Ok(Some((buf, had_fds)))
 }

@@ -106,7 +106,10 @@ pub struct TcpState {
 /// Mask of states whose send queue ends with our FIN, and whose receive
 /// side consumed the peer's FIN.
 fn fin_sent(state: u8) -> bool {
-    matches!(state, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK)
+    matches!(
+        state,
+        TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_CLOSING | TCP_LAST_ACK
+    )
 }
 
 fn fin_received(state: u8) -> bool {
@@ -121,14 +124,20 @@ fn peek(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let mut got = 0;
     while got < len {
-        let n = recv(fd.as_raw_fd(), &mut buf[got..], MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)?;
+        let n = recv(
+            fd.as_raw_fd(),
+            &mut buf[got..],
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        )?;
         if n == 0 {
             break;
         }
         // MSG_PEEK always starts at the head: one call must take it all.
         got = n;
         if got < len {
-            return Err(std::io::Error::other(format!("queue shorter than reported ({got} of {len} bytes)")));
+            return Err(std::io::Error::other(format!(
+                "queue shorter than reported ({got} of {len} bytes)"
+            )));
         }
     }
     Ok(buf)
@@ -196,7 +205,12 @@ pub fn dump(fd: BorrowedFd<'_>) -> std::io::Result<(TcpState, Vec<u8>, Vec<u8>)>
 /// Takes a socket of a process that goes on running out of repair mode,
 /// without the window probe that would tell the peer anything.
 pub fn leave_repair_quietly(fd: BorrowedFd<'_>) -> std::io::Result<()> {
-    sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)
+    sys::setsockopt_int(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_REPAIR,
+        TCP_REPAIR_OFF_NO_WP,
+    )
 }
 
 /// Ends repair mode on a restored socket: the kernel sends a window probe,
@@ -223,7 +237,11 @@ pub fn build(
     rcvq: &[u8],
 ) -> std::io::Result<OwnedFd> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, bind, connect, send, socket};
-    let family = if local.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let family = if local.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let s = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     let fd = s.as_fd();
     sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1)?;
@@ -236,10 +254,22 @@ pub fn build(
     }
     let snd_seq = st.snd_seq;
     repair_queue(fd, TCP_RECV_QUEUE)?;
-    sys::setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, &rcv_seq.wrapping_sub(st.rcvq_len).to_ne_bytes())?;
+    sys::setsockopt_bytes(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUEUE_SEQ,
+        &rcv_seq.wrapping_sub(st.rcvq_len).to_ne_bytes(),
+    )?;
     repair_queue(fd, TCP_SEND_QUEUE)?;
-    let snd_una = snd_seq.wrapping_sub(st.sndq_len).wrapping_sub(u32::from(fin_sent(st.state)));
-    sys::setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_QUEUE_SEQ, &snd_una.to_ne_bytes())?;
+    let snd_una = snd_seq
+        .wrapping_sub(st.sndq_len)
+        .wrapping_sub(u32::from(fin_sent(st.state)));
+    sys::setsockopt_bytes(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUEUE_SEQ,
+        &snd_una.to_ne_bytes(),
+    )?;
     repair_queue(fd, 0)?;
     connect(fd.as_raw_fd(), &sockaddr(peer))?;
     // Options, as struct tcp_repair_opt { u32 code; u32 value; }.
@@ -250,7 +280,10 @@ pub fn build(
     };
     opt(TCPOPT_MSS, st.mss);
     if st.options & TCPI_OPT_WSCALE != 0 {
-        opt(TCPOPT_WINDOW, u32::from(st.snd_wscale) | (u32::from(st.rcv_wscale) << 16));
+        opt(
+            TCPOPT_WINDOW,
+            u32::from(st.snd_wscale) | (u32::from(st.rcv_wscale) << 16),
+        );
     }
     if st.options & TCPI_OPT_SACK != 0 {
         opt(TCPOPT_SACK_PERM, 0);
@@ -260,7 +293,12 @@ pub fn build(
     }
     sys::setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_OPTIONS, &opts)?;
     if st.options & TCPI_OPT_TIMESTAMPS != 0 {
-        sys::setsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_TIMESTAMP, &st.timestamp.to_ne_bytes())?;
+        sys::setsockopt_bytes(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_TIMESTAMP,
+            &st.timestamp.to_ne_bytes(),
+        )?;
     }
     let queue = |q: i32, data: &[u8]| -> std::io::Result<()> {
         repair_queue(fd, q)?;
@@ -300,7 +338,12 @@ pub fn build(
     }
     if st.unsent_len > 0 {
         // Never sent: written normally, the kernel sends it when it can.
-        sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
+        sys::setsockopt_int(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_REPAIR,
+            TCP_REPAIR_OFF_NO_WP,
+        )?;
         let mut off = sent;
         while off < sndq.len() {
             off += send(fd.as_raw_fd(), &sndq[off..], MsgFlags::MSG_DONTWAIT)?;
@@ -319,9 +362,15 @@ pub fn needs_peer_packet(state: u8) -> bool {
 /// Delivers to the restored socket, as if from its peer, what half-closed
 /// states need: the peer's FIN, and for FIN_WAIT2 the acknowledgement of
 /// our FIN. Must run in the socket's network namespace; IPv4 only.
-pub fn inject_peer_packet(local: &std::net::SocketAddr, peer: &std::net::SocketAddr, st: &TcpState) -> std::io::Result<()> {
+pub fn inject_peer_packet(
+    local: &std::net::SocketAddr,
+    peer: &std::net::SocketAddr,
+    st: &TcpState,
+) -> std::io::Result<()> {
     let (std::net::SocketAddr::V4(l), std::net::SocketAddr::V4(p)) = (local, peer) else {
-        return Err(std::io::Error::other("half-closed IPv6 connections are not supported"));
+        return Err(std::io::Error::other(
+            "half-closed IPv6 connections are not supported",
+        ));
     };
     const FIN: u8 = 0x01;
     const ACK: u8 = 0x10;
@@ -331,7 +380,16 @@ pub fn inject_peer_packet(local: &std::net::SocketAddr, peer: &std::net::SocketA
         (ACK, st.rcv_seq)
     };
     let window = (st.window[1] >> st.snd_wscale).min(0xffff) as u16;
-    let pkt = ipv4_tcp_packet(*p.ip(), p.port(), *l.ip(), l.port(), seq, st.snd_seq, flags, window);
+    let pkt = ipv4_tcp_packet(
+        *p.ip(),
+        p.port(),
+        *l.ip(),
+        l.port(),
+        seq,
+        st.snd_seq,
+        flags,
+        window,
+    );
     let raw = nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Raw,
@@ -345,7 +403,11 @@ pub fn inject_peer_packet(local: &std::net::SocketAddr, peer: &std::net::SocketA
 
 fn checksum(data: &[u8], mut sum: u32) -> u16 {
     for c in data.chunks(2) {
-        let word = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let word = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += u32::from(word);
     }
     while sum > 0xffff {

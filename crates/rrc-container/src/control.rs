@@ -103,10 +103,16 @@ impl ControlSocket {
     }
 }
 
-pub fn answer(mut stream: UnixStream, resp: &Response) {
+pub fn answer(stream: UnixStream, resp: &Response) {
     let mut text = serde_json::to_string(resp).expect("responses serialize");
     text.push('\n');
-    let _ = stream.write_all(text.as_bytes());
+    // MSG_NOSIGNAL: a client that went away must not take the supervisor
+    // (and its container) down with SIGPIPE.
+    let _ = nix::sys::socket::send(
+        std::os::fd::AsRawFd::as_raw_fd(&stream),
+        text.as_bytes(),
+        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    );
 }
 
 /// Sends `req` to the rrc process holding container `name` and waits for

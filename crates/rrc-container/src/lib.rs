@@ -22,6 +22,8 @@ pub mod stop;
 pub mod supervise;
 mod sys;
 
+pub use sys::default_sigpipe;
+
 pub use spec::{ContainerName, ContainerSpec, NetSpec};
 pub use state::{ContainerRecord, HostState, Status};
 

@@ -62,3 +62,12 @@ pub fn exit_now(code: i32) -> ! {
     // SAFETY: _exit has no preconditions; it never returns.
     unsafe { libc::_exit(code) }
 }
+
+/// Restores the default action of SIGPIPE (Rust's runtime ignores it):
+/// a command whose output pipe closes ends quietly, as shell tools do.
+pub fn default_sigpipe() {
+    // SAFETY: installing the default disposition runs no handler code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -223,3 +223,169 @@ fn a_container_checkpointed_with_leave_running_keeps_serving() {
     );
     let _ = std::fs::remove_dir_all(&images);
 }
+
+/// Checkpoints `name` on primary (killing it) and restores it on backup
+/// while `connections` verifying clients keep working; returns their report.
+fn move_under_load(
+    lab: &TestLab,
+    name: &str,
+    service: rrc_bench::verify::Service,
+    port: u16,
+    ip: &str,
+    connections: usize,
+) -> rrc_bench::verify::VerifyReport {
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    lab.wait_tcp(&addr.to_string());
+    let images = image_dir(name);
+    let report = lab.on("client", || {
+        rrc_bench::verify::run(
+            service,
+            addr,
+            connections,
+            || {
+                lab.rrc_on("primary", &["checkpoint", name, "--images", &images])
+                    .ok();
+                lab.rrc_on("backup", &["restore", "--images", &images]).ok();
+            },
+            Duration::from_secs(2),
+        )
+    });
+    let _ = std::fs::remove_dir_all(&images);
+    eprintln!(
+        "{name}: {} connections, {} requests, longest gap {:.1} ms, {} errors",
+        report.connections,
+        report.requests,
+        report.max_gap_ms,
+        report.errors.len()
+    );
+    report
+}
+
+#[test]
+fn redis_clients_keep_their_connections_across_a_move() {
+    let lab = TestLab::up("lredis");
+    let vip = lab.vip();
+    let ip = strip_prefix(&vip);
+    lab.run_container(
+        "primary",
+        "redis",
+        &vip,
+        &[
+            "redis-server",
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+    );
+    let r = move_under_load(
+        &lab,
+        "redis",
+        rrc_bench::verify::Service::Redis,
+        6379,
+        &ip,
+        8,
+    );
+    assert!(r.errors.is_empty(), "{r:#?}");
+    assert!(r.requests > 1000, "{r:#?}");
+    assert!(lab.container("backup", "redis").is_some());
+}
+
+#[test]
+fn memcached_clients_keep_their_connections_across_a_move() {
+    let lab = TestLab::up("lmemc");
+    let vip = lab.vip();
+    let ip = strip_prefix(&vip);
+    lab.run_container(
+        "primary",
+        "memcached",
+        &vip,
+        &["memcached", "-u", "root", "-t", "4"],
+    );
+    let r = move_under_load(
+        &lab,
+        "memcached",
+        rrc_bench::verify::Service::Memcached,
+        11211,
+        &ip,
+        8,
+    );
+    assert!(r.errors.is_empty(), "{r:#?}");
+    assert!(r.requests > 1000, "{r:#?}");
+}
+
+#[test]
+fn lighttpd_keepalive_clients_keep_their_connections_across_a_move() {
+    let lab = TestLab::up("lhttp");
+    let dir = std::env::temp_dir().join(format!("rrc-www-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for n in 0..50 {
+        std::fs::write(
+            dir.join(format!("f{n}.txt")),
+            rrc_bench::verify::http_body(n),
+        )
+        .unwrap();
+    }
+    let conf = dir.join("lighttpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "server.document-root = \"{}\"\nserver.port = 80\nserver.max-keep-alive-requests = 1000000\nserver.max-keep-alive-idle = 300\nserver.errorlog = \"{}/error.log\"\n",
+            dir.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let vip = lab.vip();
+    let ip = strip_prefix(&vip);
+    lab.run_container(
+        "primary",
+        "web",
+        &vip,
+        &["lighttpd", "-D", "-f", conf.to_str().unwrap()],
+    );
+    let r = move_under_load(&lab, "web", rrc_bench::verify::Service::Http, 80, &ip, 8);
+    assert!(r.errors.is_empty(), "{r:#?}");
+    assert!(r.requests > 1000, "{r:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tarantool_clients_keep_their_connections_across_a_move() {
+    let lab = TestLab::up("ltnt");
+    let dir = std::env::temp_dir().join(format!("rrc-tnt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let init = dir.join("init.lua");
+    std::fs::write(
+        &init,
+        format!(
+            "box.cfg{{listen = nil, work_dir = '{d}', wal_mode = 'none', memtx_memory = 64 * 1024 * 1024, log = '{d}/tarantool.log'}}\n\
+             box.schema.space.create('kv', {{if_not_exists = true}})\n\
+             box.space.kv:create_index('primary', {{parts = {{1, 'string'}}, if_not_exists = true}})\n\
+             require('console').listen('0.0.0.0:3302')\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let vip = lab.vip();
+    let ip = strip_prefix(&vip);
+    lab.run_container(
+        "primary",
+        "tarantool",
+        &vip,
+        &["tarantool", init.to_str().unwrap()],
+    );
+    let r = move_under_load(
+        &lab,
+        "tarantool",
+        rrc_bench::verify::Service::Tarantool,
+        3302,
+        &ip,
+        4,
+    );
+    assert!(r.errors.is_empty(), "{r:#?}");
+    assert!(r.requests > 500, "{r:#?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

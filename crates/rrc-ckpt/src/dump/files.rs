@@ -13,6 +13,7 @@ use nix::unistd::Pid;
 use crate::dump::memory::ShmemTable;
 use crate::image::{EpollTarget, Fd, FileKind, ImageDir, OpenFile};
 use crate::procfs::{self as pfs, FdInfo};
+use crate::unixdiag::UnixInfo;
 use crate::{Error, Result, sys, tcp};
 
 /// Open file descriptions met so far in the tree.
@@ -35,6 +36,7 @@ pub fn dump(
     img: &ImageDir,
     table: &mut FileTable,
     shmem: &mut ShmemTable,
+    unix: &HashMap<u32, UnixInfo>,
     problems: &mut Vec<String>,
 ) -> Result<Vec<Fd>> {
     let raw = pid.as_raw();
@@ -76,8 +78,9 @@ pub fn dump(
         let id = match found {
             Some(id) => id,
             None => {
-                let Some(kind) =
-                    classify(pid, fd, &link, &meta, &info, img, table, shmem, problems)?
+                let Some(kind) = classify(
+                    pid, fd, &link, &meta, &info, img, table, shmem, unix, problems,
+                )?
                 else {
                     continue;
                 };
@@ -114,6 +117,7 @@ fn classify(
     img: &ImageDir,
     table: &mut FileTable,
     shmem: &mut ShmemTable,
+    unix: &HashMap<u32, UnixInfo>,
     problems: &mut Vec<String>,
 ) -> Result<Option<FileKind>> {
     let raw = pid.as_raw();
@@ -133,7 +137,8 @@ fn classify(
     }
     if link.starts_with("socket:[") {
         let id = table.files.len();
-        return match socket_kind(pid, fd, id, img, table)? {
+        let ino = meta.ino() as u32;
+        return match socket_kind(pid, fd, id, ino, img, table, unix)? {
             Ok(kind) => Ok(Some(kind)),
             Err(what) => problem(what),
         };
@@ -218,6 +223,130 @@ fn describe_anon(name: &str) -> String {
     }
 }
 
+/// A unix socket: listening, connected (with what it has queued to read)
+/// or neither.
+fn unix_kind(
+    pid: Pid,
+    fd: i32,
+    id: usize,
+    ino: u32,
+    s: &std::os::fd::OwnedFd,
+    img: &ImageDir,
+    unix: &HashMap<u32, UnixInfo>,
+) -> Result<std::result::Result<FileKind, String>> {
+    let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)
+        .map_err(Error::io("socket type"))?;
+    let Some(info) = unix.get(&ino) else {
+        return Ok(Err(format!(
+            "unix socket {ino} is not in the container's network namespace"
+        )));
+    };
+    if info.state == tcp::TCP_LISTEN {
+        if info.pending > 0 {
+            return Ok(Err(format!(
+                "listening unix socket has {} connection(s) not yet accepted",
+                info.pending
+            )));
+        }
+        let Some(name) = info.name.clone() else {
+            return Ok(Err("a listening unix socket without a name".into()));
+        };
+        return Ok(Ok(FileKind::UnixListen {
+            ty,
+            name,
+            backlog: 4096,
+        }));
+    }
+    let Some(peer) = info.peer else {
+        return Ok(Ok(FileKind::Unix {
+            ty,
+            name: info.name.clone(),
+        }));
+    };
+    // What this end would read next, without taking it. Messages one by
+    // one through a peek offset (reset after); a stream in one piece.
+    let mut data = Vec::new();
+    let mut messages = Vec::new();
+    let fail = |what: String| Error::io(format!("unix socket fd {fd} of process {pid}: {what}"));
+    if ty == libc::SOCK_STREAM {
+        let len = sys::ioctl_int(s.as_fd(), 0x541B).map_err(fail("queue length".into()))? as usize;
+        if len > 0 {
+            match sys::peek_message(s.as_fd(), len).map_err(fail("peek".into()))? {
+                Some((_, true)) => {
+                    return Ok(Err(
+                        "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
+                    ));
+                }
+                Some((b, false)) => {
+                    messages.push(b.len() as u32);
+                    data = b;
+                }
+                None => {}
+            }
+        }
+    } else {
+        sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
+            .map_err(fail("peek offset".into()))?;
+        let result = (|| -> Result<std::result::Result<(), String>> {
+            while let Some((b, fds)) =
+                sys::peek_message(s.as_fd(), 1 << 17).map_err(fail("peek".into()))?
+            {
+                if fds {
+                    return Ok(Err(
+                        "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
+                    ));
+                }
+                messages.push(b.len() as u32);
+                data.extend_from_slice(&b);
+            }
+            Ok(Ok(()))
+        })();
+        let _ = sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
+        if let Err(what) = result? {
+            return Ok(Err(what));
+        }
+    }
+    let path = img.file_data(id);
+    fs::write(&path, &data).map_err(|e| Error::image(&path, e))?;
+    Ok(Ok(FileKind::UnixConnected {
+        ty,
+        ino,
+        peer,
+        name: info.name.clone(),
+        peer_name: unix.get(&peer).and_then(|p| p.name.clone()),
+        messages,
+    }))
+}
+
+/// Unix connections whose other end is outside the tree: a datagram socket
+/// connected to a named socket reconnects by name; anything else is lost.
+pub fn check_unix_peers(table: &FileTable, problems: &mut Vec<String>) {
+    let inodes: std::collections::HashSet<u32> = table
+        .files
+        .iter()
+        .filter_map(|f| match f.kind {
+            FileKind::UnixConnected { ino, .. } => Some(ino),
+            _ => None,
+        })
+        .collect();
+    for f in &table.files {
+        if let FileKind::UnixConnected {
+            ty,
+            peer,
+            peer_name,
+            ..
+        } = &f.kind
+            && !inodes.contains(peer)
+            && !(*ty == libc::SOCK_DGRAM && peer_name.is_some())
+        {
+            let (p, fd) = table.holders[f.id];
+            problems.push(format!(
+                "process {p}: fd {fd}: a unix socket connected to a process outside the tree"
+            ));
+        }
+    }
+}
+
 /// Integer options worth carrying over for inet sockets.
 const INET_OPTIONS: &[(i32, i32)] = &[
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
@@ -240,8 +369,14 @@ const INET_OPTIONS: &[(i32, i32)] = &[
 fn inet_options(s: std::os::fd::BorrowedFd<'_>, v6: bool, tcp: bool) -> Vec<(i32, i32, i32)> {
     INET_OPTIONS
         .iter()
-        .filter(|(level, _)| (*level != libc::IPPROTO_IPV6 || v6) && (*level != libc::IPPROTO_TCP || tcp))
-        .filter_map(|&(level, name)| sys::getsockopt_int(s, level, name).ok().map(|v| (level, name, v)))
+        .filter(|(level, _)| {
+            (*level != libc::IPPROTO_IPV6 || v6) && (*level != libc::IPPROTO_TCP || tcp)
+        })
+        .filter_map(|&(level, name)| {
+            sys::getsockopt_int(s, level, name)
+                .ok()
+                .map(|v| (level, name, v))
+        })
         .collect()
 }
 
@@ -259,19 +394,26 @@ fn socket_kind(
     pid: Pid,
     fd: i32,
     id: usize,
+    ino: u32,
     img: &ImageDir,
     table: &mut FileTable,
+    unix: &HashMap<u32, UnixInfo>,
 ) -> Result<std::result::Result<FileKind, String>> {
     let s = sys::steal_fd(pid, fd).map_err(Error::io(format!("take fd {fd} of process {pid}")))?;
     let domain = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
         .map_err(Error::io("socket domain"))?;
     let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)
         .map_err(Error::io("socket type"))?;
+    if domain == libc::AF_UNIX {
+        return unix_kind(pid, fd, id, ino, &s, img, unix);
+    }
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         let name = socket::AddressFamily::from_i32(domain)
             .map(|f| format!("{f:?}"))
             .unwrap_or_else(|| format!("family {domain}"));
-        return Ok(Err(format!("a {name} socket: only TCP and UDP sockets are supported so far")));
+        return Ok(Err(format!(
+            "a {name} socket: only TCP and UDP sockets are supported so far"
+        )));
     }
     let v6 = domain == libc::AF_INET6;
     let local = socket::getsockname::<socket::SockaddrStorage>(s.as_raw_fd())
@@ -291,7 +433,9 @@ fn socket_kind(
         }));
     }
     if ty != libc::SOCK_STREAM {
-        return Ok(Err(format!("an inet socket of type {ty}: only stream and datagram sockets are supported")));
+        return Ok(Err(format!(
+            "an inet socket of type {ty}: only stream and datagram sockets are supported"
+        )));
     }
     let info = tcp::info(s.as_fd()).map_err(Error::io("TCP_INFO"))?;
     let options = inet_options(s.as_fd(), v6, true);
@@ -304,7 +448,9 @@ fn socket_kind(
                     info.unacked
                 )));
             }
-            let addr = local.ok_or_else(|| Error::io("listening socket address")(std::io::Error::other("unbound")))?;
+            let addr = local.ok_or_else(|| {
+                Error::io("listening socket address")(std::io::Error::other("unbound"))
+            })?;
             Ok(Ok(FileKind::TcpListen {
                 addr: addr.to_string(),
                 backlog: listen_backlog(pid, &addr).unwrap_or(4096),

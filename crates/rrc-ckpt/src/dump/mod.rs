@@ -94,6 +94,10 @@ fn checkpoint_into(
         }
         ns_of.insert(p.pid, ns);
     }
+    // Which unix socket is connected to which: only sock_diag tells, for
+    // the sockets of the tree's network namespace.
+    let unix = in_netns_of(opts.root, crate::unixdiag::query)?
+        .map_err(Error::io("list unix sockets (sock_diag)"))?;
     for p in &seized.processes {
         let raw = p.pid.as_raw();
         let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
@@ -112,7 +116,7 @@ fn checkpoint_into(
         let ts = process::threads_and_signals(p, cpu.xsave_size)?;
         let mem = memory::dump(p.pid, img, ns_of[&p.pid], &mut shmem, &mut problems)?;
         memory_bytes += mem.bytes;
-        let fds = files::dump(p.pid, img, &mut files, &mut shmem, &mut problems)?;
+        let fds = files::dump(p.pid, img, &mut files, &mut shmem, &unix, &mut problems)?;
         let link = |what: &str| {
             fs::read_link(format!("/proc/{raw}/{what}"))
                 .map(|p| p.to_string_lossy().into_owned())
@@ -157,6 +161,7 @@ fn checkpoint_into(
             keepcaps: ts.keepcaps,
         });
     }
+    files::check_unix_peers(&files, &mut problems);
     let repaired = std::mem::take(&mut files.repaired);
     if !problems.is_empty() {
         for s in &repaired {
@@ -212,5 +217,29 @@ fn checkpoint_into(
         image_bytes,
         frozen,
         total: start.elapsed(),
+    })
+}
+
+/// Runs `f` on a thread inside the network namespace of process `pid`.
+pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
+    use std::os::fd::AsFd;
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| Error::Proc {
+        pid: pid.as_raw(),
+        what: "network namespace",
+        detail: e.to_string(),
+    })?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                Error::Proc {
+                    pid: pid.as_raw(),
+                    what: "network namespace",
+                    detail: e.to_string(),
+                }
+            })?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }

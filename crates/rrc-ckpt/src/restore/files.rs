@@ -69,18 +69,38 @@ impl FilePlan {
                 max_fd = max_fd.max(fd.fd);
             }
         }
+        // Files made together: the two ends of a pipe, the two ends of a
+        // unix connection inside the tree.
         let mut pipe_ends: HashMap<u64, Vec<usize>> = HashMap::new();
+        let unix_inodes: std::collections::HashSet<u32> = m
+            .files
+            .iter()
+            .filter_map(|f| match f.kind {
+                FileKind::UnixConnected { ino, .. } => Some(ino),
+                _ => None,
+            })
+            .collect();
+        let group_of = |f: &OpenFile| -> Option<u64> {
+            match f.kind {
+                FileKind::Pipe { pipe, .. } => Some(pipe),
+                FileKind::UnixConnected { ino, peer, .. } if unix_inodes.contains(&peer) => {
+                    // Unix inodes and pipe inodes come from one counter.
+                    Some(u64::from(ino.min(peer)))
+                }
+                _ => None,
+            }
+        };
         for f in &m.files {
-            if let FileKind::Pipe { pipe, .. } = f.kind {
-                pipe_ends.entry(pipe).or_default().push(f.id);
+            if let Some(g) = group_of(f) {
+                pipe_ends.entry(g).or_default().push(f.id);
             }
         }
         let mut creator = HashMap::new();
         let mut external = HashMap::new();
         for f in &m.files {
-            let group: Vec<usize> = match f.kind {
-                FileKind::Pipe { pipe, .. } => pipe_ends[&pipe].clone(),
-                _ => vec![f.id],
+            let group: Vec<usize> = match group_of(f) {
+                Some(g) => pipe_ends[&g].clone(),
+                None => vec![f.id],
             };
             let all: Vec<i32> = group
                 .iter()
@@ -138,7 +158,10 @@ pub fn create_owned(
         .filter(|f| plan.creator.get(&f.id) == Some(&pid) && !held.contains_key(&f.id))
         .partition(|f| sockets::is_socket(f));
     if !sockets.is_empty() {
-        let transport = plan.transport.as_ref().expect("a transport when restoring sockets");
+        let transport = plan
+            .transport
+            .as_ref()
+            .expect("a transport when restoring sockets");
         let mut repaired = Vec::new();
         let got = sockets::create(t, &sockets, img, transport, &mut repaired)?;
         plan.repaired.extend(repaired);
@@ -422,7 +445,11 @@ fn create(
             t.call("seek", nr::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
             fd
         }
-        FileKind::Tcp { .. } | FileKind::Inet { .. } => unreachable!("sockets are built by the engine"),
+        FileKind::Tcp { .. }
+        | FileKind::Inet { .. }
+        | FileKind::UnixListen { .. }
+        | FileKind::UnixConnected { .. }
+        | FileKind::Unix { .. } => unreachable!("sockets are built by the engine"),
         FileKind::TcpListen {
             addr,
             backlog,

@@ -6,11 +6,14 @@
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, bind, connect, socket, SockaddrStorage};
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage, UnixAddr, bind, connect, socket,
+};
 use nix::unistd::Pid;
 
 use crate::image::{FileKind, ImageDir, OpenFile};
 use crate::restore::tracee::Tracee;
+use crate::unixdiag::UnixName;
 use crate::{Error, Result, sys, tcp};
 
 fn rerr(pid: i32, detail: String) -> Error {
@@ -22,7 +25,110 @@ fn rerr(pid: i32, detail: String) -> Error {
 }
 
 pub fn is_socket(f: &OpenFile) -> bool {
-    matches!(f.kind, FileKind::Tcp { .. } | FileKind::Inet { .. })
+    matches!(
+        f.kind,
+        FileKind::Tcp { .. }
+            | FileKind::Inet { .. }
+            | FileKind::UnixListen { .. }
+            | FileKind::UnixConnected { .. }
+            | FileKind::Unix { .. }
+    )
+}
+
+fn unix_addr(name: &UnixName) -> std::io::Result<UnixAddr> {
+    Ok(match name {
+        UnixName::Path(p) => UnixAddr::new(p.as_str())?,
+        UnixName::Abstract(a) => UnixAddr::new_abstract(a)?,
+    })
+}
+
+fn unix_type(ty: i32) -> SockType {
+    match ty {
+        libc::SOCK_DGRAM => SockType::Datagram,
+        libc::SOCK_SEQPACKET => SockType::SeqPacket,
+        _ => SockType::Stream,
+    }
+}
+
+/// Queues `f`'s saved incoming messages by sending them from its peer end.
+fn refill(f: &OpenFile, from: &OwnedFd, img: &ImageDir, pid: i32) -> Result<()> {
+    let FileKind::UnixConnected { messages, .. } = &f.kind else {
+        return Ok(());
+    };
+    let path = img.file_data(f.id);
+    let data = fs::read(&path).map_err(|e| Error::image(&path, e))?;
+    let mut off = 0;
+    for len in messages {
+        let m = data
+            .get(off..off + *len as usize)
+            .ok_or_else(|| Error::CorruptImage {
+                path: path.clone(),
+                detail: "queued messages shorter than recorded".into(),
+            })?;
+        let mut sent = 0;
+        // A stream takes its bytes in as many writes as it likes; a
+        // message goes in one.
+        while sent < m.len() || (m.is_empty() && sent == 0) {
+            let n = nix::sys::socket::send(from.as_raw_fd(), &m[sent..], MsgFlags::MSG_DONTWAIT)
+                .map_err(|e| rerr(pid, format!("requeue unix socket data: {e}")))?;
+            sent += n;
+            if m.is_empty() {
+                break;
+            }
+        }
+        off += *len as usize;
+    }
+    Ok(())
+}
+
+/// A listening or unconnected unix socket, or one end of a connection to a
+/// socket outside the tree (datagram, reconnected by name).
+fn build_unix(f: &OpenFile, pid: i32) -> Result<OwnedFd> {
+    let io = |what: String| move |e: nix::Error| rerr(pid, format!("{what}: {e}"));
+    let (ty, name, peer_name, listen) = match &f.kind {
+        FileKind::UnixListen { ty, name, backlog } => (*ty, Some(name), None, Some(*backlog)),
+        FileKind::Unix { ty, name } => (*ty, name.as_ref(), None, None),
+        FileKind::UnixConnected {
+            ty,
+            name,
+            peer_name,
+            ..
+        } => (*ty, name.as_ref(), peer_name.as_ref(), None),
+        _ => unreachable!("unix sockets only"),
+    };
+    let s = socket(
+        AddressFamily::Unix,
+        unix_type(ty),
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io("unix socket".into()))?;
+    if let Some(n) = name {
+        if let UnixName::Path(p) = n {
+            // A socket file left by the original (now gone) is in the way.
+            if fs::symlink_metadata(p)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+            {
+                let _ = fs::remove_file(p);
+            }
+        }
+        let a = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+        bind(s.as_raw_fd(), &a).map_err(io(format!("bind unix socket {n:?}")))?;
+    }
+    if let Some(b) = listen {
+        nix::sys::socket::listen(
+            &s,
+            nix::sys::socket::Backlog::new(b.min(i32::MAX as u32) as i32)
+                .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+        )
+        .map_err(io("listen".into()))?;
+    }
+    if let Some(p) = peer_name {
+        let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+        connect(s.as_raw_fd(), &a).map_err(io(format!("reconnect unix socket to {p:?}")))?;
+    }
+    set_nonblocking(&s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
+    Ok(s)
 }
 
 /// Runs `f` on a thread inside the network namespace of process `pid`.
@@ -102,9 +208,18 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
             peer,
             options,
         } => {
-            let fam = if *family == libc::AF_INET6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
-            let sty = if *ty == libc::SOCK_DGRAM { SockType::Datagram } else { SockType::Stream };
-            let s = socket(fam, sty, SockFlag::SOCK_CLOEXEC, None).map_err(|e| io("socket")(e.into()))?;
+            let fam = if *family == libc::AF_INET6 {
+                AddressFamily::Inet6
+            } else {
+                AddressFamily::Inet
+            };
+            let sty = if *ty == libc::SOCK_DGRAM {
+                SockType::Datagram
+            } else {
+                SockType::Stream
+            };
+            let s = socket(fam, sty, SockFlag::SOCK_CLOEXEC, None)
+                .map_err(|e| io("socket")(e.into()))?;
             set_options(&s, options);
             if let Some(l) = local {
                 let a = SockaddrStorage::from(parse_addr(pid, l)?);
@@ -159,16 +274,60 @@ pub fn create(
     repaired: &mut Vec<OwnedFd>,
 ) -> Result<Vec<(usize, u64)>> {
     let pid = t.ns_pid;
+    let by_ino: std::collections::HashMap<u32, &OpenFile> = files
+        .iter()
+        .filter_map(|f| match f.kind {
+            FileKind::UnixConnected { ino, .. } => Some((ino, *f)),
+            _ => None,
+        })
+        .collect();
     let built = in_netns(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
-        files
-            .iter()
-            .map(|f| build(f, img, pid).map(|(s, r)| (f.id, s, r)))
-            .collect()
+        let mut out = Vec::new();
+        let mut paired = std::collections::HashSet::new();
+        for f in files {
+            if paired.contains(&f.id) {
+                continue;
+            }
+            match &f.kind {
+                FileKind::UnixConnected { ty, peer, .. } if by_ino.contains_key(peer) => {
+                    // Both ends here: a fresh pair, each end's incoming
+                    // data sent from the other.
+                    let other = by_ino[peer];
+                    let (a, b) = nix::sys::socket::socketpair(
+                        AddressFamily::Unix,
+                        unix_type(*ty),
+                        None,
+                        SockFlag::SOCK_CLOEXEC,
+                    )
+                    .map_err(|e| rerr(pid, format!("socketpair: {e}")))?;
+                    refill(f, &b, img, pid)?;
+                    refill(other, &a, img, pid)?;
+                    set_nonblocking(&a, f.flags)
+                        .map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
+                    set_nonblocking(&b, other.flags)
+                        .map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
+                    paired.insert(other.id);
+                    out.push((f.id, a, false));
+                    out.push((other.id, b, false));
+                }
+                FileKind::UnixConnected { .. }
+                | FileKind::UnixListen { .. }
+                | FileKind::Unix { .. } => {
+                    out.push((f.id, build_unix(f, pid)?, false));
+                }
+                _ => {
+                    let (s, r) = build(f, img, pid)?;
+                    out.push((f.id, s, r));
+                }
+            }
+        }
+        Ok(out)
     })??;
     let mut out = Vec::with_capacity(built.len());
     for chunk in built.chunks(BATCH) {
         let raw: Vec<RawFd> = chunk.iter().map(|(_, s, _)| s.as_raw_fd()).collect();
-        sys::send_fds(transport.ours.as_fd(), &raw).map_err(|e| rerr(pid, format!("pass sockets: {e}")))?;
+        sys::send_fds(transport.ours.as_fd(), &raw)
+            .map_err(|e| rerr(pid, format!("pass sockets: {e}")))?;
         let fds = receive(t, transport.tracee_fd(), raw.len())?;
         out.extend(chunk.iter().zip(fds).map(|((id, _, _), fd)| (*id, fd)));
     }
