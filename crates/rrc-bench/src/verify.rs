@@ -196,7 +196,7 @@ struct TarantoolSession(LineSession);
 impl TarantoolSession {
     /// Runs a Lua expression on the console; returns its YAML lines.
     fn eval(&mut self, expr: &str) -> io::Result<Vec<String>> {
-        write!(self.0.w, "{expr}\n")?;
+        writeln!(self.0.w, "{expr}")?;
         let first = self.0.line()?;
         if first != "---\n" {
             return Err(bad(format!("console answered {first:?}")));
