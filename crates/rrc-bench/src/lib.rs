@@ -7,5 +7,6 @@ pub mod net;
 pub mod redis_benchmark;
 pub mod resp;
 pub mod session;
+pub mod sockets;
 pub mod stats;
 pub mod verify;

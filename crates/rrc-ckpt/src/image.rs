@@ -281,13 +281,14 @@ pub enum FileKind {
         backlog: u32,
         options: Vec<(i32, i32, i32)>,
     },
-    /// A TCP connection; its send queue then its receive queue are in
-    /// `file-<id>.img`.
+    /// A TCP connection; `data` holds its send queue then its receive
+    /// queue.
     Tcp {
         local: String,
         peer: String,
         tcp: crate::tcp::TcpState,
         options: Vec<(i32, i32, i32)>,
+        data: Blob,
     },
     /// A listening unix socket.
     UnixListen {
@@ -296,8 +297,8 @@ pub enum FileKind {
         backlog: u32,
     },
     /// A connected unix socket (inode `ino`, connected to inode `peer`).
-    /// What it had queued to read is in `file-<id>.img`, as consecutive
-    /// messages of the lengths given (one run for a stream socket).
+    /// What it had queued to read is in `data`, as consecutive messages of
+    /// the lengths given (one run for a stream socket).
     UnixConnected {
         ty: i32,
         ino: u32,
@@ -307,6 +308,7 @@ pub enum FileKind {
         /// outside the tree (reconnected by name).
         peer_name: Option<crate::unixdiag::UnixName>,
         messages: Vec<u32>,
+        data: Blob,
     },
     /// An unconnected unix socket, bound or not.
     Unix {
@@ -368,6 +370,13 @@ pub struct Creds {
     pub cap_eff: u64,
     pub cap_bnd: u64,
     pub cap_amb: u64,
+}
+
+/// A run of bytes in the image's `sockets.img` (queued socket data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Blob {
+    pub offset: u64,
+    pub len: u64,
 }
 
 /// Bytes kept as a hex string in the JSON records.
@@ -478,6 +487,11 @@ impl ImageDir {
 
     pub fn file_data(&self, id: usize) -> PathBuf {
         self.file(&format!("file-{id}.img"))
+    }
+
+    /// Queued socket data of the whole image.
+    pub fn socket_data(&self) -> PathBuf {
+        self.file("sockets.img")
     }
 
     pub fn pipe_data(&self, pipe: u64) -> PathBuf {

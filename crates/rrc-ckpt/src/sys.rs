@@ -214,18 +214,23 @@ pub fn same_file(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<bool> {
     Ok(r == 0)
 }
 
-/// Duplicates file descriptor `fd` of process `pid` into this process.
-pub fn steal_fd(pid: Pid, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+/// A pidfd for process `pid`.
+pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     // SAFETY: pidfd_open takes integers and returns a new fd we own.
     let pidfd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })? as i32;
     // SAFETY: pidfd was just returned to us.
-    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) };
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) })
+}
+
+/// Duplicates file descriptor `fd` of the process behind `pidfd`.
+pub fn steal_fd_via(pidfd: &std::os::fd::OwnedFd, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
     // SAFETY: pidfd_getfd takes integers and returns a new fd we own.
     let fd = check(unsafe {
         libc::syscall(
             libc::SYS_pidfd_getfd,
-            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            std::os::fd::AsRawFd::as_raw_fd(pidfd),
             fd,
             0,
         )

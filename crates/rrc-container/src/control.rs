@@ -36,6 +36,7 @@ pub enum Response {
         image_bytes: u64,
         stopped_us: u64,
         total_us: u64,
+        sockets_us: u64,
         killed: bool,
     },
     Failed(String),

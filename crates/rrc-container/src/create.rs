@@ -76,6 +76,8 @@ pub struct Container {
     pub(crate) cgroup: Cgroup,
     pub(crate) init: Pid,
     pub(crate) net: Option<ContainerNet>,
+    /// How the restore went, for a container that was restored.
+    pub(crate) restored: Option<rrc_ckpt::restore::Restored>,
 }
 
 /// Signals the supervisor takes through a signalfd; blocked before any
@@ -150,6 +152,7 @@ impl Container {
                 cgroup,
                 init,
                 net,
+                restored: None,
             }),
             Err(e) => {
                 partial.rollback();
@@ -270,6 +273,11 @@ impl Container {
 
     pub fn net(&self) -> Option<&ContainerNet> {
         self.net.as_ref()
+    }
+
+    /// The engine's report, for a container that was restored.
+    pub fn restore_report(&self) -> Option<&rrc_ckpt::restore::Restored> {
+        self.restored.as_ref()
     }
 }
 

@@ -86,13 +86,14 @@ impl Container {
             init: None,
         };
         match Self::rebuild(spec, layout, opts, &mut record, &mut partial) {
-            Ok((cgroup, init, net)) => Ok(Container {
+            Ok((cgroup, init, net, restored)) => Ok(Container {
                 host,
                 claim: partial.claim.take(),
                 record,
                 cgroup,
                 init,
                 net,
+                restored: Some(restored),
             }),
             Err(e) => {
                 partial.rollback();
@@ -107,7 +108,12 @@ impl Container {
         opts: CreateOptions,
         record: &mut ContainerRecord,
         partial: &mut Partial,
-    ) -> Result<(rrc_cgroup::Cgroup, Pid, Option<crate::create::ContainerNet>)> {
+    ) -> Result<(
+        rrc_cgroup::Cgroup,
+        Pid,
+        Option<crate::create::ContainerNet>,
+        rrc_ckpt::restore::Restored,
+    )> {
         let save = |partial: &Partial, record: &ContainerRecord| {
             partial.claim.as_ref().expect("claimed").save(record)
         };
@@ -166,6 +172,6 @@ impl Container {
         tracing::info!(container = %spec.name, pid = init.as_raw(), "container restored");
         partial.init = None;
         partial.cgroup = None;
-        Ok((cgroup, init, net))
+        Ok((cgroup, init, net, restored))
     }
 }

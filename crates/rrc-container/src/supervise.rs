@@ -139,6 +139,7 @@ impl Container {
                         image_bytes: r.image_bytes,
                         stopped_us: r.frozen.as_micros() as u64,
                         total_us: r.total.as_micros() as u64,
+                        sockets_us: r.sockets.as_micros() as u64,
                         killed: !leave_running,
                     }
                 }

@@ -19,6 +19,8 @@ fn cfg_err(ifname: &str, what: &'static str) -> impl FnOnce(std::io::Error) -> E
     }
 }
 
+const TXQUEUELEN: i32 = 16_384;
+
 /// Brings `lo` up in the calling thread's namespace.
 pub fn loopback_up() -> Result<()> {
     let sock = sys::config_socket().map_err(cfg_err("lo", "socket"))?;
@@ -32,6 +34,10 @@ pub fn configure_interface(ifname: &str, mac: MacAddr, addr: Ipv4Net) -> Result<
     sys::if_set_hwaddr(sock.as_fd(), ifname, mac).map_err(cfg_err(ifname, "MAC address"))?;
     sys::if_set_addr(sock.as_fd(), ifname, addr.addr(), addr.netmask())
         .map_err(cfg_err(ifname, "IPv4 address"))?;
+    // Room for the burst a restored container sends before rrc forwards
+    // (a window probe and acknowledgements per restored connection).
+    sys::if_set_txqueuelen(sock.as_fd(), ifname, TXQUEUELEN)
+        .map_err(cfg_err(ifname, "transmit queue"))?;
     sys::if_set_up(sock.as_fd(), ifname).map_err(cfg_err(ifname, "link up"))
 }
 

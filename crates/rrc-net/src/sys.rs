@@ -146,6 +146,13 @@ pub fn if_set_up(sock: BorrowedFd<'_>, name: &str) -> io::Result<()> {
     ioctl_ifreq(sock, libc::SIOCSIFFLAGS, &mut req)
 }
 
+/// Sets the length of the interface's transmit queue.
+pub fn if_set_txqueuelen(sock: BorrowedFd<'_>, name: &str, len: i32) -> io::Result<()> {
+    let mut req = ifreq_named(name)?;
+    req.ifr_ifru.ifru_metric = len;
+    ioctl_ifreq(sock, libc::SIOCSIFTXQLEN, &mut req)
+}
+
 pub fn add_default_route(sock: BorrowedFd<'_>, gateway: Ipv4Addr) -> io::Result<()> {
     // SAFETY: rtentry is a plain C struct for which zero bytes are valid
     // (null device pointer: the kernel picks the interface by gateway).

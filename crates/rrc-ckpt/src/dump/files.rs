@@ -11,7 +11,7 @@ use nix::sys::socket;
 use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
-use crate::image::{EpollTarget, Fd, FileKind, ImageDir, OpenFile};
+use crate::image::{Blob, EpollTarget, Fd, FileKind, ImageDir, OpenFile};
 use crate::procfs::{self as pfs, FdInfo};
 use crate::unixdiag::UnixInfo;
 use crate::{Error, Result, sys, tcp};
@@ -26,6 +26,51 @@ pub struct FileTable {
     pipes_saved: std::collections::HashSet<u64>,
     /// TCP sockets put in repair mode to be read.
     pub repaired: Vec<std::os::fd::OwnedFd>,
+    /// Time spent on sockets.
+    pub socket_time: std::time::Duration,
+    /// `sockets.img`, opened on first use, and how much it holds.
+    blobs: Option<(std::io::BufWriter<File>, u64)>,
+    /// A pidfd per process, to take its fds.
+    pidfds: HashMap<i32, std::os::fd::OwnedFd>,
+}
+
+impl FileTable {
+    /// Appends `data` to the image's socket data; returns where it is.
+    fn put_blob(&mut self, img: &ImageDir, data: &[u8]) -> Result<Blob> {
+        use std::io::Write;
+        let path = img.socket_data();
+        if self.blobs.is_none() {
+            let f = File::create(&path).map_err(|e| Error::image(&path, e))?;
+            self.blobs = Some((std::io::BufWriter::with_capacity(1 << 20, f), 0));
+        }
+        let (w, at) = self.blobs.as_mut().expect("just opened");
+        w.write_all(data).map_err(|e| Error::image(&path, e))?;
+        let blob = Blob {
+            offset: *at,
+            len: data.len() as u64,
+        };
+        *at += data.len() as u64;
+        Ok(blob)
+    }
+
+    /// Writes out what [`FileTable::put_blob`] buffered.
+    pub fn finish(&mut self, img: &ImageDir) -> Result<()> {
+        use std::io::Write;
+        if let Some((w, _)) = self.blobs.as_mut() {
+            w.flush().map_err(|e| Error::image(&img.socket_data(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Fd `fd` of `pid`, duplicated into this process.
+    fn take_fd(&mut self, pid: Pid, fd: i32) -> Result<std::os::fd::OwnedFd> {
+        let err = |e| Error::io(format!("take fd {fd} of process {pid}"))(e);
+        if !self.pidfds.contains_key(&pid.as_raw()) {
+            self.pidfds
+                .insert(pid.as_raw(), sys::pidfd_open(pid).map_err(err)?);
+        }
+        sys::steal_fd_via(&self.pidfds[&pid.as_raw()], fd).map_err(err)
+    }
 }
 
 const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
@@ -136,9 +181,11 @@ fn classify(
         }));
     }
     if link.starts_with("socket:[") {
-        let id = table.files.len();
         let ino = meta.ino() as u32;
-        return match socket_kind(pid, fd, id, ino, img, table, unix)? {
+        let started = std::time::Instant::now();
+        let kind = socket_kind(pid, fd, ino, img, table, unix);
+        table.socket_time += started.elapsed();
+        return match kind? {
             Ok(kind) => Ok(Some(kind)),
             Err(what) => problem(what),
         };
@@ -228,10 +275,10 @@ fn describe_anon(name: &str) -> String {
 fn unix_kind(
     pid: Pid,
     fd: i32,
-    id: usize,
     ino: u32,
     s: &std::os::fd::OwnedFd,
     img: &ImageDir,
+    table: &mut FileTable,
     unix: &HashMap<u32, UnixInfo>,
 ) -> Result<std::result::Result<FileKind, String>> {
     let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)
@@ -306,8 +353,7 @@ fn unix_kind(
             return Ok(Err(what));
         }
     }
-    let path = img.file_data(id);
-    fs::write(&path, &data).map_err(|e| Error::image(&path, e))?;
+    let data = table.put_blob(img, &data)?;
     Ok(Ok(FileKind::UnixConnected {
         ty,
         ino,
@@ -315,6 +361,7 @@ fn unix_kind(
         name: info.name.clone(),
         peer_name: unix.get(&peer).and_then(|p| p.name.clone()),
         messages,
+        data,
     }))
 }
 
@@ -393,19 +440,18 @@ fn socket_addr(addr: &socket::SockaddrStorage) -> Option<std::net::SocketAddr> {
 fn socket_kind(
     pid: Pid,
     fd: i32,
-    id: usize,
     ino: u32,
     img: &ImageDir,
     table: &mut FileTable,
     unix: &HashMap<u32, UnixInfo>,
 ) -> Result<std::result::Result<FileKind, String>> {
-    let s = sys::steal_fd(pid, fd).map_err(Error::io(format!("take fd {fd} of process {pid}")))?;
+    let s = table.take_fd(pid, fd)?;
     let domain = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
         .map_err(Error::io("socket domain"))?;
     let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)
         .map_err(Error::io("socket type"))?;
     if domain == libc::AF_UNIX {
-        return unix_kind(pid, fd, id, ino, &s, img, unix);
+        return unix_kind(pid, fd, ino, &s, img, table, unix);
     }
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         let name = socket::AddressFamily::from_i32(domain)
@@ -482,8 +528,7 @@ fn socket_kind(
             let (st, sndq, rcvq) = tcp::dump(s.as_fd()).map_err(Error::io(format!(
                 "read TCP connection {local} -> {peer} of process {pid}"
             )))?;
-            let path = img.file_data(id);
-            fs::write(&path, [sndq, rcvq].concat()).map_err(|e| Error::image(&path, e))?;
+            let data = table.put_blob(img, &[sndq, rcvq].concat())?;
             // Kept open: the connection stays in repair mode until the
             // checkpoint ends (then it dies silently, or leaves repair
             // mode quietly if the tree goes on).
@@ -493,6 +538,7 @@ fn socket_kind(
                 peer: peer.to_string(),
                 tcp: st,
                 options,
+                data,
             }))
         }
         other => Ok(Err(format!(

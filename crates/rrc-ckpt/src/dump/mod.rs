@@ -38,6 +38,9 @@ pub struct CheckpointReport {
     /// How long the tree was stopped.
     pub frozen: Duration,
     pub total: Duration,
+    /// Of the total, the time spent reading sockets (connections in repair
+    /// mode, queues).
+    pub sockets: Duration,
 }
 
 pub fn kernel_release() -> String {
@@ -162,6 +165,8 @@ fn checkpoint_into(
         });
     }
     files::check_unix_peers(&files, &mut problems);
+    files.finish(img)?;
+    let sockets = files.socket_time;
     let repaired = std::mem::take(&mut files.repaired);
     if !problems.is_empty() {
         for s in &repaired {
@@ -217,6 +222,7 @@ fn checkpoint_into(
         image_bytes,
         frozen,
         total: start.elapsed(),
+        sockets,
     })
 }
 

@@ -35,6 +35,8 @@ pub struct FilePlan {
     pub transport: Option<Transport>,
     /// Restored TCP connections, in repair mode until the tree is let go.
     pub repaired: Vec<std::os::fd::OwnedFd>,
+    /// Time spent building and passing sockets.
+    pub socket_time: std::time::Duration,
 }
 
 impl FilePlan {
@@ -124,6 +126,7 @@ impl FilePlan {
             ghosts: Vec::new(),
             transport: None,
             repaired: Vec::new(),
+            socket_time: std::time::Duration::ZERO,
         }
     }
 }

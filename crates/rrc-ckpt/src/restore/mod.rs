@@ -58,6 +58,8 @@ pub struct Restored {
     pub processes: usize,
     pub threads: usize,
     pub took: Duration,
+    /// Of that, the time spent rebuilding sockets.
+    pub sockets: Duration,
 }
 
 const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
@@ -386,10 +388,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         mm::seal_memfds(&ctx.mem)?;
         // Connections leave repair mode before their processes run: the
         // window probe each sends makes its peer resend what it lacks.
+        let started = Instant::now();
         for s in ctx.plan.repaired.drain(..) {
             crate::tcp::leave_repair(std::os::fd::AsFd::as_fd(&s))
                 .map_err(|e| rerr(root.pid, "sockets", format!("leave repair mode: {e}")))?;
         }
+        ctx.plan.socket_time += started.elapsed();
         // Everything is in place: drop the scratch regions, then let go.
         for t in ctx.done.iter_mut() {
             t.call(
@@ -418,5 +422,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         processes: procs.len(),
         threads: procs.values().map(|p| p.threads.len()).sum(),
         took: start.elapsed(),
+        sockets: ctx.plan.socket_time,
     })
 }

@@ -11,7 +11,7 @@ use nix::sys::socket::{
 };
 use nix::unistd::Pid;
 
-use crate::image::{FileKind, ImageDir, OpenFile};
+use crate::image::{Blob, FileKind, ImageDir, OpenFile};
 use crate::restore::tracee::Tracee;
 use crate::unixdiag::UnixName;
 use crate::{Error, Result, sys, tcp};
@@ -50,13 +50,24 @@ fn unix_type(ty: i32) -> SockType {
     }
 }
 
+/// Bytes of the image's socket data.
+fn blob(img: &ImageDir, b: &Blob) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let path = img.socket_data();
+    let f = fs::File::open(&path).map_err(|e| Error::image(&path, e))?;
+    let mut data = vec![0u8; b.len as usize];
+    f.read_exact_at(&mut data, b.offset)
+        .map_err(|e| Error::image(&path, e))?;
+    Ok(data)
+}
+
 /// Queues `f`'s saved incoming messages by sending them from its peer end.
 fn refill(f: &OpenFile, from: &OwnedFd, img: &ImageDir, pid: i32) -> Result<()> {
-    let FileKind::UnixConnected { messages, .. } = &f.kind else {
+    let FileKind::UnixConnected { messages, data, .. } = &f.kind else {
         return Ok(());
     };
-    let path = img.file_data(f.id);
-    let data = fs::read(&path).map_err(|e| Error::image(&path, e))?;
+    let path = img.socket_data();
+    let data = blob(img, data)?;
     let mut off = 0;
     for len in messages {
         let m = data
@@ -180,10 +191,11 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
             peer,
             tcp: st,
             options,
+            data,
         } => {
             let (l, p) = (parse_addr(pid, local)?, parse_addr(pid, peer)?);
-            let path = img.file_data(f.id);
-            let data = fs::read(&path).map_err(|e| Error::image(&path, e))?;
+            let path = img.socket_data();
+            let data = blob(img, data)?;
             let n = st.sndq_len as usize;
             if data.len() != n + st.rcvq_len as usize {
                 return Err(Error::CorruptImage {

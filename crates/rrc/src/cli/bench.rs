@@ -12,6 +12,10 @@ pub enum BenchCommand {
     /// time for 10 MB, 100 MB and 1 GB of touched memory, and for a Redis
     /// holding about 114 MB.
     Ckpt(CkptArgs),
+    /// What connections add to a checkpoint and a restore (1, 100 and 1000
+    /// Redis connections moved between lab hosts), and the longest gap
+    /// busy clients see across such a move.
+    Sockets(SocketsArgs),
     /// The workload process of `bench ckpt` (not for direct use).
     #[command(hide = true)]
     Target {
@@ -55,6 +59,19 @@ pub struct CkptArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct SocketsArgs {
+    /// Numbers of open connections to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 100, 1000])]
+    connections: Vec<usize>,
+    /// Moves under load from verifying clients.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 pub fn bench(c: BenchCommand) -> Result<i32> {
     if let BenchCommand::Target { mb } = c {
         rrc_bench::ckpt::target(mb)?;
@@ -63,6 +80,18 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
     rrc_container::probe::require_root("rrc bench")?;
     match c {
         BenchCommand::Target { .. } => unreachable!("handled above"),
+        BenchCommand::Sockets(a) => {
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let r = rrc_bench::sockets::run(&exe, &a.connections, a.rounds, &|m| {
+                eprintln!("bench: {m}")
+            })?;
+            print!("{}", rrc_bench::sockets::render(&r));
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(0)
+        }
         BenchCommand::Ckpt(a) => {
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
             let work = rrc_bench::ckpt::default_work_dir();

@@ -75,6 +75,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
                     image_bytes,
                     stopped_us,
                     total_us,
+                    sockets_us,
                     ..
                 } => rrc_ckpt::dump::CheckpointReport {
                     processes,
@@ -83,6 +84,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
                     image_bytes,
                     frozen: std::time::Duration::from_micros(stopped_us),
                     total: std::time::Duration::from_micros(total_us),
+                    sockets: std::time::Duration::from_micros(sockets_us),
                 },
                 Response::Failed(e) => bail!("checkpoint of container {name}: {e}"),
             };
@@ -99,13 +101,14 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
         (None, None) => bail!("name a container or give --pid"),
     };
     println!(
-        "checkpointed {what}: {} process(es), {} thread(s): {:.1} MiB of memory, image {:.1} MiB in {}; stopped for {:.1} ms, total {:.1} ms{}",
+        "checkpointed {what}: {} process(es), {} thread(s): {:.1} MiB of memory, image {:.1} MiB in {}; stopped for {:.1} ms (sockets {:.1} ms), total {:.1} ms{}",
         report.processes,
         report.threads,
         report.memory_bytes as f64 / (1 << 20) as f64,
         report.image_bytes as f64 / (1 << 20) as f64,
         a.images.display(),
         report.frozen.as_secs_f64() * 1000.0,
+        report.sockets.as_secs_f64() * 1000.0,
         report.total.as_secs_f64() * 1000.0,
         if a.leave_running {
             ""

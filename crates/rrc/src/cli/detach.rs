@@ -53,10 +53,15 @@ pub fn supervise_container(
         }
     };
     if let Some(n) = &mut notifier {
-        let mut msg = format!(
-            "container {name} {what}: pid {}",
-            container.init_pid().as_raw()
-        );
+        let mut msg = format!("container {name} {what}");
+        if let Some(r) = container.restore_report() {
+            msg += &format!(
+                " in {:.1} ms (sockets {:.1} ms)",
+                r.took.as_secs_f64() * 1e3,
+                r.sockets.as_secs_f64() * 1e3
+            );
+        }
+        msg += &format!(": pid {}", container.init_pid().as_raw());
         if let Some(net) = &container.record().net {
             msg += &format!(", {} via {}", net.addr, net.uplink);
         }
