@@ -65,11 +65,13 @@ impl FileTable {
     /// Fd `fd` of `pid`, duplicated into this process.
     fn take_fd(&mut self, pid: Pid, fd: i32) -> Result<std::os::fd::OwnedFd> {
         let err = |e| Error::io(format!("take fd {fd} of process {pid}"))(e);
-        if !self.pidfds.contains_key(&pid.as_raw()) {
-            self.pidfds
-                .insert(pid.as_raw(), sys::pidfd_open(pid).map_err(err)?);
-        }
-        sys::steal_fd_via(&self.pidfds[&pid.as_raw()], fd).map_err(err)
+        let pidfd = match self.pidfds.entry(pid.as_raw()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(sys::pidfd_open(pid).map_err(err)?)
+            }
+        };
+        sys::steal_fd_via(pidfd, fd).map_err(err)
     }
 }
 
