@@ -76,6 +76,7 @@ pub struct Container {
     pub(crate) cgroup: Cgroup,
     pub(crate) init: Pid,
     pub(crate) net: Option<ContainerNet>,
+    pub(crate) control: crate::control::ControlSocket,
     /// How the restore went, for a container that was restored.
     pub(crate) restored: Option<rrc_ckpt::restore::Restored>,
 }
@@ -145,13 +146,14 @@ impl Container {
             init: None,
         };
         match Self::build(spec, layout, &host, opts, &mut record, &mut partial) {
-            Ok((cgroup, init, net)) => Ok(Container {
+            Ok((cgroup, init, net, control)) => Ok(Container {
                 host,
                 claim: partial.claim.take(),
                 record,
                 cgroup,
                 init,
                 net,
+                control,
                 restored: None,
             }),
             Err(e) => {
@@ -168,7 +170,12 @@ impl Container {
         opts: CreateOptions,
         record: &mut ContainerRecord,
         partial: &mut Partial,
-    ) -> Result<(Cgroup, Pid, Option<ContainerNet>)> {
+    ) -> Result<(
+        Cgroup,
+        Pid,
+        Option<ContainerNet>,
+        crate::control::ControlSocket,
+    )> {
         let save = |partial: &Partial, record: &ContainerRecord| {
             partial.claim.as_ref().expect("claimed").save(record)
         };
@@ -242,6 +249,7 @@ impl Container {
         }
 
         let net = start_forwarding(net, spec.net.as_ref(), opts.gate, opts.spin)?;
+        let control = crate::control::ControlSocket::bind(host, &record.name)?;
         record.phase = Phase::Running;
         save(partial, record)?;
         tracing::info!(
@@ -252,7 +260,7 @@ impl Container {
         );
         partial.init = None;
         partial.cgroup = None;
-        Ok((cgroup, init, net))
+        Ok((cgroup, init, net, control))
     }
 
     pub fn host(&self) -> &HostState {

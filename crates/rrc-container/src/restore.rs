@@ -85,14 +85,15 @@ impl Container {
             cgroup: None,
             init: None,
         };
-        match Self::rebuild(spec, layout, opts, &mut record, &mut partial) {
-            Ok((cgroup, init, net, restored)) => Ok(Container {
+        match Self::rebuild(spec, layout, &host, opts, &mut record, &mut partial) {
+            Ok((cgroup, init, net, restored, control)) => Ok(Container {
                 host,
                 claim: partial.claim.take(),
                 record,
                 cgroup,
                 init,
                 net,
+                control,
                 restored: Some(restored),
             }),
             Err(e) => {
@@ -105,6 +106,7 @@ impl Container {
     fn rebuild(
         spec: &RestoreSpec,
         layout: &Layout,
+        host: &HostState,
         opts: CreateOptions,
         record: &mut ContainerRecord,
         partial: &mut Partial,
@@ -113,6 +115,7 @@ impl Container {
         Pid,
         Option<crate::create::ContainerNet>,
         rrc_ckpt::restore::Restored,
+        crate::control::ControlSocket,
     )> {
         let save = |partial: &Partial, record: &ContainerRecord| {
             partial.claim.as_ref().expect("claimed").save(record)
@@ -167,11 +170,12 @@ impl Container {
         record.init = ProcRef::of(init.as_raw());
         record.netns = netns;
         let net = start_forwarding(pending, spec.net.as_ref(), opts.gate, opts.spin)?;
+        let control = crate::control::ControlSocket::bind(host, &record.name)?;
         record.phase = Phase::Running;
         save(partial, record)?;
         tracing::info!(container = %spec.name, pid = init.as_raw(), "container restored");
         partial.init = None;
         partial.cgroup = None;
-        Ok((cgroup, init, net, restored))
+        Ok((cgroup, init, net, restored, control))
     }
 }

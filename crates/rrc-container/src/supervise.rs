@@ -13,7 +13,7 @@ use std::path::Path;
 
 use rrc_ckpt::dump::{CheckpointOptions, CheckpointReport};
 
-use crate::control::{self, ControlSocket, Request, Response};
+use crate::control::{self, Request, Response};
 use crate::create::{Container, supervisor_signals};
 use crate::proc::catches_signal;
 use crate::restore::{ANNOTATION, ContainerAnnotation};
@@ -54,7 +54,6 @@ impl Container {
             SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
         )
         .map_err(nix_setup_err("signalfd"))?;
-        let control = ControlSocket::bind(&self.host, &self.record.name)?;
         let mut kill_at: Option<Instant> = None;
         let mut checkpointed = false;
         let report = loop {
@@ -90,13 +89,13 @@ impl Container {
             };
             let mut fds = [
                 PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(control.fd(), PollFlags::POLLIN),
+                PollFd::new(self.control.fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(nix_setup_err("poll")(e)),
             }
-            if let Some((req, stream)) = control.accept() {
+            if let Some((req, stream)) = self.control.accept() {
                 let resp = self.handle(req, &mut checkpointed);
                 control::answer(stream, &resp);
             }
