@@ -27,6 +27,89 @@ pub struct Remote {
     base: Regs,
 }
 
+/// Machine code that makes a list of system calls in one go, so the engine
+/// pays one ptrace round trip for the list instead of one per call. With
+/// rbx pointing at a table of 64-byte entries `[nr, a0..a5, result]`, it
+/// makes each call and stores its result, until an entry whose number is
+/// -1, then traps (int3).
+pub const BATCH_CODE: [u8; 46] = [
+    0x48, 0x8b, 0x03, // 0: mov rax, [rbx]
+    0x48, 0x83, 0xf8, 0xff, // 3: cmp rax, -1
+    0x74, 0x24, // 7: je done (45)
+    0x48, 0x8b, 0x7b, 0x08, // 9: mov rdi, [rbx+8]
+    0x48, 0x8b, 0x73, 0x10, // 13: mov rsi, [rbx+16]
+    0x48, 0x8b, 0x53, 0x18, // 17: mov rdx, [rbx+24]
+    0x4c, 0x8b, 0x53, 0x20, // 21: mov r10, [rbx+32]
+    0x4c, 0x8b, 0x43, 0x28, // 25: mov r8, [rbx+40]
+    0x4c, 0x8b, 0x4b, 0x30, // 29: mov r9, [rbx+48]
+    0x0f, 0x05, // 33: syscall
+    0x48, 0x89, 0x43, 0x38, // 35: mov [rbx+56], rax
+    0x48, 0x83, 0xc3, 0x40, // 39: add rbx, 64
+    0xeb, 0xd3, // 43: jmp 0
+    0xcc, // 45: done: int3
+];
+
+/// Bytes per entry of a batch table.
+pub const BATCH_ENTRY: usize = 64;
+
+/// System calls to make in one go (none may create a process or thread,
+/// or unmap the code running them).
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    calls: Vec<(i64, [u64; 6])>,
+}
+
+impl Batch {
+    pub fn new() -> Batch {
+        Batch::default()
+    }
+
+    /// Adds a call; returns its index in the results.
+    pub fn push(&mut self, nr: i64, args: &[u64]) -> usize {
+        let mut a = [0u64; 6];
+        a[..args.len()].copy_from_slice(args);
+        self.calls.push((nr, a));
+        self.calls.len() - 1
+    }
+
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn calls(&self) -> impl Iterator<Item = (i64, [u64; 6])> + '_ {
+        self.calls.iter().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// The table the code reads, terminated.
+    pub fn table(&self) -> Vec<u8> {
+        let mut t = Vec::with_capacity((self.calls.len() + 1) * BATCH_ENTRY);
+        for (nr, args) in &self.calls {
+            t.extend_from_slice(&(*nr as u64).to_ne_bytes());
+            for a in args {
+                t.extend_from_slice(&a.to_ne_bytes());
+            }
+            t.extend_from_slice(&0u64.to_ne_bytes());
+        }
+        t.extend_from_slice(&u64::MAX.to_ne_bytes());
+        t.extend_from_slice(&[0u8; BATCH_ENTRY - 8]);
+        t
+    }
+
+    /// Reads the results out of a table the code ran over.
+    pub fn results(&self, table: &[u8]) -> Vec<i64> {
+        (0..self.calls.len())
+            .map(|i| {
+                let at = i * BATCH_ENTRY + 56;
+                i64::from_ne_bytes(table[at..at + 8].try_into().expect("8 bytes"))
+            })
+            .collect()
+    }
+}
+
 /// Constants of `PTRACE_EVENT_*` stops that a remote call may produce.
 const EVENT_FORK: i32 = 1;
 const EVENT_CLONE: i32 = 3;
@@ -110,6 +193,60 @@ impl Remote {
         }
         let after = ptrace::get_regs(self.tid)?;
         Ok((after.rax as i64, spawned))
+    }
+
+    /// Runs `batch` in the thread: [`BATCH_CODE`] must be at `code` and
+    /// `table_len` writable bytes at `table`, in the tracee. Returns every
+    /// call's raw result.
+    pub fn run_batch(&mut self, batch: &Batch, code: u64, table: u64) -> Result<Vec<i64>> {
+        use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
+        let bytes = batch.table();
+        let fail = |detail: String| Error::Remote {
+            tid: self.tid.as_raw(),
+            nr: -1,
+            detail,
+        };
+        let n = process_vm_writev(
+            self.tid,
+            &[std::io::IoSlice::new(&bytes)],
+            &[RemoteIoVec {
+                base: table as usize,
+                len: bytes.len(),
+            }],
+        )
+        .map_err(|e| fail(format!("write the call table: {e}")))?;
+        if n != bytes.len() {
+            return Err(fail("short write of the call table".into()));
+        }
+        let mut r = self.base;
+        r.rip = code;
+        r.rbx = table;
+        r.orig_rax = u64::MAX;
+        ptrace::set_regs(self.tid, &r)?;
+        nix::sys::ptrace::cont(self.tid, None).map_err(|e| Error::Ptrace {
+            what: "resume",
+            tid: self.tid.as_raw(),
+            source: e,
+        })?;
+        match ptrace::wait_stop(self.tid)? {
+            Stop::Signal(nix::sys::signal::Signal::SIGTRAP) => {}
+            other => return Err(fail(format!("stopped by {other:?} during a batch"))),
+        }
+        let mut out = vec![0u8; bytes.len()];
+        let len = out.len();
+        let n = process_vm_readv(
+            self.tid,
+            &mut [std::io::IoSliceMut::new(&mut out)],
+            &[RemoteIoVec {
+                base: table as usize,
+                len,
+            }],
+        )
+        .map_err(|e| fail(format!("read the results: {e}")))?;
+        if n != out.len() {
+            return Err(fail("short read of the results".into()));
+        }
+        Ok(batch.results(&out))
     }
 
     /// Makes a call and turns a negative result into an error naming `what`.

@@ -16,6 +16,10 @@ use crate::{Error, Result};
 pub const BLOCK_ALL: u64 = !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
 
 pub const SCRATCH_SIZE: u64 = 64 * 1024;
+/// Layout of the scratch memory: batch code, call table, call outputs.
+const CODE_AT: u64 = 0;
+const TABLE_AT: u64 = 4096;
+pub const OUT_AT: u64 = 32 * 1024;
 
 /// A process whose threads the engine drives. Dropping it (or
 /// [`Injector::finish`]) puts back every register and signal mask and
@@ -139,14 +143,41 @@ impl Injector {
             &[
                 0,
                 SCRATCH_SIZE,
-                (libc::PROT_READ | libc::PROT_WRITE) as u64,
+                (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
                 (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
                 u64::MAX,
                 0,
             ],
         )?;
         self.scratch = Some(addr);
+        crate::restore::tracee::write_memory(self.pid, addr + CODE_AT, &crate::remote::BATCH_CODE)?;
         Ok(addr)
+    }
+
+    /// Makes the calls of `batch` in thread `tid`, in one round trip;
+    /// outputs they write should point into [`OUT_AT`] onwards.
+    pub fn batch(&mut self, tid: Pid, batch: &crate::remote::Batch) -> Result<Vec<i64>> {
+        let base = self.scratch()?;
+        let max = (OUT_AT - TABLE_AT) as usize / crate::remote::BATCH_ENTRY - 1;
+        let mut out = Vec::with_capacity(batch.len());
+        if batch.len() <= max {
+            return self
+                .remote(tid)
+                .run_batch(batch, base + CODE_AT, base + TABLE_AT);
+        }
+        // Too long for one table: in pieces.
+        let mut piece = crate::remote::Batch::new();
+        for (i, (nr, args)) in batch.calls().enumerate() {
+            piece.push(nr, &args);
+            if piece.len() == max || i + 1 == batch.len() {
+                out.extend(
+                    self.remote(tid)
+                        .run_batch(&piece, base + CODE_AT, base + TABLE_AT)?,
+                );
+                piece = crate::remote::Batch::new();
+            }
+        }
+        Ok(out)
     }
 
     /// Reads back what a call left in scratch memory.

@@ -77,8 +77,9 @@ fn checkpoint_into(
     start: Instant,
 ) -> Result<CheckpointReport> {
     let cpu = cpu_info();
-    let mut seized = seize::Seized::tree(opts.root)?;
     let frozen_at = Instant::now();
+    let mut seized = seize::Seized::tree(opts.root)?;
+    tracing::debug!(us = frozen_at.elapsed().as_micros() as u64, "tree stopped");
     let mut problems = Vec::new();
     let mut shmem = memory::ShmemTable::default();
     let mut files = files::FileTable::default();
@@ -116,10 +117,20 @@ fn checkpoint_into(
             ));
             continue;
         }
+        let t0 = Instant::now();
         let ts = process::threads_and_signals(p, cpu.xsave_size)?;
+        let t1 = Instant::now();
         let mem = memory::dump(p.pid, img, ns_of[&p.pid], &mut shmem, &mut problems)?;
+        let t2 = Instant::now();
         memory_bytes += mem.bytes;
         let fds = files::dump(p.pid, img, &mut files, &mut shmem, &unix, &mut problems)?;
+        tracing::debug!(
+            pid = raw,
+            state_us = (t1 - t0).as_micros() as u64,
+            memory_us = (t2 - t1).as_micros() as u64,
+            files_us = t2.elapsed().as_micros() as u64,
+            "process dumped"
+        );
         let link = |what: &str| {
             fs::read_link(format!("/proc/{raw}/{what}"))
                 .map(|p| p.to_string_lossy().into_owned())
@@ -194,6 +205,7 @@ fn checkpoint_into(
         annotations: opts.annotations.clone(),
     };
     img.write_json("manifest.json", &manifest)?;
+    tracing::debug!(us = frozen_at.elapsed().as_micros() as u64, "image written");
     let threads = images.iter().map(|p| p.threads.len()).sum();
     if opts.leave_running {
         // The connections go on: out of repair mode without a word.

@@ -13,18 +13,6 @@ use crate::image::{
 use crate::ptrace::{self, ERESTART_RESTARTBLOCK};
 use crate::{Error, Result, nr, pr, procfs as pfs, sys};
 
-/// Offsets in the scratch memory for call results.
-const SCRATCH_OUT: u64 = 0;
-
-fn read_u64s(inj: &Injector, n: usize) -> Result<Vec<u64>> {
-    let mut buf = vec![0u8; n * 8];
-    inj.read_scratch(SCRATCH_OUT, &mut buf)?;
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
-        .collect())
-}
-
 /// The pid of `pid` as its own (innermost) pid namespace numbers it.
 pub fn ns_pid(pid: i32, tid: Option<i32>) -> Result<(i32, usize)> {
     let path = match tid {
@@ -65,13 +53,30 @@ pub struct ThreadsAndSignals {
     pub keepcaps: bool,
 }
 
-/// What only the process itself can tell (asked through injected calls)
-/// and what ptrace shows about each thread.
+fn u64_at(buf: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn check_ok(what: &'static str, tid: Pid, r: i64) -> Result<u64> {
+    if (-4095..0).contains(&r) {
+        return Err(Error::RemoteFailed {
+            tid: tid.as_raw(),
+            what,
+            errno: nix::errno::Errno::from_raw(-r as i32),
+        });
+    }
+    Ok(r as u64)
+}
+
+/// What only the process itself can tell (asked through injected calls,
+/// one batch per thread and one for the process) and what ptrace shows
+/// about each thread.
 pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<ThreadsAndSignals> {
+    use crate::dump::inject::OUT_AT;
+    use crate::remote::Batch;
     let pid = p.pid;
     let mut inj = Injector::new(p)?;
-    let scratch = inj.scratch()?;
-    let out = scratch + SCRATCH_OUT;
+    let out = inj.scratch()? + OUT_AT;
     let mut threads = Vec::new();
     for t in &p.threads {
         let (mut regs, sigmask) = inj.original(t.tid);
@@ -94,22 +99,17 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
             })?;
             pending.push(Hex(sys::siginfo_bytes(&si).to_vec()));
         }
-        let mut r = inj.remote(t.tid);
-        r.call("sigaltstack", libc::SYS_sigaltstack, &[0, out])?;
-        let ss = read_u64s(&inj, 3)?;
-        let mut r = inj.remote(t.tid);
-        r.call(
-            "prctl(PR_GET_TID_ADDRESS)",
-            nr::SYS_prctl,
-            &[libc::PR_GET_TID_ADDRESS as u64, out],
-        )?;
-        let ctid = read_u64s(&inj, 1)?[0];
-        let mut r = inj.remote(t.tid);
-        let timer_slack_ns = r.call(
-            "prctl(PR_GET_TIMERSLACK)",
-            nr::SYS_prctl,
-            &[pr::GET_TIMERSLACK],
-        )?;
+        // Per-thread state, asked of the thread itself.
+        let mut b = Batch::new();
+        let ss = b.push(libc::SYS_sigaltstack, &[0, out]);
+        let ctid = b.push(nr::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, out + 24]);
+        let slack = b.push(nr::SYS_prctl, &[pr::GET_TIMERSLACK]);
+        let r = inj.batch(t.tid, &b)?;
+        check_ok("sigaltstack", t.tid, r[ss])?;
+        check_ok("prctl(PR_GET_TID_ADDRESS)", t.tid, r[ctid])?;
+        let timer_slack_ns = check_ok("prctl(PR_GET_TIMERSLACK)", t.tid, r[slack])?;
+        let mut o = [0u8; 32];
+        inj.read_scratch(OUT_AT, &mut o)?;
         let nice = thread_nice(pid.as_raw(), t.tid.as_raw())?;
         let (ns_tid, _) = ns_pid(pid.as_raw(), Some(t.tid.as_raw()))?;
         threads.push(ThreadImage {
@@ -131,47 +131,98 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
                 }),
             robust_list: sys::get_robust_list(t.tid)
                 .map_err(|e| Error::io(format!("robust list of thread {}", t.tid))(e))?,
-            clear_child_tid: ctid,
+            clear_child_tid: u64_at(&o, 24),
             altstack: AltStack {
-                sp: ss[0],
-                flags: ss[1] as i32,
-                size: ss[2],
+                sp: u64_at(&o, 0),
+                flags: u64_at(&o, 8) as i32,
+                size: u64_at(&o, 16),
             },
             timer_slack_ns,
             nice,
         });
     }
 
-    let mut r = inj.remote(pid);
-    let mut sigactions = Vec::with_capacity(64);
+    // Process-wide state in one batch; each output at its own offset.
+    let timers = pfs::read_timers(pid.as_raw())?;
+    let mut b = Batch::new();
+    let mut slots = Vec::new();
+    let mut at = 0u64;
+    let mut slot = |len: u64| {
+        let a = at;
+        at += len;
+        a
+    };
+    let mut sig_idx = Vec::new();
     for sig in 1..=64u64 {
         if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
-            sigactions.push(SigAction::default());
+            sig_idx.push(None);
             continue;
         }
-        r.call("rt_sigaction", nr::SYS_rt_sigaction, &[sig, 0, out, 8])?;
-        let a = read_u64s(&inj, 4)?;
-        sigactions.push(SigAction {
-            handler: a[0],
-            flags: a[1],
-            restorer: a[2],
-            mask: a[3],
-        });
+        let o = slot(32);
+        sig_idx.push(Some((
+            b.push(nr::SYS_rt_sigaction, &[sig, 0, out + o, 8]),
+            o,
+        )));
+    }
+    for which in 0..3u64 {
+        let o = slot(32);
+        slots.push((b.push(nr::SYS_getitimer, &[which, out + o]), o));
+    }
+    let mut timer_idx = Vec::new();
+    for t in &timers {
+        let o = slot(32);
+        let g = b.push(nr::SYS_timer_gettime, &[t.id as u64, out + o]);
+        let ov = b.push(nr::SYS_timer_getoverrun, &[t.id as u64]);
+        timer_idx.push((g, ov, o));
+    }
+    let brk_i = b.push(nr::SYS_brk, &[0]);
+    let dump_i = b.push(nr::SYS_prctl, &[libc::PR_GET_DUMPABLE as u64]);
+    let pdeath_o = slot(8);
+    let pdeath_i = b.push(
+        nr::SYS_prctl,
+        &[libc::PR_GET_PDEATHSIG as u64, out + pdeath_o],
+    );
+    let reaper_o = slot(8);
+    let reaper_i = b.push(
+        nr::SYS_prctl,
+        &[libc::PR_GET_CHILD_SUBREAPER as u64, out + reaper_o],
+    );
+    let thp_i = b.push(nr::SYS_prctl, &[pr::GET_THP_DISABLE]);
+    let keep_i = b.push(nr::SYS_prctl, &[pr::GET_KEEPCAPS]);
+    let r = inj.batch(pid, &b)?;
+    let mut o = vec![0u8; at as usize];
+    inj.read_scratch(OUT_AT, &mut o)?;
+
+    let mut sigactions = Vec::with_capacity(64);
+    for s in sig_idx {
+        match s {
+            None => sigactions.push(SigAction::default()),
+            Some((i, off)) => {
+                check_ok("rt_sigaction", pid, r[i])?;
+                let off = off as usize;
+                sigactions.push(SigAction {
+                    handler: u64_at(&o, off),
+                    flags: u64_at(&o, off + 8),
+                    restorer: u64_at(&o, off + 16),
+                    mask: u64_at(&o, off + 24),
+                });
+            }
+        }
     }
     let mut itimers = [ITimer::default(); 3];
-    for (which, slot) in itimers.iter_mut().enumerate() {
-        r.call("getitimer", nr::SYS_getitimer, &[which as u64, out])?;
-        let v = read_u64s(&inj, 4)?;
-        *slot = ITimer {
-            interval_us: v[0] * 1_000_000 + v[1],
-            value_us: v[2] * 1_000_000 + v[3],
+    for (which, (i, off)) in slots.iter().enumerate() {
+        check_ok("getitimer", pid, r[*i])?;
+        let off = *off as usize;
+        itimers[which] = ITimer {
+            interval_us: u64_at(&o, off) * 1_000_000 + u64_at(&o, off + 8),
+            value_us: u64_at(&o, off + 16) * 1_000_000 + u64_at(&o, off + 24),
         };
     }
     let mut posix_timers = Vec::new();
-    for t in pfs::read_timers(pid.as_raw())? {
-        r.call("timer_gettime", nr::SYS_timer_gettime, &[t.id as u64, out])?;
-        let v = read_u64s(&inj, 4)?;
-        let overrun = r.call("timer_getoverrun", nr::SYS_timer_getoverrun, &[t.id as u64])?;
+    for (t, (g, ov, off)) in timers.iter().zip(timer_idx) {
+        check_ok("timer_gettime", pid, r[g])?;
+        let overrun = check_ok("timer_getoverrun", pid, r[ov])?;
+        let off = off as usize;
         let notify = match t.notify.as_str() {
             "thread" => libc::SIGEV_THREAD,
             "none" => libc::SIGEV_NONE,
@@ -190,35 +241,19 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
                 .map(|(n, _)| n)
                 .unwrap_or(t.notify_tid),
             sigval: t.sigval,
-            interval_ns: v[0] * 1_000_000_000 + v[1],
-            value_ns: v[2] * 1_000_000_000 + v[3],
+            interval_ns: u64_at(&o, off) * 1_000_000_000 + u64_at(&o, off + 8),
+            value_ns: u64_at(&o, off + 16) * 1_000_000_000 + u64_at(&o, off + 24),
             overrun: overrun as i32,
         });
     }
-    let brk = r.call("brk", nr::SYS_brk, &[0])?;
-    let dumpable = r.call(
-        "prctl(PR_GET_DUMPABLE)",
-        nr::SYS_prctl,
-        &[libc::PR_GET_DUMPABLE as u64],
-    )?;
-    r.call(
-        "prctl(PR_GET_PDEATHSIG)",
-        nr::SYS_prctl,
-        &[libc::PR_GET_PDEATHSIG as u64, out],
-    )?;
-    let pdeath_signal = read_u64s(&inj, 1)?[0] & 0xffff_ffff;
-    r.call(
-        "prctl(PR_GET_CHILD_SUBREAPER)",
-        nr::SYS_prctl,
-        &[libc::PR_GET_CHILD_SUBREAPER as u64, out],
-    )?;
-    let child_subreaper = read_u64s(&inj, 1)?[0] & 0xffff_ffff != 0;
-    let thp_disable = r.call(
-        "prctl(PR_GET_THP_DISABLE)",
-        nr::SYS_prctl,
-        &[pr::GET_THP_DISABLE],
-    )? != 0;
-    let keepcaps = r.call("prctl(PR_GET_KEEPCAPS)", nr::SYS_prctl, &[pr::GET_KEEPCAPS])? != 0;
+    let brk = check_ok("brk", pid, r[brk_i])?;
+    let dumpable = check_ok("prctl(PR_GET_DUMPABLE)", pid, r[dump_i])?;
+    check_ok("prctl(PR_GET_PDEATHSIG)", pid, r[pdeath_i])?;
+    let pdeath_signal = u64_at(&o, pdeath_o as usize) & 0xffff_ffff;
+    check_ok("prctl(PR_GET_CHILD_SUBREAPER)", pid, r[reaper_i])?;
+    let child_subreaper = u64_at(&o, reaper_o as usize) & 0xffff_ffff != 0;
+    let thp_disable = check_ok("prctl(PR_GET_THP_DISABLE)", pid, r[thp_i])? != 0;
+    let keepcaps = check_ok("prctl(PR_GET_KEEPCAPS)", pid, r[keep_i])? != 0;
     let shared_pending = sys::peek_siginfo(pid, true)
         .map_err(|e| Error::io(format!("shared pending signals of process {pid}"))(e))?
         .into_iter()
@@ -238,24 +273,6 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
         thp_disable,
         keepcaps,
     })
-}
-
-/// The nice value of a thread (field 19 of its stat).
-fn thread_nice(pid: i32, tid: i32) -> Result<i32> {
-    let stat =
-        fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).map_err(|e| Error::Proc {
-            pid,
-            what: "thread stat",
-            detail: e.to_string(),
-        })?;
-    stat.rfind(')')
-        .and_then(|i| stat[i + 2..].split(' ').nth(16))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Proc {
-            pid,
-            what: "thread stat",
-            detail: "no nice field".into(),
-        })
 }
 
 pub fn mm_state(pid: Pid, brk: u64) -> Result<MmState> {
@@ -351,4 +368,22 @@ mod tests {
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
         assert_eq!(l[libc::RLIMIT_NOFILE as usize], want);
     }
+}
+
+/// The nice value of a thread (field 19 of its stat).
+fn thread_nice(pid: i32, tid: i32) -> Result<i32> {
+    let stat =
+        fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).map_err(|e| Error::Proc {
+            pid,
+            what: "thread stat",
+            detail: e.to_string(),
+        })?;
+    stat.rfind(')')
+        .and_then(|i| stat[i + 2..].split(' ').nth(16))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| Error::Proc {
+            pid,
+            what: "thread stat",
+            detail: "no nice field".into(),
+        })
 }
