@@ -357,19 +357,6 @@ fn parse_limits(text: &str) -> Option<Vec<(u64, u64)>> {
     (out.len() == RLIMITS).then_some(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_limits_parse() {
-        let l = rlimits(std::process::id() as i32).unwrap();
-        let want =
-            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-        assert_eq!(l[libc::RLIMIT_NOFILE as usize], want);
-    }
-}
-
 /// The nice value of a thread (field 19 of its stat).
 fn thread_nice(pid: i32, tid: i32) -> Result<i32> {
     let stat =
@@ -386,4 +373,17 @@ fn thread_nice(pid: i32, tid: i32) -> Result<i32> {
             what: "thread stat",
             detail: "no nice field".into(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_limits_parse() {
+        let l = rlimits(std::process::id() as i32).unwrap();
+        let want =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(l[libc::RLIMIT_NOFILE as usize], want);
+    }
 }
