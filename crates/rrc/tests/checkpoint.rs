@@ -203,11 +203,32 @@ fn file_descriptors_of_every_kind() {
 }
 
 #[test]
-fn unsupported_state_is_refused_by_name_and_left_running() {
+fn tcp_listeners_and_connections_with_queued_data() {
+    checkpoint_restore("sk_tcp");
+}
+
+#[test]
+fn tcp_half_closed_connections() {
+    checkpoint_restore("sk_tcp_halfclosed");
+}
+
+#[test]
+fn udp_sockets_bound_and_connected() {
+    checkpoint_restore("sk_udp");
+}
+
+#[test]
+fn unix_sockets_pairs_named_abstract_with_queued_messages() {
+    checkpoint_restore("sk_unix");
+}
+
+/// Checkpointing `fixture` is refused with an error naming `what`, leaves
+/// no image, and the original carries on.
+fn refused(fixture: &str, what: &str) {
     require_root();
     become_subreaper();
-    let dir = scratch("inotify");
-    let bin = build("unsupported_inotify", &dir);
+    let dir = scratch(fixture);
+    let bin = build(fixture, &dir);
     let run = start(&bin, &dir);
     let images = dir.join("images");
     let out = rrc(&[
@@ -217,13 +238,23 @@ fn unsupported_state_is_refused_by_name_and_left_running() {
         "--images",
         images.to_str().unwrap(),
     ]);
-    out.fails_with("inotify");
+    out.fails_with(what);
     assert!(
         fs::read_dir(&images).map(|d| d.count()).unwrap_or(0) == 0,
         "a refused checkpoint leaves no image"
     );
     let (code, log) = run.verdict();
     assert_eq!(code, 0, "the original must carry on untouched: {log}");
+}
+
+#[test]
+fn fds_in_flight_are_refused_by_name_and_left_running() {
+    refused("sk_unix_scm_rights", "SCM_RIGHTS");
+}
+
+#[test]
+fn unsupported_state_is_refused_by_name_and_left_running() {
+    refused("unsupported_inotify", "inotify");
 }
 
 #[test]
