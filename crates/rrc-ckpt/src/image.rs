@@ -310,10 +310,15 @@ pub enum FileKind {
         messages: Vec<u32>,
         data: Blob,
     },
-    /// An unconnected unix socket, bound or not.
+    /// An unconnected unix socket, bound or not; a bound datagram socket
+    /// keeps the messages queued to it (in `data`, of the lengths given).
     Unix {
         ty: i32,
         name: Option<crate::unixdiag::UnixName>,
+        #[serde(default)]
+        messages: Vec<u32>,
+        #[serde(default)]
+        data: Blob,
     },
     /// An unconnected TCP socket, or a UDP socket (bound and/or connected).
     Inet {

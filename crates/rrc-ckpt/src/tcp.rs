@@ -64,11 +64,13 @@ pub struct Info {
     pub rcv_wscale: u8,
     /// For a listening socket: connections waiting to be accepted.
     pub unacked: u32,
+    /// For a listening socket: its backlog.
+    pub sacked: u32,
 }
 
 pub fn info(fd: BorrowedFd<'_>) -> std::io::Result<Info> {
     let b = sys::getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 104)?;
-    if b.len() < 28 {
+    if b.len() < 32 {
         return Err(std::io::Error::other("short TCP_INFO"));
     }
     Ok(Info {
@@ -77,6 +79,7 @@ pub fn info(fd: BorrowedFd<'_>) -> std::io::Result<Info> {
         snd_wscale: b[6] & 0xf,
         rcv_wscale: b[6] >> 4,
         unacked: u32::from_ne_bytes(b[24..28].try_into().expect("4 bytes")),
+        sacked: u32::from_ne_bytes(b[28..32].try_into().expect("4 bytes")),
     })
 }
 
@@ -245,6 +248,21 @@ pub fn build(
     let s = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     let fd = s.as_fd();
     sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1)?;
+    // Room for the queues about to be refilled (the caller sets the final
+    // sizes afterwards).
+    let room = |len: u32| (2 * len as i32).saturating_add(1 << 16);
+    sys::setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        room(st.sndq_len),
+    )?;
+    sys::setsockopt_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_RCVBUFFORCE,
+        room(st.rcvq_len),
+    )?;
     // In repair mode the bind may share the listener's port.
     bind(fd.as_raw_fd(), &sockaddr(local))?;
     let mut rcv_seq = st.rcv_seq;

@@ -306,17 +306,27 @@ fn unix_kind(
             backlog: 4096,
         }));
     }
-    let Some(peer) = info.peer else {
-        return Ok(Ok(FileKind::Unix {
-            ty,
-            name: info.name.clone(),
-        }));
-    };
     // What this end would read next, without taking it. Messages one by
     // one through a peek offset (reset after); a stream in one piece.
     let mut data = Vec::new();
     let mut messages = Vec::new();
     let fail = |what: String| Error::io(format!("unix socket fd {fd} of process {pid}: {what}"));
+    let Some(peer) = info.peer else {
+        if ty == libc::SOCK_DGRAM
+            && info.name.is_some()
+            && let Err(what) =
+                peek_messages(s, &mut messages, &mut data).map_err(|e| fail("peek".into())(e))?
+        {
+            return Ok(Err(what));
+        }
+        let data = table.put_blob(img, &data)?;
+        return Ok(Ok(FileKind::Unix {
+            ty,
+            name: info.name.clone(),
+            messages,
+            data,
+        }));
+    };
     if ty == libc::SOCK_STREAM {
         let len = sys::ioctl_int(s.as_fd(), 0x541B).map_err(fail("queue length".into()))? as usize;
         if len > 0 {
@@ -367,6 +377,30 @@ fn unix_kind(
     }))
 }
 
+/// Every message queued on a datagram or seqpacket socket of ours, without
+/// taking any: through a peek offset, reset afterwards.
+fn peek_messages(
+    s: &std::os::fd::OwnedFd,
+    messages: &mut Vec<u32>,
+    data: &mut Vec<u8>,
+) -> std::io::Result<std::result::Result<(), String>> {
+    sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)?;
+    let result = (|| -> std::io::Result<std::result::Result<(), String>> {
+        while let Some((b, fds)) = sys::peek_message(s.as_fd(), 1 << 17)? {
+            if fds {
+                return Ok(Err(
+                    "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
+                ));
+            }
+            messages.push(b.len() as u32);
+            data.extend_from_slice(&b);
+        }
+        Ok(Ok(()))
+    })();
+    let _ = sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
+    result
+}
+
 /// Unix connections whose other end is outside the tree: a datagram socket
 /// connected to a named socket reconnects by name; anything else is lost.
 pub fn check_unix_peers(table: &FileTable, problems: &mut Vec<String>) {
@@ -399,6 +433,8 @@ pub fn check_unix_peers(table: &FileTable, problems: &mut Vec<String>) {
 /// Integer options worth carrying over for inet sockets.
 const INET_OPTIONS: &[(i32, i32)] = &[
     (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_SNDBUF),
+    (libc::SOL_SOCKET, libc::SO_RCVBUF),
     (libc::SOL_SOCKET, libc::SO_REUSEPORT),
     (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
     (libc::SOL_SOCKET, libc::SO_BROADCAST),
@@ -501,7 +537,9 @@ fn socket_kind(
             })?;
             Ok(Ok(FileKind::TcpListen {
                 addr: addr.to_string(),
-                backlog: listen_backlog(pid, &addr).unwrap_or(4096),
+                // TCP_INFO reports a listener's backlog where it would report
+                // SACKed segments.
+                backlog: info.sacked,
                 options,
             }))
         }
@@ -548,19 +586,6 @@ fn socket_kind(
             tcp::state_name(other)
         ))),
     }
-}
-
-/// The kernel does not show a listening socket's backlog; listen() clamps it
-/// to net.core.somaxconn, so that limit is the largest the original can
-/// have had and a safe value to listen with again.
-fn listen_backlog(pid: Pid, _addr: &std::net::SocketAddr) -> Option<u32> {
-    let ns = format!("/proc/{pid}/root/proc/sys/net/core/somaxconn");
-    fs::read_to_string(ns)
-        .or_else(|_| fs::read_to_string("/proc/sys/net/core/somaxconn"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Saves the unread data of pipe `pipe` (once per pipe, whichever end is

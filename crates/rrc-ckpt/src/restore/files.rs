@@ -34,7 +34,7 @@ pub struct FilePlan {
     pub ghosts: Vec<std::path::PathBuf>,
     pub transport: Option<Transport>,
     /// Restored TCP connections, in repair mode until the tree is let go.
-    pub repaired: Vec<std::os::fd::OwnedFd>,
+    pub repaired: Vec<sockets::Repaired>,
     /// Time spent building and passing sockets.
     pub socket_time: std::time::Duration,
 }
@@ -449,43 +449,11 @@ fn create(
             fd
         }
         FileKind::Tcp { .. }
+        | FileKind::TcpListen { .. }
         | FileKind::Inet { .. }
         | FileKind::UnixListen { .. }
         | FileKind::UnixConnected { .. }
         | FileKind::Unix { .. } => unreachable!("sockets are built by the engine"),
-        FileKind::TcpListen {
-            addr,
-            backlog,
-            options,
-        } => {
-            let addr: std::net::SocketAddr = addr
-                .parse()
-                .map_err(|_| rerr(pid, "listening socket", format!("bad address {addr}")))?;
-            let (family, raw) = sockaddr_bytes(&addr);
-            let mut ty = libc::SOCK_STREAM;
-            if nonblock != 0 {
-                ty |= libc::SOCK_NONBLOCK;
-            }
-            let fd = t.call("socket", libc::SYS_socket, &[family as u64, ty as u64, 0])?;
-            for (level, name, value) in options {
-                let a = t.arg(&value.to_ne_bytes())?;
-                let _ = t.raw_on(
-                    t.pid,
-                    libc::SYS_setsockopt,
-                    &[fd, *level as u64, *name as u64, a, 4],
-                );
-            }
-            let a = t.arg(&raw)?;
-            t.call("bind", libc::SYS_bind, &[fd, a, raw.len() as u64])
-                .map_err(|e| match e {
-                    Error::RemoteFailed { errno, .. } => {
-                        rerr(pid, "bind a listening socket", format!("{addr}: {errno}"))
-                    }
-                    e => e,
-                })?;
-            t.call("listen", libc::SYS_listen, &[fd, u64::from(*backlog)])?;
-            fd
-        }
     })
 }
 
@@ -500,28 +468,6 @@ fn ghost_path(path: &str) -> std::path::PathBuf {
         .map(|i| std::path::PathBuf::from(format!("{path}.rrc-ghost-{i}")))
         .find(|c| !c.exists())
         .expect("some free name")
-}
-
-fn sockaddr_bytes(addr: &std::net::SocketAddr) -> (i32, Vec<u8>) {
-    match addr {
-        std::net::SocketAddr::V4(a) => {
-            let mut b = Vec::with_capacity(16);
-            b.extend_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
-            b.extend_from_slice(&a.port().to_be_bytes());
-            b.extend_from_slice(&a.ip().octets());
-            b.extend_from_slice(&[0; 8]);
-            (libc::AF_INET, b)
-        }
-        std::net::SocketAddr::V6(a) => {
-            let mut b = Vec::with_capacity(28);
-            b.extend_from_slice(&(libc::AF_INET6 as u16).to_ne_bytes());
-            b.extend_from_slice(&a.port().to_be_bytes());
-            b.extend_from_slice(&a.flowinfo().to_be_bytes());
-            b.extend_from_slice(&a.ip().octets());
-            b.extend_from_slice(&a.scope_id().to_ne_bytes());
-            (libc::AF_INET6, b)
-        }
-    }
 }
 
 /// Puts the files `p` uses at their recorded numbers and closes the rest;

@@ -390,7 +390,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         // window probe each sends makes its peer resend what it lacks.
         let started = Instant::now();
         for s in ctx.plan.repaired.drain(..) {
-            crate::tcp::leave_repair(std::os::fd::AsFd::as_fd(&s))
+            s.finish()
                 .map_err(|e| rerr(root.pid, "sockets", format!("leave repair mode: {e}")))?;
         }
         ctx.plan.socket_time += started.elapsed();

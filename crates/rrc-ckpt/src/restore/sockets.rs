@@ -28,6 +28,7 @@ pub fn is_socket(f: &OpenFile) -> bool {
     matches!(
         f.kind,
         FileKind::Tcp { .. }
+            | FileKind::TcpListen { .. }
             | FileKind::Inet { .. }
             | FileKind::UnixListen { .. }
             | FileKind::UnixConnected { .. }
@@ -94,11 +95,11 @@ fn refill(f: &OpenFile, from: &OwnedFd, img: &ImageDir, pid: i32) -> Result<()> 
 
 /// A listening or unconnected unix socket, or one end of a connection to a
 /// socket outside the tree (datagram, reconnected by name).
-fn build_unix(f: &OpenFile, pid: i32) -> Result<OwnedFd> {
+fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
     let io = |what: String| move |e: nix::Error| rerr(pid, format!("{what}: {e}"));
     let (ty, name, peer_name, listen) = match &f.kind {
         FileKind::UnixListen { ty, name, backlog } => (*ty, Some(name), None, Some(*backlog)),
-        FileKind::Unix { ty, name } => (*ty, name.as_ref(), None, None),
+        FileKind::Unix { ty, name, .. } => (*ty, name.as_ref(), None, None),
         FileKind::UnixConnected {
             ty,
             name,
@@ -138,6 +139,28 @@ fn build_unix(f: &OpenFile, pid: i32) -> Result<OwnedFd> {
         let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
         connect(s.as_raw_fd(), &a).map_err(io(format!("reconnect unix socket to {p:?}")))?;
     }
+    if let (FileKind::Unix { messages, data, .. }, Some(n)) = (&f.kind, name)
+        && !messages.is_empty()
+    {
+        // Messages that were queued to it come again from an unnamed
+        // sender, as they came from unnamed (or gone) ones.
+        let to = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+        let sender = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(io("unix socket".into()))?;
+        let bytes = blob(img, data)?;
+        let mut off = 0;
+        for len in messages {
+            let m = &bytes[off..off + *len as usize];
+            nix::sys::socket::sendto(sender.as_raw_fd(), m, &to, MsgFlags::MSG_DONTWAIT)
+                .map_err(io("requeue a datagram".into()))?;
+            off += *len as usize;
+        }
+    }
     set_nonblocking(&s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
     Ok(s)
 }
@@ -163,6 +186,13 @@ fn parse_addr(pid: i32, s: &str) -> Result<std::net::SocketAddr> {
 
 fn set_options(fd: &OwnedFd, options: &[(i32, i32, i32)]) {
     for &(level, name, value) in options {
+        // Buffer sizes read back doubled (the kernel's bookkeeping share);
+        // the forcing variants set them whatever the system limits.
+        let (name, value) = match (level, name) {
+            (libc::SOL_SOCKET, libc::SO_SNDBUF) => (libc::SO_SNDBUFFORCE, value / 2),
+            (libc::SOL_SOCKET, libc::SO_RCVBUF) => (libc::SO_RCVBUFFORCE, value / 2),
+            _ => (name, value),
+        };
         if let Err(e) = sys::setsockopt_int(fd.as_fd(), level, name, value) {
             tracing::debug!(level, name, error = %e, "socket option not restored");
         }
@@ -212,6 +242,29 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
             set_options(&s, options);
             set_nonblocking(&s, f.flags).map_err(io("socket flags"))?;
             Ok((s, true))
+        }
+        FileKind::TcpListen {
+            addr,
+            backlog,
+            options,
+        } => {
+            let a = parse_addr(pid, addr)?;
+            let fam = if a.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            };
+            let s = socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+                .map_err(|e| io("socket")(e.into()))?;
+            set_options(&s, options);
+            bind(s.as_raw_fd(), &SockaddrStorage::from(a))
+                .map_err(|e| io(&format!("bind {addr}"))(e.into()))?;
+            let backlog = nix::sys::socket::Backlog::new((*backlog).min(i32::MAX as u32) as i32)
+                .unwrap_or(nix::sys::socket::Backlog::MAXCONN);
+            nix::sys::socket::listen(&s, backlog)
+                .map_err(|e| io(&format!("listen on {addr}"))(e.into()))?;
+            set_nonblocking(&s, f.flags).map_err(io("socket flags"))?;
+            Ok((s, false))
         }
         FileKind::Inet {
             family,
@@ -283,7 +336,7 @@ pub fn create(
     files: &[&OpenFile],
     img: &ImageDir,
     transport: &Transport,
-    repaired: &mut Vec<OwnedFd>,
+    repaired: &mut Vec<Repaired>,
 ) -> Result<Vec<(usize, u64)>> {
     let pid = t.ns_pid;
     let by_ino: std::collections::HashMap<u32, &OpenFile> = files
@@ -325,7 +378,7 @@ pub fn create(
                 FileKind::UnixConnected { .. }
                 | FileKind::UnixListen { .. }
                 | FileKind::Unix { .. } => {
-                    out.push((f.id, build_unix(f, pid)?, false));
+                    out.push((f.id, build_unix(f, img, pid)?, false));
                 }
                 _ => {
                     let (s, r) = build(f, img, pid)?;
@@ -343,12 +396,47 @@ pub fn create(
         let fds = receive(t, transport.tracee_fd(), raw.len())?;
         out.extend(chunk.iter().zip(fds).map(|((id, _, _), fd)| (*id, fd)));
     }
-    for (_, s, in_repair) in built {
+    for (id, s, in_repair) in built {
         if in_repair {
-            repaired.push(s);
+            // Leaving repair mode clears SO_REUSEADDR: note what to put back.
+            let reuse = files
+                .iter()
+                .find(|f| f.id == id)
+                .and_then(|f| match &f.kind {
+                    FileKind::Tcp { options, .. } => options
+                        .iter()
+                        .find(|(l, n, _)| *l == libc::SOL_SOCKET && *n == libc::SO_REUSEADDR)
+                        .map(|o| o.2),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            repaired.push(Repaired {
+                fd: s,
+                reuseaddr: reuse,
+            });
         }
     }
     Ok(out)
+}
+
+/// A restored connection still in repair mode.
+pub struct Repaired {
+    pub fd: OwnedFd,
+    pub reuseaddr: i32,
+}
+
+impl Repaired {
+    /// Ends repair mode (the window probe makes the peer resend what it
+    /// must) and puts back what leaving repair mode resets.
+    pub fn finish(&self) -> std::io::Result<()> {
+        tcp::leave_repair(self.fd.as_fd())?;
+        sys::setsockopt_int(
+            self.fd.as_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            self.reuseaddr,
+        )
+    }
 }
 
 /// Makes the process receive one SCM_RIGHTS message of `n` fds on `sock`;
