@@ -66,11 +66,26 @@ pub struct ControlSocket {
 
 impl ControlSocket {
     pub fn bind(host: &HostState, name: &ContainerName) -> Result<ControlSocket> {
-        let listener =
-            UnixListener::bind_addr(&address(host, name)?).map_err(|e| Error::Setup {
-                stage: "control socket",
-                source: e,
-            })?;
+        let addr = address(host, name)?;
+        // A previous rrc process of this container that was killed may still
+        // be on its way out: its threads die before its files are closed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let listener = loop {
+            match UnixListener::bind_addr(&addr) {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => {
+                    break r.map_err(|e| Error::Setup {
+                        stage: "control socket",
+                        source: e,
+                    })?;
+                }
+            }
+        };
         listener
             .set_nonblocking(true)
             .map_err(crate::setup_err("control socket"))?;
