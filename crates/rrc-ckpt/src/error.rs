@@ -37,6 +37,8 @@ pub enum Error {
     ImageDirNotEmpty(PathBuf),
     #[error("image {path} is unusable: {detail}")]
     CorruptImage { path: PathBuf, detail: String },
+    #[error("delta {path} refused: {detail}")]
+    DeltaRefused { path: PathBuf, detail: String },
     #[error("cannot checkpoint: {}", .0.join("; "))]
     Unsupported(Vec<String>),
     #[error("cannot restore on this machine: {0}")]

@@ -5,6 +5,13 @@
 //! `pages-<pid>.img` for each process's private pages and `shmem-<id>.img`
 //! for each shared memory object, referenced by offset from the records.
 //! Records are the whole truth about a process; a restore reads nothing else.
+//!
+//! A *delta* is an image directory of the same shape taken by an incremental
+//! checkpoint: everything but private memory is complete, and each process's
+//! pages are only those written since the previous checkpoint, plus `holes`
+//! (ranges that lost their contents). Its manifest names its parent and
+//! carries a checksum of every file; [`crate::store`] applies it onto the
+//! image of its parent.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -18,7 +25,7 @@ use crate::ptrace::Regs;
 use crate::{Error, Result};
 
 pub const FORMAT: &str = "rrc-image";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// What the image holds and where it was taken; checked before a restore
 /// touches anything.
@@ -44,6 +51,31 @@ pub struct Manifest {
     /// Data kept on behalf of the layer that asked for the checkpoint (for
     /// containers: name, network settings).
     pub annotations: BTreeMap<String, serde_json::Value>,
+    /// For a delta: the checkpoint it follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Lineage>,
+    /// Where this image stands in its series of checkpoints: a full
+    /// checkpoint starts one, each delta (and each image a delta was applied
+    /// to) carries the series on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
+    /// CRC-32 of every other file of a delta, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, u32>,
+}
+
+/// A checkpoint within a series: its number and an identity no other
+/// checkpoint of the series shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub series: String,
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for Lineage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "checkpoint {} of series {}", self.epoch, self.series)
+    }
 }
 
 /// The extended register state format of the CPU and kernel.
@@ -66,6 +98,11 @@ pub struct ProcessImage {
     pub vmas: Vec<Vma>,
     /// Private memory contents: runs of pages stored in `pages-<pid>.img`.
     pub pages: Vec<PageRun>,
+    /// In a delta: ranges whose earlier contents are gone (discarded,
+    /// unmapped and mapped again), applied before `pages`. A range without
+    /// contents reads as zeros, or as the file for a private file mapping.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holes: Vec<(u64, u64)>,
     pub fds: Vec<Fd>,
     /// Index = signal number - 1, for signals 1..=64.
     pub sigactions: Vec<SigAction>,

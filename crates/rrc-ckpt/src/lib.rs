@@ -12,14 +12,19 @@
 //! Modules: [`ptrace`] and [`remote`] are the mechanism (stopping threads,
 //! injecting calls); [`procfs`] reads /proc; [`dump`] and [`restore`] are the
 //! two halves of the engine; [`image`] is the format between them.
+//! [`incremental`] takes series of checkpoints that save only what changed
+//! (found by [`dirty`]), and [`store`] applies them onto an image.
 
+pub mod dirty;
 pub mod dump;
 mod error;
 pub mod image;
+pub mod incremental;
 pub mod procfs;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;
+pub mod store;
 mod sys;
 pub mod tcp;
 pub mod unixdiag;

@@ -174,6 +174,27 @@ pub const PM_SWAPPED: u64 = 1 << 62;
 /// The page is a page-cache page of a file or shared memory: a private file
 /// mapping's page without it was written (copied on write).
 pub const PM_FILE: u64 = 1 << 61;
+/// Write-protected for userfaultfd.
+pub const PM_UFFD_WP: u64 = 1 << 57;
+/// The swap "type" of a non-present entry (low five bits of the frame
+/// field) that marks a write-protection marker, not swapped-out data.
+const SWP_PTE_MARKER: u64 = 31;
+
+/// Whether a pagemap entry holds data of its own: present, or really
+/// swapped out. Dirty tracking leaves markers on pages that were never
+/// touched; those read as empty.
+pub fn has_data(e: u64) -> bool {
+    if e & PM_PRESENT != 0 {
+        return true;
+    }
+    e & PM_SWAPPED != 0 && !(e & PM_UFFD_WP != 0 && e & 0x1f == SWP_PTE_MARKER)
+}
+
+/// Whether a page of a private mapping holds data no file has: anonymous
+/// memory, or a copied-on-write page of a private file mapping.
+pub fn has_own_data(e: u64, file_backed: bool) -> bool {
+    has_data(e) && !(file_backed && e & PM_FILE != 0)
+}
 
 impl PageMap {
     pub fn open(pid: i32) -> Result<PageMap> {

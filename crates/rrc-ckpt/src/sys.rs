@@ -524,3 +524,102 @@ pub fn peek_message(
     buf.truncate(n);
     Ok(Some((buf, had_fds)))
 }
+
+const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+const UFFD_API: u64 = 0xaa;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+
+/// Enables asynchronous write-protection on a fresh userfaultfd. Not
+/// UFFD_FEATURE_WP_UNPOPULATED: with it, discarding a protected anonymous
+/// page would leave a marker instead of showing up as written.
+pub fn uffd_api(uffd: std::os::fd::RawFd) -> io::Result<()> {
+    let mut api = [UFFD_API, UFFD_FEATURE_WP_ASYNC, 0u64];
+    // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (three
+    // u64), which `api` is.
+    check(unsafe { libc::ioctl(uffd, UFFDIO_API, api.as_mut_ptr()) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Whether this kernel offers asynchronous write-protection and
+/// PAGEMAP_SCAN, tried on this process.
+pub fn uffd_probe() -> io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: userfaultfd takes flags and returns a new fd we own.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_userfaultfd,
+            libc::O_CLOEXEC | libc::O_NONBLOCK | 1, // UFFD_USER_MODE_ONLY
+        )
+    })? as i32;
+    // SAFETY: fd was just returned to us and nothing else owns it.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    uffd_api(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    let pagemap = std::fs::File::open("/proc/self/pagemap")?;
+    let probe = [0u8; 4096];
+    let at = probe.as_ptr() as u64 & !4095;
+    pagemap_scan(
+        std::os::fd::AsRawFd::as_raw_fd(&pagemap),
+        at,
+        at + 4096,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )?;
+    Ok(())
+}
+
+pub fn uffd_register_wp(uffd: std::os::fd::RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut reg = [start, len, UFFDIO_REGISTER_MODE_WP, 0u64];
+    // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register
+    // (range, mode, ioctls: four u64), which `reg` is.
+    check(unsafe { libc::ioctl(uffd, UFFDIO_REGISTER, reg.as_mut_ptr()) } as libc::c_long)?;
+    Ok(())
+}
+
+/// One PAGEMAP_SCAN call over `[start, end)`: the matching regions (start,
+/// end) and where the walk stopped (it stops early when the output is full).
+#[allow(clippy::too_many_arguments)]
+pub fn pagemap_scan(
+    pagemap: std::os::fd::RawFd,
+    start: u64,
+    end: u64,
+    flags: u64,
+    inverted: u64,
+    mask: u64,
+    anyof: u64,
+    ret: u64,
+) -> io::Result<(Vec<(u64, u64)>, u64)> {
+    const CAP: usize = 4096;
+    let mut regions = vec![[0u64; 3]; CAP];
+    let mut arg = [
+        96u64, // size of struct pm_scan_arg
+        flags,
+        start,
+        end,
+        0, // walk_end (out)
+        regions.as_mut_ptr() as u64,
+        CAP as u64,
+        0, // max_pages: no limit
+        inverted,
+        mask,
+        anyof,
+        ret,
+    ];
+    // SAFETY: PAGEMAP_SCAN reads one struct pm_scan_arg (twelve u64, `arg`)
+    // and writes at most vec_len struct page_region (three u64 each) into
+    // the vector it points to, which has room for CAP of them.
+    let n = check(unsafe { libc::ioctl(pagemap, PAGEMAP_SCAN, arg.as_mut_ptr()) } as libc::c_long)?
+        as usize;
+    let walk_end = arg[4];
+    Ok((
+        regions[..n.min(CAP)].iter().map(|r| (r[0], r[1])).collect(),
+        walk_end,
+    ))
+}

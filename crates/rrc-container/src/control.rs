@@ -25,6 +25,77 @@ pub enum Request {
         images: PathBuf,
         leave_running: bool,
     },
+    /// Incremental checkpoints every `every_us` into the series directory
+    /// `dir`, until `count` are taken or `for_us` has passed (or the asker
+    /// goes away); one [`Response::Epoch`] per checkpoint, then
+    /// [`Response::SeriesDone`].
+    Series {
+        dir: PathBuf,
+        every_us: u64,
+        count: Option<u64>,
+        for_us: Option<u64>,
+        keep_deltas: bool,
+        copy: CopyChoice,
+    },
+}
+
+/// When the pages of an incremental checkpoint are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyChoice {
+    Auto,
+    Direct,
+    Snapshot,
+}
+
+impl From<CopyChoice> for rrc_ckpt::incremental::CopyMode {
+    fn from(c: CopyChoice) -> Self {
+        match c {
+            CopyChoice::Auto => Self::Auto,
+            CopyChoice::Direct => Self::Direct,
+            CopyChoice::Snapshot => Self::Snapshot,
+        }
+    }
+}
+
+/// One checkpoint of a series, as reported to whoever asked for it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLine {
+    pub epoch: u64,
+    pub full: bool,
+    pub pause_us: u64,
+    pub scan_us: u64,
+    pub copy_us: u64,
+    pub snapshot_us: u64,
+    pub total_us: u64,
+    pub cpu_us: u64,
+    pub dirty_bytes: u64,
+    pub snapshots: usize,
+    pub direct: usize,
+    /// Applying it onto the series' image, when that was done.
+    pub apply_us: Option<u64>,
+}
+
+impl EpochLine {
+    pub fn of(
+        r: &rrc_ckpt::incremental::EpochReport,
+        applied: Option<&rrc_ckpt::store::ApplyReport>,
+    ) -> EpochLine {
+        EpochLine {
+            epoch: r.lineage.epoch,
+            full: r.full,
+            pause_us: r.checkpoint.frozen.as_micros() as u64,
+            scan_us: r.scan.as_micros() as u64,
+            copy_us: r.copy.as_micros() as u64,
+            snapshot_us: r.snapshot.as_micros() as u64,
+            total_us: r.checkpoint.total.as_micros() as u64,
+            cpu_us: r.cpu.as_micros() as u64,
+            dirty_bytes: r.dirty_bytes,
+            snapshots: r.snapshots,
+            direct: r.direct,
+            apply_us: applied.map(|a| a.took.as_micros() as u64),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +109,11 @@ pub enum Response {
         total_us: u64,
         sockets_us: u64,
         killed: bool,
+    },
+    Epoch(EpochLine),
+    SeriesDone {
+        epochs: u64,
+        error: Option<String>,
     },
     Failed(String),
 }
@@ -120,15 +196,54 @@ impl ControlSocket {
 }
 
 pub fn answer(stream: UnixStream, resp: &Response) {
+    send(&stream, resp);
+}
+
+/// Sends one answer line; false once the asker has gone away.
+pub fn send(stream: &UnixStream, resp: &Response) -> bool {
     let mut text = serde_json::to_string(resp).expect("responses serialize");
     text.push('\n');
     // MSG_NOSIGNAL: a client that went away must not take the supervisor
     // (and its container) down with SIGPIPE.
-    let _ = nix::sys::socket::send(
-        std::os::fd::AsRawFd::as_raw_fd(&stream),
+    nix::sys::socket::send(
+        std::os::fd::AsRawFd::as_raw_fd(stream),
         text.as_bytes(),
         nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-    );
+    )
+    .is_ok_and(|n| n == text.len())
+}
+
+/// Sends `req` and hands every answer line to `each` until it returns
+/// false or the other side closes; returns the last answer.
+pub fn request_stream(
+    host: &HostState,
+    name: &ContainerName,
+    req: &Request,
+    mut each: impl FnMut(&Response) -> bool,
+) -> Result<Option<Response>> {
+    let stream = UnixStream::connect_addr(&address(host, name)?).map_err(|e| Error::Setup {
+        stage: "reach the container's rrc process",
+        source: e,
+    })?;
+    let mut text = serde_json::to_string(req).expect("requests serialize");
+    text.push('\n');
+    (&stream)
+        .write_all(text.as_bytes())
+        .map_err(crate::setup_err("send a request"))?;
+    let mut last = None;
+    for line in BufReader::new(&stream).lines() {
+        let line = line.map_err(crate::setup_err("read the answer"))?;
+        let resp: Response = serde_json::from_str(&line).map_err(|e| Error::Setup {
+            stage: "read the answer",
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}: {line:?}")),
+        })?;
+        let go_on = each(&resp);
+        last = Some(resp);
+        if !go_on {
+            break;
+        }
+    }
+    Ok(last)
 }
 
 /// Sends `req` to the rrc process holding container `name` and waits for

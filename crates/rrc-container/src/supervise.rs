@@ -12,12 +12,27 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use std::path::Path;
 
 use rrc_ckpt::dump::{CheckpointOptions, CheckpointReport};
+use rrc_ckpt::incremental::{Incremental, IncrementalOptions};
+use rrc_ckpt::store::SeriesDir;
 
 use crate::control::{self, Request, Response};
 use crate::create::{Container, supervisor_signals};
 use crate::proc::catches_signal;
 use crate::restore::{ANNOTATION, ContainerAnnotation};
 use crate::{Result, nix_setup_err};
+
+/// A series of incremental checkpoints in progress.
+struct SeriesRun {
+    inc: Incremental,
+    dir: SeriesDir,
+    every: Duration,
+    left: Option<u64>,
+    until: Option<Instant>,
+    next_at: Instant,
+    /// Where each checkpoint is reported.
+    stream: std::os::unix::net::UnixStream,
+    taken: u64,
+}
 
 /// How the container's program ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +71,7 @@ impl Container {
         .map_err(nix_setup_err("signalfd"))?;
         let mut kill_at: Option<Instant> = None;
         let mut checkpointed = false;
+        let mut series: Option<SeriesRun> = None;
         let report = loop {
             match waitpid(self.init, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {}
@@ -79,11 +95,16 @@ impl Container {
                 }
                 Err(e) => return Err(nix_setup_err("wait for the container")(e)),
             }
-            let timeout = match kill_at {
+            let wake = match (kill_at, series.as_ref().map(|s| s.next_at)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = match wake {
                 Some(t) => {
                     let left = t.saturating_duration_since(Instant::now());
-                    PollTimeout::try_from(left.as_millis().min(60_000) as u32 + 1)
-                        .unwrap_or(PollTimeout::MAX)
+                    // Round up: waking early would only loop.
+                    let us = left.as_micros().min(60_000_000) as u64;
+                    PollTimeout::try_from(us.div_ceil(1000) as u32).unwrap_or(PollTimeout::MAX)
                 }
                 None => PollTimeout::NONE,
             };
@@ -96,8 +117,59 @@ impl Container {
                 Err(e) => return Err(nix_setup_err("poll")(e)),
             }
             if let Some((req, stream)) = self.control.accept() {
-                let resp = self.handle(req, &mut checkpointed);
-                control::answer(stream, &resp);
+                match req {
+                    Request::Series { .. } if series.is_some() => control::answer(
+                        stream,
+                        &Response::Failed(
+                            "a series of checkpoints of this container is already running".into(),
+                        ),
+                    ),
+                    Request::Series {
+                        dir,
+                        every_us,
+                        count,
+                        for_us,
+                        keep_deltas,
+                        copy,
+                    } => match self.start_series(&dir, keep_deltas, copy.into()) {
+                        Ok((inc, dir)) => {
+                            let every = Duration::from_micros(every_us.max(1000));
+                            series = Some(SeriesRun {
+                                inc,
+                                dir,
+                                every,
+                                left: count,
+                                until: for_us.map(|us| Instant::now() + Duration::from_micros(us)),
+                                next_at: Instant::now(),
+                                stream,
+                                taken: 0,
+                            });
+                        }
+                        Err(e) => control::answer(stream, &Response::Failed(e.to_string())),
+                    },
+                    req => {
+                        let resp = self.handle(req, &mut checkpointed);
+                        control::answer(stream, &resp);
+                    }
+                }
+            }
+            if series.as_ref().is_some_and(|s| Instant::now() >= s.next_at) {
+                let mut run = series.take().expect("due");
+                if let Some(done) = self.series_step(&mut run) {
+                    let error = done.err().map(|e| e.to_string());
+                    if let Err(e) = run.inc.finish() {
+                        tracing::warn!(error = %e, "ending a series of checkpoints");
+                    }
+                    control::send(
+                        &run.stream,
+                        &Response::SeriesDone {
+                            epochs: run.taken,
+                            error,
+                        },
+                    );
+                } else {
+                    series = Some(run);
+                }
             }
             while let Ok(Some(info)) = sfd.read_signal() {
                 let sig = info.ssi_signo as i32;
@@ -123,6 +195,75 @@ impl Container {
         Ok(report)
     }
 
+    /// Sets up a series of incremental checkpoints of the container.
+    fn start_series(
+        &mut self,
+        dir: &Path,
+        keep_deltas: bool,
+        copy: rrc_ckpt::incremental::CopyMode,
+    ) -> Result<(Incremental, SeriesDir)> {
+        rrc_ckpt::incremental::check_supported()?;
+        let annotations = self.annotations()?;
+        let dir = SeriesDir::create(dir, keep_deltas)?;
+        let inc = Incremental::new(IncrementalOptions {
+            root: self.init,
+            annotations,
+            copy,
+        });
+        Ok((inc, dir))
+    }
+
+    /// Takes the next checkpoint of a series, with the network held back
+    /// meanwhile; `Some` once the series is over (done, failed, or its asker
+    /// gone away).
+    fn series_step(
+        &mut self,
+        run: &mut SeriesRun,
+    ) -> Option<std::result::Result<(), crate::Error>> {
+        if let Some(net) = &self.net {
+            net.forwarder.set_paused(true);
+        }
+        let r = run.inc.checkpoint_into(&run.dir);
+        if let Some(net) = &self.net {
+            net.forwarder.set_paused(false);
+        }
+        let (report, applied) = match r {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e.into())),
+        };
+        run.taken += 1;
+        let line = control::EpochLine::of(&report, applied.as_ref());
+        if !control::send(&run.stream, &Response::Epoch(line)) {
+            tracing::info!(container = %self.record.name, "series asker gone; series ended");
+            return Some(Ok(()));
+        }
+        if let Some(left) = &mut run.left {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                return Some(Ok(()));
+            }
+        }
+        let now = Instant::now();
+        if run.until.is_some_and(|u| now >= u) {
+            return Some(Ok(()));
+        }
+        // A late checkpoint does not make the next ones come sooner.
+        run.next_at = (run.next_at + run.every).max(now);
+        None
+    }
+
+    /// What a checkpoint of the container records besides the processes.
+    fn annotations(&self) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+        let mut annotations = std::collections::BTreeMap::new();
+        let mut ann = ContainerAnnotation::of(&self.record);
+        ann.netns = Some(crate::netstate::capture(self.init)?);
+        annotations.insert(
+            ANNOTATION.to_string(),
+            serde_json::to_value(ann).expect("annotations serialize"),
+        );
+        Ok(annotations)
+    }
+
     fn handle(&mut self, req: Request, checkpointed: &mut bool) -> Response {
         match req {
             Request::Checkpoint {
@@ -144,6 +285,7 @@ impl Container {
                 }
                 Err(e) => Response::Failed(e.to_string()),
             },
+            Request::Series { .. } => Response::Failed("series are handled apart".into()),
         }
     }
 
@@ -151,13 +293,7 @@ impl Container {
     /// TCP state changes while it is read; the tree is then killed (and
     /// this process removes the container) or goes on, reconnected.
     pub fn checkpoint(&mut self, images: &Path, leave_running: bool) -> Result<CheckpointReport> {
-        let mut annotations = std::collections::BTreeMap::new();
-        let mut ann = ContainerAnnotation::of(&self.record);
-        ann.netns = Some(crate::netstate::capture(self.init)?);
-        annotations.insert(
-            ANNOTATION.to_string(),
-            serde_json::to_value(ann).expect("annotations serialize"),
-        );
+        let annotations = self.annotations()?;
         if let Some(net) = &self.net {
             net.forwarder.set_blocked(true);
         }

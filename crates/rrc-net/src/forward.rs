@@ -10,8 +10,8 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,16 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
 pub struct Forwarder {
     thread: JoinHandle<()>,
     blocked: Arc<AtomicBool>,
+    pause: Arc<Pause>,
+}
+
+/// Holding frames back: while `paused`, the thread leaves them queued in
+/// the kernel (the packet socket's and the TAP's queues). It moves each
+/// frame holding `step`, so taking that lock waits out a frame in flight.
+#[derive(Default)]
+struct Pause {
+    paused: AtomicBool,
+    step: Mutex<()>,
 }
 
 struct Ends {
@@ -40,6 +50,7 @@ struct Ends {
     gate: Arc<dyn PacketGate>,
     spin: Duration,
     blocked: Arc<AtomicBool>,
+    pause: Arc<Pause>,
 }
 
 impl Forwarder {
@@ -52,6 +63,7 @@ impl Forwarder {
     ) -> io::Result<Forwarder> {
         tap.set_nonblocking(true)?;
         let blocked = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(Pause::default());
         let ends = Ends {
             tap,
             uplink,
@@ -59,11 +71,29 @@ impl Forwarder {
             gate,
             spin,
             blocked: blocked.clone(),
+            pause: pause.clone(),
         };
         let thread = thread::Builder::new()
             .name("rrc-forward".into())
             .spawn(move || ends.run())?;
-        Ok(Forwarder { thread, blocked })
+        Ok(Forwarder {
+            thread,
+            blocked,
+            pause,
+        })
+    }
+
+    /// Holds every frame back (they wait in the kernel's queues, up to
+    /// their size) or lets them through again. Returns once no frame is on
+    /// its way: an incremental checkpoint reads the TCP state right after,
+    /// and the frames held reach the container once it is done.
+    pub fn set_paused(&self, paused: bool) {
+        self.pause.paused.store(paused, Ordering::SeqCst);
+        if paused {
+            drop(self.pause.step.lock().unwrap_or_else(|p| p.into_inner()));
+        } else {
+            self.thread.thread().unpark();
+        }
     }
 
     /// Cuts the container off the LAN (every frame either way is dropped,
@@ -100,6 +130,10 @@ impl Ends {
         let mut buf = vec![0u8; MAX_FRAME_LEN];
         let mut spin_until: Option<Instant> = None;
         loop {
+            if self.pause.paused.load(Ordering::SeqCst) {
+                thread::park_timeout(Duration::from_millis(5));
+                continue;
+            }
             match self.step(&mut buf) {
                 Ok(Step::Inbound) | Ok(Step::Outbound) => {
                     spin_until = Some(Instant::now() + self.spin)
@@ -140,7 +174,11 @@ impl Ends {
 
     /// Moves at most one frame each way; fatal errors only are returned.
     fn step(&self, buf: &mut [u8]) -> io::Result<Step> {
+        let _moving = self.pause.step.lock().unwrap_or_else(|p| p.into_inner());
         let mut did = Step::Idle;
+        if self.pause.paused.load(Ordering::SeqCst) {
+            return Ok(did);
+        }
         if let Some(n) = nonfatal(self.uplink.recv_frame(buf), "inbound receive")?
             && let Some(frame) = Frame::new(&buf[..n])
         {

@@ -16,35 +16,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-fn fixtures_src() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../rrc-ckpt/tests/fixtures")
-}
-
-/// A scratch directory of this test process.
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rrc-ckpt-test-{}-{tag}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Compiles fixture `name` into `dir`.
-fn build(name: &str, dir: &Path) -> PathBuf {
-    let out = dir.join(name);
-    let src = fixtures_src();
-    let status = Command::new("gcc")
-        .args(["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pthread", "-I"])
-        .arg(&src)
-        .arg("-o")
-        .arg(&out)
-        .arg(src.join(format!("{name}.c")))
-        .arg("-lrt")
-        .status()
-        .expect("gcc runs");
-    assert!(status.success(), "fixture {name} does not compile");
-    out
-}
-
 /// Reaps the killed tree's other processes, which were orphaned to us.
 fn reap_orphans() {
     while let Ok(s) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {

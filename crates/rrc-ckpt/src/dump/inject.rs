@@ -180,6 +180,12 @@ impl Injector {
         Ok(out)
     }
 
+    /// The engine's own mapping in the process, if any: no part of the
+    /// process's image.
+    pub fn scratch_range(&self) -> Option<(u64, u64)> {
+        self.scratch.map(|a| (a, a + SCRATCH_SIZE))
+    }
+
     /// Reads back what a call left in scratch memory.
     pub fn read_scratch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let base = self.scratch.expect("scratch mapped before use");

@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 use procfs::process::{MMPermissions, MMapPath, MemoryMap, VmFlags};
 
 use crate::image::{ImageDir, PageRun, SharedMemory, ShmemKind, Vma, VmaKind};
-use crate::procfs::{PAGE_SIZE, PM_FILE, PM_PRESENT, PM_SWAPPED, PageMap, runs};
+use crate::procfs::{PAGE_SIZE, PageMap, has_own_data, runs};
 use crate::{Error, Result};
 
 /// Shared memory objects met so far in the tree, by (dev, inode).
@@ -23,17 +23,44 @@ pub struct ShmemTable {
 }
 
 /// What a process's memory turned into.
+#[derive(Default)]
 pub struct MemoryDump {
     pub vmas: Vec<Vma>,
     pub pages: Vec<PageRun>,
+    /// Ranges whose earlier contents are gone (for a delta).
+    pub holes: Vec<(u64, u64)>,
     pub bytes: u64,
+}
+
+/// Every page, copied while the tree is stopped.
+pub struct Full;
+
+impl crate::dump::MemoryPolicy for Full {
+    fn capture(&mut self, f: crate::dump::Frozen) -> Result<MemoryDump> {
+        let skip = f.inj.scratch_range();
+        dump(f.p.pid, f.img, f.image_pid, f.shmem, f.problems, skip)
+    }
+
+    fn finish(&mut self, img: &ImageDir) -> Result<u64> {
+        // Already written; the pages files are the memory.
+        let mut n = 0;
+        for e in std::fs::read_dir(img.path())
+            .map_err(|e| Error::image(img.path(), e))?
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with("pages-") {
+                n += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn makedev(major: i32, minor: i32) -> u64 {
     libc::makedev(major as u32, minor as u32)
 }
 
-fn prot_of(perms: MMPermissions) -> u32 {
+pub(crate) fn prot_of(perms: MMPermissions) -> u32 {
     let mut p = 0;
     if perms.contains(MMPermissions::READ) {
         p |= libc::PROT_READ as u32;
@@ -48,7 +75,7 @@ fn prot_of(perms: MMPermissions) -> u32 {
 }
 
 /// The madvise-like state of a mapping that a restore has to set again.
-fn kept_flags(f: VmFlags) -> Vec<String> {
+pub(crate) fn kept_flags(f: VmFlags) -> Vec<String> {
     [
         (VmFlags::DD, "dd"),
         (VmFlags::DC, "dc"),
@@ -102,6 +129,7 @@ pub fn dump(
     image_pid: i32,
     shmem: &mut ShmemTable,
     problems: &mut Vec<String>,
+    skip: Option<(u64, u64)>,
 ) -> Result<MemoryDump> {
     let raw = pid.as_raw();
     let maps = procfs::process::Process::new(raw)
@@ -113,16 +141,15 @@ pub fn dump(
         what: "memory",
         detail: e.to_string(),
     })?;
-    let mut out = MemoryDump {
-        vmas: Vec::new(),
-        pages: Vec::new(),
-        bytes: 0,
-    };
+    let mut out = MemoryDump::default();
     // First where the data is, then one pass copying it straight from the
     // process into a mapping of the pages file (one copy, no buffer).
     let mut readable_runs = Vec::new();
     for m in maps.iter() {
         let (start, end) = m.address;
+        if skip.is_some_and(|(s, _)| s == start) {
+            continue;
+        }
         let shared = m.perms.contains(MMPermissions::SHARED);
         let prot = prot_of(m.perms);
         let kind = match classify(pid, m, shared, shmem, img, problems)? {
@@ -132,10 +159,8 @@ pub fn dump(
         // Which pages hold data no file has: private anonymous memory, and
         // copied-on-write pages of private file mappings.
         let keep: Option<fn(u64) -> bool> = match (&kind, shared) {
-            (VmaKind::Anon, false) => Some(|e| e & (PM_PRESENT | PM_SWAPPED) != 0),
-            (VmaKind::File { .. }, false) => {
-                Some(|e| e & (PM_PRESENT | PM_SWAPPED) != 0 && e & PM_FILE == 0)
-            }
+            (VmaKind::Anon, false) => Some(|e| has_own_data(e, false)),
+            (VmaKind::File { .. }, false) => Some(|e| has_own_data(e, true)),
             _ => None,
         };
         if let Some(keep) = keep {
@@ -239,7 +264,7 @@ fn copy_out(
 }
 
 /// What a mapping is; `None` for mappings nothing needs to be done about.
-fn classify(
+pub(crate) fn classify(
     pid: Pid,
     m: &MemoryMap,
     shared: bool,

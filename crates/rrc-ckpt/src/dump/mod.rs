@@ -1,10 +1,10 @@
 //! Checkpoint: stop a process tree, record it in an image, then let it go
 //! or kill it.
 
-mod files;
+pub(crate) mod files;
 pub mod inject;
-mod memory;
-mod process;
+pub(crate) mod memory;
+pub(crate) mod process;
 pub mod seize;
 
 use std::collections::BTreeMap;
@@ -15,7 +15,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::unistd::Pid;
 use procfs::process::Process;
 
-use crate::image::{CpuInfo, FORMAT, ImageDir, Manifest, ProcessImage, VERSION};
+use crate::dump::inject::Injector;
+use crate::dump::memory::{MemoryDump, ShmemTable};
+use crate::dump::seize::SeizedProcess;
+use crate::image::{CpuInfo, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
 use crate::{Error, Result, sys};
 
 pub struct CheckpointOptions<'a> {
@@ -57,35 +60,85 @@ pub fn cpu_info() -> CpuInfo {
 /// Checkpoints the tree rooted at `opts.root` into `opts.images`. On error
 /// the tree keeps running as if nothing happened and no image is left.
 pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
-    let start = Instant::now();
     let img = ImageDir::create(opts.images)?;
-    let result = checkpoint_into(&img, opts, start);
+    let result = take(
+        &img,
+        &Take {
+            root: opts.root,
+            leave_running: opts.leave_running,
+            annotations: opts.annotations.clone(),
+            series: None,
+            exclude: &[],
+        },
+        &mut memory::Full,
+    );
     if result.is_err() {
-        // Only what we wrote: the directory was empty.
-        if let Ok(rd) = fs::read_dir(img.path()) {
-            for e in rd.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+        remove_contents(img.path());
     }
     result
 }
 
-fn checkpoint_into(
+/// Removes the files of an image directory we were writing (it was empty).
+pub(crate) fn remove_contents(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// What one checkpoint of a tree is to do.
+pub(crate) struct Take<'a> {
+    pub root: Pid,
+    pub leave_running: bool,
+    pub annotations: BTreeMap<String, serde_json::Value>,
+    /// For a checkpoint of a series: this one and the one it follows (none
+    /// for the first). Its files then get checksums.
+    pub series: Option<(Lineage, Option<Lineage>)>,
+    /// Processes of the tree that are the engine's own (snapshots).
+    pub exclude: &'a [Pid],
+}
+
+/// One stopped process as a memory policy sees it.
+pub(crate) struct Frozen<'a> {
+    pub p: &'a SeizedProcess,
+    pub inj: &'a mut Injector,
+    pub img: &'a ImageDir,
+    /// The pid the image knows the process by.
+    pub image_pid: i32,
+    pub shmem: &'a mut ShmemTable,
+    pub problems: &'a mut Vec<String>,
+}
+
+/// How the memory of each process gets into the image: all of it, copied
+/// while the tree is stopped ([`memory::Full`]), or what changed since the
+/// last checkpoint, copied partly after the tree runs again
+/// ([`crate::incremental`]).
+pub(crate) trait MemoryPolicy {
+    /// Called for each process while the whole tree is stopped.
+    fn capture(&mut self, f: Frozen) -> Result<MemoryDump>;
+    /// Called once every process is captured: after the tree runs again
+    /// when it is left running, before it is killed otherwise. Finishes
+    /// the pages files and returns how many bytes of memory they hold.
+    fn finish(&mut self, img: &ImageDir) -> Result<u64>;
+}
+
+/// Takes one checkpoint of the tree at `t.root` into `img`.
+pub(crate) fn take(
     img: &ImageDir,
-    opts: &CheckpointOptions,
-    start: Instant,
+    t: &Take,
+    policy: &mut dyn MemoryPolicy,
 ) -> Result<CheckpointReport> {
+    let start = Instant::now();
     let cpu = cpu_info();
     let frozen_at = Instant::now();
-    let mut seized = seize::Seized::tree(opts.root)?;
-    tracing::debug!(us = frozen_at.elapsed().as_micros() as u64, "tree stopped");
+    let mut seized = seize::Seized::tree_excluding(t.root, t.exclude)?;
+    let stopped = frozen_at.elapsed();
     let mut problems = Vec::new();
     let mut shmem = memory::ShmemTable::default();
     let mut files = files::FileTable::default();
     let mut images: Vec<ProcessImage> = Vec::new();
-    let mut memory_bytes = 0;
-    let (root_ns_pid, depth) = process::ns_pid(opts.root.as_raw(), None)?;
+    let (root_ns_pid, depth) = process::ns_pid(t.root.as_raw(), None)?;
     let own_pid_ns = depth > 1 && root_ns_pid == 1;
     let mut ns_of: BTreeMap<Pid, i32> = BTreeMap::new();
     for p in &seized.processes {
@@ -100,8 +153,9 @@ fn checkpoint_into(
     }
     // Which unix socket is connected to which: only sock_diag tells, for
     // the sockets of the tree's network namespace.
-    let unix = in_netns_of(opts.root, crate::unixdiag::query)?
+    let unix = in_netns_of(t.root, crate::unixdiag::query)?
         .map_err(Error::io("list unix sockets (sock_diag)"))?;
+    let mut phases = Phases::default();
     for p in &seized.processes {
         let raw = p.pid.as_raw();
         let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
@@ -118,19 +172,23 @@ fn checkpoint_into(
             continue;
         }
         let t0 = Instant::now();
-        let ts = process::threads_and_signals(p, cpu.xsave_size)?;
+        let mut inj = Injector::new(p)?;
+        let ts = process::threads_and_signals(p, &mut inj, cpu.xsave_size)?;
         let t1 = Instant::now();
-        let mem = memory::dump(p.pid, img, ns_of[&p.pid], &mut shmem, &mut problems)?;
+        let mem = policy.capture(Frozen {
+            p,
+            inj: &mut inj,
+            img,
+            image_pid: ns_of[&p.pid],
+            shmem: &mut shmem,
+            problems: &mut problems,
+        })?;
+        inj.finish()?;
         let t2 = Instant::now();
-        memory_bytes += mem.bytes;
         let fds = files::dump(p.pid, img, &mut files, &mut shmem, &unix, &mut problems)?;
-        tracing::debug!(
-            pid = raw,
-            state_us = (t1 - t0).as_micros() as u64,
-            memory_us = (t2 - t1).as_micros() as u64,
-            files_us = t2.elapsed().as_micros() as u64,
-            "process dumped"
-        );
+        phases.state += t1 - t0;
+        phases.memory += t2 - t1;
+        phases.files += t2.elapsed();
         let link = |what: &str| {
             fs::read_link(format!("/proc/{raw}/{what}"))
                 .map(|p| p.to_string_lossy().into_owned())
@@ -156,6 +214,7 @@ fn checkpoint_into(
             mm: process::mm_state(p.pid, ts.brk)?,
             vmas: mem.vmas,
             pages: mem.pages,
+            holes: mem.holes,
             fds,
             sigactions: ts.sigactions,
             shared_pending: ts.shared_pending,
@@ -185,9 +244,10 @@ fn checkpoint_into(
         }
         return Err(Error::Unsupported(problems));
     }
-    for p in &images {
-        img.write_json(&ImageDir::process_name(p.pid), p)?;
-    }
+    let (lineage, parent) = match &t.series {
+        Some((l, p)) => (Some(l.clone()), p.clone()),
+        None => (None, None),
+    };
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
@@ -202,23 +262,45 @@ fn checkpoint_into(
         own_pid_ns,
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
-        annotations: opts.annotations.clone(),
+        annotations: t.annotations.clone(),
+        parent,
+        lineage,
+        checksums: BTreeMap::new(),
     };
-    img.write_json("manifest.json", &manifest)?;
-    tracing::debug!(us = frozen_at.elapsed().as_micros() as u64, "image written");
     let threads = images.iter().map(|p| p.threads.len()).sum();
-    if opts.leave_running {
+    let processes = images.len();
+    let write_records = |img: &ImageDir, mut manifest: Manifest| -> Result<()> {
+        for p in &images {
+            img.write_json(&ImageDir::process_name(p.pid), p)?;
+        }
+        if t.series.is_some() {
+            manifest.checksums = checksum_files(img)?;
+        }
+        img.write_json("manifest.json", &manifest)
+    };
+    let memory_bytes;
+    if t.leave_running {
         // The connections go on: out of repair mode without a word.
         for s in &repaired {
             if let Err(e) = crate::tcp::leave_repair_quietly(std::os::fd::AsFd::as_fd(s)) {
                 tracing::warn!(error = %e, "a TCP connection stays in repair mode");
             }
         }
+        seized.release(false);
+        phases.log(stopped, frozen_at.elapsed());
+        memory_bytes = policy.finish(img)?;
+        write_records(img, manifest)?;
+    } else {
+        // Nothing may fail once the tree is gone: the image is complete
+        // before it is killed.
+        memory_bytes = policy.finish(img)?;
+        write_records(img, manifest)?;
+        seized.release(true);
+        phases.log(stopped, frozen_at.elapsed());
     }
-    seized.release(!opts.leave_running);
     // Killed in repair mode, the connections close without FIN or RST.
     drop(repaired);
-    let frozen = frozen_at.elapsed();
+    let frozen = seized.stopped_for();
     let image_bytes = fs::read_dir(img.path())
         .map(|rd| {
             rd.flatten()
@@ -228,14 +310,49 @@ fn checkpoint_into(
         })
         .unwrap_or(0);
     Ok(CheckpointReport {
-        processes: images.len(),
+        processes,
         threads,
         memory_bytes,
         image_bytes,
-        frozen,
+        frozen: frozen.unwrap_or(frozen_at.elapsed()),
         total: start.elapsed(),
         sockets,
     })
+}
+
+/// Where the time went while the tree was stopped.
+#[derive(Default)]
+struct Phases {
+    state: Duration,
+    memory: Duration,
+    files: Duration,
+}
+
+impl Phases {
+    fn log(&self, stopped: Duration, frozen: Duration) {
+        tracing::debug!(
+            stop_us = stopped.as_micros() as u64,
+            state_us = self.state.as_micros() as u64,
+            memory_us = self.memory.as_micros() as u64,
+            files_us = self.files.as_micros() as u64,
+            frozen_us = frozen.as_micros() as u64,
+            "checkpoint phases"
+        );
+    }
+}
+
+/// CRC-32 of every file of an image directory but its manifest.
+pub(crate) fn checksum_files(img: &ImageDir) -> Result<BTreeMap<String, u32>> {
+    let mut out = BTreeMap::new();
+    let rd = fs::read_dir(img.path()).map_err(|e| Error::image(img.path(), e))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "manifest.json" {
+            continue;
+        }
+        out.insert(name, crate::store::crc_of_file(&e.path())?);
+    }
+    Ok(out)
 }
 
 /// Runs `f` on a thread inside the network namespace of process `pid`.

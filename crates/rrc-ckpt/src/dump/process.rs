@@ -71,11 +71,14 @@ fn check_ok(what: &'static str, tid: Pid, r: i64) -> Result<u64> {
 /// What only the process itself can tell (asked through injected calls,
 /// one batch per thread and one for the process) and what ptrace shows
 /// about each thread.
-pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<ThreadsAndSignals> {
+pub fn threads_and_signals(
+    p: &SeizedProcess,
+    inj: &mut Injector,
+    xsave_size: usize,
+) -> Result<ThreadsAndSignals> {
     use crate::dump::inject::OUT_AT;
     use crate::remote::Batch;
     let pid = p.pid;
-    let mut inj = Injector::new(p)?;
     let out = inj.scratch()? + OUT_AT;
     let mut threads = Vec::new();
     for t in &p.threads {
@@ -259,7 +262,6 @@ pub fn threads_and_signals(p: &SeizedProcess, xsave_size: usize) -> Result<Threa
         .into_iter()
         .map(|b| Hex(b.to_vec()))
         .collect();
-    inj.finish()?;
     Ok(ThreadsAndSignals {
         threads,
         sigactions,

@@ -34,6 +34,8 @@ pub struct SeizedProcess {
 pub struct Seized {
     pub processes: Vec<SeizedProcess>,
     released: bool,
+    started: std::time::Instant,
+    stopped_for: Option<std::time::Duration>,
 }
 
 fn tasks(pid: Pid) -> Vec<Pid> {
@@ -47,18 +49,34 @@ fn tasks(pid: Pid) -> Vec<Pid> {
         .unwrap_or_default()
 }
 
-fn children(pid: Pid, threads: &[SeizedThread]) -> Vec<Pid> {
+fn children(pid: Pid, threads: &[SeizedThread], exclude: &[Pid]) -> Vec<Pid> {
     let mut out = BTreeSet::new();
     for t in threads {
         if let Ok(s) = fs::read_to_string(format!("/proc/{pid}/task/{}/children", t.tid)) {
             out.extend(
                 s.split_whitespace()
                     .filter_map(|w| w.parse().ok())
-                    .map(Pid::from_raw),
+                    .map(Pid::from_raw)
+                    .filter(|c| !exclude.contains(c) && !is_dead_clone(*c)),
             );
         }
     }
     out.into_iter().collect()
+}
+
+/// A dead child with no exit signal (made by `clone` without one, as the
+/// engine's snapshots are) waiting for a `__WCLONE` wait: it holds no state
+/// and the process does not see it in its ordinary waits.
+fn is_dead_clone(pid: Pid) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the command name: state is the 3rd, exit_signal the 38th.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields.first() == Some(&"Z") && fields.get(35) == Some(&"0")
 }
 
 /// Stops every thread of one process; threads it creates meanwhile are
@@ -118,12 +136,20 @@ fn seize_process(pid: Pid) -> Result<Vec<SeizedThread>> {
 impl Seized {
     /// Stops the tree rooted at `root` (a pid of the caller's namespace).
     pub fn tree(root: Pid) -> Result<Seized> {
+        Seized::tree_excluding(root, &[])
+    }
+
+    /// Stops the tree rooted at `root`, leaving out the processes of
+    /// `exclude` (and their descendants).
+    pub fn tree_excluding(root: Pid, exclude: &[Pid]) -> Result<Seized> {
         if !std::path::Path::new(&format!("/proc/{root}")).exists() {
             return Err(Error::NoSuchProcess(root.as_raw()));
         }
         let mut s = Seized {
             processes: Vec::new(),
             released: false,
+            started: std::time::Instant::now(),
+            stopped_for: None,
         };
         let mut queue = vec![(root, None)];
         while let Some((pid, parent)) = queue.pop() {
@@ -137,7 +163,7 @@ impl Seized {
                 }
             };
             // Stable now: every thread of `pid` is stopped.
-            for c in children(pid, &threads).into_iter().rev() {
+            for c in children(pid, &threads, exclude).into_iter().rev() {
                 queue.push((c, Some(pid)));
             }
             s.processes.push(SeizedProcess {
@@ -157,6 +183,7 @@ impl Seized {
             return;
         }
         self.released = true;
+        self.stopped_for = Some(self.started.elapsed());
         if kill_tree {
             for p in &self.processes {
                 let _ = kill(p.pid, Signal::SIGKILL);
@@ -191,6 +218,13 @@ impl Seized {
                 }
             }
         }
+    }
+}
+
+impl Seized {
+    /// How long the tree was stopped, once it was let go or killed.
+    pub fn stopped_for(&self) -> Option<std::time::Duration> {
+        self.stopped_for
     }
 }
 

@@ -81,6 +81,21 @@ fn rerr(pid: i32, stage: &'static str, detail: impl Into<String>) -> Error {
 pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessImage>)> {
     let img = ImageDir::new(images);
     let m = img.read_manifest()?;
+    if img.file(crate::store::APPLYING).exists() {
+        return Err(Error::CorruptImage {
+            path: images.into(),
+            detail: "a delta was being applied to it and did not finish".into(),
+        });
+    }
+    if let (Some(parent), Some(me)) = (&m.parent, &m.lineage) {
+        return Err(Error::CorruptImage {
+            path: images.into(),
+            detail: format!(
+                "it is a delta ({me}, following checkpoint {}); restore the image it was applied to",
+                parent.epoch
+            ),
+        });
+    }
     let cpu = crate::dump::cpu_info();
     if cpu != m.cpu {
         return Err(Error::Incompatible(format!(

@@ -26,7 +26,9 @@ use rrc_container::{ContainerName, Error, HostState, probe};
 /// command returns once the restored processes run.
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Image directory written by `rrc checkpoint`.
+    /// Image directory written by `rrc checkpoint`, or the directory of a
+    /// series (`rrc checkpoint --every`): its last checkpoint is restored,
+    /// after the deltas not yet applied are.
     #[arg(long, value_name = "DIR")]
     images: PathBuf,
     /// Name for a restored container (default: the checkpointed name).
@@ -38,8 +40,20 @@ pub struct RestoreArgs {
     uplink: Option<String>,
 }
 
-pub fn restore(a: RestoreArgs) -> Result<i32> {
+pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     probe::require_root("rrc restore")?;
+    if rrc_ckpt::store::SeriesDir::is_series(&a.images) {
+        // A series: its last checkpoint, once every delta is applied.
+        let image = rrc_ckpt::store::SeriesDir::materialize(&a.images, |epoch, r| {
+            eprintln!(
+                "applied checkpoint {epoch} ({:.1} MiB of memory) in {:.1} ms",
+                r.bytes as f64 / (1 << 20) as f64,
+                r.took.as_secs_f64() * 1000.0
+            );
+        })
+        .with_context(|| format!("bringing the series in {} up to date", a.images.display()))?;
+        a.images = image;
+    }
     let annotation = ContainerAnnotation::read(&a.images)
         .with_context(|| format!("reading {}", a.images.display()))?;
     match annotation {

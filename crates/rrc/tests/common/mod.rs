@@ -296,3 +296,36 @@ pub fn memcached_set_get(addr: &str, key: &str, value: &str) -> String {
     }
     reply
 }
+
+/// Where the C fixtures of the engine live.
+#[allow(dead_code)]
+pub fn fixtures_src() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rrc-ckpt/tests/fixtures")
+}
+
+/// A scratch directory of this test process.
+#[allow(dead_code)]
+pub fn scratch(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rrc-ckpt-test-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Compiles fixture `name` into `dir`.
+#[allow(dead_code)]
+pub fn build(name: &str, dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join(name);
+    let src = fixtures_src();
+    let status = Command::new("gcc")
+        .args(["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pthread", "-I"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .arg(src.join(format!("{name}.c")))
+        .arg("-lrt")
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "fixture {name} does not compile");
+    out
+}

@@ -1,0 +1,606 @@
+//! The memory part of an incremental checkpoint: per process, what changed
+//! since the last checkpoint, and how it gets copied.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use nix::unistd::Pid;
+use procfs::process::{MMPermissions, Process};
+
+use crate::Error;
+use crate::Result;
+use crate::dirty::{self, Ranges, Tracker};
+use crate::dump::inject::Injector;
+use crate::dump::memory::{self, MemoryDump};
+use crate::dump::{Frozen, MemoryPolicy};
+use crate::image::{ImageDir, PageRun, Vma, VmaKind};
+use crate::procfs::{PAGE_SIZE, PageMap, has_own_data, runs};
+
+use super::snapshot::Snapshot;
+
+/// When the written pages of a process are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Whichever makes the shorter pause, by what earlier checkpoints
+    /// measured.
+    Auto,
+    /// While the tree is stopped.
+    Direct,
+    /// From a copy-on-write snapshot, after the tree runs again.
+    Snapshot,
+}
+
+/// What the pause costs, learnt from the checkpoints taken so far.
+struct CostModel {
+    /// Copying written pages while stopped, per byte.
+    direct_ns_per_byte: f64,
+    /// Making a snapshot: per resident page (the kernel copies page table
+    /// entries), plus a fixed part.
+    snapshot_ns_per_page: f64,
+    snapshot_fixed_ns: f64,
+}
+
+impl CostModel {
+    fn new() -> CostModel {
+        // Measured on the reference machine; refined as checkpoints go.
+        CostModel {
+            direct_ns_per_byte: 0.25,
+            snapshot_ns_per_page: 85.0,
+            snapshot_fixed_ns: 150_000.0,
+        }
+    }
+
+    fn prefer_snapshot(&self, bytes: u64, resident_pages: u64) -> bool {
+        let direct = bytes as f64 * self.direct_ns_per_byte;
+        let snap = self.snapshot_fixed_ns + resident_pages as f64 * self.snapshot_ns_per_page;
+        snap < direct
+    }
+
+    fn learn_direct(&mut self, bytes: u64, took: Duration) {
+        // Small copies say more about the fixed costs than about the rate.
+        if bytes >= 1 << 20 {
+            let rate = took.as_nanos() as f64 / bytes as f64;
+            self.direct_ns_per_byte = 0.7 * self.direct_ns_per_byte + 0.3 * rate;
+        }
+    }
+
+    fn learn_snapshot(&mut self, resident_pages: u64, took: Duration) {
+        if resident_pages >= 4096 {
+            let per =
+                (took.as_nanos() as f64 - self.snapshot_fixed_ns).max(0.0) / resident_pages as f64;
+            self.snapshot_ns_per_page = 0.7 * self.snapshot_ns_per_page + 0.3 * per;
+        }
+    }
+}
+
+/// A tracked process.
+struct Tracked {
+    /// Start time (clock ticks after boot): tells a reused pid apart.
+    start_time: u64,
+    tracker: Tracker,
+    /// The mappings of the last checkpoint, whose madvise flags are taken
+    /// over while a mapping stays the same (reading them anew means reading
+    /// smaps, which walks every page table).
+    vmas: Vec<Vma>,
+}
+
+/// Where the pages of one process are copied from.
+enum Source {
+    /// Copied during the pause.
+    Copied(Vec<u8>),
+    /// A stopped copy-on-write clone of the process.
+    Snapshot(Snapshot),
+}
+
+struct Job {
+    pid: i32,
+    image_pid: i32,
+    runs: Vec<PageRun>,
+    readable: Vec<bool>,
+    bytes: u64,
+    source: Source,
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct EpochStats {
+    pub full: bool,
+    pub bytes: u64,
+    pub snapshots: usize,
+    pub direct: usize,
+    pub scan: Duration,
+    pub copy: Duration,
+    pub snapshot: Duration,
+}
+
+pub(crate) struct DeltaPolicy {
+    mode: CopyMode,
+    model: CostModel,
+    procs: HashMap<i32, Tracked>,
+    /// Dead snapshots, by the process that is to reap them.
+    zombies: HashMap<i32, Vec<Snapshot>>,
+    seen: Vec<i32>,
+    jobs: Vec<Job>,
+    stats: EpochStats,
+    /// Buffers kept from one checkpoint to the next: their pages are
+    /// already faulted in.
+    spare: Vec<Vec<u8>>,
+}
+
+fn perr(pid: i32, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Proc {
+        pid,
+        what,
+        detail: e.to_string(),
+    }
+}
+
+fn start_time(pid: i32) -> Result<u64> {
+    Process::new(pid)
+        .and_then(|p| p.stat())
+        .map(|s| s.starttime)
+        .map_err(Error::proc(pid, "stat"))
+}
+
+fn resident_pages(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one process's memory turned into this time.
+struct Delta {
+    dump: MemoryDump,
+    content: Ranges,
+    readable: Vec<bool>,
+}
+
+impl DeltaPolicy {
+    pub fn new(mode: CopyMode) -> DeltaPolicy {
+        DeltaPolicy {
+            mode,
+            model: CostModel::new(),
+            procs: HashMap::new(),
+            zombies: HashMap::new(),
+            seen: Vec::new(),
+            jobs: Vec::new(),
+            stats: EpochStats::default(),
+            spare: Vec::new(),
+        }
+    }
+
+    pub fn begin_epoch(&mut self) {
+        self.seen.clear();
+        self.stats = EpochStats {
+            full: true,
+            ..Default::default()
+        };
+    }
+
+    pub fn stats(&self) -> EpochStats {
+        self.stats.clone()
+    }
+
+    /// Processes of the engine's own in the tree: dead snapshots left for
+    /// their parents to reap.
+    pub fn own_processes(&self) -> Vec<Pid> {
+        self.zombies.values().flatten().map(|s| s.pid).collect()
+    }
+
+    /// After a failed checkpoint: written pages were reported (and
+    /// protected again) for nothing, so every process starts over.
+    pub fn abort(&mut self) {
+        self.end_snapshots();
+        self.procs.clear();
+    }
+
+    /// Kills this checkpoint's snapshots, leaving them to be reaped.
+    fn end_snapshots(&mut self) {
+        for job in self.jobs.drain(..) {
+            if let Source::Snapshot(snap) = job.source {
+                super::snapshot::end(snap.pid);
+                self.zombies.entry(job.pid).or_default().push(snap);
+            }
+        }
+    }
+
+    /// Stops tracking and has every process reap its snapshots.
+    pub fn finish_series(&mut self, root: Pid) -> Result<()> {
+        self.end_snapshots();
+        self.procs.clear();
+        if self.zombies.is_empty() {
+            return Ok(());
+        }
+        let exclude = self.own_processes();
+        let seized = crate::dump::seize::Seized::tree_excluding(root, &exclude)?;
+        for p in &seized.processes {
+            if let Some(zs) = self.zombies.remove(&p.pid.as_raw()) {
+                let mut inj = Injector::new(p)?;
+                super::snapshot::reap(&mut inj, p.pid, &zs)?;
+                inj.finish()?;
+            }
+        }
+        // Processes gone meanwhile took their snapshots with them.
+        self.zombies.clear();
+        Ok(())
+    }
+
+    /// The tracker of `pid`, set up on first sight (or when the pid now
+    /// names another process). Returns whether it is new.
+    fn tracked(&mut self, f: &mut Frozen) -> Result<bool> {
+        let pid = f.p.pid.as_raw();
+        let st = start_time(pid)?;
+        if self.procs.get(&pid).is_some_and(|t| t.start_time == st) {
+            return Ok(false);
+        }
+        let uffd = super::snapshot::take_userfaultfd(f.inj, f.p.pid)?;
+        let tracker = Tracker::new(pid, uffd)?;
+        self.procs.insert(
+            pid,
+            Tracked {
+                start_time: st,
+                tracker,
+                vmas: Vec::new(),
+            },
+        );
+        Ok(true)
+    }
+
+    /// Finds what changed in the memory of a stopped process.
+    fn delta(&mut self, f: &mut Frozen, fresh: bool) -> Result<Delta> {
+        let pid = f.p.pid;
+        let raw = pid.as_raw();
+        let skip = f.inj.scratch_range();
+        let maps = Process::new(raw)
+            .and_then(|p| p.maps())
+            .map_err(Error::proc(raw, "memory maps"))?;
+        let t = self.procs.get_mut(&raw).expect("tracked");
+        let t0 = Instant::now();
+        t.tracker.resync()?;
+        let mut scan = t0.elapsed();
+        let pagemap = PageMap::open(raw)?;
+        let mut smaps: Option<HashMap<u64, Vec<String>>> = None;
+        let mut out = MemoryDump::default();
+        let mut content: Ranges = Vec::new();
+        let mut holes: Ranges = Vec::new();
+        let mut private: Ranges = Vec::new();
+        for m in maps.iter() {
+            let (start, end) = m.address;
+            if skip.is_some_and(|(s, _)| s == start) {
+                continue;
+            }
+            let shared = m.perms.contains(MMPermissions::SHARED);
+            let prot = memory::prot_of(m.perms);
+            let Some(kind) = memory::classify(pid, m, shared, f.shmem, f.img, f.problems)? else {
+                continue;
+            };
+            let same = t
+                .vmas
+                .iter()
+                .find(|v| v.start == start && v.end == end && v.prot == prot && v.kind == kind);
+            let flags = match same {
+                Some(v) => v.flags.clone(),
+                None => {
+                    if smaps.is_none() {
+                        smaps = Some(read_flags(raw)?);
+                    }
+                    smaps
+                        .as_ref()
+                        .and_then(|s| s.get(&start).cloned())
+                        .unwrap_or_default()
+                }
+            };
+            let vma = Vma {
+                start,
+                end,
+                prot,
+                shared,
+                kind,
+                flags,
+            };
+            let file_backed = match (&vma.kind, shared) {
+                (VmaKind::Anon, false) => false,
+                (VmaKind::File { .. }, false) => true,
+                _ => {
+                    out.vmas.push(vma);
+                    continue;
+                }
+            };
+            dirty::insert(&mut private, (start, end));
+            let whole = [(start, end)];
+            let known = dirty::intersect(t.tracker.registered(), &whole);
+            let new = dirty::subtract(&whole, &known);
+            for &(s, e) in &known {
+                let t0 = Instant::now();
+                let written = t.tracker.written(s, e)?;
+                scan += t0.elapsed();
+                if file_backed {
+                    // Discarded copied-on-write pages leave markers here,
+                    // not written pages: look at every page.
+                    let own = own_pages(&pagemap, &t.tracker, s, e, true)?;
+                    for r in dirty::subtract(&[(s, e)], &own) {
+                        dirty::insert(&mut holes, r);
+                    }
+                    for r in dirty::intersect(&written, &own) {
+                        dirty::insert(&mut content, r);
+                    }
+                } else {
+                    for &(ws, we) in &written {
+                        let entries = pagemap.entries(ws, we)?;
+                        let mut have = Vec::new();
+                        for (first, count) in runs(&entries, |e| has_own_data(e, false)) {
+                            let a = ws + first as u64 * PAGE_SIZE;
+                            have.push((a, a + count as u64 * PAGE_SIZE));
+                        }
+                        for r in dirty::subtract(&[(ws, we)], &have) {
+                            dirty::insert(&mut holes, r);
+                        }
+                        for r in have {
+                            dirty::insert(&mut content, r);
+                        }
+                    }
+                }
+            }
+            for &(s, e) in &new {
+                let own = own_pages(&pagemap, &t.tracker, s, e, file_backed)?;
+                dirty::insert(&mut holes, (s, e));
+                for r in own {
+                    dirty::insert(&mut content, r);
+                }
+                if prot != 0 {
+                    // Never written without a change of protection, which
+                    // shows as a new range then.
+                    let t0 = Instant::now();
+                    t.tracker.track(s, e)?;
+                    scan += t0.elapsed();
+                }
+            }
+            out.vmas.push(vma);
+        }
+        t.tracker.retain(&private);
+        t.vmas = out.vmas.clone();
+        self.stats.scan += scan;
+        if fresh {
+            holes = vec![(0, u64::MAX)];
+        } else {
+            self.stats.full = false;
+        }
+        // Pages go into the file in address order; the protection decides
+        // how they can be read.
+        let mut readable = Vec::new();
+        let mut offset = 0;
+        for &(s, e) in &content {
+            let vma_readable = |a: u64| {
+                out.vmas
+                    .iter()
+                    .find(|v| v.start <= a && a < v.end)
+                    .is_some_and(|v| v.prot & libc::PROT_READ as u32 != 0)
+            };
+            // Split at mapping boundaries where readability changes.
+            let mut a = s;
+            while a < e {
+                let r = vma_readable(a);
+                let mut b = a + PAGE_SIZE;
+                while b < e && vma_readable(b) == r {
+                    b += PAGE_SIZE;
+                }
+                out.pages.push(PageRun {
+                    start: a,
+                    count: (b - a) / PAGE_SIZE,
+                    offset,
+                });
+                readable.push(r);
+                offset += b - a;
+                a = b;
+            }
+        }
+        out.bytes = offset;
+        out.holes = holes;
+        Ok(Delta {
+            dump: out,
+            content,
+            readable,
+        })
+    }
+
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        let mut b = self.spare.pop().unwrap_or_default();
+        if b.len() < len {
+            b.resize(len, 0);
+        }
+        b
+    }
+}
+
+/// Pages of `[start, end)` with data of their own (markers and, for a file
+/// mapping, page-cache pages left out).
+fn own_pages(
+    pagemap: &PageMap,
+    tracker: &Tracker,
+    start: u64,
+    end: u64,
+    file_backed: bool,
+) -> Result<Ranges> {
+    let mut out = Vec::new();
+    for (s, e) in tracker.populated(start, end)? {
+        let entries = pagemap.entries(s, e)?;
+        for (first, count) in runs(&entries, |x| has_own_data(x, file_backed)) {
+            let a = s + first as u64 * PAGE_SIZE;
+            dirty::insert(&mut out, (a, a + count as u64 * PAGE_SIZE));
+        }
+    }
+    Ok(out)
+}
+
+/// The madvise flags of every mapping, by start address.
+fn read_flags(pid: i32) -> Result<HashMap<u64, Vec<String>>> {
+    let maps = Process::new(pid)
+        .and_then(|p| p.smaps())
+        .map_err(Error::proc(pid, "memory maps"))?;
+    Ok(maps
+        .iter()
+        .map(|m| (m.address.0, memory::kept_flags(m.extension.vm_flags)))
+        .collect())
+}
+
+/// Copies page runs of `pid` into `buf`, laid out as their offsets say.
+fn copy_runs(pid: Pid, runs: &[PageRun], readable: &[bool], buf: &mut [u8]) -> Result<()> {
+    let raw = pid.as_raw();
+    let fail = |detail: String| Error::Proc {
+        pid: raw,
+        what: "memory",
+        detail,
+    };
+    let mut mem: Option<File> = None;
+    let mut i = 0;
+    while i < runs.len() {
+        if !readable[i] {
+            // PROT_NONE or write-only: only /proc/PID/mem reads those.
+            let r = runs[i];
+            let len = (r.count * PAGE_SIZE) as usize;
+            if mem.is_none() {
+                mem = Some(File::open(format!("/proc/{raw}/mem")).map_err(perr(raw, "memory"))?);
+            }
+            let m = mem.as_ref().expect("opened");
+            m.read_exact_at(
+                &mut buf[r.offset as usize..r.offset as usize + len],
+                r.start,
+            )
+            .map_err(|e| fail(format!("{:#x}+{len}: {e}", r.start)))?;
+            i += 1;
+            continue;
+        }
+        // Consecutive readable runs, up to the kernel's iovec limit: their
+        // places in the buffer are consecutive too.
+        let mut j = i;
+        let mut remote = Vec::new();
+        let mut len = 0usize;
+        while j < runs.len() && readable[j] && j - i < 1024 {
+            let n = (runs[j].count * PAGE_SIZE) as usize;
+            remote.push(RemoteIoVec {
+                base: runs[j].start as usize,
+                len: n,
+            });
+            len += n;
+            j += 1;
+        }
+        let at = runs[i].offset as usize;
+        let n = process_vm_readv(
+            pid,
+            &mut [std::io::IoSliceMut::new(&mut buf[at..at + len])],
+            &remote,
+        )
+        .map_err(|e| fail(format!("{} runs from {:#x}: {e}", j - i, runs[i].start)))?;
+        if n != len {
+            return Err(fail(format!(
+                "short read from {:#x}: {n} of {len}",
+                runs[i].start
+            )));
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+impl MemoryPolicy for DeltaPolicy {
+    fn capture(&mut self, mut f: Frozen) -> Result<MemoryDump> {
+        let pid = f.p.pid.as_raw();
+        self.seen.push(pid);
+        if let Some(zs) = self.zombies.remove(&pid) {
+            super::snapshot::reap(f.inj, f.p.pid, &zs)?;
+        }
+        let fresh = self.tracked(&mut f)?;
+        let delta = match self.delta(&mut f, fresh) {
+            Ok(d) => d,
+            Err(e) => {
+                // Whatever the tracker knew is unreliable now.
+                self.procs.remove(&pid);
+                return Err(e);
+            }
+        };
+        let bytes = delta.dump.bytes;
+        let resident = resident_pages(pid);
+        let snapshot = match self.mode {
+            CopyMode::Direct => false,
+            CopyMode::Snapshot => true,
+            CopyMode::Auto => bytes > 0 && self.model.prefer_snapshot(bytes, resident),
+        };
+        let source = if snapshot {
+            let t0 = Instant::now();
+            let child = super::snapshot::take(f.inj, f.p.pid)?;
+            let took = t0.elapsed();
+            self.model.learn_snapshot(resident, took);
+            self.stats.snapshot += took;
+            self.stats.snapshots += 1;
+            Source::Snapshot(child)
+        } else {
+            let t0 = Instant::now();
+            let mut buf = self.buffer(bytes as usize);
+            copy_runs(f.p.pid, &delta.dump.pages, &delta.readable, &mut buf)?;
+            let took = t0.elapsed();
+            self.model.learn_direct(bytes, took);
+            self.stats.copy += took;
+            self.stats.direct += 1;
+            Source::Copied(buf)
+        };
+        debug_assert_eq!(delta.content.iter().map(|(s, e)| e - s).sum::<u64>(), bytes);
+        self.stats.bytes += bytes;
+        self.jobs.push(Job {
+            pid,
+            image_pid: f.image_pid,
+            runs: delta.dump.pages.clone(),
+            readable: delta.readable,
+            bytes,
+            source,
+        });
+        Ok(delta.dump)
+    }
+
+    fn finish(&mut self, img: &ImageDir) -> Result<u64> {
+        // Processes that are gone took their tracking with them.
+        let seen = std::mem::take(&mut self.seen);
+        self.procs.retain(|p, _| seen.contains(p));
+        self.seen = seen;
+        let mut total = 0;
+        let mut first_err = None;
+        for job in std::mem::take(&mut self.jobs) {
+            let path = img.pages_file(job.image_pid);
+            let written = (|| -> Result<Vec<u8>> {
+                let buf = match job.source {
+                    Source::Copied(buf) => buf,
+                    Source::Snapshot(snap) => {
+                        let mut buf = self.buffer(job.bytes as usize);
+                        let r = copy_runs(snap.pid, &job.runs, &job.readable, &mut buf);
+                        super::snapshot::end(snap.pid);
+                        self.zombies.entry(job.pid).or_default().push(snap);
+                        r?;
+                        buf
+                    }
+                };
+                let mut out = File::create(&path).map_err(|e| Error::image(&path, e))?;
+                out.write_all(&buf[..job.bytes as usize])
+                    .map_err(|e| Error::image(&path, e))?;
+                Ok(buf)
+            })();
+            match written {
+                Ok(buf) => {
+                    self.spare.push(buf);
+                    total += job.bytes;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        // One buffer per process is enough to keep.
+        self.spare.truncate(self.procs.len().max(1));
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Incremental checkpoints of a running tree.
+//!
+//! The first checkpoint of a series is full; each later one is a *delta*
+//! holding every process's complete state except private memory, of which
+//! it holds only what was written or discarded since the checkpoint before
+//! (found with [`crate::dirty`]). The tree stays stopped only while its
+//! state is read and its memory scanned; the written pages are copied
+//! either right then, or after the tree runs again from a copy-on-write
+//! snapshot of each process (a clone the process never sees), whichever
+//! costs the shorter pause ([`CopyMode`]).
+//!
+//! [`crate::store::apply`] turns the full checkpoint plus its deltas into
+//! the image of the last one.
+
+mod capture;
+mod snapshot;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::unistd::Pid;
+
+pub use capture::CopyMode;
+
+use crate::dump::{CheckpointReport, Take};
+use crate::image::{ImageDir, Lineage};
+use crate::store::{ApplyReport, SeriesDir};
+use crate::{Error, Result};
+
+pub struct IncrementalOptions {
+    /// The root of the tree, as this process's pid namespace numbers it.
+    pub root: Pid,
+    pub annotations: BTreeMap<String, serde_json::Value>,
+    pub copy: CopyMode,
+}
+
+/// A series of checkpoints of one tree, taken one after the other.
+pub struct Incremental {
+    root: Pid,
+    annotations: BTreeMap<String, serde_json::Value>,
+    series: String,
+    next_epoch: u64,
+    last: Option<Lineage>,
+    policy: capture::DeltaPolicy,
+}
+
+/// What one checkpoint of a series took.
+#[derive(Debug, Clone)]
+pub struct EpochReport {
+    pub lineage: Lineage,
+    /// Every process was saved whole (the first checkpoint, or after a
+    /// failed one).
+    pub full: bool,
+    /// `frozen` is the pause the tree saw.
+    pub checkpoint: CheckpointReport,
+    /// Bytes of private memory saved.
+    pub dirty_bytes: u64,
+    /// Processes whose pages were copied from a snapshot, after the pause.
+    pub snapshots: usize,
+    /// Processes whose pages were copied during the pause.
+    pub direct: usize,
+    /// Within the pause: scanning for written pages, copying them, and
+    /// making snapshots.
+    pub scan: Duration,
+    pub copy: Duration,
+    pub snapshot: Duration,
+    /// CPU time this process spent on the checkpoint (user + system).
+    pub cpu: Duration,
+}
+
+fn new_series_id() -> String {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = (t as u64 ^ u64::from(std::process::id())).to_ne_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn cpu_time() -> Duration {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
+        .map(|u| {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
+            };
+            tv(u.user_time()) + tv(u.system_time())
+        })
+        .unwrap_or_default()
+}
+
+impl Incremental {
+    pub fn new(opts: IncrementalOptions) -> Incremental {
+        Incremental {
+            root: opts.root,
+            annotations: opts.annotations,
+            series: new_series_id(),
+            next_epoch: 0,
+            last: None,
+            policy: capture::DeltaPolicy::new(opts.copy),
+        }
+    }
+
+    /// The last checkpoint written, if any.
+    pub fn last(&self) -> Option<&Lineage> {
+        self.last.as_ref()
+    }
+
+    /// Takes the next checkpoint of the series into `dir` (new or empty):
+    /// the full one first, deltas after. On error nothing is left in `dir`
+    /// and the next checkpoint saves every process whole (what was written
+    /// in between is known no more), still as a delta of the last good one.
+    pub fn checkpoint(&mut self, dir: &Path) -> Result<EpochReport> {
+        let img = ImageDir::create(dir)?;
+        let lineage = Lineage {
+            series: self.series.clone(),
+            epoch: self.next_epoch,
+        };
+        let cpu0 = cpu_time();
+        self.policy.begin_epoch();
+        let exclude = self.policy.own_processes();
+        let result = crate::dump::take(
+            &img,
+            &Take {
+                root: self.root,
+                leave_running: true,
+                annotations: self.annotations.clone(),
+                series: Some((lineage.clone(), self.last.clone())),
+                exclude: &exclude,
+            },
+            &mut self.policy,
+        );
+        let checkpoint = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.policy.abort();
+                crate::dump::remove_contents(img.path());
+                return Err(e);
+            }
+        };
+        self.next_epoch += 1;
+        self.last = Some(lineage.clone());
+        let s = self.policy.stats();
+        Ok(EpochReport {
+            lineage,
+            full: s.full,
+            checkpoint,
+            dirty_bytes: s.bytes,
+            snapshots: s.snapshots,
+            direct: s.direct,
+            scan: s.scan,
+            copy: s.copy,
+            snapshot: s.snapshot,
+            cpu: cpu_time().saturating_sub(cpu0),
+        })
+    }
+
+    /// Takes the next checkpoint into a series directory and commits it
+    /// there (see [`SeriesDir::commit`]).
+    pub fn checkpoint_into(
+        &mut self,
+        series: &SeriesDir,
+    ) -> Result<(EpochReport, Option<ApplyReport>)> {
+        let epoch = self.next_epoch;
+        let r = self.checkpoint(&series.layer(epoch))?;
+        let a = series.commit(epoch)?;
+        Ok((r, a))
+    }
+
+    /// Ends the series: stops tracking and has the processes reap the
+    /// snapshots of the last checkpoint.
+    pub fn finish(mut self) -> Result<()> {
+        self.policy.finish_series(self.root)
+    }
+}
+
+impl Drop for Incremental {
+    fn drop(&mut self) {
+        if let Err(e) = self.policy.finish_series(self.root) {
+            tracing::warn!(error = %e, "ending a series of checkpoints");
+        }
+    }
+}
+
+/// Checks that `root` can be tracked at all (for a clear error up front).
+pub fn check_supported() -> Result<()> {
+    let probe = crate::sys::uffd_probe();
+    probe.map_err(|e| {
+        Error::Incompatible(format!(
+            "this kernel cannot track written pages (userfaultfd with asynchronous write-protection and PAGEMAP_SCAN, Linux 6.7 or later): {e}"
+        ))
+    })
+}

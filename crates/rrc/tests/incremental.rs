@@ -1,0 +1,435 @@
+//! Incremental checkpoints: a process that changes its memory in every way
+//! it can (the `mem_churn` fixture) is checkpointed many times; the first
+//! checkpoint plus every delta, applied in order, must give exactly the
+//! memory a full checkpoint of the same moment gives, and both must restore
+//! into a process with the memory the original had.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{SocketAddr, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+use rrc_ckpt::image::{ImageDir, Manifest, PageRun, ProcessImage, VmaKind};
+use rrc_ckpt::incremental::{CopyMode, Incremental, IncrementalOptions};
+use rrc_ckpt::store::{self, SeriesDir, layer_name};
+
+const PAGE: u64 = 4096;
+
+/// Sends one command to the fixture listening on `name`; its answer.
+fn ask(name: &str, line: &str) -> String {
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let mut s = UnixStream::connect_addr(&addr).unwrap_or_else(|e| panic!("{name}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(line.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.trim_end().to_string()
+}
+
+fn wait_listening(name: &str) {
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    wait_until("the fixture to listen", Duration::from_secs(10), || {
+        UnixStream::connect_addr(&addr).is_ok()
+    });
+}
+
+struct Churn {
+    name: String,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Churn {
+    fn start(tag: &str) -> Churn {
+        let dir = scratch(tag);
+        let bin = build("mem_churn", &dir);
+        let name = format!("rrc-churn-{}-{tag}", std::process::id());
+        let log = fs::File::create(dir.join("fixture.log")).unwrap();
+        let child = Command::new(&bin)
+            .arg(&name)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_listening(&name);
+        Churn { name, child, dir }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn step(&self, seed: u64, n: u32) -> String {
+        let a = ask(&self.name, &format!("step {seed} {n}"));
+        assert!(a.starts_with("ok "), "step {seed}: {a}");
+        self.wait_quiet();
+        a
+    }
+
+    fn hash(&self) -> String {
+        let h = ask(&self.name, "hash");
+        self.wait_quiet();
+        h
+    }
+
+    /// Waits until every thread is blocked where it waits for the next
+    /// command (the main one in accept4, the others in read): the answer
+    /// comes a little before that.
+    fn wait_quiet(&self) {
+        let pid = self.pid();
+        wait_until(
+            "the fixture to wait for a command",
+            Duration::from_secs(10),
+            || {
+                let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+                    return false;
+                };
+                tasks.flatten().all(|t| {
+                    let main = t.file_name().to_string_lossy() == pid.to_string();
+                    let sys = fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+                    let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                    let sleeping = stat
+                        .rfind(')')
+                        .is_some_and(|i| stat[i + 2..].starts_with('S'));
+                    let want = if main { "288 " } else { "0 " };
+                    sleeping && sys.starts_with(want)
+                })
+            },
+        );
+    }
+
+    fn kill(mut self) -> (String, PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.dir),
+        )
+    }
+}
+
+/// A restored process tree, killed and reaped when dropped.
+struct Restored(Pid);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGKILL);
+        let _ = waitpid(self.0, None);
+    }
+}
+
+fn restore(images: &Path) -> Restored {
+    let r = rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions {
+        images,
+        root_flags: 0,
+        root_setup: None,
+        after_spawn: None,
+    })
+    .unwrap_or_else(|e| panic!("restore of {}: {e}", images.display()));
+    Restored(r.root)
+}
+
+/// An image's memory, page by page.
+struct Memory {
+    dir: ImageDir,
+    manifest: Manifest,
+    procs: BTreeMap<i32, ProcessImage>,
+}
+
+impl Memory {
+    fn load(path: &Path) -> Memory {
+        let dir = ImageDir::new(path);
+        let manifest = dir.read_manifest().unwrap();
+        let procs = manifest
+            .processes
+            .iter()
+            .map(|p| (*p, dir.read_json(&ImageDir::process_name(*p)).unwrap()))
+            .collect();
+        Memory {
+            dir,
+            manifest,
+            procs,
+        }
+    }
+
+    /// The page at `addr` as saved, if it was.
+    fn saved(&self, file: &fs::File, runs: &[PageRun], addr: u64) -> Option<Vec<u8>> {
+        let i = runs.partition_point(|r| r.start + r.count * PAGE <= addr);
+        let r = runs.get(i)?;
+        if r.start > addr {
+            return None;
+        }
+        let mut buf = vec![0u8; PAGE as usize];
+        file.read_exact_at(&mut buf, r.offset + (addr - r.start))
+            .unwrap();
+        Some(buf)
+    }
+}
+
+/// What a page of a private mapping holds when nothing of its own was
+/// saved: zeros, or the file's contents.
+fn default_page(kind: &VmaKind, vma_start: u64, addr: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; PAGE as usize];
+    if let VmaKind::File { path, offset, .. } = kind {
+        let f = fs::File::open(path).unwrap();
+        // Past the end of the file reads as zeros too.
+        let _ = f.read_at(&mut buf, offset + (addr - vma_start));
+    }
+    buf
+}
+
+/// Checks that two images hold the same memory: the same mappings, the
+/// same contents of every page of every private mapping, the same shared
+/// memory objects.
+fn assert_same_memory(a: &Path, b: &Path) {
+    let ma = Memory::load(a);
+    let mb = Memory::load(b);
+    assert_eq!(ma.manifest.processes, mb.manifest.processes);
+    let mut pages = 0u64;
+    for (pid, pa) in &ma.procs {
+        let pb = &mb.procs[pid];
+        assert_eq!(pa.vmas, pb.vmas, "mappings of process {pid}");
+        let rseq: Vec<(u64, u64)> = pb
+            .threads
+            .iter()
+            .filter_map(|t| t.rseq)
+            .map(|r| (r.ptr, r.ptr + u64::from(r.size)))
+            .collect();
+        let fa = fs::File::open(ma.dir.pages_file(*pid)).unwrap();
+        let fb = fs::File::open(mb.dir.pages_file(*pid)).unwrap();
+        for v in &pa.vmas {
+            if v.shared || !matches!(v.kind, VmaKind::Anon | VmaKind::File { .. }) {
+                continue;
+            }
+            let mut addr = v.start;
+            while addr < v.end {
+                let x = ma.saved(&fa, &pa.pages, addr);
+                let y = mb.saved(&fb, &pb.pages, addr);
+                if x.is_some() || y.is_some() {
+                    let saved = (x.is_some(), y.is_some());
+                    let mut x = x.unwrap_or_else(|| default_page(&v.kind, v.start, addr));
+                    let mut y = y.unwrap_or_else(|| default_page(&v.kind, v.start, addr));
+                    // The kernel rewrites each thread's rseq area (the CPU
+                    // it runs on) whenever the thread returns to user mode:
+                    // it differs between any two moments, whatever the
+                    // engine does.
+                    for (s, e) in &rseq {
+                        for a in (*s).max(addr)..(*e).min(addr + PAGE) {
+                            x[(a - addr) as usize] = 0;
+                            y[(a - addr) as usize] = 0;
+                        }
+                    }
+                    assert!(
+                        x == y,
+                        "process {pid}: page {addr:#x} of {:#x}-{:#x} ({:?}) differs (saved in each: {saved:?}, first difference at byte {:?})",
+                        v.start,
+                        v.end,
+                        v.kind,
+                        x.iter().zip(&y).position(|(p, q)| p != q)
+                    );
+                }
+                pages += 1;
+                addr += PAGE;
+            }
+        }
+    }
+    assert_eq!(ma.manifest.shmem.len(), mb.manifest.shmem.len());
+    for (oa, ob) in ma.manifest.shmem.iter().zip(&mb.manifest.shmem) {
+        assert_eq!((&oa.kind, oa.size), (&ob.kind, ob.size));
+        let fa = fs::File::open(ma.dir.shmem_file(oa.id)).unwrap();
+        let fb = fs::File::open(mb.dir.shmem_file(ob.id)).unwrap();
+        let mut at = 0;
+        while at < oa.size {
+            let x = ma
+                .saved(&fa, &oa.pages, at)
+                .unwrap_or(vec![0; PAGE as usize]);
+            let y = mb
+                .saved(&fb, &ob.pages, at)
+                .unwrap_or(vec![0; PAGE as usize]);
+            assert!(
+                x == y,
+                "shared memory object {}: page {at:#x} differs",
+                oa.id
+            );
+            at += PAGE;
+        }
+    }
+    assert!(pages > 0);
+}
+
+/// Many checkpoints of a process changing its memory at random; the series
+/// is then compared with a full checkpoint and restored.
+fn churn(tag: &str, copy: CopyMode, epochs: u64) {
+    require_root();
+    let run = Churn::start(tag);
+    let series = run.dir.join("series");
+    SeriesDir::create(&series, true).unwrap();
+    let mut inc = Incremental::new(IncrementalOptions {
+        root: run.pid(),
+        annotations: Default::default(),
+        copy,
+    });
+    let seed = u64::from(std::process::id());
+    let mut snapshots = 0;
+    let mut hash = String::new();
+    for epoch in 0..epochs {
+        run.step(seed * 1000 + epoch, 30);
+        if epoch + 1 == epochs {
+            // Asked before the last checkpoints: answering changes memory.
+            hash = run.hash();
+        }
+        let r = inc
+            .checkpoint(&series.join(layer_name(epoch)))
+            .unwrap_or_else(|e| panic!("checkpoint {epoch}: {e}"));
+        assert_eq!(r.full, epoch == 0, "checkpoint {epoch}");
+        snapshots += r.snapshots;
+    }
+    if copy == CopyMode::Snapshot {
+        assert_eq!(snapshots as u64, epochs, "every checkpoint from a snapshot");
+    }
+    let full = run.dir.join("full");
+    rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
+        root: run.pid(),
+        images: &full,
+        leave_running: true,
+        annotations: Default::default(),
+    })
+    .unwrap();
+    inc.finish().unwrap();
+
+    let image = SeriesDir::materialize(&series, |_, _| {}).unwrap();
+    assert_same_memory(&image, &full);
+
+    // Both bring back a process with the original's memory, that goes on.
+    let (name, dir) = run.kill();
+    for images in [&image, &full] {
+        let restored = restore(images);
+        wait_listening(&name);
+        assert_eq!(
+            ask(&name, "hash"),
+            hash,
+            "restored from {}",
+            images.display()
+        );
+        let a = ask(&name, "step 7 20");
+        assert!(a.starts_with("ok "), "{a}");
+        drop(restored);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn deltas_copied_while_stopped_add_up_to_a_full_checkpoint() {
+    churn("direct", CopyMode::Direct, 40);
+}
+
+#[test]
+fn deltas_copied_from_snapshots_add_up_to_a_full_checkpoint() {
+    churn("snapshot", CopyMode::Snapshot, 40);
+}
+
+/// Copies an image directory.
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap().flatten() {
+        fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn a_missing_corrupt_or_repeated_delta_is_refused() {
+    require_root();
+    let run = Churn::start("refuse");
+    let series = run.dir.join("series");
+    SeriesDir::create(&series, true).unwrap();
+    let mut inc = Incremental::new(IncrementalOptions {
+        root: run.pid(),
+        annotations: Default::default(),
+        copy: CopyMode::Auto,
+    });
+    for epoch in 0..4 {
+        run.step(epoch + 1, 20);
+        inc.checkpoint(&series.join(layer_name(epoch))).unwrap();
+    }
+    inc.finish().unwrap();
+    let other = run.dir.join("other");
+    SeriesDir::create(&other, true).unwrap();
+    let mut inc2 = Incremental::new(IncrementalOptions {
+        root: run.pid(),
+        annotations: Default::default(),
+        copy: CopyMode::Auto,
+    });
+    inc2.checkpoint(&other.join(layer_name(0))).unwrap();
+    run.step(99, 5);
+    inc2.checkpoint(&other.join(layer_name(1))).unwrap();
+    inc2.finish().unwrap();
+    let layer = |n: u64| series.join(layer_name(n));
+    let image = run.dir.join("image");
+    copy_dir(&layer(0), &image);
+    let refused = |delta: &Path, why: &str| {
+        let e = store::apply(&image, delta).unwrap_err().to_string();
+        assert!(e.contains(why), "{}: {e}", delta.display());
+        assert!(!image.join(store::APPLYING).exists());
+    };
+
+    // A delta is not an image.
+    let e = rrc_ckpt::restore::load(&layer(1))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("it is a delta"), "{e}");
+    // Not the next one.
+    refused(&layer(2), "the deltas in between are missing");
+    // Another series.
+    refused(&other.join(layer_name(1)), "belongs to series");
+    // Corrupt: one byte of its memory changed.
+    let bad = run.dir.join("bad");
+    copy_dir(&layer(1), &bad);
+    let pages = fs::read_dir(&bad)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+                && fs::metadata(p).unwrap().len() > 0
+        })
+        .expect("the delta saved some memory");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&pages)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, 100).unwrap();
+    b[0] ^= 0x55;
+    f.write_all_at(&b, 100).unwrap();
+    refused(&bad, "is corrupt");
+    // A file gone.
+    fs::remove_file(&pages).unwrap();
+    refused(&bad, "is missing");
+    // In order, each applies once.
+    store::apply(&image, &layer(1)).unwrap();
+    refused(&layer(1), "already at checkpoint 1");
+    store::apply(&image, &layer(2)).unwrap();
+    store::apply(&image, &layer(3)).unwrap();
+    let m = ImageDir::new(&image).read_manifest().unwrap();
+    assert_eq!(m.lineage.unwrap().epoch, 3);
+    let (_, dir) = run.kill();
+    let _ = fs::remove_dir_all(&dir);
+}
