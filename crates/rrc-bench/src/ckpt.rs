@@ -37,21 +37,26 @@ pub struct CkptResult {
 }
 
 /// The hidden workload: touches `mb` MiB with a pattern, watches its clock
-/// from a spinning thread, and answers signals (USR1: report the longest
-/// stall seen and reset it; USR2: check every byte). Reports go to stdout,
-/// a file that survives checkpoint and restore.
-pub fn target(mb: usize) -> Result<()> {
+/// from a spinning thread, writes `dirty_per_sec` random pages a second
+/// (the pattern again: the pages count as written, the contents stay
+/// checkable), and answers signals (USR1: report the longest stall seen and
+/// reset it; USR2: check every byte). Reports go to stdout, a file that
+/// survives checkpoint and restore.
+pub fn target(mb: usize, dirty_per_sec: u64) -> Result<()> {
     // Blocked before any thread starts, so every thread inherits the mask
     // and the signals reach only the waiting main thread.
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(Signal::SIGUSR1);
     set.add(Signal::SIGUSR2);
     set.thread_block()?;
-    let len = mb << 20;
-    let mut mem = vec![0u8; len];
-    for (i, page) in mem.chunks_mut(4096).enumerate() {
-        page.fill((i % 251) as u8);
-    }
+    const WORDS_PER_PAGE: usize = 4096 / 8;
+    let pages = (mb << 20) / 4096;
+    let pattern = |page: usize| u64::from_ne_bytes([(page % 251) as u8; 8]);
+    let mem: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..pages * WORDS_PER_PAGE)
+            .map(|w| AtomicU64::new(pattern(w / WORDS_PER_PAGE)))
+            .collect(),
+    );
     let max_gap = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -66,6 +71,28 @@ pub fn target(mb: usize) -> Result<()> {
             }
         });
     }
+    if dirty_per_sec > 0 && pages > 0 {
+        let mem = mem.clone();
+        std::thread::spawn(move || {
+            // A page every 1/rate s, in bursts every millisecond.
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            let started = Instant::now();
+            let mut done: u64 = 0;
+            loop {
+                let due = (started.elapsed().as_secs_f64() * dirty_per_sec as f64) as u64;
+                while done < due {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let page = (x % pages as u64) as usize;
+                    let word = page * WORDS_PER_PAGE + ((x >> 32) as usize % WORDS_PER_PAGE);
+                    mem[word].store(pattern(page), Ordering::Relaxed);
+                    done += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    }
     let mut out = std::io::stdout();
     writeln!(out, "ready")?;
     out.flush()?;
@@ -77,9 +104,9 @@ pub fn target(mb: usize) -> Result<()> {
             }
             _ => {
                 let ok = mem
-                    .chunks(4096)
+                    .iter()
                     .enumerate()
-                    .all(|(i, page)| page.iter().all(|&b| b == (i % 251) as u8));
+                    .all(|(w, v)| v.load(Ordering::Relaxed) == pattern(w / WORDS_PER_PAGE));
                 writeln!(out, "verified {ok}")?;
             }
         }
@@ -87,7 +114,12 @@ pub fn target(mb: usize) -> Result<()> {
     }
 }
 
-fn wait_line(path: &Path, prefix: &str, after: usize, timeout: Duration) -> Result<String> {
+pub(crate) fn wait_line(
+    path: &Path,
+    prefix: &str,
+    after: usize,
+    timeout: Duration,
+) -> Result<String> {
     let deadline = Instant::now() + timeout;
     loop {
         let text = fs::read_to_string(path).unwrap_or_default();
@@ -101,7 +133,7 @@ fn wait_line(path: &Path, prefix: &str, after: usize, timeout: Duration) -> Resu
     }
 }
 
-fn lines(path: &Path) -> usize {
+pub(crate) fn lines(path: &Path) -> usize {
     fs::read_to_string(path)
         .map(|t| t.lines().count())
         .unwrap_or(0)

@@ -4,6 +4,7 @@
 
 pub mod ckpt;
 pub mod net;
+pub mod pause;
 pub mod redis_benchmark;
 pub mod resp;
 pub mod session;

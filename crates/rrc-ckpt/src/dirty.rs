@@ -126,6 +126,30 @@ impl Tracker {
         )
     }
 
+    /// Pages written (or discarded) since the last look anywhere in the
+    /// tracked ranges, protected again; one walk that skips every mapping
+    /// not tracked.
+    pub fn written_everywhere(&mut self) -> Result<Ranges> {
+        if self.registered.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (start, end) = (
+            self.registered[0].0,
+            self.registered[self.registered.len() - 1].1,
+        );
+        let all = self.scan(
+            start,
+            end,
+            sys::PM_SCAN_WP_MATCHING,
+            0,
+            PAGE_IS_WRITTEN,
+            0,
+            PAGE_IS_WRITTEN,
+        )?;
+        // Only what is known to be tracked (resync first).
+        Ok(intersect(&all, &self.registered))
+    }
+
     /// Pages of `[start, end)` that are present or swapped (or hold a
     /// write-protection marker): a quick superset of the pages with data,
     /// skipping empty stretches of the page tables.

@@ -83,7 +83,7 @@ pub fn dump(
     img: &ImageDir,
     table: &mut FileTable,
     shmem: &mut ShmemTable,
-    unix: &HashMap<u32, UnixInfo>,
+    unix: &UnixTable,
     problems: &mut Vec<String>,
 ) -> Result<Vec<Fd>> {
     let raw = pid.as_raw();
@@ -164,7 +164,7 @@ fn classify(
     img: &ImageDir,
     table: &mut FileTable,
     shmem: &mut ShmemTable,
-    unix: &HashMap<u32, UnixInfo>,
+    unix: &UnixTable,
     problems: &mut Vec<String>,
 ) -> Result<Option<FileKind>> {
     let raw = pid.as_raw();
@@ -274,6 +274,31 @@ fn describe_anon(name: &str) -> String {
 
 /// A unix socket: listening, connected (with what it has queued to read)
 /// or neither.
+/// The unix sockets of the tree's network namespace (asked of sock_diag
+/// once, when the first unix socket is met: most processes have none).
+pub struct UnixTable {
+    root: Pid,
+    map: std::cell::OnceCell<HashMap<u32, UnixInfo>>,
+}
+
+impl UnixTable {
+    pub fn new(root: Pid) -> UnixTable {
+        UnixTable {
+            root,
+            map: std::cell::OnceCell::new(),
+        }
+    }
+
+    pub fn get(&self) -> Result<&HashMap<u32, UnixInfo>> {
+        if let Some(m) = self.map.get() {
+            return Ok(m);
+        }
+        let m = crate::dump::in_netns_of(self.root, crate::unixdiag::query)?
+            .map_err(Error::io("list unix sockets (sock_diag)"))?;
+        Ok(self.map.get_or_init(|| m))
+    }
+}
+
 fn unix_kind(
     pid: Pid,
     fd: i32,
@@ -481,7 +506,7 @@ fn socket_kind(
     ino: u32,
     img: &ImageDir,
     table: &mut FileTable,
-    unix: &HashMap<u32, UnixInfo>,
+    unix: &UnixTable,
 ) -> Result<std::result::Result<FileKind, String>> {
     let s = table.take_fd(pid, fd)?;
     let domain = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_DOMAIN)
@@ -489,7 +514,7 @@ fn socket_kind(
     let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)
         .map_err(Error::io("socket type"))?;
     if domain == libc::AF_UNIX {
-        return unix_kind(pid, fd, ino, &s, img, table, unix);
+        return unix_kind(pid, fd, ino, &s, img, table, unix.get()?);
     }
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         let name = socket::AddressFamily::from_i32(domain)

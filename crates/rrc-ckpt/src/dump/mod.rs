@@ -153,8 +153,7 @@ pub(crate) fn take(
     }
     // Which unix socket is connected to which: only sock_diag tells, for
     // the sockets of the tree's network namespace.
-    let unix = in_netns_of(t.root, crate::unixdiag::query)?
-        .map_err(Error::io("list unix sockets (sock_diag)"))?;
+    let unix = files::UnixTable::new(t.root);
     let mut phases = Phases::default();
     for p in &seized.processes {
         let raw = p.pid.as_raw();

@@ -86,6 +86,9 @@ struct Tracked {
     /// over while a mapping stays the same (reading them anew means reading
     /// smaps, which walks every page table).
     vmas: Vec<Vma>,
+    /// Pages of private file mappings with data of their own (copied on
+    /// write), as of the last checkpoint.
+    own_file: Ranges,
 }
 
 /// Where the pages of one process are copied from.
@@ -114,6 +117,8 @@ pub(crate) struct EpochStats {
     pub scan: Duration,
     pub copy: Duration,
     pub snapshot: Duration,
+    /// CPU time of helper threads.
+    pub helper_cpu: Duration,
 }
 
 pub(crate) struct DeltaPolicy {
@@ -245,6 +250,7 @@ impl DeltaPolicy {
                 start_time: st,
                 tracker,
                 vmas: Vec::new(),
+                own_file: Vec::new(),
             },
         );
         Ok(true)
@@ -263,11 +269,21 @@ impl DeltaPolicy {
         t.tracker.resync()?;
         let mut scan = t0.elapsed();
         let pagemap = PageMap::open(raw)?;
+        // Every page written since the last look, in one walk that skips
+        // the mappings not tracked.
+        let t0 = Instant::now();
+        let written_all = t.tracker.written_everywhere()?;
+        scan += t0.elapsed();
+        let mut next_written = 0;
+        let previous: HashMap<(u64, u64), &Vma> =
+            t.vmas.iter().map(|v| ((v.start, v.end), v)).collect();
         let mut smaps: Option<HashMap<u64, Vec<String>>> = None;
         let mut out = MemoryDump::default();
         let mut content: Ranges = Vec::new();
         let mut holes: Ranges = Vec::new();
         let mut private: Ranges = Vec::new();
+        let mut own_file: Ranges = Vec::new();
+        let mut to_track: Ranges = Vec::new();
         for m in maps.iter() {
             let (start, end) = m.address;
             if skip.is_some_and(|(s, _)| s == start) {
@@ -278,13 +294,9 @@ impl DeltaPolicy {
             let Some(kind) = memory::classify(pid, m, shared, f.shmem, f.img, f.problems)? else {
                 continue;
             };
-            let same = t
-                .vmas
-                .iter()
-                .find(|v| v.start == start && v.end == end && v.prot == prot && v.kind == kind);
-            let flags = match same {
-                Some(v) => v.flags.clone(),
-                None => {
+            let flags = match previous.get(&(start, end)) {
+                Some(v) if v.prot == prot && v.kind == kind => v.flags.clone(),
+                _ => {
                     if smaps.is_none() {
                         smaps = Some(read_flags(raw)?);
                     }
@@ -315,52 +327,60 @@ impl DeltaPolicy {
             let known = dirty::intersect(t.tracker.registered(), &whole);
             let new = dirty::subtract(&whole, &known);
             for &(s, e) in &known {
-                let t0 = Instant::now();
-                let written = t.tracker.written(s, e)?;
-                scan += t0.elapsed();
+                let written = take_within(&written_all, &mut next_written, s, e);
                 if file_backed {
                     // Discarded copied-on-write pages leave markers here,
-                    // not written pages: look at every page.
-                    let own = own_pages(&pagemap, &t.tracker, s, e, true)?;
-                    for r in dirty::subtract(&[(s, e)], &own) {
+                    // not written pages: the pages that had data of their
+                    // own are looked at again.
+                    let had = dirty::intersect(&t.own_file, &[(s, e)]);
+                    let look = dirty::union(&had, &written);
+                    let mut own = Vec::new();
+                    for &(ls, le) in &look {
+                        for r in own_in(&pagemap, ls, le)? {
+                            dirty::insert(&mut own, r);
+                        }
+                    }
+                    for r in dirty::subtract(&had, &own) {
                         dirty::insert(&mut holes, r);
                     }
                     for r in dirty::intersect(&written, &own) {
                         dirty::insert(&mut content, r);
                     }
+                    for r in own {
+                        dirty::insert(&mut own_file, r);
+                    }
                 } else {
-                    for &(ws, we) in &written {
-                        let entries = pagemap.entries(ws, we)?;
-                        let mut have = Vec::new();
-                        for (first, count) in runs(&entries, |e| has_own_data(e, false)) {
-                            let a = ws + first as u64 * PAGE_SIZE;
-                            have.push((a, a + count as u64 * PAGE_SIZE));
-                        }
-                        for r in dirty::subtract(&[(ws, we)], &have) {
-                            dirty::insert(&mut holes, r);
-                        }
-                        for r in have {
-                            dirty::insert(&mut content, r);
-                        }
+                    // Written or discarded: a discarded page is copied as
+                    // the zeros it reads as. Telling the two apart would
+                    // cost a read of the page tables for every page.
+                    for r in written {
+                        dirty::insert(&mut content, r);
                     }
                 }
             }
             for &(s, e) in &new {
                 let own = own_pages(&pagemap, &t.tracker, s, e, file_backed)?;
                 dirty::insert(&mut holes, (s, e));
-                for r in own {
+                for &r in &own {
                     dirty::insert(&mut content, r);
+                    if file_backed {
+                        dirty::insert(&mut own_file, r);
+                    }
                 }
                 if prot != 0 {
                     // Never written without a change of protection, which
                     // shows as a new range then.
-                    let t0 = Instant::now();
-                    t.tracker.track(s, e)?;
-                    scan += t0.elapsed();
+                    dirty::insert(&mut to_track, (s, e));
                 }
             }
             out.vmas.push(vma);
         }
+        let t0 = Instant::now();
+        for (s, e) in to_track {
+            t.tracker.track(s, e)?;
+        }
+        scan += t0.elapsed();
+        t.own_file = own_file;
         t.tracker.retain(&private);
         t.vmas = out.vmas.clone();
         self.stats.scan += scan;
@@ -436,6 +456,34 @@ fn own_pages(
     Ok(out)
 }
 
+/// The part of the sorted ranges `all` within `[s, e)`, for mappings
+/// visited in address order (`*next` remembers where the last one ended).
+fn take_within(all: &[(u64, u64)], next: &mut usize, s: u64, e: u64) -> Ranges {
+    while *next < all.len() && all[*next].1 <= s {
+        *next += 1;
+    }
+    let mut out = Vec::new();
+    let mut i = *next;
+    while i < all.len() && all[i].0 < e {
+        out.push((all[i].0.max(s), all[i].1.min(e)));
+        i += 1;
+    }
+    out
+}
+
+/// Pages of `[start, end)` of a private file mapping with data of their
+/// own, by the pagemap.
+fn own_in(pagemap: &PageMap, start: u64, end: u64) -> Result<Ranges> {
+    let entries = pagemap.entries(start, end)?;
+    Ok(runs(&entries, |x| has_own_data(x, true))
+        .into_iter()
+        .map(|(first, count)| {
+            let a = start + first as u64 * PAGE_SIZE;
+            (a, a + count as u64 * PAGE_SIZE)
+        })
+        .collect())
+}
+
 /// The madvise flags of every mapping, by start address.
 fn read_flags(pid: i32) -> Result<HashMap<u64, Vec<String>>> {
     let maps = Process::new(pid)
@@ -447,8 +495,40 @@ fn read_flags(pid: i32) -> Result<HashMap<u64, Vec<String>>> {
         .collect())
 }
 
-/// Copies page runs of `pid` into `buf`, laid out as their offsets say.
-fn copy_runs(pid: Pid, runs: &[PageRun], readable: &[bool], buf: &mut [u8]) -> Result<()> {
+/// Copies page runs of `pid` into `buf`, laid out as their offsets say;
+/// large copies in two halves at once (the tree is stopped: both CPUs of a
+/// small machine are free).
+/// Returns the CPU time the helper thread spent (the caller's own is its
+/// thread's).
+fn copy_runs(pid: Pid, runs: &[PageRun], readable: &[bool], buf: &mut [u8]) -> Result<Duration> {
+    let total: u64 = runs.iter().map(|r| r.count * PAGE_SIZE).sum();
+    if total < 2 << 20 || runs.len() < 2 {
+        return copy_part(pid, runs, readable, buf, 0).map(|()| Duration::ZERO);
+    }
+    let half = runs.partition_point(|r| r.offset < total / 2).max(1);
+    let split = runs[half].offset;
+    let (a, b) = buf.split_at_mut(split as usize);
+    std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            let r = copy_part(pid, &runs[half..], &readable[half..], b, split);
+            (r, super::thread_cpu_time())
+        });
+        let mine = copy_part(pid, &runs[..half], &readable[..half], a, 0);
+        let (theirs, cpu) = other
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        mine.and(theirs).map(|()| cpu)
+    })
+}
+
+/// Copies runs whose offsets start at `base` into `buf`.
+fn copy_part(
+    pid: Pid,
+    runs: &[PageRun],
+    readable: &[bool],
+    buf: &mut [u8],
+    base: u64,
+) -> Result<()> {
     let raw = pid.as_raw();
     let fail = |detail: String| Error::Proc {
         pid: raw,
@@ -466,11 +546,9 @@ fn copy_runs(pid: Pid, runs: &[PageRun], readable: &[bool], buf: &mut [u8]) -> R
                 mem = Some(File::open(format!("/proc/{raw}/mem")).map_err(perr(raw, "memory"))?);
             }
             let m = mem.as_ref().expect("opened");
-            m.read_exact_at(
-                &mut buf[r.offset as usize..r.offset as usize + len],
-                r.start,
-            )
-            .map_err(|e| fail(format!("{:#x}+{len}: {e}", r.start)))?;
+            let at = (r.offset - base) as usize;
+            m.read_exact_at(&mut buf[at..at + len], r.start)
+                .map_err(|e| fail(format!("{:#x}+{len}: {e}", r.start)))?;
             i += 1;
             continue;
         }
@@ -488,7 +566,7 @@ fn copy_runs(pid: Pid, runs: &[PageRun], readable: &[bool], buf: &mut [u8]) -> R
             len += n;
             j += 1;
         }
-        let at = runs[i].offset as usize;
+        let at = (runs[i].offset - base) as usize;
         let n = process_vm_readv(
             pid,
             &mut [std::io::IoSliceMut::new(&mut buf[at..at + len])],
@@ -509,11 +587,13 @@ fn copy_runs(pid: Pid, runs: &[PageRun], readable: &[bool], buf: &mut [u8]) -> R
 impl MemoryPolicy for DeltaPolicy {
     fn capture(&mut self, mut f: Frozen) -> Result<MemoryDump> {
         let pid = f.p.pid.as_raw();
+        let t_start = Instant::now();
         self.seen.push(pid);
         if let Some(zs) = self.zombies.remove(&pid) {
             super::snapshot::reap(f.inj, f.p.pid, &zs)?;
         }
         let fresh = self.tracked(&mut f)?;
+        let t_tracked = t_start.elapsed();
         let delta = match self.delta(&mut f, fresh) {
             Ok(d) => d,
             Err(e) => {
@@ -523,6 +603,12 @@ impl MemoryPolicy for DeltaPolicy {
             }
         };
         let bytes = delta.dump.bytes;
+        tracing::debug!(
+            pid,
+            tracked_us = t_tracked.as_micros() as u64,
+            delta_us = t_start.elapsed().as_micros() as u64,
+            "delta found"
+        );
         let resident = resident_pages(pid);
         let snapshot = match self.mode {
             CopyMode::Direct => false,
@@ -540,7 +626,8 @@ impl MemoryPolicy for DeltaPolicy {
         } else {
             let t0 = Instant::now();
             let mut buf = self.buffer(bytes as usize);
-            copy_runs(f.p.pid, &delta.dump.pages, &delta.readable, &mut buf)?;
+            self.stats.helper_cpu +=
+                copy_runs(f.p.pid, &delta.dump.pages, &delta.readable, &mut buf)?;
             let took = t0.elapsed();
             self.model.learn_direct(bytes, took);
             self.stats.copy += took;
@@ -576,6 +663,7 @@ impl MemoryPolicy for DeltaPolicy {
                         let mut buf = self.buffer(job.bytes as usize);
                         let r = copy_runs(snap.pid, &job.runs, &job.readable, &mut buf);
                         super::snapshot::end(snap.pid);
+                        let r = r.map(|cpu| self.stats.helper_cpu += cpu);
                         self.zombies.entry(job.pid).or_default().push(snap);
                         r?;
                         buf

@@ -65,7 +65,8 @@ pub struct EpochReport {
     pub scan: Duration,
     pub copy: Duration,
     pub snapshot: Duration,
-    /// CPU time this process spent on the checkpoint (user + system).
+    /// CPU time the checkpoint cost (user + system, of every thread of
+    /// the engine that worked on it).
     pub cpu: Duration,
 }
 
@@ -84,7 +85,8 @@ fn new_series_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn cpu_time() -> Duration {
+/// CPU time of the calling thread so far (user + system).
+pub(crate) fn thread_cpu_time() -> Duration {
     nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_THREAD)
         .map(|u| {
             let tv = |t: nix::sys::time::TimeVal| {
@@ -122,7 +124,7 @@ impl Incremental {
             series: self.series.clone(),
             epoch: self.next_epoch,
         };
-        let cpu0 = cpu_time();
+        let cpu0 = thread_cpu_time();
         self.policy.begin_epoch();
         let exclude = self.policy.own_processes();
         let result = crate::dump::take(
@@ -157,7 +159,7 @@ impl Incremental {
             scan: s.scan,
             copy: s.copy,
             snapshot: s.snapshot,
-            cpu: cpu_time().saturating_sub(cpu0),
+            cpu: thread_cpu_time().saturating_sub(cpu0) + s.helper_cpu,
         })
     }
 

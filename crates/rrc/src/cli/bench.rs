@@ -16,11 +16,20 @@ pub enum BenchCommand {
     /// Redis connections moved between lab hosts), and the longest gap
     /// busy clients see across such a move.
     Sockets(SocketsArgs),
+    /// The pause a checkpoint every 100 ms costs a running process, the
+    /// memory it saves and the CPU it takes: full checkpoints against
+    /// incremental ones (pages copied while stopped, from a snapshot, or
+    /// whichever is cheaper), for a synthetic workload with a set dirty
+    /// rate, Redis under redis-benchmark and Memcached under memaslap, at
+    /// 10 MB, 100 MB and 1 GB.
+    Pause(PauseArgs),
     /// The workload process of `bench ckpt` (not for direct use).
     #[command(hide = true)]
     Target {
         #[arg(long)]
         mb: usize,
+        #[arg(long, default_value_t = 0)]
+        dirty_per_sec: u64,
     },
     /// Redis latency and throughput through rrc's TAP forwarding path versus
     /// the same Redis on a plain veth, side by side in one lab.
@@ -60,6 +69,38 @@ pub struct CkptArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// Footprints to measure, in MiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [10usize, 100, 1024])]
+    sizes: Vec<usize>,
+    /// Workloads to measure.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [PauseWorkload::Fixture, PauseWorkload::Redis, PauseWorkload::Memcached])]
+    workloads: Vec<PauseWorkload>,
+    /// Incremental checkpoints per mode.
+    #[arg(long, default_value_t = 30)]
+    epochs: u64,
+    /// Full checkpoints per workload.
+    #[arg(long, default_value_t = 5)]
+    full_epochs: u64,
+    /// Time between checkpoints.
+    #[arg(long, default_value = "100ms", value_parser = crate::cli::parse_duration)]
+    every: std::time::Duration,
+    /// Pages a second the synthetic workload writes.
+    #[arg(long, default_value_t = 2000)]
+    dirty_per_sec: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PauseWorkload {
+    Fixture,
+    Redis,
+    Memcached,
+}
+
+#[derive(Debug, Args)]
 pub struct SocketsArgs {
     /// Numbers of open connections to measure.
     #[arg(long, value_delimiter = ',', default_values_t = [1usize, 100, 1000])]
@@ -73,8 +114,8 @@ pub struct SocketsArgs {
 }
 
 pub fn bench(c: BenchCommand) -> Result<i32> {
-    if let BenchCommand::Target { mb } = c {
-        rrc_bench::ckpt::target(mb)?;
+    if let BenchCommand::Target { mb, dirty_per_sec } = c {
+        rrc_bench::ckpt::target(mb, dirty_per_sec)?;
         return Ok(0);
     }
     rrc_container::probe::require_root("rrc bench")?;
@@ -88,6 +129,36 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             print!("{}", rrc_bench::sockets::render(&r));
             if let Some(path) = a.json {
                 std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(0)
+        }
+        BenchCommand::Pause(a) => {
+            use rrc_bench::pause::{self, PauseConfig, Workload};
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let work = pause::default_work_dir();
+            let cfg = PauseConfig {
+                sizes: a.sizes,
+                epochs: a.epochs.max(1),
+                full_epochs: a.full_epochs.max(1),
+                every: a.every,
+                dirty_per_sec: a.dirty_per_sec,
+                workloads: a
+                    .workloads
+                    .iter()
+                    .map(|w| match w {
+                        PauseWorkload::Fixture => Workload::Fixture,
+                        PauseWorkload::Redis => Workload::Redis,
+                        PauseWorkload::Memcached => Workload::Memcached,
+                    })
+                    .collect(),
+            };
+            let rows = pause::run(&exe, &cfg, &work, &|m| eprintln!("bench: {m}"));
+            let _ = std::fs::remove_dir_all(&work);
+            let rows = rows?;
+            print!("{}", pause::render(&rows));
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             Ok(0)
