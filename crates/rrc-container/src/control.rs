@@ -111,6 +111,9 @@ pub enum Response {
         killed: bool,
     },
     Epoch(EpochLine),
+    /// A checkpoint of a series failed; the series goes on (the next
+    /// checkpoint saves every process whole).
+    EpochFailed(String),
     SeriesDone {
         epochs: u64,
         error: Option<String>,

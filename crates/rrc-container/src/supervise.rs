@@ -32,7 +32,12 @@ struct SeriesRun {
     /// Where each checkpoint is reported.
     stream: std::os::unix::net::UnixStream,
     taken: u64,
+    /// Checkpoints failed in a row.
+    failures: u32,
 }
+
+/// A series ends after this many checkpoints failed in a row.
+const MAX_FAILURES_IN_A_ROW: u32 = 10;
 
 /// How the container's program ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +148,7 @@ impl Container {
                                 next_at: Instant::now(),
                                 stream,
                                 taken: 0,
+                                failures: 0,
                             });
                         }
                         Err(e) => control::answer(stream, &Response::Failed(e.to_string())),
@@ -229,8 +235,20 @@ impl Container {
         }
         let (report, applied) = match r {
             Ok(x) => x,
-            Err(e) => return Some(Err(e.into())),
+            Err(e) => {
+                run.failures += 1;
+                tracing::warn!(container = %self.record.name, error = %e, "a checkpoint of the series failed");
+                if run.failures >= MAX_FAILURES_IN_A_ROW {
+                    return Some(Err(e.into()));
+                }
+                if !control::send(&run.stream, &Response::EpochFailed(e.to_string())) {
+                    return Some(Ok(()));
+                }
+                run.next_at = (run.next_at + run.every).max(Instant::now());
+                return None;
+            }
         };
+        run.failures = 0;
         run.taken += 1;
         let line = control::EpochLine::of(&report, applied.as_ref());
         if !control::send(&run.stream, &Response::Epoch(line)) {

@@ -214,6 +214,11 @@ fn series(a: &CheckpointArgs, every: Duration) -> Result<i32> {
                         stats.add(line);
                         true
                     }
+                    Response::EpochFailed(e) => {
+                        stats.failed += 1;
+                        eprintln!("a checkpoint failed (the series goes on): {e}");
+                        true
+                    }
                     _ => false,
                 },
             )
@@ -260,6 +265,7 @@ fn tree_series(
         .context("signalfd")?;
     let until = a.for_.map(|d| Instant::now() + d);
     let mut next = Instant::now();
+    let mut failures = 0;
     loop {
         let left = next.saturating_duration_since(Instant::now());
         let mut fds = [nix::poll::PollFd::new(
@@ -272,10 +278,22 @@ fn tree_series(
             eprintln!("interrupted: ending the series");
             break;
         }
-        let (report, applied) = inc
-            .checkpoint_into(&dir)
-            .with_context(|| format!("checkpoint {} of process {pid}", stats.count))?;
-        stats.add(&EpochLine::of(&report, applied.as_ref()));
+        match inc.checkpoint_into(&dir) {
+            Ok((report, applied)) => {
+                failures = 0;
+                stats.add(&EpochLine::of(&report, applied.as_ref()));
+            }
+            Err(e) => {
+                failures += 1;
+                stats.failed += 1;
+                if failures >= 10 {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "checkpoints of process {pid}: {failures} failed in a row"
+                    )));
+                }
+                eprintln!("a checkpoint failed (the series goes on): {e}");
+            }
+        }
         if a.count.is_some_and(|c| stats.count >= c) || until.is_some_and(|u| Instant::now() >= u) {
             break;
         }
@@ -289,6 +307,7 @@ fn tree_series(
 #[derive(Default)]
 struct SeriesStats {
     count: u64,
+    failed: u64,
     pauses_us: Vec<u64>,
     dirty: u64,
     cpu_us: u64,
@@ -338,9 +357,14 @@ impl SeriesStats {
         let q = |f: f64| p[((p.len() - 1) as f64 * f).round() as usize] as f64 / 1000.0;
         let avg = p.iter().sum::<u64>() as f64 / p.len() as f64 / 1000.0;
         println!(
-            "{} checkpoints in {}: pause avg {avg:.2} ms, p50 {:.2}, p99 {:.2}, max {:.2}; {:.1} MiB of memory saved; CPU {:.1} ms; pages copied from snapshots {} time(s), while stopped {} time(s)",
+            "{} checkpoints in {}{}: pause avg {avg:.2} ms, p50 {:.2}, p99 {:.2}, max {:.2}; {:.1} MiB of memory saved; CPU {:.1} ms; pages copied from snapshots {} time(s), while stopped {} time(s)",
             self.count,
             dir.display(),
+            if self.failed > 0 {
+                format!(" ({} failed)", self.failed)
+            } else {
+                String::new()
+            },
             q(0.5),
             q(0.99),
             q(1.0),
