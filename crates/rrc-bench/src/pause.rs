@@ -137,7 +137,8 @@ fn connect_redis(port: u16) -> Result<RespConn> {
     let addr = format!("127.0.0.1:{port}").parse()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match RespConn::connect(addr, Duration::from_secs(1)) {
+        // Filling a gigabyte takes a while: a patient connection.
+        match RespConn::connect(addr, Duration::from_secs(300)) {
             Ok(c) => return Ok(c),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(e.into()),
@@ -430,6 +431,7 @@ pub fn run(
                 if kill(subject.pid, None).is_err() {
                     bail!("the workload died during the {mode:?} checkpoints");
                 }
+                progress(render_row(&row).trim_end());
                 rows.push(row);
             }
         }
@@ -453,31 +455,35 @@ pub fn render(rows: &[PauseRow]) -> String {
         "stall ms"
     );
     for r in rows {
-        s.push_str(&format!(
-            "{:<26} {:>9.0} {:<8} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>8.2} {:>6} {:>10}\n",
-            r.workload,
-            r.footprint_mib,
-            format!("{:?}", r.mode).to_lowercase(),
-            r.checkpoints,
-            r.pause_avg_ms,
-            r.pause_p99_ms,
-            r.pause_max_ms,
-            r.saved_mib_avg,
-            r.cpu_ms_avg,
-            if r.mode == Mode::Full {
-                "-".into()
-            } else {
-                r.from_snapshot.to_string()
-            },
-            r.app_stall_max_ms
-                .map(|g| format!("{g:.2}"))
-                .unwrap_or_else(|| "-".into())
-        ));
+        s.push_str(&render_row(r));
     }
     s.push_str(
         "pause: how long the engine kept the process stopped; saved: memory written per checkpoint; snap: checkpoints that copied pages from a copy-on-write snapshot; stall: the longest stall a thread of the process saw\n",
     );
     s
+}
+
+fn render_row(r: &PauseRow) -> String {
+    format!(
+        "{:<26} {:>9.0} {:<8} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>8.2} {:>6} {:>10}\n",
+        r.workload,
+        r.footprint_mib,
+        format!("{:?}", r.mode).to_lowercase(),
+        r.checkpoints,
+        r.pause_avg_ms,
+        r.pause_p99_ms,
+        r.pause_max_ms,
+        r.saved_mib_avg,
+        r.cpu_ms_avg,
+        if r.mode == Mode::Full {
+            "-".into()
+        } else {
+            r.from_snapshot.to_string()
+        },
+        r.app_stall_max_ms
+            .map(|g| format!("{g:.2}"))
+            .unwrap_or_else(|| "-".into())
+    )
 }
 
 pub fn default_work_dir() -> PathBuf {

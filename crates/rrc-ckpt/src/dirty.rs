@@ -77,8 +77,19 @@ impl Tracker {
     /// Starts tracking `[start, end)`: registers it and write-protects every
     /// page in it, so that the next scan sees only later writes.
     pub fn track(&mut self, start: u64, end: u64) -> Result<()> {
-        sys::uffd_register_wp(self.uffd.as_raw_fd(), start, end - start)
-            .map_err(err(self.pid, "userfaultfd registration"))?;
+        sys::uffd_register_wp(self.uffd.as_raw_fd(), start, end - start).map_err(|e| {
+            Error::Proc {
+                pid: self.pid,
+                what: "userfaultfd registration",
+                detail: if e.raw_os_error() == Some(libc::EBUSY) {
+                    format!(
+                        "{start:#x}-{end:#x} is already tracked by another userfaultfd (another series of checkpoints of this process?)"
+                    )
+                } else {
+                    format!("{start:#x}-{end:#x}: {e}")
+                },
+            }
+        })?;
         self.written(start, end)?;
         insert(&mut self.registered, (start, end));
         Ok(())
@@ -98,10 +109,13 @@ impl Tracker {
         if self.registered.is_empty() {
             return Ok(());
         }
-        const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+        let (start, end) = (
+            self.registered[0].0,
+            self.registered[self.registered.len() - 1].1,
+        );
         let untracked = self.scan(
-            0,
-            TASK_SIZE,
+            start,
+            end,
             0,
             PAGE_IS_WPALLOWED,
             PAGE_IS_WPALLOWED,

@@ -199,13 +199,15 @@ impl Remote {
     /// `table_len` writable bytes at `table`, in the tracee. Returns every
     /// call's raw result.
     pub fn run_batch(&mut self, batch: &Batch, code: u64, table: u64) -> Result<Vec<i64>> {
-        use nix::sys::uio::{RemoteIoVec, process_vm_readv, process_vm_writev};
+        self.start_batch(batch, code, table)?;
+        self.finish_batch(batch, table)
+    }
+
+    /// Sets the thread running `batch` (see [`Remote::run_batch`]) without
+    /// waiting for it, so that several threads run theirs at once.
+    pub fn start_batch(&mut self, batch: &Batch, code: u64, table: u64) -> Result<()> {
+        use nix::sys::uio::{RemoteIoVec, process_vm_writev};
         let bytes = batch.table();
-        let fail = |detail: String| Error::Remote {
-            tid: self.tid.as_raw(),
-            nr: -1,
-            detail,
-        };
         let n = process_vm_writev(
             self.tid,
             &[std::io::IoSlice::new(&bytes)],
@@ -214,9 +216,9 @@ impl Remote {
                 len: bytes.len(),
             }],
         )
-        .map_err(|e| fail(format!("write the call table: {e}")))?;
+        .map_err(|e| self.batch_error(format!("write the call table: {e}")))?;
         if n != bytes.len() {
-            return Err(fail("short write of the call table".into()));
+            return Err(self.batch_error("short write of the call table".into()));
         }
         let mut r = self.base;
         r.rip = code;
@@ -227,12 +229,17 @@ impl Remote {
             what: "resume",
             tid: self.tid.as_raw(),
             source: e,
-        })?;
+        })
+    }
+
+    /// Waits for a batch started by [`Remote::start_batch`]; its results.
+    pub fn finish_batch(&mut self, batch: &Batch, table: u64) -> Result<Vec<i64>> {
+        use nix::sys::uio::{RemoteIoVec, process_vm_readv};
         match ptrace::wait_stop(self.tid)? {
             Stop::Signal(nix::sys::signal::Signal::SIGTRAP) => {}
-            other => return Err(fail(format!("stopped by {other:?} during a batch"))),
+            other => return Err(self.batch_error(format!("stopped by {other:?} during a batch"))),
         }
-        let mut out = vec![0u8; bytes.len()];
+        let mut out = vec![0u8; (batch.len() + 1) * BATCH_ENTRY];
         let len = out.len();
         let n = process_vm_readv(
             self.tid,
@@ -242,11 +249,19 @@ impl Remote {
                 len,
             }],
         )
-        .map_err(|e| fail(format!("read the results: {e}")))?;
+        .map_err(|e| self.batch_error(format!("read the results: {e}")))?;
         if n != out.len() {
-            return Err(fail("short read of the results".into()));
+            return Err(self.batch_error("short read of the results".into()));
         }
         Ok(batch.results(&out))
+    }
+
+    fn batch_error(&self, detail: String) -> Error {
+        Error::Remote {
+            tid: self.tid.as_raw(),
+            nr: -1,
+            detail,
+        }
     }
 
     /// Makes a call and turns a negative result into an error naming `what`.

@@ -121,6 +121,11 @@ pub(crate) trait MemoryPolicy {
     /// when it is left running, before it is killed otherwise. Finishes
     /// the pages files and returns how many bytes of memory they hold.
     fn finish(&mut self, img: &ImageDir) -> Result<u64>;
+    /// Last word on the mappings of process `image_pid` before its record
+    /// is written (after [`MemoryPolicy::finish`]).
+    fn amend(&mut self, _image_pid: i32, _vmas: &mut [crate::image::Vma]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Takes one checkpoint of the tree at `t.root` into `img`.
@@ -268,8 +273,13 @@ pub(crate) fn take(
     };
     let threads = images.iter().map(|p| p.threads.len()).sum();
     let processes = images.len();
-    let write_records = |img: &ImageDir, mut manifest: Manifest| -> Result<()> {
-        for p in &images {
+    let write_records = |img: &ImageDir,
+                         mut manifest: Manifest,
+                         images: &mut Vec<ProcessImage>,
+                         policy: &mut dyn MemoryPolicy|
+     -> Result<()> {
+        for p in images.iter_mut() {
+            policy.amend(p.pid, &mut p.vmas)?;
             img.write_json(&ImageDir::process_name(p.pid), p)?;
         }
         if t.series.is_some() {
@@ -288,12 +298,12 @@ pub(crate) fn take(
         seized.release(false);
         phases.log(stopped, frozen_at.elapsed());
         memory_bytes = policy.finish(img)?;
-        write_records(img, manifest)?;
+        write_records(img, manifest, &mut images, policy)?;
     } else {
         // Nothing may fail once the tree is gone: the image is complete
         // before it is killed.
         memory_bytes = policy.finish(img)?;
-        write_records(img, manifest)?;
+        write_records(img, manifest, &mut images, policy)?;
         seized.release(true);
         phases.log(stopped, frozen_at.elapsed());
     }

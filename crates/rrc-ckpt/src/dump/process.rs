@@ -80,8 +80,31 @@ pub fn threads_and_signals(
     use crate::remote::Batch;
     let pid = p.pid;
     let out = inj.scratch()? + OUT_AT;
+    // Per-thread state, asked of each thread itself, all threads at once;
+    // each writes its outputs to its own 32 bytes.
+    const PER_THREAD: u64 = 32;
+    if p.threads.len() as u64 * PER_THREAD > crate::dump::inject::SCRATCH_SIZE - OUT_AT {
+        return Err(Error::Unsupported(vec![format!(
+            "process {pid} has {} threads; at most {} are supported",
+            p.threads.len(),
+            (crate::dump::inject::SCRATCH_SIZE - OUT_AT) / PER_THREAD
+        )]));
+    }
+    let mut work = Vec::with_capacity(p.threads.len());
+    for (i, t) in p.threads.iter().enumerate() {
+        let o = out + i as u64 * PER_THREAD;
+        let mut b = Batch::new();
+        b.push(libc::SYS_sigaltstack, &[0, o]);
+        b.push(nr::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, o + 24]);
+        b.push(nr::SYS_prctl, &[pr::GET_TIMERSLACK]);
+        work.push((t.tid, b));
+    }
+    let results = inj.batch_each(&work)?;
+    let own_ns = ns_pid(pid.as_raw(), None)?.1 == 1;
+    let mut outputs = vec![0u8; p.threads.len() * PER_THREAD as usize];
+    inj.read_scratch(OUT_AT, &mut outputs)?;
     let mut threads = Vec::new();
-    for t in &p.threads {
+    for (i, (t, r)) in p.threads.iter().zip(results).enumerate() {
         let (mut regs, sigmask) = inj.original(t.tid);
         // A sleep interrupted here would resume through its kernel restart
         // block, which a restore cannot bring back: it returns EINTR instead.
@@ -102,19 +125,17 @@ pub fn threads_and_signals(
             })?;
             pending.push(Hex(sys::siginfo_bytes(&si).to_vec()));
         }
-        // Per-thread state, asked of the thread itself.
-        let mut b = Batch::new();
-        let ss = b.push(libc::SYS_sigaltstack, &[0, out]);
-        let ctid = b.push(nr::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, out + 24]);
-        let slack = b.push(nr::SYS_prctl, &[pr::GET_TIMERSLACK]);
-        let r = inj.batch(t.tid, &b)?;
-        check_ok("sigaltstack", t.tid, r[ss])?;
-        check_ok("prctl(PR_GET_TID_ADDRESS)", t.tid, r[ctid])?;
-        let timer_slack_ns = check_ok("prctl(PR_GET_TIMERSLACK)", t.tid, r[slack])?;
-        let mut o = [0u8; 32];
-        inj.read_scratch(OUT_AT, &mut o)?;
+        check_ok("sigaltstack", t.tid, r[0])?;
+        check_ok("prctl(PR_GET_TID_ADDRESS)", t.tid, r[1])?;
+        let timer_slack_ns = check_ok("prctl(PR_GET_TIMERSLACK)", t.tid, r[2])?;
+        let o = &outputs[i * PER_THREAD as usize..(i + 1) * PER_THREAD as usize];
         let nice = thread_nice(pid.as_raw(), t.tid.as_raw())?;
-        let (ns_tid, _) = ns_pid(pid.as_raw(), Some(t.tid.as_raw()))?;
+        // A process in this pid namespace numbers its threads as we do.
+        let ns_tid = if own_ns {
+            t.tid.as_raw()
+        } else {
+            ns_pid(pid.as_raw(), Some(t.tid.as_raw()))?.0
+        };
         threads.push(ThreadImage {
             tid: ns_tid,
             comm: fs::read_to_string(format!("/proc/{pid}/task/{}/comm", t.tid))
@@ -134,11 +155,11 @@ pub fn threads_and_signals(
                 }),
             robust_list: sys::get_robust_list(t.tid)
                 .map_err(|e| Error::io(format!("robust list of thread {}", t.tid))(e))?,
-            clear_child_tid: u64_at(&o, 24),
+            clear_child_tid: u64_at(o, 24),
             altstack: AltStack {
-                sp: u64_at(&o, 0),
-                flags: u64_at(&o, 8) as i32,
-                size: u64_at(&o, 16),
+                sp: u64_at(o, 0),
+                flags: u64_at(o, 8) as i32,
+                size: u64_at(o, 16),
             },
             timer_slack_ns,
             nice,

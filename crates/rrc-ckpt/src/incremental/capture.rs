@@ -133,6 +133,9 @@ pub(crate) struct DeltaPolicy {
     /// Buffers kept from one checkpoint to the next: their pages are
     /// already faulted in.
     spare: Vec<Vec<u8>>,
+    /// Mappings whose madvise flags are to be read once the tree runs
+    /// again, by image pid: (pid, ranges).
+    flags_pending: HashMap<i32, (i32, Vec<(u64, u64)>)>,
 }
 
 fn perr(pid: i32, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
@@ -175,11 +178,13 @@ impl DeltaPolicy {
             jobs: Vec::new(),
             stats: EpochStats::default(),
             spare: Vec::new(),
+            flags_pending: HashMap::new(),
         }
     }
 
     pub fn begin_epoch(&mut self) {
         self.seen.clear();
+        self.flags_pending.clear();
         self.stats = EpochStats {
             full: true,
             ..Default::default()
@@ -277,7 +282,7 @@ impl DeltaPolicy {
         let mut next_written = 0;
         let previous: HashMap<(u64, u64), &Vma> =
             t.vmas.iter().map(|v| ((v.start, v.end), v)).collect();
-        let mut smaps: Option<HashMap<u64, Vec<String>>> = None;
+        let mut pending: Vec<(u64, u64)> = Vec::new();
         let mut out = MemoryDump::default();
         let mut content: Ranges = Vec::new();
         let mut holes: Ranges = Vec::new();
@@ -297,12 +302,17 @@ impl DeltaPolicy {
             let flags = match previous.get(&(start, end)) {
                 Some(v) if v.prot == prot && v.kind == kind => v.flags.clone(),
                 _ => {
-                    if smaps.is_none() {
-                        smaps = Some(read_flags(raw)?);
-                    }
-                    smaps
-                        .as_ref()
-                        .and_then(|s| s.get(&start).cloned())
+                    // Reading smaps walks every page table (tens of ms for
+                    // a gigabyte): not while the tree is stopped. A piece of
+                    // a mapping keeps its flags; the flags of the others are
+                    // read once it runs again (mmap itself sets none of
+                    // those recorded but for locked and grows-down ones,
+                    // which are rare).
+                    pending.push((start, end));
+                    t.vmas
+                        .iter()
+                        .find(|v| v.start < end && start < v.end && v.kind == kind)
+                        .map(|v| v.flags.clone())
                         .unwrap_or_default()
                 }
             };
@@ -383,6 +393,9 @@ impl DeltaPolicy {
         t.own_file = own_file;
         t.tracker.retain(&private);
         t.vmas = out.vmas.clone();
+        if !pending.is_empty() {
+            self.flags_pending.insert(f.image_pid, (raw, pending));
+        }
         self.stats.scan += scan;
         if fresh {
             holes = vec![(0, u64::MAX)];
@@ -484,14 +497,14 @@ fn own_in(pagemap: &PageMap, start: u64, end: u64) -> Result<Ranges> {
         .collect())
 }
 
-/// The madvise flags of every mapping, by start address.
-fn read_flags(pid: i32) -> Result<HashMap<u64, Vec<String>>> {
+/// The madvise flags of every mapping, by range.
+fn read_flags(pid: i32) -> Result<HashMap<(u64, u64), Vec<String>>> {
     let maps = Process::new(pid)
         .and_then(|p| p.smaps())
         .map_err(Error::proc(pid, "memory maps"))?;
     Ok(maps
         .iter()
-        .map(|m| (m.address.0, memory::kept_flags(m.extension.vm_flags)))
+        .map(|m| (m.address, memory::kept_flags(m.extension.vm_flags)))
         .collect())
 }
 
@@ -585,6 +598,34 @@ fn copy_part(
 }
 
 impl MemoryPolicy for DeltaPolicy {
+    fn amend(&mut self, image_pid: i32, vmas: &mut [Vma]) -> Result<()> {
+        let Some((pid, ranges)) = self.flags_pending.remove(&image_pid) else {
+            return Ok(());
+        };
+        // The process may have changed its mappings since: only those
+        // still the same get flags from now.
+        let flags = match read_flags(pid) {
+            Ok(f) => f,
+            Err(_) => return Ok(()),
+        };
+        let wanted: std::collections::HashSet<(u64, u64)> = ranges.into_iter().collect();
+        for v in vmas.iter_mut() {
+            if wanted.contains(&(v.start, v.end))
+                && let Some(f) = flags.get(&(v.start, v.end))
+            {
+                v.flags = f.clone();
+            }
+        }
+        if let Some(t) = self.procs.get_mut(&pid) {
+            for v in t.vmas.iter_mut() {
+                if let Some(f) = flags.get(&(v.start, v.end)) {
+                    v.flags = f.clone();
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn capture(&mut self, mut f: Frozen) -> Result<MemoryDump> {
         let pid = f.p.pid.as_raw();
         let t_start = Instant::now();

@@ -1,0 +1,702 @@
+//! The authenticated, encrypted replication channel.
+//!
+//! Both hosts hold the same 32-byte pre-shared key. The channel runs the
+//! Noise protocol `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`: fresh ephemeral
+//! keys on both sides for forward secrecy, with the PSK mixed in before the
+//! first message, so a peer without the key cannot produce even the first
+//! handshake message and cannot read or forge anything afterwards. There are
+//! no long-term public keys to distribute; the key file is the whole trust
+//! configuration.
+//!
+//! Wire format:
+//!
+//! * Handshake: two messages, initiator (primary) first, each preceded by its
+//!   length as u16 LE. A responder that cannot authenticate the first message
+//!   answers with a zero length, so the initiator can report a key mismatch
+//!   instead of a bare disconnect.
+//! * Transport: every frame from [`crate::frame`] is cut into pieces of at
+//!   most 65519 bytes; each piece is one Noise transport message (piece plus
+//!   16-byte tag) preceded by its ciphertext length as u16 LE. The receiver
+//!   decrypts and feeds the plaintext to a frame [`Decoder`], so framing,
+//!   sequence and CRC checks apply on the inside of the encryption exactly as
+//!   on a plain stream, and reassembly is the decoder's ordinary job.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::error::{Result, WireError};
+use crate::frame::{DEFAULT_MAX_PAYLOAD, Decoder, Encoder};
+use crate::message::Message;
+
+pub const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+
+/// Bound into the handshake hash: peers speaking another revision of this
+/// protocol fail the handshake instead of misreading each other's frames.
+const PROLOGUE: &[u8] = b"rrc-wire/1";
+
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub const KEY_LEN: usize = 32;
+
+const NOISE_MAX_MSG: usize = 65535;
+const NOISE_TAG_LEN: usize = 16;
+const MAX_PIECE: usize = NOISE_MAX_MSG - NOISE_TAG_LEN;
+
+/// NNpsk0 handshake messages are 48 bytes; anything much larger is not an
+/// rrc peer, and refusing it early stops a stray client (a port scanner, an
+/// HTTP probe) from making us wait for 64 KiB that will never come.
+const MAX_HANDSHAKE_MSG: usize = 1024;
+
+/// Longest key file we are willing to read; a key is 64 characters.
+const MAX_KEY_FILE: u64 = 4096;
+
+/// The pre-shared key of a primary/backup pair.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key([u8; KEY_LEN]);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Keys end up in Debug output of configs and errors; never the bytes.
+        f.write_str("Key(<redacted>)")
+    }
+}
+
+impl Drop for Key {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// Best-effort erasure of key material before its memory is freed.
+fn wipe(buf: &mut [u8]) {
+    buf.fill(0);
+    // Discourages the compiler from treating the wipe as a dead store.
+    std::hint::black_box(&buf);
+}
+
+impl Key {
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Key {
+        Key(bytes)
+    }
+
+    /// Reads a key file: 64 hex characters, optionally surrounded by
+    /// whitespace. The file must not be accessible to group or others,
+    /// because anyone who can read it can feed the backup an image to run as
+    /// root.
+    pub fn load(path: &Path) -> Result<Key> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(WireError::KeyMissing {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let format_err = |reason: String| WireError::KeyFormat {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(format_err("not a regular file".into()));
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(WireError::KeyPermissions {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        let mut raw = Vec::new();
+        file.take(MAX_KEY_FILE + 1).read_to_end(&mut raw)?;
+        if raw.len() as u64 > MAX_KEY_FILE {
+            return Err(format_err(format!(
+                "file is larger than {MAX_KEY_FILE} bytes; expected 64 hex characters"
+            )));
+        }
+        let text = raw.trim_ascii();
+        if text.len() != 2 * KEY_LEN {
+            return Err(format_err(format!(
+                "expected {} hex characters, found {} characters",
+                2 * KEY_LEN,
+                text.len()
+            )));
+        }
+        let mut key = [0u8; KEY_LEN];
+        for (i, pair) in text.chunks_exact(2).enumerate() {
+            let hi = hex_value(pair[0]);
+            let lo = hex_value(pair[1]);
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
+                _ => {
+                    wipe(&mut raw);
+                    let at = if hi.is_none() { 2 * i } else { 2 * i + 1 };
+                    return Err(format_err(format!(
+                        "character {} is not a hex digit",
+                        at + 1
+                    )));
+                }
+            }
+        }
+        wipe(&mut raw);
+        Ok(Key(key))
+    }
+
+    /// Creates a new key file with mode 0600 holding a random key, and
+    /// returns the key. An existing file is never overwritten: replacing the
+    /// key on one host only would silently cut replication.
+    pub fn generate(path: &Path) -> Result<Key> {
+        let mut bytes = [0u8; KEY_LEN];
+        File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let key = Key(bytes);
+        bytes.fill(0);
+
+        let mut file = match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                return Err(WireError::KeyExists {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut text = String::with_capacity(2 * KEY_LEN + 1);
+        for b in key.0 {
+            text.push(char::from(HEX[usize::from(b >> 4)]));
+            text.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        text.push('\n');
+        let written = file
+            .write_all(text.as_bytes())
+            .and_then(|()| file.sync_all());
+        // The hex text is the key too; wipe it like Key's Drop does.
+        wipe(&mut text.into_bytes());
+        if let Err(e) = written {
+            // A truncated key file would only produce confusing format errors
+            // later; better that it does not exist.
+            let _ = std::fs::remove_file(path);
+            return Err(e.into());
+        }
+        Ok(key)
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Tunables of a [`SecureStream`].
+#[derive(Debug, Clone)]
+pub struct SecureConfig {
+    /// Longest the whole handshake may take, counted from its start. A peer
+    /// that dribbles bytes cannot stretch it.
+    pub handshake_timeout: Duration,
+    /// Largest frame payload sent or accepted.
+    pub max_payload: u32,
+}
+
+impl Default for SecureConfig {
+    fn default() -> Self {
+        SecureConfig {
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+/// One end of an established replication connection.
+///
+/// Any failure other than a read timeout leaves the stream unusable: after a
+/// decryption or framing error the two ends no longer agree on nonces or
+/// sequence numbers, and there is no safe way to resynchronise.
+pub struct SecureStream {
+    tcp: TcpStream,
+    noise: snow::TransportState,
+    encoder: Encoder,
+    decoder: Decoder,
+    /// Current incoming Noise message: length prefix then ciphertext. Kept
+    /// across calls so a read timeout in the middle of a message loses
+    /// nothing.
+    rx: Vec<u8>,
+    rx_have: usize,
+    plain: Vec<u8>,
+    failed: bool,
+}
+
+impl std::fmt::Debug for SecureStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureStream")
+            .field("peer", &self.tcp.peer_addr().ok())
+            .field("next_send_seq", &self.encoder.next_sequence())
+            .field("next_recv_seq", &self.decoder.expected_sequence())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Initiator,
+    Responder,
+}
+
+impl SecureStream {
+    /// Runs the handshake as initiator (the primary's side).
+    pub fn client(tcp: TcpStream, key: &Key) -> Result<SecureStream> {
+        SecureStream::client_with(tcp, key, &SecureConfig::default())
+    }
+
+    /// Runs the handshake as responder (the backup's side).
+    pub fn server(tcp: TcpStream, key: &Key) -> Result<SecureStream> {
+        SecureStream::server_with(tcp, key, &SecureConfig::default())
+    }
+
+    pub fn client_with(tcp: TcpStream, key: &Key, cfg: &SecureConfig) -> Result<SecureStream> {
+        SecureStream::establish(tcp, key, cfg, Side::Initiator)
+    }
+
+    pub fn server_with(tcp: TcpStream, key: &Key, cfg: &SecureConfig) -> Result<SecureStream> {
+        SecureStream::establish(tcp, key, cfg, Side::Responder)
+    }
+
+    fn establish(
+        mut tcp: TcpStream,
+        key: &Key,
+        cfg: &SecureConfig,
+        side: Side,
+    ) -> Result<SecureStream> {
+        let saved_read = tcp.read_timeout()?;
+        let saved_write = tcp.write_timeout()?;
+        tcp.set_write_timeout(Some(cfg.handshake_timeout))?;
+        let deadline = Instant::now() + cfg.handshake_timeout;
+
+        let params = NOISE_PATTERN.parse().map_err(WireError::Noise)?;
+        let builder = snow::Builder::new(params)
+            .psk(0, &key.0)
+            .and_then(|b| b.prologue(PROLOGUE))
+            .map_err(WireError::Noise)?;
+
+        let mut out = [0u8; MAX_HANDSHAKE_MSG];
+        let mut scratch = [0u8; MAX_HANDSHAKE_MSG];
+        let noise = match side {
+            Side::Initiator => {
+                let mut hs = builder.build_initiator().map_err(WireError::Noise)?;
+                let n = hs.write_message(&[], &mut out).map_err(WireError::Noise)?;
+                write_handshake(&mut tcp, &out[..n])?;
+                let reply = read_handshake(&mut tcp, deadline)?;
+                if reply.is_empty() {
+                    return Err(WireError::Authentication(
+                        "the peer rejected our handshake: it holds a different pre-shared key"
+                            .into(),
+                    ));
+                }
+                hs.read_message(&reply, &mut scratch)
+                    .map_err(handshake_error)?;
+                hs.into_transport_mode().map_err(WireError::Noise)?
+            }
+            Side::Responder => {
+                let mut hs = builder.build_responder().map_err(WireError::Noise)?;
+                let first = read_handshake(&mut tcp, deadline)?;
+                if let Err(e) = hs.read_message(&first, &mut scratch) {
+                    let e = handshake_error(e);
+                    if matches!(e, WireError::Authentication(_)) {
+                        // Tell the initiator why, so it fails fast with the
+                        // same diagnosis. This zero length is unauthenticated,
+                        // but an attacker able to forge it could as well just
+                        // cut the connection.
+                        let _ = tcp.write_all(&[0, 0]);
+                    }
+                    return Err(e);
+                }
+                let n = hs.write_message(&[], &mut out).map_err(WireError::Noise)?;
+                write_handshake(&mut tcp, &out[..n])?;
+                hs.into_transport_mode().map_err(WireError::Noise)?
+            }
+        };
+
+        tcp.set_read_timeout(saved_read)?;
+        tcp.set_write_timeout(saved_write)?;
+        // Heartbeats and acks are small and latency matters for failover;
+        // each frame goes out in a single write, so this costs nothing.
+        tcp.set_nodelay(true)?;
+        Ok(SecureStream {
+            tcp,
+            noise,
+            encoder: Encoder::with_max_payload(cfg.max_payload),
+            decoder: Decoder::with_max_payload(cfg.max_payload),
+            rx: vec![0; 2 + NOISE_MAX_MSG],
+            rx_have: 0,
+            plain: vec![0; NOISE_MAX_MSG],
+            failed: false,
+        })
+    }
+
+    /// Encrypts and sends one message.
+    ///
+    /// A message that cannot be encoded (over-long name, too large) is
+    /// refused before anything is sent and the stream stays usable; a failure
+    /// while sending leaves it unusable.
+    pub fn send(&mut self, msg: &Message) -> Result<()> {
+        if self.failed {
+            return Err(WireError::Poisoned);
+        }
+        let frame = self.encoder.encode(msg)?;
+        let r = self.send_frame(&frame);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r
+    }
+
+    fn send_frame(&mut self, frame: &[u8]) -> Result<()> {
+        let pieces = frame.len().div_ceil(MAX_PIECE);
+        let mut out = Vec::with_capacity(frame.len() + pieces * (2 + NOISE_TAG_LEN));
+        for piece in frame.chunks(MAX_PIECE) {
+            let start = out.len();
+            out.resize(start + 2 + piece.len() + NOISE_TAG_LEN, 0);
+            let n = self
+                .noise
+                .write_message(piece, &mut out[start + 2..])
+                .map_err(WireError::Noise)?;
+            out.truncate(start + 2 + n);
+            // n <= NOISE_MAX_MSG, which is u16::MAX.
+            out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
+        }
+        self.tcp.write_all(&out)?;
+        Ok(())
+    }
+
+    /// Receives, decrypts and decodes the next message.
+    ///
+    /// With a read timeout set, `Err(WireError::Timeout)` means nothing
+    /// complete arrived in time; the stream stays usable and a later call
+    /// continues where this one stopped. A clean close by the peer between
+    /// messages is `Err(WireError::Closed)`.
+    pub fn recv(&mut self) -> Result<Message> {
+        if self.failed {
+            return Err(WireError::Poisoned);
+        }
+        loop {
+            match self.decoder.next() {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
+            match self.read_piece() {
+                Ok(()) => {}
+                Err(WireError::Timeout) => return Err(WireError::Timeout),
+                Err(e) => {
+                    self.failed = true;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Reads one Noise transport message and feeds its plaintext to the
+    /// decoder.
+    fn read_piece(&mut self) -> Result<()> {
+        loop {
+            let need = if self.rx_have < 2 {
+                2
+            } else {
+                2 + usize::from(u16::from_le_bytes([self.rx[0], self.rx[1]]))
+            };
+            if self.rx_have >= 2 && self.rx_have == need {
+                break;
+            }
+            match self.tcp.read(&mut self.rx[self.rx_have..need]) {
+                Ok(0) => {
+                    return Err(if self.rx_have == 0 && self.decoder.buffered() == 0 {
+                        WireError::Closed
+                    } else {
+                        WireError::Io(std::io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            "the peer closed the connection in the middle of a message",
+                        ))
+                    });
+                }
+                Ok(n) => self.rx_have += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if is_timeout(&e) => return Err(WireError::Timeout),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let len = self.rx_have - 2;
+        self.rx_have = 0;
+        if len < NOISE_TAG_LEN {
+            return Err(WireError::Decrypt);
+        }
+        let n = self
+            .noise
+            .read_message(&self.rx[2..2 + len], &mut self.plain)
+            .map_err(|e| match e {
+                snow::Error::Decrypt => WireError::Decrypt,
+                other => WireError::Noise(other),
+            })?;
+        self.decoder.feed(&self.plain[..n]);
+        Ok(())
+    }
+
+    /// Passes through to [`TcpStream::set_read_timeout`]; see [`Self::recv`]
+    /// for what a timeout means.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.tcp.set_read_timeout(timeout)?;
+        Ok(())
+    }
+
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.tcp.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        Ok(self.tcp.peer_addr()?)
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.tcp.local_addr()?)
+    }
+
+    pub fn shutdown(&self, how: Shutdown) -> Result<()> {
+        self.tcp.shutdown(how)?;
+        Ok(())
+    }
+
+    /// False once any error other than a read timeout has occurred.
+    pub fn is_usable(&self) -> bool {
+        !self.failed
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    // SO_RCVTIMEO expiry surfaces as EAGAIN on Linux, TimedOut elsewhere.
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+fn handshake_error(e: snow::Error) -> WireError {
+    match e {
+        snow::Error::Decrypt => WireError::Authentication(
+            "the peer's handshake does not verify: it holds a different pre-shared key \
+             (or speaks another protocol version)"
+                .into(),
+        ),
+        other => WireError::Handshake(format!("noise: {other}")),
+    }
+}
+
+fn write_handshake(tcp: &mut TcpStream, msg: &[u8]) -> Result<()> {
+    let mut buf = Vec::with_capacity(2 + msg.len());
+    // Handshake messages are far below u16::MAX (MAX_HANDSHAKE_MSG).
+    buf.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+    buf.extend_from_slice(msg);
+    tcp.write_all(&buf).map_err(|e| {
+        if is_timeout(&e) {
+            WireError::Timeout
+        } else {
+            e.into()
+        }
+    })
+}
+
+fn read_handshake(tcp: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>> {
+    let mut len = [0u8; 2];
+    read_exact_until(tcp, &mut len, deadline)?;
+    let len = usize::from(u16::from_le_bytes(len));
+    if len > MAX_HANDSHAKE_MSG {
+        return Err(WireError::Handshake(format!(
+            "handshake message of {len} bytes: the peer does not speak this protocol"
+        )));
+    }
+    let mut msg = vec![0u8; len];
+    read_exact_until(tcp, &mut msg, deadline)?;
+    Ok(msg)
+}
+
+fn read_exact_until(tcp: &mut TcpStream, mut buf: &mut [u8], deadline: Instant) -> Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(WireError::Timeout);
+        }
+        tcp.set_read_timeout(Some(left))?;
+        match tcp.read(buf) {
+            Ok(0) => {
+                return Err(WireError::Handshake(
+                    "the peer closed the connection during the handshake".into(),
+                ));
+            }
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => return Err(WireError::Timeout),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::path::PathBuf;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "rrc-wire-key-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+
+        fn file(&self, name: &str, content: &[u8], mode: u32) -> PathBuf {
+            let p = self.0.join(name);
+            fs::write(&p, content).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            p
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const HEX64: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191A1B1C1D1E1F";
+
+    #[test]
+    fn loads_hex_key_with_whitespace() {
+        let t = TempDir::new("ok");
+        let p = t.file("k", format!("  \n{HEX64}\r\n\t").as_bytes(), 0o600);
+        let k = Key::load(&p).unwrap();
+        let expected: [u8; 32] = std::array::from_fn(|i| i as u8);
+        assert_eq!(k, Key::from_bytes(expected));
+        assert_eq!(format!("{k:?}"), "Key(<redacted>)");
+        // Owner-only variants are fine too.
+        let p = t.file("k2", HEX64.as_bytes(), 0o400);
+        Key::load(&p).unwrap();
+    }
+
+    #[test]
+    fn missing_key_file() {
+        let t = TempDir::new("missing");
+        let e = Key::load(&t.0.join("nope")).unwrap_err();
+        assert!(matches!(e, WireError::KeyMissing { .. }), "{e:?}");
+        assert!(e.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn key_file_readable_by_others_is_refused() {
+        let t = TempDir::new("perm");
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o601, 0o610] {
+            let p = t.file(&format!("k{mode:o}"), HEX64.as_bytes(), mode);
+            let e = Key::load(&p).unwrap_err();
+            match &e {
+                WireError::KeyPermissions { mode: m, .. } => assert_eq!(*m, mode),
+                other => panic!("{other:?}"),
+            }
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_file_wrong_length() {
+        let t = TempDir::new("len");
+        for content in [
+            "",
+            "abcd",
+            &HEX64[..63],
+            &format!("{HEX64}0"),
+            &format!("{HEX64} {HEX64}"),
+        ] {
+            let p = t.file("k", content.as_bytes(), 0o600);
+            let e = Key::load(&p).unwrap_err();
+            match &e {
+                WireError::KeyFormat { reason, .. } => {
+                    assert!(reason.contains("expected 64 hex characters"), "{reason}")
+                }
+                other => panic!("{content:?}: {other:?}"),
+            }
+        }
+        let p = t.file("big", &vec![b'a'; 10_000], 0o600);
+        assert!(matches!(Key::load(&p), Err(WireError::KeyFormat { .. })));
+    }
+
+    #[test]
+    fn key_file_not_hex() {
+        let t = TempDir::new("hex");
+        let mut bad = HEX64.to_string();
+        bad.replace_range(9..10, "g");
+        let p = t.file("k", bad.as_bytes(), 0o600);
+        match Key::load(&p).unwrap_err() {
+            WireError::KeyFormat { reason, .. } => {
+                assert!(
+                    reason.contains("character 10 is not a hex digit"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut bad = HEX64.as_bytes().to_vec();
+        bad[0] = 0xff;
+        let p = t.file("k2", &bad, 0o600);
+        assert!(matches!(Key::load(&p), Err(WireError::KeyFormat { .. })));
+    }
+
+    #[test]
+    fn key_path_that_is_a_directory() {
+        let t = TempDir::new("dir");
+        let d = t.0.join("d");
+        fs::create_dir(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(matches!(Key::load(&d), Err(WireError::KeyFormat { .. })));
+    }
+
+    #[test]
+    fn generate_writes_private_file_and_never_overwrites() {
+        let t = TempDir::new("gen");
+        let p = t.0.join("key");
+        let k = Key::generate(&p).unwrap();
+        let meta = fs::metadata(&p).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let text = fs::read_to_string(&p).unwrap();
+        assert_eq!(text.trim().len(), 64);
+        assert_eq!(Key::load(&p).unwrap(), k);
+
+        let e = Key::generate(&p).unwrap_err();
+        assert!(matches!(e, WireError::KeyExists { .. }), "{e:?}");
+        assert_eq!(Key::load(&p).unwrap(), k);
+
+        let k2 = Key::generate(&t.0.join("other")).unwrap();
+        assert_ne!(k, k2);
+    }
+}
