@@ -235,6 +235,11 @@ impl Container {
         }
         let (report, applied) = match r {
             Ok(x) => x,
+            Err(e) if run.taken == 0 => {
+                // Nothing to go on from: no series left behind either.
+                let _ = std::fs::remove_dir_all(run.dir.path());
+                return Some(Err(e.into()));
+            }
             Err(e) => {
                 run.failures += 1;
                 tracing::warn!(container = %self.record.name, error = %e, "a checkpoint of the series failed");

@@ -283,6 +283,15 @@ fn tree_series(
                 failures = 0;
                 stats.add(&EpochLine::of(&report, applied.as_ref()));
             }
+            Err(e) if stats.count == 0 => {
+                // Nothing to go on from: no series at all.
+                let _ = std::fs::remove_dir_all(dir.path());
+                return Err(anyhow::Error::new(e).context(format!("checkpoint of process {pid}")));
+            }
+            Err(rrc_ckpt::Error::NoSuchProcess(_)) => {
+                eprintln!("process {pid} is gone: the series ends");
+                break;
+            }
             Err(e) => {
                 failures += 1;
                 stats.failed += 1;
