@@ -3,6 +3,7 @@
 //! and the benchmarks themselves.
 
 pub mod ckpt;
+pub mod failover;
 pub mod net;
 pub mod pause;
 pub mod redis_benchmark;

@@ -35,6 +35,23 @@ impl LabSession {
         &self.plan
     }
 
+    /// The `rrc` binary driving the lab.
+    pub fn rrc_path(&self) -> String {
+        self.rrc.display().to_string()
+    }
+
+    /// Cuts `host`'s power (`rrc lab kill`).
+    pub fn kill(&self, host: Host) -> Result<()> {
+        Lab::kill(&self.plan.name, host)?;
+        Ok(())
+    }
+
+    /// Brings a killed `host` back, empty (`rrc lab revive`).
+    pub fn revive(&self, host: Host) -> Result<()> {
+        Lab::revive(&self.plan.name, host)?;
+        Ok(())
+    }
+
     /// `rrc lab exec --lab NAME HOST -- ARGV...`, not yet started.
     pub fn command_on(&self, host: Host, argv: &[&str]) -> Command {
         let mut c = Command::new(&self.rrc);

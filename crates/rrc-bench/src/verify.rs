@@ -270,6 +270,9 @@ pub struct ConnReport {
     pub errors: Vec<String>,
     /// The longest time without a reply, in milliseconds.
     pub max_gap_ms: f64,
+    /// When each reply came.
+    #[serde(skip)]
+    pub replies: Vec<Instant>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -278,6 +281,32 @@ pub struct VerifyReport {
     pub requests: u64,
     pub errors: Vec<String>,
     pub max_gap_ms: f64,
+    /// When each connection's replies came.
+    #[serde(skip)]
+    pub replies: Vec<Vec<Instant>>,
+}
+
+impl VerifyReport {
+    /// How long after `t` every connection had been answered again: the
+    /// time until the last of the connections got its first reply after
+    /// `t` (None if one never did).
+    pub fn all_answered_after(&self, t: Instant) -> Option<Duration> {
+        let mut worst = Duration::ZERO;
+        for conn in &self.replies {
+            let first = conn.iter().find(|r| **r > t)?;
+            worst = worst.max(first.duration_since(t));
+        }
+        Some(worst)
+    }
+
+    /// How long after `t` the first reply on any connection came.
+    pub fn first_answer_after(&self, t: Instant) -> Option<Duration> {
+        self.replies
+            .iter()
+            .filter_map(|conn| conn.iter().find(|r| **r > t))
+            .min()
+            .map(|r| r.duration_since(t))
+    }
 }
 
 /// Runs one connection's checked workload until `stop`.
@@ -307,6 +336,7 @@ fn run_conn(
             .max(now.duration_since(last_reply).as_secs_f64() * 1e3);
         last_reply = now;
         rep.requests += 1;
+        rep.replies.push(now);
     };
     while !stop.load(Ordering::Relaxed) {
         i += 1;
@@ -370,6 +400,7 @@ pub fn run(
         out.requests += r.requests;
         out.errors.extend(r.errors);
         out.max_gap_ms = out.max_gap_ms.max(r.max_gap_ms);
+        out.replies.push(r.replies);
     }
     out
 }

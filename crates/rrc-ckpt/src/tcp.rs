@@ -327,9 +327,16 @@ pub fn build(
         Ok(())
     };
     queue(TCP_RECV_QUEUE, rcvq)?;
-    // Sent but unacknowledged: restored as already sent, so the peer's
-    // acknowledgements match it.
-    let sent = (st.sndq_len - st.unsent_len) as usize;
+    // Sent but unacknowledged data is put back as never sent, so the
+    // kernel sends it as soon as the socket is live instead of waiting a
+    // whole initial retransmission timeout (1 s: a restored socket has no
+    // round-trip estimate); to the peer it is an early retransmission. With
+    // our FIN sent, the data must precede the FIN: restored as sent.
+    let sent = if fin_sent(st.state) {
+        (st.sndq_len - st.unsent_len) as usize
+    } else {
+        0
+    };
     queue(TCP_SEND_QUEUE, &sndq[..sent])?;
     repair_queue(fd, 0)?;
     let mut w = Vec::with_capacity(20);
@@ -354,7 +361,7 @@ pub fn build(
         nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Write)?;
         repair_queue(fd, 0)?;
     }
-    if st.unsent_len > 0 {
+    if sent < sndq.len() {
         // Never sent: written normally, the kernel sends it when it can.
         sys::setsockopt_int(
             fd,

@@ -63,12 +63,35 @@ impl ExitReport {
     }
 }
 
+/// Work that runs beside a container in its supervisor's loop (on the
+/// supervisor's thread, which is also the one that may trace the
+/// container's processes): replication, for one.
+pub trait Companion {
+    /// When it next wants to run, if at a set time.
+    fn next_wake(&self) -> Option<Instant>;
+    /// A file descriptor that becomes readable when it wants to run.
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>>;
+    /// Runs it: its time came or its descriptor is readable.
+    fn on_wake(&mut self, container: &mut Container);
+    /// The container is about to be removed.
+    fn on_stop(&mut self, container: &mut Container);
+}
+
 impl Container {
     /// Runs until the container's first process ends, forwarding frames all
     /// the while. SIGTERM, SIGINT or SIGHUP to rrc stop the container:
     /// SIGTERM to its program, and after `grace` (or a second signal) SIGKILL
     /// to everything in it. Returns after the cgroup and state are removed.
-    pub fn supervise(mut self, grace: Duration) -> Result<ExitReport> {
+    pub fn supervise(self, grace: Duration) -> Result<ExitReport> {
+        self.supervise_with(grace, None)
+    }
+
+    /// [`Container::supervise`], running `companion` beside the container.
+    pub fn supervise_with(
+        mut self,
+        grace: Duration,
+        mut companion: Option<&mut dyn Companion>,
+    ) -> Result<ExitReport> {
         let sfd = SignalFd::with_flags(
             &supervisor_signals(),
             SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK,
@@ -100,10 +123,14 @@ impl Container {
                 }
                 Err(e) => return Err(nix_setup_err("wait for the container")(e)),
             }
-            let wake = match (kill_at, series.as_ref().map(|s| s.next_at)) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let wake = [
+                kill_at,
+                series.as_ref().map(|s| s.next_at),
+                companion.as_ref().and_then(|c| c.next_wake()),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timeout = match wake {
                 Some(t) => {
                     let left = t.saturating_duration_since(Instant::now());
@@ -113,13 +140,26 @@ impl Container {
                 }
                 None => PollTimeout::NONE,
             };
-            let mut fds = [
-                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.control.fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, timeout) {
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(nix_setup_err("poll")(e)),
+            let companion_ready = {
+                let mut fds = vec![
+                    PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.control.fd(), PollFlags::POLLIN),
+                ];
+                if let Some(fd) = companion.as_ref().and_then(|c| c.wake_fd()) {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                }
+                match poll(&mut fds, timeout) {
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    Err(e) => return Err(nix_setup_err("poll")(e)),
+                }
+                fds.get(2)
+                    .and_then(|f| f.revents())
+                    .is_some_and(|r| !r.is_empty())
+            };
+            if let Some(c) = companion.as_mut()
+                && (companion_ready || c.next_wake().is_some_and(|t| Instant::now() >= t))
+            {
+                c.on_wake(&mut self);
             }
             if let Some((req, stream)) = self.control.accept() {
                 match req {
@@ -197,6 +237,9 @@ impl Container {
             }
         };
         tracing::info!(container = %self.record.name, "{}", report.description);
+        if let Some(c) = companion.as_mut() {
+            c.on_stop(&mut self);
+        }
         self.teardown()?;
         Ok(report)
     }
@@ -276,7 +319,7 @@ impl Container {
     }
 
     /// What a checkpoint of the container records besides the processes.
-    fn annotations(&self) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+    pub fn annotations(&self) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
         let mut annotations = std::collections::BTreeMap::new();
         let mut ann = ContainerAnnotation::of(&self.record);
         ann.netns = Some(crate::netstate::capture(self.init)?);
@@ -334,6 +377,14 @@ impl Container {
         Ok(r?)
     }
 
+    /// Holds the container's frames back in the kernel's queues, or lets
+    /// them through again (see [`rrc_net::forward::Forwarder::set_paused`]).
+    pub fn pause_network(&self, paused: bool) {
+        if let Some(net) = &self.net {
+            net.forwarder.set_paused(paused);
+        }
+    }
+
     /// Asks the program to stop; returns when to stop asking. A program that
     /// is pid 1 of its namespace and has no SIGTERM handler would never see
     /// the signal, so it is killed at once.
@@ -345,6 +396,13 @@ impl Container {
         } else {
             Instant::now()
         }
+    }
+
+    /// Removes a container that will not be supervised (what was to run
+    /// beside it could not start): every process in it, its cgroup, its
+    /// state.
+    pub fn discard(mut self) -> Result<()> {
+        self.teardown()
     }
 
     /// Removes the container's remaining processes, its cgroup and its state.

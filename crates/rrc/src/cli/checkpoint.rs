@@ -65,7 +65,7 @@ pub struct CheckpointArgs {
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Copy {
+pub(super) enum Copy {
     Auto,
     Direct,
     Snapshot,

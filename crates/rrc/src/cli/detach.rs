@@ -5,12 +5,38 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use rrc_container::create::{Container, Output};
 use rrc_container::daemon::{self, Detached};
+use rrc_container::supervise::Companion;
 use rrc_container::{ContainerName, HostState};
 
+/// How supervising a container ended for this process.
+pub enum Supervised {
+    /// The container runs on in the background; what it said when ready.
+    Detached(String),
+    /// The container ended; rrc's exit code.
+    Exited(i32),
+}
+
+impl Supervised {
+    /// The exit code of a command that just started or ran a container.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Supervised::Detached(msg) => {
+                println!("{msg}");
+                0
+            }
+            Supervised::Exited(code) => code,
+        }
+    }
+}
+
+/// Work that runs beside a container in its supervisor, made once the
+/// container exists.
+pub type MakeCompanion<'a> = Box<dyn FnOnce(&Container) -> Result<Box<dyn Companion>> + 'a>;
+
 /// Builds a container with `make` (given where output goes) and supervises
-/// it until it ends. With `detach`, forks first: the foreground process
-/// prints the outcome and returns 0 once the container runs; the
-/// background one supervises.
+/// it until it ends, with `companion` beside it. With `detach`, forks
+/// first: the foreground process returns the outcome once the container
+/// runs; the background one supervises.
 pub fn supervise_container(
     name: &ContainerName,
     host: &HostState,
@@ -18,16 +44,14 @@ pub fn supervise_container(
     stop_timeout: Duration,
     what: &str,
     make: impl FnOnce(Output) -> rrc_container::Result<Container>,
-) -> Result<i32> {
+    companion: Option<MakeCompanion<'_>>,
+) -> Result<Supervised> {
     let mut notifier = None;
     let output = if detach {
         match daemon::detach()? {
             Detached::Foreground(w) => {
                 return match w.wait() {
-                    Ok(msg) => {
-                        println!("{msg}");
-                        Ok(0)
-                    }
+                    Ok(msg) => Ok(Supervised::Detached(msg)),
                     Err(msg) => bail!("{msg}"),
                 };
             }
@@ -43,13 +67,27 @@ pub fn supervise_container(
         Output::File(p) => Some(p.clone()),
         Output::Inherit => None,
     };
-    let container = match make(output) {
+    let made = make(output).map_err(anyhow::Error::from).and_then(|c| {
+        let Some(f) = companion else {
+            return Ok((c, None));
+        };
+        match f(&c) {
+            Ok(comp) => Ok((c, Some(comp))),
+            Err(e) => {
+                if let Err(d) = c.discard() {
+                    tracing::warn!(error = %d, "removing the container");
+                }
+                Err(e)
+            }
+        }
+    });
+    let (container, mut companion) = match made {
         Ok(c) => c,
         Err(e) => {
             if let Some(n) = &mut notifier {
-                n.failed(&e.to_string());
+                n.failed(&format!("{e:#}"));
             }
-            return Err(e.into());
+            return Err(e);
         }
     };
     if let Some(n) = &mut notifier {
@@ -70,6 +108,9 @@ pub fn supervise_container(
         }
         n.ready(&msg);
     }
-    let report = container.supervise(stop_timeout)?;
-    Ok(report.code)
+    let report = match companion.as_mut() {
+        Some(c) => container.supervise_with(stop_timeout, Some(c.as_mut())),
+        None => container.supervise(stop_timeout),
+    }?;
+    Ok(Supervised::Exited(report.code))
 }

@@ -7,6 +7,7 @@ mod demo;
 mod detach;
 mod lab;
 mod ps;
+mod replica;
 mod restore;
 mod run;
 mod stop;
@@ -39,6 +40,9 @@ pub enum Command {
     Lab(lab::LabCommand),
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    Primary(replica::PrimaryArgs),
+    Backup(replica::BackupArgs),
+    Keygen(replica::KeygenArgs),
     Demo(demo::DemoArgs),
 }
 
@@ -67,6 +71,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Restore(a) => restore::restore(a),
         Command::Lab(c) => lab::lab(c),
         Command::Bench(c) => bench::bench(c),
+        Command::Primary(a) => replica::primary(a),
+        Command::Backup(a) => replica::backup(a),
+        Command::Keygen(a) => replica::keygen(a),
         Command::Demo(a) => demo::demo(a),
     }
 }

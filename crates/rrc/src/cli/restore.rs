@@ -1,6 +1,6 @@
 //! `rrc restore`: bring a checkpointed container or process tree back.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +12,8 @@ use rrc_container::restore::{ContainerAnnotation, RestoreSpec};
 use rrc_container::spec::NetRequest;
 use rrc_container::state::Status;
 use rrc_container::{ContainerName, Error, HostState, probe};
+
+use super::detach::Supervised;
 
 /// Restore a container or process tree from an image made by
 /// `rrc checkpoint`.
@@ -57,8 +59,25 @@ pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     let annotation = ContainerAnnotation::read(&a.images)
         .with_context(|| format!("reading {}", a.images.display()))?;
     match annotation {
-        Some(ann) => restore_container(a, ann),
+        Some(ann) => restore_container(a, ann).map(Supervised::exit_code),
         None => restore_tree(a),
+    }
+}
+
+/// Restores the container checkpointed in `images` on this host, in the
+/// background; returns what it said when it ran.
+pub(super) fn restore_container_from(images: &Path, uplink: Option<String>) -> Result<String> {
+    let ann = ContainerAnnotation::read(images)
+        .with_context(|| format!("reading {}", images.display()))?
+        .with_context(|| format!("{} is not the image of a container", images.display()))?;
+    let a = RestoreArgs {
+        images: images.to_path_buf(),
+        name: None,
+        uplink,
+    };
+    match restore_container(a, ann)? {
+        Supervised::Detached(msg) => Ok(msg),
+        Supervised::Exited(code) => anyhow::bail!("the restored container ended at once ({code})"),
     }
 }
 
@@ -80,7 +99,7 @@ fn restore_tree(a: RestoreArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn restore_container(a: RestoreArgs, ann: ContainerAnnotation) -> Result<i32> {
+fn restore_container(a: RestoreArgs, ann: ContainerAnnotation) -> Result<Supervised> {
     let name: ContainerName = match &a.name {
         Some(n) => n.parse()?,
         None => ann.name.clone(),
@@ -134,5 +153,6 @@ fn restore_container(a: RestoreArgs, ann: ContainerAnnotation) -> Result<i32> {
                 },
             )
         },
+        None,
     )
 }

@@ -1,6 +1,7 @@
 //! `rrc run`: start a program as a container.
 
 use std::ffi::OsString;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -11,6 +12,9 @@ use rrc_container::spec::{NetRequest, resolve_command};
 use rrc_container::state::Status;
 use rrc_container::{ContainerName, ContainerSpec, Error, HostState, probe};
 use rrc_net::MacAddr;
+use rrc_net::gate::PacketGate;
+
+use super::detach::{MakeCompanion, Supervised};
 
 /// Run a program in a new container.
 ///
@@ -25,6 +29,13 @@ use rrc_net::MacAddr;
 /// Example: rrc run --name redis --addr 10.0.0.100/24 -- redis-server --protected-mode no
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    container: ContainerArgs,
+}
+
+/// What makes a container: shared by `rrc run` and `rrc primary`.
+#[derive(Debug, Args)]
+pub struct ContainerArgs {
     /// Container name, unique on this host; also its hostname.
     #[arg(long)]
     name: String,
@@ -58,7 +69,28 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
+impl ContainerArgs {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn addr(&self) -> Option<&str> {
+        self.addr.as_deref()
+    }
+}
+
 pub fn run(a: RunArgs) -> Result<i32> {
+    start(&a.container, None, None).map(Supervised::exit_code)
+}
+
+/// Creates the container `a` describes, with `gate` between it and the LAN
+/// and `companion` beside it, and supervises it (in the background with
+/// --detach).
+pub(super) fn start(
+    a: &ContainerArgs,
+    gate: Option<Arc<dyn PacketGate>>,
+    companion: Option<MakeCompanion<'_>>,
+) -> Result<Supervised> {
     let name: ContainerName = a.name.parse()?;
     let layout = probe::require_container_support(a.addr.is_some())?;
     let program = resolve_command(&a.command[0], std::env::var_os("PATH").as_deref())?;
@@ -108,10 +140,11 @@ pub fn run(a: RunArgs) -> Result<i32> {
                 host,
                 CreateOptions {
                     output,
-                    gate: None,
+                    gate,
                     spin: opts_spin,
                 },
             )
         },
+        companion,
     )
 }

@@ -1,0 +1,460 @@
+//! A replicated service in the lab, and its failures: `rrc backup` on the
+//! `backup` host, `rrc primary` with the application on `primary`,
+//! verifying clients on `client` through the service address, the primary
+//! host killed at a random moment. Shared by `rrc bench failover`, the demo
+//! and the tests.
+
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use rrc_lab::Host;
+use serde::Serialize;
+
+use crate::session::LabSession;
+use crate::verify::{self, Service};
+
+/// An application the lab can replicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum App {
+    Redis,
+    Memcached,
+}
+
+impl App {
+    pub fn name(self) -> &'static str {
+        match self {
+            App::Redis => "redis",
+            App::Memcached => "memcached",
+        }
+    }
+
+    pub fn command(self) -> &'static [&'static str] {
+        match self {
+            App::Redis => &[
+                "redis-server",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            App::Memcached => &["memcached", "-u", "root", "-t", "4"],
+        }
+    }
+
+    pub fn port(self) -> u16 {
+        match self {
+            App::Redis => 6379,
+            App::Memcached => 11211,
+        }
+    }
+
+    pub fn service(self) -> Service {
+        match self {
+            App::Redis => Service::Redis,
+            App::Memcached => Service::Memcached,
+        }
+    }
+}
+
+/// How the pair is set up.
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    pub epoch: Duration,
+    /// The backup's failure-detection timeout.
+    pub timeout: Duration,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            epoch: Duration::from_millis(100),
+            timeout: Duration::from_millis(200),
+        }
+    }
+}
+
+/// What the backup said about its takeover.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TakeoverLine {
+    pub epoch: u64,
+    pub silent_ms: f64,
+    pub fence_ms: f64,
+    pub restore_ms: f64,
+}
+
+impl TakeoverLine {
+    /// Parses "took over from checkpoint N: primary silent X ms, fence Y
+    /// ms, restore Z ms".
+    pub fn parse(out: &str) -> Option<TakeoverLine> {
+        let line = out.lines().find(|l| l.starts_with("took over from"))?;
+        let nums: Vec<f64> = line
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|w| !w.is_empty() && *w != ".")
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        let [epoch, silent, fence, restore] = nums[..] else {
+            return None;
+        };
+        Some(TakeoverLine {
+            epoch: epoch as u64,
+            silent_ms: silent,
+            fence_ms: fence,
+            restore_ms: restore,
+        })
+    }
+}
+
+/// A primary and a backup of one application in a lab.
+pub struct Pair<'a> {
+    lab: &'a LabSession,
+    pub app: App,
+    opts: PairOptions,
+    key: PathBuf,
+    backup: Option<Child>,
+    backup_log: PathBuf,
+    /// Backups started so far (each gets a log of its own).
+    backups: u32,
+}
+
+impl<'a> Pair<'a> {
+    /// Makes a key shared by both hosts; nothing runs yet.
+    pub fn new(lab: &'a LabSession, app: App, opts: PairOptions) -> Result<Pair<'a>> {
+        let key = std::env::temp_dir().join(format!(
+            "rrc-{}-{}.key",
+            lab.plan().name.as_str(),
+            std::process::id()
+        ));
+        let _ = fs::remove_file(&key);
+        lab.run_on(Host::Client, &[&lab.rrc_path(), "keygen", &path_str(&key)])?;
+        Ok(Pair {
+            lab,
+            app,
+            opts,
+            backup_log: PathBuf::new(),
+            key,
+            backup: None,
+            backups: 0,
+        })
+    }
+
+    pub fn target(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.lab.plan().vip().addr()), self.app.port())
+    }
+
+    fn repl_addr(&self) -> Result<String> {
+        let a = self
+            .lab
+            .plan()
+            .repl_addr(Host::Backup)
+            .context("the lab has no replication link")?;
+        Ok(a.addr().to_string())
+    }
+
+    /// Starts `rrc backup` on the backup host.
+    pub fn start_backup(&mut self) -> Result<()> {
+        ensure!(self.backup.is_none(), "a backup is already running");
+        self.backups += 1;
+        self.backup_log = std::env::temp_dir().join(format!(
+            "rrc-{}-{}-backup{}.log",
+            self.lab.plan().name.as_str(),
+            std::process::id(),
+            self.backups
+        ));
+        let log = fs::File::create(&self.backup_log)
+            .with_context(|| format!("creating {}", self.backup_log.display()))?;
+        let fence = format!(
+            "{} lab kill --lab {} primary",
+            self.lab.rrc_path(),
+            self.lab.plan().name.as_str()
+        );
+        let listen = self.repl_addr()?;
+        let timeout = format!("{}ms", self.opts.timeout.as_millis());
+        let child = self
+            .lab
+            .command_on(
+                Host::Backup,
+                &[
+                    &self.lab.rrc_path(),
+                    "backup",
+                    "--listen",
+                    &listen,
+                    "--key",
+                    &path_str(&self.key),
+                    "--timeout",
+                    &timeout,
+                    "--fence",
+                    &fence,
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start rrc backup")?;
+        self.backup = Some(child);
+        // Listening before the primary looks for it.
+        self.wait_backup_says("waiting for a primary", Duration::from_secs(10))
+    }
+
+    /// Waits until the backup's output holds `what`.
+    fn wait_backup_says(&self, what: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.backup_output().contains(what) {
+            if Instant::now() > deadline {
+                bail!(
+                    "the backup did not say {what:?} within {timeout:?}:\n{}",
+                    self.backup_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The backup's output so far.
+    pub fn backup_output(&self) -> String {
+        fs::read_to_string(&self.backup_log).unwrap_or_default()
+    }
+
+    /// Starts `rrc primary --detach` with the application on the primary
+    /// host, and waits until the backup holds its first checkpoint and the
+    /// service answers.
+    pub fn start_primary(&self) -> Result<()> {
+        let vip = self.lab.plan().vip().to_string();
+        let epoch = format!("{}ms", self.opts.epoch.as_millis());
+        let backup = self.repl_addr()?;
+        let rrc = self.lab.rrc_path();
+        let key = path_str(&self.key);
+        let mut argv = vec![
+            rrc.as_str(),
+            "primary",
+            "--detach",
+            "--backup",
+            &backup,
+            "--key",
+            &key,
+            "--epoch",
+            &epoch,
+            "--name",
+            self.app.name(),
+            "--addr",
+            &vip,
+            "--",
+        ];
+        argv.extend_from_slice(self.app.command());
+        self.lab.run_on(Host::Primary, &argv)?;
+        self.wait_protected(Duration::from_secs(30))?;
+        self.lab
+            .wait_tcp(Host::Client, self.target(), Duration::from_secs(10))
+    }
+
+    /// Waits until the current backup has committed a full checkpoint.
+    pub fn wait_protected(&self, timeout: Duration) -> Result<()> {
+        self.wait_backup_says("committed checkpoint 0 ", timeout)
+    }
+
+    /// Cuts the primary host's power; returns when that began.
+    pub fn kill_primary(&self) -> Result<Instant> {
+        let t = Instant::now();
+        self.lab.kill(Host::Primary)?;
+        Ok(t)
+    }
+
+    /// Cuts the backup host's power (the backup process dies with it).
+    pub fn kill_backup(&mut self) -> Result<()> {
+        self.lab.kill(Host::Backup)?;
+        if let Some(mut c) = self.backup.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.lab.revive(Host::Backup)
+    }
+
+    /// Waits for the backup to take over and exit; returns what it said.
+    pub fn wait_takeover(&mut self, timeout: Duration) -> Result<TakeoverLine> {
+        let mut child = self.backup.take().context("no backup is running")?;
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the backup did not take over within {timeout:?}:\n{}",
+                    self.backup_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let out = self.backup_output();
+        ensure!(status.success(), "the backup failed ({status}):\n{out}");
+        TakeoverLine::parse(&out).with_context(|| format!("no takeover line in:\n{out}"))
+    }
+
+    /// After a takeover: removes the restored container from the backup
+    /// host and brings the primary host back, ready for another start.
+    pub fn reset(&mut self) -> Result<()> {
+        if let Some(mut c) = self.backup.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let rrc = self.lab.rrc_path();
+        // Nothing to stop is fine: the takeover may not have happened.
+        let _ = self
+            .lab
+            .run_on(Host::Backup, &[&rrc, "stop", self.app.name()]);
+        self.lab.kill(Host::Primary)?;
+        self.lab.revive(Host::Primary)
+    }
+}
+
+impl Drop for Pair<'_> {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.backup.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_file(&self.key);
+        let _ = fs::remove_file(&self.backup_log);
+    }
+}
+
+fn path_str(p: &std::path::Path) -> String {
+    p.display().to_string()
+}
+
+/// One primary failure under load, as the clients saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Trial {
+    pub app: App,
+    /// Load before the kill.
+    pub kill_after_ms: f64,
+    pub connections: usize,
+    pub requests: u64,
+    pub errors: Vec<String>,
+    /// From the kill to the first reply on any connection.
+    pub first_answer_ms: Option<f64>,
+    /// From the kill until every connection had been answered again.
+    pub all_answered_ms: Option<f64>,
+    pub takeover: Option<TakeoverLine>,
+}
+
+impl Trial {
+    /// No client saw an error and the service answered every connection
+    /// again.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty() && self.all_answered_ms.is_some() && self.takeover.is_some()
+    }
+}
+
+/// Loads the pair's service with verifying clients, kills the primary host
+/// `kill_after` into the load, waits for the takeover and keeps the load
+/// going for `after` more.
+pub fn trial(
+    pair: &mut Pair<'_>,
+    connections: usize,
+    kill_after: Duration,
+    after: Duration,
+) -> Result<Trial> {
+    let target = pair.target();
+    let service = pair.app.service();
+    let mut killed = None;
+    let mut kill_err = None;
+    let report = {
+        let p = &*pair;
+        p.lab.in_host(Host::Client, || {
+            verify::run(
+                service,
+                target,
+                connections,
+                || {
+                    std::thread::sleep(kill_after);
+                    match p.kill_primary() {
+                        Ok(t) => killed = Some(t),
+                        Err(e) => kill_err = Some(e),
+                    }
+                },
+                after,
+            )
+        })?
+    };
+    if let Some(e) = kill_err {
+        return Err(e.context("killing the primary host"));
+    }
+    let killed = killed.context("the primary was not killed")?;
+    let takeover = pair.wait_takeover(Duration::from_secs(20)).ok();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    Ok(Trial {
+        app: pair.app,
+        kill_after_ms: ms(kill_after),
+        connections,
+        requests: report.requests,
+        errors: report.errors.clone(),
+        first_answer_ms: report.first_answer_after(killed).map(ms),
+        all_answered_ms: report.all_answered_after(killed).map(ms),
+        takeover,
+    })
+}
+
+/// A small seeded generator for kill moments (xorshift64*): the seed is
+/// printed, so a failing run can be repeated.
+pub struct Moments(u64);
+
+impl Moments {
+    pub fn new(seed: u64) -> Moments {
+        Moments(seed.max(1))
+    }
+
+    /// A seed from the clock.
+    pub fn seed_from_clock() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    }
+
+    /// A duration uniformly in [lo, hi).
+    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let r = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11;
+        let f = r as f64 / (1u64 << 53) as f64;
+        lo + (hi - lo).mul_f64(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takeover_line_parses() {
+        let t = TakeoverLine::parse(
+            "x\ntook over from checkpoint 2137: primary silent 345 ms, fence 4 ms, restore 51 ms\n",
+        )
+        .unwrap();
+        assert_eq!(t.epoch, 2137);
+        assert_eq!(t.silent_ms, 345.0);
+        assert_eq!(t.fence_ms, 4.0);
+        assert_eq!(t.restore_ms, 51.0);
+        assert!(TakeoverLine::parse("took over from checkpoint x").is_none());
+    }
+
+    #[test]
+    fn moments_stay_in_range() {
+        let mut m = Moments::new(7);
+        for _ in 0..1000 {
+            let d = m.between(Duration::from_millis(300), Duration::from_millis(900));
+            assert!(d >= Duration::from_millis(300) && d < Duration::from_millis(900));
+        }
+    }
+}

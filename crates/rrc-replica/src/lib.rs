@@ -1,0 +1,43 @@
+//! Replication: a primary container checkpointed every epoch and streamed
+//! to a backup, which takes over when the primary fails.
+//!
+//! Mechanism and policy are kept apart: [`gate::CommitGate`] is the
+//! checkpoint-only release policy (an outbound frame leaves once the backup
+//! has committed a checkpoint taken after it); [`link`] moves checkpoints and
+//! heartbeats; [`primary::Primary`] runs beside the container in its
+//! supervisor; [`backup::serve`] stages, commits and takes over.
+
+pub mod backup;
+pub mod gate;
+pub mod link;
+pub mod primary;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("takeover failed: {0}")]
+    Takeover(String),
+    #[error("fencing the primary failed: {0}")]
+    Fence(String),
+    #[error("replication protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Checkpoint(#[from] rrc_ckpt::Error),
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + use<> {
+        let path: PathBuf = path.to_path_buf();
+        move |source| Error::Io {
+            what: path.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! `rrc primary`, `rrc backup` and `rrc keygen`: a replicated container.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use rrc_container::HostState;
+use rrc_container::control::CopyChoice;
+use rrc_container::supervise::Companion;
+use rrc_replica::backup::{self, BackupOptions};
+use rrc_replica::gate::CommitGate;
+use rrc_replica::link::LinkConfig;
+use rrc_replica::primary::{Primary, PrimaryOptions};
+use rrc_wire::Key;
+
+use super::checkpoint::Copy;
+use super::run::ContainerArgs;
+
+/// The replication link's port when an address names none.
+pub const DEFAULT_PORT: u16 = 7470;
+
+/// Run a program as a replicated container: the primary half.
+///
+/// Like `rrc run`, and besides: every --epoch the container is checkpointed
+/// (incrementally) and the checkpoint streamed to the backup over an
+/// authenticated, encrypted link; every frame the container sends (its
+/// ACKs included) is held until the backup has committed a checkpoint taken
+/// after it, so a client never sees anything the backup could not
+/// reproduce. If the backup fails, the service goes on unprotected (logged
+/// loudly) until a backup is back and has received a full checkpoint.
+///
+/// Example (start the backup first):
+///   rrc keygen /etc/rrc/key   (copy the file to the backup host)
+///   rrc primary --backup 10.1.0.2 --key /etc/rrc/key --name redis \
+///       --addr 10.0.0.100/24 -- redis-server --protected-mode no
+#[derive(Debug, Args)]
+pub struct PrimaryArgs {
+    /// The backup's replication address, HOST[:PORT] (port 7470 by default).
+    #[arg(long, value_name = "ADDR")]
+    backup: String,
+    /// The shared key file (`rrc keygen`); the backup must hold the same.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// How often the container is checkpointed.
+    #[arg(long, default_value = "100ms", value_parser = super::parse_duration)]
+    epoch: Duration,
+    /// How often an idle replication link says the primary is alive; the
+    /// backup's --timeout must be several times longer.
+    #[arg(long, default_value = "50ms", value_parser = super::parse_duration)]
+    heartbeat: Duration,
+    /// How long the backup may stay silent before it counts as failed.
+    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    backup_timeout: Duration,
+    /// When written pages are copied: while the container is stopped
+    /// (direct), from a copy-on-write snapshot after it runs again
+    /// (snapshot), or whichever pauses it less (auto).
+    #[arg(long, value_enum, default_value_t = Copy::Auto)]
+    copy: Copy,
+    #[command(flatten)]
+    container: ContainerArgs,
+}
+
+/// Keep a replica of a primary's container and take over when it fails.
+///
+/// Waits for a primary (`rrc primary`) holding the same key on --listen;
+/// stages every checkpoint it sends and commits it only once complete, so a
+/// primary failing mid-transfer leaves the last committed checkpoint
+/// intact. When the primary falls silent for --timeout (or its link breaks)
+/// the backup runs --fence (if given), restores the last committed
+/// checkpoint as a container on this host (same name, address and MAC),
+/// announces it with a gratuitous ARP, prints how the takeover went and
+/// exits, leaving the container running under its own rrc process. A
+/// primary that stops cleanly is not failed over: the backup waits for the
+/// next one.
+///
+/// Example: rrc backup --listen 10.1.0.2 --key /etc/rrc/key --fence 'ipmitool ... power off'
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Address to listen on for the primary, HOST[:PORT] (port 7470 by default).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// The shared key file (`rrc keygen`); the primary must hold the same.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Silence from the primary after which it counts as failed (the
+    /// primary says it is alive every 50 ms by default: see its
+    /// --heartbeat).
+    #[arg(long, default_value = "200ms", value_parser = super::parse_duration)]
+    timeout: Duration,
+    /// Shell command that makes sure the primary is down (powers it off,
+    /// cuts its switch port) before the backup takes over; must succeed.
+    #[arg(long, value_name = "CMD")]
+    fence: Option<String>,
+    /// Where committed checkpoints are kept (default: under this host's
+    /// rrc state directory).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Host interface for the restored container's frames (default: the
+    /// one whose subnet holds its address).
+    #[arg(long, value_name = "IF")]
+    uplink: Option<String>,
+}
+
+/// Create a shared key file for the replication link.
+///
+/// Writes 32 random bytes, hex encoded, to FILE with mode 0600; an existing
+/// file is never overwritten. Copy it to the other host by a secure channel.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    file: PathBuf,
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    let with_port = if addr.parse::<SocketAddr>().is_ok() || addr.contains(':') {
+        addr.to_string()
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    };
+    with_port
+        .to_socket_addrs()
+        .with_context(|| format!("`{addr}` is not a HOST[:PORT] address"))?
+        .next()
+        .with_context(|| format!("`{addr}` resolves to no address"))
+}
+
+fn load_key(path: &std::path::Path) -> Result<Arc<Key>> {
+    let key = Key::load(path).with_context(|| {
+        format!(
+            "reading the key file {} (make one with `rrc keygen FILE`)",
+            path.display()
+        )
+    })?;
+    Ok(Arc::new(key))
+}
+
+pub fn keygen(a: KeygenArgs) -> Result<i32> {
+    Key::generate(&a.file).with_context(|| format!("creating {}", a.file.display()))?;
+    println!(
+        "wrote a new key to {}; copy it to the other host",
+        a.file.display()
+    );
+    Ok(0)
+}
+
+pub fn primary(a: PrimaryArgs) -> Result<i32> {
+    rrc_container::probe::require_root("rrc primary")?;
+    if a.container.addr().is_none() {
+        bail!("a replicated container needs --addr: its service address moves to the backup");
+    }
+    if a.epoch < Duration::from_millis(1) {
+        bail!("--epoch must be at least 1ms");
+    }
+    if a.heartbeat < Duration::from_millis(1) || a.heartbeat * 2 > a.backup_timeout {
+        bail!("--heartbeat must be at least 1ms and at most half of --backup-timeout");
+    }
+    let backup = resolve(&a.backup)?;
+    let key = load_key(&a.key)?;
+    let host = HostState::current();
+    let gate = CommitGate::new();
+    let opts = PrimaryOptions {
+        epoch: a.epoch,
+        work_dir: host.dir().join("replication").join(a.container.name()),
+        link: LinkConfig {
+            backup,
+            key,
+            node: host.host().to_string(),
+            heartbeat: a.heartbeat,
+            timeout: a.backup_timeout,
+        },
+        copy: CopyChoice::from(a.copy).into(),
+    };
+    let companion_gate = gate.clone();
+    let companion = Box::new(
+        move |c: &rrc_container::create::Container| -> Result<Box<dyn Companion>> {
+            let net = c.net().context("the container has no network")?;
+            companion_gate.attach(net.uplink.clone());
+            let p = Primary::start(companion_gate, opts).context("starting replication")?;
+            Ok(Box::new(p))
+        },
+    );
+    super::run::start(&a.container, Some(gate), Some(companion))
+        .map(super::detach::Supervised::exit_code)
+}
+
+pub fn backup(a: BackupArgs) -> Result<i32> {
+    rrc_container::probe::require_root("rrc backup")?;
+    let listen = resolve(&a.listen)?;
+    if a.timeout < Duration::from_millis(10) {
+        bail!("--timeout must be at least 10ms");
+    }
+    let key = load_key(&a.key)?;
+    let host = HostState::current();
+    let dir = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| host.dir().join("backup").join(listen.port().to_string()));
+    let opts = BackupOptions {
+        listen,
+        key,
+        dir,
+        timeout: a.timeout,
+        fence: a.fence.clone(),
+        node: host.host().to_string(),
+    };
+    let uplink = a.uplink.clone();
+    let t = backup::serve(&opts, |image| {
+        super::restore::restore_container_from(image, uplink.clone()).map_err(|e| format!("{e:#}"))
+    })?;
+    println!(
+        "took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms, restore {:.0} ms",
+        t.epoch,
+        t.silent_for.as_secs_f64() * 1e3,
+        t.fence.as_secs_f64() * 1e3,
+        t.restore.as_secs_f64() * 1e3,
+    );
+    println!("{}", t.restored);
+    Ok(0)
+}
