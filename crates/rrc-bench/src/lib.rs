@@ -4,6 +4,7 @@
 
 pub mod ckpt;
 pub mod failover;
+pub mod failover_bench;
 pub mod net;
 pub mod pause;
 pub mod redis_benchmark;

@@ -10,7 +10,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -310,12 +310,63 @@ impl VerifyReport {
 }
 
 /// Runs one connection's checked workload until `stop`.
+/// Counters the connections keep up to date while they run, for a live
+/// view.
+#[derive(Debug, Default)]
+pub struct Live {
+    replies: AtomicU64,
+    latency_ns: AtomicU64,
+    longest_ns: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A reading of [`Live`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LiveReading {
+    pub replies: u64,
+    /// Sum of the replies' latencies.
+    pub latency: Duration,
+    pub errors: u64,
+}
+
+impl Live {
+    /// The longest a connection waited for a reply since the last call.
+    pub fn take_longest(&self) -> Duration {
+        Duration::from_nanos(self.longest_ns.swap(0, Ordering::Relaxed))
+    }
+}
+
+impl Live {
+    pub fn read(&self) -> LiveReading {
+        LiveReading {
+            replies: self.replies.load(Ordering::Relaxed),
+            latency: Duration::from_nanos(self.latency_ns.load(Ordering::Relaxed)),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
 fn run_conn(
     service: Service,
     addr: SocketAddr,
     id: usize,
     stop: &AtomicBool,
     timeout: Duration,
+    live: &Live,
+) -> ConnReport {
+    let rep = run_conn_inner(service, addr, id, stop, timeout, live);
+    live.errors
+        .fetch_add(rep.errors.len() as u64, Ordering::Relaxed);
+    rep
+}
+
+fn run_conn_inner(
+    service: Service,
+    addr: SocketAddr,
+    id: usize,
+    stop: &AtomicBool,
+    timeout: Duration,
+    live: &Live,
 ) -> ConnReport {
     let mut rep = ConnReport::default();
     let mut s = match connect(service, addr, timeout) {
@@ -331,9 +382,13 @@ fn run_conn(
     let mut i: u64 = 0;
     let mut gap = |rep: &mut ConnReport| {
         let now = Instant::now();
-        rep.max_gap_ms = rep
-            .max_gap_ms
-            .max(now.duration_since(last_reply).as_secs_f64() * 1e3);
+        let took = now.duration_since(last_reply);
+        live.replies.fetch_add(1, Ordering::Relaxed);
+        live.latency_ns
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        live.longest_ns
+            .fetch_max(took.as_nanos() as u64, Ordering::Relaxed);
+        rep.max_gap_ms = rep.max_gap_ms.max(took.as_secs_f64() * 1e3);
         last_reply = now;
         rep.requests += 1;
         rep.replies.push(now);
@@ -379,12 +434,25 @@ pub fn run(
     during: impl FnOnce(),
     after: Duration,
 ) -> VerifyReport {
+    run_observed(service, addr, connections, &Arc::default(), during, after)
+}
+
+/// [`run`], keeping `live` up to date.
+pub fn run_observed(
+    service: Service,
+    addr: SocketAddr,
+    connections: usize,
+    live: &Arc<Live>,
+    during: impl FnOnce(),
+    after: Duration,
+) -> VerifyReport {
     let stop = Arc::new(AtomicBool::new(false));
     let timeout = Duration::from_secs(10);
     let handles: Vec<_> = (0..connections)
         .map(|id| {
             let stop = stop.clone();
-            std::thread::spawn(move || run_conn(service, addr, id, &stop, timeout))
+            let live = live.clone();
+            std::thread::spawn(move || run_conn(service, addr, id, &stop, timeout, &live))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));

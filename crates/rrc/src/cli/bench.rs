@@ -31,6 +31,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         dirty_per_sec: u64,
     },
+    /// Replication: latency and throughput of the replicated container
+    /// against the plain one (same load, one run), then recovery from
+    /// primary host kills at random moments under load (time to the first
+    /// answer, broken into detection, restore and resumption; success
+    /// rate), for Redis and Memcached in a lab.
+    Failover(FailoverArgs),
     /// Redis latency and throughput through rrc's TAP forwarding path versus
     /// the same Redis on a plain veth, side by side in one lab.
     Net(NetArgs),
@@ -53,6 +59,40 @@ pub struct NetArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FailoverArgs {
+    /// Applications to measure.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [FailoverApp::Redis, FailoverApp::Memcached])]
+    apps: Vec<FailoverApp>,
+    /// Primary kills per application.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// Verifying client connections.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// How long each overhead load runs.
+    #[arg(long, default_value = "5s", value_parser = crate::cli::parse_duration)]
+    load: std::time::Duration,
+    /// Checkpoint interval of the primary.
+    #[arg(long, default_value = "100ms", value_parser = crate::cli::parse_duration)]
+    epoch: std::time::Duration,
+    /// The backup's failure-detection timeout.
+    #[arg(long, default_value = "200ms", value_parser = crate::cli::parse_duration)]
+    timeout: std::time::Duration,
+    /// Seed of the kill moments (default: from the clock; printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FailoverApp {
+    Redis,
+    Memcached,
 }
 
 #[derive(Debug, Args)]
@@ -174,6 +214,38 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             print!("{}", rrc_bench::ckpt::render(&results));
             if let Some(path) = a.json {
                 std::fs::write(&path, serde_json::to_string_pretty(&results)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(0)
+        }
+        BenchCommand::Failover(a) => {
+            use rrc_bench::failover::{App, Moments, PairOptions};
+            use rrc_bench::failover_bench::{self, FailoverConfig};
+            anyhow::ensure!(a.connections > 0, "--connections must be at least 1");
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let cfg = FailoverConfig {
+                apps: a
+                    .apps
+                    .iter()
+                    .map(|x| match x {
+                        FailoverApp::Redis => App::Redis,
+                        FailoverApp::Memcached => App::Memcached,
+                    })
+                    .collect(),
+                kills: a.kills,
+                connections: a.connections,
+                load: a.load,
+                pair: PairOptions {
+                    epoch: a.epoch,
+                    timeout: a.timeout,
+                },
+                seed: a.seed.unwrap_or_else(Moments::seed_from_clock),
+            };
+            eprintln!("bench: kill moments from seed {}", cfg.seed);
+            let r = failover_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
+            print!("{}", failover_bench::render(&r));
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             Ok(0)

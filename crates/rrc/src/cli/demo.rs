@@ -1,99 +1,156 @@
 //! `rrc demo`: the main job, end to end in a local lab.
 
-use std::net::{IpAddr, SocketAddr};
-use std::process::Stdio;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
+use rrc_bench::failover::{App, Pair, PairOptions, TakeoverLine};
 use rrc_bench::resp::RespConn;
 use rrc_bench::session::LabSession;
+use rrc_bench::verify::{self, Live, LiveReading};
 use rrc_lab::Host;
 
-/// Demonstrate rrc in a local lab: Redis runs as a container on the
-/// `primary` host behind the service address; `client` drives it with
-/// redis-benchmark through that address; the data is verified; the lab is
-/// removed at the end.
+/// Demonstrate a replicated service surviving the loss of its host.
+///
+/// In a local lab: `rrc backup` waits on the `backup` host; Redis runs as a
+/// replicated container on `primary` (`rrc primary`), checkpointed every
+/// 100 ms to the backup; verifying clients on `client` load it through the
+/// service address, with a live view of replies per second and latency.
+/// Mid-load the primary host is killed (every process, links down); the
+/// backup takes over and the same client connections go on. Every reply is
+/// checked against what the clients wrote, the data is verified, and the
+/// lab is removed at the end.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Lab name to use (it is created and removed).
     #[arg(long, default_value = "demo")]
     lab: String,
-    /// Requests per redis-benchmark test.
-    #[arg(long, default_value_t = 100_000)]
-    requests: u64,
+    /// Verifying client connections.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Load before the primary host is killed.
+    #[arg(long, default_value = "4s", value_parser = super::parse_duration)]
+    before: Duration,
+    /// Load after the kill.
+    #[arg(long, default_value = "4s", value_parser = super::parse_duration)]
+    after: Duration,
+}
+
+const STEPS: u32 = 6;
+
+fn step(n: u32, m: &str) {
+    println!("[{n}/{STEPS}] {m}");
 }
 
 pub fn demo(a: DemoArgs) -> Result<i32> {
     rrc_container::probe::require_root("rrc demo")?;
+    ensure!(a.connections > 0, "--connections must be at least 1");
     let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
-    let step = |n: u32, m: &str| println!("[{n}/5] {m}");
 
     step(1, &format!("bringing up lab `{}`", a.lab));
     let lab = LabSession::start(&exe, &a.lab, None)?;
     let plan = lab.plan().clone();
-    let vip = plan.vip();
     println!(
         "      LAN {}: client {}, primary {}, backup {}; service address {}",
         plan.subnet,
         plan.lan_addr(Host::Client).addr(),
         plan.lan_addr(Host::Primary).addr(),
         plan.lan_addr(Host::Backup).addr(),
-        vip.addr()
+        plan.vip().addr()
     );
 
-    step(2, "starting Redis as an rrc container on primary");
-    lab.run_container(
-        Host::Primary,
-        "redis",
-        vip,
-        &[
-            "redis-server",
-            "--port",
-            "6379",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ],
-    )?;
-    let target = SocketAddr::new(IpAddr::V4(vip.addr()), 6379);
-    lab.wait_tcp(Host::Client, target, Duration::from_secs(10))?;
-    print!(
-        "{}",
-        lab.run_on(Host::Primary, &[&exe.display().to_string(), "ps"])?
+    step(2, "starting the backup, then Redis replicated from primary");
+    let mut pair = Pair::new(&lab, App::Redis, PairOptions::default())?;
+    pair.start_backup()?;
+    pair.start_primary()?;
+    println!(
+        "      the backup holds Redis's first checkpoint; one every 100 ms follows, each released reply waits for it"
     );
 
     step(
         3,
-        &format!("redis-benchmark from client through {}", vip.addr()),
+        &format!(
+            "{} verifying clients load Redis through {}; the primary host dies in {:.0} s",
+            a.connections,
+            pair.target(),
+            a.before.as_secs_f64()
+        ),
     );
-    let status = lab
-        .command_on(
-            Host::Client,
-            &[
-                "redis-benchmark",
-                "-h",
-                &vip.addr().to_string(),
-                "-q",
-                "-n",
-                &a.requests.to_string(),
-                "-c",
-                "50",
-                "-t",
-                "set,get,incr,lpush",
-            ],
-        )
-        .stdout(Stdio::inherit())
-        .status()
-        .context("cannot run redis-benchmark")?;
-    ensure!(status.success(), "redis-benchmark failed");
+    let live = Arc::new(Live::default());
+    let target = pair.target();
+    let mut killed_at = None;
+    let mut takeover = None;
+    let report = {
+        let p = &pair;
+        let live_view = live.clone();
+        lab.in_host(Host::Client, || {
+            verify::run_observed(
+                verify::Service::Redis,
+                target,
+                a.connections,
+                &live,
+                || {
+                    let mut view = LiveView::new(live_view);
+                    view.run_for(a.before, &mut || None);
+                    println!("      >>> killing the primary host (power cut: every process, links down)");
+                    match p.kill_primary() {
+                        Ok(t) => killed_at = Some(t),
+                        Err(e) => println!("      cannot kill the primary: {e:#}"),
+                    }
+                    view.run_for(a.after, &mut || {
+                        if takeover.is_some() {
+                            return None;
+                        }
+                        let t = TakeoverLine::parse(&p.backup_output())?;
+                        let line = format!(
+                            "      >>> the backup took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms, restore {:.0} ms",
+                            t.epoch, t.silent_ms, t.fence_ms, t.restore_ms
+                        );
+                        takeover = Some(t);
+                        Some(format!(
+                            "{line}\n      (the new primary runs without a backup, so replies are no longer held)"
+                        ))
+                    });
+                },
+                Duration::ZERO,
+            )
+        })?
+    };
+    let took_over = pair.wait_takeover(Duration::from_secs(10));
 
-    step(4, "verifying data through the service address");
+    step(4, "what the clients saw");
+    let killed_at = killed_at.context("the primary was never killed")?;
+    println!(
+        "      {} replies on {} connections, {} errors, {} connections reset",
+        report.requests,
+        report.connections,
+        report.errors.len(),
+        report
+            .errors
+            .iter()
+            .filter(|e| e.contains("reset") || e.contains("refused"))
+            .count()
+    );
+    match report.first_answer_after(killed_at) {
+        Some(d) => println!(
+            "      first reply {:.0} ms after the kill; every connection answered again within {:.0} ms",
+            d.as_secs_f64() * 1e3,
+            report
+                .all_answered_after(killed_at)
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3
+        ),
+        None => println!("      no reply after the kill"),
+    }
+    for e in report.errors.iter().take(5) {
+        println!("      error: {e}");
+    }
+    let t = took_over.context("the backup did not take over")?;
+    ensure!(report.errors.is_empty(), "clients saw errors");
+
+    step(5, "verifying data on the backup through the service address");
     let checked = lab.in_host(Host::Client, || -> Result<u32> {
         let mut c = RespConn::connect(target, Duration::from_secs(5))?;
         for i in 0..1000u32 {
@@ -111,10 +168,68 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
         }
         Ok(1000)
     })??;
-    println!("      {checked} keys written and read back intact");
+    println!(
+        "      every acknowledged write survived (checked on every reply); {checked} more keys written and read back on the new primary (checkpoint {})",
+        t.epoch
+    );
 
-    step(5, "removing the lab");
+    step(6, "removing the lab");
+    drop(pair);
     drop(lab);
     println!("done");
     Ok(0)
+}
+
+/// Prints replies per second and latency every half second.
+struct LiveView {
+    live: Arc<Live>,
+    last: LiveReading,
+    last_at: Instant,
+    start: Instant,
+}
+
+impl LiveView {
+    fn new(live: Arc<Live>) -> LiveView {
+        LiveView {
+            last: live.read(),
+            live,
+            last_at: Instant::now(),
+            start: Instant::now(),
+        }
+    }
+
+    /// Shows a line every half second for `d`, and whatever `event` has to
+    /// say as it happens.
+    fn run_for(&mut self, d: Duration, event: &mut dyn FnMut() -> Option<String>) {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+            if let Some(line) = event() {
+                println!("{line}");
+            }
+            if self.last_at.elapsed() < Duration::from_millis(500) {
+                continue;
+            }
+            let now = self.live.read();
+            let dt = self.last_at.elapsed().as_secs_f64();
+            let n = now.replies - self.last.replies;
+            let lat = if n > 0 {
+                format!(
+                    "{:6.1} ms",
+                    (now.latency - self.last.latency).as_secs_f64() * 1e3 / n as f64
+                )
+            } else {
+                "     - ms".into()
+            };
+            println!(
+                "      t={:4.1}s  {:6.0} replies/s  avg latency {lat}  longest wait {:6.1} ms  errors {}",
+                self.start.elapsed().as_secs_f64(),
+                n as f64 / dt,
+                self.live.take_longest().as_secs_f64() * 1e3,
+                now.errors
+            );
+            self.last = now;
+            self.last_at = Instant::now();
+        }
+    }
 }
