@@ -253,10 +253,17 @@ fn serve(side: &Side, s: &mut SecureStream, jobs: &Receiver<Job>) -> Result<(), 
     }
 }
 
-fn send_job(side: &Side, s: &mut SecureStream, job: &Job) -> Result<(), String> {
-    let started = Instant::now();
-    let mut files: Vec<(String, u64)> = fs::read_dir(&job.dir)
-        .map_err(|e| format!("checkpoint {}: {e}", job.epoch))?
+/// Sends the checkpoint in `dir` (every file, the manifest last); returns
+/// its size in bytes.
+pub fn send_checkpoint(
+    s: &mut SecureStream,
+    series: &str,
+    epoch: u64,
+    parent: Option<u64>,
+    dir: &std::path::Path,
+) -> Result<u64, String> {
+    let mut files: Vec<(String, u64)> = fs::read_dir(dir)
+        .map_err(|e| format!("checkpoint {epoch}: {e}"))?
         .flatten()
         .filter_map(|e| {
             let len = e.metadata().ok()?.len();
@@ -267,28 +274,28 @@ fn send_job(side: &Side, s: &mut SecureStream, job: &Job) -> Result<(), String> 
     files.sort_by_key(|(n, _)| (n == "manifest.json", n.clone()));
     let total: u64 = files.iter().map(|(_, l)| l).sum();
     s.send(&Message::DeltaBegin {
-        series: job.series.clone(),
-        epoch: job.epoch,
-        parent: job.parent,
+        series: series.to_string(),
+        epoch,
+        parent,
         files: files.len() as u32,
         total_bytes: total,
     })
     .map_err(lost)?;
     let mut buf = vec![0u8; CHUNK];
     for (name, len) in &files {
-        let mut f = fs::File::open(job.dir.join(name))
-            .map_err(|e| format!("checkpoint {}: {name}: {e}", job.epoch))?;
+        let mut f = fs::File::open(dir.join(name))
+            .map_err(|e| format!("checkpoint {epoch}: {name}: {e}"))?;
         let mut offset = 0u64;
         loop {
             let n = f
                 .read(&mut buf)
-                .map_err(|e| format!("checkpoint {}: {name}: {e}", job.epoch))?;
+                .map_err(|e| format!("checkpoint {epoch}: {name}: {e}"))?;
             // Every file, even an empty one, is announced by one chunk.
             if n == 0 && offset > 0 {
                 break;
             }
             s.send(&Message::FileChunk {
-                epoch: job.epoch,
+                epoch,
                 name: name.clone(),
                 offset,
                 data: buf[..n].to_vec(),
@@ -301,11 +308,17 @@ fn send_job(side: &Side, s: &mut SecureStream, job: &Job) -> Result<(), String> 
         }
     }
     s.send(&Message::DeltaEnd {
-        epoch: job.epoch,
+        epoch,
         files: files.len() as u32,
         total_bytes: total,
     })
     .map_err(lost)?;
+    Ok(total)
+}
+
+fn send_job(side: &Side, s: &mut SecureStream, job: &Job) -> Result<(), String> {
+    let started = Instant::now();
+    let total = send_checkpoint(s, &job.series, job.epoch, job.parent, &job.dir)?;
     // Applying takes time with the size (checksums are checked first).
     let wait = side.cfg.timeout + Duration::from_millis(total / (50 << 10));
     s.set_read_timeout(Some(wait)).map_err(lost)?;

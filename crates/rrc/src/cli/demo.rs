@@ -150,7 +150,10 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     let t = took_over.context("the backup did not take over")?;
     ensure!(report.errors.is_empty(), "clients saw errors");
 
-    step(5, "verifying data on the backup through the service address");
+    step(
+        5,
+        "verifying data on the backup through the service address",
+    );
     let checked = lab.in_host(Host::Client, || -> Result<u32> {
         let mut c = RespConn::connect(target, Duration::from_secs(5))?;
         for i in 0..1000u32 {
