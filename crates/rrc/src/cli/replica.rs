@@ -205,6 +205,11 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         fence: a.fence.clone(),
         node: host.host().to_string(),
     };
+    if a.fence.is_none() {
+        eprintln!(
+            "rrc backup: warning: no --fence; if the primary is cut off rather than dead, two copies of the service will answer"
+        );
+    }
     let uplink = a.uplink.clone();
     let t = backup::serve(&opts, |image| {
         super::restore::restore_container_from(image, uplink.clone()).map_err(|e| format!("{e:#}"))
