@@ -200,6 +200,7 @@ impl Container {
             .map(|a| CString::new(a.as_bytes()))
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| Error::InvalidSpec("an argument contains a NUL byte".into()))?;
+        let envp = environment(&spec.env)?;
         let (go_rd, go_wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;
         let (rep_rd, rep_wr) =
             pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;
@@ -218,7 +219,7 @@ impl Container {
             Ok(None) => {
                 drop(go_wr);
                 drop(rep_rd);
-                child_main(&hostname, &program, &argv, go_rd, rep_wr)
+                child_main(&hostname, &program, &argv, &envp, go_rd, rep_wr)
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // Some namespace kind is missing; name it.
@@ -458,6 +459,7 @@ fn child_main(
     hostname: &[u8],
     program: &CString,
     argv: &[CString],
+    envp: &[CString],
     go: OwnedFd,
     report: OwnedFd,
 ) -> ! {
@@ -492,6 +494,23 @@ fn child_main(
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     // SAFETY: restoring the default disposition installs no handler code.
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
-    let e = nix::unistd::execv(program, argv).unwrap_err();
+    let e = nix::unistd::execve(program, argv, envp).unwrap_err();
     fail(STAGE_EXEC, e)
+}
+
+/// rrc's environment with `overrides` set, for the program.
+fn environment(overrides: &[(std::ffi::OsString, std::ffi::OsString)]) -> Result<Vec<CString>> {
+    let mut vars: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
+        .collect();
+    vars.extend(overrides.iter().cloned());
+    vars.into_iter()
+        .map(|(k, v)| {
+            let mut kv = std::os::unix::ffi::OsStringExt::into_vec(k);
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv)
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::InvalidSpec("an environment variable contains a NUL byte".into()))
 }

@@ -228,6 +228,8 @@ pub struct ContainerSpec {
     /// The program file `argv[0]` resolved to.
     pub program: PathBuf,
     pub net: Option<NetSpec>,
+    /// Variables set in the program's environment, over rrc's own.
+    pub env: Vec<(OsString, OsString)>,
 }
 
 /// Finds `cmd` the way `execvp` will, so a typo is reported before a

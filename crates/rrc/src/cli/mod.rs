@@ -7,6 +7,7 @@ mod demo;
 mod detach;
 mod lab;
 mod ps;
+mod record;
 mod replica;
 mod restore;
 mod run;
@@ -40,6 +41,8 @@ pub enum Command {
     Lab(lab::LabCommand),
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    #[command(subcommand)]
+    Log(record::LogCommand),
     Primary(replica::PrimaryArgs),
     Backup(replica::BackupArgs),
     Keygen(replica::KeygenArgs),
@@ -71,6 +74,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Restore(a) => restore::restore(a),
         Command::Lab(c) => lab::lab(c),
         Command::Bench(c) => bench::bench(c),
+        Command::Log(c) => record::log(c),
         Command::Primary(a) => replica::primary(a),
         Command::Backup(a) => replica::backup(a),
         Command::Keygen(a) => replica::keygen(a),

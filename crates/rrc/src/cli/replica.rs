@@ -181,7 +181,7 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
             Ok(Box::new(p))
         },
     );
-    super::run::start(&a.container, Some(gate), Some(companion))
+    super::run::start(&a.container, Some(gate), Some(companion), Vec::new())
         .map(super::detach::Supervised::exit_code)
 }
 

@@ -29,6 +29,11 @@ use super::detach::{MakeCompanion, Supervised};
 /// Example: rrc run --name redis --addr 10.0.0.100/24 -- redis-server --protected-mode no
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Record the program's nondeterministic events (input, time,
+    /// randomness, threads) into this log directory, through librrc
+    /// preloaded into it (see `rrc log --help`).
+    #[arg(long, value_name = "DIR")]
+    record: Option<std::path::PathBuf>,
     #[command(flatten)]
     container: ContainerArgs,
 }
@@ -80,7 +85,15 @@ impl ContainerArgs {
 }
 
 pub fn run(a: RunArgs) -> Result<i32> {
-    start(&a.container, None, None).map(Supervised::exit_code)
+    match &a.record {
+        Some(dir) => {
+            let rec = super::record::Recording::prepare(dir)?;
+            let env = rec.environment();
+            start(&a.container, None, Some(rec.companion()), env)
+        }
+        None => start(&a.container, None, None, Vec::new()),
+    }
+    .map(Supervised::exit_code)
 }
 
 /// Creates the container `a` describes, with `gate` between it and the LAN
@@ -90,6 +103,7 @@ pub(super) fn start(
     a: &ContainerArgs,
     gate: Option<Arc<dyn PacketGate>>,
     companion: Option<MakeCompanion<'_>>,
+    env: Vec<(OsString, OsString)>,
 ) -> Result<Supervised> {
     let name: ContainerName = a.name.parse()?;
     let layout = probe::require_container_support(a.addr.is_some())?;
@@ -124,6 +138,7 @@ pub(super) fn start(
         argv: a.command.clone(),
         program,
         net,
+        env,
     };
 
     let opts_spin = a.spin;

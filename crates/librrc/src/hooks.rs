@@ -1,0 +1,541 @@
+//! The wrappers: each calls the C library's function, then records what it
+//! returned. They keep the C library's `-1`/`errno` convention towards the
+//! program; the log holds `-errno`.
+
+use std::io::IoSlice;
+
+use libc::{
+    c_int, c_uint, c_void, clockid_t, epoll_event, iovec, msghdr, nfds_t, pollfd, size_t, sockaddr,
+    socklen_t, ssize_t, time_t, timespec, timeval,
+};
+use rrc_rr::log::{
+    AcceptCall, Bytes, EpollCall, EpollReady, Event, List, PollCall, ReadCall, RecvCall,
+};
+
+use crate::real::get;
+use crate::record;
+use crate::thread;
+
+/// The call's result as the log holds it: `-errno` on failure.
+fn outcome(ret: i64) -> i64 {
+    if ret < 0 {
+        // SAFETY: __errno_location returns this thread's errno slot.
+        -i64::from(unsafe { *libc::__errno_location() })
+    } else {
+        ret
+    }
+}
+
+/// Keeps errno as the wrapped call left it across the recording.
+struct SavedErrno(c_int);
+
+impl SavedErrno {
+    fn save() -> SavedErrno {
+        // SAFETY: as in `outcome`.
+        SavedErrno(unsafe { *libc::__errno_location() })
+    }
+}
+
+impl Drop for SavedErrno {
+    fn drop(&mut self) {
+        // SAFETY: as in `outcome`.
+        unsafe { *libc::__errno_location() = self.0 };
+    }
+}
+
+/// `len` bytes at `p`, or nothing.
+///
+/// # Safety
+/// `p` must be valid for reads of `len` bytes when `len > 0`.
+unsafe fn bytes<'a>(p: *const c_void, len: i64) -> &'a [u8] {
+    if p.is_null() || len <= 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len as usize) }
+}
+
+/// The address a call filled in, `len` bytes at most of the room given.
+///
+/// # Safety
+/// `addr` and `len`, when non-null, are what the program passed to a call
+/// that filled them.
+unsafe fn address<'a>(addr: *const sockaddr, len: *const socklen_t, room: socklen_t) -> &'a [u8] {
+    if addr.is_null() || len.is_null() {
+        return &[];
+    }
+    // SAFETY: the caller's contract; the kernel reports the full length,
+    // of which only `room` bytes were written.
+    unsafe {
+        let n = (*len).min(room) as i64;
+        bytes(addr.cast(), n)
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::read()(fd, buf, n) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let r = outcome(ret as i64);
+        record::emit(&Event::Read {
+            call: ReadCall::Read,
+            fd,
+            ret: r,
+            // SAFETY: the call wrote `ret` bytes at `buf`.
+            data: Bytes::Flat(unsafe { bytes(buf, r) }),
+        });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::readv()(fd, iov, cnt) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let r = outcome(ret as i64);
+        let parts: &[IoSlice<'_>] = if iov.is_null() || cnt <= 0 {
+            &[]
+        } else {
+            // SAFETY: IoSlice is ABI-compatible with struct iovec, and the
+            // program passed `cnt` of them.
+            unsafe { std::slice::from_raw_parts(iov.cast(), cnt as usize) }
+        };
+        record::emit(&Event::Read {
+            call: ReadCall::Readv,
+            fd,
+            ret: r,
+            data: Bytes::Scattered {
+                parts,
+                len: r.max(0) as usize,
+            },
+        });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread64(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    off: libc::off64_t,
+) -> ssize_t {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::pread64()(fd, buf, n, off) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let r = outcome(ret as i64);
+        record::emit(&Event::Read {
+            call: ReadCall::Pread,
+            fd,
+            ret: r,
+            // SAFETY: the call wrote `ret` bytes at `buf`.
+            data: Bytes::Flat(unsafe { bytes(buf, r) }),
+        });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pread(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    off: libc::off_t,
+) -> ssize_t {
+    // SAFETY: on x86-64 off_t and off64_t are the same type.
+    unsafe { pread64(fd, buf, n, off) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::recv()(fd, buf, n, flags) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let r = outcome(ret as i64);
+        record::emit(&Event::Recv {
+            call: RecvCall::Recv,
+            fd,
+            ret: r,
+            // SAFETY: the call wrote `ret` bytes at `buf`.
+            data: Bytes::Flat(unsafe { bytes(buf, r.min(n as i64)) }),
+            addr: &[],
+            flags: 0,
+            control: &[],
+        });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    addrlen: *mut socklen_t,
+) -> ssize_t {
+    let room = if addrlen.is_null() {
+        0
+    } else {
+        // SAFETY: the program passed a valid length to fill.
+        unsafe { *addrlen }
+    };
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::recvfrom()(fd, buf, n, flags, addr, addrlen) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let r = outcome(ret as i64);
+        record::emit(&Event::Recv {
+            call: RecvCall::RecvFrom,
+            fd,
+            ret: r,
+            // SAFETY: the call wrote `ret` bytes (at most `n`) at `buf`.
+            data: Bytes::Flat(unsafe { bytes(buf, r.min(n as i64)) }),
+            addr: if r >= 0 {
+                // SAFETY: the call filled the address it was given.
+                unsafe { address(addr, addrlen, room) }
+            } else {
+                &[]
+            },
+            flags: 0,
+            control: &[],
+        });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    let (name_room, control_room) = if msg.is_null() {
+        (0, 0)
+    } else {
+        // SAFETY: the program passed a valid msghdr.
+        unsafe { ((*msg).msg_namelen, (*msg).msg_controllen) }
+    };
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::recvmsg()(fd, msg, flags) };
+    if let Some(_inside) = thread::enter()
+        && !msg.is_null()
+    {
+        let _e = SavedErrno::save();
+        let r = outcome(ret as i64);
+        // SAFETY: the call filled the msghdr the program gave; the iovecs
+        // are the program's (IoSlice has struct iovec's layout).
+        let (parts, addr, control, mflags) = unsafe {
+            let m = &*msg;
+            let parts: &[IoSlice<'_>] = if m.msg_iov.is_null() || m.msg_iovlen == 0 {
+                &[]
+            } else {
+                std::slice::from_raw_parts(m.msg_iov.cast(), m.msg_iovlen)
+            };
+            let ok = r >= 0;
+            let addr = if ok {
+                bytes(m.msg_name, i64::from(m.msg_namelen.min(name_room)))
+            } else {
+                &[]
+            };
+            let control = if ok {
+                bytes(m.msg_control, m.msg_controllen.min(control_room) as i64)
+            } else {
+                &[]
+            };
+            (parts, addr, control, m.msg_flags)
+        };
+        record::emit(&Event::Recv {
+            call: RecvCall::RecvMsg,
+            fd,
+            ret: r,
+            data: Bytes::Scattered {
+                parts,
+                len: r.max(0) as usize,
+            },
+            addr,
+            flags: mflags,
+            control,
+        });
+    }
+    ret
+}
+
+fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) {
+    record::emit(&Event::Accept {
+        call,
+        fd,
+        ret: outcome(i64::from(ret)),
+        addr,
+    });
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let room = if len.is_null() {
+        0
+    } else {
+        // SAFETY: the program passed a valid length to fill.
+        unsafe { *len }
+    };
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::accept()(fd, addr, len) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let a = if ret >= 0 {
+            // SAFETY: the call filled the address it was given.
+            unsafe { address(addr, len, room) }
+        } else {
+            &[]
+        };
+        record_accept(AcceptCall::Accept, fd, ret, a);
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    let room = if len.is_null() {
+        0
+    } else {
+        // SAFETY: the program passed a valid length to fill.
+        unsafe { *len }
+    };
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::accept4()(fd, addr, len, flags) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let a = if ret >= 0 {
+            // SAFETY: the call filled the address it was given.
+            unsafe { address(addr, len, room) }
+        } else {
+            &[]
+        };
+        record_accept(AcceptCall::Accept4, fd, ret, a);
+    }
+    ret
+}
+
+fn record_epoll(call: EpollCall, epfd: c_int, ret: c_int, events: *const epoll_event) {
+    let r = outcome(i64::from(ret));
+    let ready: &[epoll_event] = if r > 0 && !events.is_null() {
+        // SAFETY: the call filled `ret` entries of the program's array.
+        unsafe { std::slice::from_raw_parts(events, r as usize) }
+    } else {
+        &[]
+    };
+    // epoll_event is packed on x86-64; copy into a bounded stack array.
+    let mut copied = [EpollReady { events: 0, data: 0 }; 64];
+    let mut start = 0;
+    loop {
+        let end = ready.len().min(start + copied.len());
+        for (i, e) in ready[start..end].iter().enumerate() {
+            copied[i] = EpollReady {
+                events: e.events,
+                data: e.u64,
+            };
+        }
+        record::emit(&Event::EpollWait {
+            call,
+            epfd,
+            ret: r,
+            ready: List::new(&copied[..end - start]),
+        });
+        start = end;
+        if start >= ready.len() {
+            break;
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::epoll_wait()(epfd, events, max, timeout) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record_epoll(EpollCall::Wait, epfd, ret, events);
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::epoll_pwait()(epfd, events, max, timeout, sigmask) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record_epoll(EpollCall::Pwait, epfd, ret, events);
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::poll()(fds, n, timeout) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let all: &[pollfd] = if fds.is_null() {
+            &[]
+        } else {
+            // SAFETY: the program's array of `n` entries, filled by the call.
+            unsafe { std::slice::from_raw_parts(fds, n as usize) }
+        };
+        let mut revents = [0u16; 256];
+        let mut start = 0;
+        loop {
+            let end = all.len().min(start + revents.len());
+            for (i, p) in all[start..end].iter().enumerate() {
+                revents[i] = p.revents as u16;
+            }
+            record::emit(&Event::Poll {
+                call: PollCall::Poll,
+                ret: outcome(i64::from(ret)),
+                revents: List::new(&revents[..end - start]),
+            });
+            start = end;
+            if start >= all.len() {
+                break;
+            }
+        }
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn clock_gettime(clock: clockid_t, tp: *mut timespec) -> c_int {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::clock_gettime()(clock, tp) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let (sec, nsec) = if ret == 0 && !tp.is_null() {
+            // SAFETY: the call filled `tp`.
+            unsafe { ((*tp).tv_sec, (*tp).tv_nsec as u32) }
+        } else {
+            (0, 0)
+        };
+        record::emit(&Event::ClockGettime {
+            clock,
+            ret: outcome(i64::from(ret)) as i32,
+            sec,
+            nsec,
+        });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn gettimeofday(tv: *mut timeval, tz: *mut c_void) -> c_int {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::gettimeofday()(tv, tz) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let (sec, usec) = if ret == 0 && !tv.is_null() {
+            // SAFETY: the call filled `tv`.
+            unsafe { ((*tv).tv_sec, (*tv).tv_usec as u32) }
+        } else {
+            (0, 0)
+        };
+        record::emit(&Event::Gettimeofday {
+            ret: outcome(i64::from(ret)) as i32,
+            sec,
+            usec,
+        });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn time(t: *mut time_t) -> time_t {
+    // SAFETY: the program's argument, passed on unchanged.
+    let ret = unsafe { get::time()(t) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record::emit(&Event::Time { sec: ret });
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getrandom(buf: *mut c_void, n: size_t, flags: c_uint) -> ssize_t {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::getrandom()(buf, n, flags) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let r = outcome(ret as i64);
+        record::emit(&Event::Getrandom {
+            ret: r,
+            // SAFETY: the call wrote `ret` bytes at `buf`.
+            data: Bytes::Flat(unsafe { bytes(buf, r) }),
+        });
+    }
+    ret
+}
+
+// Output: not recorded (replay reproduces it), but the records that led to
+// it must reach the rrc process before it can leave the machine.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    unsafe { get::write()(fd, buf, n) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    unsafe { get::writev()(fd, iov, cnt) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    unsafe { get::send()(fd, buf, n, flags) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    unsafe { get::sendto()(fd, buf, n, flags, addr, len) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    unsafe { get::sendmsg()(fd, msg, flags) }
+}

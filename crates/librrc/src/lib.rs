@@ -1,0 +1,44 @@
+//! librrc: preloaded (`LD_PRELOAD`) into a program that `rrc run --record`
+//! starts, it wraps the C library functions whose outcome the program
+//! cannot predict (input, time, randomness, thread creation) and records
+//! each outcome in its thread's log: a ring in memory shared with the rrc
+//! process, which drains it to the log directory.
+//!
+//! Everything here runs inside the program's own calls, on its threads,
+//! possibly in signal handlers: no allocation, no locks, no stdio, no
+//! panics that could unwind into C. A call made while this thread is
+//! already inside librrc (the C library calling itself, a signal handler
+//! interrupting a wrapper) goes straight to the C library unrecorded.
+//!
+//! Without `RRC_RR_FD` in the environment the wrappers only pass calls on.
+
+mod hooks;
+mod real;
+mod record;
+mod thread;
+mod threads;
+
+/// Runs when the library is loaded, before `main` and before the program
+/// can start threads: resolves the wrapped functions and attaches to the
+/// rings.
+extern "C" fn init() {
+    real::resolve_all();
+    record::init();
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static INIT: extern "C" fn() = init;
+
+/// Writes `msg` to standard error with a raw system call and exits with
+/// status 127: for conditions under which the program must not go on
+/// unrecorded.
+pub(crate) fn fatal(msg: &[u8]) -> ! {
+    // SAFETY: writing a valid buffer to fd 2 and exiting touch no memory
+    // of the program's.
+    unsafe {
+        libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len());
+        libc::syscall(libc::SYS_exit_group, 127);
+    }
+    unreachable!("exit_group returned")
+}

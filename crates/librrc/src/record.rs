@@ -1,0 +1,292 @@
+//! Where events go: each thread appends its records, one batch per
+//! wrapped call, to its own ring of the set the rrc process shares with
+//! the program (`RRC_RR_FD`). Global order: every record takes the next
+//! number of one process-wide counter, and the time since the previous
+//! record of any thread.
+
+use std::cell::UnsafeCell;
+use std::mem::ManuallyDrop;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+use rrc_rr::log::{BatchWriter, Event, Record};
+use rrc_rr::ring::{Producer, RingSet};
+
+use crate::thread;
+
+/// Environment variable naming the ring set's descriptor.
+const FD_ENV: &[u8] = b"RRC_RR_FD\0";
+
+/// A thread's first batch buffer; it grows (by mapping a larger one) for
+/// records that do not fit.
+const FIRST_BUF: usize = 64 << 10;
+
+/// A batch this large goes to the ring without waiting for a flush point.
+const FLUSH_AT: usize = 16 << 10;
+
+static SET: AtomicPtr<RingSet> = AtomicPtr::new(std::ptr::null_mut());
+/// Cleared in a forked child: its writes would mix with the parent's.
+static RECORDING: AtomicBool = AtomicBool::new(false);
+static SEQ: AtomicU64 = AtomicU64::new(0);
+static LAST_NS: AtomicU64 = AtomicU64::new(0);
+/// Log ids: the first thread (the one loading librrc) gets 1.
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+struct ThreadLog {
+    producer: Option<Producer<'static>>,
+    slot: usize,
+    /// The batch being filled, in a buffer mapped with a raw mmap (hooks
+    /// must not call malloc) that lives as long as the writer.
+    writer: Option<BatchWriter<'static>>,
+    buf: *mut u8,
+    cap: usize,
+}
+
+thread_local! {
+    // ManuallyDrop: no destructor to register (which could allocate); a
+    // thread's end is handled by `thread_exit`.
+    static LOG: UnsafeCell<ManuallyDrop<ThreadLog>> = const {
+        UnsafeCell::new(ManuallyDrop::new(ThreadLog {
+            producer: None,
+            slot: 0,
+            writer: None,
+            buf: std::ptr::null_mut(),
+            cap: 0,
+        }))
+    };
+}
+
+/// Runs `f` on this thread's log, if it is recording.
+fn with_log(f: impl FnOnce(&'static RingSet, &mut ThreadLog)) {
+    let Some(set) = set() else {
+        return;
+    };
+    let _ = LOG.try_with(|cell| {
+        // SAFETY: only this thread touches its ThreadLog, and never
+        // re-entrantly: callers hold `thread::Inside`.
+        let log = unsafe { &mut **cell.get() };
+        f(set, log)
+    });
+}
+
+/// Attaches to the ring set named by `RRC_RR_FD`, if any.
+pub fn init() {
+    // SAFETY: getenv with a NUL-terminated name, before threads exist.
+    let v = unsafe { libc::getenv(FD_ENV.as_ptr().cast()) };
+    if v.is_null() {
+        return;
+    }
+    // SAFETY: getenv returned a NUL-terminated string.
+    let s = unsafe { std::ffi::CStr::from_ptr(v) };
+    let Some(fd) = s.to_str().ok().and_then(|s| s.parse::<i32>().ok()) else {
+        crate::fatal(b"librrc: RRC_RR_FD is not a descriptor number\n");
+    };
+    // SAFETY: the rrc process passed this descriptor to us for the ring set
+    // and nothing else in the program knows it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let set = match RingSet::from_fd(owned) {
+        Ok(s) => s,
+        Err(_) => crate::fatal(b"librrc: RRC_RR_FD is not an rrc ring set\n"),
+    };
+    SET.store(Box::into_raw(Box::new(set)), Ordering::Release);
+    // SAFETY: registering handlers (plain functions) before threads exist.
+    unsafe {
+        libc::pthread_atfork(None, None, Some(in_fork_child));
+        libc::atexit(at_exit);
+    }
+    RECORDING.store(true, Ordering::Release);
+}
+
+extern "C" fn in_fork_child() {
+    RECORDING.store(false, Ordering::Release);
+}
+
+fn set() -> Option<&'static RingSet> {
+    if !RECORDING.load(Ordering::Acquire) {
+        return None;
+    }
+    let p = SET.load(Ordering::Acquire);
+    // SAFETY: set once in `init` from a leaked Box, never freed.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// Whether calls are being recorded.
+pub fn recording() -> bool {
+    set().is_some()
+}
+
+/// A new log id, for a thread about to be created.
+pub fn next_log_id() -> u32 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: the real clock_gettime (not our wrapper) filling a local.
+    unsafe { crate::real::get::clock_gettime()(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Records `event` for this thread. The record waits in the thread's
+/// batch until a flush: before the thread blocks or sends, when the batch
+/// is large, when the thread or the program ends.
+pub fn emit(event: &Event<'_>) {
+    with_log(|set, log| {
+        if log.producer.is_none() {
+            attach(set, log);
+        }
+        let seq = SEQ.fetch_add(1, Ordering::AcqRel) + 1;
+        let now = now_ns();
+        let prev = LAST_NS.swap(now, Ordering::AcqRel);
+        let record = Record {
+            seq,
+            time_delta_ns: if prev == 0 {
+                0
+            } else {
+                now.saturating_sub(prev)
+            },
+            event: *event,
+        };
+        loop {
+            let w = log.writer.as_mut().expect("attached");
+            match w.push(&record) {
+                Ok(()) => break,
+                Err(_) if !w.is_empty() => push_batch(log),
+                Err(_) => {
+                    // Alone and still too big: a larger buffer, up to what
+                    // a ring can carry.
+                    let max = log.producer.as_ref().map_or(0, |p| p.max_message_len());
+                    let want = (log.cap * 4).min(max);
+                    if log.cap >= max || !grow(log, want) {
+                        crate::fatal(b"librrc: an event is larger than a ring can carry\n");
+                    }
+                }
+            }
+        }
+        if log.writer.as_ref().is_some_and(|w| w.len() >= FLUSH_AT) {
+            push_batch(log);
+        }
+    });
+}
+
+/// Sends this thread's pending records to its ring.
+pub fn flush() {
+    with_log(|_, log| {
+        if log.writer.as_ref().is_some_and(|w| !w.is_empty()) {
+            push_batch(log);
+        }
+    });
+}
+
+/// Pushes the current batch to the ring (waiting while the ring is full:
+/// the rrc process drains it) and starts a new one.
+fn push_batch(log: &mut ThreadLog) {
+    let (Some(w), Some(p)) = (log.writer.as_mut(), log.producer.as_mut()) else {
+        return;
+    };
+    let batch = w.finish();
+    while !p.try_push(batch) {
+        // SAFETY: sched_yield has no arguments.
+        unsafe { libc::syscall(libc::SYS_sched_yield) };
+    }
+    w.reset();
+}
+
+/// Replaces the thread's batch buffer by a mapping of `cap` bytes.
+fn grow(log: &mut ThreadLog, cap: usize) -> bool {
+    // SAFETY: a fresh private anonymous mapping touches nothing of the
+    // program's; the raw syscall bypasses any mmap wrapper.
+    let p = unsafe {
+        libc::syscall(
+            libc::SYS_mmap,
+            0usize,
+            cap,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0usize,
+        )
+    };
+    if p < 0 {
+        return false;
+    }
+    // The old batch is empty (callers push it first); its writer goes
+    // before its buffer.
+    log.writer = None;
+    if !log.buf.is_null() {
+        // SAFETY: unmapping this thread's previous buffer, which nothing
+        // refers to any more.
+        unsafe { libc::syscall(libc::SYS_munmap, log.buf, log.cap) };
+    }
+    log.buf = p as *mut u8;
+    log.cap = cap;
+    // SAFETY: the mapping just made, `cap` bytes, used only through this
+    // writer and unmapped only after the writer is dropped.
+    let buf: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(log.buf, cap) };
+    match BatchWriter::new(buf, thread::log_id()) {
+        Ok(w) => {
+            log.writer = Some(w);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Gives this thread its log id (if it has none), a ring and a batch.
+fn attach(set: &'static RingSet, log: &mut ThreadLog) {
+    if thread::log_id() == 0 {
+        let pending = thread::take_pending_id();
+        thread::set_log_id(if pending != 0 { pending } else { next_log_id() });
+    }
+    // SAFETY: gettid has no arguments.
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
+    let Ok(slot) = set.claim_slot(thread::log_id(), tid) else {
+        crate::fatal(b"librrc: no free ring for a new thread\n");
+    };
+    match set.producer(slot) {
+        Ok(p) => {
+            log.producer = Some(p);
+            log.slot = slot;
+            if !grow(log, FIRST_BUF) {
+                crate::fatal(b"librrc: cannot map a batch buffer\n");
+            }
+        }
+        Err(_) => crate::fatal(b"librrc: cannot write to a new thread's ring\n"),
+    }
+}
+
+/// Ends this thread's log: its last record, its ring handed back.
+pub fn thread_exit() {
+    emit(&Event::ThreadExit);
+    with_log(|set, log| {
+        push_batch(log);
+        log.writer = None;
+        if log.producer.take().is_some() {
+            let _ = set.retire_slot(log.slot);
+        }
+        if !log.buf.is_null() {
+            // SAFETY: the thread's buffer; its writer is gone.
+            unsafe { libc::syscall(libc::SYS_munmap, log.buf, log.cap) };
+            log.buf = std::ptr::null_mut();
+            log.cap = 0;
+        }
+    });
+}
+
+/// Before a call that may block or that sends: the records so far must
+/// reach the rrc process first (they may be what the output depends on).
+pub fn flush_before_blocking() {
+    if let Some(_inside) = thread::enter() {
+        flush();
+    }
+}
+
+/// At exit: the exiting thread's pending records.
+extern "C" fn at_exit() {
+    if let Some(_inside) = thread::enter() {
+        flush();
+    }
+}

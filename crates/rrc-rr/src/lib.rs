@@ -1,0 +1,19 @@
+//! Record/replay foundations for rrc.
+//!
+//! A server's nondeterminism is captured per thread by a preload library
+//! that interposes libc, drained by the agent, and fed back on failover.
+//! This crate holds the two pieces every side of that pipeline shares:
+//!
+//! * [`log`]: the versioned, compact, checksummed batch format the events
+//!   are written in, an allocation-free [`log::BatchWriter`] for the
+//!   recording hooks, a validating [`log::BatchReader`], and the on-disk
+//!   log directory ([`log::LogWriter`], [`log::LogReader`]).
+//! * [`ring`]: a single-producer single-consumer byte ring that lives in a
+//!   `memfd` mapped into both the application and the agent, and
+//!   [`ring::RingSet`], one such mapping holding a ring per thread slot.
+//!
+//! The byte layouts are specified in the crate's `README.md`.
+
+pub mod agent;
+pub mod log;
+pub mod ring;

@@ -1,0 +1,385 @@
+//! Many rings in one memfd: one per thread slot, found through a small
+//! directory, so the agent maps a single fd and sees every thread.
+//!
+//! # Layout
+//!
+//! | offset             | size | field                                   |
+//! |-------------------:|-----:|-----------------------------------------|
+//! | 0                  | 8    | magic `RRCRSET\0`                       |
+//! | 8                  | 4    | layout version (1)                      |
+//! | 12                 | 4    | slot count N                            |
+//! | 16                 | 8    | ring capacity (same for every ring)     |
+//! | 24                 | 8    | ring stride                             |
+//! | 32                 | 8    | offset of ring 0                        |
+//! | 64 + 64·i          | 64   | slot i: state u32, log id u32, tid u32  |
+//! | offset + stride·i  |      | ring i (see [`crate::ring`])            |
+//!
+//! Rings start on page boundaries (stride and offset are multiples of 4096)
+//! so different threads' rings never share a page or a cache line.
+//!
+//! # Slot life cycle
+//!
+//! `Free` → `Claiming` → `Active`, by the application thread that takes the
+//! slot: it wins the `Free → Claiming` compare-and-swap, fills in its log
+//! id and tid, and publishes them with a Release store of `Active`, so an
+//! agent that reads `Active` with Acquire sees them. At thread exit the
+//! thread marks it `Exited`; once the agent has drained the ring it puts
+//! the slot back to `Free`. Ring positions are not reset: the next
+//! producer carries on from the counters the last one left.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::shm::SharedMemory;
+use super::{
+    Consumer, Producer, RING_HEADER_LEN, RingError, RingRef, check_capacity, ring_region_len,
+};
+
+/// Magic number at the start of a ring set: `RRCRSET\0`.
+pub const SET_MAGIC: u64 = u64::from_le_bytes(*b"RRCRSET\0");
+/// Layout version of the ring set directory.
+pub const SET_VERSION: u32 = 1;
+/// Most slots a set may have.
+pub const MAX_SLOTS: usize = 1 << 16;
+
+const PAGE: usize = 4096;
+const DIR_HEADER_LEN: usize = 64;
+const SLOT_LEN: usize = 64;
+
+#[repr(C, align(64))]
+struct SetHeader {
+    magic: AtomicU64,
+    version: AtomicU32,
+    slot_count: AtomicU32,
+    ring_capacity: AtomicU64,
+    ring_stride: AtomicU64,
+    rings_offset: AtomicU64,
+    _pad: [AtomicU64; 3],
+}
+
+#[repr(C, align(64))]
+struct SlotDesc {
+    state: AtomicU32,
+    log_id: AtomicU32,
+    tid: AtomicU32,
+    _pad: [AtomicU32; 13],
+}
+
+const _: () = {
+    assert!(size_of::<SetHeader>() == DIR_HEADER_LEN);
+    assert!(size_of::<SlotDesc>() == SLOT_LEN);
+};
+
+const FREE: u32 = 0;
+const CLAIMING: u32 = 1;
+const ACTIVE: u32 = 2;
+const EXITED: u32 = 3;
+
+/// Where a slot is in its life cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Unused.
+    Free,
+    /// Being taken by a thread; its ids are not published yet.
+    Claiming,
+    /// In use by a live thread.
+    Active,
+    /// Its thread exited; the ring may still hold data to drain.
+    Exited,
+    /// A value no writer produces (a broken peer).
+    Invalid(u32),
+}
+
+impl SlotState {
+    fn from_raw(v: u32) -> Self {
+        match v {
+            FREE => SlotState::Free,
+            CLAIMING => SlotState::Claiming,
+            ACTIVE => SlotState::Active,
+            EXITED => SlotState::Exited,
+            other => SlotState::Invalid(other),
+        }
+    }
+}
+
+/// A snapshot of one slot's directory entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// Life-cycle state.
+    pub state: SlotState,
+    /// Thread log id of the owner (meaningful when `Active` or `Exited`).
+    pub log_id: u32,
+    /// Kernel thread id of the owner (likewise).
+    pub tid: u32,
+}
+
+fn round_up(v: usize, to: usize) -> usize {
+    v.div_ceil(to) * to
+}
+
+struct Geometry {
+    stride: usize,
+    rings_offset: usize,
+    total: usize,
+}
+
+fn geometry(slots: usize, capacity: u64) -> Geometry {
+    let stride = round_up(ring_region_len(capacity), PAGE);
+    let rings_offset = round_up(DIR_HEADER_LEN + SLOT_LEN * slots, PAGE);
+    Geometry {
+        stride,
+        rings_offset,
+        total: rings_offset + stride * slots,
+    }
+}
+
+/// N rings of equal capacity in one sealed memfd.
+pub struct RingSet {
+    shm: SharedMemory,
+    slots: usize,
+    capacity: u64,
+    stride: usize,
+    rings_offset: usize,
+}
+
+impl RingSet {
+    /// Creates a set of `slots` rings of `capacity` bytes each.
+    pub fn create(slots: usize, capacity: u64) -> Result<Self, RingError> {
+        check_capacity(capacity)?;
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(RingError::NoSuchSlot {
+                index: slots,
+                count: MAX_SLOTS,
+            });
+        }
+        let g = geometry(slots, capacity);
+        let shm = SharedMemory::create("rrc-ring-set", g.total)?;
+        let set = RingSet {
+            shm,
+            slots,
+            capacity,
+            stride: g.stride,
+            rings_offset: g.rings_offset,
+        };
+        for i in 0..slots {
+            // SAFETY: ring i's region lies inside the fresh mapping (total
+            // covers every stride), is page-aligned, and nobody else has
+            // the fd yet.
+            unsafe { RingRef::init(set.ring_base(i), capacity)? };
+        }
+        let h = set.header();
+        h.version.store(SET_VERSION, Ordering::Relaxed);
+        h.slot_count.store(slots as u32, Ordering::Relaxed);
+        h.ring_capacity.store(capacity, Ordering::Relaxed);
+        h.ring_stride.store(g.stride as u64, Ordering::Relaxed);
+        h.rings_offset
+            .store(g.rings_offset as u64, Ordering::Relaxed);
+        // Release: publishes everything above to an Acquire load of magic.
+        h.magic.store(SET_MAGIC, Ordering::Release);
+        Ok(set)
+    }
+
+    /// Maps a set created by [`create`](Self::create) from its fd,
+    /// validating the directory against the mapping's size.
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, RingError> {
+        let shm = SharedMemory::open(fd)?;
+        if shm.len() < DIR_HEADER_LEN {
+            return Err(RingError::TooSmall {
+                what: "ring set header",
+                len: shm.len(),
+                needed: DIR_HEADER_LEN,
+            });
+        }
+        // SAFETY: the mapping is page-aligned and at least a header long;
+        // the header is all atomics, so any contents are valid.
+        let h = unsafe { &*shm.as_ptr().cast::<SetHeader>() };
+        let magic = h.magic.load(Ordering::Acquire);
+        if magic != SET_MAGIC {
+            return Err(RingError::BadMagic {
+                what: "ring set",
+                found: magic,
+            });
+        }
+        let version = h.version.load(Ordering::Relaxed);
+        if version != SET_VERSION {
+            return Err(RingError::Version {
+                what: "ring set",
+                found: version,
+                supported: SET_VERSION,
+            });
+        }
+        let slots = h.slot_count.load(Ordering::Relaxed) as usize;
+        let capacity = h.ring_capacity.load(Ordering::Relaxed);
+        check_capacity(capacity)?;
+        if slots == 0 || slots > MAX_SLOTS {
+            return Err(RingError::NoSuchSlot {
+                index: slots,
+                count: MAX_SLOTS,
+            });
+        }
+        // Recompute the geometry rather than trusting stored offsets; the
+        // stored ones must agree.
+        let g = geometry(slots, capacity);
+        if h.ring_stride.load(Ordering::Relaxed) != g.stride as u64
+            || h.rings_offset.load(Ordering::Relaxed) != g.rings_offset as u64
+        {
+            return Err(RingError::Version {
+                what: "ring set geometry",
+                found: version,
+                supported: SET_VERSION,
+            });
+        }
+        if g.total > shm.len() {
+            return Err(RingError::TooSmall {
+                what: "ring set",
+                len: shm.len(),
+                needed: g.total,
+            });
+        }
+        Ok(RingSet {
+            shm,
+            slots,
+            capacity,
+            stride: g.stride,
+            rings_offset: g.rings_offset,
+        })
+    }
+
+    fn header(&self) -> &SetHeader {
+        // SAFETY: the mapping starts with the (aligned, all-atomic) header
+        // and outlives `&self`; its size was checked at construction.
+        unsafe { &*self.shm.as_ptr().cast::<SetHeader>() }
+    }
+
+    fn slot_desc(&self, index: usize) -> Result<&SlotDesc, RingError> {
+        if index >= self.slots {
+            return Err(RingError::NoSuchSlot {
+                index,
+                count: self.slots,
+            });
+        }
+        // SAFETY: slot descriptors occupy [64, 64 + 64·N), inside the
+        // directory that precedes `rings_offset`; each is 64-byte aligned
+        // and all-atomic; the mapping outlives `&self`.
+        Ok(unsafe {
+            &*self
+                .shm
+                .as_ptr()
+                .add(DIR_HEADER_LEN + SLOT_LEN * index)
+                .cast::<SlotDesc>()
+        })
+    }
+
+    /// Start of ring `index`'s region; `index` must be below `slots`.
+    fn ring_base(&self, index: usize) -> *mut u8 {
+        debug_assert!(index < self.slots);
+        // SAFETY: `rings_offset + stride·index` is within the mapping for
+        // every valid index (total = rings_offset + stride·slots was
+        // checked against the mapping's length).
+        unsafe {
+            self.shm
+                .as_ptr()
+                .add(self.rings_offset + self.stride * index)
+        }
+    }
+
+    fn ring(&self, index: usize) -> Result<RingRef<'_>, RingError> {
+        self.slot_desc(index)?;
+        // SAFETY: the region is page-aligned, `stride` bytes long and lives
+        // in the mapping owned by `self`; `attach` validates its header,
+        // which another process may have damaged.
+        unsafe { RingRef::attach(self.ring_base(index), self.stride) }
+    }
+
+    /// The memfd, to hand to the other process.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.shm.fd()
+    }
+
+    /// Number of slots.
+    pub fn slot_count(&self) -> usize {
+        self.slots
+    }
+
+    /// Capacity of every ring.
+    pub fn ring_capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Takes the first free slot for thread log `log_id` (kernel tid
+    /// `tid`) and returns its index. Called by the application thread.
+    pub fn claim_slot(&self, log_id: u32, tid: u32) -> Result<usize, RingError> {
+        for index in 0..self.slots {
+            let desc = self.slot_desc(index)?;
+            if desc
+                .state
+                .compare_exchange(FREE, CLAIMING, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                desc.log_id.store(log_id, Ordering::Relaxed);
+                desc.tid.store(tid, Ordering::Relaxed);
+                desc.state.store(ACTIVE, Ordering::Release);
+                return Ok(index);
+            }
+        }
+        Err(RingError::NoFreeSlot { count: self.slots })
+    }
+
+    /// Marks an active slot's thread as exited. Called by that thread
+    /// after its last push (and after dropping its producer).
+    pub fn retire_slot(&self, index: usize) -> Result<(), RingError> {
+        self.transition(index, ACTIVE, EXITED)
+    }
+
+    /// Returns an exited slot whose ring has been drained to the free
+    /// pool. Called by the agent.
+    pub fn release_slot(&self, index: usize) -> Result<(), RingError> {
+        let ring = self.ring(index)?;
+        if !ring.is_empty() {
+            let (head, tail) = (
+                ring.header.head.load(Ordering::Acquire),
+                ring.header.tail.load(Ordering::Acquire),
+            );
+            return Err(ring.corrupt("slot released before its ring was drained", head, tail));
+        }
+        self.transition(index, EXITED, FREE)
+    }
+
+    fn transition(&self, index: usize, from: u32, to: u32) -> Result<(), RingError> {
+        self.slot_desc(index)?
+            .state
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Relaxed)
+            .map(drop)
+            .map_err(|found| RingError::SlotState {
+                index,
+                found: SlotState::from_raw(found),
+                expected: SlotState::from_raw(from),
+            })
+    }
+
+    /// A snapshot of slot `index`'s directory entry.
+    pub fn slot(&self, index: usize) -> Result<SlotInfo, RingError> {
+        let desc = self.slot_desc(index)?;
+        // Acquire: pairs with the Release that published the ids.
+        let state = SlotState::from_raw(desc.state.load(Ordering::Acquire));
+        Ok(SlotInfo {
+            state,
+            log_id: desc.log_id.load(Ordering::Relaxed),
+            tid: desc.tid.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Claims the producer end of ring `index`.
+    pub fn producer(&self, index: usize) -> Result<Producer<'_>, RingError> {
+        self.ring(index)?.producer()
+    }
+
+    /// Claims the consumer end of ring `index`.
+    pub fn consumer(&self, index: usize) -> Result<Consumer<'_>, RingError> {
+        self.ring(index)?.consumer()
+    }
+}
+
+// The ring header length is part of the stride computation; keep the
+// dependency visible.
+const _: () = assert!(RING_HEADER_LEN.is_multiple_of(64));

@@ -1,0 +1,202 @@
+//! Recording a container's nondeterministic events (`rrc run --record`)
+//! and reading recordings (`rrc log`).
+
+use std::ffi::OsString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use rrc_container::create::Container;
+use rrc_container::supervise::Companion;
+use rrc_rr::agent::{RecordStats, Recorder};
+use rrc_rr::log::{LogReader, thread_log_ids};
+use rrc_rr::ring::RingSet;
+
+use super::detach::MakeCompanion;
+
+/// Threads that can record at once, and each one's ring.
+const SLOTS: usize = 256;
+const RING_BYTES: u64 = 1 << 20;
+
+/// Where librrc is: `$RRC_LIBRRC`, or next to the rrc executable (where
+/// cargo builds both).
+fn librrc() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("RRC_LIBRRC") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("RRC_LIBRRC names {}, which is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+    let p = exe.with_file_name("librrc.so");
+    if !p.is_file() {
+        bail!(
+            "librrc.so is not next to {} (build it with `cargo build -p librrc`, or set RRC_LIBRRC)",
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+/// A recording about to start: the rings, the descriptor the program
+/// inherits, the log directory.
+pub struct Recording {
+    set: RingSet,
+    /// The set's descriptor as the program gets it (not close-on-exec).
+    child_fd: OwnedFd,
+    lib: PathBuf,
+    dir: PathBuf,
+}
+
+impl Recording {
+    pub fn prepare(dir: &Path) -> Result<Recording> {
+        if dir.exists()
+            && std::fs::read_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .next()
+                .is_some()
+        {
+            bail!(
+                "{} is not empty: a recording goes into a new directory",
+                dir.display()
+            );
+        }
+        let lib = librrc()?;
+        let set = RingSet::create(SLOTS, RING_BYTES).context("creating the recording's rings")?;
+        // dup gives a descriptor without close-on-exec: the program keeps it.
+        let child_fd = nix::unistd::dup(set.fd()).context("passing the rings on")?;
+        Ok(Recording {
+            set,
+            child_fd,
+            lib,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// What the program's environment needs for librrc to record it.
+    pub fn environment(&self) -> Vec<(OsString, OsString)> {
+        let mut preload = OsString::from(self.lib.as_os_str());
+        if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
+            preload.push(":");
+            preload.push(old);
+        }
+        vec![
+            ("LD_PRELOAD".into(), preload),
+            (
+                "RRC_RR_FD".into(),
+                self.child_fd.as_raw_fd().to_string().into(),
+            ),
+        ]
+    }
+
+    /// Drains the rings beside the container once it runs.
+    pub fn companion(self) -> MakeCompanion<'static> {
+        Box::new(move |_c: &Container| -> Result<Box<dyn Companion>> {
+            // The program has its copy now.
+            drop(self.child_fd);
+            let recorder = Recorder::start(self.set, &self.dir)
+                .with_context(|| format!("recording into {}", self.dir.display()))?;
+            Ok(Box::new(Drain {
+                recorder: Some(recorder),
+                dir: self.dir,
+            }))
+        })
+    }
+}
+
+struct Drain {
+    recorder: Option<Recorder>,
+    dir: PathBuf,
+}
+
+impl Companion for Drain {
+    fn next_wake(&self) -> Option<std::time::Instant> {
+        None
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    fn on_wake(&mut self, _c: &mut Container) {}
+
+    fn on_stop(&mut self, _c: &mut Container) {
+        let Some(r) = self.recorder.take() else {
+            return;
+        };
+        match r.finish() {
+            Ok(s) => eprintln!("rrc: {}", summary(&s, &self.dir)),
+            Err(e) => eprintln!(
+                "rrc: the recording in {} is incomplete: {e}",
+                self.dir.display()
+            ),
+        }
+    }
+}
+
+fn summary(s: &RecordStats, dir: &Path) -> String {
+    let kinds: Vec<String> = s.per_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    let mut out = format!(
+        "recorded {} events of {} thread(s) in {} batches ({:.1} KiB) into {}: {}",
+        s.records,
+        s.per_thread.len(),
+        s.batches,
+        s.bytes as f64 / 1024.0,
+        dir.display(),
+        kinds.join(", ")
+    );
+    if s.forks_unrecorded > 0 {
+        out += &format!(
+            "; {} fork(s) whose child was not recorded: replay cannot go past them",
+            s.forks_unrecorded
+        );
+    }
+    out
+}
+
+/// Read recordings made with `rrc run --record DIR`.
+#[derive(Debug, Subcommand)]
+pub enum LogCommand {
+    /// Print a recording's events, thread by thread, in their global order
+    /// within each thread.
+    Show {
+        /// The log directory.
+        dir: PathBuf,
+        /// Only this thread log (1 is the program's first thread).
+        #[arg(long)]
+        thread: Option<u32>,
+        /// At most this many events per thread.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+pub fn log(c: LogCommand) -> Result<i32> {
+    match c {
+        LogCommand::Show { dir, thread, limit } => {
+            let ids = thread_log_ids(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            if ids.is_empty() {
+                bail!("{} holds no thread logs", dir.display());
+            }
+            for id in ids.into_iter().filter(|id| thread.is_none_or(|t| t == *id)) {
+                println!("thread {id}:");
+                let mut r = LogReader::open(&dir, id)?;
+                let mut n = 0;
+                while let Some(rec) = r.next_record()? {
+                    if limit.is_some_and(|l| n >= l) {
+                        println!("  ...");
+                        break;
+                    }
+                    println!(
+                        "  #{:<8} +{:>9} ns  {:?}",
+                        rec.seq, rec.time_delta_ns, rec.event
+                    );
+                    n += 1;
+                }
+            }
+            Ok(0)
+        }
+    }
+}

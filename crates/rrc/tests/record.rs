@@ -1,0 +1,255 @@
+//! Recording: `rrc run --record DIR` preloads librrc into the program,
+//! which logs every nondeterministic outcome per thread; the log must hold
+//! exactly what the program saw.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use rrc_bench::failover::App;
+use rrc_bench::session::LabSession;
+use rrc_lab::Host;
+use rrc_rr::log::{Event, LogReader, thread_log_ids};
+
+const RRC: &str = env!("CARGO_BIN_EXE_rrc");
+
+/// Every record of every thread log in `dir`: (thread, seq, event as
+/// owned text and data).
+fn records(dir: &Path) -> Vec<(u32, u64, Owned)> {
+    let mut out = Vec::new();
+    for id in thread_log_ids(dir).unwrap() {
+        let mut r = LogReader::open(dir, id).unwrap();
+        while let Some(rec) = r.next_record().unwrap() {
+            out.push((id, rec.seq, Owned::of(&rec.event)));
+        }
+    }
+    out
+}
+
+/// The parts of an event the tests look at, owned.
+#[derive(Debug, Clone, PartialEq)]
+enum Owned {
+    Clock(i32, i64, u32),
+    TimeOfDay(i64, u32),
+    Time(i64),
+    Random(Vec<u8>),
+    Input(Vec<u8>),
+    Accept,
+    Create(u32),
+    Exit,
+    Other,
+}
+
+impl Owned {
+    fn of(e: &Event<'_>) -> Owned {
+        match e {
+            Event::ClockGettime {
+                clock, sec, nsec, ..
+            } => Owned::Clock(*clock, *sec, *nsec),
+            Event::Gettimeofday { sec, usec, .. } => Owned::TimeOfDay(*sec, *usec),
+            Event::Time { sec } => Owned::Time(*sec),
+            Event::Getrandom { data, .. } => Owned::Random(data.to_vec()),
+            Event::Read { data, .. } | Event::Recv { data, .. } => Owned::Input(data.to_vec()),
+            Event::Accept { .. } => Owned::Accept,
+            Event::ThreadCreate { child, .. } => Owned::Create(*child),
+            Event::ThreadExit => Owned::Exit,
+            _ => Owned::Other,
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn the_log_holds_what_the_program_saw() {
+    require_root();
+    let work = scratch("record-basic");
+    let fixture = build("rr_basic", &work);
+    let dir = work.join("log");
+    let name = format!("rrb{}", std::process::id());
+    let mut child = Command::new(RRC)
+        .args(["run", "--name", &name, "--record"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&fixture)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("recorded 11 events of 3 thread(s)"),
+        "{stderr}"
+    );
+
+    let recs = records(&dir);
+    let main: Vec<&Owned> = recs.iter().filter(|r| r.0 == 1).map(|r| &r.2).collect();
+    let line = |prefix: &str| -> Vec<String> {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no `{prefix}` in {stdout}"))
+            .split_whitespace()
+            .skip(1)
+            .map(str::to_string)
+            .collect()
+    };
+    let clock = line("clock ");
+    assert_eq!(
+        main[0],
+        &Owned::Clock(
+            libc::CLOCK_MONOTONIC,
+            clock[0].parse().unwrap(),
+            clock[1].parse().unwrap()
+        )
+    );
+    let tod = line("timeofday ");
+    assert_eq!(
+        main[1],
+        &Owned::TimeOfDay(tod[0].parse().unwrap(), tod[1].parse().unwrap())
+    );
+    assert_eq!(main[2], &Owned::Time(line("time ")[0].parse().unwrap()));
+    match main[3] {
+        Owned::Random(r) => assert_eq!(hex(r), line("random ")[0]),
+        other => panic!("expected getrandom, got {other:?}"),
+    }
+    assert_eq!(main[4], &Owned::Input(b"hello\n".to_vec()));
+    let children: Vec<u32> = main
+        .iter()
+        .filter_map(|e| match e {
+            Owned::Create(c) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(children.len(), 2, "{main:?}");
+    // Each created thread's log: the clock it printed, then its exit.
+    for (i, child) in children.iter().enumerate() {
+        let mine: Vec<&Owned> = recs
+            .iter()
+            .filter(|r| r.0 == *child)
+            .map(|r| &r.2)
+            .collect();
+        let printed = line(&format!("thread {} clock ", i + 1));
+        assert_eq!(
+            mine,
+            vec![
+                &Owned::Clock(
+                    libc::CLOCK_REALTIME,
+                    printed[2].parse().unwrap(),
+                    printed[3].parse().unwrap()
+                ),
+                &Owned::Exit
+            ],
+            "thread {child}"
+        );
+    }
+    // One global order: every sequence number once.
+    let mut seqs: Vec<u64> = recs.iter().map(|r| r.1).collect();
+    seqs.sort();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+
+    // `rrc log show` reads it.
+    let show = Command::new(RRC)
+        .args(["log", "show"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(show.status.success());
+    assert!(String::from_utf8_lossy(&show.stdout).contains("ThreadExit"));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// Records `app` in the lab under verifying load; returns the log's
+/// records and the clients' request count.
+fn record_under_load(tag: &str, app: App) -> (Vec<(u32, u64, Owned)>, u64) {
+    require_root();
+    let lab = LabSession::start(
+        Path::new(RRC),
+        &format!("{tag}{}", std::process::id()),
+        None,
+    )
+    .unwrap();
+    let work = scratch(tag);
+    let dir = work.join("log");
+    let vip = lab.plan().vip();
+    lab.run_container_with(
+        Host::Primary,
+        app.name(),
+        vip,
+        &["--record", &dir.display().to_string()],
+        app.command(),
+    )
+    .unwrap();
+    let target = std::net::SocketAddr::new(std::net::IpAddr::V4(vip.addr()), app.port());
+    lab.wait_tcp(Host::Client, target, Duration::from_secs(10))
+        .unwrap();
+    let r = lab
+        .in_host(Host::Client, || {
+            rrc_bench::verify::run(app.service(), target, 4, || {}, Duration::from_secs(2))
+        })
+        .unwrap();
+    assert!(r.errors.is_empty(), "{r:#?}");
+    lab.run_on(Host::Primary, &[RRC, "stop", app.name()])
+        .unwrap();
+    let recs = records(&dir);
+    let _ = std::fs::remove_dir_all(&work);
+    (recs, r.requests)
+}
+
+/// What the clients sent, as the log's input events hold it.
+fn input_text(recs: &[(u32, u64, Owned)]) -> String {
+    let mut all = Vec::new();
+    for (_, _, e) in recs {
+        if let Owned::Input(d) = e {
+            all.extend_from_slice(d);
+        }
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[test]
+fn redis_under_load_is_recorded_with_its_input() {
+    let (recs, requests) = record_under_load("recred", App::Redis);
+    assert!(requests > 100, "{requests} requests");
+    let accepts = recs.iter().filter(|r| r.2 == Owned::Accept).count();
+    assert!(accepts >= 4, "{accepts} accepts");
+    let input = input_text(&recs);
+    for id in 0..4 {
+        assert!(
+            input.contains(&format!("k{id}_1")),
+            "connection {id}'s writes are not in the log"
+        );
+    }
+}
+
+#[test]
+fn memcached_worker_threads_are_recorded_each_in_its_own_log() {
+    let (recs, requests) = record_under_load("recmem", App::Memcached);
+    assert!(requests > 100, "{requests} requests");
+    let threads: std::collections::BTreeSet<u32> = recs.iter().map(|r| r.0).collect();
+    // The main thread and at least the workers that served connections.
+    assert!(threads.len() >= 3, "thread logs: {threads:?}");
+    let created = recs
+        .iter()
+        .filter(|r| matches!(r.2, Owned::Create(_)))
+        .count();
+    assert!(created >= 4, "{created} threads created");
+    let input = input_text(&recs);
+    for id in 0..4 {
+        assert!(
+            input.contains(&format!("k{id}_1")),
+            "connection {id}'s writes are not in the log"
+        );
+    }
+}
