@@ -9,7 +9,7 @@ use libc::{
     socklen_t, ssize_t, time_t, timespec, timeval,
 };
 use rrc_rr::log::{
-    AcceptCall, Bytes, EpollCall, EpollReady, Event, List, PollCall, ReadCall, RecvCall,
+    AcceptCall, Bytes, EpollCall, EpollReady, Event, List, MmapCall, PollCall, ReadCall, RecvCall,
 };
 
 use crate::real::get;
@@ -17,7 +17,7 @@ use crate::record;
 use crate::thread;
 
 /// The call's result as the log holds it: `-errno` on failure.
-fn outcome(ret: i64) -> i64 {
+pub(crate) fn outcome(ret: i64) -> i64 {
     if ret < 0 {
         // SAFETY: __errno_location returns this thread's errno slot.
         -i64::from(unsafe { *libc::__errno_location() })
@@ -27,10 +27,10 @@ fn outcome(ret: i64) -> i64 {
 }
 
 /// Keeps errno as the wrapped call left it across the recording.
-struct SavedErrno(c_int);
+pub(crate) struct SavedErrno(c_int);
 
 impl SavedErrno {
-    fn save() -> SavedErrno {
+    pub(crate) fn save() -> SavedErrno {
         // SAFETY: as in `outcome`.
         SavedErrno(unsafe { *libc::__errno_location() })
     }
@@ -538,4 +538,73 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     unsafe { get::sendmsg()(fd, msg, flags) }
+}
+
+// Addresses the kernel chose for new mappings.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let p = unsafe { get::mmap()(addr, len, prot, flags, fd, off) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record::emit(&Event::Mmap {
+            call: MmapCall::Mmap,
+            ret: if p == libc::MAP_FAILED {
+                outcome(-1)
+            } else {
+                p as i64
+            },
+            len: len as u64,
+        });
+    }
+    p
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off64_t,
+) -> *mut c_void {
+    // SAFETY: on x86-64 off_t and off64_t are the same type.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// `mremap`'s fifth argument exists only with MREMAP_FIXED; C callers
+/// pass it as a variadic, which on x86-64 arrives in the same register
+/// whether or not it was given.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mremap(
+    old: *mut c_void,
+    old_len: size_t,
+    new_len: size_t,
+    flags: c_int,
+    new_addr: *mut c_void,
+) -> *mut c_void {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let p = unsafe { get::mremap()(old, old_len, new_len, flags, new_addr) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record::emit(&Event::Mmap {
+            call: MmapCall::Mremap,
+            ret: if p == libc::MAP_FAILED {
+                outcome(-1)
+            } else {
+                p as i64
+            },
+            len: new_len as u64,
+        });
+    }
+    p
 }

@@ -15,6 +15,7 @@
 mod hooks;
 mod real;
 mod record;
+mod sync;
 mod thread;
 mod threads;
 

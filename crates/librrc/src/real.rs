@@ -71,6 +71,31 @@ real_functions! {
     send: fn(c_int, *const c_void, size_t, c_int) -> ssize_t;
     sendto: fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> ssize_t;
     sendmsg: fn(c_int, *const msghdr, c_int) -> ssize_t;
+    pthread_mutex_lock: fn(*mut libc::pthread_mutex_t) -> c_int;
+    pthread_mutex_trylock: fn(*mut libc::pthread_mutex_t) -> c_int;
+    pthread_mutex_timedlock: fn(*mut libc::pthread_mutex_t, *const timespec) -> c_int;
+    pthread_mutex_unlock: fn(*mut libc::pthread_mutex_t) -> c_int;
+    pthread_rwlock_rdlock: fn(*mut libc::pthread_rwlock_t) -> c_int;
+    pthread_rwlock_wrlock: fn(*mut libc::pthread_rwlock_t) -> c_int;
+    pthread_rwlock_tryrdlock: fn(*mut libc::pthread_rwlock_t) -> c_int;
+    pthread_rwlock_trywrlock: fn(*mut libc::pthread_rwlock_t) -> c_int;
+    pthread_rwlock_timedrdlock: fn(*mut libc::pthread_rwlock_t, *const timespec) -> c_int;
+    pthread_rwlock_timedwrlock: fn(*mut libc::pthread_rwlock_t, *const timespec) -> c_int;
+    pthread_rwlock_unlock: fn(*mut libc::pthread_rwlock_t) -> c_int;
+    pthread_cond_wait: fn(*mut libc::pthread_cond_t, *mut libc::pthread_mutex_t) -> c_int;
+    pthread_cond_timedwait: fn(*mut libc::pthread_cond_t, *mut libc::pthread_mutex_t, *const timespec) -> c_int;
+    pthread_cond_signal: fn(*mut libc::pthread_cond_t) -> c_int;
+    pthread_cond_broadcast: fn(*mut libc::pthread_cond_t) -> c_int;
+    sem_wait: fn(*mut libc::sem_t) -> c_int;
+    sem_trywait: fn(*mut libc::sem_t) -> c_int;
+    sem_timedwait: fn(*mut libc::sem_t, *const timespec) -> c_int;
+    sem_post: fn(*mut libc::sem_t) -> c_int;
+    pthread_spin_lock: fn(*mut libc::pthread_spinlock_t) -> c_int;
+    pthread_spin_trylock: fn(*mut libc::pthread_spinlock_t) -> c_int;
+    pthread_spin_unlock: fn(*mut libc::pthread_spinlock_t) -> c_int;
+    pthread_once: fn(*mut libc::pthread_once_t, extern "C" fn()) -> c_int;
+    mmap: fn(*mut c_void, size_t, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
+    mremap: fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 }
 
 /// A thread's start routine.

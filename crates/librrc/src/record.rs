@@ -89,6 +89,9 @@ pub fn init() {
         Err(_) => crate::fatal(b"librrc: RRC_RR_FD is not an rrc ring set\n"),
     };
     SET.store(Box::into_raw(Box::new(set)), Ordering::Release);
+    // The loading thread is the program's first: log 1, before any thread
+    // it creates takes a number.
+    thread::set_log_id(next_log_id());
     // SAFETY: registering handlers (plain functions) before threads exist.
     unsafe {
         libc::pthread_atfork(None, None, Some(in_fork_child));

@@ -94,7 +94,7 @@ fn load_figures(r: &VerifyReport, took: Duration) -> Load {
     }
 }
 
-fn measure(lab: &LabSession, app: App, connections: usize, load: Duration) -> Result<Load> {
+pub fn measure(lab: &LabSession, app: App, connections: usize, load: Duration) -> Result<Load> {
     let target =
         std::net::SocketAddr::new(std::net::IpAddr::V4(lab.plan().vip().addr()), app.port());
     lab.wait_tcp(Host::Client, target, Duration::from_secs(10))?;

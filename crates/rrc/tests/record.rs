@@ -13,7 +13,7 @@ use common::*;
 use rrc_bench::failover::App;
 use rrc_bench::session::LabSession;
 use rrc_lab::Host;
-use rrc_rr::log::{Event, LogReader, thread_log_ids};
+use rrc_rr::log::{Event, LogReader, SyncOp, thread_log_ids};
 
 const RRC: &str = env!("CARGO_BIN_EXE_rrc");
 
@@ -41,6 +41,7 @@ enum Owned {
     Accept,
     Create(u32),
     Exit,
+    Sync(SyncOp, u64),
     Other,
 }
 
@@ -57,6 +58,7 @@ impl Owned {
             Event::Accept { .. } => Owned::Accept,
             Event::ThreadCreate { child, .. } => Owned::Create(*child),
             Event::ThreadExit => Owned::Exit,
+            Event::Sync { op, obj, .. } => Owned::Sync(*op, *obj),
             _ => Owned::Other,
         }
     }
@@ -167,6 +169,56 @@ fn the_log_holds_what_the_program_saw() {
         .unwrap();
     assert!(show.status.success());
     assert!(String::from_utf8_lossy(&show.stdout).contains("ThreadExit"));
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn lock_order_is_recorded_as_it_happened() {
+    require_root();
+    let work = scratch("record-locks");
+    let fixture = build("rr_locks", &work);
+    let dir = work.join("log");
+    let name = format!("rrl{}", std::process::id());
+    let out = Command::new(RRC)
+        .args(["run", "--name", &name, "--record"])
+        .arg(&dir)
+        .arg("--")
+        .arg(&fixture)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let words: Vec<&str> = stdout.split_whitespace().collect();
+    assert_eq!(words[5], "8000", "{stdout}");
+    let lock = u64::from_str_radix(words[1], 16).unwrap();
+    let mut recs = records(&dir);
+    recs.sort_by_key(|r| r.1);
+    // The shared mutex, in global order: each acquisition followed by the
+    // same thread's release, 4 threads x 2000 rounds.
+    let on_lock: Vec<(u32, SyncOp)> = recs
+        .iter()
+        .filter_map(|(t, _, e)| match e {
+            Owned::Sync(op, obj) if *obj == lock => Some((*t, *op)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(on_lock.len(), 16000);
+    for pair in on_lock.chunks(2) {
+        assert_eq!(pair[0].1, SyncOp::MutexLock, "{pair:?}");
+        assert_eq!(pair[1], (pair[0].0, SyncOp::MutexUnlock), "{pair:?}");
+    }
+    let count = |op: SyncOp| {
+        recs.iter()
+            .filter(|r| matches!(r.2, Owned::Sync(o, _) if o == op))
+            .count()
+    };
+    assert_eq!(count(SyncOp::CondSignal), 500);
+    assert_eq!(count(SyncOp::SemPost), 1);
+    assert_eq!(count(SyncOp::SemWait), 1);
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -37,6 +37,10 @@ pub enum BenchCommand {
     /// answer, broken into detection, restore and resumption; success
     /// rate), for Redis and Memcached in a lab.
     Failover(FailoverArgs),
+    /// Recording: throughput and latency of Redis and Memcached recorded
+    /// by librrc (`rrc run --record`) against the plain container, same
+    /// load, alternating rounds in one run; log bytes per request.
+    Record(RecordArgs),
     /// Redis latency and throughput through rrc's TAP forwarding path versus
     /// the same Redis on a plain veth, side by side in one lab.
     Net(NetArgs),
@@ -84,6 +88,25 @@ pub struct FailoverArgs {
     /// Seed of the kill moments (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// Applications to measure.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [FailoverApp::Redis, FailoverApp::Memcached])]
+    apps: Vec<FailoverApp>,
+    /// Verifying client connections.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// How long each load runs.
+    #[arg(long, default_value = "5s", value_parser = crate::cli::parse_duration)]
+    load: std::time::Duration,
+    /// Rounds (plain, then recorded) per application.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -246,6 +269,32 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             print!("{}", failover_bench::render(&r));
             if let Some(path) = a.json {
                 std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(0)
+        }
+        BenchCommand::Record(a) => {
+            use rrc_bench::failover::App;
+            use rrc_bench::record_bench::{self, RecordConfig};
+            anyhow::ensure!(a.connections > 0, "--connections must be at least 1");
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let cfg = RecordConfig {
+                apps: a
+                    .apps
+                    .iter()
+                    .map(|x| match x {
+                        FailoverApp::Redis => App::Redis,
+                        FailoverApp::Memcached => App::Memcached,
+                    })
+                    .collect(),
+                connections: a.connections,
+                load: a.load,
+                rounds: a.rounds.max(1),
+            };
+            let rows = record_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
+            print!("{}", record_bench::render(&rows));
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             Ok(0)
