@@ -10,6 +10,7 @@ use libc::{
 };
 use rrc_rr::log::{
     AcceptCall, Bytes, EpollCall, EpollReady, Event, List, MmapCall, PollCall, ReadCall, RecvCall,
+    RecvMsg, SelectCall,
 };
 
 use crate::real::get;
@@ -391,6 +392,32 @@ pub unsafe extern "C" fn epoll_pwait(
     ret
 }
 
+fn record_poll(call: PollCall, fds: *const pollfd, n: nfds_t, ret: c_int) {
+    let all: &[pollfd] = if fds.is_null() {
+        &[]
+    } else {
+        // SAFETY: the program's array of `n` entries, filled by the call.
+        unsafe { std::slice::from_raw_parts(fds, n as usize) }
+    };
+    let mut revents = [0u16; 256];
+    let mut start = 0;
+    loop {
+        let end = all.len().min(start + revents.len());
+        for (i, p) in all[start..end].iter().enumerate() {
+            revents[i] = p.revents as u16;
+        }
+        record::emit(&Event::Poll {
+            call,
+            ret: outcome(i64::from(ret)),
+            revents: List::new(&revents[..end - start]),
+        });
+        start = end;
+        if start >= all.len() {
+            break;
+        }
+    }
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
     record::flush_before_blocking();
@@ -398,31 +425,236 @@ pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_
     let ret = unsafe { get::poll()(fds, n, timeout) };
     if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        let all: &[pollfd] = if fds.is_null() {
-            &[]
+        record_poll(PollCall::Poll, fds, n, ret);
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut pollfd,
+    n: nfds_t,
+    timeout: *const timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::ppoll()(fds, n, timeout, sigmask) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record_poll(PollCall::Ppoll, fds, n, ret);
+    }
+    ret
+}
+
+/// The part of an fd set that `nfds` covers, as bytes.
+fn fd_set_bytes<'a>(set: *const libc::fd_set, nfds: c_int) -> &'a [u8] {
+    if set.is_null() || nfds <= 0 {
+        return &[];
+    }
+    let len = (nfds as usize).div_ceil(8).min(size_of::<libc::fd_set>());
+    // SAFETY: the program's fd_set, which the call filled.
+    unsafe { std::slice::from_raw_parts(set.cast::<u8>(), len) }
+}
+
+fn record_select(
+    call: SelectCall,
+    nfds: c_int,
+    r: *const libc::fd_set,
+    w: *const libc::fd_set,
+    e: *const libc::fd_set,
+    ret: c_int,
+) {
+    record::emit(&Event::Select {
+        call,
+        ret: outcome(i64::from(ret)),
+        readfds: fd_set_bytes(r, nfds),
+        writefds: fd_set_bytes(w, nfds),
+        exceptfds: fd_set_bytes(e, nfds),
+    });
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn select(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    timeout: *mut timeval,
+) -> c_int {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::select()(nfds, r, w, e, timeout) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record_select(SelectCall::Select, nfds, r, w, e, ret);
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pselect(
+    nfds: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    timeout: *const timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::pselect()(nfds, r, w, e, timeout, sigmask) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record_select(SelectCall::Pselect, nfds, r, w, e, ret);
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    msgs: *mut libc::mmsghdr,
+    n: c_uint,
+    flags: c_int,
+    timeout: *mut timespec,
+) -> c_int {
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::recvmmsg()(fd, msgs, n, flags, timeout) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let got: &[libc::mmsghdr] = if ret > 0 && !msgs.is_null() {
+            // SAFETY: the call filled `ret` entries of the program's array.
+            unsafe { std::slice::from_raw_parts(msgs, ret as usize) }
         } else {
-            // SAFETY: the program's array of `n` entries, filled by the call.
-            unsafe { std::slice::from_raw_parts(fds, n as usize) }
+            &[]
         };
-        let mut revents = [0u16; 256];
+        // Bounded on the stack: a larger batch is recorded in parts.
+        let mut one = [RecvMsg {
+            data: Bytes::Flat(&[]),
+            addr: &[],
+            flags: 0,
+            control: &[],
+        }; 32];
         let mut start = 0;
         loop {
-            let end = all.len().min(start + revents.len());
-            for (i, p) in all[start..end].iter().enumerate() {
-                revents[i] = p.revents as u16;
+            let end = got.len().min(start + one.len());
+            for (i, m) in got[start..end].iter().enumerate() {
+                let h = &m.msg_hdr;
+                // SAFETY: the call filled each header and its buffers; the
+                // iovecs are the program's (IoSlice has their layout).
+                one[i] = unsafe {
+                    RecvMsg {
+                        data: Bytes::Scattered {
+                            parts: if h.msg_iov.is_null() {
+                                &[]
+                            } else {
+                                std::slice::from_raw_parts(h.msg_iov.cast(), h.msg_iovlen)
+                            },
+                            len: m.msg_len as usize,
+                        },
+                        addr: bytes(h.msg_name, i64::from(h.msg_namelen)),
+                        flags: h.msg_flags,
+                        control: bytes(h.msg_control, h.msg_controllen as i64),
+                    }
+                };
             }
-            record::emit(&Event::Poll {
-                call: PollCall::Poll,
+            record::emit(&Event::RecvMmsg {
+                fd,
                 ret: outcome(i64::from(ret)),
-                revents: List::new(&revents[..end - start]),
+                msgs: List::new(&one[..end - start]),
             });
             start = end;
-            if start >= all.len() {
+            if start >= got.len() {
                 break;
             }
         }
     }
     ret
+}
+
+// The fortified variants (_FORTIFY_SOURCE) check the buffer size, then do
+// what the plain call does.
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    size: size_t,
+) -> ssize_t {
+    if n > size {
+        fatal_overflow();
+    }
+    // SAFETY: as `read`.
+    unsafe { read(fd, buf, n) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __pread64_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    off: libc::off64_t,
+    size: size_t,
+) -> ssize_t {
+    if n > size {
+        fatal_overflow();
+    }
+    // SAFETY: as `pread64`.
+    unsafe { pread64(fd, buf, n, off) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    size: size_t,
+    flags: c_int,
+) -> ssize_t {
+    if n > size {
+        fatal_overflow();
+    }
+    // SAFETY: as `recv`.
+    unsafe { recv(fd, buf, n, flags) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    size: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    if n > size {
+        fatal_overflow();
+    }
+    // SAFETY: as `recvfrom`.
+    unsafe { recvfrom(fd, buf, n, flags, addr, len) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut pollfd,
+    n: nfds_t,
+    timeout: c_int,
+    size: size_t,
+) -> c_int {
+    if (n as usize).saturating_mul(size_of::<pollfd>()) > size {
+        fatal_overflow();
+    }
+    // SAFETY: as `poll`.
+    unsafe { poll(fds, n, timeout) }
+}
+
+/// What glibc's checks do on overflow: stop the program.
+fn fatal_overflow() -> ! {
+    crate::fatal(b"*** buffer overflow detected ***: terminated\n")
 }
 
 #[unsafe(no_mangle)]

@@ -94,6 +94,10 @@ real_functions! {
     pthread_spin_trylock: fn(*mut libc::pthread_spinlock_t) -> c_int;
     pthread_spin_unlock: fn(*mut libc::pthread_spinlock_t) -> c_int;
     pthread_once: fn(*mut libc::pthread_once_t, extern "C" fn()) -> c_int;
+    select: fn(c_int, *mut libc::fd_set, *mut libc::fd_set, *mut libc::fd_set, *mut timeval) -> c_int;
+    pselect: fn(c_int, *mut libc::fd_set, *mut libc::fd_set, *mut libc::fd_set, *const timespec, *const libc::sigset_t) -> c_int;
+    ppoll: fn(*mut pollfd, nfds_t, *const timespec, *const libc::sigset_t) -> c_int;
+    recvmmsg: fn(c_int, *mut libc::mmsghdr, c_uint, c_int, *mut timespec) -> c_int;
     mmap: fn(*mut c_void, size_t, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
     mremap: fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 }
