@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use libc::{c_int, c_void, pthread_attr_t, pthread_t};
 use rrc_rr::log::Event;
 
+use crate::hooks::{SavedErrno, outcome};
 use crate::real::{StartRoutine, get};
 use crate::{record, thread};
 
@@ -108,9 +109,14 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
     if ret != 0
         && let Some(_inside) = thread::enter()
     {
-        // The child is not recorded (its atfork handler stopped it): replay
-        // cannot go past this point.
-        record::emit(&Event::ForkUnsupported);
+        let _e = SavedErrno::save();
+        if ret > 0 {
+            // The child is not recorded (its atfork handler stopped it):
+            // replay cannot go past this point.
+            record::emit(&Event::ForkUnsupported);
+        } else {
+            record::emit(&Event::Fork { ret: outcome(-1) });
+        }
     }
     ret
 }
