@@ -305,3 +305,32 @@ fn memcached_worker_threads_are_recorded_each_in_its_own_log() {
         );
     }
 }
+
+#[test]
+fn a_statically_linked_program_is_refused() {
+    require_root();
+    let work = scratch("record-static");
+    let src = work.join("st.c");
+    std::fs::write(&src, "int main(void) { return 0; }\n").unwrap();
+    let bin = work.join("st");
+    let built = Command::new("gcc")
+        .args(["-static", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
+    assert!(built.success());
+    let out = Command::new(RRC)
+        .args(["run", "--name", "rrst", "--record"])
+        .arg(work.join("log"))
+        .arg("--")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("statically linked"),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -50,8 +50,46 @@ pub struct Recording {
     dir: PathBuf,
 }
 
+/// Whether `program` is loaded by the dynamic linker (has a PT_INTERP
+/// program header): only then does LD_PRELOAD reach it.
+fn dynamically_linked(program: &Path) -> Result<bool> {
+    let data = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+    };
+    // A script (#!) runs an interpreter, which is checked when it starts.
+    if data.starts_with(b"#!") {
+        return Ok(true);
+    }
+    // ELF, 64-bit, little-endian: what this machine runs.
+    if !data.starts_with(b"\x7fELF") || data.get(4) != Some(&2) || data.get(5) != Some(&1) {
+        bail!("{} is not a 64-bit ELF program", program.display());
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        bail!("{} is a truncated ELF file", program.display());
+    };
+    const PT_INTERP: u32 = 3;
+    Ok((0..usize::from(phnum))
+        .any(|i| u32_at(phoff as usize + i * usize::from(phentsize)) == Some(PT_INTERP)))
+}
+
 impl Recording {
-    pub fn prepare(dir: &Path) -> Result<Recording> {
+    /// Checks that `program` can be recorded and prepares the rings and
+    /// the log directory `dir`.
+    pub fn prepare(dir: &Path, program: &Path) -> Result<Recording> {
+        if !dynamically_linked(program)? {
+            bail!(
+                "{} is statically linked: librrc cannot be preloaded into it, so it cannot be recorded",
+                program.display()
+            );
+        }
         if dir.exists()
             && std::fs::read_dir(dir)
                 .with_context(|| format!("reading {}", dir.display()))?
@@ -127,6 +165,10 @@ impl Companion for Drain {
             return;
         };
         match r.finish() {
+            Ok(s) if s.records == 0 => eprintln!(
+                "rrc: nothing was recorded into {}: the program made none of the recorded calls through the C library",
+                self.dir.display()
+            ),
             Ok(s) => eprintln!("rrc: {}", summary(&s, &self.dir)),
             Err(e) => eprintln!(
                 "rrc: the recording in {} is incomplete: {e}",

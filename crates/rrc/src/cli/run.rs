@@ -87,7 +87,9 @@ impl ContainerArgs {
 pub fn run(a: RunArgs) -> Result<i32> {
     match &a.record {
         Some(dir) => {
-            let rec = super::record::Recording::prepare(dir)?;
+            let program =
+                resolve_command(&a.container.command[0], std::env::var_os("PATH").as_deref())?;
+            let rec = super::record::Recording::prepare(dir, &program)?;
             let env = rec.environment();
             start(&a.container, None, Some(rec.companion()), env)
         }
