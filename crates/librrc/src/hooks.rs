@@ -73,21 +73,26 @@ unsafe fn address<'a>(addr: *const sockaddr, len: *const socklen_t, room: sockle
     }
 }
 
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    // SAFETY: the program's arguments, passed on unchanged.
-    let ret = unsafe { get::read()(fd, buf, n) };
+/// Records a read-family call that filled one buffer.
+fn record_flat_read(call: ReadCall, fd: c_int, ret: ssize_t, buf: *const c_void) {
     if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let r = outcome(ret as i64);
         record::emit(&Event::Read {
-            call: ReadCall::Read,
+            call,
             fd,
             ret: r,
             // SAFETY: the call wrote `ret` bytes at `buf`.
             data: Bytes::Flat(unsafe { bytes(buf, r) }),
         });
     }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::read()(fd, buf, n) };
+    record_flat_read(ReadCall::Read, fd, ret, buf);
     ret
 }
 
@@ -127,17 +132,7 @@ pub unsafe extern "C" fn pread64(
 ) -> ssize_t {
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::pread64()(fd, buf, n, off) };
-    if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        let r = outcome(ret as i64);
-        record::emit(&Event::Read {
-            call: ReadCall::Pread,
-            fd,
-            ret: r,
-            // SAFETY: the call wrote `ret` bytes at `buf`.
-            data: Bytes::Flat(unsafe { bytes(buf, r) }),
-        });
-    }
+    record_flat_read(ReadCall::Pread, fd, ret, buf);
     ret
 }
 

@@ -118,6 +118,15 @@ enum FailoverApp {
     Memcached,
 }
 
+impl FailoverApp {
+    fn app(self) -> rrc_bench::failover::App {
+        match self {
+            FailoverApp::Redis => rrc_bench::failover::App::Redis,
+            FailoverApp::Memcached => rrc_bench::failover::App::Memcached,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CkptArgs {
     /// Memory sizes to measure, in MiB.
@@ -242,19 +251,12 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             Ok(0)
         }
         BenchCommand::Failover(a) => {
-            use rrc_bench::failover::{App, Moments, PairOptions};
+            use rrc_bench::failover::{Moments, PairOptions};
             use rrc_bench::failover_bench::{self, FailoverConfig};
             anyhow::ensure!(a.connections > 0, "--connections must be at least 1");
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
             let cfg = FailoverConfig {
-                apps: a
-                    .apps
-                    .iter()
-                    .map(|x| match x {
-                        FailoverApp::Redis => App::Redis,
-                        FailoverApp::Memcached => App::Memcached,
-                    })
-                    .collect(),
+                apps: a.apps.iter().map(|x| x.app()).collect(),
                 kills: a.kills,
                 connections: a.connections,
                 load: a.load,
@@ -274,19 +276,11 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             Ok(0)
         }
         BenchCommand::Record(a) => {
-            use rrc_bench::failover::App;
             use rrc_bench::record_bench::{self, RecordConfig};
             anyhow::ensure!(a.connections > 0, "--connections must be at least 1");
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
             let cfg = RecordConfig {
-                apps: a
-                    .apps
-                    .iter()
-                    .map(|x| match x {
-                        FailoverApp::Redis => App::Redis,
-                        FailoverApp::Memcached => App::Memcached,
-                    })
-                    .collect(),
+                apps: a.apps.iter().map(|x| x.app()).collect(),
                 connections: a.connections,
                 load: a.load,
                 rounds: a.rounds.max(1),
