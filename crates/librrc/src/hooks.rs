@@ -15,6 +15,7 @@ use rrc_rr::log::{
 
 use crate::real::get;
 use crate::record;
+use crate::replay;
 use crate::thread;
 
 /// The call's result as the log holds it: `-errno` on failure.
@@ -25,6 +26,44 @@ pub(crate) fn outcome(ret: i64) -> i64 {
     } else {
         ret
     }
+}
+
+/// A logged result given back the C library's way: -1 and errno for
+/// `-errno`.
+pub(crate) fn served(ret: i64) -> i64 {
+    if ret < 0 {
+        // SAFETY: __errno_location returns this thread's errno slot.
+        unsafe { *libc::__errno_location() = (-ret) as c_int };
+        -1
+    } else {
+        ret
+    }
+}
+
+/// In replay, serves a read-family call from the log: the logged bytes
+/// into `buf` (at most `n`), the logged result returned.
+fn serve_read(
+    call: &str,
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    is: impl FnOnce(&Event<'static>) -> bool,
+) -> Option<ssize_t> {
+    let t = replay::take(call, |e| is(e))?;
+    let (ret, data) = match t.record.event {
+        Event::Read { ret, data, .. } | Event::Recv { ret, data, .. } => (ret, data),
+        _ => (-i64::from(libc::EIO), Bytes::Flat(&[])),
+    };
+    let _ = fd;
+    if let Some(d) = data.as_flat() {
+        let k = d.len().min(n);
+        if k > 0 && !buf.is_null() {
+            // SAFETY: the program's buffer of `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), buf.cast::<u8>(), k) };
+        }
+    }
+    t.complete();
+    Some(served(ret) as ssize_t)
 }
 
 /// Keeps errno as the wrapped call left it across the recording.
@@ -90,6 +129,17 @@ fn record_flat_read(call: ReadCall, fd: c_int, ret: ssize_t, buf: *const c_void)
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    if replay::active()
+        && let Some(r) = serve_read(
+            "read",
+            fd,
+            buf,
+            n,
+            |e| matches!(e, Event::Read { call: ReadCall::Read, fd: f, .. } if *f == fd),
+        )
+    {
+        return r;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::read()(fd, buf, n) };
     record_flat_read(ReadCall::Read, fd, ret, buf);
@@ -98,6 +148,7 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    replay::unsupported("readv");
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::readv()(fd, iov, cnt) };
     if let Some(_inside) = thread::enter() {
@@ -130,6 +181,17 @@ pub unsafe extern "C" fn pread64(
     n: size_t,
     off: libc::off64_t,
 ) -> ssize_t {
+    if replay::active()
+        && let Some(r) = serve_read(
+            "pread",
+            fd,
+            buf,
+            n,
+            |e| matches!(e, Event::Read { call: ReadCall::Pread, fd: f, .. } if *f == fd),
+        )
+    {
+        return r;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::pread64()(fd, buf, n, off) };
     record_flat_read(ReadCall::Pread, fd, ret, buf);
@@ -149,6 +211,17 @@ pub unsafe extern "C" fn pread(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    if replay::active()
+        && let Some(r) = serve_read(
+            "recv",
+            fd,
+            buf,
+            n,
+            |e| matches!(e, Event::Recv { call: RecvCall::Recv, fd: f, .. } if *f == fd),
+        )
+    {
+        return r;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recv()(fd, buf, n, flags) };
     if let Some(_inside) = thread::enter() {
@@ -177,6 +250,7 @@ pub unsafe extern "C" fn recvfrom(
     addr: *mut sockaddr,
     addrlen: *mut socklen_t,
 ) -> ssize_t {
+    replay::unsupported("recvfrom");
     let room = if addrlen.is_null() {
         0
     } else {
@@ -209,6 +283,7 @@ pub unsafe extern "C" fn recvfrom(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    replay::unsupported("recvmsg");
     let (name_room, control_room) = if msg.is_null() {
         (0, 0)
     } else {
@@ -271,6 +346,7 @@ fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    replay::unsupported("accept");
     let room = if len.is_null() {
         0
     } else {
@@ -299,6 +375,7 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
+    replay::unsupported("accept4");
     let room = if len.is_null() {
         0
     } else {
@@ -359,6 +436,7 @@ pub unsafe extern "C" fn epoll_wait(
     max: c_int,
     timeout: c_int,
 ) -> c_int {
+    replay::unsupported("epoll_wait");
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_wait()(epfd, events, max, timeout) };
@@ -377,6 +455,7 @@ pub unsafe extern "C" fn epoll_pwait(
     timeout: c_int,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
+    replay::unsupported("epoll_pwait");
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_pwait()(epfd, events, max, timeout, sigmask) };
@@ -415,6 +494,7 @@ fn record_poll(call: PollCall, fds: *const pollfd, n: nfds_t, ret: c_int) {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
+    replay::unsupported("poll");
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::poll()(fds, n, timeout) };
@@ -432,6 +512,7 @@ pub unsafe extern "C" fn ppoll(
     timeout: *const timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
+    replay::unsupported("ppoll");
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::ppoll()(fds, n, timeout, sigmask) };
@@ -477,6 +558,7 @@ pub unsafe extern "C" fn select(
     e: *mut libc::fd_set,
     timeout: *mut timeval,
 ) -> c_int {
+    replay::unsupported("select");
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::select()(nfds, r, w, e, timeout) };
@@ -496,6 +578,7 @@ pub unsafe extern "C" fn pselect(
     timeout: *const timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
+    replay::unsupported("pselect");
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::pselect()(nfds, r, w, e, timeout, sigmask) };
@@ -514,6 +597,7 @@ pub unsafe extern "C" fn recvmmsg(
     flags: c_int,
     timeout: *mut timespec,
 ) -> c_int {
+    replay::unsupported("recvmmsg");
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recvmmsg()(fd, msgs, n, flags, timeout) };
@@ -654,6 +738,25 @@ fn fatal_overflow() -> ! {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn clock_gettime(clock: clockid_t, tp: *mut timespec) -> c_int {
+    if replay::active()
+        && let Some(t) = replay::take(
+            "clock_gettime",
+            |e| matches!(e, Event::ClockGettime { clock: c, .. } if *c == clock),
+        )
+    {
+        let Event::ClockGettime { ret, sec, nsec, .. } = t.record.event else {
+            unreachable!("checked by take")
+        };
+        if ret == 0 && !tp.is_null() {
+            // SAFETY: the program's timespec.
+            unsafe {
+                (*tp).tv_sec = sec;
+                (*tp).tv_nsec = i64::from(nsec);
+            }
+        }
+        t.complete();
+        return served(i64::from(ret)) as c_int;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::clock_gettime()(clock, tp) };
     if let Some(_inside) = thread::enter() {
@@ -676,6 +779,22 @@ pub unsafe extern "C" fn clock_gettime(clock: clockid_t, tp: *mut timespec) -> c
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn gettimeofday(tv: *mut timeval, tz: *mut c_void) -> c_int {
+    if replay::active()
+        && let Some(t) = replay::take("gettimeofday", |e| matches!(e, Event::Gettimeofday { .. }))
+    {
+        let Event::Gettimeofday { ret, sec, usec } = t.record.event else {
+            unreachable!("checked by take")
+        };
+        if ret == 0 && !tv.is_null() {
+            // SAFETY: the program's timeval.
+            unsafe {
+                (*tv).tv_sec = sec;
+                (*tv).tv_usec = i64::from(usec);
+            }
+        }
+        t.complete();
+        return served(i64::from(ret)) as c_int;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::gettimeofday()(tv, tz) };
     if let Some(_inside) = thread::enter() {
@@ -697,6 +816,19 @@ pub unsafe extern "C" fn gettimeofday(tv: *mut timeval, tz: *mut c_void) -> c_in
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn time(t: *mut time_t) -> time_t {
+    if replay::active()
+        && let Some(turn) = replay::take("time", |e| matches!(e, Event::Time { .. }))
+    {
+        let Event::Time { sec } = turn.record.event else {
+            unreachable!("checked by take")
+        };
+        if !t.is_null() {
+            // SAFETY: the program's time_t.
+            unsafe { *t = sec };
+        }
+        turn.complete();
+        return sec;
+    }
     // SAFETY: the program's argument, passed on unchanged.
     let ret = unsafe { get::time()(t) };
     if let Some(_inside) = thread::enter() {
@@ -708,6 +840,20 @@ pub unsafe extern "C" fn time(t: *mut time_t) -> time_t {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn getrandom(buf: *mut c_void, n: size_t, flags: c_uint) -> ssize_t {
+    if replay::active()
+        && let Some(t) = replay::take("getrandom", |e| matches!(e, Event::Getrandom { .. }))
+    {
+        let Event::Getrandom { ret, data } = t.record.event else {
+            unreachable!("checked by take")
+        };
+        if let Some(d) = data.as_flat() {
+            let k = d.len().min(n);
+            // SAFETY: the program's buffer of `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), buf.cast::<u8>(), k) };
+        }
+        t.complete();
+        return served(ret) as ssize_t;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::getrandom()(buf, n, flags) };
     if let Some(_inside) = thread::enter() {
@@ -778,6 +924,28 @@ pub unsafe extern "C" fn mmap(
     fd: c_int,
     off: libc::off_t,
 ) -> *mut c_void {
+    if replay::active()
+        && let Some(t) = replay::take("mmap", |e| {
+            matches!(
+                e,
+                Event::Mmap {
+                    call: MmapCall::Mmap,
+                    ..
+                }
+            )
+        })
+    {
+        // Where the kernel put it when recorded, if that place is free.
+        let hint = match t.record.event {
+            Event::Mmap { ret, .. } if addr.is_null() && ret > 0 => ret as *mut c_void,
+            _ => addr,
+        };
+        // SAFETY: the program's arguments, with a hint the kernel may
+        // ignore.
+        let p = unsafe { get::mmap()(hint, len, prot, flags, fd, off) };
+        t.complete();
+        return p;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let p = unsafe { get::mmap()(addr, len, prot, flags, fd, off) };
     if let Some(_inside) = thread::enter() {
@@ -819,6 +987,22 @@ pub unsafe extern "C" fn mremap(
     flags: c_int,
     new_addr: *mut c_void,
 ) -> *mut c_void {
+    if replay::active()
+        && let Some(t) = replay::take("mremap", |e| {
+            matches!(
+                e,
+                Event::Mmap {
+                    call: MmapCall::Mremap,
+                    ..
+                }
+            )
+        })
+    {
+        // SAFETY: the program's arguments, passed on unchanged.
+        let p = unsafe { get::mremap()(old, old_len, new_len, flags, new_addr) };
+        t.complete();
+        return p;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let p = unsafe { get::mremap()(old, old_len, new_len, flags, new_addr) };
     if let Some(_inside) = thread::enter() {

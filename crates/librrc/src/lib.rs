@@ -15,6 +15,7 @@
 mod hooks;
 mod real;
 mod record;
+mod replay;
 mod sync;
 mod thread;
 mod threads;
@@ -25,6 +26,7 @@ mod threads;
 extern "C" fn init() {
     real::resolve_all();
     record::init();
+    replay::init();
 }
 
 #[used]

@@ -123,7 +123,7 @@ pub fn next_log_id() -> u32 {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -241,8 +241,8 @@ fn grow(log: &mut ThreadLog, cap: usize) -> bool {
 /// Gives this thread its log id (if it has none), a ring and a batch.
 fn attach(set: &'static RingSet, log: &mut ThreadLog) {
     if thread::log_id() == 0 {
-        let pending = thread::take_pending_id();
-        thread::set_log_id(if pending != 0 { pending } else { next_log_id() });
+        // Not created through pthread_create: numbered when first seen.
+        thread::set_log_id(next_log_id());
     }
     // SAFETY: gettid has no arguments.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;

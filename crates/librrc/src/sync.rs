@@ -2,14 +2,23 @@
 //! wait on and signal condition variables and semaphores. An acquisition
 //! is recorded after it succeeded (while the lock is held, so the
 //! recorded order of one lock's acquisitions is the real one); a release
-//! before it happens (so it precedes the next acquisition).
+//! before it happens (so it precedes the next acquisition); a wait when it
+//! returns.
+//!
+//! In replay an operation waits for its turn in the recorded order. An
+//! acquisition or release takes its turn before the real call (a thread
+//! holding a lock out of turn could block the thread whose turn it is); a
+//! wait makes the real call first (its wake-up comes from another thread's
+//! turn) and takes its turn when it returns. A try or timed acquisition
+//! returns what it returned when recorded: it blocks to succeed, or fails
+//! without trying.
 
 use libc::{c_int, pthread_cond_t, pthread_mutex_t, pthread_rwlock_t, sem_t, timespec};
 use rrc_rr::log::{Event, SyncOp};
 
-use crate::hooks::{SavedErrno, outcome};
+use crate::hooks::{SavedErrno, outcome, served};
 use crate::real::get;
-use crate::{record, thread};
+use crate::{record, replay, thread};
 
 fn note(op: SyncOp, obj: usize, ret: c_int) {
     record::emit(&Event::Sync {
@@ -19,12 +28,62 @@ fn note(op: SyncOp, obj: usize, ret: c_int) {
     });
 }
 
-/// A wrapper that calls the C library, then records the operation with
-/// the call's result (pthread functions return an error number).
-macro_rules! after {
-    ($name:ident, $op:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
+/// In replay, this thread's next record if it is `op` (addresses differ
+/// between runs, so only the operation is compared).
+fn turn(op: SyncOp, call: &str) -> Option<replay::Turn> {
+    if !replay::active() {
+        return None;
+    }
+    replay::take(call, |e| matches!(e, Event::Sync { op: o, .. } if *o == op))
+}
+
+fn recorded_ret(t: &replay::Turn) -> c_int {
+    match t.record.event {
+        Event::Sync { ret, .. } => ret,
+        _ => 0,
+    }
+}
+
+/// Acquisitions and releases: recorded around the real call; in replay
+/// the turn comes first.
+macro_rules! ordered {
+    ($name:ident, $op:ident, before_release: $rel:expr, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
+            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+                // SAFETY: the program's arguments, passed on unchanged.
+                let ret = unsafe { get::$name()($obj $(, $arg)*) };
+                t.complete();
+                return ret;
+            }
+            if $rel && let Some(_inside) = thread::enter() {
+                note(SyncOp::$op, $obj as usize, 0);
+            }
+            // SAFETY: the program's arguments, passed on unchanged.
+            let ret = unsafe { get::$name()($obj $(, $arg)*) };
+            if !$rel && let Some(_inside) = thread::enter() {
+                let _e = SavedErrno::save();
+                note(SyncOp::$op, $obj as usize, ret);
+            }
+            ret
+        }
+    };
+}
+
+/// Try and timed acquisitions: in replay, the recorded outcome.
+macro_rules! attempt {
+    ($name:ident, $op:ident, $blocking:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
+            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+                let ret = recorded_ret(&t);
+                if ret == 0 {
+                    // SAFETY: the program's lock, taken the blocking way.
+                    unsafe { get::$blocking()($obj) };
+                }
+                t.complete();
+                return ret;
+            }
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
             if let Some(_inside) = thread::enter() {
@@ -36,70 +95,110 @@ macro_rules! after {
     };
 }
 
-/// A wrapper that records the operation, then calls the C library.
-macro_rules! before {
-    ($name:ident, $op:ident, $obj:ident: $objty:ty) => {
-        #[unsafe(no_mangle)]
-        pub unsafe extern "C" fn $name($obj: $objty) -> c_int {
-            if let Some(_inside) = thread::enter() {
-                note(SyncOp::$op, $obj as usize, 0);
-            }
-            // SAFETY: the program's argument, passed on unchanged.
-            unsafe { get::$name()($obj) }
-        }
-    };
-}
-
-/// As `after`, for the semaphore calls that return -1 and set errno.
-macro_rules! sem_after {
-    ($name:ident, $op:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
+/// Waits: the real call, then the record (in replay, the turn).
+macro_rules! wait {
+    ($name:ident, $op:ident, errno: $errno:expr, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
+            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+                t.complete();
+                return ret;
+            }
             if let Some(_inside) = thread::enter() {
                 let _e = SavedErrno::save();
-                note(SyncOp::$op, $obj as usize, outcome(i64::from(ret)) as c_int);
+                let r = if $errno { outcome(i64::from(ret)) as c_int } else { ret };
+                note(SyncOp::$op, $obj as usize, r);
             }
             ret
         }
     };
 }
 
-after!(pthread_mutex_lock, MutexLock, m: *mut pthread_mutex_t);
-after!(pthread_mutex_trylock, MutexTrylock, m: *mut pthread_mutex_t);
-after!(pthread_mutex_timedlock, MutexTimedlock, m: *mut pthread_mutex_t, t: *const timespec);
-before!(pthread_mutex_unlock, MutexUnlock, m: *mut pthread_mutex_t);
+ordered!(pthread_mutex_lock, MutexLock, before_release: false, m: *mut pthread_mutex_t);
+attempt!(pthread_mutex_trylock, MutexTrylock, pthread_mutex_lock, m: *mut pthread_mutex_t);
+attempt!(pthread_mutex_timedlock, MutexTimedlock, pthread_mutex_lock, m: *mut pthread_mutex_t, t: *const timespec);
+ordered!(pthread_mutex_unlock, MutexUnlock, before_release: true, m: *mut pthread_mutex_t);
 
-after!(pthread_rwlock_rdlock, RwlockRdlock, l: *mut pthread_rwlock_t);
-after!(pthread_rwlock_wrlock, RwlockWrlock, l: *mut pthread_rwlock_t);
-after!(pthread_rwlock_tryrdlock, RwlockTryrdlock, l: *mut pthread_rwlock_t);
-after!(pthread_rwlock_trywrlock, RwlockTrywrlock, l: *mut pthread_rwlock_t);
-after!(pthread_rwlock_timedrdlock, RwlockTimedrdlock, l: *mut pthread_rwlock_t, t: *const timespec);
-after!(pthread_rwlock_timedwrlock, RwlockTimedwrlock, l: *mut pthread_rwlock_t, t: *const timespec);
-before!(pthread_rwlock_unlock, RwlockUnlock, l: *mut pthread_rwlock_t);
+ordered!(pthread_rwlock_rdlock, RwlockRdlock, before_release: false, l: *mut pthread_rwlock_t);
+ordered!(pthread_rwlock_wrlock, RwlockWrlock, before_release: false, l: *mut pthread_rwlock_t);
+attempt!(pthread_rwlock_tryrdlock, RwlockTryrdlock, pthread_rwlock_rdlock, l: *mut pthread_rwlock_t);
+attempt!(pthread_rwlock_trywrlock, RwlockTrywrlock, pthread_rwlock_wrlock, l: *mut pthread_rwlock_t);
+attempt!(pthread_rwlock_timedrdlock, RwlockTimedrdlock, pthread_rwlock_rdlock, l: *mut pthread_rwlock_t, t: *const timespec);
+attempt!(pthread_rwlock_timedwrlock, RwlockTimedwrlock, pthread_rwlock_wrlock, l: *mut pthread_rwlock_t, t: *const timespec);
+ordered!(pthread_rwlock_unlock, RwlockUnlock, before_release: true, l: *mut pthread_rwlock_t);
 
-// The wait releases the mutex and takes it back before returning: the
-// record marks the reacquisition.
-after!(pthread_cond_wait, CondWait, c: *mut pthread_cond_t, m: *mut pthread_mutex_t);
-after!(pthread_cond_timedwait, CondTimedwait, c: *mut pthread_cond_t, m: *mut pthread_mutex_t, t: *const timespec);
-after!(pthread_cond_signal, CondSignal, c: *mut pthread_cond_t);
-after!(pthread_cond_broadcast, CondBroadcast, c: *mut pthread_cond_t);
-
-sem_after!(sem_wait, SemWait, s: *mut sem_t);
-sem_after!(sem_trywait, SemTrywait, s: *mut sem_t);
-sem_after!(sem_timedwait, SemTimedwait, s: *mut sem_t, t: *const timespec);
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn sem_post(s: *mut sem_t) -> c_int {
-    if let Some(_inside) = thread::enter() {
-        note(SyncOp::SemPost, s as usize, 0);
-    }
-    // SAFETY: the program's argument, passed on unchanged.
-    unsafe { get::sem_post()(s) }
+/// Condition waits: the wait releases the mutex and takes it back before
+/// returning, and the record marks the reacquisition. In replay the real
+/// wait takes the mutex back out of turn, so it is let go again, and taken
+/// back in turn.
+macro_rules! cond_wait {
+    ($name:ident, $op:ident $(, $arg:ident: $ty:ty)*) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name(
+            c: *mut pthread_cond_t,
+            m: *mut pthread_mutex_t
+            $(, $arg: $ty)*
+        ) -> c_int {
+            // SAFETY: the program's arguments, passed on unchanged.
+            let ret = unsafe { get::$name()(c, m $(, $arg)*) };
+            if replay::active() {
+                // SAFETY: the program's mutex, which the wait returned
+                // holding.
+                unsafe { get::pthread_mutex_unlock()(m) };
+                let t = turn(SyncOp::$op, stringify!($name));
+                // SAFETY: as above; the caller must get it back held.
+                unsafe { get::pthread_mutex_lock()(m) };
+                if let Some(t) = t {
+                    t.complete();
+                }
+                return ret;
+            }
+            if let Some(_inside) = thread::enter() {
+                let _e = SavedErrno::save();
+                note(SyncOp::$op, c as usize, ret);
+            }
+            ret
+        }
+    };
 }
 
-after!(pthread_spin_lock, SpinLock, l: *mut libc::pthread_spinlock_t);
-after!(pthread_spin_trylock, SpinTrylock, l: *mut libc::pthread_spinlock_t);
-before!(pthread_spin_unlock, SpinUnlock, l: *mut libc::pthread_spinlock_t);
+cond_wait!(pthread_cond_wait, CondWait);
+cond_wait!(pthread_cond_timedwait, CondTimedwait, t: *const timespec);
+ordered!(pthread_cond_signal, CondSignal, before_release: false, c: *mut pthread_cond_t);
+ordered!(pthread_cond_broadcast, CondBroadcast, before_release: false, c: *mut pthread_cond_t);
 
-after!(pthread_once, Once, o: *mut libc::pthread_once_t, f: extern "C" fn());
+wait!(sem_wait, SemWait, errno: true, s: *mut sem_t);
+wait!(sem_timedwait, SemTimedwait, errno: true, s: *mut sem_t, t: *const timespec);
+ordered!(sem_post, SemPost, before_release: true, s: *mut sem_t);
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sem_trywait(s: *mut sem_t) -> c_int {
+    if let Some(t) = turn(SyncOp::SemTrywait, "sem_trywait") {
+        let ret = recorded_ret(&t);
+        if ret == 0 {
+            // SAFETY: the program's semaphore, taken the blocking way.
+            unsafe { get::sem_wait()(s) };
+        }
+        t.complete();
+        return served(i64::from(ret)) as c_int;
+    }
+    // SAFETY: the program's argument, passed on unchanged.
+    let ret = unsafe { get::sem_trywait()(s) };
+    if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        note(
+            SyncOp::SemTrywait,
+            s as usize,
+            outcome(i64::from(ret)) as c_int,
+        );
+    }
+    ret
+}
+
+ordered!(pthread_spin_lock, SpinLock, before_release: false, l: *mut libc::pthread_spinlock_t);
+attempt!(pthread_spin_trylock, SpinTrylock, pthread_spin_lock, l: *mut libc::pthread_spinlock_t);
+ordered!(pthread_spin_unlock, SpinUnlock, before_release: true, l: *mut libc::pthread_spinlock_t);
+
+ordered!(pthread_once, Once, before_release: false, o: *mut libc::pthread_once_t, f: extern "C" fn());

@@ -8,9 +8,6 @@ thread_local! {
     static DEPTH: Cell<u32> = const { Cell::new(0) };
     /// 0: not assigned yet; log ids start at 1.
     static LOG_ID: Cell<u32> = const { Cell::new(0) };
-    /// Set in a thread created by `pthread_create` before it runs: the id
-    /// its creator recorded for it.
-    static PENDING_ID: Cell<u32> = const { Cell::new(0) };
 }
 
 /// Being inside librrc on this thread; leaving it on drop.
@@ -44,12 +41,4 @@ pub fn log_id() -> u32 {
 
 pub fn set_log_id(id: u32) {
     let _ = LOG_ID.try_with(|c| c.set(id));
-}
-
-pub fn take_pending_id() -> u32 {
-    PENDING_ID.try_with(|c| c.replace(0)).unwrap_or(0)
-}
-
-pub fn set_pending_id(id: u32) {
-    let _ = PENDING_ID.try_with(|c| c.set(id));
 }

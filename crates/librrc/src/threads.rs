@@ -11,7 +11,7 @@ use rrc_rr::log::Event;
 
 use crate::hooks::{SavedErrno, outcome};
 use crate::real::{StartRoutine, get};
-use crate::{record, thread};
+use crate::{record, replay, thread};
 
 /// A start routine on its way to a new thread. A fixed table, since
 /// nothing here may allocate.
@@ -53,13 +53,11 @@ extern "C" fn trampoline(entry: *mut c_void) -> *mut c_void {
     let arg = s.arg.load(Ordering::Relaxed) as *mut c_void;
     let routine = s.routine.load(Ordering::Relaxed);
     s.routine.store(0, Ordering::Release);
-    thread::set_pending_id(log_id);
+    thread::set_log_id(log_id);
     // SAFETY: the address stored by `claim` from a StartRoutine.
     let routine: StartRoutine = unsafe { std::mem::transmute::<usize, StartRoutine>(routine) };
     let ret = routine(arg);
-    if let Some(_inside) = thread::enter() {
-        record::thread_exit();
-    }
+    end_of_thread();
     ret
 }
 
@@ -70,6 +68,10 @@ pub unsafe extern "C" fn pthread_create(
     routine: StartRoutine,
     arg: *mut c_void,
 ) -> c_int {
+    if replay::active() {
+        // SAFETY: the program's arguments, passed on unchanged.
+        return unsafe { replay_create(out, attr, routine, arg) };
+    }
     let inside = thread::enter();
     if inside.is_none() || !record::recording() {
         // SAFETY: the program's arguments, passed on unchanged.
@@ -79,24 +81,75 @@ pub unsafe extern "C" fn pthread_create(
     let Some(entry) = claim(routine, arg, log_id) else {
         crate::fatal(b"librrc: more than 1024 threads starting at once\n");
     };
+    // Recorded before the thread exists: everything it records comes
+    // after its creation in the global order, as replay needs.
+    record::emit(&Event::ThreadCreate {
+        ret: 0,
+        child: log_id,
+    });
     // SAFETY: the program's arguments, with our trampoline around its
     // start routine.
     let ret = unsafe { get::pthread_create()(out, attr, trampoline, entry as *mut c_void) };
     if ret != 0 {
         TABLE[entry].routine.store(0, Ordering::Release);
+        // The creation failed after all: a second record says so.
+        record::emit(&Event::ThreadCreate { ret, child: 0 });
     }
-    record::emit(&Event::ThreadCreate {
-        ret,
-        child: if ret == 0 { log_id } else { 0 },
-    });
     ret
+}
+
+/// In replay: the child gets the log id recorded for it.
+///
+/// # Safety
+/// As `pthread_create`.
+unsafe fn replay_create(
+    out: *mut pthread_t,
+    attr: *const pthread_attr_t,
+    routine: StartRoutine,
+    arg: *mut c_void,
+) -> c_int {
+    let Some(t) = replay::take("pthread_create", |e| {
+        matches!(e, Event::ThreadCreate { .. })
+    }) else {
+        // SAFETY: the program's arguments, passed on unchanged.
+        return unsafe { get::pthread_create()(out, attr, routine, arg) };
+    };
+    let Event::ThreadCreate { ret, child } = t.record.event else {
+        unreachable!("checked by take")
+    };
+    if ret != 0 || child == 0 {
+        t.complete();
+        return if ret != 0 { ret } else { libc::EAGAIN };
+    }
+    let Some(entry) = claim(routine, arg, child) else {
+        crate::fatal(b"librrc: more than 1024 threads starting at once\n");
+    };
+    t.complete();
+    // SAFETY: the program's arguments, with our trampoline around its
+    // start routine.
+    let r = unsafe { get::pthread_create()(out, attr, trampoline, entry as *mut c_void) };
+    if r != 0 {
+        TABLE[entry].routine.store(0, Ordering::Release);
+    }
+    r
+}
+
+/// A thread's end: its record (or, in replay, its turn).
+fn end_of_thread() {
+    if replay::active() {
+        if let Some(t) = replay::take("thread exit", |e| matches!(e, Event::ThreadExit)) {
+            t.complete();
+        }
+        return;
+    }
+    if let Some(_inside) = thread::enter() {
+        record::thread_exit();
+    }
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pthread_exit(ret: *mut c_void) -> ! {
-    if let Some(_inside) = thread::enter() {
-        record::thread_exit();
-    }
+    end_of_thread();
     // SAFETY: the program's argument; the real pthread_exit never returns.
     unsafe { get::pthread_exit()(ret) };
     unreachable!("pthread_exit returned")
@@ -104,6 +157,7 @@ pub unsafe extern "C" fn pthread_exit(ret: *mut c_void) -> ! {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fork() -> libc::pid_t {
+    replay::unsupported("fork");
     // SAFETY: no arguments.
     let ret = unsafe { get::fork()() };
     if ret != 0

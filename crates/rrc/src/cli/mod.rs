@@ -43,6 +43,7 @@ pub enum Command {
     Bench(bench::BenchCommand),
     #[command(subcommand)]
     Log(record::LogCommand),
+    Replay(record::ReplayArgs),
     Primary(replica::PrimaryArgs),
     Backup(replica::BackupArgs),
     Keygen(replica::KeygenArgs),
@@ -75,6 +76,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Lab(c) => lab::lab(c),
         Command::Bench(c) => bench::bench(c),
         Command::Log(c) => record::log(c),
+        Command::Replay(a) => record::replay(a),
         Command::Primary(a) => replica::primary(a),
         Command::Backup(a) => replica::backup(a),
         Command::Keygen(a) => replica::keygen(a),

@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -196,6 +197,59 @@ fn summary(s: &RecordStats, dir: &Path) -> String {
         );
     }
     out
+}
+
+/// Replay a recording from the program's start.
+///
+/// Runs CMD (the program that was recorded, with the same arguments) with
+/// librrc in replay mode: every thread takes the outcomes of its recorded
+/// calls (input, time, randomness, thread creation, lock order) from its
+/// log instead of the world, returning in the recorded global order and,
+/// unless --no-timing, with the recorded time between returns; when its
+/// log ends, or when it makes a call other than the logged one (a
+/// divergence, reported with the thread and event), it runs live. At the
+/// end librrc reports the events replayed, the divergences and the time.
+/// Replaying from a checkpoint (`--images`) is not built yet.
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The log directory written by `rrc run --record`.
+    #[arg(long, value_name = "DIR")]
+    log: PathBuf,
+    /// Do not force the recorded global order of returns.
+    #[arg(long)]
+    no_order: bool,
+    /// Do not wait for the recorded time between returns.
+    #[arg(long)]
+    no_timing: bool,
+    /// The recorded program and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+pub fn replay(a: ReplayArgs) -> Result<i32> {
+    let ids = thread_log_ids(&a.log).with_context(|| format!("reading {}", a.log.display()))?;
+    if ids.is_empty() {
+        bail!("{} holds no thread logs", a.log.display());
+    }
+    let program =
+        rrc_container::spec::resolve_command(&a.command[0], std::env::var_os("PATH").as_deref())?;
+    if !dynamically_linked(&program)? {
+        bail!(
+            "{} is statically linked: it cannot be replayed",
+            program.display()
+        );
+    }
+    let lib = librrc()?;
+    let status = std::process::Command::new(&program)
+        .args(&a.command[1..])
+        .env("LD_PRELOAD", &lib)
+        .env("RRC_RR_REPLAY", &a.log)
+        .env("RRC_RR_ORDER", if a.no_order { "0" } else { "1" })
+        .env("RRC_RR_TIMING", if a.no_timing { "0" } else { "1" })
+        .env_remove("RRC_RR_FD")
+        .status()
+        .with_context(|| format!("running {}", program.display()))?;
+    Ok(status.code().unwrap_or(128 + status.signal().unwrap_or(0)))
 }
 
 /// Read recordings made with `rrc run --record DIR`.

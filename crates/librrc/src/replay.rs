@@ -1,0 +1,369 @@
+//! Replay: each thread takes its outcomes from its own log instead of the
+//! world, in the recorded global order (and, if asked, with the recorded
+//! time between returns), until its log ends; from then on, or after a
+//! divergence, it runs live.
+//!
+//! Everything the wrappers need is built once, in the constructor, while
+//! the program is single-threaded (so it may allocate there): every thread
+//! log read and checked, the sorted list of all sequence numbers. The
+//! wrappers then only read that and thread-locals, and wait on a futex.
+
+use std::cell::UnsafeCell;
+use std::mem::ManuallyDrop;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use rrc_rr::log::{BatchReader, Event, LogReader, Record, log_file_path, thread_log_ids};
+
+use crate::thread;
+
+/// Environment: the log directory to replay (switches replay on).
+const DIR_ENV: &[u8] = b"RRC_RR_REPLAY\0";
+/// Environment: "0" turns off the global order of returns.
+const ORDER_ENV: &[u8] = b"RRC_RR_ORDER\0";
+/// Environment: "0" turns off the recorded time between returns.
+const TIMING_ENV: &[u8] = b"RRC_RR_TIMING\0";
+
+/// How long a thread waits for its turn before giving up on the order.
+const STUCK_NS: u64 = 5_000_000_000;
+
+struct Replay {
+    /// Thread log contents by log id (index 0 unused).
+    logs: Vec<&'static [u8]>,
+    /// Every record's sequence number, sorted: a record's rank is its
+    /// place here, and it may complete once `DONE` equals its rank.
+    seqs: Vec<u64>,
+    order: bool,
+    timing: bool,
+}
+
+static REPLAY: std::sync::atomic::AtomicPtr<Replay> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+/// Records completed so far (the futex word threads wait on).
+static DONE: AtomicU32 = AtomicU32::new(0);
+/// When the last record completed (monotonic ns).
+static LAST_NS: AtomicU64 = AtomicU64::new(0);
+/// Set when a thread leaves the recorded path: the order cannot hold any
+/// more, nobody waits for it.
+static ORDER_BROKEN: AtomicBool = AtomicBool::new(false);
+static REPLAYED: AtomicU64 = AtomicU64::new(0);
+static DIVERGED: AtomicU64 = AtomicU64::new(0);
+static STARTED_NS: AtomicU64 = AtomicU64::new(0);
+
+struct Cursor {
+    started: bool,
+    /// This thread left the log (it ended or diverged).
+    live: bool,
+    rest: &'static [u8],
+    batch: Option<BatchReader<'static>>,
+}
+
+thread_local! {
+    static CURSOR: UnsafeCell<ManuallyDrop<Cursor>> = const {
+        UnsafeCell::new(ManuallyDrop::new(Cursor {
+            started: false,
+            live: false,
+            rest: &[],
+            batch: None,
+        }))
+    };
+}
+
+fn getenv(name: &[u8]) -> Option<&'static std::ffi::CStr> {
+    // SAFETY: a NUL-terminated name; the constructor runs before threads.
+    let v = unsafe { libc::getenv(name.as_ptr().cast()) };
+    // SAFETY: getenv returned a NUL-terminated string that lives as long
+    // as the environment.
+    (!v.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(v) })
+}
+
+/// Loads the logs named by `RRC_RR_REPLAY`, if set. Runs in the
+/// constructor.
+pub fn init() {
+    let Some(dir) = getenv(DIR_ENV) else {
+        return;
+    };
+    let Ok(dir) = dir.to_str() else {
+        crate::fatal(b"librrc: RRC_RR_REPLAY is not a path\n");
+    };
+    let dir = Path::new(dir);
+    let r = match load(dir) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("librrc: cannot replay {}: {e}\n", dir.display());
+            crate::fatal(msg.as_bytes());
+        }
+    };
+    STARTED_NS.store(crate::record::now_ns(), Ordering::Relaxed);
+    REPLAY.store(Box::into_raw(Box::new(r)), Ordering::Release);
+    thread::set_log_id(crate::record::next_log_id());
+    // SAFETY: registering a plain function.
+    unsafe { libc::atexit(report) };
+}
+
+fn load(dir: &Path) -> Result<Replay, String> {
+    let ids = thread_log_ids(dir).map_err(|e| e.to_string())?;
+    if ids.is_empty() {
+        return Err("no thread logs".into());
+    }
+    let mut logs: Vec<&'static [u8]> = Vec::new();
+    let mut seqs = Vec::new();
+    for id in ids {
+        // Checked whole first, so the wrappers can trust what they read.
+        let mut r = LogReader::open(dir, id).map_err(|e| e.to_string())?;
+        while let Some(rec) = r.next_record().map_err(|e| e.to_string())? {
+            seqs.push(rec.seq);
+        }
+        let bytes = std::fs::read(log_file_path(dir, id)).map_err(|e| e.to_string())?;
+        let idx = id as usize;
+        if logs.len() <= idx {
+            logs.resize(idx + 1, &[]);
+        }
+        logs[idx] = Box::leak(bytes.into_boxed_slice());
+    }
+    seqs.sort_unstable();
+    let off = |name: &[u8]| getenv(name).is_some_and(|v| v.to_bytes() == b"0");
+    Ok(Replay {
+        logs,
+        seqs,
+        order: !off(ORDER_ENV),
+        timing: !off(TIMING_ENV),
+    })
+}
+
+fn state() -> Option<&'static Replay> {
+    let p = REPLAY.load(Ordering::Acquire);
+    // SAFETY: set once in `init` from a leaked Box, never freed.
+    (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// Whether the program is being replayed.
+pub fn active() -> bool {
+    state().is_some()
+}
+
+/// Writes `parts` to standard error in one call.
+fn say(parts: &[&[u8]]) {
+    let mut buf = [0u8; 512];
+    let mut n = 0;
+    for p in parts {
+        let k = p.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&p[..k]);
+        n += k;
+    }
+    // SAFETY: writing a local buffer to fd 2.
+    unsafe { libc::syscall(libc::SYS_write, 2, buf.as_ptr(), n) };
+}
+
+/// Decimal digits of `v`, without allocating.
+fn digits(v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    let mut v = v;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+extern "C" fn report() {
+    let mut a = [0u8; 20];
+    let mut b = [0u8; 20];
+    let mut c = [0u8; 20];
+    let ms = (crate::record::now_ns() - STARTED_NS.load(Ordering::Relaxed)) / 1_000_000;
+    say(&[
+        b"rrc replay: ",
+        digits(REPLAYED.load(Ordering::Relaxed), &mut a),
+        b" events replayed, ",
+        digits(DIVERGED.load(Ordering::Relaxed), &mut b),
+        b" divergences, ",
+        digits(ms, &mut c),
+        b" ms\n",
+    ]);
+}
+
+/// A record this thread may now complete: its outcome is to be given to
+/// the program, then [`Turn::complete`] lets the next record go.
+pub struct Turn {
+    pub record: Record<'static>,
+}
+
+impl Turn {
+    pub fn complete(self) {
+        REPLAYED.fetch_add(1, Ordering::Relaxed);
+        LAST_NS.store(crate::record::now_ns(), Ordering::Release);
+        DONE.fetch_add(1, Ordering::AcqRel);
+        wake_all();
+    }
+}
+
+/// This thread's next record, if it passes `expected`; waits for its turn.
+/// `None`: the thread runs this call live (its log ended, or it diverged,
+/// which is reported and counted).
+pub fn take(call: &str, expected: impl FnOnce(&Event<'static>) -> bool) -> Option<Turn> {
+    let r = state()?;
+    let _inside = thread::enter()?;
+    CURSOR
+        .try_with(|cell| {
+            // SAFETY: only this thread touches its cursor, never
+            // re-entrantly (we hold `Inside`).
+            let c = unsafe { &mut **cell.get() };
+            if c.live {
+                return None;
+            }
+            if !c.started {
+                c.started = true;
+                c.rest = r
+                    .logs
+                    .get(thread::log_id() as usize)
+                    .copied()
+                    .unwrap_or(&[]);
+            }
+            let Some(rec) = next_record(c) else {
+                // The log ended: live from here on.
+                c.live = true;
+                return None;
+            };
+            if !expected(&rec.event) {
+                c.live = true;
+                diverged(call, &rec);
+                return None;
+            }
+            wait_turn(r, &rec);
+            Some(Turn { record: rec })
+        })
+        .ok()
+        .flatten()
+}
+
+/// In replay, a call librrc cannot serve from the log yet: the thread
+/// leaves the log here (reported and counted as a divergence).
+pub fn unsupported(call: &str) {
+    if state().is_none() {
+        return;
+    }
+    let Some(_inside) = thread::enter() else {
+        return;
+    };
+    let _ = CURSOR.try_with(|cell| {
+        // SAFETY: as in `take`.
+        let c = unsafe { &mut **cell.get() };
+        if c.live {
+            return;
+        }
+        c.live = true;
+        DIVERGED.fetch_add(1, Ordering::Relaxed);
+        ORDER_BROKEN.store(true, Ordering::Release);
+        let mut a = [0u8; 20];
+        say(&[
+            b"rrc replay: DIVERGENCE in thread ",
+            digits(u64::from(thread::log_id()), &mut a),
+            b": replaying ",
+            call.as_bytes(),
+            b" is not supported yet; this thread runs live from here\n",
+        ]);
+        wake_all();
+    });
+}
+
+fn wake_all() {
+    // SAFETY: a futex wake on a static word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            DONE.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        )
+    };
+}
+
+fn next_record(c: &mut Cursor) -> Option<Record<'static>> {
+    loop {
+        if let Some(b) = c.batch.as_mut() {
+            match b.next_record() {
+                Ok(Some(rec)) => return Some(rec),
+                // Checked at load; an error cannot happen, an end can.
+                _ => c.batch = None,
+            }
+        }
+        if c.rest.is_empty() {
+            return None;
+        }
+        let (b, rest) = BatchReader::split_first(c.rest).ok()?;
+        c.batch = Some(b);
+        c.rest = rest;
+    }
+}
+
+fn diverged(call: &str, rec: &Record<'_>) {
+    DIVERGED.fetch_add(1, Ordering::Relaxed);
+    ORDER_BROKEN.store(true, Ordering::Release);
+    let mut a = [0u8; 20];
+    let mut b = [0u8; 20];
+    say(&[
+        b"rrc replay: DIVERGENCE in thread ",
+        digits(u64::from(thread::log_id()), &mut a),
+        b" at event #",
+        digits(rec.seq, &mut b),
+        b": the program called ",
+        call.as_bytes(),
+        b" where the log has ",
+        rrc_rr::agent::kind(&rec.event).as_bytes(),
+        b"; this thread runs live from here\n",
+    ]);
+    // Threads waiting for a turn must not wait for this one any more.
+    wake_all();
+}
+
+/// Waits until every record before `rec` completed, and until the
+/// recorded time since the previous one has passed.
+fn wait_turn(r: &Replay, rec: &Record<'_>) {
+    if r.order {
+        let rank = r.seqs.partition_point(|s| *s < rec.seq) as u32;
+        let start = crate::record::now_ns();
+        loop {
+            let done = DONE.load(Ordering::Acquire);
+            if done >= rank || ORDER_BROKEN.load(Ordering::Acquire) {
+                break;
+            }
+            if crate::record::now_ns() - start > STUCK_NS {
+                DIVERGED.fetch_add(1, Ordering::Relaxed);
+                ORDER_BROKEN.store(true, Ordering::Release);
+                let mut a = [0u8; 20];
+                say(&[
+                    b"rrc replay: DIVERGENCE: event #",
+                    digits(rec.seq, &mut a),
+                    b" waited 5 s for an earlier event that never came; order no longer enforced\n",
+                ]);
+                break;
+            }
+            let ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 100_000_000,
+            };
+            // SAFETY: a futex wait on a static word with a local timeout.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    DONE.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    done,
+                    &ts as *const libc::timespec,
+                )
+            };
+        }
+    }
+    if r.timing {
+        let due = LAST_NS.load(Ordering::Acquire) + rec.time_delta_ns;
+        while crate::record::now_ns() < due {
+            // SAFETY: sched_yield has no arguments. The gaps are short
+            // (microseconds); a sleep would overshoot them.
+            unsafe { libc::syscall(libc::SYS_sched_yield) };
+        }
+    }
+}
