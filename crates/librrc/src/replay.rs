@@ -24,6 +24,9 @@ const ORDER_ENV: &[u8] = b"RRC_RR_ORDER\0";
 /// Environment: "0" turns off the recorded time between returns.
 const TIMING_ENV: &[u8] = b"RRC_RR_TIMING\0";
 
+/// Checks of the turn counter before sleeping on it (some 100 µs).
+const SPIN_LIMIT: u32 = 20_000;
+
 /// How long a thread waits for its turn before giving up on the order.
 const STUCK_NS: u64 = 5_000_000_000;
 
@@ -326,10 +329,19 @@ fn wait_turn(r: &Replay, rec: &Record<'_>) {
     if r.order {
         let rank = r.seqs.partition_point(|s| *s < rec.seq) as u32;
         let start = crate::record::now_ns();
+        // Spin first: recorded events are often microseconds apart, and a
+        // futex wake-up across CPUs costs tens of microseconds, which
+        // would serialize threads that ran side by side when recorded.
+        let mut spins = 0u32;
         loop {
             let done = DONE.load(Ordering::Acquire);
             if done >= rank || ORDER_BROKEN.load(Ordering::Acquire) {
                 break;
+            }
+            if spins < SPIN_LIMIT {
+                spins += 1;
+                std::hint::spin_loop();
+                continue;
             }
             if crate::record::now_ns() - start > STUCK_NS {
                 DIVERGED.fetch_add(1, Ordering::Relaxed);

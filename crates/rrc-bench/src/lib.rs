@@ -9,6 +9,7 @@ pub mod net;
 pub mod pause;
 pub mod record_bench;
 pub mod redis_benchmark;
+pub mod replay_bench;
 pub mod resp;
 pub mod session;
 pub mod sockets;

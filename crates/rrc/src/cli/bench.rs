@@ -41,6 +41,10 @@ pub enum BenchCommand {
     /// by librrc (`rrc run --record`) against the plain container, same
     /// load, alternating rounds in one run; log bytes per request.
     Record(RecordArgs),
+    /// Replay: how often replaying a recorded program with a data race
+    /// reproduces its output, with neither mitigation, with the recorded
+    /// global order, and with order plus the recorded timing.
+    Replay(ReplayArgs),
     /// Redis latency and throughput through rrc's TAP forwarding path versus
     /// the same Redis on a plain veth, side by side in one lab.
     Net(NetArgs),
@@ -88,6 +92,16 @@ pub struct FailoverArgs {
     /// Seed of the kill moments (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Replays per mode.
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -289,6 +303,17 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             print!("{}", record_bench::render(&rows));
             if let Some(path) = a.json {
                 std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(0)
+        }
+        BenchCommand::Replay(a) => {
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let r =
+                rrc_bench::replay_bench::run(&exe, a.runs.max(1), &|m| eprintln!("bench: {m}"))?;
+            print!("{}", rrc_bench::replay_bench::render(&r));
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             Ok(0)
