@@ -1,6 +1,6 @@
-//! Where events go: each thread appends its records, one batch per
-//! wrapped call, to its own ring of the set the rrc process shares with
-//! the program (`RRC_RR_FD`). Global order: every record takes the next
+//! Where events go: each thread appends its records to a batch of its own
+//! and pushes the batch, at flush points, to its own ring of the set the
+//! rrc process shares with the program (`RRC_RR_FD`). Global order: every record takes the next
 //! number of one process-wide counter, and the time since the previous
 //! record of any thread.
 
@@ -40,6 +40,9 @@ struct ThreadLog {
     writer: Option<BatchWriter<'static>>,
     buf: *mut u8,
     cap: usize,
+    /// Its log was closed (`ThreadExit`): what the thread still does on
+    /// its way out (destructors) is not recorded.
+    ended: bool,
 }
 
 thread_local! {
@@ -52,6 +55,7 @@ thread_local! {
             writer: None,
             buf: std::ptr::null_mut(),
             cap: 0,
+            ended: false,
         }))
     };
 }
@@ -138,6 +142,9 @@ pub fn now_ns() -> u64 {
 /// is large, when the thread or the program ends.
 pub fn emit(event: &Event<'_>) {
     with_log(|set, log| {
+        if log.ended {
+            return;
+        }
         if log.producer.is_none() {
             attach(set, log);
         }
@@ -266,6 +273,7 @@ pub fn thread_exit() {
     emit(&Event::ThreadExit);
     with_log(|set, log| {
         push_batch(log);
+        log.ended = true;
         log.writer = None;
         if log.producer.take().is_some() {
             let _ = set.retire_slot(log.slot);
