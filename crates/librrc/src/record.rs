@@ -27,9 +27,10 @@ const FLUSH_AT: usize = 16 << 10;
 static SET: AtomicPtr<RingSet> = AtomicPtr::new(std::ptr::null_mut());
 /// Cleared in a forked child: its writes would mix with the parent's.
 static RECORDING: AtomicBool = AtomicBool::new(false);
-static SEQ: AtomicU64 = AtomicU64::new(0);
 static LAST_NS: AtomicU64 = AtomicU64::new(0);
-/// Log ids: the first thread (the one loading librrc) gets 1.
+/// Log ids when not recording (replay numbers threads the same way): the
+/// first thread, the one loading librrc, gets 1. A recording numbers them
+/// in the ring set, across `exec`.
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 struct ThreadLog {
@@ -124,7 +125,12 @@ pub fn recording() -> bool {
 
 /// A new log id, for a thread about to be created.
 pub fn next_log_id() -> u32 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    let p = SET.load(Ordering::Acquire);
+    if p.is_null() {
+        return NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    }
+    // SAFETY: set once in `init` from a leaked Box, never freed.
+    unsafe { &*p }.next_log_id()
 }
 
 pub fn now_ns() -> u64 {
@@ -147,8 +153,11 @@ pub fn emit(event: &Event<'_>) {
         }
         if log.producer.is_none() {
             attach(set, log);
+            if log.ended {
+                return;
+            }
         }
-        let seq = SEQ.fetch_add(1, Ordering::AcqRel) + 1;
+        let seq = set.next_seq();
         let now = now_ns();
         let prev = LAST_NS.swap(now, Ordering::AcqRel);
         let record = Record {
@@ -160,8 +169,11 @@ pub fn emit(event: &Event<'_>) {
             },
             event: *event,
         };
+        let mut record = record;
         loop {
-            let w = log.writer.as_mut().expect("attached");
+            let Some(w) = log.writer.as_mut() else {
+                return;
+            };
             match w.push(&record) {
                 Ok(()) => break,
                 Err(_) if !w.is_empty() => push_batch(log),
@@ -170,9 +182,20 @@ pub fn emit(event: &Event<'_>) {
                     // a ring can carry.
                     let max = log.producer.as_ref().map_or(0, |p| p.max_message_len());
                     let want = (log.cap * 4).min(max);
-                    if log.cap >= max || !grow(log, want) {
-                        crate::fatal(b"librrc: an event is larger than a ring can carry\n");
+                    if log.cap < max && grow(log, want) {
+                        continue;
                     }
+                    // The program must not pay for it: only the call's
+                    // result goes in the log, which a replay reports as a
+                    // divergence when it gets there.
+                    warn_once(
+                        &TOO_LARGE,
+                        b"librrc: an event's data is larger than a ring; only its result is logged, and a replay cannot go past it\n",
+                    );
+                    record.event = Event::Syscall {
+                        nr: u32::MAX,
+                        ret: 0,
+                    };
                 }
             }
         }
@@ -254,7 +277,13 @@ fn attach(set: &'static RingSet, log: &mut ThreadLog) {
     // SAFETY: gettid has no arguments.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
     let Ok(slot) = set.claim_slot(thread::log_id(), tid) else {
-        crate::fatal(b"librrc: no free ring for a new thread\n");
+        // The program goes on; this thread is not recorded.
+        warn_once(
+            &NO_RING,
+            b"librrc: more threads than rings; a thread runs unrecorded, and a replay cannot cover it\n",
+        );
+        log.ended = true;
+        return;
     };
     match set.producer(slot) {
         Ok(p) => {
@@ -265,6 +294,17 @@ fn attach(set: &'static RingSet, log: &mut ThreadLog) {
             }
         }
         Err(_) => crate::fatal(b"librrc: cannot write to a new thread's ring\n"),
+    }
+}
+
+static TOO_LARGE: AtomicBool = AtomicBool::new(false);
+static NO_RING: AtomicBool = AtomicBool::new(false);
+
+/// Writes `msg` to standard error the first time `flag` is raised.
+fn warn_once(flag: &AtomicBool, msg: &[u8]) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        // SAFETY: writing a static message to fd 2.
+        unsafe { libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len()) };
     }
 }
 

@@ -40,6 +40,19 @@ pub struct RecordStats {
     pub per_kind: BTreeMap<&'static str, u64>,
     /// `fork` calls whose child could not be recorded.
     pub forks_unrecorded: u64,
+    /// Batches refused (they did not check out) and dropped: the program
+    /// is never held up by a bad batch, but its log has a hole.
+    pub refused_batches: u64,
+    /// What went wrong, the first few times.
+    pub problems: Vec<String>,
+}
+
+impl RecordStats {
+    fn problem(&mut self, what: String) {
+        if self.problems.len() < 8 {
+            self.problems.push(what);
+        }
+    }
 }
 
 /// A running drain.
@@ -92,11 +105,15 @@ fn drain_until(
     let mut consumers: Vec<Option<Consumer<'_>>> = (0..set.slot_count()).map(|_| None).collect();
     let mut stats = RecordStats::default();
     let mut scratch = Vec::new();
+    let mut broken = vec![false; set.slot_count()];
     loop {
         // Read the flag first: a pass that starts after it was set sees
         // everything the program ever pushed.
         let last = stop.load(Ordering::Acquire);
         for (index, slot) in consumers.iter_mut().enumerate() {
+            if broken[index] {
+                continue;
+            }
             let state = set.slot(index)?.state;
             if !matches!(state, SlotState::Active | SlotState::Exited) {
                 continue;
@@ -105,11 +122,28 @@ fn drain_until(
                 *slot = Some(set.consumer(index)?);
             }
             let c = slot.as_mut().expect("set above");
-            while c.pop_into(&mut scratch)? {
+            loop {
+                match c.pop_into(&mut scratch) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        // A ring the program damaged: nothing more can be
+                        // read from it; the others go on.
+                        stats.problem(format!("ring {index}: {e}"));
+                        broken[index] = true;
+                        break;
+                    }
+                }
                 account(&mut stats, &scratch);
-                log.append(&scratch)?;
+                // A batch that does not check out is dropped, never a
+                // reason to stop draining: the program would block on a
+                // full ring.
+                if let Err(e) = log.append(&scratch) {
+                    stats.refused_batches += 1;
+                    stats.problem(e.to_string());
+                }
             }
-            if state == SlotState::Exited {
+            if state == SlotState::Exited && !broken[index] {
                 // Drained after its thread's last push: free for reuse.
                 *slot = None;
                 set.release_slot(index)?;

@@ -438,3 +438,41 @@ fn a_divergence_is_detected_and_reported() {
     assert!(!report.contains(" 0 divergences"), "{report}");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+#[test]
+fn a_program_that_execs_and_reads_too_much_at_once_is_never_held_up() {
+    require_root();
+    let work = scratch("record-exec");
+    let big = work.join("big");
+    std::fs::write(&big, vec![7u8; 3 << 20]).unwrap();
+    let dir = work.join("log");
+    // The shell execs dd, which reads 3 MiB in one call: more than a ring
+    // holds.
+    let out = Command::new(RRC)
+        .args([
+            "run",
+            "--name",
+            &format!("rrx{}", std::process::id()),
+            "--record",
+        ])
+        .arg(&dir)
+        .args(["--", "sh", "-c"])
+        .arg(format!(
+            "dd if={} of=/dev/null bs=4M count=1 status=none",
+            big.display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("only its result is logged"), "{stderr}");
+    // One numbering across the exec: every batch was taken.
+    assert!(stderr.contains("rrc: recorded "), "{stderr}");
+    assert!(!stderr.contains("WARNING"), "{stderr}");
+    let mut seqs: Vec<u64> = records(&dir).iter().map(|r| r.1).collect();
+    let n = seqs.len();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "a sequence number was handed out twice");
+    let _ = std::fs::remove_dir_all(&work);
+}

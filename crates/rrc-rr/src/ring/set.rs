@@ -11,11 +11,17 @@
 //! | 16                 | 8    | ring capacity (same for every ring)     |
 //! | 24                 | 8    | ring stride                             |
 //! | 32                 | 8    | offset of ring 0                        |
+//! | 40                 | 8    | last global sequence number handed out  |
+//! | 48                 | 8    | last thread log id handed out           |
 //! | 64 + 64·i          | 64   | slot i: state u32, log id u32, tid u32  |
 //! | offset + stride·i  |      | ring i (see [`crate::ring`])            |
 //!
 //! Rings start on page boundaries (stride and offset are multiples of 4096)
 //! so different threads' rings never share a page or a cache line.
+//!
+//! The two counters are the recording's, shared by every program image
+//! that uses the set: a program that `exec`s another (a shell script, a
+//! launcher) goes on numbering records and threads where it left off.
 //!
 //! # Slot life cycle
 //!
@@ -38,7 +44,7 @@ use super::{
 /// Magic number at the start of a ring set: `RRCRSET\0`.
 pub const SET_MAGIC: u64 = u64::from_le_bytes(*b"RRCRSET\0");
 /// Layout version of the ring set directory.
-pub const SET_VERSION: u32 = 1;
+pub const SET_VERSION: u32 = 2;
 /// Most slots a set may have.
 pub const MAX_SLOTS: usize = 1 << 16;
 
@@ -54,7 +60,9 @@ struct SetHeader {
     ring_capacity: AtomicU64,
     ring_stride: AtomicU64,
     rings_offset: AtomicU64,
-    _pad: [AtomicU64; 3],
+    last_seq: AtomicU64,
+    last_log_id: AtomicU64,
+    _pad: [AtomicU64; 1],
 }
 
 #[repr(C, align(64))]
@@ -294,6 +302,16 @@ impl RingSet {
     /// The memfd, to hand to the other process.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.shm.fd()
+    }
+
+    /// The next global sequence number of the recording (from 1).
+    pub fn next_seq(&self) -> u64 {
+        self.header().last_seq.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The next thread log id of the recording (from 1).
+    pub fn next_log_id(&self) -> u32 {
+        (self.header().last_log_id.fetch_add(1, Ordering::AcqRel) + 1) as u32
     }
 
     /// Number of slots.

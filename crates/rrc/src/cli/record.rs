@@ -190,6 +190,13 @@ fn summary(s: &RecordStats, dir: &Path) -> String {
         dir.display(),
         kinds.join(", ")
     );
+    if s.refused_batches > 0 || !s.problems.is_empty() {
+        out += &format!(
+            "; WARNING: {} batch(es) dropped, the log has holes: {}",
+            s.refused_batches,
+            s.problems.join("; ")
+        );
+    }
     if s.forks_unrecorded > 0 {
         out += &format!(
             "; {} fork(s) whose child was not recorded: replay cannot go past them",
