@@ -33,6 +33,26 @@ pub struct RecordRow {
     pub recorded: Load,
     pub log_bytes: u64,
     pub log_bytes_per_request: f64,
+    /// Redis only: redis-benchmark (50 clients, SET and GET) requests per
+    /// second, plain and recorded: the server saturated.
+    pub saturated: Option<(f64, f64)>,
+}
+
+/// redis-benchmark's SET and GET rates, averaged.
+fn saturate(lab: &LabSession, app: App) -> Result<Option<f64>> {
+    if app != App::Redis {
+        return Ok(None);
+    }
+    let r = crate::redis_benchmark::run(
+        &lab.launcher(Host::Client),
+        &lab.plan().vip().addr().to_string(),
+        app.port(),
+        100_000,
+        50,
+        "set,get",
+    )?;
+    let rate = |k: &str| r.get(k).copied().unwrap_or(0.0);
+    Ok(Some((rate("SET") + rate("GET")) / 2.0))
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -57,6 +77,7 @@ pub fn run(rrc: &Path, cfg: &RecordConfig, progress: &dyn Fn(&str)) -> Result<Ve
             progress(&format!("{}: round {round}, plain", app.name()));
             lab.run_container(Host::Primary, app.name(), vip, app.command())?;
             let plain = measure(&lab, app, cfg.connections, cfg.load)?;
+            let plain_sat = saturate(&lab, app)?;
             lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
 
             progress(&format!("{}: round {round}, recorded", app.name()));
@@ -70,14 +91,18 @@ pub fn run(rrc: &Path, cfg: &RecordConfig, progress: &dyn Fn(&str)) -> Result<Ve
                 app.command(),
             )?;
             let recorded = measure(&lab, app, cfg.connections, cfg.load)?;
+            // The log of this load alone (the drain lags by a millisecond).
+            std::thread::sleep(Duration::from_millis(50));
+            let log_bytes = dir_size(&dir);
+            let recorded_sat = saturate(&lab, app)?;
             lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])
                 .context("stopping the recorded container")?;
-            let log_bytes = dir_size(&dir);
             let _ = std::fs::remove_dir_all(&dir);
             rows.push(RecordRow {
                 app,
                 round,
                 log_bytes_per_request: log_bytes as f64 / recorded.requests.max(1) as f64,
+                saturated: plain_sat.zip(recorded_sat),
                 plain,
                 recorded,
                 log_bytes,
@@ -124,6 +149,19 @@ pub fn render(rows: &[RecordRow]) -> String {
             r.recorded.latency.p99_us,
             r.log_bytes_per_request
         );
+    }
+    for r in rows {
+        if let Some((p, rec)) = r.saturated {
+            let _ = writeln!(
+                s,
+                "{} round {}: redis-benchmark -c 50 (SET/GET average): plain {:.0}/s, recorded {:.0}/s, overhead {:.1}%",
+                r.app.name(),
+                r.round,
+                p,
+                rec,
+                (1.0 - rec / p.max(1e-9)) * 100.0
+            );
+        }
     }
     s
 }
