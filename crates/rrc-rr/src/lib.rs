@@ -11,6 +11,8 @@
 //! * [`ring`]: a single-producer single-consumer byte ring that lives in a
 //!   `memfd` mapped into both the application and the agent, and
 //!   [`ring::RingSet`], one such mapping holding a ring per thread slot.
+//! * [`agent`]: the rrc process's side of a recording, draining every
+//!   thread's ring into the log directory.
 //!
 //! The byte layouts are specified in the crate's `README.md`.
 
