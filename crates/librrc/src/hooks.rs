@@ -13,6 +13,7 @@ use rrc_rr::log::{
     RecvMsg, SelectCall,
 };
 
+use crate::net;
 use crate::real::get;
 use crate::record;
 use crate::replay;
@@ -335,6 +336,42 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     ret
 }
 
+/// In replay: the logged accept, with a placeholder at the new descriptor.
+fn replay_accept(
+    call: AcceptCall,
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> Option<c_int> {
+    let t = replay::take(
+        match call {
+            AcceptCall::Accept => "accept",
+            AcceptCall::Accept4 => "accept4",
+        },
+        |e| matches!(e, Event::Accept { call: c, fd: f, .. } if *c == call && *f == fd),
+    )?;
+    let Event::Accept {
+        ret, addr: peer, ..
+    } = t.record.event
+    else {
+        unreachable!("checked by take")
+    };
+    if ret >= 0 {
+        net::place(ret as c_int, flags);
+        if !addr.is_null() && !len.is_null() {
+            // SAFETY: the program's address buffer of *len bytes.
+            unsafe {
+                let k = peer.len().min(*len as usize);
+                std::ptr::copy_nonoverlapping(peer.as_ptr(), addr.cast::<u8>(), k);
+                *len = peer.len() as socklen_t;
+            }
+        }
+    }
+    t.complete();
+    Some(served(ret) as c_int)
+}
+
 fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) {
     record::emit(&Event::Accept {
         call,
@@ -346,7 +383,11 @@ fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) {
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    replay::unsupported("accept");
+    if replay::active()
+        && let Some(r) = replay_accept(AcceptCall::Accept, fd, addr, len, 0)
+    {
+        return r;
+    }
     let room = if len.is_null() {
         0
     } else {
@@ -375,7 +416,11 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
-    replay::unsupported("accept4");
+    if replay::active()
+        && let Some(r) = replay_accept(AcceptCall::Accept4, fd, addr, len, flags)
+    {
+        return r;
+    }
     let room = if len.is_null() {
         0
     } else {
@@ -395,6 +440,47 @@ pub unsafe extern "C" fn accept4(
         record_accept(AcceptCall::Accept4, fd, ret, a);
     }
     ret
+}
+
+/// In replay: the logged ready list (one call may span several records of
+/// at most 64 entries).
+fn replay_epoll(
+    call: EpollCall,
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+) -> Option<c_int> {
+    let name = match call {
+        EpollCall::Wait => "epoll_wait",
+        EpollCall::Pwait => "epoll_pwait",
+        EpollCall::Pwait2 => "epoll_pwait2",
+    };
+    let is = |e: &Event<'static>| matches!(e, Event::EpollWait { call: c, epfd: f, .. } if *c == call && *f == epfd);
+    let mut t = replay::take(name, is)?;
+    let mut copied = 0usize;
+    loop {
+        let Event::EpollWait { ret, ready, .. } = t.record.event else {
+            unreachable!("checked by take")
+        };
+        for e in ready.iter() {
+            if copied < max.max(0) as usize && !events.is_null() {
+                // SAFETY: the program's array of `max` entries.
+                unsafe {
+                    *events.add(copied) = epoll_event {
+                        events: e.events,
+                        u64: e.data,
+                    };
+                }
+            }
+            copied += 1;
+        }
+        t.complete();
+        if ret <= 0 || copied >= ret as usize {
+            return Some(served(ret) as c_int);
+        }
+        // The rest of this call's list is in the next record.
+        t = replay::take(name, is)?;
+    }
 }
 
 fn record_epoll(call: EpollCall, epfd: c_int, ret: c_int, events: *const epoll_event) {
@@ -436,7 +522,11 @@ pub unsafe extern "C" fn epoll_wait(
     max: c_int,
     timeout: c_int,
 ) -> c_int {
-    replay::unsupported("epoll_wait");
+    if replay::active()
+        && let Some(r) = replay_epoll(EpollCall::Wait, epfd, events, max)
+    {
+        return r;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_wait()(epfd, events, max, timeout) };
@@ -455,7 +545,11 @@ pub unsafe extern "C" fn epoll_pwait(
     timeout: c_int,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    replay::unsupported("epoll_pwait");
+    if replay::active()
+        && let Some(r) = replay_epoll(EpollCall::Pwait, epfd, events, max)
+    {
+        return r;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_pwait()(epfd, events, max, timeout, sigmask) };
@@ -873,6 +967,11 @@ pub unsafe extern "C" fn getrandom(buf: *mut c_void, n: size_t, flags: c_uint) -
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    if replay::active() && net::is_virtual(fd) {
+        // SAFETY: the program's buffer of `n` bytes.
+        net::capture(fd, &[unsafe { bytes(buf, n as i64) }]);
+        return n as ssize_t;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     unsafe { get::write()(fd, buf, n) }
@@ -880,6 +979,10 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    if replay::active() && net::is_virtual(fd) {
+        // SAFETY: the program's `cnt` iovecs.
+        return unsafe { capture_iov(fd, iov, cnt as usize) };
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     unsafe { get::writev()(fd, iov, cnt) }
@@ -887,6 +990,11 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    if replay::active() && net::is_virtual(fd) {
+        // SAFETY: the program's buffer of `n` bytes.
+        net::capture(fd, &[unsafe { bytes(buf, n as i64) }]);
+        return n as ssize_t;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     unsafe { get::send()(fd, buf, n, flags) }
@@ -908,6 +1016,10 @@ pub unsafe extern "C" fn sendto(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    if replay::active() && net::is_virtual(fd) && !msg.is_null() {
+        // SAFETY: the program's msghdr and its iovecs.
+        return unsafe { capture_iov(fd, (*msg).msg_iov, (*msg).msg_iovlen) };
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     unsafe { get::sendmsg()(fd, msg, flags) }
@@ -1018,4 +1130,32 @@ pub unsafe extern "C" fn mremap(
         });
     }
     p
+}
+
+/// In replay: what the program writes to a virtual descriptor, kept.
+///
+/// # Safety
+/// `iov` must point to `cnt` valid iovecs.
+unsafe fn capture_iov(fd: c_int, iov: *const iovec, cnt: usize) -> ssize_t {
+    let mut parts: [&[u8]; 16] = [&[]; 16];
+    let mut total = 0usize;
+    let n = cnt.min(16);
+    for (i, part) in parts.iter_mut().enumerate().take(n) {
+        // SAFETY: the caller's contract.
+        let v = unsafe { &*iov.add(i) };
+        // SAFETY: each iovec describes a buffer of the program's.
+        *part = unsafe { bytes(v.iov_base, v.iov_len as i64) };
+        total += v.iov_len;
+    }
+    net::capture(fd, &parts[..n]);
+    total as ssize_t
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if replay::active() {
+        net::closed(fd);
+    }
+    // SAFETY: the program's argument, passed on unchanged.
+    unsafe { get::close()(fd) }
 }

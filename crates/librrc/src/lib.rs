@@ -12,13 +12,18 @@
 //!
 //! Without `RRC_RR_FD` in the environment the wrappers only pass calls on.
 
+mod alloc;
 mod hooks;
+mod net;
 mod real;
 mod record;
 mod replay;
 mod sync;
 mod thread;
 mod threads;
+
+#[global_allocator]
+static ALLOCATOR: alloc::Pages = alloc::Pages;
 
 /// Runs when the library is loaded, before `main` and before the program
 /// can start threads: resolves the wrapped functions and attaches to the

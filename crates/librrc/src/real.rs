@@ -98,6 +98,7 @@ real_functions! {
     pselect: fn(c_int, *mut libc::fd_set, *mut libc::fd_set, *mut libc::fd_set, *const timespec, *const libc::sigset_t) -> c_int;
     ppoll: fn(*mut pollfd, nfds_t, *const timespec, *const libc::sigset_t) -> c_int;
     recvmmsg: fn(c_int, *mut libc::mmsghdr, c_uint, c_int, *mut timespec) -> c_int;
+    close: fn(c_int) -> c_int;
     mmap: fn(*mut c_void, size_t, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
     mremap: fn(*mut c_void, size_t, size_t, c_int, *mut c_void) -> *mut c_void;
 }

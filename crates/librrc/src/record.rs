@@ -86,10 +86,14 @@ pub fn init() {
     let Some(fd) = s.to_str().ok().and_then(|s| s.parse::<i32>().ok()) else {
         crate::fatal(b"librrc: RRC_RR_FD is not a descriptor number\n");
     };
+    // `rrc replay` puts its configuration where the rings were.
+    if crate::replay::init_from_fd(fd) {
+        return;
+    }
     // SAFETY: the rrc process passed this descriptor to us for the ring set
     // and nothing else in the program knows it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let set = match RingSet::from_fd(owned) {
+    let set = match RingSet::from_fd_near(owned, crate::alloc::LOW_AREA) {
         Ok(s) => s,
         Err(_) => crate::fatal(b"librrc: RRC_RR_FD is not an rrc ring set\n"),
     };
@@ -230,22 +234,9 @@ fn push_batch(log: &mut ThreadLog) {
 
 /// Replaces the thread's batch buffer by a mapping of `cap` bytes.
 fn grow(log: &mut ThreadLog, cap: usize) -> bool {
-    // SAFETY: a fresh private anonymous mapping touches nothing of the
-    // program's; the raw syscall bypasses any mmap wrapper.
-    let p = unsafe {
-        libc::syscall(
-            libc::SYS_mmap,
-            0usize,
-            cap,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0usize,
-        )
-    };
-    if p < 0 {
+    let Some(p) = crate::alloc::map_low(cap) else {
         return false;
-    }
+    };
     // The old batch is empty (callers push it first); its writer goes
     // before its buffer.
     log.writer = None;
@@ -254,7 +245,7 @@ fn grow(log: &mut ThreadLog, cap: usize) -> bool {
         // refers to any more.
         unsafe { libc::syscall(libc::SYS_munmap, log.buf, log.cap) };
     }
-    log.buf = p as *mut u8;
+    log.buf = p;
     log.cap = cap;
     // SAFETY: the mapping just made, `cap` bytes, used only through this
     // writer and unmapped only after the writer is dropped.

@@ -10,7 +10,7 @@
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use rrc_rr::log::{BatchReader, Event, LogReader, Record, log_file_path, thread_log_ids};
@@ -19,10 +19,17 @@ use crate::thread;
 
 /// Environment: the log directory to replay (switches replay on).
 const DIR_ENV: &[u8] = b"RRC_RR_REPLAY\0";
+/// Environment: where to keep what the program writes to connections.
+const CAPTURE_ENV: &[u8] = b"RRC_RR_CAPTURE\0";
+/// Environment: the thread log ids to replay, comma-separated.
+const LOGS_ENV: &[u8] = b"RRC_RR_LOGS\0";
 /// Environment: "0" turns off the global order of returns.
 const ORDER_ENV: &[u8] = b"RRC_RR_ORDER\0";
 /// Environment: "0" turns off the recorded time between returns.
 const TIMING_ENV: &[u8] = b"RRC_RR_TIMING\0";
+/// Environment: "1" ends the program (SIGTERM) once every record has been
+/// replayed, for programs that never end on their own (servers).
+const STOP_ENV: &[u8] = b"RRC_RR_STOP_AT_END\0";
 
 /// Checks of the turn counter before sleeping on it (some 100 µs).
 const SPIN_LIMIT: u32 = 20_000;
@@ -38,6 +45,7 @@ struct Replay {
     seqs: Vec<u64>,
     order: bool,
     timing: bool,
+    stop_at_end: bool,
 }
 
 static REPLAY: std::sync::atomic::AtomicPtr<Replay> =
@@ -80,23 +88,120 @@ fn getenv(name: &[u8]) -> Option<&'static std::ffi::CStr> {
     (!v.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(v) })
 }
 
-/// Loads the logs named by `RRC_RR_REPLAY`, if set. Runs in the
-/// constructor.
-pub fn init() {
-    let Some(dir) = getenv(DIR_ENV) else {
-        return;
-    };
+/// How to replay: from the environment (`RRC_RR_REPLAY` and friends) or
+/// from a configuration file `rrc replay` puts at the descriptor the
+/// recording's rings had (so that the program's environment, which some
+/// programs copy into their heap, is exactly the recorded one).
+struct Config {
+    dir: PathBuf,
+    logs: Option<Vec<u32>>,
+    order: bool,
+    timing: bool,
+    stop_at_end: bool,
+    capture: Option<PathBuf>,
+}
+
+/// First line of a replay configuration file.
+pub const CONFIG_MAGIC: &[u8] = b"rrc-replay\n";
+
+fn config_from_env() -> Option<Config> {
+    let dir = getenv(DIR_ENV)?;
     let Ok(dir) = dir.to_str() else {
         crate::fatal(b"librrc: RRC_RR_REPLAY is not a path\n");
     };
-    let dir = Path::new(dir);
-    let r = match load(dir) {
+    let off = |name: &[u8]| getenv(name).is_some_and(|v| v.to_bytes() == b"0");
+    let logs = getenv(LOGS_ENV)
+        .and_then(|v| v.to_str().ok())
+        .map(|l| parse_ids(l).unwrap_or_else(|e| crate::fatal(e.as_bytes())));
+    Some(Config {
+        dir: PathBuf::from(dir),
+        logs,
+        order: !off(ORDER_ENV),
+        timing: !off(TIMING_ENV),
+        stop_at_end: getenv(STOP_ENV).is_some_and(|v| v.to_bytes() == b"1"),
+        capture: getenv(CAPTURE_ENV)
+            .and_then(|v| v.to_str().ok())
+            .map(PathBuf::from),
+    })
+}
+
+fn parse_ids(list: &str) -> Result<Vec<u32>, String> {
+    list.split(',')
+        .map(|id| {
+            id.parse::<u32>()
+                .map_err(|_| format!("librrc: bad log id list {list:?}\n"))
+        })
+        .collect()
+}
+
+/// Starts replay from the configuration at descriptor `fd`, if that is
+/// what it holds; false if it does not. The descriptor stays open.
+pub fn init_from_fd(fd: i32) -> bool {
+    let mut head = [0u8; 16];
+    // SAFETY: a pread into a local buffer.
+    let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), head.len(), 0) };
+    if n < CONFIG_MAGIC.len() as isize || &head[..CONFIG_MAGIC.len()] != CONFIG_MAGIC {
+        return false;
+    }
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut off = 0i64;
+    loop {
+        // SAFETY: a pread into a local buffer.
+        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off) };
+        if n <= 0 {
+            break;
+        }
+        text.extend_from_slice(&buf[..n as usize]);
+        off += n as i64;
+    }
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let mut cfg = Config {
+        dir: PathBuf::new(),
+        logs: None,
+        order: true,
+        timing: true,
+        stop_at_end: false,
+        capture: None,
+    };
+    for line in text.lines().skip(1) {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        match k {
+            "log" => cfg.dir = PathBuf::from(v),
+            "logs" => cfg.logs = Some(parse_ids(v).unwrap_or_else(|e| crate::fatal(e.as_bytes()))),
+            "order" => cfg.order = v != "0",
+            "timing" => cfg.timing = v != "0",
+            "stop" => cfg.stop_at_end = v == "1",
+            "capture" => cfg.capture = Some(PathBuf::from(v)),
+            _ => {}
+        }
+    }
+    start(cfg);
+    true
+}
+
+/// Starts replay as the environment says, if it says so (and replay did
+/// not start from a configuration file already). Runs in the constructor.
+pub fn init() {
+    if active() {
+        return;
+    }
+    if let Some(cfg) = config_from_env() {
+        start(cfg);
+    }
+}
+
+fn start(cfg: Config) {
+    let r = match load(&cfg) {
         Ok(r) => r,
         Err(e) => {
-            let msg = format!("librrc: cannot replay {}: {e}\n", dir.display());
+            let msg = format!("librrc: cannot replay {}: {e}\n", cfg.dir.display());
             crate::fatal(msg.as_bytes());
         }
     };
+    crate::net::init(cfg.capture.as_deref());
     STARTED_NS.store(crate::record::now_ns(), Ordering::Relaxed);
     REPLAY.store(Box::into_raw(Box::new(r)), Ordering::Release);
     thread::set_log_id(crate::record::next_log_id());
@@ -104,8 +209,15 @@ pub fn init() {
     unsafe { libc::atexit(report) };
 }
 
-fn load(dir: &Path) -> Result<Replay, String> {
-    let ids = thread_log_ids(dir).map_err(|e| e.to_string())?;
+fn load(cfg: &Config) -> Result<Replay, String> {
+    let dir = cfg.dir.as_path();
+    // Listing the directory would go through the C library's opendir,
+    // which allocates with the program's malloc and so changes what the
+    // program's allocator does next; `rrc replay` passes the list.
+    let ids = match &cfg.logs {
+        Some(ids) => ids.clone(),
+        None => thread_log_ids(dir).map_err(|e| e.to_string())?,
+    };
     if ids.is_empty() {
         return Err("no thread logs".into());
     }
@@ -125,12 +237,12 @@ fn load(dir: &Path) -> Result<Replay, String> {
         logs[idx] = Box::leak(bytes.into_boxed_slice());
     }
     seqs.sort_unstable();
-    let off = |name: &[u8]| getenv(name).is_some_and(|v| v.to_bytes() == b"0");
     Ok(Replay {
         logs,
         seqs,
-        order: !off(ORDER_ENV),
-        timing: !off(TIMING_ENV),
+        order: cfg.order,
+        timing: cfg.timing,
+        stop_at_end: cfg.stop_at_end,
     })
 }
 
@@ -143,6 +255,29 @@ fn state() -> Option<&'static Replay> {
 /// Whether the program is being replayed.
 pub fn active() -> bool {
     state().is_some()
+}
+
+/// The event as text, cut to the buffer, without allocating.
+fn describe<'b>(e: &Event<'_>, buf: &'b mut [u8; 160]) -> &'b [u8] {
+    struct Cut<'a> {
+        buf: &'a mut [u8],
+        len: usize,
+    }
+    impl std::fmt::Write for Cut<'_> {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let k = s.len().min(self.buf.len() - self.len);
+            self.buf[self.len..self.len + k].copy_from_slice(&s.as_bytes()[..k]);
+            self.len += k;
+            Ok(())
+        }
+    }
+    let mut w = Cut {
+        buf: &mut buf[..],
+        len: 0,
+    };
+    let _ = std::fmt::write(&mut w, format_args!("{e:?}"));
+    let len = w.len;
+    &buf[..len]
 }
 
 /// Writes `parts` to standard error in one call.
@@ -197,7 +332,16 @@ pub struct Turn {
 
 impl Turn {
     pub fn complete(self) {
-        REPLAYED.fetch_add(1, Ordering::Relaxed);
+        let replayed = REPLAYED.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some(r) = state()
+            && replayed == r.seqs.len() as u64
+        {
+            say(&[b"rrc replay: end of the log reached; the program runs live from here\n"]);
+            if r.stop_at_end {
+                // SAFETY: signalling this process.
+                unsafe { libc::syscall(libc::SYS_kill, libc::getpid(), libc::SIGTERM) };
+            }
+        }
         LAST_NS.store(crate::record::now_ns(), Ordering::Release);
         DONE.fetch_add(1, Ordering::AcqRel);
         wake_all();
@@ -316,7 +460,7 @@ fn diverged(call: &str, rec: &Record<'_>) {
         b": the program called ",
         call.as_bytes(),
         b" where the log has ",
-        rrc_rr::agent::kind(&rec.event).as_bytes(),
+        describe(&rec.event, &mut [0u8; 160]),
         b"; this thread runs live from here\n",
     ]);
     // Threads waiting for a turn must not wait for this one any more.

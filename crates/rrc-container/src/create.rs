@@ -499,7 +499,7 @@ fn child_main(
 }
 
 /// rrc's environment with `overrides` set, for the program.
-fn environment(overrides: &[(std::ffi::OsString, std::ffi::OsString)]) -> Result<Vec<CString>> {
+pub fn environment(overrides: &[(std::ffi::OsString, std::ffi::OsString)]) -> Result<Vec<CString>> {
     let mut vars: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
         .filter(|(k, _)| !overrides.iter().any(|(o, _)| o == k))
         .collect();

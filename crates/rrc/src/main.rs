@@ -1,6 +1,7 @@
 //! `rrc`: responsive replicated containers.
 
 mod cli;
+mod sys;
 
 use std::process::ExitCode;
 

@@ -476,3 +476,98 @@ fn a_program_that_execs_and_reads_too_much_at_once_is_never_held_up() {
     assert_eq!(seqs.len(), n, "a sequence number was handed out twice");
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// The bytes a capture file holds (records of fd, length, bytes), in order.
+fn captured(path: &Path) -> Vec<u8> {
+    let d = std::fs::read(path).unwrap();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 8 <= d.len() {
+        let n = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap()) as usize;
+        out.extend_from_slice(&d[i + 8..i + 8 + n]);
+        i += 8 + n;
+    }
+    out
+}
+
+#[test]
+fn a_replayed_server_answers_its_recorded_clients_byte_for_byte() {
+    require_root();
+    let work = scratch("replay-server");
+    let server = build("rr_server", &work);
+    let lab =
+        LabSession::start(Path::new(RRC), &format!("rsrv{}", std::process::id()), None).unwrap();
+    let dir = work.join("log");
+    let vip = lab.plan().vip();
+    // The server ends by itself after 100 requests.
+    let mut run = lab
+        .command_on(
+            Host::Primary,
+            &[
+                RRC,
+                "run",
+                "--name",
+                "srv",
+                "--record",
+                &dir.display().to_string(),
+                "--addr",
+                &vip.to_string(),
+                "--",
+                &server.display().to_string(),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let target = std::net::SocketAddr::new(std::net::IpAddr::V4(vip.addr()), 7000);
+    lab.wait_tcp(Host::Client, target, Duration::from_secs(10))
+        .unwrap();
+    // wait_tcp's probe was a connection too; 100 requests over two more.
+    let received = lab
+        .in_host(Host::Client, || {
+            use std::io::Read;
+            let mut got = Vec::new();
+            for c in 0..2 {
+                let mut s = std::net::TcpStream::connect(target).unwrap();
+                for i in 0..50 {
+                    s.write_all(format!("req {c}-{i}\n").as_bytes()).unwrap();
+                    let mut buf = [0u8; 1024];
+                    let n = s.read(&mut buf).unwrap();
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+            got
+        })
+        .unwrap();
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Replayed on another host, with no client: every request comes from
+    // the log, every reply goes to the capture file.
+    let capture = work.join("capture");
+    let replay = lab
+        .command_on(
+            Host::Backup,
+            &[
+                RRC,
+                "replay",
+                "--log",
+                &dir.display().to_string(),
+                "--capture",
+                &capture.display().to_string(),
+                "--",
+                &server.display().to_string(),
+            ],
+        )
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&replay.stderr);
+    assert!(replay.status.success(), "{report}");
+    assert!(report.contains(" 0 divergences"), "{report}");
+    assert!(report.contains("end of the log reached"), "{report}");
+    assert_eq!(
+        String::from_utf8_lossy(&captured(&capture)),
+        String::from_utf8_lossy(&received)
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -687,7 +687,7 @@ impl SharedRing {
     /// Maps a ring created by [`create`](Self::create), possibly in
     /// another process, from its fd.
     pub fn from_fd(fd: OwnedFd) -> Result<Self, RingError> {
-        let shm = SharedMemory::open(fd)?;
+        let shm = SharedMemory::open(fd, 0)?;
         // SAFETY: page-aligned mapping of `shm.len()` bytes owned by `shm`.
         let ring = unsafe { RingRef::attach(shm.as_ptr(), shm.len())? };
         let capacity = ring.capacity;

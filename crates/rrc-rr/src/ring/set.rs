@@ -190,7 +190,14 @@ impl RingSet {
     /// Maps a set created by [`create`](Self::create) from its fd,
     /// validating the directory against the mapping's size.
     pub fn from_fd(fd: OwnedFd) -> Result<Self, RingError> {
-        let shm = SharedMemory::open(fd)?;
+        Self::from_fd_near(fd, 0)
+    }
+
+    /// [`from_fd`](Self::from_fd), mapping the set at address `hint` if
+    /// that range is free: a recorded program's own mappings then land
+    /// where they would without the recording.
+    pub fn from_fd_near(fd: OwnedFd, hint: usize) -> Result<Self, RingError> {
+        let shm = SharedMemory::open(fd, hint)?;
         if shm.len() < DIR_HEADER_LEN {
             return Err(RingError::TooSmall {
                 what: "ring set header",

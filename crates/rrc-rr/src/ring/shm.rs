@@ -3,8 +3,8 @@
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
 
 use super::RingError;
 
@@ -16,8 +16,16 @@ use super::RingError;
 /// an fd without those seals for the same reason.
 pub(crate) struct SharedMemory {
     file: File,
-    map: MmapRaw,
+    ptr: *mut u8,
+    len: usize,
 }
+
+// SAFETY: the mapping is shared memory owned by this value, not tied to
+// the thread that made it; every access to its contents goes through
+// atomics or the rings' own protocol.
+unsafe impl Send for SharedMemory {}
+// SAFETY: as above; `&SharedMemory` only hands out the base pointer.
+unsafe impl Sync for SharedMemory {}
 
 impl SharedMemory {
     /// Creates a zero-filled region of `len` bytes.
@@ -33,11 +41,12 @@ impl SharedMemory {
         rustix::fs::ftruncate(&fd, len as u64).map_err(io("ftruncate memfd"))?;
         rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)
             .map_err(io("seal memfd"))?;
-        Self::map(fd, len)
+        Self::map(fd, len, 0)
     }
 
-    /// Maps a region another process created with [`create`](Self::create).
-    pub(crate) fn open(fd: OwnedFd) -> Result<Self, RingError> {
+    /// Maps a region another process created with [`create`](Self::create),
+    /// at `hint` if that address range is free (0: anywhere).
+    pub(crate) fn open(fd: OwnedFd, hint: usize) -> Result<Self, RingError> {
         let seals = rustix::fs::fcntl_get_seals(&fd).map_err(|e| RingError::Io {
             op: "read memfd seals",
             source: e.into(),
@@ -54,30 +63,51 @@ impl SharedMemory {
             len: 0,
             needed: 1,
         })?;
-        Self::map(fd, len)
+        Self::map(fd, len, hint)
     }
 
-    fn map(fd: OwnedFd, len: usize) -> Result<Self, RingError> {
+    fn map(fd: OwnedFd, len: usize, hint: usize) -> Result<Self, RingError> {
         let file = File::from(fd);
-        let map = MmapOptions::new()
-            .len(len)
-            .map_raw(&file)
-            .map_err(|source| RingError::Io {
-                op: "mmap memfd",
-                source,
-            })?;
-        Ok(SharedMemory { file, map })
+        // SAFETY: a new shared mapping of our own memfd; the hint is only a
+        // hint (no MAP_FIXED), so nothing already mapped is replaced.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                hint as *mut std::ffi::c_void,
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &file,
+                0,
+            )
+        }
+        .map_err(|e| RingError::Io {
+            op: "mmap memfd",
+            source: e.into(),
+        })?;
+        Ok(SharedMemory {
+            file,
+            ptr: ptr.cast(),
+            len,
+        })
     }
 
     pub(crate) fn as_ptr(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+        self.ptr
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value made; nothing
+        // refers to it once the value is dropped (users borrow from it).
+        let _ = unsafe { rustix::mm::munmap(self.ptr.cast(), self.len) };
     }
 }

@@ -16,6 +16,27 @@ use rrc_rr::ring::RingSet;
 
 use super::detach::MakeCompanion;
 
+/// What a recording notes for its replay, beside the thread logs.
+const RECORDING_FILE: &str = "recording";
+/// The recorded program's environment, as /proc shows it.
+const ENVIRON_FILE: &str = "environ";
+
+/// The descriptor number the recording's rings had in the program.
+fn recorded_ring_fd(dir: &Path) -> Result<Option<i32>> {
+    let path = dir.join(RECORDING_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let fd = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ring_fd="))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("{} names no ring_fd", path.display()))?;
+    Ok(Some(fd))
+}
+
 /// Threads that can record at once, and each one's ring.
 const SLOTS: usize = 256;
 const RING_BYTES: u64 = 1 << 20;
@@ -49,6 +70,8 @@ pub struct Recording {
     child_fd: OwnedFd,
     lib: PathBuf,
     dir: PathBuf,
+    /// What the program's environment gets on top of rrc's.
+    env: Vec<(OsString, OsString)>,
 }
 
 /// Whether `program` is loaded by the dynamic linker (has a PT_INTERP
@@ -106,16 +129,23 @@ impl Recording {
         let set = RingSet::create(SLOTS, RING_BYTES).context("creating the recording's rings")?;
         // dup gives a descriptor without close-on-exec: the program keeps it.
         let child_fd = nix::unistd::dup(set.fd()).context("passing the rings on")?;
-        Ok(Recording {
+        let mut r = Recording {
             set,
             child_fd,
             lib,
             dir: dir.to_path_buf(),
-        })
+            env: Vec::new(),
+        };
+        r.env = r.overrides();
+        Ok(r)
     }
 
     /// What the program's environment needs for librrc to record it.
     pub fn environment(&self) -> Vec<(OsString, OsString)> {
+        self.env.clone()
+    }
+
+    fn overrides(&self) -> Vec<(OsString, OsString)> {
         let mut preload = OsString::from(self.lib.as_os_str());
         if let Some(old) = std::env::var_os("LD_PRELOAD").filter(|o| !o.is_empty()) {
             preload.push(":");
@@ -133,6 +163,24 @@ impl Recording {
     /// Drains the rings beside the container once it runs.
     pub fn companion(self) -> MakeCompanion<'static> {
         Box::new(move |_c: &Container| -> Result<Box<dyn Companion>> {
+            // A replay gives the program the same descriptor numbers: it
+            // must know which one the rings had.
+            std::fs::create_dir_all(&self.dir)
+                .with_context(|| format!("creating {}", self.dir.display()))?;
+            std::fs::write(
+                self.dir.join(RECORDING_FILE),
+                format!("ring_fd={}\n", self.child_fd.as_raw_fd()),
+            )
+            .with_context(|| format!("writing into {}", self.dir.display()))?;
+            // Its environment exactly, in order (the one the container
+            // gave it): a replay gives it the same, since some programs
+            // copy it into their heap at start.
+            let mut environ = Vec::new();
+            for v in rrc_container::create::environment(&self.env)? {
+                environ.extend_from_slice(v.as_bytes_with_nul());
+            }
+            std::fs::write(self.dir.join(ENVIRON_FILE), environ)
+                .with_context(|| format!("writing into {}", self.dir.display()))?;
             // The program has its copy now.
             drop(self.child_fd);
             let recorder = Recorder::start(self.set, &self.dir)
@@ -228,6 +276,15 @@ pub struct ReplayArgs {
     /// Do not wait for the recorded time between returns.
     #[arg(long)]
     no_timing: bool,
+    /// Write what the program sends on the connections it accepted (not
+    /// sent anywhere in a replay) into this file, as records of
+    /// descriptor (u32 LE), length (u32 LE) and bytes.
+    #[arg(long, value_name = "FILE")]
+    capture: Option<PathBuf>,
+    /// End the program (SIGTERM) once the whole log has been replayed: for
+    /// servers, which do not end on their own.
+    #[arg(long)]
+    stop_at_end: bool,
     /// The recorded program and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -247,13 +304,67 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         );
     }
     let lib = librrc()?;
-    let status = std::process::Command::new(&program)
-        .args(&a.command[1..])
-        .env("LD_PRELOAD", &lib)
-        .env("RRC_RR_REPLAY", &a.log)
-        .env("RRC_RR_ORDER", if a.no_order { "0" } else { "1" })
-        .env("RRC_RR_TIMING", if a.no_timing { "0" } else { "1" })
-        .env_remove("RRC_RR_FD")
+    let mut cmd = std::process::Command::new(&program);
+    let environ = a.log.join(ENVIRON_FILE);
+    // Held until the program has started.
+    let _hold = match (recorded_ring_fd(&a.log)?, environ.exists()) {
+        (Some(fd), true) => {
+            // The program gets exactly the recorded environment (librrc
+            // preloaded, the rings' variable), and at the rings'
+            // descriptor the replay's configuration.
+            let mut config = format!(
+                "rrc-replay\nlog={}\nlogs={}\norder={}\ntiming={}\nstop={}\n",
+                a.log.canonicalize()?.display(),
+                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+                u8::from(!a.no_order),
+                u8::from(!a.no_timing),
+                u8::from(a.stop_at_end),
+            );
+            if let Some(c) = &a.capture {
+                config += &format!("capture={}\n", std::path::absolute(c)?.display());
+            }
+            let file = a.log.join(format!(".replay-{}", std::process::id()));
+            std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
+            let conf: OwnedFd = std::fs::File::open(&file)?.into();
+            let _ = std::fs::remove_file(&file);
+            let env: Vec<std::ffi::CString> = std::fs::read(&environ)?
+                .split(|b| *b == 0)
+                .filter(|v| !v.is_empty())
+                .map(|v| std::ffi::CString::new(v).expect("split at NULs"))
+                .collect();
+            let argv: Vec<std::ffi::CString> = a
+                .command
+                .iter()
+                .map(|x| std::ffi::CString::new(x.as_encoded_bytes()))
+                .collect::<std::result::Result<_, _>>()
+                .context("an argument contains a NUL byte")?;
+            let prog = std::ffi::CString::new(program.as_os_str().as_encoded_bytes())?;
+            crate::sys::exec_exactly(&mut cmd, prog, argv, env, &conf, fd);
+            Some(conf)
+        }
+        (ring_fd, _) => {
+            // An older recording: configuration through the environment.
+            cmd.args(&a.command[1..])
+                .env("LD_PRELOAD", &lib)
+                .env("RRC_RR_REPLAY", &a.log)
+                .env("RRC_RR_ORDER", if a.no_order { "0" } else { "1" })
+                .env("RRC_RR_TIMING", if a.no_timing { "0" } else { "1" })
+                .env("RRC_RR_STOP_AT_END", if a.stop_at_end { "1" } else { "0" })
+                .env(
+                    "RRC_RR_LOGS",
+                    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+                )
+                .env_remove("RRC_RR_FD");
+            if let Some(c) = &a.capture {
+                cmd.env("RRC_RR_CAPTURE", c);
+            }
+            match ring_fd {
+                Some(fd) => Some(crate::sys::occupy_fd_in_child(&mut cmd, fd)?),
+                None => None,
+            }
+        }
+    };
+    let status = cmd
         .status()
         .with_context(|| format!("running {}", program.display()))?;
     Ok(status.code().unwrap_or(128 + status.signal().unwrap_or(0)))

@@ -1,0 +1,140 @@
+//! Client connections in replay. A connection the recorded program
+//! accepted does not exist when it is replayed: its descriptor number is
+//! taken by a placeholder socket (so that epoll, fcntl and setsockopt on
+//! it behave), everything read from it comes from the log, and what the
+//! program writes to it is not sent but kept in the capture file
+//! (`RRC_RR_CAPTURE`), as records of descriptor, length and bytes.
+
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use libc::c_int;
+
+/// Descriptors below this can be virtual.
+const MAX_FD: usize = 1 << 16;
+
+static VIRTUAL: [AtomicU64; MAX_FD / 64] = [const { AtomicU64::new(0) }; MAX_FD / 64];
+/// Where written bytes go (-1: nowhere).
+static CAPTURE: AtomicI32 = AtomicI32::new(-1);
+
+/// Opens the capture file, if there is one. Runs in the constructor.
+pub fn init(capture: Option<&std::path::Path>) {
+    let Some(path) = capture else {
+        return;
+    };
+    let Ok(c) = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+    else {
+        crate::fatal(b"librrc: the capture path contains a NUL byte\n");
+    };
+    // SAFETY: a NUL-terminated path; flags and mode are constants.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if fd < 0 {
+        crate::fatal(b"librrc: cannot open the capture file\n");
+    }
+    // Out of the way: the program's descriptors must get the numbers they
+    // had when recorded, and it opens the lowest free ones.
+    // SAFETY: fcntl and close on the descriptor just opened.
+    let high = unsafe {
+        let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 900);
+        libc::close(fd);
+        h
+    };
+    if high < 0 {
+        crate::fatal(b"librrc: cannot move the capture file's descriptor\n");
+    }
+    CAPTURE.store(high, Ordering::Release);
+}
+
+pub fn is_virtual(fd: c_int) -> bool {
+    let Ok(i) = usize::try_from(fd) else {
+        return false;
+    };
+    i < MAX_FD && VIRTUAL[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
+}
+
+fn set_virtual(fd: c_int, on: bool) {
+    let Ok(i) = usize::try_from(fd) else {
+        return;
+    };
+    if i >= MAX_FD {
+        return;
+    }
+    let bit = 1u64 << (i % 64);
+    if on {
+        VIRTUAL[i / 64].fetch_or(bit, Ordering::AcqRel);
+    } else {
+        VIRTUAL[i / 64].fetch_and(!bit, Ordering::AcqRel);
+    }
+}
+
+/// Puts a placeholder socket at descriptor `fd` (the number the recorded
+/// accept returned) and marks it virtual. `flags`: accept4's.
+pub fn place(fd: c_int, flags: c_int) -> bool {
+    let ty = libc::SOCK_STREAM | (flags & (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC));
+    // SAFETY: raw system calls on descriptors this function owns; `fd` is
+    // the number the program will use, free in the recording at this point
+    // of the program as it is now.
+    let ok = unsafe {
+        let s = libc::syscall(libc::SYS_socket, libc::AF_INET, ty, 0) as c_int;
+        if s < 0 {
+            return false;
+        }
+        if s != fd {
+            let cloexec = flags & libc::SOCK_CLOEXEC != 0;
+            let r = libc::syscall(
+                libc::SYS_dup3,
+                s,
+                fd,
+                if cloexec { libc::O_CLOEXEC } else { 0 },
+            );
+            libc::syscall(libc::SYS_close, s);
+            r >= 0
+        } else {
+            true
+        }
+    };
+    if ok {
+        set_virtual(fd, true);
+    }
+    ok
+}
+
+/// The descriptor is closed: no longer virtual.
+pub fn closed(fd: c_int) {
+    set_virtual(fd, false);
+}
+
+/// Keeps what the program wrote to a virtual descriptor.
+pub fn capture(fd: c_int, parts: &[&[u8]]) {
+    let out = CAPTURE.load(Ordering::Acquire);
+    if out < 0 {
+        return;
+    }
+    let n = parts.len().min(16);
+    let len: usize = parts[..n].iter().map(|p| p.len()).sum();
+    let mut head = [0u8; 8];
+    head[..4].copy_from_slice(&(fd as u32).to_le_bytes());
+    head[4..].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; 17];
+    iov[0] = libc::iovec {
+        iov_base: head.as_mut_ptr().cast(),
+        iov_len: 8,
+    };
+    for (i, p) in parts[..n].iter().enumerate() {
+        iov[i + 1] = libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        };
+    }
+    // SAFETY: a writev of local and caller buffers to our capture file.
+    // O_APPEND keeps each record whole among threads.
+    unsafe { libc::syscall(libc::SYS_writev, out, iov.as_ptr(), n + 1) };
+}
