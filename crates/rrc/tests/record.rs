@@ -500,7 +500,7 @@ fn a_replayed_server_answers_its_recorded_clients_byte_for_byte() {
     let dir = work.join("log");
     let vip = lab.plan().vip();
     // The server ends by itself after 100 requests.
-    let mut run = lab
+    let run = lab
         .command_on(
             Host::Primary,
             &[
