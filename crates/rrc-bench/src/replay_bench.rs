@@ -80,18 +80,29 @@ fn run_in(rrc: &Path, runs: usize, work: &Path, progress: &dyn Fn(&str)) -> Resu
     let mut outputs = std::collections::BTreeSet::new();
     for run in 0..runs {
         if run % 10 == 0 {
-            progress(&format!("run {}/{runs}: record, then replay in each mode", run + 1));
+            progress(&format!(
+                "run {}/{runs}: record, then replay in each mode",
+                run + 1
+            ));
         }
         let log = work.join(format!("log{run}"));
         let out = Command::new(rrc)
-            .args(["run", "--name", &format!("race{}", std::process::id()), "--record"])
+            .args([
+                "run",
+                "--name",
+                &format!("race{}", std::process::id()),
+                "--record",
+            ])
             .arg(&log)
             .arg("--")
             .arg(&bin)
             .output()
             .context("cannot run rrc")?;
         if !out.status.success() {
-            bail!("recording failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "recording failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let recorded = String::from_utf8_lossy(&out.stdout).into_owned();
         outputs.insert(recorded.clone());
