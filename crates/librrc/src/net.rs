@@ -3,7 +3,7 @@
 //! taken by a placeholder socket (so that epoll, fcntl and setsockopt on
 //! it behave), everything read from it comes from the log, and what the
 //! program writes to it is not sent but kept in the capture file
-//! (`RRC_RR_CAPTURE`), as records of descriptor, length and bytes.
+//! (`rrc replay --capture`), as records of descriptor, length and bytes.
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 

@@ -13,23 +13,9 @@ use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use rrc_rr::log::{BatchReader, Event, LogReader, Record, log_file_path, thread_log_ids};
+use rrc_rr::log::{BatchReader, Event, LogReader, Record, log_file_path};
 
 use crate::thread;
-
-/// Environment: the log directory to replay (switches replay on).
-const DIR_ENV: &[u8] = b"RRC_RR_REPLAY\0";
-/// Environment: where to keep what the program writes to connections.
-const CAPTURE_ENV: &[u8] = b"RRC_RR_CAPTURE\0";
-/// Environment: the thread log ids to replay, comma-separated.
-const LOGS_ENV: &[u8] = b"RRC_RR_LOGS\0";
-/// Environment: "0" turns off the global order of returns.
-const ORDER_ENV: &[u8] = b"RRC_RR_ORDER\0";
-/// Environment: "0" turns off the recorded time between returns.
-const TIMING_ENV: &[u8] = b"RRC_RR_TIMING\0";
-/// Environment: "1" ends the program (SIGTERM) once every record has been
-/// replayed, for programs that never end on their own (servers).
-const STOP_ENV: &[u8] = b"RRC_RR_STOP_AT_END\0";
 
 /// Checks of the turn counter before sleeping on it (some 100 µs).
 const SPIN_LIMIT: u32 = 20_000;
@@ -80,21 +66,13 @@ thread_local! {
     };
 }
 
-fn getenv(name: &[u8]) -> Option<&'static std::ffi::CStr> {
-    // SAFETY: a NUL-terminated name; the constructor runs before threads.
-    let v = unsafe { libc::getenv(name.as_ptr().cast()) };
-    // SAFETY: getenv returned a NUL-terminated string that lives as long
-    // as the environment.
-    (!v.is_null()).then(|| unsafe { std::ffi::CStr::from_ptr(v) })
-}
-
-/// How to replay: from the environment (`RRC_RR_REPLAY` and friends) or
-/// from a configuration file `rrc replay` puts at the descriptor the
-/// recording's rings had (so that the program's environment, which some
-/// programs copy into their heap, is exactly the recorded one).
+/// How to replay: from a configuration file `rrc replay` puts at the
+/// descriptor the recording's rings had, named by the recorded
+/// `RRC_RR_FD` (so that the program's environment, which some programs copy
+/// into their heap, is exactly the recorded one).
 struct Config {
     dir: PathBuf,
-    logs: Option<Vec<u32>>,
+    logs: Vec<u32>,
     order: bool,
     timing: bool,
     stop_at_end: bool,
@@ -103,27 +81,6 @@ struct Config {
 
 /// First line of a replay configuration file.
 pub const CONFIG_MAGIC: &[u8] = b"rrc-replay\n";
-
-fn config_from_env() -> Option<Config> {
-    let dir = getenv(DIR_ENV)?;
-    let Ok(dir) = dir.to_str() else {
-        crate::fatal(b"librrc: RRC_RR_REPLAY is not a path\n");
-    };
-    let off = |name: &[u8]| getenv(name).is_some_and(|v| v.to_bytes() == b"0");
-    let logs = getenv(LOGS_ENV)
-        .and_then(|v| v.to_str().ok())
-        .map(|l| parse_ids(l).unwrap_or_else(|e| crate::fatal(e.as_bytes())));
-    Some(Config {
-        dir: PathBuf::from(dir),
-        logs,
-        order: !off(ORDER_ENV),
-        timing: !off(TIMING_ENV),
-        stop_at_end: getenv(STOP_ENV).is_some_and(|v| v.to_bytes() == b"1"),
-        capture: getenv(CAPTURE_ENV)
-            .and_then(|v| v.to_str().ok())
-            .map(PathBuf::from),
-    })
-}
 
 fn parse_ids(list: &str) -> Result<Vec<u32>, String> {
     list.split(',')
@@ -158,7 +115,7 @@ pub fn init_from_fd(fd: i32) -> bool {
     let text = String::from_utf8_lossy(&text).into_owned();
     let mut cfg = Config {
         dir: PathBuf::new(),
-        logs: None,
+        logs: Vec::new(),
         order: true,
         timing: true,
         stop_at_end: false,
@@ -170,7 +127,7 @@ pub fn init_from_fd(fd: i32) -> bool {
         };
         match k {
             "log" => cfg.dir = PathBuf::from(v),
-            "logs" => cfg.logs = Some(parse_ids(v).unwrap_or_else(|e| crate::fatal(e.as_bytes()))),
+            "logs" => cfg.logs = parse_ids(v).unwrap_or_else(|e| crate::fatal(e.as_bytes())),
             "order" => cfg.order = v != "0",
             "timing" => cfg.timing = v != "0",
             "stop" => cfg.stop_at_end = v == "1",
@@ -180,17 +137,6 @@ pub fn init_from_fd(fd: i32) -> bool {
     }
     start(cfg);
     true
-}
-
-/// Starts replay as the environment says, if it says so (and replay did
-/// not start from a configuration file already). Runs in the constructor.
-pub fn init() {
-    if active() {
-        return;
-    }
-    if let Some(cfg) = config_from_env() {
-        start(cfg);
-    }
 }
 
 fn start(cfg: Config) {
@@ -214,16 +160,13 @@ fn load(cfg: &Config) -> Result<Replay, String> {
     // Listing the directory would go through the C library's opendir,
     // which allocates with the program's malloc and so changes what the
     // program's allocator does next; `rrc replay` passes the list.
-    let ids = match &cfg.logs {
-        Some(ids) => ids.clone(),
-        None => thread_log_ids(dir).map_err(|e| e.to_string())?,
-    };
+    let ids = &cfg.logs;
     if ids.is_empty() {
         return Err("no thread logs".into());
     }
     let mut logs: Vec<&'static [u8]> = Vec::new();
     let mut seqs = Vec::new();
-    for id in ids {
+    for &id in ids {
         // Checked whole first, so the wrappers can trust what they read.
         let mut r = LogReader::open(dir, id).map_err(|e| e.to_string())?;
         while let Some(rec) = r.next_record().map_err(|e| e.to_string())? {

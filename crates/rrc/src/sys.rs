@@ -4,29 +4,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use anyhow::{Context, Result};
-
-/// Makes `cmd`'s process start with descriptor `fd` taken (by /dev/null).
-/// Returns the descriptor to keep open until the process has started.
-pub fn occupy_fd_in_child(cmd: &mut Command, fd: i32) -> Result<OwnedFd> {
-    let null: OwnedFd = std::fs::File::open("/dev/null")
-        .context("opening /dev/null")?
-        .into();
-    let src = null.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only dup2, which is async-signal-safe; it touches no memory of the
-    // parent's but two integers.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(src, fd) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(null)
-}
-
 /// Makes `cmd`'s child start `program` with exactly `argv` and `envp` (in
 /// their order, which `Command` would not keep) and with `src` at
 /// descriptor `fd`. `src` must stay open until the child has started.

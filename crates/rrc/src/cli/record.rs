@@ -22,19 +22,19 @@ const RECORDING_FILE: &str = "recording";
 const ENVIRON_FILE: &str = "environ";
 
 /// The descriptor number the recording's rings had in the program.
-fn recorded_ring_fd(dir: &Path) -> Result<Option<i32>> {
+fn recorded_ring_fd(dir: &Path) -> Result<i32> {
     let path = dir.join(RECORDING_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let fd = text
-        .lines()
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is {} a recording made by `rrc run --record`?)",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    text.lines()
         .find_map(|l| l.strip_prefix("ring_fd="))
         .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("{} names no ring_fd", path.display()))?;
-    Ok(Some(fd))
+        .with_context(|| format!("{} names no ring_fd", path.display()))
 }
 
 /// Threads that can record at once, and each one's ring.
@@ -303,67 +303,47 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
             program.display()
         );
     }
-    let lib = librrc()?;
-    let mut cmd = std::process::Command::new(&program);
+    // The program gets exactly the recorded environment (librrc preloaded,
+    // the rings' variable) and, at the descriptor the rings had, the
+    // replay's configuration.
+    let ring_fd = recorded_ring_fd(&a.log)?;
     let environ = a.log.join(ENVIRON_FILE);
+    if !environ.exists() {
+        bail!(
+            "{} has no {ENVIRON_FILE} file: it is not a recording made by `rrc run --record`",
+            a.log.display()
+        );
+    }
+    let mut config = format!(
+        "rrc-replay\nlog={}\nlogs={}\norder={}\ntiming={}\nstop={}\n",
+        a.log.canonicalize()?.display(),
+        ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+        u8::from(!a.no_order),
+        u8::from(!a.no_timing),
+        u8::from(a.stop_at_end),
+    );
+    if let Some(c) = &a.capture {
+        config += &format!("capture={}\n", std::path::absolute(c)?.display());
+    }
+    let file = a.log.join(format!(".replay-{}", std::process::id()));
+    std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
     // Held until the program has started.
-    let _hold = match (recorded_ring_fd(&a.log)?, environ.exists()) {
-        (Some(fd), true) => {
-            // The program gets exactly the recorded environment (librrc
-            // preloaded, the rings' variable), and at the rings'
-            // descriptor the replay's configuration.
-            let mut config = format!(
-                "rrc-replay\nlog={}\nlogs={}\norder={}\ntiming={}\nstop={}\n",
-                a.log.canonicalize()?.display(),
-                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
-                u8::from(!a.no_order),
-                u8::from(!a.no_timing),
-                u8::from(a.stop_at_end),
-            );
-            if let Some(c) = &a.capture {
-                config += &format!("capture={}\n", std::path::absolute(c)?.display());
-            }
-            let file = a.log.join(format!(".replay-{}", std::process::id()));
-            std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
-            let conf: OwnedFd = std::fs::File::open(&file)?.into();
-            let _ = std::fs::remove_file(&file);
-            let env: Vec<std::ffi::CString> = std::fs::read(&environ)?
-                .split(|b| *b == 0)
-                .filter(|v| !v.is_empty())
-                .map(|v| std::ffi::CString::new(v).expect("split at NULs"))
-                .collect();
-            let argv: Vec<std::ffi::CString> = a
-                .command
-                .iter()
-                .map(|x| std::ffi::CString::new(x.as_encoded_bytes()))
-                .collect::<std::result::Result<_, _>>()
-                .context("an argument contains a NUL byte")?;
-            let prog = std::ffi::CString::new(program.as_os_str().as_encoded_bytes())?;
-            crate::sys::exec_exactly(&mut cmd, prog, argv, env, &conf, fd);
-            Some(conf)
-        }
-        (ring_fd, _) => {
-            // An older recording: configuration through the environment.
-            cmd.args(&a.command[1..])
-                .env("LD_PRELOAD", &lib)
-                .env("RRC_RR_REPLAY", &a.log)
-                .env("RRC_RR_ORDER", if a.no_order { "0" } else { "1" })
-                .env("RRC_RR_TIMING", if a.no_timing { "0" } else { "1" })
-                .env("RRC_RR_STOP_AT_END", if a.stop_at_end { "1" } else { "0" })
-                .env(
-                    "RRC_RR_LOGS",
-                    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
-                )
-                .env_remove("RRC_RR_FD");
-            if let Some(c) = &a.capture {
-                cmd.env("RRC_RR_CAPTURE", c);
-            }
-            match ring_fd {
-                Some(fd) => Some(crate::sys::occupy_fd_in_child(&mut cmd, fd)?),
-                None => None,
-            }
-        }
-    };
+    let conf: OwnedFd = std::fs::File::open(&file)?.into();
+    let _ = std::fs::remove_file(&file);
+    let env: Vec<std::ffi::CString> = std::fs::read(&environ)?
+        .split(|b| *b == 0)
+        .filter(|v| !v.is_empty())
+        .map(|v| std::ffi::CString::new(v).expect("split at NULs"))
+        .collect();
+    let argv: Vec<std::ffi::CString> = a
+        .command
+        .iter()
+        .map(|x| std::ffi::CString::new(x.as_encoded_bytes()))
+        .collect::<std::result::Result<_, _>>()
+        .context("an argument contains a NUL byte")?;
+    let prog = std::ffi::CString::new(program.as_os_str().as_encoded_bytes())?;
+    let mut cmd = std::process::Command::new(&program);
+    crate::sys::exec_exactly(&mut cmd, prog, argv, env, &conf, ring_fd);
     let status = cmd
         .status()
         .with_context(|| format!("running {}", program.display()))?;
