@@ -38,15 +38,25 @@ extern "C" fn init() {
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = init;
 
-/// Writes `msg` to standard error with a raw system call and exits with
-/// status 127: for conditions under which the program must not go on
-/// unrecorded.
-pub(crate) fn fatal(msg: &[u8]) -> ! {
-    // SAFETY: writing a valid buffer to fd 2 and exiting touch no memory
-    // of the program's.
-    unsafe {
-        libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len());
-        libc::syscall(libc::SYS_exit_group, 127);
+/// Writes `parts` to standard error in one raw system call (no stdio, no
+/// allocation: callable from any wrapper).
+pub(crate) fn say(parts: &[&[u8]]) {
+    let mut buf = [0u8; 512];
+    let mut n = 0;
+    for p in parts {
+        let k = p.len().min(buf.len() - n);
+        buf[n..n + k].copy_from_slice(&p[..k]);
+        n += k;
     }
+    // SAFETY: writing a local buffer to fd 2.
+    unsafe { libc::syscall(libc::SYS_write, 2, buf.as_ptr(), n) };
+}
+
+/// Writes `msg` to standard error and exits with status 127: for
+/// conditions under which the program must not go on unrecorded.
+pub(crate) fn fatal(msg: &[u8]) -> ! {
+    say(&[msg]);
+    // SAFETY: exiting touches no memory of the program's.
+    unsafe { libc::syscall(libc::SYS_exit_group, 127) };
     unreachable!("exit_group returned")
 }

@@ -294,8 +294,7 @@ static NO_RING: AtomicBool = AtomicBool::new(false);
 /// Writes `msg` to standard error the first time `flag` is raised.
 fn warn_once(flag: &AtomicBool, msg: &[u8]) {
     if !flag.swap(true, Ordering::Relaxed) {
-        // SAFETY: writing a static message to fd 2.
-        unsafe { libc::syscall(libc::SYS_write, 2, msg.as_ptr(), msg.len()) };
+        crate::say(&[msg]);
     }
 }
 

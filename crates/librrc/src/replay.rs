@@ -223,19 +223,6 @@ fn describe<'b>(e: &Event<'_>, buf: &'b mut [u8; 160]) -> &'b [u8] {
     &buf[..len]
 }
 
-/// Writes `parts` to standard error in one call.
-fn say(parts: &[&[u8]]) {
-    let mut buf = [0u8; 512];
-    let mut n = 0;
-    for p in parts {
-        let k = p.len().min(buf.len() - n);
-        buf[n..n + k].copy_from_slice(&p[..k]);
-        n += k;
-    }
-    // SAFETY: writing a local buffer to fd 2.
-    unsafe { libc::syscall(libc::SYS_write, 2, buf.as_ptr(), n) };
-}
-
 /// Decimal digits of `v`, without allocating.
 fn digits(v: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
@@ -256,7 +243,7 @@ extern "C" fn report() {
     let mut b = [0u8; 20];
     let mut c = [0u8; 20];
     let ms = (crate::record::now_ns() - STARTED_NS.load(Ordering::Relaxed)) / 1_000_000;
-    say(&[
+    crate::say(&[
         b"rrc replay: ",
         digits(REPLAYED.load(Ordering::Relaxed), &mut a),
         b" events replayed, ",
@@ -279,7 +266,7 @@ impl Turn {
         if let Some(r) = state()
             && replayed == r.seqs.len() as u64
         {
-            say(&[b"rrc replay: end of the log reached; the program runs live from here\n"]);
+            crate::say(&[b"rrc replay: end of the log reached; the program runs live from here\n"]);
             if r.stop_at_end {
                 // SAFETY: signalling this process.
                 unsafe { libc::syscall(libc::SYS_kill, libc::getpid(), libc::SIGTERM) };
@@ -346,17 +333,14 @@ pub fn unsupported(call: &str) {
             return;
         }
         c.live = true;
-        DIVERGED.fetch_add(1, Ordering::Relaxed);
-        ORDER_BROKEN.store(true, Ordering::Release);
         let mut a = [0u8; 20];
-        say(&[
-            b"rrc replay: DIVERGENCE in thread ",
+        divergence(&[
+            b" in thread ",
             digits(u64::from(thread::log_id()), &mut a),
             b": replaying ",
             call.as_bytes(),
             b" is not supported yet; this thread runs live from here\n",
         ]);
-        wake_all();
     });
 }
 
@@ -390,13 +374,25 @@ fn next_record(c: &mut Cursor) -> Option<Record<'static>> {
     }
 }
 
-fn diverged(call: &str, rec: &Record<'_>) {
+/// Counts and reports a divergence (`parts` follow "DIVERGENCE"), and
+/// stops enforcing the order: nobody may wait for the diverged thread's
+/// records any more.
+fn divergence(parts: &[&[u8]]) {
     DIVERGED.fetch_add(1, Ordering::Relaxed);
     ORDER_BROKEN.store(true, Ordering::Release);
+    let mut all: [&[u8]; 12] = [&[]; 12];
+    all[0] = b"rrc replay: DIVERGENCE";
+    let n = parts.len().min(all.len() - 1);
+    all[1..=n].copy_from_slice(&parts[..n]);
+    crate::say(&all[..=n]);
+    wake_all();
+}
+
+fn diverged(call: &str, rec: &Record<'_>) {
     let mut a = [0u8; 20];
     let mut b = [0u8; 20];
-    say(&[
-        b"rrc replay: DIVERGENCE in thread ",
+    divergence(&[
+        b" in thread ",
         digits(u64::from(thread::log_id()), &mut a),
         b" at event #",
         digits(rec.seq, &mut b),
@@ -406,8 +402,6 @@ fn diverged(call: &str, rec: &Record<'_>) {
         describe(&rec.event, &mut [0u8; 160]),
         b"; this thread runs live from here\n",
     ]);
-    // Threads waiting for a turn must not wait for this one any more.
-    wake_all();
 }
 
 /// Waits until every record before `rec` completed, and until the
@@ -431,11 +425,9 @@ fn wait_turn(r: &Replay, rec: &Record<'_>) {
                 continue;
             }
             if crate::record::now_ns() - start > STUCK_NS {
-                DIVERGED.fetch_add(1, Ordering::Relaxed);
-                ORDER_BROKEN.store(true, Ordering::Release);
                 let mut a = [0u8; 20];
-                say(&[
-                    b"rrc replay: DIVERGENCE: event #",
+                divergence(&[
+                    b": event #",
                     digits(rec.seq, &mut a),
                     b" waited 5 s for an earlier event that never came; order no longer enforced\n",
                 ]);
