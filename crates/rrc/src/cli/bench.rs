@@ -213,10 +213,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 eprintln!("bench: {m}")
             })?;
             print!("{}", rrc_bench::sockets::render(&r));
-            if let Some(path) = a.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_json(a.json.as_deref(), &r)?;
             Ok(0)
         }
         BenchCommand::Pause(a) => {
@@ -243,10 +240,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             let _ = std::fs::remove_dir_all(&work);
             let rows = rows?;
             print!("{}", pause::render(&rows));
-            if let Some(path) = a.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_json(a.json.as_deref(), &rows)?;
             Ok(0)
         }
         BenchCommand::Ckpt(a) => {
@@ -258,10 +252,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             let _ = std::fs::remove_dir_all(&work);
             let results = results?;
             print!("{}", rrc_bench::ckpt::render(&results));
-            if let Some(path) = a.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&results)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_json(a.json.as_deref(), &results)?;
             Ok(0)
         }
         BenchCommand::Failover(a) => {
@@ -283,10 +274,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             eprintln!("bench: kill moments from seed {}", cfg.seed);
             let r = failover_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
             print!("{}", failover_bench::render(&r));
-            if let Some(path) = a.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_json(a.json.as_deref(), &r)?;
             Ok(0)
         }
         BenchCommand::Record(a) => {
@@ -301,10 +289,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             };
             let rows = record_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
             print!("{}", record_bench::render(&rows));
-            if let Some(path) = a.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_json(a.json.as_deref(), &rows)?;
             Ok(0)
         }
         BenchCommand::Replay(a) => {
@@ -312,10 +297,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             let r =
                 rrc_bench::replay_bench::run(&exe, a.runs.max(1), &|m| eprintln!("bench: {m}"))?;
             print!("{}", rrc_bench::replay_bench::render(&r));
-            if let Some(path) = a.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_json(a.json.as_deref(), &r)?;
             Ok(0)
         }
         BenchCommand::Net(a) => {
@@ -329,11 +311,17 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
             let report = net::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
             print!("{}", net::render(&report));
-            if let Some(path) = a.json {
-                std::fs::write(&path, serde_json::to_string_pretty(&report)?)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
-            }
+            write_json(a.json.as_deref(), &report)?;
             Ok(0)
         }
     }
+}
+
+/// Writes a benchmark's results as JSON, if asked to.
+fn write_json(path: Option<&std::path::Path>, results: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_string_pretty(results)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
