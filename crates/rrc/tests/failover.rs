@@ -10,19 +10,10 @@ use std::time::Duration;
 
 use common::*;
 use rrc_bench::failover::{App, Moments, Pair, PairOptions, trial};
-use rrc_bench::session::LabSession;
-
-const RRC: &str = env!("CARGO_BIN_EXE_rrc");
-
-fn lab(tag: &str) -> LabSession {
-    require_root();
-    let name = format!("{tag}{}", std::process::id());
-    LabSession::start(std::path::Path::new(RRC), &name, None).expect("lab up")
-}
 
 /// `kills` primary failures of `app`, each at a random moment of the load.
 fn kills(tag: &str, app: App, kills: usize) {
-    let lab = lab(tag);
+    let lab = lab_session(tag);
     let mut pair = Pair::new(&lab, app, PairOptions::default()).unwrap();
     let seed = Moments::seed_from_clock();
     eprintln!("{app:?}: kill moments from seed {seed}");
@@ -58,7 +49,7 @@ fn memcached_survives_primary_kills_at_random_moments() {
 
 #[test]
 fn a_new_backup_reprotects_the_service_after_the_backup_fails() {
-    let lab = lab("fobak");
+    let lab = lab_session("fobak");
     let mut pair = Pair::new(&lab, App::Redis, PairOptions::default()).unwrap();
     pair.start_backup().unwrap();
     pair.start_primary().unwrap();

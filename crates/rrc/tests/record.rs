@@ -11,11 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use rrc_bench::failover::App;
-use rrc_bench::session::LabSession;
 use rrc_lab::Host;
 use rrc_rr::log::{Event, LogReader, SyncOp, thread_log_ids};
-
-const RRC: &str = env!("CARGO_BIN_EXE_rrc");
 
 /// Every record of every thread log in `dir`: (thread, seq, event as
 /// owned text and data).
@@ -72,24 +69,7 @@ fn hex(b: &[u8]) -> String {
 fn the_log_holds_what_the_program_saw() {
     require_root();
     let work = scratch("record-basic");
-    let fixture = build("rr_basic", &work);
-    let dir = work.join("log");
-    let name = format!("rrb{}", std::process::id());
-    let mut child = Command::new(RRC)
-        .args(["run", "--name", &name, "--record"])
-        .arg(&dir)
-        .arg("--")
-        .arg(&fixture)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (dir, stdout, stderr) = record_fixture(&work, "rr_basic", b"hello\n");
     assert!(
         stderr.contains("recorded 11 events of 3 thread(s)"),
         "{stderr}"
@@ -176,22 +156,7 @@ fn the_log_holds_what_the_program_saw() {
 fn lock_order_is_recorded_as_it_happened() {
     require_root();
     let work = scratch("record-locks");
-    let fixture = build("rr_locks", &work);
-    let dir = work.join("log");
-    let name = format!("rrl{}", std::process::id());
-    let out = Command::new(RRC)
-        .args(["run", "--name", &name, "--record"])
-        .arg(&dir)
-        .arg("--")
-        .arg(&fixture)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dir, stdout, _) = record_fixture(&work, "rr_locks", b"");
     let words: Vec<&str> = stdout.split_whitespace().collect();
     assert_eq!(words[5], "8000", "{stdout}");
     let lock = u64::from_str_radix(words[1], 16).unwrap();
@@ -225,13 +190,7 @@ fn lock_order_is_recorded_as_it_happened() {
 /// Records `app` in the lab under verifying load; returns the log's
 /// records and the clients' request count.
 fn record_under_load(tag: &str, app: App) -> (Vec<(u32, u64, Owned)>, u64) {
-    require_root();
-    let lab = LabSession::start(
-        Path::new(RRC),
-        &format!("{tag}{}", std::process::id()),
-        None,
-    )
-    .unwrap();
+    let lab = lab_session(tag);
     let work = scratch(tag);
     let dir = work.join("log");
     let vip = lab.plan().vip();
@@ -495,8 +454,7 @@ fn a_replayed_server_answers_its_recorded_clients_byte_for_byte() {
     require_root();
     let work = scratch("replay-server");
     let server = build("rr_server", &work);
-    let lab =
-        LabSession::start(Path::new(RRC), &format!("rsrv{}", std::process::id()), None).unwrap();
+    let lab = lab_session("rsrv");
     let dir = work.join("log");
     let vip = lab.plan().vip();
     // The server ends by itself after 100 requests.

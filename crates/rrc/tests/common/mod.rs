@@ -329,3 +329,11 @@ pub fn build(name: &str, dir: &std::path::Path) -> std::path::PathBuf {
     assert!(status.success(), "fixture {name} does not compile");
     out
 }
+
+/// A lab of the test's own (`tag` plus this process's pid names it) for
+/// tests that drive it through `rrc_bench`; removed when dropped.
+pub fn lab_session(tag: &str) -> rrc_bench::session::LabSession {
+    require_root();
+    let name = format!("{tag}{}", std::process::id());
+    rrc_bench::session::LabSession::start(std::path::Path::new(RRC), &name, None).expect("lab up")
+}
