@@ -269,10 +269,7 @@ impl<'a> Pair<'a> {
     /// Cuts the backup host's power (the backup process dies with it).
     pub fn kill_backup(&mut self) -> Result<()> {
         self.lab.kill(Host::Backup)?;
-        if let Some(mut c) = self.backup.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop_backup_process();
         self.lab.revive(Host::Backup)
     }
 
@@ -302,10 +299,7 @@ impl<'a> Pair<'a> {
     /// After a takeover: removes the restored container from the backup
     /// host and brings the primary host back, ready for another start.
     pub fn reset(&mut self) -> Result<()> {
-        if let Some(mut c) = self.backup.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop_backup_process();
         let rrc = self.lab.rrc_path();
         // Nothing to stop is fine: the takeover may not have happened.
         let _ = self
@@ -316,12 +310,19 @@ impl<'a> Pair<'a> {
     }
 }
 
-impl Drop for Pair<'_> {
-    fn drop(&mut self) {
+impl Pair<'_> {
+    /// Ends the `rrc backup` process this pair started, if it still runs.
+    fn stop_backup_process(&mut self) {
         if let Some(mut c) = self.backup.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Pair<'_> {
+    fn drop(&mut self) {
+        self.stop_backup_process();
         let _ = fs::remove_file(&self.key);
         let _ = fs::remove_file(&self.backup_log);
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rrc_ckpt::image::ImageDir;
-use rrc_wire::{Key, Message, Role, SecureConfig, SecureStream, Stage, WireError};
+use rrc_wire::{Key, Message, Role, SecureStream, Stage, WireError};
 
 use crate::Error;
 
@@ -79,10 +79,7 @@ pub fn serve(
             source: e,
         })?;
         let _ = tcp.set_nodelay(true);
-        let sc = SecureConfig {
-            handshake_timeout: Duration::from_secs(2),
-            ..SecureConfig::default()
-        };
+        let sc = crate::link_security();
         let mut s = match SecureStream::server_with(tcp, &opts.key, &sc) {
             Ok(s) => s,
             Err(WireError::Authentication(_)) => {

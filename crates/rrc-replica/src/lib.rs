@@ -13,6 +13,16 @@ pub mod link;
 pub mod primary;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The link's security settings, the same on both ends: a peer that has
+/// not completed the handshake in 2 s is dropped.
+pub(crate) fn link_security() -> rrc_wire::SecureConfig {
+    rrc_wire::SecureConfig {
+        handshake_timeout: Duration::from_secs(2),
+        ..rrc_wire::SecureConfig::default()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

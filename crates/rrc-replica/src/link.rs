@@ -16,7 +16,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rrc_wire::{Key, Message, Role, SecureConfig, SecureStream, WireError};
+use rrc_wire::{Key, Message, Role, SecureStream, WireError};
 
 use crate::gate::CommitGate;
 
@@ -201,10 +201,7 @@ fn connect(cfg: &LinkConfig) -> Result<SecureStream, String> {
     let tcp = TcpStream::connect_timeout(&cfg.backup, Duration::from_secs(1))
         .map_err(|e| format!("cannot reach the backup at {}: {e}", cfg.backup))?;
     let _ = tcp.set_nodelay(true);
-    let sc = SecureConfig {
-        handshake_timeout: Duration::from_secs(2),
-        ..SecureConfig::default()
-    };
+    let sc = crate::link_security();
     let mut s = SecureStream::client_with(tcp, &cfg.key, &sc).map_err(|e| match e {
         WireError::Authentication(_) => format!(
             "the backup at {} refused us: the key files differ",

@@ -26,15 +26,7 @@ fn redis_moves_from_primary_to_backup_with_its_data() {
         "primary",
         "redis",
         &vip,
-        &[
-            "redis-server",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        rrc_bench::failover::App::Redis.command(),
     );
     let addr = format!("{ip}:6379");
     lab.wait_tcp(&addr);
@@ -127,7 +119,7 @@ fn memcached_with_worker_threads_moves_with_its_data() {
         "primary",
         "memcached",
         &vip,
-        &["memcached", "-u", "root", "-t", "4"],
+        rrc_bench::failover::App::Memcached.command(),
     );
     let addr = format!("{ip}:11211");
     lab.wait_tcp(&addr);
@@ -270,15 +262,7 @@ fn redis_clients_keep_their_connections_across_a_move() {
         "primary",
         "redis",
         &vip,
-        &[
-            "redis-server",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        rrc_bench::failover::App::Redis.command(),
     );
     let r = move_under_load(
         &lab,
@@ -302,7 +286,7 @@ fn memcached_clients_keep_their_connections_across_a_move() {
         "primary",
         "memcached",
         &vip,
-        &["memcached", "-u", "root", "-t", "4"],
+        rrc_bench::failover::App::Memcached.command(),
     );
     let r = move_under_load(
         &lab,
