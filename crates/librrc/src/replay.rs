@@ -13,7 +13,7 @@ use std::mem::ManuallyDrop;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use rrc_rr::log::{BatchReader, Event, LogReader, Record, log_file_path};
+use rrc_rr::log::{BatchReader, Event, Record, log_file_path};
 
 use crate::thread;
 
@@ -167,17 +167,38 @@ fn load(cfg: &Config) -> Result<Replay, String> {
     let mut logs: Vec<&'static [u8]> = Vec::new();
     let mut seqs = Vec::new();
     for &id in ids {
-        // Checked whole first, so the wrappers can trust what they read.
-        let mut r = LogReader::open(dir, id).map_err(|e| e.to_string())?;
-        while let Some(rec) = r.next_record().map_err(|e| e.to_string())? {
-            seqs.push(rec.seq);
+        let path = log_file_path(dir, id);
+        let bytes: &'static [u8] = Box::leak(
+            std::fs::read(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .into_boxed_slice(),
+        );
+        // Checked whole first (each batch's checksum, that it is this
+        // thread's, that the order only rises), so the wrappers can trust
+        // what they read.
+        let bad = |what: String| format!("{}: {what}", path.display());
+        let mut rest = bytes;
+        let mut last = 0;
+        while !rest.is_empty() {
+            let (mut batch, next) =
+                BatchReader::split_first(rest).map_err(|e| bad(e.to_string()))?;
+            if batch.header().log_id != id {
+                return Err(bad(format!("a batch of thread {}", batch.header().log_id)));
+            }
+            while let Some(rec) = batch.next_record().map_err(|e| bad(e.to_string()))? {
+                if rec.seq <= last {
+                    return Err(bad(format!("event #{} follows #{last}", rec.seq)));
+                }
+                last = rec.seq;
+                seqs.push(rec.seq);
+            }
+            rest = next;
         }
-        let bytes = std::fs::read(log_file_path(dir, id)).map_err(|e| e.to_string())?;
         let idx = id as usize;
         if logs.len() <= idx {
             logs.resize(idx + 1, &[]);
         }
-        logs[idx] = Box::leak(bytes.into_boxed_slice());
+        logs[idx] = bytes;
     }
     seqs.sort_unstable();
     Ok(Replay {
