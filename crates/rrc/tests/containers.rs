@@ -17,15 +17,7 @@ fn redis_and_memcached_serve_the_client_and_stop_cleanly() {
         "primary",
         "redis",
         &vip,
-        &[
-            "redis-server",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        rrc_bench::failover::App::Redis.command(),
     );
     let mc = lab.run_container(
         "primary",
