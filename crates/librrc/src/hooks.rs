@@ -113,19 +113,21 @@ unsafe fn address<'a>(addr: *const sockaddr, len: *const socklen_t, room: sockle
     }
 }
 
-/// Records a read-family call that filled one buffer.
-fn record_flat_read(call: ReadCall, fd: c_int, ret: ssize_t, buf: *const c_void) {
-    if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        let r = outcome(ret as i64);
-        record::emit(&Event::Read {
-            call,
-            fd,
-            ret: r,
-            // SAFETY: the call wrote `ret` bytes at `buf`.
-            data: Bytes::Flat(unsafe { bytes(buf, r) }),
-        });
-    }
+/// Records a read-family call that filled one buffer; true if the call
+/// must be made again (see [`record::emit`]).
+fn record_flat_read(call: ReadCall, fd: c_int, ret: ssize_t, buf: *const c_void) -> bool {
+    let Some(_inside) = thread::enter() else {
+        return false;
+    };
+    let _e = SavedErrno::save();
+    let r = outcome(ret as i64);
+    record::emit(&Event::Read {
+        call,
+        fd,
+        ret: r,
+        // SAFETY: the call wrote `ret` bytes at `buf`.
+        data: Bytes::Flat(unsafe { bytes(buf, r) }),
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -143,7 +145,10 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::read()(fd, buf, n) };
-    record_flat_read(ReadCall::Read, fd, ret, buf);
+    if record_flat_read(ReadCall::Read, fd, ret, buf) {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { read(fd, buf, n) };
+    }
     ret
 }
 
@@ -152,7 +157,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
     replay::unsupported("readv");
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::readv()(fd, iov, cnt) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let r = outcome(ret as i64);
         let parts: &[IoSlice<'_>] = if iov.is_null() || cnt <= 0 {
@@ -170,7 +175,13 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
                 parts,
                 len: r.max(0) as usize,
             },
-        });
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { readv(fd, iov, cnt) };
     }
     ret
 }
@@ -195,7 +206,10 @@ pub unsafe extern "C" fn pread64(
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::pread64()(fd, buf, n, off) };
-    record_flat_read(ReadCall::Pread, fd, ret, buf);
+    if record_flat_read(ReadCall::Pread, fd, ret, buf) {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { pread64(fd, buf, n, off) };
+    }
     ret
 }
 
@@ -225,7 +239,7 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recv()(fd, buf, n, flags) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let r = outcome(ret as i64);
         record::emit(&Event::Recv {
@@ -237,7 +251,13 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
             addr: &[],
             flags: 0,
             control: &[],
-        });
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { recv(fd, buf, n, flags) };
     }
     ret
 }
@@ -260,7 +280,7 @@ pub unsafe extern "C" fn recvfrom(
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recvfrom()(fd, buf, n, flags, addr, addrlen) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let r = outcome(ret as i64);
         record::emit(&Event::Recv {
@@ -277,7 +297,13 @@ pub unsafe extern "C" fn recvfrom(
             },
             flags: 0,
             control: &[],
-        });
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { recvfrom(fd, buf, n, flags, addr, addrlen) };
     }
     ret
 }
@@ -293,7 +319,7 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recvmsg()(fd, msg, flags) };
-    if let Some(_inside) = thread::enter()
+    let again = if let Some(_inside) = thread::enter()
         && !msg.is_null()
     {
         let _e = SavedErrno::save();
@@ -331,7 +357,13 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
             addr,
             flags: mflags,
             control,
-        });
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { recvmsg(fd, msg, flags) };
     }
     ret
 }
@@ -372,13 +404,21 @@ fn replay_accept(
     Some(served(ret) as c_int)
 }
 
-fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) {
-    record::emit(&Event::Accept {
+/// True if the accept must be made again (see [`record::emit`]); the
+/// connection it got is closed then.
+fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) -> bool {
+    let again = record::emit(&Event::Accept {
         call,
         fd,
         ret: outcome(i64::from(ret)),
         addr,
     });
+    if again && ret >= 0 {
+        // SAFETY: the descriptor the real call just made, not yet seen by
+        // the program.
+        unsafe { get::close()(ret) };
+    }
+    again
 }
 
 #[unsafe(no_mangle)]
@@ -396,7 +436,7 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::accept()(fd, addr, len) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let a = if ret >= 0 {
             // SAFETY: the call filled the address it was given.
@@ -404,7 +444,13 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
         } else {
             &[]
         };
-        record_accept(AcceptCall::Accept, fd, ret, a);
+        record_accept(AcceptCall::Accept, fd, ret, a)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { accept(fd, addr, len) };
     }
     ret
 }
@@ -429,7 +475,7 @@ pub unsafe extern "C" fn accept4(
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::accept4()(fd, addr, len, flags) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let a = if ret >= 0 {
             // SAFETY: the call filled the address it was given.
@@ -437,7 +483,13 @@ pub unsafe extern "C" fn accept4(
         } else {
             &[]
         };
-        record_accept(AcceptCall::Accept4, fd, ret, a);
+        record_accept(AcceptCall::Accept4, fd, ret, a)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { accept4(fd, addr, len, flags) };
     }
     ret
 }
@@ -483,7 +535,7 @@ fn replay_epoll(
     }
 }
 
-fn record_epoll(call: EpollCall, epfd: c_int, ret: c_int, events: *const epoll_event) {
+fn record_epoll(call: EpollCall, epfd: c_int, ret: c_int, events: *const epoll_event) -> bool {
     let r = outcome(i64::from(ret));
     let ready: &[epoll_event] = if r > 0 && !events.is_null() {
         // SAFETY: the call filled `ret` entries of the program's array.
@@ -502,15 +554,17 @@ fn record_epoll(call: EpollCall, epfd: c_int, ret: c_int, events: *const epoll_e
                 data: e.u64,
             };
         }
-        record::emit(&Event::EpollWait {
+        if record::emit(&Event::EpollWait {
             call,
             epfd,
             ret: r,
             ready: List::new(&copied[..end - start]),
-        });
+        }) {
+            return true;
+        }
         start = end;
         if start >= ready.len() {
-            break;
+            return false;
         }
     }
 }
@@ -530,9 +584,15 @@ pub unsafe extern "C" fn epoll_wait(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_wait()(epfd, events, max, timeout) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        record_epoll(EpollCall::Wait, epfd, ret, events);
+        record_epoll(EpollCall::Wait, epfd, ret, events)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { epoll_wait(epfd, events, max, timeout) };
     }
     ret
 }
@@ -553,14 +613,20 @@ pub unsafe extern "C" fn epoll_pwait(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_pwait()(epfd, events, max, timeout, sigmask) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        record_epoll(EpollCall::Pwait, epfd, ret, events);
+        record_epoll(EpollCall::Pwait, epfd, ret, events)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { epoll_pwait(epfd, events, max, timeout, sigmask) };
     }
     ret
 }
 
-fn record_poll(call: PollCall, fds: *const pollfd, n: nfds_t, ret: c_int) {
+fn record_poll(call: PollCall, fds: *const pollfd, n: nfds_t, ret: c_int) -> bool {
     let all: &[pollfd] = if fds.is_null() {
         &[]
     } else {
@@ -574,14 +640,16 @@ fn record_poll(call: PollCall, fds: *const pollfd, n: nfds_t, ret: c_int) {
         for (i, p) in all[start..end].iter().enumerate() {
             revents[i] = p.revents as u16;
         }
-        record::emit(&Event::Poll {
+        if record::emit(&Event::Poll {
             call,
             ret: outcome(i64::from(ret)),
             revents: List::new(&revents[..end - start]),
-        });
+        }) {
+            return true;
+        }
         start = end;
         if start >= all.len() {
-            break;
+            return false;
         }
     }
 }
@@ -592,9 +660,15 @@ pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::poll()(fds, n, timeout) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        record_poll(PollCall::Poll, fds, n, ret);
+        record_poll(PollCall::Poll, fds, n, ret)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { poll(fds, n, timeout) };
     }
     ret
 }
@@ -610,9 +684,15 @@ pub unsafe extern "C" fn ppoll(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::ppoll()(fds, n, timeout, sigmask) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        record_poll(PollCall::Ppoll, fds, n, ret);
+        record_poll(PollCall::Ppoll, fds, n, ret)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { ppoll(fds, n, timeout, sigmask) };
     }
     ret
 }
@@ -634,14 +714,14 @@ fn record_select(
     w: *const libc::fd_set,
     e: *const libc::fd_set,
     ret: c_int,
-) {
+) -> bool {
     record::emit(&Event::Select {
         call,
         ret: outcome(i64::from(ret)),
         readfds: fd_set_bytes(r, nfds),
         writefds: fd_set_bytes(w, nfds),
         exceptfds: fd_set_bytes(e, nfds),
-    });
+    })
 }
 
 #[unsafe(no_mangle)]
@@ -656,9 +736,15 @@ pub unsafe extern "C" fn select(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::select()(nfds, r, w, e, timeout) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        record_select(SelectCall::Select, nfds, r, w, e, ret);
+        record_select(SelectCall::Select, nfds, r, w, e, ret)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { select(nfds, r, w, e, timeout) };
     }
     ret
 }
@@ -676,9 +762,15 @@ pub unsafe extern "C" fn pselect(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::pselect()(nfds, r, w, e, timeout, sigmask) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        record_select(SelectCall::Pselect, nfds, r, w, e, ret);
+        record_select(SelectCall::Pselect, nfds, r, w, e, ret)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { pselect(nfds, r, w, e, timeout, sigmask) };
     }
     ret
 }
@@ -695,7 +787,7 @@ pub unsafe extern "C" fn recvmmsg(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recvmmsg()(fd, msgs, n, flags, timeout) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let got: &[libc::mmsghdr] = if ret > 0 && !msgs.is_null() {
             // SAFETY: the call filled `ret` entries of the program's array.
@@ -733,16 +825,24 @@ pub unsafe extern "C" fn recvmmsg(
                     }
                 };
             }
-            record::emit(&Event::RecvMmsg {
+            if record::emit(&Event::RecvMmsg {
                 fd,
                 ret: outcome(i64::from(ret)),
                 msgs: List::new(&one[..end - start]),
-            });
+            }) {
+                break true;
+            }
             start = end;
             if start >= got.len() {
-                break;
+                break false;
             }
         }
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { recvmmsg(fd, msgs, n, flags, timeout) };
     }
     ret
 }
@@ -853,7 +953,7 @@ pub unsafe extern "C" fn clock_gettime(clock: clockid_t, tp: *mut timespec) -> c
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::clock_gettime()(clock, tp) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let (sec, nsec) = if ret == 0 && !tp.is_null() {
             // SAFETY: the call filled `tp`.
@@ -866,7 +966,13 @@ pub unsafe extern "C" fn clock_gettime(clock: clockid_t, tp: *mut timespec) -> c
             ret: outcome(i64::from(ret)) as i32,
             sec,
             nsec,
-        });
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { clock_gettime(clock, tp) };
     }
     ret
 }
@@ -891,7 +997,7 @@ pub unsafe extern "C" fn gettimeofday(tv: *mut timeval, tz: *mut c_void) -> c_in
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::gettimeofday()(tv, tz) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let (sec, usec) = if ret == 0 && !tv.is_null() {
             // SAFETY: the call filled `tv`.
@@ -903,7 +1009,13 @@ pub unsafe extern "C" fn gettimeofday(tv: *mut timeval, tz: *mut c_void) -> c_in
             ret: outcome(i64::from(ret)) as i32,
             sec,
             usec,
-        });
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { gettimeofday(tv, tz) };
     }
     ret
 }
@@ -925,9 +1037,15 @@ pub unsafe extern "C" fn time(t: *mut time_t) -> time_t {
     }
     // SAFETY: the program's argument, passed on unchanged.
     let ret = unsafe { get::time()(t) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
-        record::emit(&Event::Time { sec: ret });
+        record::emit(&Event::Time { sec: ret })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { time(t) };
     }
     ret
 }
@@ -950,14 +1068,20 @@ pub unsafe extern "C" fn getrandom(buf: *mut c_void, n: size_t, flags: c_uint) -
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::getrandom()(buf, n, flags) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let r = outcome(ret as i64);
         record::emit(&Event::Getrandom {
             ret: r,
             // SAFETY: the call wrote `ret` bytes at `buf`.
             data: Bytes::Flat(unsafe { bytes(buf, r) }),
-        });
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { getrandom(buf, n, flags) };
     }
     ret
 }
@@ -1060,7 +1184,7 @@ pub unsafe extern "C" fn mmap(
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let p = unsafe { get::mmap()(addr, len, prot, flags, fd, off) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         record::emit(&Event::Mmap {
             call: MmapCall::Mmap,
@@ -1070,7 +1194,24 @@ pub unsafe extern "C" fn mmap(
                 p as i64
             },
             len: len as u64,
-        });
+        })
+    } else {
+        false
+    };
+    // Mapped already, where the recording mapped it: the call keeps its
+    // result and only takes its turn.
+    if again
+        && let Some(t) = replay::take("mmap", |e| {
+            matches!(
+                e,
+                Event::Mmap {
+                    call: MmapCall::Mmap,
+                    ..
+                }
+            )
+        })
+    {
+        t.complete();
     }
     p
 }
@@ -1117,7 +1258,7 @@ pub unsafe extern "C" fn mremap(
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let p = unsafe { get::mremap()(old, old_len, new_len, flags, new_addr) };
-    if let Some(_inside) = thread::enter() {
+    let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         record::emit(&Event::Mmap {
             call: MmapCall::Mremap,
@@ -1127,7 +1268,24 @@ pub unsafe extern "C" fn mremap(
                 p as i64
             },
             len: new_len as u64,
-        });
+        })
+    } else {
+        false
+    };
+    // Mapped already, where the recording mapped it: the call keeps its
+    // result and only takes its turn.
+    if again
+        && let Some(t) = replay::take("mremap", |e| {
+            matches!(
+                e,
+                Event::Mmap {
+                    call: MmapCall::Mremap,
+                    ..
+                }
+            )
+        })
+    {
+        t.complete();
     }
     p
 }

@@ -57,7 +57,7 @@ pub fn is_virtual(fd: c_int) -> bool {
     i < MAX_FD && VIRTUAL[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
 }
 
-fn set_virtual(fd: c_int, on: bool) {
+pub fn set_virtual(fd: c_int, on: bool) {
     let Ok(i) = usize::try_from(fd) else {
         return;
     };

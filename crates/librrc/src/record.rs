@@ -7,7 +7,7 @@
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use rrc_rr::log::{BatchWriter, Event, Record};
 use rrc_rr::ring::{Producer, RingSet};
@@ -28,6 +28,8 @@ static SET: AtomicPtr<RingSet> = AtomicPtr::new(std::ptr::null_mut());
 /// Cleared in a forked child: its writes would mix with the parent's.
 static RECORDING: AtomicBool = AtomicBool::new(false);
 static LAST_NS: AtomicU64 = AtomicU64::new(0);
+/// The rings' descriptor (where a replay's configuration is put).
+static RING_FD: AtomicI32 = AtomicI32::new(-1);
 /// Log ids when not recording (replay numbers threads the same way): the
 /// first thread, the one loading librrc, gets 1. A recording numbers them
 /// in the ring set, across `exec`.
@@ -62,16 +64,15 @@ thread_local! {
 }
 
 /// Runs `f` on this thread's log, if it is recording.
-fn with_log(f: impl FnOnce(&'static RingSet, &mut ThreadLog)) {
-    let Some(set) = set() else {
-        return;
-    };
-    let _ = LOG.try_with(|cell| {
+fn with_log<R>(f: impl FnOnce(&'static RingSet, &mut ThreadLog) -> R) -> Option<R> {
+    let set = set()?;
+    LOG.try_with(|cell| {
         // SAFETY: only this thread touches its ThreadLog, and never
         // re-entrantly: callers hold `thread::Inside`.
         let log = unsafe { &mut **cell.get() };
         f(set, log)
-    });
+    })
+    .ok()
 }
 
 /// Attaches to the ring set named by `RRC_RR_FD`, if any.
@@ -86,6 +87,7 @@ pub fn init() {
     let Some(fd) = s.to_str().ok().and_then(|s| s.parse::<i32>().ok()) else {
         crate::fatal(b"librrc: RRC_RR_FD is not a descriptor number\n");
     };
+    RING_FD.store(fd, Ordering::Relaxed);
     // `rrc replay` puts its configuration where the rings were.
     if crate::replay::init_from_fd(fd) {
         return;
@@ -111,6 +113,11 @@ pub fn init() {
 
 extern "C" fn in_fork_child() {
     RECORDING.store(false, Ordering::Release);
+}
+
+/// The descriptor the rings were passed at.
+pub fn ring_fd() -> i32 {
+    RING_FD.load(Ordering::Relaxed)
 }
 
 fn set() -> Option<&'static RingSet> {
@@ -150,18 +157,33 @@ pub fn now_ns() -> u64 {
 /// Records `event` for this thread. The record waits in the thread's
 /// batch until a flush: before the thread blocks or sends, when the batch
 /// is large, when the thread or the program ends.
-pub fn emit(event: &Event<'_>) {
-    with_log(|set, log| {
+///
+/// True when the event must not stand: the program was restored from a
+/// checkpoint for replay (it may have been stopped anywhere, even between
+/// a wrapped call and its record), so the wrapper undoes what it can of
+/// the call it made and makes it again, to be served from the log. The
+/// caller must have left librrc (dropped its `thread::Inside`) first.
+#[must_use = "a call whose record was refused must be made again"]
+pub fn emit(event: &Event<'_>) -> bool {
+    with_log(|set, log| emit_into(set, log, event)).unwrap_or(false)
+}
+
+fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> bool {
+    {
         if log.ended {
-            return;
+            return false;
         }
+        // Taken before anything else is touched: the one atomic step that
+        // tells a recording from a restored copy.
+        let Some(seq) = set.next_seq() else {
+            return crate::replay::switch_in();
+        };
         if log.producer.is_none() {
             attach(set, log);
             if log.ended {
-                return;
+                return false;
             }
         }
-        let seq = set.next_seq();
         let now = now_ns();
         let prev = LAST_NS.swap(now, Ordering::AcqRel);
         let record = Record {
@@ -176,7 +198,7 @@ pub fn emit(event: &Event<'_>) {
         let mut record = record;
         loop {
             let Some(w) = log.writer.as_mut() else {
-                return;
+                return false;
             };
             match w.push(&record) {
                 Ok(()) => break,
@@ -206,7 +228,8 @@ pub fn emit(event: &Event<'_>) {
         if log.writer.as_ref().is_some_and(|w| w.len() >= FLUSH_AT) {
             push_batch(log);
         }
-    });
+        false
+    }
 }
 
 /// Sends this thread's pending records to its ring.
@@ -298,9 +321,13 @@ fn warn_once(flag: &AtomicBool, msg: &[u8]) {
     }
 }
 
-/// Ends this thread's log: its last record, its ring handed back.
-pub fn thread_exit() {
-    emit(&Event::ThreadExit);
+/// Ends this thread's log: its last record, its ring handed back. True,
+/// as for [`emit`], when the process is being replayed instead.
+#[must_use = "in a replay the thread's exit takes its turn instead"]
+pub fn thread_exit() -> bool {
+    if emit(&Event::ThreadExit) {
+        return true;
+    }
     with_log(|set, log| {
         push_batch(log);
         log.ended = true;
@@ -315,6 +342,7 @@ pub fn thread_exit() {
             log.cap = 0;
         }
     });
+    false
 }
 
 /// Before a call that may block or that sends: the records so far must
@@ -325,8 +353,13 @@ pub fn flush_before_blocking() {
     }
 }
 
-/// At exit: the exiting thread's pending records.
+/// At exit: the exiting thread's pending records, or the replay's report
+/// when a restored copy was replayed.
 extern "C" fn at_exit() {
+    if crate::replay::active() {
+        crate::replay::report();
+        return;
+    }
     if let Some(_inside) = thread::enter() {
         flush();
     }

@@ -29,6 +29,9 @@ struct Replay {
     /// Every record's sequence number, sorted: a record's rank is its
     /// place here, and it may complete once `DONE` equals its rank.
     seqs: Vec<u64>,
+    /// The first sequence number to replay: a copy restored from a
+    /// checkpoint has done everything before it.
+    from: u64,
     order: bool,
     timing: bool,
     stop_at_end: bool,
@@ -77,6 +80,10 @@ struct Config {
     timing: bool,
     stop_at_end: bool,
     capture: Option<PathBuf>,
+    from: u64,
+    /// Connections that existed at the checkpoint: their input comes from
+    /// the log, what is written to them is captured.
+    virtual_fds: Vec<i32>,
 }
 
 /// First line of a replay configuration file.
@@ -91,14 +98,68 @@ fn parse_ids(list: &str) -> Result<Vec<u32>, String> {
         .collect()
 }
 
-/// Starts replay from the configuration at descriptor `fd`, if that is
-/// what it holds; false if it does not. The descriptor stays open.
+/// Starts replay from the program's start with the configuration at
+/// descriptor `fd`, if that is what it holds; false if it does not. The
+/// descriptor stays open.
 pub fn init_from_fd(fd: i32) -> bool {
+    let Some(cfg) = read_config(fd) else {
+        return false;
+    };
+    start(cfg);
+    // The loading thread is the program's first.
+    thread::set_log_id(crate::record::next_log_id());
+    // SAFETY: registering a plain function.
+    unsafe { libc::atexit(report) };
+    true
+}
+
+/// 0: recording; 1: a thread is loading the replay; 2: replaying.
+static SWITCH: AtomicU32 = AtomicU32::new(0);
+
+/// The program was restored from a checkpoint taken while it was recorded,
+/// and `rrc replay` marked it for replay: the first thread to notice loads
+/// the replay (its configuration is where the rings' descriptor was), the
+/// others wait for it. True if the calling thread is to take its call from
+/// the log (false once its log has ended).
+pub fn switch_in() -> bool {
+    if SWITCH
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        let fd = crate::record::ring_fd();
+        match read_config(fd) {
+            Some(cfg) => start(cfg),
+            None => crate::fatal(
+                b"librrc: restored for replay, but there is no replay configuration at the rings' descriptor\n",
+            ),
+        }
+        SWITCH.store(2, Ordering::Release);
+    } else {
+        while SWITCH.load(Ordering::Acquire) != 2 {
+            // SAFETY: sched_yield has no arguments.
+            unsafe { libc::syscall(libc::SYS_sched_yield) };
+        }
+    }
+    !thread_live()
+}
+
+/// Whether this thread's log is behind it (ended or left).
+fn thread_live() -> bool {
+    CURSOR
+        .try_with(|cell| {
+            // SAFETY: only this thread touches its cursor; a read.
+            unsafe { (**cell.get()).live }
+        })
+        .unwrap_or(true)
+}
+
+/// The replay configuration at descriptor `fd`, if it holds one.
+fn read_config(fd: i32) -> Option<Config> {
     let mut head = [0u8; 16];
     // SAFETY: a pread into a local buffer.
     let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), head.len(), 0) };
     if n < CONFIG_MAGIC.len() as isize || &head[..CONFIG_MAGIC.len()] != CONFIG_MAGIC {
-        return false;
+        return None;
     }
     let mut text = Vec::new();
     let mut buf = [0u8; 4096];
@@ -120,6 +181,8 @@ pub fn init_from_fd(fd: i32) -> bool {
         timing: true,
         stop_at_end: false,
         capture: None,
+        from: 0,
+        virtual_fds: Vec::new(),
     };
     for line in text.lines().skip(1) {
         let Some((k, v)) = line.split_once('=') else {
@@ -132,11 +195,22 @@ pub fn init_from_fd(fd: i32) -> bool {
             "timing" => cfg.timing = v != "0",
             "stop" => cfg.stop_at_end = v == "1",
             "capture" => cfg.capture = Some(PathBuf::from(v)),
+            "from" => {
+                cfg.from = v
+                    .parse()
+                    .unwrap_or_else(|_| crate::fatal(b"librrc: bad first event number\n"))
+            }
+            "virtual" if !v.is_empty() => {
+                cfg.virtual_fds = parse_ids(v)
+                    .unwrap_or_else(|e| crate::fatal(e.as_bytes()))
+                    .into_iter()
+                    .map(|fd| fd as i32)
+                    .collect()
+            }
             _ => {}
         }
     }
-    start(cfg);
-    true
+    Some(cfg)
 }
 
 fn start(cfg: Config) {
@@ -148,11 +222,17 @@ fn start(cfg: Config) {
         }
     };
     crate::net::init(cfg.capture.as_deref());
+    for &fd in &cfg.virtual_fds {
+        crate::net::set_virtual(fd, true);
+    }
+    // Everything before the first record to replay is done.
+    DONE.store(
+        r.seqs.partition_point(|s| *s < r.from) as u32,
+        Ordering::Release,
+    );
     STARTED_NS.store(crate::record::now_ns(), Ordering::Relaxed);
+    LAST_NS.store(crate::record::now_ns(), Ordering::Relaxed);
     REPLAY.store(Box::into_raw(Box::new(r)), Ordering::Release);
-    thread::set_log_id(crate::record::next_log_id());
-    // SAFETY: registering a plain function.
-    unsafe { libc::atexit(report) };
 }
 
 fn load(cfg: &Config) -> Result<Replay, String> {
@@ -204,6 +284,7 @@ fn load(cfg: &Config) -> Result<Replay, String> {
     Ok(Replay {
         logs,
         seqs,
+        from: cfg.from,
         order: cfg.order,
         timing: cfg.timing,
         stop_at_end: cfg.stop_at_end,
@@ -259,7 +340,8 @@ fn digits(v: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[i..]
 }
 
-extern "C" fn report() {
+/// Prints what the replay did: events, divergences, time.
+pub extern "C" fn report() {
     let mut a = [0u8; 20];
     let mut b = [0u8; 20];
     let mut c = [0u8; 20];
@@ -283,9 +365,12 @@ pub struct Turn {
 
 impl Turn {
     pub fn complete(self) {
-        let replayed = REPLAYED.fetch_add(1, Ordering::Relaxed) + 1;
+        REPLAYED.fetch_add(1, Ordering::Relaxed);
+        LAST_NS.store(crate::record::now_ns(), Ordering::Release);
+        let done = DONE.fetch_add(1, Ordering::AcqRel) + 1;
+        wake_all();
         if let Some(r) = state()
-            && replayed == r.seqs.len() as u64
+            && done as usize == r.seqs.len()
         {
             crate::say(&[b"rrc replay: end of the log reached; the program runs live from here\n"]);
             if r.stop_at_end {
@@ -293,9 +378,6 @@ impl Turn {
                 unsafe { libc::syscall(libc::SYS_kill, libc::getpid(), libc::SIGTERM) };
             }
         }
-        LAST_NS.store(crate::record::now_ns(), Ordering::Release);
-        DONE.fetch_add(1, Ordering::AcqRel);
-        wake_all();
     }
 }
 
@@ -321,7 +403,9 @@ pub fn take(call: &str, expected: impl FnOnce(&Event<'static>) -> bool) -> Optio
                     .copied()
                     .unwrap_or(&[]);
             }
-            let Some(rec) = next_record(c) else {
+            // A restored copy skips what it did before the checkpoint.
+            let Some(rec) = std::iter::from_fn(|| next_record(c)).find(|rec| rec.seq >= r.from)
+            else {
                 // The log ended: live from here on.
                 c.live = true;
                 return None;

@@ -20,12 +20,26 @@ use crate::hooks::{SavedErrno, outcome, served};
 use crate::real::get;
 use crate::{record, replay, thread};
 
-fn note(op: SyncOp, obj: usize, ret: c_int) {
+/// Records the operation; true if the process turned out to be a copy
+/// restored for replay (see [`record::emit`]).
+fn note(op: SyncOp, obj: usize, ret: c_int) -> bool {
+    let Some(_inside) = thread::enter() else {
+        return false;
+    };
+    let _e = SavedErrno::save();
     record::emit(&Event::Sync {
         op,
         obj: obj as u64,
         ret,
-    });
+    })
+}
+
+/// After a switch to replay: an operation already made only takes its
+/// turn.
+fn take_turn_only(op: SyncOp, call: &str) {
+    if let Some(t) = turn(op, call) {
+        t.complete();
+    }
 }
 
 /// In replay, this thread's next record if it is `op` (addresses differ
@@ -46,8 +60,14 @@ fn recorded_ret(t: &replay::Turn) -> c_int {
 
 /// Acquisitions and releases: recorded around the real call; in replay
 /// the turn comes first.
+///
+/// When the record reveals a copy restored for replay: a release (recorded
+/// before it happens) is simply made again, the replay's way; an
+/// acquisition that can be undone (`undo`: the matching release) is let
+/// go and made again in turn; one that cannot (a signal, a once) keeps
+/// its effect and only takes its turn.
 macro_rules! ordered {
-    ($name:ident, $op:ident, before_release: $rel:expr, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
+    ($name:ident, $op:ident, release, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
             if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
@@ -56,23 +76,61 @@ macro_rules! ordered {
                 t.complete();
                 return ret;
             }
-            if $rel && let Some(_inside) = thread::enter() {
-                note(SyncOp::$op, $obj as usize, 0);
+            if note(SyncOp::$op, $obj as usize, 0) {
+                // SAFETY: as the program called it, now in its turn.
+                return unsafe { $name($obj $(, $arg)*) };
+            }
+            // SAFETY: the program's arguments, passed on unchanged.
+            unsafe { get::$name()($obj $(, $arg)*) }
+        }
+    };
+    ($name:ident, $op:ident, acquire, undo: $undo:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
+            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+                // SAFETY: the program's arguments, passed on unchanged.
+                let ret = unsafe { get::$name()($obj $(, $arg)*) };
+                t.complete();
+                return ret;
             }
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
-            if !$rel && let Some(_inside) = thread::enter() {
-                let _e = SavedErrno::save();
-                note(SyncOp::$op, $obj as usize, ret);
+            if note(SyncOp::$op, $obj as usize, ret) {
+                if ret == 0 {
+                    // SAFETY: the lock this thread just took, not yet
+                    // seen by the program.
+                    unsafe { get::$undo()($obj) };
+                }
+                // SAFETY: as the program called it, now in its turn.
+                return unsafe { $name($obj $(, $arg)*) };
+            }
+            ret
+        }
+    };
+    ($name:ident, $op:ident, acquire, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
+            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+                // SAFETY: the program's arguments, passed on unchanged.
+                let ret = unsafe { get::$name()($obj $(, $arg)*) };
+                t.complete();
+                return ret;
+            }
+            // SAFETY: the program's arguments, passed on unchanged.
+            let ret = unsafe { get::$name()($obj $(, $arg)*) };
+            if note(SyncOp::$op, $obj as usize, ret) {
+                take_turn_only(SyncOp::$op, stringify!($name));
             }
             ret
         }
     };
 }
 
-/// Try and timed acquisitions: in replay, the recorded outcome.
+/// Try and timed acquisitions: in replay, the recorded outcome. After a
+/// switch to replay, a success is let go (`$undo`) and the call made
+/// again.
 macro_rules! attempt {
-    ($name:ident, $op:ident, $blocking:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
+    ($name:ident, $op:ident, $blocking:ident, $undo:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
             if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
@@ -86,9 +144,14 @@ macro_rules! attempt {
             }
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
-            if let Some(_inside) = thread::enter() {
-                let _e = SavedErrno::save();
-                note(SyncOp::$op, $obj as usize, ret);
+            if note(SyncOp::$op, $obj as usize, ret) {
+                if ret == 0 {
+                    // SAFETY: the lock this thread just took, not yet
+                    // seen by the program.
+                    unsafe { get::$undo()($obj) };
+                }
+                // SAFETY: as the program called it, now served from the log.
+                return unsafe { $name($obj $(, $arg)*) };
             }
             ret
         }
@@ -106,28 +169,27 @@ macro_rules! wait {
                 t.complete();
                 return ret;
             }
-            if let Some(_inside) = thread::enter() {
-                let _e = SavedErrno::save();
-                let r = if $errno { outcome(i64::from(ret)) as c_int } else { ret };
-                note(SyncOp::$op, $obj as usize, r);
+            let r = if $errno { outcome(i64::from(ret)) as c_int } else { ret };
+            if note(SyncOp::$op, $obj as usize, r) {
+                take_turn_only(SyncOp::$op, stringify!($name));
             }
             ret
         }
     };
 }
 
-ordered!(pthread_mutex_lock, MutexLock, before_release: false, m: *mut pthread_mutex_t);
-attempt!(pthread_mutex_trylock, MutexTrylock, pthread_mutex_lock, m: *mut pthread_mutex_t);
-attempt!(pthread_mutex_timedlock, MutexTimedlock, pthread_mutex_lock, m: *mut pthread_mutex_t, t: *const timespec);
-ordered!(pthread_mutex_unlock, MutexUnlock, before_release: true, m: *mut pthread_mutex_t);
+ordered!(pthread_mutex_lock, MutexLock, acquire, undo: pthread_mutex_unlock, m: *mut pthread_mutex_t);
+attempt!(pthread_mutex_trylock, MutexTrylock, pthread_mutex_lock, pthread_mutex_unlock, m: *mut pthread_mutex_t);
+attempt!(pthread_mutex_timedlock, MutexTimedlock, pthread_mutex_lock, pthread_mutex_unlock, m: *mut pthread_mutex_t, t: *const timespec);
+ordered!(pthread_mutex_unlock, MutexUnlock, release, m: *mut pthread_mutex_t);
 
-ordered!(pthread_rwlock_rdlock, RwlockRdlock, before_release: false, l: *mut pthread_rwlock_t);
-ordered!(pthread_rwlock_wrlock, RwlockWrlock, before_release: false, l: *mut pthread_rwlock_t);
-attempt!(pthread_rwlock_tryrdlock, RwlockTryrdlock, pthread_rwlock_rdlock, l: *mut pthread_rwlock_t);
-attempt!(pthread_rwlock_trywrlock, RwlockTrywrlock, pthread_rwlock_wrlock, l: *mut pthread_rwlock_t);
-attempt!(pthread_rwlock_timedrdlock, RwlockTimedrdlock, pthread_rwlock_rdlock, l: *mut pthread_rwlock_t, t: *const timespec);
-attempt!(pthread_rwlock_timedwrlock, RwlockTimedwrlock, pthread_rwlock_wrlock, l: *mut pthread_rwlock_t, t: *const timespec);
-ordered!(pthread_rwlock_unlock, RwlockUnlock, before_release: true, l: *mut pthread_rwlock_t);
+ordered!(pthread_rwlock_rdlock, RwlockRdlock, acquire, undo: pthread_rwlock_unlock, l: *mut pthread_rwlock_t);
+ordered!(pthread_rwlock_wrlock, RwlockWrlock, acquire, undo: pthread_rwlock_unlock, l: *mut pthread_rwlock_t);
+attempt!(pthread_rwlock_tryrdlock, RwlockTryrdlock, pthread_rwlock_rdlock, pthread_rwlock_unlock, l: *mut pthread_rwlock_t);
+attempt!(pthread_rwlock_trywrlock, RwlockTrywrlock, pthread_rwlock_wrlock, pthread_rwlock_unlock, l: *mut pthread_rwlock_t);
+attempt!(pthread_rwlock_timedrdlock, RwlockTimedrdlock, pthread_rwlock_rdlock, pthread_rwlock_unlock, l: *mut pthread_rwlock_t, t: *const timespec);
+attempt!(pthread_rwlock_timedwrlock, RwlockTimedwrlock, pthread_rwlock_wrlock, pthread_rwlock_unlock, l: *mut pthread_rwlock_t, t: *const timespec);
+ordered!(pthread_rwlock_unlock, RwlockUnlock, release, l: *mut pthread_rwlock_t);
 
 /// Condition waits: the wait releases the mutex and takes it back before
 /// returning, and the record marks the reacquisition. In replay the real
@@ -143,7 +205,7 @@ macro_rules! cond_wait {
         ) -> c_int {
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()(c, m $(, $arg)*) };
-            if replay::active() {
+            if replay::active() || note(SyncOp::$op, c as usize, ret) {
                 // SAFETY: the program's mutex, which the wait returned
                 // holding.
                 unsafe { get::pthread_mutex_unlock()(m) };
@@ -153,11 +215,6 @@ macro_rules! cond_wait {
                 if let Some(t) = t {
                     t.complete();
                 }
-                return ret;
-            }
-            if let Some(_inside) = thread::enter() {
-                let _e = SavedErrno::save();
-                note(SyncOp::$op, c as usize, ret);
             }
             ret
         }
@@ -166,12 +223,12 @@ macro_rules! cond_wait {
 
 cond_wait!(pthread_cond_wait, CondWait);
 cond_wait!(pthread_cond_timedwait, CondTimedwait, t: *const timespec);
-ordered!(pthread_cond_signal, CondSignal, before_release: false, c: *mut pthread_cond_t);
-ordered!(pthread_cond_broadcast, CondBroadcast, before_release: false, c: *mut pthread_cond_t);
+ordered!(pthread_cond_signal, CondSignal, acquire, c: *mut pthread_cond_t);
+ordered!(pthread_cond_broadcast, CondBroadcast, acquire, c: *mut pthread_cond_t);
 
 wait!(sem_wait, SemWait, errno: true, s: *mut sem_t);
 wait!(sem_timedwait, SemTimedwait, errno: true, s: *mut sem_t, t: *const timespec);
-ordered!(sem_post, SemPost, before_release: true, s: *mut sem_t);
+ordered!(sem_post, SemPost, release, s: *mut sem_t);
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sem_trywait(s: *mut sem_t) -> c_int {
@@ -186,19 +243,21 @@ pub unsafe extern "C" fn sem_trywait(s: *mut sem_t) -> c_int {
     }
     // SAFETY: the program's argument, passed on unchanged.
     let ret = unsafe { get::sem_trywait()(s) };
-    if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        note(
-            SyncOp::SemTrywait,
-            s as usize,
-            outcome(i64::from(ret)) as c_int,
-        );
+    let r = outcome(i64::from(ret)) as c_int;
+    if note(SyncOp::SemTrywait, s as usize, r) {
+        if ret == 0 {
+            // SAFETY: the count this thread just took, not yet seen by the
+            // program.
+            unsafe { get::sem_post()(s) };
+        }
+        // SAFETY: as the program called it, now served from the log.
+        return unsafe { sem_trywait(s) };
     }
     ret
 }
 
-ordered!(pthread_spin_lock, SpinLock, before_release: false, l: *mut libc::pthread_spinlock_t);
-attempt!(pthread_spin_trylock, SpinTrylock, pthread_spin_lock, l: *mut libc::pthread_spinlock_t);
-ordered!(pthread_spin_unlock, SpinUnlock, before_release: true, l: *mut libc::pthread_spinlock_t);
+ordered!(pthread_spin_lock, SpinLock, acquire, undo: pthread_spin_unlock, l: *mut libc::pthread_spinlock_t);
+attempt!(pthread_spin_trylock, SpinTrylock, pthread_spin_lock, pthread_spin_unlock, l: *mut libc::pthread_spinlock_t);
+ordered!(pthread_spin_unlock, SpinUnlock, release, l: *mut libc::pthread_spinlock_t);
 
-ordered!(pthread_once, Once, before_release: false, o: *mut libc::pthread_once_t, f: extern "C" fn());
+ordered!(pthread_once, Once, acquire, o: *mut libc::pthread_once_t, f: extern "C" fn());

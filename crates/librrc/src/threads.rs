@@ -83,17 +83,22 @@ pub unsafe extern "C" fn pthread_create(
     };
     // Recorded before the thread exists: everything it records comes
     // after its creation in the global order, as replay needs.
-    record::emit(&Event::ThreadCreate {
+    if record::emit(&Event::ThreadCreate {
         ret: 0,
         child: log_id,
-    });
+    }) {
+        TABLE[entry].routine.store(0, Ordering::Release);
+        drop(inside);
+        // SAFETY: as the program called it, now served from the log.
+        return unsafe { pthread_create(out, attr, routine, arg) };
+    }
     // SAFETY: the program's arguments, with our trampoline around its
     // start routine.
     let ret = unsafe { get::pthread_create()(out, attr, trampoline, entry as *mut c_void) };
     if ret != 0 {
         TABLE[entry].routine.store(0, Ordering::Release);
         // The creation failed after all: a second record says so.
-        record::emit(&Event::ThreadCreate { ret, child: 0 });
+        let _ = record::emit(&Event::ThreadCreate { ret, child: 0 });
     }
     ret
 }
@@ -136,14 +141,18 @@ unsafe fn replay_create(
 
 /// A thread's end: its record (or, in replay, its turn).
 fn end_of_thread() {
-    if replay::active() {
-        if let Some(t) = replay::take("thread exit", |e| matches!(e, Event::ThreadExit)) {
-            t.complete();
+    if !replay::active() {
+        let Some(inside) = thread::enter() else {
+            return;
+        };
+        if !record::thread_exit() {
+            return;
         }
-        return;
+        // A copy restored for replay: the exit takes its turn.
+        drop(inside);
     }
-    if let Some(_inside) = thread::enter() {
-        record::thread_exit();
+    if let Some(t) = replay::take("thread exit", |e| matches!(e, Event::ThreadExit)) {
+        t.complete();
     }
 }
 
@@ -167,9 +176,9 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
         if ret > 0 {
             // The child is not recorded (its atfork handler stopped it):
             // replay cannot go past this point.
-            record::emit(&Event::ForkUnsupported);
+            let _ = record::emit(&Event::ForkUnsupported);
         } else {
-            record::emit(&Event::Fork { ret: outcome(-1) });
+            let _ = record::emit(&Event::Fork { ret: outcome(-1) });
         }
     }
     ret

@@ -69,7 +69,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use set::{RingSet, SlotInfo, SlotState};
+pub use set::{REPLAY_REQUESTED, RingSet, SlotInfo, SlotState, request_replay};
 use shm::SharedMemory;
 
 #[cfg(not(target_has_atomic = "64"))]

@@ -19,6 +19,9 @@
 //! Rings start on page boundaries (stride and offset are multiples of 4096)
 //! so different threads' rings never share a page or a cache line.
 //!
+//! The top bit of the sequence counter (never reached by counting) marks a
+//! copy restored from a checkpoint for replay: see [`request_replay`].
+//!
 //! The two counters are the recording's, shared by every program image
 //! that uses the set: a program that `exec`s another (a shell script, a
 //! launcher) goes on numbering records and threads where it left off.
@@ -45,6 +48,9 @@ use super::{
 pub const SET_MAGIC: u64 = u64::from_le_bytes(*b"RRCRSET\0");
 /// Layout version of the ring set directory.
 pub const SET_VERSION: u32 = 2;
+/// Set in the last-sequence counter of a checkpointed copy of the set, by
+/// [`request_replay`]: the program restored from it replays.
+pub const REPLAY_REQUESTED: u64 = 1 << 63;
 /// Most slots a set may have.
 pub const MAX_SLOTS: usize = 1 << 16;
 
@@ -311,9 +317,17 @@ impl RingSet {
         self.shm.fd()
     }
 
-    /// The next global sequence number of the recording (from 1).
-    pub fn next_seq(&self) -> u64 {
-        self.header().last_seq.fetch_add(1, Ordering::AcqRel) + 1
+    /// The next global sequence number of the recording (from 1), or
+    /// `None` when this is a copy of the set restored for replay (see
+    /// [`request_replay`]): then nothing may be recorded any more.
+    ///
+    /// Taking the number and checking for replay is one atomic operation,
+    /// so a checkpoint falls either before it (the number belongs to the
+    /// recording) or after it (the restored program learns it is
+    /// replayed).
+    pub fn next_seq(&self) -> Option<u64> {
+        let prev = self.header().last_seq.fetch_add(1, Ordering::AcqRel);
+        (prev & REPLAY_REQUESTED == 0).then_some(prev + 1)
     }
 
     /// The next thread log id of the recording (from 1).
@@ -408,3 +422,82 @@ impl RingSet {
 // The ring header length is part of the stride computation; keep the
 // dependency visible.
 const _: () = assert!(RING_HEADER_LEN.is_multiple_of(64));
+/// Marks the first page of a ring set, as a checkpoint image holds it, so
+/// that the program restored from the image replays instead of recording
+/// (its next attempt to take a sequence number says so). Returns the last
+/// sequence number the recording had handed out at the checkpoint: every
+/// record up to it happened before.
+pub fn request_replay(first_page: &mut [u8]) -> Result<u64, RingError> {
+    let too_small = RingError::TooSmall {
+        what: "ring set header",
+        len: first_page.len(),
+        needed: DIR_HEADER_LEN,
+    };
+    let header = first_page.get_mut(..DIR_HEADER_LEN).ok_or(too_small)?;
+    let u64_at = |h: &[u8], at: usize| u64::from_le_bytes(h[at..at + 8].try_into().expect("8"));
+    let magic = u64_at(header, 0);
+    if magic != SET_MAGIC {
+        return Err(RingError::BadMagic {
+            what: "ring set",
+            found: magic,
+        });
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4"));
+    if version != SET_VERSION {
+        return Err(RingError::Version {
+            what: "ring set",
+            found: version,
+            supported: SET_VERSION,
+        });
+    }
+    let at = std::mem::offset_of!(SetHeader, last_seq);
+    let last = u64_at(header, at);
+    if last & REPLAY_REQUESTED != 0 {
+        return Err(RingError::Corrupt {
+            what: "the ring set is already marked for replay",
+            head: 0,
+            tail: 0,
+            capacity: 0,
+        });
+    }
+    header[at..at + 8].copy_from_slice(&(last | REPLAY_REQUESTED).to_le_bytes());
+    Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_set_marked_for_replay_hands_out_no_more_numbers() {
+        let set = RingSet::create(2, 4096).unwrap();
+        assert_eq!(set.next_seq(), Some(1));
+        assert_eq!(set.next_seq(), Some(2));
+        // What a checkpoint image holds: the first page, as bytes.
+        let file = std::fs::File::from(nix::unistd::dup(set.fd()).unwrap());
+        let mut page = vec![0u8; PAGE];
+        file.read_exact_at(&mut page, 0).unwrap();
+        assert_eq!(request_replay(&mut page).unwrap(), 2);
+        assert!(
+            request_replay(&mut page).is_err(),
+            "marked twice must be refused"
+        );
+        file.write_all_at(&page, 0).unwrap();
+        assert_eq!(set.next_seq(), None);
+        assert_eq!(set.next_seq(), None);
+    }
+
+    #[test]
+    fn only_a_ring_set_can_be_marked() {
+        let mut page = vec![0u8; PAGE];
+        assert!(matches!(
+            request_replay(&mut page),
+            Err(RingError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            request_replay(&mut page[..10]),
+            Err(RingError::TooSmall { .. })
+        ));
+    }
+}
