@@ -148,7 +148,8 @@ fn thread_live() -> bool {
     CURSOR
         .try_with(|cell| {
             // SAFETY: only this thread touches its cursor; a read.
-            unsafe { (**cell.get()).live }
+            let c: &Cursor = unsafe { &*cell.get() };
+            c.live
         })
         .unwrap_or(true)
 }

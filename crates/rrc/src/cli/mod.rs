@@ -8,6 +8,7 @@ mod detach;
 mod lab;
 mod ps;
 mod record;
+mod replay;
 mod replica;
 mod restore;
 mod run;
@@ -43,7 +44,7 @@ pub enum Command {
     Bench(bench::BenchCommand),
     #[command(subcommand)]
     Log(record::LogCommand),
-    Replay(record::ReplayArgs),
+    Replay(replay::ReplayArgs),
     Primary(replica::PrimaryArgs),
     Backup(replica::BackupArgs),
     Keygen(replica::KeygenArgs),
@@ -76,7 +77,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Lab(c) => lab::lab(c),
         Command::Bench(c) => bench::bench(c),
         Command::Log(c) => record::log(c),
-        Command::Replay(a) => record::replay(a),
+        Command::Replay(a) => replay::replay(a),
         Command::Primary(a) => replica::primary(a),
         Command::Backup(a) => replica::backup(a),
         Command::Keygen(a) => replica::keygen(a),

@@ -3,7 +3,6 @@
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -19,10 +18,10 @@ use super::detach::MakeCompanion;
 /// What a recording notes for its replay, beside the thread logs.
 const RECORDING_FILE: &str = "recording";
 /// The recorded program's environment, as /proc shows it.
-const ENVIRON_FILE: &str = "environ";
+pub(super) const ENVIRON_FILE: &str = "environ";
 
 /// The descriptor number the recording's rings had in the program.
-fn recorded_ring_fd(dir: &Path) -> Result<i32> {
+pub(super) fn recorded_ring_fd(dir: &Path) -> Result<i32> {
     let path = dir.join(RECORDING_FILE);
     let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
@@ -76,7 +75,7 @@ pub struct Recording {
 
 /// Whether `program` is loaded by the dynamic linker (has a PT_INTERP
 /// program header): only then does LD_PRELOAD reach it.
-fn dynamically_linked(program: &Path) -> Result<bool> {
+pub(super) fn dynamically_linked(program: &Path) -> Result<bool> {
     let data = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
     let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |o: usize| {
@@ -252,102 +251,6 @@ fn summary(s: &RecordStats, dir: &Path) -> String {
         );
     }
     out
-}
-
-/// Replay a recording from the program's start.
-///
-/// Runs CMD (the program that was recorded, with the same arguments) with
-/// librrc in replay mode: every thread takes the outcomes of its recorded
-/// calls (input, time, randomness, thread creation, lock order) from its
-/// log instead of the world, returning in the recorded global order and,
-/// unless --no-timing, with the recorded time between returns; when its
-/// log ends, or when it makes a call other than the logged one (a
-/// divergence, reported with the thread and event), it runs live. At the
-/// end librrc reports the events replayed, the divergences and the time.
-/// Replaying from a checkpoint (`--images`) is not built yet.
-#[derive(Debug, clap::Args)]
-pub struct ReplayArgs {
-    /// The log directory written by `rrc run --record`.
-    #[arg(long, value_name = "DIR")]
-    log: PathBuf,
-    /// Do not force the recorded global order of returns.
-    #[arg(long)]
-    no_order: bool,
-    /// Do not wait for the recorded time between returns.
-    #[arg(long)]
-    no_timing: bool,
-    /// Write what the program sends on the connections it accepted (not
-    /// sent anywhere in a replay) into this file, as records of
-    /// descriptor (u32 LE), length (u32 LE) and bytes.
-    #[arg(long, value_name = "FILE")]
-    capture: Option<PathBuf>,
-    /// End the program (SIGTERM) once the whole log has been replayed: for
-    /// servers, which do not end on their own.
-    #[arg(long)]
-    stop_at_end: bool,
-    /// The recorded program and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<OsString>,
-}
-
-pub fn replay(a: ReplayArgs) -> Result<i32> {
-    let ids = thread_log_ids(&a.log).with_context(|| format!("reading {}", a.log.display()))?;
-    if ids.is_empty() {
-        bail!("{} holds no thread logs", a.log.display());
-    }
-    let program =
-        rrc_container::spec::resolve_command(&a.command[0], std::env::var_os("PATH").as_deref())?;
-    if !dynamically_linked(&program)? {
-        bail!(
-            "{} is statically linked: it cannot be replayed",
-            program.display()
-        );
-    }
-    // The program gets exactly the recorded environment (librrc preloaded,
-    // the rings' variable) and, at the descriptor the rings had, the
-    // replay's configuration.
-    let ring_fd = recorded_ring_fd(&a.log)?;
-    let environ = a.log.join(ENVIRON_FILE);
-    if !environ.exists() {
-        bail!(
-            "{} has no {ENVIRON_FILE} file: it is not a recording made by `rrc run --record`",
-            a.log.display()
-        );
-    }
-    let mut config = format!(
-        "rrc-replay\nlog={}\nlogs={}\norder={}\ntiming={}\nstop={}\n",
-        a.log.canonicalize()?.display(),
-        ids.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
-        u8::from(!a.no_order),
-        u8::from(!a.no_timing),
-        u8::from(a.stop_at_end),
-    );
-    if let Some(c) = &a.capture {
-        config += &format!("capture={}\n", std::path::absolute(c)?.display());
-    }
-    let file = a.log.join(format!(".replay-{}", std::process::id()));
-    std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
-    // Held until the program has started.
-    let conf: OwnedFd = std::fs::File::open(&file)?.into();
-    let _ = std::fs::remove_file(&file);
-    let env: Vec<std::ffi::CString> = std::fs::read(&environ)?
-        .split(|b| *b == 0)
-        .filter(|v| !v.is_empty())
-        .map(|v| std::ffi::CString::new(v).expect("split at NULs"))
-        .collect();
-    let argv: Vec<std::ffi::CString> = a
-        .command
-        .iter()
-        .map(|x| std::ffi::CString::new(x.as_encoded_bytes()))
-        .collect::<std::result::Result<_, _>>()
-        .context("an argument contains a NUL byte")?;
-    let prog = std::ffi::CString::new(program.as_os_str().as_encoded_bytes())?;
-    let mut cmd = std::process::Command::new(&program);
-    crate::sys::exec_exactly(&mut cmd, prog, argv, env, &conf, ring_fd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {}", program.display()))?;
-    Ok(status.code().unwrap_or(128 + status.signal().unwrap_or(0)))
 }
 
 /// Read recordings made with `rrc run --record DIR`.

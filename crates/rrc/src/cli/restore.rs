@@ -44,24 +44,47 @@ pub struct RestoreArgs {
 
 pub fn restore(mut a: RestoreArgs) -> Result<i32> {
     probe::require_root("rrc restore")?;
-    if rrc_ckpt::store::SeriesDir::is_series(&a.images) {
-        // A series: its last checkpoint, once every delta is applied.
-        let image = rrc_ckpt::store::SeriesDir::materialize(&a.images, |epoch, r| {
-            eprintln!(
-                "applied checkpoint {epoch} ({:.1} MiB of memory) in {:.1} ms",
-                r.bytes as f64 / (1 << 20) as f64,
-                r.took.as_secs_f64() * 1000.0
-            );
-        })
-        .with_context(|| format!("bringing the series in {} up to date", a.images.display()))?;
-        a.images = image;
-    }
+    a.images = image_of(&a.images)?;
     let annotation = ContainerAnnotation::read(&a.images)
         .with_context(|| format!("reading {}", a.images.display()))?;
     match annotation {
-        Some(ann) => restore_container(a, ann).map(Supervised::exit_code),
+        Some(ann) => restore_container(a, ann, true).map(Supervised::exit_code),
         None => restore_tree(a),
     }
+}
+
+/// The image to restore from `images`: itself, or for a series its last
+/// checkpoint, once every delta is applied.
+pub(super) fn image_of(images: &Path) -> Result<PathBuf> {
+    if !rrc_ckpt::store::SeriesDir::is_series(images) {
+        return Ok(images.to_path_buf());
+    }
+    rrc_ckpt::store::SeriesDir::materialize(images, |epoch, r| {
+        eprintln!(
+            "applied checkpoint {epoch} ({:.1} MiB of memory) in {:.1} ms",
+            r.bytes as f64 / (1 << 20) as f64,
+            r.took.as_secs_f64() * 1000.0
+        );
+    })
+    .with_context(|| format!("bringing the series in {} up to date", images.display()))
+}
+
+/// Restores the container checkpointed in `images` and supervises it in
+/// the foreground until it ends; its exit code.
+pub(super) fn run_restored_container(
+    images: &Path,
+    name: Option<String>,
+    uplink: Option<String>,
+) -> Result<i32> {
+    let ann = ContainerAnnotation::read(images)
+        .with_context(|| format!("reading {}", images.display()))?
+        .with_context(|| format!("{} is not the image of a container", images.display()))?;
+    let a = RestoreArgs {
+        images: images.to_path_buf(),
+        name,
+        uplink,
+    };
+    restore_container(a, ann, false).map(Supervised::exit_code)
 }
 
 /// Restores the container checkpointed in `images` on this host, in the
@@ -75,7 +98,7 @@ pub(super) fn restore_container_from(images: &Path, uplink: Option<String>) -> R
         name: None,
         uplink,
     };
-    match restore_container(a, ann)? {
+    match restore_container(a, ann, true)? {
         Supervised::Detached(msg) => Ok(msg),
         Supervised::Exited(code) => anyhow::bail!("the restored container ended at once ({code})"),
     }
@@ -99,7 +122,7 @@ fn restore_tree(a: RestoreArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn restore_container(a: RestoreArgs, ann: ContainerAnnotation) -> Result<Supervised> {
+fn restore_container(a: RestoreArgs, ann: ContainerAnnotation, detach: bool) -> Result<Supervised> {
     let name: ContainerName = match &a.name {
         Some(n) => n.parse()?,
         None => ann.name.clone(),
@@ -139,7 +162,7 @@ fn restore_container(a: RestoreArgs, ann: ContainerAnnotation) -> Result<Supervi
     super::detach::supervise_container(
         &name,
         &host.clone(),
-        true,
+        detach,
         Duration::from_secs(10),
         "restored",
         |output| {
