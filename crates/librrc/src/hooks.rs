@@ -48,9 +48,9 @@ fn serve_read(
     fd: c_int,
     buf: *mut c_void,
     n: size_t,
-    is: impl FnOnce(&Event<'static>) -> bool,
+    is: impl Fn(&Event<'static>) -> bool,
 ) -> Option<ssize_t> {
-    let t = replay::take(call, |e| is(e))?;
+    let t = replay::take(call, is)?;
     let (ret, data) = match t.record.event {
         Event::Read { ret, data, .. } | Event::Recv { ret, data, .. } => (ret, data),
         _ => (-i64::from(libc::EIO), Bytes::Flat(&[])),

@@ -66,6 +66,7 @@ real_functions! {
     pthread_create: fn(*mut libc::pthread_t, *const libc::pthread_attr_t, StartRoutine, *mut c_void) -> c_int;
     pthread_exit: fn(*mut c_void) -> ();
     fork: fn() -> libc::pid_t;
+    sigaction: fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
     write: fn(c_int, *const c_void, size_t) -> ssize_t;
     writev: fn(c_int, *const iovec, c_int) -> ssize_t;
     send: fn(c_int, *const c_void, size_t, c_int) -> ssize_t;

@@ -384,8 +384,25 @@ impl Turn {
 
 /// This thread's next record, if it passes `expected`; waits for its turn.
 /// `None`: the thread runs this call live (its log ended, or it diverged,
-/// which is reported and counted).
-pub fn take(call: &str, expected: impl FnOnce(&Event<'static>) -> bool) -> Option<Turn> {
+/// which is reported and counted). Signal handlers recorded before the
+/// call run first, each in its turn.
+pub fn take(call: &str, expected: impl Fn(&Event<'static>) -> bool) -> Option<Turn> {
+    loop {
+        match next_turn(call, &expected)? {
+            Next::Call(t) => return Some(t),
+            Next::Signal(signo) => crate::signals::replay_handler(signo),
+        }
+    }
+}
+
+enum Next {
+    Call(Turn),
+    /// A handler ran here when recorded: its turn is taken, it runs now
+    /// (outside librrc, so that what it calls is replayed too).
+    Signal(i32),
+}
+
+fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<Next> {
     let r = state()?;
     let _inside = thread::enter()?;
     CURSOR
@@ -411,13 +428,18 @@ pub fn take(call: &str, expected: impl FnOnce(&Event<'static>) -> bool) -> Optio
                 c.live = true;
                 return None;
             };
+            if let Event::Signal { signo } = rec.event {
+                wait_turn(r, &rec);
+                Turn { record: rec }.complete();
+                return Some(Next::Signal(signo));
+            }
             if !expected(&rec.event) {
                 c.live = true;
                 diverged(call, &rec);
                 return None;
             }
             wait_turn(r, &rec);
-            Some(Turn { record: rec })
+            Some(Next::Call(Turn { record: rec }))
         })
         .ok()
         .flatten()

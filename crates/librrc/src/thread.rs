@@ -16,7 +16,14 @@ pub struct Inside(());
 impl Drop for Inside {
     fn drop(&mut self) {
         let _ = DEPTH.try_with(|d| d.set(d.get() - 1));
+        // Signals that arrived meanwhile are handled now.
+        crate::signals::run_held();
     }
+}
+
+/// Whether this thread is inside librrc.
+pub fn inside() -> bool {
+    DEPTH.try_with(|d| d.get() > 0).unwrap_or(true)
 }
 
 /// Enters librrc, unless this thread already is inside it (or is being

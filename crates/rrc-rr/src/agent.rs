@@ -195,6 +195,7 @@ pub fn kind(e: &Event<'_>) -> &'static str {
         Event::ThreadExit => "thread_exit",
         Event::Fork { .. } => "fork",
         Event::ForkUnsupported => "fork (unrecorded child)",
+        Event::Signal { .. } => "signal",
         Event::Sync { .. } => "sync",
     }
 }

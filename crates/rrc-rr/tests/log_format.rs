@@ -34,6 +34,7 @@ enum Owned {
     ThreadExit,
     Fork(i64),
     ForkUnsupported,
+    Signal(i32),
     Sync(SyncOp, u64, i32),
 }
 
@@ -148,6 +149,7 @@ impl Owned {
             Owned::ThreadExit => f(Event::ThreadExit),
             Owned::Fork(ret) => f(Event::Fork { ret: *ret }),
             Owned::ForkUnsupported => f(Event::ForkUnsupported),
+            Owned::Signal(signo) => f(Event::Signal { signo: *signo }),
             Owned::Sync(op, obj, ret) => f(Event::Sync {
                 op: *op,
                 obj: *obj,
@@ -229,6 +231,7 @@ fn owned_event() -> impl Strategy<Value = Owned> {
         Just(Owned::ThreadExit),
         any::<i64>().prop_map(Owned::Fork),
         Just(Owned::ForkUnsupported),
+        any::<i32>().prop_map(Owned::Signal),
         (pick(SyncOp::ALL), any::<u64>(), any::<i32>()).prop_map(|(o, a, r)| Owned::Sync(o, a, r)),
     ]
 }

@@ -662,6 +662,12 @@ pub enum Event<'a> {
     /// `fork` was called but the child cannot be recorded; replay past this
     /// point is not possible.
     ForkUnsupported,
+    /// A handler of the program's ran for signal `signo` on this thread,
+    /// here in its order of events.
+    Signal {
+        /// The signal number.
+        signo: i32,
+    },
     /// A synchronization operation on the object at `obj`.
     Sync {
         /// The operation.
@@ -712,6 +718,8 @@ pub mod tag {
     pub const FORK: u8 = 0x4a;
     /// [`Event::ForkUnsupported`](super::Event::ForkUnsupported)
     pub const FORK_UNSUPPORTED: u8 = 0x4b;
+    /// [`Event::Signal`](super::Event::Signal)
+    pub const SIGNAL: u8 = 0x4c;
     /// [`Event::Sync`](super::Event::Sync), plus `SyncOp` code (0x60..=0x76).
     pub const SYNC: u8 = 0x60;
 }
@@ -737,6 +745,7 @@ impl<'a> Event<'a> {
             Event::ThreadExit => tag::THREAD_EXIT,
             Event::Fork { .. } => tag::FORK,
             Event::ForkUnsupported => tag::FORK_UNSUPPORTED,
+            Event::Signal { .. } => tag::SIGNAL,
             Event::Sync { op, .. } => tag::SYNC + op.code(),
         }
     }
@@ -834,6 +843,7 @@ impl<'a> Event<'a> {
             }
             Event::ThreadExit | Event::ForkUnsupported => {}
             Event::Fork { ret } => out.put_signed(*ret)?,
+            Event::Signal { signo } => out.put_signed(i64::from(*signo))?,
             Event::Sync { obj, ret, .. } => {
                 out.put_varint(*obj)?;
                 out.put_signed(i64::from(*ret))?;
@@ -936,6 +946,9 @@ impl<'a> Event<'a> {
                 ret: dec.signed("fork result")?,
             },
             tag::FORK_UNSUPPORTED => Event::ForkUnsupported,
+            tag::SIGNAL => Event::Signal {
+                signo: dec.i32("signal number")?,
+            },
             t if t >= tag::SYNC => Event::Sync {
                 op: SyncOp::from_code(sub(tag::SYNC)).ok_or(unknown)?,
                 obj: dec.varint("object address")?,

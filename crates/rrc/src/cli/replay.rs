@@ -307,6 +307,7 @@ fn mark_for_replay(
         size: text.len() as u64,
         mode: 0o600,
     };
+    redirect_output(&mut manifest, &proc);
     let mut interrupted = 0;
     for t in &mut proc.threads {
         let ret = t.regs.rax as i64;
@@ -326,6 +327,31 @@ fn mark_for_replay(
     write_json(&img, &ImageDir::process_name(pid), &proc)?;
     write_json(&img, "manifest.json", &manifest)?;
     Ok(ReplayPlan { from, interrupted })
+}
+
+/// Standard output and error that were files (the recorded container's
+/// log) become the restorer's own, as pipes to outside the tree do: the
+/// replay's output and librrc's report reach `rrc replay`'s caller, and
+/// the original's log is not written over.
+fn redirect_output(manifest: &mut Manifest, proc: &ProcessImage) {
+    for fd in proc.fds.iter().filter(|f| f.fd == 1 || f.fd == 2) {
+        let shared = proc.fds.iter().filter(|f| f.file == fd.file).count() > 1
+            && proc.fds.iter().any(|f| f.file == fd.file && f.fd > 2);
+        let Some(file) = manifest.files.iter_mut().find(|f| f.id == fd.file) else {
+            continue;
+        };
+        if shared || !matches!(file.kind, FileKind::Regular { deleted: false, .. }) {
+            continue;
+        }
+        // A pipe whose other end is not in the image: the restore hands it
+        // the restorer's descriptor of the same number.
+        file.kind = FileKind::Pipe {
+            pipe: u64::MAX - file.id as u64,
+            write_end: true,
+            capacity: 65536,
+        };
+        file.flags = libc::O_WRONLY as u32;
+    }
 }
 
 fn write_json<T: serde::Serialize>(img: &ImageDir, name: &str, value: &T) -> Result<()> {
