@@ -68,6 +68,12 @@ fn program_action(sig: usize, out: &mut libc::sigaction) {
     set_mask_bits(&mut out.sa_mask, p.mask.load(Ordering::Relaxed));
 }
 
+fn empty_action() -> libc::sigaction {
+    // SAFETY: struct sigaction is plain data; all zeroes is SIG_DFL with
+    // no flags and an empty mask.
+    unsafe { std::mem::zeroed() }
+}
+
 fn is_function(handler: usize) -> bool {
     handler != libc::SIG_DFL && handler != libc::SIG_IGN && handler != libc::SIG_ERR
 }
@@ -84,7 +90,7 @@ pub unsafe extern "C" fn sigaction(
         return unsafe { get::sigaction()(sig, act, old) };
     }
     let ours_before = PROGRAM[idx].handler.load(Ordering::Acquire) != 0;
-    let mut before: libc::sigaction = unsafe { std::mem::zeroed() };
+    let mut before = empty_action();
     if ours_before {
         program_action(idx, &mut before);
     }
@@ -119,7 +125,7 @@ pub unsafe extern "C" fn sigaction(
 pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc::sighandler_t {
     // The C library's semantics: restart interrupted calls, block the
     // signal while its handler runs.
-    let mut a: libc::sigaction = unsafe { std::mem::zeroed() };
+    let mut a = empty_action();
     a.sa_sigaction = handler;
     a.sa_flags = libc::SA_RESTART;
     // SAFETY: a local set.
@@ -127,7 +133,7 @@ pub unsafe extern "C" fn signal(sig: c_int, handler: libc::sighandler_t) -> libc
         libc::sigemptyset(&mut a.sa_mask);
         libc::sigaddset(&mut a.sa_mask, sig);
     }
-    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    let mut old = empty_action();
     // SAFETY: local structs.
     if unsafe { sigaction(sig, &a, &mut old) } != 0 {
         return libc::SIG_ERR;
@@ -143,6 +149,7 @@ fn run_program_handler(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
     if !is_function(handler) || handler == 0 {
         return;
     }
+    // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
     let mut local: siginfo_t = unsafe { std::mem::zeroed() };
     let info = if info.is_null() {
         local.si_signo = sig;
