@@ -104,22 +104,36 @@ pub fn place(fd: c_int, flags: c_int) -> bool {
     ok
 }
 
-/// The descriptor is closed: no longer virtual.
+/// Length field of the capture record that marks a connection's end (its
+/// number may be reused by the next one).
+pub const CLOSED_MARK: u32 = u32::MAX;
+
+/// The descriptor is closed: no longer virtual; a connection's capture
+/// ends here.
 pub fn closed(fd: c_int) {
-    set_virtual(fd, false);
+    if is_virtual(fd) {
+        set_virtual(fd, false);
+        write_record(fd, CLOSED_MARK, &[]);
+    }
 }
 
 /// Keeps what the program wrote to a virtual descriptor.
 pub fn capture(fd: c_int, parts: &[&[u8]]) {
+    let n = parts.len().min(16);
+    let len: usize = parts[..n].iter().map(|p| p.len()).sum();
+    write_record(fd, len as u32, &parts[..n]);
+}
+
+/// One capture record: descriptor, length (or [`CLOSED_MARK`]), bytes.
+fn write_record(fd: c_int, len: u32, parts: &[&[u8]]) {
     let out = CAPTURE.load(Ordering::Acquire);
     if out < 0 {
         return;
     }
     let n = parts.len().min(16);
-    let len: usize = parts[..n].iter().map(|p| p.len()).sum();
     let mut head = [0u8; 8];
     head[..4].copy_from_slice(&(fd as u32).to_le_bytes());
-    head[4..].copy_from_slice(&(len as u32).to_le_bytes());
+    head[4..].copy_from_slice(&len.to_le_bytes());
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,

@@ -442,9 +442,13 @@ fn captured(path: &Path) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
     while i + 8 <= d.len() {
-        let n = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap()) as usize;
-        out.extend_from_slice(&d[i + 8..i + 8 + n]);
-        i += 8 + n;
+        let n = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap());
+        i += 8;
+        // A connection's end carries no bytes.
+        if n != u32::MAX {
+            out.extend_from_slice(&d[i..i + n as usize]);
+            i += n as usize;
+        }
     }
     out
 }

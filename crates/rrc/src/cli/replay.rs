@@ -59,7 +59,8 @@ pub struct ReplayArgs {
     no_timing: bool,
     /// Write what the program sends on its connections (not sent anywhere
     /// in a replay) into this file, as records of descriptor (u32 LE),
-    /// length (u32 LE) and bytes.
+    /// length (u32 LE) and bytes; a length of 0xffffffff (no bytes) marks
+    /// a connection closed (its descriptor number may come again).
     #[arg(long, value_name = "FILE")]
     capture: Option<PathBuf>,
     /// End the program (SIGTERM) once the whole log has been replayed: for
