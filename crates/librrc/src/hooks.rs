@@ -17,6 +17,7 @@ use crate::net;
 use crate::real::get;
 use crate::record;
 use crate::replay;
+use crate::serve;
 use crate::thread;
 
 /// The call's result as the log holds it: `-errno` on failure.
@@ -39,32 +40,6 @@ pub(crate) fn served(ret: i64) -> i64 {
     } else {
         ret
     }
-}
-
-/// In replay, serves a read-family call from the log: the logged bytes
-/// into `buf` (at most `n`), the logged result returned.
-fn serve_read(
-    call: &str,
-    fd: c_int,
-    buf: *mut c_void,
-    n: size_t,
-    is: impl Fn(&Event<'static>) -> bool,
-) -> Option<ssize_t> {
-    let t = replay::take(call, is)?;
-    let (ret, data) = match t.record.event {
-        Event::Read { ret, data, .. } | Event::Recv { ret, data, .. } => (ret, data),
-        _ => (-i64::from(libc::EIO), Bytes::Flat(&[])),
-    };
-    let _ = fd;
-    if let Some(d) = data.as_flat() {
-        let k = d.len().min(n);
-        if k > 0 && !buf.is_null() {
-            // SAFETY: the program's buffer of `n` bytes.
-            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), buf.cast::<u8>(), k) };
-        }
-    }
-    t.complete();
-    Some(served(ret) as ssize_t)
 }
 
 /// Keeps errno as the wrapped call left it across the recording.
@@ -133,9 +108,8 @@ fn record_flat_read(call: ReadCall, fd: c_int, ret: ssize_t, buf: *const c_void)
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     if replay::active()
-        && let Some(r) = serve_read(
+        && let Some(r) = serve::read(
             "read",
-            fd,
             buf,
             n,
             |e| matches!(e, Event::Read { call: ReadCall::Read, fd: f, .. } if *f == fd),
@@ -154,7 +128,11 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    replay::unsupported("readv");
+    if replay::active()
+        && let Some(r) = serve::readv(fd, iov, cnt)
+    {
+        return r;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::readv()(fd, iov, cnt) };
     let again = if let Some(_inside) = thread::enter() {
@@ -194,9 +172,8 @@ pub unsafe extern "C" fn pread64(
     off: libc::off64_t,
 ) -> ssize_t {
     if replay::active()
-        && let Some(r) = serve_read(
+        && let Some(r) = serve::read(
             "pread",
-            fd,
             buf,
             n,
             |e| matches!(e, Event::Read { call: ReadCall::Pread, fd: f, .. } if *f == fd),
@@ -227,9 +204,8 @@ pub unsafe extern "C" fn pread(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     if replay::active()
-        && let Some(r) = serve_read(
+        && let Some(r) = serve::read(
             "recv",
-            fd,
             buf,
             n,
             |e| matches!(e, Event::Recv { call: RecvCall::Recv, fd: f, .. } if *f == fd),
@@ -271,7 +247,11 @@ pub unsafe extern "C" fn recvfrom(
     addr: *mut sockaddr,
     addrlen: *mut socklen_t,
 ) -> ssize_t {
-    replay::unsupported("recvfrom");
+    if replay::active()
+        && let Some(r) = serve::recvfrom(fd, buf, n, addr, addrlen)
+    {
+        return r;
+    }
     let room = if addrlen.is_null() {
         0
     } else {
@@ -310,7 +290,11 @@ pub unsafe extern "C" fn recvfrom(
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
-    replay::unsupported("recvmsg");
+    if replay::active()
+        && let Some(r) = serve::recvmsg(fd, msg)
+    {
+        return r;
+    }
     let (name_room, control_room) = if msg.is_null() {
         (0, 0)
     } else {
@@ -368,42 +352,6 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     ret
 }
 
-/// In replay: the logged accept, with a placeholder at the new descriptor.
-fn replay_accept(
-    call: AcceptCall,
-    fd: c_int,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    flags: c_int,
-) -> Option<c_int> {
-    let t = replay::take(
-        match call {
-            AcceptCall::Accept => "accept",
-            AcceptCall::Accept4 => "accept4",
-        },
-        |e| matches!(e, Event::Accept { call: c, fd: f, .. } if *c == call && *f == fd),
-    )?;
-    let Event::Accept {
-        ret, addr: peer, ..
-    } = t.record.event
-    else {
-        unreachable!("checked by take")
-    };
-    if ret >= 0 {
-        net::place(ret as c_int, flags);
-        if !addr.is_null() && !len.is_null() {
-            // SAFETY: the program's address buffer of *len bytes.
-            unsafe {
-                let k = peer.len().min(*len as usize);
-                std::ptr::copy_nonoverlapping(peer.as_ptr(), addr.cast::<u8>(), k);
-                *len = peer.len() as socklen_t;
-            }
-        }
-    }
-    t.complete();
-    Some(served(ret) as c_int)
-}
-
 /// True if the accept must be made again (see [`record::emit`]); the
 /// connection it got is closed then.
 fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) -> bool {
@@ -424,7 +372,7 @@ fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) -> bool {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
     if replay::active()
-        && let Some(r) = replay_accept(AcceptCall::Accept, fd, addr, len, 0)
+        && let Some(r) = serve::accept(AcceptCall::Accept, fd, addr, len, 0)
     {
         return r;
     }
@@ -463,7 +411,7 @@ pub unsafe extern "C" fn accept4(
     flags: c_int,
 ) -> c_int {
     if replay::active()
-        && let Some(r) = replay_accept(AcceptCall::Accept4, fd, addr, len, flags)
+        && let Some(r) = serve::accept(AcceptCall::Accept4, fd, addr, len, flags)
     {
         return r;
     }
@@ -492,47 +440,6 @@ pub unsafe extern "C" fn accept4(
         return unsafe { accept4(fd, addr, len, flags) };
     }
     ret
-}
-
-/// In replay: the logged ready list (one call may span several records of
-/// at most 64 entries).
-fn replay_epoll(
-    call: EpollCall,
-    epfd: c_int,
-    events: *mut epoll_event,
-    max: c_int,
-) -> Option<c_int> {
-    let name = match call {
-        EpollCall::Wait => "epoll_wait",
-        EpollCall::Pwait => "epoll_pwait",
-        EpollCall::Pwait2 => "epoll_pwait2",
-    };
-    let is = |e: &Event<'static>| matches!(e, Event::EpollWait { call: c, epfd: f, .. } if *c == call && *f == epfd);
-    let mut t = replay::take(name, is)?;
-    let mut copied = 0usize;
-    loop {
-        let Event::EpollWait { ret, ready, .. } = t.record.event else {
-            unreachable!("checked by take")
-        };
-        for e in ready.iter() {
-            if copied < max.max(0) as usize && !events.is_null() {
-                // SAFETY: the program's array of `max` entries.
-                unsafe {
-                    *events.add(copied) = epoll_event {
-                        events: e.events,
-                        u64: e.data,
-                    };
-                }
-            }
-            copied += 1;
-        }
-        t.complete();
-        if ret <= 0 || copied >= ret as usize {
-            return Some(served(ret) as c_int);
-        }
-        // The rest of this call's list is in the next record.
-        t = replay::take(name, is)?;
-    }
 }
 
 fn record_epoll(call: EpollCall, epfd: c_int, ret: c_int, events: *const epoll_event) -> bool {
@@ -577,7 +484,7 @@ pub unsafe extern "C" fn epoll_wait(
     timeout: c_int,
 ) -> c_int {
     if replay::active()
-        && let Some(r) = replay_epoll(EpollCall::Wait, epfd, events, max)
+        && let Some(r) = serve::epoll(EpollCall::Wait, epfd, events, max)
     {
         return r;
     }
@@ -606,7 +513,7 @@ pub unsafe extern "C" fn epoll_pwait(
     sigmask: *const libc::sigset_t,
 ) -> c_int {
     if replay::active()
-        && let Some(r) = replay_epoll(EpollCall::Pwait, epfd, events, max)
+        && let Some(r) = serve::epoll(EpollCall::Pwait, epfd, events, max)
     {
         return r;
     }
@@ -656,7 +563,11 @@ fn record_poll(call: PollCall, fds: *const pollfd, n: nfds_t, ret: c_int) -> boo
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_int {
-    replay::unsupported("poll");
+    if replay::active()
+        && let Some(r) = serve::poll(PollCall::Poll, fds, n as usize)
+    {
+        return r;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::poll()(fds, n, timeout) };
@@ -680,7 +591,11 @@ pub unsafe extern "C" fn ppoll(
     timeout: *const timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    replay::unsupported("ppoll");
+    if replay::active()
+        && let Some(r) = serve::poll(PollCall::Ppoll, fds, n as usize)
+    {
+        return r;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::ppoll()(fds, n, timeout, sigmask) };
@@ -732,7 +647,11 @@ pub unsafe extern "C" fn select(
     e: *mut libc::fd_set,
     timeout: *mut timeval,
 ) -> c_int {
-    replay::unsupported("select");
+    if replay::active()
+        && let Some(r) = serve::select(SelectCall::Select, r, w, e)
+    {
+        return r;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::select()(nfds, r, w, e, timeout) };
@@ -758,7 +677,11 @@ pub unsafe extern "C" fn pselect(
     timeout: *const timespec,
     sigmask: *const libc::sigset_t,
 ) -> c_int {
-    replay::unsupported("pselect");
+    if replay::active()
+        && let Some(r) = serve::select(SelectCall::Pselect, r, w, e)
+    {
+        return r;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::pselect()(nfds, r, w, e, timeout, sigmask) };
@@ -783,7 +706,11 @@ pub unsafe extern "C" fn recvmmsg(
     flags: c_int,
     timeout: *mut timespec,
 ) -> c_int {
-    replay::unsupported("recvmmsg");
+    if replay::active()
+        && let Some(r) = serve::recvmmsg(fd, msgs, n as usize)
+    {
+        return r;
+    }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recvmmsg()(fd, msgs, n, flags, timeout) };

@@ -18,6 +18,7 @@ mod net;
 mod real;
 mod record;
 mod replay;
+mod serve;
 mod signals;
 mod sync;
 mod thread;

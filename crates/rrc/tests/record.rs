@@ -363,6 +363,21 @@ fn a_replay_gives_the_program_what_it_got_when_recorded() {
 }
 
 #[test]
+fn a_replay_serves_poll_select_readv_and_every_recv_from_the_log() {
+    require_root();
+    let work = scratch("replay-inputs");
+    let (dir, recorded, _) = record_fixture(&work, "rr_inputs", b"hello world of input\n");
+    assert!(recorded.contains("readv 21 [hel]"), "{recorded}");
+    // Standard input is empty now, and the socket pair's datagrams are
+    // not read at all: every outcome is the logged one.
+    let (replayed, report) = replay(&dir, &work.join("rr_inputs"));
+    assert_eq!(replayed, recorded);
+    assert!(report.contains(" 0 divergences"), "{report}");
+    assert!(report.contains("end of the log reached"), "{report}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
 fn a_replay_follows_the_recorded_lock_order() {
     require_root();
     let work = scratch("replay-locks");
