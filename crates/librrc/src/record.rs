@@ -27,6 +27,9 @@ const FLUSH_AT: usize = 16 << 10;
 static SET: AtomicPtr<RingSet> = AtomicPtr::new(std::ptr::null_mut());
 /// Cleared in a forked child: its writes would mix with the parent's.
 static RECORDING: AtomicBool = AtomicBool::new(false);
+/// Set once a copy restored from a checkpoint learned that it is being
+/// replayed: nothing goes to the rings any more (nobody drains them).
+static REPLAYED_COPY: AtomicBool = AtomicBool::new(false);
 static LAST_NS: AtomicU64 = AtomicU64::new(0);
 /// The rings' descriptor (where a replay's configuration is put).
 static RING_FD: AtomicI32 = AtomicI32::new(-1);
@@ -165,6 +168,9 @@ pub fn now_ns() -> u64 {
 /// caller must have left librrc (dropped its `thread::Inside`) first.
 #[must_use = "a call whose record was refused must be made again"]
 pub fn emit(event: &Event<'_>) -> bool {
+    if REPLAYED_COPY.load(Ordering::Acquire) {
+        return crate::replay::switch_in();
+    }
     with_log(|set, log| emit_into(set, log, event)).unwrap_or(false)
 }
 
@@ -176,6 +182,7 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
         // Taken before anything else is touched: the one atomic step that
         // tells a recording from a restored copy.
         let Some(seq) = set.next_seq() else {
+            REPLAYED_COPY.store(true, Ordering::Release);
             return crate::replay::switch_in();
         };
         if log.producer.is_none() {
@@ -234,6 +241,9 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
 
 /// Sends this thread's pending records to its ring.
 pub fn flush() {
+    if REPLAYED_COPY.load(Ordering::Acquire) {
+        return;
+    }
     with_log(|_, log| {
         if log.writer.as_ref().is_some_and(|w| !w.is_empty()) {
             push_batch(log);
@@ -249,6 +259,12 @@ fn push_batch(log: &mut ThreadLog) {
     };
     let batch = w.finish();
     while !p.try_push(batch) {
+        // A copy restored for replay (caught here by the checkpoint) has
+        // nobody draining its rings.
+        if set().is_some_and(RingSet::replay_requested) {
+            REPLAYED_COPY.store(true, Ordering::Release);
+            break;
+        }
         // SAFETY: sched_yield has no arguments.
         unsafe { libc::syscall(libc::SYS_sched_yield) };
     }

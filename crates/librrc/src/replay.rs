@@ -17,8 +17,10 @@ use rrc_rr::log::{BatchReader, Event, Record, log_file_path};
 
 use crate::thread;
 
-/// Checks of the turn counter before sleeping on it (some 100 µs).
-const SPIN_LIMIT: u32 = 20_000;
+/// Checks of the turn counter before sleeping on it: busy ones first
+/// (a few microseconds), then ones that yield the CPU between checks.
+const SPIN_LIMIT: u32 = 2_000;
+const SPIN_BUSY: u32 = 1_000;
 
 /// How long a thread waits for its turn before giving up on the order.
 const STUCK_NS: u64 = 5_000_000_000;
@@ -35,6 +37,9 @@ struct Replay {
     order: bool,
     timing: bool,
     stop_at_end: bool,
+    /// The program runs in the recorded address space (restored from a
+    /// checkpoint): the objects of synchronization operations must match.
+    same_addresses: bool,
 }
 
 static REPLAY: std::sync::atomic::AtomicPtr<Replay> =
@@ -49,6 +54,9 @@ static ORDER_BROKEN: AtomicBool = AtomicBool::new(false);
 static REPLAYED: AtomicU64 = AtomicU64::new(0);
 static DIVERGED: AtomicU64 = AtomicU64::new(0);
 static STARTED_NS: AtomicU64 = AtomicU64::new(0);
+/// Per thread log (by id, the first 1024): the last record it took, for
+/// the report of an order that got stuck.
+static LAST_TAKEN: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
 
 struct Cursor {
     started: bool,
@@ -84,6 +92,7 @@ struct Config {
     /// Connections that existed at the checkpoint: their input comes from
     /// the log, what is written to them is captured.
     virtual_fds: Vec<i32>,
+    same_addresses: bool,
 }
 
 /// First line of a replay configuration file.
@@ -184,6 +193,7 @@ fn read_config(fd: i32) -> Option<Config> {
         capture: None,
         from: 0,
         virtual_fds: Vec::new(),
+        same_addresses: false,
     };
     for line in text.lines().skip(1) {
         let Some((k, v)) = line.split_once('=') else {
@@ -195,6 +205,7 @@ fn read_config(fd: i32) -> Option<Config> {
             "order" => cfg.order = v != "0",
             "timing" => cfg.timing = v != "0",
             "stop" => cfg.stop_at_end = v == "1",
+            "addresses" => cfg.same_addresses = v == "1",
             "capture" => cfg.capture = Some(PathBuf::from(v)),
             "from" => {
                 cfg.from = v
@@ -289,6 +300,7 @@ fn load(cfg: &Config) -> Result<Replay, String> {
         order: cfg.order,
         timing: cfg.timing,
         stop_at_end: cfg.stop_at_end,
+        same_addresses: cfg.same_addresses,
     })
 }
 
@@ -301,6 +313,11 @@ fn state() -> Option<&'static Replay> {
 /// Whether the program is being replayed.
 pub fn active() -> bool {
     state().is_some()
+}
+
+/// Whether the program runs in the recorded address space.
+pub fn same_addresses() -> bool {
+    state().is_some_and(|r| r.same_addresses)
 }
 
 /// The event as text, cut to the buffer, without allocating.
@@ -366,6 +383,9 @@ pub struct Turn {
 
 impl Turn {
     pub fn complete(self) {
+        if let Some(slot) = LAST_TAKEN.get(thread::log_id() as usize) {
+            slot.store(self.record.seq | 1 << 61, Ordering::Relaxed);
+        }
         REPLAYED.fetch_add(1, Ordering::Relaxed);
         LAST_NS.store(crate::record::now_ns(), Ordering::Release);
         let done = DONE.fetch_add(1, Ordering::AcqRel) + 1;
@@ -428,6 +448,9 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
                 c.live = true;
                 return None;
             };
+            if let Some(slot) = LAST_TAKEN.get(thread::log_id() as usize) {
+                slot.store(rec.seq, Ordering::Relaxed);
+            }
             if let Event::Signal { signo } = rec.event {
                 wait_turn(r, &rec);
                 Turn { record: rec }.complete();
@@ -439,6 +462,9 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
                 return None;
             }
             wait_turn(r, &rec);
+            if let Some(slot) = LAST_TAKEN.get(thread::log_id() as usize) {
+                slot.store(rec.seq | 1 << 62, Ordering::Relaxed);
+            }
             Some(Next::Call(Turn { record: rec }))
         })
         .ok()
@@ -532,12 +558,61 @@ fn diverged(call: &str, rec: &Record<'_>) {
     ]);
 }
 
+/// For a stuck order: where each thread is in its log.
+fn positions(r: &Replay, done: u32) {
+    let mut a = [0u8; 20];
+    let mut b = [0u8; 20];
+    crate::say(&[
+        b"rrc replay: ",
+        digits(u64::from(done), &mut a),
+        b" of ",
+        digits(r.seqs.len() as u64, &mut b),
+        b" events done; the last event each thread took:\n",
+    ]);
+    for (id, last) in LAST_TAKEN.iter().enumerate().take(r.logs.len()).skip(1) {
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        crate::say(&[
+            b"rrc replay:   thread ",
+            digits(id as u64, &mut a),
+            b" #",
+            digits(last.load(Ordering::Relaxed) & ((1 << 60) - 1), &mut b),
+            match last.load(Ordering::Relaxed) >> 61 {
+                2 => b" (its turn: in the call)\n",
+                1 => b" (completed)\n",
+                _ => b" (waiting for its turn)\n",
+            },
+        ]);
+    }
+}
+
+/// The thread and event of record `seq` (a search through every log,
+/// for reports).
+fn find_record(r: &Replay, seq: u64) -> Option<(u32, Event<'static>)> {
+    for (id, log) in r.logs.iter().enumerate() {
+        let mut rest: &'static [u8] = log;
+        while !rest.is_empty() {
+            let (mut batch, next) = BatchReader::split_first(rest).ok()?;
+            while let Ok(Some(rec)) = batch.next_record() {
+                if rec.seq == seq {
+                    return Some((id as u32, rec.event));
+                }
+            }
+            rest = next;
+        }
+    }
+    None
+}
+
 /// Waits until every record before `rec` completed, and until the
 /// recorded time since the previous one has passed.
 fn wait_turn(r: &Replay, rec: &Record<'_>) {
     if r.order {
         let rank = r.seqs.partition_point(|s| *s < rec.seq) as u32;
-        let start = crate::record::now_ns();
+        // Stuck means no event completed for a while, not a long wait:
+        // a thread whose turn is far ahead (a timer's) waits as long as
+        // the events before it take.
+        let mut seen = DONE.load(Ordering::Acquire);
+        let mut since = crate::record::now_ns();
         // Spin first: recorded events are often microseconds apart, and a
         // futex wake-up across CPUs costs tens of microseconds, which
         // would serialize threads that ran side by side when recorded.
@@ -549,15 +624,47 @@ fn wait_turn(r: &Replay, rec: &Record<'_>) {
             }
             if spins < SPIN_LIMIT {
                 spins += 1;
-                std::hint::spin_loop();
+                if spins < SPIN_BUSY {
+                    std::hint::spin_loop();
+                } else {
+                    // More threads wait than there are CPUs: the one whose
+                    // turn it is must not be kept off its CPU.
+                    // SAFETY: sched_yield has no arguments.
+                    unsafe { libc::syscall(libc::SYS_sched_yield) };
+                }
                 continue;
             }
-            if crate::record::now_ns() - start > STUCK_NS {
-                let mut a = [0u8; 20];
+            if done != seen {
+                seen = done;
+                since = crate::record::now_ns();
+            }
+            if crate::record::now_ns() - since > STUCK_NS {
+                let missing = r.seqs.get(done as usize).copied().unwrap_or(0);
+                let (mut a, mut b, mut c, mut d, mut e) =
+                    ([0u8; 20], [0u8; 20], [0u8; 20], [0u8; 160], [0u8; 20]);
+                // Before the order is let go: where each thread stands.
+                positions(r, done);
+                let (owner, what) = match find_record(r, missing) {
+                    Some((id, e)) => (id, describe(&e, &mut d)),
+                    None => (0, &b"?"[..]),
+                };
                 divergence(&[
                     b": event #",
                     digits(rec.seq, &mut a),
-                    b" waited 5 s for an earlier event that never came; order no longer enforced\n",
+                    b" waits, and for 5 s no event completed; the next is #",
+                    digits(missing, &mut b),
+                    b" (thread ",
+                    digits(u64::from(owner), &mut c),
+                    b": ",
+                    what,
+                    b"), which never came (that thread last took #",
+                    digits(
+                        LAST_TAKEN
+                            .get(owner as usize)
+                            .map_or(0, |l| l.load(Ordering::Relaxed)),
+                        &mut e,
+                    ),
+                    b"); order no longer enforced\n",
                 ]);
                 break;
             }

@@ -36,19 +36,25 @@ fn note(op: SyncOp, obj: usize, ret: c_int) -> bool {
 
 /// After a switch to replay: an operation already made only takes its
 /// turn.
-fn take_turn_only(op: SyncOp, call: &str) {
-    if let Some(t) = turn(op, call) {
+fn take_turn_only(op: SyncOp, obj: usize, call: &str) {
+    if let Some(t) = turn(op, obj, call) {
         t.complete();
     }
 }
 
-/// In replay, this thread's next record if it is `op` (addresses differ
-/// between runs, so only the operation is compared).
-fn turn(op: SyncOp, call: &str) -> Option<replay::Turn> {
+/// In replay, this thread's next record if it is `op` on `obj`. The object
+/// is compared only when the replay runs in the recorded address space (a
+/// restored checkpoint); from a program's start its heap may lie
+/// elsewhere.
+fn turn(op: SyncOp, obj: usize, call: &str) -> Option<replay::Turn> {
     if !replay::active() {
         return None;
     }
-    replay::take(call, |e| matches!(e, Event::Sync { op: o, .. } if *o == op))
+    let same = replay::same_addresses();
+    replay::take(
+        call,
+        |e| matches!(e, Event::Sync { op: o, obj: a, .. } if *o == op && (!same || *a == obj as u64)),
+    )
 }
 
 fn recorded_ret(t: &replay::Turn) -> c_int {
@@ -70,7 +76,7 @@ macro_rules! ordered {
     ($name:ident, $op:ident, release, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
-            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
                 // SAFETY: the program's arguments, passed on unchanged.
                 let ret = unsafe { get::$name()($obj $(, $arg)*) };
                 t.complete();
@@ -87,7 +93,7 @@ macro_rules! ordered {
     ($name:ident, $op:ident, acquire, undo: $undo:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
-            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
                 // SAFETY: the program's arguments, passed on unchanged.
                 let ret = unsafe { get::$name()($obj $(, $arg)*) };
                 t.complete();
@@ -110,7 +116,7 @@ macro_rules! ordered {
     ($name:ident, $op:ident, acquire, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
-            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
                 // SAFETY: the program's arguments, passed on unchanged.
                 let ret = unsafe { get::$name()($obj $(, $arg)*) };
                 t.complete();
@@ -119,7 +125,7 @@ macro_rules! ordered {
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
             if note(SyncOp::$op, $obj as usize, ret) {
-                take_turn_only(SyncOp::$op, stringify!($name));
+                take_turn_only(SyncOp::$op, $obj as usize, stringify!($name));
             }
             ret
         }
@@ -133,7 +139,7 @@ macro_rules! attempt {
     ($name:ident, $op:ident, $blocking:ident, $undo:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
-            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
                 let ret = recorded_ret(&t);
                 if ret == 0 {
                     // SAFETY: the program's lock, taken the blocking way.
@@ -165,13 +171,13 @@ macro_rules! wait {
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
-            if let Some(t) = turn(SyncOp::$op, stringify!($name)) {
+            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
                 t.complete();
                 return ret;
             }
             let r = if $errno { outcome(i64::from(ret)) as c_int } else { ret };
             if note(SyncOp::$op, $obj as usize, r) {
-                take_turn_only(SyncOp::$op, stringify!($name));
+                take_turn_only(SyncOp::$op, $obj as usize, stringify!($name));
             }
             ret
         }
@@ -209,7 +215,7 @@ macro_rules! cond_wait {
                 // SAFETY: the program's mutex, which the wait returned
                 // holding.
                 unsafe { get::pthread_mutex_unlock()(m) };
-                let t = turn(SyncOp::$op, stringify!($name));
+                let t = turn(SyncOp::$op, c as usize, stringify!($name));
                 // SAFETY: as above; the caller must get it back held.
                 unsafe { get::pthread_mutex_lock()(m) };
                 if let Some(t) = t {
@@ -232,7 +238,7 @@ ordered!(sem_post, SemPost, release, s: *mut sem_t);
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sem_trywait(s: *mut sem_t) -> c_int {
-    if let Some(t) = turn(SyncOp::SemTrywait, "sem_trywait") {
+    if let Some(t) = turn(SyncOp::SemTrywait, s as usize, "sem_trywait") {
         let ret = recorded_ret(&t);
         if ret == 0 {
             // SAFETY: the program's semaphore, taken the blocking way.

@@ -10,11 +10,18 @@
 //! in each mode, comparing the output with the recorded one: a replay of
 //! one recording tends to come out the same every time, so what varies is
 //! which recordings a mode can reproduce.
+//!
+//! Then servers replayed from a checkpoint ([`servers`]): Redis and
+//! Memcached recorded under verifying load in a lab, checkpointed at a
+//! random moment while the load goes on, and replayed from that checkpoint
+//! to the end of the log, with and without the recorded timing: the events
+//! replayed, the divergences, and how long the replay took against the
+//! time the recording spent after the checkpoint.
 
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
@@ -158,6 +165,209 @@ pub fn render(r: &ReplayReport) -> String {
             m.reproduced as f64 * 100.0 / m.runs.max(1) as f64,
             m.diverged,
             m.avg_ms
+        );
+    }
+    s
+}
+
+/// One server replayed from one checkpoint, in one mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerReplay {
+    pub app: &'static str,
+    pub mode: &'static str,
+    pub events: u64,
+    pub divergences: u64,
+    /// How long the replay took, as librrc reports it.
+    pub replay_ms: u64,
+    /// How long the recording ran after the checkpoint.
+    pub recorded_ms: u64,
+    pub reached_end: bool,
+    /// Bytes the replay wrote to its connections.
+    pub captured_bytes: u64,
+}
+
+/// librrc's closing report: events, divergences, milliseconds.
+fn parse_report(text: &str) -> Option<(u64, u64, u64)> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains(" events replayed, "))?;
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match nums[..] {
+        [events, divergences, ms, ..] => Some((events, divergences, ms)),
+        _ => None,
+    }
+}
+
+/// Records each app under verifying load, checkpoints it at a random
+/// moment, and replays the checkpoint in each mode, `runs` times.
+pub fn servers(
+    rrc: &Path,
+    apps: &[crate::failover::App],
+    runs: usize,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<ServerReplay>> {
+    let lab = crate::session::LabSession::start(rrc, "benchrpl", None)?;
+    let work = std::env::temp_dir().join(format!("rrc-bench-rpl-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let mut rows = Vec::new();
+    let result = (|| -> Result<()> {
+        for &app in apps {
+            for run in 0..runs {
+                progress(&format!(
+                    "{} run {}/{runs}: record under load, checkpoint, replay",
+                    app.name(),
+                    run + 1
+                ));
+                rows.extend(server_run(
+                    &lab,
+                    rrc,
+                    app,
+                    &work.join(format!("{}{run}", app.name())),
+                    progress,
+                )?);
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&work);
+    result.map(|()| rows)
+}
+
+fn server_run(
+    lab: &crate::session::LabSession,
+    rrc: &Path,
+    app: crate::failover::App,
+    dir: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<Vec<ServerReplay>> {
+    use rrc_lab::Host;
+    std::fs::create_dir_all(dir)?;
+    let log = dir.join("log");
+    let images = dir.join("images");
+    let vip = lab.plan().vip();
+    lab.run_container_with(
+        Host::Primary,
+        app.name(),
+        vip,
+        &["--record", &log.display().to_string()],
+        app.command(),
+    )?;
+    let target = std::net::SocketAddr::new(std::net::IpAddr::V4(vip.addr()), app.port());
+    lab.wait_tcp(Host::Client, target, Duration::from_secs(10))?;
+    let rrc_s = rrc.display().to_string();
+    let images_s = images.display().to_string();
+    let checkpointed = std::sync::Mutex::new(None);
+    let report = lab.in_host(Host::Client, || {
+        crate::verify::run(
+            app.service(),
+            target,
+            8,
+            || {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                std::thread::sleep(Duration::from_millis(u64::from(nanos % 1000)));
+                let r = lab.run_on(
+                    Host::Primary,
+                    &[
+                        &rrc_s,
+                        "checkpoint",
+                        app.name(),
+                        "--images",
+                        &images_s,
+                        "--leave-running",
+                    ],
+                );
+                *checkpointed.lock().expect("not poisoned") = Some((Instant::now(), r.map(|_| ())));
+            },
+            Duration::from_millis(1500),
+        )
+    })?;
+    let load_end = Instant::now();
+    lab.run_on(Host::Primary, &[&rrc_s, "stop", app.name()])?;
+    let (at, made) = checkpointed
+        .into_inner()
+        .expect("not poisoned")
+        .context("no checkpoint was taken")?;
+    made.context("checkpointing the recorded server")?;
+    ensure!(
+        report.errors.is_empty(),
+        "the load saw errors: {:?}",
+        report.errors
+    );
+    let recorded_ms = load_end.duration_since(at).as_millis() as u64;
+    let mut rows = Vec::new();
+    for (mode, flags) in [("order + timing", &[][..]), ("order", &["--no-timing"][..])] {
+        let capture = dir.join(format!("capture-{}", rows.len()));
+        let mut argv = vec![
+            rrc_s.as_str(),
+            "replay",
+            "--images",
+            &images_s,
+            "--stop-at-end",
+        ];
+        let log_s = log.display().to_string();
+        let capture_s = capture.display().to_string();
+        argv.extend(["--log", &log_s, "--capture", &capture_s]);
+        argv.extend(flags);
+        let out = lab
+            .command_on(Host::Primary, &argv)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running rrc replay")?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (events, divergences, replay_ms) = parse_report(&text)
+            .with_context(|| format!("the replay printed no report: {}", text.trim()))?;
+        if let Some(first) = text.lines().find(|l| l.contains("DIVERGENCE")) {
+            progress(&format!("{} ({mode}): {first}", app.name()));
+        }
+        rows.push(ServerReplay {
+            app: app.name(),
+            mode,
+            events,
+            divergences,
+            replay_ms,
+            recorded_ms,
+            reached_end: text.contains("end of the log reached"),
+            captured_bytes: std::fs::metadata(&capture).map_or(0, |m| m.len()),
+        });
+    }
+    Ok(rows)
+}
+
+pub fn render_servers(rows: &[ServerReplay]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Servers recorded under load (8 verifying connections), checkpointed at a random moment, replayed from the checkpoint to the end of the log"
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:<15} {:>9} {:>11} {:>8} {:>12} {:>10} {:>11}",
+        "app", "mode", "events", "divergences", "end", "recorded ms", "replay ms", "captured B"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:<10} {:<15} {:>9} {:>11} {:>8} {:>12} {:>10} {:>11}",
+            r.app,
+            r.mode,
+            r.events,
+            r.divergences,
+            if r.reached_end { "yes" } else { "NO" },
+            r.recorded_ms,
+            r.replay_ms,
+            r.captured_bytes
         );
     }
     s

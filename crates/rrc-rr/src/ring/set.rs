@@ -330,6 +330,11 @@ impl RingSet {
         (prev & REPLAY_REQUESTED == 0).then_some(prev + 1)
     }
 
+    /// Whether this is a copy marked for replay by [`request_replay`].
+    pub fn replay_requested(&self) -> bool {
+        self.header().last_seq.load(Ordering::Acquire) & REPLAY_REQUESTED != 0
+    }
+
     /// The next thread log id of the recording (from 1).
     pub fn next_log_id(&self) -> u32 {
         (self.header().last_log_id.fetch_add(1, Ordering::AcqRel) + 1) as u32

@@ -99,9 +99,15 @@ pub struct FailoverArgs {
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
-    /// Replays per mode.
+    /// Replays per mode of the racy program.
     #[arg(long, default_value_t = 100)]
     runs: usize,
+    /// Checkpoints replayed per server (0: none).
+    #[arg(long, default_value_t = 3)]
+    server_runs: usize,
+    /// Servers to replay from a checkpoint.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [FailoverApp::Redis, FailoverApp::Memcached])]
+    apps: Vec<FailoverApp>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -294,10 +300,22 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
         }
         BenchCommand::Replay(a) => {
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
-            let r =
-                rrc_bench::replay_bench::run(&exe, a.runs.max(1), &|m| eprintln!("bench: {m}"))?;
-            print!("{}", rrc_bench::replay_bench::render(&r));
-            write_json(a.json.as_deref(), &r)?;
+            let progress = |m: &str| eprintln!("bench: {m}");
+            let racy = rrc_bench::replay_bench::run(&exe, a.runs.max(1), &progress)?;
+            print!("{}", rrc_bench::replay_bench::render(&racy));
+            let apps: Vec<_> = a.apps.iter().map(|x| x.app()).collect();
+            let servers = if a.server_runs > 0 {
+                rrc_bench::replay_bench::servers(&exe, &apps, a.server_runs, &progress)?
+            } else {
+                Vec::new()
+            };
+            if !servers.is_empty() {
+                print!("\n{}", rrc_bench::replay_bench::render_servers(&servers));
+            }
+            write_json(
+                a.json.as_deref(),
+                &serde_json::json!({ "racy": racy, "servers": servers }),
+            )?;
             Ok(0)
         }
         BenchCommand::Net(a) => {

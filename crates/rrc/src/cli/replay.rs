@@ -89,7 +89,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
 fn config_text(a: &ReplayArgs, ids: &[u32], from: u64, virtual_fds: &[i32]) -> Result<String> {
     let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
     let mut config = format!(
-        "rrc-replay\nlog={}\nlogs={}\norder={}\ntiming={}\nstop={}\nfrom={from}\nvirtual={}\n",
+        "rrc-replay\nlog={}\nlogs={}\norder={}\ntiming={}\nstop={}\nfrom={from}\nvirtual={}\naddresses={}\n",
         a.log
             .canonicalize()
             .with_context(|| format!("resolving {}", a.log.display()))?
@@ -99,6 +99,8 @@ fn config_text(a: &ReplayArgs, ids: &[u32], from: u64, virtual_fds: &[i32]) -> R
         u8::from(!a.no_timing),
         u8::from(a.stop_at_end),
         list(&mut virtual_fds.iter().map(i32::to_string)),
+        // A restored checkpoint has the recorded address space.
+        u8::from(from > 0),
     );
     if let Some(c) = &a.capture {
         config += &format!("capture={}\n", std::path::absolute(c)?.display());
