@@ -64,6 +64,33 @@ fn recorded_ret(t: &replay::Turn) -> c_int {
     }
 }
 
+/// In replay: the real call, made in this thread's turn, and returned.
+macro_rules! real_call_in_turn {
+    ($name:ident, $op:ident, $obj:ident $(, $arg:ident)*) => {
+        if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
+            // SAFETY: the program's arguments, passed on unchanged.
+            let ret = unsafe { get::$name()($obj $(, $arg)*) };
+            t.complete();
+            return ret;
+        }
+    };
+}
+
+/// A copy restored for replay learned it here, after taking a lock: the
+/// lock (if the call got it) is let go with `$undo` before the program
+/// sees it, and the call is made again, the replay's way.
+macro_rules! undo_and_call_again {
+    ($name:ident, $undo:ident, $ret:expr, $obj:ident $(, $arg:ident)*) => {{
+        if $ret == 0 {
+            // SAFETY: the lock this thread just took, not yet seen by the
+            // program.
+            unsafe { get::$undo()($obj) };
+        }
+        // SAFETY: as the program called it.
+        return unsafe { $name($obj $(, $arg)*) };
+    }};
+}
+
 /// Acquisitions and releases: recorded around the real call; in replay
 /// the turn comes first.
 ///
@@ -76,12 +103,7 @@ macro_rules! ordered {
     ($name:ident, $op:ident, release, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
-            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
-                // SAFETY: the program's arguments, passed on unchanged.
-                let ret = unsafe { get::$name()($obj $(, $arg)*) };
-                t.complete();
-                return ret;
-            }
+            real_call_in_turn!($name, $op, $obj $(, $arg)*);
             if note(SyncOp::$op, $obj as usize, 0) {
                 // SAFETY: as the program called it, now in its turn.
                 return unsafe { $name($obj $(, $arg)*) };
@@ -93,22 +115,11 @@ macro_rules! ordered {
     ($name:ident, $op:ident, acquire, undo: $undo:ident, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
-            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
-                // SAFETY: the program's arguments, passed on unchanged.
-                let ret = unsafe { get::$name()($obj $(, $arg)*) };
-                t.complete();
-                return ret;
-            }
+            real_call_in_turn!($name, $op, $obj $(, $arg)*);
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
             if note(SyncOp::$op, $obj as usize, ret) {
-                if ret == 0 {
-                    // SAFETY: the lock this thread just took, not yet
-                    // seen by the program.
-                    unsafe { get::$undo()($obj) };
-                }
-                // SAFETY: as the program called it, now in its turn.
-                return unsafe { $name($obj $(, $arg)*) };
+                undo_and_call_again!($name, $undo, ret, $obj $(, $arg)*);
             }
             ret
         }
@@ -116,12 +127,7 @@ macro_rules! ordered {
     ($name:ident, $op:ident, acquire, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
-            if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
-                // SAFETY: the program's arguments, passed on unchanged.
-                let ret = unsafe { get::$name()($obj $(, $arg)*) };
-                t.complete();
-                return ret;
-            }
+            real_call_in_turn!($name, $op, $obj $(, $arg)*);
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
             if note(SyncOp::$op, $obj as usize, ret) {
@@ -151,13 +157,7 @@ macro_rules! attempt {
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
             if note(SyncOp::$op, $obj as usize, ret) {
-                if ret == 0 {
-                    // SAFETY: the lock this thread just took, not yet
-                    // seen by the program.
-                    unsafe { get::$undo()($obj) };
-                }
-                // SAFETY: as the program called it, now served from the log.
-                return unsafe { $name($obj $(, $arg)*) };
+                undo_and_call_again!($name, $undo, ret, $obj $(, $arg)*);
             }
             ret
         }
@@ -251,13 +251,7 @@ pub unsafe extern "C" fn sem_trywait(s: *mut sem_t) -> c_int {
     let ret = unsafe { get::sem_trywait()(s) };
     let r = outcome(i64::from(ret)) as c_int;
     if note(SyncOp::SemTrywait, s as usize, r) {
-        if ret == 0 {
-            // SAFETY: the count this thread just took, not yet seen by the
-            // program.
-            unsafe { get::sem_post()(s) };
-        }
-        // SAFETY: as the program called it, now served from the log.
-        return unsafe { sem_trywait(s) };
+        undo_and_call_again!(sem_trywait, sem_post, ret, s);
     }
     ret
 }
