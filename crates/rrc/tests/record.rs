@@ -377,6 +377,61 @@ fn a_replay_serves_poll_select_readv_and_every_recv_from_the_log() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// The host pid of the process running `bin` (a path unique to the test).
+fn pid_of(bin: &Path) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        (exe == bin).then_some(pid)
+    })
+}
+
+#[test]
+fn signal_handlers_run_in_the_replay_where_they_ran_when_recorded() {
+    use std::io::BufRead;
+    require_root();
+    let work = scratch("replay-signal");
+    let bin = build("rr_signal", &work);
+    let dir = work.join("log");
+    let mut child = Command::new(RRC)
+        .args([
+            "run",
+            "--name",
+            &format!("rs{}", std::process::id()),
+            "--record",
+        ])
+        .arg(&dir)
+        .arg("--")
+        .arg(&bin)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut recorded = String::new();
+    while !recorded.ends_with("ready\n") {
+        assert!(out.read_line(&mut recorded).unwrap() > 0, "{recorded}");
+    }
+    let pid = pid_of(&bin).expect("the recorded program runs");
+    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: signalling a process of this test's.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+    std::io::Read::read_to_string(&mut out, &mut recorded).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        recorded.contains("handler reported back: yes"),
+        "{recorded}"
+    );
+    // No signal now: both handlers run where the log says they ran.
+    let (replayed, report) = replay(&dir, &bin);
+    assert_eq!(replayed, recorded);
+    assert!(report.contains(" 0 divergences"), "{report}");
+    let _ = std::fs::remove_dir_all(&work);
+}
+
 #[test]
 fn a_replay_follows_the_recorded_lock_order() {
     require_root();
