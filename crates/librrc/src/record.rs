@@ -175,68 +175,66 @@ pub fn emit(event: &Event<'_>) -> bool {
 }
 
 fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> bool {
-    {
+    if log.ended {
+        return false;
+    }
+    // Taken before anything else is touched: the one atomic step that
+    // tells a recording from a restored copy.
+    let Some(seq) = set.next_seq() else {
+        REPLAYED_COPY.store(true, Ordering::Release);
+        return crate::replay::switch_in();
+    };
+    if log.producer.is_none() {
+        attach(set, log);
         if log.ended {
             return false;
         }
-        // Taken before anything else is touched: the one atomic step that
-        // tells a recording from a restored copy.
-        let Some(seq) = set.next_seq() else {
-            REPLAYED_COPY.store(true, Ordering::Release);
-            return crate::replay::switch_in();
-        };
-        if log.producer.is_none() {
-            attach(set, log);
-            if log.ended {
-                return false;
-            }
-        }
-        let now = now_ns();
-        let prev = LAST_NS.swap(now, Ordering::AcqRel);
-        let record = Record {
-            seq,
-            time_delta_ns: if prev == 0 {
-                0
-            } else {
-                now.saturating_sub(prev)
-            },
-            event: *event,
-        };
-        let mut record = record;
-        loop {
-            let Some(w) = log.writer.as_mut() else {
-                return false;
-            };
-            match w.push(&record) {
-                Ok(()) => break,
-                Err(_) if !w.is_empty() => push_batch(log),
-                Err(_) => {
-                    // Alone and still too big: a larger buffer, up to what
-                    // a ring can carry.
-                    let max = log.producer.as_ref().map_or(0, |p| p.max_message_len());
-                    let want = (log.cap * 4).min(max);
-                    if log.cap < max && grow(log, want) {
-                        continue;
-                    }
-                    // The program must not pay for it: only the call's
-                    // result goes in the log, which a replay reports as a
-                    // divergence when it gets there.
-                    warn_once(
-                        &TOO_LARGE,
-                        b"librrc: an event's data is larger than a ring; only its result is logged, and a replay cannot go past it\n",
-                    );
-                    record.event = Event::Syscall {
-                        nr: u32::MAX,
-                        ret: 0,
-                    };
-                }
-            }
-        }
-        if log.writer.as_ref().is_some_and(|w| w.len() >= FLUSH_AT) {
-            push_batch(log);
-        }
-        false
     }
+    let now = now_ns();
+    let prev = LAST_NS.swap(now, Ordering::AcqRel);
+    let record = Record {
+        seq,
+        time_delta_ns: if prev == 0 {
+            0
+        } else {
+            now.saturating_sub(prev)
+        },
+        event: *event,
+    };
+    let mut record = record;
+    loop {
+        let Some(w) = log.writer.as_mut() else {
+            return false;
+        };
+        match w.push(&record) {
+            Ok(()) => break,
+            Err(_) if !w.is_empty() => push_batch(log),
+            Err(_) => {
+                // Alone and still too big: a larger buffer, up to what
+                // a ring can carry.
+                let max = log.producer.as_ref().map_or(0, |p| p.max_message_len());
+                let want = (log.cap * 4).min(max);
+                if log.cap < max && grow(log, want) {
+                    continue;
+                }
+                // The program must not pay for it: only the call's
+                // result goes in the log, which a replay reports as a
+                // divergence when it gets there.
+                warn_once(
+                    &TOO_LARGE,
+                    b"librrc: an event's data is larger than a ring; only its result is logged, and a replay cannot go past it\n",
+                );
+                record.event = Event::Syscall {
+                    nr: u32::MAX,
+                    ret: 0,
+                };
+            }
+        }
+    }
+    if log.writer.as_ref().is_some_and(|w| w.len() >= FLUSH_AT) {
+        push_batch(log);
+    }
+    false
 }
 
 /// Sends this thread's pending records to its ring.

@@ -3,10 +3,13 @@
 //! time between returns), until its log ends; from then on, or after a
 //! divergence, it runs live.
 //!
-//! Everything the wrappers need is built once, in the constructor, while
-//! the program is single-threaded (so it may allocate there): every thread
-//! log read and checked, the sorted list of all sequence numbers. The
-//! wrappers then only read that and thread-locals, and wait on a futex.
+//! Everything the wrappers need is built once (so it may allocate there):
+//! every thread log read and checked, the sorted list of all sequence
+//! numbers. From the program's start that happens in the constructor,
+//! while the program is single-threaded; in a copy restored from a
+//! checkpoint, by the first thread that tries to record, while the others
+//! wait for it ([`switch_in`]). The wrappers then only read that and
+//! thread-locals, and wait on a futex.
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
@@ -22,7 +25,8 @@ use crate::thread;
 const SPIN_LIMIT: u32 = 2_000;
 const SPIN_BUSY: u32 = 1_000;
 
-/// How long a thread waits for its turn before giving up on the order.
+/// How long no record may complete, while a thread waits for its turn,
+/// before the order is given up as stuck.
 const STUCK_NS: u64 = 5_000_000_000;
 
 struct Replay {
