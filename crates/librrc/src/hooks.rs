@@ -91,6 +91,18 @@ unsafe fn address<'a>(addr: *const sockaddr, len: *const socklen_t, room: sockle
 /// Records a read-family call that filled one buffer; true if the call
 /// must be made again (see [`record::emit`]).
 fn record_flat_read(call: ReadCall, fd: c_int, ret: ssize_t, buf: *const c_void) -> bool {
+    record_flat_read_len(call, fd, ret, buf, ret.max(0) as usize)
+}
+
+/// As [`record_flat_read`], for a call whose result is not its length in
+/// bytes (`fread` counts items): `len` bytes at `buf` were filled.
+fn record_flat_read_len(
+    call: ReadCall,
+    fd: c_int,
+    ret: ssize_t,
+    buf: *const c_void,
+    len: usize,
+) -> bool {
     let Some(_inside) = thread::enter() else {
         return false;
     };
@@ -100,8 +112,8 @@ fn record_flat_read(call: ReadCall, fd: c_int, ret: ssize_t, buf: *const c_void)
         call,
         fd,
         ret: r,
-        // SAFETY: the call wrote `ret` bytes at `buf`.
-        data: Bytes::Flat(unsafe { bytes(buf, r) }),
+        // SAFETY: the call wrote `len` bytes at `buf` (none on failure).
+        data: Bytes::Flat(unsafe { bytes(buf, if r < 0 { 0 } else { len as i64 }) }),
     })
 }
 
@@ -529,6 +541,35 @@ pub unsafe extern "C" fn epoll_pwait(
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { epoll_pwait(epfd, events, max, timeout, sigmask) };
+    }
+    ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: *const timespec,
+    sigmask: *const libc::sigset_t,
+) -> c_int {
+    if replay::active()
+        && let Some(r) = serve::epoll(EpollCall::Pwait2, epfd, events, max)
+    {
+        return r;
+    }
+    record::flush_before_blocking();
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::epoll_pwait2()(epfd, events, max, timeout, sigmask) };
+    let again = if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record_epoll(EpollCall::Pwait2, epfd, ret, events)
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { epoll_pwait2(epfd, events, max, timeout, sigmask) };
     }
     ret
 }
@@ -1011,6 +1052,108 @@ pub unsafe extern "C" fn getrandom(buf: *mut c_void, n: size_t, flags: c_uint) -
         return unsafe { getrandom(buf, n, flags) };
     }
     ret
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getentropy(buf: *mut c_void, n: size_t) -> c_int {
+    if replay::active()
+        && let Some(t) = replay::take("getentropy", |e| matches!(e, Event::Getrandom { .. }))
+    {
+        let Event::Getrandom { ret, data } = t.record.event else {
+            unreachable!("checked by take")
+        };
+        if let Some(d) = data.as_flat() {
+            let k = d.len().min(n);
+            // SAFETY: the program's buffer of `n` bytes.
+            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), buf.cast::<u8>(), k) };
+        }
+        t.complete();
+        return served(ret) as c_int;
+    }
+    // SAFETY: the program's arguments, passed on unchanged.
+    let ret = unsafe { get::getentropy()(buf, n) };
+    let again = if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        let r = outcome(i64::from(ret));
+        record::emit(&Event::Getrandom {
+            ret: r,
+            // SAFETY: on success the call filled all `n` bytes.
+            data: Bytes::Flat(if r == 0 {
+                unsafe { bytes(buf, n as i64) }
+            } else {
+                &[]
+            }),
+        })
+    } else {
+        false
+    };
+    if again {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { getentropy(buf, n) };
+    }
+    ret
+}
+
+/// Whether `stream` reads a random-number device (`/dev/random`,
+/// `/dev/urandom`: character devices 1:8 and 1:9), whose bytes the C
+/// library's stdio fetches without calling `read`.
+fn random_stream(stream: *mut libc::FILE) -> Option<c_int> {
+    if stream.is_null() {
+        return None;
+    }
+    // SAFETY: the program's open stream.
+    let fd = unsafe { libc::fileno(stream) };
+    // SAFETY: an fstat into a local struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if fd < 0 || unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    let random = st.st_mode & libc::S_IFMT == libc::S_IFCHR
+        && libc::major(st.st_rdev) == 1
+        && matches!(libc::minor(st.st_rdev), 8 | 9);
+    random.then_some(fd)
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fread(
+    ptr: *mut c_void,
+    size: size_t,
+    n: size_t,
+    stream: *mut libc::FILE,
+) -> size_t {
+    let random = if replay::active() || record::recording() {
+        random_stream(stream)
+    } else {
+        None
+    };
+    if let Some(fd) = random
+        && replay::active()
+        && let Some(r) = serve::read(
+            "fread",
+            ptr,
+            size.saturating_mul(n),
+            |e| matches!(e, Event::Read { call: ReadCall::Fread, fd: f, .. } if *f == fd),
+        )
+    {
+        return r as size_t;
+    }
+    // SAFETY: the program's arguments, passed on unchanged.
+    let got = unsafe { get::fread()(ptr, size, n, stream) };
+    let Some(fd) = random else {
+        return got;
+    };
+    if record_flat_read_len(
+        ReadCall::Fread,
+        fd,
+        got as ssize_t,
+        ptr,
+        got.saturating_mul(size),
+    ) {
+        // SAFETY: as the program called it, to be served from the log.
+        return unsafe { fread(ptr, size, n, stream) };
+    }
+    got
 }
 
 // Output: not recorded (replay reproduces it), but the records that led to

@@ -58,6 +58,9 @@ real_functions! {
     accept4: fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int;
     epoll_wait: fn(c_int, *mut epoll_event, c_int, c_int) -> c_int;
     epoll_pwait: fn(c_int, *mut epoll_event, c_int, c_int, *const libc::sigset_t) -> c_int;
+    epoll_pwait2: fn(c_int, *mut epoll_event, c_int, *const timespec, *const libc::sigset_t) -> c_int;
+    fread: fn(*mut c_void, size_t, size_t, *mut libc::FILE) -> size_t;
+    getentropy: fn(*mut c_void, size_t) -> c_int;
     poll: fn(*mut pollfd, nfds_t, c_int) -> c_int;
     clock_gettime: fn(clockid_t, *mut timespec) -> c_int;
     gettimeofday: fn(*mut timeval, *mut c_void) -> c_int;

@@ -390,6 +390,10 @@ call_enum!(
         Preadv,
         /// `preadv2(2)`
         Preadv2,
+        /// `fread(3)` from a random-number device (`ret` counts items);
+        /// the C library reads such a stream without going through
+        /// `read`.
+        Fread,
     }
 );
 
@@ -870,7 +874,7 @@ impl<'a> Event<'a> {
                 nr: dec.u32("syscall number")?,
                 ret: dec.signed("syscall result")?,
             },
-            t if (tag::READ..tag::READ + 5).contains(&t) => Event::Read {
+            t if (tag::READ..tag::READ + 6).contains(&t) => Event::Read {
                 call: ReadCall::from_code(sub(tag::READ)).ok_or(unknown)?,
                 fd: dec.i32("fd")?,
                 ret: dec.signed("read result")?,
