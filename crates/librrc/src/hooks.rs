@@ -1075,14 +1075,11 @@ pub unsafe extern "C" fn getentropy(buf: *mut c_void, n: size_t) -> c_int {
     let again = if let Some(_inside) = thread::enter() {
         let _e = SavedErrno::save();
         let r = outcome(i64::from(ret));
+        let filled = if r == 0 { n as i64 } else { 0 };
         record::emit(&Event::Getrandom {
             ret: r,
             // SAFETY: on success the call filled all `n` bytes.
-            data: Bytes::Flat(if r == 0 {
-                unsafe { bytes(buf, n as i64) }
-            } else {
-                &[]
-            }),
+            data: Bytes::Flat(unsafe { bytes(buf, filled) }),
         })
     } else {
         false
