@@ -41,6 +41,8 @@ pub struct ModeResult {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayReport {
+    /// Where each replay starts: "program start" or "checkpoint".
+    pub from: &'static str,
     /// Distinct outputs among the recordings.
     pub distinct_recorded: usize,
     pub modes: Vec<ModeResult>,
@@ -52,16 +54,74 @@ const MODES: [(&str, &[&str]); 3] = [
     ("order + timing", &[]),
 ];
 
-pub fn run(rrc: &Path, runs: usize, progress: &dyn Fn(&str)) -> Result<ReplayReport> {
+/// The racy program's threads wait this long when replayed from a
+/// checkpoint, and the checkpoint is taken this far into the wait.
+const DELAY_MS: u64 = 200;
+const CHECKPOINT_AT_MS: u64 = 80;
+
+/// Records the racy program `runs` times and replays each recording once
+/// per mode: from the program's start, or (`from_checkpoint`) from a
+/// checkpoint taken while it was recorded, before its threads raced.
+pub fn run(
+    rrc: &Path,
+    runs: usize,
+    from_checkpoint: bool,
+    progress: &dyn Fn(&str),
+) -> Result<ReplayReport> {
     let work = std::env::temp_dir().join(format!("rrc-bench-replay-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let result = run_in(rrc, runs, &work, progress);
+    let result = run_in(rrc, runs, from_checkpoint, &work, progress);
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-fn run_in(rrc: &Path, runs: usize, work: &Path, progress: &dyn Fn(&str)) -> Result<ReplayReport> {
+/// Records the racy program into `log` (checkpointing it into `images`
+/// while its threads wait, if given); what it printed.
+fn record_race(rrc: &Path, bin: &Path, log: &Path, images: Option<&Path>) -> Result<String> {
+    let name = format!("race{}", std::process::id());
+    let mut cmd = Command::new(rrc);
+    cmd.args(["run", "--name", &name, "--record"])
+        .arg(log)
+        .arg("--")
+        .arg(bin)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if images.is_some() {
+        cmd.arg(DELAY_MS.to_string());
+    }
+    let child = cmd.spawn().context("cannot run rrc")?;
+    if let Some(images) = images {
+        std::thread::sleep(Duration::from_millis(CHECKPOINT_AT_MS));
+        let out = Command::new(rrc)
+            .args(["checkpoint", &name, "--leave-running", "--images"])
+            .arg(images)
+            .output()
+            .context("cannot run rrc checkpoint")?;
+        ensure!(
+            out.status.success(),
+            "checkpoint failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "recording failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_in(
+    rrc: &Path,
+    runs: usize,
+    from_checkpoint: bool,
+    work: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<ReplayReport> {
     let src = work.join("rr_race.c");
     let bin = work.join("rr_race");
     std::fs::write(&src, SOURCE)?;
@@ -93,35 +153,20 @@ fn run_in(rrc: &Path, runs: usize, work: &Path, progress: &dyn Fn(&str)) -> Resu
             ));
         }
         let log = work.join(format!("log{run}"));
-        let out = Command::new(rrc)
-            .args([
-                "run",
-                "--name",
-                &format!("race{}", std::process::id()),
-                "--record",
-            ])
-            .arg(&log)
-            .arg("--")
-            .arg(&bin)
-            .output()
-            .context("cannot run rrc")?;
-        if !out.status.success() {
-            bail!(
-                "recording failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let recorded = String::from_utf8_lossy(&out.stdout).into_owned();
+        let images = work.join(format!("images{run}"));
+        let recorded = record_race(rrc, &bin, &log, from_checkpoint.then_some(&images))?;
         outputs.insert(recorded.clone());
         for (i, (_, flags)) in MODES.iter().enumerate() {
             let start = Instant::now();
-            let out = Command::new(rrc)
-                .arg("replay")
-                .args(*flags)
-                .arg("--log")
-                .arg(&log)
-                .arg("--")
-                .arg(&bin)
+            let mut cmd = Command::new(rrc);
+            cmd.arg("replay").args(*flags).arg("--log").arg(&log);
+            if from_checkpoint {
+                cmd.arg("--images").arg(&images);
+            } else {
+                cmd.arg("--").arg(&bin);
+            }
+            let out = cmd
+                .stdin(std::process::Stdio::null())
                 .output()
                 .context("cannot run rrc replay")?;
             took[i] += start.elapsed();
@@ -133,11 +178,17 @@ fn run_in(rrc: &Path, runs: usize, work: &Path, progress: &dyn Fn(&str)) -> Resu
             }
         }
         let _ = std::fs::remove_dir_all(&log);
+        let _ = std::fs::remove_dir_all(&images);
     }
     for (m, t) in modes.iter_mut().zip(took) {
         m.avg_ms = t.as_secs_f64() * 1e3 / runs.max(1) as f64;
     }
     Ok(ReplayReport {
+        from: if from_checkpoint {
+            "checkpoint"
+        } else {
+            "program start"
+        },
         distinct_recorded: outputs.len(),
         modes,
     })
@@ -147,8 +198,8 @@ pub fn render(r: &ReplayReport) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "A program with a data race, recorded and replayed once per mode in each run ({} distinct recorded outputs)",
-        r.distinct_recorded
+        "A program with a data race, recorded and replayed from its {} once per mode in each run ({} distinct recorded outputs)",
+        r.from, r.distinct_recorded
     );
     let _ = writeln!(
         s,

@@ -43,7 +43,9 @@ pub enum BenchCommand {
     Record(RecordArgs),
     /// Replay: how often replaying a recorded program with a data race
     /// reproduces its output, with neither mitigation, with the recorded
-    /// global order, and with order plus the recorded timing.
+    /// global order, and with order plus the recorded timing, from its
+    /// start and from a checkpoint; then Redis and Memcached replayed from
+    /// random checkpoints under load (events, divergences, time).
     Replay(ReplayArgs),
     /// Redis latency and throughput through rrc's TAP forwarding path versus
     /// the same Redis on a plain veth, side by side in one lab.
@@ -102,6 +104,10 @@ pub struct ReplayArgs {
     /// Replays per mode of the racy program.
     #[arg(long, default_value_t = 100)]
     runs: usize,
+    /// Runs of the racy program replayed from a checkpoint, per mode (0:
+    /// none).
+    #[arg(long, default_value_t = 100)]
+    checkpoint_runs: usize,
     /// Checkpoints replayed per server (0: none).
     #[arg(long, default_value_t = 3)]
     server_runs: usize,
@@ -301,8 +307,15 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
         BenchCommand::Replay(a) => {
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
             let progress = |m: &str| eprintln!("bench: {m}");
-            let racy = rrc_bench::replay_bench::run(&exe, a.runs.max(1), &progress)?;
+            let racy = rrc_bench::replay_bench::run(&exe, a.runs.max(1), false, &progress)?;
             print!("{}", rrc_bench::replay_bench::render(&racy));
+            let racy_checkpoint = if a.checkpoint_runs > 0 {
+                let r = rrc_bench::replay_bench::run(&exe, a.checkpoint_runs, true, &progress)?;
+                print!("\n{}", rrc_bench::replay_bench::render(&r));
+                Some(r)
+            } else {
+                None
+            };
             let apps: Vec<_> = a.apps.iter().map(|x| x.app()).collect();
             let servers = if a.server_runs > 0 {
                 rrc_bench::replay_bench::servers(&exe, &apps, a.server_runs, &progress)?
@@ -314,7 +327,11 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             }
             write_json(
                 a.json.as_deref(),
-                &serde_json::json!({ "racy": racy, "servers": servers }),
+                &serde_json::json!({
+                    "racy": racy,
+                    "racy_from_checkpoint": racy_checkpoint,
+                    "servers": servers
+                }),
             )?;
             Ok(0)
         }
