@@ -137,6 +137,21 @@ pub fn recording() -> bool {
     set().is_some()
 }
 
+/// The kernel thread id of the thread that records log `id`, as the rings'
+/// directory has it.
+pub fn tid_of_log(id: u32) -> Option<i32> {
+    let p = SET.load(Ordering::Acquire);
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: set once in `init` from a leaked Box, never freed.
+    let set = unsafe { &*p };
+    (0..set.slot_count()).find_map(|i| {
+        let s = set.slot(i).ok()?;
+        (s.state == rrc_rr::ring::SlotState::Active && s.log_id == id).then_some(s.tid as i32)
+    })
+}
+
 /// A new log id, for a thread about to be created.
 pub fn next_log_id() -> u32 {
     let p = SET.load(Ordering::Acquire);

@@ -29,6 +29,12 @@ const SPIN_BUSY: u32 = 1_000;
 /// before the order is given up as stuck.
 const STUCK_NS: u64 = 5_000_000_000;
 
+/// How long no record may complete before the thread whose turn it is gets
+/// a signal, in a restored copy: a checkpoint that caught it between a
+/// wrapper and the system call it was about to make leaves it blocked in
+/// the real call, from which only a signal brings it back to the wrapper.
+const KICK_NS: u64 = 100_000_000;
+
 struct Replay {
     /// Thread log contents by log id (index 0 unused).
     logs: Vec<&'static [u8]>,
@@ -589,6 +595,25 @@ fn positions(r: &Replay, done: u32) {
     }
 }
 
+/// Signals the thread whose record is next (rank `done`), so that a real
+/// input call it was restored into returns EINTR to its wrapper, which
+/// then serves it from the log. The signal is one the program has no
+/// handler for, caught by a handler that does nothing and does not restart
+/// the interrupted call.
+fn kick_owner(r: &Replay, done: u32) {
+    let Some(seq) = r.seqs.get(done as usize) else {
+        return;
+    };
+    let Some(tid) = find_record(r, *seq).and_then(|(id, _)| crate::record::tid_of_log(id)) else {
+        return;
+    };
+    let Some(sig) = crate::signals::kick_signal() else {
+        return;
+    };
+    // SAFETY: signalling a thread of this process.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
+}
+
 /// The thread and event of record `seq` (a search through every log,
 /// for reports).
 fn find_record(r: &Replay, seq: u64) -> Option<(u32, Event<'static>)> {
@@ -617,6 +642,7 @@ fn wait_turn(r: &Replay, rec: &Record<'_>) {
         // the events before it take.
         let mut seen = DONE.load(Ordering::Acquire);
         let mut since = crate::record::now_ns();
+        let mut kicked = false;
         // Spin first: recorded events are often microseconds apart, and a
         // futex wake-up across CPUs costs tens of microseconds, which
         // would serialize threads that ran side by side when recorded.
@@ -641,6 +667,11 @@ fn wait_turn(r: &Replay, rec: &Record<'_>) {
             if done != seen {
                 seen = done;
                 since = crate::record::now_ns();
+                kicked = false;
+            }
+            if !kicked && r.from > 0 && crate::record::now_ns() - since > KICK_NS {
+                kicked = true;
+                kick_owner(r, done);
             }
             if crate::record::now_ns() - since > STUCK_NS {
                 let missing = r.seqs.get(done as usize).copied().unwrap_or(0);

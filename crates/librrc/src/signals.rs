@@ -214,3 +214,27 @@ pub fn replay_handler(sig: c_int) {
         run_program_handler(sig, std::ptr::null_mut(), std::ptr::null_mut());
     }
 }
+
+extern "C" fn on_kick(_sig: c_int) {}
+
+/// A signal the program has no handler for, with librrc's do-nothing,
+/// non-restarting handler installed (the first time): sent to a thread,
+/// it makes a blocking system call return EINTR.
+pub fn kick_signal() -> Option<c_int> {
+    static CHOSEN: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+    let sig = CHOSEN.load(Ordering::Acquire);
+    if sig != 0 {
+        return Some(sig);
+    }
+    let sig = (libc::SIGRTMIN()..=libc::SIGRTMAX())
+        .rev()
+        .find(|&s| PROGRAM[s as usize].handler.load(Ordering::Acquire) == 0)?;
+    let mut a = empty_action();
+    a.sa_sigaction = on_kick as *const () as usize;
+    // SAFETY: a valid action for a signal the program does not handle.
+    if unsafe { get::sigaction()(sig, &a, std::ptr::null_mut()) } != 0 {
+        return None;
+    }
+    CHOSEN.store(sig, Ordering::Release);
+    Some(sig)
+}
