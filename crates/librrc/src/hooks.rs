@@ -454,7 +454,13 @@ pub unsafe extern "C" fn accept4(
     ret
 }
 
+/// Records an epoll wait's ready list (in records of at most 64); true if
+/// the call must be made again (see [`record::emit`]).
 fn record_epoll(call: EpollCall, epfd: c_int, ret: c_int, events: *const epoll_event) -> bool {
+    let Some(_inside) = thread::enter() else {
+        return false;
+    };
+    let _e = SavedErrno::save();
     let r = outcome(i64::from(ret));
     let ready: &[epoll_event] = if r > 0 && !events.is_null() {
         // SAFETY: the call filled `ret` entries of the program's array.
@@ -503,13 +509,7 @@ pub unsafe extern "C" fn epoll_wait(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_wait()(epfd, events, max, timeout) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record_epoll(EpollCall::Wait, epfd, ret, events)
-    } else {
-        false
-    };
-    if again {
+    if record_epoll(EpollCall::Wait, epfd, ret, events) {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { epoll_wait(epfd, events, max, timeout) };
     }
@@ -532,13 +532,7 @@ pub unsafe extern "C" fn epoll_pwait(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_pwait()(epfd, events, max, timeout, sigmask) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record_epoll(EpollCall::Pwait, epfd, ret, events)
-    } else {
-        false
-    };
-    if again {
+    if record_epoll(EpollCall::Pwait, epfd, ret, events) {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { epoll_pwait(epfd, events, max, timeout, sigmask) };
     }
@@ -561,20 +555,20 @@ pub unsafe extern "C" fn epoll_pwait2(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::epoll_pwait2()(epfd, events, max, timeout, sigmask) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record_epoll(EpollCall::Pwait2, epfd, ret, events)
-    } else {
-        false
-    };
-    if again {
+    if record_epoll(EpollCall::Pwait2, epfd, ret, events) {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { epoll_pwait2(epfd, events, max, timeout, sigmask) };
     }
     ret
 }
 
+/// Records a poll's `revents` (in records of at most 256); true if the
+/// call must be made again.
 fn record_poll(call: PollCall, fds: *const pollfd, n: nfds_t, ret: c_int) -> bool {
+    let Some(_inside) = thread::enter() else {
+        return false;
+    };
+    let _e = SavedErrno::save();
     let all: &[pollfd] = if fds.is_null() {
         &[]
     } else {
@@ -612,13 +606,7 @@ pub unsafe extern "C" fn poll(fds: *mut pollfd, n: nfds_t, timeout: c_int) -> c_
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::poll()(fds, n, timeout) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record_poll(PollCall::Poll, fds, n, ret)
-    } else {
-        false
-    };
-    if again {
+    if record_poll(PollCall::Poll, fds, n, ret) {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { poll(fds, n, timeout) };
     }
@@ -640,13 +628,7 @@ pub unsafe extern "C" fn ppoll(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::ppoll()(fds, n, timeout, sigmask) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record_poll(PollCall::Ppoll, fds, n, ret)
-    } else {
-        false
-    };
-    if again {
+    if record_poll(PollCall::Ppoll, fds, n, ret) {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { ppoll(fds, n, timeout, sigmask) };
     }
@@ -671,6 +653,10 @@ fn record_select(
     e: *const libc::fd_set,
     ret: c_int,
 ) -> bool {
+    let Some(_inside) = thread::enter() else {
+        return false;
+    };
+    let _e = SavedErrno::save();
     record::emit(&Event::Select {
         call,
         ret: outcome(i64::from(ret)),
@@ -696,13 +682,7 @@ pub unsafe extern "C" fn select(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::select()(nfds, r, w, e, timeout) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record_select(SelectCall::Select, nfds, r, w, e, ret)
-    } else {
-        false
-    };
-    if again {
+    if record_select(SelectCall::Select, nfds, r, w, e, ret) {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { select(nfds, r, w, e, timeout) };
     }
@@ -726,13 +706,7 @@ pub unsafe extern "C" fn pselect(
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::pselect()(nfds, r, w, e, timeout, sigmask) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record_select(SelectCall::Pselect, nfds, r, w, e, ret)
-    } else {
-        false
-    };
-    if again {
+    if record_select(SelectCall::Pselect, nfds, r, w, e, ret) {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { pselect(nfds, r, w, e, timeout, sigmask) };
     }
@@ -1218,6 +1192,34 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
 
 // Addresses the kernel chose for new mappings.
 
+/// Records where a mapping went. A copy restored for replay made it
+/// already, where the recording did: the call keeps its result and only
+/// takes its turn.
+fn record_mapping(call: MmapCall, name: &str, p: *mut c_void, len: size_t) {
+    let again = if let Some(_inside) = thread::enter() {
+        let _e = SavedErrno::save();
+        record::emit(&Event::Mmap {
+            call,
+            ret: if p == libc::MAP_FAILED {
+                outcome(-1)
+            } else {
+                p as i64
+            },
+            len: len as u64,
+        })
+    } else {
+        false
+    };
+    if again
+        && let Some(t) = replay::take(
+            name,
+            |e| matches!(e, Event::Mmap { call: c, .. } if *c == call),
+        )
+    {
+        t.complete();
+    }
+}
+
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mmap(
     addr: *mut c_void,
@@ -1251,35 +1253,7 @@ pub unsafe extern "C" fn mmap(
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let p = unsafe { get::mmap()(addr, len, prot, flags, fd, off) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record::emit(&Event::Mmap {
-            call: MmapCall::Mmap,
-            ret: if p == libc::MAP_FAILED {
-                outcome(-1)
-            } else {
-                p as i64
-            },
-            len: len as u64,
-        })
-    } else {
-        false
-    };
-    // Mapped already, where the recording mapped it: the call keeps its
-    // result and only takes its turn.
-    if again
-        && let Some(t) = replay::take("mmap", |e| {
-            matches!(
-                e,
-                Event::Mmap {
-                    call: MmapCall::Mmap,
-                    ..
-                }
-            )
-        })
-    {
-        t.complete();
-    }
+    record_mapping(MmapCall::Mmap, "mmap", p, len);
     p
 }
 
@@ -1325,35 +1299,7 @@ pub unsafe extern "C" fn mremap(
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let p = unsafe { get::mremap()(old, old_len, new_len, flags, new_addr) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record::emit(&Event::Mmap {
-            call: MmapCall::Mremap,
-            ret: if p == libc::MAP_FAILED {
-                outcome(-1)
-            } else {
-                p as i64
-            },
-            len: new_len as u64,
-        })
-    } else {
-        false
-    };
-    // Mapped already, where the recording mapped it: the call keeps its
-    // result and only takes its turn.
-    if again
-        && let Some(t) = replay::take("mremap", |e| {
-            matches!(
-                e,
-                Event::Mmap {
-                    call: MmapCall::Mremap,
-                    ..
-                }
-            )
-        })
-    {
-        t.complete();
-    }
+    record_mapping(MmapCall::Mremap, "mremap", p, new_len);
     p
 }
 
