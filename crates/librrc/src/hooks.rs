@@ -59,6 +59,18 @@ impl Drop for SavedErrno {
     }
 }
 
+/// Records the event `make` builds from what a call returned: inside
+/// librrc (nothing is recorded for a call librrc itself made) and with
+/// errno kept as the call left it. True if the call must be made again
+/// (see [`record::emit`]).
+pub(crate) fn logged<'a>(make: impl FnOnce() -> Event<'a>) -> bool {
+    let Some(_inside) = thread::enter() else {
+        return false;
+    };
+    let _e = SavedErrno::save();
+    record::emit(&make())
+}
+
 /// `len` bytes at `p`, or nothing.
 ///
 /// # Safety
@@ -103,17 +115,15 @@ fn record_flat_read_len(
     buf: *const c_void,
     len: usize,
 ) -> bool {
-    let Some(_inside) = thread::enter() else {
-        return false;
-    };
-    let _e = SavedErrno::save();
-    let r = outcome(ret as i64);
-    record::emit(&Event::Read {
-        call,
-        fd,
-        ret: r,
-        // SAFETY: the call wrote `len` bytes at `buf` (none on failure).
-        data: Bytes::Flat(unsafe { bytes(buf, if r < 0 { 0 } else { len as i64 }) }),
+    logged(|| {
+        let r = outcome(ret as i64);
+        Event::Read {
+            call,
+            fd,
+            ret: r,
+            // SAFETY: the call wrote `len` bytes at `buf` (none on failure).
+            data: Bytes::Flat(unsafe { bytes(buf, if r < 0 { 0 } else { len as i64 }) }),
+        }
     })
 }
 
@@ -147,8 +157,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::readv()(fd, iov, cnt) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
+    let again = logged(|| {
         let r = outcome(ret as i64);
         let parts: &[IoSlice<'_>] = if iov.is_null() || cnt <= 0 {
             &[]
@@ -157,7 +166,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
             // program passed `cnt` of them.
             unsafe { std::slice::from_raw_parts(iov.cast(), cnt as usize) }
         };
-        record::emit(&Event::Read {
+        Event::Read {
             call: ReadCall::Readv,
             fd,
             ret: r,
@@ -165,10 +174,8 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
                 parts,
                 len: r.max(0) as usize,
             },
-        })
-    } else {
-        false
-    };
+        }
+    });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { readv(fd, iov, cnt) };
@@ -227,10 +234,9 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recv()(fd, buf, n, flags) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
+    let again = logged(|| {
         let r = outcome(ret as i64);
-        record::emit(&Event::Recv {
+        Event::Recv {
             call: RecvCall::Recv,
             fd,
             ret: r,
@@ -239,10 +245,8 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
             addr: &[],
             flags: 0,
             control: &[],
-        })
-    } else {
-        false
-    };
+        }
+    });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { recv(fd, buf, n, flags) };
@@ -272,10 +276,9 @@ pub unsafe extern "C" fn recvfrom(
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recvfrom()(fd, buf, n, flags, addr, addrlen) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
+    let again = logged(|| {
         let r = outcome(ret as i64);
-        record::emit(&Event::Recv {
+        Event::Recv {
             call: RecvCall::RecvFrom,
             fd,
             ret: r,
@@ -289,10 +292,8 @@ pub unsafe extern "C" fn recvfrom(
             },
             flags: 0,
             control: &[],
-        })
-    } else {
-        false
-    };
+        }
+    });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { recvfrom(fd, buf, n, flags, addr, addrlen) };
@@ -315,48 +316,44 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recvmsg()(fd, msg, flags) };
-    let again = if let Some(_inside) = thread::enter()
-        && !msg.is_null()
-    {
-        let _e = SavedErrno::save();
-        let r = outcome(ret as i64);
-        // SAFETY: the call filled the msghdr the program gave; the iovecs
-        // are the program's (IoSlice has struct iovec's layout).
-        let (parts, addr, control, mflags) = unsafe {
-            let m = &*msg;
-            let parts: &[IoSlice<'_>] = if m.msg_iov.is_null() || m.msg_iovlen == 0 {
-                &[]
-            } else {
-                std::slice::from_raw_parts(m.msg_iov.cast(), m.msg_iovlen)
+    let again = !msg.is_null()
+        && logged(|| {
+            let r = outcome(ret as i64);
+            // SAFETY: the call filled the msghdr the program gave; the iovecs
+            // are the program's (IoSlice has struct iovec's layout).
+            let (parts, addr, control, mflags) = unsafe {
+                let m = &*msg;
+                let parts: &[IoSlice<'_>] = if m.msg_iov.is_null() || m.msg_iovlen == 0 {
+                    &[]
+                } else {
+                    std::slice::from_raw_parts(m.msg_iov.cast(), m.msg_iovlen)
+                };
+                let ok = r >= 0;
+                let addr = if ok {
+                    bytes(m.msg_name, i64::from(m.msg_namelen.min(name_room)))
+                } else {
+                    &[]
+                };
+                let control = if ok {
+                    bytes(m.msg_control, m.msg_controllen.min(control_room) as i64)
+                } else {
+                    &[]
+                };
+                (parts, addr, control, m.msg_flags)
             };
-            let ok = r >= 0;
-            let addr = if ok {
-                bytes(m.msg_name, i64::from(m.msg_namelen.min(name_room)))
-            } else {
-                &[]
-            };
-            let control = if ok {
-                bytes(m.msg_control, m.msg_controllen.min(control_room) as i64)
-            } else {
-                &[]
-            };
-            (parts, addr, control, m.msg_flags)
-        };
-        record::emit(&Event::Recv {
-            call: RecvCall::RecvMsg,
-            fd,
-            ret: r,
-            data: Bytes::Scattered {
-                parts,
-                len: r.max(0) as usize,
-            },
-            addr,
-            flags: mflags,
-            control,
-        })
-    } else {
-        false
-    };
+            Event::Recv {
+                call: RecvCall::RecvMsg,
+                fd,
+                ret: r,
+                data: Bytes::Scattered {
+                    parts,
+                    len: r.max(0) as usize,
+                },
+                addr,
+                flags: mflags,
+                control,
+            }
+        });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { recvmsg(fd, msg, flags) };
@@ -364,14 +361,27 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     ret
 }
 
-/// True if the accept must be made again (see [`record::emit`]); the
+/// Records an accept (the peer address it filled in, `room` bytes at
+/// most); true if it must be made again (see [`record::emit`]): the
 /// connection it got is closed then.
-fn record_accept(call: AcceptCall, fd: c_int, ret: c_int, addr: &[u8]) -> bool {
-    let again = record::emit(&Event::Accept {
+fn record_accept(
+    call: AcceptCall,
+    fd: c_int,
+    ret: c_int,
+    addr: *const sockaddr,
+    len: *const socklen_t,
+    room: socklen_t,
+) -> bool {
+    let again = logged(|| Event::Accept {
         call,
         fd,
         ret: outcome(i64::from(ret)),
-        addr,
+        addr: if ret >= 0 {
+            // SAFETY: the call filled the address it was given.
+            unsafe { address(addr, len, room) }
+        } else {
+            &[]
+        },
     });
     if again && ret >= 0 {
         // SAFETY: the descriptor the real call just made, not yet seen by
@@ -396,18 +406,7 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::accept()(fd, addr, len) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        let a = if ret >= 0 {
-            // SAFETY: the call filled the address it was given.
-            unsafe { address(addr, len, room) }
-        } else {
-            &[]
-        };
-        record_accept(AcceptCall::Accept, fd, ret, a)
-    } else {
-        false
-    };
+    let again = record_accept(AcceptCall::Accept, fd, ret, addr, len, room);
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { accept(fd, addr, len) };
@@ -435,18 +434,7 @@ pub unsafe extern "C" fn accept4(
     };
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::accept4()(fd, addr, len, flags) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        let a = if ret >= 0 {
-            // SAFETY: the call filled the address it was given.
-            unsafe { address(addr, len, room) }
-        } else {
-            &[]
-        };
-        record_accept(AcceptCall::Accept4, fd, ret, a)
-    } else {
-        false
-    };
+    let again = record_accept(AcceptCall::Accept4, fd, ret, addr, len, room);
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { accept4(fd, addr, len, flags) };
@@ -653,11 +641,7 @@ fn record_select(
     e: *const libc::fd_set,
     ret: c_int,
 ) -> bool {
-    let Some(_inside) = thread::enter() else {
-        return false;
-    };
-    let _e = SavedErrno::save();
-    record::emit(&Event::Select {
+    logged(|| Event::Select {
         call,
         ret: outcome(i64::from(ret)),
         readfds: fd_set_bytes(r, nfds),
@@ -895,23 +879,20 @@ pub unsafe extern "C" fn clock_gettime(clock: clockid_t, tp: *mut timespec) -> c
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::clock_gettime()(clock, tp) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
+    let again = logged(|| {
         let (sec, nsec) = if ret == 0 && !tp.is_null() {
             // SAFETY: the call filled `tp`.
             unsafe { ((*tp).tv_sec, (*tp).tv_nsec as u32) }
         } else {
             (0, 0)
         };
-        record::emit(&Event::ClockGettime {
+        Event::ClockGettime {
             clock,
             ret: outcome(i64::from(ret)) as i32,
             sec,
             nsec,
-        })
-    } else {
-        false
-    };
+        }
+    });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { clock_gettime(clock, tp) };
@@ -939,22 +920,19 @@ pub unsafe extern "C" fn gettimeofday(tv: *mut timeval, tz: *mut c_void) -> c_in
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::gettimeofday()(tv, tz) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
+    let again = logged(|| {
         let (sec, usec) = if ret == 0 && !tv.is_null() {
             // SAFETY: the call filled `tv`.
             unsafe { ((*tv).tv_sec, (*tv).tv_usec as u32) }
         } else {
             (0, 0)
         };
-        record::emit(&Event::Gettimeofday {
+        Event::Gettimeofday {
             ret: outcome(i64::from(ret)) as i32,
             sec,
             usec,
-        })
-    } else {
-        false
-    };
+        }
+    });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { gettimeofday(tv, tz) };
@@ -979,12 +957,7 @@ pub unsafe extern "C" fn time(t: *mut time_t) -> time_t {
     }
     // SAFETY: the program's argument, passed on unchanged.
     let ret = unsafe { get::time()(t) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record::emit(&Event::Time { sec: ret })
-    } else {
-        false
-    };
+    let again = logged(|| Event::Time { sec: ret });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { time(t) };
@@ -1010,17 +983,14 @@ pub unsafe extern "C" fn getrandom(buf: *mut c_void, n: size_t, flags: c_uint) -
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::getrandom()(buf, n, flags) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
+    let again = logged(|| {
         let r = outcome(ret as i64);
-        record::emit(&Event::Getrandom {
+        Event::Getrandom {
             ret: r,
             // SAFETY: the call wrote `ret` bytes at `buf`.
             data: Bytes::Flat(unsafe { bytes(buf, r) }),
-        })
-    } else {
-        false
-    };
+        }
+    });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { getrandom(buf, n, flags) };
@@ -1046,18 +1016,15 @@ pub unsafe extern "C" fn getentropy(buf: *mut c_void, n: size_t) -> c_int {
     }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::getentropy()(buf, n) };
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
+    let again = logged(|| {
         let r = outcome(i64::from(ret));
         let filled = if r == 0 { n as i64 } else { 0 };
-        record::emit(&Event::Getrandom {
+        Event::Getrandom {
             ret: r,
             // SAFETY: on success the call filled all `n` bytes.
             data: Bytes::Flat(unsafe { bytes(buf, filled) }),
-        })
-    } else {
-        false
-    };
+        }
+    });
     if again {
         // SAFETY: as the program called it, to be served from the log.
         return unsafe { getentropy(buf, n) };
@@ -1196,20 +1163,15 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
 /// already, where the recording did: the call keeps its result and only
 /// takes its turn.
 fn record_mapping(call: MmapCall, name: &str, p: *mut c_void, len: size_t) {
-    let again = if let Some(_inside) = thread::enter() {
-        let _e = SavedErrno::save();
-        record::emit(&Event::Mmap {
-            call,
-            ret: if p == libc::MAP_FAILED {
-                outcome(-1)
-            } else {
-                p as i64
-            },
-            len: len as u64,
-        })
-    } else {
-        false
-    };
+    let again = logged(|| Event::Mmap {
+        call,
+        ret: if p == libc::MAP_FAILED {
+            outcome(-1)
+        } else {
+            p as i64
+        },
+        len: len as u64,
+    });
     if again
         && let Some(t) = replay::take(
             name,

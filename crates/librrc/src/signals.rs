@@ -172,11 +172,9 @@ fn run_program_handler(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
 
 /// Records that the program's handler for `sig` runs here, then runs it.
 fn record_and_run(sig: c_int, info: *mut siginfo_t, ctx: *mut c_void) {
-    if let Some(_inside) = thread::enter() {
-        // A copy restored for replay receiving a real signal: it is
-        // handled as it comes.
-        let _ = record::emit(&Event::Signal { signo: sig });
-    }
+    // A copy restored for replay receiving a real signal: it is handled as
+    // it comes.
+    let _ = crate::hooks::logged(|| Event::Signal { signo: sig });
     run_program_handler(sig, info, ctx);
 }
 

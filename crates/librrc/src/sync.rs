@@ -16,18 +16,14 @@
 use libc::{c_int, pthread_cond_t, pthread_mutex_t, pthread_rwlock_t, sem_t, timespec};
 use rrc_rr::log::{Event, SyncOp};
 
-use crate::hooks::{SavedErrno, outcome, served};
+use crate::hooks::{logged, outcome, served};
 use crate::real::get;
-use crate::{record, replay, thread};
+use crate::replay;
 
 /// Records the operation; true if the process turned out to be a copy
 /// restored for replay (see [`record::emit`]).
 fn note(op: SyncOp, obj: usize, ret: c_int) -> bool {
-    let Some(_inside) = thread::enter() else {
-        return false;
-    };
-    let _e = SavedErrno::save();
-    record::emit(&Event::Sync {
+    logged(|| Event::Sync {
         op,
         obj: obj as u64,
         ret,
