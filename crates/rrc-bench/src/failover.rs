@@ -60,6 +60,28 @@ impl App {
             App::Memcached => Service::Memcached,
         }
     }
+
+    /// Where clients on the lab's `client` host reach it: the service
+    /// address.
+    pub fn target(self, lab: &LabSession) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(lab.plan().vip().addr()), self.port())
+    }
+
+    /// Runs it as a container (named after it, at the service address, with
+    /// extra `rrc run` options) on the primary host, and waits until clients
+    /// reach it; where they do.
+    pub fn start(self, lab: &LabSession, options: &[&str]) -> Result<SocketAddr> {
+        lab.run_container_with(
+            Host::Primary,
+            self.name(),
+            lab.plan().vip(),
+            options,
+            self.command(),
+        )?;
+        let target = self.target(lab);
+        lab.wait_tcp(Host::Client, target, Duration::from_secs(10))?;
+        Ok(target)
+    }
 }
 
 /// How the pair is set up.
@@ -144,7 +166,7 @@ impl<'a> Pair<'a> {
     }
 
     pub fn target(&self) -> SocketAddr {
-        SocketAddr::new(IpAddr::V4(self.lab.plan().vip().addr()), self.app.port())
+        self.app.target(self.lab)
     }
 
     fn repl_addr(&self) -> Result<String> {

@@ -95,8 +95,7 @@ fn load_figures(r: &VerifyReport, took: Duration) -> Load {
 }
 
 pub fn measure(lab: &LabSession, app: App, connections: usize, load: Duration) -> Result<Load> {
-    let target =
-        std::net::SocketAddr::new(std::net::IpAddr::V4(lab.plan().vip().addr()), app.port());
+    let target = app.target(lab);
     lab.wait_tcp(Host::Client, target, Duration::from_secs(10))?;
     let r = lab.in_host(Host::Client, || {
         verify::run(app.service(), target, connections, || {}, load)

@@ -301,16 +301,7 @@ fn server_run(
     std::fs::create_dir_all(dir)?;
     let log = dir.join("log");
     let images = dir.join("images");
-    let vip = lab.plan().vip();
-    lab.run_container_with(
-        Host::Primary,
-        app.name(),
-        vip,
-        &["--record", &log.display().to_string()],
-        app.command(),
-    )?;
-    let target = std::net::SocketAddr::new(std::net::IpAddr::V4(vip.addr()), app.port());
-    lab.wait_tcp(Host::Client, target, Duration::from_secs(10))?;
+    let target = app.start(lab, &["--record", &log.display().to_string()])?;
     let rrc_s = rrc.display().to_string();
     let images_s = images.display().to_string();
     let checkpointed = std::sync::Mutex::new(None);

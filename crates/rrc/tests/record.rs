@@ -193,17 +193,8 @@ fn record_under_load(tag: &str, app: App) -> (Vec<(u32, u64, Owned)>, u64) {
     let lab = lab_session(tag);
     let work = scratch(tag);
     let dir = work.join("log");
-    let vip = lab.plan().vip();
-    lab.run_container_with(
-        Host::Primary,
-        app.name(),
-        vip,
-        &["--record", &dir.display().to_string()],
-        app.command(),
-    )
-    .unwrap();
-    let target = std::net::SocketAddr::new(std::net::IpAddr::V4(vip.addr()), app.port());
-    lab.wait_tcp(Host::Client, target, Duration::from_secs(10))
+    let target = app
+        .start(&lab, &["--record", &dir.display().to_string()])
         .unwrap();
     let r = lab
         .in_host(Host::Client, || {

@@ -202,17 +202,8 @@ fn replayed_from_a_random_checkpoint(tag: &str, app: App) {
     let log = work.join("log");
     let images = work.join("images");
     let capture = work.join("capture");
-    let vip = lab.plan().vip();
-    lab.run_container_with(
-        Host::Primary,
-        app.name(),
-        vip,
-        &["--record", &log.display().to_string()],
-        app.command(),
-    )
-    .unwrap();
-    let target = SocketAddr::new(std::net::IpAddr::V4(vip.addr()), app.port());
-    lab.wait_tcp(Host::Client, target, Duration::from_secs(10))
+    let target = app
+        .start(&lab, &["--record", &log.display().to_string()])
         .unwrap();
     let (load, state) = std::thread::scope(|s| {
         let load = s.spawn(|| {
