@@ -291,20 +291,12 @@ fn record_fixture(
 ) -> (std::path::PathBuf, String, String) {
     let bin = build(fixture, work);
     let dir = work.join(format!("{fixture}.log"));
-    let mut child = Command::new(RRC)
-        .args([
-            "run",
-            "--name",
-            &format!(
-                "rp{}n{}",
-                std::process::id(),
-                NEXT_NAME.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            ),
-            "--record",
-        ])
-        .arg(&dir)
-        .arg("--")
-        .arg(&bin)
+    let name = format!(
+        "rp{}n{}",
+        std::process::id(),
+        NEXT_NAME.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mut child = record_command(&name, &dir, &bin)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -384,16 +376,7 @@ fn signal_handlers_run_in_the_replay_where_they_ran_when_recorded() {
     let work = scratch("replay-signal");
     let bin = build("rr_signal", &work);
     let dir = work.join("log");
-    let mut child = Command::new(RRC)
-        .args([
-            "run",
-            "--name",
-            &format!("rs{}", std::process::id()),
-            "--record",
-        ])
-        .arg(&dir)
-        .arg("--")
-        .arg(&bin)
+    let mut child = record_command(&format!("rs{}", std::process::id()), &dir, &bin)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -499,19 +482,11 @@ fn a_program_that_execs_and_reads_too_much_at_once_is_never_held_up() {
 
 /// The bytes a capture file holds (records of fd, length, bytes), in order.
 fn captured(path: &Path) -> Vec<u8> {
-    let d = std::fs::read(path).unwrap();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i + 8 <= d.len() {
-        let n = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap());
-        i += 8;
-        // A connection's end carries no bytes.
-        if n != u32::MAX {
-            out.extend_from_slice(&d[i..i + n as usize]);
-            i += n as usize;
-        }
-    }
-    out
+    capture_records(path)
+        .into_iter()
+        .filter_map(|(_, bytes)| bytes)
+        .flatten()
+        .collect()
 }
 
 #[test]

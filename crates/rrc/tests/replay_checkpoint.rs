@@ -30,22 +30,13 @@ fn random_delay(lo: u64, hi: u64) -> Duration {
 /// in order (a connection ends at its close mark, after which its
 /// descriptor number may be another connection's).
 fn captured_streams(path: &Path) -> Vec<(u32, Vec<u8>)> {
-    let d = std::fs::read(path).unwrap();
     let mut done = Vec::new();
     let mut open = std::collections::BTreeMap::<u32, Vec<u8>>::new();
-    let mut i = 0;
-    while i + 8 <= d.len() {
-        let fd = u32::from_le_bytes(d[i..i + 4].try_into().unwrap());
-        let n = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap());
-        i += 8;
-        if n == u32::MAX {
-            done.extend(open.remove(&fd).map(|b| (fd, b)));
-            continue;
+    for (fd, bytes) in capture_records(path) {
+        match bytes {
+            Some(b) => open.entry(fd).or_default().extend_from_slice(&b),
+            None => done.extend(open.remove(&fd).map(|b| (fd, b))),
         }
-        open.entry(fd)
-            .or_default()
-            .extend_from_slice(&d[i..i + n as usize]);
-        i += n as usize;
     }
     done.extend(open);
     done
@@ -67,11 +58,7 @@ fn a_multithreaded_program_replayed_from_a_random_checkpoint_prints_what_it_prin
     let name = format!("rl{}", std::process::id());
     // Adders on one mutex, a producer and a consumer on a condition
     // variable; a line of time, random bytes and counters every 50 ms.
-    let original = Command::new(RRC)
-        .args(["run", "--name", &name, "--record"])
-        .arg(&log)
-        .arg("--")
-        .arg(&bin)
+    let original = record_command(&name, &log, &bin)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -338,11 +325,7 @@ fn replay_from_images_refuses_a_checkpoint_of_another_container() {
     let log = work.join("log");
     let name = format!("rw{}", std::process::id());
     // A recording, and a checkpoint of a container that was not recorded.
-    let out = Command::new(RRC)
-        .args(["run", "--name", &format!("{name}a"), "--record"])
-        .arg(&log)
-        .arg("--")
-        .arg(&bin)
+    let out = record_command(&format!("{name}a"), &log, &bin)
         .stdin(Stdio::null())
         .output()
         .unwrap();

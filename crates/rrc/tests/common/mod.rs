@@ -72,6 +72,38 @@ pub fn output(mut cmd: Command) -> Out {
     }
 }
 
+/// `rrc run --name NAME --record LOG -- BIN`: a container recording `bin`
+/// into `log` (its standard input and output left to the caller).
+pub fn record_command(name: &str, log: &Path, bin: &Path) -> Command {
+    let mut c = Command::new(RRC);
+    c.args(["run", "--name", name, "--record"])
+        .arg(log)
+        .arg("--")
+        .arg(bin);
+    c
+}
+
+/// The records of a replay's capture file (`rrc replay --capture`), in
+/// order: a descriptor and the bytes written to it, or `None` where a
+/// connection on it was closed.
+pub fn capture_records(path: &Path) -> Vec<(u32, Option<Vec<u8>>)> {
+    let d = fs::read(path).unwrap();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i + 8 <= d.len() {
+        let fd = u32::from_le_bytes(d[i..i + 4].try_into().unwrap());
+        let n = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap());
+        i += 8;
+        if n == u32::MAX {
+            out.push((fd, None));
+        } else {
+            out.push((fd, Some(d[i..i + n as usize].to_vec())));
+            i += n as usize;
+        }
+    }
+    out
+}
+
 pub fn rrc(args: &[&str]) -> Out {
     let mut c = Command::new(RRC);
     c.args(args);
