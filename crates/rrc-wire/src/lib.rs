@@ -12,6 +12,8 @@ pub mod frame;
 pub mod message;
 pub mod secure;
 pub mod stage;
+#[cfg(test)]
+mod test_dir;
 
 pub use error::{Result, WireError};
 pub use frame::{DEFAULT_MAX_PAYLOAD, Decoder, Encoder};

@@ -558,44 +558,19 @@ fn read_exact_until(tcp: &mut TcpStream, mut buf: &mut [u8], deadline: Instant) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TempDir;
     use std::fs;
-    use std::path::PathBuf;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "rrc-wire-key-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&p);
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-
-        fn file(&self, name: &str, content: &[u8], mode: u32) -> PathBuf {
-            let p = self.0.join(name);
-            fs::write(&p, content).unwrap();
-            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
-            p
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
+    /// A scratch directory for key files.
+    fn key_dir(tag: &str) -> TempDir {
+        TempDir::new("key", tag)
     }
 
     const HEX64: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191A1B1C1D1E1F";
 
     #[test]
     fn loads_hex_key_with_whitespace() {
-        let t = TempDir::new("ok");
+        let t = key_dir("ok");
         let p = t.file("k", format!("  \n{HEX64}\r\n\t").as_bytes(), 0o600);
         let k = Key::load(&p).unwrap();
         let expected: [u8; 32] = std::array::from_fn(|i| i as u8);
@@ -608,7 +583,7 @@ mod tests {
 
     #[test]
     fn missing_key_file() {
-        let t = TempDir::new("missing");
+        let t = key_dir("missing");
         let e = Key::load(&t.0.join("nope")).unwrap_err();
         assert!(matches!(e, WireError::KeyMissing { .. }), "{e:?}");
         assert!(e.to_string().contains("does not exist"));
@@ -616,7 +591,7 @@ mod tests {
 
     #[test]
     fn key_file_readable_by_others_is_refused() {
-        let t = TempDir::new("perm");
+        let t = key_dir("perm");
         for mode in [0o644, 0o640, 0o604, 0o660, 0o601, 0o610] {
             let p = t.file(&format!("k{mode:o}"), HEX64.as_bytes(), mode);
             let e = Key::load(&p).unwrap_err();
@@ -630,7 +605,7 @@ mod tests {
 
     #[test]
     fn key_file_wrong_length() {
-        let t = TempDir::new("len");
+        let t = key_dir("len");
         for content in [
             "",
             "abcd",
@@ -653,7 +628,7 @@ mod tests {
 
     #[test]
     fn key_file_not_hex() {
-        let t = TempDir::new("hex");
+        let t = key_dir("hex");
         let mut bad = HEX64.to_string();
         bad.replace_range(9..10, "g");
         let p = t.file("k", bad.as_bytes(), 0o600);
@@ -674,7 +649,7 @@ mod tests {
 
     #[test]
     fn key_path_that_is_a_directory() {
-        let t = TempDir::new("dir");
+        let t = key_dir("dir");
         let d = t.0.join("d");
         fs::create_dir(&d).unwrap();
         fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).unwrap();
@@ -683,7 +658,7 @@ mod tests {
 
     #[test]
     fn generate_writes_private_file_and_never_overwrites() {
-        let t = TempDir::new("gen");
+        let t = key_dir("gen");
         let p = t.0.join("key");
         let k = Key::generate(&p).unwrap();
         let meta = fs::metadata(&p).unwrap();

@@ -385,28 +385,11 @@ fn violation(reason: impl Into<String>) -> WireError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_dir::TempDir;
 
-    struct TempDir(PathBuf);
-
-    impl TempDir {
-        fn new(tag: &str) -> TempDir {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "rrc-wire-stage-{tag}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = fs::remove_dir_all(&p);
-            fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
+    /// A scratch directory to stage checkpoints in.
+    fn stage_dir(tag: &str) -> TempDir {
+        TempDir::new("stage", tag)
     }
 
     fn listing(dir: &Path) -> Vec<String> {
@@ -447,7 +430,7 @@ mod tests {
 
     /// A committed epoch 1 that every failure must leave untouched.
     fn with_previous(tag: &str) -> TempDir {
-        let t = TempDir::new(tag);
+        let t = stage_dir(tag);
         let prev = t.0.join("00000001");
         fs::create_dir(&prev).unwrap();
         fs::write(prev.join("pages.img"), b"old").unwrap();
@@ -493,7 +476,7 @@ mod tests {
 
     #[test]
     fn empty_delta_is_allowed() {
-        let t = TempDir::new("emptydelta");
+        let t = stage_dir("emptydelta");
         let mut s = Stage::new(&t.0);
         s.receive(&begin(5, 0, 0)).unwrap();
         s.receive(&end(5, 0, 0)).unwrap();
