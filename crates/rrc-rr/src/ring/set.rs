@@ -137,6 +137,18 @@ struct Geometry {
     total: usize,
 }
 
+/// The layout of `slots` rings of `capacity` bytes, if both are allowed.
+fn checked_geometry(slots: usize, capacity: u64) -> Result<Geometry, RingError> {
+    check_capacity(capacity)?;
+    if slots == 0 || slots > MAX_SLOTS {
+        return Err(RingError::NoSuchSlot {
+            index: slots,
+            count: MAX_SLOTS,
+        });
+    }
+    Ok(geometry(slots, capacity))
+}
+
 fn geometry(slots: usize, capacity: u64) -> Geometry {
     let stride = round_up(ring_region_len(capacity), PAGE);
     let rings_offset = round_up(DIR_HEADER_LEN + SLOT_LEN * slots, PAGE);
@@ -159,14 +171,7 @@ pub struct RingSet {
 impl RingSet {
     /// Creates a set of `slots` rings of `capacity` bytes each.
     pub fn create(slots: usize, capacity: u64) -> Result<Self, RingError> {
-        check_capacity(capacity)?;
-        if slots == 0 || slots > MAX_SLOTS {
-            return Err(RingError::NoSuchSlot {
-                index: slots,
-                count: MAX_SLOTS,
-            });
-        }
-        let g = geometry(slots, capacity);
+        let g = checked_geometry(slots, capacity)?;
         let shm = SharedMemory::create("rrc-ring-set", g.total)?;
         let set = RingSet {
             shm,
@@ -231,16 +236,9 @@ impl RingSet {
         }
         let slots = h.slot_count.load(Ordering::Relaxed) as usize;
         let capacity = h.ring_capacity.load(Ordering::Relaxed);
-        check_capacity(capacity)?;
-        if slots == 0 || slots > MAX_SLOTS {
-            return Err(RingError::NoSuchSlot {
-                index: slots,
-                count: MAX_SLOTS,
-            });
-        }
         // Recompute the geometry rather than trusting stored offsets; the
         // stored ones must agree.
-        let g = geometry(slots, capacity);
+        let g = checked_geometry(slots, capacity)?;
         if h.ring_stride.load(Ordering::Relaxed) != g.stride as u64
             || h.rings_offset.load(Ordering::Relaxed) != g.rings_offset as u64
         {
