@@ -5,13 +5,19 @@
 //! - [`spec`]: what the user asked for, validated before anything is created.
 //! - [`probe`]: the kernel features a container needs, checked up front.
 //! - [`state`]: the per-host state directory (`rrc ps`, stale detection).
-//! - [`create`]: building the container, with rollback on any failure.
-//! - [`supervise`]: the rrc process's life beside the running container.
+//! - [`create`]: building the container, with rollback on any failure;
+//!   [`restore`]: rebuilding one from a checkpoint image.
+//! - [`launch`]: the one way to start a container (from a program or an
+//!   image, with a gate and companions, in the foreground or detached).
+//! - [`supervise`]: the rrc process's life beside the running container,
+//!   with its companions; [`epochs`]: its periodic checkpoints.
 //! - [`stop`]: stopping a container by name, from another process.
 
 pub mod control;
 pub mod create;
 pub mod daemon;
+pub mod epochs;
+pub mod launch;
 pub mod netstate;
 pub mod probe;
 pub mod proc;
@@ -81,6 +87,14 @@ pub enum Error {
     Checkpoint(#[from] rrc_ckpt::Error),
     #[error("container `{name}` did not stop within {secs} s")]
     StopTimeout { name: String, secs: u64 },
+    #[error("{} is not the image of a container (it holds a process tree: restore it with `rrc restore --images DIR`)", .0.display())]
+    NotAContainerImage(PathBuf),
+    /// What runs beside the container could not start.
+    #[error("{0}")]
+    Companion(crate::launch::CompanionError),
+    /// The background process of a detached launch failed; its words.
+    #[error("{0}")]
+    Background(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -68,6 +68,41 @@ pub struct RestoreSpec {
     pub netns: Option<crate::netstate::NetnsConfig>,
 }
 
+impl RestoreSpec {
+    /// How to restore the container checkpointed in `images` on this host:
+    /// under `name` (by default the checkpointed one), with the same
+    /// address and MAC, through `uplink` (by default the interface whose
+    /// subnet holds the address).
+    pub fn from_image(
+        images: &Path,
+        name: Option<ContainerName>,
+        uplink: Option<String>,
+    ) -> Result<RestoreSpec> {
+        let ann = ContainerAnnotation::read(images)?
+            .ok_or_else(|| Error::NotAContainerImage(images.to_path_buf()))?;
+        let name = name.unwrap_or_else(|| ann.name.clone());
+        let net = match &ann.net {
+            Some(n) => Some(
+                crate::spec::NetRequest {
+                    addr: n.addr.to_string(),
+                    mac: Some(n.mac),
+                    uplink,
+                    gateway: n.gateway,
+                }
+                .resolve_here(&name)?,
+            ),
+            None => None,
+        };
+        Ok(RestoreSpec {
+            images: images.to_path_buf(),
+            name,
+            argv: ann.argv,
+            net,
+            netns: ann.netns,
+        })
+    }
+}
+
 impl Container {
     /// Restores the container image of `spec.images` as a running
     /// container on this host.

@@ -84,6 +84,15 @@ pub struct NetRequest {
 }
 
 impl NetRequest {
+    /// Resolves the request against the interfaces of the host this
+    /// process runs on (see [`NetRequest::resolve`]).
+    pub fn resolve_here(&self, name: &ContainerName) -> Result<NetSpec> {
+        let host_addrs = rrc_net::netconf::ipv4_addresses()?;
+        self.resolve(name, &host_addrs, |i| {
+            nix::net::if_::if_nametoindex(i).is_ok()
+        })
+    }
+
     /// Resolves the request against this host's interfaces: picks the uplink
     /// whose subnet holds the address (or checks the one given), and takes
     /// the prefix from it when the user gave a bare address.

@@ -9,35 +9,18 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use rrc_ckpt::dump::{CheckpointOptions, CheckpointReport};
-use rrc_ckpt::incremental::{Incremental, IncrementalOptions};
 use rrc_ckpt::store::SeriesDir;
 
 use crate::control::{self, Request, Response};
 use crate::create::{Container, supervisor_signals};
+use crate::epochs::EpochCheckpointer;
 use crate::proc::catches_signal;
 use crate::restore::{ANNOTATION, ContainerAnnotation};
 use crate::{Result, nix_setup_err};
-
-/// A series of incremental checkpoints in progress.
-struct SeriesRun {
-    inc: Incremental,
-    dir: SeriesDir,
-    every: Duration,
-    left: Option<u64>,
-    until: Option<Instant>,
-    next_at: Instant,
-    /// Where each checkpoint is reported.
-    stream: std::os::unix::net::UnixStream,
-    taken: u64,
-    /// Checkpoints failed in a row.
-    failures: u32,
-}
-
-/// A series ends after this many checkpoints failed in a row.
-const MAX_FAILURES_IN_A_ROW: u32 = 10;
 
 /// How the container's program ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,32 +48,39 @@ impl ExitReport {
 
 /// Work that runs beside a container in its supervisor's loop (on the
 /// supervisor's thread, which is also the one that may trace the
-/// container's processes): replication, for one.
+/// container's processes): recording, replication, a series of
+/// checkpoints.
 pub trait Companion {
     /// When it next wants to run, if at a set time.
     fn next_wake(&self) -> Option<Instant>;
     /// A file descriptor that becomes readable when it wants to run.
     fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>>;
-    /// Runs it: its time came or its descriptor is readable.
+    /// Runs it: its time came or its descriptor is readable (or another
+    /// companion's was: it must check for itself).
     fn on_wake(&mut self, container: &mut Container);
     /// The container is about to be removed.
     fn on_stop(&mut self, container: &mut Container);
+    /// It takes the container's periodic checkpoints: no other series may
+    /// start beside it (two would track the same memory).
+    fn takes_checkpoints(&self) -> bool {
+        false
+    }
+    /// Its work is over: the supervisor drops it.
+    fn done(&self) -> bool {
+        false
+    }
 }
 
 impl Container {
     /// Runs until the container's first process ends, forwarding frames all
-    /// the while. SIGTERM, SIGINT or SIGHUP to rrc stop the container:
-    /// SIGTERM to its program, and after `grace` (or a second signal) SIGKILL
-    /// to everything in it. Returns after the cgroup and state are removed.
-    pub fn supervise(self, grace: Duration) -> Result<ExitReport> {
-        self.supervise_with(grace, None)
-    }
-
-    /// [`Container::supervise`], running `companion` beside the container.
-    pub fn supervise_with(
+    /// the while, with `companions` beside it. SIGTERM, SIGINT or SIGHUP to
+    /// rrc stop the container: SIGTERM to its program, and after `grace`
+    /// (or a second signal) SIGKILL to everything in it. Returns after the
+    /// cgroup and state are removed.
+    pub fn supervise(
         mut self,
         grace: Duration,
-        mut companion: Option<&mut dyn Companion>,
+        mut companions: Vec<Box<dyn Companion>>,
     ) -> Result<ExitReport> {
         let sfd = SignalFd::with_flags(
             &supervisor_signals(),
@@ -99,7 +89,6 @@ impl Container {
         .map_err(nix_setup_err("signalfd"))?;
         let mut kill_at: Option<Instant> = None;
         let mut checkpointed = false;
-        let mut series: Option<SeriesRun> = None;
         let report = loop {
             match waitpid(self.init, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => {}
@@ -123,14 +112,11 @@ impl Container {
                 }
                 Err(e) => return Err(nix_setup_err("wait for the container")(e)),
             }
-            let wake = [
-                kill_at,
-                series.as_ref().map(|s| s.next_at),
-                companion.as_ref().and_then(|c| c.next_wake()),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let wake = companions
+                .iter()
+                .filter_map(|c| c.next_wake())
+                .chain(kill_at)
+                .min();
             let timeout = match wake {
                 Some(t) => {
                     let left = t.saturating_duration_since(Instant::now());
@@ -140,82 +126,36 @@ impl Container {
                 }
                 None => PollTimeout::NONE,
             };
-            let companion_ready = {
+            let any_fd_ready = {
                 let mut fds = vec![
                     PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
                     PollFd::new(self.control.fd(), PollFlags::POLLIN),
                 ];
-                if let Some(fd) = companion.as_ref().and_then(|c| c.wake_fd()) {
-                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
-                }
+                fds.extend(
+                    companions
+                        .iter()
+                        .filter_map(|c| c.wake_fd())
+                        .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+                );
                 match poll(&mut fds, timeout) {
                     Ok(_) | Err(nix::Error::EINTR) => {}
                     Err(e) => return Err(nix_setup_err("poll")(e)),
                 }
-                fds.get(2)
-                    .and_then(|f| f.revents())
-                    .is_some_and(|r| !r.is_empty())
+                fds[2..]
+                    .iter()
+                    .any(|f| f.revents().is_some_and(|r| !r.is_empty()))
             };
-            if let Some(c) = companion.as_mut()
-                && (companion_ready || c.next_wake().is_some_and(|t| Instant::now() >= t))
-            {
-                c.on_wake(&mut self);
+            let now = Instant::now();
+            for c in companions.iter_mut() {
+                // A companion with a readable descriptor is not told which
+                // one woke the loop: each checks its own.
+                if any_fd_ready || c.next_wake().is_some_and(|t| now >= t) {
+                    c.on_wake(&mut self);
+                }
             }
+            companions.retain(|c| !c.done());
             if let Some((req, stream)) = self.control.accept() {
-                match req {
-                    Request::Series { .. } if series.is_some() => control::answer(
-                        stream,
-                        &Response::Failed(
-                            "a series of checkpoints of this container is already running".into(),
-                        ),
-                    ),
-                    Request::Series {
-                        dir,
-                        every_us,
-                        count,
-                        for_us,
-                        keep_deltas,
-                        copy,
-                    } => match self.start_series(&dir, keep_deltas, copy.into()) {
-                        Ok((inc, dir)) => {
-                            let every = Duration::from_micros(every_us.max(1000));
-                            series = Some(SeriesRun {
-                                inc,
-                                dir,
-                                every,
-                                left: count,
-                                until: for_us.map(|us| Instant::now() + Duration::from_micros(us)),
-                                next_at: Instant::now(),
-                                stream,
-                                taken: 0,
-                                failures: 0,
-                            });
-                        }
-                        Err(e) => control::answer(stream, &Response::Failed(e.to_string())),
-                    },
-                    req => {
-                        let resp = self.handle(req, &mut checkpointed);
-                        control::answer(stream, &resp);
-                    }
-                }
-            }
-            if series.as_ref().is_some_and(|s| Instant::now() >= s.next_at) {
-                let mut run = series.take().expect("due");
-                if let Some(done) = self.series_step(&mut run) {
-                    let error = done.err().map(|e| e.to_string());
-                    if let Err(e) = run.inc.finish() {
-                        tracing::warn!(error = %e, "ending a series of checkpoints");
-                    }
-                    control::send(
-                        &run.stream,
-                        &Response::SeriesDone {
-                            epochs: run.taken,
-                            error,
-                        },
-                    );
-                } else {
-                    series = Some(run);
-                }
+                self.serve_request(req, stream, &mut companions, &mut checkpointed);
             }
             while let Ok(Some(info)) = sfd.read_signal() {
                 let sig = info.ssi_signo as i32;
@@ -237,85 +177,74 @@ impl Container {
             }
         };
         tracing::info!(container = %self.record.name, "{}", report.description);
-        if let Some(c) = companion.as_mut() {
+        for c in companions.iter_mut() {
             c.on_stop(&mut self);
         }
         self.teardown()?;
         Ok(report)
     }
 
-    /// Sets up a series of incremental checkpoints of the container.
-    fn start_series(
+    /// Answers a request that came through the control socket.
+    fn serve_request(
         &mut self,
-        dir: &Path,
-        keep_deltas: bool,
-        copy: rrc_ckpt::incremental::CopyMode,
-    ) -> Result<(Incremental, SeriesDir)> {
-        rrc_ckpt::incremental::check_supported()?;
-        let annotations = self.annotations()?;
-        let dir = SeriesDir::create(dir, keep_deltas)?;
-        let inc = Incremental::new(IncrementalOptions {
-            root: self.init,
-            annotations,
-            copy,
-        });
-        Ok((inc, dir))
-    }
-
-    /// Takes the next checkpoint of a series, with the network held back
-    /// meanwhile; `Some` once the series is over (done, failed, or its asker
-    /// gone away).
-    fn series_step(
-        &mut self,
-        run: &mut SeriesRun,
-    ) -> Option<std::result::Result<(), crate::Error>> {
-        if let Some(net) = &self.net {
-            net.forwarder.set_paused(true);
-        }
-        let r = run.inc.checkpoint_into(&run.dir);
-        if let Some(net) = &self.net {
-            net.forwarder.set_paused(false);
-        }
-        let (report, applied) = match r {
-            Ok(x) => x,
-            Err(e) if run.taken == 0 => {
-                // Nothing to go on from: no series left behind either.
-                let _ = std::fs::remove_dir_all(run.dir.path());
-                return Some(Err(e.into()));
+        req: Request,
+        stream: UnixStream,
+        companions: &mut Vec<Box<dyn Companion>>,
+        checkpointed: &mut bool,
+    ) {
+        match req {
+            Request::Series { .. } if companions.iter().any(|c| c.takes_checkpoints()) => {
+                control::answer(
+                    stream,
+                    &Response::Failed(
+                        "this container is already being checkpointed periodically (a series, or replication)".into(),
+                    ),
+                )
             }
-            Err(e) => {
-                run.failures += 1;
-                tracing::warn!(container = %self.record.name, error = %e, "a checkpoint of the series failed");
-                if run.failures >= MAX_FAILURES_IN_A_ROW {
-                    return Some(Err(e.into()));
-                }
-                if !control::send(&run.stream, &Response::EpochFailed(e.to_string())) {
-                    return Some(Ok(()));
-                }
-                run.next_at = (run.next_at + run.every).max(Instant::now());
-                return None;
-            }
-        };
-        run.failures = 0;
-        run.taken += 1;
-        let line = control::EpochLine::of(&report, applied.as_ref());
-        if !control::send(&run.stream, &Response::Epoch(line)) {
-            tracing::info!(container = %self.record.name, "series asker gone; series ended");
-            return Some(Ok(()));
-        }
-        if let Some(left) = &mut run.left {
-            *left = left.saturating_sub(1);
-            if *left == 0 {
-                return Some(Ok(()));
+            Request::Series {
+                dir,
+                every_us,
+                count,
+                for_us,
+                keep_deltas,
+                copy,
+            } => match Series::start(self, &dir, keep_deltas, copy.into()) {
+                Ok(epochs) => companions.push(Box::new(Series {
+                    dir: epochs.1,
+                    epochs: Some(epochs.0),
+                    every: Duration::from_micros(every_us.max(1000)),
+                    left: count,
+                    until: for_us.map(|us| Instant::now() + Duration::from_micros(us)),
+                    next_at: Instant::now(),
+                    stream,
+                    taken: 0,
+                    failures: 0,
+                })),
+                Err(e) => control::answer(stream, &Response::Failed(e.to_string())),
+            },
+            Request::Checkpoint {
+                images,
+                leave_running,
+            } => {
+                let resp = match self.checkpoint(&images, leave_running) {
+                    Ok(r) => {
+                        *checkpointed |= !leave_running;
+                        Response::Checkpointed {
+                            processes: r.processes,
+                            threads: r.threads,
+                            memory_bytes: r.memory_bytes,
+                            image_bytes: r.image_bytes,
+                            stopped_us: r.frozen.as_micros() as u64,
+                            total_us: r.total.as_micros() as u64,
+                            sockets_us: r.sockets.as_micros() as u64,
+                            killed: !leave_running,
+                        }
+                    }
+                    Err(e) => Response::Failed(e.to_string()),
+                };
+                control::answer(stream, &resp);
             }
         }
-        let now = Instant::now();
-        if run.until.is_some_and(|u| now >= u) {
-            return Some(Ok(()));
-        }
-        // A late checkpoint does not make the next ones come sooner.
-        run.next_at = (run.next_at + run.every).max(now);
-        None
     }
 
     /// What a checkpoint of the container records besides the processes.
@@ -328,31 +257,6 @@ impl Container {
             serde_json::to_value(ann).expect("annotations serialize"),
         );
         Ok(annotations)
-    }
-
-    fn handle(&mut self, req: Request, checkpointed: &mut bool) -> Response {
-        match req {
-            Request::Checkpoint {
-                images,
-                leave_running,
-            } => match self.checkpoint(&images, leave_running) {
-                Ok(r) => {
-                    *checkpointed |= !leave_running;
-                    Response::Checkpointed {
-                        processes: r.processes,
-                        threads: r.threads,
-                        memory_bytes: r.memory_bytes,
-                        image_bytes: r.image_bytes,
-                        stopped_us: r.frozen.as_micros() as u64,
-                        total_us: r.total.as_micros() as u64,
-                        sockets_us: r.sockets.as_micros() as u64,
-                        killed: !leave_running,
-                    }
-                }
-                Err(e) => Response::Failed(e.to_string()),
-            },
-            Request::Series { .. } => Response::Failed("series are handled apart".into()),
-        }
     }
 
     /// Checkpoints the container into `images` with its network cut, so no
@@ -415,5 +319,132 @@ impl Container {
             claim.release()?;
         }
         Ok(())
+    }
+}
+
+/// A series of incremental checkpoints asked for through the control
+/// socket (`rrc checkpoint NAME --every`), reported on its stream.
+struct Series {
+    /// None once the series is over.
+    epochs: Option<EpochCheckpointer>,
+    dir: SeriesDir,
+    every: Duration,
+    left: Option<u64>,
+    until: Option<Instant>,
+    next_at: Instant,
+    /// Where each checkpoint is reported.
+    stream: UnixStream,
+    taken: u64,
+    /// Checkpoints failed in a row.
+    failures: u32,
+}
+
+/// A series ends after this many checkpoints failed in a row.
+const MAX_FAILURES_IN_A_ROW: u32 = 10;
+
+impl Series {
+    fn start(
+        c: &Container,
+        dir: &Path,
+        keep_deltas: bool,
+        copy: rrc_ckpt::incremental::CopyMode,
+    ) -> Result<(EpochCheckpointer, SeriesDir)> {
+        let epochs = EpochCheckpointer::start(c, copy)?;
+        let dir = SeriesDir::create(dir, keep_deltas)?;
+        Ok((epochs, dir))
+    }
+
+    /// Takes the next checkpoint; `Some` once the series is over (done,
+    /// failed, or its asker gone away).
+    fn step(&mut self, c: &Container) -> Option<std::result::Result<(), crate::Error>> {
+        let epochs = self.epochs.as_mut()?;
+        let (report, applied) = match epochs.take_into(c, &self.dir) {
+            Ok(x) => x,
+            Err(e) if self.taken == 0 => {
+                // Nothing to go on from: no series left behind either.
+                let _ = std::fs::remove_dir_all(self.dir.path());
+                return Some(Err(e.into()));
+            }
+            Err(e) => {
+                self.failures += 1;
+                tracing::warn!(container = %c.record.name, error = %e, "a checkpoint of the series failed");
+                if self.failures >= MAX_FAILURES_IN_A_ROW {
+                    return Some(Err(e.into()));
+                }
+                if !control::send(&self.stream, &Response::EpochFailed(e.to_string())) {
+                    return Some(Ok(()));
+                }
+                self.next_at = (self.next_at + self.every).max(Instant::now());
+                return None;
+            }
+        };
+        self.failures = 0;
+        self.taken += 1;
+        let line = control::EpochLine::of(&report, applied.as_ref());
+        if !control::send(&self.stream, &Response::Epoch(line)) {
+            tracing::info!(container = %c.record.name, "series asker gone; series ended");
+            return Some(Ok(()));
+        }
+        if let Some(left) = &mut self.left {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                return Some(Ok(()));
+            }
+        }
+        let now = Instant::now();
+        if self.until.is_some_and(|u| now >= u) {
+            return Some(Ok(()));
+        }
+        // A late checkpoint does not make the next ones come sooner.
+        self.next_at = (self.next_at + self.every).max(now);
+        None
+    }
+
+    /// Ends the series and tells the asker how.
+    fn end(&mut self, error: Option<String>) {
+        let Some(epochs) = self.epochs.take() else {
+            return;
+        };
+        if let Err(e) = epochs.finish() {
+            tracing::warn!(error = %e, "ending a series of checkpoints");
+        }
+        control::send(
+            &self.stream,
+            &Response::SeriesDone {
+                epochs: self.taken,
+                error,
+            },
+        );
+    }
+}
+
+impl Companion for Series {
+    fn next_wake(&self) -> Option<Instant> {
+        self.epochs.as_ref().map(|_| self.next_at)
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
+    fn on_wake(&mut self, c: &mut Container) {
+        if Instant::now() < self.next_at {
+            return;
+        }
+        if let Some(done) = self.step(c) {
+            self.end(done.err().map(|e| e.to_string()));
+        }
+    }
+
+    fn on_stop(&mut self, _c: &mut Container) {
+        self.end(Some("the container stopped".into()));
+    }
+
+    fn takes_checkpoints(&self) -> bool {
+        true
+    }
+
+    fn done(&self) -> bool {
+        self.epochs.is_none()
     }
 }

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rrc_ckpt::incremental::{CopyMode, Incremental, IncrementalOptions};
+use rrc_ckpt::incremental::CopyMode;
 use rrc_container::create::Container;
+use rrc_container::epochs::{EpochCheckpointer, EpochHooks};
 use rrc_container::supervise::Companion;
 
 use crate::gate::CommitGate;
@@ -40,7 +41,7 @@ pub struct Primary {
     link: Link,
     opts: PrimaryOptions,
     next_at: Instant,
-    inc: Option<Incremental>,
+    epochs: Option<EpochCheckpointer>,
     connected: bool,
     /// The checkpoint on its way to the backup.
     in_flight: Option<u64>,
@@ -61,7 +62,7 @@ impl Primary {
             link,
             next_at: Instant::now() + opts.epoch,
             opts,
-            inc: None,
+            epochs: None,
             connected: false,
             in_flight: None,
             committed_in_series: 0,
@@ -77,8 +78,8 @@ impl Primary {
 
     /// Ends the current series (its snapshots reaped, tracking stopped).
     fn end_series(&mut self) {
-        if let Some(inc) = self.inc.take()
-            && let Err(e) = inc.finish()
+        if let Some(epochs) = self.epochs.take()
+            && let Err(e) = epochs.finish()
         {
             tracing::warn!(error = %e, "ending a series of checkpoints");
         }
@@ -132,34 +133,25 @@ impl Primary {
 
     /// Takes the next checkpoint and hands it to the link.
     fn take(&mut self, c: &mut Container) {
-        if self.inc.is_none() {
-            let annotations = match c.annotations() {
-                Ok(a) => a,
+        if self.epochs.is_none() {
+            match EpochCheckpointer::start(c, self.opts.copy) {
+                Ok(e) => self.epochs = Some(e),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot describe the container for a checkpoint");
+                    tracing::warn!(error = %e, "cannot start checkpointing the container");
                     return;
                 }
-            };
-            self.inc = Some(Incremental::new(IncrementalOptions {
-                root: c.init_pid(),
-                annotations,
-                copy: self.opts.copy,
-            }));
+            }
         }
         let dir = self.opts.work_dir.join(format!("{:08}", self.taken));
         self.taken += 1;
         let _ = std::fs::remove_dir_all(&dir);
-        let inc = self.inc.as_mut().expect("set above");
-        // No frame crosses the gate while the checkpoint is taken: the
-        // mark is exactly the frames produced before it.
-        c.pause_network(true);
-        let boundary = self.gate.mark();
-        let r = inc.checkpoint(&dir);
-        if r.as_ref().is_ok_and(|r| r.lineage.epoch == 0) {
-            // From the first checkpoint of a series on, frames wait.
-            self.gate.hold();
-        }
-        c.pause_network(false);
+        let epochs = self.epochs.as_mut().expect("set above");
+        let mut marks = Marks {
+            gate: &self.gate,
+            boundary: 0,
+        };
+        let r = epochs.take(c, &dir, &mut marks);
+        let boundary = marks.boundary;
         match r {
             Ok(r) => {
                 let pause = r.checkpoint.frozen;
@@ -180,6 +172,26 @@ impl Primary {
                 tracing::warn!(error = %e, "a checkpoint failed; the next one saves everything");
                 let _ = std::fs::remove_dir_all(&dir);
             }
+        }
+    }
+}
+
+/// The gate's side of a checkpoint: with no frame crossing the gate, the
+/// mark is exactly the frames produced before it; from the first
+/// checkpoint of a series on, frames wait for commits.
+struct Marks<'a> {
+    gate: &'a CommitGate,
+    boundary: u64,
+}
+
+impl EpochHooks for Marks<'_> {
+    fn paused(&mut self) {
+        self.boundary = self.gate.mark();
+    }
+
+    fn after(&mut self, taken: Option<&rrc_ckpt::incremental::EpochReport>) {
+        if taken.is_some_and(|r| r.lineage.epoch == 0) {
+            self.gate.hold();
         }
     }
 }
@@ -219,6 +231,10 @@ impl Companion for Primary {
                 "replication"
             );
         }
+    }
+
+    fn takes_checkpoints(&self) -> bool {
+        true
     }
 
     fn on_stop(&mut self, _c: &mut Container) {

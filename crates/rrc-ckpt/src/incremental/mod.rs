@@ -109,6 +109,11 @@ impl Incremental {
         }
     }
 
+    /// The number the next checkpoint of the series will get.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
     /// The last checkpoint written, if any.
     pub fn last(&self) -> Option<&Lineage> {
         self.last.as_ref()

@@ -4,7 +4,6 @@
 mod bench;
 mod checkpoint;
 mod demo;
-mod detach;
 mod lab;
 mod ps;
 mod record;
@@ -82,6 +81,18 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Backup(a) => replica::backup(a),
         Command::Keygen(a) => replica::keygen(a),
         Command::Demo(a) => demo::demo(a),
+    }
+}
+
+/// The exit code of a command that launched a container: 0 once a
+/// detached one runs (its words printed), the program's own otherwise.
+pub fn exit_code(l: rrc_container::launch::Launched) -> i32 {
+    match l {
+        rrc_container::launch::Launched::Detached(msg) => {
+            println!("{msg}");
+            0
+        }
+        rrc_container::launch::Launched::Ended(r) => r.code,
     }
 }
 

@@ -13,7 +13,7 @@ use rrc_rr::agent::{RecordStats, Recorder};
 use rrc_rr::log::{LogReader, thread_log_ids};
 use rrc_rr::ring::RingSet;
 
-use super::detach::MakeCompanion;
+use rrc_container::launch::MakeCompanion;
 
 /// What a recording notes for its replay, beside the thread logs.
 const RECORDING_FILE: &str = "recording";
@@ -161,7 +161,11 @@ impl Recording {
 
     /// Drains the rings beside the container once it runs.
     pub fn companion(self) -> MakeCompanion<'static> {
-        Box::new(move |_c: &Container| -> Result<Box<dyn Companion>> {
+        Box::new(move |_c: &Container| self.start().map_err(|e| format!("{e:#}").into()))
+    }
+
+    fn start(self) -> Result<Box<dyn Companion>> {
+        {
             // A replay gives the program the same descriptor numbers: it
             // must know which one the rings had.
             std::fs::create_dir_all(&self.dir)
@@ -188,7 +192,7 @@ impl Recording {
                 recorder: Some(recorder),
                 dir: self.dir,
             }))
-        })
+        }
     }
 }
 

@@ -166,7 +166,11 @@ fn from_checkpoint(a: &ReplayArgs, images: &Path, ids: &[u32], ring_fd: i32) -> 
         ids.len(),
         plan.interrupted
     );
-    super::restore::run_restored_container(&copy.dir, a.name.clone(), a.uplink.clone())
+    let name = a.name.as_deref().map(str::parse).transpose()?;
+    let spec = rrc_container::restore::RestoreSpec::from_image(&copy.dir, name, a.uplink.clone())?;
+    let launched =
+        rrc_container::launch::Launch::new(rrc_container::launch::Source::Image(spec)).run()?;
+    Ok(super::exit_code(launched))
 }
 
 /// A working copy of an image directory (files hard-linked where the

@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
+use rrc_container::launch::{Launch, Launched, MakeCompanion, Source};
+use rrc_container::restore::RestoreSpec;
 use rrc_container::supervise::Companion;
 use rrc_replica::backup::{self, BackupOptions};
 use rrc_replica::gate::CommitGate;
@@ -173,16 +175,19 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         copy: CopyChoice::from(a.copy).into(),
     };
     let companion_gate = gate.clone();
-    let companion = Box::new(
-        move |c: &rrc_container::create::Container| -> Result<Box<dyn Companion>> {
-            let net = c.net().context("the container has no network")?;
-            companion_gate.attach(net.uplink.clone());
-            let p = Primary::start(companion_gate, opts).context("starting replication")?;
-            Ok(Box::new(p))
-        },
-    );
-    super::run::start(&a.container, Some(gate), Some(companion), Vec::new())
-        .map(super::detach::Supervised::exit_code)
+    let companion: MakeCompanion<'static> = Box::new(move |c| {
+        let net = c.net().ok_or("the container has no network")?;
+        companion_gate.attach(net.uplink.clone());
+        let p = Primary::start(companion_gate, opts)
+            .map_err(|e| format!("starting replication: {e}"))?;
+        Ok(Box::new(p) as Box<dyn Companion>)
+    });
+    let launch = a
+        .container
+        .launch(Vec::new())?
+        .gate(gate)
+        .companion(companion);
+    Ok(super::exit_code(launch.run()?))
 }
 
 pub fn backup(a: BackupArgs) -> Result<i32> {
@@ -212,7 +217,16 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
     }
     let uplink = a.uplink.clone();
     let t = backup::serve(&opts, |image| {
-        super::restore::restore_container_from(image, uplink.clone()).map_err(|e| format!("{e:#}"))
+        let spec =
+            RestoreSpec::from_image(image, None, uplink.clone()).map_err(|e| e.to_string())?;
+        match Launch::new(Source::Image(spec)).detach(true).run() {
+            Ok(Launched::Detached(msg)) => Ok(msg),
+            Ok(Launched::Ended(r)) => Err(format!(
+                "the restored container ended at once ({})",
+                r.description
+            )),
+            Err(e) => Err(e.to_string()),
+        }
     })?;
     println!(
         "took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms, restore {:.0} ms",

@@ -1,20 +1,14 @@
 //! `rrc run`: start a program as a container.
 
 use std::ffi::OsString;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use nix::net::if_::if_nametoindex;
-use rrc_container::create::{Container, CreateOptions};
+use rrc_container::launch::{Launch, Source};
 use rrc_container::spec::{NetRequest, resolve_command};
-use rrc_container::state::Status;
-use rrc_container::{ContainerName, ContainerSpec, Error, HostState, probe};
+use rrc_container::{ContainerName, ContainerSpec};
 use rrc_net::MacAddr;
-use rrc_net::gate::PacketGate;
-
-use super::detach::{MakeCompanion, Supervised};
 
 /// Run a program in a new container.
 ///
@@ -85,83 +79,48 @@ impl ContainerArgs {
 }
 
 pub fn run(a: RunArgs) -> Result<i32> {
-    match &a.record {
+    let launch = match &a.record {
         Some(dir) => {
             let program =
                 resolve_command(&a.container.command[0], std::env::var_os("PATH").as_deref())?;
             let rec = super::record::Recording::prepare(dir, &program)?;
-            let env = rec.environment();
-            start(&a.container, None, Some(rec.companion()), env)
+            a.container
+                .launch(rec.environment())?
+                .companion(rec.companion())
         }
-        None => start(&a.container, None, None, Vec::new()),
-    }
-    .map(Supervised::exit_code)
+        None => a.container.launch(Vec::new())?,
+    };
+    Ok(super::exit_code(launch.run()?))
 }
 
-/// Creates the container `a` describes, with `gate` between it and the LAN
-/// and `companion` beside it, and supervises it (in the background with
-/// --detach).
-pub(super) fn start(
-    a: &ContainerArgs,
-    gate: Option<Arc<dyn PacketGate>>,
-    companion: Option<MakeCompanion<'_>>,
-    env: Vec<(OsString, OsString)>,
-) -> Result<Supervised> {
-    let name: ContainerName = a.name.parse()?;
-    let layout = probe::require_container_support(a.addr.is_some())?;
-    let program = resolve_command(&a.command[0], std::env::var_os("PATH").as_deref())?;
-    let net = match &a.addr {
-        Some(addr) => {
-            let req = NetRequest {
-                addr: addr.clone(),
-                mac: a.mac,
-                uplink: a.uplink.clone(),
-                gateway: a.gateway,
-            };
-            let host_addrs = rrc_net::netconf::ipv4_addresses()?;
-            Some(req.resolve(&name, &host_addrs, |i| if_nametoindex(i).is_ok())?)
-        }
-        None => None,
-    };
-    let host = HostState::current();
-    // Checked again, atomically, when the name is claimed; checking here
-    // too gives a detached run its error before it forks.
-    if let Some((rec, st)) = host.load(&name)?
-        && st != Status::Stale
-    {
-        return Err(Error::NameInUse {
-            name: name.to_string(),
-            pid: rec.supervisor.pid,
-        }
-        .into());
+impl ContainerArgs {
+    /// The launch of the container these arguments describe, with `env`
+    /// added to the program's environment.
+    pub(super) fn launch(&self, env: Vec<(OsString, OsString)>) -> Result<Launch<'static>> {
+        let name: ContainerName = self.name.parse()?;
+        let program = resolve_command(&self.command[0], std::env::var_os("PATH").as_deref())?;
+        let net = match &self.addr {
+            Some(addr) => Some(
+                NetRequest {
+                    addr: addr.clone(),
+                    mac: self.mac,
+                    uplink: self.uplink.clone(),
+                    gateway: self.gateway,
+                }
+                .resolve_here(&name)?,
+            ),
+            None => None,
+        };
+        let spec = ContainerSpec {
+            name,
+            argv: self.command.clone(),
+            program,
+            net,
+            env,
+        };
+        Ok(Launch::new(Source::Program(spec))
+            .detach(self.detach)
+            .stop_timeout(self.stop_timeout)
+            .spin(self.spin))
     }
-    let spec = ContainerSpec {
-        name: name.clone(),
-        argv: a.command.clone(),
-        program,
-        net,
-        env,
-    };
-
-    let opts_spin = a.spin;
-    super::detach::supervise_container(
-        &name,
-        &host.clone(),
-        a.detach,
-        a.stop_timeout,
-        "running",
-        |output| {
-            Container::create(
-                &spec,
-                &layout,
-                host,
-                CreateOptions {
-                    output,
-                    gate,
-                    spin: opts_spin,
-                },
-            )
-        },
-        companion,
-    )
 }
