@@ -1,5 +1,7 @@
 //! Frames as they cross rrc: a `virtio_net_hdr` followed by an Ethernet frame.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
+
 use crate::MacAddr;
 
 /// Size of `struct virtio_net_hdr`, the offload header that TAP devices with
@@ -59,6 +61,79 @@ impl<'a> Frame<'a> {
     }
 }
 
+/// What the replication's release rule needs to know of a TCP segment:
+/// its connection and where it sits in each direction's byte stream. Large
+/// offloaded segments (up to 64 KiB) are described whole: the offload
+/// header only says how the kernel will cut them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpFacts {
+    pub src: SocketAddrV4,
+    pub dst: SocketAddrV4,
+    pub seq: u32,
+    pub ack: u32,
+    /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub flags: u8,
+    /// Bytes of payload after the TCP header.
+    pub payload_len: u32,
+}
+
+impl TcpFacts {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+
+impl Frame<'_> {
+    /// The TCP facts of an IPv4 TCP frame (not a fragment); `None` for
+    /// anything else or anything too short to hold what it claims.
+    pub fn tcp(&self) -> Option<TcpFacts> {
+        if self.ethertype() != ETHERTYPE_IPV4 {
+            return None;
+        }
+        let ip = &self.ethernet()[ETH_HDR_LEN..];
+        let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+        if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl || ip[9] != IPPROTO_TCP {
+            return None;
+        }
+        // A later fragment has no TCP header; a first one is cut short.
+        let frag = u16::from_be_bytes([ip[6], ip[7]]);
+        if frag & 0x3fff != 0 {
+            return None;
+        }
+        // The IP length bounds the payload (Ethernet pads short frames);
+        // a segmentation-offloaded packet may carry 0 there when it is
+        // larger than IP can say, and then the frame's length counts.
+        let total = match usize::from(u16::from_be_bytes([ip[2], ip[3]])) {
+            0 => ip.len(),
+            n if n <= ip.len() => n,
+            _ => return None,
+        };
+        let tcp = &ip[ihl..total];
+        if tcp.len() < 20 {
+            return None;
+        }
+        let doff = usize::from(tcp[12] >> 4) * 4;
+        if doff < 20 || doff > tcp.len() {
+            return None;
+        }
+        let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+        let u32_at =
+            |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        Some(TcpFacts {
+            src: SocketAddrV4::new(addr(&ip[12..16]), u16::from_be_bytes([tcp[0], tcp[1]])),
+            dst: SocketAddrV4::new(addr(&ip[16..20]), u16::from_be_bytes([tcp[2], tcp[3]])),
+            seq: u32_at(tcp, 4),
+            ack: u32_at(tcp, 8),
+            flags: tcp[13],
+            payload_len: (tcp.len() - doff) as u32,
+        })
+    }
+}
+
 fn mac_at(eth: &[u8], at: usize) -> MacAddr {
     let mut m = [0u8; 6];
     m.copy_from_slice(&eth[at..at + 6]);
@@ -80,5 +155,60 @@ mod tests {
         assert_eq!(f.src(), MacAddr([2, 0, 0, 0, 0, 1]));
         assert_eq!(f.ethertype(), 0x0806);
         assert!(Frame::new(&b[..20]).is_none());
+    }
+
+    /// A TCP/IPv4 frame with `payload` bytes of data.
+    fn tcp_frame(payload: usize, ip_len_field: Option<u16>) -> Vec<u8> {
+        let mut b = vec![0u8; VNET_HDR_LEN];
+        b.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
+        let total = 20 + 32 + payload;
+        let mut ip = vec![
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        let len = ip_len_field.unwrap_or(total as u16);
+        ip[2..4].copy_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(&ip);
+        let mut tcp = vec![0u8; 32];
+        tcp[0..2].copy_from_slice(&6379u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+        tcp[8..12].copy_from_slice(&2000u32.to_be_bytes());
+        tcp[12] = 8 << 4;
+        tcp[13] = TcpFacts::ACK | 0x08;
+        b.extend_from_slice(&tcp);
+        b.extend(std::iter::repeat_n(7u8, payload));
+        b
+    }
+
+    #[test]
+    fn tcp_facts() {
+        let f = tcp_frame(100, None);
+        let t = Frame::new(&f).unwrap().tcp().unwrap();
+        assert_eq!(t.src, "10.0.0.1:6379".parse().unwrap());
+        assert_eq!(t.dst, "10.0.0.2:40000".parse().unwrap());
+        assert_eq!((t.seq, t.ack, t.payload_len), (1000, 2000, 100));
+        assert_eq!(t.flags & TcpFacts::ACK, TcpFacts::ACK);
+        // Ethernet padding after the IP packet is not payload.
+        let mut padded = tcp_frame(0, None);
+        padded.extend_from_slice(&[0; 6]);
+        assert_eq!(Frame::new(&padded).unwrap().tcp().unwrap().payload_len, 0);
+        // An offloaded segment too large for the IP length field.
+        let big = tcp_frame(70_000, Some(0));
+        assert_eq!(Frame::new(&big).unwrap().tcp().unwrap().payload_len, 70_000);
+        // A length beyond the frame, a bad data offset: not trusted.
+        assert!(
+            Frame::new(&tcp_frame(10, Some(500)))
+                .unwrap()
+                .tcp()
+                .is_none()
+        );
+        let mut bad = tcp_frame(10, None);
+        bad[VNET_HDR_LEN + 14 + 20 + 12] = 15 << 4;
+        assert!(Frame::new(&bad).unwrap().tcp().is_none());
+        for cut in 0..f.len() {
+            if let Some(fr) = Frame::new(&f[..cut]) {
+                let _ = fr.tcp();
+            }
+        }
     }
 }

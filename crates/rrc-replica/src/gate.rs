@@ -1,43 +1,131 @@
-//! The commit gate: the replication policy for frames. Inbound frames
-//! reach the container at once; every outbound frame (acknowledgements
-//! included) waits until the backup has committed a checkpoint taken after
-//! the frame was produced, so that nothing the outside world sees can be
-//! lost with the primary. Without a backup the gate lets everything through
-//! (the container is unprotected, and says so elsewhere).
+//! The replication gate: the release policy for the frames of a replicated
+//! container. Nothing the outside world sees may be lost with the primary,
+//! so every outbound frame (acknowledgements included) is held until the
+//! backup holds what produced it:
+//!
+//! - under [`Release::Commit`] (checkpoint-only mode), a checkpoint taken
+//!   after the frame, committed by the backup;
+//! - under [`Release::LogAck`], the log up to the frame's tag, acknowledged
+//!   by the backup (or a committed checkpoint that covers it).
+//!
+//! In responsive mode the gate also feeds the log ([`LogTap`]): every
+//! inbound TCP frame for the service address is logged before it is
+//! delivered (an outbound ACK may acknowledge client bytes the program has
+//! not read yet: the backup must hold them before that ACK leaves), and
+//! every outbound frame is tagged, as it leaves the TAP device, with the
+//! log position reached. Whatever the release rule, the gate notes when
+//! each frame *could* have left under the log-acknowledgement rule, to
+//! measure what the responsive mode costs a reply.
+//!
+//! Without a backup the gate lets everything through (the container is
+//! unprotected, and says so elsewhere). Frames leave in the order they
+//! came, whatever releases them.
 
 use std::collections::VecDeque;
 use std::io;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
+use hdrhistogram::Histogram;
 use rrc_net::frame::Frame;
 use rrc_net::gate::{FrameSink, GateCounters, PacketGate};
+
+use crate::position::LogPosition;
 
 /// Frames held at most (bytes); beyond it the oldest are dropped, as a full
 /// queue on a wire would, and TCP resends them.
 const MAX_HELD: usize = 256 << 20;
+
+/// When held frames leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Once a checkpoint taken after the frame is committed by the backup.
+    Commit,
+    /// Once the backup has acknowledged the log up to the frame's tag, or
+    /// a checkpoint covering it is committed.
+    LogAck,
+}
+
+/// The log's side of the gate, in responsive mode.
+pub trait LogTap: Send + Sync {
+    /// Appends an inbound frame for the service to the net log (it is
+    /// delivered right after); returns its number.
+    fn log_inbound(&self, frame: &[u8]) -> u64;
+    /// The log position an outbound frame leaving now depends on: the last
+    /// record number handed out and the last inbound frame logged.
+    fn reached(&self) -> LogPosition;
+    /// An outbound frame waits for the log: ship what there is now.
+    fn outbound_waiting(&self);
+}
+
+struct HeldFrame {
+    n: u64,
+    tag: LogPosition,
+    at: Instant,
+    /// It carries TCP payload (a reply, not a bare acknowledgement).
+    data: bool,
+    bytes: Vec<u8>,
+}
+
+/// Delays frames had, or would have had, under the log-acknowledgement
+/// rule: from leaving the TAP device to the acknowledgement that covers
+/// them, in microseconds.
+#[derive(Clone)]
+pub struct WouldBe {
+    pub frames: Histogram<u64>,
+    /// Frames with TCP payload only.
+    pub data_frames: Histogram<u64>,
+}
+
+impl Default for WouldBe {
+    fn default() -> Self {
+        let h = || Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+        WouldBe {
+            frames: h(),
+            data_frames: h(),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Held {
     holding: bool,
     /// Number the next outbound frame gets.
     next: u64,
-    queue: VecDeque<(u64, Vec<u8>)>,
+    queue: VecDeque<HeldFrame>,
     bytes: usize,
     dropped: u64,
+    /// Frames numbered below this have their would-be delay noted.
+    noted_to: u64,
+    /// The backup's last acknowledgement of the log.
+    acked: LogPosition,
+    would_be: WouldBe,
 }
 
-#[derive(Default)]
-pub struct CommitGate {
+pub struct ReplicationGate {
+    rule: Release,
     counters: GateCounters,
     held: Mutex<Held>,
     lan: OnceLock<Arc<dyn FrameSink>>,
     /// Serializes releases, so frames leave in the order they came.
     releasing: Mutex<()>,
+    /// Responsive mode: the log, and the address whose TCP frames it takes.
+    log: Option<(Arc<dyn LogTap>, Ipv4Addr)>,
 }
 
-impl CommitGate {
-    pub fn new() -> Arc<CommitGate> {
-        Arc::new(CommitGate::default())
+impl ReplicationGate {
+    /// A gate releasing by `rule`; with `log`, inbound TCP frames for the
+    /// service address are logged and outbound frames tagged.
+    pub fn new(rule: Release, log: Option<(Arc<dyn LogTap>, Ipv4Addr)>) -> Arc<ReplicationGate> {
+        Arc::new(ReplicationGate {
+            rule,
+            counters: GateCounters::default(),
+            held: Mutex::default(),
+            lan: OnceLock::new(),
+            releasing: Mutex::new(()),
+            log,
+        })
     }
 
     /// Where released frames go: the container's uplink.
@@ -65,26 +153,71 @@ impl CommitGate {
     /// (the backup is gone).
     pub fn open(&self) {
         self.lock().holding = false;
-        self.release_before(u64::MAX);
+        self.release(|_| true);
     }
 
-    /// Frames held now.
+    /// Frames and bytes held now.
     pub fn held(&self) -> (usize, usize) {
         let h = self.lock();
         (h.queue.len(), h.bytes)
     }
 
-    /// Sends every held frame numbered below `boundary` (the mark of a
-    /// checkpoint the backup has committed).
-    pub fn release_before(&self, boundary: u64) {
+    /// The delays noted so far under the log-acknowledgement rule.
+    pub fn would_be(&self) -> WouldBe {
+        self.lock().would_be.clone()
+    }
+
+    /// The backup committed a checkpoint whose mark was `mark`: every
+    /// frame numbered below it may leave.
+    pub fn committed(&self, mark: u64) {
+        self.release(|f| f.n < mark);
+    }
+
+    /// The backup holds the log up to `pos`.
+    pub fn log_acked(&self, pos: LogPosition) {
+        {
+            let mut h = self.lock();
+            h.acked = h.acked.max(pos);
+            let now = Instant::now();
+            let acked = h.acked;
+            let Held {
+                queue,
+                noted_to,
+                would_be,
+                ..
+            } = &mut *h;
+            let from = *noted_to;
+            for f in queue.iter().filter(|f| f.n >= from) {
+                if !acked.covers(&f.tag) {
+                    break;
+                }
+                note(would_be, f, now);
+                *noted_to = f.n + 1;
+            }
+        }
+        if self.rule == Release::LogAck {
+            self.release(|f| pos.covers(&f.tag));
+        }
+    }
+
+    /// Sends the held frames at the front of the queue that `may_go`
+    /// lets go, in order, stopping at the first it keeps.
+    fn release(&self, may_go: impl Fn(&HeldFrame) -> bool) {
         let _order = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
         let out: Vec<Vec<u8>> = {
             let mut h = self.lock();
+            let now = Instant::now();
             let mut out = Vec::new();
-            while h.queue.front().is_some_and(|(n, _)| *n < boundary) {
-                let (_, f) = h.queue.pop_front().expect("front exists");
-                h.bytes -= f.len();
-                out.push(f);
+            while h.queue.front().is_some_and(&may_go) {
+                let f = h.queue.pop_front().expect("front exists");
+                h.bytes -= f.bytes.len();
+                if f.n >= h.noted_to {
+                    // Released before the log's acknowledgement came: that
+                    // is when it would have left under that rule too.
+                    note(&mut h.would_be, &f, now);
+                    h.noted_to = f.n + 1;
+                }
+                out.push(f.bytes);
             }
             out
         };
@@ -99,14 +232,33 @@ impl CommitGate {
     }
 }
 
-impl PacketGate for CommitGate {
+fn note(w: &mut WouldBe, f: &HeldFrame, now: Instant) {
+    let us = now.saturating_duration_since(f.at).as_micros() as u64;
+    let us = us.clamp(1, 60_000_000);
+    let _ = w.frames.record(us);
+    if f.data {
+        let _ = w.data_frames.record(us);
+    }
+}
+
+impl PacketGate for ReplicationGate {
     fn inbound(&self, frame: Frame<'_>, container: &dyn FrameSink) -> io::Result<()> {
         self.counters.count_inbound(frame.len());
+        if let Some((log, service)) = &self.log
+            && frame.tcp().is_some_and(|t| t.dst.ip() == service)
+        {
+            // Logged before the container's kernel can acknowledge it.
+            log.log_inbound(frame.bytes());
+        }
         container.send_frame(frame.bytes())
     }
 
     fn outbound(&self, frame: Frame<'_>, lan: &dyn FrameSink) -> io::Result<()> {
         self.counters.count_outbound(frame.len());
+        let tag = match &self.log {
+            Some((log, _)) => log.reached(),
+            None => LogPosition::default(),
+        };
         let mut h = self.lock();
         if !h.holding {
             drop(h);
@@ -115,14 +267,25 @@ impl PacketGate for CommitGate {
         let n = h.next;
         h.next += 1;
         h.bytes += frame.len();
-        h.queue.push_back((n, frame.bytes().to_vec()));
+        h.queue.push_back(HeldFrame {
+            n,
+            tag,
+            at: Instant::now(),
+            data: frame.tcp().is_some_and(|t| t.payload_len > 0),
+            bytes: frame.bytes().to_vec(),
+        });
         while h.bytes > MAX_HELD {
-            let (_, f) = h.queue.pop_front().expect("over the limit means not empty");
-            h.bytes -= f.len();
+            let f = h.queue.pop_front().expect("over the limit means not empty");
+            h.bytes -= f.bytes.len();
+            h.noted_to = h.noted_to.max(f.n + 1);
             h.dropped += 1;
             if h.dropped.is_power_of_two() {
                 tracing::warn!(dropped = h.dropped, "held frames over the limit dropped");
             }
+        }
+        drop(h);
+        if let Some((log, _)) = &self.log {
+            log.outbound_waiting();
         }
         Ok(())
     }
@@ -132,9 +295,47 @@ impl PacketGate for CommitGate {
     }
 }
 
+/// Percentiles of a histogram of microseconds, for reports.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct DelaySummary {
+    pub count: u64,
+    pub avg_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+impl DelaySummary {
+    pub fn of(h: &Histogram<u64>) -> DelaySummary {
+        if h.is_empty() {
+            return DelaySummary::default();
+        }
+        DelaySummary {
+            count: h.len(),
+            avg_us: h.mean(),
+            p50_us: h.value_at_quantile(0.5) as f64,
+            p99_us: h.value_at_quantile(0.99) as f64,
+            max_us: h.max() as f64,
+        }
+    }
+}
+
+/// How long frames have waited in the gate: for the periodic report.
+pub fn describe(d: &DelaySummary) -> String {
+    let ms = |us: f64| us / 1e3;
+    format!(
+        "{} frames, avg {:.3} ms, p50 {:.3} ms, p99 {:.3} ms",
+        d.count,
+        ms(d.avg_us),
+        ms(d.p50_us),
+        ms(d.p99_us)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     #[derive(Default)]
     struct Wire(Mutex<Vec<Vec<u8>>>);
@@ -146,46 +347,166 @@ mod tests {
         }
     }
 
+    impl Wire {
+        fn tags(&self) -> Vec<u8> {
+            self.0.lock().unwrap().iter().map(|f| f[59]).collect()
+        }
+    }
+
     fn frame(tag: u8) -> Vec<u8> {
-        let mut f = vec![0u8; 60];
-        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-        f[12] = 0x08;
+        let mut f = vec![0u8; 70];
+        f[10..16].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[16..22].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[22] = 0x08;
         f[59] = tag;
         f
     }
 
     #[test]
-    fn holds_outbound_until_released_in_order() {
-        let gate = CommitGate::new();
+    fn holds_outbound_until_committed_in_order() {
+        let gate = ReplicationGate::new(Release::Commit, None);
         let wire = Arc::new(Wire::default());
         gate.attach(wire.clone());
         let direct = Wire::default();
         // Open: straight through.
         gate.outbound(Frame::new(&frame(1)).unwrap(), &direct)
             .unwrap();
-        assert_eq!(direct.0.lock().unwrap().len(), 1);
+        assert_eq!(direct.tags(), vec![1]);
         gate.hold();
         gate.outbound(Frame::new(&frame(2)).unwrap(), &direct)
             .unwrap();
         gate.outbound(Frame::new(&frame(3)).unwrap(), &direct)
             .unwrap();
-        let boundary = gate.mark();
+        let mark = gate.mark();
         gate.outbound(Frame::new(&frame(4)).unwrap(), &direct)
             .unwrap();
-        assert_eq!(direct.0.lock().unwrap().len(), 1);
-        assert!(wire.0.lock().unwrap().is_empty());
-        gate.release_before(boundary);
-        let sent: Vec<u8> = wire.0.lock().unwrap().iter().map(|f| f[59]).collect();
-        assert_eq!(sent, vec![2, 3]);
+        assert_eq!(direct.tags(), vec![1]);
+        assert!(wire.tags().is_empty());
+        gate.committed(mark);
+        assert_eq!(wire.tags(), vec![2, 3]);
         // Inbound is never held.
         let tap = Wire::default();
         gate.inbound(Frame::new(&frame(9)).unwrap(), &tap).unwrap();
-        assert_eq!(tap.0.lock().unwrap().len(), 1);
+        assert_eq!(tap.tags(), vec![9]);
         // Opening flushes the rest.
         gate.open();
-        let sent: Vec<u8> = wire.0.lock().unwrap().iter().map(|f| f[59]).collect();
-        assert_eq!(sent, vec![2, 3, 4]);
+        assert_eq!(wire.tags(), vec![2, 3, 4]);
         assert_eq!(gate.held(), (0, 0));
+        assert_eq!(gate.would_be().frames.len(), 3);
+    }
+
+    /// A log whose position the test moves.
+    #[derive(Default)]
+    struct FakeLog {
+        records: AtomicU64,
+        net: AtomicU64,
+        kicks: AtomicU64,
+    }
+
+    impl LogTap for FakeLog {
+        fn log_inbound(&self, _frame: &[u8]) -> u64 {
+            self.net.fetch_add(1, Ordering::SeqCst) + 1
+        }
+        fn reached(&self) -> LogPosition {
+            LogPosition {
+                records: self.records.load(Ordering::SeqCst),
+                net: self.net.load(Ordering::SeqCst),
+            }
+        }
+        fn outbound_waiting(&self) {
+            self.kicks.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A TCP frame to or from 10.0.0.100.
+    fn tcp(to_service: bool, tag: u8) -> Vec<u8> {
+        let mut f = frame(tag);
+        let ip = [
+            0x45, 0, 0, 46, 0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 100,
+        ];
+        f[24..44].copy_from_slice(&ip);
+        if !to_service {
+            f[36..40].copy_from_slice(&[10, 0, 0, 100]);
+            f[40..44].copy_from_slice(&[10, 0, 0, 1]);
+        }
+        f[44 + 12] = 5 << 4;
+        f[44 + 13] = 0x10;
+        f
+    }
+
+    #[test]
+    fn releases_at_log_acknowledgement_in_order_and_logs_inbound_first() {
+        let log = Arc::new(FakeLog::default());
+        let gate = ReplicationGate::new(
+            Release::LogAck,
+            Some((
+                log.clone() as Arc<dyn LogTap>,
+                "10.0.0.100".parse().unwrap(),
+            )),
+        );
+        let wire = Arc::new(Wire::default());
+        gate.attach(wire.clone());
+        gate.hold();
+        let tap = Wire::default();
+        // Inbound to the service is logged; anything else is not.
+        gate.inbound(Frame::new(&tcp(true, 1)).unwrap(), &tap)
+            .unwrap();
+        gate.inbound(Frame::new(&tcp(false, 2)).unwrap(), &tap)
+            .unwrap();
+        gate.inbound(Frame::new(&frame(3)).unwrap(), &tap).unwrap();
+        assert_eq!(log.net.load(Ordering::SeqCst), 1);
+        assert_eq!(tap.tags(), vec![1, 2, 3]);
+        log.records.store(10, Ordering::SeqCst);
+        gate.outbound(Frame::new(&tcp(false, 4)).unwrap(), &*wire)
+            .unwrap();
+        log.records.store(12, Ordering::SeqCst);
+        gate.outbound(Frame::new(&tcp(false, 5)).unwrap(), &*wire)
+            .unwrap();
+        assert_eq!(log.kicks.load(Ordering::SeqCst), 2);
+        assert!(wire.tags().is_empty());
+        // Records acknowledged, but not the inbound frame the first may
+        // acknowledge: nothing leaves.
+        gate.log_acked(LogPosition {
+            records: 12,
+            net: 0,
+        });
+        assert!(wire.tags().is_empty());
+        gate.log_acked(LogPosition {
+            records: 11,
+            net: 1,
+        });
+        assert_eq!(wire.tags(), vec![4]);
+        gate.log_acked(LogPosition {
+            records: 12,
+            net: 1,
+        });
+        assert_eq!(wire.tags(), vec![4, 5]);
+        assert_eq!(gate.would_be().frames.len(), 2);
+    }
+
+    #[test]
+    fn under_commit_release_notes_when_the_log_would_have_released() {
+        let log = Arc::new(FakeLog::default());
+        let gate = ReplicationGate::new(
+            Release::Commit,
+            Some((
+                log.clone() as Arc<dyn LogTap>,
+                "10.0.0.100".parse().unwrap(),
+            )),
+        );
+        let wire = Arc::new(Wire::default());
+        gate.attach(wire.clone());
+        gate.hold();
+        log.records.store(5, Ordering::SeqCst);
+        gate.outbound(Frame::new(&tcp(false, 1)).unwrap(), &*wire)
+            .unwrap();
+        let mark = gate.mark();
+        gate.log_acked(LogPosition { records: 5, net: 0 });
+        assert!(wire.tags().is_empty());
+        assert_eq!(gate.would_be().frames.len(), 1);
+        gate.committed(mark);
+        assert_eq!(wire.tags(), vec![1]);
+        // Noted once only.
+        assert_eq!(gate.would_be().frames.len(), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! Replication: a primary container checkpointed every epoch and streamed
 //! to a backup, which takes over when the primary fails.
 //!
-//! Mechanism and policy are kept apart: [`gate::CommitGate`] is the
+//! Mechanism and policy are kept apart: [`gate::ReplicationGate`] is the
 //! checkpoint-only release policy (an outbound frame leaves once the backup
 //! has committed a checkpoint taken after it); [`link`] moves checkpoints and
 //! heartbeats; [`primary::Primary`] runs beside the container in its
@@ -10,6 +10,7 @@
 pub mod backup;
 pub mod gate;
 pub mod link;
+pub mod position;
 pub mod primary;
 
 use std::path::{Path, PathBuf};

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rrc_wire::{Key, Message, Role, SecureStream, WireError};
 
-use crate::gate::CommitGate;
+use crate::gate::ReplicationGate;
 
 /// Bytes of a file sent in one message.
 const CHUNK: usize = 1 << 20;
@@ -72,7 +72,7 @@ pub struct Link {
 
 struct Side {
     cfg: LinkConfig,
-    gate: Arc<CommitGate>,
+    gate: Arc<ReplicationGate>,
     events: Sender<LinkEvent>,
     wake: UnixStream,
 }
@@ -89,7 +89,7 @@ fn lost(e: WireError) -> String {
 }
 
 impl Link {
-    pub fn start(cfg: LinkConfig, gate: Arc<CommitGate>) -> std::io::Result<Link> {
+    pub fn start(cfg: LinkConfig, gate: Arc<ReplicationGate>) -> std::io::Result<Link> {
         let (jobs_tx, jobs_rx) = mpsc::channel();
         let (ev_tx, ev_rx) = mpsc::channel();
         let (ours, theirs) = UnixStream::pair()?;
@@ -322,7 +322,7 @@ fn send_job(side: &Side, s: &mut SecureStream, job: &Job) -> Result<(), String> 
     loop {
         match s.recv().map_err(lost)? {
             Message::Committed { epoch } if epoch == job.epoch => {
-                side.gate.release_before(job.boundary);
+                side.gate.committed(job.boundary);
                 side.tell(LinkEvent::Committed {
                     epoch,
                     bytes: total,

@@ -15,7 +15,7 @@ use rrc_container::create::Container;
 use rrc_container::epochs::{EpochCheckpointer, EpochHooks};
 use rrc_container::supervise::Companion;
 
-use crate::gate::CommitGate;
+use crate::gate::ReplicationGate;
 use crate::link::{Job, Link, LinkConfig, LinkEvent};
 
 pub struct PrimaryOptions {
@@ -37,7 +37,7 @@ pub struct PrimaryStats {
 }
 
 pub struct Primary {
-    gate: Arc<CommitGate>,
+    gate: Arc<ReplicationGate>,
     link: Link,
     opts: PrimaryOptions,
     next_at: Instant,
@@ -54,7 +54,7 @@ pub struct Primary {
 
 impl Primary {
     /// Starts the link; the gate must be the container's.
-    pub fn start(gate: Arc<CommitGate>, opts: PrimaryOptions) -> std::io::Result<Primary> {
+    pub fn start(gate: Arc<ReplicationGate>, opts: PrimaryOptions) -> std::io::Result<Primary> {
         std::fs::create_dir_all(&opts.work_dir)?;
         let link = Link::start(opts.link.clone(), gate.clone())?;
         Ok(Primary {
@@ -180,7 +180,7 @@ impl Primary {
 /// mark is exactly the frames produced before it; from the first
 /// checkpoint of a series on, frames wait for commits.
 struct Marks<'a> {
-    gate: &'a CommitGate,
+    gate: &'a ReplicationGate,
     boundary: u64,
 }
 

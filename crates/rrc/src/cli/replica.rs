@@ -13,7 +13,7 @@ use rrc_container::launch::{Launch, Launched, MakeCompanion, Source};
 use rrc_container::restore::RestoreSpec;
 use rrc_container::supervise::Companion;
 use rrc_replica::backup::{self, BackupOptions};
-use rrc_replica::gate::CommitGate;
+use rrc_replica::gate::ReplicationGate;
 use rrc_replica::link::LinkConfig;
 use rrc_replica::primary::{Primary, PrimaryOptions};
 use rrc_wire::Key;
@@ -161,7 +161,7 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
     let backup = resolve(&a.backup)?;
     let key = load_key(&a.key)?;
     let host = HostState::current();
-    let gate = CommitGate::new();
+    let gate = ReplicationGate::new(rrc_replica::gate::Release::Commit, None);
     let opts = PrimaryOptions {
         epoch: a.epoch,
         work_dir: host.dir().join("replication").join(a.container.name()),
