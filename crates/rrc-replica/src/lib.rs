@@ -10,6 +10,8 @@
 pub mod backup;
 pub mod gate;
 pub mod link;
+pub mod log_store;
+pub mod netlog;
 pub mod position;
 pub mod primary;
 
