@@ -102,77 +102,118 @@ fn drain_until(
     log: &mut LogWriter,
     stop: &AtomicBool,
 ) -> Result<RecordStats, AgentError> {
-    let mut consumers: Vec<Option<Consumer<'_>>> = (0..set.slot_count()).map(|_| None).collect();
-    let mut stats = RecordStats::default();
-    let mut scratch = Vec::new();
-    let mut broken = vec![false; set.slot_count()];
+    let mut drain = RingDrain::new(set);
     loop {
         // Read the flag first: a pass that starts after it was set sees
         // everything the program ever pushed.
         let last = stop.load(Ordering::Acquire);
-        for (index, slot) in consumers.iter_mut().enumerate() {
-            if broken[index] {
-                continue;
-            }
-            let state = set.slot(index)?.state;
-            if !matches!(state, SlotState::Active | SlotState::Exited) {
-                continue;
-            }
-            if slot.is_none() {
-                *slot = Some(set.consumer(index)?);
-            }
-            let c = slot.as_mut().expect("set above");
-            loop {
-                match c.pop_into(&mut scratch) {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => {
-                        // A ring the program damaged: nothing more can be
-                        // read from it; the others go on.
-                        stats.problem(format!("ring {index}: {e}"));
-                        broken[index] = true;
-                        break;
-                    }
-                }
-                account(&mut stats, &scratch);
-                // A batch that does not check out is dropped, never a
-                // reason to stop draining: the program would block on a
-                // full ring.
-                if let Err(e) = log.append(&scratch) {
-                    stats.refused_batches += 1;
-                    stats.problem(e.to_string());
-                }
-            }
-            if state == SlotState::Exited && !broken[index] {
-                // Drained after its thread's last push: free for reuse.
-                *slot = None;
-                set.release_slot(index)?;
-            }
-        }
+        drain.pass(&mut |batch| log.append(batch).map(|_| ()))?;
         if last {
             log.sync()?;
-            return Ok(stats);
+            return Ok(drain.stats);
         }
         std::thread::sleep(PERIOD);
     }
 }
 
-fn account(stats: &mut RecordStats, batch: &[u8]) {
-    stats.batches += 1;
-    stats.bytes += batch.len() as u64;
-    let Ok(mut r) = BatchReader::new(batch) else {
-        // LogWriter::append reports it.
-        return;
-    };
-    let id = r.header().log_id;
-    while let Ok(Some(rec)) = r.next_record() {
-        stats.records += 1;
-        *stats.per_thread.entry(id).or_default() += 1;
-        *stats.per_kind.entry(kind(&rec.event)).or_default() += 1;
-        if matches!(rec.event, Event::ForkUnsupported) {
-            stats.forks_unrecorded += 1;
+/// Takes every batch the program's threads have pushed, ring by ring,
+/// checks it and hands it on; hands exited threads' slots back once their
+/// rings are empty. Used by the recorder (to files) and by replication (to
+/// the backup).
+pub struct RingDrain<'s> {
+    set: &'s RingSet,
+    consumers: Vec<Option<Consumer<'s>>>,
+    /// Rings the program damaged: nothing more can be read from them.
+    broken: Vec<bool>,
+    scratch: Vec<u8>,
+    /// What went through so far.
+    pub stats: RecordStats,
+}
+
+impl<'s> RingDrain<'s> {
+    pub fn new(set: &'s RingSet) -> RingDrain<'s> {
+        RingDrain {
+            set,
+            consumers: (0..set.slot_count()).map(|_| None).collect(),
+            broken: vec![false; set.slot_count()],
+            scratch: Vec::new(),
+            stats: RecordStats::default(),
         }
     }
+
+    /// One pass over every ring: each batch waiting is checked and given
+    /// to `sink`, in each ring's order. A batch that does not check out,
+    /// or that `sink` refuses, is dropped and counted, never a reason to
+    /// stop draining: the program would block on a full ring.
+    pub fn pass<E: std::fmt::Display>(
+        &mut self,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), AgentError> {
+        for index in 0..self.consumers.len() {
+            if self.broken[index] {
+                continue;
+            }
+            let state = self.set.slot(index)?.state;
+            if !matches!(state, SlotState::Active | SlotState::Exited) {
+                continue;
+            }
+            if self.consumers[index].is_none() {
+                self.consumers[index] = Some(self.set.consumer(index)?);
+            }
+            let c = self.consumers[index].as_mut().expect("set above");
+            loop {
+                match c.pop_into(&mut self.scratch) {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        // A ring the program damaged: the others go on.
+                        self.stats.problem(format!("ring {index}: {e}"));
+                        self.broken[index] = true;
+                        break;
+                    }
+                }
+                let refused = match account(&mut self.stats, &self.scratch) {
+                    Err(e) => Some(format!("ring {index}: a batch does not check out: {e}")),
+                    Ok(()) => sink(&self.scratch).err().map(|e| e.to_string()),
+                };
+                if let Some(why) = refused {
+                    self.stats.refused_batches += 1;
+                    self.stats.problem(why);
+                }
+            }
+            if state == SlotState::Exited && !self.broken[index] {
+                // Drained after its thread's last push: free for reuse.
+                self.consumers[index] = None;
+                self.set.release_slot(index)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a batch whole and, if it checks out, counts what it holds.
+fn account(stats: &mut RecordStats, batch: &[u8]) -> Result<(), crate::log::DecodeError> {
+    let mut r = BatchReader::new(batch)?;
+    let id = r.header().log_id;
+    let mut records = 0;
+    let mut forks = 0;
+    let mut kinds: Vec<&'static str> = Vec::new();
+    while let Some(rec) = r.next_record()? {
+        records += 1;
+        kinds.push(kind(&rec.event));
+        if matches!(rec.event, Event::ForkUnsupported) {
+            forks += 1;
+        }
+    }
+    stats.batches += 1;
+    stats.bytes += batch.len() as u64;
+    stats.records += records;
+    stats.forks_unrecorded += forks;
+    *stats.per_thread.entry(id).or_default() += records;
+    for k in kinds {
+        *stats.per_kind.entry(k).or_default() += 1;
+    }
+    Ok(())
 }
 
 /// A short name of an event's kind, for summaries.
