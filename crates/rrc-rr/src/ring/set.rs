@@ -328,6 +328,13 @@ impl RingSet {
         (prev & REPLAY_REQUESTED == 0).then_some(prev + 1)
     }
 
+    /// The last sequence number handed out so far (0: none), without
+    /// taking one: every record numbered up to it has been, or is being,
+    /// made.
+    pub fn last_seq(&self) -> u64 {
+        self.header().last_seq.load(Ordering::Acquire) & !REPLAY_REQUESTED
+    }
+
     /// Whether this is a copy marked for replay by [`request_replay`].
     pub fn replay_requested(&self) -> bool {
         self.header().last_seq.load(Ordering::Acquire) & REPLAY_REQUESTED != 0
