@@ -34,8 +34,11 @@ use crate::message::Message;
 
 pub const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 
-/// Bound into the handshake hash: peers speaking another revision of this
-/// protocol fail the handshake instead of misreading each other's frames.
+/// Bound into the handshake hash: peers speaking another revision of the
+/// handshake or of the transport below the frames fail the handshake instead
+/// of misreading each other. Frame protocol versions are not named here:
+/// every frame carries its version, and a mismatch there gets an error that
+/// says so, where a handshake failure would look like a wrong key.
 const PROLOGUE: &[u8] = b"rrc-wire/1";
 
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
