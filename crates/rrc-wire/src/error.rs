@@ -46,6 +46,11 @@ pub enum WireError {
     #[error("the stream already failed earlier and cannot be used any more")]
     Poisoned,
 
+    /// The other half of a split connection failed; the connection is over
+    /// for both halves.
+    #[error("the connection failed on its {half} side ({reason}) and cannot be used any more")]
+    OtherHalfFailed { half: &'static str, reason: String },
+
     #[error("the peer closed the connection")]
     Closed,
 
