@@ -168,7 +168,6 @@ fn hello(s: &mut SecureStream, opts: &BackupOptions) -> Result<String, String> {
     };
     s.send(&Message::Welcome {
         node: opts.node.clone(),
-        resume_from: None,
     })
     .map_err(|e| e.to_string())?;
     Ok(node)

@@ -212,7 +212,6 @@ fn connect(cfg: &LinkConfig) -> Result<SecureStream, String> {
     s.send(&Message::Hello {
         role: Role::Primary,
         node: cfg.node.clone(),
-        series: None,
     })
     .map_err(lost)?;
     s.set_read_timeout(Some(cfg.timeout)).map_err(lost)?;
@@ -331,7 +330,7 @@ fn send_job(side: &Side, s: &mut SecureStream, job: &Job) -> Result<(), String> 
                 return Ok(());
             }
             Message::HeartbeatAck { .. } => {}
-            Message::NeedFull { reason } | Message::Refused { reason, .. } => {
+            Message::NeedFull { reason } => {
                 side.tell(LinkEvent::NeedFull(reason));
                 return Ok(());
             }

@@ -108,7 +108,6 @@ fn a_delta_cut_off_mid_transfer_leaves_the_committed_checkpoint() {
     s.send(&Message::Hello {
         role: Role::Primary,
         node: "test-primary".into(),
-        series: None,
     })
     .unwrap();
     assert!(matches!(s.recv().unwrap(), Message::Welcome { .. }));
@@ -164,7 +163,6 @@ fn a_peer_without_the_key_is_refused_and_the_backup_goes_on() {
             let _ = s.send(&Message::Hello {
                 role: Role::Primary,
                 node: "intruder".into(),
-                series: None,
             });
             assert!(s.recv().is_err(), "a peer without the key was served");
         }
@@ -174,7 +172,6 @@ fn a_peer_without_the_key_is_refused_and_the_backup_goes_on() {
     s.send(&Message::Hello {
         role: Role::Primary,
         node: "primary".into(),
-        series: None,
     })
     .unwrap();
     assert!(matches!(s.recv().unwrap(), Message::Welcome { .. }));

@@ -14,7 +14,11 @@ pub enum WireError {
     #[error("bad frame magic {0:02x?} (expected \"RW\"): not an rrc replication stream")]
     BadMagic([u8; 2]),
 
-    #[error("unsupported wire protocol version {0} (this build speaks version 1)")]
+    #[error(
+        "the peer speaks wire protocol version {0}, this build speaks version {ours}: \
+         run the same rrc release on the primary and the backup",
+        ours = crate::frame::VERSION
+    )]
     UnsupportedVersion(u8),
 
     #[error("unknown message type {0}")]
@@ -41,6 +45,11 @@ pub enum WireError {
 
     #[error("the stream already failed earlier and cannot be used any more")]
     Poisoned,
+
+    /// The other half of a split connection failed; the connection is over
+    /// for both halves.
+    #[error("the connection failed on its {half} side ({reason}) and cannot be used any more")]
+    OtherHalfFailed { half: &'static str, reason: String },
 
     #[error("the peer closed the connection")]
     Closed,

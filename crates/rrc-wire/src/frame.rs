@@ -3,7 +3,7 @@
 //! ```text
 //! offset  size  field
 //!      0     2  magic "RW"
-//!      2     1  protocol version (1)
+//!      2     1  protocol version (2)
 //!      3     1  message type
 //!      4     4  payload length, u32 LE
 //!      8     8  sequence number, u64 LE
@@ -19,7 +19,10 @@ use crate::error::{Result, WireError};
 use crate::message::{Message, MessageType};
 
 pub const MAGIC: [u8; 2] = *b"RW";
-pub const VERSION: u8 = 1;
+/// The frame protocol version. Version 2 dropped messages nobody sent and
+/// added the event log's; a peer speaking another version is refused on the
+/// third byte of its first frame, with an error naming both versions.
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
 /// Default limit on a frame's payload: large enough for a generous file
@@ -335,7 +338,7 @@ mod tests {
     fn layout_is_as_documented() {
         let f = Encoder::new().encode(&hb(0x0102)).unwrap();
         assert_eq!(&f[0..2], b"RW");
-        assert_eq!(f[2], 1);
+        assert_eq!(f[2], 2);
         assert_eq!(f[3], MessageType::Heartbeat.as_u8());
         assert_eq!(u32::from_le_bytes(f[4..8].try_into().unwrap()), 8);
         assert_eq!(u64::from_le_bytes(f[8..16].try_into().unwrap()), 0);
@@ -364,7 +367,6 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "a".into(),
-                series: None,
             },
             hb(2),
         ];
@@ -397,23 +399,31 @@ mod tests {
     }
 
     #[test]
-    fn rejects_unknown_version() {
-        let mut f = frames(&[hb(1)]);
-        f[2] = 2;
-        fix_crc(&mut f);
-        assert!(matches!(
-            decode_all(&f),
-            Err(WireError::UnsupportedVersion(2))
-        ));
-        // Before the rest of the header arrives.
-        let mut d = Decoder::new();
-        d.feed(&f[..3]);
-        assert!(matches!(d.next(), Err(WireError::UnsupportedVersion(2))));
+    fn rejects_other_versions() {
+        for v in [0, 1, 3, 255] {
+            let mut f = frames(&[hb(1)]);
+            f[2] = v;
+            fix_crc(&mut f);
+            let e = decode_all(&f).unwrap_err();
+            assert!(
+                matches!(e, WireError::UnsupportedVersion(x) if x == v),
+                "{e:?}"
+            );
+            // Before the rest of the header arrives.
+            let mut d = Decoder::new();
+            d.feed(&f[..3]);
+            assert!(matches!(d.next(), Err(WireError::UnsupportedVersion(_))));
+        }
+        // The message says what to do about it.
+        let text = WireError::UnsupportedVersion(1).to_string();
+        assert!(text.contains("version 1"), "{text}");
+        assert!(text.contains("version 2"), "{text}");
     }
 
     #[test]
     fn rejects_unknown_type() {
-        for t in [0u8, 12, 200, 255] {
+        // 7 is Refused, retired in version 2.
+        for t in [0u8, 7, 16, 200, 255] {
             let f = raw_frame(t, 0, &[]);
             assert!(matches!(decode_all(&f), Err(WireError::UnknownType(x)) if x == t));
             let mut d = Decoder::new();
@@ -425,8 +435,7 @@ mod tests {
     #[test]
     fn rejects_oversized_length_from_header_alone() {
         let mut d = Decoder::with_max_payload(1024);
-        let mut header = Vec::new();
-        header.extend_from_slice(b"RW\x01\x04");
+        let mut header = vec![b'R', b'W', VERSION, 4];
         header.extend_from_slice(&1025u32.to_le_bytes());
         d.feed(&header);
         match d.next() {
@@ -439,7 +448,7 @@ mod tests {
         }
         // Default limit: a 4 GiB claim is refused without buffering.
         let mut d = Decoder::new();
-        let mut header = b"RW\x01\x04".to_vec();
+        let mut header = vec![b'R', b'W', VERSION, 4];
         header.extend_from_slice(&u32::MAX.to_le_bytes());
         d.feed(&header);
         assert!(matches!(d.next(), Err(WireError::TooLarge { .. })));

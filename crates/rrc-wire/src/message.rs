@@ -5,7 +5,8 @@
 //! allocates more than the bytes actually present: every length read from the
 //! wire is checked against what remains of the payload before anything is
 //! reserved for it. Integers are little endian. Strings carry a length prefix
-//! (u8 for names, u16 for free-text reasons) and must be UTF-8. Optional
+//! (u8 for names, u16 for free-text reasons) and must be UTF-8. Byte strings
+//! (chunk data, log data, network frames) carry a u32 length. Optional
 //! values are a tag byte, 0 for absent and 1 for present, followed by the value.
 //! There is exactly one encoding of each message, so a decoder that accepts a
 //! payload and an encoder that re-encodes the result agree byte for byte.
@@ -15,9 +16,15 @@ use crate::error::{Result, WireError};
 /// Longest node name, series name or file name, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
 
-/// Longest free-text reason (Refused, NeedFull, Bye), in bytes. Reasons end up
+/// Longest free-text reason (NeedFull, BackupError, Bye), in bytes. Reasons end up
 /// in logs on the other host, so they are bounded well below a frame.
 pub const MAX_REASON_LEN: usize = 4096;
+
+/// Longest inbound network frame a NetLog may carry, in bytes: a 64 KiB IP
+/// packet with the offload and link-layer headers in front of it, rounded
+/// up. Anything longer is not a frame the primary can have received, so the
+/// decoder refuses it rather than holding an arbitrarily long one.
+pub const MAX_NET_FRAME_LEN: usize = 65_600;
 
 /// Which end of the replication link a peer claims to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,26 +61,37 @@ pub enum MessageType {
     FileChunk = 4,
     DeltaEnd = 5,
     Committed = 6,
-    Refused = 7,
+    // 7 was Refused, which nothing ever sent; protocol version 2 removed it.
+    // The number is retired: the decoder rejects it as unknown, and it must
+    // never be given to another message, so that a number means the same
+    // message in every version and code written for one can never take
+    // another's payload for its own.
     Heartbeat = 8,
     HeartbeatAck = 9,
     NeedFull = 10,
     Bye = 11,
+    Log = 12,
+    NetLog = 13,
+    LogAck = 14,
+    BackupError = 15,
 }
 
 impl MessageType {
-    pub const ALL: [MessageType; 11] = [
+    pub const ALL: [MessageType; 14] = [
         MessageType::Hello,
         MessageType::Welcome,
         MessageType::DeltaBegin,
         MessageType::FileChunk,
         MessageType::DeltaEnd,
         MessageType::Committed,
-        MessageType::Refused,
         MessageType::Heartbeat,
         MessageType::HeartbeatAck,
         MessageType::NeedFull,
         MessageType::Bye,
+        MessageType::Log,
+        MessageType::NetLog,
+        MessageType::LogAck,
+        MessageType::BackupError,
     ];
 
     pub fn from_u8(b: u8) -> Option<MessageType> {
@@ -92,11 +110,14 @@ impl MessageType {
             MessageType::FileChunk => "FileChunk",
             MessageType::DeltaEnd => "DeltaEnd",
             MessageType::Committed => "Committed",
-            MessageType::Refused => "Refused",
             MessageType::Heartbeat => "Heartbeat",
             MessageType::HeartbeatAck => "HeartbeatAck",
             MessageType::NeedFull => "NeedFull",
             MessageType::Bye => "Bye",
+            MessageType::Log => "Log",
+            MessageType::NetLog => "NetLog",
+            MessageType::LogAck => "LogAck",
+            MessageType::BackupError => "BackupError",
         }
     }
 }
@@ -108,13 +129,10 @@ pub enum Message {
     Hello {
         role: Role,
         node: String,
-        series: Option<String>,
     },
-    /// The backup's answer to Hello: the last epoch it has committed for the
-    /// series, so the primary knows which parent the next delta may build on.
+    /// The backup's answer to Hello.
     Welcome {
         node: String,
-        resume_from: Option<u64>,
     },
     DeltaBegin {
         series: String,
@@ -138,10 +156,6 @@ pub enum Message {
     Committed {
         epoch: u64,
     },
-    Refused {
-        epoch: u64,
-        reason: String,
-    },
     Heartbeat {
         sent_unix_ns: u64,
     },
@@ -153,6 +167,29 @@ pub enum Message {
         reason: String,
     },
     Bye {
+        reason: String,
+    },
+    /// Primary to backup: record batches of the event log, concatenated.
+    /// Their format belongs to the log; here they are only bytes.
+    Log {
+        data: Vec<u8>,
+    },
+    /// Primary to backup: inbound network frames, numbered `first`,
+    /// `first + 1`, ... in order.
+    NetLog {
+        first: u64,
+        frames: Vec<Vec<u8>>,
+    },
+    /// Backup to primary: every log record numbered up to `records` and
+    /// every net-log frame numbered up to `net` is held by the backup.
+    LogAck {
+        records: u64,
+        net: u64,
+    },
+    /// Backup to primary: the backup could not store what it was sent, by
+    /// its own fault (a full disk, say). The primary must send a full
+    /// checkpoint or report itself unprotected.
+    BackupError {
         reason: String,
     },
 }
@@ -187,11 +224,14 @@ impl Message {
             Message::FileChunk { .. } => MessageType::FileChunk,
             Message::DeltaEnd { .. } => MessageType::DeltaEnd,
             Message::Committed { .. } => MessageType::Committed,
-            Message::Refused { .. } => MessageType::Refused,
             Message::Heartbeat { .. } => MessageType::Heartbeat,
             Message::HeartbeatAck { .. } => MessageType::HeartbeatAck,
             Message::NeedFull { .. } => MessageType::NeedFull,
             Message::Bye { .. } => MessageType::Bye,
+            Message::Log { .. } => MessageType::Log,
+            Message::NetLog { .. } => MessageType::NetLog,
+            Message::LogAck { .. } => MessageType::LogAck,
+            Message::BackupError { .. } => MessageType::BackupError,
         }
     }
 
@@ -206,21 +246,11 @@ impl Message {
             msg: self.message_type().name(),
         };
         match self {
-            Message::Hello { role, node, series } => {
+            Message::Hello { role, node } => {
                 w.u8(role.to_wire());
                 w.name("node", node)?;
-                match series {
-                    None => w.u8(0),
-                    Some(s) => {
-                        w.u8(1);
-                        w.name("series", s)?;
-                    }
-                }
             }
-            Message::Welcome { node, resume_from } => {
-                w.name("node", node)?;
-                w.opt_u64(*resume_from);
-            }
+            Message::Welcome { node } => w.name("node", node)?,
             Message::DeltaBegin {
                 series,
                 epoch,
@@ -249,10 +279,7 @@ impl Message {
                 w.u64(*epoch);
                 w.name("name", name)?;
                 w.u64(*offset);
-                let len = u32::try_from(data.len())
-                    .map_err(|_| WireError::invalid(w.msg, "chunk longer than 4 GiB"))?;
-                w.u32(len);
-                w.out.extend_from_slice(data);
+                w.bytes("chunk", data)?;
             }
             Message::DeltaEnd {
                 epoch,
@@ -264,13 +291,34 @@ impl Message {
                 w.u64(*total_bytes);
             }
             Message::Committed { epoch } => w.u64(*epoch),
-            Message::Refused { epoch, reason } => {
-                w.u64(*epoch);
-                w.reason(reason)?;
-            }
             Message::Heartbeat { sent_unix_ns } => w.u64(*sent_unix_ns),
             Message::HeartbeatAck { echo_unix_ns } => w.u64(*echo_unix_ns),
-            Message::NeedFull { reason } | Message::Bye { reason } => w.reason(reason)?,
+            Message::NeedFull { reason }
+            | Message::Bye { reason }
+            | Message::BackupError { reason } => w.reason(reason)?,
+            Message::Log { data } => w.bytes("log data", data)?,
+            Message::NetLog { first, frames } => {
+                let count = u32::try_from(frames.len())
+                    .map_err(|_| WireError::invalid(w.msg, "more than 2^32 - 1 frames"))?;
+                if net_log_end(*first, frames.len()).is_none() {
+                    return Err(WireError::invalid(w.msg, "frame numbers run past 2^64 - 1"));
+                }
+                w.u64(*first);
+                w.u32(count);
+                for (i, f) in frames.iter().enumerate() {
+                    if f.len() > MAX_NET_FRAME_LEN {
+                        return Err(WireError::invalid(
+                            w.msg,
+                            format!("frame {i} is {} bytes, over {MAX_NET_FRAME_LEN}", f.len()),
+                        ));
+                    }
+                    w.bytes("frame", f)?;
+                }
+            }
+            Message::LogAck { records, net } => {
+                w.u64(*records);
+                w.u64(*net);
+            }
         }
         Ok(())
     }
@@ -289,15 +337,10 @@ impl Message {
                 let role = Role::from_wire(b)
                     .ok_or_else(|| WireError::malformed(r.msg, format!("unknown role {b}")))?;
                 let node = r.name("node")?;
-                let series = match r.tag("series")? {
-                    false => None,
-                    true => Some(r.name("series")?),
-                };
-                Message::Hello { role, node, series }
+                Message::Hello { role, node }
             }
             MessageType::Welcome => Message::Welcome {
                 node: r.name("node")?,
-                resume_from: r.opt_u64("resume_from")?,
             },
             MessageType::DeltaBegin => Message::DeltaBegin {
                 series: r.name("series")?,
@@ -313,9 +356,8 @@ impl Message {
                     return Err(WireError::malformed(r.msg, reason));
                 }
                 let offset = r.u64("offset")?;
-                let len = r.u32("data length")? as usize;
-                let data = r.take("data", len)?.to_vec();
-                if offset.checked_add(len as u64).is_none() {
+                let data = r.bytes("data")?;
+                if offset.checked_add(data.len() as u64).is_none() {
                     return Err(WireError::malformed(r.msg, "offset + length overflows u64"));
                 }
                 Message::FileChunk {
@@ -333,10 +375,6 @@ impl Message {
             MessageType::Committed => Message::Committed {
                 epoch: r.u64("epoch")?,
             },
-            MessageType::Refused => Message::Refused {
-                epoch: r.u64("epoch")?,
-                reason: r.reason()?,
-            },
             MessageType::Heartbeat => Message::Heartbeat {
                 sent_unix_ns: r.u64("sent_unix_ns")?,
             },
@@ -349,6 +387,51 @@ impl Message {
             MessageType::Bye => Message::Bye {
                 reason: r.reason()?,
             },
+            MessageType::Log => Message::Log {
+                data: r.bytes("data")?,
+            },
+            MessageType::NetLog => {
+                let first = r.u64("first")?;
+                let count = r.u32("frame count")? as usize;
+                // Each frame takes at least its 4-byte length, so a count
+                // above a quarter of what is left is a lie. Refusing it
+                // before reserving room for the frames keeps that room in
+                // proportion to the bytes actually received.
+                if count > r.buf.len() / 4 {
+                    return Err(WireError::malformed(
+                        r.msg,
+                        format!(
+                            "{count} frames cannot fit in the {} bytes left",
+                            r.buf.len()
+                        ),
+                    ));
+                }
+                if net_log_end(first, count).is_none() {
+                    return Err(WireError::malformed(
+                        r.msg,
+                        "frame numbers run past 2^64 - 1",
+                    ));
+                }
+                let mut frames = Vec::with_capacity(count);
+                for i in 0..count {
+                    let len = r.u32("frame length")? as usize;
+                    if len > MAX_NET_FRAME_LEN {
+                        return Err(WireError::malformed(
+                            r.msg,
+                            format!("frame {i} is {len} bytes, over {MAX_NET_FRAME_LEN}"),
+                        ));
+                    }
+                    frames.push(r.take("frame", len)?.to_vec());
+                }
+                Message::NetLog { first, frames }
+            }
+            MessageType::LogAck => Message::LogAck {
+                records: r.u64("records")?,
+                net: r.u64("net")?,
+            },
+            MessageType::BackupError => Message::BackupError {
+                reason: r.reason()?,
+            },
         };
         if !r.buf.is_empty() {
             return Err(WireError::malformed(
@@ -357,6 +440,16 @@ impl Message {
             ));
         }
         Ok(m)
+    }
+}
+
+/// The number of the last frame of a NetLog, `None` if it would not fit in
+/// a u64 (no frames at all always fits). Frame numbers name frames for the
+/// acknowledgements; a batch whose numbers wrap would name old frames again.
+fn net_log_end(first: u64, count: usize) -> Option<u64> {
+    match count.checked_sub(1) {
+        None => Some(first),
+        Some(last) => first.checked_add(u64::try_from(last).ok()?),
     }
 }
 
@@ -376,6 +469,15 @@ impl Writer<'_> {
 
     fn u64(&mut self, v: u64) {
         self.out.extend_from_slice(&v.to_le_bytes());
+    }
+
+    /// A u32 length and the bytes.
+    fn bytes(&mut self, field: &str, b: &[u8]) -> Result<()> {
+        let len = u32::try_from(b.len())
+            .map_err(|_| WireError::invalid(self.msg, format!("{field} is longer than 4 GiB")))?;
+        self.u32(len);
+        self.out.extend_from_slice(b);
+        Ok(())
     }
 
     fn opt_u64(&mut self, v: Option<u64>) {
@@ -452,6 +554,13 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self, field: &str) -> Result<u64> {
         Ok(u64::from_le_bytes(self.array(field)?))
+    }
+
+    /// A u32 length and that many bytes, copied only once they are known
+    /// to be present.
+    fn bytes(&mut self, field: &str) -> Result<Vec<u8>> {
+        let n = self.u32(field)? as usize;
+        Ok(self.take(field, n)?.to_vec())
     }
 
     fn tag(&mut self, field: &str) -> Result<bool> {
@@ -532,19 +641,32 @@ mod tests {
             (MessageType::FileChunk, 4),
             (MessageType::DeltaEnd, 5),
             (MessageType::Committed, 6),
-            (MessageType::Refused, 7),
             (MessageType::Heartbeat, 8),
             (MessageType::HeartbeatAck, 9),
             (MessageType::NeedFull, 10),
             (MessageType::Bye, 11),
+            (MessageType::Log, 12),
+            (MessageType::NetLog, 13),
+            (MessageType::LogAck, 14),
+            (MessageType::BackupError, 15),
         ];
+        assert_eq!(expected.len(), MessageType::ALL.len());
         for (t, n) in expected {
             assert_eq!(t.as_u8(), n);
             assert_eq!(MessageType::from_u8(n), Some(t));
         }
-        assert_eq!(MessageType::from_u8(0), None);
-        assert_eq!(MessageType::from_u8(12), None);
-        assert_eq!(MessageType::from_u8(255), None);
+        // 7 (Refused) is retired.
+        for n in [0, 7, 16, 255] {
+            assert_eq!(MessageType::from_u8(n), None, "{n}");
+        }
+    }
+
+    #[test]
+    fn names_are_distinct() {
+        let mut names: Vec<_> = MessageType::ALL.iter().map(|t| t.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), MessageType::ALL.len());
     }
 
     #[test]
@@ -552,9 +674,42 @@ mod tests {
         let m = Message::Hello {
             role: Role::Backup,
             node: "b1".into(),
-            series: Some("s".into()),
         };
-        assert_eq!(payload(&m), vec![2, 2, b'b', b'1', 1, 1, b's']);
+        assert_eq!(payload(&m), vec![2, 2, b'b', b'1']);
+        let m = Message::Welcome { node: "p".into() };
+        assert_eq!(payload(&m), vec![1, b'p']);
+    }
+
+    #[test]
+    fn exact_encoding_of_the_log_messages() {
+        let m = Message::Log {
+            data: vec![0xaa, 0xbb],
+        };
+        assert_eq!(payload(&m), vec![2, 0, 0, 0, 0xaa, 0xbb]);
+
+        let m = Message::NetLog {
+            first: 0x0102,
+            frames: vec![vec![9], vec![], vec![7, 8]],
+        };
+        let mut expected = 0x0102u64.to_le_bytes().to_vec();
+        expected.extend_from_slice(&3u32.to_le_bytes());
+        expected.extend_from_slice(&[1, 0, 0, 0, 9]);
+        expected.extend_from_slice(&[0, 0, 0, 0]);
+        expected.extend_from_slice(&[2, 0, 0, 0, 7, 8]);
+        assert_eq!(payload(&m), expected);
+
+        let m = Message::LogAck {
+            records: 5,
+            net: u64::MAX,
+        };
+        let mut expected = 5u64.to_le_bytes().to_vec();
+        expected.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(payload(&m), expected);
+
+        let m = Message::BackupError {
+            reason: "full".into(),
+        };
+        assert_eq!(payload(&m), vec![4, 0, b'f', b'u', b'l', b'l']);
     }
 
     #[test]
@@ -563,11 +718,9 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "p".into(),
-                series: None,
             },
             Message::Welcome {
                 node: "n".repeat(255),
-                resume_from: Some(u64::MAX),
             },
             Message::DeltaBegin {
                 series: "web".into(),
@@ -588,10 +741,6 @@ mod tests {
                 total_bytes: 9,
             },
             Message::Committed { epoch: 7 },
-            Message::Refused {
-                epoch: 7,
-                reason: "disk full ✗".into(),
-            },
             Message::Heartbeat { sent_unix_ns: 1 },
             Message::HeartbeatAck { echo_unix_ns: 2 },
             Message::NeedFull {
@@ -600,7 +749,26 @@ mod tests {
             Message::Bye {
                 reason: "x".repeat(MAX_REASON_LEN),
             },
+            Message::Log { data: vec![] },
+            Message::Log {
+                data: vec![0; 100_000],
+            },
+            Message::NetLog {
+                first: u64::MAX,
+                frames: vec![],
+            },
+            Message::NetLog {
+                first: u64::MAX - 1,
+                frames: vec![vec![1; MAX_NET_FRAME_LEN], vec![]],
+            },
+            Message::LogAck { records: 0, net: 1 },
+            Message::BackupError {
+                reason: "disk full ✗".into(),
+            },
         ];
+        let mut seen: Vec<_> = all.iter().map(|m| m.message_type()).collect();
+        seen.dedup();
+        assert_eq!(seen, MessageType::ALL);
         for m in &all {
             assert_eq!(&roundtrip(m), m);
         }
@@ -612,12 +780,8 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "node".into(),
-                series: Some("s".into()),
             },
-            Message::Welcome {
-                node: "n".into(),
-                resume_from: Some(3),
-            },
+            Message::Welcome { node: "n".into() },
             Message::DeltaBegin {
                 series: "s".into(),
                 epoch: 1,
@@ -637,14 +801,17 @@ mod tests {
                 total_bytes: 1,
             },
             Message::Committed { epoch: 1 },
-            Message::Refused {
-                epoch: 1,
-                reason: "r".into(),
-            },
             Message::Heartbeat { sent_unix_ns: 1 },
             Message::HeartbeatAck { echo_unix_ns: 1 },
             Message::NeedFull { reason: "r".into() },
             Message::Bye { reason: "r".into() },
+            Message::Log { data: vec![1, 2] },
+            Message::NetLog {
+                first: 3,
+                frames: vec![vec![1, 2], vec![]],
+            },
+            Message::LogAck { records: 1, net: 2 },
+            Message::BackupError { reason: "r".into() },
         ];
         for m in &samples {
             let p = payload(m);
@@ -702,11 +869,77 @@ mod tests {
 
     #[test]
     fn rejects_bad_role_and_option_tag() {
-        assert!(malformed(MessageType::Hello, &[3, 0, 0]).contains("role"));
-        assert!(malformed(MessageType::Hello, &[1, 0, 2]).contains("tag"));
-        let mut p = vec![0];
-        p.push(7);
-        assert!(malformed(MessageType::Welcome, &p).contains("tag"));
+        assert!(malformed(MessageType::Hello, &[3, 0]).contains("role"));
+        let mut p = vec![1, b's'];
+        p.extend_from_slice(&1u64.to_le_bytes());
+        p.push(2);
+        assert!(malformed(MessageType::DeltaBegin, &p).contains("tag"));
+    }
+
+    /// A NetLog payload: `first`, the count as given, then the frames.
+    fn net_log(first: u64, count: u32, frames: &[&[u8]]) -> Vec<u8> {
+        let mut p = first.to_le_bytes().to_vec();
+        p.extend_from_slice(&count.to_le_bytes());
+        for f in frames {
+            p.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            p.extend_from_slice(f);
+        }
+        p
+    }
+
+    #[test]
+    fn net_log_count_is_checked_before_allocating() {
+        // A count of 4 billion frames in a 12-byte payload.
+        let reason = malformed(MessageType::NetLog, &net_log(0, u32::MAX, &[]));
+        assert!(reason.contains("cannot fit"), "{reason}");
+        // One more frame than the bytes left could hold, even if empty.
+        let p = net_log(0, 3, &[b"", b""]);
+        assert!(malformed(MessageType::NetLog, &p).contains("cannot fit"));
+        // Exactly as many as can fit, all empty, is fine.
+        let p = net_log(0, 2, &[b"", b""]);
+        assert_eq!(
+            Message::decode_payload(MessageType::NetLog, &p).unwrap(),
+            Message::NetLog {
+                first: 0,
+                frames: vec![vec![], vec![]]
+            }
+        );
+        // Fewer frames than counted.
+        let p = net_log(0, 2, &[b"abcdefgh"]);
+        assert!(malformed(MessageType::NetLog, &p).contains("remain"));
+        // More frames than counted.
+        let p = net_log(0, 1, &[b"a", b"b"]);
+        assert!(malformed(MessageType::NetLog, &p).contains("trailing"));
+    }
+
+    #[test]
+    fn net_log_frame_length_is_bounded() {
+        let big = vec![0u8; MAX_NET_FRAME_LEN + 1];
+        let reason = malformed(MessageType::NetLog, &net_log(0, 1, &[&big]));
+        assert!(reason.contains("over 65600"), "{reason}");
+        // A hostile length is refused before the bytes are looked for.
+        let mut p = net_log(0, 1, &[]);
+        p.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(malformed(MessageType::NetLog, &p).contains("over 65600"));
+        let ok = vec![0u8; MAX_NET_FRAME_LEN];
+        Message::decode_payload(MessageType::NetLog, &net_log(0, 1, &[&ok])).unwrap();
+    }
+
+    #[test]
+    fn net_log_numbers_must_not_wrap() {
+        let p = net_log(u64::MAX, 2, &[b"a", b"b"]);
+        assert!(malformed(MessageType::NetLog, &p).contains("2^64"));
+        let p = net_log(u64::MAX, 1, &[b"a"]);
+        Message::decode_payload(MessageType::NetLog, &p).unwrap();
+    }
+
+    #[test]
+    fn log_data_length_beyond_payload() {
+        let mut p = 10u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&[1, 2, 3]);
+        assert!(malformed(MessageType::Log, &p).contains("remain"));
+        let p = u32::MAX.to_le_bytes();
+        assert!(malformed(MessageType::Log, &p).contains("remain"));
     }
 
     #[test]
@@ -740,7 +973,6 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "n".repeat(256),
-                series: None,
             },
             Message::DeltaBegin {
                 series: "s".repeat(256),
@@ -763,6 +995,17 @@ mod tests {
             },
             Message::Bye {
                 reason: "r".repeat(MAX_REASON_LEN + 1),
+            },
+            Message::BackupError {
+                reason: "r".repeat(MAX_REASON_LEN + 1),
+            },
+            Message::NetLog {
+                first: 0,
+                frames: vec![vec![], vec![0; MAX_NET_FRAME_LEN + 1]],
+            },
+            Message::NetLog {
+                first: u64::MAX,
+                frames: vec![vec![], vec![]],
             },
         ];
         for m in &bad {

@@ -20,12 +20,19 @@
 //!   decrypts and feeds the plaintext to a frame [`Decoder`], so framing,
 //!   sequence and CRC checks apply on the inside of the encryption exactly as
 //!   on a plain stream, and reassembly is the decoder's ordinary job.
+//!
+//! Each direction has its own nonce, counted from 0 by the sender and by the
+//! receiver, never sent. That is what lets a connection be split into a
+//! [`SecureReader`] and a [`SecureWriter`] working in two threads: they share
+//! only the socket and the keys. A dropped, repeated or reordered transport
+//! message is decrypted with the wrong nonce and fails authentication.
 
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{Result, WireError};
@@ -34,8 +41,11 @@ use crate::message::Message;
 
 pub const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 
-/// Bound into the handshake hash: peers speaking another revision of this
-/// protocol fail the handshake instead of misreading each other's frames.
+/// Bound into the handshake hash: peers speaking another revision of the
+/// handshake or of the transport below the frames fail the handshake instead
+/// of misreading each other. Frame protocol versions are not named here:
+/// every frame carries its version, and a mismatch there gets an error that
+/// says so, where a handshake failure would look like a wrong key.
 const PROLOGUE: &[u8] = b"rrc-wire/1";
 
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -225,12 +235,35 @@ impl Default for SecureConfig {
 ///
 /// Any failure other than a read timeout leaves the stream unusable: after a
 /// decryption or framing error the two ends no longer agree on nonces or
-/// sequence numbers, and there is no safe way to resynchronise.
+/// sequence numbers, and there is no safe way to resynchronise. A write that
+/// times out is a failure too: part of a frame may have left, and the peer is
+/// not reading.
+///
+/// One thread at a time can use a `SecureStream`, so while it sends a large
+/// checkpoint nothing can be received, and the other way round. For both at
+/// once, [`SecureStream::split`] it into a [`SecureReader`] and a
+/// [`SecureWriter`].
 pub struct SecureStream {
-    tcp: TcpStream,
-    noise: snow::TransportState,
-    encoder: Encoder,
+    reader: SecureReader,
+    writer: SecureWriter,
+}
+
+/// The receiving half of a connection, from [`SecureStream::split`].
+///
+/// It has its own frame sequence counter and Noise nonce, so it can run in
+/// one thread while the [`SecureWriter`] runs in another. A read timeout
+/// leaves it usable; any other error ends the whole connection. Once the
+/// writer has failed, every `recv` fails with
+/// [`WireError::OtherHalfFailed`], at once even if it was blocked waiting for
+/// the peer: a reader that went on hearing from a peer we can no longer talk
+/// to would only hide the failure.
+pub struct SecureReader {
+    shared: Arc<Shared>,
     decoder: Decoder,
+    /// Nonce of the next incoming Noise message. Counted here rather than
+    /// sent: a dropped, repeated or reordered message is then decrypted with
+    /// the wrong nonce and fails authentication.
+    nonce: u64,
     /// Current incoming Noise message: length prefix then ciphertext. Kept
     /// across calls so a read timeout in the middle of a message loses
     /// nothing.
@@ -240,13 +273,114 @@ pub struct SecureStream {
     failed: bool,
 }
 
+/// The sending half of a connection, from [`SecureStream::split`].
+///
+/// It has its own frame sequence counter and Noise nonce, so it can send a
+/// checkpoint of many megabytes while the [`SecureReader`] receives in
+/// another thread. Any error while sending, a write timeout included, ends
+/// the whole connection: part of a frame may have left, and a peer that does
+/// not take our bytes within the timeout is hung. Once the reader has failed
+/// (tampering, a bad frame, the peer gone), every `send` fails with
+/// [`WireError::OtherHalfFailed`], at once even if it was blocked on a full
+/// socket buffer.
+pub struct SecureWriter {
+    shared: Arc<Shared>,
+    encoder: Encoder,
+    /// Nonce of the next outgoing Noise message, counted exactly as the
+    /// peer's reader counts it.
+    nonce: u64,
+    failed: bool,
+}
+
+/// What the two halves of a connection share. The Noise transport is the
+/// stateless kind, which keeps no nonces: each half keeps its own, so
+/// neither needs a lock the other could hold for the length of a checkpoint.
+struct Shared {
+    tcp: TcpStream,
+    noise: snow::StatelessTransportState,
+    /// The first failure on either half. Set before the socket is shut down,
+    /// so the other half, woken by the shutdown, finds out why.
+    failure: OnceLock<Failure>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Half {
+    Reader,
+    Writer,
+}
+
+impl Half {
+    fn name(self) -> &'static str {
+        match self {
+            Half::Reader => "receiving",
+            Half::Writer => "sending",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Failure {
+    half: Half,
+    reason: String,
+}
+
+impl Shared {
+    /// The error for `half` if the other half has already failed.
+    fn other_failed(&self, half: Half) -> Option<WireError> {
+        let f = self.failure.get()?;
+        (f.half != half).then(|| WireError::OtherHalfFailed {
+            half: f.half.name(),
+            reason: f.reason.clone(),
+        })
+    }
+
+    /// Ends the connection after `half` met `e`, and returns the error to
+    /// report. If the other half failed first, this error is most likely its
+    /// consequence (the shutdown below woke us), so the other half's failure
+    /// is reported instead.
+    fn fail(&self, half: Half, e: WireError) -> WireError {
+        if let Some(other) = self.other_failed(half) {
+            return other;
+        }
+        let _ = self.failure.set(Failure {
+            half,
+            reason: e.to_string(),
+        });
+        // Wakes the other half if it is blocked in the kernel: a read
+        // returns end of file, a write fails. Errors only mean the socket is
+        // already dead, which is the point.
+        let _ = self.tcp.shutdown(Shutdown::Both);
+        e
+    }
+}
+
 impl std::fmt::Debug for SecureStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecureStream")
-            .field("peer", &self.tcp.peer_addr().ok())
-            .field("next_send_seq", &self.encoder.next_sequence())
+            .field("peer", &self.reader.shared.tcp.peer_addr().ok())
+            .field("next_send_seq", &self.writer.encoder.next_sequence())
+            .field("next_recv_seq", &self.reader.decoder.expected_sequence())
+            .field("usable", &self.is_usable())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for SecureReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureReader")
+            .field("peer", &self.shared.tcp.peer_addr().ok())
             .field("next_recv_seq", &self.decoder.expected_sequence())
-            .field("failed", &self.failed)
+            .field("usable", &self.is_usable())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for SecureWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecureWriter")
+            .field("peer", &self.shared.tcp.peer_addr().ok())
+            .field("next_send_seq", &self.encoder.next_sequence())
+            .field("usable", &self.is_usable())
             .finish_non_exhaustive()
     }
 }
@@ -295,7 +429,7 @@ impl SecureStream {
 
         let mut out = [0u8; MAX_HANDSHAKE_MSG];
         let mut scratch = [0u8; MAX_HANDSHAKE_MSG];
-        let noise = match side {
+        let hs = match side {
             Side::Initiator => {
                 let mut hs = builder.build_initiator().map_err(WireError::Noise)?;
                 let n = hs.write_message(&[], &mut out).map_err(WireError::Noise)?;
@@ -309,7 +443,7 @@ impl SecureStream {
                 }
                 hs.read_message(&reply, &mut scratch)
                     .map_err(handshake_error)?;
-                hs.into_transport_mode().map_err(WireError::Noise)?
+                hs
             }
             Side::Responder => {
                 let mut hs = builder.build_responder().map_err(WireError::Noise)?;
@@ -327,60 +461,59 @@ impl SecureStream {
                 }
                 let n = hs.write_message(&[], &mut out).map_err(WireError::Noise)?;
                 write_handshake(&mut tcp, &out[..n])?;
-                hs.into_transport_mode().map_err(WireError::Noise)?
+                hs
             }
         };
+        // Nonces are counted by each half, both from 0, exactly as the
+        // stateful transport would count them.
+        let noise = hs
+            .into_stateless_transport_mode()
+            .map_err(WireError::Noise)?;
 
         tcp.set_read_timeout(saved_read)?;
         tcp.set_write_timeout(saved_write)?;
         // Heartbeats and acks are small and latency matters for failover;
         // each frame goes out in a single write, so this costs nothing.
         tcp.set_nodelay(true)?;
-        Ok(SecureStream {
+        let shared = Arc::new(Shared {
             tcp,
             noise,
-            encoder: Encoder::with_max_payload(cfg.max_payload),
-            decoder: Decoder::with_max_payload(cfg.max_payload),
-            rx: vec![0; 2 + NOISE_MAX_MSG],
-            rx_have: 0,
-            plain: vec![0; NOISE_MAX_MSG],
-            failed: false,
+            failure: OnceLock::new(),
+        });
+        Ok(SecureStream {
+            reader: SecureReader {
+                shared: Arc::clone(&shared),
+                decoder: Decoder::with_max_payload(cfg.max_payload),
+                nonce: 0,
+                rx: vec![0; 2 + NOISE_MAX_MSG],
+                rx_have: 0,
+                plain: vec![0; NOISE_MAX_MSG],
+                failed: false,
+            },
+            writer: SecureWriter {
+                shared,
+                encoder: Encoder::with_max_payload(cfg.max_payload),
+                nonce: 0,
+                failed: false,
+            },
         })
+    }
+
+    /// Splits the stream into halves that two threads can use at once, one
+    /// receiving while the other sends. Counters, timeouts already set and a
+    /// partly received message carry over. A failure of either half ends
+    /// both; see [`SecureReader`] and [`SecureWriter`].
+    pub fn split(self) -> (SecureReader, SecureWriter) {
+        (self.reader, self.writer)
     }
 
     /// Encrypts and sends one message.
     ///
     /// A message that cannot be encoded (over-long name, too large) is
     /// refused before anything is sent and the stream stays usable; a failure
-    /// while sending leaves it unusable.
+    /// while sending, a write timeout included, leaves it unusable.
     pub fn send(&mut self, msg: &Message) -> Result<()> {
-        if self.failed {
-            return Err(WireError::Poisoned);
-        }
-        let frame = self.encoder.encode(msg)?;
-        let r = self.send_frame(&frame);
-        if r.is_err() {
-            self.failed = true;
-        }
-        r
-    }
-
-    fn send_frame(&mut self, frame: &[u8]) -> Result<()> {
-        let pieces = frame.len().div_ceil(MAX_PIECE);
-        let mut out = Vec::with_capacity(frame.len() + pieces * (2 + NOISE_TAG_LEN));
-        for piece in frame.chunks(MAX_PIECE) {
-            let start = out.len();
-            out.resize(start + 2 + piece.len() + NOISE_TAG_LEN, 0);
-            let n = self
-                .noise
-                .write_message(piece, &mut out[start + 2..])
-                .map_err(WireError::Noise)?;
-            out.truncate(start + 2 + n);
-            // n <= NOISE_MAX_MSG, which is u16::MAX.
-            out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
-        }
-        self.tcp.write_all(&out)?;
-        Ok(())
+        self.writer.send(msg).map_err(one_stream)
     }
 
     /// Receives, decrypts and decodes the next message.
@@ -390,26 +523,166 @@ impl SecureStream {
     /// continues where this one stopped. A clean close by the peer between
     /// messages is `Err(WireError::Closed)`.
     pub fn recv(&mut self) -> Result<Message> {
+        self.reader.recv().map_err(one_stream)
+    }
+
+    /// Passes through to [`TcpStream::set_read_timeout`]; see [`Self::recv`]
+    /// for what a timeout means.
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.reader.set_read_timeout(timeout)
+    }
+
+    /// Passes through to [`TcpStream::set_write_timeout`]; a send that times
+    /// out leaves the stream unusable.
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.writer.set_write_timeout(timeout)
+    }
+
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        Ok(self.reader.shared.tcp.peer_addr()?)
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.reader.shared.tcp.local_addr()?)
+    }
+
+    pub fn shutdown(&self, how: Shutdown) -> Result<()> {
+        self.reader.shared.tcp.shutdown(how)?;
+        Ok(())
+    }
+
+    /// False once any error other than a read timeout has occurred.
+    pub fn is_usable(&self) -> bool {
+        self.reader.is_usable() && self.writer.is_usable()
+    }
+}
+
+/// A whole stream is used by one thread, which has already seen the first
+/// failure whichever half it came from; later calls just say the stream is
+/// spent, as they always have.
+fn one_stream(e: WireError) -> WireError {
+    match e {
+        WireError::OtherHalfFailed { .. } => WireError::Poisoned,
+        e => e,
+    }
+}
+
+impl SecureWriter {
+    /// Encrypts and sends one message.
+    ///
+    /// A message that cannot be encoded (over-long name, too large) is
+    /// refused before anything is sent and the writer stays usable. Any
+    /// failure while sending, a write timeout included, ends the connection:
+    /// this half then returns [`WireError::Poisoned`], the reader
+    /// [`WireError::OtherHalfFailed`].
+    pub fn send(&mut self, msg: &Message) -> Result<()> {
+        self.check()?;
+        let frame = self.encoder.encode(msg)?;
+        self.send_frame(&frame).map_err(|e| {
+            self.failed = true;
+            self.shared.fail(Half::Writer, e)
+        })
+    }
+
+    fn check(&self) -> Result<()> {
         if self.failed {
             return Err(WireError::Poisoned);
         }
+        match self.shared.other_failed(Half::Writer) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn send_frame(&mut self, frame: &[u8]) -> Result<()> {
+        let pieces = frame.len().div_ceil(MAX_PIECE);
+        let mut out = Vec::with_capacity(frame.len() + pieces * (2 + NOISE_TAG_LEN));
+        for piece in frame.chunks(MAX_PIECE) {
+            let start = out.len();
+            out.resize(start + 2 + piece.len() + NOISE_TAG_LEN, 0);
+            let n = self
+                .shared
+                .noise
+                .write_message(self.nonce, piece, &mut out[start + 2..])
+                .map_err(WireError::Noise)?;
+            // snow refuses the last nonce, u64::MAX, so this cannot wrap.
+            self.nonce += 1;
+            out.truncate(start + 2 + n);
+            // n <= NOISE_MAX_MSG, which is u16::MAX.
+            out[start..start + 2].copy_from_slice(&(n as u16).to_le_bytes());
+        }
+        (&self.shared.tcp).write_all(&out).map_err(|e| {
+            if is_timeout(&e) {
+                WireError::Timeout
+            } else {
+                e.into()
+            }
+        })
+    }
+
+    /// Passes through to [`TcpStream::set_write_timeout`]. A send that
+    /// times out ends the connection: the peer is not reading.
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.shared.tcp.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
+    /// Tells the peer nothing more will come: its reader gets
+    /// [`WireError::Closed`] after the last message, which ends the
+    /// connection on its side. Our reader still receives what the peer sent
+    /// before that, then `Closed` in turn.
+    pub fn shutdown(self) -> Result<()> {
+        self.check()?;
+        self.shared.tcp.shutdown(Shutdown::Write)?;
+        Ok(())
+    }
+
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        Ok(self.shared.tcp.peer_addr()?)
+    }
+
+    /// False once this half or the other has failed.
+    pub fn is_usable(&self) -> bool {
+        self.check().is_ok()
+    }
+}
+
+impl SecureReader {
+    /// Receives, decrypts and decodes the next message.
+    ///
+    /// With a read timeout set, `Err(WireError::Timeout)` means nothing
+    /// complete arrived in time; the reader stays usable and a later call
+    /// continues where this one stopped. A clean close by the peer between
+    /// messages is `Err(WireError::Closed)`. Any other error ends the
+    /// connection: this half then returns [`WireError::Poisoned`], the writer
+    /// [`WireError::OtherHalfFailed`].
+    pub fn recv(&mut self) -> Result<Message> {
+        self.check()?;
+        self.recv_inner().map_err(|e| match e {
+            WireError::Timeout => e,
+            e => {
+                self.failed = true;
+                self.shared.fail(Half::Reader, e)
+            }
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.failed {
+            return Err(WireError::Poisoned);
+        }
+        match self.shared.other_failed(Half::Reader) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn recv_inner(&mut self) -> Result<Message> {
         loop {
-            match self.decoder.next() {
-                Ok(Some(m)) => return Ok(m),
-                Ok(None) => {}
-                Err(e) => {
-                    self.failed = true;
-                    return Err(e);
-                }
+            if let Some(m) = self.decoder.next()? {
+                return Ok(m);
             }
-            match self.read_piece() {
-                Ok(()) => {}
-                Err(WireError::Timeout) => return Err(WireError::Timeout),
-                Err(e) => {
-                    self.failed = true;
-                    return Err(e);
-                }
-            }
+            self.read_piece()?;
         }
     }
 
@@ -425,7 +698,7 @@ impl SecureStream {
             if self.rx_have >= 2 && self.rx_have == need {
                 break;
             }
-            match self.tcp.read(&mut self.rx[self.rx_have..need]) {
+            match (&self.shared.tcp).read(&mut self.rx[self.rx_have..need]) {
                 Ok(0) => {
                     return Err(if self.rx_have == 0 && self.decoder.buffered() == 0 {
                         WireError::Closed
@@ -448,12 +721,17 @@ impl SecureStream {
             return Err(WireError::Decrypt);
         }
         let n = self
+            .shared
             .noise
-            .read_message(&self.rx[2..2 + len], &mut self.plain)
+            .read_message(self.nonce, &self.rx[2..2 + len], &mut self.plain)
             .map_err(|e| match e {
                 snow::Error::Decrypt => WireError::Decrypt,
                 other => WireError::Noise(other),
             })?;
+        // Only an authentic message uses up its nonce; anything else has
+        // already ended the connection. snow refuses the last nonce,
+        // u64::MAX, so this cannot wrap.
+        self.nonce += 1;
         self.decoder.feed(&self.plain[..n]);
         Ok(())
     }
@@ -461,31 +739,18 @@ impl SecureStream {
     /// Passes through to [`TcpStream::set_read_timeout`]; see [`Self::recv`]
     /// for what a timeout means.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.tcp.set_read_timeout(timeout)?;
-        Ok(())
-    }
-
-    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.tcp.set_write_timeout(timeout)?;
+        self.shared.tcp.set_read_timeout(timeout)?;
         Ok(())
     }
 
     pub fn peer_addr(&self) -> Result<SocketAddr> {
-        Ok(self.tcp.peer_addr()?)
+        Ok(self.shared.tcp.peer_addr()?)
     }
 
-    pub fn local_addr(&self) -> Result<SocketAddr> {
-        Ok(self.tcp.local_addr()?)
-    }
-
-    pub fn shutdown(&self, how: Shutdown) -> Result<()> {
-        self.tcp.shutdown(how)?;
-        Ok(())
-    }
-
-    /// False once any error other than a read timeout has occurred.
+    /// False once this half or the other has failed; a read timeout is not a
+    /// failure.
     pub fn is_usable(&self) -> bool {
-        !self.failed
+        self.check().is_ok()
     }
 }
 

@@ -2,10 +2,14 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rrc_wire::{Key, Message, Role, SecureConfig, SecureStream, WireError};
+use rrc_wire::{
+    Key, Message, Role, SecureConfig, SecureReader, SecureStream, SecureWriter, WireError,
+};
 
 fn key(b: u8) -> Key {
     Key::from_bytes([b; 32])
@@ -55,13 +59,9 @@ fn same_key_talks_both_ways_with_large_chunks() {
                 Message::Hello {
                     role: Role::Primary,
                     node: "p1".into(),
-                    series: Some("web".into()),
                 }
             );
-            s.send(&Message::Welcome {
-                node: "b1".into(),
-                resume_from: Some(41),
-            })?;
+            s.send(&Message::Welcome { node: "b1".into() })?;
             match s.recv()? {
                 Message::FileChunk {
                     epoch,
@@ -94,15 +94,8 @@ fn same_key_talks_both_ways_with_large_chunks() {
             c.send(&Message::Hello {
                 role: Role::Primary,
                 node: "p1".into(),
-                series: Some("web".into()),
             })?;
-            assert_eq!(
-                c.recv()?,
-                Message::Welcome {
-                    node: "b1".into(),
-                    resume_from: Some(41),
-                }
-            );
+            assert_eq!(c.recv()?, Message::Welcome { node: "b1".into() });
             c.send(&Message::FileChunk {
                 epoch: 42,
                 name: "pages-1.img".into(),
@@ -203,9 +196,14 @@ fn non_rrc_client_is_refused_quickly() {
     assert!(matches!(server, Err(WireError::Handshake(_))), "{server:?}");
 }
 
-/// Forwards client<->server, flipping one byte inside the body of the first
-/// transport message the client sends.
-fn tampering_proxy(server: std::net::SocketAddr) -> std::net::SocketAddr {
+/// Forwards client<->server. The client's handshake message passes
+/// untouched; each later message (a u16 length and a Noise transport
+/// message) goes through `tamper`, given its index and bytes, and what it
+/// returns is forwarded instead.
+fn tampering_proxy<F>(server: std::net::SocketAddr, mut tamper: F) -> std::net::SocketAddr
+where
+    F: FnMut(usize, Vec<u8>) -> Vec<Vec<u8>> + Send + 'static,
+{
     let l = listener();
     let addr = l.local_addr().unwrap();
     thread::spawn(move || {
@@ -217,31 +215,48 @@ fn tampering_proxy(server: std::net::SocketAddr) -> std::net::SocketAddr {
             let _ = std::io::copy(&mut back_from, &mut back_to);
             let _ = back_to.shutdown(Shutdown::Write);
         });
-        let mut forward_message = |flip: Option<usize>| -> std::io::Result<()> {
+        let mut read_message = || -> std::io::Result<Vec<u8>> {
             let mut len = [0u8; 2];
             from_client.read_exact(&mut len)?;
             let mut body = vec![0u8; usize::from(u16::from_le_bytes(len))];
             from_client.read_exact(&mut body)?;
-            if let Some(i) = flip {
-                body[i] ^= 0x01;
-            }
-            to_server.write_all(&len)?;
-            to_server.write_all(&body)
+            Ok(body)
         };
-        // Handshake message untouched, first transport message damaged.
-        forward_message(None).unwrap();
-        forward_message(Some(5)).unwrap();
-        let _ = std::io::copy(&mut from_client, &mut to_server);
+        let mut forward = |body: &[u8]| -> std::io::Result<()> {
+            to_server.write_all(&(body.len() as u16).to_le_bytes())?;
+            to_server.write_all(body)
+        };
+        let Ok(handshake) = read_message() else {
+            return;
+        };
+        forward(&handshake).unwrap();
+        let mut i = 0;
+        while let Ok(body) = read_message() {
+            for out in tamper(i, body) {
+                if forward(&out).is_err() {
+                    return;
+                }
+            }
+            i += 1;
+        }
         let _ = to_server.shutdown(Shutdown::Write);
     });
     addr
+}
+
+/// Flips a bit in the body of the first transport message.
+fn flip_first(i: usize, mut body: Vec<u8>) -> Vec<Vec<u8>> {
+    if i == 0 {
+        body[5] ^= 0x01;
+    }
+    vec![body]
 }
 
 #[test]
 fn flipped_byte_in_transit_is_detected() {
     let l = listener();
     let server_addr = l.local_addr().unwrap();
-    let proxy = tampering_proxy(server_addr);
+    let proxy = tampering_proxy(server_addr, flip_first);
     let h = thread::spawn(move || {
         let mut s = SecureStream::server_with(l.accept().unwrap().0, &key(9), &quick()).unwrap();
         let first = s.recv();
@@ -257,6 +272,98 @@ fn flipped_byte_in_transit_is_detected() {
     assert!(matches!(second, Err(WireError::Poisoned)), "{second:?}");
     assert!(matches!(send, Err(WireError::Poisoned)), "{send:?}");
     assert!(!usable);
+}
+
+/// Sends heartbeats 0..n from a client through `proxy` and returns what the
+/// server's reader half made of them, the first error included, and what
+/// the server's writer half said afterwards.
+fn heartbeats_through<F>(tamper: F, n: u64) -> (Vec<Message>, WireError, WireError)
+where
+    F: FnMut(usize, Vec<u8>) -> Vec<Vec<u8>> + Send + 'static,
+{
+    let l = listener();
+    let proxy = tampering_proxy(l.local_addr().unwrap(), tamper);
+    let h = thread::spawn(move || {
+        let s = SecureStream::server_with(l.accept().unwrap().0, &key(9), &quick()).unwrap();
+        let (mut r, mut w) = s.split();
+        r.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = Vec::new();
+        let err = loop {
+            match r.recv() {
+                Ok(m) => got.push(m),
+                Err(e) => break e,
+            }
+        };
+        assert!(!r.is_usable() && !w.is_usable());
+        assert!(matches!(r.recv(), Err(WireError::Poisoned)));
+        let send = w.send(&Message::Committed { epoch: 1 }).unwrap_err();
+        (got, err, send)
+    });
+    let c =
+        SecureStream::client_with(TcpStream::connect(proxy).unwrap(), &key(9), &quick()).unwrap();
+    let (_r, mut w) = c.split();
+    for i in 0..n {
+        w.send(&Message::Heartbeat { sent_unix_ns: i }).unwrap();
+    }
+    // The server may have shut the connection already.
+    let _ = w.shutdown();
+    h.join().unwrap()
+}
+
+fn hb(n: u64) -> Message {
+    Message::Heartbeat { sent_unix_ns: n }
+}
+
+fn assert_other_half_failed(e: &WireError, half: &str) {
+    match e {
+        WireError::OtherHalfFailed { half: h, .. } => assert_eq!(*h, half, "{e}"),
+        other => panic!("expected the {half} half to have failed, got {other:?}"),
+    }
+}
+
+#[test]
+fn split_reader_detects_flipped_dropped_replayed_and_reordered_messages() {
+    // Each heartbeat is one transport message.
+    let (got, err, send) = heartbeats_through(flip_first, 3);
+    assert!(got.is_empty(), "{got:?}");
+    assert!(matches!(err, WireError::Decrypt), "{err:?}");
+    assert_other_half_failed(&send, "receiving");
+
+    let drop_second = |i: usize, body: Vec<u8>| if i == 1 { vec![] } else { vec![body] };
+    let (got, err, send) = heartbeats_through(drop_second, 3);
+    assert_eq!(got, [hb(0)]);
+    assert!(matches!(err, WireError::Decrypt), "{err:?}");
+    assert_other_half_failed(&send, "receiving");
+
+    let replay_first = |i: usize, body: Vec<u8>| {
+        if i == 0 {
+            vec![body.clone(), body]
+        } else {
+            vec![body]
+        }
+    };
+    let (got, err, _) = heartbeats_through(replay_first, 3);
+    assert_eq!(got, [hb(0)]);
+    assert!(matches!(err, WireError::Decrypt), "{err:?}");
+
+    let mut held = None;
+    let swap_first_two = move |i: usize, body: Vec<u8>| match i {
+        0 => {
+            held = Some(body);
+            vec![]
+        }
+        1 => vec![body, held.take().unwrap()],
+        _ => vec![body],
+    };
+    let (got, err, _) = heartbeats_through(swap_first_two, 3);
+    assert!(got.is_empty(), "{got:?}");
+    assert!(matches!(err, WireError::Decrypt), "{err:?}");
+
+    // Untouched, all arrive; the client's clean close ends the stream.
+    let (got, err, send) = heartbeats_through(|_, body| vec![body], 3);
+    assert_eq!(got, [hb(0), hb(1), hb(2)]);
+    assert!(matches!(err, WireError::Closed), "{err:?}");
+    assert_other_half_failed(&send, "receiving");
 }
 
 #[test]
@@ -329,4 +436,256 @@ fn peer_vanishing_mid_message_is_not_a_clean_close() {
         Err(WireError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn halves_can_move_to_other_threads() {
+    fn send<T: Send>() {}
+    send::<SecureReader>();
+    send::<SecureWriter>();
+}
+
+/// Polls `done` until it holds or `limit` passes.
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > until {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+#[test]
+fn small_messages_get_through_while_a_large_send_is_stuck() {
+    // Together far more than the socket buffers on both ends can hold (the
+    // receive buffer may grow to 32 MiB on Linux), so the sender is stuck
+    // in the kernel until the server reads.
+    const BIG: usize = 8 << 20;
+    const LARGE: u64 = 5;
+    const SMALL: u64 = 50;
+    let small_received = Arc::new(AtomicU64::new(0));
+    let large_sent = Arc::new(AtomicU64::new(0));
+    let (received, sent) = (Arc::clone(&small_received), Arc::clone(&large_sent));
+    let (server, client) = pair(
+        move |tcp| -> Result<u64, WireError> {
+            let (mut r, mut w) = SecureStream::server_with(tcp, &key(6), &quick())?.split();
+            for i in 0..SMALL {
+                w.send(&hb(i))?;
+            }
+            // Read nothing until the client has every small message: all
+            // that time its writer is stuck in the middle of large ones.
+            assert!(
+                wait_for(Duration::from_secs(30), || received.load(Ordering::SeqCst)
+                    == SMALL),
+                "the small messages did not get through while a large send was stuck"
+            );
+            let stuck_at = sent.load(Ordering::SeqCst);
+            for i in 0..LARGE {
+                match r.recv()? {
+                    Message::Log { data } => assert!(data == pattern(BIG, i as u8), "{i}"),
+                    other => panic!("{other:?}"),
+                }
+            }
+            w.send(&Message::LogAck {
+                records: LARGE,
+                net: 0,
+            })?;
+            Ok(stuck_at)
+        },
+        move |tcp| -> Result<(), WireError> {
+            let (mut r, mut w) = SecureStream::client_with(tcp, &key(6), &quick())?.split();
+            let writer = thread::spawn(move || -> Result<(), WireError> {
+                for i in 0..LARGE {
+                    w.send(&Message::Log {
+                        data: pattern(BIG, i as u8),
+                    })?;
+                    large_sent.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(())
+            });
+            r.set_read_timeout(Some(Duration::from_secs(30)))?;
+            for i in 0..SMALL {
+                assert_eq!(r.recv()?, hb(i));
+                small_received.fetch_add(1, Ordering::SeqCst);
+            }
+            assert_eq!(
+                r.recv()?,
+                Message::LogAck {
+                    records: LARGE,
+                    net: 0
+                }
+            );
+            writer.join().unwrap()
+        },
+    );
+    client.unwrap();
+    let stuck_at = server.unwrap();
+    assert!(stuck_at < LARGE, "the large sends were never stuck");
+}
+
+#[test]
+fn both_directions_stream_large_messages_at_once() {
+    // With one stream per end, both would block in send, each waiting for
+    // the other to read.
+    const BIG: usize = 6 << 20;
+    const ROUNDS: u64 = 3;
+    fn talk(s: SecureStream, seed: u8) -> Result<(), WireError> {
+        let (mut r, mut w) = s.split();
+        let writer = thread::spawn(move || -> Result<(), WireError> {
+            for i in 0..ROUNDS {
+                w.send(&Message::Log {
+                    data: pattern(BIG, seed.wrapping_add(i as u8)),
+                })?;
+                w.send(&hb(i))?;
+            }
+            Ok(())
+        });
+        let other = if seed == 0 { 100 } else { 0 };
+        r.set_read_timeout(Some(Duration::from_secs(30)))?;
+        for i in 0..ROUNDS {
+            match r.recv()? {
+                Message::Log { data } => {
+                    assert!(data == pattern(BIG, other + i as u8), "round {i}")
+                }
+                m => panic!("{m:?}"),
+            }
+            assert_eq!(r.recv()?, hb(i));
+        }
+        writer.join().unwrap()
+    }
+    let (server, client) = pair(
+        |tcp| talk(SecureStream::server_with(tcp, &key(8), &quick())?, 100),
+        |tcp| talk(SecureStream::client_with(tcp, &key(8), &quick())?, 0),
+    );
+    server.unwrap();
+    client.unwrap();
+}
+
+#[test]
+fn a_write_timeout_poisons_the_writer_and_stops_the_reader() {
+    let (done, wait_done) = std::sync::mpsc::channel::<()>();
+    let (server, client) = pair(
+        move |tcp| {
+            // Completes the handshake, then reads nothing: a hung peer.
+            let s = SecureStream::server_with(tcp, &key(2), &quick()).unwrap();
+            let _ = wait_done.recv_timeout(Duration::from_secs(10));
+            drop(s);
+        },
+        move |tcp| {
+            let (mut r, mut w) = SecureStream::client_with(tcp, &key(2), &quick())
+                .unwrap()
+                .split();
+            // No read timeout: only the writer's failure can end this.
+            let reader = thread::spawn(move || {
+                let e = r.recv().unwrap_err();
+                (e, Instant::now(), r.is_usable())
+            });
+            w.set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let big = Message::Log {
+                data: vec![0; 8 << 20],
+            };
+            let err = loop {
+                if let Err(e) = w.send(&big) {
+                    break e;
+                }
+            };
+            let failed_at = Instant::now();
+            assert!(matches!(err, WireError::Timeout), "{err:?}");
+            assert!(!w.is_usable());
+            assert!(matches!(w.send(&hb(1)), Err(WireError::Poisoned)));
+            let (e, woke_at, usable) = reader.join().unwrap();
+            assert_other_half_failed(&e, "sending");
+            assert!(e.to_string().contains("timed out"), "{e}");
+            assert!(!usable);
+            // Woken by the writer's failure, not by the peer giving up.
+            assert!(
+                woke_at.duration_since(failed_at) < Duration::from_secs(2),
+                "{:?}",
+                woke_at.duration_since(failed_at)
+            );
+            drop(done);
+        },
+    );
+    let () = server;
+    let () = client;
+}
+
+#[test]
+fn a_reader_failure_wakes_a_writer_stuck_on_a_hung_peer() {
+    let (done, wait_done) = std::sync::mpsc::channel::<()>();
+    let (server, client) = pair(
+        move |tcp| {
+            let mut raw = tcp.try_clone().unwrap();
+            let _s = SecureStream::server_with(tcp, &key(3), &quick()).unwrap();
+            // Read nothing, so the client's writer gets stuck; then send
+            // garbage in place of a transport message.
+            thread::sleep(Duration::from_millis(500));
+            raw.write_all(&[32, 0]).unwrap();
+            raw.write_all(&[0xee; 32]).unwrap();
+            let _ = wait_done.recv_timeout(Duration::from_secs(10));
+        },
+        move |tcp| {
+            let (mut r, mut w) = SecureStream::client_with(tcp, &key(3), &quick())
+                .unwrap()
+                .split();
+            // No write timeout: only the reader's failure can end this.
+            let writer = thread::spawn(move || {
+                let big = Message::Log {
+                    data: vec![0; 8 << 20],
+                };
+                loop {
+                    if let Err(e) = w.send(&big) {
+                        return (e, Instant::now(), w.is_usable());
+                    }
+                }
+            });
+            let err = r.recv().unwrap_err();
+            let failed_at = Instant::now();
+            assert!(matches!(err, WireError::Decrypt), "{err:?}");
+            let (e, woke_at, usable) = writer.join().unwrap();
+            assert_other_half_failed(&e, "receiving");
+            assert!(!usable);
+            assert!(
+                woke_at.duration_since(failed_at) < Duration::from_secs(2),
+                "{:?}",
+                woke_at.duration_since(failed_at)
+            );
+            drop(done);
+        },
+    );
+    let () = server;
+    let () = client;
+}
+
+#[test]
+fn a_read_timeout_leaves_both_halves_usable() {
+    let (server, client) = pair(
+        |tcp| -> Result<(), WireError> {
+            let (mut r, mut w) = SecureStream::server_with(tcp, &key(4), &quick())?.split();
+            r.set_read_timeout(Some(Duration::from_millis(100)))?;
+            assert!(matches!(r.recv(), Err(WireError::Timeout)));
+            assert!(r.is_usable() && w.is_usable());
+            w.send(&hb(1))?;
+            r.set_read_timeout(Some(Duration::from_secs(5)))?;
+            assert_eq!(r.recv()?, Message::HeartbeatAck { echo_unix_ns: 1 });
+            w.shutdown()?;
+            assert!(matches!(r.recv(), Err(WireError::Closed)));
+            Ok(())
+        },
+        |tcp| -> Result<(), WireError> {
+            let (mut r, mut w) = SecureStream::client_with(tcp, &key(4), &quick())?.split();
+            thread::sleep(Duration::from_millis(300));
+            assert_eq!(r.recv()?, hb(1));
+            w.send(&Message::HeartbeatAck { echo_unix_ns: 1 })?;
+            // The server's shutdown ends the connection here.
+            assert!(matches!(r.recv(), Err(WireError::Closed)));
+            assert_other_half_failed(&w.send(&hb(2)).unwrap_err(), "receiving");
+            Ok(())
+        },
+    );
+    server.unwrap();
+    client.unwrap();
 }
