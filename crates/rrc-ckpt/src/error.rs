@@ -28,6 +28,14 @@ pub enum Error {
         what: &'static str,
         detail: String,
     },
+    /// Reading or writing another process's memory failed (`op` is "read"
+    /// or "write").
+    #[error("process {pid}: cannot {op} its memory: {detail}")]
+    Memory {
+        pid: i32,
+        op: &'static str,
+        detail: String,
+    },
     #[error("image {path}: {source}")]
     Image {
         path: PathBuf,

@@ -7,7 +7,6 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
 use procfs::process::{MMPermissions, MMapPath, MemoryMap, VmFlags};
 
@@ -136,11 +135,6 @@ pub fn dump(
         .and_then(|p| p.smaps())
         .map_err(Error::proc(raw, "memory maps"))?;
     let pagemap = PageMap::open(raw)?;
-    let mem = File::open(format!("/proc/{raw}/mem")).map_err(|e| Error::Proc {
-        pid: raw,
-        what: "memory",
-        detail: e.to_string(),
-    })?;
     let mut out = MemoryDump::default();
     // First where the data is, then one pass copying it straight from the
     // process into a mapping of the pages file (one copy, no buffer).
@@ -186,7 +180,6 @@ pub fn dump(
     }
     copy_out(
         pid,
-        &mem,
         &img.pages_file(image_pid),
         &out.pages,
         &readable_runs,
@@ -196,15 +189,8 @@ pub fn dump(
 }
 
 /// Copies the page runs of `pid` into a new file of `total` bytes, laid
-/// out as the runs' offsets say.
-fn copy_out(
-    pid: Pid,
-    mem: &File,
-    path: &Path,
-    runs: &[PageRun],
-    readable: &[bool],
-    total: u64,
-) -> Result<()> {
+/// out as the runs' offsets say, straight into a mapping of the file.
+fn copy_out(pid: Pid, path: &Path, runs: &[PageRun], readable: &[bool], total: u64) -> Result<()> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -217,50 +203,7 @@ fn copy_out(
     }
     f.set_len(total).map_err(|e| Error::image(path, e))?;
     let mut map = crate::sys::map_image_mut(&f).map_err(|e| Error::image(path, e))?;
-    let fail = |detail: String| Error::Proc {
-        pid: pid.as_raw(),
-        what: "memory",
-        detail,
-    };
-    let mut i = 0;
-    while i < runs.len() {
-        if !readable[i] {
-            // PROT_NONE or write-only: only /proc/PID/mem reads those.
-            let r = runs[i];
-            let len = (r.count * PAGE_SIZE) as usize;
-            let dst = &mut map[r.offset as usize..r.offset as usize + len];
-            mem.read_exact_at(dst, r.start)
-                .map_err(|e| fail(format!("{:#x}+{len}: {e}", r.start)))?;
-            i += 1;
-            continue;
-        }
-        // Consecutive readable runs, up to the kernel's iovec limit, in one
-        // call: their file ranges are consecutive too.
-        let mut j = i;
-        let mut remote = Vec::new();
-        let mut len = 0usize;
-        while j < runs.len() && readable[j] && j - i < 1024 {
-            let n = (runs[j].count * PAGE_SIZE) as usize;
-            remote.push(RemoteIoVec {
-                base: runs[j].start as usize,
-                len: n,
-            });
-            len += n;
-            j += 1;
-        }
-        let at = runs[i].offset as usize;
-        let dst = &mut map[at..at + len];
-        let n = process_vm_readv(pid, &mut [std::io::IoSliceMut::new(dst)], &remote)
-            .map_err(|e| fail(format!("{} runs from {:#x}: {e}", j - i, runs[i].start)))?;
-        if n != len {
-            return Err(fail(format!(
-                "short read from {:#x}: {n} of {len}",
-                runs[i].start
-            )));
-        }
-        i = j;
-    }
-    Ok(())
+    crate::procmem::read_runs(pid, runs, readable, &mut map, 0)
 }
 
 /// What a mapping is; `None` for mappings nothing needs to be done about.

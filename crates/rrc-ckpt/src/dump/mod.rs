@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::unistd::Pid;
 use procfs::process::Process;
 
+use crate::common::{self, cpu_info, kernel_release};
 use crate::dump::inject::Injector;
 use crate::dump::memory::{MemoryDump, ShmemTable};
 use crate::dump::seize::SeizedProcess;
-use crate::image::{CpuInfo, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
-use crate::{Error, Result, sys};
+use crate::image::{FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
+use crate::{Error, Result};
 
 pub struct CheckpointOptions<'a> {
     /// The root of the tree, as this process's pid namespace numbers it.
@@ -46,17 +47,6 @@ pub struct CheckpointReport {
     pub sockets: Duration,
 }
 
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-pub fn cpu_info() -> CpuInfo {
-    let (xsave_size, xcr0) = sys::xsave_layout();
-    CpuInfo { xsave_size, xcr0 }
-}
-
 /// Checkpoints the tree rooted at `opts.root` into `opts.images`. On error
 /// the tree keeps running as if nothing happened and no image is left.
 pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
@@ -73,18 +63,9 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
         &mut memory::Full,
     );
     if result.is_err() {
-        remove_contents(img.path());
+        common::remove_image_files(img.path());
     }
     result
-}
-
-/// Removes the files of an image directory we were writing (it was empty).
-pub(crate) fn remove_contents(dir: &Path) {
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
-    }
 }
 
 /// What one checkpoint of a tree is to do.
@@ -362,28 +343,4 @@ pub(crate) fn checksum_files(img: &ImageDir) -> Result<BTreeMap<String, u32>> {
         out.insert(name, crate::store::crc_of_file(&e.path())?);
     }
     Ok(out)
-}
-
-/// Runs `f` on a thread inside the network namespace of process `pid`.
-pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
-    use std::os::fd::AsFd;
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| Error::Proc {
-        pid: pid.as_raw(),
-        what: "network namespace",
-        detail: e.to_string(),
-    })?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                Error::Proc {
-                    pid: pid.as_raw(),
-                    what: "network namespace",
-                    detail: e.to_string(),
-                }
-            })?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
 }

@@ -142,7 +142,7 @@ impl Incremental {
             Ok(r) => r,
             Err(e) => {
                 self.policy.abort();
-                crate::dump::remove_contents(img.path());
+                crate::common::remove_image_files(img.path());
                 return Err(e);
             }
         };
