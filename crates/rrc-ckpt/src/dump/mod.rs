@@ -47,9 +47,50 @@ pub struct CheckpointReport {
     pub sockets: Duration,
 }
 
+/// A shared memory object of which every checkpoint saves only the
+/// beginning: the first `keep` bytes, rounded up to whole pages. The object
+/// keeps its size; the rest of it restores as zeros.
+///
+/// The object is named by its identity, device and inode, as `fstat` of a
+/// descriptor of it gives them (for a memfd: of the memfd itself). The
+/// limit applies wherever the object is met: mapped by any process of the
+/// tree, or open only as a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmemLimit {
+    pub dev: u64,
+    pub ino: u64,
+    pub keep: u64,
+}
+
+/// What a checkpoint may be asked beyond [`CheckpointOptions`]; empty by
+/// default, built with its methods.
+#[derive(Default)]
+#[non_exhaustive]
+pub struct Extras {
+    /// Shared memory objects saved only in part.
+    pub shmem_limits: Vec<ShmemLimit>,
+}
+
+impl Extras {
+    pub fn new() -> Extras {
+        Extras::default()
+    }
+
+    /// Saves only the beginning of these shared memory objects.
+    pub fn shmem_limits(mut self, limits: Vec<ShmemLimit>) -> Extras {
+        self.shmem_limits = limits;
+        self
+    }
+}
+
 /// Checkpoints the tree rooted at `opts.root` into `opts.images`. On error
 /// the tree keeps running as if nothing happened and no image is left.
 pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
+    checkpoint_with(opts, Extras::new())
+}
+
+/// [`checkpoint`], with what `extras` asks besides.
+pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<CheckpointReport> {
     let img = ImageDir::create(opts.images)?;
     let result = take(
         &img,
@@ -59,6 +100,7 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
             annotations: opts.annotations.clone(),
             series: None,
             exclude: &[],
+            shmem_limits: &extras.shmem_limits,
         },
         &mut memory::Full,
     );
@@ -78,6 +120,7 @@ pub(crate) struct Take<'a> {
     pub series: Option<(Lineage, Option<Lineage>)>,
     /// Processes of the tree that are the engine's own (snapshots).
     pub exclude: &'a [Pid],
+    pub shmem_limits: &'a [ShmemLimit],
 }
 
 /// One stopped process as a memory policy sees it.
@@ -121,7 +164,7 @@ pub(crate) fn take(
     let mut seized = seize::Seized::tree_excluding(t.root, t.exclude)?;
     let stopped = frozen_at.elapsed();
     let mut problems = Vec::new();
-    let mut shmem = memory::ShmemTable::default();
+    let mut shmem = memory::ShmemTable::with_limits(t.shmem_limits);
     let mut files = files::FileTable::default();
     let mut images: Vec<ProcessImage> = Vec::new();
     let (root_ns_pid, depth) = process::ns_pid(t.root.as_raw(), None)?;

@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 
 pub use capture::CopyMode;
 
-use crate::dump::{CheckpointReport, Take};
+use crate::dump::{CheckpointReport, ShmemLimit, Take};
 use crate::image::{ImageDir, Lineage};
 use crate::store::{ApplyReport, SeriesDir};
 use crate::{Error, Result};
@@ -43,6 +43,7 @@ pub struct Incremental {
     next_epoch: u64,
     last: Option<Lineage>,
     policy: capture::DeltaPolicy,
+    shmem_limits: Vec<ShmemLimit>,
 }
 
 /// What one checkpoint of a series took.
@@ -106,7 +107,15 @@ impl Incremental {
             next_epoch: 0,
             last: None,
             policy: capture::DeltaPolicy::new(opts.copy),
+            shmem_limits: Vec::new(),
         }
+    }
+
+    /// Has every checkpoint of the series save only the beginning of these
+    /// shared memory objects (see [`ShmemLimit`]).
+    pub fn with_shmem_limits(mut self, limits: Vec<ShmemLimit>) -> Incremental {
+        self.shmem_limits = limits;
+        self
     }
 
     /// The last checkpoint written, if any.
@@ -135,6 +144,7 @@ impl Incremental {
                 annotations: self.annotations.clone(),
                 series: Some((lineage.clone(), self.last.clone())),
                 exclude: &exclude,
+                shmem_limits: &self.shmem_limits,
             },
             &mut self.policy,
         );
