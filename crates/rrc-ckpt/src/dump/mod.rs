@@ -62,23 +62,43 @@ pub struct ShmemLimit {
     pub keep: u64,
 }
 
-/// What a checkpoint may be asked beyond [`CheckpointOptions`]; empty by
+/// Annotations of a checkpoint's manifest, by key.
+pub type Annotations = BTreeMap<String, serde_json::Value>;
+
+/// Code run once per checkpoint while every thread of the tree is stopped:
+/// right after the last one stops, before anything of the tree is read.
+/// What it returns is added to the checkpoint's annotations (replacing
+/// those of the same keys). It lets the caller read what the program
+/// keeps in shared memory at the very moment of the checkpoint.
+///
+/// It may be called for a checkpoint that then fails (and leaves no
+/// image); it is not called when the tree cannot be stopped at all.
+pub type AtFreeze<'a> = &'a mut dyn FnMut() -> Annotations;
+
+/// What a checkpoint may be asked beyond [`CheckpointOptions`]; nothing by
 /// default, built with its methods.
 #[derive(Default)]
 #[non_exhaustive]
-pub struct Extras {
+pub struct Extras<'a> {
     /// Shared memory objects saved only in part.
     pub shmem_limits: Vec<ShmemLimit>,
+    pub at_freeze: Option<AtFreeze<'a>>,
 }
 
-impl Extras {
-    pub fn new() -> Extras {
+impl<'a> Extras<'a> {
+    pub fn new() -> Extras<'a> {
         Extras::default()
     }
 
     /// Saves only the beginning of these shared memory objects.
-    pub fn shmem_limits(mut self, limits: Vec<ShmemLimit>) -> Extras {
+    pub fn shmem_limits(mut self, limits: Vec<ShmemLimit>) -> Extras<'a> {
         self.shmem_limits = limits;
+        self
+    }
+
+    /// Runs `f` while the tree is stopped (see [`AtFreeze`]).
+    pub fn at_freeze(mut self, f: AtFreeze<'a>) -> Extras<'a> {
+        self.at_freeze = Some(f);
         self
     }
 }
@@ -92,15 +112,17 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
 /// [`checkpoint`], with what `extras` asks besides.
 pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<CheckpointReport> {
     let img = ImageDir::create(opts.images)?;
+    let mut nothing = Annotations::new;
     let result = take(
         &img,
-        &Take {
+        Take {
             root: opts.root,
             leave_running: opts.leave_running,
             annotations: opts.annotations.clone(),
             series: None,
             exclude: &[],
             shmem_limits: &extras.shmem_limits,
+            at_freeze: extras.at_freeze.unwrap_or(&mut nothing),
         },
         &mut memory::Full,
     );
@@ -121,6 +143,7 @@ pub(crate) struct Take<'a> {
     /// Processes of the tree that are the engine's own (snapshots).
     pub exclude: &'a [Pid],
     pub shmem_limits: &'a [ShmemLimit],
+    pub at_freeze: AtFreeze<'a>,
 }
 
 /// One stopped process as a memory policy sees it.
@@ -155,7 +178,7 @@ pub(crate) trait MemoryPolicy {
 /// Takes one checkpoint of the tree at `t.root` into `img`.
 pub(crate) fn take(
     img: &ImageDir,
-    t: &Take,
+    t: Take,
     policy: &mut dyn MemoryPolicy,
 ) -> Result<CheckpointReport> {
     let start = Instant::now();
@@ -163,6 +186,8 @@ pub(crate) fn take(
     let frozen_at = Instant::now();
     let mut seized = seize::Seized::tree_excluding(t.root, t.exclude)?;
     let stopped = frozen_at.elapsed();
+    let mut annotations = t.annotations.clone();
+    annotations.extend((t.at_freeze)());
     let mut problems = Vec::new();
     let mut shmem = memory::ShmemTable::with_limits(t.shmem_limits);
     let mut files = files::FileTable::default();
@@ -290,7 +315,7 @@ pub(crate) fn take(
         own_pid_ns,
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
-        annotations: t.annotations.clone(),
+        annotations,
         parent,
         lineage,
         checksums: BTreeMap::new(),

@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 
 pub use capture::CopyMode;
 
-use crate::dump::{CheckpointReport, ShmemLimit, Take};
+use crate::dump::{Annotations, AtFreeze, CheckpointReport, ShmemLimit, Take};
 use crate::image::{ImageDir, Lineage};
 use crate::store::{ApplyReport, SeriesDir};
 use crate::{Error, Result};
@@ -128,6 +128,13 @@ impl Incremental {
     /// and the next checkpoint saves every process whole (what was written
     /// in between is known no more), still as a delta of the last good one.
     pub fn checkpoint(&mut self, dir: &Path) -> Result<EpochReport> {
+        self.checkpoint_with(dir, &mut Annotations::new)
+    }
+
+    /// [`Incremental::checkpoint`], calling `at_freeze` once while the tree
+    /// is stopped and adding the annotations it returns to this
+    /// checkpoint's (see [`AtFreeze`]).
+    pub fn checkpoint_with(&mut self, dir: &Path, at_freeze: AtFreeze) -> Result<EpochReport> {
         let img = ImageDir::create(dir)?;
         let lineage = Lineage {
             series: self.series.clone(),
@@ -138,13 +145,14 @@ impl Incremental {
         let exclude = self.policy.own_processes();
         let result = crate::dump::take(
             &img,
-            &Take {
+            Take {
                 root: self.root,
                 leave_running: true,
                 annotations: self.annotations.clone(),
                 series: Some((lineage.clone(), self.last.clone())),
                 exclude: &exclude,
                 shmem_limits: &self.shmem_limits,
+                at_freeze,
             },
             &mut self.policy,
         );
@@ -179,8 +187,18 @@ impl Incremental {
         &mut self,
         series: &SeriesDir,
     ) -> Result<(EpochReport, Option<ApplyReport>)> {
+        self.checkpoint_into_with(series, &mut Annotations::new)
+    }
+
+    /// [`Incremental::checkpoint_into`] with a hook run while the tree is
+    /// stopped (see [`Incremental::checkpoint_with`]).
+    pub fn checkpoint_into_with(
+        &mut self,
+        series: &SeriesDir,
+        at_freeze: AtFreeze,
+    ) -> Result<(EpochReport, Option<ApplyReport>)> {
         let epoch = self.next_epoch;
-        let r = self.checkpoint(&series.layer(epoch))?;
+        let r = self.checkpoint_with(&series.layer(epoch), at_freeze)?;
         let a = series.commit(epoch)?;
         Ok((r, a))
     }
