@@ -391,7 +391,11 @@ fn sysv_mode(shmid: i32) -> Option<u32> {
 fn save_object(f: &File, out: &Path, keep: Option<u64>) -> Result<(u64, Vec<PageRun>)> {
     use nix::unistd::{Whence, lseek};
     let size = f.metadata().map_err(Error::io("stat shared memory"))?.len();
-    let end = keep.map_or(size, |k| k.next_multiple_of(PAGE_SIZE).min(size));
+    let end = keep.map_or(size, |k| {
+        k.checked_next_multiple_of(PAGE_SIZE)
+            .unwrap_or(u64::MAX)
+            .min(size)
+    });
     let mut w = PageWriter::create(out)?;
     let mut runs = Vec::new();
     let mut pos: i64 = 0;
@@ -494,8 +498,10 @@ mod tests {
         let (size, runs) = save_object(&f, &out, Some(0)).unwrap();
         assert_eq!((size, runs.len()), (3 * PAGE_SIZE, 0));
         // A limit beyond the end is no limit.
-        let (_, runs) = save_object(&f, &out, Some(1 << 30)).unwrap();
-        assert_eq!(runs.iter().map(|r| r.count).sum::<u64>(), 3);
+        for keep in [1 << 30, u64::MAX] {
+            let (_, runs) = save_object(&f, &out, Some(keep)).unwrap();
+            assert_eq!(runs.iter().map(|r| r.count).sum::<u64>(), 3);
+        }
         let _ = std::fs::remove_dir_all(img.path());
     }
 }
