@@ -45,6 +45,9 @@ pub enum Error {
     ImageDirNotEmpty(PathBuf),
     #[error("image {path} is unusable: {detail}")]
     CorruptImage { path: PathBuf, detail: String },
+    /// An edit of an image names something the image does not hold.
+    #[error("image {path} has no {what}")]
+    NotInImage { path: PathBuf, what: String },
     #[error("delta {path} refused: {detail}")]
     DeltaRefused { path: PathBuf, detail: String },
     #[error("cannot checkpoint: {}", .0.join("; "))]

@@ -16,10 +16,13 @@
 //! `common` and [`image`], the format between them.
 //! [`incremental`] takes series of checkpoints that save only what changed
 //! (found by [`dirty`]), and [`store`] applies them onto an image.
+//! [`edit`] prepares an image for a restore that is to differ from the
+//! original (a replay).
 
 mod common;
 pub mod dirty;
 pub mod dump;
+pub mod edit;
 mod error;
 pub mod image;
 pub mod incremental;
