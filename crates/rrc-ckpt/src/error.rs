@@ -28,6 +28,14 @@ pub enum Error {
         what: &'static str,
         detail: String,
     },
+    /// Reading or writing another process's memory failed (`op` is "read"
+    /// or "write").
+    #[error("process {pid}: cannot {op} its memory: {detail}")]
+    Memory {
+        pid: i32,
+        op: &'static str,
+        detail: String,
+    },
     #[error("image {path}: {source}")]
     Image {
         path: PathBuf,
@@ -37,6 +45,9 @@ pub enum Error {
     ImageDirNotEmpty(PathBuf),
     #[error("image {path} is unusable: {detail}")]
     CorruptImage { path: PathBuf, detail: String },
+    /// An edit of an image names something the image does not hold.
+    #[error("image {path} has no {what}")]
+    NotInImage { path: PathBuf, what: String },
     #[error("delta {path} refused: {detail}")]
     DeltaRefused { path: PathBuf, detail: String },
     #[error("cannot checkpoint: {}", .0.join("; "))]

@@ -504,6 +504,52 @@ impl ImageDir {
         Ok(())
     }
 
+    /// Writes `bytes` as file `name` in place of the one there: a new
+    /// file renamed over it, so that an image whose files are hard links
+    /// to another image's never writes into that other image.
+    pub fn replace_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.file(name);
+        let new = self.file(&format!(".{name}.new"));
+        fs::write(&new, bytes).map_err(|e| Error::image(&new, e))?;
+        fs::rename(&new, &path).map_err(|e| {
+            let _ = fs::remove_file(&new);
+            Error::image(&path, e)
+        })
+    }
+
+    /// Overwrites byte ranges (offset, bytes) of file `name`, in a copy of
+    /// it renamed over it as [`ImageDir::replace_file`] does.
+    pub fn patch_file(&self, name: &str, patches: &[(u64, &[u8])]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let path = self.file(name);
+        let new = self.file(&format!(".{name}.new"));
+        let patched = fs::copy(&path, &new)
+            .map_err(|e| Error::image(&path, e))
+            .and_then(|_| {
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&new)
+                    .map_err(|e| Error::image(&new, e))?;
+                for (at, bytes) in patches {
+                    f.write_all_at(bytes, *at)
+                        .map_err(|e| Error::image(&new, e))?;
+                }
+                Ok(())
+            })
+            .and_then(|()| fs::rename(&new, &path).map_err(|e| Error::image(&path, e)));
+        if patched.is_err() {
+            let _ = fs::remove_file(&new);
+        }
+        patched
+    }
+
+    /// [`ImageDir::write_json`] in place of the record there, as
+    /// [`ImageDir::replace_file`] does it.
+    pub fn replace_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(value).expect("image records serialize");
+        self.replace_file(name, &bytes)
+    }
+
     pub fn read_json<T: DeserializeOwned>(&self, name: &str) -> Result<T> {
         let path = self.file(name);
         let bytes = fs::read(&path).map_err(|e| Error::image(&path, e))?;

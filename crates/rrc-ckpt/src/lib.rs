@@ -9,18 +9,25 @@
 //! rebuilds threads, files and the remaining kernel state, again by making
 //! system calls inside the skeletons, before letting them run.
 //!
-//! Modules: [`ptrace`] and [`remote`] are the mechanism (stopping threads,
-//! injecting calls); [`procfs`] reads /proc; [`dump`] and [`restore`] are the
-//! two halves of the engine; [`image`] is the format between them.
+//! Modules: [`ptrace`], [`remote`] and [`procmem`] are the mechanism
+//! (stopping threads, injecting calls, reading and writing their memory);
+//! [`procfs`] reads /proc; [`dump`] and [`restore`] are the two halves of
+//! the engine, which share nothing but that mechanism, the helpers of
+//! `common` and [`image`], the format between them.
 //! [`incremental`] takes series of checkpoints that save only what changed
 //! (found by [`dirty`]), and [`store`] applies them onto an image.
+//! [`edit`] prepares an image for a restore that is to differ from the
+//! original (a replay).
 
+mod common;
 pub mod dirty;
 pub mod dump;
+pub mod edit;
 mod error;
 pub mod image;
 pub mod incremental;
 pub mod procfs;
+pub mod procmem;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;

@@ -206,20 +206,9 @@ impl Remote {
     /// Sets the thread running `batch` (see [`Remote::run_batch`]) without
     /// waiting for it, so that several threads run theirs at once.
     pub fn start_batch(&mut self, batch: &Batch, code: u64, table: u64) -> Result<()> {
-        use nix::sys::uio::{RemoteIoVec, process_vm_writev};
         let bytes = batch.table();
-        let n = process_vm_writev(
-            self.tid,
-            &[std::io::IoSlice::new(&bytes)],
-            &[RemoteIoVec {
-                base: table as usize,
-                len: bytes.len(),
-            }],
-        )
-        .map_err(|e| self.batch_error(format!("write the call table: {e}")))?;
-        if n != bytes.len() {
-            return Err(self.batch_error("short write of the call table".into()));
-        }
+        crate::procmem::write(self.tid, table, &bytes)
+            .map_err(|e| self.batch_error(format!("write the call table: {e}")))?;
         let mut r = self.base;
         r.rip = code;
         r.rbx = table;
@@ -234,25 +223,13 @@ impl Remote {
 
     /// Waits for a batch started by [`Remote::start_batch`]; its results.
     pub fn finish_batch(&mut self, batch: &Batch, table: u64) -> Result<Vec<i64>> {
-        use nix::sys::uio::{RemoteIoVec, process_vm_readv};
         match ptrace::wait_stop(self.tid)? {
             Stop::Signal(nix::sys::signal::Signal::SIGTRAP) => {}
             other => return Err(self.batch_error(format!("stopped by {other:?} during a batch"))),
         }
         let mut out = vec![0u8; (batch.len() + 1) * BATCH_ENTRY];
-        let len = out.len();
-        let n = process_vm_readv(
-            self.tid,
-            &mut [std::io::IoSliceMut::new(&mut out)],
-            &[RemoteIoVec {
-                base: table as usize,
-                len,
-            }],
-        )
-        .map_err(|e| self.batch_error(format!("read the results: {e}")))?;
-        if n != out.len() {
-            return Err(self.batch_error("short read of the results".into()));
-        }
+        crate::procmem::read(self.tid, table, &mut out)
+            .map_err(|e| self.batch_error(format!("read the results: {e}")))?;
         Ok(batch.results(&out))
     }
 

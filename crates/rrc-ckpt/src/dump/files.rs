@@ -293,7 +293,7 @@ impl UnixTable {
         if let Some(m) = self.map.get() {
             return Ok(m);
         }
-        let m = crate::dump::in_netns_of(self.root, crate::unixdiag::query)?
+        let m = crate::common::in_netns_of(self.root, crate::unixdiag::query)?
             .map_err(Error::io("list unix sockets (sock_diag)"))?;
         Ok(self.map.get_or_init(|| m))
     }

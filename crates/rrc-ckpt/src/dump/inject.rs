@@ -1,19 +1,13 @@
 //! Making system calls inside a stopped process during a checkpoint, and
 //! leaving it exactly as it was afterwards.
 
-use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
-use std::io::IoSliceMut;
 
+use crate::common::BLOCK_ALL;
 use crate::dump::seize::SeizedProcess;
-use crate::nr;
 use crate::ptrace::{self, Regs};
 use crate::remote::Remote;
-use crate::{Error, Result};
-
-/// Every signal but SIGKILL and SIGSTOP, which cannot be blocked: while the
-/// engine makes calls in a thread, no signal may be delivered to it.
-pub const BLOCK_ALL: u64 = !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
+use crate::{Error, Result, nr, procmem};
 
 pub const SCRATCH_SIZE: u64 = 64 * 1024;
 /// Layout of the scratch memory: batch code, call table, call outputs.
@@ -45,7 +39,7 @@ pub fn find_syscall_insn(pid: Pid) -> Result<u64> {
         && let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
     {
         let mut buf = vec![0u8; (e - s) as usize];
-        if read_memory(pid, s, &mut buf).is_ok()
+        if procmem::read(pid, s, &mut buf).is_ok()
             && let Some(off) = buf.windows(2).position(|w| w == [0x0f, 0x05])
         {
             return Ok(s + off as u64);
@@ -69,7 +63,7 @@ pub fn find_syscall_insn(pid: Pid) -> Result<u64> {
     for (start, end) in candidates {
         let len = (end - start).min(4 << 20) as usize;
         let mut buf = vec![0u8; len];
-        if read_memory(pid, start, &mut buf).is_err() {
+        if procmem::read(pid, start, &mut buf).is_err() {
             continue;
         }
         if let Some(off) = buf.windows(2).position(|w| w == [0x0f, 0x05]) {
@@ -79,32 +73,6 @@ pub fn find_syscall_insn(pid: Pid) -> Result<u64> {
     Err(Error::Unsupported(vec![format!(
         "process {pid} has no executable memory with a syscall instruction"
     )]))
-}
-
-/// Reads `buf.len()` bytes at `addr` of `pid`.
-pub fn read_memory(pid: Pid, addr: u64, buf: &mut [u8]) -> Result<()> {
-    let len = buf.len();
-    let n = process_vm_readv(
-        pid,
-        &mut [IoSliceMut::new(buf)],
-        &[RemoteIoVec {
-            base: addr as usize,
-            len,
-        }],
-    )
-    .map_err(|e| Error::Proc {
-        pid: pid.as_raw(),
-        what: "memory",
-        detail: format!("at {addr:#x}: {e}"),
-    })?;
-    if n != len {
-        return Err(Error::Proc {
-            pid: pid.as_raw(),
-            what: "memory",
-            detail: format!("short read at {addr:#x}: {n} of {len}"),
-        });
-    }
-    Ok(())
 }
 
 impl Injector {
@@ -166,7 +134,7 @@ impl Injector {
             ],
         )?;
         self.scratch = Some(addr);
-        crate::restore::tracee::write_memory(self.pid, addr + CODE_AT, &crate::remote::BATCH_CODE)?;
+        procmem::write(self.pid, addr + CODE_AT, &crate::remote::BATCH_CODE)?;
         Ok(addr)
     }
 
@@ -248,7 +216,7 @@ impl Injector {
     /// Reads back what a call left in scratch memory.
     pub fn read_scratch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let base = self.scratch.expect("scratch mapped before use");
-        read_memory(self.pid, base + offset, buf)
+        procmem::read(self.pid, base + offset, buf)
     }
 
     /// Unmaps the scratch memory and puts registers and masks back.

@@ -7,10 +7,10 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
-use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
 use procfs::process::{MMPermissions, MMapPath, MemoryMap, VmFlags};
 
+use crate::dump::ShmemLimit;
 use crate::image::{ImageDir, PageRun, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::{PAGE_SIZE, PageMap, has_own_data, runs};
 use crate::{Error, Result};
@@ -20,6 +20,8 @@ use crate::{Error, Result};
 pub struct ShmemTable {
     pub objects: Vec<SharedMemory>,
     index: HashMap<(u64, u64), usize>,
+    /// Bytes to save of the objects saved only in part, by (dev, inode).
+    keep: HashMap<(u64, u64), u64>,
 }
 
 /// What a process's memory turned into.
@@ -136,11 +138,6 @@ pub fn dump(
         .and_then(|p| p.smaps())
         .map_err(Error::proc(raw, "memory maps"))?;
     let pagemap = PageMap::open(raw)?;
-    let mem = File::open(format!("/proc/{raw}/mem")).map_err(|e| Error::Proc {
-        pid: raw,
-        what: "memory",
-        detail: e.to_string(),
-    })?;
     let mut out = MemoryDump::default();
     // First where the data is, then one pass copying it straight from the
     // process into a mapping of the pages file (one copy, no buffer).
@@ -186,7 +183,6 @@ pub fn dump(
     }
     copy_out(
         pid,
-        &mem,
         &img.pages_file(image_pid),
         &out.pages,
         &readable_runs,
@@ -196,15 +192,8 @@ pub fn dump(
 }
 
 /// Copies the page runs of `pid` into a new file of `total` bytes, laid
-/// out as the runs' offsets say.
-fn copy_out(
-    pid: Pid,
-    mem: &File,
-    path: &Path,
-    runs: &[PageRun],
-    readable: &[bool],
-    total: u64,
-) -> Result<()> {
+/// out as the runs' offsets say, straight into a mapping of the file.
+fn copy_out(pid: Pid, path: &Path, runs: &[PageRun], readable: &[bool], total: u64) -> Result<()> {
     let f = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -217,50 +206,7 @@ fn copy_out(
     }
     f.set_len(total).map_err(|e| Error::image(path, e))?;
     let mut map = crate::sys::map_image_mut(&f).map_err(|e| Error::image(path, e))?;
-    let fail = |detail: String| Error::Proc {
-        pid: pid.as_raw(),
-        what: "memory",
-        detail,
-    };
-    let mut i = 0;
-    while i < runs.len() {
-        if !readable[i] {
-            // PROT_NONE or write-only: only /proc/PID/mem reads those.
-            let r = runs[i];
-            let len = (r.count * PAGE_SIZE) as usize;
-            let dst = &mut map[r.offset as usize..r.offset as usize + len];
-            mem.read_exact_at(dst, r.start)
-                .map_err(|e| fail(format!("{:#x}+{len}: {e}", r.start)))?;
-            i += 1;
-            continue;
-        }
-        // Consecutive readable runs, up to the kernel's iovec limit, in one
-        // call: their file ranges are consecutive too.
-        let mut j = i;
-        let mut remote = Vec::new();
-        let mut len = 0usize;
-        while j < runs.len() && readable[j] && j - i < 1024 {
-            let n = (runs[j].count * PAGE_SIZE) as usize;
-            remote.push(RemoteIoVec {
-                base: runs[j].start as usize,
-                len: n,
-            });
-            len += n;
-            j += 1;
-        }
-        let at = runs[i].offset as usize;
-        let dst = &mut map[at..at + len];
-        let n = process_vm_readv(pid, &mut [std::io::IoSliceMut::new(dst)], &remote)
-            .map_err(|e| fail(format!("{} runs from {:#x}: {e}", j - i, runs[i].start)))?;
-        if n != len {
-            return Err(fail(format!(
-                "short read from {:#x}: {n} of {len}",
-                runs[i].start
-            )));
-        }
-        i = j;
-    }
-    Ok(())
+    crate::procmem::read_runs(pid, runs, readable, &mut map, 0)
 }
 
 /// What a mapping is; `None` for mappings nothing needs to be done about.
@@ -342,6 +288,13 @@ pub(crate) fn classify(
 }
 
 impl ShmemTable {
+    pub fn with_limits(limits: &[ShmemLimit]) -> ShmemTable {
+        ShmemTable {
+            keep: limits.iter().map(|l| ((l.dev, l.ino), l.keep)).collect(),
+            ..ShmemTable::default()
+        }
+    }
+
     /// The id of the shared memory object behind mapping `m`, saving its
     /// contents the first time it is met.
     fn object(
@@ -356,8 +309,9 @@ impl ShmemTable {
             return Ok(id);
         }
         let (start, end) = m.address;
-        // The object itself, whole, through the kernel's handle on the
-        // mapping (it also reaches pages this process never touched).
+        // The object itself, whole (or as far as its limit says), through
+        // the kernel's handle on the mapping (it also reaches pages this
+        // process never touched).
         let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
         let f = File::open(&path).map_err(|e| Error::Proc {
             pid: pid.as_raw(),
@@ -365,7 +319,8 @@ impl ShmemTable {
             detail: format!("{path}: {e}"),
         })?;
         let id = self.objects.len();
-        let (size, pages) = save_object(&f, &img.shmem_file(id))?;
+        let keep = self.keep.get(&(dev, m.inode)).copied();
+        let (size, pages) = save_object(&f, &img.shmem_file(id), keep)?;
         let kind = match kind {
             ShmemKind::Memfd { name, .. } => ShmemKind::Memfd {
                 name,
@@ -397,7 +352,8 @@ impl ShmemTable {
             return Ok(id);
         }
         let id = self.objects.len();
-        let (size, pages) = save_object(f, &img.shmem_file(id))?;
+        let keep = self.keep.get(&(meta.dev(), meta.ino())).copied();
+        let (size, pages) = save_object(f, &img.shmem_file(id), keep)?;
         self.objects.push(SharedMemory {
             id,
             kind: ShmemKind::Memfd {
@@ -429,22 +385,29 @@ fn sysv_mode(shmid: i32) -> Option<u32> {
     })
 }
 
-/// Copies the data regions of a shared memory file (holes stay holes).
-fn save_object(f: &File, out: &Path) -> Result<(u64, Vec<PageRun>)> {
+/// Copies the data regions of a shared memory file (holes stay holes), of
+/// the whole file or of its first `keep` bytes in whole pages; returns the
+/// file's size (whole, whatever was saved) and the runs saved.
+fn save_object(f: &File, out: &Path, keep: Option<u64>) -> Result<(u64, Vec<PageRun>)> {
     use nix::unistd::{Whence, lseek};
     let size = f.metadata().map_err(Error::io("stat shared memory"))?.len();
+    let end = keep.map_or(size, |k| {
+        k.checked_next_multiple_of(PAGE_SIZE)
+            .unwrap_or(u64::MAX)
+            .min(size)
+    });
     let mut w = PageWriter::create(out)?;
     let mut runs = Vec::new();
     let mut pos: i64 = 0;
     let mut regions: BTreeMap<u64, u64> = BTreeMap::new();
-    while (pos as u64) < size {
+    while (pos as u64) < end {
         let data = match lseek(f, pos, Whence::SeekData) {
-            Ok(d) => d,
-            Err(nix::errno::Errno::ENXIO) => break,
+            Ok(d) if (d as u64) < end => d,
+            Ok(_) | Err(nix::errno::Errno::ENXIO) => break,
             Err(e) => return Err(Error::io("seek shared memory")(e.into())),
         };
         let hole = lseek(f, data, Whence::SeekHole).unwrap_or(size as i64);
-        regions.insert(data as u64, hole as u64);
+        regions.insert(data as u64, (hole as u64).min(end));
         pos = hole;
     }
     for (s, e) in regions {
@@ -468,4 +431,77 @@ fn save_object(f: &File, out: &Path) -> Result<(u64, Vec<PageRun>)> {
     }
     w.out.flush().map_err(|e| Error::image(out, e))?;
     Ok((size, runs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A memfd of `pages` pages, page i filled with i + 1, in a scratch
+    /// image directory.
+    fn memfd(pages: u64, tag: &str) -> (File, ImageDir) {
+        let fd = nix::sys::memfd::memfd_create(c"rrc-test", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .unwrap();
+        let f = File::from(fd);
+        for i in 0..pages {
+            f.write_all_at(&vec![i as u8 + 1; PAGE_SIZE as usize], i * PAGE_SIZE)
+                .unwrap();
+        }
+        let dir = std::env::temp_dir().join(format!("rrc-ckpt-unit-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        (f, ImageDir::create(&dir).unwrap())
+    }
+
+    #[test]
+    fn a_limited_object_keeps_its_size_and_only_its_first_pages() {
+        let (f, img) = memfd(3, "limit");
+        let meta = f.metadata().unwrap();
+        let mut table = ShmemTable::with_limits(&[ShmemLimit {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            keep: 100,
+        }]);
+        let id = table.memfd(&f, "rings".into(), &img).unwrap();
+        let obj = &table.objects[id];
+        assert_eq!(obj.size, 3 * PAGE_SIZE);
+        assert_eq!(
+            obj.pages,
+            vec![PageRun {
+                start: 0,
+                count: 1,
+                offset: 0
+            }]
+        );
+        let saved = std::fs::read(img.shmem_file(id)).unwrap();
+        assert_eq!(saved, vec![1u8; PAGE_SIZE as usize]);
+        // Met again (mapped by another process, say): the same object.
+        assert_eq!(table.memfd(&f, "rings".into(), &img).unwrap(), id);
+        let _ = std::fs::remove_dir_all(img.path());
+    }
+
+    #[test]
+    fn limits_round_up_to_pages_and_leave_other_objects_whole() {
+        let (f, img) = memfd(3, "other");
+        let meta = f.metadata().unwrap();
+        // Another object's limit: this one is saved whole.
+        let mut table = ShmemTable::with_limits(&[ShmemLimit {
+            dev: meta.dev(),
+            ino: meta.ino() + 1,
+            keep: 0,
+        }]);
+        let id = table.memfd(&f, "whole".into(), &img).unwrap();
+        assert_eq!(table.objects[id].pages[0].count, 3);
+        let out = img.file("part.img");
+        let (size, runs) = save_object(&f, &out, Some(PAGE_SIZE + 1)).unwrap();
+        assert_eq!(size, 3 * PAGE_SIZE);
+        assert_eq!(runs.iter().map(|r| r.count).sum::<u64>(), 2);
+        let (size, runs) = save_object(&f, &out, Some(0)).unwrap();
+        assert_eq!((size, runs.len()), (3 * PAGE_SIZE, 0));
+        // A limit beyond the end is no limit.
+        for keep in [1 << 30, u64::MAX] {
+            let (_, runs) = save_object(&f, &out, Some(keep)).unwrap();
+            assert_eq!(runs.iter().map(|r| r.count).sum::<u64>(), 3);
+        }
+        let _ = std::fs::remove_dir_all(img.path());
+    }
 }

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use nix::unistd::Pid;
 use procfs::process::Process;
 
+use crate::common::{self, cpu_info, kernel_release};
 use crate::dump::inject::Injector;
 use crate::dump::memory::{MemoryDump, ShmemTable};
 use crate::dump::seize::SeizedProcess;
-use crate::image::{CpuInfo, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
-use crate::{Error, Result, sys};
+use crate::image::{FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
+use crate::{Error, Result};
 
 pub struct CheckpointOptions<'a> {
     /// The root of the tree, as this process's pid namespace numbers it.
@@ -46,45 +47,89 @@ pub struct CheckpointReport {
     pub sockets: Duration,
 }
 
-pub fn kernel_release() -> String {
-    nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default()
+/// A shared memory object of which every checkpoint saves only the
+/// beginning: the first `keep` bytes, rounded up to whole pages. The object
+/// keeps its size; the rest of it restores as zeros.
+///
+/// The object is named by its identity, device and inode, as `fstat` of a
+/// descriptor of it gives them (for a memfd: of the memfd itself). The
+/// limit applies wherever the object is met: mapped by any process of the
+/// tree, or open only as a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmemLimit {
+    pub dev: u64,
+    pub ino: u64,
+    pub keep: u64,
 }
 
-pub fn cpu_info() -> CpuInfo {
-    let (xsave_size, xcr0) = sys::xsave_layout();
-    CpuInfo { xsave_size, xcr0 }
+/// Annotations of a checkpoint's manifest, by key.
+pub type Annotations = BTreeMap<String, serde_json::Value>;
+
+/// Code run once per checkpoint while every thread of the tree is stopped:
+/// right after the last one stops, before anything of the tree is read.
+/// What it returns is added to the checkpoint's annotations (replacing
+/// those of the same keys). It lets the caller read what the program
+/// keeps in shared memory at the very moment of the checkpoint.
+///
+/// It may be called for a checkpoint that then fails (and leaves no
+/// image); it is not called when the tree cannot be stopped at all.
+pub type AtFreeze<'a> = &'a mut dyn FnMut() -> Annotations;
+
+/// What a checkpoint may be asked beyond [`CheckpointOptions`]; nothing by
+/// default, built with its methods.
+#[derive(Default)]
+#[non_exhaustive]
+pub struct Extras<'a> {
+    /// Shared memory objects saved only in part.
+    pub shmem_limits: Vec<ShmemLimit>,
+    pub at_freeze: Option<AtFreeze<'a>>,
+}
+
+impl<'a> Extras<'a> {
+    pub fn new() -> Extras<'a> {
+        Extras::default()
+    }
+
+    /// Saves only the beginning of these shared memory objects.
+    pub fn shmem_limits(mut self, limits: Vec<ShmemLimit>) -> Extras<'a> {
+        self.shmem_limits = limits;
+        self
+    }
+
+    /// Runs `f` while the tree is stopped (see [`AtFreeze`]).
+    pub fn at_freeze(mut self, f: AtFreeze<'a>) -> Extras<'a> {
+        self.at_freeze = Some(f);
+        self
+    }
 }
 
 /// Checkpoints the tree rooted at `opts.root` into `opts.images`. On error
 /// the tree keeps running as if nothing happened and no image is left.
 pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
+    checkpoint_with(opts, Extras::new())
+}
+
+/// [`checkpoint`], with what `extras` asks besides.
+pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<CheckpointReport> {
     let img = ImageDir::create(opts.images)?;
+    let mut nothing = Annotations::new;
     let result = take(
         &img,
-        &Take {
+        Take {
             root: opts.root,
             leave_running: opts.leave_running,
             annotations: opts.annotations.clone(),
             series: None,
             exclude: &[],
+            shmem_limits: &extras.shmem_limits,
+            at_freeze: extras.at_freeze.unwrap_or(&mut nothing),
         },
         &mut memory::Full,
     );
     if result.is_err() {
-        remove_contents(img.path());
+        common::remove_image_files(img.path());
     }
     result
-}
-
-/// Removes the files of an image directory we were writing (it was empty).
-pub(crate) fn remove_contents(dir: &Path) {
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let _ = fs::remove_file(e.path());
-        }
-    }
 }
 
 /// What one checkpoint of a tree is to do.
@@ -97,6 +142,8 @@ pub(crate) struct Take<'a> {
     pub series: Option<(Lineage, Option<Lineage>)>,
     /// Processes of the tree that are the engine's own (snapshots).
     pub exclude: &'a [Pid],
+    pub shmem_limits: &'a [ShmemLimit],
+    pub at_freeze: AtFreeze<'a>,
 }
 
 /// One stopped process as a memory policy sees it.
@@ -131,7 +178,7 @@ pub(crate) trait MemoryPolicy {
 /// Takes one checkpoint of the tree at `t.root` into `img`.
 pub(crate) fn take(
     img: &ImageDir,
-    t: &Take,
+    t: Take,
     policy: &mut dyn MemoryPolicy,
 ) -> Result<CheckpointReport> {
     let start = Instant::now();
@@ -139,8 +186,10 @@ pub(crate) fn take(
     let frozen_at = Instant::now();
     let mut seized = seize::Seized::tree_excluding(t.root, t.exclude)?;
     let stopped = frozen_at.elapsed();
+    let mut annotations = t.annotations.clone();
+    annotations.extend((t.at_freeze)());
     let mut problems = Vec::new();
-    let mut shmem = memory::ShmemTable::default();
+    let mut shmem = memory::ShmemTable::with_limits(t.shmem_limits);
     let mut files = files::FileTable::default();
     let mut images: Vec<ProcessImage> = Vec::new();
     let (root_ns_pid, depth) = process::ns_pid(t.root.as_raw(), None)?;
@@ -266,7 +315,7 @@ pub(crate) fn take(
         own_pid_ns,
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
-        annotations: t.annotations.clone(),
+        annotations,
         parent,
         lineage,
         checksums: BTreeMap::new(),
@@ -362,28 +411,4 @@ pub(crate) fn checksum_files(img: &ImageDir) -> Result<BTreeMap<String, u32>> {
         out.insert(name, crate::store::crc_of_file(&e.path())?);
     }
     Ok(out)
-}
-
-/// Runs `f` on a thread inside the network namespace of process `pid`.
-pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
-    use std::os::fd::AsFd;
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| Error::Proc {
-        pid: pid.as_raw(),
-        what: "network namespace",
-        detail: e.to_string(),
-    })?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                Error::Proc {
-                    pid: pid.as_raw(),
-                    what: "network namespace",
-                    detail: e.to_string(),
-                }
-            })?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
 }

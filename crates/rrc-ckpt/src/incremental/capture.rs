@@ -4,10 +4,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use nix::unistd::Pid;
 use procfs::process::{MMPermissions, Process};
 
@@ -136,14 +134,6 @@ pub(crate) struct DeltaPolicy {
     /// Mappings whose madvise flags are to be read once the tree runs
     /// again, by image pid: (pid, ranges).
     flags_pending: HashMap<i32, (i32, Vec<(u64, u64)>)>,
-}
-
-fn perr(pid: i32, what: &'static str) -> impl FnOnce(std::io::Error) -> Error {
-    move |e| Error::Proc {
-        pid,
-        what,
-        detail: e.to_string(),
-    }
 }
 
 fn start_time(pid: i32) -> Result<u64> {
@@ -516,85 +506,22 @@ fn read_flags(pid: i32) -> Result<HashMap<(u64, u64), Vec<String>>> {
 fn copy_runs(pid: Pid, runs: &[PageRun], readable: &[bool], buf: &mut [u8]) -> Result<Duration> {
     let total: u64 = runs.iter().map(|r| r.count * PAGE_SIZE).sum();
     if total < 2 << 20 || runs.len() < 2 {
-        return copy_part(pid, runs, readable, buf, 0).map(|()| Duration::ZERO);
+        return crate::procmem::read_runs(pid, runs, readable, buf, 0).map(|()| Duration::ZERO);
     }
     let half = runs.partition_point(|r| r.offset < total / 2).max(1);
     let split = runs[half].offset;
     let (a, b) = buf.split_at_mut(split as usize);
     std::thread::scope(|s| {
         let other = s.spawn(|| {
-            let r = copy_part(pid, &runs[half..], &readable[half..], b, split);
+            let r = crate::procmem::read_runs(pid, &runs[half..], &readable[half..], b, split);
             (r, super::thread_cpu_time())
         });
-        let mine = copy_part(pid, &runs[..half], &readable[..half], a, 0);
+        let mine = crate::procmem::read_runs(pid, &runs[..half], &readable[..half], a, 0);
         let (theirs, cpu) = other
             .join()
             .unwrap_or_else(|p| std::panic::resume_unwind(p));
         mine.and(theirs).map(|()| cpu)
     })
-}
-
-/// Copies runs whose offsets start at `base` into `buf`.
-fn copy_part(
-    pid: Pid,
-    runs: &[PageRun],
-    readable: &[bool],
-    buf: &mut [u8],
-    base: u64,
-) -> Result<()> {
-    let raw = pid.as_raw();
-    let fail = |detail: String| Error::Proc {
-        pid: raw,
-        what: "memory",
-        detail,
-    };
-    let mut mem: Option<File> = None;
-    let mut i = 0;
-    while i < runs.len() {
-        if !readable[i] {
-            // PROT_NONE or write-only: only /proc/PID/mem reads those.
-            let r = runs[i];
-            let len = (r.count * PAGE_SIZE) as usize;
-            if mem.is_none() {
-                mem = Some(File::open(format!("/proc/{raw}/mem")).map_err(perr(raw, "memory"))?);
-            }
-            let m = mem.as_ref().expect("opened");
-            let at = (r.offset - base) as usize;
-            m.read_exact_at(&mut buf[at..at + len], r.start)
-                .map_err(|e| fail(format!("{:#x}+{len}: {e}", r.start)))?;
-            i += 1;
-            continue;
-        }
-        // Consecutive readable runs, up to the kernel's iovec limit: their
-        // places in the buffer are consecutive too.
-        let mut j = i;
-        let mut remote = Vec::new();
-        let mut len = 0usize;
-        while j < runs.len() && readable[j] && j - i < 1024 {
-            let n = (runs[j].count * PAGE_SIZE) as usize;
-            remote.push(RemoteIoVec {
-                base: runs[j].start as usize,
-                len: n,
-            });
-            len += n;
-            j += 1;
-        }
-        let at = (runs[i].offset - base) as usize;
-        let n = process_vm_readv(
-            pid,
-            &mut [std::io::IoSliceMut::new(&mut buf[at..at + len])],
-            &remote,
-        )
-        .map_err(|e| fail(format!("{} runs from {:#x}: {e}", j - i, runs[i].start)))?;
-        if n != len {
-            return Err(fail(format!(
-                "short read from {:#x}: {n} of {len}",
-                runs[i].start
-            )));
-        }
-        i = j;
-    }
-    Ok(())
 }
 
 impl MemoryPolicy for DeltaPolicy {

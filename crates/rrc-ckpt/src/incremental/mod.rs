@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 
 pub use capture::CopyMode;
 
-use crate::dump::{CheckpointReport, Take};
+use crate::dump::{Annotations, AtFreeze, CheckpointReport, ShmemLimit, Take};
 use crate::image::{ImageDir, Lineage};
 use crate::store::{ApplyReport, SeriesDir};
 use crate::{Error, Result};
@@ -43,6 +43,7 @@ pub struct Incremental {
     next_epoch: u64,
     last: Option<Lineage>,
     policy: capture::DeltaPolicy,
+    shmem_limits: Vec<ShmemLimit>,
 }
 
 /// What one checkpoint of a series took.
@@ -106,12 +107,20 @@ impl Incremental {
             next_epoch: 0,
             last: None,
             policy: capture::DeltaPolicy::new(opts.copy),
+            shmem_limits: Vec::new(),
         }
     }
 
     /// The number the next checkpoint of the series will get.
     pub fn next_epoch(&self) -> u64 {
         self.next_epoch
+    }
+
+    /// Has every checkpoint of the series save only the beginning of these
+    /// shared memory objects (see [`ShmemLimit`]).
+    pub fn with_shmem_limits(mut self, limits: Vec<ShmemLimit>) -> Incremental {
+        self.shmem_limits = limits;
+        self
     }
 
     /// The last checkpoint written, if any.
@@ -124,6 +133,13 @@ impl Incremental {
     /// and the next checkpoint saves every process whole (what was written
     /// in between is known no more), still as a delta of the last good one.
     pub fn checkpoint(&mut self, dir: &Path) -> Result<EpochReport> {
+        self.checkpoint_with(dir, &mut Annotations::new)
+    }
+
+    /// [`Incremental::checkpoint`], calling `at_freeze` once while the tree
+    /// is stopped and adding the annotations it returns to this
+    /// checkpoint's (see [`AtFreeze`]).
+    pub fn checkpoint_with(&mut self, dir: &Path, at_freeze: AtFreeze) -> Result<EpochReport> {
         let img = ImageDir::create(dir)?;
         let lineage = Lineage {
             series: self.series.clone(),
@@ -134,12 +150,14 @@ impl Incremental {
         let exclude = self.policy.own_processes();
         let result = crate::dump::take(
             &img,
-            &Take {
+            Take {
                 root: self.root,
                 leave_running: true,
                 annotations: self.annotations.clone(),
                 series: Some((lineage.clone(), self.last.clone())),
                 exclude: &exclude,
+                shmem_limits: &self.shmem_limits,
+                at_freeze,
             },
             &mut self.policy,
         );
@@ -147,7 +165,7 @@ impl Incremental {
             Ok(r) => r,
             Err(e) => {
                 self.policy.abort();
-                crate::dump::remove_contents(img.path());
+                crate::common::remove_image_files(img.path());
                 return Err(e);
             }
         };
@@ -174,8 +192,18 @@ impl Incremental {
         &mut self,
         series: &SeriesDir,
     ) -> Result<(EpochReport, Option<ApplyReport>)> {
+        self.checkpoint_into_with(series, &mut Annotations::new)
+    }
+
+    /// [`Incremental::checkpoint_into`] with a hook run while the tree is
+    /// stopped (see [`Incremental::checkpoint_with`]).
+    pub fn checkpoint_into_with(
+        &mut self,
+        series: &SeriesDir,
+        at_freeze: AtFreeze,
+    ) -> Result<(EpochReport, Option<ApplyReport>)> {
         let epoch = self.next_epoch;
-        let r = self.checkpoint(&series.layer(epoch))?;
+        let r = self.checkpoint_with(&series.layer(epoch), at_freeze)?;
         let a = series.commit(epoch)?;
         Ok((r, a))
     }

@@ -257,7 +257,7 @@ fn make_pipe(
     let out = t.out(8)?;
     t.call("pipe2", nr::SYS_pipe2, &[out, 0])?;
     let mut b = [0u8; 8];
-    crate::dump::inject::read_memory(t.pid, out, &mut b)?;
+    crate::procmem::read(t.pid, out, &mut b)?;
     let rd = u64::from(u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")));
     let wr = u64::from(u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")));
     let capacity = m

@@ -2,10 +2,8 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::IoSlice;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
-use nix::sys::uio::{RemoteIoVec, process_vm_writev};
 use nix::unistd::Pid;
 
 use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
@@ -549,43 +547,18 @@ fn write_pages(tid: Pid, file: &std::path::Path, runs: &[PageRun], pid: i32) -> 
     }
     let data = File::open(file).map_err(|e| Error::image(file, e))?;
     let map = crate::sys::map_image(&data).map_err(|e| Error::image(file, e))?;
-    // Batches of runs per call, within the kernel's iovec limit.
-    const IOV_MAX: usize = 1024;
-    for batch in runs.chunks(IOV_MAX) {
-        let mut local = Vec::with_capacity(batch.len());
-        let mut remote = Vec::with_capacity(batch.len());
-        let mut total = 0;
-        for r in batch {
-            let len = (r.count * PAGE_SIZE) as usize;
-            let src = map
-                .get(r.offset as usize..r.offset as usize + len)
-                .ok_or_else(|| Error::CorruptImage {
-                    path: file.into(),
-                    detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
-                })?;
-            local.push(IoSlice::new(src));
-            remote.push(RemoteIoVec {
-                base: r.start as usize,
-                len,
-            });
-            total += len;
-        }
-        let wrote = process_vm_writev(tid, &local, &remote).map_err(|e| {
-            rerr(
-                pid,
-                "write memory",
-                format!("{} runs from {:#x}: {e}", batch.len(), batch[0].start),
-            )
-        })?;
-        if wrote != total {
-            return Err(rerr(
-                pid,
-                "write memory",
-                format!("short write from {:#x}: {wrote} of {total}", batch[0].start),
-            ));
-        }
+    // A run beyond the file is the image's fault, and said so.
+    if let Some(r) = runs
+        .iter()
+        .find(|r| r.offset.saturating_add(r.count * PAGE_SIZE) > map.len() as u64)
+    {
+        return Err(Error::CorruptImage {
+            path: file.into(),
+            detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
+        });
     }
-    Ok(())
+    crate::procmem::write_runs(tid, runs, &map)
+        .map_err(|e| rerr(pid, "write memory", e.to_string()))
 }
 
 /// Restores the mm fields (code/data/brk/stack/args/env, auxv, exe link).

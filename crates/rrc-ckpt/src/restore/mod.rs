@@ -25,7 +25,7 @@ use nix::sys::ptrace::Options;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::dump::inject::BLOCK_ALL;
+use crate::common::{BLOCK_ALL, cpu_info};
 use crate::image::{ImageDir, Manifest, ProcessImage};
 use crate::ptrace::{self, Stop};
 use crate::restore::files::{FilePlan, Held};
@@ -96,7 +96,7 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
             ),
         });
     }
-    let cpu = crate::dump::cpu_info();
+    let cpu = cpu_info();
     if cpu != m.cpu {
         return Err(Error::Incompatible(format!(
             "the CPU's extended register state differs (XSAVE size {} and XCR0 {:#x} here, {} and {:#x} in the image)",

@@ -9,7 +9,6 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage, UnixAddr, bind, connect, socket,
 };
-use nix::unistd::Pid;
 
 use crate::image::{Blob, FileKind, ImageDir, OpenFile};
 use crate::restore::tracee::Tracee;
@@ -163,21 +162,6 @@ fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
     }
     set_nonblocking(&s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
     Ok(s)
-}
-
-/// Runs `f` on a thread inside the network namespace of process `pid`.
-fn in_netns<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| rerr(pid.as_raw(), format!("network namespace: {e}")))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| rerr(pid.as_raw(), format!("enter its network namespace: {e}")))?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
 }
 
 fn parse_addr(pid: i32, s: &str) -> Result<std::net::SocketAddr> {
@@ -346,7 +330,7 @@ pub fn create(
             _ => None,
         })
         .collect();
-    let built = in_netns(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
+    let built = crate::common::in_netns_of(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
         let mut out = Vec::new();
         let mut paired = std::collections::HashSet::new();
         for f in files {
@@ -463,7 +447,7 @@ fn receive(t: &mut Tracee, sock: RawFd, n: usize) -> Result<Vec<u64>> {
         &[sock as u64, msg, libc::MSG_CMSG_CLOEXEC as u64],
     )?;
     let mut buf = vec![0u8; cmsg_len];
-    crate::dump::inject::read_memory(t.pid, cmsg, &mut buf)?;
+    crate::procmem::read(t.pid, cmsg, &mut buf)?;
     let level = i32::from_ne_bytes(buf[8..12].try_into().expect("4 bytes"));
     let ty = i32::from_ne_bytes(buf[12..16].try_into().expect("4 bytes"));
     if level != libc::SOL_SOCKET || ty != libc::SCM_RIGHTS {

@@ -109,7 +109,7 @@ fn posix_timers(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
                 &[tm.clock as u64, evp, out],
             )?;
             let mut b = [0u8; 4];
-            crate::dump::inject::read_memory(t.pid, out, &mut b)?;
+            crate::procmem::read(t.pid, out, &mut b)?;
             let id = i32::from_ne_bytes(b);
             if id == tm.id {
                 break;

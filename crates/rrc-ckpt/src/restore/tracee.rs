@@ -5,14 +5,11 @@
 //! tree (children inherit it from their parent skeleton) and holds a
 //! `syscall` instruction at its start and argument space after it.
 
-use std::io::IoSlice;
-
-use nix::sys::uio::{RemoteIoVec, process_vm_writev};
 use nix::unistd::Pid;
 
 use crate::ptrace::{self, Regs};
 use crate::remote::{Remote, Spawned};
-use crate::{Error, Result};
+use crate::{Error, Result, procmem};
 
 /// Size of the scratch region: one code page and argument space.
 pub const SCRATCH_SIZE: u64 = 1 << 20;
@@ -98,7 +95,7 @@ impl Tracee {
                 detail: format!("{len} bytes do not fit the scratch region"),
             });
         }
-        write_memory(self.pid, self.scratch + at, bytes)?;
+        procmem::write(self.pid, self.scratch + at, bytes)?;
         self.next_arg = at + len;
         Ok(self.scratch + at)
     }
@@ -111,7 +108,7 @@ impl Tracee {
     }
 
     /// Room for a call to write `len` bytes into; read it back with
-    /// [`crate::dump::inject::read_memory`].
+    /// [`procmem::read`].
     pub fn out(&mut self, len: usize) -> Result<u64> {
         self.arg(&vec![0u8; len])
     }
@@ -119,29 +116,4 @@ impl Tracee {
     fn reset_args(&mut self) {
         self.next_arg = ARGS_OFFSET;
     }
-}
-
-/// Writes `bytes` at `addr` of `pid` (the pages must be writable).
-pub fn write_memory(pid: Pid, addr: u64, bytes: &[u8]) -> Result<()> {
-    let n = process_vm_writev(
-        pid,
-        &[IoSlice::new(bytes)],
-        &[RemoteIoVec {
-            base: addr as usize,
-            len: bytes.len(),
-        }],
-    )
-    .map_err(|e| Error::Restore {
-        pid: pid.as_raw(),
-        stage: "write memory",
-        detail: format!("{addr:#x}+{}: {e}", bytes.len()),
-    })?;
-    if n != bytes.len() {
-        return Err(Error::Restore {
-            pid: pid.as_raw(),
-            stage: "write memory",
-            detail: format!("short write at {addr:#x}: {n} of {}", bytes.len()),
-        });
-    }
-    Ok(())
 }

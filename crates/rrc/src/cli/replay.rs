@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use rrc_ckpt::image::{FileKind, ImageDir, Manifest, ProcessImage, ShmemKind};
+use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
 use rrc_container::probe;
 use rrc_rr::log::thread_log_ids;
 
@@ -156,8 +156,8 @@ fn from_start(a: &ReplayArgs, ids: &[u32], ring_fd: i32) -> Result<i32> {
 fn from_checkpoint(a: &ReplayArgs, images: &Path, ids: &[u32], ring_fd: i32) -> Result<i32> {
     probe::require_root("rrc replay --images")?;
     let images = super::restore::image_of(images)?;
-    let copy = ImageCopy::of(&images)?;
-    let plan = mark_for_replay(&copy.dir, ring_fd, |from, virtual_fds| {
+    let copy = WorkingCopy::of(&images)?;
+    let plan = mark_for_replay(&images, copy.path(), ring_fd, |from, virtual_fds| {
         config_text(a, ids, from, virtual_fds)
     })?;
     eprintln!(
@@ -167,61 +167,11 @@ fn from_checkpoint(a: &ReplayArgs, images: &Path, ids: &[u32], ring_fd: i32) -> 
         plan.interrupted
     );
     let name = a.name.as_deref().map(str::parse).transpose()?;
-    let spec = rrc_container::restore::RestoreSpec::from_image(&copy.dir, name, a.uplink.clone())?;
+    let spec =
+        rrc_container::restore::RestoreSpec::from_image(copy.path(), name, a.uplink.clone())?;
     let launched =
         rrc_container::launch::Launch::new(rrc_container::launch::Source::Image(spec)).run()?;
     Ok(super::exit_code(launched))
-}
-
-/// A working copy of an image directory (files hard-linked where the
-/// file system allows, copied otherwise), removed when dropped. Files it
-/// changes are replaced, never written through a link.
-struct ImageCopy {
-    dir: PathBuf,
-}
-
-impl ImageCopy {
-    fn of(images: &Path) -> Result<ImageCopy> {
-        let parent = images.parent().unwrap_or(Path::new("."));
-        let dir = parent.join(format!(
-            ".{}.replay-{}",
-            images
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            std::process::id()
-        ));
-        let copy = ImageCopy { dir };
-        std::fs::create_dir(&copy.dir)
-            .with_context(|| format!("creating {}", copy.dir.display()))?;
-        for entry in
-            std::fs::read_dir(images).with_context(|| format!("reading {}", images.display()))?
-        {
-            let entry = entry?;
-            if !entry.file_type()?.is_file() {
-                continue;
-            }
-            let to = copy.dir.join(entry.file_name());
-            if std::fs::hard_link(entry.path(), &to).is_err() {
-                std::fs::copy(entry.path(), &to)
-                    .with_context(|| format!("copying {}", entry.path().display()))?;
-            }
-        }
-        Ok(copy)
-    }
-}
-
-impl Drop for ImageCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Writes `bytes` as a new file at `path` (never through a hard link to
-/// the original image).
-fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let _ = std::fs::remove_file(path);
-    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// What marking an image for replay found.
@@ -253,141 +203,44 @@ const INPUT_SYSCALLS: &[i64] = &[
     libc::SYS_pselect6,
 ];
 
-/// Changes the image in `dir` so that the program restored from it
-/// replays: the rings' sequence counter marked, the rings' descriptor
-/// turned into a file holding the configuration (`config`, given the first
-/// event to replay and the descriptors of open connections), and threads
-/// blocked in input calls interrupted.
+/// Changes the image in `dir` (a working copy of `images`) so that the
+/// program restored from it replays: the rings' sequence counter marked,
+/// the rings' descriptor turned into a file holding the configuration
+/// (`config`, given the first event to replay and the descriptors of open
+/// connections), its standard output and error turned into the
+/// restorer's, and threads blocked in input calls interrupted.
 fn mark_for_replay(
+    images: &Path,
     dir: &Path,
     ring_fd: i32,
     config: impl FnOnce(u64, &[i32]) -> Result<String>,
 ) -> Result<ReplayPlan> {
-    let img = ImageDir::new(dir);
-    let (_, mut manifest, procs) =
-        rrc_ckpt::restore::load(dir).with_context(|| format!("reading {}", dir.display()))?;
-    let mut found = None;
-    for p in procs.values() {
-        let Some(fd) = p.fds.iter().find(|f| f.fd == ring_fd) else {
-            continue;
-        };
-        let Some(file) = manifest.files.iter().find(|f| f.id == fd.file) else {
-            continue;
-        };
-        if let FileKind::Memfd { shmem, .. } = file.kind {
-            found = Some((p.pid, file.id, shmem));
-            break;
-        }
-    }
-    let Some((pid, file_id, shmem_id)) = found else {
+    let mut edit = ImageEdit::open(dir).with_context(|| format!("reading {}", images.display()))?;
+    let Some(rings) = edit.memfd_at_fd(ring_fd) else {
         bail!(
             "no process in {} has the recording's rings (descriptor {ring_fd}): is it a checkpoint of the container recorded into the log?",
-            dir.display()
+            images.display()
         );
     };
-    let from = mark_rings(&img, &manifest, shmem_id)?;
-    let mut proc: ProcessImage = procs.get(&pid).cloned().expect("found above");
-    // Connections open at the checkpoint: their input is in the log.
-    let virtual_fds: Vec<i32> = proc
-        .fds
-        .iter()
-        .filter(|f| {
-            manifest
-                .files
-                .iter()
-                .any(|o| o.id == f.file && matches!(o.kind, FileKind::Tcp { .. }))
-        })
-        .map(|f| f.fd)
-        .collect();
-    let text = config(from, &virtual_fds)?;
-    replace_file(&img.file_data(file_id), text.as_bytes())?;
-    let file = manifest
-        .files
-        .iter_mut()
-        .find(|f| f.id == file_id)
-        .expect("found above");
-    file.flags = libc::O_RDONLY as u32;
-    file.kind = FileKind::Regular {
-        path: format!("/tmp/.rrc-replay-{}-{pid}", std::process::id()),
-        pos: 0,
-        deleted: true,
-        size: text.len() as u64,
-        mode: 0o600,
-    };
-    redirect_output(&mut manifest, &proc);
-    let mut interrupted = 0;
-    for t in &mut proc.threads {
-        let ret = t.regs.rax as i64;
-        let waiting = [
-            rrc_ckpt::ptrace::ERESTARTSYS,
-            rrc_ckpt::ptrace::ERESTARTNOINTR,
-            rrc_ckpt::ptrace::ERESTARTNOHAND,
-            rrc_ckpt::ptrace::ERESTART_RESTARTBLOCK,
-            -i64::from(libc::EINTR),
-        ]
-        .contains(&ret);
-        if waiting && INPUT_SYSCALLS.contains(&(t.regs.orig_rax as i64)) {
-            t.regs.rax = (-i64::from(libc::EINTR)) as u64;
-            interrupted += 1;
-        }
-    }
-    write_json(&img, &ImageDir::process_name(pid), &proc)?;
-    write_json(&img, "manifest.json", &manifest)?;
-    Ok(ReplayPlan { from, interrupted })
-}
-
-/// Standard output and error that were files (the recorded container's
-/// log) become the restorer's own, as pipes to outside the tree do: the
-/// replay's output and librrc's report reach `rrc replay`'s caller, and
-/// the original's log is not written over.
-fn redirect_output(manifest: &mut Manifest, proc: &ProcessImage) {
-    for fd in proc.fds.iter().filter(|f| f.fd == 1 || f.fd == 2) {
-        let shared = proc.fds.iter().filter(|f| f.file == fd.file).count() > 1
-            && proc.fds.iter().any(|f| f.file == fd.file && f.fd > 2);
-        let Some(file) = manifest.files.iter_mut().find(|f| f.id == fd.file) else {
-            continue;
-        };
-        if shared || !matches!(file.kind, FileKind::Regular { deleted: false, .. }) {
-            continue;
-        }
-        // A pipe whose other end is not in the image: the restore hands it
-        // the restorer's descriptor of the same number.
-        file.kind = FileKind::Pipe {
-            pipe: u64::MAX - file.id as u64,
-            write_end: true,
-            capacity: 65536,
-        };
-        file.flags = libc::O_WRONLY as u32;
-    }
-}
-
-fn write_json<T: serde::Serialize>(img: &ImageDir, name: &str, value: &T) -> Result<()> {
-    let _ = std::fs::remove_file(img.file(name));
-    img.write_json(name, value)
-        .with_context(|| format!("writing {}", img.file(name).display()))
-}
-
-/// Marks the ring set (shared memory object `id`) for replay; returns the
-/// first sequence number the replay must serve.
-fn mark_rings(img: &ImageDir, manifest: &Manifest, id: usize) -> Result<u64> {
-    let obj = manifest
-        .shmem
-        .iter()
-        .find(|s| s.id == id && matches!(s.kind, ShmemKind::Memfd { .. }))
-        .with_context(|| format!("the image has no shared memory object {id}"))?;
-    let run = obj
-        .pages
-        .iter()
-        .find(|r| r.start == 0 && r.count > 0)
-        .context("the rings' first page is not in the image")?;
-    let path = img.shmem_file(id);
-    let mut data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let at = run.offset as usize;
-    let page = data
-        .get_mut(at..at + 4096)
-        .with_context(|| format!("{} is truncated", path.display()))?;
+    let page = edit
+        .shmem_page_mut(rings.shmem_id, 0)
+        .context("the rings' first page")?;
     let last = rrc_rr::ring::request_replay(page)
-        .with_context(|| format!("descriptor's memory in {}", path.display()))?;
-    replace_file(&path, &data)?;
-    Ok(last + 1)
+        .with_context(|| format!("the rings' memory in {}", images.display()))?;
+    let from = last + 1;
+    // Connections open at the checkpoint: their input is in the log.
+    let virtual_fds = edit.tcp_fds(rings.pid);
+    let text = config(from, &virtual_fds)?;
+    edit.replace_with_deleted_file(
+        rings.file_id,
+        &format!("/tmp/.rrc-replay-{}-{}", std::process::id(), rings.pid),
+        text.into_bytes(),
+    )?;
+    // The replay's output and librrc's report reach `rrc replay`'s caller,
+    // and the original's log is not written over.
+    edit.output_to_restorer(rings.pid)?;
+    let interrupted = edit.interrupt_syscalls(rings.pid, INPUT_SYSCALLS)?;
+    edit.save()
+        .with_context(|| format!("writing {}", dir.display()))?;
+    Ok(ReplayPlan { from, interrupted })
 }

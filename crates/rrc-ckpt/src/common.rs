@@ -1,0 +1,60 @@
+//! What both halves of the engine use besides the mechanism modules: the
+//! machine an image belongs to, the signal mask the engine's calls run
+//! under, network namespaces, and cleaning up after a failed checkpoint.
+
+use std::fs;
+use std::path::Path;
+
+use nix::unistd::Pid;
+
+use crate::image::CpuInfo;
+use crate::{Error, Result, sys};
+
+/// Every signal but SIGKILL and SIGSTOP, which cannot be blocked: while the
+/// engine makes calls in a thread, no signal may be delivered to it.
+pub const BLOCK_ALL: u64 = !((1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGSTOP - 1)));
+
+/// `uname -r` of this machine.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The extended register state format of this machine, which an image
+/// must match to be restored here.
+pub fn cpu_info() -> CpuInfo {
+    let (xsave_size, xcr0) = sys::xsave_layout();
+    CpuInfo { xsave_size, xcr0 }
+}
+
+/// Removes the files of an image directory that was being written (it was
+/// empty before), so that a failed checkpoint leaves nothing behind.
+pub(crate) fn remove_image_files(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Runs `f` on a thread inside the network namespace of process `pid`
+/// (a thread of its own, as `setns` changes only the calling thread's).
+pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
+    use std::os::fd::AsFd;
+    let fail = |detail: String| Error::Proc {
+        pid: pid.as_raw(),
+        what: "network namespace",
+        detail,
+    };
+    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| fail(e.to_string()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| fail(format!("enter it: {e}")))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}

@@ -1,0 +1,194 @@
+//! The image-editing API on a real checkpoint (of the `shmem_limit`
+//! fixture, left running): a working copy, typed queries and edits, a save
+//! and a reload, and the original image untouched throughout.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::*;
+use rrc_ckpt::Error;
+use rrc_ckpt::dump::{CheckpointOptions, checkpoint};
+use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
+use rrc_ckpt::image::{FileKind, ImageDir};
+
+/// Every file of a directory, by name.
+fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn ino(p: &Path) -> u64 {
+    fs::metadata(p).unwrap().ino()
+}
+
+#[test]
+fn edits_are_saved_into_the_working_copy_only() {
+    require_root();
+    let dir = scratch("edit");
+    let bin = build("shmem_limit", &dir);
+    let fx = Fixture::start(&bin, &dir, &[]);
+    let images = dir.join("images");
+    checkpoint(&CheckpointOptions {
+        root: fx.pid,
+        images: &images,
+        leave_running: true,
+        annotations: BTreeMap::new(),
+    })
+    .unwrap();
+    let before = contents(&images);
+    let pid = fx.pid.as_raw();
+    let record = ImageDir::process_name(pid);
+
+    let copy = WorkingCopy::of(&images).unwrap();
+    assert_ne!(copy.path(), images.as_path());
+    assert_eq!(contents(copy.path()), before);
+    assert_eq!(
+        ino(&copy.path().join("manifest.json")),
+        ino(&images.join("manifest.json")),
+        "files are hard-linked"
+    );
+
+    let mut edit = ImageEdit::open(copy.path()).unwrap();
+    // Queries.
+    let rings = edit.memfd_at_fd(10).expect("fd 10 is a memfd");
+    assert_eq!(rings.pid, pid);
+    let file_only = edit.memfd_at_fd(12).expect("fd 12 is a memfd");
+    assert_ne!(rings.shmem_id, file_only.shmem_id);
+    assert!(edit.memfd_at_fd(0).is_none(), "fd 0 is /dev/null");
+    assert!(edit.memfd_at_fd(999).is_none());
+    assert!(edit.tcp_fds(pid).is_empty());
+    assert!(edit.tcp_fds(pid + 100_000).is_empty());
+
+    // One page of a shared memory object: the counter's page.
+    let page = edit.shmem_page_mut(rings.shmem_id, 0).unwrap();
+    let counter = u64::from_ne_bytes(page[..8].try_into().unwrap());
+    assert!(counter > 0, "the counter ran before the checkpoint");
+    page[..8].copy_from_slice(&u64::MAX.to_ne_bytes());
+    // The last page of the 1 MiB object is saved too.
+    edit.shmem_page_mut(rings.shmem_id, 255).unwrap()[0] ^= 0xff;
+    for (id, page) in [(rings.shmem_id, 256), (rings.shmem_id, u64::MAX), (999, 0)] {
+        let e = edit.shmem_page_mut(id, page).unwrap_err();
+        assert!(matches!(e, Error::NotInImage { .. }), "{e}");
+    }
+
+    // fd 12 becomes a deleted file with other contents.
+    edit.replace_with_deleted_file(
+        file_only.file_id,
+        "/tmp/.rrc-edit-test",
+        b"config\n".to_vec(),
+    )
+    .unwrap();
+    let e = edit
+        .replace_with_deleted_file(usize::MAX, "/tmp/x", Vec::new())
+        .unwrap_err();
+    assert!(matches!(e, Error::NotInImage { .. }), "{e}");
+
+    // Threads asleep in the fixture's wait (nanosleep) are interrupted.
+    let asleep: Vec<bool> = edit
+        .process(pid)
+        .unwrap()
+        .threads
+        .iter()
+        .map(|t| {
+            let r = t.regs.rax as i64;
+            t.regs.orig_rax as i64 == libc::SYS_clock_nanosleep
+                && [
+                    rrc_ckpt::ptrace::ERESTARTSYS,
+                    rrc_ckpt::ptrace::ERESTARTNOINTR,
+                    rrc_ckpt::ptrace::ERESTARTNOHAND,
+                    rrc_ckpt::ptrace::ERESTART_RESTARTBLOCK,
+                    -i64::from(libc::EINTR),
+                ]
+                .contains(&r)
+        })
+        .collect();
+    let interrupted = edit
+        .interrupt_syscalls(pid, &[libc::SYS_clock_nanosleep, libc::SYS_nanosleep])
+        .unwrap();
+    assert_eq!(interrupted, asleep.iter().filter(|a| **a).count());
+    assert!(edit.interrupt_syscalls(pid + 100_000, &[]).is_err());
+
+    // Standard output and error: one log file, open once for both.
+    assert_eq!(edit.output_to_restorer(pid).unwrap(), 1);
+    assert_eq!(edit.output_to_restorer(pid).unwrap(), 0, "done already");
+
+    edit.save().unwrap();
+    // Nothing changed since: nothing written.
+    let manifest_ino = ino(&copy.path().join("manifest.json"));
+    edit.save().unwrap();
+    assert_eq!(ino(&copy.path().join("manifest.json")), manifest_ino);
+
+    // The original image is as it was, file for file.
+    assert_eq!(contents(&images), before, "the original image changed");
+    // What was not edited is still shared with it.
+    let pages = ImageDir::new(&images).pages_file(pid);
+    let pages = pages.file_name().unwrap();
+    assert_eq!(ino(&copy.path().join(pages)), ino(&images.join(pages)));
+    assert_eq!(
+        ino(&copy.path().join(&record)) == ino(&images.join(&record)),
+        interrupted == 0,
+        "the process record is replaced only if it changed"
+    );
+
+    // Reloaded, the edits are there.
+    let mut again = ImageEdit::open(copy.path()).unwrap();
+    let page = again.shmem_page_mut(rings.shmem_id, 0).unwrap();
+    assert_eq!(&page[..8], &u64::MAX.to_ne_bytes());
+    let files = &again.manifest().files;
+    let f = files.iter().find(|f| f.id == file_only.file_id).unwrap();
+    assert_eq!(f.flags, libc::O_RDONLY as u32);
+    assert!(
+        matches!(&f.kind, FileKind::Regular { path, pos: 0, deleted: true, size: 7, .. } if path == "/tmp/.rrc-edit-test"),
+        "{f:?}"
+    );
+    let img = ImageDir::new(copy.path());
+    assert_eq!(
+        fs::read(img.file_data(file_only.file_id)).unwrap(),
+        b"config\n"
+    );
+    let p = again.process(pid).unwrap();
+    let out = p.fds.iter().find(|f| f.fd == 1).unwrap();
+    let out = files.iter().find(|f| f.id == out.file).unwrap();
+    assert!(
+        matches!(
+            out.kind,
+            FileKind::Pipe {
+                write_end: true,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    for (t, asleep) in p.threads.iter().zip(&asleep) {
+        assert_eq!(t.regs.rax as i64 == -i64::from(libc::EINTR), *asleep);
+    }
+    // The rings' object is still the only changed one.
+    assert_eq!(
+        fs::read(img.shmem_file(file_only.shmem_id)).unwrap(),
+        before[&format!("shmem-{}.img", file_only.shmem_id)]
+    );
+    drop(again);
+
+    // Dropped, the copy goes; kept, it stays.
+    let gone = copy.path().to_path_buf();
+    drop(copy);
+    assert!(!gone.exists());
+    let kept = WorkingCopy::of(&images).unwrap().keep();
+    assert!(kept.join("manifest.json").exists());
+    fs::remove_dir_all(&kept).unwrap();
+
+    fx.passes("shmem_limit left running by a checkpoint");
+    let _ = fs::remove_dir_all(&dir);
+}
