@@ -19,6 +19,7 @@ use nix::unistd::{
     Pid, dup2_stderr, dup2_stdin, dup2_stdout, pipe2, read, sethostname, setsid, write,
 };
 use rrc_cgroup::{Cgroup, Layout};
+use rrc_ckpt::dump::{Annotations, ShmemLimit};
 use rrc_net::forward::Forwarder;
 use rrc_net::gate::{PacketGate, PassThrough};
 use rrc_net::packet::PacketSocket;
@@ -48,6 +49,12 @@ pub struct CreateOptions {
     /// How long the forwarder keeps polling after a frame before it sleeps
     /// (see [`rrc_net::forward`]).
     pub spin: Duration,
+    /// What every checkpoint of the container leaves out of which shared
+    /// memory objects (see [`ShmemLimit`]).
+    pub shmem_limits: Vec<ShmemLimit>,
+    /// What every checkpoint of the container records beside the
+    /// container itself (for whoever restores it).
+    pub annotations: Annotations,
 }
 
 impl Default for CreateOptions {
@@ -56,6 +63,8 @@ impl Default for CreateOptions {
             output: Output::Inherit,
             gate: None,
             spin: rrc_net::forward::DEFAULT_SPIN,
+            shmem_limits: Vec::new(),
+            annotations: Annotations::new(),
         }
     }
 }
@@ -79,6 +88,8 @@ pub struct Container {
     pub(crate) control: crate::control::ControlSocket,
     /// How the restore went, for a container that was restored.
     pub(crate) restored: Option<rrc_ckpt::restore::Restored>,
+    pub(crate) shmem_limits: Vec<ShmemLimit>,
+    pub(crate) extra_annotations: Annotations,
 }
 
 /// Signals the supervisor takes through a signalfd; blocked before any
@@ -145,6 +156,8 @@ impl Container {
             cgroup: None,
             init: None,
         };
+        let shmem_limits = opts.shmem_limits.clone();
+        let extra_annotations = opts.annotations.clone();
         match Self::build(spec, layout, &host, opts, &mut record, &mut partial) {
             Ok((cgroup, init, net, control)) => Ok(Container {
                 host,
@@ -155,6 +168,8 @@ impl Container {
                 net,
                 control,
                 restored: None,
+                shmem_limits,
+                extra_annotations,
             }),
             Err(e) => {
                 partial.rollback();

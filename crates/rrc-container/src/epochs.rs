@@ -11,6 +11,7 @@
 
 use std::path::Path;
 
+use rrc_ckpt::dump::Annotations;
 use rrc_ckpt::incremental::{CopyMode, EpochReport, Incremental, IncrementalOptions};
 use rrc_ckpt::store::{ApplyReport, SeriesDir};
 
@@ -22,6 +23,12 @@ pub trait EpochHooks {
     /// The network is paused: no frame crosses the gate until
     /// [`EpochHooks::after`] has run.
     fn paused(&mut self) {}
+    /// Every thread of the container is stopped: what is returned is added
+    /// to the checkpoint's annotations (counters the program keeps in
+    /// memory, read at the checkpoint's exact moment).
+    fn at_freeze(&mut self) -> Annotations {
+        Annotations::new()
+    }
     /// The checkpoint was taken (or failed); the network is still paused.
     fn after(&mut self, _taken: Option<&EpochReport>) {}
 }
@@ -42,7 +49,8 @@ impl EpochCheckpointer {
             root: c.init_pid(),
             annotations: c.annotations()?,
             copy,
-        });
+        })
+        .with_shmem_limits(c.shmem_limits.clone());
         Ok(EpochCheckpointer { inc })
     }
 
@@ -54,7 +62,7 @@ impl EpochCheckpointer {
         hooks: &mut dyn EpochHooks,
     ) -> rrc_ckpt::Result<EpochReport> {
         let inc = &mut self.inc;
-        paused(c, hooks, || inc.checkpoint(dir))
+        paused(c, hooks, |hooks| inc.checkpoint_with(dir, &mut || hooks.at_freeze()))
     }
 
     /// Takes the next checkpoint into a series directory and commits it
@@ -66,7 +74,7 @@ impl EpochCheckpointer {
     ) -> rrc_ckpt::Result<(EpochReport, Option<ApplyReport>)> {
         let inc = &mut self.inc;
         let mut taken = None;
-        let r = paused(c, &mut (), || {
+        let r = paused(c, &mut (), |_| {
             let r = inc.checkpoint(&series.layer(inc.next_epoch()));
             if let Ok(report) = &r {
                 taken = Some(report.lineage.epoch);
@@ -87,11 +95,11 @@ impl EpochCheckpointer {
 fn paused(
     c: &Container,
     hooks: &mut dyn EpochHooks,
-    take: impl FnOnce() -> rrc_ckpt::Result<EpochReport>,
+    take: impl FnOnce(&mut dyn EpochHooks) -> rrc_ckpt::Result<EpochReport>,
 ) -> rrc_ckpt::Result<EpochReport> {
     c.pause_network(true);
     hooks.paused();
-    let r = take();
+    let r = take(hooks);
     hooks.after(r.as_ref().ok());
     c.pause_network(false);
     r

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rrc_ckpt::dump::{Annotations, ShmemLimit};
 use rrc_net::gate::PacketGate;
 
 use crate::create::{Container, CreateOptions, Output};
@@ -84,6 +85,8 @@ pub struct Launch<'a> {
     companions: Vec<MakeCompanion<'a>>,
     detach: bool,
     stop_timeout: Duration,
+    shmem_limits: Vec<ShmemLimit>,
+    annotations: Annotations,
 }
 
 impl<'a> Launch<'a> {
@@ -98,7 +101,24 @@ impl<'a> Launch<'a> {
             companions: Vec::new(),
             detach: false,
             stop_timeout: Duration::from_secs(10),
+            shmem_limits: Vec::new(),
+            annotations: Annotations::new(),
         }
+    }
+
+    /// Every checkpoint of the container saves only the beginning of this
+    /// shared memory object (memory rrc shares with the program, of which
+    /// only a header matters to a restore).
+    pub fn shmem_limit(mut self, limit: ShmemLimit) -> Self {
+        self.shmem_limits.push(limit);
+        self
+    }
+
+    /// Every checkpoint of the container records `value` under `key`, for
+    /// whoever restores it.
+    pub fn annotation(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.annotations.insert(key.to_string(), value);
+        self
     }
 
     /// The policy every frame between the container and the LAN goes
@@ -177,6 +197,8 @@ impl<'a> Launch<'a> {
             output,
             gate: self.gate,
             spin: self.spin,
+            shmem_limits: self.shmem_limits,
+            annotations: self.annotations,
         };
         let made = match &self.source {
             Source::Program(spec) => Container::create(spec, &layout, self.host, opts),

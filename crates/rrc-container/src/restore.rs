@@ -120,6 +120,8 @@ impl Container {
             cgroup: None,
             init: None,
         };
+        let shmem_limits = opts.shmem_limits.clone();
+        let extra_annotations = opts.annotations.clone();
         match Self::rebuild(spec, layout, &host, opts, &mut record, &mut partial) {
             Ok((cgroup, init, net, restored, control)) => Ok(Container {
                 host,
@@ -130,6 +132,8 @@ impl Container {
                 net,
                 control,
                 restored: Some(restored),
+                shmem_limits,
+                extra_annotations,
             }),
             Err(e) => {
                 partial.rollback();

@@ -249,7 +249,7 @@ impl Container {
 
     /// What a checkpoint of the container records besides the processes.
     pub fn annotations(&self) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
-        let mut annotations = std::collections::BTreeMap::new();
+        let mut annotations = self.extra_annotations.clone();
         let mut ann = ContainerAnnotation::of(&self.record);
         ann.netns = Some(crate::netstate::capture(self.init)?);
         annotations.insert(
@@ -267,12 +267,15 @@ impl Container {
         if let Some(net) = &self.net {
             net.forwarder.set_blocked(true);
         }
-        let r = rrc_ckpt::dump::checkpoint(&CheckpointOptions {
-            root: self.init,
-            images,
-            leave_running,
-            annotations,
-        });
+        let r = rrc_ckpt::dump::checkpoint_with(
+            &CheckpointOptions {
+                root: self.init,
+                images,
+                leave_running,
+                annotations,
+            },
+            rrc_ckpt::dump::Extras::new().shmem_limits(self.shmem_limits.clone()),
+        );
         if let Some(net) = &self.net
             && (leave_running || r.is_err())
         {

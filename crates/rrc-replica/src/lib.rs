@@ -14,6 +14,8 @@ pub mod log_store;
 pub mod netlog;
 pub mod position;
 pub mod primary;
+pub mod shipper;
+pub mod wake;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,27 +1,44 @@
-//! The primary's end of the replication link: a thread that keeps a
-//! connection to the backup, sends it each checkpoint, releases the frames
-//! a checkpoint covers once the backup has committed it, and keeps the
-//! backup aware of the primary with heartbeats in between. It tells the
-//! container's supervisor what happened through a channel and a wake-up
-//! socket the supervisor polls.
+//! The primary's end of the replication link: a connection to the backup
+//! used both ways at once.
+//!
+//! - The writer (thread `rrc-link`, which also makes the connection) sends
+//!   what the outbox holds: small messages (log records, net log frames,
+//!   heartbeats) first, and checkpoints in pieces between them, so that a
+//!   reply's log never waits behind a checkpoint of many megabytes.
+//! - The reader (thread `rrc-link-rx`) takes the backup's answers as they
+//!   come: log acknowledgements and commits go straight to the
+//!   [`AckHandler`] (the release policy, outside this module), everything
+//!   else to the container's supervisor as [`LinkEvent`]s.
+//!
+//! Either side failing ends the connection for both (the wire's halves see
+//! to that); the writer then reports the loss and reconnects every second.
+//! A backup silent for longer than the timeout (no answer to heartbeats,
+//! which go out every `heartbeat` even in the middle of a checkpoint) is
+//! lost.
 
+use std::collections::VecDeque;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rrc_wire::{Key, Message, Role, SecureStream, WireError};
+use rrc_wire::{Key, Message, Role, SecureReader, SecureStream, SecureWriter, WireError};
 
-use crate::gate::ReplicationGate;
+use crate::position::LogPosition;
+use crate::shipper::LogSink;
+use crate::wake::Waker;
 
-/// Bytes of a file sent in one message.
-const CHUNK: usize = 1 << 20;
+/// Bytes of a checkpoint file sent in one message: small enough that a
+/// log message queued behind it waits well under a millisecond.
+const CHUNK: usize = 64 << 10;
+/// Log data queued for the backup at most; beyond it new data is dropped
+/// (the gap it leaves is covered by the next checkpoint).
+const MAX_QUEUED: usize = 64 << 20;
 
 #[derive(Clone)]
 pub struct LinkConfig {
@@ -29,10 +46,40 @@ pub struct LinkConfig {
     pub key: Arc<Key>,
     /// This host's name, told to the backup.
     pub node: String,
-    /// How often an idle link says it is alive.
+    /// How often the primary says it is alive.
     pub heartbeat: Duration,
-    /// How long without an answer the backup counts as gone.
+    /// How long the backup may stay silent before it counts as gone.
     pub timeout: Duration,
+}
+
+/// Why the link to the backup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach the backup at {addr}: {source}")]
+    Unreachable {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the backup at {0} refused us: the key files differ")]
+    KeyMismatch(SocketAddr),
+    #[error("handshake with the backup at {addr}: {source}")]
+    Handshake { addr: SocketAddr, source: WireError },
+    #[error("the backup answered {0} to our hello")]
+    NotWelcomed(&'static str),
+    #[error("the backup sent a {0} message, which it never should")]
+    Unexpected(&'static str),
+    #[error("the backup said nothing for {} ms", .0.as_millis())]
+    Silent(Duration),
+    #[error("the backup left: {0}")]
+    Left(String),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("checkpoint {epoch}: {}: {source}", path.display())]
+    Checkpoint {
+        epoch: u64,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A checkpoint to send.
@@ -41,98 +88,170 @@ pub struct Job {
     pub epoch: u64,
     pub parent: Option<u64>,
     pub dir: PathBuf,
-    /// The gate's mark when it was taken.
-    pub boundary: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum LinkEvent {
     /// A backup accepted us.
     Connected(String),
     /// No backup could be reached (the first failure of a run of them).
-    Unreachable(String),
+    Unreachable(LinkError),
+    /// Checkpoint `epoch` has been sent whole.
+    Sent { epoch: u64, bytes: u64 },
     /// The backup committed checkpoint `epoch`.
-    Committed {
-        epoch: u64,
-        bytes: u64,
-        took: Duration,
-    },
-    /// The backup cannot apply what we sent: start a new series.
+    Committed { epoch: u64 },
+    /// The backup cannot use what we sent: start a new series.
     NeedFull(String),
     /// The connection to the backup is gone.
-    Lost(String),
+    Lost(LinkError),
+}
+
+/// The release policy's side of the backup's answers. Called on the
+/// reader's thread as each answer arrives.
+pub trait AckHandler: Send + Sync {
+    /// The backup holds the log up to `pos`.
+    fn log_acked(&self, pos: LogPosition);
+    /// The backup committed checkpoint `epoch`.
+    fn committed(&self, epoch: u64);
+}
+
+#[derive(Default)]
+struct Queue {
+    connected: bool,
+    stop: bool,
+    small: VecDeque<Message>,
+    small_bytes: usize,
+    dropped: u64,
+    jobs: VecDeque<Job>,
+}
+
+/// What waits to be sent to the backup. The log shipper fills it from any
+/// thread; the link's writer empties it.
+#[derive(Default)]
+pub struct Outbox {
+    q: Mutex<Queue>,
+    cv: Condvar,
+}
+
+impl Outbox {
+    pub fn new() -> Arc<Outbox> {
+        Arc::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.q.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_small(&self, msg: Message, bytes: usize) {
+        let mut q = self.lock();
+        if !q.connected {
+            // A backup that connects later starts from a checkpoint taken
+            // after it did.
+            return;
+        }
+        if q.small_bytes + bytes > MAX_QUEUED {
+            q.dropped += 1;
+            if q.dropped.is_power_of_two() {
+                tracing::warn!(
+                    dropped = q.dropped,
+                    "the backup takes the log more slowly than it comes; log data dropped (a checkpoint covers it)"
+                );
+            }
+            return;
+        }
+        q.small_bytes += bytes;
+        q.small.push_back(msg);
+        drop(q);
+        self.cv.notify_one();
+    }
+
+    /// Queues a checkpoint (or drops it, without a backup).
+    pub fn send_checkpoint(&self, job: Job) {
+        let mut q = self.lock();
+        if !q.connected {
+            drop(q);
+            let _ = fs::remove_dir_all(&job.dir);
+            return;
+        }
+        q.jobs.push_back(job);
+        drop(q);
+        self.cv.notify_one();
+    }
+}
+
+impl LogSink for Outbox {
+    fn send_records(&self, data: Vec<u8>) {
+        let n = data.len();
+        self.push_small(Message::Log { data }, n);
+    }
+
+    fn send_frames(&self, first: u64, frames: Vec<Vec<u8>>) {
+        let n = frames.iter().map(Vec::len).sum::<usize>() + 4 * frames.len();
+        self.push_small(Message::NetLog { first, frames }, n);
+    }
 }
 
 pub struct Link {
-    jobs: Option<Sender<Job>>,
+    outbox: Arc<Outbox>,
     events: Receiver<LinkEvent>,
-    wake: UnixStream,
     thread: Option<JoinHandle<()>>,
 }
 
 struct Side {
     cfg: LinkConfig,
-    gate: Arc<ReplicationGate>,
+    outbox: Arc<Outbox>,
+    acks: Arc<dyn AckHandler>,
     events: Sender<LinkEvent>,
-    wake: UnixStream,
+    wake: Waker,
 }
 
 impl Side {
     fn tell(&self, e: LinkEvent) {
         let _ = self.events.send(e);
-        let _ = (&self.wake).write(&[1]);
+        self.wake.wake();
     }
 }
 
-fn lost(e: WireError) -> String {
-    e.to_string()
-}
-
 impl Link {
-    pub fn start(cfg: LinkConfig, gate: Arc<ReplicationGate>) -> std::io::Result<Link> {
-        let (jobs_tx, jobs_rx) = mpsc::channel();
+    /// Starts connecting to the backup; events are told through `wake`.
+    pub fn start(
+        cfg: LinkConfig,
+        outbox: Arc<Outbox>,
+        acks: Arc<dyn AckHandler>,
+        wake: Waker,
+    ) -> std::io::Result<Link> {
         let (ev_tx, ev_rx) = mpsc::channel();
-        let (ours, theirs) = UnixStream::pair()?;
-        ours.set_nonblocking(true)?;
         let side = Side {
             cfg,
-            gate,
+            outbox: outbox.clone(),
+            acks,
             events: ev_tx,
-            wake: theirs,
+            wake,
         };
         let thread = std::thread::Builder::new()
             .name("rrc-link".into())
-            .spawn(move || run(side, jobs_rx))?;
+            .spawn(move || run(side))?;
         Ok(Link {
-            jobs: Some(jobs_tx),
+            outbox,
             events: ev_rx,
-            wake: ours,
             thread: Some(thread),
         })
     }
 
-    /// Readable when events are waiting.
-    pub fn wake_fd(&self) -> BorrowedFd<'_> {
-        self.wake.as_fd()
-    }
-
     pub fn send(&self, job: Job) {
-        if let Some(j) = &self.jobs {
-            let _ = j.send(job);
-        }
+        self.outbox.send_checkpoint(job);
     }
 
     /// Events so far.
     pub fn events(&self) -> Vec<LinkEvent> {
-        let mut buf = [0u8; 64];
-        while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
         self.events.try_iter().collect()
     }
 
     /// Says goodbye to the backup (a clean stop is not a failure) and ends
-    /// the thread.
+    /// the link's threads.
     pub fn stop(&mut self) {
-        self.jobs = None;
+        self.outbox.lock().stop = true;
+        self.outbox.cv.notify_all();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -145,36 +264,80 @@ impl Drop for Link {
     }
 }
 
-fn run(side: Side, jobs: Receiver<Job>) {
+/// Connects, serves, reconnects, until stopped.
+fn run(side: Side) {
     let mut reported_unreachable = false;
     loop {
-        let mut stream = match connect(&side.cfg) {
+        if side.outbox.lock().stop {
+            return;
+        }
+        let stream = match connect(&side.cfg) {
             Ok(s) => s,
             Err(e) => {
                 if !reported_unreachable {
                     side.tell(LinkEvent::Unreachable(e));
                     reported_unreachable = true;
                 }
-                // Checkpoints taken meanwhile are of no use to a backup
-                // that will start from a full one.
-                if drain(&jobs, Duration::from_secs(1)) {
+                if wait_stop(&side.outbox, Duration::from_secs(1)) {
                     return;
                 }
                 continue;
             }
         };
         reported_unreachable = false;
+        let (reader, writer) = stream.split();
+        {
+            let mut q = side.outbox.lock();
+            q.connected = true;
+            q.small.clear();
+            q.small_bytes = 0;
+        }
         side.tell(LinkEvent::Connected(side.cfg.backup.to_string()));
-        match serve(&side, &mut stream, &jobs) {
-            Ok(()) => {
-                let _ = stream.send(&Message::Bye {
-                    reason: "the primary stops".into(),
-                });
-                return;
+        let failed = Arc::new(AtomicBool::new(false));
+        let rx = {
+            let acks = side.acks.clone();
+            let events = side.events.clone();
+            let wake = side.wake.clone();
+            let outbox = side.outbox.clone();
+            let failed = failed.clone();
+            let timeout = side.cfg.timeout;
+            std::thread::Builder::new()
+                .name("rrc-link-rx".into())
+                .spawn(move || {
+                    let r = read_answers(reader, timeout, &*acks, &events, &wake);
+                    failed.store(true, Ordering::Release);
+                    outbox.cv.notify_all();
+                    r
+                })
+        };
+        let result = match rx {
+            Ok(rx) => {
+                let sent = write_loop(&side, writer, &failed);
+                let read = rx.join().unwrap_or(Ok(()));
+                // The reader's reason is the first cause when it failed.
+                match (sent, read) {
+                    (Ok(()), _) => Ok(()),
+                    (Err(_), Err(e)) => Err(e),
+                    (Err(e), Ok(())) => Err(e),
+                }
             }
+            Err(e) => Err(LinkError::Wire(WireError::Io(e))),
+        };
+        let jobs: Vec<Job> = {
+            let mut q = side.outbox.lock();
+            q.connected = false;
+            q.small.clear();
+            q.small_bytes = 0;
+            q.jobs.drain(..).collect()
+        };
+        for j in jobs {
+            let _ = fs::remove_dir_all(&j.dir);
+        }
+        match result {
+            Ok(()) => return,
             Err(e) => {
                 side.tell(LinkEvent::Lost(e));
-                if drain(&jobs, Duration::from_millis(200)) {
+                if wait_stop(&side.outbox, Duration::from_millis(200)) {
                     return;
                 }
             }
@@ -182,159 +345,243 @@ fn run(side: Side, jobs: Receiver<Job>) {
     }
 }
 
-/// Discards queued jobs (removing their directories) for a while; true
-/// once the supervisor has hung up.
-fn drain(jobs: &Receiver<Job>, wait: Duration) -> bool {
-    let until = Instant::now() + wait;
-    loop {
-        match jobs.recv_timeout(until.saturating_duration_since(Instant::now())) {
-            Ok(job) => {
-                let _ = fs::remove_dir_all(&job.dir);
-            }
-            Err(RecvTimeoutError::Timeout) => return false,
-            Err(RecvTimeoutError::Disconnected) => return true,
-        }
-    }
+/// Waits `d` or until stopped; true if stopped.
+fn wait_stop(outbox: &Outbox, d: Duration) -> bool {
+    let q = outbox.lock();
+    let (q, _) = outbox
+        .cv
+        .wait_timeout_while(q, d, |q| !q.stop)
+        .unwrap_or_else(|p| p.into_inner());
+    q.stop
 }
 
-fn connect(cfg: &LinkConfig) -> Result<SecureStream, String> {
-    let tcp = TcpStream::connect_timeout(&cfg.backup, Duration::from_secs(1))
-        .map_err(|e| format!("cannot reach the backup at {}: {e}", cfg.backup))?;
+fn connect(cfg: &LinkConfig) -> Result<SecureStream, LinkError> {
+    let addr = cfg.backup;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .map_err(|source| LinkError::Unreachable { addr, source })?;
     let _ = tcp.set_nodelay(true);
     let sc = crate::link_security();
     let mut s = SecureStream::client_with(tcp, &cfg.key, &sc).map_err(|e| match e {
-        WireError::Authentication(_) => format!(
-            "the backup at {} refused us: the key files differ",
-            cfg.backup
-        ),
-        e => format!("handshake with the backup at {}: {e}", cfg.backup),
+        WireError::Authentication(_) => LinkError::KeyMismatch(addr),
+        source => LinkError::Handshake { addr, source },
     })?;
     s.send(&Message::Hello {
         role: Role::Primary,
         node: cfg.node.clone(),
-    })
-    .map_err(lost)?;
-    s.set_read_timeout(Some(cfg.timeout)).map_err(lost)?;
-    match s.recv().map_err(lost)? {
+    })?;
+    s.set_read_timeout(Some(cfg.timeout))?;
+    s.set_write_timeout(Some(cfg.timeout))?;
+    match s.recv()? {
         Message::Welcome { .. } => Ok(s),
-        other => Err(format!("the backup answered {other:?} to our hello")),
+        other => Err(LinkError::NotWelcomed(other.message_type().name())),
     }
 }
 
-/// Sends checkpoints and heartbeats until the supervisor hangs up (Ok) or
-/// the link fails (Err).
-fn serve(side: &Side, s: &mut SecureStream, jobs: &Receiver<Job>) -> Result<(), String> {
+/// The reader: the backup's answers until the connection ends.
+fn read_answers(
+    mut r: SecureReader,
+    timeout: Duration,
+    acks: &dyn AckHandler,
+    events: &Sender<LinkEvent>,
+    wake: &Waker,
+) -> Result<(), LinkError> {
+    r.set_read_timeout(Some(timeout))?;
     loop {
-        match jobs.recv_timeout(side.cfg.heartbeat) {
-            Ok(job) => {
-                let r = send_job(side, s, &job);
-                let _ = fs::remove_dir_all(&job.dir);
-                r?;
+        let msg = match r.recv() {
+            Ok(m) => m,
+            Err(WireError::Timeout) => return Err(LinkError::Silent(timeout)),
+            // Our own writer ended the connection (a clean stop, or it
+            // failed and says why).
+            Err(WireError::OtherHalfFailed { .. }) | Err(WireError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        match msg {
+            Message::HeartbeatAck { .. } => {}
+            Message::LogAck { records, net } => acks.log_acked(LogPosition { records, net }),
+            Message::Committed { epoch } => {
+                acks.committed(epoch);
+                let _ = events.send(LinkEvent::Committed { epoch });
+                wake.wake();
             }
-            Err(RecvTimeoutError::Timeout) => {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0);
-                s.send(&Message::Heartbeat { sent_unix_ns: now })
-                    .map_err(lost)?;
-                s.set_read_timeout(Some(side.cfg.timeout)).map_err(lost)?;
-                match s.recv().map_err(lost)? {
-                    Message::HeartbeatAck { .. } => {}
-                    other => return Err(format!("unexpected {other:?} from the backup")),
+            Message::NeedFull { reason } | Message::BackupError { reason } => {
+                let _ = events.send(LinkEvent::NeedFull(reason));
+                wake.wake();
+            }
+            Message::Bye { reason } => return Err(LinkError::Left(reason)),
+            other => return Err(LinkError::Unexpected(other.message_type().name())),
+        }
+    }
+}
+
+/// The writer: the outbox's messages, checkpoints in pieces between them,
+/// heartbeats; until stopped (Ok, after saying goodbye) or failed.
+fn write_loop(
+    side: &Side,
+    mut w: SecureWriter,
+    reader_failed: &AtomicBool,
+) -> Result<(), LinkError> {
+    let heartbeat = side.cfg.heartbeat;
+    let mut last_beat = Instant::now() - heartbeat;
+    let mut current: Option<Pieces> = None;
+    loop {
+        let (small, job, stop) = {
+            let q = side.outbox.lock();
+            let wait = if current.is_some() {
+                Duration::ZERO
+            } else {
+                heartbeat.saturating_sub(last_beat.elapsed())
+            };
+            let (mut q, _) = side
+                .outbox
+                .cv
+                .wait_timeout_while(q, wait, |q| {
+                    q.small.is_empty()
+                        && q.jobs.is_empty()
+                        && !q.stop
+                        && !reader_failed.load(Ordering::Acquire)
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            q.small_bytes = 0;
+            let small: Vec<Message> = q.small.drain(..).collect();
+            let job = if current.is_none() {
+                q.jobs.pop_front()
+            } else {
+                None
+            };
+            (small, job, q.stop)
+        };
+        if reader_failed.load(Ordering::Acquire) {
+            return Err(LinkError::Left("the connection ended".into()));
+        }
+        for m in &small {
+            w.send(m)?;
+        }
+        if stop {
+            let _ = w.send(&Message::Bye {
+                reason: "the primary stops".into(),
+            });
+            let _ = w.shutdown();
+            return Ok(());
+        }
+        if last_beat.elapsed() >= heartbeat {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            w.send(&Message::Heartbeat { sent_unix_ns: now })?;
+            last_beat = Instant::now();
+        }
+        if let Some(job) = job {
+            current = Some(Pieces::of(job)?);
+        }
+        if let Some(p) = &mut current {
+            match p.next()? {
+                Some(msg) => w.send(&msg)?,
+                None => {
+                    let p = current.take().expect("some");
+                    let _ = fs::remove_dir_all(&p.job.dir);
+                    side.tell(LinkEvent::Sent {
+                        epoch: p.job.epoch,
+                        bytes: p.total,
+                    });
                 }
             }
-            Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
 }
 
-/// Sends the checkpoint in `dir` (every file, the manifest last); returns
-/// its size in bytes.
-pub fn send_checkpoint(
-    s: &mut SecureStream,
-    series: &str,
-    epoch: u64,
-    parent: Option<u64>,
-    dir: &std::path::Path,
-) -> Result<u64, String> {
-    let mut files: Vec<(String, u64)> = fs::read_dir(dir)
-        .map_err(|e| format!("checkpoint {epoch}: {e}"))?
-        .flatten()
-        .filter_map(|e| {
-            let len = e.metadata().ok()?.len();
-            Some((e.file_name().to_string_lossy().into_owned(), len))
+/// A checkpoint being sent, one message at a time: its announcement, each
+/// file in chunks (the manifest last: it names everything else), the end.
+struct Pieces {
+    job: Job,
+    files: Vec<(String, u64)>,
+    total: u64,
+    began: bool,
+    /// The file being sent and how far.
+    at: usize,
+    offset: u64,
+    open: Option<fs::File>,
+    buf: Vec<u8>,
+    done: bool,
+}
+
+impl Pieces {
+    fn of(job: Job) -> Result<Pieces, LinkError> {
+        let io = |source, path: &std::path::Path| LinkError::Checkpoint {
+            epoch: job.epoch,
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut files = Vec::new();
+        for e in fs::read_dir(&job.dir).map_err(|e| io(e, &job.dir))? {
+            let e = e.map_err(|e| io(e, &job.dir))?;
+            let len = e.metadata().map_err(|x| io(x, &e.path()))?.len();
+            files.push((e.file_name().to_string_lossy().into_owned(), len));
+        }
+        files.sort_by_key(|(n, _)| (n == "manifest.json", n.clone()));
+        let total = files.iter().map(|(_, l)| l).sum();
+        Ok(Pieces {
+            job,
+            files,
+            total,
+            began: false,
+            at: 0,
+            offset: 0,
+            open: None,
+            buf: vec![0; CHUNK],
+            done: false,
         })
-        .collect();
-    // The manifest last: it names everything else.
-    files.sort_by_key(|(n, _)| (n == "manifest.json", n.clone()));
-    let total: u64 = files.iter().map(|(_, l)| l).sum();
-    s.send(&Message::DeltaBegin {
-        series: series.to_string(),
-        epoch,
-        parent,
-        files: files.len() as u32,
-        total_bytes: total,
-    })
-    .map_err(lost)?;
-    let mut buf = vec![0u8; CHUNK];
-    for (name, len) in &files {
-        let mut f = fs::File::open(dir.join(name))
-            .map_err(|e| format!("checkpoint {epoch}: {name}: {e}"))?;
-        let mut offset = 0u64;
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| format!("checkpoint {epoch}: {name}: {e}"))?;
-            // Every file, even an empty one, is announced by one chunk.
-            if n == 0 && offset > 0 {
-                break;
-            }
-            s.send(&Message::FileChunk {
-                epoch,
-                name: name.clone(),
-                offset,
-                data: buf[..n].to_vec(),
-            })
-            .map_err(lost)?;
-            offset += n as u64;
-            if n == 0 || offset >= *len {
-                break;
-            }
-        }
     }
-    s.send(&Message::DeltaEnd {
-        epoch,
-        files: files.len() as u32,
-        total_bytes: total,
-    })
-    .map_err(lost)?;
-    Ok(total)
-}
 
-fn send_job(side: &Side, s: &mut SecureStream, job: &Job) -> Result<(), String> {
-    let started = Instant::now();
-    let total = send_checkpoint(s, &job.series, job.epoch, job.parent, &job.dir)?;
-    // Applying takes time with the size (checksums are checked first).
-    let wait = side.cfg.timeout + Duration::from_millis(total / (50 << 10));
-    s.set_read_timeout(Some(wait)).map_err(lost)?;
-    loop {
-        match s.recv().map_err(lost)? {
-            Message::Committed { epoch } if epoch == job.epoch => {
-                side.gate.committed(job.boundary);
-                side.tell(LinkEvent::Committed {
-                    epoch,
-                    bytes: total,
-                    took: started.elapsed(),
-                });
-                return Ok(());
-            }
-            Message::HeartbeatAck { .. } => {}
-            Message::NeedFull { reason } => {
-                side.tell(LinkEvent::NeedFull(reason));
-                return Ok(());
-            }
-            other => return Err(format!("unexpected {other:?} from the backup")),
+    /// The next message, or None once the end was sent.
+    fn next(&mut self) -> Result<Option<Message>, LinkError> {
+        if self.done {
+            return Ok(None);
         }
+        let epoch = self.job.epoch;
+        if !self.began {
+            self.began = true;
+            return Ok(Some(Message::DeltaBegin {
+                series: self.job.series.clone(),
+                epoch,
+                parent: self.job.parent,
+                files: self.files.len() as u32,
+                total_bytes: self.total,
+            }));
+        }
+        let Some((name, len)) = self.files.get(self.at).cloned() else {
+            self.done = true;
+            return Ok(Some(Message::DeltaEnd {
+                epoch,
+                files: self.files.len() as u32,
+                total_bytes: self.total,
+            }));
+        };
+        let path = self.job.dir.join(&name);
+        let io = |source| LinkError::Checkpoint {
+            epoch,
+            path: path.clone(),
+            source,
+        };
+        if self.open.is_none() {
+            self.open = Some(fs::File::open(&path).map_err(io)?);
+            self.offset = 0;
+        }
+        let f = self.open.as_mut().expect("opened above");
+        let want = (len - self.offset.min(len)).min(CHUNK as u64) as usize;
+        f.read_exact(&mut self.buf[..want]).map_err(io)?;
+        let msg = Message::FileChunk {
+            epoch,
+            name,
+            offset: self.offset,
+            data: self.buf[..want].to_vec(),
+        };
+        // Every file, even an empty one, is announced by one chunk.
+        self.offset += want as u64;
+        if self.offset >= len {
+            self.open = None;
+            self.at += 1;
+        }
+        Ok(Some(msg))
     }
 }

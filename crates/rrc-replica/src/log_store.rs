@@ -56,8 +56,9 @@ pub struct LogStore {
     bytes: usize,
 }
 
-/// Whether a replay stops at `e`.
-fn is_barrier(e: &Event<'_>) -> bool {
+/// Whether a replay cannot go past `e`: the log is no use beyond it until a
+/// checkpoint taken after it.
+pub fn stops_replay(e: &Event<'_>) -> bool {
     match e {
         Event::ForkUnsupported => true,
         // What an event too large for the log is replaced with.
@@ -102,7 +103,7 @@ impl LogStore {
             let mut barriers = Vec::new();
             while let Some(r) = batch.next_record()? {
                 seqs.push(r.seq);
-                if is_barrier(&r.event) {
+                if stops_replay(&r.event) {
                     barriers.push(r.seq);
                 }
             }

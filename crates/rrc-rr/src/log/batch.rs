@@ -229,6 +229,18 @@ impl<'b> BatchWriter<'b> {
         &self.buf[..self.len]
     }
 
+    /// Empties the batch and makes it thread log `log_id`'s, keeping the
+    /// buffer.
+    pub fn restart(&mut self, log_id: u32) {
+        self.reset();
+        self.log_id = log_id;
+    }
+
+    /// The thread log the batch is for.
+    pub fn log_id(&self) -> u32 {
+        self.log_id
+    }
+
     /// Empties the batch, keeping the buffer and log id.
     pub fn reset(&mut self) {
         self.len = HEADER_LEN;

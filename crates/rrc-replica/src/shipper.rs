@@ -1,0 +1,395 @@
+//! The primary's log shipper (responsive mode): the recorded program's
+//! event records, taken from its threads' rings, and the inbound frames the
+//! gate logged, sent to the backup as they come.
+//!
+//! A reply must not wait for a timer: every outbound frame the gate holds
+//! makes the shipper drain the rings at once, on the forwarder's own thread
+//! (the writing thread pushed its records before its system call, so they
+//! are there). A backstop thread ships whatever is left every few
+//! milliseconds (records of a program that is not talking) and watches for
+//! what the log cannot cover:
+//!
+//! - a number taken but never pushed (a hole: a batch the drain refused, a
+//!   thread that found no ring, a writer preempted for long): once the
+//!   shipped records have not run past it for [`HOLE_WAIT`], a checkpoint
+//!   is asked for, which covers it;
+//! - a record a replay cannot pass (a `fork` whose child is not recorded,
+//!   an event too large for the log): a checkpoint is asked for at once;
+//! - something that went unrecorded for good (the program counts it in the
+//!   rings): nothing more is shipped, since a replay from any later
+//!   checkpoint would miss it too; replies then wait for checkpoints, and
+//!   the operator is told.
+//!
+//! Consecutive batches of one thread are merged before they are sent (the
+//! program pushes every record on its own, for speed; one header per
+//! record would double what crosses the link).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rrc_rr::agent::RingDrain;
+use rrc_rr::log::{
+    BatchHeader, BatchReader, BatchWriter, EncodeError, HEADER_LEN, MAX_PAYLOAD_LEN,
+};
+use rrc_rr::ring::RingSet;
+
+use crate::gate::LogTap;
+use crate::log_store::stops_replay;
+use crate::position::{Contiguous, LogPosition};
+use crate::wake::Waker;
+
+/// How long a number may stay missing from the shipped records before a
+/// checkpoint is asked for to cover it.
+pub const HOLE_WAIT: Duration = Duration::from_millis(20);
+/// How often the backstop ships what is left.
+pub const BACKSTOP: Duration = Duration::from_millis(5);
+/// Records sent in one message at most (bytes).
+const MESSAGE_LIMIT: usize = 1 << 20;
+
+/// Where the log goes: the link to the backup (which drops what it cannot
+/// send while no backup is connected).
+pub trait LogSink: Send + Sync {
+    /// Record batches, back to back.
+    fn send_records(&self, data: Vec<u8>);
+    /// Net log frames numbered from `first`.
+    fn send_frames(&self, first: u64, frames: Vec<Vec<u8>>);
+}
+
+/// What went through the shipper.
+#[derive(Debug, Default)]
+pub struct ShipStats {
+    pub records: AtomicU64,
+    pub record_bytes: AtomicU64,
+    pub frames: AtomicU64,
+    pub frame_bytes: AtomicU64,
+    pub checkpoints_asked: AtomicU64,
+}
+
+/// A reading of [`ShipStats`].
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct ShipCounts {
+    pub records: u64,
+    pub record_bytes: u64,
+    pub frames: u64,
+    pub frame_bytes: u64,
+    pub checkpoints_asked: u64,
+}
+
+struct Drain {
+    drain: RingDrain<'static>,
+    shipped: Contiguous,
+    /// The shipped run's end, and since when it has not moved while
+    /// numbers above it were handed out.
+    stuck: Option<(u64, Instant)>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    /// Nothing is shipped any more: something went unrecorded.
+    degraded: bool,
+    unrecorded_seen: u32,
+}
+
+struct NetQueue {
+    /// Number of the first pending frame.
+    first: u64,
+    frames: Vec<Vec<u8>>,
+}
+
+pub struct Shipper {
+    rings: &'static RingSet,
+    drain: Mutex<Drain>,
+    net: Mutex<NetQueue>,
+    /// The last net frame number given.
+    net_last: AtomicU64,
+    sink: Arc<dyn LogSink>,
+    stats: ShipStats,
+    checkpoint_wanted: AtomicBool,
+    supervisor: Waker,
+    stop: AtomicBool,
+}
+
+impl Shipper {
+    /// Ships from `rings` (the recording's, which live as long as the
+    /// recorded program, so as long as this process) to `sink`; asks for
+    /// checkpoints through `supervisor`. Starts the backstop thread.
+    pub fn start(
+        rings: &'static RingSet,
+        sink: Arc<dyn LogSink>,
+        supervisor: Waker,
+    ) -> std::io::Result<(Arc<Shipper>, JoinHandle<()>)> {
+        let s = Arc::new(Shipper {
+            rings,
+            drain: Mutex::new(Drain {
+                drain: RingDrain::new(rings),
+                shipped: Contiguous::from_base(rings.last_seq()),
+                stuck: None,
+                buf: vec![0; HEADER_LEN + MAX_PAYLOAD_LEN],
+                out: Vec::new(),
+                degraded: false,
+                unrecorded_seen: rings.unrecorded(),
+            }),
+            net: Mutex::new(NetQueue {
+                first: 1,
+                frames: Vec::new(),
+            }),
+            net_last: AtomicU64::new(0),
+            sink,
+            stats: ShipStats::default(),
+            checkpoint_wanted: AtomicBool::new(false),
+            supervisor,
+            stop: AtomicBool::new(false),
+        });
+        let me = s.clone();
+        let t = std::thread::Builder::new()
+            .name("rrc-ship".into())
+            .spawn(move || me.backstop())?;
+        Ok((s, t))
+    }
+
+    /// Stops the backstop thread (it ends within [`BACKSTOP`]).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Whether a checkpoint was asked for since the last call.
+    pub fn take_checkpoint_request(&self) -> bool {
+        self.checkpoint_wanted.swap(false, Ordering::AcqRel)
+    }
+
+    /// A checkpoint standing at `at` was taken: what it covers needs no
+    /// log, holes below it included.
+    pub fn checkpoint_at(&self, at: LogPosition) {
+        let mut d = self.lock_drain();
+        d.shipped.advance_to(at.records);
+        d.stuck = None;
+    }
+
+    /// Whether something went unrecorded: the log ships nothing more.
+    pub fn degraded(&self) -> bool {
+        self.lock_drain().degraded
+    }
+
+    pub fn counts(&self) -> ShipCounts {
+        let s = &self.stats;
+        ShipCounts {
+            records: s.records.load(Ordering::Relaxed),
+            record_bytes: s.record_bytes.load(Ordering::Relaxed),
+            frames: s.frames.load(Ordering::Relaxed),
+            frame_bytes: s.frame_bytes.load(Ordering::Relaxed),
+            checkpoints_asked: s.checkpoints_asked.load(Ordering::Relaxed),
+        }
+    }
+
+    fn lock_drain(&self) -> std::sync::MutexGuard<'_, Drain> {
+        self.drain.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn want_checkpoint(&self) {
+        if !self.checkpoint_wanted.swap(true, Ordering::AcqRel) {
+            self.stats.checkpoints_asked.fetch_add(1, Ordering::Relaxed);
+        }
+        self.supervisor.wake();
+    }
+
+    /// Sends every pending net frame and every record the rings hold.
+    pub fn ship(&self) {
+        let (first, frames) = {
+            let mut q = self.net.lock().unwrap_or_else(|p| p.into_inner());
+            let first = q.first;
+            q.first += q.frames.len() as u64;
+            (first, std::mem::take(&mut q.frames))
+        };
+        if !frames.is_empty() {
+            self.stats
+                .frames
+                .fetch_add(frames.len() as u64, Ordering::Relaxed);
+            self.stats.frame_bytes.fetch_add(
+                frames.iter().map(|f| f.len() as u64).sum(),
+                Ordering::Relaxed,
+            );
+            self.sink.send_frames(first, frames);
+        }
+        let (data, records, barrier) = {
+            let mut d = self.lock_drain();
+            let Drain {
+                drain,
+                shipped,
+                buf,
+                out,
+                degraded,
+                ..
+            } = &mut *d;
+            let mut merge = Merge {
+                writer: match BatchWriter::new(buf, 0) {
+                    Ok(w) => w,
+                    Err(_) => return,
+                },
+                out,
+                shipped,
+                records: 0,
+                barrier: false,
+            };
+            if let Err(e) = drain.pass(&mut |batch| merge.add(batch)) {
+                tracing::error!(error = %e, "the recording's rings cannot be read");
+            }
+            merge.flush();
+            let (records, barrier) = (merge.records, merge.barrier);
+            let data = std::mem::take(out);
+            // Drained all the same: the program must never wait for a
+            // full ring.
+            if *degraded {
+                return;
+            }
+            (data, records, barrier)
+        };
+        if barrier {
+            self.want_checkpoint();
+        }
+        if data.is_empty() {
+            return;
+        }
+        self.stats.records.fetch_add(records, Ordering::Relaxed);
+        self.stats
+            .record_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        for piece in split_batches(&data, MESSAGE_LIMIT) {
+            self.sink.send_records(piece.to_vec());
+        }
+    }
+
+    /// Ships what is left now and then, and watches for holes and for
+    /// what went unrecorded.
+    fn backstop(&self) {
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::park_timeout(BACKSTOP);
+            self.ship();
+            self.watch();
+        }
+    }
+
+    fn watch(&self) {
+        let reached = self.rings.last_seq();
+        let unrecorded = self.rings.unrecorded();
+        let mut d = self.lock_drain();
+        if unrecorded != d.unrecorded_seen {
+            d.unrecorded_seen = unrecorded;
+            if !d.degraded {
+                d.degraded = true;
+                drop(d);
+                tracing::error!(
+                    "the program did something that could not be recorded; from the next checkpoint on, replies wait for checkpoints"
+                );
+                eprintln!(
+                    "rrc primary: WARNING: the program did something that could not be recorded (see its output); the log stops and replies wait for checkpoints from now on"
+                );
+                self.want_checkpoint();
+                return;
+            }
+        }
+        let prefix = d.shipped.prefix();
+        if prefix >= reached {
+            d.stuck = None;
+            return;
+        }
+        match d.stuck {
+            Some((p, since)) if p == prefix => {
+                if since.elapsed() >= HOLE_WAIT {
+                    // Asked once per hole.
+                    d.stuck = Some((p, Instant::now() + Duration::from_secs(3600)));
+                    drop(d);
+                    tracing::debug!(missing = prefix + 1, "a record never came: a checkpoint covers it");
+                    self.want_checkpoint();
+                }
+            }
+            _ => d.stuck = Some((prefix, Instant::now())),
+        }
+    }
+}
+
+/// Cuts back-to-back batches into runs of at most `limit` bytes (a batch
+/// larger than that alone).
+fn split_batches(data: &[u8], limit: usize) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    while at < data.len() {
+        let len = match BatchHeader::parse(&data[at..]) {
+            Ok(h) => h.batch_len(),
+            // Made here from checked batches: cannot happen; send the rest.
+            Err(_) => data.len() - at,
+        };
+        if at > start && at + len - start > limit {
+            out.push(&data[start..at]);
+            start = at;
+        }
+        at += len;
+    }
+    if at > start {
+        out.push(&data[start..]);
+    }
+    out
+}
+
+/// Merging the batches of one pass: consecutive batches of one thread
+/// become one.
+struct Merge<'a, 'b> {
+    writer: BatchWriter<'b>,
+    out: &'a mut Vec<u8>,
+    shipped: &'a mut Contiguous,
+    records: u64,
+    barrier: bool,
+}
+
+impl Merge<'_, '_> {
+    fn add(&mut self, batch: &[u8]) -> Result<(), EncodeError> {
+        // The drain checked it whole.
+        let Ok(mut r) = BatchReader::new(batch) else {
+            return Ok(());
+        };
+        let id = r.header().log_id;
+        if self.writer.log_id() != id {
+            self.flush();
+            self.writer.restart(id);
+        }
+        while let Ok(Some(rec)) = r.next_record() {
+            self.shipped.insert(rec.seq);
+            self.barrier |= stops_replay(&rec.event);
+            self.records += 1;
+            if self.writer.push(&rec).is_err() {
+                // Full: a record from a valid batch fits an empty one.
+                self.flush();
+                self.writer.push(&rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if !self.writer.is_empty() {
+            self.out.extend_from_slice(self.writer.finish());
+            self.writer.reset();
+        }
+    }
+}
+
+impl LogTap for Shipper {
+    fn log_inbound(&self, frame: &[u8]) -> u64 {
+        let mut q = self.net.lock().unwrap_or_else(|p| p.into_inner());
+        q.frames.push(frame.to_vec());
+        let n = q.first + q.frames.len() as u64 - 1;
+        self.net_last.store(n, Ordering::Release);
+        n
+    }
+
+    fn reached(&self) -> LogPosition {
+        LogPosition {
+            records: self.rings.last_seq(),
+            net: self.net_last.load(Ordering::Acquire),
+        }
+    }
+
+    fn outbound_waiting(&self) {
+        self.ship();
+    }
+}
