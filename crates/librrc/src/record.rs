@@ -1,8 +1,9 @@
 //! Where events go: each thread appends its records to a batch of its own
-//! and pushes the batch, at flush points, to its own ring of the set the
-//! rrc process shares with the program (`RRC_RR_FD`). Global order: every record takes the next
-//! number of one process-wide counter, and the time since the previous
-//! record of any thread.
+//! and pushes the batch, at flush points (or at once, when the set is
+//! `EAGER`), to its own ring of the set the rrc process shares with the
+//! program (`RRC_RR_FD`). Global order: every record takes the next number
+//! of one process-wide counter, and the time since the previous record of
+//! any thread.
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
@@ -30,6 +31,9 @@ static RECORDING: AtomicBool = AtomicBool::new(false);
 /// Set once a copy restored from a checkpoint learned that it is being
 /// replayed: nothing goes to the rings any more (nobody drains them).
 static REPLAYED_COPY: AtomicBool = AtomicBool::new(false);
+/// Every record goes to the ring as soon as it is made (the set's `EAGER`
+/// flag, read at attach).
+static EAGER: AtomicBool = AtomicBool::new(false);
 static LAST_NS: AtomicU64 = AtomicU64::new(0);
 /// The rings' descriptor (where a replay's configuration is put).
 static RING_FD: AtomicI32 = AtomicI32::new(-1);
@@ -102,6 +106,7 @@ pub fn init() {
         Ok(s) => s,
         Err(_) => crate::fatal(b"librrc: RRC_RR_FD is not an rrc ring set\n"),
     };
+    EAGER.store(set.eager(), Ordering::Relaxed);
     SET.store(Box::into_raw(Box::new(set)), Ordering::Release);
     // The loading thread is the program's first: log 1, before any thread
     // it creates takes a number.
@@ -235,6 +240,7 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
                 // The program must not pay for it: only the call's
                 // result goes in the log, which a replay reports as a
                 // divergence when it gets there.
+                set.note_unrecorded();
                 warn_once(
                     &TOO_LARGE,
                     b"librrc: an event's data is larger than a ring; only its result is logged, and a replay cannot go past it\n",
@@ -246,10 +252,22 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
             }
         }
     }
-    if log.writer.as_ref().is_some_and(|w| w.len() >= FLUSH_AT) {
+    if log
+        .writer
+        .as_ref()
+        .is_some_and(|w| w.len() >= FLUSH_AT || EAGER.load(Ordering::Relaxed))
+    {
         push_batch(log);
     }
     false
+}
+
+/// Counts something that goes unrecorded (a child process) where the rrc
+/// process sees it.
+pub fn note_unrecorded() {
+    if let Some(set) = set() {
+        set.note_unrecorded();
+    }
 }
 
 /// Sends this thread's pending records to its ring.
@@ -321,6 +339,7 @@ fn attach(set: &'static RingSet, log: &mut ThreadLog) {
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
     let Ok(slot) = set.claim_slot(thread::log_id(), tid) else {
         // The program goes on; this thread is not recorded.
+        set.note_unrecorded();
         warn_once(
             &NO_RING,
             b"librrc: more threads than rings; a thread runs unrecorded, and a replay cannot cover it\n",

@@ -182,10 +182,17 @@ impl Recording {
                 .with_context(|| format!("writing into {}", self.dir.display()))?;
             // The program has its copy now.
             drop(self.child_fd);
+            // A second view of the set, for librrc's count of what went
+            // unrecorded once the drain has the set.
+            let watch = nix::unistd::dup(self.set.fd())
+                .map_err(anyhow::Error::from)
+                .and_then(|fd| Ok(RingSet::from_fd(fd)?))
+                .context("mapping the recording's rings")?;
             let recorder = Recorder::start(self.set, &self.dir)
                 .with_context(|| format!("recording into {}", self.dir.display()))?;
             Ok(Box::new(Drain {
                 recorder: Some(recorder),
+                watch,
                 dir: self.dir,
             }))
         })
@@ -194,6 +201,7 @@ impl Recording {
 
 struct Drain {
     recorder: Option<Recorder>,
+    watch: RingSet,
     dir: PathBuf,
 }
 
@@ -217,7 +225,7 @@ impl Companion for Drain {
                 "rrc: nothing was recorded into {}: the program made none of the recorded calls through the C library",
                 self.dir.display()
             ),
-            Ok(s) => eprintln!("rrc: {}", summary(&s, &self.dir)),
+            Ok(s) => eprintln!("rrc: {}", summary(&s, self.watch.unrecorded(), &self.dir)),
             Err(e) => eprintln!(
                 "rrc: the recording in {} is incomplete: {e}",
                 self.dir.display()
@@ -226,7 +234,7 @@ impl Companion for Drain {
     }
 }
 
-fn summary(s: &RecordStats, dir: &Path) -> String {
+fn summary(s: &RecordStats, unrecorded: u32, dir: &Path) -> String {
     let kinds: Vec<String> = s.per_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let mut out = format!(
         "recorded {} events of {} thread(s) in {} batches ({:.1} KiB) into {}: {}",
@@ -248,6 +256,11 @@ fn summary(s: &RecordStats, dir: &Path) -> String {
         out += &format!(
             "; {} fork(s) whose child was not recorded: replay cannot go past them",
             s.forks_unrecorded
+        );
+    }
+    if unrecorded > 0 {
+        out += &format!(
+            "; librrc left {unrecorded} thing(s) unrecorded (threads beyond the rings, events larger than a ring, children of fork): a replay stops where they were"
         );
     }
     out
