@@ -10,13 +10,11 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
+use rrc_rr::interface;
 use rrc_rr::log::{BatchWriter, Event, Record};
 use rrc_rr::ring::{Producer, RingSet};
 
 use crate::thread;
-
-/// Environment variable naming the ring set's descriptor.
-const FD_ENV: &[u8] = b"RRC_RR_FD\0";
 
 /// A thread's first batch buffer; it grows (by mapping a larger one) for
 /// records that do not fit.
@@ -85,13 +83,13 @@ fn with_log<R>(f: impl FnOnce(&'static RingSet, &mut ThreadLog) -> R) -> Option<
 /// Attaches to the ring set named by `RRC_RR_FD`, if any.
 pub fn init() {
     // SAFETY: getenv with a NUL-terminated name, before threads exist.
-    let v = unsafe { libc::getenv(FD_ENV.as_ptr().cast()) };
+    let v = unsafe { libc::getenv(interface::FD_ENV.as_ptr()) };
     if v.is_null() {
         return;
     }
     // SAFETY: getenv returned a NUL-terminated string.
     let s = unsafe { std::ffi::CStr::from_ptr(v) };
-    let Some(fd) = s.to_str().ok().and_then(|s| s.parse::<i32>().ok()) else {
+    let Some(fd) = interface::parse_fd_env(s.to_bytes()) else {
         crate::fatal(b"librrc: RRC_RR_FD is not a descriptor number\n");
     };
     RING_FD.store(fd, Ordering::Relaxed);

@@ -1,8 +1,9 @@
 //! Recording a container's nondeterministic events (`rrc run --record`)
 //! and reading recordings (`rrc log`).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -10,6 +11,7 @@ use clap::Subcommand;
 use rrc_container::create::Container;
 use rrc_container::supervise::Companion;
 use rrc_rr::agent::{RecordStats, Recorder};
+use rrc_rr::interface;
 use rrc_rr::log::{LogReader, thread_log_ids};
 use rrc_rr::ring::RingSet;
 
@@ -153,8 +155,8 @@ impl Recording {
         vec![
             ("LD_PRELOAD".into(), preload),
             (
-                "RRC_RR_FD".into(),
-                self.child_fd.as_raw_fd().to_string().into(),
+                OsStr::from_bytes(interface::FD_ENV.to_bytes()).into(),
+                interface::fd_env_value(self.child_fd.as_raw_fd()).into(),
             ),
         ]
     }
