@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 use libc::c_int;
+use rrc_rr::interface;
 
 /// Descriptors below this can be virtual.
 const MAX_FD: usize = 1 << 16;
@@ -104,16 +105,12 @@ pub fn place(fd: c_int, flags: c_int) -> bool {
     ok
 }
 
-/// Length field of the capture record that marks a connection's end (its
-/// number may be reused by the next one).
-pub const CLOSED_MARK: u32 = u32::MAX;
-
 /// The descriptor is closed: no longer virtual; a connection's capture
 /// ends here.
 pub fn closed(fd: c_int) {
     if is_virtual(fd) {
         set_virtual(fd, false);
-        write_record(fd, CLOSED_MARK, &[]);
+        write_record(fd, interface::CAPTURE_CLOSED, &[]);
     }
 }
 
@@ -124,23 +121,22 @@ pub fn capture(fd: c_int, parts: &[&[u8]]) {
     write_record(fd, len as u32, &parts[..n]);
 }
 
-/// One capture record: descriptor, length (or [`CLOSED_MARK`]), bytes.
+/// One capture record: descriptor, length (or `CAPTURE_CLOSED`), bytes
+/// (the format is `rrc_rr::interface`'s).
 fn write_record(fd: c_int, len: u32, parts: &[&[u8]]) {
     let out = CAPTURE.load(Ordering::Acquire);
     if out < 0 {
         return;
     }
     let n = parts.len().min(16);
-    let mut head = [0u8; 8];
-    head[..4].copy_from_slice(&(fd as u32).to_le_bytes());
-    head[4..].copy_from_slice(&len.to_le_bytes());
+    let mut head = interface::capture_header(fd, len);
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; 17];
     iov[0] = libc::iovec {
         iov_base: head.as_mut_ptr().cast(),
-        iov_len: 8,
+        iov_len: head.len(),
     };
     for (i, p) in parts[..n].iter().enumerate() {
         iov[i + 1] = libc::iovec {

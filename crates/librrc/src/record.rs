@@ -1,21 +1,20 @@
 //! Where events go: each thread appends its records to a batch of its own
-//! and pushes the batch, at flush points, to its own ring of the set the
-//! rrc process shares with the program (`RRC_RR_FD`). Global order: every record takes the next
-//! number of one process-wide counter, and the time since the previous
-//! record of any thread.
+//! and pushes the batch, at flush points (or at once, when the set is
+//! `EAGER`), to its own ring of the set the rrc process shares with the
+//! program (`RRC_RR_FD`). Global order: every record takes the next number
+//! of one process-wide counter, and the time since the previous record of
+//! any thread.
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
+use rrc_rr::interface;
 use rrc_rr::log::{BatchWriter, Event, Record};
 use rrc_rr::ring::{Producer, RingSet};
 
 use crate::thread;
-
-/// Environment variable naming the ring set's descriptor.
-const FD_ENV: &[u8] = b"RRC_RR_FD\0";
 
 /// A thread's first batch buffer; it grows (by mapping a larger one) for
 /// records that do not fit.
@@ -30,6 +29,9 @@ static RECORDING: AtomicBool = AtomicBool::new(false);
 /// Set once a copy restored from a checkpoint learned that it is being
 /// replayed: nothing goes to the rings any more (nobody drains them).
 static REPLAYED_COPY: AtomicBool = AtomicBool::new(false);
+/// Every record goes to the ring as soon as it is made (the set's `EAGER`
+/// flag, read at attach).
+static EAGER: AtomicBool = AtomicBool::new(false);
 static LAST_NS: AtomicU64 = AtomicU64::new(0);
 /// The rings' descriptor (where a replay's configuration is put).
 static RING_FD: AtomicI32 = AtomicI32::new(-1);
@@ -81,13 +83,13 @@ fn with_log<R>(f: impl FnOnce(&'static RingSet, &mut ThreadLog) -> R) -> Option<
 /// Attaches to the ring set named by `RRC_RR_FD`, if any.
 pub fn init() {
     // SAFETY: getenv with a NUL-terminated name, before threads exist.
-    let v = unsafe { libc::getenv(FD_ENV.as_ptr().cast()) };
+    let v = unsafe { libc::getenv(interface::FD_ENV.as_ptr()) };
     if v.is_null() {
         return;
     }
     // SAFETY: getenv returned a NUL-terminated string.
     let s = unsafe { std::ffi::CStr::from_ptr(v) };
-    let Some(fd) = s.to_str().ok().and_then(|s| s.parse::<i32>().ok()) else {
+    let Some(fd) = interface::parse_fd_env(s.to_bytes()) else {
         crate::fatal(b"librrc: RRC_RR_FD is not a descriptor number\n");
     };
     RING_FD.store(fd, Ordering::Relaxed);
@@ -102,6 +104,7 @@ pub fn init() {
         Ok(s) => s,
         Err(_) => crate::fatal(b"librrc: RRC_RR_FD is not an rrc ring set\n"),
     };
+    EAGER.store(set.eager(), Ordering::Relaxed);
     SET.store(Box::into_raw(Box::new(set)), Ordering::Release);
     // The loading thread is the program's first: log 1, before any thread
     // it creates takes a number.
@@ -235,6 +238,7 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
                 // The program must not pay for it: only the call's
                 // result goes in the log, which a replay reports as a
                 // divergence when it gets there.
+                set.note_unrecorded();
                 warn_once(
                     &TOO_LARGE,
                     b"librrc: an event's data is larger than a ring; only its result is logged, and a replay cannot go past it\n",
@@ -246,10 +250,22 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
             }
         }
     }
-    if log.writer.as_ref().is_some_and(|w| w.len() >= FLUSH_AT) {
+    if log
+        .writer
+        .as_ref()
+        .is_some_and(|w| w.len() >= FLUSH_AT || EAGER.load(Ordering::Relaxed))
+    {
         push_batch(log);
     }
     false
+}
+
+/// Counts something that goes unrecorded (a child process) where the rrc
+/// process sees it.
+pub fn note_unrecorded() {
+    if let Some(set) = set() {
+        set.note_unrecorded();
+    }
 }
 
 /// Sends this thread's pending records to its ring.
@@ -321,6 +337,7 @@ fn attach(set: &'static RingSet, log: &mut ThreadLog) {
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u32;
     let Ok(slot) = set.claim_slot(thread::log_id(), tid) else {
         // The program goes on; this thread is not recorded.
+        set.note_unrecorded();
         warn_once(
             &NO_RING,
             b"librrc: more threads than rings; a thread runs unrecorded, and a replay cannot cover it\n",

@@ -1,6 +1,7 @@
 //! Replay: each thread takes its outcomes from its own log instead of the
 //! world, in the recorded global order (and, if asked, with the recorded
-//! time between returns), until its log ends; from then on, or after a
+//! time between returns), until its log ends or reaches the last record
+//! the configuration lets it serve (`until`); from then on, or after a
 //! divergence, it runs live.
 //!
 //! Everything the wrappers need is built once (so it may allocate there):
@@ -13,9 +14,9 @@
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+use rrc_rr::interface::{self, ReplayConfig};
 use rrc_rr::log::{BatchReader, Event, Record, log_file_path};
 
 use crate::thread;
@@ -44,6 +45,9 @@ struct Replay {
     /// The first sequence number to replay: a copy restored from a
     /// checkpoint has done everything before it.
     from: u64,
+    /// The last sequence number to replay: a thread whose next record is
+    /// beyond it has reached the end of its log.
+    until: u64,
     order: bool,
     timing: bool,
     stop_at_end: bool,
@@ -85,36 +89,6 @@ thread_local! {
             batch: None,
         }))
     };
-}
-
-/// How to replay: from a configuration file `rrc replay` puts at the
-/// descriptor the recording's rings had, named by the recorded
-/// `RRC_RR_FD` (so that the program's environment, which some programs copy
-/// into their heap, is exactly the recorded one).
-struct Config {
-    dir: PathBuf,
-    logs: Vec<u32>,
-    order: bool,
-    timing: bool,
-    stop_at_end: bool,
-    capture: Option<PathBuf>,
-    from: u64,
-    /// Connections that existed at the checkpoint: their input comes from
-    /// the log, what is written to them is captured.
-    virtual_fds: Vec<i32>,
-    same_addresses: bool,
-}
-
-/// First line of a replay configuration file.
-pub const CONFIG_MAGIC: &[u8] = b"rrc-replay\n";
-
-fn parse_ids(list: &str) -> Result<Vec<u32>, String> {
-    list.split(',')
-        .map(|id| {
-            id.parse::<u32>()
-                .map_err(|_| format!("librrc: bad log id list {list:?}\n"))
-        })
-        .collect()
 }
 
 /// Starts replay from the program's start with the configuration at
@@ -173,12 +147,16 @@ fn thread_live() -> bool {
         .unwrap_or(true)
 }
 
-/// The replay configuration at descriptor `fd`, if it holds one.
-fn read_config(fd: i32) -> Option<Config> {
+/// The replay configuration at descriptor `fd`, if it holds one: `rrc
+/// replay` puts it at the descriptor the recording's rings had, named by
+/// the recorded `RRC_RR_FD` (so that the program's environment, which some
+/// programs copy into their heap, is exactly the recorded one). One of
+/// another version, or one that does not check out, stops the program.
+fn read_config(fd: i32) -> Option<ReplayConfig> {
     let mut head = [0u8; 16];
     // SAFETY: a pread into a local buffer.
     let n = unsafe { libc::pread(fd, head.as_mut_ptr().cast(), head.len(), 0) };
-    if n < CONFIG_MAGIC.len() as isize || &head[..CONFIG_MAGIC.len()] != CONFIG_MAGIC {
+    if !interface::is_replay_config(&head[..n.max(0) as usize]) {
         return None;
     }
     let mut text = Vec::new();
@@ -193,53 +171,17 @@ fn read_config(fd: i32) -> Option<Config> {
         text.extend_from_slice(&buf[..n as usize]);
         off += n as i64;
     }
-    let text = String::from_utf8_lossy(&text).into_owned();
-    let mut cfg = Config {
-        dir: PathBuf::new(),
-        logs: Vec::new(),
-        order: true,
-        timing: true,
-        stop_at_end: false,
-        capture: None,
-        from: 0,
-        virtual_fds: Vec::new(),
-        same_addresses: false,
-    };
-    for line in text.lines().skip(1) {
-        let Some((k, v)) = line.split_once('=') else {
-            continue;
-        };
-        match k {
-            "log" => cfg.dir = PathBuf::from(v),
-            "logs" => cfg.logs = parse_ids(v).unwrap_or_else(|e| crate::fatal(e.as_bytes())),
-            "order" => cfg.order = v != "0",
-            "timing" => cfg.timing = v != "0",
-            "stop" => cfg.stop_at_end = v == "1",
-            "addresses" => cfg.same_addresses = v == "1",
-            "capture" => cfg.capture = Some(PathBuf::from(v)),
-            "from" => {
-                cfg.from = v
-                    .parse()
-                    .unwrap_or_else(|_| crate::fatal(b"librrc: bad first event number\n"))
-            }
-            "virtual" if !v.is_empty() => {
-                cfg.virtual_fds = parse_ids(v)
-                    .unwrap_or_else(|e| crate::fatal(e.as_bytes()))
-                    .into_iter()
-                    .map(|fd| fd as i32)
-                    .collect()
-            }
-            _ => {}
-        }
+    match ReplayConfig::parse(&text) {
+        Ok(cfg) => Some(cfg),
+        Err(e) => crate::fatal(format!("librrc: cannot replay: {e}\n").as_bytes()),
     }
-    Some(cfg)
 }
 
-fn start(cfg: Config) {
+fn start(cfg: ReplayConfig) {
     let r = match load(&cfg) {
         Ok(r) => r,
         Err(e) => {
-            let msg = format!("librrc: cannot replay {}: {e}\n", cfg.dir.display());
+            let msg = format!("librrc: cannot replay {}: {e}\n", cfg.log_dir.display());
             crate::fatal(msg.as_bytes());
         }
     };
@@ -257,8 +199,8 @@ fn start(cfg: Config) {
     REPLAY.store(Box::into_raw(Box::new(r)), Ordering::Release);
 }
 
-fn load(cfg: &Config) -> Result<Replay, String> {
-    let dir = cfg.dir.as_path();
+fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
+    let dir = cfg.log_dir.as_path();
     // Listing the directory would go through the C library's opendir,
     // which allocates with the program's malloc and so changes what the
     // program's allocator does next; `rrc replay` passes the list.
@@ -292,7 +234,12 @@ fn load(cfg: &Config) -> Result<Replay, String> {
                     return Err(bad(format!("event #{} follows #{last}", rec.seq)));
                 }
                 last = rec.seq;
-                seqs.push(rec.seq);
+                // Records beyond `until` are never served: they are not
+                // waited for, and the end of the log is reached without
+                // them.
+                if rec.seq <= cfg.until.unwrap_or(u64::MAX) {
+                    seqs.push(rec.seq);
+                }
             }
             rest = next;
         }
@@ -307,6 +254,7 @@ fn load(cfg: &Config) -> Result<Replay, String> {
         logs,
         seqs,
         from: cfg.from,
+        until: cfg.until.unwrap_or(u64::MAX),
         order: cfg.order,
         timing: cfg.timing,
         stop_at_end: cfg.stop_at_end,
@@ -452,9 +400,12 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
                     .unwrap_or(&[]);
             }
             // A restored copy skips what it did before the checkpoint.
-            let Some(rec) = std::iter::from_fn(|| next_record(c)).find(|rec| rec.seq >= r.from)
+            let Some(rec) = std::iter::from_fn(|| next_record(c))
+                .find(|rec| rec.seq >= r.from)
+                .filter(|rec| rec.seq <= r.until)
             else {
-                // The log ended: live from here on.
+                // The log ended (or what is left of it is not to be
+                // replayed): live from here on.
                 c.live = true;
                 return None;
             };

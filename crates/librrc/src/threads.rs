@@ -176,6 +176,7 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
         if ret > 0 {
             // The child is not recorded (its atfork handler stopped it):
             // replay cannot go past this point.
+            record::note_unrecorded();
             let _ = record::emit(&Event::ForkUnsupported);
         } else {
             let _ = record::emit(&Event::Fork { ret: outcome(-1) });

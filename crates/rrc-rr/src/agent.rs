@@ -237,6 +237,8 @@ pub fn kind(e: &Event<'_>) -> &'static str {
         Event::Fork { .. } => "fork",
         Event::ForkUnsupported => "fork (unrecorded child)",
         Event::Signal { .. } => "signal",
+        Event::Write { .. } => "write",
+        Event::Wait { .. } => "wait",
         Event::Sync { .. } => "sync",
     }
 }

@@ -11,11 +11,15 @@
 //! * [`ring`]: a single-producer single-consumer byte ring that lives in a
 //!   `memfd` mapped into both the application and the agent, and
 //!   [`ring::RingSet`], one such mapping holding a ring per thread slot.
+//! * [`interface`]: what rrc and librrc exchange besides the log: the
+//!   environment variable naming the rings, the versioned replay
+//!   configuration, the capture file of a replay.
 //! * [`agent`]: the rrc process's side of a recording, draining every
 //!   thread's ring into the log directory.
 //!
 //! The byte layouts are specified in the crate's `README.md`.
 
 pub mod agent;
+pub mod interface;
 pub mod log;
 pub mod ring;

@@ -6,8 +6,8 @@ use std::io::IoSlice;
 use proptest::prelude::*;
 use rrc_rr::log::{
     AcceptCall, BatchReader, BatchWriter, Bytes, DecodeError, EncodeError, EpollCall, EpollReady,
-    Event, HEADER_LEN, List, MmapCall, PollCall, ReadCall, Record, RecvCall, RecvMsg, SelectCall,
-    SyncOp,
+    Event, FORMAT_VERSION, HEADER_LEN, List, MmapCall, PollCall, ReadCall, Record, RecvCall,
+    RecvMsg, SelectCall, SyncOp, WaitCall, WaitChild, WriteCall,
 };
 
 /// data, source address, flags, ancillary data
@@ -35,6 +35,8 @@ enum Owned {
     Fork(i64),
     ForkUnsupported,
     Signal(i32),
+    Write(WriteCall, i32, i64),
+    Wait(WaitCall, i64, i32, WaitChild),
     Sync(SyncOp, u64, i32),
 }
 
@@ -150,6 +152,17 @@ impl Owned {
             Owned::Fork(ret) => f(Event::Fork { ret: *ret }),
             Owned::ForkUnsupported => f(Event::ForkUnsupported),
             Owned::Signal(signo) => f(Event::Signal { signo: *signo }),
+            Owned::Write(call, fd, ret) => f(Event::Write {
+                call: *call,
+                fd: *fd,
+                ret: *ret,
+            }),
+            Owned::Wait(call, ret, status, child) => f(Event::Wait {
+                call: *call,
+                ret: *ret,
+                status: *status,
+                child: *child,
+            }),
             Owned::Sync(op, obj, ret) => f(Event::Sync {
                 op: *op,
                 obj: *obj,
@@ -232,6 +245,19 @@ fn owned_event() -> impl Strategy<Value = Owned> {
         any::<i64>().prop_map(Owned::Fork),
         Just(Owned::ForkUnsupported),
         any::<i32>().prop_map(Owned::Signal),
+        (pick(WriteCall::ALL), any::<i32>(), any::<i64>())
+            .prop_map(|(c, fd, r)| Owned::Write(c, fd, r)),
+        (
+            pick(WaitCall::ALL),
+            any::<i64>(),
+            any::<i32>(),
+            (any::<i32>(), any::<u32>(), any::<i32>()).prop_map(|(pid, uid, code)| WaitChild {
+                pid,
+                uid,
+                code
+            })
+        )
+            .prop_map(|(c, r, st, ch)| Owned::Wait(c, r, st, ch)),
         (pick(SyncOp::ALL), any::<u64>(), any::<i32>()).prop_map(|(o, a, r)| Owned::Sync(o, a, r)),
     ]
 }
@@ -409,7 +435,7 @@ proptest! {
 fn with_header(log_id: u32, count: u32, first_seq: u64, payload: &[u8]) -> Vec<u8> {
     let mut b = Vec::with_capacity(HEADER_LEN + payload.len());
     b.extend_from_slice(b"RRCL");
-    b.extend_from_slice(&1u16.to_le_bytes());
+    b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     b.extend_from_slice(&0u16.to_le_bytes());
     b.extend_from_slice(&log_id.to_le_bytes());
     b.extend_from_slice(&count.to_le_bytes());
@@ -426,12 +452,18 @@ fn with_header(log_id: u32, count: u32, first_seq: u64, payload: &[u8]) -> Vec<u
 #[test]
 fn header_errors_are_specific() {
     let good = encode(1, &[(5, 0, Owned::Time(1))]);
-    let mut v = good.clone();
-    v[4] = 2;
-    assert!(matches!(
-        BatchReader::new(&v),
-        Err(DecodeError::UnsupportedVersion { found: 2, .. })
-    ));
+    // Version 1 (before writes and waits were recorded) and a later one.
+    for old_or_new in [1, FORMAT_VERSION + 1] {
+        let mut v = good.clone();
+        v[4..6].copy_from_slice(&old_or_new.to_le_bytes());
+        assert_eq!(
+            BatchReader::new(&v).err(),
+            Some(DecodeError::UnsupportedVersion {
+                found: old_or_new,
+                supported: 2
+            })
+        );
+    }
     let mut v = good.clone();
     v[0] = b'X';
     assert!(matches!(
@@ -550,4 +582,84 @@ fn scattered_data_shorter_than_claimed_is_refused() {
         })
     );
     assert!(w.is_empty());
+}
+
+#[test]
+fn writes_and_waits_have_their_tags_and_layout() {
+    use rrc_rr::log::tag;
+    let records = [
+        (
+            1,
+            0,
+            Owned::Write(WriteCall::Write, 4, -i64::from(libc::EAGAIN)),
+        ),
+        (2, 0, Owned::Write(WriteCall::SendFile, 5, 300)),
+        (
+            3,
+            0,
+            Owned::Wait(WaitCall::Waitpid, 0, 0, WaitChild::default()),
+        ),
+        (
+            4,
+            0,
+            Owned::Wait(
+                WaitCall::Waitid,
+                0,
+                3,
+                WaitChild {
+                    pid: 77,
+                    uid: 0,
+                    code: libc::CLD_EXITED,
+                },
+            ),
+        ),
+    ];
+    let batch = encode(1, &records);
+    assert_eq!(
+        &batch[HEADER_LEN..],
+        &[
+            // write: fd 4, ret -EAGAIN (zigzag 21)
+            tag::WRITE,
+            0,
+            8,
+            21,
+            // sendfile: gap 0, delta 0, fd 5, ret 300 (zigzag 600)
+            tag::WRITE + 5,
+            0,
+            0,
+            10,
+            0xd8,
+            0x04,
+            // waitpid: ret 0, status 0, pid 0, uid 0, code 0
+            tag::WAIT + 1,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            // waitid: ret 0, status 3, pid 77, uid 0, code CLD_EXITED (1)
+            tag::WAIT + 4,
+            0,
+            0,
+            0,
+            6,
+            154,
+            1,
+            0,
+            2,
+        ][..]
+    );
+    // Past the last call of each family: unknown tags.
+    for t in [tag::WRITE + 6, tag::WAIT + 5] {
+        let b = with_header(1, 1, 0, &[t, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            decode_all(&b),
+            Err(DecodeError::UnknownTag {
+                tag: t,
+                offset: HEADER_LEN
+            })
+        );
+    }
 }

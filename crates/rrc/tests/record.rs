@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 use rrc_bench::failover::App;
 use rrc_lab::Host;
+use rrc_rr::interface::CaptureRecord;
 use rrc_rr::log::{Event, LogReader, SyncOp, thread_log_ids};
 
 /// Every record of every thread log in `dir`: (thread, seq, event as
@@ -484,7 +485,10 @@ fn a_program_that_execs_and_reads_too_much_at_once_is_never_held_up() {
 fn captured(path: &Path) -> Vec<u8> {
     capture_records(path)
         .into_iter()
-        .filter_map(|(_, bytes)| bytes)
+        .filter_map(|r| match r {
+            CaptureRecord::Written { bytes, .. } => Some(bytes),
+            CaptureRecord::Closed { .. } => None,
+        })
         .flatten()
         .collect()
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rrc_bench::failover::App;
 use rrc_lab::Host;
+use rrc_rr::interface::CaptureRecord;
 
 /// A delay in `[lo, hi)` ms that differs from run to run (the checkpoint's
 /// random moment).
@@ -32,10 +33,12 @@ fn random_delay(lo: u64, hi: u64) -> Duration {
 fn captured_streams(path: &Path) -> Vec<(u32, Vec<u8>)> {
     let mut done = Vec::new();
     let mut open = std::collections::BTreeMap::<u32, Vec<u8>>::new();
-    for (fd, bytes) in capture_records(path) {
-        match bytes {
-            Some(b) => open.entry(fd).or_default().extend_from_slice(&b),
-            None => done.extend(open.remove(&fd).map(|b| (fd, b))),
+    for r in capture_records(path) {
+        match r {
+            CaptureRecord::Written { fd, bytes } => {
+                open.entry(fd).or_default().extend_from_slice(&bytes)
+            }
+            CaptureRecord::Closed { fd } => done.extend(open.remove(&fd).map(|b| (fd, b))),
         }
     }
     done.extend(open);

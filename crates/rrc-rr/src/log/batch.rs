@@ -13,7 +13,7 @@ use super::event::{Event, Record};
 /// Magic number opening every batch: the bytes `RRCL`.
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"RRCL");
 /// Format version written by this build, and the only one it reads.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Length of the fixed batch header.
 pub const HEADER_LEN: usize = 32;
 /// Largest payload a batch may carry. Writers never produce more, and

@@ -462,6 +462,53 @@ call_enum!(
 );
 
 call_enum!(
+    /// Which output call produced a [`Event::Write`].
+    WriteCall {
+        /// `write(2)`
+        Write,
+        /// `writev(2)`
+        Writev,
+        /// `send(2)`
+        Send,
+        /// `sendto(2)`
+        SendTo,
+        /// `sendmsg(2)`
+        SendMsg,
+        /// `sendfile(2)` (and `sendfile64`)
+        SendFile,
+    }
+);
+
+call_enum!(
+    /// Which wait call produced a [`Event::Wait`].
+    WaitCall {
+        /// `wait(2)`
+        Wait,
+        /// `waitpid(2)`
+        Waitpid,
+        /// `wait3(2)`
+        Wait3,
+        /// `wait4(2)`
+        Wait4,
+        /// `waitid(2)`
+        Waitid,
+    }
+);
+
+/// What `waitid` filled in its `siginfo_t` besides the status (zero for
+/// the other wait calls, and when no child was ready).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WaitChild {
+    /// `si_pid`: the child, 0 if none was ready.
+    pub pid: i32,
+    /// `si_uid`: its real user id.
+    pub uid: u32,
+    /// `si_code`: `CLD_EXITED`, `CLD_KILLED`, `CLD_DUMPED`, `CLD_STOPPED`,
+    /// `CLD_TRAPPED` or `CLD_CONTINUED`.
+    pub code: i32,
+}
+
+call_enum!(
     /// A synchronization operation whose order across threads is recorded.
     SyncOp {
         /// `pthread_mutex_lock`
@@ -658,6 +705,31 @@ pub enum Event<'a> {
     },
     /// The recording thread exited; its log ends here.
     ThreadExit,
+    /// An output call, when it returned: only its result (the bytes are
+    /// the program's own, reproduced by a replay), so that a replay returns
+    /// the same short count or error.
+    Write {
+        /// Which call.
+        call: WriteCall,
+        /// The descriptor written to (`sendfile`: the output one).
+        fd: i32,
+        /// Bytes written or `-errno`.
+        ret: i64,
+    },
+    /// A wait for a child process: whether a child had ended yet is not
+    /// the program's to decide.
+    Wait {
+        /// Which call.
+        call: WaitCall,
+        /// The child's pid, 0 (`WNOHANG` and none ready) or `-errno`;
+        /// `waitid`: 0 or `-errno`.
+        ret: i64,
+        /// The status word stored (`wait` .. `wait4`), or `waitid`'s
+        /// `si_status`.
+        status: i32,
+        /// `waitid`'s other `siginfo_t` fields.
+        child: WaitChild,
+    },
     /// `fork` in the parent.
     Fork {
         /// Child pid or `-errno`.
@@ -724,6 +796,10 @@ pub mod tag {
     pub const FORK_UNSUPPORTED: u8 = 0x4b;
     /// [`Event::Signal`](super::Event::Signal)
     pub const SIGNAL: u8 = 0x4c;
+    /// [`Event::Write`](super::Event::Write), plus `WriteCall` code.
+    pub const WRITE: u8 = 0x50;
+    /// [`Event::Wait`](super::Event::Wait), plus `WaitCall` code.
+    pub const WAIT: u8 = 0x58;
     /// [`Event::Sync`](super::Event::Sync), plus `SyncOp` code (0x60..=0x76).
     pub const SYNC: u8 = 0x60;
 }
@@ -750,6 +826,8 @@ impl<'a> Event<'a> {
             Event::Fork { .. } => tag::FORK,
             Event::ForkUnsupported => tag::FORK_UNSUPPORTED,
             Event::Signal { .. } => tag::SIGNAL,
+            Event::Write { call, .. } => tag::WRITE + call.code(),
+            Event::Wait { call, .. } => tag::WAIT + call.code(),
             Event::Sync { op, .. } => tag::SYNC + op.code(),
         }
     }
@@ -848,6 +926,19 @@ impl<'a> Event<'a> {
             Event::ThreadExit | Event::ForkUnsupported => {}
             Event::Fork { ret } => out.put_signed(*ret)?,
             Event::Signal { signo } => out.put_signed(i64::from(*signo))?,
+            Event::Write { fd, ret, .. } => {
+                out.put_signed(i64::from(*fd))?;
+                out.put_signed(*ret)?;
+            }
+            Event::Wait {
+                ret, status, child, ..
+            } => {
+                out.put_signed(*ret)?;
+                out.put_signed(i64::from(*status))?;
+                out.put_signed(i64::from(child.pid))?;
+                out.put_varint(u64::from(child.uid))?;
+                out.put_signed(i64::from(child.code))?;
+            }
             Event::Sync { obj, ret, .. } => {
                 out.put_varint(*obj)?;
                 out.put_signed(i64::from(*ret))?;
@@ -952,6 +1043,21 @@ impl<'a> Event<'a> {
             tag::FORK_UNSUPPORTED => Event::ForkUnsupported,
             tag::SIGNAL => Event::Signal {
                 signo: dec.i32("signal number")?,
+            },
+            t if (tag::WRITE..tag::WRITE + 6).contains(&t) => Event::Write {
+                call: WriteCall::from_code(sub(tag::WRITE)).ok_or(unknown)?,
+                fd: dec.i32("fd")?,
+                ret: dec.signed("write result")?,
+            },
+            t if (tag::WAIT..tag::WAIT + 5).contains(&t) => Event::Wait {
+                call: WaitCall::from_code(sub(tag::WAIT)).ok_or(unknown)?,
+                ret: dec.signed("wait result")?,
+                status: dec.i32("wait status")?,
+                child: WaitChild {
+                    pid: dec.i32("child pid")?,
+                    uid: dec.u32("child uid")?,
+                    code: dec.i32("child code")?,
+                },
             },
             t if t >= tag::SYNC => Event::Sync {
                 op: SyncOp::from_code(sub(tag::SYNC)).ok_or(unknown)?,

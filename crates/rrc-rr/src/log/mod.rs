@@ -18,6 +18,6 @@ pub use batch::{
 pub use error::{DecodeError, EncodeError, LogError};
 pub use event::{
     AcceptCall, Bytes, EpollCall, EpollReady, Event, List, ListItem, ListIter, MmapCall, PollCall,
-    ReadCall, Record, RecvCall, RecvMsg, SelectCall, SyncOp, tag,
+    ReadCall, Record, RecvCall, RecvMsg, SelectCall, SyncOp, WaitCall, WaitChild, WriteCall, tag,
 };
 pub use file::{LogReader, LogWriter, log_file_path, thread_log_ids};

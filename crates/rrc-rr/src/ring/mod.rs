@@ -69,7 +69,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use set::{REPLAY_REQUESTED, RingSet, SlotInfo, SlotState, request_replay};
+pub use set::{
+    EAGER, KNOWN_FLAGS, REPLAY_REQUESTED, RingSet, SET_VERSION, SlotInfo, SlotState, request_replay,
+};
 use shm::SharedMemory;
 
 #[cfg(not(target_has_atomic = "64"))]
@@ -166,6 +168,12 @@ pub enum RingError {
     NoFreeSlot {
         /// Slots in the set.
         count: usize,
+    },
+    /// The set asks for behaviour this build does not know.
+    #[error("ring set flags {flags:#x} include ones this build does not know")]
+    UnknownFlags {
+        /// The flags.
+        flags: u32,
     },
     /// A slot was not in the state the operation requires.
     #[error("slot {index} is {found:?}, expected {expected:?}")]

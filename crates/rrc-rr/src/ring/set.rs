@@ -6,13 +6,15 @@
 //! | offset             | size | field                                   |
 //! |-------------------:|-----:|-----------------------------------------|
 //! | 0                  | 8    | magic `RRCRSET\0`                       |
-//! | 8                  | 4    | layout version (1)                      |
+//! | 8                  | 4    | layout version (3)                      |
 //! | 12                 | 4    | slot count N                            |
 //! | 16                 | 8    | ring capacity (same for every ring)     |
 //! | 24                 | 8    | ring stride                             |
 //! | 32                 | 8    | offset of ring 0                        |
 //! | 40                 | 8    | last global sequence number handed out  |
 //! | 48                 | 8    | last thread log id handed out           |
+//! | 56                 | 4    | flags (see [`EAGER`])                   |
+//! | 60                 | 4    | count of things that went unrecorded    |
 //! | 64 + 64·i          | 64   | slot i: state u32, log id u32, tid u32  |
 //! | offset + stride·i  |      | ring i (see [`crate::ring`])            |
 //!
@@ -25,6 +27,12 @@
 //! The two counters are the recording's, shared by every program image
 //! that uses the set: a program that `exec`s another (a shell script, a
 //! launcher) goes on numbering records and threads where it left off.
+//!
+//! The flags are the creator's requests to the recorder, fixed at
+//! creation; the unrecorded counter is the recorder's report back (a
+//! thread that found no free ring, an event too large for a ring, a child
+//! process left unrecorded), so that the rrc process learns that the log
+//! does not cover everything even when nothing in it says so.
 //!
 //! # Slot life cycle
 //!
@@ -47,7 +55,13 @@ use super::{
 /// Magic number at the start of a ring set: `RRCRSET\0`.
 pub const SET_MAGIC: u64 = u64::from_le_bytes(*b"RRCRSET\0");
 /// Layout version of the ring set directory.
-pub const SET_VERSION: u32 = 2;
+pub const SET_VERSION: u32 = 3;
+/// Flag: the recorder pushes every record to its ring as soon as it is
+/// made, instead of batching a thread's records until a flush point (for
+/// replication, where a reply may wait for any thread's records).
+pub const EAGER: u32 = 1 << 0;
+/// Every flag this layout defines.
+pub const KNOWN_FLAGS: u32 = EAGER;
 /// Set in the last-sequence counter of a checkpointed copy of the set, by
 /// [`request_replay`]: the program restored from it replays.
 pub const REPLAY_REQUESTED: u64 = 1 << 63;
@@ -68,7 +82,8 @@ struct SetHeader {
     rings_offset: AtomicU64,
     last_seq: AtomicU64,
     last_log_id: AtomicU64,
-    _pad: [AtomicU64; 1],
+    flags: AtomicU32,
+    unrecorded: AtomicU32,
 }
 
 #[repr(C, align(64))]
@@ -169,8 +184,18 @@ pub struct RingSet {
 }
 
 impl RingSet {
-    /// Creates a set of `slots` rings of `capacity` bytes each.
+    /// Creates a set of `slots` rings of `capacity` bytes each, with no
+    /// flags.
     pub fn create(slots: usize, capacity: u64) -> Result<Self, RingError> {
+        Self::create_with(slots, capacity, 0)
+    }
+
+    /// Creates a set of `slots` rings of `capacity` bytes each, with
+    /// `flags` (such as [`EAGER`]) for the recorder that attaches to it.
+    pub fn create_with(slots: usize, capacity: u64, flags: u32) -> Result<Self, RingError> {
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(RingError::UnknownFlags { flags });
+        }
         let g = checked_geometry(slots, capacity)?;
         let shm = SharedMemory::create("rrc-ring-set", g.total)?;
         let set = RingSet {
@@ -193,6 +218,7 @@ impl RingSet {
         h.ring_stride.store(g.stride as u64, Ordering::Relaxed);
         h.rings_offset
             .store(g.rings_offset as u64, Ordering::Relaxed);
+        h.flags.store(flags, Ordering::Relaxed);
         // Release: publishes everything above to an Acquire load of magic.
         h.magic.store(SET_MAGIC, Ordering::Release);
         Ok(set)
@@ -233,6 +259,12 @@ impl RingSet {
                 found: version,
                 supported: SET_VERSION,
             });
+        }
+        // A flag this build does not know asks for something it would not
+        // do: better refused than silently ignored.
+        let flags = h.flags.load(Ordering::Relaxed);
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(RingError::UnknownFlags { flags });
         }
         let slots = h.slot_count.load(Ordering::Relaxed) as usize;
         let capacity = h.ring_capacity.load(Ordering::Relaxed);
@@ -343,6 +375,33 @@ impl RingSet {
     /// The next thread log id of the recording (from 1).
     pub fn next_log_id(&self) -> u32 {
         (self.header().last_log_id.fetch_add(1, Ordering::AcqRel) + 1) as u32
+    }
+
+    /// The flags the creator set (see [`EAGER`]).
+    pub fn flags(&self) -> u32 {
+        self.header().flags.load(Ordering::Relaxed)
+    }
+
+    /// Whether the recorder is to push every record as soon as it is made.
+    pub fn eager(&self) -> bool {
+        self.flags() & EAGER != 0
+    }
+
+    /// Counts one thing that went unrecorded (called by the recorder; no
+    /// allocation, no lock).
+    pub fn note_unrecorded(&self) {
+        // Saturating: a count that wrapped would hide the problem.
+        let _ = self
+            .header()
+            .unrecorded
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_add(1));
+    }
+
+    /// How many times something went unrecorded: a thread that found no
+    /// free ring, an event too large for a ring (logged by a marker in
+    /// its place), a `fork` whose child is not recorded.
+    pub fn unrecorded(&self) -> u32 {
+        self.header().unrecorded.load(Ordering::Acquire)
     }
 
     /// Number of slots.
@@ -496,6 +555,41 @@ mod tests {
         file.write_all_at(&page, 0).unwrap();
         assert_eq!(set.next_seq(), None);
         assert_eq!(set.next_seq(), None);
+    }
+
+    #[test]
+    fn flags_are_the_creators_and_unknown_ones_are_refused() {
+        let plain = RingSet::create(1, 4096).unwrap();
+        assert_eq!(plain.flags(), 0);
+        assert!(!plain.eager());
+        let eager = RingSet::create_with(1, 4096, EAGER).unwrap();
+        assert!(eager.eager());
+        let other = RingSet::from_fd(nix::unistd::dup(eager.fd()).unwrap()).unwrap();
+        assert!(other.eager(), "seen by the other side too");
+        assert!(matches!(
+            RingSet::create_with(1, 4096, 1 << 5),
+            Err(RingError::UnknownFlags { flags: 32 })
+        ));
+        // A set whose flags were changed under a reader: refused at attach.
+        let file = std::fs::File::from(nix::unistd::dup(plain.fd()).unwrap());
+        let at = std::mem::offset_of!(SetHeader, flags) as u64;
+        file.write_all_at(&(1u32 << 7).to_le_bytes(), at).unwrap();
+        assert!(matches!(
+            RingSet::from_fd(nix::unistd::dup(plain.fd()).unwrap()),
+            Err(RingError::UnknownFlags { flags: 128 })
+        ));
+    }
+
+    #[test]
+    fn the_unrecorded_count_is_shared() {
+        let set = RingSet::create(1, 4096).unwrap();
+        let other = RingSet::from_fd(nix::unistd::dup(set.fd()).unwrap()).unwrap();
+        assert_eq!(set.unrecorded(), 0);
+        other.note_unrecorded();
+        other.note_unrecorded();
+        assert_eq!(set.unrecorded(), 2);
+        assert_eq!(std::mem::offset_of!(SetHeader, flags), 56);
+        assert_eq!(std::mem::offset_of!(SetHeader, unrecorded), 60);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! Recording a container's nondeterministic events (`rrc run --record`)
 //! and reading recordings (`rrc log`).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -10,6 +11,7 @@ use clap::Subcommand;
 use rrc_container::create::Container;
 use rrc_container::supervise::Companion;
 use rrc_rr::agent::{RecordStats, Recorder};
+use rrc_rr::interface;
 use rrc_rr::log::{LogReader, thread_log_ids};
 use rrc_rr::ring::RingSet;
 
@@ -153,8 +155,8 @@ impl Recording {
         vec![
             ("LD_PRELOAD".into(), preload),
             (
-                "RRC_RR_FD".into(),
-                self.child_fd.as_raw_fd().to_string().into(),
+                OsStr::from_bytes(interface::FD_ENV.to_bytes()).into(),
+                interface::fd_env_value(self.child_fd.as_raw_fd()).into(),
             ),
         ]
     }
@@ -186,10 +188,17 @@ impl Recording {
                 .with_context(|| format!("writing into {}", self.dir.display()))?;
             // The program has its copy now.
             drop(self.child_fd);
+            // A second view of the set, for librrc's count of what went
+            // unrecorded once the drain has the set.
+            let watch = nix::unistd::dup(self.set.fd())
+                .map_err(anyhow::Error::from)
+                .and_then(|fd| Ok(RingSet::from_fd(fd)?))
+                .context("mapping the recording's rings")?;
             let recorder = Recorder::start(self.set, &self.dir)
                 .with_context(|| format!("recording into {}", self.dir.display()))?;
             Ok(Box::new(Drain {
                 recorder: Some(recorder),
+                watch,
                 dir: self.dir,
             }))
         }
@@ -198,6 +207,7 @@ impl Recording {
 
 struct Drain {
     recorder: Option<Recorder>,
+    watch: RingSet,
     dir: PathBuf,
 }
 
@@ -221,7 +231,7 @@ impl Companion for Drain {
                 "rrc: nothing was recorded into {}: the program made none of the recorded calls through the C library",
                 self.dir.display()
             ),
-            Ok(s) => eprintln!("rrc: {}", summary(&s, &self.dir)),
+            Ok(s) => eprintln!("rrc: {}", summary(&s, self.watch.unrecorded(), &self.dir)),
             Err(e) => eprintln!(
                 "rrc: the recording in {} is incomplete: {e}",
                 self.dir.display()
@@ -230,7 +240,7 @@ impl Companion for Drain {
     }
 }
 
-fn summary(s: &RecordStats, dir: &Path) -> String {
+fn summary(s: &RecordStats, unrecorded: u32, dir: &Path) -> String {
     let kinds: Vec<String> = s.per_kind.iter().map(|(k, n)| format!("{k} {n}")).collect();
     let mut out = format!(
         "recorded {} events of {} thread(s) in {} batches ({:.1} KiB) into {}: {}",
@@ -252,6 +262,11 @@ fn summary(s: &RecordStats, dir: &Path) -> String {
         out += &format!(
             "; {} fork(s) whose child was not recorded: replay cannot go past them",
             s.forks_unrecorded
+        );
+    }
+    if unrecorded > 0 {
+        out += &format!(
+            "; librrc left {unrecorded} thing(s) unrecorded (threads beyond the rings, events larger than a ring, children of fork): a replay stops where they were"
         );
     }
     out

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
 use rrc_container::probe;
+use rrc_rr::interface::ReplayConfig;
 use rrc_rr::log::thread_log_ids;
 
 use super::record::{ENVIRON_FILE, dynamically_linked, recorded_ring_fd};
@@ -67,6 +68,12 @@ pub struct ReplayArgs {
     /// servers, which do not end on their own.
     #[arg(long)]
     stop_at_end: bool,
+    /// Replay no record after this sequence number: each thread's log ends
+    /// before its first record beyond it (a log whose tail after a gap is
+    /// not to be replayed), and the end of the log is reached when every
+    /// record up to it is done.
+    #[arg(long, value_name = "SEQ")]
+    until: Option<u64>,
     /// Without --images: the recorded program and its arguments.
     #[arg(last = true, required_unless_present = "images", value_name = "CMD")]
     command: Vec<OsString>,
@@ -86,26 +93,24 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
 
 /// librrc's replay configuration: what it reads where the rings'
 /// descriptor was.
-fn config_text(a: &ReplayArgs, ids: &[u32], from: u64, virtual_fds: &[i32]) -> Result<String> {
-    let list = |v: &mut dyn Iterator<Item = String>| v.collect::<Vec<_>>().join(",");
-    let mut config = format!(
-        "rrc-replay\nlog={}\nlogs={}\norder={}\ntiming={}\nstop={}\nfrom={from}\nvirtual={}\naddresses={}\n",
-        a.log
+fn config(a: &ReplayArgs, ids: &[u32], from: u64, virtual_fds: &[i32]) -> Result<Vec<u8>> {
+    Ok(ReplayConfig {
+        log_dir: a
+            .log
             .canonicalize()
-            .with_context(|| format!("resolving {}", a.log.display()))?
-            .display(),
-        list(&mut ids.iter().map(u32::to_string)),
-        u8::from(!a.no_order),
-        u8::from(!a.no_timing),
-        u8::from(a.stop_at_end),
-        list(&mut virtual_fds.iter().map(i32::to_string)),
+            .with_context(|| format!("resolving {}", a.log.display()))?,
+        logs: ids.to_vec(),
+        order: !a.no_order,
+        timing: !a.no_timing,
+        stop_at_end: a.stop_at_end,
+        capture: a.capture.as_deref().map(std::path::absolute).transpose()?,
+        from,
+        until: a.until,
+        virtual_fds: virtual_fds.to_vec(),
         // A restored checkpoint has the recorded address space.
-        u8::from(from > 0),
-    );
-    if let Some(c) = &a.capture {
-        config += &format!("capture={}\n", std::path::absolute(c)?.display());
+        same_addresses: from > 0,
     }
-    Ok(config)
+    .encode())
 }
 
 fn from_start(a: &ReplayArgs, ids: &[u32], ring_fd: i32) -> Result<i32> {
@@ -127,7 +132,7 @@ fn from_start(a: &ReplayArgs, ids: &[u32], ring_fd: i32) -> Result<i32> {
             a.log.display()
         );
     }
-    let config = config_text(a, ids, 0, &[])?;
+    let config = config(a, ids, 0, &[])?;
     let file = a.log.join(format!(".replay-{}", std::process::id()));
     std::fs::write(&file, config).with_context(|| format!("writing {}", file.display()))?;
     // Held until the program has started.
@@ -158,7 +163,7 @@ fn from_checkpoint(a: &ReplayArgs, images: &Path, ids: &[u32], ring_fd: i32) -> 
     let images = super::restore::image_of(images)?;
     let copy = WorkingCopy::of(&images)?;
     let plan = mark_for_replay(&images, copy.path(), ring_fd, |from, virtual_fds| {
-        config_text(a, ids, from, virtual_fds)
+        config(a, ids, from, virtual_fds)
     })?;
     eprintln!(
         "rrc: replaying from event #{} (the checkpoint's place in the recording) with {} thread log(s); {} thread(s) caught waiting for input take it from the log",
@@ -213,7 +218,7 @@ fn mark_for_replay(
     images: &Path,
     dir: &Path,
     ring_fd: i32,
-    config: impl FnOnce(u64, &[i32]) -> Result<String>,
+    config: impl FnOnce(u64, &[i32]) -> Result<Vec<u8>>,
 ) -> Result<ReplayPlan> {
     let mut edit = ImageEdit::open(dir).with_context(|| format!("reading {}", images.display()))?;
     let Some(rings) = edit.memfd_at_fd(ring_fd) else {
@@ -234,7 +239,7 @@ fn mark_for_replay(
     edit.replace_with_deleted_file(
         rings.file_id,
         &format!("/tmp/.rrc-replay-{}-{}", std::process::id(), rings.pid),
-        text.into_bytes(),
+        text,
     )?;
     // The replay's output and librrc's report reach `rrc replay`'s caller,
     // and the original's log is not written over.

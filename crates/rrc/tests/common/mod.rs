@@ -84,24 +84,10 @@ pub fn record_command(name: &str, log: &Path, bin: &Path) -> Command {
 }
 
 /// The records of a replay's capture file (`rrc replay --capture`), in
-/// order: a descriptor and the bytes written to it, or `None` where a
-/// connection on it was closed.
-pub fn capture_records(path: &Path) -> Vec<(u32, Option<Vec<u8>>)> {
-    let d = fs::read(path).unwrap();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i + 8 <= d.len() {
-        let fd = u32::from_le_bytes(d[i..i + 4].try_into().unwrap());
-        let n = u32::from_le_bytes(d[i + 4..i + 8].try_into().unwrap());
-        i += 8;
-        if n == u32::MAX {
-            out.push((fd, None));
-        } else {
-            out.push((fd, Some(d[i..i + n as usize].to_vec())));
-            i += n as usize;
-        }
-    }
-    out
+/// order, read by the format's own reader (a torn record fails the test).
+pub fn capture_records(path: &Path) -> Vec<rrc_rr::interface::CaptureRecord> {
+    let bytes = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    rrc_rr::interface::parse_capture(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 pub fn rrc(args: &[&str]) -> Out {

@@ -1,0 +1,659 @@
+//! The interface between rrc and librrc, two separately built programs
+//! that must agree on it: how a recorded program finds its rings (the
+//! environment), how `rrc replay` tells librrc what to replay (the replay
+//! configuration), and what librrc writes to a replay's capture file. The
+//! log and ring formats are in [`crate::log`] and [`crate::ring`].
+//!
+//! Everything here is versioned or fixed by a constant defined once, here:
+//! the rrc side writes through it and librrc reads through it (and the
+//! other way round for the capture file), so a mismatch is refused with a
+//! message rather than misread.
+//!
+//! # Environment
+//!
+//! A recorded program gets `LD_PRELOAD` naming librrc and [`FD_ENV`]
+//! naming, in decimal, the descriptor it inherits: the ring set of a
+//! recording, or (in a replay) a file holding the [`ReplayConfig`], at the
+//! same number, so that the program's environment is the recorded one
+//! byte for byte.
+//!
+//! # Replay configuration
+//!
+//! Text, one setting a line, `key=value`, after a first line naming the
+//! format and its version (`rrc-replay 2`). Paths are written byte for
+//! byte except `%`, control characters and DEL, which are `%XX` (two
+//! hexadecimal digits). A reader refuses another version, an unknown or
+//! repeated key, a missing required key and a malformed value.
+//!
+//! | key         | value                                               | required |
+//! |-------------|-----------------------------------------------------|----------|
+//! | `log`       | the log directory (path)                            | yes      |
+//! | `logs`      | thread log ids, comma-separated                     | yes      |
+//! | `order`     | `1`: force the recorded global order                | yes      |
+//! | `timing`    | `1`: wait for the recorded time between returns     | yes      |
+//! | `stop`      | `1`: end the program (SIGTERM) at the end of the log| yes      |
+//! | `from`      | first sequence number to replay (0: from the start) | yes      |
+//! | `until`     | last sequence number to replay                      | no       |
+//! | `virtual`   | descriptors of open connections, comma-separated    | yes      |
+//! | `addresses` | `1`: the recorded address space (a checkpoint)      | yes      |
+//! | `capture`   | the capture file (path)                             | no       |
+//!
+//! # Capture file
+//!
+//! What a replayed program writes to its connections, which a replay
+//! does not send: records of descriptor (u32 LE), length (u32 LE) and that
+//! many bytes, appended each with one `write` (so that records of
+//! different threads never mix). A length of [`CAPTURE_CLOSED`] (no bytes
+//! follow) marks the descriptor's connection closed: its number may be
+//! another connection's after it.
+
+use std::ffi::{CStr, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// The environment variable naming the descriptor librrc inherits.
+pub const FD_ENV: &CStr = c"RRC_RR_FD";
+
+/// [`FD_ENV`]'s value for descriptor `fd`.
+pub fn fd_env_value(fd: i32) -> String {
+    fd.to_string()
+}
+
+/// The descriptor named by [`FD_ENV`]'s value, if it is one (decimal, not
+/// negative). Allocation-free, for librrc's constructor.
+pub fn parse_fd_env(value: &[u8]) -> Option<i32> {
+    if value.is_empty() || value.len() > 10 {
+        return None;
+    }
+    let mut fd: i64 = 0;
+    for &b in value {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        fd = fd * 10 + i64::from(b - b'0');
+    }
+    i32::try_from(fd).ok()
+}
+
+/// Why something `rrc` and librrc exchange was refused.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum InterfaceError {
+    /// The bytes do not start with the configuration's format name.
+    #[error("not a replay configuration (it does not start with `{CONFIG_FORMAT}`)")]
+    NotReplayConfig,
+    /// A configuration of another version.
+    #[error(
+        "replay configuration format version {found}, but this build reads version {supported}: rrc and librrc must come from the same build"
+    )]
+    ConfigVersion {
+        /// The version found (1 for the first, unversioned, format).
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// A configuration line that does not check out.
+    #[error("replay configuration, line {line}: {problem}")]
+    Config {
+        /// Line number, from 1.
+        line: usize,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A capture file whose last record is cut short.
+    #[error(
+        "capture file: the record at byte {offset} (after {complete} complete record(s)) is torn: it needs {needed} bytes, {available} are left"
+    )]
+    TornCapture {
+        /// Where the torn record starts.
+        offset: usize,
+        /// Records before it.
+        complete: usize,
+        /// Bytes the record needs (header and data).
+        needed: u64,
+        /// Bytes the file has from `offset` on.
+        available: usize,
+    },
+}
+
+/// Name of the replay configuration format, its first line's first word.
+pub const CONFIG_FORMAT: &str = "rrc-replay";
+/// Version of the replay configuration format this build writes and reads.
+pub const CONFIG_VERSION: u32 = 2;
+
+/// Whether `head` (a file's first bytes, at least [`CONFIG_FORMAT`]'s
+/// length and one more) starts a replay configuration of any version, as
+/// opposed to the ring set a recording passes at the same descriptor.
+pub fn is_replay_config(head: &[u8]) -> bool {
+    head.strip_prefix(CONFIG_FORMAT.as_bytes())
+        .and_then(|rest| rest.first())
+        .is_some_and(|b| *b == b' ' || *b == b'\n')
+}
+
+/// How librrc is to replay a recording: written by `rrc replay`, read by
+/// librrc in the replayed program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayConfig {
+    /// The log directory.
+    pub log_dir: PathBuf,
+    /// The thread logs in it (librrc must not list the directory: the C
+    /// library's `opendir` allocates with the program's allocator).
+    pub logs: Vec<u32>,
+    /// Force the recorded global order of returns.
+    pub order: bool,
+    /// Wait for the recorded time between returns.
+    pub timing: bool,
+    /// End the program (SIGTERM) once every record has been replayed.
+    pub stop_at_end: bool,
+    /// Where what the program writes to its connections goes.
+    pub capture: Option<PathBuf>,
+    /// The first sequence number to replay: a copy restored from a
+    /// checkpoint has done everything before it (0 from the start).
+    pub from: u64,
+    /// The last sequence number the replay may serve: records above it are
+    /// treated as the end of their thread's log (a log whose tail after a
+    /// gap is not to be replayed).
+    pub until: Option<u64>,
+    /// Connections open at the checkpoint: their input comes from the log,
+    /// what is written to them is captured.
+    pub virtual_fds: Vec<i32>,
+    /// The program runs in the recorded address space (a restored
+    /// checkpoint): objects of synchronization operations must match.
+    pub same_addresses: bool,
+}
+
+impl ReplayConfig {
+    /// The configuration's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        fn list<T: ToString>(v: &[T]) -> String {
+            v.iter().map(T::to_string).collect::<Vec<_>>().join(",")
+        }
+        let mut out = format!("{CONFIG_FORMAT} {CONFIG_VERSION}\n").into_bytes();
+        let mut line = |key: &str, value: &[u8]| {
+            out.extend_from_slice(key.as_bytes());
+            out.push(b'=');
+            out.extend_from_slice(value);
+            out.push(b'\n');
+        };
+        line("log", &escape(self.log_dir.as_os_str().as_bytes()));
+        line("logs", list(&self.logs).as_bytes());
+        line("order", flag(self.order));
+        line("timing", flag(self.timing));
+        line("stop", flag(self.stop_at_end));
+        line("from", self.from.to_string().as_bytes());
+        if let Some(until) = self.until {
+            line("until", until.to_string().as_bytes());
+        }
+        line("virtual", list(&self.virtual_fds).as_bytes());
+        line("addresses", flag(self.same_addresses));
+        if let Some(c) = &self.capture {
+            line("capture", &escape(c.as_os_str().as_bytes()));
+        }
+        out
+    }
+
+    /// Reads a configuration, refusing any other version and anything
+    /// that does not check out.
+    pub fn parse(bytes: &[u8]) -> Result<ReplayConfig, InterfaceError> {
+        let mut lines = bytes.split(|b| *b == b'\n');
+        let first = lines.next().unwrap_or_default();
+        let Some(version) = first.strip_prefix(CONFIG_FORMAT.as_bytes()) else {
+            return Err(InterfaceError::NotReplayConfig);
+        };
+        let found = match version {
+            // The first format had no version.
+            b"" => 1,
+            v => v
+                .strip_prefix(b" ")
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .ok_or_else(|| bad(1, "the first line is not `rrc-replay VERSION`"))?,
+        };
+        if found != CONFIG_VERSION {
+            return Err(InterfaceError::ConfigVersion {
+                found,
+                supported: CONFIG_VERSION,
+            });
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        let mut cfg = ReplayConfig {
+            log_dir: PathBuf::new(),
+            logs: Vec::new(),
+            order: true,
+            timing: true,
+            stop_at_end: false,
+            capture: None,
+            from: 0,
+            until: None,
+            virtual_fds: Vec::new(),
+            same_addresses: false,
+        };
+        let mut ended = false;
+        for (i, raw) in lines.enumerate() {
+            let n = i + 2;
+            if ended {
+                return Err(bad(n - 1, "an empty line before the end"));
+            }
+            if raw.is_empty() {
+                // Only the end of the text (after its last newline).
+                ended = true;
+                continue;
+            }
+            let eq = raw
+                .iter()
+                .position(|b| *b == b'=')
+                .ok_or_else(|| bad(n, "not `key=value`"))?;
+            let (key, value) = (&raw[..eq], &raw[eq + 1..]);
+            let key = std::str::from_utf8(key).map_err(|_| bad(n, "a key that is not text"))?;
+            let key = KEYS
+                .iter()
+                .copied()
+                .find(|k| *k == key)
+                .ok_or_else(|| bad(n, &format!("unknown setting `{key}`")))?;
+            if seen.contains(&key) {
+                return Err(bad(n, &format!("`{key}` is set twice")));
+            }
+            seen.push(key);
+            let text =
+                || std::str::from_utf8(value).map_err(|_| bad(n, "a value that is not text"));
+            let number = || -> Result<u64, InterfaceError> {
+                text()?
+                    .parse::<u64>()
+                    .map_err(|_| bad(n, &format!("`{key}` is not a number")))
+            };
+            match key {
+                "log" => cfg.log_dir = PathBuf::from(OsStr::from_bytes(&unescape(value, n)?)),
+                "capture" => {
+                    cfg.capture = Some(PathBuf::from(OsStr::from_bytes(&unescape(value, n)?)))
+                }
+                "logs" => cfg.logs = parse_list(text()?, n, key)?,
+                "virtual" => cfg.virtual_fds = parse_list(text()?, n, key)?,
+                "order" => cfg.order = parse_flag(value, n, key)?,
+                "timing" => cfg.timing = parse_flag(value, n, key)?,
+                "stop" => cfg.stop_at_end = parse_flag(value, n, key)?,
+                "addresses" => cfg.same_addresses = parse_flag(value, n, key)?,
+                "from" => cfg.from = number()?,
+                "until" => cfg.until = Some(number()?),
+                _ => unreachable!("every key of KEYS is handled"),
+            }
+        }
+        if !ended {
+            return Err(bad(0, "the text does not end with a newline (torn)"));
+        }
+        if let Some(missing) = REQUIRED.iter().find(|k| !seen.contains(k)) {
+            return Err(bad(0, &format!("`{missing}` is missing")));
+        }
+        Ok(cfg)
+    }
+}
+
+const KEYS: &[&str] = &[
+    "log",
+    "logs",
+    "order",
+    "timing",
+    "stop",
+    "from",
+    "until",
+    "virtual",
+    "addresses",
+    "capture",
+];
+const REQUIRED: &[&str] = &[
+    "log",
+    "logs",
+    "order",
+    "timing",
+    "stop",
+    "from",
+    "virtual",
+    "addresses",
+];
+
+fn bad(line: usize, problem: &str) -> InterfaceError {
+    InterfaceError::Config {
+        line,
+        problem: problem.to_string(),
+    }
+}
+
+fn flag(v: bool) -> &'static [u8] {
+    if v { b"1" } else { b"0" }
+}
+
+fn parse_flag(v: &[u8], line: usize, key: &str) -> Result<bool, InterfaceError> {
+    match v {
+        b"0" => Ok(false),
+        b"1" => Ok(true),
+        _ => Err(bad(line, &format!("`{key}` is neither 0 nor 1"))),
+    }
+}
+
+fn parse_list<T: std::str::FromStr>(
+    v: &str,
+    line: usize,
+    key: &str,
+) -> Result<Vec<T>, InterfaceError> {
+    if v.is_empty() {
+        return Ok(Vec::new());
+    }
+    v.split(',')
+        .map(|x| {
+            x.parse()
+                .map_err(|_| bad(line, &format!("`{key}` holds {x:?}, not a number")))
+        })
+        .collect()
+}
+
+/// A path's bytes with `%`, control characters and DEL as `%XX`, so that
+/// no path can end its line early.
+fn escape(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        if b == b'%' || b < 0x20 || b == 0x7f {
+            out.extend_from_slice(format!("%{b:02X}").as_bytes());
+        } else {
+            out.push(b);
+        }
+    }
+    out
+}
+
+fn unescape(bytes: &[u8], line: usize) -> Result<Vec<u8>, InterfaceError> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| bad(line, "a `%` not followed by two hexadecimal digits"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Length of a capture record's header (descriptor and length).
+pub const CAPTURE_HEADER_LEN: usize = 8;
+/// The length field of a record marking a connection closed.
+pub const CAPTURE_CLOSED: u32 = u32::MAX;
+/// The most bytes one record carries (a longer write takes several).
+pub const CAPTURE_MAX_LEN: u32 = u32::MAX - 1;
+
+/// A capture record's header: descriptor `fd`, then `len` (the number of
+/// bytes that follow, or [`CAPTURE_CLOSED`]). Allocation-free, for
+/// librrc's writer.
+pub fn capture_header(fd: i32, len: u32) -> [u8; CAPTURE_HEADER_LEN] {
+    let mut head = [0u8; CAPTURE_HEADER_LEN];
+    head[..4].copy_from_slice(&(fd as u32).to_le_bytes());
+    head[4..].copy_from_slice(&len.to_le_bytes());
+    head
+}
+
+/// One record of a capture file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureRecord {
+    /// Bytes the program wrote to descriptor `fd`.
+    Written {
+        /// The descriptor.
+        fd: u32,
+        /// What was written.
+        bytes: Vec<u8>,
+    },
+    /// The connection on `fd` was closed.
+    Closed {
+        /// The descriptor.
+        fd: u32,
+    },
+}
+
+impl CaptureRecord {
+    /// The record's descriptor.
+    pub fn fd(&self) -> u32 {
+        match self {
+            CaptureRecord::Written { fd, .. } | CaptureRecord::Closed { fd } => *fd,
+        }
+    }
+}
+
+/// Every record of a capture file, in order. A file that ends part-way
+/// through a record (the program was killed while writing it) is
+/// reported as [`InterfaceError::TornCapture`], never read past.
+pub fn parse_capture(bytes: &[u8]) -> Result<Vec<CaptureRecord>, InterfaceError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let torn = |needed: u64| InterfaceError::TornCapture {
+            offset: at,
+            complete: out.len(),
+            needed,
+            available: rest.len(),
+        };
+        let Some(head) = rest.get(..CAPTURE_HEADER_LEN) else {
+            return Err(torn(CAPTURE_HEADER_LEN as u64));
+        };
+        let fd = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        if len == CAPTURE_CLOSED {
+            out.push(CaptureRecord::Closed { fd });
+            at += CAPTURE_HEADER_LEN;
+            continue;
+        }
+        let end = CAPTURE_HEADER_LEN as u64 + u64::from(len);
+        let Some(data) = rest.get(CAPTURE_HEADER_LEN..end as usize) else {
+            return Err(torn(end));
+        };
+        out.push(CaptureRecord::Written {
+            fd,
+            bytes: data.to_vec(),
+        });
+        at += end as usize;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ReplayConfig {
+        ReplayConfig {
+            log_dir: PathBuf::from("/var/log/rec 1"),
+            logs: vec![1, 2, 17],
+            order: true,
+            timing: false,
+            stop_at_end: true,
+            capture: Some(PathBuf::from("/tmp/cap")),
+            from: 1234,
+            until: Some(99_999),
+            virtual_fds: vec![5, 9],
+            same_addresses: true,
+        }
+    }
+
+    #[test]
+    fn a_configuration_reads_back_as_written() {
+        let c = sample();
+        let text = c.encode();
+        assert!(text.starts_with(b"rrc-replay 2\n"), "{text:?}");
+        assert!(is_replay_config(&text));
+        assert_eq!(ReplayConfig::parse(&text).unwrap(), c);
+        let bare = ReplayConfig {
+            capture: None,
+            until: None,
+            virtual_fds: Vec::new(),
+            ..c
+        };
+        assert_eq!(ReplayConfig::parse(&bare.encode()).unwrap(), bare);
+    }
+
+    #[test]
+    fn any_path_survives_the_text_format() {
+        let odd = OsStr::from_bytes(b"/tmp/a\nb=c%d\x01\xff\x7f e");
+        let c = ReplayConfig {
+            log_dir: PathBuf::from(odd),
+            capture: Some(PathBuf::from(odd)),
+            ..sample()
+        };
+        let text = c.encode();
+        assert_eq!(text.iter().filter(|b| **b == b'\n').count(), 11);
+        assert_eq!(ReplayConfig::parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn another_version_is_refused_with_both_versions_named() {
+        let text = sample().encode();
+        let v3 = [b"rrc-replay 3".as_slice(), &text[12..]].concat();
+        let e = ReplayConfig::parse(&v3).unwrap_err();
+        assert_eq!(
+            e,
+            InterfaceError::ConfigVersion {
+                found: 3,
+                supported: 2
+            }
+        );
+        assert!(e.to_string().contains("version 3"), "{e}");
+        assert!(e.to_string().contains("reads version 2"), "{e}");
+        // The first format: no version at all.
+        let v1 = b"rrc-replay\nlog=/x\nlogs=1\n";
+        assert!(is_replay_config(v1));
+        assert_eq!(
+            ReplayConfig::parse(v1).unwrap_err(),
+            InterfaceError::ConfigVersion {
+                found: 1,
+                supported: 2
+            }
+        );
+        assert!(matches!(
+            ReplayConfig::parse(b"rrc-replay two\n"),
+            Err(InterfaceError::Config { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn what_is_not_a_configuration_is_told_apart() {
+        assert!(!is_replay_config(b"RRCRSET\0"));
+        assert!(!is_replay_config(b"rrc-replayed\n"));
+        assert!(!is_replay_config(b"rrc-rep"));
+        assert_eq!(
+            ReplayConfig::parse(b"RRCRSET\0\x03\0\0\0"),
+            Err(InterfaceError::NotReplayConfig)
+        );
+        assert_eq!(
+            ReplayConfig::parse(b""),
+            Err(InterfaceError::NotReplayConfig)
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_their_line() {
+        let good = String::from_utf8(sample().encode()).unwrap();
+        let refused =
+            |text: &str, line: usize, needle: &str| match ReplayConfig::parse(text.as_bytes()) {
+                Err(InterfaceError::Config { line: l, problem }) => {
+                    assert_eq!(l, line, "{text:?}: {problem}");
+                    assert!(problem.contains(needle), "{text:?}: {problem}");
+                }
+                other => panic!("{text:?} gave {other:?}"),
+            };
+        refused(&good.replace("order=1", "order=yes"), 4, "neither 0 nor 1");
+        refused(&good.replace("from=1234", "from=-1"), 7, "not a number");
+        refused(&good.replace("logs=1,2,17", "logs=1,,2"), 3, "not a number");
+        refused(&format!("{good}colour=blue\n"), 12, "unknown setting");
+        refused(&format!("{good}from=1\n"), 12, "set twice");
+        refused(&good.replace("timing=0\n", ""), 0, "`timing` is missing");
+        refused(good.trim_end(), 0, "torn");
+        refused(&good.replace("stop=1\n", "stop=1\n\n"), 7, "empty line");
+        refused(&good.replace("log=/var", "log=/v%zr"), 2, "hexadecimal");
+        refused(&good.replace("addresses=1", "addresses"), 10, "key=value");
+    }
+
+    #[test]
+    fn the_descriptor_variable_reads_back() {
+        assert_eq!(FD_ENV.to_bytes(), b"RRC_RR_FD");
+        for fd in [0, 3, 1023, i32::MAX] {
+            assert_eq!(parse_fd_env(fd_env_value(fd).as_bytes()), Some(fd));
+        }
+        for bad in [&b""[..], b"-1", b"3 ", b"x", b"2147483648", b"99999999999"] {
+            assert_eq!(parse_fd_env(bad), None, "{bad:?}");
+        }
+    }
+
+    fn capture(records: &[(i32, Option<&[u8]>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (fd, bytes) in records {
+            match bytes {
+                Some(b) => {
+                    out.extend(capture_header(*fd, b.len() as u32));
+                    out.extend_from_slice(b);
+                }
+                None => out.extend(capture_header(*fd, CAPTURE_CLOSED)),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_capture_file_reads_back_record_by_record() {
+        let file = capture(&[
+            (5, Some(b"hello")),
+            (6, Some(b"")),
+            (5, None),
+            (5, Some(b"x")),
+        ]);
+        assert_eq!(
+            parse_capture(&file).unwrap(),
+            vec![
+                CaptureRecord::Written {
+                    fd: 5,
+                    bytes: b"hello".to_vec()
+                },
+                CaptureRecord::Written {
+                    fd: 6,
+                    bytes: Vec::new()
+                },
+                CaptureRecord::Closed { fd: 5 },
+                CaptureRecord::Written {
+                    fd: 5,
+                    bytes: b"x".to_vec()
+                },
+            ]
+        );
+        assert_eq!(parse_capture(&[]).unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn a_torn_capture_tail_is_reported_at_every_cut() {
+        let file = capture(&[(5, Some(b"hello")), (7, None), (5, Some(b"world!"))]);
+        // Cut anywhere inside the last record: header or data.
+        let last = 13 + 8;
+        for cut in last + 1..file.len() {
+            assert_eq!(
+                parse_capture(&file[..cut]),
+                Err(InterfaceError::TornCapture {
+                    offset: last,
+                    complete: 2,
+                    needed: if cut - last < 8 { 8 } else { 14 },
+                    available: cut - last,
+                }),
+                "cut at {cut}"
+            );
+        }
+        assert_eq!(parse_capture(&file[..last]).unwrap().len(), 2);
+        // A length no file holds.
+        let mut huge = capture_header(3, u32::MAX - 1).to_vec();
+        huge.extend_from_slice(b"abc");
+        assert!(matches!(
+            parse_capture(&huge),
+            Err(InterfaceError::TornCapture { needed, .. }) if needed == u64::from(u32::MAX - 1) + 8
+        ));
+    }
+}
