@@ -37,6 +37,8 @@ pub enum Request {
         keep_deltas: bool,
         copy: CopyChoice,
     },
+    /// What the work running beside the container says of itself.
+    Status,
 }
 
 /// When the pages of an incremental checkpoint are copied.
@@ -118,6 +120,8 @@ pub enum Response {
         epochs: u64,
         error: Option<String>,
     },
+    /// Each companion's status, by name.
+    Status(std::collections::BTreeMap<String, serde_json::Value>),
     Failed(String),
 }
 

@@ -69,6 +69,10 @@ pub trait Companion {
     fn done(&self) -> bool {
         false
     }
+    /// What it has to say about itself (`rrc status`), under a name.
+    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+        None
+    }
 }
 
 impl Container {
@@ -222,6 +226,14 @@ impl Container {
                 })),
                 Err(e) => control::answer(stream, &Response::Failed(e.to_string())),
             },
+            Request::Status => {
+                let status = companions
+                    .iter()
+                    .filter_map(|c| c.status())
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect();
+                control::answer(stream, &Response::Status(status))
+            }
             Request::Checkpoint {
                 images,
                 leave_running,

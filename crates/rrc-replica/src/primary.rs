@@ -1,22 +1,45 @@
-//! The primary: beside its container (in the supervisor's loop, whose
-//! thread may trace the container), an incremental checkpoint every epoch,
-//! handed to the link thread; the commit gate holds the container's
-//! outbound frames until the backup has committed the checkpoint that
-//! follows them. Without a backup the service goes on unprotected, and says
-//! so loudly, until one is back and has received a full checkpoint.
+//! The primary: beside its container (a companion in the supervisor's
+//! loop, whose thread may trace the container), an incremental checkpoint
+//! every epoch handed to the link; the gate holds the container's outbound
+//! frames until the backup holds what produced them. Without a backup the
+//! service goes on unprotected, and says so loudly, until one is back and
+//! has received a full checkpoint.
+//!
+//! Two modes share all of it:
+//! - checkpoint: frames wait for the next committed checkpoint;
+//! - responsive: the program runs recorded (librrc), its log and its
+//!   inbound frames go to the backup as they come ([`crate::shipper`]),
+//!   every outbound frame is tagged with the log position it depends on,
+//!   and each checkpoint records the position it stands at. The release
+//!   rule is still the commit here; the gate notes when each frame could
+//!   have left had it waited only for the log.
+//!
+//! [`Replication`] wires the pieces together before the container exists
+//! (the gate must be there when it starts); the companion it makes runs
+//! them once it does.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rrc_ckpt::incremental::CopyMode;
+use rrc_ckpt::dump::Annotations;
+use rrc_ckpt::incremental::{CopyMode, EpochReport};
 use rrc_container::create::Container;
 use rrc_container::epochs::{EpochCheckpointer, EpochHooks};
+use rrc_container::launch::MakeCompanion;
 use rrc_container::supervise::Companion;
+use rrc_net::gate::PacketGate;
+use rrc_rr::ring::RingSet;
 
-use crate::gate::ReplicationGate;
-use crate::link::{Job, Link, LinkConfig, LinkEvent};
+use crate::gate::{DelaySummary, LogTap, Release, ReplicationGate, describe};
+use crate::link::{AckHandler, Job, Link, LinkConfig, LinkEvent, Outbox};
+use crate::position::{LogPosition, POSITION_ANNOTATION};
+use crate::shipper::{ShipCounts, Shipper};
+use crate::wake::{self, WakeFd, Waker};
 
 pub struct PrimaryOptions {
     pub epoch: Duration,
@@ -27,24 +50,131 @@ pub struct PrimaryOptions {
 }
 
 /// Figures of a primary's run so far.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PrimaryStats {
     pub committed: u64,
     pub failed: u64,
     pub bytes_sent: u64,
-    pub pause_total: Duration,
-    pub pause_max: Duration,
+    pub pause_total_us: u64,
+    pub pause_max_us: u64,
+    /// Checkpoints taken at once, for what the log could not cover.
+    pub immediate: u64,
+    /// Responsive mode: what the log carried.
+    pub log: Option<ShipCounts>,
+    /// How long frames waited, or would have under the log rule: all of
+    /// them, and those with TCP payload.
+    pub would_be_frames: DelaySummary,
+    pub would_be_data: DelaySummary,
+}
+
+/// A replicated container's replication, before the container exists.
+pub struct Replication {
+    gate: Arc<ReplicationGate>,
+    outbox: Arc<Outbox>,
+    log: Option<(Arc<Shipper>, JoinHandle<()>)>,
+    wake: (Waker, WakeFd),
+    opts: PrimaryOptions,
+}
+
+impl Replication {
+    /// Checkpoint-only mode.
+    pub fn checkpoint_only(opts: PrimaryOptions) -> std::io::Result<Replication> {
+        let gate = ReplicationGate::new(Release::Commit, None);
+        Ok(Replication {
+            gate,
+            outbox: Outbox::new(),
+            log: None,
+            wake: wake::pair()?,
+            opts,
+        })
+    }
+
+    /// Responsive mode: the program records into `rings` (the recording's,
+    /// which live as long as the program, so as long as this process);
+    /// inbound TCP frames for `service` are logged.
+    pub fn responsive(
+        opts: PrimaryOptions,
+        rings: &'static RingSet,
+        service: Ipv4Addr,
+    ) -> std::io::Result<Replication> {
+        let outbox = Outbox::new();
+        let wake = wake::pair()?;
+        let (shipper, backstop) = Shipper::start(rings, outbox.clone(), wake.0.clone())?;
+        let gate = ReplicationGate::new(
+            Release::Commit,
+            Some((shipper.clone() as Arc<dyn LogTap>, service)),
+        );
+        Ok(Replication {
+            gate,
+            outbox,
+            log: Some((shipper, backstop)),
+            wake,
+            opts,
+        })
+    }
+
+    /// The gate the container's frames go through.
+    pub fn gate(&self) -> Arc<dyn PacketGate> {
+        self.gate.clone()
+    }
+
+    /// The companion that runs the replication beside the container.
+    pub fn companion(self) -> MakeCompanion<'static> {
+        Box::new(move |c: &Container| {
+            let net = c.net().ok_or("a replicated container needs a network")?;
+            self.gate.attach(net.uplink.clone());
+            let p = Primary::start(self).map_err(|e| format!("starting replication: {e}"))?;
+            Ok(Box::new(p) as Box<dyn Companion>)
+        })
+    }
+}
+
+/// The release policy's side of the backup's answers: commits release
+/// the frames below the mark their checkpoint was taken at.
+struct Releases {
+    gate: Arc<ReplicationGate>,
+    marks: Mutex<BTreeMap<u64, u64>>,
+}
+
+impl AckHandler for Releases {
+    fn log_acked(&self, pos: LogPosition) {
+        self.gate.log_acked(pos);
+    }
+
+    fn committed(&self, epoch: u64) {
+        let mark = {
+            let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+            let mark = m.get(&epoch).copied();
+            // Older epochs are behind us.
+            *m = m.split_off(&(epoch + 1));
+            mark
+        };
+        if let Some(mark) = mark {
+            self.gate.committed(mark);
+        }
+    }
+}
+
+/// The checkpoint on its way to the backup.
+struct InFlight {
+    epoch: u64,
+    /// When it was sent whole, and its size.
+    sent: Option<(Instant, u64)>,
 }
 
 pub struct Primary {
     gate: Arc<ReplicationGate>,
+    releases: Arc<Releases>,
     link: Link,
+    wake: WakeFd,
+    log: Option<(Arc<Shipper>, JoinHandle<()>)>,
     opts: PrimaryOptions,
     next_at: Instant,
     epochs: Option<EpochCheckpointer>,
     connected: bool,
-    /// The checkpoint on its way to the backup.
-    in_flight: Option<u64>,
+    in_flight: Option<InFlight>,
+    /// A checkpoint was asked for at once (for what the log cannot cover).
+    immediate: bool,
     /// Committed since the series began (0: not protected yet).
     committed_in_series: u64,
     taken: u64,
@@ -53,18 +183,31 @@ pub struct Primary {
 }
 
 impl Primary {
-    /// Starts the link; the gate must be the container's.
-    pub fn start(gate: Arc<ReplicationGate>, opts: PrimaryOptions) -> std::io::Result<Primary> {
-        std::fs::create_dir_all(&opts.work_dir)?;
-        let link = Link::start(opts.link.clone(), gate.clone())?;
+    fn start(r: Replication) -> std::io::Result<Primary> {
+        std::fs::create_dir_all(&r.opts.work_dir)?;
+        let releases = Arc::new(Releases {
+            gate: r.gate.clone(),
+            marks: Mutex::default(),
+        });
+        let (waker, wake) = r.wake;
+        let link = Link::start(
+            r.opts.link.clone(),
+            r.outbox,
+            releases.clone(),
+            waker,
+        )?;
         Ok(Primary {
-            gate,
+            gate: r.gate,
+            releases,
             link,
-            next_at: Instant::now() + opts.epoch,
-            opts,
+            wake,
+            log: r.log,
+            next_at: Instant::now() + r.opts.epoch,
+            opts: r.opts,
             epochs: None,
             connected: false,
             in_flight: None,
+            immediate: false,
             committed_in_series: 0,
             taken: 0,
             stats: PrimaryStats::default(),
@@ -72,8 +215,14 @@ impl Primary {
         })
     }
 
-    pub fn stats(&self) -> &PrimaryStats {
-        &self.stats
+    /// Figures so far.
+    pub fn stats(&self) -> PrimaryStats {
+        let mut s = self.stats.clone();
+        s.log = self.log.as_ref().map(|(l, _)| l.counts());
+        let w = self.gate.would_be();
+        s.would_be_frames = DelaySummary::of(&w.frames);
+        s.would_be_data = DelaySummary::of(&w.data_frames);
+        s
     }
 
     /// Ends the current series (its snapshots reaped, tracking stopped).
@@ -104,31 +253,52 @@ impl Primary {
                 self.in_flight = None;
                 self.end_series();
             }
-            LinkEvent::Unreachable(why) => self.unprotected(&why),
+            LinkEvent::Unreachable(why) => self.unprotected(&why.to_string()),
             LinkEvent::Lost(why) => self.unprotected(&format!("lost the backup ({why})")),
             LinkEvent::NeedFull(why) => {
                 tracing::warn!(reason = %why, "the backup asks for a full checkpoint");
                 self.in_flight = None;
                 self.end_series();
             }
-            LinkEvent::Committed { epoch, bytes, took } => {
-                if self.in_flight == Some(epoch) {
-                    self.in_flight = None;
+            LinkEvent::Sent { epoch, bytes } => {
+                if let Some(f) = &mut self.in_flight
+                    && f.epoch == epoch
+                {
+                    f.sent = Some((Instant::now(), bytes));
                 }
+            }
+            LinkEvent::Committed { epoch } => {
+                let Some(f) = self.in_flight.take_if(|f| f.epoch == epoch) else {
+                    return;
+                };
+                let (sent_at, bytes) = f.sent.unwrap_or((Instant::now(), 0));
                 self.stats.committed += 1;
                 self.stats.bytes_sent += bytes;
                 self.committed_in_series += 1;
                 if self.committed_in_series == 1 {
                     tracing::info!(epoch, "protected: the backup holds a full checkpoint");
                     eprintln!(
-                        "rrc primary: protected: the backup committed a full checkpoint ({:.1} MiB in {:.0} ms)",
+                        "rrc primary: protected: the backup committed a full checkpoint ({:.1} MiB, applied {:.0} ms after it was sent)",
                         bytes as f64 / (1 << 20) as f64,
-                        took.as_secs_f64() * 1e3
+                        sent_at.elapsed().as_secs_f64() * 1e3
                     );
                 }
-                tracing::debug!(epoch, bytes, took_ms = took.as_millis() as u64, "committed");
+                tracing::debug!(epoch, bytes, "committed");
             }
         }
+    }
+
+    /// A backup that received a checkpoint whole but does not commit it
+    /// within the time applying it may take is lost.
+    fn commit_overdue(&self) -> bool {
+        self.in_flight
+            .as_ref()
+            .and_then(|f| f.sent)
+            .is_some_and(|(at, bytes)| {
+                // Applying takes time with the size (checksums first).
+                let allowed = self.opts.link.timeout + Duration::from_millis(bytes / (50 << 10));
+                at.elapsed() > allowed
+            })
     }
 
     /// Takes the next checkpoint and hands it to the link.
@@ -148,23 +318,32 @@ impl Primary {
         let epochs = self.epochs.as_mut().expect("set above");
         let mut marks = Marks {
             gate: &self.gate,
-            boundary: 0,
+            log: self.log.as_ref().map(|(l, _)| l.as_ref()),
+            mark: 0,
+            at: LogPosition::default(),
         };
         let r = epochs.take(c, &dir, &mut marks);
-        let boundary = marks.boundary;
+        let (mark, at) = (marks.mark, marks.at);
         match r {
             Ok(r) => {
-                let pause = r.checkpoint.frozen;
-                self.stats.pause_total += pause;
-                self.stats.pause_max = self.stats.pause_max.max(pause);
+                let pause = r.checkpoint.frozen.as_micros() as u64;
+                self.stats.pause_total_us += pause;
+                self.stats.pause_max_us = self.stats.pause_max_us.max(pause);
+                if let Some((log, _)) = &self.log {
+                    log.checkpoint_at(at);
+                }
                 let epoch = r.lineage.epoch;
-                self.in_flight = Some(epoch);
+                self.releases
+                    .marks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(epoch, mark);
+                self.in_flight = Some(InFlight { epoch, sent: None });
                 self.link.send(Job {
                     series: r.lineage.series,
                     epoch,
                     parent: epoch.checked_sub(1),
                     dir,
-                    boundary,
                 });
             }
             Err(e) => {
@@ -174,22 +353,62 @@ impl Primary {
             }
         }
     }
+
+    fn report(&mut self) {
+        if self.last_report.elapsed() < Duration::from_secs(10) {
+            return;
+        }
+        self.last_report = Instant::now();
+        let s = self.stats();
+        let (frames, bytes) = self.gate.held();
+        tracing::info!(
+            committed = s.committed,
+            failed = s.failed,
+            immediate = s.immediate,
+            sent_mib = s.bytes_sent >> 20,
+            pause_max_ms = s.pause_max_us as f64 / 1e3,
+            held_frames = frames,
+            held_bytes = bytes,
+            "replication"
+        );
+        if self.log.is_some() {
+            tracing::info!(
+                "replies would have waited for the log: {}",
+                describe(&s.would_be_data)
+            );
+        }
+    }
 }
 
-/// The gate's side of a checkpoint: with no frame crossing the gate, the
-/// mark is exactly the frames produced before it; from the first
-/// checkpoint of a series on, frames wait for commits.
+/// The gate's and the log's side of a checkpoint: with no frame crossing
+/// the gate, the mark is exactly the frames produced before it; the log
+/// position is read while every thread is stopped; from the first
+/// checkpoint of a series on, frames wait for the backup.
 struct Marks<'a> {
     gate: &'a ReplicationGate,
-    boundary: u64,
+    log: Option<&'a Shipper>,
+    mark: u64,
+    at: LogPosition,
 }
 
 impl EpochHooks for Marks<'_> {
     fn paused(&mut self) {
-        self.boundary = self.gate.mark();
+        self.mark = self.gate.mark();
     }
 
-    fn after(&mut self, taken: Option<&rrc_ckpt::incremental::EpochReport>) {
+    fn at_freeze(&mut self) -> Annotations {
+        let mut a = Annotations::new();
+        if let Some(log) = self.log {
+            self.at = log.reached();
+            a.insert(
+                POSITION_ANNOTATION.to_string(),
+                serde_json::to_value(self.at).expect("positions serialize"),
+            );
+        }
+        a
+    }
+
+    fn after(&mut self, taken: Option<&EpochReport>) {
         if taken.is_some_and(|r| r.lineage.epoch == 0) {
             self.gate.hold();
         }
@@ -202,45 +421,61 @@ impl Companion for Primary {
     }
 
     fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.link.wake_fd())
+        Some(self.wake.fd())
     }
 
     fn on_wake(&mut self, c: &mut Container) {
+        self.wake.clear();
         for ev in self.link.events() {
             self.handle(ev);
         }
+        if self.commit_overdue() {
+            self.unprotected("the backup did not commit a checkpoint it was sent");
+        }
+        if let Some((log, _)) = &self.log
+            && log.take_checkpoint_request()
+        {
+            self.immediate = true;
+        }
         let now = Instant::now();
-        if now < self.next_at {
+        let due = now >= self.next_at;
+        let at_once = self.immediate;
+        if !due && !at_once {
             return;
         }
-        self.next_at = (self.next_at + self.opts.epoch).max(now);
         if self.connected && self.in_flight.is_none() {
+            if at_once {
+                self.immediate = false;
+                self.stats.immediate += 1;
+            }
             self.take(c);
+            // The epoch counts from the last checkpoint, whatever took it.
+            self.next_at = Instant::now() + self.opts.epoch;
+        } else if due {
+            self.next_at = (self.next_at + self.opts.epoch).max(now);
         }
-        if self.last_report.elapsed() >= Duration::from_secs(10) {
-            self.last_report = Instant::now();
-            let s = &self.stats;
-            let (frames, bytes) = self.gate.held();
-            tracing::info!(
-                committed = s.committed,
-                failed = s.failed,
-                sent_mib = s.bytes_sent >> 20,
-                pause_max_ms = s.pause_max.as_secs_f64() * 1e3,
-                held_frames = frames,
-                held_bytes = bytes,
-                "replication"
-            );
+        self.report();
+    }
+
+    fn on_stop(&mut self, _c: &mut Container) {
+        self.link.stop();
+        if let Some((log, backstop)) = self.log.take() {
+            log.stop();
+            let _ = backstop.join();
         }
+        self.end_series();
+        self.gate.open();
+        let _ = std::fs::remove_dir_all(&self.opts.work_dir);
     }
 
     fn takes_checkpoints(&self) -> bool {
         true
     }
 
-    fn on_stop(&mut self, _c: &mut Container) {
-        self.link.stop();
-        self.end_series();
-        self.gate.open();
-        let _ = std::fs::remove_dir_all(&self.opts.work_dir);
+    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+        Some((
+            "replication",
+            serde_json::to_value(self.stats()).expect("stats serialize"),
+        ))
     }
 }
