@@ -243,7 +243,7 @@ impl ImageEdit {
             .iter()
             .find(|r| r.start <= offset && offset - r.start < r.count.saturating_mul(PAGE_SIZE))
             .ok_or_else(not_saved)?;
-        let at = run.offset + (offset - run.start);
+        let at = run.offset.saturating_add(offset - run.start);
         let path = self.img.shmem_file(shmem_id);
         let f = fs::File::open(&path).map_err(|e| Error::image(&path, e))?;
         let mut original = vec![0u8; PAGE_SIZE as usize];

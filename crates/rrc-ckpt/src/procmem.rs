@@ -133,7 +133,7 @@ pub fn read_runs(
     while i < runs.len() {
         if !readable.get(i).copied().unwrap_or(true) {
             let r = runs[i];
-            let len = (r.count * PAGE_SIZE) as usize;
+            let len = r.count.saturating_mul(PAGE_SIZE) as usize;
             if mem.is_none() {
                 mem = Some(
                     File::open(format!("/proc/{raw}/mem"))
@@ -153,14 +153,14 @@ pub fn read_runs(
         while j < runs.len()
             && readable.get(j).copied().unwrap_or(true)
             && j - i < IOV_MAX
-            && runs[j].offset == runs[i].offset + len as u64
+            && runs[j].offset == runs[i].offset.saturating_add(len as u64)
         {
-            let n = (runs[j].count * PAGE_SIZE) as usize;
+            let n = runs[j].count.saturating_mul(PAGE_SIZE) as usize;
             remote.push(RemoteIoVec {
                 base: runs[j].start as usize,
                 len: n,
             });
-            len += n;
+            len = len.saturating_add(n);
             j += 1;
         }
         let dst = place(out.len(), &runs[i], len)?;
@@ -183,7 +183,7 @@ pub fn write_runs(pid: Pid, runs: &[PageRun], data: &[u8]) -> Result<()> {
         let mut local = Vec::with_capacity(batch.len());
         let mut remote = Vec::with_capacity(batch.len());
         for r in batch {
-            let len = (r.count * PAGE_SIZE) as usize;
+            let len = r.count.saturating_mul(PAGE_SIZE) as usize;
             let src = data
                 .get(r.offset as usize..(r.offset as usize).saturating_add(len))
                 .ok_or_else(|| {

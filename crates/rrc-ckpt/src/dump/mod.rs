@@ -71,8 +71,9 @@ pub type Annotations = BTreeMap<String, serde_json::Value>;
 /// those of the same keys). It lets the caller read what the program
 /// keeps in shared memory at the very moment of the checkpoint.
 ///
-/// It may be called for a checkpoint that then fails (and leaves no
-/// image); it is not called when the tree cannot be stopped at all.
+/// Its time adds to the pause the tree sees. It may be called for a
+/// checkpoint that then fails (and leaves no image); it is not called when
+/// the tree cannot be stopped at all.
 pub type AtFreeze<'a> = &'a mut dyn FnMut() -> Annotations;
 
 /// What a checkpoint may be asked beyond [`CheckpointOptions`]; nothing by
@@ -142,7 +143,9 @@ pub(crate) struct Take<'a> {
     pub series: Option<(Lineage, Option<Lineage>)>,
     /// Processes of the tree that are the engine's own (snapshots).
     pub exclude: &'a [Pid],
+    /// Shared memory objects saved only in part.
     pub shmem_limits: &'a [ShmemLimit],
+    /// The caller's look at the tree while it is stopped.
     pub at_freeze: AtFreeze<'a>,
 }
 
@@ -186,6 +189,8 @@ pub(crate) fn take(
     let frozen_at = Instant::now();
     let mut seized = seize::Seized::tree_excluding(t.root, t.exclude)?;
     let stopped = frozen_at.elapsed();
+    // First thing once the tree stands still: what the caller reads then
+    // is of the very moment the checkpoint saves.
     let mut annotations = t.annotations.clone();
     annotations.extend((t.at_freeze)());
     let mut problems = Vec::new();

@@ -550,7 +550,7 @@ fn write_pages(tid: Pid, file: &std::path::Path, runs: &[PageRun], pid: i32) -> 
     // A run beyond the file is the image's fault, and said so.
     if let Some(r) = runs
         .iter()
-        .find(|r| r.offset.saturating_add(r.count * PAGE_SIZE) > map.len() as u64)
+        .find(|r| r.offset.saturating_add(r.count.saturating_mul(PAGE_SIZE)) > map.len() as u64)
     {
         return Err(Error::CorruptImage {
             path: file.into(),
