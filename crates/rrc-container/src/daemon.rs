@@ -25,6 +25,24 @@ pub enum Detached {
 ///
 /// Must be called while the process has a single thread.
 pub fn detach() -> Result<Detached> {
+    // A thread started before would not exist in the background process,
+    // and whatever waits for it would wait forever.
+    let threads = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|n| n.trim().parse::<u32>().ok())
+        })
+        .unwrap_or(1);
+    if threads > 1 {
+        return Err(crate::Error::Setup {
+            stage: "detach",
+            source: std::io::Error::other(format!(
+                "the process has {threads} threads; it can only detach with one"
+            )),
+        });
+    }
     let (rd, wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;
     // SAFETY: the CLI detaches before starting any thread, so the child is a
     // faithful single-threaded copy.

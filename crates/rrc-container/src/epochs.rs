@@ -62,7 +62,9 @@ impl EpochCheckpointer {
         hooks: &mut dyn EpochHooks,
     ) -> rrc_ckpt::Result<EpochReport> {
         let inc = &mut self.inc;
-        paused(c, hooks, |hooks| inc.checkpoint_with(dir, &mut || hooks.at_freeze()))
+        paused(c, hooks, |hooks| {
+            inc.checkpoint_with(dir, &mut || hooks.at_freeze())
+        })
     }
 
     /// Takes the next checkpoint into a series directory and commits it

@@ -1,25 +1,38 @@
 //! The backup: accepts a primary on the replication link (only one that
-//! holds the shared key), stages each checkpoint it sends, commits it into
-//! its image once complete, and acknowledges. When the primary falls silent
-//! (no message for the timeout) or its connection breaks, the backup fences
-//! it (if told how) and takes over from the last committed checkpoint.
+//! holds the shared key), stages each checkpoint it sends and commits it
+//! into its image once complete, keeps the log the primary streams in
+//! responsive mode (acknowledging what it holds without a gap), and
+//! answers heartbeats. When the primary falls silent (no message for the
+//! timeout) or its connection breaks, the backup fences it (if told how)
+//! and takes over from the last committed checkpoint; the log since that
+//! checkpoint is written out beside the image.
+//!
+//! The connection is used both ways at once: the session's thread reads
+//! (staging checkpoint files, storing the log, acknowledging it), while a
+//! committer thread applies each complete checkpoint onto the image, so
+//! that a commit of many megabytes never holds up a log acknowledgement.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rrc_ckpt::image::ImageDir;
-use rrc_wire::{Key, Message, Role, SecureStream, Stage, WireError};
+use rrc_session::recording::{RecordingAnnotation, RecordingDir};
+use rrc_wire::{Key, Message, Role, SecureReader, SecureStream, SecureWriter, Stage, WireError};
 
 use crate::Error;
+use crate::log_store::LogStore;
+use crate::position::{LogPosition, POSITION_ANNOTATION};
 
 pub struct BackupOptions {
     pub listen: SocketAddr,
     pub key: Arc<Key>,
-    /// Holds `image/` (the last committed checkpoint) and the staging area.
+    /// Holds `image/` (the last committed checkpoint), the staging area
+    /// and, after a takeover, `log/`.
     pub dir: PathBuf,
     /// Silence after which the primary counts as failed.
     pub timeout: Duration,
@@ -40,6 +53,17 @@ pub struct Takeover {
     pub restore: Duration,
     /// What the restore said.
     pub restored: String,
+    /// Responsive mode: the log since the checkpoint, as written out.
+    pub log: Option<LogWritten>,
+}
+
+/// The log a takeover found and wrote out beside the image.
+#[derive(Debug, Clone)]
+pub struct LogWritten {
+    pub dir: PathBuf,
+    /// Where the checkpoint stands, and how far the log runs.
+    pub from: LogPosition,
+    pub until: LogPosition,
 }
 
 /// Why a session with a primary ended.
@@ -50,9 +74,62 @@ enum SessionEnd {
     Failed { reason: String, last_heard: Instant },
 }
 
+/// The last checkpoint committed into the image.
+#[derive(Clone)]
 struct Committed {
     series: String,
     epoch: u64,
+    /// Responsive mode: the log position it stands at.
+    position: Option<LogPosition>,
+}
+
+/// What a session shares between its reader and its committer.
+struct Shared {
+    writer: Mutex<SecureWriter>,
+    committed: Mutex<Option<Committed>>,
+    log: Mutex<LogStore>,
+    /// The last log position acknowledged.
+    acked: Mutex<LogPosition>,
+    /// Why the checkpoint thread ended the session, if it did.
+    broken: Mutex<Option<String>>,
+}
+
+impl Shared {
+    /// Ends the session for `why`: the reader stops at its next message
+    /// (the link is shut down, so at once).
+    fn fail(&self, why: String) {
+        *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort(&why);
+    }
+
+    /// Sends a message; false once the link is broken.
+    fn send(&self, m: &Message) -> bool {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.send(m).is_ok()
+    }
+
+    /// Acknowledges the log if the backup holds more of it than it said.
+    fn acknowledge(&self) -> bool {
+        let now = self
+            .log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .acknowledged();
+        {
+            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            if *acked == now {
+                return true;
+            }
+            *acked = now;
+        }
+        self.send(&Message::LogAck {
+            records: now.records,
+            net: now.net,
+        })
+    }
 }
 
 /// Serves primaries one after the other until one fails with a committed
@@ -64,8 +141,10 @@ pub fn serve(
 ) -> Result<Takeover, Error> {
     fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
     let image = opts.dir.join("image");
+    let log_dir = opts.dir.join("log");
     // A checkpoint committed by an earlier run would be of another primary.
     let _ = fs::remove_dir_all(&image);
+    let _ = fs::remove_dir_all(&log_dir);
     let listener = TcpListener::bind(opts.listen).map_err(|e| Error::Io {
         what: format!("listen on {}", opts.listen),
         source: e,
@@ -100,14 +179,15 @@ pub fn serve(
             }
         };
         eprintln!("rrc backup: primary {node} ({peer}) connected");
-        match session(&mut s, opts, &image, &mut committed) {
+        let (end, log) = session(s, opts, &image, &mut committed);
+        match end {
             SessionEnd::Clean => {
                 eprintln!("rrc backup: primary {node} stopped cleanly; waiting for a primary");
                 committed = None;
                 let _ = fs::remove_dir_all(&image);
             }
             SessionEnd::Failed { reason, last_heard } => {
-                let Some(c) = &committed else {
+                let Some(c) = committed.clone() else {
                     eprintln!(
                         "rrc backup: primary {node} failed ({reason}) before a checkpoint was committed; waiting for a primary"
                     );
@@ -123,6 +203,10 @@ pub fn serve(
                     fence(cmd)?;
                 }
                 let fenced = t0.elapsed();
+                let log = match (&c.position, log) {
+                    (Some(_), Some(store)) => write_log(&store, &image, &log_dir),
+                    _ => None,
+                };
                 let t1 = Instant::now();
                 let restored = restore(&image).map_err(Error::Takeover)?;
                 return Ok(Takeover {
@@ -131,8 +215,36 @@ pub fn serve(
                     fence: fenced,
                     restore: t1.elapsed(),
                     restored,
+                    log,
                 });
             }
+        }
+    }
+}
+
+/// Writes the log held since the committed checkpoint into `dir`, as a
+/// recording directory `rrc replay` reads beside the image.
+fn write_log(store: &LogStore, image: &Path, dir: &Path) -> Option<LogWritten> {
+    let _ = fs::remove_dir_all(dir);
+    let written = store
+        .write_to(dir)
+        .map_err(|e| e.to_string())
+        .and_then(|(from, until)| match RecordingAnnotation::read(image) {
+            Ok(Some(a)) => RecordingDir::write_info(dir, a.ring_fd, None)
+                .map(|()| (from, until))
+                .map_err(|e| e.to_string()),
+            Ok(None) => Err("the checkpoint is not of a recorded program".into()),
+            Err(e) => Err(e.to_string()),
+        });
+    match written {
+        Ok((from, until)) => Some(LogWritten {
+            dir: dir.to_path_buf(),
+            from,
+            until,
+        }),
+        Err(e) => {
+            eprintln!("rrc backup: the log could not be written out: {e}");
+            None
         }
     }
 }
@@ -162,7 +274,6 @@ fn hello(s: &mut SecureStream, opts: &BackupOptions) -> Result<String, String> {
         Message::Hello {
             role: Role::Primary,
             node,
-            ..
         } => node,
         other => return Err(format!("expected a primary's hello, got {other:?}")),
     };
@@ -173,30 +284,73 @@ fn hello(s: &mut SecureStream, opts: &BackupOptions) -> Result<String, String> {
     Ok(node)
 }
 
-/// Receives checkpoints until the primary leaves or fails.
+/// Receives checkpoints and the log until the primary leaves or fails;
+/// returns how, and the log held at that moment.
 fn session(
-    s: &mut SecureStream,
+    s: SecureStream,
     opts: &BackupOptions,
     image: &Path,
     committed: &mut Option<Committed>,
-) -> SessionEnd {
-    let incoming = opts.dir.join("incoming");
-    let _ = fs::remove_dir_all(&incoming);
-    if let Err(e) = fs::create_dir_all(&incoming) {
-        return SessionEnd::Failed {
-            reason: format!("cannot stage: {e}"),
+) -> (SessionEnd, Option<LogStore>) {
+    let (reader, writer) = s.split();
+    let _ = writer.set_write_timeout(Some(opts.timeout));
+    let base = committed
+        .as_ref()
+        .and_then(|c| c.position)
+        .unwrap_or_default();
+    let shared = Arc::new(Shared {
+        writer: Mutex::new(writer),
+        committed: Mutex::new(committed.clone()),
+        log: Mutex::new(LogStore::new(base)),
+        acked: Mutex::new(base),
+        broken: Mutex::new(None),
+    });
+    let (tx, rx) = mpsc::channel::<Message>();
+    let committer = {
+        let shared = shared.clone();
+        let image = image.to_path_buf();
+        let incoming = opts.dir.join("incoming");
+        std::thread::Builder::new()
+            .name("rrc-commit".into())
+            .spawn(move || checkpoint_loop(&shared, &image, &incoming, rx))
+    };
+    let end = match &committer {
+        Ok(_) => read_loop(reader, opts, &shared, &tx),
+        Err(e) => SessionEnd::Failed {
+            reason: format!("cannot start committing: {e}"),
             last_heard: Instant::now(),
-        };
+        },
+    };
+    // The committer finishes what it has (a checkpoint complete and
+    // verified is as good as any), then ends.
+    drop(tx);
+    if let Ok(t) = committer {
+        let _ = t.join();
     }
+    let Ok(shared) = Arc::try_unwrap(shared) else {
+        return (end, None);
+    };
+    *committed = shared
+        .committed
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner());
+    let log = shared.log.into_inner().unwrap_or_else(|p| p.into_inner());
+    (end, Some(log))
+}
+
+fn read_loop(
+    mut r: SecureReader,
+    opts: &BackupOptions,
+    shared: &Shared,
+    checkpoints: &mpsc::Sender<Message>,
+) -> SessionEnd {
     let mut last_heard = Instant::now();
-    let mut stage: Option<Stage> = None;
-    let mut progress = Progress::default();
     let failed = |reason: String, last_heard: Instant| SessionEnd::Failed { reason, last_heard };
-    if let Err(e) = s.set_read_timeout(Some(opts.timeout)) {
+    if let Err(e) = r.set_read_timeout(Some(opts.timeout)) {
         return failed(e.to_string(), last_heard);
     }
     loop {
-        let msg = match s.recv() {
+        let msg = match r.recv() {
             Ok(m) => m,
             Err(WireError::Timeout) => {
                 return failed(
@@ -204,18 +358,93 @@ fn session(
                     last_heard,
                 );
             }
-            Err(e) => return failed(format!("link broken: {e}"), last_heard),
+            Err(e) => {
+                let why = shared
+                    .broken
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                return failed(why.unwrap_or(format!("link broken: {e}")), last_heard);
+            }
         };
         last_heard = Instant::now();
-        let reply = match msg {
-            Message::Heartbeat { sent_unix_ns } => Some(Message::HeartbeatAck {
+        let ok = match msg {
+            Message::Heartbeat { sent_unix_ns } => shared.send(&Message::HeartbeatAck {
                 echo_unix_ns: sent_unix_ns,
             }),
             Message::Bye { .. } => return SessionEnd::Clean,
+            Message::Log { data } => {
+                let r = shared
+                    .log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add_records(&data);
+                match r {
+                    Ok(()) => shared.acknowledge(),
+                    Err(e) => refuse_log(shared, &e.to_string()),
+                }
+            }
+            Message::NetLog { first, frames } => {
+                let r = shared
+                    .log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .add_frames(first, frames);
+                match r {
+                    Ok(()) => shared.acknowledge(),
+                    Err(e) => refuse_log(shared, &e.to_string()),
+                }
+            }
+            // Staged and committed on the checkpoint thread, in order: the
+            // disk's pace (files are synced) must not hold up the log.
+            m @ (Message::DeltaBegin { .. }
+            | Message::FileChunk { .. }
+            | Message::DeltaEnd { .. }) => checkpoints.send(m).is_ok(),
+            other => {
+                return failed(
+                    format!("unexpected {}", other.message_type().name()),
+                    last_heard,
+                );
+            }
+        };
+        if !ok {
+            let why = shared
+                .broken
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "link broken".into());
+            return failed(why, last_heard);
+        }
+    }
+}
+
+/// Log data that does not check out: the primary is told, and starts over
+/// from a full checkpoint.
+fn refuse_log(shared: &Shared, why: &str) -> bool {
+    tracing::warn!(reason = why, "log data refused");
+    shared.send(&Message::BackupError {
+        reason: format!("log data refused: {why}"),
+    })
+}
+
+/// Stages the checkpoints the primary sends and commits each once
+/// complete, until the session ends. A checkpoint the primary sent wrong
+/// ends the session (it is the primary's fault: the link reports it).
+fn checkpoint_loop(shared: &Shared, image: &Path, incoming: &Path, rx: mpsc::Receiver<Message>) {
+    let _ = fs::remove_dir_all(incoming);
+    if let Err(e) = fs::create_dir_all(incoming) {
+        shared.fail(format!("cannot stage: {e}"));
+        return;
+    }
+    let mut progress = Progress::default();
+    let mut stage: Option<Stage> = None;
+    for m in rx {
+        let reply = match m {
             m @ Message::DeltaBegin { .. } => {
                 // A delta left half-way (it cannot be: one connection, in
                 // order) is dropped with its staging.
-                let mut st = Stage::new(&incoming);
+                let mut st = Stage::new(incoming);
                 match st.receive(&m) {
                     Ok(()) => {
                         stage = Some(st);
@@ -228,59 +457,97 @@ fn session(
             }
             m @ Message::FileChunk { .. } => match stage.as_mut().map(|st| st.receive(&m)) {
                 Some(Ok(())) => None,
-                Some(Err(e)) => {
-                    return failed(format!("bad checkpoint data: {e}"), last_heard);
-                }
-                None => return failed("a file chunk outside a checkpoint".into(), last_heard),
+                Some(Err(e)) => return shared.fail(format!("bad checkpoint data: {e}")),
+                None => return shared.fail("a file chunk outside a checkpoint".into()),
             },
             m @ Message::DeltaEnd { .. } => {
                 let Some(mut st) = stage.take() else {
-                    return failed("a checkpoint end without its beginning".into(), last_heard);
+                    return shared.fail("a checkpoint end without its beginning".into());
                 };
                 let series = st.series().unwrap_or_default().to_string();
                 if let Err(e) = st.receive(&m) {
-                    return failed(format!("bad checkpoint: {e}"), last_heard);
+                    return shared.fail(format!("bad checkpoint: {e}"));
                 }
                 let t0 = Instant::now();
-                let reply = match st.finish() {
-                    Ok(layer) => match commit(&layer, image, committed.as_ref()) {
-                        Ok(epoch) => {
-                            *committed = Some(Committed { series, epoch });
-                            progress.add(epoch, t0.elapsed());
-                            Message::Committed { epoch }
-                        }
-                        Err(e) => {
-                            eprintln!("rrc backup: a checkpoint was refused: {e}");
-                            Message::NeedFull {
-                                reason: e.to_string(),
-                            }
-                        }
-                    },
+                Some(match st.finish() {
+                    Ok(layer) => commit_staged(shared, &layer, image, series, t0, &mut progress),
                     Err(e) => Message::NeedFull {
                         reason: e.to_string(),
                     },
-                };
-                Some(reply)
+                })
             }
-            other => return failed(format!("unexpected {other:?}"), last_heard),
+            _ => None,
         };
-        if let Some(r) = reply
-            && let Err(e) = s.send(&r)
+        if let Some(reply) = reply
+            && (!shared.send(&reply) || !shared.acknowledge())
         {
-            return failed(format!("link broken: {e}"), last_heard);
+            return;
+        }
+    }
+}
+
+/// Commits a staged checkpoint; the answer for the primary.
+fn commit_staged(
+    shared: &Shared,
+    layer: &Path,
+    image: &Path,
+    series: String,
+    t0: Instant,
+    progress: &mut Progress,
+) -> Message {
+    let previous = shared
+        .committed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match commit(layer, image, previous.as_ref()) {
+        Ok((epoch, position)) => {
+            if let Some(pos) = position {
+                shared
+                    .log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .committed(pos);
+            }
+            *shared.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Committed {
+                series,
+                epoch,
+                position,
+            });
+            progress.add(epoch, t0.elapsed());
+            Message::Committed { epoch }
+        }
+        Err(e) => {
+            eprintln!("rrc backup: a checkpoint was refused: {e}");
+            Message::NeedFull {
+                reason: e.to_string(),
+            }
         }
     }
 }
 
 /// Makes the staged checkpoint at `layer` the image: the first of a series
-/// replaces it (once checked), a delta is applied onto it.
-fn commit(layer: &Path, image: &Path, previous: Option<&Committed>) -> Result<u64, Error> {
+/// replaces it (once checked), a delta is applied onto it. Returns its
+/// epoch and the log position it stands at, if it records one.
+fn commit(
+    layer: &Path,
+    image: &Path,
+    previous: Option<&Committed>,
+) -> Result<(u64, Option<LogPosition>), Error> {
     let l = ImageDir::new(layer);
     let m = l.read_manifest()?;
     let lineage = m
         .lineage
         .clone()
         .ok_or_else(|| Error::Protocol("a checkpoint without lineage".into()))?;
+    let position = match m.annotations.get(POSITION_ANNOTATION) {
+        None => None,
+        Some(v) => Some(
+            serde_json::from_value::<LogPosition>(v.clone()).map_err(|e| {
+                Error::Protocol(format!("a checkpoint with a bad log position: {e}"))
+            })?,
+        ),
+    };
     if m.parent.is_none() {
         rrc_ckpt::store::verify(&l, &m)?;
         let old = image.with_extension("old");
@@ -290,14 +557,14 @@ fn commit(layer: &Path, image: &Path, previous: Option<&Committed>) -> Result<u6
         }
         fs::rename(layer, image).map_err(Error::io(image))?;
         let _ = fs::remove_dir_all(&old);
-        Ok(lineage.epoch)
+        Ok((lineage.epoch, position))
     } else {
         if previous.is_none() {
             return Err(Error::Protocol(
                 "a delta with no full checkpoint before it".into(),
             ));
         }
-        let r = rrc_ckpt::store::apply(image, layer).map(|_| lineage.epoch);
+        let r = rrc_ckpt::store::apply(image, layer).map(|_| (lineage.epoch, position));
         let _ = fs::remove_dir_all(layer);
         r.map_err(Error::from)
     }

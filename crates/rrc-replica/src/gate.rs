@@ -214,6 +214,14 @@ impl ReplicationGate {
                 if f.n >= h.noted_to {
                     // Released before the log's acknowledgement came: that
                     // is when it would have left under that rule too.
+                    tracing::debug!(
+                        tag_records = f.tag.records,
+                        tag_net = f.tag.net,
+                        acked_records = h.acked.records,
+                        acked_net = h.acked.net,
+                        held_us = now.saturating_duration_since(f.at).as_micros() as u64,
+                        "a frame left before the log covering it was acknowledged"
+                    );
                     note(&mut h.would_be, &f, now);
                     h.noted_to = f.n + 1;
                 }
@@ -266,14 +274,27 @@ impl PacketGate for ReplicationGate {
         }
         let n = h.next;
         h.next += 1;
-        h.bytes += frame.len();
-        h.queue.push_back(HeldFrame {
+        let f = HeldFrame {
             n,
             tag,
             at: Instant::now(),
             data: frame.tcp().is_some_and(|t| t.payload_len > 0),
             bytes: frame.bytes().to_vec(),
-        });
+        };
+        // Nothing new in the log since the last acknowledgement (a bare
+        // ACK, a retransmission): the log rule lets it go at once, behind
+        // the frames before it.
+        let covered = h.noted_to == n && h.acked.covers(&tag);
+        if covered {
+            note(&mut h.would_be, &f, f.at);
+            h.noted_to = n + 1;
+            if self.rule == Release::LogAck && h.queue.is_empty() {
+                drop(h);
+                return lan.send_frame(frame.bytes());
+            }
+        }
+        h.bytes += frame.len();
+        h.queue.push_back(f);
         while h.bytes > MAX_HELD {
             let f = h.queue.pop_front().expect("over the limit means not empty");
             h.bytes -= f.bytes.len();

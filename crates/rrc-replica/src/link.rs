@@ -585,3 +585,25 @@ impl Pieces {
         Ok(Some(msg))
     }
 }
+
+/// Sends the checkpoint in `dir` whole on `s` (its announcement, every
+/// file, the end) and returns its size in bytes: for a peer that only
+/// sends checkpoints.
+pub fn send_checkpoint(
+    s: &mut SecureStream,
+    series: &str,
+    epoch: u64,
+    parent: Option<u64>,
+    dir: &std::path::Path,
+) -> Result<u64, LinkError> {
+    let mut p = Pieces::of(Job {
+        series: series.to_string(),
+        epoch,
+        parent,
+        dir: dir.to_path_buf(),
+    })?;
+    while let Some(m) = p.next()? {
+        s.send(&m)?;
+    }
+    Ok(p.total)
+}

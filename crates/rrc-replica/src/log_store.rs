@@ -208,7 +208,8 @@ impl LogStore {
         netlog::write(
             dir,
             self.frames
-                .range(self.base.net + 1..=until.net)
+                .iter()
+                .filter(|(n, _)| **n > self.base.net && **n <= until.net)
                 .map(|(n, f)| (*n, f.as_slice())),
         )?;
         Ok((self.base, until))
@@ -294,6 +295,14 @@ mod tests {
         s.add_records(&batch(2, &[(2, time(2)), (5, time(5))]))
             .unwrap();
         s.add_frames(1, vec![vec![9; 60], vec![8; 70]]).unwrap();
+        // Nothing in the net log beyond the base: an empty net log.
+        let empty = dir.with_extension("empty");
+        let _ = std::fs::remove_dir_all(&empty);
+        LogStore::new(LogPosition { records: 2, net: 5 })
+            .write_to(&empty)
+            .unwrap();
+        assert!(netlog::read(&empty).unwrap().is_empty());
+        std::fs::remove_dir_all(&empty).unwrap();
         // 6 never came: records 3 to 5 are the log.
         let (from, until) = s.write_to(&dir).unwrap();
         assert_eq!(from.records, 2);

@@ -71,7 +71,7 @@ pub struct PrimaryStats {
 pub struct Replication {
     gate: Arc<ReplicationGate>,
     outbox: Arc<Outbox>,
-    log: Option<(Arc<Shipper>, JoinHandle<()>)>,
+    log: Option<Arc<Shipper>>,
     wake: (Waker, WakeFd),
     opts: PrimaryOptions,
 }
@@ -99,7 +99,7 @@ impl Replication {
     ) -> std::io::Result<Replication> {
         let outbox = Outbox::new();
         let wake = wake::pair()?;
-        let (shipper, backstop) = Shipper::start(rings, outbox.clone(), wake.0.clone())?;
+        let shipper = Shipper::new(rings, outbox.clone(), wake.0.clone());
         let gate = ReplicationGate::new(
             Release::Commit,
             Some((shipper.clone() as Arc<dyn LogTap>, service)),
@@ -107,7 +107,7 @@ impl Replication {
         Ok(Replication {
             gate,
             outbox,
-            log: Some((shipper, backstop)),
+            log: Some(shipper),
             wake,
             opts,
         })
@@ -190,18 +190,21 @@ impl Primary {
             marks: Mutex::default(),
         });
         let (waker, wake) = r.wake;
-        let link = Link::start(
-            r.opts.link.clone(),
-            r.outbox,
-            releases.clone(),
-            waker,
-        )?;
+        // Threads start here, in the process that supervises the container.
+        let log = match r.log {
+            Some(l) => {
+                let backstop = l.start_backstop()?;
+                Some((l, backstop))
+            }
+            None => None,
+        };
+        let link = Link::start(r.opts.link.clone(), r.outbox, releases.clone(), waker)?;
         Ok(Primary {
             gate: r.gate,
             releases,
             link,
             wake,
-            log: r.log,
+            log,
             next_at: Instant::now() + r.opts.epoch,
             opts: r.opts,
             epochs: None,

@@ -112,13 +112,10 @@ pub struct Shipper {
 impl Shipper {
     /// Ships from `rings` (the recording's, which live as long as the
     /// recorded program, so as long as this process) to `sink`; asks for
-    /// checkpoints through `supervisor`. Starts the backstop thread.
-    pub fn start(
-        rings: &'static RingSet,
-        sink: Arc<dyn LogSink>,
-        supervisor: Waker,
-    ) -> std::io::Result<(Arc<Shipper>, JoinHandle<()>)> {
-        let s = Arc::new(Shipper {
+    /// checkpoints through `supervisor`. The backstop starts with
+    /// [`Shipper::start_backstop`].
+    pub fn new(rings: &'static RingSet, sink: Arc<dyn LogSink>, supervisor: Waker) -> Arc<Shipper> {
+        Arc::new(Shipper {
             rings,
             drain: Mutex::new(Drain {
                 drain: RingDrain::new(rings),
@@ -139,12 +136,16 @@ impl Shipper {
             checkpoint_wanted: AtomicBool::new(false),
             supervisor,
             stop: AtomicBool::new(false),
-        });
-        let me = s.clone();
-        let t = std::thread::Builder::new()
+        })
+    }
+
+    /// Starts the backstop thread (in the process that supervises the
+    /// container: threads do not survive its detaching).
+    pub fn start_backstop(self: &Arc<Self>) -> std::io::Result<JoinHandle<()>> {
+        let me = self.clone();
+        std::thread::Builder::new()
             .name("rrc-ship".into())
-            .spawn(move || me.backstop())?;
-        Ok((s, t))
+            .spawn(move || me.backstop())
     }
 
     /// Stops the backstop thread (it ends within [`BACKSTOP`]).
@@ -298,7 +299,10 @@ impl Shipper {
                     // Asked once per hole.
                     d.stuck = Some((p, Instant::now() + Duration::from_secs(3600)));
                     drop(d);
-                    tracing::debug!(missing = prefix + 1, "a record never came: a checkpoint covers it");
+                    tracing::debug!(
+                        missing = prefix + 1,
+                        "a record never came: a checkpoint covers it"
+                    );
                     self.want_checkpoint();
                 }
             }

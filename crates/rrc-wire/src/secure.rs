@@ -620,6 +620,18 @@ impl SecureWriter {
         })
     }
 
+    /// Ends the connection for `why` (the peer sent something this end
+    /// cannot take, found outside the link): both halves fail from now on,
+    /// the reader with [`WireError::OtherHalfFailed`] at once, even if it is
+    /// waiting for the peer.
+    pub fn abort(&mut self, why: &str) {
+        self.failed = true;
+        let _ = self.shared.fail(
+            Half::Writer,
+            WireError::Io(std::io::Error::other(why.to_string())),
+        );
+    }
+
     /// Passes through to [`TcpStream::set_write_timeout`]. A send that
     /// times out ends the connection: the peer is not reading.
     pub fn set_write_timeout(&self, timeout: Option<Duration>) -> Result<()> {

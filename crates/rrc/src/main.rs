@@ -1,7 +1,6 @@
 //! `rrc`: responsive replicated containers.
 
 mod cli;
-mod sys;
 
 use std::process::ExitCode;
 

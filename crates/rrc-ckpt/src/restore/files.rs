@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use crate::image::{FileKind, ImageDir, Manifest, OpenFile, ProcessImage};
 use crate::restore::mm::{MemCtx, create_memfd};
-use crate::restore::sockets::{self, Transport};
+use crate::restore::sockets;
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, nr};
 
@@ -32,7 +32,6 @@ pub struct FilePlan {
     /// Files held by the engine until the restore ends (FIFO ends, ghosts).
     pub keep_open: Vec<File>,
     pub ghosts: Vec<std::path::PathBuf>,
-    pub transport: Option<Transport>,
     /// Restored TCP connections, in repair mode until the tree is let go.
     pub repaired: Vec<sockets::Repaired>,
     /// Time spent building and passing sockets.
@@ -124,7 +123,6 @@ impl FilePlan {
             temp_base: max_fd as u64 + 1,
             keep_open: Vec::new(),
             ghosts: Vec::new(),
-            transport: None,
             repaired: Vec::new(),
             socket_time: std::time::Duration::ZERO,
         }
@@ -161,12 +159,8 @@ pub fn create_owned(
         .filter(|f| plan.creator.get(&f.id) == Some(&pid) && !held.contains_key(&f.id))
         .partition(|f| sockets::is_socket(f));
     if !sockets.is_empty() {
-        let transport = plan
-            .transport
-            .as_ref()
-            .expect("a transport when restoring sockets");
         let mut repaired = Vec::new();
-        let got = sockets::create(t, &sockets, img, transport, &mut repaired)?;
+        let got = sockets::create(t, &sockets, img, &mem.transport, &mut repaired)?;
         plan.repaired.extend(repaired);
         for (id, fd) in got {
             let fd = stash(t, fd, plan)?;
@@ -426,8 +420,8 @@ fn create(
         }
         FileKind::Epoll { .. } => t.call("epoll_create1", nr::SYS_epoll_create1, &[0])?,
         FileKind::Memfd { shmem, pos } => {
-            let fd = match mem.handle_path(*shmem) {
-                Some(path) => open_path(t, &path, (libc::O_RDWR) as u32)?,
+            let fd = match mem.reopen(t, *shmem)? {
+                Some(fd) => fd,
                 None => {
                     let obj = m.shmem.iter().find(|o| o.id == *shmem).ok_or_else(|| {
                         rerr(

@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use nix::unistd::Pid;
 
 use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::PAGE_SIZE;
+use crate::restore::sockets::Transport;
 use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
 use crate::{Error, Result, nr};
 
@@ -21,22 +23,23 @@ const PR_SET_MM_MAP: u64 = 14;
 pub struct MemCtx<'a> {
     pub img: &'a ImageDir,
     pub shmem: &'a [SharedMemory],
-    /// Shared memory objects restored so far, held open by the engine so
-    /// later processes can reach them as `/proc/<engine>/fd/<fd>` however
-    /// the first process's fds change.
+    /// Shared memory objects restored so far, held open by the engine for
+    /// the processes that map or open them after the first.
     pub handles: HashMap<usize, File>,
+    /// How the engine puts a file into a process's fd table. A path would
+    /// not do: a process restored into a container sees its own /proc, in
+    /// which the engine does not exist.
+    pub transport: Transport,
 }
 
 impl MemCtx<'_> {
-    /// The path through which a process opens restored object `id`.
-    pub fn handle_path(&self, id: usize) -> Option<String> {
-        self.handles.get(&id).map(|f| {
-            format!(
-                "/proc/{}/fd/{}",
-                std::process::id(),
-                std::os::fd::AsRawFd::as_raw_fd(f)
-            )
-        })
+    /// Puts restored object `id` into `t`'s fd table; its fd there, or
+    /// `None` when the object is not restored yet.
+    pub fn reopen(&self, t: &mut Tracee, id: usize) -> Result<Option<u64>> {
+        match self.handles.get(&id) {
+            Some(f) => Ok(Some(self.transport.pass(t, f.as_fd())?)),
+            None => Ok(None),
+        }
     }
 
     /// Keeps the object behind `path` (in a process being restored) open.
@@ -301,18 +304,7 @@ fn map_shmem(
     })?;
     let len = v.end - v.start;
     let shared = (libc::MAP_FIXED | libc::MAP_SHARED) as u64;
-    if let Some(path) = ctx.handle_path(id) {
-        let a = t.arg_str(&path)?;
-        let mode = if prot & libc::PROT_WRITE as u32 != 0 {
-            libc::O_RDWR
-        } else {
-            libc::O_RDONLY
-        };
-        let fd = t.call(
-            "reopen shared memory",
-            nr::SYS_openat,
-            &[libc::AT_FDCWD as u64, a, (mode | libc::O_CLOEXEC) as u64],
-        )?;
+    if let Some(fd) = ctx.reopen(t, id)? {
         t.call(
             "mmap shared memory",
             nr::SYS_mmap,

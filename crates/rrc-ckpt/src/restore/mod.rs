@@ -367,13 +367,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             img: &img,
             shmem: &m.shmem,
             handles: Default::default(),
+            // Inherited by every skeleton, for passing files in.
+            transport: sockets::Transport::new()?,
         },
         done: Vec::new(),
     };
-    if m.files.iter().any(sockets::is_socket) {
-        // Inherited by every skeleton, for passing sockets in.
-        ctx.plan.transport = Some(sockets::Transport::new()?);
-    }
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
         Some(f) => f(root_pid).map_err(|e| rerr(root.pid, "prepare the root", e)),

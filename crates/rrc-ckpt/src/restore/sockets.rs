@@ -4,7 +4,7 @@
 //! engine, as SCM_RIGHTS.
 
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage, UnixAddr, bind, connect, socket,
@@ -306,6 +306,15 @@ impl Transport {
 
     fn tracee_fd(&self) -> RawFd {
         self.theirs.as_raw_fd()
+    }
+
+    /// Puts `fd` (one of the engine's) into `t`'s fd table; returns its
+    /// number there (close-on-exec, as the caller will set it later).
+    pub fn pass(&self, t: &mut Tracee, fd: BorrowedFd<'_>) -> Result<u64> {
+        sys::send_fds(self.ours.as_fd(), &[fd.as_raw_fd()])
+            .map_err(|e| rerr(t.ns_pid, format!("pass a file: {e}")))?;
+        let got = receive(t, self.tracee_fd(), 1)?;
+        Ok(got[0])
     }
 }
 

@@ -360,6 +360,13 @@ impl RingSet {
         (prev & REPLAY_REQUESTED == 0).then_some(prev + 1)
     }
 
+    /// Bytes before the first ring: the header and the slot directory,
+    /// all that a checkpoint of the recorded program needs to keep (the
+    /// rings' contents are drained, and a replay reads the log).
+    pub fn directory_len(&self) -> usize {
+        self.rings_offset
+    }
+
     /// The last sequence number handed out so far (0: none), without
     /// taking one: every record numbered up to it has been, or is being,
     /// made.

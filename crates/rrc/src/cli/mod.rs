@@ -11,6 +11,7 @@ mod replay;
 mod replica;
 mod restore;
 mod run;
+mod status;
 mod stop;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,7 @@ pub enum Command {
     Run(run::RunArgs),
     Ps(ps::PsArgs),
     Stop(stop::StopArgs),
+    Status(status::StatusArgs),
     Checkpoint(checkpoint::CheckpointArgs),
     Restore(restore::RestoreArgs),
     #[command(subcommand)]
@@ -71,6 +73,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(a) => run::run(a),
         Command::Ps(a) => ps::ps(a),
         Command::Stop(a) => stop::stop(a),
+        Command::Status(a) => status::status(a),
         Command::Checkpoint(a) => checkpoint::checkpoint(a),
         Command::Restore(a) => restore::restore(a),
         Command::Lab(c) => lab::lab(c),

@@ -9,13 +9,12 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
-use rrc_container::launch::{Launch, Launched, MakeCompanion, Source};
+use rrc_container::launch::{Launch, Launched, Source};
 use rrc_container::restore::RestoreSpec;
-use rrc_container::supervise::Companion;
 use rrc_replica::backup::{self, BackupOptions};
-use rrc_replica::gate::ReplicationGate;
 use rrc_replica::link::LinkConfig;
-use rrc_replica::primary::{Primary, PrimaryOptions};
+use rrc_replica::primary::{PrimaryOptions, Replication};
+use rrc_session::recording::Rings;
 use rrc_wire::Key;
 
 use super::checkpoint::Copy;
@@ -61,8 +60,21 @@ pub struct PrimaryArgs {
     /// (snapshot), or whichever pauses it less (auto).
     #[arg(long, value_enum, default_value_t = Copy::Auto)]
     copy: Copy,
+    /// What a reply waits for. checkpoint: the next checkpoint committed by
+    /// the backup (about one --epoch). responsive: the program is recorded
+    /// (librrc preloaded) and its log streamed to the backup as it comes;
+    /// replies still wait for the commit in this release, and the primary
+    /// reports how long they would have waited for the log alone.
+    #[arg(long, value_enum, default_value_t = Mode::Checkpoint)]
+    mode: Mode,
     #[command(flatten)]
     container: ContainerArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Mode {
+    Checkpoint,
+    Responsive,
 }
 
 /// Keep a replica of a primary's container and take over when it fails.
@@ -161,7 +173,6 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
     let backup = resolve(&a.backup)?;
     let key = load_key(&a.key)?;
     let host = HostState::current();
-    let gate = ReplicationGate::new(rrc_replica::gate::Release::Commit, None);
     let opts = PrimaryOptions {
         epoch: a.epoch,
         work_dir: host.dir().join("replication").join(a.container.name()),
@@ -174,19 +185,25 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         },
         copy: CopyChoice::from(a.copy).into(),
     };
-    let companion_gate = gate.clone();
-    let companion: MakeCompanion<'static> = Box::new(move |c| {
-        let net = c.net().ok_or("the container has no network")?;
-        companion_gate.attach(net.uplink.clone());
-        let p = Primary::start(companion_gate, opts)
-            .map_err(|e| format!("starting replication: {e}"))?;
-        Ok(Box::new(p) as Box<dyn Companion>)
-    });
-    let launch = a
-        .container
-        .launch(Vec::new())?
-        .gate(gate)
-        .companion(companion);
+    let launch = match a.mode {
+        Mode::Checkpoint => {
+            let repl = Replication::checkpoint_only(opts)?;
+            a.container
+                .launch(Vec::new())?
+                .gate(repl.gate())
+                .companion(repl.companion())
+        }
+        Mode::Responsive => {
+            let rings = Rings::create(&a.container.program()?, true)?;
+            let launch = rings.into_launch(a.container.launch(rings.environment())?);
+            let (rings, close) = rings.leak();
+            let repl = Replication::responsive(opts, rings, a.container.service_ip()?)?;
+            launch
+                .gate(repl.gate())
+                .companion(close)
+                .companion(repl.companion())
+        }
+    };
     Ok(super::exit_code(launch.run()?))
 }
 
@@ -235,6 +252,16 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         t.fence.as_secs_f64() * 1e3,
         t.restore.as_secs_f64() * 1e3,
     );
+    if let Some(log) = &t.log {
+        println!(
+            "the log since the checkpoint (records {} to {}, net frames {} to {}) is in {}",
+            log.from.records + 1,
+            log.until.records,
+            log.from.net + 1,
+            log.until.net,
+            log.dir.display()
+        );
+    }
     println!("{}", t.restored);
     Ok(0)
 }

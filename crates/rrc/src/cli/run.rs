@@ -9,6 +9,7 @@ use rrc_container::launch::{Launch, Source};
 use rrc_container::spec::{NetRequest, resolve_command};
 use rrc_container::{ContainerName, ContainerSpec};
 use rrc_net::MacAddr;
+use rrc_session::recording::Recording;
 
 /// Run a program in a new container.
 ///
@@ -76,17 +77,33 @@ impl ContainerArgs {
     pub fn addr(&self) -> Option<&str> {
         self.addr.as_deref()
     }
+
+    /// The container's address without its prefix, if it has one.
+    pub fn service_ip(&self) -> Result<std::net::Ipv4Addr> {
+        let addr = self.addr.as_deref().unwrap_or_default();
+        let ip = addr.split('/').next().unwrap_or_default();
+        ip.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "`{addr}` is not an IPv4 address (expected ADDR/PREFIX such as 10.0.0.100/24)"
+            )
+        })
+    }
+
+    /// The program file the command names.
+    pub fn program(&self) -> Result<std::path::PathBuf> {
+        Ok(resolve_command(
+            &self.command[0],
+            std::env::var_os("PATH").as_deref(),
+        )?)
+    }
 }
 
 pub fn run(a: RunArgs) -> Result<i32> {
     let launch = match &a.record {
         Some(dir) => {
-            let program =
-                resolve_command(&a.container.command[0], std::env::var_os("PATH").as_deref())?;
-            let rec = super::record::Recording::prepare(dir, &program)?;
-            a.container
-                .launch(rec.environment())?
-                .companion(rec.companion())
+            let rec = Recording::prepare(dir, &a.container.program()?)?;
+            let launch = a.container.launch(rec.environment())?;
+            rec.launch(launch)
         }
         None => a.container.launch(Vec::new())?,
     };
@@ -98,7 +115,7 @@ impl ContainerArgs {
     /// added to the program's environment.
     pub(super) fn launch(&self, env: Vec<(OsString, OsString)>) -> Result<Launch<'static>> {
         let name: ContainerName = self.name.parse()?;
-        let program = resolve_command(&self.command[0], std::env::var_os("PATH").as_deref())?;
+        let program = self.program()?;
         let net = match &self.addr {
             Some(addr) => Some(
                 NetRequest {
