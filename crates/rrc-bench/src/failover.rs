@@ -84,12 +84,31 @@ impl App {
     }
 }
 
+/// How the primary replicates (`rrc primary --mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Mode {
+    /// Replies wait for the next committed checkpoint.
+    Checkpoint,
+    /// The program is recorded and its log streamed to the backup.
+    Responsive,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Checkpoint => "checkpoint",
+            Mode::Responsive => "responsive",
+        }
+    }
+}
+
 /// How the pair is set up.
 #[derive(Debug, Clone)]
 pub struct PairOptions {
     pub epoch: Duration,
     /// The backup's failure-detection timeout.
     pub timeout: Duration,
+    pub mode: Mode,
 }
 
 impl Default for PairOptions {
@@ -97,6 +116,7 @@ impl Default for PairOptions {
         PairOptions {
             epoch: Duration::from_millis(100),
             timeout: Duration::from_millis(200),
+            mode: Mode::Checkpoint,
         }
     }
 }
@@ -138,6 +158,10 @@ pub struct Pair<'a> {
     pub app: App,
     opts: PairOptions,
     key: PathBuf,
+    /// The backup's directory: its image and, after a takeover, the log.
+    backup_dir: PathBuf,
+    /// Extra arguments of the application's command.
+    app_args: Vec<String>,
     backup: Option<Child>,
     backup_log: PathBuf,
     /// Backups started so far (each gets a log of its own).
@@ -154,12 +178,19 @@ impl<'a> Pair<'a> {
         ));
         let _ = fs::remove_file(&key);
         lab.run_on(Host::Client, &[&lab.rrc_path(), "keygen", &path_str(&key)])?;
+        let backup_dir = std::env::temp_dir().join(format!(
+            "rrc-{}-{}-backup",
+            lab.plan().name.as_str(),
+            std::process::id()
+        ));
         Ok(Pair {
             lab,
             app,
             opts,
             backup_log: PathBuf::new(),
             key,
+            backup_dir,
+            app_args: Vec::new(),
             backup: None,
             backups: 0,
         })
@@ -167,6 +198,18 @@ impl<'a> Pair<'a> {
 
     pub fn target(&self) -> SocketAddr {
         self.app.target(self.lab)
+    }
+
+    /// Gives the application's command these extra arguments.
+    pub fn with_app_args(mut self, args: &[&str]) -> Self {
+        self.app_args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Where the backup keeps its image (`image/`) and, after a takeover,
+    /// the log since it (`log/`).
+    pub fn backup_dir(&self) -> &std::path::Path {
+        &self.backup_dir
     }
 
     fn repl_addr(&self) -> Result<String> {
@@ -212,6 +255,8 @@ impl<'a> Pair<'a> {
                     &timeout,
                     "--fence",
                     &fence,
+                    "--dir",
+                    &path_str(&self.backup_dir),
                 ],
             )
             .stdin(Stdio::null())
@@ -263,6 +308,8 @@ impl<'a> Pair<'a> {
             &key,
             "--epoch",
             &epoch,
+            "--mode",
+            self.opts.mode.name(),
             "--name",
             self.app.name(),
             "--addr",
@@ -270,6 +317,7 @@ impl<'a> Pair<'a> {
             "--",
         ];
         argv.extend_from_slice(self.app.command());
+        argv.extend(self.app_args.iter().map(String::as_str));
         self.lab.run_on(Host::Primary, &argv)?;
         self.wait_protected(Duration::from_secs(30))?;
         self.lab
@@ -347,6 +395,7 @@ impl Drop for Pair<'_> {
         self.stop_backup_process();
         let _ = fs::remove_file(&self.key);
         let _ = fs::remove_file(&self.backup_log);
+        let _ = fs::remove_dir_all(&self.backup_dir);
     }
 }
 
@@ -368,6 +417,11 @@ pub struct Trial {
     /// From the kill until every connection had been answered again.
     pub all_answered_ms: Option<f64>,
     pub takeover: Option<TakeoverLine>,
+    /// What each connection received, and how much of it by the kill.
+    #[serde(skip)]
+    pub received: Vec<Vec<u8>>,
+    #[serde(skip)]
+    pub received_at_kill: Vec<usize>,
 }
 
 impl Trial {
@@ -424,7 +478,165 @@ pub fn trial(
         first_answer_ms: report.first_answer_after(killed).map(ms),
         all_answered_ms: report.all_answered_after(killed).map(ms),
         takeover,
+        received: report.received,
+        received_at_kill: report.received_at_mark,
     })
+}
+
+/// What an offline replay of the backup's checkpoint and log showed,
+/// against what the clients received.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayCheck {
+    pub events: u64,
+    pub divergences: u64,
+    pub end_reached: bool,
+    /// Connections whose replayed output was found, byte for byte, in
+    /// what the client received, where its stream stood at the checkpoint.
+    pub matched: usize,
+    /// Replayed output that is in no client's stream there.
+    pub unmatched: Vec<String>,
+    /// Bytes of output the replay produced.
+    pub bytes: usize,
+    /// What `rrc replay` said, for a report.
+    #[serde(skip)]
+    pub said: String,
+}
+
+impl ReplayCheck {
+    /// The replay reached the end of the log without a divergence, and
+    /// everything it wrote to the clients is what they received.
+    pub fn ok(&self) -> bool {
+        self.end_reached && self.divergences == 0 && self.unmatched.is_empty()
+    }
+}
+
+/// How far from where the client stood at the kill the replayed output
+/// may begin: frames released before the kill that had not arrived, or
+/// (replies released at log acknowledgement) output the client received
+/// after the checkpoint.
+const MATCH_SLACK: usize = 64 << 10;
+
+impl Pair<'_> {
+    /// After a takeover in responsive mode: stops the container that took
+    /// over, replays the backup's checkpoint and log on the backup host
+    /// (`rrc replay`, outputs captured, stopped at the end of the log) and
+    /// compares the output of each replayed connection with what the
+    /// clients of `trial` received.
+    pub fn replay_check(&self, trial: &Trial) -> Result<ReplayCheck> {
+        let rrc = self.lab.rrc_path();
+        let _ = self
+            .lab
+            .run_on(Host::Backup, &[&rrc, "stop", self.app.name()]);
+        let log = self.backup_dir.join("log");
+        let image = self.backup_dir.join("image");
+        let has_logs = fs::read_dir(&log)
+            .with_context(|| format!("no log was written out in {}", log.display()))?
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("thread-"));
+        if !has_logs {
+            // Nothing happened after the checkpoint: nothing to replay.
+            return Ok(ReplayCheck {
+                end_reached: true,
+                said: "an empty log".into(),
+                ..Default::default()
+            });
+        }
+        let capture = self.backup_dir.with_extension("capture");
+        let _ = fs::remove_file(&capture);
+        let out = self
+            .lab
+            .command_on(
+                Host::Backup,
+                &[
+                    &rrc,
+                    "replay",
+                    "--images",
+                    &path_str(&image),
+                    "--log",
+                    &path_str(&log),
+                    "--capture",
+                    &path_str(&capture),
+                    "--stop-at-end",
+                ],
+            )
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run rrc replay")?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let number_before = |what: &str| -> Option<u64> {
+            let line = said.lines().find(|l| l.contains(what))?;
+            let at = line.find(what)?;
+            line[..at].split_whitespace().last()?.parse().ok()
+        };
+        let mut check = ReplayCheck {
+            events: number_before(" events replayed").unwrap_or(0),
+            divergences: number_before(" divergences").unwrap_or(u64::MAX),
+            end_reached: said.contains("end of the log reached"),
+            ..Default::default()
+        };
+        let bytes = fs::read(&capture).unwrap_or_default();
+        let _ = fs::remove_file(&capture);
+        let records = rrc_rr::interface::parse_capture(&bytes)
+            .map_err(|e| anyhow::anyhow!("the replay's capture: {e}"))?;
+        let mut taken = vec![false; trial.received.len()];
+        for (fd, stream) in streams_of(records) {
+            if stream.is_empty() {
+                continue;
+            }
+            check.bytes += stream.len();
+            let owner = (0..trial.received.len()).find(|&c| {
+                !taken[c]
+                    && found_near(
+                        &trial.received[c],
+                        &stream,
+                        trial.received_at_kill.get(c).copied().unwrap_or(0),
+                    )
+            });
+            match owner {
+                Some(c) => {
+                    taken[c] = true;
+                    check.matched += 1;
+                }
+                None => check.unmatched.push(format!(
+                    "descriptor {fd}: {} bytes beginning {:?}",
+                    stream.len(),
+                    String::from_utf8_lossy(&stream[..stream.len().min(80)])
+                )),
+            }
+        }
+        check.said = said;
+        Ok(check)
+    }
+}
+
+/// Each connection's output in a capture, in order (a connection ends at
+/// its close mark; its descriptor number may then be another's).
+fn streams_of(records: Vec<rrc_rr::interface::CaptureRecord>) -> Vec<(u32, Vec<u8>)> {
+    use rrc_rr::interface::CaptureRecord;
+    let mut done = Vec::new();
+    let mut open = std::collections::BTreeMap::<u32, Vec<u8>>::new();
+    for r in records {
+        match r {
+            CaptureRecord::Written { fd, bytes } => {
+                open.entry(fd).or_default().extend_from_slice(&bytes)
+            }
+            CaptureRecord::Closed { fd } => done.extend(open.remove(&fd).map(|b| (fd, b))),
+        }
+    }
+    done.extend(open);
+    done
+}
+
+/// Whether `part` is in `stream` at a place within [`MATCH_SLACK`] of
+/// `mark` (and before it by no more than its own length).
+fn found_near(stream: &[u8], part: &[u8], mark: usize) -> bool {
+    let lo = mark.saturating_sub(part.len() + MATCH_SLACK);
+    let hi = (mark + MATCH_SLACK).min(stream.len().saturating_sub(part.len()));
+    (lo..=hi).any(|p| stream.get(p..p + part.len()) == Some(part))
 }
 
 /// A small seeded generator for kill moments (xorshift64*): the seed is

@@ -16,7 +16,7 @@ pub enum Reply {
 }
 
 pub struct RespConn {
-    reader: BufReader<TcpStream>,
+    reader: BufReader<Box<dyn io::Read + Send>>,
     writer: TcpStream,
     out: Vec<u8>,
 }
@@ -27,12 +27,22 @@ fn protocol_error(msg: impl Into<String>) -> io::Error {
 
 impl RespConn {
     pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<RespConn> {
+        Self::connect_with(addr, timeout, |s| Box::new(s))
+    }
+
+    /// Connects, reading replies through what `reader` makes of the
+    /// connection (a tap that keeps every byte received, say).
+    pub fn connect_with(
+        addr: SocketAddr,
+        timeout: Duration,
+        reader: impl FnOnce(TcpStream) -> Box<dyn io::Read + Send>,
+    ) -> io::Result<RespConn> {
         let s = TcpStream::connect_timeout(&addr, timeout)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         Ok(RespConn {
-            reader: BufReader::new(s.try_clone()?),
+            reader: BufReader::new(reader(s.try_clone()?)),
             writer: s,
             out: Vec::with_capacity(256),
         })

@@ -68,17 +68,62 @@ impl Session for RedisSession {
 }
 
 struct LineSession {
-    r: BufReader<TcpStream>,
+    r: BufReader<Tap>,
     w: TcpStream,
 }
 
+/// Every byte a connection received, as it arrives.
+#[derive(Debug, Default)]
+pub struct Received {
+    bytes: std::sync::Mutex<Vec<u8>>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+impl Received {
+    /// Bytes received so far.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything received.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A connection's reading side that keeps what it reads.
+struct Tap {
+    s: TcpStream,
+    log: Arc<Received>,
+}
+
+impl Read for Tap {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.s.read(buf)?;
+        self.log
+            .bytes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(&buf[..n]);
+        self.log.len.fetch_add(n, Ordering::Release);
+        Ok(n)
+    }
+}
+
 impl LineSession {
-    fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<LineSession> {
+    fn connect(addr: SocketAddr, timeout: Duration, log: Arc<Received>) -> io::Result<LineSession> {
         let s = TcpStream::connect_timeout(&addr, timeout)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(timeout))?;
         Ok(LineSession {
-            r: BufReader::new(s.try_clone()?),
+            r: BufReader::new(Tap {
+                s: s.try_clone()?,
+                log,
+            }),
             w: s,
         })
     }
@@ -245,16 +290,25 @@ impl Session for TarantoolSession {
     }
 }
 
-fn connect(service: Service, addr: SocketAddr, timeout: Duration) -> io::Result<Box<dyn Session>> {
+fn connect(
+    service: Service,
+    addr: SocketAddr,
+    timeout: Duration,
+    log: Arc<Received>,
+) -> io::Result<Box<dyn Session>> {
     Ok(match service {
-        Service::Redis => Box::new(RedisSession(RespConn::connect(addr, timeout)?)),
-        Service::Memcached => Box::new(MemcachedSession(LineSession::connect(addr, timeout)?)),
+        Service::Redis => Box::new(RedisSession(RespConn::connect_with(addr, timeout, |s| {
+            Box::new(Tap { s, log })
+        })?)),
+        Service::Memcached => Box::new(MemcachedSession(LineSession::connect(
+            addr, timeout, log,
+        )?)),
         Service::Http => Box::new(HttpSession {
-            s: LineSession::connect(addr, timeout)?,
+            s: LineSession::connect(addr, timeout, log)?,
             host: addr.ip().to_string(),
         }),
         Service::Tarantool => {
-            let mut s = LineSession::connect(addr, timeout)?;
+            let mut s = LineSession::connect(addr, timeout, log)?;
             // The console greets with a banner line and an empty line.
             s.line()?;
             s.line()?;
@@ -284,6 +338,13 @@ pub struct VerifyReport {
     /// When each connection's replies came.
     #[serde(skip)]
     pub replies: Vec<Vec<Instant>>,
+    /// Each connection's bytes, as received.
+    #[serde(skip)]
+    pub received: Vec<Vec<u8>>,
+    /// How many of them each connection had received when `during` (the
+    /// middle of the load: a kill, say) was over.
+    #[serde(skip)]
+    pub received_at_mark: Vec<usize>,
 }
 
 impl VerifyReport {
@@ -353,8 +414,9 @@ fn run_conn(
     stop: &AtomicBool,
     timeout: Duration,
     live: &Live,
+    received: Arc<Received>,
 ) -> ConnReport {
-    let rep = run_conn_inner(service, addr, id, stop, timeout, live);
+    let rep = run_conn_inner(service, addr, id, stop, timeout, live, received);
     live.errors
         .fetch_add(rep.errors.len() as u64, Ordering::Relaxed);
     rep
@@ -367,9 +429,10 @@ fn run_conn_inner(
     stop: &AtomicBool,
     timeout: Duration,
     live: &Live,
+    received: Arc<Received>,
 ) -> ConnReport {
     let mut rep = ConnReport::default();
-    let mut s = match connect(service, addr, timeout) {
+    let mut s = match connect(service, addr, timeout, received) {
         Ok(s) => s,
         Err(e) => {
             rep.errors.push(format!("connection {id}: connect: {e}"));
@@ -448,19 +511,25 @@ pub fn run_observed(
 ) -> VerifyReport {
     let stop = Arc::new(AtomicBool::new(false));
     let timeout = Duration::from_secs(10);
+    let received: Vec<Arc<Received>> = (0..connections).map(|_| Arc::default()).collect();
     let handles: Vec<_> = (0..connections)
         .map(|id| {
             let stop = stop.clone();
             let live = live.clone();
-            std::thread::spawn(move || run_conn(service, addr, id, &stop, timeout, &live))
+            let received = received[id].clone();
+            std::thread::spawn(move || {
+                run_conn(service, addr, id, &stop, timeout, &live, received)
+            })
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     during();
+    let received_at_mark = received.iter().map(|r| r.len()).collect();
     std::thread::sleep(after);
     stop.store(true, Ordering::Relaxed);
     let mut out = VerifyReport {
         connections,
+        received_at_mark,
         ..Default::default()
     };
     for h in handles {
@@ -470,5 +539,6 @@ pub fn run_observed(
         out.max_gap_ms = out.max_gap_ms.max(r.max_gap_ms);
         out.replies.push(r.replies);
     }
+    out.received = received.iter().map(|r| r.bytes()).collect();
     out
 }
