@@ -75,6 +75,7 @@ real_functions! {
     send: fn(c_int, *const c_void, size_t, c_int) -> ssize_t;
     sendto: fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> ssize_t;
     sendmsg: fn(c_int, *const msghdr, c_int) -> ssize_t;
+    sendfile: fn(c_int, c_int, *mut libc::off_t, size_t) -> ssize_t;
     pthread_mutex_lock: fn(*mut libc::pthread_mutex_t) -> c_int;
     pthread_mutex_trylock: fn(*mut libc::pthread_mutex_t) -> c_int;
     pthread_mutex_timedlock: fn(*mut libc::pthread_mutex_t, *const timespec) -> c_int;
