@@ -233,9 +233,9 @@ struct ReplayPlan {
     interrupted: usize,
 }
 
-/// System calls behind the wrapped input functions: a thread checkpointed
-/// while blocked in one returns EINTR on restore instead of waiting again,
-/// so that its wrapper serves the call from the log.
+/// System calls behind the wrapped input and wait functions: a thread
+/// checkpointed while blocked in one returns EINTR on restore instead of
+/// waiting again, so that its wrapper serves the call from the log.
 const INPUT_SYSCALLS: &[i64] = &[
     libc::SYS_read,
     libc::SYS_readv,
@@ -252,6 +252,8 @@ const INPUT_SYSCALLS: &[i64] = &[
     libc::SYS_ppoll,
     libc::SYS_select,
     libc::SYS_pselect6,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
 ];
 
 /// Changes the image in `dir` so that the program restored from it
