@@ -353,6 +353,31 @@ fn a_replay_gives_the_program_what_it_got_when_recorded() {
 }
 
 #[test]
+fn a_replay_serves_no_record_after_until() {
+    require_root();
+    let work = scratch("replay-until");
+    let (dir, _, _) = record_fixture(&work, "rr_basic", b"hello\n");
+    // The main thread's first five records (time, random bytes, the
+    // read); its thread creations come after.
+    let out = Command::new(RRC)
+        .args(["replay", "--until", "5", "--log"])
+        .arg(&dir)
+        .arg("--")
+        .arg(work.join("rr_basic"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("end of the log reached"), "{report}");
+    assert!(
+        report.contains("5 events replayed, 0 divergences"),
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
 fn a_replay_serves_poll_select_readv_and_every_recv_from_the_log() {
     require_root();
     let work = scratch("replay-inputs");
