@@ -1094,69 +1094,6 @@ pub unsafe extern "C" fn fread(
     got
 }
 
-// Output: not recorded (replay reproduces it), but the records that led to
-// it must reach the rrc process before it can leave the machine.
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    if replay::active() && net::is_virtual(fd) {
-        // SAFETY: the program's buffer of `n` bytes.
-        net::capture(fd, &[unsafe { bytes(buf, n as i64) }]);
-        return n as ssize_t;
-    }
-    record::flush_before_blocking();
-    // SAFETY: the program's arguments, passed on unchanged.
-    unsafe { get::write()(fd, buf, n) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    if replay::active() && net::is_virtual(fd) {
-        // SAFETY: the program's `cnt` iovecs.
-        return unsafe { capture_iov(fd, iov, cnt as usize) };
-    }
-    record::flush_before_blocking();
-    // SAFETY: the program's arguments, passed on unchanged.
-    unsafe { get::writev()(fd, iov, cnt) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
-    if replay::active() && net::is_virtual(fd) {
-        // SAFETY: the program's buffer of `n` bytes.
-        net::capture(fd, &[unsafe { bytes(buf, n as i64) }]);
-        return n as ssize_t;
-    }
-    record::flush_before_blocking();
-    // SAFETY: the program's arguments, passed on unchanged.
-    unsafe { get::send()(fd, buf, n, flags) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendto(
-    fd: c_int,
-    buf: *const c_void,
-    n: size_t,
-    flags: c_int,
-    addr: *const sockaddr,
-    len: socklen_t,
-) -> ssize_t {
-    record::flush_before_blocking();
-    // SAFETY: the program's arguments, passed on unchanged.
-    unsafe { get::sendto()(fd, buf, n, flags, addr, len) }
-}
-
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
-    if replay::active() && net::is_virtual(fd) && !msg.is_null() {
-        // SAFETY: the program's msghdr and its iovecs.
-        return unsafe { capture_iov(fd, (*msg).msg_iov, (*msg).msg_iovlen) };
-    }
-    record::flush_before_blocking();
-    // SAFETY: the program's arguments, passed on unchanged.
-    unsafe { get::sendmsg()(fd, msg, flags) }
-}
-
 // Addresses the kernel chose for new mappings.
 
 /// Records where a mapping went. A copy restored for replay made it
@@ -1263,25 +1200,6 @@ pub unsafe extern "C" fn mremap(
     let p = unsafe { get::mremap()(old, old_len, new_len, flags, new_addr) };
     record_mapping(MmapCall::Mremap, "mremap", p, new_len);
     p
-}
-
-/// In replay: what the program writes to a virtual descriptor, kept.
-///
-/// # Safety
-/// `iov` must point to `cnt` valid iovecs.
-unsafe fn capture_iov(fd: c_int, iov: *const iovec, cnt: usize) -> ssize_t {
-    let mut parts: [&[u8]; 16] = [&[]; 16];
-    let mut total = 0usize;
-    let n = cnt.min(16);
-    for (i, part) in parts.iter_mut().enumerate().take(n) {
-        // SAFETY: the caller's contract.
-        let v = unsafe { &*iov.add(i) };
-        // SAFETY: each iovec describes a buffer of the program's.
-        *part = unsafe { bytes(v.iov_base, v.iov_len as i64) };
-        total += v.iov_len;
-    }
-    net::capture(fd, &parts[..n]);
-    total as ssize_t
 }
 
 #[unsafe(no_mangle)]

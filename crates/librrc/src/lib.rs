@@ -1,6 +1,7 @@
 //! librrc: preloaded (`LD_PRELOAD`) into a program that `rrc run --record`
 //! starts, it wraps the C library functions whose outcome the program
-//! cannot predict (input, time, randomness, thread creation) and records
+//! cannot predict (input, time, randomness, thread creation, how much of
+//! its output the kernel took, whether a child has ended) and records
 //! each outcome in its thread's log: a ring in memory shared with the rrc
 //! process, which drains it to the log directory.
 //!
@@ -15,6 +16,7 @@
 mod alloc;
 mod hooks;
 mod net;
+mod output;
 mod real;
 mod record;
 mod replay;
@@ -23,6 +25,7 @@ mod signals;
 mod sync;
 mod thread;
 mod threads;
+mod wait;
 
 #[global_allocator]
 static ALLOCATOR: alloc::Pages = alloc::Pages;

@@ -110,41 +110,77 @@ pub fn place(fd: c_int, flags: c_int) -> bool {
 pub fn closed(fd: c_int) {
     if is_virtual(fd) {
         set_virtual(fd, false);
-        write_record(fd, interface::CAPTURE_CLOSED, &[]);
+        let mut head = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }];
+        write_record(fd, interface::CAPTURE_CLOSED, &mut head);
     }
 }
 
-/// Keeps what the program wrote to a virtual descriptor.
-pub fn capture(fd: c_int, parts: &[&[u8]]) {
-    let n = parts.len().min(16);
-    let len: usize = parts[..n].iter().map(|p| p.len()).sum();
-    write_record(fd, len as u32, &parts[..n]);
-}
+/// Most buffers one capture record gathers (the iovec array is on the
+/// stack of the program's thread).
+const MAX_PARTS: usize = 64;
 
-/// One capture record: descriptor, length (or `CAPTURE_CLOSED`), bytes
-/// (the format is `rrc_rr::interface`'s).
-fn write_record(fd: c_int, len: u32, parts: &[&[u8]]) {
-    let out = CAPTURE.load(Ordering::Acquire);
-    if out < 0 {
+/// Keeps the first `want` bytes of `parts` (buffers of the program's),
+/// written to virtual descriptor `fd`: one record, or several for many
+/// buffers or more bytes than a record holds.
+pub fn capture(fd: c_int, parts: &[libc::iovec], want: usize) {
+    if CAPTURE.load(Ordering::Acquire) < 0 {
         return;
     }
-    let n = parts.len().min(16);
-    let mut head = interface::capture_header(fd, len);
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
-    }; 17];
+    }; MAX_PARTS + 1];
+    let mut left = want;
+    // Where the next record starts: part `i`, `skip` bytes into it.
+    let (mut i, mut skip) = (0usize, 0usize);
+    while left > 0 && i < parts.len() {
+        let room = left.min(interface::CAPTURE_MAX_LEN as usize);
+        let (mut n, mut len) = (1usize, 0usize);
+        while n <= MAX_PARTS && i < parts.len() && len < room {
+            let p = parts[i];
+            let avail = p.iov_len.saturating_sub(skip);
+            let take = avail.min(room - len);
+            if take > 0 {
+                iov[n] = libc::iovec {
+                    // Inside the program's buffer: `skip + take` is at most
+                    // its length.
+                    iov_base: p.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+                    iov_len: take,
+                };
+                n += 1;
+                len += take;
+            }
+            if take == avail {
+                i += 1;
+                skip = 0;
+            } else {
+                skip += take;
+            }
+        }
+        if len > 0 {
+            write_record(fd, len as u32, &mut iov[..n]);
+        }
+        left -= len;
+    }
+}
+
+/// One capture record: descriptor, length (or `CAPTURE_CLOSED`), then the
+/// bytes of `iov[1..]` (`iov[0]` is for the header); the format is
+/// `rrc_rr::interface`'s.
+fn write_record(fd: c_int, len: u32, iov: &mut [libc::iovec]) {
+    let out = CAPTURE.load(Ordering::Acquire);
+    if out < 0 || iov.is_empty() {
+        return;
+    }
+    let mut head = interface::capture_header(fd, len);
     iov[0] = libc::iovec {
         iov_base: head.as_mut_ptr().cast(),
         iov_len: head.len(),
     };
-    for (i, p) in parts[..n].iter().enumerate() {
-        iov[i + 1] = libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
-        };
-    }
-    // SAFETY: a writev of local and caller buffers to our capture file.
-    // O_APPEND keeps each record whole among threads.
-    unsafe { libc::syscall(libc::SYS_writev, out, iov.as_ptr(), n + 1) };
+    // SAFETY: a writev of a local header and the program's buffers to our
+    // capture file. O_APPEND keeps each record whole among threads.
+    unsafe { libc::syscall(libc::SYS_writev, out, iov.as_ptr(), iov.len()) };
 }

@@ -75,6 +75,12 @@ real_functions! {
     send: fn(c_int, *const c_void, size_t, c_int) -> ssize_t;
     sendto: fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> ssize_t;
     sendmsg: fn(c_int, *const msghdr, c_int) -> ssize_t;
+    sendfile: fn(c_int, c_int, *mut libc::off_t, size_t) -> ssize_t;
+    wait: fn(*mut c_int) -> libc::pid_t;
+    waitpid: fn(libc::pid_t, *mut c_int, c_int) -> libc::pid_t;
+    wait3: fn(*mut c_int, c_int, *mut libc::rusage) -> libc::pid_t;
+    wait4: fn(libc::pid_t, *mut c_int, c_int, *mut libc::rusage) -> libc::pid_t;
+    waitid: fn(libc::idtype_t, libc::id_t, *mut libc::siginfo_t, c_int) -> c_int;
     pthread_mutex_lock: fn(*mut libc::pthread_mutex_t) -> c_int;
     pthread_mutex_trylock: fn(*mut libc::pthread_mutex_t) -> c_int;
     pthread_mutex_timedlock: fn(*mut libc::pthread_mutex_t, *const timespec) -> c_int;

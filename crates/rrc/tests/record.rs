@@ -13,7 +13,7 @@ use common::*;
 use rrc_bench::failover::App;
 use rrc_lab::Host;
 use rrc_rr::interface::CaptureRecord;
-use rrc_rr::log::{Event, LogReader, SyncOp, thread_log_ids};
+use rrc_rr::log::{Event, LogReader, SyncOp, WaitCall, WriteCall, thread_log_ids};
 
 /// Every record of every thread log in `dir`: (thread, seq, event as
 /// owned text and data).
@@ -40,6 +40,8 @@ enum Owned {
     Create(u32),
     Exit,
     Sync(SyncOp, u64),
+    Write(WriteCall, i32, i64),
+    Wait(WaitCall, i64, i32),
     Other,
 }
 
@@ -57,6 +59,10 @@ impl Owned {
             Event::ThreadCreate { child, .. } => Owned::Create(*child),
             Event::ThreadExit => Owned::Exit,
             Event::Sync { op, obj, .. } => Owned::Sync(*op, *obj),
+            Event::Write { call, fd, ret } => Owned::Write(*call, *fd, *ret),
+            Event::Wait {
+                call, ret, status, ..
+            } => Owned::Wait(*call, *ret, *status),
             _ => Owned::Other,
         }
     }
@@ -347,6 +353,31 @@ fn a_replay_gives_the_program_what_it_got_when_recorded() {
 }
 
 #[test]
+fn a_replay_serves_no_record_after_until() {
+    require_root();
+    let work = scratch("replay-until");
+    let (dir, _, _) = record_fixture(&work, "rr_basic", b"hello\n");
+    // The main thread's first five records (time, random bytes, the
+    // read); its thread creations come after.
+    let out = Command::new(RRC)
+        .args(["replay", "--until", "5", "--log"])
+        .arg(&dir)
+        .arg("--")
+        .arg(work.join("rr_basic"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("end of the log reached"), "{report}");
+    assert!(
+        report.contains("5 events replayed, 0 divergences"),
+        "{report}"
+    );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
 fn a_replay_serves_poll_select_readv_and_every_recv_from_the_log() {
     require_root();
     let work = scratch("replay-inputs");
@@ -571,5 +602,147 @@ fn a_replayed_server_answers_its_recorded_clients_byte_for_byte() {
         String::from_utf8_lossy(&captured(&capture)),
         String::from_utf8_lossy(&received)
     );
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// 64-bit FNV-1a, as the rr_output fixture sums what it reads back.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(14695981039346656037u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(1099511628211)
+    })
+}
+
+#[test]
+fn a_replay_returns_what_output_and_wait_calls_returned_and_captures_every_output_call() {
+    require_root();
+    let work = scratch("replay-output");
+    let (dir, recorded, _) = record_fixture(&work, "rr_output", b"");
+    let field = |prefix: &str, n: usize| -> String {
+        recorded
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().nth(n))
+            .unwrap_or_else(|| panic!("no `{prefix}` in {recorded}"))
+            .trim_end_matches(',')
+            .to_string()
+    };
+    let conn: i32 = field("accepted fd ", 0).parse().unwrap();
+    assert!(recorded.contains("children left: none"), "{recorded}");
+    assert!(recorded.contains("a child after some polls"), "{recorded}");
+
+    // The log: every output call's result, short counts and EAGAIN too.
+    let mut recs = records(&dir);
+    recs.sort_by_key(|r| r.1);
+    let eagain = -i64::from(libc::EAGAIN);
+    let writes = |fd: i32| -> Vec<(WriteCall, i64)> {
+        recs.iter()
+            .filter_map(|(_, _, e)| match e {
+                Owned::Write(call, f, ret) if *f == fd => Some((*call, *ret)),
+                _ => None,
+            })
+            .collect()
+    };
+    let on_conn = writes(conn);
+    assert_eq!(
+        on_conn[..7],
+        [
+            (WriteCall::Write, 6),
+            (WriteCall::Writev, 18),
+            (WriteCall::Send, 5),
+            (WriteCall::SendTo, 7),
+            (WriteCall::SendMsg, 20),
+            (WriteCall::SendFile, 6),
+            (WriteCall::SendFile, 5),
+        ]
+    );
+    let short: i64 = field("connection: ", 5).parse().unwrap();
+    assert!(short > 0 && short < 50000, "{recorded}");
+    let fill = &on_conn[7..];
+    assert_eq!(
+        fill[fill.len() - 2..],
+        [(WriteCall::Write, short), (WriteCall::Write, eagain)]
+    );
+    assert!(
+        fill[..fill.len() - 2]
+            .iter()
+            .all(|w| *w == (WriteCall::Write, 50000))
+    );
+    let pair_short: i64 = field("socket pair: ", 5).parse().unwrap();
+    assert!(
+        recs.iter().any(|r| matches!(r.2, Owned::Write(WriteCall::Write, fd, ret) if fd != conn && ret == pair_short))
+            && recs.iter().any(|r| matches!(r.2, Owned::Write(WriteCall::Write, fd, ret) if fd != conn && ret == eagain)),
+        "the socket pair's short write and EAGAIN are not in the log"
+    );
+    let waits: Vec<(WaitCall, i64, i32)> = recs
+        .iter()
+        .filter_map(|r| match r.2 {
+            Owned::Wait(c, ret, st) => Some((c, ret, st)),
+            _ => None,
+        })
+        .collect();
+    let (last, polls) = waits.split_last().unwrap();
+    assert_eq!(
+        (last.0, last.1, last.2),
+        (WaitCall::Waitid, 0, 5),
+        "{waits:?}"
+    );
+    let (reaped, polls) = polls.split_last().unwrap();
+    assert_eq!(reaped.0, WaitCall::Waitpid);
+    assert!(reaped.1 > 0 && reaped.2 == 3 << 8, "{waits:?}");
+    assert!(!polls.is_empty() && polls.iter().all(|w| *w == (WaitCall::Waitpid, 0, 0)));
+
+    // The replay: the same output (short counts, EAGAIN, the polls, no
+    // child left unreaped), and on the connection, captured instead of
+    // sent, exactly the bytes the other end read when recorded.
+    let bin = work.join("rr_output");
+    let capture = work.join("capture");
+    let out = Command::new(RRC)
+        .args(["replay", "--log"])
+        .arg(&dir)
+        .arg("--capture")
+        .arg(&capture)
+        .arg("--")
+        .arg(&bin)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), recorded);
+    assert!(report.contains(" 0 divergences"), "{report}");
+    assert!(report.contains("end of the log reached"), "{report}");
+    let caught = capture_records(&capture);
+    assert!(caught.iter().all(|r| r.fd() == conn as u32), "{caught:?}");
+    assert_eq!(
+        caught.last(),
+        Some(&CaptureRecord::Closed { fd: conn as u32 })
+    );
+    let bytes: Vec<&[u8]> = caught
+        .iter()
+        .filter_map(|r| match r {
+            CaptureRecord::Written { bytes, .. } => Some(&bytes[..]),
+            CaptureRecord::Closed { .. } => None,
+        })
+        .collect();
+    let calls: [&[u8]; 7] = [
+        b"write|",
+        b"writev-a|writev-b|",
+        b"send|",
+        b"sendto|",
+        b"sendmsg-a|sendmsg-b|",
+        b"456789",
+        b"cdefg",
+    ];
+    assert_eq!(bytes[..7], calls);
+    // The filling writes: the short one captured as far as it went.
+    let filled: Vec<usize> = bytes[7..].iter().map(|b| b.len()).collect();
+    let expected: Vec<usize> = fill[..fill.len() - 1]
+        .iter()
+        .map(|w| w.1 as usize)
+        .collect();
+    assert_eq!(filled, expected);
+    let all = bytes.concat();
+    assert_eq!(all.len().to_string(), field("read back ", 0));
+    assert_eq!(format!("{:016x}", fnv1a(&all)), field("read back ", 5));
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -458,7 +458,7 @@ mod tests {
         w.push(&rec(0x1122, Event::Time { sec: 5 })).unwrap();
         let batch = w.finish();
         assert_eq!(&batch[0..4], b"RRCL");
-        assert_eq!(&batch[4..6], &[1, 0]);
+        assert_eq!(&batch[4..6], &[2, 0]);
         assert_eq!(&batch[6..8], &[0, 0]);
         assert_eq!(&batch[8..12], &[4, 3, 2, 1]);
         assert_eq!(&batch[12..16], &[1, 0, 0, 0]);

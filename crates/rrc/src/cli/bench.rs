@@ -280,6 +280,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 pair: PairOptions {
                     epoch: a.epoch,
                     timeout: a.timeout,
+                    mode: rrc_bench::failover::Mode::Checkpoint,
                 },
                 seed: a.seed.unwrap_or_else(Moments::seed_from_clock),
             };
