@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicU64, 
 
 use rrc_rr::interface;
 use rrc_rr::log::{BatchWriter, Event, Record};
-use rrc_rr::ring::{Producer, RingSet};
+use rrc_rr::ring::{CopyMark, Producer, RingSet};
 
 use crate::thread;
 
@@ -198,9 +198,17 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
     }
     // Taken before anything else is touched: the one atomic step that
     // tells a recording from a restored copy.
-    let Some(seq) = set.next_seq() else {
-        REPLAYED_COPY.store(true, Ordering::Release);
-        return crate::replay::switch_in();
+    let seq = match set.next_seq() {
+        Ok(seq) => seq,
+        Err(CopyMark::Replay) => {
+            REPLAYED_COPY.store(true, Ordering::Release);
+            return crate::replay::switch_in();
+        }
+        Err(CopyMark::Stop) => {
+            // A copy that runs on unrecorded: the call stands.
+            RECORDING.store(false, Ordering::Release);
+            return false;
+        }
     };
     if log.producer.is_none() {
         attach(set, log);
@@ -288,11 +296,18 @@ fn push_batch(log: &mut ThreadLog) {
     };
     let batch = w.finish();
     while !p.try_push(batch) {
-        // A copy restored for replay (caught here by the checkpoint) has
-        // nobody draining its rings.
-        if set().is_some_and(RingSet::replay_requested) {
-            REPLAYED_COPY.store(true, Ordering::Release);
-            break;
+        // A copy restored from a checkpoint (caught here by it) has nobody
+        // draining its rings.
+        match set().and_then(RingSet::marked) {
+            Some(CopyMark::Replay) => {
+                REPLAYED_COPY.store(true, Ordering::Release);
+                break;
+            }
+            Some(CopyMark::Stop) => {
+                RECORDING.store(false, Ordering::Release);
+                break;
+            }
+            None => {}
         }
         // SAFETY: sched_yield has no arguments.
         unsafe { libc::syscall(libc::SYS_sched_yield) };

@@ -300,9 +300,7 @@ fn connect(
         Service::Redis => Box::new(RedisSession(RespConn::connect_with(addr, timeout, |s| {
             Box::new(Tap { s, log })
         })?)),
-        Service::Memcached => Box::new(MemcachedSession(LineSession::connect(
-            addr, timeout, log,
-        )?)),
+        Service::Memcached => Box::new(MemcachedSession(LineSession::connect(addr, timeout, log)?)),
         Service::Http => Box::new(HttpSession {
             s: LineSession::connect(addr, timeout, log)?,
             host: addr.ip().to_string(),
@@ -517,9 +515,7 @@ pub fn run_observed(
             let stop = stop.clone();
             let live = live.clone();
             let received = received[id].clone();
-            std::thread::spawn(move || {
-                run_conn(service, addr, id, &stop, timeout, &live, received)
-            })
+            std::thread::spawn(move || run_conn(service, addr, id, &stop, timeout, &live, received))
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));

@@ -21,12 +21,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rrc_ckpt::dump::ShmemLimit;
+use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
 use rrc_container::create::Container;
 use rrc_container::launch::{CompanionError, Launch, MakeCompanion};
 use rrc_container::supervise::Companion;
 use rrc_rr::agent::{RecordStats, Recorder};
 use rrc_rr::interface;
-use rrc_rr::ring::{EAGER, RingSet};
+use rrc_rr::ring::{CopyMark, EAGER, RingSet};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result, io};
@@ -228,6 +229,28 @@ impl Companion for Done {
     fn done(&self) -> bool {
         true
     }
+}
+
+/// A working copy of `images` whose program, if it was recorded, stops
+/// recording when restored and runs on (a restored copy's rings have
+/// nobody draining them); `None` when the image is not of a recorded
+/// program and can be restored as it is.
+pub fn unrecorded_copy(images: &Path) -> Result<Option<WorkingCopy>> {
+    let Some(a) = RecordingAnnotation::read(images)? else {
+        return Ok(None);
+    };
+    let copy = WorkingCopy::of(images)?;
+    let mut edit = ImageEdit::open(copy.path())?;
+    let Some(rings) = edit.memfd_at_fd(a.ring_fd) else {
+        return Err(Error::NoRings {
+            images: images.to_path_buf(),
+            fd: a.ring_fd,
+        });
+    };
+    let page = edit.shmem_page_mut(rings.shmem_id, 0)?;
+    rrc_rr::ring::mark_copy(page, CopyMark::Stop)?;
+    edit.save()?;
+    Ok(Some(copy))
 }
 
 /// A recording directory.

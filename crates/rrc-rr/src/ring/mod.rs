@@ -70,7 +70,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use set::{
-    EAGER, KNOWN_FLAGS, REPLAY_REQUESTED, RingSet, SET_VERSION, SlotInfo, SlotState, request_replay,
+    CopyMark, EAGER, KNOWN_FLAGS, REPLAY_REQUESTED, RingSet, SET_VERSION, STOP_REQUESTED, SlotInfo,
+    SlotState, mark_copy, request_replay,
 };
 use shm::SharedMemory;
 

@@ -63,8 +63,43 @@ pub const EAGER: u32 = 1 << 0;
 /// Every flag this layout defines.
 pub const KNOWN_FLAGS: u32 = EAGER;
 /// Set in the last-sequence counter of a checkpointed copy of the set, by
-/// [`request_replay`]: the program restored from it replays.
+/// [`mark_copy`]: the program restored from it replays.
 pub const REPLAY_REQUESTED: u64 = 1 << 63;
+/// Set in the last-sequence counter of a checkpointed copy of the set, by
+/// [`mark_copy`]: the program restored from it stops recording and runs
+/// on (nobody drains its rings).
+pub const STOP_REQUESTED: u64 = 1 << 62;
+const MARKS: u64 = REPLAY_REQUESTED | STOP_REQUESTED;
+
+/// What a copy of a recording's program restored from a checkpoint is to
+/// do, marked in its rings' sequence counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMark {
+    /// Replay the log (its configuration is where the rings' descriptor
+    /// was).
+    Replay,
+    /// Stop recording and run on.
+    Stop,
+}
+
+impl CopyMark {
+    fn of(counter: u64) -> Option<CopyMark> {
+        if counter & REPLAY_REQUESTED != 0 {
+            Some(CopyMark::Replay)
+        } else if counter & STOP_REQUESTED != 0 {
+            Some(CopyMark::Stop)
+        } else {
+            None
+        }
+    }
+
+    fn bit(self) -> u64 {
+        match self {
+            CopyMark::Replay => REPLAY_REQUESTED,
+            CopyMark::Stop => STOP_REQUESTED,
+        }
+    }
+}
 /// Most slots a set may have.
 pub const MAX_SLOTS: usize = 1 << 16;
 
@@ -347,17 +382,20 @@ impl RingSet {
         self.shm.fd()
     }
 
-    /// The next global sequence number of the recording (from 1), or
-    /// `None` when this is a copy of the set restored for replay (see
-    /// [`request_replay`]): then nothing may be recorded any more.
+    /// The next global sequence number of the recording (from 1), or, in
+    /// a copy of the set restored from a checkpoint and marked (see
+    /// [`mark_copy`]), what the copy is to do instead: then nothing may be
+    /// recorded any more.
     ///
-    /// Taking the number and checking for replay is one atomic operation,
+    /// Taking the number and checking for a mark is one atomic operation,
     /// so a checkpoint falls either before it (the number belongs to the
-    /// recording) or after it (the restored program learns it is
-    /// replayed).
-    pub fn next_seq(&self) -> Option<u64> {
+    /// recording) or after it (the restored program learns it is marked).
+    pub fn next_seq(&self) -> Result<u64, CopyMark> {
         let prev = self.header().last_seq.fetch_add(1, Ordering::AcqRel);
-        (prev & REPLAY_REQUESTED == 0).then_some(prev + 1)
+        match CopyMark::of(prev) {
+            Some(m) => Err(m),
+            None => Ok(prev + 1),
+        }
     }
 
     /// Bytes before the first ring: the header and the slot directory,
@@ -371,12 +409,12 @@ impl RingSet {
     /// taking one: every record numbered up to it has been, or is being,
     /// made.
     pub fn last_seq(&self) -> u64 {
-        self.header().last_seq.load(Ordering::Acquire) & !REPLAY_REQUESTED
+        self.header().last_seq.load(Ordering::Acquire) & !MARKS
     }
 
-    /// Whether this is a copy marked for replay by [`request_replay`].
-    pub fn replay_requested(&self) -> bool {
-        self.header().last_seq.load(Ordering::Acquire) & REPLAY_REQUESTED != 0
+    /// How this copy was marked, if it was (see [`mark_copy`]).
+    pub fn marked(&self) -> Option<CopyMark> {
+        CopyMark::of(self.header().last_seq.load(Ordering::Acquire))
     }
 
     /// The next thread log id of the recording (from 1).
@@ -504,6 +542,13 @@ const _: () = assert!(RING_HEADER_LEN.is_multiple_of(64));
 /// sequence number the recording had handed out at the checkpoint: every
 /// record up to it happened before.
 pub fn request_replay(first_page: &mut [u8]) -> Result<u64, RingError> {
+    mark_copy(first_page, CopyMark::Replay)
+}
+
+/// Marks a checkpointed copy of a ring set (its first page, as saved in
+/// the image) with what the program restored from it is to do; returns the
+/// last sequence number handed out before the checkpoint.
+pub fn mark_copy(first_page: &mut [u8], mark: CopyMark) -> Result<u64, RingError> {
     let too_small = RingError::TooSmall {
         what: "ring set header",
         len: first_page.len(),
@@ -528,15 +573,15 @@ pub fn request_replay(first_page: &mut [u8]) -> Result<u64, RingError> {
     }
     let at = std::mem::offset_of!(SetHeader, last_seq);
     let last = u64_at(header, at);
-    if last & REPLAY_REQUESTED != 0 {
+    if last & MARKS != 0 {
         return Err(RingError::Corrupt {
-            what: "the ring set is already marked for replay",
+            what: "the ring set is already marked",
             head: 0,
             tail: 0,
             capacity: 0,
         });
     }
-    header[at..at + 8].copy_from_slice(&(last | REPLAY_REQUESTED).to_le_bytes());
+    header[at..at + 8].copy_from_slice(&(last | mark.bit()).to_le_bytes());
     Ok(last)
 }
 
@@ -548,8 +593,8 @@ mod tests {
     #[test]
     fn a_set_marked_for_replay_hands_out_no_more_numbers() {
         let set = RingSet::create(2, 4096).unwrap();
-        assert_eq!(set.next_seq(), Some(1));
-        assert_eq!(set.next_seq(), Some(2));
+        assert_eq!(set.next_seq(), Ok(1));
+        assert_eq!(set.next_seq(), Ok(2));
         // What a checkpoint image holds: the first page, as bytes.
         let file = std::fs::File::from(nix::unistd::dup(set.fd()).unwrap());
         let mut page = vec![0u8; PAGE];
@@ -560,8 +605,8 @@ mod tests {
             "marked twice must be refused"
         );
         file.write_all_at(&page, 0).unwrap();
-        assert_eq!(set.next_seq(), None);
-        assert_eq!(set.next_seq(), None);
+        assert_eq!(set.next_seq(), Err(CopyMark::Replay));
+        assert_eq!(set.next_seq(), Err(CopyMark::Replay));
     }
 
     #[test]

@@ -9,8 +9,6 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
-use rrc_container::launch::{Launch, Launched, Source};
-use rrc_container::restore::RestoreSpec;
 use rrc_replica::backup::{self, BackupOptions};
 use rrc_replica::link::LinkConfig;
 use rrc_replica::primary::{PrimaryOptions, Replication};
@@ -234,16 +232,7 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
     }
     let uplink = a.uplink.clone();
     let t = backup::serve(&opts, |image| {
-        let spec =
-            RestoreSpec::from_image(image, None, uplink.clone()).map_err(|e| e.to_string())?;
-        match Launch::new(Source::Image(spec)).detach(true).run() {
-            Ok(Launched::Detached(msg)) => Ok(msg),
-            Ok(Launched::Ended(r)) => Err(format!(
-                "the restored container ended at once ({})",
-                r.description
-            )),
-            Err(e) => Err(e.to_string()),
-        }
+        backup::restore_as_container(image, uplink.clone())
     })?;
     println!(
         "took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms, restore {:.0} ms",

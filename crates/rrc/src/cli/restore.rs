@@ -46,7 +46,10 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         return restore_tree(&images);
     }
     let name = a.name.as_deref().map(str::parse).transpose()?;
-    let spec = RestoreSpec::from_image(&images, name, a.uplink)?;
+    // A recorded program stops recording: nothing drains its rings here.
+    let copy = rrc_session::recording::unrecorded_copy(&images)?;
+    let from = copy.as_ref().map_or(images.as_path(), |c| c.path());
+    let spec = RestoreSpec::from_image(from, name, a.uplink)?;
     let launched = Launch::new(Source::Image(spec)).detach(true).run()?;
     Ok(super::exit_code(launched))
 }
