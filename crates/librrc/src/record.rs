@@ -246,7 +246,6 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
                 // The program must not pay for it: only the call's
                 // result goes in the log, which a replay reports as a
                 // divergence when it gets there.
-                set.note_unrecorded();
                 warn_once(
                     &TOO_LARGE,
                     b"librrc: an event's data is larger than a ring; only its result is logged, and a replay cannot go past it\n",
@@ -266,14 +265,6 @@ fn emit_into(set: &'static RingSet, log: &mut ThreadLog, event: &Event<'_>) -> b
         push_batch(log);
     }
     false
-}
-
-/// Counts something that goes unrecorded (a child process) where the rrc
-/// process sees it.
-pub fn note_unrecorded() {
-    if let Some(set) = set() {
-        set.note_unrecorded();
-    }
 }
 
 /// Sends this thread's pending records to its ring.

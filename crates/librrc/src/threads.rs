@@ -167,8 +167,16 @@ pub unsafe extern "C" fn pthread_exit(ret: *mut c_void) -> ! {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fork() -> libc::pid_t {
     replay::unsupported("fork");
+    // What the C library's fork handlers make this thread do (an
+    // allocator locks and unlocks its mutexes, in the parent and in the
+    // child) goes unrecorded: in the child, whose copy of this thread's
+    // ring is the parent's own memory, a record would corrupt the
+    // parent's log before the child's handler stops its recording; and
+    // the log cannot be replayed past a fork anyway.
+    let inside = thread::enter();
     // SAFETY: no arguments.
     let ret = unsafe { get::fork()() };
+    drop(inside);
     if ret != 0
         && let Some(_inside) = thread::enter()
     {
@@ -176,7 +184,6 @@ pub unsafe extern "C" fn fork() -> libc::pid_t {
         if ret > 0 {
             // The child is not recorded (its atfork handler stopped it):
             // replay cannot go past this point.
-            record::note_unrecorded();
             let _ = record::emit(&Event::ForkUnsupported);
         } else {
             let _ = record::emit(&Event::Fork { ret: outcome(-1) });

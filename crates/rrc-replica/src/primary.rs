@@ -41,6 +41,14 @@ use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::shipper::{ShipCounts, Shipper};
 use crate::wake::{self, WakeFd, Waker};
 
+/// How soon a checkpoint the log asked for is tried again after failing,
+/// or after waiting for a forked child.
+const IMMEDIATE_RETRY: Duration = Duration::from_millis(10);
+/// How long checkpoints wait for a forked child to end: a background save
+/// takes milliseconds to seconds; a child that lives on is checkpointed
+/// with its parent after that.
+const CHILD_WAIT: Duration = Duration::from_secs(5);
+
 pub struct PrimaryOptions {
     pub epoch: Duration,
     /// Where checkpoints wait to be sent (removed once sent).
@@ -175,6 +183,8 @@ pub struct Primary {
     in_flight: Option<InFlight>,
     /// A checkpoint was asked for at once (for what the log cannot cover).
     immediate: bool,
+    /// Since when checkpoints have waited for a forked child to end.
+    child_wait: Option<Instant>,
     /// Committed since the series began (0: not protected yet).
     committed_in_series: u64,
     taken: u64,
@@ -211,6 +221,7 @@ impl Primary {
             connected: false,
             in_flight: None,
             immediate: false,
+            child_wait: None,
             committed_in_series: 0,
             taken: 0,
             stats: PrimaryStats::default(),
@@ -291,6 +302,20 @@ impl Primary {
         }
     }
 
+    /// Whether the next checkpoint waits: the program forked a child that
+    /// has not ended (it runs unrecorded, and a checkpoint of it may not
+    /// be restorable once it is gone: the files it held, renamed). Not
+    /// for longer than [`CHILD_WAIT`].
+    fn waits_for_a_child(&mut self) -> bool {
+        let alive = self.log.as_ref().is_some_and(|(l, _)| l.children() > 0);
+        if !alive {
+            self.child_wait = None;
+            return false;
+        }
+        let since = *self.child_wait.get_or_insert_with(Instant::now);
+        since.elapsed() < CHILD_WAIT
+    }
+
     /// A backup that received a checkpoint whole but does not commit it
     /// within the time applying it may take is lost.
     fn commit_overdue(&self) -> bool {
@@ -304,8 +329,9 @@ impl Primary {
             })
     }
 
-    /// Takes the next checkpoint and hands it to the link.
-    fn take(&mut self, c: &mut Container) {
+    /// Takes the next checkpoint and hands it to the link; `was_immediate`:
+    /// asked for by the log.
+    fn take(&mut self, c: &mut Container, was_immediate: bool) {
         if self.epochs.is_none() {
             match EpochCheckpointer::start(c, self.opts.copy) {
                 Ok(e) => self.epochs = Some(e),
@@ -353,6 +379,12 @@ impl Primary {
                 self.stats.failed += 1;
                 tracing::warn!(error = %e, "a checkpoint failed; the next one saves everything");
                 let _ = std::fs::remove_dir_all(&dir);
+                if was_immediate {
+                    // What the log cannot cover still needs a checkpoint
+                    // (a fork's child may be exiting: soon reaped).
+                    self.immediate = true;
+                    self.next_at = Instant::now() + IMMEDIATE_RETRY;
+                }
             }
         }
     }
@@ -446,14 +478,18 @@ impl Companion for Primary {
         if !due && !at_once {
             return;
         }
+        if self.waits_for_a_child() {
+            self.next_at = now + IMMEDIATE_RETRY;
+            return;
+        }
         if self.connected && self.in_flight.is_none() {
             if at_once {
                 self.immediate = false;
                 self.stats.immediate += 1;
             }
-            self.take(c);
             // The epoch counts from the last checkpoint, whatever took it.
             self.next_at = Instant::now() + self.opts.epoch;
+            self.take(c, at_once);
         } else if due {
             self.next_at = (self.next_at + self.opts.epoch).max(now);
         }

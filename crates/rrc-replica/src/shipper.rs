@@ -14,7 +14,11 @@
 //!   shipped records have not run past it for [`HOLE_WAIT`], a checkpoint
 //!   is asked for, which covers it;
 //! - a record a replay cannot pass (a `fork` whose child is not recorded,
-//!   an event too large for the log): a checkpoint is asked for at once;
+//!   an event too large for the log): a checkpoint is asked for at once.
+//!   A forked child runs unrecorded and may leave files behind it that a
+//!   restore of it would need (a background save renames its file at the
+//!   end): checkpoints should wait until it has ended and been reaped,
+//!   which the log also says ([`Shipper::children`]);
 //! - something that went unrecorded for good (the program counts it in the
 //!   rings): nothing more is shipped, since a replay from any later
 //!   checkpoint would miss it too; replies then wait for checkpoints, and
@@ -31,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use rrc_rr::agent::RingDrain;
 use rrc_rr::log::{
-    BatchHeader, BatchReader, BatchWriter, EncodeError, HEADER_LEN, MAX_PAYLOAD_LEN,
+    BatchHeader, BatchReader, BatchWriter, EncodeError, Event, HEADER_LEN, MAX_PAYLOAD_LEN,
 };
 use rrc_rr::ring::RingSet;
 
@@ -105,6 +109,8 @@ pub struct Shipper {
     sink: Arc<dyn LogSink>,
     stats: ShipStats,
     checkpoint_wanted: AtomicBool,
+    /// Children forked (unrecorded) and not seen reaped yet.
+    children: std::sync::atomic::AtomicI64,
     supervisor: Waker,
     stop: AtomicBool,
 }
@@ -134,6 +140,7 @@ impl Shipper {
             sink,
             stats: ShipStats::default(),
             checkpoint_wanted: AtomicBool::new(false),
+            children: std::sync::atomic::AtomicI64::new(0),
             supervisor,
             stop: AtomicBool::new(false),
         })
@@ -151,6 +158,12 @@ impl Shipper {
     /// Stops the backstop thread (it ends within [`BACKSTOP`]).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// How many children the program forked (they run unrecorded) that the
+    /// log has not seen it reap yet.
+    pub fn children(&self) -> u64 {
+        self.children.load(Ordering::Acquire).max(0) as u64
     }
 
     /// Whether a checkpoint was asked for since the last call.
@@ -211,7 +224,7 @@ impl Shipper {
             );
             self.sink.send_frames(first, frames);
         }
-        let (data, records, barrier) = {
+        let (data, records, barrier, forked) = {
             let mut d = self.lock_drain();
             let Drain {
                 drain,
@@ -230,20 +243,30 @@ impl Shipper {
                 shipped,
                 records: 0,
                 barrier: false,
+                forked: 0,
             };
             if let Err(e) = drain.pass(&mut |batch| merge.add(batch)) {
                 tracing::error!(error = %e, "the recording's rings cannot be read");
             }
             merge.flush();
-            let (records, barrier) = (merge.records, merge.barrier);
+            let (records, barrier, forked) = (merge.records, merge.barrier, merge.forked);
             let data = std::mem::take(out);
             // Drained all the same: the program must never wait for a
             // full ring.
             if *degraded {
                 return;
             }
-            (data, records, barrier)
+            (data, records, barrier, forked)
         };
+        if forked != 0 {
+            // Never below zero: a reaped child forked otherwise (not
+            // through fork) must not hide the next one.
+            let _ = self
+                .children
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some((n + forked).max(0))
+                });
+        }
         if barrier {
             self.want_checkpoint();
         }
@@ -343,6 +366,8 @@ struct Merge<'a, 'b> {
     shipped: &'a mut Contiguous,
     records: u64,
     barrier: bool,
+    /// Children forked, less children reaped.
+    forked: i64,
 }
 
 impl Merge<'_, '_> {
@@ -359,6 +384,11 @@ impl Merge<'_, '_> {
         while let Ok(Some(rec)) = r.next_record() {
             self.shipped.insert(rec.seq);
             self.barrier |= stops_replay(&rec.event);
+            match rec.event {
+                Event::ForkUnsupported => self.forked += 1,
+                Event::Wait { ret, child, .. } if ret > 0 || child.pid > 0 => self.forked -= 1,
+                _ => {}
+            }
             self.records += 1;
             if self.writer.push(&rec).is_err() {
                 // Full: a record from a valid batch fits an empty one.

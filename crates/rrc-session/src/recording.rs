@@ -428,7 +428,7 @@ fn summary(s: &RecordStats, unrecorded: u32, dir: &Path) -> String {
     }
     if unrecorded > 0 {
         out += &format!(
-            "; librrc left {unrecorded} thing(s) unrecorded (threads beyond the rings, events larger than a ring, children of fork): a replay stops where they were"
+            "; {unrecorded} thread(s) found no free ring and ran unrecorded: a replay cannot cover them"
         );
     }
     out

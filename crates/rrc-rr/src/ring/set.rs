@@ -29,10 +29,12 @@
 //! launcher) goes on numbering records and threads where it left off.
 //!
 //! The flags are the creator's requests to the recorder, fixed at
-//! creation; the unrecorded counter is the recorder's report back (a
-//! thread that found no free ring, an event too large for a ring, a child
-//! process left unrecorded), so that the rrc process learns that the log
-//! does not cover everything even when nothing in it says so.
+//! creation; the unrecorded counter is the recorder's report back: threads
+//! that found no free ring, which leave nothing at all in the log, so that
+//! the rrc process learns that the log does not cover everything even
+//! though nothing in it says so. (What else cannot be recorded, a child
+//! process or an event too large for a ring, leaves a record in its place
+//! that says so.)
 //!
 //! # Slot life cycle
 //!
@@ -442,9 +444,7 @@ impl RingSet {
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| n.checked_add(1));
     }
 
-    /// How many times something went unrecorded: a thread that found no
-    /// free ring, an event too large for a ring (logged by a marker in
-    /// its place), a `fork` whose child is not recorded.
+    /// How many threads found no free ring (they run unrecorded).
     pub fn unrecorded(&self) -> u32 {
         self.header().unrecorded.load(Ordering::Acquire)
     }
