@@ -109,6 +109,9 @@ pub struct PairOptions {
     /// The backup's failure-detection timeout.
     pub timeout: Duration,
     pub mode: Mode,
+    /// Responsive mode: replies leave once the backup holds their log
+    /// (`--release log`, for measuring only: see `rrc primary --help`).
+    pub release_at_log: bool,
 }
 
 impl Default for PairOptions {
@@ -117,6 +120,7 @@ impl Default for PairOptions {
             epoch: Duration::from_millis(100),
             timeout: Duration::from_millis(200),
             mode: Mode::Checkpoint,
+            release_at_log: false,
         }
     }
 }
@@ -316,12 +320,36 @@ impl<'a> Pair<'a> {
             &vip,
             "--",
         ];
+        if self.opts.release_at_log {
+            argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "log"]);
+        }
         argv.extend_from_slice(self.app.command());
         argv.extend(self.app_args.iter().map(String::as_str));
         self.lab.run_on(Host::Primary, &argv)?;
         self.wait_protected(Duration::from_secs(30))?;
         self.lab
             .wait_tcp(Host::Client, self.target(), Duration::from_secs(10))
+    }
+
+    /// What the primary's replication reports (`rrc status`), as JSON.
+    pub fn primary_status(&self) -> Result<serde_json::Value> {
+        let out = self.lab.run_on(
+            Host::Primary,
+            &[&self.lab.rrc_path(), "status", self.app.name()],
+        )?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).context("rrc status did not print JSON")?;
+        Ok(v["replication"].clone())
+    }
+
+    /// Stops the primary's container (and with it the primary).
+    pub fn stop_primary(&self) -> Result<()> {
+        self.lab
+            .run_on(
+                Host::Primary,
+                &[&self.lab.rrc_path(), "stop", self.app.name()],
+            )
+            .map(|_| ())
     }
 
     /// Waits until the current backup has committed a full checkpoint.

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use rrc_lab::Host;
 use serde::Serialize;
 
-use crate::failover::{App, Moments, Pair, PairOptions, Trial, trial};
+use crate::failover::{App, Mode, Moments, Pair, PairOptions, ReplayCheck, Trial, trial};
 use crate::session::LabSession;
 use crate::stats::{Latencies, Summary};
 use crate::verify::{self, VerifyReport};
@@ -25,6 +25,8 @@ use crate::verify::{self, VerifyReport};
 #[derive(Debug, Clone)]
 pub struct FailoverConfig {
     pub apps: Vec<App>,
+    /// The mode the kills are made in; with responsive, its costs are
+    /// measured side by side first.
     pub kills: usize,
     pub connections: usize,
     /// How long each overhead load runs.
@@ -66,14 +68,64 @@ pub struct Recovery {
     pub resume_avg: f64,
 }
 
+/// What the responsive mode costs one application, side by side in one
+/// lab: the plain container, the recorded one (`rrc run --record`: the
+/// recording alone), the responsive primary as it ships (replies wait for
+/// commits) and with replies released at log acknowledgement.
+#[derive(Debug, Clone, Serialize)]
+pub struct Responsive {
+    pub app: App,
+    pub plain: Load,
+    pub recorded: Load,
+    pub at_commit: Load,
+    pub at_log: Load,
+    /// How long frames with payload waited, under the log rule, from
+    /// leaving the program to the backup's acknowledgement of their log:
+    /// noted while replies waited for commits, and for real.
+    pub would_be_at_commit: DelayFigures,
+    pub held_at_log: DelayFigures,
+    /// Log bytes per request (event records; inbound frames), and the
+    /// link's load (log; checkpoints), during the load with replies at log
+    /// acknowledgement.
+    pub record_bytes_per_request: f64,
+    pub net_bytes_per_request: f64,
+    pub log_mb_per_s: f64,
+    pub checkpoint_mb_per_s: f64,
+}
+
+/// A delay summary as `rrc status` reports it, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct DelayFigures {
+    pub count: u64,
+    pub avg_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+impl DelayFigures {
+    fn of(v: &serde_json::Value) -> DelayFigures {
+        let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        DelayFigures {
+            count: v["count"].as_u64().unwrap_or(0),
+            avg_us: f("avg_us"),
+            p50_us: f("p50_us"),
+            p99_us: f("p99_us"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct FailoverReport {
     pub seed: u64,
     pub epoch_ms: f64,
     pub timeout_ms: f64,
+    pub mode: Mode,
     pub overhead: Vec<Overhead>,
+    pub responsive: Vec<Responsive>,
     pub recovery: Vec<Recovery>,
     pub trials: Vec<Trial>,
+    /// Responsive mode: each takeover's log replayed offline.
+    pub replays: Vec<ReplayCheck>,
 }
 
 /// Latency and throughput of a closed-loop load from its replies: each
@@ -137,37 +189,60 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
         seed: cfg.seed,
         epoch_ms: cfg.pair.epoch.as_secs_f64() * 1e3,
         timeout_ms: cfg.pair.timeout.as_secs_f64() * 1e3,
+        mode: cfg.pair.mode,
         overhead: Vec::new(),
+        responsive: Vec::new(),
         recovery: Vec::new(),
         trials: Vec::new(),
+        replays: Vec::new(),
     };
     for &app in &cfg.apps {
-        progress(&format!("{}: plain container", app.name()));
-        lab.run_container(Host::Primary, app.name(), lab.plan().vip(), app.command())?;
-        let plain = measure(&lab, app, cfg.connections, cfg.load)?;
-        lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
-
-        progress(&format!("{}: replicated container", app.name()));
+        if cfg.pair.mode == Mode::Responsive {
+            report
+                .responsive
+                .push(responsive_costs(&lab, app, cfg, progress)?);
+        }
         let mut pair = Pair::new(&lab, app, cfg.pair.clone())?;
-        pair.start_backup()?;
-        pair.start_primary()?;
-        let replicated = measure(&lab, app, cfg.connections, cfg.load)?;
-        report.overhead.push(Overhead {
-            app,
-            plain,
-            replicated,
-        });
-
-        // The pair is up: the first kill uses it.
+        if cfg.pair.mode == Mode::Checkpoint {
+            progress(&format!("{}: plain container", app.name()));
+            lab.run_container(Host::Primary, app.name(), lab.plan().vip(), app.command())?;
+            let plain = measure(&lab, app, cfg.connections, cfg.load)?;
+            lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
+            progress(&format!("{}: replicated container", app.name()));
+            pair.start_backup()?;
+            pair.start_primary()?;
+            let replicated = measure(&lab, app, cfg.connections, cfg.load)?;
+            report.overhead.push(Overhead {
+                app,
+                plain,
+                replicated,
+            });
+        }
         let mut trials = Vec::new();
         for i in 0..cfg.kills {
-            if i > 0 {
+            // In checkpoint mode the pair is up already for the first kill.
+            if i > 0 || cfg.pair.mode == Mode::Responsive {
                 pair.start_backup()?;
                 pair.start_primary()?;
             }
             let at = moments.between(Duration::from_millis(200), Duration::from_millis(2000));
             let t = trial(&mut pair, cfg.connections, at, Duration::from_millis(1500))
                 .with_context(|| format!("{} kill {}", app.name(), i + 1))?;
+            if cfg.pair.mode == Mode::Responsive && t.ok() {
+                let c = pair
+                    .replay_check(&t)
+                    .with_context(|| format!("{} kill {}: replaying the log", app.name(), i + 1))?;
+                progress(&format!(
+                    "{} kill {}: the backup's log replayed: {} events, {} divergences, {} connection(s) as the clients saw them{}",
+                    app.name(),
+                    i + 1,
+                    c.events,
+                    c.divergences,
+                    c.matched,
+                    if c.ok() { "" } else { "; MISMATCH" }
+                ));
+                report.replays.push(c);
+            }
             progress(&format!(
                 "{} kill {}/{}: {} after {:.0} ms of load; first answer {}, all connections {}{}",
                 app.name(),
@@ -191,6 +266,90 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
     Ok(report)
 }
 
+/// Plain, recorded, responsive at commit, responsive at log
+/// acknowledgement: the same load on each, one after the other.
+fn responsive_costs(
+    lab: &LabSession,
+    app: App,
+    cfg: &FailoverConfig,
+    progress: &dyn Fn(&str),
+) -> Result<Responsive> {
+    let rrc = lab.rrc_path();
+    progress(&format!("{}: plain container", app.name()));
+    lab.run_container(Host::Primary, app.name(), lab.plan().vip(), app.command())?;
+    let plain = measure(lab, app, cfg.connections, cfg.load)?;
+    lab.run_on(Host::Primary, &[&rrc, "stop", app.name()])?;
+
+    progress(&format!("{}: recorded container", app.name()));
+    let log = std::env::temp_dir().join(format!("rrc-bench-record-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&log);
+    let log_s = log.display().to_string();
+    lab.run_container_with(
+        Host::Primary,
+        app.name(),
+        lab.plan().vip(),
+        &["--record", &log_s],
+        app.command(),
+    )?;
+    let recorded = measure(lab, app, cfg.connections, cfg.load);
+    let _ = lab.run_on(Host::Primary, &[&rrc, "stop", app.name()]);
+    let _ = std::fs::remove_dir_all(&log);
+    let recorded = recorded?;
+
+    let at = |release_at_log: bool| -> Result<(Load, serde_json::Value, serde_json::Value)> {
+        progress(&format!(
+            "{}: responsive primary, replies released at {}",
+            app.name(),
+            if release_at_log {
+                "log acknowledgement"
+            } else {
+                "commit"
+            }
+        ));
+        let opts = PairOptions {
+            release_at_log,
+            ..cfg.pair.clone()
+        };
+        let mut pair = Pair::new(lab, app, opts)?;
+        pair.start_backup()?;
+        pair.start_primary()?;
+        let before = pair.primary_status()?;
+        let load = measure(lab, app, cfg.connections, cfg.load)?;
+        let after = pair.primary_status()?;
+        pair.stop_primary()?;
+        pair.reset()?;
+        Ok((load, before, after))
+    };
+    let (at_commit, _, commit_status) = at(false)?;
+    let (at_log, before, after) = at(true)?;
+    let delta = |v: &serde_json::Value, path: &[&str]| -> f64 {
+        let get = |v: &serde_json::Value| {
+            path.iter()
+                .fold(v.clone(), |v, k| v[*k].clone())
+                .as_f64()
+                .unwrap_or(0.0)
+        };
+        get(v) - get(&before)
+    };
+    let requests = at_log.requests.max(1) as f64;
+    let secs = (cfg.load + Duration::from_millis(500)).as_secs_f64();
+    let record_bytes = delta(&after, &["log", "record_bytes"]);
+    let frame_bytes = delta(&after, &["log", "frame_bytes"]);
+    Ok(Responsive {
+        app,
+        plain,
+        recorded,
+        at_commit,
+        at_log,
+        would_be_at_commit: DelayFigures::of(&commit_status["would_be_data"]),
+        held_at_log: DelayFigures::of(&after["would_be_data"]),
+        record_bytes_per_request: record_bytes / requests,
+        net_bytes_per_request: frame_bytes / requests,
+        log_mb_per_s: (record_bytes + frame_bytes) / secs / 1e6,
+        checkpoint_mb_per_s: delta(&after, &["bytes_sent"]) / secs / 1e6,
+    })
+}
+
 fn ms_or_none(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0} ms"))
         .unwrap_or_else(|| "never".into())
@@ -198,29 +357,34 @@ fn ms_or_none(v: Option<f64>) -> String {
 
 pub fn render(r: &FailoverReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "Replication overhead (epoch {:.0} ms; closed-loop verifying clients, same load, one run)",
-        r.epoch_ms
-    );
-    let _ = writeln!(
-        s,
-        "{:<10} {:<11} {:>10} {:>10} {:>10} {:>10} {:>7}",
-        "app", "container", "req/s", "avg ms", "p50 ms", "p99 ms", "errors"
-    );
-    for o in &r.overhead {
-        for (what, l) in [("plain", &o.plain), ("replicated", &o.replicated)] {
-            let _ = writeln!(
-                s,
-                "{:<10} {:<11} {:>10.0} {:>10.2} {:>10.2} {:>10.2} {:>7}",
-                o.app.name(),
-                what,
-                l.per_sec,
-                l.latency.mean_us / 1e3,
-                l.latency.p50_us / 1e3,
-                l.latency.p99_us / 1e3,
-                l.errors
-            );
+    if !r.responsive.is_empty() {
+        render_responsive(&mut s, r);
+    }
+    if !r.overhead.is_empty() {
+        let _ = writeln!(
+            s,
+            "Replication overhead (epoch {:.0} ms; closed-loop verifying clients, same load, one run)",
+            r.epoch_ms
+        );
+        let _ = writeln!(
+            s,
+            "{:<10} {:<11} {:>10} {:>10} {:>10} {:>10} {:>7}",
+            "app", "container", "req/s", "avg ms", "p50 ms", "p99 ms", "errors"
+        );
+        for o in &r.overhead {
+            for (what, l) in [("plain", &o.plain), ("replicated", &o.replicated)] {
+                let _ = writeln!(
+                    s,
+                    "{:<10} {:<11} {:>10.0} {:>10.2} {:>10.2} {:>10.2} {:>7}",
+                    o.app.name(),
+                    what,
+                    l.per_sec,
+                    l.latency.mean_us / 1e3,
+                    l.latency.p50_us / 1e3,
+                    l.latency.p99_us / 1e3,
+                    l.errors
+                );
+            }
         }
     }
     let _ = writeln!(
@@ -262,5 +426,94 @@ pub fn render(r: &FailoverReport) -> String {
         "(first: kill to the first reply on any connection; all: until every connection was answered again;\n detect: the primary's silence until the backup decided; resume: announcement, forwarding and client retransmission; fencing averaged {:.0} ms)",
         r.recovery.iter().map(|v| v.fence_avg).sum::<f64>() / r.recovery.len().max(1) as f64
     );
+    if !r.replays.is_empty() {
+        let ok = r.replays.iter().filter(|c| c.ok()).count();
+        let _ = writeln!(
+            s,
+            "\nThe backup's log after each takeover, replayed offline: {ok}/{} reached the end of the log with no divergence and wrote what the clients received; {} events replayed in all, {} connections compared",
+            r.replays.len(),
+            r.replays.iter().map(|c| c.events).sum::<u64>(),
+            r.replays.iter().map(|c| c.matched).sum::<usize>()
+        );
+    }
     s
+}
+
+fn render_responsive(s: &mut String, r: &FailoverReport) {
+    let _ = writeln!(
+        s,
+        "Responsive mode (epoch {:.0} ms; closed-loop verifying clients, same load on each, one run)",
+        r.epoch_ms
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:<24} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "app", "container", "req/s", "avg ms", "p50 ms", "p99 ms", "errors"
+    );
+    for o in &r.responsive {
+        for (what, l) in [
+            ("plain", &o.plain),
+            ("recorded", &o.recorded),
+            ("responsive, at commit", &o.at_commit),
+            ("responsive, at log ack", &o.at_log),
+        ] {
+            let _ = writeln!(
+                s,
+                "{:<10} {:<24} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>7}",
+                o.app.name(),
+                what,
+                l.per_sec,
+                l.latency.mean_us / 1e3,
+                l.latency.p50_us / 1e3,
+                l.latency.p99_us / 1e3,
+                l.errors
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nWhat the log rule adds to a reply (its frame, from leaving the program to the backup's acknowledgement of its log; µs)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:<34} {:>8} {:>8} {:>8} {:>9}",
+        "app", "measured", "avg", "p50", "p99", "frames"
+    );
+    for o in &r.responsive {
+        for (what, d) in [
+            ("noted, replies at commit", &o.would_be_at_commit),
+            ("held, replies at log ack", &o.held_at_log),
+        ] {
+            let _ = writeln!(
+                s,
+                "{:<10} {:<34} {:>8.0} {:>8.0} {:>8.0} {:>9}",
+                o.app.name(),
+                what,
+                d.avg_us,
+                d.p50_us,
+                d.p99_us,
+                d.count
+            );
+        }
+    }
+    let _ = writeln!(s, "\nThe log (replies at log ack)");
+    let _ = writeln!(
+        s,
+        "{:<10} {:>14} {:>14} {:>12} {:>16} {:>16}",
+        "app", "records B/req", "frames B/req", "log MB/s", "checkpoint MB/s", "throughput cost"
+    );
+    for o in &r.responsive {
+        let cost = 1.0 - o.at_log.per_sec / o.plain.per_sec.max(1e-9);
+        let _ = writeln!(
+            s,
+            "{:<10} {:>14.0} {:>14.0} {:>12.2} {:>16.2} {:>15.0}%",
+            o.app.name(),
+            o.record_bytes_per_request,
+            o.net_bytes_per_request,
+            o.log_mb_per_s,
+            o.checkpoint_mb_per_s,
+            cost * 100.0
+        );
+    }
+    let _ = writeln!(s);
 }

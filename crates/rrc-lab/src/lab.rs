@@ -89,6 +89,19 @@ fn add_netns(ns: &str) -> Result<()> {
     ip_in(ns, &["link", "set", "lo", "up"])
 }
 
+/// Removes link `name` of namespace `ns` if it is there. The kernel may
+/// remove it meanwhile (a veth goes when the namespace of its peer does,
+/// a little after): gone is gone, however it went.
+fn del_link(ns: &str, name: &str) -> Result<()> {
+    if !link_exists(ns, name) {
+        return Ok(());
+    }
+    match ip_in(ns, &["link", "del", name]) {
+        Err(_) if !link_exists(ns, name) => Ok(()),
+        r => r,
+    }
+}
+
 fn del_netns(ns: &str) -> Result<()> {
     if netns_exists(ns) {
         ip(&["netns", "del", ns])?;
@@ -472,9 +485,7 @@ fn build_host(rec: &mut LabRecord, host: Host) -> Result<()> {
     cg.create()?;
     add_netns(&r.netns)?;
     let sw = plan.switch_netns();
-    if link_exists(&sw, host.name()) {
-        ip_in(&sw, &["link", "del", host.name()])?;
-    }
+    del_link(&sw, host.name())?;
     ip(&[
         "link",
         "add",
@@ -506,12 +517,8 @@ fn build_repl_link(rec: &LabRecord) -> Result<()> {
     if !netns_exists(&p.netns) || !netns_exists(&b.netns) {
         return Ok(());
     }
-    if link_exists(&p.netns, REPL_IF) {
-        ip_in(&p.netns, &["link", "del", REPL_IF])?;
-    }
-    if link_exists(&b.netns, REPL_IF) {
-        ip_in(&b.netns, &["link", "del", REPL_IF])?;
-    }
+    del_link(&p.netns, REPL_IF)?;
+    del_link(&b.netns, REPL_IF)?;
     ip(&[
         "link", "add", REPL_IF, "netns", &p.netns, "type", "veth", "peer", "name", REPL_IF,
         "netns", &b.netns,

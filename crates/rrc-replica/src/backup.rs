@@ -370,8 +370,26 @@ fn read_loop(
     if let Err(e) = r.set_read_timeout(Some(opts.timeout)) {
         return failed(e.to_string(), last_heard);
     }
+    // Log that arrived since the last acknowledgement: acknowledged once
+    // nothing more is there to read (one acknowledgement for a burst).
+    let mut unacknowledged = false;
     loop {
-        let msg = match r.recv() {
+        let next = if unacknowledged {
+            match r.try_recv() {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => {
+                    unacknowledged = false;
+                    if !shared.acknowledge() {
+                        return failed("link broken".into(), last_heard);
+                    }
+                    continue;
+                }
+                Err(e) => Err(e),
+            }
+        } else {
+            r.recv_polling(crate::POLL_SPIN)
+        };
+        let msg = match next {
             Ok(m) => m,
             Err(WireError::Timeout) => {
                 return failed(
@@ -401,7 +419,10 @@ fn read_loop(
                     .unwrap_or_else(|p| p.into_inner())
                     .add_records(&data);
                 match r {
-                    Ok(()) => shared.acknowledge(),
+                    Ok(()) => {
+                        unacknowledged = true;
+                        true
+                    }
                     Err(e) => refuse_log(shared, &e.to_string()),
                 }
             }
@@ -412,7 +433,10 @@ fn read_loop(
                     .unwrap_or_else(|p| p.into_inner())
                     .add_frames(first, frames);
                 match r {
-                    Ok(()) => shared.acknowledge(),
+                    Ok(()) => {
+                        unacknowledged = true;
+                        true
+                    }
                     Err(e) => refuse_log(shared, &e.to_string()),
                 }
             }

@@ -20,6 +20,11 @@ pub mod wake;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// How long a link reader keeps looking for the next message before it
+/// sleeps: log acknowledgements and log batches follow each other closely
+/// under load, and a reply waits for every wake-up on their way.
+pub(crate) const POLL_SPIN: Duration = Duration::from_micros(100);
+
 /// The link's security settings, the same on both ends: a peer that has
 /// not completed the handshake in 2 s is dropped.
 pub(crate) fn link_security() -> rrc_wire::SecureConfig {

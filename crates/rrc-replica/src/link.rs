@@ -126,11 +126,17 @@ struct Queue {
 }
 
 /// What waits to be sent to the backup. The log shipper fills it from any
-/// thread; the link's writer empties it.
+/// thread; the link's writer empties it. A small message that nothing
+/// waits before, and that finds the connection free, goes out at once on
+/// the sender's own thread: waking the writer's thread would cost a
+/// reply tens of microseconds.
 #[derive(Default)]
 pub struct Outbox {
     q: Mutex<Queue>,
     cv: Condvar,
+    /// The connection's sending half, while there is one. Taken before the
+    /// queue whenever both are (the order of messages depends on it).
+    writer: Mutex<Option<SecureWriter>>,
 }
 
 impl Outbox {
@@ -142,7 +148,23 @@ impl Outbox {
         self.q.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn push_small(&self, msg: Message, bytes: usize) {
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Option<SecureWriter>> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push_small(&self, msgs: Vec<Message>, bytes: usize) {
+        if let Ok(mut w) = self.writer.try_lock()
+            && let Some(writer) = w.as_mut()
+        {
+            let q = self.lock();
+            if q.connected && q.small.is_empty() {
+                drop(q);
+                // A failure ends the connection: its reader sees it, and
+                // the writer's thread reports it.
+                let _ = writer.send_all(&msgs);
+                return;
+            }
+        }
         let mut q = self.lock();
         if !q.connected {
             // A backup that connects later starts from a checkpoint taken
@@ -160,7 +182,7 @@ impl Outbox {
             return;
         }
         q.small_bytes += bytes;
-        q.small.push_back(msg);
+        q.small.extend(msgs);
         drop(q);
         self.cv.notify_one();
     }
@@ -180,14 +202,18 @@ impl Outbox {
 }
 
 impl LogSink for Outbox {
-    fn send_records(&self, data: Vec<u8>) {
-        let n = data.len();
-        self.push_small(Message::Log { data }, n);
-    }
-
-    fn send_frames(&self, first: u64, frames: Vec<Vec<u8>>) {
-        let n = frames.iter().map(Vec::len).sum::<usize>() + 4 * frames.len();
-        self.push_small(Message::NetLog { first, frames }, n);
+    fn send_log(&self, first: u64, frames: Vec<Vec<u8>>, records: Vec<Vec<u8>>) {
+        let mut bytes = 0;
+        let mut msgs = Vec::with_capacity(1 + records.len());
+        if !frames.is_empty() {
+            bytes += frames.iter().map(Vec::len).sum::<usize>() + 4 * frames.len();
+            msgs.push(Message::NetLog { first, frames });
+        }
+        for data in records {
+            bytes += data.len();
+            msgs.push(Message::Log { data });
+        }
+        self.push_small(msgs, bytes);
     }
 }
 
@@ -286,6 +312,7 @@ fn run(side: Side) {
         };
         reported_unreachable = false;
         let (reader, writer) = stream.split();
+        *side.outbox.lock_writer() = Some(writer);
         {
             let mut q = side.outbox.lock();
             q.connected = true;
@@ -312,7 +339,7 @@ fn run(side: Side) {
         };
         let result = match rx {
             Ok(rx) => {
-                let sent = write_loop(&side, writer, &failed);
+                let sent = write_loop(&side, &failed);
                 let read = rx.join().unwrap_or(Ok(()));
                 // The reader's reason is the first cause when it failed.
                 match (sent, read) {
@@ -323,6 +350,8 @@ fn run(side: Side) {
             }
             Err(e) => Err(LinkError::Wire(WireError::Io(e))),
         };
+        let writer = side.outbox.lock_writer().take();
+        drop(writer);
         let jobs: Vec<Job> = {
             let mut q = side.outbox.lock();
             q.connected = false;
@@ -387,7 +416,7 @@ fn read_answers(
 ) -> Result<(), LinkError> {
     r.set_read_timeout(Some(timeout))?;
     loop {
-        let msg = match r.recv() {
+        let msg = match r.recv_polling(crate::POLL_SPIN) {
             Ok(m) => m,
             Err(WireError::Timeout) => return Err(LinkError::Silent(timeout)),
             // Our own writer ended the connection (a clean stop, or it
@@ -415,23 +444,21 @@ fn read_answers(
 
 /// The writer: the outbox's messages, checkpoints in pieces between them,
 /// heartbeats; until stopped (Ok, after saying goodbye) or failed.
-fn write_loop(
-    side: &Side,
-    mut w: SecureWriter,
-    reader_failed: &AtomicBool,
-) -> Result<(), LinkError> {
+fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<(), LinkError> {
     let heartbeat = side.cfg.heartbeat;
     let mut last_beat = Instant::now() - heartbeat;
     let mut current: Option<Pieces> = None;
     loop {
-        let (small, job, stop) = {
+        // Wait for work without holding the connection: small messages
+        // may go straight out meanwhile.
+        {
             let q = side.outbox.lock();
             let wait = if current.is_some() {
                 Duration::ZERO
             } else {
                 heartbeat.saturating_sub(last_beat.elapsed())
             };
-            let (mut q, _) = side
+            let _ = side
                 .outbox
                 .cv
                 .wait_timeout_while(q, wait, |q| {
@@ -441,6 +468,16 @@ fn write_loop(
                         && !reader_failed.load(Ordering::Acquire)
                 })
                 .unwrap_or_else(|p| p.into_inner());
+        }
+        if reader_failed.load(Ordering::Acquire) {
+            return Err(LinkError::Left("the connection ended".into()));
+        }
+        let mut guard = side.outbox.lock_writer();
+        let Some(w) = guard.as_mut() else {
+            return Err(LinkError::Left("the connection ended".into()));
+        };
+        let (small, job, stop) = {
+            let mut q = side.outbox.lock();
             q.small_bytes = 0;
             let small: Vec<Message> = q.small.drain(..).collect();
             let job = if current.is_none() {
@@ -450,17 +487,16 @@ fn write_loop(
             };
             (small, job, q.stop)
         };
-        if reader_failed.load(Ordering::Acquire) {
-            return Err(LinkError::Left("the connection ended".into()));
-        }
-        for m in &small {
-            w.send(m)?;
+        if !small.is_empty() {
+            w.send_all(&small)?;
         }
         if stop {
             let _ = w.send(&Message::Bye {
                 reason: "the primary stops".into(),
             });
-            let _ = w.shutdown();
+            if let Some(w) = guard.take() {
+                let _ = w.shutdown();
+            }
             return Ok(());
         }
         if last_beat.elapsed() >= heartbeat {

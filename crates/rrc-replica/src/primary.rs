@@ -99,19 +99,19 @@ impl Replication {
 
     /// Responsive mode: the program records into `rings` (the recording's,
     /// which live as long as the program, so as long as this process);
-    /// inbound TCP frames for `service` are logged.
+    /// inbound TCP frames for `service` are logged; replies leave by
+    /// `release`.
     pub fn responsive(
         opts: PrimaryOptions,
         rings: &'static RingSet,
         service: Ipv4Addr,
+        release: Release,
     ) -> std::io::Result<Replication> {
         let outbox = Outbox::new();
         let wake = wake::pair()?;
         let shipper = Shipper::new(rings, outbox.clone(), wake.0.clone());
-        let gate = ReplicationGate::new(
-            Release::Commit,
-            Some((shipper.clone() as Arc<dyn LogTap>, service)),
-        );
+        let gate =
+            ReplicationGate::new(release, Some((shipper.clone() as Arc<dyn LogTap>, service)));
         Ok(Replication {
             gate,
             outbox,

@@ -55,10 +55,10 @@ const MESSAGE_LIMIT: usize = 1 << 20;
 /// Where the log goes: the link to the backup (which drops what it cannot
 /// send while no backup is connected).
 pub trait LogSink: Send + Sync {
-    /// Record batches, back to back.
-    fn send_records(&self, data: Vec<u8>);
-    /// Net log frames numbered from `first`.
-    fn send_frames(&self, first: u64, frames: Vec<Vec<u8>>);
+    /// Net log frames numbered from `first` (if any), then record batches
+    /// back to back (each piece of `records` a message): together, so that
+    /// they cross the link at once.
+    fn send_log(&self, first: u64, frames: Vec<Vec<u8>>, records: Vec<Vec<u8>>);
 }
 
 /// What went through the shipper.
@@ -214,16 +214,6 @@ impl Shipper {
             q.first += q.frames.len() as u64;
             (first, std::mem::take(&mut q.frames))
         };
-        if !frames.is_empty() {
-            self.stats
-                .frames
-                .fetch_add(frames.len() as u64, Ordering::Relaxed);
-            self.stats.frame_bytes.fetch_add(
-                frames.iter().map(|f| f.len() as u64).sum(),
-                Ordering::Relaxed,
-            );
-            self.sink.send_frames(first, frames);
-        }
         let (data, records, barrier, forked) = {
             let mut d = self.lock_drain();
             let Drain {
@@ -252,10 +242,8 @@ impl Shipper {
             let (records, barrier, forked) = (merge.records, merge.barrier, merge.forked);
             let data = std::mem::take(out);
             // Drained all the same: the program must never wait for a
-            // full ring.
-            if *degraded {
-                return;
-            }
+            // full ring; but nothing of it is sent.
+            let data = if *degraded { Vec::new() } else { data };
             (data, records, barrier, forked)
         };
         if forked != 0 {
@@ -270,16 +258,25 @@ impl Shipper {
         if barrier {
             self.want_checkpoint();
         }
-        if data.is_empty() {
+        if frames.is_empty() && data.is_empty() {
             return;
         }
+        self.stats
+            .frames
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        self.stats.frame_bytes.fetch_add(
+            frames.iter().map(|f| f.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
         self.stats.records.fetch_add(records, Ordering::Relaxed);
         self.stats
             .record_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        for piece in split_batches(&data, MESSAGE_LIMIT) {
-            self.sink.send_records(piece.to_vec());
-        }
+        let pieces = split_batches(&data, MESSAGE_LIMIT)
+            .into_iter()
+            .map(<[u8]>::to_vec)
+            .collect();
+        self.sink.send_log(first, frames, pieces);
     }
 
     /// Ships what is left now and then, and watches for holes and for

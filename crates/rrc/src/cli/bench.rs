@@ -94,9 +94,23 @@ pub struct FailoverArgs {
     /// Seed of the kill moments (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
+    /// The replication mode. responsive: first measures, side by side,
+    /// the plain container, the recorded one, and the responsive primary
+    /// with replies at commit and at log acknowledgement (latency, the
+    /// log's bytes per request and link load, the throughput cost); the
+    /// kills are then made in responsive mode and each takeover's log is
+    /// replayed offline and checked against what the clients received.
+    #[arg(long, value_enum, default_value_t = ModeArg::Checkpoint)]
+    mode: ModeArg,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Checkpoint,
+    Responsive,
 }
 
 #[derive(Debug, Args)]
@@ -280,7 +294,11 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 pair: PairOptions {
                     epoch: a.epoch,
                     timeout: a.timeout,
-                    mode: rrc_bench::failover::Mode::Checkpoint,
+                    mode: match a.mode {
+                        ModeArg::Checkpoint => rrc_bench::failover::Mode::Checkpoint,
+                        ModeArg::Responsive => rrc_bench::failover::Mode::Responsive,
+                    },
+                    release_at_log: false,
                 },
                 seed: a.seed.unwrap_or_else(Moments::seed_from_clock),
             };

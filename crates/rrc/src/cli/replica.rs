@@ -10,6 +10,7 @@ use clap::Args;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
 use rrc_replica::backup::{self, BackupOptions};
+use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
 use rrc_replica::primary::{PrimaryOptions, Replication};
 use rrc_session::recording::Rings;
@@ -65,8 +66,23 @@ pub struct PrimaryArgs {
     /// reports how long they would have waited for the log alone.
     #[arg(long, value_enum, default_value_t = Mode::Checkpoint)]
     mode: Mode,
+    /// Responsive mode: when replies leave. commit: once the next
+    /// checkpoint is committed by the backup. log: as soon as the backup
+    /// holds the log they depend on. In this release `log` is for
+    /// measuring only (`rrc bench failover --mode responsive`): a takeover
+    /// restores the last checkpoint and does not replay the log yet, so
+    /// replies released after that checkpoint may be lost with the
+    /// primary.
+    #[arg(long, value_enum, default_value_t = ReleaseArg::Commit)]
+    release: ReleaseArg,
     #[command(flatten)]
     container: ContainerArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReleaseArg {
+    Commit,
+    Log,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -183,6 +199,18 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         },
         copy: CopyChoice::from(a.copy).into(),
     };
+    if a.release == ReleaseArg::Log {
+        if !matches!(a.mode, Mode::Responsive) {
+            bail!("--release log needs --mode responsive: only a log can release replies early");
+        }
+        eprintln!(
+            "rrc primary: WARNING: --release log is for measuring: a takeover does not replay the log yet, so replies released after the last checkpoint may be lost"
+        );
+    }
+    let release = match a.release {
+        ReleaseArg::Commit => Release::Commit,
+        ReleaseArg::Log => Release::LogAck,
+    };
     let launch = match a.mode {
         Mode::Checkpoint => {
             let repl = Replication::checkpoint_only(opts)?;
@@ -195,7 +223,7 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
             let rings = Rings::create(&a.container.program()?, true)?;
             let launch = rings.into_launch(a.container.launch(rings.environment())?);
             let (rings, close) = rings.leak();
-            let repl = Replication::responsive(opts, rings, a.container.service_ip()?)?;
+            let repl = Replication::responsive(opts, rings, a.container.service_ip()?, release)?;
             launch
                 .gate(repl.gate())
                 .companion(close)
