@@ -552,6 +552,17 @@ impl Pair<'_> {
     /// compares the output of each replayed connection with what the
     /// clients of `trial` received.
     pub fn replay_check(&self, trial: &Trial) -> Result<ReplayCheck> {
+        self.replay_check_against(&trial.received, &trial.received_at_kill)
+    }
+
+    /// [`Pair::replay_check`] against what each client connection
+    /// received (`received`), and how much of it it had when the primary
+    /// was killed (`at_kill`).
+    pub fn replay_check_against(
+        &self,
+        received: &[Vec<u8>],
+        at_kill: &[usize],
+    ) -> Result<ReplayCheck> {
         let rrc = self.lab.rrc_path();
         let _ = self
             .lab
@@ -620,18 +631,14 @@ impl Pair<'_> {
         let fits: Vec<Vec<usize>> = streams
             .iter()
             .map(|(_, stream)| {
-                (0..trial.received.len())
+                (0..received.len())
                     .filter(|&c| {
-                        found_near(
-                            &trial.received[c],
-                            stream,
-                            trial.received_at_kill.get(c).copied().unwrap_or(0),
-                        )
+                        found_near(&received[c], stream, at_kill.get(c).copied().unwrap_or(0))
                     })
                     .collect()
             })
             .collect();
-        let owners = assign(&fits, trial.received.len());
+        let owners = assign(&fits, received.len());
         for (i, (fd, stream)) in streams.iter().enumerate() {
             check.bytes += stream.len();
             if owners[i].is_some() {

@@ -377,6 +377,8 @@ pub struct Live {
     latency_ns: AtomicU64,
     longest_ns: AtomicU64,
     errors: AtomicU64,
+    /// What each connection has received.
+    received: std::sync::Mutex<Vec<Arc<Received>>>,
 }
 
 /// A reading of [`Live`].
@@ -389,6 +391,16 @@ pub struct LiveReading {
 }
 
 impl Live {
+    /// How many bytes each connection has received so far.
+    pub fn received_now(&self) -> Vec<usize> {
+        self.received
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|r| r.len())
+            .collect()
+    }
+
     /// The longest a connection waited for a reply since the last call.
     pub fn take_longest(&self) -> Duration {
         Duration::from_nanos(self.longest_ns.swap(0, Ordering::Relaxed))
@@ -510,6 +522,7 @@ pub fn run_observed(
     let stop = Arc::new(AtomicBool::new(false));
     let timeout = Duration::from_secs(10);
     let received: Vec<Arc<Received>> = (0..connections).map(|_| Arc::default()).collect();
+    *live.received.lock().unwrap_or_else(|p| p.into_inner()) = received.clone();
     let handles: Vec<_> = (0..connections)
         .map(|id| {
             let stop = stop.clone();

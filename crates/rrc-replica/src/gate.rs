@@ -91,6 +91,10 @@ impl Default for WouldBe {
 #[derive(Default)]
 struct Held {
     holding: bool,
+    /// The backup holds a committed checkpoint: from then on the log can
+    /// cover frames, and their delays are noted (before, every frame waits
+    /// for the first commit whatever the rule).
+    noting: bool,
     /// Number the next outbound frame gets.
     next: u64,
     queue: VecDeque<HeldFrame>,
@@ -152,8 +156,20 @@ impl ReplicationGate {
     /// Stops holding: every held frame goes out now, and later ones at once
     /// (the backup is gone).
     pub fn open(&self) {
-        self.lock().holding = false;
+        {
+            let mut h = self.lock();
+            h.holding = false;
+            h.noting = false;
+        }
         self.release(|_| true);
+    }
+
+    /// The backup committed the first checkpoint of a series: delays under
+    /// the log rule are noted from the frames after it on.
+    pub fn protected(&self) {
+        let mut h = self.lock();
+        h.noting = true;
+        h.noted_to = h.noted_to.max(h.next);
     }
 
     /// Frames and bytes held now.
@@ -184,6 +200,7 @@ impl ReplicationGate {
                 queue,
                 noted_to,
                 would_be,
+                noting,
                 ..
             } = &mut *h;
             let from = *noted_to;
@@ -191,7 +208,7 @@ impl ReplicationGate {
                 if !acked.covers(&f.tag) {
                     break;
                 }
-                note(would_be, f, now);
+                note(*noting, would_be, f, now);
                 *noted_to = f.n + 1;
             }
         }
@@ -222,7 +239,7 @@ impl ReplicationGate {
                         held_us = now.saturating_duration_since(f.at).as_micros() as u64,
                         "a frame left before the log covering it was acknowledged"
                     );
-                    note(&mut h.would_be, &f, now);
+                    note(h.noting, &mut h.would_be, &f, now);
                     h.noted_to = f.n + 1;
                 }
                 out.push(f.bytes);
@@ -240,7 +257,10 @@ impl ReplicationGate {
     }
 }
 
-fn note(w: &mut WouldBe, f: &HeldFrame, now: Instant) {
+fn note(noting: bool, w: &mut WouldBe, f: &HeldFrame, now: Instant) {
+    if !noting {
+        return;
+    }
     let us = now.saturating_duration_since(f.at).as_micros() as u64;
     let us = us.clamp(1, 60_000_000);
     let _ = w.frames.record(us);
@@ -286,7 +306,7 @@ impl PacketGate for ReplicationGate {
         // the frames before it.
         let covered = h.noted_to == n && h.acked.covers(&tag);
         if covered {
-            note(&mut h.would_be, &f, f.at);
+            note(h.noting, &mut h.would_be, &f, f.at);
             h.noted_to = n + 1;
             if self.rule == Release::LogAck && h.queue.is_empty() {
                 drop(h);
@@ -394,6 +414,7 @@ mod tests {
             .unwrap();
         assert_eq!(direct.tags(), vec![1]);
         gate.hold();
+        gate.protected();
         gate.outbound(Frame::new(&frame(2)).unwrap(), &direct)
             .unwrap();
         gate.outbound(Frame::new(&frame(3)).unwrap(), &direct)
@@ -468,6 +489,7 @@ mod tests {
         let wire = Arc::new(Wire::default());
         gate.attach(wire.clone());
         gate.hold();
+        gate.protected();
         let tap = Wire::default();
         // Inbound to the service is logged; anything else is not.
         gate.inbound(Frame::new(&tcp(true, 1)).unwrap(), &tap)
@@ -518,6 +540,7 @@ mod tests {
         let wire = Arc::new(Wire::default());
         gate.attach(wire.clone());
         gate.hold();
+        gate.protected();
         log.records.store(5, Ordering::SeqCst);
         gate.outbound(Frame::new(&tcp(false, 1)).unwrap(), &*wire)
             .unwrap();

@@ -290,6 +290,7 @@ impl Primary {
                 self.stats.bytes_sent += bytes;
                 self.committed_in_series += 1;
                 if self.committed_in_series == 1 {
+                    self.gate.protected();
                     tracing::info!(epoch, "protected: the backup holds a full checkpoint");
                     eprintln!(
                         "rrc primary: protected: the backup committed a full checkpoint ({:.1} MiB, applied {:.0} ms after it was sent)",

@@ -424,3 +424,194 @@ impl LogTap for Shipper {
         self.ship();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rrc_rr::log::{Record, WaitCall, WaitChild};
+
+    /// One call of the sink: first frame number, frames, record pieces.
+    type Shipment = (u64, Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+    /// What the shipper sent.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<Shipment>>);
+
+    impl LogSink for Sent {
+        fn send_log(&self, first: u64, frames: Vec<Vec<u8>>, records: Vec<Vec<u8>>) {
+            self.0.lock().unwrap().push((first, frames, records));
+        }
+    }
+
+    impl Sent {
+        /// Every record sent: (log id, seq).
+        fn records(&self) -> Vec<(u32, u64)> {
+            let mut out = Vec::new();
+            for (_, _, pieces) in self.0.lock().unwrap().iter() {
+                for piece in pieces {
+                    let mut rest: &[u8] = piece;
+                    while !rest.is_empty() {
+                        let (mut b, next) = BatchReader::split_first(rest).unwrap();
+                        let id = b.header().log_id;
+                        while let Some(r) = b.next_record().unwrap() {
+                            out.push((id, r.seq));
+                        }
+                        rest = next;
+                    }
+                }
+            }
+            out
+        }
+
+        fn batches(&self) -> usize {
+            let mut n = 0;
+            for (_, _, pieces) in self.0.lock().unwrap().iter() {
+                for piece in pieces {
+                    n += split_batches(piece, 1).len();
+                }
+            }
+            n
+        }
+    }
+
+    /// A thread of the "program": a ring of the set and its log id.
+    struct Thread {
+        rings: &'static RingSet,
+        slot: usize,
+        id: u32,
+    }
+
+    impl Thread {
+        fn new(rings: &'static RingSet, id: u32) -> Thread {
+            let slot = rings.claim_slot(id, 1000 + id).unwrap();
+            Thread { rings, slot, id }
+        }
+
+        /// Takes the next number and pushes `event` under it, alone in a
+        /// batch (as the program does in eager mode).
+        fn push(&self, event: Event<'_>) -> u64 {
+            let seq = self.rings.next_seq().unwrap();
+            self.push_as(seq, event);
+            seq
+        }
+
+        fn push_as(&self, seq: u64, event: Event<'_>) {
+            let mut buf = vec![0u8; 1024];
+            let mut w = BatchWriter::new(&mut buf, self.id).unwrap();
+            w.push(&Record {
+                seq,
+                time_delta_ns: 1,
+                event,
+            })
+            .unwrap();
+            let mut p = self.rings.producer(self.slot).unwrap();
+            assert!(p.try_push(w.finish()));
+        }
+    }
+
+    fn setup() -> (
+        Arc<Shipper>,
+        &'static RingSet,
+        Arc<Sent>,
+        crate::wake::WakeFd,
+    ) {
+        let rings: &'static RingSet = Box::leak(Box::new(RingSet::create(4, 1 << 16).unwrap()));
+        let sent = Arc::new(Sent::default());
+        let (waker, fd) = crate::wake::pair().unwrap();
+        let s = Shipper::new(rings, sent.clone(), waker);
+        (s, rings, sent, fd)
+    }
+
+    #[test]
+    fn ships_frames_and_merges_a_threads_batches() {
+        let (s, rings, sent, _fd) = setup();
+        let t1 = Thread::new(rings, 1);
+        let t2 = Thread::new(rings, 2);
+        t1.push(Event::Time { sec: 1 });
+        t1.push(Event::Time { sec: 2 });
+        t2.push(Event::Time { sec: 3 });
+        t1.push(Event::Time { sec: 4 });
+        assert_eq!(s.log_inbound(&[1; 60]), 1);
+        assert_eq!(s.log_inbound(&[2; 70]), 2);
+        assert_eq!(s.reached(), LogPosition { records: 4, net: 2 });
+        s.ship();
+        let mut recs = sent.records();
+        recs.sort_by_key(|r| r.1);
+        assert_eq!(recs, vec![(1, 1), (1, 2), (2, 3), (1, 4)]);
+        // Ring by ring: thread 1's three batches became one.
+        assert_eq!(sent.batches(), 2);
+        let (first, frames, _) = sent.0.lock().unwrap()[0].clone();
+        assert_eq!((first, frames.len()), (1, 2));
+        assert!(!s.take_checkpoint_request());
+        // Nothing new: nothing sent.
+        s.ship();
+        assert_eq!(sent.0.lock().unwrap().len(), 1);
+        assert_eq!(s.counts().records, 4);
+    }
+
+    #[test]
+    fn a_number_that_never_comes_asks_for_a_checkpoint_that_covers_it() {
+        let (s, rings, _sent, _fd) = setup();
+        let t = Thread::new(rings, 1);
+        t.push(Event::Time { sec: 1 });
+        // Taken, never pushed.
+        let _hole = rings.next_seq().unwrap();
+        t.push(Event::Time { sec: 3 });
+        s.ship();
+        s.watch();
+        assert!(!s.take_checkpoint_request());
+        std::thread::sleep(HOLE_WAIT + Duration::from_millis(10));
+        s.watch();
+        assert!(s.take_checkpoint_request());
+        // Asked once for that hole; a checkpoint past it ends it.
+        s.watch();
+        assert!(!s.take_checkpoint_request());
+        s.checkpoint_at(LogPosition { records: 3, net: 0 });
+        t.push(Event::Time { sec: 4 });
+        s.ship();
+        std::thread::sleep(HOLE_WAIT + Duration::from_millis(10));
+        s.watch();
+        assert!(!s.take_checkpoint_request());
+    }
+
+    #[test]
+    fn a_fork_asks_for_a_checkpoint_and_its_child_is_counted_until_reaped() {
+        let (s, rings, _sent, _fd) = setup();
+        let t = Thread::new(rings, 1);
+        t.push(Event::ForkUnsupported);
+        s.ship();
+        assert!(s.take_checkpoint_request());
+        assert_eq!(s.children(), 1);
+        t.push(Event::Wait {
+            call: WaitCall::Waitpid,
+            ret: 0,
+            status: 0,
+            child: WaitChild::default(),
+        });
+        s.ship();
+        assert_eq!(s.children(), 1);
+        t.push(Event::Wait {
+            call: WaitCall::Waitpid,
+            ret: 42,
+            status: 0,
+            child: WaitChild::default(),
+        });
+        s.ship();
+        assert_eq!(s.children(), 0);
+    }
+
+    #[test]
+    fn a_thread_left_unrecorded_stops_the_log() {
+        let (s, rings, sent, _fd) = setup();
+        let t = Thread::new(rings, 1);
+        t.push(Event::Time { sec: 1 });
+        s.ship();
+        rings.note_unrecorded();
+        s.watch();
+        assert!(s.degraded());
+        assert!(s.take_checkpoint_request());
+        t.push(Event::Time { sec: 2 });
+        s.ship();
+        assert_eq!(sent.records(), vec![(1, 1)]);
+    }
+}

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Args;
-use rrc_bench::failover::{App, Pair, PairOptions, TakeoverLine};
+use rrc_bench::failover::{App, Mode, Pair, PairOptions, TakeoverLine};
 use rrc_bench::resp::RespConn;
 use rrc_bench::session::LabSession;
 use rrc_bench::verify::{self, Live, LiveReading};
@@ -35,9 +35,21 @@ pub struct DemoArgs {
     /// Load after the kill.
     #[arg(long, default_value = "4s", value_parser = super::parse_duration)]
     after: Duration,
+    /// The primary's mode (see `rrc primary --help`). responsive: the
+    /// primary also streams Redis's log to the backup; after the takeover
+    /// the backup's checkpoint and log are replayed offline and compared
+    /// with what the clients received.
+    #[arg(long, value_enum, default_value_t = DemoMode::Responsive)]
+    mode: DemoMode,
 }
 
-const STEPS: u32 = 6;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DemoMode {
+    Checkpoint,
+    Responsive,
+}
+
+const STEPS: u32 = 7;
 
 fn step(n: u32, m: &str) {
     println!("[{n}/{STEPS}] {m}");
@@ -60,13 +72,34 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
         plan.vip().addr()
     );
 
-    step(2, "starting the backup, then Redis replicated from primary");
-    let mut pair = Pair::new(&lab, App::Redis, PairOptions::default())?;
+    step(
+        2,
+        &format!(
+            "starting the backup, then Redis replicated from primary ({} mode)",
+            match a.mode {
+                DemoMode::Checkpoint => "checkpoint",
+                DemoMode::Responsive => "responsive",
+            }
+        ),
+    );
+    let opts = PairOptions {
+        mode: match a.mode {
+            DemoMode::Checkpoint => Mode::Checkpoint,
+            DemoMode::Responsive => Mode::Responsive,
+        },
+        ..PairOptions::default()
+    };
+    let mut pair = Pair::new(&lab, App::Redis, opts)?;
     pair.start_backup()?;
     pair.start_primary()?;
     println!(
         "      the backup holds Redis's first checkpoint; one every 100 ms follows, each released reply waits for it"
     );
+    if a.mode == DemoMode::Responsive {
+        println!(
+            "      Redis runs recorded: its log and its inbound frames reach the backup as they come"
+        );
+    }
 
     step(
         3,
@@ -80,6 +113,8 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     let live = Arc::new(Live::default());
     let target = pair.target();
     let mut killed_at = None;
+    let mut at_kill = Vec::new();
+    let mut would_be = None;
     let mut takeover = None;
     let report = {
         let p = &pair;
@@ -91,13 +126,15 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
                 a.connections,
                 &live,
                 || {
-                    let mut view = LiveView::new(live_view);
+                    let mut view = LiveView::new(live_view.clone());
                     view.run_for(a.before, &mut || None);
+                    would_be = p.primary_status().ok();
                     println!("      >>> killing the primary host (power cut: every process, links down)");
                     match p.kill_primary() {
                         Ok(t) => killed_at = Some(t),
                         Err(e) => println!("      cannot kill the primary: {e:#}"),
                     }
+                    at_kill = live_view.received_now();
                     view.run_for(a.after, &mut || {
                         if takeover.is_some() {
                             return None;
@@ -176,7 +213,40 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
         t.epoch
     );
 
-    step(6, "removing the lab");
+    if a.mode == DemoMode::Responsive {
+        step(
+            6,
+            "replaying the backup's checkpoint and log offline (the new primary stops)",
+        );
+        if let Some(w) = would_be.as_ref().map(|s| &s["would_be_data"]) {
+            println!(
+                "      before the kill, replies would have waited {:.0} µs on average (p99 {:.0} µs) for the backup to hold their log (they waited for checkpoints)",
+                w["avg_us"].as_f64().unwrap_or(0.0),
+                w["p99_us"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let c = pair.replay_check_against(&report.received, &at_kill)?;
+        println!(
+            "      {} events replayed from checkpoint {}, {} divergences, {}; {} connection(s) wrote what their clients received, byte for byte",
+            c.events,
+            t.epoch,
+            c.divergences,
+            if c.end_reached {
+                "end of the log reached"
+            } else {
+                "the end of the log NOT reached"
+            },
+            c.matched
+        );
+        ensure!(
+            c.ok(),
+            "the backup's log did not replay what the clients saw: {c:#?}"
+        );
+    } else {
+        step(6, "(checkpoint mode: no log to replay)");
+    }
+
+    step(7, "removing the lab");
     drop(pair);
     drop(lab);
     println!("done");
