@@ -18,7 +18,7 @@ use rrc_rr::log::{Event, SyncOp};
 
 use crate::hooks::{logged, outcome, served};
 use crate::real::get;
-use crate::replay;
+use crate::{record, replay};
 
 /// Records the operation; true if the process turned out to be a copy
 /// restored for replay (see [`record::emit`]).
@@ -165,6 +165,8 @@ macro_rules! wait {
     ($name:ident, $op:ident, errno: $errno:expr, $obj:ident: $objty:ty $(, $arg:ident: $ty:ty)*) => {
         #[unsafe(no_mangle)]
         pub unsafe extern "C" fn $name($obj: $objty $(, $arg: $ty)*) -> c_int {
+            // As before a condition wait: no record left in the batch.
+            record::flush_before_blocking();
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()($obj $(, $arg)*) };
             if let Some(t) = turn(SyncOp::$op, $obj as usize, stringify!($name)) {
@@ -205,6 +207,9 @@ macro_rules! cond_wait {
             m: *mut pthread_mutex_t
             $(, $arg: $ty)*
         ) -> c_int {
+            // A thread may sleep here for long: what it recorded must not
+            // wait in its batch meanwhile (the log would have a hole).
+            record::flush_before_blocking();
             // SAFETY: the program's arguments, passed on unchanged.
             let ret = unsafe { get::$name()(c, m $(, $arg)*) };
             if replay::active() || note(SyncOp::$op, c as usize, ret) {

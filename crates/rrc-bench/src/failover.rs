@@ -624,7 +624,7 @@ impl Pair<'_> {
             .map_err(|e| anyhow::anyhow!("the replay's capture: {e}"))?;
         // Which client each replayed connection could be: short replies
         // ("+OK") fit several, so the streams are assigned all together.
-        let streams: Vec<(u32, Vec<u8>)> = streams_of(records)
+        let streams: Vec<(u32, Vec<u8>)> = rrc_rr::interface::connection_streams(records)
             .into_iter()
             .filter(|(_, s)| !s.is_empty())
             .collect();
@@ -688,24 +688,6 @@ fn assign(fits: &[Vec<usize>], owners: usize) -> Vec<Option<usize>> {
         }
     }
     out
-}
-
-/// Each connection's output in a capture, in order (a connection ends at
-/// its close mark; its descriptor number may then be another's).
-fn streams_of(records: Vec<rrc_rr::interface::CaptureRecord>) -> Vec<(u32, Vec<u8>)> {
-    use rrc_rr::interface::CaptureRecord;
-    let mut done = Vec::new();
-    let mut open = std::collections::BTreeMap::<u32, Vec<u8>>::new();
-    for r in records {
-        match r {
-            CaptureRecord::Written { fd, bytes } => {
-                open.entry(fd).or_default().extend_from_slice(&bytes)
-            }
-            CaptureRecord::Closed { fd } => done.extend(open.remove(&fd).map(|b| (fd, b))),
-        }
-    }
-    done.extend(open);
-    done
 }
 
 /// Whether `part` is in `stream` at `mark` or at most [`MATCH_SLACK`]

@@ -1,11 +1,16 @@
 //! Replication: a primary container checkpointed every epoch and streamed
-//! to a backup, which takes over when the primary fails.
+//! to a backup, which takes over when the primary fails; in responsive
+//! mode the program's log goes to the backup too, as it comes.
 //!
 //! Mechanism and policy are kept apart: [`gate::ReplicationGate`] is the
-//! checkpoint-only release policy (an outbound frame leaves once the backup
-//! has committed a checkpoint taken after it); [`link`] moves checkpoints and
-//! heartbeats; [`primary::Primary`] runs beside the container in its
-//! supervisor; [`backup::serve`] stages, commits and takes over.
+//! release policy (an outbound frame leaves once the backup holds what
+//! produced it: a committed checkpoint taken after it, or the log up to its
+//! tag); [`shipper`] takes the log from the program's rings to the link;
+//! [`link`] moves checkpoints, the log and heartbeats both ways at once and
+//! hands the backup's answers to the policy; [`primary`] runs beside the
+//! container in its supervisor; [`backup::serve`] stages, commits, keeps the
+//! log ([`log_store`]) and takes over. [`position`] says what a place in
+//! the log is; [`netlog`] is the net log's file.
 
 pub mod backup;
 pub mod gate;

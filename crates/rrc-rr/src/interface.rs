@@ -460,6 +460,25 @@ pub fn parse_capture(bytes: &[u8]) -> Result<Vec<CaptureRecord>, InterfaceError>
     Ok(out)
 }
 
+/// Each connection's output in a capture, in order: a connection ends at
+/// its close mark, after which its descriptor number may be another
+/// connection's. Connections still open at the end come last, by
+/// descriptor.
+pub fn connection_streams(records: Vec<CaptureRecord>) -> Vec<(u32, Vec<u8>)> {
+    let mut done = Vec::new();
+    let mut open = std::collections::BTreeMap::<u32, Vec<u8>>::new();
+    for r in records {
+        match r {
+            CaptureRecord::Written { fd, bytes } => {
+                open.entry(fd).or_default().extend_from_slice(&bytes)
+            }
+            CaptureRecord::Closed { fd } => done.extend(open.remove(&fd).map(|b| (fd, b))),
+        }
+    }
+    done.extend(open);
+    done
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -97,7 +97,9 @@ enum Mode {
 /// stages every checkpoint it sends and commits it only once complete, so a
 /// primary failing mid-transfer leaves the last committed checkpoint
 /// intact. When the primary falls silent for --timeout (or its link breaks)
-/// the backup runs --fence (if given), restores the last committed
+/// the backup runs --fence (if given), writes the log a responsive primary
+/// sent since that checkpoint into DIR/log (replayable with `rrc replay
+/// --images DIR/image --log DIR/log`), restores the last committed
 /// checkpoint as a container on this host (same name, address and MAC),
 /// announces it with a gratuitous ARP, prints how the takeover went and
 /// exits, leaving the container running under its own rrc process. A
