@@ -366,26 +366,10 @@ pub fn render(r: &FailoverReport) -> String {
             "Replication overhead (epoch {:.0} ms; closed-loop verifying clients, same load, one run)",
             r.epoch_ms
         );
-        let _ = writeln!(
-            s,
-            "{:<10} {:<11} {:>10} {:>10} {:>10} {:>10} {:>7}",
-            "app", "container", "req/s", "avg ms", "p50 ms", "p99 ms", "errors"
-        );
-        for o in &r.overhead {
-            for (what, l) in [("plain", &o.plain), ("replicated", &o.replicated)] {
-                let _ = writeln!(
-                    s,
-                    "{:<10} {:<11} {:>10.0} {:>10.2} {:>10.2} {:>10.2} {:>7}",
-                    o.app.name(),
-                    what,
-                    l.per_sec,
-                    l.latency.mean_us / 1e3,
-                    l.latency.p50_us / 1e3,
-                    l.latency.p99_us / 1e3,
-                    l.errors
-                );
-            }
-        }
+        let rows = r.overhead.iter().flat_map(|o| {
+            [("plain", &o.plain), ("replicated", &o.replicated)].map(|(w, l)| (o.app, w, l))
+        });
+        render_loads(&mut s, 11, 2, rows);
     }
     let _ = writeln!(
         s,
@@ -439,37 +423,50 @@ pub fn render(r: &FailoverReport) -> String {
     s
 }
 
+/// A table of loads, one row per app and container: `width` is the
+/// container column's, `digits` the decimals of the milliseconds.
+fn render_loads<'a>(
+    s: &mut String,
+    width: usize,
+    digits: usize,
+    rows: impl Iterator<Item = (App, &'a str, &'a Load)>,
+) {
+    let _ = writeln!(
+        s,
+        "{:<10} {:<width$} {:>10} {:>9} {:>9} {:>9} {:>7}",
+        "app", "container", "req/s", "avg ms", "p50 ms", "p99 ms", "errors"
+    );
+    for (app, what, l) in rows {
+        let _ = writeln!(
+            s,
+            "{:<10} {:<width$} {:>10.0} {:>9.digits$} {:>9.digits$} {:>9.digits$} {:>7}",
+            app.name(),
+            what,
+            l.per_sec,
+            l.latency.mean_us / 1e3,
+            l.latency.p50_us / 1e3,
+            l.latency.p99_us / 1e3,
+            l.errors
+        );
+    }
+}
+
 fn render_responsive(s: &mut String, r: &FailoverReport) {
     let _ = writeln!(
         s,
         "Responsive mode (epoch {:.0} ms; closed-loop verifying clients, same load on each, one run)",
         r.epoch_ms
     );
-    let _ = writeln!(
-        s,
-        "{:<10} {:<24} {:>10} {:>9} {:>9} {:>9} {:>7}",
-        "app", "container", "req/s", "avg ms", "p50 ms", "p99 ms", "errors"
-    );
-    for o in &r.responsive {
-        for (what, l) in [
+    let rows = r.responsive.iter().flat_map(|o| {
+        [
             ("plain", &o.plain),
             ("recorded", &o.recorded),
             ("responsive, at commit", &o.at_commit),
             ("responsive, at log ack", &o.at_log),
-        ] {
-            let _ = writeln!(
-                s,
-                "{:<10} {:<24} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>7}",
-                o.app.name(),
-                what,
-                l.per_sec,
-                l.latency.mean_us / 1e3,
-                l.latency.p50_us / 1e3,
-                l.latency.p99_us / 1e3,
-                l.errors
-            );
-        }
-    }
+        ]
+        .map(|(w, l)| (o.app, w, l))
+    });
+    render_loads(s, 24, 3, rows);
     let _ = writeln!(
         s,
         "\nWhat the log rule adds to a reply (its frame, from leaving the program to the backup's acknowledgement of its log; µs)"
