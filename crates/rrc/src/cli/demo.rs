@@ -226,8 +226,13 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
             );
         }
         let c = pair.replay_check_against(&report.received, &at_kill)?;
+        let connections = match (c.matched, c.unmatched.len()) {
+            (0, 0) => "the log holds no reply to a client (none was made after the checkpoint)"
+                .to_string(),
+            (n, _) => format!("{n} connection(s) wrote what their clients received, byte for byte"),
+        };
         println!(
-            "      {} events replayed from checkpoint {}, {} divergences, {}; {} connection(s) wrote what their clients received, byte for byte",
+            "      {} events replayed from checkpoint {}, {} divergences, {}; {connections}",
             c.events,
             t.epoch,
             c.divergences,
@@ -236,7 +241,6 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
             } else {
                 "the end of the log NOT reached"
             },
-            c.matched
         );
         ensure!(
             c.ok(),
