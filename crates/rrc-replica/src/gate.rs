@@ -255,6 +255,14 @@ impl ReplicationGate {
             }
         }
     }
+
+    /// Sends a frame that need not wait, behind whatever a release under
+    /// way has taken off the queue: those frames came before it, and must
+    /// not be overtaken between leaving the queue and reaching the wire.
+    fn send_now(&self, frame: &[u8], lan: &dyn FrameSink) -> io::Result<()> {
+        let _order = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
+        lan.send_frame(frame)
+    }
 }
 
 fn note(noting: bool, w: &mut WouldBe, f: &HeldFrame, now: Instant) {
@@ -290,7 +298,7 @@ impl PacketGate for ReplicationGate {
         let mut h = self.lock();
         if !h.holding {
             drop(h);
-            return lan.send_frame(frame.bytes());
+            return self.send_now(frame.bytes(), lan);
         }
         let n = h.next;
         h.next += 1;
@@ -310,7 +318,7 @@ impl PacketGate for ReplicationGate {
             h.noted_to = n + 1;
             if self.rule == Release::LogAck && h.queue.is_empty() {
                 drop(h);
-                return lan.send_frame(frame.bytes());
+                return self.send_now(frame.bytes(), lan);
             }
         }
         h.bytes += frame.len();
