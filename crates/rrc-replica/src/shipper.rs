@@ -28,7 +28,7 @@
 //! program pushes every record on its own, for speed; one header per
 //! record would double what crosses the link).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -84,14 +84,20 @@ pub struct ShipCounts {
 struct Drain {
     drain: RingDrain<'static>,
     shipped: Contiguous,
-    /// The shipped run's end, and since when it has not moved while
-    /// numbers above it were handed out.
-    stuck: Option<(u64, Instant)>,
+    /// The shipped run's end while numbers above it are handed out: where
+    /// it stopped, since when, and whether a checkpoint was asked for it.
+    stuck: Option<Stuck>,
     buf: Vec<u8>,
     out: Vec<u8>,
     /// Nothing is shipped any more: something went unrecorded.
     degraded: bool,
     unrecorded_seen: u32,
+}
+
+struct Stuck {
+    at: u64,
+    since: Instant,
+    asked: bool,
 }
 
 struct NetQueue {
@@ -110,7 +116,7 @@ pub struct Shipper {
     stats: ShipStats,
     checkpoint_wanted: AtomicBool,
     /// Children forked (unrecorded) and not seen reaped yet.
-    children: std::sync::atomic::AtomicI64,
+    children: AtomicI64,
     supervisor: Waker,
     stop: AtomicBool,
 }
@@ -140,7 +146,7 @@ impl Shipper {
             sink,
             stats: ShipStats::default(),
             checkpoint_wanted: AtomicBool::new(false),
-            children: std::sync::atomic::AtomicI64::new(0),
+            children: AtomicI64::new(0),
             supervisor,
             stop: AtomicBool::new(false),
         })
@@ -313,11 +319,11 @@ impl Shipper {
             d.stuck = None;
             return;
         }
-        match d.stuck {
-            Some((p, since)) if p == prefix => {
-                if since.elapsed() >= HOLE_WAIT {
-                    // Asked once per hole.
-                    d.stuck = Some((p, Instant::now() + Duration::from_secs(3600)));
+        match &mut d.stuck {
+            Some(s) if s.at == prefix => {
+                // Asked once per hole.
+                if !s.asked && s.since.elapsed() >= HOLE_WAIT {
+                    s.asked = true;
                     drop(d);
                     tracing::debug!(
                         missing = prefix + 1,
@@ -326,7 +332,13 @@ impl Shipper {
                     self.want_checkpoint();
                 }
             }
-            _ => d.stuck = Some((prefix, Instant::now())),
+            _ => {
+                d.stuck = Some(Stuck {
+                    at: prefix,
+                    since: Instant::now(),
+                    asked: false,
+                })
+            }
         }
     }
 }
