@@ -100,28 +100,27 @@ impl Shared {
     /// Ends the session for `why`: the reader stops at its next message
     /// (the link is shut down, so at once).
     fn fail(&self, why: String) {
-        *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
-        self.writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .abort(&why);
+        *crate::lock(&self.broken) = Some(why.clone());
+        crate::lock(&self.writer).abort(&why);
+    }
+
+    /// Why the session is over: the checkpoint thread's reason if it ended
+    /// it, else `link`'s.
+    fn why_broken(&self, link: String) -> String {
+        crate::lock(&self.broken).clone().unwrap_or(link)
     }
 
     /// Sends a message; false once the link is broken.
     fn send(&self, m: &Message) -> bool {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = crate::lock(&self.writer);
         w.send(m).is_ok()
     }
 
     /// Acknowledges the log if the backup holds more of it than it said.
     fn acknowledge(&self) -> bool {
-        let now = self
-            .log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .acknowledged();
+        let now = crate::lock(&self.log).acknowledged();
         {
-            let mut acked = self.acked.lock().unwrap_or_else(|p| p.into_inner());
+            let mut acked = crate::lock(&self.acked);
             if *acked == now {
                 return true;
             }
@@ -397,14 +396,7 @@ fn read_loop(
                     last_heard,
                 );
             }
-            Err(e) => {
-                let why = shared
-                    .broken
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone();
-                return failed(why.unwrap_or(format!("link broken: {e}")), last_heard);
-            }
+            Err(e) => return failed(shared.why_broken(format!("link broken: {e}")), last_heard),
         };
         last_heard = Instant::now();
         let ok = match msg {
@@ -413,32 +405,12 @@ fn read_loop(
             }),
             Message::Bye { .. } => return SessionEnd::Clean,
             Message::Log { data } => {
-                let r = shared
-                    .log
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .add_records(&data);
-                match r {
-                    Ok(()) => {
-                        unacknowledged = true;
-                        true
-                    }
-                    Err(e) => refuse_log(shared, &e.to_string()),
-                }
+                let r = crate::lock(&shared.log).add_records(&data);
+                stored(shared, r, &mut unacknowledged)
             }
             Message::NetLog { first, frames } => {
-                let r = shared
-                    .log
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .add_frames(first, frames);
-                match r {
-                    Ok(()) => {
-                        unacknowledged = true;
-                        true
-                    }
-                    Err(e) => refuse_log(shared, &e.to_string()),
-                }
+                let r = crate::lock(&shared.log).add_frames(first, frames);
+                stored(shared, r, &mut unacknowledged)
             }
             // Staged and committed on the checkpoint thread, in order: the
             // disk's pace (files are synced) must not hold up the log.
@@ -453,24 +425,31 @@ fn read_loop(
             }
         };
         if !ok {
-            let why = shared
-                .broken
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_else(|| "link broken".into());
-            return failed(why, last_heard);
+            return failed(shared.why_broken("link broken".into()), last_heard);
         }
     }
 }
 
-/// Log data that does not check out: the primary is told, and starts over
-/// from a full checkpoint.
-fn refuse_log(shared: &Shared, why: &str) -> bool {
-    tracing::warn!(reason = why, "log data refused");
-    shared.send(&Message::BackupError {
-        reason: format!("log data refused: {why}"),
-    })
+/// After log data arrived: it is to be acknowledged once stored; if it
+/// does not check out, the primary is told, and starts over from a full
+/// checkpoint. False once the link is broken.
+fn stored(
+    shared: &Shared,
+    r: Result<(), crate::log_store::LogStoreError>,
+    unacknowledged: &mut bool,
+) -> bool {
+    match r {
+        Ok(()) => {
+            *unacknowledged = true;
+            true
+        }
+        Err(e) => {
+            tracing::warn!(reason = %e, "log data refused");
+            shared.send(&Message::BackupError {
+                reason: format!("log data refused: {e}"),
+            })
+        }
+    }
 }
 
 /// Stages the checkpoints the primary sends and commits each once
@@ -540,21 +519,13 @@ fn commit_staged(
     t0: Instant,
     progress: &mut Progress,
 ) -> Message {
-    let previous = shared
-        .committed
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let previous = crate::lock(&shared.committed).clone();
     match commit(layer, image, previous.as_ref()) {
         Ok((epoch, position)) => {
             if let Some(pos) = position {
-                shared
-                    .log
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .committed(pos);
+                crate::lock(&shared.log).committed(pos);
             }
-            *shared.committed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Committed {
+            *crate::lock(&shared.committed) = Some(Committed {
                 series,
                 epoch,
                 position,

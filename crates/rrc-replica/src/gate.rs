@@ -138,7 +138,7 @@ impl ReplicationGate {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.held)
     }
 
     /// The number the next outbound frame will get: with the container's
@@ -220,7 +220,7 @@ impl ReplicationGate {
     /// Sends the held frames at the front of the queue that `may_go`
     /// lets go, in order, stopping at the first it keeps.
     fn release(&self, may_go: impl Fn(&HeldFrame) -> bool) {
-        let _order = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
+        let _order = crate::lock(&self.releasing);
         let out: Vec<Vec<u8>> = {
             let mut h = self.lock();
             let now = Instant::now();
@@ -260,7 +260,7 @@ impl ReplicationGate {
     /// way has taken off the queue: those frames came before it, and must
     /// not be overtaken between leaving the queue and reaching the wire.
     fn send_now(&self, frame: &[u8], lan: &dyn FrameSink) -> io::Result<()> {
-        let _order = self.releasing.lock().unwrap_or_else(|p| p.into_inner());
+        let _order = crate::lock(&self.releasing);
         lan.send_frame(frame)
     }
 }

@@ -30,6 +30,13 @@ use std::time::Duration;
 /// under load, and a reply waits for every wake-up on their way.
 pub(crate) const POLL_SPIN: Duration = Duration::from_micros(100);
 
+/// Takes `m`'s lock even when a thread panicked holding it: replication
+/// goes on, and every state these locks guard is whole between two
+/// statements that change it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The link's security settings, the same on both ends: a peer that has
 /// not completed the handshake in 2 s is dropped.
 pub(crate) fn link_security() -> rrc_wire::SecureConfig {

@@ -145,11 +145,11 @@ impl Outbox {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        self.q.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.q)
     }
 
     fn lock_writer(&self) -> std::sync::MutexGuard<'_, Option<SecureWriter>> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.writer)
     }
 
     fn push_small(&self, msgs: Vec<Message>, bytes: usize) {

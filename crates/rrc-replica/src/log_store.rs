@@ -52,8 +52,6 @@ pub struct LogStore {
     batches: Vec<Stored>,
     net: Contiguous,
     frames: BTreeMap<u64, Vec<u8>>,
-    /// Bytes held now.
-    bytes: usize,
 }
 
 /// Whether a replay cannot go past `e`: the log is no use beyond it until a
@@ -77,18 +75,7 @@ impl LogStore {
             batches: Vec::new(),
             net: Contiguous::from_base(base.net),
             frames: BTreeMap::new(),
-            bytes: 0,
         }
-    }
-
-    /// Where the last committed checkpoint stands.
-    pub fn base(&self) -> LogPosition {
-        self.base
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.bytes
     }
 
     /// Takes record batches (back to back, as one `Log` message carries
@@ -122,7 +109,6 @@ impl LogStore {
             }
             self.barriers
                 .extend(barriers.into_iter().filter(|b| *b > self.base.records));
-            self.bytes += bytes.len();
             self.batches.push(Stored {
                 first,
                 last,
@@ -143,7 +129,6 @@ impl LogStore {
                 continue;
             }
             self.net.insert(n);
-            self.bytes += f.len();
             self.frames.insert(n, f);
         }
         Ok(())
@@ -170,8 +155,6 @@ impl LogStore {
         self.barriers = self.barriers.split_off(&(at.records + 1));
         self.batches.retain(|b| b.last > at.records);
         self.frames = self.frames.split_off(&(at.net + 1));
-        self.bytes = self.batches.iter().map(|b| b.bytes.len()).sum::<usize>()
-            + self.frames.values().map(Vec::len).sum::<usize>();
     }
 
     /// Writes the acknowledged log (records after the base up to the

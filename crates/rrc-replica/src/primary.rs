@@ -151,7 +151,7 @@ impl AckHandler for Releases {
 
     fn committed(&self, epoch: u64) {
         let mark = {
-            let mut m = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = crate::lock(&self.marks);
             let mark = m.get(&epoch).copied();
             // Older epochs are behind us.
             *m = m.split_off(&(epoch + 1));
@@ -363,11 +363,7 @@ impl Primary {
                     log.checkpoint_at(at);
                 }
                 let epoch = r.lineage.epoch;
-                self.releases
-                    .marks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(epoch, mark);
+                crate::lock(&self.releases.marks).insert(epoch, mark);
                 self.in_flight = Some(InFlight { epoch, sent: None });
                 self.link.send(Job {
                     series: r.lineage.series,

@@ -202,7 +202,7 @@ impl Shipper {
     }
 
     fn lock_drain(&self) -> std::sync::MutexGuard<'_, Drain> {
-        self.drain.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.drain)
     }
 
     fn want_checkpoint(&self) {
@@ -215,7 +215,7 @@ impl Shipper {
     /// Sends every pending net frame and every record the rings hold.
     pub fn ship(&self) {
         let (first, frames) = {
-            let mut q = self.net.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = crate::lock(&self.net);
             let first = q.first;
             q.first += q.frames.len() as u64;
             (first, std::mem::take(&mut q.frames))
@@ -418,7 +418,7 @@ impl Merge<'_, '_> {
 
 impl LogTap for Shipper {
     fn log_inbound(&self, frame: &[u8]) -> u64 {
-        let mut q = self.net.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = crate::lock(&self.net);
         q.frames.push(frame.to_vec());
         let n = q.first + q.frames.len() as u64 - 1;
         self.net_last.store(n, Ordering::Release);
