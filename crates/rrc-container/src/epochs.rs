@@ -75,15 +75,12 @@ impl EpochCheckpointer {
         series: &SeriesDir,
     ) -> rrc_ckpt::Result<(EpochReport, Option<ApplyReport>)> {
         let inc = &mut self.inc;
-        let mut taken = None;
+        // The network is paused for the checkpoint only, not while it is
+        // applied onto the series' image.
         let r = paused(c, &mut (), |_| {
-            let r = inc.checkpoint(&series.layer(inc.next_epoch()));
-            if let Ok(report) = &r {
-                taken = Some(report.lineage.epoch);
-            }
-            r
+            inc.checkpoint(&series.layer(inc.next_epoch()))
         })?;
-        let applied = series.commit(taken.expect("taken when Ok"))?;
+        let applied = series.commit(r.lineage.epoch)?;
         Ok((r, applied))
     }
 

@@ -52,12 +52,16 @@ impl ExitReport {
 /// checkpoints.
 pub trait Companion {
     /// When it next wants to run, if at a set time.
-    fn next_wake(&self) -> Option<Instant>;
+    fn next_wake(&self) -> Option<Instant> {
+        None
+    }
     /// A file descriptor that becomes readable when it wants to run.
-    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>>;
+    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// Runs it: its time came or its descriptor is readable (or another
     /// companion's was: it must check for itself).
-    fn on_wake(&mut self, container: &mut Container);
+    fn on_wake(&mut self, _container: &mut Container) {}
     /// The container is about to be removed.
     fn on_stop(&mut self, container: &mut Container);
     /// It takes the container's periodic checkpoints: no other series may
@@ -213,9 +217,9 @@ impl Container {
                 keep_deltas,
                 copy,
             } => match Series::start(self, &dir, keep_deltas, copy.into()) {
-                Ok(epochs) => companions.push(Box::new(Series {
-                    dir: epochs.1,
-                    epochs: Some(epochs.0),
+                Ok((epochs, dir)) => companions.push(Box::new(Series {
+                    dir,
+                    epochs: Some(epochs),
                     every: Duration::from_micros(every_us.max(1000)),
                     left: count,
                     until: for_us.map(|us| Instant::now() + Duration::from_micros(us)),
@@ -436,10 +440,6 @@ impl Series {
 impl Companion for Series {
     fn next_wake(&self) -> Option<Instant> {
         self.epochs.as_ref().map(|_| self.next_at)
-    }
-
-    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        None
     }
 
     fn on_wake(&mut self, c: &mut Container) {

@@ -218,13 +218,6 @@ impl Rings {
 struct Done;
 
 impl Companion for Done {
-    fn next_wake(&self) -> Option<std::time::Instant> {
-        None
-    }
-    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        None
-    }
-    fn on_wake(&mut self, _c: &mut Container) {}
     fn on_stop(&mut self, _c: &mut Container) {}
     fn done(&self) -> bool {
         true
@@ -374,16 +367,6 @@ struct Drain {
 }
 
 impl Companion for Drain {
-    fn next_wake(&self) -> Option<std::time::Instant> {
-        None
-    }
-
-    fn wake_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
-        None
-    }
-
-    fn on_wake(&mut self, _c: &mut Container) {}
-
     fn on_stop(&mut self, _c: &mut Container) {
         let Some(r) = self.recorder.take() else {
             return;

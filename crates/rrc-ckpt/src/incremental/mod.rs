@@ -192,18 +192,8 @@ impl Incremental {
         &mut self,
         series: &SeriesDir,
     ) -> Result<(EpochReport, Option<ApplyReport>)> {
-        self.checkpoint_into_with(series, &mut Annotations::new)
-    }
-
-    /// [`Incremental::checkpoint_into`] with a hook run while the tree is
-    /// stopped (see [`Incremental::checkpoint_with`]).
-    pub fn checkpoint_into_with(
-        &mut self,
-        series: &SeriesDir,
-        at_freeze: AtFreeze,
-    ) -> Result<(EpochReport, Option<ApplyReport>)> {
         let epoch = self.next_epoch;
-        let r = self.checkpoint_with(&series.layer(epoch), at_freeze)?;
+        let r = self.checkpoint(&series.layer(epoch))?;
         let a = series.commit(epoch)?;
         Ok((r, a))
     }
