@@ -248,7 +248,7 @@ impl ReplayConfig {
             let key = std::str::from_utf8(key).map_err(|_| bad(n, "a key that is not text"))?;
             let key = KEYS
                 .iter()
-                .copied()
+                .map(|(k, _)| *k)
                 .find(|k| *k == key)
                 .ok_or_else(|| bad(n, &format!("unknown setting `{key}`")))?;
             if seen.contains(&key) {
@@ -281,34 +281,29 @@ impl ReplayConfig {
         if !ended {
             return Err(bad(0, "the text does not end with a newline (torn)"));
         }
-        if let Some(missing) = REQUIRED.iter().find(|k| !seen.contains(k)) {
+        if let Some((missing, _)) = KEYS
+            .iter()
+            .find(|(k, required)| *required && !seen.contains(k))
+        {
             return Err(bad(0, &format!("`{missing}` is missing")));
         }
         Ok(cfg)
     }
 }
 
-const KEYS: &[&str] = &[
-    "log",
-    "logs",
-    "order",
-    "timing",
-    "stop",
-    "from",
-    "until",
-    "virtual",
-    "addresses",
-    "capture",
-];
-const REQUIRED: &[&str] = &[
-    "log",
-    "logs",
-    "order",
-    "timing",
-    "stop",
-    "from",
-    "virtual",
-    "addresses",
+/// Every key of the configuration, and whether it is required (the table
+/// in the module's documentation).
+const KEYS: &[(&str, bool)] = &[
+    ("log", true),
+    ("logs", true),
+    ("order", true),
+    ("timing", true),
+    ("stop", true),
+    ("from", true),
+    ("until", false),
+    ("virtual", true),
+    ("addresses", true),
+    ("capture", false),
 ];
 
 fn bad(line: usize, problem: &str) -> InterfaceError {
