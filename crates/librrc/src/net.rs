@@ -118,9 +118,42 @@ pub fn closed(fd: c_int) {
     }
 }
 
-/// Most buffers one capture record gathers (the iovec array is on the
-/// stack of the program's thread).
-const MAX_PARTS: usize = 64;
+/// Most buffers one call gathers (an iovec array on the stack of the
+/// program's thread): a capture record, or an output call made for real
+/// over part of the program's data; more take several.
+pub const MAX_PARTS: usize = 64;
+
+/// Fills `out` with iovecs over bytes `from..to` of `parts` (buffers of
+/// the program's, back to back), as many as `out` holds; returns how many,
+/// and how many bytes they cover.
+pub fn slice(
+    parts: &[libc::iovec],
+    from: usize,
+    to: usize,
+    out: &mut [libc::iovec],
+) -> (usize, usize) {
+    let (mut n, mut at, mut len) = (0usize, 0usize, 0usize);
+    for p in parts {
+        if n == out.len() || at >= to {
+            break;
+        }
+        let (start, end) = (at, at.saturating_add(p.iov_len));
+        at = end;
+        let (lo, hi) = (start.max(from), end.min(to));
+        if lo >= hi {
+            continue;
+        }
+        out[n] = libc::iovec {
+            // Inside the program's buffer: `lo - start` is below its
+            // length.
+            iov_base: p.iov_base.cast::<u8>().wrapping_add(lo - start).cast(),
+            iov_len: hi - lo,
+        };
+        n += 1;
+        len += hi - lo;
+    }
+    (n, len)
+}
 
 /// Keeps the first `want` bytes of `parts` (buffers of the program's),
 /// written to virtual descriptor `fd`: one record, or several for many
@@ -129,41 +162,20 @@ pub fn capture(fd: c_int, parts: &[libc::iovec], want: usize) {
     if CAPTURE.load(Ordering::Acquire) < 0 {
         return;
     }
+    // Room for the record's header first.
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; MAX_PARTS + 1];
-    let mut left = want;
-    // Where the next record starts: part `i`, `skip` bytes into it.
-    let (mut i, mut skip) = (0usize, 0usize);
-    while left > 0 && i < parts.len() {
-        let room = left.min(interface::CAPTURE_MAX_LEN as usize);
-        let (mut n, mut len) = (1usize, 0usize);
-        while n <= MAX_PARTS && i < parts.len() && len < room {
-            let p = parts[i];
-            let avail = p.iov_len.saturating_sub(skip);
-            let take = avail.min(room - len);
-            if take > 0 {
-                iov[n] = libc::iovec {
-                    // Inside the program's buffer: `skip + take` is at most
-                    // its length.
-                    iov_base: p.iov_base.cast::<u8>().wrapping_add(skip).cast(),
-                    iov_len: take,
-                };
-                n += 1;
-                len += take;
-            }
-            if take == avail {
-                i += 1;
-                skip = 0;
-            } else {
-                skip += take;
-            }
+    let mut done = 0;
+    while done < want {
+        let to = want.min(done.saturating_add(interface::CAPTURE_MAX_LEN as usize));
+        let (n, len) = slice(parts, done, to, &mut iov[1..]);
+        if len == 0 {
+            break;
         }
-        if len > 0 {
-            write_record(fd, len as u32, &mut iov[..n]);
-        }
-        left -= len;
+        write_record(fd, len as u32, &mut iov[..=n]);
+        done += len;
     }
 }
 

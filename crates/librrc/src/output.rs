@@ -21,12 +21,9 @@ use libc::{c_int, c_void, iovec, msghdr, off_t, size_t, sockaddr, socklen_t, ssi
 use rrc_rr::log::{Event, WriteCall};
 
 use crate::hooks::{SavedErrno, logged, outcome, served};
+use crate::net::{self, MAX_PARTS};
 use crate::real::get;
-use crate::{net, record, replay};
-
-/// Most buffers one call for real gathers (the iovec array is on the stack
-/// of the program's thread); more take several calls.
-const MAX_PARTS: usize = 64;
+use crate::{record, replay};
 
 /// Bytes of a `sendfile` input read at a time to be captured.
 const FILE_CHUNK: usize = 64 << 10;
@@ -370,7 +367,7 @@ unsafe fn write_for_real(fd: c_int, out: Out, want: usize) {
                     iov_base: std::ptr::null_mut(),
                     iov_len: 0,
                 }; MAX_PARTS];
-                let n = slice(parts, done, want, &mut iov);
+                let (n, _) = net::slice(parts, done, want, &mut iov);
                 if n == 0 {
                     return;
                 }
@@ -423,31 +420,6 @@ unsafe fn prefix_call(fd: c_int, out: Out, iov: &[iovec], first: bool) -> ssize_
     };
     // SAFETY: a message header over the program's buffers and address.
     unsafe { get::sendmsg()(fd, &m, flags) }
-}
-
-/// Fills `out` with iovecs over bytes `from..to` of `parts`, at most
-/// [`MAX_PARTS`] of them; returns how many.
-fn slice(parts: &[iovec], from: usize, to: usize, out: &mut [iovec; MAX_PARTS]) -> usize {
-    let (mut n, mut at) = (0usize, 0usize);
-    for p in parts {
-        if n == MAX_PARTS || at >= to {
-            break;
-        }
-        let (start, end) = (at, at.saturating_add(p.iov_len));
-        at = end;
-        let (lo, hi) = (start.max(from), end.min(to));
-        if lo >= hi {
-            continue;
-        }
-        out[n] = iovec {
-            // Inside the program's buffer: `lo - start` is below its
-            // length.
-            iov_base: p.iov_base.cast::<u8>().wrapping_add(lo - start).cast(),
-            iov_len: hi - lo,
-        };
-        n += 1;
-    }
-    n
 }
 
 #[unsafe(no_mangle)]

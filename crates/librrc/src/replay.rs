@@ -201,6 +201,7 @@ fn start(cfg: ReplayConfig) {
 
 fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
     let dir = cfg.log_dir.as_path();
+    let until = cfg.until.unwrap_or(u64::MAX);
     // Listing the directory would go through the C library's opendir,
     // which allocates with the program's malloc and so changes what the
     // program's allocator does next; `rrc replay` passes the list.
@@ -237,7 +238,7 @@ fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
                 // Records beyond `until` are never served: they are not
                 // waited for, and the end of the log is reached without
                 // them.
-                if rec.seq <= cfg.until.unwrap_or(u64::MAX) {
+                if rec.seq <= until {
                     seqs.push(rec.seq);
                 }
             }
@@ -254,7 +255,7 @@ fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
         logs,
         seqs,
         from: cfg.from,
-        until: cfg.until.unwrap_or(u64::MAX),
+        until,
         order: cfg.order,
         timing: cfg.timing,
         stop_at_end: cfg.stop_at_end,
