@@ -334,6 +334,18 @@ impl Shared {
         })
     }
 
+    /// Whether `half` (which has `failed` itself, or not) can still be
+    /// used: its own failure makes it spent, the other half's ends it too.
+    fn usable(&self, half: Half, failed: bool) -> Result<()> {
+        if failed {
+            return Err(WireError::Poisoned);
+        }
+        match self.other_failed(half) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Ends the connection after `half` met `e`, and returns the error to
     /// report. If the other half failed first, this error is most likely its
     /// consequence (the shutdown below woke us), so the other half's failure
@@ -602,13 +614,7 @@ impl SecureWriter {
     }
 
     fn check(&self) -> Result<()> {
-        if self.failed {
-            return Err(WireError::Poisoned);
-        }
-        match self.shared.other_failed(Half::Writer) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.shared.usable(Half::Writer, self.failed)
     }
 
     fn send_frame(&mut self, frame: &[u8]) -> Result<()> {
@@ -697,13 +703,7 @@ impl SecureReader {
     }
 
     fn check(&self) -> Result<()> {
-        if self.failed {
-            return Err(WireError::Poisoned);
-        }
-        match self.shared.other_failed(Half::Reader) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.shared.usable(Half::Reader, self.failed)
     }
 
     /// The next message: looked for without sleeping for up to `spin`
