@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use rrc_ckpt::image::ImageDir;
 use rrc_container::launch::{Launch, Launched, Source};
-use rrc_container::restore::RestoreSpec;
 use rrc_session::recording::{RecordingAnnotation, RecordingDir};
 use rrc_wire::{Key, Message, Role, SecureReader, SecureStream, SecureWriter, Stage, WireError};
 
@@ -229,9 +228,8 @@ pub fn serve(
 /// said once it ran. A recorded program stops recording (its log went to
 /// the primary's backup, which this host no longer has).
 pub fn restore_as_container(image: &Path, uplink: Option<String>) -> Result<String, String> {
-    let copy = rrc_session::recording::unrecorded_copy(image).map_err(|e| e.to_string())?;
-    let from = copy.as_ref().map_or(image, |c| c.path());
-    let spec = RestoreSpec::from_image(from, None, uplink).map_err(|e| e.to_string())?;
+    let (spec, _copy) = rrc_session::recording::unrecorded_restore(image, None, uplink)
+        .map_err(|e| e.to_string())?;
     match Launch::new(Source::Image(spec)).detach(true).run() {
         Ok(Launched::Detached(msg)) => Ok(msg),
         Ok(Launched::Ended(r)) => Err(format!(

@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 
 use rrc_ckpt::dump::ShmemLimit;
 use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
+use rrc_container::ContainerName;
 use rrc_container::create::Container;
 use rrc_container::launch::{CompanionError, Launch, MakeCompanion};
+use rrc_container::restore::RestoreSpec;
 use rrc_container::supervise::Companion;
 use rrc_rr::agent::{RecordStats, Recorder};
 use rrc_rr::interface;
@@ -244,6 +246,22 @@ pub fn unrecorded_copy(images: &Path) -> Result<Option<WorkingCopy>> {
     rrc_rr::ring::mark_copy(page, CopyMark::Stop)?;
     edit.save()?;
     Ok(Some(copy))
+}
+
+/// How to restore the container checkpointed in `images` on this host
+/// (see [`RestoreSpec::from_image`]) so that a recorded program in it
+/// stops recording and runs on: from an [`unrecorded_copy`] when the image
+/// is of a recorded program. The copy, if one was made, is to be kept
+/// until the restore is done.
+pub fn unrecorded_restore(
+    images: &Path,
+    name: Option<ContainerName>,
+    uplink: Option<String>,
+) -> Result<(RestoreSpec, Option<WorkingCopy>)> {
+    let copy = unrecorded_copy(images)?;
+    let from = copy.as_ref().map_or(images, |c| c.path());
+    let spec = RestoreSpec::from_image(from, name, uplink)?;
+    Ok((spec, copy))
 }
 
 /// A recording directory.

@@ -7,7 +7,7 @@ use clap::Args;
 use rrc_ckpt::restore::{RestoreOptions, restore as run_restore};
 use rrc_container::launch::{Launch, Source};
 use rrc_container::probe;
-use rrc_container::restore::{ContainerAnnotation, RestoreSpec};
+use rrc_container::restore::ContainerAnnotation;
 
 /// Restore a container or process tree from an image made by
 /// `rrc checkpoint`.
@@ -47,9 +47,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     }
     let name = a.name.as_deref().map(str::parse).transpose()?;
     // A recorded program stops recording: nothing drains its rings here.
-    let copy = rrc_session::recording::unrecorded_copy(&images)?;
-    let from = copy.as_ref().map_or(images.as_path(), |c| c.path());
-    let spec = RestoreSpec::from_image(from, name, a.uplink)?;
+    let (spec, _copy) = rrc_session::recording::unrecorded_restore(&images, name, a.uplink)?;
     let launched = Launch::new(Source::Image(spec)).detach(true).run()?;
     Ok(super::exit_code(launched))
 }
