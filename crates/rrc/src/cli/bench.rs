@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rrc_bench::net::{self, NetBenchConfig};
 
+use super::ModeArg;
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Checkpoint time, the pause the process sees, image size and restore
@@ -105,12 +107,6 @@ pub struct FailoverArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum ModeArg {
-    Checkpoint,
-    Responsive,
 }
 
 #[derive(Debug, Args)]
@@ -294,10 +290,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 pair: PairOptions {
                     epoch: a.epoch,
                     timeout: a.timeout,
-                    mode: match a.mode {
-                        ModeArg::Checkpoint => rrc_bench::failover::Mode::Checkpoint,
-                        ModeArg::Responsive => rrc_bench::failover::Mode::Responsive,
-                    },
+                    mode: a.mode.into(),
                     release_at_log: false,
                 },
                 seed: a.seed.unwrap_or_else(Moments::seed_from_clock),

@@ -11,6 +11,8 @@ use rrc_bench::session::LabSession;
 use rrc_bench::verify::{self, Live, LiveReading};
 use rrc_lab::Host;
 
+use super::ModeArg;
+
 /// Demonstrate a replicated service surviving the loss of its host.
 ///
 /// In a local lab: `rrc backup` waits on the `backup` host; Redis runs as a
@@ -39,14 +41,8 @@ pub struct DemoArgs {
     /// primary also streams Redis's log to the backup; after the takeover
     /// the backup's checkpoint and log are replayed offline and compared
     /// with what the clients received.
-    #[arg(long, value_enum, default_value_t = DemoMode::Responsive)]
-    mode: DemoMode,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum DemoMode {
-    Checkpoint,
-    Responsive,
+    #[arg(long, value_enum, default_value_t = ModeArg::Responsive)]
+    mode: ModeArg,
 }
 
 const STEPS: u32 = 7;
@@ -76,17 +72,11 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
         2,
         &format!(
             "starting the backup, then Redis replicated from primary ({} mode)",
-            match a.mode {
-                DemoMode::Checkpoint => "checkpoint",
-                DemoMode::Responsive => "responsive",
-            }
+            Mode::from(a.mode).name()
         ),
     );
     let opts = PairOptions {
-        mode: match a.mode {
-            DemoMode::Checkpoint => Mode::Checkpoint,
-            DemoMode::Responsive => Mode::Responsive,
-        },
+        mode: a.mode.into(),
         ..PairOptions::default()
     };
     let mut pair = Pair::new(&lab, App::Redis, opts)?;
@@ -95,7 +85,7 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     println!(
         "      the backup holds Redis's first checkpoint; one every 100 ms follows, each released reply waits for it"
     );
-    if a.mode == DemoMode::Responsive {
+    if a.mode == ModeArg::Responsive {
         println!(
             "      Redis runs recorded: its log and its inbound frames reach the backup as they come"
         );
@@ -213,7 +203,7 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
         t.epoch
     );
 
-    if a.mode == DemoMode::Responsive {
+    if a.mode == ModeArg::Responsive {
         step(
             6,
             "replaying the backup's checkpoint and log offline (the new primary stops)",

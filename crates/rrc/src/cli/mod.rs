@@ -87,6 +87,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// A replication mode, as `--mode` takes it (`rrc primary`, `rrc demo`,
+/// `rrc bench failover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Checkpoint,
+    Responsive,
+}
+
+impl From<ModeArg> for rrc_bench::failover::Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Checkpoint => rrc_bench::failover::Mode::Checkpoint,
+            ModeArg::Responsive => rrc_bench::failover::Mode::Responsive,
+        }
+    }
+}
+
 /// The exit code of a command that launched a container: 0 once a
 /// detached one runs (its words printed), the program's own otherwise.
 pub fn exit_code(l: rrc_container::launch::Launched) -> i32 {

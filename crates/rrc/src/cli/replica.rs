@@ -16,6 +16,7 @@ use rrc_replica::primary::{PrimaryOptions, Replication};
 use rrc_session::recording::Rings;
 use rrc_wire::Key;
 
+use super::ModeArg;
 use super::checkpoint::Copy;
 use super::run::ContainerArgs;
 
@@ -64,8 +65,8 @@ pub struct PrimaryArgs {
     /// (librrc preloaded) and its log streamed to the backup as it comes;
     /// replies still wait for the commit in this release, and the primary
     /// reports how long they would have waited for the log alone.
-    #[arg(long, value_enum, default_value_t = Mode::Checkpoint)]
-    mode: Mode,
+    #[arg(long, value_enum, default_value_t = ModeArg::Checkpoint)]
+    mode: ModeArg,
     /// Responsive mode: when replies leave. commit: once the next
     /// checkpoint is committed by the backup. log: as soon as the backup
     /// holds the log they depend on. In this release `log` is for
@@ -83,12 +84,6 @@ pub struct PrimaryArgs {
 enum ReleaseArg {
     Commit,
     Log,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Mode {
-    Checkpoint,
-    Responsive,
 }
 
 /// Keep a replica of a primary's container and take over when it fails.
@@ -202,7 +197,7 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         copy: CopyChoice::from(a.copy).into(),
     };
     if a.release == ReleaseArg::Log {
-        if !matches!(a.mode, Mode::Responsive) {
+        if a.mode != ModeArg::Responsive {
             bail!("--release log needs --mode responsive: only a log can release replies early");
         }
         eprintln!(
@@ -214,14 +209,14 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         ReleaseArg::Log => Release::LogAck,
     };
     let launch = match a.mode {
-        Mode::Checkpoint => {
+        ModeArg::Checkpoint => {
             let repl = Replication::checkpoint_only(opts)?;
             a.container
                 .launch(Vec::new())?
                 .gate(repl.gate())
                 .companion(repl.companion())
         }
-        Mode::Responsive => {
+        ModeArg::Responsive => {
             let rings = Rings::create(&a.container.program()?, true)?;
             let launch = rings.into_launch(a.container.launch(rings.environment())?);
             let (rings, close) = rings.leak();

@@ -78,7 +78,7 @@ impl ContainerArgs {
         self.addr.as_deref()
     }
 
-    /// The container's address without its prefix, if it has one.
+    /// The container's address without its prefix (an error without one).
     pub fn service_ip(&self) -> Result<std::net::Ipv4Addr> {
         let addr = self.addr.as_deref().unwrap_or_default();
         let ip = addr.split('/').next().unwrap_or_default();
@@ -96,21 +96,7 @@ impl ContainerArgs {
             std::env::var_os("PATH").as_deref(),
         )?)
     }
-}
 
-pub fn run(a: RunArgs) -> Result<i32> {
-    let launch = match &a.record {
-        Some(dir) => {
-            let rec = Recording::prepare(dir, &a.container.program()?)?;
-            let launch = a.container.launch(rec.environment())?;
-            rec.launch(launch)
-        }
-        None => a.container.launch(Vec::new())?,
-    };
-    Ok(super::exit_code(launch.run()?))
-}
-
-impl ContainerArgs {
     /// The launch of the container these arguments describe, with `env`
     /// added to the program's environment.
     pub(super) fn launch(&self, env: Vec<(OsString, OsString)>) -> Result<Launch<'static>> {
@@ -140,4 +126,16 @@ impl ContainerArgs {
             .stop_timeout(self.stop_timeout)
             .spin(self.spin))
     }
+}
+
+pub fn run(a: RunArgs) -> Result<i32> {
+    let launch = match &a.record {
+        Some(dir) => {
+            let rec = Recording::prepare(dir, &a.container.program()?)?;
+            let launch = a.container.launch(rec.environment())?;
+            rec.launch(launch)
+        }
+        None => a.container.launch(Vec::new())?,
+    };
+    Ok(super::exit_code(launch.run()?))
 }
