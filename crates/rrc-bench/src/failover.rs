@@ -331,15 +331,18 @@ impl<'a> Pair<'a> {
             .wait_tcp(Host::Client, self.target(), Duration::from_secs(10))
     }
 
-    /// What the primary's replication reports (`rrc status`), as JSON.
-    pub fn primary_status(&self) -> Result<serde_json::Value> {
+    /// What the primary's replication reports (`rrc status`).
+    pub fn primary_status(&self) -> Result<rrc_replica::primary::PrimaryStats> {
         let out = self.lab.run_on(
             Host::Primary,
             &[&self.lab.rrc_path(), "status", self.app.name()],
         )?;
-        let v: serde_json::Value =
+        let mut v: std::collections::BTreeMap<String, serde_json::Value> =
             serde_json::from_str(&out).context("rrc status did not print JSON")?;
-        Ok(v["replication"].clone())
+        let r = v
+            .remove("replication")
+            .context("rrc status says nothing of a replication")?;
+        serde_json::from_value(r).context("rrc status: the replication's figures")
     }
 
     /// Stops the primary's container (and with it the primary).

@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rrc_lab::Host;
+use rrc_replica::gate::DelaySummary;
+use rrc_replica::primary::PrimaryStats;
 use serde::Serialize;
 
 use crate::failover::{App, Mode, Moments, Pair, PairOptions, ReplayCheck, Trial, trial};
@@ -25,12 +27,13 @@ use crate::verify::{self, VerifyReport};
 #[derive(Debug, Clone)]
 pub struct FailoverConfig {
     pub apps: Vec<App>,
-    /// The mode the kills are made in; with responsive, its costs are
-    /// measured side by side first.
+    /// Primary kills per application.
     pub kills: usize,
     pub connections: usize,
     /// How long each overhead load runs.
     pub load: Duration,
+    /// How the pair runs: its mode is the one the kills are made in (in
+    /// responsive mode, its costs are measured side by side first).
     pub pair: PairOptions,
     pub seed: u64,
 }
@@ -82,8 +85,8 @@ pub struct Responsive {
     /// How long frames with payload waited, under the log rule, from
     /// leaving the program to the backup's acknowledgement of their log:
     /// noted while replies waited for commits, and for real.
-    pub would_be_at_commit: DelayFigures,
-    pub held_at_log: DelayFigures,
+    pub would_be_at_commit: DelaySummary,
+    pub held_at_log: DelaySummary,
     /// Log bytes per request (event records; inbound frames), and the
     /// link's load (log; checkpoints), during the load with replies at log
     /// acknowledgement.
@@ -91,27 +94,6 @@ pub struct Responsive {
     pub net_bytes_per_request: f64,
     pub log_mb_per_s: f64,
     pub checkpoint_mb_per_s: f64,
-}
-
-/// A delay summary as `rrc status` reports it, in microseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct DelayFigures {
-    pub count: u64,
-    pub avg_us: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-}
-
-impl DelayFigures {
-    fn of(v: &serde_json::Value) -> DelayFigures {
-        let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-        DelayFigures {
-            count: v["count"].as_u64().unwrap_or(0),
-            avg_us: f("avg_us"),
-            p50_us: f("p50_us"),
-            p99_us: f("p99_us"),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -296,7 +278,7 @@ fn responsive_costs(
     let _ = std::fs::remove_dir_all(&log);
     let recorded = recorded?;
 
-    let at = |release_at_log: bool| -> Result<(Load, serde_json::Value, serde_json::Value)> {
+    let at = |release_at_log: bool| -> Result<(Load, PrimaryStats, PrimaryStats)> {
         progress(&format!(
             "{}: responsive primary, replies released at {}",
             app.name(),
@@ -322,31 +304,24 @@ fn responsive_costs(
     };
     let (at_commit, _, commit_status) = at(false)?;
     let (at_log, before, after) = at(true)?;
-    let delta = |v: &serde_json::Value, path: &[&str]| -> f64 {
-        let get = |v: &serde_json::Value| {
-            path.iter()
-                .fold(v.clone(), |v, k| v[*k].clone())
-                .as_f64()
-                .unwrap_or(0.0)
-        };
-        get(v) - get(&before)
-    };
+    // What went through during the load, in bytes.
+    let during = |f: &dyn Fn(&PrimaryStats) -> u64| f(&after).saturating_sub(f(&before)) as f64;
     let requests = at_log.requests.max(1) as f64;
     let secs = (cfg.load + Duration::from_millis(500)).as_secs_f64();
-    let record_bytes = delta(&after, &["log", "record_bytes"]);
-    let frame_bytes = delta(&after, &["log", "frame_bytes"]);
+    let record_bytes = during(&|s| s.log.map_or(0, |l| l.record_bytes));
+    let frame_bytes = during(&|s| s.log.map_or(0, |l| l.frame_bytes));
     Ok(Responsive {
         app,
         plain,
         recorded,
         at_commit,
         at_log,
-        would_be_at_commit: DelayFigures::of(&commit_status["would_be_data"]),
-        held_at_log: DelayFigures::of(&after["would_be_data"]),
+        would_be_at_commit: commit_status.would_be_data,
+        held_at_log: after.would_be_data,
         record_bytes_per_request: record_bytes / requests,
         net_bytes_per_request: frame_bytes / requests,
         log_mb_per_s: (record_bytes + frame_bytes) / secs / 1e6,
-        checkpoint_mb_per_s: delta(&after, &["bytes_sent"]) / secs / 1e6,
+        checkpoint_mb_per_s: during(&|s| s.bytes_sent) / secs / 1e6,
     })
 }
 

@@ -172,15 +172,6 @@ fn bgsaves(
     .unwrap()
 }
 
-/// The replication's figures, from `rrc status` on the primary host.
-fn replication_status(lab: &rrc_bench::session::LabSession, name: &str) -> serde_json::Value {
-    let out = lab
-        .run_on(rrc_lab::Host::Primary, &[RRC, "status", name])
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["replication"].clone()
-}
-
 #[test]
 fn redis_saving_in_the_background_every_second_stays_replayable() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -194,23 +185,18 @@ fn redis_saving_in_the_background_every_second_stays_replayable() {
     let mut pair = Pair::new(&lab, App::Redis, opts)
         .unwrap()
         .with_app_args(&["--dir", &dir_s]);
-    let name = App::Redis.name();
     for i in 0..3 {
         pair.start_backup().unwrap();
         pair.start_primary().unwrap();
         // Each fork (its child is not recorded: a replay cannot pass it)
         // makes the primary take a checkpoint at once.
-        let before = replication_status(&lab, name)["immediate"]
-            .as_u64()
-            .unwrap();
+        let before = pair.primary_status().unwrap().immediate;
         let stop = AtomicBool::new(false);
         let target = pair.target();
         let (saves, t) = std::thread::scope(|s| {
             let saver = s.spawn(|| bgsaves(&lab, target, Duration::from_secs(1), &stop));
             std::thread::sleep(Duration::from_millis(2500));
-            let during = replication_status(&lab, name)["immediate"]
-                .as_u64()
-                .unwrap();
+            let during = pair.primary_status().unwrap().immediate;
             let t = trial(
                 &mut pair,
                 8,

@@ -208,11 +208,10 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
             6,
             "replaying the backup's checkpoint and log offline (the new primary stops)",
         );
-        if let Some(w) = would_be.as_ref().map(|s| &s["would_be_data"]) {
+        if let Some(w) = would_be.as_ref().map(|s| s.would_be_data) {
             println!(
                 "      before the kill, replies would have waited {:.0} µs on average (p99 {:.0} µs) for the backup to hold their log (they waited for checkpoints)",
-                w["avg_us"].as_f64().unwrap_or(0.0),
-                w["p99_us"].as_f64().unwrap_or(0.0)
+                w.avg_us, w.p99_us
             );
         }
         let c = pair.replay_check_against(&report.received, &at_kill)?;
