@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 /// File name of the net log in a log directory.
 pub const FILE: &str = "net.log";
 const MAGIC: &[u8; 8] = b"RRCNET1\n";
-/// Longest frame an entry may hold: a 64 KiB offloaded segment and its
-/// headers.
-pub const MAX_FRAME: usize = 65_600;
+/// Longest frame an entry may hold: the longest the link carries (a 64
+/// KiB offloaded segment and its headers).
+pub const MAX_FRAME: usize = rrc_wire::message::MAX_NET_FRAME_LEN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetLogError {
