@@ -484,11 +484,12 @@ mod tests {
         f
     }
 
-    #[test]
-    fn releases_at_log_acknowledgement_in_order_and_logs_inbound_first() {
+    /// A gate of the responsive mode for 10.0.0.100 releasing by `rule`,
+    /// holding frames for a protected service; its log and its LAN.
+    fn holding_with_log(rule: Release) -> (Arc<ReplicationGate>, Arc<FakeLog>, Arc<Wire>) {
         let log = Arc::new(FakeLog::default());
         let gate = ReplicationGate::new(
-            Release::LogAck,
+            rule,
             Some((
                 log.clone() as Arc<dyn LogTap>,
                 "10.0.0.100".parse().unwrap(),
@@ -498,6 +499,12 @@ mod tests {
         gate.attach(wire.clone());
         gate.hold();
         gate.protected();
+        (gate, log, wire)
+    }
+
+    #[test]
+    fn releases_at_log_acknowledgement_in_order_and_logs_inbound_first() {
+        let (gate, log, wire) = holding_with_log(Release::LogAck);
         let tap = Wire::default();
         // Inbound to the service is logged; anything else is not.
         gate.inbound(Frame::new(&tcp(true, 1)).unwrap(), &tap)
@@ -537,18 +544,7 @@ mod tests {
 
     #[test]
     fn under_commit_release_notes_when_the_log_would_have_released() {
-        let log = Arc::new(FakeLog::default());
-        let gate = ReplicationGate::new(
-            Release::Commit,
-            Some((
-                log.clone() as Arc<dyn LogTap>,
-                "10.0.0.100".parse().unwrap(),
-            )),
-        );
-        let wire = Arc::new(Wire::default());
-        gate.attach(wire.clone());
-        gate.hold();
-        gate.protected();
+        let (gate, log, wire) = holding_with_log(Release::Commit);
         log.records.store(5, Ordering::SeqCst);
         gate.outbound(Frame::new(&tcp(false, 1)).unwrap(), &*wire)
             .unwrap();
