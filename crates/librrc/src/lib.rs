@@ -23,6 +23,7 @@ mod replay;
 mod serve;
 mod signals;
 mod sync;
+mod takeover;
 mod thread;
 mod threads;
 mod wait;

@@ -54,6 +54,8 @@ struct Replay {
     /// The program runs in the recorded address space (restored from a
     /// checkpoint): the objects of synchronization operations must match.
     same_addresses: bool,
+    /// Count the first record served as a divergence (tests).
+    inject_divergence: bool,
 }
 
 static REPLAY: std::sync::atomic::AtomicPtr<Replay> =
@@ -67,6 +69,8 @@ static LAST_NS: AtomicU64 = AtomicU64::new(0);
 static ORDER_BROKEN: AtomicBool = AtomicBool::new(false);
 static REPLAYED: AtomicU64 = AtomicU64::new(0);
 static DIVERGED: AtomicU64 = AtomicU64::new(0);
+/// The injected divergence happened.
+static INJECTED: AtomicBool = AtomicBool::new(false);
 static STARTED_NS: AtomicU64 = AtomicU64::new(0);
 /// Per thread log (by id, the first 1024): the last record it took, for
 /// the report of an order that got stuck.
@@ -186,6 +190,7 @@ fn start(cfg: ReplayConfig) {
         }
     };
     crate::net::init(cfg.capture.as_deref());
+    crate::takeover::configure(cfg.takeover.as_deref());
     for &fd in &cfg.virtual_fds {
         crate::net::set_virtual(fd, true);
     }
@@ -260,6 +265,7 @@ fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
         timing: cfg.timing,
         stop_at_end: cfg.stop_at_end,
         same_addresses: cfg.same_addresses,
+        inject_divergence: cfg.inject_divergence,
     })
 }
 
@@ -352,6 +358,11 @@ impl Turn {
         if let Some(r) = state()
             && done as usize == r.seqs.len()
         {
+            if crate::takeover::active() {
+                crate::say(&[b"rrc replay: end of the log reached\n"]);
+                crate::takeover::wake();
+                return;
+            }
             crate::say(&[b"rrc replay: end of the log reached; the program runs live from here\n"]);
             if r.stop_at_end {
                 // SAFETY: signalling this process.
@@ -408,6 +419,7 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
                 // The log ended (or what is left of it is not to be
                 // replayed): live from here on.
                 c.live = true;
+                leave_log(r);
                 return None;
             };
             if let Some(slot) = LAST_TAKEN.get(thread::log_id() as usize) {
@@ -418,9 +430,11 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
                 Turn { record: rec }.complete();
                 return Some(Next::Signal(signo));
             }
-            if !expected(&rec.event) {
+            let injected = r.inject_divergence && !INJECTED.swap(true, Ordering::AcqRel);
+            if injected || !expected(&rec.event) {
                 c.live = true;
                 diverged(call, &rec);
+                leave_log(r);
                 return None;
             }
             wait_turn(r, &rec);
@@ -457,7 +471,19 @@ pub fn unsupported(call: &str) {
             call.as_bytes(),
             b" is not supported yet; this thread runs live from here\n",
         ]);
+        if let Some(r) = state() {
+            leave_log(r);
+        }
     });
+}
+
+/// A thread leaves the log (it ended, or the thread diverged). In a
+/// takeover it parks here until its connections are live; otherwise it
+/// runs live at once.
+fn leave_log(r: &'static Replay) {
+    if crate::takeover::active() {
+        crate::takeover::park(&|| DONE.load(Ordering::Acquire) as usize >= r.seqs.len());
+    }
 }
 
 fn wake_all() {
@@ -495,6 +521,7 @@ fn next_record(c: &mut Cursor) -> Option<Record<'static>> {
 /// records any more.
 fn divergence(parts: &[&[u8]]) {
     DIVERGED.fetch_add(1, Ordering::Relaxed);
+    crate::takeover::diverged();
     ORDER_BROKEN.store(true, Ordering::Release);
     let mut all: [&[u8]; 12] = [&[]; 12];
     all[0] = b"rrc replay: DIVERGENCE";

@@ -197,6 +197,7 @@ fn memory_round(rrc: &Path, mb: usize, work: &Path) -> Result<CkptResult> {
         root_flags: 0,
         root_setup: None,
         after_spawn: None,
+        keep_repair: false,
     })?;
     let n = lines(&log);
     kill(restored.root, Signal::SIGUSR2)?;
@@ -287,6 +288,7 @@ fn redis_measure(
         root_flags: 0,
         root_setup: None,
         after_spawn: None,
+        keep_repair: false,
     })?;
     let mut c = RespConn::connect(addr, Duration::from_secs(5))?;
     let verified = matches!(

@@ -55,6 +55,9 @@ pub struct CreateOptions {
     /// What every checkpoint of the container records beside the
     /// container itself (for whoever restores it).
     pub annotations: Annotations,
+    /// Frames are held back (queued in the kernel) from the start until
+    /// [`Container::pause_network`] lets them through.
+    pub hold_network: bool,
 }
 
 impl Default for CreateOptions {
@@ -65,6 +68,7 @@ impl Default for CreateOptions {
             spin: rrc_net::forward::DEFAULT_SPIN,
             shmem_limits: Vec::new(),
             annotations: Annotations::new(),
+            hold_network: false,
         }
     }
 }
@@ -264,7 +268,13 @@ impl Container {
             return Err(err.into_error(spec));
         }
 
-        let net = start_forwarding(net, spec.net.as_ref(), opts.gate, opts.spin)?;
+        let net = start_forwarding(
+            net,
+            spec.net.as_ref(),
+            opts.gate,
+            opts.spin,
+            opts.hold_network,
+        )?;
         let control = crate::control::ControlSocket::bind(host, &record.name)?;
         record.phase = Phase::Running;
         save(partial, record)?;
@@ -347,6 +357,7 @@ pub(crate) fn start_forwarding(
     net: Option<&crate::spec::NetSpec>,
     gate: Option<Arc<dyn PacketGate>>,
     spin: Duration,
+    hold: bool,
 ) -> Result<Option<ContainerNet>> {
     let (Some((tap, uplink)), Some(n)) = (pending, net) else {
         return Ok(None);
@@ -356,7 +367,7 @@ pub(crate) fn start_forwarding(
         tracing::warn!(error = %e, "gratuitous ARP not sent");
     }
     let gate: Arc<dyn PacketGate> = gate.unwrap_or_else(|| Arc::new(PassThrough::default()));
-    let forwarder = Forwarder::start(tap.clone(), uplink.clone(), n.mac, gate.clone(), spin)
+    let forwarder = Forwarder::start(tap.clone(), uplink.clone(), n.mac, gate.clone(), spin, hold)
         .map_err(setup_err("start forwarding"))?;
     Ok(Some(ContainerNet {
         tap,

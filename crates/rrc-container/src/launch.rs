@@ -87,6 +87,7 @@ pub struct Launch<'a> {
     stop_timeout: Duration,
     shmem_limits: Vec<ShmemLimit>,
     annotations: Annotations,
+    hold_network: bool,
 }
 
 impl<'a> Launch<'a> {
@@ -103,7 +104,16 @@ impl<'a> Launch<'a> {
             stop_timeout: Duration::from_secs(10),
             shmem_limits: Vec::new(),
             annotations: Annotations::new(),
+            hold_network: false,
         }
+    }
+
+    /// Holds the container's frames back (queued in the kernel) from the
+    /// start, until a companion lets them through
+    /// ([`Container::pause_network`]).
+    pub fn hold_network(mut self, hold: bool) -> Self {
+        self.hold_network = hold;
+        self
     }
 
     /// Every checkpoint of the container saves only the beginning of this
@@ -199,6 +209,7 @@ impl<'a> Launch<'a> {
             spin: self.spin,
             shmem_limits: self.shmem_limits,
             annotations: self.annotations,
+            hold_network: self.hold_network,
         };
         let made = match &self.source {
             Source::Program(spec) => Container::create(spec, &layout, self.host, opts),

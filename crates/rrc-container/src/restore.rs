@@ -66,6 +66,9 @@ pub struct RestoreSpec {
     pub argv: Vec<String>,
     pub net: Option<NetSpec>,
     pub netns: Option<crate::netstate::NetnsConfig>,
+    /// TCP connections stay in repair mode (silent, their state as saved)
+    /// for whoever takes them over; normally they go live.
+    pub tcp_repair: bool,
 }
 
 impl RestoreSpec {
@@ -99,6 +102,7 @@ impl RestoreSpec {
             argv: ann.argv,
             net,
             netns: ann.netns,
+            tcp_repair: false,
         })
     }
 }
@@ -193,6 +197,7 @@ impl Container {
             root_flags: flags,
             root_setup: Some(&setup),
             after_spawn: Some(&after_spawn),
+            keep_repair: spec.tcp_repair,
         })?;
         let init = restored.root;
         partial.init = Some(init);
@@ -208,7 +213,13 @@ impl Container {
         })?;
         record.init = ProcRef::of(init.as_raw());
         record.netns = netns;
-        let net = start_forwarding(pending, spec.net.as_ref(), opts.gate, opts.spin)?;
+        let net = start_forwarding(
+            pending,
+            spec.net.as_ref(),
+            opts.gate,
+            opts.spin,
+            opts.hold_network,
+        )?;
         let control = crate::control::ControlSocket::bind(host, &record.name)?;
         record.phase = Phase::Running;
         save(partial, record)?;

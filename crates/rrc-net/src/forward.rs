@@ -54,16 +54,20 @@ struct Ends {
 }
 
 impl Forwarder {
+    /// Starts forwarding; `paused`: holding every frame back from the
+    /// first (see [`Forwarder::set_paused`]).
     pub fn start(
         tap: Arc<Tap>,
         uplink: Arc<PacketSocket>,
         mac: MacAddr,
         gate: Arc<dyn PacketGate>,
         spin: Duration,
+        paused: bool,
     ) -> io::Result<Forwarder> {
         tap.set_nonblocking(true)?;
         let blocked = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(Pause::default());
+        pause.paused.store(paused, Ordering::SeqCst);
         let ends = Ends {
             tap,
             uplink,

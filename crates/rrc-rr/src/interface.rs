@@ -20,7 +20,7 @@
 //! # Replay configuration
 //!
 //! Text, one setting a line, `key=value`, after a first line naming the
-//! format and its version (`rrc-replay 2`). Paths are written byte for
+//! format and its version (`rrc-replay 3`). Paths are written byte for
 //! byte except `%`, control characters and DEL, which are `%XX` (two
 //! hexadecimal digits). A reader refuses another version, an unknown or
 //! repeated key, a missing required key and a malformed value.
@@ -37,6 +37,26 @@
 //! | `virtual`   | descriptors of open connections, comma-separated    | yes      |
 //! | `addresses` | `1`: the recorded address space (a checkpoint)      | yes      |
 //! | `capture`   | the capture file (path)                             | no       |
+//! | `takeover`  | the takeover socket (path; see below)               | no       |
+//! | `diverge`   | `1`: the first record replayed counts as a divergence (tests of the fallback) | no |
+//!
+//! # Takeover
+//!
+//! A backup taking over replays the log in a copy whose connections are
+//! to become live at its end. With `takeover` set, a thread whose log has
+//! ended (or that diverged) parks at its next wrapped call instead of
+//! running live. Once every record is done (or a thread diverged), one
+//! parked thread connects to the takeover socket (a unix stream socket)
+//! and the two sides exchange lines ([`TakeoverLine`]):
+//!
+//! 1. librrc: `end` (every record replayed) or `diverged`;
+//! 2. rrc: any number of `install FD...` lines, each with as many
+//!    descriptors attached (`SCM_RIGHTS`, at most [`TAKEOVER_BATCH`]): the
+//!    rebuilt connections, to be put at those numbers in place of what is
+//!    there (keeping its status flags, close-on-exec, socket options and
+//!    epoll registrations); then `go`, or at any point `abort`;
+//! 3. librrc: `installed N` once all are in place (the parked threads then
+//!    run live), or `failed FD ERRNO` (they stay parked; rrc falls back).
 //!
 //! # Capture file
 //!
@@ -120,7 +140,7 @@ pub enum InterfaceError {
 /// Name of the replay configuration format, its first line's first word.
 pub const CONFIG_FORMAT: &str = "rrc-replay";
 /// Version of the replay configuration format this build writes and reads.
-pub const CONFIG_VERSION: u32 = 2;
+pub const CONFIG_VERSION: u32 = 3;
 
 /// Whether `head` (a file's first bytes, at least [`CONFIG_FORMAT`]'s
 /// length and one more) starts a replay configuration of any version, as
@@ -161,6 +181,12 @@ pub struct ReplayConfig {
     /// The program runs in the recorded address space (a restored
     /// checkpoint): objects of synchronization operations must match.
     pub same_addresses: bool,
+    /// A takeover: threads park at the end of the log and this socket
+    /// hands them the rebuilt connections.
+    pub takeover: Option<PathBuf>,
+    /// Count the first record replayed as a divergence (to test what
+    /// follows one).
+    pub inject_divergence: bool,
 }
 
 impl ReplayConfig {
@@ -189,6 +215,12 @@ impl ReplayConfig {
         line("addresses", flag(self.same_addresses));
         if let Some(c) = &self.capture {
             line("capture", &escape(c.as_os_str().as_bytes()));
+        }
+        if let Some(t) = &self.takeover {
+            line("takeover", &escape(t.as_os_str().as_bytes()));
+        }
+        if self.inject_divergence {
+            line("diverge", flag(true));
         }
         out
     }
@@ -228,6 +260,8 @@ impl ReplayConfig {
             until: None,
             virtual_fds: Vec::new(),
             same_addresses: false,
+            takeover: None,
+            inject_divergence: false,
         };
         let mut ended = false;
         for (i, raw) in lines.enumerate() {
@@ -273,6 +307,10 @@ impl ReplayConfig {
                 "timing" => cfg.timing = parse_flag(value, n, key)?,
                 "stop" => cfg.stop_at_end = parse_flag(value, n, key)?,
                 "addresses" => cfg.same_addresses = parse_flag(value, n, key)?,
+                "takeover" => {
+                    cfg.takeover = Some(PathBuf::from(OsStr::from_bytes(&unescape(value, n)?)))
+                }
+                "diverge" => cfg.inject_divergence = parse_flag(value, n, key)?,
                 "from" => cfg.from = number()?,
                 "until" => cfg.until = Some(number()?),
                 _ => unreachable!("every key of KEYS is handled"),
@@ -304,7 +342,105 @@ const KEYS: &[(&str, bool)] = &[
     ("virtual", true),
     ("addresses", true),
     ("capture", false),
+    ("takeover", false),
+    ("diverge", false),
 ];
+
+/// Most descriptors one `install` line carries (below the kernel's
+/// SCM_MAX_FD of 253).
+pub const TAKEOVER_BATCH: usize = 200;
+/// Longest line of the takeover exchange (an `install` line of a full
+/// batch fits).
+pub const TAKEOVER_LINE_MAX: usize = 2048;
+
+/// One line of the takeover exchange (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeoverLine {
+    /// librrc: every record was replayed.
+    End,
+    /// librrc: a thread left the recorded path.
+    Diverged,
+    /// rrc: put the attached descriptors at these numbers.
+    Install(Vec<i32>),
+    /// rrc: nothing more to install; run live.
+    Go,
+    /// rrc: the takeover does not go on with this copy.
+    Abort,
+    /// librrc: this many connections are in place.
+    Installed(u32),
+    /// librrc: putting a connection at `fd` failed with `errno`.
+    Failed { fd: i32, errno: i32 },
+}
+
+impl TakeoverLine {
+    /// The line's text, newline included.
+    pub fn encode(&self) -> Vec<u8> {
+        let text = match self {
+            TakeoverLine::End => "end".to_string(),
+            TakeoverLine::Diverged => "diverged".to_string(),
+            TakeoverLine::Install(fds) => {
+                let mut t = "install".to_string();
+                for fd in fds {
+                    t += &format!(" {fd}");
+                }
+                t
+            }
+            TakeoverLine::Go => "go".to_string(),
+            TakeoverLine::Abort => "abort".to_string(),
+            TakeoverLine::Installed(n) => format!("installed {n}"),
+            TakeoverLine::Failed { fd, errno } => format!("failed {fd} {errno}"),
+        };
+        let mut out = text.into_bytes();
+        out.push(b'\n');
+        out
+    }
+
+    /// Reads one line (without its newline); `None` if it is not one.
+    pub fn parse(line: &[u8]) -> Option<TakeoverLine> {
+        let text = std::str::from_utf8(line).ok()?;
+        let mut words = text.split(' ');
+        let numbers = |w: std::str::Split<'_, char>| -> Option<Vec<i64>> {
+            w.map(|x| x.parse::<i64>().ok()).collect()
+        };
+        let line = match words.next()? {
+            "end" => TakeoverLine::End,
+            "diverged" => TakeoverLine::Diverged,
+            "go" => TakeoverLine::Go,
+            "abort" => TakeoverLine::Abort,
+            "install" => {
+                let fds = numbers(words.clone())?
+                    .into_iter()
+                    .map(|n| i32::try_from(n).ok().filter(|n| *n >= 0))
+                    .collect::<Option<Vec<i32>>>()?;
+                if fds.is_empty() || fds.len() > TAKEOVER_BATCH {
+                    return None;
+                }
+                return Some(TakeoverLine::Install(fds));
+            }
+            "installed" => match numbers(words.clone())?.as_slice() {
+                [n] => TakeoverLine::Installed(u32::try_from(*n).ok()?),
+                _ => return None,
+            },
+            "failed" => match numbers(words.clone())?.as_slice() {
+                [fd, errno] => TakeoverLine::Failed {
+                    fd: i32::try_from(*fd).ok()?,
+                    errno: i32::try_from(*errno).ok()?,
+                },
+                _ => return None,
+            },
+            _ => return None,
+        };
+        // Words after a line that takes none.
+        match line {
+            TakeoverLine::End | TakeoverLine::Diverged | TakeoverLine::Go | TakeoverLine::Abort
+                if words.next().is_some() =>
+            {
+                None
+            }
+            l => Some(l),
+        }
+    }
+}
 
 fn bad(line: usize, problem: &str) -> InterfaceError {
     InterfaceError::Config {
@@ -490,14 +626,59 @@ mod tests {
             until: Some(99_999),
             virtual_fds: vec![5, 9],
             same_addresses: true,
+            takeover: None,
+            inject_divergence: false,
         }
+    }
+
+    #[test]
+    fn a_takeover_configuration_reads_back() {
+        let c = ReplayConfig {
+            takeover: Some(PathBuf::from("/run/x/takeover.sock")),
+            inject_divergence: true,
+            ..sample()
+        };
+        assert_eq!(ReplayConfig::parse(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn takeover_lines_read_back_and_bad_ones_are_refused() {
+        for l in [
+            TakeoverLine::End,
+            TakeoverLine::Diverged,
+            TakeoverLine::Install(vec![5, 7, 1000]),
+            TakeoverLine::Go,
+            TakeoverLine::Abort,
+            TakeoverLine::Installed(3),
+            TakeoverLine::Failed { fd: 9, errno: 22 },
+        ] {
+            let text = l.encode();
+            assert_eq!(text.last(), Some(&b'\n'));
+            assert_eq!(TakeoverLine::parse(&text[..text.len() - 1]), Some(l));
+        }
+        for bad in [
+            &b"install"[..],
+            b"install -1",
+            b"install x",
+            b"end now",
+            b"installed",
+            b"failed 1",
+            b"",
+            b"\xff",
+        ] {
+            assert_eq!(TakeoverLine::parse(bad), None, "{bad:?}");
+        }
+        let many = format!("install{}", " 3".repeat(TAKEOVER_BATCH + 1));
+        assert_eq!(TakeoverLine::parse(many.as_bytes()), None);
+        let full = TakeoverLine::Install(vec![65535; TAKEOVER_BATCH]).encode();
+        assert!(full.len() <= TAKEOVER_LINE_MAX);
     }
 
     #[test]
     fn a_configuration_reads_back_as_written() {
         let c = sample();
         let text = c.encode();
-        assert!(text.starts_with(b"rrc-replay 2\n"), "{text:?}");
+        assert!(text.starts_with(b"rrc-replay 3\n"), "{text:?}");
         assert!(is_replay_config(&text));
         assert_eq!(ReplayConfig::parse(&text).unwrap(), c);
         let bare = ReplayConfig {
@@ -525,17 +706,17 @@ mod tests {
     #[test]
     fn another_version_is_refused_with_both_versions_named() {
         let text = sample().encode();
-        let v3 = [b"rrc-replay 3".as_slice(), &text[12..]].concat();
-        let e = ReplayConfig::parse(&v3).unwrap_err();
+        let v2 = [b"rrc-replay 2".as_slice(), &text[12..]].concat();
+        let e = ReplayConfig::parse(&v2).unwrap_err();
         assert_eq!(
             e,
             InterfaceError::ConfigVersion {
-                found: 3,
-                supported: 2
+                found: 2,
+                supported: 3
             }
         );
-        assert!(e.to_string().contains("version 3"), "{e}");
-        assert!(e.to_string().contains("reads version 2"), "{e}");
+        assert!(e.to_string().contains("version 2"), "{e}");
+        assert!(e.to_string().contains("reads version 3"), "{e}");
         // The first format: no version at all.
         let v1 = b"rrc-replay\nlog=/x\nlogs=1\n";
         assert!(is_replay_config(v1));
@@ -543,7 +724,7 @@ mod tests {
             ReplayConfig::parse(v1).unwrap_err(),
             InterfaceError::ConfigVersion {
                 found: 1,
-                supported: 2
+                supported: 3
             }
         );
         assert!(matches!(

@@ -36,6 +36,13 @@ pub struct ReplayOptions {
     pub capture: Option<PathBuf>,
     /// The last record to replay (a log whose tail is not to be).
     pub until: Option<u64>,
+    /// A takeover: threads park at the end of the log and take their
+    /// rebuilt connections from this socket (see
+    /// `rrc_rr::interface::TakeoverLine`).
+    pub takeover: Option<PathBuf>,
+    /// Count the first record replayed as a divergence (tests of what
+    /// follows one).
+    pub inject_divergence: bool,
 }
 
 impl ReplayOptions {
@@ -49,6 +56,8 @@ impl ReplayOptions {
             stop_at_end: false,
             capture: None,
             until: None,
+            takeover: None,
+            inject_divergence: false,
         }
     }
 
@@ -82,6 +91,8 @@ impl ReplayOptions {
             virtual_fds: virtual_fds.to_vec(),
             // A restored checkpoint has the recorded address space.
             same_addresses: from > 0,
+            takeover: self.takeover.as_deref().map(absolute).transpose()?,
+            inject_divergence: self.inject_divergence,
         }
         .encode())
     }

@@ -137,6 +137,7 @@ fn restore(images: &Path) -> Restored {
         root_flags: 0,
         root_setup: None,
         after_spawn: None,
+        keep_repair: false,
     })
     .unwrap_or_else(|e| panic!("restore of {}: {e}", images.display()));
     Restored(r.root)

@@ -49,6 +49,9 @@ pub struct RestoreOptions<'a> {
     pub root_flags: u64,
     pub root_setup: Option<RootSetup<'a>>,
     pub after_spawn: Option<AfterSpawn<'a>>,
+    /// TCP connections are left in repair mode (nothing sent or taken in,
+    /// their state as saved), for a caller that replaces them.
+    pub keep_repair: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -401,7 +404,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         mm::seal_memfds(&ctx.mem)?;
         // Connections leave repair mode before their processes run: the
         // window probe each sends makes its peer resend what it lacks.
+        // Unless the caller is to replace them: they stay silent.
         let started = Instant::now();
+        if opts.keep_repair {
+            ctx.plan.repaired.clear();
+        }
         for s in ctx.plan.repaired.drain(..) {
             s.finish()
                 .map_err(|e| rerr(root.pid, "sockets", format!("leave repair mode: {e}")))?;

@@ -122,6 +122,7 @@ impl Fixture {
             root_flags: 0,
             root_setup: None,
             after_spawn: None,
+            keep_repair: false,
         })
         .unwrap();
         assert_eq!(r.root, self.pid);

@@ -84,6 +84,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         stop_at_end: a.stop_at_end,
         capture: a.capture.clone(),
         until: a.until,
+        ..ReplayOptions::new(&a.log)
     };
     let Some(images) = &a.images else {
         let program = resolve_command(&a.command[0], std::env::var_os("PATH").as_deref())?;

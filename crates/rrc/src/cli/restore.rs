@@ -74,6 +74,7 @@ fn restore_tree(images: &Path) -> Result<i32> {
         root_flags: 0,
         root_setup: None,
         after_spawn: None,
+        keep_repair: false,
     })
     .with_context(|| format!("restore from {}", images.display()))?;
     println!(
