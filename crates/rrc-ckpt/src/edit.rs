@@ -93,6 +93,23 @@ pub struct MemfdAt {
     pub shmem_id: usize,
 }
 
+/// A TCP connection as a checkpoint saved it.
+#[derive(Debug, Clone)]
+pub struct SavedConnection {
+    pub fd: i32,
+    pub file_id: usize,
+    /// The open file's status flags.
+    pub flags: u32,
+    pub local: std::net::SocketAddr,
+    pub peer: std::net::SocketAddr,
+    pub state: crate::tcp::TcpState,
+    pub options: Vec<(i32, i32, i32)>,
+    /// Sent and unacknowledged, then unsent bytes.
+    pub sndq: Vec<u8>,
+    /// Received bytes not yet read.
+    pub rcvq: Vec<u8>,
+}
+
 /// One page of a shared memory object's saved contents, read for editing.
 struct Page {
     /// Where it is in the object's file.
@@ -188,6 +205,100 @@ impl ImageEdit {
             })
             .map(|f| f.fd)
             .collect()
+    }
+
+    /// Process `pid`'s TCP connections as saved: descriptor, open file,
+    /// addresses, state, options and queued bytes (read from the image's
+    /// socket data, checked against the state's queue lengths).
+    pub fn tcp_connections(&self, pid: i32) -> Result<Vec<SavedConnection>> {
+        let Some(p) = self.procs.get(&pid) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for fd in &p.fds {
+            let Some(f) = self.file_of(fd.file) else {
+                continue;
+            };
+            let FileKind::Tcp {
+                local,
+                peer,
+                tcp,
+                options,
+                data,
+            } = &f.kind
+            else {
+                continue;
+            };
+            let path = self.img.socket_data();
+            let bad = |detail: String| Error::CorruptImage {
+                path: path.clone(),
+                detail,
+            };
+            let addr = |s: &str| {
+                s.parse::<std::net::SocketAddr>()
+                    .map_err(|_| bad(format!("bad address {s:?}")))
+            };
+            let sndq = tcp.sndq_len as u64;
+            if data.len != sndq + u64::from(tcp.rcvq_len) {
+                return Err(bad(format!(
+                    "the queues of connection {local} -> {peer} do not match its record"
+                )));
+            }
+            let file = fs::File::open(&path).map_err(|e| Error::image(&path, e))?;
+            let len = usize::try_from(data.len).map_err(|_| bad("queues too long".into()))?;
+            let mut bytes = vec![0u8; len];
+            file.read_exact_at(&mut bytes, data.offset)
+                .map_err(|e| Error::image(&path, e))?;
+            let rcvq = bytes.split_off(sndq as usize);
+            out.push(SavedConnection {
+                fd: fd.fd,
+                file_id: f.id,
+                flags: f.flags,
+                local: addr(local)?,
+                peer: addr(peer)?,
+                state: tcp.clone(),
+                options: options.clone(),
+                sndq: bytes,
+                rcvq,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes open file `file_id` (a TCP connection) an unconnected TCP
+    /// socket: the program finds its connection gone (reads fail, polls
+    /// report a hang-up) and the peer's next segment is answered with a
+    /// reset.
+    pub fn disconnect(&mut self, file_id: usize) -> Result<()> {
+        let file = self
+            .manifest
+            .files
+            .iter_mut()
+            .find(|f| f.id == file_id)
+            .ok_or_else(|| Error::NotInImage {
+                path: self.img.path().into(),
+                what: format!("open file {file_id}"),
+            })?;
+        let FileKind::Tcp { local, options, .. } = &file.kind else {
+            return Err(Error::NotInImage {
+                path: self.img.path().into(),
+                what: format!("a TCP connection as open file {file_id}"),
+            });
+        };
+        let family = if local.starts_with('[') {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        };
+        file.kind = FileKind::Inet {
+            family,
+            ty: libc::SOCK_STREAM,
+            local: None,
+            peer: None,
+            options: options.clone(),
+        };
+        self.manifest_changed = true;
+        Ok(())
     }
 
     /// Makes open file `file_id`, whatever it was, a regular file holding

@@ -20,9 +20,9 @@ const TCPOPT_MSS: u32 = 2;
 const TCPOPT_WINDOW: u32 = 3;
 const TCPOPT_SACK_PERM: u32 = 4;
 const TCPOPT_TIMESTAMP: u32 = 8;
-const TCPI_OPT_TIMESTAMPS: u8 = 1;
-const TCPI_OPT_SACK: u8 = 2;
-const TCPI_OPT_WSCALE: u8 = 4;
+pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
+pub const TCPI_OPT_SACK: u8 = 2;
+pub const TCPI_OPT_WSCALE: u8 = 4;
 /// Leave repair mode without the window probe TCP_REPAIR 0 sends.
 const TCP_REPAIR_OFF_NO_WP: i32 = -1;
 const SIOCINQ: libc::c_ulong = 0x541B;

@@ -87,14 +87,81 @@ impl TcpFacts {
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
 
-impl Frame<'_> {
+/// A whole TCP segment as a takeover reads it from the net log: the facts,
+/// the window, the options of interest and the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpSegment<'a> {
+    pub facts: TcpFacts,
+    /// The window field as sent (not scaled).
+    pub window: u16,
+    /// MSS option (SYN segments).
+    pub mss: Option<u16>,
+    /// Window scale option (SYN segments).
+    pub wscale: Option<u8>,
+    /// SACK permitted option (SYN segments).
+    pub sack_permitted: bool,
+    /// Timestamps option: (value, echo reply).
+    pub timestamps: Option<(u32, u32)>,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
     /// The TCP facts of an IPv4 TCP frame (not a fragment); `None` for
     /// anything else or anything too short to hold what it claims.
     pub fn tcp(&self) -> Option<TcpFacts> {
+        self.tcp_parts().map(|(facts, _, _)| facts)
+    }
+
+    /// The whole segment of an IPv4 TCP frame, as [`Frame::tcp`] finds it.
+    pub fn tcp_segment(&self) -> Option<TcpSegment<'a>> {
+        let (facts, header, payload) = self.tcp_parts()?;
+        let mut seg = TcpSegment {
+            facts,
+            window: u16::from_be_bytes([header[14], header[15]]),
+            mss: None,
+            wscale: None,
+            sack_permitted: false,
+            timestamps: None,
+            payload,
+        };
+        let mut opts = &header[20..];
+        while let Some(&kind) = opts.first() {
+            match kind {
+                0 => break,
+                1 => {
+                    opts = &opts[1..];
+                    continue;
+                }
+                _ => {}
+            }
+            let len = usize::from(*opts.get(1)?);
+            if len < 2 || len > opts.len() {
+                return None;
+            }
+            let body = &opts[2..len];
+            match (kind, body.len()) {
+                (2, 2) => seg.mss = Some(u16::from_be_bytes([body[0], body[1]])),
+                (3, 1) => seg.wscale = Some(body[0]),
+                (4, 0) => seg.sack_permitted = true,
+                (8, 8) => {
+                    let v = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                    let e = u32::from_be_bytes([body[4], body[5], body[6], body[7]]);
+                    seg.timestamps = Some((v, e));
+                }
+                _ => {}
+            }
+            opts = &opts[len..];
+        }
+        Some(seg)
+    }
+
+    /// Facts, TCP header (options included) and payload of an IPv4 TCP
+    /// frame.
+    fn tcp_parts(&self) -> Option<(TcpFacts, &'a [u8], &'a [u8])> {
         if self.ethertype() != ETHERTYPE_IPV4 {
             return None;
         }
-        let ip = &self.ethernet()[ETH_HDR_LEN..];
+        let ip = &self.bytes[VNET_HDR_LEN + ETH_HDR_LEN..];
         let ihl = usize::from(*ip.first()? & 0x0f) * 4;
         if ip[0] >> 4 != 4 || ihl < 20 || ip.len() < ihl || ip[9] != IPPROTO_TCP {
             return None;
@@ -123,14 +190,15 @@ impl Frame<'_> {
         let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
         let u32_at =
             |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-        Some(TcpFacts {
+        let facts = TcpFacts {
             src: SocketAddrV4::new(addr(&ip[12..16]), u16::from_be_bytes([tcp[0], tcp[1]])),
             dst: SocketAddrV4::new(addr(&ip[16..20]), u16::from_be_bytes([tcp[2], tcp[3]])),
             seq: u32_at(tcp, 4),
             ack: u32_at(tcp, 8),
             flags: tcp[13],
             payload_len: (tcp.len() - doff) as u32,
-        })
+        };
+        Some((facts, &tcp[..doff], &tcp[doff..]))
     }
 }
 
@@ -155,6 +223,30 @@ mod tests {
         assert_eq!(f.src(), MacAddr([2, 0, 0, 0, 0, 1]));
         assert_eq!(f.ethertype(), 0x0806);
         assert!(Frame::new(&b[..20]).is_none());
+    }
+
+    #[test]
+    fn a_segment_gives_its_options_window_and_payload() {
+        let mut f = tcp_frame(5, None);
+        let tcp_at = VNET_HDR_LEN + 14 + 20;
+        f[tcp_at + 14..tcp_at + 16].copy_from_slice(&501u16.to_be_bytes());
+        let opts: [u8; 12] = [8, 10, 0, 0, 0, 9, 0, 0, 0, 4, 1, 1];
+        f[tcp_at + 20..tcp_at + 32].copy_from_slice(&opts);
+        let seg = Frame::new(&f).unwrap().tcp_segment().unwrap();
+        assert_eq!(seg.window, 501);
+        assert_eq!(seg.timestamps, Some((9, 4)));
+        assert_eq!(seg.payload, &[7u8; 5][..]);
+        assert_eq!(seg.facts.payload_len, 5);
+        let syn: [u8; 12] = [2, 4, 5, 0xb4, 1, 3, 3, 7, 4, 2, 0, 0];
+        f[tcp_at + 20..tcp_at + 32].copy_from_slice(&syn);
+        let seg = Frame::new(&f).unwrap().tcp_segment().unwrap();
+        assert_eq!(
+            (seg.mss, seg.wscale, seg.sack_permitted, seg.timestamps),
+            (Some(1460), Some(7), true, None)
+        );
+        // An option running past the header is refused.
+        f[tcp_at + 20..tcp_at + 32].copy_from_slice(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 8, 10]);
+        assert!(Frame::new(&f).unwrap().tcp_segment().is_none());
     }
 
     /// A TCP/IPv4 frame with `payload` bytes of data.

@@ -19,6 +19,7 @@ pub mod log_store;
 pub mod netlog;
 pub mod position;
 pub mod primary;
+pub mod rebuild;
 pub mod shipper;
 pub mod wake;
 

@@ -13,6 +13,7 @@
 mod files;
 mod mm;
 mod sockets;
+pub use sockets::{Connection, build_connections};
 mod state;
 pub mod tracee;
 

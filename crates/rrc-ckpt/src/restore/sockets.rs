@@ -285,6 +285,48 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
     }
 }
 
+/// A TCP connection to build as described (a takeover's: a checkpoint's
+/// connection advanced by what happened since, or one accepted since).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    pub local: std::net::SocketAddr,
+    pub peer: std::net::SocketAddr,
+    pub state: crate::tcp::TcpState,
+    pub sndq: Vec<u8>,
+    pub rcvq: Vec<u8>,
+    /// Socket options (level, name, value) as a checkpoint saves them.
+    pub options: Vec<(i32, i32, i32)>,
+}
+
+/// Builds `conns` in the network namespace of process `pid`, in repair
+/// mode (nothing is sent until the caller lets each go with
+/// [`crate::tcp::leave_repair`]).
+pub fn build_connections(pid: nix::unistd::Pid, conns: &[Connection]) -> Result<Vec<OwnedFd>> {
+    crate::common::in_netns_of(pid, || {
+        conns
+            .iter()
+            .map(|c| {
+                let s = tcp::build(&c.local, &c.peer, &c.state, &c.sndq, &c.rcvq).map_err(|e| {
+                    rerr(
+                        pid.as_raw(),
+                        format!("build TCP connection {} -> {}: {e}", c.local, c.peer),
+                    )
+                })?;
+                if tcp::needs_peer_packet(c.state.state) {
+                    tcp::inject_peer_packet(&c.local, &c.peer, &c.state).map_err(|e| {
+                        rerr(
+                            pid.as_raw(),
+                            format!("half-close TCP connection {} -> {}: {e}", c.local, c.peer),
+                        )
+                    })?;
+                }
+                set_options(&s, &c.options);
+                Ok(s)
+            })
+            .collect()
+    })?
+}
+
 /// The engine's end of the fd transport, and the number the processes
 /// know the other end by (inherited from the engine at fork).
 pub struct Transport {
