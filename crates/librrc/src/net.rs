@@ -58,6 +58,16 @@ pub fn is_virtual(fd: c_int) -> bool {
     i < MAX_FD && VIRTUAL[i / 64].load(Ordering::Acquire) & (1 << (i % 64)) != 0
 }
 
+/// Every virtual descriptor, in order.
+pub fn virtual_fds() -> impl Iterator<Item = c_int> {
+    VIRTUAL.iter().enumerate().flat_map(|(w, word)| {
+        let bits = word.load(Ordering::Acquire);
+        (0..64)
+            .filter(move |b| bits & (1u64 << b) != 0)
+            .map(move |b| (w * 64 + b) as c_int)
+    })
+}
+
 pub fn set_virtual(fd: c_int, on: bool) {
     let Ok(i) = usize::try_from(fd) else {
         return;

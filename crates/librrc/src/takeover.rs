@@ -121,6 +121,9 @@ fn errno() -> c_int {
 /// Talks to rrc: says how the replay ended, puts in place what it sends.
 /// True if the program is to run live now.
 fn hand_over(diverged: bool) -> bool {
+    if !diverged && !release_saved_connections() {
+        return false;
+    }
     let Some(sock) = connect() else {
         crate::say(&[b"rrc takeover: cannot reach rrc's takeover socket\n"]);
         return false;
@@ -142,7 +145,9 @@ fn hand_over(diverged: bool) -> bool {
             match TakeoverLine::parse(&line[..line.len() - 1]) {
                 Some(TakeoverLine::Install(targets)) => {
                     if fds.len() < targets.len() {
-                        crate::say(&[b"rrc takeover: an install line came without its connections\n"]);
+                        crate::say(&[
+                            b"rrc takeover: an install line came without its connections\n",
+                        ]);
                         return false;
                     }
                     for target in targets {
@@ -150,7 +155,11 @@ fn hand_over(diverged: bool) -> bool {
                         if let Err(e) = install(new.0, target) {
                             let _ = send_all(
                                 sock.0,
-                                &TakeoverLine::Failed { fd: target, errno: e }.encode(),
+                                &TakeoverLine::Failed {
+                                    fd: target,
+                                    errno: e,
+                                }
+                                .encode(),
                             );
                             return false;
                         }
@@ -170,6 +179,48 @@ fn hand_over(diverged: bool) -> bool {
             return false;
         }
     }
+}
+
+/// The checkpoint's connections (restored in repair mode, silent) give
+/// their addresses up for the rebuilt ones: each is replaced by a
+/// placeholder at its number (flags, options and epoll registrations
+/// kept), which closes it without a word to its peer.
+fn release_saved_connections() -> bool {
+    for fd in crate::net::virtual_fds() {
+        // SAFETY: sockaddr_storage is plain data; getpeername fills it.
+        let connected = unsafe {
+            let mut addr: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            libc::syscall(
+                libc::SYS_getpeername,
+                fd,
+                &mut addr as *mut libc::sockaddr_storage,
+                &mut len as *mut libc::socklen_t,
+            ) == 0
+        };
+        if !connected {
+            continue;
+        }
+        // SAFETY: a new socket of this code's.
+        let placeholder = unsafe {
+            libc::syscall(
+                libc::SYS_socket,
+                libc::AF_INET,
+                libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+                0,
+            )
+        } as c_int;
+        if placeholder < 0 {
+            return false;
+        }
+        let placeholder = Fd(placeholder);
+        if install(placeholder.0, fd).is_err() {
+            crate::say(&[b"rrc takeover: a saved connection could not be released\n"]);
+            return false;
+        }
+        crate::net::set_virtual(fd, true);
+    }
+    true
 }
 
 fn connect() -> Option<Fd> {
@@ -234,11 +285,7 @@ fn send_all(sock: c_int, mut bytes: &[u8]) -> bool {
 
 /// Reads what is there: bytes onto `lines`, descriptors onto `fds`. False
 /// at the end of the connection or on an error.
-fn receive(
-    sock: c_int,
-    lines: &mut Vec<u8>,
-    fds: &mut std::collections::VecDeque<c_int>,
-) -> bool {
+fn receive(sock: c_int, lines: &mut Vec<u8>, fds: &mut std::collections::VecDeque<c_int>) -> bool {
     let mut buf = [0u8; TAKEOVER_LINE_MAX];
     // Room for a full batch of descriptors.
     let mut control = [0u64; (TAKEOVER_BATCH * 4 + 64) / 8];

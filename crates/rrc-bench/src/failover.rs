@@ -544,9 +544,12 @@ impl ReplayCheck {
 /// How far past where the client stood at the kill the replayed output
 /// may begin: frames released before the kill that had not arrived yet
 /// (at most a reply or two per connection while replies wait for
-/// commits). It cannot begin before: under the commit rule no output of
-/// the program after the checkpoint had left the primary.
+/// commits).
 const MATCH_SLACK: usize = 4 << 10;
+/// How far before it: replies released at log acknowledgement left the
+/// primary before the kill, up to an epoch of them (none under the commit
+/// rule, but the window costs nothing there).
+const MATCH_BEFORE: usize = 256 << 10;
 
 impl Pair<'_> {
     /// After a takeover in responsive mode: stops the container that took
@@ -693,11 +696,11 @@ fn assign(fits: &[Vec<usize>], owners: usize) -> Vec<Option<usize>> {
     out
 }
 
-/// Whether `part` is in `stream` at `mark` or at most [`MATCH_SLACK`]
-/// bytes after it.
+/// Whether `part` is in `stream` between [`MATCH_BEFORE`] bytes before
+/// `mark` and [`MATCH_SLACK`] bytes after it.
 fn found_near(stream: &[u8], part: &[u8], mark: usize) -> bool {
     let hi = (mark + MATCH_SLACK).min(stream.len().saturating_sub(part.len()));
-    (mark..=hi).any(|p| stream.get(p..p + part.len()) == Some(part))
+    (mark.saturating_sub(MATCH_BEFORE)..=hi).any(|p| stream.get(p..p + part.len()) == Some(part))
 }
 
 /// A small seeded generator for kill moments (xorshift64*): the seed is

@@ -28,6 +28,7 @@ use rrc_wire::{Key, Message, Role, SecureReader, SecureStream, SecureWriter, Sta
 use crate::Error;
 use crate::log_store::LogStore;
 use crate::position::{LogPosition, POSITION_ANNOTATION};
+use crate::takeover::{Fallback, ReplayOutcome, by_replay, from_checkpoint};
 
 pub struct BackupOptions {
     pub listen: SocketAddr,
@@ -51,11 +52,69 @@ pub struct Takeover {
     /// From the primary's last message to the decision.
     pub silent_for: Duration,
     pub fence: Duration,
+    /// From the decision to the service running again.
     pub restore: Duration,
-    /// What the restore said.
-    pub restored: String,
+    /// How the service was resumed.
+    pub resumed: Resumed,
     /// Responsive mode: the log since the checkpoint, as written out.
     pub log: Option<LogWritten>,
+}
+
+/// How a takeover resumed the service.
+#[derive(Debug, Clone)]
+pub enum Resumed {
+    /// From the checkpoint alone (checkpoint-only mode); what the restore
+    /// said.
+    Checkpoint(String),
+    /// By replaying the log: the program runs live on its connections.
+    Replayed {
+        restored: String,
+        outcome: ReplayOutcome,
+    },
+    /// The replay failed (`outcome` says why): from the checkpoint, with
+    /// the connections used after it reset.
+    FellBack {
+        outcome: ReplayOutcome,
+        fallback: Fallback,
+    },
+}
+
+/// Resumes the service on this host from the committed checkpoint in
+/// `image`: by replaying `log` if there is one, falling back to the
+/// checkpoint alone if that fails; from the checkpoint if there is no log.
+/// `dir` is the backup's directory.
+pub fn resume(
+    image: &Path,
+    log: Option<&LogWritten>,
+    dir: &Path,
+    uplink: Option<String>,
+) -> Result<Resumed, String> {
+    let Some(log) = log else {
+        return restore_as_container(image, uplink).map(Resumed::Checkpoint);
+    };
+    let outcome = match by_replay(image, log, dir, uplink.clone()) {
+        Ok((restored, o)) if o.live => {
+            return Ok(Resumed::Replayed {
+                restored,
+                outcome: o,
+            });
+        }
+        Ok((_, o)) => o,
+        Err(why) => ReplayOutcome {
+            why: Some(why),
+            ..ReplayOutcome::default()
+        },
+    };
+    eprintln!(
+        "rrc backup: TAKEOVER BY REPLAY FAILED: {}; falling back to the checkpoint",
+        outcome.why.as_deref().unwrap_or("no reason given")
+    );
+    let fallback = from_checkpoint(image, log, uplink)?;
+    eprintln!(
+        "rrc backup: FALLBACK: restored from the checkpoint; {} connection(s) used after it were reset",
+        fallback.reset
+    );
+    Ok(Resumed::FellBack { outcome, fallback })
 }
 
 /// The log a takeover found and wrote out beside the image.
@@ -133,11 +192,12 @@ impl Shared {
 }
 
 /// Serves primaries one after the other until one fails with a committed
-/// checkpoint here; then fences it and takes over with `restore` (given
-/// the image directory), and returns.
+/// checkpoint here; then fences it and takes over with `resume` (given
+/// the image directory and, in responsive mode, the log since it), and
+/// returns.
 pub fn serve(
     opts: &BackupOptions,
-    mut restore: impl FnMut(&Path) -> Result<String, String>,
+    mut resume: impl FnMut(&Path, Option<&LogWritten>) -> Result<Resumed, String>,
 ) -> Result<Takeover, Error> {
     fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
     let image = opts.dir.join("image");
@@ -208,13 +268,13 @@ pub fn serve(
                     _ => None,
                 };
                 let t1 = Instant::now();
-                let restored = restore(&image).map_err(Error::Takeover)?;
+                let resumed = resume(&image, log.as_ref()).map_err(Error::Takeover)?;
                 return Ok(Takeover {
                     epoch: c.epoch,
                     silent_for,
                     fence: fenced,
                     restore: t1.elapsed(),
-                    restored,
+                    resumed,
                     log,
                 });
             }

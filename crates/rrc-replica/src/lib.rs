@@ -21,6 +21,7 @@ pub mod position;
 pub mod primary;
 pub mod rebuild;
 pub mod shipper;
+pub mod takeover;
 pub mod wake;
 
 use std::path::{Path, PathBuf};

@@ -55,6 +55,16 @@ pub enum LogUse {
     Accept { fd: i32, peer: Option<SocketAddrV4> },
     /// It read these bytes from `fd`.
     Read { fd: i32, bytes: Vec<u8> },
+    /// The kernel took `len` bytes it wrote to `fd`.
+    Wrote { fd: i32, len: u64 },
+}
+
+impl LogUse {
+    fn fd(&self) -> i32 {
+        match self {
+            LogUse::Accept { fd, .. } | LogUse::Read { fd, .. } | LogUse::Wrote { fd, .. } => *fd,
+        }
+    }
 }
 
 /// The program's uses of descriptors in the log of `dir` from record
@@ -81,6 +91,10 @@ pub fn log_uses(dir: &Path, from: u64) -> Result<Vec<LogUse>, RebuildError> {
                         bytes: bytes(data),
                     }
                 }
+                Event::Write { fd, ret, .. } if *ret > 0 => LogUse::Wrote {
+                    fd: *fd,
+                    len: *ret as u64,
+                },
                 _ => continue,
             };
             uses.push((rec.seq, u));
@@ -153,6 +167,8 @@ struct Instance {
     peer: Option<SocketAddrV4>,
     read: Vec<u8>,
     written: Vec<u8>,
+    /// What the log says the kernel took of what it wrote.
+    logged_written: u64,
 }
 
 /// Works out every connection open at the end of the log.
@@ -179,6 +195,11 @@ pub fn plan(
             LogUse::Read { fd, bytes } => {
                 if let Some(i) = lives.get_mut(fd).and_then(|v| v.last_mut()) {
                     i.read.extend_from_slice(bytes);
+                }
+            }
+            LogUse::Wrote { fd, len } => {
+                if let Some(i) = lives.get_mut(fd).and_then(|v| v.last_mut()) {
+                    i.logged_written += len;
                 }
             }
         }
@@ -228,6 +249,27 @@ pub fn plan(
         out.rebuilt.push(r);
     }
     Ok(out)
+}
+
+/// The checkpoint's connections that were used after it (the program
+/// read or wrote, or the client sent a segment): a takeover that falls
+/// back to the checkpoint must reset them, as their clients may have seen
+/// replies the checkpoint does not hold. Open file ids.
+pub fn active_since(saved: &[SavedConnection], uses: &[LogUse], frames: &[Vec<u8>]) -> Vec<usize> {
+    let used: std::collections::BTreeSet<i32> = uses.iter().map(LogUse::fd).collect();
+    let heard: Vec<TcpFacts> = frames.iter().filter_map(|f| Frame::new(f)?.tcp()).collect();
+    saved
+        .iter()
+        .filter(|s| {
+            // A descriptor reused by an accept during the log was this
+            // connection's first: it was closed, so it was used.
+            used.contains(&s.fd)
+                || heard
+                    .iter()
+                    .any(|f| SocketAddr::V4(f.src) == s.peer && SocketAddr::V4(f.dst) == s.local)
+        })
+        .map(|s| s.file_id)
+        .collect()
 }
 
 /// `a` comes after `b` in sequence space.
@@ -296,7 +338,8 @@ fn client_view(segs: &[&TcpSegment<'_>], start: u32) -> ClientView {
     }
     let next = start.wrapping_add(v.data.len() as u32);
     v.fin = segs.iter().any(|s| {
-        s.facts.flags & TcpFacts::FIN != 0 && s.facts.seq.wrapping_add(s.payload.len() as u32) == next
+        s.facts.flags & TcpFacts::FIN != 0
+            && s.facts.seq.wrapping_add(s.payload.len() as u32) == next
     });
     v
 }
@@ -353,6 +396,13 @@ fn sides(
     }
     let mut received = unread.to_vec();
     received.extend_from_slice(&view.data);
+    if life.written.len() as u64 != life.logged_written {
+        return Err(bad(format!(
+            "the replay wrote {} bytes where the primary wrote {}",
+            life.written.len(),
+            life.logged_written
+        )));
+    }
     if !received.starts_with(&life.read) {
         return Err(bad(format!(
             "the program read {} bytes the client did not send (of {} it had)",
@@ -429,13 +479,7 @@ fn carry(
         .filter(|e| after(*e, st.timestamp))
         .unwrap_or(st.timestamp)
         .wrapping_add(host.timestamp_lead);
-    let state = finish_state(
-        st.clone(),
-        &sd,
-        view.fin,
-        timestamp,
-        window,
-    );
+    let state = finish_state(st.clone(), &sd, view.fin, timestamp, window);
     Ok(Rebuilt {
         fd,
         accepted: false,
@@ -493,8 +537,7 @@ fn accept(
         .iter()
         .rev()
         .find(|s| {
-            s.facts.src == peer
-                && s.facts.flags & (TcpFacts::SYN | TcpFacts::ACK) == TcpFacts::SYN
+            s.facts.src == peer && s.facts.flags & (TcpFacts::SYN | TcpFacts::ACK) == TcpFacts::SYN
         })
         .ok_or_else(|| bad("its SYN is not in the net log (it came before the checkpoint)"))?;
     let local = syn.facts.dst;
@@ -666,10 +709,13 @@ mod tests {
             frame(ACK, 900, 4999, &ts, b"cd"),
         ];
         // The program read "abc", wrote "Z".
-        let uses = vec![LogUse::Read {
-            fd: 7,
-            bytes: b"abc".to_vec(),
-        }];
+        let uses = vec![
+            LogUse::Read {
+                fd: 7,
+                bytes: b"abc".to_vec(),
+            },
+            LogUse::Wrote { fd: 7, len: 1 },
+        ];
         let p = plan(&[s], &uses, &[written(7, b"Z")], &frames, &HOST).unwrap();
         assert_eq!(p.rebuilt.len(), 1);
         let c = &p.rebuilt[0].conn;
@@ -693,12 +739,33 @@ mod tests {
             fd: 7,
             bytes: b"x".to_vec(),
         }];
-        let e = plan(&[s.clone()], &uses, &[], &[], &HOST).unwrap_err();
+        let e = plan(std::slice::from_ref(&s), &uses, &[], &[], &HOST).unwrap_err();
         assert!(e.to_string().contains("did not send"), "{e}");
         // The client acknowledged beyond what the replay wrote.
         let frames = vec![frame(ACK, 900, 5002, &[], b"")];
-        let e = plan(&[s.clone()], &[], &[written(7, b"a")], &frames, &HOST).unwrap_err();
-        assert!(e.to_string().contains("beyond what the replay wrote"), "{e}");
+        let wrote = [LogUse::Wrote { fd: 7, len: 1 }];
+        let e = plan(
+            std::slice::from_ref(&s),
+            &wrote,
+            &[written(7, b"a")],
+            &frames,
+            &HOST,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("beyond what the replay wrote"),
+            "{e}"
+        );
+        // The replay wrote other than the primary did.
+        let e = plan(
+            std::slice::from_ref(&s),
+            &wrote,
+            &[written(7, b"ab")],
+            &[],
+            &HOST,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("where the primary wrote 1"), "{e}");
         // The replay wrote to a descriptor the log has no connection at.
         let e = plan(&[s], &[], &[written(8, b"a")], &[], &HOST).unwrap_err();
         assert!(matches!(e, RebuildError::Inconsistent { fd: 8, .. }), "{e}");
@@ -709,7 +776,7 @@ mod tests {
         let s = saved(b"", b"");
         let p = plan(
             &[s],
-            &[],
+            &[LogUse::Wrote { fd: 7, len: 3 }],
             &[written(7, b"bye"), CaptureRecord::Closed { fd: 7 }],
             &[],
             &HOST,
@@ -720,7 +787,9 @@ mod tests {
 
     #[test]
     fn a_connection_accepted_since_is_rebuilt_from_its_handshake() {
-        let syn_opts = [2, 4, 5, 0xb4, 1, 3, 3, 6, 4, 2, 8, 10, 0, 0, 0, 5, 0, 0, 0, 0];
+        let syn_opts = [
+            2, 4, 5, 0xb4, 1, 3, 3, 6, 4, 2, 8, 10, 0, 0, 0, 5, 0, 0, 0, 0,
+        ];
         let ts = [1, 1, 8, 10, 0, 0, 0, 6, 0, 0, 0, 44];
         let frames = vec![
             frame(TcpFacts::SYN, 100, 0, &syn_opts, b""),
@@ -737,6 +806,7 @@ mod tests {
                 fd: 9,
                 bytes: b"PING\r\n".to_vec(),
             },
+            LogUse::Wrote { fd: 9, len: 7 },
         ];
         let p = plan(&[], &uses, &[written(9, b"+PONG\r\n")], &frames, &HOST).unwrap();
         let r = &p.rebuilt[0];
@@ -764,6 +834,24 @@ mod tests {
         let st = &p.rebuilt[0].conn.state;
         assert_eq!((st.state, st.rcv_seq), (TCP_CLOSE_WAIT, 902));
         assert_eq!(p.rebuilt[0].conn.rcvq, b"q");
+    }
+
+    #[test]
+    fn connections_used_since_the_checkpoint_are_the_active_ones() {
+        let a = saved(b"", b"");
+        let mut b = saved(b"", b"");
+        (b.fd, b.file_id) = (8, 4);
+        b.peer = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 9), 40001));
+        let mut c = b.clone();
+        (c.fd, c.file_id) = (10, 5);
+        c.peer = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 9), 40002));
+        let all = [a, b, c];
+        // Nothing since: none.
+        assert!(active_since(&all, &[], &[]).is_empty());
+        // A segment of the first's client, a write to the second.
+        let frames = vec![frame(ACK, 900, 5000, &[], b"")];
+        let uses = [LogUse::Wrote { fd: 8, len: 2 }];
+        assert_eq!(active_since(&all, &uses, &frames), vec![3, 4]);
     }
 
     #[test]

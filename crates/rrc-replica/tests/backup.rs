@@ -14,7 +14,7 @@ use std::time::Duration;
 use nix::unistd::Pid;
 use rrc_ckpt::image::ImageDir;
 use rrc_ckpt::incremental::{CopyMode, Incremental, IncrementalOptions};
-use rrc_replica::backup::{BackupOptions, serve};
+use rrc_replica::backup::{BackupOptions, Resumed, serve};
 use rrc_replica::link::send_checkpoint;
 use rrc_wire::{Key, Message, Role, SecureStream, WireError};
 
@@ -92,15 +92,15 @@ fn a_delta_cut_off_mid_transfer_leaves_the_committed_checkpoint() {
     let backup_dir = work.join("backup");
     let opts = options(addr, Key::from_bytes([7; 32]), &backup_dir);
     let backup = std::thread::spawn(move || {
-        serve(&opts, |image| {
+        serve(&opts, |image, _log| {
             // What a takeover would restore: it must be checkpoint 0, whole.
             let img = ImageDir::new(image);
             let m = img.read_manifest().map_err(|e| e.to_string())?;
             rrc_ckpt::store::verify(&img, &m).map_err(|e| e.to_string())?;
-            Ok(format!(
+            Ok(Resumed::Checkpoint(format!(
                 "epoch {}",
                 m.lineage.map(|l| l.epoch).unwrap_or(99)
-            ))
+            )))
         })
     });
 
@@ -143,7 +143,7 @@ fn a_delta_cut_off_mid_transfer_leaves_the_committed_checkpoint() {
 
     let t = backup.join().unwrap().expect("the backup took over");
     assert_eq!(t.epoch, 0);
-    assert_eq!(t.restored, "epoch 0");
+    assert!(matches!(&t.resumed, Resumed::Checkpoint(s) if s == "epoch 0"));
     drop(sleeper);
     let _ = std::fs::remove_dir_all(&work);
 }
@@ -153,7 +153,7 @@ fn a_peer_without_the_key_is_refused_and_the_backup_goes_on() {
     let work = scratch("key");
     let addr = free_port();
     let opts = options(addr, Key::from_bytes([1; 32]), &work);
-    std::thread::spawn(move || serve(&opts, |_| Err("no takeover expected".into())));
+    std::thread::spawn(move || serve(&opts, |_, _| Err("no takeover expected".into())));
     match connect(addr, &Key::from_bytes([2; 32])) {
         Err(WireError::Authentication(_)) => {}
         Err(e) => panic!("expected an authentication failure, got {e}"),

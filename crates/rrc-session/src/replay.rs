@@ -132,6 +132,8 @@ pub struct Prepared {
     pub threads: usize,
     /// Threads caught waiting for input, made to take it from the log.
     pub interrupted: usize,
+    /// The recorded process (as the image numbers it).
+    pub pid: i32,
 }
 
 /// Marks a working copy of `images` (a checkpoint of a container taken
@@ -174,6 +176,7 @@ pub fn prepare(images: &Path, opts: &ReplayOptions) -> Result<Prepared> {
         from,
         threads: ids.len(),
         interrupted,
+        pid: rings.pid,
     })
 }
 

@@ -9,10 +9,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
-use rrc_replica::backup::{self, BackupOptions};
+use rrc_replica::backup::{self, BackupOptions, Resumed};
 use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
 use rrc_replica::primary::{PrimaryOptions, Replication};
+use rrc_replica::takeover::ReplayOutcome;
 use rrc_session::recording::Rings;
 use rrc_wire::Key;
 
@@ -256,8 +257,9 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         );
     }
     let uplink = a.uplink.clone();
-    let t = backup::serve(&opts, |image| {
-        backup::restore_as_container(image, uplink.clone())
+    let dir = opts.dir.clone();
+    let t = backup::serve(&opts, |image, log| {
+        backup::resume(image, log, &dir, uplink.clone())
     })?;
     println!(
         "took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms, restore {:.0} ms",
@@ -276,6 +278,36 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
             log.dir.display()
         );
     }
-    println!("{}", t.restored);
+    match &t.resumed {
+        Resumed::Checkpoint(said) => println!("{said}"),
+        Resumed::Replayed { restored, outcome } => {
+            println!("{}", replayed_line(outcome));
+            println!("{restored}");
+        }
+        Resumed::FellBack { outcome, fallback } => {
+            println!(
+                "FALLBACK: the replay failed ({}); restored from the checkpoint in {:.0} ms, {} connection(s) used after it reset",
+                outcome.why.as_deref().unwrap_or("no reason given"),
+                fallback.took.as_secs_f64() * 1e3,
+                fallback.reset
+            );
+            println!("{}", fallback.restored);
+        }
+    }
     Ok(0)
+}
+
+/// The takeover-by-replay line: its steps' times and the connections.
+fn replayed_line(o: &ReplayOutcome) -> String {
+    format!(
+        "replayed the log: restore {:.0} ms, replay {:.0} ms, connections {:.1} ms; {} carried over, {} accepted during the log, {} closed during it ({} bytes unread, {} unacknowledged put back)",
+        o.restore_ms,
+        o.replay_ms,
+        o.rebuild_ms,
+        o.carried,
+        o.accepted,
+        o.closed,
+        o.unread,
+        o.unacknowledged
+    )
 }
