@@ -109,9 +109,10 @@ pub struct PairOptions {
     /// The backup's failure-detection timeout.
     pub timeout: Duration,
     pub mode: Mode,
-    /// Responsive mode: replies leave once the backup holds their log
-    /// (`--release log`, for measuring only: see `rrc primary --help`).
-    pub release_at_log: bool,
+    /// Responsive mode: replies wait for the next committed checkpoint
+    /// (`--release commit`, for comparison) instead of leaving once the
+    /// backup holds their log.
+    pub release_at_commit: bool,
 }
 
 impl Default for PairOptions {
@@ -120,7 +121,7 @@ impl Default for PairOptions {
             epoch: Duration::from_millis(100),
             timeout: Duration::from_millis(200),
             mode: Mode::Checkpoint,
-            release_at_log: false,
+            release_at_commit: false,
         }
     }
 }
@@ -320,8 +321,8 @@ impl<'a> Pair<'a> {
             &vip,
             "--",
         ];
-        if self.opts.release_at_log {
-            argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "log"]);
+        if self.opts.release_at_commit {
+            argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
         }
         argv.extend_from_slice(self.app.command());
         argv.extend(self.app_args.iter().map(String::as_str));

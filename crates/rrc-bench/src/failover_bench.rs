@@ -289,7 +289,7 @@ fn responsive_costs(
             }
         ));
         let opts = PairOptions {
-            release_at_log,
+            release_at_commit: !release_at_log,
             ..cfg.pair.clone()
         };
         let mut pair = Pair::new(lab, app, opts)?;

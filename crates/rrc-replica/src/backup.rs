@@ -56,8 +56,28 @@ pub struct Takeover {
     pub restore: Duration,
     /// How the service was resumed.
     pub resumed: Resumed,
-    /// Responsive mode: the log since the checkpoint, as written out.
-    pub log: Option<LogWritten>,
+    /// Responsive mode: the log since the checkpoint.
+    pub log: LogFound,
+}
+
+/// The log a takeover found since the checkpoint.
+#[derive(Debug, Clone)]
+pub enum LogFound {
+    /// Checkpoint-only mode: there is none.
+    None,
+    /// Written out beside the image.
+    Written(LogWritten),
+    /// Responsive mode, but it could not be written out (why).
+    Lost(String),
+}
+
+impl LogFound {
+    pub fn written(&self) -> Option<&LogWritten> {
+        match self {
+            LogFound::Written(l) => Some(l),
+            _ => None,
+        }
+    }
 }
 
 /// How a takeover resumed the service.
@@ -80,17 +100,28 @@ pub enum Resumed {
 }
 
 /// Resumes the service on this host from the committed checkpoint in
-/// `image`: by replaying `log` if there is one, falling back to the
-/// checkpoint alone if that fails; from the checkpoint if there is no log.
-/// `dir` is the backup's directory.
+/// `image`: by replaying the log if there is one, falling back to the
+/// checkpoint alone if that fails (or the log was lost); from the
+/// checkpoint if there is no log (checkpoint-only mode). `dir` is the
+/// backup's directory.
 pub fn resume(
     image: &Path,
-    log: Option<&LogWritten>,
+    log: &LogFound,
     dir: &Path,
     uplink: Option<String>,
 ) -> Result<Resumed, String> {
-    let Some(log) = log else {
-        return restore_as_container(image, uplink).map(Resumed::Checkpoint);
+    let log = match log {
+        LogFound::None => {
+            return restore_as_container(image, uplink).map(Resumed::Checkpoint);
+        }
+        LogFound::Written(l) => l,
+        LogFound::Lost(why) => {
+            let outcome = ReplayOutcome {
+                why: Some(format!("the log was lost: {why}")),
+                ..ReplayOutcome::default()
+            };
+            return fall_back(image, None, uplink, outcome);
+        }
     };
     let outcome = match by_replay(image, log, dir, uplink.clone()) {
         Ok((restored, o)) if o.live => {
@@ -105,6 +136,17 @@ pub fn resume(
             ..ReplayOutcome::default()
         },
     };
+    fall_back(image, Some(log), uplink, outcome)
+}
+
+/// The fallback from the checkpoint after `outcome` (a failed replay),
+/// told loudly.
+fn fall_back(
+    image: &Path,
+    log: Option<&LogWritten>,
+    uplink: Option<String>,
+    outcome: ReplayOutcome,
+) -> Result<Resumed, String> {
     eprintln!(
         "rrc backup: TAKEOVER BY REPLAY FAILED: {}; falling back to the checkpoint",
         outcome.why.as_deref().unwrap_or("no reason given")
@@ -197,7 +239,7 @@ impl Shared {
 /// returns.
 pub fn serve(
     opts: &BackupOptions,
-    mut resume: impl FnMut(&Path, Option<&LogWritten>) -> Result<Resumed, String>,
+    mut resume: impl FnMut(&Path, &LogFound) -> Result<Resumed, String>,
 ) -> Result<Takeover, Error> {
     fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
     let image = opts.dir.join("image");
@@ -265,10 +307,11 @@ pub fn serve(
                 let fenced = t0.elapsed();
                 let log = match (&c.position, log) {
                     (Some(_), Some(store)) => write_log(&store, &image, &log_dir),
-                    _ => None,
+                    (Some(_), None) => LogFound::Lost("no log was kept".into()),
+                    (None, _) => LogFound::None,
                 };
                 let t1 = Instant::now();
-                let resumed = resume(&image, log.as_ref()).map_err(Error::Takeover)?;
+                let resumed = resume(&image, &log).map_err(Error::Takeover)?;
                 return Ok(Takeover {
                     epoch: c.epoch,
                     silent_for,
@@ -302,7 +345,7 @@ pub fn restore_as_container(image: &Path, uplink: Option<String>) -> Result<Stri
 
 /// Writes the log held since the committed checkpoint into `dir`, as a
 /// recording directory `rrc replay` reads beside the image.
-fn write_log(store: &LogStore, image: &Path, dir: &Path) -> Option<LogWritten> {
+fn write_log(store: &LogStore, image: &Path, dir: &Path) -> LogFound {
     let _ = fs::remove_dir_all(dir);
     let written = store
         .write_to(dir)
@@ -315,14 +358,14 @@ fn write_log(store: &LogStore, image: &Path, dir: &Path) -> Option<LogWritten> {
             Err(e) => Err(e.to_string()),
         });
     match written {
-        Ok((from, until)) => Some(LogWritten {
+        Ok((from, until)) => LogFound::Written(LogWritten {
             dir: dir.to_path_buf(),
             from,
             until,
         }),
         Err(e) => {
             eprintln!("rrc backup: the log could not be written out: {e}");
-            None
+            LogFound::Lost(e)
         }
     }
 }

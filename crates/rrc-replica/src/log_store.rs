@@ -165,7 +165,12 @@ impl LogStore {
         let until = self.acknowledged();
         let mut log = LogWriter::create(dir)?;
         let mut buf = vec![0u8; rrc_rr::log::HEADER_LEN + rrc_rr::log::MAX_PAYLOAD_LEN];
-        for b in &self.batches {
+        // A thread's batches may arrive out of order (two drains of its
+        // ring racing to the link); its log file takes them in order. They
+        // never overlap: a thread's records only rise.
+        let mut batches: Vec<&Stored> = self.batches.iter().collect();
+        batches.sort_by_key(|b| b.first);
+        for b in batches {
             if b.last <= self.base.records || b.first > until.records {
                 continue;
             }
@@ -270,12 +275,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rrc-logstore-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut s = LogStore::new(LogPosition { records: 2, net: 0 });
-        s.add_records(&batch(
-            1,
-            &[(1, time(1)), (3, time(3)), (4, time(4)), (7, time(7))],
-        ))
-        .unwrap();
-        s.add_records(&batch(2, &[(2, time(2)), (5, time(5))]))
+        s.add_records(&batch(1, &[(1, time(1)), (3, time(3)), (7, time(7))]))
+            .unwrap();
+        // Thread 2's batches arrive in the wrong order.
+        s.add_records(&batch(2, &[(5, time(5))])).unwrap();
+        s.add_records(&batch(2, &[(2, time(2)), (4, time(4))]))
             .unwrap();
         s.add_frames(1, vec![vec![9; 60], vec![8; 70]]).unwrap();
         // Nothing in the net log beyond the base: an empty net log.
@@ -298,8 +302,8 @@ mod tests {
             }
             seqs
         };
-        assert_eq!(read(1), vec![3, 4]);
-        assert_eq!(read(2), vec![5]);
+        assert_eq!(read(1), vec![3]);
+        assert_eq!(read(2), vec![4, 5]);
         let frames = netlog::read(&dir).unwrap();
         assert_eq!(frames.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1, 2]);
         std::fs::remove_dir_all(&dir).unwrap();

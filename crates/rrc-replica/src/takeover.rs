@@ -197,11 +197,12 @@ fn wait_report(path: &Path, limit: Duration) -> ReplayOutcome {
 }
 
 /// The fallback: `image` restored as in checkpoint-only mode, the
-/// connections used after it (per `log`) disconnected. Waits first for a
-/// container of the same name (a failed replay's) to be gone.
+/// connections used after it (per `log`; all of them without one)
+/// disconnected. Waits first for a container of the same name (a failed
+/// replay's) to be gone.
 pub fn from_checkpoint(
     image: &Path,
-    log: &LogWritten,
+    log: Option<&LogWritten>,
     uplink: Option<String>,
 ) -> Result<Fallback, String> {
     let t0 = Instant::now();
@@ -229,7 +230,7 @@ pub fn from_checkpoint(
 
 /// Disconnects, in the image at `copy`, the connections used after the
 /// checkpoint; returns how many.
-fn disconnect_active(copy: &Path, image: &Path, log: &LogWritten) -> Result<usize, String> {
+fn disconnect_active(copy: &Path, image: &Path, log: Option<&LogWritten>) -> Result<usize, String> {
     let ring_fd = rrc_session::recording::RecordingAnnotation::read(image)
         .map_err(|e| e.to_string())?
         .map(|a| a.ring_fd);
@@ -240,8 +241,8 @@ fn disconnect_active(copy: &Path, image: &Path, log: &LogWritten) -> Result<usiz
         .ok_or("the checkpoint is not of a recorded program")?;
     let saved = edit.tcp_connections(pid).map_err(|e| e.to_string())?;
     // What cannot be read counts as everything used.
-    let uses = log_uses(&log.dir, log.from.records + 1).ok();
-    let frames = crate::netlog::read(&log.dir).ok();
+    let uses = log.and_then(|l| log_uses(&l.dir, l.from.records + 1).ok());
+    let frames = log.and_then(|l| crate::netlog::read(&l.dir).ok());
     let active = match (uses, frames) {
         (Some(u), Some(f)) => {
             let f: Vec<Vec<u8>> = f.into_iter().map(|(_, b)| b).collect();

@@ -249,12 +249,11 @@ fn redis_saving_in_the_background_every_second_stays_replayable() {
 fn tmp_try() {
     kills_with(
         "frtry",
-        App::Redis,
+        App::Memcached,
         PairOptions {
             mode: Mode::Responsive,
-            release_at_log: true,
             ..PairOptions::default()
         },
-        3,
+        6,
     );
 }

@@ -28,11 +28,15 @@ pub const DEFAULT_PORT: u16 = 7470;
 ///
 /// Like `rrc run`, and besides: every --epoch the container is checkpointed
 /// (incrementally) and the checkpoint streamed to the backup over an
-/// authenticated, encrypted link; every frame the container sends (its
-/// ACKs included) is held until the backup has committed a checkpoint taken
-/// after it, so a client never sees anything the backup could not
-/// reproduce. If the backup fails, the service goes on unprotected (logged
-/// loudly) until a backup is back and has received a full checkpoint.
+/// authenticated, encrypted link. In responsive mode (the default) the
+/// program is recorded (librrc preloaded) and its log streamed to the
+/// backup as it comes; every frame the container sends (its ACKs
+/// included) is held until the backup holds the log that produced it
+/// (about a round trip), so a client never sees anything the backup could
+/// not reproduce: a takeover replays the log from the last checkpoint. In
+/// checkpoint mode frames wait for the next committed checkpoint instead.
+/// If the backup fails, the service goes on unprotected (logged loudly)
+/// until a backup is back and has received a full checkpoint.
 ///
 /// Example (start the backup first):
 ///   rrc keygen /etc/rrc/key   (copy the file to the backup host)
@@ -61,22 +65,18 @@ pub struct PrimaryArgs {
     /// (snapshot), or whichever pauses it less (auto).
     #[arg(long, value_enum, default_value_t = Copy::Auto)]
     copy: Copy,
-    /// What a reply waits for. checkpoint: the next checkpoint committed by
-    /// the backup (about one --epoch). responsive: the program is recorded
-    /// (librrc preloaded) and its log streamed to the backup as it comes;
-    /// replies still wait for the commit in this release, and the primary
-    /// reports how long they would have waited for the log alone.
-    #[arg(long, value_enum, default_value_t = ModeArg::Checkpoint)]
+    /// What a reply waits for. responsive: the backup's acknowledgement of
+    /// the log that produced it (the program must be dynamically linked:
+    /// librrc is preloaded to record it). checkpoint: the next checkpoint
+    /// committed by the backup (about one --epoch); no recording.
+    #[arg(long, value_enum, default_value_t = ModeArg::Responsive)]
     mode: ModeArg,
-    /// Responsive mode: when replies leave. commit: once the next
-    /// checkpoint is committed by the backup. log: as soon as the backup
-    /// holds the log they depend on. In this release `log` is for
-    /// measuring only (`rrc bench failover --mode responsive`): a takeover
-    /// restores the last checkpoint and does not replay the log yet, so
-    /// replies released after that checkpoint may be lost with the
-    /// primary.
-    #[arg(long, value_enum, default_value_t = ReleaseArg::Commit)]
-    release: ReleaseArg,
+    /// Responsive mode: when replies leave. log: as soon as the backup
+    /// holds the log they depend on. commit: once the next checkpoint is
+    /// committed (the log is still streamed; for comparing the two).
+    /// [default: log]
+    #[arg(long, value_enum)]
+    release: Option<ReleaseArg>,
     #[command(flatten)]
     container: ContainerArgs,
 }
@@ -197,15 +197,10 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         },
         copy: CopyChoice::from(a.copy).into(),
     };
-    if a.release == ReleaseArg::Log {
-        if a.mode != ModeArg::Responsive {
-            bail!("--release log needs --mode responsive: only a log can release replies early");
-        }
-        eprintln!(
-            "rrc primary: WARNING: --release log is for measuring: a takeover does not replay the log yet, so replies released after the last checkpoint may be lost"
-        );
+    if a.release.is_some() && a.mode != ModeArg::Responsive {
+        bail!("--release is for --mode responsive (in checkpoint mode replies wait for commits)");
     }
-    let release = match a.release {
+    let release = match a.release.unwrap_or(ReleaseArg::Log) {
         ReleaseArg::Commit => Release::Commit,
         ReleaseArg::Log => Release::LogAck,
     };
@@ -268,7 +263,7 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         t.fence.as_secs_f64() * 1e3,
         t.restore.as_secs_f64() * 1e3,
     );
-    if let Some(log) = &t.log {
+    if let Some(log) = t.log.written() {
         println!(
             "the log since the checkpoint (records {} to {}, net frames {} to {}) is in {}",
             log.from.records + 1,
