@@ -113,6 +113,9 @@ pub struct PairOptions {
     /// (`--release commit`, for comparison) instead of leaving once the
     /// backup holds their log.
     pub release_at_commit: bool,
+    /// Tests of the fallback only: the backup's replay diverges at its
+    /// first record.
+    pub inject_divergence: bool,
 }
 
 impl Default for PairOptions {
@@ -122,6 +125,7 @@ impl Default for PairOptions {
             timeout: Duration::from_millis(200),
             mode: Mode::Checkpoint,
             release_at_commit: false,
+            inject_divergence: false,
         }
     }
 }
@@ -245,9 +249,7 @@ impl<'a> Pair<'a> {
         );
         let listen = self.repl_addr()?;
         let timeout = format!("{}ms", self.opts.timeout.as_millis());
-        let child = self
-            .lab
-            .command_on(
+        let mut cmd = self.lab.command_on(
                 Host::Backup,
                 &[
                     &self.lab.rrc_path(),
@@ -263,7 +265,11 @@ impl<'a> Pair<'a> {
                     "--dir",
                     &path_str(&self.backup_dir),
                 ],
-            )
+            );
+        if self.opts.inject_divergence {
+            cmd.env(rrc_replica::takeover::INJECT_DIVERGENCE_ENV, "1");
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

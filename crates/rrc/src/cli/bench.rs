@@ -291,7 +291,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                     epoch: a.epoch,
                     timeout: a.timeout,
                     mode: a.mode.into(),
-                    release_at_commit: false,
+                    ..PairOptions::default()
                 },
                 seed: a.seed.unwrap_or_else(Moments::seed_from_clock),
             };
