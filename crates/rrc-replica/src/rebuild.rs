@@ -152,6 +152,10 @@ pub struct Plan {
     pub rebuilt: Vec<Rebuilt>,
     /// Connections closed by the program during the log.
     pub closed: usize,
+    /// Clients whose handshake completed during the log but whom the
+    /// program had not accepted by its end: the restored listener does
+    /// not know them, and their next segment is answered with a reset.
+    pub unaccepted: usize,
     /// Bytes of the clients' the program had not read yet, and of its
     /// own the clients had not acknowledged yet, over every connection.
     pub unread: usize,
@@ -224,7 +228,10 @@ pub fn plan(
         .iter()
         .filter_map(|f| Frame::new(f)?.tcp_segment())
         .collect();
-    let mut out = Plan::default();
+    let mut out = Plan {
+        unaccepted: unaccepted(saved, &lives, &segments),
+        ..Plan::default()
+    };
     for (fd, v) in lives {
         let closed = current.get(&fd).copied().unwrap_or(0);
         out.closed += closed;
@@ -270,6 +277,35 @@ pub fn active_since(saved: &[SavedConnection], uses: &[LogUse], frames: &[Vec<u8
         })
         .map(|s| s.file_id)
         .collect()
+}
+
+/// Clients that completed a handshake in the net log (their SYN, then an
+/// acknowledgement) but are neither a checkpoint's connection nor one the
+/// log accepted.
+fn unaccepted(
+    saved: &[SavedConnection],
+    lives: &BTreeMap<i32, Vec<Instance>>,
+    segments: &[TcpSegment<'_>],
+) -> usize {
+    let known: std::collections::BTreeSet<SocketAddrV4> = saved
+        .iter()
+        .filter_map(|s| match s.peer {
+            SocketAddr::V4(a) => Some(a),
+            SocketAddr::V6(_) => None,
+        })
+        .chain(lives.values().flatten().filter_map(|i| i.peer))
+        .collect();
+    let mut handshakes = std::collections::BTreeSet::new();
+    let mut opened = std::collections::BTreeSet::new();
+    for s in segments {
+        let f = &s.facts;
+        if f.flags & (TcpFacts::SYN | TcpFacts::ACK) == TcpFacts::SYN {
+            opened.insert(f.src);
+        } else if f.flags & TcpFacts::ACK != 0 && opened.contains(&f.src) {
+            handshakes.insert(f.src);
+        }
+    }
+    handshakes.difference(&known).count()
 }
 
 /// `a` comes after `b` in sequence space.
@@ -821,6 +857,10 @@ mod tests {
         );
         assert_eq!(st.timestamp, 1044);
         assert_eq!(r.conn.local, SocketAddr::V4(SERVER));
+        assert_eq!(p.unaccepted, 0);
+        // Not accepted by the end of the log: counted.
+        let p = plan(&[], &[], &[], &frames, &HOST).unwrap();
+        assert_eq!((p.rebuilt.len(), p.unaccepted), (0, 1));
         // Without its SYN (it came before the checkpoint) it cannot be.
         let e = plan(&[], &uses, &[], &frames[1..], &HOST).unwrap_err();
         assert!(e.to_string().contains("SYN"), "{e}");

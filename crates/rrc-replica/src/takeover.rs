@@ -72,6 +72,9 @@ pub struct ReplayOutcome {
     pub carried: usize,
     pub accepted: usize,
     pub closed: usize,
+    /// Handshakes completed during the log that the program had not
+    /// accepted: those clients are reset.
+    pub unaccepted: usize,
     /// Bytes of the clients' not read yet, and of the program's not
     /// acknowledged yet, put back in the rebuilt connections.
     pub unread: usize,
@@ -410,6 +413,7 @@ impl Finisher {
             carried: plan.rebuilt.len() - accepted,
             accepted,
             closed: plan.closed,
+            unaccepted: plan.unaccepted,
             unread: plan.unread,
             unacknowledged: plan.unacknowledged,
         })

@@ -68,6 +68,43 @@ fn a_diverging_replay_falls_back_to_the_checkpoint_and_resets_connections() {
     }
 }
 
+/// Connections the program accepted after the last checkpoint are rebuilt
+/// from their handshake in the net log, and carry on. The trial starts
+/// right after the first checkpoint and kills the primary well before the
+/// next one (every 3 s).
+#[test]
+fn connections_accepted_after_the_checkpoint_are_carried_over() {
+    for app in [App::Redis, App::Memcached] {
+        let lab = lab_session(if app == App::Redis { "fracr" } else { "fracm" });
+        let opts = PairOptions {
+            mode: Mode::Responsive,
+            epoch: Duration::from_secs(3),
+            ..PairOptions::default()
+        };
+        let mut pair = Pair::new(&lab, app, opts).unwrap();
+        pair.start_backup().unwrap();
+        pair.start_primary().unwrap();
+        let t = trial(
+            &mut pair,
+            4,
+            Duration::from_millis(700),
+            Duration::from_millis(1500),
+        )
+        .unwrap();
+        let out = pair.backup_output();
+        assert!(
+            t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+            "{t:#?}\n{out}"
+        );
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("replayed the log:"))
+            .unwrap_or_else(|| panic!("no takeover by replay:\n{out}"));
+        eprintln!("{app:?}: {line}");
+        assert!(line.contains("4 accepted during the log"), "{line}");
+    }
+}
+
 /// `kills` primary failures of `app` in `mode`, each at a random moment of
 /// the load.
 fn kills(tag: &str, app: App, mode: Mode, kills: usize) {

@@ -295,13 +295,14 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
 /// The takeover-by-replay line: its steps' times and the connections.
 fn replayed_line(o: &ReplayOutcome) -> String {
     format!(
-        "replayed the log: restore {:.0} ms, replay {:.0} ms, connections {:.1} ms; {} carried over, {} accepted during the log, {} closed during it ({} bytes unread, {} unacknowledged put back)",
+        "replayed the log: restore {:.0} ms, replay {:.0} ms, connections {:.1} ms; {} carried over, {} accepted during the log, {} closed during it, {} not accepted by its end reset ({} bytes unread, {} unacknowledged put back)",
         o.restore_ms,
         o.replay_ms,
         o.rebuild_ms,
         o.carried,
         o.accepted,
         o.closed,
+        o.unaccepted,
         o.unread,
         o.unacknowledged
     )
