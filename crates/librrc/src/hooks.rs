@@ -68,7 +68,17 @@ pub(crate) fn logged<'a>(make: impl FnOnce() -> Event<'a>) -> bool {
         return false;
     };
     let _e = SavedErrno::save();
-    record::emit(&make())
+    let event = make();
+    let again = record::emit(&event);
+    if again {
+        match &event {
+            Event::Read { fd, ret, .. } | Event::Recv { fd, ret, .. } => {
+                crate::net::read_earlier(*fd, *ret)
+            }
+            _ => {}
+        }
+    }
+    again
 }
 
 /// `len` bytes at `p`, or nothing.
@@ -139,6 +149,9 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
     {
         return r;
     }
+    if let Some(r) = crate::net::no_more_input(fd, false) {
+        return r;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::read()(fd, buf, n) };
     if record_flat_read(ReadCall::Read, fd, ret, buf) {
@@ -153,6 +166,9 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
     if replay::active()
         && let Some(r) = serve::readv(fd, iov, cnt)
     {
+        return r;
+    }
+    if let Some(r) = crate::net::no_more_input(fd, false) {
         return r;
     }
     // SAFETY: the program's arguments, passed on unchanged.
@@ -232,6 +248,9 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
     {
         return r;
     }
+    if let Some(r) = crate::net::no_more_input(fd, flags & libc::MSG_DONTWAIT != 0) {
+        return r;
+    }
     // SAFETY: the program's arguments, passed on unchanged.
     let ret = unsafe { get::recv()(fd, buf, n, flags) };
     let again = logged(|| {
@@ -266,6 +285,9 @@ pub unsafe extern "C" fn recvfrom(
     if replay::active()
         && let Some(r) = serve::recvfrom(fd, buf, n, addr, addrlen)
     {
+        return r;
+    }
+    if let Some(r) = crate::net::no_more_input(fd, flags & libc::MSG_DONTWAIT != 0) {
         return r;
     }
     let room = if addrlen.is_null() {
@@ -306,6 +328,9 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     if replay::active()
         && let Some(r) = serve::recvmsg(fd, msg)
     {
+        return r;
+    }
+    if let Some(r) = crate::net::no_more_input(fd, flags & libc::MSG_DONTWAIT != 0) {
         return r;
     }
     let (name_room, control_room) = if msg.is_null() {
@@ -709,6 +734,9 @@ pub unsafe extern "C" fn recvmmsg(
         && let Some(r) = serve::recvmmsg(fd, msgs, n as usize)
     {
         return r;
+    }
+    if let Some(r) = crate::net::no_more_input(fd, flags & libc::MSG_DONTWAIT != 0) {
+        return r as c_int;
     }
     record::flush_before_blocking();
     // SAFETY: the program's arguments, passed on unchanged.

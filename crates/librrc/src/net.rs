@@ -83,6 +83,37 @@ pub fn set_virtual(fd: c_int, on: bool) {
     }
 }
 
+/// In replay, a thread off its log reading replayed connection `fd`: the
+/// log knows of no more input on it, and what the socket itself holds is
+/// what the checkpoint saved, which the log has served already. So there
+/// is nothing to read: `EAGAIN` without waiting (`dontwait`, or a
+/// nonblocking socket), else a wait for a signal (`EINTR`). `None` when
+/// the call is not on a replayed connection.
+pub fn no_more_input(fd: c_int, dontwait: bool) -> Option<isize> {
+    if !crate::replay::active() || !is_virtual(fd) {
+        return None;
+    }
+    // SAFETY: fcntl on the program's descriptor; ppoll with no
+    // descriptors waits for a signal.
+    unsafe {
+        let flags = libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFL);
+        let errno = if dontwait || (flags >= 0 && flags & i64::from(libc::O_NONBLOCK) != 0) {
+            libc::EAGAIN
+        } else {
+            libc::syscall(
+                libc::SYS_ppoll,
+                std::ptr::null_mut::<libc::pollfd>(),
+                0,
+                std::ptr::null::<libc::timespec>(),
+                std::ptr::null::<libc::sigset_t>(),
+            );
+            libc::EINTR
+        };
+        *libc::__errno_location() = errno;
+    }
+    Some(-1)
+}
+
 /// Puts a placeholder socket at descriptor `fd` (the number the recorded
 /// accept returned) and marks it virtual. `flags`: accept4's.
 pub fn place(fd: c_int, flags: c_int) -> bool {
@@ -113,6 +144,23 @@ pub fn place(fd: c_int, flags: c_int) -> bool {
         set_virtual(fd, true);
     }
     ok
+}
+
+/// A copy restored for replay learned, when recording it, that it had made
+/// a read of `len` bytes from `fd` already (the checkpoint came between
+/// the call and its record): if `fd` is a replayed connection, the
+/// capture says so, for a takeover works out what the restored connection
+/// still holds.
+pub fn read_earlier(fd: c_int, len: i64) {
+    if len <= 0 || !is_virtual(fd) {
+        return;
+    }
+    let mut head = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }];
+    let marked = (fd as u32 | interface::CAPTURE_READ_EARLIER) as c_int;
+    write_record(marked, len.min(i64::from(u32::MAX - 1)) as u32, &mut head);
 }
 
 /// The descriptor is closed: no longer virtual; a connection's capture
@@ -167,8 +215,14 @@ pub fn slice(
 
 /// Keeps the first `want` bytes of `parts` (buffers of the program's),
 /// written to virtual descriptor `fd`: one record, or several for many
-/// buffers or more bytes than a record holds.
-pub fn capture(fd: c_int, parts: &[libc::iovec], want: usize) {
+/// buffers or more bytes than a record holds. `earlier`: they were
+/// written before the checkpoint (the restored connection holds them).
+pub fn capture(fd: c_int, parts: &[libc::iovec], want: usize, earlier: bool) {
+    let fd = if earlier {
+        (fd as u32 | interface::CAPTURE_EARLIER) as c_int
+    } else {
+        fd
+    };
     if CAPTURE.load(Ordering::Acquire) < 0 {
         return;
     }

@@ -195,7 +195,7 @@ unsafe fn output(fd: c_int, out: Out) -> ssize_t {
             let n = unsafe { out.len() };
             let _e = SavedErrno::save();
             // SAFETY: the caller's contract.
-            unsafe { keep(fd, out, n, 0) };
+            unsafe { keep(fd, out, n, 0, false) };
             return n as ssize_t;
         }
     }
@@ -229,7 +229,7 @@ unsafe fn in_turn(fd: c_int, out: Out) -> Option<ssize_t> {
         // SAFETY: the caller's contract.
         unsafe {
             if net::is_virtual(fd) {
-                keep(fd, out, want, 0);
+                keep(fd, out, want, 0, false);
             } else {
                 write_for_real(fd, out, want);
             }
@@ -257,35 +257,43 @@ unsafe fn after_real(fd: c_int, out: Out, real: ssize_t) -> ssize_t {
         let want = (ret as usize).min(unsafe { out.len() });
         // SAFETY: the caller's contract; a sendfile's input has moved on
         // by what the real call sent.
-        unsafe { keep(fd, out, want, real.max(0) as usize) };
+        unsafe { keep(fd, out, want, real.max(0) as usize, true) };
     }
     t.complete();
     served(ret) as ssize_t
 }
 
 /// Captures the first `want` bytes of the call's data, written to virtual
-/// descriptor `fd`. For `sendfile`, whose input position has already
+/// descriptor `fd` (`earlier`: before the checkpoint, see
+/// [`net::capture`]). For `sendfile`, whose input position has already
 /// moved on by `moved` bytes, the input is read from where the call
 /// started and left `want` bytes further on, as the kernel would leave it.
 ///
 /// # Safety
 /// As [`output`].
-unsafe fn keep(fd: c_int, out: Out, want: usize, moved: usize) {
+unsafe fn keep(fd: c_int, out: Out, want: usize, moved: usize, earlier: bool) {
     if let Out::SendFile { in_fd, offset, .. } = out {
         // SAFETY: the caller's contract: `offset` is null or the
         // program's.
-        unsafe { keep_file(fd, in_fd, offset, want, moved) };
+        unsafe { keep_file(fd, in_fd, offset, want, moved, earlier) };
         return;
     }
     // SAFETY: the caller's contract.
-    unsafe { out.with_parts(|parts| net::capture(fd, parts, want)) };
+    unsafe { out.with_parts(|parts| net::capture(fd, parts, want, earlier)) };
 }
 
 /// The `sendfile` part of [`keep`].
 ///
 /// # Safety
 /// `offset` is null or points to the program's offset.
-unsafe fn keep_file(fd: c_int, in_fd: c_int, offset: *mut off_t, want: usize, moved: usize) {
+unsafe fn keep_file(
+    fd: c_int,
+    in_fd: c_int,
+    offset: *mut off_t,
+    want: usize,
+    moved: usize,
+    earlier: bool,
+) {
     // Raw system calls: the wrapped read functions would serve the reads
     // from the log.
     let now = if offset.is_null() {
@@ -312,7 +320,7 @@ unsafe fn keep_file(fd: c_int, in_fd: c_int, offset: *mut off_t, want: usize, mo
                 iov_base: buf.cast(),
                 iov_len: r as usize,
             }];
-            net::capture(fd, &part, r as usize);
+            net::capture(fd, &part, r as usize, earlier);
             done += r as usize;
         }
         // SAFETY: unmapping the buffer mapped above, used by nothing else.

@@ -22,6 +22,8 @@ use crate::verify::{self, Service};
 pub enum App {
     Redis,
     Memcached,
+    Lighttpd,
+    Tarantool,
 }
 
 impl App {
@@ -29,12 +31,18 @@ impl App {
         match self {
             App::Redis => "redis",
             App::Memcached => "memcached",
+            App::Lighttpd => "lighttpd",
+            App::Tarantool => "tarantool",
         }
     }
 
-    pub fn command(self) -> &'static [&'static str] {
-        match self {
-            App::Redis => &[
+    /// Its command line; the files it needs (Lighttpd's configuration and
+    /// documents, Tarantool's script) are written first, in a directory of
+    /// this process's that every lab host sees.
+    pub fn command(self) -> Result<Vec<String>> {
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Ok(match self {
+            App::Redis => owned(&[
                 "redis-server",
                 "--protected-mode",
                 "no",
@@ -42,15 +50,64 @@ impl App {
                 "",
                 "--appendonly",
                 "no",
-            ],
-            App::Memcached => &["memcached", "-u", "root", "-t", "4"],
-        }
+            ]),
+            App::Memcached => owned(&["memcached", "-u", "root", "-t", "4"]),
+            App::Lighttpd => {
+                let dir = self.files_dir()?;
+                for n in 0..50 {
+                    let f = dir.join(format!("f{n}.txt"));
+                    fs::write(&f, verify::http_body(n))
+                        .with_context(|| format!("writing {}", f.display()))?;
+                }
+                let conf = dir.join("lighttpd.conf");
+                fs::write(
+                    &conf,
+                    format!(
+                        "server.document-root = \"{d}\"\nserver.port = 80\nserver.max-keep-alive-requests = 1000000\nserver.max-keep-alive-idle = 300\nserver.errorlog = \"{d}/error.log\"\n",
+                        d = dir.display()
+                    ),
+                )
+                .with_context(|| format!("writing {}", conf.display()))?;
+                vec!["lighttpd".into(), "-D".into(), "-f".into(), path_str(&conf)]
+            }
+            App::Tarantool => {
+                let dir = self.files_dir()?;
+                let init = dir.join("init.lua");
+                fs::write(
+                    &init,
+                    format!(
+                        "box.cfg{{listen = nil, work_dir = '{d}', wal_mode = 'none', memtx_memory = 64 * 1024 * 1024, log = '{d}/tarantool.log'}}\n\
+                         box.schema.space.create('kv', {{if_not_exists = true}})\n\
+                         box.space.kv:create_index('primary', {{parts = {{1, 'string'}}, if_not_exists = true}})\n\
+                         require('console').listen('0.0.0.0:3302')\n",
+                        d = dir.display()
+                    ),
+                )
+                .with_context(|| format!("writing {}", init.display()))?;
+                vec!["tarantool".into(), path_str(&init)]
+            }
+        })
+    }
+
+    /// [`App::command`] as the lab's runners take it.
+    pub fn argv(command: &[String]) -> Vec<&str> {
+        command.iter().map(String::as_str).collect()
+    }
+
+    /// Where its files go.
+    fn files_dir(self) -> Result<PathBuf> {
+        let dir =
+            std::env::temp_dir().join(format!("rrc-app-{}-{}", self.name(), std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir)
     }
 
     pub fn port(self) -> u16 {
         match self {
             App::Redis => 6379,
             App::Memcached => 11211,
+            App::Lighttpd => 80,
+            App::Tarantool => 3302,
         }
     }
 
@@ -58,6 +115,8 @@ impl App {
         match self {
             App::Redis => Service::Redis,
             App::Memcached => Service::Memcached,
+            App::Lighttpd => Service::Http,
+            App::Tarantool => Service::Tarantool,
         }
     }
 
@@ -71,12 +130,13 @@ impl App {
     /// extra `rrc run` options) on the primary host, and waits until clients
     /// reach it; where they do.
     pub fn start(self, lab: &LabSession, options: &[&str]) -> Result<SocketAddr> {
+        let command = self.command()?;
         lab.run_container_with(
             Host::Primary,
             self.name(),
             lab.plan().vip(),
             options,
-            self.command(),
+            &App::argv(&command),
         )?;
         let target = self.target(lab);
         lab.wait_tcp(Host::Client, target, Duration::from_secs(10))?;
@@ -250,22 +310,22 @@ impl<'a> Pair<'a> {
         let listen = self.repl_addr()?;
         let timeout = format!("{}ms", self.opts.timeout.as_millis());
         let mut cmd = self.lab.command_on(
-                Host::Backup,
-                &[
-                    &self.lab.rrc_path(),
-                    "backup",
-                    "--listen",
-                    &listen,
-                    "--key",
-                    &path_str(&self.key),
-                    "--timeout",
-                    &timeout,
-                    "--fence",
-                    &fence,
-                    "--dir",
-                    &path_str(&self.backup_dir),
-                ],
-            );
+            Host::Backup,
+            &[
+                &self.lab.rrc_path(),
+                "backup",
+                "--listen",
+                &listen,
+                "--key",
+                &path_str(&self.key),
+                "--timeout",
+                &timeout,
+                "--fence",
+                &fence,
+                "--dir",
+                &path_str(&self.backup_dir),
+            ],
+        );
         if self.opts.inject_divergence {
             cmd.env(rrc_replica::takeover::INJECT_DIVERGENCE_ENV, "1");
         }
@@ -330,7 +390,8 @@ impl<'a> Pair<'a> {
         if self.opts.release_at_commit {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
         }
-        argv.extend_from_slice(self.app.command());
+        let command = self.app.command()?;
+        argv.extend(command.iter().map(String::as_str));
         argv.extend(self.app_args.iter().map(String::as_str));
         self.lab.run_on(Host::Primary, &argv)?;
         self.wait_protected(Duration::from_secs(30))?;
@@ -665,6 +726,21 @@ impl Pair<'_> {
             }
         }
         check.said = said;
+        if !check.unmatched.is_empty() {
+            // DEBUG
+            for (c, r) in received.iter().enumerate() {
+                let _ = fs::write(
+                    format!(
+                        "/tmp/rrc-debug-recv-{c}-{}",
+                        at_kill.get(c).copied().unwrap_or(0)
+                    ),
+                    r,
+                );
+            }
+            for (fd, st) in &streams {
+                let _ = fs::write(format!("/tmp/rrc-debug-stream-{fd}"), st);
+            }
+        }
         Ok(check)
     }
 }

@@ -187,7 +187,12 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
         let mut pair = Pair::new(&lab, app, cfg.pair.clone())?;
         if cfg.pair.mode == Mode::Checkpoint {
             progress(&format!("{}: plain container", app.name()));
-            lab.run_container(Host::Primary, app.name(), lab.plan().vip(), app.command())?;
+            lab.run_container(
+                Host::Primary,
+                app.name(),
+                lab.plan().vip(),
+                &App::argv(&app.command()?),
+            )?;
             let plain = measure(&lab, app, cfg.connections, cfg.load)?;
             lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
             progress(&format!("{}: replicated container", app.name()));
@@ -258,7 +263,12 @@ fn responsive_costs(
 ) -> Result<Responsive> {
     let rrc = lab.rrc_path();
     progress(&format!("{}: plain container", app.name()));
-    lab.run_container(Host::Primary, app.name(), lab.plan().vip(), app.command())?;
+    lab.run_container(
+        Host::Primary,
+        app.name(),
+        lab.plan().vip(),
+        &App::argv(&app.command()?),
+    )?;
     let plain = measure(lab, app, cfg.connections, cfg.load)?;
     lab.run_on(Host::Primary, &[&rrc, "stop", app.name()])?;
 
@@ -271,7 +281,7 @@ fn responsive_costs(
         app.name(),
         lab.plan().vip(),
         &["--record", &log_s],
-        app.command(),
+        &App::argv(&app.command()?),
     )?;
     let recorded = measure(lab, app, cfg.connections, cfg.load);
     let _ = lab.run_on(Host::Primary, &[&rrc, "stop", app.name()]);

@@ -75,7 +75,7 @@ pub fn run(rrc: &Path, cfg: &RecordConfig, progress: &dyn Fn(&str)) -> Result<Ve
     for &app in &cfg.apps {
         for round in 1..=cfg.rounds {
             progress(&format!("{}: round {round}, plain", app.name()));
-            lab.run_container(Host::Primary, app.name(), vip, app.command())?;
+            lab.run_container(Host::Primary, app.name(), vip, &App::argv(&app.command()?))?;
             let plain = measure(&lab, app, cfg.connections, cfg.load)?;
             let plain_sat = saturate(&lab, app)?;
             lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
@@ -88,7 +88,7 @@ pub fn run(rrc: &Path, cfg: &RecordConfig, progress: &dyn Fn(&str)) -> Result<Ve
                 app.name(),
                 vip,
                 &["--record", &dir.display().to_string()],
-                app.command(),
+                &App::argv(&app.command()?),
             )?;
             let recorded = measure(&lab, app, cfg.connections, cfg.load)?;
             // The log of this load alone (the drain lags by a millisecond).

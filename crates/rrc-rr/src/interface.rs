@@ -65,7 +65,13 @@
 //! many bytes, appended each with one `write` (so that records of
 //! different threads never mix). A length of [`CAPTURE_CLOSED`] (no bytes
 //! follow) marks the descriptor's connection closed: its number may be
-//! another connection's after it.
+//! another connection's after it. A descriptor with [`CAPTURE_EARLIER`]
+//! set marks bytes written before the checkpoint the replay started from
+//! (it caught the call between the write and its record): the restored
+//! connection holds them already. A descriptor with [`CAPTURE_READ_EARLIER`]
+//! set (no bytes follow) says that a read of that many bytes from it was
+//! made before the checkpoint in the same way: the restored connection no
+//! longer holds them, though the log has the read after the checkpoint.
 
 use std::ffi::{CStr, OsStr};
 use std::os::unix::ffi::OsStrExt;
@@ -517,6 +523,12 @@ pub const CAPTURE_HEADER_LEN: usize = 8;
 pub const CAPTURE_CLOSED: u32 = u32::MAX;
 /// The most bytes one record carries (a longer write takes several).
 pub const CAPTURE_MAX_LEN: u32 = u32::MAX - 1;
+/// Set in a record's descriptor: the bytes were written before the
+/// checkpoint (see the module documentation).
+pub const CAPTURE_EARLIER: u32 = 1 << 31;
+/// Set in a record's descriptor: a read of `len` bytes made before the
+/// checkpoint (see the module documentation).
+pub const CAPTURE_READ_EARLIER: u32 = 1 << 30;
 
 /// A capture record's header: descriptor `fd`, then `len` (the number of
 /// bytes that follow, or [`CAPTURE_CLOSED`]). Allocation-free, for
@@ -537,11 +549,22 @@ pub enum CaptureRecord {
         fd: u32,
         /// What was written.
         bytes: Vec<u8>,
+        /// Written before the checkpoint: the connection holds them
+        /// already.
+        earlier: bool,
     },
     /// The connection on `fd` was closed.
     Closed {
         /// The descriptor.
         fd: u32,
+    },
+    /// A read of `len` bytes from `fd` was made before the checkpoint,
+    /// though the log has it after.
+    ReadEarlier {
+        /// The descriptor.
+        fd: u32,
+        /// Bytes read.
+        len: u32,
     },
 }
 
@@ -549,7 +572,9 @@ impl CaptureRecord {
     /// The record's descriptor.
     pub fn fd(&self) -> u32 {
         match self {
-            CaptureRecord::Written { fd, .. } | CaptureRecord::Closed { fd } => *fd,
+            CaptureRecord::Written { fd, .. }
+            | CaptureRecord::Closed { fd }
+            | CaptureRecord::ReadEarlier { fd, .. } => *fd,
         }
     }
 }
@@ -571,8 +596,17 @@ pub fn parse_capture(bytes: &[u8]) -> Result<Vec<CaptureRecord>, InterfaceError>
         let Some(head) = rest.get(..CAPTURE_HEADER_LEN) else {
             return Err(torn(CAPTURE_HEADER_LEN as u64));
         };
-        let fd = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let raw = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+        let (fd, earlier) = (raw & !CAPTURE_EARLIER, raw & CAPTURE_EARLIER != 0);
         let len = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+        if fd & CAPTURE_READ_EARLIER != 0 {
+            out.push(CaptureRecord::ReadEarlier {
+                fd: fd & !CAPTURE_READ_EARLIER,
+                len,
+            });
+            at += CAPTURE_HEADER_LEN;
+            continue;
+        }
         if len == CAPTURE_CLOSED {
             out.push(CaptureRecord::Closed { fd });
             at += CAPTURE_HEADER_LEN;
@@ -585,6 +619,7 @@ pub fn parse_capture(bytes: &[u8]) -> Result<Vec<CaptureRecord>, InterfaceError>
         out.push(CaptureRecord::Written {
             fd,
             bytes: data.to_vec(),
+            earlier,
         });
         at += end as usize;
     }
@@ -600,10 +635,11 @@ pub fn connection_streams(records: Vec<CaptureRecord>) -> Vec<(u32, Vec<u8>)> {
     let mut open = std::collections::BTreeMap::<u32, Vec<u8>>::new();
     for r in records {
         match r {
-            CaptureRecord::Written { fd, bytes } => {
+            CaptureRecord::Written { fd, bytes, .. } => {
                 open.entry(fd).or_default().extend_from_slice(&bytes)
             }
             CaptureRecord::Closed { fd } => done.extend(open.remove(&fd).map(|b| (fd, b))),
+            CaptureRecord::ReadEarlier { .. } => {}
         }
     }
     done.extend(open);
@@ -802,24 +838,30 @@ mod tests {
             (5, Some(b"hello")),
             (6, Some(b"")),
             (5, None),
-            (5, Some(b"x")),
+            ((5 | CAPTURE_EARLIER) as i32, Some(b"x")),
         ]);
+        let mut file = file;
+        file.extend(capture_header((5 | CAPTURE_READ_EARLIER) as i32, 9));
         assert_eq!(
             parse_capture(&file).unwrap(),
             vec![
                 CaptureRecord::Written {
                     fd: 5,
-                    bytes: b"hello".to_vec()
+                    bytes: b"hello".to_vec(),
+                    earlier: false,
                 },
                 CaptureRecord::Written {
                     fd: 6,
-                    bytes: Vec::new()
+                    bytes: Vec::new(),
+                    earlier: false,
                 },
                 CaptureRecord::Closed { fd: 5 },
                 CaptureRecord::Written {
                     fd: 5,
-                    bytes: b"x".to_vec()
+                    bytes: b"x".to_vec(),
+                    earlier: true,
                 },
+                CaptureRecord::ReadEarlier { fd: 5, len: 9 },
             ]
         );
         assert_eq!(parse_capture(&[]).unwrap(), Vec::new());

@@ -17,7 +17,7 @@ fn redis_and_memcached_serve_the_client_and_stop_cleanly() {
         "primary",
         "redis",
         &vip,
-        rrc_bench::failover::App::Redis.command(),
+        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Redis.command().unwrap()),
     );
     let mc = lab.run_container(
         "primary",

@@ -26,7 +26,7 @@ fn redis_moves_from_primary_to_backup_with_its_data() {
         "primary",
         "redis",
         &vip,
-        rrc_bench::failover::App::Redis.command(),
+        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Redis.command().unwrap()),
     );
     let addr = format!("{ip}:6379");
     lab.wait_tcp(&addr);
@@ -119,7 +119,7 @@ fn memcached_with_worker_threads_moves_with_its_data() {
         "primary",
         "memcached",
         &vip,
-        rrc_bench::failover::App::Memcached.command(),
+        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Memcached.command().unwrap()),
     );
     let addr = format!("{ip}:11211");
     lab.wait_tcp(&addr);
@@ -262,7 +262,7 @@ fn redis_clients_keep_their_connections_across_a_move() {
         "primary",
         "redis",
         &vip,
-        rrc_bench::failover::App::Redis.command(),
+        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Redis.command().unwrap()),
     );
     let r = move_under_load(
         &lab,
@@ -286,7 +286,7 @@ fn memcached_clients_keep_their_connections_across_a_move() {
         "primary",
         "memcached",
         &vip,
-        rrc_bench::failover::App::Memcached.command(),
+        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Memcached.command().unwrap()),
     );
     let r = move_under_load(
         &lab,

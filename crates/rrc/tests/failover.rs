@@ -56,7 +56,10 @@ fn a_diverging_replay_falls_back_to_the_checkpoint_and_resets_connections() {
         .lines()
         .find(|l| l.starts_with("FALLBACK:"))
         .unwrap_or_else(|| panic!("no fallback reported:\n{out}"));
-    assert!(fallback.contains("4 connection(s) used after it reset"), "{fallback}");
+    assert!(
+        fallback.contains("4 connection(s) used after it reset"),
+        "{fallback}"
+    );
     // Every client was under load after the checkpoint: each is reset, and
     // none saw a wrong value.
     assert_eq!(t.errors.len(), 4, "{:#?}", t.errors);
@@ -324,4 +327,10 @@ fn redis_saving_in_the_background_every_second_stays_replayable() {
         pair.reset().unwrap();
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+#[ignore]
+fn tmp_try() {
+    kills("frtr2", App::Tarantool, Mode::Responsive, 8);
 }

@@ -518,7 +518,7 @@ fn captured(path: &Path) -> Vec<u8> {
         .into_iter()
         .filter_map(|r| match r {
             CaptureRecord::Written { bytes, .. } => Some(bytes),
-            CaptureRecord::Closed { .. } => None,
+            CaptureRecord::Closed { .. } | CaptureRecord::ReadEarlier { .. } => None,
         })
         .flatten()
         .collect()
@@ -721,7 +721,7 @@ fn a_replay_returns_what_output_and_wait_calls_returned_and_captures_every_outpu
         .iter()
         .filter_map(|r| match r {
             CaptureRecord::Written { bytes, .. } => Some(&bytes[..]),
-            CaptureRecord::Closed { .. } => None,
+            CaptureRecord::Closed { .. } | CaptureRecord::ReadEarlier { .. } => None,
         })
         .collect();
     let calls: [&[u8]; 7] = [

@@ -164,6 +164,7 @@ fn round(app: App, conn: &mut Conn, c: usize, i: usize) {
             );
             conn.ask(req.as_bytes(), |r| r.ends_with(b"END\r\n"));
         }
+        App::Lighttpd | App::Tarantool => unreachable!("replayed here: Redis and Memcached"),
     }
 }
 
@@ -179,11 +180,13 @@ fn dump_state(app: App, target: SocketAddr, conns: usize) -> Vec<u8> {
             App::Memcached => d.ask(format!("get n{c}\r\n").as_bytes(), |r| {
                 r.ends_with(b"END\r\n")
             }),
+            App::Lighttpd | App::Tarantool => unreachable!("replayed here: Redis and Memcached"),
         }
     }
     match app {
         App::Redis => d.ask(&resp(&["DBSIZE"]), |r| r.ends_with(b"\r\n")),
         App::Memcached => d.ask(b"stats items\r\n", |r| r.ends_with(b"END\r\n")),
+        App::Lighttpd | App::Tarantool => unreachable!("replayed here: Redis and Memcached"),
     }
     d.received
 }

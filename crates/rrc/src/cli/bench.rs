@@ -152,6 +152,8 @@ pub struct RecordArgs {
 enum FailoverApp {
     Redis,
     Memcached,
+    Lighttpd,
+    Tarantool,
 }
 
 impl FailoverApp {
@@ -159,6 +161,8 @@ impl FailoverApp {
         match self {
             FailoverApp::Redis => rrc_bench::failover::App::Redis,
             FailoverApp::Memcached => rrc_bench::failover::App::Memcached,
+            FailoverApp::Lighttpd => rrc_bench::failover::App::Lighttpd,
+            FailoverApp::Tarantool => rrc_bench::failover::App::Tarantool,
         }
     }
 }
