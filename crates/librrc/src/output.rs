@@ -184,8 +184,20 @@ fn logged_ret(t: &replay::Turn) -> i64 {
 /// The program's arguments, valid for the call.
 unsafe fn output(fd: c_int, out: Out) -> ssize_t {
     if replay::active() {
-        // SAFETY: the caller's contract.
-        if let Some(r) = unsafe { in_turn(fd, out) } {
+        let served = if net::is_virtual(fd) && !matches!(out, Out::SendFile { .. }) {
+            // SAFETY: the caller's contract.
+            let want = unsafe { out.len() };
+            // SAFETY: the caller's contract.
+            unsafe {
+                out.with_parts(|parts| {
+                    crate::takeover::write_in_takeover(fd, parts, want, || in_turn(fd, out))
+                })
+            }
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { in_turn(fd, out) }
+        };
+        if let Some(r) = served {
             return r;
         }
         if net::is_virtual(fd) {

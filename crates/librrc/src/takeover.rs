@@ -12,7 +12,7 @@
 //! connection that cannot be put in place), the threads stay parked: rrc
 //! discards this copy.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 
 use libc::c_int;
 use rrc_rr::interface::{TAKEOVER_BATCH, TAKEOVER_LINE_MAX, TakeoverLine};
@@ -26,6 +26,108 @@ static RELEASED: AtomicU32 = AtomicU32::new(0);
 static CLAIMED: AtomicBool = AtomicBool::new(false);
 /// A thread left the recorded path.
 static DIVERGED: AtomicBool = AtomicBool::new(false);
+
+/// What a thread parked at a write to a connection is writing, by log id:
+/// the primary may have sent it already (a frame leaves once the log up to
+/// its making is acknowledged, and a write is recorded once it returns),
+/// so rrc puts it in the rebuilt connection and the write is done.
+struct Pending {
+    /// The connection (-1: none).
+    fd: AtomicI32,
+    /// The program's buffers (on the parked thread's stack or its heap,
+    /// valid while it is parked) and how many bytes of them.
+    parts: AtomicPtr<libc::iovec>,
+    count: AtomicUsize,
+    len: AtomicUsize,
+    /// The thread is parked in this write.
+    parked: AtomicBool,
+    /// rrc took the bytes: the write is done.
+    absorbed: AtomicBool,
+}
+
+const PENDING_SLOTS: usize = 1024;
+
+static PENDING: [Pending; PENDING_SLOTS] = [const {
+    Pending {
+        fd: AtomicI32::new(-1),
+        parts: AtomicPtr::new(std::ptr::null_mut()),
+        count: AtomicUsize::new(0),
+        len: AtomicUsize::new(0),
+        parked: AtomicBool::new(false),
+        absorbed: AtomicBool::new(false),
+    }
+}; PENDING_SLOTS];
+
+fn my_slot() -> Option<&'static Pending> {
+    PENDING.get(crate::thread::log_id() as usize)
+}
+
+/// Runs `call`, a write of the first `len` bytes of `parts` to replayed
+/// connection `fd` as the replay serves it. If the thread parks in it and
+/// the takeover put those bytes in the rebuilt connection, the write is
+/// done: `Some(len)`. Otherwise what `call` returned.
+pub fn write_in_takeover(
+    fd: c_int,
+    parts: &[libc::iovec],
+    len: usize,
+    call: impl FnOnce() -> Option<isize>,
+) -> Option<isize> {
+    let Some(slot) = my_slot().filter(|_| active()) else {
+        return call();
+    };
+    slot.absorbed.store(false, Ordering::Relaxed);
+    slot.parts
+        .store(parts.as_ptr().cast_mut(), Ordering::Relaxed);
+    slot.count.store(parts.len(), Ordering::Relaxed);
+    slot.len.store(len, Ordering::Relaxed);
+    slot.fd.store(fd, Ordering::Release);
+    let r = call();
+    slot.fd.store(-1, Ordering::Release);
+    if slot.absorbed.swap(false, Ordering::AcqRel) {
+        return Some(len as isize);
+    }
+    r
+}
+
+/// The pending writes of parked threads: sends each to rrc (`pending`
+/// line and bytes); returns their slots.
+fn send_pending(sock: c_int) -> Option<Vec<&'static Pending>> {
+    let mut sent = Vec::new();
+    for slot in PENDING.iter() {
+        let fd = slot.fd.load(Ordering::Acquire);
+        if fd < 0 || !slot.parked.load(Ordering::Acquire) {
+            continue;
+        }
+        let len = slot.len.load(Ordering::Relaxed);
+        let (ptr, count) = (
+            slot.parts.load(Ordering::Relaxed),
+            slot.count.load(Ordering::Relaxed),
+        );
+        // SAFETY: the buffers of a thread parked in its write, which
+        // registered them for the time of the call.
+        let parts = unsafe { std::slice::from_raw_parts(ptr, count) };
+        let mut bytes = Vec::with_capacity(len);
+        for p in parts {
+            let take = p.iov_len.min(len - bytes.len());
+            if take == 0 || p.iov_base.is_null() {
+                continue;
+            }
+            // SAFETY: as above: `take` bytes of the program's buffer.
+            bytes.extend_from_slice(unsafe {
+                std::slice::from_raw_parts(p.iov_base.cast::<u8>(), take)
+            });
+        }
+        let line = TakeoverLine::Pending {
+            fd,
+            len: u32::try_from(bytes.len()).ok()?,
+        };
+        if !send_all(sock, &line.encode()) || !send_all(sock, &bytes) {
+            return None;
+        }
+        sent.push(slot);
+    }
+    Some(sent)
+}
 
 /// How long a parked thread sleeps between looks (a wake-up comes sooner
 /// when the log ends or a thread diverges).
@@ -73,6 +175,17 @@ pub fn wake() {
 /// `ended` says whether every record has been replayed. One parked thread
 /// does the exchange with rrc once the log has ended or a thread diverged.
 pub fn park(ended: &dyn Fn() -> bool) {
+    let slot = my_slot();
+    if let Some(s) = slot {
+        s.parked.store(true, Ordering::Release);
+    }
+    park_until_released(ended);
+    if let Some(s) = slot {
+        s.parked.store(false, Ordering::Release);
+    }
+}
+
+fn park_until_released(ended: &dyn Fn() -> bool) {
     loop {
         if RELEASED.load(Ordering::Acquire) == 1 {
             return;
@@ -128,12 +241,14 @@ fn hand_over(diverged: bool) -> bool {
         crate::say(&[b"rrc takeover: cannot reach rrc's takeover socket\n"]);
         return false;
     };
-    let first = if diverged {
-        TakeoverLine::Diverged
-    } else {
-        TakeoverLine::End
+    if diverged {
+        let _ = send_all(sock.0, &TakeoverLine::Diverged.encode());
+        return false;
+    }
+    let Some(pending) = send_pending(sock.0) else {
+        return false;
     };
-    if !send_all(sock.0, &first.encode()) || diverged {
+    if !send_all(sock.0, &TakeoverLine::End.encode()) {
         return false;
     }
     let mut lines: Vec<u8> = Vec::new();
@@ -167,6 +282,11 @@ fn hand_over(diverged: bool) -> bool {
                     }
                 }
                 Some(TakeoverLine::Go) => {
+                    // What the parked writers are writing is in the
+                    // rebuilt connections: their writes are done.
+                    for slot in &pending {
+                        slot.absorbed.store(true, Ordering::Release);
+                    }
                     return send_all(sock.0, &TakeoverLine::Installed(installed).encode());
                 }
                 _ => return false,

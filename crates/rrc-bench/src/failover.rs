@@ -726,21 +726,6 @@ impl Pair<'_> {
             }
         }
         check.said = said;
-        if !check.unmatched.is_empty() {
-            // DEBUG
-            for (c, r) in received.iter().enumerate() {
-                let _ = fs::write(
-                    format!(
-                        "/tmp/rrc-debug-recv-{c}-{}",
-                        at_kill.get(c).copied().unwrap_or(0)
-                    ),
-                    r,
-                );
-            }
-            for (fd, st) in &streams {
-                let _ = fs::write(format!("/tmp/rrc-debug-stream-{fd}"), st);
-            }
-        }
         Ok(check)
     }
 }

@@ -179,13 +179,18 @@ struct Instance {
     written_earlier: u64,
     /// What the log says the kernel took of what it wrote.
     logged_written: u64,
+    /// What a thread parked at the end of the log is writing to it.
+    pending: Vec<u8>,
 }
 
-/// Works out every connection open at the end of the log.
+/// Works out every connection open at the end of the log. `pending`: what
+/// threads parked at the end of the log are writing, by descriptor (their
+/// writes are done once the connections are in place: the bytes go in).
 pub fn plan(
     saved: &[SavedConnection],
     uses: &[LogUse],
     capture: &[CaptureRecord],
+    pending: &[(i32, Vec<u8>)],
     frames: &[Vec<u8>],
     host: &HostTcp,
 ) -> Result<Plan, RebuildError> {
@@ -239,6 +244,16 @@ pub fn plan(
             CaptureRecord::ReadEarlier { len, .. } => life.read_earlier += *len as usize,
             CaptureRecord::Closed { .. } => *at += 1,
         }
+    }
+    for (fd, bytes) in pending {
+        let at = current.get(fd).copied().unwrap_or(0);
+        let Some(life) = lives.get_mut(fd).and_then(|v| v.get_mut(at)) else {
+            return Err(RebuildError::Inconsistent {
+                fd: *fd,
+                what: "a thread is writing to a connection the log does not have".into(),
+            });
+        };
+        life.pending.extend_from_slice(bytes);
     }
     let segments: Vec<TcpSegment<'_>> = frames
         .iter()
@@ -475,6 +490,7 @@ fn sides(
     }
     let mut sent = unacked.to_vec();
     sent.extend_from_slice(&life.written);
+    sent.extend_from_slice(&life.pending);
     let snd_seq = snd_una.wrapping_add(sent.len() as u32);
     let acked = match view.ack {
         Some(a) if after(a, snd_seq) => {
@@ -724,6 +740,36 @@ mod tests {
     }
 
     const ACK: u8 = TcpFacts::ACK;
+
+    /// [`super::plan`] with no thread parked at a write.
+    fn plan(
+        saved: &[SavedConnection],
+        uses: &[LogUse],
+        capture: &[CaptureRecord],
+        frames: &[Vec<u8>],
+        host: &HostTcp,
+    ) -> Result<Plan, RebuildError> {
+        super::plan(saved, uses, capture, &[], frames, host)
+    }
+
+    #[test]
+    fn a_write_a_thread_is_parked_at_goes_in_the_connection() {
+        // The primary sent the reply of a write whose record the backup
+        // never got; the client acknowledged it. The replayed thread is
+        // parked at that write: its bytes are the reply.
+        let s = saved(b"", b"");
+        let frames = vec![frame(ACK, 900, 5003, &[], b"")];
+        let e = plan(std::slice::from_ref(&s), &[], &[], &frames, &HOST).unwrap_err();
+        assert!(
+            e.to_string().contains("beyond what the replay wrote"),
+            "{e}"
+        );
+        let pending = [(7, b"+OK".to_vec())];
+        let p = super::plan(&[s], &[], &[], &pending, &frames, &HOST).unwrap();
+        let c = &p.rebuilt[0].conn;
+        assert!(c.sndq.is_empty());
+        assert_eq!(c.state.snd_seq, 5003);
+    }
 
     fn saved(rcvq: &[u8], sndq: &[u8]) -> SavedConnection {
         SavedConnection {

@@ -288,7 +288,7 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn plan(&self) -> Result<Plan, String> {
+    fn plan(&self, writing: &[(i32, Vec<u8>)]) -> Result<Plan, String> {
         let edit = ImageEdit::open(&self.image).map_err(|e| e.to_string())?;
         let saved = edit.tcp_connections(self.pid).map_err(|e| e.to_string())?;
         let uses = log_uses(&self.log, self.from).map_err(|e| e.to_string())?;
@@ -303,7 +303,7 @@ impl Inputs {
             .into_iter()
             .map(|(_, f)| f)
             .collect();
-        plan(&saved, &uses, &capture, &frames, &host_tcp()).map_err(|e| e.to_string())
+        plan(&saved, &uses, &capture, writing, &frames, &host_tcp()).map_err(|e| e.to_string())
     }
 }
 
@@ -364,18 +364,23 @@ impl Finisher {
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(EXCHANGE_LIMIT))
             .map_err(|e| e.to_string())?;
-        let mut pending = Vec::new();
-        let first = read_line(&mut s, &mut pending)?;
-        let replay_ms = self.started.elapsed().as_secs_f64() * 1e3;
-        match first {
-            TakeoverLine::End => {}
-            TakeoverLine::Diverged => {
-                return Err("the replay diverged from the log".into());
+        let mut buffered = Vec::new();
+        let mut writing: Vec<(i32, Vec<u8>)> = Vec::new();
+        let replay_ms = loop {
+            match read_line(&mut s, &mut buffered)? {
+                TakeoverLine::Pending { fd, len } => {
+                    let bytes = read_bytes(&mut s, &mut buffered, len as usize)?;
+                    writing.push((fd, bytes));
+                }
+                TakeoverLine::End => break self.started.elapsed().as_secs_f64() * 1e3,
+                TakeoverLine::Diverged => {
+                    return Err("the replay diverged from the log".into());
+                }
+                other => return Err(format!("librrc said {other:?} before the end")),
             }
-            other => return Err(format!("librrc said {other:?} first")),
-        }
+        };
         let t0 = Instant::now();
-        let plan = self.inputs.plan()?;
+        let plan = self.inputs.plan(&writing)?;
         let conns: Vec<_> = plan.rebuilt.iter().map(|r| r.conn.clone()).collect();
         let fds = rrc_ckpt::restore::build_connections(c.init_pid(), &conns)
             .map_err(|e| e.to_string())?;
@@ -392,7 +397,7 @@ impl Finisher {
         }
         s.write_all(&TakeoverLine::Go.encode())
             .map_err(|e| format!("telling librrc to go: {e}"))?;
-        match read_line(&mut s, &mut pending)? {
+        match read_line(&mut s, &mut buffered)? {
             TakeoverLine::Installed(n) if n as usize == targets.len() => {}
             TakeoverLine::Failed { fd, errno } => {
                 return Err(format!(
@@ -481,6 +486,20 @@ fn read_line(s: &mut UnixStream, pending: &mut Vec<u8>) -> Result<TakeoverLine, 
             Err(e) => return Err(format!("waiting for librrc: {e}")),
         }
     }
+}
+
+/// The next `len` bytes from librrc (`pending` first).
+fn read_bytes(s: &mut UnixStream, pending: &mut Vec<u8>, len: usize) -> Result<Vec<u8>, String> {
+    while pending.len() < len {
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => return Err("librrc hung up".into()),
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("waiting for librrc: {e}")),
+        }
+    }
+    Ok(pending.drain(..len).collect())
 }
 
 /// One `install` line with its connections attached.

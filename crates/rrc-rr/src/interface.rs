@@ -49,14 +49,20 @@
 //! parked thread connects to the takeover socket (a unix stream socket)
 //! and the two sides exchange lines ([`TakeoverLine`]):
 //!
-//! 1. librrc: `end` (every record replayed) or `diverged`;
+//! 1. librrc: for each thread parked at a write to a connection, `pending
+//!    FD LEN` followed by the LEN bytes it is writing (the primary may
+//!    have sent them already: a frame leaves once the log up to its making
+//!    is acknowledged, and a write is recorded once it returns); then
+//!    `end` (every record replayed) or `diverged`;
 //! 2. rrc: any number of `install FD...` lines, each with as many
 //!    descriptors attached (`SCM_RIGHTS`, at most [`TAKEOVER_BATCH`]): the
 //!    rebuilt connections, to be put at those numbers in place of what is
 //!    there (keeping its status flags, close-on-exec, socket options and
 //!    epoll registrations); then `go`, or at any point `abort`;
 //! 3. librrc: `installed N` once all are in place (the parked threads then
-//!    run live), or `failed FD ERRNO` (they stay parked; rrc falls back).
+//!    run live, each pending write done: its bytes are in the rebuilt
+//!    connection), or `failed FD ERRNO` (they stay parked; rrc falls
+//!    back).
 //!
 //! # Capture file
 //!
@@ -362,6 +368,9 @@ pub const TAKEOVER_LINE_MAX: usize = 2048;
 /// One line of the takeover exchange (see the module documentation).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TakeoverLine {
+    /// librrc: a parked thread is writing this many bytes (they follow
+    /// the line) to this descriptor.
+    Pending { fd: i32, len: u32 },
     /// librrc: every record was replayed.
     End,
     /// librrc: a thread left the recorded path.
@@ -382,6 +391,7 @@ impl TakeoverLine {
     /// The line's text, newline included.
     pub fn encode(&self) -> Vec<u8> {
         let text = match self {
+            TakeoverLine::Pending { fd, len } => format!("pending {fd} {len}"),
             TakeoverLine::End => "end".to_string(),
             TakeoverLine::Diverged => "diverged".to_string(),
             TakeoverLine::Install(fds) => {
@@ -425,6 +435,13 @@ impl TakeoverLine {
             }
             "installed" => match numbers(words.clone())?.as_slice() {
                 [n] => TakeoverLine::Installed(u32::try_from(*n).ok()?),
+                _ => return None,
+            },
+            "pending" => match numbers(words.clone())?.as_slice() {
+                [fd, len] => TakeoverLine::Pending {
+                    fd: i32::try_from(*fd).ok().filter(|f| *f >= 0)?,
+                    len: u32::try_from(*len).ok()?,
+                },
                 _ => return None,
             },
             "failed" => match numbers(words.clone())?.as_slice() {
@@ -687,6 +704,7 @@ mod tests {
             TakeoverLine::Abort,
             TakeoverLine::Installed(3),
             TakeoverLine::Failed { fd: 9, errno: 22 },
+            TakeoverLine::Pending { fd: 9, len: 14 },
         ] {
             let text = l.encode();
             assert_eq!(text.last(), Some(&b'\n'));

@@ -332,5 +332,7 @@ fn redis_saving_in_the_background_every_second_stays_replayable() {
 #[test]
 #[ignore]
 fn tmp_try() {
-    kills("frtr2", App::Tarantool, Mode::Responsive, 8);
+    for app in [App::Redis, App::Memcached, App::Lighttpd, App::Tarantool] {
+        kills("frtry", app, Mode::Responsive, 10);
+    }
 }
