@@ -196,28 +196,106 @@ pub struct TakeoverLine {
     pub epoch: u64,
     pub silent_ms: f64,
     pub fence_ms: f64,
+    /// From the decision to the service running again (in responsive
+    /// mode: restore, replay and the connections).
     pub restore_ms: f64,
+    /// Responsive mode: how the replay went, if it went live.
+    pub replay: Option<ReplayLine>,
+    /// Responsive mode: why the replay failed, if it did (the backup fell
+    /// back to the checkpoint).
+    pub fallback: Option<String>,
+}
+
+/// The backup's "replayed the log" line.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplayLine {
+    pub restore_ms: f64,
+    pub replay_ms: f64,
+    pub connections_ms: f64,
+    pub carried: u64,
+    pub accepted: u64,
+    pub closed: u64,
+    pub unaccepted: u64,
+}
+
+/// The numbers of a line, in order.
+fn numbers(line: &str) -> Vec<f64> {
+    line.split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|w| !w.is_empty() && *w != ".")
+        .filter_map(|w| w.parse().ok())
+        .collect()
 }
 
 impl TakeoverLine {
     /// Parses "took over from checkpoint N: primary silent X ms, fence Y
-    /// ms, restore Z ms".
+    /// ms, restore Z ms", and the replay's or the fallback's line.
     pub fn parse(out: &str) -> Option<TakeoverLine> {
         let line = out.lines().find(|l| l.starts_with("took over from"))?;
-        let nums: Vec<f64> = line
-            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .filter(|w| !w.is_empty() && *w != ".")
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        let [epoch, silent, fence, restore] = nums[..] else {
+        let [epoch, silent, fence, restore] = numbers(line)[..] else {
             return None;
         };
+        let replay = out
+            .lines()
+            .find(|l| l.starts_with("replayed the log:"))
+            .and_then(|l| match numbers(l)[..] {
+                [
+                    restore_ms,
+                    replay_ms,
+                    connections_ms,
+                    carried,
+                    accepted,
+                    closed,
+                    unaccepted,
+                    ..,
+                ] => Some(ReplayLine {
+                    restore_ms,
+                    replay_ms,
+                    connections_ms,
+                    carried: carried as u64,
+                    accepted: accepted as u64,
+                    closed: closed as u64,
+                    unaccepted: unaccepted as u64,
+                }),
+                _ => None,
+            });
+        let fallback = out
+            .lines()
+            .find_map(|l| l.strip_prefix("FALLBACK: "))
+            .map(str::to_string);
         Some(TakeoverLine {
             epoch: epoch as u64,
             silent_ms: silent,
             fence_ms: fence,
             restore_ms: restore,
+            replay,
+            fallback,
         })
+    }
+
+    /// For a report: the takeover's steps.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "the backup took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms",
+            self.epoch, self.silent_ms, self.fence_ms
+        );
+        match (&self.replay, &self.fallback) {
+            (Some(r), _) => {
+                s += &format!(
+                    ", restore {:.0} ms, replay of the log {:.0} ms, {} connection(s) rebuilt in {:.1} ms ({} accepted since the checkpoint)",
+                    r.restore_ms,
+                    r.replay_ms,
+                    r.carried + r.accepted,
+                    r.connections_ms,
+                    r.accepted
+                );
+                if r.unaccepted > 0 {
+                    s += &format!(", {} not yet accepted reset", r.unaccepted);
+                }
+            }
+            (None, Some(why)) => s += &format!("; FALLBACK: {why}"),
+            (None, None) => s += &format!(", restore {:.0} ms", self.restore_ms),
+        }
+        s
     }
 }
 
@@ -511,9 +589,11 @@ pub struct Trial {
     pub connections: usize,
     pub requests: u64,
     pub errors: Vec<String>,
-    /// From the kill to the first reply on any connection.
+    /// From the kill to the first reply on any connection from the new
+    /// primary (after the backup decided).
     pub first_answer_ms: Option<f64>,
-    /// From the kill until every connection had been answered again.
+    /// From the kill until every connection had been answered again by
+    /// the new primary.
     pub all_answered_ms: Option<f64>,
     pub takeover: Option<TakeoverLine>,
     /// What each connection received, and how much of it by the kill.
@@ -568,14 +648,18 @@ pub fn trial(
     let killed = killed.context("the primary was not killed")?;
     let takeover = pair.wait_takeover(Duration::from_secs(20)).ok();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // Answers from the new primary: those after the backup decided. (Just
+    // after the kill, replies the old primary released may still arrive.)
+    let decided = Duration::from_secs_f64(takeover.as_ref().map_or(0.0, |t| t.silent_ms) / 1e3);
+    let since_kill = |d: Duration| ms(d + decided);
     Ok(Trial {
         app: pair.app,
         kill_after_ms: ms(kill_after),
         connections,
         requests: report.requests,
         errors: report.errors.clone(),
-        first_answer_ms: report.first_answer_after(killed).map(ms),
-        all_answered_ms: report.all_answered_after(killed).map(ms),
+        first_answer_ms: report.first_answer_after(killed + decided).map(since_kill),
+        all_answered_ms: report.all_answered_after(killed + decided).map(since_kill),
         takeover,
         received: report.received,
         received_at_kill: report.received_at_mark,

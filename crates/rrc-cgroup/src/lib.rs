@@ -36,6 +36,10 @@ impl std::fmt::Display for Version {
     }
 }
 
+/// How long [`Cgroup::kill_all`] waits for a cgroup v1 group to freeze
+/// before it kills its tasks as they are.
+const FREEZE_BEFORE_KILL: Duration = Duration::from_millis(500);
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -338,7 +342,14 @@ impl Cgroup {
                 self.thaw()?;
             }
             _ => {
-                self.freeze(timeout)?;
+                // Frozen first, so that all die at once and none forks
+                // meanwhile. A group that does not freeze soon (a task
+                // stopped under ptrace by a tracer that froze first can
+                // hold it in FREEZING) is killed as it is, over and over
+                // below until it is empty.
+                if let Err(e) = self.freeze(timeout.min(FREEZE_BEFORE_KILL)) {
+                    tracing::warn!(error = %e, "killing the cgroup's tasks without freezing it first");
+                }
                 for pid in self.processes()? {
                     // ESRCH: it died on its own meanwhile, which is what we want.
                     let _ = kill(pid, Signal::SIGKILL);
