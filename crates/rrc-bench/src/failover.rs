@@ -698,6 +698,9 @@ impl ReplayCheck {
 /// (at most a reply or two per connection while replies wait for
 /// commits).
 const MATCH_SLACK: usize = 4 << 10;
+/// How long an offline replay may run before it is stopped (one that
+/// diverged never reaches the end of the log).
+const REPLAY_CHECK_LIMIT: Duration = Duration::from_secs(60);
 /// How far before it: replies released at log acknowledgement left the
 /// primary before the kill, up to an epoch of them (none under the commit
 /// rule, but the window costs nothing there).
@@ -758,8 +761,32 @@ impl Pair<'_> {
                 ],
             )
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("cannot run rrc replay")?;
+        // A replay that diverges never reaches the end of the log, where it
+        // would stop: it is stopped after a while.
+        let killer = {
+            let pid = out.id();
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let d = done.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + REPLAY_CHECK_LIMIT;
+                while !d.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                if !d.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+            });
+            done
+        };
+        let out = out.wait_with_output().context("waiting for rrc replay")?;
+        killer.store(true, std::sync::atomic::Ordering::Release);
         let said = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

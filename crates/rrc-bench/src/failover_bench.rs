@@ -45,6 +45,9 @@ pub struct Load {
     pub per_sec: f64,
     pub latency: Summary,
     pub errors: usize,
+    /// The latency distribution (µs, fraction at or below), for a plot.
+    #[serde(skip)]
+    pub cdf: Vec<(f64, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,30 +66,40 @@ pub struct Recovery {
     pub first_answer_avg: f64,
     pub first_answer_max: f64,
     pub all_answered_avg: f64,
+    pub all_answered_p99: f64,
     pub all_answered_max: f64,
     pub detection_avg: f64,
     pub fence_avg: f64,
+    /// From the decision to the service running again (restore, and in
+    /// responsive mode replay and connections).
     pub restore_avg: f64,
+    /// Responsive mode: of that, the steps of the takeovers by replay.
+    pub replay_restore_avg: f64,
+    pub replay_avg: f64,
+    pub connections_avg: f64,
+    /// Responsive mode: takeovers by replay, and fallbacks to the
+    /// checkpoint.
+    pub replayed: usize,
+    pub fallbacks: usize,
     /// Announcement, forwarding and the clients' retransmission: the rest.
     pub resume_avg: f64,
 }
 
-/// What the responsive mode costs one application, side by side in one
-/// lab: the plain container, the recorded one (`rrc run --record`: the
-/// recording alone), the responsive primary as it ships (replies wait for
-/// commits) and with replies released at log acknowledgement.
+/// What replication costs one application, side by side in one lab: the
+/// plain container, the recorded one (`rrc run --record`: the recording
+/// alone), the checkpoint-only primary (replies wait for commits) and the
+/// responsive one (replies wait for the backup's acknowledgement of their
+/// log).
 #[derive(Debug, Clone, Serialize)]
 pub struct Responsive {
     pub app: App,
     pub plain: Load,
     pub recorded: Load,
-    pub at_commit: Load,
-    pub at_log: Load,
-    /// How long frames with payload waited, under the log rule, from
-    /// leaving the program to the backup's acknowledgement of their log:
-    /// noted while replies waited for commits, and for real.
-    pub would_be_at_commit: DelaySummary,
-    pub held_at_log: DelaySummary,
+    pub checkpoint: Load,
+    pub responsive: Load,
+    /// How long frames with payload waited in responsive mode, from
+    /// leaving the program to the backup's acknowledgement of their log.
+    pub held: DelaySummary,
     /// Log bytes per request (event records; inbound frames), and the
     /// link's load (log; checkpoints), during the load with replies at log
     /// acknowledgement.
@@ -125,6 +138,7 @@ fn load_figures(r: &VerifyReport, took: Duration) -> Load {
         per_sec: r.requests as f64 / took.as_secs_f64(),
         latency: lat.summary(),
         errors: r.errors.len(),
+        cdf: lat.cdf(200),
     }
 }
 
@@ -146,6 +160,19 @@ fn summarize(app: App, trials: &[Trial]) -> Recovery {
     let first = |t: &Trial| t.first_answer_ms.unwrap_or(0.0);
     let all = |t: &Trial| t.all_answered_ms.unwrap_or(0.0);
     let tk = |t: &Trial| t.takeover.clone().unwrap_or_default();
+    let replays: Vec<_> = ok
+        .iter()
+        .filter_map(|t| t.takeover.as_ref()?.replay.clone())
+        .collect();
+    let rn = replays.len().max(1) as f64;
+    let ravg =
+        |f: &dyn Fn(&crate::failover::ReplayLine) -> f64| replays.iter().map(f).sum::<f64>() / rn;
+    let mut alls: Vec<f64> = ok.iter().map(|t| all(t)).collect();
+    alls.sort_by(f64::total_cmp);
+    let p99 = alls
+        .get(((alls.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or(0.0);
     Recovery {
         app: Some(app),
         kills: trials.len(),
@@ -153,10 +180,19 @@ fn summarize(app: App, trials: &[Trial]) -> Recovery {
         first_answer_avg: avg(&first),
         first_answer_max: max(&first),
         all_answered_avg: avg(&all),
+        all_answered_p99: p99,
         all_answered_max: max(&all),
         detection_avg: avg(&|t| tk(t).silent_ms),
         fence_avg: avg(&|t| tk(t).fence_ms),
         restore_avg: avg(&|t| tk(t).restore_ms),
+        replay_restore_avg: ravg(&|r| r.restore_ms),
+        replay_avg: ravg(&|r| r.replay_ms),
+        connections_avg: ravg(&|r| r.connections_ms),
+        replayed: replays.len(),
+        fallbacks: trials
+            .iter()
+            .filter(|t| t.takeover.as_ref().is_some_and(|k| k.fallback.is_some()))
+            .count(),
         resume_avg: avg(&|t| {
             let k = tk(t);
             first(t) - k.silent_ms - k.fence_ms - k.restore_ms
@@ -253,8 +289,8 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
     Ok(report)
 }
 
-/// Plain, recorded, responsive at commit, responsive at log
-/// acknowledgement: the same load on each, one after the other.
+/// Plain, recorded, checkpoint-only and responsive: the same load on
+/// each, one after the other.
 fn responsive_costs(
     lab: &LabSession,
     app: App,
@@ -288,18 +324,10 @@ fn responsive_costs(
     let _ = std::fs::remove_dir_all(&log);
     let recorded = recorded?;
 
-    let at = |release_at_log: bool| -> Result<(Load, PrimaryStats, PrimaryStats)> {
-        progress(&format!(
-            "{}: responsive primary, replies released at {}",
-            app.name(),
-            if release_at_log {
-                "log acknowledgement"
-            } else {
-                "commit"
-            }
-        ));
+    let replicated = |mode: Mode| -> Result<(Load, PrimaryStats, PrimaryStats)> {
+        progress(&format!("{}: {} primary", app.name(), mode.name()));
         let opts = PairOptions {
-            release_at_commit: !release_at_log,
+            mode,
             ..cfg.pair.clone()
         };
         let mut pair = Pair::new(lab, app, opts)?;
@@ -312,11 +340,11 @@ fn responsive_costs(
         pair.reset()?;
         Ok((load, before, after))
     };
-    let (at_commit, _, commit_status) = at(false)?;
-    let (at_log, before, after) = at(true)?;
+    let (checkpoint, _, _) = replicated(Mode::Checkpoint)?;
+    let (responsive, before, after) = replicated(Mode::Responsive)?;
     // What went through during the load, in bytes.
     let during = |f: &dyn Fn(&PrimaryStats) -> u64| f(&after).saturating_sub(f(&before)) as f64;
-    let requests = at_log.requests.max(1) as f64;
+    let requests = responsive.requests.max(1) as f64;
     let secs = (cfg.load + Duration::from_millis(500)).as_secs_f64();
     let record_bytes = during(&|s| s.log.map_or(0, |l| l.record_bytes));
     let frame_bytes = during(&|s| s.log.map_or(0, |l| l.frame_bytes));
@@ -324,10 +352,9 @@ fn responsive_costs(
         app,
         plain,
         recorded,
-        at_commit,
-        at_log,
-        would_be_at_commit: commit_status.would_be_data,
-        held_at_log: after.would_be_data,
+        checkpoint,
+        responsive,
+        held: after.would_be_data,
         record_bytes_per_request: record_bytes / requests,
         net_bytes_per_request: frame_bytes / requests,
         log_mb_per_s: (record_bytes + frame_bytes) / secs / 1e6,
@@ -363,36 +390,46 @@ pub fn render(r: &FailoverReport) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "app",
         "recovered",
         "first avg",
         "first max",
         "all avg",
+        "all p99",
         "all max",
         "detect",
+        "takeover",
         "restore",
-        "resume"
+        "replay",
+        "conns",
+        "resume",
+        "fallbacks"
     );
     for v in &r.recovery {
         let _ = writeln!(
             s,
-            "{:<10} {:>5}/{:<3} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>8.0} {:>8.0} {:>8.0}",
+            "{:<10} {:>5}/{:<3} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.1} {:>8.0} {:>9}",
             v.app.map(App::name).unwrap_or("-"),
             v.succeeded,
             v.kills,
             v.first_answer_avg,
             v.first_answer_max,
             v.all_answered_avg,
+            v.all_answered_p99,
             v.all_answered_max,
             v.detection_avg,
             v.restore_avg,
-            v.resume_avg
+            v.replay_restore_avg,
+            v.replay_avg,
+            v.connections_avg,
+            v.resume_avg,
+            v.fallbacks
         );
     }
     let _ = writeln!(
         s,
-        "(first: kill to the first reply on any connection; all: until every connection was answered again;\n detect: the primary's silence until the backup decided; resume: announcement, forwarding and client retransmission; fencing averaged {:.0} ms)",
+        "(first: kill to the first reply from the new primary on any connection; all: until every connection was answered again;\n detect: the primary's silence until the backup decided; takeover: from the decision to the service running, of which, by replay:\n restore, replay of the log and the connections' rebuilding; resume: announcement, forwarding and client retransmission;\n fencing averaged {:.0} ms)",
         r.recovery.iter().map(|v| v.fence_avg).sum::<f64>() / r.recovery.len().max(1) as f64
     );
     if !r.replays.is_empty() {
@@ -446,12 +483,33 @@ fn render_responsive(s: &mut String, r: &FailoverReport) {
         [
             ("plain", &o.plain),
             ("recorded", &o.recorded),
-            ("responsive, at commit", &o.at_commit),
-            ("responsive, at log ack", &o.at_log),
+            ("checkpoint", &o.checkpoint),
+            ("responsive", &o.responsive),
         ]
         .map(|(w, l)| (o.app, w, l))
     });
-    render_loads(s, 24, 3, rows);
+    render_loads(s, 11, 3, rows);
+    let _ = writeln!(
+        s,
+        "\nResponsive against plain: added latency (µs) and throughput"
+    );
+    let _ = writeln!(
+        s,
+        "{:<10} {:>10} {:>10} {:>10} {:>12}",
+        "app", "avg", "p50", "p99", "throughput"
+    );
+    for o in &r.responsive {
+        let (p, x) = (&o.plain.latency, &o.responsive.latency);
+        let _ = writeln!(
+            s,
+            "{:<10} {:>10.0} {:>10.0} {:>10.0} {:>11.0}%",
+            o.app.name(),
+            x.mean_us - p.mean_us,
+            x.p50_us - p.p50_us,
+            x.p99_us - p.p99_us,
+            100.0 * o.responsive.per_sec / o.plain.per_sec.max(1e-9)
+        );
+    }
     let _ = writeln!(
         s,
         "\nWhat the log rule adds to a reply (its frame, from leaving the program to the backup's acknowledgement of its log; µs)"
@@ -462,30 +520,26 @@ fn render_responsive(s: &mut String, r: &FailoverReport) {
         "app", "measured", "avg", "p50", "p99", "frames"
     );
     for o in &r.responsive {
-        for (what, d) in [
-            ("noted, replies at commit", &o.would_be_at_commit),
-            ("held, replies at log ack", &o.held_at_log),
-        ] {
-            let _ = writeln!(
-                s,
-                "{:<10} {:<34} {:>8.0} {:>8.0} {:>8.0} {:>9}",
-                o.app.name(),
-                what,
-                d.avg_us,
-                d.p50_us,
-                d.p99_us,
-                d.count
-            );
-        }
+        let d = &o.held;
+        let _ = writeln!(
+            s,
+            "{:<10} {:<34} {:>8.0} {:>8.0} {:>8.0} {:>9}",
+            o.app.name(),
+            "held, responsive",
+            d.avg_us,
+            d.p50_us,
+            d.p99_us,
+            d.count
+        );
     }
-    let _ = writeln!(s, "\nThe log (replies at log ack)");
+    let _ = writeln!(s, "\nThe log (responsive)");
     let _ = writeln!(
         s,
         "{:<10} {:>14} {:>14} {:>12} {:>16} {:>16}",
         "app", "records B/req", "frames B/req", "log MB/s", "checkpoint MB/s", "throughput cost"
     );
     for o in &r.responsive {
-        let cost = 1.0 - o.at_log.per_sec / o.plain.per_sec.max(1e-9);
+        let cost = 1.0 - o.responsive.per_sec / o.plain.per_sec.max(1e-9);
         let _ = writeln!(
             s,
             "{:<10} {:>14.0} {:>14.0} {:>12.2} {:>16.2} {:>15.0}%",

@@ -7,6 +7,7 @@ pub mod failover;
 pub mod failover_bench;
 pub mod net;
 pub mod pause;
+pub mod plot;
 pub mod record_bench;
 pub mod redis_benchmark;
 pub mod replay_bench;

@@ -28,6 +28,21 @@ impl Latencies {
         self.hist.add(&other.hist).expect("same bounds");
     }
 
+    /// The distribution as `points` (latency in µs, fraction of requests
+    /// at or below it), for a plot.
+    pub fn cdf(&self, points: usize) -> Vec<(f64, f64)> {
+        if self.hist.is_empty() {
+            return Vec::new();
+        }
+        (0..=points)
+            .map(|i| {
+                // Denser towards the tail, where the modes differ.
+                let q = 1.0 - (1.0 - i as f64 / points as f64).powi(3);
+                (self.hist.value_at_quantile(q) as f64 / 1000.0, q)
+            })
+            .collect()
+    }
+
     pub fn summary(&self) -> Summary {
         let us = |ns: u64| ns as f64 / 1000.0;
         Summary {

@@ -97,16 +97,21 @@ pub struct FailoverArgs {
     #[arg(long)]
     seed: Option<u64>,
     /// The replication mode. responsive: first measures, side by side,
-    /// the plain container, the recorded one, and the responsive primary
-    /// with replies at commit and at log acknowledgement (latency, the
-    /// log's bytes per request and link load, the throughput cost); the
-    /// kills are then made in responsive mode and each takeover's log is
-    /// replayed offline and checked against what the clients received.
+    /// the plain container, the recorded one, the checkpoint-only primary
+    /// and the responsive one (latency, the log's bytes per request and
+    /// link load, the throughput cost); the kills are then made in
+    /// responsive mode (takeover by replay) and each takeover's log is
+    /// replayed once more offline and checked against what the clients
+    /// received.
     #[arg(long, value_enum, default_value_t = ModeArg::Checkpoint)]
     mode: ModeArg,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// With --mode responsive: also plot the latency distributions of the
+    /// side-by-side loads to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -285,6 +290,10 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             use rrc_bench::failover::{Moments, PairOptions};
             use rrc_bench::failover_bench::{self, FailoverConfig};
             anyhow::ensure!(a.connections > 0, "--connections must be at least 1");
+            anyhow::ensure!(
+                a.plot.is_none() || a.mode == ModeArg::Responsive,
+                "--plot draws the side-by-side loads, which --mode responsive measures"
+            );
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
             let cfg = FailoverConfig {
                 apps: a.apps.iter().map(|x| x.app()).collect(),
@@ -303,6 +312,10 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
             let r = failover_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
             print!("{}", failover_bench::render(&r));
             write_json(a.json.as_deref(), &r)?;
+            if let Some(p) = &a.plot {
+                rrc_bench::plot::latency_cdfs(&r, p)?;
+                println!("latency distributions plotted in {}", p.display());
+            }
             Ok(0)
         }
         BenchCommand::Record(a) => {
