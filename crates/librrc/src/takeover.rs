@@ -58,8 +58,12 @@ static PENDING: [Pending; PENDING_SLOTS] = [const {
     }
 }; PENDING_SLOTS];
 
+/// This thread's slot (log ids start at 1; 0 is a thread without one).
 fn my_slot() -> Option<&'static Pending> {
-    PENDING.get(crate::thread::log_id() as usize)
+    match crate::thread::log_id() {
+        0 => None,
+        id => PENDING.get(id as usize),
+    }
 }
 
 /// Runs `call`, a write of the first `len` bytes of `parts` to replayed

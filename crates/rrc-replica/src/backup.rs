@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rrc_ckpt::image::ImageDir;
-use rrc_container::launch::{Launch, Launched, Source};
+use rrc_container::launch::{Launch, Source};
 use rrc_session::recording::{RecordingAnnotation, RecordingDir};
 use rrc_wire::{Key, Message, Role, SecureReader, SecureStream, SecureWriter, Stage, WireError};
 
@@ -333,14 +333,7 @@ pub fn serve(
 pub fn restore_as_container(image: &Path, uplink: Option<String>) -> Result<String, String> {
     let (spec, _copy) = rrc_session::recording::unrecorded_restore(image, None, uplink)
         .map_err(|e| e.to_string())?;
-    match Launch::new(Source::Image(spec)).detach(true).run() {
-        Ok(Launched::Detached(msg)) => Ok(msg),
-        Ok(Launched::Ended(r)) => Err(format!(
-            "the restored container ended at once ({})",
-            r.description
-        )),
-        Err(e) => Err(e.to_string()),
-    }
+    crate::takeover::run_restored(Launch::new(Source::Image(spec)))
 }
 
 /// Writes the log held since the committed checkpoint into `dir`, as a

@@ -150,31 +150,34 @@ pub fn by_replay(
         done: false,
     };
     let t0 = Instant::now();
-    let launched = Launch::new(Source::Image(spec))
-        .hold_network(true)
-        .companion(Box::new(move |_c: &Container| {
-            let mut f = finisher;
-            f.started = Instant::now();
-            Ok(Box::new(f) as Box<dyn Companion>)
-        }))
-        .detach(true)
-        .run();
+    let said = run_restored(
+        Launch::new(Source::Image(spec))
+            .hold_network(true)
+            .companion(Box::new(move |_c: &Container| {
+                let mut f = finisher;
+                f.started = Instant::now();
+                Ok(Box::new(f) as Box<dyn Companion>)
+            })),
+    )?;
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let said = match launched {
-        Ok(Launched::Detached(msg)) => msg,
-        Ok(Launched::Ended(r)) => {
-            return Err(format!(
-                "the restored container ended at once ({})",
-                r.description
-            ));
-        }
-        Err(e) => return Err(e.to_string()),
-    };
     drop(prepared);
     let mut outcome = wait_report(&paths.report, REPLAY_LIMIT + EXCHANGE_LIMIT * 2);
     outcome.restore_ms = restore_ms;
     let _ = std::fs::remove_file(&paths.socket);
     Ok((said, outcome))
+}
+
+/// Runs a restored container in the background, under a supervisor of
+/// its own; what the restore said.
+pub(crate) fn run_restored(launch: Launch<'_>) -> Result<String, String> {
+    match launch.detach(true).run() {
+        Ok(Launched::Detached(msg)) => Ok(msg),
+        Ok(Launched::Ended(r)) => Err(format!(
+            "the restored container ended at once ({})",
+            r.description
+        )),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Waits for the supervisor's report (a failure if none comes in time).
@@ -214,16 +217,7 @@ pub fn from_checkpoint(
     let (spec, _unrecorded) = rrc_session::recording::unrecorded_restore(copy.path(), None, uplink)
         .map_err(|e| e.to_string())?;
     wait_name_free(&spec.name, Duration::from_secs(10))?;
-    let restored = match Launch::new(Source::Image(spec)).detach(true).run() {
-        Ok(Launched::Detached(msg)) => msg,
-        Ok(Launched::Ended(r)) => {
-            return Err(format!(
-                "the restored container ended at once ({})",
-                r.description
-            ));
-        }
-        Err(e) => return Err(e.to_string()),
-    };
+    let restored = run_restored(Launch::new(Source::Image(spec)))?;
     Ok(Fallback {
         restored,
         reset,

@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
+use rrc_bench::failover::App;
 use rrc_bench::resp::{Reply, RespConn};
 
 fn image_dir(tag: &str) -> String {
@@ -26,7 +27,7 @@ fn redis_moves_from_primary_to_backup_with_its_data() {
         "primary",
         "redis",
         &vip,
-        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Redis.command().unwrap()),
+        &App::argv(&App::Redis.command().unwrap()),
     );
     let addr = format!("{ip}:6379");
     lab.wait_tcp(&addr);
@@ -119,7 +120,7 @@ fn memcached_with_worker_threads_moves_with_its_data() {
         "primary",
         "memcached",
         &vip,
-        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Memcached.command().unwrap()),
+        &App::argv(&App::Memcached.command().unwrap()),
     );
     let addr = format!("{ip}:11211");
     lab.wait_tcp(&addr);
@@ -262,7 +263,7 @@ fn redis_clients_keep_their_connections_across_a_move() {
         "primary",
         "redis",
         &vip,
-        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Redis.command().unwrap()),
+        &App::argv(&App::Redis.command().unwrap()),
     );
     let r = move_under_load(
         &lab,
@@ -286,7 +287,7 @@ fn memcached_clients_keep_their_connections_across_a_move() {
         "primary",
         "memcached",
         &vip,
-        &rrc_bench::failover::App::argv(&rrc_bench::failover::App::Memcached.command().unwrap()),
+        &App::argv(&App::Memcached.command().unwrap()),
     );
     let r = move_under_load(
         &lab,
@@ -303,64 +304,22 @@ fn memcached_clients_keep_their_connections_across_a_move() {
 #[test]
 fn lighttpd_keepalive_clients_keep_their_connections_across_a_move() {
     let lab = TestLab::up("lhttp");
-    let dir = std::env::temp_dir().join(format!("rrc-www-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for n in 0..50 {
-        std::fs::write(
-            dir.join(format!("f{n}.txt")),
-            rrc_bench::verify::http_body(n),
-        )
-        .unwrap();
-    }
-    let conf = dir.join("lighttpd.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "server.document-root = \"{}\"\nserver.port = 80\nserver.max-keep-alive-requests = 1000000\nserver.max-keep-alive-idle = 300\nserver.errorlog = \"{}/error.log\"\n",
-            dir.display(),
-            dir.display()
-        ),
-    )
-    .unwrap();
     let vip = lab.vip();
     let ip = strip_prefix(&vip);
-    lab.run_container(
-        "primary",
-        "web",
-        &vip,
-        &["lighttpd", "-D", "-f", conf.to_str().unwrap()],
-    );
+    let command = App::Lighttpd.command().unwrap();
+    lab.run_container("primary", "web", &vip, &App::argv(&command));
     let r = move_under_load(&lab, "web", rrc_bench::verify::Service::Http, 80, &ip, 8);
     assert!(r.errors.is_empty(), "{r:#?}");
     assert!(r.requests > 1000, "{r:#?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn tarantool_clients_keep_their_connections_across_a_move() {
     let lab = TestLab::up("ltnt");
-    let dir = std::env::temp_dir().join(format!("rrc-tnt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let init = dir.join("init.lua");
-    std::fs::write(
-        &init,
-        format!(
-            "box.cfg{{listen = nil, work_dir = '{d}', wal_mode = 'none', memtx_memory = 64 * 1024 * 1024, log = '{d}/tarantool.log'}}\n\
-             box.schema.space.create('kv', {{if_not_exists = true}})\n\
-             box.space.kv:create_index('primary', {{parts = {{1, 'string'}}, if_not_exists = true}})\n\
-             require('console').listen('0.0.0.0:3302')\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
     let vip = lab.vip();
     let ip = strip_prefix(&vip);
-    lab.run_container(
-        "primary",
-        "tarantool",
-        &vip,
-        &["tarantool", init.to_str().unwrap()],
-    );
+    let command = App::Tarantool.command().unwrap();
+    lab.run_container("primary", "tarantool", &vip, &App::argv(&command));
     let r = move_under_load(
         &lab,
         "tarantool",
@@ -371,5 +330,4 @@ fn tarantool_clients_keep_their_connections_across_a_move() {
     );
     assert!(r.errors.is_empty(), "{r:#?}");
     assert!(r.requests > 500, "{r:#?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

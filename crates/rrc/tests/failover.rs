@@ -164,8 +164,13 @@ fn kills_with(tag: &str, app: App, opts: PairOptions, kills: usize) {
                     // fails.
                     if !c.ok() && c.unmatched.is_empty() {
                         eprintln!(
-                            "{app:?} kill {i}: WARNING: the offline replay stopped short ({} divergences, end of log {})",
-                            c.divergences, c.end_reached
+                            "{app:?} kill {i}: WARNING: the offline replay stopped short ({} divergences, end of log {}): {}",
+                            c.divergences,
+                            c.end_reached,
+                            c.said
+                                .lines()
+                                .find(|l| l.contains("DIVERGENCE"))
+                                .unwrap_or("no divergence reported")
                         );
                     } else if !c.ok() {
                         failures.push(format!(

@@ -93,14 +93,19 @@ enum ReleaseArg {
 /// stages every checkpoint it sends and commits it only once complete, so a
 /// primary failing mid-transfer leaves the last committed checkpoint
 /// intact. When the primary falls silent for --timeout (or its link breaks)
-/// the backup runs --fence (if given), writes the log a responsive primary
-/// sent since that checkpoint into DIR/log (replayable with `rrc replay
-/// --images DIR/image --log DIR/log`), restores the last committed
+/// the backup runs --fence (if given) and restores the last committed
 /// checkpoint as a container on this host (same name, address and MAC),
-/// announces it with a gratuitous ARP, prints how the takeover went and
-/// exits, leaving the container running under its own rrc process. A
-/// primary that stops cleanly is not failed over: the backup waits for the
-/// next one.
+/// announced with a gratuitous ARP. From a responsive primary it also
+/// writes the log sent since that checkpoint into DIR/log (replayable with
+/// `rrc replay --images DIR/image --log DIR/log`) and takes over by
+/// replay: the restored program replays the log with its network held,
+/// every open connection is rebuilt to where the log leaves it, and only
+/// then does the network go live; if the replay diverges or a connection
+/// does not check out, it falls back to the checkpoint alone and resets
+/// the connections used after it (said as FALLBACK). It prints how long
+/// each step took and exits, leaving the container running under its own
+/// rrc process. A primary that stops cleanly is not failed over: the
+/// backup waits for the next one.
 ///
 /// Example: rrc backup --listen 10.1.0.2 --key /etc/rrc/key --fence 'ipmitool ... power off'
 #[derive(Debug, Args)]
