@@ -21,6 +21,8 @@ use crate::plan::{BRIDGE, Host, LAN_IF, LabName, LabPlan, REPL_IF};
 use crate::record::{self, HostRecord, LabRecord};
 use crate::{Error, Result};
 
+/// How long a host being killed may take to freeze.
+const FREEZE_LIMIT: Duration = Duration::from_millis(500);
 const CGROUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Lab {
@@ -396,8 +398,14 @@ impl Lab {
             p.dedup();
             p.len()
         };
-        if cg.exists() {
-            cg.freeze(CGROUP_TIMEOUT)?;
+        // Frozen, so that nothing on the host can react to what follows.
+        // A group that does not freeze soon (a task stopped under ptrace by
+        // a tracer that froze first can hold it in FREEZING) has its
+        // cables cut and its tasks killed all the same.
+        if cg.exists()
+            && let Err(e) = cg.freeze(FREEZE_LIMIT)
+        {
+            tracing::warn!(host = %host, error = %e, "the host did not freeze; killing it as it is");
         }
         // Cables out while nothing on the host can react.
         let plan = &rec.plan;

@@ -85,26 +85,41 @@ fn connections_accepted_after_the_checkpoint_are_carried_over() {
             ..PairOptions::default()
         };
         let mut pair = Pair::new(&lab, app, opts).unwrap();
-        pair.start_backup().unwrap();
-        pair.start_primary().unwrap();
-        let t = trial(
-            &mut pair,
-            4,
-            Duration::from_millis(700),
-            Duration::from_millis(1500),
-        )
-        .unwrap();
-        let out = pair.backup_output();
+        // A checkpoint the primary takes at once (for a record number
+        // late on a busy machine) would carry the connections over from
+        // it instead: tried again, a few times.
+        let mut accepted_path = false;
+        for attempt in 0..3 {
+            pair.start_backup().unwrap();
+            pair.start_primary().unwrap();
+            let t = trial(
+                &mut pair,
+                4,
+                Duration::from_millis(700),
+                Duration::from_millis(1500),
+            )
+            .unwrap();
+            let out = pair.backup_output();
+            assert!(
+                t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+                "{t:#?}\n{out}"
+            );
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("replayed the log:"))
+                .unwrap_or_else(|| panic!("no takeover by replay:\n{out}"))
+                .to_string();
+            eprintln!("{app:?} attempt {attempt}: {line}");
+            pair.reset().unwrap();
+            if line.contains("4 accepted during the log") {
+                accepted_path = true;
+                break;
+            }
+        }
         assert!(
-            t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
-            "{t:#?}\n{out}"
+            accepted_path,
+            "{app:?}: a checkpoint came between the accepts and the kill each time"
         );
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("replayed the log:"))
-            .unwrap_or_else(|| panic!("no takeover by replay:\n{out}"));
-        eprintln!("{app:?}: {line}");
-        assert!(line.contains("4 accepted during the log"), "{line}");
     }
 }
 
