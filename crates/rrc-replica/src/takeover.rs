@@ -126,6 +126,17 @@ pub fn by_replay(
     listener
         .set_nonblocking(true)
         .map_err(|e| format!("takeover socket: {e}"))?;
+    // Nothing recorded since the checkpoint: an empty log still replays
+    // (to its end at once), and the connections are rebuilt from the net
+    // log alone: the client's data the primary's kernel acknowledged is
+    // there and nowhere else.
+    if rrc_rr::log::thread_log_ids(&log.dir)
+        .map_err(|e| e.to_string())?
+        .is_empty()
+    {
+        let empty = rrc_rr::log::log_file_path(&log.dir, 1);
+        std::fs::write(&empty, b"").map_err(|e| format!("{}: {e}", empty.display()))?;
+    }
     let opts = ReplayOptions {
         capture: Some(paths.capture.clone()),
         takeover: Some(paths.socket.clone()),
