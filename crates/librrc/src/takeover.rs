@@ -24,6 +24,14 @@ static PATH: AtomicPtr<libc::c_char> = AtomicPtr::new(std::ptr::null_mut());
 static RELEASED: AtomicU32 = AtomicU32::new(0);
 /// One parked thread talks to rrc.
 static CLAIMED: AtomicBool = AtomicBool::new(false);
+/// Threads parked now.
+static PARKED: AtomicU32 = AtomicU32::new(0);
+/// How long the number of parked threads must stay the same before the
+/// exchange starts, and how long that may take: a thread between its last
+/// record and its next call (a write whose bytes the primary may have
+/// sent) gets there in microseconds.
+const SETTLE_NS: u64 = 10_000_000;
+const SETTLE_LIMIT_NS: u64 = 200_000_000;
 /// A thread left the recorded path.
 static DIVERGED: AtomicBool = AtomicBool::new(false);
 
@@ -183,9 +191,41 @@ pub fn park(ended: &dyn Fn() -> bool) {
     if let Some(s) = slot {
         s.parked.store(true, Ordering::Release);
     }
+    PARKED.fetch_add(1, Ordering::AcqRel);
     park_until_released(ended);
+    PARKED.fetch_sub(1, Ordering::AcqRel);
     if let Some(s) = slot {
         s.parked.store(false, Ordering::Release);
+    }
+}
+
+/// Waits until no more threads come to park for a while (bounded).
+fn settle() {
+    let start = crate::record::now_ns();
+    let mut seen = PARKED.load(Ordering::Acquire);
+    let mut since = start;
+    loop {
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        // SAFETY: a sleep with a local timespec.
+        unsafe {
+            libc::syscall(
+                libc::SYS_nanosleep,
+                &ts as *const libc::timespec,
+                std::ptr::null_mut::<libc::timespec>(),
+            )
+        };
+        let now = crate::record::now_ns();
+        let parked = PARKED.load(Ordering::Acquire);
+        if parked != seen {
+            seen = parked;
+            since = now;
+        }
+        if now - since >= SETTLE_NS || now - start >= SETTLE_LIMIT_NS {
+            return;
+        }
     }
 }
 
@@ -238,8 +278,11 @@ fn errno() -> c_int {
 /// Talks to rrc: says how the replay ended, puts in place what it sends.
 /// True if the program is to run live now.
 fn hand_over(diverged: bool) -> bool {
-    if !diverged && !release_saved_connections() {
-        return false;
+    if !diverged {
+        settle();
+        if !release_saved_connections() {
+            return false;
+        }
     }
     let Some(sock) = connect() else {
         crate::say(&[b"rrc takeover: cannot reach rrc's takeover socket\n"]);
