@@ -444,15 +444,23 @@ impl Serialize for Hex {
 impl<'de> Deserialize<'de> for Hex {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Hex, D::Error> {
         let s = String::deserialize(d)?;
+        // Pairs of bytes, not of characters: a character beyond ASCII in
+        // a corrupted image must be refused, not split.
         if s.len() % 2 != 0 {
             return Err(serde::de::Error::custom("odd-length hex"));
         }
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
+        let digit = |b: u8| (b as char).to_digit(16);
+        s.as_bytes()
+            .chunks(2)
+            .map(|p| match (digit(p[0]), digit(p[1])) {
+                (Some(h), Some(l)) => Ok((h * 16 + l) as u8),
+                _ => Err(serde::de::Error::custom(format!(
+                    "not a hexadecimal byte: {:?}",
+                    String::from_utf8_lossy(p)
+                ))),
+            })
             .collect::<std::result::Result<Vec<u8>, _>>()
             .map(Hex)
-            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -603,5 +611,10 @@ mod tests {
         assert_eq!(serde_json::from_str::<Hex>(&s).unwrap(), h);
         assert!(serde_json::from_str::<Hex>("\"abc\"").is_err());
         assert!(serde_json::from_str::<Hex>("\"zz\"").is_err());
+        // A character beyond ASCII (two bytes in UTF-8) is refused, not
+        // split in the middle.
+        assert!(serde_json::from_str::<Hex>("\"a\u{e9}b\"").is_err());
+        assert!(serde_json::from_str::<Hex>("\"\u{e9}\u{e9}\"").is_err());
+        assert!(serde_json::from_str::<Hex>("\"+1\"").is_err());
     }
 }

@@ -192,3 +192,69 @@ fn edits_are_saved_into_the_working_copy_only() {
     fx.passes("shmem_limit left running by a checkpoint");
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A copy of `images` whose JSON file `name` is changed by `f`.
+fn corrupted(images: &Path, name: &str, f: impl FnOnce(&mut serde_json::Value)) -> WorkingCopy {
+    let copy = WorkingCopy::of(images).unwrap();
+    let path = copy.path().join(name);
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    f(&mut v);
+    // Replaced, not written through the hard link into the original.
+    fs::remove_file(&path).unwrap();
+    fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    copy
+}
+
+#[test]
+fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
+    require_root();
+    let dir = scratch("xref");
+    let bin = build("shmem_limit", &dir);
+    let fx = Fixture::start(&bin, &dir, &[]);
+    let images = dir.join("images");
+    checkpoint(&CheckpointOptions {
+        root: fx.pid,
+        images: &images,
+        leave_running: true,
+        annotations: BTreeMap::new(),
+    })
+    .unwrap();
+    let pid = fx.pid.as_raw();
+    let record = ImageDir::process_name(pid);
+    ImageEdit::open(&images).expect("the image as taken loads");
+    let refused = |copy: WorkingCopy, needle: &str| match ImageEdit::open(copy.path()) {
+        Err(Error::CorruptImage { detail, .. }) => {
+            assert!(detail.contains(needle), "{detail}")
+        }
+        Err(e) => panic!("{needle}: {e}"),
+        Ok(_) => panic!("{needle}: loaded"),
+    };
+    refused(
+        corrupted(&images, &record, |v| v["pid"] = serde_json::json!(pid + 1)),
+        "holds process",
+    );
+    refused(
+        corrupted(&images, &record, |v| {
+            v["fds"][0]["file"] = serde_json::json!(1_000_000)
+        }),
+        "which it does not hold",
+    );
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["root"] = serde_json::json!(pid + 7)
+        }),
+        "the root",
+    );
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["shmem"] = serde_json::json!([]);
+        }),
+        "shared memory",
+    );
+    refused(
+        corrupted(&images, &record, |v| {
+            v["parent"] = serde_json::json!(pid + 3)
+        }),
+        "is not before it in the tree",
+    );
+}

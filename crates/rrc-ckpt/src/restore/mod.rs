@@ -112,10 +112,74 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
         let p: ProcessImage = img.read_json(&ImageDir::process_name(*pid))?;
         procs.insert(*pid, p);
     }
+    check_references(images, &m, &procs)?;
     if let Some(p) = procs.values().next() {
         mm::check_vdso(p)?;
     }
     Ok((img, m, procs))
+}
+
+/// Every reference between the image's records points at something the
+/// image has: a process file is the process the manifest names, a parent
+/// is in the tree and comes before its child, the root is there, an open
+/// file and a shared memory object referred to exist. A corrupted image is
+/// refused here, before anything is created.
+fn check_references(
+    images: &Path,
+    m: &crate::image::Manifest,
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> Result<()> {
+    let corrupt = |detail: String| Error::CorruptImage {
+        path: images.into(),
+        detail,
+    };
+    if !procs.contains_key(&m.root) {
+        return Err(corrupt(format!(
+            "the root, process {}, is not in it",
+            m.root
+        )));
+    }
+    let files: std::collections::BTreeSet<usize> = m.files.iter().map(|f| f.id).collect();
+    let shmem: std::collections::BTreeSet<usize> = m.shmem.iter().map(|s| s.id).collect();
+    for f in &m.files {
+        if let crate::image::FileKind::Memfd { shmem: id, .. } = f.kind
+            && !shmem.contains(&id)
+        {
+            return Err(corrupt(format!(
+                "open file {} is a memfd of shared memory {id}, which it does not hold",
+                f.id
+            )));
+        }
+    }
+    for (at, pid) in m.processes.iter().enumerate() {
+        let p = &procs[pid];
+        if p.pid != *pid {
+            return Err(corrupt(format!(
+                "the file of process {pid} holds process {}",
+                p.pid
+            )));
+        }
+        match p.parent {
+            None if *pid != m.root => {
+                return Err(corrupt(format!(
+                    "process {pid} has no parent and is not the root"
+                )));
+            }
+            Some(parent) if !m.processes[..at].contains(&parent) => {
+                return Err(corrupt(format!(
+                    "process {pid}'s parent {parent} is not before it in the tree"
+                )));
+            }
+            _ => {}
+        }
+        if let Some(fd) = p.fds.iter().find(|fd| !files.contains(&fd.file)) {
+            return Err(corrupt(format!(
+                "descriptor {} of process {pid} refers to open file {}, which it does not hold",
+                fd.fd, fd.file
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An address for the scratch region that no process of the image and not
