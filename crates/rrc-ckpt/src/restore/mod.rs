@@ -113,10 +113,67 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
         procs.insert(*pid, p);
     }
     check_references(images, &m, &procs)?;
+    check_page_runs(&img, &m, &procs)?;
     if let Some(p) = procs.values().next() {
         mm::check_vdso(p)?;
     }
     Ok((img, m, procs))
+}
+
+/// Every run of saved pages lies within the file that holds it and, for a
+/// shared object, within the object; no length overflows. Checked once
+/// here, so that the arithmetic of the restore cannot wrap.
+fn check_page_runs(
+    img: &ImageDir,
+    m: &crate::image::Manifest,
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> Result<()> {
+    use crate::procfs::PAGE_SIZE;
+    let check = |file: std::path::PathBuf, runs: &[crate::image::PageRun], limit: Option<u64>| {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let len = std::fs::metadata(&file)
+            .map_err(|e| Error::image(&file, e))?
+            .len();
+        for r in runs {
+            let bytes = r.count.checked_mul(PAGE_SIZE);
+            let fits_file = bytes
+                .and_then(|b| r.offset.checked_add(b))
+                .is_some_and(|end| end <= len);
+            let end = bytes.and_then(|b| r.start.checked_add(b));
+            let fits_object = match (end, limit) {
+                (None, _) => false,
+                (Some(end), Some(limit)) => end <= limit,
+                (Some(_), None) => true,
+            };
+            if !fits_file || !fits_object || r.start % PAGE_SIZE != 0 {
+                return Err(Error::CorruptImage {
+                    path: file.clone(),
+                    detail: format!(
+                        "a run of {} pages at {:#x} (file offset {:#x}) does not fit",
+                        r.count, r.start, r.offset
+                    ),
+                });
+            }
+        }
+        Ok(())
+    };
+    for (pid, p) in procs {
+        check(img.pages_file(*pid), &p.pages, None)?;
+    }
+    for obj in &m.shmem {
+        check(
+            img.shmem_file(obj.id),
+            &obj.pages,
+            Some(
+                obj.size
+                    .checked_next_multiple_of(PAGE_SIZE)
+                    .unwrap_or(u64::MAX),
+            ),
+        )?;
+    }
+    Ok(())
 }
 
 /// Every reference between the image's records points at something the
