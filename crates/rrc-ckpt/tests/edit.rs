@@ -258,3 +258,109 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         "is not before it in the tree",
     );
 }
+
+/// A small seeded generator (xorshift64*), so that a failing run can be
+/// repeated from the seed it prints.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One mutation of a JSON record: a byte changed, a number replaced by a
+/// value at a boundary, or the text cut short.
+fn mutate(text: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut out = text.to_vec();
+    match rng.below(3) {
+        0 => {
+            let at = rng.below(out.len());
+            out[at] = rng.next() as u8;
+        }
+        1 => {
+            // The digits of a random number in the text.
+            let starts: Vec<usize> = (0..out.len())
+                .filter(|&i| {
+                    out[i].is_ascii_digit() && (i == 0 || !out[i - 1].is_ascii_alphanumeric())
+                })
+                .collect();
+            if let Some(&s) = starts.get(rng.below(starts.len())) {
+                let e = (s..out.len())
+                    .find(|&i| !out[i].is_ascii_digit())
+                    .unwrap_or(out.len());
+                const EDGES: [&str; 8] = [
+                    "0",
+                    "-1",
+                    "2147483648",
+                    "4294967296",
+                    "1099511627776",
+                    "4503599627370496",
+                    "9223372036854775807",
+                    "18446744073709551615",
+                ];
+                let with = EDGES[rng.below(EDGES.len())].as_bytes();
+                out.splice(s..e, with.iter().copied());
+            }
+        }
+        _ => out.truncate(rng.below(out.len())),
+    }
+    out
+}
+
+/// A bounded mutation campaign over a real image: every mutated image
+/// loads or is refused with an error, never a panic.
+#[test]
+fn a_thousand_mutated_images_load_or_are_refused_never_panic() {
+    require_root();
+    let dir = scratch("fuzz");
+    let bin = build("shmem_limit", &dir);
+    let fx = Fixture::start(&bin, &dir, &[]);
+    let images = dir.join("images");
+    checkpoint(&CheckpointOptions {
+        root: fx.pid,
+        images: &images,
+        leave_running: true,
+        annotations: BTreeMap::new(),
+    })
+    .unwrap();
+    let names = [
+        "manifest.json".to_string(),
+        ImageDir::process_name(fx.pid.as_raw()),
+    ];
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    eprintln!("mutation seed {seed}");
+    let mut rng = Rng(seed);
+    let (mut loaded, mut refused) = (0, 0);
+    for i in 0..1000 {
+        let name = &names[rng.below(names.len())];
+        let copy = WorkingCopy::of(&images).unwrap();
+        let path = copy.path().join(name);
+        let text = fs::read(&path).unwrap();
+        let mutated = mutate(&text, &mut rng);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, &mutated).unwrap();
+        let r = std::panic::catch_unwind(|| ImageEdit::open(copy.path()).map(|_| ()));
+        match r {
+            Ok(Ok(())) => loaded += 1,
+            Ok(Err(_)) => refused += 1,
+            Err(_) => panic!(
+                "mutation {i} of {name} (seed {seed}) panicked the load:\n{}",
+                String::from_utf8_lossy(&mutated)
+            ),
+        }
+    }
+    eprintln!("1000 mutated images: {loaded} loaded, {refused} refused");
+    assert!(refused > 0);
+}
