@@ -228,9 +228,8 @@ fn memcached_in_responsive_mode_survives_kills_and_its_log_replays_what_clients_
 }
 
 #[test]
-fn lighttpd_and_tarantool_in_responsive_mode_survive_kills() {
+fn lighttpd_in_responsive_mode_survives_kills() {
     kills("frweb", App::Lighttpd, Mode::Responsive, 3);
-    kills("frtnt", App::Tarantool, Mode::Responsive, 3);
 }
 
 /// The backup host dies; the service goes on unprotected; a new backup
