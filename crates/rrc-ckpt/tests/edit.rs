@@ -29,14 +29,10 @@ fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-fn ino(p: &Path) -> u64 {
-    fs::metadata(p).unwrap().ino()
-}
-
-#[test]
-fn edits_are_saved_into_the_working_copy_only() {
-    require_root();
-    let dir = scratch("edit");
+/// The `shmem_limit` fixture, running, and a checkpoint of it taken with
+/// the fixture left running.
+fn checkpointed(tag: &str) -> (Fixture, std::path::PathBuf) {
+    let dir = scratch(tag);
     let bin = build("shmem_limit", &dir);
     let fx = Fixture::start(&bin, &dir, &[]);
     let images = dir.join("images");
@@ -47,6 +43,17 @@ fn edits_are_saved_into_the_working_copy_only() {
         annotations: BTreeMap::new(),
     })
     .unwrap();
+    (fx, images)
+}
+
+fn ino(p: &Path) -> u64 {
+    fs::metadata(p).unwrap().ino()
+}
+
+#[test]
+fn edits_are_saved_into_the_working_copy_only() {
+    require_root();
+    let (fx, images) = checkpointed("edit");
     let before = contents(&images);
     let pid = fx.pid.as_raw();
     let record = ImageDir::process_name(pid);
@@ -190,7 +197,9 @@ fn edits_are_saved_into_the_working_copy_only() {
     fs::remove_dir_all(&kept).unwrap();
 
     fx.passes("shmem_limit left running by a checkpoint");
-    let _ = fs::remove_dir_all(&dir);
+    if let Some(dir) = images.parent() {
+        let _ = fs::remove_dir_all(dir);
+    }
 }
 
 /// A copy of `images` whose JSON file `name` is changed by `f`.
@@ -208,17 +217,7 @@ fn corrupted(images: &Path, name: &str, f: impl FnOnce(&mut serde_json::Value)) 
 #[test]
 fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
     require_root();
-    let dir = scratch("xref");
-    let bin = build("shmem_limit", &dir);
-    let fx = Fixture::start(&bin, &dir, &[]);
-    let images = dir.join("images");
-    checkpoint(&CheckpointOptions {
-        root: fx.pid,
-        images: &images,
-        leave_running: true,
-        annotations: BTreeMap::new(),
-    })
-    .unwrap();
+    let (fx, images) = checkpointed("xref");
     let pid = fx.pid.as_raw();
     let record = ImageDir::process_name(pid);
     ImageEdit::open(&images).expect("the image as taken loads");
@@ -320,17 +319,7 @@ fn mutate(text: &[u8], rng: &mut Rng) -> Vec<u8> {
 #[test]
 fn a_thousand_mutated_images_load_or_are_refused_never_panic() {
     require_root();
-    let dir = scratch("fuzz");
-    let bin = build("shmem_limit", &dir);
-    let fx = Fixture::start(&bin, &dir, &[]);
-    let images = dir.join("images");
-    checkpoint(&CheckpointOptions {
-        root: fx.pid,
-        images: &images,
-        leave_running: true,
-        annotations: BTreeMap::new(),
-    })
-    .unwrap();
+    let (fx, images) = checkpointed("fuzz");
     let names = [
         "manifest.json".to_string(),
         ImageDir::process_name(fx.pid.as_raw()),

@@ -113,7 +113,7 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
         procs.insert(*pid, p);
     }
     check_references(images, &m, &procs)?;
-    check_page_runs(&img, &m, &procs)?;
+    check_sizes(&img, &m, &procs)?;
     if let Some(p) = procs.values().next() {
         mm::check_vdso(p)?;
     }
@@ -121,9 +121,10 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
 }
 
 /// Every run of saved pages lies within the file that holds it and, for a
-/// shared object, within the object; no length overflows. Checked once
-/// here, so that the arithmetic of the restore cannot wrap.
-fn check_page_runs(
+/// shared object, within the object; every mapping is a non-empty range
+/// of whole pages; no length overflows. Checked once here, so that the
+/// arithmetic of the restore cannot wrap.
+fn check_sizes(
     img: &ImageDir,
     m: &crate::image::Manifest,
     procs: &BTreeMap<i32, ProcessImage>,
@@ -161,6 +162,19 @@ fn check_page_runs(
     };
     for (pid, p) in procs {
         check(img.pages_file(*pid), &p.pages, None)?;
+        if let Some(v) = p
+            .vmas
+            .iter()
+            .find(|v| v.start >= v.end || v.start % PAGE_SIZE != 0 || v.end % PAGE_SIZE != 0)
+        {
+            return Err(Error::CorruptImage {
+                path: img.file(&ImageDir::process_name(*pid)),
+                detail: format!(
+                    "a mapping of process {pid} runs from {:#x} to {:#x}",
+                    v.start, v.end
+                ),
+            });
+        }
     }
     for obj in &m.shmem {
         check(
