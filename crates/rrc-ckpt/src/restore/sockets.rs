@@ -217,13 +217,7 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
                     detail: "queued data does not match the connection's record".into(),
                 });
             }
-            let s = tcp::build(&l, &p, st, &data[..n], &data[n..])
-                .map_err(io(&format!("rebuild TCP connection {local} -> {peer}")))?;
-            if tcp::needs_peer_packet(st.state) {
-                tcp::inject_peer_packet(&l, &p, st)
-                    .map_err(io(&format!("half-close TCP connection {local} -> {peer}")))?;
-            }
-            set_options(&s, options);
+            let s = connection(pid, &l, &p, st, (&data[..n], &data[n..]), options)?;
             set_nonblocking(&s, f.flags).map_err(io("socket flags"))?;
             Ok((s, true))
         }
@@ -306,25 +300,47 @@ pub fn build_connections(pid: nix::unistd::Pid, conns: &[Connection]) -> Result<
         conns
             .iter()
             .map(|c| {
-                let s = tcp::build(&c.local, &c.peer, &c.state, &c.sndq, &c.rcvq).map_err(|e| {
-                    rerr(
-                        pid.as_raw(),
-                        format!("build TCP connection {} -> {}: {e}", c.local, c.peer),
-                    )
-                })?;
-                if tcp::needs_peer_packet(c.state.state) {
-                    tcp::inject_peer_packet(&c.local, &c.peer, &c.state).map_err(|e| {
-                        rerr(
-                            pid.as_raw(),
-                            format!("half-close TCP connection {} -> {}: {e}", c.local, c.peer),
-                        )
-                    })?;
-                }
-                set_options(&s, &c.options);
-                Ok(s)
+                connection(
+                    pid.as_raw(),
+                    &c.local,
+                    &c.peer,
+                    &c.state,
+                    (&c.sndq, &c.rcvq),
+                    &c.options,
+                )
             })
             .collect()
     })?
+}
+
+/// A TCP connection in repair mode as `st` and the queues `(sndq, rcvq)`
+/// describe it, half-closed if it was, with its socket options (in the
+/// calling thread's network namespace; `pid` names the process it is for,
+/// in errors).
+fn connection(
+    pid: i32,
+    local: &std::net::SocketAddr,
+    peer: &std::net::SocketAddr,
+    st: &crate::tcp::TcpState,
+    (sndq, rcvq): (&[u8], &[u8]),
+    options: &[(i32, i32, i32)],
+) -> Result<OwnedFd> {
+    let s = tcp::build(local, peer, st, sndq, rcvq).map_err(|e| {
+        rerr(
+            pid,
+            format!("rebuild TCP connection {local} -> {peer}: {e}"),
+        )
+    })?;
+    if tcp::needs_peer_packet(st.state) {
+        tcp::inject_peer_packet(local, peer, st).map_err(|e| {
+            rerr(
+                pid,
+                format!("half-close TCP connection {local} -> {peer}: {e}"),
+            )
+        })?;
+    }
+    set_options(&s, options);
+    Ok(s)
 }
 
 /// The engine's end of the fd transport, and the number the processes
