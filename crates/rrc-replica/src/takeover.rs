@@ -241,21 +241,18 @@ pub fn from_checkpoint(
 fn disconnect_active(copy: &Path, image: &Path, log: Option<&LogWritten>) -> Result<usize, String> {
     let ring_fd = rrc_session::recording::RecordingAnnotation::read(image)
         .map_err(|e| e.to_string())?
-        .map(|a| a.ring_fd);
+        .ok_or("the checkpoint is not of a recorded program")?
+        .ring_fd;
     let mut edit = ImageEdit::open(copy).map_err(|e| e.to_string())?;
-    let pid = ring_fd
-        .and_then(|fd| edit.memfd_at_fd(fd))
-        .map(|m| m.pid)
-        .ok_or("the checkpoint is not of a recorded program")?;
+    let pid = rrc_session::recording::rings_at(&edit, image, ring_fd)
+        .map_err(|e| e.to_string())?
+        .pid;
     let saved = edit.tcp_connections(pid).map_err(|e| e.to_string())?;
     // What cannot be read counts as everything used.
     let uses = log.and_then(|l| log_uses(&l.dir, l.from.records + 1).ok());
-    let frames = log.and_then(|l| crate::netlog::read(&l.dir).ok());
+    let frames = log.and_then(|l| frames(&l.dir).ok());
     let active = match (uses, frames) {
-        (Some(u), Some(f)) => {
-            let f: Vec<Vec<u8>> = f.into_iter().map(|(_, b)| b).collect();
-            active_since(&saved, &u, &f)
-        }
+        (Some(u), Some(f)) => active_since(&saved, &u, &f),
         _ => saved.iter().map(|s| s.file_id).collect(),
     };
     for id in &active {
@@ -303,13 +300,17 @@ impl Inputs {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(format!("{}: {e}", self.capture.display())),
         };
-        let frames: Vec<Vec<u8>> = crate::netlog::read(&self.log)
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|(_, f)| f)
-            .collect();
+        let frames = frames(&self.log).map_err(|e| e.to_string())?;
         plan(&saved, &uses, &capture, writing, &frames, &host_tcp()).map_err(|e| e.to_string())
     }
+}
+
+/// The net log's frames in `dir`, in order.
+fn frames(dir: &Path) -> Result<Vec<Vec<u8>>, crate::netlog::NetLogError> {
+    Ok(crate::netlog::read(dir)?
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect())
 }
 
 /// This host's choices for a connection it accepts.
@@ -483,28 +484,32 @@ fn read_line(s: &mut UnixStream, pending: &mut Vec<u8>) -> Result<TakeoverLine, 
         if pending.len() > TAKEOVER_LINE_MAX {
             return Err("librrc sent an overlong line".into());
         }
-        let mut buf = [0u8; 256];
-        match s.read(&mut buf) {
-            Ok(0) => return Err("librrc hung up".into()),
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("waiting for librrc: {e}")),
-        }
+        read_more(s, pending)?;
     }
 }
 
 /// The next `len` bytes from librrc (`pending` first).
 fn read_bytes(s: &mut UnixStream, pending: &mut Vec<u8>, len: usize) -> Result<Vec<u8>, String> {
     while pending.len() < len {
-        let mut buf = [0u8; 4096];
+        read_more(s, pending)?;
+    }
+    Ok(pending.drain(..len).collect())
+}
+
+/// Appends what librrc sent next to `pending`.
+fn read_more(s: &mut UnixStream, pending: &mut Vec<u8>) -> Result<(), String> {
+    let mut buf = [0u8; 4096];
+    loop {
         match s.read(&mut buf) {
             Ok(0) => return Err("librrc hung up".into()),
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                pending.extend_from_slice(&buf[..n]);
+                return Ok(());
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(format!("waiting for librrc: {e}")),
         }
     }
-    Ok(pending.drain(..len).collect())
 }
 
 /// One `install` line with its connections attached.

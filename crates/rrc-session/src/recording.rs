@@ -21,7 +21,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use rrc_ckpt::dump::ShmemLimit;
-use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
+use rrc_ckpt::edit::{ImageEdit, MemfdAt, WorkingCopy};
 use rrc_container::ContainerName;
 use rrc_container::create::Container;
 use rrc_container::launch::{CompanionError, Launch, MakeCompanion};
@@ -226,6 +226,15 @@ impl Companion for Done {
     }
 }
 
+/// The recorded program's rings in `edit` (an image of `images`): the
+/// memfd at descriptor `ring_fd`, and the process that has it.
+pub fn rings_at(edit: &ImageEdit, images: &Path, ring_fd: i32) -> Result<MemfdAt> {
+    edit.memfd_at_fd(ring_fd).ok_or_else(|| Error::NoRings {
+        images: images.to_path_buf(),
+        fd: ring_fd,
+    })
+}
+
 /// A working copy of `images` whose program, if it was recorded, stops
 /// recording when restored and runs on (a restored copy's rings have
 /// nobody draining them); `None` when the image is not of a recorded
@@ -236,12 +245,7 @@ pub fn unrecorded_copy(images: &Path) -> Result<Option<WorkingCopy>> {
     };
     let copy = WorkingCopy::of(images)?;
     let mut edit = ImageEdit::open(copy.path())?;
-    let Some(rings) = edit.memfd_at_fd(a.ring_fd) else {
-        return Err(Error::NoRings {
-            images: images.to_path_buf(),
-            fd: a.ring_fd,
-        });
-    };
+    let rings = rings_at(&edit, images, a.ring_fd)?;
     let page = edit.shmem_page_mut(rings.shmem_id, 0)?;
     rrc_rr::ring::mark_copy(page, CopyMark::Stop)?;
     edit.save()?;

@@ -18,7 +18,7 @@ use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
 use rrc_rr::interface::ReplayConfig;
 use rrc_rr::log::thread_log_ids;
 
-use crate::recording::{RecordingAnnotation, RecordingDir, check_recordable};
+use crate::recording::{RecordingAnnotation, RecordingDir, check_recordable, rings_at};
 use crate::{Error, Result, io};
 
 /// How to replay.
@@ -149,12 +149,7 @@ pub fn prepare(images: &Path, opts: &ReplayOptions) -> Result<Prepared> {
     };
     let copy = WorkingCopy::of(images)?;
     let mut edit = ImageEdit::open(copy.path())?;
-    let Some(rings) = edit.memfd_at_fd(ring_fd) else {
-        return Err(Error::NoRings {
-            images: images.to_path_buf(),
-            fd: ring_fd,
-        });
-    };
+    let rings = rings_at(&edit, images, ring_fd)?;
     let page = edit.shmem_page_mut(rings.shmem_id, 0)?;
     let last = rrc_rr::ring::request_replay(page)?;
     let from = last + 1;
