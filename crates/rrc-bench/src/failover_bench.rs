@@ -222,15 +222,7 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
         }
         let mut pair = Pair::new(&lab, app, cfg.pair.clone())?;
         if cfg.pair.mode == Mode::Checkpoint {
-            progress(&format!("{}: plain container", app.name()));
-            lab.run_container(
-                Host::Primary,
-                app.name(),
-                lab.plan().vip(),
-                &App::argv(&app.command()?),
-            )?;
-            let plain = measure(&lab, app, cfg.connections, cfg.load)?;
-            lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
+            let plain = measure_plain(&lab, app, cfg, progress)?;
             progress(&format!("{}: replicated container", app.name()));
             pair.start_backup()?;
             pair.start_primary()?;
@@ -289,6 +281,25 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
     Ok(report)
 }
 
+/// The load on `app` as a plain container (`rrc run`).
+fn measure_plain(
+    lab: &LabSession,
+    app: App,
+    cfg: &FailoverConfig,
+    progress: &dyn Fn(&str),
+) -> Result<Load> {
+    progress(&format!("{}: plain container", app.name()));
+    lab.run_container(
+        Host::Primary,
+        app.name(),
+        lab.plan().vip(),
+        &App::argv(&app.command()?),
+    )?;
+    let plain = measure(lab, app, cfg.connections, cfg.load)?;
+    lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
+    Ok(plain)
+}
+
 /// Plain, recorded, checkpoint-only and responsive: the same load on
 /// each, one after the other.
 fn responsive_costs(
@@ -298,15 +309,7 @@ fn responsive_costs(
     progress: &dyn Fn(&str),
 ) -> Result<Responsive> {
     let rrc = lab.rrc_path();
-    progress(&format!("{}: plain container", app.name()));
-    lab.run_container(
-        Host::Primary,
-        app.name(),
-        lab.plan().vip(),
-        &App::argv(&app.command()?),
-    )?;
-    let plain = measure(lab, app, cfg.connections, cfg.load)?;
-    lab.run_on(Host::Primary, &[&rrc, "stop", app.name()])?;
+    let plain = measure_plain(lab, app, cfg, progress)?;
 
     progress(&format!("{}: recorded container", app.name()));
     let log = std::env::temp_dir().join(format!("rrc-bench-record-{}", std::process::id()));
