@@ -23,6 +23,20 @@ use rrc_bench::failover::{App, Mode, Moments, Pair, PairOptions, trial};
 /// must not fail a correct takeover; `rrc bench failover` measures it).
 const ANSWERED_WITHIN_MS: f64 = 5000.0;
 
+/// A pair started, and its primary host killed after 700 ms of load from
+/// 4 verifying connections, which go on for 1.5 s after.
+fn one_kill(pair: &mut Pair<'_>) -> rrc_bench::failover::Trial {
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    trial(
+        pair,
+        4,
+        Duration::from_millis(700),
+        Duration::from_millis(1500),
+    )
+    .unwrap()
+}
+
 /// A takeover whose replay diverges (injected: the backup's replay takes
 /// its first record as a divergence) must never give a wrong reply: the
 /// backup falls back to the checkpoint, says so, and resets the
@@ -37,15 +51,7 @@ fn a_diverging_replay_falls_back_to_the_checkpoint_and_resets_connections() {
         ..PairOptions::default()
     };
     let mut pair = Pair::new(&lab, App::Redis, opts).unwrap();
-    pair.start_backup().unwrap();
-    pair.start_primary().unwrap();
-    let t = trial(
-        &mut pair,
-        4,
-        Duration::from_millis(700),
-        Duration::from_millis(1500),
-    )
-    .unwrap();
+    let t = one_kill(&mut pair);
     let out = pair.backup_output();
     eprintln!("{t:#?}\n{out}");
     assert!(
@@ -90,15 +96,7 @@ fn connections_accepted_after_the_checkpoint_are_carried_over() {
         // it instead: tried again, a few times.
         let mut accepted_path = false;
         for attempt in 0..3 {
-            pair.start_backup().unwrap();
-            pair.start_primary().unwrap();
-            let t = trial(
-                &mut pair,
-                4,
-                Duration::from_millis(700),
-                Duration::from_millis(1500),
-            )
-            .unwrap();
+            let t = one_kill(&mut pair);
             let out = pair.backup_output();
             assert!(
                 t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
