@@ -1127,7 +1127,7 @@ pub unsafe extern "C" fn fread(
 /// Records where a mapping went. A copy restored for replay made it
 /// already, where the recording did: the call keeps its result and only
 /// takes its turn.
-fn record_mapping(call: MmapCall, name: &str, p: *mut c_void, len: size_t) {
+fn record_mapping(call: MmapCall, name: &'static str, p: *mut c_void, len: size_t) {
     let again = logged(|| Event::Mmap {
         call,
         ret: if p == libc::MAP_FAILED {

@@ -309,7 +309,7 @@ fn describe<'b>(e: &Event<'_>, buf: &'b mut [u8; 160]) -> &'b [u8] {
 }
 
 /// Decimal digits of `v`, without allocating.
-fn digits(v: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn digits(v: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     let mut v = v;
     loop {
@@ -376,7 +376,7 @@ impl Turn {
 /// `None`: the thread runs this call live (its log ended, or it diverged,
 /// which is reported and counted). Signal handlers recorded before the
 /// call run first, each in its turn.
-pub fn take(call: &str, expected: impl Fn(&Event<'static>) -> bool) -> Option<Turn> {
+pub fn take(call: &'static str, expected: impl Fn(&Event<'static>) -> bool) -> Option<Turn> {
     loop {
         match next_turn(call, &expected)? {
             Next::Call(t) => return Some(t),
@@ -392,7 +392,7 @@ enum Next {
     Signal(i32),
 }
 
-fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<Next> {
+fn next_turn(call: &'static str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<Next> {
     let r = state()?;
     let _inside = thread::enter()?;
     CURSOR
@@ -419,7 +419,7 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
                 // The log ended (or what is left of it is not to be
                 // replayed): live from here on.
                 c.live = true;
-                leave_log(r);
+                leave_log(r, call);
                 return None;
             };
             if let Some(slot) = LAST_TAKEN.get(thread::log_id() as usize) {
@@ -434,7 +434,7 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
             if injected || !expected(&rec.event) {
                 c.live = true;
                 diverged(call, &rec);
-                leave_log(r);
+                leave_log(r, call);
                 return None;
             }
             wait_turn(r, &rec);
@@ -449,7 +449,7 @@ fn next_turn(call: &str, expected: &dyn Fn(&Event<'static>) -> bool) -> Option<N
 
 /// In replay, a call librrc cannot serve from the log yet: the thread
 /// leaves the log here (reported and counted as a divergence).
-pub fn unsupported(call: &str) {
+pub fn unsupported(call: &'static str) {
     if state().is_none() {
         return;
     }
@@ -472,7 +472,7 @@ pub fn unsupported(call: &str) {
             b" is not supported yet; this thread runs live from here\n",
         ]);
         if let Some(r) = state() {
-            leave_log(r);
+            leave_log(r, call);
         }
     });
 }
@@ -480,9 +480,11 @@ pub fn unsupported(call: &str) {
 /// A thread leaves the log (it ended, or the thread diverged). In a
 /// takeover it parks here until its connections are live; otherwise it
 /// runs live at once.
-fn leave_log(r: &'static Replay) {
+fn leave_log(r: &'static Replay, call: &'static str) {
     if crate::takeover::active() {
-        crate::takeover::park(&|| DONE.load(Ordering::Acquire) as usize >= r.seqs.len());
+        crate::takeover::park(call, &|| {
+            DONE.load(Ordering::Acquire) as usize >= r.seqs.len()
+        });
     }
 }
 
@@ -545,6 +547,18 @@ fn diverged(call: &str, rec: &Record<'_>) {
         describe(&rec.event, &mut [0u8; 160]),
         b"; this thread runs live from here\n",
     ]);
+}
+
+/// The last record thread `id` took (its number), and whether it completed
+/// it; `None` before its first.
+pub fn last_taken(id: u32) -> Option<(u64, bool)> {
+    let v = LAST_TAKEN.get(id as usize)?.load(Ordering::Relaxed);
+    (v != 0).then_some((v & ((1 << 60) - 1), v >> 61 == 1))
+}
+
+/// How many thread logs the replay has (ids below this).
+pub fn thread_logs() -> usize {
+    state().map_or(0, |r| r.logs.len())
 }
 
 /// For a stuck order: where each thread is in its log.

@@ -59,7 +59,7 @@ fn flat<'a>(b: &Bytes<'a>) -> &'a [u8] {
 
 /// read, pread, recv: the logged bytes into `buf`.
 pub fn read(
-    call: &str,
+    call: &'static str,
     buf: *mut c_void,
     n: size_t,
     is: impl Fn(&Event<'static>) -> bool,

@@ -32,7 +32,7 @@ fn note(op: SyncOp, obj: usize, ret: c_int) -> bool {
 
 /// After a switch to replay: an operation already made only takes its
 /// turn.
-fn take_turn_only(op: SyncOp, obj: usize, call: &str) {
+fn take_turn_only(op: SyncOp, obj: usize, call: &'static str) {
     if let Some(t) = turn(op, obj, call) {
         t.complete();
     }
@@ -42,7 +42,7 @@ fn take_turn_only(op: SyncOp, obj: usize, call: &str) {
 /// is compared only when the replay runs in the recorded address space (a
 /// restored checkpoint); from a program's start its heap may lie
 /// elsewhere.
-fn turn(op: SyncOp, obj: usize, call: &str) -> Option<replay::Turn> {
+fn turn(op: SyncOp, obj: usize, call: &'static str) -> Option<replay::Turn> {
     if !replay::active() {
         return None;
     }

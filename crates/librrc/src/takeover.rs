@@ -51,6 +51,10 @@ struct Pending {
     parked: AtomicBool,
     /// rrc took the bytes: the write is done.
     absorbed: AtomicBool,
+    /// The wrapped call the thread parked at (for the report): a
+    /// `&'static str`'s pointer and length.
+    at: AtomicPtr<u8>,
+    at_len: AtomicUsize,
 }
 
 const PENDING_SLOTS: usize = 1024;
@@ -63,6 +67,8 @@ static PENDING: [Pending; PENDING_SLOTS] = [const {
         len: AtomicUsize::new(0),
         parked: AtomicBool::new(false),
         absorbed: AtomicBool::new(false),
+        at: AtomicPtr::new(std::ptr::null_mut()),
+        at_len: AtomicUsize::new(0),
     }
 }; PENDING_SLOTS];
 
@@ -186,9 +192,11 @@ pub fn wake() {
 /// Parks the calling thread until the rebuilt connections are in place;
 /// `ended` says whether every record has been replayed. One parked thread
 /// does the exchange with rrc once the log has ended or a thread diverged.
-pub fn park(ended: &dyn Fn() -> bool) {
+pub fn park(call: &'static str, ended: &dyn Fn() -> bool) {
     let slot = my_slot();
     if let Some(s) = slot {
+        s.at.store(call.as_ptr().cast_mut(), Ordering::Relaxed);
+        s.at_len.store(call.len(), Ordering::Relaxed);
         s.parked.store(true, Ordering::Release);
     }
     PARKED.fetch_add(1, Ordering::AcqRel);
@@ -275,11 +283,73 @@ fn errno() -> c_int {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// Says where each replayed thread is as the exchange starts: parked at a
+/// call, or still running (a thread that has not come back to a wrapped
+/// call yet); with the last record it took.
+fn report_threads() {
+    let logs = crate::replay::thread_logs();
+    for (id, slot) in PENDING.iter().enumerate().take(logs).skip(1) {
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        let at: &[u8] = if slot.parked.load(Ordering::Acquire) {
+            let (p, n) = (
+                slot.at.load(Ordering::Relaxed),
+                slot.at_len.load(Ordering::Relaxed),
+            );
+            if p.is_null() {
+                b"?"
+            } else {
+                // SAFETY: the pointer and length of a `&'static str`
+                // stored by `park`.
+                unsafe { std::slice::from_raw_parts(p, n) }
+            }
+        } else {
+            b""
+        };
+        let (seq, done) = crate::replay::last_taken(id as u32).unwrap_or((0, true));
+        let fd = slot.fd.load(Ordering::Acquire);
+        let (mut c, mut d) = ([0u8; 20], [0u8; 20]);
+        let writing: [&[u8]; 5] = if fd >= 0 && !at.is_empty() {
+            [
+                b" (connection ",
+                crate::replay::digits(fd as u64, &mut c),
+                b", ",
+                crate::replay::digits(slot.len.load(Ordering::Relaxed) as u64, &mut d),
+                b" bytes)",
+            ]
+        } else {
+            [b"", b"", b"", b"", b""]
+        };
+        crate::say(&[
+            b"rrc takeover: thread ",
+            crate::replay::digits(id as u64, &mut a),
+            if at.is_empty() {
+                b" is running"
+            } else {
+                b" parked at "
+            },
+            at,
+            writing[0],
+            writing[1],
+            writing[2],
+            writing[3],
+            writing[4],
+            if done {
+                b", last event #"
+            } else {
+                b", in event #"
+            },
+            crate::replay::digits(seq, &mut b),
+            b"\n",
+        ]);
+    }
+}
+
 /// Talks to rrc: says how the replay ended, puts in place what it sends.
 /// True if the program is to run live now.
 fn hand_over(diverged: bool) -> bool {
     if !diverged {
         settle();
+        report_threads();
         if !release_saved_connections() {
             return false;
         }

@@ -480,8 +480,13 @@ impl ImageDir {
     }
 
     /// Prepares an empty directory for a new image (creating it if needed).
+    /// An image holds a process's memory: the directory is made readable
+    /// by its owner only.
     pub fn create(dir: &Path) -> Result<ImageDir> {
+        use std::os::unix::fs::PermissionsExt;
         fs::create_dir_all(dir).map_err(|e| Error::image(dir, e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::image(dir, e))?;
         let nonempty = fs::read_dir(dir)
             .map_err(|e| Error::image(dir, e))?
             .next()
@@ -502,6 +507,25 @@ impl ImageDir {
 
     pub fn shmem_file(&self, id: usize) -> PathBuf {
         self.file(&format!("shmem-{id}.img"))
+    }
+
+    /// Makes every file of the image durable, and the directory that
+    /// names them: before the process it saves is killed, the image must
+    /// be on disk.
+    pub fn sync(&self) -> Result<()> {
+        let rd = fs::read_dir(&self.dir).map_err(|e| Error::image(&self.dir, e))?;
+        for e in rd {
+            let e = e.map_err(|e| Error::image(&self.dir, e))?;
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                fs::File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::image(&path, e))?;
+            }
+        }
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::image(&self.dir, e))
     }
 
     pub fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {

@@ -5,9 +5,10 @@
 //! A delta is refused before anything is touched when one of its files is
 //! missing or does not match its checksum, when it does not follow the image
 //! (a delta in between is missing, or it belongs to another series), or when
-//! it was already applied. While a delta is being applied the image holds a
-//! marker file, so an image left half-updated (the applying process died) is
-//! refused by restore instead of being restored wrong.
+//! it was already applied. The image is never left half-updated: the new
+//! one is built aside and exchanged for it atomically (see [`apply`]).
+//! Images left half-updated by earlier versions, which marked them with an
+//! `APPLYING` file, are refused by restore.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -19,7 +20,7 @@ use crate::image::{ImageDir, Manifest, PageRun, ProcessImage, VmaKind};
 use crate::procfs::PAGE_SIZE;
 use crate::{Error, Result};
 
-/// Present in an image while a delta is applied to it.
+/// Present in an image an earlier version left half-updated.
 pub const APPLYING: &str = "APPLYING";
 
 /// CRC-32 of a whole file.
@@ -126,7 +127,25 @@ fn check_follows(path: &Path, image: &Manifest, m: &Manifest) -> Result<()> {
     ))
 }
 
-/// Applies the delta at `delta` onto the image at `image`, in place.
+/// Where the image at `image` is prepared before it replaces the old one.
+fn next_of(image: &Path) -> PathBuf {
+    let name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    image.with_file_name(format!(".{name}.next"))
+}
+
+/// Applies the delta at `delta` onto the image at `image`.
+///
+/// The image stays whole whatever happens (a full disk, a crash): the
+/// result is built aside, in a directory next to it, and replaces it in
+/// one atomic exchange. New pages are appended to the image's pages files
+/// (whose old runs the old records still describe), the new records and
+/// files are written in the directory aside, which links the pages files;
+/// a pages file to compact is written there anew. On an error the
+/// directory aside is removed and the pages files cut back to their old
+/// length.
 pub fn apply(image: &Path, delta: &Path) -> Result<ApplyReport> {
     let started = std::time::Instant::now();
     let img = ImageDir::new(image);
@@ -144,10 +163,56 @@ pub fn apply(image: &Path, delta: &Path) -> Result<ApplyReport> {
     }
     check_follows(delta, &im, &dm)?;
     verify(&d, &dm)?;
-    fs::write(img.file(APPLYING), b"").map_err(|e| Error::image(image, e))?;
+    let next = next_of(image);
+    // A directory aside left by an apply that did not finish.
+    let _ = fs::remove_dir_all(&next);
+    let next_img = ImageDir::create(&next)?;
+    let mut grown: Vec<(PathBuf, u64)> = Vec::new();
+    let built = build_aside(&img, &d, &dm, &next_img, &mut grown);
+    let switched = built.and_then(|report| {
+        next_img.sync()?;
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &next,
+            nix::fcntl::AT_FDCWD,
+            image,
+            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+        )
+        .map_err(|e| Error::image(image, std::io::Error::from(e)))?;
+        Ok(report)
+    });
+    match switched {
+        Ok(mut report) => {
+            // `next` now holds the old image.
+            if let Err(e) = fs::remove_dir_all(&next) {
+                tracing::warn!(error = %e, path = %next.display(), "removing the old image");
+            }
+            report.took = started.elapsed();
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&next);
+            for (path, len) in grown {
+                if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+                    let _ = f.set_len(len);
+                }
+            }
+            Err(e)
+        }
+    }
+}
 
+/// The new image in `next`: the old one's pages files (grown by the
+/// delta's pages, noted in `grown` with their old lengths) or compacted
+/// copies of them, and the delta's records and other files.
+fn build_aside(
+    img: &ImageDir,
+    d: &ImageDir,
+    dm: &Manifest,
+    next: &ImageDir,
+    grown: &mut Vec<(PathBuf, u64)>,
+) -> Result<ApplyReport> {
     let mut report = ApplyReport::default();
-    let mut keep: Vec<String> = vec!["manifest.json".into()];
     for pid in &dm.processes {
         let name = ImageDir::process_name(*pid);
         let mut p: ProcessImage = d.read_json(&name)?;
@@ -172,6 +237,7 @@ pub fn apply(image: &Path, delta: &Path) -> Result<ApplyReport> {
             .metadata()
             .map_err(|e| Error::image(&pages_path, e))?
             .len();
+        grown.push((pages_path.clone(), end));
         if !p.pages.is_empty() {
             let src_path = d.pages_file(*pid);
             let src = File::open(&src_path).map_err(|e| Error::image(&src_path, e))?;
@@ -184,12 +250,11 @@ pub fn apply(image: &Path, delta: &Path) -> Result<ApplyReport> {
                         path: src_path.clone(),
                         detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
                     })?;
-                for (start, count, at) in index.place(r.start, r.count, &mut end) {
-                    let from = (start - r.start) as usize;
-                    let n = (count * PAGE_SIZE) as usize;
-                    out.write_all_at(&data[from..from + n], at)
-                        .map_err(|e| Error::image(&pages_path, e))?;
-                }
+                // Appended, never written over: the old records still
+                // describe the old image's pages.
+                let at = index.append_over(r.start, r.count, &mut end);
+                out.write_all_at(data, at)
+                    .map_err(|e| Error::image(&pages_path, e))?;
                 report.bytes += len as u64;
             }
         }
@@ -204,38 +269,26 @@ pub fn apply(image: &Path, delta: &Path) -> Result<ApplyReport> {
         p.pages = index.runs();
         p.holes.clear();
         let live: u64 = p.pages.iter().map(|r| r.count * PAGE_SIZE).sum();
+        let next_pages = next.pages_file(*pid);
         if end > 2 * live + (64 << 20) {
-            p.pages = compact(&pages_path, &out, &p.pages)?;
+            p.pages = compact(&out, &pages_path, &next_pages, &p.pages)?;
             report.compacted += 1;
+        } else {
+            fs::hard_link(&pages_path, &next_pages).map_err(|e| Error::image(&next_pages, e))?;
         }
-        drop(out);
-        img.write_json(&name, &p)?;
-        keep.push(name);
-        keep.push(format!("pages-{pid}.img"));
+        next.write_json(&name, &p)?;
     }
     // Everything else of the delta is complete: it replaces the image's.
     for name in dm.checksums.keys() {
         if name.starts_with("pages-") || name.starts_with("process-") {
             continue;
         }
-        fs::copy(d.file(name), img.file(name)).map_err(|e| Error::image(&img.file(name), e))?;
-        keep.push(name.clone());
+        fs::copy(d.file(name), next.file(name)).map_err(|e| Error::image(&next.file(name), e))?;
     }
-    for e in fs::read_dir(image)
-        .map_err(|e| Error::image(image, e))?
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name != APPLYING && !keep.contains(&name) {
-            fs::remove_file(e.path()).map_err(|e| Error::image(image, e))?;
-        }
-    }
-    let mut m = dm;
+    let mut m = dm.clone();
     m.parent = None;
     m.checksums.clear();
-    img.write_json("manifest.json", &m)?;
-    fs::remove_file(img.file(APPLYING)).map_err(|e| Error::image(image, e))?;
-    report.took = started.elapsed();
+    next.write_json("manifest.json", &m)?;
     Ok(report)
 }
 
@@ -372,10 +425,10 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Rewrites a pages file with only the live runs, in address order.
-fn compact(path: &Path, old: &File, runs: &[PageRun]) -> Result<Vec<PageRun>> {
-    let tmp: PathBuf = path.with_extension("img.compact");
-    let out = File::create(&tmp).map_err(|e| Error::image(&tmp, e))?;
+/// Writes the live runs of pages file `old` (at `path`) to a new pages
+/// file `to`, in address order; returns where they are in it.
+fn compact(old: &File, path: &Path, to: &Path, runs: &[PageRun]) -> Result<Vec<PageRun>> {
+    let out = File::create(to).map_err(|e| Error::image(to, e))?;
     let mut at = 0;
     let mut new = Vec::with_capacity(runs.len());
     let mut buf = Vec::new();
@@ -385,7 +438,7 @@ fn compact(path: &Path, old: &File, runs: &[PageRun]) -> Result<Vec<PageRun>> {
         old.read_exact_at(&mut buf, r.offset)
             .map_err(|e| Error::image(path, e))?;
         out.write_all_at(&buf, at)
-            .map_err(|e| Error::image(&tmp, e))?;
+            .map_err(|e| Error::image(to, e))?;
         new.push(PageRun {
             start: r.start,
             count: r.count,
@@ -393,7 +446,6 @@ fn compact(path: &Path, old: &File, runs: &[PageRun]) -> Result<Vec<PageRun>> {
         });
         at += len as u64;
     }
-    fs::rename(&tmp, path).map_err(|e| Error::image(path, e))?;
     Ok(new)
 }
 
@@ -481,27 +533,12 @@ impl PageIndex {
         }
     }
 
-    /// Where the `count` pages from `start` are to be written: pieces
-    /// `(start, count, file offset)`, in place for pages already stored,
-    /// appended at `*end` (which moves on) for the others.
-    pub fn place(&mut self, start: u64, count: u64, end: &mut u64) -> Vec<(u64, u64, u64)> {
+    /// Stores the `count` pages from `start` anew, appended at `*end`
+    /// (which moves on), in place of wherever they were; returns where.
+    pub fn append_over(&mut self, start: u64, count: u64, end: &mut u64) -> u64 {
         let stop = start + count * PAGE_SIZE;
-        let mut out = Vec::new();
-        let mut at = start;
-        for (s, c, o) in self.overlapping(start, stop) {
-            let e = s + c * PAGE_SIZE;
-            if s > at {
-                out.push(self.append(at, s, end));
-            }
-            let from = s.max(at);
-            let to = e.min(stop);
-            out.push((from, (to - from) / PAGE_SIZE, o + (from - s)));
-            at = to;
-        }
-        if at < stop {
-            out.push(self.append(at, stop, end));
-        }
-        out
+        self.remove(start, stop);
+        self.append(start, stop, end).2
     }
 
     fn append(&mut self, from: u64, to: u64, end: &mut u64) -> (u64, u64, u64) {
@@ -549,11 +586,12 @@ mod tests {
             for (stamp, op) in ops.into_iter().enumerate() {
                 match op {
                     Op::Write(s, n) => {
-                        for (start, count, at) in index.place(s * PAGE_SIZE, n, &mut end) {
-                            for i in 0..count {
-                                let page = start / PAGE_SIZE + i;
-                                file.insert(at + i * PAGE_SIZE, stamp as u64 * 1000 + page);
-                            }
+                        let before = end;
+                        let at = index.append_over(s * PAGE_SIZE, n, &mut end);
+                        // Appended: nothing stored before is written over.
+                        prop_assert_eq!(at, before);
+                        for i in 0..n {
+                            file.insert(at + i * PAGE_SIZE, stamp as u64 * 1000 + s + i);
                         }
                         for page in s..s + n {
                             model.insert(page, stamp as u64 * 1000 + page);

@@ -147,9 +147,36 @@ fn peek(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Vec<u8>> {
 }
 
 /// Puts the socket in repair mode and reads its state and queued data
-/// (send queue, then receive queue). The socket stays in repair mode.
+/// (send queue, then receive queue). The socket stays in repair mode; on
+/// an error it leaves it again (quietly), as it was.
 pub fn dump(fd: BorrowedFd<'_>) -> std::io::Result<(TcpState, Vec<u8>, Vec<u8>)> {
+    let reuseaddr = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
     sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1)?;
+    let read = read_in_repair(fd);
+    if read.is_err() {
+        back_from_repair(fd, reuseaddr);
+    }
+    read
+}
+
+/// Takes a socket of a tree that goes on out of repair mode, quietly,
+/// with the `SO_REUSEADDR` it had before (repair mode forces it, leaving
+/// clears it); says so if it cannot.
+fn back_from_repair(fd: BorrowedFd<'_>, reuseaddr: i32) {
+    let back = leave_repair_quietly(fd).and_then(|()| {
+        if reuseaddr != 0 {
+            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuseaddr)
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) = back {
+        tracing::warn!(error = %e, "a TCP connection stays in repair mode");
+    }
+}
+
+/// What [`dump`] reads once the socket is in repair mode.
+fn read_in_repair(fd: BorrowedFd<'_>) -> std::io::Result<(TcpState, Vec<u8>, Vec<u8>)> {
     let i = info(fd)?;
     let mut sndq_len = sys::ioctl_int(fd, SIOCOUTQ)? as u32;
     let mut unsent_len = sys::ioctl_int(fd, SIOCOUTQNSD)? as u32;
@@ -203,6 +230,46 @@ pub fn dump(fd: BorrowedFd<'_>) -> std::io::Result<(TcpState, Vec<u8>, Vec<u8>)>
         sndq,
         rcvq,
     ))
+}
+
+/// TCP sockets of a stopped tree, put in repair mode to be read (our
+/// copies of the tree's descriptors). Whatever way a checkpoint ends, none
+/// may stay in repair mode in a tree that goes on: its next `send` would
+/// fail with EINVAL. Dropped, the set takes them out of repair mode
+/// quietly; only once the tree is killed does [`Repaired::close_silently`]
+/// close them as they are (a connection killed in repair mode closes
+/// without FIN or RST, which a takeover elsewhere relies on).
+#[derive(Default)]
+pub struct Repaired(Vec<(OwnedFd, i32)>);
+
+impl Repaired {
+    /// A socket in repair mode, and its `SO_REUSEADDR` from before.
+    pub fn push(&mut self, fd: OwnedFd, reuseaddr: i32) {
+        self.0.push((fd, reuseaddr));
+    }
+
+    /// The tree goes on: every socket leaves repair mode now.
+    pub fn release(mut self) {
+        self.leave_all();
+    }
+
+    /// The tree is dead: the sockets close in repair mode, without a word
+    /// to their peers.
+    pub fn close_silently(mut self) {
+        self.0.clear();
+    }
+
+    fn leave_all(&mut self) {
+        for (s, reuseaddr) in self.0.drain(..) {
+            back_from_repair(s.as_fd(), reuseaddr);
+        }
+    }
+}
+
+impl Drop for Repaired {
+    fn drop(&mut self) {
+        self.leave_all();
+    }
 }
 
 /// Takes a socket of a process that goes on running out of repair mode,

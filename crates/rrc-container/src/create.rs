@@ -520,6 +520,7 @@ fn child_main(
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     // SAFETY: restoring the default disposition installs no handler code.
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+    sys::program_umask();
     let e = nix::unistd::execve(program, argv, envp).unwrap_err();
     fail(STAGE_EXEC, e)
 }

@@ -171,6 +171,13 @@ impl<'a> Launch<'a> {
     /// Checks what can be checked, builds the container, makes its
     /// companions and supervises it until it ends (in the foreground) or
     /// until it runs (detached).
+    ///
+    /// A detached launch returns only in the caller's process. The
+    /// background process that supervises the container is a copy of the
+    /// caller; it exits with the program's status when the container ends
+    /// (1 if it could not be built), so that nothing of the caller's code
+    /// after this call (a takeover that would restore again, a working
+    /// copy that would be removed twice) runs in it.
     pub fn run(self) -> Result<Launched> {
         let name = self.source.name().clone();
         let layout = probe::require_container_support(self.source.has_network())?;
@@ -184,20 +191,35 @@ impl<'a> Launch<'a> {
                 pid: rec.supervisor.pid,
             });
         }
-        let mut notifier = None;
-        let output = if self.detach {
-            match daemon::detach()? {
-                Detached::Foreground(w) => {
-                    return w.wait().map(Launched::Detached).map_err(Error::Background);
-                }
-                Detached::Background(n) => {
-                    notifier = Some(n);
-                    Output::File(self.host.log_path(&name))
-                }
+        if !self.detach {
+            return self.build_and_supervise(layout, Output::Inherit, None);
+        }
+        match daemon::detach()? {
+            Detached::Foreground(w) => w.wait().map(Launched::Detached).map_err(Error::Background),
+            Detached::Background(n) => {
+                let output = Output::File(self.host.log_path(&name));
+                let code = match self.build_and_supervise(layout, output, Some(n)) {
+                    Ok(Launched::Ended(r)) => r.code,
+                    Ok(Launched::Detached(_)) => 0,
+                    Err(e) => {
+                        tracing::error!(error = %e, "the container could not be supervised");
+                        1
+                    }
+                };
+                std::process::exit(code)
             }
-        } else {
-            Output::Inherit
-        };
+        }
+    }
+
+    /// Builds the container and supervises it until it ends; `notifier`
+    /// (detached) hears that it runs or why it could not.
+    fn build_and_supervise(
+        self,
+        layout: rrc_cgroup::Layout,
+        output: Output,
+        mut notifier: Option<daemon::Notifier>,
+    ) -> Result<Launched> {
+        let name = self.source.name().clone();
         let log = match &output {
             Output::File(p) => Some(p.clone()),
             Output::Inherit => None,

@@ -28,7 +28,7 @@ pub mod stop;
 pub mod supervise;
 mod sys;
 
-pub use sys::default_sigpipe;
+pub use sys::{default_sigpipe, private_files};
 
 pub use spec::{ContainerName, ContainerSpec, NetSpec};
 pub use state::{ContainerRecord, HostState, Status};

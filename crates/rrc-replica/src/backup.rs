@@ -242,6 +242,12 @@ pub fn serve(
     mut resume: impl FnMut(&Path, &LogFound) -> Result<Resumed, String>,
 ) -> Result<Takeover, Error> {
     fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
+    // Images and logs of a program's memory and input: its owner's only.
+    fs::set_permissions(
+        &opts.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(Error::io(&opts.dir))?;
     let image = opts.dir.join("image");
     let log_dir = opts.dir.join("log");
     // A checkpoint committed by an earlier run would be of another primary.

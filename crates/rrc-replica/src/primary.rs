@@ -195,6 +195,11 @@ pub struct Primary {
 impl Primary {
     fn start(r: Replication) -> std::io::Result<Primary> {
         std::fs::create_dir_all(&r.opts.work_dir)?;
+        // Checkpoints of the program's memory: its owner's only.
+        std::fs::set_permissions(
+            &r.opts.work_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         let releases = Arc::new(Releases {
             gate: r.gate.clone(),
             marks: Mutex::default(),

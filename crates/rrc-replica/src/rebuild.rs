@@ -495,8 +495,16 @@ fn sides(
     let acked = match view.ack {
         Some(a) if after(a, snd_seq) => {
             return Err(bad(format!(
-                "the client acknowledged {} bytes beyond what the replay wrote",
-                a.wrapping_sub(snd_seq)
+                "the client acknowledged {} bytes beyond what the replay wrote \
+                 ({} unacknowledged at the checkpoint, {} written since, {} pending; \
+                 the program read {} of the {} bytes the client sent; the client's last: {:?})",
+                a.wrapping_sub(snd_seq),
+                unacked.len(),
+                life.written.len(),
+                life.pending.len(),
+                read.len(),
+                received.len(),
+                String::from_utf8_lossy(&received[received.len().saturating_sub(40)..]),
             )));
         }
         Some(a) if after(a, snd_una) => a.wrapping_sub(snd_una) as usize,

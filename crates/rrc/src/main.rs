@@ -9,6 +9,7 @@ use clap::error::ErrorKind;
 
 fn main() -> ExitCode {
     rrc_container::default_sigpipe();
+    rrc_container::private_files();
     let args = match cli::Cli::try_parse() {
         Ok(a) => a,
         Err(e) => return usage_error(e),

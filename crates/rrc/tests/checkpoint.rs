@@ -292,3 +292,77 @@ fn bad_checkpoint_and_restore_input() {
     fs::write(dir.join("manifest.json"), "{}").unwrap();
     rrc(&["restore", "--images", dir.to_str().unwrap()]).fails_with("unusable");
 }
+
+/// An image holds a process's memory: only its owner may read it.
+fn assert_private(images: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(images), 0o700, "{}", images.display());
+    for e in fs::read_dir(images).unwrap().flatten() {
+        let m = mode(&e.path());
+        assert_eq!(m & 0o077, 0, "{} is {m:o}", e.path().display());
+    }
+}
+
+#[test]
+fn a_checkpoint_that_fails_on_a_full_disk_leaves_the_tree_and_its_connections_running() {
+    // Whatever file of the image the disk fills at (too few inodes for
+    // the last files, too few bytes for the memory), and whether the tree
+    // was to be left running or killed, a failed checkpoint leaves the
+    // tree running with its TCP connections out of repair mode (in repair
+    // mode its next send would fail), and no image behind.
+    require_root();
+    become_subreaper();
+    let dir = scratch("diskfull");
+    let bin = build("sk_tcp", &dir);
+    let run = start(&bin, &dir);
+    let pid = run.pid.to_string();
+    let mut failures = 0;
+    let mut limits: Vec<String> = (2..=10)
+        .map(|n| format!("size=64m,nr_inodes={n}"))
+        .collect();
+    limits.extend(["size=64k", "size=1m"].map(String::from));
+    for (i, opts) in limits.iter().enumerate() {
+        let fs_dir = SmallFs::mount(dir.join(format!("small-{i}")), opts);
+        let images = fs_dir.0.join("img");
+        let mut args = vec!["checkpoint", "--pid", &pid, "--images"];
+        args.push(images.to_str().unwrap());
+        let leave = i % 2 == 0;
+        if leave {
+            args.push("--leave-running");
+        }
+        let out = rrc(&args);
+        if out.code == 0 {
+            assert!(
+                leave,
+                "a checkpoint that kills the tree cannot succeed on {opts}: {out:?}"
+            );
+            assert_private(&images);
+            fs::remove_dir_all(&images).unwrap();
+            continue;
+        }
+        failures += 1;
+        assert!(
+            out.stderr.contains("No space left") || out.stderr.contains("space"),
+            "on {opts}: {out:?}"
+        );
+        assert!(
+            process_alive(run.pid.as_raw().into()),
+            "the tree died on {opts}"
+        );
+        let left: Vec<_> = fs::read_dir(&images)
+            .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "a failed checkpoint left {left:?} on {opts}"
+        );
+    }
+    assert!(failures >= 6, "the disk filled only {failures} times");
+    let (code, log) = run.verdict();
+    assert!(
+        code == 0 && log.trim_end().ends_with("PASS"),
+        "after the failed checkpoints: exit {code}\n{log}"
+    );
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -434,3 +434,76 @@ fn a_missing_corrupt_or_repeated_delta_is_refused() {
     let (_, dir) = run.kill();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Bytes a directory's files take on a tmpfs (whole pages).
+fn pages_used(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len().div_ceil(PAGE) * PAGE)
+        .sum()
+}
+
+#[test]
+fn a_delta_that_does_not_fit_on_the_disk_leaves_the_last_good_image() {
+    // The disk fills at every point of an apply in turn (too few bytes for
+    // the new pages, the records or the other files; too few inodes): the
+    // image stays exactly the checkpoint it was, loads and is accepted by
+    // the next apply, which, given the space, gives the new checkpoint.
+    require_root();
+    let run = Churn::start("diskfull");
+    let series = run.dir.join("series");
+    SeriesDir::create(&series, true).unwrap();
+    let mut inc = Incremental::new(IncrementalOptions {
+        root: run.pid(),
+        annotations: Default::default(),
+        copy: CopyMode::Auto,
+    });
+    for epoch in 0..2 {
+        run.step(epoch + 11, 40);
+        inc.checkpoint(&series.join(layer_name(epoch))).unwrap();
+    }
+    inc.finish().unwrap();
+    let (first, delta) = (series.join(layer_name(0)), series.join(layer_name(1)));
+    let after = run.dir.join("after");
+    copy_dir(&first, &after);
+    store::apply(&after, &delta).unwrap();
+
+    let image_bytes = pages_used(&first);
+    let delta_bytes = pages_used(&delta);
+    let files = fs::read_dir(&first).unwrap().count() as u64;
+    let mut limits: Vec<String> = [0, 1, 2, 4, 8, 16]
+        .iter()
+        .map(|k| format!("size={},nr_inodes=1000", image_bytes + k * delta_bytes / 16))
+        .collect();
+    // Inodes: the root, the image and its files, then the directory aside
+    // and some of its files.
+    limits.extend((2..8).map(|k| format!("size=1g,nr_inodes={}", files + k)));
+    let mut failed = 0;
+    for (i, opts) in limits.iter().enumerate() {
+        let small = SmallFs::mount(run.dir.join(format!("small-{i}")), opts);
+        let image = small.0.join("image");
+        copy_dir(&first, &image);
+        match store::apply(&image, &delta) {
+            Ok(_) => assert_same_memory(&image, &after),
+            Err(e) => {
+                failed += 1;
+                assert!(e.to_string().contains("No space left"), "{opts}: {e}");
+                let left: Vec<_> = fs::read_dir(&small.0)
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .collect();
+                assert_eq!(left, ["image"], "{opts}: left behind");
+                let m = ImageDir::new(&image).read_manifest().unwrap();
+                assert_eq!(m.lineage.unwrap().epoch, 0, "{opts}");
+                rrc_ckpt::restore::load(&image)
+                    .unwrap_or_else(|e| panic!("{opts}: the image no longer loads: {e}"));
+                assert_same_memory(&image, &first);
+            }
+        }
+    }
+    assert!(failed >= 6, "the disk filled only {failed} times");
+    let (_, dir) = run.kill();
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -25,7 +25,7 @@ pub struct FileTable {
     by_inode: HashMap<(u64, u64), Vec<usize>>,
     pipes_saved: std::collections::HashSet<u64>,
     /// TCP sockets put in repair mode to be read.
-    pub repaired: Vec<std::os::fd::OwnedFd>,
+    pub repaired: tcp::Repaired,
     /// Time spent on sockets.
     pub socket_time: std::time::Duration,
     /// `sockets.img`, opened on first use, and how much it holds.
@@ -593,11 +593,15 @@ fn socket_kind(
             let (st, sndq, rcvq) = tcp::dump(s.as_fd()).map_err(Error::io(format!(
                 "read TCP connection {local} -> {peer} of process {pid}"
             )))?;
-            let data = table.put_blob(img, &[sndq, rcvq].concat())?;
             // Kept open: the connection stays in repair mode until the
             // checkpoint ends (then it dies silently, or leaves repair
-            // mode quietly if the tree goes on).
-            table.repaired.push(s);
+            // mode quietly if the tree goes on, or the checkpoint fails).
+            let reuseaddr = options
+                .iter()
+                .find(|(l, n, _)| *l == libc::SOL_SOCKET && *n == libc::SO_REUSEADDR)
+                .map_or(0, |o| o.2);
+            table.repaired.push(s, reuseaddr);
+            let data = table.put_blob(img, &[sndq, rcvq].concat())?;
             Ok(Ok(FileKind::Tcp {
                 local: local.to_string(),
                 peer: peer.to_string(),

@@ -204,7 +204,16 @@ fn copy_out(pid: Pid, path: &Path, runs: &[PageRun], readable: &[bool], total: u
     if total == 0 {
         return Ok(());
     }
-    f.set_len(total).map_err(|e| Error::image(path, e))?;
+    // The blocks are taken now: a full disk is an error here, not pages
+    // that a mapping of a sparse file cannot fault in (which the copy would
+    // report as a short read of the process's memory).
+    nix::fcntl::fallocate(
+        &f,
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        i64::try_from(total).unwrap_or(i64::MAX),
+    )
+    .map_err(|e| Error::image(path, std::io::Error::from(e)))?;
     let mut map = crate::sys::map_image_mut(&f).map_err(|e| Error::image(path, e))?;
     crate::procmem::read_runs(pid, runs, readable, &mut map, 0)
 }

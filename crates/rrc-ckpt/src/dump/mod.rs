@@ -295,11 +295,10 @@ pub(crate) fn take(
     files::check_unix_peers(&files, &mut problems);
     files.finish(img)?;
     let sockets = files.socket_time;
+    // Dropped on any error from here on, the set takes the connections out
+    // of repair mode before `seized` lets the tree go.
     let repaired = std::mem::take(&mut files.repaired);
     if !problems.is_empty() {
-        for s in &repaired {
-            let _ = crate::tcp::leave_repair_quietly(std::os::fd::AsFd::as_fd(s));
-        }
         return Err(Error::Unsupported(problems));
     }
     let (lineage, parent) = match &t.series {
@@ -344,11 +343,7 @@ pub(crate) fn take(
     let memory_bytes;
     if t.leave_running {
         // The connections go on: out of repair mode without a word.
-        for s in &repaired {
-            if let Err(e) = crate::tcp::leave_repair_quietly(std::os::fd::AsFd::as_fd(s)) {
-                tracing::warn!(error = %e, "a TCP connection stays in repair mode");
-            }
-        }
+        repaired.release();
         seized.release(false);
         phases.log(stopped, frozen_at.elapsed());
         memory_bytes = policy.finish(img)?;
@@ -358,11 +353,12 @@ pub(crate) fn take(
         // before it is killed.
         memory_bytes = policy.finish(img)?;
         write_records(img, manifest, &mut images, policy)?;
+        img.sync()?;
         seized.release(true);
+        // Killed in repair mode, the connections close without FIN or RST.
+        repaired.close_silently();
         phases.log(stopped, frozen_at.elapsed());
     }
-    // Killed in repair mode, the connections close without FIN or RST.
-    drop(repaired);
     let frozen = seized.stopped_for();
     let image_bytes = fs::read_dir(img.path())
         .map(|rd| {

@@ -72,6 +72,15 @@ impl LogWriter {
             path: dir.clone(),
             source,
         })?;
+        // What a program read (requests, keys, whatever its clients sent):
+        // its owner's only.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(
+            |source| LogError::Io {
+                op: "make the log directory private",
+                path: dir.clone(),
+                source,
+            },
+        )?;
         Ok(LogWriter {
             dir,
             files: HashMap::new(),

@@ -355,3 +355,27 @@ pub fn lab_session(tag: &str) -> rrc_bench::session::LabSession {
     let name = format!("{tag}{}", std::process::id());
     rrc_bench::session::LabSession::start(std::path::Path::new(RRC), &name, None).expect("lab up")
 }
+
+/// A small tmpfs, unmounted when dropped (even when the test fails).
+pub struct SmallFs(pub std::path::PathBuf);
+
+impl SmallFs {
+    pub fn mount(at: std::path::PathBuf, options: &str) -> SmallFs {
+        std::fs::create_dir_all(&at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {}", at.display());
+        SmallFs(at)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
