@@ -16,12 +16,36 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+/// Exit statuses reaped by [`reap_orphans`]: tests run side by side in
+/// this process, and one test's reaping may take another's restored
+/// fixture, whose verdict then finds its status here.
+static REAPED: std::sync::Mutex<Vec<WaitStatus>> = std::sync::Mutex::new(Vec::new());
+
 /// Reaps the killed tree's other processes, which were orphaned to us.
 fn reap_orphans() {
     while let Ok(s) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
         if s == WaitStatus::StillAlive {
             break;
         }
+        REAPED.lock().unwrap().push(s);
+    }
+}
+
+/// How process `pid` ended, if it did (reaped here or by [`reap_orphans`]).
+fn ended(pid: Pid) -> Option<i32> {
+    let code = |s: WaitStatus| match s {
+        WaitStatus::Exited(_, c) => Some(c),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    };
+    match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+        Ok(s) if s != WaitStatus::StillAlive => code(s),
+        _ => REAPED
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.pid() == Some(pid))
+            .and_then(|s| code(*s)),
     }
 }
 
@@ -72,11 +96,7 @@ impl Running {
         let code = loop {
             let status = match &mut self.child {
                 Some(c) => c.try_wait().unwrap().map(|s| s.code().unwrap_or(128 + 9)),
-                None => match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::Exited(_, c)) => Some(c),
-                    Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
-                    _ => None,
-                },
+                None => ended(self.pid),
             };
             if let Some(c) = status {
                 break c;
