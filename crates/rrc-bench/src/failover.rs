@@ -359,6 +359,20 @@ impl<'a> Pair<'a> {
         &self.backup_dir
     }
 
+    /// Has the backup keep its image and log in `dir` (a directory of its
+    /// own: it is emptied when the pair ends).
+    pub fn with_backup_dir(mut self, dir: PathBuf) -> Self {
+        self.backup_dir = dir;
+        self
+    }
+
+    /// Whether the `rrc backup` process this pair started still runs.
+    pub fn backup_running(&mut self) -> bool {
+        self.backup
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
+    }
+
     fn repl_addr(&self) -> Result<String> {
         let a = self
             .lab
@@ -442,6 +456,15 @@ impl<'a> Pair<'a> {
     /// host, and waits until the backup holds its first checkpoint and the
     /// service answers.
     pub fn start_primary(&self) -> Result<()> {
+        self.launch_primary()?;
+        self.wait_protected(Duration::from_secs(30))?;
+        self.lab
+            .wait_tcp(Host::Client, self.target(), Duration::from_secs(10))
+    }
+
+    /// Starts `rrc primary --detach` with the application on the primary
+    /// host, and returns once it runs (whatever its backup does).
+    pub fn launch_primary(&self) -> Result<()> {
         let vip = self.lab.plan().vip().to_string();
         let epoch = format!("{}ms", self.opts.epoch.as_millis());
         let backup = self.repl_addr()?;
@@ -471,10 +494,25 @@ impl<'a> Pair<'a> {
         let command = self.app.command()?;
         argv.extend(command.iter().map(String::as_str));
         argv.extend(self.app_args.iter().map(String::as_str));
-        self.lab.run_on(Host::Primary, &argv)?;
-        self.wait_protected(Duration::from_secs(30))?;
-        self.lab
-            .wait_tcp(Host::Client, self.target(), Duration::from_secs(10))
+        self.lab.run_on(Host::Primary, &argv).map(|_| ())
+    }
+
+    /// The key file the pair's primary and backup share.
+    pub fn key_path(&self) -> &std::path::Path {
+        &self.key
+    }
+
+    /// Where the backup listens for the primary (on the replication link).
+    pub fn backup_listen_addr(&self) -> Result<SocketAddr> {
+        let a = self
+            .lab
+            .plan()
+            .repl_addr(Host::Backup)
+            .context("the lab has no replication link")?;
+        Ok(SocketAddr::new(
+            IpAddr::V4(a.addr()),
+            rrc_replica::DEFAULT_PORT,
+        ))
     }
 
     /// What the primary's replication reports (`rrc status`).

@@ -138,9 +138,9 @@ fn next_of(image: &Path) -> PathBuf {
 
 /// Applies the delta at `delta` onto the image at `image`.
 ///
-/// The image stays whole whatever happens (a full disk, a crash): the
-/// result is built aside, in a directory next to it, and replaces it in
-/// one atomic exchange. New pages are appended to the image's pages files
+/// The image stays whole whatever happens (a full disk, a crash of the
+/// applying process): the result is built aside, in a directory next to
+/// it, and replaces it in one atomic exchange. New pages are appended to the image's pages files
 /// (whose old runs the old records still describe), the new records and
 /// files are written in the directory aside, which links the pages files;
 /// a pages file to compact is written there anew. On an error the
@@ -169,8 +169,11 @@ pub fn apply(image: &Path, delta: &Path) -> Result<ApplyReport> {
     let next_img = ImageDir::create(&next)?;
     let mut grown: Vec<(PathBuf, u64)> = Vec::new();
     let built = build_aside(&img, &d, &dm, &next_img, &mut grown);
+    // Not synced: the exchange is atomic for this host's processes (an
+    // error, a crash of rrc); an image must outlive its primary, not a
+    // power cut of the host that holds it, and syncing a large pages file
+    // every epoch would cost the commit more than the epoch.
     let switched = built.and_then(|report| {
-        next_img.sync()?;
         nix::fcntl::renameat2(
             nix::fcntl::AT_FDCWD,
             &next,

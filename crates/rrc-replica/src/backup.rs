@@ -174,6 +174,10 @@ enum SessionEnd {
     Clean,
     /// It fell silent or its connection broke.
     Failed { reason: String, last_heard: Instant },
+    /// It sent what the backup cannot accept (a checkpoint that does not
+    /// check out): the backup drops it, but does not take over from a
+    /// primary that is not silent.
+    Refused { reason: String },
 }
 
 /// The last checkpoint committed into the image.
@@ -192,7 +196,8 @@ struct Shared {
     log: Mutex<LogStore>,
     /// The last log position acknowledged.
     acked: Mutex<LogPosition>,
-    /// Why the checkpoint thread ended the session, if it did.
+    /// Why the checkpoint thread ended the session (the primary sent what
+    /// cannot be accepted), if it did.
     broken: Mutex<Option<String>>,
 }
 
@@ -204,10 +209,31 @@ impl Shared {
         crate::lock(&self.writer).abort(&why);
     }
 
-    /// Why the session is over: the checkpoint thread's reason if it ended
-    /// it, else `link`'s.
-    fn why_broken(&self, link: String) -> String {
-        crate::lock(&self.broken).clone().unwrap_or(link)
+    /// How the session ends once the link failed with `link`: refused,
+    /// if the checkpoint thread ended it, else failed.
+    fn ended(&self, link: String, last_heard: Instant) -> SessionEnd {
+        match crate::lock(&self.broken).clone() {
+            Some(reason) => SessionEnd::Refused { reason },
+            None => SessionEnd::Failed {
+                reason: link,
+                last_heard,
+            },
+        }
+    }
+
+    /// This host cannot keep the checkpoint coming in (a full disk, a
+    /// failing write): the primary hears so and goes on unprotected; the
+    /// image here is no longer one to take over from (what the primary
+    /// releases from now on does not wait for this backup). False once
+    /// the link is broken.
+    fn local_fault(&self, what: &str, e: &dyn std::fmt::Display) -> bool {
+        eprintln!(
+            "rrc backup: cannot keep a checkpoint ({what}: {e}); the primary goes on unprotected"
+        );
+        *crate::lock(&self.committed) = None;
+        self.send(&Message::BackupError {
+            reason: format!("{what}: {e}"),
+        })
     }
 
     /// Sends a message; false once the link is broken.
@@ -291,6 +317,13 @@ pub fn serve(
         match end {
             SessionEnd::Clean => {
                 eprintln!("rrc backup: primary {node} stopped cleanly; waiting for a primary");
+                committed = None;
+                let _ = fs::remove_dir_all(&image);
+            }
+            SessionEnd::Refused { reason } => {
+                eprintln!(
+                    "rrc backup: dropped primary {node}: {reason}; not a failure of the primary, so no takeover; waiting for a primary"
+                );
                 committed = None;
                 let _ = fs::remove_dir_all(&image);
             }
@@ -496,7 +529,7 @@ fn read_loop(
                     last_heard,
                 );
             }
-            Err(e) => return failed(shared.why_broken(format!("link broken: {e}")), last_heard),
+            Err(e) => return shared.ended(format!("link broken: {e}"), last_heard),
         };
         last_heard = Instant::now();
         let ok = match msg {
@@ -525,7 +558,7 @@ fn read_loop(
             }
         };
         if !ok {
-            return failed(shared.why_broken("link broken".into()), last_heard);
+            return shared.ended("link broken".into(), last_heard);
         }
     }
 }
@@ -554,24 +587,38 @@ fn stored(
 
 /// Stages the checkpoints the primary sends and commits each once
 /// complete, until the session ends. A checkpoint the primary sent wrong
-/// ends the session (it is the primary's fault: the link reports it).
+/// ends the session (it is the primary's fault: the link reports it). One
+/// this host cannot keep (its own fault: a full disk) is dropped and the
+/// primary told, and the session goes on.
 fn checkpoint_loop(shared: &Shared, image: &Path, incoming: &Path, rx: mpsc::Receiver<Message>) {
     let _ = fs::remove_dir_all(incoming);
-    if let Err(e) = fs::create_dir_all(incoming) {
-        shared.fail(format!("cannot stage: {e}"));
-        return;
-    }
     let mut progress = Progress::default();
     let mut stage: Option<Stage> = None;
+    // The checkpoint coming in could not be kept: its pieces are dropped
+    // until its end.
+    let mut dropping = false;
     for m in rx {
         let reply = match m {
             m @ Message::DeltaBegin { .. } => {
                 // A delta left half-way (it cannot be: one connection, in
                 // order) is dropped with its staging.
-                let mut st = Stage::new(incoming);
-                match st.receive(&m) {
-                    Ok(()) => {
+                dropping = false;
+                let begun = fs::create_dir_all(incoming)
+                    .map_err(WireError::from)
+                    .and_then(|()| {
+                        let mut st = Stage::new(incoming);
+                        st.receive(&m).map(|()| st)
+                    });
+                match begun {
+                    Ok(st) => {
                         stage = Some(st);
+                        None
+                    }
+                    Err(WireError::Io(e)) => {
+                        dropping = true;
+                        if !shared.local_fault("staging a checkpoint", &e) {
+                            return;
+                        }
                         None
                     }
                     Err(e) => Some(Message::NeedFull {
@@ -579,26 +626,52 @@ fn checkpoint_loop(shared: &Shared, image: &Path, incoming: &Path, rx: mpsc::Rec
                     }),
                 }
             }
+            Message::FileChunk { .. } if dropping => None,
             m @ Message::FileChunk { .. } => match stage.as_mut().map(|st| st.receive(&m)) {
                 Some(Ok(())) => None,
+                Some(Err(WireError::Io(e))) => {
+                    stage = None;
+                    dropping = true;
+                    if !shared.local_fault("staging a checkpoint", &e) {
+                        return;
+                    }
+                    None
+                }
                 Some(Err(e)) => return shared.fail(format!("bad checkpoint data: {e}")),
                 None => return shared.fail("a file chunk outside a checkpoint".into()),
             },
+            Message::DeltaEnd { .. } if dropping => {
+                dropping = false;
+                None
+            }
             m @ Message::DeltaEnd { .. } => {
                 let Some(mut st) = stage.take() else {
                     return shared.fail("a checkpoint end without its beginning".into());
                 };
                 let series = st.series().unwrap_or_default().to_string();
-                if let Err(e) = st.receive(&m) {
-                    return shared.fail(format!("bad checkpoint: {e}"));
+                match st.receive(&m) {
+                    Ok(()) => {}
+                    Err(WireError::Io(e)) => {
+                        if !shared.local_fault("staging a checkpoint", &e) {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(e) => return shared.fail(format!("bad checkpoint: {e}")),
                 }
                 let t0 = Instant::now();
-                Some(match st.finish() {
+                match st.finish() {
                     Ok(layer) => commit_staged(shared, &layer, image, series, t0, &mut progress),
-                    Err(e) => Message::NeedFull {
+                    Err(WireError::Io(e)) => {
+                        if !shared.local_fault("staging a checkpoint", &e) {
+                            return;
+                        }
+                        None
+                    }
+                    Err(e) => Some(Message::NeedFull {
                         reason: e.to_string(),
-                    },
-                })
+                    }),
+                }
             }
             _ => None,
         };
@@ -610,7 +683,8 @@ fn checkpoint_loop(shared: &Shared, image: &Path, incoming: &Path, rx: mpsc::Rec
     }
 }
 
-/// Commits a staged checkpoint; the answer for the primary.
+/// Commits a staged checkpoint; the answer for the primary (none when
+/// this host could not keep it: the primary was told already).
 fn commit_staged(
     shared: &Shared,
     layer: &Path,
@@ -618,7 +692,7 @@ fn commit_staged(
     series: String,
     t0: Instant,
     progress: &mut Progress,
-) -> Message {
+) -> Option<Message> {
     let previous = crate::lock(&shared.committed).clone();
     match commit(layer, image, previous.as_ref()) {
         Ok((epoch, position)) => {
@@ -631,15 +705,35 @@ fn commit_staged(
                 position,
             });
             progress.add(epoch, t0.elapsed());
-            Message::Committed { epoch }
+            Some(Message::Committed { epoch })
+        }
+        Err(e) if io_cause(&e) => {
+            let _ = fs::remove_dir_all(layer);
+            // The image here is still the last good one (an apply leaves
+            // it whole), but the primary goes on without waiting for it.
+            let _ = shared.local_fault("committing a checkpoint", &e);
+            None
         }
         Err(e) => {
             eprintln!("rrc backup: a checkpoint was refused: {e}");
-            Message::NeedFull {
+            Some(Message::NeedFull {
                 reason: e.to_string(),
-            }
+            })
         }
     }
+}
+
+/// Whether an I/O error of this host is behind `e` (its own fault, not
+/// the primary's).
+fn io_cause(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Makes the staged checkpoint at `layer` the image: the first of a series

@@ -41,6 +41,9 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The link's security settings, the same on both ends: a peer that has
 /// not completed the handshake in 2 s is dropped.
+/// The replication link's port when an address names none.
+pub const DEFAULT_PORT: u16 = 7470;
+
 pub(crate) fn link_security() -> rrc_wire::SecureConfig {
     rrc_wire::SecureConfig {
         handshake_timeout: Duration::from_secs(2),

@@ -102,6 +102,9 @@ pub enum LinkEvent {
     Committed { epoch: u64 },
     /// The backup cannot use what we sent: start a new series.
     NeedFull(String),
+    /// The backup cannot keep checkpoints at all (its own fault: a full
+    /// disk): the service is unprotected until a full one commits.
+    BackupFault(String),
     /// The connection to the backup is gone.
     Lost(LinkError),
 }
@@ -432,8 +435,12 @@ fn read_answers(
                 let _ = events.send(LinkEvent::Committed { epoch });
                 wake.wake();
             }
-            Message::NeedFull { reason } | Message::BackupError { reason } => {
+            Message::NeedFull { reason } => {
                 let _ = events.send(LinkEvent::NeedFull(reason));
+                wake.wake();
+            }
+            Message::BackupError { reason } => {
+                let _ = events.send(LinkEvent::BackupFault(reason));
                 wake.wake();
             }
             Message::Bye { reason } => return Err(LinkError::Left(reason)),

@@ -48,6 +48,14 @@ const IMMEDIATE_RETRY: Duration = Duration::from_millis(10);
 /// takes milliseconds to seconds; a child that lives on is checkpointed
 /// with its parent after that.
 const CHILD_WAIT: Duration = Duration::from_secs(5);
+/// The slowest a checkpoint may go to the backup (bytes per second): one
+/// that takes longer than the link's timeout plus its size at this rate
+/// loses the backup, which would otherwise hold replies for as long as it
+/// trickles.
+const MIN_SEND_RATE: u64 = 4 << 20;
+/// After the backup said it cannot keep checkpoints (a full disk), how
+/// long before a full checkpoint is tried again.
+const BACKUP_FAULT_RETRY: Duration = Duration::from_secs(1);
 
 pub struct PrimaryOptions {
     pub epoch: Duration,
@@ -73,6 +81,12 @@ pub struct PrimaryStats {
     /// them, and those with TCP payload.
     pub would_be_frames: DelaySummary,
     pub would_be_data: DelaySummary,
+    /// The backup holds a committed checkpoint of the current series.
+    #[serde(default)]
+    pub protected: bool,
+    /// Times the backup said it could not keep a checkpoint.
+    #[serde(default)]
+    pub backup_faults: u64,
 }
 
 /// A replicated container's replication, before the container exists.
@@ -166,6 +180,8 @@ impl AckHandler for Releases {
 /// The checkpoint on its way to the backup.
 struct InFlight {
     epoch: u64,
+    /// When it was handed to the link, and how large it is on disk.
+    handed: (Instant, u64),
     /// When it was sent whole, and its size.
     sent: Option<(Instant, u64)>,
 }
@@ -241,6 +257,7 @@ impl Primary {
         let w = self.gate.would_be();
         s.would_be_frames = DelaySummary::of(&w.frames);
         s.would_be_data = DelaySummary::of(&w.data_frames);
+        s.protected = self.connected && self.committed_in_series > 0;
         s
     }
 
@@ -278,6 +295,22 @@ impl Primary {
                 tracing::warn!(reason = %why, "the backup asks for a full checkpoint");
                 self.in_flight = None;
                 self.end_series();
+            }
+            LinkEvent::BackupFault(why) => {
+                // The backup is there but holds nothing it can vouch for
+                // from here on: the service goes on unprotected (nothing
+                // held waits for it) and a full checkpoint is tried again
+                // after a while, which protects it again once committed.
+                self.stats.backup_faults += 1;
+                let retry = BACKUP_FAULT_RETRY.as_secs();
+                tracing::error!(reason = %why, "UNPROTECTED: the backup cannot keep checkpoints");
+                eprintln!(
+                    "rrc primary: UNPROTECTED: the backup cannot keep checkpoints ({why}); the service goes on without a replica, and a full checkpoint is tried again in {retry} s"
+                );
+                self.in_flight = None;
+                self.end_series();
+                self.gate.open();
+                self.next_at = Instant::now() + BACKUP_FAULT_RETRY;
             }
             LinkEvent::Sent { epoch, bytes } => {
                 if let Some(f) = &mut self.in_flight
@@ -322,17 +355,26 @@ impl Primary {
         since.elapsed() < CHILD_WAIT
     }
 
-    /// A backup that received a checkpoint whole but does not commit it
-    /// within the time applying it may take is lost.
-    fn commit_overdue(&self) -> bool {
-        self.in_flight
-            .as_ref()
-            .and_then(|f| f.sent)
-            .is_some_and(|(at, bytes)| {
+    /// A backup that does not take a checkpoint in the time sending it may
+    /// take (it reads, but at a trickle), or that received one whole but
+    /// does not commit it within the time applying it may take, is lost.
+    /// The reason, if so.
+    fn checkpoint_overdue(&self) -> Option<&'static str> {
+        let f = self.in_flight.as_ref()?;
+        let timeout = self.opts.link.timeout;
+        match f.sent {
+            None => {
+                let (at, bytes) = f.handed;
+                let allowed = timeout + Duration::from_millis(bytes / (MIN_SEND_RATE / 1000));
+                (at.elapsed() > allowed).then_some("the backup did not take a checkpoint in time")
+            }
+            Some((at, bytes)) => {
                 // Applying takes time with the size (checksums first).
-                let allowed = self.opts.link.timeout + Duration::from_millis(bytes / (50 << 10));
-                at.elapsed() > allowed
-            })
+                let allowed = timeout + Duration::from_millis(bytes / (50 << 10));
+                (at.elapsed() > allowed)
+                    .then_some("the backup did not commit a checkpoint it was sent")
+            }
+        }
     }
 
     /// Takes the next checkpoint and hands it to the link; `was_immediate`:
@@ -369,7 +411,11 @@ impl Primary {
                 }
                 let epoch = r.lineage.epoch;
                 crate::lock(&self.releases.marks).insert(epoch, mark);
-                self.in_flight = Some(InFlight { epoch, sent: None });
+                self.in_flight = Some(InFlight {
+                    epoch,
+                    handed: (Instant::now(), r.checkpoint.image_bytes),
+                    sent: None,
+                });
                 self.link.send(Job {
                     series: r.lineage.series,
                     epoch,
@@ -466,8 +512,8 @@ impl Companion for Primary {
         for ev in self.link.events() {
             self.handle(ev);
         }
-        if self.commit_overdue() {
-            self.unprotected("the backup did not commit a checkpoint it was sent");
+        if let Some(why) = self.checkpoint_overdue() {
+            self.unprotected(why);
         }
         if let Some((log, _)) = &self.log
             && log.take_checkpoint_request()

@@ -362,3 +362,170 @@ fn redis_saving_in_the_background_every_second_stays_replayable() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Fills the file system of `path` with a file there (all but nothing left).
+fn fill_disk(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    for chunk in [1 << 20, 4096] {
+        let buf = vec![0u8; chunk];
+        while f.write_all(&buf).is_ok() {}
+    }
+    let _ = f.flush();
+}
+
+#[test]
+fn a_backup_whose_disk_fills_does_not_take_over_and_the_primary_goes_on_unprotected() {
+    // The backup's own fault (its disk full while it stages a checkpoint)
+    // is not the primary's failure: the backup must not fence and replace
+    // a healthy primary. It tells the primary, which goes on unprotected
+    // (its clients answered, nothing held for a backup that cannot keep
+    // it) and is protected again once a full checkpoint fits.
+    let lab = lab_session("fofull");
+    let disk = SmallFs::mount(scratch("fofull").join("backup"), "size=512m");
+    let mut pair = Pair::new(&lab, App::Redis, PairOptions::default())
+        .unwrap()
+        .with_backup_dir(disk.0.clone());
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    let ballast = disk.0.join("ballast");
+    fill_disk(&ballast);
+    let target = pair.target();
+    let r = lab
+        .in_host(rrc_lab::Host::Client, || {
+            rrc_bench::verify::run(
+                rrc_bench::verify::Service::Redis,
+                target,
+                4,
+                || {},
+                Duration::from_secs(3),
+            )
+        })
+        .unwrap();
+    let said = pair.backup_output();
+    assert!(r.errors.is_empty() && r.requests > 100, "{r:#?}\n{said}");
+    assert!(pair.backup_running(), "the backup ended:\n{said}");
+    assert!(said.contains("cannot keep a checkpoint"), "{said}");
+    assert!(!said.contains("taking over"), "{said}");
+    let st = pair.primary_status().unwrap();
+    assert!(!st.protected && st.backup_faults >= 1, "{st:#?}");
+
+    // Room again: protected again, and a kill is taken over as ever.
+    std::fs::remove_file(&ballast).unwrap();
+    wait_until("protected again", Duration::from_secs(30), || {
+        pair.primary_status().is_ok_and(|s| s.protected)
+    });
+    let t = trial(
+        &mut pair,
+        4,
+        Duration::from_millis(700),
+        Duration::from_millis(1500),
+    )
+    .unwrap();
+    assert!(
+        t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+        "{t:#?}\n{}",
+        pair.backup_output()
+    );
+}
+
+/// A backup that welcomes the primary and then reads `per_tick` bytes every
+/// 50 ms (none: it stops reading), while it keeps answering as if it
+/// heard the heartbeats: the primary's checkpoint fills the connection
+/// and its writes block, or crawl. The primary must count that backup
+/// lost (loudly) and let its clients' replies go, not hold them for as
+/// long as the connection lives.
+fn slow_backup(tag: &str, per_tick: usize) {
+    use std::io::Read;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lab = lab_session(tag);
+    let pair = Pair::new(&lab, App::Redis, PairOptions::default()).unwrap();
+    let key = rrc_wire::secure::Key::load(pair.key_path()).unwrap();
+    let listen = pair.backup_listen_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow = {
+        let stop = stop.clone();
+        let listener = lab
+            .in_host(rrc_lab::Host::Backup, || {
+                std::net::TcpListener::bind(listen)
+            })
+            .unwrap()
+            .unwrap();
+        // A small receive buffer (the accepted connection inherits it): the
+        // checkpoint cannot all fit in the connection's buffers.
+        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut raw = tcp.try_clone().unwrap();
+            let mut s = rrc_wire::SecureStream::server(tcp, &key).unwrap();
+            let hello = s.recv().unwrap();
+            assert!(
+                matches!(hello, rrc_wire::Message::Hello { .. }),
+                "{hello:?}"
+            );
+            s.send(&rrc_wire::Message::Welcome {
+                node: "slow".into(),
+            })
+            .unwrap();
+            let mut buf = vec![0u8; per_tick];
+            while !stop.load(Ordering::Acquire) {
+                if s.send(&rrc_wire::Message::HeartbeatAck { echo_unix_ns: 0 })
+                    .is_err()
+                    || (per_tick > 0 && raw.read(&mut buf).is_err())
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    pair.launch_primary().unwrap();
+    let target = pair.target();
+    lab.wait_tcp(rrc_lab::Host::Client, target, Duration::from_secs(10))
+        .unwrap();
+    // Until the primary gives up on that backup, replies are held.
+    wait_until(
+        "the primary gives the backup up",
+        Duration::from_secs(30),
+        || {
+            lab.in_host(rrc_lab::Host::Client, || {
+                rrc_bench::verify::run(
+                    rrc_bench::verify::Service::Redis,
+                    target,
+                    1,
+                    || {},
+                    Duration::from_millis(300),
+                )
+            })
+            .is_ok_and(|r| r.errors.is_empty() && r.requests > 10)
+        },
+    );
+    let r = lab
+        .in_host(rrc_lab::Host::Client, || {
+            rrc_bench::verify::run(
+                rrc_bench::verify::Service::Redis,
+                target,
+                4,
+                || {},
+                Duration::from_secs(3),
+            )
+        })
+        .unwrap();
+    stop.store(true, Ordering::Release);
+    let st = pair.primary_status().unwrap();
+    let _ = pair.stop_primary();
+    let _ = slow.join();
+    assert!(r.errors.is_empty() && r.requests > 100, "{r:#?}\n{st:#?}");
+    assert!(!st.protected, "{st:#?}");
+}
+
+#[test]
+fn a_backup_that_stops_reading_is_lost_and_the_primary_goes_on() {
+    slow_backup("fohung", 0);
+}
+
+#[test]
+fn a_backup_that_reads_at_a_trickle_is_lost_and_the_primary_goes_on() {
+    slow_backup("fotrickle", 512);
+}

@@ -350,22 +350,28 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn a_missing_corrupt_or_repeated_delta_is_refused() {
-    require_root();
-    let run = Churn::start("refuse");
-    let series = run.dir.join("series");
-    SeriesDir::create(&series, true).unwrap();
+/// `epochs` checkpoints of `run` kept apart in `series`, each after a step
+/// of `n` changes (seeds from `seed` on).
+fn series_with_deltas(run: &Churn, series: &Path, epochs: u64, seed: u64, n: u32) {
+    SeriesDir::create(series, true).unwrap();
     let mut inc = Incremental::new(IncrementalOptions {
         root: run.pid(),
         annotations: Default::default(),
         copy: CopyMode::Auto,
     });
-    for epoch in 0..4 {
-        run.step(epoch + 1, 20);
+    for epoch in 0..epochs {
+        run.step(seed + epoch, n);
         inc.checkpoint(&series.join(layer_name(epoch))).unwrap();
     }
     inc.finish().unwrap();
+}
+
+#[test]
+fn a_missing_corrupt_or_repeated_delta_is_refused() {
+    require_root();
+    let run = Churn::start("refuse");
+    let series = run.dir.join("series");
+    series_with_deltas(&run, &series, 4, 1, 20);
     let other = run.dir.join("other");
     SeriesDir::create(&other, true).unwrap();
     let mut inc2 = Incremental::new(IncrementalOptions {
@@ -453,17 +459,7 @@ fn a_delta_that_does_not_fit_on_the_disk_leaves_the_last_good_image() {
     require_root();
     let run = Churn::start("diskfull");
     let series = run.dir.join("series");
-    SeriesDir::create(&series, true).unwrap();
-    let mut inc = Incremental::new(IncrementalOptions {
-        root: run.pid(),
-        annotations: Default::default(),
-        copy: CopyMode::Auto,
-    });
-    for epoch in 0..2 {
-        run.step(epoch + 11, 40);
-        inc.checkpoint(&series.join(layer_name(epoch))).unwrap();
-    }
-    inc.finish().unwrap();
+    series_with_deltas(&run, &series, 2, 11, 40);
     let (first, delta) = (series.join(layer_name(0)), series.join(layer_name(1)));
     let after = run.dir.join("after");
     copy_dir(&first, &after);

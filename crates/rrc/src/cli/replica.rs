@@ -21,8 +21,7 @@ use super::ModeArg;
 use super::checkpoint::Copy;
 use super::run::ContainerArgs;
 
-/// The replication link's port when an address names none.
-pub const DEFAULT_PORT: u16 = 7470;
+use rrc_replica::DEFAULT_PORT;
 
 /// Run a program as a replicated container: the primary half.
 ///
