@@ -2,13 +2,15 @@
 //! process that holds a container to checkpoint it (only that process can
 //! cut the container's network while its TCP state is read).
 //!
-//! An abstract unix socket (no file to leave behind, scoped to the host's
-//! network namespace like the container's name), one JSON request and one
-//! JSON response per connection; only root may connect.
+//! A unix socket in the container's state directory (which only root may
+//! enter: nobody else can reach the socket, or bind one there first to
+//! make `rrc run` fail or to answer in its place), one JSON request and
+//! one JSON response per connection. Each end checks the other's
+//! credentials: the rrc process answers root only, and the asker talks to
+//! a socket held by root only.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsFd;
-use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -125,22 +127,50 @@ pub enum Response {
     Failed(String),
 }
 
-/// The abstract socket name of container `name` on `host`.
-fn address(host: &HostState, name: &ContainerName) -> Result<SocketAddr> {
-    // FNV-1a of the container's state directory: unique per host and name,
-    // and short enough for a socket address.
-    let key = host.dir().join("containers").join(name.as_str());
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+/// The socket address of container `name` on `host`.
+fn address(host: &HostState, name: &ContainerName) -> Result<(PathBuf, SocketAddr)> {
+    let path = host.control_path(name);
+    let addr = SocketAddr::from_pathname(&path).map_err(|e| Error::Setup {
+        stage: "control socket address",
+        source: std::io::Error::new(
+            e.kind(),
+            format!(
+                "{} is too long for a socket's path (a shorter RRC_STATE_DIR?)",
+                path.display()
+            ),
+        ),
+    })?;
+    Ok((path, addr))
+}
+
+/// The uid of the process at the other end of `stream`.
+fn peer_uid(stream: &UnixStream) -> Option<u32> {
+    nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| c.uid())
+}
+
+/// Connects to the rrc process holding container `name`, if root holds
+/// the socket.
+fn connect(host: &HostState, name: &ContainerName) -> Result<UnixStream> {
+    let (_, addr) = address(host, name)?;
+    let stream = UnixStream::connect_addr(&addr).map_err(|e| Error::Setup {
+        stage: "reach the container's rrc process",
+        source: e,
+    })?;
+    match peer_uid(&stream) {
+        Some(0) => Ok(stream),
+        other => Err(Error::Setup {
+            stage: "reach the container's rrc process",
+            source: std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the control socket of container {name} is held by uid {}, not root: refused",
+                    other.map_or("unknown".into(), |u| u.to_string())
+                ),
+            ),
+        }),
     }
-    SocketAddr::from_abstract_name(format!("rrc-control-{h:016x}").as_bytes()).map_err(|e| {
-        Error::Setup {
-            stage: "control socket address",
-            source: e,
-        }
-    })
 }
 
 pub struct ControlSocket {
@@ -148,27 +178,25 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
+    /// Binds the control socket of container `name`, whose state
+    /// directory this process has claimed (a socket file left there by a
+    /// killed rrc process of the same name is replaced).
     pub fn bind(host: &HostState, name: &ContainerName) -> Result<ControlSocket> {
-        let addr = address(host, name)?;
-        // A previous rrc process of this container that was killed may still
-        // be on its way out: its threads die before its files are closed.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-        let listener = loop {
-            match UnixListener::bind_addr(&addr) {
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::AddrInUse
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                r => {
-                    break r.map_err(|e| Error::Setup {
-                        stage: "control socket",
-                        source: e,
-                    })?;
-                }
+        let (path, addr) = address(host, name)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Setup {
+                    stage: "control socket",
+                    source: e,
+                });
             }
-        };
+        }
+        let listener = UnixListener::bind_addr(&addr).map_err(|e| Error::Setup {
+            stage: "control socket",
+            source: e,
+        })?;
         listener
             .set_nonblocking(true)
             .map_err(crate::setup_err("control socket"))?;
@@ -182,15 +210,9 @@ impl ControlSocket {
     /// The next pending request from root, with the stream to answer on.
     pub fn accept(&self) -> Option<(Request, UnixStream)> {
         let (stream, _) = self.listener.accept().ok()?;
-        let cred =
-            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-                .ok()?;
-        if cred.uid() != 0 {
-            tracing::warn!(
-                uid = cred.uid(),
-                pid = cred.pid(),
-                "control request from a non-root process refused"
-            );
+        let uid = peer_uid(&stream)?;
+        if uid != 0 {
+            tracing::warn!(uid, "control request from a non-root process refused");
             return None;
         }
         stream.set_nonblocking(false).ok()?;
@@ -228,10 +250,7 @@ pub fn request_stream(
     req: &Request,
     mut each: impl FnMut(&Response) -> bool,
 ) -> Result<Option<Response>> {
-    let stream = UnixStream::connect_addr(&address(host, name)?).map_err(|e| Error::Setup {
-        stage: "reach the container's rrc process",
-        source: e,
-    })?;
+    let stream = connect(host, name)?;
     let mut text = serde_json::to_string(req).expect("requests serialize");
     text.push('\n');
     (&stream)
@@ -256,10 +275,7 @@ pub fn request_stream(
 /// Sends `req` to the rrc process holding container `name` and waits for
 /// its answer (a checkpoint of a large container takes a while).
 pub fn request(host: &HostState, name: &ContainerName, req: &Request) -> Result<Response> {
-    let stream = UnixStream::connect_addr(&address(host, name)?).map_err(|e| Error::Setup {
-        stage: "reach the container's rrc process",
-        source: e,
-    })?;
+    let stream = connect(host, name)?;
     let mut text = serde_json::to_string(req).expect("requests serialize");
     text.push('\n');
     (&stream)

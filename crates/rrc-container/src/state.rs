@@ -7,6 +7,7 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -167,6 +168,12 @@ impl HostState {
         self.containers().join(name.as_str())
     }
 
+    /// The control socket of container `name`'s rrc process: in the
+    /// container's state directory, which only root can enter.
+    pub(crate) fn control_path(&self, name: &ContainerName) -> PathBuf {
+        self.container_dir(name).join("control.sock")
+    }
+
     pub fn log_path(&self, name: &ContainerName) -> PathBuf {
         self.dir.join("logs").join(format!("{name}.log"))
     }
@@ -187,6 +194,10 @@ impl HostState {
         for _ in 0..3 {
             match fs::create_dir(&dir) {
                 Ok(()) => {
+                    // Its control socket lives here: nobody but root may
+                    // reach it or put anything in its place.
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                        .map_err(Self::state_err(&dir))?;
                     let claim = Claim {
                         dir: dir.clone(),
                         done: false,

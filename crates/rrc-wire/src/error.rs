@@ -81,6 +81,13 @@ pub enum WireError {
     #[error("key file {} has mode {mode:04o}, readable by group or others: run `chmod 600 {}`", path.display(), path.display())]
     KeyPermissions { path: PathBuf, mode: u32 },
 
+    #[error("key file {} belongs to uid {owner}, not to this user (uid {user}): whoever owns it can read or replace the key", path.display())]
+    KeyOwner {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
+
     #[error("key file {} already exists; refusing to overwrite it", path.display())]
     KeyExists { path: PathBuf },
 }

@@ -94,9 +94,9 @@ impl Key {
     }
 
     /// Reads a key file: 64 hex characters, optionally surrounded by
-    /// whitespace. The file must not be accessible to group or others,
-    /// because anyone who can read it can feed the backup an image to run as
-    /// root.
+    /// whitespace. The file must belong to the user loading it and not be
+    /// accessible to group or others, because anyone who can read it can
+    /// feed the backup an image to run as root.
     pub fn load(path: &Path) -> Result<Key> {
         let file = match File::open(path) {
             Ok(f) => f,
@@ -114,6 +114,14 @@ impl Key {
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(format_err("not a regular file".into()));
+        }
+        let user = rustix::process::geteuid().as_raw();
+        if std::os::unix::fs::MetadataExt::uid(&meta) != user {
+            return Err(WireError::KeyOwner {
+                path: path.to_path_buf(),
+                owner: std::os::unix::fs::MetadataExt::uid(&meta),
+                user,
+            });
         }
         let mode = meta.permissions().mode() & 0o7777;
         if mode & 0o077 != 0 {
@@ -950,6 +958,23 @@ mod tests {
             }
             assert!(e.to_string().contains("chmod 600"), "{e}");
         }
+    }
+
+    #[test]
+    fn key_file_of_another_user_is_refused() {
+        let t = key_dir("owner");
+        let p = t.file("k", HEX64.as_bytes(), 0o600);
+        let me = rustix::process::geteuid().as_raw();
+        let other = if me == 65534 { 65533 } else { 65534 };
+        if std::os::unix::fs::chown(&p, Some(other), None).is_err() {
+            // Not root: a file cannot be given away here.
+            return;
+        }
+        let e = Key::load(&p).unwrap_err();
+        assert!(
+            matches!(e, WireError::KeyOwner { owner, .. } if owner == other),
+            "{e:?}"
+        );
     }
 
     #[test]

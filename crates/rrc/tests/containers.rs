@@ -178,3 +178,54 @@ fn a_dead_rrc_leaves_stale_state_that_the_next_start_cleans() {
     lab.rrc_on("primary", &["stop", "web"]).ok();
     assert_container_gone(&lab, "primary", &again);
 }
+
+/// Runs `cmd` as the unprivileged user `nobody`; its output.
+fn as_nobody(cmd: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new(cmd[0]);
+    c.args(&cmd[1..]);
+    // SAFETY: only system calls between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
+            setgroups(&[]).map_err(std::io::Error::from)?;
+            setgid(Gid::from_raw(65534)).map_err(std::io::Error::from)?;
+            setuid(Uid::from_raw(65534)).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    c.output().unwrap()
+}
+
+#[test]
+fn an_unprivileged_user_cannot_reach_or_squat_a_containers_control_socket() {
+    // The rrc process holding a container answers `rrc checkpoint`,
+    // `rrc status` and takeovers on its control socket. Another user must
+    // not be able to reach it, nor to take its place before it exists
+    // (which made `rrc run --name X` fail).
+    let lab = TestLab::up("squat");
+    let addr = lab.lan_at(121);
+    let host_dir = std::path::Path::new("/run/rrc/hosts").join(lab.netns("primary"));
+    let containers = host_dir.join("containers");
+    // Before the container: nothing can be put where its socket goes.
+    lab.run_container("primary", "early", &lab.lan_at(122), &["sleep", "1000"]);
+    let squat = as_nobody(&["mkdir", containers.join("web").to_str().unwrap()]);
+    assert!(!squat.status.success(), "{squat:?}");
+    let rec = lab.run_container("primary", "web", &addr, &["sleep", "1000"]);
+    let sock = containers.join("web").join("control.sock");
+    assert!(sock.exists(), "{}", sock.display());
+    // Running: another user can neither reach the socket nor put
+    // anything beside it.
+    let reach = as_nobody(&["cat", sock.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&reach.stderr).contains("Permission denied"),
+        "{reach:?}"
+    );
+    let beside = as_nobody(&["touch", containers.join("web").join("x").to_str().unwrap()]);
+    assert!(!beside.status.success(), "{beside:?}");
+    // Root reaches it.
+    lab.rrc_on("primary", &["status", "web"]).ok();
+    lab.rrc_on("primary", &["stop", "web"]).ok();
+    lab.rrc_on("primary", &["stop", "early"]).ok();
+    assert_container_gone(&lab, "primary", &rec);
+}
