@@ -252,9 +252,17 @@ unsafe fn in_turn(fd: c_int, out: Out) -> Option<ssize_t> {
 }
 
 /// A copy restored for replay learned it when recording a call it had
-/// made already (the checkpoint came between the call and its record):
-/// the call keeps its effect, takes its turn, and what it wrote to a
-/// replayed connection is captured.
+/// made: the call takes its turn, and what it wrote to a replayed
+/// connection is captured.
+///
+/// Two moments of the checkpoint lead here. Between the call's return and
+/// its record: the call was made before the checkpoint, the connection
+/// holds (or its client acknowledged) its bytes already, and `real` is
+/// what it returned then. Before the call (the thread was stopped on its
+/// way in, flushing its records): the call was made just now, by this
+/// copy, on a connection that takes nothing (restored in repair mode, or
+/// not at all), so `real` is an error while the record says the primary
+/// wrote; its bytes are the replay's output like any other call's.
 ///
 /// # Safety
 /// As [`output`].
@@ -267,9 +275,10 @@ unsafe fn after_real(fd: c_int, out: Out, real: ssize_t) -> ssize_t {
         let _e = SavedErrno::save();
         // SAFETY: the caller's contract.
         let want = (ret as usize).min(unsafe { out.len() });
+        let earlier = real >= 0;
         // SAFETY: the caller's contract; a sendfile's input has moved on
-        // by what the real call sent.
-        unsafe { keep(fd, out, want, real.max(0) as usize, true) };
+        // by what the real call sent (nothing if it was made just now).
+        unsafe { keep(fd, out, want, real.max(0) as usize, earlier) };
     }
     t.complete();
     served(ret) as ssize_t
