@@ -230,6 +230,13 @@ fn lighttpd_in_responsive_mode_survives_kills() {
     kills("frweb", App::Lighttpd, Mode::Responsive, 3);
 }
 
+#[test]
+fn tarantool_in_responsive_mode_survives_kills() {
+    // Three threads, and replies written by the thread that reads the
+    // requests: a checkpoint often catches it on its way into a write.
+    kills("frtnt", App::Tarantool, Mode::Responsive, 5);
+}
+
 /// The backup host dies; the service goes on unprotected; a new backup
 /// gets a full checkpoint and protects it again.
 fn reprotect(tag: &str, mode: Mode) {
