@@ -470,6 +470,12 @@ pub struct ImageDir {
     dir: PathBuf,
 }
 
+/// A name that stays in the directory it is joined to: one path component,
+/// not `.` or `..`, without NUL.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\0'])
+}
+
 impl ImageDir {
     pub fn new(dir: &Path) -> ImageDir {
         ImageDir { dir: dir.into() }
@@ -600,6 +606,15 @@ impl ImageDir {
                     "format {} version {} (this rrc reads {FORMAT} version {VERSION})",
                     m.format, m.version
                 ),
+            });
+        }
+        // The files a checkpoint of a series lists are read, copied and
+        // written by their names: each must be a file of this directory,
+        // never a path that leads out of it.
+        if let Some(bad) = m.checksums.keys().find(|n| !is_plain_file_name(n)) {
+            return Err(Error::CorruptImage {
+                path: self.file("manifest.json"),
+                detail: format!("it lists a file named {bad:?}, which is not a plain file name"),
             });
         }
         Ok(m)

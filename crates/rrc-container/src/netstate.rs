@@ -112,11 +112,26 @@ pub fn capture(init: Pid) -> Result<NetnsConfig> {
     })?
 }
 
+/// Whether a restore may write sysctl `key` (a path under /proc/sys): one
+/// of those a checkpoint saves, never what an image makes up.
+fn settable(key: &str) -> bool {
+    SYSCTLS.contains(&key)
+}
+
 /// Applies `cfg` to the network namespace `init` is in, adding what its
 /// interface setup did not already give it.
 pub fn apply(init: Pid, cfg: &NetnsConfig) -> Result<()> {
     NetNs::of_pid(init.as_raw())?.run(|| -> Result<()> {
         for (k, v) in &cfg.sysctls {
+            // The image names them: only those a checkpoint saves, all of
+            // the container's own network namespace, are ever written.
+            if !settable(k) {
+                tracing::warn!(
+                    sysctl = k.as_str(),
+                    "the image names a sysctl a container's network state does not hold: not applied"
+                );
+                continue;
+            }
             if let Err(e) = fs::write(format!("/proc/sys/{k}"), v) {
                 tracing::warn!(sysctl = k.as_str(), error = %e, "sysctl not restored");
             }
@@ -176,6 +191,20 @@ fn ip(args: &[&str]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_saved_network_sysctls_are_settable() {
+        assert!(settable("net/core/somaxconn"));
+        for k in [
+            "../../../tmp/x",
+            "kernel/hostname",
+            "net/ipv4/../../kernel/core_pattern",
+            "",
+            "net/core/somaxconn/..",
+        ] {
+            assert!(!settable(k), "{k}");
+        }
+    }
 
     #[test]
     fn routes_parse() {

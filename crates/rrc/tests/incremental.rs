@@ -430,6 +430,22 @@ fn a_missing_corrupt_or_repeated_delta_is_refused() {
     // A file gone.
     fs::remove_file(&pages).unwrap();
     refused(&bad, "is missing");
+    // A file named by a path that leads out of the delta (here a host
+    // file, with its right checksum): refused, the host file untouched.
+    let victim = run.dir.join("victim");
+    fs::write(&victim, b"host data").unwrap();
+    let hostile = run.dir.join("hostile");
+    copy_dir(&layer(1), &hostile);
+    let mut m: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(hostile.join("manifest.json")).unwrap()).unwrap();
+    m["checksums"][victim.to_str().unwrap()] = store::crc_of_file(&victim).unwrap().into();
+    fs::write(
+        hostile.join("manifest.json"),
+        serde_json::to_vec(&m).unwrap(),
+    )
+    .unwrap();
+    refused(&hostile, "not a plain file name");
+    assert_eq!(fs::read(&victim).unwrap(), b"host data");
     // In order, each applies once.
     store::apply(&image, &layer(1)).unwrap();
     refused(&layer(1), "already at checkpoint 1");

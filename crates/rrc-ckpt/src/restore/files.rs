@@ -31,7 +31,9 @@ pub struct FilePlan {
     pub temp_base: u64,
     /// Files held by the engine until the restore ends (FIFO ends, ghosts).
     pub keep_open: Vec<File>,
-    pub ghosts: Vec<std::path::PathBuf>,
+    /// Where deleted files are recreated for the process to open, until
+    /// the restore ends.
+    pub ghosts: Option<GhostDir>,
     /// Restored TCP connections, in repair mode until the tree is let go.
     pub repaired: Vec<sockets::Repaired>,
     /// Time spent building and passing sockets.
@@ -122,7 +124,7 @@ impl FilePlan {
             external,
             temp_base: max_fd as u64 + 1,
             keep_open: Vec::new(),
-            ghosts: Vec::new(),
+            ghosts: None,
             repaired: Vec::new(),
             socket_time: std::time::Duration::ZERO,
         }
@@ -320,21 +322,18 @@ fn create(
             ..
         } => {
             let path = if *deleted {
-                let ghost = ghost_path(path);
                 let data = fs::read(img.file_data(f.id))
                     .map_err(|e| Error::image(&img.file_data(f.id), e))?;
-                fs::write(&ghost, &data).map_err(|e| {
-                    rerr(
-                        pid,
-                        "recreate a deleted file",
-                        format!("{}: {e}", ghost.display()),
-                    )
-                })?;
-                let _ = fs::set_permissions(
-                    &ghost,
-                    std::os::unix::fs::PermissionsExt::from_mode(*mode),
-                );
-                plan.ghosts.push(ghost.clone());
+                let dir = match &mut plan.ghosts {
+                    Some(d) => d,
+                    g => g.insert(
+                        GhostDir::create()
+                            .map_err(|e| rerr(pid, "recreate a deleted file", e.to_string()))?,
+                    ),
+                };
+                let ghost = dir
+                    .put(f.id, &data, *mode)
+                    .map_err(|e| rerr(pid, "recreate a deleted file", format!("{path}: {e}")))?;
                 ghost.to_string_lossy().into_owned()
             } else {
                 path.clone()
@@ -451,17 +450,55 @@ fn create(
     })
 }
 
-/// Where to recreate a file that was deleted while open: its own path if
-/// free, else beside it.
-fn ghost_path(path: &str) -> std::path::PathBuf {
-    let p = std::path::PathBuf::from(path);
-    if !p.exists() {
-        return p;
+/// A directory of root's alone where the deleted files a process had open
+/// are recreated for it to open (then unlinked with the directory). The
+/// image names the file, its contents and its mode, none of which decides
+/// where on the host anything is written: each file is made anew there
+/// (never through a link), without set-id bits, and the directory goes
+/// when the restore ends, however it ends.
+pub struct GhostDir(std::path::PathBuf);
+
+impl GhostDir {
+    fn create() -> std::io::Result<GhostDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        let parent = std::path::Path::new("/run/rrc/ghosts");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+        for n in 0u32.. {
+            let dir = parent.join(format!("{}-{n}", std::process::id()));
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(GhostDir(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("a free name comes first")
     }
-    (0..)
-        .map(|i| std::path::PathBuf::from(format!("{path}.rrc-ghost-{i}")))
-        .find(|c| !c.exists())
-        .expect("some free name")
+
+    /// Recreates file `id` with `data` and the permission bits of `mode`.
+    fn put(&self, id: usize, data: &[u8], mode: u32) -> std::io::Result<std::path::PathBuf> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.0.join(format!("file-{id}"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(data)?;
+        // Its permission bits as they were (this process's umask aside),
+        // set-id and sticky bits never.
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))?;
+        Ok(path)
+    }
+}
+
+impl Drop for GhostDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Puts the files `p` uses at their recorded numbers and closes the rest;

@@ -563,9 +563,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         Ok(())
     });
-    for g in &ctx.plan.ghosts {
-        let _ = std::fs::remove_file(g);
-    }
+    // The process holds the files it had open; their names go.
+    drop(ctx.plan.ghosts.take());
     if let Err(e) = outcome {
         let _ = kill(root_pid, Signal::SIGKILL);
         for t in &ctx.done {
