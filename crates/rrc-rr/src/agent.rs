@@ -45,6 +45,9 @@ pub struct RecordStats {
     pub refused_batches: u64,
     /// What went wrong, the first few times.
     pub problems: Vec<String>,
+    /// Rings the program damaged (or whose consumer end it took), which
+    /// are no longer read: their threads' logs end there.
+    pub broken_rings: Vec<usize>,
 }
 
 impl RecordStats {
@@ -123,6 +126,9 @@ fn drain_until(
 pub struct RingDrain<'s> {
     set: &'s RingSet,
     consumers: Vec<Option<Consumer<'s>>>,
+    /// The thread log each ring's current owner writes (read when its
+    /// consumer is made): a batch for any other log is refused.
+    owners: Vec<u32>,
     /// Rings the program damaged: nothing more can be read from them.
     broken: Vec<bool>,
     scratch: Vec<u8>,
@@ -135,6 +141,7 @@ impl<'s> RingDrain<'s> {
         RingDrain {
             set,
             consumers: (0..set.slot_count()).map(|_| None).collect(),
+            owners: vec![0; set.slot_count()],
             broken: vec![false; set.slot_count()],
             scratch: Vec::new(),
             stats: RecordStats::default(),
@@ -143,8 +150,11 @@ impl<'s> RingDrain<'s> {
 
     /// One pass over every ring: each batch waiting is checked and given
     /// to `sink`, in each ring's order. A batch that does not check out,
-    /// or that `sink` refuses, is dropped and counted, never a reason to
-    /// stop draining: the program would block on a full ring.
+    /// that is not for its ring's own thread log, or that `sink` refuses,
+    /// is dropped and counted, never a reason to stop draining: the
+    /// program would block on a full ring. The rings live in memory the
+    /// program can write: a ring it damaged (or whose consumer end it
+    /// claimed) is reported and skipped from then on, and the others go on.
     pub fn pass<E: std::fmt::Display>(
         &mut self,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), E>,
@@ -153,48 +163,69 @@ impl<'s> RingDrain<'s> {
             if self.broken[index] {
                 continue;
             }
-            let state = self.set.slot(index)?.state;
-            if !matches!(state, SlotState::Active | SlotState::Exited) {
-                continue;
-            }
-            if self.consumers[index].is_none() {
-                self.consumers[index] = Some(self.set.consumer(index)?);
-            }
-            let c = self.consumers[index].as_mut().expect("set above");
-            loop {
-                match c.pop_into(&mut self.scratch) {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(e) => {
-                        // A ring the program damaged: the others go on.
-                        self.stats.problem(format!("ring {index}: {e}"));
-                        self.broken[index] = true;
-                        break;
-                    }
-                }
-                let refused = match account(&mut self.stats, &self.scratch) {
-                    Err(e) => Some(format!("ring {index}: a batch does not check out: {e}")),
-                    Ok(()) => sink(&self.scratch).err().map(|e| e.to_string()),
-                };
-                if let Some(why) = refused {
-                    self.stats.refused_batches += 1;
-                    self.stats.problem(why);
-                }
-            }
-            if state == SlotState::Exited && !self.broken[index] {
-                // Drained after its thread's last push: free for reuse.
+            if let Err(e) = self.drain_ring(index, sink) {
+                self.stats
+                    .problem(format!("ring {index}: {e}; it is not read any more"));
+                self.stats.broken_rings.push(index);
+                self.broken[index] = true;
                 self.consumers[index] = None;
-                self.set.release_slot(index)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Takes what ring `index` holds (see [`RingDrain::pass`]).
+    fn drain_ring<E: std::fmt::Display>(
+        &mut self,
+        index: usize,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), RingError> {
+        let slot = self.set.slot(index)?;
+        if !matches!(slot.state, SlotState::Active | SlotState::Exited) {
+            return Ok(());
+        }
+        if self.consumers[index].is_none() {
+            self.consumers[index] = Some(self.set.consumer(index)?);
+            self.owners[index] = slot.log_id;
+        }
+        let owner = self.owners[index];
+        let c = self.consumers[index].as_mut().expect("set above");
+        while c.pop_into(&mut self.scratch)? {
+            let refused = match account(&mut self.stats, &self.scratch, owner) {
+                Err(e) => Some(format!("ring {index}: a batch does not check out: {e}")),
+                Ok(()) => sink(&self.scratch).err().map(|e| e.to_string()),
+            };
+            if let Some(why) = refused {
+                self.stats.refused_batches += 1;
+                self.stats.problem(why);
+            }
+        }
+        if slot.state == SlotState::Exited {
+            // Drained after its thread's last push: free for reuse.
+            self.consumers[index] = None;
+            self.set.release_slot(index)?;
         }
         Ok(())
     }
 }
 
-/// Checks a batch whole and, if it checks out, counts what it holds.
-fn account(stats: &mut RecordStats, batch: &[u8]) -> Result<(), crate::log::DecodeError> {
+/// Why a batch is refused before its records are looked at.
+#[derive(Debug, thiserror::Error)]
+enum BatchRefused {
+    #[error(transparent)]
+    Decode(#[from] crate::log::DecodeError),
+    #[error("it is for thread log {found}, and the ring is thread log {owner}'s")]
+    NotItsLog { found: u32, owner: u32 },
+}
+
+/// Checks a batch whole (and that it is for the ring's own thread log,
+/// `owner`) and, if it checks out, counts what it holds.
+fn account(stats: &mut RecordStats, batch: &[u8], owner: u32) -> Result<(), BatchRefused> {
     let mut r = BatchReader::new(batch)?;
     let id = r.header().log_id;
+    if id != owner {
+        return Err(BatchRefused::NotItsLog { found: id, owner });
+    }
     let mut records = 0;
     let mut forks = 0;
     let mut kinds: Vec<&'static str> = Vec::new();

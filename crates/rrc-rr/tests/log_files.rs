@@ -173,3 +173,42 @@ fn missing_log_is_an_io_error_with_the_path() {
     assert!(matches!(err, LogError::Io { .. }));
     assert!(msg.contains("thread-00000077.rrlog"), "{msg}");
 }
+
+#[test]
+fn a_writer_keeps_few_files_open_and_still_checks_each_threads_order() {
+    // Hundreds of thread logs (a program with many threads, or one naming
+    // many): files are closed and opened again as needed, nothing is lost,
+    // and a thread's numbers must still rise across a reopening.
+    let dir = temp_dir("many");
+    let mut w = LogWriter::create(&dir).unwrap();
+    for round in 0..2u64 {
+        for id in 1..=600u32 {
+            w.append(&batch(id, &[round * 10_000 + u64::from(id)]))
+                .unwrap();
+        }
+    }
+    let open = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    assert!(open < 400, "{open} descriptors open");
+    let e = w.append(&batch(7, &[5])).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LogError::Corrupt {
+                source: DecodeError::SeqNotIncreasing { .. },
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    w.sync().unwrap();
+    assert_eq!(thread_log_ids(&dir).unwrap().len(), 600);
+    for id in [1u32, 300, 600] {
+        let mut r = LogReader::open(&dir, id).unwrap();
+        let mut n = 0;
+        while r.next_record().unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 2, "thread log {id}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

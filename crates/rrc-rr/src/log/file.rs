@@ -60,7 +60,16 @@ struct ThreadFile {
 pub struct LogWriter {
     dir: PathBuf,
     files: HashMap<u32, ThreadFile>,
+    /// The last sequence number of each thread log whose file was closed
+    /// to keep few open: the check goes on when it is opened again.
+    closed_last: HashMap<u32, u64>,
 }
+
+/// Thread files a writer keeps open at most: a program with many threads
+/// (or one naming many logs) must not take every descriptor of the
+/// process that records it. Beyond it a file is synced and closed, and
+/// opened again when its thread writes again.
+const MAX_OPEN_FILES: usize = 256;
 
 impl LogWriter {
     /// Opens (creating if needed) the log directory `dir`. Existing thread
@@ -84,6 +93,7 @@ impl LogWriter {
         Ok(LogWriter {
             dir,
             files: HashMap::new(),
+            closed_last: HashMap::new(),
         })
     }
 
@@ -104,6 +114,9 @@ impl LogWriter {
             return Ok(summary);
         };
         let log_id = summary.header.log_id;
+        if !self.files.contains_key(&log_id) && self.files.len() >= MAX_OPEN_FILES {
+            self.close_one()?;
+        }
         let tf = match self.files.entry(log_id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
@@ -122,7 +135,7 @@ impl LogWriter {
                     file,
                     path,
                     len,
-                    last_seq: None,
+                    last_seq: self.closed_last.remove(&log_id),
                 })
             }
         };
@@ -146,6 +159,24 @@ impl LogWriter {
         tf.len += batch.len() as u64;
         tf.last_seq = Some(last);
         Ok(summary)
+    }
+
+    /// Syncs and closes one open thread file (the one written longest ago
+    /// is not tracked: any will do, it is opened again when needed).
+    fn close_one(&mut self) -> Result<(), LogError> {
+        let Some(&id) = self.files.keys().next() else {
+            return Ok(());
+        };
+        let tf = self.files.remove(&id).expect("a key just seen");
+        tf.file.sync_data().map_err(|source| LogError::Io {
+            op: "sync log file",
+            path: tf.path.clone(),
+            source,
+        })?;
+        if let Some(last) = tf.last_seq {
+            self.closed_last.insert(id, last);
+        }
+        Ok(())
     }
 
     /// Flushes every thread file to stable storage.
