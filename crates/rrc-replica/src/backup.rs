@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use rrc_ckpt::image::ImageDir;
 use rrc_container::launch::{Launch, Source};
 use rrc_session::recording::{RecordingAnnotation, RecordingDir};
-use rrc_wire::{Key, Message, Role, SecureReader, SecureStream, SecureWriter, Stage, WireError};
+use rrc_wire::{Key, Message, SecureReader, SecureStream, SecureWriter, Stage, WireError};
 
 use crate::Error;
+use crate::acceptor::{Acceptor, Greeted};
 use crate::log_store::LogStore;
 use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::takeover::{Fallback, ReplayOutcome, by_replay, from_checkpoint};
@@ -285,32 +286,20 @@ pub fn serve(
     })?;
     tracing::info!(listen = %opts.listen, "backup waiting for a primary");
     eprintln!("rrc backup: waiting for a primary on {}", opts.listen);
-    let mut committed: Option<Committed> = None;
-    loop {
-        let (tcp, peer) = listener.accept().map_err(|e| Error::Io {
-            what: "accept a primary".into(),
+    let mut acceptor =
+        Acceptor::start(listener, opts.key.clone(), opts.node.clone()).map_err(|e| Error::Io {
+            what: "start accepting primaries".into(),
             source: e,
         })?;
-        let _ = tcp.set_nodelay(true);
-        let sc = crate::link_security();
-        let mut s = match SecureStream::server_with(tcp, &opts.key, &sc) {
-            Ok(s) => s,
-            Err(WireError::Authentication(_)) => {
-                tracing::warn!(%peer, "refused a peer without the key");
-                eprintln!("rrc backup: refused {peer}: it does not hold the key");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "handshake failed");
-                continue;
-            }
-        };
-        let node = match hello(&mut s, opts) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "not a primary");
-                continue;
-            }
+    let mut committed: Option<Committed> = None;
+    loop {
+        let Some(Greeted {
+            stream: s,
+            node,
+            peer,
+        }) = acceptor.next()
+        else {
+            return Err(Error::Protocol("the acceptor stopped".into()));
         };
         eprintln!("rrc backup: primary {node} ({peer}) connected");
         let (end, log) = session(s, opts, &image, &mut committed);
@@ -339,6 +328,9 @@ pub fn serve(
                     "rrc backup: primary {node} failed ({reason}); taking over from checkpoint {} of series {}",
                     c.epoch, c.series
                 );
+                // The takeover forks the restored container's supervisor:
+                // no thread of the acceptor may be left.
+                acceptor.stop();
                 let t0 = Instant::now();
                 if let Some(cmd) = &opts.fence {
                     fence(cmd)?;
@@ -418,23 +410,6 @@ fn fence(cmd: &str) -> Result<(), Error> {
         )));
     }
     Ok(())
-}
-
-fn hello(s: &mut SecureStream, opts: &BackupOptions) -> Result<String, String> {
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    let node = match s.recv().map_err(|e| e.to_string())? {
-        Message::Hello {
-            role: Role::Primary,
-            node,
-        } => node,
-        other => return Err(format!("expected a primary's hello, got {other:?}")),
-    };
-    s.send(&Message::Welcome {
-        node: opts.node.clone(),
-    })
-    .map_err(|e| e.to_string())?;
-    Ok(node)
 }
 
 /// Receives checkpoints and the log until the primary leaves or fails;

@@ -12,6 +12,7 @@
 //! log ([`log_store`]) and takes over. [`position`] says what a place in
 //! the log is; [`netlog`] is the net log's file.
 
+pub mod acceptor;
 pub mod backup;
 pub mod gate;
 pub mod link;

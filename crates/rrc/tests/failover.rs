@@ -536,3 +536,39 @@ fn a_backup_that_stops_reading_is_lost_and_the_primary_goes_on() {
 fn a_backup_that_reads_at_a_trickle_is_lost_and_the_primary_goes_on() {
     slow_backup("fotrickle", 512);
 }
+
+#[test]
+fn silent_connections_do_not_lock_the_primary_out_of_its_backup() {
+    // Peers that connect to the backup's port and say nothing (or stop
+    // half way through a handshake), more of them than the backup runs
+    // handshakes for at once: the real primary still gets in, and is
+    // protected, in about the time it takes alone.
+    let lab = lab_session("fosilent");
+    let mut pair = Pair::new(&lab, App::Redis, PairOptions::default()).unwrap();
+    pair.start_backup().unwrap();
+    let listen = pair.backup_listen_addr().unwrap();
+    let silent: Vec<std::net::TcpStream> = lab
+        .in_host(rrc_lab::Host::Primary, || {
+            (0..150)
+                .filter_map(|i| {
+                    let s = std::net::TcpStream::connect(listen).ok()?;
+                    if i % 10 == 0 {
+                        // Half a handshake: some bytes, then nothing.
+                        let _ = std::io::Write::write_all(&mut &s, &[0, 48, 1, 2, 3]);
+                    }
+                    Some(s)
+                })
+                .collect()
+        })
+        .unwrap();
+    assert!(silent.len() >= 100, "only {} connections", silent.len());
+    let t0 = std::time::Instant::now();
+    pair.launch_primary().unwrap();
+    pair.wait_protected(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", pair.backup_output()));
+    eprintln!(
+        "protected {} ms after the primary started",
+        t0.elapsed().as_millis()
+    );
+    drop(silent);
+}

@@ -1,0 +1,234 @@
+//! The backup's door. Every connection to the replication port gets a
+//! thread of its own for its handshake (Noise with the shared key, then
+//! the primary's hello), each with a deadline, and at most
+//! [`MAX_HANDSHAKES`] run at once: peers that say nothing, or stop half
+//! way, cost their own thread its deadline and never hold up the primary
+//! behind them. Primaries that complete the handshake are handed to the
+//! session one at a time.
+//!
+//! The backup takes over as a single-threaded process (it forks the
+//! restored container's supervisor), so [`Acceptor::stop`] ends every
+//! thread here at once: the listener and the connections in handshake are
+//! shut down, which wakes whatever waits on them.
+
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rrc_wire::{Key, Message, Role, SecureStream, WireError};
+
+/// Handshakes in progress at most; a connection beyond them is closed at
+/// once.
+pub const MAX_HANDSHAKES: usize = 16;
+/// How long a peer may take to say it is a primary once the Noise
+/// handshake is done.
+const HELLO_LIMIT: Duration = Duration::from_secs(2);
+
+/// A primary that holds the key and said hello.
+pub struct Greeted {
+    pub stream: SecureStream,
+    /// The name it gave.
+    pub node: String,
+    pub peer: SocketAddr,
+}
+
+/// What handshake threads share with the acceptor.
+struct Shared {
+    stop: AtomicBool,
+    /// Connections in handshake, by number: shut down to stop.
+    pending: Mutex<HashMap<u64, TcpStream>>,
+    next: AtomicU64,
+}
+
+pub struct Acceptor {
+    shared: Arc<Shared>,
+    /// A handle on the listening socket, to shut it down.
+    listener: TcpListener,
+    thread: Option<JoinHandle<()>>,
+    greeted: Receiver<Greeted>,
+}
+
+impl Acceptor {
+    /// Starts accepting on `listener`; this backup answers hellos as
+    /// `node`.
+    pub fn start(listener: TcpListener, key: Arc<Key>, node: String) -> std::io::Result<Acceptor> {
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        });
+        let handle = listener.try_clone()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(0);
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("rrc-accept".into())
+            .spawn(move || accept_loop(&listener, &key, &node, &s, &tx))?;
+        Ok(Acceptor {
+            shared,
+            listener: handle,
+            thread: Some(thread),
+            greeted: rx,
+        })
+    }
+
+    /// The next primary that completed its handshake (waits for one);
+    /// `None` once the acceptor has stopped.
+    pub fn next(&self) -> Option<Greeted> {
+        self.greeted.recv().ok()
+    }
+
+    /// Ends every thread of the acceptor, at once.
+    pub fn stop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        // Shutting a listening socket down wakes the accept() waiting on it.
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
+        for s in crate::lock(&self.shared.pending).values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        // A handshake thread waiting to hand its primary over sees the
+        // channel closed.
+        while self.greeted.try_recv().is_ok() {}
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    key: &Arc<Key>,
+    node: &str,
+    shared: &Arc<Shared>,
+    greeted: &SyncSender<Greeted>,
+) {
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut turned_away = 0u64;
+    while !shared.stop.load(Ordering::Acquire) {
+        let (tcp, peer) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                if !shared.stop.load(Ordering::Acquire) {
+                    tracing::warn!(error = %e, "accepting a connection");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+        };
+        threads.retain(|t| !t.is_finished());
+        if threads.len() >= MAX_HANDSHAKES {
+            turned_away += 1;
+            if turned_away.is_power_of_two() {
+                tracing::warn!(
+                    %peer,
+                    turned_away,
+                    "too many handshakes at once: connection closed"
+                );
+            }
+            continue;
+        }
+        let Ok(clone) = tcp.try_clone() else {
+            continue;
+        };
+        let id = shared.next.fetch_add(1, Ordering::Relaxed);
+        crate::lock(&shared.pending).insert(id, clone);
+        let (key, node, s, tx) = (
+            key.clone(),
+            node.to_string(),
+            shared.clone(),
+            greeted.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("rrc-handshake".into())
+            .spawn(move || {
+                let r = handshake(tcp, peer, &key, &node);
+                crate::lock(&s.pending).remove(&id);
+                if let Some(g) = r {
+                    hand_over(g, &s, &tx);
+                }
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                crate::lock(&shared.pending).remove(&id);
+                tracing::warn!(error = %e, "cannot start a handshake thread");
+            }
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// Waits until the session takes `g`, or the acceptor stops.
+fn hand_over(mut g: Greeted, shared: &Shared, tx: &SyncSender<Greeted>) {
+    loop {
+        match tx.try_send(g) {
+            Ok(()) => return,
+            Err(TrySendError::Disconnected(_)) => return,
+            Err(TrySendError::Full(back)) => {
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                g = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// Noise with the key, then the primary's hello; `None` (and why, said)
+/// for a peer that is not a primary holding the key.
+fn handshake(tcp: TcpStream, peer: SocketAddr, key: &Key, node: &str) -> Option<Greeted> {
+    let _ = tcp.set_nodelay(true);
+    let mut s = match SecureStream::server_with(tcp, key, &crate::link_security()) {
+        Ok(s) => s,
+        Err(WireError::Authentication(_)) => {
+            tracing::warn!(%peer, "refused a peer without the key");
+            eprintln!("rrc backup: refused {peer}: it does not hold the key");
+            return None;
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "handshake failed");
+            return None;
+        }
+    };
+    match hello(&mut s, node) {
+        Ok(node) => Some(Greeted {
+            stream: s,
+            node,
+            peer,
+        }),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "not a primary");
+            None
+        }
+    }
+}
+
+fn hello(s: &mut SecureStream, node: &str) -> Result<String, String> {
+    s.set_read_timeout(Some(HELLO_LIMIT))
+        .map_err(|e| e.to_string())?;
+    let theirs = match s.recv().map_err(|e| e.to_string())? {
+        Message::Hello {
+            role: Role::Primary,
+            node,
+        } => node,
+        other => return Err(format!("expected a primary's hello, got {other:?}")),
+    };
+    s.send(&Message::Welcome { node: node.into() })
+        .map_err(|e| e.to_string())?;
+    Ok(theirs)
+}
