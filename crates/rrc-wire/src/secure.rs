@@ -14,6 +14,14 @@
 //!   length as u16 LE. A responder that cannot authenticate the first message
 //!   answers with a zero length, so the initiator can report a key mismatch
 //!   instead of a bare disconnect.
+//! * The first message carries, encrypted and authenticated under the key,
+//!   the initiator's clock (nanoseconds since the Unix epoch, u64 LE). A
+//!   recorded first message would otherwise make the responder answer and
+//!   wait again: the responder accepts a first message only within
+//!   [`CLOCK_WINDOW`] of its own clock, and only once (it keeps the times
+//!   of those it accepted within the window, per key). A message recorded
+//!   less than the window before a responder restarted could be played to
+//!   it once; WireGuard's timestamps have the same limit.
 //! * Transport: every frame from [`crate::frame`] is cut into pieces of at
 //!   most 65519 bytes; each piece is one Noise transport message (piece plus
 //!   16-byte tag) preceded by its ciphertext length as u16 LE. The receiver
@@ -46,7 +54,69 @@ pub const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
 /// of misreading each other. Frame protocol versions are not named here:
 /// every frame carries its version, and a mismatch there gets an error that
 /// says so, where a handshake failure would look like a wrong key.
-const PROLOGUE: &[u8] = b"rrc-wire/1";
+const PROLOGUE: &[u8] = b"rrc-wire/2";
+
+/// How far the initiator's clock, in its first message, may be from the
+/// responder's.
+pub const CLOCK_WINDOW: Duration = Duration::from_secs(120);
+
+/// Per key (a hash of it: keys are not kept), the times of the first
+/// messages accepted within the clock window: a message seen once is not
+/// accepted again, whatever order messages come in.
+static SEEN_INITIATIONS: std::sync::Mutex<Vec<(u64, std::collections::BTreeSet<u64>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Times kept per key at most: beyond, a message older than every time
+/// kept is refused (it might be one forgotten).
+const MAX_SEEN: usize = 4096;
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Accepts a first message sent at `sent` (the initiator's clock) for
+/// `key`, or says why not.
+fn fresh_initiation(key: &Key, sent: u64) -> Result<()> {
+    let now = unix_nanos();
+    let window = CLOCK_WINDOW.as_nanos() as u64;
+    if sent.abs_diff(now) > window {
+        return Err(WireError::Authentication(format!(
+            "the peer's first handshake message is {} s from this host's clock (at most {} s): a recorded message, or clocks that are not in step",
+            sent.abs_diff(now) / 1_000_000_000,
+            CLOCK_WINDOW.as_secs()
+        )));
+    }
+    let id = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.0.hash(&mut h);
+        h.finish()
+    };
+    let mut all = SEEN_INITIATIONS.lock().unwrap_or_else(|p| p.into_inner());
+    let seen = match all.iter().position(|(k, _)| *k == id) {
+        Some(i) => &mut all[i].1,
+        None => {
+            all.push((id, std::collections::BTreeSet::new()));
+            &mut all.last_mut().expect("just pushed").1
+        }
+    };
+    // What lies outside the window is refused by the clock check.
+    let oldest = now.saturating_sub(window);
+    *seen = seen.split_off(&oldest);
+    let forgotten = seen.len() >= MAX_SEEN && seen.first().is_some_and(|f| sent <= *f);
+    if forgotten || !seen.insert(sent) {
+        return Err(WireError::Authentication(
+            "the peer's first handshake message was seen before: a replayed message".into(),
+        ));
+    }
+    if seen.len() > MAX_SEEN {
+        seen.pop_first();
+    }
+    Ok(())
+}
 
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -452,7 +522,9 @@ impl SecureStream {
         let hs = match side {
             Side::Initiator => {
                 let mut hs = builder.build_initiator().map_err(WireError::Noise)?;
-                let n = hs.write_message(&[], &mut out).map_err(WireError::Noise)?;
+                let n = hs
+                    .write_message(&unix_nanos().to_le_bytes(), &mut out)
+                    .map_err(WireError::Noise)?;
                 write_handshake(&mut tcp, &out[..n])?;
                 let reply = read_handshake(&mut tcp, deadline)?;
                 if reply.is_empty() {
@@ -468,17 +540,26 @@ impl SecureStream {
             Side::Responder => {
                 let mut hs = builder.build_responder().map_err(WireError::Noise)?;
                 let first = read_handshake(&mut tcp, deadline)?;
-                if let Err(e) = hs.read_message(&first, &mut scratch) {
-                    let e = handshake_error(e);
-                    if matches!(e, WireError::Authentication(_)) {
-                        // Tell the initiator why, so it fails fast with the
-                        // same diagnosis. This zero length is unauthenticated,
-                        // but an attacker able to forge it could as well just
-                        // cut the connection.
-                        let _ = tcp.write_all(&[0, 0]);
+                let sent = match hs.read_message(&first, &mut scratch) {
+                    Ok(8) => u64::from_le_bytes(scratch[..8].try_into().expect("8 bytes")),
+                    Ok(n) => {
+                        return Err(WireError::Handshake(format!(
+                            "the first handshake message carries {n} bytes, not the 8 of a time"
+                        )));
                     }
-                    return Err(e);
-                }
+                    Err(e) => {
+                        let e = handshake_error(e);
+                        if matches!(e, WireError::Authentication(_)) {
+                            // Tell the initiator why, so it fails fast with
+                            // the same diagnosis. This zero length is
+                            // unauthenticated, but an attacker able to forge
+                            // it could as well just cut the connection.
+                            let _ = tcp.write_all(&[0, 0]);
+                        }
+                        return Err(e);
+                    }
+                };
+                fresh_initiation(key, sent)?;
                 let n = hs.write_message(&[], &mut out).map_err(WireError::Noise)?;
                 write_handshake(&mut tcp, &out[..n])?;
                 hs

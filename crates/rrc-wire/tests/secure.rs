@@ -689,3 +689,64 @@ fn a_read_timeout_leaves_both_halves_usable() {
     server.unwrap();
     client.unwrap();
 }
+
+/// Relays one connection, keeping a copy of what the client sent first
+/// (its handshake message, with its length).
+fn recording_relay(
+    server: std::net::SocketAddr,
+) -> (std::net::SocketAddr, thread::JoinHandle<Vec<u8>>) {
+    let l = listener();
+    let addr = l.local_addr().unwrap();
+    let h = thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut s = TcpStream::connect(server).unwrap();
+        let mut first = vec![0u8; 2];
+        c.read_exact(&mut first).unwrap();
+        let len = usize::from(u16::from_le_bytes([first[0], first[1]]));
+        first.resize(2 + len, 0);
+        c.read_exact(&mut first[2..]).unwrap();
+        s.write_all(&first).unwrap();
+        let mut s2 = s.try_clone().unwrap();
+        let mut c2 = c.try_clone().unwrap();
+        let back = thread::spawn(move || {
+            let _ = std::io::copy(&mut s2, &mut c2);
+        });
+        let _ = std::io::copy(&mut c, &mut s);
+        let _ = s.shutdown(Shutdown::Write);
+        let _ = back.join();
+        first
+    });
+    (addr, h)
+}
+
+#[test]
+fn a_recorded_first_handshake_message_is_refused_when_played_again() {
+    let k = key(41);
+    let l = listener();
+    let server = l.local_addr().unwrap();
+    let serve = {
+        let k = k.clone();
+        thread::spawn(move || {
+            (0..2)
+                .map(|_| {
+                    let (tcp, _) = l.accept().unwrap();
+                    SecureStream::server_with(tcp, &k, &quick()).map(|_| ())
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    // A genuine handshake, recorded on its way.
+    let (relay, recorded) = recording_relay(server);
+    let s = SecureStream::client_with(TcpStream::connect(relay).unwrap(), &k, &quick()).unwrap();
+    drop(s);
+    let first = recorded.join().unwrap();
+    // The same first message, played again by someone without the key.
+    let mut again = TcpStream::connect(server).unwrap();
+    again.write_all(&first).unwrap();
+    let results = serve.join().unwrap();
+    assert!(results[0].is_ok(), "{:?}", results[0]);
+    match &results[1] {
+        Err(WireError::Authentication(why)) => assert!(why.contains("replayed"), "{why}"),
+        other => panic!("a replayed first message was accepted: {other:?}"),
+    }
+}
