@@ -353,3 +353,108 @@ fn a_thousand_mutated_images_load_or_are_refused_never_panic() {
     eprintln!("1000 mutated images: {loaded} loaded, {refused} refused");
     assert!(refused > 0);
 }
+
+/// Whether process `pid` is gone (reaped if it was our child) within 2 s.
+fn gone(pid: i32) -> bool {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let p = nix::unistd::Pid::from_raw(pid);
+    for _ in 0..200 {
+        match waitpid(p, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) => return true,
+            Err(_) => {
+                if nix::sys::signal::kill(p, None).is_err() {
+                    return true;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+/// Restores of mutated images that load: each is refused with an error
+/// and leaves no process behind, or restores (a tree the image describes,
+/// killed at once); never a panic.
+#[test]
+fn mutated_images_that_load_restore_or_are_refused_cleanly() {
+    require_root();
+    let dir = scratch("rfuzz");
+    let bin = build("shmem_limit", &dir);
+    let mut fx = Fixture::start(&bin, &dir, &[]);
+    let images = dir.join("images");
+    checkpoint(&CheckpointOptions {
+        root: fx.pid,
+        images: &images,
+        leave_running: false,
+        annotations: BTreeMap::new(),
+    })
+    .unwrap();
+    fx.reap_killed();
+    let pid = fx.pid.as_raw();
+    let names = ["manifest.json".to_string(), ImageDir::process_name(pid)];
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        | 1;
+    eprintln!("mutation seed {seed}");
+    let mut rng = Rng(seed);
+    let (mut restored, mut refused, mut tried) = (0, 0, 0);
+    let mut i = 0;
+    while tried < 150 && i < 3000 {
+        i += 1;
+        let name = &names[rng.below(names.len())];
+        let copy = WorkingCopy::of(&images).unwrap();
+        let path = copy.path().join(name);
+        let text = fs::read(&path).unwrap();
+        let mutated = mutate(&text, &mut rng);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, &mutated).unwrap();
+        if rrc_ckpt::restore::load(copy.path()).is_err() {
+            continue;
+        }
+        tried += 1;
+        let r = std::panic::catch_unwind(|| {
+            rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions {
+                images: copy.path(),
+                root_flags: 0,
+                root_setup: None,
+                after_spawn: None,
+                keep_repair: false,
+            })
+        });
+        match r {
+            Ok(Ok(done)) => {
+                restored += 1;
+                let _ = nix::sys::signal::kill(done.root, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(done.root, None);
+            }
+            Ok(Err(e)) => {
+                refused += 1;
+                let at = text
+                    .iter()
+                    .zip(&mutated)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(text.len().min(mutated.len()));
+                let near = |t: &[u8]| {
+                    String::from_utf8_lossy(&t[at.saturating_sub(60)..(at + 60).min(t.len())])
+                        .into_owned()
+                };
+                assert!(
+                    gone(pid),
+                    "mutation {i} of {name} (seed {seed}): a refused restore ({e}) left process {pid} behind; at byte {at}, {:?} became {:?}",
+                    near(&text),
+                    near(&mutated)
+                );
+            }
+            Err(_) => panic!(
+                "mutation {i} of {name} (seed {seed}) panicked the restore:\n{}",
+                String::from_utf8_lossy(&mutated)
+            ),
+        }
+    }
+    eprintln!("{tried} mutated images that load: {restored} restored, {refused} refused");
+    assert!(tried >= 100, "only {tried} mutated images loaded");
+    let _ = fs::remove_dir_all(&dir);
+}

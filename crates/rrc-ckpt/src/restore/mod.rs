@@ -465,6 +465,55 @@ fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
 
 /// Restores the image at `opts.images`. On error every process created so
 /// far is killed.
+/// A restore that failed leaves nothing: every process of the tree made
+/// so far (`known`, and whatever descends from them) is killed, and each
+/// thread this process traces or parented is waited for, so that none is
+/// left a zombie held by its tracer (a traced thread is reaped by its
+/// tracer, thread by thread).
+fn discard_tree(known: &[Pid]) {
+    let mut all: Vec<Pid> = Vec::new();
+    let mut next: Vec<Pid> = known.to_vec();
+    while let Some(p) = next.pop() {
+        if all.contains(&p) {
+            continue;
+        }
+        all.push(p);
+        for tid in tasks(p) {
+            let children = std::fs::read_to_string(format!("/proc/{p}/task/{tid}/children"))
+                .unwrap_or_default();
+            next.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse().ok())
+                    .map(Pid::from_raw),
+            );
+        }
+    }
+    let threads: Vec<(Pid, Vec<Pid>)> = all.iter().map(|p| (*p, tasks(*p))).collect();
+    for p in &all {
+        let _ = kill(*p, Signal::SIGKILL);
+    }
+    for (p, tids) in threads {
+        // Threads first: a process is reaped once its threads are.
+        for tid in tids.into_iter().filter(|t| *t != p) {
+            let _ = nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL));
+        }
+        let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::__WALL));
+    }
+}
+
+/// The threads of process `p`.
+fn tasks(p: Pid) -> Vec<Pid> {
+    std::fs::read_dir(format!("/proc/{p}/task"))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .map(Pid::from_raw)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let start = Instant::now();
     let (img, m, procs) = load(opts.images)?;
@@ -566,10 +615,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     // The process holds the files it had open; their names go.
     drop(ctx.plan.ghosts.take());
     if let Err(e) = outcome {
-        let _ = kill(root_pid, Signal::SIGKILL);
-        for t in &ctx.done {
-            let _ = kill(t.pid, Signal::SIGKILL);
-        }
+        let mut pids: Vec<Pid> = ctx.done.iter().map(|t| t.pid).collect();
+        pids.push(root_pid);
+        discard_tree(&pids);
         return Err(e);
     }
     Ok(Restored {
