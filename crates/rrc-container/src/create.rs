@@ -408,7 +408,7 @@ struct ChildFailure {
     errno: i32,
 }
 
-const STAGES: [&str; 8] = [
+const STAGES: [&str; 10] = [
     "wait for setup",
     "parent-death signal",
     "new session",
@@ -417,6 +417,8 @@ const STAGES: [&str; 8] = [
     "mount /proc",
     "mount /sys",
     "exec",
+    "mask /proc and /sys",
+    "drop capabilities",
 ];
 const STAGE_EXEC: u8 = 7;
 
@@ -472,7 +474,15 @@ pub(crate) fn prepare_namespaces(hostname: &[u8]) -> std::result::Result<(), (u8
     .map_err(|e| (4, e))?;
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>).map_err(|e| (5, e))?;
-    mount(Some("sysfs"), "/sys", Some("sysfs"), nosuid, None::<&str>).map_err(|e| (6, e))?;
+    mount(
+        Some("sysfs"),
+        "/sys",
+        Some("sysfs"),
+        nosuid | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| (6, e))?;
+    crate::confine::mounts().map_err(|e| (8, e))?;
     Ok(())
 }
 
@@ -521,6 +531,9 @@ fn child_main(
     // SAFETY: restoring the default disposition installs no handler code.
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
     sys::program_umask();
+    if let Err(e) = crate::confine::capabilities() {
+        fail(9, e);
+    }
     let e = nix::unistd::execve(program, argv, envp).unwrap_err();
     fail(STAGE_EXEC, e)
 }

@@ -12,7 +12,10 @@
 //! - [`supervise`]: the rrc process's life beside the running container,
 //!   with its companions; [`epochs`]: its periodic checkpoints.
 //! - [`stop`]: stopping a container by name, from another process.
+//! - [`confine`]: what the programs inside are kept from (capabilities,
+//!   masked and read-only kernel paths).
 
+pub mod confine;
 pub mod control;
 pub mod create;
 pub mod daemon;

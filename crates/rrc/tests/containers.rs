@@ -229,3 +229,78 @@ fn an_unprivileged_user_cannot_reach_or_squat_a_containers_control_socket() {
     lab.rrc_on("primary", &["stop", "early"]).ok();
     assert_container_gone(&lab, "primary", &rec);
 }
+
+#[test]
+fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
+    // From inside: the capability bounding set is a runtime's default one,
+    // mounting is refused, the kernel's controls under /proc/sys and /sys
+    // cannot be changed, and the host's memory and keys read as nothing.
+    require_root();
+    let name = format!("conf{}", std::process::id());
+    let out = rrc(&[
+        "run",
+        "--name",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "grep CapBnd /proc/self/status; \
+         mount -t tmpfs x /mnt 2>/dev/null && echo MOUNTED; \
+         (echo 0 > /proc/sys/kernel/sysrq) 2>/dev/null && echo WROTE-SYSCTL; \
+         (echo x > /sys/kernel/uevent_helper) 2>/dev/null && echo WROTE-SYS; \
+         for f in /proc/kcore /proc/keys /proc/timer_list; do \
+           [ -e $f ] && echo $f $(wc -c < $f); done",
+    ]);
+    let text = out.stdout.clone();
+    let want = format!("{:016x}", rrc_container::confine::bounding_set());
+    assert!(text.contains(&want), "bounding set, want {want}: {out:?}");
+    for bad in ["MOUNTED", "WROTE-SYSCTL", "WROTE-SYS"] {
+        assert!(!text.contains(bad), "{bad}: {out:?}");
+    }
+    assert!(text.contains("/proc/keys 0"), "{out:?}");
+    assert!(
+        !text.contains("kcore") || text.contains("/proc/kcore 0"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_restored_container_is_kept_as_the_original_was() {
+    // Checkpointed and restored, the container's program has the same
+    // bounding set and the same masked, read-only kernel paths.
+    require_root();
+    let name = format!("confmv{}", std::process::id());
+    let images = std::env::temp_dir().join(format!("rrc-{name}-images"));
+    let _ = std::fs::remove_dir_all(&images);
+    rrc(&["run", "--detach", "--name", &name, "--", "sleep", "1000"]).ok();
+    rrc(&["checkpoint", &name, "--images", images.to_str().unwrap()]).ok();
+    rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
+    let list: serde_json::Value =
+        serde_json::from_str(&rrc(&["ps", "--json"]).ok().stdout).unwrap();
+    let rec = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name.as_str())
+        .cloned()
+        .expect("the restored container is listed");
+    let init = rec["init"]["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{init}/status")).unwrap();
+    let want = format!("{:016x}", rrc_container::confine::bounding_set());
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("CapBnd:") && l.ends_with(&want)),
+        "{status}"
+    );
+    let mounts = std::fs::read_to_string(format!("/proc/{init}/mountinfo")).unwrap();
+    for ro in [" /proc/sys ", " /sys "] {
+        let line = mounts
+            .lines()
+            .rfind(|l| l.contains(ro))
+            .unwrap_or_else(|| panic!("no {ro} mount:\n{mounts}"));
+        assert!(line.contains(" ro,") || line.contains(" ro "), "{line}");
+    }
+    rrc(&["stop", &name]).ok();
+    let _ = std::fs::remove_dir_all(&images);
+}
