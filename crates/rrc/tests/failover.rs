@@ -23,6 +23,26 @@ use rrc_bench::failover::{App, Mode, Moments, Pair, PairOptions, trial};
 /// must not fail a correct takeover; `rrc bench failover` measures it).
 const ANSWERED_WITHIN_MS: f64 = 5000.0;
 
+/// Verifying Redis clients on the lab's client host, `connections` of them
+/// for `time`.
+fn redis_load(
+    lab: &rrc_bench::session::LabSession,
+    target: std::net::SocketAddr,
+    connections: usize,
+    time: Duration,
+) -> rrc_bench::verify::VerifyReport {
+    lab.in_host(rrc_lab::Host::Client, || {
+        rrc_bench::verify::run(
+            rrc_bench::verify::Service::Redis,
+            target,
+            connections,
+            || {},
+            time,
+        )
+    })
+    .unwrap()
+}
+
 /// A pair started, and its primary host killed after 700 ms of load from
 /// 4 verifying connections, which go on for 1.5 s after.
 fn one_kill(pair: &mut Pair<'_>) -> rrc_bench::failover::Trial {
@@ -251,17 +271,7 @@ fn reprotect(tag: &str, mode: Mode) {
     let first = pair.backup_output();
     pair.kill_backup().unwrap();
     let target = pair.target();
-    let r = lab
-        .in_host(rrc_lab::Host::Client, || {
-            rrc_bench::verify::run(
-                rrc_bench::verify::Service::Redis,
-                target,
-                4,
-                || {},
-                Duration::from_secs(2),
-            )
-        })
-        .unwrap();
+    let r = redis_load(&lab, target, 4, Duration::from_secs(2));
     assert!(r.errors.is_empty(), "{r:#?}");
     assert!(r.requests > 100, "{r:#?}");
     pair.start_backup().unwrap();
@@ -398,17 +408,7 @@ fn a_backup_whose_disk_fills_does_not_take_over_and_the_primary_goes_on_unprotec
     let ballast = disk.0.join("ballast");
     fill_disk(&ballast);
     let target = pair.target();
-    let r = lab
-        .in_host(rrc_lab::Host::Client, || {
-            rrc_bench::verify::run(
-                rrc_bench::verify::Service::Redis,
-                target,
-                4,
-                || {},
-                Duration::from_secs(3),
-            )
-        })
-        .unwrap();
+    let r = redis_load(&lab, target, 4, Duration::from_secs(3));
     let said = pair.backup_output();
     assert!(r.errors.is_empty() && r.requests > 100, "{r:#?}\n{said}");
     assert!(pair.backup_running(), "the backup ended:\n{said}");
@@ -496,29 +496,11 @@ fn slow_backup(tag: &str, per_tick: usize) {
         "the primary gives the backup up",
         Duration::from_secs(30),
         || {
-            lab.in_host(rrc_lab::Host::Client, || {
-                rrc_bench::verify::run(
-                    rrc_bench::verify::Service::Redis,
-                    target,
-                    1,
-                    || {},
-                    Duration::from_millis(300),
-                )
-            })
-            .is_ok_and(|r| r.errors.is_empty() && r.requests > 10)
+            let r = redis_load(&lab, target, 1, Duration::from_millis(300));
+            r.errors.is_empty() && r.requests > 10
         },
     );
-    let r = lab
-        .in_host(rrc_lab::Host::Client, || {
-            rrc_bench::verify::run(
-                rrc_bench::verify::Service::Redis,
-                target,
-                4,
-                || {},
-                Duration::from_secs(3),
-            )
-        })
-        .unwrap();
+    let r = redis_load(&lab, target, 4, Duration::from_secs(3));
     stop.store(true, Ordering::Release);
     let st = pair.primary_status().unwrap();
     let _ = pair.stop_primary();
