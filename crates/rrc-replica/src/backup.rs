@@ -7,6 +7,12 @@
 //! and takes over from the last committed checkpoint; the log since that
 //! checkpoint is written out beside the image.
 //!
+//! Only the primary's silence makes it take over. Its own faults (a
+//! checkpoint it cannot stage or commit: a full disk) are told to the
+//! primary, which goes on unprotected; a primary that sends what cannot be
+//! accepted is dropped, not replaced. Connections are taken, and their
+//! handshakes run, by the [`crate::acceptor`].
+//!
 //! The connection is used both ways at once: the session's thread reads
 //! (staging checkpoint files, storing the log, acknowledging it), while a
 //! committer thread applies each complete checkpoint onto the image, so
