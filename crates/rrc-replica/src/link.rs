@@ -140,8 +140,6 @@ pub struct Outbox {
     /// The connection's sending half, while there is one. Taken before the
     /// queue whenever both are (the order of messages depends on it).
     writer: Mutex<Option<SecureWriter>>,
-    /// Ends the connection from outside the link's threads.
-    closer: Mutex<Option<rrc_wire::Closer>>,
 }
 
 impl Outbox {
@@ -273,16 +271,6 @@ impl Link {
         self.outbox.send_checkpoint(job);
     }
 
-    /// Gives the backup up: the connection ends at once (even a send
-    /// blocked on it), reported as [`LinkEvent::Lost`], and the link
-    /// connects again, to a backup that may have recovered or been
-    /// replaced.
-    pub fn drop_connection(&self, why: &str) {
-        if let Some(c) = crate::lock(&self.outbox.closer).as_ref() {
-            c.close(why);
-        }
-    }
-
     /// Events so far.
     pub fn events(&self) -> Vec<LinkEvent> {
         self.events.try_iter().collect()
@@ -327,7 +315,6 @@ fn run(side: Side) {
         };
         reported_unreachable = false;
         let (reader, writer) = stream.split();
-        *crate::lock(&side.outbox.closer) = Some(writer.closer());
         *side.outbox.lock_writer() = Some(writer);
         {
             let mut q = side.outbox.lock();
@@ -366,7 +353,6 @@ fn run(side: Side) {
             }
             Err(e) => Err(LinkError::Wire(WireError::Io(e))),
         };
-        crate::lock(&side.outbox.closer).take();
         let writer = side.outbox.lock_writer().take();
         drop(writer);
         let jobs: Vec<Job> = {

@@ -514,8 +514,6 @@ impl Companion for Primary {
         }
         if let Some(why) = self.checkpoint_overdue() {
             self.unprotected(why);
-            // A new connection finds it recovered, or another backup.
-            self.link.drop_connection(why);
         }
         if let Some((log, _)) = &self.log
             && log.take_checkpoint_request()

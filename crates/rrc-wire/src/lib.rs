@@ -18,5 +18,5 @@ mod test_dir;
 pub use error::{Result, WireError};
 pub use frame::{DEFAULT_MAX_PAYLOAD, Decoder, Encoder};
 pub use message::{Message, MessageType, Role};
-pub use secure::{Closer, Key, SecureConfig, SecureReader, SecureStream, SecureWriter};
+pub use secure::{Key, SecureConfig, SecureReader, SecureStream, SecureWriter};
 pub use stage::Stage;

@@ -444,20 +444,6 @@ impl Shared {
     }
 }
 
-/// Ends a connection from any thread, for a caller that gave up on the
-/// peer: both halves fail at once, even one blocked in the kernel.
-#[derive(Clone)]
-pub struct Closer(Arc<Shared>);
-
-impl Closer {
-    pub fn close(&self, why: &str) {
-        let _ = self.0.fail(
-            Half::Writer,
-            WireError::Io(std::io::Error::other(why.to_string())),
-        );
-    }
-}
-
 impl std::fmt::Debug for SecureStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SecureStream")
@@ -756,11 +742,6 @@ impl SecureWriter {
             Half::Writer,
             WireError::Io(std::io::Error::other(why.to_string())),
         );
-    }
-
-    /// A handle that ends this connection from another thread.
-    pub fn closer(&self) -> Closer {
-        Closer(Arc::clone(&self.shared))
     }
 
     /// Passes through to [`TcpStream::set_write_timeout`]. A send that

