@@ -49,9 +49,9 @@ const IMMEDIATE_RETRY: Duration = Duration::from_millis(10);
 /// with its parent after that.
 const CHILD_WAIT: Duration = Duration::from_secs(5);
 /// The slowest a checkpoint may go to the backup (bytes per second): one
-/// that takes longer than the link's timeout plus its size at this rate
-/// loses the backup, which would otherwise hold replies for as long as it
-/// trickles.
+/// that takes longer than the link's timeout, a second, and its size at
+/// this rate loses the backup, which would otherwise hold replies for as
+/// long as it trickles.
 const MIN_SEND_RATE: u64 = 4 << 20;
 /// After the backup said it cannot keep checkpoints (a full disk), how
 /// long before a full checkpoint is tried again.
@@ -365,7 +365,11 @@ impl Primary {
         match f.sent {
             None => {
                 let (at, bytes) = f.handed;
-                let allowed = timeout + Duration::from_millis(bytes / (MIN_SEND_RATE / 1000));
+                // A second besides: a loaded machine must not lose a
+                // backup that is merely slow.
+                let allowed = timeout
+                    + Duration::from_secs(1)
+                    + Duration::from_millis(bytes / (MIN_SEND_RATE / 1000));
                 (at.elapsed() > allowed).then_some("the backup did not take a checkpoint in time")
             }
             Some((at, bytes)) => {
