@@ -225,9 +225,6 @@ fn build_aside(
             None
         };
         let mut index = PageIndex::new(old.map(|o| o.pages).unwrap_or_default());
-        for &(s, e) in &p.holes {
-            index.remove(s, e);
-        }
         let pages_path = img.pages_file(*pid);
         let out = OpenOptions::new()
             .create(true)
@@ -241,6 +238,13 @@ fn build_aside(
             .map_err(|e| Error::image(&pages_path, e))?
             .len();
         grown.push((pages_path.clone(), end));
+        // Space the image's records do not name (pages gone or replaced
+        // by earlier deltas) takes new pages first: writing there leaves
+        // the image as it is. Computed before anything changes.
+        let mut free = index.free_space(end);
+        for &(s, e) in &p.holes {
+            index.remove(s, e);
+        }
         if !p.pages.is_empty() {
             let src_path = d.pages_file(*pid);
             let src = File::open(&src_path).map_err(|e| Error::image(&src_path, e))?;
@@ -253,11 +257,14 @@ fn build_aside(
                         path: src_path.clone(),
                         detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
                     })?;
-                // Appended, never written over: the old records still
-                // describe the old image's pages.
-                let at = index.append_over(r.start, r.count, &mut end);
-                out.write_all_at(data, at)
-                    .map_err(|e| Error::image(&pages_path, e))?;
+                // Never over a page the old records name: in free space,
+                // or appended.
+                for (start, count, at) in index.place_new(r.start, r.count, &mut free, &mut end) {
+                    let from = (start - r.start) as usize;
+                    let n = (count * PAGE_SIZE) as usize;
+                    out.write_all_at(&data[from..from + n], at)
+                        .map_err(|e| Error::image(&pages_path, e))?;
+                }
                 report.bytes += len as u64;
             }
         }
@@ -536,12 +543,65 @@ impl PageIndex {
         }
     }
 
-    /// Stores the `count` pages from `start` anew, appended at `*end`
-    /// (which moves on), in place of wherever they were; returns where.
-    pub fn append_over(&mut self, start: u64, count: u64, end: &mut u64) -> u64 {
+    /// The byte ranges of a pages file of `len` bytes that no run names:
+    /// `(offset, length)`, in order.
+    pub fn free_space(&self, len: u64) -> Vec<(u64, u64)> {
+        let mut used: Vec<(u64, u64)> = self
+            .runs
+            .values()
+            .map(|&(count, offset)| (offset, offset + count * PAGE_SIZE))
+            .collect();
+        used.sort_unstable();
+        let mut free = Vec::new();
+        let mut at = 0;
+        for (s, e) in used {
+            if s > at {
+                free.push((at, s - at));
+            }
+            at = at.max(e);
+        }
+        if len > at {
+            free.push((at, len - at));
+        }
+        free
+    }
+
+    /// Stores the `count` pages from `start` anew, in place of wherever
+    /// they were: in the ranges of `free` (taken from it, first fit), the
+    /// rest appended at `*end` (which moves on). Returns the pieces
+    /// `(start, count, file offset)`.
+    pub fn place_new(
+        &mut self,
+        start: u64,
+        count: u64,
+        free: &mut Vec<(u64, u64)>,
+        end: &mut u64,
+    ) -> Vec<(u64, u64, u64)> {
         let stop = start + count * PAGE_SIZE;
         self.remove(start, stop);
-        self.append(start, stop, end).2
+        let mut out = Vec::new();
+        let mut at = start;
+        while at < stop && !free.is_empty() {
+            let (offset, len) = free[0];
+            let pages = (len / PAGE_SIZE).min((stop - at) / PAGE_SIZE);
+            if pages == 0 {
+                free.remove(0);
+                continue;
+            }
+            let bytes = pages * PAGE_SIZE;
+            if bytes == len {
+                free.remove(0);
+            } else {
+                free[0] = (offset + bytes, len - bytes);
+            }
+            self.runs.insert(at, (pages, offset));
+            out.push((at, pages, offset));
+            at += bytes;
+        }
+        if at < stop {
+            out.push(self.append(at, stop, end));
+        }
+        out
     }
 
     fn append(&mut self, from: u64, to: u64, end: &mut u64) -> (u64, u64, u64) {
@@ -589,12 +649,18 @@ mod tests {
             for (stamp, op) in ops.into_iter().enumerate() {
                 match op {
                     Op::Write(s, n) => {
-                        let before = end;
-                        let at = index.append_over(s * PAGE_SIZE, n, &mut end);
-                        // Appended: nothing stored before is written over.
-                        prop_assert_eq!(at, before);
-                        for i in 0..n {
-                            file.insert(at + i * PAGE_SIZE, stamp as u64 * 1000 + s + i);
+                        // Nothing the index names before is written over.
+                        let named: Vec<PageRun> = index.runs();
+                        let mut free = index.free_space(end);
+                        for (start, count, at) in index.place_new(s * PAGE_SIZE, n, &mut free, &mut end) {
+                            for r in &named {
+                                let (a, b) = (r.offset, r.offset + r.count * PAGE_SIZE);
+                                prop_assert!(at + count * PAGE_SIZE <= a || at >= b);
+                            }
+                            for i in 0..count {
+                                let page = start / PAGE_SIZE + i;
+                                file.insert(at + i * PAGE_SIZE, stamp as u64 * 1000 + page);
+                            }
                         }
                         for page in s..s + n {
                             model.insert(page, stamp as u64 * 1000 + page);
