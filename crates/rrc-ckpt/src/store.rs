@@ -140,9 +140,10 @@ fn next_of(image: &Path) -> PathBuf {
 ///
 /// The image stays whole whatever happens (a full disk, a crash of the
 /// applying process): the result is built aside, in a directory next to
-/// it, and replaces it in one atomic exchange. New pages are appended to the image's pages files
-/// (whose old runs the old records still describe), the new records and
-/// files are written in the directory aside, which links the pages files;
+/// it, and replaces it in one atomic exchange. New pages go into the
+/// image's pages files where the old records name nothing, or at their
+/// end, never over a page those records name; the new records and files
+/// are written in the directory aside, which links the pages files;
 /// a pages file to compact is written there anew. On an error the
 /// directory aside is removed and the pages files cut back to their old
 /// length.
