@@ -122,14 +122,17 @@ fn redis_checkpointed_every_100ms_for_a_minute_under_load_restores_to_the_last_c
         stdout.contains("series of container redis done"),
         "{stdout}"
     );
-    // About 600 checkpoints at 100 ms (a few may be late).
+    // About 600 checkpoints at 100 ms. An epoch whose checkpoint and apply
+    // take longer than it is skipped; on a loaded CI machine, with a debug
+    // build, that is often (the speed is measured by `rrc bench pause`):
+    // the series must keep going, at half the pace at least.
     let count: u64 = stdout
         .split_whitespace()
         .skip_while(|w| *w != "done")
         .nth(1)
         .and_then(|w| w.parse().ok())
         .unwrap_or(0);
-    assert!(count >= 500, "only {count} checkpoints: {stdout}\n{stderr}");
+    assert!(count >= 300, "only {count} checkpoints: {stdout}\n{stderr}");
 
     let a = addr.clone();
     let (want, keys) = lab.on("client", move || {
