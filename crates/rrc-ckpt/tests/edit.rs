@@ -263,6 +263,18 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
 struct Rng(u64);
 
 impl Rng {
+    /// Seeded from the clock; the seed is printed, and returned for
+    /// reports, so that a failing run can be repeated.
+    fn from_clock() -> (u64, Rng) {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        eprintln!("mutation seed {seed}");
+        (seed, Rng(seed))
+    }
+
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -273,6 +285,19 @@ impl Rng {
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
+}
+
+/// A working copy of `images` whose file `name` is mutated once; the
+/// file's text before and after.
+fn mutated_copy(images: &Path, name: &str, rng: &mut Rng) -> (WorkingCopy, Vec<u8>, Vec<u8>) {
+    let copy = WorkingCopy::of(images).unwrap();
+    let path = copy.path().join(name);
+    let text = fs::read(&path).unwrap();
+    let mutated = mutate(&text, rng);
+    // Removed first: the copy's files are links to the image's.
+    fs::remove_file(&path).unwrap();
+    fs::write(&path, &mutated).unwrap();
+    (copy, text, mutated)
 }
 
 /// One mutation of a JSON record: a byte changed, a number replaced by a
@@ -324,22 +349,11 @@ fn a_thousand_mutated_images_load_or_are_refused_never_panic() {
         "manifest.json".to_string(),
         ImageDir::process_name(fx.pid.as_raw()),
     ];
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1;
-    eprintln!("mutation seed {seed}");
-    let mut rng = Rng(seed);
+    let (seed, mut rng) = Rng::from_clock();
     let (mut loaded, mut refused) = (0, 0);
     for i in 0..1000 {
         let name = &names[rng.below(names.len())];
-        let copy = WorkingCopy::of(&images).unwrap();
-        let path = copy.path().join(name);
-        let text = fs::read(&path).unwrap();
-        let mutated = mutate(&text, &mut rng);
-        fs::remove_file(&path).unwrap();
-        fs::write(&path, &mutated).unwrap();
+        let (copy, _text, mutated) = mutated_copy(&images, name, &mut rng);
         let r = std::panic::catch_unwind(|| ImageEdit::open(copy.path()).map(|_| ()));
         match r {
             Ok(Ok(())) => loaded += 1,
@@ -393,24 +407,13 @@ fn mutated_images_that_load_restore_or_are_refused_cleanly() {
     fx.reap_killed();
     let pid = fx.pid.as_raw();
     let names = ["manifest.json".to_string(), ImageDir::process_name(pid)];
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(1)
-        | 1;
-    eprintln!("mutation seed {seed}");
-    let mut rng = Rng(seed);
+    let (seed, mut rng) = Rng::from_clock();
     let (mut restored, mut refused, mut tried) = (0, 0, 0);
     let mut i = 0;
     while tried < 150 && i < 3000 {
         i += 1;
         let name = &names[rng.below(names.len())];
-        let copy = WorkingCopy::of(&images).unwrap();
-        let path = copy.path().join(name);
-        let text = fs::read(&path).unwrap();
-        let mutated = mutate(&text, &mut rng);
-        fs::remove_file(&path).unwrap();
-        fs::write(&path, &mutated).unwrap();
+        let (copy, text, mutated) = mutated_copy(&images, name, &mut rng);
         if rrc_ckpt::restore::load(copy.path()).is_err() {
             continue;
         }
