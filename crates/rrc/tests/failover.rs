@@ -43,11 +43,9 @@ fn redis_load(
     .unwrap()
 }
 
-/// A pair started, and its primary host killed after 700 ms of load from
-/// 4 verifying connections, which go on for 1.5 s after.
-fn one_kill(pair: &mut Pair<'_>) -> rrc_bench::failover::Trial {
-    pair.start_backup().unwrap();
-    pair.start_primary().unwrap();
+/// The pair's primary host killed after 700 ms of load from 4 verifying
+/// connections, which go on for 1.5 s after.
+fn kill_under_load(pair: &mut Pair<'_>) -> rrc_bench::failover::Trial {
     trial(
         pair,
         4,
@@ -55,6 +53,23 @@ fn one_kill(pair: &mut Pair<'_>) -> rrc_bench::failover::Trial {
         Duration::from_millis(1500),
     )
     .unwrap()
+}
+
+/// A pair started, then [`kill_under_load`].
+fn one_kill(pair: &mut Pair<'_>) -> rrc_bench::failover::Trial {
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    kill_under_load(pair)
+}
+
+/// No client saw an error and every connection was answered again in
+/// time; `said` goes with a failure.
+#[track_caller]
+fn assert_recovered(t: &rrc_bench::failover::Trial, said: &str) {
+    assert!(
+        t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+        "{t:#?}\n{said}"
+    );
 }
 
 /// A takeover whose replay diverges (injected: the backup's replay takes
@@ -118,10 +133,7 @@ fn connections_accepted_after_the_checkpoint_are_carried_over() {
         for attempt in 0..3 {
             let t = one_kill(&mut pair);
             let out = pair.backup_output();
-            assert!(
-                t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
-                "{t:#?}\n{out}"
-            );
+            assert_recovered(&t, &out);
             let line = out
                 .lines()
                 .find(|l| l.starts_with("replayed the log:"))
@@ -276,17 +288,13 @@ fn reprotect(tag: &str, mode: Mode) {
     assert!(r.requests > 100, "{r:#?}");
     pair.start_backup().unwrap();
     pair.wait_protected(Duration::from_secs(30)).unwrap();
-    let t = trial(
-        &mut pair,
-        4,
-        Duration::from_millis(700),
-        Duration::from_millis(1500),
-    )
-    .unwrap();
-    assert!(
-        t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
-        "{t:#?}\nfirst backup:\n{first}\nsecond backup:\n{}",
-        pair.backup_output()
+    let t = kill_under_load(&mut pair);
+    assert_recovered(
+        &t,
+        &format!(
+            "first backup:\n{first}\nsecond backup:\n{}",
+            pair.backup_output()
+        ),
     );
 }
 
@@ -422,18 +430,8 @@ fn a_backup_whose_disk_fills_does_not_take_over_and_the_primary_goes_on_unprotec
     wait_until("protected again", Duration::from_secs(30), || {
         pair.primary_status().is_ok_and(|s| s.protected)
     });
-    let t = trial(
-        &mut pair,
-        4,
-        Duration::from_millis(700),
-        Duration::from_millis(1500),
-    )
-    .unwrap();
-    assert!(
-        t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
-        "{t:#?}\n{}",
-        pair.backup_output()
-    );
+    let t = kill_under_load(&mut pair);
+    assert_recovered(&t, &pair.backup_output());
 }
 
 /// A backup that welcomes the primary and then reads `per_tick` bytes every
