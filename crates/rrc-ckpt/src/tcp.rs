@@ -149,8 +149,9 @@ fn peek(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Vec<u8>> {
 /// Puts the socket in repair mode and reads its state and queued data
 /// (send queue, then receive queue). The socket stays in repair mode; on
 /// an error it leaves it again (quietly), as it was.
-pub fn dump(fd: BorrowedFd<'_>) -> std::io::Result<(TcpState, Vec<u8>, Vec<u8>)> {
-    let reuseaddr = sys::getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR)?;
+/// `reuseaddr` is the socket's `SO_REUSEADDR` from before (repair mode
+/// changes it), put back if it leaves repair mode here.
+pub fn dump(fd: BorrowedFd<'_>, reuseaddr: i32) -> std::io::Result<(TcpState, Vec<u8>, Vec<u8>)> {
     sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1)?;
     let read = read_in_repair(fd);
     if read.is_err() {
@@ -163,16 +164,34 @@ pub fn dump(fd: BorrowedFd<'_>) -> std::io::Result<(TcpState, Vec<u8>, Vec<u8>)>
 /// with the `SO_REUSEADDR` it had before (repair mode forces it, leaving
 /// clears it); says so if it cannot.
 fn back_from_repair(fd: BorrowedFd<'_>, reuseaddr: i32) {
-    let back = leave_repair_quietly(fd).and_then(|()| {
-        if reuseaddr != 0 {
-            sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuseaddr)
-        } else {
-            Ok(())
-        }
-    });
-    if let Err(e) = back {
+    if let Err(e) = leave_repair_keeping(fd, reuseaddr, false) {
         tracing::warn!(error = %e, "a TCP connection stays in repair mode");
     }
+}
+
+/// Ends repair mode, with the window probe that makes the peer resend
+/// what it must (`probe`, for a restored connection) or without a word
+/// (for one that goes on), and puts back the `SO_REUSEADDR` the socket had
+/// before repair mode (which sets it, and leaving it clears it).
+pub fn leave_repair_keeping(
+    fd: BorrowedFd<'_>,
+    reuseaddr: i32,
+    probe: bool,
+) -> std::io::Result<()> {
+    if probe {
+        leave_repair(fd)?;
+    } else {
+        leave_repair_quietly(fd)?;
+    }
+    sys::setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, reuseaddr)
+}
+
+/// The `SO_REUSEADDR` among a socket's saved options (0 if not saved).
+pub fn saved_reuseaddr(options: &[(i32, i32, i32)]) -> i32 {
+    options
+        .iter()
+        .find(|(l, n, _)| *l == libc::SOL_SOCKET && *n == libc::SO_REUSEADDR)
+        .map_or(0, |o| o.2)
 }
 
 /// What [`dump`] reads once the socket is in repair mode.

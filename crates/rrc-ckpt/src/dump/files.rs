@@ -590,16 +590,13 @@ fn socket_kind(
                     tcp::state_name(info.state)
                 )));
             }
-            let (st, sndq, rcvq) = tcp::dump(s.as_fd()).map_err(Error::io(format!(
+            let reuseaddr = tcp::saved_reuseaddr(&options);
+            let (st, sndq, rcvq) = tcp::dump(s.as_fd(), reuseaddr).map_err(Error::io(format!(
                 "read TCP connection {local} -> {peer} of process {pid}"
             )))?;
             // Kept open: the connection stays in repair mode until the
             // checkpoint ends (then it dies silently, or leaves repair
             // mode quietly if the tree goes on, or the checkpoint fails).
-            let reuseaddr = options
-                .iter()
-                .find(|(l, n, _)| *l == libc::SOL_SOCKET && *n == libc::SO_REUSEADDR)
-                .map_or(0, |o| o.2);
             table.repaired.push(s, reuseaddr);
             let data = table.put_blob(img, &[sndq, rcvq].concat())?;
             Ok(Ok(FileKind::Tcp {

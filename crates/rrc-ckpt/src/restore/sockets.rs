@@ -453,14 +453,10 @@ pub fn create(
             let reuse = files
                 .iter()
                 .find(|f| f.id == id)
-                .and_then(|f| match &f.kind {
-                    FileKind::Tcp { options, .. } => options
-                        .iter()
-                        .find(|(l, n, _)| *l == libc::SOL_SOCKET && *n == libc::SO_REUSEADDR)
-                        .map(|o| o.2),
-                    _ => None,
-                })
-                .unwrap_or(0);
+                .map_or(0, |f| match &f.kind {
+                    FileKind::Tcp { options, .. } => tcp::saved_reuseaddr(options),
+                    _ => 0,
+                });
             repaired.push(Repaired {
                 fd: s,
                 reuseaddr: reuse,
@@ -480,13 +476,7 @@ impl Repaired {
     /// Ends repair mode (the window probe makes the peer resend what it
     /// must) and puts back what leaving repair mode resets.
     pub fn finish(&self) -> std::io::Result<()> {
-        tcp::leave_repair(self.fd.as_fd())?;
-        sys::setsockopt_int(
-            self.fd.as_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            self.reuseaddr,
-        )
+        tcp::leave_repair_keeping(self.fd.as_fd(), self.reuseaddr, true)
     }
 }
 
