@@ -143,7 +143,15 @@ fn accept_loop(
             continue;
         };
         let id = shared.next.fetch_add(1, Ordering::Relaxed);
-        crate::lock(&shared.pending).insert(id, clone);
+        {
+            let mut pending = crate::lock(&shared.pending);
+            // Stopped since the accept: `stop` has shut the others down
+            // already (it sets the flag before it takes this lock).
+            if shared.stop.load(Ordering::Acquire) {
+                let _ = clone.shutdown(Shutdown::Both);
+            }
+            pending.insert(id, clone);
+        }
         let (key, node, s, tx) = (
             key.clone(),
             node.to_string(),
