@@ -79,16 +79,15 @@ fn normalize(e: &str) -> Result<String, ArbiterError> {
     if hostport.is_empty() || hostport.contains(['/', '@', ' ']) {
         return Err(bad());
     }
-    // An IPv6 address is written in brackets; a port follows the last ':'.
-    let has_port = match hostport.rsplit_once(':') {
-        Some((host, port))
-            if !host.ends_with(':') && !(host.contains(':') && !host.ends_with(']')) =>
-        {
-            port.parse::<u16>().map_err(|_| bad())?;
-            true
-        }
-        _ => false,
+    // An IPv6 address is written in brackets; a port follows them.
+    let port = match hostport.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').ok_or_else(bad)?.1.strip_prefix(':'),
+        None => hostport.split_once(':').map(|(_, p)| p),
     };
+    if let Some(p) = port {
+        p.parse::<u16>().map_err(|_| bad())?;
+    }
+    let has_port = port.is_some();
     Ok(if has_port {
         format!("http://{hostport}")
     } else {
