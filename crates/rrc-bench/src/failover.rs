@@ -176,6 +176,10 @@ pub struct PairOptions {
     /// Tests of the fallback only: the backup's replay diverges at its
     /// first record.
     pub inject_divergence: bool,
+    /// The arbiter both sides ask (etcd endpoints); without one the
+    /// primary runs with `--allow-split-brain` and the backup fences it
+    /// by killing its lab host.
+    pub arbiter: Option<String>,
 }
 
 impl Default for PairOptions {
@@ -186,6 +190,7 @@ impl Default for PairOptions {
             mode: Mode::Checkpoint,
             release_at_commit: false,
             inject_divergence: false,
+            arbiter: None,
         }
     }
 }
@@ -195,6 +200,8 @@ impl Default for PairOptions {
 pub struct TakeoverLine {
     pub epoch: u64,
     pub silent_ms: f64,
+    /// The claim of the service from the arbiter (0 without one).
+    pub arbiter_ms: f64,
     pub fence_ms: f64,
     /// From the decision to the service running again (in responsive
     /// mode: restore, replay and the connections).
@@ -227,11 +234,12 @@ fn numbers(line: &str) -> Vec<f64> {
 }
 
 impl TakeoverLine {
-    /// Parses "took over from checkpoint N: primary silent X ms, fence Y
-    /// ms, restore Z ms", and the replay's or the fallback's line.
+    /// Parses "took over from checkpoint N: primary silent X ms, arbiter
+    /// A ms, fence Y ms, restore Z ms", and the replay's or the
+    /// fallback's line.
     pub fn parse(out: &str) -> Option<TakeoverLine> {
         let line = out.lines().find(|l| l.starts_with("took over from"))?;
-        let [epoch, silent, fence, restore] = numbers(line)[..] else {
+        let [epoch, silent, arbiter, fence, restore] = numbers(line)[..] else {
             return None;
         };
         let replay = out
@@ -265,6 +273,7 @@ impl TakeoverLine {
         Some(TakeoverLine {
             epoch: epoch as u64,
             silent_ms: silent,
+            arbiter_ms: arbiter,
             fence_ms: fence,
             restore_ms: restore,
             replay,
@@ -275,8 +284,8 @@ impl TakeoverLine {
     /// For a report: the takeover's steps.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "the backup took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms",
-            self.epoch, self.silent_ms, self.fence_ms
+            "the backup took over from checkpoint {}: primary silent {:.0} ms, arbiter {:.1} ms, fence {:.0} ms",
+            self.epoch, self.silent_ms, self.arbiter_ms, self.fence_ms
         );
         match (&self.replay, &self.fallback) {
             (Some(r), _) => {
@@ -418,6 +427,9 @@ impl<'a> Pair<'a> {
                 &path_str(&self.backup_dir),
             ],
         );
+        if let Some(a) = &self.opts.arbiter {
+            cmd.args(["--arbiter", a]);
+        }
         if self.opts.inject_divergence {
             cmd.env(rrc_replica::takeover::INJECT_DIVERGENCE_ENV, "1");
         }
@@ -490,6 +502,12 @@ impl<'a> Pair<'a> {
         ];
         if self.opts.release_at_commit {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
+        }
+        let at = argv.len() - 1;
+        match &self.opts.arbiter {
+            Some(a) => argv.splice(at..at, ["--arbiter", a.as_str()]).for_each(drop),
+            // The backup fences this host (kills it) before taking over.
+            None => argv.insert(at, "--allow-split-brain"),
         }
         let command = self.app.command()?;
         argv.extend(command.iter().map(String::as_str));
@@ -955,11 +973,12 @@ mod tests {
     #[test]
     fn takeover_line_parses() {
         let t = TakeoverLine::parse(
-            "x\ntook over from checkpoint 2137: primary silent 345 ms, fence 4 ms, restore 51 ms\n",
+            "x\ntook over from checkpoint 2137: primary silent 345 ms, arbiter 2.5 ms, fence 4 ms, restore 51 ms\n",
         )
         .unwrap();
         assert_eq!(t.epoch, 2137);
         assert_eq!(t.silent_ms, 345.0);
+        assert_eq!(t.arbiter_ms, 2.5);
         assert_eq!(t.fence_ms, 4.0);
         assert_eq!(t.restore_ms, 51.0);
         assert!(TakeoverLine::parse("took over from checkpoint x").is_none());

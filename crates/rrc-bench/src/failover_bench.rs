@@ -195,7 +195,7 @@ fn summarize(app: App, trials: &[Trial]) -> Recovery {
             .count(),
         resume_avg: avg(&|t| {
             let k = tk(t);
-            first(t) - k.silent_ms - k.fence_ms - k.restore_ms
+            first(t) - k.silent_ms - k.arbiter_ms - k.fence_ms - k.restore_ms
         }),
     }
 }

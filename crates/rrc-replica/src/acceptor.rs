@@ -34,6 +34,10 @@ pub struct Greeted {
     /// The name it gave.
     pub node: String,
     pub peer: SocketAddr,
+    /// The service it replicates.
+    pub service: String,
+    /// The arbiter's term it serves under, if it has an arbiter.
+    pub term: Option<u64>,
 }
 
 /// What handshake threads share with the acceptor.
@@ -79,6 +83,11 @@ impl Acceptor {
     /// `None` once the acceptor has stopped.
     pub fn next(&self) -> Option<Greeted> {
         self.greeted.recv().ok()
+    }
+
+    /// The next primary that completes its handshake within `d`, if any.
+    pub fn next_within(&self, d: Duration) -> Option<Greeted> {
+        self.greeted.recv_timeout(d).ok()
     }
 
     /// Ends every thread of the acceptor, at once.
@@ -214,10 +223,12 @@ fn handshake(tcp: TcpStream, peer: SocketAddr, key: &Key, node: &str) -> Option<
         }
     };
     match hello(&mut s, node) {
-        Ok(node) => Some(Greeted {
+        Ok((node, service, term)) => Some(Greeted {
             stream: s,
             node,
             peer,
+            service,
+            term,
         }),
         Err(e) => {
             tracing::warn!(%peer, error = %e, "not a primary");
@@ -226,14 +237,17 @@ fn handshake(tcp: TcpStream, peer: SocketAddr, key: &Key, node: &str) -> Option<
     }
 }
 
-fn hello(s: &mut SecureStream, node: &str) -> Result<String, String> {
+/// The primary's hello, answered: its node, service and term.
+fn hello(s: &mut SecureStream, node: &str) -> Result<(String, String, Option<u64>), String> {
     s.set_read_timeout(Some(HELLO_LIMIT))
         .map_err(|e| e.to_string())?;
     let theirs = match s.recv().map_err(|e| e.to_string())? {
         Message::Hello {
             role: Role::Primary,
             node,
-        } => node,
+            service,
+            term,
+        } => (node, service, term),
         other => return Err(format!("expected a primary's hello, got {other:?}")),
     };
     s.send(&Message::Welcome { node: node.into() })

@@ -3,8 +3,10 @@
 //! into its image once complete, keeps the log the primary streams in
 //! responsive mode (acknowledging what it holds without a gap), and
 //! answers heartbeats. When the primary falls silent (no message for the
-//! timeout) or its connection breaks, the backup fences it (if told how)
-//! and takes over from the last committed checkpoint; the log since that
+//! timeout) or its connection breaks, the backup claims the service from
+//! the arbiter (if there is one: a primary that lives and claimed first
+//! keeps it), fences it (if told how) and takes over from the last
+//! committed checkpoint; the log since that
 //! checkpoint is written out beside the image.
 //!
 //! Only the primary's silence makes it take over. Its own faults (a
@@ -26,6 +28,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rrc_arbiter::{Arbiter, Claim};
 use rrc_ckpt::image::ImageDir;
 use rrc_container::launch::{Launch, Source};
 use rrc_session::recording::{RecordingAnnotation, RecordingDir};
@@ -33,6 +36,7 @@ use rrc_wire::{Key, Message, SecureReader, SecureStream, SecureWriter, Stage, Wi
 
 use crate::Error;
 use crate::acceptor::{Acceptor, Greeted};
+use crate::arbitration::{Arbitration, CLAIM_RETRY};
 use crate::log_store::LogStore;
 use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::takeover::{Fallback, ReplayOutcome, by_replay, from_checkpoint};
@@ -48,6 +52,8 @@ pub struct BackupOptions {
     /// A command that makes sure the primary is down before taking over
     /// (run with `sh -c`; it must succeed).
     pub fence: Option<String>,
+    /// Who decides which side serves: a takeover waits for its claim.
+    pub arbiter: Option<Arc<dyn Arbiter>>,
     pub node: String,
 }
 
@@ -58,6 +64,8 @@ pub struct Takeover {
     pub epoch: u64,
     /// From the primary's last message to the decision.
     pub silent_for: Duration,
+    /// The claim of the service from the arbiter, if there is one.
+    pub arbiter: Option<Duration>,
     pub fence: Duration,
     /// From the decision to the service running again.
     pub restore: Duration,
@@ -298,17 +306,45 @@ pub fn serve(
             source: e,
         })?;
     let mut committed: Option<Committed> = None;
-    loop {
+    // The term the committed checkpoint was sent under.
+    let mut committed_term: Option<u64> = None;
+    // A primary that connected while a takeover waited for the arbiter.
+    let mut arrived: Option<Greeted> = None;
+    'primaries: loop {
         let Some(Greeted {
             stream: s,
             node,
             peer,
-        }) = acceptor.next()
+            service,
+            term,
+        }) = arrived.take().or_else(|| acceptor.next())
         else {
             return Err(Error::Protocol("the acceptor stopped".into()));
         };
+        match (&opts.arbiter, term) {
+            (Some(_), None) => {
+                eprintln!(
+                    "rrc backup: refused primary {node} ({peer}): it has no arbiter and this backup does (start it with the same --arbiter)"
+                );
+                continue;
+            }
+            (None, Some(_)) => {
+                eprintln!(
+                    "rrc backup: refused primary {node} ({peer}): it serves under an arbiter's term and this backup has no --arbiter (a takeover would not ask it)"
+                );
+                continue;
+            }
+            _ => {}
+        }
+        if term != committed_term {
+            // A checkpoint of another term is of a service that moved on
+            // without this backup: never a state to take over from.
+            committed = None;
+            let _ = fs::remove_dir_all(&image);
+        }
         eprintln!("rrc backup: primary {node} ({peer}) connected");
         let (end, log) = session(s, opts, &image, &mut committed);
+        committed_term = committed.as_ref().and(term);
         match end {
             SessionEnd::Clean => {
                 eprintln!("rrc backup: primary {node} stopped cleanly; waiting for a primary");
@@ -334,29 +370,113 @@ pub fn serve(
                     "rrc backup: primary {node} failed ({reason}); taking over from checkpoint {} of series {}",
                     c.epoch, c.series
                 );
+                let arbitrated = match (&opts.arbiter, term) {
+                    (Some(arbiter), Some(term)) => {
+                        let mut a = Arbitration::watch(
+                            arbiter.clone(),
+                            &service,
+                            &opts.node,
+                            &node,
+                            term,
+                        );
+                        match claim(&mut a, &node, &acceptor) {
+                            Claimed::Won(took) => Some(took),
+                            Claimed::Lost => {
+                                committed = None;
+                                committed_term = None;
+                                let _ = fs::remove_dir_all(&image);
+                                continue 'primaries;
+                            }
+                            Claimed::Returned(g) => {
+                                arrived = Some(g);
+                                continue 'primaries;
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 // The takeover forks the restored container's supervisor:
                 // no thread of the acceptor may be left.
                 acceptor.stop();
-                let t0 = Instant::now();
+                let t1 = Instant::now();
                 if let Some(cmd) = &opts.fence {
                     fence(cmd)?;
                 }
-                let fenced = t0.elapsed();
+                let fenced = t1.elapsed();
                 let log = match (&c.position, log) {
                     (Some(_), Some(store)) => write_log(&store, &image, &log_dir),
                     (Some(_), None) => LogFound::Lost("no log was kept".into()),
                     (None, _) => LogFound::None,
                 };
-                let t1 = Instant::now();
+                let t2 = Instant::now();
                 let resumed = resume(&image, &log).map_err(Error::Takeover)?;
                 return Ok(Takeover {
                     epoch: c.epoch,
                     silent_for,
+                    arbiter: arbitrated,
                     fence: fenced,
-                    restore: t1.elapsed(),
+                    restore: t2.elapsed(),
                     resumed,
                     log,
                 });
+            }
+        }
+    }
+}
+
+/// How a takeover's claim ended.
+enum Claimed {
+    /// The arbiter gave the service to this host (after this long).
+    Won(Duration),
+    /// The primary still serves: no takeover.
+    Lost,
+    /// A primary connected while the arbiter could not be reached: the
+    /// link is back, and nothing was decided.
+    Returned(Greeted),
+}
+
+/// Claims the service from the arbiter before a takeover, asking again
+/// while it cannot be reached (nothing is restored meanwhile), unless a
+/// primary connects first.
+fn claim(a: &mut Arbitration, primary: &str, acceptor: &Acceptor) -> Claimed {
+    let started = Instant::now();
+    let mut said = false;
+    loop {
+        let d = a.claim();
+        match d.claim {
+            Ok(Claim::Won(t)) => {
+                eprintln!(
+                    "rrc backup: the arbiter gave {} to this host at term {} ({:.1} ms)",
+                    a.service(),
+                    t.number,
+                    d.took.as_secs_f64() * 1e3
+                );
+                return Claimed::Won(started.elapsed());
+            }
+            Ok(Claim::Lost(now)) => {
+                let who = now.map_or("nobody".to_string(), |t| t.to_string());
+                eprintln!(
+                    "rrc backup: NOT TAKING OVER: the arbiter's record of {} moved on from term {} of {primary} ({who}): the primary lives and serves; waiting for a primary",
+                    a.service(),
+                    a.term().number
+                );
+                return Claimed::Lost;
+            }
+            Err(e) => {
+                if !said {
+                    said = true;
+                    eprintln!(
+                        "rrc backup: cannot take over yet: {e}; nothing is restored until the arbiter answers (asking every {} ms)",
+                        CLAIM_RETRY.as_millis()
+                    );
+                }
+                if let Some(g) = acceptor.next_within(CLAIM_RETRY) {
+                    eprintln!(
+                        "rrc backup: primary {} connected again before the arbiter answered: no takeover",
+                        g.node
+                    );
+                    return Claimed::Returned(g);
+                }
             }
         }
     }

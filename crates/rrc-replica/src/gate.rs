@@ -91,6 +91,8 @@ impl Default for WouldBe {
 #[derive(Default)]
 struct Held {
     holding: bool,
+    /// Another host serves now: nothing leaves any more.
+    fenced: bool,
     /// The backup holds a committed checkpoint: from then on the log can
     /// cover frames, and their delays are noted (before, every frame waits
     /// for the first commit whatever the rule).
@@ -154,14 +156,29 @@ impl ReplicationGate {
     }
 
     /// Stops holding: every held frame goes out now, and later ones at once
-    /// (the backup is gone).
+    /// (the backup is gone). Not once fenced.
     pub fn open(&self) {
         {
             let mut h = self.lock();
+            if h.fenced {
+                return;
+            }
             h.holding = false;
             h.noting = false;
         }
         self.release(|_| true);
+    }
+
+    /// Another host serves the service now: every held frame is dropped,
+    /// and every later one, for good.
+    pub fn fence(&self) {
+        let _order = crate::lock(&self.releasing);
+        let mut h = self.lock();
+        h.fenced = true;
+        h.holding = true;
+        h.dropped += h.queue.len() as u64;
+        h.queue.clear();
+        h.bytes = 0;
     }
 
     /// The backup committed the first checkpoint of a series: delays under
@@ -296,6 +313,9 @@ impl PacketGate for ReplicationGate {
             None => LogPosition::default(),
         };
         let mut h = self.lock();
+        if h.fenced {
+            return Ok(());
+        }
         if !h.holding {
             drop(h);
             return self.send_now(frame.bytes(), lan);
@@ -443,6 +463,28 @@ mod tests {
         assert_eq!(wire.tags(), vec![2, 3, 4]);
         assert_eq!(gate.held(), (0, 0));
         assert_eq!(gate.would_be().frames.len(), 3);
+    }
+
+    #[test]
+    fn a_fenced_gate_lets_nothing_out_again() {
+        let gate = ReplicationGate::new(Release::Commit, None);
+        let wire = Arc::new(Wire::default());
+        gate.attach(wire.clone());
+        let direct = Wire::default();
+        gate.hold();
+        gate.outbound(Frame::new(&frame(1)).unwrap(), &direct)
+            .unwrap();
+        gate.fence();
+        gate.outbound(Frame::new(&frame(2)).unwrap(), &direct)
+            .unwrap();
+        // Neither a commit nor opening (as the container stops) frees them.
+        gate.committed(u64::MAX);
+        gate.open();
+        gate.outbound(Frame::new(&frame(3)).unwrap(), &direct)
+            .unwrap();
+        assert!(wire.tags().is_empty());
+        assert!(direct.tags().is_empty());
+        assert_eq!(gate.held(), (0, 0));
     }
 
     /// A log whose position the test moves.

@@ -10,9 +10,11 @@
 //! hands the backup's answers to the policy; [`primary`] runs beside the
 //! container in its supervisor; [`backup::serve`] stages, commits, keeps the
 //! log ([`log_store`]) and takes over. [`position`] says what a place in
-//! the log is; [`netlog`] is the net log's file.
+//! the log is; [`netlog`] is the net log's file. [`arbitration`] is who
+//! may act when the two sides lose each other.
 
 pub mod acceptor;
+pub mod arbitration;
 pub mod backup;
 pub mod gate;
 pub mod link;

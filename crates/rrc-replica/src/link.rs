@@ -21,7 +21,7 @@ use std::fs;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -46,6 +46,11 @@ pub struct LinkConfig {
     pub key: Arc<Key>,
     /// This host's name, told to the backup.
     pub node: String,
+    /// The replicated service (the container's name), told to the backup.
+    pub service: String,
+    /// With an arbiter: the term this primary serves under, told to the
+    /// backup at each connection (it grows when the primary wins a claim).
+    pub term: Option<Arc<AtomicU64>>,
     /// How often the primary says it is alive.
     pub heartbeat: Duration,
     /// How long the backup may stay silent before it counts as gone.
@@ -400,6 +405,8 @@ fn connect(cfg: &LinkConfig) -> Result<SecureStream, LinkError> {
     s.send(&Message::Hello {
         role: Role::Primary,
         node: cfg.node.clone(),
+        service: cfg.service.clone(),
+        term: cfg.term.as_ref().map(|t| t.load(Ordering::Acquire)),
     })?;
     s.set_read_timeout(Some(cfg.timeout))?;
     s.set_write_timeout(Some(cfg.timeout))?;

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rrc_arbiter::Claim;
 use rrc_ckpt::dump::Annotations;
 use rrc_ckpt::incremental::{CopyMode, EpochReport};
 use rrc_container::create::Container;
@@ -35,6 +36,7 @@ use rrc_container::supervise::Companion;
 use rrc_net::gate::PacketGate;
 use rrc_rr::ring::RingSet;
 
+use crate::arbitration::{Arbitration, CLAIM_RETRY};
 use crate::gate::{DelaySummary, LogTap, Release, ReplicationGate, describe};
 use crate::link::{AckHandler, Job, Link, LinkConfig, LinkEvent, Outbox};
 use crate::position::{LogPosition, POSITION_ANNOTATION};
@@ -59,6 +61,10 @@ const BACKUP_FAULT_RETRY: Duration = Duration::from_secs(1);
 
 pub struct PrimaryOptions {
     pub epoch: Duration,
+    /// With an arbiter: the term this primary took at its start. Losing
+    /// the backup then means claiming the next term before releasing
+    /// anything the backup did not acknowledge.
+    pub arbitration: Option<Arbitration>,
     /// Where checkpoints wait to be sent (removed once sent).
     pub work_dir: PathBuf,
     pub link: LinkConfig,
@@ -87,6 +93,12 @@ pub struct PrimaryStats {
     /// Times the backup said it could not keep a checkpoint.
     #[serde(default)]
     pub backup_faults: u64,
+    /// The arbiter's term this primary serves under, if it has one.
+    #[serde(default)]
+    pub term: Option<u64>,
+    /// It lost its backup and waits for the arbiter, holding replies.
+    #[serde(default)]
+    pub awaiting_arbiter: bool,
 }
 
 /// A replicated container's replication, before the container exists.
@@ -203,6 +215,16 @@ pub struct Primary {
     child_wait: Option<Instant>,
     /// Committed since the series began (0: not protected yet).
     committed_in_series: u64,
+    /// A backup joined under the current term: it may take over, so
+    /// losing it needs the arbiter's word.
+    joined: bool,
+    /// The backup was lost (why): frames stay held until the arbiter
+    /// gives this host the next term.
+    claiming: Option<String>,
+    /// Said that the arbiter cannot be reached, for this claim.
+    claim_said: bool,
+    /// When the claim is made (again).
+    claim_at: Instant,
     taken: u64,
     stats: PrimaryStats,
     last_report: Instant,
@@ -244,6 +266,10 @@ impl Primary {
             immediate: false,
             child_wait: None,
             committed_in_series: 0,
+            joined: false,
+            claiming: None,
+            claim_said: false,
+            claim_at: Instant::now(),
             taken: 0,
             stats: PrimaryStats::default(),
             last_report: Instant::now(),
@@ -258,6 +284,8 @@ impl Primary {
         s.would_be_frames = DelaySummary::of(&w.frames);
         s.would_be_data = DelaySummary::of(&w.data_frames);
         s.protected = self.connected && self.committed_in_series > 0;
+        s.term = self.opts.arbitration.as_ref().map(|a| a.term().number);
+        s.awaiting_arbiter = self.claiming.is_some();
         s
     }
 
@@ -272,6 +300,22 @@ impl Primary {
     }
 
     fn unprotected(&mut self, why: &str) {
+        if self.opts.arbitration.is_some() && self.joined {
+            // The backup may be taking over: hold everything until the
+            // arbiter says which side serves.
+            if self.claiming.is_none() {
+                eprintln!(
+                    "rrc primary: lost the backup ({why}); holding replies until the arbiter decides who serves"
+                );
+            }
+            self.connected = false;
+            self.in_flight = None;
+            self.end_series();
+            self.claiming = Some(why.to_string());
+            self.claim_said = false;
+            self.claim_at = Instant::now();
+            return;
+        }
         tracing::error!("UNPROTECTED: {why}; the service goes on without a replica");
         eprintln!("rrc primary: UNPROTECTED: {why}; the service goes on without a replica");
         self.connected = false;
@@ -285,6 +329,13 @@ impl Primary {
             LinkEvent::Connected(b) => {
                 tracing::info!(backup = %b, "backup connected: sending a full checkpoint");
                 eprintln!("rrc primary: backup {b} connected; sending it a full checkpoint");
+                if self.claiming.take().is_some() {
+                    // It did not take over (it would not be back as a
+                    // backup): nothing to decide. Replies wait for its
+                    // first commit.
+                    eprintln!("rrc primary: the backup is back before the arbiter answered; no claim made");
+                }
+                self.joined = true;
                 self.connected = true;
                 self.in_flight = None;
                 self.end_series();
@@ -337,6 +388,55 @@ impl Primary {
                     );
                 }
                 tracing::debug!(epoch, bytes, "committed");
+            }
+        }
+    }
+
+    /// Asks the arbiter for the next term, having lost the backup: won,
+    /// the service goes on unprotected; lost, another host serves and the
+    /// container is killed without releasing another frame; no answer,
+    /// everything stays held and the claim is made again soon.
+    fn settle(&mut self, c: &mut Container) {
+        let (Some(why), Some(a)) = (self.claiming.clone(), self.opts.arbitration.as_mut()) else {
+            return;
+        };
+        let d = a.claim();
+        let service = a.service().to_string();
+        match d.claim {
+            Ok(Claim::Won(t)) => {
+                self.claiming = None;
+                self.joined = false;
+                eprintln!(
+                    "rrc primary: the arbiter gave this host {service} at term {} ({:.1} ms)",
+                    t.number,
+                    d.took.as_secs_f64() * 1e3
+                );
+                tracing::error!("UNPROTECTED: {why}; the service goes on without a replica");
+                eprintln!("rrc primary: UNPROTECTED: {why}; the service goes on without a replica");
+                self.gate.open();
+            }
+            Ok(Claim::Lost(now)) => {
+                self.gate.fence();
+                let who = now.map_or("nobody".to_string(), |t| t.to_string());
+                tracing::error!(%who, "lost the service to another host");
+                eprintln!(
+                    "rrc primary: STOPPING: lost the backup ({why}) and the arbiter's record of {service} moved on ({who}): another host serves it; the container is killed without releasing another reply"
+                );
+                self.claiming = None;
+                if let Err(e) = c.cgroup().kill_all(Duration::from_secs(5)) {
+                    tracing::error!(error = %e, "killing the container");
+                }
+            }
+            Err(e) => {
+                if !self.claim_said {
+                    self.claim_said = true;
+                    eprintln!(
+                        "rrc primary: still holding replies: lost the backup ({why}) and {e}; asking again every {} ms",
+                        CLAIM_RETRY.as_millis()
+                    );
+                }
+                self.claim_at = Instant::now() + CLAIM_RETRY;
+                self.next_at = self.next_at.min(self.claim_at);
             }
         }
     }
@@ -518,6 +618,9 @@ impl Companion for Primary {
         }
         if let Some(why) = self.checkpoint_overdue() {
             self.unprotected(why);
+        }
+        if self.claiming.is_some() && Instant::now() >= self.claim_at {
+            self.settle(c);
         }
         if let Some((log, _)) = &self.log
             && log.take_checkpoint_request()

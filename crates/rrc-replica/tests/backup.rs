@@ -64,6 +64,7 @@ fn options(addr: SocketAddr, key: Key, dir: &Path) -> BackupOptions {
         dir: dir.to_path_buf(),
         timeout: Duration::from_millis(300),
         fence: Some("true".into()),
+        arbiter: None,
         node: "test-backup".into(),
     }
 }
@@ -108,6 +109,8 @@ fn a_delta_cut_off_mid_transfer_leaves_the_committed_checkpoint() {
     s.send(&Message::Hello {
         role: Role::Primary,
         node: "test-primary".into(),
+        service: "svc".into(),
+        term: None,
     })
     .unwrap();
     assert!(matches!(s.recv().unwrap(), Message::Welcome { .. }));
@@ -163,6 +166,8 @@ fn a_peer_without_the_key_is_refused_and_the_backup_goes_on() {
             let _ = s.send(&Message::Hello {
                 role: Role::Primary,
                 node: "intruder".into(),
+                service: "svc".into(),
+                term: None,
             });
             assert!(s.recv().is_err(), "a peer without the key was served");
         }
@@ -172,6 +177,8 @@ fn a_peer_without_the_key_is_refused_and_the_backup_goes_on() {
     s.send(&Message::Hello {
         role: Role::Primary,
         node: "primary".into(),
+        service: "svc".into(),
+        term: None,
     })
     .unwrap();
     assert!(matches!(s.recv().unwrap(), Message::Welcome { .. }));

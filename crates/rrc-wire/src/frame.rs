@@ -20,9 +20,10 @@ use crate::message::{Message, MessageType};
 
 pub const MAGIC: [u8; 2] = *b"RW";
 /// The frame protocol version. Version 2 dropped messages nobody sent and
-/// added the event log's; a peer speaking another version is refused on the
+/// added the event log's; version 3 put the service and the arbiter's term
+/// in the hello; a peer speaking another version is refused on the
 /// third byte of its first frame, with an error naming both versions.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 16;
 pub const TRAILER_LEN: usize = 4;
 /// Default limit on a frame's payload: large enough for a generous file
@@ -338,7 +339,7 @@ mod tests {
     fn layout_is_as_documented() {
         let f = Encoder::new().encode(&hb(0x0102)).unwrap();
         assert_eq!(&f[0..2], b"RW");
-        assert_eq!(f[2], 2);
+        assert_eq!(f[2], 3);
         assert_eq!(f[3], MessageType::Heartbeat.as_u8());
         assert_eq!(u32::from_le_bytes(f[4..8].try_into().unwrap()), 8);
         assert_eq!(u64::from_le_bytes(f[8..16].try_into().unwrap()), 0);
@@ -367,6 +368,8 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "a".into(),
+                service: "svc".into(),
+                term: None,
             },
             hb(2),
         ];
@@ -400,7 +403,7 @@ mod tests {
 
     #[test]
     fn rejects_other_versions() {
-        for v in [0, 1, 3, 255] {
+        for v in [0, 1, 2, 4, 255] {
             let mut f = frames(&[hb(1)]);
             f[2] = v;
             fix_crc(&mut f);
@@ -417,7 +420,7 @@ mod tests {
         // The message says what to do about it.
         let text = WireError::UnsupportedVersion(1).to_string();
         assert!(text.contains("version 1"), "{text}");
-        assert!(text.contains("version 2"), "{text}");
+        assert!(text.contains("version 3"), "{text}");
     }
 
     #[test]

@@ -129,6 +129,11 @@ pub enum Message {
     Hello {
         role: Role,
         node: String,
+        /// The replicated service (the container's name).
+        service: String,
+        /// The arbiter's term the primary serves under, if it has an
+        /// arbiter: a backup claims the next one before it takes over.
+        term: Option<u64>,
     },
     /// The backup's answer to Hello.
     Welcome {
@@ -246,9 +251,16 @@ impl Message {
             msg: self.message_type().name(),
         };
         match self {
-            Message::Hello { role, node } => {
+            Message::Hello {
+                role,
+                node,
+                service,
+                term,
+            } => {
                 w.u8(role.to_wire());
                 w.name("node", node)?;
+                w.name("service", service)?;
+                w.opt_u64(*term);
             }
             Message::Welcome { node } => w.name("node", node)?,
             Message::DeltaBegin {
@@ -337,7 +349,14 @@ impl Message {
                 let role = Role::from_wire(b)
                     .ok_or_else(|| WireError::malformed(r.msg, format!("unknown role {b}")))?;
                 let node = r.name("node")?;
-                Message::Hello { role, node }
+                let service = r.name("service")?;
+                let term = r.opt_u64("term")?;
+                Message::Hello {
+                    role,
+                    node,
+                    service,
+                    term,
+                }
             }
             MessageType::Welcome => Message::Welcome {
                 node: r.name("node")?,
@@ -674,8 +693,13 @@ mod tests {
         let m = Message::Hello {
             role: Role::Backup,
             node: "b1".into(),
+            service: "s".into(),
+            term: Some(3),
         };
-        assert_eq!(payload(&m), vec![2, 2, b'b', b'1']);
+        assert_eq!(
+            payload(&m),
+            vec![2, 2, b'b', b'1', 1, b's', 1, 3, 0, 0, 0, 0, 0, 0, 0]
+        );
         let m = Message::Welcome { node: "p".into() };
         assert_eq!(payload(&m), vec![1, b'p']);
     }
@@ -718,6 +742,8 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "p".into(),
+                service: "svc".into(),
+                term: None,
             },
             Message::Welcome {
                 node: "n".repeat(255),
@@ -780,6 +806,8 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "node".into(),
+                service: "svc".into(),
+                term: None,
             },
             Message::Welcome { node: "n".into() },
             Message::DeltaBegin {
@@ -973,6 +1001,8 @@ mod tests {
             Message::Hello {
                 role: Role::Primary,
                 node: "n".repeat(256),
+                service: "svc".into(),
+                term: None,
             },
             Message::DeltaBegin {
                 series: "s".repeat(256),

@@ -34,7 +34,14 @@ fn net_frames() -> impl Strategy<Value = Vec<Vec<u8>>> {
 fn message() -> impl Strategy<Value = Message> {
     let role = prop_oneof![Just(Role::Primary), Just(Role::Backup)];
     prop_oneof![
-        (role, short_text()).prop_map(|(role, node)| Message::Hello { role, node }),
+        (role, short_text(), short_text(), any::<Option<u64>>()).prop_map(
+            |(role, node, service, term)| Message::Hello {
+                role,
+                node,
+                service,
+                term
+            }
+        ),
         short_text().prop_map(|node| Message::Welcome { node }),
         (
             short_text(),
@@ -270,7 +277,7 @@ fn a_version_1_peer_is_refused_with_a_clear_error() {
     assert!(matches!(e, WireError::UnsupportedVersion(1)), "{e:?}");
     let text = e.to_string();
     assert!(
-        text.contains("version 1") && text.contains("version 2"),
+        text.contains("version 1") && text.contains("version 3"),
         "{text}"
     );
 }

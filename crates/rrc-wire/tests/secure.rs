@@ -59,6 +59,8 @@ fn same_key_talks_both_ways_with_large_chunks() {
                 Message::Hello {
                     role: Role::Primary,
                     node: "p1".into(),
+                    service: "svc".into(),
+                    term: None,
                 }
             );
             s.send(&Message::Welcome { node: "b1".into() })?;
@@ -94,6 +96,8 @@ fn same_key_talks_both_ways_with_large_chunks() {
             c.send(&Message::Hello {
                 role: Role::Primary,
                 node: "p1".into(),
+                service: "svc".into(),
+                term: None,
             })?;
             assert_eq!(c.recv()?, Message::Welcome { node: "b1".into() });
             c.send(&Message::FileChunk {

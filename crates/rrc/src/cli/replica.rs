@@ -7,8 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use rrc_arbiter::Arbiter;
+use rrc_arbiter::etcd::Etcd;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
+use rrc_replica::arbitration::Arbitration;
 use rrc_replica::backup::{self, BackupOptions, Resumed};
 use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
@@ -77,7 +80,55 @@ pub struct PrimaryArgs {
     #[arg(long, value_enum)]
     release: Option<ReleaseArg>,
     #[command(flatten)]
+    arbiter: ArbiterArgs,
+    #[command(flatten)]
     container: ContainerArgs,
+}
+
+/// Who decides which host serves when primary and backup lose each other.
+#[derive(Debug, Args)]
+struct ArbiterArgs {
+    /// The arbiter: an etcd cluster, as its members' HOST[:PORT]
+    /// (comma-separated; port 2379 by default). A side that loses the
+    /// other must win the service's next term there before it acts: the
+    /// backup before it takes over, the primary before it releases replies
+    /// its backup did not acknowledge (a primary that loses stops). Both
+    /// sides must name the same cluster.
+    #[arg(long, value_name = "ENDPOINTS", env = "RRC_ARBITER")]
+    arbiter: Option<String>,
+    /// How long one question to the arbiter may take before it counts as
+    /// unreachable (and is asked again).
+    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    arbiter_timeout: Duration,
+    /// Run without an arbiter (and, on the backup, without --fence): if
+    /// the link between the hosts breaks while both still reach the
+    /// clients, both serve, and the clients' acknowledged writes diverge.
+    #[arg(long)]
+    allow_split_brain: bool,
+}
+
+impl ArbiterArgs {
+    /// The arbiter, if one is named; an error if none is and nothing else
+    /// (`fenced`, or being told) keeps two copies from serving.
+    fn arbiter(&self, who: &str, fenced: bool) -> Result<Option<Arc<dyn Arbiter>>> {
+        let Some(endpoints) = &self.arbiter else {
+            if !fenced && !self.allow_split_brain {
+                bail!(
+                    "{who} needs --arbiter (an etcd cluster that decides which host serves){}; without it, if the link between the hosts breaks, both serve. --allow-split-brain runs it anyway",
+                    if who == "rrc backup" { " or --fence" } else { "" }
+                );
+            }
+            return Ok(None);
+        };
+        if self.allow_split_brain {
+            bail!("--allow-split-brain and --arbiter contradict each other: choose one");
+        }
+        if self.arbiter_timeout < Duration::from_millis(10) {
+            bail!("--arbiter-timeout must be at least 10ms");
+        }
+        let etcd = Etcd::new(endpoints, self.arbiter_timeout).context("--arbiter")?;
+        Ok(Some(Arc::new(etcd)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -132,6 +183,8 @@ pub struct BackupArgs {
     /// one whose subnet holds its address).
     #[arg(long, value_name = "IF")]
     uplink: Option<String>,
+    #[command(flatten)]
+    arbiter: ArbiterArgs,
 }
 
 /// Create a shared key file for the replication link.
@@ -189,16 +242,24 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
     let backup = resolve(&a.backup)?;
     let key = load_key(&a.key)?;
     let host = HostState::current();
+    let service = a.container.name().to_string();
+    let arbitration = match a.arbiter.arbiter("rrc primary", false)? {
+        Some(arb) => Some(take_service(arb, &service, host.host())?),
+        None => None,
+    };
     let opts = PrimaryOptions {
         epoch: a.epoch,
-        work_dir: host.dir().join("replication").join(a.container.name()),
+        work_dir: host.dir().join("replication").join(&service),
         link: LinkConfig {
             backup,
             key,
             node: host.host().to_string(),
+            service,
+            term: arbitration.as_ref().map(Arbitration::announced),
             heartbeat: a.heartbeat,
             timeout: a.backup_timeout,
         },
+        arbitration,
         copy: CopyChoice::from(a.copy).into(),
     };
     if a.release.is_some() && a.mode != ModeArg::Responsive {
@@ -230,6 +291,25 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
     Ok(super::exit_code(launch.run()?))
 }
 
+/// A starting primary takes the service from the arbiter (the next term).
+fn take_service(arb: Arc<dyn Arbiter>, service: &str, me: &str) -> Result<Arbitration> {
+    let described = arb.describe();
+    let (a, before) = Arbitration::take(arb, service, me)
+        .with_context(|| format!("taking {service} from the arbiter ({described})"))?;
+    match before {
+        Some(t) if t.holder != me => eprintln!(
+            "rrc primary: the arbiter said {} served {service} ({t}); this host takes it at term {} (make sure it no longer runs there)",
+            t.holder,
+            a.term().number
+        ),
+        _ => eprintln!(
+            "rrc primary: the arbiter gave {service} to this host at term {}",
+            a.term().number
+        ),
+    }
+    Ok(a)
+}
+
 pub fn backup(a: BackupArgs) -> Result<i32> {
     rrc_container::probe::require_root("rrc backup")?;
     let listen = resolve(&a.listen)?;
@@ -248,22 +328,19 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         dir,
         timeout: a.timeout,
         fence: a.fence.clone(),
+        arbiter: a.arbiter.arbiter("rrc backup", a.fence.is_some())?,
         node: host.host().to_string(),
     };
-    if a.fence.is_none() {
-        eprintln!(
-            "rrc backup: warning: no --fence; if the primary is cut off rather than dead, two copies of the service will answer"
-        );
-    }
     let uplink = a.uplink.clone();
     let dir = opts.dir.clone();
     let t = backup::serve(&opts, |image, log| {
         backup::resume(image, log, &dir, uplink.clone())
     })?;
     println!(
-        "took over from checkpoint {}: primary silent {:.0} ms, fence {:.0} ms, restore {:.0} ms",
+        "took over from checkpoint {}: primary silent {:.0} ms, arbiter {:.1} ms, fence {:.0} ms, restore {:.0} ms",
         t.epoch,
         t.silent_for.as_secs_f64() * 1e3,
+        t.arbiter.unwrap_or_default().as_secs_f64() * 1e3,
         t.fence.as_secs_f64() * 1e3,
         t.restore.as_secs_f64() * 1e3,
     );
