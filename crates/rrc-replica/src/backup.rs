@@ -388,7 +388,7 @@ pub fn serve(
                                 continue 'primaries;
                             }
                             Claimed::Returned(g) => {
-                                arrived = Some(g);
+                                arrived = Some(*g);
                                 continue 'primaries;
                             }
                         }
@@ -432,7 +432,7 @@ enum Claimed {
     Lost,
     /// A primary connected while the arbiter could not be reached: the
     /// link is back, and nothing was decided.
-    Returned(Greeted),
+    Returned(Box<Greeted>),
 }
 
 /// Claims the service from the arbiter before a takeover, asking again
@@ -475,7 +475,7 @@ fn claim(a: &mut Arbitration, primary: &str, acceptor: &Acceptor) -> Claimed {
                         "rrc backup: primary {} connected again before the arbiter answered: no takeover",
                         g.node
                     );
-                    return Claimed::Returned(g);
+                    return Claimed::Returned(Box::new(g));
                 }
             }
         }
