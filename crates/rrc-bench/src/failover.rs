@@ -352,6 +352,11 @@ impl<'a> Pair<'a> {
         })
     }
 
+    /// The lab the pair runs in.
+    pub fn lab(&self) -> &LabSession {
+        self.lab
+    }
+
     pub fn target(&self) -> SocketAddr {
         self.app.target(self.lab)
     }
@@ -421,15 +426,16 @@ impl<'a> Pair<'a> {
                 &path_str(&self.key),
                 "--timeout",
                 &timeout,
-                "--fence",
-                &fence,
                 "--dir",
                 &path_str(&self.backup_dir),
             ],
         );
-        if let Some(a) = &self.opts.arbiter {
-            cmd.args(["--arbiter", a]);
-        }
+        // The arbiter alone keeps two copies from serving; without one,
+        // the backup makes sure by killing the primary's host.
+        match &self.opts.arbiter {
+            Some(a) => cmd.args(["--arbiter", a]),
+            None => cmd.args(["--fence", &fence]),
+        };
         if self.opts.inject_divergence {
             cmd.env(rrc_replica::takeover::INJECT_DIVERGENCE_ENV, "1");
         }
@@ -505,7 +511,9 @@ impl<'a> Pair<'a> {
         }
         let at = argv.len() - 1;
         match &self.opts.arbiter {
-            Some(a) => argv.splice(at..at, ["--arbiter", a.as_str()]).for_each(drop),
+            Some(a) => argv
+                .splice(at..at, ["--arbiter", a.as_str()])
+                .for_each(drop),
             // The backup fences this host (kills it) before taking over.
             None => argv.insert(at, "--allow-split-brain"),
         }
@@ -567,6 +575,48 @@ impl<'a> Pair<'a> {
         let t = Instant::now();
         self.lab.kill(Host::Primary)?;
         Ok(t)
+    }
+
+    /// Cuts the replication link between primary and backup (both hosts
+    /// still reach the clients and the arbiter); returns when that began.
+    pub fn cut_link(&self) -> Result<Instant> {
+        let t = Instant::now();
+        self.lab.cut(Host::Primary, &[Host::Backup])?;
+        Ok(t)
+    }
+
+    /// What the primary (and its container) said, from its host's log.
+    pub fn primary_output(&self) -> String {
+        let Ok(name) = self.app.name().parse::<rrc_container::ContainerName>() else {
+            return String::new();
+        };
+        let state = rrc_container::HostState::for_host(&self.lab.plan().netns(Host::Primary));
+        fs::read_to_string(state.log_path(&name)).unwrap_or_default()
+    }
+
+    /// Whether the primary host still runs the service's container.
+    pub fn primary_serves(&self) -> Result<bool> {
+        let out = self
+            .lab
+            .run_on(Host::Primary, &[&self.lab.rrc_path(), "ps"])?;
+        Ok(out
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(self.app.name())))
+    }
+
+    /// Waits until the primary host no longer runs the service.
+    pub fn wait_primary_gone(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.primary_serves()? {
+            if Instant::now() > deadline {
+                bail!(
+                    "the primary still serves {timeout:?} on:\n{}",
+                    self.primary_output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     /// Cuts the backup host's power (the backup process dies with it).
@@ -676,6 +726,31 @@ pub fn trial(
     kill_after: Duration,
     after: Duration,
 ) -> Result<Trial> {
+    fault_trial(
+        pair,
+        connections,
+        kill_after,
+        after,
+        |p| p.kill_primary(),
+        TAKEOVER_LIMIT,
+    )
+}
+
+/// How long a trial waits for the backup to take over once the fault
+/// began: far more than it takes, for a loaded machine.
+pub const TAKEOVER_LIMIT: Duration = Duration::from_secs(20);
+
+/// [`trial`] with another fault than a kill of the primary host (a cut
+/// link): `fault` returns when it began; a takeover is waited for
+/// `takeover_within` (a fault may not lead to one).
+pub fn fault_trial(
+    pair: &mut Pair<'_>,
+    connections: usize,
+    kill_after: Duration,
+    after: Duration,
+    fault: impl FnOnce(&Pair<'_>) -> Result<Instant> + Send,
+    takeover_within: Duration,
+) -> Result<Trial> {
     let target = pair.target();
     let service = pair.app.service();
     let mut killed = None;
@@ -689,7 +764,7 @@ pub fn trial(
                 connections,
                 || {
                     std::thread::sleep(kill_after);
-                    match p.kill_primary() {
+                    match fault(p) {
                         Ok(t) => killed = Some(t),
                         Err(e) => kill_err = Some(e),
                     }
@@ -702,7 +777,7 @@ pub fn trial(
         return Err(e.context("killing the primary host"));
     }
     let killed = killed.context("the primary was not killed")?;
-    let takeover = pair.wait_takeover(Duration::from_secs(20)).ok();
+    let takeover = pair.wait_takeover(takeover_within).ok();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     // Answers from the new primary: those after the backup decided. (Just
     // after the kill, replies the old primary released may still arrive.)

@@ -15,20 +15,57 @@ pub struct LabSession {
     plan: LabPlan,
     rrc: PathBuf,
     children: Vec<Child>,
+    arbiter: Option<String>,
 }
 
 impl LabSession {
     /// Brings up lab `name` (taking down a leftover of the same name first)
     /// and drives it with the `rrc` binary at `rrc`.
     pub fn start(rrc: &Path, name: &str, subnet: Option<Ipv4Net>) -> Result<LabSession> {
+        Self::start_with(rrc, name, subnet, false)
+    }
+
+    /// The same, with the lab's arbiter (an etcd cluster of three) running.
+    pub fn start_with_arbiter(
+        rrc: &Path,
+        name: &str,
+        subnet: Option<Ipv4Net>,
+    ) -> Result<LabSession> {
+        Self::start_with(rrc, name, subnet, true)
+    }
+
+    fn start_with(
+        rrc: &Path,
+        name: &str,
+        subnet: Option<Ipv4Net>,
+        arbiter: bool,
+    ) -> Result<LabSession> {
         let name: LabName = name.parse()?;
         Lab::down(&name)?;
-        let (lab, _) = Lab::up(name, subnet)?;
+        let (lab, _) = Lab::up(name, subnet, arbiter)?;
         Ok(LabSession {
             plan: lab.plan().clone(),
             rrc: rrc.to_path_buf(),
             children: Vec::new(),
+            arbiter: lab.arbiter_endpoints(),
         })
+    }
+
+    /// The arbiter's endpoints, if the lab runs one.
+    pub fn arbiter(&self) -> Option<&str> {
+        self.arbiter.as_deref()
+    }
+
+    /// Cuts `host` from each of `others` (`rrc lab cut`).
+    pub fn cut(&self, host: Host, others: &[Host]) -> Result<()> {
+        Lab::cut(&self.plan.name, host, others, false)?;
+        Ok(())
+    }
+
+    /// Mends the cuts between `host` and `others` (`rrc lab heal`).
+    pub fn heal(&self, host: Host, others: &[Host]) -> Result<()> {
+        Lab::cut(&self.plan.name, host, others, true)?;
+        Ok(())
     }
 
     pub fn plan(&self) -> &LabPlan {

@@ -20,6 +20,7 @@ use crate::ip::{ip, ip_in, link_exists};
 use crate::plan::{BRIDGE, Host, LAN_IF, LabName, LabPlan, REPL_IF};
 use crate::record::{self, HostRecord, LabRecord};
 use crate::{Error, Result};
+use crate::{arbiter, cut};
 
 /// How long a host being killed may take to freeze.
 const FREEZE_LIMIT: Duration = Duration::from_millis(500);
@@ -52,6 +53,10 @@ pub struct LabStatus {
     pub vip: Ipv4Net,
     pub switch_present: bool,
     pub hosts: Vec<HostStatus>,
+    /// The arbiter's endpoints, if the lab runs one.
+    pub arbiter: Option<String>,
+    /// Pairs of hosts cut from each other.
+    pub cuts: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,7 +118,7 @@ fn del_netns(ns: &str) -> Result<()> {
 
 /// Processes whose network namespace is `ns`, found by inode (they may sit
 /// outside the host's cgroup if started with `ip netns exec`).
-fn processes_in_netns(ns: &str) -> Vec<Pid> {
+pub(crate) fn processes_in_netns(ns: &str) -> Vec<Pid> {
     let Ok(meta) = fs::metadata(netns_path(ns)) else {
         return Vec::new();
     };
@@ -158,9 +163,10 @@ impl Lab {
         &self.rec.plan
     }
 
-    /// Builds the lab, or completes it if parts are missing. Returns the lab
-    /// and whether anything had to be created.
-    pub fn up(name: LabName, subnet: Option<Ipv4Net>) -> Result<(Lab, bool)> {
+    /// Builds the lab, or completes it if parts are missing; with
+    /// `arbiter`, its arbiter hosts run an etcd cluster from then on.
+    /// Returns the lab and whether anything had to be created.
+    pub fn up(name: LabName, subnet: Option<Ipv4Net>, arbiter: bool) -> Result<(Lab, bool)> {
         rrc_container::probe::require_root("rrc lab")?;
         let _lock = record::lock(&name)?;
         let existing = record::load(&name)?;
@@ -178,25 +184,32 @@ impl Lab {
                 let plan = LabPlan::new(name.clone(), subnet)?;
                 let layout = Layout::detect()?;
                 let lab_cg = layout.create_below_self(Path::new(&format!("rrc-lab.{name}")))?;
-                let hosts = Host::ALL
-                    .iter()
-                    .map(|&h| HostRecord {
-                        name: h.name().into(),
-                        netns: plan.netns(h),
-                        lan_addr: plan.lan_addr(h),
-                        repl_addr: plan.repl_addr(h),
-                        cgroup: CgroupRecord::from_cgroup(&lab_cg.child(Path::new(h.name()))),
-                        down: false,
-                    })
-                    .collect();
                 LabRecord {
                     plan,
                     cgroup: CgroupRecord::from_cgroup(&lab_cg),
-                    hosts,
+                    hosts: Vec::new(),
                     created_unix: now_unix(),
+                    arbiter: false,
+                    cuts: Vec::new(),
                 }
             }
         };
+        // Every host of the plan has a record (a lab made by an older rrc
+        // lacks the arbiter hosts).
+        let lab_cg = rec.cgroup.to_cgroup();
+        for h in Host::ALL {
+            if !rec.hosts.iter().any(|r| r.name == h.name()) {
+                rec.hosts.push(HostRecord {
+                    name: h.name().into(),
+                    netns: rec.plan.netns(h),
+                    lan_addr: rec.plan.lan_addr(h),
+                    repl_addr: rec.plan.repl_addr(h),
+                    cgroup: CgroupRecord::from_cgroup(&lab_cg.child(Path::new(h.name()))),
+                    down: false,
+                });
+            }
+        }
+        rec.arbiter |= arbiter;
         // Saved first: a failure half-way leaves a record `down` can use.
         record::save(&rec)?;
         let mut created = false;
@@ -230,8 +243,64 @@ impl Lab {
             build_repl_link(&rec)?;
             created = true;
         }
+        for h in Host::ALL {
+            cut::apply(&rec, h)?;
+        }
         record::save(&rec)?;
+        if rec.arbiter {
+            for h in Host::ARBITERS {
+                arbiter::start_member(&rec, h)?;
+            }
+            arbiter::wait_ready(&rec)?;
+        }
         Ok((Lab { rec }, created))
+    }
+
+    /// The arbiter's endpoints, if the lab runs one.
+    pub fn arbiter_endpoints(&self) -> Option<String> {
+        self.rec.arbiter.then(|| self.rec.plan.arbiter_endpoints())
+    }
+
+    /// Cuts `a` from each of `others` (both ways, every address), or with
+    /// `heal`, mends those cuts. Returns the cuts in force afterwards.
+    pub fn cut(
+        name: &LabName,
+        a: Host,
+        others: &[Host],
+        heal: bool,
+    ) -> Result<Vec<(String, String)>> {
+        rrc_container::probe::require_root("rrc lab")?;
+        let _lock = record::lock(name)?;
+        let mut rec = record::load(name)?.ok_or_else(|| Error::NoSuchLab(name.to_string()))?;
+        for &b in others {
+            if a == b {
+                return Err(Error::Invalid(format!("cannot cut {a} from itself")));
+            }
+            let pair = if a < b { (a, b) } else { (b, a) };
+            let pair = (pair.0.name().to_string(), pair.1.name().to_string());
+            rec.cuts.retain(|c| c != &pair);
+            if !heal {
+                rec.cuts.push(pair);
+            }
+        }
+        record::save(&rec)?;
+        for h in std::iter::once(a).chain(others.iter().copied()) {
+            cut::apply(&rec, h)?;
+        }
+        Ok(rec.cuts)
+    }
+
+    /// Mends every cut of the lab.
+    pub fn heal_all(name: &LabName) -> Result<()> {
+        rrc_container::probe::require_root("rrc lab")?;
+        let _lock = record::lock(name)?;
+        let mut rec = record::load(name)?.ok_or_else(|| Error::NoSuchLab(name.to_string()))?;
+        rec.cuts.clear();
+        record::save(&rec)?;
+        for h in Host::ALL {
+            cut::apply(&rec, h)?;
+        }
+        Ok(())
     }
 
     /// Removes the lab completely: every process on its hosts, its
@@ -279,6 +348,7 @@ impl Lab {
             cg.kill_all(CGROUP_TIMEOUT)?;
             cg.remove(CGROUP_TIMEOUT)?;
         }
+        arbiter::forget(&plan);
         record::remove(name)?;
         Ok(true)
     }
@@ -317,6 +387,8 @@ impl Lab {
             vip: plan.vip(),
             switch_present: netns_exists(&plan.switch_netns()),
             hosts,
+            arbiter: self.arbiter_endpoints(),
+            cuts: self.rec.cuts.clone(),
         })
     }
 
@@ -438,10 +510,14 @@ impl Lab {
         kill_everything(&rec, host)?;
         rec.host_mut(host).down = false;
         build_host(&mut rec, host)?;
-        if host != Host::Client {
+        if host.has_repl_link() {
             build_repl_link(&rec)?;
         }
+        cut::apply(&rec, host)?;
         record::save(&rec)?;
+        if rec.arbiter && Host::ARBITERS.contains(&host) {
+            arbiter::start_member(&rec, host)?;
+        }
         Ok(())
     }
 }

@@ -16,6 +16,8 @@
 //! `rrc lab exec`), containers included, so [`Lab::kill`] can cut a host's
 //! power: freeze it, pull its cables, kill every process at once.
 
+mod arbiter;
+mod cut;
 mod ip;
 mod lab;
 mod plan;

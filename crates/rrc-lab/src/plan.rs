@@ -57,22 +57,39 @@ impl From<LabName> for String {
     }
 }
 
-/// The hosts of a lab.
+/// The hosts of a lab: a client, a primary and a backup, and three hosts
+/// for the arbiter's members (an etcd cluster, run by `rrc lab up
+/// --arbiter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Host {
     Client,
     Primary,
     Backup,
+    Arb1,
+    Arb2,
+    Arb3,
 }
 
 impl Host {
-    pub const ALL: [Host; 3] = [Host::Client, Host::Primary, Host::Backup];
+    pub const ALL: [Host; 6] = [
+        Host::Client,
+        Host::Primary,
+        Host::Backup,
+        Host::Arb1,
+        Host::Arb2,
+        Host::Arb3,
+    ];
+    /// The hosts of the arbiter's members.
+    pub const ARBITERS: [Host; 3] = [Host::Arb1, Host::Arb2, Host::Arb3];
 
     pub fn name(self) -> &'static str {
         match self {
             Host::Client => "client",
             Host::Primary => "primary",
             Host::Backup => "backup",
+            Host::Arb1 => "arb1",
+            Host::Arb2 => "arb2",
+            Host::Arb3 => "arb3",
         }
     }
 
@@ -82,15 +99,23 @@ impl Host {
             Host::Client => 10,
             Host::Primary => 11,
             Host::Backup => 12,
+            Host::Arb1 => 21,
+            Host::Arb2 => 22,
+            Host::Arb3 => 23,
         }
+    }
+
+    /// Whether it has an end of the replication link (primary and backup).
+    pub fn has_repl_link(self) -> bool {
+        self.repl_offset().is_some()
     }
 
     /// Offset on the replication link; only primary and backup have one.
     fn repl_offset(self) -> Option<u32> {
         match self {
-            Host::Client => None,
             Host::Primary => Some(1),
             Host::Backup => Some(2),
+            _ => None,
         }
     }
 }
@@ -109,7 +134,7 @@ impl FromStr for Host {
             .find(|h| h.name() == s)
             .ok_or_else(|| {
                 Error::Invalid(format!(
-                    "no host `{s}` in a lab: use client, primary or backup"
+                    "no host `{s}` in a lab: use client, primary, backup, arb1, arb2 or arb3"
                 ))
             })
     }
@@ -203,6 +228,27 @@ impl LabPlan {
     /// The namespace holding the LAN's bridge.
     pub fn switch_netns(&self) -> String {
         format!("rrc-{}-lan", self.name)
+    }
+
+    /// The arbiter's members: one on each arbiter host, on etcd's usual
+    /// ports.
+    pub fn arbiter_members(&self) -> Vec<rrc_arbiter::etcd::Member> {
+        Host::ARBITERS
+            .iter()
+            .map(|&h| {
+                let ip = std::net::IpAddr::V4(self.lan_addr(h).addr());
+                rrc_arbiter::etcd::Member {
+                    name: h.name().into(),
+                    client: (ip, rrc_arbiter::etcd::DEFAULT_PORT).into(),
+                    peer: (ip, rrc_arbiter::etcd::DEFAULT_PORT + 1).into(),
+                }
+            })
+            .collect()
+    }
+
+    /// The arbiter's endpoints, as `--arbiter` takes them.
+    pub fn arbiter_endpoints(&self) -> String {
+        rrc_arbiter::etcd::endpoints(&self.arbiter_members())
     }
 
     /// Prefix shared by every namespace of this lab.

@@ -31,6 +31,12 @@ pub struct LabRecord {
     pub cgroup: CgroupRecord,
     pub hosts: Vec<HostRecord>,
     pub created_unix: u64,
+    /// The arbiter hosts run an etcd cluster (`rrc lab up --arbiter`).
+    #[serde(default)]
+    pub arbiter: bool,
+    /// Pairs of hosts cut from each other (`rrc lab cut`), by name.
+    #[serde(default)]
+    pub cuts: Vec<(String, String)>,
 }
 
 impl LabRecord {

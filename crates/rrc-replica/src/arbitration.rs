@@ -97,12 +97,8 @@ impl Arbitration {
     /// under it from now on.
     pub fn claim(&mut self) -> Decision {
         let t0 = Instant::now();
-        let claim = rrc_arbiter::succeed(
-            self.arbiter.as_ref(),
-            &self.service,
-            &self.term,
-            &self.node,
-        );
+        let claim =
+            rrc_arbiter::succeed(self.arbiter.as_ref(), &self.service, &self.term, &self.node);
         if let Ok(Claim::Won(t)) = &claim {
             self.term = t.clone();
             self.announced.store(t.number, Ordering::Release);

@@ -372,13 +372,8 @@ pub fn serve(
                 );
                 let arbitrated = match (&opts.arbiter, term) {
                     (Some(arbiter), Some(term)) => {
-                        let mut a = Arbitration::watch(
-                            arbiter.clone(),
-                            &service,
-                            &opts.node,
-                            &node,
-                            term,
-                        );
+                        let mut a =
+                            Arbitration::watch(arbiter.clone(), &service, &opts.node, &node, term);
                         match claim(&mut a, &node, &acceptor) {
                             Claimed::Won(took) => Some(took),
                             Claimed::Lost => {

@@ -305,7 +305,7 @@ impl Primary {
             // arbiter says which side serves.
             if self.claiming.is_none() {
                 eprintln!(
-                    "rrc primary: lost the backup ({why}); holding replies until the arbiter decides who serves"
+                    "rrc primary: {why}; holding replies until the arbiter decides who serves"
                 );
             }
             self.connected = false;
@@ -333,7 +333,9 @@ impl Primary {
                     // It did not take over (it would not be back as a
                     // backup): nothing to decide. Replies wait for its
                     // first commit.
-                    eprintln!("rrc primary: the backup is back before the arbiter answered; no claim made");
+                    eprintln!(
+                        "rrc primary: the backup is back before the arbiter answered; no claim made"
+                    );
                 }
                 self.joined = true;
                 self.connected = true;
@@ -420,7 +422,7 @@ impl Primary {
                 let who = now.map_or("nobody".to_string(), |t| t.to_string());
                 tracing::error!(%who, "lost the service to another host");
                 eprintln!(
-                    "rrc primary: STOPPING: lost the backup ({why}) and the arbiter's record of {service} moved on ({who}): another host serves it; the container is killed without releasing another reply"
+                    "rrc primary: STOPPING: {why}, and the arbiter's record of {service} moved on ({who}): another host serves it; the container is killed without releasing another reply"
                 );
                 self.claiming = None;
                 if let Err(e) = c.cgroup().kill_all(Duration::from_secs(5)) {
@@ -431,7 +433,7 @@ impl Primary {
                 if !self.claim_said {
                     self.claim_said = true;
                     eprintln!(
-                        "rrc primary: still holding replies: lost the backup ({why}) and {e}; asking again every {} ms",
+                        "rrc primary: still holding replies: {why}, and {e}; asking again every {} ms",
                         CLAIM_RETRY.as_millis()
                     );
                 }

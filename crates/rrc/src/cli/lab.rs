@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
 use ipnet::Ipv4Net;
 use rrc_lab::{Host, Lab, LabName};
@@ -24,8 +24,10 @@ impl LabSel {
 ///
 /// Hosts `client`, `primary` and `backup` share a bridged LAN (with a
 /// service address, the VIP, reserved for the container); primary and
-/// backup also have a direct replication link. Several labs with different
-/// names can run side by side.
+/// backup also have a direct replication link. Hosts `arb1`, `arb2` and
+/// `arb3` are on the LAN too, for the arbiter (an etcd cluster, started
+/// with `rrc lab up --arbiter`). Several labs with different names can run
+/// side by side.
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
     /// Create the lab (or complete a partial one); fine to run twice.
@@ -35,6 +37,11 @@ pub enum LabCommand {
         /// LAN subnet, e.g. 10.77.0.0/24 (default: derived from the name).
         #[arg(long)]
         subnet: Option<Ipv4Net>,
+        /// Also run the arbiter: an etcd member on each of arb1, arb2 and
+        /// arb3 (a quorum survives one of them killed). Pass its endpoints
+        /// to `rrc primary` and `rrc backup` as --arbiter.
+        #[arg(long)]
+        arbiter: bool,
     },
     /// Remove the lab: every process on it, its namespaces, cgroups, state.
     Down {
@@ -72,12 +79,55 @@ pub enum LabCommand {
         sel: LabSel,
         host: Host,
     },
+    /// Cut a host off from others: every packet between their addresses is
+    /// dropped, both ways, silently (a partition; containers' own frames
+    /// still reach the LAN). `arbiter` names arb1, arb2 and arb3 together.
+    ///
+    /// Example: rrc lab cut primary backup; rrc lab cut primary arbiter
+    Cut {
+        #[command(flatten)]
+        sel: LabSel,
+        host: Host,
+        #[arg(required = true, value_name = "OTHER", value_parser = parse_hosts)]
+        others: Vec<Vec<Host>>,
+    },
+    /// Mend cuts: between a host and others, or every cut of the lab.
+    Heal {
+        #[command(flatten)]
+        sel: LabSel,
+        host: Option<Host>,
+        #[arg(value_name = "OTHER", value_parser = parse_hosts)]
+        others: Vec<Vec<Host>>,
+    },
+}
+
+/// A host, or `arbiter` for the three arbiter hosts.
+fn parse_hosts(s: &str) -> Result<Vec<Host>, String> {
+    if s == "arbiter" {
+        return Ok(Host::ARBITERS.to_vec());
+    }
+    s.parse::<Host>()
+        .map(|h| vec![h])
+        .map_err(|e| format!("{e}, or arbiter"))
+}
+
+fn print_cuts(name: &LabName, cuts: &[(String, String)]) {
+    if cuts.is_empty() {
+        println!("lab {name}: no cuts");
+    } else {
+        let list: Vec<String> = cuts.iter().map(|(a, b)| format!("{a}-{b}")).collect();
+        println!("lab {name}: cut {}", list.join(", "));
+    }
 }
 
 pub fn lab(c: LabCommand) -> Result<i32> {
     match c {
-        LabCommand::Up { sel, subnet } => {
-            let (lab, created) = Lab::up(sel.name()?, subnet)?;
+        LabCommand::Up {
+            sel,
+            subnet,
+            arbiter,
+        } => {
+            let (lab, created) = Lab::up(sel.name()?, subnet, arbiter)?;
             let p = lab.plan();
             println!(
                 "lab {} {}: LAN {} (client {}, primary {}, backup {}), VIP {}, replication link {}",
@@ -90,6 +140,9 @@ pub fn lab(c: LabCommand) -> Result<i32> {
                 p.vip(),
                 p.repl_subnet
             );
+            if let Some(a) = lab.arbiter_endpoints() {
+                println!("arbiter (etcd on arb1, arb2, arb3): --arbiter {a}");
+            }
             Ok(0)
         }
         LabCommand::Down { sel } => {
@@ -151,6 +204,12 @@ pub fn lab(c: LabCommand) -> Result<i32> {
                     containers
                 );
             }
+            if let Some(a) = &st.arbiter {
+                println!("arbiter: --arbiter {a}");
+            }
+            if !st.cuts.is_empty() {
+                print_cuts(&sel.name()?, &st.cuts);
+            }
             Ok(0)
         }
         LabCommand::List => {
@@ -203,6 +262,27 @@ pub fn lab(c: LabCommand) -> Result<i32> {
             let name = sel.name()?;
             Lab::revive(&name, host)?;
             println!("{host} of lab {name} is back up, empty");
+            Ok(0)
+        }
+        LabCommand::Cut { sel, host, others } => {
+            let name = sel.name()?;
+            let cuts = Lab::cut(&name, host, &others.concat(), false)?;
+            print_cuts(&name, &cuts);
+            Ok(0)
+        }
+        LabCommand::Heal { sel, host, others } => {
+            let name = sel.name()?;
+            let cuts = match host {
+                None => {
+                    Lab::heal_all(&name)?;
+                    Vec::new()
+                }
+                Some(h) if others.is_empty() => {
+                    bail!("name the hosts to heal {h} from, or no host to heal every cut")
+                }
+                Some(h) => Lab::cut(&name, h, &others.concat(), true)?,
+            };
+            print_cuts(&name, &cuts);
             Ok(0)
         }
     }

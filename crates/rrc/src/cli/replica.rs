@@ -115,7 +115,11 @@ impl ArbiterArgs {
             if !fenced && !self.allow_split_brain {
                 bail!(
                     "{who} needs --arbiter (an etcd cluster that decides which host serves){}; without it, if the link between the hosts breaks, both serve. --allow-split-brain runs it anyway",
-                    if who == "rrc backup" { " or --fence" } else { "" }
+                    if who == "rrc backup" {
+                        " or --fence"
+                    } else {
+                        ""
+                    }
                 );
             }
             return Ok(None);

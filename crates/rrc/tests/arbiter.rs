@@ -1,0 +1,230 @@
+//! The arbiter in the lab: a three-member etcd cluster on hosts of its
+//! own decides which side serves when primary and backup lose each other
+//! while both still reach the clients. Verifying Redis clients run
+//! through every fault; whatever happens, exactly one side serves
+//! afterwards and no client sees an error or a wrong value.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rrc_bench::failover::{App, Mode, Moments, Pair, PairOptions, TakeoverLine, fault_trial};
+use rrc_bench::session::LabSession;
+use rrc_lab::Host;
+
+/// A wide margin over the few hundred milliseconds a takeover takes.
+const ANSWERED_WITHIN_MS: f64 = 5000.0;
+
+fn arbiter_lab(tag: &str) -> LabSession {
+    require_root();
+    let name = format!("{tag}{}", std::process::id());
+    LabSession::start_with_arbiter(std::path::Path::new(RRC), &name, None).expect("lab up")
+}
+
+fn responsive_with_arbiter(lab: &LabSession) -> PairOptions {
+    PairOptions {
+        mode: Mode::Responsive,
+        arbiter: Some(lab.arbiter().expect("the lab runs an arbiter").to_string()),
+        ..PairOptions::default()
+    }
+}
+
+/// The backup took over, the old primary's container is gone (it said
+/// why), and the backup host serves.
+#[track_caller]
+fn assert_backup_alone_serves(lab: &LabSession, pair: &Pair<'_>, takeover: &TakeoverLine) {
+    pair.wait_primary_gone(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e:#}\nbackup:\n{}", pair.backup_output()));
+    assert!(
+        pair.primary_output().contains("STOPPING"),
+        "{}",
+        pair.primary_output()
+    );
+    let ps = lab
+        .run_on(Host::Backup, &[RRC, "ps"])
+        .expect("rrc ps on the backup host");
+    assert!(ps.contains("redis"), "{ps}");
+    assert!(takeover.arbiter_ms > 0.0, "{takeover:?}");
+}
+
+/// The replication link cut under load, and healed at a random moment:
+/// the backup wins the next term and takes over, the primary loses its
+/// claim and kills its container without releasing another reply; or, if
+/// the link came back before the backup decided, nothing happens at all.
+#[test]
+fn a_cut_replication_link_leaves_exactly_one_side_serving() {
+    let lab = arbiter_lab("cut");
+    let mut pair = Pair::new(&lab, App::Redis, responsive_with_arbiter(&lab)).unwrap();
+    let seed = Moments::seed_from_clock();
+    eprintln!("heal moments from seed {seed}");
+    let mut moments = Moments::new(seed);
+    for round in 0..3 {
+        pair.start_backup().unwrap();
+        pair.start_primary().unwrap();
+        let heal_after = moments.between(Duration::from_millis(50), Duration::from_millis(1500));
+        let t = fault_trial(
+            &mut pair,
+            4,
+            Duration::from_millis(700),
+            Duration::from_millis(2500),
+            |p| {
+                let t = p.cut_link()?;
+                std::thread::sleep(heal_after);
+                p.lab().heal(Host::Primary, &[Host::Backup])?;
+                Ok(t)
+            },
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        eprintln!(
+            "round {round}: healed after {heal_after:?}; {} requests, errors {:?}, all answered {:?} ms, takeover {:?}",
+            t.requests, t.errors, t.all_answered_ms, t.takeover
+        );
+        assert!(t.errors.is_empty(), "{t:#?}\n{}", pair.backup_output());
+        match &t.takeover {
+            Some(k) => {
+                assert!(
+                    t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+                    "{t:#?}"
+                );
+                assert_backup_alone_serves(&lab, &pair, k);
+            }
+            None => {
+                // Healed before the backup decided: the primary serves on.
+                assert!(
+                    pair.primary_serves().unwrap(),
+                    "no takeover, and no primary:\n{}\n{}",
+                    pair.primary_output(),
+                    pair.backup_output()
+                );
+            }
+        }
+        pair.reset().unwrap();
+    }
+}
+
+/// Cut from the arbiter alone, the primary goes on (nothing needs
+/// deciding). Cut from the backup too, the backup takes over and the old
+/// primary holds every reply, unable to ask; once it can, it learns it
+/// lost and stops.
+#[test]
+fn a_primary_cut_from_the_arbiter_goes_on_and_cut_from_both_sides_stops() {
+    let lab = arbiter_lab("arbcut");
+    let mut pair = Pair::new(&lab, App::Redis, responsive_with_arbiter(&lab)).unwrap();
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    lab.cut(Host::Primary, &Host::ARBITERS).unwrap();
+    let target = pair.target();
+    let r = lab
+        .in_host(Host::Client, || {
+            rrc_bench::verify::run(
+                rrc_bench::verify::Service::Redis,
+                target,
+                4,
+                || {},
+                Duration::from_millis(1500),
+            )
+        })
+        .unwrap();
+    assert!(r.errors.is_empty() && r.requests > 0, "{r:?}");
+    let st = pair.primary_status().unwrap();
+    assert!(st.protected && !st.awaiting_arbiter, "{st:?}");
+    assert!(pair.backup_running(), "{}", pair.backup_output());
+
+    let t = fault_trial(
+        &mut pair,
+        4,
+        Duration::from_millis(500),
+        Duration::from_millis(2500),
+        |p| p.cut_link(),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert!(
+        t.errors.is_empty() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+        "{t:#?}\n{}",
+        pair.backup_output()
+    );
+    // The old primary cannot reach the arbiter: it holds, and says why.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pair.primary_output().contains("still holding replies") {
+        assert!(Instant::now() < deadline, "{}", pair.primary_output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pair.primary_serves().unwrap());
+    let st = pair.primary_status().unwrap();
+    assert!(st.awaiting_arbiter && !st.protected, "{st:?}");
+    // Reaching the arbiter again, it learns that it lost.
+    lab.heal(Host::Primary, &Host::ARBITERS).unwrap();
+    assert_backup_alone_serves(&lab, &pair, t.takeover.as_ref().unwrap());
+}
+
+/// One arbiter host killed: the two members left are a quorum, and a
+/// takeover goes as usual. The whole arbiter unreachable: when the link
+/// breaks neither side acts (both say why) and the service holds; when
+/// the link is back, the pair carries on as before, with no client error.
+#[test]
+fn the_arbiter_short_a_member_still_decides_and_unreachable_decides_nothing() {
+    let lab = arbiter_lab("quorum");
+    let mut pair = Pair::new(&lab, App::Redis, responsive_with_arbiter(&lab)).unwrap();
+    lab.kill(Host::Arb1).unwrap();
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    let t = rrc_bench::failover::trial(
+        &mut pair,
+        4,
+        Duration::from_millis(700),
+        Duration::from_millis(1500),
+    )
+    .unwrap();
+    assert!(
+        t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+        "{t:#?}\n{}",
+        pair.backup_output()
+    );
+    eprintln!(
+        "with one member down: {}",
+        t.takeover.as_ref().unwrap().describe()
+    );
+    pair.reset().unwrap();
+
+    // No arbiter at all: the two other members killed too.
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    lab.kill(Host::Arb2).unwrap();
+    lab.kill(Host::Arb3).unwrap();
+    let t = fault_trial(
+        &mut pair,
+        4,
+        Duration::from_millis(500),
+        Duration::from_millis(3000),
+        |p| {
+            let t = p.cut_link()?;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !(p.backup_output().contains("cannot take over yet")
+                && p.primary_output().contains("still holding replies"))
+            {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the sides did not both say they wait for the arbiter:\n{}\n{}",
+                    p.backup_output(),
+                    p.primary_output()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            p.lab().heal(Host::Primary, &[Host::Backup])?;
+            Ok(t)
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(t.takeover.is_none(), "{t:#?}");
+    assert!(t.errors.is_empty(), "{t:#?}");
+    let out = pair.backup_output();
+    assert!(
+        out.contains("connected again before the arbiter answered"),
+        "{out}"
+    );
+    assert!(pair.primary_serves().unwrap());
+}
