@@ -36,6 +36,9 @@ pub struct FailoverConfig {
     /// responsive mode, its costs are measured side by side first).
     pub pair: PairOptions,
     pub seed: u64,
+    /// Run the lab's arbiter and have both sides ask it (the pair's own
+    /// `arbiter` is set from the lab's).
+    pub arbiter: bool,
 }
 
 /// One load's figures.
@@ -69,6 +72,8 @@ pub struct Recovery {
     pub all_answered_p99: f64,
     pub all_answered_max: f64,
     pub detection_avg: f64,
+    /// The backup's claim of the service from the arbiter.
+    pub arbiter_avg: f64,
     pub fence_avg: f64,
     /// From the decision to the service running again (restore, and in
     /// responsive mode replay and connections).
@@ -183,6 +188,7 @@ fn summarize(app: App, trials: &[Trial]) -> Recovery {
         all_answered_p99: p99,
         all_answered_max: max(&all),
         detection_avg: avg(&|t| tk(t).silent_ms),
+        arbiter_avg: avg(&|t| tk(t).arbiter_ms),
         fence_avg: avg(&|t| tk(t).fence_ms),
         restore_avg: avg(&|t| tk(t).restore_ms),
         replay_restore_avg: ravg(&|r| r.restore_ms),
@@ -201,7 +207,14 @@ fn summarize(app: App, trials: &[Trial]) -> Recovery {
 }
 
 pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<FailoverReport> {
-    let lab = LabSession::start(rrc, "benchfo", None)?;
+    let lab = if cfg.arbiter {
+        LabSession::start_with_arbiter(rrc, "benchfo", None)?
+    } else {
+        LabSession::start(rrc, "benchfo", None)?
+    };
+    let mut cfg = cfg.clone();
+    cfg.pair.arbiter = lab.arbiter().map(str::to_string);
+    let cfg = &cfg;
     let mut moments = Moments::new(cfg.seed);
     let mut report = FailoverReport {
         seed: cfg.seed,
@@ -432,7 +445,8 @@ pub fn render(r: &FailoverReport) -> String {
     }
     let _ = writeln!(
         s,
-        "(first: kill to the first reply from the new primary on any connection; all: until every connection was answered again;\n detect: the primary's silence until the backup decided; takeover: from the decision to the service running, of which, by replay:\n restore, replay of the log and the connections' rebuilding; resume: announcement, forwarding and client retransmission;\n fencing averaged {:.0} ms)",
+        "(first: kill to the first reply from the new primary on any connection; all: until every connection was answered again;\n detect: the primary's silence until the backup decided; takeover: from the decision to the service running, of which, by replay:\n restore, replay of the log and the connections' rebuilding; resume: announcement, forwarding and client retransmission;\n the arbiter's claim averaged {:.1} ms, fencing {:.0} ms)",
+        r.recovery.iter().map(|v| v.arbiter_avg).sum::<f64>() / r.recovery.len().max(1) as f64,
         r.recovery.iter().map(|v| v.fence_avg).sum::<f64>() / r.recovery.len().max(1) as f64
     );
     if !r.replays.is_empty() {

@@ -93,6 +93,11 @@ pub struct FailoverArgs {
     /// The backup's failure-detection timeout.
     #[arg(long, default_value = "200ms", value_parser = crate::cli::parse_duration)]
     timeout: std::time::Duration,
+    /// Run the lab's arbiter (etcd on three hosts) and have both sides
+    /// ask it; without it the backup fences the primary by killing its
+    /// host. The report shows what the claim adds to a takeover.
+    #[arg(long)]
+    arbiter: bool,
     /// Seed of the kill moments (default: from the clock; printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -307,6 +312,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                     ..PairOptions::default()
                 },
                 seed: a.seed.unwrap_or_else(Moments::seed_from_clock),
+                arbiter: a.arbiter,
             };
             eprintln!("bench: kill moments from seed {}", cfg.seed);
             let r = failover_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;

@@ -61,8 +61,11 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     ensure!(a.connections > 0, "--connections must be at least 1");
     let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
 
-    step(1, &format!("bringing up lab `{}`", a.lab));
-    let lab = LabSession::start(&exe, &a.lab, None)?;
+    step(
+        1,
+        &format!("bringing up lab `{}` with its arbiter (etcd)", a.lab),
+    );
+    let lab = LabSession::start_with_arbiter(&exe, &a.lab, None)?;
     let plan = lab.plan().clone();
     println!(
         "      LAN {}: client {}, primary {}, backup {}; service address {}",
@@ -71,6 +74,10 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
         plan.lan_addr(Host::Primary).addr(),
         plan.lan_addr(Host::Backup).addr(),
         plan.vip().addr()
+    );
+    println!(
+        "      arbiter: etcd on arb1, arb2, arb3 ({}); the backup must win the service's next term there before it takes over",
+        lab.arbiter().unwrap_or("none")
     );
 
     step(
@@ -82,6 +89,7 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     );
     let opts = PairOptions {
         mode: a.mode.into(),
+        arbiter: lab.arbiter().map(str::to_string),
         ..PairOptions::default()
     };
     let mut pair = Pair::new(&lab, App::Redis, opts)?;
