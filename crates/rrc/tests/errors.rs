@@ -183,6 +183,42 @@ fn not_root() {
     output(c).fails_with("needs root");
 }
 
+/// A replicated pair with nothing to keep two copies from serving is
+/// refused unless told that is acceptable; a bad or unreachable arbiter is
+/// a clear error before anything starts.
+#[test]
+fn replication_without_an_arbiter_is_refused() {
+    require_root();
+    let dir = scratch("noarb");
+    let key = dir.join("key");
+    rrc(&["keygen", key.to_str().unwrap()]).ok();
+    let key = key.to_str().unwrap();
+    let primary = |extra: &[&str]| {
+        let mut args = vec![
+            "primary",
+            "--backup",
+            "127.0.0.1",
+            "--key",
+            key,
+            "--name",
+            "noarb",
+            "--addr",
+            "10.250.0.5/24",
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "true"]);
+        rrc(&args)
+    };
+    primary(&[]).fails_with("needs --arbiter");
+    primary(&["--allow-split-brain", "--arbiter", "127.0.0.1:1"]).fails_with("contradict");
+    primary(&["--arbiter", "http://h/x"]).fails_with("invalid arbiter endpoint");
+    // Nothing listens there: refused at once, said, nothing started.
+    primary(&["--arbiter", "127.0.0.1:1", "--arbiter-timeout", "300ms"])
+        .fails_with("cannot be reached");
+    rrc(&["backup", "--listen", "127.0.0.1:0", "--key", key]).fails_with("or --fence");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Runs `rrc ARGS` in a private mount namespace prepared by `setup` (a shell
 /// snippet), so a kernel feature can be hidden from rrc alone.
 fn with_hidden_feature(setup: &str, args: &str) -> Out {

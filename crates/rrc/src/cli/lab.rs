@@ -61,7 +61,7 @@ pub enum LabCommand {
     Exec {
         #[command(flatten)]
         sel: LabSel,
-        /// client, primary or backup.
+        /// client, primary, backup, arb1, arb2 or arb3.
         host: Host,
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -87,7 +87,9 @@ pub enum LabCommand {
     Cut {
         #[command(flatten)]
         sel: LabSel,
+        /// The host cut off: client, primary, backup, arb1, arb2 or arb3.
         host: Host,
+        /// The hosts it is cut from (`arbiter`: the three arbiter hosts).
         #[arg(required = true, value_name = "OTHER", value_parser = parse_hosts)]
         others: Vec<Vec<Host>>,
     },
@@ -95,7 +97,10 @@ pub enum LabCommand {
     Heal {
         #[command(flatten)]
         sel: LabSel,
+        /// The host whose cuts to mend (none: every cut of the lab).
         host: Option<Host>,
+        /// The hosts to mend its cuts from (`arbiter`: the three arbiter
+        /// hosts).
         #[arg(value_name = "OTHER", value_parser = parse_hosts)]
         others: Vec<Vec<Host>>,
     },
