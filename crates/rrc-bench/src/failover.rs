@@ -180,7 +180,13 @@ pub struct PairOptions {
     /// primary runs with `--allow-split-brain` and the backup fences it
     /// by killing its lab host.
     pub arbiter: Option<String>,
+    /// Both sides serve metrics on their LAN address, port
+    /// [`METRICS_PORT`].
+    pub metrics: bool,
 }
+
+/// The port of the pair's metrics endpoints, with `metrics`.
+pub const METRICS_PORT: u16 = 9470;
 
 impl Default for PairOptions {
     fn default() -> Self {
@@ -191,6 +197,7 @@ impl Default for PairOptions {
             release_at_commit: false,
             inject_divergence: false,
             arbiter: None,
+            metrics: false,
         }
     }
 }
@@ -436,6 +443,9 @@ impl<'a> Pair<'a> {
             Some(a) => cmd.args(["--arbiter", a]),
             None => cmd.args(["--fence", &fence]),
         };
+        if self.opts.metrics {
+            cmd.args(["--metrics", &self.metrics_addr(Host::Backup).to_string()]);
+        }
         if self.opts.inject_divergence {
             cmd.env(rrc_replica::takeover::INJECT_DIVERGENCE_ENV, "1");
         }
@@ -509,6 +519,12 @@ impl<'a> Pair<'a> {
         if self.opts.release_at_commit {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
         }
+        let metrics = self.metrics_addr(Host::Primary).to_string();
+        if self.opts.metrics {
+            let at = argv.len() - 1;
+            argv.splice(at..at, ["--metrics", metrics.as_str()])
+                .for_each(drop);
+        }
         let at = argv.len() - 1;
         match &self.opts.arbiter {
             Some(a) => argv
@@ -545,7 +561,7 @@ impl<'a> Pair<'a> {
     pub fn primary_status(&self) -> Result<rrc_replica::primary::PrimaryStats> {
         let out = self.lab.run_on(
             Host::Primary,
-            &[&self.lab.rrc_path(), "status", self.app.name()],
+            &[&self.lab.rrc_path(), "status", "--json", self.app.name()],
         )?;
         let mut v: std::collections::BTreeMap<String, serde_json::Value> =
             serde_json::from_str(&out).context("rrc status did not print JSON")?;
@@ -583,6 +599,41 @@ impl<'a> Pair<'a> {
         let t = Instant::now();
         self.lab.cut(Host::Primary, &[Host::Backup])?;
         Ok(t)
+    }
+
+    /// Where `host`'s side serves its metrics (with `metrics`).
+    pub fn metrics_addr(&self, host: Host) -> SocketAddr {
+        SocketAddr::new(
+            std::net::IpAddr::V4(self.lab.plan().lan_addr(host).addr()),
+            METRICS_PORT,
+        )
+    }
+
+    /// Scrapes `host`'s metrics endpoint from the client host.
+    pub fn scrape(&self, host: Host) -> Result<String> {
+        use std::io::{Read, Write};
+        let addr = self.metrics_addr(host);
+        self.lab.in_host(Host::Client, || -> Result<String> {
+            let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            c.set_read_timeout(Some(Duration::from_secs(5)))?;
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            ensure!(
+                out.starts_with("HTTP/1.") && out.contains(" 200 "),
+                "scraping {addr}: {out}"
+            );
+            Ok(out)
+        })?
+    }
+
+    /// `rrc status` on `host` (finding the pair's backup directory).
+    pub fn status_on(&self, host: Host) -> Result<String> {
+        let dir = path_str(&self.backup_dir);
+        self.lab.run_on(
+            host,
+            &[&self.lab.rrc_path(), "status", "--backup-dir", &dir],
+        )
     }
 
     /// What the primary (and its container) said, from its host's log.

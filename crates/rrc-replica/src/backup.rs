@@ -37,7 +37,9 @@ use rrc_wire::{Key, Message, SecureReader, SecureStream, SecureWriter, Stage, Wi
 use crate::Error;
 use crate::acceptor::{Acceptor, Greeted};
 use crate::arbitration::{Arbitration, CLAIM_RETRY};
+use crate::backup_status::{BackupStatus, StatusFile};
 use crate::log_store::LogStore;
+use crate::metrics::{Metrics, MetricsServer, Role};
 use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::takeover::{Fallback, ReplayOutcome, by_replay, from_checkpoint};
 
@@ -55,6 +57,8 @@ pub struct BackupOptions {
     /// Who decides which side serves: a takeover waits for its claim.
     pub arbiter: Option<Arc<dyn Arbiter>>,
     pub node: String,
+    /// Where to serve metrics (`GET /metrics`), bound already.
+    pub metrics: Option<TcpListener>,
 }
 
 /// How a takeover went.
@@ -207,6 +211,8 @@ struct Committed {
 /// What a session shares between its reader and its committer.
 struct Shared {
     writer: Mutex<SecureWriter>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<StatusFile>>,
     committed: Mutex<Option<Committed>>,
     log: Mutex<LogStore>,
     /// The last log position acknowledged.
@@ -246,6 +252,12 @@ impl Shared {
             "rrc backup: cannot keep a checkpoint ({what}: {e}); the primary goes on unprotected"
         );
         *crate::lock(&self.committed) = None;
+        self.metrics.protected.set(0);
+        {
+            let mut f = crate::lock(&self.status);
+            f.status.holds_checkpoint = false;
+            f.write();
+        }
         self.send(&Message::BackupError {
             reason: format!("{what}: {e}"),
         })
@@ -298,6 +310,28 @@ pub fn serve(
         what: format!("listen on {}", opts.listen),
         source: e,
     })?;
+    let metrics = Metrics::new(Role::Backup);
+    let mut metrics_server = match &opts.metrics {
+        Some(l) => Some(
+            l.try_clone()
+                .and_then(|l| MetricsServer::start(l, metrics.clone()))
+                .map_err(|e| Error::Io {
+                    what: "serve metrics".into(),
+                    source: e,
+                })?,
+        ),
+        None => None,
+    };
+    let status = Arc::new(Mutex::new(StatusFile::new(
+        &opts.dir,
+        opts.listen.to_string(),
+    )));
+    let set_status = |f: &dyn Fn(&mut BackupStatus)| {
+        let mut s = crate::lock(&status);
+        f(&mut s.status);
+        s.write();
+    };
+    set_status(&|s| s.state = "waiting for a primary".into());
     tracing::info!(listen = %opts.listen, "backup waiting for a primary");
     eprintln!("rrc backup: waiting for a primary on {}", opts.listen);
     let mut acceptor =
@@ -343,8 +377,22 @@ pub fn serve(
             let _ = fs::remove_dir_all(&image);
         }
         eprintln!("rrc backup: primary {node} ({peer}) connected");
-        let (end, log) = session(s, opts, &image, &mut committed);
+        metrics.term.set(term.map_or(0, |t| t as i64));
+        metrics.protected.set(i64::from(committed.is_some()));
+        set_status(&|s| {
+            s.state = "protecting".into();
+            s.primary = Some(node.clone());
+            s.service = Some(service.clone());
+            s.term = term;
+            s.holds_checkpoint = committed.is_some();
+        });
+        let (end, log) = session(s, opts, &image, &mut committed, &metrics, &status);
         committed_term = committed.as_ref().and(term);
+        metrics.protected.set(0);
+        set_status(&|s| {
+            s.state = "waiting for a primary".into();
+            s.holds_checkpoint = committed.is_some();
+        });
         match end {
             SessionEnd::Clean => {
                 eprintln!("rrc backup: primary {node} stopped cleanly; waiting for a primary");
@@ -374,6 +422,7 @@ pub fn serve(
                     (Some(arbiter), Some(term)) => {
                         let mut a =
                             Arbitration::watch(arbiter.clone(), &service, &opts.node, &node, term);
+                        set_status(&|s| s.state = "asking the arbiter to take over".into());
                         match claim(&mut a, &node, &acceptor) {
                             Claimed::Won(took) => Some(took),
                             Claimed::Lost => {
@@ -391,8 +440,13 @@ pub fn serve(
                     _ => None,
                 };
                 // The takeover forks the restored container's supervisor:
-                // no thread of the acceptor may be left.
+                // no thread of the acceptor (or the metrics) may be left.
                 acceptor.stop();
+                metrics.takeovers.inc();
+                metrics.set_role(Role::Primary);
+                if let Some(m) = metrics_server.as_mut() {
+                    m.stop();
+                }
                 let t1 = Instant::now();
                 if let Some(cmd) = &opts.fence {
                     fence(cmd)?;
@@ -540,6 +594,8 @@ fn session(
     opts: &BackupOptions,
     image: &Path,
     committed: &mut Option<Committed>,
+    metrics: &Arc<Metrics>,
+    status: &Arc<Mutex<StatusFile>>,
 ) -> (SessionEnd, Option<LogStore>) {
     let (reader, writer) = s.split();
     let _ = writer.set_write_timeout(Some(opts.timeout));
@@ -549,6 +605,8 @@ fn session(
         .unwrap_or_default();
     let shared = Arc::new(Shared {
         writer: Mutex::new(writer),
+        metrics: metrics.clone(),
+        status: status.clone(),
         committed: Mutex::new(committed.clone()),
         log: Mutex::new(LogStore::new(base)),
         acked: Mutex::new(base),
@@ -634,10 +692,13 @@ fn read_loop(
             }),
             Message::Bye { .. } => return SessionEnd::Clean,
             Message::Log { data } => {
+                shared.metrics.log_bytes.inc_by(data.len() as u64);
                 let r = crate::lock(&shared.log).add_records(&data);
                 stored(shared, r, &mut unacknowledged)
             }
             Message::NetLog { first, frames } => {
+                let bytes: usize = frames.iter().map(|f| f.len()).sum();
+                shared.metrics.log_bytes.inc_by(bytes as u64);
                 let r = crate::lock(&shared.log).add_frames(first, frames);
                 stored(shared, r, &mut unacknowledged)
             }
@@ -800,6 +861,21 @@ fn commit_staged(
                 epoch,
                 position,
             });
+            shared.metrics.committed();
+            shared.metrics.protected.set(1);
+            {
+                let mut f = crate::lock(&shared.status);
+                let first = !f.status.holds_checkpoint;
+                f.status.holds_checkpoint = true;
+                f.status.committed = shared.metrics.commits.get();
+                f.status.last_commit_unix_ms = Some(crate::backup_status::unix_ms());
+                f.status.log_bytes = shared.metrics.log_bytes.get();
+                if first {
+                    f.write();
+                } else {
+                    f.write_soon();
+                }
+            }
             progress.add(epoch, t0.elapsed());
             Some(Message::Committed { epoch })
         }

@@ -118,6 +118,8 @@ pub struct ReplicationGate {
     releasing: Mutex<()>,
     /// Responsive mode: the log, and the address whose TCP frames it takes.
     log: Option<(Arc<dyn LogTap>, Ipv4Addr)>,
+    /// Where each held frame's wait goes when it leaves (seconds).
+    holds: OnceLock<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl ReplicationGate {
@@ -131,7 +133,13 @@ impl ReplicationGate {
             lan: OnceLock::new(),
             releasing: Mutex::new(()),
             log,
+            holds: OnceLock::new(),
         })
+    }
+
+    /// Notes how long each held frame waited in `h` from now on.
+    pub fn observe_holds(&self, h: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.holds.set(h);
     }
 
     /// Where released frames go: the container's uplink.
@@ -187,6 +195,11 @@ impl ReplicationGate {
         let mut h = self.lock();
         h.noting = true;
         h.noted_to = h.noted_to.max(h.next);
+    }
+
+    /// The backup's last acknowledgement of the log.
+    pub fn acked(&self) -> LogPosition {
+        self.lock().acked
     }
 
     /// Frames and bytes held now.
@@ -258,6 +271,9 @@ impl ReplicationGate {
                     );
                     note(h.noting, &mut h.would_be, &f, now);
                     h.noted_to = f.n + 1;
+                }
+                if let Some(hist) = self.holds.get() {
+                    hist.observe(now.saturating_duration_since(f.at).as_secs_f64());
                 }
                 out.push(f.bytes);
             }

@@ -16,9 +16,11 @@
 pub mod acceptor;
 pub mod arbitration;
 pub mod backup;
+pub mod backup_status;
 pub mod gate;
 pub mod link;
 pub mod log_store;
+pub mod metrics;
 pub mod netlog;
 pub mod position;
 pub mod primary;

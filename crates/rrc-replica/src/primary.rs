@@ -39,6 +39,7 @@ use rrc_rr::ring::RingSet;
 use crate::arbitration::{Arbitration, CLAIM_RETRY};
 use crate::gate::{DelaySummary, LogTap, Release, ReplicationGate, describe};
 use crate::link::{AckHandler, Job, Link, LinkConfig, LinkEvent, Outbox};
+use crate::metrics::{Metrics, MetricsServer, Role};
 use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::shipper::{ShipCounts, Shipper};
 use crate::wake::{self, WakeFd, Waker};
@@ -69,6 +70,8 @@ pub struct PrimaryOptions {
     pub work_dir: PathBuf,
     pub link: LinkConfig,
     pub copy: CopyMode,
+    /// Where to serve metrics (`GET /metrics`), bound already.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// Figures of a primary's run so far.
@@ -99,6 +102,21 @@ pub struct PrimaryStats {
     /// It lost its backup and waits for the arbiter, holding replies.
     #[serde(default)]
     pub awaiting_arbiter: bool,
+    /// "responsive" or "checkpoint".
+    #[serde(default)]
+    pub mode: String,
+    /// How long ago the backup last committed a checkpoint.
+    #[serde(default)]
+    pub last_commit_ms_ago: Option<f64>,
+    #[serde(default)]
+    pub last_pause_us: u64,
+    /// Responsive mode: the log not yet acknowledged by the backup
+    /// (records, inbound frames).
+    #[serde(default)]
+    pub log_lag: Option<(u64, u64)>,
+    /// Outbound frames (and bytes) held now.
+    #[serde(default)]
+    pub held: (usize, usize),
 }
 
 /// A replicated container's replication, before the container exists.
@@ -228,6 +246,8 @@ pub struct Primary {
     taken: u64,
     stats: PrimaryStats,
     last_report: Instant,
+    metrics: Arc<Metrics>,
+    metrics_server: Option<MetricsServer>,
 }
 
 impl Primary {
@@ -252,6 +272,15 @@ impl Primary {
             None => None,
         };
         let link = Link::start(r.opts.link.clone(), r.outbox, releases.clone(), waker)?;
+        let metrics = Metrics::new(Role::Primary);
+        r.gate.observe_holds(metrics.hold.clone());
+        if let Some(a) = &r.opts.arbitration {
+            metrics.term.set(a.term().number as i64);
+        }
+        let metrics_server = match &r.opts.metrics {
+            Some(l) => Some(MetricsServer::start(l.try_clone()?, metrics.clone())?),
+            None => None,
+        };
         Ok(Primary {
             gate: r.gate,
             releases,
@@ -273,6 +302,8 @@ impl Primary {
             taken: 0,
             stats: PrimaryStats::default(),
             last_report: Instant::now(),
+            metrics,
+            metrics_server,
         })
     }
 
@@ -286,6 +317,24 @@ impl Primary {
         s.protected = self.connected && self.committed_in_series > 0;
         s.term = self.opts.arbitration.as_ref().map(|a| a.term().number);
         s.awaiting_arbiter = self.claiming.is_some();
+        s.mode = if self.log.is_some() {
+            "responsive"
+        } else {
+            "checkpoint"
+        }
+        .into();
+        s.last_commit_ms_ago = self
+            .metrics
+            .last_commit_age()
+            .map(|d| d.as_secs_f64() * 1e3);
+        s.log_lag = self.log.as_ref().map(|(l, _)| {
+            let (reached, acked) = (l.reached(), self.gate.acked());
+            (
+                reached.records.saturating_sub(acked.records),
+                reached.net.saturating_sub(acked.net),
+            )
+        });
+        s.held = self.gate.held();
         s
     }
 
@@ -380,6 +429,7 @@ impl Primary {
                 self.stats.committed += 1;
                 self.stats.bytes_sent += bytes;
                 self.committed_in_series += 1;
+                self.metrics.committed();
                 if self.committed_in_series == 1 {
                     self.gate.protected();
                     tracing::info!(epoch, "protected: the backup holds a full checkpoint");
@@ -408,6 +458,7 @@ impl Primary {
             Ok(Claim::Won(t)) => {
                 self.claiming = None;
                 self.joined = false;
+                self.metrics.term.set(t.number as i64);
                 eprintln!(
                     "rrc primary: the arbiter gave this host {service} at term {} ({:.1} ms)",
                     t.number,
@@ -510,7 +561,11 @@ impl Primary {
         match r {
             Ok(r) => {
                 let pause = r.checkpoint.frozen.as_micros() as u64;
+                self.metrics
+                    .pause
+                    .observe(r.checkpoint.frozen.as_secs_f64());
                 self.stats.pause_total_us += pause;
+                self.stats.last_pause_us = pause;
                 self.stats.pause_max_us = self.stats.pause_max_us.max(pause);
                 if let Some((log, _)) = &self.log {
                     log.checkpoint_at(at);
@@ -618,6 +673,13 @@ impl Companion for Primary {
         for ev in self.link.events() {
             self.handle(ev);
         }
+        self.metrics
+            .protected
+            .set(i64::from(self.connected && self.committed_in_series > 0));
+        if let Some((log, _)) = &self.log {
+            let n = log.counts();
+            self.metrics.log_total(n.record_bytes + n.frame_bytes);
+        }
         if let Some(why) = self.checkpoint_overdue() {
             self.unprotected(why);
         }
@@ -654,6 +716,9 @@ impl Companion for Primary {
     }
 
     fn on_stop(&mut self, _c: &mut Container) {
+        if let Some(mut m) = self.metrics_server.take() {
+            m.stop();
+        }
         self.link.stop();
         if let Some((log, backstop)) = self.log.take() {
             log.stop();

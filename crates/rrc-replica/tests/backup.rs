@@ -66,6 +66,7 @@ fn options(addr: SocketAddr, key: Key, dir: &Path) -> BackupOptions {
         fence: Some("true".into()),
         arbiter: None,
         node: "test-backup".into(),
+        metrics: None,
     }
 }
 

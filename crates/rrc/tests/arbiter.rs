@@ -104,16 +104,60 @@ fn a_cut_replication_link_leaves_exactly_one_side_serving() {
     }
 }
 
+/// The value of metric `name` (a line `name value`) in a scrape.
+#[track_caller]
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+}
+
 /// Cut from the arbiter alone, the primary goes on (nothing needs
 /// deciding). Cut from the backup too, the backup takes over and the old
 /// primary holds every reply, unable to ask; once it can, it learns it
-/// lost and stops.
+/// lost and stops. `rrc status` and the metrics endpoints show each
+/// transition.
 #[test]
 fn a_primary_cut_from_the_arbiter_goes_on_and_cut_from_both_sides_stops() {
     let lab = arbiter_lab("arbcut");
-    let mut pair = Pair::new(&lab, App::Redis, responsive_with_arbiter(&lab)).unwrap();
+    let opts = PairOptions {
+        metrics: true,
+        ..responsive_with_arbiter(&lab)
+    };
+    let mut pair = Pair::new(&lab, App::Redis, opts).unwrap();
     pair.start_backup().unwrap();
     pair.start_primary().unwrap();
+    let p = pair.scrape(Host::Primary).unwrap();
+    assert_eq!(metric(&p, "rrc_role{role=\"primary\"}"), 1.0);
+    assert_eq!(metric(&p, "rrc_term"), 1.0);
+    assert_eq!(metric(&p, "rrc_protected"), 1.0);
+    assert!(
+        metric(&p, "rrc_checkpoint_pause_seconds_count") > 0.0,
+        "{p}"
+    );
+    assert!(metric(&p, "rrc_log_bytes_total") > 0.0, "{p}");
+    assert!(
+        (0.0..10.0).contains(&metric(&p, "rrc_last_commit_age_seconds")),
+        "{p}"
+    );
+    let b = pair.scrape(Host::Backup).unwrap();
+    assert_eq!(metric(&b, "rrc_role{role=\"backup\"}"), 1.0);
+    assert_eq!(metric(&b, "rrc_term"), 1.0);
+    assert_eq!(metric(&b, "rrc_protected"), 1.0);
+    assert!(metric(&b, "rrc_checkpoints_committed_total") > 0.0, "{b}");
+    assert_eq!(metric(&b, "rrc_takeovers_total"), 0.0);
+    let st = pair.status_on(Host::Primary).unwrap();
+    assert!(
+        st.contains("redis: primary (responsive mode), term 1, protected"),
+        "{st}"
+    );
+    let st = pair.status_on(Host::Backup).unwrap();
+    assert!(
+        st.contains("protecting redis of") && st.contains("term 1, holds a committed checkpoint"),
+        "{st}"
+    );
+
     lab.cut(Host::Primary, &Host::ARBITERS).unwrap();
     let target = pair.target();
     let r = lab
@@ -155,6 +199,19 @@ fn a_primary_cut_from_the_arbiter_goes_on_and_cut_from_both_sides_stops() {
     assert!(pair.primary_serves().unwrap());
     let st = pair.primary_status().unwrap();
     assert!(st.awaiting_arbiter && !st.protected, "{st:?}");
+    let p = pair.scrape(Host::Primary).unwrap();
+    assert_eq!(metric(&p, "rrc_protected"), 0.0);
+    assert!(metric(&p, "rrc_output_hold_seconds_count") > 0.0, "{p}");
+    let st = pair.status_on(Host::Primary).unwrap();
+    assert!(
+        st.contains("holding replies until the arbiter answers"),
+        "{st}"
+    );
+    let st = pair.status_on(Host::Backup).unwrap();
+    assert!(
+        st.contains("took over from checkpoint") && st.contains("resumed by replaying the log"),
+        "{st}"
+    );
     // Reaching the arbiter again, it learns that it lost.
     lab.heal(Host::Primary, &Host::ARBITERS).unwrap();
     assert_backup_alone_serves(&lab, &pair, t.takeover.as_ref().unwrap());

@@ -212,9 +212,16 @@ fn replication_without_an_arbiter_is_refused() {
     primary(&[]).fails_with("needs --arbiter");
     primary(&["--allow-split-brain", "--arbiter", "127.0.0.1:1"]).fails_with("contradict");
     primary(&["--arbiter", "http://h/x"]).fails_with("invalid arbiter endpoint");
-    // Nothing listens there: refused at once, said, nothing started.
-    primary(&["--arbiter", "127.0.0.1:1", "--arbiter-timeout", "300ms"])
-        .fails_with("cannot be reached");
+    // Nothing listens there: asked again for a while (saying so), then
+    // refused, nothing started.
+    let out = primary(&["--arbiter", "127.0.0.1:1", "--arbiter-timeout", "300ms"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("rrc: error: ") && last.contains("cannot be reached"),
+        "{out:?}"
+    );
+    assert!(out.stderr.contains("asking again"), "{out:?}");
     rrc(&["backup", "--listen", "127.0.0.1:0", "--key", key]).fails_with("or --fence");
     let _ = std::fs::remove_dir_all(&dir);
 }

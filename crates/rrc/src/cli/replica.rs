@@ -13,6 +13,7 @@ use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
 use rrc_replica::arbitration::Arbitration;
 use rrc_replica::backup::{self, BackupOptions, Resumed};
+use rrc_replica::backup_status::{self, TakeoverPhases};
 use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
 use rrc_replica::primary::{PrimaryOptions, Replication};
@@ -79,6 +80,11 @@ pub struct PrimaryArgs {
     /// [default: log]
     #[arg(long, value_enum)]
     release: Option<ReleaseArg>,
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics): role, term,
+    /// protection, checkpoint pauses, how long replies were held, log
+    /// bytes, the last commit's age.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     arbiter: ArbiterArgs,
     #[command(flatten)]
@@ -187,6 +193,11 @@ pub struct BackupArgs {
     /// one whose subnet holds its address).
     #[arg(long, value_name = "IF")]
     uplink: Option<String>,
+    /// Serve Prometheus metrics on HOST:PORT (GET /metrics): role, term,
+    /// whether it holds a committed checkpoint, checkpoints committed, log
+    /// bytes received, the last commit's age, takeovers.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     arbiter: ArbiterArgs,
 }
@@ -265,6 +276,7 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         },
         arbitration,
         copy: CopyChoice::from(a.copy).into(),
+        metrics: bind_metrics(a.metrics)?,
     };
     if a.release.is_some() && a.mode != ModeArg::Responsive {
         bail!("--release is for --mode responsive (in checkpoint mode replies wait for commits)");
@@ -295,11 +307,42 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
     Ok(super::exit_code(launch.run()?))
 }
 
+/// The metrics endpoint's socket, bound now so that a taken address fails
+/// before anything starts.
+fn bind_metrics(addr: Option<SocketAddr>) -> Result<Option<std::net::TcpListener>> {
+    addr.map(|a| {
+        std::net::TcpListener::bind(a).with_context(|| format!("--metrics: cannot listen on {a}"))
+    })
+    .transpose()
+}
+
+/// How long a starting primary keeps asking an arbiter that does not
+/// answer (electing a leader after losing a member takes a second or two).
+const TAKE_PATIENCE: Duration = Duration::from_secs(15);
+
 /// A starting primary takes the service from the arbiter (the next term).
 fn take_service(arb: Arc<dyn Arbiter>, service: &str, me: &str) -> Result<Arbitration> {
     let described = arb.describe();
-    let (a, before) = Arbitration::take(arb, service, me)
-        .with_context(|| format!("taking {service} from the arbiter ({described})"))?;
+    let t0 = std::time::Instant::now();
+    let mut said = false;
+    let (a, before) = loop {
+        match Arbitration::take(arb.clone(), service, me) {
+            Err(e) if e.is_transient() && t0.elapsed() < TAKE_PATIENCE => {
+                if !said {
+                    said = true;
+                    eprintln!(
+                        "rrc primary: {e}; asking again for up to {} s",
+                        TAKE_PATIENCE.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            r => {
+                break r
+                    .with_context(|| format!("taking {service} from the arbiter ({described})"))?;
+            }
+        }
+    };
     match before {
         Some(t) if t.holder != me => eprintln!(
             "rrc primary: the arbiter said {} served {service} ({t}); this host takes it at term {} (make sure it no longer runs there)",
@@ -334,12 +377,32 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         fence: a.fence.clone(),
         arbiter: a.arbiter.arbiter("rrc backup", a.fence.is_some())?,
         node: host.host().to_string(),
+        metrics: bind_metrics(a.metrics)?,
     };
     let uplink = a.uplink.clone();
     let dir = opts.dir.clone();
     let t = backup::serve(&opts, |image, log| {
         backup::resume(image, log, &dir, uplink.clone())
     })?;
+    backup_status::record_takeover(
+        &dir,
+        TakeoverPhases {
+            epoch: t.epoch,
+            silent_ms: t.silent_for.as_secs_f64() * 1e3,
+            arbiter_ms: t.arbiter.map(|d| d.as_secs_f64() * 1e3),
+            fence_ms: t.fence.as_secs_f64() * 1e3,
+            restore_ms: t.restore.as_secs_f64() * 1e3,
+            resumed: match &t.resumed {
+                Resumed::Checkpoint(_) => "resumed from the checkpoint".into(),
+                Resumed::Replayed { .. } => "resumed by replaying the log".into(),
+                Resumed::FellBack { outcome, .. } => format!(
+                    "FALLBACK to the checkpoint: {}",
+                    outcome.why.as_deref().unwrap_or("no reason given")
+                ),
+            },
+            at_unix_ms: backup_status::unix_ms(),
+        },
+    );
     println!(
         "took over from checkpoint {}: primary silent {:.0} ms, arbiter {:.1} ms, fence {:.0} ms, restore {:.0} ms",
         t.epoch,

@@ -1,0 +1,361 @@
+//! What a primary or a backup tells a monitoring system: Prometheus's
+//! metrics, served over HTTP on `--metrics ADDR` (`GET /metrics`, the
+//! OpenMetrics text format, which Prometheus scrapes).
+//!
+//! The figures are set where they happen (the primary's companion, the
+//! gate, the backup's session); the server only encodes them. Names follow
+//! Prometheus's rules: a `rrc_` prefix, base units in the name
+//! (`_seconds`, `_bytes`), `_total` on counters.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Which side this process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Backup,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    role: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    role: Family<RoleLabel, Gauge>,
+    pub term: Gauge,
+    pub protected: Gauge,
+    pub takeovers: Counter,
+    pub commits: Counter,
+    pub pause: Histogram,
+    pub hold: Histogram,
+    pub log_bytes: Counter,
+    last_commit_age: Gauge<f64, AtomicU64>,
+    /// When the last checkpoint was committed, in nanoseconds after
+    /// `started` (0: never).
+    last_commit: AtomicU64,
+    started: Instant,
+}
+
+impl Metrics {
+    pub fn new(role: Role) -> Arc<Metrics> {
+        let mut registry = Registry::default();
+        let roles = Family::<RoleLabel, Gauge>::default();
+        registry.register(
+            "rrc_role",
+            "This process's side of the replicated service (1 for the side it is)",
+            roles.clone(),
+        );
+        for r in [Role::Primary, Role::Backup] {
+            roles
+                .get_or_create(&RoleLabel {
+                    role: r.name().into(),
+                })
+                .set(i64::from(r == role));
+        }
+        let term = Gauge::default();
+        registry.register(
+            "rrc_term",
+            "The arbiter's term this side serves or watches under (0 without an arbiter)",
+            term.clone(),
+        );
+        let protected = Gauge::default();
+        registry.register(
+            "rrc_protected",
+            "1 while a backup holds a committed checkpoint of the service",
+            protected.clone(),
+        );
+        let takeovers = Counter::default();
+        registry.register(
+            "rrc_takeovers",
+            "Takeovers this backup made",
+            takeovers.clone(),
+        );
+        let commits = Counter::default();
+        registry.register(
+            "rrc_checkpoints_committed",
+            "Checkpoints the backup committed",
+            commits.clone(),
+        );
+        // 50 µs to about 3 s.
+        let pause = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        registry.register_with_unit(
+            "rrc_checkpoint_pause",
+            "How long the container stood still for each checkpoint",
+            Unit::Seconds,
+            pause.clone(),
+        );
+        // 10 µs to about 10 s.
+        let hold = Histogram::new(exponential_buckets(0.00001, 2.5, 16));
+        registry.register_with_unit(
+            "rrc_output_hold",
+            "How long each outbound frame was held until the backup held what produced it",
+            Unit::Seconds,
+            hold.clone(),
+        );
+        let log_bytes = Counter::default();
+        registry.register_with_unit(
+            "rrc_log",
+            "Bytes of the event log and net log shipped (primary) or received (backup)",
+            Unit::Bytes,
+            log_bytes.clone(),
+        );
+        let last_commit_age = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "rrc_last_commit_age",
+            "Time since the backup last committed a checkpoint (-1: none yet)",
+            Unit::Seconds,
+            last_commit_age.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            role: roles,
+            term,
+            protected,
+            takeovers,
+            commits,
+            pause,
+            hold,
+            log_bytes,
+            last_commit_age,
+            last_commit: AtomicU64::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    /// A checkpoint was committed now.
+    pub fn committed(&self) {
+        self.commits.inc();
+        let ns = self.started.elapsed().as_nanos().max(1) as u64;
+        self.last_commit.store(ns, Ordering::Relaxed);
+    }
+
+    /// Time since the last commit, if there was one.
+    pub fn last_commit_age(&self) -> Option<Duration> {
+        match self.last_commit.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(
+                self.started
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(ns)),
+            ),
+        }
+    }
+
+    /// Counts `total` bytes of log so far (the counter only grows).
+    pub fn log_total(&self, total: u64) {
+        let now = self.log_bytes.get();
+        if total > now {
+            self.log_bytes.inc_by(total - now);
+        }
+    }
+
+    /// This side is now `role` (a backup that took over serves).
+    pub fn set_role(&self, role: Role) {
+        for r in [Role::Primary, Role::Backup] {
+            self.role
+                .get_or_create(&RoleLabel {
+                    role: r.name().into(),
+                })
+                .set(i64::from(r == role));
+        }
+    }
+
+    /// The text a scrape gets.
+    pub fn encode(&self) -> String {
+        self.last_commit_age
+            .set(self.last_commit_age().map_or(-1.0, |d| d.as_secs_f64()));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String does not fail");
+        out
+    }
+}
+
+/// The HTTP endpoint: one thread answering scrapes, one at a time, until
+/// stopped. Written here rather than with an HTTP server crate because a
+/// backup forks right after it stops this (a takeover), which must leave no
+/// other thread behind, and the servers at hand keep pools of their own;
+/// a scrape is one GET and one answer, which takes few lines.
+pub struct MetricsServer {
+    listener: TcpListener,
+    stop: Arc<AtomicBool>,
+    /// The connection being answered, to shut down on stop (a scraper
+    /// that says nothing must not hold a takeover up).
+    current: Arc<std::sync::Mutex<Option<TcpStream>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The content type of the OpenMetrics text format.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// How long a scraper may take to send its request.
+const REQUEST_LIMIT: Duration = Duration::from_secs(2);
+
+impl MetricsServer {
+    /// Serves `metrics` on `listener` (bound early, so that a taken
+    /// address is an error before anything starts).
+    pub fn start(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<MetricsServer> {
+        let handle = listener.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let current = Arc::new(std::sync::Mutex::new(None));
+        let (stopped, serving) = (stop.clone(), current.clone());
+        let thread = std::thread::Builder::new()
+            .name("rrc-metrics".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(c) = conn else {
+                        if stopped.load(Ordering::Acquire) {
+                            break;
+                        }
+                        // Out of descriptors, say: not a busy loop.
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    {
+                        let mut cur = crate::lock(&serving);
+                        // Checked under the lock stop takes: a connection
+                        // is either seen by stop or never answered.
+                        if stopped.load(Ordering::Acquire) {
+                            break;
+                        }
+                        *cur = c.try_clone().ok();
+                    }
+                    let _ = answer(c, &metrics);
+                    *crate::lock(&serving) = None;
+                }
+            })?;
+        Ok(MetricsServer {
+            listener: handle,
+            stop,
+            current,
+            thread: Some(thread),
+        })
+    }
+
+    /// Ends the server's thread (at once: shutting the listening socket
+    /// down wakes its accept).
+    pub fn stop(&mut self) {
+        {
+            let cur = crate::lock(&self.current);
+            self.stop.store(true, Ordering::Release);
+            if let Some(c) = cur.as_ref() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Reads one request's head and answers it: the metrics for `GET
+/// /metrics`, 404 for any other path, 405 for any other method.
+fn answer(mut c: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    c.set_read_timeout(Some(REQUEST_LIMIT))?;
+    c.set_write_timeout(Some(REQUEST_LIMIT))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = c.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut words = line.split(|&b| b == b' ');
+    let (method, path) = (
+        words.next().unwrap_or_default(),
+        words.next().unwrap_or_default(),
+    );
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    let (status, ctype, body) = match (method, path) {
+        (b"GET", b"/metrics") => ("200 OK", CONTENT_TYPE, metrics.encode()),
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "rrc serves /metrics\n".into(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET /metrics\n".into(),
+        ),
+    };
+    write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scrape_gets_the_figures_under_prometheus_names() {
+        let m = Metrics::new(Role::Primary);
+        m.term.set(3);
+        m.protected.set(1);
+        m.pause.observe(0.002);
+        m.log_total(4096);
+        m.log_total(1000);
+        m.committed();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut srv = MetricsServer::start(l, m).unwrap();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        srv.stop();
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        for line in [
+            "rrc_role{role=\"primary\"} 1",
+            "rrc_role{role=\"backup\"} 0",
+            "rrc_term 3",
+            "rrc_protected 1",
+            "rrc_checkpoint_pause_seconds_count 1",
+            "rrc_log_bytes_total 4096",
+            "rrc_checkpoints_committed_total 1",
+            "rrc_takeovers_total 0",
+            "# EOF",
+        ] {
+            assert!(body.contains(line), "{line:?} not in:\n{body}");
+        }
+        assert!(body.contains("rrc_last_commit_age_seconds 0."), "{body}");
+    }
+}
