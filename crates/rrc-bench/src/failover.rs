@@ -329,24 +329,35 @@ pub struct Pair<'a> {
     backup_log: PathBuf,
     /// Backups started so far (each gets a log of its own).
     backups: u32,
+    /// Where the primary and the backup run (the lab's primary and backup
+    /// hosts unless swapped).
+    primary_host: Host,
+    backup_host: Host,
+    /// The service address.
+    vip: ipnet::Ipv4Net,
 }
 
 impl<'a> Pair<'a> {
     /// Makes a key shared by both hosts; nothing runs yet.
     pub fn new(lab: &'a LabSession, app: App, opts: PairOptions) -> Result<Pair<'a>> {
         let key = std::env::temp_dir().join(format!(
-            "rrc-{}-{}.key",
+            "rrc-{}-{}-{}.key",
             lab.plan().name.as_str(),
-            std::process::id()
+            std::process::id(),
+            app.name()
         ));
         let _ = fs::remove_file(&key);
         lab.run_on(Host::Client, &[&lab.rrc_path(), "keygen", &path_str(&key)])?;
         let backup_dir = std::env::temp_dir().join(format!(
-            "rrc-{}-{}-backup",
+            "rrc-{}-{}-{}-backup",
             lab.plan().name.as_str(),
-            std::process::id()
+            std::process::id(),
+            app.name()
         ));
         Ok(Pair {
+            primary_host: Host::Primary,
+            backup_host: Host::Backup,
+            vip: lab.plan().vip(),
             lab,
             app,
             opts,
@@ -365,7 +376,21 @@ impl<'a> Pair<'a> {
     }
 
     pub fn target(&self) -> SocketAddr {
-        self.app.target(self.lab)
+        SocketAddr::new(IpAddr::V4(self.vip.addr()), self.app.port())
+    }
+
+    /// Runs the primary on the lab's backup host and the backup on its
+    /// primary host, at the address `offset` after the lab's service
+    /// address: a second service, the other way round.
+    pub fn swapped(mut self, offset: u32) -> Self {
+        std::mem::swap(&mut self.primary_host, &mut self.backup_host);
+        let vip = self.lab.plan().vip();
+        self.vip = ipnet::Ipv4Net::new(
+            std::net::Ipv4Addr::from(u32::from(vip.addr()) + offset),
+            vip.prefix_len(),
+        )
+        .expect("a prefix from a valid net");
+        self
     }
 
     /// Gives the application's command these extra arguments.
@@ -398,7 +423,7 @@ impl<'a> Pair<'a> {
         let a = self
             .lab
             .plan()
-            .repl_addr(Host::Backup)
+            .repl_addr(self.backup_host)
             .context("the lab has no replication link")?;
         Ok(a.addr().to_string())
     }
@@ -416,14 +441,15 @@ impl<'a> Pair<'a> {
         let log = fs::File::create(&self.backup_log)
             .with_context(|| format!("creating {}", self.backup_log.display()))?;
         let fence = format!(
-            "{} lab kill --lab {} primary",
+            "{} lab kill --lab {} {}",
             self.lab.rrc_path(),
-            self.lab.plan().name.as_str()
+            self.lab.plan().name.as_str(),
+            self.primary_host
         );
         let listen = self.repl_addr()?;
         let timeout = format!("{}ms", self.opts.timeout.as_millis());
         let mut cmd = self.lab.command_on(
-            Host::Backup,
+            self.backup_host,
             &[
                 &self.lab.rrc_path(),
                 "backup",
@@ -444,7 +470,10 @@ impl<'a> Pair<'a> {
             None => cmd.args(["--fence", &fence]),
         };
         if self.opts.metrics {
-            cmd.args(["--metrics", &self.metrics_addr(Host::Backup).to_string()]);
+            cmd.args([
+                "--metrics",
+                &self.metrics_addr(self.backup_host).to_string(),
+            ]);
         }
         if self.opts.inject_divergence {
             cmd.env(rrc_replica::takeover::INJECT_DIVERGENCE_ENV, "1");
@@ -493,7 +522,7 @@ impl<'a> Pair<'a> {
     /// Starts `rrc primary --detach` with the application on the primary
     /// host, and returns once it runs (whatever its backup does).
     pub fn launch_primary(&self) -> Result<()> {
-        let vip = self.lab.plan().vip().to_string();
+        let vip = self.vip.to_string();
         let epoch = format!("{}ms", self.opts.epoch.as_millis());
         let backup = self.repl_addr()?;
         let rrc = self.lab.rrc_path();
@@ -519,7 +548,7 @@ impl<'a> Pair<'a> {
         if self.opts.release_at_commit {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
         }
-        let metrics = self.metrics_addr(Host::Primary).to_string();
+        let metrics = self.metrics_addr(self.primary_host).to_string();
         if self.opts.metrics {
             let at = argv.len() - 1;
             argv.splice(at..at, ["--metrics", metrics.as_str()])
@@ -536,7 +565,7 @@ impl<'a> Pair<'a> {
         let command = self.app.command()?;
         argv.extend(command.iter().map(String::as_str));
         argv.extend(self.app_args.iter().map(String::as_str));
-        self.lab.run_on(Host::Primary, &argv).map(|_| ())
+        self.lab.run_on(self.primary_host, &argv).map(|_| ())
     }
 
     /// The key file the pair's primary and backup share.
@@ -549,7 +578,7 @@ impl<'a> Pair<'a> {
         let a = self
             .lab
             .plan()
-            .repl_addr(Host::Backup)
+            .repl_addr(self.backup_host)
             .context("the lab has no replication link")?;
         Ok(SocketAddr::new(
             IpAddr::V4(a.addr()),
@@ -560,7 +589,7 @@ impl<'a> Pair<'a> {
     /// What the primary's replication reports (`rrc status`).
     pub fn primary_status(&self) -> Result<rrc_replica::primary::PrimaryStats> {
         let out = self.lab.run_on(
-            Host::Primary,
+            self.primary_host,
             &[&self.lab.rrc_path(), "status", "--json", self.app.name()],
         )?;
         let mut v: std::collections::BTreeMap<String, serde_json::Value> =
@@ -575,7 +604,7 @@ impl<'a> Pair<'a> {
     pub fn stop_primary(&self) -> Result<()> {
         self.lab
             .run_on(
-                Host::Primary,
+                self.primary_host,
                 &[&self.lab.rrc_path(), "stop", self.app.name()],
             )
             .map(|_| ())
@@ -589,7 +618,7 @@ impl<'a> Pair<'a> {
     /// Cuts the primary host's power; returns when that began.
     pub fn kill_primary(&self) -> Result<Instant> {
         let t = Instant::now();
-        self.lab.kill(Host::Primary)?;
+        self.lab.kill(self.primary_host)?;
         Ok(t)
     }
 
@@ -597,7 +626,7 @@ impl<'a> Pair<'a> {
     /// still reach the clients and the arbiter); returns when that began.
     pub fn cut_link(&self) -> Result<Instant> {
         let t = Instant::now();
-        self.lab.cut(Host::Primary, &[Host::Backup])?;
+        self.lab.cut(self.primary_host, &[self.backup_host])?;
         Ok(t)
     }
 
@@ -641,7 +670,7 @@ impl<'a> Pair<'a> {
         let Ok(name) = self.app.name().parse::<rrc_container::ContainerName>() else {
             return String::new();
         };
-        let state = rrc_container::HostState::for_host(&self.lab.plan().netns(Host::Primary));
+        let state = rrc_container::HostState::for_host(&self.lab.plan().netns(self.primary_host));
         fs::read_to_string(state.log_path(&name)).unwrap_or_default()
     }
 
@@ -649,7 +678,7 @@ impl<'a> Pair<'a> {
     pub fn primary_serves(&self) -> Result<bool> {
         let out = self
             .lab
-            .run_on(Host::Primary, &[&self.lab.rrc_path(), "ps"])?;
+            .run_on(self.primary_host, &[&self.lab.rrc_path(), "ps"])?;
         Ok(out
             .lines()
             .any(|l| l.split_whitespace().next() == Some(self.app.name())))
@@ -672,9 +701,9 @@ impl<'a> Pair<'a> {
 
     /// Cuts the backup host's power (the backup process dies with it).
     pub fn kill_backup(&mut self) -> Result<()> {
-        self.lab.kill(Host::Backup)?;
+        self.lab.kill(self.backup_host)?;
         self.stop_backup_process();
-        self.lab.revive(Host::Backup)
+        self.lab.revive(self.backup_host)
     }
 
     /// Waits for the backup to take over and exit; returns what it said.
@@ -708,9 +737,9 @@ impl<'a> Pair<'a> {
         // Nothing to stop is fine: the takeover may not have happened.
         let _ = self
             .lab
-            .run_on(Host::Backup, &[&rrc, "stop", self.app.name()]);
-        self.lab.kill(Host::Primary)?;
-        self.lab.revive(Host::Primary)
+            .run_on(self.backup_host, &[&rrc, "stop", self.app.name()]);
+        self.lab.kill(self.primary_host)?;
+        self.lab.revive(self.primary_host)
     }
 }
 
@@ -909,7 +938,7 @@ impl Pair<'_> {
         let rrc = self.lab.rrc_path();
         let _ = self
             .lab
-            .run_on(Host::Backup, &[&rrc, "stop", self.app.name()]);
+            .run_on(self.backup_host, &[&rrc, "stop", self.app.name()]);
         let log = self.backup_dir.join("log");
         let image = self.backup_dir.join("image");
         let has_logs = fs::read_dir(&log)
@@ -929,7 +958,7 @@ impl Pair<'_> {
         let out = self
             .lab
             .command_on(
-                Host::Backup,
+                self.backup_host,
                 &[
                     &rrc,
                     "replay",

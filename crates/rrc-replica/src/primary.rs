@@ -460,7 +460,7 @@ impl Primary {
                 self.joined = false;
                 self.metrics.term.set(t.number as i64);
                 eprintln!(
-                    "rrc primary: the arbiter gave this host {service} at term {} ({:.1} ms)",
+                    "rrc primary: the arbiter gave {service} to this host at term {} ({:.1} ms)",
                     t.number,
                     d.took.as_secs_f64() * 1e3
                 );

@@ -285,3 +285,62 @@ fn the_arbiter_short_a_member_still_decides_and_unreachable_decides_nothing() {
     );
     assert!(pair.primary_serves().unwrap());
 }
+
+/// Two services, each primary on the other's backup host, both under
+/// verifying load; the host of one primary (and of the other's backup)
+/// killed: the first service's backup wins its term and takes over, the
+/// second service's primary wins its own and goes on unprotected. No
+/// client of either sees an error.
+#[test]
+fn two_services_each_primary_on_the_others_backup_host_survive_a_host_kill() {
+    let lab = arbiter_lab("two");
+    let mut redis = Pair::new(&lab, App::Redis, responsive_with_arbiter(&lab)).unwrap();
+    let mut mc = Pair::new(&lab, App::Memcached, responsive_with_arbiter(&lab))
+        .unwrap()
+        .swapped(1);
+    redis.start_backup().unwrap();
+    redis.start_primary().unwrap();
+    mc.start_backup().unwrap();
+    mc.start_primary().unwrap();
+    let mc_target = mc.target();
+    let (t, mc_load) = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            lab.in_host(Host::Client, || {
+                rrc_bench::verify::run(
+                    rrc_bench::verify::Service::Memcached,
+                    mc_target,
+                    4,
+                    || {},
+                    Duration::from_secs(5),
+                )
+            })
+            .unwrap()
+        });
+        let t = rrc_bench::failover::trial(
+            &mut redis,
+            4,
+            Duration::from_millis(700),
+            Duration::from_millis(1500),
+        )
+        .unwrap();
+        (t, load.join().unwrap())
+    });
+    assert!(
+        t.ok() && t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS),
+        "{t:#?}\n{}",
+        redis.backup_output()
+    );
+    assert!(
+        mc_load.errors.is_empty() && mc_load.requests > 0,
+        "{mc_load:?}\n{}",
+        mc.primary_output()
+    );
+    // Memcached's primary lost its backup with the host, won term 2 and
+    // serves on.
+    assert!(mc.primary_serves().unwrap());
+    let out = mc.primary_output();
+    assert!(
+        out.contains("the arbiter gave memcached to this host at term 2"),
+        "{out}"
+    );
+}
