@@ -183,6 +183,9 @@ pub struct PairOptions {
     /// Both sides serve metrics on their LAN address, port
     /// [`METRICS_PORT`].
     pub metrics: bool,
+    /// After a takeover the new primary replicates to a backup on the old
+    /// primary's host (`rrc backup --then-protect-to`).
+    pub then_protect: bool,
 }
 
 /// The port of the pair's metrics endpoints, with `metrics`.
@@ -198,6 +201,7 @@ impl Default for PairOptions {
             inject_divergence: false,
             arbiter: None,
             metrics: false,
+            then_protect: false,
         }
     }
 }
@@ -379,6 +383,17 @@ impl<'a> Pair<'a> {
         SocketAddr::new(IpAddr::V4(self.vip.addr()), self.app.port())
     }
 
+    /// After a takeover: the service's primary is now on the backup's
+    /// host, and its next backup goes on the old primary's.
+    pub fn swap_roles(&mut self) {
+        std::mem::swap(&mut self.primary_host, &mut self.backup_host);
+    }
+
+    /// The host the primary runs on now.
+    pub fn primary_host(&self) -> Host {
+        self.primary_host
+    }
+
     /// Runs the primary on the lab's backup host and the backup on its
     /// primary host, at the address `offset` after the lab's service
     /// address: a second service, the other way round.
@@ -474,6 +489,14 @@ impl<'a> Pair<'a> {
                 "--metrics",
                 &self.metrics_addr(self.backup_host).to_string(),
             ]);
+        }
+        if self.opts.then_protect {
+            let to = self
+                .lab
+                .plan()
+                .repl_addr(self.primary_host)
+                .context("the lab has no replication link")?;
+            cmd.args(["--then-protect-to", &to.addr().to_string()]);
         }
         if self.opts.inject_divergence {
             cmd.env(rrc_replica::takeover::INJECT_DIVERGENCE_ENV, "1");

@@ -26,6 +26,7 @@ pub struct Decision {
     pub took: Duration,
 }
 
+#[derive(Clone)]
 pub struct Arbitration {
     arbiter: Arc<dyn Arbiter>,
     service: String,

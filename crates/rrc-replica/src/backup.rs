@@ -41,6 +41,7 @@ use crate::backup_status::{BackupStatus, StatusFile};
 use crate::log_store::LogStore;
 use crate::metrics::{Metrics, MetricsServer, Role};
 use crate::position::{LogPosition, POSITION_ANNOTATION};
+use crate::reprotect::Protect;
 use crate::takeover::{Fallback, ReplayOutcome, by_replay, from_checkpoint};
 
 pub struct BackupOptions {
@@ -59,6 +60,18 @@ pub struct BackupOptions {
     pub node: String,
     /// Where to serve metrics (`GET /metrics`), bound already.
     pub metrics: Option<TcpListener>,
+    /// After a takeover, the new primary replicates to a backup here.
+    pub then_protect: Option<ProtectTo>,
+}
+
+/// Where and how the service is protected again after a takeover.
+#[derive(Debug, Clone)]
+pub struct ProtectTo {
+    /// Where the next backup will listen.
+    pub backup: SocketAddr,
+    pub epoch: Duration,
+    pub heartbeat: Duration,
+    pub timeout: Duration,
 }
 
 /// How a takeover went.
@@ -128,10 +141,11 @@ pub fn resume(
     log: &LogFound,
     dir: &Path,
     uplink: Option<String>,
+    protect: Option<&Protect>,
 ) -> Result<Resumed, String> {
     let log = match log {
         LogFound::None => {
-            return restore_as_container(image, uplink).map(Resumed::Checkpoint);
+            return restore_as_container(image, uplink, protect).map(Resumed::Checkpoint);
         }
         LogFound::Written(l) => l,
         LogFound::Lost(why) => {
@@ -139,10 +153,10 @@ pub fn resume(
                 why: Some(format!("the log was lost: {why}")),
                 ..ReplayOutcome::default()
             };
-            return fall_back(image, None, uplink, outcome);
+            return fall_back(image, None, uplink, outcome, protect);
         }
     };
-    let outcome = match by_replay(image, log, dir, uplink.clone()) {
+    let outcome = match by_replay(image, log, dir, uplink.clone(), protect) {
         Ok((restored, o)) if o.live => {
             return Ok(Resumed::Replayed {
                 restored,
@@ -155,7 +169,7 @@ pub fn resume(
             ..ReplayOutcome::default()
         },
     };
-    fall_back(image, Some(log), uplink, outcome)
+    fall_back(image, Some(log), uplink, outcome, protect)
 }
 
 /// The fallback from the checkpoint after `outcome` (a failed replay),
@@ -165,12 +179,13 @@ fn fall_back(
     log: Option<&LogWritten>,
     uplink: Option<String>,
     outcome: ReplayOutcome,
+    protect: Option<&Protect>,
 ) -> Result<Resumed, String> {
     eprintln!(
         "rrc backup: TAKEOVER BY REPLAY FAILED: {}; falling back to the checkpoint",
         outcome.why.as_deref().unwrap_or("no reason given")
     );
-    let fallback = from_checkpoint(image, log, uplink)?;
+    let fallback = from_checkpoint(image, log, uplink, protect)?;
     eprintln!(
         "rrc backup: FALLBACK: restored from the checkpoint; {} connection(s) used after it were reset",
         fallback.reset
@@ -292,7 +307,7 @@ impl Shared {
 /// returns.
 pub fn serve(
     opts: &BackupOptions,
-    mut resume: impl FnMut(&Path, &LogFound) -> Result<Resumed, String>,
+    mut resume: impl FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String>,
 ) -> Result<Takeover, Error> {
     fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
     // Images and logs of a program's memory and input: its owner's only.
@@ -418,13 +433,17 @@ pub fn serve(
                     "rrc backup: primary {node} failed ({reason}); taking over from checkpoint {} of series {}",
                     c.epoch, c.series
                 );
+                let mut won = None;
                 let arbitrated = match (&opts.arbiter, term) {
                     (Some(arbiter), Some(term)) => {
                         let mut a =
                             Arbitration::watch(arbiter.clone(), &service, &opts.node, &node, term);
                         set_status(&|s| s.state = "asking the arbiter to take over".into());
                         match claim(&mut a, &node, &acceptor) {
-                            Claimed::Won(took) => Some(took),
+                            Claimed::Won(took) => {
+                                won = Some(a);
+                                Some(took)
+                            }
                             Claimed::Lost => {
                                 committed = None;
                                 committed_term = None;
@@ -457,8 +476,19 @@ pub fn serve(
                     (Some(_), None) => LogFound::Lost("no log was kept".into()),
                     (None, _) => LogFound::None,
                 };
+                let protect = opts.then_protect.as_ref().map(|to| Protect {
+                    backup: to.backup,
+                    key: opts.key.clone(),
+                    node: opts.node.clone(),
+                    service: service.clone(),
+                    arbitration: won.clone(),
+                    epoch: to.epoch,
+                    heartbeat: to.heartbeat,
+                    timeout: to.timeout,
+                    work_dir: opts.dir.join("primary"),
+                });
                 let t2 = Instant::now();
-                let resumed = resume(&image, &log).map_err(Error::Takeover)?;
+                let resumed = resume(&image, &log, protect.as_ref()).map_err(Error::Takeover)?;
                 return Ok(Takeover {
                     epoch: c.epoch,
                     silent_for,
@@ -536,10 +566,19 @@ fn claim(a: &mut Arbitration, primary: &str, acceptor: &Acceptor) -> Claimed {
 /// subnet holds the address), supervised by a background process; what it
 /// said once it ran. A recorded program stops recording (its log went to
 /// the primary's backup, which this host no longer has).
-pub fn restore_as_container(image: &Path, uplink: Option<String>) -> Result<String, String> {
+pub fn restore_as_container(
+    image: &Path,
+    uplink: Option<String>,
+    protect: Option<&Protect>,
+) -> Result<String, String> {
     let (spec, _copy) = rrc_session::recording::unrecorded_restore(image, None, uplink)
         .map_err(|e| e.to_string())?;
-    crate::takeover::run_restored(Launch::new(Source::Image(spec)))
+    let launch = crate::takeover::protected(
+        Launch::new(Source::Image(spec)),
+        protect,
+        Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    )?;
+    crate::takeover::run_restored(launch)
 }
 
 /// Writes the log held since the committed checkpoint into `dir`, as a

@@ -25,6 +25,7 @@ pub mod netlog;
 pub mod position;
 pub mod primary;
 pub mod rebuild;
+pub mod reprotect;
 pub mod shipper;
 pub mod takeover;
 pub mod wake;

@@ -25,6 +25,8 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use rrc_ckpt::edit::{ImageEdit, WorkingCopy};
@@ -38,6 +40,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::LogWritten;
 use crate::rebuild::{HostTcp, Plan, active_since, log_uses, plan};
+use crate::reprotect::Protect;
 
 /// Set (to anything) in the backup's environment: the replay counts its
 /// first record as a divergence, so that tests can prove the fallback.
@@ -117,6 +120,7 @@ pub fn by_replay(
     log: &LogWritten,
     dir: &Path,
     uplink: Option<String>,
+    protect: Option<&Protect>,
 ) -> Result<(String, ReplayOutcome), String> {
     let paths = Paths::under(dir, &log.dir);
     let _ = std::fs::remove_file(&paths.socket);
@@ -159,23 +163,39 @@ pub fn by_replay(
         report: paths.report.clone(),
         started: Instant::now(),
         done: false,
+        live: Arc::new(AtomicBool::new(false)),
     };
+    let live = finisher.live.clone();
     let t0 = Instant::now();
-    let said = run_restored(
-        Launch::new(Source::Image(spec))
-            .hold_network(true)
-            .companion(Box::new(move |_c: &Container| {
-                let mut f = finisher;
-                f.started = Instant::now();
-                Ok(Box::new(f) as Box<dyn Companion>)
-            })),
-    )?;
+    let launch = Launch::new(Source::Image(spec))
+        .hold_network(true)
+        .companion(Box::new(move |_c: &Container| {
+            let mut f = finisher;
+            f.started = Instant::now();
+            Ok(Box::new(f) as Box<dyn Companion>)
+        }));
+    let said = run_restored(protected(launch, protect, live)?)?;
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
     drop(prepared);
     let mut outcome = wait_report(&paths.report, REPLAY_LIMIT + EXCHANGE_LIMIT * 2);
     outcome.restore_ms = restore_ms;
     let _ = std::fs::remove_file(&paths.socket);
     Ok((said, outcome))
+}
+
+/// `launch` with the replication that protects it again (if asked for),
+/// started once `live` is set.
+pub(crate) fn protected<'a>(
+    launch: Launch<'a>,
+    protect: Option<&Protect>,
+    live: Arc<AtomicBool>,
+) -> Result<Launch<'a>, String> {
+    match protect {
+        Some(p) => p
+            .attach(launch, live)
+            .map_err(|e| format!("setting up the replication of the restored service: {e}")),
+        None => Ok(launch),
+    }
 }
 
 /// Runs a restored container in the background, under a supervisor of
@@ -221,6 +241,7 @@ pub fn from_checkpoint(
     image: &Path,
     log: Option<&LogWritten>,
     uplink: Option<String>,
+    protect: Option<&Protect>,
 ) -> Result<Fallback, String> {
     let t0 = Instant::now();
     let copy = WorkingCopy::of(image).map_err(|e| e.to_string())?;
@@ -228,7 +249,12 @@ pub fn from_checkpoint(
     let (spec, _unrecorded) = rrc_session::recording::unrecorded_restore(copy.path(), None, uplink)
         .map_err(|e| e.to_string())?;
     wait_name_free(&spec.name, Duration::from_secs(10))?;
-    let restored = run_restored(Launch::new(Source::Image(spec)))?;
+    let launch = protected(
+        Launch::new(Source::Image(spec)),
+        protect,
+        Arc::new(AtomicBool::new(true)),
+    )?;
+    let restored = run_restored(launch)?;
     Ok(Fallback {
         restored,
         reset,
@@ -342,6 +368,8 @@ struct Finisher {
     report: PathBuf,
     started: Instant,
     done: bool,
+    /// Set once the service is live (what protects it again may start).
+    live: Arc<AtomicBool>,
 }
 
 impl Finisher {
@@ -350,7 +378,9 @@ impl Finisher {
             why: Some(why),
             ..ReplayOutcome::default()
         });
-        if !outcome.live {
+        if outcome.live {
+            self.live.store(true, std::sync::atomic::Ordering::Release);
+        } else {
             // This copy does not go on: the backup falls back.
             let _ = nix::sys::signal::kill(c.init_pid(), nix::sys::signal::Signal::SIGKILL);
         }

@@ -67,6 +67,7 @@ fn options(addr: SocketAddr, key: Key, dir: &Path) -> BackupOptions {
         arbiter: None,
         node: "test-backup".into(),
         metrics: None,
+        then_protect: None,
     }
 }
 
@@ -94,7 +95,7 @@ fn a_delta_cut_off_mid_transfer_leaves_the_committed_checkpoint() {
     let backup_dir = work.join("backup");
     let opts = options(addr, Key::from_bytes([7; 32]), &backup_dir);
     let backup = std::thread::spawn(move || {
-        serve(&opts, |image, _log| {
+        serve(&opts, |image, _log, _| {
             // What a takeover would restore: it must be checkpoint 0, whole.
             let img = ImageDir::new(image);
             let m = img.read_manifest().map_err(|e| e.to_string())?;
@@ -157,7 +158,7 @@ fn a_peer_without_the_key_is_refused_and_the_backup_goes_on() {
     let work = scratch("key");
     let addr = free_port();
     let opts = options(addr, Key::from_bytes([1; 32]), &work);
-    std::thread::spawn(move || serve(&opts, |_, _| Err("no takeover expected".into())));
+    std::thread::spawn(move || serve(&opts, |_, _, _| Err("no takeover expected".into())));
     match connect(addr, &Key::from_bytes([2; 32])) {
         Err(WireError::Authentication(_)) => {}
         Err(e) => panic!("expected an authentication failure, got {e}"),

@@ -344,3 +344,79 @@ fn two_services_each_primary_on_the_others_backup_host_survive_a_host_kill() {
         "{out}"
     );
 }
+
+/// Protection comes back after a takeover: in one continuous run of
+/// verifying clients, the primary host is killed, the backup takes over
+/// (and replicates the restored service to the old primary's host), that
+/// host is revived and a backup started there, which receives a full
+/// checkpoint; then the new primary's host is killed and the service
+/// comes back to the first host. No client sees an error or a reset.
+#[test]
+fn kill_takeover_reprotect_kill_again_and_take_over_back() {
+    let lab = arbiter_lab("reprot");
+    let opts = PairOptions {
+        then_protect: true,
+        ..responsive_with_arbiter(&lab)
+    };
+    let mut pair = Pair::new(&lab, App::Redis, opts).unwrap();
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    let target = pair.target();
+    let mut steps: Vec<String> = Vec::new();
+    let report = std::thread::scope(|s| {
+        let p = &mut pair;
+        let steps = &mut steps;
+        let run = s.spawn(move || -> anyhow::Result<()> {
+            std::thread::sleep(Duration::from_millis(700));
+            p.kill_primary()?;
+            let first = p.wait_takeover(Duration::from_secs(20))?;
+            steps.push(first.describe());
+            p.lab().revive(p.primary_host())?;
+            p.swap_roles();
+            p.start_backup()?;
+            p.wait_protected(Duration::from_secs(30))?;
+            steps.push("protected again".into());
+            std::thread::sleep(Duration::from_millis(700));
+            p.kill_primary()?;
+            let second = p.wait_takeover(Duration::from_secs(20))?;
+            steps.push(second.describe());
+            Ok(())
+        });
+        let report = lab
+            .in_host(Host::Client, || {
+                rrc_bench::verify::run(
+                    rrc_bench::verify::Service::Redis,
+                    target,
+                    4,
+                    || {
+                        // The faults run beside the load; it goes on until
+                        // they are over, and a second more.
+                        while !run.is_finished() {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    },
+                    Duration::from_secs(1),
+                )
+            })
+            .unwrap();
+        (report, run.join().unwrap())
+    });
+    let (report, faults) = report;
+    for s in &steps {
+        eprintln!("{s}");
+    }
+    faults.unwrap_or_else(|e| panic!("{e:#}\n{}", pair.backup_output()));
+    assert!(
+        report.errors.is_empty() && report.requests > 0,
+        "{report:?}\n{}",
+        pair.backup_output()
+    );
+    // The service is back on the first host, under the third term.
+    let ps = lab.run_on(Host::Primary, &[RRC, "ps"]).unwrap();
+    assert!(ps.contains("redis"), "{ps}");
+    assert!(
+        pair.backup_output().contains("at term 3"),
+        "{}",
+        pair.backup_output()
+    );
+}

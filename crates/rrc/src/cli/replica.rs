@@ -12,7 +12,7 @@ use rrc_arbiter::etcd::Etcd;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
 use rrc_replica::arbitration::Arbitration;
-use rrc_replica::backup::{self, BackupOptions, Resumed};
+use rrc_replica::backup::{self, BackupOptions, ProtectTo, Resumed};
 use rrc_replica::backup_status::{self, TakeoverPhases};
 use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
@@ -198,6 +198,18 @@ pub struct BackupArgs {
     /// bytes received, the last commit's age, takeovers.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// After a takeover, keep the service protected: the restored
+    /// container becomes a primary (checkpoint mode: the program runs
+    /// unrecorded from then on) replicating to a backup at ADDR,
+    /// HOST[:PORT] (typically the old primary's host, once back). It runs
+    /// unprotected until `rrc backup --listen ADDR` starts there, which
+    /// gets a full checkpoint and protects it again; the service and its
+    /// connections go on throughout.
+    #[arg(long, value_name = "ADDR")]
+    then_protect_to: Option<String>,
+    /// With --then-protect-to: the new primary's checkpoint interval.
+    #[arg(long, default_value = "100ms", value_parser = super::parse_duration)]
+    then_epoch: Duration,
     #[command(flatten)]
     arbiter: ArbiterArgs,
 }
@@ -378,11 +390,25 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         arbiter: a.arbiter.arbiter("rrc backup", a.fence.is_some())?,
         node: host.host().to_string(),
         metrics: bind_metrics(a.metrics)?,
+        then_protect: match &a.then_protect_to {
+            Some(to) => {
+                if a.then_epoch < Duration::from_millis(1) {
+                    bail!("--then-epoch must be at least 1ms");
+                }
+                Some(ProtectTo {
+                    backup: resolve(to)?,
+                    epoch: a.then_epoch,
+                    heartbeat: Duration::from_millis(50),
+                    timeout: Duration::from_secs(1),
+                })
+            }
+            None => None,
+        },
     };
     let uplink = a.uplink.clone();
     let dir = opts.dir.clone();
-    let t = backup::serve(&opts, |image, log| {
-        backup::resume(image, log, &dir, uplink.clone())
+    let t = backup::serve(&opts, |image, log, protect| {
+        backup::resume(image, log, &dir, uplink.clone(), protect)
     })?;
     backup_status::record_takeover(
         &dir,

@@ -1,0 +1,154 @@
+//! Protection after a takeover: the container the backup restored becomes
+//! a primary itself, replicating to a backup at an address given in
+//! advance (`rrc backup --then-protect-to ADDR`, typically the old
+//! primary's host). It runs unprotected until an `rrc backup` listens
+//! there, which then receives a full checkpoint; from its first commit on
+//! the service is protected again, with neither the service nor its
+//! connections restarted.
+//!
+//! The program runs unrecorded after a takeover, so the new primary
+//! replicates in checkpoint-only mode (replies wait for commits). It
+//! serves under the term the backup won, so a later claim by its own
+//! backup starts from there. Its replication starts only once the service
+//! is live: a takeover by replay must not be checkpointed half-way.
+
+use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rrc_ckpt::incremental::CopyMode;
+use rrc_container::create::Container;
+use rrc_container::launch::{Launch, MakeCompanion};
+use rrc_container::supervise::Companion;
+use rrc_wire::Key;
+
+use crate::arbitration::Arbitration;
+use crate::link::LinkConfig;
+use crate::primary::{PrimaryOptions, Replication};
+
+/// How often a replication waiting for the service to go live looks.
+const LIVE_POLL: Duration = Duration::from_millis(20);
+
+/// What the new primary replicates with.
+#[derive(Clone)]
+pub struct Protect {
+    /// Where its backup will listen.
+    pub backup: SocketAddr,
+    pub key: Arc<Key>,
+    /// This host's name.
+    pub node: String,
+    pub service: String,
+    /// The term the takeover won, with the arbiter (if there is one).
+    pub arbitration: Option<Arbitration>,
+    pub epoch: Duration,
+    pub heartbeat: Duration,
+    pub timeout: Duration,
+    /// Where its checkpoints wait to be sent.
+    pub work_dir: PathBuf,
+}
+
+impl Protect {
+    /// `launch` with the replication: its gate, and its companion, which
+    /// starts once `live` is set.
+    pub fn attach<'a>(
+        &self,
+        launch: Launch<'a>,
+        live: Arc<AtomicBool>,
+    ) -> std::io::Result<Launch<'a>> {
+        let opts = PrimaryOptions {
+            epoch: self.epoch,
+            work_dir: self.work_dir.clone(),
+            link: LinkConfig {
+                backup: self.backup,
+                key: self.key.clone(),
+                node: self.node.clone(),
+                service: self.service.clone(),
+                term: self.arbitration.as_ref().map(Arbitration::announced),
+                heartbeat: self.heartbeat,
+                timeout: self.timeout,
+            },
+            arbitration: self.arbitration.clone(),
+            copy: CopyMode::Auto,
+            metrics: None,
+        };
+        let repl = Replication::checkpoint_only(opts)?;
+        let gate = repl.gate();
+        Ok(launch
+            .gate(gate)
+            .companion(when_live(repl.companion(), live)))
+    }
+}
+
+/// A companion made by `make` once `live` is set (before, it only waits).
+fn when_live(make: MakeCompanion<'static>, live: Arc<AtomicBool>) -> MakeCompanion<'static> {
+    Box::new(move |_c: &Container| {
+        Ok(Box::new(WhenLive {
+            make: Some(make),
+            live,
+            inner: None,
+        }) as Box<dyn Companion>)
+    })
+}
+
+struct WhenLive {
+    make: Option<MakeCompanion<'static>>,
+    live: Arc<AtomicBool>,
+    inner: Option<Box<dyn Companion>>,
+}
+
+impl Companion for WhenLive {
+    fn next_wake(&self) -> Option<Instant> {
+        match &self.inner {
+            Some(c) => c.next_wake(),
+            None => Some(Instant::now() + LIVE_POLL),
+        }
+    }
+
+    fn wake_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.inner.as_ref().and_then(|c| c.wake_fd())
+    }
+
+    fn on_wake(&mut self, container: &mut Container) {
+        if self.inner.is_none() {
+            if !self.live.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(make) = self.make.take() else {
+                return;
+            };
+            match make(container) {
+                Ok(c) => {
+                    eprintln!(
+                        "rrc: the service is live: replicating it (checkpoint mode) to protect it again"
+                    );
+                    self.inner = Some(c);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot replicate the restored service");
+                    eprintln!("rrc: UNPROTECTED: cannot replicate the restored service: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(c) = self.inner.as_mut() {
+            c.on_wake(container);
+        }
+    }
+
+    fn on_stop(&mut self, container: &mut Container) {
+        if let Some(c) = self.inner.as_mut() {
+            c.on_stop(container);
+        }
+    }
+
+    fn takes_checkpoints(&self) -> bool {
+        true
+    }
+
+    fn status(&self) -> Option<(&'static str, serde_json::Value)> {
+        self.inner.as_ref().and_then(|c| c.status())
+    }
+}
