@@ -427,6 +427,12 @@ impl<'a> Pair<'a> {
         self
     }
 
+    /// The same, for the next backup started (the last one's directory
+    /// stays as it is, for its owner to remove).
+    pub fn set_backup_dir(&mut self, dir: PathBuf) {
+        self.backup_dir = dir;
+    }
+
     /// Whether the `rrc backup` process this pair started still runs.
     pub fn backup_running(&mut self) -> bool {
         self.backup

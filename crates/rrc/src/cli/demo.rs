@@ -13,19 +13,25 @@ use rrc_lab::Host;
 
 use super::ModeArg;
 
-/// Demonstrate a replicated service surviving the loss of its host.
+/// Demonstrate a replicated service surviving the loss of its host, twice.
 ///
-/// In a local lab: `rrc backup` waits on the `backup` host; Redis runs as a
-/// replicated container on `primary` (`rrc primary`), checkpointed every
-/// 100 ms to the backup and, in responsive mode (the default), recorded
-/// with its log streamed to the backup, each reply held only until the
-/// backup has the log that produced it; verifying clients on `client` load
-/// it through the service address, with a live view of replies per second
-/// and latency. Mid-load the primary host is killed (every process, links
-/// down); the backup restores the last checkpoint, replays the log and
-/// carries every connection over, and the same client connections go on.
-/// Every reply is checked against what the clients wrote, the data is
-/// verified, and the lab is removed at the end.
+/// In a local lab with an arbiter (etcd on three hosts of its own): `rrc
+/// backup` waits on the `backup` host; Redis runs as a replicated
+/// container on `primary` (`rrc primary`), checkpointed every 100 ms to
+/// the backup and, in responsive mode (the default), recorded with its log
+/// streamed to the backup, each reply held only until the backup has the
+/// log that produced it; verifying clients on `client` load it through the
+/// service address, with a live view of replies per second and latency.
+/// Mid-load the primary host is killed (every process, links down); the
+/// backup wins the service's next term from the arbiter, restores the last
+/// checkpoint, replays the log and carries every connection over, and the
+/// same client connections go on. The dead host is then revived and a
+/// backup started there: the new primary sends it a full checkpoint and
+/// the service is protected again. Then the new primary's host is killed,
+/// and the service comes back to the first host. Every reply is checked
+/// against what the clients wrote, the data is verified, the first
+/// takeover's log is replayed offline against what the clients received,
+/// and the lab is removed at the end.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Lab name to use (it is created and removed).
@@ -37,7 +43,8 @@ pub struct DemoArgs {
     /// Load before the primary host is killed.
     #[arg(long, default_value = "4s", value_parser = super::parse_duration)]
     before: Duration,
-    /// Load after the kill.
+    /// Load after re-protection (half before the second kill, half after
+    /// the takeover back).
     #[arg(long, default_value = "4s", value_parser = super::parse_duration)]
     after: Duration,
     /// The primary's mode (see `rrc primary --help`). responsive: the
@@ -90,6 +97,7 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     let opts = PairOptions {
         mode: a.mode.into(),
         arbiter: lab.arbiter().map(str::to_string),
+        then_protect: true,
         ..PairOptions::default()
     };
     let mut pair = Pair::new(&lab, App::Redis, opts)?;
@@ -116,12 +124,15 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     );
     let live = Arc::new(Live::default());
     let target = pair.target();
+    let first_dir = pair.backup_dir().to_path_buf();
+    let second_dir = first_dir.with_extension("second");
     let mut killed_at = None;
     let mut at_kill = Vec::new();
     let mut would_be = None;
-    let mut takeover = None;
+    let mut takeovers: Vec<TakeoverLine> = Vec::new();
+    let mut trouble: Option<anyhow::Error> = None;
     let report = {
-        let p = &pair;
+        let p = &mut pair;
         let live_view = live.clone();
         lab.in_host(Host::Client, || {
             verify::run_observed(
@@ -133,34 +144,29 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
                     let mut view = LiveView::new(live_view.clone());
                     view.run_for(a.before, &mut || None);
                     would_be = p.primary_status().ok();
-                    println!("      >>> killing the primary host (power cut: every process, links down)");
+                    println!(
+                        "      >>> killing the primary host (power cut: every process, links down)"
+                    );
                     match p.kill_primary() {
                         Ok(t) => killed_at = Some(t),
                         Err(e) => println!("      cannot kill the primary: {e:#}"),
                     }
                     at_kill = live_view.received_now();
-                    view.run_for(a.after, &mut || {
-                        if takeover.is_some() {
-                            return None;
-                        }
-                        let t = TakeoverLine::parse(&p.backup_output())?;
-                        let line = format!("      >>> {}", t.describe());
-                        takeover = Some(t);
-                        Some(format!(
-                            "{line}\n      (the new primary runs without a backup, so replies are no longer held)"
-                        ))
-                    });
+                    let r = second_failure(p, &mut view, &second_dir, a.after, &mut takeovers);
+                    trouble = r.err();
                 },
                 Duration::ZERO,
             )
         })?
     };
-    let took_over = pair.wait_takeover(Duration::from_secs(10));
+    if let Some(e) = trouble {
+        return Err(e.context("the demo's takeovers"));
+    }
 
     step(4, "what the clients saw");
     let killed_at = killed_at.context("the primary was never killed")?;
     println!(
-        "      {} replies on {} connections, {} errors, {} connections reset, longest wait for a reply {:.0} ms",
+        "      {} replies on {} connections through two takeovers, {} errors, {} connections reset, longest wait for a reply {:.0} ms",
         report.requests,
         report.connections,
         report.errors.len(),
@@ -173,10 +179,10 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     );
     // Replies from the new primary: after the backup decided (just after
     // the kill, replies the old primary released may still arrive).
-    let decided = Duration::from_secs_f64(takeover.as_ref().map_or(0.0, |t| t.silent_ms) / 1e3);
+    let decided = Duration::from_secs_f64(takeovers.first().map_or(0.0, |t| t.silent_ms) / 1e3);
     match report.first_answer_after(killed_at + decided) {
         Some(d) => println!(
-            "      the new primary's first reply {:.0} ms after the kill; every connection answered by it within {:.0} ms",
+            "      after the first kill, the new primary's first reply came {:.0} ms after it; every connection answered by it within {:.0} ms",
             (d + decided).as_secs_f64() * 1e3,
             (report
                 .all_answered_after(killed_at + decided)
@@ -190,7 +196,10 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     for e in report.errors.iter().take(5) {
         println!("      error: {e}");
     }
-    let t = took_over.context("the backup did not take over")?;
+    let t = takeovers
+        .first()
+        .cloned()
+        .context("the backup did not take over")?;
     ensure!(report.errors.is_empty(), "clients saw errors");
 
     step(
@@ -230,6 +239,9 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
                 w.avg_us, w.p99_us
             );
         }
+        // The first takeover's checkpoint and log, on the host that
+        // serves now (its container stops for it).
+        pair.set_backup_dir(first_dir.clone());
         let c = pair.replay_check_against(&report.received, &at_kill)?;
         let connections = match (c.matched, c.unmatched.len()) {
             (0, 0) => "the log holds no reply to a client (none was made after the checkpoint)"
@@ -258,8 +270,54 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
     step(7, "removing the lab");
     drop(pair);
     drop(lab);
+    let _ = std::fs::remove_dir_all(&first_dir);
+    let _ = std::fs::remove_dir_all(&second_dir);
     println!("done");
     Ok(0)
+}
+
+/// After the first kill, under the same load: waits for the takeover,
+/// revives the old primary's host, starts a backup there (protection comes
+/// back with its first commit), then kills the new primary's host and
+/// waits for the takeover back, showing each step as it happens.
+fn second_failure(
+    p: &mut Pair<'_>,
+    view: &mut LiveView,
+    second_dir: &std::path::Path,
+    after: Duration,
+    takeovers: &mut Vec<TakeoverLine>,
+) -> Result<()> {
+    view.run_until(Duration::from_secs(20), &mut || {
+        let t = TakeoverLine::parse(&p.backup_output())?;
+        Some(format!("      >>> {}", t.describe()))
+    });
+    let first = p.wait_takeover(Duration::from_secs(10))?;
+    takeovers.push(first);
+    println!(
+        "      >>> the new primary replicates to the old primary's host, which is down: unprotected for now; reviving that host"
+    );
+    let old = p.primary_host();
+    p.lab().revive(old)?;
+    p.swap_roles();
+    p.set_backup_dir(second_dir.to_path_buf());
+    p.start_backup()?;
+    view.run_until(Duration::from_secs(30), &mut || {
+        p.backup_output()
+            .contains("committed checkpoint 0 ")
+            .then(|| format!("      >>> a backup on {old} holds a full checkpoint: protected again, with no restart"))
+    });
+    view.run_for(after / 2, &mut || None);
+    println!("      >>> killing the new primary's host");
+    p.kill_primary()?;
+    view.run_until(Duration::from_secs(20), &mut || {
+        let t = TakeoverLine::parse(&p.backup_output())?;
+        Some(format!("      >>> {}", t.describe()))
+    });
+    let second = p.wait_takeover(Duration::from_secs(10))?;
+    takeovers.push(second);
+    println!("      (the service is back on {old}, unprotected until a backup joins it)");
+    view.run_for(after / 2, &mut || None);
+    Ok(())
 }
 
 /// Prints replies per second and latency every half second.
@@ -280,11 +338,31 @@ impl LiveView {
         }
     }
 
+    /// Shows a line every half second until `event` has something to
+    /// say (shown too), or for `limit` at most.
+    fn run_until(&mut self, limit: Duration, event: &mut dyn FnMut() -> Option<String>) {
+        let said = std::cell::Cell::new(false);
+        self.run_while(limit, &mut || !said.get(), &mut || {
+            let line = event();
+            said.set(said.get() || line.is_some());
+            line
+        });
+    }
+
     /// Shows a line every half second for `d`, and whatever `event` has to
     /// say as it happens.
     fn run_for(&mut self, d: Duration, event: &mut dyn FnMut() -> Option<String>) {
+        self.run_while(d, &mut || true, event);
+    }
+
+    fn run_while(
+        &mut self,
+        d: Duration,
+        go_on: &mut dyn FnMut() -> bool,
+        event: &mut dyn FnMut() -> Option<String>,
+    ) {
         let until = Instant::now() + d;
-        while Instant::now() < until {
+        while Instant::now() < until && go_on() {
             std::thread::sleep(Duration::from_millis(100));
             if let Some(line) = event() {
                 println!("{line}");
