@@ -66,6 +66,15 @@ pub fn ruleset(rec: &LabRecord, host: Host) -> String {
     s
 }
 
+/// Applies the cuts of a host made anew (a new namespace has no table):
+/// only if it has some, so that a lab without cuts never needs nftables.
+pub fn apply_if_cut(rec: &LabRecord, host: Host) -> Result<()> {
+    if peers(rec, host).is_empty() {
+        return Ok(());
+    }
+    apply(rec, host)
+}
+
 /// Applies `host`'s cuts as the record has them (nothing on a host that
 /// is down: a revive applies them).
 pub fn apply(rec: &LabRecord, host: Host) -> Result<()> {

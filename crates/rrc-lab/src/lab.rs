@@ -244,7 +244,7 @@ impl Lab {
             created = true;
         }
         for h in Host::ALL {
-            cut::apply(&rec, h)?;
+            cut::apply_if_cut(&rec, h)?;
         }
         record::save(&rec)?;
         if rec.arbiter {
@@ -513,7 +513,7 @@ impl Lab {
         if host.has_repl_link() {
             build_repl_link(&rec)?;
         }
-        cut::apply(&rec, host)?;
+        cut::apply_if_cut(&rec, host)?;
         record::save(&rec)?;
         if rec.arbiter && Host::ARBITERS.contains(&host) {
             arbiter::start_member(&rec, host)?;
