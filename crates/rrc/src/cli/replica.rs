@@ -41,9 +41,16 @@ use rrc_replica::DEFAULT_PORT;
 /// If the backup fails, the service goes on unprotected (logged loudly)
 /// until a backup is back and has received a full checkpoint.
 ///
+/// With --arbiter (an etcd cluster) the primary takes the service's next
+/// term at its start; when it loses its backup it holds every reply until
+/// it wins the term after that (then goes on unprotected) or learns the
+/// backup won it (then kills its container without releasing another
+/// reply). Without an arbiter it needs --allow-split-brain.
+///
 /// Example (start the backup first):
 ///   rrc keygen /etc/rrc/key   (copy the file to the backup host)
 ///   rrc primary --backup 10.1.0.2 --key /etc/rrc/key --name redis \
+///       --arbiter 10.0.0.21,10.0.0.22,10.0.0.23 \
 ///       --addr 10.0.0.100/24 -- redis-server --protected-mode no
 #[derive(Debug, Args)]
 pub struct PrimaryArgs {
@@ -153,9 +160,10 @@ enum ReleaseArg {
 /// stages every checkpoint it sends and commits it only once complete, so a
 /// primary failing mid-transfer leaves the last committed checkpoint
 /// intact. When the primary falls silent for --timeout (or its link breaks)
-/// the backup runs --fence (if given) and restores the last committed
-/// checkpoint as a container on this host (same name, address and MAC),
-/// announced with a gratuitous ARP. From a responsive primary it also
+/// the backup claims the service's next term from --arbiter (if the
+/// primary won it first, it does not take over), runs --fence (if given)
+/// and restores the last committed checkpoint as a container on this host
+/// (same name, address and MAC), announced with a gratuitous ARP. From a responsive primary it also
 /// writes the log sent since that checkpoint into DIR/log (replayable with
 /// `rrc replay --images DIR/image --log DIR/log`) and takes over by
 /// replay: the restored program replays the log with its network held,
@@ -164,10 +172,12 @@ enum ReleaseArg {
 /// does not check out, it falls back to the checkpoint alone and resets
 /// the connections used after it (said as FALLBACK). It prints how long
 /// each step took and exits, leaving the container running under its own
-/// rrc process. A primary that stops cleanly is not failed over: the
-/// backup waits for the next one.
+/// rrc process; with --then-protect-to that container replicates to a
+/// backup there once one starts (checkpoint mode), and is protected again.
+/// A primary that stops cleanly is not failed over: the backup waits for
+/// the next one. Without --arbiter it needs --fence or --allow-split-brain.
 ///
-/// Example: rrc backup --listen 10.1.0.2 --key /etc/rrc/key --fence 'ipmitool ... power off'
+/// Example: rrc backup --listen 10.1.0.2 --key /etc/rrc/key --arbiter 10.0.0.21,10.0.0.22,10.0.0.23
 #[derive(Debug, Args)]
 pub struct BackupArgs {
     /// Address to listen on for the primary, HOST[:PORT] (port 7470 by default).
