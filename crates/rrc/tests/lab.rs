@@ -24,7 +24,9 @@ fn up_twice_is_fine_and_down_removes_everything() {
     let lab = TestLab::up("updown");
     let again = rrc(&["lab", "up", "--lab", &lab.name]).ok();
     assert!(again.stdout.contains("already up"), "{again:?}");
-    assert_eq!(netns_of_lab(&lab.name).len(), 4);
+    // Six hosts (client, primary, backup, three for the arbiter) and the
+    // switch.
+    assert_eq!(netns_of_lab(&lab.name).len(), 7);
     // Hosts reach each other on the LAN and over the replication link.
     let primary = lab.addr("primary");
     lab.exec("client", &["redis-cli", "-h", &primary, "ping"]);
@@ -37,6 +39,42 @@ fn up_twice_is_fine_and_down_removes_everything() {
         ],
     );
     assert!(out.ok().stdout.contains("repl0"));
+    // A cut drops what passes between two hosts; healing mends it.
+    lab.exec(
+        "primary",
+        &[
+            "redis-server",
+            "--port",
+            "6390",
+            "--daemonize",
+            "yes",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ],
+    )
+    .ok();
+    let ping = [
+        "timeout",
+        "3",
+        "redis-cli",
+        "-h",
+        primary.as_str(),
+        "-p",
+        "6390",
+        "ping",
+    ];
+    wait_until("redis on the primary host", Duration::from_secs(10), || {
+        lab.exec("client", &ping).stdout.contains("PONG")
+    });
+    let cut = rrc(&["lab", "cut", "--lab", &lab.name, "client", "primary"]).ok();
+    assert!(cut.stdout.contains("cut client-primary"), "{cut:?}");
+    assert!(!lab.exec("client", &ping).stdout.contains("PONG"));
+    let status = rrc(&["lab", "status", "--lab", &lab.name]).ok();
+    assert!(status.stdout.contains("cut client-primary"), "{status:?}");
+    rrc(&["lab", "heal", "--lab", &lab.name]).ok();
+    assert!(lab.exec("client", &ping).stdout.contains("PONG"));
     let record = format!("/run/rrc/labs/{}.json", lab.name);
     assert!(Path::new(&record).exists());
     let cgroups: Vec<String> = lab.status["hosts"]
@@ -45,7 +83,7 @@ fn up_twice_is_fine_and_down_removes_everything() {
         .iter()
         .map(|h| h["netns"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(cgroups.len(), 3);
+    assert_eq!(cgroups.len(), 6);
     let name = lab.name.clone();
     drop(lab);
     assert!(netns_of_lab(&name).is_empty(), "namespaces left behind");
