@@ -326,7 +326,7 @@ pub fn serve(
         source: e,
     })?;
     let metrics = Metrics::new(Role::Backup);
-    let mut metrics_server = match &opts.metrics {
+    let mut metrics_server: Option<MetricsServer> = match &opts.metrics {
         Some(l) => Some(
             l.try_clone()
                 .and_then(|l| MetricsServer::start(l, metrics.clone()))
@@ -463,9 +463,16 @@ pub fn serve(
                 acceptor.stop();
                 metrics.takeovers.inc();
                 metrics.set_role(Role::Primary);
-                if let Some(m) = metrics_server.as_mut() {
-                    m.stop();
-                }
+                // The endpoint's socket goes to the primary this takeover
+                // makes, if it protects the service again.
+                let metrics_socket = match metrics_server.take().map(MetricsServer::hand_over) {
+                    Some(Ok(l)) => Some(Arc::new(l)),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "the metrics endpoint cannot be handed over");
+                        None
+                    }
+                    None => None,
+                };
                 let t1 = Instant::now();
                 if let Some(cmd) = &opts.fence {
                     fence(cmd)?;
@@ -486,7 +493,11 @@ pub fn serve(
                     heartbeat: to.heartbeat,
                     timeout: to.timeout,
                     work_dir: opts.dir.join("primary"),
+                    metrics: metrics_socket.clone(),
                 });
+                // Without a primary to serve on it, the endpoint closes
+                // here, not in the restored container's supervisor.
+                drop(metrics_socket);
                 let t2 = Instant::now();
                 let resumed = resume(&image, &log, protect.as_ref()).map_err(Error::Takeover)?;
                 return Ok(Takeover {

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::wake::{self, WakeFd, Waker};
 
 /// Which side this process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,10 +200,13 @@ impl Metrics {
 /// stopped. Written here rather than with an HTTP server crate because a
 /// backup forks right after it stops this (a takeover), which must leave no
 /// other thread behind, and the servers at hand keep pools of their own;
-/// a scrape is one GET and one answer, which takes few lines.
+/// a scrape is one GET and one answer, which takes few lines. Stopping
+/// leaves the listening socket as it was, so that the primary a takeover
+/// makes can serve on the same address.
 pub struct MetricsServer {
     listener: TcpListener,
-    stop: Arc<AtomicBool>,
+    /// Wakes the thread to stop.
+    stop: Waker,
     /// The connection being answered, to shut down on stop (a scraper
     /// that says nothing must not hold a takeover up).
     current: Arc<std::sync::Mutex<Option<TcpStream>>>,
@@ -218,34 +223,13 @@ impl MetricsServer {
     /// address is an error before anything starts).
     pub fn start(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<MetricsServer> {
         let handle = listener.try_clone()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        listener.set_nonblocking(true)?;
+        let (stop, stopped) = wake::pair()?;
         let current = Arc::new(std::sync::Mutex::new(None));
-        let (stopped, serving) = (stop.clone(), current.clone());
+        let serving = current.clone();
         let thread = std::thread::Builder::new()
             .name("rrc-metrics".into())
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    let Ok(c) = conn else {
-                        if stopped.load(Ordering::Acquire) {
-                            break;
-                        }
-                        // Out of descriptors, say: not a busy loop.
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    };
-                    {
-                        let mut cur = crate::lock(&serving);
-                        // Checked under the lock stop takes: a connection
-                        // is either seen by stop or never answered.
-                        if stopped.load(Ordering::Acquire) {
-                            break;
-                        }
-                        *cur = c.try_clone().ok();
-                    }
-                    let _ = answer(c, &metrics);
-                    *crate::lock(&serving) = None;
-                }
-            })?;
+            .spawn(move || serve(&listener, &stopped, &serving, &metrics))?;
         Ok(MetricsServer {
             listener: handle,
             stop,
@@ -254,23 +238,27 @@ impl MetricsServer {
         })
     }
 
-    /// Ends the server's thread (at once: shutting the listening socket
-    /// down wakes its accept).
+    /// Ends the server's thread, at once.
     pub fn stop(&mut self) {
         {
             let cur = crate::lock(&self.current);
-            self.stop.store(true, Ordering::Release);
+            self.stop.wake();
             if let Some(c) = cur.as_ref() {
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
         }
-        let _ = nix::sys::socket::shutdown(
-            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
-            nix::sys::socket::Shutdown::Both,
-        );
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+
+    /// Ends the server's thread and gives its socket back, still
+    /// listening (blocking again), for whoever serves next.
+    pub fn hand_over(mut self) -> std::io::Result<TcpListener> {
+        self.stop();
+        let l = self.listener.try_clone()?;
+        l.set_nonblocking(false)?;
+        Ok(l)
     }
 }
 
@@ -278,6 +266,58 @@ impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The server's thread: waits for a connection or the stop, answers.
+fn serve(
+    listener: &TcpListener,
+    stopped: &WakeFd,
+    serving: &std::sync::Mutex<Option<TcpStream>>,
+    metrics: &Metrics,
+) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stopped.fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => return,
+        }
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            return;
+        }
+        let c = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => {
+                // Out of descriptors, say: not a busy loop.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        {
+            let mut cur = crate::lock(serving);
+            // Checked under the lock stop takes: a connection is either
+            // seen by stop or never answered.
+            if stopped_now(stopped) {
+                return;
+            }
+            *cur = c.try_clone().ok();
+        }
+        let _ = c.set_nonblocking(false);
+        let _ = answer(c, metrics);
+        *crate::lock(serving) = None;
+    }
+}
+
+/// Whether the stop was asked for (without waiting).
+fn stopped_now(stopped: &WakeFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(stopped.fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 /// Reads one request's head and answers it: the metrics for `GET
@@ -336,12 +376,20 @@ mod tests {
         m.committed();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let mut srv = MetricsServer::start(l, m).unwrap();
+        let srv = MetricsServer::start(l, m).unwrap();
         let mut c = std::net::TcpStream::connect(addr).unwrap();
         c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
         let mut body = String::new();
         c.read_to_string(&mut body).unwrap();
-        srv.stop();
+        // Handed over, the socket still listens: a second server answers.
+        let l = srv.hand_over().unwrap();
+        let m2 = Metrics::new(Role::Backup);
+        let _srv2 = MetricsServer::start(l, m2).unwrap();
+        let mut c2 = std::net::TcpStream::connect(addr).unwrap();
+        c2.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body2 = String::new();
+        c2.read_to_string(&mut body2).unwrap();
+        assert!(body2.contains("rrc_role{role=\"backup\"} 1"), "{body2}");
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         for line in [
             "rrc_role{role=\"primary\"} 1",

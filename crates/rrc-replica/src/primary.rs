@@ -72,6 +72,9 @@ pub struct PrimaryOptions {
     pub copy: CopyMode,
     /// Where to serve metrics (`GET /metrics`), bound already.
     pub metrics: Option<std::net::TcpListener>,
+    /// Takeovers that brought the service to this host (1 for the
+    /// primary a takeover made), for the metrics.
+    pub takeovers: u64,
 }
 
 /// Figures of a primary's run so far.
@@ -273,6 +276,7 @@ impl Primary {
         };
         let link = Link::start(r.opts.link.clone(), r.outbox, releases.clone(), waker)?;
         let metrics = Metrics::new(Role::Primary);
+        metrics.takeovers.inc_by(r.opts.takeovers);
         r.gate.observe_holds(metrics.hold.clone());
         if let Some(a) = &r.opts.arbitration {
             metrics.term.set(a.term().number as i64);

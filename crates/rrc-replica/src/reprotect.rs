@@ -48,6 +48,8 @@ pub struct Protect {
     pub timeout: Duration,
     /// Where its checkpoints wait to be sent.
     pub work_dir: PathBuf,
+    /// The backup's metrics endpoint, served on by the new primary.
+    pub metrics: Option<Arc<std::net::TcpListener>>,
 }
 
 impl Protect {
@@ -72,7 +74,8 @@ impl Protect {
             },
             arbitration: self.arbitration.clone(),
             copy: CopyMode::Auto,
-            metrics: None,
+            metrics: self.metrics.as_ref().map(|l| l.try_clone()).transpose()?,
+            takeovers: 1,
         };
         let repl = Replication::checkpoint_only(opts)?;
         let gate = repl.gate();

@@ -356,6 +356,7 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
     let lab = arbiter_lab("reprot");
     let opts = PairOptions {
         then_protect: true,
+        metrics: true,
         ..responsive_with_arbiter(&lab)
     };
     let mut pair = Pair::new(&lab, App::Redis, opts).unwrap();
@@ -373,9 +374,27 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
             steps.push(first.describe());
             p.lab().revive(p.primary_host())?;
             p.swap_roles();
+            // The backup's metrics endpoint now speaks for the primary the
+            // takeover made, under the term it won.
+            let m = p.scrape(p.primary_host())?;
+            anyhow::ensure!(
+                metric(&m, "rrc_role{role=\"primary\"}") == 1.0
+                    && metric(&m, "rrc_term") == 2.0
+                    && metric(&m, "rrc_takeovers_total") == 1.0
+                    && metric(&m, "rrc_protected") == 0.0,
+                "after the takeover:\n{m}"
+            );
             p.start_backup()?;
             p.wait_protected(Duration::from_secs(30))?;
             steps.push("protected again".into());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while metric(&p.scrape(p.primary_host())?, "rrc_protected") != 1.0 {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the metrics never said protected"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
             std::thread::sleep(Duration::from_millis(700));
             p.kill_primary()?;
             let second = p.wait_takeover(Duration::from_secs(20))?;

@@ -299,6 +299,7 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
         arbitration,
         copy: CopyChoice::from(a.copy).into(),
         metrics: bind_metrics(a.metrics)?,
+        takeovers: 0,
     };
     if a.release.is_some() && a.mode != ModeArg::Responsive {
         bail!("--release is for --mode responsive (in checkpoint mode replies wait for commits)");
