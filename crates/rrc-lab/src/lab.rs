@@ -18,7 +18,7 @@ use rrc_net::netns::NETNS_RUN_DIR;
 
 use crate::ip::{ip, ip_in, link_exists};
 use crate::plan::{BRIDGE, Host, LAN_IF, LabName, LabPlan, REPL_IF};
-use crate::record::{self, HostRecord, LabRecord};
+use crate::record::{self, LabRecord};
 use crate::{Error, Result};
 use crate::{arbiter, cut};
 
@@ -194,21 +194,7 @@ impl Lab {
                 }
             }
         };
-        // Every host of the plan has a record (a lab made by an older rrc
-        // lacks the arbiter hosts).
-        let lab_cg = rec.cgroup.to_cgroup();
-        for h in Host::ALL {
-            if !rec.hosts.iter().any(|r| r.name == h.name()) {
-                rec.hosts.push(HostRecord {
-                    name: h.name().into(),
-                    netns: rec.plan.netns(h),
-                    lan_addr: rec.plan.lan_addr(h),
-                    repl_addr: rec.plan.repl_addr(h),
-                    cgroup: CgroupRecord::from_cgroup(&lab_cg.child(Path::new(h.name()))),
-                    down: false,
-                });
-            }
-        }
+        rec.complete();
         rec.arbiter |= arbiter;
         // Saved first: a failure half-way leaves a record `down` can use.
         record::save(&rec)?;

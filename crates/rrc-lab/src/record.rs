@@ -40,6 +40,25 @@ pub struct LabRecord {
 }
 
 impl LabRecord {
+    /// Adds a record for every host of the plan it lacks (a lab made by an
+    /// older rrc has no arbiter hosts): each is then built by `up`, and
+    /// `host` never misses.
+    pub fn complete(&mut self) {
+        let lab_cg = self.cgroup.to_cgroup();
+        for h in Host::ALL {
+            if !self.hosts.iter().any(|r| r.name == h.name()) {
+                self.hosts.push(HostRecord {
+                    name: h.name().into(),
+                    netns: self.plan.netns(h),
+                    lan_addr: self.plan.lan_addr(h),
+                    repl_addr: self.plan.repl_addr(h),
+                    cgroup: CgroupRecord::from_cgroup(&lab_cg.child(Path::new(h.name()))),
+                    down: false,
+                });
+            }
+        }
+    }
+
     pub fn host(&self, h: Host) -> &HostRecord {
         self.hosts
             .iter()
@@ -73,8 +92,11 @@ fn state_err(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 pub fn load(name: &LabName) -> Result<Option<LabRecord>> {
     let path = record_path(name);
     match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
+        Ok(bytes) => serde_json::from_slice::<LabRecord>(&bytes)
+            .map(|mut r| {
+                r.complete();
+                Some(r)
+            })
             .map_err(|source| Error::CorruptState { path, source }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(state_err(&path)(e)),
