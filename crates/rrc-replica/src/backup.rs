@@ -301,216 +301,321 @@ impl Shared {
     }
 }
 
-/// Serves primaries one after the other until one fails with a committed
-/// checkpoint here; then fences it and takes over with `resume` (given
-/// the image directory and, in responsive mode, the log since it), and
-/// returns.
-pub fn serve(
-    opts: &BackupOptions,
-    mut resume: impl FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String>,
-) -> Result<Takeover, Error> {
-    fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
-    // Images and logs of a program's memory and input: its owner's only.
-    fs::set_permissions(
-        &opts.dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )
-    .map_err(Error::io(&opts.dir))?;
-    let image = opts.dir.join("image");
-    let log_dir = opts.dir.join("log");
-    // A checkpoint committed by an earlier run would be of another primary.
-    let _ = fs::remove_dir_all(&image);
-    let _ = fs::remove_dir_all(&log_dir);
-    let listener = TcpListener::bind(opts.listen).map_err(|e| Error::Io {
-        what: format!("listen on {}", opts.listen),
-        source: e,
-    })?;
-    let metrics = Metrics::new(Role::Backup);
-    let mut metrics_server: Option<MetricsServer> = match &opts.metrics {
-        Some(l) => Some(
-            l.try_clone()
-                .and_then(|l| MetricsServer::start(l, metrics.clone()))
-                .map_err(|e| Error::Io {
-                    what: "serve metrics".into(),
-                    source: e,
-                })?,
-        ),
-        None => None,
-    };
-    let status = Arc::new(Mutex::new(StatusFile::new(
-        &opts.dir,
-        opts.listen.to_string(),
-    )));
-    let set_status = |f: &dyn Fn(&mut BackupStatus)| {
-        let mut s = crate::lock(&status);
+/// One service the backup watches: its directory (`image/`, the staging
+/// area, and `log/` after a takeover), its last committed checkpoint and
+/// the term that was sent under, and what it says of itself.
+struct Watch<'a> {
+    opts: &'a BackupOptions,
+    dir: PathBuf,
+    committed: Option<Committed>,
+    /// The term the committed checkpoint was sent under.
+    committed_term: Option<u64>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<StatusFile>>,
+}
+
+/// What became of a primary's session.
+enum Outcome {
+    /// It ended without a takeover: wait for the next primary.
+    Wait,
+    /// A primary connected while the arbiter was asked: nothing was
+    /// decided; serve it next.
+    Returned(Box<Greeted>),
+    /// Take over (the claim, if any, was won).
+    TakeOver(Box<Decided>),
+}
+
+/// A takeover decided: from which checkpoint, with which log, under which
+/// term.
+struct Decided {
+    committed: Committed,
+    log: Option<LogStore>,
+    silent_for: Duration,
+    arbiter: Option<Duration>,
+    won: Option<Arbitration>,
+    service: String,
+}
+
+impl<'a> Watch<'a> {
+    /// Watches the service whose state lives in `dir` (made private; a
+    /// checkpoint left there by an earlier run is of another primary, so
+    /// it goes).
+    fn new(
+        opts: &'a BackupOptions,
+        dir: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Result<Watch<'a>, Error> {
+        fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+        // Images and logs of a program's memory and input: its owner's only.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(Error::io(&dir))?;
+        let _ = fs::remove_dir_all(dir.join("image"));
+        let _ = fs::remove_dir_all(dir.join("log"));
+        let status = Arc::new(Mutex::new(StatusFile::new(&dir, opts.listen.to_string())));
+        let w = Watch {
+            opts,
+            dir,
+            committed: None,
+            committed_term: None,
+            metrics,
+            status,
+        };
+        w.set_status(&|s| s.state = "waiting for a primary".into());
+        Ok(w)
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.join("image")
+    }
+
+    fn set_status(&self, f: &dyn Fn(&mut BackupStatus)) {
+        let mut s = crate::lock(&self.status);
         f(&mut s.status);
         s.write();
-    };
-    set_status(&|s| s.state = "waiting for a primary".into());
-    tracing::info!(listen = %opts.listen, "backup waiting for a primary");
-    eprintln!("rrc backup: waiting for a primary on {}", opts.listen);
-    let mut acceptor =
-        Acceptor::start(listener, opts.key.clone(), opts.node.clone()).map_err(|e| Error::Io {
-            what: "start accepting primaries".into(),
-            source: e,
-        })?;
-    let mut committed: Option<Committed> = None;
-    // The term the committed checkpoint was sent under.
-    let mut committed_term: Option<u64> = None;
-    // A primary that connected while a takeover waited for the arbiter.
-    let mut arrived: Option<Greeted> = None;
-    'primaries: loop {
-        let Some(Greeted {
+    }
+
+    /// Forgets the committed checkpoint.
+    fn forget(&mut self) {
+        self.committed = None;
+        self.committed_term = None;
+        let _ = fs::remove_dir_all(self.image());
+    }
+
+    /// Serves the primary `g` until its session ends, and decides what
+    /// follows; `returned` waits up to a while for the same service's
+    /// primary to connect again (while the arbiter does not answer).
+    fn serve(&mut self, g: Greeted, returned: &dyn Fn(Duration) -> Option<Greeted>) -> Outcome {
+        let opts = self.opts;
+        let Greeted {
             stream: s,
             node,
             peer,
             service,
             term,
-        }) = arrived.take().or_else(|| acceptor.next())
-        else {
-            return Err(Error::Protocol("the acceptor stopped".into()));
-        };
+        } = g;
         match (&opts.arbiter, term) {
             (Some(_), None) => {
                 eprintln!(
                     "rrc backup: refused primary {node} ({peer}): it has no arbiter and this backup does (start it with the same --arbiter)"
                 );
-                continue;
+                return Outcome::Wait;
             }
             (None, Some(_)) => {
                 eprintln!(
                     "rrc backup: refused primary {node} ({peer}): it serves under an arbiter's term and this backup has no --arbiter (a takeover would not ask it)"
                 );
-                continue;
+                return Outcome::Wait;
             }
             _ => {}
         }
-        if term != committed_term {
+        if term != self.committed_term {
             // A checkpoint of another term is of a service that moved on
             // without this backup: never a state to take over from.
-            committed = None;
-            let _ = fs::remove_dir_all(&image);
+            self.forget();
         }
         eprintln!("rrc backup: primary {node} ({peer}) connected");
-        metrics.term.set(term.map_or(0, |t| t as i64));
-        metrics.protected.set(i64::from(committed.is_some()));
-        set_status(&|s| {
+        self.metrics.term.set(term.map_or(0, |t| t as i64));
+        self.metrics
+            .protected
+            .set(i64::from(self.committed.is_some()));
+        let holds = self.committed.is_some();
+        self.set_status(&|s| {
             s.state = "protecting".into();
             s.primary = Some(node.clone());
             s.service = Some(service.clone());
             s.term = term;
-            s.holds_checkpoint = committed.is_some();
+            s.holds_checkpoint = holds;
         });
-        let (end, log) = session(s, opts, &image, &mut committed, &metrics, &status);
-        committed_term = committed.as_ref().and(term);
-        metrics.protected.set(0);
-        set_status(&|s| {
+        let (end, log) = session(
+            s,
+            opts,
+            &self.dir,
+            &mut self.committed,
+            &self.metrics,
+            &self.status,
+        );
+        self.committed_term = self.committed.as_ref().and(term);
+        self.metrics.protected.set(0);
+        let holds = self.committed.is_some();
+        self.set_status(&|s| {
             s.state = "waiting for a primary".into();
-            s.holds_checkpoint = committed.is_some();
+            s.holds_checkpoint = holds;
         });
-        match end {
+        let (reason, last_heard) = match end {
             SessionEnd::Clean => {
                 eprintln!("rrc backup: primary {node} stopped cleanly; waiting for a primary");
-                committed = None;
-                let _ = fs::remove_dir_all(&image);
+                self.forget();
+                return Outcome::Wait;
             }
             SessionEnd::Refused { reason } => {
                 eprintln!(
                     "rrc backup: dropped primary {node}: {reason}; not a failure of the primary, so no takeover; waiting for a primary"
                 );
-                committed = None;
-                let _ = fs::remove_dir_all(&image);
+                self.forget();
+                return Outcome::Wait;
             }
-            SessionEnd::Failed { reason, last_heard } => {
-                let Some(c) = committed.clone() else {
-                    eprintln!(
-                        "rrc backup: primary {node} failed ({reason}) before a checkpoint was committed; waiting for a primary"
-                    );
-                    continue;
-                };
-                let silent_for = last_heard.elapsed();
-                eprintln!(
-                    "rrc backup: primary {node} failed ({reason}); taking over from checkpoint {} of series {}",
-                    c.epoch, c.series
-                );
-                let mut won = None;
-                let arbitrated = match (&opts.arbiter, term) {
-                    (Some(arbiter), Some(term)) => {
-                        let mut a =
-                            Arbitration::watch(arbiter.clone(), &service, &opts.node, &node, term);
-                        set_status(&|s| s.state = "asking the arbiter to take over".into());
-                        match claim(&mut a, &node, &acceptor) {
-                            Claimed::Won(took) => {
-                                won = Some(a);
-                                Some(took)
-                            }
-                            Claimed::Lost => {
-                                committed = None;
-                                committed_term = None;
-                                let _ = fs::remove_dir_all(&image);
-                                continue 'primaries;
-                            }
-                            Claimed::Returned(g) => {
-                                arrived = Some(*g);
-                                continue 'primaries;
-                            }
-                        }
+            SessionEnd::Failed { reason, last_heard } => (reason, last_heard),
+        };
+        let Some(c) = self.committed.clone() else {
+            eprintln!(
+                "rrc backup: primary {node} failed ({reason}) before a checkpoint was committed; waiting for a primary"
+            );
+            return Outcome::Wait;
+        };
+        let silent_for = last_heard.elapsed();
+        eprintln!(
+            "rrc backup: primary {node} failed ({reason}); taking over from checkpoint {} of series {}",
+            c.epoch, c.series
+        );
+        let (arbiter, won) = match (&opts.arbiter, term) {
+            (Some(arbiter), Some(term)) => {
+                let mut a = Arbitration::watch(arbiter.clone(), &service, &opts.node, &node, term);
+                self.set_status(&|s| s.state = "asking the arbiter to take over".into());
+                match claim(&mut a, &node, returned) {
+                    Claimed::Won(took) => (Some(took), Some(a)),
+                    Claimed::Lost => {
+                        self.forget();
+                        return Outcome::Wait;
                     }
-                    _ => None,
-                };
-                // The takeover forks the restored container's supervisor:
-                // no thread of the acceptor (or the metrics) may be left.
-                acceptor.stop();
-                metrics.takeovers.inc();
-                metrics.set_role(Role::Primary);
-                // The endpoint's socket goes to the primary this takeover
-                // makes, if it protects the service again.
-                let metrics_socket = match metrics_server.take().map(MetricsServer::hand_over) {
-                    Some(Ok(l)) => Some(Arc::new(l)),
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "the metrics endpoint cannot be handed over");
-                        None
-                    }
-                    None => None,
-                };
-                let t1 = Instant::now();
-                if let Some(cmd) = &opts.fence {
-                    fence(cmd)?;
+                    Claimed::Returned(g) => return Outcome::Returned(g),
                 }
-                let fenced = t1.elapsed();
-                let log = match (&c.position, log) {
-                    (Some(_), Some(store)) => write_log(&store, &image, &log_dir),
-                    (Some(_), None) => LogFound::Lost("no log was kept".into()),
-                    (None, _) => LogFound::None,
-                };
-                let protect = opts.then_protect.as_ref().map(|to| Protect {
-                    backup: to.backup,
-                    key: opts.key.clone(),
-                    node: opts.node.clone(),
-                    service: service.clone(),
-                    arbitration: won.clone(),
-                    epoch: to.epoch,
-                    heartbeat: to.heartbeat,
-                    timeout: to.timeout,
-                    work_dir: opts.dir.join("primary"),
-                    metrics: metrics_socket.clone(),
-                });
-                // Without a primary to serve on it, the endpoint closes
-                // here, not in the restored container's supervisor.
-                drop(metrics_socket);
-                let t2 = Instant::now();
-                let resumed = resume(&image, &log, protect.as_ref()).map_err(Error::Takeover)?;
-                return Ok(Takeover {
-                    epoch: c.epoch,
-                    silent_for,
-                    arbiter: arbitrated,
-                    fence: fenced,
-                    restore: t2.elapsed(),
-                    resumed,
-                    log,
-                });
             }
+            _ => (None, None),
+        };
+        Outcome::TakeOver(Box::new(Decided {
+            committed: c,
+            log,
+            silent_for,
+            arbiter,
+            won,
+            service,
+        }))
+    }
+
+    /// Takes over as `d` decided: fences the primary (if told how),
+    /// writes the log out beside the image and resumes the service with
+    /// `resume`; `metrics` is the endpoint's socket for the primary this
+    /// makes, if it protects the service again.
+    fn take_over(
+        &self,
+        d: Decided,
+        metrics: Option<Arc<TcpListener>>,
+        resume: &mut dyn FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String>,
+    ) -> Result<Takeover, Error> {
+        let opts = self.opts;
+        let image = self.image();
+        let t1 = Instant::now();
+        if let Some(cmd) = &opts.fence {
+            fence(cmd)?;
         }
+        let fenced = t1.elapsed();
+        let log = match (&d.committed.position, d.log) {
+            (Some(_), Some(store)) => write_log(&store, &image, &self.dir.join("log")),
+            (Some(_), None) => LogFound::Lost("no log was kept".into()),
+            (None, _) => LogFound::None,
+        };
+        let protect = opts.then_protect.as_ref().map(|to| Protect {
+            backup: to.backup,
+            key: opts.key.clone(),
+            node: opts.node.clone(),
+            service: d.service.clone(),
+            arbitration: d.won.clone(),
+            epoch: to.epoch,
+            heartbeat: to.heartbeat,
+            timeout: to.timeout,
+            work_dir: self.dir.join("primary"),
+            metrics: metrics.clone(),
+        });
+        // Without a primary to serve on it, the endpoint closes here, not
+        // in the restored container's supervisor.
+        drop(metrics);
+        let t2 = Instant::now();
+        let resumed = resume(&image, &log, protect.as_ref()).map_err(Error::Takeover)?;
+        Ok(Takeover {
+            epoch: d.committed.epoch,
+            silent_for: d.silent_for,
+            arbiter: d.arbiter,
+            fence: fenced,
+            restore: t2.elapsed(),
+            resumed,
+            log,
+        })
+    }
+}
+
+/// Listens for primaries on the options' address.
+fn listen(opts: &BackupOptions) -> Result<Acceptor, Error> {
+    let listener = TcpListener::bind(opts.listen).map_err(|e| Error::Io {
+        what: format!("listen on {}", opts.listen),
+        source: e,
+    })?;
+    Acceptor::start(listener, opts.key.clone(), opts.node.clone()).map_err(|e| Error::Io {
+        what: "start accepting primaries".into(),
+        source: e,
+    })
+}
+
+/// Serves `metrics` on the options' endpoint, if there is one.
+fn serve_metrics(
+    opts: &BackupOptions,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<MetricsServer>, Error> {
+    opts.metrics
+        .as_ref()
+        .map(|l| {
+            l.try_clone()
+                .and_then(|l| MetricsServer::start(l, metrics.clone()))
+        })
+        .transpose()
+        .map_err(|e| Error::Io {
+            what: "serve metrics".into(),
+            source: e,
+        })
+}
+
+/// Serves primaries one after the other until one fails with a committed
+/// checkpoint here; then takes over (see [`Watch::take_over`]) and
+/// returns.
+pub fn serve(
+    opts: &BackupOptions,
+    mut resume: impl FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String>,
+) -> Result<Takeover, Error> {
+    let metrics = Metrics::new(Role::Backup);
+    let mut watch = Watch::new(opts, opts.dir.clone(), metrics.clone())?;
+    let mut acceptor = listen(opts)?;
+    let mut metrics_server = serve_metrics(opts, &metrics)?;
+    tracing::info!(listen = %opts.listen, "backup waiting for a primary");
+    eprintln!("rrc backup: waiting for a primary on {}", opts.listen);
+    // A primary that connected while a takeover waited for the arbiter.
+    let mut arrived: Option<Greeted> = None;
+    loop {
+        let Some(g) = arrived.take().or_else(|| acceptor.next()) else {
+            return Err(Error::Protocol("the acceptor stopped".into()));
+        };
+        let d = match watch.serve(g, &|d| acceptor.next_within(d)) {
+            Outcome::Wait => continue,
+            Outcome::Returned(g) => {
+                arrived = Some(*g);
+                continue;
+            }
+            Outcome::TakeOver(d) => *d,
+        };
+        // The takeover forks the restored container's supervisor: no
+        // thread of the acceptor (or the metrics) may be left.
+        acceptor.stop();
+        metrics.takeovers.inc();
+        metrics.set_role(Role::Primary);
+        // The endpoint's socket goes to the primary this takeover makes,
+        // if it protects the service again.
+        let socket = match metrics_server.take().map(MetricsServer::hand_over) {
+            Some(Ok(l)) => Some(Arc::new(l)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the metrics endpoint cannot be handed over");
+                None
+            }
+            None => None,
+        };
+        return watch.take_over(d, socket, &mut resume);
     }
 }
 
@@ -528,7 +633,11 @@ enum Claimed {
 /// Claims the service from the arbiter before a takeover, asking again
 /// while it cannot be reached (nothing is restored meanwhile), unless a
 /// primary connects first.
-fn claim(a: &mut Arbitration, primary: &str, acceptor: &Acceptor) -> Claimed {
+fn claim(
+    a: &mut Arbitration,
+    primary: &str,
+    returned: &dyn Fn(Duration) -> Option<Greeted>,
+) -> Claimed {
     let started = Instant::now();
     let mut said = false;
     loop {
@@ -560,7 +669,7 @@ fn claim(a: &mut Arbitration, primary: &str, acceptor: &Acceptor) -> Claimed {
                         CLAIM_RETRY.as_millis()
                     );
                 }
-                if let Some(g) = acceptor.next_within(CLAIM_RETRY) {
+                if let Some(g) = returned(CLAIM_RETRY) {
                     eprintln!(
                         "rrc backup: primary {} connected again before the arbiter answered: no takeover",
                         g.node
@@ -642,7 +751,7 @@ fn fence(cmd: &str) -> Result<(), Error> {
 fn session(
     s: SecureStream,
     opts: &BackupOptions,
-    image: &Path,
+    dir: &Path,
     committed: &mut Option<Committed>,
     metrics: &Arc<Metrics>,
     status: &Arc<Mutex<StatusFile>>,
@@ -665,8 +774,8 @@ fn session(
     let (tx, rx) = mpsc::channel::<Message>();
     let committer = {
         let shared = shared.clone();
-        let image = image.to_path_buf();
-        let incoming = opts.dir.join("incoming");
+        let image = dir.join("image");
+        let incoming = dir.join("incoming");
         std::thread::Builder::new()
             .name("rrc-commit".into())
             .spawn(move || checkpoint_loop(&shared, &image, &incoming, rx))
