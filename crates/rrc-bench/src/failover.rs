@@ -186,6 +186,9 @@ pub struct PairOptions {
     /// After a takeover the new primary replicates to a backup on the old
     /// primary's host (`rrc backup --then-protect-to`).
     pub then_protect: bool,
+    /// The backup serves any number of primaries and goes on after a
+    /// takeover (`rrc backup --keep-serving`).
+    pub keep_serving: bool,
 }
 
 /// The port of the pair's metrics endpoints, with `metrics`.
@@ -202,6 +205,7 @@ impl Default for PairOptions {
             arbiter: None,
             metrics: false,
             then_protect: false,
+            keep_serving: false,
         }
     }
 }
@@ -383,6 +387,28 @@ impl<'a> Pair<'a> {
         SocketAddr::new(IpAddr::V4(self.vip.addr()), self.app.port())
     }
 
+    /// The address `offset` after the lab's service address.
+    fn vip_at(&self, offset: u32) -> ipnet::Ipv4Net {
+        let vip = self.lab.plan().vip();
+        ipnet::Ipv4Net::new(
+            std::net::Ipv4Addr::from(u32::from(vip.addr()) + offset),
+            vip.prefix_len(),
+        )
+        .expect("a prefix from a valid net")
+    }
+
+    /// A second service replicated to `other`'s backup (started by
+    /// `other`, with `--keep-serving`), at the address `offset` after the
+    /// lab's service address. Its own backup is never started.
+    pub fn sharing_backup_of(mut self, other: &Pair<'_>, offset: u32) -> Self {
+        let _ = fs::remove_file(&self.key);
+        self.key = other.key.clone();
+        self.backup_log = other.backup_log.clone();
+        self.backup_dir = other.backup_dir.join(self.app.name());
+        self.vip = self.vip_at(offset);
+        self
+    }
+
     /// After a takeover: the service's primary is now on the backup's
     /// host, and its next backup goes on the old primary's.
     pub fn swap_roles(&mut self) {
@@ -399,12 +425,7 @@ impl<'a> Pair<'a> {
     /// address: a second service, the other way round.
     pub fn swapped(mut self, offset: u32) -> Self {
         std::mem::swap(&mut self.primary_host, &mut self.backup_host);
-        let vip = self.lab.plan().vip();
-        self.vip = ipnet::Ipv4Net::new(
-            std::net::Ipv4Addr::from(u32::from(vip.addr()) + offset),
-            vip.prefix_len(),
-        )
-        .expect("a prefix from a valid net");
+        self.vip = self.vip_at(offset);
         self
     }
 
@@ -495,6 +516,9 @@ impl<'a> Pair<'a> {
                 "--metrics",
                 &self.metrics_addr(self.backup_host).to_string(),
             ]);
+        }
+        if self.opts.keep_serving {
+            cmd.arg("--keep-serving");
         }
         if self.opts.then_protect {
             let to = self

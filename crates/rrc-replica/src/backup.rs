@@ -93,7 +93,7 @@ pub struct Takeover {
 }
 
 /// The log a takeover found since the checkpoint.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum LogFound {
     /// Checkpoint-only mode: there is none.
     None,
@@ -129,6 +129,9 @@ pub enum Resumed {
         outcome: ReplayOutcome,
         fallback: Fallback,
     },
+    /// By a process of its own (a backup serving several services), which
+    /// said what it did itself.
+    ByHelper,
 }
 
 /// Resumes the service on this host from the committed checkpoint in
@@ -194,7 +197,7 @@ fn fall_back(
 }
 
 /// The log a takeover found and wrote out beside the image.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LogWritten {
     pub dir: PathBuf,
     /// Where the checkpoint stands, and how far the log runs.
@@ -300,6 +303,10 @@ impl Shared {
         })
     }
 }
+
+/// How a takeover resumes the service: given the image, the log since it
+/// and what protects the service again (if anything).
+type Resume<'a> = dyn FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String> + 'a;
 
 /// One service the backup watches: its directory (`image/`, the staging
 /// area, and `log/` after a takeover), its last committed checkpoint and
@@ -413,7 +420,7 @@ impl<'a> Watch<'a> {
             // without this backup: never a state to take over from.
             self.forget();
         }
-        eprintln!("rrc backup: primary {node} ({peer}) connected");
+        eprintln!("rrc backup: primary {node} ({peer}) connected, replicating {service}");
         self.metrics.term.set(term.map_or(0, |t| t as i64));
         self.metrics
             .protected
@@ -464,7 +471,7 @@ impl<'a> Watch<'a> {
         };
         let silent_for = last_heard.elapsed();
         eprintln!(
-            "rrc backup: primary {node} failed ({reason}); taking over from checkpoint {} of series {}",
+            "rrc backup: primary {node} failed ({reason}); taking over {service} from checkpoint {} of series {}",
             c.epoch, c.series
         );
         let (arbiter, won) = match (&opts.arbiter, term) {
@@ -500,7 +507,7 @@ impl<'a> Watch<'a> {
         &self,
         d: Decided,
         metrics: Option<Arc<TcpListener>>,
-        resume: &mut dyn FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String>,
+        resume: &mut Resume<'_>,
     ) -> Result<Takeover, Error> {
         let opts = self.opts;
         let image = self.image();
@@ -616,6 +623,119 @@ pub fn serve(
             None => None,
         };
         return watch.take_over(d, socket, &mut resume);
+    }
+}
+
+/// Serves any number of primaries at once, one per service, each watched
+/// in a directory of its own under the backup's (`DIR/SERVICE`). When one
+/// fails, its service is taken over by `resume`, which must run the
+/// restore in a process of its own (this one goes on serving the others,
+/// with their threads, and a restored container's supervisor is forked
+/// from a process with one thread only); `report` is told how each
+/// takeover went. Returns only on an error of the backup itself.
+pub fn serve_many(
+    opts: &BackupOptions,
+    resume: &(dyn Fn(&Path, &LogFound) -> Result<(), String> + Sync),
+    report: &(dyn Fn(&str, &Takeover) + Sync),
+) -> Result<(), Error> {
+    if opts.then_protect.is_some() || opts.metrics.is_some() {
+        return Err(Error::Protocol(
+            "a backup serving several services cannot yet protect a service again after its takeover, nor serve metrics".into(),
+        ));
+    }
+    fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
+    fs::set_permissions(
+        &opts.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(Error::io(&opts.dir))?;
+    let acceptor = listen(opts)?;
+    tracing::info!(listen = %opts.listen, "backup waiting for primaries");
+    eprintln!(
+        "rrc backup: waiting for a primary of any service on {}",
+        opts.listen
+    );
+    std::thread::scope(|scope| {
+        let mut routes: std::collections::HashMap<String, mpsc::Sender<Greeted>> =
+            std::collections::HashMap::new();
+        loop {
+            let Some(mut g) = acceptor.next() else {
+                return Err(Error::Protocol("the acceptor stopped".into()));
+            };
+            if !plain_service_name(&g.service) {
+                eprintln!(
+                    "rrc backup: refused primary {} ({}): service name {:?} cannot name a directory",
+                    g.node, g.peer, g.service
+                );
+                continue;
+            }
+            if let Some(tx) = routes.get(&g.service) {
+                match tx.send(g) {
+                    Ok(()) => continue,
+                    // Its watch ended (a takeover): a new one for it.
+                    Err(mpsc::SendError(back)) => g = back,
+                }
+            }
+            let (tx, rx) = mpsc::channel();
+            let service = g.service.clone();
+            let dir = opts.dir.join(&service);
+            tx.send(g).expect("the receiver is here");
+            routes.insert(service.clone(), tx);
+            let spawned = std::thread::Builder::new()
+                .name(format!("rrc-watch-{service}"))
+                .spawn_scoped(scope, move || {
+                    if let Err(e) = watch_service(opts, dir, &rx, resume, report) {
+                        eprintln!("rrc backup: {service}: {e}");
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("rrc backup: cannot watch {}: {e}", routes.len());
+            }
+        }
+    })
+}
+
+/// A service name that is a plain directory name.
+fn plain_service_name(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// One service of a backup serving several: its primaries' sessions one
+/// after the other, until a takeover.
+fn watch_service(
+    opts: &BackupOptions,
+    dir: PathBuf,
+    rx: &mpsc::Receiver<Greeted>,
+    resume: &(dyn Fn(&Path, &LogFound) -> Result<(), String> + Sync),
+    report: &(dyn Fn(&str, &Takeover) + Sync),
+) -> Result<(), Error> {
+    let mut watch = Watch::new(opts, dir, Metrics::new(Role::Backup))?;
+    let mut arrived = None;
+    loop {
+        let g = match arrived.take() {
+            Some(g) => g,
+            None => match rx.recv() {
+                Ok(g) => g,
+                Err(_) => return Ok(()),
+            },
+        };
+        let service = g.service.clone();
+        match watch.serve(g, &|d| rx.recv_timeout(d).ok()) {
+            Outcome::Wait => {}
+            Outcome::Returned(g) => arrived = Some(*g),
+            Outcome::TakeOver(d) => {
+                let t = watch.take_over(*d, None, &mut |image, log, _| {
+                    resume(image, log).map(|()| Resumed::ByHelper)
+                })?;
+                report(&service, &t);
+                return Ok(());
+            }
+        }
     }
 }
 

@@ -439,3 +439,61 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
         pair.backup_output()
     );
 }
+
+/// One `rrc backup --keep-serving` protects two primaries (Redis and
+/// Memcached, each with its own state); their host killed under load on
+/// both, it takes both services over, each in a process of its own, and
+/// goes on running. No client of either sees an error.
+#[test]
+fn one_backup_protects_two_primaries_and_takes_both_over() {
+    let lab = arbiter_lab("many");
+    let opts = PairOptions {
+        keep_serving: true,
+        ..responsive_with_arbiter(&lab)
+    };
+    let mut redis = Pair::new(&lab, App::Redis, opts.clone()).unwrap();
+    let mc = Pair::new(&lab, App::Memcached, opts)
+        .unwrap()
+        .sharing_backup_of(&redis, 1);
+    redis.start_backup().unwrap();
+    redis.launch_primary().unwrap();
+    mc.launch_primary().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = redis.status_on(Host::Backup).unwrap();
+        let held = st
+            .lines()
+            .filter(|l| l.contains("holds a committed checkpoint"))
+            .count();
+        if st.contains("protecting redis") && st.contains("protecting memcached") && held == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}\n{}", redis.backup_output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let load = |service, target| {
+        lab.in_host(Host::Client, || {
+            rrc_bench::verify::run(service, target, 4, || {}, Duration::from_secs(5))
+        })
+        .unwrap()
+    };
+    let (r, m) = std::thread::scope(|s| {
+        let r = s.spawn(|| load(rrc_bench::verify::Service::Redis, redis.target()));
+        let m = s.spawn(|| load(rrc_bench::verify::Service::Memcached, mc.target()));
+        std::thread::sleep(Duration::from_millis(700));
+        redis.kill_primary().unwrap();
+        (r.join().unwrap(), m.join().unwrap())
+    });
+    let out = redis.backup_output();
+    eprintln!("{out}");
+    assert!(r.errors.is_empty() && r.requests > 0, "{r:?}\n{out}");
+    assert!(m.errors.is_empty() && m.requests > 0, "{m:?}\n{out}");
+    assert!(out.contains("redis: took over from checkpoint"), "{out}");
+    assert!(
+        out.contains("memcached: took over from checkpoint"),
+        "{out}"
+    );
+    assert!(redis.backup_running(), "the backup stopped:\n{out}");
+    let ps = lab.run_on(Host::Backup, &[RRC, "ps"]).unwrap();
+    assert!(ps.contains("redis") && ps.contains("memcached"), "{ps}");
+}

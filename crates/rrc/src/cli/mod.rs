@@ -50,6 +50,8 @@ pub enum Command {
     Backup(replica::BackupArgs),
     Keygen(replica::KeygenArgs),
     Demo(demo::DemoArgs),
+    #[command(hide = true)]
+    BackupResume(replica::ResumeArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -84,6 +86,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Backup(a) => replica::backup(a),
         Command::Keygen(a) => replica::keygen(a),
         Command::Demo(a) => demo::demo(a),
+        Command::BackupResume(a) => replica::backup_resume(a),
     }
 }
 

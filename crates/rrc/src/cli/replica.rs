@@ -1,7 +1,7 @@
 //! `rrc primary`, `rrc backup` and `rrc keygen`: a replicated container.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use rrc_arbiter::etcd::Etcd;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
 use rrc_replica::arbitration::Arbitration;
-use rrc_replica::backup::{self, BackupOptions, ProtectTo, Resumed};
+use rrc_replica::backup::{self, BackupOptions, LogFound, ProtectTo, Resumed};
 use rrc_replica::backup_status::{self, TakeoverPhases};
 use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
@@ -220,6 +220,12 @@ pub struct BackupArgs {
     /// With --then-protect-to: the new primary's checkpoint interval.
     #[arg(long, default_value = "100ms", value_parser = super::parse_duration)]
     then_epoch: Duration,
+    /// Serve any number of primaries at once, one per service (each kept
+    /// in DIR/SERVICE), and go on serving the others after a takeover; each
+    /// takeover runs in a process of its own. Not yet with --metrics or
+    /// --then-protect-to.
+    #[arg(long, conflicts_with_all = ["metrics", "then_protect_to"])]
+    keep_serving: bool,
     #[command(flatten)]
     arbiter: ArbiterArgs,
 }
@@ -417,37 +423,15 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
         },
     };
     let uplink = a.uplink.clone();
+    if a.keep_serving {
+        return serve_many(&opts, uplink);
+    }
     let dir = opts.dir.clone();
     let t = backup::serve(&opts, |image, log, protect| {
         backup::resume(image, log, &dir, uplink.clone(), protect)
     })?;
-    backup_status::record_takeover(
-        &dir,
-        TakeoverPhases {
-            epoch: t.epoch,
-            silent_ms: t.silent_for.as_secs_f64() * 1e3,
-            arbiter_ms: t.arbiter.map(|d| d.as_secs_f64() * 1e3),
-            fence_ms: t.fence.as_secs_f64() * 1e3,
-            restore_ms: t.restore.as_secs_f64() * 1e3,
-            resumed: match &t.resumed {
-                Resumed::Checkpoint(_) => "resumed from the checkpoint".into(),
-                Resumed::Replayed { .. } => "resumed by replaying the log".into(),
-                Resumed::FellBack { outcome, .. } => format!(
-                    "FALLBACK to the checkpoint: {}",
-                    outcome.why.as_deref().unwrap_or("no reason given")
-                ),
-            },
-            at_unix_ms: backup_status::unix_ms(),
-        },
-    );
-    println!(
-        "took over from checkpoint {}: primary silent {:.0} ms, arbiter {:.1} ms, fence {:.0} ms, restore {:.0} ms",
-        t.epoch,
-        t.silent_for.as_secs_f64() * 1e3,
-        t.arbiter.unwrap_or_default().as_secs_f64() * 1e3,
-        t.fence.as_secs_f64() * 1e3,
-        t.restore.as_secs_f64() * 1e3,
-    );
+    backup_status::record_takeover(&dir, phases(&t));
+    println!("{}", takeover_line(&t));
     if let Some(log) = t.log.written() {
         println!(
             "the log since the checkpoint (records {} to {}, net frames {} to {}) is in {}",
@@ -458,7 +442,107 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
             log.dir.display()
         );
     }
-    match &t.resumed {
+    print_resumed(&t.resumed);
+    Ok(0)
+}
+
+/// A takeover's phases, for the backup's status file.
+fn phases(t: &backup::Takeover) -> TakeoverPhases {
+    TakeoverPhases {
+        epoch: t.epoch,
+        silent_ms: t.silent_for.as_secs_f64() * 1e3,
+        arbiter_ms: t.arbiter.map(|d| d.as_secs_f64() * 1e3),
+        fence_ms: t.fence.as_secs_f64() * 1e3,
+        restore_ms: t.restore.as_secs_f64() * 1e3,
+        resumed: match &t.resumed {
+            Resumed::Checkpoint(_) => "resumed from the checkpoint".into(),
+            Resumed::Replayed { .. } => "resumed by replaying the log".into(),
+            Resumed::FellBack { outcome, .. } => format!(
+                "FALLBACK to the checkpoint: {}",
+                outcome.why.as_deref().unwrap_or("no reason given")
+            ),
+            Resumed::ByHelper => "resumed by a takeover process (see its output)".into(),
+        },
+        at_unix_ms: backup_status::unix_ms(),
+    }
+}
+
+/// `rrc backup --keep-serving`: takeovers run as `rrc backup-resume`
+/// processes, told the log on their standard input.
+fn serve_many(opts: &BackupOptions, uplink: Option<String>) -> Result<i32> {
+    let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+    let resume = |image: &Path, log: &LogFound| -> std::result::Result<(), String> {
+        let dir = image.parent().ok_or("the image has no directory")?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("backup-resume")
+            .arg("--image")
+            .arg(image)
+            .arg("--dir")
+            .arg(dir);
+        if let Some(u) = &uplink {
+            cmd.args(["--uplink", u]);
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the takeover's process: {e}"))?;
+        let job = serde_json::to_vec(log).map_err(|e| e.to_string())?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, &job).map_err(|e| e.to_string())?;
+        }
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("the takeover's process failed ({status})"))
+        }
+    };
+    let report = |service: &str, t: &backup::Takeover| {
+        backup_status::record_takeover(&opts.dir.join(service), phases(t));
+        println!("{service}: {}", takeover_line(t));
+    };
+    backup::serve_many(opts, &resume, &report)?;
+    Ok(0)
+}
+
+/// `rrc backup-resume`: one takeover of a backup serving several
+/// services, in a process of its own (the log on standard input).
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    #[arg(long)]
+    image: PathBuf,
+    #[arg(long)]
+    dir: PathBuf,
+    #[arg(long)]
+    uplink: Option<String>,
+}
+
+pub fn backup_resume(a: ResumeArgs) -> Result<i32> {
+    rrc_container::probe::require_root("rrc backup-resume")?;
+    let mut job = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut job)?;
+    let log: LogFound = serde_json::from_slice(&job).context("the takeover's log")?;
+    let resumed = backup::resume(&a.image, &log, &a.dir, a.uplink, None)
+        .map_err(|e| anyhow::anyhow!("takeover failed: {e}"))?;
+    print_resumed(&resumed);
+    Ok(0)
+}
+
+/// The takeover's first line: its steps' times.
+fn takeover_line(t: &backup::Takeover) -> String {
+    format!(
+        "took over from checkpoint {}: primary silent {:.0} ms, arbiter {:.1} ms, fence {:.0} ms, restore {:.0} ms",
+        t.epoch,
+        t.silent_for.as_secs_f64() * 1e3,
+        t.arbiter.unwrap_or_default().as_secs_f64() * 1e3,
+        t.fence.as_secs_f64() * 1e3,
+        t.restore.as_secs_f64() * 1e3,
+    )
+}
+
+/// How the service was resumed, for people.
+fn print_resumed(resumed: &Resumed) {
+    match resumed {
         Resumed::Checkpoint(said) => println!("{said}"),
         Resumed::Replayed { restored, outcome } => {
             println!("{}", replayed_line(outcome));
@@ -473,8 +557,8 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
             );
             println!("{}", fallback.restored);
         }
+        Resumed::ByHelper => {}
     }
-    Ok(0)
 }
 
 /// The takeover-by-replay line: its steps' times and the connections.

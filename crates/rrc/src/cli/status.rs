@@ -64,9 +64,20 @@ pub fn status(a: StatusArgs) -> Result<i32> {
     dirs.sort();
     dirs.dedup();
     for d in dirs {
-        if let Some(b) = BackupStatus::read(&d) {
-            any = true;
-            println!("{}", b.describe());
+        // A backup serving several services keeps one directory each.
+        let subs: Vec<PathBuf> = std::fs::read_dir(&d)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for d in std::iter::once(d).chain(subs) {
+            if let Some(b) = BackupStatus::read(&d) {
+                any = true;
+                println!("{}", b.describe());
+            }
         }
     }
     if !any {
