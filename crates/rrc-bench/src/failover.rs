@@ -797,8 +797,9 @@ impl<'a> Pair<'a> {
 }
 
 impl Pair<'_> {
-    /// Ends the `rrc backup` process this pair started, if it still runs.
-    fn stop_backup_process(&mut self) {
+    /// Ends the `rrc backup` process this pair started, if it still runs
+    /// (containers it restored run on under their own supervisors).
+    pub fn stop_backup_process(&mut self) {
         if let Some(mut c) = self.backup.take() {
             let _ = c.kill();
             let _ = c.wait();

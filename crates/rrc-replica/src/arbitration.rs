@@ -56,6 +56,18 @@ impl Arbitration {
         Ok((a, before))
     }
 
+    /// A host that holds `term` already (won by a takeover, and handed to
+    /// the process that protects the service again).
+    pub fn holding(arbiter: Arc<dyn Arbiter>, service: &str, term: Term) -> Arbitration {
+        Arbitration {
+            announced: Arc::new(AtomicU64::new(term.number)),
+            arbiter,
+            service: service.into(),
+            node: term.holder.clone(),
+            term,
+        }
+    }
+
     /// A backup watching a primary that announced `term` as `primary`.
     pub fn watch(
         arbiter: Arc<dyn Arbiter>,

@@ -304,6 +304,11 @@ impl Shared {
     }
 }
 
+/// How a backup serving several services resumes one: in a process of
+/// its own, given the same.
+pub type ResumeElsewhere<'a> =
+    dyn Fn(&Path, &LogFound, Option<&Protect>) -> Result<(), String> + Sync + 'a;
+
 /// How a takeover resumes the service: given the image, the log since it
 /// and what protects the service again (if anything).
 type Resume<'a> = dyn FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String> + 'a;
@@ -635,12 +640,12 @@ pub fn serve(
 /// takeover went. Returns only on an error of the backup itself.
 pub fn serve_many(
     opts: &BackupOptions,
-    resume: &(dyn Fn(&Path, &LogFound) -> Result<(), String> + Sync),
+    resume: &ResumeElsewhere<'_>,
     report: &(dyn Fn(&str, &Takeover) + Sync),
 ) -> Result<(), Error> {
-    if opts.then_protect.is_some() || opts.metrics.is_some() {
+    if opts.metrics.is_some() {
         return Err(Error::Protocol(
-            "a backup serving several services cannot yet protect a service again after its takeover, nor serve metrics".into(),
+            "a backup serving several services cannot serve metrics yet".into(),
         ));
     }
     fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
@@ -711,7 +716,7 @@ fn watch_service(
     opts: &BackupOptions,
     dir: PathBuf,
     rx: &mpsc::Receiver<Greeted>,
-    resume: &(dyn Fn(&Path, &LogFound) -> Result<(), String> + Sync),
+    resume: &ResumeElsewhere<'_>,
     report: &(dyn Fn(&str, &Takeover) + Sync),
 ) -> Result<(), Error> {
     let mut watch = Watch::new(opts, dir, Metrics::new(Role::Backup))?;
@@ -729,8 +734,8 @@ fn watch_service(
             Outcome::Wait => {}
             Outcome::Returned(g) => arrived = Some(*g),
             Outcome::TakeOver(d) => {
-                let t = watch.take_over(*d, None, &mut |image, log, _| {
-                    resume(image, log).map(|()| Resumed::ByHelper)
+                let t = watch.take_over(*d, None, &mut |image, log, protect| {
+                    resume(image, log, protect).map(|()| Resumed::ByHelper)
                 })?;
                 report(&service, &t);
                 return Ok(());

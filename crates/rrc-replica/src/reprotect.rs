@@ -85,6 +85,73 @@ impl Protect {
     }
 }
 
+/// What a backup serving several services hands the process that takes
+/// one of them over, as JSON on its standard input: the log, and what
+/// protects the service again.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ResumeJob {
+    pub log: crate::backup::LogFound,
+    pub protect: Option<ProtectJob>,
+}
+
+/// A [`Protect`] without its live parts (the key, the arbiter's client),
+/// which the process that receives it makes again from its own options.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ProtectJob {
+    pub backup: SocketAddr,
+    pub node: String,
+    pub service: String,
+    /// The term the takeover won, if there is an arbiter.
+    pub term: Option<rrc_arbiter::Term>,
+    pub epoch: Duration,
+    pub heartbeat: Duration,
+    pub timeout: Duration,
+    pub work_dir: PathBuf,
+}
+
+impl ProtectJob {
+    pub fn of(p: &Protect) -> ProtectJob {
+        ProtectJob {
+            backup: p.backup,
+            node: p.node.clone(),
+            service: p.service.clone(),
+            term: p.arbitration.as_ref().map(|a| a.term().clone()),
+            epoch: p.epoch,
+            heartbeat: p.heartbeat,
+            timeout: p.timeout,
+            work_dir: p.work_dir.clone(),
+        }
+    }
+
+    /// The protection again, with the key and the arbiter (needed if the
+    /// takeover won a term).
+    pub fn protect(
+        self,
+        key: Arc<Key>,
+        arbiter: Option<Arc<dyn rrc_arbiter::Arbiter>>,
+    ) -> Result<Protect, String> {
+        let arbitration = match (self.term, arbiter) {
+            (Some(t), Some(a)) => Some(Arbitration::holding(a, &self.service, t)),
+            (Some(_), None) => {
+                return Err("the takeover won a term, but no arbiter was given".into());
+            }
+            (None, _) => None,
+        };
+        Ok(Protect {
+            backup: self.backup,
+            key,
+            node: self.node,
+            service: self.service,
+            arbitration,
+            epoch: self.epoch,
+            heartbeat: self.heartbeat,
+            timeout: self.timeout,
+            work_dir: self.work_dir,
+            metrics: None,
+        })
+    }
+}
+
 /// A companion made by `make` once `live` is set (before, it only waits).
 fn when_live(make: MakeCompanion<'static>, live: Arc<AtomicBool>) -> MakeCompanion<'static> {
     Box::new(move |_c: &Container| {

@@ -440,15 +440,38 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
     );
 }
 
+/// Waits until `rrc status` on `host` shows a backup holding a committed
+/// checkpoint of each of `services`.
+fn wait_all_protected(pair: &Pair<'_>, host: Host, services: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = pair.status_on(host).unwrap();
+        let all = services.iter().all(|s| {
+            st.lines().any(|l| {
+                l.contains(&format!("protecting {s} of"))
+                    && l.contains("holds a committed checkpoint")
+            })
+        });
+        if all {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{st}\n{}", pair.backup_output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// One `rrc backup --keep-serving` protects two primaries (Redis and
 /// Memcached, each with its own state); their host killed under load on
 /// both, it takes both services over, each in a process of its own, and
-/// goes on running. No client of either sees an error.
+/// goes on running. No client of either sees an error. Both restored
+/// services then replicate to the revived host, where one backup protects
+/// them again.
 #[test]
 fn one_backup_protects_two_primaries_and_takes_both_over() {
     let lab = arbiter_lab("many");
     let opts = PairOptions {
         keep_serving: true,
+        then_protect: true,
         ..responsive_with_arbiter(&lab)
     };
     let mut redis = Pair::new(&lab, App::Redis, opts.clone()).unwrap();
@@ -458,19 +481,7 @@ fn one_backup_protects_two_primaries_and_takes_both_over() {
     redis.start_backup().unwrap();
     redis.launch_primary().unwrap();
     mc.launch_primary().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = redis.status_on(Host::Backup).unwrap();
-        let held = st
-            .lines()
-            .filter(|l| l.contains("holds a committed checkpoint"))
-            .count();
-        if st.contains("protecting redis") && st.contains("protecting memcached") && held == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{st}\n{}", redis.backup_output());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_all_protected(&redis, Host::Backup, &["redis", "memcached"]);
     let load = |service, target| {
         lab.in_host(Host::Client, || {
             rrc_bench::verify::run(service, target, 4, || {}, Duration::from_secs(5))
@@ -496,4 +507,14 @@ fn one_backup_protects_two_primaries_and_takes_both_over() {
     assert!(redis.backup_running(), "the backup stopped:\n{out}");
     let ps = lab.run_on(Host::Backup, &[RRC, "ps"]).unwrap();
     assert!(ps.contains("redis") && ps.contains("memcached"), "{ps}");
+
+    // Protected again, both, by one backup on the revived host.
+    lab.revive(Host::Primary).unwrap();
+    let first_dir = redis.backup_dir().to_path_buf();
+    redis.stop_backup_process();
+    redis.swap_roles();
+    redis.set_backup_dir(first_dir.with_extension("again"));
+    redis.start_backup().unwrap();
+    wait_all_protected(&redis, Host::Primary, &["redis", "memcached"]);
+    let _ = std::fs::remove_dir_all(&first_dir);
 }

@@ -17,6 +17,7 @@ use rrc_replica::backup_status::{self, TakeoverPhases};
 use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
 use rrc_replica::primary::{PrimaryOptions, Replication};
+use rrc_replica::reprotect::{Protect, ProtectJob, ResumeJob};
 use rrc_replica::takeover::ReplayOutcome;
 use rrc_session::recording::Rings;
 use rrc_wire::Key;
@@ -222,9 +223,8 @@ pub struct BackupArgs {
     then_epoch: Duration,
     /// Serve any number of primaries at once, one per service (each kept
     /// in DIR/SERVICE), and go on serving the others after a takeover; each
-    /// takeover runs in a process of its own. Not yet with --metrics or
-    /// --then-protect-to.
-    #[arg(long, conflicts_with_all = ["metrics", "then_protect_to"])]
+    /// takeover runs in a process of its own. Not yet with --metrics.
+    #[arg(long, conflicts_with = "metrics")]
     keep_serving: bool,
     #[command(flatten)]
     arbiter: ArbiterArgs,
@@ -424,7 +424,7 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
     };
     let uplink = a.uplink.clone();
     if a.keep_serving {
-        return serve_many(&opts, uplink);
+        return serve_many(&opts, &a, uplink);
     }
     let dir = opts.dir.clone();
     let t = backup::serve(&opts, |image, log, protect| {
@@ -468,25 +468,40 @@ fn phases(t: &backup::Takeover) -> TakeoverPhases {
 }
 
 /// `rrc backup --keep-serving`: takeovers run as `rrc backup-resume`
-/// processes, told the log on their standard input.
-fn serve_many(opts: &BackupOptions, uplink: Option<String>) -> Result<i32> {
+/// processes, told the log (and what protects the service again) on their
+/// standard input.
+fn serve_many(opts: &BackupOptions, a: &BackupArgs, uplink: Option<String>) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
-    let resume = |image: &Path, log: &LogFound| -> std::result::Result<(), String> {
+    let resume = |image: &Path,
+                  log: &LogFound,
+                  protect: Option<&Protect>|
+     -> std::result::Result<(), String> {
         let dir = image.parent().ok_or("the image has no directory")?;
         let mut cmd = std::process::Command::new(&exe);
         cmd.arg("backup-resume")
             .arg("--image")
             .arg(image)
             .arg("--dir")
-            .arg(dir);
+            .arg(dir)
+            .arg("--key")
+            .arg(&a.key);
         if let Some(u) = &uplink {
             cmd.args(["--uplink", u]);
+        }
+        if let Some(e) = &a.arbiter.arbiter {
+            cmd.args(["--arbiter", e]);
+            cmd.arg("--arbiter-timeout")
+                .arg(format!("{}ms", a.arbiter.arbiter_timeout.as_millis()));
         }
         let mut child = cmd
             .stdin(std::process::Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot start the takeover's process: {e}"))?;
-        let job = serde_json::to_vec(log).map_err(|e| e.to_string())?;
+        let job = ResumeJob {
+            log: log.clone(),
+            protect: protect.map(ProtectJob::of),
+        };
+        let job = serde_json::to_vec(&job).map_err(|e| e.to_string())?;
         if let Some(mut stdin) = child.stdin.take() {
             std::io::Write::write_all(&mut stdin, &job).map_err(|e| e.to_string())?;
         }
@@ -506,7 +521,7 @@ fn serve_many(opts: &BackupOptions, uplink: Option<String>) -> Result<i32> {
 }
 
 /// `rrc backup-resume`: one takeover of a backup serving several
-/// services, in a process of its own (the log on standard input).
+/// services, in a process of its own (the job on standard input).
 #[derive(Debug, Args)]
 pub struct ResumeArgs {
     #[arg(long)]
@@ -515,14 +530,34 @@ pub struct ResumeArgs {
     dir: PathBuf,
     #[arg(long)]
     uplink: Option<String>,
+    /// The key, for the link of a primary that protects the service again.
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long)]
+    arbiter: Option<String>,
+    #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
+    arbiter_timeout: Duration,
 }
 
 pub fn backup_resume(a: ResumeArgs) -> Result<i32> {
     rrc_container::probe::require_root("rrc backup-resume")?;
     let mut job = Vec::new();
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut job)?;
-    let log: LogFound = serde_json::from_slice(&job).context("the takeover's log")?;
-    let resumed = backup::resume(&a.image, &log, &a.dir, a.uplink, None)
+    let job: ResumeJob = serde_json::from_slice(&job).context("the takeover's job")?;
+    let protect = match job.protect {
+        Some(p) => {
+            let arbiter = match &a.arbiter {
+                Some(e) => Some(Arc::new(Etcd::new(e, a.arbiter_timeout)?) as Arc<dyn Arbiter>),
+                None => None,
+            };
+            Some(
+                p.protect(load_key(&a.key)?, arbiter)
+                    .map_err(anyhow::Error::msg)?,
+            )
+        }
+        None => None,
+    };
+    let resumed = backup::resume(&a.image, &job.log, &a.dir, a.uplink, protect.as_ref())
         .map_err(|e| anyhow::anyhow!("takeover failed: {e}"))?;
     print_resumed(&resumed);
     Ok(0)
