@@ -39,7 +39,7 @@ use crate::acceptor::{Acceptor, Greeted};
 use crate::arbitration::{Arbitration, CLAIM_RETRY};
 use crate::backup_status::{BackupStatus, StatusFile};
 use crate::log_store::LogStore;
-use crate::metrics::{Metrics, MetricsServer, Role};
+use crate::metrics::{Metrics, MetricsHub, MetricsServer, Role};
 use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::reprotect::Protect;
 use crate::takeover::{Fallback, ReplayOutcome, by_replay, from_checkpoint};
@@ -322,7 +322,8 @@ struct Watch<'a> {
     committed: Option<Committed>,
     /// The term the committed checkpoint was sent under.
     committed_term: Option<u64>,
-    metrics: Arc<Metrics>,
+    /// Where its figures go (under the name each primary gives it).
+    hub: Arc<MetricsHub>,
     status: Arc<Mutex<StatusFile>>,
 }
 
@@ -355,7 +356,7 @@ impl<'a> Watch<'a> {
     fn new(
         opts: &'a BackupOptions,
         dir: PathBuf,
-        metrics: Arc<Metrics>,
+        hub: Arc<MetricsHub>,
     ) -> Result<Watch<'a>, Error> {
         fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
         // Images and logs of a program's memory and input: its owner's only.
@@ -369,7 +370,7 @@ impl<'a> Watch<'a> {
             dir,
             committed: None,
             committed_term: None,
-            metrics,
+            hub,
             status,
         };
         w.set_status(&|s| s.state = "waiting for a primary".into());
@@ -426,10 +427,9 @@ impl<'a> Watch<'a> {
             self.forget();
         }
         eprintln!("rrc backup: primary {node} ({peer}) connected, replicating {service}");
-        self.metrics.term.set(term.map_or(0, |t| t as i64));
-        self.metrics
-            .protected
-            .set(i64::from(self.committed.is_some()));
+        let metrics = self.hub.service(&service, Role::Backup);
+        metrics.term.set(term.map_or(0, |t| t as i64));
+        metrics.protected.set(i64::from(self.committed.is_some()));
         let holds = self.committed.is_some();
         self.set_status(&|s| {
             s.state = "protecting".into();
@@ -443,11 +443,11 @@ impl<'a> Watch<'a> {
             opts,
             &self.dir,
             &mut self.committed,
-            &self.metrics,
+            &metrics,
             &self.status,
         );
         self.committed_term = self.committed.as_ref().and(term);
-        self.metrics.protected.set(0);
+        metrics.protected.set(0);
         let holds = self.committed.is_some();
         self.set_status(&|s| {
             s.state = "waiting for a primary".into();
@@ -570,7 +570,7 @@ fn listen(opts: &BackupOptions) -> Result<Acceptor, Error> {
 /// Serves `metrics` on the options' endpoint, if there is one.
 fn serve_metrics(
     opts: &BackupOptions,
-    metrics: &Arc<Metrics>,
+    metrics: &Arc<MetricsHub>,
 ) -> Result<Option<MetricsServer>, Error> {
     opts.metrics
         .as_ref()
@@ -592,7 +592,7 @@ pub fn serve(
     opts: &BackupOptions,
     mut resume: impl FnMut(&Path, &LogFound, Option<&Protect>) -> Result<Resumed, String>,
 ) -> Result<Takeover, Error> {
-    let metrics = Metrics::new(Role::Backup);
+    let metrics = MetricsHub::new();
     let mut watch = Watch::new(opts, opts.dir.clone(), metrics.clone())?;
     let mut acceptor = listen(opts)?;
     let mut metrics_server = serve_metrics(opts, &metrics)?;
@@ -615,8 +615,7 @@ pub fn serve(
         // The takeover forks the restored container's supervisor: no
         // thread of the acceptor (or the metrics) may be left.
         acceptor.stop();
-        metrics.takeovers.inc();
-        metrics.set_role(Role::Primary);
+        metrics.service(&d.service, Role::Primary).takeovers.inc();
         // The endpoint's socket goes to the primary this takeover makes,
         // if it protects the service again.
         let socket = match metrics_server.take().map(MetricsServer::hand_over) {
@@ -643,11 +642,6 @@ pub fn serve_many(
     resume: &ResumeElsewhere<'_>,
     report: &(dyn Fn(&str, &Takeover) + Sync),
 ) -> Result<(), Error> {
-    if opts.metrics.is_some() {
-        return Err(Error::Protocol(
-            "a backup serving several services cannot serve metrics yet".into(),
-        ));
-    }
     fs::create_dir_all(&opts.dir).map_err(Error::io(&opts.dir))?;
     fs::set_permissions(
         &opts.dir,
@@ -655,6 +649,8 @@ pub fn serve_many(
     )
     .map_err(Error::io(&opts.dir))?;
     let acceptor = listen(opts)?;
+    let hub = MetricsHub::new();
+    let _metrics_server = serve_metrics(opts, &hub)?;
     tracing::info!(listen = %opts.listen, "backup waiting for primaries");
     eprintln!(
         "rrc backup: waiting for a primary of any service on {}",
@@ -686,10 +682,11 @@ pub fn serve_many(
             let dir = opts.dir.join(&service);
             tx.send(g).expect("the receiver is here");
             routes.insert(service.clone(), tx);
+            let hub = hub.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("rrc-watch-{service}"))
                 .spawn_scoped(scope, move || {
-                    if let Err(e) = watch_service(opts, dir, &rx, resume, report) {
+                    if let Err(e) = watch_service(opts, dir, &rx, &hub, resume, report) {
                         eprintln!("rrc backup: {service}: {e}");
                     }
                 });
@@ -716,10 +713,11 @@ fn watch_service(
     opts: &BackupOptions,
     dir: PathBuf,
     rx: &mpsc::Receiver<Greeted>,
+    hub: &Arc<MetricsHub>,
     resume: &ResumeElsewhere<'_>,
     report: &(dyn Fn(&str, &Takeover) + Sync),
 ) -> Result<(), Error> {
-    let mut watch = Watch::new(opts, dir, Metrics::new(Role::Backup))?;
+    let mut watch = Watch::new(opts, dir, hub.clone())?;
     let mut arrived = None;
     loop {
         let g = match arrived.take() {
@@ -734,6 +732,7 @@ fn watch_service(
             Outcome::Wait => {}
             Outcome::Returned(g) => arrived = Some(*g),
             Outcome::TakeOver(d) => {
+                hub.service(&d.service, Role::Primary).takeovers.inc();
                 let t = watch.take_over(*d, None, &mut |image, log, protect| {
                     resume(image, log, protect).map(|()| Resumed::ByHelper)
                 })?;

@@ -40,13 +40,37 @@ impl Role {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabel {
+    service: String,
     role: String,
 }
 
-pub struct Metrics {
+/// The figures of every service a process serves or watches, each under
+/// a `service` label, as one endpoint serves them.
+pub struct MetricsHub {
     registry: Registry,
     role: Family<RoleLabel, Gauge>,
+    term: Family<ServiceLabel, Gauge>,
+    protected: Family<ServiceLabel, Gauge>,
+    takeovers: Family<ServiceLabel, Counter>,
+    commits: Family<ServiceLabel, Counter>,
+    pause: Family<ServiceLabel, Histogram>,
+    hold: Family<ServiceLabel, Histogram>,
+    log_bytes: Family<ServiceLabel, Counter>,
+    last_commit_age: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
+    /// Each service's figures, whose commit ages are read at each scrape.
+    services: std::sync::Mutex<Vec<Arc<Metrics>>>,
+}
+
+/// One service's figures: handles on its series of the hub's families.
+pub struct Metrics {
+    service: String,
+    role: [Gauge; 2],
     pub term: Gauge,
     pub protected: Gauge,
     pub takeovers: Counter,
@@ -61,48 +85,43 @@ pub struct Metrics {
     started: Instant,
 }
 
-impl Metrics {
-    pub fn new(role: Role) -> Arc<Metrics> {
+impl MetricsHub {
+    pub fn new() -> Arc<MetricsHub> {
         let mut registry = Registry::default();
-        let roles = Family::<RoleLabel, Gauge>::default();
+        let role = Family::<RoleLabel, Gauge>::default();
         registry.register(
             "rrc_role",
-            "This process's side of the replicated service (1 for the side it is)",
-            roles.clone(),
+            "This process's side of each replicated service (1 for the side it is)",
+            role.clone(),
         );
-        for r in [Role::Primary, Role::Backup] {
-            roles
-                .get_or_create(&RoleLabel {
-                    role: r.name().into(),
-                })
-                .set(i64::from(r == role));
-        }
-        let term = Gauge::default();
+        let term = Family::<ServiceLabel, Gauge>::default();
         registry.register(
             "rrc_term",
             "The arbiter's term this side serves or watches under (0 without an arbiter)",
             term.clone(),
         );
-        let protected = Gauge::default();
+        let protected = Family::<ServiceLabel, Gauge>::default();
         registry.register(
             "rrc_protected",
             "1 while a backup holds a committed checkpoint of the service",
             protected.clone(),
         );
-        let takeovers = Counter::default();
+        let takeovers = Family::<ServiceLabel, Counter>::default();
         registry.register(
             "rrc_takeovers",
-            "Takeovers this backup made",
+            "Takeovers that brought the service here",
             takeovers.clone(),
         );
-        let commits = Counter::default();
+        let commits = Family::<ServiceLabel, Counter>::default();
         registry.register(
             "rrc_checkpoints_committed",
             "Checkpoints the backup committed",
             commits.clone(),
         );
         // 50 µs to about 3 s.
-        let pause = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        let pause = Family::<ServiceLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+        });
         registry.register_with_unit(
             "rrc_checkpoint_pause",
             "How long the container stood still for each checkpoint",
@@ -110,30 +129,32 @@ impl Metrics {
             pause.clone(),
         );
         // 10 µs to about 10 s.
-        let hold = Histogram::new(exponential_buckets(0.00001, 2.5, 16));
+        let hold = Family::<ServiceLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.00001, 2.5, 16))
+        });
         registry.register_with_unit(
             "rrc_output_hold",
             "How long each outbound frame was held until the backup held what produced it",
             Unit::Seconds,
             hold.clone(),
         );
-        let log_bytes = Counter::default();
+        let log_bytes = Family::<ServiceLabel, Counter>::default();
         registry.register_with_unit(
             "rrc_log",
             "Bytes of the event log and net log shipped (primary) or received (backup)",
             Unit::Bytes,
             log_bytes.clone(),
         );
-        let last_commit_age = Gauge::<f64, AtomicU64>::default();
+        let last_commit_age = Family::<ServiceLabel, Gauge<f64, AtomicU64>>::default();
         registry.register_with_unit(
             "rrc_last_commit_age",
             "Time since the backup last committed a checkpoint (-1: none yet)",
             Unit::Seconds,
             last_commit_age.clone(),
         );
-        Arc::new(Metrics {
+        Arc::new(MetricsHub {
             registry,
-            role: roles,
+            role,
             term,
             protected,
             takeovers,
@@ -142,11 +163,62 @@ impl Metrics {
             hold,
             log_bytes,
             last_commit_age,
-            last_commit: AtomicU64::new(0),
-            started: Instant::now(),
+            services: std::sync::Mutex::new(Vec::new()),
         })
     }
 
+    /// The figures of `service`, on this side as `role` (the same ones
+    /// each time it is asked for).
+    pub fn service(&self, service: &str, role: Role) -> Arc<Metrics> {
+        let mut known = crate::lock(&self.services);
+        if let Some(m) = known.iter().find(|m| m.service == service) {
+            m.set_role(role);
+            return m.clone();
+        }
+        let l = ServiceLabel {
+            service: service.into(),
+        };
+        let roles = [Role::Primary, Role::Backup].map(|r| {
+            self.role
+                .get_or_create(&RoleLabel {
+                    service: service.into(),
+                    role: r.name().into(),
+                })
+                .clone()
+        });
+        let m = Arc::new(Metrics {
+            service: service.into(),
+            role: roles,
+            term: self.term.get_or_create(&l).clone(),
+            protected: self.protected.get_or_create(&l).clone(),
+            takeovers: self.takeovers.get_or_create(&l).clone(),
+            commits: self.commits.get_or_create(&l).clone(),
+            pause: self.pause.get_or_create(&l).clone(),
+            hold: self.hold.get_or_create(&l).clone(),
+            log_bytes: self.log_bytes.get_or_create(&l).clone(),
+            last_commit_age: self.last_commit_age.get_or_create(&l).clone(),
+            last_commit: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        m.set_role(role);
+        known.push(m.clone());
+        m
+    }
+
+    /// The text a scrape gets.
+    pub fn encode(&self) -> String {
+        for m in crate::lock(&self.services).iter() {
+            m.last_commit_age
+                .set(m.last_commit_age().map_or(-1.0, |d| d.as_secs_f64()));
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String does not fail");
+        out
+    }
+}
+
+impl Metrics {
     /// A checkpoint was committed now.
     pub fn committed(&self) {
         self.commits.inc();
@@ -174,25 +246,11 @@ impl Metrics {
         }
     }
 
-    /// This side is now `role` (a backup that took over serves).
+    /// This side is now `role` for the service (a backup that took over
+    /// serves it).
     pub fn set_role(&self, role: Role) {
-        for r in [Role::Primary, Role::Backup] {
-            self.role
-                .get_or_create(&RoleLabel {
-                    role: r.name().into(),
-                })
-                .set(i64::from(r == role));
-        }
-    }
-
-    /// The text a scrape gets.
-    pub fn encode(&self) -> String {
-        self.last_commit_age
-            .set(self.last_commit_age().map_or(-1.0, |d| d.as_secs_f64()));
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String does not fail");
-        out
+        self.role[0].set(i64::from(role == Role::Primary));
+        self.role[1].set(i64::from(role == Role::Backup));
     }
 }
 
@@ -221,7 +279,10 @@ const REQUEST_LIMIT: Duration = Duration::from_secs(2);
 impl MetricsServer {
     /// Serves `metrics` on `listener` (bound early, so that a taken
     /// address is an error before anything starts).
-    pub fn start(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Result<MetricsServer> {
+    pub fn start(
+        listener: TcpListener,
+        metrics: Arc<MetricsHub>,
+    ) -> std::io::Result<MetricsServer> {
         let handle = listener.try_clone()?;
         listener.set_nonblocking(true)?;
         let (stop, stopped) = wake::pair()?;
@@ -273,7 +334,7 @@ fn serve(
     listener: &TcpListener,
     stopped: &WakeFd,
     serving: &std::sync::Mutex<Option<TcpStream>>,
-    metrics: &Metrics,
+    metrics: &MetricsHub,
 ) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
@@ -322,7 +383,7 @@ fn stopped_now(stopped: &WakeFd) -> bool {
 
 /// Reads one request's head and answers it: the metrics for `GET
 /// /metrics`, 404 for any other path, 405 for any other method.
-fn answer(mut c: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+fn answer(mut c: TcpStream, metrics: &MetricsHub) -> std::io::Result<()> {
     c.set_read_timeout(Some(REQUEST_LIMIT))?;
     c.set_write_timeout(Some(REQUEST_LIMIT))?;
     let mut head = Vec::new();
@@ -366,44 +427,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_scrape_gets_the_figures_under_prometheus_names() {
-        let m = Metrics::new(Role::Primary);
+    fn a_scrape_gets_each_services_figures_under_prometheus_names() {
+        let hub = MetricsHub::new();
+        let m = hub.service("redis", Role::Primary);
         m.term.set(3);
         m.protected.set(1);
         m.pause.observe(0.002);
         m.log_total(4096);
         m.log_total(1000);
         m.committed();
+        let other = hub.service("web", Role::Backup);
+        other.takeovers.inc();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        let srv = MetricsServer::start(l, m).unwrap();
-        let mut c = std::net::TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body = String::new();
-        c.read_to_string(&mut body).unwrap();
-        // Handed over, the socket still listens: a second server answers.
-        let l = srv.hand_over().unwrap();
-        let m2 = Metrics::new(Role::Backup);
-        let _srv2 = MetricsServer::start(l, m2).unwrap();
-        let mut c2 = std::net::TcpStream::connect(addr).unwrap();
-        c2.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut body2 = String::new();
-        c2.read_to_string(&mut body2).unwrap();
-        assert!(body2.contains("rrc_role{role=\"backup\"} 1"), "{body2}");
+        let srv = MetricsServer::start(l, hub).unwrap();
+        let scrape = || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut body = String::new();
+            c.read_to_string(&mut body).unwrap();
+            body
+        };
+        let body = scrape();
         assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
         for line in [
-            "rrc_role{role=\"primary\"} 1",
-            "rrc_role{role=\"backup\"} 0",
-            "rrc_term 3",
-            "rrc_protected 1",
-            "rrc_checkpoint_pause_seconds_count 1",
-            "rrc_log_bytes_total 4096",
-            "rrc_checkpoints_committed_total 1",
-            "rrc_takeovers_total 0",
+            "rrc_role{service=\"redis\",role=\"primary\"} 1",
+            "rrc_role{service=\"redis\",role=\"backup\"} 0",
+            "rrc_role{service=\"web\",role=\"backup\"} 1",
+            "rrc_term{service=\"redis\"} 3",
+            "rrc_protected{service=\"redis\"} 1",
+            "rrc_checkpoint_pause_seconds_count{service=\"redis\"} 1",
+            "rrc_log_bytes_total{service=\"redis\"} 4096",
+            "rrc_checkpoints_committed_total{service=\"redis\"} 1",
+            "rrc_takeovers_total{service=\"redis\"} 0",
+            "rrc_takeovers_total{service=\"web\"} 1",
+            "rrc_last_commit_age_seconds{service=\"web\"} -1",
             "# EOF",
         ] {
             assert!(body.contains(line), "{line:?} not in:\n{body}");
         }
-        assert!(body.contains("rrc_last_commit_age_seconds 0."), "{body}");
+        assert!(
+            body.contains("rrc_last_commit_age_seconds{service=\"redis\"} 0."),
+            "{body}"
+        );
+        // One family each, whatever the number of services.
+        assert_eq!(body.matches("# TYPE rrc_term gauge").count(), 1, "{body}");
+        // Handed over, the socket still listens: a second server answers.
+        let l = srv.hand_over().unwrap();
+        let hub2 = MetricsHub::new();
+        hub2.service("redis", Role::Backup);
+        let _srv2 = MetricsServer::start(l, hub2).unwrap();
+        let body2 = scrape();
+        assert!(
+            body2.contains("rrc_role{service=\"redis\",role=\"backup\"} 1"),
+            "{body2}"
+        );
     }
 }

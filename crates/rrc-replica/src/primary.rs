@@ -39,7 +39,7 @@ use rrc_rr::ring::RingSet;
 use crate::arbitration::{Arbitration, CLAIM_RETRY};
 use crate::gate::{DelaySummary, LogTap, Release, ReplicationGate, describe};
 use crate::link::{AckHandler, Job, Link, LinkConfig, LinkEvent, Outbox};
-use crate::metrics::{Metrics, MetricsServer, Role};
+use crate::metrics::{Metrics, MetricsHub, MetricsServer, Role};
 use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::shipper::{ShipCounts, Shipper};
 use crate::wake::{self, WakeFd, Waker};
@@ -275,14 +275,15 @@ impl Primary {
             None => None,
         };
         let link = Link::start(r.opts.link.clone(), r.outbox, releases.clone(), waker)?;
-        let metrics = Metrics::new(Role::Primary);
+        let hub = MetricsHub::new();
+        let metrics = hub.service(&r.opts.link.service, Role::Primary);
         metrics.takeovers.inc_by(r.opts.takeovers);
         r.gate.observe_holds(metrics.hold.clone());
         if let Some(a) = &r.opts.arbitration {
             metrics.term.set(a.term().number as i64);
         }
         let metrics_server = match &r.opts.metrics {
-            Some(l) => Some(MetricsServer::start(l.try_clone()?, metrics.clone())?),
+            Some(l) => Some(MetricsServer::start(l.try_clone()?, hub)?),
             None => None,
         };
         Ok(Primary {

@@ -129,24 +129,39 @@ fn a_primary_cut_from_the_arbiter_goes_on_and_cut_from_both_sides_stops() {
     pair.start_backup().unwrap();
     pair.start_primary().unwrap();
     let p = pair.scrape(Host::Primary).unwrap();
-    assert_eq!(metric(&p, "rrc_role{role=\"primary\"}"), 1.0);
-    assert_eq!(metric(&p, "rrc_term"), 1.0);
-    assert_eq!(metric(&p, "rrc_protected"), 1.0);
+    assert_eq!(
+        metric(&p, "rrc_role{service=\"redis\",role=\"primary\"}"),
+        1.0
+    );
+    assert_eq!(metric(&p, "rrc_term{service=\"redis\"}"), 1.0);
+    assert_eq!(metric(&p, "rrc_protected{service=\"redis\"}"), 1.0);
     assert!(
-        metric(&p, "rrc_checkpoint_pause_seconds_count") > 0.0,
+        metric(&p, "rrc_checkpoint_pause_seconds_count{service=\"redis\"}") > 0.0,
         "{p}"
     );
-    assert!(metric(&p, "rrc_log_bytes_total") > 0.0, "{p}");
     assert!(
-        (0.0..10.0).contains(&metric(&p, "rrc_last_commit_age_seconds")),
+        metric(&p, "rrc_log_bytes_total{service=\"redis\"}") > 0.0,
+        "{p}"
+    );
+    assert!(
+        (0.0..10.0).contains(&metric(
+            &p,
+            "rrc_last_commit_age_seconds{service=\"redis\"}"
+        )),
         "{p}"
     );
     let b = pair.scrape(Host::Backup).unwrap();
-    assert_eq!(metric(&b, "rrc_role{role=\"backup\"}"), 1.0);
-    assert_eq!(metric(&b, "rrc_term"), 1.0);
-    assert_eq!(metric(&b, "rrc_protected"), 1.0);
-    assert!(metric(&b, "rrc_checkpoints_committed_total") > 0.0, "{b}");
-    assert_eq!(metric(&b, "rrc_takeovers_total"), 0.0);
+    assert_eq!(
+        metric(&b, "rrc_role{service=\"redis\",role=\"backup\"}"),
+        1.0
+    );
+    assert_eq!(metric(&b, "rrc_term{service=\"redis\"}"), 1.0);
+    assert_eq!(metric(&b, "rrc_protected{service=\"redis\"}"), 1.0);
+    assert!(
+        metric(&b, "rrc_checkpoints_committed_total{service=\"redis\"}") > 0.0,
+        "{b}"
+    );
+    assert_eq!(metric(&b, "rrc_takeovers_total{service=\"redis\"}"), 0.0);
     let st = pair.status_on(Host::Primary).unwrap();
     assert!(
         st.contains("redis: primary (responsive mode), term 1, protected"),
@@ -200,8 +215,11 @@ fn a_primary_cut_from_the_arbiter_goes_on_and_cut_from_both_sides_stops() {
     let st = pair.primary_status().unwrap();
     assert!(st.awaiting_arbiter && !st.protected, "{st:?}");
     let p = pair.scrape(Host::Primary).unwrap();
-    assert_eq!(metric(&p, "rrc_protected"), 0.0);
-    assert!(metric(&p, "rrc_output_hold_seconds_count") > 0.0, "{p}");
+    assert_eq!(metric(&p, "rrc_protected{service=\"redis\"}"), 0.0);
+    assert!(
+        metric(&p, "rrc_output_hold_seconds_count{service=\"redis\"}") > 0.0,
+        "{p}"
+    );
     let st = pair.status_on(Host::Primary).unwrap();
     assert!(
         st.contains("holding replies until the arbiter answers"),
@@ -378,17 +396,21 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
             // takeover made, under the term it won.
             let m = p.scrape(p.primary_host())?;
             anyhow::ensure!(
-                metric(&m, "rrc_role{role=\"primary\"}") == 1.0
-                    && metric(&m, "rrc_term") == 2.0
-                    && metric(&m, "rrc_takeovers_total") == 1.0
-                    && metric(&m, "rrc_protected") == 0.0,
+                metric(&m, "rrc_role{service=\"redis\",role=\"primary\"}") == 1.0
+                    && metric(&m, "rrc_term{service=\"redis\"}") == 2.0
+                    && metric(&m, "rrc_takeovers_total{service=\"redis\"}") == 1.0
+                    && metric(&m, "rrc_protected{service=\"redis\"}") == 0.0,
                 "after the takeover:\n{m}"
             );
             p.start_backup()?;
             p.wait_protected(Duration::from_secs(30))?;
             steps.push("protected again".into());
             let deadline = Instant::now() + Duration::from_secs(10);
-            while metric(&p.scrape(p.primary_host())?, "rrc_protected") != 1.0 {
+            while metric(
+                &p.scrape(p.primary_host())?,
+                "rrc_protected{service=\"redis\"}",
+            ) != 1.0
+            {
                 anyhow::ensure!(
                     Instant::now() < deadline,
                     "the metrics never said protected"
@@ -474,7 +496,12 @@ fn one_backup_protects_two_primaries_and_takes_both_over() {
         then_protect: true,
         ..responsive_with_arbiter(&lab)
     };
-    let mut redis = Pair::new(&lab, App::Redis, opts.clone()).unwrap();
+    // The backup (started by the Redis pair) serves metrics for both.
+    let with_metrics = PairOptions {
+        metrics: true,
+        ..opts.clone()
+    };
+    let mut redis = Pair::new(&lab, App::Redis, with_metrics).unwrap();
     let mc = Pair::new(&lab, App::Memcached, opts)
         .unwrap()
         .sharing_backup_of(&redis, 1);
@@ -482,6 +509,21 @@ fn one_backup_protects_two_primaries_and_takes_both_over() {
     redis.launch_primary().unwrap();
     mc.launch_primary().unwrap();
     wait_all_protected(&redis, Host::Backup, &["redis", "memcached"]);
+    let b = redis.scrape(Host::Backup).unwrap();
+    for svc in ["redis", "memcached"] {
+        assert_eq!(
+            metric(&b, &format!("rrc_protected{{service=\"{svc}\"}}")),
+            1.0,
+            "{b}"
+        );
+        assert_eq!(
+            metric(
+                &b,
+                &format!("rrc_role{{service=\"{svc}\",role=\"backup\"}}")
+            ),
+            1.0
+        );
+    }
     let load = |service, target| {
         lab.in_host(Host::Client, || {
             rrc_bench::verify::run(service, target, 4, || {}, Duration::from_secs(5))
@@ -505,6 +547,14 @@ fn one_backup_protects_two_primaries_and_takes_both_over() {
         "{out}"
     );
     assert!(redis.backup_running(), "the backup stopped:\n{out}");
+    let b = redis.scrape(Host::Backup).unwrap();
+    for svc in ["redis", "memcached"] {
+        assert_eq!(
+            metric(&b, &format!("rrc_takeovers_total{{service=\"{svc}\"}}")),
+            1.0,
+            "{b}"
+        );
+    }
     let ps = lab.run_on(Host::Backup, &[RRC, "ps"]).unwrap();
     assert!(ps.contains("redis") && ps.contains("memcached"), "{ps}");
 

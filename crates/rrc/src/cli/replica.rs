@@ -223,8 +223,8 @@ pub struct BackupArgs {
     then_epoch: Duration,
     /// Serve any number of primaries at once, one per service (each kept
     /// in DIR/SERVICE), and go on serving the others after a takeover; each
-    /// takeover runs in a process of its own. Not yet with --metrics.
-    #[arg(long, conflicts_with = "metrics")]
+    /// takeover runs in a process of its own.
+    #[arg(long)]
     keep_serving: bool,
     #[command(flatten)]
     arbiter: ArbiterArgs,
