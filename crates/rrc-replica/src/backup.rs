@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use rrc_arbiter::{Arbiter, Claim};
 use rrc_ckpt::image::ImageDir;
+use rrc_container::ContainerName;
 use rrc_container::launch::{Launch, Source};
 use rrc_session::recording::{RecordingAnnotation, RecordingDir};
 use rrc_wire::{Key, Message, SecureReader, SecureStream, SecureWriter, Stage, WireError};
@@ -663,9 +664,11 @@ pub fn serve_many(
             let Some(mut g) = acceptor.next() else {
                 return Err(Error::Protocol("the acceptor stopped".into()));
             };
-            if !plain_service_name(&g.service) {
+            // The service is the primary's container name: checked as
+            // one, it is a plain directory name too.
+            if g.service.parse::<ContainerName>().is_err() {
                 eprintln!(
-                    "rrc backup: refused primary {} ({}): service name {:?} cannot name a directory",
+                    "rrc backup: refused primary {} ({}): {:?} is not a container name",
                     g.node, g.peer, g.service
                 );
                 continue;
@@ -695,16 +698,6 @@ pub fn serve_many(
             }
         }
     })
-}
-
-/// A service name that is a plain directory name.
-fn plain_service_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// One service of a backup serving several: its primaries' sessions one

@@ -68,16 +68,17 @@ impl BackupStatus {
 
     /// One line for `rrc status`.
     pub fn describe(&self) -> String {
-        let mut s = format!(
-            "backup on {} (pid {}): {}",
-            self.listen, self.pid, self.state
-        );
-        if !self.alive() {
-            s = format!(
+        let mut s = if self.alive() {
+            format!(
+                "backup on {} (pid {}): {}",
+                self.listen, self.pid, self.state
+            )
+        } else {
+            format!(
                 "backup on {} (no longer running; it last said: {})",
                 self.listen, self.state
-            );
-        }
+            )
+        };
         if let (Some(svc), Some(p)) = (&self.service, &self.primary) {
             s += &format!(" {svc} of {p}");
         }
@@ -137,12 +138,7 @@ impl StatusFile {
     pub fn write(&mut self) {
         self.status.updated_unix_ms = unix_ms();
         self.written = Some(Instant::now());
-        let tmp = self.path.with_extension("json.next");
-        let r = serde_json::to_vec_pretty(&self.status)
-            .map_err(std::io::Error::other)
-            .and_then(|b| fs::write(&tmp, b))
-            .and_then(|()| fs::rename(&tmp, &self.path));
-        if let Err(e) = r {
+        if let Err(e) = crate::write_json_atomically(&self.path, &self.status) {
             tracing::debug!(error = %e, "writing the backup's status");
         }
     }

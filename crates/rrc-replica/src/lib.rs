@@ -45,6 +45,20 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Writes `value` as JSON to `path` whole or not at all (written aside,
+/// then renamed over it): a reader never sees half a file.
+pub(crate) fn write_json_atomically(
+    path: &Path,
+    value: &impl serde::Serialize,
+) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".next");
+    let tmp = PathBuf::from(tmp);
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The link's security settings, the same on both ends: a peer that has
 /// not completed the handshake in 2 s is dropped.
 /// The replication link's port when an address names none.

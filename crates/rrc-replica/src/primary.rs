@@ -319,7 +319,7 @@ impl Primary {
         let w = self.gate.would_be();
         s.would_be_frames = DelaySummary::of(&w.frames);
         s.would_be_data = DelaySummary::of(&w.data_frames);
-        s.protected = self.connected && self.committed_in_series > 0;
+        s.protected = self.protected();
         s.term = self.opts.arbitration.as_ref().map(|a| a.term().number);
         s.awaiting_arbiter = self.claiming.is_some();
         s.mode = if self.log.is_some() {
@@ -341,6 +341,11 @@ impl Primary {
         });
         s.held = self.gate.held();
         s
+    }
+
+    /// The backup holds a committed checkpoint of the current series.
+    fn protected(&self) -> bool {
+        self.connected && self.committed_in_series > 0
     }
 
     /// Ends the current series (its snapshots reaped, tracking stopped).
@@ -678,9 +683,7 @@ impl Companion for Primary {
         for ev in self.link.events() {
             self.handle(ev);
         }
-        self.metrics
-            .protected
-            .set(i64::from(self.connected && self.committed_in_series > 0));
+        self.metrics.protected.set(i64::from(self.protected()));
         if let Some((log, _)) = &self.log {
             let n = log.counts();
             self.metrics.log_total(n.record_bytes + n.frame_bytes);

@@ -384,12 +384,7 @@ impl Finisher {
             // This copy does not go on: the backup falls back.
             let _ = nix::sys::signal::kill(c.init_pid(), nix::sys::signal::Signal::SIGKILL);
         }
-        let tmp = self.report.with_extension("tmp");
-        let written = serde_json::to_vec(&outcome)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, &self.report));
-        if let Err(e) = written {
+        if let Err(e) = crate::write_json_atomically(&self.report, &outcome) {
             tracing::error!(error = %e, "the takeover's report could not be written");
         }
         self.done = true;
