@@ -258,6 +258,46 @@ pub struct OpenFile {
     /// `O_*` status flags (access mode, append, nonblock...).
     pub flags: u32,
     pub kind: FileKind,
+    /// Who is sent the file's I/O signals (`F_SETOWN_EX`), if anyone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<FileOwner>,
+    /// The signal sent instead of SIGIO (`F_SETSIG`); 0 for SIGIO.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub signal: i32,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// The owner of an open file's I/O signals, numbered in the tree's own pid
+/// namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOwner {
+    pub kind: OwnerKind,
+    pub id: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerKind {
+    /// One thread (`F_OWNER_TID`).
+    Thread,
+    /// A whole process (`F_OWNER_PID`).
+    Process,
+    /// A process group (`F_OWNER_PGRP`).
+    Group,
+}
+
+impl OwnerKind {
+    /// The `f_owner_ex` type this kind is.
+    pub fn raw(self) -> i32 {
+        match self {
+            OwnerKind::Thread => 0,
+            OwnerKind::Process => 1,
+            OwnerKind::Group => 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

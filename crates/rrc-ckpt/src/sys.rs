@@ -299,6 +299,26 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// `fcntl` commands for a file's signal owner, which the libc crate lacks
+/// on this target.
+pub const F_SETSIG: u64 = 10;
+pub const F_GETSIG: libc::c_int = 11;
+pub const F_SETOWN_EX: u64 = 15;
+pub const F_GETOWN_EX: libc::c_int = 16;
+
+/// Who receives the I/O signals of a file of ours, as `(type, id)` of
+/// `F_GETOWN_EX` (id 0: nobody), and which signal (`F_GETSIG`, 0: SIGIO).
+pub fn signal_owner(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<((i32, i32), i32)> {
+    use std::os::fd::AsRawFd;
+    let mut owner = [0 as libc::c_int; 2];
+    // SAFETY: F_GETOWN_EX writes one `struct f_owner_ex` (two ints) at the
+    // pointer, which points at two ints of ours.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), F_GETOWN_EX, owner.as_mut_ptr()) }.into())?;
+    // SAFETY: F_GETSIG takes no argument and returns an integer.
+    let sig = check(unsafe { libc::fcntl(fd.as_raw_fd(), F_GETSIG) }.into())?;
+    Ok(((owner[0], owner[1]), sig as i32))
+}
+
 /// An integer socket option of a socket of ours.
 pub fn getsockopt_int(
     fd: std::os::fd::BorrowedFd<'_>,

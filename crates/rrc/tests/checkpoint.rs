@@ -436,3 +436,8 @@ fn a_deleted_file_is_recreated_where_the_restore_chooses_without_set_id_bits() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn file_status_flags_close_on_exec_and_owners() {
+    checkpoint_restore("fd_flags");
+}

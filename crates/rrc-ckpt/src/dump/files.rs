@@ -11,7 +11,9 @@ use nix::sys::socket;
 use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
-use crate::image::{Blob, EpollTarget, Fd, FileKind, ImageDir, OpenFile};
+use crate::image::{
+    Blob, EpollTarget, Fd, FileKind, FileOwner, ImageDir, OpenFile, OwnerKind, ProcessImage,
+};
 use crate::procfs::{self as pfs, FdInfo};
 use crate::unixdiag::UnixInfo;
 use crate::{Error, Result, sys, tcp};
@@ -32,6 +34,8 @@ pub struct FileTable {
     blobs: Option<(std::io::BufWriter<File>, u64)>,
     /// A pidfd per process, to take its fds.
     pidfds: HashMap<i32, std::os::fd::OwnedFd>,
+    /// Signal owners as our pid namespace numbers them: (file, type, id).
+    owners: Vec<(usize, i32, i32)>,
 }
 
 impl FileTable {
@@ -76,6 +80,49 @@ impl FileTable {
 }
 
 const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
+
+/// Gives each open file its signal owner in the tree's numbering, once
+/// the whole tree is known; an owner outside the tree is a problem (the
+/// restored file could only signal someone else).
+pub fn resolve_owners(
+    table: &mut FileTable,
+    ns_of: &std::collections::BTreeMap<Pid, i32>,
+    images: &[ProcessImage],
+    problems: &mut Vec<String>,
+) {
+    for &(id, ty, host) in &table.owners {
+        let (hp, hfd) = table.holders[id];
+        let kind = match ty {
+            0 => OwnerKind::Thread,
+            1 => OwnerKind::Process,
+            _ => OwnerKind::Group,
+        };
+        let ns = match kind {
+            // A group is numbered by its leader, who may have gone: a
+            // member of the tree in that group tells its number.
+            OwnerKind::Group => ns_of
+                .iter()
+                .find(|(p, _)| nix::unistd::getpgid(Some(**p)).ok() == Some(Pid::from_raw(host)))
+                .and_then(|(_, ns)| images.iter().find(|i| i.pid == *ns))
+                .map(|i| i.pgid),
+            _ => crate::dump::process::ns_pid(host, None)
+                .ok()
+                .map(|(n, _)| n),
+        };
+        let known = ns.filter(|&n| match kind {
+            OwnerKind::Thread => images.iter().any(|i| i.threads.iter().any(|t| t.tid == n)),
+            OwnerKind::Process => images.iter().any(|i| i.pid == n),
+            OwnerKind::Group => images.iter().any(|i| i.pgid == n),
+        });
+        match known {
+            Some(n) => table.files[id].owner = Some(FileOwner { kind, id: n }),
+            None => problems.push(format!(
+                "process {hp}: fd {hfd}: its I/O signals (F_SETOWN) go to {kind:?} {host}, \
+                 outside the tree"
+            )),
+        }
+    }
+}
 
 /// Lists and classifies every fd of `pid`.
 pub fn dump(
@@ -132,10 +179,21 @@ pub fn dump(
                     continue;
                 };
                 let id = table.files.len();
+                let ((owner_type, owner), signal) = {
+                    let f = table.take_fd(pid, fd)?;
+                    sys::signal_owner(f.as_fd()).map_err(Error::io(format!(
+                        "signal owner of fd {fd} of process {pid}"
+                    )))?
+                };
+                if owner > 0 {
+                    table.owners.push((id, owner_type, owner));
+                }
                 table.files.push(OpenFile {
                     id,
                     flags: info.flags & !O_CLOEXEC,
                     kind,
+                    owner: None,
+                    signal,
                 });
                 table.holders.push((pid, fd));
                 table.by_inode.entry(key).or_default().push(id);

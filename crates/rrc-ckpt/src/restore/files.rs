@@ -196,6 +196,9 @@ pub fn create_owned(
         if let FileKind::Pipe { pipe, .. } = f.kind {
             let (rd, wr) = make_pipe(t, m, img, f, pipe)?;
             let (rd, wr) = (stash(t, rd, plan)?, stash(t, wr, plan)?);
+            // The first open file of each end is the pipe's own; any other
+            // (an end opened again through /proc) is opened anew.
+            let (mut rd_used, mut wr_used) = (false, false);
             for other in m
                 .files
                 .iter()
@@ -208,7 +211,17 @@ pub fn create_owned(
                         ..
                     }
                 );
-                let fd = if write_end { wr } else { rd };
+                let (end, used) = if write_end {
+                    (wr, &mut wr_used)
+                } else {
+                    (rd, &mut rd_used)
+                };
+                let fd = if std::mem::replace(used, true) {
+                    let again = reopen_own(t, end, other.flags)?;
+                    stash(t, again, plan)?
+                } else {
+                    end
+                };
                 set_flags(t, fd, other.flags)?;
                 held.insert(other.id, fd);
             }
@@ -222,17 +235,35 @@ pub fn create_owned(
         }
         let fd = create(t, f, img, plan, mem, m)?;
         let fd = stash(t, fd, plan)?;
+        // What opening may set otherwise (O_NONBLOCK of a FIFO).
+        set_flags(t, fd, f.flags)?;
         held.insert(f.id, fd);
     }
     let _ = pid;
     Ok(())
 }
 
+/// A new open file of what `fd` of `t` is, opened through /proc with the
+/// access mode of `flags` (and without blocking, as opening a pipe's end
+/// may); returns its fd.
+fn reopen_own(t: &mut Tracee, fd: u64, flags: u32) -> Result<u64> {
+    let path = format!("/proc/self/fd/{fd}");
+    let access = flags & libc::O_ACCMODE as u32;
+    open_path(
+        t,
+        &path,
+        access | (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32,
+    )
+}
+
+/// The status flags `F_SETFL` can change.
+const SETTABLE: u32 =
+    (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME) as u32;
+
 fn set_flags(t: &mut Tracee, fd: u64, flags: u32) -> Result<()> {
     // Only the flags F_SETFL can change; the access mode was set at open.
-    let settable =
-        (libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME)
-            as u32;
+    // O_ASYNC waits for the file's final fd number ([`set_owners`]).
+    let settable = SETTABLE & !(libc::O_ASYNC as u32);
     t.call(
         "set file status flags",
         nr::SYS_fcntl,
@@ -438,8 +469,12 @@ fn create(
                     fd
                 }
             };
-            t.call("seek", nr::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
-            fd
+            // An open file of its own, with its own access mode and
+            // offset, like the one the process had.
+            let own = reopen_own(t, fd, f.flags)?;
+            t.call("close", nr::SYS_close, &[fd])?;
+            t.call("seek", nr::SYS_lseek, &[own, *pos, libc::SEEK_SET as u64])?;
+            own
         }
         FileKind::Tcp { .. }
         | FileKind::TcpListen { .. }
@@ -499,6 +534,57 @@ impl Drop for GhostDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// Gives the open files `p` is the first to hold their signal owner,
+/// signal and O_ASYNC, once every process and thread of the tree exists.
+pub fn set_owners(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    m: &Manifest,
+    first: &mut HashSet<usize>,
+) -> Result<()> {
+    for fd in &p.fds {
+        let Some(f) = m.files.get(fd.file) else {
+            continue;
+        };
+        let async_io = f.flags & libc::O_ASYNC as u32 != 0;
+        if (f.owner.is_none() && f.signal == 0 && !async_io) || !first.insert(f.id) {
+            continue;
+        }
+        if let Some(owner) = f.owner {
+            let mut ex = Vec::with_capacity(8);
+            ex.extend_from_slice(&owner.kind.raw().to_ne_bytes());
+            ex.extend_from_slice(&owner.id.to_ne_bytes());
+            let a = t.arg(&ex)?;
+            t.call(
+                "set the signal owner",
+                nr::SYS_fcntl,
+                &[fd.fd as u64, crate::sys::F_SETOWN_EX, a],
+            )?;
+        }
+        if f.signal != 0 {
+            t.call(
+                "set the I/O signal",
+                nr::SYS_fcntl,
+                &[fd.fd as u64, crate::sys::F_SETSIG, f.signal as u64],
+            )?;
+        }
+        if async_io {
+            // Signals name the fd O_ASYNC was turned on through (si_fd):
+            // the file's first fd in its first process.
+            t.call(
+                "set O_ASYNC",
+                nr::SYS_fcntl,
+                &[
+                    fd.fd as u64,
+                    libc::F_SETFL as u64,
+                    u64::from(f.flags & SETTABLE),
+                ],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Puts the files `p` uses at their recorded numbers and closes the rest;

@@ -212,7 +212,29 @@ fn check_references(
     }
     let files: std::collections::BTreeSet<usize> = m.files.iter().map(|f| f.id).collect();
     let shmem: std::collections::BTreeSet<usize> = m.shmem.iter().map(|s| s.id).collect();
+    let known_owner = |o: &crate::image::FileOwner| {
+        use crate::image::OwnerKind;
+        procs.values().any(|p| match o.kind {
+            OwnerKind::Thread => p.threads.iter().any(|t| t.tid == o.id),
+            OwnerKind::Process => p.pid == o.id,
+            OwnerKind::Group => p.pgid == o.id,
+        })
+    };
     for f in &m.files {
+        if let Some(o) = &f.owner
+            && !known_owner(o)
+        {
+            return Err(corrupt(format!(
+                "open file {} signals {:?} {}, which is not in the tree",
+                f.id, o.kind, o.id
+            )));
+        }
+        if !(0..=64).contains(&f.signal) {
+            return Err(corrupt(format!(
+                "open file {} has signal {}",
+                f.id, f.signal
+            )));
+        }
         if let crate::image::FileKind::Memfd { shmem: id, .. } = f.kind
             && !shmem.contains(&id)
         {
@@ -599,6 +621,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 .map_err(|e| rerr(root.pid, "sockets", format!("leave repair mode: {e}")))?;
         }
         ctx.plan.socket_time += started.elapsed();
+        // Signal owners may be any process or thread of the tree, which
+        // now all exist.
+        let mut owned = std::collections::HashSet::new();
+        for t in ctx.done.iter_mut() {
+            files::set_owners(t, &procs[&t.ns_pid], &m, &mut owned)?;
+        }
         // Everything is in place: drop the scratch regions, then let go.
         for t in ctx.done.iter_mut() {
             t.call(
