@@ -409,9 +409,15 @@ pub enum FileKind {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpollTarget {
+    /// The fd number it was registered under (part of its key, even if
+    /// that fd has been closed since).
     pub fd: i32,
     pub events: u32,
     pub data: u64,
+    /// The open file watched: a registration belongs to the open file,
+    /// whatever fds it has now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -26,6 +26,8 @@ pub struct EpollLine {
     pub tfd: i32,
     pub events: u32,
     pub data: u64,
+    /// The target file's inode (0 if the kernel did not say).
+    pub ino: u64,
 }
 
 pub fn read_fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
@@ -51,6 +53,7 @@ pub fn parse_fdinfo(text: &str) -> Option<FdInfo> {
             let tfd = words.first()?.parse().ok()?;
             let mut events = None;
             let mut data = None;
+            let mut ino = 0;
             for w in words.windows(2) {
                 match w[0] {
                     "events:" => events = u32::from_str_radix(w[1], 16).ok(),
@@ -58,10 +61,16 @@ pub fn parse_fdinfo(text: &str) -> Option<FdInfo> {
                     _ => {}
                 }
             }
+            for w in &words {
+                if let Some(v) = w.strip_prefix("ino:") {
+                    ino = u64::from_str_radix(v, 16).unwrap_or(0);
+                }
+            }
             info.epoll.push(EpollLine {
                 tfd,
                 events: events?,
                 data: data?,
+                ino,
             });
             continue;
         }
@@ -259,12 +268,14 @@ mod tests {
                 EpollLine {
                     tfd: 5,
                     events: 0x19,
-                    data: 0x1122334455667788
+                    data: 0x1122334455667788,
+                    ino: 0x41,
                 },
                 EpollLine {
                     tfd: 7,
                     events: 0x80000001,
-                    data: 7
+                    data: 7,
+                    ino: 0x42,
                 },
             ]
         );

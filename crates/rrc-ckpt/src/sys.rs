@@ -214,6 +214,34 @@ pub fn same_file(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<bool> {
     Ok(r == 0)
 }
 
+/// Whether fd `fd` of `pid` is the open file registered as the `toff`-th
+/// target numbered `tfd` of epoll `efd` of `epoll_pid`.
+pub fn epoll_target_is(
+    pid: Pid,
+    fd: i32,
+    epoll_pid: Pid,
+    efd: i32,
+    tfd: i32,
+    toff: u32,
+) -> io::Result<bool> {
+    const KCMP_EPOLL_TFD: libc::c_int = 7;
+    // struct kcmp_epoll_slot { __u32 efd, tfd, toff; }
+    let slot: [u32; 3] = [efd as u32, tfd as u32, toff];
+    // SAFETY: kcmp reads the slot (three u32, ours, alive for the call)
+    // and compares kernel objects.
+    let r = check(unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid.as_raw(),
+            epoll_pid.as_raw(),
+            KCMP_EPOLL_TFD,
+            fd as libc::c_ulong,
+            slot.as_ptr(),
+        )
+    })?;
+    Ok(r == 0)
+}
+
 /// A pidfd for process `pid`.
 pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;

@@ -441,3 +441,8 @@ fn a_deleted_file_is_recreated_where_the_restore_chooses_without_set_id_bits() {
 fn file_status_flags_close_on_exec_and_owners() {
     checkpoint_restore("fd_flags");
 }
+
+#[test]
+fn epoll_registrations_by_open_file_with_every_flag() {
+    checkpoint_restore("epoll_files");
+}

@@ -36,6 +36,8 @@ pub struct FileTable {
     pidfds: HashMap<i32, std::os::fd::OwnedFd>,
     /// Signal owners as our pid namespace numbers them: (file, type, id).
     owners: Vec<(usize, i32, i32)>,
+    /// The inode of each target of each epoll met, in order of meeting.
+    epoll_inodes: Vec<Vec<u64>>,
 }
 
 impl FileTable {
@@ -120,6 +122,50 @@ pub fn resolve_owners(
                 "process {hp}: fd {hfd}: its I/O signals (F_SETOWN) go to {kind:?} {host}, \
                  outside the tree"
             )),
+        }
+    }
+}
+
+/// Names the open file behind every epoll target, once every open file of
+/// the tree is known: the kernel keys a registration by open file and fd
+/// number, and the fd may have been closed (or moved) since. A target no
+/// fd of the tree holds is a problem.
+pub fn resolve_epoll_targets(table: &mut FileTable, problems: &mut Vec<String>) {
+    let mut inodes = std::mem::take(&mut table.epoll_inodes).into_iter();
+    for id in 0..table.files.len() {
+        let FileKind::Epoll { targets } = &table.files[id].kind else {
+            continue;
+        };
+        let Some(inos) = inodes.next() else { break };
+        let (ep, efd) = table.holders[id];
+        let mut found = Vec::with_capacity(targets.len());
+        for (i, tg) in targets.iter().enumerate() {
+            // Registrations sharing a number come in the order the kernel
+            // searches them.
+            let toff = targets[..i].iter().filter(|o| o.fd == tg.fd).count() as u32;
+            let ino = inos.get(i).copied().unwrap_or(0);
+            let file = table
+                .by_inode
+                .iter()
+                .filter(|((_, i), _)| ino == 0 || *i == ino)
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .find(|&cand| {
+                    let (cp, cfd) = table.holders[cand];
+                    sys::epoll_target_is(cp, cfd, ep, efd, tg.fd, toff).unwrap_or(false)
+                });
+            if file.is_none() {
+                problems.push(format!(
+                    "process {ep}: fd {efd}: epoll watches a file registered as fd {} \
+                     that no process of the tree holds",
+                    tg.fd
+                ));
+            }
+            found.push(file);
+        }
+        if let FileKind::Epoll { targets } = &mut table.files[id].kind {
+            for (tg, file) in targets.iter_mut().zip(found) {
+                tg.file = file;
+            }
         }
     }
 }
@@ -265,16 +311,22 @@ fn classify(
                 value_ns: pfs::parse_timespec_pair(field("it_value")).unwrap_or(0),
                 interval_ns: pfs::parse_timespec_pair(field("it_interval")).unwrap_or(0),
             })),
-            "[eventpoll]" => Ok(Some(FileKind::Epoll {
-                targets: info
-                    .epoll
-                    .iter()
-                    .map(|e| EpollTarget {
-                        fd: e.tfd,
-                        events: e.events,
-                        data: e.data,
-                    })
-                    .collect(),
+            "[eventpoll]" => Ok(Some({
+                table
+                    .epoll_inodes
+                    .push(info.epoll.iter().map(|e| e.ino).collect());
+                FileKind::Epoll {
+                    targets: info
+                        .epoll
+                        .iter()
+                        .map(|e| EpollTarget {
+                            fd: e.tfd,
+                            events: e.events,
+                            data: e.data,
+                            file: None,
+                        })
+                        .collect(),
+                }
             })),
             other => problem(format!("{} is not supported", describe_anon(other))),
         };

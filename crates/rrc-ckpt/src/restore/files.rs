@@ -24,6 +24,10 @@ fn rerr(pid: i32, stage: &'static str, detail: String) -> Error {
 /// Where each open file is created and what must stay open meanwhile.
 pub struct FilePlan {
     pub creator: HashMap<usize, i32>,
+    /// Which process registers target `i` of epoll `id`: `(id, i)`.
+    registrar: HashMap<(usize, usize), i32>,
+    /// Epolls given an armed registration so far.
+    armed: HashSet<usize>,
     /// Pipes with an end outside the tree, and the stdio slot (0, 1, 2) the
     /// tree had them at, if any: those become the restorer's own stdio.
     external: HashMap<usize, Option<i32>>,
@@ -70,6 +74,34 @@ impl FilePlan {
             for fd in &p.fds {
                 users.entry(fd.file).or_default().push(p.pid);
                 max_fd = max_fd.max(fd.fd);
+            }
+        }
+        // Epoll targets are registered under their old numbers, which
+        // must not be temporary ones.
+        for f in &m.files {
+            if let FileKind::Epoll { targets } = &f.kind {
+                for tg in targets {
+                    max_fd = max_fd.max(tg.fd);
+                }
+            }
+        }
+        // Each registration is made once, by the first process holding
+        // both the epoll and its target.
+        let mut registrar: HashMap<(usize, usize), i32> = HashMap::new();
+        for pid in &m.processes {
+            let Some(p) = procs.get(pid) else { continue };
+            let has: HashSet<usize> = p.fds.iter().map(|fd| fd.file).collect();
+            for &id in &has {
+                let Some(FileKind::Epoll { targets }) = m.files.get(id).map(|f| &f.kind) else {
+                    continue;
+                };
+                for (i, tg) in targets.iter().enumerate() {
+                    if let Some(file) = tg.file
+                        && has.contains(&file)
+                    {
+                        registrar.entry((id, i)).or_insert(*pid);
+                    }
+                }
             }
         }
         // Files made together: the two ends of a pipe, the two ends of a
@@ -121,6 +153,8 @@ impl FilePlan {
         }
         FilePlan {
             creator,
+            registrar,
+            armed: HashSet::new(),
             external,
             temp_base: max_fd as u64 + 1,
             keep_open: Vec::new(),
@@ -239,6 +273,9 @@ pub fn create_owned(
         set_flags(t, fd, f.flags)?;
         held.insert(f.id, fd);
     }
+    // A fired one-shot registration can only be made as it was while its
+    // epoll is new: before anything else is registered in it.
+    register_epoll_targets(t, m, held, plan, true)?;
     let _ = pid;
     Ok(())
 }
@@ -587,10 +624,152 @@ pub fn set_owners(
     Ok(())
 }
 
+/// The open file target `i` of epoll `id` watches.
+fn epoll_target(m: &Manifest, id: usize, i: usize) -> Option<usize> {
+    match m.files.get(id).map(|f| &f.kind) {
+        Some(FileKind::Epoll { targets }) => targets.get(i).and_then(|tg| tg.file),
+        _ => None,
+    }
+}
+
+/// The epoll flags that are not events, which a fired one-shot keeps.
+const PRIVATE: u32 =
+    (libc::EPOLLONESHOT | libc::EPOLLET | libc::EPOLLWAKEUP | libc::EPOLLEXCLUSIVE) as u32;
+/// Every event a file can be ready for.
+const READINESS: u32 = (libc::EPOLLIN
+    | libc::EPOLLOUT
+    | libc::EPOLLPRI
+    | libc::EPOLLRDNORM
+    | libc::EPOLLRDBAND
+    | libc::EPOLLWRNORM
+    | libc::EPOLLWRBAND
+    | libc::EPOLLMSG
+    | libc::EPOLLRDHUP) as u32;
+
+/// Makes the epoll registrations that fall to `t` (`early`: only fired
+/// one-shots of the epolls it has just made), while every file it holds
+/// is still at a temporary number: each target is put for a moment
+/// at the number it was registered under (what was there set aside and
+/// put back), registered, and taken away again.
+fn register_epoll_targets(
+    t: &mut Tracee,
+    m: &Manifest,
+    held: &Held,
+    plan: &mut FilePlan,
+    early: bool,
+) -> Result<()> {
+    let pid = t.ns_pid;
+    let disarmed = |&(id, i): &(usize, usize)| match m.files.get(id).map(|f| &f.kind) {
+        Some(FileKind::Epoll { targets }) => {
+            targets.get(i).is_some_and(|tg| tg.events & !PRIVATE == 0)
+        }
+        _ => false,
+    };
+    let mut mine: Vec<(usize, usize)> = plan
+        .registrar
+        .iter()
+        .filter(|((id, i), who)| {
+            if !early {
+                return **who == pid;
+            }
+            // Early, in the epoll's creator, which holds the target.
+            plan.creator.get(id) == Some(&pid)
+                && disarmed(&(*id, *i))
+                && epoll_target(m, *id, *i).is_some_and(|f| held.contains_key(&f))
+        })
+        .map(|(k, _)| *k)
+        .collect();
+    // Disarmed one-shot registrations first, while their epoll reports
+    // nothing else (see below).
+    mine.sort_by_key(|k| (!disarmed(k), *k));
+    for (id, i) in mine {
+        plan.registrar.remove(&(id, i));
+        let (Some(&epfd), Some(FileKind::Epoll { targets })) =
+            (held.get(&id), m.files.get(id).map(|f| &f.kind))
+        else {
+            continue;
+        };
+        let Some(tg) = targets.get(i) else { continue };
+        let Some(&src) = tg.file.and_then(|f| held.get(&f)) else {
+            continue;
+        };
+        let at = tg.fd as u64;
+        let aside = t.raw_on(
+            t.pid,
+            nr::SYS_fcntl,
+            &[at, libc::F_DUPFD_CLOEXEC as u64, plan.temp_base],
+        )?;
+        t.call("put an epoll target in place", nr::SYS_dup3, &[src, at, 0])?;
+        // A one-shot registration that has fired keeps only its private
+        // bits, and adding one always arms it (for errors and hangups at
+        // least): it is added armed for every event and, if its file is
+        // ready and nothing else of the epoll can be, fired once at once.
+        let disarm = tg.events & !PRIVATE == 0 && !plan.armed.contains(&id);
+        let events = if disarm {
+            tg.events | READINESS
+        } else {
+            tg.events
+        };
+        let mut ev = Vec::with_capacity(12);
+        ev.extend_from_slice(&events.to_ne_bytes());
+        ev.extend_from_slice(&tg.data.to_ne_bytes());
+        let a = t.arg(&ev)?;
+        let r = t.raw_on(
+            t.pid,
+            nr::SYS_epoll_ctl,
+            &[epfd, libc::EPOLL_CTL_ADD as u64, at, a],
+        )?;
+        if r >= 0 && tg.events & !PRIVATE == 0 {
+            let fired = if disarm {
+                let out = t.out(12)?;
+                t.raw_on(t.pid, nr::SYS_epoll_wait, &[epfd, out, 1, 0])? == 1
+            } else {
+                false
+            };
+            if !fired {
+                tracing::warn!(
+                    pid,
+                    epoll = id,
+                    target = tg.fd,
+                    "a one-shot epoll registration that had fired is restored armed for errors and hangups"
+                );
+            }
+        } else {
+            plan.armed.insert(id);
+        }
+        if aside >= 0 {
+            t.call("put an fd back", nr::SYS_dup3, &[aside as u64, at, 0])?;
+            t.call("close", nr::SYS_close, &[aside as u64])?;
+        } else {
+            t.call("close", nr::SYS_close, &[at])?;
+        }
+        if r < 0 {
+            return Err(rerr(
+                pid,
+                "epoll",
+                format!(
+                    "register fd {} (events {:#x}): {}",
+                    tg.fd,
+                    tg.events,
+                    std::io::Error::from_raw_os_error(-r as i32)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Puts the files `p` uses at their recorded numbers and closes the rest;
 /// then re-registers epoll targets.
-pub fn arrange(t: &mut Tracee, p: &ProcessImage, m: &Manifest, held: &Held) -> Result<()> {
+pub fn arrange(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    m: &Manifest,
+    held: &Held,
+    plan: &mut FilePlan,
+) -> Result<()> {
     let pid = t.ns_pid;
+    register_epoll_targets(t, m, held, plan, false)?;
     let mut wanted: HashSet<u64> = HashSet::new();
     for fd in &p.fds {
         let src = *held.get(&fd.file).ok_or_else(|| {
@@ -629,12 +808,13 @@ pub fn arrange(t: &mut Tracee, p: &ProcessImage, m: &Manifest, held: &Held) -> R
             t.call("close", nr::SYS_close, &[fd])?;
         }
     }
+    // Images without the open file of each target: by fd number.
     for fd in &p.fds {
         let Some(f) = m.files.get(fd.file) else {
             continue;
         };
         if let FileKind::Epoll { targets } = &f.kind {
-            for tg in targets {
+            for tg in targets.iter().filter(|tg| tg.file.is_none()) {
                 let mut ev = Vec::with_capacity(12);
                 ev.extend_from_slice(&tg.events.to_ne_bytes());
                 ev.extend_from_slice(&tg.data.to_ne_bytes());

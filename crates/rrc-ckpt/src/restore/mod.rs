@@ -229,6 +229,16 @@ fn check_references(
                 f.id, o.kind, o.id
             )));
         }
+        if let crate::image::FileKind::Epoll { targets } = &f.kind
+            && let Some(tg) = targets
+                .iter()
+                .find(|tg| tg.fd < 0 || tg.file.is_some_and(|id| !files.contains(&id)))
+        {
+            return Err(corrupt(format!(
+                "epoll {} watches fd {} of open file {:?}, which is not in it",
+                f.id, tg.fd, tg.file
+            )));
+        }
         if !(0..=64).contains(&f.signal) {
             return Err(corrupt(format!(
                 "open file {} has signal {}",
@@ -475,7 +485,7 @@ fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
         restore_process(ctx, ct, held.clone())?;
     }
     mm::replace(&mut t, p, &mut ctx.mem)?;
-    files::arrange(&mut t, p, ctx.m, &held)?;
+    files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     spawn_threads(&mut t, p)?;
     state::process_state(&mut t, p)?;
     state::thread_state(&mut t, p)?;
