@@ -428,6 +428,8 @@ impl ImageEdit {
                 pipe: u64::MAX - file.id as u64,
                 write_end: true,
                 capacity: 65536,
+                packets: Vec::new(),
+                peer_closed: false,
             };
             file.flags = libc::O_WRONLY as u32;
             turned += 1;

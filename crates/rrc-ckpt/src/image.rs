@@ -104,6 +104,10 @@ pub struct ProcessImage {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holes: Vec<(u64, u64)>,
     pub fds: Vec<Fd>,
+    /// Made with `CLONE_FILES`: its fd table is its parent's (`fds` then
+    /// repeats the parent's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shares_parent_files: bool,
     /// Index = signal number - 1, for signals 1..=64.
     pub sigactions: Vec<SigAction>,
     pub shared_pending: Vec<Hex>,
@@ -331,6 +335,12 @@ pub enum FileKind {
         pipe: u64,
         write_end: bool,
         capacity: u32,
+        /// A packet-mode pipe holding several packets: their lengths.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        packets: Vec<u32>,
+        /// The pipe's other side had no end open anywhere.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        peer_closed: bool,
     },
     EventFd {
         count: u64,

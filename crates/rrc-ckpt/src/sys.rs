@@ -242,6 +242,23 @@ pub fn epoll_target_is(
     Ok(r == 0)
 }
 
+/// Whether processes `pid1` and `pid2` share one fd table (`CLONE_FILES`).
+pub fn same_fd_table(pid1: Pid, pid2: Pid) -> io::Result<bool> {
+    const KCMP_FILES: libc::c_int = 2;
+    // SAFETY: kcmp compares kernel objects; it takes integers only.
+    let r = check(unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1.as_raw(),
+            pid2.as_raw(),
+            KCMP_FILES,
+            0,
+            0,
+        )
+    })?;
+    Ok(r == 0)
+}
+
 /// A pidfd for process `pid`.
 pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
@@ -371,8 +388,13 @@ pub fn getsockopt_int(
 }
 
 /// The data queued in a pipe, copied without consuming it: `tee(2)` into a
-/// pipe of our own as large as the original, then read from that.
-pub fn peek_pipe(reader: std::os::fd::BorrowedFd<'_>, capacity: usize) -> io::Result<Vec<u8>> {
+/// pipe of our own as large as the original, then read from that; and the
+/// length of each read. A read never spans a packet of a packet-mode pipe
+/// (written with `O_DIRECT`), so several reads mean several packets.
+pub fn peek_pipe(
+    reader: std::os::fd::BorrowedFd<'_>,
+    capacity: usize,
+) -> io::Result<(Vec<u8>, Vec<u32>)> {
     use std::io::Read;
     use std::os::fd::AsRawFd;
     let (rd, wr) =
@@ -391,14 +413,41 @@ pub fn peek_pipe(reader: std::os::fd::BorrowedFd<'_>, capacity: usize) -> io::Re
         let e = io::Error::last_os_error();
         // An empty pipe: nothing to copy.
         if e.raw_os_error() == Some(libc::EAGAIN) {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         return Err(e);
     }
     drop(wr);
-    let mut out = Vec::with_capacity(n as usize);
-    std::fs::File::from(rd).read_to_end(&mut out)?;
-    Ok(out)
+    let mut out = vec![0u8; n as usize];
+    let mut reads = Vec::new();
+    let mut at = 0;
+    let mut copy = std::fs::File::from(rd);
+    while at < out.len() {
+        match copy.read(&mut out[at..])? {
+            0 => break,
+            got => {
+                reads.push(got as u32);
+                at += got;
+            }
+        }
+    }
+    out.truncate(at);
+    Ok((out, reads))
+}
+
+/// Whether the other side of the pipe end `fd` (of ours) is gone: no
+/// writer is left for a read end (it polls as hung up), no reader for a
+/// write end (it polls as an error).
+pub fn pipe_widowed(fd: std::os::fd::BorrowedFd<'_>, write_end: bool) -> io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd, PollFlags::empty())];
+    poll(&mut fds, PollTimeout::ZERO)?;
+    let got = fds[0].revents().unwrap_or(PollFlags::empty());
+    Ok(if write_end {
+        got.contains(PollFlags::POLLERR)
+    } else {
+        got.contains(PollFlags::POLLHUP)
+    })
 }
 
 /// The raw bytes of a `siginfo_t`, as the image keeps them.

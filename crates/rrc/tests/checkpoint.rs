@@ -446,3 +446,13 @@ fn file_status_flags_close_on_exec_and_owners() {
 fn epoll_registrations_by_open_file_with_every_flag() {
     checkpoint_restore("epoll_files");
 }
+
+#[test]
+fn a_child_sharing_its_parents_fd_table_keeps_sharing_it() {
+    checkpoint_restore("fd_shared_table");
+}
+
+#[test]
+fn pipes_full_grown_packet_widowed_and_shared() {
+    checkpoint_restore("pipes");
+}

@@ -25,7 +25,8 @@ pub struct FileTable {
     /// One (process, fd) holding each file, to compare others against.
     holders: Vec<(Pid, i32)>,
     by_inode: HashMap<(u64, u64), Vec<usize>>,
-    pipes_saved: std::collections::HashSet<u64>,
+    /// Pipes whose data is saved, with their packets.
+    pipes_saved: HashMap<u64, Vec<u32>>,
     /// TCP sockets put in repair mode to be read.
     pub repaired: tcp::Repaired,
     /// Time spent on sockets.
@@ -279,11 +280,17 @@ fn classify(
     let field = |k: &str| info.fields.get(k).map(String::as_str).unwrap_or("");
     if link.starts_with("pipe:[") {
         let pipe = meta.ino();
-        let capacity = save_pipe(raw, fd, pipe, img, table)?;
+        let write_end = info.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
+        let (capacity, packets) = save_pipe(raw, fd, pipe, img, table)?;
+        let end = table.take_fd(pid, fd)?;
+        let peer_closed = sys::pipe_widowed(end.as_fd(), write_end)
+            .map_err(Error::io(format!("poll pipe fd {fd} of process {pid}")))?;
         return Ok(Some(FileKind::Pipe {
             pipe,
-            write_end: info.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32,
+            write_end,
             capacity,
+            packets,
+            peer_closed,
         }));
     }
     if link.starts_with("socket:[") {
@@ -726,7 +733,16 @@ fn socket_kind(
 
 /// Saves the unread data of pipe `pipe` (once per pipe, whichever end is
 /// met first) without consuming it; returns the pipe's capacity.
-fn save_pipe(pid: i32, fd: i32, pipe: u64, img: &ImageDir, table: &mut FileTable) -> Result<u32> {
+/// Saves the data of pipe or FIFO `pipe` (once per pipe); returns its
+/// capacity and, for a packet-mode pipe holding more than one packet, the
+/// length of each.
+fn save_pipe(
+    pid: i32,
+    fd: i32,
+    pipe: u64,
+    img: &ImageDir,
+    table: &mut FileTable,
+) -> Result<(u32, Vec<u32>)> {
     // A new read end of the same pipe, opened through the fd's /proc link.
     let reader = OpenOptions::new()
         .read(true)
@@ -735,15 +751,17 @@ fn save_pipe(pid: i32, fd: i32, pipe: u64, img: &ImageDir, table: &mut FileTable
         .map_err(Error::io(format!("reopen pipe fd {fd} of process {pid}")))?;
     let capacity = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
         .map_err(|e| Error::io("pipe size")(e.into()))? as u32;
-    if !table.pipes_saved.insert(pipe) {
-        return Ok(capacity);
+    if let Some(packets) = table.pipes_saved.get(&pipe) {
+        return Ok((capacity, packets.clone()));
     }
-    let data = sys::peek_pipe(reader.as_fd(), capacity as usize).map_err(Error::io(format!(
-        "copy pipe data of fd {fd} of process {pid}"
-    )))?;
+    let (data, reads) = sys::peek_pipe(reader.as_fd(), capacity as usize).map_err(Error::io(
+        format!("copy pipe data of fd {fd} of process {pid}"),
+    ))?;
     let path = img.pipe_data(pipe);
     fs::write(&path, &data).map_err(|e| Error::image(&path, e))?;
-    Ok(capacity)
+    let packets = if reads.len() > 1 { reads } else { Vec::new() };
+    table.pipes_saved.insert(pipe, packets.clone());
+    Ok((capacity, packets))
 }
 
 fn save_deleted(pid: i32, fd: i32, out: &std::path::Path) -> Result<()> {

@@ -20,7 +20,7 @@ use crate::dump::inject::Injector;
 use crate::dump::memory::{MemoryDump, ShmemTable};
 use crate::dump::seize::SeizedProcess;
 use crate::image::{FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
-use crate::{Error, Result};
+use crate::{Error, Result, sys};
 
 pub struct CheckpointOptions<'a> {
     /// The root of the tree, as this process's pid namespace numbers it.
@@ -244,6 +244,24 @@ pub(crate) fn take(
         inj.finish()?;
         let t2 = Instant::now();
         let fds = files::dump(p.pid, img, &mut files, &mut shmem, &unix, &mut problems)?;
+        let shares_parent_files = match p.parent {
+            Some(parent) => sys::same_fd_table(p.pid, parent).unwrap_or(false),
+            None => false,
+        };
+        if !shares_parent_files
+            && let Some(other) = images.iter().find(|i| {
+                ns_of
+                    .iter()
+                    .find(|(_, ns)| **ns == i.pid)
+                    .is_some_and(|(host, _)| sys::same_fd_table(p.pid, *host).unwrap_or(false))
+            })
+        {
+            problems.push(format!(
+                "process {raw} shares its fd table with process {}, which is not its parent: \
+                 only a table shared with the parent (CLONE_FILES) can be restored",
+                other.pid
+            ));
+        }
         phases.state += t1 - t0;
         phases.memory += t2 - t1;
         phases.files += t2.elapsed();
@@ -274,6 +292,7 @@ pub(crate) fn take(
             pages: mem.pages,
             holes: mem.holes,
             fds,
+            shares_parent_files,
             sigactions: ts.sigactions,
             shared_pending: ts.shared_pending,
             itimers: ts.itimers,

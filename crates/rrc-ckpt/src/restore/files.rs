@@ -142,7 +142,16 @@ impl FilePlan {
                 .flat_map(|id| users.get(id).cloned().unwrap_or_default())
                 .collect();
             creator.insert(f.id, lca(&all));
-            if matches!(f.kind, FileKind::Pipe { .. }) && group.len() == 1 {
+            // One end in the tree and the other open outside it (an end
+            // whose other side is closed is just made and closed again).
+            if matches!(
+                f.kind,
+                FileKind::Pipe {
+                    peer_closed: false,
+                    ..
+                }
+            ) && group.len() == 1
+            {
                 let slot = procs
                     .values()
                     .flat_map(|p| p.fds.iter())
@@ -324,16 +333,19 @@ fn make_pipe(
     crate::procmem::read(t.pid, out, &mut b)?;
     let rd = u64::from(u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")));
     let wr = u64::from(u32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")));
-    let capacity = m
+    let (capacity, packets) = m
         .files
         .iter()
-        .find_map(|o| match o.kind {
+        .find_map(|o| match &o.kind {
             FileKind::Pipe {
-                pipe: p, capacity, ..
-            } if p == pipe => Some(capacity),
+                pipe: p,
+                capacity,
+                packets,
+                ..
+            } if *p == pipe => Some((*capacity, packets.as_slice())),
             _ => None,
         })
-        .unwrap_or(65536);
+        .unwrap_or((65536, &[]));
     let _ = t.raw_on(
         t.pid,
         nr::SYS_fcntl,
@@ -347,8 +359,42 @@ fn make_pipe(
             .custom_flags(libc::O_NONBLOCK)
             .open(format!("/proc/{}/fd/{wr}", t.pid))
             .map_err(|e| rerr(pid, "pipe data", e.to_string()))?;
-        w.write_all(&data)
-            .map_err(|e| rerr(pid, "pipe data", format!("{} bytes: {e}", data.len())))?;
+        if !packets.is_empty() {
+            // Packets are written one by one through a packet-mode writer
+            // (which only F_SETFL makes: opening with O_DIRECT is refused).
+            let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_DIRECT;
+            nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETFL(flags))
+                .map_err(|e| rerr(pid, "pipe data", format!("packet mode: {e}")))?;
+        }
+        let whole = [data.len() as u32];
+        let runs = if packets.is_empty() {
+            &whole[..]
+        } else {
+            packets
+        };
+        if runs.iter().map(|&n| n as usize).sum::<usize>() != data.len() {
+            return Err(rerr(
+                pid,
+                "pipe data",
+                format!(
+                    "pipe {pipe}: its packets do not add up to its {} bytes",
+                    data.len()
+                ),
+            ));
+        }
+        let mut at = 0;
+        for &n in runs {
+            let chunk = &data[at..at + n as usize];
+            // A packet must go in one write.
+            let wrote = w
+                .write(chunk)
+                .map_err(|e| rerr(pid, "pipe data", format!("{} bytes: {e}", data.len())))?;
+            if wrote != chunk.len() {
+                w.write_all(&chunk[wrote..])
+                    .map_err(|e| rerr(pid, "pipe data", format!("{} bytes: {e}", data.len())))?;
+            }
+            at += n as usize;
+        }
     }
     let _ = f;
     Ok((rd, wr))

@@ -262,6 +262,11 @@ fn check_references(
                 p.pid
             )));
         }
+        if p.shares_parent_files && p.parent.is_none() {
+            return Err(corrupt(format!(
+                "process {pid} shares the fd table of a parent it does not have"
+            )));
+        }
         match p.parent {
             None if *pid != m.root => {
                 return Err(corrupt(format!(
@@ -404,8 +409,8 @@ fn clone_args(t: &mut Tracee, flags: u64, exit_signal: u64, id: i32) -> Result<u
     t.arg(&a)
 }
 
-fn fork_child(parent: &mut Tracee, ns_pid: i32) -> Result<Tracee> {
-    let args = clone_args(parent, 0, libc::SIGCHLD as u64, ns_pid)?;
+fn fork_child(parent: &mut Tracee, ns_pid: i32, flags: u64) -> Result<Tracee> {
+    let args = clone_args(parent, flags, libc::SIGCHLD as u64, ns_pid)?;
     let (_, spawned) = parent
         .call_spawning("clone3 (fork)", libc::SYS_clone3, &[args, 88])
         .map_err(|e| match e {
@@ -472,20 +477,31 @@ fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
         // Joins a group led by a process restored earlier, if it can.
         let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, p.pgid as u64]);
     }
-    files::create_owned(
-        &mut t,
-        ctx.m,
-        ctx.img,
-        &mut ctx.plan,
-        &mut ctx.mem,
-        &mut held,
-    )?;
+    // A process sharing its parent's fd table leaves the table to the
+    // parent, who arranges it once every child is made.
+    if !p.shares_parent_files {
+        files::create_owned(
+            &mut t,
+            ctx.m,
+            ctx.img,
+            &mut ctx.plan,
+            &mut ctx.mem,
+            &mut held,
+        )?;
+    }
     for child in ctx.children.get(&pid).cloned().unwrap_or_default() {
-        let ct = fork_child(&mut t, child)?;
+        let flags = if ctx.procs[&child].shares_parent_files {
+            libc::CLONE_FILES as u64
+        } else {
+            0
+        };
+        let ct = fork_child(&mut t, child, flags)?;
         restore_process(ctx, ct, held.clone())?;
     }
     mm::replace(&mut t, p, &mut ctx.mem)?;
-    files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
+    if !p.shares_parent_files {
+        files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
+    }
     spawn_threads(&mut t, p)?;
     state::process_state(&mut t, p)?;
     state::thread_state(&mut t, p)?;
