@@ -321,6 +321,7 @@ impl ImageEdit {
             deleted: true,
             size: contents.len() as u64,
             mode: 0o600,
+            ghost: None,
         };
         self.manifest_changed = true;
         let name = file_name(&self.img.file_data(file_id));

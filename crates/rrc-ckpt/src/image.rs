@@ -198,6 +198,11 @@ pub enum VmaKind {
         offset: u64,
         ino: u64,
         dev: u64,
+        /// The file was deleted: its content is in `mapped-<dev>-<ino>.img`
+        /// and it is recreated (owned and moded as it was) where the
+        /// restore chooses.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deleted: Option<Owner>,
     },
     /// A shared memory object of the manifest, mapped at `offset`.
     Shmem {
@@ -209,6 +214,14 @@ pub enum VmaKind {
     VvarVclock,
     /// `[vsyscall]`: fixed by the kernel, nothing to do.
     Vsyscall,
+}
+
+/// Who owns a file and its permission bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
 }
 
 /// A run of `count` consecutive pages at `start`, stored at `offset` of the
@@ -315,6 +328,10 @@ pub enum FileKind {
         deleted: bool,
         size: u64,
         mode: u32,
+        /// A deleted file's identity and owner: its mappings share the
+        /// file recreated for it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ghost: Option<(u64, u64, Owner)>,
     },
     Directory {
         path: String,
@@ -683,6 +700,11 @@ impl ImageDir {
     /// Queued socket data of the whole image.
     pub fn socket_data(&self) -> PathBuf {
         self.file("sockets.img")
+    }
+
+    /// The content of a deleted file a process had mapped.
+    pub fn mapped_data(&self, dev: u64, ino: u64) -> PathBuf {
+        self.file(&format!("mapped-{dev}-{ino}.img"))
     }
 
     pub fn pipe_data(&self, pipe: u64) -> PathBuf {

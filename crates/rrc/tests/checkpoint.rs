@@ -456,3 +456,8 @@ fn a_child_sharing_its_parents_fd_table_keeps_sharing_it() {
 fn pipes_full_grown_packet_widowed_and_shared() {
     checkpoint_restore("pipes");
 }
+
+#[test]
+fn file_mappings_writable_later_advised_and_deleted() {
+    checkpoint_restore("mem_files");
+}

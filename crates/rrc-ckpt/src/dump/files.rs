@@ -12,7 +12,7 @@ use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
 use crate::image::{
-    Blob, EpollTarget, Fd, FileKind, FileOwner, ImageDir, OpenFile, OwnerKind, ProcessImage,
+    Blob, EpollTarget, Fd, FileKind, FileOwner, ImageDir, OpenFile, Owner, OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
 use crate::unixdiag::UnixInfo;
@@ -357,6 +357,14 @@ fn classify(
             deleted,
             size: meta.len(),
             mode: meta.mode() & 0o7777,
+            ghost: deleted.then(|| {
+                let owner = Owner {
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                    mode: meta.mode() & 0o7777,
+                };
+                (meta.dev(), meta.ino(), owner)
+            }),
         },
         libc::S_IFDIR if !deleted => FileKind::Directory { path },
         libc::S_IFCHR if !deleted => FileKind::CharDevice {

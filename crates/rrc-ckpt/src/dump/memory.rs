@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 use procfs::process::{MMPermissions, MMapPath, MemoryMap, VmFlags};
 
 use crate::dump::ShmemLimit;
-use crate::image::{ImageDir, PageRun, SharedMemory, ShmemKind, Vma, VmaKind};
+use crate::image::{ImageDir, Owner, PageRun, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::{PAGE_SIZE, PageMap, has_own_data, runs};
 use crate::{Error, Result};
 
@@ -22,6 +22,8 @@ pub struct ShmemTable {
     index: HashMap<(u64, u64), usize>,
     /// Bytes to save of the objects saved only in part, by (dev, inode).
     keep: HashMap<(u64, u64), u64>,
+    /// Deleted mapped files whose content is saved, by (dev, inode).
+    mapped_saved: std::collections::HashSet<(u64, u64)>,
 }
 
 /// What a process's memory turned into.
@@ -78,7 +80,17 @@ pub(crate) fn prot_of(perms: MMPermissions) -> u32 {
 
 /// The madvise-like state of a mapping that a restore has to set again.
 pub(crate) fn kept_flags(f: VmFlags) -> Vec<String> {
+    // "mw" matters for a shared mapping only (a private one may always be
+    // made writable): the file is opened for writing to map it again.
+    let may_write = if f.contains(VmFlags::SH) {
+        VmFlags::MW
+    } else {
+        VmFlags::NONE
+    };
     [
+        (may_write, "mw"),
+        (VmFlags::SR, "sr"),
+        (VmFlags::RR, "rr"),
         (VmFlags::DD, "dd"),
         (VmFlags::DC, "dc"),
         (VmFlags::WF, "wf"),
@@ -89,7 +101,7 @@ pub(crate) fn kept_flags(f: VmFlags) -> Vec<String> {
         (VmFlags::GD, "gd"),
     ]
     .iter()
-    .filter(|(bit, _)| f.contains(*bit))
+    .filter(|(bit, _)| *bit != VmFlags::NONE && f.contains(*bit))
     .map(|(_, n)| n.to_string())
     .collect()
 }
@@ -272,9 +284,22 @@ pub(crate) fn classify(
                     id,
                     offset: m.offset,
                 }
-            } else if s.ends_with(" (deleted)") {
-                problems.push(problem(format!("maps deleted file {s}")));
-                return Ok(None);
+            } else if let Some(path) = s.strip_prefix('/').and(s.strip_suffix(" (deleted)")) {
+                match save_mapped(pid, m, dev, img, shmem)? {
+                    Some(owner) => VmaKind::File {
+                        path: path.to_string(),
+                        offset: m.offset,
+                        ino: m.inode,
+                        dev,
+                        deleted: Some(owner),
+                    },
+                    None => {
+                        problems.push(problem(format!(
+                            "maps deleted file {s}, which is not a regular file"
+                        )));
+                        return Ok(None);
+                    }
+                }
             } else if s == "/dev/zero" && !shared {
                 VmaKind::Anon
             } else if s.starts_with("/dev/") {
@@ -286,6 +311,7 @@ pub(crate) fn classify(
                     offset: m.offset,
                     ino: m.inode,
                     dev,
+                    deleted: None,
                 }
             }
         }
@@ -294,6 +320,35 @@ pub(crate) fn classify(
             return Ok(None);
         }
     }))
+}
+
+/// Saves the content of the deleted file mapping `m` maps (once per file
+/// and image); returns its owner, or `None` if it is no regular file.
+fn save_mapped(
+    pid: Pid,
+    m: &MemoryMap,
+    dev: u64,
+    img: &ImageDir,
+    shmem: &mut ShmemTable,
+) -> Result<Option<Owner>> {
+    let (start, end) = m.address;
+    let link = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+    let mut f = File::open(&link).map_err(Error::io(format!("open {link}")))?;
+    let meta = f.metadata().map_err(Error::io(format!("stat {link}")))?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let owner = Owner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode() & 0o7777,
+    };
+    if shmem.mapped_saved.insert((dev, m.inode)) {
+        let out = img.mapped_data(dev, m.inode);
+        let mut w = File::create(&out).map_err(|e| Error::image(&out, e))?;
+        std::io::copy(&mut f, &mut w).map_err(|e| Error::image(&out, e))?;
+    }
+    Ok(Some(owner))
 }
 
 impl ShmemTable {

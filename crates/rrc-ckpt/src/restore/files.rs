@@ -433,20 +433,22 @@ fn create(
             pos,
             deleted,
             mode,
+            ghost,
             ..
         } => {
             let path = if *deleted {
-                let data = fs::read(img.file_data(f.id))
-                    .map_err(|e| Error::image(&img.file_data(f.id), e))?;
-                let dir = match &mut plan.ghosts {
-                    Some(d) => d,
-                    g => g.insert(
-                        GhostDir::create()
-                            .map_err(|e| rerr(pid, "recreate a deleted file", e.to_string()))?,
-                    ),
+                let (key, owner) = match ghost {
+                    Some((dev, ino, owner)) => ((*dev, *ino), Some(*owner)),
+                    // Older images: by open file, with its mode.
+                    None => ((u64::MAX, f.id as u64), None),
                 };
-                let ghost = dir
-                    .put(f.id, &data, *mode)
+                let owner = owner.unwrap_or(crate::image::Owner {
+                    uid: 0,
+                    gid: 0,
+                    mode: *mode,
+                });
+                let data = img.file_data(f.id);
+                let ghost = GhostDir::made(&mut plan.ghosts, key, &data, owner)
                     .map_err(|e| rerr(pid, "recreate a deleted file", format!("{path}: {e}")))?;
                 ghost.to_string_lossy().into_owned()
             } else {
@@ -569,12 +571,17 @@ fn create(
 }
 
 /// A directory of root's alone where the deleted files a process had open
-/// are recreated for it to open (then unlinked with the directory). The
-/// image names the file, its contents and its mode, none of which decides
-/// where on the host anything is written: each file is made anew there
-/// (never through a link), without set-id bits, and the directory goes
-/// when the restore ends, however it ends.
-pub struct GhostDir(std::path::PathBuf);
+/// or mapped are recreated for it to open (then unlinked with the
+/// directory). The image names the file, its contents and its owner, none
+/// of which decides where on the host anything is written: each file is
+/// made anew there (never through a link), without set-id bits, and the
+/// directory goes when the restore ends, however it ends.
+pub struct GhostDir {
+    dir: std::path::PathBuf,
+    /// Files made so far, by the (device, inode) they stand for: every fd
+    /// and mapping of one deleted file shares one recreated file.
+    made: HashMap<(u64, u64), std::path::PathBuf>,
+}
 
 impl GhostDir {
     fn create() -> std::io::Result<GhostDir> {
@@ -587,7 +594,12 @@ impl GhostDir {
         for n in 0u32.. {
             let dir = parent.join(format!("{}-{n}", std::process::id()));
             match fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => return Ok(GhostDir(dir)),
+                Ok(()) => {
+                    return Ok(GhostDir {
+                        dir,
+                        made: HashMap::new(),
+                    });
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(e),
             }
@@ -595,27 +607,45 @@ impl GhostDir {
         unreachable!("a free name comes first")
     }
 
-    /// Recreates file `id` with `data` and the permission bits of `mode`.
-    fn put(&self, id: usize, data: &[u8], mode: u32) -> std::io::Result<std::path::PathBuf> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let path = self.0.join(format!("file-{id}"));
+    /// The file recreated for deleted file `key`, made on first use (in a
+    /// ghost directory made on first use) from the content at `data`.
+    pub fn made(
+        ghosts: &mut Option<GhostDir>,
+        key: (u64, u64),
+        data: &std::path::Path,
+        owner: crate::image::Owner,
+    ) -> std::io::Result<std::path::PathBuf> {
+        let dir = match ghosts {
+            Some(d) => d,
+            g => g.insert(GhostDir::create()?),
+        };
+        if let Some(p) = dir.made.get(&key) {
+            return Ok(p.clone());
+        }
+        let path = dir.dir.join(format!("file-{}", dir.made.len()));
+        let mut src = File::open(data)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", data.display())))?;
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
             .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&path)?;
-        f.write_all(data)?;
-        // Its permission bits as they were (this process's umask aside),
-        // set-id and sticky bits never.
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode & 0o777))?;
+        std::io::copy(&mut src, &mut f)?;
+        // Its owner and permission bits as they were (this process's
+        // umask aside), set-id and sticky bits never.
+        std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid))?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
+            owner.mode & 0o777,
+        ))?;
+        dir.made.insert(key, path.clone());
         Ok(path)
     }
 }
 
 impl Drop for GhostDir {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 
 use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::PAGE_SIZE;
+use crate::restore::files::GhostDir;
 use crate::restore::sockets::Transport;
 use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
 use crate::{Error, Result, nr};
@@ -125,12 +126,19 @@ fn madvise_of(flag: &str) -> Option<i32> {
         "hg" => libc::MADV_HUGEPAGE,
         "nh" => libc::MADV_NOHUGEPAGE,
         "mg" => libc::MADV_MERGEABLE,
+        "sr" => libc::MADV_SEQUENTIAL,
+        "rr" => libc::MADV_RANDOM,
         _ => return None,
     })
 }
 
 /// Replaces the address space of `t` (a skeleton) with `p`'s.
-pub fn replace(t: &mut Tracee, p: &ProcessImage, ctx: &mut MemCtx) -> Result<()> {
+pub fn replace(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    ctx: &mut MemCtx,
+    ghosts: &mut Option<GhostDir>,
+) -> Result<()> {
     let pid = p.pid;
     let scratch = t.scratch;
     // The skeleton's glibc registered its thread area for restartable
@@ -217,10 +225,29 @@ pub fn replace(t: &mut Tracee, p: &ProcessImage, ctx: &mut MemCtx) -> Result<()>
                 offset,
                 ino,
                 dev,
+                deleted,
             } => {
+                let ghost;
+                let path = match deleted {
+                    Some(owner) => {
+                        let data = ctx.img.mapped_data(*dev, *ino);
+                        ghost = GhostDir::made(ghosts, (*dev, *ino), &data, *owner)
+                            .map_err(|e| {
+                                rerr(
+                                    pid,
+                                    "recreate a deleted mapped file",
+                                    format!("{path}: {e}"),
+                                )
+                            })?
+                            .to_string_lossy()
+                            .into_owned();
+                        &ghost
+                    }
+                    None => path,
+                };
                 let meta = std::fs::metadata(path)
                     .map_err(|e| rerr(pid, "mapped file", format!("{path}: {e}")))?;
-                if meta.ino() != *ino || meta.dev() != *dev {
+                if deleted.is_none() && (meta.ino() != *ino || meta.dev() != *dev) {
                     return Err(rerr(
                         pid,
                         "mapped file",
@@ -229,7 +256,10 @@ pub fn replace(t: &mut Tracee, p: &ProcessImage, ctx: &mut MemCtx) -> Result<()>
                         ),
                     ));
                 }
-                let writable_shared = v.shared && v.prot & libc::PROT_WRITE as u32 != 0;
+                // A shared mapping that may be made writable (mprotect)
+                // needs the file open for writing, as it was.
+                let writable_shared = v.shared
+                    && (v.prot & libc::PROT_WRITE as u32 != 0 || v.flags.iter().any(|f| f == "mw"));
                 let key = format!("{}{path}", if writable_shared { "w:" } else { "r:" });
                 let fd = match open_files.get(&key) {
                     Some(fd) => *fd,

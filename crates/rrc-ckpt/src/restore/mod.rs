@@ -498,7 +498,7 @@ fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
         let ct = fork_child(&mut t, child, flags)?;
         restore_process(ctx, ct, held.clone())?;
     }
-    mm::replace(&mut t, p, &mut ctx.mem)?;
+    mm::replace(&mut t, p, &mut ctx.mem, &mut ctx.plan.ghosts)?;
     if !p.shares_parent_files {
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     }
