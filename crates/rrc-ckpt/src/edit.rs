@@ -322,6 +322,7 @@ impl ImageEdit {
             size: contents.len() as u64,
             mode: 0o600,
             ghost: None,
+            handle: None,
         };
         self.manifest_changed = true;
         let name = file_name(&self.img.file_data(file_id));

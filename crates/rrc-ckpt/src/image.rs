@@ -117,6 +117,10 @@ pub struct ProcessImage {
     pub rlimits: Vec<(u64, u64)>,
     pub umask: u32,
     pub cwd: String,
+    /// The working directory was removed: an empty directory owned and
+    /// moded like it is entered and removed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd_deleted: Option<Owner>,
     pub root: String,
     pub personality: u64,
     pub dumpable: u64,
@@ -214,6 +218,14 @@ pub enum VmaKind {
     VvarVclock,
     /// `[vsyscall]`: fixed by the kernel, nothing to do.
     Vsyscall,
+}
+
+/// A file's handle (`name_to_handle_at`) and the mount it was seen on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHandle {
+    pub mount_id: i32,
+    pub ty: i32,
+    pub bytes: Hex,
 }
 
 /// Who owns a file and its permission bits.
@@ -332,9 +344,18 @@ pub enum FileKind {
         /// file recreated for it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ghost: Option<(u64, u64, Owner)>,
+        /// A deleted file with links left elsewhere: the kernel's handle of
+        /// it, to open that very file again (the saved content stands in
+        /// if it cannot be).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        handle: Option<FileHandle>,
     },
     Directory {
         path: String,
+        /// Removed while open: an empty directory is made and removed
+        /// again where the restore chooses.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deleted: Option<Owner>,
     },
     CharDevice {
         path: String,

@@ -259,6 +259,64 @@ pub fn same_fd_table(pid1: Pid, pid2: Pid) -> io::Result<bool> {
     Ok(r == 0)
 }
 
+/// The kernel's handle of the file at `path` (a magic link of /proc
+/// followed): `(mount id, handle type, handle bytes)`, to open that very
+/// inode again with [`open_by_handle`] whatever its names.
+pub fn name_to_handle(path: &std::path::Path) -> io::Result<(i32, i32, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    const MAX_HANDLE_SZ: usize = 128;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // struct file_handle: u32 handle_bytes, i32 handle_type, then the bytes.
+    let mut buf = [0u8; 8 + MAX_HANDLE_SZ];
+    buf[..4].copy_from_slice(&(MAX_HANDLE_SZ as u32).to_ne_bytes());
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: the path is a NUL-terminated string of ours; the kernel
+    // writes at most 8 + handle_bytes bytes into buf (which is that long)
+    // and one int into mount_id.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            buf.as_mut_ptr(),
+            &mut mount_id as *mut libc::c_int,
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    })?;
+    let len =
+        (u32::from_ne_bytes(buf[..4].try_into().expect("4 bytes")) as usize).min(MAX_HANDLE_SZ);
+    let ty = i32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"));
+    Ok((mount_id, ty, buf[8..8 + len].to_vec()))
+}
+
+/// Opens the file of handle `(ty, bytes)` on the file system mounted at
+/// `mount` (an fd of ours), with open flags `flags`.
+pub fn open_by_handle(
+    mount: std::os::fd::BorrowedFd<'_>,
+    ty: i32,
+    bytes: &[u8],
+    flags: i32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = Vec::with_capacity(8 + bytes.len());
+    buf.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(bytes);
+    // SAFETY: buf is a complete struct file_handle of ours (its length
+    // field says how many bytes follow, and they do).
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            buf.as_ptr(),
+            flags,
+        )
+    })? as i32;
+    // SAFETY: fd was just returned to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// A pidfd for process `pid`.
 pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;

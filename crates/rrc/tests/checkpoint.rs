@@ -461,3 +461,13 @@ fn pipes_full_grown_packet_widowed_and_shared() {
 fn file_mappings_writable_later_advised_and_deleted() {
     checkpoint_restore("mem_files");
 }
+
+#[test]
+fn deleted_files_and_directories_and_a_chrooted_working_directory() {
+    checkpoint_restore("files_deleted");
+}
+
+#[test]
+fn linux_aio_is_refused_by_name_and_left_running() {
+    refused("unsupported_aio", "AIO");
+}

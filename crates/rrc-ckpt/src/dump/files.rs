@@ -350,6 +350,23 @@ fn classify(
     let ft = meta.mode() & libc::S_IFMT;
     let deleted = link.ends_with(" (deleted)");
     let path = link.trim_end_matches(" (deleted)").to_string();
+    let owner = Owner {
+        uid: meta.uid(),
+        gid: meta.gid(),
+        mode: meta.mode() & 0o7777,
+    };
+    // A deleted file still linked elsewhere is that file, not a copy.
+    let handle = if deleted && ft == libc::S_IFREG && meta.nlink() > 0 {
+        sys::name_to_handle(std::path::Path::new(&format!("/proc/{raw}/fd/{fd}")))
+            .ok()
+            .map(|(mount_id, ty, bytes)| crate::image::FileHandle {
+                mount_id,
+                ty,
+                bytes: crate::image::Hex(bytes),
+            })
+    } else {
+        None
+    };
     Ok(Some(match ft {
         libc::S_IFREG => FileKind::Regular {
             path,
@@ -357,16 +374,13 @@ fn classify(
             deleted,
             size: meta.len(),
             mode: meta.mode() & 0o7777,
-            ghost: deleted.then(|| {
-                let owner = Owner {
-                    uid: meta.uid(),
-                    gid: meta.gid(),
-                    mode: meta.mode() & 0o7777,
-                };
-                (meta.dev(), meta.ino(), owner)
-            }),
+            ghost: deleted.then_some((meta.dev(), meta.ino(), owner)),
+            handle,
         },
-        libc::S_IFDIR if !deleted => FileKind::Directory { path },
+        libc::S_IFDIR => FileKind::Directory {
+            path,
+            deleted: deleted.then_some(owner),
+        },
         libc::S_IFCHR if !deleted => FileKind::CharDevice {
             path,
             rdev: meta.rdev(),
@@ -378,8 +392,7 @@ fn classify(
         }
         _ => {
             return problem(
-                "unsupported file type (deleted directory, device or FIFO, or a block device)"
-                    .into(),
+                "unsupported file type (deleted device or FIFO, or a block device)".into(),
             );
         }
     }))

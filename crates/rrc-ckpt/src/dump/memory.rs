@@ -284,6 +284,13 @@ pub(crate) fn classify(
                     id,
                     offset: m.offset,
                 }
+            } else if s.starts_with("/[aio]") {
+                // The ring of an AIO context: the context itself (its
+                // requests in flight, its ring's kernel side) is not saved.
+                problems.push(problem(
+                    "uses Linux AIO (io_setup), which is not supported".into(),
+                ));
+                return Ok(None);
             } else if let Some(path) = s.strip_prefix('/').and(s.strip_suffix(" (deleted)")) {
                 match save_mapped(pid, m, dev, img, shmem)? {
                     Some(owner) => VmaKind::File {

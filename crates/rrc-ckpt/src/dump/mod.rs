@@ -301,6 +301,18 @@ pub(crate) fn take(
             rlimits: process::rlimits(raw)?,
             umask: status.umask.unwrap_or(0o022),
             cwd: link("cwd"),
+            cwd_deleted: link("cwd")
+                .ends_with(" (deleted)")
+                .then(|| fs::metadata(format!("/proc/{raw}/cwd")).ok())
+                .flatten()
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    crate::image::Owner {
+                        uid: m.uid(),
+                        gid: m.gid(),
+                        mode: m.mode() & 0o7777,
+                    }
+                }),
             root: link("root"),
             personality,
             dumpable: ts.dumpable,

@@ -434,8 +434,23 @@ fn create(
             deleted,
             mode,
             ghost,
+            handle,
             ..
         } => {
+            if let Some(h) = handle {
+                match open_handle(t, h, f.flags, &mem.transport) {
+                    Ok(fd) => {
+                        t.call("seek", nr::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
+                        return Ok(fd);
+                    }
+                    Err(e) => tracing::warn!(
+                        pid,
+                        file = f.id,
+                        "{path}: the deleted file linked elsewhere cannot be opened again ({e}): \
+                         a copy of its content stands in"
+                    ),
+                }
+            }
             let path = if *deleted {
                 let (key, owner) = match ghost {
                     Some((dev, ino, owner)) => ((*dev, *ino), Some(*owner)),
@@ -458,7 +473,25 @@ fn create(
             t.call("seek", nr::SYS_lseek, &[fd, *pos, libc::SEEK_SET as u64])?;
             fd
         }
-        FileKind::Directory { path } => open_path(t, path, f.flags | libc::O_DIRECTORY as u32)?,
+        FileKind::Directory {
+            path,
+            deleted: None,
+        } => open_path(t, path, f.flags | libc::O_DIRECTORY as u32)?,
+        FileKind::Directory {
+            path,
+            deleted: Some(owner),
+        } => {
+            let dir = GhostDir::empty_dir(&mut plan.ghosts, *owner)
+                .map_err(|e| rerr(pid, "recreate a deleted directory", format!("{path}: {e}")))?;
+            let fd = open_path(
+                t,
+                &dir.to_string_lossy(),
+                f.flags | libc::O_DIRECTORY as u32,
+            )?;
+            fs::remove_dir(&dir)
+                .map_err(|e| rerr(pid, "recreate a deleted directory", format!("{path}: {e}")))?;
+            fd
+        }
         FileKind::CharDevice { path, .. } => open_path(t, path, f.flags)?,
         FileKind::Fifo { path, pipe } => {
             // Held open read-write by the engine, the FIFO has a reader and
@@ -581,6 +614,8 @@ pub struct GhostDir {
     /// Files made so far, by the (device, inode) they stand for: every fd
     /// and mapping of one deleted file shares one recreated file.
     made: HashMap<(u64, u64), std::path::PathBuf>,
+    /// Empty directories made so far.
+    dirs: usize,
 }
 
 impl GhostDir {
@@ -598,6 +633,7 @@ impl GhostDir {
                     return Ok(GhostDir {
                         dir,
                         made: HashMap::new(),
+                        dirs: 0,
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -641,6 +677,61 @@ impl GhostDir {
         dir.made.insert(key, path.clone());
         Ok(path)
     }
+}
+
+impl GhostDir {
+    /// A new empty directory owned and moded as `owner` says, for the
+    /// caller to enter or open and then remove.
+    pub fn empty_dir(
+        ghosts: &mut Option<GhostDir>,
+        owner: crate::image::Owner,
+    ) -> std::io::Result<std::path::PathBuf> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = match ghosts {
+            Some(d) => d,
+            g => g.insert(GhostDir::create()?),
+        };
+        dir.dirs += 1;
+        let path = dir.dir.join(format!("dir-{}", dir.dirs));
+        fs::DirBuilder::new().mode(0o700).create(&path)?;
+        std::os::unix::fs::chown(&path, Some(owner.uid), Some(owner.gid))?;
+        fs::set_permissions(
+            &path,
+            std::os::unix::fs::PermissionsExt::from_mode(owner.mode & 0o777),
+        )?;
+        Ok(path)
+    }
+}
+
+/// Opens the file a handle names, through the mount of this machine with
+/// the mount id it was seen on; returns its fd in `t`.
+fn open_handle(
+    t: &mut Tracee,
+    h: &crate::image::FileHandle,
+    flags: u32,
+    transport: &sockets::Transport,
+) -> std::result::Result<u64, String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let point = mountinfo
+        .lines()
+        .find_map(|l| {
+            let mut w = l.split(' ');
+            let id: i32 = w.next()?.parse().ok()?;
+            (id == h.mount_id).then(|| w.nth(3).map(str::to_string))?
+        })
+        .ok_or_else(|| format!("mount {} is not here", h.mount_id))?;
+    let mount = File::open(&point).map_err(|e| format!("{point}: {e}"))?;
+    let clean = flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32);
+    let file = crate::sys::open_by_handle(
+        std::os::fd::AsFd::as_fd(&mount),
+        h.ty,
+        &h.bytes.0,
+        clean as i32 | libc::O_CLOEXEC,
+    )
+    .map_err(|e| e.to_string())?;
+    transport
+        .pass(t, std::os::fd::AsFd::as_fd(&file))
+        .map_err(|e| e.to_string())
 }
 
 impl Drop for GhostDir {

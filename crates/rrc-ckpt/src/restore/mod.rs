@@ -503,7 +503,7 @@ fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     }
     spawn_threads(&mut t, p)?;
-    state::process_state(&mut t, p)?;
+    state::process_state(&mut t, p, &mut ctx.plan.ghosts)?;
     state::thread_state(&mut t, p)?;
     state::pending_signals(&mut t, p)?;
     state::identity(&mut t, p)?;

@@ -2,6 +2,7 @@
 //! timers, limits, identity, and per-thread registrations.
 
 use crate::image::ProcessImage;
+use crate::restore::files::GhostDir;
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, nr, pr};
 
@@ -13,7 +14,11 @@ fn warn_failed(pid: i32, what: &str, r: i64) {
 
 /// Signal handlers, timers, limits, directories, personality: the
 /// process-wide state that does not depend on credentials.
-pub fn process_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+pub fn process_state(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    ghosts: &mut Option<GhostDir>,
+) -> Result<()> {
     let pid = p.pid;
     for (i, a) in p.sigactions.iter().enumerate() {
         let sig = i as u64 + 1;
@@ -57,12 +62,23 @@ pub fn process_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             );
         }
     }
-    if p.root != "/" && !p.root.is_empty() {
-        let a = t.arg_str(&p.root)?;
-        let r = t.raw_on(t.pid, nr::SYS_chroot, &[a])?;
-        warn_failed(pid, "root directory", r);
-    }
-    let a = t.arg_str(&p.cwd)?;
+    // The working directory first: its path, like the root's, is as this
+    // machine's root sees it, which a chroot would hide.
+    let ghost = match p.cwd_deleted {
+        Some(owner) => Some(
+            GhostDir::empty_dir(ghosts, owner).map_err(|e| Error::Restore {
+                pid,
+                stage: "working directory",
+                detail: format!("recreate {}: {e}", p.cwd),
+            })?,
+        ),
+        None => None,
+    };
+    let cwd = match &ghost {
+        Some(dir) => dir.to_string_lossy().into_owned(),
+        None => p.cwd.clone(),
+    };
+    let a = t.arg_str(&cwd)?;
     t.call("chdir", nr::SYS_chdir, &[a]).map_err(|e| match e {
         Error::RemoteFailed { errno, .. } => Error::Restore {
             pid,
@@ -71,6 +87,18 @@ pub fn process_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
         },
         e => e,
     })?;
+    if let Some(dir) = ghost {
+        std::fs::remove_dir(&dir).map_err(|e| Error::Restore {
+            pid,
+            stage: "working directory",
+            detail: format!("remove {}: {e}", dir.display()),
+        })?;
+    }
+    if p.root != "/" && !p.root.is_empty() {
+        let a = t.arg_str(&p.root)?;
+        let r = t.raw_on(t.pid, nr::SYS_chroot, &[a])?;
+        warn_failed(pid, "root directory", r);
+    }
     t.call("umask", nr::SYS_umask, &[u64::from(p.umask)])?;
     t.call("personality", nr::SYS_personality, &[p.personality])?;
     if p.child_subreaper {
