@@ -6,7 +6,9 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -108,6 +110,144 @@ impl Running {
     }
 }
 
+/// The processes of the tree rooted at `root`: it and its descendants.
+fn tree_of(root: Pid) -> Vec<Pid> {
+    let mut all = vec![root];
+    let mut at = 0;
+    while at < all.len() {
+        let p = all[at];
+        at += 1;
+        for task in fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            all.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse().ok())
+                    .map(Pid::from_raw),
+            );
+        }
+    }
+    all
+}
+
+/// A path as compared: a deleted file is recreated where the restore
+/// chooses, and pipes and sockets get new inode numbers.
+fn same_name(path: &str) -> String {
+    if path.starts_with("pipe:[") {
+        "pipe".into()
+    } else if path.starts_with("socket:[") {
+        "socket".into()
+    } else if path.ends_with(" (deleted)")
+        && !path.starts_with("/memfd:")
+        && !path.starts_with("/SYSV")
+    {
+        "(deleted)".into()
+    } else {
+        path.into()
+    }
+}
+
+/// Every integer-like option a server may set on a socket, as read back
+/// (an option a socket does not have reads as its error, the same both
+/// times).
+fn socket_options(pid: Pid, fd: i32) -> String {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid.as_raw()).expect("a pid"),
+        rustix::process::PidfdFlags::empty(),
+    );
+    let Ok(pidfd) = pidfd else {
+        return "gone".into();
+    };
+    let Ok(s) = rustix::process::pidfd_getfd(&pidfd, fd, rustix::process::PidfdGetfdFlags::empty())
+    else {
+        return "gone".into();
+    };
+    let mut out = Vec::new();
+    macro_rules! opt {
+        ($($o:ident),*) => {$(
+            out.push(format!("{}={:?}", stringify!($o), getsockopt(&s, sockopt::$o)));
+        )*};
+    }
+    opt!(
+        SockType,
+        ReuseAddr,
+        ReusePort,
+        KeepAlive,
+        Priority,
+        OobInline,
+        Mark,
+        Linger,
+        TcpNoDelay,
+        TcpKeepIdle,
+        TcpKeepCount,
+        TcpKeepInterval,
+        TcpUserTimeout,
+        Ipv4Tos
+    );
+    out.join(" ")
+}
+
+/// What the kernel shows of the tree from outside, in the terms a restore
+/// must keep: each process's fds (name, fdinfo, socket options) and maps.
+/// Inode numbers, ids and timers' remaining times are left out.
+fn outside_view(root: Pid) -> BTreeMap<String, String> {
+    let mut view = BTreeMap::new();
+    for p in tree_of(root) {
+        let maps = fs::read_to_string(format!("/proc/{p}/maps")).unwrap_or_default();
+        let maps: Vec<String> = maps
+            .lines()
+            .map(|l| {
+                let w: Vec<&str> = l.splitn(6, ' ').collect();
+                let path = w.get(5).map(|s| s.trim_start()).unwrap_or("");
+                format!("{} {} {} {}", w[0], w[1], w[2], same_name(path))
+            })
+            .collect();
+        view.insert(format!("{p} maps"), maps.join("\n"));
+        let mut fds: Vec<i32> = fs::read_dir(format!("/proc/{p}/fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        fds.sort();
+        for fd in fds {
+            let link = fs::read_link(format!("/proc/{p}/fd/{fd}"))
+                .map(|l| l.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            view.insert(format!("{p} fd {fd}"), same_name(&link));
+            let info = fs::read_to_string(format!("/proc/{p}/fdinfo/{fd}")).unwrap_or_default();
+            // Epoll targets are listed in the order of their files' kernel
+            // addresses: sorted.
+            let mut info: Vec<String> = info
+                .lines()
+                .filter(|l| {
+                    let key = l.split(':').next().unwrap_or("");
+                    !["mnt_id", "ino", "eventfd-id", "it_value", "ticks"].contains(&key)
+                })
+                .map(|l| match l.find(" pos:") {
+                    Some(at) if l.starts_with("tfd:") => l[..at].trim_end().to_string(),
+                    _ => l.to_string(),
+                })
+                .collect();
+            info.sort_by_key(|l| l.starts_with("tfd:"));
+            let first_tfd = info.iter().position(|l| l.starts_with("tfd:"));
+            if let Some(at) = first_tfd {
+                info[at..].sort();
+            }
+            view.insert(format!("{p} fdinfo {fd}"), info.join("; "));
+            if link.starts_with("socket:[") {
+                view.insert(format!("{p} sockopt {fd}"), socket_options(p, fd));
+            }
+        }
+    }
+    view
+}
+
 /// Checkpoint (killing the original), restore, check.
 fn checkpoint_restore(name: &str) {
     require_root();
@@ -117,6 +257,7 @@ fn checkpoint_restore(name: &str) {
     let mut run = start(&bin, &dir);
     let images = dir.join("images");
     let pid = run.pid.to_string();
+    let before = outside_view(run.pid);
     let out = rrc(&[
         "checkpoint",
         "--pid",
@@ -135,7 +276,32 @@ fn checkpoint_restore(name: &str) {
     reap_orphans();
     let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
+    // Seen from outside, nothing changed.
+    let after = outside_view(run.pid);
+    let keys: std::collections::BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    // A deleted file with links left is the very file again, and so shows
+    // under a name it still has.
+    let relinked = |b: Option<&String>, a: Option<&String>| {
+        b.is_some_and(|b| b == "(deleted)")
+            && a.is_some_and(|a| fs::metadata(a).is_ok_and(|m| m.nlink() > 0))
+    };
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter(|k| before.get(*k) != after.get(*k) && !relinked(before.get(*k), after.get(*k)))
+        .map(|k| {
+            format!(
+                "{k}:\n  before {:?}\n  after  {:?}",
+                before.get(k),
+                after.get(k)
+            )
+        })
+        .collect();
     let (code, log) = run.verdict();
+    assert!(
+        differ.is_empty(),
+        "{name}: seen from outside, the restored tree differs:\n{}",
+        differ.join("\n")
+    );
     assert!(
         code == 0 && log.trim_end().ends_with("PASS"),
         "{name} after restore: exit {code}\n{log}"
