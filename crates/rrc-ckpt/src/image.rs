@@ -27,6 +27,9 @@ use crate::{Error, Result};
 pub const FORMAT: &str = "rrc-image";
 pub const VERSION: u32 = 2;
 
+/// The highest pid Linux hands out (`PID_MAX_LIMIT` on 64-bit machines).
+pub const PID_MAX: i32 = 1 << 22;
+
 /// What the image holds and where it was taken; checked before a restore
 /// touches anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +47,15 @@ pub struct Manifest {
     /// Whether the tree was the whole of its own pid namespace (a
     /// container): it is then restored into a new one, as pid 1.
     pub own_pid_ns: bool,
+    /// The session the tree's root was started in (its parent's), as the
+    /// tree's pid namespace numbers it (0: outside of it). A process of
+    /// the tree in that session is restored in the session the restore
+    /// runs in. A process in a session that is neither this one nor led
+    /// by a process of the tree is in a session whose leader has exited:
+    /// the restore makes it again, with that id. `None` in images of
+    /// earlier versions: no session is made again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer_session: Option<i32>,
     /// Open file descriptions, shared by the fds that refer to them.
     pub files: Vec<OpenFile>,
     /// Shared memory objects (shared anonymous, memfd, SysV).

@@ -179,6 +179,11 @@ fn process_tree_sessions_groups_pipes() {
 }
 
 #[test]
+fn sessions_kept_from_before_a_setsid_or_of_an_exited_leader_and_fs_ids() {
+    checkpoint_restore("sessions");
+}
+
+#[test]
 fn credentials_limits_and_process_attributes() {
     checkpoint_restore("creds_misc");
 }

@@ -292,6 +292,8 @@ pub(crate) fn take(
             keepcaps: ts.keepcaps,
         });
     }
+    let outer_session = process::outer_session(t.root.as_raw(), own_pid_ns, depth)?;
+    process::check_sessions(&images, outer_session, own_pid_ns, &mut problems);
     files::check_unix_peers(&files, &mut problems);
     files.finish(img)?;
     let sockets = files.socket_time;
@@ -317,6 +319,7 @@ pub(crate) fn take(
         root: root_ns_pid,
         processes: images.iter().map(|p| p.pid).collect(),
         own_pid_ns,
+        outer_session: Some(outer_session),
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
         annotations,

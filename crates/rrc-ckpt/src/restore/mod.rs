@@ -17,7 +17,7 @@ pub use sockets::{Connection, build_connections};
 mod state;
 pub mod tracee;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,7 +31,7 @@ use crate::image::{ImageDir, Manifest, ProcessImage};
 use crate::ptrace::{self, Stop};
 use crate::restore::files::{FilePlan, Held};
 use crate::restore::mm::MemCtx;
-use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
+use crate::restore::tracee::{Ended, SCRATCH_SIZE, Tracee};
 use crate::{Error, Result, sys};
 
 /// Code run in the root process, once forked, before it becomes a skeleton
@@ -221,6 +221,16 @@ fn check_references(
                 f.id
             )));
         }
+    }
+    // A session whose leader had exited is made again by a process with
+    // its id: that must be a pid.
+    if let Some(sid) = orphan_sessions(m, procs)
+        .into_iter()
+        .find(|sid| !(1..=crate::image::PID_MAX).contains(sid))
+    {
+        return Err(corrupt(format!(
+            "a process is in session {sid}, which is not a process id"
+        )));
     }
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
@@ -422,13 +432,90 @@ struct Ctx<'a> {
     mem: MemCtx<'a>,
     /// Every process restored so far, stopped, in creation order.
     done: Vec<Tracee>,
+    /// Sessions whose leader had exited, made again by helpers.
+    orphan_sessions: BTreeSet<i32>,
 }
 
-fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
+/// Sessions whose leader had exited: neither the session the root was
+/// started in nor led by a process of the tree (none for images that do
+/// not record the root's session).
+fn orphan_sessions(m: &Manifest, procs: &BTreeMap<i32, ProcessImage>) -> BTreeSet<i32> {
+    let Some(outer) = m.outer_session else {
+        return BTreeSet::new();
+    };
+    procs
+        .values()
+        .map(|p| p.sid)
+        .filter(|sid| *sid != outer && !procs.contains_key(sid))
+        .collect()
+}
+
+/// Restores process `t` and, recursively, its children. `inherited` is the
+/// session it was forked in (as the image numbers sessions; `None` for the
+/// root of an image that does not say).
+fn restore_process(
+    ctx: &mut Ctx,
+    mut t: Tracee,
+    mut held: Held,
+    inherited: Option<i32>,
+) -> Result<()> {
     let p = &ctx.procs[&t.ns_pid];
     let pid = p.pid;
     ptrace::set_sigmask(t.pid, BLOCK_ALL)?;
-    // Session and group before the children, who inherit them.
+    files::create_owned(
+        &mut t,
+        ctx.m,
+        ctx.img,
+        &mut ctx.plan,
+        &mut ctx.mem,
+        &mut held,
+    )?;
+    let kids = ctx.children.get(&pid).cloned().unwrap_or_default();
+    let leads = p.sid == pid;
+    let session = if leads { Some(pid) } else { inherited };
+    let sid_of = |c: &i32| ctx.procs[c].sid;
+    // Children that kept the session this process left by making its own
+    // are forked before it does.
+    let (early, kids): (Vec<i32>, Vec<i32>) = kids
+        .into_iter()
+        .partition(|c| leads && Some(sid_of(c)) == inherited);
+    for child in early {
+        let ct = fork_child(&mut t, child)?;
+        restore_process(ctx, ct, held.clone(), inherited)?;
+    }
+    // Session and group before the other children, who inherit them.
+    join_session(&mut t, p)?;
+    // Children adopted from a session whose leader has exited are forked
+    // in that session, made again by a helper.
+    let (adopted, kids): (Vec<i32>, Vec<i32>) = kids
+        .into_iter()
+        .partition(|c| Some(sid_of(c)) != session && ctx.orphan_sessions.contains(&sid_of(c)));
+    for child in kids {
+        let ct = fork_child(&mut t, child)?;
+        restore_process(ctx, ct, held.clone(), session)?;
+    }
+    let mut by_session: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for c in adopted {
+        by_session.entry(sid_of(&c)).or_default().push(c);
+    }
+    for (sid, members) in by_session {
+        session_helper(ctx, &mut t, &held, sid, &members)?;
+    }
+    mm::replace(&mut t, p, &mut ctx.mem)?;
+    files::arrange(&mut t, p, ctx.m, &held)?;
+    spawn_threads(&mut t, p)?;
+    state::process_state(&mut t, p)?;
+    state::thread_state(&mut t, p)?;
+    state::pending_signals(&mut t, p)?;
+    state::identity(&mut t, p)?;
+    ctx.done.push(t);
+    Ok(())
+}
+
+/// Makes `t` the leader of its session or group, or joins the group it
+/// was in, as recorded.
+fn join_session(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let pid = p.pid;
     if p.sid == pid {
         let r = t.raw_on(t.pid, libc::SYS_setsid, &[])?;
         if r < 0 {
@@ -440,26 +527,74 @@ fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
         // Joins a group led by a process restored earlier, if it can.
         let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, p.pgid as u64]);
     }
-    files::create_owned(
-        &mut t,
-        ctx.m,
-        ctx.img,
-        &mut ctx.plan,
-        &mut ctx.mem,
-        &mut held,
-    )?;
-    for child in ctx.children.get(&pid).cloned().unwrap_or_default() {
-        let ct = fork_child(&mut t, child)?;
-        restore_process(ctx, ct, held.clone())?;
+    Ok(())
+}
+
+/// Makes session `sid` again, whose leader had exited, for `members`,
+/// children of `parent`: a helper forked with the session's id makes the
+/// session, forks each member as a child of `parent` (CLONE_PARENT), then
+/// exits and is reaped by `parent`, leaving the members in the session.
+fn session_helper(
+    ctx: &mut Ctx,
+    parent: &mut Tracee,
+    held: &Held,
+    sid: i32,
+    members: &[i32],
+) -> Result<()> {
+    let mut h = fork_child(parent, sid)?;
+    ptrace::set_sigmask(h.pid, BLOCK_ALL)?;
+    h.call("setsid", libc::SYS_setsid, &[])?;
+    for &m in members {
+        // The exit signal of a CLONE_PARENT child is the helper's own (SIGCHLD);
+        // clone3 wants none given.
+        let args = clone_args(&mut h, libc::CLONE_PARENT as u64, 0, m)?;
+        let (_, spawned) = h
+            .call_spawning("clone3 (into a session)", libc::SYS_clone3, &[args, 88])
+            .map_err(|e| match e {
+                Error::RemoteFailed {
+                    errno: nix::errno::Errno::EEXIST,
+                    ..
+                } => Error::PidTaken(m),
+                e => e,
+            })?;
+        let host = *spawned
+            .tids
+            .first()
+            .ok_or_else(|| rerr(m, "fork", "the new process was not reported"))?;
+        wait_started(host, m)?;
+        let ct = Tracee::new(m, host, parent.scratch)?;
+        restore_process(ctx, ct, held.clone(), Some(sid))?;
     }
-    mm::replace(&mut t, p, &mut ctx.mem)?;
-    files::arrange(&mut t, p, ctx.m, &held)?;
-    spawn_threads(&mut t, p)?;
-    state::process_state(&mut t, p)?;
-    state::thread_state(&mut t, p)?;
-    state::pending_signals(&mut t, p)?;
-    state::identity(&mut t, p)?;
-    ctx.done.push(t);
+    end_helper(parent, h)
+}
+
+/// Ends helper process `h`, a child of `parent`: it exits, then `parent`
+/// reaps it and takes the SIGCHLD its exit sent (it is blocked; signals
+/// the process really had pending are queued again later).
+fn end_helper(parent: &mut Tracee, h: Tracee) -> Result<()> {
+    let sid = h.ns_pid;
+    match h.end(libc::SYS_exit, &[0])? {
+        Ended::Exited(0) => {}
+        other => {
+            return Err(rerr(sid, "end a helper", format!("{other:?}")));
+        }
+    }
+    parent.call(
+        "reap a helper",
+        libc::SYS_wait4,
+        &[sid as u64, 0, libc::__WALL as u64, 0],
+    )?;
+    flush_sigchld(parent)
+}
+
+/// Takes a pending SIGCHLD out of `t`'s queue, if there is one.
+fn flush_sigchld(t: &mut Tracee) -> Result<()> {
+    let set = t.arg(&(1u64 << (libc::SIGCHLD - 1)).to_ne_bytes())?;
+    let zero = t.arg(&[0u8; 16])?;
+    let r = t.raw_on(t.pid, libc::SYS_rt_sigtimedwait, &[set, 0, zero, 8])?;
+    if r < 0 && r != -(libc::EAGAIN as i64) {
+        tracing::warn!(pid = t.ns_pid, errno = -r, "SIGCHLD of a helper not taken");
+    }
     Ok(())
 }
 
@@ -559,6 +694,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             transport: sockets::Transport::new()?,
         },
         done: Vec::new(),
+        orphan_sessions: orphan_sessions(&m, &procs),
     };
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
@@ -583,7 +719,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 &[0, libc::RLIMIT_NOFILE as u64, a, 0],
             );
             mm::create_sysv_segments(&mut t, &ctx.mem)?;
-            restore_process(&mut ctx, t, Held::new())
+            restore_process(&mut ctx, t, Held::new(), m.outer_session)
         });
     let outcome = outcome.and_then(|()| {
         mm::seal_memfds(&ctx.mem)?;

@@ -15,6 +15,13 @@ use crate::{Error, Result, procmem};
 pub const SCRATCH_SIZE: u64 = 1 << 20;
 const ARGS_OFFSET: u64 = 4096;
 
+/// How a process the engine ended ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Exited(i32),
+    Killed(nix::sys::signal::Signal),
+}
+
 pub struct Tracee {
     /// The pid the image numbers it with.
     pub ns_pid: i32,
@@ -81,6 +88,20 @@ impl Tracee {
             });
         }
         Ok((r as u64, spawned))
+    }
+
+    /// Makes the call that ends the process (`exit`), by its only thread;
+    /// returns how it ended. Its parent can then reap it.
+    pub fn end(self, nr: i64, args: &[u64]) -> Result<Ended> {
+        match self.remote_for(self.pid).final_call(nr, args)? {
+            ptrace::Stop::Exited(code) => Ok(Ended::Exited(code)),
+            ptrace::Stop::Killed(sig) => Ok(Ended::Killed(sig)),
+            other => Err(Error::Restore {
+                pid: self.ns_pid,
+                stage: "end a process",
+                detail: format!("{other:?}"),
+            }),
+        }
     }
 
     /// Copies `bytes` into the argument space; returns their address in the
