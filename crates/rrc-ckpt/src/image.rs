@@ -116,6 +116,10 @@ pub struct ProcessImage {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holes: Vec<(u64, u64)>,
     pub fds: Vec<Fd>,
+    /// File locks to take again, through this process's fds, once they
+    /// are in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<FileLock>,
     /// Index = signal number - 1, for signals 1..=64.
     pub sigactions: Vec<SigAction>,
     pub shared_pending: Vec<Hex>,
@@ -133,6 +137,32 @@ pub struct ProcessImage {
     pub child_subreaper: bool,
     pub thp_disable: bool,
     pub keepcaps: bool,
+}
+
+/// A lock on (a range of) a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    /// The fd it is taken through: a POSIX lock belongs to the process,
+    /// an OFD or flock lock to the open file description behind the fd.
+    pub fd: i32,
+    pub kind: LockKind,
+    /// A write (exclusive) lock, or a read (shared) one.
+    pub write: bool,
+    /// First byte locked (0 for flock).
+    pub start: u64,
+    /// Last byte locked; `None`: up to the end of the file, however far.
+    pub end: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    /// `fcntl(F_SETLK)`: a record lock of the process.
+    Posix,
+    /// `fcntl(F_OFD_SETLK)`: a record lock of the open file description.
+    Ofd,
+    /// `flock`: a whole-file lock of the open file description.
+    Flock,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

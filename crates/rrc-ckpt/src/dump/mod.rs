@@ -196,6 +196,7 @@ pub(crate) fn take(
     let mut problems = Vec::new();
     let mut shmem = memory::ShmemTable::with_limits(t.shmem_limits);
     let mut files = files::FileTable::default();
+    files.tree = seized.processes.iter().map(|p| p.pid.as_raw()).collect();
     let mut images: Vec<ProcessImage> = Vec::new();
     let (root_ns_pid, depth) = process::ns_pid(t.root.as_raw(), None)?;
     let own_pid_ns = depth > 1 && root_ns_pid == 1;
@@ -274,6 +275,7 @@ pub(crate) fn take(
             pages: mem.pages,
             holes: mem.holes,
             fds,
+            locks: Vec::new(),
             sigactions: ts.sigactions,
             shared_pending: ts.shared_pending,
             itimers: ts.itimers,
@@ -291,6 +293,12 @@ pub(crate) fn take(
             thp_disable: ts.thp_disable,
             keepcaps: ts.keepcaps,
         });
+    }
+    for (host, lock) in std::mem::take(&mut files.locks) {
+        let ns = ns_of[&Pid::from_raw(host)];
+        if let Some(p) = images.iter_mut().find(|p| p.pid == ns) {
+            p.locks.push(lock);
+        }
     }
     let outer_session = process::outer_session(t.root.as_raw(), own_pid_ns, depth)?;
     process::check_sessions(&images, outer_session, own_pid_ns, &mut problems);

@@ -253,6 +253,7 @@ fn check_references(
             }
             _ => {}
         }
+        files::check_locks(p).map_err(corrupt)?;
         if let Some(fd) = p.fds.iter().find(|fd| !files.contains(&fd.file)) {
             return Err(corrupt(format!(
                 "descriptor {} of process {pid} refers to open file {}, which it does not hold",
@@ -503,6 +504,7 @@ fn restore_process(
     }
     mm::replace(&mut t, p, &mut ctx.mem)?;
     files::arrange(&mut t, p, ctx.m, &held)?;
+    files::take_locks(&mut t, p)?;
     spawn_threads(&mut t, p)?;
     state::process_state(&mut t, p)?;
     state::thread_state(&mut t, p)?;
