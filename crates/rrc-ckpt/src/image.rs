@@ -97,7 +97,7 @@ pub struct CpuInfo {
     pub xcr0: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ProcessImage {
     pub pid: i32,
     /// Parent within the tree; `None` for the root.
@@ -120,6 +120,10 @@ pub struct ProcessImage {
     /// are in place.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub locks: Vec<FileLock>,
+    /// Set for a zombie (exited, not reaped by its parent): how it ended.
+    /// A zombie has no threads, memory or files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zombie: Option<Exit>,
     /// Index = signal number - 1, for signals 1..=64.
     pub sigactions: Vec<SigAction>,
     pub shared_pending: Vec<Hex>,
@@ -137,6 +141,16 @@ pub struct ProcessImage {
     pub child_subreaper: bool,
     pub thp_disable: bool,
     pub keepcaps: bool,
+}
+
+/// How a process ended, as its parent's `waitpid` is to see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Exit {
+    /// `exit(code)`.
+    Code { code: u8 },
+    /// Killed by `signal` (without a core dump, whatever the original did).
+    Signal { signal: i32 },
 }
 
 /// A lock on (a range of) a file.

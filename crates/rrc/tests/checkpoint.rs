@@ -189,6 +189,11 @@ fn posix_ofd_and_flock_locks_held_by_their_owners() {
 }
 
 #[test]
+fn zombies_keep_their_pid_and_exit_status() {
+    checkpoint_restore("zombies");
+}
+
+#[test]
 fn credentials_limits_and_process_attributes() {
     checkpoint_restore("creds_misc");
 }

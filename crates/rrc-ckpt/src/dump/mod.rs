@@ -19,7 +19,7 @@ use crate::common::{self, cpu_info, kernel_release};
 use crate::dump::inject::Injector;
 use crate::dump::memory::{MemoryDump, ShmemTable};
 use crate::dump::seize::SeizedProcess;
-use crate::image::{FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
+use crate::image::{Exit, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
 use crate::{Error, Result};
 
 pub struct CheckpointOptions<'a> {
@@ -224,10 +224,39 @@ pub(crate) fn take(
                 "process {raw} runs under seccomp, which is not supported"
             ));
         }
-        if status.state.starts_with('Z') {
-            problems.push(format!(
-                "process {raw} is a zombie (not yet reaped by its parent)"
-            ));
+        if p.threads.is_empty() {
+            // A zombie: only its place in the tree and how it ended.
+            let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
+            let code = st.exit_code.unwrap_or(0);
+            let exit = match code & 0x7f {
+                0 => Exit::Code {
+                    code: (code >> 8) as u8,
+                },
+                sig => Exit::Signal { signal: sig },
+            };
+            if let Exit::Signal { signal } = exit
+                && !crate::common::is_fatal_signal(signal)
+            {
+                problems.push(format!(
+                    "process {raw} is a zombie killed by signal {signal}, which cannot be sent again"
+                ));
+            }
+            images.push(ProcessImage {
+                pid: ns_of[&p.pid],
+                parent: p.parent.map(|pp| ns_of[&pp]),
+                pgid: status
+                    .nspgid
+                    .as_ref()
+                    .and_then(|l| l.last().copied())
+                    .unwrap_or(st.pgrp),
+                sid: status
+                    .nssid
+                    .as_ref()
+                    .and_then(|l| l.last().copied())
+                    .unwrap_or(st.session),
+                zombie: Some(exit),
+                ..Default::default()
+            });
             continue;
         }
         let t0 = Instant::now();
@@ -276,6 +305,7 @@ pub(crate) fn take(
             holes: mem.holes,
             fds,
             locks: Vec::new(),
+            zombie: None,
             sigactions: ts.sigactions,
             shared_pending: ts.shared_pending,
             itimers: ts.itimers,

@@ -27,7 +27,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::common::{BLOCK_ALL, cpu_info};
-use crate::image::{ImageDir, Manifest, ProcessImage};
+use crate::image::{Exit, ImageDir, Manifest, ProcessImage};
 use crate::ptrace::{self, Stop};
 use crate::restore::files::{FilePlan, Held};
 use crate::restore::mm::MemCtx;
@@ -114,7 +114,7 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
     }
     check_references(images, &m, &procs)?;
     check_sizes(&img, &m, &procs)?;
-    if let Some(p) = procs.values().next() {
+    if let Some(p) = procs.values().find(|p| p.zombie.is_none()) {
         mm::check_vdso(p)?;
     }
     Ok((img, m, procs))
@@ -254,6 +254,30 @@ fn check_references(
             _ => {}
         }
         files::check_locks(p).map_err(corrupt)?;
+        if let Some(exit) = p.zombie {
+            // A zombie is forked and ended at once: nothing else of it
+            // can be restored, and it cannot be the root.
+            let bad = if *pid == m.root {
+                Some("is the root".to_string())
+            } else if !p.threads.is_empty() || !p.fds.is_empty() || !p.vmas.is_empty() {
+                Some("has threads, files or memory".to_string())
+            } else if procs.values().any(|c| c.parent == Some(*pid)) {
+                Some("has children".to_string())
+            } else if let Exit::Signal { signal } = exit
+                && !crate::common::is_fatal_signal(signal)
+            {
+                Some(format!(
+                    "was killed by signal {signal}, which does not kill"
+                ))
+            } else {
+                None
+            };
+            if let Some(bad) = bad {
+                return Err(corrupt(format!("process {pid} is a zombie and {bad}")));
+            }
+        } else if p.threads.is_empty() {
+            return Err(corrupt(format!("process {pid} has no threads")));
+        }
         if let Some(fd) = p.fds.iter().find(|fd| !files.contains(&fd.file)) {
             return Err(corrupt(format!(
                 "descriptor {} of process {pid} refers to open file {}, which it does not hold",
@@ -463,6 +487,10 @@ fn restore_process(
     let p = &ctx.procs[&t.ns_pid];
     let pid = p.pid;
     ptrace::set_sigmask(t.pid, BLOCK_ALL)?;
+    if let Some(exit) = p.zombie {
+        join_session(&mut t, p)?;
+        return end_zombie(t, exit);
+    }
     files::create_owned(
         &mut t,
         ctx.m,
@@ -502,6 +530,12 @@ fn restore_process(
     for (sid, members) in by_session {
         session_helper(ctx, &mut t, &held, sid, &members)?;
     }
+    // The zombies among the children died again just now: their SIGCHLD
+    // was had already.
+    let children = ctx.children.get(&pid).map(Vec::as_slice).unwrap_or(&[]);
+    if children.iter().any(|c| ctx.procs[c].zombie.is_some()) {
+        flush_sigchld(&mut t)?;
+    }
     mm::replace(&mut t, p, &mut ctx.mem)?;
     files::arrange(&mut t, p, ctx.m, &held)?;
     files::take_locks(&mut t, p)?;
@@ -528,6 +562,51 @@ fn join_session(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     } else {
         // Joins a group led by a process restored earlier, if it can.
         let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, p.pgid as u64]);
+    }
+    Ok(())
+}
+
+/// Ends a zombie the way it had ended, leaving it for its parent to reap:
+/// by `exit_group(code)`, or by its signal with the default action and
+/// without a core dump (not dumpable).
+fn end_zombie(mut t: Tracee, exit: Exit) -> Result<()> {
+    let pid = t.ns_pid;
+    let ended = match exit {
+        Exit::Code { code } => t.end(libc::SYS_exit_group, &[u64::from(code)])?,
+        Exit::Signal { signal } => {
+            let sig = nix::sys::signal::Signal::try_from(signal)
+                .map_err(|e| rerr(pid, "end a zombie", format!("signal {signal}: {e}")))?;
+            t.call(
+                "prctl(PR_SET_DUMPABLE)",
+                libc::SYS_prctl,
+                &[libc::PR_SET_DUMPABLE as u64, 0],
+            )?;
+            if sig != nix::sys::signal::Signal::SIGKILL {
+                // SIG_DFL, no flags, empty mask.
+                let a = t.arg(&[0u8; 32])?;
+                t.call(
+                    "rt_sigaction",
+                    libc::SYS_rt_sigaction,
+                    &[signal as u64, a, 0, 8],
+                )?;
+            }
+            ptrace::set_sigmask(t.pid, BLOCK_ALL & !(1 << (signal - 1)))?;
+            t.end_by_signal(sig)?
+        }
+    };
+    let expected = match exit {
+        Exit::Code { code } => Ended::Exited(i32::from(code)),
+        Exit::Signal { signal } => Ended::Killed(
+            nix::sys::signal::Signal::try_from(signal)
+                .map_err(|e| rerr(pid, "end a zombie", e.to_string()))?,
+        ),
+    };
+    if ended != expected {
+        return Err(rerr(
+            pid,
+            "end a zombie",
+            format!("it ended by {ended:?}, not {expected:?}"),
+        ));
     }
     Ok(())
 }

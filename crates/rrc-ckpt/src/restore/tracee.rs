@@ -104,6 +104,30 @@ impl Tracee {
         }
     }
 
+    /// Ends the process by signal `sig`, delivered from the stop it is in
+    /// (it must not block it, and its action must be the default one);
+    /// returns how it ended.
+    pub fn end_by_signal(self, sig: nix::sys::signal::Signal) -> Result<Ended> {
+        nix::sys::ptrace::cont(self.pid, Some(sig)).map_err(|e| Error::Ptrace {
+            what: "resume",
+            tid: self.pid.as_raw(),
+            source: e,
+        })?;
+        loop {
+            match ptrace::wait_stop(self.pid)? {
+                ptrace::Stop::Exited(code) => return Ok(Ended::Exited(code)),
+                ptrace::Stop::Killed(sig) => return Ok(Ended::Killed(sig)),
+                ptrace::Stop::Signal(s) => nix::sys::ptrace::cont(self.pid, Some(s)),
+                ptrace::Stop::Event(_, _) => nix::sys::ptrace::cont(self.pid, None),
+            }
+            .map_err(|e| Error::Ptrace {
+                what: "resume",
+                tid: self.pid.as_raw(),
+                source: e,
+            })?;
+        }
+    }
+
     /// Copies `bytes` into the argument space; returns their address in the
     /// process. Valid until the next call.
     pub fn arg(&mut self, bytes: &[u8]) -> Result<u64> {
