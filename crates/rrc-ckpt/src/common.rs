@@ -58,3 +58,35 @@ pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Re
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }
+
+/// A signal whose default action ends the process, and which the engine
+/// can deliver again (a zombie killed by it is restored by it).
+pub fn is_fatal_signal(sig: i32) -> bool {
+    use nix::sys::signal::Signal::*;
+    matches!(
+        nix::sys::signal::Signal::try_from(sig),
+        Ok(SIGHUP
+            | SIGINT
+            | SIGQUIT
+            | SIGILL
+            | SIGTRAP
+            | SIGABRT
+            | SIGBUS
+            | SIGFPE
+            | SIGKILL
+            | SIGUSR1
+            | SIGSEGV
+            | SIGUSR2
+            | SIGPIPE
+            | SIGALRM
+            | SIGTERM
+            | SIGSTKFLT
+            | SIGXCPU
+            | SIGXFSZ
+            | SIGVTALRM
+            | SIGPROF
+            | SIGIO
+            | SIGPWR
+            | SIGSYS)
+    )
+}

@@ -27,6 +27,9 @@ use crate::{Error, Result};
 pub const FORMAT: &str = "rrc-image";
 pub const VERSION: u32 = 2;
 
+/// The highest pid Linux hands out (`PID_MAX_LIMIT` on 64-bit machines).
+pub const PID_MAX: i32 = 1 << 22;
+
 /// What the image holds and where it was taken; checked before a restore
 /// touches anything.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +47,15 @@ pub struct Manifest {
     /// Whether the tree was the whole of its own pid namespace (a
     /// container): it is then restored into a new one, as pid 1.
     pub own_pid_ns: bool,
+    /// The session the tree's root was started in (its parent's), as the
+    /// tree's pid namespace numbers it (0: outside of it). A process of
+    /// the tree in that session is restored in the session the restore
+    /// runs in. A process in a session that is neither this one nor led
+    /// by a process of the tree is in a session whose leader has exited:
+    /// the restore makes it again, with that id. `None` in images of
+    /// earlier versions: no session is made again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer_session: Option<i32>,
     /// Open file descriptions, shared by the fds that refer to them.
     pub files: Vec<OpenFile>,
     /// Shared memory objects (shared anonymous, memfd, SysV).
@@ -85,7 +97,7 @@ pub struct CpuInfo {
     pub xcr0: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ProcessImage {
     pub pid: i32,
     /// Parent within the tree; `None` for the root.
@@ -108,6 +120,14 @@ pub struct ProcessImage {
     /// repeats the parent's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shares_parent_files: bool,
+    /// File locks to take again, through this process's fds, once they
+    /// are in place.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<FileLock>,
+    /// Set for a zombie (exited, not reaped by its parent): how it ended.
+    /// A zombie has no threads, memory or files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zombie: Option<Exit>,
     /// Index = signal number - 1, for signals 1..=64.
     pub sigactions: Vec<SigAction>,
     pub shared_pending: Vec<Hex>,
@@ -129,6 +149,42 @@ pub struct ProcessImage {
     pub child_subreaper: bool,
     pub thp_disable: bool,
     pub keepcaps: bool,
+}
+
+/// How a process ended, as its parent's `waitpid` is to see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Exit {
+    /// `exit(code)`.
+    Code { code: u8 },
+    /// Killed by `signal` (without a core dump, whatever the original did).
+    Signal { signal: i32 },
+}
+
+/// A lock on (a range of) a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    /// The fd it is taken through: a POSIX lock belongs to the process,
+    /// an OFD or flock lock to the open file description behind the fd.
+    pub fd: i32,
+    pub kind: LockKind,
+    /// A write (exclusive) lock, or a read (shared) one.
+    pub write: bool,
+    /// First byte locked (0 for flock).
+    pub start: u64,
+    /// Last byte locked; `None`: up to the end of the file, however far.
+    pub end: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LockKind {
+    /// `fcntl(F_SETLK)`: a record lock of the process.
+    Posix,
+    /// `fcntl(F_OFD_SETLK)`: a record lock of the open file description.
+    Ofd,
+    /// `flock`: a whole-file lock of the open file description.
+    Flock,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,9 @@ pub struct FdInfo {
     /// Lines naming inotify watches or fanotify marks: present means the fd
     /// is one of those.
     pub watches: usize,
+    /// The `lock:` lines (what follows the key), one per lock held through
+    /// this fd's open file by its owner.
+    pub locks: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +79,10 @@ pub fn parse_fdinfo(text: &str) -> Option<FdInfo> {
         }
         if line.starts_with("inotify ") || line.starts_with("fanotify ") {
             info.watches += 1;
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("lock:") {
+            info.locks.push(rest.trim().to_string());
             continue;
         }
         let Some((k, v)) = line.split_once(':') else {

@@ -141,21 +141,7 @@ impl Remote {
     /// As [`Remote::raw`], also reporting threads or processes the call
     /// created (they are traced and stopped).
     pub fn raw_spawning(&mut self, nr: i64, args: &[u64]) -> Result<(i64, Spawned)> {
-        let mut r = self.base;
-        r.rip = self.syscall_ip;
-        r.rax = nr as u64;
-        // No syscall restart logic must apply to a call we inject.
-        r.orig_rax = u64::MAX;
-        let regs = [
-            &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9,
-        ];
-        for (reg, a) in regs
-            .into_iter()
-            .zip(args.iter().chain(std::iter::repeat(&0)))
-        {
-            *reg = *a;
-        }
-        ptrace::set_regs(self.tid, &r)?;
+        self.set_call(nr, args)?;
         let mut spawned = Spawned::default();
         ptrace::step(self.tid)?;
         loop {
@@ -193,6 +179,46 @@ impl Remote {
         }
         let after = ptrace::get_regs(self.tid)?;
         Ok((after.rax as i64, spawned))
+    }
+
+    /// Makes a call that ends the process (`exit`): returns how it ended,
+    /// as its tracer sees it. Its parent can then reap it.
+    pub fn final_call(&mut self, nr: i64, args: &[u64]) -> Result<Stop> {
+        self.set_call(nr, args)?;
+        ptrace::step(self.tid)?;
+        loop {
+            match ptrace::wait_stop(self.tid)? {
+                end @ (Stop::Exited(_) | Stop::Killed(_)) => return Ok(end),
+                Stop::Event(_, _) => ptrace::step(self.tid)?,
+                other => {
+                    return Err(Error::Remote {
+                        tid: self.tid.as_raw(),
+                        nr,
+                        detail: format!("still alive after a call that ends it ({other:?})"),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Points the thread at the `syscall` instruction with the call's
+    /// number and arguments.
+    fn set_call(&mut self, nr: i64, args: &[u64]) -> Result<()> {
+        let mut r = self.base;
+        r.rip = self.syscall_ip;
+        r.rax = nr as u64;
+        // No syscall restart logic must apply to a call we inject.
+        r.orig_rax = u64::MAX;
+        let regs = [
+            &mut r.rdi, &mut r.rsi, &mut r.rdx, &mut r.r10, &mut r.r8, &mut r.r9,
+        ];
+        for (reg, a) in regs
+            .into_iter()
+            .zip(args.iter().chain(std::iter::repeat(&0)))
+        {
+            *reg = *a;
+        }
+        ptrace::set_regs(self.tid, &r)
     }
 
     /// Runs `batch` in the thread: [`BATCH_CODE`] must be at `code` and

@@ -345,6 +345,21 @@ fn process_tree_sessions_groups_pipes() {
 }
 
 #[test]
+fn sessions_kept_from_before_a_setsid_or_of_an_exited_leader_and_fs_ids() {
+    checkpoint_restore("sessions");
+}
+
+#[test]
+fn posix_ofd_and_flock_locks_held_by_their_owners() {
+    checkpoint_restore("locks");
+}
+
+#[test]
+fn zombies_keep_their_pid_and_exit_status() {
+    checkpoint_restore("zombies");
+}
+
+#[test]
 fn credentials_limits_and_process_attributes() {
     checkpoint_restore("creds_misc");
 }
@@ -412,6 +427,11 @@ fn fds_in_flight_are_refused_by_name_and_left_running() {
 #[test]
 fn unsupported_state_is_refused_by_name_and_left_running() {
     refused("unsupported_inotify", "inotify");
+}
+
+#[test]
+fn a_lease_is_refused_by_name_and_left_running() {
+    refused("unsupported_lease", "a lease");
 }
 
 #[test]

@@ -12,7 +12,8 @@ use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
 use crate::image::{
-    Blob, EpollTarget, Fd, FileKind, FileOwner, ImageDir, OpenFile, Owner, OwnerKind, ProcessImage,
+    Blob, EpollTarget, Fd, FileKind, FileLock, FileOwner, ImageDir, LockKind, OpenFile, Owner,
+    OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
 use crate::unixdiag::UnixInfo;
@@ -39,6 +40,110 @@ pub struct FileTable {
     owners: Vec<(usize, i32, i32)>,
     /// The inode of each target of each epoll met, in order of meeting.
     epoll_inodes: Vec<Vec<u64>>,
+    /// File locks met so far: the process (as we number it) to take each
+    /// again, and the lock.
+    pub locks: Vec<(i32, FileLock)>,
+    /// Where each lock is in `locks`, by what tells it from the others:
+    /// its owner (a process for a POSIX lock, else none: the open file),
+    /// open file, kind, range and type.
+    lock_index: HashMap<LockKey, usize>,
+    /// The processes of the tree, as we number them.
+    pub tree: std::collections::HashSet<i32>,
+}
+
+/// What tells a lock from the others (see [`FileTable::locks`]).
+type LockKey = (i32, usize, LockKind, u64, Option<u64>, bool);
+
+impl FileTable {
+    /// Notes the locks held through fd `fd` (open file `file`) of `pid`,
+    /// as its fdinfo lists them; those that cannot be taken again are
+    /// problems.
+    fn note_locks(
+        &mut self,
+        pid: Pid,
+        fd: i32,
+        file: usize,
+        lines: &[String],
+        problems: &mut Vec<String>,
+    ) {
+        let raw = pid.as_raw();
+        for line in lines {
+            // "1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 99"
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let word = |i: usize| w.get(i).copied().unwrap_or("");
+            let kind = match (word(1), word(2)) {
+                ("POSIX", "ADVISORY") => Some(LockKind::Posix),
+                ("OFDLCK", "ADVISORY") => Some(LockKind::Ofd),
+                ("FLOCK", "ADVISORY") => Some(LockKind::Flock),
+                _ => None,
+            };
+            let write = match word(3) {
+                "WRITE" => Some(true),
+                "READ" => Some(false),
+                _ => None,
+            };
+            let owner: Option<i64> = word(4).parse().ok();
+            let start: Option<u64> = word(6).parse().ok();
+            let end = match word(7) {
+                "EOF" => Some(None),
+                e => e.parse().ok().map(Some),
+            };
+            let (Some(kind), Some(write), Some(owner), Some(start), Some(end)) =
+                (kind, write, owner, start, end)
+            else {
+                let what = match (word(1), word(2)) {
+                    ("LEASE", _) => "a lease",
+                    ("DELEG", _) => "a delegation",
+                    (_, "MANDATORY") => "a mandatory lock",
+                    _ => "a lock of a kind this engine does not know",
+                };
+                problems.push(format!(
+                    "process {raw}: fd {fd}: {what}, which cannot be restored ({line})"
+                ));
+                continue;
+            };
+            // A flock lock shows who took it: someone outside the tree
+            // sharing the open file would lose it.
+            if kind == LockKind::Flock
+                && owner > 0
+                && owner != i64::from(raw)
+                && !self.tree.contains(&(owner as i32))
+                && fs::metadata(format!("/proc/{owner}")).is_ok()
+            {
+                problems.push(format!(
+                    "process {raw}: fd {fd}: a flock lock taken by process {owner}, outside the tree"
+                ));
+                continue;
+            }
+            if kind == LockKind::Posix && owner != i64::from(raw) {
+                problems.push(format!(
+                    "process {raw}: fd {fd}: a POSIX lock of process {owner}, outside the tree"
+                ));
+                continue;
+            }
+            let lock = FileLock {
+                fd,
+                kind,
+                write,
+                start,
+                end,
+            };
+            let by = if kind == LockKind::Posix { raw } else { 0 };
+            let key = (by, file, kind, start, end, write);
+            match self.lock_index.get(&key) {
+                // A flock lock is taken again by the process that took it,
+                // if it can: /proc/locks shows its pid.
+                Some(&at) if kind == LockKind::Flock && owner == i64::from(raw) => {
+                    self.locks[at] = (raw, lock);
+                }
+                Some(_) => {}
+                None => {
+                    self.lock_index.insert(key, self.locks.len());
+                    self.locks.push((raw, lock));
+                }
+            }
+        }
+    }
 }
 
 impl FileTable {
@@ -250,6 +355,9 @@ pub fn dump(
                 id
             }
         };
+        if !info.locks.is_empty() {
+            table.note_locks(pid, fd, id, &info.locks, problems);
+        }
         out.push(Fd {
             fd,
             file: id,

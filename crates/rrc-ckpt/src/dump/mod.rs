@@ -19,7 +19,7 @@ use crate::common::{self, cpu_info, kernel_release};
 use crate::dump::inject::Injector;
 use crate::dump::memory::{MemoryDump, ShmemTable};
 use crate::dump::seize::SeizedProcess;
-use crate::image::{FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
+use crate::image::{Exit, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
 use crate::{Error, Result, sys};
 
 pub struct CheckpointOptions<'a> {
@@ -196,6 +196,7 @@ pub(crate) fn take(
     let mut problems = Vec::new();
     let mut shmem = memory::ShmemTable::with_limits(t.shmem_limits);
     let mut files = files::FileTable::default();
+    files.tree = seized.processes.iter().map(|p| p.pid.as_raw()).collect();
     let mut images: Vec<ProcessImage> = Vec::new();
     let (root_ns_pid, depth) = process::ns_pid(t.root.as_raw(), None)?;
     let own_pid_ns = depth > 1 && root_ns_pid == 1;
@@ -223,10 +224,39 @@ pub(crate) fn take(
                 "process {raw} runs under seccomp, which is not supported"
             ));
         }
-        if status.state.starts_with('Z') {
-            problems.push(format!(
-                "process {raw} is a zombie (not yet reaped by its parent)"
-            ));
+        if p.threads.is_empty() {
+            // A zombie: only its place in the tree and how it ended.
+            let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
+            let code = st.exit_code.unwrap_or(0);
+            let exit = match code & 0x7f {
+                0 => Exit::Code {
+                    code: (code >> 8) as u8,
+                },
+                sig => Exit::Signal { signal: sig },
+            };
+            if let Exit::Signal { signal } = exit
+                && !crate::common::is_fatal_signal(signal)
+            {
+                problems.push(format!(
+                    "process {raw} is a zombie killed by signal {signal}, which cannot be sent again"
+                ));
+            }
+            images.push(ProcessImage {
+                pid: ns_of[&p.pid],
+                parent: p.parent.map(|pp| ns_of[&pp]),
+                pgid: status
+                    .nspgid
+                    .as_ref()
+                    .and_then(|l| l.last().copied())
+                    .unwrap_or(st.pgrp),
+                sid: status
+                    .nssid
+                    .as_ref()
+                    .and_then(|l| l.last().copied())
+                    .unwrap_or(st.session),
+                zombie: Some(exit),
+                ..Default::default()
+            });
             continue;
         }
         let t0 = Instant::now();
@@ -293,6 +323,8 @@ pub(crate) fn take(
             holes: mem.holes,
             fds,
             shares_parent_files,
+            locks: Vec::new(),
+            zombie: None,
             sigactions: ts.sigactions,
             shared_pending: ts.shared_pending,
             itimers: ts.itimers,
@@ -323,6 +355,14 @@ pub(crate) fn take(
             keepcaps: ts.keepcaps,
         });
     }
+    for (host, lock) in std::mem::take(&mut files.locks) {
+        let ns = ns_of[&Pid::from_raw(host)];
+        if let Some(p) = images.iter_mut().find(|p| p.pid == ns) {
+            p.locks.push(lock);
+        }
+    }
+    let outer_session = process::outer_session(t.root.as_raw(), own_pid_ns, depth)?;
+    process::check_sessions(&images, outer_session, own_pid_ns, &mut problems);
     files::check_unix_peers(&files, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);
@@ -350,6 +390,7 @@ pub(crate) fn take(
         root: root_ns_pid,
         processes: images.iter().map(|p| p.pid).collect(),
         own_pid_ns,
+        outer_session: Some(outer_session),
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
         annotations,

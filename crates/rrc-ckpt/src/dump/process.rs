@@ -39,6 +39,85 @@ pub fn ns_pid(pid: i32, tid: Option<i32>) -> Result<(i32, usize)> {
     Ok((*levels.last().unwrap_or(&pid), levels.len()))
 }
 
+/// The session the root of a tree was started in: its parent's, as the
+/// tree's pid namespace numbers it (0 when the tree is a pid namespace of
+/// its own, or the parent is not in the tree's namespace).
+pub fn outer_session(root: i32, own_pid_ns: bool, depth: usize) -> Result<i32> {
+    if own_pid_ns {
+        return Ok(0);
+    }
+    let status = |pid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| Error::Proc {
+            pid,
+            what: "status",
+            detail: e.to_string(),
+        })
+    };
+    let field = |text: &str, key: &str| -> Vec<i32> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let ppid = field(&status(root)?, "PPid:").first().copied().unwrap_or(0);
+    if ppid <= 0 {
+        return Ok(0);
+    }
+    let text = status(ppid)?;
+    if field(&text, "NSpid:").len() != depth {
+        return Ok(0);
+    }
+    Ok(field(&text, "NSsid:").last().copied().unwrap_or(0))
+}
+
+/// Sessions a restore cannot make again: one led by a process outside the
+/// tree (other than the root's own), or one whose leader has exited and
+/// whose members were adopted by several processes (each session is made
+/// again by one helper forking its adopted members as children of their
+/// parent, so they must share it).
+pub fn check_sessions(
+    images: &[crate::image::ProcessImage],
+    outer: i32,
+    own_pid_ns: bool,
+    problems: &mut Vec<String>,
+) {
+    use std::collections::BTreeMap;
+    let sid_of: BTreeMap<i32, i32> = images.iter().map(|p| (p.pid, p.sid)).collect();
+    let mut adopters: BTreeMap<i32, Vec<(i32, Option<i32>)>> = BTreeMap::new();
+    for p in images {
+        if p.sid == outer || sid_of.contains_key(&p.sid) {
+            continue;
+        }
+        // In a pid namespace of its own the tree is all there is; outside
+        // one, a live process with that pid leads the session.
+        if !own_pid_ns && fs::metadata(format!("/proc/{}", p.sid)).is_ok() {
+            problems.push(format!(
+                "process {} is in session {}, whose leader is outside the tree",
+                p.pid, p.sid
+            ));
+            continue;
+        }
+        let parent_in_session = p.parent.and_then(|pp| sid_of.get(&pp)) == Some(&p.sid);
+        if !parent_in_session {
+            adopters.entry(p.sid).or_default().push((p.pid, p.parent));
+        }
+    }
+    for (sid, members) in adopters {
+        let parents: std::collections::BTreeSet<_> = members.iter().map(|(_, pp)| *pp).collect();
+        if parents.len() > 1 || parents.contains(&None) {
+            let pids: Vec<String> = members.iter().map(|(p, _)| p.to_string()).collect();
+            problems.push(format!(
+                "processes {} are in session {sid}, whose leader has exited, and have different parents: not supported",
+                pids.join(", ")
+            ));
+        }
+    }
+}
+
 pub struct ThreadsAndSignals {
     pub threads: Vec<ThreadImage>,
     pub sigactions: Vec<SigAction>,

@@ -79,6 +79,16 @@ fn is_dead_clone(pid: Pid) -> bool {
     fields.first() == Some(&"Z") && fields.get(35) == Some(&"0")
 }
 
+/// A process that has exited, all its threads with it, and waits for its
+/// parent to reap it.
+fn is_zombie(pid: Pid) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));
+    state == Some("Z") && tasks(pid).len() <= 1
+}
+
 /// Stops every thread of one process; threads it creates meanwhile are
 /// caught by going round until the thread list stops changing.
 fn seize_process(pid: Pid) -> Result<Vec<SeizedThread>> {
@@ -153,6 +163,17 @@ impl Seized {
         };
         let mut queue = vec![(root, None)];
         while let Some((pid, parent)) = queue.pop() {
+            // A zombie cannot be traced, runs nothing and has no children
+            // (they went to a reaper when it exited): it is recorded as it
+            // is.
+            if parent.is_some() && is_zombie(pid) {
+                s.processes.push(SeizedProcess {
+                    pid,
+                    parent,
+                    threads: Vec::new(),
+                });
+                continue;
+            }
             let threads = match seize_process(pid) {
                 Ok(t) => t,
                 // A child that exited while we walked the tree.

@@ -11,7 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::image::{FileKind, ImageDir, Manifest, OpenFile, ProcessImage};
+use crate::image::{FileKind, ImageDir, LockKind, Manifest, OpenFile, ProcessImage};
 use crate::restore::mm::{MemCtx, create_memfd};
 use crate::restore::sockets;
 use crate::restore::tracee::Tracee;
@@ -1001,6 +1001,91 @@ pub fn arrange(
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the file locks of `p` again, through its fds, which are in place:
+/// nothing closes an fd of the process from here on (closing any fd of a
+/// file would drop the process's POSIX locks on it).
+pub fn take_locks(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    for l in &p.locks {
+        let fd = l.fd as u64;
+        let pid = t.ns_pid;
+        let failed = |e: Error| match e {
+            Error::RemoteFailed { errno, .. } => rerr(
+                pid,
+                "file locks",
+                format!("{:?} lock on fd {} from {}: {errno}", l.kind, l.fd, l.start),
+            ),
+            e => e,
+        };
+        if l.kind == LockKind::Flock {
+            let op = if l.write {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            } | libc::LOCK_NB;
+            t.call("flock", libc::SYS_flock, &[fd, op as u64])
+                .map_err(failed)?;
+            continue;
+        }
+        // struct flock: type and whence (16 bits each), start and length
+        // (64 bits, after 4 bytes of padding), pid (0), padding. A length
+        // of 0 reaches the end of the file, however far. The image was
+        // checked: the range fits.
+        let len = match l.end {
+            None => 0,
+            Some(end) => end - l.start + 1,
+        };
+        let ty = if l.write {
+            libc::F_WRLCK
+        } else {
+            libc::F_RDLCK
+        } as i16;
+        let mut b = Vec::with_capacity(32);
+        b.extend_from_slice(&ty.to_ne_bytes());
+        b.extend_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
+        b.extend_from_slice(&[0u8; 4]);
+        b.extend_from_slice(&l.start.to_ne_bytes());
+        b.extend_from_slice(&len.to_ne_bytes());
+        b.extend_from_slice(&[0u8; 8]);
+        let a = t.arg(&b)?;
+        let cmd = match l.kind {
+            LockKind::Posix => libc::F_SETLK,
+            _ => libc::F_OFD_SETLK,
+        };
+        t.call("fcntl (lock)", nr::SYS_fcntl, &[fd, cmd as u64, a])
+            .map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Every lock is taken through an fd of its process, on a range that
+/// `struct flock` can express.
+pub fn check_locks(p: &ProcessImage) -> std::result::Result<(), String> {
+    for l in &p.locks {
+        if !p.fds.iter().any(|fd| fd.fd == l.fd) {
+            return Err(format!(
+                "a lock of process {} is taken through fd {}, which it does not have",
+                p.pid, l.fd
+            ));
+        }
+        let fits = l.start <= i64::MAX as u64
+            && l.end.is_none_or(|end| {
+                end >= l.start
+                    && end
+                        .checked_sub(l.start)
+                        .and_then(|d| d.checked_add(1))
+                        .is_some_and(|len| len <= i64::MAX as u64)
+            })
+            && (l.kind != LockKind::Flock || (l.start == 0 && l.end.is_none()));
+        if !fits {
+            return Err(format!(
+                "a lock of process {} on fd {} covers {}..{:?}",
+                p.pid, l.fd, l.start, l.end
+            ));
         }
     }
     Ok(())

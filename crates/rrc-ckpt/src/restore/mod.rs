@@ -17,7 +17,7 @@ pub use sockets::{Connection, build_connections};
 mod state;
 pub mod tracee;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -27,11 +27,11 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::common::{BLOCK_ALL, cpu_info};
-use crate::image::{ImageDir, Manifest, ProcessImage};
+use crate::image::{Exit, ImageDir, Manifest, ProcessImage};
 use crate::ptrace::{self, Stop};
 use crate::restore::files::{FilePlan, Held};
 use crate::restore::mm::MemCtx;
-use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
+use crate::restore::tracee::{Ended, SCRATCH_SIZE, Tracee};
 use crate::{Error, Result, sys};
 
 /// Code run in the root process, once forked, before it becomes a skeleton
@@ -114,7 +114,7 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
     }
     check_references(images, &m, &procs)?;
     check_sizes(&img, &m, &procs)?;
-    if let Some(p) = procs.values().next() {
+    if let Some(p) = procs.values().find(|p| p.zombie.is_none()) {
         mm::check_vdso(p)?;
     }
     Ok((img, m, procs))
@@ -254,6 +254,16 @@ fn check_references(
             )));
         }
     }
+    // A session whose leader had exited is made again by a process with
+    // its id: that must be a pid.
+    if let Some(sid) = orphan_sessions(m, procs)
+        .into_iter()
+        .find(|sid| !(1..=crate::image::PID_MAX).contains(sid))
+    {
+        return Err(corrupt(format!(
+            "a process is in session {sid}, which is not a process id"
+        )));
+    }
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
         if p.pid != *pid {
@@ -279,6 +289,31 @@ fn check_references(
                 )));
             }
             _ => {}
+        }
+        files::check_locks(p).map_err(corrupt)?;
+        if let Some(exit) = p.zombie {
+            // A zombie is forked and ended at once: nothing else of it
+            // can be restored, and it cannot be the root.
+            let bad = if *pid == m.root {
+                Some("is the root".to_string())
+            } else if !p.threads.is_empty() || !p.fds.is_empty() || !p.vmas.is_empty() {
+                Some("has threads, files or memory".to_string())
+            } else if procs.values().any(|c| c.parent == Some(*pid)) {
+                Some("has children".to_string())
+            } else if let Exit::Signal { signal } = exit
+                && !crate::common::is_fatal_signal(signal)
+            {
+                Some(format!(
+                    "was killed by signal {signal}, which does not kill"
+                ))
+            } else {
+                None
+            };
+            if let Some(bad) = bad {
+                return Err(corrupt(format!("process {pid} is a zombie and {bad}")));
+            }
+        } else if p.threads.is_empty() {
+            return Err(corrupt(format!("process {pid} has no threads")));
         }
         if let Some(fd) = p.fds.iter().find(|fd| !files.contains(&fd.file)) {
             return Err(corrupt(format!(
@@ -459,23 +494,39 @@ struct Ctx<'a> {
     mem: MemCtx<'a>,
     /// Every process restored so far, stopped, in creation order.
     done: Vec<Tracee>,
+    /// Sessions whose leader had exited, made again by helpers.
+    orphan_sessions: BTreeSet<i32>,
 }
 
-fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
+/// Sessions whose leader had exited: neither the session the root was
+/// started in nor led by a process of the tree (none for images that do
+/// not record the root's session).
+fn orphan_sessions(m: &Manifest, procs: &BTreeMap<i32, ProcessImage>) -> BTreeSet<i32> {
+    let Some(outer) = m.outer_session else {
+        return BTreeSet::new();
+    };
+    procs
+        .values()
+        .map(|p| p.sid)
+        .filter(|sid| *sid != outer && !procs.contains_key(sid))
+        .collect()
+}
+
+/// Restores process `t` and, recursively, its children. `inherited` is the
+/// session it was forked in (as the image numbers sessions; `None` for the
+/// root of an image that does not say).
+fn restore_process(
+    ctx: &mut Ctx,
+    mut t: Tracee,
+    mut held: Held,
+    inherited: Option<i32>,
+) -> Result<()> {
     let p = &ctx.procs[&t.ns_pid];
     let pid = p.pid;
     ptrace::set_sigmask(t.pid, BLOCK_ALL)?;
-    // Session and group before the children, who inherit them.
-    if p.sid == pid {
-        let r = t.raw_on(t.pid, libc::SYS_setsid, &[])?;
-        if r < 0 {
-            tracing::warn!(pid, errno = -r, "session not restored");
-        }
-    } else if p.pgid == pid {
-        t.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
-    } else {
-        // Joins a group led by a process restored earlier, if it can.
-        let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, p.pgid as u64]);
+    if let Some(exit) = p.zombie {
+        join_session(&mut t, p)?;
+        return end_zombie(t, exit);
     }
     // A process sharing its parent's fd table leaves the table to the
     // parent, who arranges it once every child is made.
@@ -489,25 +540,194 @@ fn restore_process(ctx: &mut Ctx, mut t: Tracee, mut held: Held) -> Result<()> {
             &mut held,
         )?;
     }
-    for child in ctx.children.get(&pid).cloned().unwrap_or_default() {
-        let flags = if ctx.procs[&child].shares_parent_files {
-            libc::CLONE_FILES as u64
-        } else {
-            0
-        };
-        let ct = fork_child(&mut t, child, flags)?;
-        restore_process(ctx, ct, held.clone())?;
+    let kids = ctx.children.get(&pid).cloned().unwrap_or_default();
+    let leads = p.sid == pid;
+    let session = if leads { Some(pid) } else { inherited };
+    let sid_of = |c: &i32| ctx.procs[c].sid;
+    // Children that kept the session this process left by making its own
+    // are forked before it does.
+    let (early, kids): (Vec<i32>, Vec<i32>) = kids
+        .into_iter()
+        .partition(|c| leads && Some(sid_of(c)) == inherited);
+    for child in early {
+        let ct = fork_child(&mut t, child, clone_flags(ctx, child))?;
+        restore_process(ctx, ct, held.clone(), inherited)?;
+    }
+    // Session and group before the other children, who inherit them.
+    join_session(&mut t, p)?;
+    // Children adopted from a session whose leader has exited are forked
+    // in that session, made again by a helper.
+    let (adopted, kids): (Vec<i32>, Vec<i32>) = kids
+        .into_iter()
+        .partition(|c| Some(sid_of(c)) != session && ctx.orphan_sessions.contains(&sid_of(c)));
+    for child in kids {
+        let ct = fork_child(&mut t, child, clone_flags(ctx, child))?;
+        restore_process(ctx, ct, held.clone(), session)?;
+    }
+    let mut by_session: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    for c in adopted {
+        by_session.entry(sid_of(&c)).or_default().push(c);
+    }
+    for (sid, members) in by_session {
+        session_helper(ctx, &mut t, &held, sid, &members)?;
+    }
+    // The zombies among the children died again just now: their SIGCHLD
+    // was had already.
+    let children = ctx.children.get(&pid).map(Vec::as_slice).unwrap_or(&[]);
+    if children.iter().any(|c| ctx.procs[c].zombie.is_some()) {
+        flush_sigchld(&mut t)?;
     }
     mm::replace(&mut t, p, &mut ctx.mem, &mut ctx.plan.ghosts)?;
     if !p.shares_parent_files {
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     }
+    files::take_locks(&mut t, p)?;
     spawn_threads(&mut t, p)?;
     state::process_state(&mut t, p, &mut ctx.plan.ghosts)?;
     state::thread_state(&mut t, p)?;
     state::pending_signals(&mut t, p)?;
     state::identity(&mut t, p)?;
     ctx.done.push(t);
+    Ok(())
+}
+
+/// How child `child` is forked: sharing the fd table if it did.
+fn clone_flags(ctx: &Ctx, child: i32) -> u64 {
+    if ctx.procs[&child].shares_parent_files {
+        libc::CLONE_FILES as u64
+    } else {
+        0
+    }
+}
+
+/// Makes `t` the leader of its session or group, or joins the group it
+/// was in, as recorded.
+fn join_session(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let pid = p.pid;
+    if p.sid == pid {
+        let r = t.raw_on(t.pid, libc::SYS_setsid, &[])?;
+        if r < 0 {
+            tracing::warn!(pid, errno = -r, "session not restored");
+        }
+    } else if p.pgid == pid {
+        t.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
+    } else {
+        // Joins a group led by a process restored earlier, if it can.
+        let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, p.pgid as u64]);
+    }
+    Ok(())
+}
+
+/// Ends a zombie the way it had ended, leaving it for its parent to reap:
+/// by `exit_group(code)`, or by its signal with the default action and
+/// without a core dump (not dumpable).
+fn end_zombie(mut t: Tracee, exit: Exit) -> Result<()> {
+    let pid = t.ns_pid;
+    let ended = match exit {
+        Exit::Code { code } => t.end(libc::SYS_exit_group, &[u64::from(code)])?,
+        Exit::Signal { signal } => {
+            let sig = nix::sys::signal::Signal::try_from(signal)
+                .map_err(|e| rerr(pid, "end a zombie", format!("signal {signal}: {e}")))?;
+            t.call(
+                "prctl(PR_SET_DUMPABLE)",
+                libc::SYS_prctl,
+                &[libc::PR_SET_DUMPABLE as u64, 0],
+            )?;
+            if sig != nix::sys::signal::Signal::SIGKILL {
+                // SIG_DFL, no flags, empty mask.
+                let a = t.arg(&[0u8; 32])?;
+                t.call(
+                    "rt_sigaction",
+                    libc::SYS_rt_sigaction,
+                    &[signal as u64, a, 0, 8],
+                )?;
+            }
+            ptrace::set_sigmask(t.pid, BLOCK_ALL & !(1 << (signal - 1)))?;
+            t.end_by_signal(sig)?
+        }
+    };
+    let expected = match exit {
+        Exit::Code { code } => Ended::Exited(i32::from(code)),
+        Exit::Signal { signal } => Ended::Killed(
+            nix::sys::signal::Signal::try_from(signal)
+                .map_err(|e| rerr(pid, "end a zombie", e.to_string()))?,
+        ),
+    };
+    if ended != expected {
+        return Err(rerr(
+            pid,
+            "end a zombie",
+            format!("it ended by {ended:?}, not {expected:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes session `sid` again, whose leader had exited, for `members`,
+/// children of `parent`: a helper forked with the session's id makes the
+/// session, forks each member as a child of `parent` (CLONE_PARENT), then
+/// exits and is reaped by `parent`, leaving the members in the session.
+fn session_helper(
+    ctx: &mut Ctx,
+    parent: &mut Tracee,
+    held: &Held,
+    sid: i32,
+    members: &[i32],
+) -> Result<()> {
+    let mut h = fork_child(parent, sid, 0)?;
+    ptrace::set_sigmask(h.pid, BLOCK_ALL)?;
+    h.call("setsid", libc::SYS_setsid, &[])?;
+    for &m in members {
+        // The exit signal of a CLONE_PARENT child is the helper's own (SIGCHLD);
+        // clone3 wants none given.
+        let args = clone_args(&mut h, libc::CLONE_PARENT as u64, 0, m)?;
+        let (_, spawned) = h
+            .call_spawning("clone3 (into a session)", libc::SYS_clone3, &[args, 88])
+            .map_err(|e| match e {
+                Error::RemoteFailed {
+                    errno: nix::errno::Errno::EEXIST,
+                    ..
+                } => Error::PidTaken(m),
+                e => e,
+            })?;
+        let host = *spawned
+            .tids
+            .first()
+            .ok_or_else(|| rerr(m, "fork", "the new process was not reported"))?;
+        wait_started(host, m)?;
+        let ct = Tracee::new(m, host, parent.scratch)?;
+        restore_process(ctx, ct, held.clone(), Some(sid))?;
+    }
+    end_helper(parent, h)
+}
+
+/// Ends helper process `h`, a child of `parent`: it exits, then `parent`
+/// reaps it and takes the SIGCHLD its exit sent (it is blocked; signals
+/// the process really had pending are queued again later).
+fn end_helper(parent: &mut Tracee, h: Tracee) -> Result<()> {
+    let sid = h.ns_pid;
+    match h.end(libc::SYS_exit, &[0])? {
+        Ended::Exited(0) => {}
+        other => {
+            return Err(rerr(sid, "end a helper", format!("{other:?}")));
+        }
+    }
+    parent.call(
+        "reap a helper",
+        libc::SYS_wait4,
+        &[sid as u64, 0, libc::__WALL as u64, 0],
+    )?;
+    flush_sigchld(parent)
+}
+
+/// Takes a pending SIGCHLD out of `t`'s queue, if there is one.
+fn flush_sigchld(t: &mut Tracee) -> Result<()> {
+    let set = t.arg(&(1u64 << (libc::SIGCHLD - 1)).to_ne_bytes())?;
+    let zero = t.arg(&[0u8; 16])?;
+    let r = t.raw_on(t.pid, libc::SYS_rt_sigtimedwait, &[set, 0, zero, 8])?;
+    if r < 0 && r != -(libc::EAGAIN as i64) {
+        tracing::warn!(pid = t.ns_pid, errno = -r, "SIGCHLD of a helper not taken");
+    }
     Ok(())
 }
 
@@ -607,6 +827,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             transport: sockets::Transport::new()?,
         },
         done: Vec::new(),
+        orphan_sessions: orphan_sessions(&m, &procs),
     };
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
@@ -631,7 +852,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 &[0, libc::RLIMIT_NOFILE as u64, a, 0],
             );
             mm::create_sysv_segments(&mut t, &ctx.mem)?;
-            restore_process(&mut ctx, t, Held::new())
+            restore_process(&mut ctx, t, Held::new(), m.outer_session)
         });
     let outcome = outcome.and_then(|()| {
         mm::seal_memfds(&ctx.mem)?;

@@ -312,6 +312,9 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             u64::from(c.gid[2]),
         ],
     )?;
+    // setresgid made the fs gid the effective one; the recorded one may
+    // differ (setfsgid). Still with every capability, this cannot fail.
+    set_fs_id(t, p.pid, libc::SYS_setfsgid, "fs gid", c.gid[3])?;
     // Capabilities survive the uid change so they can be set exactly after.
     t.call(
         "prctl(PR_SET_KEEPCAPS)",
@@ -337,6 +340,24 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
         for set in [c.cap_eff, c.cap_prm, c.cap_inh] {
             data.extend_from_slice(&((set >> (32 * half)) as u32).to_ne_bytes());
         }
+    }
+    if c.uid[3] != c.uid[1] {
+        // setresuid made the fs uid the effective one. setfsuid to another
+        // id needs CAP_SETUID in the effective set, which a change away
+        // from uid 0 cleared: the permitted set is made effective for it,
+        // and the exact sets follow. Changing the fs uid from or to 0
+        // changes the effective set, so the sets are set after it.
+        let h = t.arg(&hdr)?;
+        let mut all = Vec::with_capacity(24);
+        for half in 0..2 {
+            for set in [c.cap_prm, c.cap_prm, c.cap_inh] {
+                all.extend_from_slice(&((set >> (32 * half)) as u32).to_ne_bytes());
+            }
+        }
+        let d = t.arg(&all)?;
+        let r = t.raw_on(t.pid, libc::SYS_capset, &[h, d])?;
+        warn_failed(p.pid, "capabilities for the fs uid", r);
+        set_fs_id(t, p.pid, libc::SYS_setfsuid, "fs uid", c.uid[3])?;
     }
     let h = t.arg(&hdr)?;
     let d = t.arg(&data)?;
@@ -380,6 +401,18 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             nr::SYS_prctl,
             &[libc::PR_SET_PDEATHSIG as u64, p.pdeath_signal],
         )?;
+    }
+    Ok(())
+}
+
+/// setfsuid or setfsgid (`nr`) to `id`. They return the previous id and
+/// never an error: the id is read back (an invalid id changes nothing and
+/// returns the current one) to know whether it took.
+fn set_fs_id(t: &mut Tracee, pid: i32, nr: i64, what: &str, id: u32) -> Result<()> {
+    t.raw_on(t.pid, nr, &[u64::from(id)])?;
+    let now = t.raw_on(t.pid, nr, &[u64::from(u32::MAX)])?;
+    if now as u32 != id {
+        tracing::warn!(pid, want = id, got = now, "{what} not restored");
     }
     Ok(())
 }

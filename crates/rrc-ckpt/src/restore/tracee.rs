@@ -15,6 +15,13 @@ use crate::{Error, Result, procmem};
 pub const SCRATCH_SIZE: u64 = 1 << 20;
 const ARGS_OFFSET: u64 = 4096;
 
+/// How a process the engine ended ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Exited(i32),
+    Killed(nix::sys::signal::Signal),
+}
+
 pub struct Tracee {
     /// The pid the image numbers it with.
     pub ns_pid: i32,
@@ -81,6 +88,44 @@ impl Tracee {
             });
         }
         Ok((r as u64, spawned))
+    }
+
+    /// Makes the call that ends the process (`exit`), by its only thread;
+    /// returns how it ended. Its parent can then reap it.
+    pub fn end(self, nr: i64, args: &[u64]) -> Result<Ended> {
+        match self.remote_for(self.pid).final_call(nr, args)? {
+            ptrace::Stop::Exited(code) => Ok(Ended::Exited(code)),
+            ptrace::Stop::Killed(sig) => Ok(Ended::Killed(sig)),
+            other => Err(Error::Restore {
+                pid: self.ns_pid,
+                stage: "end a process",
+                detail: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Ends the process by signal `sig`, delivered from the stop it is in
+    /// (it must not block it, and its action must be the default one);
+    /// returns how it ended.
+    pub fn end_by_signal(self, sig: nix::sys::signal::Signal) -> Result<Ended> {
+        nix::sys::ptrace::cont(self.pid, Some(sig)).map_err(|e| Error::Ptrace {
+            what: "resume",
+            tid: self.pid.as_raw(),
+            source: e,
+        })?;
+        loop {
+            match ptrace::wait_stop(self.pid)? {
+                ptrace::Stop::Exited(code) => return Ok(Ended::Exited(code)),
+                ptrace::Stop::Killed(sig) => return Ok(Ended::Killed(sig)),
+                ptrace::Stop::Signal(s) => nix::sys::ptrace::cont(self.pid, Some(s)),
+                ptrace::Stop::Event(_, _) => nix::sys::ptrace::cont(self.pid, None),
+            }
+            .map_err(|e| Error::Ptrace {
+                what: "resume",
+                tid: self.pid.as_raw(),
+                source: e,
+            })?;
+        }
     }
 
     /// Copies `bytes` into the argument space; returns their address in the
