@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 
 use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::PAGE_SIZE;
+use crate::remote::Batch;
 use crate::restore::files::GhostDir;
 use crate::restore::sockets::Transport;
 use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
@@ -189,6 +190,9 @@ pub fn replace(
             .any(|r| r.start < v.end && r.start + r.count * PAGE_SIZE > v.start)
     };
     let mut fix_prot = Vec::new();
+    let mut batch = Batch::new();
+    // Which call of the batch maps which area.
+    let mut maps: Vec<(usize, &Vma)> = Vec::new();
     for v in &p.vmas {
         let len = v.end - v.start;
         // Pages get written through a writable mapping first.
@@ -214,11 +218,13 @@ pub fn replace(
                 if v.flags.iter().any(|f| f == "gd") {
                     flags |= libc::MAP_GROWSDOWN as u64;
                 }
-                t.call(
-                    "mmap anonymous memory",
-                    nr::SYS_mmap,
-                    &[v.start, len, u64::from(map_prot), flags, u64::MAX, 0],
-                )?;
+                maps.push((
+                    batch.push(
+                        nr::SYS_mmap,
+                        &[v.start, len, u64::from(map_prot), flags, u64::MAX, 0],
+                    ),
+                    v,
+                ));
             }
             VmaKind::File {
                 path,
@@ -245,17 +251,6 @@ pub fn replace(
                     }
                     None => path,
                 };
-                let meta = std::fs::metadata(path)
-                    .map_err(|e| rerr(pid, "mapped file", format!("{path}: {e}")))?;
-                if deleted.is_none() && (meta.ino() != *ino || meta.dev() != *dev) {
-                    return Err(rerr(
-                        pid,
-                        "mapped file",
-                        format!(
-                            "{path} is not the file that was mapped (it was replaced since the checkpoint)"
-                        ),
-                    ));
-                }
                 // A shared mapping that may be made writable (mprotect)
                 // needs the file open for writing, as it was.
                 let writable_shared = v.shared
@@ -264,6 +259,17 @@ pub fn replace(
                 let fd = match open_files.get(&key) {
                     Some(fd) => *fd,
                     None => {
+                        let meta = std::fs::metadata(path)
+                            .map_err(|e| rerr(pid, "mapped file", format!("{path}: {e}")))?;
+                        if deleted.is_none() && (meta.ino() != *ino || meta.dev() != *dev) {
+                            return Err(rerr(
+                                pid,
+                                "mapped file",
+                                format!(
+                                    "{path} is not the file that was mapped (it was replaced since the checkpoint)"
+                                ),
+                            ));
+                        }
                         let a = t.arg_str(path)?;
                         let mode = if writable_shared {
                             libc::O_RDWR
@@ -279,37 +285,73 @@ pub fn replace(
                         fd
                     }
                 };
-                t.call(
-                    "mmap a file",
-                    nr::SYS_mmap,
-                    &[v.start, len, u64::from(map_prot), fixed, fd, *offset],
-                )?;
+                maps.push((
+                    batch.push(
+                        nr::SYS_mmap,
+                        &[v.start, len, u64::from(map_prot), fixed, fd, *offset],
+                    ),
+                    v,
+                ));
             }
             VmaKind::Shmem { id, offset } => {
                 map_shmem(t, v, *id, *offset, map_prot, ctx)?;
             }
         }
+        // Best effort (results not looked at): THP or KSM may be off on
+        // this kernel.
         for f in &v.flags {
             if let Some(advice) = madvise_of(f) {
-                // Best effort: THP or KSM may be off on this kernel.
-                let _ = t.raw_on(t.pid, nr::SYS_madvise, &[v.start, len, advice as u64]);
+                batch.push(nr::SYS_madvise, &[v.start, len, advice as u64]);
             } else if f == "lo" {
-                let _ = t.raw_on(t.pid, libc::SYS_mlock, &[v.start, len]);
+                batch.push(libc::SYS_mlock, &[v.start, len]);
             }
         }
     }
+    // Every mapping in one round trip: a process may have tens of
+    // thousands.
     for fd in open_files.into_values() {
-        t.call("close a mapped file", nr::SYS_close, &[fd])?;
+        batch.push(nr::SYS_close, &[fd]);
+    }
+    let results = t.batch(&batch)?;
+    for (i, v) in maps {
+        if results.get(i) != Some(&(v.start as i64)) {
+            let r = results.get(i).copied().unwrap_or(0);
+            return Err(rerr(
+                pid,
+                "mmap",
+                format!(
+                    "{:#x}-{:#x} ({:?}): {}",
+                    v.start,
+                    v.end,
+                    v.kind,
+                    std::io::Error::from_raw_os_error(-r as i32)
+                ),
+            ));
+        }
     }
 
     write_pages(t.pid, &ctx.img.pages_file(pid), &p.pages, pid)?;
 
-    for v in fix_prot {
-        t.call(
-            "mprotect",
+    let mut protect = Batch::new();
+    for v in &fix_prot {
+        protect.push(
             nr::SYS_mprotect,
             &[v.start, v.end - v.start, u64::from(v.prot)],
-        )?;
+        );
+    }
+    for (v, r) in fix_prot.iter().zip(t.batch(&protect)?) {
+        if r < 0 {
+            return Err(rerr(
+                pid,
+                "mprotect",
+                format!(
+                    "{:#x}-{:#x}: {}",
+                    v.start,
+                    v.end,
+                    std::io::Error::from_raw_os_error(-r as i32)
+                ),
+            ));
+        }
     }
     set_mm(t, p)
 }

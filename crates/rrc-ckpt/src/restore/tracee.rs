@@ -8,12 +8,14 @@
 use nix::unistd::Pid;
 
 use crate::ptrace::{self, Regs};
-use crate::remote::{Remote, Spawned};
+use crate::remote::{BATCH_CODE, BATCH_ENTRY, Batch, Remote, Spawned};
 use crate::{Error, Result, procmem};
 
 /// Size of the scratch region: one code page and argument space.
 pub const SCRATCH_SIZE: u64 = 1 << 20;
 const ARGS_OFFSET: u64 = 4096;
+/// Where the batch code sits in the code page, after the `syscall`.
+const BATCH_CODE_AT: u64 = 64;
 
 /// How a process the engine ended ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +128,41 @@ impl Tracee {
                 source: e,
             })?;
         }
+    }
+
+    /// Makes the calls of `batch` by the main thread, in as few round trips
+    /// as the scratch region allows (see [`crate::remote::BATCH_CODE`]);
+    /// returns each call's raw result. Arguments placed with
+    /// [`Tracee::arg`] before stay where they are.
+    pub fn batch(&mut self, batch: &Batch) -> Result<Vec<i64>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let code = self.scratch + BATCH_CODE_AT;
+        procmem::write(self.pid, code, &BATCH_CODE)?;
+        let table_at = self.next_arg.next_multiple_of(BATCH_ENTRY as u64);
+        let room = (SCRATCH_SIZE.saturating_sub(table_at) as usize / BATCH_ENTRY).saturating_sub(1);
+        if room == 0 {
+            return Err(Error::Restore {
+                pid: self.ns_pid,
+                stage: "call arguments",
+                detail: "no room left for a call table".into(),
+            });
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let mut piece = Batch::new();
+        for (i, (nr, args)) in batch.calls().enumerate() {
+            piece.push(nr, &args);
+            if piece.len() == room || i + 1 == batch.len() {
+                let r = self
+                    .remote_for(self.pid)
+                    .run_batch(&piece, code, self.scratch + table_at);
+                out.extend(r?);
+                piece = Batch::new();
+            }
+        }
+        self.reset_args();
+        Ok(out)
     }
 
     /// Copies `bytes` into the argument space; returns their address in the
