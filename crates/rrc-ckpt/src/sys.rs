@@ -557,14 +557,6 @@ pub fn map_image(file: &std::fs::File) -> io::Result<memmap2::Mmap> {
     unsafe { memmap2::MmapOptions::new().map(file) }
 }
 
-/// A writable shared mapping of a new image file, for copying pages into it
-/// directly from another process.
-pub fn map_image_mut(file: &std::fs::File) -> io::Result<memmap2::MmapMut> {
-    // SAFETY: the file was just created by this checkpoint and is private to
-    // it until the checkpoint completes; nothing else resizes or maps it.
-    unsafe { memmap2::MmapOptions::new().map_mut(file) }
-}
-
 /// An integer socket option of a socket of ours.
 pub fn setsockopt_int(
     fd: std::os::fd::BorrowedFd<'_>,

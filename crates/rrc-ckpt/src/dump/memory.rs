@@ -204,8 +204,12 @@ pub fn dump(
 }
 
 /// Copies the page runs of `pid` into a new file of `total` bytes, laid
-/// out as the runs' offsets say, straight into a mapping of the file.
+/// out as the runs' offsets say (in order, one after the other), through
+/// one buffer reused piece by piece: written whole, the file's pages are
+/// never read or faulted in, which costs more than the second copy.
 fn copy_out(pid: Pid, path: &Path, runs: &[PageRun], readable: &[bool], total: u64) -> Result<()> {
+    /// Bytes copied per piece.
+    const PIECE: u64 = 8 << 20;
     let f = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -216,9 +220,8 @@ fn copy_out(pid: Pid, path: &Path, runs: &[PageRun], readable: &[bool], total: u
     if total == 0 {
         return Ok(());
     }
-    // The blocks are taken now: a full disk is an error here, not pages
-    // that a mapping of a sparse file cannot fault in (which the copy would
-    // report as a short read of the process's memory).
+    // The blocks are taken now: a full disk is an error here, before the
+    // process's memory is read.
     nix::fcntl::fallocate(
         &f,
         nix::fcntl::FallocateFlags::empty(),
@@ -226,8 +229,53 @@ fn copy_out(pid: Pid, path: &Path, runs: &[PageRun], readable: &[bool], total: u
         i64::try_from(total).unwrap_or(i64::MAX),
     )
     .map_err(|e| Error::image(path, std::io::Error::from(e)))?;
-    let mut map = crate::sys::map_image_mut(&f).map_err(|e| Error::image(path, e))?;
-    crate::procmem::read_runs(pid, runs, readable, &mut map, 0)
+    let mut buf = vec![0u8; PIECE.min(total) as usize];
+    let mut piece: Vec<PageRun> = Vec::new();
+    let mut piece_readable: Vec<bool> = Vec::new();
+    let mut base = 0u64;
+    let mut flush = |piece: &mut Vec<PageRun>, readable: &mut Vec<bool>, base: &mut u64| {
+        let len: u64 = piece.iter().map(|r| r.count * PAGE_SIZE).sum();
+        if len == 0 {
+            return Ok(());
+        }
+        let out = &mut buf[..len as usize];
+        crate::procmem::read_runs(pid, piece, readable, out, *base)?;
+        f.write_all_at(out, *base).map_err(|e| Error::image(path, e))?;
+        *base += len;
+        piece.clear();
+        readable.clear();
+        Ok::<(), Error>(())
+    };
+    for (r, &ok) in runs.iter().zip(readable.iter().chain(std::iter::repeat(&true))) {
+        // A run longer than what is left of the piece is cut.
+        let mut r = *r;
+        while r.count > 0 {
+            let used: u64 = piece.iter().map(|p| p.count * PAGE_SIZE).sum();
+            let room = (PIECE - used) / PAGE_SIZE;
+            if room == 0 {
+                flush(&mut piece, &mut piece_readable, &mut base)?;
+                continue;
+            }
+            let n = r.count.min(room);
+            piece.push(PageRun {
+                start: r.start,
+                count: n,
+                offset: r.offset,
+            });
+            piece_readable.push(ok);
+            r.start += n * PAGE_SIZE;
+            r.offset += n * PAGE_SIZE;
+            r.count -= n;
+        }
+    }
+    flush(&mut piece, &mut piece_readable, &mut base)?;
+    if base != total {
+        return Err(Error::image(
+            path,
+            std::io::Error::other(format!("{base} of {total} bytes laid out")),
+        ));
+    }
+    Ok(())
 }
 
 /// What a mapping is; `None` for mappings nothing needs to be done about.
