@@ -364,6 +364,11 @@ pub enum FileKind {
     Epoll {
         targets: Vec<EpollTarget>,
     },
+    /// An inotify instance and its watches. Events it had queued are not
+    /// kept.
+    Inotify {
+        watches: Vec<InotifyWatch>,
+    },
     /// A memfd (its memory is shared object `shmem`).
     Memfd {
         shmem: usize,
@@ -421,6 +426,19 @@ pub enum FileKind {
         peer: Option<String>,
         options: Vec<(i32, i32, i32)>,
     },
+}
+
+/// The highest inotify watch descriptor a restore reaches: it gets there
+/// by using up every number below it, one system call pair each.
+pub const INOTIFY_MAX_WD: i32 = 1 << 16;
+
+/// One watch of an inotify instance: watch descriptor `wd` on the file at
+/// `path`, for the events of `mask` (with `IN_ONESHOT`, `IN_EXCL_UNLINK`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -223,6 +223,45 @@ pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) })
 }
 
+/// Opens (`O_PATH`) the file a file handle names, on the filesystem of
+/// `mount` (as `name_to_handle_at` or an inotify fdinfo line gives it).
+pub fn open_by_handle(
+    mount: std::os::fd::BorrowedFd<'_>,
+    handle_type: i32,
+    handle: &[u8],
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // struct file_handle: handle_bytes (u32), handle_type (i32), then the
+    // bytes; kept in u64s for alignment.
+    const MAX_HANDLE_SZ: usize = 128;
+    if handle.len() > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = [0u64; 1 + MAX_HANDLE_SZ / 8];
+    let mut bytes = Vec::with_capacity(8 + handle.len());
+    bytes.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    bytes.extend_from_slice(&handle_type.to_ne_bytes());
+    bytes.extend_from_slice(handle);
+    for (i, chunk) in bytes.chunks(8).enumerate() {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        buf[i] = u64::from_ne_bytes(w);
+    }
+    // SAFETY: buf holds a complete struct file_handle whose handle_bytes
+    // is at most the room after its header; the call only reads it and
+    // returns a new fd we own.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            buf.as_mut_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    })? as i32;
+    // SAFETY: fd was just returned to us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Duplicates file descriptor `fd` of the process behind `pidfd`.
 pub fn steal_fd_via(pidfd: &std::os::fd::OwnedFd, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;

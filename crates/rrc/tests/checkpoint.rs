@@ -194,6 +194,11 @@ fn zombies_keep_their_pid_and_exit_status() {
 }
 
 #[test]
+fn inotify_watches_with_their_descriptors() {
+    checkpoint_restore("inotify");
+}
+
+#[test]
 fn credentials_limits_and_process_attributes() {
     checkpoint_restore("creds_misc");
 }
@@ -260,7 +265,7 @@ fn fds_in_flight_are_refused_by_name_and_left_running() {
 
 #[test]
 fn unsupported_state_is_refused_by_name_and_left_running() {
-    refused("unsupported_inotify", "inotify");
+    refused("unsupported_inotify_deleted", "deleted");
 }
 
 #[test]
