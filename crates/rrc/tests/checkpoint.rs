@@ -95,7 +95,16 @@ impl Running {
         let deadline = Instant::now() + Duration::from_secs(20);
         let code = loop {
             let status = match &mut self.child {
-                Some(c) => c.try_wait().unwrap().map(|s| s.code().unwrap_or(128 + 9)),
+                // Reaped by another test's [`reap_orphans`] (ECHILD): its
+                // status is in REAPED.
+                Some(c) => match c.try_wait() {
+                    Ok(s) => s.map(|s| {
+                        s.code().unwrap_or(
+                            128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(9),
+                        )
+                    }),
+                    Err(_) => ended(self.pid),
+                },
                 None => ended(self.pid),
             };
             if let Some(c) = status {
@@ -126,12 +135,31 @@ fn checkpoint_restore(name: &str) {
     ])
     .ok();
     assert!(out.stdout.contains("the original was killed"), "{out:?}");
-    // Reap the original so its pid is free again.
-    let status = run.child.take().unwrap().wait().unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9)
-    );
+    // Reap the original so its pid is free again (another test's
+    // [`reap_orphans`] may have reaped it first: its status is then in
+    // REAPED).
+    let code = match run.child.take().unwrap().wait() {
+        Ok(status) => std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s),
+        Err(_) => {
+            // Taken out, so that the restored process (same pid) is not
+            // thought to have ended with it.
+            let mut taken = None;
+            wait_until("the original's status", Duration::from_secs(5), || {
+                let mut reaped = REAPED.lock().unwrap();
+                if let Some(at) = reaped.iter().position(|s| s.pid() == Some(run.pid)) {
+                    taken = match reaped.remove(at) {
+                        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+                        WaitStatus::Exited(_, c) => Some(c),
+                        _ => None,
+                    };
+                    return true;
+                }
+                false
+            });
+            taken
+        }
+    };
+    assert_eq!(code, Some(128 + 9));
     reap_orphans();
     let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
