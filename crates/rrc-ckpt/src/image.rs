@@ -47,8 +47,9 @@ pub struct Manifest {
     /// Whether the tree was the whole of its own pid namespace (a
     /// container): it is then restored into a new one, as pid 1.
     pub own_pid_ns: bool,
-    /// The session the tree's root was started in (its parent's), as the
-    /// tree's pid namespace numbers it (0: outside of it). A process of
+    /// The session the tree's root was started in (its own if it does not
+    /// lead it, else its parent's), as the tree's pid namespace numbers it
+    /// (0: outside of it). A process of
     /// the tree in that session is restored in the session the restore
     /// runs in. A process in a session that is neither this one nor led
     /// by a process of the tree is in a session whose leader has exited:
