@@ -47,8 +47,9 @@ pub struct Manifest {
     /// Whether the tree was the whole of its own pid namespace (a
     /// container): it is then restored into a new one, as pid 1.
     pub own_pid_ns: bool,
-    /// The session the tree's root was started in (its parent's), as the
-    /// tree's pid namespace numbers it (0: outside of it). A process of
+    /// The session the tree's root was started in (its own if it does not
+    /// lead it, else its parent's), as the tree's pid namespace numbers it
+    /// (0: outside of it). A process of
     /// the tree in that session is restored in the session the restore
     /// runs in. A process in a session that is neither this one nor led
     /// by a process of the tree is in a session whose leader has exited:
@@ -452,6 +453,11 @@ pub enum FileKind {
     Epoll {
         targets: Vec<EpollTarget>,
     },
+    /// An inotify instance and its watches. Events it had queued are not
+    /// kept.
+    Inotify {
+        watches: Vec<InotifyWatch>,
+    },
     /// A memfd (its memory is shared object `shmem`).
     Memfd {
         shmem: usize,
@@ -509,6 +515,19 @@ pub enum FileKind {
         peer: Option<String>,
         options: Vec<(i32, i32, i32)>,
     },
+}
+
+/// The highest inotify watch descriptor a restore reaches: it gets there
+/// by using up every number below it, one system call pair each.
+pub const INOTIFY_MAX_WD: i32 = 1 << 16;
+
+/// One watch of an inotify instance: watch descriptor `wd` on the file at
+/// `path`, for the events of `mask` (with `IN_ONESHOT`, `IN_EXCL_UNLINK`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InotifyWatch {
+    pub wd: i32,
+    pub mask: u32,
+    pub path: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,8 @@ pub struct FdInfo {
     /// Lines naming inotify watches or fanotify marks: present means the fd
     /// is one of those.
     pub watches: usize,
+    /// The `inotify wd:...` lines, one per watch.
+    pub inotify: Vec<String>,
     /// The `lock:` lines (what follows the key), one per lock held through
     /// this fd's open file by its owner.
     pub locks: Vec<String>,
@@ -77,7 +79,12 @@ pub fn parse_fdinfo(text: &str) -> Option<FdInfo> {
             });
             continue;
         }
-        if line.starts_with("inotify ") || line.starts_with("fanotify ") {
+        if let Some(rest) = line.strip_prefix("inotify ") {
+            info.watches += 1;
+            info.inotify.push(rest.to_string());
+            continue;
+        }
+        if line.starts_with("fanotify ") {
             info.watches += 1;
             continue;
         }

@@ -290,33 +290,6 @@ pub fn name_to_handle(path: &std::path::Path) -> io::Result<(i32, i32, Vec<u8>)>
     Ok((mount_id, ty, buf[8..8 + len].to_vec()))
 }
 
-/// Opens the file of handle `(ty, bytes)` on the file system mounted at
-/// `mount` (an fd of ours), with open flags `flags`.
-pub fn open_by_handle(
-    mount: std::os::fd::BorrowedFd<'_>,
-    ty: i32,
-    bytes: &[u8],
-    flags: i32,
-) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let mut buf = Vec::with_capacity(8 + bytes.len());
-    buf.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(bytes);
-    // SAFETY: buf is a complete struct file_handle of ours (its length
-    // field says how many bytes follow, and they do).
-    let fd = check(unsafe {
-        libc::syscall(
-            libc::SYS_open_by_handle_at,
-            mount.as_raw_fd(),
-            buf.as_ptr(),
-            flags,
-        )
-    })? as i32;
-    // SAFETY: fd was just returned to us.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
 /// A pidfd for process `pid`.
 pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
@@ -324,6 +297,47 @@ pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     let pidfd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })? as i32;
     // SAFETY: pidfd was just returned to us.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) })
+}
+
+/// Opens, with open flags `flags`, the file a file handle names, on the
+/// filesystem of `mount` (as `name_to_handle_at` or an inotify fdinfo line
+/// gives it).
+pub fn open_by_handle(
+    mount: std::os::fd::BorrowedFd<'_>,
+    handle_type: i32,
+    handle: &[u8],
+    flags: i32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // struct file_handle: handle_bytes (u32), handle_type (i32), then the
+    // bytes; kept in u64s for alignment.
+    const MAX_HANDLE_SZ: usize = 128;
+    if handle.len() > MAX_HANDLE_SZ {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut buf = [0u64; 1 + MAX_HANDLE_SZ / 8];
+    let mut bytes = Vec::with_capacity(8 + handle.len());
+    bytes.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    bytes.extend_from_slice(&handle_type.to_ne_bytes());
+    bytes.extend_from_slice(handle);
+    for (i, chunk) in bytes.chunks(8).enumerate() {
+        let mut w = [0u8; 8];
+        w[..chunk.len()].copy_from_slice(chunk);
+        buf[i] = u64::from_ne_bytes(w);
+    }
+    // SAFETY: buf holds a complete struct file_handle whose handle_bytes
+    // is at most the room after its header; the call only reads it and
+    // returns a new fd we own.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount.as_raw_fd(),
+            buf.as_mut_ptr(),
+            flags,
+        )
+    })? as i32;
+    // SAFETY: fd was just returned to us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// Duplicates file descriptor `fd` of the process behind `pidfd`.

@@ -42,12 +42,13 @@ fn ended(pid: Pid) -> Option<i32> {
     };
     match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
         Ok(s) if s != WaitStatus::StillAlive => code(s),
-        _ => REAPED
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|s| s.pid() == Some(pid))
-            .and_then(|s| code(*s)),
+        _ => {
+            // Taken out: a process restored later with the same pid must
+            // not be thought to have ended with it.
+            let mut reaped = REAPED.lock().unwrap();
+            let at = reaped.iter().position(|s| s.pid() == Some(pid))?;
+            code(reaped.remove(at))
+        }
     }
 }
 
@@ -97,7 +98,16 @@ impl Running {
         let deadline = Instant::now() + Duration::from_secs(20);
         let code = loop {
             let status = match &mut self.child {
-                Some(c) => c.try_wait().unwrap().map(|s| s.code().unwrap_or(128 + 9)),
+                // Reaped by another test's [`reap_orphans`] (ECHILD): its
+                // status is in REAPED.
+                Some(c) => match c.try_wait() {
+                    Ok(s) => s.map(|s| {
+                        s.code().unwrap_or(
+                            128 + std::os::unix::process::ExitStatusExt::signal(&s).unwrap_or(9),
+                        )
+                    }),
+                    Err(_) => ended(self.pid),
+                },
                 None => ended(self.pid),
             };
             if let Some(c) = status {
@@ -267,12 +277,31 @@ fn checkpoint_restore(name: &str) {
     ])
     .ok();
     assert!(out.stdout.contains("the original was killed"), "{out:?}");
-    // Reap the original so its pid is free again.
-    let status = run.child.take().unwrap().wait().unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(9)
-    );
+    // Reap the original so its pid is free again (another test's
+    // [`reap_orphans`] may have reaped it first: its status is then in
+    // REAPED).
+    let code = match run.child.take().unwrap().wait() {
+        Ok(status) => std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s),
+        Err(_) => {
+            // Taken out, so that the restored process (same pid) is not
+            // thought to have ended with it.
+            let mut taken = None;
+            wait_until("the original's status", Duration::from_secs(5), || {
+                let mut reaped = REAPED.lock().unwrap();
+                if let Some(at) = reaped.iter().position(|s| s.pid() == Some(run.pid)) {
+                    taken = match reaped.remove(at) {
+                        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+                        WaitStatus::Exited(_, c) => Some(c),
+                        _ => None,
+                    };
+                    return true;
+                }
+                false
+            });
+            taken
+        }
+    };
+    assert_eq!(code, Some(128 + 9));
     reap_orphans();
     let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
@@ -360,6 +389,11 @@ fn zombies_keep_their_pid_and_exit_status() {
 }
 
 #[test]
+fn inotify_watches_with_their_descriptors() {
+    checkpoint_restore("inotify");
+}
+
+#[test]
 fn credentials_limits_and_process_attributes() {
     checkpoint_restore("creds_misc");
 }
@@ -426,7 +460,7 @@ fn fds_in_flight_are_refused_by_name_and_left_running() {
 
 #[test]
 fn unsupported_state_is_refused_by_name_and_left_running() {
-    refused("unsupported_inotify", "inotify");
+    refused("unsupported_inotify_deleted", "deleted");
 }
 
 #[test]

@@ -12,8 +12,8 @@ use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
 use crate::image::{
-    Blob, EpollTarget, Fd, FileKind, FileLock, FileOwner, ImageDir, LockKind, OpenFile, Owner,
-    OwnerKind, ProcessImage,
+    Blob, EpollTarget, Fd, FileKind, FileLock, FileOwner, ImageDir, InotifyWatch, LockKind,
+    OpenFile, Owner, OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
 use crate::unixdiag::UnixInfo;
@@ -443,6 +443,10 @@ fn classify(
                         .collect(),
                 }
             })),
+            "inotify" => match inotify_watches(raw, &info.inotify)? {
+                Ok(watches) => Ok(Some(FileKind::Inotify { watches })),
+                Err(what) => problem(what),
+            },
             other => problem(format!("{} is not supported", describe_anon(other))),
         };
     }
@@ -504,6 +508,110 @@ fn classify(
             );
         }
     }))
+}
+
+/// The watches of an inotify instance of `pid`, from its fdinfo lines
+/// ("wd:1 ino:98c636 sdev:fe00000 mask:300 ignored_mask:0
+/// fhandle-bytes:8 fhandle-type:1 f_handle:36c6980052d58c89"): each
+/// watched file is found by its handle, and named by its path as the
+/// process sees it. A watch whose file has no name left cannot be made
+/// again.
+fn inotify_watches(
+    pid: i32,
+    lines: &[String],
+) -> Result<std::result::Result<Vec<InotifyWatch>, String>> {
+    let mut out = Vec::new();
+    for line in lines {
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k)?.strip_prefix(':'))
+                .unwrap_or("")
+        };
+        let hex32 = |k: &str| u32::from_str_radix(field(k), 16).ok();
+        let handle: Option<Vec<u8>> = {
+            let h = field("f_handle");
+            (h.len() % 2 == 0)
+                .then(|| {
+                    (0..h.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+                        .collect()
+                })
+                .flatten()
+        };
+        let (Some(wd), Some(mask), Some(sdev), Some(htype), Some(handle)) = (
+            hex32("wd"),
+            hex32("mask"),
+            hex32("sdev"),
+            hex32("fhandle-type"),
+            handle,
+        ) else {
+            return Ok(Err(format!(
+                "an inotify watch this engine cannot read ({line})"
+            )));
+        };
+        if wd as i32 > crate::image::INOTIFY_MAX_WD || (wd as i32) < 1 {
+            return Ok(Err(format!(
+                "inotify watch descriptor {wd} is beyond {}, the highest a restore reaches",
+                crate::image::INOTIFY_MAX_WD
+            )));
+        }
+        let found = watched_path(pid, sdev, htype as i32, &handle);
+        let path = match found {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Err(format!(
+                    "inotify watch {wd}: its file cannot be found ({e})"
+                )));
+            }
+        };
+        if path.ends_with(" (deleted)") {
+            return Ok(Err(format!(
+                "inotify watch {wd} is on a file that was deleted ({path}), which cannot be watched again"
+            )));
+        }
+        out.push(InotifyWatch {
+            wd: wd as i32,
+            mask,
+            path,
+        });
+    }
+    out.sort_by_key(|w| w.wd);
+    Ok(Ok(out))
+}
+
+/// The path, as process `pid` sees it, of the file of a handle on the
+/// filesystem of device `sdev` (major in the bits above 20).
+fn watched_path(pid: i32, sdev: u32, htype: i32, handle: &[u8]) -> std::io::Result<String> {
+    let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    // "36 35 254:0 / / rw,relatime shared:1 - ext4 /dev/root rw"
+    let mount_point = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|w| w.get(2) == Some(&dev.as_str()))
+        .and_then(|w| w.get(4).map(|s| s.to_string()))
+        .ok_or_else(|| std::io::Error::other(format!("no mount of device {dev}")))?;
+    // Not O_PATH: open_by_handle_at refuses such an fd for the mount.
+    let mount = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/{pid}/root{mount_point}"))?;
+    let f = sys::open_by_handle(mount.as_fd(), htype, handle, libc::O_PATH | libc::O_CLOEXEC)?;
+    let link = fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    let mut path = link.to_string_lossy().into_owned();
+    // Our view of the path, made the process's: its root is a directory
+    // of ours.
+    if let Ok(root) = fs::read_link(format!("/proc/{pid}/root")) {
+        let root = root.to_string_lossy().into_owned();
+        if root != "/"
+            && let Some(rest) = path.strip_prefix(&root)
+            && rest.starts_with('/')
+        {
+            path = rest.to_string();
+        }
+    }
+    Ok(path)
 }
 
 fn describe_anon(name: &str) -> String {

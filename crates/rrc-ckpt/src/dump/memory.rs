@@ -240,13 +240,17 @@ fn copy_out(pid: Pid, path: &Path, runs: &[PageRun], readable: &[bool], total: u
         }
         let out = &mut buf[..len as usize];
         crate::procmem::read_runs(pid, piece, readable, out, *base)?;
-        f.write_all_at(out, *base).map_err(|e| Error::image(path, e))?;
+        f.write_all_at(out, *base)
+            .map_err(|e| Error::image(path, e))?;
         *base += len;
         piece.clear();
         readable.clear();
         Ok::<(), Error>(())
     };
-    for (r, &ok) in runs.iter().zip(readable.iter().chain(std::iter::repeat(&true))) {
+    for (r, &ok) in runs
+        .iter()
+        .zip(readable.iter().chain(std::iter::repeat(&true)))
+    {
         // A run longer than what is left of the piece is cut.
         let mut r = *r;
         while r.count > 0 {

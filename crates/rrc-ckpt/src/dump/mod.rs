@@ -361,7 +361,12 @@ pub(crate) fn take(
             p.locks.push(lock);
         }
     }
-    let outer_session = process::outer_session(t.root.as_raw(), own_pid_ns, depth)?;
+    // The session the root was started in: the one it is in, unless it
+    // made its own; then its parent's (the best guess left).
+    let outer_session = match images.iter().find(|p| p.pid == root_ns_pid) {
+        Some(r) if r.sid != r.pid => r.sid,
+        _ => process::outer_session(t.root.as_raw(), own_pid_ns, depth)?,
+    };
     process::check_sessions(&images, outer_session, own_pid_ns, &mut problems);
     files::check_unix_peers(&files, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, &mut problems);

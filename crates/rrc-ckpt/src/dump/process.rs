@@ -39,9 +39,9 @@ pub fn ns_pid(pid: i32, tid: Option<i32>) -> Result<(i32, usize)> {
     Ok((*levels.last().unwrap_or(&pid), levels.len()))
 }
 
-/// The session the root of a tree was started in: its parent's, as the
-/// tree's pid namespace numbers it (0 when the tree is a pid namespace of
-/// its own, or the parent is not in the tree's namespace).
+/// The session of the parent of a tree's root, as the tree's pid
+/// namespace numbers it (0 when the tree is a pid namespace of its own, or
+/// the parent is not in the tree's namespace).
 pub fn outer_session(root: i32, own_pid_ns: bool, depth: usize) -> Result<i32> {
     if own_pid_ns {
         return Ok(0);

@@ -567,6 +567,7 @@ fn create(
             fd
         }
         FileKind::Epoll { .. } => t.call("epoll_create1", nr::SYS_epoll_create1, &[0])?,
+        FileKind::Inotify { watches } => inotify(t, f, watches)?,
         FileKind::Memfd { shmem, pos } => {
             let fd = match mem.reopen(t, *shmem)? {
                 Some(fd) => fd,
@@ -601,6 +602,100 @@ fn create(
         | FileKind::UnixConnected { .. }
         | FileKind::Unix { .. } => unreachable!("sockets are built by the engine"),
     })
+}
+
+/// An inotify instance with its watches, at their watch descriptors.
+///
+/// A new instance hands out descriptors from 1 up, never the same twice
+/// (even once one is removed), and adding a watch on a file already
+/// watched gives its descriptor back. So each watch is added, in the
+/// order of the descriptors, and until its descriptor comes up the watch
+/// just added is removed and added again, which uses up one number each
+/// time. Each removal queues an IN_IGNORED event: the queue is emptied
+/// before the process runs (events queued at checkpoint time are lost
+/// anyway: they are not saved).
+fn inotify(t: &mut Tracee, f: &OpenFile, watches: &[crate::image::InotifyWatch]) -> Result<u64> {
+    let pid = t.ns_pid;
+    let fd = t.call(
+        "inotify_init1",
+        libc::SYS_inotify_init1,
+        &[libc::IN_NONBLOCK as u64],
+    )?;
+    let mut sorted: Vec<_> = watches.iter().collect();
+    sorted.sort_by_key(|w| w.wd);
+    let mut used = false;
+    for w in sorted {
+        loop {
+            let path = t.arg_str(&w.path)?;
+            let got = t
+                .call(
+                    "inotify_add_watch",
+                    libc::SYS_inotify_add_watch,
+                    &[fd, path, u64::from(w.mask | libc::IN_DONT_FOLLOW)],
+                )
+                .map_err(|e| match e {
+                    Error::RemoteFailed { errno, .. } => rerr(
+                        pid,
+                        "inotify watch",
+                        format!("watch {} on {}: {errno}", w.wd, w.path),
+                    ),
+                    e => e,
+                })? as i32;
+            if got == w.wd {
+                break;
+            }
+            if got > w.wd {
+                return Err(rerr(
+                    pid,
+                    "inotify watch",
+                    format!("watch {} on {} came up as {got}", w.wd, w.path),
+                ));
+            }
+            t.call(
+                "inotify_rm_watch",
+                libc::SYS_inotify_rm_watch,
+                &[fd, got as u64],
+            )?;
+            used = true;
+        }
+    }
+    if used {
+        loop {
+            let buf = t.out(4096)?;
+            let r = t.raw_on(t.pid, libc::SYS_read, &[fd, buf, 4096])?;
+            if r <= 0 {
+                break;
+            }
+        }
+    }
+    set_flags(t, fd, f.flags)?;
+    Ok(fd)
+}
+
+/// Every watch of every inotify instance is at a descriptor an instance
+/// can give, for events inotify knows, on an absolute path.
+pub fn check_inotify(m: &Manifest) -> std::result::Result<(), String> {
+    let known = libc::IN_ALL_EVENTS | libc::IN_ONESHOT | libc::IN_EXCL_UNLINK;
+    for f in &m.files {
+        if let FileKind::Inotify { watches } = &f.kind {
+            let mut wds = HashSet::new();
+            for w in watches {
+                if !(1..=crate::image::INOTIFY_MAX_WD).contains(&w.wd)
+                    || !wds.insert(w.wd)
+                    || w.mask & !known != 0
+                    || w.mask & libc::IN_ALL_EVENTS == 0
+                    || !w.path.starts_with('/')
+                    || w.path.contains('\0')
+                {
+                    return Err(format!(
+                        "inotify instance {} has a watch {} on {:?} with mask {:#x}",
+                        f.id, w.wd, w.path, w.mask
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A directory of root's alone where the deleted files a process had open

@@ -264,6 +264,7 @@ fn check_references(
             "a process is in session {sid}, which is not a process id"
         )));
     }
+    files::check_inotify(m).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
         if p.pid != *pid {
