@@ -103,7 +103,7 @@ pub struct SavedConnection {
     pub local: std::net::SocketAddr,
     pub peer: std::net::SocketAddr,
     pub state: crate::tcp::TcpState,
-    pub options: Vec<(i32, i32, i32)>,
+    pub options: Vec<crate::image::SockOpt>,
     /// Sent and unacknowledged, then unsent bytes.
     pub sndq: Vec<u8>,
     /// Received bytes not yet read.

@@ -466,7 +466,7 @@ pub enum FileKind {
     TcpListen {
         addr: String,
         backlog: u32,
-        options: Vec<(i32, i32, i32)>,
+        options: Vec<SockOpt>,
     },
     /// A TCP connection; `data` holds its send queue then its receive
     /// queue.
@@ -474,31 +474,49 @@ pub enum FileKind {
         local: String,
         peer: String,
         tcp: crate::tcp::TcpState,
-        options: Vec<(i32, i32, i32)>,
+        options: Vec<SockOpt>,
         data: Blob,
     },
-    /// A listening unix socket.
+    /// A listening unix socket (inode `ino`). Connections not yet
+    /// accepted are in `pending`, by the inode of their server end, in
+    /// the order they will be accepted: each is made again by its client
+    /// (a socket of the tree, with nothing sent yet) connecting anew.
     UnixListen {
         ty: i32,
         name: crate::unixdiag::UnixName,
         backlog: u32,
+        #[serde(default)]
+        ino: u32,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pending: Vec<u32>,
+        #[serde(default)]
+        options: Vec<SockOpt>,
     },
-    /// A connected unix socket (inode `ino`, connected to inode `peer`).
-    /// What it had queued to read is in `data`, as consecutive messages of
-    /// the lengths given (one run for a stream socket).
+    /// A connected unix socket (inode `ino`, connected to inode `peer`;
+    /// 0 when that socket has been closed, or is outside the tree and
+    /// comes back closed). What it had queued to read is in `data`, as
+    /// consecutive messages of the lengths given (one run for a stream
+    /// socket).
     UnixConnected {
         ty: i32,
         ino: u32,
         peer: u32,
         name: Option<crate::unixdiag::UnixName>,
-        /// The peer's address, for a datagram socket connected to a socket
-        /// outside the tree (reconnected by name).
+        /// The peer's address, for a datagram socket connected to a
+        /// socket that is not connected back (reconnected by name).
         peer_name: Option<crate::unixdiag::UnixName>,
         messages: Vec<u32>,
         data: Blob,
+        /// `SHUT_RD` (1) and `SHUT_WR` (2) as the kernel keeps them for
+        /// this end.
+        #[serde(default)]
+        shutdown: u8,
+        #[serde(default)]
+        options: Vec<SockOpt>,
     },
-    /// An unconnected unix socket, bound or not; a bound datagram socket
-    /// keeps the messages queued to it (in `data`, of the lengths given).
+    /// An unconnected unix socket (inode `ino`), bound or not; a bound
+    /// datagram socket keeps the messages queued to it (in `data`, of the
+    /// lengths given).
     Unix {
         ty: i32,
         name: Option<crate::unixdiag::UnixName>,
@@ -506,6 +524,10 @@ pub enum FileKind {
         messages: Vec<u32>,
         #[serde(default)]
         data: Blob,
+        #[serde(default)]
+        ino: u32,
+        #[serde(default)]
+        options: Vec<SockOpt>,
     },
     /// An unconnected TCP socket, or a UDP socket (bound and/or connected).
     Inet {
@@ -513,7 +535,7 @@ pub enum FileKind {
         ty: i32,
         local: Option<String>,
         peer: Option<String>,
-        options: Vec<(i32, i32, i32)>,
+        options: Vec<SockOpt>,
     },
 }
 
@@ -588,6 +610,19 @@ pub struct Creds {
 pub struct Blob {
     pub offset: u64,
     pub len: u64,
+}
+
+/// A socket option as a checkpoint keeps it: level, name, value (see
+/// `sockopt` for which are kept).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockOpt(pub i32, pub i32, pub OptValue);
+
+/// An option's value: an `int`, or the bytes of a C structure or name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OptValue {
+    Int(i32),
+    Bytes(Hex),
 }
 
 /// Bytes kept as a hex string in the JSON records.

@@ -31,6 +31,7 @@ pub mod procmem;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;
+pub mod sockopt;
 pub mod store;
 mod sys;
 pub mod tcp;

@@ -187,11 +187,8 @@ pub fn leave_repair_keeping(
 }
 
 /// The `SO_REUSEADDR` among a socket's saved options (0 if not saved).
-pub fn saved_reuseaddr(options: &[(i32, i32, i32)]) -> i32 {
-    options
-        .iter()
-        .find(|(l, n, _)| *l == libc::SOL_SOCKET && *n == libc::SO_REUSEADDR)
-        .map_or(0, |o| o.2)
+pub fn saved_reuseaddr(options: &[crate::image::SockOpt]) -> i32 {
+    crate::sockopt::saved_int(options, libc::SOL_SOCKET, libc::SO_REUSEADDR).unwrap_or(0)
 }
 
 /// What [`dump`] reads once the socket is in repair mode.
@@ -462,6 +459,20 @@ pub fn build(
         sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR, 1)?;
     }
     Ok(s)
+}
+
+/// Whether a socket in `state` is a connection a checkpoint rebuilds in
+/// repair mode.
+pub fn is_connection(state: u8) -> bool {
+    matches!(
+        state,
+        TCP_ESTABLISHED
+            | TCP_CLOSE_WAIT
+            | TCP_FIN_WAIT1
+            | TCP_FIN_WAIT2
+            | TCP_LAST_ACK
+            | TCP_CLOSING
+    )
 }
 
 /// Whether restoring `state` needs a packet from the peer: its FIN (the

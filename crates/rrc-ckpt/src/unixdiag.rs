@@ -27,9 +27,17 @@ pub struct UnixInfo {
     pub ty: u8,
     pub state: u8,
     pub name: Option<UnixName>,
+    /// The socket it is connected to; `Some(0)` when that socket has
+    /// been closed since (its data may still be queued here).
     pub peer: Option<u32>,
-    /// Connections waiting to be accepted (listening sockets).
-    pub pending: usize,
+    /// Connections waiting to be accepted (listening sockets): the
+    /// inodes of their server ends, in the order they will be accepted.
+    pub pending: Vec<u32>,
+    /// `SHUT_RD` (1) and `SHUT_WR` (2) of this end, as the kernel keeps
+    /// them (a peer's shutdown shows here as the opposite direction).
+    pub shutdown: u8,
+    /// A listening socket's backlog.
+    pub backlog: u32,
 }
 
 /// Every unix socket of the calling thread's network namespace.
@@ -74,7 +82,9 @@ pub fn query() -> std::io::Result<HashMap<u32, UnixInfo>> {
                         state: r.header.state,
                         name: None,
                         peer: None,
-                        pending: 0,
+                        pending: Vec::new(),
+                        shutdown: 0,
+                        backlog: 0,
                     };
                     for nla in r.nlas.iter() {
                         match nla {
@@ -87,7 +97,10 @@ pub fn query() -> std::io::Result<HashMap<u32, UnixInfo>> {
                                 }
                             }),
                             Nla::Peer(p) => info.peer = Some(*p),
-                            Nla::PendingConnections(c) => info.pending = c.len(),
+                            Nla::PendingConnections(c) => info.pending = c.clone(),
+                            Nla::Shutdown(s) => info.shutdown = *s,
+                            // For a listener: connections queued, backlog.
+                            Nla::ReceiveQueueLength(_, b) => info.backlog = *b,
                             _ => {}
                         }
                     }

@@ -800,7 +800,11 @@ mod tests {
                 timestamp: 70,
                 window: [890, 400, 400, 65_000, 900],
             },
-            options: vec![(6, 1, 1)],
+            options: vec![rrc_ckpt::image::SockOpt(
+                6,
+                1,
+                rrc_ckpt::image::OptValue::Int(1),
+            )],
             sndq: sndq.to_vec(),
             rcvq: rcvq.to_vec(),
         }

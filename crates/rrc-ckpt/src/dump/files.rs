@@ -16,6 +16,7 @@ use crate::image::{
     OpenFile, Owner, OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
+use crate::sockopt::{self, Sock};
 use crate::unixdiag::UnixInfo;
 use crate::{Error, Result, sys, tcp};
 
@@ -669,32 +670,33 @@ fn unix_kind(
             "unix socket {ino} is not in the container's network namespace"
         )));
     };
+    // Read before peeking, which moves the peek offset.
+    let options = sockopt::read(s.as_fd(), Sock::Unix);
     if info.state == tcp::TCP_LISTEN {
-        if info.pending > 0 {
-            return Ok(Err(format!(
-                "listening unix socket has {} connection(s) not yet accepted",
-                info.pending
-            )));
-        }
         let Some(name) = info.name.clone() else {
             return Ok(Err("a listening unix socket without a name".into()));
         };
         return Ok(Ok(FileKind::UnixListen {
             ty,
             name,
-            backlog: 4096,
+            backlog: info.backlog,
+            ino,
+            pending: info.pending.clone(),
+            options,
         }));
     }
-    // What this end would read next, without taking it. Messages one by
-    // one through a peek offset (reset after); a stream in one piece.
+    // What this end would read next, without taking it: messages one by
+    // one, a stream in one piece.
     let mut data = Vec::new();
     let mut messages = Vec::new();
-    let fail = |what: String| Error::io(format!("unix socket fd {fd} of process {pid}: {what}"));
+    let fail = |what: &str| {
+        let what = what.to_string();
+        Error::io(format!("unix socket fd {fd} of process {pid}: {what}"))
+    };
     let Some(peer) = info.peer else {
         if ty == libc::SOCK_DGRAM
             && info.name.is_some()
-            && let Err(what) =
-                peek_messages(s, &mut messages, &mut data).map_err(|e| fail("peek".into())(e))?
+            && let Err(what) = peek_messages(s, &mut messages, &mut data).map_err(fail("peek"))?
         {
             return Ok(Err(what));
         }
@@ -704,12 +706,24 @@ fn unix_kind(
             name: info.name.clone(),
             messages,
             data,
+            ino,
+            options,
         }));
     };
     if ty == libc::SOCK_STREAM {
-        let len = sys::ioctl_int(s.as_fd(), 0x541B).map_err(fail("queue length".into()))? as usize;
+        if unix.values().any(|l| l.pending.contains(&peer))
+            && sys::ioctl_int(s.as_fd(), 0x5411 /* SIOCOUTQ */).map_err(fail("send queue"))? > 0
+        {
+            return Ok(Err(
+                "a unix connection not yet accepted whose client has sent data".into(),
+            ));
+        }
+        let len = sys::ioctl_int(s.as_fd(), 0x541B).map_err(fail("queue length"))? as usize;
         if len > 0 {
-            match sys::peek_message(s.as_fd(), len).map_err(fail("peek".into()))? {
+            // A stream peek starts at the head only with no peek offset.
+            let peeked = with_peek_offset(s, -1, || sys::peek_message(s.as_fd(), len))
+                .map_err(fail("peek"))?;
+            match peeked {
                 Some((_, true)) => {
                     return Ok(Err(
                         "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
@@ -722,27 +736,8 @@ fn unix_kind(
                 None => {}
             }
         }
-    } else {
-        sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)
-            .map_err(fail("peek offset".into()))?;
-        let result = (|| -> Result<std::result::Result<(), String>> {
-            while let Some((b, fds)) =
-                sys::peek_message(s.as_fd(), 1 << 17).map_err(fail("peek".into()))?
-            {
-                if fds {
-                    return Ok(Err(
-                        "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
-                    ));
-                }
-                messages.push(b.len() as u32);
-                data.extend_from_slice(&b);
-            }
-            Ok(Ok(()))
-        })();
-        let _ = sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
-        if let Err(what) = result? {
-            return Ok(Err(what));
-        }
+    } else if let Err(what) = peek_messages(s, &mut messages, &mut data).map_err(fail("peek"))? {
+        return Ok(Err(what));
     }
     let data = table.put_blob(img, &data)?;
     Ok(Ok(FileKind::UnixConnected {
@@ -753,18 +748,35 @@ fn unix_kind(
         peer_name: unix.get(&peer).and_then(|p| p.name.clone()),
         messages,
         data,
+        shutdown: info.shutdown,
+        options,
     }))
 }
 
+/// Runs `f` with the socket's peek offset set to `off`, then puts back
+/// the offset the program had.
+fn with_peek_offset<T>(
+    s: &std::os::fd::OwnedFd,
+    off: i32,
+    f: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let had = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF)?;
+    sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, off)?;
+    let r = f();
+    let back = sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, had);
+    let r = r?;
+    back?;
+    Ok(r)
+}
+
 /// Every message queued on a datagram or seqpacket socket of ours, without
-/// taking any: through a peek offset, reset afterwards.
+/// taking any: through a peek offset from the head.
 fn peek_messages(
     s: &std::os::fd::OwnedFd,
     messages: &mut Vec<u32>,
     data: &mut Vec<u8>,
 ) -> std::io::Result<std::result::Result<(), String>> {
-    sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)?;
-    let result = (|| -> std::io::Result<std::result::Result<(), String>> {
+    with_peek_offset(s, 0, || {
         while let Some((b, fds)) = sys::peek_message(s.as_fd(), 1 << 17)? {
             if fds {
                 return Ok(Err(
@@ -775,73 +787,72 @@ fn peek_messages(
             data.extend_from_slice(&b);
         }
         Ok(Ok(()))
-    })();
-    let _ = sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
-    result
+    })
 }
 
-/// Unix connections whose other end is outside the tree: a datagram socket
-/// connected to a named socket reconnects by name; anything else is lost.
-pub fn check_unix_peers(table: &FileTable, problems: &mut Vec<String>) {
-    let inodes: std::collections::HashSet<u32> = table
+/// Unix sockets against the rest of the tree. A connection whose other
+/// end is outside the tree comes back with that end closed (said here);
+/// a datagram socket connected to a named socket is reconnected by name
+/// instead. A connection not yet accepted must have its client in the
+/// tree, to connect again.
+pub fn check_unix_peers(table: &mut FileTable, problems: &mut Vec<String>) {
+    if !problems.is_empty() {
+        // A refused socket is missing from the table: its peers would look
+        // outside the tree, and the checkpoint fails anyway.
+        return;
+    }
+    let mut inodes = std::collections::HashSet::new();
+    for f in &table.files {
+        match &f.kind {
+            FileKind::UnixConnected { ino, .. } | FileKind::Unix { ino, .. } => {
+                inodes.insert(*ino);
+            }
+            FileKind::UnixListen { ino, pending, .. } => {
+                inodes.insert(*ino);
+                inodes.extend(pending.iter().copied());
+            }
+            _ => {}
+        }
+    }
+    let clients: std::collections::HashSet<u32> = table
         .files
         .iter()
         .filter_map(|f| match f.kind {
-            FileKind::UnixConnected { ino, .. } => Some(ino),
+            FileKind::UnixConnected { peer, .. } => Some(peer),
             _ => None,
         })
         .collect();
-    for f in &table.files {
-        if let FileKind::UnixConnected {
-            ty,
-            peer,
-            peer_name,
-            ..
-        } = &f.kind
-            && !inodes.contains(peer)
-            && !(*ty == libc::SOCK_DGRAM && peer_name.is_some())
-        {
-            let (p, fd) = table.holders[f.id];
-            problems.push(format!(
-                "process {p}: fd {fd}: a unix socket connected to a process outside the tree"
-            ));
+    for f in &mut table.files {
+        let (p, fd) = table.holders[f.id];
+        match &mut f.kind {
+            FileKind::UnixConnected {
+                ty,
+                peer,
+                peer_name,
+                ..
+            } if *peer != 0 && !inodes.contains(peer) => {
+                if *ty == libc::SOCK_DGRAM && peer_name.is_some() {
+                    continue;
+                }
+                tracing::warn!(
+                    "process {p}: fd {fd}: a unix socket connected to a process outside the \
+                     tree comes back with its peer closed"
+                );
+                *peer = 0;
+                *peer_name = None;
+            }
+            FileKind::UnixListen { pending, .. } => {
+                let outside = pending.iter().filter(|e| !clients.contains(e)).count();
+                if outside > 0 {
+                    problems.push(format!(
+                        "process {p}: fd {fd}: a listening unix socket with {outside} \
+                         connection(s) not yet accepted from processes outside the tree"
+                    ));
+                }
+            }
+            _ => {}
         }
     }
-}
-
-/// Integer options worth carrying over for inet sockets.
-const INET_OPTIONS: &[(i32, i32)] = &[
-    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
-    (libc::SOL_SOCKET, libc::SO_SNDBUF),
-    (libc::SOL_SOCKET, libc::SO_RCVBUF),
-    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
-    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-    (libc::SOL_SOCKET, libc::SO_BROADCAST),
-    (libc::SOL_SOCKET, libc::SO_PRIORITY),
-    (libc::SOL_SOCKET, libc::SO_RCVLOWAT),
-    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-    (libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-    (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
-    (libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT),
-    (libc::IPPROTO_TCP, libc::TCP_FASTOPEN),
-    (libc::IPPROTO_IP, libc::IP_TOS),
-    (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY),
-];
-
-fn inet_options(s: std::os::fd::BorrowedFd<'_>, v6: bool, tcp: bool) -> Vec<(i32, i32, i32)> {
-    INET_OPTIONS
-        .iter()
-        .filter(|(level, _)| {
-            (*level != libc::IPPROTO_IPV6 || v6) && (*level != libc::IPPROTO_TCP || tcp)
-        })
-        .filter_map(|&(level, name)| {
-            sys::getsockopt_int(s, level, name)
-                .ok()
-                .map(|v| (level, name, v))
-        })
-        .collect()
 }
 
 fn socket_addr(addr: &socket::SockaddrStorage) -> Option<std::net::SocketAddr> {
@@ -892,7 +903,14 @@ fn socket_kind(
             ty,
             local: local.map(|a| a.to_string()),
             peer: peer.map(|a| a.to_string()),
-            options: inet_options(s.as_fd(), v6, false),
+            options: sockopt::read(
+                s.as_fd(),
+                Sock::Inet {
+                    v6,
+                    tcp: false,
+                    connected: false,
+                },
+            ),
         }));
     }
     if ty != libc::SOCK_STREAM {
@@ -901,7 +919,14 @@ fn socket_kind(
         )));
     }
     let info = tcp::info(s.as_fd()).map_err(Error::io("TCP_INFO"))?;
-    let options = inet_options(s.as_fd(), v6, true);
+    let options = sockopt::read(
+        s.as_fd(),
+        Sock::Inet {
+            v6,
+            tcp: true,
+            connected: tcp::is_connection(info.state),
+        },
+    );
     match info.state {
         tcp::TCP_LISTEN => {
             if info.unacked > 0 {

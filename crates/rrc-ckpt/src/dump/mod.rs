@@ -368,7 +368,7 @@ pub(crate) fn take(
         _ => process::outer_session(t.root.as_raw(), own_pid_ns, depth)?,
     };
     process::check_sessions(&images, outer_session, own_pid_ns, &mut problems);
-    files::check_unix_peers(&files, &mut problems);
+    files::check_unix_peers(&mut files, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);
     files.finish(img)?;

@@ -104,23 +104,34 @@ impl FilePlan {
                 }
             }
         }
-        // Files made together: the two ends of a pipe, the two ends of a
-        // unix connection inside the tree.
+        // Files made together: the two ends of a pipe; unix sockets
+        // connected to each other, to a bound socket of the tree, or
+        // waiting in a listener's queue, with that listener. Pipe and
+        // socket inodes come from one counter.
+        let mut joined = Joined::default();
+        for f in &m.files {
+            match &f.kind {
+                FileKind::UnixConnected { ino, peer, .. } if *peer != 0 => {
+                    joined.join(u64::from(*ino), u64::from(*peer));
+                }
+                FileKind::UnixListen { ino, pending, .. } => {
+                    for e in pending {
+                        joined.join(u64::from(*ino), u64::from(*e));
+                    }
+                }
+                _ => {}
+            }
+        }
         let mut pipe_ends: HashMap<u64, Vec<usize>> = HashMap::new();
-        let unix_inodes: std::collections::HashSet<u32> = m
-            .files
-            .iter()
-            .filter_map(|f| match f.kind {
-                FileKind::UnixConnected { ino, .. } => Some(ino),
-                _ => None,
-            })
-            .collect();
         let group_of = |f: &OpenFile| -> Option<u64> {
             match f.kind {
                 FileKind::Pipe { pipe, .. } => Some(pipe),
-                FileKind::UnixConnected { ino, peer, .. } if unix_inodes.contains(&peer) => {
-                    // Unix inodes and pipe inodes come from one counter.
-                    Some(u64::from(ino.min(peer)))
+                FileKind::UnixConnected { ino, .. }
+                | FileKind::Unix { ino, .. }
+                | FileKind::UnixListen { ino, .. }
+                    if ino != 0 =>
+                {
+                    Some(joined.root(u64::from(ino)))
                 }
                 _ => None,
             }
@@ -170,6 +181,29 @@ impl FilePlan {
             ghosts: None,
             repaired: Vec::new(),
             socket_time: std::time::Duration::ZERO,
+        }
+    }
+}
+
+/// Inodes joined into groups (union-find, without ranks: groups are
+/// small).
+#[derive(Default)]
+struct Joined {
+    up: HashMap<u64, u64>,
+}
+
+impl Joined {
+    fn root(&self, mut x: u64) -> u64 {
+        while let Some(&u) = self.up.get(&x) {
+            x = u;
+        }
+        x
+    }
+
+    fn join(&mut self, a: u64, b: u64) {
+        let (ra, rb) = (self.root(a), self.root(b));
+        if ra != rb {
+            self.up.insert(ra, rb);
         }
     }
 }

@@ -3,6 +3,7 @@
 //! then passed into the process over a unix socket it inherited from the
 //! engine, as SCM_RIGHTS.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
@@ -10,7 +11,7 @@ use nix::sys::socket::{
     AddressFamily, MsgFlags, SockFlag, SockType, SockaddrStorage, UnixAddr, bind, connect, socket,
 };
 
-use crate::image::{Blob, FileKind, ImageDir, OpenFile};
+use crate::image::{Blob, FileKind, ImageDir, OpenFile, SockOpt};
 use crate::restore::tracee::Tracee;
 use crate::unixdiag::UnixName;
 use crate::{Error, Result, sys, tcp};
@@ -61,59 +62,91 @@ fn blob(img: &ImageDir, b: &Blob) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-/// Queues `f`'s saved incoming messages by sending them from its peer end.
-fn refill(f: &OpenFile, from: &OwnedFd, img: &ImageDir, pid: i32) -> Result<()> {
-    let FileKind::UnixConnected { messages, data, .. } = &f.kind else {
+/// The saved messages `messages` of `data`, one by one.
+fn saved_messages(img: &ImageDir, messages: &[u32], data: &Blob) -> Result<Vec<Vec<u8>>> {
+    let bytes = blob(img, data)?;
+    let mut off = 0usize;
+    let mut out = Vec::with_capacity(messages.len());
+    for len in messages {
+        let m = off
+            .checked_add(*len as usize)
+            .and_then(|end| bytes.get(off..end))
+            .ok_or_else(|| Error::CorruptImage {
+                path: img.socket_data(),
+                detail: "queued messages longer than their data".into(),
+            })?;
+        out.push(m.to_vec());
+        off += *len as usize;
+    }
+    Ok(out)
+}
+
+/// Queues `f`'s saved incoming messages by sending them from `from`: its
+/// peer end, or (`to`) a socket sending to its name.
+fn refill(
+    f: &OpenFile,
+    from: &OwnedFd,
+    to: Option<&UnixAddr>,
+    img: &ImageDir,
+    pid: i32,
+) -> Result<()> {
+    let (FileKind::UnixConnected { messages, data, .. } | FileKind::Unix { messages, data, .. }) =
+        &f.kind
+    else {
         return Ok(());
     };
-    let path = img.socket_data();
-    let data = blob(img, data)?;
-    let mut off = 0;
-    for len in messages {
-        let m = data
-            .get(off..off + *len as usize)
-            .ok_or_else(|| Error::CorruptImage {
-                path: path.clone(),
-                detail: "queued messages shorter than recorded".into(),
-            })?;
+    for m in saved_messages(img, messages, data)? {
         let mut sent = 0;
         // A stream takes its bytes in as many writes as it likes; a
         // message goes in one.
-        while sent < m.len() || (m.is_empty() && sent == 0) {
-            let n = nix::sys::socket::send(from.as_raw_fd(), &m[sent..], MsgFlags::MSG_DONTWAIT)
-                .map_err(|e| rerr(pid, format!("requeue unix socket data: {e}")))?;
+        loop {
+            let n = match to {
+                Some(to) => nix::sys::socket::sendto(
+                    from.as_raw_fd(),
+                    &m[sent..],
+                    to,
+                    MsgFlags::MSG_DONTWAIT,
+                ),
+                None => {
+                    nix::sys::socket::send(from.as_raw_fd(), &m[sent..], MsgFlags::MSG_DONTWAIT)
+                }
+            }
+            .map_err(|e| rerr(pid, format!("requeue unix socket data: {e}")))?;
             sent += n;
-            if m.is_empty() {
+            if sent >= m.len() {
                 break;
             }
         }
-        off += *len as usize;
     }
     Ok(())
 }
 
-/// A listening or unconnected unix socket, or one end of a connection to a
-/// socket outside the tree (datagram, reconnected by name).
-fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
-    let io = |what: String| move |e: nix::Error| rerr(pid, format!("{what}: {e}"));
-    let (ty, name, peer_name, listen) = match &f.kind {
-        FileKind::UnixListen { ty, name, backlog } => (*ty, Some(name), None, Some(*backlog)),
-        FileKind::Unix { ty, name, .. } => (*ty, name.as_ref(), None, None),
-        FileKind::UnixConnected {
-            ty,
-            name,
-            peer_name,
-            ..
-        } => (*ty, name.as_ref(), peer_name.as_ref(), None),
+/// The type, name and options of a unix socket.
+fn unix_parts(f: &OpenFile) -> (i32, Option<&UnixName>, &[SockOpt]) {
+    match &f.kind {
+        FileKind::UnixListen {
+            ty, name, options, ..
+        } => (*ty, Some(name), options),
+        FileKind::Unix {
+            ty, name, options, ..
+        }
+        | FileKind::UnixConnected {
+            ty, name, options, ..
+        } => (*ty, name.as_ref(), options),
         _ => unreachable!("unix sockets only"),
-    };
+    }
+}
+
+/// A new unix socket of `f`'s type, bound to its name if it had one.
+fn unix_socket(f: &OpenFile, pid: i32) -> Result<OwnedFd> {
+    let (ty, name, _) = unix_parts(f);
     let s = socket(
         AddressFamily::Unix,
         unix_type(ty),
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(io("unix socket".into()))?;
+    .map_err(|e| rerr(pid, format!("unix socket: {e}")))?;
     if let Some(n) = name {
         if let UnixName::Path(p) = n {
             // A socket file left by the original (now gone) is in the way.
@@ -124,62 +157,230 @@ fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
             }
         }
         let a = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-        bind(s.as_raw_fd(), &a).map_err(io(format!("bind unix socket {n:?}")))?;
+        bind(s.as_raw_fd(), &a).map_err(|e| rerr(pid, format!("bind unix socket {n:?}: {e}")))?;
     }
-    if let Some(b) = listen {
-        nix::sys::socket::listen(
-            &s,
-            nix::sys::socket::Backlog::new(b.min(i32::MAX as u32) as i32)
-                .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
-        )
-        .map_err(io("listen".into()))?;
-    }
-    if let Some(p) = peer_name {
-        let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-        connect(s.as_raw_fd(), &a).map_err(io(format!("reconnect unix socket to {p:?}")))?;
-    }
-    if let (FileKind::Unix { messages, data, .. }, Some(n)) = (&f.kind, name)
-        && !messages.is_empty()
-    {
-        // Messages that were queued to it come again from an unnamed
-        // sender, as they came from unnamed (or gone) ones.
-        let to = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-        let sender = socket(
-            AddressFamily::Unix,
-            SockType::Datagram,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(io("unix socket".into()))?;
-        let bytes = blob(img, data)?;
-        let mut off = 0;
-        for len in messages {
-            let m = &bytes[off..off + *len as usize];
-            nix::sys::socket::sendto(sender.as_raw_fd(), m, &to, MsgFlags::MSG_DONTWAIT)
-                .map_err(io("requeue a datagram".into()))?;
-            off += *len as usize;
+    Ok(s)
+}
+
+/// What is left to do once a unix socket holds its data: its shutdown
+/// state, its options, its blocking mode.
+fn finish_unix(f: &OpenFile, s: &OwnedFd, pid: i32) -> Result<()> {
+    if let FileKind::UnixConnected { shutdown, .. } = f.kind {
+        let how = match shutdown & 3 {
+            1 => Some(nix::sys::socket::Shutdown::Read),
+            2 => Some(nix::sys::socket::Shutdown::Write),
+            3 => Some(nix::sys::socket::Shutdown::Both),
+            _ => None,
+        };
+        if let Some(how) = how {
+            // A peer already gone has shut this end whole.
+            match nix::sys::socket::shutdown(s.as_raw_fd(), how) {
+                Ok(()) | Err(nix::Error::ENOTCONN) => {}
+                Err(e) => return Err(rerr(pid, format!("unix socket shutdown: {e}"))),
+            }
         }
     }
-    set_nonblocking(&s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
+    set_options(s, unix_parts(f).2, pid);
+    set_nonblocking(s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))
+}
+
+/// A listening or unconnected unix socket, or one connected by name to a
+/// socket that is not connected back (a datagram socket's server).
+fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
+    let s = unix_socket(f, pid)?;
+    match &f.kind {
+        FileKind::UnixListen { backlog, .. } => {
+            nix::sys::socket::listen(
+                &s,
+                nix::sys::socket::Backlog::new((*backlog).clamp(1, i32::MAX as u32) as i32)
+                    .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+            )
+            .map_err(|e| rerr(pid, format!("listen: {e}")))?;
+        }
+        FileKind::UnixConnected {
+            peer_name: Some(p), ..
+        } => {
+            let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+            connect(s.as_raw_fd(), &a)
+                .map_err(|e| rerr(pid, format!("reconnect unix socket to {p:?}: {e}")))?;
+        }
+        FileKind::Unix {
+            name: Some(n),
+            messages,
+            ..
+        } if !messages.is_empty() => {
+            // Messages that were queued to it come again from an unnamed
+            // sender, as they came from unnamed (or gone) ones.
+            let to = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+            let sender = socket(
+                AddressFamily::Unix,
+                SockType::Datagram,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| rerr(pid, format!("unix socket: {e}")))?;
+            refill(f, &sender, Some(&to), img, pid)?;
+        }
+        _ => {}
+    }
     Ok(s)
+}
+
+/// A client of a connection not yet accepted: connected to its listener
+/// again, where it waits in the accept queue.
+fn reconnect_client(f: &OpenFile, listener: &UnixName, pid: i32) -> Result<OwnedFd> {
+    let s = unix_socket(f, pid)?;
+    let a = unix_addr(listener).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+    connect(s.as_raw_fd(), &a)
+        .map_err(|e| rerr(pid, format!("connect again to {listener:?}: {e}")))?;
+    Ok(s)
+}
+
+/// The unix sockets made so far: where each inode's socket is in the
+/// output, and which files are done.
+#[derive(Default)]
+struct Made {
+    at: HashMap<u32, usize>,
+    done: std::collections::HashSet<usize>,
+}
+
+impl Made {
+    fn keep(&mut self, f: &OpenFile, s: OwnedFd, out: &mut Vec<(usize, OwnedFd, bool)>) {
+        if let FileKind::UnixConnected { ino, .. }
+        | FileKind::Unix { ino, .. }
+        | FileKind::UnixListen { ino, .. } = f.kind
+        {
+            self.at.insert(ino, out.len());
+        }
+        self.done.insert(f.id);
+        out.push((f.id, s, false));
+    }
+}
+
+/// The unix sockets among `files`, made in the order their connections
+/// need: every bound or listening socket (with the connections its clients
+/// had not seen accepted) before the sockets connected to them.
+fn build_unix_all(
+    files: &[&OpenFile],
+    img: &ImageDir,
+    pid: i32,
+    out: &mut Vec<(usize, OwnedFd, bool)>,
+) -> Result<()> {
+    let unix: Vec<&OpenFile> = files
+        .iter()
+        .copied()
+        .filter(|f| {
+            matches!(
+                f.kind,
+                FileKind::UnixListen { .. }
+                    | FileKind::Unix { .. }
+                    | FileKind::UnixConnected { .. }
+            )
+        })
+        .collect();
+    let connected = |f: &OpenFile| match f.kind {
+        FileKind::UnixConnected { ino, peer, .. } => Some((ino, peer)),
+        _ => None,
+    };
+    let by_ino: HashMap<u32, &OpenFile> = unix
+        .iter()
+        .filter_map(|f| match f.kind {
+            FileKind::UnixConnected { ino, .. }
+            | FileKind::Unix { ino, .. }
+            | FileKind::UnixListen { ino, .. } => Some((ino, *f)),
+            _ => None,
+        })
+        .collect();
+    let client_of: HashMap<u32, &OpenFile> = unix
+        .iter()
+        .filter_map(|f| connected(f).map(|(_, peer)| (peer, *f)))
+        .collect();
+    let mut made = Made::default();
+    // Sockets others connect to.
+    for f in &unix {
+        let s = match &f.kind {
+            FileKind::Unix { .. } => build_unix(f, img, pid)?,
+            FileKind::UnixListen { name, pending, .. } => {
+                let s = build_unix(f, img, pid)?;
+                finish_unix(f, &s, pid)?;
+                made.keep(f, s, out);
+                for e in pending {
+                    let c = client_of.get(e).ok_or_else(|| {
+                        rerr(pid, "a connection not yet accepted has no client".into())
+                    })?;
+                    let cs = reconnect_client(c, name, pid)?;
+                    finish_unix(c, &cs, pid)?;
+                    made.keep(c, cs, out);
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        finish_unix(f, &s, pid)?;
+        made.keep(f, s, out);
+    }
+    // Connections.
+    for f in &unix {
+        let Some((ino, peer)) = connected(f) else {
+            continue;
+        };
+        if made.done.contains(&f.id) {
+            continue;
+        }
+        let ty = unix_parts(f).0;
+        let mutual = by_ino
+            .get(&peer)
+            .and_then(|o| connected(o))
+            .is_some_and(|(_, back)| back == ino);
+        if mutual || peer == 0 {
+            // A fresh pair, each end's incoming data sent from the other;
+            // an end whose peer is gone keeps its data and sees the other
+            // end closed.
+            let (a, b) = nix::sys::socket::socketpair(
+                AddressFamily::Unix,
+                unix_type(ty),
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| rerr(pid, format!("socketpair: {e}")))?;
+            refill(f, &b, None, img, pid)?;
+            if mutual {
+                let other = by_ino[&peer];
+                refill(other, &a, None, img, pid)?;
+                finish_unix(f, &a, pid)?;
+                finish_unix(other, &b, pid)?;
+                made.keep(f, a, out);
+                made.keep(other, b, out);
+            } else {
+                drop(b);
+                finish_unix(f, &a, pid)?;
+                made.keep(f, a, out);
+            }
+            continue;
+        }
+        // Connected by name to a socket that is not connected back; what
+        // it had queued came from that socket.
+        let s = build_unix(f, img, pid)?;
+        if let (Some(&at), (_, Some(n), _)) = (made.at.get(&peer), unix_parts(f)) {
+            let to = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+            refill(f, &out[at].1, Some(&to), img, pid)?;
+        }
+        finish_unix(f, &s, pid)?;
+        made.keep(f, s, out);
+    }
+    Ok(())
 }
 
 fn parse_addr(pid: i32, s: &str) -> Result<std::net::SocketAddr> {
     s.parse().map_err(|_| rerr(pid, format!("bad address {s}")))
 }
 
-fn set_options(fd: &OwnedFd, options: &[(i32, i32, i32)]) {
-    for &(level, name, value) in options {
-        // Buffer sizes read back doubled (the kernel's bookkeeping share);
-        // the forcing variants set them whatever the system limits.
-        let (name, value) = match (level, name) {
-            (libc::SOL_SOCKET, libc::SO_SNDBUF) => (libc::SO_SNDBUFFORCE, value / 2),
-            (libc::SOL_SOCKET, libc::SO_RCVBUF) => (libc::SO_RCVBUFFORCE, value / 2),
-            _ => (name, value),
-        };
-        if let Err(e) = sys::setsockopt_int(fd.as_fd(), level, name, value) {
-            tracing::debug!(level, name, error = %e, "socket option not restored");
-        }
+/// Puts the saved options on `fd`; one that cannot be set (a device or
+/// congestion control this host lacks) is said, and the socket goes on
+/// without it.
+fn set_options(fd: &OwnedFd, options: &[SockOpt], pid: i32) {
+    for failed in crate::sockopt::apply(fd.as_fd(), options) {
+        tracing::warn!(pid, "a socket option is not restored: {failed}");
     }
 }
 
@@ -234,7 +435,7 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
             };
             let s = socket(fam, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
                 .map_err(|e| io("socket")(e.into()))?;
-            set_options(&s, options);
+            set_options(&s, options, pid);
             bind(s.as_raw_fd(), &SockaddrStorage::from(a))
                 .map_err(|e| io(&format!("bind {addr}"))(e.into()))?;
             let backlog = nix::sys::socket::Backlog::new((*backlog).min(i32::MAX as u32) as i32)
@@ -263,7 +464,7 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
             };
             let s = socket(fam, sty, SockFlag::SOCK_CLOEXEC, None)
                 .map_err(|e| io("socket")(e.into()))?;
-            set_options(&s, options);
+            set_options(&s, options, pid);
             if let Some(l) = local {
                 let a = SockaddrStorage::from(parse_addr(pid, l)?);
                 bind(s.as_raw_fd(), &a).map_err(|e| io(&format!("bind {l}"))(e.into()))?;
@@ -288,8 +489,8 @@ pub struct Connection {
     pub state: crate::tcp::TcpState,
     pub sndq: Vec<u8>,
     pub rcvq: Vec<u8>,
-    /// Socket options (level, name, value) as a checkpoint saves them.
-    pub options: Vec<(i32, i32, i32)>,
+    /// Socket options as a checkpoint saves them.
+    pub options: Vec<SockOpt>,
 }
 
 /// Builds `conns` in the network namespace of process `pid`, in repair
@@ -323,7 +524,7 @@ fn connection(
     peer: &std::net::SocketAddr,
     st: &crate::tcp::TcpState,
     (sndq, rcvq): (&[u8], &[u8]),
-    options: &[(i32, i32, i32)],
+    options: &[SockOpt],
 ) -> Result<OwnedFd> {
     let s = tcp::build(local, peer, st, sndq, rcvq).map_err(|e| {
         rerr(
@@ -339,7 +540,7 @@ fn connection(
             )
         })?;
     }
-    set_options(&s, options);
+    set_options(&s, options, pid);
     Ok(s)
 }
 
@@ -390,52 +591,20 @@ pub fn create(
     repaired: &mut Vec<Repaired>,
 ) -> Result<Vec<(usize, u64)>> {
     let pid = t.ns_pid;
-    let by_ino: std::collections::HashMap<u32, &OpenFile> = files
-        .iter()
-        .filter_map(|f| match f.kind {
-            FileKind::UnixConnected { ino, .. } => Some((ino, *f)),
-            _ => None,
-        })
-        .collect();
     let built = crate::common::in_netns_of(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
         let mut out = Vec::new();
-        let mut paired = std::collections::HashSet::new();
+        build_unix_all(files, img, pid, &mut out)?;
         for f in files {
-            if paired.contains(&f.id) {
+            if matches!(
+                f.kind,
+                FileKind::UnixListen { .. }
+                    | FileKind::Unix { .. }
+                    | FileKind::UnixConnected { .. }
+            ) {
                 continue;
             }
-            match &f.kind {
-                FileKind::UnixConnected { ty, peer, .. } if by_ino.contains_key(peer) => {
-                    // Both ends here: a fresh pair, each end's incoming
-                    // data sent from the other.
-                    let other = by_ino[peer];
-                    let (a, b) = nix::sys::socket::socketpair(
-                        AddressFamily::Unix,
-                        unix_type(*ty),
-                        None,
-                        SockFlag::SOCK_CLOEXEC,
-                    )
-                    .map_err(|e| rerr(pid, format!("socketpair: {e}")))?;
-                    refill(f, &b, img, pid)?;
-                    refill(other, &a, img, pid)?;
-                    set_nonblocking(&a, f.flags)
-                        .map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
-                    set_nonblocking(&b, other.flags)
-                        .map_err(|e| rerr(pid, format!("socket flags: {e}")))?;
-                    paired.insert(other.id);
-                    out.push((f.id, a, false));
-                    out.push((other.id, b, false));
-                }
-                FileKind::UnixConnected { .. }
-                | FileKind::UnixListen { .. }
-                | FileKind::Unix { .. } => {
-                    out.push((f.id, build_unix(f, img, pid)?, false));
-                }
-                _ => {
-                    let (s, r) = build(f, img, pid)?;
-                    out.push((f.id, s, r));
-                }
-            }
+            let (s, r) = build(f, img, pid)?;
+            out.push((f.id, s, r));
         }
         Ok(out)
     })??;
