@@ -38,6 +38,10 @@ enum On {
     Ip4,
     /// IPv6 sockets.
     Ip6,
+    /// IPv4 sockets other than TCP (multicast options).
+    Ip4Dgram,
+    /// IPv6 sockets other than TCP.
+    Ip6Dgram,
     /// IPv6 sockets other than connections (set before they are bound).
     Ip6Unconnected,
     Tcp,
@@ -58,6 +62,8 @@ impl On {
             (On::Inet, _) => true,
             (On::Ip4, Sock::Inet { v6, .. }) => !v6,
             (On::Ip6, Sock::Inet { v6, .. }) => v6,
+            (On::Ip4Dgram, Sock::Inet { v6, tcp, .. }) => !v6 && !tcp,
+            (On::Ip6Dgram, Sock::Inet { v6, tcp, .. }) => v6 && !tcp,
             (On::Ip6Unconnected, Sock::Inet { v6, connected, .. }) => v6 && !connected,
             (On::Tcp | On::UnixOrTcp, Sock::Inet { tcp, .. }) => tcp,
             (On::TcpUnconnected, Sock::Inet { tcp, connected, .. }) => tcp && !connected,
@@ -105,7 +111,8 @@ const IPV6_FREEBIND: i32 = 78;
 use libc::{IPPROTO_IP as IP, IPPROTO_IPV6 as IP6, IPPROTO_TCP as TCP, SOL_SOCKET as SOCK};
 
 /// The options kept, in the order they are set again: buffer sizes before
-/// `SO_BUF_LOCK`, which says whether the program fixed them.
+/// `SO_BUF_LOCK`, which says whether the program fixed them; the priority
+/// after the type of service, which changes it.
 const KNOWN: &[Known] = &[
     int(SOCK, libc::SO_REUSEADDR, On::Inet),
     int(SOCK, libc::SO_REUSEPORT, On::Inet),
@@ -116,7 +123,6 @@ const KNOWN: &[Known] = &[
     int(SOCK, libc::SO_BUSY_POLL, On::Inet),
     int(SOCK, libc::SO_ZEROCOPY, On::Inet),
     bytes(SOCK, libc::SO_BINDTODEVICE, libc::IFNAMSIZ, On::Inet),
-    int(SOCK, libc::SO_PRIORITY, On::Any),
     int(SOCK, libc::SO_MARK, On::Any),
     int(SOCK, libc::SO_RCVLOWAT, On::Any),
     int(SOCK, SO_TIMESTAMP_OLD, On::Any),
@@ -162,14 +168,14 @@ const KNOWN: &[Known] = &[
     int(IP, libc::IP_RECVTOS, On::Ip4),
     int(IP, libc::IP_RECVTTL, On::Ip4),
     int(IP, libc::IP_RECVORIGDSTADDR, On::Ip4),
-    int(IP, libc::IP_MULTICAST_TTL, On::Ip4),
+    int(IP, libc::IP_MULTICAST_TTL, On::Ip4Dgram),
     int(IP, libc::IP_MULTICAST_LOOP, On::Ip4),
     int(IP, libc::IP_MULTICAST_ALL, On::Ip4),
     int(IP, IP_LOCAL_PORT_RANGE, On::Ip4),
     int(IP6, libc::IPV6_V6ONLY, On::Ip6Unconnected),
     int(IP6, libc::IPV6_TCLASS, On::Ip6),
     int(IP6, libc::IPV6_UNICAST_HOPS, On::Ip6),
-    int(IP6, libc::IPV6_MULTICAST_HOPS, On::Ip6),
+    int(IP6, libc::IPV6_MULTICAST_HOPS, On::Ip6Dgram),
     int(IP6, libc::IPV6_MULTICAST_LOOP, On::Ip6),
     int(IP6, libc::IPV6_RECVERR, On::Ip6),
     int(IP6, libc::IPV6_MTU_DISCOVER, On::Ip6),
@@ -177,6 +183,8 @@ const KNOWN: &[Known] = &[
     int(IP6, libc::IPV6_RECVTCLASS, On::Ip6),
     int(IP6, IPV6_FREEBIND, On::Ip6),
     int(IP6, libc::IPV6_TRANSPARENT, On::Ip6),
+    // Setting IP_TOS sets the priority too: the priority comes after.
+    int(SOCK, libc::SO_PRIORITY, On::Any),
 ];
 
 fn read_one(fd: BorrowedFd<'_>, level: i32, name: i32, size: usize) -> Option<OptValue> {

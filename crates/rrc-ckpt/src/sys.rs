@@ -436,6 +436,22 @@ pub fn signal_owner(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<((i32, i32), 
     Ok(((owner[0], owner[1]), sig as i32))
 }
 
+/// Runs `f` with the socket's peek offset set to `off`, then puts back
+/// the offset the program had.
+pub fn with_peek_offset<T>(
+    s: std::os::fd::BorrowedFd<'_>,
+    off: i32,
+    f: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let had = getsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF)?;
+    setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, off)?;
+    let r = f();
+    let back = setsockopt_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, had);
+    let r = r?;
+    back?;
+    Ok(r)
+}
+
 /// An integer socket option of a socket of ours.
 pub fn getsockopt_int(
     fd: std::os::fd::BorrowedFd<'_>,

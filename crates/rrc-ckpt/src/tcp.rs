@@ -123,7 +123,13 @@ fn repair_queue(fd: BorrowedFd<'_>, q: i32) -> std::io::Result<()> {
     sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_REPAIR_QUEUE, q)
 }
 
+/// The `len` bytes at the head of the queue chosen in repair mode, from
+/// its head whatever peek offset the program set.
 fn peek(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Vec<u8>> {
+    sys::with_peek_offset(fd, -1, || peek_head(fd, len))
+}
+
+fn peek_head(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
     let mut got = 0;
     while got < len {
@@ -372,6 +378,11 @@ pub fn build(
         &snd_una.to_ne_bytes(),
     )?;
     repair_queue(fd, 0)?;
+    // The segment size the connection sends with is worked out when it
+    // connects, from the largest it may use: set now, or it is the
+    // 536-byte default for good (the repair option below comes too late).
+    // A size the kernel refuses leaves the default.
+    let _ = sys::setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_MAXSEG, st.mss as i32);
     connect(fd.as_raw_fd(), &sockaddr(peer))?;
     // Options, as struct tcp_repair_opt { u32 code; u32 value; }.
     let mut opts = Vec::new();

@@ -428,6 +428,11 @@ fn unix_sockets_pairs_named_abstract_with_queued_messages() {
     checkpoint_restore("sk_unix");
 }
 
+#[test]
+fn socket_options_set_and_default_on_every_kind_of_socket() {
+    checkpoint_restore("sk_options");
+}
+
 /// Checkpointing `fixture` is refused with an error naming `what`, leaves
 /// no image, and the original carries on.
 fn refused(fixture: &str, what: &str) {

@@ -721,7 +721,7 @@ fn unix_kind(
         let len = sys::ioctl_int(s.as_fd(), 0x541B).map_err(fail("queue length"))? as usize;
         if len > 0 {
             // A stream peek starts at the head only with no peek offset.
-            let peeked = with_peek_offset(s, -1, || sys::peek_message(s.as_fd(), len))
+            let peeked = sys::with_peek_offset(s.as_fd(), -1, || sys::peek_message(s.as_fd(), len))
                 .map_err(fail("peek"))?;
             match peeked {
                 Some((_, true)) => {
@@ -753,22 +753,6 @@ fn unix_kind(
     }))
 }
 
-/// Runs `f` with the socket's peek offset set to `off`, then puts back
-/// the offset the program had.
-fn with_peek_offset<T>(
-    s: &std::os::fd::OwnedFd,
-    off: i32,
-    f: impl FnOnce() -> std::io::Result<T>,
-) -> std::io::Result<T> {
-    let had = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF)?;
-    sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, off)?;
-    let r = f();
-    let back = sys::setsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_PEEK_OFF, had);
-    let r = r?;
-    back?;
-    Ok(r)
-}
-
 /// Every message queued on a datagram or seqpacket socket of ours, without
 /// taking any: through a peek offset from the head.
 fn peek_messages(
@@ -776,7 +760,7 @@ fn peek_messages(
     messages: &mut Vec<u32>,
     data: &mut Vec<u8>,
 ) -> std::io::Result<std::result::Result<(), String>> {
-    with_peek_offset(s, 0, || {
+    sys::with_peek_offset(s.as_fd(), 0, || {
         while let Some((b, fds)) = sys::peek_message(s.as_fd(), 1 << 17)? {
             if fds {
                 return Ok(Err(

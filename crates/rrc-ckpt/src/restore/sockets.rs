@@ -184,8 +184,7 @@ fn finish_unix(f: &OpenFile, s: &OwnedFd, pid: i32) -> Result<()> {
     set_nonblocking(s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))
 }
 
-/// A listening or unconnected unix socket, or one connected by name to a
-/// socket that is not connected back (a datagram socket's server).
+/// A listening or unconnected unix socket.
 fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
     let s = unix_socket(f, pid)?;
     match &f.kind {
@@ -196,13 +195,6 @@ fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
                     .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
             )
             .map_err(|e| rerr(pid, format!("listen: {e}")))?;
-        }
-        FileKind::UnixConnected {
-            peer_name: Some(p), ..
-        } => {
-            let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-            connect(s.as_raw_fd(), &a)
-                .map_err(|e| rerr(pid, format!("reconnect unix socket to {p:?}: {e}")))?;
         }
         FileKind::Unix {
             name: Some(n),
@@ -319,7 +311,69 @@ fn build_unix_all(
         finish_unix(f, &s, pid)?;
         made.keep(f, s, out);
     }
-    // Connections.
+    // Datagram sockets connected by name: all made and bound, then their
+    // queues filled (from their peer where it is in the tree, so a reply
+    // keeps its sender), then connected, as a socket connected to one
+    // takes messages from it alone.
+    let by_name: Vec<&OpenFile> = unix
+        .iter()
+        .copied()
+        .filter(|f| {
+            matches!(f.kind, FileKind::UnixConnected { ty, peer_name: Some(_), .. }
+                if ty == libc::SOCK_DGRAM)
+        })
+        .collect();
+    let mut bound = HashMap::new();
+    for f in &by_name {
+        bound.insert(f.id, unix_socket(f, pid)?);
+    }
+    for f in &by_name {
+        let (_, name, _) = unix_parts(f);
+        let Some(name) = name else {
+            if matches!(&f.kind, FileKind::UnixConnected { messages, .. } if !messages.is_empty()) {
+                tracing::warn!(pid, "an unnamed datagram socket's queued messages are lost");
+            }
+            continue;
+        };
+        let to = unix_addr(name).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+        let peer = connected(f).map(|(_, p)| p).unwrap_or(0);
+        let from_peer = made
+            .at
+            .get(&peer)
+            .map(|&at| &out[at].1)
+            .or_else(|| by_ino.get(&peer).and_then(|o| bound.get(&o.id)));
+        match from_peer {
+            Some(from) => refill(f, from, Some(&to), img, pid)?,
+            None => {
+                let sender = socket(
+                    AddressFamily::Unix,
+                    SockType::Datagram,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )
+                .map_err(|e| rerr(pid, format!("unix socket: {e}")))?;
+                refill(f, &sender, Some(&to), img, pid)?;
+            }
+        }
+    }
+    for f in &by_name {
+        let FileKind::UnixConnected {
+            peer_name: Some(p), ..
+        } = &f.kind
+        else {
+            continue;
+        };
+        let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+        connect(bound[&f.id].as_raw_fd(), &a)
+            .map_err(|e| rerr(pid, format!("reconnect unix socket to {p:?}: {e}")))?;
+    }
+    for f in &by_name {
+        let s = bound.remove(&f.id).expect("made above");
+        finish_unix(f, &s, pid)?;
+        made.keep(f, s, out);
+    }
+    // Connections made as pairs: both ends in the tree, or one end alone
+    // whose peer is gone.
     for f in &unix {
         let Some((ino, peer)) = connected(f) else {
             continue;
@@ -332,41 +386,37 @@ fn build_unix_all(
             .get(&peer)
             .and_then(|o| connected(o))
             .is_some_and(|(_, back)| back == ino);
-        if mutual || peer == 0 {
-            // A fresh pair, each end's incoming data sent from the other;
-            // an end whose peer is gone keeps its data and sees the other
-            // end closed.
-            let (a, b) = nix::sys::socket::socketpair(
-                AddressFamily::Unix,
-                unix_type(ty),
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )
-            .map_err(|e| rerr(pid, format!("socketpair: {e}")))?;
-            refill(f, &b, None, img, pid)?;
-            if mutual {
-                let other = by_ino[&peer];
-                refill(other, &a, None, img, pid)?;
-                finish_unix(f, &a, pid)?;
-                finish_unix(other, &b, pid)?;
-                made.keep(f, a, out);
-                made.keep(other, b, out);
-            } else {
-                drop(b);
-                finish_unix(f, &a, pid)?;
-                made.keep(f, a, out);
-            }
-            continue;
+        if !mutual && peer != 0 {
+            return Err(rerr(
+                pid,
+                format!(
+                    "a unix socket (inode {ino}) is connected to {peer}, which is not connected back"
+                ),
+            ));
         }
-        // Connected by name to a socket that is not connected back; what
-        // it had queued came from that socket.
-        let s = build_unix(f, img, pid)?;
-        if let (Some(&at), (_, Some(n), _)) = (made.at.get(&peer), unix_parts(f)) {
-            let to = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-            refill(f, &out[at].1, Some(&to), img, pid)?;
+        // A fresh pair, each end's incoming data sent from the other; an
+        // end whose peer is gone keeps its data and sees the other end
+        // closed.
+        let (a, b) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            unix_type(ty),
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(|e| rerr(pid, format!("socketpair: {e}")))?;
+        refill(f, &b, None, img, pid)?;
+        if mutual {
+            let other = by_ino[&peer];
+            refill(other, &a, None, img, pid)?;
+            finish_unix(f, &a, pid)?;
+            finish_unix(other, &b, pid)?;
+            made.keep(f, a, out);
+            made.keep(other, b, out);
+        } else {
+            drop(b);
+            finish_unix(f, &a, pid)?;
+            made.keep(f, a, out);
         }
-        finish_unix(f, &s, pid)?;
-        made.keep(f, s, out);
     }
     Ok(())
 }
