@@ -26,6 +26,7 @@ pub mod edit;
 mod error;
 pub mod image;
 pub mod incremental;
+pub mod netlock;
 pub mod procfs;
 pub mod procmem;
 pub mod ptrace;

@@ -529,6 +529,13 @@ pub fn inject_peer_packet(
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         nix::sys::socket::SockProtocol::Raw,
     )?;
+    // Let through the lock that holds the connection's peer back.
+    sys::setsockopt_int(
+        raw.as_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_MARK,
+        crate::netlock::PASS_MARK,
+    )?;
     let dst = nix::sys::socket::SockaddrIn::from(*l);
     nix::sys::socket::sendto(raw.as_raw_fd(), &pkt, &dst, MsgFlags::empty())?;
     Ok(())

@@ -260,6 +260,12 @@ fn outside_view(root: Pid) -> BTreeMap<String, String> {
 
 /// Checkpoint (killing the original), restore, check.
 fn checkpoint_restore(name: &str) {
+    checkpoint_restore_after(name, Duration::ZERO);
+}
+
+/// Checkpoint (killing the original), wait `down`, restore, check; gives
+/// what the checkpoint said.
+fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
     require_root();
     become_subreaper();
     let dir = scratch(name);
@@ -277,6 +283,7 @@ fn checkpoint_restore(name: &str) {
     ])
     .ok();
     assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    let said = out;
     // Reap the original so its pid is free again (another test's
     // [`reap_orphans`] may have reaped it first: its status is then in
     // REAPED).
@@ -303,6 +310,7 @@ fn checkpoint_restore(name: &str) {
     };
     assert_eq!(code, Some(128 + 9));
     reap_orphans();
+    std::thread::sleep(down);
     let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
     // Seen from outside, nothing changed.
@@ -336,6 +344,7 @@ fn checkpoint_restore(name: &str) {
         "{name} after restore: exit {code}\n{log}"
     );
     let _ = fs::remove_dir_all(&dir);
+    said
 }
 
 #[test]
@@ -426,6 +435,28 @@ fn udp_sockets_bound_and_connected() {
 #[test]
 fn unix_sockets_pairs_named_abstract_with_queued_messages() {
     checkpoint_restore("sk_unix");
+}
+
+/// The peer, outside the tree, keeps sending while the tree is down: the
+/// connection's packets are held back until the restore, not answered
+/// with a reset.
+#[test]
+fn tcp_with_full_queues_and_a_peer_outside_the_tree() {
+    let said = checkpoint_restore_after("sk_tcp_outside", Duration::from_secs(3));
+    let table = said
+        .stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("rrc_lock_"))
+        .unwrap_or_else(|| panic!("the checkpoint names its network lock: {said:?}"))
+        .to_string();
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains(&table),
+        "the restore lifts the network lock {table}"
+    );
 }
 
 #[test]

@@ -45,6 +45,9 @@ pub struct CheckpointReport {
     /// Of the total, the time spent reading sockets (connections in repair
     /// mode, queues).
     pub sockets: Duration,
+    /// The firewall table that holds the killed tree's TCP connections
+    /// still until the restore lifts it.
+    pub net_lock: Option<String>,
 }
 
 /// A shared memory object of which every checkpoint saves only the
@@ -193,6 +196,15 @@ pub(crate) fn take(
     // is of the very moment the checkpoint saves.
     let mut annotations = t.annotations.clone();
     annotations.extend((t.at_freeze)());
+    // A tree about to be killed in the host's own network: what comes to
+    // its connections is dropped until the restore (before their queues
+    // are read, so that nothing arrives after).
+    let net_lock = if !t.leave_running && crate::netlock::in_our_netns(t.root.as_raw()) {
+        let pids: Vec<i32> = seized.processes.iter().map(|p| p.pid.as_raw()).collect();
+        crate::netlock::lock(&crate::netlock::connections_of(&pids))?
+    } else {
+        crate::netlock::NetLock::none()
+    };
     let mut problems = Vec::new();
     let mut shmem = memory::ShmemTable::with_limits(t.shmem_limits);
     let mut files = files::FileTable::default();
@@ -402,7 +414,9 @@ pub(crate) fn take(
         parent,
         lineage,
         checksums: BTreeMap::new(),
+        net_lock: net_lock.name().map(str::to_string),
     };
+    let lock_name = manifest.net_lock.clone();
     let threads = images.iter().map(|p| p.threads.len()).sum();
     let processes = images.len();
     let write_records = |img: &ImageDir,
@@ -434,8 +448,10 @@ pub(crate) fn take(
         write_records(img, manifest, &mut images, policy)?;
         img.sync()?;
         seized.release(true);
-        // Killed in repair mode, the connections close without FIN or RST.
+        // Killed in repair mode, the connections close without FIN or RST;
+        // the lock keeps their peers quiet until the restore.
         repaired.close_silently();
+        net_lock.keep();
         phases.log(stopped, frozen_at.elapsed());
     }
     let frozen = seized.stopped_for();
@@ -455,6 +471,7 @@ pub(crate) fn take(
         frozen: frozen.unwrap_or(frozen_at.elapsed()),
         total: start.elapsed(),
         sockets,
+        net_lock: if t.leave_running { None } else { lock_name },
     })
 }
 

@@ -861,6 +861,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         // window probe each sends makes its peer resend what it lacks.
         // Unless the caller is to replace them: they stay silent.
         let started = Instant::now();
+        // The peers may reach the connections again.
+        if let Some(table) = &m.net_lock
+            && let Err(e) = crate::netlock::unlock(table)
+        {
+            tracing::warn!("the network lock {table} stays: {e}");
+        }
         if opts.keep_repair {
             ctx.plan.repaired.clear();
         }

@@ -136,6 +136,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
                     frozen: std::time::Duration::from_micros(stopped_us),
                     total: std::time::Duration::from_micros(total_us),
                     sockets: std::time::Duration::from_micros(sockets_us),
+                    net_lock: None,
                 },
                 Response::Failed(e) => bail!("checkpoint of container {name}: {e}"),
                 other => bail!("checkpoint of container {name}: unexpected answer {other:?}"),
@@ -168,6 +169,12 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
             "; the original was killed"
         }
     );
+    if let Some(table) = &report.net_lock {
+        println!(
+            "its TCP connections are held still by the nftables table {table} until `rrc restore` \
+             lifts it (by hand: nft delete table inet {table})"
+        );
+    }
     Ok(0)
 }
 
