@@ -482,9 +482,11 @@ pub enum FileKind {
         data: Blob,
     },
     /// A listening unix socket (inode `ino`). Connections not yet
-    /// accepted are in `pending`, by the inode of their server end, in
-    /// the order they will be accepted: each is made again by its client
-    /// (a socket of the tree, with nothing sent yet) connecting anew.
+    /// accepted are in `pending`, by the inode of their client (as
+    /// sock_diag names them; the client's own peer, the server end not yet
+    /// accepted, has no inode and shows as 0), in the order they will be
+    /// accepted: each is made again by its client (a socket of the tree,
+    /// with nothing sent yet) connecting anew.
     UnixListen {
         ty: i32,
         name: crate::unixdiag::UnixName,
@@ -511,6 +513,10 @@ pub enum FileKind {
         peer_name: Option<crate::unixdiag::UnixName>,
         messages: Vec<u32>,
         data: Blob,
+        /// A datagram socket's: who sent each message in `messages`
+        /// (`None`: a socket without a name). Empty in older images.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        senders: Vec<Option<crate::unixdiag::UnixName>>,
         /// `SHUT_RD` (1) and `SHUT_WR` (2) as the kernel keeps them for
         /// this end.
         #[serde(default)]

@@ -664,19 +664,25 @@ pub fn send_fds(sock: std::os::fd::BorrowedFd<'_>, fds: &[std::os::fd::RawFd]) -
     Ok(())
 }
 
-/// Peeks at the next message queued on a socket of ours without taking it:
-/// returns its bytes and whether it carried ancillary data (file
-/// descriptors in flight: any it carried are closed again here).
-pub fn peek_message(
-    fd: std::os::fd::BorrowedFd<'_>,
-    max: usize,
-) -> io::Result<Option<(Vec<u8>, bool)>> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+/// A message queued on a unix socket, as a peek sees it.
+pub struct Peeked {
+    pub data: Vec<u8>,
+    /// It carried ancillary data: file descriptors in flight (any it
+    /// carried are closed again).
+    pub fds: bool,
+    /// Its sender's name (`None`: it has none).
+    pub from: Option<crate::unixdiag::UnixName>,
+}
+
+/// Peeks at the next message queued on a unix socket of ours without
+/// taking it; `None` when there is none.
+pub fn peek_message(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<Option<Peeked>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixAddr, recvmsg};
     use std::os::fd::AsRawFd;
     let mut buf = vec![0u8; max];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 253]);
     let mut iov = [io::IoSliceMut::new(&mut buf)];
-    let r = match recvmsg::<()>(
+    let r = match recvmsg::<UnixAddr>(
         fd.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
@@ -687,6 +693,20 @@ pub fn peek_message(
         Err(e) => return Err(e.into()),
     };
     let n = r.bytes;
+    let from = r.address.and_then(|a| {
+        use nix::sys::socket::SockaddrLike;
+        // A sender without a name comes with no address at all.
+        if (a.len() as usize) <= std::mem::offset_of!(libc::sockaddr_un, sun_path) {
+            None
+        } else if let Some(p) = a.path() {
+            Some(crate::unixdiag::UnixName::Path(
+                p.to_string_lossy().into_owned(),
+            ))
+        } else {
+            a.as_abstract()
+                .map(|b| crate::unixdiag::UnixName::Abstract(b.to_vec()))
+        }
+    });
     let mut had_fds = r.flags.contains(MsgFlags::MSG_CTRUNC);
     if let Ok(cmsgs) = r.cmsgs() {
         for c in cmsgs {
@@ -699,7 +719,11 @@ pub fn peek_message(
         }
     }
     buf.truncate(n);
-    Ok(Some((buf, had_fds)))
+    Ok(Some(Peeked {
+        data: buf,
+        fds: had_fds,
+        from,
+    }))
 }
 
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;

@@ -31,7 +31,7 @@ pub struct UnixInfo {
     /// been closed since (its data may still be queued here).
     pub peer: Option<u32>,
     /// Connections waiting to be accepted (listening sockets): the
-    /// inodes of their server ends, in the order they will be accepted.
+    /// inodes of their clients, in the order they will be accepted.
     pub pending: Vec<u32>,
     /// `SHUT_RD` (1) and `SHUT_WR` (2) of this end, as the kernel keeps
     /// them (a peer's shutdown shows here as the opposite direction).

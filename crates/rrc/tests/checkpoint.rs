@@ -459,6 +459,21 @@ fn tcp_with_full_queues_and_a_peer_outside_the_tree() {
     );
 }
 
+/// Datagram sockets connected one way and both ways by name, a listener
+/// with connections not yet accepted, shut-down and widowed sockets, and a
+/// connection to a process outside the tree, which comes back with its
+/// peer closed and is said so.
+#[test]
+fn unix_sockets_connected_by_name_pending_shut_down_and_outside() {
+    let said = checkpoint_restore_after("sk_unix_more", Duration::ZERO);
+    assert!(
+        said.stderr.contains(
+            "a unix socket connected to a process outside the tree comes back with its peer closed"
+        ),
+        "{said:?}"
+    );
+}
+
 #[test]
 fn socket_options_set_and_default_on_every_kind_of_socket() {
     checkpoint_restore("sk_options");

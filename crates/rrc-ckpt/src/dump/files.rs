@@ -689,6 +689,7 @@ fn unix_kind(
     // one, a stream in one piece.
     let mut data = Vec::new();
     let mut messages = Vec::new();
+    let mut senders = Vec::new();
     let fail = |what: &str| {
         let what = what.to_string();
         Error::io(format!("unix socket fd {fd} of process {pid}: {what}"))
@@ -696,7 +697,8 @@ fn unix_kind(
     let Some(peer) = info.peer else {
         if ty == libc::SOCK_DGRAM
             && info.name.is_some()
-            && let Err(what) = peek_messages(s, &mut messages, &mut data).map_err(fail("peek"))?
+            && let Err(what) =
+                peek_messages(s, &mut messages, &mut senders, &mut data).map_err(fail("peek"))?
         {
             return Ok(Err(what));
         }
@@ -711,7 +713,10 @@ fn unix_kind(
         }));
     };
     if ty == libc::SOCK_STREAM {
-        if unix.values().any(|l| l.pending.contains(&peer))
+        // A client whose connection waits in a listener's queue: the
+        // listener names it by its own inode (its peer, the server end, has
+        // no inode yet and shows as 0).
+        if unix.values().any(|l| l.pending.contains(&ino))
             && sys::ioctl_int(s.as_fd(), 0x5411 /* SIOCOUTQ */).map_err(fail("send queue"))? > 0
         {
             return Ok(Err(
@@ -724,19 +729,21 @@ fn unix_kind(
             let peeked = sys::with_peek_offset(s.as_fd(), -1, || sys::peek_message(s.as_fd(), len))
                 .map_err(fail("peek"))?;
             match peeked {
-                Some((_, true)) => {
+                Some(sys::Peeked { fds: true, .. }) => {
                     return Ok(Err(
                         "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
                     ));
                 }
-                Some((b, false)) => {
-                    messages.push(b.len() as u32);
-                    data = b;
+                Some(p) => {
+                    messages.push(p.data.len() as u32);
+                    data = p.data;
                 }
                 None => {}
             }
         }
-    } else if let Err(what) = peek_messages(s, &mut messages, &mut data).map_err(fail("peek"))? {
+    } else if let Err(what) =
+        peek_messages(s, &mut messages, &mut senders, &mut data).map_err(fail("peek"))?
+    {
         return Ok(Err(what));
     }
     let data = table.put_blob(img, &data)?;
@@ -748,6 +755,11 @@ fn unix_kind(
         peer_name: unix.get(&peer).and_then(|p| p.name.clone()),
         messages,
         data,
+        senders: if ty == libc::SOCK_DGRAM {
+            senders
+        } else {
+            Vec::new()
+        },
         shutdown: info.shutdown,
         options,
     }))
@@ -758,16 +770,31 @@ fn unix_kind(
 fn peek_messages(
     s: &std::os::fd::OwnedFd,
     messages: &mut Vec<u32>,
+    senders: &mut Vec<Option<crate::unixdiag::UnixName>>,
     data: &mut Vec<u8>,
 ) -> std::io::Result<std::result::Result<(), String>> {
+    // A seqpacket socket whose peer has gone reads 0 at the end of its
+    // queue instead of EAGAIN: stop once every queued byte (SIOCINQ counts
+    // them all) has been seen.
+    let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let total = if ty == libc::SOCK_SEQPACKET {
+        Some(sys::ioctl_int(s.as_fd(), 0x541B /* SIOCINQ */)? as usize)
+    } else {
+        None
+    };
     sys::with_peek_offset(s.as_fd(), 0, || {
-        while let Some((b, fds)) = sys::peek_message(s.as_fd(), 1 << 17)? {
+        while let Some(sys::Peeked { data: b, fds, from }) = sys::peek_message(s.as_fd(), 1 << 17)?
+        {
+            if b.is_empty() && total.is_some_and(|t| data.len() >= t) {
+                break;
+            }
             if fds {
                 return Ok(Err(
                     "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
                 ));
             }
             messages.push(b.len() as u32);
+            senders.push(from);
             data.extend_from_slice(&b);
         }
         Ok(Ok(()))
@@ -785,24 +812,13 @@ pub fn check_unix_peers(table: &mut FileTable, problems: &mut Vec<String>) {
         // outside the tree, and the checkpoint fails anyway.
         return;
     }
-    let mut inodes = std::collections::HashSet::new();
-    for f in &table.files {
-        match &f.kind {
-            FileKind::UnixConnected { ino, .. } | FileKind::Unix { ino, .. } => {
-                inodes.insert(*ino);
-            }
-            FileKind::UnixListen { ino, pending, .. } => {
-                inodes.insert(*ino);
-                inodes.extend(pending.iter().copied());
-            }
-            _ => {}
-        }
-    }
-    let clients: std::collections::HashSet<u32> = table
+    let inodes: std::collections::HashSet<u32> = table
         .files
         .iter()
         .filter_map(|f| match f.kind {
-            FileKind::UnixConnected { peer, .. } => Some(peer),
+            FileKind::UnixConnected { ino, .. }
+            | FileKind::Unix { ino, .. }
+            | FileKind::UnixListen { ino, .. } => Some(ino),
             _ => None,
         })
         .collect();
@@ -826,7 +842,7 @@ pub fn check_unix_peers(table: &mut FileTable, problems: &mut Vec<String>) {
                 *peer_name = None;
             }
             FileKind::UnixListen { pending, .. } => {
-                let outside = pending.iter().filter(|e| !clients.contains(e)).count();
+                let outside = pending.iter().filter(|e| !inodes.contains(e)).count();
                 if outside > 0 {
                     problems.push(format!(
                         "process {p}: fd {fd}: a listening unix socket with {outside} \

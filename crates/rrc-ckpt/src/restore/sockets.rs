@@ -283,10 +283,6 @@ fn build_unix_all(
             _ => None,
         })
         .collect();
-    let client_of: HashMap<u32, &OpenFile> = unix
-        .iter()
-        .filter_map(|f| connected(f).map(|(_, peer)| (peer, *f)))
-        .collect();
     let mut made = Made::default();
     // Sockets others connect to.
     for f in &unix {
@@ -297,7 +293,7 @@ fn build_unix_all(
                 finish_unix(f, &s, pid)?;
                 made.keep(f, s, out);
                 for e in pending {
-                    let c = client_of.get(e).ok_or_else(|| {
+                    let c = by_ino.get(e).ok_or_else(|| {
                         rerr(pid, "a connection not yet accepted has no client".into())
                     })?;
                     let cs = reconnect_client(c, name, pid)?;
@@ -327,6 +323,21 @@ fn build_unix_all(
     for f in &by_name {
         bound.insert(f.id, unix_socket(f, pid)?);
     }
+    // The datagram socket of the tree bound to a name, made by now.
+    let named = |n: &UnixName| -> Option<&OwnedFd> {
+        unix.iter().find_map(|f| {
+            let (ty, name, _) = unix_parts(f);
+            if ty != libc::SOCK_DGRAM || name != Some(n) {
+                return None;
+            }
+            bound.get(&f.id).or_else(|| {
+                let FileKind::Unix { ino, .. } = f.kind else {
+                    return None;
+                };
+                made.at.get(&ino).map(|&at| &out[at].1)
+            })
+        })
+    };
     for f in &by_name {
         let (_, name, _) = unix_parts(f);
         let Some(name) = name else {
@@ -336,6 +347,36 @@ fn build_unix_all(
             continue;
         };
         let to = unix_addr(name).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+        if let FileKind::UnixConnected {
+            senders,
+            messages,
+            data,
+            ..
+        } = &f.kind
+            && !senders.is_empty()
+        {
+            // Each message from its own sender: a socket of the tree of
+            // that name, or one without a name.
+            let unnamed = socket(
+                AddressFamily::Unix,
+                SockType::Datagram,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| rerr(pid, format!("unix socket: {e}")))?;
+            for (m, from) in saved_messages(img, messages, data)?.iter().zip(senders) {
+                let s = match from {
+                    None => &unnamed,
+                    Some(n) => named(n).unwrap_or_else(|| {
+                        tracing::warn!(pid, "a datagram from {n:?}, outside the tree, comes from a socket without a name");
+                        &unnamed
+                    }),
+                };
+                nix::sys::socket::sendto(s.as_raw_fd(), m, &to, MsgFlags::MSG_DONTWAIT)
+                    .map_err(|e| rerr(pid, format!("requeue unix socket data: {e}")))?;
+            }
+            continue;
+        }
         let peer = connected(f).map(|(_, p)| p).unwrap_or(0);
         let from_peer = made
             .at
@@ -356,16 +397,46 @@ fn build_unix_all(
             }
         }
     }
-    for f in &by_name {
-        let FileKind::UnixConnected {
-            peer_name: Some(p), ..
-        } = &f.kind
-        else {
-            continue;
+    // Once connected, a socket takes datagrams from its peer alone, and
+    // refuses a connect() from any other: the sockets connected to it one
+    // way connect first.
+    let one_way = |f: &OpenFile| {
+        connected(f).filter(|&(ino, peer)| {
+            by_ino
+                .get(&peer)
+                .and_then(|o| connected(o))
+                .is_none_or(|(_, back)| back != ino)
+        })
+    };
+    let mut left: Vec<&OpenFile> = by_name.clone();
+    while !left.is_empty() {
+        let awaited: std::collections::HashSet<u32> = left
+            .iter()
+            .filter_map(|f| one_way(f))
+            .map(|(_, peer)| peer)
+            .collect();
+        let (now, later): (Vec<&OpenFile>, Vec<&OpenFile>) = left
+            .iter()
+            .partition(|f| connected(f).is_none_or(|(ino, _)| !awaited.contains(&ino)));
+        // A cycle of one-way connections (no order works): in file order,
+        // and the kernel says what fails.
+        let (now, later) = if now.is_empty() {
+            (later, Vec::new())
+        } else {
+            (now, later)
         };
-        let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-        connect(bound[&f.id].as_raw_fd(), &a)
-            .map_err(|e| rerr(pid, format!("reconnect unix socket to {p:?}: {e}")))?;
+        for f in now {
+            let FileKind::UnixConnected {
+                peer_name: Some(p), ..
+            } = &f.kind
+            else {
+                continue;
+            };
+            let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+            connect(bound[&f.id].as_raw_fd(), &a)
+                .map_err(|e| rerr(pid, format!("reconnect unix socket to {p:?}: {e}")))?;
+        }
+        left = later;
     }
     for f in &by_name {
         let s = bound.remove(&f.id).expect("made above");
