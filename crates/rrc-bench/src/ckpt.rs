@@ -259,7 +259,9 @@ fn redis_measure(
     let addr = format!("127.0.0.1:{port}").parse()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut c = loop {
-        match RespConn::connect(addr, Duration::from_secs(1)) {
+        // Filling Redis takes seconds on a busy machine: a reply may be long
+        // in coming.
+        match RespConn::connect(addr, Duration::from_secs(60)) {
             Ok(c) => break c,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(e.into()),
