@@ -822,9 +822,32 @@ pub fn check_unix_peers(table: &mut FileTable, problems: &mut Vec<String>) {
             _ => None,
         })
         .collect();
+    let waiting: std::collections::HashSet<u32> = table
+        .files
+        .iter()
+        .filter_map(|f| match &f.kind {
+            FileKind::UnixListen { pending, .. } => Some(pending.iter().copied()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
     for f in &mut table.files {
         let (p, fd) = table.holders[f.id];
         match &mut f.kind {
+            // No peer and not shut down: a client waiting in the queue of
+            // a listener outside the tree (a peer that closed shuts it).
+            FileKind::UnixConnected {
+                ino,
+                ty,
+                peer: 0,
+                shutdown: 0,
+                ..
+            } if *ty != libc::SOCK_DGRAM && !waiting.contains(ino) => {
+                tracing::warn!(
+                    "process {p}: fd {fd}: a unix socket waiting to be accepted by a process \
+                     outside the tree comes back with its peer closed"
+                );
+            }
             FileKind::UnixConnected {
                 ty,
                 peer,

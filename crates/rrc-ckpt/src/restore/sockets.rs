@@ -204,18 +204,23 @@ fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
             // Messages that were queued to it come again from an unnamed
             // sender, as they came from unnamed (or gone) ones.
             let to = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-            let sender = socket(
-                AddressFamily::Unix,
-                SockType::Datagram,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| rerr(pid, format!("unix socket: {e}")))?;
+            let sender = unnamed_sender(pid)?;
             refill(f, &sender, Some(&to), img, pid)?;
         }
         _ => {}
     }
     Ok(s)
+}
+
+/// A datagram socket without a name, to send from.
+fn unnamed_sender(pid: i32) -> Result<OwnedFd> {
+    socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| rerr(pid, format!("unix socket: {e}")))
 }
 
 /// A client of a connection not yet accepted: connected to its listener
@@ -357,13 +362,7 @@ fn build_unix_all(
         {
             // Each message from its own sender: a socket of the tree of
             // that name, or one without a name.
-            let unnamed = socket(
-                AddressFamily::Unix,
-                SockType::Datagram,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| rerr(pid, format!("unix socket: {e}")))?;
+            let unnamed = unnamed_sender(pid)?;
             for (m, from) in saved_messages(img, messages, data)?.iter().zip(senders) {
                 let s = match from {
                     None => &unnamed,
@@ -386,13 +385,7 @@ fn build_unix_all(
         match from_peer {
             Some(from) => refill(f, from, Some(&to), img, pid)?,
             None => {
-                let sender = socket(
-                    AddressFamily::Unix,
-                    SockType::Datagram,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )
-                .map_err(|e| rerr(pid, format!("unix socket: {e}")))?;
+                let sender = unnamed_sender(pid)?;
                 refill(f, &sender, Some(&to), img, pid)?;
             }
         }
