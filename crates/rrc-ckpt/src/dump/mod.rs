@@ -48,6 +48,9 @@ pub struct CheckpointReport {
     /// The firewall table that holds the killed tree's TCP connections
     /// still until the restore lifts it.
     pub net_lock: Option<String>,
+    /// Of the time stopped, syncing the image to disk before the tree is
+    /// killed (nothing when it is left running).
+    pub sync: Duration,
 }
 
 /// A shared memory object of which every checkpoint saves only the
@@ -434,6 +437,7 @@ pub(crate) fn take(
         img.write_json("manifest.json", &manifest)
     };
     let memory_bytes;
+    let mut synced = Duration::ZERO;
     if t.leave_running {
         // The connections go on: out of repair mode without a word.
         repaired.release();
@@ -446,7 +450,9 @@ pub(crate) fn take(
         // before it is killed.
         memory_bytes = policy.finish(img)?;
         write_records(img, manifest, &mut images, policy)?;
+        let t = Instant::now();
         img.sync()?;
+        synced = t.elapsed();
         seized.release(true);
         // Killed in repair mode, the connections close without FIN or RST;
         // the lock keeps their peers quiet until the restore.
@@ -472,6 +478,7 @@ pub(crate) fn take(
         total: start.elapsed(),
         sockets,
         net_lock: if t.leave_running { None } else { lock_name },
+        sync: synced,
     })
 }
 

@@ -137,6 +137,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
                     total: std::time::Duration::from_micros(total_us),
                     sockets: std::time::Duration::from_micros(sockets_us),
                     net_lock: None,
+                    sync: std::time::Duration::ZERO,
                 },
                 Response::Failed(e) => bail!("checkpoint of container {name}: {e}"),
                 other => bail!("checkpoint of container {name}: unexpected answer {other:?}"),
@@ -154,7 +155,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
         (None, None) => bail!("name a container or give --pid"),
     };
     println!(
-        "checkpointed {what}: {} process(es), {} thread(s): {:.1} MiB of memory, image {:.1} MiB in {}; stopped for {:.1} ms (sockets {:.1} ms), total {:.1} ms{}",
+        "checkpointed {what}: {} process(es), {} thread(s): {:.1} MiB of memory, image {:.1} MiB in {}; stopped for {:.1} ms (sockets {:.1} ms{}), total {:.1} ms{}",
         report.processes,
         report.threads,
         report.memory_bytes as f64 / (1 << 20) as f64,
@@ -162,6 +163,11 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
         a.images.display(),
         report.frozen.as_secs_f64() * 1000.0,
         report.sockets.as_secs_f64() * 1000.0,
+        if report.sync.is_zero() {
+            String::new()
+        } else {
+            format!(", image sync {:.1} ms", report.sync.as_secs_f64() * 1000.0)
+        },
         report.total.as_secs_f64() * 1000.0,
         if a.leave_running {
             ""
