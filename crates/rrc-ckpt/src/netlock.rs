@@ -81,44 +81,68 @@ pub fn in_our_netns(pid: i32) -> bool {
 }
 
 /// The TCP connections (neither listening nor closed) open in `pids`,
-/// as this network namespace lists them.
+/// read from their sockets themselves (taken through pidfds): listing the
+/// namespace's connections walks the kernel's whole connection table,
+/// which costs milliseconds even when it is empty.
 pub fn connections_of(pids: &[i32]) -> Vec<Conn> {
-    let mut inodes = HashSet::new();
-    for pid in pids {
+    use nix::sys::socket::{SockaddrStorage, getpeername, getsockname};
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for &pid in pids {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
+        let Ok(pidfd) = crate::sys::pidfd_open(nix::unistd::Pid::from_raw(pid)) else {
+            continue;
+        };
         for e in dir.flatten() {
-            if let Ok(l) = std::fs::read_link(e.path())
-                && let Some(ino) = l
-                    .to_str()
+            let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            let is_new_socket = std::fs::read_link(e.path()).ok().is_some_and(|l| {
+                l.to_str()
                     .and_then(|l| l.strip_prefix("socket:["))
-                    .and_then(|l| l.strip_suffix(']'))
-                    .and_then(|l| l.parse::<u64>().ok())
+                    .is_some_and(|ino| seen.insert(ino.to_string()))
+            });
+            if !is_new_socket {
+                continue;
+            }
+            let Ok(s) = crate::sys::steal_fd_via(&pidfd, fd) else {
+                continue;
+            };
+            let opt = |level, name| crate::sys::getsockopt_int(s.as_fd(), level, name).ok();
+            let domain = opt(libc::SOL_SOCKET, libc::SO_DOMAIN);
+            if !matches!(domain, Some(libc::AF_INET | libc::AF_INET6))
+                || opt(libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
             {
-                inodes.insert(ino);
+                continue;
+            }
+            let state = crate::tcp::info(s.as_fd()).map(|i| i.state).ok();
+            if matches!(
+                state,
+                None | Some(crate::tcp::TCP_LISTEN | crate::tcp::TCP_CLOSE)
+            ) {
+                continue;
+            }
+            let addr = |a: nix::Result<SockaddrStorage>| {
+                let a = a.ok()?;
+                if let Some(v4) = a.as_sockaddr_in() {
+                    Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                } else {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                }
+            };
+            if let (Some(local), Some(peer)) = (
+                addr(getsockname(s.as_raw_fd())),
+                addr(getpeername(s.as_raw_fd())),
+            ) {
+                out.push(Conn { local, peer });
             }
         }
     }
-    if inodes.is_empty() {
-        return Vec::new();
-    }
-    let mut entries = procfs::net::tcp().unwrap_or_default();
-    entries.extend(procfs::net::tcp6().unwrap_or_default());
-    entries
-        .into_iter()
-        .filter(|e| inodes.contains(&e.inode))
-        .filter(|e| {
-            !matches!(
-                e.state,
-                procfs::net::TcpState::Listen | procfs::net::TcpState::Close
-            )
-        })
-        .map(|e| Conn {
-            local: e.local_address,
-            peer: e.remote_address,
-        })
-        .collect()
+    out
 }
 
 /// The nftables table that drops what comes to `conns`.
