@@ -549,6 +549,19 @@ pub enum FileKind {
     },
 }
 
+impl FileKind {
+    /// The inode of a unix socket (listening, unconnected or connected);
+    /// `None` for any other file.
+    pub fn unix_ino(&self) -> Option<u32> {
+        match self {
+            FileKind::UnixConnected { ino, .. }
+            | FileKind::Unix { ino, .. }
+            | FileKind::UnixListen { ino, .. } => Some(*ino),
+            _ => None,
+        }
+    }
+}
+
 /// The highest inotify watch descriptor a restore reaches: it gets there
 /// by using up every number below it, one system call pair each.
 pub const INOTIFY_MAX_WD: i32 = 1 << 16;

@@ -80,7 +80,7 @@ pub fn in_our_netns(pid: i32) -> bool {
     ours.is_some() && ours == ino(&format!("/proc/{pid}/ns/net"))
 }
 
-/// The TCP connections (neither listening nor closed) open in `pids`,
+/// The TCP connections open in `pids` (those a checkpoint rebuilds),
 /// read from their sockets themselves (taken through pidfds): listing the
 /// namespace's connections walks the kernel's whole connection table,
 /// which costs milliseconds even when it is empty.
@@ -118,22 +118,11 @@ pub fn connections_of(pids: &[i32]) -> Vec<Conn> {
             {
                 continue;
             }
-            let state = crate::tcp::info(s.as_fd()).map(|i| i.state).ok();
-            if matches!(
-                state,
-                None | Some(crate::tcp::TCP_LISTEN | crate::tcp::TCP_CLOSE)
-            ) {
+            // The connections a checkpoint rebuilds.
+            if !crate::tcp::info(s.as_fd()).is_ok_and(|i| crate::tcp::is_connection(i.state)) {
                 continue;
             }
-            let addr = |a: nix::Result<SockaddrStorage>| {
-                let a = a.ok()?;
-                if let Some(v4) = a.as_sockaddr_in() {
-                    Some(SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
-                } else {
-                    a.as_sockaddr_in6()
-                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
-                }
-            };
+            let addr = |a: nix::Result<SockaddrStorage>| crate::sys::inet_addr(&a.ok()?);
             if let (Some(local), Some(peer)) = (
                 addr(getsockname(s.as_raw_fd())),
                 addr(getpeername(s.as_raw_fd())),

@@ -452,6 +452,16 @@ pub fn with_peek_offset<T>(
     Ok(r)
 }
 
+/// The IPv4 or IPv6 address in `addr`, if it holds one.
+pub fn inet_addr(addr: &nix::sys::socket::SockaddrStorage) -> Option<std::net::SocketAddr> {
+    if let Some(a) = addr.as_sockaddr_in() {
+        Some(std::net::SocketAddr::from(std::net::SocketAddrV4::from(*a)))
+    } else {
+        addr.as_sockaddr_in6()
+            .map(|a| std::net::SocketAddr::from(std::net::SocketAddrV6::from(*a)))
+    }
+}
+
 /// An integer socket option of a socket of ours.
 pub fn getsockopt_int(
     fd: std::os::fd::BorrowedFd<'_>,

@@ -815,12 +815,7 @@ pub fn check_unix_peers(table: &mut FileTable, problems: &mut Vec<String>) {
     let inodes: std::collections::HashSet<u32> = table
         .files
         .iter()
-        .filter_map(|f| match f.kind {
-            FileKind::UnixConnected { ino, .. }
-            | FileKind::Unix { ino, .. }
-            | FileKind::UnixListen { ino, .. } => Some(ino),
-            _ => None,
-        })
+        .filter_map(|f| f.kind.unix_ino())
         .collect();
     let waiting: std::collections::HashSet<u32> = table
         .files
@@ -878,15 +873,6 @@ pub fn check_unix_peers(table: &mut FileTable, problems: &mut Vec<String>) {
     }
 }
 
-fn socket_addr(addr: &socket::SockaddrStorage) -> Option<std::net::SocketAddr> {
-    if let Some(a) = addr.as_sockaddr_in() {
-        Some(std::net::SocketAddr::from(std::net::SocketAddrV4::from(*a)))
-    } else {
-        addr.as_sockaddr_in6()
-            .map(|a| std::net::SocketAddr::from(std::net::SocketAddrV6::from(*a)))
-    }
-}
-
 /// What a socket is (with its state and data), or why it is not supported.
 fn socket_kind(
     pid: Pid,
@@ -915,11 +901,11 @@ fn socket_kind(
     let v6 = domain == libc::AF_INET6;
     let local = socket::getsockname::<socket::SockaddrStorage>(s.as_raw_fd())
         .ok()
-        .and_then(|a| socket_addr(&a))
+        .and_then(|a| sys::inet_addr(&a))
         .filter(|a| a.port() != 0);
     let peer = socket::getpeername::<socket::SockaddrStorage>(s.as_raw_fd())
         .ok()
-        .and_then(|a| socket_addr(&a));
+        .and_then(|a| sys::inet_addr(&a));
     if ty == libc::SOCK_DGRAM {
         return Ok(Ok(FileKind::Inet {
             family: domain,

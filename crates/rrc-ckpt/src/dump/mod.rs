@@ -477,7 +477,7 @@ pub(crate) fn take(
         frozen: frozen.unwrap_or(frozen_at.elapsed()),
         total: start.elapsed(),
         sockets,
-        net_lock: if t.leave_running { None } else { lock_name },
+        net_lock: lock_name,
         sync: synced,
     })
 }

@@ -126,14 +126,11 @@ impl FilePlan {
         let group_of = |f: &OpenFile| -> Option<u64> {
             match f.kind {
                 FileKind::Pipe { pipe, .. } => Some(pipe),
-                FileKind::UnixConnected { ino, .. }
-                | FileKind::Unix { ino, .. }
-                | FileKind::UnixListen { ino, .. }
-                    if ino != 0 =>
-                {
-                    Some(joined.root(u64::from(ino)))
-                }
-                _ => None,
+                _ => f
+                    .kind
+                    .unix_ino()
+                    .filter(|&ino| ino != 0)
+                    .map(|ino| joined.root(u64::from(ino))),
             }
         };
         for f in &m.files {

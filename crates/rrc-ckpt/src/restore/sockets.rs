@@ -243,10 +243,7 @@ struct Made {
 
 impl Made {
     fn keep(&mut self, f: &OpenFile, s: OwnedFd, out: &mut Vec<(usize, OwnedFd, bool)>) {
-        if let FileKind::UnixConnected { ino, .. }
-        | FileKind::Unix { ino, .. }
-        | FileKind::UnixListen { ino, .. } = f.kind
-        {
+        if let Some(ino) = f.kind.unix_ino() {
             self.at.insert(ino, out.len());
         }
         self.done.insert(f.id);
@@ -266,14 +263,7 @@ fn build_unix_all(
     let unix: Vec<&OpenFile> = files
         .iter()
         .copied()
-        .filter(|f| {
-            matches!(
-                f.kind,
-                FileKind::UnixListen { .. }
-                    | FileKind::Unix { .. }
-                    | FileKind::UnixConnected { .. }
-            )
-        })
+        .filter(|f| f.kind.unix_ino().is_some())
         .collect();
     let connected = |f: &OpenFile| match f.kind {
         FileKind::UnixConnected { ino, peer, .. } => Some((ino, peer)),
@@ -281,13 +271,15 @@ fn build_unix_all(
     };
     let by_ino: HashMap<u32, &OpenFile> = unix
         .iter()
-        .filter_map(|f| match f.kind {
-            FileKind::UnixConnected { ino, .. }
-            | FileKind::Unix { ino, .. }
-            | FileKind::UnixListen { ino, .. } => Some((ino, *f)),
-            _ => None,
-        })
+        .filter_map(|f| Some((f.kind.unix_ino()?, *f)))
         .collect();
+    // Whether socket `ino`'s peer is connected back to it.
+    let is_mutual = |ino: u32, peer: u32| {
+        by_ino
+            .get(&peer)
+            .and_then(|o| connected(o))
+            .is_some_and(|(_, back)| back == ino)
+    };
     let mut made = Made::default();
     // Sockets others connect to.
     for f in &unix {
@@ -393,14 +385,7 @@ fn build_unix_all(
     // Once connected, a socket takes datagrams from its peer alone, and
     // refuses a connect() from any other: the sockets connected to it one
     // way connect first.
-    let one_way = |f: &OpenFile| {
-        connected(f).filter(|&(ino, peer)| {
-            by_ino
-                .get(&peer)
-                .and_then(|o| connected(o))
-                .is_none_or(|(_, back)| back != ino)
-        })
-    };
+    let one_way = |f: &OpenFile| connected(f).filter(|&(ino, peer)| !is_mutual(ino, peer));
     let mut left: Vec<&OpenFile> = by_name.clone();
     while !left.is_empty() {
         let awaited: std::collections::HashSet<u32> = left
@@ -446,10 +431,7 @@ fn build_unix_all(
             continue;
         }
         let ty = unix_parts(f).0;
-        let mutual = by_ino
-            .get(&peer)
-            .and_then(|o| connected(o))
-            .is_some_and(|(_, back)| back == ino);
+        let mutual = is_mutual(ino, peer);
         if !mutual && peer != 0 {
             return Err(rerr(
                 pid,
@@ -709,12 +691,7 @@ pub fn create(
         let mut out = Vec::new();
         build_unix_all(files, img, pid, &mut out)?;
         for f in files {
-            if matches!(
-                f.kind,
-                FileKind::UnixListen { .. }
-                    | FileKind::Unix { .. }
-                    | FileKind::UnixConnected { .. }
-            ) {
+            if f.kind.unix_ino().is_some() {
                 continue;
             }
             let (s, r) = build(f, img, pid)?;
