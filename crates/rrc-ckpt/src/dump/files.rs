@@ -697,8 +697,8 @@ fn unix_kind(
     let Some(peer) = info.peer else {
         if ty == libc::SOCK_DGRAM
             && info.name.is_some()
-            && let Err(what) =
-                peek_messages(s, &mut messages, &mut senders, &mut data).map_err(fail("peek"))?
+            && let Err(what) = peek_messages(s, ty, &mut messages, &mut senders, &mut data)
+                .map_err(fail("peek"))?
         {
             return Ok(Err(what));
         }
@@ -742,7 +742,7 @@ fn unix_kind(
             }
         }
     } else if let Err(what) =
-        peek_messages(s, &mut messages, &mut senders, &mut data).map_err(fail("peek"))?
+        peek_messages(s, ty, &mut messages, &mut senders, &mut data).map_err(fail("peek"))?
     {
         return Ok(Err(what));
     }
@@ -765,10 +765,12 @@ fn unix_kind(
     }))
 }
 
-/// Every message queued on a datagram or seqpacket socket of ours, without
+/// Every message queued on a datagram or seqpacket socket of ours (of type
+/// `ty`), without
 /// taking any: through a peek offset from the head.
 fn peek_messages(
     s: &std::os::fd::OwnedFd,
+    ty: i32,
     messages: &mut Vec<u32>,
     senders: &mut Vec<Option<crate::unixdiag::UnixName>>,
     data: &mut Vec<u8>,
@@ -776,7 +778,6 @@ fn peek_messages(
     // A seqpacket socket whose peer has gone reads 0 at the end of its
     // queue instead of EAGAIN: stop once every queued byte (SIOCINQ counts
     // them all) has been seen.
-    let ty = sys::getsockopt_int(s.as_fd(), libc::SOL_SOCKET, libc::SO_TYPE)?;
     let total = if ty == libc::SOCK_SEQPACKET {
         Some(sys::ioctl_int(s.as_fd(), 0x541B /* SIOCINQ */)? as usize)
     } else {
