@@ -766,8 +766,7 @@ fn unix_kind(
 }
 
 /// Every message queued on a datagram or seqpacket socket of ours (of type
-/// `ty`), without
-/// taking any: through a peek offset from the head.
+/// `ty`), without taking any: through a peek offset from the head.
 fn peek_messages(
     s: &std::os::fd::OwnedFd,
     ty: i32,
