@@ -1,7 +1,10 @@
 //! The epoch checkpointer: incremental checkpoints of a running container,
-//! each taken with the container's network paused, so that no frame
-//! crosses its gate while the tree is read (frames wait in the kernel's
-//! queues, and the TCP state read is exactly what the peers saw).
+//! each taken with the container's network paused from just before the
+//! tree stops until it runs again, so that no frame crosses its gate while
+//! the tree is read (frames wait in the kernel's queues, and the TCP state
+//! read is exactly what the peers saw). Writing the checkpoint out comes
+//! after: frames move again meanwhile, or every client would wait for the
+//! disk on top of the pause.
 //!
 //! One checkpointer serves every periodic use: a series asked for with
 //! `rrc checkpoint NAME --every` ([`crate::supervise`]) and replication's
@@ -11,7 +14,7 @@
 
 use std::path::Path;
 
-use rrc_ckpt::dump::Annotations;
+use rrc_ckpt::dump::{Annotations, FreezeHooks};
 use rrc_ckpt::incremental::{CopyMode, EpochReport, Incremental, IncrementalOptions};
 use rrc_ckpt::store::{ApplyReport, SeriesDir};
 
@@ -21,7 +24,8 @@ use crate::create::Container;
 /// What a checkpoint's taker does around it.
 pub trait EpochHooks {
     /// The network is paused: no frame crosses the gate until
-    /// [`EpochHooks::after`] has run.
+    /// [`EpochHooks::resumed`] has run (or [`EpochHooks::after`], if the
+    /// checkpoint fails before the tree runs again).
     fn paused(&mut self) {}
     /// Every thread of the container is stopped: what is returned is added
     /// to the checkpoint's annotations (counters the program keeps in
@@ -29,7 +33,11 @@ pub trait EpochHooks {
     fn at_freeze(&mut self) -> Annotations {
         Annotations::new()
     }
-    /// The checkpoint was taken (or failed); the network is still paused.
+    /// The tree runs again, everything of it read; the network is still
+    /// paused and moves again right after. Writing the checkpoint out may
+    /// still fail ([`EpochHooks::after`] then says so).
+    fn resumed(&mut self) {}
+    /// The checkpoint was taken (or failed); the network moves again.
     fn after(&mut self, _taken: Option<&EpochReport>) {}
 }
 
@@ -54,6 +62,11 @@ impl EpochCheckpointer {
         Ok(EpochCheckpointer { inc })
     }
 
+    /// The number the next checkpoint will get (0: the full first one).
+    pub fn next_epoch(&self) -> u64 {
+        self.inc.next_epoch()
+    }
+
     /// Takes the next checkpoint into `dir` (new or empty).
     pub fn take(
         &mut self,
@@ -62,9 +75,7 @@ impl EpochCheckpointer {
         hooks: &mut dyn EpochHooks,
     ) -> rrc_ckpt::Result<EpochReport> {
         let inc = &mut self.inc;
-        paused(c, hooks, |hooks| {
-            inc.checkpoint_with(dir, &mut || hooks.at_freeze())
-        })
+        paused(c, hooks, |h| inc.checkpoint_with(dir, h))
     }
 
     /// Takes the next checkpoint into a series directory and commits it
@@ -77,9 +88,8 @@ impl EpochCheckpointer {
         let inc = &mut self.inc;
         // The network is paused for the checkpoint only, not while it is
         // applied onto the series' image.
-        let r = paused(c, &mut (), |_| {
-            inc.checkpoint(&series.layer(inc.next_epoch()))
-        })?;
+        let layer = series.layer(inc.next_epoch());
+        let r = paused(c, &mut (), |h| inc.checkpoint_with(&layer, h))?;
         let applied = series.commit(r.lineage.epoch)?;
         Ok((r, applied))
     }
@@ -90,16 +100,37 @@ impl EpochCheckpointer {
     }
 }
 
-/// Runs `take` with the container's network paused and `hooks` around it.
+/// Runs `take` with the container's network paused until the tree runs
+/// again, and `hooks` around it.
 fn paused(
     c: &Container,
     hooks: &mut dyn EpochHooks,
-    take: impl FnOnce(&mut dyn EpochHooks) -> rrc_ckpt::Result<EpochReport>,
+    take: impl FnOnce(&mut dyn FreezeHooks) -> rrc_ckpt::Result<EpochReport>,
 ) -> rrc_ckpt::Result<EpochReport> {
     c.pause_network(true);
     hooks.paused();
-    let r = take(hooks);
+    let r = take(&mut Moments { c, hooks });
     hooks.after(r.as_ref().ok());
+    // A checkpoint that failed while the tree was stopped never said it
+    // runs again.
     c.pause_network(false);
     r
+}
+
+/// The checkpoint engine's two moments, passed on to the hooks; the
+/// network moves again at the second.
+struct Moments<'a> {
+    c: &'a Container,
+    hooks: &'a mut dyn EpochHooks,
+}
+
+impl FreezeHooks for Moments<'_> {
+    fn at_freeze(&mut self) -> Annotations {
+        self.hooks.at_freeze()
+    }
+
+    fn resumed(&mut self) {
+        self.hooks.resumed();
+        self.c.pause_network(false);
+    }
 }

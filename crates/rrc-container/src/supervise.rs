@@ -275,14 +275,22 @@ impl Container {
         Ok(annotations)
     }
 
-    /// Checkpoints the container into `images` with its network cut, so no
-    /// TCP state changes while it is read; the tree is then killed (and
-    /// this process removes the container) or goes on, reconnected.
+    /// Checkpoints the container into `images` with no frame crossing its
+    /// gate, so no TCP state changes while it is read. A container left
+    /// running has its frames held back until the tree runs again (they
+    /// reach it then, instead of waiting for the peers to send them again);
+    /// one that is killed (and then removed by this process) is cut off
+    /// the network for good.
     pub fn checkpoint(&mut self, images: &Path, leave_running: bool) -> Result<CheckpointReport> {
         let annotations = self.annotations()?;
         if let Some(net) = &self.net {
-            net.forwarder.set_blocked(true);
+            if leave_running {
+                net.forwarder.set_paused(true);
+            } else {
+                net.forwarder.set_blocked(true);
+            }
         }
+        let mut moves_again = || self.pause_network(false);
         let r = rrc_ckpt::dump::checkpoint_with(
             &CheckpointOptions {
                 root: self.init,
@@ -290,12 +298,16 @@ impl Container {
                 leave_running,
                 annotations,
             },
-            rrc_ckpt::dump::Extras::new().shmem_limits(self.shmem_limits.clone()),
+            rrc_ckpt::dump::Extras::new()
+                .shmem_limits(self.shmem_limits.clone())
+                .at_freeze(&mut OnResume(&mut moves_again)),
         );
-        if let Some(net) = &self.net
-            && (leave_running || r.is_err())
-        {
-            net.forwarder.set_blocked(false);
+        if let Some(net) = &self.net {
+            if leave_running {
+                net.forwarder.set_paused(false);
+            } else if r.is_err() {
+                net.forwarder.set_blocked(false);
+            }
         }
         Ok(r?)
     }
@@ -461,5 +473,14 @@ impl Companion for Series {
 
     fn done(&self) -> bool {
         self.epochs.is_none()
+    }
+}
+
+/// Checkpoint hooks that only act once the tree runs again.
+struct OnResume<'a>(&'a mut dyn FnMut());
+
+impl rrc_ckpt::dump::FreezeHooks for OnResume<'_> {
+    fn resumed(&mut self) {
+        (self.0)()
     }
 }

@@ -163,6 +163,11 @@ impl ReplicationGate {
         self.lock().holding = true;
     }
 
+    /// Whether outbound frames are held.
+    pub fn is_holding(&self) -> bool {
+        self.lock().holding
+    }
+
     /// Stops holding: every held frame goes out now, and later ones at once
     /// (the backup is gone). Not once fenced.
     pub fn open(&self) {

@@ -563,6 +563,8 @@ impl Primary {
         let mut marks = Marks {
             gate: &self.gate,
             log: self.log.as_ref().map(|(l, _)| l.as_ref()),
+            first: epochs.next_epoch() == 0,
+            held_before: self.gate.is_holding(),
             mark: 0,
             at: LogPosition::default(),
         };
@@ -641,6 +643,10 @@ impl Primary {
 struct Marks<'a> {
     gate: &'a ReplicationGate,
     log: Option<&'a Shipper>,
+    /// The first checkpoint of a series (the gate holds from it on), and
+    /// whether the gate held before it.
+    first: bool,
+    held_before: bool,
     mark: u64,
     at: LogPosition,
 }
@@ -662,9 +668,19 @@ impl EpochHooks for Marks<'_> {
         a
     }
 
-    fn after(&mut self, taken: Option<&EpochReport>) {
-        if taken.is_some_and(|r| r.lineage.epoch == 0) {
+    fn resumed(&mut self) {
+        // Before any frame of the running tree crosses the gate.
+        if self.first {
             self.gate.hold();
+        }
+    }
+
+    fn after(&mut self, taken: Option<&EpochReport>) {
+        // A first checkpoint that could not be written out protects
+        // nothing: if nothing was held before it, what waited since it
+        // resumed goes, and later frames pass as before.
+        if self.first && !self.held_before && taken.is_none() {
+            self.gate.open();
         }
     }
 }

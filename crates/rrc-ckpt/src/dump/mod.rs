@@ -71,16 +71,41 @@ pub struct ShmemLimit {
 /// Annotations of a checkpoint's manifest, by key.
 pub type Annotations = BTreeMap<String, serde_json::Value>;
 
-/// Code run once per checkpoint while every thread of the tree is stopped:
-/// right after the last one stops, before anything of the tree is read.
-/// What it returns is added to the checkpoint's annotations (replacing
-/// those of the same keys). It lets the caller read what the program
-/// keeps in shared memory at the very moment of the checkpoint.
+/// What the caller of a checkpoint does at its two moments: while every
+/// thread of the tree is stopped, and as soon as the tree runs again.
 ///
-/// Its time adds to the pause the tree sees. It may be called for a
-/// checkpoint that then fails (and leaves no image); it is not called when
-/// the tree cannot be stopped at all.
-pub type AtFreeze<'a> = &'a mut dyn FnMut() -> Annotations;
+/// A closure returning [`Annotations`] is the first alone.
+pub trait FreezeHooks {
+    /// Runs once per checkpoint right after the last thread stops, before
+    /// anything of the tree is read. What it returns is added to the
+    /// checkpoint's annotations (replacing those of the same keys). It lets
+    /// the caller read what the program keeps in shared memory at the very
+    /// moment of the checkpoint.
+    ///
+    /// Its time adds to the pause the tree sees. It may be called for a
+    /// checkpoint that then fails (and leaves no image); it is not called
+    /// when the tree cannot be stopped at all.
+    fn at_freeze(&mut self) -> Annotations {
+        Annotations::new()
+    }
+
+    /// Runs once the tree of a checkpoint that leaves it running runs
+    /// again, everything of it read, before its memory is written out (a
+    /// write that may still fail). What the tree does from here on is
+    /// after the checkpoint: a container's held frames may go. Not called
+    /// when the checkpoint fails while the tree is stopped, nor when the
+    /// tree is killed.
+    fn resumed(&mut self) {}
+}
+
+impl<F: FnMut() -> Annotations> FreezeHooks for F {
+    fn at_freeze(&mut self) -> Annotations {
+        self()
+    }
+}
+
+/// The caller's hooks for one checkpoint (see [`FreezeHooks`]).
+pub type AtFreeze<'a> = &'a mut dyn FreezeHooks;
 
 /// What a checkpoint may be asked beyond [`CheckpointOptions`]; nothing by
 /// default, built with its methods.
@@ -198,7 +223,7 @@ pub(crate) fn take(
     // First thing once the tree stands still: what the caller reads then
     // is of the very moment the checkpoint saves.
     let mut annotations = t.annotations.clone();
-    annotations.extend((t.at_freeze)());
+    annotations.extend(t.at_freeze.at_freeze());
     // A tree about to be killed in the host's own network: what comes to
     // its connections is dropped until the restore (before their queues
     // are read, so that nothing arrives after).
@@ -442,6 +467,7 @@ pub(crate) fn take(
         // The connections go on: out of repair mode without a word.
         repaired.release();
         seized.release(false);
+        t.at_freeze.resumed();
         phases.log(stopped, frozen_at.elapsed());
         memory_bytes = policy.finish(img)?;
         write_records(img, manifest, &mut images, policy)?;

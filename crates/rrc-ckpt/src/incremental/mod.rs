@@ -136,9 +136,9 @@ impl Incremental {
         self.checkpoint_with(dir, &mut Annotations::new)
     }
 
-    /// [`Incremental::checkpoint`], calling `at_freeze` once while the tree
-    /// is stopped and adding the annotations it returns to this
-    /// checkpoint's (see [`AtFreeze`]).
+    /// [`Incremental::checkpoint`], with the caller's hooks: called once
+    /// while the tree is stopped (the annotations they return are added to
+    /// this checkpoint's) and once it runs again (see [`crate::dump::FreezeHooks`]).
     pub fn checkpoint_with(&mut self, dir: &Path, at_freeze: AtFreeze) -> Result<EpochReport> {
         let img = ImageDir::create(dir)?;
         let lineage = Lineage {
