@@ -14,5 +14,6 @@ pub mod replay_bench;
 pub mod resp;
 pub mod session;
 pub mod sockets;
+pub mod stalls;
 pub mod stats;
 pub mod verify;

@@ -25,6 +25,12 @@ pub enum BenchCommand {
     /// rate, Redis under redis-benchmark and Memcached under memaslap, at
     /// 10 MB, 100 MB and 1 GB.
     Pause(PauseArgs),
+    /// What clients see of a container's periodic checkpoints: Redis in an
+    /// rrc container (about 120 MiB, kept writing by redis-benchmark)
+    /// answering clients that time every reply, in alternating phases
+    /// without and with a checkpoint every 100 ms; the replies' latency
+    /// against the checkpoints' pauses.
+    Stalls(StallsArgs),
     /// The workload process of `bench ckpt` (not for direct use).
     #[command(hide = true)]
     Target {
@@ -215,6 +221,28 @@ pub struct PauseArgs {
     json: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct StallsArgs {
+    /// Memory Redis holds, in MiB.
+    #[arg(long, default_value_t = 120)]
+    mib: u64,
+    /// Connections timing their replies.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Time between checkpoints.
+    #[arg(long, default_value = "100ms", value_parser = crate::cli::parse_duration)]
+    every: std::time::Duration,
+    /// Length of each phase (without, then with checkpoints).
+    #[arg(long, default_value = "8s", value_parser = crate::cli::parse_duration)]
+    phase: std::time::Duration,
+    /// Pairs of phases.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum PauseWorkload {
     Fixture,
@@ -368,6 +396,22 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                     "servers": servers
                 }),
             )?;
+            Ok(0)
+        }
+        BenchCommand::Stalls(a) => {
+            use rrc_bench::stalls::{self, StallsConfig};
+            let cfg = StallsConfig {
+                mib: a.mib,
+                clients: a.clients,
+                every: a.every,
+                phase: a.phase,
+                rounds: a.rounds,
+                ..Default::default()
+            };
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let report = stalls::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
+            print!("{}", stalls::render(&report));
+            write_json(a.json.as_deref(), &report)?;
             Ok(0)
         }
         BenchCommand::Net(a) => {
