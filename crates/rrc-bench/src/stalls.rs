@@ -114,15 +114,25 @@ fn fill(addr: SocketAddr, mib: u64) -> Result<u64> {
 }
 
 /// Times every reply of `clients` connections for `phase`, each writing
-/// and reading back its own keys (a wrong value is an error).
-fn time_replies(addr: SocketAddr, clients: usize, phase: Duration) -> Result<Latencies> {
+/// and reading back its own keys (a wrong value is an error). `connected`
+/// is called once every connection is made, when the phase starts.
+fn time_replies(
+    addr: SocketAddr,
+    clients: usize,
+    phase: Duration,
+    connected: impl FnOnce(),
+) -> Result<Latencies> {
     let stop = AtomicBool::new(false);
+    let conns = (0..clients)
+        .map(|_| RespConn::connect(addr, Duration::from_secs(5)))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let results: Vec<Result<Latencies>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|id| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(id, mut c)| {
                 let stop = &stop;
                 s.spawn(move || -> Result<Latencies> {
-                    let mut c = RespConn::connect(addr, Duration::from_secs(5))?;
                     let mut lat = Latencies::default();
                     let mut n = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -144,6 +154,7 @@ fn time_replies(addr: SocketAddr, clients: usize, phase: Duration) -> Result<Lat
                 })
             })
             .collect();
+        connected();
         std::thread::sleep(phase);
         stop.store(true, Ordering::Relaxed);
         handles
@@ -289,13 +300,26 @@ pub fn run(rrc: &Path, cfg: &StallsConfig, progress: &dyn Fn(&str)) -> Result<St
             cfg.clients,
             cfg.phase
         ));
-        let lat = lab.in_host(Host::Client, || time_replies(addr, cfg.clients, cfg.phase))??;
+        let lat = lab.in_host(Host::Client, || {
+            time_replies(addr, cfg.clients, cfg.phase, || {})
+        })??;
         without.add(&lat);
         let dir = work.join(format!("series-{round}"));
         let _ = std::fs::remove_dir_all(&dir);
+        // The series starts once the clients are connected: a connection
+        // not yet accepted makes a checkpoint fail (and be tried again).
+        let (go, started) = std::sync::mpsc::channel::<()>();
         let (lat, p) = std::thread::scope(|s| {
-            let taker = s.spawn(|| series(&lab, &dir, cfg));
-            let lat = lab.in_host(Host::Client, || time_replies(addr, cfg.clients, cfg.phase));
+            let (lab, dir) = (&lab, &dir);
+            let taker = s.spawn(move || {
+                started.recv().ok().context("the clients did not connect")?;
+                series(lab, dir, cfg)
+            });
+            let lat = lab.in_host(Host::Client, || {
+                time_replies(addr, cfg.clients, cfg.phase, move || {
+                    let _ = go.send(());
+                })
+            });
             let p = taker
                 .join()
                 .unwrap_or_else(|_| bail!("the checkpoint thread panicked"));

@@ -391,15 +391,17 @@ impl Series {
         let epochs = self.epochs.as_mut()?;
         let (report, applied) = match epochs.take_into(c, &self.dir) {
             Ok(x) => x,
-            Err(e) if self.taken == 0 => {
-                // Nothing to go on from: no series left behind either.
-                let _ = std::fs::remove_dir_all(self.dir.path());
-                return Some(Err(e.into()));
-            }
             Err(e) => {
+                // Even the first is tried again: what fails one checkpoint
+                // is often gone by the next (a connection not yet
+                // accepted, a child being reaped).
                 self.failures += 1;
                 tracing::warn!(container = %c.record.name, error = %e, "a checkpoint of the series failed");
                 if self.failures >= MAX_FAILURES_IN_A_ROW {
+                    if self.taken == 0 {
+                        // Nothing to go on from: no series left behind.
+                        let _ = std::fs::remove_dir_all(self.dir.path());
+                    }
                     return Some(Err(e.into()));
                 }
                 if !control::send(&self.stream, &Response::EpochFailed(e.to_string())) {

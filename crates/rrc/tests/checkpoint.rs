@@ -742,3 +742,53 @@ fn deleted_files_and_directories_and_a_chrooted_working_directory() {
 fn linux_aio_is_refused_by_name_and_left_running() {
     refused("unsupported_aio", "AIO");
 }
+
+/// A busy server with a connection not yet accepted: the checkpoint is
+/// refused for that reason alone (the listener's epoll registration is not
+/// reported again as a file "no process holds"), and the server goes on.
+#[test]
+fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    require_root();
+    let port = (20_000 + std::process::id() % 20_000) as u16;
+    let mut server = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--enable-debug-command", "local"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts");
+    let addr = format!("127.0.0.1:{port}");
+    let mut busy = None;
+    wait_until("Redis answers", Duration::from_secs(10), || {
+        busy = TcpStream::connect(&addr).ok();
+        busy.is_some()
+    });
+    let mut busy = busy.unwrap();
+    busy.write_all(b"DEBUG SLEEP 3\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Accepted by the kernel, not by the sleeping server.
+    let mut waiting = TcpStream::connect(&addr).unwrap();
+    waiting.write_all(b"PING\r\n").unwrap();
+    let images = scratch("unaccepted").join("images");
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &server.id().to_string(),
+        "--images",
+        images.to_str().unwrap(),
+        "--leave-running",
+    ]);
+    let out = out.fails_with("not yet accepted");
+    assert!(!out.stderr.contains("epoll watches"), "{out:?}");
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reply = [0u8; 7];
+    waiting.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"+PONG\r\n");
+    let _ = server.kill();
+    let _ = server.wait();
+}

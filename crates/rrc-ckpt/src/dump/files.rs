@@ -50,6 +50,8 @@ pub struct FileTable {
     lock_index: HashMap<LockKey, usize>,
     /// The processes of the tree, as we number them.
     pub tree: std::collections::HashSet<i32>,
+    /// Inodes of the files refused.
+    refused: std::collections::HashSet<u64>,
 }
 
 /// What tells a lock from the others (see [`FileTable::locks`]).
@@ -260,7 +262,7 @@ pub fn resolve_epoll_targets(table: &mut FileTable, problems: &mut Vec<String>) 
                     let (cp, cfd) = table.holders[cand];
                     sys::epoll_target_is(cp, cfd, ep, efd, tg.fd, toff).unwrap_or(false)
                 });
-            if file.is_none() {
+            if file.is_none() && !table.refused.contains(&ino) {
                 problems.push(format!(
                     "process {ep}: fd {efd}: epoll watches a file registered as fd {} \
                      that no process of the tree holds",
@@ -329,6 +331,9 @@ pub fn dump(
                     pid, fd, &link, &meta, &info, img, table, shmem, unix, problems,
                 )?
                 else {
+                    // Refused (said in `problems`): an epoll watching it
+                    // need not say so again.
+                    table.refused.insert(meta.ino());
                     continue;
                 };
                 let id = table.files.len();
