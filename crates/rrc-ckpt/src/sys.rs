@@ -749,10 +749,78 @@ pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// UFFD_FEATURE_WP_UNPOPULATED: with it, discarding a protected anonymous
 /// page would leave a marker instead of showing up as written.
 pub fn uffd_api(uffd: std::os::fd::RawFd) -> io::Result<()> {
-    let mut api = [UFFD_API, UFFD_FEATURE_WP_ASYNC, 0u64];
+    uffd_api_features(uffd, UFFD_FEATURE_WP_ASYNC)
+}
+
+/// The UFFDIO_API handshake of a fresh userfaultfd, asking for `features`.
+pub fn uffd_api_features(uffd: std::os::fd::RawFd, features: u64) -> io::Result<()> {
+    let mut api = [UFFD_API, features, 0u64];
     // SAFETY: UFFDIO_API reads and writes one struct uffdio_api (three
     // u64), which `api` is.
     check(unsafe { libc::ioctl(uffd, UFFDIO_API, api.as_mut_ptr()) } as libc::c_long)?;
+    Ok(())
+}
+
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_aa01;
+const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+/// Registers `[start, start + len)` for missing-page handling, which is
+/// what lets [`uffd_copy`] fill it.
+pub fn uffd_register_missing(uffd: std::os::fd::RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut reg = [start, len, UFFDIO_REGISTER_MODE_MISSING, 0u64];
+    // SAFETY: UFFDIO_REGISTER reads and writes one struct uffdio_register
+    // (range, mode, ioctls: four u64), which `reg` is.
+    check(unsafe { libc::ioctl(uffd, UFFDIO_REGISTER, reg.as_mut_ptr()) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Ends every registration of `[start, start + len)`.
+pub fn uffd_unregister(uffd: std::os::fd::RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut range = [start, len];
+    // SAFETY: UFFDIO_UNREGISTER reads one struct uffdio_range (two u64),
+    // which `range` is.
+    check(unsafe { libc::ioctl(uffd, UFFDIO_UNREGISTER, range.as_mut_ptr()) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Fills pages of the userfaultfd's memory never touched yet, at `dst`,
+/// with `src` (whole pages): the kernel allocates each page and copies into
+/// it, without clearing it first as a fault would.
+pub fn uffd_copy(uffd: std::os::fd::RawFd, dst: u64, src: &[u8]) -> io::Result<()> {
+    let mut done = 0usize;
+    let mut idle = 0;
+    while done < src.len() {
+        // struct uffdio_copy: dst, src, len, mode, copy (s64, out).
+        let mut arg = [
+            dst + done as u64,
+            src[done..].as_ptr() as u64,
+            (src.len() - done) as u64,
+            0u64,
+            0u64,
+        ];
+        // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64),
+        // which `arg` is, writes its last field, and reads `len` bytes at
+        // `src`, which the slice holds.
+        let r = unsafe { libc::ioctl(uffd, UFFDIO_COPY, arg.as_mut_ptr()) };
+        let copied = arg[4] as i64;
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) && idle < 100 {
+            // Stopped part way (the address space changed meanwhile): the
+            // rest is tried again.
+            if copied > 0 {
+                done += copied as usize;
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+            continue;
+        }
+        return Err(e);
+    }
     Ok(())
 }
 

@@ -752,14 +752,24 @@ fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
     use std::net::TcpStream;
     require_root();
     let port = (20_000 + std::process::id() % 20_000) as u16;
-    let mut server = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(["--enable-debug-command", "local"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server starts");
+    /// The server goes however the test ends.
+    struct Server(Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let server = Server(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--enable-debug-command", "local"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts"),
+    );
     let addr = format!("127.0.0.1:{port}");
     let mut busy = None;
     wait_until("Redis answers", Duration::from_secs(10), || {
@@ -776,7 +786,7 @@ fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
     let out = rrc(&[
         "checkpoint",
         "--pid",
-        &server.id().to_string(),
+        &server.0.id().to_string(),
         "--images",
         images.to_str().unwrap(),
         "--leave-running",
@@ -789,6 +799,4 @@ fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
     let mut reply = [0u8; 7];
     waiting.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"+PONG\r\n");
-    let _ = server.kill();
-    let _ = server.wait();
 }
