@@ -552,3 +552,46 @@ fn silent_connections_do_not_lock_the_primary_out_of_its_backup() {
     );
     drop(silent);
 }
+
+/// Detection counts silence, not slowness: a primary whose rrc process is
+/// stopped (SIGSTOP) for well under the backup's timeout, again and again
+/// under load, is not replaced, its clients see no error, and it stays
+/// protected; killed for good afterwards, it is taken over as ever.
+#[test]
+fn a_primary_stopped_for_less_than_the_timeout_is_not_replaced() {
+    use nix::sys::signal::{Signal, kill};
+    let lab = lab_session("foslow");
+    let opts = PairOptions {
+        timeout: Duration::from_millis(1500),
+        ..PairOptions::default()
+    };
+    let mut pair = Pair::new(&lab, App::Redis, opts).unwrap();
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    let host = rrc_container::HostState::for_host(&lab.plan().netns(rrc_lab::Host::Primary));
+    let (record, _) = host
+        .load(&App::Redis.name().parse().unwrap())
+        .unwrap()
+        .expect("the primary's container is known on its host");
+    let primary = nix::unistd::Pid::from_raw(record.supervisor.pid);
+    let target = pair.target();
+    let r = std::thread::scope(|s| {
+        let load = s.spawn(|| redis_load(&lab, target, 4, Duration::from_secs(5)));
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(300));
+            kill(primary, Signal::SIGSTOP).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            kill(primary, Signal::SIGCONT).unwrap();
+        }
+        load.join().unwrap()
+    });
+    let said = pair.backup_output();
+    assert!(r.errors.is_empty() && r.requests > 100, "{r:#?}\n{said}");
+    assert!(pair.backup_running(), "the backup ended:\n{said}");
+    assert!(!said.contains("taking over"), "{said}");
+    wait_until("still protected", Duration::from_secs(30), || {
+        pair.primary_status().is_ok_and(|s| s.protected)
+    });
+    let t = kill_under_load(&mut pair);
+    assert_recovered(&t, &pair.backup_output());
+}
