@@ -168,6 +168,8 @@ pub struct PairOptions {
     pub epoch: Duration,
     /// The backup's failure-detection timeout.
     pub timeout: Duration,
+    /// How often the primary's idle link says it is alive.
+    pub heartbeat: Duration,
     pub mode: Mode,
     /// Responsive mode: replies wait for the next committed checkpoint
     /// (`--release commit`, for comparison) instead of leaving once the
@@ -199,6 +201,7 @@ impl Default for PairOptions {
         PairOptions {
             epoch: Duration::from_millis(100),
             timeout: Duration::from_millis(200),
+            heartbeat: Duration::from_millis(50),
             mode: Mode::Checkpoint,
             release_at_commit: false,
             inject_divergence: false,
@@ -577,6 +580,7 @@ impl<'a> Pair<'a> {
     pub fn launch_primary(&self) -> Result<()> {
         let vip = self.vip.to_string();
         let epoch = format!("{}ms", self.opts.epoch.as_millis());
+        let heartbeat = format!("{}ms", self.opts.heartbeat.as_millis());
         let backup = self.repl_addr()?;
         let rrc = self.lab.rrc_path();
         let key = path_str(&self.key);
@@ -590,6 +594,8 @@ impl<'a> Pair<'a> {
             &key,
             "--epoch",
             &epoch,
+            "--heartbeat",
+            &heartbeat,
             "--mode",
             self.opts.mode.name(),
             "--name",

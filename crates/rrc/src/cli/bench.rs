@@ -45,6 +45,11 @@ pub enum BenchCommand {
     /// answer, broken into detection, restore and resumption; success
     /// rate), for Redis and Memcached in a lab.
     Failover(FailoverArgs),
+    /// Failure detection: a replicated Redis under heavy load for a long
+    /// while (10 minutes by default), with a given heartbeat and timeout;
+    /// any takeover then is a false one. Then one kill of the primary's
+    /// host, to see the same setting detect a real failure.
+    Detection(DetectionArgs),
     /// Recording: throughput and latency of Redis and Memcached recorded
     /// by librrc (`rrc run --record`) against the plain container, same
     /// load, alternating rounds in one run; log bytes per request.
@@ -216,6 +221,25 @@ pub struct PauseArgs {
     /// Pages a second the synthetic workload writes.
     #[arg(long, default_value_t = 2000)]
     dirty_per_sec: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DetectionArgs {
+    /// How often the primary's idle link says it is alive.
+    #[arg(long, default_value = "50ms", value_parser = crate::cli::parse_duration)]
+    heartbeat: std::time::Duration,
+    /// Silence from the primary after which the backup takes over.
+    #[arg(long, default_value = "200ms", value_parser = crate::cli::parse_duration)]
+    timeout: std::time::Duration,
+    /// How long the heavy load runs.
+    #[arg(long = "for", default_value = "10m", value_parser = crate::cli::parse_duration)]
+    soak: std::time::Duration,
+    /// The replication mode.
+    #[arg(long, value_enum, default_value_t = ModeArg::Responsive)]
+    mode: ModeArg,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -396,6 +420,29 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                     "servers": servers
                 }),
             )?;
+            Ok(0)
+        }
+        BenchCommand::Detection(a) => {
+            use rrc_bench::detection::{self, DetectionConfig};
+            use rrc_bench::failover::PairOptions;
+            anyhow::ensure!(
+                a.heartbeat * 2 <= a.timeout,
+                "--timeout must be at least twice --heartbeat"
+            );
+            let cfg = DetectionConfig {
+                pair: PairOptions {
+                    heartbeat: a.heartbeat,
+                    timeout: a.timeout,
+                    mode: a.mode.into(),
+                    ..PairOptions::default()
+                },
+                soak: a.soak,
+                ..Default::default()
+            };
+            let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let report = detection::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;
+            print!("{}", detection::render(&report));
+            write_json(a.json.as_deref(), &report)?;
             Ok(0)
         }
         BenchCommand::Stalls(a) => {
