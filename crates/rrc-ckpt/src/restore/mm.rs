@@ -622,18 +622,18 @@ fn fill_memory(t: &mut Tracee, p: &ProcessImage, img: &ImageDir) -> Result<()> {
         })
         .map(|v| (v.start, v.end))
         .collect();
-    let (inside, outside) = split_runs(&p.pages, &fillable);
+    let Split {
+        inside,
+        outside,
+        used,
+    } = split_runs(&p.pages, &fillable);
     if inside.is_empty() {
         return write_pages(t.pid, &file, &p.pages, pid);
     }
     let Some(uffd) = take_userfaultfd(t)? else {
         return write_pages(t.pid, &file, &p.pages, pid);
     };
-    let used: Vec<(u64, u64)> = fillable
-        .iter()
-        .copied()
-        .filter(|&(s, e)| inside.iter().any(|r| r.start >= s && r.start < e))
-        .collect();
+    let used: Vec<(u64, u64)> = used.into_iter().map(|i| fillable[i]).collect();
     let fd = uffd.as_raw_fd();
     let mut registered = Vec::with_capacity(used.len());
     for &(s, e) in &used {
@@ -680,17 +680,30 @@ fn take_userfaultfd(t: &mut Tracee) -> Result<Option<std::os::fd::OwnedFd>> {
     Ok(Some(ours))
 }
 
+/// Page runs split by a set of address ranges.
+#[derive(Debug, PartialEq)]
+struct Split {
+    inside: Vec<PageRun>,
+    outside: Vec<PageRun>,
+    /// The ranges holding pages, by index.
+    used: std::collections::BTreeSet<usize>,
+}
+
 /// Splits page runs into the parts inside `ranges` (sorted, disjoint) and
 /// the rest.
-fn split_runs(runs: &[PageRun], ranges: &[(u64, u64)]) -> (Vec<PageRun>, Vec<PageRun>) {
-    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+fn split_runs(runs: &[PageRun], ranges: &[(u64, u64)]) -> Split {
+    let mut split = Split {
+        inside: Vec::new(),
+        outside: Vec::new(),
+        used: Default::default(),
+    };
     for r in runs {
         let mut at = r.start;
-        let end = r.start + r.count * PAGE_SIZE;
+        let end = r.start.saturating_add(r.count.saturating_mul(PAGE_SIZE));
         let piece = |from: u64, to: u64| PageRun {
             start: from,
             count: (to - from) / PAGE_SIZE,
-            offset: r.offset + (from - r.start),
+            offset: r.offset.saturating_add(from - r.start),
         };
         // The first range ending after `at`.
         let mut i = ranges.partition_point(|&(_, e)| e <= at);
@@ -698,22 +711,23 @@ fn split_runs(runs: &[PageRun], ranges: &[(u64, u64)]) -> (Vec<PageRun>, Vec<Pag
             match ranges.get(i) {
                 Some(&(s, e)) if s < end => {
                     if at < s {
-                        outside.push(piece(at, s));
+                        split.outside.push(piece(at, s));
                         at = s;
                     }
                     let to = e.min(end);
-                    inside.push(piece(at, to));
+                    split.inside.push(piece(at, to));
+                    split.used.insert(i);
                     at = to;
                     i += 1;
                 }
                 _ => {
-                    outside.push(piece(at, end));
+                    split.outside.push(piece(at, end));
                     at = end;
                 }
             }
         }
     }
-    (inside, outside)
+    split
 }
 
 /// Copies page runs from an image file into registered memory.
@@ -843,8 +857,8 @@ mod tests {
 
     #[test]
     fn runs_are_split_at_range_edges_with_their_offsets() {
-        // Ranges [10, 20) and [30, 40), in pages.
-        let ranges = [(10 * P, 20 * P), (30 * P, 40 * P)];
+        // Ranges [10, 20), [30, 40) and [50, 60), in pages.
+        let ranges = [(10 * P, 20 * P), (30 * P, 40 * P), (50 * P, 60 * P)];
         let runs = [
             run(0, 5, 0),    // before every range
             run(8, 4, 5),    // across the start of the first
@@ -852,7 +866,13 @@ mod tests {
             run(18, 14, 12), // across the gap into the second
             run(38, 4, 26),  // across the end of the last
         ];
-        let (inside, outside) = split_runs(&runs, &ranges);
+        let Split {
+            inside,
+            outside,
+            used,
+        } = split_runs(&runs, &ranges);
+        // The last range holds no page.
+        assert_eq!(used.into_iter().collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(
             inside,
             vec![
