@@ -166,7 +166,10 @@ impl Mode {
 #[derive(Debug, Clone)]
 pub struct PairOptions {
     pub epoch: Duration,
-    /// The backup's failure-detection timeout.
+    /// The backup's failure-detection timeout. By default twice the
+    /// product's (`rrc_replica::DEFAULT_TIMEOUT`), heartbeats as often as
+    /// the product's were before (50 ms): the tests run many pairs at once
+    /// on two CPUs, where a correct test must not see a false takeover.
     pub timeout: Duration,
     /// How often the primary's idle link says it is alive.
     pub heartbeat: Duration,

@@ -59,11 +59,21 @@ pub(crate) fn write_json_atomically(
     std::fs::rename(&tmp, path)
 }
 
-/// The link's security settings, the same on both ends: a peer that has
-/// not completed the handshake in 2 s is dropped.
 /// The replication link's port when an address names none.
 pub const DEFAULT_PORT: u16 = 7470;
 
+/// How often an idle replication link says the primary is alive, unless
+/// told otherwise (`rrc primary --heartbeat`).
+pub const DEFAULT_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// How long a backup hears nothing from its primary before it counts it
+/// failed, unless told otherwise (`rrc backup --timeout`): four heartbeats.
+/// `rrc bench detection` ran ten minutes of heavy load on a noisy 2-vCPU
+/// machine with these two settings without a false takeover.
+pub const DEFAULT_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The link's security settings, the same on both ends: a peer that has
+/// not completed the handshake in 2 s is dropped.
 pub(crate) fn link_security() -> rrc_wire::SecureConfig {
     rrc_wire::SecureConfig {
         handshake_timeout: Duration::from_secs(2),

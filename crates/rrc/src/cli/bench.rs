@@ -102,8 +102,11 @@ pub struct FailoverArgs {
     #[arg(long, default_value = "100ms", value_parser = crate::cli::parse_duration)]
     epoch: std::time::Duration,
     /// The backup's failure-detection timeout.
-    #[arg(long, default_value = "200ms", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "100ms", value_parser = crate::cli::parse_duration)]
     timeout: std::time::Duration,
+    /// How often the primary's idle link says it is alive.
+    #[arg(long, default_value = "25ms", value_parser = crate::cli::parse_duration)]
+    heartbeat: std::time::Duration,
     /// Run the lab's arbiter (etcd on three hosts) and have both sides
     /// ask it; without it the backup fences the primary by killing its
     /// host. The report shows what the claim adds to a takeover.
@@ -229,10 +232,10 @@ pub struct PauseArgs {
 #[derive(Debug, Args)]
 pub struct DetectionArgs {
     /// How often the primary's idle link says it is alive.
-    #[arg(long, default_value = "50ms", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "25ms", value_parser = crate::cli::parse_duration)]
     heartbeat: std::time::Duration,
     /// Silence from the primary after which the backup takes over.
-    #[arg(long, default_value = "200ms", value_parser = crate::cli::parse_duration)]
+    #[arg(long, default_value = "100ms", value_parser = crate::cli::parse_duration)]
     timeout: std::time::Duration,
     /// How long the heavy load runs.
     #[arg(long = "for", default_value = "10m", value_parser = crate::cli::parse_duration)]
@@ -352,6 +355,10 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 "--plot draws the side-by-side loads, which --mode responsive measures"
             );
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            anyhow::ensure!(
+                a.heartbeat * 2 <= a.timeout,
+                "--timeout must be at least twice --heartbeat"
+            );
             let cfg = FailoverConfig {
                 apps: a.apps.iter().map(|x| x.app()).collect(),
                 kills: a.kills,
@@ -360,6 +367,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 pair: PairOptions {
                     epoch: a.epoch,
                     timeout: a.timeout,
+                    heartbeat: a.heartbeat,
                     mode: a.mode.into(),
                     ..PairOptions::default()
                 },

@@ -94,10 +94,13 @@ pub fn demo(a: DemoArgs) -> Result<i32> {
             Mode::from(a.mode).name()
         ),
     );
+    // Failure detection as `rrc primary` and `rrc backup` have it.
     let opts = PairOptions {
         mode: a.mode.into(),
         arbiter: lab.arbiter().map(str::to_string),
         then_protect: true,
+        timeout: rrc_replica::DEFAULT_TIMEOUT,
+        heartbeat: rrc_replica::DEFAULT_HEARTBEAT,
         ..PairOptions::default()
     };
     let mut pair = Pair::new(&lab, App::Redis, opts)?;

@@ -158,6 +158,25 @@ mod tests {
     }
 
     #[test]
+    fn replication_defaults_are_the_libraries() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let default = |sub: &str, arg: &str| {
+            let sub = cmd.find_subcommand(sub).expect("subcommand");
+            let a = sub
+                .get_arguments()
+                .find(|a| a.get_id() == arg)
+                .expect("argument");
+            parse_duration(a.get_default_values()[0].to_str().unwrap()).unwrap()
+        };
+        assert_eq!(
+            default("primary", "heartbeat"),
+            rrc_replica::DEFAULT_HEARTBEAT
+        );
+        assert_eq!(default("backup", "timeout"), rrc_replica::DEFAULT_TIMEOUT);
+    }
+
+    #[test]
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
