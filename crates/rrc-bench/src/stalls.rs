@@ -16,6 +16,7 @@ use rrc_container::control::{self, CopyChoice, Request, Response};
 use rrc_lab::Host;
 use serde::Serialize;
 
+use crate::failover::App;
 use crate::resp::{Reply, RespConn};
 use crate::session::LabSession;
 use crate::stats::{Latencies, Summary};
@@ -69,7 +70,6 @@ pub struct StallsReport {
     pub with: PhaseResult,
 }
 
-const PORT: u16 = 6379;
 const CONTAINER: &str = "stalls";
 const VALUE: usize = 100;
 
@@ -230,23 +230,9 @@ pub fn run(rrc: &Path, cfg: &StallsConfig, progress: &dyn Fn(&str)) -> Result<St
     progress(&format!("bringing up lab {}", cfg.lab));
     let mut lab = LabSession::start(rrc, &cfg.lab, None)?;
     let vip = lab.plan().vip();
-    let addr = SocketAddr::new(IpAddr::V4(vip.addr()), PORT);
-    lab.run_container(
-        Host::Primary,
-        CONTAINER,
-        vip,
-        &[
-            "redis-server",
-            "--port",
-            "6379",
-            "--protected-mode",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-    )?;
+    let addr = SocketAddr::new(IpAddr::V4(vip.addr()), App::Redis.port());
+    let redis = App::Redis.command()?;
+    lab.run_container(Host::Primary, CONTAINER, vip, &App::argv(&redis))?;
     lab.wait_tcp(Host::Client, addr, Duration::from_secs(10))?;
     progress(&format!("filling Redis with about {} MiB", cfg.mib));
     let keys = lab.in_host(Host::Client, || fill(addr, cfg.mib))??;
