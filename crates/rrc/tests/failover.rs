@@ -408,7 +408,15 @@ fn a_backup_whose_disk_fills_does_not_take_over_and_the_primary_goes_on_unprotec
     // it) and is protected again once a full checkpoint fits.
     let lab = lab_session("fofull");
     let disk = SmallFs::mount(scratch("fofull").join("backup"), "size=512m");
-    let mut pair = Pair::new(&lab, App::Redis, PairOptions::default())
+    // What is tested is that the backup's own fault does not make it take
+    // over: the timeout leaves a wide margin for a loaded CI machine, where
+    // filling the disk (half a gigabyte written at once) beside other tests
+    // once kept the primary's heartbeat away for 200 ms.
+    let opts = PairOptions {
+        timeout: Duration::from_secs(1),
+        ..PairOptions::default()
+    };
+    let mut pair = Pair::new(&lab, App::Redis, opts)
         .unwrap()
         .with_backup_dir(disk.0.clone());
     pair.start_backup().unwrap();
