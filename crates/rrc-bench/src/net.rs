@@ -54,6 +54,9 @@ pub struct PathResult {
     pub get_rps: f64,
     /// CPU time of the rrc process per latency request (rrc paths only).
     pub forwarder_cpu_us_per_request: Option<f64>,
+    /// CPU the rrc process takes while no request comes, in percent of one
+    /// CPU (rrc paths only).
+    pub idle_cpu_percent: Option<f64>,
 }
 
 /// The plain veth first, then the rrc paths.
@@ -63,6 +66,8 @@ pub struct NetBenchReport {
 }
 
 const PORT: u16 = 6379;
+/// How long the idle CPU is measured.
+const IDLE: Duration = Duration::from_secs(10);
 
 fn redis_args(bind: &str) -> Vec<String> {
     [
@@ -236,6 +241,14 @@ pub fn run(rrc: &Path, cfg: &NetBenchConfig, progress: &dyn Fn(&str)) -> Result<
             rps[i].1 += r.get("GET").copied().unwrap_or(0.0) / TP_ROUNDS as f64;
         }
     }
+    // A quiet container's forwarder should sleep: its CPU over a while
+    // with no traffic at all.
+    progress(&format!("idle: {IDLE:?} without traffic"));
+    let before: Vec<f64> = (0..n).map(cpu_of).collect();
+    std::thread::sleep(IDLE);
+    let idle: Vec<f64> = (0..n)
+        .map(|i| (cpu_of(i) - before[i]) * 100.0 / IDLE.as_millis() as f64)
+        .collect();
     drop(lab);
 
     let paths: Vec<PathResult> = (0..n)
@@ -248,6 +261,7 @@ pub fn run(rrc: &Path, cfg: &NetBenchConfig, progress: &dyn Fn(&str)) -> Result<
                 .container
                 .as_ref()
                 .map(|_| cpu[i] * 1000.0 / cfg.requests as f64),
+            idle_cpu_percent: targets[i].container.as_ref().map(|_| idle[i]),
         })
         .collect();
     Ok(NetBenchReport { paths })
@@ -256,7 +270,7 @@ pub fn run(rrc: &Path, cfg: &NetBenchConfig, progress: &dyn Fn(&str)) -> Result<
 pub fn render(r: &NetBenchReport) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "{:<18} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10} {:>11}\n",
+        "{:<18} {:>8} {:>8} {:>8} {:>9} {:>8} {:>10} {:>10} {:>11} {:>9}\n",
         "path",
         "p50 µs",
         "p90 µs",
@@ -265,12 +279,13 @@ pub fn render(r: &NetBenchReport) -> String {
         "mean µs",
         "SET req/s",
         "GET req/s",
-        "rrc CPU/req"
+        "rrc CPU/req",
+        "idle CPU"
     ));
     for p in &r.paths {
         let l = &p.latency;
         s.push_str(&format!(
-            "{:<18} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>10.0} {:>10.0} {:>11}\n",
+            "{:<18} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>8.1} {:>10.0} {:>10.0} {:>11} {:>9}\n",
             p.path,
             l.p50_us,
             l.p90_us,
@@ -281,6 +296,9 @@ pub fn render(r: &NetBenchReport) -> String {
             p.get_rps,
             p.forwarder_cpu_us_per_request
                 .map(|c| format!("{c:.1} µs"))
+                .unwrap_or("-".into()),
+            p.idle_cpu_percent
+                .map(|c| format!("{c:.2}%"))
                 .unwrap_or("-".into())
         ));
     }
