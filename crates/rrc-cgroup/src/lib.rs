@@ -5,7 +5,9 @@
 //! instant "power cut" of a lab host), and to kill them all. Hosts that mount
 //! cgroup v1 get the `freezer` hierarchy (plus `memory` and `pids` when present,
 //! so that containers are accounted apart); hosts with only the v2 unified
-//! hierarchy get its core `cgroup.freeze` / `cgroup.kill` files.
+//! hierarchy get its core `cgroup.freeze` / `cgroup.kill` files. A group can
+//! also be kept to a list of devices ([`DeviceRule`]: the v1 `devices`
+//! controller, or a BPF device program on v2).
 //!
 //! New groups are always created *below the caller's own group* in each
 //! hierarchy, so a container started inside a lab host lands inside that host's
@@ -18,6 +20,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
+
+mod devices;
+pub use devices::{Access, DeviceKind, DeviceRule};
 use nix::unistd::Pid;
 
 /// Which cgroup interface a [`Layout`] drives.
@@ -54,6 +59,10 @@ pub enum Error {
     Create { path: PathBuf, source: io::Error },
     #[error("cannot remove cgroup {path}: {source}")]
     Remove { path: PathBuf, source: io::Error },
+    #[error(
+        "the cgroup v1 devices controller is not mounted: containers cannot be kept from the host's devices"
+    )]
+    NoDevicesController,
     #[error("this process is in no {controller} cgroup (see /proc/self/cgroup)")]
     NoMembership { controller: String },
     #[error("cgroup {path} did not reach state {state} within {timeout:?}")]
@@ -82,8 +91,9 @@ pub struct Layout {
     hierarchies: Vec<Hierarchy>,
 }
 
-/// v1 controllers rrc places containers in, the freezer first (required).
-const V1_CONTROLLERS: [&str; 3] = ["freezer", "memory", "pids"];
+/// v1 controllers rrc places containers in, the freezer first (required);
+/// `devices` limits which device files a container may use.
+const V1_CONTROLLERS: [&str; 4] = ["freezer", "memory", "pids", "devices"];
 
 impl Layout {
     /// Finds the hierarchies mounted on this machine (as seen from this

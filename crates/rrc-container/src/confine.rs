@@ -1,15 +1,56 @@
 //! What a container's programs are kept from, as far as it goes today:
 //! the capabilities a mainstream runtime grants by default (and no more),
 //! the kernel's information and controls under `/proc` masked or made
-//! read-only, and `/sys` read-only. Applied in the container's first
-//! process before its program runs; a restore applies the mounts the same
-//! way, and the checkpoint engine carries the capabilities across (they
-//! are part of each process's credentials).
+//! read-only, `/sys` read-only, and the device files a runtime lets a
+//! container use by default (its cgroup refuses the others). Applied in the
+//! container's first process before its program runs; a restore applies the
+//! mounts and the device list the same way, and the checkpoint engine
+//! carries the capabilities across (they are part of each process's
+//! credentials).
 //!
-//! Not yet: a root file system of the container's own, a seccomp profile
-//! and a device cgroup (see the README's security section).
+//! Not yet: a root file system of the container's own and a seccomp
+//! profile (see the README's security section).
 
 use nix::mount::{MsFlags, mount};
+use rrc_cgroup::{Access, DeviceKind, DeviceRule};
+
+/// The devices a container may use: any node may be created (a program
+/// cannot open what it creates unless listed here), and the usual
+/// character devices opened: null, zero, full, random, urandom, the
+/// terminal (`/dev/tty`, `/dev/ptmx` and pseudo-terminals), and tun. No
+/// block device, no memory device, no kernel log. (Major and minor
+/// numbers from the kernel's `Documentation/admin-guide/devices.txt`.)
+pub const DEVICES: &[DeviceRule] = &[
+    any(DeviceKind::Char, Access::MKNOD),
+    any(DeviceKind::Block, Access::MKNOD),
+    char(1, Some(3)),    // /dev/null
+    char(1, Some(5)),    // /dev/zero
+    char(1, Some(7)),    // /dev/full
+    char(1, Some(8)),    // /dev/random
+    char(1, Some(9)),    // /dev/urandom
+    char(5, Some(0)),    // /dev/tty
+    char(5, Some(2)),    // /dev/ptmx
+    char(136, None),     // /dev/pts/*
+    char(10, Some(200)), // /dev/net/tun
+];
+
+const fn any(kind: DeviceKind, access: Access) -> DeviceRule {
+    DeviceRule {
+        kind,
+        major: None,
+        minor: None,
+        access,
+    }
+}
+
+const fn char(major: u32, minor: Option<u32>) -> DeviceRule {
+    DeviceRule {
+        kind: DeviceKind::Char,
+        major: Some(major),
+        minor,
+        access: Access::ALL,
+    }
+}
 
 /// Capabilities a container keeps (those Docker and Podman grant by
 /// default): enough to run a server as root inside, change its own files'

@@ -207,6 +207,7 @@ impl Container {
         partial.cgroup = Some(cgroup.clone());
         record.cgroup = Some(CgroupRecord::from_cgroup(&cgroup));
         save(partial, record)?;
+        cgroup.limit_devices(crate::confine::DEVICES)?;
 
         // Everything the child needs is prepared before the fork, so that
         // the child only makes system calls.

@@ -171,6 +171,7 @@ impl Container {
         partial.cgroup = Some(cgroup.clone());
         record.cgroup = Some(CgroupRecord::from_cgroup(&cgroup));
         save(partial, record)?;
+        cgroup.limit_devices(crate::confine::DEVICES)?;
 
         let hostname = spec.name.as_str().as_bytes().to_vec();
         let setup = move || -> std::result::Result<(), String> {

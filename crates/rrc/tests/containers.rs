@@ -234,7 +234,10 @@ fn an_unprivileged_user_cannot_reach_or_squat_a_containers_control_socket() {
 fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
     // From inside: the capability bounding set is a runtime's default one,
     // mounting is refused, the kernel's controls under /proc/sys and /sys
-    // cannot be changed, and the host's memory and keys read as nothing.
+    // cannot be changed, the host's memory and keys read as nothing, and
+    // the device nodes it may make cannot be opened unless a runtime's
+    // default list has their numbers (the memory device and a block device
+    // are refused; /dev/urandom works).
     require_root();
     let name = format!("conf{}", std::process::id());
     let out = rrc(&[
@@ -249,14 +252,26 @@ fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
          (echo 0 > /proc/sys/kernel/sysrq) 2>/dev/null && echo WROTE-SYSCTL; \
          (echo x > /sys/kernel/uevent_helper) 2>/dev/null && echo WROTE-SYS; \
          for f in /proc/kcore /proc/keys /proc/timer_list; do \
-           [ -e $f ] && echo $f $(wc -c < $f); done",
+           [ -e $f ] && echo $f $(wc -c < $f); done; \
+         d=$(mktemp -d); mknod $d/mem c 1 1 && mknod $d/disk b 7 0 && echo MADE-NODES; \
+         head -c 1 $d/mem >/dev/null 2>&1 && echo OPENED-MEM; \
+         head -c 1 $d/disk >/dev/null 2>&1 && echo OPENED-BLOCK; \
+         rm -rf $d; echo URANDOM $(head -c 8 /dev/urandom | wc -c)",
     ]);
     let text = out.stdout.clone();
     let want = format!("{:016x}", rrc_container::confine::bounding_set());
     assert!(text.contains(&want), "bounding set, want {want}: {out:?}");
-    for bad in ["MOUNTED", "WROTE-SYSCTL", "WROTE-SYS"] {
+    for bad in [
+        "MOUNTED",
+        "WROTE-SYSCTL",
+        "WROTE-SYS",
+        "OPENED-MEM",
+        "OPENED-BLOCK",
+    ] {
         assert!(!text.contains(bad), "{bad}: {out:?}");
     }
+    assert!(text.contains("MADE-NODES"), "{out:?}");
+    assert!(text.contains("URANDOM 8"), "{out:?}");
     assert!(text.contains("/proc/keys 0"), "{out:?}");
     assert!(
         !text.contains("kcore") || text.contains("/proc/kcore 0"),
@@ -293,6 +308,18 @@ fn a_restored_container_is_kept_as_the_original_was() {
             .any(|l| l.starts_with("CapBnd:") && l.ends_with(&want)),
         "{status}"
     );
+    // Its device list is the runtime's default one (this machine's cgroup
+    // v1 devices controller shows it).
+    let groups = std::fs::read_to_string(format!("/proc/{init}/cgroup")).unwrap();
+    if let Some(rel) = groups
+        .lines()
+        .find_map(|l| l.split_once(":devices:").map(|(_, p)| p.to_string()))
+    {
+        let list =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/devices{rel}/devices.list")).unwrap();
+        assert!(!list.contains("a *:* rwm"), "{list}");
+        assert!(list.contains("c 1:3 rwm"), "{list}");
+    }
     let mounts = std::fs::read_to_string(format!("/proc/{init}/mountinfo")).unwrap();
     for ro in [" /proc/sys ", " /sys "] {
         let line = mounts
