@@ -150,6 +150,10 @@ pub struct ProcessImage {
     pub personality: u64,
     pub dumpable: u64,
     pub no_new_privs: bool,
+    /// Its seccomp filters (every thread has the same), the first
+    /// installed first, each instruction as [`pack_bpf`] puts it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seccomp: Vec<Vec<u64>>,
     pub pdeath_signal: u64,
     pub child_subreaper: bool,
     pub thp_disable: bool,
@@ -870,9 +874,42 @@ impl ImageDir {
     }
 }
 
+/// The most instructions a seccomp filter may have (`BPF_MAXINSNS`).
+pub const SECCOMP_FILTER_MAX: usize = 4096;
+
+/// One classic BPF instruction in a u64: code, jt, jf, k from the lowest
+/// bits up.
+pub fn pack_bpf(i: &libc::sock_filter) -> u64 {
+    u64::from(i.code) | u64::from(i.jt) << 16 | u64::from(i.jf) << 24 | u64::from(i.k) << 32
+}
+
+pub fn unpack_bpf(v: u64) -> libc::sock_filter {
+    libc::sock_filter {
+        code: v as u16,
+        jt: (v >> 16) as u8,
+        jf: (v >> 24) as u8,
+        k: (v >> 32) as u32,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bpf_instructions_pack_and_unpack_unchanged() {
+        let i = libc::sock_filter {
+            code: 0x15,
+            jt: 3,
+            jf: 250,
+            k: 0xdead_beef,
+        };
+        let back = unpack_bpf(pack_bpf(&i));
+        assert_eq!(
+            (back.code, back.jt, back.jf, back.k),
+            (i.code, i.jt, i.jf, i.k)
+        );
+    }
 
     #[test]
     fn hex_round_trip() {

@@ -61,9 +61,9 @@ pub(crate) mod nr {
         SYS_epoll_ctl, SYS_epoll_wait, SYS_eventfd2, SYS_fcntl, SYS_getitimer, SYS_lseek,
         SYS_madvise, SYS_memfd_create, SYS_mmap, SYS_mprotect, SYS_munmap, SYS_openat,
         SYS_personality, SYS_pipe2, SYS_prctl, SYS_prlimit64, SYS_rseq, SYS_rt_sigaction,
-        SYS_rt_sigqueueinfo, SYS_rt_tgsigqueueinfo, SYS_set_robust_list, SYS_set_tid_address,
-        SYS_setgroups, SYS_setitimer, SYS_setresgid, SYS_setresuid, SYS_sigaltstack, SYS_signalfd4,
-        SYS_timer_create, SYS_timer_getoverrun, SYS_timer_gettime, SYS_timer_settime,
-        SYS_timerfd_create, SYS_timerfd_settime, SYS_umask, SYS_write,
+        SYS_rt_sigqueueinfo, SYS_rt_tgsigqueueinfo, SYS_seccomp, SYS_set_robust_list,
+        SYS_set_tid_address, SYS_setgroups, SYS_setitimer, SYS_setresgid, SYS_setresuid,
+        SYS_sigaltstack, SYS_signalfd4, SYS_timer_create, SYS_timer_getoverrun, SYS_timer_gettime,
+        SYS_timer_settime, SYS_timerfd_create, SYS_timerfd_settime, SYS_umask, SYS_write,
     };
 }

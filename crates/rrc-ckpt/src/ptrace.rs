@@ -105,16 +105,44 @@ pub fn wait_stop(tid: Pid) -> Result<Stop> {
     }
 }
 
+/// Added to every thread the engine traces: the thread's seccomp filters
+/// do not apply to it while traced, so that the calls the engine makes
+/// in it (checkpoint, restore) are not refused by a filter the program or
+/// its container installed. It needs CAP_SYS_ADMIN and a kernel built with
+/// checkpoint/restore support; where it is refused the thread is traced
+/// without it (and its filters, if any, apply).
+fn suspending(options: Options) -> Options {
+    options | Options::from_bits_retain(libc::PTRACE_O_SUSPEND_SECCOMP)
+}
+
 pub fn seize(tid: Pid, options: Options) -> Result<()> {
-    ptrace::seize(tid, options).map_err(err("seize", tid))
+    match ptrace::seize(tid, suspending(options)) {
+        Err(Errno::EINVAL | Errno::EPERM) => ptrace::seize(tid, options),
+        r => r,
+    }
+    .map_err(err("seize", tid))
 }
 
 pub fn interrupt(tid: Pid) -> Result<()> {
     ptrace::interrupt(tid).map_err(err("interrupt", tid))
 }
 
+/// Sets the options of a thread seized by [`seize`] (which keeps seccomp
+/// suspended where it could).
 pub fn set_options(tid: Pid, options: Options) -> Result<()> {
-    ptrace::setoptions(tid, options).map_err(err("set options", tid))
+    match ptrace::setoptions(tid, suspending(options)) {
+        Err(Errno::EINVAL | Errno::EPERM) => ptrace::setoptions(tid, options),
+        r => r,
+    }
+    .map_err(err("set options", tid))
+}
+
+/// The thread's seccomp filters, the first installed first (see
+/// [`sys::seccomp_filters`]).
+pub fn seccomp_filters(tid: Pid) -> Result<Vec<Vec<libc::sock_filter>>> {
+    sys::seccomp_filters(tid).map_err(|e| {
+        err("read seccomp filters", tid)(Errno::from_raw(e.raw_os_error().unwrap_or(0)))
+    })
 }
 
 pub fn get_regs(tid: Pid) -> Result<Regs> {

@@ -15,6 +15,59 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+/// More filters than a thread can have: the kernel caps a thread's filters
+/// at 32768 instructions in all, each filter costing at least 5.
+const MAX_SECCOMP_FILTERS: usize = 32768 / 5;
+
+/// A stopped, traced thread's seccomp filters, the first installed first,
+/// each as its classic BPF instructions. Empty for a thread without any.
+pub fn seccomp_filters(tid: Pid) -> io::Result<Vec<Vec<libc::sock_filter>>> {
+    let mut out = Vec::new();
+    for index in 0..MAX_SECCOMP_FILTERS {
+        // SAFETY: with a null buffer the kernel only returns the filter's
+        // length (index 0 is the filter installed last).
+        let n = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid.as_raw(),
+                index as *mut libc::c_void,
+                std::ptr::null_mut::<libc::c_void>(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                break;
+            }
+            return Err(e);
+        }
+        let mut buf = vec![
+            libc::sock_filter {
+                code: 0,
+                jt: 0,
+                jf: 0,
+                k: 0
+            };
+            n as usize
+        ];
+        // SAFETY: `buf` has room for the `n` instructions the kernel said
+        // this filter has (filters never change once installed).
+        let m = check(unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid.as_raw(),
+                index as *mut libc::c_void,
+                buf.as_mut_ptr() as *mut libc::c_void,
+            )
+        })?;
+        buf.truncate(m as usize);
+        out.push(buf);
+    }
+    out.reverse();
+    Ok(out)
+}
+
 /// `NT_X86_XSTATE`: the XSAVE area of a thread (x87, SSE, AVX, AVX-512...).
 const NT_X86_XSTATE: libc::c_int = 0x202;
 const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;

@@ -1,15 +1,16 @@
 //! What a container's programs are kept from, as far as it goes today:
 //! the capabilities a mainstream runtime grants by default (and no more),
 //! the kernel's information and controls under `/proc` masked or made
-//! read-only, `/sys` read-only, and the device files a runtime lets a
-//! container use by default (its cgroup refuses the others). Applied in the
-//! container's first process before its program runs; a restore applies the
-//! mounts and the device list the same way, and the checkpoint engine
-//! carries the capabilities across (they are part of each process's
-//! credentials).
+//! read-only, `/sys` read-only, the device files a runtime lets a
+//! container use by default (its cgroup refuses the others), and seccomp
+//! filters refusing what a runtime's default profile refuses. Applied in
+//! the container's first process before its program runs; a restore
+//! applies the mounts and the device list the same way, and the checkpoint
+//! engine carries the capabilities and the filters across (they are part
+//! of each process's state).
 //!
-//! Not yet: a root file system of the container's own and a seccomp
-//! profile (see the README's security section).
+//! Not yet: a root file system of the container's own (see the README's
+//! security section).
 
 use nix::mount::{MsFlags, mount};
 use rrc_cgroup::{Access, DeviceKind, DeviceRule};
@@ -179,4 +180,103 @@ pub(crate) fn capabilities() -> nix::Result<()> {
         return Err(nix::errno::Errno::last());
     }
     Ok(())
+}
+
+/// System calls refused (EPERM) to a container's programs: those a
+/// mainstream runtime's default seccomp profile refuses to a container
+/// without extra capabilities. Most would fail anyway for want of a
+/// capability; the filter also closes what an unprivileged program could
+/// reach: user namespaces (`unshare`, `clone` with `CLONE_NEWUSER`), the
+/// kernel's keyrings, BPF, performance counters, io_uring, userfaultfd,
+/// and reading or writing other processes' memory.
+const REFUSED: &[i64] = &[
+    libc::SYS_acct,
+    libc::SYS_add_key,
+    libc::SYS_bpf,
+    libc::SYS_clock_adjtime,
+    libc::SYS_clock_settime,
+    libc::SYS_delete_module,
+    libc::SYS_fanotify_init,
+    libc::SYS_finit_module,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fsopen,
+    libc::SYS_fspick,
+    libc::SYS_init_module,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_io_uring_setup,
+    libc::SYS_ioperm,
+    libc::SYS_iopl,
+    libc::SYS_kcmp,
+    libc::SYS_kexec_file_load,
+    libc::SYS_kexec_load,
+    libc::SYS_keyctl,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_mount,
+    libc::SYS_mount_setattr,
+    libc::SYS_move_mount,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_open_tree,
+    libc::SYS_perf_event_open,
+    libc::SYS_pivot_root,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_quotactl,
+    libc::SYS_reboot,
+    libc::SYS_request_key,
+    libc::SYS_setns,
+    libc::SYS_settimeofday,
+    libc::SYS_swapoff,
+    libc::SYS_swapon,
+    libc::SYS_sysfs,
+    libc::SYS_syslog,
+    libc::SYS__sysctl,
+    libc::SYS_umount2,
+    libc::SYS_unshare,
+    libc::SYS_uselib,
+    libc::SYS_userfaultfd,
+    libc::SYS_ustat,
+    libc::SYS_vhangup,
+];
+
+/// The seccomp filters a container's first process installs just before
+/// its program (the checkpoint engine carries them across a checkpoint
+/// and restore like any process's filters): [`REFUSED`] and `clone` with
+/// `CLONE_NEWUSER` refused with EPERM; and `clone3`, whose flags sit in
+/// memory a filter cannot read, answered ENOSYS so that the C library
+/// falls back to `clone` (as mainstream runtimes do).
+pub fn seccomp_filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::Error> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    use std::collections::BTreeMap;
+    let arch = TargetArch::try_from(std::env::consts::ARCH)?;
+    let mut refused: BTreeMap<i64, Vec<SeccompRule>> =
+        REFUSED.iter().map(|nr| (*nr, Vec::new())).collect();
+    let new_user = libc::CLONE_NEWUSER as u64;
+    refused.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(new_user),
+            new_user,
+        )?])?],
+    );
+    let refuse = SeccompFilter::new(
+        refused,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )?;
+    let no_clone3 = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )?;
+    Ok(vec![refuse.try_into()?, no_clone3.try_into()?])
 }

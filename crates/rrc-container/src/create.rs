@@ -221,6 +221,9 @@ impl Container {
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| Error::InvalidSpec("an argument contains a NUL byte".into()))?;
         let envp = environment(&spec.env)?;
+        let filters = crate::confine::seccomp_filters().map_err(|e| {
+            Error::InvalidSpec(format!("the seccomp profile cannot be built here: {e}"))
+        })?;
         let (go_rd, go_wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;
         let (rep_rd, rep_wr) =
             pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;
@@ -239,7 +242,7 @@ impl Container {
             Ok(None) => {
                 drop(go_wr);
                 drop(rep_rd);
-                child_main(&hostname, &program, &argv, &envp, go_rd, rep_wr)
+                child_main(&hostname, &program, &argv, &envp, &filters, go_rd, rep_wr)
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // Some namespace kind is missing; name it.
@@ -409,7 +412,7 @@ struct ChildFailure {
     errno: i32,
 }
 
-const STAGES: [&str; 10] = [
+const STAGES: [&str; 11] = [
     "wait for setup",
     "parent-death signal",
     "new session",
@@ -420,6 +423,7 @@ const STAGES: [&str; 10] = [
     "exec",
     "mask /proc and /sys",
     "drop capabilities",
+    "install the seccomp filters",
 ];
 const STAGE_EXEC: u8 = 7;
 
@@ -497,6 +501,7 @@ fn child_main(
     program: &CString,
     argv: &[CString],
     envp: &[CString],
+    filters: &[seccompiler::BpfProgram],
     go: OwnedFd,
     report: OwnedFd,
 ) -> ! {
@@ -534,6 +539,10 @@ fn child_main(
     sys::program_umask();
     if let Err(e) = crate::confine::capabilities() {
         fail(9, e);
+    }
+    // Last: the filters refuse calls made above (mount, among others).
+    if let Err(e) = sys::install_seccomp(filters) {
+        fail(10, nix::Error::from_raw(e.raw_os_error().unwrap_or(0)));
     }
     let e = nix::unistd::execve(program, argv, envp).unwrap_err();
     fail(STAGE_EXEC, e)

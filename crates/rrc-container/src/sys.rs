@@ -93,3 +93,32 @@ pub fn default_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
+
+/// Installs `filters` (seccomp's classic BPF programs, in order) on the
+/// calling thread, without setting no_new_privs: the caller must have
+/// CAP_SYS_ADMIN, as a container's first process has until its exec.
+/// Only system calls: callable between fork and exec.
+pub fn install_seccomp(filters: &[seccompiler::BpfProgram]) -> io::Result<()> {
+    const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
+    for f in filters {
+        let prog = libc::sock_fprog {
+            len: f.len() as u16,
+            // seccompiler's sock_filter has the kernel's layout.
+            filter: f.as_ptr() as *mut libc::sock_filter,
+        };
+        // SAFETY: `prog` points at `f`'s instructions, which outlive the
+        // call; the kernel copies them.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                SECCOMP_SET_MODE_FILTER,
+                0 as libc::c_ulong,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -237,7 +237,8 @@ fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
     // cannot be changed, the host's memory and keys read as nothing, and
     // the device nodes it may make cannot be opened unless a runtime's
     // default list has their numbers (the memory device and a block device
-    // are refused; /dev/urandom works).
+    // are refused; /dev/urandom works); its seccomp filters refuse a new
+    // user namespace, which an unprivileged program could make otherwise.
     require_root();
     let name = format!("conf{}", std::process::id());
     let out = rrc(&[
@@ -256,7 +257,9 @@ fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
          d=$(mktemp -d); mknod $d/mem c 1 1 && mknod $d/disk b 7 0 && echo MADE-NODES; \
          head -c 1 $d/mem >/dev/null 2>&1 && echo OPENED-MEM; \
          head -c 1 $d/disk >/dev/null 2>&1 && echo OPENED-BLOCK; \
-         rm -rf $d; echo URANDOM $(head -c 8 /dev/urandom | wc -c)",
+         rm -rf $d; echo URANDOM $(head -c 8 /dev/urandom | wc -c); \
+         grep Seccomp_filters /proc/self/status; \
+         unshare -U true 2>/dev/null && echo UNSHARED",
     ]);
     let text = out.stdout.clone();
     let want = format!("{:016x}", rrc_container::confine::bounding_set());
@@ -272,6 +275,7 @@ fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
     }
     assert!(text.contains("MADE-NODES"), "{out:?}");
     assert!(text.contains("URANDOM 8"), "{out:?}");
+    assert!(text.contains("Seccomp_filters:\t2"), "{out:?}");
     assert!(text.contains("/proc/keys 0"), "{out:?}");
     assert!(
         !text.contains("kcore") || text.contains("/proc/kcore 0"),
@@ -282,12 +286,28 @@ fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
 #[test]
 fn a_restored_container_is_kept_as_the_original_was() {
     // Checkpointed and restored, the container's program has the same
-    // bounding set and the same masked, read-only kernel paths.
+    // bounding set, masked, read-only kernel paths, device list and
+    // seccomp filters: a process it starts after the restore still cannot
+    // make a user namespace.
     require_root();
     let name = format!("confmv{}", std::process::id());
     let images = std::env::temp_dir().join(format!("rrc-{name}-images"));
     let _ = std::fs::remove_dir_all(&images);
-    rrc(&["run", "--detach", "--name", &name, "--", "sleep", "1000"]).ok();
+    let flag = std::env::temp_dir().join(format!("rrc-{name}-flag"));
+    let said = std::env::temp_dir().join(format!("rrc-{name}-said"));
+    let _ = std::fs::remove_file(&flag);
+    let _ = std::fs::remove_file(&said);
+    let script = format!(
+        "while :; do sleep 0.05; if [ -e {flag} ]; then rm {flag}; \
+         (unshare -U true 2>/dev/null && echo UNSHARED || echo REFUSED) > {said}.new; \
+         mv {said}.new {said}; fi; done",
+        flag = flag.display(),
+        said = said.display()
+    );
+    rrc(&[
+        "run", "--detach", "--name", &name, "--", "sh", "-c", &script,
+    ])
+    .ok();
     rrc(&["checkpoint", &name, "--images", images.to_str().unwrap()]).ok();
     rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     let list: serde_json::Value =
@@ -328,6 +348,24 @@ fn a_restored_container_is_kept_as_the_original_was() {
             .unwrap_or_else(|| panic!("no {ro} mount:\n{mounts}"));
         assert!(line.contains(" ro,") || line.contains(" ro "), "{line}");
     }
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Seccomp_filters:") && l.ends_with('2')),
+        "{status}"
+    );
+    std::fs::write(&flag, b"").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let answer = loop {
+        if let Ok(a) = std::fs::read_to_string(&said) {
+            break a;
+        }
+        assert!(std::time::Instant::now() < deadline, "no answer");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     rrc(&["stop", &name]).ok();
     let _ = std::fs::remove_dir_all(&images);
+    let _ = std::fs::remove_file(&flag);
+    let _ = std::fs::remove_file(&said);
+    assert_eq!(answer.trim(), "REFUSED");
 }

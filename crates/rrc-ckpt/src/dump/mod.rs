@@ -259,11 +259,16 @@ pub(crate) fn take(
         let raw = p.pid.as_raw();
         let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
         let status = proc.status().map_err(Error::proc(raw, "status"))?;
-        if status.seccomp.unwrap_or(0) != 0 {
-            problems.push(format!(
-                "process {raw} runs under seccomp, which is not supported"
-            ));
-        }
+        let seccomp = match status.seccomp.unwrap_or(0) {
+            0 => Vec::new(),
+            2 => seccomp_filters(p, &mut problems)?,
+            _ => {
+                problems.push(format!(
+                    "process {raw} runs in seccomp's strict mode, which cannot be entered again at a restore"
+                ));
+                Vec::new()
+            }
+        };
         if p.threads.is_empty() {
             // A zombie: only its place in the tree and how it ended.
             let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
@@ -389,6 +394,7 @@ pub(crate) fn take(
             personality,
             dumpable: ts.dumpable,
             no_new_privs: status.nonewprivs.unwrap_or(0) != 0,
+            seccomp,
             pdeath_signal: ts.pdeath_signal,
             child_subreaper: ts.child_subreaper,
             thp_disable: ts.thp_disable,
@@ -541,4 +547,29 @@ pub(crate) fn checksum_files(img: &ImageDir) -> Result<BTreeMap<String, u32>> {
         out.insert(name, crate::store::crc_of_file(&e.path())?);
     }
     Ok(out)
+}
+
+/// The seccomp filters of process `p`, packed for its image; a process
+/// whose threads have different filters is a problem (a restore gives the
+/// process's filters to all its threads).
+fn seccomp_filters(p: &SeizedProcess, problems: &mut Vec<String>) -> Result<Vec<Vec<u64>>> {
+    let mut first: Option<Vec<Vec<u64>>> = None;
+    for th in &p.threads {
+        let packed: Vec<Vec<u64>> = crate::ptrace::seccomp_filters(th.tid)?
+            .iter()
+            .map(|f| f.iter().map(crate::image::pack_bpf).collect())
+            .collect();
+        match &first {
+            None => first = Some(packed),
+            Some(f) if *f != packed => {
+                problems.push(format!(
+                    "the threads of process {} have different seccomp filters, which is not supported",
+                    p.pid
+                ));
+                break;
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(first.unwrap_or_default())
 }

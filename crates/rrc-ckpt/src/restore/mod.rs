@@ -210,6 +210,17 @@ fn check_references(
             m.root
         )));
     }
+    if let Some(p) = procs.values().find(|p| {
+        p.seccomp
+            .iter()
+            .any(|f| f.is_empty() || f.len() > crate::image::SECCOMP_FILTER_MAX)
+    }) {
+        return Err(corrupt(format!(
+            "process {} has a seccomp filter that is empty or longer than {} instructions",
+            p.pid,
+            crate::image::SECCOMP_FILTER_MAX
+        )));
+    }
     let files: std::collections::BTreeSet<usize> = m.files.iter().map(|f| f.id).collect();
     let shmem: std::collections::BTreeSet<usize> = m.shmem.iter().map(|s| s.id).collect();
     let known_owner = |o: &crate::image::FileOwner| {

@@ -288,6 +288,7 @@ fn cap_last() -> u64 {
 /// Identity last: capabilities and credentials, then what changing them
 /// resets.
 pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    seccomp(t, p)?;
     let c = &p.creds;
     let last = cap_last();
     // The bounding set only shrinks, and needs CAP_SETPCAP: first.
@@ -401,6 +402,49 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             nr::SYS_prctl,
             &[libc::PR_SET_PDEATHSIG as u64, p.pdeath_signal],
         )?;
+    }
+    Ok(())
+}
+
+/// The process's seccomp filters, the first first, for all its threads at
+/// once (`SECCOMP_FILTER_FLAG_TSYNC`): installed while the restored process
+/// still has CAP_SYS_ADMIN, before its credentials are set, which is why
+/// the engine traces with seccomp suspended ([`crate::ptrace::seize`]) for
+/// the calls that follow.
+fn seccomp(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    const SECCOMP_SET_MODE_FILTER: u64 = 1;
+    for filter in &p.seccomp {
+        let mut insns = Vec::with_capacity(filter.len() * 8);
+        for v in filter {
+            let i = crate::image::unpack_bpf(*v);
+            insns.extend_from_slice(&i.code.to_ne_bytes());
+            insns.push(i.jt);
+            insns.push(i.jf);
+            insns.extend_from_slice(&i.k.to_ne_bytes());
+        }
+        let at = t.arg(&insns)?;
+        // struct sock_fprog: a u16 length, padding, the pointer.
+        let mut prog = Vec::with_capacity(16);
+        prog.extend_from_slice(&(filter.len() as u16).to_ne_bytes());
+        prog.extend_from_slice(&[0u8; 6]);
+        prog.extend_from_slice(&at.to_ne_bytes());
+        let prog = t.arg(&prog)?;
+        let r = t.call(
+            "seccomp(SECCOMP_SET_MODE_FILTER)",
+            nr::SYS_seccomp,
+            &[
+                SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_TSYNC,
+                prog,
+            ],
+        )?;
+        if r != 0 {
+            return Err(Error::Restore {
+                pid: p.pid,
+                stage: "seccomp",
+                detail: format!("thread {r} could not take the process's filters"),
+            });
+        }
     }
     Ok(())
 }
