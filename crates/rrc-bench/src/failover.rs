@@ -194,6 +194,10 @@ pub struct PairOptions {
     /// The backup serves any number of primaries and goes on after a
     /// takeover (`rrc backup --keep-serving`).
     pub keep_serving: bool,
+    /// Each host proves an identity of its own on the link (`rrc keygen
+    /// --identity`): the backup lists the primary's host for the service,
+    /// the primary the backup's host.
+    pub identities: bool,
 }
 
 /// The port of the pair's metrics endpoints, with `metrics`.
@@ -212,6 +216,7 @@ impl Default for PairOptions {
             metrics: false,
             then_protect: false,
             keep_serving: false,
+            identities: false,
         }
     }
 }
@@ -349,6 +354,8 @@ pub struct Pair<'a> {
     backup_host: Host,
     /// The service address.
     vip: ipnet::Ipv4Net,
+    /// With `identities`: each host's identity file and public key.
+    identities: Vec<(Host, PathBuf, String)>,
 }
 
 impl<'a> Pair<'a> {
@@ -368,7 +375,25 @@ impl<'a> Pair<'a> {
             std::process::id(),
             app.name()
         ));
+        let mut identities = Vec::new();
+        if opts.identities {
+            for host in [Host::Primary, Host::Backup] {
+                let file = std::env::temp_dir().join(format!(
+                    "rrc-{}-{}-{}-{host}.identity",
+                    lab.plan().name.as_str(),
+                    std::process::id(),
+                    app.name()
+                ));
+                let _ = fs::remove_file(&file);
+                let public = lab.run_on(
+                    Host::Client,
+                    &[&lab.rrc_path(), "keygen", "--identity", &path_str(&file)],
+                )?;
+                identities.push((host, file, public.trim().to_string()));
+            }
+        }
         Ok(Pair {
+            identities,
             primary_host: Host::Primary,
             backup_host: Host::Backup,
             vip: lab.plan().vip(),
@@ -526,6 +551,15 @@ impl<'a> Pair<'a> {
         if self.opts.keep_serving {
             cmd.arg("--keep-serving");
         }
+        if let (Some((file, _)), Some((_, primary))) = (
+            self.identity_of(self.backup_host),
+            self.identity_of(self.primary_host),
+        ) {
+            cmd.arg("--identity").arg(file).args([
+                "--primary-identity",
+                &format!("{}={primary}", self.app.name()),
+            ]);
+        }
         if self.opts.then_protect {
             let to = self
                 .lab
@@ -616,6 +650,25 @@ impl<'a> Pair<'a> {
             argv.splice(at..at, ["--metrics", metrics.as_str()])
                 .for_each(drop);
         }
+        let ours = self
+            .identity_of(self.primary_host)
+            .map(|(f, _)| path_str(f));
+        let theirs = self
+            .identity_of(self.backup_host)
+            .map(|(_, k)| k.to_string());
+        if let (Some(ours), Some(theirs)) = (&ours, &theirs) {
+            let at = argv.len() - 1;
+            argv.splice(
+                at..at,
+                [
+                    "--identity",
+                    ours.as_str(),
+                    "--backup-identity",
+                    theirs.as_str(),
+                ],
+            )
+            .for_each(drop);
+        }
         let at = argv.len() - 1;
         match &self.opts.arbiter {
             Some(a) => argv
@@ -633,6 +686,14 @@ impl<'a> Pair<'a> {
     /// The key file the pair's primary and backup share.
     pub fn key_path(&self) -> &std::path::Path {
         &self.key
+    }
+
+    /// With `identities`: `host`'s identity file and public key.
+    pub fn identity_of(&self, host: Host) -> Option<(&std::path::Path, &str)> {
+        self.identities
+            .iter()
+            .find(|(h, _, _)| *h == host)
+            .map(|(_, f, k)| (f.as_path(), k.as_str()))
     }
 
     /// Where the backup listens for the primary (on the replication link).
@@ -820,6 +881,9 @@ impl Drop for Pair<'_> {
     fn drop(&mut self) {
         self.stop_backup_process();
         let _ = fs::remove_file(&self.key);
+        for (_, file, _) in &self.identities {
+            let _ = fs::remove_file(file);
+        }
         let _ = fs::remove_file(&self.backup_log);
         let _ = fs::remove_dir_all(&self.backup_dir);
     }

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rrc_wire::{Key, Message, Role, SecureStream, WireError};
+use rrc_wire::{Identified, Identity, Key, Message, PublicKey, Role, SecureStream, WireError};
 
 /// Handshakes in progress at most; a connection beyond them is closed at
 /// once.
@@ -27,6 +27,60 @@ pub const MAX_HANDSHAKES: usize = 16;
 /// How long a peer may take to say it is a primary once the Noise
 /// handshake is done.
 const HELLO_LIMIT: Duration = Duration::from_secs(2);
+
+/// Which primaries a backup with a host identity accepts.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    /// This backup's identity.
+    pub ours: Arc<Identity>,
+    pub primaries: Vec<TrustedPrimary>,
+}
+
+/// A primary's public key, and the service it may replicate (any, if
+/// `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedPrimary {
+    pub key: PublicKey,
+    pub service: Option<String>,
+}
+
+impl std::str::FromStr for TrustedPrimary {
+    type Err = String;
+    /// `KEY` or `SERVICE=KEY`.
+    fn from_str(s: &str) -> Result<TrustedPrimary, String> {
+        let (service, key) = match s.split_once('=') {
+            Some((svc, key)) if !svc.is_empty() => (Some(svc.to_string()), key),
+            Some(_) => return Err(format!("{s:?}: the service before '=' is empty")),
+            None => (None, s),
+        };
+        let key = key
+            .parse()
+            .map_err(|e| format!("{s:?}: not a public key (64 hex characters): {e}"))?;
+        Ok(TrustedPrimary { key, service })
+    }
+}
+
+impl Trust {
+    fn security(&self) -> rrc_wire::SecureConfig {
+        let mut peers: Vec<PublicKey> = self.primaries.iter().map(|p| p.key).collect();
+        peers.sort();
+        peers.dedup();
+        rrc_wire::SecureConfig {
+            identity: Some(Identified {
+                ours: self.ours.clone(),
+                peers,
+            }),
+            ..crate::link_security()
+        }
+    }
+
+    /// Whether the primary proven to be `key` may replicate `service`.
+    pub fn allows(&self, key: PublicKey, service: &str) -> bool {
+        self.primaries
+            .iter()
+            .any(|p| p.key == key && p.service.as_deref().is_none_or(|s| s == service))
+    }
+}
 
 /// A primary that holds the key and said hello.
 pub struct Greeted {
@@ -38,6 +92,8 @@ pub struct Greeted {
     pub service: String,
     /// The arbiter's term it serves under, if it has an arbiter.
     pub term: Option<u64>,
+    /// Its host identity, proven by the handshake (with identities).
+    pub identity: Option<PublicKey>,
 }
 
 /// What handshake threads share with the acceptor.
@@ -59,7 +115,14 @@ pub struct Acceptor {
 impl Acceptor {
     /// Starts accepting on `listener`; this backup answers hellos as
     /// `node`.
-    pub fn start(listener: TcpListener, key: Arc<Key>, node: String) -> std::io::Result<Acceptor> {
+    /// With `trust`, only the primaries it lists get in, each for its
+    /// services.
+    pub fn start(
+        listener: TcpListener,
+        key: Arc<Key>,
+        node: String,
+        trust: Option<Trust>,
+    ) -> std::io::Result<Acceptor> {
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
@@ -70,7 +133,7 @@ impl Acceptor {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("rrc-accept".into())
-            .spawn(move || accept_loop(&listener, &key, &node, &s, &tx))?;
+            .spawn(move || accept_loop(&listener, &key, &node, trust.as_ref(), &s, &tx))?;
         Ok(Acceptor {
             shared,
             listener: handle,
@@ -120,6 +183,7 @@ fn accept_loop(
     listener: &TcpListener,
     key: &Arc<Key>,
     node: &str,
+    trust: Option<&Trust>,
     shared: &Arc<Shared>,
     greeted: &SyncSender<Greeted>,
 ) {
@@ -161,16 +225,17 @@ fn accept_loop(
             }
             pending.insert(id, clone);
         }
-        let (key, node, s, tx) = (
+        let (key, node, trust, s, tx) = (
             key.clone(),
             node.to_string(),
+            trust.cloned(),
             shared.clone(),
             greeted.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name("rrc-handshake".into())
             .spawn(move || {
-                let r = handshake(tcp, peer, &key, &node);
+                let r = handshake(tcp, peer, &key, &node, trust.as_ref());
                 crate::lock(&s.pending).remove(&id);
                 if let Some(g) = r {
                     hand_over(g, &s, &tx);
@@ -208,13 +273,20 @@ fn hand_over(mut g: Greeted, shared: &Shared, tx: &SyncSender<Greeted>) {
 
 /// Noise with the key, then the primary's hello; `None` (and why, said)
 /// for a peer that is not a primary holding the key.
-fn handshake(tcp: TcpStream, peer: SocketAddr, key: &Key, node: &str) -> Option<Greeted> {
+fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    key: &Key,
+    node: &str,
+    trust: Option<&Trust>,
+) -> Option<Greeted> {
     let _ = tcp.set_nodelay(true);
-    let mut s = match SecureStream::server_with(tcp, key, &crate::link_security()) {
+    let security = trust.map_or_else(crate::link_security, Trust::security);
+    let mut s = match SecureStream::server_with(tcp, key, &security) {
         Ok(s) => s,
-        Err(WireError::Authentication(_)) => {
-            tracing::warn!(%peer, "refused a peer without the key");
-            eprintln!("rrc backup: refused {peer}: it does not hold the key");
+        Err(WireError::Authentication(why)) => {
+            tracing::warn!(%peer, %why, "refused a peer");
+            eprintln!("rrc backup: refused {peer}: {why}");
             return None;
         }
         Err(e) => {
@@ -222,8 +294,9 @@ fn handshake(tcp: TcpStream, peer: SocketAddr, key: &Key, node: &str) -> Option<
             return None;
         }
     };
-    match hello(&mut s, node) {
+    match hello(&mut s, node, trust) {
         Ok((node, service, term)) => Some(Greeted {
+            identity: s.peer_identity(),
             stream: s,
             node,
             peer,
@@ -238,7 +311,13 @@ fn handshake(tcp: TcpStream, peer: SocketAddr, key: &Key, node: &str) -> Option<
 }
 
 /// The primary's hello, answered: its node, service and term.
-fn hello(s: &mut SecureStream, node: &str) -> Result<(String, String, Option<u64>), String> {
+/// With `trust`, a primary naming a service its identity is not listed
+/// for is refused: the connection closes without a welcome.
+fn hello(
+    s: &mut SecureStream,
+    node: &str,
+    trust: Option<&Trust>,
+) -> Result<(String, String, Option<u64>), String> {
     s.set_read_timeout(Some(HELLO_LIMIT))
         .map_err(|e| e.to_string())?;
     let theirs = match s.recv().map_err(|e| e.to_string())? {
@@ -250,6 +329,16 @@ fn hello(s: &mut SecureStream, node: &str) -> Result<(String, String, Option<u64
         } => (node, service, term),
         other => return Err(format!("expected a primary's hello, got {other:?}")),
     };
+    if let (Some(trust), Some(id)) = (trust, s.peer_identity())
+        && !trust.allows(id, &theirs.1)
+    {
+        let why = format!(
+            "the primary {} ({id}) may not replicate service {:?}",
+            theirs.0, theirs.1
+        );
+        eprintln!("rrc backup: refused: {why}");
+        return Err(why);
+    }
     s.send(&Message::Welcome { node: node.into() })
         .map_err(|e| e.to_string())?;
     Ok(theirs)

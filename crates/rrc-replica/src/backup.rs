@@ -63,6 +63,8 @@ pub struct BackupOptions {
     pub metrics: Option<TcpListener>,
     /// After a takeover, the new primary replicates to a backup here.
     pub then_protect: Option<ProtectTo>,
+    /// Host identities: this backup's, and the primaries it accepts.
+    pub trust: Option<crate::acceptor::Trust>,
 }
 
 /// Where and how the service is protected again after a takeover.
@@ -348,6 +350,9 @@ struct Decided {
     arbiter: Option<Duration>,
     won: Option<Arbitration>,
     service: String,
+    /// The failed primary's host identity, if identities are in use: the
+    /// host a re-protecting primary expects as its backup.
+    primary_identity: Option<rrc_wire::PublicKey>,
 }
 
 impl<'a> Watch<'a> {
@@ -406,6 +411,7 @@ impl<'a> Watch<'a> {
             peer,
             service,
             term,
+            identity,
         } = g;
         match (&opts.arbiter, term) {
             (Some(_), None) => {
@@ -502,6 +508,7 @@ impl<'a> Watch<'a> {
             arbiter,
             won,
             service,
+            primary_identity: identity,
         }))
     }
 
@@ -538,6 +545,12 @@ impl<'a> Watch<'a> {
             timeout: to.timeout,
             work_dir: self.dir.join("primary"),
             metrics: metrics.clone(),
+            identity: opts.trust.as_ref().and_then(|t| {
+                d.primary_identity.map(|theirs| rrc_wire::Identified {
+                    ours: t.ours.clone(),
+                    peers: vec![theirs],
+                })
+            }),
         });
         // Without a primary to serve on it, the endpoint closes here, not
         // in the restored container's supervisor.
@@ -562,7 +575,13 @@ fn listen(opts: &BackupOptions) -> Result<Acceptor, Error> {
         what: format!("listen on {}", opts.listen),
         source: e,
     })?;
-    Acceptor::start(listener, opts.key.clone(), opts.node.clone()).map_err(|e| Error::Io {
+    Acceptor::start(
+        listener,
+        opts.key.clone(),
+        opts.node.clone(),
+        opts.trust.clone(),
+    )
+    .map_err(|e| Error::Io {
         what: "start accepting primaries".into(),
         source: e,
     })

@@ -55,6 +55,8 @@ pub struct LinkConfig {
     pub heartbeat: Duration,
     /// How long the backup may stay silent before it counts as gone.
     pub timeout: Duration,
+    /// Host identities: this host's, and the backup's public key.
+    pub identity: Option<rrc_wire::Identified>,
 }
 
 /// Why the link to the backup failed.
@@ -65,7 +67,9 @@ pub enum LinkError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("the backup at {0} refused us: the key files differ")]
+    #[error(
+        "the backup at {0} refused us: the key files differ, or (with host identities) it does not accept this host's or is not the backup we were given"
+    )]
     KeyMismatch(SocketAddr),
     #[error("handshake with the backup at {addr}: {source}")]
     Handshake { addr: SocketAddr, source: WireError },
@@ -397,7 +401,10 @@ fn connect(cfg: &LinkConfig) -> Result<SecureStream, LinkError> {
     let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
         .map_err(|source| LinkError::Unreachable { addr, source })?;
     let _ = tcp.set_nodelay(true);
-    let sc = crate::link_security();
+    let sc = rrc_wire::SecureConfig {
+        identity: cfg.identity.clone(),
+        ..crate::link_security()
+    };
     let mut s = SecureStream::client_with(tcp, &cfg.key, &sc).map_err(|e| match e {
         WireError::Authentication(_) => LinkError::KeyMismatch(addr),
         source => LinkError::Handshake { addr, source },

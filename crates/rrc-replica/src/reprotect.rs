@@ -50,6 +50,9 @@ pub struct Protect {
     pub work_dir: PathBuf,
     /// The backup's metrics endpoint, served on by the new primary.
     pub metrics: Option<Arc<std::net::TcpListener>>,
+    /// Host identities: this host's, and the one expected of the next
+    /// backup (the failed primary's host).
+    pub identity: Option<rrc_wire::Identified>,
 }
 
 impl Protect {
@@ -71,6 +74,7 @@ impl Protect {
                 term: self.arbitration.as_ref().map(Arbitration::announced),
                 heartbeat: self.heartbeat,
                 timeout: self.timeout,
+                identity: self.identity.clone(),
             },
             arbitration: self.arbitration.clone(),
             copy: CopyMode::Auto,
@@ -107,6 +111,9 @@ pub struct ProtectJob {
     pub heartbeat: Duration,
     pub timeout: Duration,
     pub work_dir: PathBuf,
+    /// The next backup's host identity (hex), if identities are in use.
+    #[serde(default)]
+    pub peer_identity: Option<String>,
 }
 
 impl ProtectJob {
@@ -120,16 +127,39 @@ impl ProtectJob {
             heartbeat: p.heartbeat,
             timeout: p.timeout,
             work_dir: p.work_dir.clone(),
+            peer_identity: p
+                .identity
+                .as_ref()
+                .and_then(|i| i.peers.first())
+                .map(|k| k.to_string()),
         }
     }
 
-    /// The protection again, with the key and the arbiter (needed if the
-    /// takeover won a term).
+    /// The protection again, with the key, the arbiter (needed if the
+    /// takeover won a term) and this host's identity (needed if the job
+    /// names the next backup's).
     pub fn protect(
         self,
         key: Arc<Key>,
         arbiter: Option<Arc<dyn rrc_arbiter::Arbiter>>,
+        ours: Option<Arc<rrc_wire::Identity>>,
     ) -> Result<Protect, String> {
+        let identity = match (self.peer_identity, ours) {
+            (Some(theirs), Some(ours)) => Some(rrc_wire::Identified {
+                ours,
+                peers: vec![
+                    theirs
+                        .parse()
+                        .map_err(|e| format!("the next backup's identity: {e}"))?,
+                ],
+            }),
+            (Some(_), None) => {
+                return Err(
+                    "the job names the next backup's identity, but this host has none".into(),
+                );
+            }
+            (None, _) => None,
+        };
         let arbitration = match (self.term, arbiter) {
             (Some(t), Some(a)) => Some(Arbitration::holding(a, &self.service, t)),
             (Some(_), None) => {
@@ -148,6 +178,7 @@ impl ProtectJob {
             timeout: self.timeout,
             work_dir: self.work_dir,
             metrics: None,
+            identity,
         })
     }
 }

@@ -68,6 +68,7 @@ fn options(addr: SocketAddr, key: Key, dir: &Path) -> BackupOptions {
         node: "test-backup".into(),
         metrics: None,
         then_protect: None,
+        trust: None,
     }
 }
 

@@ -18,5 +18,7 @@ mod test_dir;
 pub use error::{Result, WireError};
 pub use frame::{DEFAULT_MAX_PAYLOAD, Decoder, Encoder};
 pub use message::{Message, MessageType, Role};
-pub use secure::{Key, SecureConfig, SecureReader, SecureStream, SecureWriter};
+pub use secure::{
+    Identified, Identity, Key, PublicKey, SecureConfig, SecureReader, SecureStream, SecureWriter,
+};
 pub use stage::Stage;

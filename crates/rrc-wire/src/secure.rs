@@ -4,9 +4,15 @@
 //! Noise protocol `Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`: fresh ephemeral
 //! keys on both sides for forward secrecy, with the PSK mixed in before the
 //! first message, so a peer without the key cannot produce even the first
-//! handshake message and cannot read or forge anything afterwards. There are
-//! no long-term public keys to distribute; the key file is the whole trust
-//! configuration.
+//! handshake message and cannot read or forge anything afterwards. Without
+//! host identities the key file is the whole trust configuration.
+//!
+//! With host identities ([`Identity`], [`Identified`]) the handshake is
+//! `Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s` instead: each host proves a
+//! static key of its own, the responder accepts only the initiators it
+//! lists, and the initiator only the responder it was given; the shared key
+//! is still required. One key holder can then no longer act as another
+//! host.
 //!
 //! Wire format:
 //!
@@ -48,6 +54,10 @@ use crate::frame::{DEFAULT_MAX_PAYLOAD, Decoder, Encoder};
 use crate::message::Message;
 
 pub const NOISE_PATTERN: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+/// With host identities: the initiator knows the responder's static key
+/// and sends its own, encrypted, in the first message (as WireGuard does);
+/// the shared key is mixed in at the end of the second.
+pub const NOISE_PATTERN_IDENTIFIED: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
 
 /// Bound into the handshake hash: peers speaking another revision of the
 /// handshake or of the transport below the frames fail the handshake instead
@@ -126,7 +136,8 @@ const NOISE_MAX_MSG: usize = 65535;
 const NOISE_TAG_LEN: usize = 16;
 const MAX_PIECE: usize = NOISE_MAX_MSG - NOISE_TAG_LEN;
 
-/// NNpsk0 handshake messages are 48 bytes; anything much larger is not an
+/// NNpsk0 handshake messages are 56 and 48 bytes, IKpsk2's 104 and 48;
+/// anything much larger is not an
 /// rrc peer, and refusing it early stops a stray client (a port scanner, an
 /// HTTP probe) from making us wait for 64 KiB that will never come.
 const MAX_HANDSHAKE_MSG: usize = 1024;
@@ -168,115 +179,219 @@ impl Key {
     /// accessible to group or others, because anyone who can read it can
     /// feed the backup an image to run as root.
     pub fn load(path: &Path) -> Result<Key> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(WireError::KeyMissing {
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let format_err = |reason: String| WireError::KeyFormat {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let meta = file.metadata()?;
-        if !meta.is_file() {
-            return Err(format_err("not a regular file".into()));
-        }
-        let user = rustix::process::geteuid().as_raw();
-        if std::os::unix::fs::MetadataExt::uid(&meta) != user {
-            return Err(WireError::KeyOwner {
-                path: path.to_path_buf(),
-                owner: std::os::unix::fs::MetadataExt::uid(&meta),
-                user,
-            });
-        }
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(WireError::KeyPermissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let mut raw = Vec::new();
-        file.take(MAX_KEY_FILE + 1).read_to_end(&mut raw)?;
-        if raw.len() as u64 > MAX_KEY_FILE {
-            return Err(format_err(format!(
-                "file is larger than {MAX_KEY_FILE} bytes; expected 64 hex characters"
-            )));
-        }
-        let text = raw.trim_ascii();
-        if text.len() != 2 * KEY_LEN {
-            return Err(format_err(format!(
-                "expected {} hex characters, found {} characters",
-                2 * KEY_LEN,
-                text.len()
-            )));
-        }
-        let mut key = [0u8; KEY_LEN];
-        for (i, pair) in text.chunks_exact(2).enumerate() {
-            let hi = hex_value(pair[0]);
-            let lo = hex_value(pair[1]);
-            match (hi, lo) {
-                (Some(hi), Some(lo)) => key[i] = hi << 4 | lo,
-                _ => {
-                    wipe(&mut raw);
-                    let at = if hi.is_none() { 2 * i } else { 2 * i + 1 };
-                    return Err(format_err(format!(
-                        "character {} is not a hex digit",
-                        at + 1
-                    )));
-                }
-            }
-        }
-        wipe(&mut raw);
-        Ok(Key(key))
+        read_secret(path).map(Key)
     }
 
     /// Creates a new key file with mode 0600 holding a random key, and
     /// returns the key. An existing file is never overwritten: replacing the
     /// key on one host only would silently cut replication.
     pub fn generate(path: &Path) -> Result<Key> {
-        let mut bytes = [0u8; KEY_LEN];
-        File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let mut bytes = random_secret()?;
         let key = Key(bytes);
         bytes.fill(0);
-
-        let mut file = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                return Err(WireError::KeyExists {
-                    path: path.to_path_buf(),
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let mut text = String::with_capacity(2 * KEY_LEN + 1);
-        for b in key.0 {
-            text.push(char::from(HEX[usize::from(b >> 4)]));
-            text.push(char::from(HEX[usize::from(b & 0xf)]));
-        }
-        text.push('\n');
-        let written = file
-            .write_all(text.as_bytes())
-            .and_then(|()| file.sync_all());
-        // The hex text is the key too; wipe it like Key's Drop does.
-        wipe(&mut text.into_bytes());
-        if let Err(e) = written {
-            // A truncated key file would only produce confusing format errors
-            // later; better that it does not exist.
-            let _ = std::fs::remove_file(path);
-            return Err(e.into());
-        }
+        write_secret(path, &key.0)?;
         Ok(key)
     }
+}
+
+fn random_secret() -> Result<[u8; KEY_LEN]> {
+    let mut bytes = [0u8; KEY_LEN];
+    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A secret file's 32 bytes (64 hex characters, whitespace around them
+/// allowed), after checking that it is a regular file of this user that
+/// no one else may read.
+fn read_secret(path: &Path) -> Result<[u8; KEY_LEN]> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(WireError::KeyMissing {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let format_err = |reason: String| WireError::KeyFormat {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(format_err("not a regular file".into()));
+    }
+    let user = rustix::process::geteuid().as_raw();
+    if std::os::unix::fs::MetadataExt::uid(&meta) != user {
+        return Err(WireError::KeyOwner {
+            path: path.to_path_buf(),
+            owner: std::os::unix::fs::MetadataExt::uid(&meta),
+            user,
+        });
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(WireError::KeyPermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let mut raw = Vec::new();
+    file.take(MAX_KEY_FILE + 1).read_to_end(&mut raw)?;
+    if raw.len() as u64 > MAX_KEY_FILE {
+        return Err(format_err(format!(
+            "file is larger than {MAX_KEY_FILE} bytes; expected 64 hex characters"
+        )));
+    }
+    let parsed = parse_hex32(raw.trim_ascii()).map_err(format_err);
+    wipe(&mut raw);
+    parsed
+}
+
+/// 64 hex characters as 32 bytes, or what is wrong with them.
+fn parse_hex32(text: &[u8]) -> std::result::Result<[u8; KEY_LEN], String> {
+    if text.len() != 2 * KEY_LEN {
+        return Err(format!(
+            "expected {} hex characters, found {} characters",
+            2 * KEY_LEN,
+            text.len()
+        ));
+    }
+    let mut out = [0u8; KEY_LEN];
+    for (i, pair) in text.chunks_exact(2).enumerate() {
+        match (hex_value(pair[0]), hex_value(pair[1])) {
+            (Some(hi), Some(lo)) => out[i] = hi << 4 | lo,
+            (hi, _) => {
+                wipe(&mut out);
+                let at = if hi.is_none() { 2 * i } else { 2 * i + 1 };
+                return Err(format!("character {} is not a hex digit", at + 1));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    let mut text = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    text
+}
+
+/// Creates `path` (mode 0600, never over an existing file) holding
+/// `secret` in hex.
+fn write_secret(path: &Path, secret: &[u8; KEY_LEN]) -> Result<()> {
+    let mut file = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return Err(WireError::KeyExists {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut text = to_hex(secret);
+    text.push('\n');
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_all());
+    // The hex text is the secret too; wipe it like Key's Drop does.
+    wipe(&mut text.into_bytes());
+    if let Err(e) = written {
+        // A truncated file would only produce confusing format errors
+        // later; better that it does not exist.
+        let _ = std::fs::remove_file(path);
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// A host's public identity: the X25519 public key of its [`Identity`],
+/// written as 64 hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; KEY_LEN]);
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&to_hex(&self.0))
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl std::str::FromStr for PublicKey {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<PublicKey, String> {
+        parse_hex32(s.trim().as_bytes()).map(PublicKey)
+    }
+}
+
+/// A host's own identity: an X25519 key pair whose secret half lives in a
+/// file like the shared key's (`rrc keygen --identity`). With identities,
+/// holding the shared key is not enough to replicate: the backup accepts
+/// only primaries whose public key it lists, and the primary talks only to
+/// the backup whose public key it was given.
+pub struct Identity {
+    secret: [u8; KEY_LEN],
+    public: PublicKey,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identity({})", self.public)
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        wipe(&mut self.secret);
+    }
+}
+
+impl Identity {
+    fn from_secret(secret: [u8; KEY_LEN]) -> Identity {
+        let public =
+            curve25519_dalek::montgomery::MontgomeryPoint::mul_base_clamped(secret).to_bytes();
+        Identity {
+            secret,
+            public: PublicKey(public),
+        }
+    }
+
+    /// Reads an identity file, checked as a key file is.
+    pub fn load(path: &Path) -> Result<Identity> {
+        read_secret(path).map(Identity::from_secret)
+    }
+
+    /// Creates a new identity file (mode 0600, never over an existing one).
+    pub fn generate(path: &Path) -> Result<Identity> {
+        let id = Identity::from_secret(random_secret()?);
+        write_secret(path, &id.secret)?;
+        Ok(id)
+    }
+
+    pub fn public(&self) -> PublicKey {
+        self.public
+    }
+}
+
+/// Host identities on a connection: ours, and the peers we accept (for
+/// the initiator, exactly the one it connects to).
+#[derive(Debug, Clone)]
+pub struct Identified {
+    pub ours: Arc<Identity>,
+    pub peers: Vec<PublicKey>,
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -298,6 +413,9 @@ pub struct SecureConfig {
     pub handshake_timeout: Duration,
     /// Largest frame payload sent or accepted.
     pub max_payload: u32,
+    /// Host identities: the handshake is then [`NOISE_PATTERN_IDENTIFIED`],
+    /// which proves each side's identity as well as the shared key.
+    pub identity: Option<Identified>,
 }
 
 impl Default for SecureConfig {
@@ -305,6 +423,7 @@ impl Default for SecureConfig {
         SecureConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            identity: None,
         }
     }
 }
@@ -379,6 +498,9 @@ struct Shared {
     /// The first failure on either half. Set before the socket is shut down,
     /// so the other half, woken by the shutdown, finds out why.
     failure: OnceLock<Failure>,
+    /// The peer's identity, proven by the handshake, when identities are
+    /// in use.
+    peer_identity: Option<PublicKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -511,11 +633,32 @@ impl SecureStream {
         tcp.set_write_timeout(Some(cfg.handshake_timeout))?;
         let deadline = Instant::now() + cfg.handshake_timeout;
 
-        let params = NOISE_PATTERN.parse().map_err(WireError::Noise)?;
-        let builder = snow::Builder::new(params)
-            .psk(0, &key.0)
+        let (pattern, psk_at) = match &cfg.identity {
+            None => (NOISE_PATTERN, 0),
+            Some(_) => (NOISE_PATTERN_IDENTIFIED, 2),
+        };
+        let params = pattern.parse().map_err(WireError::Noise)?;
+        let mut builder = snow::Builder::new(params)
+            .psk(psk_at, &key.0)
             .and_then(|b| b.prologue(PROLOGUE))
             .map_err(WireError::Noise)?;
+        if let Some(id) = &cfg.identity {
+            builder = builder
+                .local_private_key(&id.ours.secret)
+                .map_err(WireError::Noise)?;
+            if side == Side::Initiator {
+                let [peer] = id.peers.as_slice() else {
+                    return Err(WireError::Handshake(format!(
+                        "an initiator needs exactly one peer identity, not {}",
+                        id.peers.len()
+                    )));
+                };
+                builder = builder
+                    .remote_public_key(&peer.0)
+                    .map_err(WireError::Noise)?;
+            }
+        }
+        let mut peer_identity = None;
 
         let mut out = [0u8; MAX_HANDSHAKE_MSG];
         let mut scratch = [0u8; MAX_HANDSHAKE_MSG];
@@ -529,12 +672,17 @@ impl SecureStream {
                 let reply = read_handshake(&mut tcp, deadline)?;
                 if reply.is_empty() {
                     return Err(WireError::Authentication(
-                        "the peer rejected our handshake: it holds a different pre-shared key"
-                            .into(),
+                        if cfg.identity.is_some() {
+                            "the peer rejected our handshake: it holds a different pre-shared key, does not accept this host's identity, or is not the host whose identity we were given"
+                        } else {
+                            "the peer rejected our handshake: it holds a different pre-shared key (or expects host identities)"
+                        }
+                        .into(),
                     ));
                 }
                 hs.read_message(&reply, &mut scratch)
                     .map_err(handshake_error)?;
+                peer_identity = cfg.identity.as_ref().map(|id| id.peers[0]);
                 hs
             }
             Side::Responder => {
@@ -559,6 +707,20 @@ impl SecureStream {
                         return Err(e);
                     }
                 };
+                if let Some(id) = &cfg.identity {
+                    let theirs = hs
+                        .get_remote_static()
+                        .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok())
+                        .map(PublicKey)
+                        .ok_or_else(|| WireError::Handshake("the peer sent no identity".into()))?;
+                    if !id.peers.contains(&theirs) {
+                        let _ = tcp.write_all(&[0, 0]);
+                        return Err(WireError::Authentication(format!(
+                            "the peer's identity {theirs} is not one this host accepts"
+                        )));
+                    }
+                    peer_identity = Some(theirs);
+                }
                 fresh_initiation(key, sent)?;
                 let n = hs.write_message(&[], &mut out).map_err(WireError::Noise)?;
                 write_handshake(&mut tcp, &out[..n])?;
@@ -580,6 +742,7 @@ impl SecureStream {
             tcp,
             noise,
             failure: OnceLock::new(),
+            peer_identity,
         });
         Ok(SecureStream {
             reader: SecureReader {
@@ -645,6 +808,11 @@ impl SecureStream {
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.reader.shared.tcp.local_addr()?)
+    }
+
+    /// The peer's identity, proven by the handshake (with identities).
+    pub fn peer_identity(&self) -> Option<PublicKey> {
+        self.reader.shared.peer_identity
     }
 
     pub fn shutdown(&self, how: Shutdown) -> Result<()> {

@@ -754,3 +754,123 @@ fn a_recorded_first_handshake_message_is_refused_when_played_again() {
         other => panic!("a replayed first message was accepted: {other:?}"),
     }
 }
+
+/// An identity from a fresh file in a directory of its own.
+fn identity(tag: &str) -> Arc<rrc_wire::Identity> {
+    let dir = std::env::temp_dir().join(format!("rrc-wire-id-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("identity");
+    let made = rrc_wire::Identity::generate(&path).unwrap();
+    let loaded = rrc_wire::Identity::load(&path).unwrap();
+    assert_eq!(
+        made.public(),
+        loaded.public(),
+        "the file gives back the identity"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    Arc::new(loaded)
+}
+
+fn with_identity(ours: &Arc<rrc_wire::Identity>, peers: &[rrc_wire::PublicKey]) -> SecureConfig {
+    SecureConfig {
+        identity: Some(rrc_wire::Identified {
+            ours: ours.clone(),
+            peers: peers.to_vec(),
+        }),
+        ..quick()
+    }
+}
+
+#[test]
+fn identified_hosts_talk_and_learn_who_the_other_is() {
+    let (primary, backup) = (identity("p1"), identity("b1"));
+    let (pp, bp) = (primary.public(), backup.public());
+    let scfg = with_identity(&backup, &[pp]);
+    let ccfg = with_identity(&primary, &[bp]);
+    let (s, c) = pair(
+        move |tcp| -> rrc_wire::Result<_> {
+            let mut s = SecureStream::server_with(tcp, &key(3), &scfg)?;
+            let got = s.recv()?;
+            s.send(&hb(2))?;
+            Ok((s.peer_identity(), got))
+        },
+        move |tcp| -> rrc_wire::Result<_> {
+            let mut c = SecureStream::client_with(tcp, &key(3), &ccfg)?;
+            c.send(&hb(1))?;
+            Ok((c.peer_identity(), c.recv()?))
+        },
+    );
+    let (s_peer, s_got) = s.unwrap();
+    let (c_peer, c_got) = c.unwrap();
+    assert_eq!(s_peer, Some(pp));
+    assert_eq!(c_peer, Some(bp));
+    assert_eq!(s_got, hb(1));
+    assert_eq!(c_got, hb(2));
+}
+
+#[test]
+fn a_key_holder_with_another_identity_is_refused() {
+    // The intruder holds the shared key and an identity of its own, and
+    // knows the backup's public key: the backup lists only the primary.
+    let (primary, backup, intruder) = (identity("p2"), identity("b2"), identity("i2"));
+    let scfg = with_identity(&backup, &[primary.public()]);
+    let ccfg = with_identity(&intruder, &[backup.public()]);
+    let (s, c) = pair(
+        move |tcp| SecureStream::server_with(tcp, &key(4), &scfg).map(|_| ()),
+        move |tcp| SecureStream::client_with(tcp, &key(4), &ccfg).map(|_| ()),
+    );
+    match s {
+        Err(WireError::Authentication(why)) => {
+            assert!(why.contains("not one this host accepts"), "{why}")
+        }
+        other => panic!("the backup let the intruder in: {other:?}"),
+    }
+    assert!(matches!(c, Err(WireError::Authentication(_))), "{c:?}");
+}
+
+#[test]
+fn a_primary_talks_only_to_the_backup_it_was_given() {
+    // An impostor backup with the key and its own identity, listing the
+    // primary: the primary, expecting another backup, cannot finish.
+    let (primary, backup, impostor) = (identity("p3"), identity("b3"), identity("i3"));
+    let scfg = with_identity(&impostor, &[primary.public()]);
+    let ccfg = with_identity(&primary, &[backup.public()]);
+    let (s, c) = pair(
+        move |tcp| SecureStream::server_with(tcp, &key(5), &scfg).map(|_| ()),
+        move |tcp| SecureStream::client_with(tcp, &key(5), &ccfg).map(|_| ()),
+    );
+    assert!(s.is_err(), "the impostor completed a handshake");
+    assert!(c.is_err(), "the primary accepted an impostor backup");
+}
+
+#[test]
+fn identities_on_one_side_only_fail_both_sides() {
+    let (primary, backup) = (identity("p4"), identity("b4"));
+    let scfg = with_identity(&backup, &[primary.public()]);
+    let (s, c) = pair(
+        move |tcp| SecureStream::server_with(tcp, &key(6), &scfg).map(|_| ()),
+        |tcp| SecureStream::client_with(tcp, &key(6), &quick()).map(|_| ()),
+    );
+    assert!(s.is_err() && c.is_err(), "{s:?} {c:?}");
+    // And a wrong shared key with the right identities: the shared key
+    // enters the second message, so the responder learns of it at the
+    // first message it cannot read.
+    let (primary, backup) = (identity("p5"), identity("b5"));
+    let scfg = with_identity(&backup, &[primary.public()]);
+    let ccfg = with_identity(&primary, &[backup.public()]);
+    let (s, c) = pair(
+        move |tcp| SecureStream::server_with(tcp, &key(7), &scfg).and_then(|mut s| s.recv()),
+        move |tcp| SecureStream::client_with(tcp, &key(8), &ccfg).map(|_| ()),
+    );
+    assert!(s.is_err() && c.is_err(), "{s:?} {c:?}");
+}
+
+#[test]
+fn public_keys_read_back_as_written() {
+    let id = identity("p6");
+    let text = id.public().to_string();
+    assert_eq!(text.len(), 64);
+    assert_eq!(text.parse::<rrc_wire::PublicKey>().unwrap(), id.public());
+    assert!("zz".parse::<rrc_wire::PublicKey>().is_err());
+}

@@ -369,12 +369,15 @@ fn two_services_each_primary_on_the_others_backup_host_survive_a_host_kill() {
 /// host is revived and a backup started there, which receives a full
 /// checkpoint; then the new primary's host is killed and the service
 /// comes back to the first host. No client sees an error or a reset.
+/// Both hosts prove identities of their own on the link, each accepting
+/// only the other, in both directions.
 #[test]
 fn kill_takeover_reprotect_kill_again_and_take_over_back() {
     let lab = arbiter_lab("reprot");
     let opts = PairOptions {
         then_protect: true,
         metrics: true,
+        identities: true,
         ..responsive_with_arbiter(&lab)
     };
     let mut pair = Pair::new(&lab, App::Redis, opts).unwrap();

@@ -603,3 +603,82 @@ fn a_primary_stopped_for_less_than_the_timeout_is_not_replaced() {
     let t = kill_under_load(&mut pair);
     assert_recovered(&t, &pair.backup_output());
 }
+
+/// What the backup's door does with a primary that holds the shared key
+/// and proves `identity`, naming `service`: whether it was welcomed.
+fn try_as_primary(
+    lab: &rrc_bench::session::LabSession,
+    pair: &Pair<'_>,
+    identity: std::sync::Arc<rrc_wire::Identity>,
+    service: &str,
+) -> Result<(), String> {
+    let key = rrc_wire::Key::load(pair.key_path()).unwrap();
+    let backup: rrc_wire::PublicKey = pair
+        .identity_of(rrc_lab::Host::Backup)
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let listen = pair.backup_listen_addr().unwrap();
+    let service = service.to_string();
+    lab.in_host(rrc_lab::Host::Primary, move || {
+        let tcp = std::net::TcpStream::connect(listen).map_err(|e| e.to_string())?;
+        let cfg = rrc_wire::SecureConfig {
+            identity: Some(rrc_wire::Identified {
+                ours: identity,
+                peers: vec![backup],
+            }),
+            ..rrc_wire::SecureConfig::default()
+        };
+        let mut s =
+            rrc_wire::SecureStream::client_with(tcp, &key, &cfg).map_err(|e| e.to_string())?;
+        s.send(&rrc_wire::Message::Hello {
+            role: rrc_wire::Role::Primary,
+            node: "intruder".into(),
+            service,
+            term: None,
+        })
+        .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        match s.recv().map_err(|e| e.to_string())? {
+            rrc_wire::Message::Welcome { .. } => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .unwrap()
+}
+
+#[test]
+fn with_host_identities_the_shared_key_alone_does_not_make_a_primary() {
+    // The backup lists the primary host's identity for this service. A
+    // peer holding the shared key but another identity is refused at the
+    // handshake; the primary host's identity naming another service is
+    // refused after its hello; the real primary is protected and taken
+    // over as ever, its clients seeing nothing.
+    let lab = lab_session("foident");
+    let opts = PairOptions {
+        identities: true,
+        ..PairOptions::default()
+    };
+    let mut pair = Pair::new(&lab, App::Redis, opts).unwrap();
+    pair.start_backup().unwrap();
+    let dir = std::env::temp_dir().join(format!("rrc-foident-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let intruder = std::sync::Arc::new(rrc_wire::Identity::generate(&dir.join("i")).unwrap());
+    let own = std::sync::Arc::new(
+        rrc_wire::Identity::load(pair.identity_of(rrc_lab::Host::Primary).unwrap().0).unwrap(),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    let as_intruder = try_as_primary(&lab, &pair, intruder, App::Redis.name());
+    assert!(as_intruder.is_err(), "an intruder was welcomed");
+    let other_service = try_as_primary(&lab, &pair, own, "another-service");
+    assert!(other_service.is_err(), "welcomed for another service");
+    let said = pair.backup_output();
+    assert!(said.contains("is not one this host accepts"), "{said}");
+    assert!(said.contains("may not replicate service"), "{said}");
+    pair.start_primary().unwrap();
+    let t = kill_under_load(&mut pair);
+    assert_recovered(&t, &pair.backup_output());
+}

@@ -11,6 +11,7 @@ use rrc_arbiter::Arbiter;
 use rrc_arbiter::etcd::Etcd;
 use rrc_container::HostState;
 use rrc_container::control::CopyChoice;
+use rrc_replica::acceptor::Trust;
 use rrc_replica::arbitration::Arbitration;
 use rrc_replica::backup::{self, BackupOptions, LogFound, ProtectTo, Resumed};
 use rrc_replica::backup_status::{self, TakeoverPhases};
@@ -20,7 +21,7 @@ use rrc_replica::primary::{PrimaryOptions, Replication};
 use rrc_replica::reprotect::{Protect, ProtectJob, ResumeJob};
 use rrc_replica::takeover::ReplayOutcome;
 use rrc_session::recording::Rings;
-use rrc_wire::Key;
+use rrc_wire::{Identified, Identity, Key};
 
 use super::ModeArg;
 use super::checkpoint::Copy;
@@ -61,6 +62,16 @@ pub struct PrimaryArgs {
     /// The shared key file (`rrc keygen`); the backup must hold the same.
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
+    /// This host's identity file (`rrc keygen --identity`): the backup
+    /// then accepts this host only if it lists its public key, and the
+    /// key file alone no longer lets a host act as this primary.
+    #[arg(long, value_name = "FILE", requires = "backup_identity")]
+    identity: Option<PathBuf>,
+    /// With --identity: the backup host's public key (64 hex characters,
+    /// printed by `rrc keygen --identity` on that host); any other backup
+    /// is refused.
+    #[arg(long, value_name = "KEY", requires = "identity")]
+    backup_identity: Option<rrc_wire::PublicKey>,
     /// How often the container is checkpointed.
     #[arg(long, default_value = "100ms", value_parser = super::parse_duration)]
     epoch: Duration,
@@ -188,6 +199,15 @@ pub struct BackupArgs {
     /// The shared key file (`rrc keygen`); the primary must hold the same.
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
+    /// This host's identity file (`rrc keygen --identity`): only the
+    /// primaries listed with --primary-identity get in.
+    #[arg(long, value_name = "FILE", requires = "primary_identity")]
+    identity: Option<PathBuf>,
+    /// With --identity: a primary host allowed in, by its public key (64
+    /// hex characters), for any service (KEY) or for one (SERVICE=KEY; the
+    /// service is the container's name). Repeat for more.
+    #[arg(long, value_name = "[SERVICE=]KEY", requires = "identity")]
+    primary_identity: Vec<rrc_replica::acceptor::TrustedPrimary>,
     /// Silence from the primary after which it counts as failed (the
     /// primary says it is alive every 25 ms by default: see its
     /// --heartbeat). Measured on a noisy 2-vCPU machine: no false takeover
@@ -233,13 +253,24 @@ pub struct BackupArgs {
     arbiter: ArbiterArgs,
 }
 
-/// Create a shared key file for the replication link.
+/// Create a shared key file, or a host identity, for the replication link.
 ///
 /// Writes 32 random bytes, hex encoded, to FILE with mode 0600; an existing
-/// file is never overwritten. Copy it to the other host by a secure channel.
+/// file is never overwritten. A shared key goes to both hosts (copy it by a
+/// secure channel). An identity (--identity) stays on its host; its public
+/// key, printed, is what the other host is given (`rrc primary
+/// --backup-identity`, `rrc backup --primary-identity`).
+///
+/// Example: rrc keygen --identity /etc/rrc/identity
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
     file: PathBuf,
+    /// Make a host identity (an X25519 key pair) and print its public key.
+    #[arg(long)]
+    identity: bool,
+    /// With --identity: print the public key of the existing FILE.
+    #[arg(long, requires = "identity")]
+    show: bool,
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -265,7 +296,35 @@ fn load_key(path: &std::path::Path) -> Result<Arc<Key>> {
     Ok(Arc::new(key))
 }
 
+fn load_identity(path: &std::path::Path) -> Result<Arc<Identity>> {
+    let id = Identity::load(path).with_context(|| {
+        format!(
+            "reading the identity file {} (make one with `rrc keygen --identity FILE`)",
+            path.display()
+        )
+    })?;
+    Ok(Arc::new(id))
+}
+
 pub fn keygen(a: KeygenArgs) -> Result<i32> {
+    if a.identity {
+        let id = if a.show {
+            load_identity(&a.file)?
+        } else {
+            Arc::new(
+                Identity::generate(&a.file)
+                    .with_context(|| format!("creating {}", a.file.display()))?,
+            )
+        };
+        if !a.show {
+            eprintln!(
+                "wrote a new identity to {}; it stays on this host. Its public key:",
+                a.file.display()
+            );
+        }
+        println!("{}", id.public());
+        return Ok(0);
+    }
     Key::generate(&a.file).with_context(|| format!("creating {}", a.file.display()))?;
     println!(
         "wrote a new key to {}; copy it to the other host",
@@ -304,6 +363,13 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
             term: arbitration.as_ref().map(Arbitration::announced),
             heartbeat: a.heartbeat,
             timeout: a.backup_timeout,
+            identity: match (&a.identity, a.backup_identity) {
+                (Some(file), Some(theirs)) => Some(Identified {
+                    ours: load_identity(file)?,
+                    peers: vec![theirs],
+                }),
+                _ => None,
+            },
         },
         arbitration,
         copy: CopyChoice::from(a.copy).into(),
@@ -424,6 +490,13 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
             }
             None => None,
         },
+        trust: match &a.identity {
+            Some(file) => Some(Trust {
+                ours: load_identity(file)?,
+                primaries: a.primary_identity.clone(),
+            }),
+            None => None,
+        },
     };
     let uplink = a.uplink.clone();
     if a.keep_serving {
@@ -488,6 +561,9 @@ fn serve_many(opts: &BackupOptions, a: &BackupArgs, uplink: Option<String>) -> R
             .arg(dir)
             .arg("--key")
             .arg(&a.key);
+        if let Some(id) = &a.identity {
+            cmd.arg("--identity").arg(id);
+        }
         if let Some(u) = &uplink {
             cmd.args(["--uplink", u]);
         }
@@ -536,6 +612,9 @@ pub struct ResumeArgs {
     /// The key, for the link of a primary that protects the service again.
     #[arg(long)]
     key: PathBuf,
+    /// This host's identity, for the same link.
+    #[arg(long)]
+    identity: Option<PathBuf>,
     #[arg(long)]
     arbiter: Option<String>,
     #[arg(long, default_value = "1s", value_parser = super::parse_duration)]
@@ -554,8 +633,12 @@ pub fn backup_resume(a: ResumeArgs) -> Result<i32> {
                 None => None,
             };
             Some(
-                p.protect(load_key(&a.key)?, arbiter)
-                    .map_err(anyhow::Error::msg)?,
+                p.protect(
+                    load_key(&a.key)?,
+                    arbiter,
+                    a.identity.as_deref().map(load_identity).transpose()?,
+                )
+                .map_err(anyhow::Error::msg)?,
             )
         }
         None => None,
