@@ -202,6 +202,7 @@ fn memory_round(rrc: &Path, mb: usize, work: &Path) -> Result<CkptResult> {
         root_setup: None,
         after_spawn: None,
         keep_repair: false,
+        ghosts: None,
     })?;
     let n = lines(&log);
     kill(restored.root, Signal::SIGUSR2)?;
@@ -296,6 +297,7 @@ fn redis_measure(
         root_setup: None,
         after_spawn: None,
         keep_repair: false,
+        ghosts: None,
     })?;
     let mut c = RespConn::connect(addr, Duration::from_secs(5))?;
     let verified = matches!(

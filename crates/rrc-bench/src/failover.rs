@@ -198,6 +198,8 @@ pub struct PairOptions {
     /// --identity`): the backup lists the primary's host for the service,
     /// the primary the backup's host.
     pub identities: bool,
+    /// The container gets a root of its own (`--root private`).
+    pub private_root: bool,
 }
 
 /// The port of the pair's metrics endpoints, with `metrics`.
@@ -217,6 +219,7 @@ impl Default for PairOptions {
             then_protect: false,
             keep_serving: false,
             identities: false,
+            private_root: false,
         }
     }
 }
@@ -643,6 +646,9 @@ impl<'a> Pair<'a> {
         ];
         if self.opts.release_at_commit {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
+        }
+        if self.opts.private_root {
+            argv.splice(argv.len() - 1..argv.len() - 1, ["--root", "private"]);
         }
         let metrics = self.metrics_addr(self.primary_host).to_string();
         if self.opts.metrics {

@@ -425,6 +425,7 @@ fn mutated_images_that_load_restore_or_are_refused_cleanly() {
                 root_setup: None,
                 after_spawn: None,
                 keep_repair: false,
+                ghosts: None,
             })
         });
         match r {

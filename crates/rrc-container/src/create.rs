@@ -154,6 +154,7 @@ impl Container {
             .collect();
         let mut record = ContainerRecord::new(spec.name.clone(), argv);
         record.net = spec.net.clone();
+        record.root = spec.root.clone();
         let claim = host.claim(&record)?;
         let mut partial = Partial {
             claim: Some(claim),
@@ -221,6 +222,11 @@ impl Container {
             .collect::<std::result::Result<_, _>>()
             .map_err(|_| Error::InvalidSpec("an argument contains a NUL byte".into()))?;
         let envp = environment(&spec.env)?;
+        let keep: Vec<(&std::path::Path, &std::path::Path)> = match &opts.output {
+            Output::File(p) => vec![(p.as_path(), p.as_path())],
+            _ => Vec::new(),
+        };
+        let root = spec.root.plan(&spec.name, &keep)?;
         let filters = crate::confine::seccomp_filters().map_err(|e| {
             Error::InvalidSpec(format!("the seccomp profile cannot be built here: {e}"))
         })?;
@@ -242,7 +248,15 @@ impl Container {
             Ok(None) => {
                 drop(go_wr);
                 drop(rep_rd);
-                child_main(&hostname, &program, &argv, &envp, &filters, go_rd, rep_wr)
+                let child = ChildPlan {
+                    hostname: &hostname,
+                    program: &program,
+                    argv: &argv,
+                    envp: &envp,
+                    filters: &filters,
+                    root: root.as_ref(),
+                };
+                child_main(&child, go_rd, rep_wr)
             }
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 // Some namespace kind is missing; name it.
@@ -412,7 +426,7 @@ struct ChildFailure {
     errno: i32,
 }
 
-const STAGES: [&str; 11] = [
+const STAGES: [&str; 12] = [
     "wait for setup",
     "parent-death signal",
     "new session",
@@ -424,6 +438,7 @@ const STAGES: [&str; 11] = [
     "mask /proc and /sys",
     "drop capabilities",
     "install the seccomp filters",
+    "enter the container's root",
 ];
 const STAGE_EXEC: u8 = 7;
 
@@ -466,7 +481,10 @@ fn read_child_report(rep_rd: OwnedFd) -> Option<ChildFailure> {
 /// Inside a new container's first process: its hostname, and a /proc and
 /// /sys of its own namespaces, mounted in its own mount namespace. Errors
 /// carry the index of the failed stage in [`STAGES`].
-pub(crate) fn prepare_namespaces(hostname: &[u8]) -> std::result::Result<(), (u8, nix::Error)> {
+pub(crate) fn prepare_namespaces(
+    hostname: &[u8],
+    root: Option<&crate::rootfs::RootPlan>,
+) -> std::result::Result<(), (u8, nix::Error)> {
     sethostname(std::ffi::OsStr::from_bytes(hostname)).map_err(|e| (3, e))?;
     // Mounts made in here stay in here.
     mount(
@@ -477,6 +495,9 @@ pub(crate) fn prepare_namespaces(hostname: &[u8]) -> std::result::Result<(), (u8
         None::<&str>,
     )
     .map_err(|e| (4, e))?;
+    if let Some(root) = root {
+        root.enter().map_err(|e| (11, e))?;
+    }
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount(Some("proc"), "/proc", Some("proc"), nosuid, None::<&str>).map_err(|e| (5, e))?;
     mount(
@@ -495,16 +516,27 @@ pub(crate) fn stage_name(stage: u8) -> &'static str {
     STAGES[usize::from(stage).min(STAGES.len() - 1)]
 }
 
+/// What the container's first process needs, all prepared before the
+/// fork (the child only makes system calls).
+struct ChildPlan<'a> {
+    hostname: &'a [u8],
+    program: &'a CString,
+    argv: &'a [CString],
+    envp: &'a [CString],
+    filters: &'a [seccompiler::BpfProgram],
+    root: Option<&'a crate::rootfs::RootPlan>,
+}
+
 /// The container's first process, between the fork and exec.
-fn child_main(
-    hostname: &[u8],
-    program: &CString,
-    argv: &[CString],
-    envp: &[CString],
-    filters: &[seccompiler::BpfProgram],
-    go: OwnedFd,
-    report: OwnedFd,
-) -> ! {
+fn child_main(plan: &ChildPlan<'_>, go: OwnedFd, report: OwnedFd) -> ! {
+    let ChildPlan {
+        hostname,
+        program,
+        argv,
+        envp,
+        filters,
+        root,
+    } = *plan;
     let fail = |stage: u8, e: nix::Error| -> ! {
         let mut msg = [0u8; 5];
         msg[0] = stage;
@@ -528,7 +560,7 @@ fn child_main(
     if let Err(e) = setsid() {
         fail(2, e);
     }
-    if let Err((stage, e)) = prepare_namespaces(hostname) {
+    if let Err((stage, e)) = prepare_namespaces(hostname, root) {
         fail(stage, e);
     }
     // The program starts with the signal state a shell would give it:

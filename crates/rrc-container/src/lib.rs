@@ -25,6 +25,7 @@ pub mod netstate;
 pub mod probe;
 pub mod proc;
 pub mod restore;
+pub mod rootfs;
 pub mod spec;
 pub mod state;
 pub mod stop;

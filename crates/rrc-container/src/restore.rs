@@ -29,6 +29,13 @@ pub struct ContainerAnnotation {
     /// The network namespace's own configuration beyond `net`.
     #[serde(default)]
     pub netns: Option<crate::netstate::NetnsConfig>,
+    /// What the container saw as `/`: a restore enters the same root.
+    #[serde(default)]
+    pub root: crate::rootfs::RootFs,
+    /// Where its output went: in a private root, the restore's output
+    /// file is bound there too (the program's standard output names it).
+    #[serde(default)]
+    pub log: Option<PathBuf>,
 }
 
 /// The annotation key of [`ContainerAnnotation`].
@@ -41,6 +48,8 @@ impl ContainerAnnotation {
             argv: record.argv.clone(),
             net: record.net.clone(),
             netns: None,
+            root: record.root.clone(),
+            log: record.log.clone(),
         }
     }
 
@@ -66,6 +75,9 @@ pub struct RestoreSpec {
     pub argv: Vec<String>,
     pub net: Option<NetSpec>,
     pub netns: Option<crate::netstate::NetnsConfig>,
+    pub root: crate::rootfs::RootFs,
+    /// Where the checkpointed container's output went.
+    pub log: Option<PathBuf>,
     /// TCP connections stay in repair mode (silent, their state as saved)
     /// for whoever takes them over; normally they go live.
     pub tcp_repair: bool,
@@ -102,6 +114,8 @@ impl RestoreSpec {
             argv: ann.argv,
             net,
             netns: ann.netns,
+            root: ann.root,
+            log: ann.log,
             tcp_repair: false,
         })
     }
@@ -118,6 +132,7 @@ impl Container {
     ) -> Result<Container> {
         let mut record = ContainerRecord::new(spec.name.clone(), spec.argv.clone());
         record.net = spec.net.clone();
+        record.root = spec.root.clone();
         let claim = host.claim(&record)?;
         let mut partial = Partial {
             claim: Some(claim),
@@ -174,8 +189,16 @@ impl Container {
         cgroup.limit_devices(crate::confine::DEVICES)?;
 
         let hostname = spec.name.as_str().as_bytes().to_vec();
+        let mut keep: Vec<(&Path, &Path)> = Vec::new();
+        if let Output::File(p) = &opts.output {
+            keep.push((p, p));
+            if let Some(old) = spec.log.as_deref().filter(|old| *old != p.as_path()) {
+                keep.push((p, old));
+            }
+        }
+        let root = spec.root.plan(&spec.name, &keep)?;
         let setup = move || -> std::result::Result<(), String> {
-            crate::create::prepare_namespaces(&hostname)
+            crate::create::prepare_namespaces(&hostname, root.as_ref())
                 .map_err(|(stage, e)| format!("{}: {e}", stage_name(stage)))
         };
         // Filled in by the hook once the root exists: the network must be
@@ -199,6 +222,7 @@ impl Container {
             root_setup: Some(&setup),
             after_spawn: Some(&after_spawn),
             keep_repair: spec.tcp_repair,
+            ghosts: spec.root.ghosts(&spec.name),
         })?;
         let init = restored.root;
         partial.init = Some(init);

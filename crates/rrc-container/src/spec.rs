@@ -239,6 +239,8 @@ pub struct ContainerSpec {
     pub net: Option<NetSpec>,
     /// Variables set in the program's environment, over rrc's own.
     pub env: Vec<(OsString, OsString)>,
+    /// What the container sees as `/`.
+    pub root: crate::rootfs::RootFs,
 }
 
 /// Finds `cmd` the way `execvp` will, so a typo is reported before a

@@ -70,6 +70,9 @@ pub struct ContainerRecord {
     pub created_unix: u64,
     /// Where the program's output goes when rrc runs detached.
     pub log: Option<PathBuf>,
+    /// What the container sees as `/`.
+    #[serde(default)]
+    pub root: crate::rootfs::RootFs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +109,7 @@ impl ContainerRecord {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             log: None,
+            root: crate::rootfs::RootFs::Host,
         }
     }
 

@@ -122,3 +122,39 @@ pub fn install_seccomp(filters: &[seccompiler::BpfProgram]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Makes the mount at `path` and every mount below it read-only
+/// (`mount_setattr` with `AT_RECURSIVE`, Linux 5.12). Only a system call.
+pub(crate) fn read_only_tree(path: &std::ffi::CStr) -> nix::Result<()> {
+    /// `struct mount_attr`.
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` a valid mount_attr of
+    // the size passed; the kernel only reads both.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r != 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
+}

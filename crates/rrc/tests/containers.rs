@@ -369,3 +369,53 @@ fn a_restored_container_is_kept_as_the_original_was() {
     let _ = std::fs::remove_file(&said);
     assert_eq!(answer.trim(), "REFUSED");
 }
+
+#[test]
+fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_across_a_restore() {
+    // `--root private`: the host's files are there but read-only, the
+    // host's /tmp is not, the container's own /tmp, /run and /var are
+    // writable; checkpointed and restored, the program still holds the
+    // file it opened in its /tmp and goes on writing to it.
+    require_root();
+    let name = format!("privroot{}", std::process::id());
+    let images = std::env::temp_dir().join(format!("rrc-{name}-images"));
+    let _ = std::fs::remove_dir_all(&images);
+    let host_file = std::env::temp_dir().join(format!("rrc-{name}-hostfile"));
+    std::fs::write(&host_file, b"host").unwrap();
+    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap());
+    let script = format!(
+        "exec 3>/tmp/held; echo before >&3; \
+         [ -e {host} ] && echo SEES-HOST-TMP >&3; \
+         (echo x > /etc/rrc-{name}) 2>/dev/null && echo WROTE-ETC >&3; \
+         echo ok > /var/log/v && echo ok > /run/r && echo WROTE-PRIVATE >&3; \
+         while :; do sleep 0.05; if [ -e /tmp/flag ]; then rm /tmp/flag; echo after >&3; fi; done",
+        host = host_file.display()
+    );
+    rrc(&[
+        "run", "--detach", "--name", &name, "--root", "private", "--", "sh", "-c", &script,
+    ])
+    .ok();
+    let held = private.join("tmp/held");
+    let wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let text = std::fs::read_to_string(&held).unwrap_or_default();
+            if text.contains(what) {
+                return text;
+            }
+            assert!(std::time::Instant::now() < deadline, "no {what}: {text:?}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    wait_for("WROTE-PRIVATE");
+    rrc(&["checkpoint", &name, "--images", images.to_str().unwrap()]).ok();
+    rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
+    std::fs::write(private.join("tmp/flag"), b"").unwrap();
+    let text = wait_for("after");
+    let log = rrc(&["stop", &name]);
+    let _ = std::fs::remove_dir_all(&images);
+    let _ = std::fs::remove_file(&host_file);
+    let _ = std::fs::remove_dir_all(&private);
+    assert!(!std::path::Path::new(&format!("/etc/rrc-{name}")).exists());
+    assert_eq!(text, "before\nWROTE-PRIVATE\nafter\n", "{log:?}");
+}

@@ -254,3 +254,51 @@ fn missing_kernel_features() {
     // (A missing namespace kind cannot be hidden from a process short of
     // another kernel; rrc-container's probe tests cover its detection.)
 }
+
+#[test]
+fn a_private_root_is_refused_where_it_is_not_supported() {
+    require_root();
+    let dir = scratch("privroot");
+    rrc(&[
+        "run",
+        "--name",
+        "privbad",
+        "--root",
+        "elsewhere",
+        "--",
+        "true",
+    ])
+    .fails_with("expected host or private");
+    let log = dir.join("log");
+    rrc(&[
+        "run",
+        "--name",
+        "privrec",
+        "--root",
+        "private",
+        "--record",
+        log.to_str().unwrap(),
+        "--",
+        "true",
+    ])
+    .fails_with("not supported with --record");
+    let key = dir.join("key");
+    rrc(&["keygen", key.to_str().unwrap()]).ok();
+    rrc(&[
+        "primary",
+        "--backup",
+        "127.0.0.1",
+        "--key",
+        key.to_str().unwrap(),
+        "--allow-split-brain",
+        "--name",
+        "privresp",
+        "--addr",
+        "10.250.0.6/24",
+        "--root",
+        "private",
+        "--",
+        "true",
+    ])
+    .fails_with("not supported with --mode responsive");
+}

@@ -682,3 +682,22 @@ fn with_host_identities_the_shared_key_alone_does_not_make_a_primary() {
     let t = kill_under_load(&mut pair);
     assert_recovered(&t, &pair.backup_output());
 }
+
+#[test]
+fn a_container_with_a_root_of_its_own_is_taken_over_with_its_files() {
+    // Memcached (4 threads) in a private root (the host's files read-only,
+    // /tmp, /run, /var of its own): checkpointed, its host killed under
+    // load, restored on the backup in the same root, every client
+    // answered without an error.
+    let lab = lab_session("foroot");
+    let opts = PairOptions {
+        private_root: true,
+        ..PairOptions::default()
+    };
+    let mut pair = Pair::new(&lab, App::Memcached, opts).unwrap();
+    let t = one_kill(&mut pair);
+    assert_recovered(&t, &pair.backup_output());
+    let _ = std::fs::remove_dir_all(rrc_container::rootfs::RootFs::private_dir(
+        &App::Memcached.name().parse().unwrap(),
+    ));
+}

@@ -138,6 +138,7 @@ fn restore(images: &Path) -> Restored {
         root_setup: None,
         after_spawn: None,
         keep_repair: false,
+        ghosts: None,
     })
     .unwrap_or_else(|e| panic!("restore of {}: {e}", images.display()));
     Restored(r.root)

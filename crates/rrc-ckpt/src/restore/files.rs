@@ -37,7 +37,7 @@ pub struct FilePlan {
     pub keep_open: Vec<File>,
     /// Where deleted files are recreated for the process to open, until
     /// the restore ends.
-    pub ghosts: Option<GhostDir>,
+    pub ghosts: Ghosts,
     /// Restored TCP connections, in repair mode until the tree is let go.
     pub repaired: Vec<sockets::Repaired>,
     /// Time spent building and passing sockets.
@@ -175,7 +175,7 @@ impl FilePlan {
             external,
             temp_base: max_fd as u64 + 1,
             keep_open: Vec::new(),
-            ghosts: None,
+            ghosts: Ghosts::default(),
             repaired: Vec::new(),
             socket_time: std::time::Duration::ZERO,
         }
@@ -736,7 +736,11 @@ pub fn check_inotify(m: &Manifest) -> std::result::Result<(), String> {
 /// made anew there (never through a link), without set-id bits, and the
 /// directory goes when the restore ends, however it ends.
 pub struct GhostDir {
+    /// Where the directory is made, on the host.
     dir: std::path::PathBuf,
+    /// The same directory as the restored processes see it (their root
+    /// may not be the host's): what they open.
+    inside: std::path::PathBuf,
     /// Files made so far, by the (device, inode) they stand for: every fd
     /// and mapping of one deleted file shares one recreated file.
     made: HashMap<(u64, u64), std::path::PathBuf>,
@@ -745,19 +749,20 @@ pub struct GhostDir {
 }
 
 impl GhostDir {
-    fn create() -> std::io::Result<GhostDir> {
+    fn create(place: &GhostPlace) -> std::io::Result<GhostDir> {
         use std::os::unix::fs::DirBuilderExt;
-        let parent = std::path::Path::new("/run/rrc/ghosts");
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(parent)?;
+            .create(&place.host)?;
         for n in 0u32.. {
-            let dir = parent.join(format!("{}-{n}", std::process::id()));
+            let name = format!("{}-{n}", std::process::id());
+            let dir = place.host.join(&name);
             match fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => {
                     return Ok(GhostDir {
                         dir,
+                        inside: place.inside.join(name),
                         made: HashMap::new(),
                         dirs: 0,
                     });
@@ -772,19 +777,17 @@ impl GhostDir {
     /// The file recreated for deleted file `key`, made on first use (in a
     /// ghost directory made on first use) from the content at `data`.
     pub fn made(
-        ghosts: &mut Option<GhostDir>,
+        ghosts: &mut Ghosts,
         key: (u64, u64),
         data: &std::path::Path,
         owner: crate::image::Owner,
     ) -> std::io::Result<std::path::PathBuf> {
-        let dir = match ghosts {
-            Some(d) => d,
-            g => g.insert(GhostDir::create()?),
-        };
+        let dir = ghosts.dir()?;
         if let Some(p) = dir.made.get(&key) {
             return Ok(p.clone());
         }
-        let path = dir.dir.join(format!("file-{}", dir.made.len()));
+        let name = format!("file-{}", dir.made.len());
+        let path = dir.dir.join(&name);
         let mut src = File::open(data)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", data.display())))?;
         let mut f = OpenOptions::new()
@@ -800,8 +803,9 @@ impl GhostDir {
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(
             owner.mode & 0o777,
         ))?;
-        dir.made.insert(key, path.clone());
-        Ok(path)
+        let inside = dir.inside.join(name);
+        dir.made.insert(key, inside.clone());
+        Ok(inside)
     }
 }
 
@@ -809,23 +813,60 @@ impl GhostDir {
     /// A new empty directory owned and moded as `owner` says, for the
     /// caller to enter or open and then remove.
     pub fn empty_dir(
-        ghosts: &mut Option<GhostDir>,
+        ghosts: &mut Ghosts,
         owner: crate::image::Owner,
     ) -> std::io::Result<std::path::PathBuf> {
         use std::os::unix::fs::DirBuilderExt;
-        let dir = match ghosts {
-            Some(d) => d,
-            g => g.insert(GhostDir::create()?),
-        };
+        let dir = ghosts.dir()?;
         dir.dirs += 1;
-        let path = dir.dir.join(format!("dir-{}", dir.dirs));
+        let name = format!("dir-{}", dir.dirs);
+        let path = dir.dir.join(&name);
         fs::DirBuilder::new().mode(0o700).create(&path)?;
         std::os::unix::fs::chown(&path, Some(owner.uid), Some(owner.gid))?;
         fs::set_permissions(
             &path,
             std::os::unix::fs::PermissionsExt::from_mode(owner.mode & 0o777),
         )?;
-        Ok(path)
+        Ok(dir.inside.join(name))
+    }
+}
+
+/// Where a restore makes its ghost directory: a directory on the host, and
+/// the same directory as the restored processes see it.
+#[derive(Debug, Clone)]
+pub struct GhostPlace {
+    pub host: std::path::PathBuf,
+    pub inside: std::path::PathBuf,
+}
+
+impl Default for GhostPlace {
+    fn default() -> Self {
+        let p = std::path::PathBuf::from("/run/rrc/ghosts");
+        GhostPlace {
+            host: p.clone(),
+            inside: p,
+        }
+    }
+}
+
+/// A restore's ghost directory, made on first use.
+#[derive(Default)]
+pub struct Ghosts {
+    pub place: GhostPlace,
+    dir: Option<GhostDir>,
+}
+
+impl Ghosts {
+    fn dir(&mut self) -> std::io::Result<&mut GhostDir> {
+        match &mut self.dir {
+            Some(d) => Ok(d),
+            d => Ok(d.insert(GhostDir::create(&self.place)?)),
+        }
+    }
+
+    /// Removes the directory and what is in it.
+    pub fn remove(&mut self) {
+        self.dir.take();
     }
 }
 

@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::PAGE_SIZE;
 use crate::remote::Batch;
-use crate::restore::files::GhostDir;
+use crate::restore::files::{GhostDir, Ghosts};
 use crate::restore::sockets::Transport;
 use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
 use crate::{Error, Result, nr};
@@ -138,7 +138,7 @@ pub fn replace(
     t: &mut Tracee,
     p: &ProcessImage,
     ctx: &mut MemCtx,
-    ghosts: &mut Option<GhostDir>,
+    ghosts: &mut Ghosts,
 ) -> Result<()> {
     let pid = p.pid;
     let scratch = t.scratch;

@@ -13,6 +13,7 @@
 mod files;
 mod mm;
 mod sockets;
+pub use files::GhostPlace;
 pub use sockets::{Connection, build_connections};
 mod state;
 pub mod tracee;
@@ -53,6 +54,10 @@ pub struct RestoreOptions<'a> {
     /// TCP connections are left in repair mode (nothing sent or taken in,
     /// their state as saved), for a caller that replaces them.
     pub keep_repair: bool,
+    /// Where deleted files are made again (by default `/run/rrc/ghosts`):
+    /// somewhere the restored processes see, if their root is not the
+    /// host's.
+    pub ghosts: Option<files::GhostPlace>,
 }
 
 #[derive(Debug, Clone)]
@@ -830,7 +835,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         m: &m,
         procs: &procs,
         children,
-        plan: FilePlan::new(&m, &procs),
+        plan: {
+            let mut plan = FilePlan::new(&m, &procs);
+            if let Some(place) = &opts.ghosts {
+                plan.ghosts.place = place.clone();
+            }
+            plan
+        },
         mem: MemCtx {
             img: &img,
             shmem: &m.shmem,
@@ -906,7 +917,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         Ok(())
     });
     // The process holds the files it had open; their names go.
-    drop(ctx.plan.ghosts.take());
+    ctx.plan.ghosts.remove();
     if let Err(e) = outcome {
         let mut pids: Vec<Pid> = ctx.done.iter().map(|t| t.pid).collect();
         pids.push(root_pid);

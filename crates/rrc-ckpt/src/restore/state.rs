@@ -2,7 +2,7 @@
 //! timers, limits, identity, and per-thread registrations.
 
 use crate::image::ProcessImage;
-use crate::restore::files::GhostDir;
+use crate::restore::files::{GhostDir, Ghosts};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, nr, pr};
 
@@ -14,11 +14,7 @@ fn warn_failed(pid: i32, what: &str, r: i64) {
 
 /// Signal handlers, timers, limits, directories, personality: the
 /// process-wide state that does not depend on credentials.
-pub fn process_state(
-    t: &mut Tracee,
-    p: &ProcessImage,
-    ghosts: &mut Option<GhostDir>,
-) -> Result<()> {
+pub fn process_state(t: &mut Tracee, p: &ProcessImage, ghosts: &mut Ghosts) -> Result<()> {
     let pid = p.pid;
     for (i, a) in p.sigactions.iter().enumerate() {
         let sig = i as u64 + 1;

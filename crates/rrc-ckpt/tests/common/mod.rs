@@ -123,6 +123,7 @@ impl Fixture {
             root_setup: None,
             after_spawn: None,
             keep_repair: false,
+            ghosts: None,
         })
         .unwrap();
         assert_eq!(r.root, self.pid);

@@ -75,6 +75,7 @@ fn restore_tree(images: &Path) -> Result<i32> {
         root_setup: None,
         after_spawn: None,
         keep_repair: false,
+        ghosts: None,
     })
     .with_context(|| format!("restore from {}", images.display()))?;
     println!(

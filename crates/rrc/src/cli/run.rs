@@ -64,6 +64,12 @@ pub struct ContainerArgs {
     /// for latency: waking a sleeping thread is slow, on VMs especially.
     #[arg(long, default_value = "200us", value_parser = super::parse_duration)]
     spin: Duration,
+    /// What the container sees as `/`: host (the host's file system, as
+    /// rrc sees it) or private (a read-only view of the host's, with /tmp,
+    /// /run, /var and /dev/shm of the container's own, kept on the host in
+    /// /var/lib/rrc/roots/NAME, where a restore on this machine finds them).
+    #[arg(long, default_value = "host", value_name = "host|private")]
+    root: rrc_container::rootfs::RootFs,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -76,6 +82,18 @@ impl ContainerArgs {
 
     pub fn addr(&self) -> Option<&str> {
         self.addr.as_deref()
+    }
+
+    /// Refuses a root of the container's own for a recorded program: its
+    /// replay reads the log, and a takeover talks to rrc, through host
+    /// paths such a root hides.
+    pub fn require_host_root(&self, what: &str) -> Result<()> {
+        if self.root != rrc_container::rootfs::RootFs::Host {
+            anyhow::bail!(
+                "--root private is not supported with {what} yet: a replay reads the log through host paths a private root hides (use --root host, or --mode checkpoint)"
+            );
+        }
+        Ok(())
     }
 
     /// The container's address without its prefix (an error without one).
@@ -120,6 +138,7 @@ impl ContainerArgs {
             program,
             net,
             env,
+            root: self.root.clone(),
         };
         Ok(Launch::new(Source::Program(spec))
             .detach(self.detach)
@@ -131,6 +150,7 @@ impl ContainerArgs {
 pub fn run(a: RunArgs) -> Result<i32> {
     let launch = match &a.record {
         Some(dir) => {
+            a.container.require_host_root("--record")?;
             let rec = Recording::prepare(dir, &a.container.program()?)?;
             let launch = a.container.launch(rec.environment())?;
             rec.launch(launch)
