@@ -222,7 +222,7 @@ impl Container {
             root_setup: Some(&setup),
             after_spawn: Some(&after_spawn),
             keep_repair: spec.tcp_repair,
-            ghosts: spec.root.ghosts(&spec.name),
+            ghosts: spec.root.ghosts(&spec.name)?,
         })?;
         let init = restored.root;
         partial.init = Some(init);

@@ -19,7 +19,7 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -65,6 +65,55 @@ pub struct RootPlan {
     cwd: Option<CString>,
 }
 
+fn io_error(what: &str, p: &Path, e: std::io::Error) -> Error {
+    Error::InvalidSpec(format!("{what} {}: {e}", p.display()))
+}
+
+/// `p` as a directory: made if missing (then with `mode`, or 0755), given
+/// `mode` if there is one; refused if it is a symbolic link or not a
+/// directory. The private directories are the container's to change, and
+/// rrc, as root, must not follow a link it left there to a host path.
+fn ensure_dir(p: &Path, mode: Option<u32>) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() && mode.is_none() => return Ok(()),
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::InvalidSpec(format!(
+                "{} is not a directory (a symbolic link?): refused",
+                p.display()
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(p)
+                .map_err(|e| io_error("cannot create", p, e))?;
+        }
+        Err(e) => return Err(io_error("cannot read", p, e)),
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode.unwrap_or(0o755)))
+        .map_err(|e| io_error("cannot set the mode of", p, e))
+}
+
+/// [`ensure_dir`] for each directory from `base` down to `base/rest`
+/// (the last with `mode`, those on the way as they are or 0755 if new);
+/// returns the last.
+fn ensure_beneath(base: &Path, rest: &Path, mode: Option<u32>) -> Result<PathBuf> {
+    let mut p = base.to_path_buf();
+    let parts: Vec<_> = rest.components().collect();
+    for (i, c) in parts.iter().enumerate() {
+        let std::path::Component::Normal(c) = c else {
+            return Err(Error::InvalidSpec(format!(
+                "{} is not a plain relative path",
+                rest.display()
+            )));
+        };
+        p.push(c);
+        ensure_dir(&p, if i + 1 == parts.len() { mode } else { None })?;
+    }
+    Ok(p)
+}
+
 fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| Error::InvalidSpec(format!("{} contains a NUL byte", p.display())))
@@ -87,16 +136,14 @@ impl RootFs {
             RootFs::Host => Ok(None),
             RootFs::Private => {
                 let dir = Self::private_dir(name);
-                let io = |what: &str, p: &Path, e: std::io::Error| {
-                    Error::InvalidSpec(format!("{what} {}: {e}", p.display()))
-                };
                 // Only root may enter the base: what the containers keep
                 // there is theirs.
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
                     .create(PRIVATE_BASE)
-                    .map_err(|e| io("cannot create", Path::new(PRIVATE_BASE), e))?;
+                    .map_err(|e| io_error("cannot create", Path::new(PRIVATE_BASE), e))?;
+                ensure_dir(&dir, Some(0o700))?;
                 let mut binds = Vec::new();
                 for (sub, mode) in [
                     ("tmp", 0o1777),
@@ -104,14 +151,7 @@ impl RootFs {
                     ("var", 0o755),
                     ("dev/shm", 0o1777),
                 ] {
-                    let p = dir.join(sub);
-                    std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o755)
-                        .create(&p)
-                        .map_err(|e| io("cannot create", &p, e))?;
-                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-                        .map_err(|e| io("cannot set the mode of", &p, e))?;
+                    let p = ensure_beneath(&dir, Path::new(sub), Some(mode))?;
                     binds.push((cstr(&p)?, cstr(&dir.join("root").join(sub))?));
                 }
                 // What programs expect of /var: /var/run and /var/lock are
@@ -120,24 +160,13 @@ impl RootFs {
                     let l = dir.join("var").join(link);
                     if std::fs::symlink_metadata(&l).is_err() {
                         std::os::unix::fs::symlink(to, &l)
-                            .map_err(|e| io("cannot create", &l, e))?;
+                            .map_err(|e| io_error("cannot create", &l, e))?;
                     }
                 }
                 for (sub, mode) in [("var/tmp", 0o1777), ("var/lib", 0o755), ("var/log", 0o755)] {
-                    let p = dir.join(sub);
-                    std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .create(&p)
-                        .map_err(|e| io("cannot create", &p, e))?;
-                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-                        .map_err(|e| io("cannot set the mode of", &p, e))?;
+                    ensure_beneath(&dir, Path::new(sub), Some(mode))?;
                 }
-                let root = dir.join("root");
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(&root)
-                    .map_err(|e| io("cannot create", &root, e))?;
+                let root = ensure_beneath(&dir, Path::new("root"), Some(0o755))?;
                 for (file, at) in keep {
                     let plain = at.is_absolute()
                         && at
@@ -152,27 +181,23 @@ impl RootFs {
                     }
                     // Only files under a private directory are hidden; a
                     // mount target is made for them there.
-                    let Some(private) = ["tmp", "run", "var", "dev/shm"].iter().find_map(|sub| {
-                        at.strip_prefix(Path::new("/").join(sub))
-                            .ok()
-                            .map(|rest| dir.join(sub).join(rest))
-                    }) else {
+                    if !["tmp", "run", "var", "dev/shm"]
+                        .iter()
+                        .any(|sub| at.starts_with(Path::new("/").join(sub)))
+                    {
                         continue;
-                    };
-                    if let Some(parent) = private.parent() {
-                        std::fs::DirBuilder::new()
-                            .recursive(true)
-                            .mode(0o755)
-                            .create(parent)
-                            .map_err(|e| io("cannot create", parent, e))?;
                     }
+                    let under = at.strip_prefix("/").unwrap_or(at);
+                    let parent = under.parent().unwrap_or(Path::new(""));
+                    ensure_beneath(&dir, parent, None)?;
+                    let target = dir.join(under);
                     std::fs::OpenOptions::new()
                         .create(true)
                         .append(true)
-                        .open(&private)
-                        .map_err(|e| io("cannot create", &private, e))?;
-                    let inside = root.join(at.strip_prefix("/").unwrap_or(at));
-                    binds.push((cstr(file)?, cstr(&inside)?));
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&target)
+                        .map_err(|e| io_error("cannot create", &target, e))?;
+                    binds.push((cstr(file)?, cstr(&root.join(under))?));
                 }
                 Ok(Some(RootPlan {
                     mount_point: cstr(&root)?,
@@ -185,13 +210,19 @@ impl RootFs {
 
     /// Where a restore of container `name` makes deleted files again, if
     /// not in the default place: inside a private root, its `/run`.
-    pub fn ghosts(&self, name: &ContainerName) -> Option<rrc_ckpt::restore::GhostPlace> {
+    /// The directory is made here, refusing a symbolic link the
+    /// container may have left on the way.
+    pub fn ghosts(&self, name: &ContainerName) -> Result<Option<rrc_ckpt::restore::GhostPlace>> {
         match self {
-            RootFs::Host => None,
-            RootFs::Private => Some(rrc_ckpt::restore::GhostPlace {
-                host: Self::private_dir(name).join("run/rrc/ghosts"),
+            RootFs::Host => Ok(None),
+            RootFs::Private => Ok(Some(rrc_ckpt::restore::GhostPlace {
+                host: ensure_beneath(
+                    &Self::private_dir(name),
+                    Path::new("run/rrc/ghosts"),
+                    Some(0o700),
+                )?,
                 inside: PathBuf::from("/run/rrc/ghosts"),
-            }),
+            })),
         }
     }
 }

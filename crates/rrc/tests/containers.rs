@@ -419,3 +419,27 @@ fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_a
     assert!(!std::path::Path::new(&format!("/etc/rrc-{name}")).exists());
     assert_eq!(text, "before\nWROTE-PRIVATE\nafter\n", "{log:?}");
 }
+
+#[test]
+fn a_link_a_container_leaves_in_its_private_root_is_never_followed_on_the_host() {
+    // A program replaces its /var/tmp (in its private /var) with a link to
+    // a host directory; the next start of that name refuses it instead of
+    // making the host directory world-writable.
+    require_root();
+    let name = format!("privlink{}", std::process::id());
+    let host_dir = std::env::temp_dir().join(format!("rrc-{name}-hostdir"));
+    std::fs::create_dir_all(&host_dir).unwrap();
+    std::fs::set_permissions(&host_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .unwrap();
+    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap());
+    let link = format!("rm -rf /var/tmp && ln -s {} /var/tmp", host_dir.display());
+    rrc(&["run", "--name", &name, "--root", "private", "--", "sh", "-c", &link]).ok();
+    let again = rrc(&["run", "--name", &name, "--root", "private", "--", "true"]);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&host_dir).unwrap().permissions(),
+    ) & 0o7777;
+    let _ = std::fs::remove_dir_all(&private);
+    let _ = std::fs::remove_dir_all(&host_dir);
+    again.fails_with("symbolic link");
+    assert_eq!(mode, 0o700);
+}
