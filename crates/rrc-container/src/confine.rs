@@ -9,8 +9,8 @@
 //! engine carries the capabilities and the filters across (they are part
 //! of each process's state).
 //!
-//! Not yet: a root file system of the container's own (see the README's
-//! security section).
+//! A root file system of the container's own is [`crate::rootfs`]'s
+//! (`--root private`), not yet the default.
 
 use nix::mount::{MsFlags, mount};
 use rrc_cgroup::{Access, DeviceKind, DeviceRule};

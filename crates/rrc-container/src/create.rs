@@ -226,7 +226,7 @@ impl Container {
             Output::File(p) => vec![(p.as_path(), p.as_path())],
             _ => Vec::new(),
         };
-        let root = spec.root.plan(&spec.name, &keep)?;
+        let root = spec.root.plan(&spec.name, &keep, &[])?;
         let filters = crate::confine::seccomp_filters().map_err(|e| {
             Error::InvalidSpec(format!("the seccomp profile cannot be built here: {e}"))
         })?;

@@ -78,6 +78,10 @@ pub struct RestoreSpec {
     pub root: crate::rootfs::RootFs,
     /// Where the checkpointed container's output went.
     pub log: Option<PathBuf>,
+    /// Host directories its processes must reach at their paths, writable,
+    /// whatever its root (a replay's log and takeover socket); set by the
+    /// caller, never from the image.
+    pub share: Vec<PathBuf>,
     /// TCP connections stay in repair mode (silent, their state as saved)
     /// for whoever takes them over; normally they go live.
     pub tcp_repair: bool,
@@ -116,6 +120,7 @@ impl RestoreSpec {
             netns: ann.netns,
             root: ann.root,
             log: ann.log,
+            share: Vec::new(),
             tcp_repair: false,
         })
     }
@@ -196,7 +201,8 @@ impl Container {
                 keep.push((p, old));
             }
         }
-        let root = spec.root.plan(&spec.name, &keep)?;
+        let share: Vec<&Path> = spec.share.iter().map(PathBuf::as_path).collect();
+        let root = spec.root.plan(&spec.name, &keep, &share)?;
         let setup = move || -> std::result::Result<(), String> {
             crate::create::prepare_namespaces(&hostname, root.as_ref())
                 .map_err(|(stage, e)| format!("{}: {e}", stage_name(stage)))

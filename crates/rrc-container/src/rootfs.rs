@@ -9,7 +9,9 @@
 //!
 //! The container's output file (rrc's log of a detached container, on the
 //! host) is bound into a private root at its own path, so that the
-//! program's standard output means the same file after a restore.
+//! program's standard output means the same file after a restore; so are,
+//! writable, the host directories a replay's program reaches by path (its
+//! log, its capture, the takeover socket).
 //!
 //! The container's first process enters its root ([`RootPlan::enter`])
 //! before it mounts `/proc` and `/sys`: the tree is bound onto a mount
@@ -114,6 +116,22 @@ fn ensure_beneath(base: &Path, rest: &Path, mode: Option<u32>) -> Result<PathBuf
     Ok(p)
 }
 
+/// The directories a private root has of its own (relative to `/`).
+const PRIVATE_DIRS: [&str; 4] = ["tmp", "run", "var", "dev/shm"];
+
+fn is_private(p: &Path) -> bool {
+    PRIVATE_DIRS
+        .iter()
+        .any(|sub| p.starts_with(Path::new("/").join(sub)))
+}
+
+fn is_plain_absolute(p: &Path) -> bool {
+    p.is_absolute()
+        && p.components()
+            .skip(1)
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
 fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes())
         .map_err(|_| Error::InvalidSpec(format!("{} contains a NUL byte", p.display())))
@@ -128,9 +146,16 @@ impl RootFs {
     /// Prepares the root of container `name` (creating its private
     /// directories, if it has any), with the host files of `keep` (rrc's
     /// own: the container's output) bound at paths in it (host file, path
-    /// inside); `None` for the host's own root. A path inside that is not
-    /// plain (`..`, not absolute) is refused: it may come from an image.
-    pub fn plan(&self, name: &ContainerName, keep: &[(&Path, &Path)]) -> Result<Option<RootPlan>> {
+    /// inside), and the host directories `share` (rrc's: a replay's log,
+    /// capture and takeover socket) bound writable at their own paths;
+    /// `None` for the host's own root. A path inside that is not plain
+    /// (`..`, not absolute) is refused: it may come from an image.
+    pub fn plan(
+        &self,
+        name: &ContainerName,
+        keep: &[(&Path, &Path)],
+        share: &[&Path],
+    ) -> Result<Option<RootPlan>> {
         let cwd = std::env::current_dir().ok().map(|d| cstr(&d)).transpose()?;
         match self {
             RootFs::Host => Ok(None),
@@ -145,12 +170,7 @@ impl RootFs {
                     .map_err(|e| io_error("cannot create", Path::new(PRIVATE_BASE), e))?;
                 ensure_dir(&dir, Some(0o700))?;
                 let mut binds = Vec::new();
-                for (sub, mode) in [
-                    ("tmp", 0o1777),
-                    ("run", 0o755),
-                    ("var", 0o755),
-                    ("dev/shm", 0o1777),
-                ] {
+                for (sub, mode) in PRIVATE_DIRS.into_iter().zip([0o1777, 0o755, 0o755, 0o1777]) {
                     let p = ensure_beneath(&dir, Path::new(sub), Some(mode))?;
                     binds.push((cstr(&p)?, cstr(&dir.join("root").join(sub))?));
                 }
@@ -168,12 +188,7 @@ impl RootFs {
                 }
                 let root = ensure_beneath(&dir, Path::new("root"), Some(0o755))?;
                 for (file, at) in keep {
-                    let plain = at.is_absolute()
-                        && at
-                            .components()
-                            .skip(1)
-                            .all(|c| matches!(c, std::path::Component::Normal(_)));
-                    if !plain {
+                    if !is_plain_absolute(at) {
                         return Err(Error::InvalidSpec(format!(
                             "{} is not a plain absolute path",
                             at.display()
@@ -181,10 +196,7 @@ impl RootFs {
                     }
                     // Only files under a private directory are hidden; a
                     // mount target is made for them there.
-                    if !["tmp", "run", "var", "dev/shm"]
-                        .iter()
-                        .any(|sub| at.starts_with(Path::new("/").join(sub)))
-                    {
+                    if !is_private(at) {
                         continue;
                     }
                     let under = at.strip_prefix("/").unwrap_or(at);
@@ -198,6 +210,19 @@ impl RootFs {
                         .open(&target)
                         .map_err(|e| io_error("cannot create", &target, e))?;
                     binds.push((cstr(file)?, cstr(&root.join(under))?));
+                }
+                for d in share {
+                    if !is_plain_absolute(d) || !d.is_dir() {
+                        return Err(Error::InvalidSpec(format!(
+                            "{} is not a plain absolute path to a directory",
+                            d.display()
+                        )));
+                    }
+                    let under = d.strip_prefix("/").unwrap_or(d);
+                    if is_private(d) {
+                        ensure_beneath(&dir, under, None)?;
+                    }
+                    binds.push((cstr(d)?, cstr(&root.join(under))?));
                 }
                 Ok(Some(RootPlan {
                     mount_point: cstr(&root)?,

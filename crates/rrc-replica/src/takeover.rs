@@ -151,6 +151,12 @@ pub fn by_replay(
     let mut spec =
         RestoreSpec::from_image(prepared.copy.path(), None, uplink).map_err(|e| e.to_string())?;
     spec.tcp_repair = true;
+    // The replayed program reads the log, writes its capture and talks
+    // over the socket at these paths, whatever its root.
+    spec.share = [dir, log.dir.as_path()]
+        .iter()
+        .filter_map(|d| d.canonicalize().ok())
+        .collect();
     let finisher = Finisher {
         listener,
         inputs: Inputs {

@@ -429,11 +429,17 @@ fn a_link_a_container_leaves_in_its_private_root_is_never_followed_on_the_host()
     let name = format!("privlink{}", std::process::id());
     let host_dir = std::env::temp_dir().join(format!("rrc-{name}-hostdir"));
     std::fs::create_dir_all(&host_dir).unwrap();
-    std::fs::set_permissions(&host_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .unwrap();
+    std::fs::set_permissions(
+        &host_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap());
     let link = format!("rm -rf /var/tmp && ln -s {} /var/tmp", host_dir.display());
-    rrc(&["run", "--name", &name, "--root", "private", "--", "sh", "-c", &link]).ok();
+    rrc(&[
+        "run", "--name", &name, "--root", "private", "--", "sh", "-c", &link,
+    ])
+    .ok();
     let again = rrc(&["run", "--name", &name, "--root", "private", "--", "true"]);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&host_dir).unwrap().permissions(),

@@ -256,9 +256,8 @@ fn missing_kernel_features() {
 }
 
 #[test]
-fn a_private_root_is_refused_where_it_is_not_supported() {
+fn an_unknown_root_is_refused() {
     require_root();
-    let dir = scratch("privroot");
     rrc(&[
         "run",
         "--name",
@@ -269,36 +268,4 @@ fn a_private_root_is_refused_where_it_is_not_supported() {
         "true",
     ])
     .fails_with("expected host or private");
-    let log = dir.join("log");
-    rrc(&[
-        "run",
-        "--name",
-        "privrec",
-        "--root",
-        "private",
-        "--record",
-        log.to_str().unwrap(),
-        "--",
-        "true",
-    ])
-    .fails_with("not supported with --record");
-    let key = dir.join("key");
-    rrc(&["keygen", key.to_str().unwrap()]).ok();
-    rrc(&[
-        "primary",
-        "--backup",
-        "127.0.0.1",
-        "--key",
-        key.to_str().unwrap(),
-        "--allow-split-brain",
-        "--name",
-        "privresp",
-        "--addr",
-        "10.250.0.6/24",
-        "--root",
-        "private",
-        "--",
-        "true",
-    ])
-    .fails_with("not supported with --mode responsive");
 }

@@ -701,3 +701,23 @@ fn a_container_with_a_root_of_its_own_is_taken_over_with_its_files() {
         &App::Memcached.name().parse().unwrap(),
     ));
 }
+
+#[test]
+fn in_responsive_mode_a_container_with_a_root_of_its_own_is_taken_over_by_replay() {
+    // Redis recorded in a private root, its host killed three times at
+    // random moments: each takeover's replay reaches the log, its capture
+    // and the takeover socket through the directories shared into the
+    // root, every connection is carried over, and the offline replay of
+    // each log writes what the clients received.
+    let opts = PairOptions {
+        private_root: true,
+        mode: Mode::Responsive,
+        ..PairOptions::default()
+    };
+    let private = rrc_container::rootfs::RootFs::private_dir(&App::Redis.name().parse().unwrap());
+    let r = std::panic::catch_unwind(|| kills_with("forootr", App::Redis, opts, 3));
+    let _ = std::fs::remove_dir_all(private);
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -98,7 +98,13 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         prepared.from, prepared.threads, prepared.interrupted
     );
     let name = a.name.as_deref().map(str::parse).transpose()?;
-    let spec = RestoreSpec::from_image(prepared.copy.path(), name, a.uplink.clone())?;
+    let mut spec = RestoreSpec::from_image(prepared.copy.path(), name, a.uplink.clone())?;
+    // The replayed program reads the log and writes its capture at these
+    // paths, whatever its root.
+    spec.share = std::iter::once(a.log.as_path())
+        .chain(a.capture.as_deref().and_then(std::path::Path::parent))
+        .filter_map(|d| d.canonicalize().ok())
+        .collect();
     let launched = Launch::new(Source::Image(spec)).run()?;
     Ok(super::exit_code(launched))
 }

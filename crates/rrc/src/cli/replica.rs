@@ -392,7 +392,6 @@ pub fn primary(a: PrimaryArgs) -> Result<i32> {
                 .companion(repl.companion())
         }
         ModeArg::Responsive => {
-            a.container.require_host_root("--mode responsive")?;
             let rings = Rings::create(&a.container.program()?, true)?;
             let launch = rings.into_launch(a.container.launch(rings.environment())?);
             let (rings, close) = rings.leak();

@@ -84,18 +84,6 @@ impl ContainerArgs {
         self.addr.as_deref()
     }
 
-    /// Refuses a root of the container's own for a recorded program: its
-    /// replay reads the log, and a takeover talks to rrc, through host
-    /// paths such a root hides.
-    pub fn require_host_root(&self, what: &str) -> Result<()> {
-        if self.root != rrc_container::rootfs::RootFs::Host {
-            anyhow::bail!(
-                "--root private is not supported with {what} yet: a replay reads the log through host paths a private root hides (use --root host, or --mode checkpoint)"
-            );
-        }
-        Ok(())
-    }
-
     /// The container's address without its prefix (an error without one).
     pub fn service_ip(&self) -> Result<std::net::Ipv4Addr> {
         let addr = self.addr.as_deref().unwrap_or_default();
@@ -150,7 +138,6 @@ impl ContainerArgs {
 pub fn run(a: RunArgs) -> Result<i32> {
     let launch = match &a.record {
         Some(dir) => {
-            a.container.require_host_root("--record")?;
             let rec = Recording::prepare(dir, &a.container.program()?)?;
             let launch = a.container.launch(rec.environment())?;
             rec.launch(launch)
