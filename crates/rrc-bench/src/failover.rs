@@ -647,8 +647,17 @@ impl<'a> Pair<'a> {
         if self.opts.release_at_commit {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
         }
+        // Its files (configuration, documents, data) are shared into a
+        // private root at their own path.
+        let files = match self.app {
+            App::Lighttpd | App::Tarantool => Some(path_str(&self.app.files_dir()?)),
+            App::Redis | App::Memcached => None,
+        };
         if self.opts.private_root {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--root", "private"]);
+            if let Some(f) = &files {
+                argv.splice(argv.len() - 1..argv.len() - 1, ["--share", f.as_str()]);
+            }
         }
         let metrics = self.metrics_addr(self.primary_host).to_string();
         if self.opts.metrics {

@@ -155,6 +155,7 @@ impl Container {
         let mut record = ContainerRecord::new(spec.name.clone(), argv);
         record.net = spec.net.clone();
         record.root = spec.root.clone();
+        record.share = spec.share.clone();
         let claim = host.claim(&record)?;
         let mut partial = Partial {
             claim: Some(claim),
@@ -226,7 +227,8 @@ impl Container {
             Output::File(p) => vec![(p.as_path(), p.as_path())],
             _ => Vec::new(),
         };
-        let root = spec.root.plan(&spec.name, &keep, &[])?;
+        let share: Vec<&std::path::Path> = spec.share.iter().map(PathBuf::as_path).collect();
+        let root = spec.root.plan(&spec.name, &keep, &share)?;
         let filters = crate::confine::seccomp_filters().map_err(|e| {
             Error::InvalidSpec(format!("the seccomp profile cannot be built here: {e}"))
         })?;

@@ -36,6 +36,9 @@ pub struct ContainerAnnotation {
     /// file is bound there too (the program's standard output names it).
     #[serde(default)]
     pub log: Option<PathBuf>,
+    /// Host directories shared into its root (`rrc run --share`).
+    #[serde(default)]
+    pub share: Vec<PathBuf>,
 }
 
 /// The annotation key of [`ContainerAnnotation`].
@@ -50,6 +53,7 @@ impl ContainerAnnotation {
             netns: None,
             root: record.root.clone(),
             log: record.log.clone(),
+            share: record.share.clone(),
         }
     }
 
@@ -78,9 +82,9 @@ pub struct RestoreSpec {
     pub root: crate::rootfs::RootFs,
     /// Where the checkpointed container's output went.
     pub log: Option<PathBuf>,
-    /// Host directories its processes must reach at their paths, writable,
-    /// whatever its root (a replay's log and takeover socket); set by the
-    /// caller, never from the image.
+    /// Host directories its processes reach at their paths, writable,
+    /// whatever its root: those the container was started with, and a
+    /// replay's log and takeover socket (added by the caller).
     pub share: Vec<PathBuf>,
     /// TCP connections stay in repair mode (silent, their state as saved)
     /// for whoever takes them over; normally they go live.
@@ -120,7 +124,7 @@ impl RestoreSpec {
             netns: ann.netns,
             root: ann.root,
             log: ann.log,
-            share: Vec::new(),
+            share: ann.share,
             tcp_repair: false,
         })
     }
@@ -138,6 +142,7 @@ impl Container {
         let mut record = ContainerRecord::new(spec.name.clone(), spec.argv.clone());
         record.net = spec.net.clone();
         record.root = spec.root.clone();
+        record.share = spec.share.clone();
         let claim = host.claim(&record)?;
         let mut partial = Partial {
             claim: Some(claim),

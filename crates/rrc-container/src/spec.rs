@@ -241,6 +241,9 @@ pub struct ContainerSpec {
     pub env: Vec<(OsString, OsString)>,
     /// What the container sees as `/`.
     pub root: crate::rootfs::RootFs,
+    /// Host directories bound into a private root at their own paths,
+    /// writable (absolute, canonical).
+    pub share: Vec<PathBuf>,
 }
 
 /// Finds `cmd` the way `execvp` will, so a typo is reported before a

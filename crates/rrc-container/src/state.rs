@@ -73,6 +73,9 @@ pub struct ContainerRecord {
     /// What the container sees as `/`.
     #[serde(default)]
     pub root: crate::rootfs::RootFs,
+    /// Host directories shared into its root.
+    #[serde(default)]
+    pub share: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +113,7 @@ impl ContainerRecord {
                 .unwrap_or(0),
             log: None,
             root: crate::rootfs::RootFs::Host,
+            share: Vec::new(),
         }
     }
 

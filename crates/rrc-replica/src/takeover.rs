@@ -153,10 +153,11 @@ pub fn by_replay(
     spec.tcp_repair = true;
     // The replayed program reads the log, writes its capture and talks
     // over the socket at these paths, whatever its root.
-    spec.share = [dir, log.dir.as_path()]
-        .iter()
-        .filter_map(|d| d.canonicalize().ok())
-        .collect();
+    spec.share.extend(
+        [dir, log.dir.as_path()]
+            .iter()
+            .filter_map(|d| d.canonicalize().ok()),
+    );
     let finisher = Finisher {
         listener,
         inputs: Inputs {

@@ -374,8 +374,10 @@ fn a_restored_container_is_kept_as_the_original_was() {
 fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_across_a_restore() {
     // `--root private`: the host's files are there but read-only, the
     // host's /tmp is not, the container's own /tmp, /run and /var are
-    // writable; checkpointed and restored, the program still holds the
-    // file it opened in its /tmp and goes on writing to it.
+    // writable, and so is a host directory it was given (`--share`);
+    // checkpointed and restored, the program still holds the files it
+    // opened in its /tmp and in the shared directory, and goes on writing
+    // to them.
     require_root();
     let name = format!("privroot{}", std::process::id());
     let images = std::env::temp_dir().join(format!("rrc-{name}-images"));
@@ -383,16 +385,31 @@ fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_a
     let host_file = std::env::temp_dir().join(format!("rrc-{name}-hostfile"));
     std::fs::write(&host_file, b"host").unwrap();
     let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap());
+    let shared = std::env::temp_dir().join(format!("rrc-{name}-shared"));
+    let _ = std::fs::remove_dir_all(&shared);
+    std::fs::create_dir_all(&shared).unwrap();
     let script = format!(
-        "exec 3>/tmp/held; echo before >&3; \
+        "exec 3>/tmp/held; echo before >&3; exec 4>{shared}/out; echo shared-before >&4; \
          [ -e {host} ] && echo SEES-HOST-TMP >&3; \
          (echo x > /etc/rrc-{name}) 2>/dev/null && echo WROTE-ETC >&3; \
          echo ok > /var/log/v && echo ok > /run/r && echo WROTE-PRIVATE >&3; \
-         while :; do sleep 0.05; if [ -e /tmp/flag ]; then rm /tmp/flag; echo after >&3; fi; done",
-        host = host_file.display()
+         while :; do sleep 0.05; if [ -e /tmp/flag ]; then rm /tmp/flag; echo shared-after >&4; echo after >&3; fi; done",
+        host = host_file.display(),
+        shared = shared.display()
     );
     rrc(&[
-        "run", "--detach", "--name", &name, "--root", "private", "--", "sh", "-c", &script,
+        "run",
+        "--detach",
+        "--name",
+        &name,
+        "--root",
+        "private",
+        "--share",
+        shared.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        &script,
     ])
     .ok();
     let held = private.join("tmp/held");
@@ -416,6 +433,9 @@ fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_a
     let _ = std::fs::remove_dir_all(&images);
     let _ = std::fs::remove_file(&host_file);
     let _ = std::fs::remove_dir_all(&private);
+    let out = std::fs::read_to_string(shared.join("out")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&shared);
+    assert_eq!(out, "shared-before\nshared-after\n");
     assert!(!std::path::Path::new(&format!("/etc/rrc-{name}")).exists());
     assert_eq!(text, "before\nWROTE-PRIVATE\nafter\n", "{log:?}");
 }

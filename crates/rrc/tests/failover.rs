@@ -684,6 +684,27 @@ fn with_host_identities_the_shared_key_alone_does_not_make_a_primary() {
 }
 
 #[test]
+fn lighttpd_and_tarantool_in_roots_of_their_own_are_taken_over() {
+    // Their configuration, documents and data are in a host directory
+    // shared into the private root (`--share`).
+    for (tag, app) in [("forootl", App::Lighttpd), ("foroott", App::Tarantool)] {
+        let lab = lab_session(tag);
+        let opts = PairOptions {
+            private_root: true,
+            ..PairOptions::default()
+        };
+        let mut pair = Pair::new(&lab, app, opts).unwrap();
+        let t = one_kill(&mut pair);
+        let said = pair.backup_output();
+        drop(pair);
+        let _ = std::fs::remove_dir_all(rrc_container::rootfs::RootFs::private_dir(
+            &app.name().parse().unwrap(),
+        ));
+        assert_recovered(&t, &said);
+    }
+}
+
+#[test]
 fn a_container_with_a_root_of_its_own_is_taken_over_with_its_files() {
     // Memcached (4 threads) in a private root (the host's files read-only,
     // /tmp, /run, /var of its own): checkpointed, its host killed under

@@ -70,6 +70,10 @@ pub struct ContainerArgs {
     /// /var/lib/rrc/roots/NAME, where a restore on this machine finds them).
     #[arg(long, default_value = "host", value_name = "host|private")]
     root: rrc_container::rootfs::RootFs,
+    /// With --root private: a host directory the container reaches at the
+    /// same path, writable (its data, a configuration). Repeat for more.
+    #[arg(long, value_name = "DIR", requires = "root")]
+    share: Vec<std::path::PathBuf>,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -127,6 +131,17 @@ impl ContainerArgs {
             net,
             env,
             root: self.root.clone(),
+            share: self
+                .share
+                .iter()
+                .map(|d| {
+                    let c = anyhow::Context::with_context(d.canonicalize(), || {
+                        format!("--share {}: no such directory", d.display())
+                    })?;
+                    anyhow::ensure!(c.is_dir(), "--share {}: not a directory", d.display());
+                    Ok(c)
+                })
+                .collect::<Result<_>>()?,
         };
         Ok(Launch::new(Source::Program(spec))
             .detach(self.detach)
