@@ -62,6 +62,10 @@ pub struct RootPlan {
     /// Bound over paths of that tree, writable: the private directories
     /// and the files kept (host path, mount point in the tree).
     binds: Vec<(CString, CString)>,
+    /// Bound over paths of that tree and left read-only: rrc's own
+    /// programs (librrc, which a recorded program loads, lives next to
+    /// rrc) where the private directories would hide them.
+    read_only_binds: Vec<(CString, CString)>,
     /// Where the program's working directory was: kept if the new root
     /// has it.
     cwd: Option<CString>,
@@ -224,9 +228,33 @@ impl RootFs {
                     }
                     binds.push((cstr(d)?, cstr(&root.join(under))?));
                 }
+                // rrc's directory (and librrc's, if set apart): a recorded
+                // program preloads librrc from there, and its restore maps
+                // it again by that path. Read-only: the container must not
+                // change what rrc runs.
+                let mut read_only_binds = Vec::new();
+                let ours = std::env::current_exe()
+                    .ok()
+                    .and_then(|e| e.parent().map(Path::to_path_buf))
+                    .into_iter()
+                    .chain(
+                        std::env::var_os("RRC_LIBRRC")
+                            .and_then(|p| Path::new(&p).parent().map(Path::to_path_buf)),
+                    );
+                for d in ours {
+                    let Ok(d) = d.canonicalize() else { continue };
+                    let from = cstr(&d)?;
+                    if !is_private(&d) || read_only_binds.iter().any(|(f, _)| *f == from) {
+                        continue;
+                    }
+                    let under = d.strip_prefix("/").unwrap_or(&d);
+                    ensure_beneath(&dir, under, None)?;
+                    read_only_binds.push((from, cstr(&root.join(under))?));
+                }
                 Ok(Some(RootPlan {
                     mount_point: cstr(&root)?,
                     binds,
+                    read_only_binds,
                     cwd,
                 }))
             }
@@ -275,6 +303,16 @@ impl RootPlan {
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 none,
             )?;
+        }
+        for (from, to) in &self.read_only_binds {
+            mount(
+                Some(from.as_c_str()),
+                to.as_c_str(),
+                none,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                none,
+            )?;
+            crate::sys::read_only_tree(to)?;
         }
         // pivot_root with the same directory twice puts the old root on
         // top of the new one, from where it is detached: no directory for

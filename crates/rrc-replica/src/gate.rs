@@ -120,6 +120,8 @@ pub struct ReplicationGate {
     log: Option<(Arc<dyn LogTap>, Ipv4Addr)>,
     /// Where each held frame's wait goes when it leaves (seconds).
     holds: OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// A reply was held for want of any record (said once).
+    unrecorded: std::sync::atomic::AtomicBool,
 }
 
 impl ReplicationGate {
@@ -134,7 +136,30 @@ impl ReplicationGate {
             releasing: Mutex::new(()),
             log,
             holds: OnceLock::new(),
+            unrecorded: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the log can stand for frame `f` at all: a reply (TCP
+    /// payload) made before the program recorded anything means that the
+    /// program is not recorded (librrc did not load: a preload path it
+    /// cannot see, a program that clears LD_PRELOAD), and the backup could
+    /// not reproduce it from the log. It waits for a committed checkpoint,
+    /// said loudly once.
+    fn log_stands_for(&self, f: &HeldFrame) -> bool {
+        if !f.data || f.tag.records > 0 {
+            return true;
+        }
+        if !self
+            .unrecorded
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!("a reply left the program before anything was recorded");
+            eprintln!(
+                "rrc: WARNING: the program sent a reply before anything of it was recorded: it is not recorded (librrc not loaded?); such replies wait for committed checkpoints"
+            );
+        }
+        false
     }
 
     /// Notes how long each held frame waited in `h` from now on.
@@ -248,7 +273,7 @@ impl ReplicationGate {
             }
         }
         if self.rule == Release::LogAck {
-            self.release(|f| pos.covers(&f.tag));
+            self.release(|f| pos.covers(&f.tag) && self.log_stands_for(f));
         }
     }
 
@@ -357,7 +382,7 @@ impl PacketGate for ReplicationGate {
         if covered {
             note(h.noting, &mut h.would_be, &f, f.at);
             h.noted_to = n + 1;
-            if self.rule == Release::LogAck && h.queue.is_empty() {
+            if self.rule == Release::LogAck && h.queue.is_empty() && self.log_stands_for(&f) {
                 drop(h);
                 return self.send_now(frame.bytes(), lan);
             }
@@ -603,6 +628,26 @@ mod tests {
         });
         assert_eq!(wire.tags(), vec![4, 5]);
         assert_eq!(gate.would_be().frames.len(), 2);
+    }
+
+    #[test]
+    fn a_reply_made_before_anything_was_recorded_waits_for_a_commit() {
+        // An unrecorded program (librrc not loaded): its log has no record
+        // to stand for the reply, whatever is acknowledged.
+        let (gate, log, wire) = holding_with_log(Release::LogAck);
+        gate.inbound(Frame::new(&tcp(true, 1)).unwrap(), &Wire::default())
+            .unwrap();
+        let mark_before = gate.mark();
+        gate.outbound(Frame::new(&tcp(false, 2)).unwrap(), &*wire)
+            .unwrap();
+        gate.log_acked(LogPosition { records: 0, net: 1 });
+        assert!(wire.tags().is_empty());
+        gate.committed(mark_before);
+        assert!(wire.tags().is_empty());
+        let mark = gate.mark();
+        gate.committed(mark);
+        assert_eq!(wire.tags(), vec![2]);
+        let _ = log;
     }
 
     #[test]
