@@ -198,7 +198,8 @@ pub struct PairOptions {
     /// --identity`): the backup lists the primary's host for the service,
     /// the primary the backup's host.
     pub identities: bool,
-    /// The container gets a root of its own (`--root private`).
+    /// The container gets a root of its own (`--root private`; its
+    /// private directories go with the pair).
     pub private_root: bool,
 }
 
@@ -364,29 +365,23 @@ pub struct Pair<'a> {
 impl<'a> Pair<'a> {
     /// Makes a key shared by both hosts; nothing runs yet.
     pub fn new(lab: &'a LabSession, app: App, opts: PairOptions) -> Result<Pair<'a>> {
-        let key = std::env::temp_dir().join(format!(
-            "rrc-{}-{}-{}.key",
-            lab.plan().name.as_str(),
-            std::process::id(),
-            app.name()
-        ));
+        // The pair's files, named after its lab, this process and the app.
+        let scratch = |what: &str| {
+            std::env::temp_dir().join(format!(
+                "rrc-{}-{}-{}{what}",
+                lab.plan().name.as_str(),
+                std::process::id(),
+                app.name()
+            ))
+        };
+        let key = scratch(".key");
         let _ = fs::remove_file(&key);
         lab.run_on(Host::Client, &[&lab.rrc_path(), "keygen", &path_str(&key)])?;
-        let backup_dir = std::env::temp_dir().join(format!(
-            "rrc-{}-{}-{}-backup",
-            lab.plan().name.as_str(),
-            std::process::id(),
-            app.name()
-        ));
+        let backup_dir = scratch("-backup");
         let mut identities = Vec::new();
         if opts.identities {
             for host in [Host::Primary, Host::Backup] {
-                let file = std::env::temp_dir().join(format!(
-                    "rrc-{}-{}-{}-{host}.identity",
-                    lab.plan().name.as_str(),
-                    std::process::id(),
-                    app.name()
-                ));
+                let file = scratch(&format!("-{host}.identity"));
                 let _ = fs::remove_file(&file);
                 let public = lab.run_on(
                     Host::Client,
@@ -901,6 +896,13 @@ impl Drop for Pair<'_> {
         }
         let _ = fs::remove_file(&self.backup_log);
         let _ = fs::remove_dir_all(&self.backup_dir);
+        // What the container kept in its private root, on the machine
+        // both lab hosts share.
+        if self.opts.private_root
+            && let Ok(name) = self.app.name().parse()
+        {
+            let _ = fs::remove_dir_all(rrc_container::rootfs::RootFs::private_dir(&name));
+        }
     }
 }
 

@@ -20,10 +20,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 mod devices;
 pub use devices::{Access, DeviceKind, DeviceRule};
-use nix::unistd::Pid;
 
 /// Which cgroup interface a [`Layout`] drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -105,22 +105,22 @@ pub fn wait_stop(tid: Pid) -> Result<Stop> {
     }
 }
 
-/// Added to every thread the engine traces: the thread's seccomp filters
+/// Sets `options` through `set` with `PTRACE_O_SUSPEND_SECCOMP` added,
+/// as for every thread the engine traces: the thread's seccomp filters
 /// do not apply to it while traced, so that the calls the engine makes
 /// in it (checkpoint, restore) are not refused by a filter the program or
 /// its container installed. It needs CAP_SYS_ADMIN and a kernel built with
 /// checkpoint/restore support; where it is refused the thread is traced
 /// without it (and its filters, if any, apply).
-fn suspending(options: Options) -> Options {
-    options | Options::from_bits_retain(libc::PTRACE_O_SUSPEND_SECCOMP)
+fn suspending(options: Options, set: impl Fn(Options) -> nix::Result<()>) -> nix::Result<()> {
+    match set(options | Options::from_bits_retain(libc::PTRACE_O_SUSPEND_SECCOMP)) {
+        Err(Errno::EINVAL | Errno::EPERM) => set(options),
+        r => r,
+    }
 }
 
 pub fn seize(tid: Pid, options: Options) -> Result<()> {
-    match ptrace::seize(tid, suspending(options)) {
-        Err(Errno::EINVAL | Errno::EPERM) => ptrace::seize(tid, options),
-        r => r,
-    }
-    .map_err(err("seize", tid))
+    suspending(options, |o| ptrace::seize(tid, o)).map_err(err("seize", tid))
 }
 
 pub fn interrupt(tid: Pid) -> Result<()> {
@@ -130,11 +130,7 @@ pub fn interrupt(tid: Pid) -> Result<()> {
 /// Sets the options of a thread seized by [`seize`] (which keeps seccomp
 /// suspended where it could).
 pub fn set_options(tid: Pid, options: Options) -> Result<()> {
-    match ptrace::setoptions(tid, suspending(options)) {
-        Err(Errno::EINVAL | Errno::EPERM) => ptrace::setoptions(tid, options),
-        r => r,
-    }
-    .map_err(err("set options", tid))
+    suspending(options, |o| ptrace::setoptions(tid, o)).map_err(err("set options", tid))
 }
 
 /// The thread's seccomp filters, the first installed first (see

@@ -53,19 +53,35 @@ impl std::str::FromStr for RootFs {
     }
 }
 
+/// A host path bound over a path of the new root's tree.
+#[derive(Debug, Clone)]
+struct Bind {
+    from: CString,
+    to: CString,
+    read_only: bool,
+}
+
+impl Bind {
+    fn writable(from: CString, to: CString) -> Bind {
+        Bind {
+            from,
+            to,
+            read_only: false,
+        }
+    }
+}
+
 /// A root ready to enter: every path prepared before the fork (the child
 /// only makes system calls).
 #[derive(Debug, Clone)]
 pub struct RootPlan {
     /// Where the host's tree is bound (read-only), then made `/`.
     mount_point: CString,
-    /// Bound over paths of that tree, writable: the private directories
-    /// and the files kept (host path, mount point in the tree).
-    binds: Vec<(CString, CString)>,
-    /// Bound over paths of that tree and left read-only: rrc's own
-    /// programs (librrc, which a recorded program loads, lives next to
-    /// rrc) where the private directories would hide them.
-    read_only_binds: Vec<(CString, CString)>,
+    /// Bound over paths of that tree, in order: the private directories,
+    /// the files kept and the directories shared (writable), then rrc's
+    /// own programs where the private directories would hide them
+    /// (read-only).
+    binds: Vec<Bind>,
     /// Where the program's working directory was: kept if the new root
     /// has it.
     cwd: Option<CString>,
@@ -176,7 +192,10 @@ impl RootFs {
                 let mut binds = Vec::new();
                 for (sub, mode) in PRIVATE_DIRS.into_iter().zip([0o1777, 0o755, 0o755, 0o1777]) {
                     let p = ensure_beneath(&dir, Path::new(sub), Some(mode))?;
-                    binds.push((cstr(&p)?, cstr(&dir.join("root").join(sub))?));
+                    binds.push(Bind::writable(
+                        cstr(&p)?,
+                        cstr(&dir.join("root").join(sub))?,
+                    ));
                 }
                 // What programs expect of /var: /var/run and /var/lock are
                 // the run directory, /var/tmp a temporary one.
@@ -213,7 +232,7 @@ impl RootFs {
                         .custom_flags(libc::O_NOFOLLOW)
                         .open(&target)
                         .map_err(|e| io_error("cannot create", &target, e))?;
-                    binds.push((cstr(file)?, cstr(&root.join(under))?));
+                    binds.push(Bind::writable(cstr(file)?, cstr(&root.join(under))?));
                 }
                 for d in share {
                     if !is_plain_absolute(d) || !d.is_dir() {
@@ -226,13 +245,12 @@ impl RootFs {
                     if is_private(d) {
                         ensure_beneath(&dir, under, None)?;
                     }
-                    binds.push((cstr(d)?, cstr(&root.join(under))?));
+                    binds.push(Bind::writable(cstr(d)?, cstr(&root.join(under))?));
                 }
                 // rrc's directory (and librrc's, if set apart): a recorded
                 // program preloads librrc from there, and its restore maps
                 // it again by that path. Read-only: the container must not
                 // change what rrc runs.
-                let mut read_only_binds = Vec::new();
                 let ours = std::env::current_exe()
                     .ok()
                     .and_then(|e| e.parent().map(Path::to_path_buf))
@@ -244,17 +262,20 @@ impl RootFs {
                 for d in ours {
                     let Ok(d) = d.canonicalize() else { continue };
                     let from = cstr(&d)?;
-                    if !is_private(&d) || read_only_binds.iter().any(|(f, _)| *f == from) {
+                    if !is_private(&d) || binds.iter().any(|b| b.read_only && b.from == from) {
                         continue;
                     }
                     let under = d.strip_prefix("/").unwrap_or(&d);
                     ensure_beneath(&dir, under, None)?;
-                    read_only_binds.push((from, cstr(&root.join(under))?));
+                    binds.push(Bind {
+                        from,
+                        to: cstr(&root.join(under))?,
+                        read_only: true,
+                    });
                 }
                 Ok(Some(RootPlan {
                     mount_point: cstr(&root)?,
                     binds,
-                    read_only_binds,
                     cwd,
                 }))
             }
@@ -295,24 +316,17 @@ impl RootPlan {
             none,
         )?;
         crate::sys::read_only_tree(&self.mount_point)?;
-        for (from, to) in &self.binds {
+        for b in &self.binds {
             mount(
-                Some(from.as_c_str()),
-                to.as_c_str(),
+                Some(b.from.as_c_str()),
+                b.to.as_c_str(),
                 none,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 none,
             )?;
-        }
-        for (from, to) in &self.read_only_binds {
-            mount(
-                Some(from.as_c_str()),
-                to.as_c_str(),
-                none,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                none,
-            )?;
-            crate::sys::read_only_tree(to)?;
+            if b.read_only {
+                crate::sys::read_only_tree(&b.to)?;
+            }
         }
         // pivot_root with the same directory twice puts the old root on
         // top of the new one, from where it is detached: no directory for

@@ -634,7 +634,7 @@ mod tests {
     fn a_reply_made_before_anything_was_recorded_waits_for_a_commit() {
         // An unrecorded program (librrc not loaded): its log has no record
         // to stand for the reply, whatever is acknowledged.
-        let (gate, log, wire) = holding_with_log(Release::LogAck);
+        let (gate, _log, wire) = holding_with_log(Release::LogAck);
         gate.inbound(Frame::new(&tcp(true, 1)).unwrap(), &Wire::default())
             .unwrap();
         let mark_before = gate.mark();
@@ -647,7 +647,6 @@ mod tests {
         let mark = gate.mark();
         gate.committed(mark);
         assert_eq!(wire.tags(), vec![2]);
-        let _ = log;
     }
 
     #[test]
