@@ -176,10 +176,10 @@ impl RootFs {
         keep: &[(&Path, &Path)],
         share: &[&Path],
     ) -> Result<Option<RootPlan>> {
-        let cwd = std::env::current_dir().ok().map(|d| cstr(&d)).transpose()?;
         match self {
             RootFs::Host => Ok(None),
             RootFs::Private => {
+                let cwd = std::env::current_dir().ok().map(|d| cstr(&d)).transpose()?;
                 let dir = Self::private_dir(name);
                 // Only root may enter the base: what the containers keep
                 // there is theirs.
