@@ -94,6 +94,18 @@ impl App {
         command.iter().map(String::as_str).collect()
     }
 
+    /// The `rrc run` (and `rrc primary`) options it needs besides its
+    /// command: the directory of its files (configuration, documents,
+    /// data) shared into its private root at its own path.
+    pub fn root_options(self) -> Result<Vec<String>> {
+        Ok(match self {
+            App::Lighttpd | App::Tarantool => {
+                vec!["--share".into(), path_str(&self.files_dir()?)]
+            }
+            App::Redis | App::Memcached => Vec::new(),
+        })
+    }
+
     /// Where its files go.
     fn files_dir(self) -> Result<PathBuf> {
         let dir =
@@ -131,11 +143,14 @@ impl App {
     /// reach it; where they do.
     pub fn start(self, lab: &LabSession, options: &[&str]) -> Result<SocketAddr> {
         let command = self.command()?;
+        let root_options = self.root_options()?;
+        let mut all = App::argv(&root_options);
+        all.extend_from_slice(options);
         lab.run_container_with(
             Host::Primary,
             self.name(),
             lab.plan().vip(),
-            options,
+            &all,
             &App::argv(&command),
         )?;
         let target = self.target(lab);
@@ -198,9 +213,6 @@ pub struct PairOptions {
     /// --identity`): the backup lists the primary's host for the service,
     /// the primary the backup's host.
     pub identities: bool,
-    /// The container gets a root of its own (`--root private`; its
-    /// private directories go with the pair).
-    pub private_root: bool,
 }
 
 /// The port of the pair's metrics endpoints, with `metrics`.
@@ -220,7 +232,6 @@ impl Default for PairOptions {
             then_protect: false,
             keep_serving: false,
             identities: false,
-            private_root: false,
         }
     }
 }
@@ -642,18 +653,8 @@ impl<'a> Pair<'a> {
         if self.opts.release_at_commit {
             argv.splice(argv.len() - 1..argv.len() - 1, ["--release", "commit"]);
         }
-        // Its files (configuration, documents, data) are shared into a
-        // private root at their own path.
-        let files = match self.app {
-            App::Lighttpd | App::Tarantool => Some(path_str(&self.app.files_dir()?)),
-            App::Redis | App::Memcached => None,
-        };
-        if self.opts.private_root {
-            argv.splice(argv.len() - 1..argv.len() - 1, ["--root", "private"]);
-            if let Some(f) = &files {
-                argv.splice(argv.len() - 1..argv.len() - 1, ["--share", f.as_str()]);
-            }
-        }
+        let root_options = self.app.root_options()?;
+        argv.splice(argv.len() - 1..argv.len() - 1, App::argv(&root_options));
         let metrics = self.metrics_addr(self.primary_host).to_string();
         if self.opts.metrics {
             let at = argv.len() - 1;
@@ -896,13 +897,11 @@ impl Drop for Pair<'_> {
         }
         let _ = fs::remove_file(&self.backup_log);
         let _ = fs::remove_dir_all(&self.backup_dir);
-        // What the container kept in its private root, on the machine
-        // both lab hosts share.
-        if self.opts.private_root
-            && let Ok(name) = self.app.name().parse()
-        {
-            let _ = fs::remove_dir_all(rrc_container::rootfs::RootFs::private_dir(&name));
-        }
+        // What the container kept in its private root, in the lab's
+        // directory both hosts share.
+        let _ = fs::remove_dir_all(
+            rrc_container::rootfs::lab_roots(self.lab.plan().name.as_str()).join(self.app.name()),
+        );
     }
 }
 

@@ -302,12 +302,7 @@ fn measure_plain(
     progress: &dyn Fn(&str),
 ) -> Result<Load> {
     progress(&format!("{}: plain container", app.name()));
-    lab.run_container(
-        Host::Primary,
-        app.name(),
-        lab.plan().vip(),
-        &App::argv(&app.command()?),
-    )?;
+    app.start(lab, &[])?;
     let plain = measure(lab, app, cfg.connections, cfg.load)?;
     lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
     Ok(plain)
@@ -328,13 +323,7 @@ fn responsive_costs(
     let log = std::env::temp_dir().join(format!("rrc-bench-record-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&log);
     let log_s = log.display().to_string();
-    lab.run_container_with(
-        Host::Primary,
-        app.name(),
-        lab.plan().vip(),
-        &["--record", &log_s],
-        &App::argv(&app.command()?),
-    )?;
+    app.start(lab, &["--record", &log_s])?;
     let recorded = measure(lab, app, cfg.connections, cfg.load);
     let _ = lab.run_on(Host::Primary, &[&rrc, "stop", app.name()]);
     let _ = std::fs::remove_dir_all(&log);

@@ -68,14 +68,13 @@ fn dir_size(dir: &Path) -> u64 {
 
 pub fn run(rrc: &Path, cfg: &RecordConfig, progress: &dyn Fn(&str)) -> Result<Vec<RecordRow>> {
     let lab = LabSession::start(rrc, "benchrec", None)?;
-    let vip = lab.plan().vip();
     let work: PathBuf =
         std::env::temp_dir().join(format!("rrc-bench-record-{}", std::process::id()));
     let mut rows = Vec::new();
     for &app in &cfg.apps {
         for round in 1..=cfg.rounds {
             progress(&format!("{}: round {round}, plain", app.name()));
-            lab.run_container(Host::Primary, app.name(), vip, &App::argv(&app.command()?))?;
+            app.start(&lab, &[])?;
             let plain = measure(&lab, app, cfg.connections, cfg.load)?;
             let plain_sat = saturate(&lab, app)?;
             lab.run_on(Host::Primary, &[&lab.rrc_path(), "stop", app.name()])?;
@@ -83,13 +82,7 @@ pub fn run(rrc: &Path, cfg: &RecordConfig, progress: &dyn Fn(&str)) -> Result<Ve
             progress(&format!("{}: round {round}, recorded", app.name()));
             let dir = work.join(format!("{}-{round}", app.name()));
             let _ = std::fs::remove_dir_all(&dir);
-            lab.run_container_with(
-                Host::Primary,
-                app.name(),
-                vip,
-                &["--record", &dir.display().to_string()],
-                &App::argv(&app.command()?),
-            )?;
+            app.start(&lab, &["--record", &dir.display().to_string()])?;
             let recorded = measure(&lab, app, cfg.connections, cfg.load)?;
             // The log of this load alone (the drain lags by a millisecond).
             std::thread::sleep(Duration::from_millis(50));

@@ -76,13 +76,22 @@ pub fn run(
     result
 }
 
+/// The container the racy program is recorded in.
+fn race_name() -> String {
+    format!("race{}", std::process::id())
+}
+
 /// Records the racy program into `log` (checkpointing it into `images`
 /// while its threads wait, if given); what it printed.
 fn record_race(rrc: &Path, bin: &Path, log: &Path, images: Option<&Path>) -> Result<String> {
-    let name = format!("race{}", std::process::id());
+    let name = race_name();
     let mut cmd = Command::new(rrc);
     cmd.args(["run", "--name", &name, "--record"])
         .arg(log)
+        // The program is in the bench's directory, which the container's
+        // private root hides.
+        .arg("--share")
+        .arg(bin.parent().unwrap_or(Path::new("/")))
         .arg("--")
         .arg(bin)
         .stdin(std::process::Stdio::null())
@@ -179,6 +188,10 @@ fn run_in(
         }
         let _ = std::fs::remove_dir_all(&log);
         let _ = std::fs::remove_dir_all(&images);
+    }
+    // What the checkpointed and replayed containers kept in their root.
+    if let Ok(name) = race_name().parse() {
+        let _ = rrc_container::rootfs::RootFs::Private.remove(&name);
     }
     for (m, t) in modes.iter_mut().zip(took) {
         m.avg_ms = t.as_secs_f64() * 1e3 / runs.max(1) as f64;

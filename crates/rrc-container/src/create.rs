@@ -9,6 +9,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use nix::mount::{MsFlags, mount};
@@ -94,6 +95,9 @@ pub struct Container {
     pub(crate) restored: Option<rrc_ckpt::restore::Restored>,
     pub(crate) shmem_limits: Vec<ShmemLimit>,
     pub(crate) extra_annotations: Annotations,
+    /// Whether the container's private root goes with it: one made for it,
+    /// of which no image was begun (an image needs it for its restore).
+    pub(crate) remove_root: AtomicBool,
 }
 
 /// Signals the supervisor takes through a signalfd; blocked before any
@@ -117,6 +121,9 @@ pub(crate) struct Partial {
     pub(crate) claim: Option<Claim>,
     pub(crate) cgroup: Option<Cgroup>,
     pub(crate) init: Option<Pid>,
+    /// A private root made for the container, removed if it does not come
+    /// to life.
+    pub(crate) root: Option<crate::spec::ContainerName>,
 }
 
 impl Partial {
@@ -131,6 +138,11 @@ impl Partial {
                 .and_then(|()| cg.remove(Duration::from_secs(5)))
         {
             tracing::warn!(error = %e, "rollback: cgroup left behind");
+        }
+        if let Some(name) = self.root.take()
+            && let Err(e) = crate::rootfs::RootFs::Private.remove(&name)
+        {
+            tracing::warn!(error = %e, "rollback: private root left behind");
         }
         if let Some(claim) = self.claim.take() {
             let _ = claim.release();
@@ -161,6 +173,7 @@ impl Container {
             claim: Some(claim),
             cgroup: None,
             init: None,
+            root: None,
         };
         let shmem_limits = opts.shmem_limits.clone();
         let extra_annotations = opts.annotations.clone();
@@ -168,6 +181,7 @@ impl Container {
             Ok((cgroup, init, net, control)) => Ok(Container {
                 host,
                 claim: partial.claim.take(),
+                remove_root: AtomicBool::new(partial.root.take().is_some()),
                 record,
                 cgroup,
                 init,
@@ -228,7 +242,17 @@ impl Container {
             _ => Vec::new(),
         };
         let share: Vec<&std::path::Path> = spec.share.iter().map(PathBuf::as_path).collect();
+        if spec.root.hides(&spec.program, &spec.share) {
+            return Err(Error::InvalidSpec(format!(
+                "the program {} is in a directory a private root hides (/tmp, /run, /var): \
+                 share its directory (--share DIR) or run it with --root host",
+                spec.program.display()
+            )));
+        }
         let root = spec.root.plan(&spec.name, &keep, &share)?;
+        if root.as_ref().is_some_and(|r| r.fresh()) {
+            partial.root = Some(spec.name.clone());
+        }
         let filters = crate::confine::seccomp_filters().map_err(|e| {
             Error::InvalidSpec(format!("the seccomp profile cannot be built here: {e}"))
         })?;

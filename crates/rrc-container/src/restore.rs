@@ -82,10 +82,14 @@ pub struct RestoreSpec {
     pub root: crate::rootfs::RootFs,
     /// Where the checkpointed container's output went.
     pub log: Option<PathBuf>,
-    /// Host directories its processes reach at their paths, writable,
-    /// whatever its root: those the container was started with, and a
-    /// replay's log and takeover socket (added by the caller).
+    /// Host directories shared into its root (those it was started with):
+    /// its processes reach them at their paths, writable, and its next
+    /// images list them again.
     pub share: Vec<PathBuf>,
+    /// Host directories bound at their paths for this restore only (a
+    /// replay's log, capture and takeover socket, added by the caller):
+    /// not the container's, so its next images do not ask for them.
+    pub share_now: Vec<PathBuf>,
     /// TCP connections stay in repair mode (silent, their state as saved)
     /// for whoever takes them over; normally they go live.
     pub tcp_repair: bool,
@@ -125,6 +129,7 @@ impl RestoreSpec {
             root: ann.root,
             log: ann.log,
             share: ann.share,
+            share_now: Vec::new(),
             tcp_repair: false,
         })
     }
@@ -148,6 +153,7 @@ impl Container {
             claim: Some(claim),
             cgroup: None,
             init: None,
+            root: None,
         };
         let shmem_limits = opts.shmem_limits.clone();
         let extra_annotations = opts.annotations.clone();
@@ -161,6 +167,7 @@ impl Container {
                 net,
                 control,
                 restored: Some(restored),
+                remove_root: std::sync::atomic::AtomicBool::new(false),
                 shmem_limits,
                 extra_annotations,
             }),
@@ -206,7 +213,12 @@ impl Container {
                 keep.push((p, old));
             }
         }
-        let share: Vec<&Path> = spec.share.iter().map(PathBuf::as_path).collect();
+        let share: Vec<&Path> = spec
+            .share
+            .iter()
+            .chain(&spec.share_now)
+            .map(PathBuf::as_path)
+            .collect();
         let root = spec.root.plan(&spec.name, &keep, &share)?;
         let setup = move || -> std::result::Result<(), String> {
             crate::create::prepare_namespaces(&hostname, root.as_ref())

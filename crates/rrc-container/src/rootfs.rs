@@ -2,10 +2,18 @@
 //!
 //! - [`RootFs::Host`]: the host's file system, as rrc sees it (the
 //!   container has a mount namespace of its own, but the same files).
-//! - [`RootFs::Private`]: a read-only view of the host's file system, with
-//!   `/tmp`, `/run` and `/var` of the container's own, kept on the host in
-//!   [`PRIVATE_BASE`]`/NAME` (so that a restore on this machine finds what
-//!   the program wrote there), and `/dev/shm` too.
+//! - [`RootFs::Private`] (what `rrc run` and `rrc primary` give by
+//!   default): a read-only view of the host's file system, with `/tmp`,
+//!   `/run`, `/var` and `/dev/shm` of the container's own, kept on the host
+//!   in [`PRIVATE_BASE`]`/NAME` (so that a restore on this machine finds
+//!   what the program wrote there), or `PRIVATE_BASE/labs/LAB/NAME` on the
+//!   hosts of lab LAB (which share the machine's disk, as a pair's two
+//!   hosts share the files its program uses, and are kept apart from other
+//!   labs').
+//!
+//! A private root goes with its container unless an image of the container
+//! may need it: once a checkpoint of it began, or if it was restored from
+//! one, it stays for the next restore (a lab's go when the lab does).
 //!
 //! The container's output file (rrc's log of a detached container, on the
 //! host) is bound into a private root at its own path, so that the
@@ -33,6 +41,15 @@ use crate::{Error, Result};
 /// Where the private `/tmp`, `/run` and `/var` of containers with
 /// [`RootFs::Private`] live, one directory per container name.
 pub const PRIVATE_BASE: &str = "/var/lib/rrc/roots";
+
+/// Set by `rrc lab exec` to the lab whose host a process runs on: the
+/// lab's containers keep their private roots apart from the machine's.
+pub const LAB_ENV: &str = "RRC_LAB";
+
+/// Where the private roots of lab `lab`'s containers live.
+pub fn lab_roots(lab: &str) -> PathBuf {
+    Path::new(PRIVATE_BASE).join("labs").join(lab)
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -85,6 +102,9 @@ pub struct RootPlan {
     /// Where the program's working directory was: kept if the new root
     /// has it.
     cwd: Option<CString>,
+    /// Whether the private directory was made by this plan (not kept from
+    /// an earlier container of the name, whose image may need it).
+    fresh: bool,
 }
 
 fn io_error(what: &str, p: &Path, e: std::io::Error) -> Error {
@@ -158,9 +178,48 @@ fn cstr(p: &Path) -> Result<CString> {
 }
 
 impl RootFs {
-    /// The private directory of container `name`.
-    pub fn private_dir(name: &ContainerName) -> PathBuf {
-        Path::new(PRIVATE_BASE).join(name.as_str())
+    /// The private directory of container `name` on this host: in its
+    /// lab's directory on a lab's host ([`LAB_ENV`]), else the machine's.
+    pub fn private_dir(name: &ContainerName) -> Result<PathBuf> {
+        let base = match std::env::var_os(LAB_ENV) {
+            None => PathBuf::from(PRIVATE_BASE),
+            Some(lab) => {
+                let plain = Path::new(&lab)
+                    .components()
+                    .map(|c| matches!(c, std::path::Component::Normal(_)))
+                    .eq([true]);
+                if !plain {
+                    return Err(Error::InvalidSpec(format!(
+                        "{LAB_ENV}={}: not a lab's name",
+                        Path::new(&lab).display()
+                    )));
+                }
+                lab_roots(&lab.to_string_lossy())
+            }
+        };
+        Ok(base.join(name.as_str()))
+    }
+
+    /// Removes what container `name` kept in its private root, if it has
+    /// one. The directory may hold links the container made: they are
+    /// removed, never followed.
+    pub fn remove(&self, name: &ContainerName) -> Result<()> {
+        if *self != RootFs::Private {
+            return Ok(());
+        }
+        let dir = Self::private_dir(name)?;
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_error("cannot remove", &dir, e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the container would not see host path `p` (a private
+    /// directory hides it, and no directory of `share` brings it in).
+    pub fn hides(&self, p: &Path, share: &[PathBuf]) -> bool {
+        *self == RootFs::Private && is_private(p) && !share.iter().any(|d| p.starts_with(d))
     }
 
     /// Prepares the root of container `name` (creating its private
@@ -180,14 +239,16 @@ impl RootFs {
             RootFs::Host => Ok(None),
             RootFs::Private => {
                 let cwd = std::env::current_dir().ok().map(|d| cstr(&d)).transpose()?;
-                let dir = Self::private_dir(name);
+                let dir = Self::private_dir(name)?;
                 // Only root may enter the base: what the containers keep
                 // there is theirs.
+                let base = dir.parent().unwrap_or(Path::new(PRIVATE_BASE));
                 std::fs::DirBuilder::new()
                     .recursive(true)
                     .mode(0o700)
-                    .create(PRIVATE_BASE)
-                    .map_err(|e| io_error("cannot create", Path::new(PRIVATE_BASE), e))?;
+                    .create(base)
+                    .map_err(|e| io_error("cannot create", base, e))?;
+                let fresh = !dir.exists();
                 ensure_dir(&dir, Some(0o700))?;
                 let mut binds = Vec::new();
                 for (sub, mode) in PRIVATE_DIRS.into_iter().zip([0o1777, 0o755, 0o755, 0o1777]) {
@@ -235,9 +296,16 @@ impl RootFs {
                     binds.push(Bind::writable(cstr(file)?, cstr(&root.join(under))?));
                 }
                 for d in share {
-                    if !is_plain_absolute(d) || !d.is_dir() {
+                    if !is_plain_absolute(d) {
                         return Err(Error::InvalidSpec(format!(
-                            "{} is not a plain absolute path to a directory",
+                            "{} is not a plain absolute path",
+                            d.display()
+                        )));
+                    }
+                    if !d.is_dir() {
+                        return Err(Error::InvalidSpec(format!(
+                            "{} is shared into the container's root but is not a directory on this host \
+                             (a failover needs the directories a container shares on both hosts)",
                             d.display()
                         )));
                     }
@@ -277,6 +345,7 @@ impl RootFs {
                     mount_point: cstr(&root)?,
                     binds,
                     cwd,
+                    fresh,
                 }))
             }
         }
@@ -291,7 +360,7 @@ impl RootFs {
             RootFs::Host => Ok(None),
             RootFs::Private => Ok(Some(rrc_ckpt::restore::GhostPlace {
                 host: ensure_beneath(
-                    &Self::private_dir(name),
+                    &Self::private_dir(name)?,
                     Path::new("run/rrc/ghosts"),
                     Some(0o700),
                 )?,
@@ -302,6 +371,11 @@ impl RootFs {
 }
 
 impl RootPlan {
+    /// Whether the private directory is new: nothing kept before needs it.
+    pub fn fresh(&self) -> bool {
+        self.fresh
+    }
+
     /// In the container's first process, in its own mount namespace (made
     /// a slave of the host's): the host's tree onto the mount point, made
     /// read-only, the private directories over it, then made `/`. Only

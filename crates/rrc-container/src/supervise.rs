@@ -265,6 +265,9 @@ impl Container {
 
     /// What a checkpoint of the container records besides the processes.
     pub fn annotations(&self) -> Result<std::collections::BTreeMap<String, serde_json::Value>> {
+        // An image is on its way: its restore needs the private root.
+        self.remove_root
+            .store(false, std::sync::atomic::Ordering::Release);
         let mut annotations = self.extra_annotations.clone();
         let mut ann = ContainerAnnotation::of(&self.record);
         ann.netns = Some(crate::netstate::capture(self.init)?);
@@ -346,6 +349,9 @@ impl Container {
     fn teardown(&mut self) -> Result<()> {
         self.cgroup.kill_all(Duration::from_secs(5))?;
         self.cgroup.remove(Duration::from_secs(5))?;
+        if self.remove_root.load(std::sync::atomic::Ordering::Acquire) {
+            self.record.root.remove(&self.record.name)?;
+        }
         if let Some(claim) = self.claim.take() {
             claim.release()?;
         }

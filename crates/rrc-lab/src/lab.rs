@@ -290,7 +290,7 @@ impl Lab {
     }
 
     /// Removes the lab completely: every process on its hosts, its
-    /// namespaces, cgroups and state. Works from whatever is left of a lab
+    /// namespaces, cgroups, state and containers' private roots. Works from whatever is left of a lab
     /// whose creation or removal was interrupted. Returns false if there was
     /// no such lab.
     pub fn down(name: &LabName) -> Result<bool> {
@@ -335,6 +335,9 @@ impl Lab {
             cg.remove(CGROUP_TIMEOUT)?;
         }
         arbiter::forget(&plan);
+        // What the lab's containers kept in their private roots for
+        // restores on the lab's hosts, which are gone.
+        let _ = fs::remove_dir_all(rrc_container::rootfs::lab_roots(name.as_str()));
         record::remove(name)?;
         Ok(true)
     }

@@ -153,7 +153,7 @@ pub fn by_replay(
     spec.tcp_repair = true;
     // The replayed program reads the log, writes its capture and talks
     // over the socket at these paths, whatever its root.
-    spec.share.extend(
+    spec.share_now.extend(
         [dir, log.dir.as_path()]
             .iter()
             .filter_map(|d| d.canonicalize().ok()),

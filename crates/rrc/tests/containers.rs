@@ -293,21 +293,14 @@ fn a_restored_container_is_kept_as_the_original_was() {
     let name = format!("confmv{}", std::process::id());
     let images = std::env::temp_dir().join(format!("rrc-{name}-images"));
     let _ = std::fs::remove_dir_all(&images);
-    let flag = std::env::temp_dir().join(format!("rrc-{name}-flag"));
-    let said = std::env::temp_dir().join(format!("rrc-{name}-said"));
-    let _ = std::fs::remove_file(&flag);
-    let _ = std::fs::remove_file(&said);
-    let script = format!(
-        "while :; do sleep 0.05; if [ -e {flag} ]; then rm {flag}; \
-         (unshare -U true 2>/dev/null && echo UNSHARED || echo REFUSED) > {said}.new; \
-         mv {said}.new {said}; fi; done",
-        flag = flag.display(),
-        said = said.display()
-    );
-    rrc(&[
-        "run", "--detach", "--name", &name, "--", "sh", "-c", &script,
-    ])
-    .ok();
+    // The flag and the answer are in the container's private /tmp.
+    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap()).unwrap();
+    let flag = private.join("tmp/flag");
+    let said = private.join("tmp/said");
+    let script = "while :; do sleep 0.05; if [ -e /tmp/flag ]; then rm /tmp/flag; \
+         (unshare -U true 2>/dev/null && echo UNSHARED || echo REFUSED) > /tmp/said.new; \
+         mv /tmp/said.new /tmp/said; fi; done";
+    rrc(&["run", "--detach", "--name", &name, "--", "sh", "-c", script]).ok();
     rrc(&["checkpoint", &name, "--images", images.to_str().unwrap()]).ok();
     rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     let list: serde_json::Value =
@@ -365,8 +358,7 @@ fn a_restored_container_is_kept_as_the_original_was() {
     };
     rrc(&["stop", &name]).ok();
     let _ = std::fs::remove_dir_all(&images);
-    let _ = std::fs::remove_file(&flag);
-    let _ = std::fs::remove_file(&said);
+    let _ = std::fs::remove_dir_all(&private);
     assert_eq!(answer.trim(), "REFUSED");
 }
 
@@ -384,7 +376,7 @@ fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_a
     let _ = std::fs::remove_dir_all(&images);
     let host_file = std::env::temp_dir().join(format!("rrc-{name}-hostfile"));
     std::fs::write(&host_file, b"host").unwrap();
-    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap());
+    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap()).unwrap();
     let shared = std::env::temp_dir().join(format!("rrc-{name}-shared"));
     let _ = std::fs::remove_dir_all(&shared);
     std::fs::create_dir_all(&shared).unwrap();
@@ -440,13 +432,8 @@ fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_a
     assert_eq!(text, "before\nWROTE-PRIVATE\nafter\n", "{log:?}");
 }
 
-#[test]
-fn a_link_a_container_leaves_in_its_private_root_is_never_followed_on_the_host() {
-    // A program replaces its /var/tmp (in its private /var) with a link to
-    // a host directory; the next start of that name refuses it instead of
-    // making the host directory world-writable.
-    require_root();
-    let name = format!("privlink{}", std::process::id());
+/// A host directory only root may enter, holding one file.
+fn host_dir_of(name: &str) -> std::path::PathBuf {
     let host_dir = std::env::temp_dir().join(format!("rrc-{name}-hostdir"));
     std::fs::create_dir_all(&host_dir).unwrap();
     std::fs::set_permissions(
@@ -454,18 +441,66 @@ fn a_link_a_container_leaves_in_its_private_root_is_never_followed_on_the_host()
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )
     .unwrap();
-    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap());
-    let link = format!("rm -rf /var/tmp && ln -s {} /var/tmp", host_dir.display());
-    rrc(&[
-        "run", "--name", &name, "--root", "private", "--", "sh", "-c", &link,
-    ])
-    .ok();
-    let again = rrc(&["run", "--name", &name, "--root", "private", "--", "true"]);
+    std::fs::write(host_dir.join("file"), b"host").unwrap();
+    host_dir
+}
+
+#[test]
+fn a_link_a_container_leaves_in_its_private_root_is_never_followed_on_the_host() {
+    // A program replaces its /var/tmp (in its private /var) with a link to
+    // a host directory, and is checkpointed (so its root is kept for the
+    // image); the next start of that name refuses the link instead of
+    // making the host directory world-writable.
+    require_root();
+    let name = format!("privlink{}", std::process::id());
+    let host_dir = host_dir_of(&name);
+    let images = std::env::temp_dir().join(format!("rrc-{name}-images"));
+    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap()).unwrap();
+    let link = format!(
+        "rm -rf /var/tmp && ln -s {} /var/tmp && exec sleep 600",
+        host_dir.display()
+    );
+    rrc(&["run", "--detach", "--name", &name, "--", "sh", "-c", &link]).ok();
+    wait_until("the link", std::time::Duration::from_secs(30), || {
+        private.join("var/tmp").is_symlink()
+    });
+    let imaged = rrc(&["checkpoint", &name, "--images", images.to_str().unwrap()]);
+    let again = rrc(&["run", "--name", &name, "--", "true"]);
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&host_dir).unwrap().permissions(),
     ) & 0o7777;
     let _ = std::fs::remove_dir_all(&private);
     let _ = std::fs::remove_dir_all(&host_dir);
+    let _ = std::fs::remove_dir_all(&images);
+    imaged.ok();
     again.fails_with("symbolic link");
     assert_eq!(mode, 0o700);
+}
+
+#[test]
+fn a_private_root_goes_with_its_container_and_never_takes_host_files_with_it() {
+    // By default a container's root is private; one never checkpointed
+    // leaves nothing behind when it ends, and removing what it kept
+    // removes a link it made to a host directory, not the directory's
+    // files. A program in a directory the root hides is refused clearly.
+    require_root();
+    let name = format!("privgone{}", std::process::id());
+    let host_dir = host_dir_of(&name);
+    let private = rrc_container::rootfs::RootFs::private_dir(&name.parse().unwrap()).unwrap();
+    let script = format!(
+        "echo kept > /tmp/f && ln -s {} /tmp/link && ! [ -w /etc ] && ! [ -e {}/file ] && echo PRIVATE",
+        host_dir.display(),
+        host_dir.display()
+    );
+    let out = rrc(&["run", "--name", &name, "--", "sh", "-c", &script]).ok();
+    let gone = !private.exists();
+    let intact = std::fs::read(host_dir.join("file")).ok();
+    let program = host_dir.join("prog");
+    std::fs::copy("/bin/true", &program).unwrap();
+    let hidden = rrc(&["run", "--name", &name, "--", program.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&host_dir);
+    assert!(out.stdout.contains("PRIVATE"), "{out:?}");
+    assert!(gone, "{} left behind", private.display());
+    assert_eq!(intact.as_deref(), Some(&b"host"[..]));
+    hidden.fails_with("--share");
 }

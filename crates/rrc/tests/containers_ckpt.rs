@@ -307,7 +307,14 @@ fn lighttpd_keepalive_clients_keep_their_connections_across_a_move() {
     let vip = lab.vip();
     let ip = strip_prefix(&vip);
     let command = App::Lighttpd.command().unwrap();
-    lab.run_container("primary", "web", &vip, &App::argv(&command));
+    let options = App::Lighttpd.root_options().unwrap();
+    lab.run_container_with(
+        "primary",
+        "web",
+        &vip,
+        &App::argv(&options),
+        &App::argv(&command),
+    );
     let r = move_under_load(&lab, "web", rrc_bench::verify::Service::Http, 80, &ip, 8);
     assert!(r.errors.is_empty(), "{r:#?}");
     assert!(r.requests > 1000, "{r:#?}");
@@ -319,7 +326,14 @@ fn tarantool_clients_keep_their_connections_across_a_move() {
     let vip = lab.vip();
     let ip = strip_prefix(&vip);
     let command = App::Tarantool.command().unwrap();
-    lab.run_container("primary", "tarantool", &vip, &App::argv(&command));
+    let options = App::Tarantool.root_options().unwrap();
+    lab.run_container_with(
+        "primary",
+        "tarantool",
+        &vip,
+        &App::argv(&options),
+        &App::argv(&command),
+    );
     let r = move_under_load(
         &lab,
         "tarantool",

@@ -274,6 +274,8 @@ fn a_statically_linked_program_is_refused() {
     let out = Command::new(RRC)
         .args(["run", "--name", "rrst", "--record"])
         .arg(work.join("log"))
+        .arg("--share")
+        .arg(&work)
         .arg("--")
         .arg(&bin)
         .output()
@@ -491,6 +493,8 @@ fn a_program_that_execs_and_reads_too_much_at_once_is_never_held_up() {
             "--record",
         ])
         .arg(&dir)
+        .arg("--share")
+        .arg(&work)
         .args(["--", "sh", "-c"])
         .arg(format!(
             "dd if={} of=/dev/null bs=4M count=1 status=none",
@@ -545,6 +549,8 @@ fn a_replayed_server_answers_its_recorded_clients_byte_for_byte() {
                 &dir.display().to_string(),
                 "--addr",
                 &vip.to_string(),
+                "--share",
+                &work.display().to_string(),
                 "--",
                 &server.display().to_string(),
             ],

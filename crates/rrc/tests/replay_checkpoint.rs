@@ -105,6 +105,7 @@ fn a_multithreaded_program_replayed_from_a_random_checkpoint_prints_what_it_prin
         "the replay printed\n{replayed}\nwhere the original printed\n{printed}"
     );
     assert!(replayed.contains("done counter 120000 consumed 4000"));
+    remove_private_root(&name);
     let _ = std::fs::remove_dir_all(&work);
 }
 
@@ -346,7 +347,9 @@ fn replay_from_images_refuses_a_checkpoint_of_another_container() {
     assert!(out.status.success(), "{out:?}");
     let images: PathBuf = work.join("images");
     let plain = Command::new(RRC)
-        .args(["run", "--name", &format!("{name}b"), "--"])
+        .args(["run", "--name", &format!("{name}b"), "--share"])
+        .arg(&work)
+        .arg("--")
         .arg(&bin)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -370,5 +373,6 @@ fn replay_from_images_refuses_a_checkpoint_of_another_container() {
         &log.display().to_string(),
     ])
     .fails_with("no process in");
+    remove_private_root(&format!("{name}b"));
     let _ = std::fs::remove_dir_all(&work);
 }

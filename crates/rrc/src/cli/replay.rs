@@ -101,7 +101,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
     let mut spec = RestoreSpec::from_image(prepared.copy.path(), name, a.uplink.clone())?;
     // The replayed program reads the log and writes its capture at these
     // paths, whatever its root.
-    spec.share.extend(
+    spec.share_now.extend(
         std::iter::once(a.log.as_path())
             .chain(a.capture.as_deref().and_then(std::path::Path::parent))
             .filter_map(|d| d.canonicalize().ok()),

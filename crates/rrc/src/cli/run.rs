@@ -64,15 +64,17 @@ pub struct ContainerArgs {
     /// for latency: waking a sleeping thread is slow, on VMs especially.
     #[arg(long, default_value = "200us", value_parser = super::parse_duration)]
     spin: Duration,
-    /// What the container sees as `/`: host (the host's file system, as
-    /// rrc sees it) or private (a read-only view of the host's, with /tmp,
-    /// /run, /var and /dev/shm of the container's own, kept on the host in
-    /// /var/lib/rrc/roots/NAME, where a restore on this machine finds them).
-    #[arg(long, default_value = "host", value_name = "host|private")]
+    /// What the container sees as `/`: private (a read-only view of the
+    /// host's files, with /tmp, /run, /var and /dev/shm of the container's
+    /// own, kept on the host in /var/lib/rrc/roots/NAME while an image of
+    /// the container may need them, and removed with it otherwise) or host
+    /// (the host's file system, as rrc sees it, writable).
+    #[arg(long, default_value = "private", value_name = "private|host")]
     root: rrc_container::rootfs::RootFs,
-    /// With --root private: a host directory the container reaches at the
-    /// same path, writable (its data, a configuration). Repeat for more.
-    #[arg(long, value_name = "DIR", requires = "root")]
+    /// A host directory the container reaches at the same path, writable
+    /// (its data, a configuration, a program kept in /tmp). Repeat for
+    /// more. Only with a private root: the host's root shows everything.
+    #[arg(long, value_name = "DIR")]
     share: Vec<std::path::PathBuf>,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -124,6 +126,10 @@ impl ContainerArgs {
             ),
             None => None,
         };
+        anyhow::ensure!(
+            self.share.is_empty() || self.root == rrc_container::rootfs::RootFs::Private,
+            "--share is for a private root: with --root host the container sees every host directory already"
+        );
         let spec = ContainerSpec {
             name,
             argv: self.command.clone(),

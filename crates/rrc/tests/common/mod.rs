@@ -72,12 +72,16 @@ pub fn output(mut cmd: Command) -> Out {
     }
 }
 
-/// `rrc run --name NAME --record LOG -- BIN`: a container recording `bin`
-/// into `log` (its standard input and output left to the caller).
+/// `rrc run --name NAME --record LOG --share DIR -- BIN`: a container
+/// recording `bin` into `log` (its standard input and output left to the
+/// caller); the directory of `bin` (a test's scratch directory, hidden by
+/// the private root) is shared into it.
 pub fn record_command(name: &str, log: &Path, bin: &Path) -> Command {
     let mut c = Command::new(RRC);
     c.args(["run", "--name", name, "--record"])
         .arg(log)
+        .arg("--share")
+        .arg(bin.parent().expect("a fixture in a directory"))
         .arg("--")
         .arg(bin);
     c
@@ -205,7 +209,21 @@ impl TestLab {
 
     /// Starts a detached container and returns its `rrc ps --json` record.
     pub fn run_container(&self, host: &str, name: &str, addr: &str, cmd: &[&str]) -> Value {
-        let mut args = vec!["run", "--detach", "--name", name, "--addr", addr, "--"];
+        self.run_container_with(host, name, addr, &[], cmd)
+    }
+
+    /// [`TestLab::run_container`] with extra `rrc run` options.
+    pub fn run_container_with(
+        &self,
+        host: &str,
+        name: &str,
+        addr: &str,
+        options: &[&str],
+        cmd: &[&str],
+    ) -> Value {
+        let mut args = vec!["run", "--detach", "--name", name, "--addr", addr];
+        args.extend_from_slice(options);
+        args.push("--");
         args.extend_from_slice(cmd);
         let out = self.rrc_on(host, &args).ok();
         assert!(out.stdout.contains("running"), "{out:?}");
@@ -319,6 +337,16 @@ pub fn memcached_set_get(addr: &str, key: &str, value: &str) -> String {
 #[allow(dead_code)]
 pub fn fixtures_src() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rrc-ckpt/tests/fixtures")
+}
+
+/// Removes what container `name` (on the machine, not in a lab) kept in
+/// its private root: one checkpointed or restored keeps it for its images.
+#[allow(dead_code)]
+pub fn remove_private_root(name: &str) {
+    let name = name.parse().expect("a container name");
+    if let Ok(dir) = rrc_container::rootfs::RootFs::private_dir(&name) {
+        let _ = fs::remove_dir_all(dir);
+    }
 }
 
 /// A scratch directory of this test process.
