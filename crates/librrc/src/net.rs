@@ -51,6 +51,18 @@ pub fn init(capture: Option<&std::path::Path>) {
     CAPTURE.store(high, Ordering::Release);
 }
 
+/// Closes the capture file: the program runs live now, and must not carry
+/// a file of the replay's (on the host that replayed it) into its next
+/// checkpoint. Called while every other thread is parked (none is in a
+/// capture write, and none opens a file that could take the number).
+pub fn close_capture() {
+    let fd = CAPTURE.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: close of the descriptor this module opened.
+        unsafe { libc::syscall(libc::SYS_close, fd) };
+    }
+}
+
 pub fn is_virtual(fd: c_int) -> bool {
     let Ok(i) = usize::try_from(fd) else {
         return false;

@@ -245,6 +245,7 @@ fn park_until_released(ended: &dyn Fn() -> bool) {
         let diverged = DIVERGED.load(Ordering::Acquire);
         if (diverged || ended()) && !CLAIMED.swap(true, Ordering::AcqRel) {
             if hand_over(diverged) {
+                crate::net::close_capture();
                 RELEASED.store(1, Ordering::Release);
                 wake();
                 return;

@@ -385,9 +385,11 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
     pair.start_primary().unwrap();
     let target = pair.target();
     let mut steps: Vec<String> = Vec::new();
+    let mut first_dir = std::path::PathBuf::new();
     let report = std::thread::scope(|s| {
         let p = &mut pair;
         let steps = &mut steps;
+        let first_dir = &mut first_dir;
         let run = s.spawn(move || -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(700));
             p.kill_primary()?;
@@ -405,6 +407,11 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
                     && metric(&m, "rrc_protected{service=\"redis\"}") == 0.0,
                 "after the takeover:\n{m}"
             );
+            // The new backup keeps its files in a directory of its own, as
+            // on another machine: the service must not depend on what the
+            // first takeover left in the first backup's.
+            *first_dir = p.backup_dir().to_path_buf();
+            p.set_backup_dir(first_dir.with_extension("again"));
             p.start_backup()?;
             p.wait_protected(Duration::from_secs(30))?;
             steps.push("protected again".into());
@@ -448,6 +455,9 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
     let (report, faults) = report;
     for s in &steps {
         eprintln!("{s}");
+    }
+    if !first_dir.as_os_str().is_empty() {
+        let _ = std::fs::remove_dir_all(&first_dir);
     }
     faults.unwrap_or_else(|e| panic!("{e:#}\n{}", pair.backup_output()));
     assert!(
