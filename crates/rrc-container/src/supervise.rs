@@ -349,8 +349,12 @@ impl Container {
     fn teardown(&mut self) -> Result<()> {
         self.cgroup.kill_all(Duration::from_secs(5))?;
         self.cgroup.remove(Duration::from_secs(5))?;
-        if self.remove_root.load(std::sync::atomic::Ordering::Acquire) {
-            self.record.root.remove(&self.record.name)?;
+        if self.remove_root.load(std::sync::atomic::Ordering::Acquire)
+            && let Err(e) = self.record.root.remove(&self.record.name)
+        {
+            // The name is released all the same: a root left behind is
+            // found again by the next container of the name.
+            tracing::warn!(error = %e, "the container's private root is left behind");
         }
         if let Some(claim) = self.claim.take() {
             claim.release()?;
