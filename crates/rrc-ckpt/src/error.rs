@@ -50,6 +50,10 @@ pub enum Error {
     NotInImage { path: PathBuf, what: String },
     #[error("delta {path} refused: {detail}")]
     DeltaRefused { path: PathBuf, detail: String },
+    /// Nothing was read or saved: the same checkpoint may work a moment
+    /// later (a series goes on as if it had not been tried).
+    #[error("cannot checkpoint now: {0}")]
+    Busy(String),
     #[error("cannot checkpoint: {}", .0.join("; "))]
     Unsupported(Vec<String>),
     #[error("cannot restore on this machine: {0}")]

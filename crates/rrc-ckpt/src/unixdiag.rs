@@ -4,13 +4,8 @@
 
 use std::collections::HashMap;
 
-use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::unix::{ShowFlags, StateFlags, UnixRequest, nlas::Nla};
-use netlink_sys::protocols::NETLINK_SOCK_DIAG;
-use netlink_sys::{Socket, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 /// A unix socket address.
@@ -42,76 +37,47 @@ pub struct UnixInfo {
 
 /// Every unix socket of the calling thread's network namespace.
 pub fn query() -> std::io::Result<HashMap<u32, UnixInfo>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    let mut hdr = NetlinkHeader::default();
-    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut packet = NetlinkMessage::new(
-        hdr,
-        SockDiagMessage::UnixRequest(UnixRequest {
-            state_flags: StateFlags::from_bits_retain(u32::MAX),
-            inode: 0,
-            show_flags: ShowFlags::NAME | ShowFlags::PEER | ShowFlags::ICONS | ShowFlags::RQLEN,
-            cookie: [0xff; 8],
-        })
-        .into(),
-    );
-    packet.finalize();
-    let mut buf = vec![0; packet.buffer_len()];
-    packet.serialize(&mut buf);
-    socket.send(&buf, 0)?;
+    let request = SockDiagMessage::UnixRequest(UnixRequest {
+        state_flags: StateFlags::from_bits_retain(u32::MAX),
+        inode: 0,
+        show_flags: ShowFlags::NAME | ShowFlags::PEER | ShowFlags::ICONS | ShowFlags::RQLEN,
+        cookie: [0xff; 8],
+    });
     let mut out = HashMap::new();
-    let mut rx = Vec::with_capacity(1 << 16);
-    loop {
-        rx.clear();
-        let n = socket.recv(&mut rx, 0)?;
-        let mut off = 0;
-        while off < n {
-            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[off..n])
-                .map_err(|e| std::io::Error::other(format!("sock_diag: {e}")))?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => {
-                    return Err(std::io::Error::other(format!("sock_diag: {e:?}")));
-                }
-                NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(r)) => {
-                    let mut info = UnixInfo {
-                        ty: r.header.kind,
-                        state: r.header.state,
-                        name: None,
-                        peer: None,
-                        pending: Vec::new(),
-                        shutdown: 0,
-                        backlog: 0,
-                    };
-                    for nla in r.nlas.iter() {
-                        match nla {
-                            Nla::Name(n) => info.name = Some(match n {
-                                netlink_packet_sock_diag::unix::nlas::UnixDiagName::Pathname(p) => {
-                                    UnixName::Path(p.to_string_lossy().into_owned())
-                                }
-                                netlink_packet_sock_diag::unix::nlas::UnixDiagName::Abstract(a) => {
-                                    UnixName::Abstract(a.clone())
-                                }
-                            }),
-                            Nla::Peer(p) => info.peer = Some(*p),
-                            Nla::PendingConnections(c) => info.pending = c.clone(),
-                            Nla::Shutdown(s) => info.shutdown = *s,
-                            // For a listener: connections queued, backlog.
-                            Nla::ReceiveQueueLength(_, b) => info.backlog = *b,
-                            _ => {}
+    crate::sockdiag::dump(request, |m| {
+        let SockDiagMessage::UnixResponse(r) = m else {
+            return;
+        };
+        let mut info = UnixInfo {
+            ty: r.header.kind,
+            state: r.header.state,
+            name: None,
+            peer: None,
+            pending: Vec::new(),
+            shutdown: 0,
+            backlog: 0,
+        };
+        for nla in r.nlas.iter() {
+            match nla {
+                Nla::Name(n) => {
+                    info.name = Some(match n {
+                        netlink_packet_sock_diag::unix::nlas::UnixDiagName::Pathname(p) => {
+                            UnixName::Path(p.to_string_lossy().into_owned())
                         }
-                    }
-                    out.insert(r.header.inode, info);
+                        netlink_packet_sock_diag::unix::nlas::UnixDiagName::Abstract(a) => {
+                            UnixName::Abstract(a.clone())
+                        }
+                    })
                 }
+                Nla::Peer(p) => info.peer = Some(*p),
+                Nla::PendingConnections(c) => info.pending = c.clone(),
+                Nla::Shutdown(s) => info.shutdown = *s,
+                // For a listener: connections queued, backlog.
+                Nla::ReceiveQueueLength(_, b) => info.backlog = *b,
                 _ => {}
             }
-            if len == 0 {
-                break;
-            }
-            off += len;
         }
-    }
+        out.insert(r.header.inode, info);
+    })?;
+    Ok(out)
 }

@@ -227,6 +227,7 @@ impl Container {
                     stream,
                     taken: 0,
                     failures: 0,
+                    busy_since: None,
                 })),
                 Err(e) => control::answer(stream, &Response::Failed(e.to_string())),
             },
@@ -378,7 +379,14 @@ struct Series {
     taken: u64,
     /// Checkpoints failed in a row.
     failures: u32,
+    /// Since when the next checkpoint has been refused for connections
+    /// not yet accepted.
+    busy_since: Option<Instant>,
 }
+
+/// How soon a checkpoint refused for connections not yet accepted is
+/// tried again.
+const BUSY_RETRY: Duration = Duration::from_millis(10);
 
 /// A series ends after this many checkpoints failed in a row.
 const MAX_FAILURES_IN_A_ROW: u32 = 10;
@@ -401,7 +409,18 @@ impl Series {
         let epochs = self.epochs.as_mut()?;
         let (report, applied) = match epochs.take_into(c, &self.dir) {
             Ok(x) => x,
+            // Nothing was taken and the series keeps its place: the same
+            // checkpoint a moment later, once the program has accepted its
+            // connections (for up to an interval; then it counts as failed).
+            Err(rrc_ckpt::Error::Busy(why))
+                if self.busy_since.get_or_insert_with(Instant::now).elapsed() < self.every =>
+            {
+                tracing::debug!(container = %c.record.name, %why, "a checkpoint of the series waits");
+                self.next_at = Instant::now() + BUSY_RETRY.min(self.every);
+                return None;
+            }
             Err(e) => {
+                self.busy_since = None;
                 // Even the first is tried again: what fails one checkpoint
                 // is often gone by the next (a connection not yet
                 // accepted, a child being reaped).
@@ -422,6 +441,7 @@ impl Series {
             }
         };
         self.failures = 0;
+        self.busy_since = None;
         self.taken += 1;
         let line = control::EpochLine::of(&report, applied.as_ref());
         if !control::send(&self.stream, &Response::Epoch(line)) {

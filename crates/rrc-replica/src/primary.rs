@@ -232,6 +232,9 @@ pub struct Primary {
     in_flight: Option<InFlight>,
     /// A checkpoint was asked for at once (for what the log cannot cover).
     immediate: bool,
+    /// Checkpoints refused in a row because the program had connections
+    /// waiting to be accepted.
+    busy_in_a_row: u32,
     /// Since when checkpoints have waited for a forked child to end.
     child_wait: Option<Instant>,
     /// Committed since the series began (0: not protected yet).
@@ -298,6 +301,7 @@ impl Primary {
             connected: false,
             in_flight: None,
             immediate: false,
+            busy_in_a_row: 0,
             child_wait: None,
             committed_in_series: 0,
             joined: false,
@@ -572,6 +576,7 @@ impl Primary {
         let (mark, at) = (marks.mark, marks.at);
         match r {
             Ok(r) => {
+                self.busy_in_a_row = 0;
                 let pause = r.checkpoint.frozen.as_micros() as u64;
                 self.metrics
                     .pause
@@ -596,7 +601,26 @@ impl Primary {
                     dir,
                 });
             }
+            Err(rrc_ckpt::Error::Busy(why)) => {
+                // Nothing was read: the series keeps its place, and the
+                // same checkpoint is tried again soon (sooner than an
+                // epoch: replies may be waiting for it), less often while
+                // the program keeps its connections waiting.
+                let _ = std::fs::remove_dir_all(&dir);
+                self.busy_in_a_row += 1;
+                let wait = IMMEDIATE_RETRY
+                    .saturating_mul(1 << self.busy_in_a_row.min(6))
+                    .min(self.opts.epoch);
+                if self.busy_in_a_row == 8 {
+                    tracing::warn!(%why, "checkpoints keep waiting for the program to accept connections");
+                } else {
+                    tracing::debug!(%why, ?wait, "a checkpoint waits");
+                }
+                self.immediate |= was_immediate;
+                self.next_at = Instant::now() + wait;
+            }
             Err(e) => {
+                self.busy_in_a_row = 0;
                 self.stats.failed += 1;
                 tracing::warn!(error = %e, "a checkpoint failed; the next one saves everything");
                 let _ = std::fs::remove_dir_all(&dir);

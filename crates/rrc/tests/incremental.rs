@@ -520,3 +520,77 @@ fn a_delta_that_does_not_fit_on_the_disk_leaves_the_last_good_image() {
     let (_, dir) = run.kill();
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_connection_not_yet_accepted_defers_a_checkpoint_without_ending_the_series() {
+    // A TCP connection waiting in a listener's queue cannot be saved: the
+    // checkpoint is refused as "not now" before anything is read, and the
+    // next one, once the program accepted it, is still a delta.
+    require_root();
+    let dir = scratch("backlog");
+    let bin = build("tcp_backlog", &dir);
+    let log = dir.join("fixture.log");
+    let out = fs::File::create(&log).unwrap();
+    let mut child = Command::new(&bin)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    let said = |what: &str| {
+        let mut text = String::new();
+        wait_until(what, Duration::from_secs(10), || {
+            text = fs::read_to_string(&log).unwrap_or_default();
+            text.contains(what)
+        });
+        text
+    };
+    let port: u16 = said("PORT ")
+        .lines()
+        .find_map(|l| l.strip_prefix("PORT "))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("a port");
+    let mut inc = Incremental::new(IncrementalOptions {
+        root: pid,
+        annotations: Default::default(),
+        copy: CopyMode::Direct,
+    });
+    let first = inc.checkpoint(&dir.join("0")).unwrap();
+    assert!(first.full);
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let refused = inc.checkpoint(&dir.join("1")).map(|_| ());
+    // A checkpoint that kills the tree is refused the same way.
+    let once = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
+        root: pid,
+        images: &dir.join("once"),
+        leave_running: false,
+        annotations: Default::default(),
+    })
+    .map(|_| ());
+    kill(pid, Signal::SIGUSR1).unwrap();
+    said("ACCEPTED");
+    let mut hi = String::new();
+    client.read_to_string(&mut hi).unwrap();
+    let again = inc.checkpoint(&dir.join("1b"));
+    let alive = fs::metadata(format!("/proc/{pid}")).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = fs::remove_dir_all(&dir);
+    let e = refused.unwrap_err();
+    assert!(matches!(e, rrc_ckpt::Error::Busy(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("127.0.0.1:{port} (1 waiting)")),
+        "{e}"
+    );
+    assert!(matches!(once, Err(rrc_ckpt::Error::Busy(_))), "{once:?}");
+    assert!(
+        alive,
+        "the refused checkpoint that would kill left the tree alone"
+    );
+    assert_eq!(hi, "hi\n");
+    let again = again.unwrap();
+    assert!(!again.full, "the series had to start over");
+    assert_eq!(again.lineage.epoch, 1);
+}

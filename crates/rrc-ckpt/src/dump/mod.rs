@@ -210,6 +210,48 @@ pub(crate) trait MemoryPolicy {
 }
 
 /// Takes one checkpoint of the tree at `t.root` into `img`.
+/// A TCP connection that its program has not accepted yet cannot be saved
+/// (no call puts it back in a listener's queue): a checkpoint finding one
+/// in the tree is refused before anything is read, so that the caller may
+/// try again once the program has accepted it (a series keeps its place).
+/// One sock_diag request; the tree's sockets are listed only if some
+/// listener of its network namespace has connections waiting.
+fn refuse_if_busy(seized: &seize::Seized, root: Pid) -> Result<()> {
+    let busy = crate::common::in_netns_of(root, crate::sockdiag::busy_listeners)?
+        .map_err(Error::io("list TCP listeners (sock_diag)"))?;
+    if busy.is_empty() {
+        return Ok(());
+    }
+    let ours: std::collections::BTreeSet<u32> = seized
+        .processes
+        .iter()
+        .flat_map(|p| {
+            fs::read_dir(format!("/proc/{}/fd", p.pid.as_raw()))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let target = fs::read_link(e.path()).ok()?;
+                    let t = target.to_str()?;
+                    t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+                })
+        })
+        .collect();
+    let waiting: Vec<String> = busy
+        .iter()
+        .filter(|l| ours.contains(&l.inode))
+        .map(|l| format!("{} ({} waiting)", l.addr, l.waiting))
+        .collect();
+    if waiting.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Busy(format!(
+        "TCP connections the program has not accepted yet, on {} (nothing was saved; \
+         try again once it has accepted them)",
+        waiting.join(", ")
+    )))
+}
+
 pub(crate) fn take(
     img: &ImageDir,
     t: Take,
@@ -220,6 +262,7 @@ pub(crate) fn take(
     let frozen_at = Instant::now();
     let mut seized = seize::Seized::tree_excluding(t.root, t.exclude)?;
     let stopped = frozen_at.elapsed();
+    refuse_if_busy(&seized, t.root)?;
     // First thing once the tree stands still: what the caller reads then
     // is of the very moment the checkpoint saves.
     let mut annotations = t.annotations.clone();

@@ -164,7 +164,11 @@ impl Incremental {
         let checkpoint = match result {
             Ok(r) => r,
             Err(e) => {
-                self.policy.abort();
+                // Refused before any page was read: the tracking still
+                // holds every write since the last checkpoint.
+                if !matches!(e, Error::Busy(_)) {
+                    self.policy.abort();
+                }
                 crate::common::remove_image_files(img.path());
                 return Err(e);
             }

@@ -1,0 +1,100 @@
+//! The kernel's sock_diag interface: one dump request, every answer.
+//! Unix sockets are read through it in [`crate::unixdiag`]; here, the TCP
+//! listeners that hold connections their program has not accepted yet.
+
+use std::net::{IpAddr, SocketAddr};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, StateFlags};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
+
+/// Sends `request` (a dump) to sock_diag in the calling thread's network
+/// namespace and hands every answer to `each`.
+pub(crate) fn dump(
+    request: SockDiagMessage,
+    mut each: impl FnMut(SockDiagMessage),
+) -> std::io::Result<()> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut packet = NetlinkMessage::new(hdr, request.into());
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut rx = Vec::with_capacity(1 << 16);
+    loop {
+        rx.clear();
+        let n = socket.recv(&mut rx, 0)?;
+        let mut off = 0;
+        while off < n {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[off..n])
+                .map_err(|e| std::io::Error::other(format!("sock_diag: {e}")))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(e) => {
+                    return Err(std::io::Error::other(format!("sock_diag: {e:?}")));
+                }
+                NetlinkPayload::InnerMessage(m) => each(m),
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += len;
+        }
+    }
+}
+
+/// A TCP listener with connections waiting to be accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BusyListener {
+    pub inode: u32,
+    pub addr: SocketAddr,
+    /// Connections waiting.
+    pub waiting: u32,
+}
+
+/// The TCP listeners (IPv4 and IPv6) of the calling thread's network
+/// namespace that hold connections not yet accepted.
+pub fn busy_listeners() -> std::io::Result<Vec<BusyListener>> {
+    let mut out = Vec::new();
+    for (family, any) in [
+        (libc::AF_INET as u8, SocketId::new_v4()),
+        (libc::AF_INET6 as u8, SocketId::new_v6()),
+    ] {
+        let request = SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id: any,
+        });
+        dump(request, |m| {
+            if let SockDiagMessage::InetResponse(r) = m
+                && r.header.recv_queue > 0
+            {
+                let id = &r.header.socket_id;
+                out.push(BusyListener {
+                    inode: r.header.inode,
+                    addr: SocketAddr::new(
+                        match id.source_address {
+                            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
+                            a => a,
+                        },
+                        id.source_port,
+                    ),
+                    waiting: r.header.recv_queue,
+                });
+            }
+        })?;
+    }
+    Ok(out)
+}
