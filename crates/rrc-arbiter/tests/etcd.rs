@@ -32,10 +32,16 @@ impl Drop for Cluster {
     }
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+/// `n` distinct free ports: each is held until all are chosen, or the
+/// kernel may give the same one twice (two members on one port make a
+/// cluster that has lost a member from the start).
+fn free_addrs(n: usize) -> Vec<SocketAddr> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("a bound address"))
+        .collect()
 }
 
 impl Cluster {
@@ -43,11 +49,12 @@ impl Cluster {
         let dir = std::env::temp_dir().join(format!("rrc-arbiter-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let ports = free_addrs(2 * n);
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client: free_addr(),
-                peer: free_addr(),
+                client: ports[2 * i],
+                peer: ports[2 * i + 1],
             })
             .collect();
         let children = members

@@ -12,15 +12,28 @@ use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, Stat
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 
+/// A sock_diag socket, tied to the network namespace it was made in.
+fn open() -> std::io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    Ok(socket)
+}
+
 /// Sends `request` (a dump) to sock_diag in the calling thread's network
 /// namespace and hands every answer to `each`.
 pub(crate) fn dump(
     request: SockDiagMessage,
+    each: impl FnMut(SockDiagMessage),
+) -> std::io::Result<()> {
+    dump_on(&open()?, request, each)
+}
+
+fn dump_on(
+    socket: &Socket,
+    request: SockDiagMessage,
     mut each: impl FnMut(SockDiagMessage),
 ) -> std::io::Result<()> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind_auto()?;
-    socket.connect(&NetlinkAddr::new(0, 0))?;
     let mut hdr = NetlinkHeader::default();
     hdr.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut packet = NetlinkMessage::new(hdr, request.into());
@@ -53,6 +66,61 @@ pub(crate) fn dump(
     }
 }
 
+/// Asks a process's network namespace about its TCP listeners, again and
+/// again: entering the namespace (a thread of its own) costs more than the
+/// question, so a series of checkpoints keeps one.
+pub struct ListenerProbe {
+    socket: Socket,
+}
+
+impl ListenerProbe {
+    /// A probe of the network namespace process `pid` is in.
+    pub fn of(pid: nix::unistd::Pid) -> crate::Result<ListenerProbe> {
+        let socket = crate::common::in_netns_of(pid, open)?
+            .map_err(crate::Error::io("open a sock_diag socket"))?;
+        Ok(ListenerProbe { socket })
+    }
+
+    /// Its TCP listeners (IPv4 and IPv6) that hold connections not yet
+    /// accepted.
+    pub fn busy_listeners(&self) -> std::io::Result<Vec<BusyListener>> {
+        let mut out = Vec::new();
+        for (family, any) in [
+            (libc::AF_INET as u8, SocketId::new_v4()),
+            (libc::AF_INET6 as u8, SocketId::new_v6()),
+        ] {
+            let request = SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: libc::IPPROTO_TCP as u8,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::LISTEN,
+                socket_id: any,
+            });
+            dump_on(&self.socket, request, |m| {
+                if let SockDiagMessage::InetResponse(r) = m
+                    && r.header.recv_queue > 0
+                {
+                    let id = &r.header.socket_id;
+                    out.push(BusyListener {
+                        inode: r.header.inode,
+                        addr: SocketAddr::new(
+                            match id.source_address {
+                                IpAddr::V6(a) => {
+                                    a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
+                                }
+                                a => a,
+                            },
+                            id.source_port,
+                        ),
+                        waiting: r.header.recv_queue,
+                    });
+                }
+            })?;
+        }
+        Ok(out)
+    }
+}
+
 /// A TCP listener with connections waiting to be accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusyListener {
@@ -60,41 +128,4 @@ pub struct BusyListener {
     pub addr: SocketAddr,
     /// Connections waiting.
     pub waiting: u32,
-}
-
-/// The TCP listeners (IPv4 and IPv6) of the calling thread's network
-/// namespace that hold connections not yet accepted.
-pub fn busy_listeners() -> std::io::Result<Vec<BusyListener>> {
-    let mut out = Vec::new();
-    for (family, any) in [
-        (libc::AF_INET as u8, SocketId::new_v4()),
-        (libc::AF_INET6 as u8, SocketId::new_v6()),
-    ] {
-        let request = SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: libc::IPPROTO_TCP as u8,
-            extensions: ExtensionFlags::empty(),
-            states: StateFlags::LISTEN,
-            socket_id: any,
-        });
-        dump(request, |m| {
-            if let SockDiagMessage::InetResponse(r) = m
-                && r.header.recv_queue > 0
-            {
-                let id = &r.header.socket_id;
-                out.push(BusyListener {
-                    inode: r.header.inode,
-                    addr: SocketAddr::new(
-                        match id.source_address {
-                            IpAddr::V6(a) => a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4),
-                            a => a,
-                        },
-                        id.source_port,
-                    ),
-                    waiting: r.header.recv_queue,
-                });
-            }
-        })?;
-    }
-    Ok(out)
 }

@@ -145,6 +145,13 @@ pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
 pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<CheckpointReport> {
     let img = ImageDir::create(opts.images)?;
     let mut nothing = Annotations::new;
+    let probe = match crate::sockdiag::ListenerProbe::of(opts.root) {
+        Ok(p) => p,
+        Err(e) => {
+            common::remove_image_files(img.path());
+            return Err(e);
+        }
+    };
     let result = take(
         &img,
         Take {
@@ -155,6 +162,7 @@ pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<Check
             exclude: &[],
             shmem_limits: &extras.shmem_limits,
             at_freeze: extras.at_freeze.unwrap_or(&mut nothing),
+            probe: &probe,
         },
         &mut memory::Full,
     );
@@ -178,6 +186,9 @@ pub(crate) struct Take<'a> {
     pub shmem_limits: &'a [ShmemLimit],
     /// The caller's look at the tree while it is stopped.
     pub at_freeze: AtFreeze<'a>,
+    /// A probe of the tree's listeners, made before the tree is stopped
+    /// (a series keeps one).
+    pub probe: &'a crate::sockdiag::ListenerProbe,
 }
 
 /// One stopped process as a memory policy sees it.
@@ -216,8 +227,9 @@ pub(crate) trait MemoryPolicy {
 /// try again once the program has accepted it (a series keeps its place).
 /// One sock_diag request; the tree's sockets are listed only if some
 /// listener of its network namespace has connections waiting.
-fn refuse_if_busy(seized: &seize::Seized, root: Pid) -> Result<()> {
-    let busy = crate::common::in_netns_of(root, crate::sockdiag::busy_listeners)?
+fn refuse_if_busy(seized: &seize::Seized, probe: &crate::sockdiag::ListenerProbe) -> Result<()> {
+    let busy = probe
+        .busy_listeners()
         .map_err(Error::io("list TCP listeners (sock_diag)"))?;
     if busy.is_empty() {
         return Ok(());
@@ -262,7 +274,7 @@ pub(crate) fn take(
     let frozen_at = Instant::now();
     let mut seized = seize::Seized::tree_excluding(t.root, t.exclude)?;
     let stopped = frozen_at.elapsed();
-    refuse_if_busy(&seized, t.root)?;
+    refuse_if_busy(&seized, t.probe)?;
     // First thing once the tree stands still: what the caller reads then
     // is of the very moment the checkpoint saves.
     let mut annotations = t.annotations.clone();

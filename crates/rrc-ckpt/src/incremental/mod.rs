@@ -44,6 +44,10 @@ pub struct Incremental {
     last: Option<Lineage>,
     policy: capture::DeltaPolicy,
     shmem_limits: Vec<ShmemLimit>,
+    /// Asks the tree's network namespace about its listeners (made at the
+    /// first checkpoint, kept for the series: making one costs more than
+    /// asking).
+    probe: Option<crate::sockdiag::ListenerProbe>,
 }
 
 /// What one checkpoint of a series took.
@@ -108,6 +112,7 @@ impl Incremental {
             last: None,
             policy: capture::DeltaPolicy::new(opts.copy),
             shmem_limits: Vec::new(),
+            probe: None,
         }
     }
 
@@ -145,6 +150,10 @@ impl Incremental {
             series: self.series.clone(),
             epoch: self.next_epoch,
         };
+        if self.probe.is_none() {
+            self.probe = Some(crate::sockdiag::ListenerProbe::of(self.root)?);
+        }
+        let probe = self.probe.as_ref().expect("made above");
         let cpu0 = thread_cpu_time();
         self.policy.begin_epoch();
         let exclude = self.policy.own_processes();
@@ -158,6 +167,7 @@ impl Incremental {
                 exclude: &exclude,
                 shmem_limits: &self.shmem_limits,
                 at_freeze,
+                probe,
             },
             &mut self.policy,
         );
