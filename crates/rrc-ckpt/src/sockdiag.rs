@@ -76,6 +76,9 @@ pub struct ListenerProbe {
 impl ListenerProbe {
     /// A probe of the network namespace process `pid` is in.
     pub fn of(pid: nix::unistd::Pid) -> crate::Result<ListenerProbe> {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(crate::Error::NoSuchProcess(pid.as_raw()));
+        }
         let socket = crate::common::in_netns_of(pid, open)?
             .map_err(crate::Error::io("open a sock_diag socket"))?;
         Ok(ListenerProbe { socket })

@@ -258,7 +258,7 @@ fn refuse_if_busy(seized: &seize::Seized, probe: &crate::sockdiag::ListenerProbe
         return Ok(());
     }
     Err(Error::Busy(format!(
-        "TCP connections the program has not accepted yet, on {} (nothing was saved; \
+        "TCP connections not yet accepted by the program, on {} (nothing was saved; \
          try again once it has accepted them)",
         waiting.join(", ")
     )))
