@@ -82,6 +82,10 @@ pub struct PrimaryOptions {
 pub struct PrimaryStats {
     pub committed: u64,
     pub failed: u64,
+    /// Checkpoints put off a moment because the program had connections
+    /// waiting to be accepted (nothing taken; tried again).
+    #[serde(default)]
+    pub deferred: u64,
     pub bytes_sent: u64,
     pub pause_total_us: u64,
     pub pause_max_us: u64,
@@ -607,6 +611,7 @@ impl Primary {
                 // epoch: replies may be waiting for it), less often while
                 // the program keeps its connections waiting.
                 let _ = std::fs::remove_dir_all(&dir);
+                self.stats.deferred += 1;
                 self.busy_in_a_row += 1;
                 let wait = IMMEDIATE_RETRY
                     .saturating_mul(1 << self.busy_in_a_row.min(6))
@@ -644,6 +649,7 @@ impl Primary {
         tracing::info!(
             committed = s.committed,
             failed = s.failed,
+            deferred = s.deferred,
             immediate = s.immediate,
             sent_mib = s.bytes_sent >> 20,
             pause_max_ms = s.pause_max_us as f64 / 1e3,

@@ -679,3 +679,49 @@ fn with_host_identities_the_shared_key_alone_does_not_make_a_primary() {
     let t = kill_under_load(&mut pair);
     assert_recovered(&t, &pair.backup_output());
 }
+
+/// A connection the program has not accepted yet cannot be checkpointed:
+/// while Redis sleeps (`DEBUG SLEEP`) with a new client waiting in its
+/// listener's queue, the primary puts its checkpoints off (none fails, so
+/// the series goes on with deltas) and takes them again once Redis has
+/// accepted the client, which gets its answer.
+#[test]
+fn a_client_waiting_to_be_accepted_puts_checkpoints_off_without_failing_them() {
+    use std::io::{Read, Write};
+    let lab = lab_session("fodefer");
+    let mut pair = Pair::new(&lab, App::Redis, PairOptions::default())
+        .unwrap()
+        .with_app_args(&["--enable-debug-command", "yes"]);
+    pair.start_backup().unwrap();
+    pair.start_primary().unwrap();
+    let before = pair.primary_status().unwrap();
+    let target = pair.target();
+    let answer = lab
+        .in_host(rrc_lab::Host::Client, || {
+            let mut sleeper = std::net::TcpStream::connect(target).unwrap();
+            sleeper.write_all(b"DEBUG SLEEP 1.5\r\n").unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            let mut waiting = std::net::TcpStream::connect(target).unwrap();
+            waiting.write_all(b"PING\r\n").unwrap();
+            waiting
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut reply = [0u8; 7];
+            waiting.read_exact(&mut reply).map(|()| reply.to_vec())
+        })
+        .unwrap();
+    let mut after = pair.primary_status().unwrap();
+    wait_until(
+        "a checkpoint after the sleep",
+        Duration::from_secs(10),
+        || {
+            after = pair.primary_status().unwrap();
+            after.committed > before.committed + 2
+        },
+    );
+    let said = pair.backup_output();
+    assert_eq!(answer.as_deref().ok(), Some(&b"+PONG\r\n"[..]), "{said}");
+    assert!(after.deferred > before.deferred, "{after:?}");
+    assert_eq!(after.failed, before.failed, "{after:?}\n{said}");
+    assert!(after.protected, "{after:?}");
+}

@@ -220,7 +220,6 @@ pub(crate) trait MemoryPolicy {
     }
 }
 
-/// Takes one checkpoint of the tree at `t.root` into `img`.
 /// A TCP connection that its program has not accepted yet cannot be saved
 /// (no call puts it back in a listener's queue): a checkpoint finding one
 /// in the tree is refused before anything is read, so that the caller may
@@ -264,6 +263,7 @@ fn refuse_if_busy(seized: &seize::Seized, probe: &crate::sockdiag::ListenerProbe
     )))
 }
 
+/// Takes one checkpoint of the tree at `t.root` into `img`.
 pub(crate) fn take(
     img: &ImageDir,
     t: Take,
