@@ -294,18 +294,24 @@ impl Container {
                 net.forwarder.set_blocked(true);
             }
         }
-        let mut moves_again = || self.pause_network(false);
-        let r = rrc_ckpt::dump::checkpoint_with(
-            &CheckpointOptions {
-                root: self.init,
-                images,
-                leave_running,
-                annotations,
-            },
-            rrc_ckpt::dump::Extras::new()
-                .shmem_limits(self.shmem_limits.clone())
-                .at_freeze(&mut OnResume(&mut moves_again)),
-        );
+        let opts = CheckpointOptions {
+            root: self.init,
+            images,
+            leave_running,
+            annotations,
+        };
+        // A client whose connection is waiting when the checkpoint comes is
+        // accepted within microseconds of the program running again (it
+        // needs no frame for that): tried again for a while.
+        let r = rrc_ckpt::dump::when_not_busy(BUSY_WAIT, || {
+            let mut moves_again = || self.pause_network(false);
+            rrc_ckpt::dump::checkpoint_with(
+                &opts,
+                rrc_ckpt::dump::Extras::new()
+                    .shmem_limits(self.shmem_limits.clone())
+                    .at_freeze(&mut OnResume(&mut moves_again)),
+            )
+        });
         if let Some(net) = &self.net {
             if leave_running {
                 net.forwarder.set_paused(false);
@@ -384,9 +390,11 @@ struct Series {
     busy_since: Option<Instant>,
 }
 
-/// How soon a checkpoint refused for connections not yet accepted is
-/// tried again.
+/// How soon a checkpoint of a series refused for connections not yet
+/// accepted is tried again.
 const BUSY_RETRY: Duration = Duration::from_millis(10);
+/// How long a single checkpoint is tried again for them.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
 
 /// A series ends after this many checkpoints failed in a row.
 const MAX_FAILURES_IN_A_ROW: u32 = 10;

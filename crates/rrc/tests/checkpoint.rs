@@ -777,7 +777,8 @@ fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
         busy.is_some()
     });
     let mut busy = busy.unwrap();
-    busy.write_all(b"DEBUG SLEEP 3\r\n").unwrap();
+    // Longer than the checkpoint tries again for (2 s).
+    busy.write_all(b"DEBUG SLEEP 5\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(200));
     // Accepted by the kernel, not by the sleeping server.
     let mut waiting = TcpStream::connect(&addr).unwrap();
@@ -799,4 +800,27 @@ fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
     let mut reply = [0u8; 7];
     waiting.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"+PONG\r\n");
+    // A shorter wait: the checkpoint is tried again until the server has
+    // accepted its client, and then taken.
+    let mut sleeping = [0u8; 5];
+    busy.read_exact(&mut sleeping).unwrap();
+    busy.write_all(b"DEBUG SLEEP 0.5\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut late = TcpStream::connect(&addr).unwrap();
+    late.write_all(b"PING\r\n").unwrap();
+    let _ = std::fs::remove_dir_all(&images);
+    rrc(&[
+        "checkpoint",
+        "--pid",
+        &server.0.id().to_string(),
+        "--images",
+        images.to_str().unwrap(),
+        "--leave-running",
+    ])
+    .ok();
+    late.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    late.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"+PONG\r\n");
+    let _ = std::fs::remove_dir_all(images.parent().unwrap());
 }

@@ -137,6 +137,24 @@ impl<'a> Extras<'a> {
 
 /// Checkpoints the tree rooted at `opts.root` into `opts.images`. On error
 /// the tree keeps running as if nothing happened and no image is left.
+/// Runs `attempt` (a checkpoint) again while it is refused as
+/// [`Error::Busy`], for up to `within`: each refusal took nothing, and the
+/// tree runs between attempts (a program accepts a waiting connection in
+/// microseconds once it runs). The last refusal if it never stops.
+pub fn when_not_busy<T>(within: Duration, mut attempt: impl FnMut() -> Result<T>) -> Result<T> {
+    let until = Instant::now() + within;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match attempt() {
+            Err(Error::Busy(_)) if Instant::now() + pause < until => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub fn checkpoint(opts: &CheckpointOptions) -> Result<CheckpointReport> {
     checkpoint_with(opts, Extras::new())
 }

@@ -81,6 +81,10 @@ impl From<Copy> for CopyChoice {
     }
 }
 
+/// How long a checkpoint is tried again while the program has connections
+/// waiting to be accepted.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
+
 pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
     rrc_container::probe::require_root("rrc checkpoint")?;
     if let Some(every) = a.every {
@@ -88,13 +92,14 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
     }
     let (report, what) = match (a.pid, &a.name) {
         (Some(pid), _) => {
-            let r = take_checkpoint(&CheckpointOptions {
+            let opts = CheckpointOptions {
                 root: Pid::from_raw(pid),
                 images: &a.images,
                 leave_running: a.leave_running,
                 annotations: Default::default(),
-            })
-            .with_context(|| format!("checkpoint of process {pid}"))?;
+            };
+            let r = rrc_ckpt::dump::when_not_busy(BUSY_WAIT, || take_checkpoint(&opts))
+                .with_context(|| format!("checkpoint of process {pid}"))?;
             (r, format!("process {pid}"))
         }
         (None, Some(name)) => {
