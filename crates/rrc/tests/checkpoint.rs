@@ -784,15 +784,19 @@ fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
     let mut waiting = TcpStream::connect(&addr).unwrap();
     waiting.write_all(b"PING\r\n").unwrap();
     let images = scratch("unaccepted").join("images");
-    let out = rrc(&[
-        "checkpoint",
-        "--pid",
-        &server.0.id().to_string(),
-        "--images",
-        images.to_str().unwrap(),
-        "--leave-running",
-    ]);
-    let out = out.fails_with("not yet accepted");
+    let pid = server.0.id().to_string();
+    let checkpoint = || {
+        let _ = std::fs::remove_dir_all(&images);
+        rrc(&[
+            "checkpoint",
+            "--pid",
+            &pid,
+            "--images",
+            images.to_str().unwrap(),
+            "--leave-running",
+        ])
+    };
+    let out = checkpoint().fails_with("not yet accepted");
     assert!(!out.stderr.contains("epoll watches"), "{out:?}");
     waiting
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -808,16 +812,7 @@ fn a_connection_not_yet_accepted_is_refused_alone_and_the_server_goes_on() {
     std::thread::sleep(Duration::from_millis(100));
     let mut late = TcpStream::connect(&addr).unwrap();
     late.write_all(b"PING\r\n").unwrap();
-    let _ = std::fs::remove_dir_all(&images);
-    rrc(&[
-        "checkpoint",
-        "--pid",
-        &server.0.id().to_string(),
-        "--images",
-        images.to_str().unwrap(),
-        "--leave-running",
-    ])
-    .ok();
+    checkpoint().ok();
     late.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     late.read_exact(&mut reply).unwrap();
