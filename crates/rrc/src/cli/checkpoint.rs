@@ -296,7 +296,9 @@ fn tree_series(
             eprintln!("interrupted: ending the series");
             break;
         }
-        match inc.checkpoint_into(&dir) {
+        // Connections not yet accepted put a checkpoint off, within its
+        // interval (nothing is taken meanwhile).
+        match rrc_ckpt::dump::when_not_busy(every.min(BUSY_WAIT), || inc.checkpoint_into(&dir)) {
             Ok((report, applied)) => {
                 failures = 0;
                 stats.add(&EpochLine::of(&report, applied.as_ref()));
