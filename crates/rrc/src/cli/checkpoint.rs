@@ -296,9 +296,15 @@ fn tree_series(
             eprintln!("interrupted: ending the series");
             break;
         }
-        // Connections not yet accepted put a checkpoint off, within its
-        // interval (nothing is taken meanwhile).
-        match rrc_ckpt::dump::when_not_busy(every.min(BUSY_WAIT), || inc.checkpoint_into(&dir)) {
+        // Connections not yet accepted put a checkpoint off (nothing is
+        // taken meanwhile): the first as long as a single checkpoint, the
+        // others within their interval.
+        let wait = if stats.count == 0 {
+            BUSY_WAIT
+        } else {
+            every.min(BUSY_WAIT)
+        };
+        match rrc_ckpt::dump::when_not_busy(wait, || inc.checkpoint_into(&dir)) {
             Ok((report, applied)) => {
                 failures = 0;
                 stats.add(&EpochLine::of(&report, applied.as_ref()));
