@@ -128,8 +128,13 @@ fn describe(name: &ContainerName, report: &Report) -> String {
     let commit = r.last_commit_ms_ago.map_or("none yet".to_string(), |ms| {
         format!("{:.2} s ago", ms / 1e3)
     });
+    let deferred = if r.deferred > 0 {
+        format!(", {} put off for connections not yet accepted", r.deferred)
+    } else {
+        String::new()
+    };
     s += &format!(
-        "\n  last committed checkpoint {commit} ({} committed, {} failed); last pause {:.1} ms (max {:.1} ms)",
+        "\n  last committed checkpoint {commit} ({} committed, {} failed{deferred}); last pause {:.1} ms (max {:.1} ms)",
         r.committed,
         r.failed,
         r.last_pause_us as f64 / 1e3,
