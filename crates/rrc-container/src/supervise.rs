@@ -393,8 +393,9 @@ struct Series {
 /// How soon a checkpoint of a series refused for connections not yet
 /// accepted is tried again.
 const BUSY_RETRY: Duration = Duration::from_millis(10);
-/// How long a single checkpoint is tried again for them.
-const BUSY_WAIT: Duration = Duration::from_secs(2);
+/// How long a single checkpoint (`rrc checkpoint`) is tried again while
+/// the program has connections waiting to be accepted.
+pub const BUSY_WAIT: Duration = Duration::from_secs(2);
 
 /// A series ends after this many checkpoints failed in a row.
 const MAX_FAILURES_IN_A_ROW: u32 = 10;

@@ -178,6 +178,9 @@ impl Incremental {
                 // holds every write since the last checkpoint.
                 if !matches!(e, Error::Busy(_)) {
                     self.policy.abort();
+                    // A question it did not finish may have left answers
+                    // on its socket: the next checkpoint makes a new one.
+                    self.probe = None;
                 }
                 crate::common::remove_image_files(img.path());
                 return Err(e);

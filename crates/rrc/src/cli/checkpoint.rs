@@ -9,6 +9,7 @@ use clap::Args;
 use nix::unistd::Pid;
 use rrc_ckpt::dump::{CheckpointOptions, checkpoint as take_checkpoint};
 use rrc_container::control::{self, CopyChoice, EpochLine, Request, Response};
+use rrc_container::supervise::BUSY_WAIT;
 use rrc_container::{ContainerName, HostState, Status};
 
 /// Checkpoint a container (by name) or any process tree (--pid) into an
@@ -80,10 +81,6 @@ impl From<Copy> for CopyChoice {
         }
     }
 }
-
-/// How long a checkpoint is tried again while the program has connections
-/// waiting to be accepted.
-const BUSY_WAIT: Duration = Duration::from_secs(2);
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
     rrc_container::probe::require_root("rrc checkpoint")?;
