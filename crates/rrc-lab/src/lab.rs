@@ -290,9 +290,9 @@ impl Lab {
     }
 
     /// Removes the lab completely: every process on its hosts, its
-    /// namespaces, cgroups, state and containers' private roots. Works from whatever is left of a lab
-    /// whose creation or removal was interrupted. Returns false if there was
-    /// no such lab.
+    /// namespaces, cgroups, state and containers' private roots. Works from
+    /// whatever is left of a lab whose creation or removal was interrupted.
+    /// Returns false if there was no such lab.
     pub fn down(name: &LabName) -> Result<bool> {
         rrc_container::probe::require_root("rrc lab")?;
         let _lock = record::lock(name)?;
