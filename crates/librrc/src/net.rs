@@ -95,6 +95,14 @@ pub fn set_virtual(fd: c_int, on: bool) {
     }
 }
 
+/// No descriptor is virtual any more: the program runs live and records
+/// again (a later replay names its own).
+pub fn forget_virtual() {
+    for word in &VIRTUAL {
+        word.store(0, Ordering::Release);
+    }
+}
+
 /// In replay, a thread off its log reading replayed connection `fd`: the
 /// log knows of no more input on it, and what the socket itself holds is
 /// what the checkpoint saved, which the log has served already. So there

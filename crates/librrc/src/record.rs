@@ -41,6 +41,10 @@ static RING_FD: AtomicI32 = AtomicI32::new(-1);
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 
 struct ThreadLog {
+    /// The set its producer is of: after a takeover that gave the program
+    /// new rings, a thread still holding one of the old set's attaches
+    /// afresh.
+    set: *const RingSet,
     producer: Option<Producer<'static>>,
     slot: usize,
     /// The batch being filled, in a buffer mapped with a raw mmap (hooks
@@ -58,6 +62,7 @@ thread_local! {
     // thread's end is handled by `thread_exit`.
     static LOG: UnsafeCell<ManuallyDrop<ThreadLog>> = const {
         UnsafeCell::new(ManuallyDrop::new(ThreadLog {
+            set: std::ptr::null(),
             producer: None,
             slot: 0,
             writer: None,
@@ -75,6 +80,14 @@ fn with_log<R>(f: impl FnOnce(&'static RingSet, &mut ThreadLog) -> R) -> Option<
         // SAFETY: only this thread touches its ThreadLog, and never
         // re-entrantly: callers hold `thread::Inside`.
         let log = unsafe { &mut **cell.get() };
+        if !std::ptr::eq(log.set, set) {
+            // Rings of an earlier recording (restored with the thread):
+            // nobody drains them.
+            log.writer = None;
+            log.producer = None;
+            log.ended = false;
+            log.set = set;
+        }
         f(set, log)
     })
     .ok()
@@ -126,12 +139,64 @@ pub fn ring_fd() -> i32 {
     RING_FD.load(Ordering::Relaxed)
 }
 
+/// Whether the rings say this copy is to replay (a copy restored from a
+/// checkpoint and marked so).
+pub fn replay_requested() -> bool {
+    let p = SET.load(Ordering::Acquire);
+    // SAFETY: sets are leaked Boxes, never freed.
+    !p.is_null() && unsafe { &*p }.marked() == Some(CopyMark::Replay)
+}
+
+/// A takeover goes live with its replication in responsive mode: from now
+/// on the program records into the ring set at `fd` (put at the rings'
+/// descriptor number, where the next replay's configuration will be put
+/// in turn), numbering on from the replayed log. Called while the
+/// program's other threads are parked; one that was on its way into a
+/// wrapper may make one call unrecorded, which no replay needs (the next
+/// checkpoint is taken after this). Err: the errno of what failed.
+pub fn resume(fd: libc::c_int) -> Result<(), libc::c_int> {
+    let at = RING_FD.load(Ordering::Relaxed);
+    if at < 0 {
+        return Err(libc::EBADF);
+    }
+    // Without close-on-exec, as the first rings were passed.
+    // SAFETY: dup3 of a descriptor received for this onto the rings'
+    // number, which holds the replay's configuration (read already).
+    if unsafe { libc::syscall(libc::SYS_dup3, fd, at, 0) } < 0 {
+        return Err(std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO));
+    }
+    // SAFETY: the number now holds the new rings and nothing else in the
+    // program uses it.
+    let owned = unsafe { OwnedFd::from_raw_fd(at) };
+    let set = RingSet::from_fd_near(owned, 0).map_err(|_| libc::EINVAL)?;
+    let last_replayed = crate::replay::end();
+    let old = SET.load(Ordering::Acquire);
+    let (last_seq, last_id) = if old.is_null() {
+        (0, NEXT_ID.load(Ordering::Relaxed).saturating_sub(1))
+    } else {
+        // SAFETY: sets are leaked Boxes, never freed.
+        let old = unsafe { &*old };
+        (old.last_seq(), old.last_log_id())
+    };
+    set.continue_from(last_seq.max(last_replayed), last_id);
+    EAGER.store(set.eager(), Ordering::Relaxed);
+    // The old set stays mapped: a thread may still hold it. Published
+    // before the flags below, so that whoever sees them sees it.
+    SET.store(Box::into_raw(Box::new(set)), Ordering::Release);
+    crate::net::forget_virtual();
+    RECORDING.store(true, Ordering::Release);
+    REPLAYED_COPY.store(false, Ordering::Release);
+    Ok(())
+}
+
 fn set() -> Option<&'static RingSet> {
     if !RECORDING.load(Ordering::Acquire) {
         return None;
     }
     let p = SET.load(Ordering::Acquire);
-    // SAFETY: set once in `init` from a leaked Box, never freed.
+    // SAFETY: sets are leaked Boxes (`init`, `resume`), never freed.
     (!p.is_null()).then(|| unsafe { &*p })
 }
 
@@ -147,7 +212,7 @@ pub fn tid_of_log(id: u32) -> Option<i32> {
     if p.is_null() {
         return None;
     }
-    // SAFETY: set once in `init` from a leaked Box, never freed.
+    // SAFETY: sets are leaked Boxes (`init`, `resume`), never freed.
     let set = unsafe { &*p };
     (0..set.slot_count()).find_map(|i| {
         let s = set.slot(i).ok()?;
@@ -161,7 +226,7 @@ pub fn next_log_id() -> u32 {
     if p.is_null() {
         return NEXT_ID.fetch_add(1, Ordering::Relaxed);
     }
-    // SAFETY: set once in `init` from a leaked Box, never freed.
+    // SAFETY: sets are leaked Boxes (`init`, `resume`), never freed.
     unsafe { &*p }.next_log_id()
 }
 
@@ -335,6 +400,7 @@ fn grow(log: &mut ThreadLog, cap: usize) -> bool {
 
 /// Gives this thread its log id (if it has none), a ring and a batch.
 fn attach(set: &'static RingSet, log: &mut ThreadLog) {
+    log.set = set;
     if thread::log_id() == 0 {
         // Not created through pthread_create: numbered when first seen.
         thread::set_log_id(next_log_id());

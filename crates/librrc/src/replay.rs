@@ -77,6 +77,9 @@ static STARTED_NS: AtomicU64 = AtomicU64::new(0);
 static LAST_TAKEN: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
 
 struct Cursor {
+    /// The replay ([`GENERATION`]) this cursor belongs to: a copy restored
+    /// after a takeover carries its threads' cursors of the replay before.
+    generation: u32,
     started: bool,
     /// This thread left the log (it ended or diverged).
     live: bool,
@@ -87,6 +90,7 @@ struct Cursor {
 thread_local! {
     static CURSOR: UnsafeCell<ManuallyDrop<Cursor>> = const {
         UnsafeCell::new(ManuallyDrop::new(Cursor {
+            generation: 0,
             started: false,
             live: false,
             rest: &[],
@@ -112,6 +116,26 @@ pub fn init_from_fd(fd: i32) -> bool {
 
 /// 0: recording; 1: a thread is loading the replay; 2: replaying.
 static SWITCH: AtomicU32 = AtomicU32::new(0);
+/// Counts the replays started in this process (a program taken over by
+/// replay, then recorded again, is replayed again at the next takeover).
+static GENERATION: AtomicU32 = AtomicU32::new(0);
+
+impl Cursor {
+    /// This cursor, made afresh if it belongs to an earlier replay.
+    fn current(&mut self) -> &mut Cursor {
+        let generation = GENERATION.load(Ordering::Acquire);
+        if self.generation != generation {
+            *self = Cursor {
+                generation,
+                started: false,
+                live: false,
+                rest: &[],
+                batch: None,
+            };
+        }
+        self
+    }
+}
 
 /// The program was restored from a checkpoint taken while it was recorded,
 /// and `rrc replay` marked it for replay: the first thread to notice loads
@@ -119,33 +143,58 @@ static SWITCH: AtomicU32 = AtomicU32::new(0);
 /// others wait for it. True if the calling thread is to take its call from
 /// the log (false once its log has ended).
 pub fn switch_in() -> bool {
-    if SWITCH
-        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-    {
-        let fd = crate::record::ring_fd();
-        match read_config(fd) {
-            Some(cfg) => start(cfg),
-            None => crate::fatal(
-                b"librrc: restored for replay, but there is no replay configuration at the rings' descriptor\n",
-            ),
-        }
-        SWITCH.store(2, Ordering::Release);
-    } else {
-        while SWITCH.load(Ordering::Acquire) != 2 {
-            // SAFETY: sched_yield has no arguments.
-            unsafe { libc::syscall(libc::SYS_sched_yield) };
+    loop {
+        match SWITCH.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                if !crate::record::replay_requested() {
+                    // The program records into new rings since the
+                    // replay before went live ([`end`]): this thread saw
+                    // the old state on its way in. Its call stands.
+                    SWITCH.store(0, Ordering::Release);
+                    return false;
+                }
+                let fd = crate::record::ring_fd();
+                match read_config(fd) {
+                    Some(cfg) => start(cfg),
+                    None => crate::fatal(
+                        b"librrc: restored for replay, but there is no replay configuration at the rings' descriptor\n",
+                    ),
+                }
+                SWITCH.store(2, Ordering::Release);
+                break;
+            }
+            Err(1) => {
+                // SAFETY: sched_yield has no arguments.
+                unsafe { libc::syscall(libc::SYS_sched_yield) };
+            }
+            Err(0) => {}
+            Err(_) => break,
         }
     }
     !thread_live()
+}
+
+/// The takeover this replay was for went live with new rings: the program
+/// records again, and the next replay (of a checkpoint taken from now on)
+/// is loaded afresh. Returns the last sequence number of the log
+/// replayed. Called once, while the program's threads are parked; the
+/// replay's memory stays (a thread may still be on its way out of it).
+pub fn end() -> u64 {
+    let p = REPLAY.swap(std::ptr::null_mut(), Ordering::AcqRel);
+    SWITCH.store(0, Ordering::Release);
+    if p.is_null() {
+        return 0;
+    }
+    // SAFETY: set in `start` from a leaked Box, never freed.
+    unsafe { &*p }.seqs.last().copied().unwrap_or(0)
 }
 
 /// Whether this thread's log is behind it (ended or left).
 fn thread_live() -> bool {
     CURSOR
         .try_with(|cell| {
-            // SAFETY: only this thread touches its cursor; a read.
-            let c: &Cursor = unsafe { &*cell.get() };
+            // SAFETY: only this thread touches its cursor.
+            let c = unsafe { &mut *cell.get() }.current();
             c.live
         })
         .unwrap_or(true)
@@ -199,6 +248,16 @@ fn start(cfg: ReplayConfig) {
         r.seqs.partition_point(|s| *s < r.from) as u32,
         Ordering::Release,
     );
+    // What an earlier replay of this process left (it was taken over,
+    // then recorded again) starts over.
+    ORDER_BROKEN.store(false, Ordering::Release);
+    REPLAYED.store(0, Ordering::Relaxed);
+    DIVERGED.store(0, Ordering::Relaxed);
+    INJECTED.store(false, Ordering::Relaxed);
+    for slot in &LAST_TAKEN {
+        slot.store(0, Ordering::Relaxed);
+    }
+    GENERATION.fetch_add(1, Ordering::AcqRel);
     STARTED_NS.store(crate::record::now_ns(), Ordering::Relaxed);
     LAST_NS.store(crate::record::now_ns(), Ordering::Relaxed);
     REPLAY.store(Box::into_raw(Box::new(r)), Ordering::Release);
@@ -399,7 +458,7 @@ fn next_turn(call: &'static str, expected: &dyn Fn(&Event<'static>) -> bool) -> 
         .try_with(|cell| {
             // SAFETY: only this thread touches its cursor, never
             // re-entrantly (we hold `Inside`).
-            let c = unsafe { &mut **cell.get() };
+            let c = unsafe { &mut *cell.get() }.current();
             if c.live {
                 return None;
             }
@@ -458,7 +517,7 @@ pub fn unsupported(call: &'static str) {
     };
     let _ = CURSOR.try_with(|cell| {
         // SAFETY: as in `take`.
-        let c = unsafe { &mut **cell.get() };
+        let c = unsafe { &mut *cell.get() }.current();
         if c.live {
             return;
         }

@@ -151,8 +151,19 @@ fn send_pending(sock: c_int) -> Option<Vec<&'static Pending>> {
 /// when the log ends or a thread diverges).
 const PARK_NS: i64 = 20_000_000;
 
-/// Sets the takeover socket (from the replay configuration).
+/// Sets the takeover socket (from the replay configuration), and starts
+/// the exchange's state afresh (a program taken over once, recorded again
+/// and restored from a later checkpoint carries the state of the first).
 pub fn configure(path: Option<&std::path::Path>) {
+    RELEASED.store(0, Ordering::Release);
+    CLAIMED.store(false, Ordering::Release);
+    DIVERGED.store(false, Ordering::Release);
+    for slot in &PENDING {
+        slot.fd.store(-1, Ordering::Relaxed);
+        slot.parked.store(false, Ordering::Relaxed);
+        slot.absorbed.store(false, Ordering::Relaxed);
+    }
+    PATH.store(std::ptr::null_mut(), Ordering::Release);
     let Some(p) = path else {
         return;
     };
@@ -372,6 +383,7 @@ fn hand_over(diverged: bool) -> bool {
     let mut lines: Vec<u8> = Vec::new();
     let mut fds: std::collections::VecDeque<c_int> = std::collections::VecDeque::new();
     let mut installed = 0u32;
+    let mut rings: Option<Fd> = None;
     loop {
         while let Some(nl) = lines.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = lines.drain(..=nl).collect();
@@ -399,7 +411,29 @@ fn hand_over(diverged: bool) -> bool {
                         installed += 1;
                     }
                 }
+                Some(TakeoverLine::Rings) => {
+                    let Some(fd) = fds.pop_front() else {
+                        crate::say(&[
+                            b"rrc takeover: the rings line came without its descriptor\n",
+                        ]);
+                        return false;
+                    };
+                    rings = Some(Fd(fd));
+                }
                 Some(TakeoverLine::Go) => {
+                    if let Some(r) = rings.take()
+                        && let Err(e) = crate::record::resume(r.0)
+                    {
+                        let _ = send_all(
+                            sock.0,
+                            &TakeoverLine::Failed {
+                                fd: crate::record::ring_fd(),
+                                errno: e,
+                            }
+                            .encode(),
+                        );
+                        return false;
+                    }
                     // What the parked writers are writing is in the
                     // rebuilt connections: their writes are done.
                     for slot in &pending {

@@ -833,6 +833,7 @@ pub fn restore_as_container(
         Launch::new(Source::Image(spec)),
         protect,
         Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        None,
     )?;
     crate::takeover::run_restored(launch)
 }

@@ -6,13 +6,18 @@
 //! the service is protected again, with neither the service nor its
 //! connections restarted.
 //!
-//! The program runs unrecorded after a takeover, so the new primary
-//! replicates in checkpoint-only mode (replies wait for commits). It
-//! serves under the term the backup won, so a later claim by its own
-//! backup starts from there. Its replication starts only once the service
-//! is live: a takeover by replay must not be checkpointed half-way.
+//! After a takeover by replay the program records again, into rings rrc
+//! hands it as it goes live, so the new primary replicates in responsive
+//! mode as the old one did (replies leave once the new backup has the log
+//! that made them). After a takeover from a checkpoint alone (the
+//! fallback, or a primary in checkpoint mode) the program runs
+//! unrecorded, and the new primary replicates in checkpoint-only mode
+//! (replies wait for commits). It serves under the term the backup won, so
+//! a later claim by its own backup starts from there. Its replication
+//! starts only once the service is live: a takeover by replay must not be
+//! checkpointed half-way.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,8 +31,17 @@ use rrc_container::supervise::Companion;
 use rrc_wire::Key;
 
 use crate::arbitration::Arbitration;
+use crate::gate::Release;
 use crate::link::LinkConfig;
 use crate::primary::{PrimaryOptions, Replication};
+
+/// A program taken over by replay that records again: the rings it takes
+/// as it goes live, and the service address whose frames are logged.
+#[derive(Clone, Copy)]
+pub struct Recorded {
+    pub rings: &'static rrc_rr::ring::RingSet,
+    pub service: Ipv4Addr,
+}
 
 /// How often a replication waiting for the service to go live looks.
 const LIVE_POLL: Duration = Duration::from_millis(20);
@@ -57,11 +71,13 @@ pub struct Protect {
 
 impl Protect {
     /// `launch` with the replication: its gate, and its companion, which
-    /// starts once `live` is set.
+    /// starts once `live` is set. In responsive mode if the program
+    /// records again (`recorded`).
     pub fn attach<'a>(
         &self,
         launch: Launch<'a>,
         live: Arc<AtomicBool>,
+        recorded: Option<Recorded>,
     ) -> std::io::Result<Launch<'a>> {
         let opts = PrimaryOptions {
             epoch: self.epoch,
@@ -81,11 +97,17 @@ impl Protect {
             metrics: self.metrics.as_ref().map(|l| l.try_clone()).transpose()?,
             takeovers: 1,
         };
-        let repl = Replication::checkpoint_only(opts)?;
+        let (repl, mode) = match recorded {
+            Some(r) => (
+                Replication::responsive(opts, r.rings, r.service, Release::LogAck)?,
+                "responsive",
+            ),
+            None => (Replication::checkpoint_only(opts)?, "checkpoint"),
+        };
         let gate = repl.gate();
         Ok(launch
             .gate(gate)
-            .companion(when_live(repl.companion(), live)))
+            .companion(when_live(repl.companion(), live, mode)))
     }
 }
 
@@ -184,11 +206,16 @@ impl ProtectJob {
 }
 
 /// A companion made by `make` once `live` is set (before, it only waits).
-fn when_live(make: MakeCompanion<'static>, live: Arc<AtomicBool>) -> MakeCompanion<'static> {
+fn when_live(
+    make: MakeCompanion<'static>,
+    live: Arc<AtomicBool>,
+    mode: &'static str,
+) -> MakeCompanion<'static> {
     Box::new(move |_c: &Container| {
         Ok(Box::new(WhenLive {
             make: Some(make),
             live,
+            mode,
             inner: None,
         }) as Box<dyn Companion>)
     })
@@ -197,6 +224,7 @@ fn when_live(make: MakeCompanion<'static>, live: Arc<AtomicBool>) -> MakeCompani
 struct WhenLive {
     make: Option<MakeCompanion<'static>>,
     live: Arc<AtomicBool>,
+    mode: &'static str,
     inner: Option<Box<dyn Companion>>,
 }
 
@@ -223,7 +251,8 @@ impl Companion for WhenLive {
             match make(container) {
                 Ok(c) => {
                     eprintln!(
-                        "rrc: the service is live: replicating it (checkpoint mode) to protect it again"
+                        "rrc: the service is live: replicating it ({} mode) to protect it again",
+                        self.mode
                     );
                     self.inner = Some(c);
                 }

@@ -22,7 +22,7 @@
 //! their next segment), and says so loudly.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,12 +35,14 @@ use rrc_container::launch::{Launch, Launched, Source};
 use rrc_container::restore::RestoreSpec;
 use rrc_container::supervise::Companion;
 use rrc_rr::interface::{TAKEOVER_BATCH, TAKEOVER_LINE_MAX, TakeoverLine, parse_capture};
+use rrc_rr::ring::RingSet;
+use rrc_session::recording::{RecordingAnnotation, Rings};
 use rrc_session::replay::{ReplayOptions, prepare};
 use serde::{Deserialize, Serialize};
 
 use crate::backup::LogWritten;
 use crate::rebuild::{HostTcp, Plan, active_since, log_uses, plan};
-use crate::reprotect::Protect;
+use crate::reprotect::{Protect, Recorded};
 
 /// Set (to anything) in the backup's environment: the replay counts its
 /// first record as a divergence, so that tests can prove the fallback.
@@ -158,7 +160,31 @@ pub fn by_replay(
             .iter()
             .filter_map(|d| d.canonicalize().ok()),
     );
+    // The service is to be replicated again: in responsive mode, as
+    // before, once it is live (the program takes new rings at the end of
+    // the exchange).
+    let service = spec.net.as_ref().map(|n| n.addr.addr());
+    let rings = match (protect, service) {
+        (Some(_), Some(service)) => {
+            let ring_fd = RecordingAnnotation::read(image)
+                .map_err(|e| e.to_string())?
+                .ok_or("the checkpoint is not of a recorded program")?
+                .ring_fd;
+            let rings = Rings::for_restored(ring_fd).map_err(|e| e.to_string())?;
+            Some((rings, service))
+        }
+        _ => None,
+    };
+    let mut launch = Launch::new(Source::Image(spec)).hold_network(true);
+    if let Some((r, _)) = &rings {
+        launch = r.into_launch(launch);
+    }
+    let recorded = rings.map(|(r, service)| Recorded {
+        rings: r.leak().0,
+        service,
+    });
     let finisher = Finisher {
+        rings: recorded.map(|r| r.rings),
         listener,
         inputs: Inputs {
             image: image.to_path_buf(),
@@ -174,14 +200,12 @@ pub fn by_replay(
     };
     let live = finisher.live.clone();
     let t0 = Instant::now();
-    let launch = Launch::new(Source::Image(spec))
-        .hold_network(true)
-        .companion(Box::new(move |_c: &Container| {
-            let mut f = finisher;
-            f.started = Instant::now();
-            Ok(Box::new(f) as Box<dyn Companion>)
-        }));
-    let said = run_restored(protected(launch, protect, live)?)?;
+    let launch = launch.companion(Box::new(move |_c: &Container| {
+        let mut f = finisher;
+        f.started = Instant::now();
+        Ok(Box::new(f) as Box<dyn Companion>)
+    }));
+    let said = run_restored(protected(launch, protect, live, recorded)?)?;
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
     drop(prepared);
     let mut outcome = wait_report(&paths.report, REPLAY_LIMIT + EXCHANGE_LIMIT * 2);
@@ -191,15 +215,17 @@ pub fn by_replay(
 }
 
 /// `launch` with the replication that protects it again (if asked for),
-/// started once `live` is set.
+/// started once `live` is set: in responsive mode if the program records
+/// again (`recorded`), else in checkpoint mode.
 pub(crate) fn protected<'a>(
     launch: Launch<'a>,
     protect: Option<&Protect>,
     live: Arc<AtomicBool>,
+    recorded: Option<Recorded>,
 ) -> Result<Launch<'a>, String> {
     match protect {
         Some(p) => p
-            .attach(launch, live)
+            .attach(launch, live, recorded)
             .map_err(|e| format!("setting up the replication of the restored service: {e}")),
         None => Ok(launch),
     }
@@ -260,6 +286,7 @@ pub fn from_checkpoint(
         Launch::new(Source::Image(spec)),
         protect,
         Arc::new(AtomicBool::new(true)),
+        None,
     )?;
     let restored = run_restored(launch)?;
     Ok(Fallback {
@@ -377,6 +404,9 @@ struct Finisher {
     done: bool,
     /// Set once the service is live (what protects it again may start).
     live: Arc<AtomicBool>,
+    /// What the program records into once live, when it is to be
+    /// replicated again in responsive mode.
+    rings: Option<&'static RingSet>,
 }
 
 impl Finisher {
@@ -431,7 +461,11 @@ impl Finisher {
             .chunks(TAKEOVER_BATCH)
             .zip(fds.chunks(TAKEOVER_BATCH))
         {
-            send_install(&s, t, f)?;
+            let f: Vec<BorrowedFd<'_>> = f.iter().map(|f| f.as_fd()).collect();
+            send_with_fds(&s, &TakeoverLine::Install(t.to_vec()), &f)?;
+        }
+        if let Some(rings) = self.rings {
+            send_with_fds(&s, &TakeoverLine::Rings, &[rings.fd()])?;
         }
         s.write_all(&TakeoverLine::Go.encode())
             .map_err(|e| format!("telling librrc to go: {e}"))?;
@@ -544,10 +578,15 @@ fn read_more(s: &mut UnixStream, pending: &mut Vec<u8>) -> Result<(), String> {
     }
 }
 
-/// One `install` line with its connections attached.
-fn send_install(s: &UnixStream, targets: &[i32], fds: &[OwnedFd]) -> Result<(), String> {
+/// One line with descriptors attached: an `install` line with its
+/// connections, or the `rings` line with the new rings.
+fn send_with_fds(
+    s: &UnixStream,
+    line: &TakeoverLine,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), String> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    let line = TakeoverLine::Install(targets.to_vec()).encode();
+    let line = line.encode();
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let mut sent = sendmsg::<()>(

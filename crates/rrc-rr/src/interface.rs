@@ -58,11 +58,16 @@
 //!    descriptors attached (`SCM_RIGHTS`, at most [`TAKEOVER_BATCH`]): the
 //!    rebuilt connections, to be put at those numbers in place of what is
 //!    there (keeping its status flags, close-on-exec, socket options and
-//!    epoll registrations); then `go`, or at any point `abort`;
+//!    epoll registrations); then, if the service is to be replicated again
+//!    in responsive mode, `rings` with one descriptor attached: a new ring
+//!    set, which librrc puts at the rings' descriptor number ([`FD_ENV`])
+//!    and records into from the moment the program runs live; then `go`,
+//!    or at any point `abort`;
 //! 3. librrc: `installed N` once all are in place (the parked threads then
 //!    run live, each pending write done: its bytes are in the rebuilt
-//!    connection), or `failed FD ERRNO` (they stay parked; rrc falls
-//!    back).
+//!    connection, and recording into the new rings if there are some), or
+//!    `failed FD ERRNO` (they stay parked; rrc falls back; FD is the
+//!    rings' number if they are what failed).
 //!
 //! # Capture file
 //!
@@ -377,6 +382,9 @@ pub enum TakeoverLine {
     Diverged,
     /// rrc: put the attached descriptors at these numbers.
     Install(Vec<i32>),
+    /// rrc: record into the ring set attached (one descriptor) once
+    /// live, at the rings' descriptor number.
+    Rings,
     /// rrc: nothing more to install; run live.
     Go,
     /// rrc: the takeover does not go on with this copy.
@@ -401,6 +409,7 @@ impl TakeoverLine {
                 }
                 t
             }
+            TakeoverLine::Rings => "rings".to_string(),
             TakeoverLine::Go => "go".to_string(),
             TakeoverLine::Abort => "abort".to_string(),
             TakeoverLine::Installed(n) => format!("installed {n}"),
@@ -421,6 +430,7 @@ impl TakeoverLine {
         let line = match words.next()? {
             "end" => TakeoverLine::End,
             "diverged" => TakeoverLine::Diverged,
+            "rings" => TakeoverLine::Rings,
             "go" => TakeoverLine::Go,
             "abort" => TakeoverLine::Abort,
             "install" => {
@@ -455,7 +465,11 @@ impl TakeoverLine {
         };
         // Words after a line that takes none.
         match line {
-            TakeoverLine::End | TakeoverLine::Diverged | TakeoverLine::Go | TakeoverLine::Abort
+            TakeoverLine::End
+            | TakeoverLine::Diverged
+            | TakeoverLine::Rings
+            | TakeoverLine::Go
+            | TakeoverLine::Abort
                 if words.next().is_some() =>
             {
                 None
@@ -700,6 +714,7 @@ mod tests {
             TakeoverLine::End,
             TakeoverLine::Diverged,
             TakeoverLine::Install(vec![5, 7, 1000]),
+            TakeoverLine::Rings,
             TakeoverLine::Go,
             TakeoverLine::Abort,
             TakeoverLine::Installed(3),

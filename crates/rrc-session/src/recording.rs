@@ -132,8 +132,11 @@ pub fn check_recordable(program: &Path) -> Result<()> {
 /// to find them.
 pub struct Rings {
     set: RingSet,
-    /// The set's descriptor as the program gets it (not close-on-exec).
-    child_fd: OwnedFd,
+    /// The set's descriptor as the program gets it (not close-on-exec),
+    /// for a program about to start.
+    child_fd: Option<OwnedFd>,
+    /// The number the program has the rings at.
+    ring_fd: i32,
     /// What the program's environment gets on top of rrc's.
     env: Vec<(OsString, OsString)>,
 }
@@ -162,7 +165,25 @@ impl Rings {
                 interface::fd_env_value(child_fd.as_raw_fd()).into(),
             ),
         ];
-        Ok(Rings { set, child_fd, env })
+        Ok(Rings {
+            set,
+            ring_fd: child_fd.as_raw_fd(),
+            child_fd: Some(child_fd),
+            env,
+        })
+    }
+
+    /// Rings for a program restored from a checkpoint of its recording,
+    /// which takes them (at `ring_fd`, the number its first rings had)
+    /// when a takeover by replay goes live: from then on it is recorded
+    /// for replication again. Always eager.
+    pub fn for_restored(ring_fd: i32) -> Result<Rings> {
+        Ok(Rings {
+            set: RingSet::create_with(SLOTS, RING_BYTES, EAGER)?,
+            child_fd: None,
+            ring_fd,
+            env: Vec::new(),
+        })
     }
 
     /// What the program's environment needs for librrc to record it.
@@ -172,7 +193,7 @@ impl Rings {
 
     /// The descriptor the rings have in the program.
     pub fn child_fd(&self) -> i32 {
-        self.child_fd.as_raw_fd()
+        self.ring_fd
     }
 
     /// What the container's launch needs for the recording: its
@@ -360,11 +381,16 @@ impl Recording {
     }
 
     fn start(self) -> Result<Box<dyn Companion>> {
-        let Rings { set, child_fd, env } = self.rings;
+        let Rings {
+            set,
+            child_fd,
+            ring_fd,
+            env,
+        } = self.rings;
         // Its environment exactly, in order (the one the container gave
         // it).
         let environ = rrc_container::create::environment(&env)?;
-        RecordingDir::write_info(&self.dir, child_fd.as_raw_fd(), Some(&environ))?;
+        RecordingDir::write_info(&self.dir, ring_fd, Some(&environ))?;
         // The program has its copy now.
         drop(child_fd);
         // A second view of the set, for librrc's count of what went

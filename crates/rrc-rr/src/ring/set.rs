@@ -424,6 +424,22 @@ impl RingSet {
         (self.header().last_log_id.fetch_add(1, Ordering::AcqRel) + 1) as u32
     }
 
+    /// The last thread log id handed out so far (0: none).
+    pub fn last_log_id(&self) -> u32 {
+        self.header().last_log_id.load(Ordering::Acquire) as u32
+    }
+
+    /// Makes this set number on from where another recording of the same
+    /// program stopped (a takeover gives the program new rings): sequence
+    /// numbers after `last_seq`, log ids after `last_log_id`, so that the
+    /// threads' ids stay unique. The counters only ever go up.
+    pub fn continue_from(&self, last_seq: u64, last_log_id: u32) {
+        let h = self.header();
+        h.last_seq.fetch_max(last_seq & !MARKS, Ordering::AcqRel);
+        h.last_log_id
+            .fetch_max(u64::from(last_log_id), Ordering::AcqRel);
+    }
+
     /// The flags the creator set (see [`EAGER`]).
     pub fn flags(&self) -> u32 {
         self.header().flags.load(Ordering::Relaxed)
@@ -607,6 +623,31 @@ mod tests {
         file.write_all_at(&page, 0).unwrap();
         assert_eq!(set.next_seq(), Err(CopyMark::Replay));
         assert_eq!(set.next_seq(), Err(CopyMark::Replay));
+    }
+
+    #[test]
+    fn new_rings_number_on_from_a_marked_recording() {
+        let old = RingSet::create(1, 4096).unwrap();
+        for _ in 0..5 {
+            old.next_seq().unwrap();
+        }
+        old.next_log_id();
+        old.next_log_id();
+        // A restored copy's set, marked for replay, still counts refusals.
+        let file = std::fs::File::from(nix::unistd::dup(old.fd()).unwrap());
+        let mut page = vec![0u8; PAGE];
+        file.read_exact_at(&mut page, 0).unwrap();
+        request_replay(&mut page).unwrap();
+        file.write_all_at(&page, 0).unwrap();
+        assert!(old.next_seq().is_err());
+        let new = RingSet::create(1, 4096).unwrap();
+        new.continue_from(old.last_seq(), old.last_log_id());
+        assert_eq!(new.next_seq(), Ok(7));
+        assert_eq!(new.next_log_id(), 3);
+        assert!(new.marked().is_none());
+        // Never backwards.
+        new.continue_from(1, 1);
+        assert_eq!(new.next_seq(), Ok(8));
     }
 
     #[test]

@@ -186,7 +186,9 @@ enum ReleaseArg {
 /// the connections used after it (said as FALLBACK). It prints how long
 /// each step took and exits, leaving the container running under its own
 /// rrc process; with --then-protect-to that container replicates to a
-/// backup there once one starts (checkpoint mode), and is protected again.
+/// backup there once one starts, and is protected again (in responsive
+/// mode after a takeover by replay: the program records again; in
+/// checkpoint mode after a takeover from the checkpoint alone).
 /// A primary that stops cleanly is not failed over: the backup waits for
 /// the next one. Without --arbiter it needs --fence or --allow-split-brain.
 ///
@@ -233,8 +235,9 @@ pub struct BackupArgs {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
     /// After a takeover, keep the service protected: the restored
-    /// container becomes a primary (checkpoint mode: the program runs
-    /// unrecorded from then on) replicating to a backup at ADDR,
+    /// container becomes a primary (responsive mode after a takeover by
+    /// replay, checkpoint mode after one from the checkpoint alone)
+    /// replicating to a backup at ADDR,
     /// HOST[:PORT] (typically the old primary's host, once back). It runs
     /// unprotected until `rrc backup --listen ADDR` starts there, which
     /// gets a full checkpoint and protects it again; the service and its
