@@ -353,6 +353,11 @@ fn memory_private_anonymous_heap_stack_and_layout() {
 }
 
 #[test]
+fn private_memory_shared_copy_on_write_with_children_stays_shared() {
+    checkpoint_restore("mem_cow");
+}
+
+#[test]
 fn memory_shared_memfd_sysv_and_files() {
     checkpoint_restore("mem_shared");
 }

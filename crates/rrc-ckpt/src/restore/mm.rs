@@ -10,6 +10,7 @@ use nix::unistd::Pid;
 use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::PAGE_SIZE;
 use crate::remote::Batch;
+use crate::restore::cow;
 use crate::restore::files::{GhostDir, Ghosts};
 use crate::restore::sockets::Transport;
 use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
@@ -134,9 +135,13 @@ fn madvise_of(flag: &str) -> Option<i32> {
 }
 
 /// Replaces the address space of `t` (a skeleton) with `p`'s.
+/// `parent` is the process whose memory `t` holds, forked from it once it
+/// was in place (`None` for the root): areas it keeps from it stay shared
+/// copy-on-write.
 pub fn replace(
     t: &mut Tracee,
     p: &ProcessImage,
+    parent: Option<&ProcessImage>,
     ctx: &mut MemCtx,
     ghosts: &mut Ghosts,
 ) -> Result<()> {
@@ -158,14 +163,26 @@ pub fn replace(
             ],
         )?;
     }
-    // Everything of the skeleton but the scratch region goes.
-    t.call("munmap below scratch", libc::SYS_munmap, &[0, scratch])?;
-    let above = scratch + SCRATCH_SIZE;
-    t.call(
-        "munmap above scratch",
-        libc::SYS_munmap,
-        &[above, TASK_SIZE - above],
-    )?;
+    // Everything of the skeleton but the scratch region and the areas kept
+    // from the parent goes.
+    let kept = cow::inheritable(&p.vmas, parent.map(|q| q.vmas.as_slice()));
+    let mut unmap = Batch::new();
+    let gaps = cow::unmap_except(&kept, (scratch, scratch + SCRATCH_SIZE), TASK_SIZE);
+    for &(s, e) in &gaps {
+        unmap.push(libc::SYS_munmap, &[s, e - s]);
+    }
+    for (r, (s, e)) in t.batch(&unmap)?.into_iter().zip(&gaps) {
+        if r < 0 {
+            return Err(rerr(
+                pid,
+                "munmap",
+                format!(
+                    "{s:#x}-{e:#x}: {}",
+                    std::io::Error::from_raw_os_error(-r as i32)
+                ),
+            ));
+        }
+    }
 
     let vdso = image_vdso_group(&p.vmas);
     if !vdso.is_empty() {
@@ -191,8 +208,9 @@ pub fn replace(
     };
     let mut fix_prot = Vec::new();
     let mut batch = Batch::new();
-    // Which call of the batch maps which area.
-    let mut maps: Vec<(usize, &Vma)> = Vec::new();
+    // Which call of the batch maps (or, for a kept area, protects) which
+    // area, and what it returns.
+    let mut maps: Vec<(usize, &Vma, i64)> = Vec::new();
     for v in &p.vmas {
         let len = v.end - v.start;
         // Pages get written through a writable mapping first.
@@ -213,6 +231,15 @@ pub fn replace(
             }) as u64;
         match &v.kind {
             VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => continue,
+            VmaKind::Anon if kept.binary_search(&(v.start, v.end)).is_ok() => {
+                if map_prot != v.prot {
+                    maps.push((
+                        batch.push(nr::SYS_mprotect, &[v.start, len, u64::from(map_prot)]),
+                        v,
+                        0,
+                    ));
+                }
+            }
             VmaKind::Anon => {
                 let mut flags = fixed | libc::MAP_ANONYMOUS as u64;
                 if v.flags.iter().any(|f| f == "gd") {
@@ -224,6 +251,7 @@ pub fn replace(
                         &[v.start, len, u64::from(map_prot), flags, u64::MAX, 0],
                     ),
                     v,
+                    v.start as i64,
                 ));
             }
             VmaKind::File {
@@ -291,6 +319,7 @@ pub fn replace(
                         &[v.start, len, u64::from(map_prot), fixed, fd, *offset],
                     ),
                     v,
+                    v.start as i64,
                 ));
             }
             VmaKind::Shmem { id, offset } => {
@@ -313,8 +342,8 @@ pub fn replace(
         batch.push(nr::SYS_close, &[fd]);
     }
     let results = t.batch(&batch)?;
-    for (i, v) in maps {
-        if results.get(i) != Some(&(v.start as i64)) {
+    for (i, v, expected) in maps {
+        if results.get(i) != Some(&expected) {
             let r = results.get(i).copied().unwrap_or(0);
             return Err(rerr(
                 pid,
@@ -330,7 +359,7 @@ pub fn replace(
         }
     }
 
-    fill_memory(t, p, ctx.img)?;
+    fill_memory(t, p, ctx.img, parent.map(|q| (q, kept.as_slice())))?;
 
     let mut protect = Batch::new();
     for v in &fix_prot {
@@ -609,16 +638,37 @@ fn fill_through_mapping(
 /// where a write from outside would first fault it in cleared (about 40%
 /// slower in all). Other pages, and all of them where userfaultfd cannot
 /// be had, are written from outside.
-fn fill_memory(t: &mut Tracee, p: &ProcessImage, img: &ImageDir) -> Result<()> {
+///
+/// Areas kept from a parent (`inherited`: the parent and the areas) hold
+/// its pages already: only what differs is written there.
+fn fill_memory(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    img: &ImageDir,
+    inherited: Option<(&ProcessImage, &[(u64, u64)])>,
+) -> Result<()> {
     let pid = p.pid;
     let file = img.pages_file(pid);
-    // Mappings never touched since they were made: an mlock'ed one was
-    // faulted in already.
+    let pages = match inherited {
+        Some((parent, kept)) if !kept.is_empty() => {
+            let Split {
+                inside, outside, ..
+            } = split_runs(&p.pages, kept);
+            cow::fill(t, p, parent, img, kept, &inside)?;
+            outside
+        }
+        _ => p.pages.clone(),
+    };
+    // Mappings never touched since they were made (an mlock'ed one was
+    // faulted in already; a kept one is the parent's).
     let fillable: Vec<(u64, u64)> = p
         .vmas
         .iter()
         .filter(|v| {
-            matches!(v.kind, VmaKind::Anon) && !v.shared && !v.flags.iter().any(|f| f == "lo")
+            matches!(v.kind, VmaKind::Anon)
+                && !v.shared
+                && !v.flags.iter().any(|f| f == "lo")
+                && inherited.is_none_or(|(_, kept)| kept.binary_search(&(v.start, v.end)).is_err())
         })
         .map(|v| (v.start, v.end))
         .collect();
@@ -626,12 +676,12 @@ fn fill_memory(t: &mut Tracee, p: &ProcessImage, img: &ImageDir) -> Result<()> {
         inside,
         outside,
         used,
-    } = split_runs(&p.pages, &fillable);
+    } = split_runs(&pages, &fillable);
     if inside.is_empty() {
-        return write_pages(t.pid, &file, &p.pages, pid);
+        return write_pages(t.pid, &file, &pages, pid);
     }
     let Some(uffd) = take_userfaultfd(t)? else {
-        return write_pages(t.pid, &file, &p.pages, pid);
+        return write_pages(t.pid, &file, &pages, pid);
     };
     let used: Vec<(u64, u64)> = used.into_iter().map(|i| fillable[i]).collect();
     let fd = uffd.as_raw_fd();
@@ -655,7 +705,7 @@ fn fill_memory(t: &mut Tracee, p: &ProcessImage, img: &ImageDir) -> Result<()> {
         let _ = crate::sys::uffd_unregister(fd, s, e - s);
     }
     if registered.len() < used.len() {
-        return write_pages(t.pid, &file, &p.pages, pid);
+        return write_pages(t.pid, &file, &pages, pid);
     }
     result
 }
@@ -760,9 +810,19 @@ fn copy_runs(
     Ok(())
 }
 
+/// The parts of page runs inside `ranges` (sorted, disjoint).
+pub(super) fn split_in(runs: &[PageRun], ranges: &[(u64, u64)]) -> Vec<PageRun> {
+    split_runs(runs, ranges).inside
+}
+
 /// Copies page runs from an image file into the process, straight from a
 /// mapping of the file (one copy, no staging buffer).
-fn write_pages(tid: Pid, file: &std::path::Path, runs: &[PageRun], pid: i32) -> Result<()> {
+pub(super) fn write_pages(
+    tid: Pid,
+    file: &std::path::Path,
+    runs: &[PageRun],
+    pid: i32,
+) -> Result<()> {
     if runs.is_empty() {
         return Ok(());
     }

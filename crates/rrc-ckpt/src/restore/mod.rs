@@ -10,6 +10,7 @@
 //! threads stay stopped until the whole tree is ready; then every thread
 //! gets its registers back and is let go.
 
+mod cow;
 mod files;
 mod mm;
 mod sockets;
@@ -531,12 +532,14 @@ fn orphan_sessions(m: &Manifest, procs: &BTreeMap<i32, ProcessImage>) -> BTreeSe
 
 /// Restores process `t` and, recursively, its children. `inherited` is the
 /// session it was forked in (as the image numbers sessions; `None` for the
-/// root of an image that does not say).
+/// root of an image that does not say); `mem_of` the process (image pid)
+/// whose restored memory it was forked with (`None` for the root).
 fn restore_process(
     ctx: &mut Ctx,
     mut t: Tracee,
     mut held: Held,
     inherited: Option<i32>,
+    mem_of: Option<i32>,
 ) -> Result<()> {
     let p = &ctx.procs[&t.ns_pid];
     let pid = p.pid;
@@ -557,6 +560,10 @@ fn restore_process(
             &mut held,
         )?;
     }
+    // Memory before the children are forked: they start with it, shared
+    // copy-on-write, and keep what they had alike.
+    let parent = mem_of.and_then(|q| ctx.procs.get(&q));
+    mm::replace(&mut t, p, parent, &mut ctx.mem, &mut ctx.plan.ghosts)?;
     let kids = ctx.children.get(&pid).cloned().unwrap_or_default();
     let leads = p.sid == pid;
     let session = if leads { Some(pid) } else { inherited };
@@ -568,7 +575,7 @@ fn restore_process(
         .partition(|c| leads && Some(sid_of(c)) == inherited);
     for child in early {
         let ct = fork_child(&mut t, child, clone_flags(ctx, child))?;
-        restore_process(ctx, ct, held.clone(), inherited)?;
+        restore_process(ctx, ct, held.clone(), inherited, Some(pid))?;
     }
     // Session and group before the other children, who inherit them.
     join_session(&mut t, p)?;
@@ -579,7 +586,7 @@ fn restore_process(
         .partition(|c| Some(sid_of(c)) != session && ctx.orphan_sessions.contains(&sid_of(c)));
     for child in kids {
         let ct = fork_child(&mut t, child, clone_flags(ctx, child))?;
-        restore_process(ctx, ct, held.clone(), session)?;
+        restore_process(ctx, ct, held.clone(), session, Some(pid))?;
     }
     let mut by_session: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
     for c in adopted {
@@ -594,7 +601,6 @@ fn restore_process(
     if children.iter().any(|c| ctx.procs[c].zombie.is_some()) {
         flush_sigchld(&mut t)?;
     }
-    mm::replace(&mut t, p, &mut ctx.mem, &mut ctx.plan.ghosts)?;
     if !p.shares_parent_files {
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     }
@@ -712,8 +718,9 @@ fn session_helper(
             .first()
             .ok_or_else(|| rerr(m, "fork", "the new process was not reported"))?;
         wait_started(host, m)?;
+        // The helper holds the parent's memory.
         let ct = Tracee::new(m, host, parent.scratch)?;
-        restore_process(ctx, ct, held.clone(), Some(sid))?;
+        restore_process(ctx, ct, held.clone(), Some(sid), Some(parent.ns_pid))?;
     }
     end_helper(parent, h)
 }
@@ -875,7 +882,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 &[0, libc::RLIMIT_NOFILE as u64, a, 0],
             );
             mm::create_sysv_segments(&mut t, &ctx.mem)?;
-            restore_process(&mut ctx, t, Held::new(), m.outer_session)
+            restore_process(&mut ctx, t, Held::new(), m.outer_session, None)
         });
     let outcome = outcome.and_then(|()| {
         mm::seal_memfds(&ctx.mem)?;
