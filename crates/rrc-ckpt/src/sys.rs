@@ -877,6 +877,77 @@ pub fn uffd_copy(uffd: std::os::fd::RawFd, dst: u64, src: &[u8]) -> io::Result<(
     Ok(())
 }
 
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_aa02;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+/// Events a userfaultfd reports besides faults: a fork (with a new
+/// userfaultfd for the child), mremap, MADV_DONTNEED/REMOVE, munmap.
+pub const UFFD_FEATURE_EVENTS: u64 = (1 << 1) | (1 << 2) | (1 << 3) | (1 << 6);
+pub const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub const UFFD_EVENT_FORK: u8 = 0x13;
+pub const UFFD_EVENT_REMAP: u8 = 0x14;
+pub const UFFD_EVENT_REMOVE: u8 = 0x15;
+pub const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+/// One UFFDIO_COPY: the bytes copied before it stopped, and why it stopped
+/// short (EEXIST at a page already there, EAGAIN while the address space
+/// changes, ENOENT where nothing is mapped, ESRCH once the process is gone).
+pub fn uffd_copy_some(uffd: std::os::fd::RawFd, dst: u64, src: &[u8]) -> (u64, Option<io::Error>) {
+    let mut arg = [dst, src.as_ptr() as u64, src.len() as u64, 0u64, 0u64];
+    // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64), which
+    // `arg` is, writes its last field, and reads `len` bytes at `src`,
+    // which the slice holds.
+    let r = unsafe { libc::ioctl(uffd, UFFDIO_COPY, arg.as_mut_ptr()) };
+    if r == 0 {
+        return (src.len() as u64, None);
+    }
+    let e = io::Error::last_os_error();
+    let copied = u64::try_from(arg[4] as i64).unwrap_or(0);
+    (copied, Some(e))
+}
+
+/// Maps the zero page at `[start, start + len)`, waking what waits there.
+pub fn uffd_zeropage(uffd: std::os::fd::RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut arg = [start, len, 0u64, 0u64];
+    // SAFETY: UFFDIO_ZEROPAGE reads one struct uffdio_zeropage (range, mode,
+    // result: four u64), which `arg` is, and writes its last field.
+    check(unsafe { libc::ioctl(uffd, UFFDIO_ZEROPAGE, arg.as_mut_ptr()) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Wakes the threads waiting for a fault in `[start, start + len)`.
+pub fn uffd_wake(uffd: std::os::fd::RawFd, start: u64, len: u64) -> io::Result<()> {
+    let mut range = [start, len];
+    // SAFETY: UFFDIO_WAKE reads one struct uffdio_range (two u64), which
+    // `range` is.
+    check(unsafe { libc::ioctl(uffd, UFFDIO_WAKE, range.as_mut_ptr()) } as libc::c_long)?;
+    Ok(())
+}
+
+/// Reads the messages waiting on a non-blocking userfaultfd (struct
+/// uffd_msg, 32 bytes each: event, then its arguments as u64 from byte 8).
+pub fn uffd_read_msgs(uffd: std::os::fd::RawFd) -> io::Result<Vec<(u8, [u64; 3])>> {
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [0u8; 32 * 16];
+        // SAFETY: reads at most buf.len() bytes into buf.
+        let n = unsafe { libc::read(uffd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                return Ok(out);
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+        for m in buf[..n as usize].chunks_exact(32) {
+            let word = |i: usize| u64::from_ne_bytes(m[i..i + 8].try_into().expect("8 bytes"));
+            out.push((m[0], [word(8), word(16), word(24)]));
+        }
+    }
+}
+
 /// Whether this kernel offers asynchronous write-protection and
 /// PAGEMAP_SCAN, tried on this process.
 pub fn uffd_probe() -> io::Result<()> {

@@ -426,6 +426,7 @@ fn mutated_images_that_load_restore_or_are_refused_cleanly() {
                 after_spawn: None,
                 keep_repair: false,
                 ghosts: None,
+                lazy_pages: false,
             })
         });
         match r {

@@ -246,6 +246,7 @@ impl Container {
             after_spawn: Some(&after_spawn),
             keep_repair: spec.tcp_repair,
             ghosts: spec.root.ghosts(&spec.name)?,
+            lazy_pages: false,
         })?;
         let init = restored.root;
         partial.init = Some(init);

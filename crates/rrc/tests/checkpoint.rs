@@ -274,42 +274,7 @@ fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
     let images = dir.join("images");
     let pid = run.pid.to_string();
     let before = outside_view(run.pid);
-    let out = rrc(&[
-        "checkpoint",
-        "--pid",
-        &pid,
-        "--images",
-        images.to_str().unwrap(),
-    ])
-    .ok();
-    assert!(out.stdout.contains("the original was killed"), "{out:?}");
-    let said = out;
-    // Reap the original so its pid is free again (another test's
-    // [`reap_orphans`] may have reaped it first: its status is then in
-    // REAPED).
-    let code = match run.child.take().unwrap().wait() {
-        Ok(status) => std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s),
-        Err(_) => {
-            // Taken out, so that the restored process (same pid) is not
-            // thought to have ended with it.
-            let mut taken = None;
-            wait_until("the original's status", Duration::from_secs(5), || {
-                let mut reaped = REAPED.lock().unwrap();
-                if let Some(at) = reaped.iter().position(|s| s.pid() == Some(run.pid)) {
-                    taken = match reaped.remove(at) {
-                        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
-                        WaitStatus::Exited(_, c) => Some(c),
-                        _ => None,
-                    };
-                    return true;
-                }
-                false
-            });
-            taken
-        }
-    };
-    assert_eq!(code, Some(128 + 9));
-    reap_orphans();
+    let said = checkpoint_and_reap(&mut run, &images);
     std::thread::sleep(down);
     let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
@@ -345,6 +310,91 @@ fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
     );
     let _ = fs::remove_dir_all(&dir);
     said
+}
+
+/// `rrc checkpoint --pid` of a running fixture, which kills it; the
+/// original is reaped so that its pid is free again.
+fn checkpoint_and_reap(run: &mut Running, images: &Path) -> Out {
+    let pid = run.pid.to_string();
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        images.to_str().unwrap(),
+    ])
+    .ok();
+    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    // Reap the original so its pid is free again (another test's
+    // [`reap_orphans`] may have reaped it first: its status is then in
+    // REAPED).
+    let code = match run.child.take().unwrap().wait() {
+        Ok(status) => std::os::unix::process::ExitStatusExt::signal(&status).map(|s| 128 + s),
+        Err(_) => {
+            // Taken out, so that the restored process (same pid) is not
+            // thought to have ended with it.
+            let mut taken = None;
+            wait_until("the original's status", Duration::from_secs(5), || {
+                let mut reaped = REAPED.lock().unwrap();
+                if let Some(at) = reaped.iter().position(|s| s.pid() == Some(run.pid)) {
+                    taken = match reaped.remove(at) {
+                        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+                        WaitStatus::Exited(_, c) => Some(c),
+                        _ => None,
+                    };
+                    return true;
+                }
+                false
+            });
+            taken
+        }
+    };
+    assert_eq!(code, Some(128 + 9));
+    reap_orphans();
+    out
+}
+
+/// `rrc restore --lazy-pages`: the program runs before its memory is in
+/// (the copy slowed down for the test), and what it does meanwhile (a
+/// read() into memory not yet there, a discard, an mremap, a fork whose
+/// child checks its own copy) sees the checkpointed contents.
+#[test]
+fn lazy_pages_serve_a_program_that_reads_discards_moves_and_forks_meanwhile() {
+    use std::io::{BufRead, Read};
+    require_root();
+    become_subreaper();
+    let dir = scratch("mem_lazy");
+    let bin = build("mem_lazy", &dir);
+    let mut run = start(&bin, &dir);
+    let images = dir.join("images");
+    let pid = run.pid.to_string();
+    checkpoint_and_reap(&mut run, &images);
+    let mut restore = Command::new(RRC)
+        .args(["restore", "--lazy-pages", "--images"])
+        .arg(&images)
+        .env("RRC_LAZY_PAGES_PACE_US", "20000")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(restore.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.contains(&format!("root pid {pid}")), "{first}");
+    // At once: the copy takes seconds at this pace.
+    let (code, log) = run.verdict();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = restore.wait().unwrap();
+    assert!(
+        code == 0 && log.trim_end().ends_with("PASS"),
+        "mem_lazy after restore: exit {code}\n{log}\n{rest}"
+    );
+    assert!(status.success(), "rrc restore: {status:?}\n{rest}");
+    assert!(
+        rest.contains("memory in:") && rest.contains("1 child(ren) forked meanwhile"),
+        "the program's fork did not come while its memory was copied in: {rest}"
+    );
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

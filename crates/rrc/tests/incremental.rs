@@ -139,6 +139,7 @@ fn restore(images: &Path) -> Restored {
         after_spawn: None,
         keep_repair: false,
         ghosts: None,
+        lazy_pages: false,
     })
     .unwrap_or_else(|e| panic!("restore of {}: {e}", images.display()));
     Restored(r.root)

@@ -337,10 +337,14 @@ pub(crate) fn classify(
                     offset: m.offset,
                 }
             } else if s.starts_with("/[aio]") {
-                // The ring of an AIO context: the context itself (its
-                // requests in flight, its ring's kernel side) is not saved.
+                // The ring of an AIO context. The ring could be made
+                // again, but requests still in flight (a poll waits for as
+                // long as its file stays quiet) are nowhere to be seen from
+                // user space: a restored context would lose them silently.
                 problems.push(problem(
-                    "uses Linux AIO (io_setup), which is not supported".into(),
+                    "uses Linux AIO (io_setup): requests in flight in its context cannot be \
+                     seen from user space, so it cannot be restored without losing them"
+                        .into(),
                 ));
                 return Ok(None);
             } else if let Some(path) = s.strip_prefix('/').and(s.strip_suffix(" (deleted)")) {

@@ -12,6 +12,7 @@ use crate::procfs::PAGE_SIZE;
 use crate::remote::Batch;
 use crate::restore::cow;
 use crate::restore::files::{GhostDir, Ghosts};
+use crate::restore::lazy::LazyPages;
 use crate::restore::sockets::Transport;
 use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
 use crate::{Error, Result, nr};
@@ -33,6 +34,9 @@ pub struct MemCtx<'a> {
     /// not do: a process restored into a container sees its own /proc, in
     /// which the engine does not exist.
     pub transport: Transport,
+    /// Where private anonymous memory is filled while the program runs
+    /// (`None`: before it runs).
+    pub lazy: Option<LazyPages>,
 }
 
 impl MemCtx<'_> {
@@ -138,10 +142,12 @@ fn madvise_of(flag: &str) -> Option<i32> {
 /// `parent` is the process whose memory `t` holds, forked from it once it
 /// was in place (`None` for the root): areas it keeps from it stay shared
 /// copy-on-write.
+/// `lazy` lets its pages be copied while it runs, if the restore does so.
 pub fn replace(
     t: &mut Tracee,
     p: &ProcessImage,
     parent: Option<&ProcessImage>,
+    lazy: bool,
     ctx: &mut MemCtx,
     ghosts: &mut Ghosts,
 ) -> Result<()> {
@@ -359,7 +365,8 @@ pub fn replace(
         }
     }
 
-    fill_memory(t, p, ctx.img, parent.map(|q| (q, kept.as_slice())))?;
+    let lazy = ctx.lazy.as_ref().filter(|_| lazy);
+    fill_memory(t, p, ctx.img, parent.map(|q| (q, kept.as_slice())), lazy)?;
 
     let mut protect = Batch::new();
     for v in &fix_prot {
@@ -640,12 +647,15 @@ fn fill_through_mapping(
 /// be had, are written from outside.
 ///
 /// Areas kept from a parent (`inherited`: the parent and the areas) hold
-/// its pages already: only what differs is written there.
+/// its pages already: only what differs is written there. With `lazy`, the
+/// pages that would go in through the userfaultfd are left to a copier
+/// that goes on while the program runs.
 fn fill_memory(
     t: &mut Tracee,
     p: &ProcessImage,
     img: &ImageDir,
     inherited: Option<(&ProcessImage, &[(u64, u64)])>,
+    lazy: Option<&LazyPages>,
 ) -> Result<()> {
     let pid = p.pid;
     let file = img.pages_file(pid);
@@ -680,10 +690,30 @@ fn fill_memory(
     if inside.is_empty() {
         return write_pages(t.pid, &file, &pages, pid);
     }
-    let Some(uffd) = take_userfaultfd(t)? else {
+    if let Some(lazy) = lazy {
+        match take_userfaultfd(t, true)? {
+            Some(uffd) => {
+                return fill_lazily(
+                    t,
+                    p,
+                    &file,
+                    &used_ranges(&fillable, &used),
+                    uffd,
+                    &inside,
+                    &outside,
+                    lazy,
+                );
+            }
+            None => tracing::debug!(
+                pid,
+                "no userfaultfd for lazy pages here; filling before it runs"
+            ),
+        }
+    }
+    let Some(uffd) = take_userfaultfd(t, false)? else {
         return write_pages(t.pid, &file, &pages, pid);
     };
-    let used: Vec<(u64, u64)> = used.into_iter().map(|i| fillable[i]).collect();
+    let used = used_ranges(&fillable, &used);
     let fd = uffd.as_raw_fd();
     let mut registered = Vec::with_capacity(used.len());
     for &(s, e) in &used {
@@ -710,13 +740,66 @@ fn fill_memory(
     result
 }
 
+/// The ranges of `fillable` that hold pages, by their indexes `used`.
+fn used_ranges(
+    fillable: &[(u64, u64)],
+    used: &std::collections::BTreeSet<usize>,
+) -> Vec<(u64, u64)> {
+    used.iter().map(|&i| fillable[i]).collect()
+}
+
+/// Registers `ranges` with `uffd` and hands the pages `inside` them to a
+/// copier of `lazy`, after writing the others (`outside`) at once.
+#[allow(clippy::too_many_arguments)]
+fn fill_lazily(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    file: &std::path::Path,
+    ranges: &[(u64, u64)],
+    uffd: std::os::fd::OwnedFd,
+    inside: &[PageRun],
+    outside: &[PageRun],
+    lazy: &LazyPages,
+) -> Result<()> {
+    let pid = p.pid;
+    write_pages(t.pid, file, outside, pid)?;
+    for &(s, e) in ranges {
+        if let Err(err) = crate::sys::uffd_register_missing(uffd.as_raw_fd(), s, e - s) {
+            // Nothing is registered that a copier would not serve: what was
+            // goes, and the pages go in now.
+            for &(s2, e2) in ranges.iter().take_while(|r| r.0 < s) {
+                let _ = crate::sys::uffd_unregister(uffd.as_raw_fd(), s2, e2 - s2);
+            }
+            tracing::debug!(pid, error = %err, "cannot register {s:#x}-{e:#x}; filling before it runs");
+            return write_pages(t.pid, file, inside, pid);
+        }
+    }
+    let data = File::open(file).map_err(|e| Error::image(file, e))?;
+    let map = crate::sys::map_image(&data).map_err(|e| Error::image(file, e))?;
+    if let Some(r) = inside
+        .iter()
+        .find(|r| r.offset.saturating_add(r.count.saturating_mul(PAGE_SIZE)) > map.len() as u64)
+    {
+        return Err(Error::CorruptImage {
+            path: file.into(),
+            detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
+        });
+    }
+    lazy.start(pid, t.pid, uffd, map, inside);
+    Ok(())
+}
+
 /// Creates a userfaultfd in `t` (for its memory), takes it over and closes
 /// it in `t` again; `None` where this kernel or its settings refuse one.
-fn take_userfaultfd(t: &mut Tracee) -> Result<Option<std::os::fd::OwnedFd>> {
+/// One for `lazy` pages also takes faults the kernel takes on the
+/// program's behalf (a read() into a page not yet there) and reports
+/// forks, moves and discards; that needs privilege.
+fn take_userfaultfd(t: &mut Tracee, lazy: bool) -> Result<Option<std::os::fd::OwnedFd>> {
     /// Faults from user mode only: nothing is to fault while the process
     /// is stopped, and no privilege is needed for it.
     const UFFD_USER_MODE_ONLY: u64 = 1;
-    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;
+    let mode = if lazy { 0 } else { UFFD_USER_MODE_ONLY };
+    let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | mode;
     let Ok(fd) = t.call("userfaultfd", libc::SYS_userfaultfd, &[flags]) else {
         return Ok(None);
     };
@@ -724,7 +807,12 @@ fn take_userfaultfd(t: &mut Tracee) -> Result<Option<std::os::fd::OwnedFd>> {
         crate::sys::pidfd_open(t.pid).and_then(|pidfd| crate::sys::steal_fd_via(&pidfd, fd as i32));
     t.call("close the userfaultfd", nr::SYS_close, &[fd])?;
     let Ok(ours) = ours else { return Ok(None) };
-    if crate::sys::uffd_api_features(ours.as_raw_fd(), 0).is_err() {
+    let features = if lazy {
+        crate::sys::UFFD_FEATURE_EVENTS
+    } else {
+        0
+    };
+    if crate::sys::uffd_api_features(ours.as_raw_fd(), features).is_err() {
         return Ok(None);
     }
     Ok(Some(ours))

@@ -12,6 +12,7 @@
 
 mod cow;
 mod files;
+pub mod lazy;
 mod mm;
 mod sockets;
 pub use files::GhostPlace;
@@ -59,6 +60,10 @@ pub struct RestoreOptions<'a> {
     /// somewhere the restored processes see, if their root is not the
     /// host's.
     pub ghosts: Option<files::GhostPlace>,
+    /// Lets the processes run before all their private memory is in: it
+    /// is copied in the background, and each page a process touches
+    /// first ([`Restored::pages`] tells when every page is in).
+    pub lazy_pages: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +75,8 @@ pub struct Restored {
     pub took: Duration,
     /// Of that, the time spent rebuilding sockets.
     pub sockets: Duration,
+    /// With lazy pages, the copiers still filling memory.
+    pub pages: lazy::LazyPages,
 }
 
 const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
@@ -563,8 +570,10 @@ fn restore_process(
     // Memory before the children are forked: they start with it, shared
     // copy-on-write, and keep what they had alike.
     let parent = mem_of.and_then(|q| ctx.procs.get(&q));
-    mm::replace(&mut t, p, parent, &mut ctx.mem, &mut ctx.plan.ghosts)?;
     let kids = ctx.children.get(&pid).cloned().unwrap_or_default();
+    // Lazily only where no child is forked from memory still filling.
+    let lazy = kids.is_empty();
+    mm::replace(&mut t, p, parent, lazy, &mut ctx.mem, &mut ctx.plan.ghosts)?;
     let leads = p.sid == pid;
     let session = if leads { Some(pid) } else { inherited };
     let sid_of = |c: &i32| ctx.procs[c].sid;
@@ -855,6 +864,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             handles: Default::default(),
             // Inherited by every skeleton, for passing files in.
             transport: sockets::Transport::new()?,
+            lazy: opts.lazy_pages.then(lazy::LazyPages::default),
         },
         done: Vec::new(),
         orphan_sessions: orphan_sessions(&m, &procs),
@@ -929,6 +939,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         let mut pids: Vec<Pid> = ctx.done.iter().map(|t| t.pid).collect();
         pids.push(root_pid);
         discard_tree(&pids);
+        // Their processes gone, the copiers end.
+        if let Some(lazy) = &ctx.mem.lazy {
+            let _ = lazy.wait();
+        }
         return Err(e);
     }
     Ok(Restored {
@@ -937,5 +951,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         threads: procs.values().map(|p| p.threads.len()).sum(),
         took: start.elapsed(),
         sockets: ctx.plan.socket_time,
+        pages: ctx.mem.lazy.take().unwrap_or_default(),
     })
 }

@@ -124,6 +124,7 @@ impl Fixture {
             after_spawn: None,
             keep_repair: false,
             ghosts: None,
+            lazy_pages: false,
         })
         .unwrap();
         assert_eq!(r.root, self.pid);

@@ -34,6 +34,15 @@ pub struct RestoreArgs {
     /// whose subnet holds its address).
     #[arg(long, value_name = "IF")]
     uplink: Option<String>,
+    /// (Process trees) let the processes run before all their memory is
+    /// in: private memory is copied in the background, a page the program
+    /// touches first. The command then stays until every page is in (it
+    /// ignores SIGINT, SIGTERM and SIGHUP meanwhile: killed with SIGKILL
+    /// before, it would leave the program zeros where its memory was not
+    /// in yet). A process with children, or where userfaultfd's events are
+    /// not available, is filled before it runs as without this option.
+    #[arg(long)]
+    lazy_pages: bool,
 }
 
 pub fn restore(a: RestoreArgs) -> Result<i32> {
@@ -43,7 +52,12 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         .with_context(|| format!("reading {}", images.display()))?
         .is_some();
     if !is_container {
-        return restore_tree(&images);
+        return restore_tree(&images, a.lazy_pages);
+    }
+    if a.lazy_pages {
+        anyhow::bail!(
+            "--lazy-pages is for process trees: a container's memory is filled before it runs"
+        );
     }
     let name = a.name.as_deref().map(str::parse).transpose()?;
     // A recorded program stops recording: nothing drains its rings here.
@@ -68,7 +82,16 @@ pub(super) fn image_of(images: &Path) -> Result<PathBuf> {
     .with_context(|| format!("bringing the series in {} up to date", images.display()))
 }
 
-fn restore_tree(images: &Path) -> Result<i32> {
+fn restore_tree(images: &Path, lazy_pages: bool) -> Result<i32> {
+    if lazy_pages {
+        // From here until every page is in, only SIGKILL ends this command.
+        use nix::sys::signal::{SigSet, Signal};
+        let mut set = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set.add(s);
+        }
+        set.thread_block().context("blocking signals")?;
+    }
     let r = run_restore(&RestoreOptions {
         images,
         root_flags: 0,
@@ -76,6 +99,7 @@ fn restore_tree(images: &Path) -> Result<i32> {
         after_spawn: None,
         keep_repair: false,
         ghosts: None,
+        lazy_pages,
     })
     .with_context(|| format!("restore from {}", images.display()))?;
     println!(
@@ -84,6 +108,24 @@ fn restore_tree(images: &Path) -> Result<i32> {
         r.threads,
         r.took.as_secs_f64() * 1000.0,
         r.root
+    );
+    if r.pages.is_empty() {
+        return Ok(0);
+    }
+    let done = r.pages.wait().map_err(|e| {
+        anyhow::anyhow!("memory not restored (the process concerned was killed): {e}")
+    })?;
+    println!(
+        "memory in: {:.1} MiB in {:.1} ms, {} fault(s) served first ({:.1} MiB){}",
+        done.bytes as f64 / (1 << 20) as f64,
+        done.took.as_secs_f64() * 1000.0,
+        done.faults,
+        done.fault_bytes as f64 / (1 << 20) as f64,
+        if done.forks > 0 {
+            format!(", {} child(ren) forked meanwhile", done.forks)
+        } else {
+            String::new()
+        }
     );
     Ok(0)
 }
