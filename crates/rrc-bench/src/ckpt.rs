@@ -346,13 +346,8 @@ fn redis_measure(
 fn restore(images: &Path, lazy_pages: bool) -> Result<rrc_ckpt::restore::Restored> {
     Ok(rrc_ckpt::restore::restore(
         &rrc_ckpt::restore::RestoreOptions {
-            images,
-            root_flags: 0,
-            root_setup: None,
-            after_spawn: None,
-            keep_repair: false,
-            ghosts: None,
             lazy_pages,
+            ..rrc_ckpt::restore::RestoreOptions::tree(images)
         },
     )?)
 }

@@ -419,15 +419,7 @@ fn mutated_images_that_load_restore_or_are_refused_cleanly() {
         }
         tried += 1;
         let r = std::panic::catch_unwind(|| {
-            rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions {
-                images: copy.path(),
-                root_flags: 0,
-                root_setup: None,
-                after_spawn: None,
-                keep_repair: false,
-                ghosts: None,
-                lazy_pages: false,
-            })
+            rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions::tree(copy.path()))
         });
         match r {
             Ok(Ok(done)) => {

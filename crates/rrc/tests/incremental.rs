@@ -132,16 +132,8 @@ impl Drop for Restored {
 }
 
 fn restore(images: &Path) -> Restored {
-    let r = rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions {
-        images,
-        root_flags: 0,
-        root_setup: None,
-        after_spawn: None,
-        keep_repair: false,
-        ghosts: None,
-        lazy_pages: false,
-    })
-    .unwrap_or_else(|e| panic!("restore of {}: {e}", images.display()));
+    let r = rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions::tree(images))
+        .unwrap_or_else(|e| panic!("restore of {}: {e}", images.display()));
     Restored(r.root)
 }
 

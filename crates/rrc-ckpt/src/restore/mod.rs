@@ -66,6 +66,23 @@ pub struct RestoreOptions<'a> {
     pub lazy_pages: bool,
 }
 
+impl<'a> RestoreOptions<'a> {
+    /// A process tree restored on the host as it was: in the host's
+    /// namespaces, its connections live again, deleted files made again
+    /// in rrc's place for them, memory filled before it runs.
+    pub fn tree(images: &'a Path) -> RestoreOptions<'a> {
+        RestoreOptions {
+            images,
+            root_flags: 0,
+            root_setup: None,
+            after_spawn: None,
+            keep_repair: false,
+            ghosts: None,
+            lazy_pages: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Restored {
     /// The root, as our pid namespace numbers it.

@@ -117,16 +117,8 @@ impl Fixture {
             matches!(self.state, State::Gone),
             "the original is reaped first"
         );
-        let r = rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions {
-            images,
-            root_flags: 0,
-            root_setup: None,
-            after_spawn: None,
-            keep_repair: false,
-            ghosts: None,
-            lazy_pages: false,
-        })
-        .unwrap();
+        let r =
+            rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions::tree(images)).unwrap();
         assert_eq!(r.root, self.pid);
         self.state = State::Restored;
     }

@@ -93,13 +93,8 @@ fn restore_tree(images: &Path, lazy_pages: bool) -> Result<i32> {
         set.thread_block().context("blocking signals")?;
     }
     let r = run_restore(&RestoreOptions {
-        images,
-        root_flags: 0,
-        root_setup: None,
-        after_spawn: None,
-        keep_repair: false,
-        ghosts: None,
         lazy_pages,
+        ..RestoreOptions::tree(images)
     })
     .with_context(|| format!("restore from {}", images.display()))?;
     println!(
