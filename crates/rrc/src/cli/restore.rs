@@ -19,7 +19,8 @@ use rrc_container::restore::ContainerAnnotation;
 /// memory, threads, registers, files and kernel state, and continues where
 /// it was; its standard input, output and error, where they were pipes to
 /// processes outside the tree, become this command's own. Either way the
-/// command returns once the restored processes run.
+/// command returns once the restored processes run (with --lazy-pages, once
+/// their memory is all in).
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Image directory written by `rrc checkpoint`, or the directory of a
