@@ -8,8 +8,6 @@
 //! the pages the two still had alike stay shared, as they were before the
 //! checkpoint, instead of coming back as two copies.
 
-use std::fs::File;
-
 use crate::image::{ImageDir, PageRun, ProcessImage, Vma, VmaKind};
 use crate::procfs::PAGE_SIZE;
 use crate::remote::Batch;
@@ -73,13 +71,16 @@ pub struct Plan {
     pub shared: u64,
 }
 
-/// One page of a run list, by address: its bytes in `data`.
-fn page_at<'d>(index: &[PageRun], data: &'d [u8], addr: u64) -> Option<&'d [u8]> {
-    let i = index.partition_point(|r| r.start <= addr).checked_sub(1)?;
-    let r = &index[i];
-    if addr >= r.start.saturating_add(r.count.saturating_mul(PAGE_SIZE)) {
-        return None;
-    }
+/// The run of `runs` (sorted) that holds page `addr`.
+fn run_at(runs: &[PageRun], addr: u64) -> Option<&PageRun> {
+    let i = runs.partition_point(|r| r.start <= addr).checked_sub(1)?;
+    let r = &runs[i];
+    (addr < r.start.saturating_add(r.count.saturating_mul(PAGE_SIZE))).then_some(r)
+}
+
+/// One page of a run list (sorted), by address: its bytes in `data`.
+fn page_at<'d>(runs: &[PageRun], data: &'d [u8], addr: u64) -> Option<&'d [u8]> {
+    let r = run_at(runs, addr)?;
     let off = usize::try_from(r.offset.checked_add(addr - r.start)?).ok()?;
     data.get(off..off.checked_add(PAGE_SIZE as usize)?)
 }
@@ -93,6 +94,12 @@ fn extend(ranges: &mut Vec<(u64, u64)>, addr: u64) {
     }
 }
 
+/// Every page of a run list, by address.
+fn pages(runs: &[PageRun]) -> impl Iterator<Item = u64> + '_ {
+    runs.iter()
+        .flat_map(|r| (0..r.count).map(move |k| r.start + k * PAGE_SIZE))
+}
+
 /// Compares the child's pages in its inherited areas (`mine`, data in
 /// `my_data`) with the parent's (`theirs`, data in `their_data`). A page
 /// of the child's that lies beyond its data is written, so that writing
@@ -103,78 +110,43 @@ pub fn plan(mine: &[PageRun], my_data: &[u8], theirs: &[PageRun], their_data: &[
         v.sort_unstable_by_key(|r| r.start);
         v
     };
-    let (mine_sorted, theirs_sorted) = (sorted(mine), sorted(theirs));
+    let (mine, theirs) = (sorted(mine), sorted(theirs));
     let mut plan = Plan::default();
     let mut write: Vec<(u64, u64)> = Vec::new();
-    for r in &mine_sorted {
-        for k in 0..r.count {
-            let addr = r.start + k * PAGE_SIZE;
-            let same = match (
-                page_at(&mine_sorted, my_data, addr),
-                page_at(&theirs_sorted, their_data, addr),
-            ) {
-                (Some(a), Some(b)) => a == b,
-                _ => false,
-            };
-            if same {
-                plan.shared += 1;
-            } else {
-                extend(&mut write, addr);
-            }
+    for addr in pages(&mine) {
+        let same = match (
+            page_at(&mine, my_data, addr),
+            page_at(&theirs, their_data, addr),
+        ) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        };
+        if same {
+            plan.shared += 1;
+        } else {
+            extend(&mut write, addr);
         }
     }
-    for r in &theirs_sorted {
-        for k in 0..r.count {
-            let addr = r.start + k * PAGE_SIZE;
-            let held = mine_sorted
-                .partition_point(|m| m.start <= addr)
-                .checked_sub(1);
-            let mine_too = held.is_some_and(|i| {
-                let m = &mine_sorted[i];
-                addr < m.start + m.count * PAGE_SIZE
+    for addr in pages(&theirs) {
+        if run_at(&mine, addr).is_none() {
+            extend(&mut plan.drop, addr);
+        }
+    }
+    // Written back as runs of the child's own file, split where its runs
+    // end: their data need not be adjacent in the file.
+    for (mut at, end) in write {
+        while at < end {
+            let r = run_at(&mine, at).expect("a written page is the child's");
+            let to = end.min(r.start + r.count * PAGE_SIZE);
+            plan.write.push(PageRun {
+                start: at,
+                count: (to - at) / PAGE_SIZE,
+                offset: r.offset + (at - r.start),
             });
-            if !mine_too {
-                extend(&mut plan.drop, addr);
-            }
+            at = to;
         }
     }
-    // Written back as runs of the child's own file.
-    plan.write = write
-        .into_iter()
-        .map(|(s, e)| {
-            let i = mine_sorted.partition_point(|r| r.start <= s) - 1;
-            let r = &mine_sorted[i];
-            PageRun {
-                start: s,
-                count: (e - s) / PAGE_SIZE,
-                offset: r.offset + (s - r.start),
-            }
-        })
-        // A written range may span two runs of the child's, whose data
-        // need not be adjacent in its file: split at run edges.
-        .flat_map(|w| split_at_runs(w, &mine_sorted))
-        .collect();
     plan
-}
-
-/// Splits run `w` (its offset taken from the run it starts in) where the
-/// child's runs end.
-fn split_at_runs(w: PageRun, runs: &[PageRun]) -> Vec<PageRun> {
-    let mut out = Vec::new();
-    let end = w.start + w.count * PAGE_SIZE;
-    let mut at = w.start;
-    while at < end {
-        let i = runs.partition_point(|r| r.start <= at) - 1;
-        let r = &runs[i];
-        let to = end.min(r.start + r.count * PAGE_SIZE);
-        out.push(PageRun {
-            start: at,
-            count: (to - at) / PAGE_SIZE,
-            offset: r.offset + (at - r.start),
-        });
-        at = to;
-    }
-    out
 }
 
 /// Brings the inherited areas `kept` of `p` (their pages `mine`, a part of
@@ -187,13 +159,9 @@ pub fn fill(
     kept: &[(u64, u64)],
     mine: &[PageRun],
 ) -> Result<()> {
-    let map = |pid: i32| -> Result<memmap2::Mmap> {
-        let path = img.pages_file(pid);
-        let f = File::open(&path).map_err(|e| Error::image(&path, e))?;
-        crate::sys::map_image(&f).map_err(|e| Error::image(&path, e))
-    };
-    let (my_data, their_data) = (map(p.pid)?, map(parent.pid)?);
     let theirs = super::mm::split_in(&parent.pages, kept);
+    let my_data = super::mm::map_pages(&img.pages_file(p.pid), mine)?;
+    let their_data = super::mm::map_pages(&img.pages_file(parent.pid), &theirs)?;
     let plan = plan(mine, &my_data, &theirs, &their_data);
     let mut batch = Batch::new();
     for &(s, e) in &plan.drop {
@@ -222,7 +190,7 @@ pub fn fill(
             .sum::<u64>(),
         "pages inherited from the parent"
     );
-    super::mm::write_pages(t.pid, &img.pages_file(p.pid), &plan.write, p.pid)
+    super::mm::write_mapped(t.pid, &plan.write, &my_data, p.pid)
 }
 
 #[cfg(test)]

@@ -659,15 +659,15 @@ fn fill_memory(
 ) -> Result<()> {
     let pid = p.pid;
     let file = img.pages_file(pid);
-    let pages = match inherited {
+    let pages: std::borrow::Cow<[PageRun]> = match inherited {
         Some((parent, kept)) if !kept.is_empty() => {
             let Split {
                 inside, outside, ..
             } = split_runs(&p.pages, kept);
             cow::fill(t, p, parent, img, kept, &inside)?;
-            outside
+            outside.into()
         }
-        _ => p.pages.clone(),
+        _ => p.pages.as_slice().into(),
     };
     // Mappings never touched since they were made (an mlock'ed one was
     // faulted in already; a kept one is the parent's).
@@ -690,19 +690,11 @@ fn fill_memory(
     if inside.is_empty() {
         return write_pages(t.pid, &file, &pages, pid);
     }
+    let used: Vec<(u64, u64)> = used.iter().map(|&i| fillable[i]).collect();
     if let Some(lazy) = lazy {
         match take_userfaultfd(t, true)? {
             Some(uffd) => {
-                return fill_lazily(
-                    t,
-                    p,
-                    &file,
-                    &used_ranges(&fillable, &used),
-                    uffd,
-                    &inside,
-                    &outside,
-                    lazy,
-                );
+                return fill_lazily(t, p, &file, &used, uffd, &inside, &outside, lazy);
             }
             None => tracing::debug!(
                 pid,
@@ -713,39 +705,36 @@ fn fill_memory(
     let Some(uffd) = take_userfaultfd(t, false)? else {
         return write_pages(t.pid, &file, &pages, pid);
     };
-    let used = used_ranges(&fillable, &used);
     let fd = uffd.as_raw_fd();
-    let mut registered = Vec::with_capacity(used.len());
-    for &(s, e) in &used {
-        if let Err(err) = crate::sys::uffd_register_missing(fd, s, e - s) {
-            // A kind of mapping the kernel does not let a userfaultfd
-            // handle: all from outside, then.
-            tracing::debug!(pid, error = %err, "cannot register {s:#x}-{e:#x}; writing pages from outside");
-            break;
-        }
-        registered.push((s, e));
-    }
-    let result = if registered.len() == used.len() {
-        copy_runs(fd, &file, &inside, pid).and_then(|()| write_pages(t.pid, &file, &outside, pid))
-    } else {
-        Ok(())
-    };
-    // Registrations end before the process runs, however the copy went.
-    for &(s, e) in &registered {
-        let _ = crate::sys::uffd_unregister(fd, s, e - s);
-    }
-    if registered.len() < used.len() {
+    if !register_all(fd, &used, pid) {
         return write_pages(t.pid, &file, &pages, pid);
     }
+    let result =
+        copy_runs(fd, &file, &inside, pid).and_then(|()| write_pages(t.pid, &file, &outside, pid));
+    // Registrations end before the process runs, however the copy went.
+    unregister_all(fd, &used);
     result
 }
 
-/// The ranges of `fillable` that hold pages, by their indexes `used`.
-fn used_ranges(
-    fillable: &[(u64, u64)],
-    used: &std::collections::BTreeSet<usize>,
-) -> Vec<(u64, u64)> {
-    used.iter().map(|&i| fillable[i]).collect()
+/// Registers every range of `ranges` with `uffd` for missing pages, or
+/// none: where the kernel refuses one (a kind of mapping a userfaultfd
+/// cannot handle), those registered already go again, and the pages are
+/// to be written from outside.
+fn register_all(uffd: std::os::fd::RawFd, ranges: &[(u64, u64)], pid: i32) -> bool {
+    for (i, &(s, e)) in ranges.iter().enumerate() {
+        if let Err(err) = crate::sys::uffd_register_missing(uffd, s, e - s) {
+            tracing::debug!(pid, error = %err, "cannot register {s:#x}-{e:#x}; writing pages from outside");
+            unregister_all(uffd, &ranges[..i]);
+            return false;
+        }
+    }
+    true
+}
+
+fn unregister_all(uffd: std::os::fd::RawFd, ranges: &[(u64, u64)]) {
+    for &(s, e) in ranges {
+        let _ = crate::sys::uffd_unregister(uffd, s, e - s);
+    }
 }
 
 /// Registers `ranges` with `uffd` and hands the pages `inside` them to a
@@ -763,28 +752,11 @@ fn fill_lazily(
 ) -> Result<()> {
     let pid = p.pid;
     write_pages(t.pid, file, outside, pid)?;
-    for &(s, e) in ranges {
-        if let Err(err) = crate::sys::uffd_register_missing(uffd.as_raw_fd(), s, e - s) {
-            // Nothing is registered that a copier would not serve: what was
-            // goes, and the pages go in now.
-            for &(s2, e2) in ranges.iter().take_while(|r| r.0 < s) {
-                let _ = crate::sys::uffd_unregister(uffd.as_raw_fd(), s2, e2 - s2);
-            }
-            tracing::debug!(pid, error = %err, "cannot register {s:#x}-{e:#x}; filling before it runs");
-            return write_pages(t.pid, file, inside, pid);
-        }
+    // Nothing is registered that a copier would not serve.
+    if !register_all(uffd.as_raw_fd(), ranges, pid) {
+        return write_pages(t.pid, file, inside, pid);
     }
-    let data = File::open(file).map_err(|e| Error::image(file, e))?;
-    let map = crate::sys::map_image(&data).map_err(|e| Error::image(file, e))?;
-    if let Some(r) = inside
-        .iter()
-        .find(|r| r.offset.saturating_add(r.count.saturating_mul(PAGE_SIZE)) > map.len() as u64)
-    {
-        return Err(Error::CorruptImage {
-            path: file.into(),
-            detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
-        });
-    }
+    let map = map_pages(file, inside)?;
     lazy.start(pid, t.pid, uffd, map, inside);
     Ok(())
 }
@@ -875,18 +847,10 @@ fn copy_runs(
     runs: &[PageRun],
     pid: i32,
 ) -> Result<()> {
-    let data = File::open(file).map_err(|e| Error::image(file, e))?;
-    let map = crate::sys::map_image(&data).map_err(|e| Error::image(file, e))?;
+    let map = map_pages(file, runs)?;
     for r in runs {
-        let len = r.count.saturating_mul(PAGE_SIZE);
-        let src = usize::try_from(r.offset)
-            .ok()
-            .zip(usize::try_from(r.offset.saturating_add(len)).ok())
-            .and_then(|(a, b)| map.get(a..b))
-            .ok_or_else(|| Error::CorruptImage {
-                path: file.into(),
-                detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
-            })?;
+        // Within the mapping: map_pages checked every run.
+        let src = &map[r.offset as usize..(r.offset + r.count * PAGE_SIZE) as usize];
         crate::sys::uffd_copy(uffd, r.start, src).map_err(|e| {
             rerr(
                 pid,
@@ -914,9 +878,21 @@ pub(super) fn write_pages(
     if runs.is_empty() {
         return Ok(());
     }
+    write_mapped(tid, runs, &map_pages(file, runs)?, pid)
+}
+
+/// Writes page runs from `data` (a page file mapped by [`map_pages`] for
+/// them) into the process.
+pub(super) fn write_mapped(tid: Pid, runs: &[PageRun], data: &[u8], pid: i32) -> Result<()> {
+    crate::procmem::write_runs(tid, runs, data)
+        .map_err(|e| rerr(pid, "write memory", e.to_string()))
+}
+
+/// A page file of the image, mapped, once every run of `runs` is found to
+/// lie within it: a run beyond the file is the image's fault, and said so.
+pub(super) fn map_pages(file: &std::path::Path, runs: &[PageRun]) -> Result<memmap2::Mmap> {
     let data = File::open(file).map_err(|e| Error::image(file, e))?;
     let map = crate::sys::map_image(&data).map_err(|e| Error::image(file, e))?;
-    // A run beyond the file is the image's fault, and said so.
     if let Some(r) = runs
         .iter()
         .find(|r| r.offset.saturating_add(r.count.saturating_mul(PAGE_SIZE)) > map.len() as u64)
@@ -926,8 +902,7 @@ pub(super) fn write_pages(
             detail: format!("pages at {:#x} lie beyond the end of the file", r.start),
         });
     }
-    crate::procmem::write_runs(tid, runs, &map)
-        .map_err(|e| rerr(pid, "write memory", e.to_string()))
+    Ok(map)
 }
 
 /// Restores the mm fields (code/data/brk/stack/args/env, auxv, exe link).
