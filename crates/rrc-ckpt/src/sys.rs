@@ -844,23 +844,8 @@ pub fn uffd_copy(uffd: std::os::fd::RawFd, dst: u64, src: &[u8]) -> io::Result<(
     let mut done = 0usize;
     let mut idle = 0;
     while done < src.len() {
-        // struct uffdio_copy: dst, src, len, mode, copy (s64, out).
-        let mut arg = [
-            dst + done as u64,
-            src[done..].as_ptr() as u64,
-            (src.len() - done) as u64,
-            0u64,
-            0u64,
-        ];
-        // SAFETY: UFFDIO_COPY reads one struct uffdio_copy (five u64),
-        // which `arg` is, writes its last field, and reads `len` bytes at
-        // `src`, which the slice holds.
-        let r = unsafe { libc::ioctl(uffd, UFFDIO_COPY, arg.as_mut_ptr()) };
-        let copied = arg[4] as i64;
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
+        let (copied, err) = uffd_copy_some(uffd, dst + done as u64, &src[done..]);
+        let Some(e) = err else { return Ok(()) };
         if e.raw_os_error() == Some(libc::EAGAIN) && idle < 100 {
             // Stopped part way (the address space changed meanwhile): the
             // rest is tried again.

@@ -133,11 +133,11 @@ struct Space {
 }
 
 /// A copier's thread, with the image pid of the process it fills.
-type Copier = (i32, JoinHandle<Result<Report, String>>);
+type CopierThread = (i32, JoinHandle<Result<Report, String>>);
 
 /// The copiers of one restore, running until every page is in.
 #[derive(Clone, Default)]
-pub struct LazyPages(Arc<Mutex<Vec<Copier>>>);
+pub struct LazyPages(Arc<Mutex<Vec<CopierThread>>>);
 
 impl std::fmt::Debug for LazyPages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -250,137 +250,187 @@ fn copy(uffd: RawFd, data: &[u8], start: u64, len: u64, offset: u64) -> Result<C
     Ok(Copied::Done)
 }
 
+/// The state of one copier: the address spaces it fills (`None` once one
+/// is gone), and the faults read but not answered yet.
+struct Copier<'d> {
+    data: &'d [u8],
+    spaces: Vec<Option<Space>>,
+    faults: VecDeque<(usize, u64)>,
+    report: Report,
+    /// The space the last background chunk went to.
+    turn: usize,
+}
+
+impl Copier<'_> {
+    /// Nothing left to copy and no fault waiting.
+    fn done(&self) -> bool {
+        self.faults.is_empty()
+            && self
+                .spaces
+                .iter()
+                .all(|s| s.as_ref().is_none_or(|s| s.pending.is_empty()))
+    }
+
+    /// Reads the events of every space (a fork adds one, read in turn).
+    fn read_events(&mut self) -> Result<(), String> {
+        let mut i = 0;
+        while i < self.spaces.len() {
+            let msgs = match &self.spaces[i] {
+                Some(sp) => sys::uffd_read_msgs(sp.uffd.as_raw_fd())
+                    .map_err(|e| format!("read its userfaultfd: {e}"))?,
+                None => Vec::new(),
+            };
+            for (event, a) in msgs {
+                self.event(i, event, a)?;
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes in event `event` (arguments `a`) of space `i`.
+    fn event(&mut self, i: usize, event: u8, a: [u64; 3]) -> Result<(), String> {
+        match event {
+            sys::UFFD_EVENT_PAGEFAULT => {
+                self.report.faults += 1;
+                self.faults.push_back((i, a[1] & !(PAGE_SIZE - 1)));
+            }
+            sys::UFFD_EVENT_FORK => {
+                // SAFETY: the kernel put this fd, a new userfaultfd of the
+                // child, in our table for us.
+                let uffd = unsafe { OwnedFd::from_raw_fd(a[0] as u32 as RawFd) };
+                // The child lacks what its parent lacked at the fork.
+                let pending = self.spaces[i].as_ref().map(|s| s.pending.clone());
+                self.report.forks += 1;
+                self.spaces.push(Some(Space {
+                    uffd,
+                    pending: pending.unwrap_or_default(),
+                }));
+            }
+            sys::UFFD_EVENT_REMAP => {
+                if let Some(sp) = self.spaces[i].as_mut() {
+                    sp.pending.moved(a[0], a[1], a[2]);
+                }
+            }
+            sys::UFFD_EVENT_REMOVE | sys::UFFD_EVENT_UNMAP => {
+                if let Some(sp) = self.spaces[i].as_mut() {
+                    sp.pending.remove(a[0], a[1]);
+                }
+            }
+            other => return Err(format!("unexpected userfaultfd event {other:#x}")),
+        }
+        Ok(())
+    }
+
+    /// Answers the faults read, in order; one met while its address space
+    /// changes waits for the next round, after the events.
+    fn serve_faults(&mut self) -> Result<(), String> {
+        for (i, addr) in std::mem::take(&mut self.faults) {
+            let Some(sp) = self.spaces[i].as_mut() else {
+                continue;
+            };
+            let fd = sp.uffd.as_raw_fd();
+            let outcome = match sp.pending.take_at(addr, FAULT_CHUNK) {
+                Some((s, len, off)) => {
+                    self.report.fault_bytes += len;
+                    copy(fd, self.data, s, len, off)?
+                }
+                // Not in the image: the page was never written.
+                None => zero_page(fd, addr)?,
+            };
+            match outcome {
+                Copied::Done => {}
+                Copied::Again { start, len, offset } => {
+                    sp.pending.put(start, len, offset);
+                    self.faults.push_back((i, addr));
+                }
+                Copied::Gone => self.spaces[i] = None,
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the next background chunk, space after space.
+    fn copy_next(&mut self) -> Result<(), String> {
+        let live: Vec<usize> = (0..self.spaces.len())
+            .filter(|&i| {
+                self.spaces[i]
+                    .as_ref()
+                    .is_some_and(|s| !s.pending.is_empty())
+            })
+            .collect();
+        if live.is_empty() {
+            // Only faults waiting for their address space to settle.
+            std::thread::yield_now();
+            return Ok(());
+        }
+        self.turn = (self.turn + 1) % live.len();
+        let i = live[self.turn];
+        let Some(sp) = self.spaces[i].as_mut() else {
+            return Ok(());
+        };
+        let Some((s, len, off)) = sp.pending.take_first(BACKGROUND_CHUNK) else {
+            return Ok(());
+        };
+        match copy(sp.uffd.as_raw_fd(), self.data, s, len, off)? {
+            Copied::Done => self.report.bytes += len,
+            Copied::Again { start, len, offset } => sp.pending.put(start, len, offset),
+            Copied::Gone => self.spaces[i] = None,
+        }
+        Ok(())
+    }
+}
+
+/// Maps the zero page at `addr`, for a fault on a page the image does not
+/// hold.
+fn zero_page(fd: RawFd, addr: u64) -> Result<Copied, String> {
+    let Err(e) = sys::uffd_zeropage(fd, addr, PAGE_SIZE) else {
+        return Ok(Copied::Done);
+    };
+    Ok(match e.raw_os_error() {
+        // There meanwhile: the waiting thread only needs waking.
+        Some(libc::EEXIST) => {
+            let _ = sys::uffd_wake(fd, addr, PAGE_SIZE);
+            Copied::Done
+        }
+        // Nothing to put back: the fault is tried again.
+        Some(libc::EAGAIN) => Copied::Again {
+            start: addr,
+            len: 0,
+            offset: 0,
+        },
+        Some(libc::ENOENT) => Copied::Done,
+        Some(libc::ESRCH) => Copied::Gone,
+        _ => return Err(format!("zero page at {addr:#x}: {e}")),
+    })
+}
+
 /// The copier: events and faults first, then the next background chunk,
 /// until nothing is pending in any address space.
 fn copy_all(host: Pid, first: Space, data: &[u8]) -> Result<Report, String> {
     let started = Instant::now();
     let pace = pace();
-    let mut spaces = vec![Some(first)];
-    let mut faults: VecDeque<(usize, u64)> = VecDeque::new();
-    let mut report = Report::default();
+    let mut c = Copier {
+        data,
+        spaces: vec![Some(first)],
+        faults: VecDeque::new(),
+        report: Report::default(),
+        turn: 0,
+    };
     let outcome = (|| -> Result<(), String> {
-        let mut turn = 0usize;
         loop {
-            // Events of every space, forks adding spaces.
-            let mut i = 0;
-            while i < spaces.len() {
-                if let Some(sp) = spaces[i].as_mut() {
-                    let msgs = match sys::uffd_read_msgs(sp.uffd.as_raw_fd()) {
-                        Ok(m) => m,
-                        Err(e) => return Err(format!("read its userfaultfd: {e}")),
-                    };
-                    for (event, a) in msgs {
-                        match event {
-                            sys::UFFD_EVENT_PAGEFAULT => {
-                                report.faults += 1;
-                                faults.push_back((i, a[1] & !(PAGE_SIZE - 1)));
-                            }
-                            sys::UFFD_EVENT_FORK => {
-                                // SAFETY: the kernel put this fd, a new
-                                // userfaultfd of the child, in our table
-                                // for us.
-                                let uffd = unsafe { OwnedFd::from_raw_fd(a[0] as u32 as RawFd) };
-                                let pending = spaces[i].as_ref().map(|s| s.pending.clone());
-                                report.forks += 1;
-                                spaces.push(Some(Space {
-                                    uffd,
-                                    pending: pending.unwrap_or_default(),
-                                }));
-                            }
-                            sys::UFFD_EVENT_REMAP => {
-                                if let Some(sp) = spaces[i].as_mut() {
-                                    sp.pending.moved(a[0], a[1], a[2]);
-                                }
-                            }
-                            sys::UFFD_EVENT_REMOVE | sys::UFFD_EVENT_UNMAP => {
-                                if let Some(sp) = spaces[i].as_mut() {
-                                    sp.pending.remove(a[0], a[1]);
-                                }
-                            }
-                            other => {
-                                return Err(format!("unexpected userfaultfd event {other:#x}"));
-                            }
-                        }
-                    }
-                }
-                i += 1;
-            }
-            // Faults, in order.
-            let mut again = VecDeque::new();
-            while let Some((i, addr)) = faults.pop_front() {
-                let Some(sp) = spaces[i].as_mut() else {
-                    continue;
-                };
-                let fd = sp.uffd.as_raw_fd();
-                let outcome = match sp.pending.take_at(addr, FAULT_CHUNK) {
-                    Some((s, len, off)) => {
-                        let r = copy(fd, data, s, len, off)?;
-                        report.fault_bytes += len;
-                        r
-                    }
-                    // Not in the image: the page was never written.
-                    None => match sys::uffd_zeropage(fd, addr, PAGE_SIZE) {
-                        Ok(()) => Copied::Done,
-                        Err(e) => match e.raw_os_error() {
-                            Some(libc::EEXIST) => {
-                                let _ = sys::uffd_wake(fd, addr, PAGE_SIZE);
-                                Copied::Done
-                            }
-                            Some(libc::EAGAIN) => Copied::Again {
-                                start: addr,
-                                len: 0,
-                                offset: 0,
-                            },
-                            Some(libc::ENOENT) => Copied::Done,
-                            Some(libc::ESRCH) => Copied::Gone,
-                            _ => return Err(format!("zero page at {addr:#x}: {e}")),
-                        },
-                    },
-                };
-                match outcome {
-                    Copied::Done => {}
-                    Copied::Again { start, len, offset } => {
-                        sp.pending.put(start, len, offset);
-                        again.push_back((i, addr));
-                    }
-                    Copied::Gone => spaces[i] = None,
-                }
-            }
-            faults = again;
-            if faults.is_empty()
-                && spaces
-                    .iter()
-                    .all(|s| s.as_ref().is_none_or(|s| s.pending.is_empty()))
-            {
+            c.read_events()?;
+            c.serve_faults()?;
+            if c.done() {
                 return Ok(());
             }
-            // One background chunk, space after space.
-            let live: Vec<usize> = (0..spaces.len())
-                .filter(|&i| spaces[i].as_ref().is_some_and(|s| !s.pending.is_empty()))
-                .collect();
-            if live.is_empty() {
-                // Only faults waiting for the address space to settle.
-                std::thread::yield_now();
-                continue;
-            }
-            turn = (turn + 1) % live.len();
-            let i = live[turn];
-            let Some(sp) = spaces[i].as_mut() else {
-                continue;
-            };
-            let Some((s, len, off)) = sp.pending.take_first(BACKGROUND_CHUNK) else {
-                continue;
-            };
-            match copy(sp.uffd.as_raw_fd(), data, s, len, off)? {
-                Copied::Done => report.bytes += len,
-                Copied::Again { start, len, offset } => sp.pending.put(start, len, offset),
-                Copied::Gone => spaces[i] = None,
-            }
+            c.copy_next()?;
             if let Some(pace) = pace {
-                wait_events(&spaces, pace);
+                wait_events(&c.spaces, pace);
             }
         }
     })();
+    let mut report = c.report;
     report.bytes += report.fault_bytes;
     report.took = started.elapsed();
     match outcome {
