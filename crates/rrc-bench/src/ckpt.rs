@@ -202,23 +202,14 @@ fn memory_round(rrc: &Path, mb: usize, work: &Path) -> Result<CkptResult> {
     let mut child = child;
     child.wait()?;
 
-    let restored = restore(&images, false)?;
-    let n = lines(&log);
-    kill(restored.root, Signal::SIGUSR2)?;
-    let verified = wait_line(&log, "verified", n, Duration::from_secs(60))? == "verified true";
-    kill(restored.root, Signal::SIGKILL)?;
-    let _ = waitpid(restored.root, None);
-    // Again, running before its memory is in: it checks every byte at once.
-    let started = Instant::now();
-    let lazy = restore(&images, true)?;
-    let n = lines(&log);
-    kill(lazy.root, Signal::SIGUSR2)?;
-    let lazy_verified = wait_line(&log, "verified", n, Duration::from_secs(60))? == "verified true";
-    let pages = lazy.pages.wait().map_err(anyhow::Error::msg);
-    let lazy_all_in_ms = started.elapsed().as_secs_f64() * 1e3;
-    kill(lazy.root, Signal::SIGKILL)?;
-    let _ = waitpid(lazy.root, None);
-    pages?;
+    // The restored process checks every byte.
+    let check = |root: Pid| -> Result<bool> {
+        let n = lines(&log);
+        kill(root, Signal::SIGUSR2)?;
+        Ok(wait_line(&log, "verified", n, Duration::from_secs(60))? == "verified true")
+    };
+    let (restored, _, verified) = restore_and_check(&images, false, check)?;
+    let (lazy, lazy_all_in_ms, lazy_verified) = restore_and_check(&images, true, check)?;
     let r = CkptResult {
         workload: format!("{mb} MiB touched"),
         memory_mib: report.memory_bytes as f64 / (1 << 20) as f64,
@@ -303,27 +294,16 @@ fn redis_measure(
     })?;
     // We are Redis's parent and its tracer: the checkpoint already reaped it.
     let _ = child.try_wait();
-    let check = || -> Result<bool> {
+    let check = |_: Pid| -> Result<bool> {
         let mut c = RespConn::connect(addr, Duration::from_secs(5))?;
         Ok(matches!(
             c.command(&[b"DBSIZE"])?,
             crate::resp::Reply::Integer(1_000_000)
         ) && c.get(b"key:999999")?.is_some())
     };
-    let restored = restore(images, false)?;
-    let verified = check();
-    kill(restored.root, Signal::SIGKILL)?;
-    let _ = waitpid(restored.root, None);
-    // Again, running before its memory is in, and asked at once.
-    let started = Instant::now();
-    let lazy = restore(images, true)?;
-    let lazy_verified = check();
-    let pages = lazy.pages.wait().map_err(anyhow::Error::msg);
-    let lazy_all_in_ms = started.elapsed().as_secs_f64() * 1e3;
-    kill(lazy.root, Signal::SIGKILL)?;
-    let _ = waitpid(lazy.root, None);
-    pages?;
-    let verified = verified? && lazy_verified?;
+    let (restored, _, verified) = restore_and_check(images, false, check)?;
+    let (lazy, lazy_all_in_ms, lazy_verified) = restore_and_check(images, true, check)?;
+    let verified = verified && lazy_verified;
     let r = CkptResult {
         workload: "Redis, 1M keys".into(),
         memory_mib: report.memory_bytes as f64 / (1 << 20) as f64,
@@ -342,14 +322,27 @@ fn redis_measure(
     Ok(r)
 }
 
-/// Restores `images` on the host, lazily or not.
-fn restore(images: &Path, lazy_pages: bool) -> Result<rrc_ckpt::restore::Restored> {
-    Ok(rrc_ckpt::restore::restore(
-        &rrc_ckpt::restore::RestoreOptions {
-            lazy_pages,
-            ..rrc_ckpt::restore::RestoreOptions::tree(images)
-        },
-    )?)
+/// Restores `images` on the host (lazily or not), asks `check` at once
+/// whether the restored process (its root given) is whole, waits until
+/// every page is in and ends it: the restore's report, the milliseconds
+/// until every page was in, and what `check` said.
+fn restore_and_check(
+    images: &Path,
+    lazy_pages: bool,
+    check: impl FnOnce(Pid) -> Result<bool>,
+) -> Result<(rrc_ckpt::restore::Restored, f64, bool)> {
+    let started = Instant::now();
+    let restored = rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions {
+        lazy_pages,
+        ..rrc_ckpt::restore::RestoreOptions::tree(images)
+    })?;
+    let checked = check(restored.root);
+    let pages = restored.pages.wait().map_err(anyhow::Error::msg);
+    let all_in_ms = started.elapsed().as_secs_f64() * 1e3;
+    kill(restored.root, Signal::SIGKILL)?;
+    let _ = waitpid(restored.root, None);
+    pages?;
+    Ok((restored, all_in_ms, checked?))
 }
 
 /// Runs every workload `rounds` times; returns the median round of each.
