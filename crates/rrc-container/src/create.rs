@@ -357,6 +357,29 @@ impl Container {
     pub fn restore_report(&self) -> Option<&rrc_ckpt::restore::Restored> {
         self.restored.as_ref()
     }
+
+    /// Returns once the memory of a container restored with lazy pages is
+    /// all in (at once otherwise). A checkpoint waits for this: until then
+    /// the program's pages are registered with the copier's userfaultfd,
+    /// which the checkpoint's own tracking cannot share.
+    pub fn memory_in(&self) -> rrc_ckpt::Result<()> {
+        let Some(r) = self.restored.as_ref().filter(|r| !r.pages.is_empty()) else {
+            return Ok(());
+        };
+        let done = r.pages.wait().map_err(|detail| rrc_ckpt::Error::Restore {
+            pid: self.init.as_raw(),
+            stage: "lazy pages",
+            detail,
+        })?;
+        tracing::info!(
+            container = %self.record.name,
+            mib = done.bytes as f64 / (1 << 20) as f64,
+            ms = done.took.as_secs_f64() * 1e3,
+            faults = done.faults,
+            "every page of the restored container is in"
+        );
+        Ok(())
+    }
 }
 
 /// The TAP and uplink of a container whose network is set up but not yet

@@ -107,6 +107,7 @@ fn paused(
     hooks: &mut dyn EpochHooks,
     take: impl FnOnce(&mut dyn FreezeHooks) -> rrc_ckpt::Result<EpochReport>,
 ) -> rrc_ckpt::Result<EpochReport> {
+    c.memory_in()?;
     c.pause_network(true);
     hooks.paused();
     let r = take(&mut Moments { c, hooks });

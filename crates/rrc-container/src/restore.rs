@@ -93,6 +93,13 @@ pub struct RestoreSpec {
     /// TCP connections stay in repair mode (silent, their state as saved)
     /// for whoever takes them over; normally they go live.
     pub tcp_repair: bool,
+    /// The program runs before its private memory is all in: a copier
+    /// thread of the supervisor fills it in the background (see
+    /// [`rrc_ckpt::restore::RestoreOptions::lazy_pages`]). The supervisor
+    /// then holds the program's memory until every page is in: a
+    /// checkpoint of the container waits for that, and the program dies
+    /// with its supervisor as always (its parent-death signal).
+    pub lazy_pages: bool,
 }
 
 impl RestoreSpec {
@@ -131,6 +138,7 @@ impl RestoreSpec {
             share: ann.share,
             share_now: Vec::new(),
             tcp_repair: false,
+            lazy_pages: false,
         })
     }
 }
@@ -246,7 +254,7 @@ impl Container {
             after_spawn: Some(&after_spawn),
             keep_repair: spec.tcp_repair,
             ghosts: spec.root.ghosts(&spec.name)?,
-            lazy_pages: false,
+            lazy_pages: spec.lazy_pages,
         })?;
         let init = restored.root;
         partial.init = Some(init);

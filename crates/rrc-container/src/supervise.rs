@@ -286,6 +286,7 @@ impl Container {
     /// one that is killed (and then removed by this process) is cut off
     /// the network for good.
     pub fn checkpoint(&mut self, images: &Path, leave_running: bool) -> Result<CheckpointReport> {
+        self.memory_in()?;
         let annotations = self.annotations()?;
         if let Some(net) = &self.net {
             if leave_running {

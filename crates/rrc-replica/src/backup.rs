@@ -827,8 +827,9 @@ pub fn restore_as_container(
     uplink: Option<String>,
     protect: Option<&Protect>,
 ) -> Result<String, String> {
-    let (spec, _copy) = rrc_session::recording::unrecorded_restore(image, None, uplink)
+    let (mut spec, _copy) = rrc_session::recording::unrecorded_restore(image, None, uplink)
         .map_err(|e| e.to_string())?;
+    spec.lazy_pages = true;
     let launch = crate::takeover::protected(
         Launch::new(Source::Image(spec)),
         protect,

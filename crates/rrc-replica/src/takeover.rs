@@ -153,6 +153,7 @@ pub fn by_replay(
     let mut spec =
         RestoreSpec::from_image(prepared.copy.path(), None, uplink).map_err(|e| e.to_string())?;
     spec.tcp_repair = true;
+    spec.lazy_pages = true;
     // The replayed program reads the log, writes its capture and talks
     // over the socket at these paths, whatever its root.
     spec.share_now.extend(
@@ -279,8 +280,10 @@ pub fn from_checkpoint(
     let t0 = Instant::now();
     let copy = WorkingCopy::of(image).map_err(|e| e.to_string())?;
     let reset = disconnect_active(copy.path(), image, log)?;
-    let (spec, _unrecorded) = rrc_session::recording::unrecorded_restore(copy.path(), None, uplink)
-        .map_err(|e| e.to_string())?;
+    let (mut spec, _unrecorded) =
+        rrc_session::recording::unrecorded_restore(copy.path(), None, uplink)
+            .map_err(|e| e.to_string())?;
+    spec.lazy_pages = true;
     wait_name_free(&spec.name, Duration::from_secs(10))?;
     let launch = protected(
         Launch::new(Source::Image(spec)),

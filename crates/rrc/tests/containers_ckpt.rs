@@ -92,6 +92,115 @@ fn redis_moves_from_primary_to_backup_with_its_data() {
     let _ = std::fs::remove_dir_all(&images);
 }
 
+/// The value of key `i` in the lazy-pages test: 1 KiB, its own for each key.
+fn kib_value(i: usize) -> Vec<u8> {
+    let mut v = format!("value-{i}-").into_bytes();
+    v.resize(1024, b'a' + (i % 26) as u8);
+    v
+}
+
+/// Sends `command(i)` for every `i` below `n`, 1000 at a time before
+/// reading their replies, and checks each reply with `check(i, reply)`.
+fn pipelined(
+    c: &mut RespConn,
+    n: usize,
+    command: impl Fn(usize) -> Vec<Vec<u8>>,
+    check: impl Fn(usize, Reply),
+) {
+    for batch in (0..n).collect::<Vec<_>>().chunks(1000) {
+        for &i in batch {
+            let args = command(i);
+            let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            c.send(&args).unwrap();
+        }
+        for &i in batch {
+            check(i, c.read_reply().unwrap());
+        }
+    }
+}
+
+#[test]
+fn a_container_restored_with_lazy_pages_has_all_its_data_and_checkpoints_at_once() {
+    const KEYS: usize = 80_000;
+    let lab = TestLab::up("clazy");
+    let vip = lab.vip();
+    let ip = strip_prefix(&vip);
+    lab.run_container(
+        "primary",
+        "redis",
+        &vip,
+        &App::argv(&App::Redis.command().unwrap()),
+    );
+    let addr: std::net::SocketAddr = format!("{ip}:6379").parse().unwrap();
+    lab.wait_tcp(&addr.to_string());
+    // About 100 MB for the copier to fill.
+    lab.on("client", move || {
+        let mut c = RespConn::connect(addr, Duration::from_secs(10)).unwrap();
+        pipelined(
+            &mut c,
+            KEYS,
+            |i| {
+                vec![
+                    b"SET".to_vec(),
+                    format!("key:{i}").into_bytes(),
+                    kib_value(i),
+                ]
+            },
+            |i, r| assert_eq!(r, Reply::Status("OK".into()), "SET key:{i}"),
+        );
+    });
+    let first = image_dir("lazy1");
+    lab.rrc_on("primary", &["checkpoint", "redis", "--images", &first])
+        .ok();
+    let out = lab
+        .rrc_on("backup", &["restore", "--images", &first, "--lazy-pages"])
+        .ok();
+    assert!(out.stdout.contains("container redis restored"), "{out:?}");
+    // At once: a series of checkpoints (their write tracking cannot share
+    // the pages with the copier) waits for every page, then takes them all.
+    let second = image_dir("lazy2");
+    let o = lab
+        .rrc_on(
+            "backup",
+            &[
+                "checkpoint",
+                "redis",
+                "--images",
+                &second,
+                "--every",
+                "50ms",
+                "--count",
+                "3",
+            ],
+        )
+        .ok();
+    assert!(
+        o.stdout.contains("3 checkpoints") && !o.stdout.contains("failed"),
+        "every checkpoint of the series must succeed: {o:?}"
+    );
+    lab.rrc_on("backup", &["stop", "redis"]).ok();
+    let out = lab
+        .rrc_on("primary", &["restore", "--images", &second, "--lazy-pages"])
+        .ok();
+    assert!(out.stdout.contains("container redis restored"), "{out:?}");
+    // Read while the pages are still coming in.
+    lab.on("client", move || {
+        let mut c = RespConn::connect(addr, Duration::from_secs(10)).unwrap();
+        pipelined(
+            &mut c,
+            KEYS,
+            |i| vec![b"GET".to_vec(), format!("key:{i}").into_bytes()],
+            |i, r| assert_eq!(r, Reply::Bulk(Some(kib_value(i))), "GET key:{i}"),
+        );
+        c.set(b"after", b"restore").unwrap();
+        assert_eq!(c.get(b"after").unwrap().unwrap(), b"restore".to_vec());
+    });
+    lab.rrc_on("primary", &["stop", "redis"]).ok();
+    for d in [first, second] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
+
 fn memcached(addr: &str, cmd: &str) -> String {
     let s = TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

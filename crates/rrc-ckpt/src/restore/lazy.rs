@@ -151,9 +151,23 @@ impl LazyPages {
     /// it), whose pages `runs` of `data` are registered with `uffd`.
     pub fn start(&self, pid: i32, host: Pid, uffd: OwnedFd, data: memmap2::Mmap, runs: &[PageRun]) {
         let pending = Pending::from_runs(runs);
+        // The thread starts with every signal blocked: a signal meant for
+        // the process (a supervisor's SIGTERM, read from its signalfd) must
+        // never be taken by this thread, whose default action would end
+        // the process while the program still needs its pages.
+        use nix::sys::signal::{SigSet, SigmaskHow};
+        let before = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK);
         let handle = std::thread::Builder::new()
             .name(format!("rrc-pages-{pid}"))
             .spawn(move || copy_all(host, Space { uffd, pending }, &data));
+        match before {
+            Ok(mask) => {
+                if let Err(e) = mask.thread_set_mask() {
+                    tracing::warn!("restoring the signal mask: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("blocking signals for the copier: {e}"),
+        }
         match handle {
             Ok(h) => self
                 .0

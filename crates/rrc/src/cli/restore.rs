@@ -35,13 +35,17 @@ pub struct RestoreArgs {
     /// whose subnet holds its address).
     #[arg(long, value_name = "IF")]
     uplink: Option<String>,
-    /// (Process trees) let the processes run before all their memory is
-    /// in: private memory is copied in the background, a page the program
-    /// touches first. The command then stays until every page is in (it
+    /// Let the processes run before all their memory is in: private
+    /// memory is copied in the background, a page the program touches
+    /// first. A process with children, or where userfaultfd's events are
+    /// not available, is filled before it runs as without this option.
+    ///
+    /// A process tree: the command stays until every page is in (it
     /// ignores SIGINT, SIGTERM and SIGHUP meanwhile: killed with SIGKILL
     /// before, it would leave the program zeros where its memory was not
-    /// in yet). A process with children, or where userfaultfd's events are
-    /// not available, is filled before it runs as without this option.
+    /// in yet). A container: its supervisor fills the memory (the program
+    /// dies with it, as always) and a checkpoint of it waits until every
+    /// page is in. Takeovers restore this way.
     #[arg(long)]
     lazy_pages: bool,
 }
@@ -55,14 +59,10 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     if !is_container {
         return restore_tree(&images, a.lazy_pages);
     }
-    if a.lazy_pages {
-        anyhow::bail!(
-            "--lazy-pages is for process trees: a container's memory is filled before it runs"
-        );
-    }
     let name = a.name.as_deref().map(str::parse).transpose()?;
     // A recorded program stops recording: nothing drains its rings here.
-    let (spec, _copy) = rrc_session::recording::unrecorded_restore(&images, name, a.uplink)?;
+    let (mut spec, _copy) = rrc_session::recording::unrecorded_restore(&images, name, a.uplink)?;
+    spec.lazy_pages = a.lazy_pages;
     let launched = Launch::new(Source::Image(spec)).detach(true).run()?;
     Ok(super::exit_code(launched))
 }
