@@ -41,7 +41,11 @@ pub fn init(capture: Option<&std::path::Path>) {
     // had when recorded, and it opens the lowest free ones.
     // SAFETY: fcntl and close on the descriptor just opened.
     let high = unsafe {
-        let h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 900);
+        let h = libc::fcntl(
+            fd,
+            libc::F_DUPFD_CLOEXEC,
+            rrc_rr::interface::CAPTURE_FD_FROM,
+        );
         libc::close(fd);
         h
     };

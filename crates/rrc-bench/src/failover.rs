@@ -177,6 +177,25 @@ impl Mode {
     }
 }
 
+/// How a takeover brings the container's memory in (`rrc backup
+/// --eager-pages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Pages {
+    /// The program runs first; its memory follows while it runs.
+    Lazy,
+    /// The whole memory is copied before the program runs.
+    Eager,
+}
+
+impl Pages {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pages::Lazy => "lazy",
+            Pages::Eager => "eager",
+        }
+    }
+}
+
 /// How the pair is set up.
 #[derive(Debug, Clone)]
 pub struct PairOptions {
@@ -213,6 +232,8 @@ pub struct PairOptions {
     /// --identity`): the backup lists the primary's host for the service,
     /// the primary the backup's host.
     pub identities: bool,
+    /// How a takeover brings the memory in.
+    pub pages: Pages,
 }
 
 /// The port of the pair's metrics endpoints, with `metrics`.
@@ -232,6 +253,7 @@ impl Default for PairOptions {
             then_protect: false,
             keep_serving: false,
             identities: false,
+            pages: Pages::Lazy,
         }
     }
 }
@@ -374,6 +396,12 @@ pub struct Pair<'a> {
 }
 
 impl<'a> Pair<'a> {
+    /// How the backups started from now on bring the memory in at a
+    /// takeover.
+    pub fn set_pages(&mut self, pages: Pages) {
+        self.opts.pages = pages;
+    }
+
     /// Makes a key shared by both hosts; nothing runs yet.
     pub fn new(lab: &'a LabSession, app: App, opts: PairOptions) -> Result<Pair<'a>> {
         // The pair's files, named after its lab, this process and the app.
@@ -559,6 +587,9 @@ impl<'a> Pair<'a> {
         }
         if self.opts.keep_serving {
             cmd.arg("--keep-serving");
+        }
+        if self.opts.pages == Pages::Eager {
+            cmd.arg("--eager-pages");
         }
         if let (Some((file, _)), Some((_, primary))) = (
             self.identity_of(self.backup_host),

@@ -19,7 +19,7 @@ use rrc_replica::gate::DelaySummary;
 use rrc_replica::primary::PrimaryStats;
 use serde::Serialize;
 
-use crate::failover::{App, Mode, Moments, Pair, PairOptions, ReplayCheck, Trial, trial};
+use crate::failover::{App, Mode, Moments, Pages, Pair, PairOptions, ReplayCheck, Trial, trial};
 use crate::session::LabSession;
 use crate::stats::{Latencies, Summary};
 use crate::verify::{self, VerifyReport};
@@ -39,6 +39,10 @@ pub struct FailoverConfig {
     /// Run the lab's arbiter and have both sides ask it (the pair's own
     /// `arbiter` is set from the lab's).
     pub arbiter: bool,
+    /// How takeovers bring the memory in: with more than one, the kills
+    /// take them in turn (the pair's own `pages` is ignored), and each
+    /// gets its row of recovery figures.
+    pub pages: Vec<Pages>,
 }
 
 /// One load's figures.
@@ -64,6 +68,7 @@ pub struct Overhead {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Recovery {
     pub app: Option<App>,
+    pub pages: Option<Pages>,
     pub kills: usize,
     pub succeeded: usize,
     pub first_answer_avg: f64,
@@ -157,7 +162,7 @@ pub fn measure(lab: &LabSession, app: App, connections: usize, load: Duration) -
     Ok(load_figures(&r, load + Duration::from_millis(500)))
 }
 
-fn summarize(app: App, trials: &[Trial]) -> Recovery {
+fn summarize(app: App, pages: Pages, trials: &[Trial]) -> Recovery {
     let ok: Vec<&Trial> = trials.iter().filter(|t| t.ok()).collect();
     let n = ok.len().max(1) as f64;
     let avg = |f: &dyn Fn(&Trial) -> f64| ok.iter().map(|t| f(t)).sum::<f64>() / n;
@@ -180,6 +185,7 @@ fn summarize(app: App, trials: &[Trial]) -> Recovery {
         .unwrap_or(0.0);
     Recovery {
         app: Some(app),
+        pages: Some(pages),
         kills: trials.len(),
         succeeded: ok.len(),
         first_answer_avg: avg(&first),
@@ -214,6 +220,16 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
     };
     let mut cfg = cfg.clone();
     cfg.pair.arbiter = lab.arbiter().map(str::to_string);
+    let mut seen = Vec::new();
+    cfg.pages.retain(|p| {
+        let new = !seen.contains(p);
+        seen.push(*p);
+        new
+    });
+    if cfg.pages.is_empty() {
+        cfg.pages = vec![cfg.pair.pages];
+    }
+    cfg.pair.pages = cfg.pages[0];
     let cfg = &cfg;
     let mut moments = Moments::new(cfg.seed);
     let mut report = FailoverReport {
@@ -246,9 +262,12 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
                 replicated,
             });
         }
-        let mut trials = Vec::new();
+        let mut trials: Vec<(Pages, Trial)> = Vec::new();
         for i in 0..cfg.kills {
-            // In checkpoint mode the pair is up already for the first kill.
+            let pages = cfg.pages[i % cfg.pages.len()];
+            pair.set_pages(pages);
+            // In checkpoint mode the pair is up already for the first kill
+            // (with the first of `pages`).
             if i > 0 || cfg.pair.mode == Mode::Responsive {
                 pair.start_backup()?;
                 pair.start_primary()?;
@@ -272,10 +291,11 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
                 report.replays.push(c);
             }
             progress(&format!(
-                "{} kill {}/{}: {} after {:.0} ms of load; first answer {}, all connections {}{}",
+                "{} kill {}/{} ({} pages): {} after {:.0} ms of load; first answer {}, all connections {}{}",
                 app.name(),
                 i + 1,
                 cfg.kills,
+                pages.name(),
                 if t.ok() { "recovered" } else { "FAILED" },
                 t.kill_after_ms,
                 ms_or_none(t.first_answer_ms),
@@ -285,11 +305,18 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
                     .map(|e| format!("; {e}"))
                     .unwrap_or_default()
             ));
-            trials.push(t);
+            trials.push((pages, t));
             pair.reset()?;
         }
-        report.recovery.push(summarize(app, &trials));
-        report.trials.extend(trials);
+        for &pages in &cfg.pages {
+            let these: Vec<Trial> = trials
+                .iter()
+                .filter(|(p, _)| *p == pages)
+                .map(|(_, t)| t.clone())
+                .collect();
+            report.recovery.push(summarize(app, pages, &these));
+        }
+        report.trials.extend(trials.into_iter().map(|(_, t)| t));
     }
     Ok(report)
 }
@@ -395,8 +422,9 @@ pub fn render(r: &FailoverReport) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "{:<10} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
         "app",
+        "pages",
         "recovered",
         "first avg",
         "first max",
@@ -414,8 +442,9 @@ pub fn render(r: &FailoverReport) -> String {
     for v in &r.recovery {
         let _ = writeln!(
             s,
-            "{:<10} {:>5}/{:<3} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.1} {:>8.0} {:>9}",
+            "{:<10} {:<6} {:>5}/{:<3} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.1} {:>8.0} {:>9}",
             v.app.map(App::name).unwrap_or("-"),
+            v.pages.map(Pages::name).unwrap_or("-"),
             v.succeeded,
             v.kills,
             v.first_answer_avg,
@@ -434,7 +463,7 @@ pub fn render(r: &FailoverReport) -> String {
     }
     let _ = writeln!(
         s,
-        "(first: kill to the first reply from the new primary on any connection; all: until every connection was answered again;\n detect: the primary's silence until the backup decided; takeover: from the decision to the service running, of which, by replay:\n restore, replay of the log and the connections' rebuilding; resume: announcement, forwarding and client retransmission;\n the arbiter's claim averaged {:.1} ms, fencing {:.0} ms)",
+        "(first: kill to the first reply from the new primary on any connection; all: until every connection was answered again;\n detect: the primary's silence until the backup decided; takeover: from the decision to the service running, of which, by replay:\n restore, replay of the log and the connections' rebuilding; pages: lazy, the program ran before its memory was in; resume: announcement, forwarding and client retransmission;\n the arbiter's claim averaged {:.1} ms, fencing {:.0} ms)",
         r.recovery.iter().map(|v| v.arbiter_avg).sum::<f64>() / r.recovery.len().max(1) as f64,
         r.recovery.iter().map(|v| v.fence_avg).sum::<f64>() / r.recovery.len().max(1) as f64
     );

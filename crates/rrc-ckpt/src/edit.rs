@@ -375,6 +375,21 @@ impl ImageEdit {
         })
     }
 
+    /// Gives the fd table of process `pid` room for descriptors below
+    /// `room` from its restore on (one that has more keeps it): a
+    /// descriptor it will place that high then needs no growth of the
+    /// table, which waits for an RCU grace period once threads share it.
+    pub fn fd_room(&mut self, pid: i32, room: u32) -> Result<()> {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return Err(self.missing(format!("process {pid}")));
+        };
+        if p.fd_table < room {
+            p.fd_table = room;
+            self.changed.insert(pid);
+        }
+        Ok(())
+    }
+
     /// Makes the threads of process `pid` that the checkpoint caught
     /// blocked in one of `syscalls` (numbers) return EINTR from it when
     /// restored, instead of waiting again; returns how many there were.

@@ -125,6 +125,12 @@ pub struct ProcessImage {
     /// repeats the parent's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shares_parent_files: bool,
+    /// Room in its fd table (`FDSize`), given back at a restore: a table
+    /// its threads share grows only after an RCU grace period (10-30 ms),
+    /// so a descriptor numbered high after the restore (librrc's own)
+    /// must find the room there already, as it did in the original.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub fd_table: u32,
     /// File locks to take again, through this process's fds, once they
     /// are in place.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -361,6 +367,10 @@ pub struct OpenFile {
 }
 
 fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
     *v == 0
 }
 

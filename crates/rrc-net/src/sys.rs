@@ -166,13 +166,16 @@ pub fn add_default_route(sock: BorrowedFd<'_>, gateway: Ipv4Addr) -> io::Result<
     Ok(())
 }
 
-/// An `AF_PACKET` raw socket for all protocols, not yet bound.
+/// An `AF_PACKET` raw socket, not yet bound: it takes no frame until
+/// [`packet_bind`] names the interface and the protocols (all of them).
 pub fn packet_socket() -> io::Result<OwnedFd> {
-    let proto = (libc::ETH_P_ALL as u16).to_be() as libc::c_int;
+    // Protocol 0: no receive hook yet. A socket made for ETH_P_ALL hooks
+    // every interface at once, and its bind to one interface must then
+    // unhook it first, which waits for an RCU grace period (10 ms
+    // measured, in every container start and restore).
     // SAFETY: plain socket(2); the returned fd is fresh and owned by us.
-    let fd = check(unsafe {
-        libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto)
-    })?;
+    let fd =
+        check(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: fd was just returned by socket(2) and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

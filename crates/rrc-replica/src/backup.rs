@@ -43,7 +43,7 @@ use crate::log_store::LogStore;
 use crate::metrics::{Metrics, MetricsHub, MetricsServer, Role};
 use crate::position::{LogPosition, POSITION_ANNOTATION};
 use crate::reprotect::Protect;
-use crate::takeover::{Fallback, ReplayOutcome, by_replay, from_checkpoint};
+use crate::takeover::{Fallback, ReplayOutcome, Restoring, by_replay, from_checkpoint};
 
 pub struct BackupOptions {
     pub listen: SocketAddr,
@@ -146,12 +146,12 @@ pub fn resume(
     image: &Path,
     log: &LogFound,
     dir: &Path,
-    uplink: Option<String>,
+    how: &Restoring,
     protect: Option<&Protect>,
 ) -> Result<Resumed, String> {
     let log = match log {
         LogFound::None => {
-            return restore_as_container(image, uplink, protect).map(Resumed::Checkpoint);
+            return restore_as_container(image, how, protect).map(Resumed::Checkpoint);
         }
         LogFound::Written(l) => l,
         LogFound::Lost(why) => {
@@ -159,10 +159,10 @@ pub fn resume(
                 why: Some(format!("the log was lost: {why}")),
                 ..ReplayOutcome::default()
             };
-            return fall_back(image, None, uplink, outcome, protect);
+            return fall_back(image, None, how, outcome, protect);
         }
     };
-    let outcome = match by_replay(image, log, dir, uplink.clone(), protect) {
+    let outcome = match by_replay(image, log, dir, how, protect) {
         Ok((restored, o)) if o.live => {
             return Ok(Resumed::Replayed {
                 restored,
@@ -175,7 +175,7 @@ pub fn resume(
             ..ReplayOutcome::default()
         },
     };
-    fall_back(image, Some(log), uplink, outcome, protect)
+    fall_back(image, Some(log), how, outcome, protect)
 }
 
 /// The fallback from the checkpoint after `outcome` (a failed replay),
@@ -183,7 +183,7 @@ pub fn resume(
 fn fall_back(
     image: &Path,
     log: Option<&LogWritten>,
-    uplink: Option<String>,
+    how: &Restoring,
     outcome: ReplayOutcome,
     protect: Option<&Protect>,
 ) -> Result<Resumed, String> {
@@ -191,7 +191,7 @@ fn fall_back(
         "rrc backup: TAKEOVER BY REPLAY FAILED: {}; falling back to the checkpoint",
         outcome.why.as_deref().unwrap_or("no reason given")
     );
-    let fallback = from_checkpoint(image, log, uplink, protect)?;
+    let fallback = from_checkpoint(image, log, how, protect)?;
     eprintln!(
         "rrc backup: FALLBACK: restored from the checkpoint; {} connection(s) used after it were reset",
         fallback.reset
@@ -818,18 +818,16 @@ fn claim(
 }
 
 /// The takeover's restore: the image as a container on this host (same
-/// name, address and MAC, frames through `uplink` or the interface whose
-/// subnet holds the address), supervised by a background process; what it
-/// said once it ran. A recorded program stops recording (its log went to
-/// the primary's backup, which this host no longer has).
+/// name, address and MAC; `how` says the uplink and how the memory comes
+/// in), supervised by a background process; what it said once it ran. A
+/// recorded program stops recording (its log went to the primary's
+/// backup, which this host no longer has).
 pub fn restore_as_container(
     image: &Path,
-    uplink: Option<String>,
+    how: &Restoring,
     protect: Option<&Protect>,
 ) -> Result<String, String> {
-    let (mut spec, _copy) = rrc_session::recording::unrecorded_restore(image, None, uplink)
-        .map_err(|e| e.to_string())?;
-    spec.lazy_pages = true;
+    let (spec, _copy) = how.unrecorded(image)?;
     let launch = crate::takeover::protected(
         Launch::new(Source::Image(spec)),
         protect,

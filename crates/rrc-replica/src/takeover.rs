@@ -114,6 +114,44 @@ impl Paths {
     }
 }
 
+/// Where and how a takeover restores the container on this host.
+#[derive(Debug, Clone, Default)]
+pub struct Restoring {
+    /// The host interface the container's frames leave by (else the one
+    /// whose subnet holds its address).
+    pub uplink: Option<String>,
+    /// Copy the whole memory before the program runs. By default the
+    /// program runs once everything but its private memory is in place,
+    /// and that memory follows from the image while it runs (lazy pages):
+    /// the takeover is shorter by most of the copy.
+    pub eager_pages: bool,
+}
+
+impl Restoring {
+    /// The restore of `image` (a working copy) as a container, per these
+    /// choices.
+    fn spec(&self, image: &Path) -> Result<RestoreSpec, String> {
+        let mut spec =
+            RestoreSpec::from_image(image, None, self.uplink.clone()).map_err(|e| e.to_string())?;
+        spec.lazy_pages = !self.eager_pages;
+        Ok(spec)
+    }
+
+    /// As [`Restoring::spec`], for a recorded image restored to run
+    /// unrecorded (its log went to the primary's backup, which this host
+    /// no longer has); the second value keeps the image copy alive.
+    pub(crate) fn unrecorded(
+        &self,
+        image: &Path,
+    ) -> Result<(RestoreSpec, Option<WorkingCopy>), String> {
+        let (mut spec, copy) =
+            rrc_session::recording::unrecorded_restore(image, None, self.uplink.clone())
+                .map_err(|e| e.to_string())?;
+        spec.lazy_pages = !self.eager_pages;
+        Ok((spec, copy))
+    }
+}
+
 /// Takes over by replay: restores `image` marked for replaying `log` as a
 /// container, and waits until it runs live (or failed, the container then
 /// gone). Err: it could not be tried at all.
@@ -121,7 +159,7 @@ pub fn by_replay(
     image: &Path,
     log: &LogWritten,
     dir: &Path,
-    uplink: Option<String>,
+    how: &Restoring,
     protect: Option<&Protect>,
 ) -> Result<(String, ReplayOutcome), String> {
     let paths = Paths::under(dir, &log.dir);
@@ -150,10 +188,8 @@ pub fn by_replay(
         ..ReplayOptions::new(&log.dir)
     };
     let prepared = prepare(image, &opts).map_err(|e| e.to_string())?;
-    let mut spec =
-        RestoreSpec::from_image(prepared.copy.path(), None, uplink).map_err(|e| e.to_string())?;
+    let mut spec = how.spec(prepared.copy.path())?;
     spec.tcp_repair = true;
-    spec.lazy_pages = true;
     // The replayed program reads the log, writes its capture and talks
     // over the socket at these paths, whatever its root.
     spec.share_now.extend(
@@ -274,16 +310,13 @@ fn wait_report(path: &Path, limit: Duration) -> ReplayOutcome {
 pub fn from_checkpoint(
     image: &Path,
     log: Option<&LogWritten>,
-    uplink: Option<String>,
+    how: &Restoring,
     protect: Option<&Protect>,
 ) -> Result<Fallback, String> {
     let t0 = Instant::now();
     let copy = WorkingCopy::of(image).map_err(|e| e.to_string())?;
     let reset = disconnect_active(copy.path(), image, log)?;
-    let (mut spec, _unrecorded) =
-        rrc_session::recording::unrecorded_restore(copy.path(), None, uplink)
-            .map_err(|e| e.to_string())?;
-    spec.lazy_pages = true;
+    let (spec, _unrecorded) = how.unrecorded(copy.path())?;
     wait_name_free(&spec.name, Duration::from_secs(10))?;
     let launch = protected(
         Launch::new(Source::Image(spec)),

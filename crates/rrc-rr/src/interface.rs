@@ -548,6 +548,11 @@ fn unescape(bytes: &[u8], line: usize) -> Result<Vec<u8>, InterfaceError> {
     Ok(out)
 }
 
+/// The lowest descriptor number librrc gives the capture file, out of the
+/// way of the program's own (which takes the lowest free ones). A replay
+/// gives the process's fd table room for it beforehand.
+pub const CAPTURE_FD_FROM: i32 = 900;
+
 /// Length of a capture record's header (descriptor and length).
 pub const CAPTURE_HEADER_LEN: usize = 8;
 /// The length field of a record marking a connection closed.

@@ -98,6 +98,10 @@ impl ReplayOptions {
     }
 }
 
+/// The room [`prepare`] gives a replayed process's fd table for the
+/// capture file: the kernel's own size for a table holding its number.
+const CAPTURE_FD_ROOM: u32 = (rrc_rr::interface::CAPTURE_FD_FROM as u32 + 1).next_power_of_two();
+
 /// System calls behind the wrapped input functions: a thread checkpointed
 /// while blocked in one returns EINTR on restore instead of waiting again,
 /// so that its wrapper serves the call from the log.
@@ -164,6 +168,11 @@ pub fn prepare(images: &Path, opts: &ReplayOptions) -> Result<Prepared> {
     // The replay's output and librrc's report reach the caller, and the
     // original's log is not written over.
     edit.output_to_restorer(rings.pid)?;
+    if opts.capture.is_some() {
+        // Room for the capture file's descriptor before the threads share
+        // the table (growing it then took 10-30 ms of the takeover).
+        edit.fd_room(rings.pid, CAPTURE_FD_ROOM)?;
+    }
     let interrupted = edit.interrupt_syscalls(rings.pid, INPUT_SYSCALLS)?;
     edit.save()?;
     Ok(Prepared {

@@ -203,7 +203,8 @@ fn socket_options(pid: Pid, fd: i32) -> String {
 }
 
 /// What the kernel shows of the tree from outside, in the terms a restore
-/// must keep: each process's fds (name, fdinfo, socket options) and maps.
+/// must keep: each process's fds (name, fdinfo, socket options), the room
+/// in its fd table, and its maps.
 /// Inode numbers, ids and timers' remaining times are left out.
 fn outside_view(root: Pid) -> BTreeMap<String, String> {
     let mut view = BTreeMap::new();
@@ -218,6 +219,12 @@ fn outside_view(root: Pid) -> BTreeMap<String, String> {
             })
             .collect();
         view.insert(format!("{p} maps"), maps.join("\n"));
+        let status = fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let fd_table = status.lines().find_map(|l| l.strip_prefix("FDSize:"));
+        view.insert(
+            format!("{p} fd table"),
+            fd_table.unwrap_or("").trim().to_string(),
+        );
         let mut fds: Vec<i32> = fs::read_dir(format!("/proc/{p}/fd"))
             .into_iter()
             .flatten()
@@ -287,9 +294,17 @@ fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
         b.is_some_and(|b| b == "(deleted)")
             && a.is_some_and(|a| fs::metadata(a).is_ok_and(|m| m.nlink() > 0))
     };
+    // The restore may leave more room in an fd table (never less).
+    let roomier = |k: &str, b: Option<&String>, a: Option<&String>| {
+        let n = |v: Option<&String>| v.and_then(|v| v.parse::<u32>().ok());
+        k.ends_with(" fd table") && n(a) >= n(b) && n(b).is_some()
+    };
     let differ: Vec<String> = keys
         .into_iter()
-        .filter(|k| before.get(*k) != after.get(*k) && !relinked(before.get(*k), after.get(*k)))
+        .filter(|k| {
+            let (b, a) = (before.get(*k), after.get(*k));
+            b != a && !relinked(b, a) && !roomier(k, b, a)
+        })
         .map(|k| {
             format!(
                 "{k}:\n  before {:?}\n  after  {:?}",

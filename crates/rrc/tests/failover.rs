@@ -16,7 +16,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rrc_bench::failover::{App, Mode, Moments, Pair, PairOptions, trial};
+use rrc_bench::failover::{App, Mode, Moments, Pages, Pair, PairOptions, trial};
 
 /// How long after a kill every connection must be answered again: a wide
 /// margin over the few hundred milliseconds it takes (a noisy machine
@@ -239,7 +239,18 @@ fn kills_with(tag: &str, app: App, opts: PairOptions, kills: usize) {
 
 #[test]
 fn redis_survives_primary_kills_at_random_moments() {
-    kills("fored", App::Redis, Mode::Checkpoint, 10);
+    // The memory copied before the program runs (`rrc backup
+    // --eager-pages`); the other takeovers bring it in lazily.
+    kills_with(
+        "fored",
+        App::Redis,
+        PairOptions {
+            mode: Mode::Checkpoint,
+            pages: Pages::Eager,
+            ..PairOptions::default()
+        },
+        10,
+    );
 }
 
 #[test]

@@ -441,6 +441,7 @@ pub(crate) fn take(
             holes: mem.holes,
             fds,
             shares_parent_files,
+            fd_table: status.fdsize,
             locks: Vec::new(),
             zombie: None,
             sigactions: ts.sigactions,

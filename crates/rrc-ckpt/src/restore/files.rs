@@ -17,6 +17,10 @@ use crate::restore::sockets;
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, nr};
 
+/// The most room [`make_room`] gives an fd table, whatever an image says
+/// (an entry costs 8 bytes of kernel memory, and an image is not trusted).
+const MAX_FD_TABLE: u32 = 1 << 16;
+
 fn rerr(pid: i32, stage: &'static str, detail: String) -> Error {
     Error::Restore { pid, stage, detail }
 }
@@ -1142,6 +1146,7 @@ pub fn arrange(
             t.call("close", nr::SYS_close, &[fd])?;
         }
     }
+    make_room(t, p, &wanted)?;
     // Images without the open file of each target: by fd number.
     for fd in &p.fds {
         let Some(f) = m.files.get(fd.file) else {
@@ -1169,6 +1174,27 @@ pub fn arrange(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Grows the fd table of `p` to the room it had, while no thread shares
+/// it (growing a shared table waits for an RCU grace period): a
+/// descriptor placed at the last slot and closed again, since a table
+/// never shrinks.
+fn make_room(t: &mut Tracee, p: &ProcessImage, wanted: &HashSet<u64>) -> Result<()> {
+    let last = u64::from(p.fd_table.min(MAX_FD_TABLE)).saturating_sub(1);
+    let Some(&any) = wanted.iter().next() else {
+        return Ok(());
+    };
+    if last == 0 || wanted.iter().any(|&fd| fd >= last) {
+        return Ok(());
+    }
+    // Past the process's RLIMIT_NOFILE (set later, from the image) the
+    // call fails: the table then grows when it must, as before.
+    let r = t.raw_on(t.pid, nr::SYS_dup3, &[any, last, libc::O_CLOEXEC as u64])?;
+    if r >= 0 {
+        t.call("close", nr::SYS_close, &[last])?;
     }
     Ok(())
 }

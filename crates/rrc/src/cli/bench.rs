@@ -124,6 +124,13 @@ pub struct FailoverArgs {
     /// received.
     #[arg(long, value_enum, default_value_t = ModeArg::Checkpoint)]
     mode: ModeArg,
+    /// How the backup's takeovers bring the memory in (`rrc backup
+    /// --eager-pages`): lazy, the program runs first and its memory
+    /// follows; eager, all of it before the program runs. With both
+    /// (`--pages lazy,eager`) the kills take them in turn, and each gets
+    /// its row of recovery figures.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [PagesArg::Lazy])]
+    pages: Vec<PagesArg>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -178,6 +185,21 @@ enum FailoverApp {
     Memcached,
     Lighttpd,
     Tarantool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PagesArg {
+    Lazy,
+    Eager,
+}
+
+impl PagesArg {
+    fn pages(self) -> rrc_bench::failover::Pages {
+        match self {
+            PagesArg::Lazy => rrc_bench::failover::Pages::Lazy,
+            PagesArg::Eager => rrc_bench::failover::Pages::Eager,
+        }
+    }
 }
 
 impl FailoverApp {
@@ -373,6 +395,7 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 },
                 seed: a.seed.unwrap_or_else(Moments::seed_from_clock),
                 arbiter: a.arbiter,
+                pages: a.pages.iter().map(|p| p.pages()).collect(),
             };
             eprintln!("bench: kill moments from seed {}", cfg.seed);
             let r = failover_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;

@@ -19,7 +19,7 @@ use rrc_replica::gate::Release;
 use rrc_replica::link::LinkConfig;
 use rrc_replica::primary::{PrimaryOptions, Replication};
 use rrc_replica::reprotect::{Protect, ProtectJob, ResumeJob};
-use rrc_replica::takeover::ReplayOutcome;
+use rrc_replica::takeover::{ReplayOutcome, Restoring};
 use rrc_session::recording::Rings;
 use rrc_wire::{Identified, Identity, Key};
 
@@ -229,6 +229,13 @@ pub struct BackupArgs {
     /// one whose subnet holds its address).
     #[arg(long, value_name = "IF")]
     uplink: Option<String>,
+    /// At a takeover, copy the container's whole memory before it runs.
+    /// By default it runs once everything but its private memory is in
+    /// place, and that memory follows from the checkpoint while it runs
+    /// (the pages it touches first): for a Redis of 150 MB the restore is
+    /// 30-50 ms shorter. For comparison (`rrc bench failover --pages`).
+    #[arg(long)]
+    eager_pages: bool,
     /// Serve Prometheus metrics on HOST:PORT (GET /metrics): role, term,
     /// whether it holds a committed checkpoint, checkpoints committed, log
     /// bytes received, the last commit's age, takeovers.
@@ -501,13 +508,16 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
             None => None,
         },
     };
-    let uplink = a.uplink.clone();
+    let how = Restoring {
+        uplink: a.uplink.clone(),
+        eager_pages: a.eager_pages,
+    };
     if a.keep_serving {
-        return serve_many(&opts, &a, uplink);
+        return serve_many(&opts, &a, &how);
     }
     let dir = opts.dir.clone();
     let t = backup::serve(&opts, |image, log, protect| {
-        backup::resume(image, log, &dir, uplink.clone(), protect)
+        backup::resume(image, log, &dir, &how, protect)
     })?;
     backup_status::record_takeover(&dir, phases(&t));
     println!("{}", takeover_line(&t));
@@ -549,7 +559,7 @@ fn phases(t: &backup::Takeover) -> TakeoverPhases {
 /// `rrc backup --keep-serving`: takeovers run as `rrc backup-resume`
 /// processes, told the log (and what protects the service again) on their
 /// standard input.
-fn serve_many(opts: &BackupOptions, a: &BackupArgs, uplink: Option<String>) -> Result<i32> {
+fn serve_many(opts: &BackupOptions, a: &BackupArgs, how: &Restoring) -> Result<i32> {
     let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
     let resume = |image: &Path,
                   log: &LogFound,
@@ -567,8 +577,11 @@ fn serve_many(opts: &BackupOptions, a: &BackupArgs, uplink: Option<String>) -> R
         if let Some(id) = &a.identity {
             cmd.arg("--identity").arg(id);
         }
-        if let Some(u) = &uplink {
+        if let Some(u) = &how.uplink {
             cmd.args(["--uplink", u]);
+        }
+        if how.eager_pages {
+            cmd.arg("--eager-pages");
         }
         if let Some(e) = &a.arbiter.arbiter {
             cmd.args(["--arbiter", e]);
@@ -612,6 +625,8 @@ pub struct ResumeArgs {
     dir: PathBuf,
     #[arg(long)]
     uplink: Option<String>,
+    #[arg(long)]
+    eager_pages: bool,
     /// The key, for the link of a primary that protects the service again.
     #[arg(long)]
     key: PathBuf,
@@ -646,7 +661,11 @@ pub fn backup_resume(a: ResumeArgs) -> Result<i32> {
         }
         None => None,
     };
-    let resumed = backup::resume(&a.image, &job.log, &a.dir, a.uplink, protect.as_ref())
+    let how = Restoring {
+        uplink: a.uplink,
+        eager_pages: a.eager_pages,
+    };
+    let resumed = backup::resume(&a.image, &job.log, &a.dir, &how, protect.as_ref())
         .map_err(|e| anyhow::anyhow!("takeover failed: {e}"))?;
     print_resumed(&resumed);
     Ok(0)
