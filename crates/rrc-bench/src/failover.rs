@@ -177,24 +177,7 @@ impl Mode {
     }
 }
 
-/// How a takeover brings the container's memory in (`rrc backup
-/// --eager-pages`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum Pages {
-    /// The program runs first; its memory follows while it runs.
-    Lazy,
-    /// The whole memory is copied before the program runs.
-    Eager,
-}
-
-impl Pages {
-    pub fn name(self) -> &'static str {
-        match self {
-            Pages::Lazy => "lazy",
-            Pages::Eager => "eager",
-        }
-    }
-}
+pub use rrc_replica::takeover::Pages;
 
 /// How the pair is set up.
 #[derive(Debug, Clone)]
@@ -253,7 +236,7 @@ impl Default for PairOptions {
             then_protect: false,
             keep_serving: false,
             identities: false,
-            pages: Pages::Lazy,
+            pages: Pages::Auto,
         }
     }
 }
@@ -588,9 +571,7 @@ impl<'a> Pair<'a> {
         if self.opts.keep_serving {
             cmd.arg("--keep-serving");
         }
-        if self.opts.pages == Pages::Eager {
-            cmd.arg("--eager-pages");
-        }
+        cmd.args(["--pages", self.opts.pages.name()]);
         if let (Some((file, _)), Some((_, primary))) = (
             self.identity_of(self.backup_host),
             self.identity_of(self.primary_host),

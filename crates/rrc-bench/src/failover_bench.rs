@@ -39,6 +39,9 @@ pub struct FailoverConfig {
     /// Run the lab's arbiter and have both sides ask it (the pair's own
     /// `arbiter` is set from the lab's).
     pub arbiter: bool,
+    /// Redis only: the memory (MiB) it is filled with before each kill,
+    /// for takeovers of a realistic size.
+    pub fill_mib: u64,
     /// How takeovers bring the memory in: with more than one, the kills
     /// take them in turn (the pair's own `pages` is ignored), and each
     /// gets its row of recovery figures.
@@ -272,6 +275,7 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
                 pair.start_backup()?;
                 pair.start_primary()?;
             }
+            fill(&lab, app, cfg.fill_mib)?;
             let at = moments.between(Duration::from_millis(200), Duration::from_millis(2000));
             let t = trial(&mut pair, cfg.connections, at, Duration::from_millis(1500))
                 .with_context(|| format!("{} kill {}", app.name(), i + 1))?;
@@ -319,6 +323,20 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
         report.trials.extend(trials.into_iter().map(|(_, t)| t));
     }
     Ok(report)
+}
+
+/// Fills Redis with `mib` of data (nothing for 0), then leaves the pair
+/// time to commit a checkpoint that holds it: a takeover then restores
+/// that much memory rather than replaying its writes.
+fn fill(lab: &LabSession, app: App, mib: u64) -> Result<()> {
+    if mib == 0 {
+        return Ok(());
+    }
+    anyhow::ensure!(app == App::Redis, "only Redis is filled before a kill");
+    let target = app.target(lab);
+    lab.in_host(Host::Client, || crate::stalls::fill(target, mib))??;
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
 }
 
 /// The load on `app` as a plain container (`rrc run`).

@@ -93,7 +93,7 @@ impl Pauses {
 }
 
 /// Fills Redis with `mib` of 100-byte values through pipelined SETs.
-fn fill(addr: SocketAddr, mib: u64) -> Result<u64> {
+pub(crate) fn fill(addr: SocketAddr, mib: u64) -> Result<u64> {
     let mut c = RespConn::connect(addr, Duration::from_secs(5))?;
     // About 200 bytes of Redis memory per key of this size.
     let keys = mib * (1 << 20) / 200;

@@ -752,6 +752,17 @@ impl ImageDir {
         self.file(&format!("pages-{pid}.img"))
     }
 
+    /// The size of the page files of the processes the manifest lists:
+    /// about the private memory a restore fills. Nothing is checked here.
+    pub fn pages_bytes(&self) -> Result<u64> {
+        let m = self.read_manifest()?;
+        Ok(m.processes
+            .iter()
+            .filter_map(|&pid| fs::metadata(self.pages_file(pid)).ok())
+            .map(|meta| meta.len())
+            .sum())
+    }
+
     pub fn shmem_file(&self, id: usize) -> PathBuf {
         self.file(&format!("shmem-{id}.img"))
     }

@@ -114,26 +114,64 @@ impl Paths {
     }
 }
 
+/// How a takeover brings the container's private memory in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pages {
+    /// Lazily from [`LAZY_FROM`] bytes of memory on, else eagerly.
+    #[default]
+    Auto,
+    /// The program runs once everything but its private memory is in
+    /// place, and that memory follows from the image while it runs (the
+    /// pages it touches first): the takeover is shorter by most of the
+    /// copy, and the program's first touches wait for their pages.
+    Lazy,
+    /// The whole memory is copied before the program runs.
+    Eager,
+}
+
+impl Pages {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pages::Auto => "auto",
+            Pages::Lazy => "lazy",
+            Pages::Eager => "eager",
+        }
+    }
+}
+
+/// Memory from which [`Pages::Auto`] restores lazily. Below it the copy
+/// takes a few milliseconds, less than the faults of a program (Memcached
+/// with its threads) that touches much of its memory at once in a replay.
+pub const LAZY_FROM: u64 = 32 << 20;
+
 /// Where and how a takeover restores the container on this host.
 #[derive(Debug, Clone, Default)]
 pub struct Restoring {
     /// The host interface the container's frames leave by (else the one
     /// whose subnet holds its address).
     pub uplink: Option<String>,
-    /// Copy the whole memory before the program runs. By default the
-    /// program runs once everything but its private memory is in place,
-    /// and that memory follows from the image while it runs (lazy pages):
-    /// the takeover is shorter by most of the copy.
-    pub eager_pages: bool,
+    pub pages: Pages,
 }
 
 impl Restoring {
+    /// Whether `image` is restored with lazy pages.
+    fn lazy(&self, image: &Path) -> bool {
+        match self.pages {
+            Pages::Lazy => true,
+            Pages::Eager => false,
+            Pages::Auto => rrc_ckpt::image::ImageDir::new(image)
+                .pages_bytes()
+                .is_ok_and(|b| b >= LAZY_FROM),
+        }
+    }
+
     /// The restore of `image` (a working copy) as a container, per these
     /// choices.
     fn spec(&self, image: &Path) -> Result<RestoreSpec, String> {
         let mut spec =
             RestoreSpec::from_image(image, None, self.uplink.clone()).map_err(|e| e.to_string())?;
-        spec.lazy_pages = !self.eager_pages;
+        spec.lazy_pages = self.lazy(image);
         Ok(spec)
     }
 
@@ -147,7 +185,7 @@ impl Restoring {
         let (mut spec, copy) =
             rrc_session::recording::unrecorded_restore(image, None, self.uplink.clone())
                 .map_err(|e| e.to_string())?;
-        spec.lazy_pages = !self.eager_pages;
+        spec.lazy_pages = self.lazy(image);
         Ok((spec, copy))
     }
 }

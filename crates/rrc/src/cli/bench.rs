@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use rrc_bench::net::{self, NetBenchConfig};
 
-use super::ModeArg;
+use super::{ModeArg, PagesArg};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -124,12 +124,16 @@ pub struct FailoverArgs {
     /// received.
     #[arg(long, value_enum, default_value_t = ModeArg::Checkpoint)]
     mode: ModeArg,
+    /// Fill Redis with this much data (MiB) before each kill, so that a
+    /// takeover restores a realistic amount of memory (Redis alone).
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    fill_mib: u64,
     /// How the backup's takeovers bring the memory in (`rrc backup
-    /// --eager-pages`): lazy, the program runs first and its memory
-    /// follows; eager, all of it before the program runs. With both
-    /// (`--pages lazy,eager`) the kills take them in turn, and each gets
-    /// its row of recovery figures.
-    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [PagesArg::Lazy])]
+    /// --pages`): lazy, the program runs first and its memory follows;
+    /// eager, all of it before the program runs; auto, lazy from 32 MiB
+    /// on. With several (`--pages lazy,eager`) the kills take them in
+    /// turn, and each gets its row of recovery figures.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [PagesArg::Auto])]
     pages: Vec<PagesArg>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
@@ -185,21 +189,6 @@ enum FailoverApp {
     Memcached,
     Lighttpd,
     Tarantool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum PagesArg {
-    Lazy,
-    Eager,
-}
-
-impl PagesArg {
-    fn pages(self) -> rrc_bench::failover::Pages {
-        match self {
-            PagesArg::Lazy => rrc_bench::failover::Pages::Lazy,
-            PagesArg::Eager => rrc_bench::failover::Pages::Eager,
-        }
-    }
 }
 
 impl FailoverApp {
@@ -376,6 +365,13 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 a.plot.is_none() || a.mode == ModeArg::Responsive,
                 "--plot draws the side-by-side loads, which --mode responsive measures"
             );
+            anyhow::ensure!(
+                a.fill_mib == 0
+                    || a.apps
+                        .iter()
+                        .all(|x| x.app() == rrc_bench::failover::App::Redis),
+                "--fill-mib fills Redis alone: give --apps redis"
+            );
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
             anyhow::ensure!(
                 a.heartbeat * 2 <= a.timeout,
@@ -395,7 +391,8 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
                 },
                 seed: a.seed.unwrap_or_else(Moments::seed_from_clock),
                 arbiter: a.arbiter,
-                pages: a.pages.iter().map(|p| p.pages()).collect(),
+                pages: a.pages.iter().map(|&p| p.into()).collect(),
+                fill_mib: a.fill_mib,
             };
             eprintln!("bench: kill moments from seed {}", cfg.seed);
             let r = failover_bench::run(&exe, &cfg, &|m| eprintln!("bench: {m}"))?;

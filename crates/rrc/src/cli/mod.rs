@@ -107,6 +107,25 @@ impl From<ModeArg> for rrc_bench::failover::Mode {
     }
 }
 
+/// How a takeover brings the memory in, as `--pages` takes it (`rrc
+/// backup`, `rrc bench failover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PagesArg {
+    Auto,
+    Lazy,
+    Eager,
+}
+
+impl From<PagesArg> for rrc_replica::takeover::Pages {
+    fn from(p: PagesArg) -> Self {
+        match p {
+            PagesArg::Auto => rrc_replica::takeover::Pages::Auto,
+            PagesArg::Lazy => rrc_replica::takeover::Pages::Lazy,
+            PagesArg::Eager => rrc_replica::takeover::Pages::Eager,
+        }
+    }
+}
+
 /// The exit code of a command that launched a container: 0 once a
 /// detached one runs (its words printed), the program's own otherwise.
 pub fn exit_code(l: rrc_container::launch::Launched) -> i32 {

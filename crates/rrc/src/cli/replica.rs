@@ -23,9 +23,9 @@ use rrc_replica::takeover::{ReplayOutcome, Restoring};
 use rrc_session::recording::Rings;
 use rrc_wire::{Identified, Identity, Key};
 
-use super::ModeArg;
 use super::checkpoint::Copy;
 use super::run::ContainerArgs;
+use super::{ModeArg, PagesArg};
 
 use rrc_replica::DEFAULT_PORT;
 
@@ -229,13 +229,13 @@ pub struct BackupArgs {
     /// one whose subnet holds its address).
     #[arg(long, value_name = "IF")]
     uplink: Option<String>,
-    /// At a takeover, copy the container's whole memory before it runs.
-    /// By default it runs once everything but its private memory is in
-    /// place, and that memory follows from the checkpoint while it runs
-    /// (the pages it touches first): for a Redis of 150 MB the restore is
-    /// 30-50 ms shorter. For comparison (`rrc bench failover --pages`).
-    #[arg(long)]
-    eager_pages: bool,
+    /// How a takeover brings the container's private memory in: lazy, the
+    /// program runs once everything else is in place and its memory follows
+    /// while it runs (for a Redis of 150 MB the restore is 30-50 ms
+    /// shorter); eager, all of it before the program runs; auto, lazy from
+    /// 32 MiB of memory on.
+    #[arg(long, value_enum, default_value_t = PagesArg::Auto)]
+    pages: PagesArg,
     /// Serve Prometheus metrics on HOST:PORT (GET /metrics): role, term,
     /// whether it holds a committed checkpoint, checkpoints committed, log
     /// bytes received, the last commit's age, takeovers.
@@ -510,7 +510,7 @@ pub fn backup(a: BackupArgs) -> Result<i32> {
     };
     let how = Restoring {
         uplink: a.uplink.clone(),
-        eager_pages: a.eager_pages,
+        pages: a.pages.into(),
     };
     if a.keep_serving {
         return serve_many(&opts, &a, &how);
@@ -580,9 +580,7 @@ fn serve_many(opts: &BackupOptions, a: &BackupArgs, how: &Restoring) -> Result<i
         if let Some(u) = &how.uplink {
             cmd.args(["--uplink", u]);
         }
-        if how.eager_pages {
-            cmd.arg("--eager-pages");
-        }
+        cmd.args(["--pages", how.pages.name()]);
         if let Some(e) = &a.arbiter.arbiter {
             cmd.args(["--arbiter", e]);
             cmd.arg("--arbiter-timeout")
@@ -625,8 +623,8 @@ pub struct ResumeArgs {
     dir: PathBuf,
     #[arg(long)]
     uplink: Option<String>,
-    #[arg(long)]
-    eager_pages: bool,
+    #[arg(long, value_enum, default_value_t = PagesArg::Auto)]
+    pages: PagesArg,
     /// The key, for the link of a primary that protects the service again.
     #[arg(long)]
     key: PathBuf,
@@ -663,7 +661,7 @@ pub fn backup_resume(a: ResumeArgs) -> Result<i32> {
     };
     let how = Restoring {
         uplink: a.uplink,
-        eager_pages: a.eager_pages,
+        pages: a.pages.into(),
     };
     let resumed = backup::resume(&a.image, &job.log, &a.dir, &how, protect.as_ref())
         .map_err(|e| anyhow::anyhow!("takeover failed: {e}"))?;
