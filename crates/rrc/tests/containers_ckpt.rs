@@ -152,8 +152,21 @@ fn a_container_restored_with_lazy_pages_has_all_its_data_and_checkpoints_at_once
     let first = image_dir("lazy1");
     lab.rrc_on("primary", &["checkpoint", "redis", "--images", &first])
         .ok();
+    // The copier paced (2 ms after each 256 KiB: about a second for all
+    // of it), so that the checkpoints below start while it still runs.
     let out = lab
-        .rrc_on("backup", &["restore", "--images", &first, "--lazy-pages"])
+        .exec(
+            "backup",
+            &[
+                "env",
+                "RRC_LAZY_PAGES_PACE_US=2000",
+                RRC,
+                "restore",
+                "--images",
+                &first,
+                "--lazy-pages",
+            ],
+        )
         .ok();
     assert!(out.stdout.contains("container redis restored"), "{out:?}");
     // At once: a series of checkpoints (their write tracking cannot share

@@ -952,6 +952,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     });
     // The process holds the files it had open; their names go.
     ctx.plan.ghosts.remove();
+    // The tree runs (or is about to go): the copiers take the rest.
+    if let Some(lazy) = &ctx.mem.lazy {
+        lazy.let_go();
+    }
     if let Err(e) = outcome {
         let mut pids: Vec<Pid> = ctx.done.iter().map(|t| t.pid).collect();
         pids.push(root_pid);
