@@ -18,17 +18,24 @@ fn image_dir(tag: &str) -> String {
     d.to_string_lossy().into_owned()
 }
 
-#[test]
-fn redis_moves_from_primary_to_backup_with_its_data() {
-    let lab = TestLab::up("credis");
+/// A lab of its own (`tag`) with Redis as a container on `primary`: the
+/// lab, the container's record, and its address.
+fn redis_on_primary(tag: &str) -> (TestLab, serde_json::Value, String) {
+    let lab = TestLab::up(tag);
     let vip = lab.vip();
-    let ip = strip_prefix(&vip);
     let rec = lab.run_container(
         "primary",
         "redis",
         &vip,
         &App::argv(&App::Redis.command().unwrap()),
     );
+    let ip = strip_prefix(&vip);
+    (lab, rec, ip)
+}
+
+#[test]
+fn redis_moves_from_primary_to_backup_with_its_data() {
+    let (lab, rec, ip) = redis_on_primary("credis");
     let addr = format!("{ip}:6379");
     lab.wait_tcp(&addr);
     let a = addr.clone();
@@ -57,7 +64,7 @@ fn redis_moves_from_primary_to_backup_with_its_data() {
     assert!(out.stdout.contains("container redis restored"), "{out:?}");
     let listed = lab.container("backup", "redis").expect("listed on backup");
     assert_eq!(listed["status"], "running");
-    assert_eq!(listed["net"]["addr"], vip.as_str());
+    assert_eq!(listed["net"]["addr"], lab.vip().as_str());
     lab.on("client", move || {
         let mut c = RespConn::connect(addr.parse().unwrap(), Duration::from_secs(5)).unwrap();
         for i in 0..5000 {
@@ -122,15 +129,7 @@ fn pipelined(
 #[test]
 fn a_container_restored_with_lazy_pages_has_all_its_data_and_checkpoints_at_once() {
     const KEYS: usize = 80_000;
-    let lab = TestLab::up("clazy");
-    let vip = lab.vip();
-    let ip = strip_prefix(&vip);
-    lab.run_container(
-        "primary",
-        "redis",
-        &vip,
-        &App::argv(&App::Redis.command().unwrap()),
-    );
+    let (lab, _, ip) = redis_on_primary("clazy");
     let addr: std::net::SocketAddr = format!("{ip}:6379").parse().unwrap();
     lab.wait_tcp(&addr.to_string());
     // About 100 MB for the copier to fill.
@@ -378,15 +377,7 @@ fn move_under_load(
 
 #[test]
 fn redis_clients_keep_their_connections_across_a_move() {
-    let lab = TestLab::up("lredis");
-    let vip = lab.vip();
-    let ip = strip_prefix(&vip);
-    lab.run_container(
-        "primary",
-        "redis",
-        &vip,
-        &App::argv(&App::Redis.command().unwrap()),
-    );
+    let (lab, _, ip) = redis_on_primary("lredis");
     let r = move_under_load(
         &lab,
         "redis",
