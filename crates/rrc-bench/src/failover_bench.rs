@@ -168,7 +168,8 @@ pub fn measure(lab: &LabSession, app: App, connections: usize, load: Duration) -
 fn summarize(app: App, pages: Pages, trials: &[Trial]) -> Recovery {
     let ok: Vec<&Trial> = trials.iter().filter(|t| t.ok()).collect();
     let n = ok.len().max(1) as f64;
-    let avg = |f: &dyn Fn(&Trial) -> f64| ok.iter().map(|t| f(t)).sum::<f64>() / n;
+    // Folded from +0.0: the sum of nothing is -0.0, printed "-0".
+    let avg = |f: &dyn Fn(&Trial) -> f64| ok.iter().map(|t| f(t)).fold(0.0, |a, b| a + b) / n;
     let max = |f: &dyn Fn(&Trial) -> f64| ok.iter().map(|t| f(t)).fold(0.0, f64::max);
     let first = |t: &Trial| t.first_answer_ms.unwrap_or(0.0);
     let all = |t: &Trial| t.all_answered_ms.unwrap_or(0.0);
@@ -178,8 +179,9 @@ fn summarize(app: App, pages: Pages, trials: &[Trial]) -> Recovery {
         .filter_map(|t| t.takeover.as_ref()?.replay.clone())
         .collect();
     let rn = replays.len().max(1) as f64;
-    let ravg =
-        |f: &dyn Fn(&crate::failover::ReplayLine) -> f64| replays.iter().map(f).sum::<f64>() / rn;
+    let ravg = |f: &dyn Fn(&crate::failover::ReplayLine) -> f64| {
+        replays.iter().map(f).fold(0.0, |a, b| a + b) / rn
+    };
     let mut alls: Vec<f64> = ok.iter().map(|t| all(t)).collect();
     alls.sort_by(f64::total_cmp);
     let p99 = alls
@@ -274,6 +276,14 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
             if i > 0 || cfg.pair.mode == Mode::Responsive {
                 pair.start_backup()?;
                 pair.start_primary()?;
+            }
+            if cfg.fill_mib > 0 {
+                progress(&format!(
+                    "{} kill {}: filling it with {} MiB",
+                    app.name(),
+                    i + 1,
+                    cfg.fill_mib
+                ));
             }
             fill(&lab, app, cfg.fill_mib)?;
             let at = moments.between(Duration::from_millis(200), Duration::from_millis(2000));

@@ -98,7 +98,9 @@ pub(crate) fn fill(addr: SocketAddr, mib: u64) -> Result<u64> {
     // About 200 bytes of Redis memory per key of this size.
     let keys = mib * (1 << 20) / 200;
     let value = vec![b'v'; VALUE];
-    const BATCH: u64 = 1000;
+    // Replies of a replicated container in checkpoint mode wait for the
+    // next commit (about 100 ms): one wait per batch.
+    const BATCH: u64 = 10_000;
     let mut k = 0;
     while k < keys {
         let n = BATCH.min(keys - k);
