@@ -167,6 +167,22 @@ fn kills(tag: &str, app: App, mode: Mode, kills: usize) {
     )
 }
 
+/// As [`kills`], with every takeover bringing the memory in after the
+/// program runs (`rrc backup --pages lazy`), whatever its size: the
+/// default copies memory as small as these tests' first.
+fn lazy_kills(tag: &str, app: App, mode: Mode, kills: usize) {
+    kills_with(
+        tag,
+        app,
+        PairOptions {
+            mode,
+            pages: Pages::Lazy,
+            ..PairOptions::default()
+        },
+        kills,
+    )
+}
+
 fn kills_with(tag: &str, app: App, opts: PairOptions, kills: usize) {
     let lab = lab_session(tag);
     let mode = opts.mode;
@@ -239,19 +255,7 @@ fn kills_with(tag: &str, app: App, opts: PairOptions, kills: usize) {
 
 #[test]
 fn redis_survives_primary_kills_at_random_moments() {
-    // Whatever the size of its memory, brought in after the program runs
-    // (`rrc backup --pages lazy`); the others take the default, which
-    // copies memory this small first.
-    kills_with(
-        "fored",
-        App::Redis,
-        PairOptions {
-            mode: Mode::Checkpoint,
-            pages: Pages::Lazy,
-            ..PairOptions::default()
-        },
-        10,
-    );
+    lazy_kills("fored", App::Redis, Mode::Checkpoint, 10);
 }
 
 #[test]
@@ -261,31 +265,13 @@ fn memcached_survives_primary_kills_at_random_moments() {
 
 #[test]
 fn redis_in_responsive_mode_survives_kills_and_its_log_replays_what_clients_saw() {
-    kills_with(
-        "frred",
-        App::Redis,
-        PairOptions {
-            mode: Mode::Responsive,
-            pages: Pages::Lazy,
-            ..PairOptions::default()
-        },
-        10,
-    );
+    lazy_kills("frred", App::Redis, Mode::Responsive, 10);
 }
 
 #[test]
 fn memcached_in_responsive_mode_survives_kills_and_its_log_replays_what_clients_saw() {
     // Its four threads replay on memory that comes in as they touch it.
-    kills_with(
-        "frmem",
-        App::Memcached,
-        PairOptions {
-            mode: Mode::Responsive,
-            pages: Pages::Lazy,
-            ..PairOptions::default()
-        },
-        10,
-    );
+    lazy_kills("frmem", App::Memcached, Mode::Responsive, 10);
 }
 
 #[test]
