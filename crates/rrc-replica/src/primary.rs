@@ -532,15 +532,13 @@ impl Primary {
     /// The reason, if so.
     fn checkpoint_overdue(&self) -> Option<&'static str> {
         let f = self.in_flight.as_ref()?;
-        let timeout = self.opts.link.timeout;
+        // A second besides: a loaded machine must not lose a backup that
+        // is merely slow (it answers heartbeats all the while).
+        let timeout = self.opts.link.timeout + Duration::from_secs(1);
         match f.sent {
             None => {
                 let (at, bytes) = f.handed;
-                // A second besides: a loaded machine must not lose a
-                // backup that is merely slow.
-                let allowed = timeout
-                    + Duration::from_secs(1)
-                    + Duration::from_millis(bytes / (MIN_SEND_RATE / 1000));
+                let allowed = timeout + Duration::from_millis(bytes / (MIN_SEND_RATE / 1000));
                 (at.elapsed() > allowed).then_some("the backup did not take a checkpoint in time")
             }
             Some((at, bytes)) => {

@@ -562,6 +562,11 @@ fn one_backup_protects_two_primaries_and_takes_both_over() {
     });
     let out = redis.backup_output();
     eprintln!("{out}");
+    eprintln!(
+        "redis primary:\n{}\nmemcached primary:\n{}",
+        redis.primary_output(),
+        mc.primary_output()
+    );
     assert!(r.errors.is_empty() && r.requests > 0, "{r:?}\n{out}");
     assert!(m.errors.is_empty() && m.requests > 0, "{m:?}\n{out}");
     assert!(out.contains("redis: took over from checkpoint"), "{out}");
