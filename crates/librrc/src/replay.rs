@@ -26,6 +26,10 @@ use crate::thread;
 const SPIN_LIMIT: u32 = 2_000;
 const SPIN_BUSY: u32 = 1_000;
 
+/// A recorded gap longer than this is slept through, less half of it (a
+/// sleep overshoots by tens of microseconds).
+const SLEEP_GAP_NS: u64 = 200_000;
+
 /// How long no record may complete, while a thread waits for its turn,
 /// before the order is given up as stuck.
 const STUCK_NS: u64 = 5_000_000_000;
@@ -42,6 +46,9 @@ struct Replay {
     /// Every record's sequence number, sorted: a record's rank is its
     /// place here, and it may complete once `DONE` equals its rank.
     seqs: Vec<u64>,
+    /// The log id of the thread each record belongs to, by rank: the one
+    /// thread to wake when `DONE` reaches that rank.
+    owners: Vec<u32>,
     /// The first sequence number to replay: a copy restored from a
     /// checkpoint has done everything before it.
     from: u64,
@@ -75,6 +82,14 @@ static STARTED_NS: AtomicU64 = AtomicU64::new(0);
 /// Per thread log (by id, the first 1024): the last record it took, for
 /// the report of an order that got stuck.
 static LAST_TAKEN: [AtomicU64; 1024] = [const { AtomicU64::new(0) }; 1024];
+/// Per thread log (by id, the first 1024): the word its thread sleeps on
+/// while it waits for its turn, and whether it sleeps there. A completed
+/// record wakes only the thread whose turn is next: waking every sleeper
+/// at every record (four Memcached workers and their helpers on two CPUs)
+/// spent the CPUs on threads that only went back to sleep. Threads of
+/// higher ids sleep on `DONE` and are woken all together.
+static TURN_WORD: [AtomicU32; 1024] = [const { AtomicU32::new(0) }; 1024];
+static ASLEEP: [AtomicBool; 1024] = [const { AtomicBool::new(false) }; 1024];
 
 struct Cursor {
     /// The replay ([`GENERATION`]) this cursor belongs to: a copy restored
@@ -274,7 +289,7 @@ fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
         return Err("no thread logs".into());
     }
     let mut logs: Vec<&'static [u8]> = Vec::new();
-    let mut seqs = Vec::new();
+    let mut ranked: Vec<(u64, u32)> = Vec::new();
     for &id in ids {
         let path = log_file_path(dir, id);
         let bytes: &'static [u8] = Box::leak(
@@ -303,7 +318,7 @@ fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
                 // waited for, and the end of the log is reached without
                 // them.
                 if rec.seq <= until {
-                    seqs.push(rec.seq);
+                    ranked.push((rec.seq, id));
                 }
             }
             rest = next;
@@ -314,14 +329,24 @@ fn load(cfg: &ReplayConfig) -> Result<Replay, String> {
         }
         logs[idx] = bytes;
     }
-    seqs.sort_unstable();
+    ranked.sort_unstable();
+    let (seqs, owners): (Vec<u64>, Vec<u32>) = ranked.into_iter().unzip();
+    // The recorded timing keeps threads' progress relative to each other
+    // (a data race between them comes out as recorded). When every record
+    // left to replay is one thread's, the others stayed inside calls that
+    // had not returned, and its own gaps (time it was blocked, waiting for
+    // input) need no waiting: a single-threaded server's takeover then
+    // replays its log several times faster than it was recorded.
+    let first = seqs.partition_point(|s| *s < cfg.from);
+    let several_threads = owners[first..].windows(2).any(|w| w[0] != w[1]);
     Ok(Replay {
         logs,
         seqs,
+        owners,
         from: cfg.from,
         until,
         order: cfg.order,
-        timing: cfg.timing,
+        timing: cfg.timing && several_threads,
         stop_at_end: cfg.stop_at_end,
         same_addresses: cfg.same_addresses,
         inject_divergence: cfg.inject_divergence,
@@ -412,9 +437,10 @@ impl Turn {
         }
         REPLAYED.fetch_add(1, Ordering::Relaxed);
         LAST_NS.store(crate::record::now_ns(), Ordering::Release);
-        let done = DONE.fetch_add(1, Ordering::AcqRel) + 1;
-        wake_all();
-        if let Some(r) = state()
+        let done = DONE.fetch_add(1, Ordering::SeqCst) + 1;
+        let r = state();
+        wake_turn(r.and_then(|r| r.owners.get(done as usize).copied()));
+        if let Some(r) = r
             && done as usize == r.seqs.len()
         {
             if crate::takeover::active() {
@@ -547,16 +573,76 @@ fn leave_log(r: &'static Replay, call: &'static str) {
     }
 }
 
+/// Wakes the thread of log `owner`, whose turn it now is, if it sleeps
+/// (and with no owner, or one of a high id, every thread).
+fn wake_turn(owner: Option<u32>) {
+    let Some(id) = owner.map(|o| o as usize).filter(|&i| i < ASLEEP.len()) else {
+        return wake_all();
+    };
+    // Paired with `sleep_turn`: DONE was raised (SeqCst) before this load,
+    // and a sleeper sets its flag before it looks at DONE, so either it
+    // sees the new count or this sees it asleep.
+    if ASLEEP[id].load(Ordering::SeqCst) {
+        TURN_WORD[id].fetch_add(1, Ordering::SeqCst);
+        futex_wake(&TURN_WORD[id], 1);
+    }
+}
+
 fn wake_all() {
+    futex_wake(&DONE, i32::MAX);
+    for (flag, word) in ASLEEP.iter().zip(&TURN_WORD) {
+        if flag.load(Ordering::SeqCst) {
+            word.fetch_add(1, Ordering::SeqCst);
+            futex_wake(word, i32::MAX);
+        }
+    }
+}
+
+fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: a futex wake on a static word.
     unsafe {
         libc::syscall(
             libc::SYS_futex,
-            DONE.as_ptr(),
+            word.as_ptr(),
             libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
+            n,
         )
     };
+}
+
+/// Sleeps until woken for the turn `rank` (or for at most 100 ms: the
+/// caller looks for a stuck order), unless it came meanwhile.
+fn sleep_turn(rank: u32, seen: u32) {
+    let ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 100_000_000,
+    };
+    let id = thread::log_id() as usize;
+    let (word, expected) = match (TURN_WORD.get(id), ASLEEP.get(id)) {
+        (Some(word), Some(flag)) => {
+            let expected = word.load(Ordering::SeqCst);
+            flag.store(true, Ordering::SeqCst);
+            if DONE.load(Ordering::SeqCst) >= rank || ORDER_BROKEN.load(Ordering::SeqCst) {
+                flag.store(false, Ordering::SeqCst);
+                return;
+            }
+            (word, expected)
+        }
+        _ => (&DONE, seen),
+    };
+    // SAFETY: a futex wait on a static word with a local timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+    if let Some(flag) = ASLEEP.get(id) {
+        flag.store(false, Ordering::SeqCst);
+    }
 }
 
 fn next_record(c: &mut Cursor) -> Option<Record<'static>> {
@@ -583,7 +669,7 @@ fn next_record(c: &mut Cursor) -> Option<Record<'static>> {
 fn divergence(parts: &[&[u8]]) {
     DIVERGED.fetch_add(1, Ordering::Relaxed);
     crate::takeover::diverged();
-    ORDER_BROKEN.store(true, Ordering::Release);
+    ORDER_BROKEN.store(true, Ordering::SeqCst);
     let mut all: [&[u8]; 12] = [&[]; 12];
     all[0] = b"rrc replay: DIVERGENCE";
     let n = parts.len().min(all.len() - 1);
@@ -755,28 +841,47 @@ fn wait_turn(r: &Replay, rec: &Record<'_>) {
                 ]);
                 break;
             }
-            let ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 100_000_000,
-            };
-            // SAFETY: a futex wait on a static word with a local timeout.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_futex,
-                    DONE.as_ptr(),
-                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                    done,
-                    &ts as *const libc::timespec,
-                )
-            };
+            sleep_turn(rank, done);
         }
     }
     if r.timing {
         let due = LAST_NS.load(Ordering::Acquire) + rec.time_delta_ns;
-        while crate::record::now_ns() < due {
-            // SAFETY: sched_yield has no arguments. The gaps are short
-            // (microseconds); a sleep would overshoot them.
-            unsafe { libc::syscall(libc::SYS_sched_yield) };
+        loop {
+            let now = crate::record::now_ns();
+            if now >= due {
+                break;
+            }
+            if due - now > SLEEP_GAP_NS {
+                // A long gap (the thread was blocked when recorded) is
+                // slept through, not yielded through: the threads that run
+                // meanwhile need the CPU. Woken early enough that the
+                // sleep's overshoot does not delay the record.
+                sleep_ns(due - now - SLEEP_GAP_NS / 2);
+            } else {
+                // SAFETY: sched_yield has no arguments. Short gaps
+                // (microseconds) are yielded through; a sleep would
+                // overshoot them.
+                unsafe { libc::syscall(libc::SYS_sched_yield) };
+            }
         }
     }
+}
+
+/// Sleeps for `ns` by the system call itself (the program's
+/// `clock_nanosleep` may be wrapped).
+fn sleep_ns(ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: a relative sleep on a local timespec; no remainder asked.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clock_nanosleep,
+            libc::CLOCK_MONOTONIC,
+            0,
+            &ts as *const libc::timespec,
+            std::ptr::null_mut::<libc::timespec>(),
+        )
+    };
 }

@@ -179,7 +179,8 @@ pub struct ReplayConfig {
     pub logs: Vec<u32>,
     /// Force the recorded global order of returns.
     pub order: bool,
-    /// Wait for the recorded time between returns.
+    /// Wait for the recorded time between returns (where the records
+    /// left to replay are of more than one thread).
     pub timing: bool,
     /// End the program (SIGTERM) once every record has been replayed.
     pub stop_at_end: bool,

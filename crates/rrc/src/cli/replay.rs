@@ -52,7 +52,8 @@ pub struct ReplayArgs {
     /// Do not force the recorded global order of returns.
     #[arg(long)]
     no_order: bool,
-    /// Do not wait for the recorded time between returns.
+    /// Do not wait for the recorded time between returns (waited for only
+    /// where the records to replay are of more than one thread).
     #[arg(long)]
     no_timing: bool,
     /// Write what the program sends on its connections (not sent anywhere
