@@ -300,7 +300,7 @@ pub fn run(rrc: &Path, cfg: &FailoverConfig, progress: &dyn Fn(&str)) -> Result<
                     c.events,
                     c.divergences,
                     c.matched,
-                    if c.ok() { "" } else { "; MISMATCH" }
+                    mismatch(&c)
                 ));
                 report.replays.push(c);
             }
@@ -506,6 +506,22 @@ pub fn render(r: &FailoverReport) -> String {
         );
     }
     s
+}
+
+/// What went wrong in an offline replay, for its progress line (nothing
+/// when it checked out).
+fn mismatch(c: &crate::failover::ReplayCheck) -> String {
+    if c.ok() {
+        return String::new();
+    }
+    let why = c
+        .said
+        .lines()
+        .find(|l| l.contains("DIVERGENCE"))
+        .or(c.unmatched.first().map(String::as_str))
+        .unwrap_or("the replay did not reach the end of the log");
+    let why: String = why.chars().take(300).collect();
+    format!("; MISMATCH: {why}")
 }
 
 /// A table of loads, one row per app and container: `width` is the
