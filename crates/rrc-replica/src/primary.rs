@@ -534,16 +534,16 @@ impl Primary {
         let f = self.in_flight.as_ref()?;
         // A second besides: a loaded machine must not lose a backup that
         // is merely slow (it answers heartbeats all the while).
-        let timeout = self.opts.link.timeout + Duration::from_secs(1);
+        let base = self.opts.link.timeout + Duration::from_secs(1);
         match f.sent {
             None => {
                 let (at, bytes) = f.handed;
-                let allowed = timeout + Duration::from_millis(bytes / (MIN_SEND_RATE / 1000));
+                let allowed = base + Duration::from_millis(bytes / (MIN_SEND_RATE / 1000));
                 (at.elapsed() > allowed).then_some("the backup did not take a checkpoint in time")
             }
             Some((at, bytes)) => {
                 // Applying takes time with the size (checksums first).
-                let allowed = timeout + Duration::from_millis(bytes / (50 << 10));
+                let allowed = base + Duration::from_millis(bytes / (50 << 10));
                 (at.elapsed() > allowed)
                     .then_some("the backup did not commit a checkpoint it was sent")
             }
