@@ -20,7 +20,7 @@ use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
-use rrc_ckpt::image::{ImageDir, Manifest, PageRun, ProcessImage, VmaKind};
+use rrc_ckpt::image::{ImageDir, Manifest, PageRun, ProcessImage, Vma, VmaKind};
 use rrc_ckpt::incremental::{CopyMode, Incremental, IncrementalOptions};
 use rrc_ckpt::store::{self, SeriesDir, layer_name};
 
@@ -186,6 +186,62 @@ fn default_page(kind: &VmaKind, vma_start: u64, addr: u64) -> Vec<u8> {
     buf
 }
 
+/// Joins neighbouring mappings the kernel could have made one.
+///
+/// Tracking a new mapping's writes (registering it with the userfaultfd)
+/// makes it alike with a tracked neighbour, and the kernel merges the two
+/// after the delta recorded them apart: a later full checkpoint sees one
+/// mapping where the series has two. Both describe the same memory.
+fn coalesced(vmas: &[Vma]) -> Vec<Vma> {
+    let mut out: Vec<Vma> = Vec::new();
+    for v in vmas {
+        if let Some(last) = out.last_mut()
+            && last.end == v.start
+            && (last.prot, last.shared, &last.flags) == (v.prot, v.shared, &v.flags)
+        {
+            let continues = match (&last.kind, &v.kind) {
+                (VmaKind::Anon, VmaKind::Anon) => true,
+                (
+                    VmaKind::File {
+                        path,
+                        offset,
+                        ino,
+                        dev,
+                        ..
+                    },
+                    VmaKind::File {
+                        path: p,
+                        offset: o,
+                        ino: i,
+                        dev: d,
+                        ..
+                    },
+                ) => (path, ino, dev) == (p, i, d) && offset + (last.end - last.start) == *o,
+                _ => false,
+            };
+            if continues {
+                last.end = v.end;
+                continue;
+            }
+        }
+        out.push(v.clone());
+    }
+    out
+}
+
+/// Checks that two lists of mappings describe the same memory, naming the
+/// mappings that differ.
+fn assert_same_mappings(pid: i32, a: &[Vma], b: &[Vma]) {
+    let (a, b) = (coalesced(a), coalesced(b));
+    if a != b {
+        let only_a: Vec<&Vma> = a.iter().filter(|v| !b.contains(v)).collect();
+        let only_b: Vec<&Vma> = b.iter().filter(|v| !a.contains(v)).collect();
+        panic!(
+            "mappings of process {pid} differ:\n  only in the first: {only_a:?}\n  only in the second: {only_b:?}"
+        );
+    }
+}
+
 /// Checks that two images hold the same memory: the same mappings, the
 /// same contents of every page of every private mapping, the same shared
 /// memory objects.
@@ -196,7 +252,7 @@ fn assert_same_memory(a: &Path, b: &Path) {
     let mut pages = 0u64;
     for (pid, pa) in &ma.procs {
         let pb = &mb.procs[pid];
-        assert_eq!(pa.vmas, pb.vmas, "mappings of process {pid}");
+        assert_same_mappings(*pid, &pa.vmas, &pb.vmas);
         let rseq: Vec<(u64, u64)> = pb
             .threads
             .iter()
@@ -277,7 +333,12 @@ fn churn(tag: &str, copy: CopyMode, epochs: u64) {
         annotations: Default::default(),
         copy,
     });
-    let seed = u64::from(std::process::id());
+    // Each run changes memory differently; RRC_CHURN_SEED repeats a run.
+    let seed = std::env::var("RRC_CHURN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(u64::from(std::process::id()));
+    eprintln!("{tag}: seed {seed} (RRC_CHURN_SEED repeats it)");
     let mut snapshots = 0;
     let mut hash = String::new();
     for epoch in 0..epochs {

@@ -487,8 +487,11 @@ fn own_in(pagemap: &PageMap, start: u64, end: u64) -> Result<Ranges> {
         .collect())
 }
 
-/// The madvise flags of every mapping, by range.
-fn read_flags(pid: i32) -> Result<HashMap<(u64, u64), Vec<String>>> {
+/// The madvise flags of mappings, by range, in address order.
+type FlagsByRange = Vec<((u64, u64), Vec<String>)>;
+
+/// The madvise flags of every mapping of `pid`.
+fn read_flags(pid: i32) -> Result<FlagsByRange> {
     let maps = Process::new(pid)
         .and_then(|p| p.smaps())
         .map_err(Error::proc(pid, "memory maps"))?;
@@ -496,6 +499,18 @@ fn read_flags(pid: i32) -> Result<HashMap<(u64, u64), Vec<String>>> {
         .iter()
         .map(|m| (m.address, memory::kept_flags(m.extension.vm_flags)))
         .collect())
+}
+
+/// The flags of the mapping that holds all of `start..end`, if one does.
+/// The range may be part of a larger mapping by now: tracking a new
+/// mapping's writes lets the kernel merge it with a tracked neighbour, and
+/// the kernel merges only mappings whose flags are alike.
+fn flags_of(flags: &FlagsByRange, start: u64, end: u64) -> Option<&Vec<String>> {
+    let i = flags.partition_point(|((_, e), _)| *e <= start);
+    flags
+        .get(i)
+        .filter(|((s, e), _)| *s <= start && end <= *e)
+        .map(|(_, f)| f)
 }
 
 /// Copies page runs of `pid` into `buf`, laid out as their offsets say;
@@ -538,14 +553,14 @@ impl MemoryPolicy for DeltaPolicy {
         let wanted: std::collections::HashSet<(u64, u64)> = ranges.into_iter().collect();
         for v in vmas.iter_mut() {
             if wanted.contains(&(v.start, v.end))
-                && let Some(f) = flags.get(&(v.start, v.end))
+                && let Some(f) = flags_of(&flags, v.start, v.end)
             {
                 v.flags = f.clone();
             }
         }
         if let Some(t) = self.procs.get_mut(&pid) {
             for v in t.vmas.iter_mut() {
-                if let Some(f) = flags.get(&(v.start, v.end)) {
+                if let Some(f) = flags_of(&flags, v.start, v.end) {
                     v.flags = f.clone();
                 }
             }
@@ -658,5 +673,28 @@ impl MemoryPolicy for DeltaPolicy {
             Some(e) => Err(e),
             None => Ok(total),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_come_from_the_mapping_that_holds_the_range() {
+        let f = |s: &str| vec![s.to_string()];
+        let flags = vec![
+            ((0x1000, 0x3000), f("dd")),
+            ((0x3000, 0x8000), f("wf")),
+            ((0x9000, 0xa000), f("hg")),
+        ];
+        assert_eq!(flags_of(&flags, 0x1000, 0x3000), Some(&f("dd")));
+        // Merged with its neighbour since it was recorded.
+        assert_eq!(flags_of(&flags, 0x5000, 0x8000), Some(&f("wf")));
+        assert_eq!(flags_of(&flags, 0x3000, 0x4000), Some(&f("wf")));
+        // Across two mappings, or in a gap: nothing known.
+        assert_eq!(flags_of(&flags, 0x2000, 0x4000), None);
+        assert_eq!(flags_of(&flags, 0x8000, 0x9000), None);
+        assert_eq!(flags_of(&flags, 0xa000, 0xb000), None);
     }
 }
