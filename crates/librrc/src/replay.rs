@@ -30,6 +30,12 @@ const SPIN_BUSY: u32 = 1_000;
 /// sleep overshoots by tens of microseconds).
 const SLEEP_GAP_NS: u64 = 200_000;
 
+/// A recorded gap shorter than this is waited out on the CPU: most gaps
+/// between a busy program's records are a microsecond or two, and a yield
+/// (a system call, often a switch to a thread that only waits for its
+/// turn) takes longer than the gap itself.
+const SPIN_GAP_NS: u64 = 20_000;
+
 /// How long no record may complete, while a thread waits for its turn,
 /// before the order is given up as stuck.
 const STUCK_NS: u64 = 5_000_000_000;
@@ -435,10 +441,13 @@ impl Turn {
         if let Some(slot) = LAST_TAKEN.get(thread::log_id() as usize) {
             slot.store(self.record.seq | 1 << 61, Ordering::Relaxed);
         }
+        let r = state();
+        if r.is_some_and(|r| r.timing) {
+            wait_gap(self.record.time_delta_ns);
+        }
         REPLAYED.fetch_add(1, Ordering::Relaxed);
         LAST_NS.store(crate::record::now_ns(), Ordering::Release);
         let done = DONE.fetch_add(1, Ordering::SeqCst) + 1;
-        let r = state();
         wake_turn(r.and_then(|r| r.owners.get(done as usize).copied()));
         if let Some(r) = r
             && done as usize == r.seqs.len()
@@ -770,8 +779,8 @@ fn find_record(r: &Replay, seq: u64) -> Option<(u32, Event<'static>)> {
     None
 }
 
-/// Waits until every record before `rec` completed, and until the
-/// recorded time since the previous one has passed.
+/// Waits until every record before `rec` completed (the recorded timing
+/// is kept by [`Turn::complete`]).
 fn wait_turn(r: &Replay, rec: &Record<'_>) {
     if r.order {
         let rank = r.seqs.partition_point(|s| *s < rec.seq) as u32;
@@ -844,25 +853,32 @@ fn wait_turn(r: &Replay, rec: &Record<'_>) {
             sleep_turn(rank, done);
         }
     }
-    if r.timing {
-        let due = LAST_NS.load(Ordering::Acquire) + rec.time_delta_ns;
-        loop {
-            let now = crate::record::now_ns();
-            if now >= due {
-                break;
-            }
-            if due - now > SLEEP_GAP_NS {
-                // A long gap (the thread was blocked when recorded) is
-                // slept through, not yielded through: the threads that run
-                // meanwhile need the CPU. Woken early enough that the
-                // sleep's overshoot does not delay the record.
-                sleep_ns(due - now - SLEEP_GAP_NS / 2);
-            } else {
-                // SAFETY: sched_yield has no arguments. Short gaps
-                // (microseconds) are yielded through; a sleep would
-                // overshoot them.
-                unsafe { libc::syscall(libc::SYS_sched_yield) };
-            }
+}
+
+/// Waits until the recorded time since the previous return of any thread
+/// has passed since the replay's previous return. Called just before this
+/// thread's return is let go, so the work of serving the outcome overlaps
+/// the gap instead of adding to it (when recorded, threads ran side by
+/// side and their gaps a microsecond or two apart).
+fn wait_gap(delta_ns: u64) {
+    let due = LAST_NS.load(Ordering::Acquire) + delta_ns;
+    loop {
+        let now = crate::record::now_ns();
+        if now >= due {
+            break;
+        }
+        if due - now > SLEEP_GAP_NS {
+            // A long gap (the thread was blocked when recorded) is slept
+            // through, not yielded through: the threads that run meanwhile
+            // need the CPU. Woken early enough that the sleep's overshoot
+            // does not delay the record.
+            sleep_ns(due - now - SLEEP_GAP_NS / 2);
+        } else if due - now > SPIN_GAP_NS {
+            // SAFETY: sched_yield has no arguments. Gaps of tens of
+            // microseconds are yielded through; a sleep would overshoot.
+            unsafe { libc::syscall(libc::SYS_sched_yield) };
+        } else {
+            std::hint::spin_loop();
         }
     }
 }
