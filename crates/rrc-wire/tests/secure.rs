@@ -140,7 +140,7 @@ fn different_keys_fail_authentication_on_both_sides() {
         "client: {client:?}"
     );
     assert!(
-        start.elapsed() < Duration::from_secs(2),
+        start.elapsed() < Duration::from_secs(10),
         "{:?}",
         start.elapsed()
     );
@@ -164,7 +164,7 @@ fn silent_peer_times_out_instead_of_hanging() {
     );
     let () = server;
     assert!(matches!(client, Err(WireError::Timeout)), "{client:?}");
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(start.elapsed() < Duration::from_secs(10));
 
     let start = Instant::now();
     let (server, ()) = pair(
@@ -183,7 +183,7 @@ fn silent_peer_times_out_instead_of_hanging() {
         },
     );
     assert!(matches!(server, Err(WireError::Timeout)), "{server:?}");
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(start.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
@@ -604,9 +604,10 @@ fn a_write_timeout_poisons_the_writer_and_stops_the_reader() {
             assert_other_half_failed(&e, "sending");
             assert!(e.to_string().contains("timed out"), "{e}");
             assert!(!usable);
-            // Woken by the writer's failure, not by the peer giving up.
+            // Woken by the writer's failure, not by the peer giving up
+            // (after 10 s); the margin is for a loaded machine.
             assert!(
-                woke_at.duration_since(failed_at) < Duration::from_secs(2),
+                woke_at.duration_since(failed_at) < Duration::from_secs(5),
                 "{:?}",
                 woke_at.duration_since(failed_at)
             );
@@ -652,8 +653,10 @@ fn a_reader_failure_wakes_a_writer_stuck_on_a_hung_peer() {
             let (e, woke_at, usable) = writer.join().unwrap();
             assert_other_half_failed(&e, "receiving");
             assert!(!usable);
+            // Woken by the reader's failure, not by the peer giving up
+            // (after 10 s).
             assert!(
-                woke_at.duration_since(failed_at) < Duration::from_secs(2),
+                woke_at.duration_since(failed_at) < Duration::from_secs(5),
                 "{:?}",
                 woke_at.duration_since(failed_at)
             );
