@@ -53,6 +53,9 @@ pub struct DetectionReport {
     pub max_gap_ms: f64,
     /// Takeovers while the primary lived (each a false one).
     pub false_takeovers: usize,
+    /// The backup's longest silence of the primary during the load: how
+    /// close the timeout came to a false takeover.
+    pub longest_silence_ms: Option<f64>,
     /// The backup's own account of the primary's longest silence before
     /// the real failure, and kill to every connection answered.
     pub detected_after_ms: Option<f64>,
@@ -108,6 +111,10 @@ pub fn run(rrc: &Path, cfg: &DetectionConfig, progress: &dyn Fn(&str)) -> Result
     let verify = verify?;
     let said = pair.backup_output();
     let false_takeovers = said.matches("taking over").count();
+    // Written at most once a second: the last longest is there by now.
+    std::thread::sleep(Duration::from_millis(1100));
+    let longest_silence_ms = rrc_replica::backup_status::BackupStatus::read(pair.backup_dir())
+        .map(|s| s.longest_silence_ms);
     progress(&format!(
         "{:?} of load: {} requests, {} errors, {} takeover(s)",
         started.elapsed(),
@@ -135,6 +142,7 @@ pub fn run(rrc: &Path, cfg: &DetectionConfig, progress: &dyn Fn(&str)) -> Result
         errors: verify.errors.len(),
         max_gap_ms: verify.max_gap_ms,
         false_takeovers,
+        longest_silence_ms,
         detected_after_ms,
         all_answered_ms,
     })
@@ -143,7 +151,7 @@ pub fn run(rrc: &Path, cfg: &DetectionConfig, progress: &dyn Fn(&str)) -> Result
 pub fn render(r: &DetectionReport) -> String {
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0} ms"));
     format!(
-        "heartbeat {:.0} ms, timeout {:.0} ms: {:.0} s of heavy load, {} verified requests, {} errors, longest wait {:.0} ms, false takeovers {}\n\
+        "heartbeat {:.0} ms, timeout {:.0} ms: {:.0} s of heavy load, {} verified requests, {} errors, longest wait {:.0} ms, false takeovers {}, the primary's longest silence {}\n\
          then one kill: taken over after {} of silence, every connection answered {} after the kill\n",
         r.heartbeat_ms,
         r.timeout_ms,
@@ -152,6 +160,7 @@ pub fn render(r: &DetectionReport) -> String {
         r.errors,
         r.max_gap_ms,
         r.false_takeovers,
+        ms(r.longest_silence_ms),
         ms(r.detected_after_ms),
         ms(r.all_answered_ms),
     )

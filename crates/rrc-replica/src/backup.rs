@@ -24,6 +24,7 @@ use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -241,6 +242,8 @@ struct Shared {
     /// Why the checkpoint thread ended the session (the primary sent what
     /// cannot be accepted), if it did.
     broken: Mutex<Option<String>>,
+    /// The longest silence of the primary in this session (µs).
+    longest_silence_us: AtomicU64,
 }
 
 impl Shared {
@@ -282,6 +285,27 @@ impl Shared {
         self.send(&Message::BackupError {
             reason: format!("{what}: {e}"),
         })
+    }
+
+    /// Notes the silence before a message from the primary; the longest
+    /// goes to the status. A silence that ends in a takeover is not one
+    /// (the primary was gone): only those that ended in a message count.
+    fn heard_after(&self, silence: Duration) {
+        // The status is locked only for a new longest: not for every
+        // message of the log.
+        let us = silence.as_micros() as u64;
+        if self.longest_silence_us.fetch_max(us, Ordering::Relaxed) >= us {
+            return;
+        }
+        if silence.as_secs_f64() > self.metrics.longest_silence.get() {
+            self.metrics.longest_silence.set(silence.as_secs_f64());
+        }
+        let ms = silence.as_secs_f64() * 1e3;
+        let mut f = crate::lock(&self.status);
+        if ms > f.status.longest_silence_ms {
+            f.status.longest_silence_ms = ms;
+            f.write_soon();
+        }
     }
 
     /// Sends a message; false once the link is broken.
@@ -906,6 +930,7 @@ fn session(
         log: Mutex::new(LogStore::new(base)),
         acked: Mutex::new(base),
         broken: Mutex::new(None),
+        longest_silence_us: AtomicU64::new(0),
     });
     let (tx, rx) = mpsc::channel::<Message>();
     let committer = {
@@ -980,6 +1005,7 @@ fn read_loop(
             }
             Err(e) => return shared.ended(format!("link broken: {e}"), last_heard),
         };
+        shared.heard_after(last_heard.elapsed());
         last_heard = Instant::now();
         let ok = match msg {
             Message::Heartbeat { sent_unix_ns } => shared.send(&Message::HeartbeatAck {

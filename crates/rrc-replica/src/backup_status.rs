@@ -30,6 +30,11 @@ pub struct BackupStatus {
     pub committed: u64,
     pub last_commit_unix_ms: Option<u64>,
     pub log_bytes: u64,
+    /// The longest the primary was not heard from while it was protected
+    /// and alive (ms), since this backup started: how close its timeout
+    /// came to a false takeover.
+    #[serde(default)]
+    pub longest_silence_ms: f64,
     pub takeover: Option<TakeoverPhases>,
     pub updated_unix_ms: u64,
 }
@@ -95,6 +100,12 @@ impl BackupStatus {
                 s += &format!(", the last {ago:.1} s ago");
             }
             s += ")";
+        }
+        if self.longest_silence_ms > 0.0 {
+            s += &format!(
+                ", the primary's longest silence {:.0} ms",
+                self.longest_silence_ms
+            );
         }
         if let Some(k) = &self.takeover {
             s += &format!(

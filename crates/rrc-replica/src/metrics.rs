@@ -63,6 +63,7 @@ pub struct MetricsHub {
     hold: Family<ServiceLabel, Histogram>,
     log_bytes: Family<ServiceLabel, Counter>,
     last_commit_age: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
+    longest_silence: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
     /// Each service's figures, whose commit ages are read at each scrape.
     services: std::sync::Mutex<Vec<Arc<Metrics>>>,
 }
@@ -79,6 +80,8 @@ pub struct Metrics {
     pub hold: Histogram,
     pub log_bytes: Counter,
     last_commit_age: Gauge<f64, AtomicU64>,
+    /// The longest the primary was silent before it was heard again.
+    pub longest_silence: Gauge<f64, AtomicU64>,
     /// When the last checkpoint was committed, in nanoseconds after
     /// `started` (0: never).
     last_commit: AtomicU64,
@@ -152,6 +155,13 @@ impl MetricsHub {
             Unit::Seconds,
             last_commit_age.clone(),
         );
+        let longest_silence = Family::<ServiceLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "rrc_primary_longest_silence",
+            "The longest the backup heard nothing from a primary that then spoke again: how close its timeout came to a false takeover",
+            Unit::Seconds,
+            longest_silence.clone(),
+        );
         Arc::new(MetricsHub {
             registry,
             role,
@@ -163,6 +173,7 @@ impl MetricsHub {
             hold,
             log_bytes,
             last_commit_age,
+            longest_silence,
             services: std::sync::Mutex::new(Vec::new()),
         })
     }
@@ -197,6 +208,7 @@ impl MetricsHub {
             hold: self.hold.get_or_create(&l).clone(),
             log_bytes: self.log_bytes.get_or_create(&l).clone(),
             last_commit_age: self.last_commit_age.get_or_create(&l).clone(),
+            longest_silence: self.longest_silence.get_or_create(&l).clone(),
             last_commit: AtomicU64::new(0),
             started: Instant::now(),
         });

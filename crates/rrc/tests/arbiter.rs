@@ -162,6 +162,15 @@ fn a_primary_cut_from_the_arbiter_goes_on_and_cut_from_both_sides_stops() {
         "{b}"
     );
     assert_eq!(metric(&b, "rrc_takeovers_total{service=\"redis\"}"), 0.0);
+    // Heartbeats at least: the primary was silent for some time, and it
+    // was heard again well before anything like a takeover.
+    assert!(
+        (0.0..10.0).contains(&metric(
+            &b,
+            "rrc_primary_longest_silence_seconds{service=\"redis\"}"
+        )) && metric(&b, "rrc_primary_longest_silence_seconds{service=\"redis\"}") > 0.0,
+        "{b}"
+    );
     let st = pair.status_on(Host::Primary).unwrap();
     assert!(
         st.contains("redis: primary (responsive mode), term 1, protected"),
@@ -169,7 +178,9 @@ fn a_primary_cut_from_the_arbiter_goes_on_and_cut_from_both_sides_stops() {
     );
     let st = pair.status_on(Host::Backup).unwrap();
     assert!(
-        st.contains("protecting redis of") && st.contains("term 1, holds a committed checkpoint"),
+        st.contains("protecting redis of")
+            && st.contains("term 1, holds a committed checkpoint")
+            && st.contains("the primary's longest silence"),
         "{st}"
     );
 

@@ -238,7 +238,8 @@ pub struct BackupArgs {
     pages: PagesArg,
     /// Serve Prometheus metrics on HOST:PORT (GET /metrics): role, term,
     /// whether it holds a committed checkpoint, checkpoints committed, log
-    /// bytes received, the last commit's age, takeovers.
+    /// bytes received, the last commit's age, the primary's longest
+    /// silence (how close the timeout came to a false takeover), takeovers.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
     /// After a takeover, keep the service protected: the restored
