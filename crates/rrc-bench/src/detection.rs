@@ -111,8 +111,9 @@ pub fn run(rrc: &Path, cfg: &DetectionConfig, progress: &dyn Fn(&str)) -> Result
     let verify = verify?;
     let said = pair.backup_output();
     let false_takeovers = said.matches("taking over").count();
-    // Written at most once a second: the last longest is there by now.
-    std::thread::sleep(Duration::from_millis(1100));
+    // The status is rewritten at most once a second, with a commit: the
+    // last longest is there by now.
+    std::thread::sleep(Duration::from_millis(1500));
     let longest_silence_ms = rrc_replica::backup_status::BackupStatus::read(pair.backup_dir())
         .map(|s| s.longest_silence_ms);
     progress(&format!(

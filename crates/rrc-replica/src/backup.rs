@@ -288,8 +288,10 @@ impl Shared {
     }
 
     /// Notes the silence before a message from the primary; the longest
-    /// goes to the status. A silence that ends in a takeover is not one
-    /// (the primary was gone): only those that ended in a message count.
+    /// goes to the metrics and the status (the file is written with the
+    /// next commit: no file is written on the log's path). A silence that
+    /// ends in a takeover is not one (the primary was gone): only those
+    /// that ended in a message count.
     fn heard_after(&self, silence: Duration) {
         // The status is locked only for a new longest: not for every
         // message of the log.
@@ -304,7 +306,6 @@ impl Shared {
         let mut f = crate::lock(&self.status);
         if ms > f.status.longest_silence_ms {
             f.status.longest_silence_ms = ms;
-            f.write_soon();
         }
     }
 
