@@ -418,6 +418,11 @@ fn memory_private_anonymous_heap_stack_and_layout() {
 }
 
 #[test]
+fn memory_of_a_process_with_no_descriptor_left() {
+    checkpoint_restore("mem_fd_table_full");
+}
+
+#[test]
 fn private_memory_shared_copy_on_write_with_children_stays_shared() {
     checkpoint_restore("mem_cow");
 }

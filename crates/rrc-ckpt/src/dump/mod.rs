@@ -5,6 +5,7 @@ pub(crate) mod files;
 pub mod inject;
 pub(crate) mod memory;
 pub(crate) mod process;
+mod splice;
 pub mod seize;
 
 use std::collections::BTreeMap;
