@@ -263,7 +263,7 @@ fn build_aside(
                 for (start, count, at) in index.place_new(r.start, r.count, &mut free, &mut end) {
                     let from = (start - r.start) as usize;
                     let n = (count * PAGE_SIZE) as usize;
-                    out.write_all_at(&data[from..from + n], at)
+                    crate::common::write_at_in_pieces(&out, &data[from..from + n], at)
                         .map_err(|e| Error::image(&pages_path, e))?;
                 }
                 report.bytes += len as u64;
@@ -448,8 +448,7 @@ fn compact(old: &File, path: &Path, to: &Path, runs: &[PageRun]) -> Result<Vec<P
         buf.resize(len, 0);
         old.read_exact_at(&mut buf, r.offset)
             .map_err(|e| Error::image(path, e))?;
-        out.write_all_at(&buf, at)
-            .map_err(|e| Error::image(to, e))?;
+        crate::common::write_at_in_pieces(&out, &buf, at).map_err(|e| Error::image(to, e))?;
         new.push(PageRun {
             start: r.start,
             count: r.count,

@@ -239,13 +239,15 @@ fn copy_out(
     )
     .map_err(|e| Error::image(path, std::io::Error::from(e)))?;
     let readable_of = |i: usize| readable.get(i).copied().unwrap_or(true);
-    let (spliceable, rest): (Vec<(usize, &PageRun)>, Vec<(usize, &PageRun)>) =
-        runs.iter().enumerate().partition(|(i, _)| readable_of(*i));
-    let spliceable: Vec<PageRun> = spliceable.into_iter().map(|(_, r)| *r).collect();
+    let spliceable: Vec<PageRun> = (runs.iter().enumerate())
+        .filter(|(i, _)| readable_of(*i))
+        .map(|(_, r)| *r)
+        .collect();
+    let rest = (runs.iter().enumerate()).filter(|(i, _)| !readable_of(*i));
     let want: u64 = spliceable.iter().map(|r| r.count * PAGE_SIZE).sum();
     let (spliced_bytes, buffered): (u64, Vec<(PageRun, bool)>) =
         match PageSplicer::open(inj).and_then(|mut s| s.copy(&spliceable, &f)) {
-            Ok(n) if n == want => (n, rest.into_iter().map(|(_, r)| (*r, false)).collect()),
+            Ok(n) if n == want => (n, rest.map(|(_, r)| (*r, false)).collect()),
             other => {
                 // Everything again, through the buffer.
                 tracing::debug!(pid = pid.as_raw(), result = ?other.map_err(|e| e.to_string()),
@@ -266,12 +268,11 @@ fn copy_out(
 
 /// Reads page runs (each with whether the process can read it) into a
 /// buffer, piece by piece, and writes each piece at its runs' offset;
-/// returns the bytes written. Pieces of 1 MiB: with 8 MiB ones the writes
-/// into the page cache were often ten times slower here (0.4 s instead of
-/// 35 ms for 151 MiB), and a small buffer stays in the CPU's cache between
-/// the two copies.
+/// returns the bytes written. The pieces are as large as one write should
+/// be ([`crate::common::WRITE_PIECE`]), and small enough for the buffer to
+/// stay in the CPU's cache between the two copies.
 fn write_buffered(pid: Pid, f: &File, path: &Path, runs: &[(PageRun, bool)]) -> Result<u64> {
-    const PIECE: u64 = 1 << 20;
+    const PIECE: u64 = crate::common::WRITE_PIECE as u64;
     let per = PIECE / PAGE_SIZE;
     // Runs cut to at most a piece each.
     let cut = runs.iter().flat_map(|&(r, ok)| {

@@ -5,8 +5,8 @@ pub(crate) mod files;
 pub mod inject;
 pub(crate) mod memory;
 pub(crate) mod process;
-mod splice;
 pub mod seize;
+mod splice;
 
 use std::collections::BTreeMap;
 use std::fs;

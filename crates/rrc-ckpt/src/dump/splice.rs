@@ -229,7 +229,13 @@ mod tests {
         let (iov, n) = c.chunk(&runs, 2 * p, 16);
         assert_eq!((iov, n), (vec![(0x10000, 2 * p)], 2 * p));
         c.advance(&runs, n);
-        assert_eq!(c, Cursor { run: 0, within: 2 * p });
+        assert_eq!(
+            c,
+            Cursor {
+                run: 0,
+                within: 2 * p
+            }
+        );
         let (iov, n) = c.chunk(&runs, 4 * p, 16);
         assert_eq!(iov, vec![(0x10000 + 2 * p, p), (0x40000, 2 * p)]);
         // A short vmsplice: only part of the chunk moved.

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -652,8 +651,8 @@ impl MemoryPolicy for DeltaPolicy {
                         buf
                     }
                 };
-                let mut out = File::create(&path).map_err(|e| Error::image(&path, e))?;
-                out.write_all(&buf[..job.bytes as usize])
+                let out = File::create(&path).map_err(|e| Error::image(&path, e))?;
+                crate::common::write_at_in_pieces(&out, &buf[..job.bytes as usize], 0)
                     .map_err(|e| Error::image(&path, e))?;
                 Ok(buf)
             })();
