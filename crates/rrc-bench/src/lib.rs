@@ -3,6 +3,7 @@
 //! and the benchmarks themselves.
 
 pub mod ckpt;
+pub mod criu;
 pub mod detection;
 pub mod failover;
 pub mod failover_bench;

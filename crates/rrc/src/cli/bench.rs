@@ -12,7 +12,8 @@ use super::{ModeArg, PagesArg};
 pub enum BenchCommand {
     /// Checkpoint time, the pause the process sees, image size and restore
     /// time for 10 MB, 100 MB and 1 GB of touched memory, and for a Redis
-    /// holding about 114 MB.
+    /// holding about 114 MB (dumped and restored by CRIU too, side by side,
+    /// where a working CRIU is installed).
     Ckpt(CkptArgs),
     /// What connections add to a checkpoint and a restore (1, 100 and 1000
     /// Redis connections moved between lab hosts), and the longest gap
@@ -213,6 +214,11 @@ pub struct CkptArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// A CRIU binary to measure on the same Redis in each round, side by
+    /// side. Without it, `criu` on the PATH is used if `criu check` passes
+    /// (else the reference figures are printed).
+    #[arg(long, value_name = "PATH")]
+    criu: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -347,10 +353,16 @@ pub fn bench(c: BenchCommand) -> Result<i32> {
         }
         BenchCommand::Ckpt(a) => {
             let exe = std::env::current_exe().context("cannot locate the rrc binary")?;
+            let criu = rrc_bench::criu::Criu::find(a.criu.as_deref())?;
             let work = rrc_bench::ckpt::default_work_dir();
-            let results = rrc_bench::ckpt::run(&exe, &a.sizes, a.rounds.max(1), &work, &|m| {
-                eprintln!("bench: {m}")
-            });
+            let results = rrc_bench::ckpt::run(
+                &exe,
+                &a.sizes,
+                a.rounds.max(1),
+                &work,
+                criu.as_ref(),
+                &|m| eprintln!("bench: {m}"),
+            );
             let _ = std::fs::remove_dir_all(&work);
             let results = results?;
             print!("{}", rrc_bench::ckpt::render(&results));
