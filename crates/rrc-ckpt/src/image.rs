@@ -200,6 +200,9 @@ pub enum LockKind {
     Ofd,
     /// `flock`: a whole-file lock of the open file description.
     Flock,
+    /// `fcntl(F_SETLEASE)`: a read or write lease of the open file
+    /// description on the whole file.
+    Lease,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -468,6 +468,11 @@ fn posix_ofd_and_flock_locks_held_by_their_owners() {
 }
 
 #[test]
+fn read_and_write_leases_are_held_again_and_still_break() {
+    checkpoint_restore("locks_lease");
+}
+
+#[test]
 fn zombies_keep_their_pid_and_exit_status() {
     checkpoint_restore("zombies");
 }
@@ -590,8 +595,8 @@ fn unsupported_state_is_refused_by_name_and_left_running() {
 }
 
 #[test]
-fn a_lease_is_refused_by_name_and_left_running() {
-    refused("unsupported_lease", "a lease");
+fn a_lease_being_broken_is_refused_by_name_and_left_running() {
+    refused("unsupported_lease_breaking", "a lease being broken");
 }
 
 #[test]

@@ -78,6 +78,9 @@ impl FileTable {
                 ("POSIX", "ADVISORY") => Some(LockKind::Posix),
                 ("OFDLCK", "ADVISORY") => Some(LockKind::Ofd),
                 ("FLOCK", "ADVISORY") => Some(LockKind::Flock),
+                // One being broken has someone waiting for it to go, a
+                // state no call sets up again.
+                ("LEASE", "ACTIVE") => Some(LockKind::Lease),
                 _ => None,
             };
             let write = match word(3) {
@@ -95,6 +98,9 @@ impl FileTable {
                 (kind, write, owner, start, end)
             else {
                 let what = match (word(1), word(2)) {
+                    ("LEASE", "BREAKING") => {
+                        "a lease being broken (an open of the file waits for it)"
+                    }
                     ("LEASE", _) => "a lease",
                     ("DELEG", _) => "a delegation",
                     (_, "MANDATORY") => "a mandatory lock",
@@ -105,16 +111,21 @@ impl FileTable {
                 ));
                 continue;
             };
-            // A flock lock shows who took it: someone outside the tree
-            // sharing the open file would lose it.
-            if kind == LockKind::Flock
+            // A flock lock or a lease shows who took it: someone outside
+            // the tree sharing the open file would lose it.
+            if matches!(kind, LockKind::Flock | LockKind::Lease)
                 && owner > 0
                 && owner != i64::from(raw)
                 && !self.tree.contains(&(owner as i32))
                 && fs::metadata(format!("/proc/{owner}")).is_ok()
             {
+                let what = if kind == LockKind::Flock {
+                    "a flock lock"
+                } else {
+                    "a lease"
+                };
                 problems.push(format!(
-                    "process {raw}: fd {fd}: a flock lock taken by process {owner}, outside the tree"
+                    "process {raw}: fd {fd}: {what} taken by process {owner}, outside the tree"
                 ));
                 continue;
             }
@@ -134,9 +145,13 @@ impl FileTable {
             let by = if kind == LockKind::Posix { raw } else { 0 };
             let key = (by, file, kind, start, end, write);
             match self.lock_index.get(&key) {
-                // A flock lock is taken again by the process that took it,
-                // if it can: /proc/locks shows its pid.
-                Some(&at) if kind == LockKind::Flock && owner == i64::from(raw) => {
+                // A flock lock or a lease is taken again by the process
+                // that took it, if it can: /proc/locks shows its pid (a
+                // lease's signal goes to the process that took it).
+                Some(&at)
+                    if matches!(kind, LockKind::Flock | LockKind::Lease)
+                        && owner == i64::from(raw) =>
+                {
                     self.locks[at] = (raw, lock);
                 }
                 Some(_) => {}

@@ -1214,6 +1214,20 @@ pub fn take_locks(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             ),
             e => e,
         };
+        if l.kind == LockKind::Lease {
+            let ty = if l.write {
+                libc::F_WRLCK
+            } else {
+                libc::F_RDLCK
+            };
+            t.call(
+                "fcntl (lease)",
+                nr::SYS_fcntl,
+                &[fd, libc::F_SETLEASE as u64, ty as u64],
+            )
+            .map_err(failed)?;
+            continue;
+        }
         if l.kind == LockKind::Flock {
             let op = if l.write {
                 libc::LOCK_EX
@@ -1273,7 +1287,8 @@ pub fn check_locks(p: &ProcessImage) -> std::result::Result<(), String> {
                         .and_then(|d| d.checked_add(1))
                         .is_some_and(|len| len <= i64::MAX as u64)
             })
-            && (l.kind != LockKind::Flock || (l.start == 0 && l.end.is_none()));
+            && (!matches!(l.kind, LockKind::Flock | LockKind::Lease)
+                || (l.start == 0 && l.end.is_none()));
         if !fits {
             return Err(format!(
                 "a lock of process {} on fd {} covers {}..{:?}",
