@@ -474,6 +474,13 @@ pub enum FileKind {
     Epoll {
         targets: Vec<EpollTarget>,
     },
+    /// A pidfd (`pidfd_open`, `CLONE_PIDFD`) of process `pid` of the tree,
+    /// or of its thread `pid` when the flags hold `PIDFD_THREAD`
+    /// (`O_EXCL`), as the tree numbers them. Made again once the whole
+    /// tree exists, one per fd that held it.
+    PidFd {
+        pid: i32,
+    },
     /// An inotify instance and its watches. Events it had queued are not
     /// kept.
     Inotify {

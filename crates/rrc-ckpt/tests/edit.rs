@@ -256,6 +256,14 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         }),
         "is not before it in the tree",
     );
+    // A pidfd naming a process the image does not hold would reach
+    // another process once made again.
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["files"][0]["kind"] = serde_json::json!({"type": "pid_fd", "pid": pid + 9});
+        }),
+        "is a pidfd of",
+    );
 }
 
 /// A small seeded generator (xorshift64*), so that a failing run can be

@@ -473,6 +473,11 @@ fn read_and_write_leases_are_held_again_and_still_break() {
 }
 
 #[test]
+fn pidfds_of_processes_zombies_and_threads_name_them_again() {
+    checkpoint_restore("pidfds");
+}
+
+#[test]
 fn zombies_keep_their_pid_and_exit_status() {
     checkpoint_restore("zombies");
 }
@@ -562,6 +567,11 @@ fn socket_options_set_and_default_on_every_kind_of_socket() {
 /// Checkpointing `fixture` is refused with an error naming `what`, leaves
 /// no image, and the original carries on.
 fn refused(fixture: &str, what: &str) {
+    refused_for_each(fixture, &[what]);
+}
+
+/// As [`refused`], the error naming each of `whats`.
+fn refused_for_each(fixture: &str, whats: &[&str]) {
     require_root();
     become_subreaper();
     let dir = scratch(fixture);
@@ -575,7 +585,10 @@ fn refused(fixture: &str, what: &str) {
         "--images",
         images.to_str().unwrap(),
     ]);
-    out.fails_with(what);
+    let out = out.fails_with(whats[0]);
+    for what in &whats[1..] {
+        assert!(out.stderr.contains(what), "expected {what:?} in: {out:?}");
+    }
     assert!(
         fs::read_dir(&images).map(|d| d.count()).unwrap_or(0) == 0,
         "a refused checkpoint leaves no image"
@@ -587,6 +600,19 @@ fn refused(fixture: &str, what: &str) {
 #[test]
 fn fds_in_flight_are_refused_by_name_and_left_running() {
     refused("sk_unix_scm_rights", "SCM_RIGHTS");
+}
+
+#[test]
+fn pidfds_outside_the_tree_reaped_or_watched_are_refused_by_name_and_left_running() {
+    refused_for_each(
+        "unsupported_pidfds",
+        &[
+            "fd 40: a pidfd of process",
+            "outside the tree",
+            "fd 41 (anon_inode:[pidfd]): a pidfd of a process that has exited and been reaped",
+            "fd 42: a pidfd watched by an epoll",
+        ],
+    );
 }
 
 #[test]

@@ -250,6 +250,62 @@ pub fn resolve_owners(
     }
 }
 
+/// Numbers the process (or thread) of every pidfd as the tree does, once
+/// the whole tree is known. A pidfd of a process outside the tree is a
+/// problem (the restored one could only name another process), and so is
+/// one an epoll watches (it is made again after the epoll's registrations).
+pub fn resolve_pidfds(
+    table: &mut FileTable,
+    ns_of: &std::collections::BTreeMap<Pid, i32>,
+    images: &[ProcessImage],
+    problems: &mut Vec<String>,
+) {
+    let watched: std::collections::HashSet<usize> = (table.files.iter())
+        .filter_map(|f| match &f.kind {
+            FileKind::Epoll { targets } => Some(targets.iter().filter_map(|t| t.file)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    for id in 0..table.files.len() {
+        let FileKind::PidFd { pid: host } = table.files[id].kind else {
+            continue;
+        };
+        let (hp, hfd) = table.holders[id];
+        let thread = table.files[id].flags & libc::O_EXCL as u32 != 0;
+        // The thread group it belongs to, as our namespace numbers it.
+        let tgid = if thread {
+            procfs::process::Process::new(host)
+                .and_then(|p| p.status())
+                .ok()
+                .map(|s| s.tgid)
+        } else {
+            Some(host)
+        };
+        let ours = tgid.and_then(|g| ns_of.get(&Pid::from_raw(g)).map(|ns| (g, *ns)));
+        let numbered = ours.and_then(|(g, ns)| {
+            if !thread {
+                return Some(ns);
+            }
+            let tid = crate::dump::process::ns_pid(g, Some(host)).ok()?.0;
+            (images.iter())
+                .find(|i| i.pid == ns)
+                .filter(|i| i.threads.iter().any(|t| t.tid == tid))
+                .map(|_| tid)
+        });
+        match numbered {
+            None => problems.push(format!(
+                "process {hp}: fd {hfd}: a pidfd of {} {host}, outside the tree",
+                if thread { "thread" } else { "process" }
+            )),
+            Some(_) if watched.contains(&id) => problems.push(format!(
+                "process {hp}: fd {hfd}: a pidfd watched by an epoll, which is not restored"
+            )),
+            Some(n) => table.files[id].kind = FileKind::PidFd { pid: n },
+        }
+    }
+}
+
 /// Names the open file behind every epoll target, once every open file of
 /// the tree is known: the kernel keys a registration by open file and fd
 /// number, and the fd may have been closed (or moved) since. A target no
@@ -464,6 +520,12 @@ fn classify(
                         .collect(),
                 }
             })),
+            // Numbered as the tree numbers it once the tree is known
+            // ([`resolve_pidfds`]); -1 once its process is reaped.
+            "[pidfd]" => match field("Pid").parse::<i32>() {
+                Ok(target) if target > 0 => Ok(Some(FileKind::PidFd { pid: target })),
+                _ => problem("a pidfd of a process that has exited and been reaped".into()),
+            },
             "inotify" => match inotify_watches(raw, &info.inotify)? {
                 Ok(watches) => Ok(Some(FileKind::Inotify { watches })),
                 Err(what) => problem(what),

@@ -549,6 +549,11 @@ fn create(
             fd
         }
         FileKind::Pipe { .. } => unreachable!("pipes are made in pairs by make_pipe"),
+        // Its process may not exist yet: a placeholder takes its numbers
+        // until [`make_pidfds`].
+        FileKind::PidFd { .. } => {
+            t.call("eventfd2 (a pidfd's place)", nr::SYS_eventfd2, &[0, 0])?
+        }
         FileKind::EventFd { count, semaphore } => {
             let flags = if *semaphore { libc::EFD_SEMAPHORE } else { 0 }
                 | if nonblock != 0 { libc::EFD_NONBLOCK } else { 0 };
@@ -957,6 +962,77 @@ pub fn set_owners(
                     u64::from(f.flags & SETTABLE),
                 ],
             )?;
+        }
+    }
+    Ok(())
+}
+
+/// Puts a pidfd at each fd of `p` that held one, in place of the
+/// placeholder there, now that every process and thread of the tree
+/// exists. Each fd gets a pidfd of its own: fds that shared one open
+/// pidfd no longer do (a pidfd has no position, and its flags are kept).
+pub fn make_pidfds(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()> {
+    if p.shares_parent_files {
+        // Its parent's table, done by the parent.
+        return Ok(());
+    }
+    for fd in &p.fds {
+        let Some(OpenFile {
+            kind: FileKind::PidFd { pid: target },
+            flags,
+            ..
+        }) = m.files.get(fd.file)
+        else {
+            continue;
+        };
+        let flags = flags & (libc::O_NONBLOCK | libc::O_EXCL) as u32;
+        let pidfd = t
+            .call(
+                "pidfd_open",
+                libc::SYS_pidfd_open,
+                &[*target as u64, u64::from(flags)],
+            )
+            .map_err(|e| match e {
+                Error::RemoteFailed { errno, .. } => rerr(
+                    p.pid,
+                    "pidfds",
+                    format!("fd {}: pidfd of {target}: {errno}", fd.fd),
+                ),
+                e => e,
+            })?;
+        let cloexec = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
+        t.call(
+            "put a pidfd in place",
+            nr::SYS_dup3,
+            &[pidfd, fd.fd as u64, cloexec as u64],
+        )?;
+        t.call("close", nr::SYS_close, &[pidfd])?;
+    }
+    Ok(())
+}
+
+/// Every pidfd names a process of the image (a thread of one with
+/// `PIDFD_THREAD`): made again, it must not reach another process.
+pub fn check_pidfds(
+    m: &Manifest,
+    procs: &std::collections::BTreeMap<i32, ProcessImage>,
+) -> std::result::Result<(), String> {
+    for f in &m.files {
+        let FileKind::PidFd { pid } = f.kind else {
+            continue;
+        };
+        let known = if f.flags & libc::O_EXCL as u32 != 0 {
+            procs
+                .values()
+                .any(|p| p.threads.iter().any(|t| t.tid == pid))
+        } else {
+            procs.contains_key(&pid)
+        };
+        if !known {
+            return Err(format!(
+                "open file {} is a pidfd of {pid}, which is not in the image",
+                f.id
+            ));
         }
     }
     Ok(())

@@ -306,6 +306,7 @@ fn check_references(
         )));
     }
     files::check_inotify(m).map_err(corrupt)?;
+    files::check_pidfds(m, procs).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
         if p.pid != *pid {
@@ -931,8 +932,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 .map_err(|e| rerr(root.pid, "sockets", format!("leave repair mode: {e}")))?;
         }
         ctx.plan.socket_time += started.elapsed();
-        // Signal owners may be any process or thread of the tree, which
-        // now all exist.
+        // Pidfds and signal owners may name any process or thread of the
+        // tree, which now all exist.
+        for t in ctx.done.iter_mut() {
+            files::make_pidfds(t, &procs[&t.ns_pid], &m)?;
+        }
         let mut owned = std::collections::HashSet::new();
         for t in ctx.done.iter_mut() {
             files::set_owners(t, &procs[&t.ns_pid], &m, &mut owned)?;
