@@ -610,7 +610,7 @@ fn pidfds_outside_the_tree_reaped_or_watched_are_refused_by_name_and_left_runnin
             "fd 40: a pidfd of process",
             "outside the tree",
             "fd 41 (anon_inode:[pidfd]): a pidfd of a process that has exited and been reaped",
-            "fd 42: a pidfd watched by an epoll",
+            "fd 44: a pidfd watched by an epoll under a number",
         ],
     );
 }

@@ -253,16 +253,27 @@ pub fn resolve_owners(
 /// Numbers the process (or thread) of every pidfd as the tree does, once
 /// the whole tree is known. A pidfd of a process outside the tree is a
 /// problem (the restored one could only name another process), and so is
-/// one an epoll watches (it is made again after the epoll's registrations).
+/// one an epoll watches under a number it is no longer held at by a
+/// process holding the epoll (pidfds are made, and then registered, at the
+/// end of a restore, at their own numbers).
 pub fn resolve_pidfds(
     table: &mut FileTable,
     ns_of: &std::collections::BTreeMap<Pid, i32>,
     images: &[ProcessImage],
     problems: &mut Vec<String>,
 ) {
-    let watched: std::collections::HashSet<usize> = (table.files.iter())
+    // Pidfds watched where no process holding the epoll has them at the
+    // registered number.
+    let unplaced: std::collections::HashSet<usize> = (table.files.iter())
         .filter_map(|f| match &f.kind {
-            FileKind::Epoll { targets } => Some(targets.iter().filter_map(|t| t.file)),
+            FileKind::Epoll { targets } => Some(targets.iter().filter_map(|t| {
+                let file = t.file?;
+                let placed = images.iter().any(|p| {
+                    p.fds.iter().any(|fd| fd.file == f.id)
+                        && p.fds.iter().any(|fd| fd.fd == t.fd && fd.file == file)
+                });
+                (!placed).then_some(file)
+            })),
             _ => None,
         })
         .flatten()
@@ -298,8 +309,9 @@ pub fn resolve_pidfds(
                 "process {hp}: fd {hfd}: a pidfd of {} {host}, outside the tree",
                 if thread { "thread" } else { "process" }
             )),
-            Some(_) if watched.contains(&id) => problems.push(format!(
-                "process {hp}: fd {hfd}: a pidfd watched by an epoll, which is not restored"
+            Some(_) if unplaced.contains(&id) => problems.push(format!(
+                "process {hp}: fd {hfd}: a pidfd watched by an epoll under a number no process \
+                 holding the epoll has it at"
             )),
             Some(n) => table.files[id].kind = FileKind::PidFd { pid: n },
         }

@@ -30,6 +30,10 @@ pub struct FilePlan {
     pub creator: HashMap<usize, i32>,
     /// Which process registers target `i` of epoll `id`: `(id, i)`.
     registrar: HashMap<(usize, usize), i32>,
+    /// The same for targets that are pidfds, registered once the pidfds
+    /// are made ([`register_pidfds`]), by a process holding the epoll and
+    /// the pidfd at the number it was registered under.
+    pidfd_registrar: HashMap<(usize, usize), i32>,
     /// Epolls given an armed registration so far.
     armed: HashSet<usize>,
     /// Pipes with an end outside the tree, and the stdio slot (0, 1, 2) the
@@ -92,6 +96,13 @@ impl FilePlan {
         // Each registration is made once, by the first process holding
         // both the epoll and its target.
         let mut registrar: HashMap<(usize, usize), i32> = HashMap::new();
+        let mut pidfd_registrar: HashMap<(usize, usize), i32> = HashMap::new();
+        let is_pidfd = |file: usize| {
+            matches!(
+                m.files.get(file).map(|f| &f.kind),
+                Some(FileKind::PidFd { .. })
+            )
+        };
         for pid in &m.processes {
             let Some(p) = procs.get(pid) else { continue };
             let has: HashSet<usize> = p.fds.iter().map(|fd| fd.file).collect();
@@ -100,10 +111,18 @@ impl FilePlan {
                     continue;
                 };
                 for (i, tg) in targets.iter().enumerate() {
-                    if let Some(file) = tg.file
-                        && has.contains(&file)
-                    {
-                        registrar.entry((id, i)).or_insert(*pid);
+                    match tg.file {
+                        Some(file)
+                            if is_pidfd(file)
+                                && p.fds.iter().any(|fd| fd.fd == tg.fd && fd.file == file) =>
+                        {
+                            pidfd_registrar.entry((id, i)).or_insert(*pid);
+                        }
+                        Some(file) if is_pidfd(file) => {}
+                        Some(file) if has.contains(&file) => {
+                            registrar.entry((id, i)).or_insert(*pid);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -175,6 +194,7 @@ impl FilePlan {
         FilePlan {
             creator,
             registrar,
+            pidfd_registrar,
             armed: HashSet::new(),
             external,
             temp_base: max_fd as u64 + 1,
@@ -1011,6 +1031,57 @@ pub fn make_pidfds(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()>
     Ok(())
 }
 
+/// Makes the epoll registrations of pidfds that fall to `t`, now that its
+/// pidfds are in place at their numbers ([`check_pidfds`] made sure that
+/// some process can make each).
+pub fn register_pidfds(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    m: &Manifest,
+    plan: &mut FilePlan,
+) -> Result<()> {
+    let mine: Vec<(usize, usize)> = (plan.pidfd_registrar.iter())
+        .filter(|(_, who)| **who == p.pid)
+        .map(|(k, _)| *k)
+        .collect();
+    for (id, i) in mine {
+        plan.pidfd_registrar.remove(&(id, i));
+        let (Some(epfd), Some(FileKind::Epoll { targets })) = (
+            p.fds.iter().find(|fd| fd.file == id).map(|fd| fd.fd),
+            m.files.get(id).map(|f| &f.kind),
+        ) else {
+            continue;
+        };
+        let Some(tg) = targets.get(i) else { continue };
+        if tg.events & !PRIVATE == 0 {
+            tracing::warn!(
+                pid = p.pid,
+                epoll = id,
+                target = tg.fd,
+                "a one-shot epoll registration of a pidfd that had fired is restored armed for errors and hangups"
+            );
+        }
+        let mut ev = Vec::with_capacity(12);
+        ev.extend_from_slice(&tg.events.to_ne_bytes());
+        ev.extend_from_slice(&tg.data.to_ne_bytes());
+        let a = t.arg(&ev)?;
+        t.call(
+            "register a pidfd with its epoll",
+            nr::SYS_epoll_ctl,
+            &[epfd as u64, libc::EPOLL_CTL_ADD as u64, tg.fd as u64, a],
+        )
+        .map_err(|e| match e {
+            Error::RemoteFailed { errno, .. } => rerr(
+                p.pid,
+                "epoll",
+                format!("register pidfd {} with epoll fd {epfd}: {errno}", tg.fd),
+            ),
+            e => e,
+        })?;
+    }
+    Ok(())
+}
+
 /// Every pidfd names a process of the image (a thread of one with
 /// `PIDFD_THREAD`): made again, it must not reach another process.
 pub fn check_pidfds(
@@ -1033,6 +1104,32 @@ pub fn check_pidfds(
                 "open file {} is a pidfd of {pid}, which is not in the image",
                 f.id
             ));
+        }
+    }
+    // An epoll's registration of a pidfd is made by a process holding
+    // both, the pidfd at the number it was registered under.
+    for f in &m.files {
+        let FileKind::Epoll { targets } = &f.kind else {
+            continue;
+        };
+        for tg in targets {
+            let Some(target) = tg.file else { continue };
+            if !matches!(
+                m.files.get(target).map(|t| &t.kind),
+                Some(FileKind::PidFd { .. })
+            ) {
+                continue;
+            }
+            let made = procs.values().any(|p| {
+                p.fds.iter().any(|fd| fd.file == f.id)
+                    && p.fds.iter().any(|fd| fd.fd == tg.fd && fd.file == target)
+            });
+            if !made {
+                return Err(format!(
+                    "epoll {} watches pidfd {} under fd {}, which no process holding both has there",
+                    f.id, target, tg.fd
+                ));
+            }
         }
     }
     Ok(())

@@ -937,6 +937,9 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in ctx.done.iter_mut() {
             files::make_pidfds(t, &procs[&t.ns_pid], &m)?;
         }
+        for t in ctx.done.iter_mut() {
+            files::register_pidfds(t, &procs[&t.ns_pid], &m, &mut ctx.plan)?;
+        }
         let mut owned = std::collections::HashSet::new();
         for t in ctx.done.iter_mut() {
             files::set_owners(t, &procs[&t.ns_pid], &m, &mut owned)?;
