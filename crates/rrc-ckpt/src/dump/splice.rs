@@ -54,8 +54,7 @@ impl<'a> PageSplicer<'a> {
     pub fn open(inj: &'a mut Injector) -> Result<PageSplicer<'a>> {
         let pid = inj.pid();
         let scratch = inj.scratch()?;
-        let mut r = inj.remote(pid);
-        r.call(
+        inj.remote(pid).call(
             "pipe2 for pages",
             crate::nr::SYS_pipe2,
             &[scratch + OUT_AT, libc::O_CLOEXEC as u64],
@@ -64,24 +63,26 @@ impl<'a> PageSplicer<'a> {
         inj.read_scratch(OUT_AT, &mut fds)?;
         let read_fd = i32::from_ne_bytes(fds[..4].try_into().expect("4 bytes"));
         let write_fd = i32::from_ne_bytes(fds[4..].try_into().expect("4 bytes"));
+        // The process keeps only the write end, closed again on drop.
         let taken = sys::pidfd_open(pid).and_then(|p| sys::steal_fd_via(&p, read_fd));
-        let mut r = inj.remote(pid);
-        let closed = r.call("close", crate::nr::SYS_close, &[read_fd as u64]);
-        let splicer = match taken {
-            Ok(read_end) => PageSplicer {
-                inj,
-                pid,
-                write_end: write_fd as u64,
-                read_end,
-                capacity: 0,
-            },
+        let closed = inj
+            .remote(pid)
+            .call("close", crate::nr::SYS_close, &[read_fd as u64]);
+        let read_end = match taken {
+            Ok(fd) => fd,
             Err(e) => {
-                let _ = r.call("close", crate::nr::SYS_close, &[write_fd as u64]);
+                let _ = (inj.remote(pid)).call("close", crate::nr::SYS_close, &[write_fd as u64]);
                 return Err(fail(pid, format!("take the pipe's read end: {e}")));
             }
         };
+        let mut splicer = PageSplicer {
+            inj,
+            pid,
+            write_end: write_fd as u64,
+            read_end,
+            capacity: PAGE_SIZE,
+        };
         closed?;
-        let mut splicer = splicer;
         let mut r = splicer.inj.remote(pid);
         // A smaller pipe only means more calls.
         let _ = r.raw(
