@@ -156,8 +156,9 @@ pub struct ProcessImage {
     pub personality: u64,
     pub dumpable: u64,
     pub no_new_privs: bool,
-    /// Its seccomp filters (every thread has the same), the first
-    /// installed first, each instruction as [`pack_bpf`] puts it.
+    /// The seccomp filters all its threads have, the first installed
+    /// first, each instruction as [`pack_bpf`] puts it (a thread's own
+    /// later ones are in [`ThreadImage::seccomp`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seccomp: Vec<Vec<u64>>,
     pub pdeath_signal: u64,
@@ -220,6 +221,10 @@ pub struct ThreadImage {
     pub altstack: AltStack,
     pub timer_slack_ns: u64,
     pub nice: i32,
+    /// Seccomp filters this thread has after those of its process
+    /// ([`ProcessImage::seccomp`]), the first installed first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seccomp: Vec<Vec<u64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

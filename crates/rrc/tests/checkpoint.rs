@@ -443,6 +443,11 @@ fn threads_ids_tls_masks_altstacks_names() {
 }
 
 #[test]
+fn seccomp_filters_that_differ_between_threads_come_back_thread_by_thread() {
+    checkpoint_restore("seccomp_threads");
+}
+
+#[test]
 fn threads_under_load_keep_computing() {
     checkpoint_restore("threads_load");
 }

@@ -333,14 +333,14 @@ pub(crate) fn take(
         let raw = p.pid.as_raw();
         let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
         let status = proc.status().map_err(Error::proc(raw, "status"))?;
-        let seccomp = match status.seccomp.unwrap_or(0) {
-            0 => Vec::new(),
-            2 => seccomp_filters(p, &mut problems)?,
+        let (seccomp, thread_seccomp) = match status.seccomp.unwrap_or(0) {
+            0 => Default::default(),
+            2 => seccomp_filters(p)?,
             _ => {
                 problems.push(format!(
                     "process {raw} runs in seccomp's strict mode, which cannot be entered again at a restore"
                 ));
-                Vec::new()
+                Default::default()
             }
         };
         if p.threads.is_empty() {
@@ -380,7 +380,10 @@ pub(crate) fn take(
         }
         let t0 = Instant::now();
         let mut inj = Injector::new(p)?;
-        let ts = process::threads_and_signals(p, &mut inj, cpu.xsave_size)?;
+        let mut ts = process::threads_and_signals(p, &mut inj, cpu.xsave_size)?;
+        for (th, own) in ts.threads.iter_mut().zip(thread_seccomp) {
+            th.seccomp = own;
+        }
         let t1 = Instant::now();
         let mem = policy.capture(Frozen {
             p,
@@ -625,27 +628,31 @@ pub(crate) fn checksum_files(img: &ImageDir) -> Result<BTreeMap<String, u32>> {
     Ok(out)
 }
 
-/// The seccomp filters of process `p`, packed for its image; a process
-/// whose threads have different filters is a problem (a restore gives the
-/// process's filters to all its threads).
-fn seccomp_filters(p: &SeizedProcess, problems: &mut Vec<String>) -> Result<Vec<Vec<u64>>> {
-    let mut first: Option<Vec<Vec<u64>>> = None;
+/// The seccomp filters of process `p`, packed for its image: those all
+/// its threads have (the longest run, from the first installed, that they
+/// share), and each thread's own after those, in the order of
+/// `p.threads`.
+type SeccompOfThreads = (Vec<Vec<u64>>, Vec<Vec<Vec<u64>>>);
+fn seccomp_filters(p: &SeizedProcess) -> Result<SeccompOfThreads> {
+    let mut chains: Vec<Vec<Vec<u64>>> = Vec::with_capacity(p.threads.len());
     for th in &p.threads {
-        let packed: Vec<Vec<u64>> = crate::ptrace::seccomp_filters(th.tid)?
-            .iter()
-            .map(|f| f.iter().map(crate::image::pack_bpf).collect())
-            .collect();
-        match &first {
-            None => first = Some(packed),
-            Some(f) if *f != packed => {
-                problems.push(format!(
-                    "the threads of process {} have different seccomp filters, which is not supported",
-                    p.pid
-                ));
-                break;
-            }
-            Some(_) => {}
-        }
+        chains.push(
+            crate::ptrace::seccomp_filters(th.tid)?
+                .iter()
+                .map(|f| f.iter().map(crate::image::pack_bpf).collect())
+                .collect(),
+        );
     }
-    Ok(first.unwrap_or_default())
+    let Some(first) = chains.first() else {
+        return Ok(Default::default());
+    };
+    let shared = (0..first.len())
+        .take_while(|&i| chains.iter().all(|c| c.get(i) == Some(&first[i])))
+        .count();
+    let common = first[..shared].to_vec();
+    let own = chains
+        .into_iter()
+        .map(|mut c| c.split_off(shared))
+        .collect();
+    Ok((common, own))
 }

@@ -242,6 +242,7 @@ pub fn threads_and_signals(
             },
             timer_slack_ns,
             nice,
+            seccomp: Vec::new(),
         });
     }
 

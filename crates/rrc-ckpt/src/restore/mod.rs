@@ -240,10 +240,10 @@ fn check_references(
             m.root
         )));
     }
+    let bad_filter = |f: &Vec<u64>| f.is_empty() || f.len() > crate::image::SECCOMP_FILTER_MAX;
     if let Some(p) = procs.values().find(|p| {
-        p.seccomp
-            .iter()
-            .any(|f| f.is_empty() || f.len() > crate::image::SECCOMP_FILTER_MAX)
+        p.seccomp.iter().any(bad_filter)
+            || (p.threads.iter()).any(|th| th.seccomp.iter().any(bad_filter))
     }) {
         return Err(corrupt(format!(
             "process {} has a seccomp filter that is empty or longer than {} instructions",

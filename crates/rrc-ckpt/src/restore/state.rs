@@ -403,37 +403,13 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
 }
 
 /// The process's seccomp filters, the first first, for all its threads at
-/// once (`SECCOMP_FILTER_FLAG_TSYNC`): installed while the restored process
-/// still has CAP_SYS_ADMIN, before its credentials are set, which is why
-/// the engine traces with seccomp suspended ([`crate::ptrace::seize`]) for
-/// the calls that follow.
+/// once (`SECCOMP_FILTER_FLAG_TSYNC`), then each thread's own after them:
+/// installed while the restored process still has CAP_SYS_ADMIN, before
+/// its credentials are set, which is why the engine traces with seccomp
+/// suspended ([`crate::ptrace::seize`]) for the calls that follow.
 fn seccomp(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
-    const SECCOMP_SET_MODE_FILTER: u64 = 1;
     for filter in &p.seccomp {
-        let mut insns = Vec::with_capacity(filter.len() * 8);
-        for v in filter {
-            let i = crate::image::unpack_bpf(*v);
-            insns.extend_from_slice(&i.code.to_ne_bytes());
-            insns.push(i.jt);
-            insns.push(i.jf);
-            insns.extend_from_slice(&i.k.to_ne_bytes());
-        }
-        let at = t.arg(&insns)?;
-        // struct sock_fprog: a u16 length, padding, the pointer.
-        let mut prog = Vec::with_capacity(16);
-        prog.extend_from_slice(&(filter.len() as u16).to_ne_bytes());
-        prog.extend_from_slice(&[0u8; 6]);
-        prog.extend_from_slice(&at.to_ne_bytes());
-        let prog = t.arg(&prog)?;
-        let r = t.call(
-            "seccomp(SECCOMP_SET_MODE_FILTER)",
-            nr::SYS_seccomp,
-            &[
-                SECCOMP_SET_MODE_FILTER,
-                libc::SECCOMP_FILTER_FLAG_TSYNC,
-                prog,
-            ],
-        )?;
+        let r = install_filter(t, t.pid, filter, libc::SECCOMP_FILTER_FLAG_TSYNC)?;
         if r != 0 {
             return Err(Error::Restore {
                 pid: p.pid,
@@ -442,7 +418,47 @@ fn seccomp(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             });
         }
     }
+    let threads = t.threads.clone();
+    for th in p.threads.iter().filter(|th| !th.seccomp.is_empty()) {
+        let Some(&(_, host)) = threads.iter().find(|(ns, _)| *ns == th.tid) else {
+            continue;
+        };
+        for filter in &th.seccomp {
+            install_filter(t, host, filter, 0)?;
+        }
+    }
     Ok(())
+}
+
+/// Installs one filter in thread `tid` (with `flags`); the call's result.
+fn install_filter(
+    t: &mut Tracee,
+    tid: nix::unistd::Pid,
+    filter: &[u64],
+    flags: u64,
+) -> Result<u64> {
+    const SECCOMP_SET_MODE_FILTER: u64 = 1;
+    let mut insns = Vec::with_capacity(filter.len() * 8);
+    for v in filter {
+        let i = crate::image::unpack_bpf(*v);
+        insns.extend_from_slice(&i.code.to_ne_bytes());
+        insns.push(i.jt);
+        insns.push(i.jf);
+        insns.extend_from_slice(&i.k.to_ne_bytes());
+    }
+    let at = t.arg(&insns)?;
+    // struct sock_fprog: a u16 length, padding, the pointer.
+    let mut prog = Vec::with_capacity(16);
+    prog.extend_from_slice(&(filter.len() as u16).to_ne_bytes());
+    prog.extend_from_slice(&[0u8; 6]);
+    prog.extend_from_slice(&at.to_ne_bytes());
+    let prog = t.arg(&prog)?;
+    t.call_on(
+        tid,
+        "seccomp(SECCOMP_SET_MODE_FILTER)",
+        nr::SYS_seccomp,
+        &[SECCOMP_SET_MODE_FILTER, flags, prog],
+    )
 }
 
 /// setfsuid or setfsgid (`nr`) to `id`. They return the previous id and
