@@ -39,11 +39,23 @@ pub struct MemoryDump {
 }
 
 /// Every page, copied while the tree is stopped.
-pub struct Full;
+pub struct Full {
+    /// The image is synced before the tree is killed: its pages start on
+    /// their way to the disk as they are written.
+    pub writeback: bool,
+}
 
 impl crate::dump::MemoryPolicy for Full {
     fn capture(&mut self, f: crate::dump::Frozen) -> Result<MemoryDump> {
-        dump(f.p.pid, f.img, f.image_pid, f.shmem, f.problems, f.inj)
+        dump(
+            f.p.pid,
+            f.img,
+            f.image_pid,
+            f.shmem,
+            f.problems,
+            f.inj,
+            self.writeback,
+        )
     }
 
     fn finish(&mut self, img: &ImageDir) -> Result<u64> {
@@ -145,6 +157,7 @@ pub fn dump(
     shmem: &mut ShmemTable,
     problems: &mut Vec<String>,
     inj: &mut Injector,
+    writeback: bool,
 ) -> Result<MemoryDump> {
     let raw = pid.as_raw();
     // The scratch memory is mapped now, if it ever will be: the splice
@@ -202,6 +215,7 @@ pub fn dump(
         &out.pages,
         &readable_runs,
         out.bytes,
+        writeback,
     )?;
     Ok(out)
 }
@@ -217,6 +231,7 @@ fn copy_out(
     runs: &[PageRun],
     readable: &[bool],
     total: u64,
+    writeback: bool,
 ) -> Result<()> {
     let pid = inj.pid();
     let f = OpenOptions::new()
@@ -246,7 +261,7 @@ fn copy_out(
     let rest = (runs.iter().enumerate()).filter(|(i, _)| !readable_of(*i));
     let want: u64 = spliceable.iter().map(|r| r.count * PAGE_SIZE).sum();
     let (spliced_bytes, buffered): (u64, Vec<(PageRun, bool)>) =
-        match PageSplicer::open(inj).and_then(|mut s| s.copy(&spliceable, &f)) {
+        match PageSplicer::open(inj).and_then(|mut s| s.copy(&spliceable, &f, writeback)) {
             Ok(n) if n == want => (n, rest.map(|(_, r)| (*r, false)).collect()),
             other => {
                 // Everything again, through the buffer.

@@ -183,7 +183,9 @@ pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<Check
             at_freeze: extras.at_freeze.unwrap_or(&mut nothing),
             probe: &probe,
         },
-        &mut memory::Full,
+        &mut memory::Full {
+            writeback: !opts.leave_running,
+        },
     );
     if result.is_err() {
         common::remove_image_files(img.path());

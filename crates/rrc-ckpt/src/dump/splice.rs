@@ -99,8 +99,10 @@ impl<'a> PageSplicer<'a> {
     }
 
     /// Moves the pages of `runs` (readable by the process) into `file`,
-    /// each run at its offset; returns the bytes moved.
-    pub fn copy(&mut self, runs: &[PageRun], file: &File) -> Result<u64> {
+    /// each run at its offset; returns the bytes moved. With `writeback`,
+    /// each piece starts on its way to the disk at once (the image is to
+    /// be synced before the tree is killed).
+    pub fn copy(&mut self, runs: &[PageRun], file: &File, writeback: bool) -> Result<u64> {
         let mut cursor = Cursor::default();
         let mut moved = 0;
         loop {
@@ -128,6 +130,10 @@ impl<'a> PageSplicer<'a> {
                 ));
             }
             self.drain(file, at, got)?;
+            if writeback {
+                // Only sooner: the sync that follows is what counts.
+                let _ = sys::start_writeback(file, at, got);
+            }
             cursor.advance(runs, got);
             moved += got;
         }
