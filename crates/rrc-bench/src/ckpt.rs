@@ -255,23 +255,7 @@ fn redis_round(work: &Path, criu: Option<&Criu>) -> Result<CkptResult> {
 /// A Redis on `port` holding 1M keys (about 114 MB), no client left
 /// connected; started in a session of its own for CRIU (`own_session`).
 fn populated_redis(work: &Path, port: u16, own_session: bool) -> Result<std::process::Child> {
-    let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--enable-debug-command",
-        "local",
-    ])
-    .current_dir(work)
-    .stdin(Stdio::null())
-    .stdout(fs::File::create(work.join("redis.log"))?)
-    .stderr(Stdio::null());
+    let mut cmd = crate::resp::local_redis(port, work)?;
     if own_session {
         Criu::own_session(&mut cmd);
     }

@@ -148,23 +148,7 @@ fn connect_redis(port: u16) -> Result<RespConn> {
 
 fn start_redis(mb: usize, work: &Path) -> Result<Subject> {
     let port = 16479u16;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--enable-debug-command",
-            "local",
-        ])
-        .current_dir(work)
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(work.join("redis.log"))?)
-        .stderr(Stdio::null())
+    let child = crate::resp::local_redis(port, work)?
         .spawn()
         .context("cannot start redis-server (run scripts/setup)")?;
     let mut s = Subject {

@@ -1,10 +1,35 @@
 //! A small Redis (RESP2) client: enough to drive and verify a server,
 //! with no connection pool or async runtime between the request and the
-//! clock.
+//! clock; and the command for a Redis on the host for the benchmarks to
+//! checkpoint.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
+
+/// `redis-server` on 127.0.0.1:`port`, without persistence, `DEBUG`
+/// allowed from the host, running in `work` and logging to
+/// `work/redis.log`.
+pub fn local_redis(port: u16, work: &std::path::Path) -> io::Result<std::process::Command> {
+    let mut cmd = std::process::Command::new("redis-server");
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "local",
+    ])
+    .current_dir(work)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::fs::File::create(work.join("redis.log"))?)
+    .stderr(std::process::Stdio::null());
+    Ok(cmd)
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reply {

@@ -25,6 +25,15 @@ fn rerr(pid: i32, stage: &'static str, detail: String) -> Error {
     Error::Restore { pid, stage, detail }
 }
 
+/// A call the process could not make, as a restore error of `stage` that
+/// says what it was for (`what`) and the errno; other errors as they are.
+fn failed_call(pid: i32, stage: &'static str, what: String) -> impl FnOnce(Error) -> Error {
+    move |e| match e {
+        Error::RemoteFailed { errno, .. } => rerr(pid, stage, format!("{what}: {errno}")),
+        e => e,
+    }
+}
+
 /// Where each open file is created and what must stay open meanwhile.
 pub struct FilePlan {
     pub creator: HashMap<usize, i32>,
@@ -693,14 +702,11 @@ fn inotify(t: &mut Tracee, f: &OpenFile, watches: &[crate::image::InotifyWatch])
                     libc::SYS_inotify_add_watch,
                     &[fd, path, u64::from(w.mask | libc::IN_DONT_FOLLOW)],
                 )
-                .map_err(|e| match e {
-                    Error::RemoteFailed { errno, .. } => rerr(
-                        pid,
-                        "inotify watch",
-                        format!("watch {} on {}: {errno}", w.wd, w.path),
-                    ),
-                    e => e,
-                })? as i32;
+                .map_err(failed_call(
+                    pid,
+                    "inotify watch",
+                    format!("watch {} on {}", w.wd, w.path),
+                ))? as i32;
             if got == w.wd {
                 break;
             }
@@ -1012,14 +1018,11 @@ pub fn make_pidfds(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()>
                 libc::SYS_pidfd_open,
                 &[*target as u64, u64::from(flags)],
             )
-            .map_err(|e| match e {
-                Error::RemoteFailed { errno, .. } => rerr(
-                    p.pid,
-                    "pidfds",
-                    format!("fd {}: pidfd of {target}: {errno}", fd.fd),
-                ),
-                e => e,
-            })?;
+            .map_err(failed_call(
+                p.pid,
+                "pidfds",
+                format!("fd {}: pidfd of {target}", fd.fd),
+            ))?;
         let cloexec = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
         t.call(
             "put a pidfd in place",
@@ -1070,14 +1073,11 @@ pub fn register_pidfds(
             nr::SYS_epoll_ctl,
             &[epfd as u64, libc::EPOLL_CTL_ADD as u64, tg.fd as u64, a],
         )
-        .map_err(|e| match e {
-            Error::RemoteFailed { errno, .. } => rerr(
-                p.pid,
-                "epoll",
-                format!("register pidfd {} with epoll fd {epfd}: {errno}", tg.fd),
-            ),
-            e => e,
-        })?;
+        .map_err(failed_call(
+            p.pid,
+            "epoll",
+            format!("register pidfd {} with epoll fd {epfd}", tg.fd),
+        ))?;
     }
     Ok(())
 }
@@ -1379,13 +1379,9 @@ pub fn take_locks(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     for l in &p.locks {
         let fd = l.fd as u64;
         let pid = t.ns_pid;
-        let failed = |e: Error| match e {
-            Error::RemoteFailed { errno, .. } => rerr(
-                pid,
-                "file locks",
-                format!("{:?} lock on fd {} from {}: {errno}", l.kind, l.fd, l.start),
-            ),
-            e => e,
+        let failed = || {
+            let what = format!("{:?} lock on fd {} from {}", l.kind, l.fd, l.start);
+            failed_call(pid, "file locks", what)
         };
         if l.kind == LockKind::Lease {
             let ty = if l.write {
@@ -1398,7 +1394,7 @@ pub fn take_locks(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
                 nr::SYS_fcntl,
                 &[fd, libc::F_SETLEASE as u64, ty as u64],
             )
-            .map_err(failed)?;
+            .map_err(failed())?;
             continue;
         }
         if l.kind == LockKind::Flock {
@@ -1408,7 +1404,7 @@ pub fn take_locks(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
                 libc::LOCK_SH
             } | libc::LOCK_NB;
             t.call("flock", libc::SYS_flock, &[fd, op as u64])
-                .map_err(failed)?;
+                .map_err(failed())?;
             continue;
         }
         // struct flock: type and whence (16 bits each), start and length
@@ -1437,7 +1433,7 @@ pub fn take_locks(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             _ => libc::F_OFD_SETLK,
         };
         t.call("fcntl (lock)", nr::SYS_fcntl, &[fd, cmd as u64, a])
-            .map_err(failed)?;
+            .map_err(failed())?;
     }
     Ok(())
 }
