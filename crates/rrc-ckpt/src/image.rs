@@ -491,6 +491,13 @@ pub enum FileKind {
     Inotify {
         watches: Vec<InotifyWatch>,
     },
+    /// A fanotify group (`fanotify_init` flags and event flags) and its
+    /// marks, the first made first. Events it had queued are not kept.
+    Fanotify {
+        init_flags: u32,
+        event_flags: u32,
+        marks: Vec<FanotifyMark>,
+    },
     /// A memfd (its memory is shared object `shmem`).
     Memfd {
         shmem: usize,
@@ -602,6 +609,20 @@ pub struct InotifyWatch {
     pub wd: i32,
     pub mask: u32,
     pub path: String,
+}
+
+/// A fanotify mark: on the file at `path`, or on the mount whose mount
+/// point that is (`mount`), for the events of `mask` and not those of
+/// `ignored_mask`, with the mark's own flags (`FAN_MARK_IGNORED_SURV_MODIFY`,
+/// `FAN_MARK_EVICTABLE`, `FAN_MARK_IGNORE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FanotifyMark {
+    pub path: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mount: bool,
+    pub mflags: u32,
+    pub mask: u32,
+    pub ignored_mask: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

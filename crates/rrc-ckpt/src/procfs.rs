@@ -21,6 +21,8 @@ pub struct FdInfo {
     pub watches: usize,
     /// The `inotify wd:...` lines, one per watch.
     pub inotify: Vec<String>,
+    /// The `fanotify ...` lines: the group's first, then one per mark.
+    pub fanotify: Vec<String>,
     /// The `lock:` lines (what follows the key), one per lock held through
     /// this fd's open file by its owner.
     pub locks: Vec<String>,
@@ -84,8 +86,9 @@ pub fn parse_fdinfo(text: &str) -> Option<FdInfo> {
             info.inotify.push(rest.to_string());
             continue;
         }
-        if line.starts_with("fanotify ") {
+        if let Some(rest) = line.strip_prefix("fanotify ") {
             info.watches += 1;
+            info.fanotify.push(rest.to_string());
             continue;
         }
         if let Some(rest) = line.strip_prefix("lock:") {

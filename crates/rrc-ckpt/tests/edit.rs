@@ -264,6 +264,16 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         }),
         "is a pidfd of",
     );
+    // A fanotify group for permission events would leave the processes it
+    // holds waiting.
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["files"][0]["kind"] = serde_json::json!({
+                "type": "fanotify", "init_flags": 4, "event_flags": 0, "marks": []
+            });
+        }),
+        "is for permission events",
+    );
 }
 
 /// A small seeded generator (xorshift64*), so that a failing run can be

@@ -478,6 +478,11 @@ fn read_and_write_leases_are_held_again_and_still_break() {
 }
 
 #[test]
+fn fanotify_marks_on_files_directories_and_mounts_report_again() {
+    checkpoint_restore("fanotify");
+}
+
+#[test]
 fn pidfds_of_processes_zombies_and_threads_name_them_again() {
     checkpoint_restore("pidfds");
 }
@@ -616,6 +621,17 @@ fn pidfds_outside_the_tree_reaped_or_watched_are_refused_by_name_and_left_runnin
             "outside the tree",
             "fd 41 (anon_inode:[pidfd]): a pidfd of a process that has exited and been reaped",
             "fd 44: a pidfd watched by an epoll under a number",
+        ],
+    );
+}
+
+#[test]
+fn fanotify_permission_groups_and_filesystem_marks_are_refused_by_name_and_left_running() {
+    refused_for_each(
+        "unsupported_fanotify",
+        &[
+            "fd 60 (anon_inode:[fanotify]): a fanotify group for permission events",
+            "fd 61 (anon_inode:[fanotify]): a fanotify mark on a whole filesystem",
         ],
     );
 }

@@ -12,8 +12,8 @@ use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
 use crate::image::{
-    Blob, EpollTarget, Fd, FileKind, FileLock, FileOwner, ImageDir, InotifyWatch, LockKind,
-    OpenFile, Owner, OwnerKind, ProcessImage,
+    Blob, EpollTarget, FanotifyMark, Fd, FileKind, FileLock, FileOwner, ImageDir, InotifyWatch,
+    LockKind, OpenFile, Owner, OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
 use crate::sockopt::{self, Sock};
@@ -538,6 +538,10 @@ fn classify(
                 Ok(target) if target > 0 => Ok(Some(FileKind::PidFd { pid: target })),
                 _ => problem("a pidfd of a process that has exited and been reaped".into()),
             },
+            "[fanotify]" => match fanotify_group(raw, &info.fanotify) {
+                Ok(kind) => Ok(Some(kind)),
+                Err(what) => problem(what),
+            },
             "inotify" => match inotify_watches(raw, &info.inotify)? {
                 Ok(watches) => Ok(Some(FileKind::Inotify { watches })),
                 Err(what) => problem(what),
@@ -623,17 +627,7 @@ fn inotify_watches(
                 .unwrap_or("")
         };
         let hex32 = |k: &str| u32::from_str_radix(field(k), 16).ok();
-        let handle: Option<Vec<u8>> = {
-            let h = field("f_handle");
-            (h.len() % 2 == 0)
-                .then(|| {
-                    (0..h.len())
-                        .step_by(2)
-                        .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
-                        .collect()
-                })
-                .flatten()
-        };
+        let handle = mark_handle(line);
         let (Some(wd), Some(mask), Some(sdev), Some(htype), Some(handle)) = (
             hex32("wd"),
             hex32("mask"),
@@ -677,6 +671,106 @@ fn inotify_watches(
 
 /// The path, as process `pid` sees it, of the file of a handle on the
 /// filesystem of device `sdev` (major in the bits above 20).
+/// A fanotify group of `pid` from its fdinfo lines (the group's, then
+/// one per mark), each mark's file found by its handle and recorded by
+/// path, each mount mark by its mount point; or why it cannot be restored.
+fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, String> {
+    let field = |line: &str, k: &str| -> Option<u32> {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix(':'))?;
+        u32::from_str_radix(v, 16).ok()
+    };
+    let group = lines.first().map(String::as_str).unwrap_or("");
+    let (Some(init_flags), Some(event_flags)) =
+        (field(group, "flags"), field(group, "event-flags"))
+    else {
+        return Err(format!(
+            "a fanotify group this engine cannot read ({group})"
+        ));
+    };
+    // FAN_CLASS_CONTENT, FAN_CLASS_PRE_CONTENT.
+    if init_flags & 0xc != 0 {
+        return Err(
+            "a fanotify group for permission events (an answer the program owes would be lost)"
+                .into(),
+        );
+    }
+    let mut marks = Vec::new();
+    for line in &lines[1..] {
+        let (Some(mflags), Some(mask), Some(ignored_mask)) = (
+            field(line, "mflags"),
+            field(line, "mask"),
+            field(line, "ignored_mask"),
+        ) else {
+            return Err(format!("a fanotify mark this engine cannot read ({line})"));
+        };
+        let path = if let Some(mnt) = field(line, "mnt_id") {
+            mount_point(pid, mnt).map_err(|e| format!("fanotify mount mark: {e}"))?
+        } else if field(line, "ino").is_some() {
+            let handle = mark_handle(line);
+            let (Some(sdev), Some(htype), Some(handle)) =
+                (field(line, "sdev"), field(line, "fhandle-type"), handle)
+            else {
+                return Err(format!("a fanotify mark this engine cannot read ({line})"));
+            };
+            let path = watched_path(pid, sdev, htype as i32, &handle)
+                .map_err(|e| format!("fanotify mark: its file cannot be found ({e})"))?;
+            if path.ends_with(" (deleted)") {
+                return Err(format!(
+                    "a fanotify mark on a file that was deleted ({path}), which cannot be marked again"
+                ));
+            }
+            path
+        } else {
+            return Err(format!(
+                "a fanotify mark on a whole filesystem, which is not restored ({line})"
+            ));
+        };
+        marks.push(FanotifyMark {
+            path,
+            mount: field(line, "mnt_id").is_some(),
+            mflags,
+            mask,
+            ignored_mask,
+        });
+    }
+    // fdinfo lists the newest mark first: kept in the order they were made.
+    marks.reverse();
+    Ok(FileKind::Fanotify {
+        init_flags,
+        event_flags,
+        marks,
+    })
+}
+
+/// The mount point, as process `pid` sees it, of its mount `mnt_id`.
+fn mount_point(pid: i32, mnt_id: u32) -> std::io::Result<String> {
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    // "36 35 254:0 / / rw,relatime shared:1 - ext4 /dev/root rw"
+    mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|w| w.first().and_then(|id| id.parse::<u32>().ok()) == Some(mnt_id))
+        .and_then(|w| w.get(4).map(|s| s.to_string()))
+        .ok_or_else(|| std::io::Error::other(format!("no mount {mnt_id} in its mount table")))
+}
+
+/// The `f_handle:` bytes of an inotify watch's or fanotify mark's line.
+fn mark_handle(line: &str) -> Option<Vec<u8>> {
+    let h = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("f_handle:"))?;
+    (h.len() % 2 == 0)
+        .then(|| {
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+                .collect()
+        })
+        .flatten()
+}
+
 fn watched_path(pid: i32, sdev: u32, htype: i32, handle: &[u8]) -> std::io::Result<String> {
     let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
     let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;

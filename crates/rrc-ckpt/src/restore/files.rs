@@ -637,6 +637,11 @@ fn create(
         }
         FileKind::Epoll { .. } => t.call("epoll_create1", nr::SYS_epoll_create1, &[0])?,
         FileKind::Inotify { watches } => inotify(t, f, watches)?,
+        FileKind::Fanotify {
+            init_flags,
+            event_flags,
+            marks,
+        } => fanotify(t, *init_flags, *event_flags, marks)?,
         FileKind::Memfd { shmem, pos } => {
             let fd = match mem.reopen(t, *shmem)? {
                 Some(fd) => fd,
@@ -671,6 +676,106 @@ fn create(
         | FileKind::UnixConnected { .. }
         | FileKind::Unix { .. } => unreachable!("sockets are built by the engine"),
     })
+}
+
+/// `fanotify_mark` flags.
+const FAN_MARK_ADD: u32 = 0x1;
+const FAN_MARK_DONT_FOLLOW: u32 = 0x4;
+const FAN_MARK_MOUNT: u32 = 0x10;
+const FAN_MARK_IGNORED_MASK: u32 = 0x20;
+const FAN_MARK_IGNORED_SURV_MODIFY: u32 = 0x40;
+const FAN_MARK_EVICTABLE: u32 = 0x200;
+const FAN_MARK_IGNORE: u32 = 0x400;
+/// The mark flags fdinfo shows, which a restore sets again.
+const FAN_MARK_KEPT: u32 = FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE | FAN_MARK_IGNORE;
+
+/// A fanotify group with its marks: the events of each mark's mask added,
+/// then those it ignores (in the way it was told to ignore them).
+fn fanotify(
+    t: &mut Tracee,
+    init_flags: u32,
+    event_flags: u32,
+    marks: &[crate::image::FanotifyMark],
+) -> Result<u64> {
+    let pid = t.ns_pid;
+    let fd = t
+        .call(
+            "fanotify_init",
+            libc::SYS_fanotify_init,
+            &[u64::from(init_flags), u64::from(event_flags)],
+        )
+        .map_err(failed_call(pid, "fanotify", "fanotify_init".into()))?;
+    for m in marks {
+        let on = if m.mount {
+            FAN_MARK_MOUNT
+        } else {
+            FAN_MARK_DONT_FOLLOW
+        };
+        let evictable = m.mflags & FAN_MARK_EVICTABLE;
+        let ignore = if m.mflags & FAN_MARK_IGNORE != 0 {
+            FAN_MARK_IGNORE
+        } else {
+            FAN_MARK_IGNORED_MASK
+        };
+        let adds = [
+            (FAN_MARK_ADD | on | evictable, m.mask),
+            (
+                FAN_MARK_ADD | on | evictable | ignore | (m.mflags & FAN_MARK_IGNORED_SURV_MODIFY),
+                m.ignored_mask,
+            ),
+        ];
+        for (flags, mask) in adds.into_iter().filter(|(_, mask)| *mask != 0) {
+            let path = t.arg_str(&m.path)?;
+            t.call(
+                "fanotify_mark",
+                libc::SYS_fanotify_mark,
+                &[
+                    fd,
+                    u64::from(flags),
+                    u64::from(mask),
+                    libc::AT_FDCWD as u64,
+                    path,
+                ],
+            )
+            .map_err(failed_call(
+                pid,
+                "fanotify",
+                format!("mark {} for {mask:#x}", m.path),
+            ))?;
+        }
+    }
+    Ok(fd)
+}
+
+/// Every fanotify group is for notifications only, and every mark is on
+/// an absolute path, with flags a restore sets again.
+pub fn check_fanotify(m: &Manifest) -> std::result::Result<(), String> {
+    for f in &m.files {
+        let FileKind::Fanotify {
+            init_flags, marks, ..
+        } = &f.kind
+        else {
+            continue;
+        };
+        if init_flags & 0xc != 0 {
+            return Err(format!(
+                "fanotify group {} is for permission events ({init_flags:#x})",
+                f.id
+            ));
+        }
+        if let Some(k) = marks.iter().find(|k| {
+            k.mflags & !FAN_MARK_KEPT != 0
+                || !k.path.starts_with('/')
+                || k.path.contains('\0')
+                || (k.mask == 0 && k.ignored_mask == 0)
+        }) {
+            return Err(format!(
+                "fanotify group {} has a mark on {:?} with flags {:#x}",
+                f.id, k.path, k.mflags
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An inotify instance with its watches, at their watch descriptors.

@@ -307,6 +307,7 @@ fn check_references(
     }
     files::check_inotify(m).map_err(corrupt)?;
     files::check_pidfds(m, procs).map_err(corrupt)?;
+    files::check_fanotify(m).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
         if p.pid != *pid {
