@@ -611,18 +611,26 @@ pub struct InotifyWatch {
     pub path: String,
 }
 
-/// A fanotify mark: on the file at `path`, or on the mount whose mount
-/// point that is (`mount`), for the events of `mask` and not those of
-/// `ignored_mask`, with the mark's own flags (`FAN_MARK_IGNORED_SURV_MODIFY`,
-/// `FAN_MARK_EVICTABLE`, `FAN_MARK_IGNORE`).
+/// A fanotify mark: on the file at `path`, or on the mount or the whole
+/// filesystem at that mount point (`on`), for the events of `mask` and not
+/// those of `ignored_mask`, with the mark's own flags
+/// (`FAN_MARK_IGNORED_SURV_MODIFY`, `FAN_MARK_EVICTABLE`, `FAN_MARK_IGNORE`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FanotifyMark {
     pub path: String,
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub mount: bool,
+    pub on: MarkOn,
     pub mflags: u32,
     pub mask: u32,
     pub ignored_mask: u32,
+}
+
+/// What a fanotify mark is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MarkOn {
+    File,
+    Mount,
+    Filesystem,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use crate::dump::memory::ShmemTable;
 use crate::image::{
     Blob, EpollTarget, FanotifyMark, Fd, FileKind, FileLock, FileOwner, ImageDir, InotifyWatch,
-    LockKind, OpenFile, Owner, OwnerKind, ProcessImage,
+    LockKind, MarkOn, OpenFile, Owner, OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
 use crate::sockopt::{self, Sock};
@@ -705,8 +705,12 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
         ) else {
             return Err(format!("a fanotify mark this engine cannot read ({line})"));
         };
-        let path = if let Some(mnt) = field(line, "mnt_id") {
-            mount_point(pid, mnt).map_err(|e| format!("fanotify mount mark: {e}"))?
+        let (on, path) = if let Some(mnt) = field(line, "mnt_id") {
+            let path = mount_point(pid, |w| {
+                w.first().and_then(|id| id.parse::<u32>().ok()) == Some(mnt)
+            })
+            .map_err(|e| format!("fanotify mount mark: {e}"))?;
+            (MarkOn::Mount, path)
         } else if field(line, "ino").is_some() {
             let handle = mark_handle(line);
             let (Some(sdev), Some(htype), Some(handle)) =
@@ -721,15 +725,18 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
                     "a fanotify mark on a file that was deleted ({path}), which cannot be marked again"
                 ));
             }
-            path
+            (MarkOn::File, path)
+        } else if let Some(sdev) = field(line, "sdev") {
+            let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
+            let path = mount_point(pid, |w| w.get(2) == Some(&dev.as_str()))
+                .map_err(|e| format!("fanotify filesystem mark: {e}"))?;
+            (MarkOn::Filesystem, path)
         } else {
-            return Err(format!(
-                "a fanotify mark on a whole filesystem, which is not restored ({line})"
-            ));
+            return Err(format!("a fanotify mark this engine cannot read ({line})"));
         };
         marks.push(FanotifyMark {
             path,
-            mount: field(line, "mnt_id").is_some(),
+            on,
             mflags,
             mask,
             ignored_mask,
@@ -744,16 +751,17 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
     })
 }
 
-/// The mount point, as process `pid` sees it, of its mount `mnt_id`.
-fn mount_point(pid: i32, mnt_id: u32) -> std::io::Result<String> {
+/// The mount point, as process `pid` sees it, of the first of its mounts
+/// whose mountinfo line (split in words) `which` picks.
+fn mount_point(pid: i32, which: impl Fn(&[&str]) -> bool) -> std::io::Result<String> {
     let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
     // "36 35 254:0 / / rw,relatime shared:1 - ext4 /dev/root rw"
     mountinfo
         .lines()
         .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|w| w.first().and_then(|id| id.parse::<u32>().ok()) == Some(mnt_id))
+        .find(|w| which(w))
         .and_then(|w| w.get(4).map(|s| s.to_string()))
-        .ok_or_else(|| std::io::Error::other(format!("no mount {mnt_id} in its mount table")))
+        .ok_or_else(|| std::io::Error::other("no such mount in its mount table"))
 }
 
 /// The `f_handle:` bytes of an inotify watch's or fanotify mark's line.
@@ -773,14 +781,8 @@ fn mark_handle(line: &str) -> Option<Vec<u8>> {
 
 fn watched_path(pid: i32, sdev: u32, htype: i32, handle: &[u8]) -> std::io::Result<String> {
     let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
-    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    // "36 35 254:0 / / rw,relatime shared:1 - ext4 /dev/root rw"
-    let mount_point = mountinfo
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|w| w.get(2) == Some(&dev.as_str()))
-        .and_then(|w| w.get(4).map(|s| s.to_string()))
-        .ok_or_else(|| std::io::Error::other(format!("no mount of device {dev}")))?;
+    let mount_point = mount_point(pid, |w| w.get(2) == Some(&dev.as_str()))
+        .map_err(|_| std::io::Error::other(format!("no mount of device {dev}")))?;
     // Not O_PATH: open_by_handle_at refuses such an fd for the mount.
     let mount = OpenOptions::new()
         .read(true)

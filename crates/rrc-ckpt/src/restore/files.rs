@@ -11,7 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::image::{FileKind, ImageDir, LockKind, Manifest, OpenFile, ProcessImage};
+use crate::image::{FileKind, ImageDir, LockKind, Manifest, MarkOn, OpenFile, ProcessImage};
 use crate::restore::mm::{MemCtx, create_memfd};
 use crate::restore::sockets;
 use crate::restore::tracee::Tracee;
@@ -682,6 +682,7 @@ fn create(
 const FAN_MARK_ADD: u32 = 0x1;
 const FAN_MARK_DONT_FOLLOW: u32 = 0x4;
 const FAN_MARK_MOUNT: u32 = 0x10;
+const FAN_MARK_FILESYSTEM: u32 = 0x100;
 const FAN_MARK_IGNORED_MASK: u32 = 0x20;
 const FAN_MARK_IGNORED_SURV_MODIFY: u32 = 0x40;
 const FAN_MARK_EVICTABLE: u32 = 0x200;
@@ -706,10 +707,10 @@ fn fanotify(
         )
         .map_err(failed_call(pid, "fanotify", "fanotify_init".into()))?;
     for m in marks {
-        let on = if m.mount {
-            FAN_MARK_MOUNT
-        } else {
-            FAN_MARK_DONT_FOLLOW
+        let on = match m.on {
+            MarkOn::File => FAN_MARK_DONT_FOLLOW,
+            MarkOn::Mount => FAN_MARK_MOUNT,
+            MarkOn::Filesystem => FAN_MARK_FILESYSTEM,
         };
         let evictable = m.mflags & FAN_MARK_EVICTABLE;
         let ignore = if m.mflags & FAN_MARK_IGNORE != 0 {
