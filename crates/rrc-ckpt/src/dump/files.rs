@@ -669,8 +669,6 @@ fn inotify_watches(
     Ok(Ok(out))
 }
 
-/// The path, as process `pid` sees it, of the file of a handle on the
-/// filesystem of device `sdev` (major in the bits above 20).
 /// A fanotify group of `pid` from its fdinfo lines (the group's, then
 /// one per mark), each mark's file found by its handle and recorded by
 /// path, each mount mark by its mount point; or why it cannot be restored.
@@ -779,6 +777,8 @@ fn mark_handle(line: &str) -> Option<Vec<u8>> {
         .flatten()
 }
 
+/// The path, as process `pid` sees it, of the file of a handle on the
+/// filesystem of device `sdev` (major in the bits above 20).
 fn watched_path(pid: i32, sdev: u32, htype: i32, handle: &[u8]) -> std::io::Result<String> {
     let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
     let mount_point = mount_point(pid, |w| w.get(2) == Some(&dev.as_str()))

@@ -641,7 +641,11 @@ fn create(
             init_flags,
             event_flags,
             marks,
-        } => fanotify(t, *init_flags, *event_flags, marks)?,
+        } => {
+            let fd = fanotify(t, *init_flags, *event_flags, marks)?;
+            set_flags(t, fd, f.flags)?;
+            fd
+        }
         FileKind::Memfd { shmem, pos } => {
             let fd = match mem.reopen(t, *shmem)? {
                 Some(fd) => fd,
