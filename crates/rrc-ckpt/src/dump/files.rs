@@ -268,10 +268,7 @@ pub fn resolve_pidfds(
         .filter_map(|f| match &f.kind {
             FileKind::Epoll { targets } => Some(targets.iter().filter_map(|t| {
                 let file = t.file?;
-                let placed = images.iter().any(|p| {
-                    p.fds.iter().any(|fd| fd.file == f.id)
-                        && p.fds.iter().any(|fd| fd.fd == t.fd && fd.file == file)
-                });
+                let placed = images.iter().any(|p| p.can_register(f.id, file, t.fd));
                 (!placed).then_some(file)
             })),
             _ => None,
@@ -621,12 +618,7 @@ fn inotify_watches(
 ) -> Result<std::result::Result<Vec<InotifyWatch>, String>> {
     let mut out = Vec::new();
     for line in lines {
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(k)?.strip_prefix(':'))
-                .unwrap_or("")
-        };
-        let hex32 = |k: &str| u32::from_str_radix(field(k), 16).ok();
+        let hex32 = |k: &str| hex_word(line, k);
         let handle = mark_handle(line);
         let (Some(wd), Some(mask), Some(sdev), Some(htype), Some(handle)) = (
             hex32("wd"),
@@ -673,15 +665,9 @@ fn inotify_watches(
 /// one per mark), each mark's file found by its handle and recorded by
 /// path, each mount mark by its mount point; or why it cannot be restored.
 fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, String> {
-    let field = |line: &str, k: &str| -> Option<u32> {
-        let v = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(k)?.strip_prefix(':'))?;
-        u32::from_str_radix(v, 16).ok()
-    };
     let group = lines.first().map(String::as_str).unwrap_or("");
     let (Some(init_flags), Some(event_flags)) =
-        (field(group, "flags"), field(group, "event-flags"))
+        (hex_word(group, "flags"), hex_word(group, "event-flags"))
     else {
         return Err(format!(
             "a fanotify group this engine cannot read ({group})"
@@ -697,23 +683,25 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
     let mut marks = Vec::new();
     for line in &lines[1..] {
         let (Some(mflags), Some(mask), Some(ignored_mask)) = (
-            field(line, "mflags"),
-            field(line, "mask"),
-            field(line, "ignored_mask"),
+            hex_word(line, "mflags"),
+            hex_word(line, "mask"),
+            hex_word(line, "ignored_mask"),
         ) else {
             return Err(format!("a fanotify mark this engine cannot read ({line})"));
         };
-        let (on, path) = if let Some(mnt) = field(line, "mnt_id") {
+        let (on, path) = if let Some(mnt) = hex_word(line, "mnt_id") {
             let path = mount_point(pid, |w| {
                 w.first().and_then(|id| id.parse::<u32>().ok()) == Some(mnt)
             })
             .map_err(|e| format!("fanotify mount mark: {e}"))?;
             (MarkOn::Mount, path)
-        } else if field(line, "ino").is_some() {
+        } else if hex_word(line, "ino").is_some() {
             let handle = mark_handle(line);
-            let (Some(sdev), Some(htype), Some(handle)) =
-                (field(line, "sdev"), field(line, "fhandle-type"), handle)
-            else {
+            let (Some(sdev), Some(htype), Some(handle)) = (
+                hex_word(line, "sdev"),
+                hex_word(line, "fhandle-type"),
+                handle,
+            ) else {
                 return Err(format!("a fanotify mark this engine cannot read ({line})"));
             };
             let path = watched_path(pid, sdev, htype as i32, &handle)
@@ -724,7 +712,7 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
                 ));
             }
             (MarkOn::File, path)
-        } else if let Some(sdev) = field(line, "sdev") {
+        } else if let Some(sdev) = hex_word(line, "sdev") {
             let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
             let path = mount_point(pid, |w| w.get(2) == Some(&dev.as_str()))
                 .map_err(|e| format!("fanotify filesystem mark: {e}"))?;
@@ -760,6 +748,15 @@ fn mount_point(pid: i32, which: impl Fn(&[&str]) -> bool) -> std::io::Result<Str
         .find(|w| which(w))
         .and_then(|w| w.get(4).map(|s| s.to_string()))
         .ok_or_else(|| std::io::Error::other("no such mount in its mount table"))
+}
+
+/// The hexadecimal value of `key:` in an inotify watch's or fanotify
+/// mark's fdinfo line.
+fn hex_word(line: &str, key: &str) -> Option<u32> {
+    let v = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix(':'))?;
+    u32::from_str_radix(v, 16).ok()
 }
 
 /// The `f_handle:` bytes of an inotify watch's or fanotify mark's line.

@@ -160,9 +160,10 @@ pub fn dump(
     writeback: bool,
 ) -> Result<MemoryDump> {
     let raw = pid.as_raw();
-    // The scratch memory is mapped now, if it ever will be: the splice
-    // below uses it.
-    let skip = Some(inj.scratch()?).map(|a| (a, a + crate::dump::inject::SCRATCH_SIZE));
+    // The scratch memory is mapped now, if it ever will be (the splice
+    // below uses it), and is no part of the image.
+    inj.scratch()?;
+    let skip = inj.scratch_range();
     let maps = procfs::process::Process::new(raw)
         .and_then(|p| p.smaps())
         .map_err(Error::proc(raw, "memory maps"))?;
@@ -254,24 +255,28 @@ fn copy_out(
     )
     .map_err(|e| Error::image(path, std::io::Error::from(e)))?;
     let readable_of = |i: usize| readable.get(i).copied().unwrap_or(true);
-    let spliceable: Vec<PageRun> = (runs.iter().enumerate())
-        .filter(|(i, _)| readable_of(*i))
-        .map(|(_, r)| *r)
-        .collect();
-    let rest = (runs.iter().enumerate()).filter(|(i, _)| !readable_of(*i));
+    let those = |readable: bool| -> Vec<PageRun> {
+        (runs.iter().enumerate())
+            .filter(|(i, _)| readable_of(*i) == readable)
+            .map(|(_, r)| *r)
+            .collect()
+    };
+    let spliceable = those(true);
     let want: u64 = spliceable.iter().map(|r| r.count * PAGE_SIZE).sum();
-    let (spliced_bytes, buffered): (u64, Vec<(PageRun, bool)>) =
-        match PageSplicer::open(inj).and_then(|mut s| s.copy(&spliceable, &f, writeback)) {
-            Ok(n) if n == want => (n, rest.map(|(_, r)| (*r, false)).collect()),
-            other => {
-                // Everything again, through the buffer.
-                tracing::debug!(pid = pid.as_raw(), result = ?other.map_err(|e| e.to_string()),
-                    "pages not spliced, copied through a buffer");
-                let all = runs.iter().enumerate();
-                (0, all.map(|(i, r)| (*r, readable_of(i))).collect())
-            }
-        };
-    let laid_out = spliced_bytes + write_buffered(pid, &f, path, &buffered)?;
+    let laid_out = match PageSplicer::open(inj).and_then(|mut s| s.copy(&spliceable, &f, writeback))
+    {
+        Ok(n) if n == want => {
+            let rest = those(false);
+            n + write_buffered(pid, &f, path, &rest, &vec![false; rest.len()])?
+        }
+        other => {
+            // Everything again, through the buffer.
+            tracing::debug!(pid = pid.as_raw(), result = ?other.map_err(|e| e.to_string()),
+                "pages not spliced, copied through a buffer");
+            let all: Vec<bool> = (0..runs.len()).map(readable_of).collect();
+            write_buffered(pid, &f, path, runs, &all)?
+        }
+    };
     if laid_out != total {
         return Err(Error::image(
             path,
@@ -281,47 +286,43 @@ fn copy_out(
     Ok(())
 }
 
-/// Reads page runs (each with whether the process can read it) into a
-/// buffer, piece by piece, and writes each piece at its runs' offset;
-/// returns the bytes written. The pieces are as large as one write should
-/// be ([`crate::common::WRITE_PIECE`]), and small enough for the buffer to
-/// stay in the CPU's cache between the two copies.
-fn write_buffered(pid: Pid, f: &File, path: &Path, runs: &[(PageRun, bool)]) -> Result<u64> {
-    const PIECE: u64 = crate::common::WRITE_PIECE as u64;
-    let per = PIECE / PAGE_SIZE;
-    // Runs cut to at most a piece each.
-    let cut = runs.iter().flat_map(|&(r, ok)| {
-        (0..r.count.div_ceil(per)).map(move |k| {
-            let first = k * per;
-            let run = PageRun {
-                start: r.start + first * PAGE_SIZE,
-                count: (r.count - first).min(per),
-                offset: r.offset + first * PAGE_SIZE,
-            };
-            (run, ok)
-        })
-    });
+/// Reads page runs (`readable[i]`: whether the process can read run `i`)
+/// into a buffer, piece by piece, and writes each piece at its runs'
+/// offset; returns the bytes written. The pieces are cut as the splice's
+/// are ([`RunCursor`]), as large as one write should be
+/// ([`crate::common::WRITE_PIECE`]): small enough for the buffer to stay in
+/// the CPU's cache between the two copies.
+fn write_buffered(
+    pid: Pid,
+    f: &File,
+    path: &Path,
+    runs: &[PageRun],
+    readable: &[bool],
+) -> Result<u64> {
+    let mut cursor = RunCursor::default();
     let mut buf = Vec::new();
-    let mut piece: Vec<PageRun> = Vec::new();
-    let mut ok: Vec<bool> = Vec::new();
-    let mut len = 0;
     let mut written = 0;
-    for (r, readable) in cut {
-        let n = r.count * PAGE_SIZE;
-        if !piece.is_empty() && (r.offset != piece[0].offset + len || len + n > PIECE) {
-            written += put_piece(pid, f, path, &piece, &ok, &mut buf)?;
-            piece.clear();
-            ok.clear();
-            len = 0;
+    loop {
+        let (iov, bytes) = cursor.chunk(runs, crate::common::WRITE_PIECE as u64, usize::MAX);
+        if iov.is_empty() {
+            return Ok(written);
         }
-        piece.push(r);
-        ok.push(readable);
-        len += n;
+        // One range per run from the cursor's on (no run is empty), in the
+        // file one after the other.
+        let mut at = cursor.file_at(runs);
+        let mut piece = Vec::with_capacity(iov.len());
+        for &(start, len) in &iov {
+            piece.push(PageRun {
+                start,
+                count: len / PAGE_SIZE,
+                offset: at,
+            });
+            at += len;
+        }
+        let ok = &readable[cursor.run..cursor.run + iov.len()];
+        written += put_piece(pid, f, path, &piece, ok, &mut buf)?;
+        cursor.advance(runs, bytes);
     }
-    if !piece.is_empty() {
-        written += put_piece(pid, f, path, &piece, &ok, &mut buf)?;
-    }
-    Ok(written)
 }
 
 /// Copies runs that follow one another in the file through `buf`.
@@ -341,6 +342,64 @@ fn put_piece(
     f.write_all_at(out, base)
         .map_err(|e| Error::image(path, e))?;
     Ok(len)
+}
+
+/// A place in a list of page runs laid out in a pages file: run index and
+/// bytes into it. The splice and the buffered copy cut the runs into the
+/// pieces they move with it.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(crate) struct RunCursor {
+    run: usize,
+    within: u64,
+}
+
+impl RunCursor {
+    /// The ranges (address, length) of the next chunk: at most `limit`
+    /// bytes in at most `max_iov` ranges, from the cursor on, that follow
+    /// one another in the file (they are written as one).
+    pub(crate) fn chunk(
+        &self,
+        runs: &[PageRun],
+        limit: u64,
+        max_iov: usize,
+    ) -> (Vec<(u64, u64)>, u64) {
+        let mut iov = Vec::new();
+        let mut bytes = 0;
+        let mut c = *self;
+        let first = (c.run < runs.len()).then(|| c.file_at(runs));
+        while c.run < runs.len() && bytes < limit && iov.len() < max_iov {
+            if first.is_some_and(|f| c.file_at(runs) != f + bytes) {
+                break;
+            }
+            let r = &runs[c.run];
+            let len = (r.count * PAGE_SIZE - c.within).min(limit - bytes);
+            if len > 0 {
+                iov.push((r.start + c.within, len));
+                bytes += len;
+            }
+            c.run += 1;
+            c.within = 0;
+        }
+        (iov, bytes)
+    }
+
+    /// Where in the file the cursor is (it is on a run).
+    pub(crate) fn file_at(&self, runs: &[PageRun]) -> u64 {
+        runs[self.run].offset + self.within
+    }
+
+    pub(crate) fn advance(&mut self, runs: &[PageRun], mut by: u64) {
+        while by > 0 && self.run < runs.len() {
+            let left = runs[self.run].count * PAGE_SIZE - self.within;
+            if by < left {
+                self.within += by;
+                return;
+            }
+            by -= left;
+            self.run += 1;
+            self.within = 0;
+        }
+    }
 }
 
 /// What a mapping is; `None` for mappings nothing needs to be done about.
@@ -624,6 +683,62 @@ fn save_object(f: &File, out: &Path, keep: Option<u64>) -> Result<(u64, Vec<Page
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn run(start: u64, count: u64, offset: u64) -> PageRun {
+        PageRun {
+            start,
+            count,
+            offset,
+        }
+    }
+
+    #[test]
+    fn chunks_cut_runs_at_the_pipe_size_and_resume_where_the_last_stopped() {
+        let p = PAGE_SIZE;
+        let runs = [run(0x10000, 3, 0), run(0x40000, 2, 3 * p)];
+        let mut c = RunCursor::default();
+        let (iov, n) = c.chunk(&runs, 2 * p, 16);
+        assert_eq!((iov, n), (vec![(0x10000, 2 * p)], 2 * p));
+        c.advance(&runs, n);
+        assert_eq!(
+            c,
+            RunCursor {
+                run: 0,
+                within: 2 * p
+            }
+        );
+        let (iov, n) = c.chunk(&runs, 4 * p, 16);
+        assert_eq!(iov, vec![(0x10000 + 2 * p, p), (0x40000, 2 * p)]);
+        // A short vmsplice: only part of the chunk moved.
+        c.advance(&runs, n - p);
+        assert_eq!(c, RunCursor { run: 1, within: p });
+        let (iov, n) = c.chunk(&runs, 4 * p, 16);
+        assert_eq!((iov, n), (vec![(0x40000 + p, p)], p));
+        c.advance(&runs, n);
+        assert!(c.chunk(&runs, 4 * p, 16).0.is_empty());
+    }
+
+    #[test]
+    fn chunks_hold_at_most_the_ranges_one_call_takes() {
+        let runs: Vec<PageRun> = (0..5)
+            .map(|i| run(0x100000 * (i + 1), 1, i * PAGE_SIZE))
+            .collect();
+        let (iov, n) = RunCursor::default().chunk(&runs, 1 << 20, 2);
+        assert_eq!(iov.len(), 2);
+        assert_eq!(n, 2 * PAGE_SIZE);
+    }
+
+    #[test]
+    fn a_chunk_ends_where_the_runs_stop_following_one_another_in_the_file() {
+        let p = PAGE_SIZE;
+        // A run left out (unreadable) between the two.
+        let runs = [run(0x10000, 2, 0), run(0x40000, 1, 5 * p)];
+        let mut c = RunCursor::default();
+        let (iov, n) = c.chunk(&runs, 1 << 20, 16);
+        assert_eq!((iov, n), (vec![(0x10000, 2 * p)], 2 * p));
+        c.advance(&runs, n);
+        assert_eq!(c.chunk(&runs, 1 << 20, 16).0, vec![(0x40000, p)]);
+    }
 
     /// A memfd of `pages` pages, page i filled with i + 1, in a scratch
     /// image directory.

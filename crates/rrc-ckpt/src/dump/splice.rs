@@ -18,6 +18,7 @@ use nix::fcntl::SpliceFFlags;
 use nix::unistd::Pid;
 
 use crate::dump::inject::{Injector, OUT_AT, SCRATCH_SIZE};
+use crate::dump::memory::RunCursor;
 use crate::image::PageRun;
 use crate::procfs::PAGE_SIZE;
 use crate::{Error, Result, procmem, sys};
@@ -103,14 +104,14 @@ impl<'a> PageSplicer<'a> {
     /// each piece starts on its way to the disk at once (the image is to
     /// be synced before the tree is killed).
     pub fn copy(&mut self, runs: &[PageRun], file: &File, writeback: bool) -> Result<u64> {
-        let mut cursor = Cursor::default();
+        let mut cursor = RunCursor::default();
         let mut moved = 0;
         loop {
             let (iov, bytes) = cursor.chunk(runs, self.capacity, MAX_IOV);
             if iov.is_empty() {
                 return Ok(moved);
             }
-            let at = runs[cursor.run].offset + cursor.within;
+            let at = cursor.file_at(runs);
             let mut table = Vec::with_capacity(iov.len() * 16);
             for (base, len) in &iov {
                 table.extend_from_slice(&base.to_ne_bytes());
@@ -166,113 +167,5 @@ impl Drop for PageSplicer<'_> {
     fn drop(&mut self) {
         let mut r = self.inj.remote(self.pid);
         let _ = r.call("close", crate::nr::SYS_close, &[self.write_end]);
-    }
-}
-
-/// A place in a list of runs: run index and bytes into it.
-#[derive(Debug, Default, Clone, Copy, PartialEq)]
-struct Cursor {
-    run: usize,
-    within: u64,
-}
-
-impl Cursor {
-    /// The ranges (address, length) of the next chunk: at most `limit`
-    /// bytes in at most `max_iov` ranges, from the cursor on, that follow
-    /// one another in the file (they are written as one).
-    fn chunk(&self, runs: &[PageRun], limit: u64, max_iov: usize) -> (Vec<(u64, u64)>, u64) {
-        let mut iov = Vec::new();
-        let mut bytes = 0;
-        let mut c = *self;
-        let file_at = |c: &Cursor| runs[c.run].offset + c.within;
-        let first = (c.run < runs.len()).then(|| file_at(&c));
-        while c.run < runs.len() && bytes < limit && iov.len() < max_iov {
-            if first.is_some_and(|f| file_at(&c) != f + bytes) {
-                break;
-            }
-            let r = &runs[c.run];
-            let len = (r.count * PAGE_SIZE - c.within).min(limit - bytes);
-            if len > 0 {
-                iov.push((r.start + c.within, len));
-                bytes += len;
-            }
-            c.run += 1;
-            c.within = 0;
-        }
-        (iov, bytes)
-    }
-
-    fn advance(&mut self, runs: &[PageRun], mut by: u64) {
-        while by > 0 && self.run < runs.len() {
-            let left = runs[self.run].count * PAGE_SIZE - self.within;
-            if by < left {
-                self.within += by;
-                return;
-            }
-            by -= left;
-            self.run += 1;
-            self.within = 0;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(start: u64, count: u64, offset: u64) -> PageRun {
-        PageRun {
-            start,
-            count,
-            offset,
-        }
-    }
-
-    #[test]
-    fn chunks_cut_runs_at_the_pipe_size_and_resume_where_the_last_stopped() {
-        let p = PAGE_SIZE;
-        let runs = [run(0x10000, 3, 0), run(0x40000, 2, 3 * p)];
-        let mut c = Cursor::default();
-        let (iov, n) = c.chunk(&runs, 2 * p, 16);
-        assert_eq!((iov, n), (vec![(0x10000, 2 * p)], 2 * p));
-        c.advance(&runs, n);
-        assert_eq!(
-            c,
-            Cursor {
-                run: 0,
-                within: 2 * p
-            }
-        );
-        let (iov, n) = c.chunk(&runs, 4 * p, 16);
-        assert_eq!(iov, vec![(0x10000 + 2 * p, p), (0x40000, 2 * p)]);
-        // A short vmsplice: only part of the chunk moved.
-        c.advance(&runs, n - p);
-        assert_eq!(c, Cursor { run: 1, within: p });
-        let (iov, n) = c.chunk(&runs, 4 * p, 16);
-        assert_eq!((iov, n), (vec![(0x40000 + p, p)], p));
-        c.advance(&runs, n);
-        assert!(c.chunk(&runs, 4 * p, 16).0.is_empty());
-    }
-
-    #[test]
-    fn chunks_hold_at_most_the_ranges_one_call_takes() {
-        let runs: Vec<PageRun> = (0..5)
-            .map(|i| run(0x100000 * (i + 1), 1, i * PAGE_SIZE))
-            .collect();
-        let (iov, n) = Cursor::default().chunk(&runs, 1 << 20, 2);
-        assert_eq!(iov.len(), 2);
-        assert_eq!(n, 2 * PAGE_SIZE);
-    }
-
-    #[test]
-    fn a_chunk_ends_where_the_runs_stop_following_one_another_in_the_file() {
-        let p = PAGE_SIZE;
-        // A run left out (unreadable) between the two.
-        let runs = [run(0x10000, 2, 0), run(0x40000, 1, 5 * p)];
-        let mut c = Cursor::default();
-        let (iov, n) = c.chunk(&runs, 1 << 20, 16);
-        assert_eq!((iov, n), (vec![(0x10000, 2 * p)], 2 * p));
-        c.advance(&runs, n);
-        assert_eq!(c.chunk(&runs, 1 << 20, 16).0, vec![(0x40000, p)]);
     }
 }

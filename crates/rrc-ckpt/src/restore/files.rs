@@ -121,10 +121,7 @@ impl FilePlan {
                 };
                 for (i, tg) in targets.iter().enumerate() {
                     match tg.file {
-                        Some(file)
-                            if is_pidfd(file)
-                                && p.fds.iter().any(|fd| fd.fd == tg.fd && fd.file == file) =>
-                        {
+                        Some(file) if is_pidfd(file) && p.can_register(id, file, tg.fd) => {
                             pidfd_registrar.entry((id, i)).or_insert(*pid);
                         }
                         Some(file) if is_pidfd(file) => {}
@@ -1230,11 +1227,7 @@ pub fn check_pidfds(
             ) {
                 continue;
             }
-            let made = procs.values().any(|p| {
-                p.fds.iter().any(|fd| fd.file == f.id)
-                    && p.fds.iter().any(|fd| fd.fd == tg.fd && fd.file == target)
-            });
-            if !made {
+            if !procs.values().any(|p| p.can_register(f.id, target, tg.fd)) {
                 return Err(format!(
                     "epoll {} watches pidfd {} under fd {}, which no process holding both has there",
                     f.id, target, tg.fd

@@ -938,6 +938,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in ctx.done.iter_mut() {
             files::make_pidfds(t, &procs[&t.ns_pid], &m)?;
         }
+        // Only once every pidfd is made: a child sharing its parent's fd
+        // table is done before the parent, who makes the table's pidfds.
         for t in ctx.done.iter_mut() {
             files::register_pidfds(t, &procs[&t.ns_pid], &m, &mut ctx.plan)?;
         }
