@@ -496,6 +496,14 @@ pub enum FileKind {
     PidFd {
         pid: i32,
     },
+    /// A pidfd of a process (or, with `O_EXCL` in the flags, a thread)
+    /// that had exited and been reaped: it names no pid any more. Its wait
+    /// status as `PIDFD_GET_INFO` reports it (`None` where the kernel does
+    /// not keep it). Made again from a process of the engine's that ends
+    /// the same way and is reaped.
+    PidFdReaped {
+        status: Option<i32>,
+    },
     /// An inotify instance and its watches. Events it had queued are not
     /// kept.
     Inotify {

@@ -486,6 +486,156 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// `PIDFD_GET_INFO` of linux/pidfd.h (6.13+): `_IOWR(0xFF, 11, struct
+/// pidfd_info)` for the 64-byte first version of the struct.
+const PIDFD_GET_INFO: libc::c_ulong = 0xc040_ff0b;
+/// `pidfd_info.mask` bit asking for the exit status (6.15+).
+const PIDFD_INFO_EXIT: u64 = 1 << 3;
+
+/// The wait status of the reaped process behind `pidfd`, as the kernel
+/// kept it (`None` on a kernel that keeps none).
+pub fn pidfd_exit_status(pidfd: std::os::fd::BorrowedFd<'_>) -> io::Result<Option<i32>> {
+    use std::os::fd::AsRawFd;
+    // struct pidfd_info: mask, cgroupid, 12 ids of 32 bits, exit_code.
+    let mut info = [0u64; 8];
+    info[0] = PIDFD_INFO_EXIT;
+    // SAFETY: the kernel writes at most the 64 bytes of `info`.
+    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, info.as_mut_ptr()) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        // ENOTTY/EINVAL: an older kernel; ESRCH: it kept no exit status.
+        return match e.raw_os_error() {
+            Some(libc::ENOTTY | libc::EINVAL | libc::ESRCH) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    if info[0] & PIDFD_INFO_EXIT == 0 {
+        return Ok(None);
+    }
+    Ok(Some((info[7] >> 32) as u32 as i32))
+}
+
+/// How a process ended, from a wait status a reaped pidfd kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Exit(u8),
+    /// Killed by a signal whose default action ends a process.
+    Signal {
+        signal: i32,
+        core: bool,
+    },
+}
+
+impl Ending {
+    /// The ending wait status `status` describes, if a process can end so.
+    pub fn of_status(status: i32) -> Option<Ending> {
+        if !(0..=0xffff).contains(&status) {
+            return None;
+        }
+        let signal = status & 0x7f;
+        if signal == 0 {
+            return Some(Ending::Exit((status >> 8) as u8));
+        }
+        // Signals whose default action is to ignore or to stop cannot end
+        // a process; neither can "stopped" (0x7f).
+        let ignored_or_stop = [
+            libc::SIGCHLD,
+            libc::SIGCONT,
+            libc::SIGURG,
+            libc::SIGWINCH,
+            libc::SIGSTOP,
+            libc::SIGTSTP,
+            libc::SIGTTIN,
+            libc::SIGTTOU,
+        ];
+        if status >> 8 != 0 || signal > 64 || ignored_or_stop.contains(&signal) {
+            return None;
+        }
+        Some(Ending::Signal {
+            signal,
+            core: status & 0x80 != 0,
+        })
+    }
+}
+
+/// A pidfd of a process of ours that ended as `ending` (or by exit 0) and
+/// has been reaped, with pidfd flags `flags` (`PIDFD_NONBLOCK`,
+/// `PIDFD_THREAD`). A core dump is not made again: a core-dumping signal
+/// ends the process without one.
+pub fn reaped_pidfd(ending: Option<Ending>, flags: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut pidfd: libc::c_int = -1;
+    let args = CloneArgs {
+        flags: libc::CLONE_PIDFD as u64,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 without a stack behaves as fork(2); the child only
+    // makes system calls and ends (no allocation, no lock: the engine may
+    // have other threads).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret == 0 {
+        if let Some(Ending::Signal { signal, .. }) = ending {
+            // SAFETY: raw system calls on this process only; a core-dumping
+            // signal is barred from dumping by a zero core size.
+            unsafe {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                libc::signal(signal, libc::SIG_DFL);
+                let mut set: libc::sigset_t = mem::zeroed();
+                libc::sigaddset(&mut set, signal);
+                libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                libc::syscall(libc::SYS_kill, libc::syscall(libc::SYS_getpid), signal);
+            }
+        }
+        let code = match ending {
+            Some(Ending::Exit(code)) => i32::from(code),
+            Some(Ending::Signal { .. }) => 127,
+            None => 0,
+        };
+        exit_now(code);
+    }
+    check(ret)?;
+    let child = ret as libc::pid_t;
+    // SAFETY: clone3 stored a new pidfd we own.
+    let first = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let waitid = |options: libc::c_int| {
+        // SAFETY: `si` is a plain struct the kernel fills.
+        let mut si: libc::siginfo_t = unsafe { mem::zeroed() };
+        // SAFETY: as above; the pidfd is ours.
+        check(unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                first.as_raw_fd() as libc::id_t,
+                &mut si,
+                libc::WEXITED | options,
+            )
+        } as libc::c_long)
+    };
+    // Flags are given by pidfd_open only, while the child is a zombie.
+    let wanted = if flags == 0 {
+        None
+    } else {
+        waitid(libc::WNOWAIT)?;
+        // SAFETY: pidfd_open takes integers and returns a new fd we own.
+        let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, child, flags) })?;
+        // SAFETY: fd was just returned to us.
+        Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    waitid(0)?;
+    Ok(wanted.unwrap_or(first))
+}
+
 /// `fcntl` commands for a file's signal owner, which the libc crate lacks
 /// on this target.
 pub const F_SETSIG: u64 = 10;
@@ -1027,4 +1177,42 @@ pub fn pagemap_scan(
         regions[..n.min(CAP)].iter().map(|r| (r[0], r[1])).collect(),
         walk_end,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ending;
+
+    #[test]
+    fn wait_statuses_a_process_can_end_with_are_told_apart_from_the_rest() {
+        assert_eq!(Ending::of_status(0x700), Some(Ending::Exit(7)));
+        assert_eq!(Ending::of_status(0), Some(Ending::Exit(0)));
+        assert_eq!(
+            Ending::of_status(libc::SIGTERM),
+            Some(Ending::Signal {
+                signal: libc::SIGTERM,
+                core: false
+            })
+        );
+        assert_eq!(
+            Ending::of_status(0x80 | libc::SIGSEGV),
+            Some(Ending::Signal {
+                signal: libc::SIGSEGV,
+                core: true
+            })
+        );
+        // Stopped, continued, ignored by default, out of range.
+        for bad in [
+            0x137f,
+            0xffff,
+            libc::SIGCHLD,
+            libc::SIGSTOP,
+            65,
+            -1,
+            0x10000,
+            0x105,
+        ] {
+            assert_eq!(Ending::of_status(bad), None, "{bad:#x}");
+        }
+    }
 }

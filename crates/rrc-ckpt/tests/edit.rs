@@ -264,6 +264,14 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         }),
         "is a pidfd of",
     );
+    // A reaped pidfd is made again by a process that ends as its did: one
+    // said to have stopped would never end, and the restore would wait.
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["files"][0]["kind"] = serde_json::json!({"type": "pid_fd_reaped", "status": 0x137f});
+        }),
+        "which no process can end with",
+    );
     // A fanotify group for permission events would leave the processes it
     // holds waiting.
     refused(

@@ -533,7 +533,13 @@ fn classify(
             // ([`resolve_pidfds`]); -1 once its process is reaped.
             "[pidfd]" => match field("Pid").parse::<i32>() {
                 Ok(target) if target > 0 => Ok(Some(FileKind::PidFd { pid: target })),
-                _ => problem("a pidfd of a process that has exited and been reaped".into()),
+                Ok(-1) => {
+                    let end = table.take_fd(pid, fd)?;
+                    let status = sys::pidfd_exit_status(end.as_fd())
+                        .map_err(Error::io(format!("exit status behind pidfd {fd} of {pid}")))?;
+                    Ok(Some(FileKind::PidFdReaped { status }))
+                }
+                _ => problem(format!("a pidfd naming pid {:?}", field("Pid"))),
             },
             "[fanotify]" => match fanotify_group(raw, &info.fanotify) {
                 Ok(kind) => Ok(Some(kind)),

@@ -9,13 +9,14 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 
 use crate::image::{FileKind, ImageDir, LockKind, Manifest, MarkOn, OpenFile, ProcessImage};
 use crate::restore::mm::{MemCtx, create_memfd};
 use crate::restore::sockets;
 use crate::restore::tracee::Tracee;
-use crate::{Error, Result, nr};
+use crate::{Error, Result, nr, sys};
 
 /// The most room [`make_room`] gives an fd table, whatever an image says
 /// (an entry costs 8 bytes of kernel memory, and an image is not trusted).
@@ -579,6 +580,23 @@ fn create(
         // until [`make_pidfds`].
         FileKind::PidFd { .. } => {
             t.call("eventfd2 (a pidfd's place)", nr::SYS_eventfd2, &[0, 0])?
+        }
+        // A process of the engine's ends as that one did and is reaped
+        // ([`check_pidfds`] made sure a process can end so).
+        FileKind::PidFdReaped { status } => {
+            let ending = status.and_then(sys::Ending::of_status);
+            if let Some(sys::Ending::Signal { core: true, signal }) = ending {
+                tracing::warn!(
+                    pid,
+                    file = f.id,
+                    "a reaped pidfd's process had dumped core on signal {signal}: \
+                     it ends by that signal again, without a core"
+                );
+            }
+            let flags = f.flags & (libc::O_NONBLOCK | libc::O_EXCL) as u32;
+            let pidfd = sys::reaped_pidfd(ending, flags)
+                .map_err(|e| rerr(pid, "pidfds", format!("a reaped pidfd: {e}")))?;
+            mem.transport.pass(t, pidfd.as_fd())?
         }
         FileKind::EventFd { count, semaphore } => {
             let flags = if *semaphore { libc::EFD_SEMAPHORE } else { 0 }
@@ -1196,8 +1214,16 @@ pub fn check_pidfds(
     procs: &std::collections::BTreeMap<i32, ProcessImage>,
 ) -> std::result::Result<(), String> {
     for f in &m.files {
-        let FileKind::PidFd { pid } = f.kind else {
-            continue;
+        let pid = match f.kind {
+            FileKind::PidFd { pid } => pid,
+            FileKind::PidFdReaped { status: Some(s) } if sys::Ending::of_status(s).is_none() => {
+                return Err(format!(
+                    "open file {} is a pidfd of a process that ended with wait status {s:#x}, \
+                     which no process can end with",
+                    f.id
+                ));
+            }
+            _ => continue,
         };
         let known = if f.flags & libc::O_EXCL as u32 != 0 {
             procs
