@@ -627,6 +627,11 @@ pub struct InotifyWatch {
     pub wd: i32,
     pub mask: u32,
     pub path: String,
+    /// Set when the file watched had been deleted: its (device, inode),
+    /// the key of a deleted file an fd of the tree holds open
+    /// ([`FileKind::Regular`]'s `ghost`), whose recreation is watched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<(u64, u64)>,
 }
 
 /// A fanotify mark: on the file at `path`, or on the mount or the whole

@@ -272,6 +272,17 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         }),
         "which no process can end with",
     );
+    // A watch on a deleted file the image does not recreate has nothing
+    // to watch.
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["files"][0]["kind"] = serde_json::json!({
+                "type": "inotify",
+                "watches": [{"wd": 1, "mask": 2, "path": "/gone", "deleted": [1, 2]}]
+            });
+        }),
+        "has a watch 1",
+    );
     // A fanotify group for permission events would leave the processes it
     // holds waiting.
     refused(

@@ -644,7 +644,7 @@ fn inotify_watches(
             )));
         }
         let found = watched_path(pid, sdev, htype as i32, &handle);
-        let path = match found {
+        let (path, key) = match found {
             Ok(p) => p,
             Err(e) => {
                 return Ok(Err(format!(
@@ -652,15 +652,14 @@ fn inotify_watches(
                 )));
             }
         };
-        if path.ends_with(" (deleted)") {
-            return Ok(Err(format!(
-                "inotify watch {wd} is on a file that was deleted ({path}), which cannot be watched again"
-            )));
-        }
+        // Watched again on its recreation, if an fd of the tree holds it
+        // ([`check_deleted_watches`]).
+        let deleted = path.ends_with(" (deleted)").then_some(key);
         out.push(InotifyWatch {
             wd: wd as i32,
             mask,
-            path,
+            path: path.trim_end_matches(" (deleted)").to_string(),
+            deleted,
         });
     }
     out.sort_by_key(|w| w.wd);
@@ -710,7 +709,7 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
             ) else {
                 return Err(format!("a fanotify mark this engine cannot read ({line})"));
             };
-            let path = watched_path(pid, sdev, htype as i32, &handle)
+            let (path, _) = watched_path(pid, sdev, htype as i32, &handle)
                 .map_err(|e| format!("fanotify mark: its file cannot be found ({e})"))?;
             if path.ends_with(" (deleted)") {
                 return Err(format!(
@@ -782,7 +781,12 @@ fn mark_handle(line: &str) -> Option<Vec<u8>> {
 
 /// The path, as process `pid` sees it, of the file of a handle on the
 /// filesystem of device `sdev` (major in the bits above 20).
-fn watched_path(pid: i32, sdev: u32, htype: i32, handle: &[u8]) -> std::io::Result<String> {
+fn watched_path(
+    pid: i32,
+    sdev: u32,
+    htype: i32,
+    handle: &[u8],
+) -> std::io::Result<(String, (u64, u64))> {
     let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
     let mount_point = mount_point(pid, |w| w.get(2) == Some(&dev.as_str()))
         .map_err(|_| std::io::Error::other(format!("no mount of device {dev}")))?;
@@ -793,6 +797,8 @@ fn watched_path(pid: i32, sdev: u32, htype: i32, handle: &[u8]) -> std::io::Resu
         .open(format!("/proc/{pid}/root{mount_point}"))?;
     let f = sys::open_by_handle(mount.as_fd(), htype, handle, libc::O_PATH | libc::O_CLOEXEC)?;
     let link = fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    let meta = fs::metadata(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
+    let key = (meta.dev(), meta.ino());
     let mut path = link.to_string_lossy().into_owned();
     // Our view of the path, made the process's: its root is a directory
     // of ours.
@@ -805,7 +811,7 @@ fn watched_path(pid: i32, sdev: u32, htype: i32, handle: &[u8]) -> std::io::Resu
             path = rest.to_string();
         }
     }
-    Ok(path)
+    Ok((path, key))
 }
 
 fn describe_anon(name: &str) -> String {
@@ -992,6 +998,39 @@ fn peek_messages(
         }
         Ok(Ok(()))
     })
+}
+
+/// Every inotify watch on a deleted file is on one an fd of the tree holds
+/// open: the file the restore recreates for that fd is watched again. A
+/// deleted file held only by the watch, a mapping or a handle is not.
+pub fn check_deleted_watches(table: &FileTable, problems: &mut Vec<String>) {
+    // Deleted files an fd of the tree holds, recreated at restore (those
+    // still linked elsewhere are opened again instead, not recreated).
+    let ghosts: std::collections::HashSet<(u64, u64)> = (table.files.iter())
+        .filter_map(|f| match f.kind {
+            FileKind::Regular {
+                ghost: Some((dev, ino, _)),
+                handle: None,
+                ..
+            } => Some((dev, ino)),
+            _ => None,
+        })
+        .collect();
+    for f in &table.files {
+        let FileKind::Inotify { watches } = &f.kind else {
+            continue;
+        };
+        let (p, fd) = table.holders[f.id];
+        for w in watches {
+            if w.deleted.is_some_and(|key| !ghosts.contains(&key)) {
+                problems.push(format!(
+                    "process {p}: fd {fd}: inotify watch {} is on a file that was deleted \
+                     ({}) and that no fd of the tree holds open, which cannot be watched again",
+                    w.wd, w.path
+                ));
+            }
+        }
+    }
 }
 
 /// Unix sockets against the rest of the tree. A connection whose other

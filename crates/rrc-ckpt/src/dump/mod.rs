@@ -495,6 +495,7 @@ pub(crate) fn take(
     };
     process::check_sessions(&images, outer_session, own_pid_ns, &mut problems);
     files::check_unix_peers(&mut files, &mut problems);
+    files::check_deleted_watches(&files, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);
     files::resolve_pidfds(&mut files, &ns_of, &images, &mut problems);

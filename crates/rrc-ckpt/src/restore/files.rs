@@ -651,7 +651,7 @@ fn create(
             fd
         }
         FileKind::Epoll { .. } => t.call("epoll_create1", nr::SYS_epoll_create1, &[0])?,
-        FileKind::Inotify { watches } => inotify(t, f, watches)?,
+        FileKind::Inotify { watches } => inotify(t, f, watches, plan, img, m)?,
         FileKind::Fanotify {
             init_flags,
             event_flags,
@@ -808,7 +808,18 @@ pub fn check_fanotify(m: &Manifest) -> std::result::Result<(), String> {
 /// time. Each removal queues an IN_IGNORED event: the queue is emptied
 /// before the process runs (events queued at checkpoint time are lost
 /// anyway: they are not saved).
-fn inotify(t: &mut Tracee, f: &OpenFile, watches: &[crate::image::InotifyWatch]) -> Result<u64> {
+///
+/// A watch on a deleted file is added on the file recreated for the fds
+/// that hold it, made here if they come later; its removal once the tree
+/// is restored queues an IN_ATTRIB, emptied by [`drain_inotify`].
+fn inotify(
+    t: &mut Tracee,
+    f: &OpenFile,
+    watches: &[crate::image::InotifyWatch],
+    plan: &mut FilePlan,
+    img: &ImageDir,
+    m: &Manifest,
+) -> Result<u64> {
     let pid = t.ns_pid;
     let fd = t.call(
         "inotify_init1",
@@ -819,8 +830,24 @@ fn inotify(t: &mut Tracee, f: &OpenFile, watches: &[crate::image::InotifyWatch])
     sorted.sort_by_key(|w| w.wd);
     let mut used = false;
     for w in sorted {
+        let path = match w.deleted {
+            None => w.path.clone(),
+            Some(key) => {
+                let (id, owner) = ghost_of(m, key).ok_or_else(|| {
+                    rerr(
+                        pid,
+                        "inotify watch",
+                        format!("watch {}: no deleted file", w.wd),
+                    )
+                })?;
+                GhostDir::made(&mut plan.ghosts, key, &img.file_data(id), owner)
+                    .map_err(|e| rerr(pid, "recreate a deleted file", format!("{}: {e}", w.path)))?
+                    .to_string_lossy()
+                    .into_owned()
+            }
+        };
         loop {
-            let path = t.arg_str(&w.path)?;
+            let path = t.arg_str(&path)?;
             let got = t
                 .call(
                     "inotify_add_watch",
@@ -863,8 +890,58 @@ fn inotify(t: &mut Tracee, f: &OpenFile, watches: &[crate::image::InotifyWatch])
     Ok(fd)
 }
 
+/// The open file a deleted file `key` is recreated from, and its owner:
+/// one that the restore recreates, not one opened again by its handle.
+fn ghost_of(m: &Manifest, key: (u64, u64)) -> Option<(usize, crate::image::Owner)> {
+    m.files.iter().find_map(|f| match f.kind {
+        FileKind::Regular {
+            ghost: Some((dev, ino, owner)),
+            handle: None,
+            ..
+        } if (dev, ino) == key => Some((f.id, owner)),
+        _ => None,
+    })
+}
+
+/// Empties the queues of `p`'s inotify instances that watch a recreated
+/// deleted file, once the recreated files have lost their names: that
+/// unlink is the restore's, not an event of the program's.
+pub fn drain_inotify(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()> {
+    if p.shares_parent_files {
+        return Ok(());
+    }
+    for fd in &p.fds {
+        let Some(FileKind::Inotify { watches }) = m.files.get(fd.file).map(|f| &f.kind) else {
+            continue;
+        };
+        if watches.iter().all(|w| w.deleted.is_none()) {
+            continue;
+        }
+        let fd = fd.fd as u64;
+        loop {
+            let n = t.out(4)?;
+            t.call(
+                "queued inotify events",
+                libc::SYS_ioctl,
+                &[fd, libc::FIONREAD, n],
+            )?;
+            let mut queued = [0u8; 4];
+            crate::procmem::read(t.pid, n, &mut queued)?;
+            let queued = u64::from(u32::from_ne_bytes(queued));
+            if queued == 0 {
+                break;
+            }
+            let len = queued.min(4096);
+            let buf = t.out(len as usize)?;
+            t.call("empty an inotify queue", libc::SYS_read, &[fd, buf, len])?;
+        }
+    }
+    Ok(())
+}
+
 /// Every watch of every inotify instance is at a descriptor an instance
-/// can give, for events inotify knows, on an absolute path.
+/// can give, for events inotify knows, on an absolute path; one on a
+/// deleted file names a deleted file the image recreates.
 pub fn check_inotify(m: &Manifest) -> std::result::Result<(), String> {
     let known = libc::IN_ALL_EVENTS | libc::IN_ONESHOT | libc::IN_EXCL_UNLINK;
     for f in &m.files {
@@ -877,6 +954,7 @@ pub fn check_inotify(m: &Manifest) -> std::result::Result<(), String> {
                     || w.mask & libc::IN_ALL_EVENTS == 0
                     || !w.path.starts_with('/')
                     || w.path.contains('\0')
+                    || w.deleted.is_some_and(|key| ghost_of(m, key).is_none())
                 {
                     return Err(format!(
                         "inotify instance {} has a watch {} on {:?} with mask {:#x}",

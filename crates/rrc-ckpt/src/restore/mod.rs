@@ -947,6 +947,12 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in ctx.done.iter_mut() {
             files::set_owners(t, &procs[&t.ns_pid], &m, &mut owned)?;
         }
+        // Every file is open: the names of the deleted files recreated go,
+        // and with them the events their removal queued.
+        ctx.plan.ghosts.remove();
+        for t in ctx.done.iter_mut() {
+            files::drain_inotify(t, &procs[&t.ns_pid], &m)?;
+        }
         // Everything is in place: drop the scratch regions, then let go.
         for t in ctx.done.iter_mut() {
             t.call(
@@ -960,7 +966,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         Ok(())
     });
-    // The process holds the files it had open; their names go.
+    // Also when the restore failed.
     ctx.plan.ghosts.remove();
     // The tree runs (or is about to go): the copiers take the rest.
     if let Some(lazy) = &ctx.mem.lazy {
