@@ -443,6 +443,24 @@ struct CloneArgs {
     cgroup: u64,
 }
 
+/// clone3(2) without a stack: fork(2) as `args` describes it; 0 in the
+/// child, the child's pid or -1 in the parent.
+///
+/// # Safety
+///
+/// As for fork(2): in the child, only system calls until it ends or execs;
+/// every address in `args` valid for the call.
+unsafe fn clone3(args: &CloneArgs) -> libc::c_long {
+    // SAFETY: the caller keeps the promises above.
+    unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            args as *const CloneArgs,
+            mem::size_of::<CloneArgs>(),
+        )
+    }
+}
+
 /// Forks (fork(2) semantics: `None` in the child) with `flags`, giving the
 /// child the pid `pid` in its innermost pid namespace when `pid` is set.
 ///
@@ -464,15 +482,9 @@ pub unsafe fn fork_with_pid(flags: u64, pid: Option<i32>) -> io::Result<Option<P
         set_tid_size: u64::from(pid.is_some()),
         ..Default::default()
     };
-    // SAFETY: clone3 without a stack behaves as fork(2); `args` and the
-    // set_tid array it points to outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            mem::size_of::<CloneArgs>(),
-        )
-    };
+    // SAFETY: as for this function; the set_tid array `args` points to
+    // outlives the call.
+    let ret = unsafe { clone3(&args) };
     match ret {
         r if r < 0 => Err(io::Error::last_os_error()),
         0 => Ok(None),
@@ -571,16 +583,10 @@ pub fn reaped_pidfd(ending: Option<Ending>, flags: u32) -> io::Result<std::os::f
         exit_signal: libc::SIGCHLD as u64,
         ..Default::default()
     };
-    // SAFETY: clone3 without a stack behaves as fork(2); the child only
-    // makes system calls and ends (no allocation, no lock: the engine may
-    // have other threads).
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            mem::size_of::<CloneArgs>(),
-        )
-    };
+    // SAFETY: the child only makes system calls and ends (no allocation,
+    // no lock: the engine may have other threads); `pidfd` outlives the
+    // call.
+    let ret = unsafe { clone3(&args) };
     if ret == 0 {
         if let Some(Ending::Signal { signal, .. }) = ending {
             // SAFETY: raw system calls on this process only; a core-dumping
