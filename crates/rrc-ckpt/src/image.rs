@@ -125,6 +125,11 @@ pub struct ProcessImage {
     /// repeats the parent's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shares_parent_files: bool,
+    /// Fds of `fds` that the program did not have: each holds a file that
+    /// was only in flight on a unix socket, for the restore to pass again,
+    /// and is closed before the program runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parked: Vec<i32>,
     /// Room in its fd table (`FDSize`), given back at a restore: a table
     /// its threads share grows only after an RCU grace period (10-30 ms),
     /// so a descriptor numbered high after the restore (librrc's own)
@@ -577,6 +582,10 @@ pub enum FileKind {
         shutdown: u8,
         #[serde(default)]
         options: Vec<SockOpt>,
+        /// Files passed with SCM_RIGHTS in the messages queued (a stream
+        /// or seqpacket socket's), not yet received.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        in_flight: Vec<InFlight>,
     },
     /// An unconnected unix socket (inode `ino`), bound or not; a bound
     /// datagram socket keeps the messages queued to it (in `data`, of the
@@ -619,6 +628,16 @@ impl FileKind {
 /// The highest inotify watch descriptor a restore reaches: it gets there
 /// by using up every number below it, one system call pair each.
 pub const INOTIFY_MAX_WD: i32 = 1 << 16;
+
+/// Files in flight on a unix socket: passed with SCM_RIGHTS along with
+/// queued message `message` (an index into its `messages`), as open files
+/// of the image in the order they were passed. A file no process holds
+/// is held for the restore at a parked fd ([`ProcessImage::parked`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlight {
+    pub message: u32,
+    pub files: Vec<usize>,
+}
 
 /// One watch of an inotify instance: watch descriptor `wd` on the file at
 /// `path`, for the events of `mask` (with `IN_ONESHOT`, `IN_EXCL_UNLINK`).

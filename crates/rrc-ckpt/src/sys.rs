@@ -892,20 +892,37 @@ pub fn ioctl_int(fd: std::os::fd::BorrowedFd<'_>, request: libc::c_ulong) -> io:
 
 /// Sends `fds` over a unix socket of ours as one SCM_RIGHTS message.
 pub fn send_fds(sock: std::os::fd::BorrowedFd<'_>, fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+    send_with_fds(sock, b"f", fds, false).map(|_| ())
+}
+
+/// Sends `data` with `fds` (SCM_RIGHTS) over a unix socket of ours, in one
+/// call (without waiting when `nowait`); returns the bytes sent: a stream
+/// may take fewer (the files go with the first).
+pub fn send_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[std::os::fd::RawFd],
+    nowait: bool,
+) -> io::Result<usize> {
     use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
     use std::os::fd::AsRawFd;
-    let iov = [io::IoSlice::new(b"f")];
+    let iov = [io::IoSlice::new(data)];
     let cmsg = [ControlMessage::ScmRights(fds)];
-    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)?;
-    Ok(())
+    let flags = if nowait {
+        MsgFlags::MSG_DONTWAIT
+    } else {
+        MsgFlags::empty()
+    };
+    Ok(sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, flags, None)?)
 }
 
 /// A message queued on a unix socket, as a peek sees it.
 pub struct Peeked {
     pub data: Vec<u8>,
-    /// It carried ancillary data: file descriptors in flight (any it
-    /// carried are closed again).
-    pub fds: bool,
+    /// The files it carries (SCM_RIGHTS), as fds of ours.
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    /// It carried more files than a peek can take.
+    pub truncated: bool,
     /// Its sender's name (`None`: it has none).
     pub from: Option<crate::unixdiag::UnixName>,
 }
@@ -922,7 +939,7 @@ pub fn peek_message(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<O
         fd.as_raw_fd(),
         &mut iov,
         Some(&mut cmsg),
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
     ) {
         Ok(r) => r,
         Err(nix::errno::Errno::EAGAIN) => return Ok(None),
@@ -943,21 +960,25 @@ pub fn peek_message(fd: std::os::fd::BorrowedFd<'_>, max: usize) -> io::Result<O
                 .map(|b| crate::unixdiag::UnixName::Abstract(b.to_vec()))
         }
     });
-    let mut had_fds = r.flags.contains(MsgFlags::MSG_CTRUNC);
+    let truncated = r.flags.contains(MsgFlags::MSG_CTRUNC);
+    let mut fds = Vec::new();
     if let Ok(cmsgs) = r.cmsgs() {
         for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                had_fds = true;
-                for f in fds {
-                    let _ = nix::unistd::close(f);
-                }
+            if let ControlMessageOwned::ScmRights(got) = c {
+                use std::os::fd::FromRawFd;
+                // SAFETY: the kernel just installed these fds for us.
+                fds.extend(
+                    got.into_iter()
+                        .map(|f| unsafe { std::os::fd::OwnedFd::from_raw_fd(f) }),
+                );
             }
         }
     }
     buf.truncate(n);
     Ok(Some(Peeked {
         data: buf,
-        fds: had_fds,
+        fds,
+        truncated,
         from,
     }))
 }

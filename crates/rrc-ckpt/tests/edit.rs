@@ -283,6 +283,19 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         }),
         "has a watch 1",
     );
+    // Files in flight are taken from the processes holding them: one no
+    // process holds cannot be passed again.
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["files"][0]["kind"] = serde_json::json!({
+                "type": "unix_connected", "ty": 1, "ino": 1, "peer": 0,
+                "name": null, "peer_name": null, "messages": [0],
+                "data": {"offset": 0, "len": 0},
+                "in_flight": [{"message": 0, "files": [1_000_000]}]
+            });
+        }),
+        "has files in flight that no process holds",
+    );
     // A fanotify group for permission events would leave the processes it
     // holds waiting.
     refused(

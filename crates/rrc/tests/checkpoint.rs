@@ -614,8 +614,16 @@ fn refused_for_each(fixture: &str, whats: &[&str]) {
 }
 
 #[test]
-fn fds_in_flight_are_refused_by_name_and_left_running() {
-    refused("sk_unix_scm_rights", "SCM_RIGHTS");
+fn files_in_flight_on_datagram_sockets_are_refused_by_name_and_left_running() {
+    refused(
+        "unsupported_scm_rights_dgram",
+        "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket",
+    );
+}
+
+#[test]
+fn files_in_flight_on_stream_and_seqpacket_sockets_arrive_after_restore() {
+    checkpoint_restore("sk_unix_scm_rights");
 }
 
 #[test]

@@ -12,8 +12,8 @@ use nix::unistd::Pid;
 
 use crate::dump::memory::ShmemTable;
 use crate::image::{
-    Blob, EpollTarget, FanotifyMark, Fd, FileKind, FileLock, FileOwner, ImageDir, InotifyWatch,
-    LockKind, MarkOn, OpenFile, Owner, OwnerKind, ProcessImage,
+    Blob, EpollTarget, FanotifyMark, Fd, FileKind, FileLock, FileOwner, ImageDir, InFlight,
+    InotifyWatch, LockKind, MarkOn, OpenFile, Owner, OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
 use crate::sockopt::{self, Sock};
@@ -52,6 +52,9 @@ pub struct FileTable {
     pub tree: std::collections::HashSet<i32>,
     /// Inodes of the files refused.
     refused: std::collections::HashSet<u64>,
+    /// Files in flight on the tree's unix sockets, as fds of ours, in the
+    /// order met ([`InFlight`] numbers them so until [`resolve_in_flight`]).
+    flying: Vec<std::os::fd::OwnedFd>,
 }
 
 /// What tells a lock from the others (see [`FileTable::locks`]).
@@ -394,52 +397,11 @@ pub fn dump(
         })?;
         let info = pfs::read_fdinfo(raw, fd)?;
         let cloexec = info.flags & O_CLOEXEC != 0;
-        let key = (meta.dev(), meta.ino());
-        // The same open file as one already seen (dup, fork)?
-        let mut found = None;
-        for &id in table.by_inode.get(&key).into_iter().flatten() {
-            let (hp, hfd) = table.holders[id];
-            if sys::same_file(pid, fd, hp, hfd).unwrap_or(false) {
-                found = Some(id);
-                break;
-            }
-        }
-        let id = match found {
-            Some(id) => id,
-            None => {
-                let Some(kind) = classify(
-                    pid, fd, &link, &meta, &info, img, table, shmem, unix, problems,
-                )?
-                else {
-                    // Refused (said in `problems`): an epoll watching it
-                    // need not say so again.
-                    table.refused.insert(meta.ino());
-                    continue;
-                };
-                let id = table.files.len();
-                let ((owner_type, owner), signal) = {
-                    let f = table.take_fd(pid, fd)?;
-                    sys::signal_owner(f.as_fd()).map_err(Error::io(format!(
-                        "signal owner of fd {fd} of process {pid}"
-                    )))?
-                };
-                if owner > 0 {
-                    table.owners.push((id, owner_type, owner));
-                }
-                table.files.push(OpenFile {
-                    id,
-                    flags: info.flags & !O_CLOEXEC,
-                    kind,
-                    owner: None,
-                    signal,
-                });
-                table.holders.push((pid, fd));
-                table.by_inode.entry(key).or_default().push(id);
-                if let FileKind::Regular { deleted: true, .. } = table.files[id].kind {
-                    save_deleted(raw, fd, &img.file_data(id))?;
-                }
-                id
-            }
+        let Some(id) = file_of(
+            pid, fd, &link, &meta, &info, img, table, shmem, unix, problems,
+        )?
+        else {
+            continue;
         };
         if !info.locks.is_empty() {
             table.note_locks(pid, fd, id, &info.locks, problems);
@@ -451,6 +413,207 @@ pub fn dump(
         });
     }
     Ok(out)
+}
+
+/// The open file behind fd `fd` of `pid` (its `link`, `meta` and `info`
+/// read from /proc): one met before (a dup, a fork, a file in flight), or
+/// one classified and added now; `None` when it is refused (said in
+/// `problems`).
+#[allow(clippy::too_many_arguments)]
+fn file_of(
+    pid: Pid,
+    fd: i32,
+    link: &str,
+    meta: &fs::Metadata,
+    info: &FdInfo,
+    img: &ImageDir,
+    table: &mut FileTable,
+    shmem: &mut ShmemTable,
+    unix: &UnixTable,
+    problems: &mut Vec<String>,
+) -> Result<Option<usize>> {
+    let key = (meta.dev(), meta.ino());
+    for &id in table.by_inode.get(&key).into_iter().flatten() {
+        let (hp, hfd) = table.holders[id];
+        if sys::same_file(pid, fd, hp, hfd).unwrap_or(false) {
+            return Ok(Some(id));
+        }
+    }
+    let Some(kind) = classify(pid, fd, link, meta, info, img, table, shmem, unix, problems)? else {
+        // Refused (said in `problems`): an epoll watching it need not say
+        // so again.
+        table.refused.insert(meta.ino());
+        return Ok(None);
+    };
+    let id = table.files.len();
+    let ((owner_type, owner), signal) = {
+        let f = table.take_fd(pid, fd)?;
+        sys::signal_owner(f.as_fd()).map_err(Error::io(format!(
+            "signal owner of fd {fd} of process {pid}"
+        )))?
+    };
+    if owner > 0 {
+        table.owners.push((id, owner_type, owner));
+    }
+    table.files.push(OpenFile {
+        id,
+        flags: info.flags & !O_CLOEXEC,
+        kind,
+        owner: None,
+        signal,
+    });
+    table.holders.push((pid, fd));
+    table.by_inode.entry(key).or_default().push(id);
+    if let FileKind::Regular { deleted: true, .. } = table.files[id].kind {
+        save_deleted(pid.as_raw(), fd, &img.file_data(id))?;
+    }
+    Ok(Some(id))
+}
+
+/// Gives every file in flight on a unix socket of the tree its place in
+/// the table: the open file a process of the tree holds, or one added now
+/// and parked ([`ProcessImage::parked`]) at the lowest free fd of the
+/// process holding the socket that carries it (for a socket itself in
+/// flight, of the process that socket is parked with).
+#[allow(clippy::too_many_arguments)]
+pub fn resolve_in_flight(
+    table: &mut FileTable,
+    img: &ImageDir,
+    shmem: &mut ShmemTable,
+    unix: &UnixTable,
+    images: &mut [ProcessImage],
+    ns_of: &std::collections::BTreeMap<Pid, i32>,
+    problems: &mut Vec<String>,
+) -> Result<()> {
+    if table.flying.is_empty() {
+        return Ok(());
+    }
+    let me = Pid::this();
+    // The socket carrying in-flight file `i`, and who holds that socket.
+    let carrier = |table: &FileTable, i: usize| {
+        table.files.iter().find_map(|f| match &f.kind {
+            FileKind::UnixConnected { in_flight, .. }
+                if in_flight.iter().any(|m| m.files.contains(&i)) =>
+            {
+                Some(f.id)
+            }
+            _ => None,
+        })
+    };
+    let mut ids: Vec<Option<usize>> = Vec::with_capacity(table.flying.len());
+    let mut parked_with: HashMap<usize, i32> = HashMap::new();
+    let mut i = 0;
+    while i < table.flying.len() {
+        let fd = table.flying[i].as_raw_fd();
+        let Some(socket) = carrier(table, i) else {
+            // Its socket was refused (said already).
+            ids.push(None);
+            i += 1;
+            continue;
+        };
+        let (hp, hfd) = table.holders[socket];
+        let held_by = if hp == me {
+            parked_with.get(&socket).copied()
+        } else {
+            ns_of.get(&hp).copied()
+        };
+        let path = format!("/proc/self/fd/{fd}");
+        let link = fs::read_link(&path)
+            .map_err(Error::io("a file in flight"))?
+            .to_string_lossy()
+            .into_owned();
+        let meta = fs::metadata(&path).map_err(Error::io("a file in flight"))?;
+        let info = pfs::read_fdinfo(me.as_raw(), fd)?;
+        let whose = match held_by {
+            _ if hp != me => format!("process {hp}: fd {hfd}"),
+            Some(ns) => format!("a unix socket in flight parked with process {ns}"),
+            None => "a unix socket in flight".to_string(),
+        };
+        let mut said = Vec::new();
+        let id = if link == "anon_inode:[eventpoll]" {
+            said.push("an epoll instance (its registrations name fds of its sender)".into());
+            None
+        } else if !info.locks.is_empty() {
+            said.push("a file with locks".into());
+            None
+        } else {
+            file_of(
+                me, fd, &link, &meta, &info, img, table, shmem, unix, &mut said,
+            )?
+        };
+        let known = id.is_some_and(|id| table.holders[id].0 != me);
+        // Said of our own fd by `file_of`: said of the socket instead.
+        let ours = format!("process {me}: fd {fd} ({link}): ");
+        problems.extend(said.into_iter().map(|what| {
+            let what = what.strip_prefix(&ours).unwrap_or(&what);
+            format!("{whose}: a file in flight (SCM_RIGHTS) on it ({link}): {what}")
+        }));
+        match (id, held_by, known) {
+            (Some(id), Some(ns), false) if !parked_with.contains_key(&id) => {
+                park(images, ns, id);
+                parked_with.insert(id, ns);
+            }
+            (Some(_), None, false) => problems.push(format!(
+                "{whose}: a file in flight (SCM_RIGHTS) on it ({link}) that no process \
+                 of the tree can hold for the restore"
+            )),
+            _ => {}
+        }
+        ids.push(id);
+        i += 1;
+    }
+    for f in &mut table.files {
+        if let FileKind::UnixConnected { in_flight, .. } = &mut f.kind {
+            for m in in_flight.iter_mut() {
+                m.files = m.files.iter().filter_map(|&i| ids[i]).collect();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parks open file `id` at the lowest free fd of the fd table process
+/// `ns` uses (its parent's, and so on, when it shares it).
+fn park(images: &mut [ProcessImage], ns: i32, id: usize) {
+    let owner = table_owner(images, ns);
+    let Some(p) = images.iter().find(|p| p.pid == owner) else {
+        return;
+    };
+    let used: std::collections::HashSet<i32> = p.fds.iter().map(|f| f.fd).collect();
+    let Some(fd) = (0..i32::MAX).find(|n| !used.contains(n)) else {
+        return;
+    };
+    // Every process sharing the table lists it.
+    let sharing: Vec<i32> = images
+        .iter()
+        .filter(|q| {
+            q.pid == owner || (q.shares_parent_files && table_owner(images, q.pid) == owner)
+        })
+        .map(|q| q.pid)
+        .collect();
+    for q in images.iter_mut().filter(|q| sharing.contains(&q.pid)) {
+        let at = q.fds.partition_point(|f| f.fd < fd);
+        q.fds.insert(
+            at,
+            Fd {
+                fd,
+                file: id,
+                cloexec: true,
+            },
+        );
+        q.parked.push(fd);
+    }
+}
+
+/// The process whose fd table `ns` uses.
+fn table_owner(images: &[ProcessImage], mut ns: i32) -> i32 {
+    while let Some(p) = images.iter().find(|p| p.pid == ns && p.shares_parent_files) {
+        match p.parent {
+            Some(parent) => ns = parent,
+            None => break,
+        }
+    }
+    ns
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -896,8 +1059,18 @@ fn unix_kind(
     let Some(peer) = info.peer else {
         if ty == libc::SOCK_DGRAM
             && info.name.is_some()
-            && let Err(what) = peek_messages(s, ty, &mut messages, &mut senders, &mut data)
-                .map_err(fail("peek"))?
+            && let Err(what) = peek_messages(
+                s,
+                ty,
+                &mut Queue {
+                    messages: &mut messages,
+                    senders: &mut senders,
+                    data: &mut data,
+                    in_flight: &mut Vec::new(),
+                    flying: &mut table.flying,
+                },
+            )
+            .map_err(fail("peek"))?
         {
             return Ok(Err(what));
         }
@@ -922,26 +1095,20 @@ fn unix_kind(
                 "a unix connection not yet accepted whose client has sent data".into(),
             ));
         }
-        let len = sys::ioctl_int(s.as_fd(), 0x541B).map_err(fail("queue length"))? as usize;
-        if len > 0 {
-            // A stream peek starts at the head only with no peek offset.
-            let peeked = sys::with_peek_offset(s.as_fd(), -1, || sys::peek_message(s.as_fd(), len))
-                .map_err(fail("peek"))?;
-            match peeked {
-                Some(sys::Peeked { fds: true, .. }) => {
-                    return Ok(Err(
-                        "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
-                    ));
-                }
-                Some(p) => {
-                    messages.push(p.data.len() as u32);
-                    data = p.data;
-                }
-                None => {}
-            }
-        }
-    } else if let Err(what) =
-        peek_messages(s, ty, &mut messages, &mut senders, &mut data).map_err(fail("peek"))?
+    }
+    let mut in_flight = Vec::new();
+    if let Err(what) = peek_messages(
+        s,
+        ty,
+        &mut Queue {
+            messages: &mut messages,
+            senders: &mut senders,
+            data: &mut data,
+            in_flight: &mut in_flight,
+            flying: &mut table.flying,
+        },
+    )
+    .map_err(fail("peek"))?
     {
         return Ok(Err(what));
     }
@@ -961,40 +1128,68 @@ fn unix_kind(
         },
         shutdown: info.shutdown,
         options,
+        in_flight,
     }))
 }
 
-/// Every message queued on a datagram or seqpacket socket of ours (of type
-/// `ty`), without taking any: through a peek offset from the head.
+/// What a unix socket would read next, as [`peek_messages`] fills it.
+struct Queue<'a> {
+    messages: &'a mut Vec<u32>,
+    senders: &'a mut Vec<Option<crate::unixdiag::UnixName>>,
+    data: &'a mut Vec<u8>,
+    /// Files passed with the messages, as indices into `flying`.
+    in_flight: &'a mut Vec<InFlight>,
+    /// Every file in flight met so far, as an fd of ours.
+    flying: &'a mut Vec<std::os::fd::OwnedFd>,
+}
+
+/// Every message queued on a unix socket of ours (of type `ty`), without
+/// taking any: through a peek offset from the head. A stream comes in the
+/// pieces one read would return; files passed with SCM_RIGHTS on a stream
+/// or seqpacket socket come with the piece that brings them.
 fn peek_messages(
     s: &std::os::fd::OwnedFd,
     ty: i32,
-    messages: &mut Vec<u32>,
-    senders: &mut Vec<Option<crate::unixdiag::UnixName>>,
-    data: &mut Vec<u8>,
+    q: &mut Queue<'_>,
 ) -> std::io::Result<std::result::Result<(), String>> {
     // A seqpacket socket whose peer has gone reads 0 at the end of its
     // queue instead of EAGAIN: stop once every queued byte (SIOCINQ counts
-    // them all) has been seen.
-    let total = if ty == libc::SOCK_SEQPACKET {
-        Some(sys::ioctl_int(s.as_fd(), 0x541B /* SIOCINQ */)? as usize)
-    } else {
+    // them all) has been seen. A stream reads 0 at its end once its peer
+    // has gone.
+    let total = if ty == libc::SOCK_DGRAM {
         None
+    } else {
+        Some(sys::ioctl_int(s.as_fd(), 0x541B /* SIOCINQ */)? as usize)
     };
+    if ty == libc::SOCK_STREAM && total == Some(0) {
+        return Ok(Ok(()));
+    }
     sys::with_peek_offset(s.as_fd(), 0, || {
-        while let Some(sys::Peeked { data: b, fds, from }) = sys::peek_message(s.as_fd(), 1 << 17)?
-        {
-            if b.is_empty() && total.is_some_and(|t| data.len() >= t) {
+        while let Some(p) = sys::peek_message(s.as_fd(), 1 << 17)? {
+            let end = ty == libc::SOCK_STREAM || total.is_some_and(|t| q.data.len() >= t);
+            if p.data.is_empty() && end {
                 break;
             }
-            if fds {
+            if p.truncated {
                 return Ok(Err(
-                    "file descriptors in flight (SCM_RIGHTS) on a unix socket".into(),
+                    "more file descriptors in flight in one message than a peek takes".into(),
                 ));
             }
-            messages.push(b.len() as u32);
-            senders.push(from);
-            data.extend_from_slice(&b);
+            if !p.fds.is_empty() {
+                if ty == libc::SOCK_DGRAM {
+                    return Ok(Err(
+                        "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket".into(),
+                    ));
+                }
+                q.in_flight.push(InFlight {
+                    message: q.messages.len() as u32,
+                    files: (q.flying.len()..q.flying.len() + p.fds.len()).collect(),
+                });
+                q.flying.extend(p.fds);
+            }
+            q.messages.push(p.data.len() as u32);
+            q.senders.push(p.from);
+            q.data.extend_from_slice(&p.data);
         }
         Ok(Ok(()))
     })

@@ -447,6 +447,7 @@ pub(crate) fn take(
             holes: mem.holes,
             fds,
             shares_parent_files,
+            parked: Vec::new(),
             fd_table: status.fdsize,
             locks: Vec::new(),
             zombie: None,
@@ -494,6 +495,15 @@ pub(crate) fn take(
         _ => process::outer_session(t.root.as_raw(), own_pid_ns, depth)?,
     };
     process::check_sessions(&images, outer_session, own_pid_ns, &mut problems);
+    files::resolve_in_flight(
+        &mut files,
+        img,
+        &mut shmem,
+        &unix,
+        &mut images,
+        &ns_of,
+        &mut problems,
+    )?;
     files::check_unix_peers(&mut files, &mut problems);
     files::check_deleted_watches(&files, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, &mut problems);

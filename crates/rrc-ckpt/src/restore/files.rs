@@ -58,6 +58,9 @@ pub struct FilePlan {
     pub ghosts: Ghosts,
     /// Restored TCP connections, in repair mode until the tree is let go.
     pub repaired: Vec<sockets::Repaired>,
+    /// Unix sockets whose queues carry files in flight, filled once every
+    /// file exists ([`pass_in_flight`]).
+    pub deferred: Vec<sockets::Deferred>,
     /// Time spent building and passing sockets.
     pub socket_time: std::time::Duration,
 }
@@ -208,6 +211,7 @@ impl FilePlan {
             keep_open: Vec::new(),
             ghosts: Ghosts::default(),
             repaired: Vec::new(),
+            deferred: Vec::new(),
             socket_time: std::time::Duration::ZERO,
         }
     }
@@ -267,7 +271,14 @@ pub fn create_owned(
         .partition(|f| sockets::is_socket(f));
     if !sockets.is_empty() {
         let mut repaired = Vec::new();
-        let got = sockets::create(t, &sockets, img, &mem.transport, &mut repaired)?;
+        let got = sockets::create(
+            t,
+            &sockets,
+            img,
+            &mem.transport,
+            &mut repaired,
+            &mut plan.deferred,
+        )?;
         plan.repaired.extend(repaired);
         for (id, fd) in got {
             let fd = stash(t, fd, plan)?;
@@ -1281,6 +1292,92 @@ pub fn register_pidfds(
             "epoll",
             format!("register pidfd {} with epoll fd {epfd}", tg.fd),
         ))?;
+    }
+    Ok(())
+}
+
+/// Queues again the messages that carried files in flight, each file
+/// taken from a process of `done` that holds it (at a parked fd, if the
+/// program held it nowhere); then closes the parked fds.
+pub fn pass_in_flight(
+    done: &mut [Tracee],
+    procs: &BTreeMap<i32, ProcessImage>,
+    m: &Manifest,
+    img: &ImageDir,
+    plan: &mut FilePlan,
+) -> Result<()> {
+    let deferred = std::mem::take(&mut plan.deferred);
+    if !deferred.is_empty() {
+        let mut pidfds: HashMap<i32, std::os::fd::OwnedFd> = HashMap::new();
+        let holder = |id: usize| -> Result<std::os::fd::OwnedFd> {
+            let (t, fd) = (done.iter())
+                .find_map(|t| {
+                    let p = procs.get(&t.ns_pid)?;
+                    p.fds.iter().find(|f| f.file == id).map(|f| (t, f.fd))
+                })
+                .ok_or_else(|| rerr(0, "files in flight", format!("open file {id}: no holder")))?;
+            let fail =
+                |e: std::io::Error| rerr(t.ns_pid, "files in flight", format!("take fd {fd}: {e}"));
+            let pidfd = match pidfds.entry(t.ns_pid) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(sys::pidfd_open(t.pid).map_err(fail)?)
+                }
+            };
+            sys::steal_fd_via(pidfd, fd).map_err(fail)
+        };
+        sockets::send_in_flight(deferred, &m.files, img, holder)?;
+    }
+    for t in done.iter_mut() {
+        let p = &procs[&t.ns_pid];
+        if p.shares_parent_files {
+            continue; // its parent's table, closed by the parent
+        }
+        for &fd in &p.parked {
+            t.call("close a parked fd", nr::SYS_close, &[fd as u64])?;
+        }
+    }
+    Ok(())
+}
+
+/// Every file in flight on a unix socket is held by a process of the
+/// image, and goes with a message it has queued; every parked fd is one of
+/// its process's.
+pub fn check_in_flight(
+    m: &Manifest,
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> std::result::Result<(), String> {
+    let held: HashSet<usize> = procs
+        .values()
+        .flat_map(|p| p.fds.iter().map(|f| f.file))
+        .collect();
+    for f in &m.files {
+        let FileKind::UnixConnected {
+            ty,
+            messages,
+            in_flight,
+            ..
+        } = &f.kind
+        else {
+            continue;
+        };
+        for x in in_flight {
+            if *ty == libc::SOCK_DGRAM
+                || x.message as usize >= messages.len()
+                || x.files.len() > 253
+                || x.files.iter().any(|id| !held.contains(id))
+            {
+                return Err(format!(
+                    "unix socket {} has files in flight that no process holds or no message carries",
+                    f.id
+                ));
+            }
+        }
+    }
+    for p in procs.values() {
+        if p.parked.iter().any(|fd| !p.fds.iter().any(|f| f.fd == *fd)) {
+            return Err(format!("process {} parks an fd it does not hold", p.pid));
+        }
     }
     Ok(())
 }

@@ -307,6 +307,7 @@ fn check_references(
     }
     files::check_inotify(m).map_err(corrupt)?;
     files::check_pidfds(m, procs).map_err(corrupt)?;
+    files::check_in_flight(m, procs).map_err(corrupt)?;
     files::check_fanotify(m).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
@@ -947,6 +948,8 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in ctx.done.iter_mut() {
             files::set_owners(t, &procs[&t.ns_pid], &m, &mut owned)?;
         }
+        // Files in flight once every file exists, pidfds included.
+        files::pass_in_flight(&mut ctx.done, &procs, &m, &img, &mut ctx.plan)?;
         // Every file is open: the names of the deleted files recreated go,
         // and with them the events their removal queued.
         ctx.plan.ghosts.remove();

@@ -121,6 +121,95 @@ fn refill(
     Ok(())
 }
 
+/// A unix socket whose queue carries files in flight: filled from `from`
+/// (the other end of its connection, held by the engine) once every file
+/// of the tree exists, by [`send_in_flight`].
+pub struct Deferred {
+    file: usize,
+    from: OwnedFd,
+    /// The socket itself, shut down as the image says once filled.
+    end: OwnedFd,
+}
+
+/// Queues `f`'s saved incoming messages from `from`, its peer end, now
+/// (true); or, if they carry files in flight, notes them for
+/// [`send_in_flight`], with `end`, `f`'s socket (false).
+fn refill_or_defer(
+    f: &OpenFile,
+    from: &OwnedFd,
+    end: &OwnedFd,
+    img: &ImageDir,
+    pid: i32,
+    deferred: &mut Vec<Deferred>,
+) -> Result<bool> {
+    match &f.kind {
+        FileKind::UnixConnected { in_flight, .. } if !in_flight.is_empty() => {
+            let keep = |s: &OwnedFd| {
+                s.try_clone()
+                    .map_err(|e| rerr(pid, format!("keep a unix socket: {e}")))
+            };
+            deferred.push(Deferred {
+                file: f.id,
+                from: keep(from)?,
+                end: keep(end)?,
+            });
+            Ok(false)
+        }
+        _ => refill(f, from, None, img, pid).map(|()| true),
+    }
+}
+
+/// Queues the messages of each deferred socket, each with the files it
+/// carried, taken from the processes that hold them now (`holder` gives a
+/// process's pid and fd for an open file); then closes the engine's ends.
+pub fn send_in_flight(
+    deferred: Vec<Deferred>,
+    files: &[OpenFile],
+    img: &ImageDir,
+    mut holder: impl FnMut(usize) -> Result<OwnedFd>,
+) -> Result<()> {
+    for d in deferred {
+        let Some(
+            f @ OpenFile {
+                kind:
+                    FileKind::UnixConnected {
+                        messages,
+                        data,
+                        in_flight,
+                        ..
+                    },
+                ..
+            },
+        ) = files.iter().find(|f| f.id == d.file)
+        else {
+            continue;
+        };
+        for (i, m) in saved_messages(img, messages, data)?.iter().enumerate() {
+            let carried = (in_flight.iter())
+                .find(|x| x.message as usize == i)
+                .map_or(&[][..], |x| &x.files[..]);
+            let fds = carried
+                .iter()
+                .map(|&id| holder(id))
+                .collect::<Result<Vec<OwnedFd>>>()?;
+            let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+            let fail = |e: std::io::Error| rerr(0, format!("requeue files in flight: {e}"));
+            // The files go with the first bytes; a stream takes the rest
+            // in as many writes as it likes.
+            let mut sent = sys::send_with_fds(d.from.as_fd(), m, &raw, true).map_err(fail)?;
+            while sent < m.len() {
+                sent +=
+                    nix::sys::socket::send(d.from.as_raw_fd(), &m[sent..], MsgFlags::MSG_DONTWAIT)
+                        .map_err(|e| fail(e.into()))?;
+            }
+        }
+        // A widowed socket sees its peer gone from here on.
+        drop(d.from);
+        shut(f, &d.end, 0)?;
+    }
+    Ok(())
+}
+
 /// The type, name and options of a unix socket.
 fn unix_parts(f: &OpenFile) -> (i32, Option<&UnixName>, &[SockOpt]) {
     match &f.kind {
@@ -165,6 +254,18 @@ fn unix_socket(f: &OpenFile, pid: i32) -> Result<OwnedFd> {
 /// What is left to do once a unix socket holds its data: its shutdown
 /// state, its options, its blocking mode.
 fn finish_unix(f: &OpenFile, s: &OwnedFd, pid: i32) -> Result<()> {
+    shut(f, s, pid)?;
+    finish_unshut(f, s, pid)
+}
+
+/// [`finish_unix`] but for the shutdown, left for when its queue is in.
+fn finish_unshut(f: &OpenFile, s: &OwnedFd, pid: i32) -> Result<()> {
+    set_options(s, unix_parts(f).2, pid);
+    set_nonblocking(s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))
+}
+
+/// Shuts down a connected unix socket as the image says it was.
+fn shut(f: &OpenFile, s: &OwnedFd, pid: i32) -> Result<()> {
     if let FileKind::UnixConnected { shutdown, .. } = f.kind {
         let how = match shutdown & 3 {
             1 => Some(nix::sys::socket::Shutdown::Read),
@@ -180,8 +281,7 @@ fn finish_unix(f: &OpenFile, s: &OwnedFd, pid: i32) -> Result<()> {
             }
         }
     }
-    set_options(s, unix_parts(f).2, pid);
-    set_nonblocking(s, f.flags).map_err(|e| rerr(pid, format!("socket flags: {e}")))
+    Ok(())
 }
 
 /// A listening or unconnected unix socket.
@@ -259,6 +359,7 @@ fn build_unix_all(
     img: &ImageDir,
     pid: i32,
     out: &mut Vec<(usize, OwnedFd, bool)>,
+    deferred: &mut Vec<Deferred>,
 ) -> Result<()> {
     let unix: Vec<&OpenFile> = files
         .iter()
@@ -450,17 +551,30 @@ fn build_unix_all(
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(|e| rerr(pid, format!("socketpair: {e}")))?;
-        refill(f, &b, None, img, pid)?;
+        // A socket whose queue carries files is shut down (by hand, or by
+        // its peer's going) only once that queue is in.
         if mutual {
             let other = by_ino[&peer];
-            refill(other, &a, None, img, pid)?;
-            finish_unix(f, &a, pid)?;
-            finish_unix(other, &b, pid)?;
+            let now = refill_or_defer(f, &b, &a, img, pid, deferred)?;
+            let other_now = refill_or_defer(other, &a, &b, img, pid, deferred)?;
+            if now {
+                shut(f, &a, pid)?;
+            }
+            if other_now {
+                shut(other, &b, pid)?;
+            }
+            finish_unshut(f, &a, pid)?;
+            finish_unshut(other, &b, pid)?;
             made.keep(f, a, out);
             made.keep(other, b, out);
         } else {
+            // Closed once its data is in, now or with the files in flight.
+            let now = refill_or_defer(f, &b, &a, img, pid, deferred)?;
             drop(b);
-            finish_unix(f, &a, pid)?;
+            if now {
+                shut(f, &a, pid)?;
+            }
+            finish_unshut(f, &a, pid)?;
             made.keep(f, a, out);
         }
     }
@@ -685,11 +799,12 @@ pub fn create(
     img: &ImageDir,
     transport: &Transport,
     repaired: &mut Vec<Repaired>,
+    deferred: &mut Vec<Deferred>,
 ) -> Result<Vec<(usize, u64)>> {
     let pid = t.ns_pid;
     let built = crate::common::in_netns_of(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
         let mut out = Vec::new();
-        build_unix_all(files, img, pid, &mut out)?;
+        build_unix_all(files, img, pid, &mut out, deferred)?;
         for f in files {
             if f.kind.unix_ino().is_some() {
                 continue;
