@@ -582,8 +582,8 @@ pub enum FileKind {
         shutdown: u8,
         #[serde(default)]
         options: Vec<SockOpt>,
-        /// Files passed with SCM_RIGHTS in the messages queued (a stream
-        /// or seqpacket socket's), not yet received.
+        /// Files passed with SCM_RIGHTS in the messages queued, not yet
+        /// received (none on a datagram socket connected by name).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         in_flight: Vec<InFlight>,
     },
@@ -601,6 +601,10 @@ pub enum FileKind {
         ino: u32,
         #[serde(default)]
         options: Vec<SockOpt>,
+        /// Files passed with SCM_RIGHTS in the messages queued, not yet
+        /// received.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        in_flight: Vec<InFlight>,
     },
     /// An unconnected TCP socket, or a UDP socket (bound and/or connected).
     Inet {
@@ -613,6 +617,16 @@ pub enum FileKind {
 }
 
 impl FileKind {
+    /// The files in flight on a unix socket's queue.
+    pub fn in_flight(&self) -> &[InFlight] {
+        match self {
+            FileKind::UnixConnected { in_flight, .. } | FileKind::Unix { in_flight, .. } => {
+                in_flight
+            }
+            _ => &[],
+        }
+    }
+
     /// The inode of a unix socket (listening, unconnected or connected);
     /// `None` for any other file.
     pub fn unix_ino(&self) -> Option<u32> {

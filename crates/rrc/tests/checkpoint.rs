@@ -614,16 +614,21 @@ fn refused_for_each(fixture: &str, whats: &[&str]) {
 }
 
 #[test]
-fn files_in_flight_on_datagram_sockets_are_refused_by_name_and_left_running() {
+fn files_in_flight_on_datagram_sockets_connected_by_name_are_refused_by_name_and_left_running() {
     refused(
-        "unsupported_scm_rights_dgram",
-        "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket",
+        "unsupported_scm_rights_by_name",
+        "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket connected by name",
     );
 }
 
 #[test]
 fn files_in_flight_on_stream_and_seqpacket_sockets_arrive_after_restore() {
     checkpoint_restore("sk_unix_scm_rights");
+}
+
+#[test]
+fn files_in_flight_on_datagram_pairs_and_bound_sockets_arrive_after_restore() {
+    checkpoint_restore("sk_unix_scm_rights_dgram");
 }
 
 #[test]

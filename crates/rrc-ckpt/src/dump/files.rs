@@ -491,14 +491,9 @@ pub fn resolve_in_flight(
     let me = Pid::this();
     // The socket carrying in-flight file `i`, and who holds that socket.
     let carrier = |table: &FileTable, i: usize| {
-        table.files.iter().find_map(|f| match &f.kind {
-            FileKind::UnixConnected { in_flight, .. }
-                if in_flight.iter().any(|m| m.files.contains(&i)) =>
-            {
-                Some(f.id)
-            }
-            _ => None,
-        })
+        (table.files.iter())
+            .find(|f| f.kind.in_flight().iter().any(|m| m.files.contains(&i)))
+            .map(|f| f.id)
     };
     let mut ids: Vec<Option<usize>> = Vec::with_capacity(table.flying.len());
     let mut parked_with: HashMap<usize, i32> = HashMap::new();
@@ -563,7 +558,9 @@ pub fn resolve_in_flight(
         i += 1;
     }
     for f in &mut table.files {
-        if let FileKind::UnixConnected { in_flight, .. } = &mut f.kind {
+        if let FileKind::UnixConnected { in_flight, .. } | FileKind::Unix { in_flight, .. } =
+            &mut f.kind
+        {
             for m in in_flight.iter_mut() {
                 m.files = m.files.iter().filter_map(|&i| ids[i]).collect();
             }
@@ -1056,6 +1053,7 @@ fn unix_kind(
         let what = what.to_string();
         Error::io(format!("unix socket fd {fd} of process {pid}: {what}"))
     };
+    let mut in_flight = Vec::new();
     let Some(peer) = info.peer else {
         if ty == libc::SOCK_DGRAM
             && info.name.is_some()
@@ -1066,7 +1064,7 @@ fn unix_kind(
                     messages: &mut messages,
                     senders: &mut senders,
                     data: &mut data,
-                    in_flight: &mut Vec::new(),
+                    in_flight: &mut in_flight,
                     flying: &mut table.flying,
                 },
             )
@@ -1082,6 +1080,7 @@ fn unix_kind(
             data,
             ino,
             options,
+            in_flight,
         }));
     };
     if ty == libc::SOCK_STREAM {
@@ -1096,7 +1095,6 @@ fn unix_kind(
             ));
         }
     }
-    let mut in_flight = Vec::new();
     if let Err(what) = peek_messages(
         s,
         ty,
@@ -1112,13 +1110,22 @@ fn unix_kind(
     {
         return Ok(Err(what));
     }
+    let peer_name = unix.get(&peer).and_then(|p| p.name.clone());
+    if ty == libc::SOCK_DGRAM && peer_name.is_some() && !in_flight.is_empty() {
+        // Its queue is filled before it connects again, when the files
+        // may not exist yet.
+        return Ok(Err(
+            "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket connected by name"
+                .into(),
+        ));
+    }
     let data = table.put_blob(img, &data)?;
     Ok(Ok(FileKind::UnixConnected {
         ty,
         ino,
         peer,
         name: info.name.clone(),
-        peer_name: unix.get(&peer).and_then(|p| p.name.clone()),
+        peer_name,
         messages,
         data,
         senders: if ty == libc::SOCK_DGRAM {
@@ -1145,8 +1152,8 @@ struct Queue<'a> {
 
 /// Every message queued on a unix socket of ours (of type `ty`), without
 /// taking any: through a peek offset from the head. A stream comes in the
-/// pieces one read would return; files passed with SCM_RIGHTS on a stream
-/// or seqpacket socket come with the piece that brings them.
+/// pieces one read would return; files passed with SCM_RIGHTS come with
+/// the message (or piece) that brings them.
 fn peek_messages(
     s: &std::os::fd::OwnedFd,
     ty: i32,
@@ -1176,11 +1183,6 @@ fn peek_messages(
                 ));
             }
             if !p.fds.is_empty() {
-                if ty == libc::SOCK_DGRAM {
-                    return Ok(Err(
-                        "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket".into(),
-                    ));
-                }
                 q.in_flight.push(InFlight {
                     message: q.messages.len() as u32,
                     files: (q.flying.len()..q.flying.len() + p.fds.len()).collect(),

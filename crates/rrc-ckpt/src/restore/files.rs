@@ -1352,17 +1352,20 @@ pub fn check_in_flight(
         .flat_map(|p| p.fds.iter().map(|f| f.file))
         .collect();
     for f in &m.files {
-        let FileKind::UnixConnected {
-            ty,
-            messages,
-            in_flight,
-            ..
-        } = &f.kind
-        else {
-            continue;
+        let (by_name, messages) = match &f.kind {
+            FileKind::UnixConnected {
+                ty,
+                peer_name,
+                messages,
+                ..
+            } => (*ty == libc::SOCK_DGRAM && peer_name.is_some(), messages),
+            FileKind::Unix { messages, .. } => (false, messages),
+            _ => continue,
         };
-        for x in in_flight {
-            if *ty == libc::SOCK_DGRAM
+        for x in f.kind.in_flight() {
+            // A datagram socket connected by name is filled before the
+            // files exist.
+            if by_name
                 || x.message as usize >= messages.len()
                 || x.files.len() > 253
                 || x.files.iter().any(|id| !held.contains(id))

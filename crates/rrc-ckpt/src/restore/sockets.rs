@@ -143,7 +143,7 @@ fn refill_or_defer(
     deferred: &mut Vec<Deferred>,
 ) -> Result<bool> {
     match &f.kind {
-        FileKind::UnixConnected { in_flight, .. } if !in_flight.is_empty() => {
+        k if !k.in_flight().is_empty() => {
             let keep = |s: &OwnedFd| {
                 s.try_clone()
                     .map_err(|e| rerr(pid, format!("keep a unix socket: {e}")))
@@ -169,21 +169,15 @@ pub fn send_in_flight(
     mut holder: impl FnMut(usize) -> Result<OwnedFd>,
 ) -> Result<()> {
     for d in deferred {
-        let Some(
-            f @ OpenFile {
-                kind:
-                    FileKind::UnixConnected {
-                        messages,
-                        data,
-                        in_flight,
-                        ..
-                    },
-                ..
-            },
-        ) = files.iter().find(|f| f.id == d.file)
+        let Some(f) = files.iter().find(|f| f.id == d.file) else {
+            continue;
+        };
+        let (FileKind::UnixConnected { messages, data, .. }
+        | FileKind::Unix { messages, data, .. }) = &f.kind
         else {
             continue;
         };
+        let in_flight = f.kind.in_flight();
         for (i, m) in saved_messages(img, messages, data)?.iter().enumerate() {
             let carried = (in_flight.iter())
                 .find(|x| x.message as usize == i)
@@ -285,7 +279,12 @@ fn shut(f: &OpenFile, s: &OwnedFd, pid: i32) -> Result<()> {
 }
 
 /// A listening or unconnected unix socket.
-fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
+fn build_unix(
+    f: &OpenFile,
+    img: &ImageDir,
+    pid: i32,
+    deferred: &mut Vec<Deferred>,
+) -> Result<OwnedFd> {
     let s = unix_socket(f, pid)?;
     match &f.kind {
         FileKind::UnixListen { backlog, .. } => {
@@ -302,10 +301,18 @@ fn build_unix(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<OwnedFd> {
             ..
         } if !messages.is_empty() => {
             // Messages that were queued to it come again from an unnamed
-            // sender, as they came from unnamed (or gone) ones.
+            // sender, as they came from unnamed (or gone) ones; connected
+            // to it here (in its network namespace) if the files they
+            // carry are to be sent later.
             let to = unix_addr(n).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
             let sender = unnamed_sender(pid)?;
-            refill(f, &sender, Some(&to), img, pid)?;
+            if f.kind.in_flight().is_empty() {
+                refill(f, &sender, Some(&to), img, pid)?;
+            } else {
+                connect(sender.as_raw_fd(), &to)
+                    .map_err(|e| rerr(pid, format!("connect to {n:?}: {e}")))?;
+                refill_or_defer(f, &sender, &s, img, pid, deferred)?;
+            }
         }
         _ => {}
     }
@@ -385,9 +392,9 @@ fn build_unix_all(
     // Sockets others connect to.
     for f in &unix {
         let s = match &f.kind {
-            FileKind::Unix { .. } => build_unix(f, img, pid)?,
+            FileKind::Unix { .. } => build_unix(f, img, pid, deferred)?,
             FileKind::UnixListen { name, pending, .. } => {
-                let s = build_unix(f, img, pid)?;
+                let s = build_unix(f, img, pid, deferred)?;
                 finish_unix(f, &s, pid)?;
                 made.keep(f, s, out);
                 for e in pending {

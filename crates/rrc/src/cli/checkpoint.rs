@@ -17,9 +17,8 @@ use rrc_container::{ContainerName, HostState, Status};
 ///
 /// Every thread of the tree is stopped while its state is read; afterwards
 /// the tree is killed, or left running with --leave-running. Anything the
-/// engine cannot restore faithfully (io_uring, Linux AIO, files in flight
-/// on a datagram socket, ...) is reported by process and fd, and the tree
-/// is left untouched.
+/// engine cannot restore faithfully (io_uring, Linux AIO, perf events,
+/// ...) is reported by process and fd, and the tree is left untouched.
 ///
 /// With --every, checkpoints are taken periodically into a series
 /// directory while the tree runs on: the first is full, each later one
