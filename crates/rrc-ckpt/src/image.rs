@@ -678,6 +678,9 @@ pub struct FanotifyMark {
     pub mflags: u32,
     pub mask: u32,
     pub ignored_mask: u32,
+    /// As [`InotifyWatch::deleted`], for a mark on a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted: Option<(u64, u64)>,
 }
 
 /// What a fanotify mark is on.

@@ -283,6 +283,17 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         }),
         "has a watch 1",
     );
+    // The same for a fanotify mark.
+    refused(
+        corrupted(&images, "manifest.json", |v| {
+            v["files"][0]["kind"] = serde_json::json!({
+                "type": "fanotify", "init_flags": 0, "event_flags": 0,
+                "marks": [{"path": "/gone", "on": "file", "mflags": 0, "mask": 2,
+                           "ignored_mask": 0, "deleted": [1, 2]}]
+            });
+        }),
+        "has a mark on",
+    );
     // Files in flight are taken from the processes holding them: one no
     // process holds cannot be passed again.
     refused(

@@ -250,10 +250,11 @@ fn outside_view(root: Pid) -> BTreeMap<String, String> {
                     Some(at) if l.starts_with("tfd:") => l[..at].trim_end().to_string(),
                     // A watch on a deleted file is on its recreation: the
                     // inode and the handle naming it are new.
-                    _ if l.starts_with("inotify ") => (l.split(' '))
-                        .filter(|w| !w.starts_with("ino:") && !w.starts_with("f_handle:"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
+                    _ if l.starts_with("inotify ") || l.starts_with("fanotify ino:") => (l
+                        .split(' '))
+                    .filter(|w| !w.starts_with("ino:") && !w.starts_with("f_handle:"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
                     _ => l.to_string(),
                 })
                 .collect();
@@ -662,6 +663,11 @@ fn inotify_watches_on_deleted_files_held_only_by_a_mapping_are_refused_by_name_a
 #[test]
 fn inotify_watches_on_deleted_files_held_open_report_again() {
     checkpoint_restore("inotify_deleted");
+}
+
+#[test]
+fn fanotify_marks_on_deleted_files_held_open_report_again() {
+    checkpoint_restore("fanotify_deleted");
 }
 
 #[test]

@@ -854,6 +854,7 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
         ) else {
             return Err(format!("a fanotify mark this engine cannot read ({line})"));
         };
+        let mut deleted = None;
         let (on, path) = if let Some(mnt) = hex_word(line, "mnt_id") {
             let path = mount_point(pid, |w| {
                 w.first().and_then(|id| id.parse::<u32>().ok()) == Some(mnt)
@@ -869,14 +870,15 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
             ) else {
                 return Err(format!("a fanotify mark this engine cannot read ({line})"));
             };
-            let (path, _) = watched_path(pid, sdev, htype as i32, &handle)
+            let (path, key) = watched_path(pid, sdev, htype as i32, &handle)
                 .map_err(|e| format!("fanotify mark: its file cannot be found ({e})"))?;
-            if path.ends_with(" (deleted)") {
-                return Err(format!(
-                    "a fanotify mark on a file that was deleted ({path}), which cannot be marked again"
-                ));
-            }
-            (MarkOn::File, path)
+            // Marked again on its recreation, if an fd of the tree holds
+            // it ([`check_deleted_watches`]).
+            deleted = path.ends_with(" (deleted)").then_some(key);
+            (
+                MarkOn::File,
+                path.trim_end_matches(" (deleted)").to_string(),
+            )
         } else if let Some(sdev) = hex_word(line, "sdev") {
             let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
             let path = mount_point(pid, |w| w.get(2) == Some(&dev.as_str()))
@@ -891,6 +893,7 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
             mflags,
             mask,
             ignored_mask,
+            deleted,
         });
     }
     // fdinfo lists the newest mark first: kept in the order they were made.
@@ -1197,9 +1200,10 @@ fn peek_messages(
     })
 }
 
-/// Every inotify watch on a deleted file is on one an fd of the tree holds
-/// open: the file the restore recreates for that fd is watched again. A
-/// deleted file held only by the watch, a mapping or a handle is not.
+/// Every inotify watch and fanotify mark on a deleted file is on one an fd
+/// of the tree holds open: the file the restore recreates for that fd is
+/// watched again. A deleted file held only by the watch, a mapping or a
+/// handle is not.
 pub fn check_deleted_watches(table: &FileTable, problems: &mut Vec<String>) {
     // Deleted files an fd of the tree holds, recreated at restore (those
     // still linked elsewhere are opened again instead, not recreated).
@@ -1214,18 +1218,28 @@ pub fn check_deleted_watches(table: &FileTable, problems: &mut Vec<String>) {
         })
         .collect();
     for f in &table.files {
-        let FileKind::Inotify { watches } = &f.kind else {
-            continue;
-        };
         let (p, fd) = table.holders[f.id];
-        for w in watches {
-            if w.deleted.is_some_and(|key| !ghosts.contains(&key)) {
-                problems.push(format!(
-                    "process {p}: fd {fd}: inotify watch {} is on a file that was deleted \
-                     ({}) and that no fd of the tree holds open, which cannot be watched again",
-                    w.wd, w.path
-                ));
+        let lost = |deleted: Option<(u64, u64)>| deleted.is_some_and(|key| !ghosts.contains(&key));
+        match &f.kind {
+            FileKind::Inotify { watches } => {
+                for w in watches.iter().filter(|w| lost(w.deleted)) {
+                    problems.push(format!(
+                        "process {p}: fd {fd}: inotify watch {} is on a file that was deleted \
+                         ({}) and that no fd of the tree holds open, which cannot be watched again",
+                        w.wd, w.path
+                    ));
+                }
             }
+            FileKind::Fanotify { marks, .. } => {
+                for m in marks.iter().filter(|m| lost(m.deleted)) {
+                    problems.push(format!(
+                        "process {p}: fd {fd}: a fanotify mark on a file that was deleted \
+                         ({}) and that no fd of the tree holds open, which cannot be marked again",
+                        m.path
+                    ));
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -668,7 +668,7 @@ fn create(
             event_flags,
             marks,
         } => {
-            let fd = fanotify(t, *init_flags, *event_flags, marks)?;
+            let fd = fanotify(t, *init_flags, *event_flags, marks, plan, img, m)?;
             set_flags(t, fd, f.flags)?;
             fd
         }
@@ -722,11 +722,17 @@ const FAN_MARK_KEPT: u32 = FAN_MARK_IGNORED_SURV_MODIFY | FAN_MARK_EVICTABLE | F
 
 /// A fanotify group with its marks: the events of each mark's mask added,
 /// then those it ignores (in the way it was told to ignore them).
+///
+/// A mark on a deleted file is made on the file recreated for the fds
+/// that hold it, as an inotify watch is ([`inotify`]).
 fn fanotify(
     t: &mut Tracee,
     init_flags: u32,
     event_flags: u32,
     marks: &[crate::image::FanotifyMark],
+    plan: &mut FilePlan,
+    img: &ImageDir,
+    m: &Manifest,
 ) -> Result<u64> {
     let pid = t.ns_pid;
     let fd = t
@@ -736,7 +742,12 @@ fn fanotify(
             &[u64::from(init_flags), u64::from(event_flags)],
         )
         .map_err(failed_call(pid, "fanotify", "fanotify_init".into()))?;
-    for m in marks {
+    for mark in marks {
+        let path = match mark.deleted {
+            None => mark.path.clone(),
+            Some(key) => recreated(t.ns_pid, key, &mark.path, plan, img, m)?,
+        };
+        let m = mark;
         let on = match m.on {
             MarkOn::File => FAN_MARK_DONT_FOLLOW,
             MarkOn::Mount => FAN_MARK_MOUNT,
@@ -756,7 +767,7 @@ fn fanotify(
             ),
         ];
         for (flags, mask) in adds.into_iter().filter(|(_, mask)| *mask != 0) {
-            let path = t.arg_str(&m.path)?;
+            let path = t.arg_str(&path)?;
             t.call(
                 "fanotify_mark",
                 libc::SYS_fanotify_mark,
@@ -799,6 +810,8 @@ pub fn check_fanotify(m: &Manifest) -> std::result::Result<(), String> {
                 || !k.path.starts_with('/')
                 || k.path.contains('\0')
                 || (k.mask == 0 && k.ignored_mask == 0)
+                || k.deleted
+                    .is_some_and(|key| k.on != MarkOn::File || ghost_of(m, key).is_none())
         }) {
             return Err(format!(
                 "fanotify group {} has a mark on {:?} with flags {:#x}",
@@ -822,7 +835,7 @@ pub fn check_fanotify(m: &Manifest) -> std::result::Result<(), String> {
 ///
 /// A watch on a deleted file is added on the file recreated for the fds
 /// that hold it, made here if they come later; its removal once the tree
-/// is restored queues an IN_ATTRIB, emptied by [`drain_inotify`].
+/// is restored queues an IN_ATTRIB, emptied by [`drain_notifications`].
 fn inotify(
     t: &mut Tracee,
     f: &OpenFile,
@@ -843,19 +856,7 @@ fn inotify(
     for w in sorted {
         let path = match w.deleted {
             None => w.path.clone(),
-            Some(key) => {
-                let (id, owner) = ghost_of(m, key).ok_or_else(|| {
-                    rerr(
-                        pid,
-                        "inotify watch",
-                        format!("watch {}: no deleted file", w.wd),
-                    )
-                })?;
-                GhostDir::made(&mut plan.ghosts, key, &img.file_data(id), owner)
-                    .map_err(|e| rerr(pid, "recreate a deleted file", format!("{}: {e}", w.path)))?
-                    .to_string_lossy()
-                    .into_owned()
-            }
+            Some(key) => recreated(pid, key, &w.path, plan, img, m)?,
         };
         loop {
             let path = t.arg_str(&path)?;
@@ -901,6 +902,31 @@ fn inotify(
     Ok(fd)
 }
 
+/// Where deleted file `key` (once at `path`) is recreated for the fds
+/// holding it, made now if they come later.
+fn recreated(
+    pid: i32,
+    key: (u64, u64),
+    path: &str,
+    plan: &mut FilePlan,
+    img: &ImageDir,
+    m: &Manifest,
+) -> Result<String> {
+    let (id, owner) = ghost_of(m, key).ok_or_else(|| {
+        rerr(
+            pid,
+            "recreate a deleted file",
+            format!("{path}: not in the image"),
+        )
+    })?;
+    Ok(
+        GhostDir::made(&mut plan.ghosts, key, &img.file_data(id), owner)
+            .map_err(|e| rerr(pid, "recreate a deleted file", format!("{path}: {e}")))?
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
+
 /// The open file a deleted file `key` is recreated from, and its owner:
 /// one that the restore recreates, not one opened again by its handle.
 fn ghost_of(m: &Manifest, key: (u64, u64)) -> Option<(usize, crate::image::Owner)> {
@@ -914,40 +940,69 @@ fn ghost_of(m: &Manifest, key: (u64, u64)) -> Option<(usize, crate::image::Owner
     })
 }
 
-/// Empties the queues of `p`'s inotify instances that watch a recreated
-/// deleted file, once the recreated files have lost their names: that
-/// unlink is the restore's, not an event of the program's.
-pub fn drain_inotify(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()> {
+/// Empties the queues of `p`'s inotify instances and fanotify groups that
+/// watch a recreated deleted file, once the recreated files have lost
+/// their names: those events (the unlink, the restore's own opens) are
+/// the restore's, not the program's. A fanotify event may come with an fd
+/// of the file, closed here.
+pub fn drain_notifications(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()> {
     if p.shares_parent_files {
         return Ok(());
     }
     for fd in &p.fds {
-        let Some(FileKind::Inotify { watches }) = m.files.get(fd.file).map(|f| &f.kind) else {
-            continue;
+        let fanotify = match m.files.get(fd.file).map(|f| &f.kind) {
+            Some(FileKind::Inotify { watches }) if watches.iter().any(|w| w.deleted.is_some()) => {
+                false
+            }
+            Some(FileKind::Fanotify { marks, .. }) if marks.iter().any(|w| w.deleted.is_some()) => {
+                true
+            }
+            _ => continue,
         };
-        if watches.iter().all(|w| w.deleted.is_none()) {
-            continue;
-        }
         let fd = fd.fd as u64;
         loop {
             let n = t.out(4)?;
-            t.call(
-                "queued inotify events",
-                libc::SYS_ioctl,
-                &[fd, libc::FIONREAD, n],
-            )?;
+            t.call("queued events", libc::SYS_ioctl, &[fd, libc::FIONREAD, n])?;
             let mut queued = [0u8; 4];
             crate::procmem::read(t.pid, n, &mut queued)?;
             let queued = u64::from(u32::from_ne_bytes(queued));
             if queued == 0 {
                 break;
             }
-            let len = queued.min(4096);
-            let buf = t.out(len as usize)?;
-            t.call("empty an inotify queue", libc::SYS_read, &[fd, buf, len])?;
+            // Room for whole events: FIONREAD counts a fanotify event's
+            // metadata, not the records that may follow it. With events
+            // queued, a read does not wait.
+            let buf = t.out(4096)?;
+            let got = t.call("empty an event queue", libc::SYS_read, &[fd, buf, 4096])?;
+            if fanotify {
+                let mut events = vec![0u8; got as usize];
+                crate::procmem::read(t.pid, buf, &mut events)?;
+                for file in fanotify_event_fds(&events) {
+                    t.call("close an event's fd", nr::SYS_close, &[file as u64])?;
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// The fds that fanotify events (`struct fanotify_event_metadata`, one
+/// after the other) carry.
+fn fanotify_event_fds(events: &[u8]) -> Vec<i32> {
+    let mut fds = Vec::new();
+    let mut at = 0usize;
+    while let Some(e) = events.get(at..at + 24) {
+        let len = u32::from_ne_bytes(e[0..4].try_into().expect("4 bytes")) as usize;
+        let fd = i32::from_ne_bytes(e[16..20].try_into().expect("4 bytes"));
+        if fd >= 0 {
+            fds.push(fd);
+        }
+        if len < 24 {
+            break;
+        }
+        at += len;
+    }
+    fds
 }
 
 /// Every watch of every inotify instance is at a descriptor an instance
@@ -1773,4 +1828,27 @@ pub fn check_locks(p: &ProcessImage) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fanotify_event_fds;
+
+    fn event(len: u32, fd: i32) -> Vec<u8> {
+        let mut e = vec![0u8; (len as usize).max(24)];
+        e[0..4].copy_from_slice(&len.to_ne_bytes());
+        e[16..20].copy_from_slice(&fd.to_ne_bytes());
+        e
+    }
+
+    #[test]
+    fn the_fds_fanotify_events_carry_are_found_past_their_info_records() {
+        let mut events = event(24, 7);
+        events.extend(event(40, -1));
+        events.extend(event(24, 9));
+        assert_eq!(fanotify_event_fds(&events), vec![7, 9]);
+        // A length that would not move on ends the walk.
+        assert_eq!(fanotify_event_fds(&event(4, 3)), vec![3]);
+        assert!(fanotify_event_fds(&[0u8; 10]).is_empty());
+    }
 }

@@ -954,7 +954,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         // and with them the events their removal queued.
         ctx.plan.ghosts.remove();
         for t in ctx.done.iter_mut() {
-            files::drain_inotify(t, &procs[&t.ns_pid], &m)?;
+            files::drain_notifications(t, &procs[&t.ns_pid], &m)?;
         }
         // Everything is in place: drop the scratch regions, then let go.
         for t in ctx.done.iter_mut() {
