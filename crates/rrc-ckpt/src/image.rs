@@ -213,11 +213,10 @@ pub enum LockKind {
 
 impl ProcessImage {
     /// Whether this process can make epoll `epoll`'s registration of open
-    /// file `target` under fd number `at` as it is: it holds the epoll, and
-    /// the target at that number. (Pidfds are registered so, once made.)
-    pub fn can_register(&self, epoll: usize, target: usize, at: i32) -> bool {
-        self.fds.iter().any(|fd| fd.file == epoll)
-            && self.fds.iter().any(|fd| fd.fd == at && fd.file == target)
+    /// file `target`: it holds both (the target is put at the registered
+    /// number for the while). Pidfds are registered so, once made.
+    pub fn can_register(&self, epoll: usize, target: usize) -> bool {
+        self.fds.iter().any(|fd| fd.file == epoll) && self.fds.iter().any(|fd| fd.file == target)
     }
 }
 

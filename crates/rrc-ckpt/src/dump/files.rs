@@ -256,22 +256,21 @@ pub fn resolve_owners(
 /// Numbers the process (or thread) of every pidfd as the tree does, once
 /// the whole tree is known. A pidfd of a process outside the tree is a
 /// problem (the restored one could only name another process), and so is
-/// one an epoll watches under a number it is no longer held at by a
-/// process holding the epoll (pidfds are made, and then registered, at the
-/// end of a restore, at their own numbers).
+/// one an epoll watches that no process holding the epoll holds (pidfds
+/// are made, and then registered, at the end of a restore, by a process
+/// holding both).
 pub fn resolve_pidfds(
     table: &mut FileTable,
     ns_of: &std::collections::BTreeMap<Pid, i32>,
     images: &[ProcessImage],
     problems: &mut Vec<String>,
 ) {
-    // Pidfds watched where no process holding the epoll has them at the
-    // registered number.
+    // Pidfds watched by an epoll that no process holding them holds.
     let unplaced: std::collections::HashSet<usize> = (table.files.iter())
         .filter_map(|f| match &f.kind {
             FileKind::Epoll { targets } => Some(targets.iter().filter_map(|t| {
                 let file = t.file?;
-                let placed = images.iter().any(|p| p.can_register(f.id, file, t.fd));
+                let placed = images.iter().any(|p| p.can_register(f.id, file));
                 (!placed).then_some(file)
             })),
             _ => None,
@@ -310,8 +309,8 @@ pub fn resolve_pidfds(
                 if thread { "thread" } else { "process" }
             )),
             Some(_) if unplaced.contains(&id) => problems.push(format!(
-                "process {hp}: fd {hfd}: a pidfd watched by an epoll under a number no process \
-                 holding the epoll has it at"
+                "process {hp}: fd {hfd}: a pidfd watched by an epoll that no process holding \
+                 the pidfd holds"
             )),
             Some(n) => table.files[id].kind = FileKind::PidFd { pid: n },
         }

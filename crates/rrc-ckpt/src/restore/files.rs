@@ -125,7 +125,7 @@ impl FilePlan {
                 };
                 for (i, tg) in targets.iter().enumerate() {
                     match tg.file {
-                        Some(file) if is_pidfd(file) && p.can_register(id, file, tg.fd) => {
+                        Some(file) if is_pidfd(file) && p.can_register(id, file) => {
                             pidfd_registrar.entry((id, i)).or_insert(*pid);
                         }
                         Some(file) if is_pidfd(file) => {}
@@ -1333,20 +1333,73 @@ pub fn register_pidfds(
                 "a one-shot epoll registration of a pidfd that had fired is restored armed for errors and hangups"
             );
         }
+        let Some(src) = (tg.file)
+            .and_then(|file| p.fds.iter().find(|fd| fd.file == file))
+            .map(|fd| fd.fd)
+        else {
+            continue;
+        };
+        // The registration names the number the pidfd had then: it is put
+        // there for the while, whatever is there set aside.
+        let at = tg.fd as u64;
+        let moved = src != tg.fd;
+        // The epoll itself may be at that number now: used from another.
+        let epoll_aside = if moved && epfd == tg.fd {
+            Some(t.call(
+                "set an epoll aside",
+                nr::SYS_fcntl,
+                &[at, libc::F_DUPFD_CLOEXEC as u64, plan.temp_base],
+            )?)
+        } else {
+            None
+        };
+        let ep = epoll_aside.unwrap_or(epfd as u64);
+        let aside = if moved {
+            let aside = t.raw_on(
+                t.pid,
+                nr::SYS_fcntl,
+                &[at, libc::F_DUPFD_CLOEXEC as u64, plan.temp_base],
+            )?;
+            t.call("put a pidfd in place", nr::SYS_dup3, &[src as u64, at, 0])?;
+            Some(aside)
+        } else {
+            None
+        };
         let mut ev = Vec::with_capacity(12);
         ev.extend_from_slice(&tg.events.to_ne_bytes());
         ev.extend_from_slice(&tg.data.to_ne_bytes());
         let a = t.arg(&ev)?;
-        t.call(
-            "register a pidfd with its epoll",
+        let r = t.raw_on(
+            t.pid,
             nr::SYS_epoll_ctl,
-            &[epfd as u64, libc::EPOLL_CTL_ADD as u64, tg.fd as u64, a],
-        )
-        .map_err(failed_call(
-            p.pid,
-            "epoll",
-            format!("register pidfd {} with epoll fd {epfd}", tg.fd),
-        ))?;
+            &[ep, libc::EPOLL_CTL_ADD as u64, at, a],
+        )?;
+        match aside {
+            Some(aside) if aside >= 0 => {
+                let cloexec = p.fds.iter().any(|fd| fd.fd == tg.fd && fd.cloexec);
+                let flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+                t.call("put an fd back", nr::SYS_dup3, &[aside as u64, at, flags])?;
+                t.call("close", nr::SYS_close, &[aside as u64])?;
+            }
+            Some(_) => {
+                t.call("close", nr::SYS_close, &[at])?;
+            }
+            None => {}
+        }
+        if let Some(ep) = epoll_aside {
+            t.call("close", nr::SYS_close, &[ep])?;
+        }
+        if r < 0 {
+            return Err(rerr(
+                p.pid,
+                "epoll",
+                format!(
+                    "register pidfd {} with epoll fd {epfd}: {}",
+                    tg.fd,
+                    std::io::Error::from_raw_os_error(-r as i32)
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -1473,7 +1526,7 @@ pub fn check_pidfds(
         }
     }
     // An epoll's registration of a pidfd is made by a process holding
-    // both, the pidfd at the number it was registered under.
+    // both.
     for f in &m.files {
         let FileKind::Epoll { targets } = &f.kind else {
             continue;
@@ -1486,9 +1539,9 @@ pub fn check_pidfds(
             ) {
                 continue;
             }
-            if !procs.values().any(|p| p.can_register(f.id, target, tg.fd)) {
+            if !procs.values().any(|p| p.can_register(f.id, target)) {
                 return Err(format!(
-                    "epoll {} watches pidfd {} under fd {}, which no process holding both has there",
+                    "epoll {} watches pidfd {} under fd {}, and no process holds both",
                     f.id, target, tg.fd
                 ));
             }
