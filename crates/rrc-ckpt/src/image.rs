@@ -459,13 +459,13 @@ pub enum FileKind {
         rdev: u64,
     },
     /// A named pipe; unread data (of the pipe object `pipe`) is in
-    /// `pipe-<pipe>.img`.
+    /// `pipe-<pipe>.img` (no such file: none).
     Fifo {
         path: String,
         pipe: u64,
     },
     /// One end of a pipe; `pipe` numbers the pipe object (its inode) and its
-    /// unread data is in `pipe-<pipe>.img`.
+    /// unread data is in `pipe-<pipe>.img` (no such file: none).
     Pipe {
         pipe: u64,
         write_end: bool,

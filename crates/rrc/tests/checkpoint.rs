@@ -761,10 +761,30 @@ fn a_checkpoint_that_fails_on_a_full_disk_leaves_the_tree_and_its_connections_ru
     let run = start(&bin, &dir);
     let pid = run.pid.to_string();
     let mut failures = 0;
-    let mut limits: Vec<String> = (2..=10)
+    // As many inodes as the image has files and fewer (its directory and
+    // the file system's root take one each): every file of it in turn is
+    // the first that finds no room.
+    let whole = dir.join("whole");
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        whole.to_str().unwrap(),
+        "--leave-running",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    let files: Vec<u64> = fs::read_dir(&whole)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .collect();
+    fs::remove_dir_all(&whole).unwrap();
+    let mut limits: Vec<String> = (2..=files.len() + 1)
         .map(|n| format!("size=64m,nr_inodes={n}"))
         .collect();
-    limits.extend(["size=64k", "size=1m"].map(String::from));
+    // And too few bytes: a sixth and a half of the image's.
+    let bytes: u64 = files.iter().sum();
+    limits.extend([bytes / 6, bytes / 2].map(|b| format!("size={}k", (b / 1024).max(4))));
     for (i, opts) in limits.iter().enumerate() {
         let fs_dir = SmallFs::mount(dir.join(format!("small-{i}")), opts);
         let images = fs_dir.0.join("img");
@@ -801,7 +821,13 @@ fn a_checkpoint_that_fails_on_a_full_disk_leaves_the_tree_and_its_connections_ru
             "a failed checkpoint left {left:?} on {opts}"
         );
     }
-    assert!(failures >= 6, "the disk filled only {failures} times");
+    // Every limit is below what the image needs.
+    assert_eq!(
+        failures,
+        limits.len(),
+        "the disk filled only {failures} times of {}",
+        limits.len()
+    );
     let (code, log) = run.verdict();
     assert!(
         code == 0 && log.trim_end().ends_with("PASS"),

@@ -1470,8 +1470,12 @@ fn save_pipe(
     let (data, reads) = sys::peek_pipe(reader.as_fd(), capacity as usize).map_err(Error::io(
         format!("copy pipe data of fd {fd} of process {pid}"),
     ))?;
-    let path = img.pipe_data(pipe);
-    fs::write(&path, &data).map_err(|e| Error::image(&path, e))?;
+    // An empty pipe has no data file (the restore reads none as empty): a
+    // series writes one per pipe per checkpoint otherwise.
+    if !data.is_empty() {
+        let path = img.pipe_data(pipe);
+        fs::write(&path, &data).map_err(|e| Error::image(&path, e))?;
+    }
     let packets = if reads.len() > 1 { reads } else { Vec::new() };
     table.pipes_saved.insert(pipe, packets.clone());
     Ok((capacity, packets))
