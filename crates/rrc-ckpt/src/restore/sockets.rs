@@ -160,8 +160,9 @@ fn refill_or_defer(
 }
 
 /// Queues the messages of each deferred socket, each with the files it
-/// carried, taken from the processes that hold them now (`holder` gives a
-/// process's pid and fd for an open file); then closes the engine's ends.
+/// carried, taken from the processes that hold them now (`holder` gives
+/// the engine a copy of an open file of the image); then drops the
+/// engine's ends and shuts the sockets down as the image says.
 pub fn send_in_flight(
     deferred: Vec<Deferred>,
     files: &[OpenFile],
