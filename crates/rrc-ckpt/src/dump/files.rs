@@ -536,6 +536,20 @@ pub fn resolve_in_flight(
             )?
         };
         let known = id.is_some_and(|id| table.holders[id].0 != me);
+        // A file only in flight is read through our own fd: its path is
+        // as we see it, and must name the same file in the receiver's root
+        // (a container's may differ), where the restore opens it.
+        if let Some(id) = id.filter(|_| !known)
+            && names_by_path(&table.files[id].kind)
+            && let Some(ns) = held_by
+            && !names_it(ns_of, ns, path_of(&table.files[id].kind), &meta)
+        {
+            said.push(format!(
+                "a file only in flight whose path ({}) names another file, or none, \
+                 where the process receiving it sees it",
+                path_of(&table.files[id].kind)
+            ));
+        }
         // Said of our own fd by `file_of`: said of the socket instead.
         let ours = format!("process {me}: fd {fd} ({link}): ");
         problems.extend(said.into_iter().map(|what| {
@@ -566,6 +580,41 @@ pub fn resolve_in_flight(
         }
     }
     Ok(())
+}
+
+/// Whether a file of this kind is opened again by its path.
+fn names_by_path(kind: &FileKind) -> bool {
+    match kind {
+        FileKind::Regular { deleted, .. } => !deleted,
+        FileKind::Directory { deleted, .. } => deleted.is_none(),
+        FileKind::CharDevice { .. } | FileKind::Fifo { .. } => true,
+        _ => false,
+    }
+}
+
+fn path_of(kind: &FileKind) -> &str {
+    match kind {
+        FileKind::Regular { path, .. }
+        | FileKind::Directory { path, .. }
+        | FileKind::CharDevice { path, .. }
+        | FileKind::Fifo { path, .. } => path,
+        _ => "",
+    }
+}
+
+/// Whether `path`, in the root of the process the tree numbers `ns`, is
+/// the file `meta` describes.
+fn names_it(
+    ns_of: &std::collections::BTreeMap<Pid, i32>,
+    ns: i32,
+    path: &str,
+    meta: &fs::Metadata,
+) -> bool {
+    let Some((host, _)) = ns_of.iter().find(|(_, n)| **n == ns) else {
+        return false;
+    };
+    fs::metadata(format!("/proc/{host}/root{path}"))
+        .is_ok_and(|m| (m.dev(), m.ino()) == (meta.dev(), meta.ino()))
 }
 
 /// Parks open file `id` at the lowest free fd of the fd table process
