@@ -747,23 +747,26 @@ fn fanotify(
             None => mark.path.clone(),
             Some(key) => recreated(t.ns_pid, key, &mark.path, plan, img, m)?,
         };
-        let m = mark;
-        let on = match m.on {
+        let on = match mark.on {
             MarkOn::File => FAN_MARK_DONT_FOLLOW,
             MarkOn::Mount => FAN_MARK_MOUNT,
             MarkOn::Filesystem => FAN_MARK_FILESYSTEM,
         };
-        let evictable = m.mflags & FAN_MARK_EVICTABLE;
-        let ignore = if m.mflags & FAN_MARK_IGNORE != 0 {
+        let evictable = mark.mflags & FAN_MARK_EVICTABLE;
+        let ignore = if mark.mflags & FAN_MARK_IGNORE != 0 {
             FAN_MARK_IGNORE
         } else {
             FAN_MARK_IGNORED_MASK
         };
         let adds = [
-            (FAN_MARK_ADD | on | evictable, m.mask),
+            (FAN_MARK_ADD | on | evictable, mark.mask),
             (
-                FAN_MARK_ADD | on | evictable | ignore | (m.mflags & FAN_MARK_IGNORED_SURV_MODIFY),
-                m.ignored_mask,
+                FAN_MARK_ADD
+                    | on
+                    | evictable
+                    | ignore
+                    | (mark.mflags & FAN_MARK_IGNORED_SURV_MODIFY),
+                mark.ignored_mask,
             ),
         ];
         for (flags, mask) in adds.into_iter().filter(|(_, mask)| *mask != 0) {
@@ -782,7 +785,7 @@ fn fanotify(
             .map_err(failed_call(
                 pid,
                 "fanotify",
-                format!("mark {} for {mask:#x}", m.path),
+                format!("mark {} for {mask:#x}", mark.path),
             ))?;
         }
     }
