@@ -796,6 +796,18 @@ fn a_checkpoint_that_fails_on_a_full_disk_leaves_the_tree_and_its_connections_ru
         }
         let out = rrc(&args);
         if out.code == 0 {
+            if !leave {
+                // The tree is gone: its connections' lock goes too.
+                if let Some(table) = out
+                    .stdout
+                    .split_whitespace()
+                    .find(|w| w.starts_with("rrc_lock_"))
+                {
+                    let _ = Command::new("nft")
+                        .args(["delete", "table", "inet", table])
+                        .status();
+                }
+            }
             assert!(
                 leave,
                 "a checkpoint that kills the tree cannot succeed on {opts}: {out:?}"
