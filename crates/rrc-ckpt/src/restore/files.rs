@@ -1342,56 +1342,18 @@ pub fn register_pidfds(
         else {
             continue;
         };
-        // The registration names the number the pidfd had then: it is put
-        // there for the while, whatever is there set aside.
-        let at = tg.fd as u64;
-        let moved = src != tg.fd;
-        // The epoll itself may be at that number now: used from another.
-        let epoll_aside = if moved && epfd == tg.fd {
-            Some(t.call(
-                "set an epoll aside",
-                nr::SYS_fcntl,
-                &[at, libc::F_DUPFD_CLOEXEC as u64, plan.temp_base],
-            )?)
-        } else {
-            None
-        };
-        let ep = epoll_aside.unwrap_or(epfd as u64);
-        let aside = if moved {
-            let aside = t.raw_on(
-                t.pid,
-                nr::SYS_fcntl,
-                &[at, libc::F_DUPFD_CLOEXEC as u64, plan.temp_base],
-            )?;
-            t.call("put a pidfd in place", nr::SYS_dup3, &[src as u64, at, 0])?;
-            Some(aside)
-        } else {
-            None
-        };
-        let mut ev = Vec::with_capacity(12);
-        ev.extend_from_slice(&tg.events.to_ne_bytes());
-        ev.extend_from_slice(&tg.data.to_ne_bytes());
-        let a = t.arg(&ev)?;
-        let r = t.raw_on(
-            t.pid,
-            nr::SYS_epoll_ctl,
-            &[ep, libc::EPOLL_CTL_ADD as u64, at, a],
+        // The registration names the number the pidfd had then.
+        let cloexec = p.fds.iter().any(|fd| fd.fd == tg.fd && fd.cloexec);
+        let (at, events, data) = (tg.fd as u64, tg.events, tg.data);
+        let r = with_target_at(
+            t,
+            epfd as u64,
+            src as u64,
+            at,
+            plan.temp_base,
+            cloexec,
+            |t, ep| epoll_add(t, ep, at, events, data),
         )?;
-        match aside {
-            Some(aside) if aside >= 0 => {
-                let cloexec = p.fds.iter().any(|fd| fd.fd == tg.fd && fd.cloexec);
-                let flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-                t.call("put an fd back", nr::SYS_dup3, &[aside as u64, at, flags])?;
-                t.call("close", nr::SYS_close, &[aside as u64])?;
-            }
-            Some(_) => {
-                t.call("close", nr::SYS_close, &[at])?;
-            }
-            None => {}
-        }
-        if let Some(ep) = epoll_aside {
-            t.call("close", nr::SYS_close, &[ep])?;
-        }
         if r < 0 {
             return Err(rerr(
                 p.pid,
@@ -1580,6 +1542,66 @@ const READINESS: u32 = (libc::EPOLLIN
 /// is still at a temporary number: each target is put for a moment
 /// at the number it was registered under (what was there set aside and
 /// put back), registered, and taken away again.
+/// `epoll_ctl(EPOLL_CTL_ADD)` in `t` of fd `at` to epoll `ep` for
+/// `events` with `data`; the call's result (a negative errno on failure).
+fn epoll_add(t: &mut Tracee, ep: u64, at: u64, events: u32, data: u64) -> Result<i64> {
+    let mut ev = Vec::with_capacity(12);
+    ev.extend_from_slice(&events.to_ne_bytes());
+    ev.extend_from_slice(&data.to_ne_bytes());
+    let a = t.arg(&ev)?;
+    t.raw_on(
+        t.pid,
+        nr::SYS_epoll_ctl,
+        &[ep, libc::EPOLL_CTL_ADD as u64, at, a],
+    )
+}
+
+/// Runs `register` with the open file at fd `src` of `t` put at fd `at`
+/// for the while: an epoll registration names the number its target had,
+/// which may hold something else now (set aside above `temp_base` and put
+/// back, close-on-exec if `cloexec`) or nothing. `register` gets the epoll
+/// `epfd` at a number of its own if `epfd` was `at`.
+fn with_target_at<R>(
+    t: &mut Tracee,
+    epfd: u64,
+    src: u64,
+    at: u64,
+    temp_base: u64,
+    cloexec: bool,
+    register: impl FnOnce(&mut Tracee, u64) -> Result<R>,
+) -> Result<R> {
+    if src == at {
+        return register(t, epfd);
+    }
+    let epoll_aside = if epfd == at {
+        Some(t.call(
+            "set an epoll aside",
+            nr::SYS_fcntl,
+            &[at, libc::F_DUPFD_CLOEXEC as u64, temp_base],
+        )?)
+    } else {
+        None
+    };
+    let aside = t.raw_on(
+        t.pid,
+        nr::SYS_fcntl,
+        &[at, libc::F_DUPFD_CLOEXEC as u64, temp_base],
+    )?;
+    t.call("put an epoll target in place", nr::SYS_dup3, &[src, at, 0])?;
+    let r = register(t, epoll_aside.unwrap_or(epfd));
+    if aside >= 0 {
+        let flags = if cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+        t.call("put an fd back", nr::SYS_dup3, &[aside as u64, at, flags])?;
+        t.call("close", nr::SYS_close, &[aside as u64])?;
+    } else {
+        t.call("close", nr::SYS_close, &[at])?;
+    }
+    if let Some(ep) = epoll_aside {
+        t.call("close", nr::SYS_close, &[ep])?;
+    }
+    r
+}
+
 fn register_epoll_targets(
     t: &mut Tracee,
     m: &Manifest,
@@ -1622,13 +1644,6 @@ fn register_epoll_targets(
         let Some(&src) = tg.file.and_then(|f| held.get(&f)) else {
             continue;
         };
-        let at = tg.fd as u64;
-        let aside = t.raw_on(
-            t.pid,
-            nr::SYS_fcntl,
-            &[at, libc::F_DUPFD_CLOEXEC as u64, plan.temp_base],
-        )?;
-        t.call("put an epoll target in place", nr::SYS_dup3, &[src, at, 0])?;
         // A one-shot registration that has fired keeps only its private
         // bits, and adding one always arms it (for errors and hangups at
         // least): it is added armed for every event and, if its file is
@@ -1639,39 +1654,29 @@ fn register_epoll_targets(
         } else {
             tg.events
         };
-        let mut ev = Vec::with_capacity(12);
-        ev.extend_from_slice(&events.to_ne_bytes());
-        ev.extend_from_slice(&tg.data.to_ne_bytes());
-        let a = t.arg(&ev)?;
-        let r = t.raw_on(
-            t.pid,
-            nr::SYS_epoll_ctl,
-            &[epfd, libc::EPOLL_CTL_ADD as u64, at, a],
-        )?;
-        if r >= 0 && tg.events & !PRIVATE == 0 {
-            let fired = if disarm {
-                let out = t.out(12)?;
-                t.raw_on(t.pid, nr::SYS_epoll_wait, &[epfd, out, 1, 0])? == 1
+        let temp_base = plan.temp_base;
+        let r = with_target_at(t, epfd, src, tg.fd as u64, temp_base, false, |t, ep| {
+            let r = epoll_add(t, ep, tg.fd as u64, events, tg.data)?;
+            if r >= 0 && tg.events & !PRIVATE == 0 {
+                let fired = if disarm {
+                    let out = t.out(12)?;
+                    t.raw_on(t.pid, nr::SYS_epoll_wait, &[ep, out, 1, 0])? == 1
+                } else {
+                    false
+                };
+                if !fired {
+                    tracing::warn!(
+                        pid,
+                        epoll = id,
+                        target = tg.fd,
+                        "a one-shot epoll registration that had fired is restored armed for errors and hangups"
+                    );
+                }
             } else {
-                false
-            };
-            if !fired {
-                tracing::warn!(
-                    pid,
-                    epoll = id,
-                    target = tg.fd,
-                    "a one-shot epoll registration that had fired is restored armed for errors and hangups"
-                );
+                plan.armed.insert(id);
             }
-        } else {
-            plan.armed.insert(id);
-        }
-        if aside >= 0 {
-            t.call("put an fd back", nr::SYS_dup3, &[aside as u64, at, 0])?;
-            t.call("close", nr::SYS_close, &[aside as u64])?;
-        } else {
-            t.call("close", nr::SYS_close, &[at])?;
-        }
+            Ok(r)
+        })?;
         if r < 0 {
             return Err(rerr(
                 pid,
@@ -1745,15 +1750,7 @@ pub fn arrange(
         };
         if let FileKind::Epoll { targets } = &f.kind {
             for tg in targets.iter().filter(|tg| tg.file.is_none()) {
-                let mut ev = Vec::with_capacity(12);
-                ev.extend_from_slice(&tg.events.to_ne_bytes());
-                ev.extend_from_slice(&tg.data.to_ne_bytes());
-                let a = t.arg(&ev)?;
-                let r = t.raw_on(
-                    t.pid,
-                    nr::SYS_epoll_ctl,
-                    &[fd.fd as u64, libc::EPOLL_CTL_ADD as u64, tg.fd as u64, a],
-                )?;
+                let r = epoll_add(t, fd.fd as u64, tg.fd as u64, tg.events, tg.data)?;
                 if r < 0 {
                     tracing::warn!(
                         pid,
