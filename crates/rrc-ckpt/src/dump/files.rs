@@ -539,15 +539,15 @@ pub fn resolve_in_flight(
         // A file only in flight is read through our own fd: its path is
         // as we see it, and must name the same file in the receiver's root
         // (a container's may differ), where the restore opens it.
-        if let Some(id) = id.filter(|_| !known)
-            && names_by_path(&table.files[id].kind)
+        if let Some(path) = id
+            .filter(|_| !known)
+            .and_then(|id| reopened_by(&table.files[id].kind))
             && let Some(ns) = held_by
-            && !names_it(ns_of, ns, path_of(&table.files[id].kind), &meta)
+            && !names_it(ns_of, ns, path, &meta)
         {
             said.push(format!(
-                "a file only in flight whose path ({}) names another file, or none, \
-                 where the process receiving it sees it",
-                path_of(&table.files[id].kind)
+                "a file only in flight whose path ({path}) names another file, or none, \
+                 where the process receiving it sees it"
             ));
         }
         // Said of our own fd by `file_of`: said of the socket instead.
@@ -582,23 +582,21 @@ pub fn resolve_in_flight(
     Ok(())
 }
 
-/// Whether a file of this kind is opened again by its path.
-fn names_by_path(kind: &FileKind) -> bool {
+/// The path a restore opens a file of this kind again by, if it does.
+fn reopened_by(kind: &FileKind) -> Option<&str> {
     match kind {
-        FileKind::Regular { deleted, .. } => !deleted,
-        FileKind::Directory { deleted, .. } => deleted.is_none(),
-        FileKind::CharDevice { .. } | FileKind::Fifo { .. } => true,
-        _ => false,
-    }
-}
-
-fn path_of(kind: &FileKind) -> &str {
-    match kind {
-        FileKind::Regular { path, .. }
-        | FileKind::Directory { path, .. }
+        FileKind::Regular {
+            path,
+            deleted: false,
+            ..
+        }
+        | FileKind::Directory {
+            path,
+            deleted: None,
+        }
         | FileKind::CharDevice { path, .. }
-        | FileKind::Fifo { path, .. } => path,
-        _ => "",
+        | FileKind::Fifo { path, .. } => Some(path),
+        _ => None,
     }
 }
 
