@@ -46,6 +46,7 @@ pub(crate) mod pr {
     pub const GET_KEEPCAPS: u64 = 7;
     pub const SET_KEEPCAPS: u64 = 8;
     pub const SET_NAME: u64 = 15;
+    pub const GET_NAME: u64 = 16;
     pub const CAPBSET_DROP: u64 = 24;
     pub const SET_TIMERSLACK: u64 = 29;
     pub const GET_TIMERSLACK: u64 = 30;
@@ -59,12 +60,13 @@ pub(crate) mod pr {
 pub(crate) mod nr {
     pub use libc::{
         SYS_arch_prctl, SYS_brk, SYS_chdir, SYS_chroot, SYS_close, SYS_dup3, SYS_epoll_create1,
-        SYS_epoll_ctl, SYS_epoll_wait, SYS_eventfd2, SYS_fcntl, SYS_getitimer, SYS_lseek,
-        SYS_madvise, SYS_memfd_create, SYS_mmap, SYS_mprotect, SYS_munmap, SYS_openat,
-        SYS_personality, SYS_pipe2, SYS_prctl, SYS_prlimit64, SYS_rseq, SYS_rt_sigaction,
-        SYS_rt_sigqueueinfo, SYS_rt_tgsigqueueinfo, SYS_seccomp, SYS_set_robust_list,
-        SYS_set_tid_address, SYS_setgroups, SYS_setitimer, SYS_setresgid, SYS_setresuid,
-        SYS_sigaltstack, SYS_signalfd4, SYS_timer_create, SYS_timer_getoverrun, SYS_timer_gettime,
-        SYS_timer_settime, SYS_timerfd_create, SYS_timerfd_settime, SYS_umask, SYS_write,
+        SYS_epoll_ctl, SYS_epoll_wait, SYS_eventfd2, SYS_fcntl, SYS_getitimer, SYS_getpriority,
+        SYS_gettid, SYS_lseek, SYS_madvise, SYS_memfd_create, SYS_mmap, SYS_mprotect, SYS_munmap,
+        SYS_openat, SYS_personality, SYS_pipe2, SYS_prctl, SYS_prlimit64, SYS_rseq,
+        SYS_rt_sigaction, SYS_rt_sigqueueinfo, SYS_rt_tgsigqueueinfo, SYS_seccomp,
+        SYS_set_robust_list, SYS_set_tid_address, SYS_setgroups, SYS_setitimer, SYS_setresgid,
+        SYS_setresuid, SYS_sigaltstack, SYS_signalfd4, SYS_timer_create, SYS_timer_getoverrun,
+        SYS_timer_gettime, SYS_timer_settime, SYS_timerfd_create, SYS_timerfd_settime, SYS_umask,
+        SYS_write,
     };
 }

@@ -3,11 +3,43 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Read;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use crate::{Error, Result};
 
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The whole of a /proc file, in as few calls as it takes: open, one read
+/// per 4 KiB or more, close. (`std::fs::read` asks the file's size first,
+/// which /proc files do not give, then reads in steps growing from 32
+/// bytes: eight or more calls for a thread's `stat`, while the tree is
+/// stopped.)
+pub fn read_bytes(path: impl AsRef<Path>) -> std::io::Result<Vec<u8>> {
+    let mut f = File::open(path)?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// [`read_bytes`], as text.
+pub fn read_text(path: impl AsRef<Path>) -> std::io::Result<String> {
+    String::from_utf8(read_bytes(path)?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
 
 /// `/proc/PID/fdinfo/FD`, as key/value lines plus the epoll target lines.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,12 +70,11 @@ pub struct EpollLine {
 }
 
 pub fn read_fdinfo(pid: i32, fd: i32) -> Result<FdInfo> {
-    let text =
-        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).map_err(|e| Error::Proc {
-            pid,
-            what: "fdinfo",
-            detail: e.to_string(),
-        })?;
+    let text = read_text(format!("/proc/{pid}/fdinfo/{fd}")).map_err(|e| Error::Proc {
+        pid,
+        what: "fdinfo",
+        detail: e.to_string(),
+    })?;
     parse_fdinfo(&text).ok_or_else(|| Error::Proc {
         pid,
         what: "fdinfo",
@@ -134,7 +165,7 @@ pub struct TimerLine {
 }
 
 pub fn read_timers(pid: i32) -> Result<Vec<TimerLine>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/timers")).map_err(|e| Error::Proc {
+    let text = read_text(format!("/proc/{pid}/timers")).map_err(|e| Error::Proc {
         pid,
         what: "timers",
         detail: e.to_string(),

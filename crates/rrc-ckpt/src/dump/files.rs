@@ -37,6 +37,9 @@ pub struct FileTable {
     blobs: Option<(std::io::BufWriter<File>, u64)>,
     /// A pidfd per process, to take its fds.
     pidfds: HashMap<i32, std::os::fd::OwnedFd>,
+    /// The fd taken last, as (process, fd) and our copy: what a file is
+    /// and who its signal owner is are asked of one copy.
+    taken: Option<((i32, i32), std::rc::Rc<std::os::fd::OwnedFd>)>,
     /// Signal owners as our pid namespace numbers them: (file, type, id).
     owners: Vec<(usize, i32, i32)>,
     /// The inode of each target of each epoll met, in order of meeting.
@@ -195,8 +198,15 @@ impl FileTable {
         Ok(())
     }
 
-    /// Fd `fd` of `pid`, duplicated into this process.
-    fn take_fd(&mut self, pid: Pid, fd: i32) -> Result<std::os::fd::OwnedFd> {
+    /// Fd `fd` of `pid`, duplicated into this process (once for all the
+    /// questions asked of it in a row).
+    fn take_fd(&mut self, pid: Pid, fd: i32) -> Result<std::rc::Rc<std::os::fd::OwnedFd>> {
+        let key = (pid.as_raw(), fd);
+        if let Some((k, f)) = &self.taken
+            && *k == key
+        {
+            return Ok(f.clone());
+        }
         let err = |e| Error::io(format!("take fd {fd} of process {pid}"))(e);
         let pidfd = match self.pidfds.entry(pid.as_raw()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -204,7 +214,16 @@ impl FileTable {
                 e.insert(sys::pidfd_open(pid).map_err(err)?)
             }
         };
-        sys::steal_fd_via(pidfd, fd).map_err(err)
+        let f = std::rc::Rc::new(sys::steal_fd_via(pidfd, fd).map_err(err)?);
+        self.taken = Some((key, f.clone()));
+        Ok(f)
+    }
+
+    /// A copy [`FileTable::take_fd`] gave, to keep beyond the questions
+    /// (the table forgets it).
+    fn keep_fd(&mut self, f: std::rc::Rc<std::os::fd::OwnedFd>) -> Result<std::os::fd::OwnedFd> {
+        self.taken = None;
+        std::rc::Rc::try_unwrap(f).or_else(|f| f.try_clone().map_err(Error::io("dup a socket")))
     }
 }
 
@@ -954,7 +973,7 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
 /// The mount point, as process `pid` sees it, of the first of its mounts
 /// whose mountinfo line (split in words) `which` picks.
 fn mount_point(pid: i32, which: impl Fn(&[&str]) -> bool) -> std::io::Result<String> {
-    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    let mountinfo = crate::procfs::read_text(format!("/proc/{pid}/mountinfo"))?;
     // "36 35 254:0 / / rw,relatime shared:1 - ext4 /dev/root rw"
     mountinfo
         .lines()
@@ -1474,6 +1493,7 @@ fn socket_kind(
             // Kept open: the connection stays in repair mode until the
             // checkpoint ends (then it dies silently, or leaves repair
             // mode quietly if the tree goes on, or the checkpoint fails).
+            let s = table.keep_fd(s)?;
             table.repaired.push(s, reuseaddr);
             let data = table.put_blob(img, &[sndq, rcvq].concat())?;
             Ok(Ok(FileKind::Tcp {
@@ -1503,20 +1523,29 @@ fn save_pipe(
     img: &ImageDir,
     table: &mut FileTable,
 ) -> Result<(u32, Vec<u32>)> {
-    // A new read end of the same pipe, opened through the fd's /proc link.
-    let reader = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(format!("/proc/{pid}/fd/{fd}"))
-        .map_err(Error::io(format!("reopen pipe fd {fd} of process {pid}")))?;
-    let capacity = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+    let end = table.take_fd(Pid::from_raw(pid), fd)?;
+    let capacity = nix::fcntl::fcntl(end.as_fd(), nix::fcntl::FcntlArg::F_GETPIPE_SZ)
         .map_err(|e| Error::io("pipe size")(e.into()))? as u32;
     if let Some(packets) = table.pipes_saved.get(&pipe) {
         return Ok((capacity, packets.clone()));
     }
-    let (data, reads) = sys::peek_pipe(reader.as_fd(), capacity as usize).map_err(Error::io(
-        format!("copy pipe data of fd {fd} of process {pid}"),
-    ))?;
+    // Most pipes are empty when a checkpoint reads them: either end says so.
+    let unread = sys::ioctl_int(end.as_fd(), libc::FIONREAD as libc::c_ulong)
+        .map_err(Error::io(format!("pipe fd {fd} of process {pid}")))?;
+    let (data, reads) = if unread == 0 {
+        (Vec::new(), Vec::new())
+    } else {
+        // A new read end of the same pipe, opened through the fd's /proc
+        // link, to copy the data without taking it.
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/{pid}/fd/{fd}"))
+            .map_err(Error::io(format!("reopen pipe fd {fd} of process {pid}")))?;
+        sys::peek_pipe(reader.as_fd(), capacity as usize).map_err(Error::io(format!(
+            "copy pipe data of fd {fd} of process {pid}"
+        )))?
+    };
     // An empty pipe has no data file (the restore reads none as empty): a
     // series writes one per pipe per checkpoint otherwise.
     if !data.is_empty() {

@@ -30,7 +30,7 @@ pub struct Injector {
 /// preferring the vDSO (always there, never unmapped by the process).
 pub fn find_syscall_insn(pid: Pid) -> Result<u64> {
     // The vDSO's line first, without parsing the whole map.
-    if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+    if let Ok(text) = crate::procfs::read_text(format!("/proc/{pid}/maps"))
         && let Some(line) = text.lines().find(|l| l.ends_with("[vdso]"))
         && let Some((s, e)) = line
             .split_whitespace()

@@ -317,9 +317,17 @@ pub(crate) fn take(
     let (root_ns_pid, depth) = process::ns_pid(t.root.as_raw(), None)?;
     let own_pid_ns = depth > 1 && root_ns_pid == 1;
     let mut ns_of: BTreeMap<Pid, i32> = BTreeMap::new();
+    // Each process's status, read once: its pid in its namespace now, its
+    // credentials and more below.
+    let mut statuses = BTreeMap::new();
     for p in &seized.processes {
         let raw = p.pid.as_raw();
-        let (ns, d) = process::ns_pid(raw, None)?;
+        let status = Process::new(raw)
+            .and_then(|proc| proc.status())
+            .map_err(Error::proc(raw, "status"))?;
+        let levels = status.nspid.clone().unwrap_or_else(|| vec![raw]);
+        let (ns, d) = (*levels.last().unwrap_or(&raw), levels.len());
+        statuses.insert(p.pid, status);
         if d != depth {
             problems.push(format!(
                 "process {raw} is in a nested pid namespace, which is not supported"
@@ -334,7 +342,8 @@ pub(crate) fn take(
     for p in &seized.processes {
         let raw = p.pid.as_raw();
         let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
-        let status = proc.status().map_err(Error::proc(raw, "status"))?;
+        let status = statuses.remove(&p.pid).expect("read above");
+        let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
         let (seccomp, thread_seccomp) = match status.seccomp.unwrap_or(0) {
             0 => Default::default(),
             2 => seccomp_filters(p)?,
@@ -347,7 +356,6 @@ pub(crate) fn take(
         };
         if p.threads.is_empty() {
             // A zombie: only its place in the tree and how it ended.
-            let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
             let code = st.exit_code.unwrap_or(0);
             let exit = match code & 0x7f {
                 0 => Exit::Code {
@@ -429,8 +437,7 @@ pub(crate) fn take(
                 .and_then(|l| l.last().copied())
                 .unwrap_or(fallback)
         };
-        let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
-        let personality = fs::read_to_string(format!("/proc/{raw}/personality"))
+        let personality = crate::procfs::read_text(format!("/proc/{raw}/personality"))
             .ok()
             .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
             .unwrap_or(0);
@@ -441,7 +448,7 @@ pub(crate) fn take(
             sid: ns_field(&status.nssid, st.session),
             exe: link("exe"),
             threads: ts.threads,
-            mm: process::mm_state(p.pid, ts.brk)?,
+            mm: process::mm_state(p.pid, &st, ts.brk)?,
             vmas: mem.vmas,
             pages: mem.pages,
             holes: mem.holes,

@@ -3,7 +3,6 @@
 use std::fs;
 
 use nix::unistd::Pid;
-use procfs::process::Process;
 
 use crate::dump::inject::Injector;
 use crate::dump::seize::SeizedProcess;
@@ -19,7 +18,7 @@ pub fn ns_pid(pid: i32, tid: Option<i32>) -> Result<(i32, usize)> {
         Some(t) => format!("/proc/{pid}/task/{t}/status"),
         None => format!("/proc/{pid}/status"),
     };
-    let text = fs::read_to_string(&path).map_err(|e| Error::Proc {
+    let text = pfs::read_text(&path).map_err(|e| Error::Proc {
         pid,
         what: "status",
         detail: e.to_string(),
@@ -47,7 +46,7 @@ pub fn outer_session(root: i32, own_pid_ns: bool, depth: usize) -> Result<i32> {
         return Ok(0);
     }
     let status = |pid: i32| {
-        fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| Error::Proc {
+        pfs::read_text(format!("/proc/{pid}/status")).map_err(|e| Error::Proc {
             pid,
             what: "status",
             detail: e.to_string(),
@@ -159,9 +158,11 @@ pub fn threads_and_signals(
     use crate::remote::Batch;
     let pid = p.pid;
     let out = inj.scratch()? + OUT_AT;
-    // Per-thread state, asked of each thread itself, all threads at once;
-    // each writes its outputs to its own 32 bytes.
-    const PER_THREAD: u64 = 32;
+    // Per-thread state, asked of each thread itself, all threads at once
+    // (one round trip, where /proc would cost several calls per thread);
+    // each writes its outputs to its own 48 bytes: the alternate stack at
+    // 0, the clear-child-tid address at 24, the name at 32.
+    const PER_THREAD: u64 = 48;
     if p.threads.len() as u64 * PER_THREAD > crate::dump::inject::SCRATCH_SIZE - OUT_AT {
         return Err(Error::Unsupported(vec![format!(
             "process {pid} has {} threads; at most {} are supported",
@@ -176,10 +177,14 @@ pub fn threads_and_signals(
         b.push(libc::SYS_sigaltstack, &[0, o]);
         b.push(nr::SYS_prctl, &[libc::PR_GET_TID_ADDRESS as u64, o + 24]);
         b.push(nr::SYS_prctl, &[pr::GET_TIMERSLACK]);
+        b.push(nr::SYS_prctl, &[pr::GET_NAME, o + 32]);
+        // Its number in its own pid namespace, and its nice value (as
+        // `20 - nice`: the raw call returns no negative numbers).
+        b.push(nr::SYS_gettid, &[]);
+        b.push(nr::SYS_getpriority, &[libc::PRIO_PROCESS as u64, 0]);
         work.push((t.tid, b));
     }
     let results = inj.batch_each(&work)?;
-    let own_ns = ns_pid(pid.as_raw(), None)?.1 == 1;
     let mut outputs = vec![0u8; p.threads.len() * PER_THREAD as usize];
     inj.read_scratch(OUT_AT, &mut outputs)?;
     let mut threads = Vec::new();
@@ -207,20 +212,15 @@ pub fn threads_and_signals(
         check_ok("sigaltstack", t.tid, r[0])?;
         check_ok("prctl(PR_GET_TID_ADDRESS)", t.tid, r[1])?;
         let timer_slack_ns = check_ok("prctl(PR_GET_TIMERSLACK)", t.tid, r[2])?;
+        check_ok("prctl(PR_GET_NAME)", t.tid, r[3])?;
+        let ns_tid = check_ok("gettid", t.tid, r[4])? as i32;
+        let nice = 20 - check_ok("getpriority", t.tid, r[5])? as i32;
         let o = &outputs[i * PER_THREAD as usize..(i + 1) * PER_THREAD as usize];
-        let nice = thread_nice(pid.as_raw(), t.tid.as_raw())?;
-        // A process in this pid namespace numbers its threads as we do.
-        let ns_tid = if own_ns {
-            t.tid.as_raw()
-        } else {
-            ns_pid(pid.as_raw(), Some(t.tid.as_raw()))?.0
-        };
+        let name = &o[32..48];
+        let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
         threads.push(ThreadImage {
             tid: ns_tid,
-            comm: fs::read_to_string(format!("/proc/{pid}/task/{}/comm", t.tid))
-                .unwrap_or_default()
-                .trim_end_matches('\n')
-                .to_string(),
+            comm: String::from_utf8_lossy(name).into_owned(),
             regs,
             xstate: Hex(ptrace::get_xstate(t.tid, xsave_size)?),
             sigmask,
@@ -378,11 +378,11 @@ pub fn threads_and_signals(
     })
 }
 
-pub fn mm_state(pid: Pid, brk: u64) -> Result<MmState> {
+/// The layout of a process's memory: from its stat (read by the caller,
+/// stopped), `brk` (asked of the process) and its auxv.
+pub fn mm_state(pid: Pid, st: &procfs::process::Stat, brk: u64) -> Result<MmState> {
     let raw = pid.as_raw();
-    let proc = Process::new(raw).map_err(Error::proc(raw, "process"))?;
-    let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
-    let auxv_raw = fs::read(format!("/proc/{raw}/auxv")).map_err(|e| Error::Proc {
+    let auxv_raw = pfs::read_bytes(format!("/proc/{raw}/auxv")).map_err(|e| Error::Proc {
         pid: raw,
         what: "auxv",
         detail: e.to_string(),
@@ -423,7 +423,7 @@ pub fn creds(status: &procfs::process::Status) -> Creds {
 /// Soft and hard limits for every resource, from /proc/PID/limits (readable
 /// where prlimit(2) on another user's process is not).
 pub fn rlimits(pid: i32) -> Result<Vec<(u64, u64)>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/limits")).map_err(|e| Error::Proc {
+    let text = pfs::read_text(format!("/proc/{pid}/limits")).map_err(|e| Error::Proc {
         pid,
         what: "limits",
         detail: e.to_string(),
@@ -458,24 +458,6 @@ fn parse_limits(text: &str) -> Option<Vec<(u64, u64)>> {
         out.push((soft, hard));
     }
     (out.len() == RLIMITS).then_some(out)
-}
-
-/// The nice value of a thread (field 19 of its stat).
-fn thread_nice(pid: i32, tid: i32) -> Result<i32> {
-    let stat =
-        fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).map_err(|e| Error::Proc {
-            pid,
-            what: "thread stat",
-            detail: e.to_string(),
-        })?;
-    stat.rfind(')')
-        .and_then(|i| stat[i + 2..].split(' ').nth(16))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| Error::Proc {
-            pid,
-            what: "thread stat",
-            detail: "no nice field".into(),
-        })
 }
 
 #[cfg(test)]

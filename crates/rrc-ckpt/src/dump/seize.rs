@@ -52,7 +52,7 @@ fn tasks(pid: Pid) -> Vec<Pid> {
 fn children(pid: Pid, threads: &[SeizedThread], exclude: &[Pid]) -> Vec<Pid> {
     let mut out = BTreeSet::new();
     for t in threads {
-        if let Ok(s) = fs::read_to_string(format!("/proc/{pid}/task/{}/children", t.tid)) {
+        if let Ok(s) = crate::procfs::read_text(format!("/proc/{pid}/task/{}/children", t.tid)) {
             out.extend(
                 s.split_whitespace()
                     .filter_map(|w| w.parse().ok())
@@ -68,7 +68,7 @@ fn children(pid: Pid, threads: &[SeizedThread], exclude: &[Pid]) -> Vec<Pid> {
 /// engine's snapshots are) waiting for a `__WCLONE` wait: it holds no state
 /// and the process does not see it in its ordinary waits.
 fn is_dead_clone(pid: Pid) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Ok(stat) = crate::procfs::read_text(format!("/proc/{pid}/stat")) else {
         return false;
     };
     // Fields after the command name: state is the 3rd, exit_signal the 38th.
@@ -82,7 +82,7 @@ fn is_dead_clone(pid: Pid) -> bool {
 /// A process that has exited, all its threads with it, and waits for its
 /// parent to reap it.
 fn is_zombie(pid: Pid) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Ok(stat) = crate::procfs::read_text(format!("/proc/{pid}/stat")) else {
         return false;
     };
     let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));

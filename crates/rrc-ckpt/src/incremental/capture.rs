@@ -143,7 +143,7 @@ fn start_time(pid: i32) -> Result<u64> {
 }
 
 fn resident_pages(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+    crate::procfs::read_text(format!("/proc/{pid}/statm"))
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(0)

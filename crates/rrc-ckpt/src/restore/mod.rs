@@ -800,7 +800,7 @@ fn discard_tree(known: &[Pid]) {
         }
         all.push(p);
         for tid in tasks(p) {
-            let children = std::fs::read_to_string(format!("/proc/{p}/task/{tid}/children"))
+            let children = crate::procfs::read_text(format!("/proc/{p}/task/{tid}/children"))
                 .unwrap_or_default();
             next.extend(
                 children
@@ -847,7 +847,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     } else {
         for p in procs.values() {
             for id in std::iter::once(p.pid).chain(p.threads.iter().map(|t| t.tid)) {
-                if let Ok(st) = std::fs::read_to_string(format!("/proc/{id}/stat")) {
+                if let Ok(st) = crate::procfs::read_text(format!("/proc/{id}/stat")) {
                     let rest = st.rfind(')').map(|i| &st[i + 2..]).unwrap_or("");
                     let mut f = rest.split(' ');
                     if f.next() == Some("Z") {
