@@ -235,6 +235,12 @@ impl Remote {
         let bytes = batch.table();
         crate::procmem::write(self.tid, table, &bytes)
             .map_err(|e| self.batch_error(format!("write the call table: {e}")))?;
+        self.start_written(code, table)
+    }
+
+    /// [`Remote::start_batch`] for a call table already written at
+    /// `table`.
+    pub fn start_written(&mut self, code: u64, table: u64) -> Result<()> {
         let mut r = self.base;
         r.rip = code;
         r.rbx = table;
@@ -249,14 +255,20 @@ impl Remote {
 
     /// Waits for a batch started by [`Remote::start_batch`]; its results.
     pub fn finish_batch(&mut self, batch: &Batch, table: u64) -> Result<Vec<i64>> {
-        match ptrace::wait_stop(self.tid)? {
-            Stop::Signal(nix::sys::signal::Signal::SIGTRAP) => {}
-            other => return Err(self.batch_error(format!("stopped by {other:?} during a batch"))),
-        }
+        self.wait_batch()?;
         let mut out = vec![0u8; (batch.len() + 1) * BATCH_ENTRY];
         crate::procmem::read(self.tid, table, &mut out)
             .map_err(|e| self.batch_error(format!("read the results: {e}")))?;
         Ok(batch.results(&out))
+    }
+
+    /// Waits for a batch started by [`Remote::start_written`] to end; its
+    /// results are in its table.
+    pub fn wait_batch(&mut self) -> Result<()> {
+        match ptrace::wait_stop(self.tid)? {
+            Stop::Signal(nix::sys::signal::Signal::SIGTRAP) => Ok(()),
+            other => Err(self.batch_error(format!("stopped by {other:?} during a batch"))),
+        }
     }
 
     fn batch_error(&self, detail: String) -> Error {

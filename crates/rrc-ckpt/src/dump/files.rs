@@ -26,6 +26,10 @@ pub struct FileTable {
     pub files: Vec<OpenFile>,
     /// One (process, fd) holding each file, to compare others against.
     holders: Vec<(Pid, i32)>,
+    /// What /proc shows each file as: fds of one open file show the same
+    /// (all anonymous inodes share one inode number, so an epoll is not
+    /// compared with every eventfd met before it).
+    links: Vec<String>,
     by_inode: HashMap<(u64, u64), Vec<usize>>,
     /// Pipes whose data is saved, with their packets.
     pipes_saved: HashMap<u64, Vec<u32>>,
@@ -452,6 +456,9 @@ fn file_of(
 ) -> Result<Option<usize>> {
     let key = (meta.dev(), meta.ino());
     for &id in table.by_inode.get(&key).into_iter().flatten() {
+        if table.links[id] != link {
+            continue;
+        }
         let (hp, hfd) = table.holders[id];
         if sys::same_file(pid, fd, hp, hfd).unwrap_or(false) {
             return Ok(Some(id));
@@ -481,6 +488,7 @@ fn file_of(
         signal,
     });
     table.holders.push((pid, fd));
+    table.links.push(link.to_string());
     table.by_inode.entry(key).or_default().push(id);
     if let FileKind::Regular { deleted: true, .. } = table.files[id].kind {
         save_deleted(pid.as_raw(), fd, &img.file_data(id))?;

@@ -186,10 +186,16 @@ impl Injector {
             tables.push(at);
             at += len;
         }
+        // Every table in one write, every result in one read.
+        let mut all = Vec::with_capacity((at - TABLE_AT) as usize);
+        for (_, b) in work {
+            all.extend_from_slice(&b.table());
+        }
+        procmem::write(self.pid, base + TABLE_AT, &all)?;
         let mut started = 0;
         let mut first_err = None;
-        for ((tid, b), t) in work.iter().zip(&tables) {
-            match self.remote(*tid).start_batch(b, base + CODE_AT, base + t) {
+        for ((tid, _), t) in work.iter().zip(&tables) {
+            match self.remote(*tid).start_written(base + CODE_AT, base + t) {
                 Ok(()) => started += 1,
                 Err(e) => {
                     first_err = Some(e);
@@ -198,19 +204,23 @@ impl Injector {
             }
         }
         // Every thread set running is waited for, whatever happened.
-        let mut out = Vec::with_capacity(work.len());
-        for ((tid, b), t) in work.iter().zip(&tables).take(started) {
-            match self.remote(*tid).finish_batch(b, base + t) {
-                Ok(r) => out.push(r),
-                Err(e) => {
-                    first_err.get_or_insert(e);
-                }
+        for (tid, _) in work.iter().take(started) {
+            if let Err(e) = self.remote(*tid).wait_batch() {
+                first_err.get_or_insert(e);
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(out),
+        if let Some(e) = first_err {
+            return Err(e);
         }
+        procmem::read(self.pid, base + TABLE_AT, &mut all)?;
+        Ok(work
+            .iter()
+            .zip(&tables)
+            .map(|((_, b), t)| {
+                let from = (t - TABLE_AT) as usize;
+                b.results(&all[from..from + (b.len() + 1) * crate::remote::BATCH_ENTRY])
+            })
+            .collect())
     }
 
     /// Reads back what a call left in scratch memory.
