@@ -62,6 +62,12 @@ fn one_kill(pair: &mut Pair<'_>) -> rrc_bench::failover::Trial {
     kill_under_load(pair)
 }
 
+/// The last `n` lines of `text`.
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// No client saw an error and every connection was answered again in
 /// time; `said` goes with a failure.
 #[track_caller]
@@ -202,7 +208,11 @@ fn kills_with(tag: &str, app: App, opts: PairOptions, kills: usize) {
         );
         let answered_in_time = t.all_answered_ms.is_some_and(|ms| ms < ANSWERED_WITHIN_MS);
         if !t.ok() || !answered_in_time {
-            failures.push(format!("kill {i}: {t:#?}\n{}", pair.backup_output()));
+            failures.push(format!(
+                "kill {i}: {t:#?}\nbackup:\n{}\nprimary (its last lines):\n{}",
+                pair.backup_output(),
+                last_lines(&pair.primary_output(), 80)
+            ));
         } else if mode == Mode::Responsive {
             // The takeover replayed the log and carried every connection
             // over: no fallback.
