@@ -211,8 +211,9 @@ pub struct LogWritten {
 
 /// Why a session with a primary ended.
 enum SessionEnd {
-    /// It said goodbye: no failover.
-    Clean,
+    /// It said goodbye (why): no failover. It stopped, or it told this
+    /// backup to let go of the service (too slow to protect it).
+    Clean(String),
     /// It fell silent or its connection broke.
     Failed { reason: String, last_heard: Instant },
     /// It sent what the backup cannot accept (a checkpoint that does not
@@ -486,8 +487,10 @@ impl<'a> Watch<'a> {
             s.holds_checkpoint = holds;
         });
         let (reason, last_heard) = match end {
-            SessionEnd::Clean => {
-                eprintln!("rrc backup: primary {node} stopped cleanly; waiting for a primary");
+            SessionEnd::Clean(why) => {
+                eprintln!(
+                    "rrc backup: primary {node} said goodbye ({why}); holding nothing for it now; waiting for a primary"
+                );
                 self.forget();
                 return Outcome::Wait;
             }
@@ -1012,7 +1015,12 @@ fn read_loop(
             Message::Heartbeat { sent_unix_ns } => shared.send(&Message::HeartbeatAck {
                 echo_unix_ns: sent_unix_ns,
             }),
-            Message::Bye { .. } => return SessionEnd::Clean,
+            Message::Bye { reason } => {
+                // Closed at once, not once the checkpoint being committed
+                // is: the primary waits for that to let its replies go.
+                crate::lock(&shared.writer).abort("the primary said goodbye");
+                return SessionEnd::Clean(reason);
+            }
             Message::Log { data } => {
                 shared.metrics.log_bytes.inc_by(data.len() as u64);
                 let r = crate::lock(&shared.log).add_records(&data);

@@ -116,6 +116,12 @@ pub enum LinkEvent {
     BackupFault(String),
     /// The connection to the backup is gone.
     Lost(LinkError),
+    /// The backup was told to let go of the service ([`Link::dismiss`]):
+    /// `let_go` once it closed its end after reading that (it holds nothing
+    /// it would take over from), false if it did not within the link's
+    /// timeout (the connection was cut: as good as lost). The link connects
+    /// again after a while.
+    Dismissed { let_go: bool },
 }
 
 /// The release policy's side of the backup's answers. Called on the
@@ -131,6 +137,8 @@ pub trait AckHandler: Send + Sync {
 struct Queue {
     connected: bool,
     stop: bool,
+    /// Tell the backup to let go, for this reason.
+    dismiss: Option<String>,
     small: VecDeque<Message>,
     small_bytes: usize,
     dropped: u64,
@@ -285,6 +293,14 @@ impl Link {
         self.events.try_iter().collect()
     }
 
+    /// Tells the backup to let go of the service (it is too slow to
+    /// protect it): a goodbye, after which it takes nothing over from what
+    /// it holds. [`LinkEvent::Dismissed`] says how that went.
+    pub fn dismiss(&self, reason: &str) {
+        self.outbox.lock().dismiss = Some(reason.to_string());
+        self.outbox.cv.notify_all();
+    }
+
     /// Says goodbye to the backup (a clean stop is not a failure) and ends
     /// the link's threads.
     pub fn stop(&mut self) {
@@ -328,6 +344,7 @@ fn run(side: Side) {
         {
             let mut q = side.outbox.lock();
             q.connected = true;
+            q.dismiss = None;
             q.small.clear();
             q.small_bytes = 0;
         }
@@ -355,7 +372,7 @@ fn run(side: Side) {
                 let read = rx.join().unwrap_or(Ok(()));
                 // The reader's reason is the first cause when it failed.
                 match (sent, read) {
-                    (Ok(()), _) => Ok(()),
+                    (Ok(end), _) => Ok(end),
                     (Err(_), Err(e)) => Err(e),
                     (Err(e), Ok(())) => Err(e),
                 }
@@ -375,7 +392,13 @@ fn run(side: Side) {
             let _ = fs::remove_dir_all(&j.dir);
         }
         match result {
-            Ok(()) => return,
+            Ok(WriteEnd::Stopped) => return,
+            Ok(WriteEnd::Dismissed { let_go }) => {
+                side.tell(LinkEvent::Dismissed { let_go });
+                if wait_stop(&side.outbox, DISMISSED_FOR) {
+                    return;
+                }
+            }
             Err(e) => {
                 side.tell(LinkEvent::Lost(e));
                 if wait_stop(&side.outbox, Duration::from_millis(200)) {
@@ -384,6 +407,19 @@ fn run(side: Side) {
             }
         }
     }
+}
+
+/// How long a dismissed backup is left alone before the link connects
+/// again (it may have caught up: a full checkpoint then protects the
+/// service again).
+const DISMISSED_FOR: Duration = Duration::from_secs(1);
+
+/// How the writer ended without failing.
+enum WriteEnd {
+    /// Stopped, after saying goodbye.
+    Stopped,
+    /// After telling the backup to let go (see [`LinkEvent::Dismissed`]).
+    Dismissed { let_go: bool },
 }
 
 /// Waits `d` or until stopped; true if stopped.
@@ -464,8 +500,9 @@ fn read_answers(
 }
 
 /// The writer: the outbox's messages, checkpoints in pieces between them,
-/// heartbeats; until stopped (Ok, after saying goodbye) or failed.
-fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<(), LinkError> {
+/// heartbeats; until stopped or the backup dismissed (Ok, after saying
+/// goodbye) or failed.
+fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<WriteEnd, LinkError> {
     let heartbeat = side.cfg.heartbeat;
     let mut last_beat = Instant::now() - heartbeat;
     let mut current: Option<Pieces> = None;
@@ -486,6 +523,7 @@ fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<(), LinkError> 
                     q.small.is_empty()
                         && q.jobs.is_empty()
                         && !q.stop
+                        && q.dismiss.is_none()
                         && !reader_failed.load(Ordering::Acquire)
                 })
                 .unwrap_or_else(|p| p.into_inner());
@@ -497,7 +535,7 @@ fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<(), LinkError> 
         let Some(w) = guard.as_mut() else {
             return Err(LinkError::Left("the connection ended".into()));
         };
-        let (small, job, stop) = {
+        let (small, job, stop, dismiss) = {
             let mut q = side.outbox.lock();
             q.small_bytes = 0;
             let small: Vec<Message> = q.small.drain(..).collect();
@@ -506,7 +544,7 @@ fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<(), LinkError> 
             } else {
                 None
             };
-            (small, job, q.stop)
+            (small, job, q.stop, q.dismiss.take())
         };
         if !small.is_empty() {
             w.send_all(&small)?;
@@ -518,7 +556,19 @@ fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<(), LinkError> 
             if let Some(w) = guard.take() {
                 let _ = w.shutdown();
             }
-            return Ok(());
+            return Ok(WriteEnd::Stopped);
+        }
+        if let Some(reason) = dismiss {
+            // A checkpoint half sent stays half sent: the backup drops it
+            // with the session.
+            w.send(&Message::Bye { reason })?;
+            let mut w = guard.take().expect("checked above");
+            drop(guard);
+            // The backup closes its end once it has read the goodbye; our
+            // reader then ends. Not within the timeout: cut.
+            let let_go = wait_reader(side, reader_failed, side.cfg.timeout);
+            w.abort("the backup was dismissed");
+            return Ok(WriteEnd::Dismissed { let_go });
         }
         if last_beat.elapsed() >= heartbeat {
             let now = std::time::SystemTime::now()
@@ -545,6 +595,17 @@ fn write_loop(side: &Side, reader_failed: &AtomicBool) -> Result<(), LinkError> 
             }
         }
     }
+}
+
+/// Waits up to `within` for the reader to end; whether it did.
+fn wait_reader(side: &Side, reader_failed: &AtomicBool, within: Duration) -> bool {
+    let q = side.outbox.lock();
+    let _ = side
+        .outbox
+        .cv
+        .wait_timeout_while(q, within, |_| !reader_failed.load(Ordering::Acquire))
+        .unwrap_or_else(|p| p.into_inner());
+    reader_failed.load(Ordering::Acquire)
 }
 
 /// A checkpoint being sent, one message at a time: its announcement, each

@@ -103,6 +103,9 @@ pub struct PrimaryStats {
     /// Times the backup said it could not keep a checkpoint.
     #[serde(default)]
     pub backup_faults: u64,
+    /// Backups told to let go for being too slow, which did.
+    #[serde(default)]
+    pub backups_dismissed: u64,
     /// The arbiter's term this primary serves under, if it has one.
     #[serde(default)]
     pub term: Option<u64>,
@@ -251,6 +254,10 @@ pub struct Primary {
     claiming: Option<String>,
     /// Said that the arbiter cannot be reached, for this claim.
     claim_said: bool,
+    /// The backup, too slow to protect the service, is being told to let
+    /// go of it (why): frames stay held until it has, since until then it
+    /// could take over from a checkpoint older than what they answer.
+    dismissing: Option<String>,
     /// When the claim is made (again).
     claim_at: Instant,
     taken: u64,
@@ -310,6 +317,7 @@ impl Primary {
             committed_in_series: 0,
             joined: false,
             claiming: None,
+            dismissing: None,
             claim_said: false,
             claim_at: Instant::now(),
             taken: 0,
@@ -391,6 +399,25 @@ impl Primary {
         self.gate.open();
     }
 
+    /// Tells a backup too slow to protect the service to let go of it;
+    /// replies stay held until it has ([`LinkEvent::Dismissed`]). Opening
+    /// the gate at once would let replies out that its checkpoint does not
+    /// cover, while it could still take over from that checkpoint.
+    fn dismiss(&mut self, why: &str) {
+        if self.dismissing.is_some() {
+            return;
+        }
+        tracing::warn!(reason = %why, "telling the backup to let go");
+        eprintln!(
+            "rrc primary: {why}; telling the backup to let go of the service (replies wait until it has)"
+        );
+        self.link.dismiss(why);
+        self.dismissing = Some(why.to_string());
+        self.connected = false;
+        self.in_flight = None;
+        self.end_series();
+    }
+
     fn handle(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Connected(b) => {
@@ -406,11 +433,31 @@ impl Primary {
                 }
                 self.joined = true;
                 self.connected = true;
+                self.dismissing = None;
                 self.in_flight = None;
                 self.end_series();
             }
             LinkEvent::Unreachable(why) => self.unprotected(&why.to_string()),
-            LinkEvent::Lost(why) => self.unprotected(&format!("lost the backup ({why})")),
+            LinkEvent::Lost(why) => {
+                self.dismissing = None;
+                self.unprotected(&format!("lost the backup ({why})"))
+            }
+            LinkEvent::Dismissed { let_go } => {
+                let why = self.dismissing.take().unwrap_or_default();
+                if let_go {
+                    self.stats.backups_dismissed += 1;
+                    tracing::error!(reason = %why, "UNPROTECTED: the backup let go of the service");
+                    eprintln!(
+                        "rrc primary: UNPROTECTED: {why}; the backup let go of the service, which goes on without a replica until it catches up"
+                    );
+                    self.connected = false;
+                    self.gate.open();
+                } else {
+                    self.unprotected(&format!(
+                        "{why}, and the backup did not answer when told to let go"
+                    ));
+                }
+            }
             LinkEvent::NeedFull(why) => {
                 tracing::warn!(reason = %why, "the backup asks for a full checkpoint");
                 self.in_flight = None;
@@ -733,7 +780,7 @@ impl Companion for Primary {
             self.metrics.log_total(n.record_bytes + n.frame_bytes);
         }
         if let Some(why) = self.checkpoint_overdue() {
-            self.unprotected(why);
+            self.dismiss(why);
         }
         if self.claiming.is_some() && Instant::now() >= self.claim_at {
             self.settle(c);

@@ -539,6 +539,102 @@ fn slow_backup(tag: &str, per_tick: usize) {
     assert!(!st.protected, "{st:#?}");
 }
 
+/// A backup that commits the first checkpoint and then takes the next
+/// ones whole without ever committing them (a disk that stalls): the
+/// primary tells it to let go of the service before any reply that its
+/// committed checkpoint does not cover leaves, and goes on unprotected
+/// once it has. (Letting replies go while that backup still held the
+/// service would have it take over, at the primary's death, from a
+/// checkpoint older than what the clients were told.)
+#[test]
+fn a_backup_that_stops_committing_is_told_to_let_go_before_replies_leave() {
+    use std::sync::{Arc, Mutex};
+    let lab = lab_session("fostall");
+    let pair = Pair::new(&lab, App::Redis, PairOptions::default()).unwrap();
+    let key = rrc_wire::secure::Key::load(pair.key_path()).unwrap();
+    let listen = pair.backup_listen_addr().unwrap();
+    // What the backup saw, in order: the epochs it took whole, then the
+    // goodbye's reason.
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stalled = {
+        let seen = seen.clone();
+        let listener = lab
+            .in_host(rrc_lab::Host::Backup, || {
+                std::net::TcpListener::bind(listen)
+            })
+            .unwrap()
+            .unwrap();
+        std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut s = rrc_wire::SecureStream::server(tcp, &key).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let hello = s.recv().unwrap();
+            assert!(
+                matches!(hello, rrc_wire::Message::Hello { .. }),
+                "{hello:?}"
+            );
+            s.send(&rrc_wire::Message::Welcome {
+                node: "stalled".into(),
+            })
+            .unwrap();
+            loop {
+                match s.recv() {
+                    Ok(rrc_wire::Message::Heartbeat { sent_unix_ns }) => {
+                        let _ = s.send(&rrc_wire::Message::HeartbeatAck {
+                            echo_unix_ns: sent_unix_ns,
+                        });
+                    }
+                    Ok(rrc_wire::Message::DeltaEnd { epoch, .. }) => {
+                        seen.lock().unwrap().push(format!("epoch {epoch}"));
+                        if epoch == 0 {
+                            let _ = s.send(&rrc_wire::Message::Committed { epoch });
+                        }
+                    }
+                    Ok(rrc_wire::Message::Bye { reason }) => {
+                        seen.lock().unwrap().push(format!("bye: {reason}"));
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        seen.lock().unwrap().push(format!("ended: {e}"));
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    pair.launch_primary().unwrap();
+    let target = pair.target();
+    lab.wait_tcp(rrc_lab::Host::Client, target, Duration::from_secs(10))
+        .unwrap();
+    // Replies wait for a commit that never comes, until the backup has let
+    // go; then they flow.
+    wait_until(
+        "the primary has the backup let go",
+        Duration::from_secs(60),
+        || {
+            let r = redis_load(&lab, target, 1, Duration::from_millis(300));
+            r.errors.is_empty() && r.requests > 10
+        },
+    );
+    let _ = stalled.join();
+    let seen = seen.lock().unwrap().clone();
+    let out = pair.primary_output();
+    let st = pair.primary_status().unwrap();
+    let _ = pair.stop_primary();
+    eprintln!("the backup saw {seen:?}; the primary said:\n{out}");
+    assert!(
+        seen.last().is_some_and(|l| l.starts_with("bye: ")),
+        "{seen:?}\n{out}"
+    );
+    assert!(seen.iter().any(|l| l == "epoch 1"), "{seen:?}\n{out}");
+    assert!(
+        out.contains("the backup let go of the service"),
+        "{out}\n{seen:?}"
+    );
+    assert!(!st.protected && st.backups_dismissed >= 1, "{st:#?}");
+}
+
 #[test]
 fn a_backup_that_stops_reading_is_lost_and_the_primary_goes_on() {
     slow_backup("fohung", 0);
