@@ -466,6 +466,44 @@ fn a_backup_whose_disk_fills_does_not_take_over_and_the_primary_goes_on_unprotec
     assert_recovered(&t, &pair.backup_output());
 }
 
+/// A backup of the test's own: accepts the primary on `listener` and
+/// welcomes it as `node`; the connection, and its socket to read from raw.
+fn welcome_primary(
+    listener: &std::net::TcpListener,
+    key: &rrc_wire::secure::Key,
+    node: &str,
+) -> (std::net::TcpStream, rrc_wire::SecureStream) {
+    let (tcp, _) = listener.accept().unwrap();
+    let raw = tcp.try_clone().unwrap();
+    let mut s = rrc_wire::SecureStream::server(tcp, key).unwrap();
+    let hello = s.recv().unwrap();
+    assert!(
+        matches!(hello, rrc_wire::Message::Hello { .. }),
+        "{hello:?}"
+    );
+    s.send(&rrc_wire::Message::Welcome { node: node.into() })
+        .unwrap();
+    (raw, s)
+}
+
+/// Starts the pair's primary (its backup is the test's own) and waits up
+/// to `within` until its replies flow; the service's address.
+fn launch_until_replies_flow(
+    lab: &rrc_bench::session::LabSession,
+    pair: &Pair<'_>,
+    within: Duration,
+) -> std::net::SocketAddr {
+    pair.launch_primary().unwrap();
+    let target = pair.target();
+    lab.wait_tcp(rrc_lab::Host::Client, target, Duration::from_secs(10))
+        .unwrap();
+    wait_until("replies flow", within, || {
+        let r = redis_load(lab, target, 1, Duration::from_millis(300));
+        r.errors.is_empty() && r.requests > 10
+    });
+    target
+}
+
 /// A backup that welcomes the primary and then reads `per_tick` bytes every
 /// 50 ms (none: it stops reading), while it keeps answering as if it
 /// heard the heartbeats: the primary's checkpoint fills the connection
@@ -493,18 +531,7 @@ fn slow_backup(tag: &str, per_tick: usize) {
         // checkpoint cannot all fit in the connection's buffers.
         nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
         std::thread::spawn(move || {
-            let (tcp, _) = listener.accept().unwrap();
-            let mut raw = tcp.try_clone().unwrap();
-            let mut s = rrc_wire::SecureStream::server(tcp, &key).unwrap();
-            let hello = s.recv().unwrap();
-            assert!(
-                matches!(hello, rrc_wire::Message::Hello { .. }),
-                "{hello:?}"
-            );
-            s.send(&rrc_wire::Message::Welcome {
-                node: "slow".into(),
-            })
-            .unwrap();
+            let (mut raw, mut s) = welcome_primary(&listener, &key, "slow");
             let mut buf = vec![0u8; per_tick];
             while !stop.load(Ordering::Acquire) {
                 if s.send(&rrc_wire::Message::HeartbeatAck { echo_unix_ns: 0 })
@@ -517,19 +544,8 @@ fn slow_backup(tag: &str, per_tick: usize) {
             }
         })
     };
-    pair.launch_primary().unwrap();
-    let target = pair.target();
-    lab.wait_tcp(rrc_lab::Host::Client, target, Duration::from_secs(10))
-        .unwrap();
     // Until the primary gives up on that backup, replies are held.
-    wait_until(
-        "the primary gives the backup up",
-        Duration::from_secs(30),
-        || {
-            let r = redis_load(&lab, target, 1, Duration::from_millis(300));
-            r.errors.is_empty() && r.requests > 10
-        },
-    );
+    let target = launch_until_replies_flow(&lab, &pair, Duration::from_secs(30));
     let r = redis_load(&lab, target, 4, Duration::from_secs(3));
     stop.store(true, Ordering::Release);
     let st = pair.primary_status().unwrap();
@@ -565,18 +581,8 @@ fn a_backup_that_stops_committing_is_told_to_let_go_before_replies_leave() {
             .unwrap()
             .unwrap();
         std::thread::spawn(move || {
-            let (tcp, _) = listener.accept().unwrap();
-            let mut s = rrc_wire::SecureStream::server(tcp, &key).unwrap();
+            let (_, mut s) = welcome_primary(&listener, &key, "stalled");
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let hello = s.recv().unwrap();
-            assert!(
-                matches!(hello, rrc_wire::Message::Hello { .. }),
-                "{hello:?}"
-            );
-            s.send(&rrc_wire::Message::Welcome {
-                node: "stalled".into(),
-            })
-            .unwrap();
             loop {
                 match s.recv() {
                     Ok(rrc_wire::Message::Heartbeat { sent_unix_ns }) => {
@@ -603,20 +609,9 @@ fn a_backup_that_stops_committing_is_told_to_let_go_before_replies_leave() {
             }
         })
     };
-    pair.launch_primary().unwrap();
-    let target = pair.target();
-    lab.wait_tcp(rrc_lab::Host::Client, target, Duration::from_secs(10))
-        .unwrap();
     // Replies wait for a commit that never comes, until the backup has let
     // go; then they flow.
-    wait_until(
-        "the primary has the backup let go",
-        Duration::from_secs(60),
-        || {
-            let r = redis_load(&lab, target, 1, Duration::from_millis(300));
-            r.errors.is_empty() && r.requests > 10
-        },
-    );
+    launch_until_replies_flow(&lab, &pair, Duration::from_secs(60));
     let _ = stalled.join();
     let seen = seen.lock().unwrap().clone();
     let out = pair.primary_output();
