@@ -126,6 +126,11 @@ fn repair_queue(fd: BorrowedFd<'_>, q: i32) -> std::io::Result<()> {
 /// The `len` bytes at the head of the queue chosen in repair mode, from
 /// its head whatever peek offset the program set.
 fn peek(fd: BorrowedFd<'_>, len: usize) -> std::io::Result<Vec<u8>> {
+    // Most queues are empty when a checkpoint reads them: no offset to
+    // set aside and put back.
+    if len == 0 {
+        return Ok(Vec::new());
+    }
     sys::with_peek_offset(fd, -1, || peek_head(fd, len))
 }
 
@@ -262,11 +267,11 @@ fn read_in_repair(fd: BorrowedFd<'_>) -> std::io::Result<(TcpState, Vec<u8>, Vec
 /// close them as they are (a connection killed in repair mode closes
 /// without FIN or RST, which a takeover elsewhere relies on).
 #[derive(Default)]
-pub struct Repaired(Vec<(OwnedFd, i32)>);
+pub struct Repaired(Vec<(std::rc::Rc<OwnedFd>, i32)>);
 
 impl Repaired {
     /// A socket in repair mode, and its `SO_REUSEADDR` from before.
-    pub fn push(&mut self, fd: OwnedFd, reuseaddr: i32) {
+    pub fn push(&mut self, fd: std::rc::Rc<OwnedFd>, reuseaddr: i32) {
         self.0.push((fd, reuseaddr));
     }
 

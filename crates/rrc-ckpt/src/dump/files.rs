@@ -222,13 +222,6 @@ impl FileTable {
         self.taken = Some((key, f.clone()));
         Ok(f)
     }
-
-    /// A copy [`FileTable::take_fd`] gave, to keep beyond the questions
-    /// (the table forgets it).
-    fn keep_fd(&mut self, f: std::rc::Rc<std::os::fd::OwnedFd>) -> Result<std::os::fd::OwnedFd> {
-        self.taken = None;
-        std::rc::Rc::try_unwrap(f).or_else(|f| f.try_clone().map_err(Error::io("dup a socket")))
-    }
 }
 
 const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
@@ -1501,7 +1494,6 @@ fn socket_kind(
             // Kept open: the connection stays in repair mode until the
             // checkpoint ends (then it dies silently, or leaves repair
             // mode quietly if the tree goes on, or the checkpoint fails).
-            let s = table.keep_fd(s)?;
             table.repaired.push(s, reuseaddr);
             let data = table.put_blob(img, &[sndq, rcvq].concat())?;
             Ok(Ok(FileKind::Tcp {
