@@ -372,6 +372,11 @@ fn run(side: Side) {
                 let read = rx.join().unwrap_or(Ok(()));
                 // The reader's reason is the first cause when it failed.
                 match (sent, read) {
+                    // Let go only if the backup closed its end, not if
+                    // our reader gave up on it.
+                    (Ok(WriteEnd::Dismissed { let_go }), read) => Ok(WriteEnd::Dismissed {
+                        let_go: let_go && read.is_ok(),
+                    }),
                     (Ok(end), _) => Ok(end),
                     (Err(_), Err(e)) => Err(e),
                     (Err(e), Ok(())) => Err(e),
