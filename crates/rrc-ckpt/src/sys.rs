@@ -721,10 +721,6 @@ pub fn peek_pipe(
 ) -> io::Result<(Vec<u8>, Vec<u32>)> {
     use std::io::Read;
     use std::os::fd::AsRawFd;
-    // Most pipes are empty when a checkpoint reads them: one call says so.
-    if ioctl_int(reader, libc::FIONREAD as libc::c_ulong)? == 0 {
-        return Ok((Vec::new(), Vec::new()));
-    }
     let (rd, wr) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
     nix::fcntl::fcntl(&wr, nix::fcntl::FcntlArg::F_SETPIPE_SZ(capacity as i32))?;

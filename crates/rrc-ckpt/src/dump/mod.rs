@@ -314,10 +314,7 @@ pub(crate) fn take(
     let mut files = files::FileTable::default();
     files.tree = seized.processes.iter().map(|p| p.pid.as_raw()).collect();
     let mut images: Vec<ProcessImage> = Vec::new();
-    let (root_ns_pid, depth) = process::ns_pid(t.root.as_raw(), None)?;
-    let own_pid_ns = depth > 1 && root_ns_pid == 1;
-    let mut ns_of: BTreeMap<Pid, i32> = BTreeMap::new();
-    // Each process's status, read once: its pid in its namespace now, its
+    // Each process's status, read once: its pid in its namespace, its
     // credentials and more below.
     let mut statuses = BTreeMap::new();
     for p in &seized.processes {
@@ -325,9 +322,25 @@ pub(crate) fn take(
         let status = Process::new(raw)
             .and_then(|proc| proc.status())
             .map_err(Error::proc(raw, "status"))?;
-        let levels = status.nspid.clone().unwrap_or_else(|| vec![raw]);
-        let (ns, d) = (*levels.last().unwrap_or(&raw), levels.len());
         statuses.insert(p.pid, status);
+    }
+    // Its pid in its innermost pid namespace, and how deep that is.
+    let ns_pid_of = |pid: Pid| -> Result<(i32, usize)> {
+        let status = statuses
+            .get(&pid)
+            .ok_or(Error::NoSuchProcess(pid.as_raw()))?;
+        let levels = status.nspid.as_deref().unwrap_or(&[]);
+        Ok((
+            levels.last().copied().unwrap_or(pid.as_raw()),
+            levels.len().max(1),
+        ))
+    };
+    let (root_ns_pid, depth) = ns_pid_of(t.root)?;
+    let own_pid_ns = depth > 1 && root_ns_pid == 1;
+    let mut ns_of: BTreeMap<Pid, i32> = BTreeMap::new();
+    for p in &seized.processes {
+        let raw = p.pid.as_raw();
+        let (ns, d) = ns_pid_of(p.pid)?;
         if d != depth {
             problems.push(format!(
                 "process {raw} is in a nested pid namespace, which is not supported"
