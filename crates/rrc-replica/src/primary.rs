@@ -450,7 +450,6 @@ impl Primary {
                     eprintln!(
                         "rrc primary: UNPROTECTED: {why}; the backup let go of the service, which goes on without a replica until it catches up"
                     );
-                    self.connected = false;
                     self.gate.open();
                 } else {
                     self.unprotected(&format!(

@@ -485,6 +485,23 @@ fn a_backup_whose_disk_fills_does_not_take_over_and_the_primary_goes_on_unprotec
     assert_recovered(&t, &pair.backup_output());
 }
 
+/// Where a backup of the test's own listens for the pair's primary (on
+/// the backup host, at the backup's address), and the key it shares.
+fn own_backup(
+    lab: &rrc_bench::session::LabSession,
+    pair: &Pair<'_>,
+) -> (std::net::TcpListener, rrc_wire::secure::Key) {
+    let key = rrc_wire::secure::Key::load(pair.key_path()).unwrap();
+    let listen = pair.backup_listen_addr().unwrap();
+    let listener = lab
+        .in_host(rrc_lab::Host::Backup, || {
+            std::net::TcpListener::bind(listen)
+        })
+        .unwrap()
+        .unwrap();
+    (listener, key)
+}
+
 /// A backup of the test's own: accepts the primary on `listener` and
 /// welcomes it as `node`; the connection, and its socket to read from raw.
 fn welcome_primary(
@@ -535,17 +552,10 @@ fn slow_backup(tag: &str, per_tick: usize) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let lab = lab_session(tag);
     let pair = Pair::new(&lab, App::Redis, PairOptions::default()).unwrap();
-    let key = rrc_wire::secure::Key::load(pair.key_path()).unwrap();
-    let listen = pair.backup_listen_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let slow = {
         let stop = stop.clone();
-        let listener = lab
-            .in_host(rrc_lab::Host::Backup, || {
-                std::net::TcpListener::bind(listen)
-            })
-            .unwrap()
-            .unwrap();
+        let (listener, key) = own_backup(&lab, &pair);
         // A small receive buffer (the accepted connection inherits it): the
         // checkpoint cannot all fit in the connection's buffers.
         nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
@@ -586,19 +596,12 @@ fn a_backup_that_stops_committing_is_told_to_let_go_before_replies_leave() {
     use std::sync::{Arc, Mutex};
     let lab = lab_session("fostall");
     let pair = Pair::new(&lab, App::Redis, PairOptions::default()).unwrap();
-    let key = rrc_wire::secure::Key::load(pair.key_path()).unwrap();
-    let listen = pair.backup_listen_addr().unwrap();
     // What the backup saw, in order: the epochs it took whole, then the
     // goodbye's reason.
     let seen = Arc::new(Mutex::new(Vec::<String>::new()));
     let stalled = {
         let seen = seen.clone();
-        let listener = lab
-            .in_host(rrc_lab::Host::Backup, || {
-                std::net::TcpListener::bind(listen)
-            })
-            .unwrap()
-            .unwrap();
+        let (listener, key) = own_backup(&lab, &pair);
         std::thread::spawn(move || {
             let (_, mut s) = welcome_primary(&listener, &key, "stalled");
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
