@@ -104,9 +104,22 @@ pub struct CpuInfo {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ProcessImage {
+    /// Its pid in the tree's pid namespace (every pid of the image is).
     pub pid: i32,
     /// Parent within the tree; `None` for the root.
     pub parent: Option<i32>,
+    /// In a pid namespace nested in the tree's: its pids there, the
+    /// outermost namespace first (its own, the innermost, last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nested_pids: Vec<i32>,
+    /// In a pid namespace nested in the tree's: that namespace's first
+    /// process (its pid 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_ns: Option<i32>,
+    /// Where its next children go, when that is not its own pid
+    /// namespace (after `unshare(CLONE_NEWPID)` or `setns`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub children_pid_ns: Option<ChildrenPidNs>,
     pub pgid: i32,
     pub sid: i32,
     pub exe: String,
@@ -172,6 +185,18 @@ pub struct ProcessImage {
     pub keepcaps: bool,
 }
 
+/// The pid namespace a process's next children are made in, when not its
+/// own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ChildrenPidNs {
+    /// The nested namespace whose first process is `init`.
+    Of { init: i32 },
+    /// A namespace made by `unshare(CLONE_NEWPID)` with no process yet:
+    /// its next child is to be the first.
+    New,
+}
+
 /// How a process ended, as its parent's `waitpid` is to see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -212,6 +237,57 @@ pub enum LockKind {
 }
 
 impl ProcessImage {
+    /// Its pid as it sees it (in its own pid namespace).
+    pub fn own_pid(&self) -> i32 {
+        self.nested_pids.last().copied().unwrap_or(self.pid)
+    }
+
+    /// How many pid namespaces it is nested below the tree's.
+    pub fn depth(&self) -> usize {
+        self.nested_pids.len()
+    }
+
+    /// `pid` (of the tree's namespace) as this process sees it, if the
+    /// process `target` it names is in its pid namespace or one nested in
+    /// it; `None` for a process it cannot see. A process of the tree's
+    /// own namespace sees every pid as it is, in the tree or not.
+    pub fn sees(&self, procs: &BTreeMap<i32, ProcessImage>, pid: i32) -> Option<i32> {
+        let d = self.depth();
+        if d == 0 {
+            return Some(pid);
+        }
+        let target = procs.get(&pid)?;
+        // Within its namespace: the level below the tree's at its depth.
+        (target.depth() >= d && target.pid_ns_at(procs, d) == self.pid_ns)
+            .then(|| target.nested_pids[d - 1])
+    }
+
+    /// The first process of the namespace it is in at `depth` (1 = just
+    /// below the tree's), following namespaces outwards from its own.
+    fn pid_ns_at(&self, procs: &BTreeMap<i32, ProcessImage>, depth: usize) -> Option<i32> {
+        let mut at = self;
+        for _ in 0..=self.depth() {
+            if at.depth() == depth {
+                return at.pid_ns;
+            }
+            // The namespace's first process was made from the one above.
+            at = procs
+                .get(&at.pid_ns?)?
+                .parent
+                .and_then(|pp| procs.get(&pp))?;
+        }
+        None
+    }
+}
+
+impl ThreadImage {
+    /// Its tid as its process sees it.
+    pub fn own_tid(&self) -> i32 {
+        self.nested_tids.last().copied().unwrap_or(self.tid)
+    }
+}
+
+impl ProcessImage {
     /// Whether this process can make epoll `epoll`'s registration of open
     /// file `target`: it holds both (the target is put at the registered
     /// number for the while). Pidfds are registered so, once made.
@@ -220,9 +296,14 @@ impl ProcessImage {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ThreadImage {
+    /// Its tid in the tree's pid namespace.
     pub tid: i32,
+    /// Its tids in the pid namespaces nested in the tree's that its
+    /// process is in ([`ProcessImage::nested_pids`]), outermost first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nested_tids: Vec<i32>,
     pub comm: String,
     pub regs: Regs,
     pub xstate: Hex,

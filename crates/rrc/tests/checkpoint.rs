@@ -225,6 +225,11 @@ fn outside_view(root: Pid) -> BTreeMap<String, String> {
             format!("{p} fd table"),
             fd_table.unwrap_or("").trim().to_string(),
         );
+        // Its pids, group and session at every pid namespace's level.
+        for key in ["NSpid:", "NSpgid:", "NSsid:"] {
+            let v = status.lines().find_map(|l| l.strip_prefix(key));
+            view.insert(format!("{p} {key}"), v.unwrap_or("").trim().to_string());
+        }
         let mut fds: Vec<i32> = fs::read_dir(format!("/proc/{p}/fd"))
             .into_iter()
             .flatten()
@@ -338,6 +343,7 @@ fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
 /// original is reaped so that its pid is free again.
 fn checkpoint_and_reap(run: &mut Running, images: &Path) -> Out {
     let pid = run.pid.to_string();
+    let tree = tree_of(run.pid);
     let out = rrc(&[
         "checkpoint",
         "--pid",
@@ -372,7 +378,13 @@ fn checkpoint_and_reap(run: &mut Running, images: &Path) -> Out {
         }
     };
     assert_eq!(code, Some(128 + 9));
-    reap_orphans();
+    // The rest of the tree comes to this subreaper as it dies (the first
+    // process of a pid namespace only once the others in it are reaped).
+    wait_until("the tree's processes gone", Duration::from_secs(10), || {
+        reap_orphans();
+        tree.iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+    });
     out
 }
 
@@ -911,6 +923,11 @@ fn epoll_registrations_by_open_file_with_every_flag() {
 #[test]
 fn a_child_sharing_its_parents_fd_table_keeps_sharing_it() {
     checkpoint_restore("fd_shared_table");
+}
+
+#[test]
+fn processes_in_nested_pid_namespaces_keep_their_pids_at_every_level() {
+    checkpoint_restore("pidns_nested");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 pub(crate) mod files;
 pub mod inject;
 pub(crate) mod memory;
+mod pidns;
 pub(crate) mod process;
 pub mod seize;
 mod splice;
@@ -324,30 +325,35 @@ pub(crate) fn take(
             .map_err(Error::proc(raw, "status"))?;
         statuses.insert(p.pid, status);
     }
-    // Its pid in its innermost pid namespace, and how deep that is.
-    let ns_pid_of = |pid: Pid| -> Result<(i32, usize)> {
-        let status = statuses
-            .get(&pid)
-            .ok_or(Error::NoSuchProcess(pid.as_raw()))?;
-        let levels = status.nspid.as_deref().unwrap_or(&[]);
-        Ok((
-            levels.last().copied().unwrap_or(pid.as_raw()),
-            levels.len().max(1),
-        ))
-    };
-    let (root_ns_pid, depth) = ns_pid_of(t.root)?;
+    // Each process's pids from the tree's namespace inwards, and where it
+    // stands among the namespaces nested in it.
+    let levels = pidns::PidLevels::new(&statuses, t.root)?;
+    let depth = levels.depth;
+    let root_ns_pid = levels.tree_pid(t.root);
     let own_pid_ns = depth > 1 && root_ns_pid == 1;
+    // A group or session id as the tree's namespace numbers it: a status
+    // lists it at every level of the process's, the outermost first.
+    let tree_level = |v: &Option<Vec<i32>>, fallback: i32| {
+        v.as_ref()
+            .and_then(|l| l.get(depth - 1))
+            .copied()
+            .unwrap_or(fallback)
+    };
     let mut ns_of: BTreeMap<Pid, i32> = BTreeMap::new();
     for p in &seized.processes {
-        let raw = p.pid.as_raw();
-        let (ns, d) = ns_pid_of(p.pid)?;
-        if d != depth {
-            problems.push(format!(
-                "process {raw} is in a nested pid namespace, which is not supported"
-            ));
-        }
-        ns_of.insert(p.pid, ns);
+        ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
+    let mut places = levels.places(
+        t.root,
+        &seized.processes,
+        |pid| {
+            seized
+                .processes
+                .iter()
+                .any(|p| p.pid == pid && p.threads.is_empty())
+        },
+        &mut problems,
+    );
     // Which unix socket is connected to which: only sock_diag tells, for
     // the sockets of the tree's network namespace.
     let unix = files::UnixTable::new(t.root);
@@ -383,19 +389,14 @@ pub(crate) fn take(
                     "process {raw} is a zombie killed by signal {signal}, which cannot be sent again"
                 ));
             }
+            let place = places.remove(&p.pid).unwrap_or_default();
             images.push(ProcessImage {
                 pid: ns_of[&p.pid],
                 parent: p.parent.map(|pp| ns_of[&pp]),
-                pgid: status
-                    .nspgid
-                    .as_ref()
-                    .and_then(|l| l.last().copied())
-                    .unwrap_or(st.pgrp),
-                sid: status
-                    .nssid
-                    .as_ref()
-                    .and_then(|l| l.last().copied())
-                    .unwrap_or(st.session),
+                nested_pids: place.nested_pids,
+                pid_ns: place.pid_ns,
+                pgid: tree_level(&status.nspgid, st.pgrp),
+                sid: tree_level(&status.nssid, st.session),
                 zombie: Some(exit),
                 ..Default::default()
             });
@@ -404,6 +405,7 @@ pub(crate) fn take(
         let t0 = Instant::now();
         let mut inj = Injector::new(p)?;
         let mut ts = process::threads_and_signals(p, &mut inj, cpu.xsave_size)?;
+        pidns::thread_levels(p, &levels, &mut ts.threads)?;
         for (th, own) in ts.threads.iter_mut().zip(thread_seccomp) {
             th.seccomp = own;
         }
@@ -445,20 +447,19 @@ pub(crate) fn take(
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default()
         };
-        let ns_field = |v: &Option<Vec<i32>>, fallback: i32| {
-            v.as_ref()
-                .and_then(|l| l.last().copied())
-                .unwrap_or(fallback)
-        };
         let personality = crate::procfs::read_text(format!("/proc/{raw}/personality"))
             .ok()
             .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
             .unwrap_or(0);
+        let place = places.remove(&p.pid).unwrap_or_default();
         images.push(ProcessImage {
             pid: ns_of[&p.pid],
             parent: p.parent.map(|pp| ns_of[&pp]),
-            pgid: ns_field(&status.nspgid, st.pgrp),
-            sid: ns_field(&status.nssid, st.session),
+            nested_pids: place.nested_pids,
+            pid_ns: place.pid_ns,
+            children_pid_ns: place.children_pid_ns,
+            pgid: tree_level(&status.nspgid, st.pgrp),
+            sid: tree_level(&status.nssid, st.session),
             exe: link("exe"),
             threads: ts.threads,
             mm: process::mm_state(p.pid, &st, ts.brk)?,

@@ -220,6 +220,7 @@ pub fn threads_and_signals(
         let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
         threads.push(ThreadImage {
             tid: ns_tid,
+            nested_tids: Vec::new(),
             comm: String::from_utf8_lossy(name).into_owned(),
             regs,
             xstate: Hex(ptrace::get_xstate(t.tid, xsave_size)?),

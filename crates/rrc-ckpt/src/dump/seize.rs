@@ -212,25 +212,21 @@ impl Seized {
             // Each traced thread reports its death to us, and is released
             // only once we collect that: a group leader waits for its other
             // threads, a pid namespace's init for every task of the
-            // namespace. So collect whatever is ready, in any order.
+            // namespace. So collect whatever is ready, in any order. The
+            // first process of a nested pid namespace ends only once the
+            // others in it are reaped, by parents that may be waiting for
+            // us: one past the point of no return is as good as gone.
             let mut left: Vec<Pid> = self
                 .processes
                 .iter()
                 .flat_map(|p| p.threads.iter().map(|t| t.tid))
                 .collect();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while !left.is_empty() && std::time::Instant::now() < deadline {
-                left.retain(|&tid| {
-                    match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                        Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
-                        Ok(WaitStatus::StillAlive) => true,
-                        Ok(_) => {
-                            let _ = nix::sys::ptrace::cont(tid, None);
-                            true
-                        }
-                    }
-                });
-                std::thread::sleep(std::time::Duration::from_millis(1));
+            let mut lingering = Vec::new();
+            collect_deaths(&mut left, Some(&mut lingering));
+            if !lingering.is_empty() {
+                // Their deaths are ours to collect still (or their parents
+                // never see them): a thread of ours does it meanwhile.
+                std::thread::spawn(move || collect_deaths(&mut lingering, None));
             }
         } else {
             for p in &self.processes {
@@ -240,6 +236,45 @@ impl Seized {
             }
         }
     }
+}
+
+/// Collects the deaths of traced threads `left` for up to 30 s; with
+/// `lingering`, moves there those that are on their way out but not dead
+/// yet instead of waiting for them.
+fn collect_deaths(left: &mut Vec<Pid>, mut lingering: Option<&mut Vec<Pid>>) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        left.retain(
+            |&tid| match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
+                Ok(WaitStatus::StillAlive) => match lingering.as_mut() {
+                    Some(l) if exiting(tid) => {
+                        l.push(tid);
+                        false
+                    }
+                    _ => true,
+                },
+                Ok(_) => {
+                    let _ = nix::sys::ptrace::cont(tid, None);
+                    true
+                }
+            },
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Whether thread `tid` is on its way out (`PF_EXITING` in its stat's
+/// flags), never to run the program again.
+fn exiting(tid: Pid) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    crate::procfs::read_text(format!("/proc/{tid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = &s[s.rfind(')')? + 1..];
+            after.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
 impl Seized {

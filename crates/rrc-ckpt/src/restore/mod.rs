@@ -14,6 +14,7 @@ mod cow;
 mod files;
 pub mod lazy;
 mod mm;
+mod pidns;
 mod sockets;
 pub use files::GhostPlace;
 pub use sockets::{Connection, build_connections};
@@ -309,6 +310,7 @@ fn check_references(
     files::check_pidfds(m, procs).map_err(corrupt)?;
     files::check_in_flight(m, procs).map_err(corrupt)?;
     files::check_fanotify(m).map_err(corrupt)?;
+    pidns::check(procs, m.root).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
         if p.pid != *pid {
@@ -480,17 +482,32 @@ fn wait_started(tid: Pid, ns: i32) -> Result<()> {
 }
 
 /// clone3 arguments in the tracee's scratch: fork-like, or a thread.
-fn clone_args(t: &mut Tracee, flags: u64, exit_signal: u64, id: i32) -> Result<u64> {
-    let set_tid = t.arg(&id.to_ne_bytes())?;
+/// `ids`: the pids to give it, the innermost pid namespace's first.
+fn clone_args(t: &mut Tracee, flags: u64, exit_signal: u64, ids: &[i32]) -> Result<u64> {
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_ne_bytes()).collect();
+    let set_tid = t.arg(&bytes)?;
     let mut a = Vec::with_capacity(88);
-    for v in [flags, 0, 0, 0, exit_signal, 0, 0, 0, set_tid, 1, 0] {
+    for v in [
+        flags,
+        0,
+        0,
+        0,
+        exit_signal,
+        0,
+        0,
+        0,
+        set_tid,
+        ids.len() as u64,
+        0,
+    ] {
         a.extend_from_slice(&v.to_ne_bytes());
     }
     t.arg(&a)
 }
 
-fn fork_child(parent: &mut Tracee, ns_pid: i32, flags: u64) -> Result<Tracee> {
-    let args = clone_args(parent, flags, libc::SIGCHLD as u64, ns_pid)?;
+fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
+    let ns_pid = ids.last().copied().unwrap_or(0);
+    let args = clone_args(parent, flags, libc::SIGCHLD as u64, ids)?;
     let (_, spawned) = parent
         .call_spawning("clone3 (fork)", libc::SYS_clone3, &[args, 88])
         .map_err(|e| match e {
@@ -510,7 +527,7 @@ fn fork_child(parent: &mut Tracee, ns_pid: i32, flags: u64) -> Result<Tracee> {
 
 fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     for th in p.threads.iter().skip(1) {
-        let args = clone_args(t, CLONE_THREAD_FLAGS, 0, th.tid)?;
+        let args = clone_args(t, CLONE_THREAD_FLAGS, 0, &pidns::thread_set_tid(th))?;
         let (_, spawned) = t
             .call_spawning("clone3 (thread)", libc::SYS_clone3, &[args, 88])
             .map_err(|e| match e {
@@ -572,7 +589,7 @@ fn restore_process(
     let pid = p.pid;
     ptrace::set_sigmask(t.pid, BLOCK_ALL)?;
     if let Some(exit) = p.zombie {
-        join_session(&mut t, p)?;
+        join_session(&mut t, p, ctx.procs)?;
         return end_zombie(t, exit);
     }
     // A process sharing its parent's fd table leaves the table to the
@@ -602,19 +619,22 @@ fn restore_process(
     let (early, kids): (Vec<i32>, Vec<i32>) = kids
         .into_iter()
         .partition(|c| leads && Some(sid_of(c)) == inherited);
+    // Where its next child goes: its own pid namespace until a child in
+    // a nested one needs otherwise.
+    let mut children_ns = None;
     for child in early {
-        let ct = fork_child(&mut t, child, clone_flags(ctx, child))?;
+        let ct = fork_in_place(ctx, &mut t, child, &mut children_ns)?;
         restore_process(ctx, ct, held.clone(), inherited, Some(pid))?;
     }
     // Session and group before the other children, who inherit them.
-    join_session(&mut t, p)?;
+    join_session(&mut t, p, ctx.procs)?;
     // Children adopted from a session whose leader has exited are forked
     // in that session, made again by a helper.
     let (adopted, kids): (Vec<i32>, Vec<i32>) = kids
         .into_iter()
         .partition(|c| Some(sid_of(c)) != session && ctx.orphan_sessions.contains(&sid_of(c)));
     for child in kids {
-        let ct = fork_child(&mut t, child, clone_flags(ctx, child))?;
+        let ct = fork_in_place(ctx, &mut t, child, &mut children_ns)?;
         restore_process(ctx, ct, held.clone(), session, Some(pid))?;
     }
     let mut by_session: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
@@ -622,8 +642,10 @@ fn restore_process(
         by_session.entry(sid_of(&c)).or_default().push(c);
     }
     for (sid, members) in by_session {
+        pidns::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
         session_helper(ctx, &mut t, &held, sid, &members)?;
     }
+    pidns::restore_children_ns(&mut t, ctx.procs, p, children_ns)?;
     // The zombies among the children died again just now: their SIGCHLD
     // was had already.
     let children = ctx.children.get(&pid).map(Vec::as_slice).unwrap_or(&[]);
@@ -643,18 +665,42 @@ fn restore_process(
     Ok(())
 }
 
-/// How child `child` is forked: sharing the fd table if it did.
-fn clone_flags(ctx: &Ctx, child: i32) -> u64 {
-    if ctx.procs[&child].shares_parent_files {
-        libc::CLONE_FILES as u64
-    } else {
-        0
+/// Forks `child` of `t`: sharing the fd table if it did, in its pid
+/// namespace (made for it if it is its first process, `t`'s next children
+/// pointed there if not; `children_ns` says where they go now) with its
+/// pids there.
+fn fork_in_place(
+    ctx: &Ctx,
+    t: &mut Tracee,
+    child: i32,
+    children_ns: &mut Option<i32>,
+) -> Result<Tracee> {
+    let p = &ctx.procs[&t.ns_pid];
+    let c = &ctx.procs[&child];
+    let mut flags = 0;
+    if c.shares_parent_files {
+        flags |= libc::CLONE_FILES as u64;
     }
+    let new_ns = pidns::starts_namespace(p, c);
+    if new_ns {
+        flags |= libc::CLONE_NEWPID as u64;
+    }
+    let want = if new_ns {
+        None
+    } else {
+        pidns::children_for(p, c)
+    };
+    pidns::point_children(t, ctx.procs, p, want, children_ns)?;
+    fork_child(t, &pidns::set_tid(c), flags)
 }
 
 /// Makes `t` the leader of its session or group, or joins the group it
 /// was in, as recorded.
-fn join_session(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+fn join_session(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> Result<()> {
     let pid = p.pid;
     if p.sid == pid {
         let r = t.raw_on(t.pid, libc::SYS_setsid, &[])?;
@@ -663,9 +709,9 @@ fn join_session(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
         }
     } else if p.pgid == pid {
         t.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
-    } else {
+    } else if let Some(pgid) = p.sees(procs, p.pgid) {
         // Joins a group led by a process restored earlier, if it can.
-        let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, p.pgid as u64]);
+        let _ = t.raw_on(t.pid, libc::SYS_setpgid, &[0, pgid as u64]);
     }
     Ok(())
 }
@@ -726,13 +772,13 @@ fn session_helper(
     sid: i32,
     members: &[i32],
 ) -> Result<()> {
-    let mut h = fork_child(parent, sid, 0)?;
+    let mut h = fork_child(parent, &[sid], 0)?;
     ptrace::set_sigmask(h.pid, BLOCK_ALL)?;
     h.call("setsid", libc::SYS_setsid, &[])?;
     for &m in members {
         // The exit signal of a CLONE_PARENT child is the helper's own (SIGCHLD);
         // clone3 wants none given.
-        let args = clone_args(&mut h, libc::CLONE_PARENT as u64, 0, m)?;
+        let args = clone_args(&mut h, libc::CLONE_PARENT as u64, 0, &[m])?;
         let (_, spawned) = h
             .call_spawning("clone3 (into a session)", libc::SYS_clone3, &[args, 88])
             .map_err(|e| match e {

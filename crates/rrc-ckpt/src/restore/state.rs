@@ -235,7 +235,7 @@ pub fn thread_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             libc::SYS_setpriority,
             &[
                 libc::PRIO_PROCESS as u64,
-                th.tid as u64,
+                th.own_tid() as u64,
                 th.nice as i64 as u64,
             ],
         )?;
@@ -247,7 +247,7 @@ pub fn thread_state(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
 /// Re-queues signals that were pending (process-wide and per thread), in
 /// their original order.
 pub fn pending_signals(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
-    let tgid = p.pid as u64;
+    let tgid = p.own_pid() as u64;
     for si in &p.shared_pending {
         let sig = u32::from_ne_bytes(si.0[0..4].try_into().expect("siginfo"));
         let a = t.arg(&si.0)?;
@@ -265,7 +265,7 @@ pub fn pending_signals(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             let r = t.raw_on(
                 host,
                 nr::SYS_rt_tgsigqueueinfo,
-                &[tgid, th.tid as u64, u64::from(sig), a],
+                &[tgid, th.own_tid() as u64, u64::from(sig), a],
             )?;
             warn_failed(p.pid, "pending thread signal", r);
         }

@@ -1,0 +1,210 @@
+//! Pid namespaces nested in the tree's: each process's pids at every level
+//! below the tree's, the namespace it is in (named by its first process)
+//! and the one its next children go to.
+//!
+//! The tree's namespace is the root's. A process `unshare(CLONE_NEWPID)`
+//! or `clone(CLONE_NEWPID)` made deeper has pids there too (`NSpid`, the
+//! outermost first); its namespace is known by the link
+//! `/proc/PID/ns/pid`, and the first process of each (its pid 1) names it
+//! in the image, since namespaces have no number of their own a restore
+//! could give back.
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use nix::unistd::Pid;
+use procfs::process::Status;
+
+use crate::dump::seize::SeizedProcess;
+use crate::image::{ChildrenPidNs, ThreadImage};
+use crate::{Error, Result, procfs as pfs};
+
+/// Every process's pids from the tree's namespace inwards.
+pub struct PidLevels {
+    /// How many levels the root has (1 in the host's own namespace).
+    pub depth: usize,
+    levels: BTreeMap<Pid, Vec<i32>>,
+}
+
+/// A process's place among the namespaces, for its image.
+#[derive(Default)]
+pub struct NsPlace {
+    pub nested_pids: Vec<i32>,
+    pub pid_ns: Option<i32>,
+    pub children_pid_ns: Option<ChildrenPidNs>,
+}
+
+impl PidLevels {
+    /// From each process's status (`NSpid`); `root` is the tree's root.
+    pub fn new(statuses: &BTreeMap<Pid, Status>, root: Pid) -> Result<PidLevels> {
+        let all = |pid: Pid| -> Result<Vec<i32>> {
+            let status = statuses
+                .get(&pid)
+                .ok_or(Error::NoSuchProcess(pid.as_raw()))?;
+            Ok(match status.nspid.as_deref() {
+                Some(l) if !l.is_empty() => l.to_vec(),
+                _ => vec![pid.as_raw()],
+            })
+        };
+        let depth = all(root)?.len();
+        let mut levels = BTreeMap::new();
+        for pid in statuses.keys() {
+            let l = all(*pid)?;
+            if l.len() < depth {
+                return Err(Error::Proc {
+                    pid: pid.as_raw(),
+                    what: "status",
+                    detail: "it is in a pid namespace above the tree's root".into(),
+                });
+            }
+            levels.insert(*pid, l[depth - 1..].to_vec());
+        }
+        Ok(PidLevels { depth, levels })
+    }
+
+    /// Its pid in the tree's namespace.
+    pub fn tree_pid(&self, pid: Pid) -> i32 {
+        self.levels.get(&pid).map_or(pid.as_raw(), |l| l[0])
+    }
+
+    fn nested(&self, pid: Pid) -> &[i32] {
+        self.levels.get(&pid).map_or(&[], |l| &l[1..])
+    }
+
+    /// Where each process stands among the namespaces; what cannot be
+    /// restored goes to `problems`. Reads one link per process in the
+    /// tree's namespace, two per nested one.
+    pub fn places(
+        &self,
+        root: Pid,
+        processes: &[SeizedProcess],
+        zombie: impl Fn(Pid) -> bool,
+        problems: &mut Vec<String>,
+    ) -> BTreeMap<Pid, NsPlace> {
+        let link = |pid: Pid, what: &str| {
+            fs::read_link(format!("/proc/{pid}/ns/{what}"))
+                .ok()
+                .map(|l| l.to_string_lossy().into_owned())
+        };
+        let tree_ns = link(root, "pid");
+        // Each nested process's namespace, and the first process of each.
+        let mut ns_of: BTreeMap<Pid, String> = BTreeMap::new();
+        let mut first_of: BTreeMap<String, i32> = BTreeMap::new();
+        for p in processes {
+            let nested = self.nested(p.pid);
+            if nested.is_empty() || zombie(p.pid) {
+                continue;
+            }
+            if let Some(ns) = link(p.pid, "pid") {
+                if nested.last() == Some(&1) {
+                    first_of.insert(ns.clone(), self.tree_pid(p.pid));
+                }
+                ns_of.insert(p.pid, ns);
+            }
+        }
+        let mut places = BTreeMap::new();
+        for p in processes {
+            let raw = p.pid.as_raw();
+            let nested = self.nested(p.pid).to_vec();
+            let parent_depth = p.parent.map_or(0, |pp| self.nested(pp).len());
+            if p.parent.is_some() && nested.len() > parent_depth + 1 {
+                problems.push(format!(
+                    "process {raw} is {} pid namespaces below its parent's",
+                    nested.len() - parent_depth
+                ));
+            }
+            let mut place = NsPlace {
+                pid_ns: None,
+                children_pid_ns: None,
+                nested_pids: nested,
+            };
+            if !place.nested_pids.is_empty() {
+                place.pid_ns = if zombie(p.pid) {
+                    // A zombie's namespace cannot be read: that of its
+                    // parent in the same one, or its own as its pid 1.
+                    if place.nested_pids.last() == Some(&1) {
+                        Some(self.tree_pid(p.pid))
+                    } else {
+                        p.parent
+                            .filter(|pp| self.nested(*pp).len() == place.nested_pids.len())
+                            .and_then(|pp| ns_of.get(&pp))
+                            .and_then(|ns| first_of.get(ns))
+                            .copied()
+                    }
+                } else {
+                    ns_of.get(&p.pid).and_then(|ns| first_of.get(ns)).copied()
+                };
+                if place.pid_ns.is_none() {
+                    problems.push(format!(
+                        "process {raw} is in a nested pid namespace whose first process is not in the tree"
+                    ));
+                }
+            }
+            if !zombie(p.pid) {
+                let own = if place.nested_pids.is_empty() {
+                    tree_ns.clone()
+                } else {
+                    ns_of.get(&p.pid).cloned()
+                };
+                place.children_pid_ns = match link(p.pid, "pid_for_children") {
+                    Some(ns) if Some(&ns) == own.as_ref() => None,
+                    Some(ns) => match first_of.get(&ns) {
+                        Some(init) => Some(ChildrenPidNs::Of { init: *init }),
+                        None => {
+                            problems.push(format!(
+                                "process {raw}'s next children go to a pid namespace whose first process is not in the tree"
+                            ));
+                            None
+                        }
+                    },
+                    // The link is missing for a namespace no process is in
+                    // yet: one just unshared.
+                    None => Some(ChildrenPidNs::New),
+                };
+            }
+            places.insert(p.pid, place);
+        }
+        places
+    }
+}
+
+/// Gives the threads of a process in a nested namespace (`threads`, in the
+/// order of `p.threads`) their tids at every level: the injected `gettid`
+/// told only the innermost.
+pub fn thread_levels(
+    p: &SeizedProcess,
+    levels: &PidLevels,
+    threads: &mut [ThreadImage],
+) -> Result<()> {
+    if levels.nested(p.pid).is_empty() {
+        return Ok(());
+    }
+    for (seized, th) in p.threads.iter().zip(threads.iter_mut()) {
+        let path = format!("/proc/{}/task/{}/status", p.pid, seized.tid);
+        let text = pfs::read_text(&path).map_err(|e| Error::Proc {
+            pid: p.pid.as_raw(),
+            what: "status",
+            detail: e.to_string(),
+        })?;
+        let all: Vec<i32> = text
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mine = all.get(levels.depth - 1..).unwrap_or_default();
+        let Some((tid, nested)) = mine.split_first() else {
+            return Err(Error::Proc {
+                pid: p.pid.as_raw(),
+                what: "status",
+                detail: format!("thread {} has no pid in the tree's namespace", seized.tid),
+            });
+        };
+        th.tid = *tid;
+        th.nested_tids = nested.to_vec();
+    }
+    Ok(())
+}
