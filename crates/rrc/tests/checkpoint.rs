@@ -946,6 +946,14 @@ fn deleted_files_and_directories_and_a_chrooted_working_directory() {
 }
 
 #[test]
+fn a_process_in_mount_and_uts_namespaces_of_its_own_is_refused_and_left_running() {
+    refused_for_each(
+        "unsupported_namespaces",
+        &["namespace(s) other than the root's", "mnt, uts"],
+    );
+}
+
+#[test]
 fn linux_aio_is_refused_by_name_and_left_running() {
     refused("unsupported_aio", "AIO");
 }

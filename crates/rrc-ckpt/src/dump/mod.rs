@@ -343,6 +343,7 @@ pub(crate) fn take(
     for p in &seized.processes {
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
+    pidns::check_shared(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
         &seized.processes,

@@ -168,6 +168,41 @@ impl PidLevels {
     }
 }
 
+/// The kinds of namespace a restore makes every process of the tree share
+/// with the root (pid namespaces apart, see [`PidLevels`]).
+const SHARED_KINDS: [&str; 7] = ["mnt", "net", "uts", "ipc", "cgroup", "time", "user"];
+
+/// Refuses processes that are in a namespace of one of those kinds other
+/// than the root's: a restore would put them in the root's, silently.
+/// Reads seven links per process but the root (none for a tree of one).
+pub fn check_shared(root: Pid, processes: &[SeizedProcess], problems: &mut Vec<String>) {
+    let others: Vec<&SeizedProcess> = processes
+        .iter()
+        .filter(|p| p.pid != root && !p.threads.is_empty())
+        .collect();
+    if others.is_empty() {
+        return;
+    }
+    let link = |pid: Pid, kind: &str| fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    let roots: Vec<_> = SHARED_KINDS.iter().map(|k| link(root, k)).collect();
+    for p in others {
+        let differ: Vec<&str> = SHARED_KINDS
+            .iter()
+            .zip(&roots)
+            .filter(|(k, r)| link(p.pid, k) != **r)
+            .map(|(k, _)| *k)
+            .collect();
+        if !differ.is_empty() {
+            problems.push(format!(
+                "process {} is in {} namespace(s) other than the root's ({}), which a restore does not make again",
+                p.pid,
+                differ.len(),
+                differ.join(", ")
+            ));
+        }
+    }
+}
+
 /// Gives the threads of a process in a nested namespace (`threads`, in the
 /// order of `p.threads`) their tids at every level: the injected `gettid`
 /// told only the innermost.
