@@ -138,6 +138,12 @@ pub struct ProcessImage {
     /// repeats the parent's).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shares_parent_files: bool,
+    /// Made with `CLONE_FILES` by a process whose table it still shares
+    /// while its parent no longer does: that sibling (earlier in the
+    /// tree), which forks it again with `CLONE_PARENT` (`fds` then repeats
+    /// the sibling's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shares_files_with: Option<i32>,
     /// Fds of `fds` that the program did not have: each holds a file that
     /// was only in flight on a unix socket, for the restore to pass again,
     /// and is closed before the program runs.
@@ -237,6 +243,21 @@ pub enum LockKind {
 }
 
 impl ProcessImage {
+    /// The process whose fd table it uses, if not its own: its parent's
+    /// or a sibling's.
+    pub fn table_sharer(&self) -> Option<i32> {
+        if self.shares_parent_files {
+            self.parent
+        } else {
+            self.shares_files_with
+        }
+    }
+
+    /// Whether its fd table is another process's (which makes it).
+    pub fn shares_table(&self) -> bool {
+        self.table_sharer().is_some()
+    }
+
     /// Its pid as it sees it (in its own pid namespace).
     pub fn own_pid(&self) -> i32 {
         self.nested_pids.last().copied().unwrap_or(self.pid)

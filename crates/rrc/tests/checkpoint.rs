@@ -926,6 +926,11 @@ fn a_child_sharing_its_parents_fd_table_keeps_sharing_it() {
 }
 
 #[test]
+fn siblings_sharing_an_fd_table_their_parent_left_keep_sharing_it() {
+    checkpoint_restore("fd_shared_siblings");
+}
+
+#[test]
 fn processes_in_nested_pid_namespaces_keep_their_pids_at_every_level() {
     checkpoint_restore("pidns_nested");
 }

@@ -649,9 +649,7 @@ fn park(images: &mut [ProcessImage], ns: i32, id: usize) {
     // Every process sharing the table lists it.
     let sharing: Vec<i32> = images
         .iter()
-        .filter(|q| {
-            q.pid == owner || (q.shares_parent_files && table_owner(images, q.pid) == owner)
-        })
+        .filter(|q| q.pid == owner || (q.shares_table() && table_owner(images, q.pid) == owner))
         .map(|q| q.pid)
         .collect();
     for q in images.iter_mut().filter(|q| sharing.contains(&q.pid)) {
@@ -670,11 +668,13 @@ fn park(images: &mut [ProcessImage], ns: i32, id: usize) {
 
 /// The process whose fd table `ns` uses.
 fn table_owner(images: &[ProcessImage], mut ns: i32) -> i32 {
-    while let Some(p) = images.iter().find(|p| p.pid == ns && p.shares_parent_files) {
-        match p.parent {
-            Some(parent) => ns = parent,
-            None => break,
-        }
+    // Each step goes to a process earlier in the tree: no cycle.
+    while let Some(next) = images
+        .iter()
+        .find(|p| p.pid == ns)
+        .and_then(ProcessImage::table_sharer)
+    {
+        ns = next;
     }
     ns
 }

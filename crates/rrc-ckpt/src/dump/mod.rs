@@ -426,6 +426,9 @@ pub(crate) fn take(
             Some(parent) => sys::same_fd_table(p.pid, parent).unwrap_or(false),
             None => false,
         };
+        // Not its parent's table but a sibling's (the parent unshared its
+        // own since): that sibling forks it again.
+        let mut shares_files_with = None;
         if !shares_parent_files
             && let Some(other) = images.iter().find(|i| {
                 ns_of
@@ -434,11 +437,19 @@ pub(crate) fn take(
                     .is_some_and(|(host, _)| sys::same_fd_table(p.pid, *host).unwrap_or(false))
             })
         {
-            problems.push(format!(
-                "process {raw} shares its fd table with process {}, which is not its parent: \
-                 only a table shared with the parent (CLONE_FILES) can be restored",
-                other.pid
-            ));
+            let depth = places.get(&p.pid).map_or(0, |pl| pl.nested_pids.len());
+            let sibling = other.parent.is_some() && other.parent == p.parent.map(|pp| ns_of[&pp]);
+            // A namespace's first process cannot fork with CLONE_PARENT.
+            if sibling && other.depth() == depth && other.nested_pids.last() != Some(&1) {
+                shares_files_with = Some(other.pid);
+            } else {
+                problems.push(format!(
+                    "process {raw} shares its fd table with process {}, which is neither its parent \
+                     nor a sibling in its pid namespace: only a table shared with the parent or a \
+                     sibling (CLONE_FILES) can be restored",
+                    other.pid
+                ));
+            }
         }
         phases.state += t1 - t0;
         phases.memory += t2 - t1;
@@ -469,6 +480,7 @@ pub(crate) fn take(
             holes: mem.holes,
             fds,
             shares_parent_files,
+            shares_files_with,
             parked: Vec::new(),
             fd_table: status.fdsize,
             locks: Vec::new(),

@@ -949,7 +949,7 @@ fn ghost_of(m: &Manifest, key: (u64, u64)) -> Option<(usize, crate::image::Owner
 /// the restore's, not the program's. A fanotify event may come with an fd
 /// of the file, closed here.
 pub fn drain_notifications(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()> {
-    if p.shares_parent_files {
+    if p.shares_table() {
         return Ok(());
     }
     for fd in &p.fds {
@@ -1270,7 +1270,7 @@ pub fn set_owners(
 /// exists. Each fd gets a pidfd of its own: fds that shared one open
 /// pidfd no longer do (a pidfd has no position, and its flags are kept).
 pub fn make_pidfds(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()> {
-    if p.shares_parent_files {
+    if p.shares_table() {
         // Its parent's table, done by the parent.
         return Ok(());
     }
@@ -1403,7 +1403,7 @@ pub fn pass_in_flight(
     }
     for t in done.iter_mut() {
         let p = &procs[&t.ns_pid];
-        if p.shares_parent_files {
+        if p.shares_table() {
             continue; // its parent's table, closed by the parent
         }
         for &fd in &p.parked {

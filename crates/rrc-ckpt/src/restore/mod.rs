@@ -324,6 +324,22 @@ fn check_references(
                 "process {pid} shares the fd table of a parent it does not have"
             )));
         }
+        if let Some(s) = p.shares_files_with {
+            let sibling = procs.get(&s).filter(|q| {
+                !p.shares_parent_files
+                    && m.processes[..at].contains(&s)
+                    && q.parent.is_some()
+                    && q.parent == p.parent
+                    && q.zombie.is_none()
+                    && q.depth() == p.depth()
+                    && q.nested_pids.last() != Some(&1)
+            });
+            if sibling.is_none() {
+                return Err(corrupt(format!(
+                    "process {pid} shares the fd table of process {s}, which is not a live sibling before it"
+                )));
+            }
+        }
         match p.parent {
             None if *pid != m.root => {
                 return Err(corrupt(format!(
@@ -507,7 +523,14 @@ fn clone_args(t: &mut Tracee, flags: u64, exit_signal: u64, ids: &[i32]) -> Resu
 
 fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
     let ns_pid = ids.last().copied().unwrap_or(0);
-    let args = clone_args(parent, flags, libc::SIGCHLD as u64, ids)?;
+    // A CLONE_PARENT child ends with its maker's exit signal; clone3
+    // wants none given.
+    let exit_signal = if flags & libc::CLONE_PARENT as u64 != 0 {
+        0
+    } else {
+        libc::SIGCHLD as u64
+    };
+    let args = clone_args(parent, flags, exit_signal, ids)?;
     let (_, spawned) = parent
         .call_spawning("clone3 (fork)", libc::SYS_clone3, &[args, 88])
         .map_err(|e| match e {
@@ -552,6 +575,8 @@ struct Ctx<'a> {
     m: &'a Manifest,
     procs: &'a BTreeMap<i32, ProcessImage>,
     children: BTreeMap<i32, Vec<i32>>,
+    /// Siblings each process forks (`CLONE_PARENT`) into its fd table.
+    sharers: BTreeMap<i32, Vec<i32>>,
     plan: FilePlan,
     mem: MemCtx<'a>,
     /// Every process restored so far, stopped, in creation order.
@@ -594,7 +619,7 @@ fn restore_process(
     }
     // A process sharing its parent's fd table leaves the table to the
     // parent, who arranges it once every child is made.
-    if !p.shares_parent_files {
+    if !p.shares_table() {
         files::create_owned(
             &mut t,
             ctx.m,
@@ -608,8 +633,9 @@ fn restore_process(
     // copy-on-write, and keep what they had alike.
     let parent = mem_of.and_then(|q| ctx.procs.get(&q));
     let kids = ctx.children.get(&pid).cloned().unwrap_or_default();
+    let sharers = ctx.sharers.get(&pid).cloned().unwrap_or_default();
     // Lazily only where no child is forked from memory still filling.
-    let lazy = kids.is_empty();
+    let lazy = kids.is_empty() && sharers.is_empty();
     mm::replace(&mut t, p, parent, lazy, &mut ctx.mem, &mut ctx.plan.ghosts)?;
     let leads = p.sid == pid;
     let session = if leads { Some(pid) } else { inherited };
@@ -645,6 +671,14 @@ fn restore_process(
         pidns::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
         session_helper(ctx, &mut t, &held, sid, &members)?;
     }
+    // Siblings sharing its fd table (their parent unshared its own since):
+    // forked from it into their parent, before its table is arranged.
+    for s in sharers {
+        pidns::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
+        let flags = (libc::CLONE_FILES | libc::CLONE_PARENT) as u64;
+        let ct = fork_child(&mut t, &pidns::set_tid(&ctx.procs[&s]), flags)?;
+        restore_process(ctx, ct, held.clone(), session, Some(pid))?;
+    }
     pidns::restore_children_ns(&mut t, ctx.procs, p, children_ns)?;
     // The zombies among the children died again just now: their SIGCHLD
     // was had already.
@@ -652,7 +686,7 @@ fn restore_process(
     if children.iter().any(|c| ctx.procs[c].zombie.is_some()) {
         flush_sigchld(&mut t)?;
     }
-    if !p.shares_parent_files {
+    if !p.shares_table() {
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     }
     files::take_locks(&mut t, p)?;
@@ -907,8 +941,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     }
     let scratch = choose_scratch(&procs)?;
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+    let mut sharers: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
     for p in procs.values() {
-        if let Some(parent) = p.parent {
+        if let Some(s) = p.shares_files_with {
+            sharers.entry(s).or_default().push(p.pid);
+        } else if let Some(parent) = p.parent {
             children.entry(parent).or_default().push(p.pid);
         }
     }
@@ -917,6 +954,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         m: &m,
         procs: &procs,
         children,
+        sharers,
         plan: {
             let mut plan = FilePlan::new(&m, &procs);
             if let Some(place) = &opts.ghosts {
