@@ -916,6 +916,27 @@ pub fn send_with_fds(
     Ok(sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, flags, None)?)
 }
 
+/// Sends one datagram with files (SCM_RIGHTS) to the unix socket named
+/// `to`, without waiting.
+pub fn send_with_fds_to(
+    sock: std::os::fd::BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[std::os::fd::RawFd],
+    to: &nix::sys::socket::UnixAddr,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let iov = [io::IoSlice::new(data)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    Ok(sendmsg(
+        sock.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_DONTWAIT,
+        Some(to),
+    )?)
+}
+
 /// A message queued on a unix socket, as a peek sees it.
 pub struct Peeked {
     pub data: Vec<u8>,

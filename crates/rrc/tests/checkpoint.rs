@@ -627,11 +627,13 @@ fn refused_for_each(fixture: &str, whats: &[&str]) {
 }
 
 #[test]
-fn files_in_flight_on_datagram_sockets_connected_by_name_are_refused_by_name_and_left_running() {
-    refused(
-        "unsupported_scm_rights_by_name",
-        "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket connected by name",
-    );
+fn files_in_flight_on_datagram_sockets_connected_by_name_arrive_after_restore() {
+    checkpoint_restore("sk_unix_scm_rights_by_name");
+}
+
+#[test]
+fn an_epoll_registration_on_a_file_only_in_flight_comes_back_on_that_file() {
+    checkpoint_restore("epoll_in_flight");
 }
 
 #[test]

@@ -1180,14 +1180,6 @@ fn unix_kind(
         return Ok(Err(what));
     }
     let peer_name = unix.get(&peer).and_then(|p| p.name.clone());
-    if ty == libc::SOCK_DGRAM && peer_name.is_some() && !in_flight.is_empty() {
-        // Its queue is filled before it connects again, when the files
-        // may not exist yet.
-        return Ok(Err(
-            "file descriptors in flight (SCM_RIGHTS) on a datagram unix socket connected by name"
-                .into(),
-        ));
-    }
     let data = table.put_blob(img, &data)?;
     Ok(Ok(FileKind::UnixConnected {
         ty,

@@ -1425,21 +1425,12 @@ pub fn check_in_flight(
         .flat_map(|p| p.fds.iter().map(|f| f.file))
         .collect();
     for f in &m.files {
-        let (by_name, messages) = match &f.kind {
-            FileKind::UnixConnected {
-                ty,
-                peer_name,
-                messages,
-                ..
-            } => (*ty == libc::SOCK_DGRAM && peer_name.is_some(), messages),
-            FileKind::Unix { messages, .. } => (false, messages),
+        let messages = match &f.kind {
+            FileKind::UnixConnected { messages, .. } | FileKind::Unix { messages, .. } => messages,
             _ => continue,
         };
         for x in f.kind.in_flight() {
-            // A datagram socket connected by name is filled before the
-            // files exist.
-            if by_name
-                || x.message as usize >= messages.len()
+            if x.message as usize >= messages.len()
                 || x.files.len() > 253
                 || x.files.iter().any(|id| !held.contains(id))
             {

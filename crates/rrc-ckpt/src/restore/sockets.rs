@@ -126,9 +126,17 @@ fn refill(
 /// of the tree exists, by [`send_in_flight`].
 pub struct Deferred {
     file: usize,
-    from: OwnedFd,
+    /// The sender of each message in turn (one for them all: the first).
+    from: Vec<OwnedFd>,
     /// The socket itself, shut down as the image says once filled.
     end: OwnedFd,
+    /// A datagram socket connected by name: its own name, the messages
+    /// are sent to (its peer end is not ours to send from).
+    to: Option<UnixAddr>,
+    /// The name it connects to once every queue is in (a datagram socket
+    /// connected by name; then it has no messages of its own here), after
+    /// those deferred before it.
+    connect: Option<UnixAddr>,
 }
 
 /// Queues `f`'s saved incoming messages from `from`, its peer end, now
@@ -150,8 +158,10 @@ fn refill_or_defer(
             };
             deferred.push(Deferred {
                 file: f.id,
-                from: keep(from)?,
+                from: vec![keep(from)?],
                 end: keep(end)?,
+                to: None,
+                connect: None,
             });
             Ok(false)
         }
@@ -169,6 +179,10 @@ pub fn send_in_flight(
     img: &ImageDir,
     mut holder: impl FnMut(usize) -> Result<OwnedFd>,
 ) -> Result<()> {
+    // Datagram sockets connected by name connect once every queue is in
+    // (a connected one takes datagrams from its peer alone), in the order
+    // they were made in.
+    let mut connect_later = Vec::new();
     for d in deferred {
         let Some(f) = files.iter().find(|f| f.id == d.file) else {
             continue;
@@ -189,18 +203,35 @@ pub fn send_in_flight(
                 .collect::<Result<Vec<OwnedFd>>>()?;
             let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
             let fail = |e: std::io::Error| rerr(0, format!("requeue files in flight: {e}"));
+            let Some(from) = d.from.get(i).or(d.from.first()) else {
+                break;
+            };
+            if let Some(to) = &d.to {
+                sys::send_with_fds_to(from.as_fd(), m, &raw, to).map_err(fail)?;
+                continue;
+            }
             // The files go with the first bytes; a stream takes the rest
             // in as many writes as it likes.
-            let mut sent = sys::send_with_fds(d.from.as_fd(), m, &raw, true).map_err(fail)?;
+            let mut sent = sys::send_with_fds(from.as_fd(), m, &raw, true).map_err(fail)?;
             while sent < m.len() {
                 sent +=
-                    nix::sys::socket::send(d.from.as_raw_fd(), &m[sent..], MsgFlags::MSG_DONTWAIT)
+                    nix::sys::socket::send(from.as_raw_fd(), &m[sent..], MsgFlags::MSG_DONTWAIT)
                         .map_err(|e| fail(e.into()))?;
             }
         }
         // A widowed socket sees its peer gone from here on.
         drop(d.from);
-        shut(f, &d.end, 0)?;
+        match (d.connect, d.to) {
+            (Some(peer), _) => connect_later.push((f, d.end, peer)),
+            (None, None) => shut(f, &d.end, 0)?,
+            // Shut down once connected, by its connect entry.
+            (None, Some(_)) => {}
+        }
+    }
+    for (f, end, peer) in connect_later {
+        connect(end.as_raw_fd(), &peer)
+            .map_err(|e| rerr(0, format!("reconnect unix socket to {peer}: {e}")))?;
+        shut(f, &end, 0)?;
     }
     Ok(())
 }
@@ -429,6 +460,13 @@ fn build_unix_all(
     for f in &by_name {
         bound.insert(f.id, unix_socket(f, pid)?);
     }
+    // Queues carrying files in flight are filled once every file exists:
+    // those sockets, and all of this batch after them, connect then.
+    let late = by_name.iter().any(|f| !f.kind.in_flight().is_empty());
+    let keep = |s: &OwnedFd| {
+        s.try_clone()
+            .map_err(|e| rerr(pid, format!("keep a unix socket: {e}")))
+    };
     // The datagram socket of the tree bound to a name, made by now.
     let named = |n: &UnixName| -> Option<&OwnedFd> {
         unix.iter().find_map(|f| {
@@ -453,42 +491,53 @@ fn build_unix_all(
             continue;
         };
         let to = unix_addr(name).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
-        if let FileKind::UnixConnected {
-            senders,
-            messages,
-            data,
-            ..
-        } = &f.kind
-            && !senders.is_empty()
-        {
-            // Each message from its own sender: a socket of the tree of
-            // that name, or one without a name.
-            let unnamed = unnamed_sender(pid)?;
-            for (m, from) in saved_messages(img, messages, data)?.iter().zip(senders) {
-                let s = match from {
-                    None => &unnamed,
-                    Some(n) => named(n).unwrap_or_else(|| {
-                        tracing::warn!(pid, "a datagram from {n:?}, outside the tree, comes from a socket without a name");
-                        &unnamed
-                    }),
-                };
-                nix::sys::socket::sendto(s.as_raw_fd(), m, &to, MsgFlags::MSG_DONTWAIT)
-                    .map_err(|e| rerr(pid, format!("requeue unix socket data: {e}")))?;
+        let carries_files = !f.kind.in_flight().is_empty();
+        let unnamed = unnamed_sender(pid)?;
+        let senders: Vec<&OwnedFd> = match &f.kind {
+            FileKind::UnixConnected {
+                senders, messages, ..
+            } if !senders.is_empty() => {
+                // Each message from its own sender: a socket of the tree
+                // of that name, or one without a name.
+                (senders.iter().take(messages.len()))
+                    .map(|from| match from {
+                        None => &unnamed,
+                        Some(n) => named(n).unwrap_or_else(|| {
+                            tracing::warn!(pid, "a datagram from {n:?}, outside the tree, comes from a socket without a name");
+                            &unnamed
+                        }),
+                    })
+                    .collect()
             }
+            _ => {
+                let peer = connected(f).map(|(_, p)| p).unwrap_or(0);
+                let from_peer = made
+                    .at
+                    .get(&peer)
+                    .map(|&at| &out[at].1)
+                    .or_else(|| by_ino.get(&peer).and_then(|o| bound.get(&o.id)));
+                vec![from_peer.unwrap_or(&unnamed)]
+            }
+        };
+        if carries_files {
+            deferred.push(Deferred {
+                file: f.id,
+                from: senders.into_iter().map(keep).collect::<Result<_>>()?,
+                end: keep(&bound[&f.id])?,
+                to: Some(to),
+                connect: None,
+            });
             continue;
         }
-        let peer = connected(f).map(|(_, p)| p).unwrap_or(0);
-        let from_peer = made
-            .at
-            .get(&peer)
-            .map(|&at| &out[at].1)
-            .or_else(|| by_ino.get(&peer).and_then(|o| bound.get(&o.id)));
-        match from_peer {
-            Some(from) => refill(f, from, Some(&to), img, pid)?,
-            None => {
-                let sender = unnamed_sender(pid)?;
-                refill(f, &sender, Some(&to), img, pid)?;
-            }
+        let FileKind::UnixConnected { messages, data, .. } = &f.kind else {
+            continue;
+        };
+        for (i, m) in saved_messages(img, messages, data)?.iter().enumerate() {
+            let Some(from) = senders.get(i).or(senders.first()) else {
+                break;
+            };
+            nix::sys::socket::sendto(from.as_raw_fd(), m, &to, MsgFlags::MSG_DONTWAIT)
+                .map_err(|e| rerr(pid, format!("requeue unix socket data: {e}")))?;
         }
     }
     // Once connected, a socket takes datagrams from its peer alone, and
@@ -520,6 +569,17 @@ fn build_unix_all(
                 continue;
             };
             let a = unix_addr(p).map_err(|e| rerr(pid, format!("unix address: {e}")))?;
+            if late {
+                // Once the queues deferred are in, in this order.
+                deferred.push(Deferred {
+                    file: f.id,
+                    from: Vec::new(),
+                    end: keep(&bound[&f.id])?,
+                    to: None,
+                    connect: Some(a),
+                });
+                continue;
+            }
             connect(bound[&f.id].as_raw_fd(), &a)
                 .map_err(|e| rerr(pid, format!("reconnect unix socket to {p:?}: {e}")))?;
         }
@@ -527,7 +587,12 @@ fn build_unix_all(
     }
     for f in &by_name {
         let s = bound.remove(&f.id).expect("made above");
-        finish_unix(f, &s, pid)?;
+        if late {
+            // Shut down once connected.
+            finish_unshut(f, &s, pid)?;
+        } else {
+            finish_unix(f, &s, pid)?;
+        }
         made.keep(f, s, out);
     }
     // Connections made as pairs: both ends in the tree, or one end alone
