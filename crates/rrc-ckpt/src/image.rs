@@ -283,6 +283,20 @@ impl ProcessImage {
             .then(|| target.nested_pids[d - 1])
     }
 
+    /// Thread `tid` (of the tree's namespace) as this process sees it, as
+    /// [`ProcessImage::sees`] does a process.
+    pub fn sees_thread(&self, procs: &BTreeMap<i32, ProcessImage>, tid: i32) -> Option<i32> {
+        let d = self.depth();
+        if d == 0 {
+            return Some(tid);
+        }
+        let (owner, th) = procs
+            .values()
+            .find_map(|p| p.threads.iter().find(|t| t.tid == tid).map(|t| (p, t)))?;
+        self.sees(procs, owner.pid)?;
+        th.nested_tids.get(d - 1).copied()
+    }
+
     /// The first process of the namespace it is in at `depth` (1 = just
     /// below the tree's), following namespaces outwards from its own.
     fn pid_ns_at(&self, procs: &BTreeMap<i32, ProcessImage>, depth: usize) -> Option<i32> {

@@ -227,12 +227,14 @@ impl FileTable {
 const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
 
 /// Gives each open file its signal owner in the tree's numbering, once
-/// the whole tree is known; an owner outside the tree is a problem (the
-/// restored file could only signal someone else).
+/// the whole tree is known (its root has `depth` levels of pids); an
+/// owner outside the tree is a problem (the restored file could only
+/// signal someone else).
 pub fn resolve_owners(
     table: &mut FileTable,
     ns_of: &std::collections::BTreeMap<Pid, i32>,
     images: &[ProcessImage],
+    depth: usize,
     problems: &mut Vec<String>,
 ) {
     for &(id, ty, host) in &table.owners {
@@ -250,9 +252,7 @@ pub fn resolve_owners(
                 .find(|(p, _)| nix::unistd::getpgid(Some(**p)).ok() == Some(Pid::from_raw(host)))
                 .and_then(|(_, ns)| images.iter().find(|i| i.pid == *ns))
                 .map(|i| i.pgid),
-            _ => crate::dump::process::ns_pid(host, None)
-                .ok()
-                .map(|(n, _)| n),
+            _ => crate::dump::process::tree_tid(host, depth),
         };
         let known = ns.filter(|&n| match kind {
             OwnerKind::Thread => images.iter().any(|i| i.threads.iter().any(|t| t.tid == n)),
@@ -270,7 +270,7 @@ pub fn resolve_owners(
 }
 
 /// Numbers the process (or thread) of every pidfd as the tree does, once
-/// the whole tree is known. A pidfd of a process outside the tree is a
+/// the whole tree is known (its root has `depth` levels of pids). A pidfd of a process outside the tree is a
 /// problem (the restored one could only name another process), and so is
 /// one an epoll watches that no process holding the epoll holds (pidfds
 /// are made, and then registered, at the end of a restore, by a process
@@ -279,6 +279,7 @@ pub fn resolve_pidfds(
     table: &mut FileTable,
     ns_of: &std::collections::BTreeMap<Pid, i32>,
     images: &[ProcessImage],
+    depth: usize,
     problems: &mut Vec<String>,
 ) {
     // Pidfds watched by an epoll that no process holding them holds.
@@ -308,12 +309,12 @@ pub fn resolve_pidfds(
         } else {
             Some(host)
         };
-        let ours = tgid.and_then(|g| ns_of.get(&Pid::from_raw(g)).map(|ns| (g, *ns)));
-        let numbered = ours.and_then(|(g, ns)| {
+        let ours = tgid.and_then(|g| ns_of.get(&Pid::from_raw(g)).copied());
+        let numbered = ours.and_then(|ns| {
             if !thread {
                 return Some(ns);
             }
-            let tid = crate::dump::process::ns_pid(g, Some(host)).ok()?.0;
+            let tid = crate::dump::process::tree_tid(host, depth)?;
             (images.iter())
                 .find(|i| i.pid == ns)
                 .filter(|i| i.threads.iter().any(|t| t.tid == tid))

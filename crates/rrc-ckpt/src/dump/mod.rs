@@ -540,9 +540,9 @@ pub(crate) fn take(
     )?;
     files::check_unix_peers(&mut files, &mut problems);
     files::check_deleted_watches(&files, &mut problems);
-    files::resolve_owners(&mut files, &ns_of, &images, &mut problems);
+    files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);
-    files::resolve_pidfds(&mut files, &ns_of, &images, &mut problems);
+    files::resolve_pidfds(&mut files, &ns_of, &images, depth, &mut problems);
     files.finish(img)?;
     let sockets = files.socket_time;
     // Dropped on any error from here on, the set takes the connections out

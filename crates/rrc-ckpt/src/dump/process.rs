@@ -38,6 +38,19 @@ pub fn ns_pid(pid: i32, tid: Option<i32>) -> Result<(i32, usize)> {
     Ok((*levels.last().unwrap_or(&pid), levels.len()))
 }
 
+/// Task `host` (a pid or tid of ours) as the tree's pid namespace numbers
+/// it: the tree's root has `depth` levels of pids.
+pub fn tree_tid(host: i32, depth: usize) -> Option<i32> {
+    let text = pfs::read_text(format!("/proc/{host}/status")).ok()?;
+    let levels: Vec<i32> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    levels.get(depth.max(1) - 1).copied()
+}
+
 /// The session of the parent of a tree's root, as the tree's pid
 /// namespace numbers it (0 when the tree is a pid namespace of its own, or
 /// the parent is not in the tree's namespace).

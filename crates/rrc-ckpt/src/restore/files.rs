@@ -1219,6 +1219,7 @@ impl Drop for GhostDir {
 pub fn set_owners(
     t: &mut Tracee,
     p: &ProcessImage,
+    procs: &BTreeMap<i32, ProcessImage>,
     m: &Manifest,
     first: &mut HashSet<usize>,
 ) -> Result<()> {
@@ -1231,9 +1232,23 @@ pub fn set_owners(
             continue;
         }
         if let Some(owner) = f.owner {
+            // Numbered as this process sees it (in a nested pid namespace,
+            // not as the tree does).
+            let id = match owner.kind {
+                crate::image::OwnerKind::Thread => p.sees_thread(procs, owner.id),
+                _ => p.sees(procs, owner.id),
+            };
+            let Some(id) = id else {
+                tracing::warn!(
+                    pid = p.pid,
+                    fd = fd.fd,
+                    "the signal owner is not in sight of the process: not set"
+                );
+                continue;
+            };
             let mut ex = Vec::with_capacity(8);
             ex.extend_from_slice(&owner.kind.raw().to_ne_bytes());
-            ex.extend_from_slice(&owner.id.to_ne_bytes());
+            ex.extend_from_slice(&id.to_ne_bytes());
             let a = t.arg(&ex)?;
             t.call(
                 "set the signal owner",

@@ -1030,7 +1030,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         }
         let mut owned = std::collections::HashSet::new();
         for t in ctx.done.iter_mut() {
-            files::set_owners(t, &procs[&t.ns_pid], &m, &mut owned)?;
+            files::set_owners(t, &procs[&t.ns_pid], &procs, &m, &mut owned)?;
         }
         // Files in flight once every file exists, pidfds included.
         files::pass_in_flight(&mut ctx.done, &procs, &m, &img, &mut ctx.plan)?;
