@@ -721,7 +721,8 @@ pub enum FileKind {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         in_flight: Vec<InFlight>,
     },
-    /// An unconnected TCP socket, or a UDP socket (bound and/or connected).
+    /// An unconnected TCP socket, a TCP socket connecting (`SYN_SENT`: both
+    /// addresses), or a UDP socket (bound and/or connected).
     Inet {
         family: i32,
         ty: i32,

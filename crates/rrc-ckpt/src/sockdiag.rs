@@ -1,6 +1,7 @@
 //! The kernel's sock_diag interface: one dump request, every answer.
 //! Unix sockets are read through it in [`crate::unixdiag`]; here, the TCP
-//! listeners that hold connections their program has not accepted yet.
+//! listeners that hold connections their program has not accepted yet, and
+//! where a connection under way is going.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -66,6 +67,49 @@ fn dump_on(
     }
 }
 
+/// An IPv4-mapped IPv6 address as the IPv4 one it maps.
+fn unmapped(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        a => a,
+    }
+}
+
+/// Where the TCP socket of inode `ino` in process `pid`'s network
+/// namespace is connecting to, while it is (`SYN_SENT`: it has no peer
+/// name yet).
+pub fn connecting_to(pid: nix::unistd::Pid, ino: u32) -> Option<SocketAddr> {
+    let look = || -> std::io::Result<Option<SocketAddr>> {
+        let socket = open()?;
+        let mut found = None;
+        for (family, any) in [
+            (libc::AF_INET as u8, SocketId::new_v4()),
+            (libc::AF_INET6 as u8, SocketId::new_v6()),
+        ] {
+            let request = SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: libc::IPPROTO_TCP as u8,
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::SYN_SENT,
+                socket_id: any,
+            });
+            dump_on(&socket, request, |m| {
+                if let SockDiagMessage::InetResponse(r) = m
+                    && r.header.inode == ino
+                {
+                    let id = &r.header.socket_id;
+                    found = Some(SocketAddr::new(
+                        unmapped(id.destination_address),
+                        id.destination_port,
+                    ));
+                }
+            })?;
+        }
+        Ok(found)
+    };
+    crate::common::in_netns_of(pid, look).ok()?.ok()?
+}
+
 /// Asks a process's network namespace about its TCP listeners, again and
 /// again: entering the namespace (a thread of its own) costs more than the
 /// question, so a series of checkpoints keeps one.
@@ -106,15 +150,7 @@ impl ListenerProbe {
                     let id = &r.header.socket_id;
                     out.push(BusyListener {
                         inode: r.header.inode,
-                        addr: SocketAddr::new(
-                            match id.source_address {
-                                IpAddr::V6(a) => {
-                                    a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
-                                }
-                                a => a,
-                            },
-                            id.source_port,
-                        ),
+                        addr: SocketAddr::new(unmapped(id.source_address), id.source_port),
                         waiting: r.header.recv_queue,
                     });
                 }

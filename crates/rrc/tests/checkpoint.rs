@@ -627,6 +627,11 @@ fn refused_for_each(fixture: &str, whats: &[&str]) {
 }
 
 #[test]
+fn tcp_connections_under_way_complete_after_restore() {
+    checkpoint_restore("sk_tcp_syn_sent");
+}
+
+#[test]
 fn files_in_flight_on_datagram_sockets_connected_by_name_arrive_after_restore() {
     checkpoint_restore("sk_unix_scm_rights_by_name");
 }

@@ -1465,6 +1465,21 @@ fn socket_kind(
             peer: None,
             options,
         })),
+        // Connecting: nothing was exchanged yet but the SYN, which a
+        // restore sends again from the same address.
+        tcp::TCP_SYN_SENT => match (
+            local,
+            peer.or_else(|| crate::sockdiag::connecting_to(pid, ino)),
+        ) {
+            (Some(local), Some(peer)) => Ok(Ok(FileKind::Inet {
+                family: domain,
+                ty,
+                local: Some(local.to_string()),
+                peer: Some(peer.to_string()),
+                options,
+            })),
+            _ => Ok(Err("a connecting TCP socket without addresses".into())),
+        },
         tcp::TCP_ESTABLISHED
         | tcp::TCP_CLOSE_WAIT
         | tcp::TCP_FIN_WAIT1

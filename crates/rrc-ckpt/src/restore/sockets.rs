@@ -754,7 +754,33 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
             }
             if let Some(p) = peer {
                 let a = SockaddrStorage::from(parse_addr(pid, p)?);
-                connect(s.as_raw_fd(), &a).map_err(|e| io(&format!("connect {p}"))(e.into()))?;
+                if sty == SockType::Stream {
+                    // A connection under way: its SYN is sent again and the
+                    // program sees it complete (or fail) as it would have.
+                    set_nonblocking(&s, libc::O_NONBLOCK as u32).map_err(io("socket flags"))?;
+                    match connect(s.as_raw_fd(), &a) {
+                        Ok(()) | Err(nix::Error::EINPROGRESS) => {}
+                        Err(e) => tracing::warn!(
+                            pid,
+                            peer = %p,
+                            error = %e,
+                            "a connection under way failed again at once: its socket is left unconnected"
+                        ),
+                    }
+                    if f.flags & libc::O_NONBLOCK as u32 == 0 {
+                        // A blocking connect() the program is in goes on
+                        // waiting once restarted.
+                        let cur = nix::fcntl::fcntl(&s, nix::fcntl::FcntlArg::F_GETFL)
+                            .map_err(|e| io("socket flags")(e.into()))?;
+                        let new = nix::fcntl::OFlag::from_bits_truncate(cur)
+                            - nix::fcntl::OFlag::O_NONBLOCK;
+                        nix::fcntl::fcntl(&s, nix::fcntl::FcntlArg::F_SETFL(new))
+                            .map_err(|e| io("socket flags")(e.into()))?;
+                    }
+                } else {
+                    connect(s.as_raw_fd(), &a)
+                        .map_err(|e| io(&format!("connect {p}"))(e.into()))?;
+                }
             }
             set_nonblocking(&s, f.flags).map_err(io("socket flags"))?;
             Ok((s, false))
