@@ -668,11 +668,8 @@ fn fanotify_permission_groups_are_refused_by_name_and_left_running() {
 }
 
 #[test]
-fn inotify_watches_on_deleted_files_held_only_by_a_mapping_are_refused_by_name_and_left_running() {
-    refused(
-        "unsupported_inotify_deleted",
-        "inotify watch 3 is on a file that was deleted",
-    );
+fn inotify_watches_on_deleted_files_held_only_by_a_mapping_are_made_on_its_recreation() {
+    checkpoint_restore("inotify_deleted_mapped");
 }
 
 #[test]

@@ -1263,9 +1263,26 @@ fn peek_messages(
 /// of the tree holds open: the file the restore recreates for that fd is
 /// watched again. A deleted file held only by the watch, a mapping or a
 /// handle is not.
-pub fn check_deleted_watches(table: &FileTable, problems: &mut Vec<String>) {
-    // Deleted files an fd of the tree holds, recreated at restore (those
-    // still linked elsewhere are opened again instead, not recreated).
+pub fn check_deleted_watches(
+    table: &FileTable,
+    images: &[ProcessImage],
+    problems: &mut Vec<String>,
+) {
+    // Deleted files an fd of the tree holds or a process maps, recreated at
+    // restore (those still linked elsewhere are opened again instead, not
+    // recreated).
+    let mapped = images
+        .iter()
+        .flat_map(|p| p.vmas.iter())
+        .filter_map(|v| match v.kind {
+            crate::image::VmaKind::File {
+                dev,
+                ino,
+                deleted: Some(_),
+                ..
+            } => Some((dev, ino)),
+            _ => None,
+        });
     let ghosts: std::collections::HashSet<(u64, u64)> = (table.files.iter())
         .filter_map(|f| match f.kind {
             FileKind::Regular {
@@ -1275,6 +1292,7 @@ pub fn check_deleted_watches(table: &FileTable, problems: &mut Vec<String>) {
             } => Some((dev, ino)),
             _ => None,
         })
+        .chain(mapped)
         .collect();
     for f in &table.files {
         let (p, fd) = table.holders[f.id];
@@ -1284,7 +1302,8 @@ pub fn check_deleted_watches(table: &FileTable, problems: &mut Vec<String>) {
                 for w in watches.iter().filter(|w| lost(w.deleted)) {
                     problems.push(format!(
                         "process {p}: fd {fd}: inotify watch {} is on a file that was deleted \
-                         ({}) and that no fd of the tree holds open, which cannot be watched again",
+                         ({}) and that no process of the tree holds open or maps, which cannot be \
+                         watched again",
                         w.wd, w.path
                     ));
                 }
@@ -1293,7 +1312,8 @@ pub fn check_deleted_watches(table: &FileTable, problems: &mut Vec<String>) {
                 for m in marks.iter().filter(|m| lost(m.deleted)) {
                     problems.push(format!(
                         "process {p}: fd {fd}: a fanotify mark on a file that was deleted \
-                         ({}) and that no fd of the tree holds open, which cannot be marked again",
+                         ({}) and that no process of the tree holds open or maps, which cannot be \
+                         marked again",
                         m.path
                     ));
                 }

@@ -539,7 +539,7 @@ pub(crate) fn take(
         &mut problems,
     )?;
     files::check_unix_peers(&mut files, &mut problems);
-    files::check_deleted_watches(&files, &mut problems);
+    files::check_deleted_watches(&files, &images, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);
     files::resolve_pidfds(&mut files, &ns_of, &images, depth, &mut problems);

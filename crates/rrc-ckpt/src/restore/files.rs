@@ -63,6 +63,9 @@ pub struct FilePlan {
     pub deferred: Vec<sockets::Deferred>,
     /// Time spent building and passing sockets.
     pub socket_time: std::time::Duration,
+    /// Deleted files only mappings hold, by (device, inode): a watch on
+    /// one is made on its recreation too.
+    mapped_ghosts: HashMap<(u64, u64), crate::image::Owner>,
 }
 
 impl FilePlan {
@@ -213,6 +216,19 @@ impl FilePlan {
             repaired: Vec::new(),
             deferred: Vec::new(),
             socket_time: std::time::Duration::ZERO,
+            mapped_ghosts: procs
+                .values()
+                .flat_map(|p| p.vmas.iter())
+                .filter_map(|v| match v.kind {
+                    crate::image::VmaKind::File {
+                        dev,
+                        ino,
+                        deleted: Some(owner),
+                        ..
+                    } => Some(((dev, ino), owner)),
+                    _ => None,
+                })
+                .collect(),
         }
     }
 }
@@ -794,7 +810,10 @@ fn fanotify(
 
 /// Every fanotify group is for notifications only, and every mark is on
 /// an absolute path, with flags a restore sets again.
-pub fn check_fanotify(m: &Manifest) -> std::result::Result<(), String> {
+pub fn check_fanotify(
+    m: &Manifest,
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> std::result::Result<(), String> {
     for f in &m.files {
         let FileKind::Fanotify {
             init_flags, marks, ..
@@ -814,7 +833,7 @@ pub fn check_fanotify(m: &Manifest) -> std::result::Result<(), String> {
                 || k.path.contains('\0')
                 || (k.mask == 0 && k.ignored_mask == 0)
                 || k.deleted
-                    .is_some_and(|key| k.on != MarkOn::File || ghost_of(m, key).is_none())
+                    .is_some_and(|key| k.on != MarkOn::File || !recreatable(m, procs, key))
         }) {
             return Err(format!(
                 "fanotify group {} has a mark on {:?} with flags {:#x}",
@@ -915,19 +934,35 @@ fn recreated(
     img: &ImageDir,
     m: &Manifest,
 ) -> Result<String> {
-    let (id, owner) = ghost_of(m, key).ok_or_else(|| {
-        rerr(
-            pid,
-            "recreate a deleted file",
-            format!("{path}: not in the image"),
-        )
-    })?;
-    Ok(
-        GhostDir::made(&mut plan.ghosts, key, &img.file_data(id), owner)
-            .map_err(|e| rerr(pid, "recreate a deleted file", format!("{path}: {e}")))?
-            .to_string_lossy()
-            .into_owned(),
-    )
+    // Recreated from an fd's copy, or from a mapping's: the same file for
+    // both, made once.
+    let (data, owner) = match ghost_of(m, key) {
+        Some((id, owner)) => (img.file_data(id), owner),
+        None => match plan.mapped_ghosts.get(&key) {
+            Some(owner) => (img.mapped_data(key.0, key.1), *owner),
+            None => {
+                return Err(rerr(
+                    pid,
+                    "recreate a deleted file",
+                    format!("{path}: not in the image"),
+                ));
+            }
+        },
+    };
+    Ok(GhostDir::made(&mut plan.ghosts, key, &data, owner)
+        .map_err(|e| rerr(pid, "recreate a deleted file", format!("{path}: {e}")))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// Whether deleted file `key` is recreated by a restore of the image: an
+/// fd or a mapping of the tree holds it.
+fn recreatable(m: &Manifest, procs: &BTreeMap<i32, ProcessImage>, key: (u64, u64)) -> bool {
+    ghost_of(m, key).is_some()
+        || procs.values().flat_map(|p| p.vmas.iter()).any(|v| {
+            matches!(v.kind, crate::image::VmaKind::File { dev, ino, deleted: Some(_), .. }
+                if (dev, ino) == key)
+        })
 }
 
 /// The open file a deleted file `key` is recreated from, and its owner:
@@ -1011,7 +1046,10 @@ fn fanotify_event_fds(events: &[u8]) -> Vec<i32> {
 /// Every watch of every inotify instance is at a descriptor an instance
 /// can give, for events inotify knows, on an absolute path; one on a
 /// deleted file names a deleted file the image recreates.
-pub fn check_inotify(m: &Manifest) -> std::result::Result<(), String> {
+pub fn check_inotify(
+    m: &Manifest,
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> std::result::Result<(), String> {
     let known = libc::IN_ALL_EVENTS | libc::IN_ONESHOT | libc::IN_EXCL_UNLINK;
     for f in &m.files {
         if let FileKind::Inotify { watches } = &f.kind {
@@ -1023,7 +1061,7 @@ pub fn check_inotify(m: &Manifest) -> std::result::Result<(), String> {
                     || w.mask & libc::IN_ALL_EVENTS == 0
                     || !w.path.starts_with('/')
                     || w.path.contains('\0')
-                    || w.deleted.is_some_and(|key| ghost_of(m, key).is_none())
+                    || w.deleted.is_some_and(|key| !recreatable(m, procs, key))
                 {
                     return Err(format!(
                         "inotify instance {} has a watch {} on {:?} with mask {:#x}",

@@ -306,10 +306,10 @@ fn check_references(
             "a process is in session {sid}, which is not a process id"
         )));
     }
-    files::check_inotify(m).map_err(corrupt)?;
+    files::check_inotify(m, procs).map_err(corrupt)?;
     files::check_pidfds(m, procs).map_err(corrupt)?;
     files::check_in_flight(m, procs).map_err(corrupt)?;
-    files::check_fanotify(m).map_err(corrupt)?;
+    files::check_fanotify(m, procs).map_err(corrupt)?;
     pidns::check(procs, m.root).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
