@@ -120,6 +120,10 @@ pub struct ProcessImage {
     /// namespace (after `unshare(CLONE_NEWPID)` or `setns`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub children_pid_ns: Option<ChildrenPidNs>,
+    /// The first process of a UTS namespace of its own (its parent's is
+    /// another): the names in it, which its descendants share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uts: Option<UtsNames>,
     pub pgid: i32,
     pub sid: i32,
     pub exe: String,
@@ -189,6 +193,13 @@ pub struct ProcessImage {
     pub child_subreaper: bool,
     pub thp_disable: bool,
     pub keepcaps: bool,
+}
+
+/// The names of a UTS namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UtsNames {
+    pub hostname: String,
+    pub domainname: String,
 }
 
 /// The pid namespace a process's next children are made in, when not its

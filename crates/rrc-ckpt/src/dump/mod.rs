@@ -4,7 +4,7 @@
 pub(crate) mod files;
 pub mod inject;
 pub(crate) mod memory;
-mod pidns;
+mod namespaces;
 pub(crate) mod process;
 pub mod seize;
 mod splice;
@@ -327,7 +327,7 @@ pub(crate) fn take(
     }
     // Each process's pids from the tree's namespace inwards, and where it
     // stands among the namespaces nested in it.
-    let levels = pidns::PidLevels::new(&statuses, t.root)?;
+    let levels = namespaces::PidLevels::new(&statuses, t.root)?;
     let depth = levels.depth;
     let root_ns_pid = levels.tree_pid(t.root);
     let own_pid_ns = depth > 1 && root_ns_pid == 1;
@@ -343,7 +343,7 @@ pub(crate) fn take(
     for p in &seized.processes {
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
-    pidns::check_shared(t.root, &seized.processes, &mut problems);
+    let mut uts = namespaces::check_shared(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
         &seized.processes,
@@ -406,7 +406,7 @@ pub(crate) fn take(
         let t0 = Instant::now();
         let mut inj = Injector::new(p)?;
         let mut ts = process::threads_and_signals(p, &mut inj, cpu.xsave_size)?;
-        pidns::thread_levels(p, &levels, &mut ts.threads)?;
+        namespaces::thread_levels(p, &levels, &mut ts.threads)?;
         for (th, own) in ts.threads.iter_mut().zip(thread_seccomp) {
             th.seccomp = own;
         }
@@ -470,6 +470,7 @@ pub(crate) fn take(
             nested_pids: place.nested_pids,
             pid_ns: place.pid_ns,
             children_pid_ns: place.children_pid_ns,
+            uts: uts.remove(&p.pid),
             pgid: tree_level(&status.nspgid, st.pgrp),
             sid: tree_level(&status.nssid, st.session),
             exe: link("exe"),

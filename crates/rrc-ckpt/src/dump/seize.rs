@@ -213,20 +213,28 @@ impl Seized {
             // only once we collect that: a group leader waits for its other
             // threads, a pid namespace's init for every task of the
             // namespace. So collect whatever is ready, in any order. The
-            // first process of a nested pid namespace ends only once the
-            // others in it are reaped, by parents that may be waiting for
-            // us: one past the point of no return is as good as gone.
+            // first process of a pid namespace nested in the tree's ends
+            // only once the others in it are reaped, by parents that may be
+            // waiting for us: once on its way out, it is as good as gone.
+            let firsts = self.nested_firsts();
             let mut left: Vec<Pid> = self
                 .processes
                 .iter()
                 .flat_map(|p| p.threads.iter().map(|t| t.tid))
                 .collect();
             let mut lingering = Vec::new();
-            collect_deaths(&mut left, Some(&mut lingering));
+            collect_deaths(&mut left, &firsts, &mut lingering);
             if !lingering.is_empty() {
                 // Their deaths are ours to collect still (or their parents
-                // never see them): a thread of ours does it meanwhile.
-                std::thread::spawn(move || collect_deaths(&mut lingering, None));
+                // never see them): a thread of ours does it meanwhile,
+                // never past the task it knew (a pid restored anew is
+                // another).
+                std::thread::spawn(move || {
+                    let mut tids: Vec<Pid> = lingering.iter().map(|(t, _)| *t).collect();
+                    let starts: std::collections::HashMap<Pid, u64> =
+                        lingering.into_iter().collect();
+                    collect_deaths_of(&mut tids, |t| start_time(t) == starts.get(&t).copied());
+                });
             }
         } else {
             for p in &self.processes {
@@ -238,22 +246,26 @@ impl Seized {
     }
 }
 
-/// Collects the deaths of traced threads `left` for up to 30 s; with
-/// `lingering`, moves there those that are on their way out but not dead
-/// yet instead of waiting for them.
-fn collect_deaths(left: &mut Vec<Pid>, mut lingering: Option<&mut Vec<Pid>>) {
+/// Collects the deaths of traced threads `left` for up to 30 s; moves to
+/// `lingering` (with their start times) those of `firsts` that are on
+/// their way out but not dead yet, instead of waiting for them.
+fn collect_deaths(
+    left: &mut Vec<Pid>,
+    firsts: &std::collections::HashSet<Pid>,
+    lingering: &mut Vec<(Pid, u64)>,
+) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !left.is_empty() && std::time::Instant::now() < deadline {
         left.retain(
             |&tid| match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
-                Ok(WaitStatus::StillAlive) => match lingering.as_mut() {
-                    Some(l) if exiting(tid) => {
-                        l.push(tid);
-                        false
+                Ok(WaitStatus::StillAlive) if firsts.contains(&tid) && exiting(tid) => {
+                    if let Some(at) = start_time(tid) {
+                        lingering.push((tid, at));
                     }
-                    _ => true,
-                },
+                    false
+                }
+                Ok(WaitStatus::StillAlive) => true,
                 Ok(_) => {
                     let _ = nix::sys::ptrace::cont(tid, None);
                     true
@@ -262,6 +274,35 @@ fn collect_deaths(left: &mut Vec<Pid>, mut lingering: Option<&mut Vec<Pid>>) {
         );
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+}
+
+/// As [`collect_deaths`], for threads `still` says are the ones meant.
+fn collect_deaths_of(left: &mut Vec<Pid>, still: impl Fn(Pid) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        left.retain(|&tid| {
+            if !still(tid) {
+                return false;
+            }
+            match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
+                Ok(WaitStatus::StillAlive) => true,
+                Ok(_) => {
+                    let _ = nix::sys::ptrace::cont(tid, None);
+                    true
+                }
+            }
+        });
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// When task `tid` started (its stat's field 22), which tells it from a
+/// later task given the same number.
+fn start_time(tid: Pid) -> Option<u64> {
+    let s = crate::procfs::read_text(format!("/proc/{tid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Whether thread `tid` is on its way out (`PF_EXITING` in its stat's
@@ -278,6 +319,35 @@ fn exiting(tid: Pid) -> bool {
 }
 
 impl Seized {
+    /// The threads of the processes that are the first (pid 1) of a pid
+    /// namespace nested in the root's.
+    fn nested_firsts(&self) -> std::collections::HashSet<Pid> {
+        let levels = |pid: Pid| -> Vec<i32> {
+            crate::procfs::read_text(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|t| {
+                    t.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|l| {
+                        l.split_whitespace()
+                            .filter_map(|w| w.parse().ok())
+                            .collect()
+                    })
+                })
+                .unwrap_or_default()
+        };
+        let Some(root) = self.processes.first() else {
+            return Default::default();
+        };
+        let depth = levels(root.pid).len();
+        self.processes
+            .iter()
+            .filter(|p| {
+                let l = levels(p.pid);
+                l.len() > depth && l.last() == Some(&1)
+            })
+            .flat_map(|p| p.threads.iter().map(|t| t.tid))
+            .collect()
+    }
+
     /// How long the tree was stopped, once it was let go or killed.
     pub fn stopped_for(&self) -> Option<std::time::Duration> {
         self.stopped_for

@@ -14,7 +14,7 @@ mod cow;
 mod files;
 pub mod lazy;
 mod mm;
-mod pidns;
+mod namespaces;
 mod sockets;
 pub use files::GhostPlace;
 pub use sockets::{Connection, build_connections};
@@ -310,7 +310,7 @@ fn check_references(
     files::check_pidfds(m, procs).map_err(corrupt)?;
     files::check_in_flight(m, procs).map_err(corrupt)?;
     files::check_fanotify(m, procs).map_err(corrupt)?;
-    pidns::check(procs, m.root).map_err(corrupt)?;
+    namespaces::check(procs, m.root).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
         if p.pid != *pid {
@@ -550,7 +550,7 @@ fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
 
 fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     for th in p.threads.iter().skip(1) {
-        let args = clone_args(t, CLONE_THREAD_FLAGS, 0, &pidns::thread_set_tid(th))?;
+        let args = clone_args(t, CLONE_THREAD_FLAGS, 0, &namespaces::thread_set_tid(th))?;
         let (_, spawned) = t
             .call_spawning("clone3 (thread)", libc::SYS_clone3, &[args, 88])
             .map_err(|e| match e {
@@ -617,6 +617,10 @@ fn restore_process(
         join_session(&mut t, p, ctx.procs)?;
         return end_zombie(t, exit);
     }
+    // Its own UTS namespace before its children are forked into it.
+    if let Some(names) = &p.uts {
+        namespaces::own_uts(&mut t, names)?;
+    }
     // A process sharing its parent's fd table leaves the table to the
     // parent, who arranges it once every child is made.
     if !p.shares_table() {
@@ -668,18 +672,18 @@ fn restore_process(
         by_session.entry(sid_of(&c)).or_default().push(c);
     }
     for (sid, members) in by_session {
-        pidns::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
+        namespaces::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
         session_helper(ctx, &mut t, &held, sid, &members)?;
     }
     // Siblings sharing its fd table (their parent unshared its own since):
     // forked from it into their parent, before its table is arranged.
     for s in sharers {
-        pidns::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
+        namespaces::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
         let flags = (libc::CLONE_FILES | libc::CLONE_PARENT) as u64;
-        let ct = fork_child(&mut t, &pidns::set_tid(&ctx.procs[&s]), flags)?;
+        let ct = fork_child(&mut t, &namespaces::set_tid(&ctx.procs[&s]), flags)?;
         restore_process(ctx, ct, held.clone(), session, Some(pid))?;
     }
-    pidns::restore_children_ns(&mut t, ctx.procs, p, children_ns)?;
+    namespaces::restore_children_ns(&mut t, ctx.procs, p, children_ns)?;
     // The zombies among the children died again just now: their SIGCHLD
     // was had already.
     let children = ctx.children.get(&pid).map(Vec::as_slice).unwrap_or(&[]);
@@ -715,17 +719,17 @@ fn fork_in_place(
     if c.shares_parent_files {
         flags |= libc::CLONE_FILES as u64;
     }
-    let new_ns = pidns::starts_namespace(p, c);
+    let new_ns = namespaces::starts_namespace(p, c);
     if new_ns {
         flags |= libc::CLONE_NEWPID as u64;
     }
     let want = if new_ns {
         None
     } else {
-        pidns::children_for(p, c)
+        namespaces::children_for(p, c)
     };
-    pidns::point_children(t, ctx.procs, p, want, children_ns)?;
-    fork_child(t, &pidns::set_tid(c), flags)
+    namespaces::point_children(t, ctx.procs, p, want, children_ns)?;
+    fork_child(t, &namespaces::set_tid(c), flags)
 }
 
 /// Makes `t` the leader of its session or group, or joins the group it

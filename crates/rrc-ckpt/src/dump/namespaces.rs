@@ -1,6 +1,10 @@
-//! Pid namespaces nested in the tree's: each process's pids at every level
-//! below the tree's, the namespace it is in (named by its first process)
-//! and the one its next children go to.
+//! The namespaces of the tree's processes. A restore puts every process in
+//! the root's namespaces, but for two kinds. UTS namespaces: a process
+//! whose parent is in another is the first of its own, made again with its
+//! names. Pid namespaces nested in the tree's: each process's pids at every
+//! level below the tree's, the namespace it is in (named by its first
+//! process) and the one its next children go to. A process in a namespace
+//! of any other kind than the root's is refused.
 //!
 //! The tree's namespace is the root's. A process `unshare(CLONE_NEWPID)`
 //! or `clone(CLONE_NEWPID)` made deeper has pids there too (`NSpid`, the
@@ -16,7 +20,7 @@ use nix::unistd::Pid;
 use procfs::process::Status;
 
 use crate::dump::seize::SeizedProcess;
-use crate::image::{ChildrenPidNs, ThreadImage};
+use crate::image::{ChildrenPidNs, ThreadImage, UtsNames};
 use crate::{Error, Result, procfs as pfs};
 
 /// Every process's pids from the tree's namespace inwards.
@@ -169,22 +173,36 @@ impl PidLevels {
 }
 
 /// The kinds of namespace a restore makes every process of the tree share
-/// with the root (pid namespaces apart, see [`PidLevels`]).
-const SHARED_KINDS: [&str; 7] = ["mnt", "net", "uts", "ipc", "cgroup", "time", "user"];
+/// with the root (pid and UTS namespaces apart).
+const SHARED_KINDS: [&str; 6] = ["mnt", "net", "ipc", "cgroup", "time", "user"];
 
 /// Refuses processes that are in a namespace of one of those kinds other
-/// than the root's: a restore would put them in the root's, silently.
-/// Reads seven links per process but the root (none for a tree of one).
-pub fn check_shared(root: Pid, processes: &[SeizedProcess], problems: &mut Vec<String>) {
+/// than the root's: a restore would put them in the root's, silently; and
+/// finds the first process of each UTS namespace other than the root's,
+/// with its names. Reads seven links per process but the root (none for a
+/// tree of one).
+pub fn check_shared(
+    root: Pid,
+    processes: &[SeizedProcess],
+    problems: &mut Vec<String>,
+) -> BTreeMap<Pid, UtsNames> {
+    let mut uts = BTreeMap::new();
     let others: Vec<&SeizedProcess> = processes
         .iter()
         .filter(|p| p.pid != root && !p.threads.is_empty())
         .collect();
     if others.is_empty() {
-        return;
+        return uts;
     }
     let link = |pid: Pid, kind: &str| fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
     let roots: Vec<_> = SHARED_KINDS.iter().map(|k| link(root, k)).collect();
+    let uts_of: BTreeMap<Pid, Option<std::path::PathBuf>> = processes
+        .iter()
+        .filter(|p| !p.threads.is_empty())
+        .map(|p| (p.pid, link(p.pid, "uts")))
+        .collect();
+    // Each UTS namespace other than the root's, and its first process.
+    let mut first: BTreeMap<std::path::PathBuf, Pid> = BTreeMap::new();
     for p in others {
         let differ: Vec<&str> = SHARED_KINDS
             .iter()
@@ -200,7 +218,51 @@ pub fn check_shared(root: Pid, processes: &[SeizedProcess], problems: &mut Vec<S
                 differ.join(", ")
             ));
         }
+        let mine = uts_of.get(&p.pid).cloned().flatten();
+        let parents = p.parent.and_then(|pp| uts_of.get(&pp).cloned().flatten());
+        let Some(ns) = mine.filter(|m| Some(m) != parents.as_ref()) else {
+            continue;
+        };
+        if let Some(other) = first.get(&ns) {
+            problems.push(format!(
+                "process {} is in the UTS namespace of process {other} but not in its parent's,                  which a restore cannot make again",
+                p.pid
+            ));
+            continue;
+        }
+        first.insert(ns, p.pid);
+        match uts_names(p.pid) {
+            Ok(names) => {
+                uts.insert(p.pid, names);
+            }
+            Err(e) => problems.push(format!(
+                "process {}: the names of its UTS namespace cannot be read: {e}",
+                p.pid
+            )),
+        }
     }
+    uts
+}
+
+/// The host and domain names of process `pid`'s UTS namespace, read by a
+/// thread of ours that enters it.
+fn uts_names(pid: Pid) -> std::io::Result<UtsNames> {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/uts"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
+            // These read the names of the reading thread's namespace.
+            let name = |what: &str| {
+                pfs::read_text(format!("/proc/sys/kernel/{what}")).map(|s| s.trim_end().to_string())
+            };
+            Ok(UtsNames {
+                hostname: name("hostname")?,
+                domainname: name("domainname")?,
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the reading thread failed")))
+    })
 }
 
 /// Gives the threads of a process in a nested namespace (`threads`, in the

@@ -1,15 +1,42 @@
-//! Pid namespaces nested in the tree's, made again: the first process of
-//! each is forked with `CLONE_NEWPID`, every process and thread with its
-//! pids at every level (`clone3`'s `set_tid`, the innermost first), and a
-//! parent whose next children go elsewhere than its own namespace is
-//! pointed there (`setns` with a pidfd) or unshared once its children are
-//! made.
+//! Namespaces of the tree's own, made again. A UTS namespace: its first
+//! process unshares one and names it before its children are forked. Pid
+//! namespaces nested in the tree's: the first process of each is forked
+//! with `CLONE_NEWPID`, every process and thread with its pids at every
+//! level (`clone3`'s `set_tid`, the innermost first), and a parent whose
+//! next children go elsewhere than its own namespace is pointed there
+//! (`setns` with a pidfd) or unshared once its children are made.
 
 use std::collections::BTreeMap;
 
 use crate::Result;
-use crate::image::{ChildrenPidNs, ProcessImage, ThreadImage};
+use crate::image::{ChildrenPidNs, ProcessImage, ThreadImage, UtsNames};
 use crate::restore::tracee::Tracee;
+
+/// The longest host or domain name (`__NEW_UTS_LEN`).
+const UTS_LEN: usize = 64;
+
+/// Makes `t` the first process of a UTS namespace of its own, named
+/// `names`.
+pub fn own_uts(t: &mut Tracee, names: &UtsNames) -> Result<()> {
+    t.call(
+        "unshare(CLONE_NEWUTS)",
+        libc::SYS_unshare,
+        &[libc::CLONE_NEWUTS as u64],
+    )?;
+    let h = t.arg(names.hostname.as_bytes())?;
+    t.call(
+        "sethostname",
+        libc::SYS_sethostname,
+        &[h, names.hostname.len() as u64],
+    )?;
+    let d = t.arg(names.domainname.as_bytes())?;
+    t.call(
+        "setdomainname",
+        libc::SYS_setdomainname,
+        &[d, names.domainname.len() as u64],
+    )?;
+    Ok(())
+}
 
 /// The pids `clone3` is to give a process: the innermost first, down to
 /// the tree's namespace.
@@ -42,6 +69,12 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
         }
         if pid == root && (d > 0 || p.pid_ns.is_some()) {
             return Err("the root is not in the tree's pid namespace".into());
+        }
+        if let Some(u) = &p.uts {
+            let bad = |n: &str| n.len() > UTS_LEN || n.contains('\0');
+            if pid == root || p.zombie.is_some() || bad(&u.hostname) || bad(&u.domainname) {
+                return Err(format!("process {pid} has a UTS namespace it cannot have"));
+            }
         }
         if p.threads.iter().any(|th| {
             th.nested_tids.len() != d
