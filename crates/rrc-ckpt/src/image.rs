@@ -411,6 +411,21 @@ pub struct Vma {
     pub flags: Vec<String>,
 }
 
+impl Vma {
+    /// The deleted file it maps, by (device, inode), and that file's owner.
+    pub fn deleted_file(&self) -> Option<((u64, u64), Owner)> {
+        match self.kind {
+            VmaKind::File {
+                dev,
+                ino,
+                deleted: Some(owner),
+                ..
+            } => Some(((dev, ino), owner)),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum VmaKind {

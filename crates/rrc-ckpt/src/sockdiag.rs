@@ -75,36 +75,48 @@ fn unmapped(a: IpAddr) -> IpAddr {
     }
 }
 
+/// Asks sock_diag on `socket` for the TCP sockets (IPv4 and IPv6) in
+/// `states`, handing each answer to `each`.
+fn dump_tcp(
+    socket: &Socket,
+    states: StateFlags,
+    mut each: impl FnMut(&netlink_packet_sock_diag::inet::InetResponse),
+) -> std::io::Result<()> {
+    for (family, any) in [
+        (libc::AF_INET as u8, SocketId::new_v4()),
+        (libc::AF_INET6 as u8, SocketId::new_v6()),
+    ] {
+        let request = SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            extensions: ExtensionFlags::empty(),
+            states: states.clone(),
+            socket_id: any,
+        });
+        dump_on(socket, request, |m| {
+            if let SockDiagMessage::InetResponse(r) = m {
+                each(&r);
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// Where the TCP socket of inode `ino` in process `pid`'s network
 /// namespace is connecting to, while it is (`SYN_SENT`: it has no peer
 /// name yet).
 pub fn connecting_to(pid: nix::unistd::Pid, ino: u32) -> Option<SocketAddr> {
     let look = || -> std::io::Result<Option<SocketAddr>> {
-        let socket = open()?;
         let mut found = None;
-        for (family, any) in [
-            (libc::AF_INET as u8, SocketId::new_v4()),
-            (libc::AF_INET6 as u8, SocketId::new_v6()),
-        ] {
-            let request = SockDiagMessage::InetRequest(InetRequest {
-                family,
-                protocol: libc::IPPROTO_TCP as u8,
-                extensions: ExtensionFlags::empty(),
-                states: StateFlags::SYN_SENT,
-                socket_id: any,
-            });
-            dump_on(&socket, request, |m| {
-                if let SockDiagMessage::InetResponse(r) = m
-                    && r.header.inode == ino
-                {
-                    let id = &r.header.socket_id;
-                    found = Some(SocketAddr::new(
-                        unmapped(id.destination_address),
-                        id.destination_port,
-                    ));
-                }
-            })?;
-        }
+        dump_tcp(&open()?, StateFlags::SYN_SENT, |r| {
+            if r.header.inode == ino {
+                let id = &r.header.socket_id;
+                found = Some(SocketAddr::new(
+                    unmapped(id.destination_address),
+                    id.destination_port,
+                ));
+            }
+        })?;
         Ok(found)
     };
     crate::common::in_netns_of(pid, look).ok()?.ok()?
@@ -132,30 +144,16 @@ impl ListenerProbe {
     /// accepted.
     pub fn busy_listeners(&self) -> std::io::Result<Vec<BusyListener>> {
         let mut out = Vec::new();
-        for (family, any) in [
-            (libc::AF_INET as u8, SocketId::new_v4()),
-            (libc::AF_INET6 as u8, SocketId::new_v6()),
-        ] {
-            let request = SockDiagMessage::InetRequest(InetRequest {
-                family,
-                protocol: libc::IPPROTO_TCP as u8,
-                extensions: ExtensionFlags::empty(),
-                states: StateFlags::LISTEN,
-                socket_id: any,
-            });
-            dump_on(&self.socket, request, |m| {
-                if let SockDiagMessage::InetResponse(r) = m
-                    && r.header.recv_queue > 0
-                {
-                    let id = &r.header.socket_id;
-                    out.push(BusyListener {
-                        inode: r.header.inode,
-                        addr: SocketAddr::new(unmapped(id.source_address), id.source_port),
-                        waiting: r.header.recv_queue,
-                    });
-                }
-            })?;
-        }
+        dump_tcp(&self.socket, StateFlags::LISTEN, |r| {
+            if r.header.recv_queue > 0 {
+                let id = &r.header.socket_id;
+                out.push(BusyListener {
+                    inode: r.header.inode,
+                    addr: SocketAddr::new(unmapped(id.source_address), id.source_port),
+                    waiting: r.header.recv_queue,
+                });
+            }
+        })?;
         Ok(out)
     }
 }

@@ -1274,15 +1274,7 @@ pub fn check_deleted_watches(
     let mapped = images
         .iter()
         .flat_map(|p| p.vmas.iter())
-        .filter_map(|v| match v.kind {
-            crate::image::VmaKind::File {
-                dev,
-                ino,
-                deleted: Some(_),
-                ..
-            } => Some((dev, ino)),
-            _ => None,
-        });
+        .filter_map(|v| v.deleted_file().map(|(key, _)| key));
     let ghosts: std::collections::HashSet<(u64, u64)> = (table.files.iter())
         .filter_map(|f| match f.kind {
             FileKind::Regular {

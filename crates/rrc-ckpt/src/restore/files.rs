@@ -219,15 +219,7 @@ impl FilePlan {
             mapped_ghosts: procs
                 .values()
                 .flat_map(|p| p.vmas.iter())
-                .filter_map(|v| match v.kind {
-                    crate::image::VmaKind::File {
-                        dev,
-                        ino,
-                        deleted: Some(owner),
-                        ..
-                    } => Some(((dev, ino), owner)),
-                    _ => None,
-                })
+                .filter_map(crate::image::Vma::deleted_file)
                 .collect(),
         }
     }
@@ -959,10 +951,8 @@ fn recreated(
 /// fd or a mapping of the tree holds it.
 fn recreatable(m: &Manifest, procs: &BTreeMap<i32, ProcessImage>, key: (u64, u64)) -> bool {
     ghost_of(m, key).is_some()
-        || procs.values().flat_map(|p| p.vmas.iter()).any(|v| {
-            matches!(v.kind, crate::image::VmaKind::File { dev, ino, deleted: Some(_), .. }
-                if (dev, ino) == key)
-        })
+        || (procs.values().flat_map(|p| p.vmas.iter()))
+            .any(|v| v.deleted_file().is_some_and(|(k, _)| k == key))
 }
 
 /// The open file a deleted file `key` is recreated from, and its owner:
