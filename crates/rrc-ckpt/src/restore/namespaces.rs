@@ -12,6 +12,9 @@ use crate::Result;
 use crate::image::{ChildrenPidNs, ProcessImage, ThreadImage, UtsNames};
 use crate::restore::tracee::Tracee;
 
+/// Pid namespaces below the host's the kernel allows (`MAX_PID_NS_LEVEL`).
+const MAX_NESTING: usize = 32;
+
 /// The longest host or domain name (`__NEW_UTS_LEN`).
 const UTS_LEN: usize = 64;
 
@@ -66,6 +69,11 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
             .any(|n| !(1..=crate::image::PID_MAX).contains(n))
         {
             return Err(format!("process {pid} has a nested pid out of range"));
+        }
+        // The kernel nests pid namespaces 32 deep at most, the host's
+        // included.
+        if d >= MAX_NESTING {
+            return Err(format!("process {pid} is {d} pid namespaces deep"));
         }
         if pid == root && (d > 0 || p.pid_ns.is_some()) {
             return Err("the root is not in the tree's pid namespace".into());
@@ -250,7 +258,12 @@ mod tests {
 
     #[test]
     fn namespaces_an_image_cannot_have_are_refused() {
-        let bad: [(&str, Spoil); 6] = [
+        let bad: [(&str, Spoil); 7] = [
+            ("too deep", |t| {
+                let p = t.get_mut(&12).unwrap();
+                p.nested_pids = vec![2; 40];
+                p.threads[0].nested_tids = vec![2; 40];
+            }),
             ("pid out of range", |t| {
                 t.get_mut(&12).unwrap().nested_pids = vec![0]
             }),
