@@ -41,6 +41,28 @@ pub fn read_text(path: impl AsRef<Path>) -> std::io::Result<String> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// A task's pids (the `NSpid` line of its `status` at `path`), the
+/// outermost pid namespace's first; `None` when it has no such line.
+pub fn read_nspid(path: impl AsRef<Path>) -> std::io::Result<Option<Vec<i32>>> {
+    let text = read_text(path)?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect()
+        }))
+}
+
+/// The fields of a task's `stat` at `path` after its command name (the
+/// state first), which a command name with spaces cannot shift.
+pub fn read_stat_fields(path: impl AsRef<Path>) -> Option<Vec<String>> {
+    let text = read_text(path).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
 /// `/proc/PID/fdinfo/FD`, as key/value lines plus the epoll target lines.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FdInfo {

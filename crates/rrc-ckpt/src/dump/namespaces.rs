@@ -278,19 +278,12 @@ pub fn thread_levels(
     }
     for (seized, th) in p.threads.iter().zip(threads.iter_mut()) {
         let path = format!("/proc/{}/task/{}/status", p.pid, seized.tid);
-        let text = pfs::read_text(&path).map_err(|e| Error::Proc {
-            pid: p.pid.as_raw(),
-            what: "status",
-            detail: e.to_string(),
-        })?;
-        let all: Vec<i32> = text
-            .lines()
-            .find_map(|l| l.strip_prefix("NSpid:"))
-            .map(|l| {
-                l.split_whitespace()
-                    .filter_map(|w| w.parse().ok())
-                    .collect()
-            })
+        let all = pfs::read_nspid(&path)
+            .map_err(|e| Error::Proc {
+                pid: p.pid.as_raw(),
+                what: "status",
+                detail: e.to_string(),
+            })?
             .unwrap_or_default();
         let mine = all.get(levels.depth - 1..).unwrap_or_default();
         let Some((tid, nested)) = mine.split_first() else {

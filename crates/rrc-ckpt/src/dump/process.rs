@@ -18,36 +18,24 @@ pub fn ns_pid(pid: i32, tid: Option<i32>) -> Result<(i32, usize)> {
         Some(t) => format!("/proc/{pid}/task/{t}/status"),
         None => format!("/proc/{pid}/status"),
     };
-    let text = pfs::read_text(&path).map_err(|e| Error::Proc {
-        pid,
-        what: "status",
-        detail: e.to_string(),
-    })?;
-    let line = text
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
+    let levels = pfs::read_nspid(&path)
+        .map_err(|e| Error::Proc {
+            pid,
+            what: "status",
+            detail: e.to_string(),
+        })?
         .ok_or_else(|| Error::Proc {
             pid,
             what: "status",
             detail: "no NSpid line".into(),
         })?;
-    let levels: Vec<i32> = line
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
     Ok((*levels.last().unwrap_or(&pid), levels.len()))
 }
 
 /// Task `host` (a pid or tid of ours) as the tree's pid namespace numbers
 /// it: the tree's root has `depth` levels of pids.
 pub fn tree_tid(host: i32, depth: usize) -> Option<i32> {
-    let text = pfs::read_text(format!("/proc/{host}/status")).ok()?;
-    let levels: Vec<i32> = text
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))?
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
+    let levels = pfs::read_nspid(format!("/proc/{host}/status")).ok()??;
     levels.get(depth.max(1) - 1).copied()
 }
 

@@ -68,25 +68,22 @@ fn children(pid: Pid, threads: &[SeizedThread], exclude: &[Pid]) -> Vec<Pid> {
 /// engine's snapshots are) waiting for a `__WCLONE` wait: it holds no state
 /// and the process does not see it in its ordinary waits.
 fn is_dead_clone(pid: Pid) -> bool {
-    let Ok(stat) = crate::procfs::read_text(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
     // Fields after the command name: state is the 3rd, exit_signal the 38th.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-        return false;
-    };
-    let fields: Vec<&str> = rest.split(' ').collect();
-    fields.first() == Some(&"Z") && fields.get(35) == Some(&"0")
+    stat_fields(pid).is_some_and(|f| {
+        f.first().map(String::as_str) == Some("Z") && f.get(35).map(String::as_str) == Some("0")
+    })
+}
+
+/// The fields of task `tid`'s stat after its command name.
+fn stat_fields(tid: Pid) -> Option<Vec<String>> {
+    crate::procfs::read_stat_fields(format!("/proc/{tid}/stat"))
 }
 
 /// A process that has exited, all its threads with it, and waits for its
 /// parent to reap it.
 fn is_zombie(pid: Pid) -> bool {
-    let Ok(stat) = crate::procfs::read_text(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));
-    state == Some("Z") && tasks(pid).len() <= 1
+    stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) == Some("Z"))
+        && tasks(pid).len() <= 1
 }
 
 /// Stops every thread of one process; threads it creates meanwhile are
@@ -222,8 +219,20 @@ impl Seized {
                 .iter()
                 .flat_map(|p| p.threads.iter().map(|t| t.tid))
                 .collect();
-            let mut lingering = Vec::new();
-            collect_deaths(&mut left, &firsts, &mut lingering);
+            let mut lingering: Vec<(Pid, u64)> = Vec::new();
+            collect_deaths(
+                &mut left,
+                |_| true,
+                |tid| {
+                    if !(firsts.contains(&tid) && exiting(tid)) {
+                        return false;
+                    }
+                    if let Some(at) = start_time(tid) {
+                        lingering.push((tid, at));
+                    }
+                    true
+                },
+            );
             if !lingering.is_empty() {
                 // Their deaths are ours to collect still (or their parents
                 // never see them): a thread of ours does it meanwhile,
@@ -233,7 +242,11 @@ impl Seized {
                     let mut tids: Vec<Pid> = lingering.iter().map(|(t, _)| *t).collect();
                     let starts: std::collections::HashMap<Pid, u64> =
                         lingering.into_iter().collect();
-                    collect_deaths_of(&mut tids, |t| start_time(t) == starts.get(&t).copied());
+                    collect_deaths(
+                        &mut tids,
+                        |t| start_time(t) == starts.get(&t).copied(),
+                        |_| false,
+                    );
                 });
             }
         } else {
@@ -246,38 +259,14 @@ impl Seized {
     }
 }
 
-/// Collects the deaths of traced threads `left` for up to 30 s; moves to
-/// `lingering` (with their start times) those of `firsts` that are on
-/// their way out but not dead yet, instead of waiting for them.
+/// Collects the deaths of traced threads `left` for up to 30 s. A thread
+/// `still` no longer names (a later task given its number) is dropped;
+/// one `set_aside` takes (on its way out, say) is no longer waited for.
 fn collect_deaths(
     left: &mut Vec<Pid>,
-    firsts: &std::collections::HashSet<Pid>,
-    lingering: &mut Vec<(Pid, u64)>,
+    still: impl Fn(Pid) -> bool,
+    mut set_aside: impl FnMut(Pid) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !left.is_empty() && std::time::Instant::now() < deadline {
-        left.retain(
-            |&tid| match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
-                Ok(WaitStatus::StillAlive) if firsts.contains(&tid) && exiting(tid) => {
-                    if let Some(at) = start_time(tid) {
-                        lingering.push((tid, at));
-                    }
-                    false
-                }
-                Ok(WaitStatus::StillAlive) => true,
-                Ok(_) => {
-                    let _ = nix::sys::ptrace::cont(tid, None);
-                    true
-                }
-            },
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
-/// As [`collect_deaths`], for threads `still` says are the ones meant.
-fn collect_deaths_of(left: &mut Vec<Pid>, still: impl Fn(Pid) -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !left.is_empty() && std::time::Instant::now() < deadline {
         left.retain(|&tid| {
@@ -286,7 +275,7 @@ fn collect_deaths_of(left: &mut Vec<Pid>, still: impl Fn(Pid) -> bool) {
             }
             match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
-                Ok(WaitStatus::StillAlive) => true,
+                Ok(WaitStatus::StillAlive) => !set_aside(tid),
                 Ok(_) => {
                     let _ = nix::sys::ptrace::cont(tid, None);
                     true
@@ -300,21 +289,15 @@ fn collect_deaths_of(left: &mut Vec<Pid>, still: impl Fn(Pid) -> bool) {
 /// When task `tid` started (its stat's field 22), which tells it from a
 /// later task given the same number.
 fn start_time(tid: Pid) -> Option<u64> {
-    let s = crate::procfs::read_text(format!("/proc/{tid}/stat")).ok()?;
-    let after = &s[s.rfind(')')? + 1..];
-    after.split_whitespace().nth(19)?.parse().ok()
+    stat_fields(tid)?.get(19)?.parse().ok()
 }
 
 /// Whether thread `tid` is on its way out (`PF_EXITING` in its stat's
 /// flags), never to run the program again.
 fn exiting(tid: Pid) -> bool {
     const PF_EXITING: u64 = 0x4;
-    crate::procfs::read_text(format!("/proc/{tid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = &s[s.rfind(')')? + 1..];
-            after.split_whitespace().nth(6)?.parse::<u64>().ok()
-        })
+    stat_fields(tid)
+        .and_then(|f| f.get(6)?.parse::<u64>().ok())
         .is_some_and(|flags| flags & PF_EXITING != 0)
 }
 
@@ -323,15 +306,9 @@ impl Seized {
     /// namespace nested in the root's.
     fn nested_firsts(&self) -> std::collections::HashSet<Pid> {
         let levels = |pid: Pid| -> Vec<i32> {
-            crate::procfs::read_text(format!("/proc/{pid}/status"))
+            crate::procfs::read_nspid(format!("/proc/{pid}/status"))
                 .ok()
-                .and_then(|t| {
-                    t.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|l| {
-                        l.split_whitespace()
-                            .filter_map(|w| w.parse().ok())
-                            .collect()
-                    })
-                })
+                .flatten()
                 .unwrap_or_default()
         };
         let Some(root) = self.processes.first() else {
