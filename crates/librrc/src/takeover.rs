@@ -12,7 +12,9 @@
 //! connection that cannot be put in place), the threads stay parked: rrc
 //! discards this copy.
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicPtr, AtomicU8, AtomicU32, AtomicUsize, Ordering,
+};
 
 use libc::c_int;
 use rrc_rr::interface::{TAKEOVER_BATCH, TAKEOVER_LINE_MAX, TakeoverLine};
@@ -34,6 +36,12 @@ const SETTLE_NS: u64 = 10_000_000;
 const SETTLE_LIMIT_NS: u64 = 200_000_000;
 /// A thread left the recorded path.
 static DIVERGED: AtomicBool = AtomicBool::new(false);
+/// How the first divergence was described (for rrc's report): written
+/// once, by the thread that set [`WHY_TAKEN`], before [`DIVERGED`].
+static WHY: [AtomicU8; WHY_MAX] = [const { AtomicU8::new(0) }; WHY_MAX];
+static WHY_LEN: AtomicUsize = AtomicUsize::new(0);
+static WHY_TAKEN: AtomicBool = AtomicBool::new(false);
+const WHY_MAX: usize = 400;
 
 /// What a thread parked at a write to a connection is writing, by log id:
 /// the primary may have sent it already (a frame leaves once the log up to
@@ -158,6 +166,8 @@ pub fn configure(path: Option<&std::path::Path>) {
     RELEASED.store(0, Ordering::Release);
     CLAIMED.store(false, Ordering::Release);
     DIVERGED.store(false, Ordering::Release);
+    WHY_LEN.store(0, Ordering::Release);
+    WHY_TAKEN.store(false, Ordering::Release);
     for slot in &PENDING {
         slot.fd.store(-1, Ordering::Relaxed);
         slot.parked.store(false, Ordering::Relaxed);
@@ -179,9 +189,17 @@ pub fn active() -> bool {
     !PATH.load(Ordering::Acquire).is_null()
 }
 
-/// A thread left the recorded path: the takeover cannot go on with this
-/// copy, and rrc must hear so.
-pub fn diverged() {
+/// A thread left the recorded path (`why`, in parts): the takeover cannot
+/// go on with this copy, and rrc must hear so, and why.
+pub fn diverged(why: &[&[u8]]) {
+    if !WHY_TAKEN.swap(true, Ordering::AcqRel) {
+        let mut n = 0;
+        for b in why.iter().flat_map(|p| p.iter()).take(WHY_MAX) {
+            WHY[n].store(*b, Ordering::Relaxed);
+            n += 1;
+        }
+        WHY_LEN.store(n, Ordering::Release);
+    }
     DIVERGED.store(true, Ordering::Release);
     wake();
 }
@@ -371,7 +389,10 @@ fn hand_over(diverged: bool) -> bool {
         return false;
     };
     if diverged {
-        let _ = send_all(sock.0, &TakeoverLine::Diverged.encode());
+        let n = WHY_LEN.load(Ordering::Acquire);
+        let why: Vec<u8> = WHY[..n].iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let why = String::from_utf8_lossy(&why).into_owned();
+        let _ = send_all(sock.0, &TakeoverLine::Diverged(why).encode());
         return false;
     }
     let Some(pending) = send_pending(sock.0) else {

@@ -515,8 +515,13 @@ impl Finisher {
                     writing.push((fd, bytes));
                 }
                 TakeoverLine::End => break self.started.elapsed().as_secs_f64() * 1e3,
-                TakeoverLine::Diverged => {
-                    return Err("the replay diverged from the log".into());
+                TakeoverLine::Diverged(why) => {
+                    let why = why.trim_start_matches([':', ' ']);
+                    return Err(if why.is_empty() {
+                        "the replay diverged from the log".into()
+                    } else {
+                        format!("the replay diverged from the log ({why})")
+                    });
                 }
                 other => return Err(format!("librrc said {other:?} before the end")),
             }

@@ -53,7 +53,8 @@
 //!    FD LEN` followed by the LEN bytes it is writing (the primary may
 //!    have sent them already: a frame leaves once the log up to its making
 //!    is acknowledged, and a write is recorded once it returns); then
-//!    `end` (every record replayed) or `diverged`;
+//!    `end` (every record replayed) or `diverged WHY` (WHY: the first
+//!    divergence as the replay described it, one line of printable text);
 //! 2. rrc: any number of `install FD...` lines, each with as many
 //!    descriptors attached (`SCM_RIGHTS`, at most [`TAKEOVER_BATCH`]): the
 //!    rebuilt connections, to be put at those numbers in place of what is
@@ -379,8 +380,9 @@ pub enum TakeoverLine {
     Pending { fd: i32, len: u32 },
     /// librrc: every record was replayed.
     End,
-    /// librrc: a thread left the recorded path.
-    Diverged,
+    /// librrc: a thread left the recorded path; where and how, as the
+    /// replay described its first divergence (printable, one line).
+    Diverged(String),
     /// rrc: put the attached descriptors at these numbers.
     Install(Vec<i32>),
     /// rrc: record into the ring set attached (one descriptor) once
@@ -396,13 +398,28 @@ pub enum TakeoverLine {
     Failed { fd: i32, errno: i32 },
 }
 
+/// Longest reason a `diverged` line carries.
+const DIVERGED_WHY_MAX: usize = 400;
+
+/// `why` as a `diverged` line carries it: printable ASCII only (the
+/// replayed program may have put anything in its descriptions), cut to
+/// [`DIVERGED_WHY_MAX`], without spaces at its ends.
+fn printable_why(why: &str) -> String {
+    why.chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { ' ' })
+        .take(DIVERGED_WHY_MAX)
+        .collect::<String>()
+        .trim()
+        .to_string()
+}
+
 impl TakeoverLine {
     /// The line's text, newline included.
     pub fn encode(&self) -> Vec<u8> {
         let text = match self {
             TakeoverLine::Pending { fd, len } => format!("pending {fd} {len}"),
             TakeoverLine::End => "end".to_string(),
-            TakeoverLine::Diverged => "diverged".to_string(),
+            TakeoverLine::Diverged(why) => format!("diverged {}", printable_why(why)),
             TakeoverLine::Install(fds) => {
                 let mut t = "install".to_string();
                 for fd in fds {
@@ -430,7 +447,10 @@ impl TakeoverLine {
         };
         let line = match words.next()? {
             "end" => TakeoverLine::End,
-            "diverged" => TakeoverLine::Diverged,
+            "diverged" => {
+                let why: Vec<&str> = words.collect();
+                return Some(TakeoverLine::Diverged(printable_why(&why.join(" "))));
+            }
             "rings" => TakeoverLine::Rings,
             "go" => TakeoverLine::Go,
             "abort" => TakeoverLine::Abort,
@@ -466,11 +486,7 @@ impl TakeoverLine {
         };
         // Words after a line that takes none.
         match line {
-            TakeoverLine::End
-            | TakeoverLine::Diverged
-            | TakeoverLine::Rings
-            | TakeoverLine::Go
-            | TakeoverLine::Abort
+            TakeoverLine::End | TakeoverLine::Rings | TakeoverLine::Go | TakeoverLine::Abort
                 if words.next().is_some() =>
             {
                 None
@@ -718,7 +734,8 @@ mod tests {
     fn takeover_lines_read_back_and_bad_ones_are_refused() {
         for l in [
             TakeoverLine::End,
-            TakeoverLine::Diverged,
+            TakeoverLine::Diverged("in thread 2 at event #7: the program called read".into()),
+            TakeoverLine::Diverged(String::new()),
             TakeoverLine::Install(vec![5, 7, 1000]),
             TakeoverLine::Rings,
             TakeoverLine::Go,
@@ -743,6 +760,12 @@ mod tests {
         ] {
             assert_eq!(TakeoverLine::parse(bad), None, "{bad:?}");
         }
+        assert_eq!(
+            TakeoverLine::parse("diverged at\u{1}#3\u{e9}".as_bytes()),
+            Some(TakeoverLine::Diverged("at #3".into()))
+        );
+        let long = TakeoverLine::Diverged("x".repeat(TAKEOVER_LINE_MAX)).encode();
+        assert!(long.len() <= TAKEOVER_LINE_MAX);
         let many = format!("install{}", " 3".repeat(TAKEOVER_BATCH + 1));
         assert_eq!(TakeoverLine::parse(many.as_bytes()), None);
         let full = TakeoverLine::Install(vec![65535; TAKEOVER_BATCH]).encode();
