@@ -497,19 +497,7 @@ fn next_turn(call: &'static str, expected: &dyn Fn(&Event<'static>) -> bool) -> 
             if c.live {
                 return None;
             }
-            if !c.started {
-                c.started = true;
-                c.rest = r
-                    .logs
-                    .get(thread::log_id() as usize)
-                    .copied()
-                    .unwrap_or(&[]);
-            }
-            // A restored copy skips what it did before the checkpoint.
-            let Some(rec) = std::iter::from_fn(|| next_record(c))
-                .find(|rec| rec.seq >= r.from)
-                .filter(|rec| rec.seq <= r.until)
-            else {
+            let Some(rec) = next_to_replay(r, c) else {
                 // The log ended (or what is left of it is not to be
                 // replayed): live from here on.
                 c.live = true;
@@ -557,6 +545,16 @@ pub fn unsupported(call: &'static str) {
             return;
         }
         c.live = true;
+        let Some(r) = state() else {
+            return;
+        };
+        if next_to_replay(r, c).is_none() {
+            // Past the end of its log, the thread makes the call live (a
+            // takeover's log ends before a fork, which a replay cannot
+            // pass: the program forks again once live).
+            leave_log(r, call);
+            return;
+        }
         let mut a = [0u8; 20];
         divergence(&[
             b" in thread ",
@@ -565,10 +563,25 @@ pub fn unsupported(call: &'static str) {
             call.as_bytes(),
             b" is not supported yet; this thread runs live from here\n",
         ]);
-        if let Some(r) = state() {
-            leave_log(r, call);
-        }
+        leave_log(r, call);
     });
+}
+
+/// The thread's next record to replay (taking it from its cursor), if its
+/// log has one left: a restored copy skips what it did before the
+/// checkpoint, and records past `until` are not replayed.
+fn next_to_replay(r: &Replay, c: &mut Cursor) -> Option<Record<'static>> {
+    if !c.started {
+        c.started = true;
+        c.rest = r
+            .logs
+            .get(thread::log_id() as usize)
+            .copied()
+            .unwrap_or(&[]);
+    }
+    std::iter::from_fn(|| next_record(c))
+        .find(|rec| rec.seq >= r.from)
+        .filter(|rec| rec.seq <= r.until)
 }
 
 /// A thread leaves the log (it ended, or the thread diverged). In a
@@ -677,12 +690,12 @@ fn next_record(c: &mut Cursor) -> Option<Record<'static>> {
 /// records any more.
 fn divergence(parts: &[&[u8]]) {
     DIVERGED.fetch_add(1, Ordering::Relaxed);
-    crate::takeover::diverged();
-    ORDER_BROKEN.store(true, Ordering::SeqCst);
     let mut all: [&[u8]; 12] = [&[]; 12];
     all[0] = b"rrc replay: DIVERGENCE";
     let n = parts.len().min(all.len() - 1);
     all[1..=n].copy_from_slice(&parts[..n]);
+    crate::takeover::diverged(&all[1..=n]);
+    ORDER_BROKEN.store(true, Ordering::SeqCst);
     crate::say(&all[..=n]);
     wake_all();
 }

@@ -110,6 +110,12 @@ fn a_diverging_replay_falls_back_to_the_checkpoint_and_resets_connections() {
     // Every client was under load after the checkpoint: each is reset, and
     // none saw a wrong value.
     assert_eq!(t.errors.len(), 4, "{:#?}", t.errors);
+    assert_no_wrong_reply(&t);
+}
+
+/// No client of `t` saw a wrong value (a reset is no wrong reply).
+#[track_caller]
+fn assert_no_wrong_reply(t: &rrc_bench::failover::Trial) {
     for e in &t.errors {
         assert!(
             !e.contains("after writing") && !e.contains("went from"),
@@ -135,17 +141,31 @@ fn connections_accepted_after_the_checkpoint_are_carried_over() {
         // A checkpoint the primary takes at once (for a record number
         // late on a busy machine) would carry the connections over from
         // it instead: tried again, a few times.
+        // The log runs for over a second here, ten times an ordinary
+        // epoch's: a replay of Memcached's threads that loses their order
+        // falls back (rarely), which resets connections but must give no
+        // wrong reply. Such an attempt is checked for that, and taken
+        // again.
         let mut accepted_path = false;
         for attempt in 0..3 {
             let t = one_kill(&mut pair);
             let out = pair.backup_output();
+            if let Some(fallback) = out.lines().find(|l| l.starts_with("FALLBACK:")) {
+                eprintln!("{app:?} attempt {attempt}: WARNING: {fallback}");
+                assert_no_wrong_reply(&t);
+                pair.reset().unwrap();
+                continue;
+            }
             assert_recovered(&t, &out);
             let line = out
                 .lines()
                 .find(|l| l.starts_with("replayed the log:"))
                 .unwrap_or_else(|| panic!("no takeover by replay:\n{out}"))
                 .to_string();
-            eprintln!("{app:?} attempt {attempt}: {line}");
+            eprintln!(
+                "{app:?} attempt {attempt}: {line}; all answered {:?} ms after the kill",
+                t.all_answered_ms
+            );
             pair.reset().unwrap();
             if line.contains("4 accepted during the log") {
                 accepted_path = true;
@@ -429,6 +449,74 @@ fn redis_saving_in_the_background_every_second_stays_replayable() {
         assert!(c.ok(), "{c:#?}\n{}\n{}", c.said, pair.backup_output());
         pair.reset().unwrap();
     }
+}
+
+/// The file a takeover's restored container writes its output to, as the
+/// backup said.
+fn container_output(backup_said: &str) -> String {
+    backup_said
+        .split_whitespace()
+        .skip_while(|w| *w != "output")
+        .nth(2)
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .unwrap_or_default()
+}
+
+/// A primary killed between a fork (a background save) and the checkpoint
+/// taken for it: the backup's log stops before the fork, which a replay
+/// cannot pass. The takeover replays up to it, the program forks again
+/// once live, and no client sees a reset (no fallback).
+#[test]
+fn a_kill_right_after_a_fork_replays_up_to_it() {
+    use std::io::Write;
+    let lab = lab_session("frfrk");
+    let opts = PairOptions {
+        mode: Mode::Responsive,
+        ..PairOptions::default()
+    };
+    let mut pair = Pair::new(&lab, App::Redis, opts)
+        .unwrap()
+        .with_app_args(&["--dir", "/tmp"]);
+    // Checkpoints wait for the child to end, so the kill, 2 ms after the
+    // command, nearly always comes first: tried a few times if not.
+    let mut at_fork = false;
+    for attempt in 0..4 {
+        pair.start_backup().unwrap();
+        pair.start_primary().unwrap();
+        let target = pair.target();
+        let saver = std::sync::Mutex::new(None);
+        let t = rrc_bench::failover::fault_trial(
+            &mut pair,
+            4,
+            Duration::from_millis(700),
+            Duration::from_millis(1500),
+            |p| {
+                let mut s = std::net::TcpStream::connect(target)?;
+                s.write_all(b"*1\r\n$6\r\nBGSAVE\r\n")?;
+                std::thread::sleep(Duration::from_millis(2));
+                let at = p.kill_primary();
+                *saver.lock().unwrap() = Some(s);
+                at
+            },
+            rrc_bench::failover::TAKEOVER_LIMIT,
+        )
+        .unwrap();
+        let out = pair.backup_output();
+        assert_recovered(&t, &out);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("replayed the log:"))
+            .unwrap_or_else(|| panic!("no takeover by replay:\n{out}"))
+            .to_string();
+        let said = container_output(&out);
+        at_fork = said.contains("parked at fork");
+        eprintln!("attempt {attempt}: {line}; a thread parked at the fork: {at_fork}");
+        pair.reset().unwrap();
+        if at_fork {
+            break;
+        }
+    }
+    assert!(at_fork, "the kill never came before the fork's checkpoint");
 }
 
 /// Fills the file system of `path` with a file there (all but nothing left).
