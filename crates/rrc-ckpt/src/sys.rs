@@ -295,8 +295,9 @@ pub fn epoll_target_is(
     Ok(r == 0)
 }
 
-/// Whether processes `pid1` and `pid2` share one fd table (`CLONE_FILES`).
-pub fn same_fd_table(pid1: Pid, pid2: Pid) -> io::Result<bool> {
+/// How the fd tables of processes `pid1` and `pid2` compare in the
+/// kernel's order of tables (`Equal`: they share one, `CLONE_FILES`).
+pub fn fd_table_order(pid1: Pid, pid2: Pid) -> io::Result<std::cmp::Ordering> {
     const KCMP_FILES: libc::c_int = 2;
     // SAFETY: kcmp compares kernel objects; it takes integers only.
     let r = check(unsafe {
@@ -309,7 +310,12 @@ pub fn same_fd_table(pid1: Pid, pid2: Pid) -> io::Result<bool> {
             0,
         )
     })?;
-    Ok(r == 0)
+    // 0: equal; 1: the first is less; 2: the first is greater.
+    Ok(match r {
+        0 => std::cmp::Ordering::Equal,
+        1 => std::cmp::Ordering::Less,
+        _ => std::cmp::Ordering::Greater,
+    })
 }
 
 /// The kernel's handle of the file at `path` (a magic link of /proc

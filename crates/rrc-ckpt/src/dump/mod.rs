@@ -9,7 +9,7 @@ pub(crate) mod process;
 pub mod seize;
 mod splice;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -358,6 +358,9 @@ pub(crate) fn take(
     // Which unix socket is connected to which: only sock_diag tells, for
     // the sockets of the tree's network namespace.
     let unix = files::UnixTable::new(t.root);
+    let tables = fd_tables(&seized.processes);
+    // The first process (its image's pid) seen using each fd table.
+    let mut first_with_table: HashMap<usize, i32> = HashMap::new();
     let mut phases = Phases::default();
     for p in &seized.processes {
         let raw = p.pid.as_raw();
@@ -422,20 +425,18 @@ pub(crate) fn take(
         inj.finish()?;
         let t2 = Instant::now();
         let fds = files::dump(p.pid, img, &mut files, &mut shmem, &unix, &mut problems)?;
-        let shares_parent_files = match p.parent {
-            Some(parent) => sys::same_fd_table(p.pid, parent).unwrap_or(false),
-            None => false,
-        };
+        let table = tables.get(&p.pid).copied();
+        let shares_parent_files =
+            table.is_some() && p.parent.and_then(|pp| tables.get(&pp).copied()) == table;
         // Not its parent's table but a sibling's (the parent unshared its
         // own since): that sibling forks it again.
         let mut shares_files_with = None;
+        let earlier = table.and_then(|t| first_with_table.get(&t).copied());
+        if let Some(t) = table {
+            first_with_table.entry(t).or_insert(ns_of[&p.pid]);
+        }
         if !shares_parent_files
-            && let Some(other) = images.iter().find(|i| {
-                ns_of
-                    .iter()
-                    .find(|(_, ns)| **ns == i.pid)
-                    .is_some_and(|(host, _)| sys::same_fd_table(p.pid, *host).unwrap_or(false))
-            })
+            && let Some(other) = earlier.and_then(|e| images.iter().find(|i| i.pid == e))
         {
             let depth = places.get(&p.pid).map_or(0, |pl| pl.nested_pids.len());
             let sibling = other.parent.is_some() && other.parent == p.parent.map(|pp| ns_of[&pp]);
@@ -681,6 +682,52 @@ pub(crate) fn checksum_files(img: &ImageDir) -> Result<BTreeMap<String, u32>> {
 /// share), and each thread's own after those, in the order of
 /// `p.threads`.
 type SeccompOfThreads = (Vec<Vec<u64>>, Vec<Vec<Vec<u64>>>);
+/// The fd table of each live process of the tree, numbered: processes
+/// with one number share a table (`CLONE_FILES`). The kernel orders tables
+/// (kcmp), so each process finds its table among those seen so far by a
+/// binary search: n log n comparisons, not one per pair of processes. A
+/// process kcmp cannot compare gets a table of its own.
+fn fd_tables(processes: &[SeizedProcess]) -> HashMap<Pid, usize> {
+    use std::cmp::Ordering;
+    // A process using each table seen so far, in the kernel's order.
+    let mut seen: Vec<(Pid, usize)> = Vec::new();
+    let mut out = HashMap::new();
+    let mut count = 0;
+    for p in processes.iter().filter(|p| !p.threads.is_empty()) {
+        let (mut lo, mut hi) = (0, seen.len());
+        let mut place = Some(None);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            match sys::fd_table_order(p.pid, seen[mid].0) {
+                Ok(Ordering::Equal) => {
+                    place = Some(Some(seen[mid].1));
+                    break;
+                }
+                Ok(Ordering::Less) => hi = mid,
+                Ok(Ordering::Greater) => lo = mid + 1,
+                Err(_) => {
+                    place = None;
+                    break;
+                }
+            }
+        }
+        let table = match place {
+            Some(Some(shared)) => shared,
+            Some(None) => {
+                seen.insert(lo, (p.pid, count));
+                count += 1;
+                count - 1
+            }
+            None => {
+                count += 1;
+                count - 1
+            }
+        };
+        out.insert(p.pid, table);
+    }
+    out
+}
+
 fn seccomp_filters(p: &SeizedProcess) -> Result<SeccompOfThreads> {
     let mut chains: Vec<Vec<Vec<u64>>> = Vec::with_capacity(p.threads.len());
     for th in &p.threads {
