@@ -440,7 +440,13 @@ fn redis_saving_in_the_background_every_second_stays_replayable() {
             t.takeover, t.errors
         );
         assert!(saves >= 2, "only {saves} background saves started");
-        assert!(t.ok(), "{t:#?}\n{}", pair.backup_output());
+        let out = pair.backup_output();
+        assert!(
+            t.ok(),
+            "{t:#?}\n{out}\nthe restored container said:\n{}\nprimary (its last lines):\n{}",
+            last_lines(&container_output(&out), 40),
+            last_lines(&pair.primary_output(), 40)
+        );
         let c = pair.replay_check(&t).unwrap();
         eprintln!(
             "round {i}: replayed {} events, {} divergences, end of log {}, {} connection(s) matched",
