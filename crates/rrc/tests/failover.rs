@@ -78,6 +78,17 @@ fn assert_recovered(t: &rrc_bench::failover::Trial, said: &str) {
     );
 }
 
+/// After [`assert_recovered`], the backup's report of its takeover by
+/// replay (there must be one: no fallback).
+#[track_caller]
+fn replayed_line(t: &rrc_bench::failover::Trial, said: &str) -> String {
+    assert_recovered(t, said);
+    said.lines()
+        .find(|l| l.starts_with("replayed the log:"))
+        .unwrap_or_else(|| panic!("no takeover by replay:\n{said}"))
+        .to_string()
+}
+
 /// A takeover whose replay diverges (injected: the backup's replay takes
 /// its first record as a divergence) must never give a wrong reply: the
 /// backup falls back to the checkpoint, says so, and resets the
@@ -156,12 +167,7 @@ fn connections_accepted_after_the_checkpoint_are_carried_over() {
                 pair.reset().unwrap();
                 continue;
             }
-            assert_recovered(&t, &out);
-            let line = out
-                .lines()
-                .find(|l| l.starts_with("replayed the log:"))
-                .unwrap_or_else(|| panic!("no takeover by replay:\n{out}"))
-                .to_string();
+            let line = replayed_line(&t, &out);
             eprintln!(
                 "{app:?} attempt {attempt}: {line}; all answered {:?} ms after the kill",
                 t.all_answered_ms
@@ -398,17 +404,22 @@ fn bgsaves(
     .unwrap()
 }
 
-#[test]
-fn redis_saving_in_the_background_every_second_stays_replayable() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let lab = lab_session("frbgs");
+/// A Redis pair in responsive mode whose background saves go to /tmp.
+fn saving_redis_pair(lab: &rrc_bench::session::LabSession) -> Pair<'_> {
     let opts = PairOptions {
         mode: Mode::Responsive,
         ..PairOptions::default()
     };
-    let mut pair = Pair::new(&lab, App::Redis, opts)
+    Pair::new(lab, App::Redis, opts)
         .unwrap()
-        .with_app_args(&["--dir", "/tmp"]);
+        .with_app_args(&["--dir", "/tmp"])
+}
+
+#[test]
+fn redis_saving_in_the_background_every_second_stays_replayable() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let lab = lab_session("frbgs");
+    let mut pair = saving_redis_pair(&lab);
     for i in 0..3 {
         pair.start_backup().unwrap();
         pair.start_primary().unwrap();
@@ -476,13 +487,7 @@ fn container_output(backup_said: &str) -> String {
 fn a_kill_right_after_a_fork_replays_up_to_it() {
     use std::io::Write;
     let lab = lab_session("frfrk");
-    let opts = PairOptions {
-        mode: Mode::Responsive,
-        ..PairOptions::default()
-    };
-    let mut pair = Pair::new(&lab, App::Redis, opts)
-        .unwrap()
-        .with_app_args(&["--dir", "/tmp"]);
+    let mut pair = saving_redis_pair(&lab);
     // Checkpoints wait for the child to end, so the kill, 2 ms after the
     // command, nearly always comes first: tried a few times if not.
     let mut at_fork = false;
@@ -508,12 +513,7 @@ fn a_kill_right_after_a_fork_replays_up_to_it() {
         )
         .unwrap();
         let out = pair.backup_output();
-        assert_recovered(&t, &out);
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("replayed the log:"))
-            .unwrap_or_else(|| panic!("no takeover by replay:\n{out}"))
-            .to_string();
+        let line = replayed_line(&t, &out);
         let said = container_output(&out);
         at_fork = said.contains("parked at fork");
         eprintln!("attempt {attempt}: {line}; a thread parked at the fork: {at_fork}");
