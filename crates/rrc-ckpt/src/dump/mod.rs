@@ -688,44 +688,40 @@ type SeccompOfThreads = (Vec<Vec<u64>>, Vec<Vec<Vec<u64>>>);
 /// binary search: n log n comparisons, not one per pair of processes. A
 /// process kcmp cannot compare gets a table of its own.
 fn fd_tables(processes: &[SeizedProcess]) -> HashMap<Pid, usize> {
-    use std::cmp::Ordering;
-    // A process using each table seen so far, in the kernel's order.
+    // A process using each table seen so far, in the kernel's order, and
+    // the table's number.
     let mut seen: Vec<(Pid, usize)> = Vec::new();
     let mut out = HashMap::new();
-    let mut count = 0;
     for p in processes.iter().filter(|p| !p.threads.is_empty()) {
-        let (mut lo, mut hi) = (0, seen.len());
-        let mut place = Some(None);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            match sys::fd_table_order(p.pid, seen[mid].0) {
-                Ok(Ordering::Equal) => {
-                    place = Some(Some(seen[mid].1));
-                    break;
-                }
-                Ok(Ordering::Less) => hi = mid,
-                Ok(Ordering::Greater) => lo = mid + 1,
-                Err(_) => {
-                    place = None;
-                    break;
-                }
+        let fresh = out.len();
+        let table = match search_tables(p.pid, &seen) {
+            Some(Ok(shared)) => shared,
+            Some(Err(at)) => {
+                seen.insert(at, (p.pid, fresh));
+                fresh
             }
-        }
-        let table = match place {
-            Some(Some(shared)) => shared,
-            Some(None) => {
-                seen.insert(lo, (p.pid, count));
-                count += 1;
-                count - 1
-            }
-            None => {
-                count += 1;
-                count - 1
-            }
+            None => fresh,
         };
         out.insert(p.pid, table);
     }
     out
+}
+
+/// As `binary_search` does: the number of `pid`'s table if a process of
+/// `seen` (in the kernel's order of tables) uses it, else where it goes;
+/// `None` if kcmp cannot compare them.
+fn search_tables(pid: Pid, seen: &[(Pid, usize)]) -> Option<std::result::Result<usize, usize>> {
+    use std::cmp::Ordering;
+    let (mut lo, mut hi) = (0, seen.len());
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        match sys::fd_table_order(pid, seen[mid].0).ok()? {
+            Ordering::Equal => return Some(Ok(seen[mid].1)),
+            Ordering::Less => hi = mid,
+            Ordering::Greater => lo = mid + 1,
+        }
+    }
+    Some(Err(lo))
 }
 
 fn seccomp_filters(p: &SeizedProcess) -> Result<SeccompOfThreads> {
