@@ -669,8 +669,20 @@ fn set_options(fd: &OwnedFd, options: &[SockOpt], pid: i32) {
 
 fn set_nonblocking(fd: &OwnedFd, flags: u32) -> std::io::Result<()> {
     if flags & libc::O_NONBLOCK as u32 != 0 {
-        let cur = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
-        let new = nix::fcntl::OFlag::from_bits_truncate(cur) | nix::fcntl::OFlag::O_NONBLOCK;
+        nonblocking(fd, true)?;
+    }
+    Ok(())
+}
+
+/// Puts `fd` in non-blocking mode (`on`) or in blocking mode.
+fn nonblocking(fd: &OwnedFd, on: bool) -> std::io::Result<()> {
+    let cur = nix::fcntl::OFlag::from_bits_truncate(nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_GETFL,
+    )?);
+    let mut new = cur;
+    new.set(nix::fcntl::OFlag::O_NONBLOCK, on);
+    if new != cur {
         nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(new))?;
     }
     Ok(())
@@ -757,7 +769,7 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
                 if sty == SockType::Stream {
                     // A connection under way: its SYN is sent again and the
                     // program sees it complete (or fail) as it would have.
-                    set_nonblocking(&s, libc::O_NONBLOCK as u32).map_err(io("socket flags"))?;
+                    nonblocking(&s, true).map_err(io("socket flags"))?;
                     match connect(s.as_raw_fd(), &a) {
                         Ok(()) | Err(nix::Error::EINPROGRESS) => {}
                         Err(e) => tracing::warn!(
@@ -767,16 +779,10 @@ fn build(f: &OpenFile, img: &ImageDir, pid: i32) -> Result<(OwnedFd, bool)> {
                             "a connection under way failed again at once: its socket is left unconnected"
                         ),
                     }
-                    if f.flags & libc::O_NONBLOCK as u32 == 0 {
-                        // A blocking connect() the program is in goes on
-                        // waiting once restarted.
-                        let cur = nix::fcntl::fcntl(&s, nix::fcntl::FcntlArg::F_GETFL)
-                            .map_err(|e| io("socket flags")(e.into()))?;
-                        let new = nix::fcntl::OFlag::from_bits_truncate(cur)
-                            - nix::fcntl::OFlag::O_NONBLOCK;
-                        nix::fcntl::fcntl(&s, nix::fcntl::FcntlArg::F_SETFL(new))
-                            .map_err(|e| io("socket flags")(e.into()))?;
-                    }
+                    // A blocking connect() the program is in goes on
+                    // waiting once restarted.
+                    nonblocking(&s, f.flags & libc::O_NONBLOCK as u32 != 0)
+                        .map_err(io("socket flags"))?;
                 } else {
                     connect(s.as_raw_fd(), &a)
                         .map_err(|e| io(&format!("connect {p}"))(e.into()))?;
