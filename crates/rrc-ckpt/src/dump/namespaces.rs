@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::path::PathBuf;
 
 use nix::unistd::Pid;
 use procfs::process::Status;
@@ -85,21 +86,16 @@ impl PidLevels {
         zombie: impl Fn(Pid) -> bool,
         problems: &mut Vec<String>,
     ) -> BTreeMap<Pid, NsPlace> {
-        let link = |pid: Pid, what: &str| {
-            fs::read_link(format!("/proc/{pid}/ns/{what}"))
-                .ok()
-                .map(|l| l.to_string_lossy().into_owned())
-        };
-        let tree_ns = link(root, "pid");
+        let tree_ns = ns_link(root, "pid");
         // Each nested process's namespace, and the first process of each.
-        let mut ns_of: BTreeMap<Pid, String> = BTreeMap::new();
-        let mut first_of: BTreeMap<String, i32> = BTreeMap::new();
+        let mut ns_of: BTreeMap<Pid, PathBuf> = BTreeMap::new();
+        let mut first_of: BTreeMap<PathBuf, i32> = BTreeMap::new();
         for p in processes {
             let nested = self.nested(p.pid);
             if nested.is_empty() || zombie(p.pid) {
                 continue;
             }
-            if let Some(ns) = link(p.pid, "pid") {
+            if let Some(ns) = ns_link(p.pid, "pid") {
                 if nested.last() == Some(&1) {
                     first_of.insert(ns.clone(), self.tree_pid(p.pid));
                 }
@@ -150,7 +146,7 @@ impl PidLevels {
                 } else {
                     ns_of.get(&p.pid).cloned()
                 };
-                place.children_pid_ns = match link(p.pid, "pid_for_children") {
+                place.children_pid_ns = match ns_link(p.pid, "pid_for_children") {
                     Some(ns) if Some(&ns) == own.as_ref() => None,
                     Some(ns) => match first_of.get(&ns) {
                         Some(init) => Some(ChildrenPidNs::Of { init: *init }),
@@ -194,20 +190,19 @@ pub fn check_shared(
     if others.is_empty() {
         return uts;
     }
-    let link = |pid: Pid, kind: &str| fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
-    let roots: Vec<_> = SHARED_KINDS.iter().map(|k| link(root, k)).collect();
-    let uts_of: BTreeMap<Pid, Option<std::path::PathBuf>> = processes
+    let roots: Vec<_> = SHARED_KINDS.iter().map(|k| ns_link(root, k)).collect();
+    let uts_of: BTreeMap<Pid, Option<PathBuf>> = processes
         .iter()
         .filter(|p| !p.threads.is_empty())
-        .map(|p| (p.pid, link(p.pid, "uts")))
+        .map(|p| (p.pid, ns_link(p.pid, "uts")))
         .collect();
     // Each UTS namespace other than the root's, and its first process.
-    let mut first: BTreeMap<std::path::PathBuf, Pid> = BTreeMap::new();
+    let mut first: BTreeMap<PathBuf, Pid> = BTreeMap::new();
     for p in others {
         let differ: Vec<&str> = SHARED_KINDS
             .iter()
             .zip(&roots)
-            .filter(|(k, r)| link(p.pid, k) != **r)
+            .filter(|(k, r)| ns_link(p.pid, k) != **r)
             .map(|(k, _)| *k)
             .collect();
         if !differ.is_empty() {
@@ -225,7 +220,8 @@ pub fn check_shared(
         };
         if let Some(other) = first.get(&ns) {
             problems.push(format!(
-                "process {} is in the UTS namespace of process {other} but not in its parent's,                  which a restore cannot make again",
+                "process {} is in the UTS namespace of process {other} but not in its parent's, \
+                 which a restore cannot make again",
                 p.pid
             ));
             continue;
@@ -242,6 +238,12 @@ pub fn check_shared(
         }
     }
     uts
+}
+
+/// The namespace of kind `kind` (a name of `/proc/PID/ns`) process `pid`
+/// is in, as its link there reads (`None` if it cannot be read).
+fn ns_link(pid: Pid, kind: &str) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok()
 }
 
 /// The host and domain names of process `pid`'s UTS namespace, read by a

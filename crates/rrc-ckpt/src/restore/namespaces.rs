@@ -44,17 +44,22 @@ pub fn own_uts(t: &mut Tracee, names: &UtsNames) -> Result<()> {
 /// The pids `clone3` is to give a process: the innermost first, down to
 /// the tree's namespace.
 pub fn set_tid(p: &ProcessImage) -> Vec<i32> {
-    p.nested_pids.iter().rev().copied().chain([p.pid]).collect()
+    innermost_first(&p.nested_pids, p.pid)
 }
 
 /// The same for one of its threads.
 pub fn thread_set_tid(th: &ThreadImage) -> Vec<i32> {
-    th.nested_tids
-        .iter()
-        .rev()
-        .copied()
-        .chain([th.tid])
-        .collect()
+    innermost_first(&th.nested_tids, th.tid)
+}
+
+/// `nested` (the outermost first) turned round, then `tree`'s own.
+fn innermost_first(nested: &[i32], tree: i32) -> Vec<i32> {
+    nested.iter().rev().copied().chain([tree]).collect()
+}
+
+/// Whether a pid of `ids` is no pid at all.
+fn out_of_range(ids: &[i32]) -> bool {
+    ids.iter().any(|n| !(1..=crate::image::PID_MAX).contains(n))
 }
 
 /// Checks an image's namespaces: every nested process is in a namespace
@@ -64,10 +69,7 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
     for p in procs.values() {
         let pid = p.pid;
         let d = p.depth();
-        if p.nested_pids
-            .iter()
-            .any(|n| !(1..=crate::image::PID_MAX).contains(n))
-        {
+        if out_of_range(&p.nested_pids) {
             return Err(format!("process {pid} has a nested pid out of range"));
         }
         // The kernel nests pid namespaces 32 deep at most, the host's
@@ -84,13 +86,10 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
                 return Err(format!("process {pid} has a UTS namespace it cannot have"));
             }
         }
-        if p.threads.iter().any(|th| {
-            th.nested_tids.len() != d
-                || th
-                    .nested_tids
-                    .iter()
-                    .any(|n| !(1..=crate::image::PID_MAX).contains(n))
-        }) {
+        if p.threads
+            .iter()
+            .any(|th| th.nested_tids.len() != d || out_of_range(&th.nested_tids))
+        {
             return Err(format!(
                 "a thread of process {pid} has not one pid per pid namespace of its process"
             ));
