@@ -72,11 +72,11 @@ pub struct Manifest {
     /// to) carries the series on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lineage: Option<Lineage>,
-    /// CRC-32 of every other file of a delta, by name.
     /// The firewall table holding the tree's TCP connections still while
     /// it is down (see `netlock`), lifted by the restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_lock: Option<String>,
+    /// CRC-32 of every other file of a delta, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checksums: BTreeMap<String, u32>,
 }
