@@ -910,16 +910,13 @@ pub fn send_with_fds(
     fds: &[std::os::fd::RawFd],
     nowait: bool,
 ) -> io::Result<usize> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
-    use std::os::fd::AsRawFd;
-    let iov = [io::IoSlice::new(data)];
-    let cmsg = [ControlMessage::ScmRights(fds)];
+    use nix::sys::socket::MsgFlags;
     let flags = if nowait {
         MsgFlags::MSG_DONTWAIT
     } else {
         MsgFlags::empty()
     };
-    Ok(sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, flags, None)?)
+    sendmsg_fds(sock, data, fds, flags, None)
 }
 
 /// Sends one datagram with files (SCM_RIGHTS) to the unix socket named
@@ -930,17 +927,28 @@ pub fn send_with_fds_to(
     fds: &[std::os::fd::RawFd],
     to: &nix::sys::socket::UnixAddr,
 ) -> io::Result<usize> {
-    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    sendmsg_fds(
+        sock,
+        data,
+        fds,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        Some(to),
+    )
+}
+
+/// One `sendmsg` of `data` with `fds`, to `to` if given.
+fn sendmsg_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[std::os::fd::RawFd],
+    flags: nix::sys::socket::MsgFlags,
+    to: Option<&nix::sys::socket::UnixAddr>,
+) -> io::Result<usize> {
+    use nix::sys::socket::{ControlMessage, sendmsg};
     use std::os::fd::AsRawFd;
     let iov = [io::IoSlice::new(data)];
     let cmsg = [ControlMessage::ScmRights(fds)];
-    Ok(sendmsg(
-        sock.as_raw_fd(),
-        &iov,
-        &cmsg,
-        MsgFlags::MSG_DONTWAIT,
-        Some(to),
-    )?)
+    Ok(sendmsg(sock.as_raw_fd(), &iov, &cmsg, flags, to)?)
 }
 
 /// A message queued on a unix socket, as a peek sees it.
