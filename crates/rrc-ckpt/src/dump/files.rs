@@ -270,11 +270,11 @@ pub fn resolve_owners(
 }
 
 /// Numbers the process (or thread) of every pidfd as the tree does, once
-/// the whole tree is known (its root has `depth` levels of pids). A pidfd of a process outside the tree is a
-/// problem (the restored one could only name another process), and so is
-/// one an epoll watches that no process holding the epoll holds (pidfds
-/// are made, and then registered, at the end of a restore, by a process
-/// holding both).
+/// the whole tree is known (its root has `depth` levels of pids). A pidfd
+/// of a process outside the tree is a problem (the restored one could only
+/// name another process), and so is one an epoll watches that no process
+/// holding the epoll holds (pidfds are made, and then registered, at the
+/// end of a restore, by a process holding both).
 pub fn resolve_pidfds(
     table: &mut FileTable,
     ns_of: &std::collections::BTreeMap<Pid, i32>,
