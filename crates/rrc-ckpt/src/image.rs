@@ -254,6 +254,13 @@ pub enum LockKind {
 }
 
 impl ProcessImage {
+    /// Whether this process can make epoll `epoll`'s registration of open
+    /// file `target`: it holds both (the target is put at the registered
+    /// number for the while). Pidfds are registered so, once made.
+    pub fn can_register(&self, epoll: usize, target: usize) -> bool {
+        self.fds.iter().any(|fd| fd.file == epoll) && self.fds.iter().any(|fd| fd.file == target)
+    }
+
     /// The process whose fd table it uses, if not its own: its parent's
     /// or a sibling's.
     pub fn table_sharer(&self) -> Option<i32> {
@@ -330,15 +337,6 @@ impl ThreadImage {
     /// Its tid as its process sees it.
     pub fn own_tid(&self) -> i32 {
         self.nested_tids.last().copied().unwrap_or(self.tid)
-    }
-}
-
-impl ProcessImage {
-    /// Whether this process can make epoll `epoll`'s registration of open
-    /// file `target`: it holds both (the target is put at the registered
-    /// number for the while). Pidfds are registered so, once made.
-    pub fn can_register(&self, epoll: usize, target: usize) -> bool {
-        self.fds.iter().any(|fd| fd.file == epoll) && self.fds.iter().any(|fd| fd.file == target)
     }
 }
 
