@@ -124,6 +124,15 @@ pub struct ProcessImage {
     /// another): the names in it, which its descendants share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uts: Option<UtsNames>,
+    /// The time namespace it is in: its parent's (the root: the
+    /// restorer's), the one its parent made for its children, or one of
+    /// its own.
+    #[serde(default, skip_serializing_if = "TimeNs::is_parents")]
+    pub time_ns: TimeNs,
+    /// Its next children's time namespace, when not its own (after
+    /// `unshare(CLONE_NEWTIME)`): its clocks' offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub children_time_ns: Option<TimeOffsets>,
     pub pgid: i32,
     pub sid: i32,
     pub exe: String,
@@ -200,6 +209,42 @@ pub struct ProcessImage {
 pub struct UtsNames {
     pub hostname: String,
     pub domainname: String,
+}
+
+/// Where a process's time namespace comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum TimeNs {
+    /// Its parent's own (the root's: the restorer's).
+    #[default]
+    Parents,
+    /// The one its parent made for its children
+    /// ([`ProcessImage::children_time_ns`]).
+    ParentsChildren,
+    /// One of its own, first entered by it, with these offsets.
+    Own { offsets: TimeOffsets },
+}
+
+impl TimeNs {
+    pub fn is_parents(&self) -> bool {
+        *self == TimeNs::Parents
+    }
+}
+
+/// The offsets a time namespace adds to the host's clocks
+/// (`/proc/PID/timens_offsets`; module `procfs` reads and writes them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeOffsets {
+    pub monotonic: ClockOffset,
+    pub boottime: ClockOffset,
+}
+
+/// One clock's offset: `secs` (negative for a clock behind the host's)
+/// plus `nsecs`, below a second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockOffset {
+    pub secs: i64,
+    pub nsecs: u32,
 }
 
 /// The pid namespace a process's next children are made in, when not its

@@ -7,6 +7,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::image::{ClockOffset, TimeOffsets};
 use crate::{Error, Result};
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -53,6 +54,62 @@ pub fn read_nspid(path: impl AsRef<Path>) -> std::io::Result<Option<Vec<i32>>> {
                 .filter_map(|w| w.parse().ok())
                 .collect()
         }))
+}
+
+/// The clock offsets of the time namespace process `pid`'s next children
+/// go to (`/proc/PID/timens_offsets`): its own's, unless it has unshared
+/// one since.
+pub fn read_timens_offsets(pid: i32) -> std::io::Result<TimeOffsets> {
+    let text = read_text(format!("/proc/{pid}/timens_offsets"))?;
+    parse_timens_offsets(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unexpected timens_offsets: {text:?}"),
+        )
+    })
+}
+
+/// `timens_offsets` lines: a clock (by name, or by number as a write may
+/// give it), seconds and nanoseconds. Both clocks must be there.
+pub fn parse_timens_offsets(text: &str) -> Option<TimeOffsets> {
+    let (mut monotonic, mut boottime) = (None, None);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let [clock, secs, nsecs] = w[..] else {
+            return None;
+        };
+        let offset = ClockOffset {
+            secs: secs.parse().ok()?,
+            nsecs: nsecs.parse().ok().filter(|n| *n < 1_000_000_000)?,
+        };
+        match clock {
+            "monotonic" | "1" => monotonic = Some(offset),
+            "boottime" | "7" => boottime = Some(offset),
+            _ => return None,
+        }
+    }
+    Some(TimeOffsets {
+        monotonic: monotonic?,
+        boottime: boottime?,
+    })
+}
+
+/// The text that gives a time namespace `o`, as the file takes it.
+pub fn timens_offsets_text(o: &TimeOffsets) -> String {
+    format!(
+        "monotonic {} {}\nboottime {} {}\n",
+        o.monotonic.secs, o.monotonic.nsecs, o.boottime.secs, o.boottime.nsecs
+    )
+}
+
+/// Gives the time namespace process `pid` has just unshared for its
+/// children the offsets `o` (possible only before a process enters it).
+pub fn write_timens_offsets(pid: i32, o: &TimeOffsets) -> std::io::Result<()> {
+    // One write: the kernel takes every line of a write or none.
+    std::fs::write(
+        format!("/proc/{pid}/timens_offsets"),
+        timens_offsets_text(o),
+    )
 }
 
 /// The fields of a task's `stat` at `path` after its command name (the
@@ -324,6 +381,39 @@ pub fn runs(entries: &[u64], keep: impl Fn(u64) -> bool) -> Vec<(usize, usize)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timens_offsets_round_trip_and_bad_text_is_refused() {
+        let o = parse_timens_offsets(
+            "monotonic        1000         5\nboottime        -20  999999999\n",
+        )
+        .unwrap();
+        assert_eq!(
+            o.monotonic,
+            ClockOffset {
+                secs: 1000,
+                nsecs: 5
+            }
+        );
+        assert_eq!(
+            o.boottime,
+            ClockOffset {
+                secs: -20,
+                nsecs: 999_999_999
+            }
+        );
+        assert_eq!(parse_timens_offsets(&timens_offsets_text(&o)), Some(o));
+        for bad in [
+            "",
+            "monotonic 1 0\n",
+            "monotonic 1 0\nboottime 1 1000000000\n",
+            "monotonic 1 0\nrealtime 1 0\n",
+            "monotonic 1\nboottime 1 0\n",
+            "monotonic x 0\nboottime 1 0\n",
+        ] {
+            assert_eq!(parse_timens_offsets(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn fdinfo_epoll_and_eventfd() {

@@ -940,6 +940,11 @@ fn a_uts_namespace_of_a_process_of_the_tree_comes_back_with_its_names() {
 }
 
 #[test]
+fn time_namespaces_of_the_tree_keep_their_clocks_and_members() {
+    checkpoint_restore("timens");
+}
+
+#[test]
 fn processes_in_nested_pid_namespaces_keep_their_pids_at_every_level() {
     checkpoint_restore("pidns_nested");
 }

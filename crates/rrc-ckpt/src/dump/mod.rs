@@ -344,6 +344,7 @@ pub(crate) fn take(
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
     let mut uts = namespaces::check_shared(t.root, &seized.processes, &mut problems);
+    let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
         &seized.processes,
@@ -465,6 +466,7 @@ pub(crate) fn take(
             .and_then(|s| u64::from_str_radix(s.trim(), 16).ok())
             .unwrap_or(0);
         let place = places.remove(&p.pid).unwrap_or_default();
+        let time = times.remove(&p.pid).unwrap_or_default();
         images.push(ProcessImage {
             pid: ns_of[&p.pid],
             parent: p.parent.map(|pp| ns_of[&pp]),
@@ -472,6 +474,8 @@ pub(crate) fn take(
             pid_ns: place.pid_ns,
             children_pid_ns: place.children_pid_ns,
             uts: uts.remove(&p.pid),
+            time_ns: time.ns,
+            children_time_ns: time.children,
             pgid: tree_level(&status.nspgid, st.pgrp),
             sid: tree_level(&status.nssid, st.session),
             exe: link("exe"),

@@ -1,10 +1,12 @@
 //! The namespaces of the tree's processes. A restore puts every process in
-//! the root's namespaces, but for two kinds. UTS namespaces: a process
+//! the root's namespaces, but for three kinds. UTS namespaces: a process
 //! whose parent is in another is the first of its own, made again with its
 //! names. Pid namespaces nested in the tree's: each process's pids at every
 //! level below the tree's, the namespace it is in (named by its first
-//! process) and the one its next children go to. A process in a namespace
-//! of any other kind than the root's is refused.
+//! process) and the one its next children go to. Time namespaces: whether a
+//! process is in its parent's, in the one its parent made for its children,
+//! or in one of its own, and the clocks' offsets of each one made. A
+//! process in a namespace of any other kind than the root's is refused.
 //!
 //! The tree's namespace is the root's. A process `unshare(CLONE_NEWPID)`
 //! or `clone(CLONE_NEWPID)` made deeper has pids there too (`NSpid`, the
@@ -21,7 +23,7 @@ use nix::unistd::Pid;
 use procfs::process::Status;
 
 use crate::dump::seize::SeizedProcess;
-use crate::image::{ChildrenPidNs, ThreadImage, UtsNames};
+use crate::image::{ChildrenPidNs, ThreadImage, TimeNs, TimeOffsets, UtsNames};
 use crate::{Error, Result, procfs as pfs};
 
 /// Every process's pids from the tree's namespace inwards.
@@ -169,13 +171,13 @@ impl PidLevels {
 }
 
 /// The kinds of namespace a restore makes every process of the tree share
-/// with the root (pid and UTS namespaces apart).
-const SHARED_KINDS: [&str; 6] = ["mnt", "net", "ipc", "cgroup", "time", "user"];
+/// with the root (pid, UTS and time namespaces apart).
+const SHARED_KINDS: [&str; 5] = ["mnt", "net", "ipc", "cgroup", "user"];
 
 /// Refuses processes that are in a namespace of one of those kinds other
 /// than the root's: a restore would put them in the root's, silently; and
 /// finds the first process of each UTS namespace other than the root's,
-/// with its names. Reads seven links per process but the root (none for a
+/// with its names. Reads six links per process but the root (none for a
 /// tree of one).
 pub fn check_shared(
     root: Pid,
@@ -238,6 +240,99 @@ pub fn check_shared(
         }
     }
     uts
+}
+
+/// A process's time namespaces, for its image.
+#[derive(Default)]
+pub struct TimePlace {
+    pub ns: TimeNs,
+    pub children: Option<TimeOffsets>,
+}
+
+/// Where each live process's time namespace comes from, and the offsets of
+/// each namespace a restore makes: one a process entered first (for the
+/// root, one other than the checkpointing process's) and one a process
+/// unshared for its children. A namespace two processes would have to make
+/// is a problem. Reads two links per live process; nothing when the kernel
+/// has no time namespaces.
+pub fn time_places(
+    root: Pid,
+    processes: &[SeizedProcess],
+    problems: &mut Vec<String>,
+) -> BTreeMap<Pid, TimePlace> {
+    let mut places = BTreeMap::new();
+    // Each live process's namespace and its children's.
+    let links: BTreeMap<Pid, (PathBuf, PathBuf)> = processes
+        .iter()
+        .filter(|p| !p.threads.is_empty())
+        .filter_map(|p| {
+            let own = ns_link(p.pid, "time")?;
+            let children = ns_link(p.pid, "time_for_children")?;
+            Some((p.pid, (own, children)))
+        })
+        .collect();
+    let Some(mine) = fs::read_link("/proc/self/ns/time").ok() else {
+        return places;
+    };
+    let offsets_of = |ns: &PathBuf| -> Option<TimeOffsets> {
+        // The file tells the offsets of a process's children's namespace.
+        let (pid, _) = links.iter().find(|(_, (_, c))| c == ns)?;
+        crate::procfs::read_timens_offsets(pid.as_raw()).ok()
+    };
+    // The process that makes each namespace again.
+    let mut maker: BTreeMap<&PathBuf, Pid> = BTreeMap::new();
+    let mut made_twice = |ns, pid: Pid, problems: &mut Vec<String>| match maker.insert(ns, pid) {
+        Some(other) => {
+            problems.push(format!(
+                "processes {other} and {pid} are in one time namespace neither got from \
+                 its parent, which a restore cannot make again"
+            ));
+            true
+        }
+        None => false,
+    };
+    for p in processes {
+        let Some((own, children)) = links.get(&p.pid) else {
+            continue;
+        };
+        let (parents, parents_children) = match p.parent.and_then(|pp| links.get(&pp)) {
+            Some((o, c)) => (o, c),
+            None if p.pid == root => (&mine, &mine),
+            // A parent whose namespace cannot be read: not for a live
+            // child's parent, which is not a zombie.
+            None => continue,
+        };
+        let mut place = TimePlace::default();
+        if own == parents {
+        } else if own == parents_children {
+            place.ns = TimeNs::ParentsChildren;
+        } else if made_twice(own, p.pid, problems) {
+            continue;
+        } else {
+            match offsets_of(own) {
+                Some(offsets) => place.ns = TimeNs::Own { offsets },
+                None => problems.push(format!(
+                    "process {}: the offsets of its time namespace cannot be read \
+                     (it unshared another since and has no child in it)",
+                    p.pid
+                )),
+            }
+        }
+        if children != own {
+            if made_twice(children, p.pid, problems) {
+                continue;
+            }
+            match crate::procfs::read_timens_offsets(p.pid.as_raw()) {
+                Ok(o) => place.children = Some(o),
+                Err(e) => problems.push(format!(
+                    "process {}: its children's time namespace: {e}",
+                    p.pid
+                )),
+            }
+        }
+        places.insert(p.pid, place);
+    }
+    places
 }
 
 /// The namespace of kind `kind` (a name of `/proc/PID/ns`) process `pid`

@@ -617,7 +617,9 @@ fn restore_process(
         join_session(&mut t, p, ctx.procs)?;
         return end_zombie(t, exit);
     }
-    // Its own UTS namespace before its children are forked into it.
+    // Its own UTS and time namespaces before its children are forked into
+    // them.
+    namespaces::enter_time(&mut t, p)?;
     if let Some(names) = &p.uts {
         namespaces::own_uts(&mut t, names)?;
     }
@@ -680,7 +682,14 @@ fn restore_process(
     for s in sharers {
         namespaces::point_children(&mut t, ctx.procs, p, None, &mut children_ns)?;
         let flags = (libc::CLONE_FILES | libc::CLONE_PARENT) as u64;
-        let ct = fork_child(&mut t, &namespaces::set_tid(&ctx.procs[&s]), flags)?;
+        let sp = &ctx.procs[&s];
+        let back = namespaces::back_to_own_time(p, sp);
+        let fd = back.then(|| namespaces::own_time_fd(&mut t)).transpose()?;
+        let mut ct = fork_child(&mut t, &namespaces::set_tid(sp), flags)?;
+        if let Some(fd) = fd {
+            namespaces::join_time(&mut ct, fd, true, true)?;
+            namespaces::close_time_fd(&mut t, fd)?;
+        }
         restore_process(ctx, ct, held.clone(), session, Some(pid))?;
     }
     namespaces::restore_children_ns(&mut t, ctx.procs, p, children_ns)?;
@@ -729,7 +738,17 @@ fn fork_in_place(
         namespaces::children_for(p, c)
     };
     namespaces::point_children(t, ctx.procs, p, want, children_ns)?;
-    fork_child(t, &namespaces::set_tid(c), flags)
+    // A child of its parent's own time namespace, which is not where its
+    // children go, goes back there.
+    let fd = namespaces::back_to_own_time(p, c)
+        .then(|| namespaces::own_time_fd(t))
+        .transpose()?;
+    let mut ct = fork_child(t, &namespaces::set_tid(c), flags)?;
+    if let Some(fd) = fd {
+        namespaces::join_time(&mut ct, fd, true, c.shares_parent_files)?;
+        namespaces::close_time_fd(t, fd)?;
+    }
+    Ok(ct)
 }
 
 /// Makes `t` the leader of its session or group, or joins the group it
@@ -810,6 +829,14 @@ fn session_helper(
     sid: i32,
     members: &[i32],
 ) -> Result<()> {
+    // Members of the parent's own time namespace, which is not where its
+    // children go, go back there through an fd the helper passes on.
+    let back = |m: &i32| namespaces::back_to_own_time(&ctx.procs[&parent.ns_pid], &ctx.procs[m]);
+    let fd = members
+        .iter()
+        .any(back)
+        .then(|| namespaces::own_time_fd(parent))
+        .transpose()?;
     let mut h = fork_child(parent, &[sid], 0)?;
     ptrace::set_sigmask(h.pid, BLOCK_ALL)?;
     h.call("setsid", libc::SYS_setsid, &[])?;
@@ -832,10 +859,18 @@ fn session_helper(
             .ok_or_else(|| rerr(m, "fork", "the new process was not reported"))?;
         wait_started(host, m)?;
         // The helper holds the parent's memory.
-        let ct = Tracee::new(m, host, parent.scratch)?;
+        let mut ct = Tracee::new(m, host, parent.scratch)?;
+        if let Some(fd) = fd {
+            let join = namespaces::back_to_own_time(&ctx.procs[&parent.ns_pid], &ctx.procs[&m]);
+            namespaces::join_time(&mut ct, fd, join, false)?;
+        }
         restore_process(ctx, ct, held.clone(), Some(sid), Some(parent.ns_pid))?;
     }
-    end_helper(parent, h)
+    end_helper(parent, h)?;
+    match fd {
+        Some(fd) => namespaces::close_time_fd(parent, fd),
+        None => Ok(()),
+    }
 }
 
 /// Ends helper process `h`, a child of `parent`: it exits, then `parent`

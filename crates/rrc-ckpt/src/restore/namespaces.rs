@@ -4,13 +4,18 @@
 //! with `CLONE_NEWPID`, every process and thread with its pids at every
 //! level (`clone3`'s `set_tid`, the innermost first), and a parent whose
 //! next children go elsewhere than its own namespace is pointed there
-//! (`setns` with a pidfd) or unshared once its children are made.
+//! (`setns` with a pidfd) or unshared once its children are made. Time
+//! namespaces: a process first in one of its own unshares one for its
+//! children, gives it its offsets and enters it; one whose children go to
+//! another unshares that before its children are forked, and a child that
+//! is to stay in its parent's own goes back there through an fd of it the
+//! parent opened before the fork.
 
 use std::collections::BTreeMap;
 
-use crate::Result;
-use crate::image::{ChildrenPidNs, ProcessImage, ThreadImage, UtsNames};
+use crate::image::{ChildrenPidNs, ProcessImage, ThreadImage, TimeNs, TimeOffsets, UtsNames};
 use crate::restore::tracee::Tracee;
+use crate::{Error, Result};
 
 /// Pid namespaces below the host's the kernel allows (`MAX_PID_NS_LEVEL`).
 const MAX_NESTING: usize = 32;
@@ -39,6 +44,94 @@ pub fn own_uts(t: &mut Tracee, names: &UtsNames) -> Result<()> {
         &[d, names.domainname.len() as u64],
     )?;
     Ok(())
+}
+
+/// Puts `t` in its time namespaces before its children are forked: one of
+/// its own, then the one its children go to.
+pub fn enter_time(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    if let TimeNs::Own { offsets } = &p.time_ns {
+        children_time(t, offsets)?;
+        let fd = open_in(t, "/proc/self/ns/time_for_children")?;
+        let r = t.call(
+            "setns (time namespace)",
+            libc::SYS_setns,
+            &[fd, libc::CLONE_NEWTIME as u64],
+        );
+        t.call("close", libc::SYS_close, &[fd])?;
+        r?;
+    }
+    if let Some(offsets) = &p.children_time_ns {
+        children_time(t, offsets)?;
+    }
+    Ok(())
+}
+
+/// Unshares a time namespace for `t`'s next children, with `offsets`.
+fn children_time(t: &mut Tracee, offsets: &TimeOffsets) -> Result<()> {
+    t.call(
+        "unshare(CLONE_NEWTIME)",
+        libc::SYS_unshare,
+        &[libc::CLONE_NEWTIME as u64],
+    )?;
+    crate::procfs::write_timens_offsets(t.pid.as_raw(), offsets).map_err(|e| Error::Restore {
+        pid: t.ns_pid,
+        stage: "time namespace",
+        detail: format!("its offsets: {e}"),
+    })
+}
+
+/// Opens `path` read-only in `t`; returns the fd.
+fn open_in(t: &mut Tracee, path: &str) -> Result<u64> {
+    let at = t.arg_str(path)?;
+    t.call(
+        "open",
+        libc::SYS_openat,
+        &[
+            libc::AT_FDCWD as u64,
+            at,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        ],
+    )
+}
+
+/// Whether `child`, forked by `forker` (its parent, or the sibling whose fd
+/// table it shares), must leave the time namespace it lands in (`forker`'s
+/// children's) for `forker`'s own.
+pub fn back_to_own_time(forker: &ProcessImage, child: &ProcessImage) -> bool {
+    let own = if child.parent == Some(forker.pid) {
+        TimeNs::Parents
+    } else {
+        forker.time_ns
+    };
+    forker.children_time_ns.is_some() && child.time_ns == own
+}
+
+/// An fd of `t`'s own time namespace, for the children it forks next that
+/// [`back_to_own_time`] sends back there (closed by [`close_time_fd`]).
+pub fn own_time_fd(t: &mut Tracee) -> Result<u64> {
+    open_in(t, "/proc/self/ns/time")
+}
+
+/// Takes forked process `c` into the time namespace of `fd`, which it
+/// inherited, if `join`, and closes its copy (unless its table is its
+/// forker's).
+pub fn join_time(c: &mut Tracee, fd: u64, join: bool, shares_table: bool) -> Result<()> {
+    if join {
+        c.call(
+            "setns (its parent's time namespace)",
+            libc::SYS_setns,
+            &[fd, libc::CLONE_NEWTIME as u64],
+        )?;
+    }
+    if !shares_table {
+        c.call("close", libc::SYS_close, &[fd])?;
+    }
+    Ok(())
+}
+
+/// Closes the fd [`own_time_fd`] opened.
+pub fn close_time_fd(t: &mut Tracee, fd: u64) -> Result<()> {
+    t.call("close", libc::SYS_close, &[fd]).map(drop)
 }
 
 /// The pids `clone3` is to give a process: the innermost first, down to
@@ -112,6 +205,7 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
                 }
             }
         }
+        check_time(procs, p)?;
         let parent_depth = p.parent.and_then(|pp| procs.get(&pp)).map(|pp| pp.depth());
         match parent_depth {
             Some(pd) if d != pd && d != pd + 1 => {
@@ -130,6 +224,51 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
                 "process {pid}'s children go to a pid namespace process {init} does not start"
             ));
         }
+    }
+    Ok(())
+}
+
+/// Checks `p`'s time namespaces: offsets a clock can have, the namespace
+/// its parent made for its children only where the parent made one, and,
+/// for a process its sibling forks, one that sibling can give it.
+fn check_time(
+    procs: &BTreeMap<i32, ProcessImage>,
+    p: &ProcessImage,
+) -> std::result::Result<(), String> {
+    let pid = p.pid;
+    let offsets = [
+        p.children_time_ns.as_ref(),
+        match &p.time_ns {
+            TimeNs::Own { offsets } => Some(offsets),
+            _ => None,
+        },
+    ];
+    if offsets
+        .iter()
+        .flatten()
+        .any(|o| o.monotonic.nsecs >= 1_000_000_000 || o.boottime.nsecs >= 1_000_000_000)
+    {
+        return Err(format!(
+            "process {pid} has a time namespace offset out of range"
+        ));
+    }
+    let parent = p.parent.and_then(|pp| procs.get(&pp));
+    if p.time_ns == TimeNs::ParentsChildren && parent.is_none_or(|pp| pp.children_time_ns.is_none())
+    {
+        return Err(format!(
+            "process {pid} is in a time namespace its parent did not make"
+        ));
+    }
+    if let Some(sibling) = p.shares_files_with.and_then(|s| procs.get(&s))
+        && p.zombie.is_none()
+        && !matches!(p.time_ns, TimeNs::Own { .. })
+        && (p.time_ns != sibling.time_ns || matches!(sibling.time_ns, TimeNs::Own { .. }))
+    {
+        return Err(format!(
+            "process {pid} is in another time namespace than process {}, whose fd table it shares, \
+             which a restore cannot give it",
+            sibling.pid
+        ));
     }
     Ok(())
 }
@@ -257,7 +396,7 @@ mod tests {
 
     #[test]
     fn namespaces_an_image_cannot_have_are_refused() {
-        let bad: [(&str, Spoil); 7] = [
+        let bad: [(&str, Spoil); 11] = [
             ("too deep", |t| {
                 let p = t.get_mut(&12).unwrap();
                 p.nested_pids = vec![2; 40];
@@ -284,6 +423,28 @@ mod tests {
             ("children sent to a namespace nobody starts", |t| {
                 t.get_mut(&10).unwrap().children_pid_ns = Some(ChildrenPidNs::Of { init: 12 })
             }),
+            ("a time namespace the parent did not make", |t| {
+                t.get_mut(&12).unwrap().time_ns = TimeNs::ParentsChildren
+            }),
+            ("the root in its parent's children's time namespace", |t| {
+                let root = t.get_mut(&10).unwrap();
+                root.time_ns = TimeNs::ParentsChildren;
+                root.children_time_ns = Some(TimeOffsets::default());
+            }),
+            ("a clock offset of a second or more of nanoseconds", |t| {
+                let mut offsets = TimeOffsets::default();
+                offsets.boottime.nsecs = 1_000_000_000;
+                t.get_mut(&12).unwrap().time_ns = TimeNs::Own { offsets };
+            }),
+            (
+                "a table sharer in a time namespace its sibling cannot give",
+                |t| {
+                    t.get_mut(&13).unwrap().shares_files_with = Some(11);
+                    t.get_mut(&11).unwrap().time_ns = TimeNs::Own {
+                        offsets: TimeOffsets::default(),
+                    };
+                },
+            ),
         ];
         for (what, spoil) in bad {
             let mut procs = tree();
