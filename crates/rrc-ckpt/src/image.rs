@@ -124,6 +124,10 @@ pub struct ProcessImage {
     /// another): the names in it, which its descendants share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uts: Option<UtsNames>,
+    /// The first process of a cgroup namespace of its own (its parent's
+    /// is another), rooted at its cgroup, which its descendants share.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own_cgroup_ns: bool,
     /// The time namespace it is in: its parent's (the root: the
     /// restorer's), the one its parent made for its children, or one of
     /// its own.

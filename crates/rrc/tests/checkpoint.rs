@@ -940,6 +940,11 @@ fn a_uts_namespace_of_a_process_of_the_tree_comes_back_with_its_names() {
 }
 
 #[test]
+fn a_cgroup_namespace_of_a_process_of_the_tree_comes_back_rooted_where_it_was() {
+    checkpoint_restore("cgroupns_own");
+}
+
+#[test]
 fn time_namespaces_of_the_tree_keep_their_clocks_and_members() {
     checkpoint_restore("timens");
 }

@@ -343,7 +343,7 @@ pub(crate) fn take(
     for p in &seized.processes {
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
-    let mut uts = namespaces::check_shared(t.root, &seized.processes, &mut problems);
+    let mut own_ns = namespaces::check_shared(t.root, &seized.processes, &mut problems);
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
@@ -473,7 +473,8 @@ pub(crate) fn take(
             nested_pids: place.nested_pids,
             pid_ns: place.pid_ns,
             children_pid_ns: place.children_pid_ns,
-            uts: uts.remove(&p.pid),
+            uts: own_ns.uts.remove(&p.pid),
+            own_cgroup_ns: own_ns.cgroup.contains(&p.pid),
             time_ns: time.ns,
             children_time_ns: time.children,
             pgid: tree_level(&status.nspgid, st.pgrp),

@@ -1,7 +1,7 @@
 //! The namespaces of the tree's processes. A restore puts every process in
-//! the root's namespaces, but for three kinds. UTS namespaces: a process
-//! whose parent is in another is the first of its own, made again with its
-//! names. Pid namespaces nested in the tree's: each process's pids at every
+//! the root's namespaces, but for four kinds. UTS and cgroup namespaces: a
+//! process whose parent is in another is the first of its own, made again
+//! (with its names; rooted at its cgroup). Pid namespaces nested in the tree's: each process's pids at every
 //! level below the tree's, the namespace it is in (named by its first
 //! process) and the one its next children go to. Time namespaces: whether a
 //! process is in its parent's, in the one its parent made for its children,
@@ -15,7 +15,7 @@
 //! in the image, since namespaces have no number of their own a restore
 //! could give back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::PathBuf;
 
@@ -171,36 +171,40 @@ impl PidLevels {
 }
 
 /// The kinds of namespace a restore makes every process of the tree share
-/// with the root (pid, UTS and time namespaces apart).
-const SHARED_KINDS: [&str; 5] = ["mnt", "net", "ipc", "cgroup", "user"];
+/// with the root (pid, UTS, cgroup and time namespaces apart).
+const SHARED_KINDS: [&str; 4] = ["mnt", "net", "ipc", "user"];
 
-/// Refuses processes that are in a namespace of one of those kinds other
-/// than the root's: a restore would put them in the root's, silently; and
-/// finds the first process of each UTS namespace other than the root's,
-/// with its names. Reads six links per process but the root (none for a
-/// tree of one).
+/// The namespaces of their own some processes start: each such process's
+/// UTS names, and which start a cgroup namespace.
+#[derive(Default)]
+pub struct OwnNamespaces {
+    pub uts: BTreeMap<Pid, UtsNames>,
+    pub cgroup: BTreeSet<Pid>,
+}
+
+/// Refuses processes that are in a namespace of one of the shared kinds
+/// other than the root's: a restore would put them in the root's,
+/// silently; and finds the first process of each UTS and cgroup namespace
+/// other than the root's: a process in another than its parent's, which
+/// no other process shares but its descendants. A cgroup namespace must be
+/// rooted at its first process's cgroup, as one it unshared where it is
+/// (the restore unshares one in the cgroup the tree is restored to).
+/// Reads six links per process but the root (none for a tree of one).
 pub fn check_shared(
     root: Pid,
     processes: &[SeizedProcess],
     problems: &mut Vec<String>,
-) -> BTreeMap<Pid, UtsNames> {
-    let mut uts = BTreeMap::new();
+) -> OwnNamespaces {
+    let mut own = OwnNamespaces::default();
     let others: Vec<&SeizedProcess> = processes
         .iter()
         .filter(|p| p.pid != root && !p.threads.is_empty())
         .collect();
     if others.is_empty() {
-        return uts;
+        return own;
     }
     let roots: Vec<_> = SHARED_KINDS.iter().map(|k| ns_link(root, k)).collect();
-    let uts_of: BTreeMap<Pid, Option<PathBuf>> = processes
-        .iter()
-        .filter(|p| !p.threads.is_empty())
-        .map(|p| (p.pid, ns_link(p.pid, "uts")))
-        .collect();
-    // Each UTS namespace other than the root's, and its first process.
-    let mut first: BTreeMap<PathBuf, Pid> = BTreeMap::new();
-    for p in others {
+    for p in &others {
         let differ: Vec<&str> = SHARED_KINDS
             .iter()
             .zip(&roots)
@@ -215,31 +219,94 @@ pub fn check_shared(
                 differ.join(", ")
             ));
         }
-        let mine = uts_of.get(&p.pid).cloned().flatten();
-        let parents = p.parent.and_then(|pp| uts_of.get(&pp).cloned().flatten());
+    }
+    for p in first_of_own(processes, &others, "uts", "UTS", problems) {
+        match uts_names(p) {
+            Ok(names) => {
+                own.uts.insert(p, names);
+            }
+            Err(e) => problems.push(format!(
+                "process {p}: the names of its UTS namespace cannot be read: {e}"
+            )),
+        }
+    }
+    for p in first_of_own(processes, &others, "cgroup", "cgroup", problems) {
+        match cgroup_view(p) {
+            Ok(view) if view.lines().all(|l| l.ends_with(":/")) => {
+                own.cgroup.insert(p);
+            }
+            Ok(view) => problems.push(format!(
+                "process {p} is in a cgroup namespace rooted elsewhere than its cgroup \
+                 (it sees {:?}), which a restore cannot make again",
+                view.trim_end()
+            )),
+            Err(e) => problems.push(format!(
+                "process {p}: its cgroups as its cgroup namespace shows them cannot be read: {e}"
+            )),
+        }
+    }
+    own
+}
+
+/// The processes of `others` in a namespace of kind `kind` other than
+/// their parent's, each the only one there but its descendants (any other
+/// is a problem).
+fn first_of_own(
+    processes: &[SeizedProcess],
+    others: &[&SeizedProcess],
+    kind: &str,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Vec<Pid> {
+    let of: BTreeMap<Pid, Option<PathBuf>> = processes
+        .iter()
+        .filter(|p| !p.threads.is_empty())
+        .map(|p| (p.pid, ns_link(p.pid, kind)))
+        .collect();
+    let mut first: BTreeMap<PathBuf, Pid> = BTreeMap::new();
+    for p in others {
+        let mine = of.get(&p.pid).cloned().flatten();
+        let parents = p.parent.and_then(|pp| of.get(&pp).cloned().flatten());
         let Some(ns) = mine.filter(|m| Some(m) != parents.as_ref()) else {
             continue;
         };
         if let Some(other) = first.get(&ns) {
             problems.push(format!(
-                "process {} is in the UTS namespace of process {other} but not in its parent's, \
+                "process {} is in the {name} namespace of process {other} but not in its parent's, \
                  which a restore cannot make again",
                 p.pid
             ));
             continue;
         }
         first.insert(ns, p.pid);
-        match uts_names(p.pid) {
-            Ok(names) => {
-                uts.insert(p.pid, names);
-            }
-            Err(e) => problems.push(format!(
-                "process {}: the names of its UTS namespace cannot be read: {e}",
-                p.pid
-            )),
-        }
     }
-    uts
+    first.into_values().collect()
+}
+
+/// Process `pid`'s `/proc/PID/cgroup` as its cgroup namespace shows it,
+/// read by a thread of ours that enters it.
+fn cgroup_view(pid: Pid) -> std::io::Result<String> {
+    let ns = fs::File::open(format!("/proc/{pid}/ns/cgroup"))?;
+    in_namespace(&ns, nix::sched::CloneFlags::CLONE_NEWCGROUP, || {
+        // Paths show relative to the reading thread's namespace.
+        pfs::read_text(format!("/proc/{pid}/cgroup"))
+    })
+}
+
+/// `read` run by a thread of ours in namespace `ns` of kind `kind`.
+fn in_namespace<T: Send>(
+    ns: &fs::File,
+    kind: nix::sched::CloneFlags,
+    read: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns, kind)?;
+            read()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the reading thread failed")))
+    })
 }
 
 /// A process's time namespaces, for its image.
@@ -345,20 +412,15 @@ fn ns_link(pid: Pid, kind: &str) -> Option<PathBuf> {
 /// thread of ours that enters it.
 fn uts_names(pid: Pid) -> std::io::Result<UtsNames> {
     let ns = fs::File::open(format!("/proc/{pid}/ns/uts"))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
-            // These read the names of the reading thread's namespace.
-            let name = |what: &str| {
-                pfs::read_text(format!("/proc/sys/kernel/{what}")).map(|s| s.trim_end().to_string())
-            };
-            Ok(UtsNames {
-                hostname: name("hostname")?,
-                domainname: name("domainname")?,
-            })
+    in_namespace(&ns, nix::sched::CloneFlags::CLONE_NEWUTS, || {
+        // These read the names of the reading thread's namespace.
+        let name = |what: &str| {
+            pfs::read_text(format!("/proc/sys/kernel/{what}")).map(|s| s.trim_end().to_string())
+        };
+        Ok(UtsNames {
+            hostname: name("hostname")?,
+            domainname: name("domainname")?,
         })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the reading thread failed")))
     })
 }
 

@@ -617,11 +617,14 @@ fn restore_process(
         join_session(&mut t, p, ctx.procs)?;
         return end_zombie(t, exit);
     }
-    // Its own UTS and time namespaces before its children are forked into
-    // them.
+    // Its own UTS, cgroup and time namespaces before its children are
+    // forked into them.
     namespaces::enter_time(&mut t, p)?;
     if let Some(names) = &p.uts {
         namespaces::own_uts(&mut t, names)?;
+    }
+    if p.own_cgroup_ns {
+        namespaces::own_cgroup(&mut t)?;
     }
     // A process sharing its parent's fd table leaves the table to the
     // parent, who arranges it once every child is made.

@@ -1,5 +1,6 @@
 //! Namespaces of the tree's own, made again. A UTS namespace: its first
-//! process unshares one and names it before its children are forked. Pid
+//! process unshares one and names it before its children are forked; a
+//! cgroup namespace: its first process unshares one where it is. Pid
 //! namespaces nested in the tree's: the first process of each is forked
 //! with `CLONE_NEWPID`, every process and thread with its pids at every
 //! level (`clone3`'s `set_tid`, the innermost first), and a parent whose
@@ -134,6 +135,17 @@ pub fn close_time_fd(t: &mut Tracee, fd: u64) -> Result<()> {
     t.call("close", libc::SYS_close, &[fd]).map(drop)
 }
 
+/// Makes `t` the first process of a cgroup namespace of its own, rooted at
+/// the cgroup it is in.
+pub fn own_cgroup(t: &mut Tracee) -> Result<()> {
+    t.call(
+        "unshare(CLONE_NEWCGROUP)",
+        libc::SYS_unshare,
+        &[libc::CLONE_NEWCGROUP as u64],
+    )
+    .map(drop)
+}
+
 /// The pids `clone3` is to give a process: the innermost first, down to
 /// the tree's namespace.
 pub fn set_tid(p: &ProcessImage) -> Vec<i32> {
@@ -172,6 +184,11 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
         }
         if pid == root && (d > 0 || p.pid_ns.is_some()) {
             return Err("the root is not in the tree's pid namespace".into());
+        }
+        if p.own_cgroup_ns && (pid == root || p.zombie.is_some()) {
+            return Err(format!(
+                "process {pid} has a cgroup namespace it cannot have"
+            ));
         }
         if let Some(u) = &p.uts {
             let bad = |n: &str| n.len() > UTS_LEN || n.contains('\0');
