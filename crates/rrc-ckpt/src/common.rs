@@ -1,6 +1,7 @@
 //! What both halves of the engine use besides the mechanism modules: the
 //! machine an image belongs to, the signal mask the engine's calls run
-//! under, network namespaces, and cleaning up after a failed checkpoint.
+//! under, entering a process's namespaces, and cleaning up after a failed
+//! checkpoint.
 
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -52,25 +53,53 @@ pub(crate) fn remove_image_files(dir: &Path) {
     }
 }
 
-/// Runs `f` on a thread inside the network namespace of process `pid`
-/// (a thread of its own, as `setns` changes only the calling thread's).
-pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
+/// A kind of namespace a thread of ours enters to see what a process of
+/// the tree sees.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ns {
+    Net,
+    Uts,
+    Cgroup,
+    Ipc,
+}
+
+impl Ns {
+    /// Its name under `/proc/PID/ns`, its `setns` flag and what to call it.
+    fn parts(self) -> (&'static str, nix::sched::CloneFlags, &'static str) {
+        use nix::sched::CloneFlags as F;
+        match self {
+            Ns::Net => ("net", F::CLONE_NEWNET, "network namespace"),
+            Ns::Uts => ("uts", F::CLONE_NEWUTS, "UTS namespace"),
+            Ns::Cgroup => ("cgroup", F::CLONE_NEWCGROUP, "cgroup namespace"),
+            Ns::Ipc => ("ipc", F::CLONE_NEWIPC, "IPC namespace"),
+        }
+    }
+}
+
+/// Runs `f` on a thread inside process `pid`'s namespace of kind `ns` (a
+/// thread of its own, as `setns` changes only the calling thread's).
+pub(crate) fn in_ns_of<T: Send>(pid: Pid, ns: Ns, f: impl FnOnce() -> T + Send) -> Result<T> {
     use std::os::fd::AsFd;
+    let (file, flag, what) = ns.parts();
     let fail = |detail: String| Error::Proc {
         pid: pid.as_raw(),
-        what: "network namespace",
+        what,
         detail,
     };
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| fail(e.to_string()))?;
+    let ns = fs::File::open(format!("/proc/{pid}/ns/{file}")).map_err(|e| fail(e.to_string()))?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| fail(format!("enter it: {e}")))?;
+            nix::sched::setns(ns.as_fd(), flag).map_err(|e| fail(format!("enter it: {e}")))?;
             Ok(f())
         })
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
+}
+
+/// [`in_ns_of`] the network namespace.
+pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
+    in_ns_of(pid, Ns::Net, f)
 }
 
 /// A signal whose default action ends the process, and which the engine

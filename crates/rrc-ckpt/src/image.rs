@@ -128,6 +128,11 @@ pub struct ProcessImage {
     /// is another), rooted at its cgroup, which its descendants share.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub own_cgroup_ns: bool,
+    /// The first process of an IPC namespace of its own (the root: the
+    /// tree's, when it was not the checkpointing process's): the objects
+    /// in it, but for shared memory segments (with the memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipc: Option<IpcObjects>,
     /// The time namespace it is in: its parent's (the root: the
     /// restorer's), the one its parent made for its children, or one of
     /// its own.
@@ -213,6 +218,72 @@ pub struct ProcessImage {
 pub struct UtsNames {
     pub hostname: String,
     pub domainname: String,
+}
+
+/// The limits an IPC namespace has of its own (files under /proc/sys),
+/// the only names [`IpcObjects::limits`] may hold.
+pub const IPC_LIMITS: [&str; 13] = [
+    "kernel/msgmax",
+    "kernel/msgmnb",
+    "kernel/msgmni",
+    "kernel/sem",
+    "kernel/shmmax",
+    "kernel/shmall",
+    "kernel/shmmni",
+    "kernel/shm_rmid_forced",
+    "fs/mqueue/msg_max",
+    "fs/mqueue/msgsize_max",
+    "fs/mqueue/queues_max",
+    "fs/mqueue/msg_default",
+    "fs/mqueue/msgsize_default",
+];
+
+/// The limits, SysV semaphore sets and message queues of an IPC
+/// namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcObjects {
+    /// Each limit of [`IPC_LIMITS`], as its file reads (numbers apart by
+    /// spaces or tabs).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub semaphores: Vec<SemaphoreSet>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queues: Vec<MessageQueue>,
+}
+
+/// A SysV IPC object's key, id, owner and permissions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcPerm {
+    pub key: i32,
+    pub id: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+/// A semaphore set and the value of each semaphore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SemaphoreSet {
+    #[serde(flatten)]
+    pub perm: IpcPerm,
+    pub values: Vec<u16>,
+}
+
+/// A message queue, its byte limit and its messages, the oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageQueue {
+    #[serde(flatten)]
+    pub perm: IpcPerm,
+    pub max_bytes: u64,
+    pub messages: Vec<Message>,
+}
+
+/// A queued message: its type and text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub kind: i64,
+    pub text: Hex,
 }
 
 /// Where a process's time namespace comes from.

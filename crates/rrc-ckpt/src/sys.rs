@@ -1241,6 +1241,83 @@ pub fn pagemap_scan(
     ))
 }
 
+/// The values of the `n` semaphores of set `id` in the calling thread's
+/// IPC namespace.
+pub fn sem_values(id: i32, n: usize) -> io::Result<Vec<u16>> {
+    let mut values = vec![0u16; n.max(1)];
+    // SAFETY: GETALL writes one unsigned short per semaphore of the set
+    // (`n`, as its IPC_STAT told) into the array passed as the fourth
+    // argument (a `union semun` whose member is that pointer).
+    let r = unsafe { libc::semctl(id, 0, libc::GETALL, values.as_mut_ptr()) };
+    check(r.into())?;
+    values.truncate(n);
+    Ok(values)
+}
+
+/// The byte limit of message queue `id` in the calling thread's IPC
+/// namespace (`msg_qbytes`).
+pub fn msg_queue_limit(id: i32) -> io::Result<u64> {
+    // SAFETY: a zeroed msqid_ds is valid; IPC_STAT fills it.
+    let mut ds: libc::msqid_ds = unsafe { mem::zeroed() };
+    // SAFETY: `ds` is a msqid_ds the call may write.
+    check(unsafe { libc::msgctl(id, libc::IPC_STAT, &mut ds) }.into())?;
+    Ok(ds.msg_qbytes)
+}
+
+/// A copy of message `index` of queue `id` (0 the oldest), left in the
+/// queue (`MSG_COPY`): its type and text, at most `room` bytes of it.
+pub fn msg_copy(id: i32, index: usize, room: usize) -> io::Result<(i64, Vec<u8>)> {
+    const MSG_COPY: libc::c_int = 0o40000;
+    let mut buf = vec![0u8; mem::size_of::<libc::c_long>() + room];
+    // SAFETY: the buffer holds the type (a long) and `room` bytes of text,
+    // as msgrcv writes them; MSG_COPY with IPC_NOWAIT takes nothing off
+    // the queue.
+    let n = unsafe {
+        libc::msgrcv(
+            id,
+            buf.as_mut_ptr().cast(),
+            room,
+            index as libc::c_long,
+            libc::IPC_NOWAIT | MSG_COPY,
+        )
+    };
+    let n = check(n as libc::c_long)? as usize;
+    let (ty, text) = buf.split_at(mem::size_of::<libc::c_long>());
+    let ty = libc::c_long::from_ne_bytes(ty.try_into().expect("a long's bytes"));
+    Ok((ty, text[..n].to_vec()))
+}
+
+/// The bytes of a `T` (a plain C struct of the kernel's interface).
+fn struct_bytes<T: Copy>(v: &T) -> Vec<u8> {
+    // SAFETY: `v` is a valid `T` of `size_of::<T>()` bytes, read once as
+    // bytes; the structs given here are made from zeroed memory, so their
+    // padding is zero too.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), mem::size_of::<T>()) }
+        .to_vec()
+}
+
+/// The `semid_ds` whose owner and mode `IPC_SET` gives a semaphore set.
+pub fn semid_ds_to_set(uid: u32, gid: u32, mode: u32) -> Vec<u8> {
+    // SAFETY: all zeroes is a valid semid_ds.
+    let mut ds: libc::semid_ds = unsafe { mem::zeroed() };
+    ds.sem_perm.uid = uid;
+    ds.sem_perm.gid = gid;
+    ds.sem_perm.mode = (mode & 0o777) as libc::c_ushort;
+    struct_bytes(&ds)
+}
+
+/// The `msqid_ds` whose owner, mode and byte limit `IPC_SET` gives a
+/// message queue.
+pub fn msqid_ds_to_set(uid: u32, gid: u32, mode: u32, max_bytes: u64) -> Vec<u8> {
+    // SAFETY: all zeroes is a valid msqid_ds.
+    let mut ds: libc::msqid_ds = unsafe { mem::zeroed() };
+    ds.msg_perm.uid = uid;
+    ds.msg_perm.gid = gid;
+    ds.msg_perm.mode = (mode & 0o777) as libc::c_ushort;
+    ds.msg_qbytes = max_bytes;
+    struct_bytes(&ds)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Ending;

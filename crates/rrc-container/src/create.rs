@@ -215,7 +215,7 @@ impl Container {
             partial.claim.as_ref().expect("claimed").save(record)
         };
         if let Output::File(path) = &opts.output {
-            redirect_output(path)?;
+            redirect_output(path, false)?;
             record.log = Some(path.clone());
         }
 
@@ -445,23 +445,29 @@ pub(crate) fn start_forwarding(
 }
 
 /// Sends the supervisor's and the program's output to `path` and detaches
-/// stdin, for containers that run in the background.
-pub(crate) fn redirect_output(path: &std::path::Path) -> Result<()> {
+/// stdin, for containers that run in the background. The log is written
+/// in append mode, so that the supervisor's lines and the program's (which
+/// share it) never overwrite each other; `keep` keeps what it holds (a
+/// restored program goes on writing there), else it starts empty.
+pub(crate) fn redirect_output(path: &std::path::Path, keep: bool) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| Error::State {
             path: dir.into(),
             source,
         })?;
     }
+    let state_err = |source| Error::State {
+        path: path.into(),
+        source,
+    };
     let log = OpenOptions::new()
         .create(true)
-        .write(true)
-        .truncate(true)
+        .append(true)
         .open(path)
-        .map_err(|source| Error::State {
-            path: path.into(),
-            source,
-        })?;
+        .map_err(state_err)?;
+    if !keep {
+        log.set_len(0).map_err(state_err)?;
+    }
     let null = File::open("/dev/null").map_err(setup_err("open /dev/null"))?;
     dup2_stdin(null.as_fd()).map_err(nix_setup_err("redirect stdin"))?;
     dup2_stdout(log.as_fd()).map_err(nix_setup_err("redirect stdout"))?;

@@ -204,7 +204,7 @@ impl Container {
             partial.claim.as_ref().expect("claimed").save(record)
         };
         if let Output::File(path) = &opts.output {
-            redirect_output(path)?;
+            redirect_output(path, true)?;
             record.log = Some(path.clone());
         }
         let cgroup = layout.create_below_self(&PathBuf::from(format!("rrc.{}", spec.name)))?;

@@ -945,6 +945,16 @@ fn a_cgroup_namespace_of_a_process_of_the_tree_comes_back_rooted_where_it_was() 
 }
 
 #[test]
+fn an_ipc_namespace_of_a_process_of_the_tree_keeps_its_semaphores_queues_and_limits() {
+    checkpoint_restore("ipc_own");
+}
+
+#[test]
+fn a_segment_no_process_attaches_is_refused_and_left_running() {
+    refused("unsupported_ipc_segment", "attached by no process");
+}
+
+#[test]
 fn time_namespaces_of_the_tree_keep_their_clocks_and_members() {
     checkpoint_restore("timens");
 }

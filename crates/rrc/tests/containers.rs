@@ -504,3 +504,64 @@ fn a_private_root_goes_with_its_container_and_never_takes_host_files_with_it() {
     assert_eq!(intact.as_deref(), Some(&b"host"[..]));
     hidden.fails_with("--share");
 }
+
+/// Container `name`'s record in `rrc ps --json`.
+fn ps_record(name: &str) -> serde_json::Value {
+    let list: serde_json::Value =
+        serde_json::from_str(&rrc(&["ps", "--json"]).ok().stdout).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("container {name} is not listed"))
+}
+
+#[test]
+fn a_containers_semaphores_and_message_queues_move_with_it() {
+    // The container's IPC namespace is its own and dies with it: the
+    // checkpoint keeps its semaphore sets and message queues, the restore
+    // makes them again with their ids (through /proc/sys, read-only in the
+    // container), and the program finds them as they were.
+    require_root();
+    let name = format!("ipcmv{}", std::process::id());
+    let dir = scratch(&name);
+    let bin = build("ipc_here", &dir);
+    let images = dir.join("images");
+    rrc(&[
+        "run",
+        "--detach",
+        "--name",
+        &name,
+        "--share",
+        dir.to_str().unwrap(),
+        "--",
+        bin.to_str().unwrap(),
+    ])
+    .ok();
+    let log = ps_record(&name)["log"].as_str().unwrap().to_string();
+    let said = |what: &str| {
+        wait_until(what, Duration::from_secs(30), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains(what) || l.contains("FAIL"))
+        });
+        std::fs::read_to_string(&log).unwrap_or_default()
+    };
+    said("READY");
+    let mut out = rrc(&["checkpoint", &name, "--images", images.to_str().unwrap()]);
+    if out.code == 0 {
+        out = rrc(&["restore", "--images", images.to_str().unwrap()]);
+    }
+    let restored = out.code == 0;
+    let text = if restored {
+        let init = ps_record(&name)["init"]["pid"].as_i64().unwrap();
+        nix_kill(init as i32, libc::SIGUSR1);
+        said("PASS")
+    } else {
+        String::new()
+    };
+    let _ = rrc(&["stop", &name]);
+    remove_private_root(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(restored, "checkpoint or restore failed: {out:?}");
+    assert!(text.contains("PASS") && !text.contains("FAIL"), "{text}");
+}

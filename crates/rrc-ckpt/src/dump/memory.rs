@@ -535,6 +535,18 @@ fn save_mapped(
 }
 
 impl ShmemTable {
+    /// Gives the SysV segments their modes as the tree's own IPC namespace
+    /// lists them (the checkpointing process reads another namespace's).
+    pub fn set_segment_modes(&mut self, modes: &BTreeMap<i32, u32>) {
+        for obj in &mut self.objects {
+            if let ShmemKind::SysV { shmid, mode, .. } = &mut obj.kind
+                && let Some(m) = modes.get(shmid)
+            {
+                *mode = *m;
+            }
+        }
+    }
+
     pub fn with_limits(limits: &[ShmemLimit]) -> ShmemTable {
         ShmemTable {
             keep: limits.iter().map(|l| ((l.dev, l.ino), l.keep)).collect(),
@@ -576,7 +588,7 @@ impl ShmemTable {
             ShmemKind::SysV { key, shmid, .. } => ShmemKind::SysV {
                 key,
                 shmid,
-                mode: sysv_mode(shmid).unwrap_or(0o600),
+                mode: crate::dump::ipc::own_segment_mode(shmid).unwrap_or(0o600),
             },
             k => k,
         };
@@ -621,15 +633,6 @@ fn memfd_seals(f: &File) -> u32 {
     nix::fcntl::fcntl(f, nix::fcntl::FcntlArg::F_GET_SEALS)
         .map(|s| s as u32)
         .unwrap_or(0)
-}
-
-/// Mode bits of SysV segment `shmid` from /proc/sysvipc/shm.
-fn sysv_mode(shmid: i32) -> Option<u32> {
-    let text = std::fs::read_to_string("/proc/sysvipc/shm").ok()?;
-    text.lines().skip(1).find_map(|l| {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        (w.get(1)?.parse::<i32>().ok()? == shmid).then(|| u32::from_str_radix(w.get(2)?, 8).ok())?
-    })
 }
 
 /// Copies the data regions of a shared memory file (holes stay holes), of

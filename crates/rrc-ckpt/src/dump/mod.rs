@@ -3,6 +3,7 @@
 
 pub(crate) mod files;
 pub mod inject;
+mod ipc;
 pub(crate) mod memory;
 mod namespaces;
 pub(crate) mod process;
@@ -475,6 +476,7 @@ pub(crate) fn take(
             children_pid_ns: place.children_pid_ns,
             uts: own_ns.uts.remove(&p.pid),
             own_cgroup_ns: own_ns.cgroup.contains(&p.pid),
+            ipc: None,
             time_ns: time.ns,
             children_time_ns: time.children,
             pgid: tree_level(&status.nspgid, st.pgrp),
@@ -545,6 +547,32 @@ pub(crate) fn take(
         &ns_of,
         &mut problems,
     )?;
+    // The IPC objects of the namespaces the tree owns, the processes
+    // stopped: the root's (then its segments' modes are read there), and
+    // each nested one's.
+    let root_owns_ipc = namespaces::root_owns_ipc(t.root);
+    let ipc_firsts = own_ns
+        .ipc
+        .iter()
+        .map(|p| (*p, true))
+        .chain(root_owns_ipc.then_some((t.root, false)));
+    for (first, nested) in ipc_firsts {
+        let ns = match ipc::read(first, nested, &mut problems) {
+            Ok(ns) => ns,
+            Err(e) => {
+                problems.push(format!(
+                    "process {first}: the objects of its IPC namespace cannot be read: {e}"
+                ));
+                continue;
+            }
+        };
+        if !nested {
+            shmem.set_segment_modes(&ns.segment_modes);
+        }
+        if let Some(p) = images.iter_mut().find(|p| p.pid == ns_of[&first]) {
+            p.ipc = Some(ns.objects);
+        }
+    }
     files::check_unix_peers(&mut files, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);

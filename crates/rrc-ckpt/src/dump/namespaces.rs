@@ -1,7 +1,8 @@
 //! The namespaces of the tree's processes. A restore puts every process in
-//! the root's namespaces, but for four kinds. UTS and cgroup namespaces: a
-//! process whose parent is in another is the first of its own, made again
-//! (with its names; rooted at its cgroup). Pid namespaces nested in the tree's: each process's pids at every
+//! the root's namespaces, but for five kinds. UTS, cgroup and IPC
+//! namespaces: a process whose parent is in another is the first of its
+//! own, made again (with its names; rooted at its cgroup; with its objects,
+//! module `ipc`). Pid namespaces nested in the tree's: each process's pids at every
 //! level below the tree's, the namespace it is in (named by its first
 //! process) and the one its next children go to. Time namespaces: whether a
 //! process is in its parent's, in the one its parent made for its children,
@@ -22,6 +23,7 @@ use std::path::PathBuf;
 use nix::unistd::Pid;
 use procfs::process::Status;
 
+use crate::common::{Ns, in_ns_of};
 use crate::dump::seize::SeizedProcess;
 use crate::image::{ChildrenPidNs, ThreadImage, TimeNs, TimeOffsets, UtsNames};
 use crate::{Error, Result, procfs as pfs};
@@ -171,15 +173,16 @@ impl PidLevels {
 }
 
 /// The kinds of namespace a restore makes every process of the tree share
-/// with the root (pid, UTS, cgroup and time namespaces apart).
-const SHARED_KINDS: [&str; 4] = ["mnt", "net", "ipc", "user"];
+/// with the root (pid, UTS, cgroup, IPC and time namespaces apart).
+const SHARED_KINDS: [&str; 3] = ["mnt", "net", "user"];
 
 /// The namespaces of their own some processes start: each such process's
-/// UTS names, and which start a cgroup namespace.
+/// UTS names, and which start a cgroup or an IPC namespace.
 #[derive(Default)]
 pub struct OwnNamespaces {
     pub uts: BTreeMap<Pid, UtsNames>,
     pub cgroup: BTreeSet<Pid>,
+    pub ipc: BTreeSet<Pid>,
 }
 
 /// Refuses processes that are in a namespace of one of the shared kinds
@@ -230,6 +233,9 @@ pub fn check_shared(
             )),
         }
     }
+    own.ipc = first_of_own(processes, &others, "ipc", "IPC", problems)
+        .into_iter()
+        .collect();
     for p in first_of_own(processes, &others, "cgroup", "cgroup", problems) {
         match cgroup_view(p) {
             Ok(view) if view.lines().all(|l| l.ends_with(":/")) => {
@@ -285,28 +291,13 @@ fn first_of_own(
 
 /// Process `pid`'s `/proc/PID/cgroup` as its cgroup namespace shows it,
 /// read by a thread of ours that enters it.
-fn cgroup_view(pid: Pid) -> std::io::Result<String> {
-    let ns = fs::File::open(format!("/proc/{pid}/ns/cgroup"))?;
-    in_namespace(&ns, nix::sched::CloneFlags::CLONE_NEWCGROUP, || {
-        // Paths show relative to the reading thread's namespace.
+fn cgroup_view(pid: Pid) -> std::result::Result<String, String> {
+    // Paths show relative to the reading thread's namespace.
+    in_ns_of(pid, Ns::Cgroup, || {
         pfs::read_text(format!("/proc/{pid}/cgroup"))
     })
-}
-
-/// `read` run by a thread of ours in namespace `ns` of kind `kind`.
-fn in_namespace<T: Send>(
-    ns: &fs::File,
-    kind: nix::sched::CloneFlags,
-    read: impl FnOnce() -> std::io::Result<T> + Send,
-) -> std::io::Result<T> {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(ns, kind)?;
-            read()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(std::io::Error::other("the reading thread failed")))
-    })
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// A process's time namespaces, for its image.
@@ -402,6 +393,13 @@ pub fn time_places(
     places
 }
 
+/// Whether the root's IPC namespace is not the checkpointing process's
+/// (a container's): the tree's own, which a restore makes again.
+pub fn root_owns_ipc(root: Pid) -> bool {
+    let mine = fs::read_link("/proc/self/ns/ipc").ok();
+    mine.is_some() && ns_link(root, "ipc") != mine
+}
+
 /// The namespace of kind `kind` (a name of `/proc/PID/ns`) process `pid`
 /// is in, as its link there reads (`None` if it cannot be read).
 fn ns_link(pid: Pid, kind: &str) -> Option<PathBuf> {
@@ -410,9 +408,8 @@ fn ns_link(pid: Pid, kind: &str) -> Option<PathBuf> {
 
 /// The host and domain names of process `pid`'s UTS namespace, read by a
 /// thread of ours that enters it.
-fn uts_names(pid: Pid) -> std::io::Result<UtsNames> {
-    let ns = fs::File::open(format!("/proc/{pid}/ns/uts"))?;
-    in_namespace(&ns, nix::sched::CloneFlags::CLONE_NEWUTS, || {
+fn uts_names(pid: Pid) -> std::result::Result<UtsNames, String> {
+    in_ns_of(pid, Ns::Uts, || -> std::io::Result<UtsNames> {
         // These read the names of the reading thread's namespace.
         let name = |what: &str| {
             pfs::read_text(format!("/proc/sys/kernel/{what}")).map(|s| s.trim_end().to_string())
@@ -422,6 +419,8 @@ fn uts_names(pid: Pid) -> std::io::Result<UtsNames> {
             domainname: name("domainname")?,
         })
     })
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// Gives the threads of a process in a nested namespace (`threads`, in the

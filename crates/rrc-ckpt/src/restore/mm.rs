@@ -503,26 +503,7 @@ pub fn create_sysv_segments(t: &mut Tracee, ctx: &MemCtx) -> Result<()> {
         if key == libc::IPC_PRIVATE && sysv_exists(t, shmid)? {
             continue;
         }
-        // The next id the IPC namespace hands out is settable (for exactly
-        // this purpose); the process sets it in its own namespace.
-        let path = t.arg_str("/proc/sys/kernel/shm_next_id")?;
-        let fd = t.call(
-            "open shm_next_id",
-            nr::SYS_openat,
-            &[
-                libc::AT_FDCWD as u64,
-                path,
-                (libc::O_WRONLY | libc::O_CLOEXEC) as u64,
-            ],
-        )?;
-        let text = shmid.to_string();
-        let a = t.arg(text.as_bytes())?;
-        t.call(
-            "set shm_next_id",
-            nr::SYS_write,
-            &[fd, a, text.len() as u64],
-        )?;
-        t.call("close", nr::SYS_close, &[fd])?;
+        crate::restore::ipc::next_id(t, "shm_next_id", shmid)?;
         let id = t.call(
             "shmget",
             libc::SYS_shmget,

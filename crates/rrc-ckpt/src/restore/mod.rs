@@ -12,6 +12,7 @@
 
 mod cow;
 mod files;
+mod ipc;
 pub mod lazy;
 mod mm;
 mod namespaces;
@@ -583,6 +584,8 @@ struct Ctx<'a> {
     done: Vec<Tracee>,
     /// Sessions whose leader had exited, made again by helpers.
     orphan_sessions: BTreeSet<i32>,
+    /// Whether the root was made in an IPC namespace of its own.
+    root_new_ipc: bool,
 }
 
 /// Sessions whose leader had exited: neither the session the root was
@@ -625,6 +628,17 @@ fn restore_process(
     }
     if p.own_cgroup_ns {
         namespaces::own_cgroup(&mut t)?;
+    }
+    // Its IPC namespace's objects before anyone uses them; a container's
+    // root was made in a new one.
+    if let Some(objects) = &p.ipc {
+        if !(pid == ctx.m.root && ctx.root_new_ipc) {
+            ipc::unshare(&mut t)?;
+        }
+        ipc::make(&mut t, objects)?;
+    }
+    if pid == ctx.m.root {
+        mm::create_sysv_segments(&mut t, &ctx.mem)?;
     }
     // A process sharing its parent's fd table leaves the table to the
     // parent, who arranges it once every child is made.
@@ -1014,6 +1028,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         },
         done: Vec::new(),
         orphan_sessions: orphan_sessions(&m, &procs),
+        root_new_ipc: flags & libc::CLONE_NEWIPC as u64 != 0,
     };
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
@@ -1037,7 +1052,6 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 crate::nr::SYS_prlimit64,
                 &[0, libc::RLIMIT_NOFILE as u64, a, 0],
             );
-            mm::create_sysv_segments(&mut t, &ctx.mem)?;
             restore_process(&mut ctx, t, Held::new(), m.outer_session, None)
         });
     let outcome = outcome.and_then(|()| {

@@ -190,6 +190,9 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
                 "process {pid} has a cgroup namespace it cannot have"
             ));
         }
+        if p.ipc.is_some() && p.zombie.is_some() {
+            return Err(format!("process {pid} has an IPC namespace it cannot have"));
+        }
         if let Some(u) = &p.uts {
             let bad = |n: &str| n.len() > UTS_LEN || n.contains('\0');
             if pid == root || p.zombie.is_some() || bad(&u.hostname) || bad(&u.domainname) {

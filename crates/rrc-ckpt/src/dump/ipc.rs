@@ -1,0 +1,199 @@
+//! The SysV IPC objects of the IPC namespaces the tree owns: the root's,
+//! when it is not the checkpointing process's (a container's), and each
+//! one a process of the tree is the first in. The namespace's limits,
+//! semaphore sets (their values) and message queues (their messages,
+//! copied without being taken) are read by a thread of ours that enters
+//! the namespace; shared memory
+//! segments are saved with the memory of the processes that attach them,
+//! so a segment no process of the tree attaches is a problem, and so is
+//! one in a nested namespace (the restore makes segments from the root).
+//!
+//! What the kernel keeps per process and shows nowhere is not carried
+//! over: `SEM_UNDO` adjustments, and which process last used an object.
+
+use std::collections::BTreeMap;
+
+use nix::unistd::Pid;
+
+use crate::common::{Ns, in_ns_of};
+use crate::image::{IPC_LIMITS, IpcObjects, IpcPerm, Message, MessageQueue, SemaphoreSet};
+use crate::{procfs as pfs, sys};
+
+/// What a namespace holds, as a checkpoint keeps it.
+pub struct Namespace {
+    pub objects: IpcObjects,
+    /// The mode of each shared memory segment, by id.
+    pub segment_modes: BTreeMap<i32, u32>,
+}
+
+/// Reads the objects of process `pid`'s IPC namespace; `nested`: a
+/// namespace below the root's. What cannot be saved goes to `problems`.
+pub fn read(pid: Pid, nested: bool, problems: &mut Vec<String>) -> Result<Namespace, String> {
+    let mut found = Vec::new();
+    let ns = in_ns_of(pid, Ns::Ipc, || read_here(nested, &mut found))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    problems.extend(
+        found
+            .into_iter()
+            .map(|p| format!("process {pid}'s IPC namespace: {p}")),
+    );
+    Ok(ns)
+}
+
+/// The objects of the calling thread's IPC namespace.
+fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namespace> {
+    let mut segment_modes = BTreeMap::new();
+    for seg in listing("shm")? {
+        let (id, key) = (seg.get("shmid")?, seg.get("key")?);
+        segment_modes.insert(id as i32, seg.perm()?.mode);
+        if seg.get("nattch")? == 0 {
+            problems.push(format!(
+                "SysV shared memory segment {id} (key {key}) is attached by no process, \
+                 which a checkpoint does not save"
+            ));
+        } else if nested {
+            problems.push(format!(
+                "SysV shared memory segment {id} (key {key}) is in a nested IPC namespace, \
+                 which a restore does not make again"
+            ));
+        }
+    }
+    let mut objects = IpcObjects::default();
+    for name in IPC_LIMITS {
+        // A kernel without one has no file for it.
+        if let Ok(v) = pfs::read_text(format!("/proc/sys/{name}")) {
+            objects
+                .limits
+                .insert(name.to_string(), v.trim().to_string());
+        }
+    }
+    for set in listing("sem")? {
+        let perm = set.perm()?;
+        let n = set.get("nsems")? as usize;
+        objects.semaphores.push(SemaphoreSet {
+            values: sys::sem_values(perm.id, n)?,
+            perm,
+        });
+    }
+    for queue in listing("msg")? {
+        let perm = queue.perm()?;
+        let count = queue.get("qnum")? as usize;
+        let bytes = queue.get("cbytes")? as usize;
+        let max_bytes = sys::msg_queue_limit(perm.id)?;
+        let mut messages = Vec::with_capacity(count);
+        for i in 0..count {
+            // No message is longer than the bytes queued.
+            let (kind, text) = sys::msg_copy(perm.id, i, bytes)?;
+            messages.push(Message {
+                kind,
+                text: crate::image::Hex(text),
+            });
+        }
+        objects.queues.push(MessageQueue {
+            perm,
+            max_bytes,
+            messages,
+        });
+    }
+    Ok(Namespace {
+        objects,
+        segment_modes,
+    })
+}
+
+/// The mode of SysV segment `shmid` in the checkpointing process's own
+/// IPC namespace.
+pub fn own_segment_mode(shmid: i32) -> Option<u32> {
+    listing("shm")
+        .ok()?
+        .into_iter()
+        .find(|seg| seg.get("shmid").ok() == Some(i64::from(shmid)))
+        .and_then(|seg| seg.perm().ok())
+        .map(|p| p.mode)
+}
+
+/// One line of a `/proc/sysvipc` table, by column name.
+struct Row(BTreeMap<String, String>);
+
+impl Row {
+    fn get(&self, column: &str) -> std::io::Result<i64> {
+        self.0
+            .get(column)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad(format!("no number in column {column}")))
+    }
+
+    fn perm(&self) -> std::io::Result<IpcPerm> {
+        let id = ["shmid", "semid", "msqid"]
+            .iter()
+            .find_map(|c| self.get(c).ok())
+            .ok_or_else(|| bad("no id column".into()))?;
+        let mode = self
+            .0
+            .get("perms")
+            .and_then(|v| u32::from_str_radix(v, 8).ok())
+            .ok_or_else(|| bad("no perms column".into()))?;
+        Ok(IpcPerm {
+            key: self.get("key")? as i32,
+            id: id as i32,
+            uid: self.get("uid")? as u32,
+            gid: self.get("gid")? as u32,
+            mode,
+        })
+    }
+}
+
+fn bad(what: String) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("/proc/sysvipc: {what}"),
+    )
+}
+
+/// `/proc/sysvipc/KIND` of the calling thread's namespace, a row per object.
+fn listing(kind: &str) -> std::io::Result<Vec<Row>> {
+    parse_listing(&pfs::read_text(format!("/proc/sysvipc/{kind}"))?)
+}
+
+/// A table whose first line names its columns.
+fn parse_listing(text: &str) -> std::io::Result<Vec<Row>> {
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let cells: Vec<&str> = l.split_whitespace().collect();
+            if cells.len() < header.len() {
+                return Err(bad(format!("a short line: {l:?}")));
+            }
+            Ok(Row(header
+                .iter()
+                .zip(cells)
+                .map(|(h, c)| (h.to_string(), c.to_string()))
+                .collect()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_is_read_by_its_column_names() {
+        let text = "       key      semid perms      nsems   uid   gid  cuid  cgid      otime      ctime\n\
+                    \x20 305419896          3   640          4     0    10     0     0          0 1700000000\n";
+        let rows = parse_listing(text).unwrap();
+        assert_eq!(rows.len(), 1);
+        let p = rows[0].perm().unwrap();
+        assert_eq!(
+            (p.key, p.id, p.uid, p.gid, p.mode),
+            (305419896, 3, 0, 10, 0o640)
+        );
+        assert_eq!(rows[0].get("nsems").unwrap(), 4);
+        assert!(parse_listing("key semid perms\n1 2\n").is_err());
+        let no_perms = parse_listing("key semid uid gid\n1 2 0 0\n").unwrap();
+        assert!(no_perms[0].perm().is_err());
+    }
+}
