@@ -26,19 +26,66 @@ pub struct Namespace {
     pub segment_modes: BTreeMap<i32, u32>,
 }
 
-/// Reads the objects of process `pid`'s IPC namespace; `nested`: a
-/// namespace below the root's. What cannot be saved goes to `problems`.
-pub fn read(pid: Pid, nested: bool, problems: &mut Vec<String>) -> Result<Namespace, String> {
+/// What was read of one namespace.
+pub struct Read {
+    /// Its first process (the root for the tree's own).
+    pub first: Pid,
+    /// A namespace below the root's.
+    pub nested: bool,
+    pub namespace: Result<Namespace, String>,
+    /// What in it cannot be saved.
+    pub problems: Vec<String>,
+}
+
+/// Namespaces being read on a thread of their own, while the checkpoint
+/// goes on.
+pub struct Reader(Option<std::thread::JoinHandle<Vec<Read>>>);
+
+impl Reader {
+    /// Starts reading the namespace of each `(first process, nested)`.
+    pub fn start(owners: Vec<(Pid, bool)>) -> Reader {
+        if owners.is_empty() {
+            return Reader(None);
+        }
+        Reader(Some(std::thread::spawn(move || {
+            owners
+                .into_iter()
+                .map(|(first, nested)| read(first, nested))
+                .collect()
+        })))
+    }
+
+    /// What was read.
+    pub fn finish(self) -> Vec<Read> {
+        let Some(job) = self.0 else {
+            return Vec::new();
+        };
+        job.join().unwrap_or_else(|_| {
+            vec![Read {
+                first: Pid::from_raw(0),
+                nested: true,
+                namespace: Err("the reading thread failed".into()),
+                problems: Vec::new(),
+            }]
+        })
+    }
+}
+
+/// Reads the objects of process `first`'s IPC namespace.
+fn read(first: Pid, nested: bool) -> Read {
     let mut found = Vec::new();
-    let ns = in_ns_of(pid, Ns::Ipc, || read_here(nested, &mut found))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    problems.extend(
-        found
+    let namespace = in_ns_of(first, Ns::Ipc, || read_here(nested, &mut found))
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    Read {
+        first,
+        nested,
+        namespace,
+        problems: found
             .into_iter()
-            .map(|p| format!("process {pid}'s IPC namespace: {p}")),
-    );
-    Ok(ns)
+            .map(|p| format!("process {first}'s IPC namespace: {p}"))
+            .collect(),
+    }
 }
 
 /// The objects of the calling thread's IPC namespace.

@@ -359,6 +359,16 @@ pub(crate) fn take(
     );
     // Which unix socket is connected to which: only sock_diag tells, for
     // the sockets of the tree's network namespace.
+    // The IPC namespaces the tree owns (the root's, when it is not ours,
+    // and each nested one), read by a thread of their own while the
+    // processes are: nothing else touches them while the tree is stopped.
+    let ipc_owners = own_ns
+        .ipc
+        .iter()
+        .map(|p| (*p, true))
+        .chain(namespaces::root_owns_ipc(t.root).then_some((t.root, false)))
+        .collect();
+    let ipc_reader = ipc::Reader::start(ipc_owners);
     let unix = files::UnixTable::new(t.root);
     let tables = fd_tables(&seized.processes);
     // The first process (its image's pid) seen using each fd table.
@@ -550,29 +560,29 @@ pub(crate) fn take(
     // The IPC objects of the namespaces the tree owns, the processes
     // stopped: the root's (then its segments' modes are read there), and
     // each nested one's.
-    let root_owns_ipc = namespaces::root_owns_ipc(t.root);
-    let ipc_firsts = own_ns
-        .ipc
-        .iter()
-        .map(|p| (*p, true))
-        .chain(root_owns_ipc.then_some((t.root, false)));
-    for (first, nested) in ipc_firsts {
-        let ns = match ipc::read(first, nested, &mut problems) {
+    // The IPC objects read meanwhile; waiting for them is what the
+    // reading adds to the pause.
+    let ipc_waited = Instant::now();
+    for read in ipc_reader.finish() {
+        problems.extend(read.problems);
+        let ns = match read.namespace {
             Ok(ns) => ns,
             Err(e) => {
                 problems.push(format!(
-                    "process {first}: the objects of its IPC namespace cannot be read: {e}"
+                    "process {}: the objects of its IPC namespace cannot be read: {e}",
+                    read.first
                 ));
                 continue;
             }
         };
-        if !nested {
+        if !read.nested {
             shmem.set_segment_modes(&ns.segment_modes);
         }
-        if let Some(p) = images.iter_mut().find(|p| p.pid == ns_of[&first]) {
+        if let Some(p) = images.iter_mut().find(|p| p.pid == ns_of[&read.first]) {
             p.ipc = Some(ns.objects);
         }
     }
+    phases.ipc = ipc_waited.elapsed();
     files::check_unix_peers(&mut files, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
@@ -681,6 +691,7 @@ struct Phases {
     state: Duration,
     memory: Duration,
     files: Duration,
+    ipc: Duration,
 }
 
 impl Phases {
@@ -690,6 +701,7 @@ impl Phases {
             state_us = self.state.as_micros() as u64,
             memory_us = self.memory.as_micros() as u64,
             files_us = self.files.as_micros() as u64,
+            ipc_us = self.ipc.as_micros() as u64,
             frozen_us = frozen.as_micros() as u64,
             "checkpoint phases"
         );
