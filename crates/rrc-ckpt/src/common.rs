@@ -97,6 +97,57 @@ pub(crate) fn in_ns_of<T: Send>(pid: Pid, ns: Ns, f: impl FnOnce() -> T + Send) 
     })
 }
 
+/// Runs `f` on a thread that sees the files and network process `pid`
+/// sees: its network and mount namespaces, its root and its working
+/// directory. A unix socket's name is bound, connected to or sent to
+/// there, where the process's own would be: never on the host's files on
+/// an image's say-so. (The thread leaves the file system state it shares
+/// with ours first, as entering a mount namespace requires.)
+pub(crate) fn in_view_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
+    use nix::sched::CloneFlags as F;
+    use std::os::fd::AsFd;
+    let fail = |detail: String| Error::Proc {
+        pid: pid.as_raw(),
+        what: "file system view",
+        detail,
+    };
+    let open = |what: &str| {
+        fs::File::open(format!("/proc/{pid}/{what}")).map_err(|e| fail(format!("{what}: {e}")))
+    };
+    let (net, mnt, root, cwd) = (
+        open("ns/net")?,
+        open("ns/mnt")?,
+        open("root")?,
+        open("cwd")?,
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let step = |what: &str, r: nix::Result<()>| r.map_err(|e| fail(format!("{what}: {e}")));
+            step(
+                "enter its network namespace",
+                nix::sched::setns(net.as_fd(), F::CLONE_NEWNET),
+            )?;
+            step(
+                "leave our file system state",
+                nix::sched::unshare(F::CLONE_FS),
+            )?;
+            step(
+                "enter its mount namespace",
+                nix::sched::setns(mnt.as_fd(), F::CLONE_NEWNS),
+            )?;
+            step("go to its root", nix::unistd::fchdir(root.as_fd()))?;
+            step("make that the root", nix::unistd::chroot("."))?;
+            step(
+                "go to its working directory",
+                nix::unistd::fchdir(cwd.as_fd()),
+            )?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
 /// [`in_ns_of`] the network namespace.
 pub(crate) fn in_netns_of<T: Send>(pid: Pid, f: impl FnOnce() -> T + Send) -> Result<T> {
     in_ns_of(pid, Ns::Net, f)

@@ -1072,6 +1072,10 @@ impl<'de> Deserialize<'de> for Hex {
 #[derive(Debug, Clone)]
 pub struct ImageDir {
     dir: PathBuf,
+    /// The socket data, once opened: read through this handle also where
+    /// the image's path does not resolve (a thread that sees a restored
+    /// container's files, not the host's).
+    socket_data: std::sync::OnceLock<std::sync::Arc<fs::File>>,
 }
 
 /// A name that stays in the directory it is joined to: one path component,
@@ -1082,7 +1086,10 @@ pub fn is_plain_file_name(name: &str) -> bool {
 
 impl ImageDir {
     pub fn new(dir: &Path) -> ImageDir {
-        ImageDir { dir: dir.into() }
+        ImageDir {
+            dir: dir.into(),
+            socket_data: Default::default(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -1104,7 +1111,7 @@ impl ImageDir {
         if nonempty {
             return Err(Error::ImageDirNotEmpty(dir.into()));
         }
-        Ok(ImageDir { dir: dir.into() })
+        Ok(ImageDir::new(dir))
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -1242,6 +1249,16 @@ impl ImageDir {
     /// Queued socket data of the whole image.
     pub fn socket_data(&self) -> PathBuf {
         self.file("sockets.img")
+    }
+
+    /// The socket data file, opened once.
+    pub fn open_socket_data(&self) -> Result<&fs::File> {
+        if let Some(f) = self.socket_data.get() {
+            return Ok(f);
+        }
+        let path = self.socket_data();
+        let f = fs::File::open(&path).map_err(|e| Error::image(&path, e))?;
+        Ok(self.socket_data.get_or_init(|| std::sync::Arc::new(f)))
     }
 
     /// The content of a deleted file a process had mapped.

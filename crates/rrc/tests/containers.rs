@@ -517,16 +517,14 @@ fn ps_record(name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("container {name} is not listed"))
 }
 
-#[test]
-fn a_containers_semaphores_and_message_queues_move_with_it() {
-    // The container's IPC namespace is its own and dies with it: the
-    // checkpoint keeps its semaphore sets and message queues, the restore
-    // makes them again with their ids (through /proc/sys, read-only in the
-    // container), and the program finds them as they were.
+/// Runs fixture `fixture` as a container with a private root (its
+/// binary in a shared directory), checkpoints and restores the container
+/// once it is ready, and expects its checks to pass.
+fn fixture_moves_in_a_container(fixture: &str) {
     require_root();
-    let name = format!("ipcmv{}", std::process::id());
+    let name = format!("fx{}{}", fixture.replace('_', ""), std::process::id());
     let dir = scratch(&name);
-    let bin = build("ipc_here", &dir);
+    let bin = build(fixture, &dir);
     let images = dir.join("images");
     rrc(&[
         "run",
@@ -564,4 +562,37 @@ fn a_containers_semaphores_and_message_queues_move_with_it() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(restored, "checkpoint or restore failed: {out:?}");
     assert!(text.contains("PASS") && !text.contains("FAIL"), "{text}");
+}
+
+#[test]
+fn a_containers_semaphores_and_message_queues_move_with_it() {
+    // The container's IPC namespace is its own and dies with it: the
+    // checkpoint keeps its semaphore sets and message queues, the restore
+    // makes them again with their ids (through /proc/sys, read-only in the
+    // container), and the program finds them as they were.
+    fixture_moves_in_a_container("ipc_here");
+}
+
+#[test]
+fn unix_sockets_named_in_a_containers_private_root_are_bound_there_again() {
+    // Named in the container's own /tmp: bound again there, not on the
+    // host's, and connected to and sent to there. A host socket at the
+    // very path the image names (the fixture is pid 1 in its container)
+    // is neither removed nor taken.
+    let host_path = std::path::Path::new("/tmp/fx_sk_unix.1.stream");
+    let _ = std::fs::remove_file(host_path);
+    let host = std::os::unix::net::UnixListener::bind(host_path).unwrap();
+    fixture_moves_in_a_container("sk_unix");
+    let still = std::os::unix::net::UnixStream::connect(host_path).is_ok();
+    drop(host);
+    let _ = std::fs::remove_file(host_path);
+    assert!(still, "the host's socket at the image's path was touched");
+}
+
+#[test]
+fn files_mapped_from_a_containers_private_root_and_sysv_memory_move_with_it() {
+    // Mapped files in the container's own /tmp are opened where the
+    // program sees them; its SysV segment gets its id again in the
+    // container's IPC namespace.
+    fixture_moves_in_a_container("mem_shared");
 }

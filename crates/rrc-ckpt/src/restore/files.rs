@@ -1442,7 +1442,15 @@ pub fn pass_in_flight(
             };
             sys::steal_fd_via(pidfd, fd).map_err(fail)
         };
-        sockets::send_in_flight(deferred, &m.files, img, holder)?;
+        // Names resolve as the tree's root sees them.
+        let root = done
+            .first()
+            .map(|t| t.pid)
+            .ok_or_else(|| rerr(0, "files in flight", "no process restored".into()))?;
+        let _ = img.open_socket_data();
+        crate::common::in_view_of(root, || {
+            sockets::send_in_flight(deferred, &m.files, img, holder)
+        })??;
     }
     for t in done.iter_mut() {
         let p = &procs[&t.ns_pid];

@@ -293,17 +293,9 @@ pub fn replace(
                 let fd = match open_files.get(&key) {
                     Some(fd) => *fd,
                     None => {
-                        let meta = std::fs::metadata(path)
-                            .map_err(|e| rerr(pid, "mapped file", format!("{path}: {e}")))?;
-                        if deleted.is_none() && (meta.ino() != *ino || meta.dev() != *dev) {
-                            return Err(rerr(
-                                pid,
-                                "mapped file",
-                                format!(
-                                    "{path} is not the file that was mapped (it was replaced since the checkpoint)"
-                                ),
-                            ));
-                        }
+                        // Opened by the process, where its own path leads
+                        // (a container's root is not the host's), then
+                        // checked through its fd.
                         let a = t.arg_str(path)?;
                         let mode = if writable_shared {
                             libc::O_RDWR
@@ -315,6 +307,18 @@ pub fn replace(
                             nr::SYS_openat,
                             &[libc::AT_FDCWD as u64, a, (mode | libc::O_CLOEXEC) as u64],
                         )?;
+                        let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", t.pid))
+                            .map_err(|e| rerr(pid, "mapped file", format!("{path}: {e}")))?;
+                        if deleted.is_none() && (meta.ino() != *ino || meta.dev() != *dev) {
+                            t.call("close", nr::SYS_close, &[fd])?;
+                            return Err(rerr(
+                                pid,
+                                "mapped file",
+                                format!(
+                                    "{path} is not the file that was mapped (it was replaced since the checkpoint)"
+                                ),
+                            ));
+                        }
                         open_files.insert(key, fd);
                         fd
                     }

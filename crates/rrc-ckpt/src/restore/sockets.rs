@@ -54,11 +54,10 @@ fn unix_type(ty: i32) -> SockType {
 /// Bytes of the image's socket data.
 fn blob(img: &ImageDir, b: &Blob) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
-    let path = img.socket_data();
-    let f = fs::File::open(&path).map_err(|e| Error::image(&path, e))?;
+    let f = img.open_socket_data()?;
     let mut data = vec![0u8; b.len as usize];
     f.read_exact_at(&mut data, b.offset)
-        .map_err(|e| Error::image(&path, e))?;
+        .map_err(|e| Error::image(&img.socket_data(), e))?;
     Ok(data)
 }
 
@@ -907,7 +906,9 @@ pub fn create(
     deferred: &mut Vec<Deferred>,
 ) -> Result<Vec<(usize, u64)>> {
     let pid = t.ns_pid;
-    let built = crate::common::in_netns_of(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
+    // The thread that builds them does not see the image by its path.
+    let _ = img.open_socket_data();
+    let built = crate::common::in_view_of(t.pid, || -> Result<Vec<(usize, OwnedFd, bool)>> {
         let mut out = Vec::new();
         build_unix_all(files, img, pid, &mut out, deferred)?;
         for f in files {
