@@ -61,6 +61,8 @@ pub(crate) enum Ns {
     Uts,
     Cgroup,
     Ipc,
+    /// The namespace new children of the thread are made in.
+    Pid,
 }
 
 impl Ns {
@@ -72,6 +74,7 @@ impl Ns {
             Ns::Uts => ("uts", F::CLONE_NEWUTS, "UTS namespace"),
             Ns::Cgroup => ("cgroup", F::CLONE_NEWCGROUP, "cgroup namespace"),
             Ns::Ipc => ("ipc", F::CLONE_NEWIPC, "IPC namespace"),
+            Ns::Pid => ("pid", F::CLONE_NEWPID, "PID namespace"),
         }
     }
 }

@@ -517,16 +517,17 @@ fn ps_record(name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("container {name} is not listed"))
 }
 
-/// Runs fixture `fixture` as a container with a private root (its
-/// binary in a shared directory), checkpoints and restores the container
-/// once it is ready, and expects its checks to pass.
-fn fixture_moves_in_a_container(fixture: &str) {
+/// Runs fixture `fixture` (with arguments `args`) as a container with a
+/// private root (its binary in a shared directory), checkpoints and
+/// restores the container once it is ready, and expects its checks to
+/// pass.
+fn fixture_moves_in_a_container(fixture: &str, args: &[&str]) {
     require_root();
     let name = format!("fx{}{}", fixture.replace('_', ""), std::process::id());
     let dir = scratch(&name);
     let bin = build(fixture, &dir);
     let images = dir.join("images");
-    rrc(&[
+    let mut run = vec![
         "run",
         "--detach",
         "--name",
@@ -535,8 +536,9 @@ fn fixture_moves_in_a_container(fixture: &str) {
         dir.to_str().unwrap(),
         "--",
         bin.to_str().unwrap(),
-    ])
-    .ok();
+    ];
+    run.extend_from_slice(args);
+    rrc(&run).ok();
     let log = ps_record(&name)["log"].as_str().unwrap().to_string();
     let said = |what: &str| {
         wait_until(what, Duration::from_secs(30), || {
@@ -570,7 +572,7 @@ fn a_containers_semaphores_and_message_queues_move_with_it() {
     // checkpoint keeps its semaphore sets and message queues, the restore
     // makes them again with their ids (through /proc/sys, read-only in the
     // container), and the program finds them as they were.
-    fixture_moves_in_a_container("ipc_here");
+    fixture_moves_in_a_container("ipc_here", &[]);
 }
 
 #[test]
@@ -582,7 +584,7 @@ fn unix_sockets_named_in_a_containers_private_root_are_bound_there_again() {
     let host_path = std::path::Path::new("/tmp/fx_sk_unix.1.stream");
     let _ = std::fs::remove_file(host_path);
     let host = std::os::unix::net::UnixListener::bind(host_path).unwrap();
-    fixture_moves_in_a_container("sk_unix");
+    fixture_moves_in_a_container("sk_unix", &[]);
     let still = std::os::unix::net::UnixStream::connect(host_path).is_ok();
     drop(host);
     let _ = std::fs::remove_file(host_path);
@@ -594,5 +596,30 @@ fn files_mapped_from_a_containers_private_root_and_sysv_memory_move_with_it() {
     // Mapped files in the container's own /tmp are opened where the
     // program sees them; its SysV segment gets its id again in the
     // container's IPC namespace.
-    fixture_moves_in_a_container("mem_shared");
+    fixture_moves_in_a_container("mem_shared", &[]);
+}
+
+#[test]
+fn files_a_container_watches_are_watched_again_by_their_names_inside_it() {
+    // The container's /tmp is a host directory mounted there: a watch is
+    // made again on /tmp/..., as the program named it, not on the host
+    // directory's own name (which the container cannot see).
+    fixture_moves_in_a_container("inotify", &[]);
+}
+
+#[test]
+fn pidfds_of_reaped_children_in_a_container_keep_their_exit_status() {
+    // A reaped child's pidfd is remade in the container's PID namespace:
+    // one of the host's would give neither exit status nor ESRCH there.
+    fixture_moves_in_a_container("pidfds", &[]);
+}
+
+#[test]
+fn deleted_files_directories_and_chroots_in_a_container_come_back() {
+    // A deleted working directory and a deleted directory held open are
+    // remade under the container's root, where its processes can enter
+    // them; a deleted file still linked elsewhere comes back as its saved
+    // copy, as the engine does not follow a file handle into a mount
+    // namespace it does not share.
+    fixture_moves_in_a_container("files_deleted", &["saved-copy"]);
 }

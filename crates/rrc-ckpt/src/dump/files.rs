@@ -1010,7 +1010,16 @@ fn mark_handle(line: &str) -> Option<Vec<u8>> {
 }
 
 /// The path, as process `pid` sees it, of the file of a handle on the
-/// filesystem of device `sdev` (major in the bits above 20).
+/// filesystem of device `sdev` (major in the bits above 20), and the
+/// file's (device, inode).
+///
+/// The handle is opened through one of the process's mounts of that
+/// device, which names the file by that mount; but the process may see
+/// the file through another, bind-mounted elsewhere (a container's /tmp is
+/// a directory of the host's root file system mounted on /tmp). The name
+/// kept is the one through the mount whose root holds the file most
+/// closely, checked to lead to the same inode; failing that, the name as
+/// opened (a chrooted process's with its root taken off).
 fn watched_path(
     pid: i32,
     sdev: u32,
@@ -1018,30 +1027,90 @@ fn watched_path(
     handle: &[u8],
 ) -> std::io::Result<(String, (u64, u64))> {
     let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
-    let mount_point = mount_point(pid, |w| w.get(2) == Some(&dev.as_str()))
-        .map_err(|_| std::io::Error::other(format!("no mount of device {dev}")))?;
+    let mountinfo = crate::procfs::read_text(format!("/proc/{pid}/mountinfo"))?;
+    // "36 35 254:0 /srv/x /mnt rw,relatime shared:1 - ext4 /dev/root rw":
+    // (root of the mount in its file system, where it is mounted).
+    let mounts: Vec<(&str, &str)> = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .filter(|w| w.get(2) == Some(&dev.as_str()))
+        .filter_map(|w| Some((*w.get(3)?, *w.get(4)?)))
+        .collect();
+    let &(via_root, via_point) = mounts
+        .first()
+        .ok_or_else(|| std::io::Error::other(format!("no mount of device {dev}")))?;
     // Not O_PATH: open_by_handle_at refuses such an fd for the mount.
     let mount = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(format!("/proc/{pid}/root{mount_point}"))?;
+        .open(format!("/proc/{pid}/root{via_point}"))?;
     let f = sys::open_by_handle(mount.as_fd(), htype, handle, libc::O_PATH | libc::O_CLOEXEC)?;
     let link = fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
     let meta = fs::metadata(format!("/proc/self/fd/{}", f.as_raw_fd()))?;
     let key = (meta.dev(), meta.ino());
-    let mut path = link.to_string_lossy().into_owned();
+    let opened = link.to_string_lossy().into_owned();
+    let (name, suffix) = match opened.strip_suffix(" (deleted)") {
+        Some(n) => (n.to_string(), " (deleted)"),
+        None => (opened.clone(), ""),
+    };
+    let mut candidates = Vec::new();
+    if let Some(in_fs) = strip_dir(&name, via_point).map(|rest| join_dir(via_root, rest)) {
+        let mut by_root: Vec<_> = mounts
+            .iter()
+            .filter_map(|&(root, point)| {
+                Some((root.len(), join_dir(point, strip_dir(&in_fs, root)?)))
+            })
+            .collect();
+        by_root.sort_by_key(|(len, _)| std::cmp::Reverse(*len));
+        candidates.extend(by_root.into_iter().map(|(_, p)| p));
+    }
     // Our view of the path, made the process's: its root is a directory
     // of ours.
+    let mut plain = name.clone();
     if let Ok(root) = fs::read_link(format!("/proc/{pid}/root")) {
         let root = root.to_string_lossy().into_owned();
         if root != "/"
-            && let Some(rest) = path.strip_prefix(&root)
-            && rest.starts_with('/')
+            && let Some(rest) = strip_dir(&name, &root)
         {
-            path = rest.to_string();
+            plain = join_dir("/", rest);
         }
     }
-    Ok((path, key))
+    candidates.push(plain.clone());
+    // A deleted file has no name to check: its name as opened stands.
+    let path = if suffix.is_empty() {
+        candidates
+            .into_iter()
+            .find(|c| {
+                fs::metadata(format!("/proc/{pid}/root{c}"))
+                    .is_ok_and(|m| (m.dev(), m.ino()) == key)
+            })
+            .unwrap_or(plain)
+    } else {
+        candidates.into_iter().next().unwrap_or(plain)
+    };
+    Ok((format!("{path}{suffix}"), key))
+}
+
+/// What is left of `path` below directory `dir` ("" for `dir` itself), if
+/// it is below it.
+fn strip_dir<'a>(path: &'a str, dir: &str) -> Option<&'a str> {
+    if dir == "/" {
+        return path.strip_prefix('/');
+    }
+    let rest = path.strip_prefix(dir)?;
+    match rest.strip_prefix('/') {
+        Some(r) => Some(r),
+        None => rest.is_empty().then_some(""),
+    }
+}
+
+/// `rest` (relative) below directory `dir`.
+fn join_dir(dir: &str, rest: &str) -> String {
+    match (dir.trim_end_matches('/'), rest) {
+        ("", "") => "/".into(),
+        (d, "") => d.into(),
+        (d, r) => format!("{d}/{r}"),
+    }
 }
 
 fn describe_anon(name: &str) -> String {
@@ -1586,4 +1655,26 @@ fn save_deleted(pid: i32, fd: i32, out: &std::path::Path) -> Result<()> {
         "read deleted file fd {fd} of process {pid}"
     )))?;
     fs::write(out, &data).map_err(|e| Error::image(out, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{join_dir, strip_dir};
+
+    #[test]
+    fn a_file_of_a_bind_mounted_directory_is_named_below_its_mount_point() {
+        // The container's /tmp is the host's /var/lib/rrc/roots/c/tmp.
+        let in_fs = "/var/lib/rrc/roots/c/tmp/watched";
+        let rest = strip_dir(in_fs, "/var/lib/rrc/roots/c/tmp").unwrap();
+        assert_eq!(join_dir("/tmp", rest), "/tmp/watched");
+        assert_eq!(
+            strip_dir(in_fs, "/"),
+            Some("var/lib/rrc/roots/c/tmp/watched")
+        );
+        assert_eq!(join_dir("/", strip_dir("/", "/").unwrap()), "/");
+        assert_eq!(strip_dir("/tmp", "/tmp"), Some(""));
+        assert_eq!(join_dir("/mnt/", ""), "/mnt");
+        // A name that only begins like the directory is not below it.
+        assert_eq!(strip_dir("/tmpfile", "/tmp"), None);
+    }
 }

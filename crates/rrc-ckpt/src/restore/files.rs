@@ -562,11 +562,11 @@ fn create(
             path,
             deleted: Some(owner),
         } => {
-            let dir = GhostDir::empty_dir(&mut plan.ghosts, *owner)
+            let (dir, inside) = GhostDir::empty_dir(&mut plan.ghosts, *owner)
                 .map_err(|e| rerr(pid, "recreate a deleted directory", format!("{path}: {e}")))?;
             let fd = open_path(
                 t,
-                &dir.to_string_lossy(),
+                &inside.to_string_lossy(),
                 f.flags | libc::O_DIRECTORY as u32,
             )?;
             fs::remove_dir(&dir)
@@ -577,12 +577,21 @@ fn create(
         FileKind::Fifo { path, pipe } => {
             // Held open read-write by the engine, the FIFO has a reader and
             // a writer, so the process's open cannot block or fail.
-            let keeper = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(path)
-                .map_err(|e| rerr(pid, "open a FIFO", format!("{path}: {e}")))?;
+            // Opened where the process sees its files.
+            let keeper = crate::common::in_view_of(t.pid, || {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)
+            })?
+            .map_err(|e| rerr(pid, "open a FIFO", format!("{path}: {e}")))?;
+            let is_fifo = keeper
+                .metadata()
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+            if !is_fifo {
+                return Err(rerr(pid, "open a FIFO", format!("{path} is not a FIFO")));
+            }
             let data = fs::read(img.pipe_data(*pipe)).unwrap_or_default();
             if !data.is_empty() {
                 (&keeper)
@@ -613,8 +622,13 @@ fn create(
                 );
             }
             let flags = f.flags & (libc::O_NONBLOCK | libc::O_EXCL) as u32;
-            let pidfd = sys::reaped_pidfd(ending, flags)
-                .map_err(|e| rerr(pid, "pidfds", format!("a reaped pidfd: {e}")))?;
+            // Made in the process's PID namespace: a pidfd of another
+            // namespace than the process's (or one below it) gives no exit
+            // status and takes no signal there.
+            let pidfd = crate::common::in_ns_of(t.pid, crate::common::Ns::Pid, || {
+                sys::reaped_pidfd(ending, flags)
+            })?
+            .map_err(|e| rerr(pid, "pidfds", format!("a reaped pidfd: {e}")))?;
             mem.transport.pass(t, pidfd.as_fd())?
         }
         FileKind::EventFd { count, semaphore } => {
@@ -1146,11 +1160,12 @@ impl GhostDir {
 
 impl GhostDir {
     /// A new empty directory owned and moded as `owner` says, for the
-    /// caller to enter or open and then remove.
+    /// caller to enter or open (as the restored processes see it: the
+    /// second path) and then remove (as the host sees it: the first).
     pub fn empty_dir(
         ghosts: &mut Ghosts,
         owner: crate::image::Owner,
-    ) -> std::io::Result<std::path::PathBuf> {
+    ) -> std::io::Result<(std::path::PathBuf, std::path::PathBuf)> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = ghosts.dir()?;
         dir.dirs += 1;
@@ -1162,7 +1177,7 @@ impl GhostDir {
             &path,
             std::os::unix::fs::PermissionsExt::from_mode(owner.mode & 0o777),
         )?;
-        Ok(dir.inside.join(name))
+        Ok((path, dir.inside.join(name)))
     }
 }
 
@@ -1206,13 +1221,21 @@ impl Ghosts {
 }
 
 /// Opens the file a handle names, through the mount of this machine with
-/// the mount id it was seen on; returns its fd in `t`.
+/// the mount id it was seen on; returns its fd in `t`. Only for a process
+/// restored into our own mount namespace: a handle opens any file of its
+/// file system, wherever its links are, which a container's process must
+/// not be given on an image's say-so (nor could its mount ids, those of
+/// another namespace, name ours).
 fn open_handle(
     t: &mut Tracee,
     h: &crate::image::FileHandle,
     flags: u32,
     transport: &sockets::Transport,
 ) -> std::result::Result<u64, String> {
+    let mnt = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    if mnt("self").is_none() || mnt("self") != mnt(&t.pid.to_string()) {
+        return Err("the process is restored into a mount namespace of its own".into());
+    }
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
     let point = mountinfo
         .lines()

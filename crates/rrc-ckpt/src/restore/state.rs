@@ -71,7 +71,7 @@ pub fn process_state(t: &mut Tracee, p: &ProcessImage, ghosts: &mut Ghosts) -> R
         None => None,
     };
     let cwd = match &ghost {
-        Some(dir) => dir.to_string_lossy().into_owned(),
+        Some((_, inside)) => inside.to_string_lossy().into_owned(),
         None => p.cwd.clone(),
     };
     let a = t.arg_str(&cwd)?;
@@ -83,7 +83,7 @@ pub fn process_state(t: &mut Tracee, p: &ProcessImage, ghosts: &mut Ghosts) -> R
         },
         e => e,
     })?;
-    if let Some(dir) = ghost {
+    if let Some((dir, _)) = ghost {
         std::fs::remove_dir(&dir).map_err(|e| Error::Restore {
             pid,
             stage: "working directory",
