@@ -1254,6 +1254,25 @@ pub fn sem_values(id: i32, n: usize) -> io::Result<Vec<u16>> {
     Ok(values)
 }
 
+/// The file behind SysV segment `id` (of `size` bytes) of the calling
+/// thread's IPC namespace, to read its contents by: the segment is
+/// attached read-only for as long as it takes to open the file of the
+/// mapping, then detached (the open file keeps the segment's memory).
+pub fn shm_file(id: i32, size: u64) -> io::Result<std::fs::File> {
+    // SAFETY: attaches at an address the kernel picks, read-only: no
+    // memory of ours is touched or given away.
+    let addr = unsafe { libc::shmat(id, std::ptr::null(), libc::SHM_RDONLY) };
+    if addr as isize == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let start = addr as u64;
+    let end = start + size.max(1).next_multiple_of(crate::procfs::PAGE_SIZE);
+    let opened = std::fs::File::open(format!("/proc/self/map_files/{start:x}-{end:x}"));
+    // SAFETY: `addr` is the attachment just made, used by nothing else.
+    check(unsafe { libc::shmdt(addr) }.into())?;
+    opened
+}
+
 /// The byte limit of message queue `id` in the calling thread's IPC
 /// namespace (`msg_qbytes`).
 pub fn msg_queue_limit(id: i32) -> io::Result<u64> {

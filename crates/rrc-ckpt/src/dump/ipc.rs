@@ -3,10 +3,11 @@
 //! one a process of the tree is the first in. The namespace's limits,
 //! semaphore sets (their values) and message queues (their messages,
 //! copied without being taken) are read by a thread of ours that enters
-//! the namespace; shared memory
-//! segments are saved with the memory of the processes that attach them,
-//! so a segment no process of the tree attaches is a problem, and so is
-//! one in a nested namespace (the restore makes segments from the root).
+//! the namespace. Shared memory segments are saved with the memory of
+//! the processes that attach them; one that no process attaches is read
+//! here (attached read-only by the reading thread for a moment), so that
+//! it is saved with them. Segments of a nested namespace are refused: the
+//! restore makes segments from the root, in the root's namespace.
 //!
 //! What the kernel keeps per process and shows nowhere is not carried
 //! over: `SEM_UNDO` adjustments, and which process last used an object.
@@ -24,6 +25,17 @@ pub struct Namespace {
     pub objects: IpcObjects,
     /// The mode of each shared memory segment, by id.
     pub segment_modes: BTreeMap<i32, u32>,
+    /// The segments no process attaches (the root's namespace only).
+    pub unattached: Vec<Unattached>,
+}
+
+/// A shared memory segment no process attaches, with the file its
+/// contents are read from.
+pub struct Unattached {
+    pub key: i32,
+    pub id: i32,
+    pub mode: u32,
+    pub file: std::fs::File,
 }
 
 /// What was read of one namespace.
@@ -91,19 +103,29 @@ fn read(first: Pid, nested: bool) -> Read {
 /// The objects of the calling thread's IPC namespace.
 fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namespace> {
     let mut segment_modes = BTreeMap::new();
+    let mut unattached = Vec::new();
     for seg in listing("shm")? {
-        let (id, key) = (seg.get("shmid")?, seg.get("key")?);
-        segment_modes.insert(id as i32, seg.perm()?.mode);
-        if seg.get("nattch")? == 0 {
-            problems.push(format!(
-                "SysV shared memory segment {id} (key {key}) is attached by no process, \
-                 which a checkpoint does not save"
-            ));
-        } else if nested {
+        let perm = seg.perm()?;
+        let (id, key) = (perm.id, perm.key);
+        segment_modes.insert(id, perm.mode);
+        if nested {
             problems.push(format!(
                 "SysV shared memory segment {id} (key {key}) is in a nested IPC namespace, \
                  which a restore does not make again"
             ));
+        } else if seg.get("nattch")? == 0 {
+            match sys::shm_file(id, seg.get("size")? as u64) {
+                Ok(file) => unattached.push(Unattached {
+                    key,
+                    id,
+                    mode: perm.mode,
+                    file,
+                }),
+                Err(e) => problems.push(format!(
+                    "SysV shared memory segment {id} (key {key}), attached by no process, \
+                     cannot be read: {e}"
+                )),
+            }
         }
     }
     let mut objects = IpcObjects::default();
@@ -146,6 +168,7 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
     Ok(Namespace {
         objects,
         segment_modes,
+        unattached,
     })
 }
 

@@ -606,7 +606,30 @@ impl ShmemTable {
 
     /// The id of a memfd open as a file (saving it if it was not mapped).
     pub fn memfd(&mut self, f: &File, name: String, img: &ImageDir) -> Result<usize> {
-        let meta = f.metadata().map_err(Error::io("stat memfd"))?;
+        let seals = memfd_seals(f);
+        self.open_object(f, ShmemKind::Memfd { name, seals }, img)
+    }
+
+    /// Saves a SysV segment no process of the tree attaches (read from
+    /// the file its namespace's reader opened), to be made again with the
+    /// namespace.
+    pub fn unattached_segment(
+        &mut self,
+        seg: &crate::dump::ipc::Unattached,
+        img: &ImageDir,
+    ) -> Result<usize> {
+        let kind = ShmemKind::SysV {
+            key: seg.key,
+            shmid: seg.id,
+            mode: seg.mode,
+        };
+        self.open_object(&seg.file, kind, img)
+    }
+
+    /// The id of the shared memory object `f` is open on, saving it the
+    /// first time it is met.
+    fn open_object(&mut self, f: &File, kind: ShmemKind, img: &ImageDir) -> Result<usize> {
+        let meta = f.metadata().map_err(Error::io("stat shared memory"))?;
         if let Some(&id) = self.index.get(&(meta.dev(), meta.ino())) {
             return Ok(id);
         }
@@ -615,10 +638,7 @@ impl ShmemTable {
         let (size, pages) = save_object(f, &img.shmem_file(id), keep)?;
         self.objects.push(SharedMemory {
             id,
-            kind: ShmemKind::Memfd {
-                name,
-                seals: memfd_seals(f),
-            },
+            kind,
             size,
             dev: meta.dev(),
             ino: meta.ino(),

@@ -557,11 +557,10 @@ pub(crate) fn take(
         &ns_of,
         &mut problems,
     )?;
-    // The IPC objects of the namespaces the tree owns, the processes
-    // stopped: the root's (then its segments' modes are read there), and
-    // each nested one's.
-    // The IPC objects read meanwhile; waiting for them is what the
-    // reading adds to the pause.
+    // The IPC objects of the namespaces the tree owns, read meanwhile
+    // (waiting for them is what the reading adds to the pause): the
+    // root's (its segments' modes are read there, and the segments no
+    // process attaches are saved with the others), and each nested one's.
     let ipc_waited = Instant::now();
     for read in ipc_reader.finish() {
         problems.extend(read.problems);
@@ -577,6 +576,9 @@ pub(crate) fn take(
         };
         if !read.nested {
             shmem.set_segment_modes(&ns.segment_modes);
+            for seg in &ns.unattached {
+                shmem.unattached_segment(seg, img)?;
+            }
         }
         if let Some(p) = images.iter_mut().find(|p| p.pid == ns_of[&read.first]) {
             p.ipc = Some(ns.objects);
