@@ -82,17 +82,36 @@ impl Ns {
 /// Runs `f` on a thread inside process `pid`'s namespace of kind `ns` (a
 /// thread of its own, as `setns` changes only the calling thread's).
 pub(crate) fn in_ns_of<T: Send>(pid: Pid, ns: Ns, f: impl FnOnce() -> T + Send) -> Result<T> {
-    use std::os::fd::AsFd;
-    let (file, flag, what) = ns.parts();
-    let fail = |detail: String| Error::Proc {
+    in_ns(&ns_file(pid, ns)?, ns, pid, f)
+}
+
+/// Process `pid`'s namespace of kind `ns`, open.
+pub(crate) fn ns_file(pid: Pid, ns: Ns) -> Result<fs::File> {
+    let (file, _, what) = ns.parts();
+    fs::File::open(format!("/proc/{pid}/ns/{file}")).map_err(|e| Error::Proc {
         pid: pid.as_raw(),
         what,
-        detail,
-    };
-    let ns = fs::File::open(format!("/proc/{pid}/ns/{file}")).map_err(|e| fail(e.to_string()))?;
+        detail: e.to_string(),
+    })
+}
+
+/// Runs `f` on a thread inside namespace `file` of kind `ns` (process
+/// `pid`'s, for errors).
+pub(crate) fn in_ns<T: Send>(
+    file: &fs::File,
+    ns: Ns,
+    pid: Pid,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T> {
+    use std::os::fd::AsFd;
+    let (_, flag, what) = ns.parts();
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::setns(ns.as_fd(), flag).map_err(|e| fail(format!("enter it: {e}")))?;
+            nix::sched::setns(file.as_fd(), flag).map_err(|e| Error::Proc {
+                pid: pid.as_raw(),
+                what,
+                detail: format!("enter it: {e}"),
+            })?;
             Ok(f())
         })
         .join()

@@ -61,6 +61,9 @@ pub struct Manifest {
     pub files: Vec<OpenFile>,
     /// Shared memory objects (shared anonymous, memfd, SysV).
     pub shmem: Vec<SharedMemory>,
+    /// POSIX message queues open in the tree, by index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub posix_queues: Vec<PosixQueue>,
     /// Data kept on behalf of the layer that asked for the checkpoint (for
     /// containers: name, network settings).
     pub annotations: BTreeMap<String, serde_json::Value>,
@@ -284,6 +287,45 @@ pub struct MessageQueue {
 pub struct Message {
     pub kind: i64,
     pub text: Hex,
+}
+
+/// A POSIX message queue (`mq_open`) a process of the tree has open, in
+/// the tree's IPC namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixQueue {
+    /// Its name ("/name", as `mq_open` takes it).
+    pub name: String,
+    /// Unlinked while open: made under a name of the restore's own, then
+    /// unlinked again.
+    pub deleted: bool,
+    pub max_messages: i64,
+    pub message_size: i64,
+    pub owner: Owner,
+    /// Its messages in the order they are received (highest priority
+    /// first, the oldest first within one).
+    pub messages: Vec<PosixMessage>,
+}
+
+/// A message of a POSIX queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PosixMessage {
+    pub priority: u32,
+    pub text: Hex,
+}
+
+impl PosixQueue {
+    /// Whether `name` is one `mq_open` takes as a queue's own: a slash,
+    /// then 1 to 255 bytes with no slash and no NUL, not "." or "..".
+    pub fn valid_name(name: &str) -> bool {
+        let Some(rest) = name.strip_prefix('/') else {
+            return false;
+        };
+        !rest.is_empty()
+            && rest.len() <= 255
+            && !rest.contains(['/', '\0'])
+            && rest != "."
+            && rest != ".."
+    }
 }
 
 /// Where a process's time namespace comes from.
@@ -779,6 +821,12 @@ pub enum FileKind {
         init_flags: u32,
         event_flags: u32,
         marks: Vec<FanotifyMark>,
+    },
+    /// A description of POSIX message queue `queue`
+    /// ([`Manifest::posix_queues`]); its access mode and `O_NONBLOCK` are
+    /// the open file's flags.
+    PosixQueue {
+        queue: usize,
     },
     /// A memfd (its memory is shared object `shmem`).
     Memfd {

@@ -1337,6 +1337,128 @@ pub fn msqid_ds_to_set(uid: u32, gid: u32, mode: u32, max_bytes: u64) -> Vec<u8>
     struct_bytes(&ds)
 }
 
+/// The limits and count of POSIX message queue `fd`: (most messages,
+/// largest message, messages queued).
+pub fn mq_attr(fd: std::os::fd::BorrowedFd) -> io::Result<(i64, i64, i64)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed mq_attr is valid; the call fills it and reads no
+    // new attributes (null).
+    let mut attr: libc::mq_attr = unsafe { mem::zeroed() };
+    // SAFETY: as above; `attr` outlives the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mq_getsetattr,
+            fd.as_raw_fd(),
+            std::ptr::null::<libc::mq_attr>(),
+            &mut attr as *mut libc::mq_attr,
+        )
+    })?;
+    Ok((attr.mq_maxmsg, attr.mq_msgsize, attr.mq_curmsgs))
+}
+
+/// Who asked POSIX message queue `fd` for a notification (`mq_notify`),
+/// as the queue's status text says ("QSIZE:5 NOTIFY:0 SIGNO:0
+/// NOTIFY_PID:0"); 0 for no one. Read at offset 0, the file's own left.
+pub fn mq_notify_pid(fd: std::os::fd::BorrowedFd) -> io::Result<i32> {
+    let mut buf = [0u8; 256];
+    let n = nix::sys::uio::pread(fd, &mut buf, 0)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("NOTIFY_PID:"))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("an unknown queue status: {text:?}")))
+}
+
+/// The next message of POSIX message queue `fd` (opened `O_NONBLOCK`),
+/// whose messages are at most `size` bytes: its priority and text.
+pub fn mq_receive(fd: std::os::fd::BorrowedFd, size: usize) -> io::Result<(u32, Vec<u8>)> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; size.max(1)];
+    let mut priority: libc::c_uint = 0;
+    // SAFETY: the buffer holds `size` bytes, as the queue's largest
+    // message; no timeout (the fd does not block).
+    let n = check(unsafe {
+        libc::syscall(
+            libc::SYS_mq_timedreceive,
+            fd.as_raw_fd(),
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut priority as *mut libc::c_uint,
+            std::ptr::null::<libc::timespec>(),
+        )
+    })?;
+    buf.truncate(n as usize);
+    Ok((priority, buf))
+}
+
+/// Sends `text` with `priority` to POSIX message queue `fd`.
+pub fn mq_send(fd: std::os::fd::BorrowedFd, priority: u32, text: &[u8]) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the call reads `text.len()` bytes of `text`; no timeout.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mq_timedsend,
+            fd.as_raw_fd(),
+            text.as_ptr(),
+            text.len(),
+            priority as libc::c_uint,
+            std::ptr::null::<libc::timespec>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Opens POSIX message queue `name` ("/name") of the calling thread's IPC
+/// namespace with `flags` (access mode, `O_NONBLOCK`), close-on-exec;
+/// with `create`, makes it (it must not exist) with these
+/// limits, readable and writable by its owner alone.
+pub fn mq_open(
+    name: &str,
+    flags: libc::c_int,
+    create: Option<(i64, i64)>,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let bare = std::ffi::CString::new(name.trim_start_matches('/'))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a zeroed mq_attr is valid.
+    let mut attr: libc::mq_attr = unsafe { mem::zeroed() };
+    // Close-on-exec set apart: given to mq_open, it would stay in the
+    // description's flags, which a queue opened without it lacks.
+    let mut flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK);
+    if let Some((max_messages, message_size)) = create {
+        attr.mq_maxmsg = max_messages;
+        attr.mq_msgsize = message_size;
+        flags |= libc::O_CREAT | libc::O_EXCL;
+    }
+    // SAFETY: the name is a C string and `attr` a valid mq_attr, both
+    // outliving the call (the kernel takes a name without its slash).
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_mq_open,
+            bare.as_ptr(),
+            flags,
+            0o600 as libc::mode_t,
+            &attr as *const libc::mq_attr,
+        )
+    })?;
+    // SAFETY: mq_open returned a new fd we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(fd)
+}
+
+/// Removes the name of POSIX message queue `name` ("/name") in the calling
+/// thread's IPC namespace.
+pub fn mq_unlink(name: &str) -> io::Result<()> {
+    let bare = std::ffi::CString::new(name.trim_start_matches('/'))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: the name is a C string outliving the call.
+    check(unsafe { libc::syscall(libc::SYS_mq_unlink, bare.as_ptr()) }).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Ending;

@@ -955,6 +955,23 @@ fn a_segment_of_a_nested_ipc_namespace_is_refused_and_left_running() {
 }
 
 #[test]
+fn posix_message_queues_keep_their_messages_limits_and_descriptions() {
+    // In the host's IPC namespace the queue outlives the killed tree and
+    // is found again by its name; the unlinked one is made again.
+    checkpoint_restore("posix_mqueue");
+}
+
+#[test]
+fn a_message_queue_someone_awaits_a_notification_from_is_refused_and_left_running() {
+    refused("unsupported_mq_notify", "mq_notify");
+}
+
+#[test]
+fn a_namespace_file_held_open_is_refused_and_left_running() {
+    refused("unsupported_ns_fd", "a namespace file");
+}
+
+#[test]
 fn time_namespaces_of_the_tree_keep_their_clocks_and_members() {
     checkpoint_restore("timens");
 }

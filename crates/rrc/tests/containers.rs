@@ -623,3 +623,10 @@ fn deleted_files_directories_and_chroots_in_a_container_come_back() {
     // namespace it does not share.
     fixture_moves_in_a_container("files_deleted", &["saved-copy"]);
 }
+
+#[test]
+fn a_containers_posix_message_queues_move_with_it() {
+    // The container's IPC namespace dies with it: its queues are made
+    // again in the new one, with their messages in order.
+    fixture_moves_in_a_container("posix_mqueue", &[]);
+}

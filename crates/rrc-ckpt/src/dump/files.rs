@@ -62,6 +62,8 @@ pub struct FileTable {
     /// Files in flight on the tree's unix sockets, as fds of ours, in the
     /// order met ([`InFlight`] numbers them so until [`resolve_in_flight`]).
     flying: Vec<std::os::fd::OwnedFd>,
+    /// POSIX message queues met so far.
+    pub queues: crate::dump::mqueue::Queues,
 }
 
 /// What tells a lock from the others (see [`FileTable::locks`]).
@@ -787,6 +789,24 @@ fn classify(
             shmem: id,
             pos: info.pos,
         }));
+    }
+    // What is left has a path: a namespace file ("uts:[4026531838]")
+    // does not, and the namespace it keeps is not one a restore makes.
+    if !link.starts_with('/') {
+        return problem(format!(
+            "{} has no path to open again",
+            if link.contains(":[") {
+                "a namespace file (from /proc/PID/ns)"
+            } else {
+                "a file of a kind this engine does not know"
+            }
+        ));
+    }
+    if crate::dump::mqueue::is_queue(raw, fd, meta) {
+        return match table.queues.queue(raw, fd, link, meta)? {
+            Ok(queue) => Ok(Some(FileKind::PosixQueue { queue })),
+            Err(what) => problem(what),
+        };
     }
     let ft = meta.mode() & libc::S_IFMT;
     let deleted = link.ends_with(" (deleted)");

@@ -5,6 +5,7 @@ pub(crate) mod files;
 pub mod inject;
 mod ipc;
 pub(crate) mod memory;
+mod mqueue;
 mod namespaces;
 pub(crate) mod process;
 pub mod seize;
@@ -585,6 +586,15 @@ pub(crate) fn take(
         }
     }
     phases.ipc = ipc_waited.elapsed();
+    // Queues are made in the namespace of the first process that has
+    // one open: with more than one namespace, which one is a guess.
+    if !own_ns.ipc.is_empty() && !files.queues.saved.is_empty() {
+        problems.push(
+            "POSIX message queues in a tree with a nested IPC namespace (which namespace \
+             a queue is in cannot be told)"
+                .into(),
+        );
+    }
     files::check_unix_peers(&mut files, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
@@ -617,6 +627,7 @@ pub(crate) fn take(
         outer_session: Some(outer_session),
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
+        posix_queues: std::mem::take(&mut files.queues.saved),
         annotations,
         parent,
         lineage,

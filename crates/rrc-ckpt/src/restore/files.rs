@@ -66,6 +66,8 @@ pub struct FilePlan {
     /// Deleted files only mappings hold, by (device, inode): a watch on
     /// one is made on its recreation too.
     mapped_ghosts: HashMap<(u64, u64), crate::image::Owner>,
+    /// POSIX message queues made so far.
+    queues: crate::restore::mqueue::Made,
 }
 
 impl FilePlan {
@@ -221,6 +223,7 @@ impl FilePlan {
                 .flat_map(|p| p.vmas.iter())
                 .filter_map(crate::image::Vma::deleted_file)
                 .collect(),
+            queues: Default::default(),
         }
     }
 }
@@ -693,6 +696,9 @@ fn create(
             let fd = fanotify(t, *init_flags, *event_flags, marks, plan, img, m)?;
             set_flags(t, fd, f.flags)?;
             fd
+        }
+        FileKind::PosixQueue { queue } => {
+            crate::restore::mqueue::open(t, &mut plan.queues, m, *queue, f.flags, &mem.transport)?
         }
         FileKind::Memfd { shmem, pos } => {
             let fd = match mem.reopen(t, *shmem)? {

@@ -15,6 +15,7 @@ mod files;
 mod ipc;
 pub mod lazy;
 mod mm;
+mod mqueue;
 mod namespaces;
 mod sockets;
 pub use files::GhostPlace;

@@ -1,0 +1,134 @@
+//! POSIX message queues (`mq_open`) open in the tree. A queue cannot be
+//! read without taking its messages, so each is read through a
+//! description of our own: every message taken, then sent again in the
+//! order taken (highest priority first, the oldest first within one),
+//! which leaves the queue as it was. A queue is saved once, however many
+//! descriptions of it the tree holds.
+
+use std::collections::HashMap;
+use std::fs::{Metadata, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+use crate::image::{Hex, Owner, PosixMessage, PosixQueue};
+use crate::{Error, Result, sys};
+
+/// `MQUEUE_MAGIC`, the queues' file system type.
+const MQUEUE_MAGIC: i64 = 0x1980_0202;
+
+/// The queues met so far.
+#[derive(Default)]
+pub struct Queues {
+    pub saved: Vec<PosixQueue>,
+    /// Where each is in `saved`, by (device, inode).
+    index: HashMap<(u64, u64), usize>,
+}
+
+/// Whether fd `fd` of `pid`, a regular file by its mode, is a POSIX
+/// message queue (asked only of files on a device with no disk behind it,
+/// where the queues' file system is).
+pub fn is_queue(pid: i32, fd: i32, meta: &Metadata) -> bool {
+    if libc::major(meta.dev()) != 0 || meta.mode() & libc::S_IFMT != libc::S_IFREG {
+        return false;
+    }
+    nix::sys::statfs::statfs(format!("/proc/{pid}/fd/{fd}").as_str())
+        .is_ok_and(|s| s.filesystem_type().0 == MQUEUE_MAGIC)
+}
+
+impl Queues {
+    /// The queue fd `fd` of `pid` (its /proc link `link`) is a description
+    /// of, saved the first time it is met; or why it cannot be.
+    pub fn queue(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        link: &str,
+        meta: &Metadata,
+    ) -> Result<std::result::Result<usize, String>> {
+        let key = (meta.dev(), meta.ino());
+        if let Some(&id) = self.index.get(&key) {
+            return Ok(Ok(id));
+        }
+        let deleted = link.ends_with(" (deleted)");
+        let name = link.trim_end_matches(" (deleted)");
+        if !PosixQueue::valid_name(name) {
+            return Ok(Err(format!(
+                "a POSIX message queue whose name mq_open does not take ({name:?})"
+            )));
+        }
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let io = |what: &'static str| {
+            move |e: std::io::Error| Error::Proc {
+                pid,
+                what,
+                detail: format!("fd {fd} ({link}): {e}"),
+            }
+        };
+        // Our own description: the process's may be write-only, or block.
+        let ours = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(io("POSIX message queue"))?;
+        if sys::mq_notify_pid(ours.as_fd()).map_err(io("POSIX message queue"))? != 0 {
+            return Ok(Err(
+                "a POSIX message queue someone asked to be notified by (mq_notify): \
+                 what the notification does cannot be read back"
+                    .into(),
+            ));
+        }
+        let (max_messages, message_size, count) =
+            sys::mq_attr(ours.as_fd()).map_err(io("POSIX message queue"))?;
+        let (messages, taking) = take_all(&ours, count, message_size);
+        put_back(&ours, &messages).map_err(|e| Error::Proc {
+            pid,
+            what: "POSIX message queue",
+            detail: format!(
+                "fd {fd} ({link}): {} of its messages taken to be read could not be sent \
+                 back: {e}",
+                messages.len()
+            ),
+        })?;
+        taking.map_err(io("POSIX message queue"))?;
+        let id = self.saved.len();
+        self.saved.push(PosixQueue {
+            name: name.to_string(),
+            deleted,
+            max_messages,
+            message_size,
+            owner: Owner {
+                uid: meta.uid(),
+                gid: meta.gid(),
+                mode: meta.mode() & 0o777,
+            },
+            messages,
+        });
+        self.index.insert(key, id);
+        Ok(Ok(id))
+    }
+}
+
+/// Takes the `count` messages of queue `q` (at most `size` bytes each),
+/// and says whether all could be.
+fn take_all(q: &std::fs::File, count: i64, size: i64) -> (Vec<PosixMessage>, std::io::Result<()>) {
+    let mut messages = Vec::new();
+    for _ in 0..count {
+        match sys::mq_receive(q.as_fd(), size.max(0) as usize) {
+            Ok((priority, text)) => messages.push(PosixMessage {
+                priority,
+                text: Hex(text),
+            }),
+            Err(e) => return (messages, Err(e)),
+        }
+    }
+    (messages, Ok(()))
+}
+
+/// Sends `messages` to `q` again, in order.
+fn put_back(q: &std::fs::File, messages: &[PosixMessage]) -> std::io::Result<()> {
+    for m in messages {
+        sys::mq_send(q.as_fd(), m.priority, &m.text.0)?;
+    }
+    Ok(())
+}
