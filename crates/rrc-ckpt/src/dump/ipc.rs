@@ -9,6 +9,9 @@
 //! it is saved with them. Segments of a nested namespace are refused: the
 //! restore makes segments from the root, in the root's namespace.
 //!
+//! The root's namespace's POSIX message queues are listed here too, so
+//! that those no process has open are saved with the others.
+//!
 //! What the kernel keeps per process and shows nowhere is not carried
 //! over: `SEM_UNDO` adjustments, and which process last used an object.
 
@@ -27,6 +30,9 @@ pub struct Namespace {
     pub segment_modes: BTreeMap<i32, u32>,
     /// The segments no process attaches (the root's namespace only).
     pub unattached: Vec<Unattached>,
+    /// The POSIX message queues by name, each open read-write and
+    /// non-blocking (the root's namespace only).
+    pub queues: Vec<(String, std::fs::File)>,
 }
 
 /// A shared memory segment no process attaches, with the file its
@@ -165,11 +171,54 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
             messages,
         });
     }
+    // Last: the thread's mount namespace is its own from here on.
+    let queues = if nested { Vec::new() } else { posix_queues()? };
     Ok(Namespace {
         objects,
         segment_modes,
         unattached,
+        queues,
     })
+}
+
+/// The POSIX message queues of the calling thread's IPC namespace, each
+/// open read-write and non-blocking. The namespace's queue file system is
+/// mounted where only this thread sees it: over /tmp in a mount namespace
+/// the thread makes for itself, private (nothing of it reaches ours) and
+/// gone with the thread.
+fn posix_queues() -> std::io::Result<Vec<(String, std::fs::File)>> {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    use std::os::unix::fs::OpenOptionsExt;
+    unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    let at = "/tmp";
+    mount(
+        Some("mqueue"),
+        at,
+        Some("mqueue"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )?;
+    let mut queues = Vec::new();
+    for entry in std::fs::read_dir(at)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(entry.path())?;
+        queues.push((name, file));
+    }
+    queues.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(queues)
 }
 
 /// The mode of SysV segment `shmid` in the checkpointing process's own

@@ -580,6 +580,19 @@ pub(crate) fn take(
             for seg in &ns.unattached {
                 shmem.unattached_segment(seg, img)?;
             }
+            // After every fd of the tree: those it holds are saved.
+            for (name, file) in &ns.queues {
+                match files.queues.unheld(name, file) {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(what)) => {
+                        problems.push(format!("process {}'s IPC namespace: {what}", read.first))
+                    }
+                    Err(e) => problems.push(format!(
+                        "process {}'s IPC namespace: POSIX message queue /{name}: {e}",
+                        read.first
+                    )),
+                }
+            }
         }
         if let Some(p) = images.iter_mut().find(|p| p.pid == ns_of[&read.first]) {
             p.ipc = Some(ns.objects);

@@ -45,52 +45,76 @@ impl Queues {
         link: &str,
         meta: &Metadata,
     ) -> Result<std::result::Result<usize, String>> {
-        let key = (meta.dev(), meta.ino());
-        if let Some(&id) = self.index.get(&key) {
+        if let Some(&id) = self.index.get(&(meta.dev(), meta.ino())) {
             return Ok(Ok(id));
         }
-        let deleted = link.ends_with(" (deleted)");
-        let name = link.trim_end_matches(" (deleted)");
-        if !PosixQueue::valid_name(name) {
-            return Ok(Err(format!(
-                "a POSIX message queue whose name mq_open does not take ({name:?})"
-            )));
-        }
-        let path = format!("/proc/{pid}/fd/{fd}");
-        let io = |what: &'static str| {
-            move |e: std::io::Error| Error::Proc {
-                pid,
-                what,
-                detail: format!("fd {fd} ({link}): {e}"),
-            }
-        };
         // Our own description: the process's may be write-only, or block.
         let ours = OpenOptions::new()
             .read(true)
             .write(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io("POSIX message queue"))?;
-        if sys::mq_notify_pid(ours.as_fd()).map_err(io("POSIX message queue"))? != 0 {
-            return Ok(Err(
-                "a POSIX message queue someone asked to be notified by (mq_notify): \
-                 what the notification does cannot be read back"
-                    .into(),
-            ));
-        }
-        let (max_messages, message_size, count) =
-            sys::mq_attr(ours.as_fd()).map_err(io("POSIX message queue"))?;
-        let (messages, taking) = take_all(&ours, count, message_size);
-        put_back(&ours, &messages).map_err(|e| Error::Proc {
+            .open(format!("/proc/{pid}/fd/{fd}"))
+            .map_err(|e| Error::Proc {
+                pid,
+                what: "POSIX message queue",
+                detail: format!("fd {fd} ({link}): {e}"),
+            })?;
+        self.save(&ours, link).map_err(|e| Error::Proc {
             pid,
             what: "POSIX message queue",
-            detail: format!(
-                "fd {fd} ({link}): {} of its messages taken to be read could not be sent \
-                 back: {e}",
-                messages.len()
-            ),
+            detail: format!("fd {fd}: {e}"),
+        })
+    }
+
+    /// Saves a queue of the tree's IPC namespace that no process has open,
+    /// read through `file`, opened read-write and non-blocking (unless it
+    /// was met already).
+    pub fn unheld(
+        &mut self,
+        name: &str,
+        file: &std::fs::File,
+    ) -> std::io::Result<std::result::Result<usize, String>> {
+        let meta = file.metadata()?;
+        if let Some(&id) = self.index.get(&(meta.dev(), meta.ino())) {
+            return Ok(Ok(id));
+        }
+        self.save(file, &format!("/{name}"))
+    }
+
+    /// Saves queue `name` (" (deleted)" after it if it has no name left),
+    /// read through `ours`, a description of our own, read-write and
+    /// non-blocking.
+    fn save(
+        &mut self,
+        ours: &std::fs::File,
+        name: &str,
+    ) -> std::io::Result<std::result::Result<usize, String>> {
+        let deleted = name.ends_with(" (deleted)");
+        let name = name.trim_end_matches(" (deleted)");
+        if !PosixQueue::valid_name(name) {
+            return Ok(Err(format!(
+                "a POSIX message queue whose name mq_open does not take ({name:?})"
+            )));
+        }
+        if sys::mq_notify_pid(ours.as_fd())? != 0 {
+            return Ok(Err(format!(
+                "POSIX message queue {name}, which someone asked to be notified by \
+                 (mq_notify): what the notification does cannot be read back"
+            )));
+        }
+        let meta = ours.metadata()?;
+        let (max_messages, message_size, count) = sys::mq_attr(ours.as_fd())?;
+        let (messages, taking) = take_all(ours, count, message_size);
+        put_back(ours, &messages).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{name}: {} of its messages taken to be read could not be sent back: {e}",
+                    messages.len()
+                ),
+            )
         })?;
-        taking.map_err(io("POSIX message queue"))?;
+        taking?;
         let id = self.saved.len();
         self.saved.push(PosixQueue {
             name: name.to_string(),
@@ -104,7 +128,7 @@ impl Queues {
             },
             messages,
         });
-        self.index.insert(key, id);
+        self.index.insert((meta.dev(), meta.ino()), id);
         Ok(Ok(id))
     }
 }

@@ -67,7 +67,7 @@ pub struct FilePlan {
     /// one is made on its recreation too.
     mapped_ghosts: HashMap<(u64, u64), crate::image::Owner>,
     /// POSIX message queues made so far.
-    queues: crate::restore::mqueue::Made,
+    pub queues: crate::restore::mqueue::Made,
 }
 
 impl FilePlan {

@@ -637,6 +637,11 @@ fn restore_process(
             ipc::unshare(&mut t)?;
         }
         ipc::make(&mut t, objects)?;
+        // The root's namespace's queues, those no process has open too
+        // (a nested namespace has none: the checkpoint refuses them).
+        if pid == ctx.m.root {
+            mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m)?;
+        }
     }
     if pid == ctx.m.root {
         mm::create_sysv_segments(&mut t, &ctx.mem)?;

@@ -54,6 +54,15 @@ impl Drop for Made {
     }
 }
 
+/// Makes every queue of the image in `t`'s IPC namespace, new with it:
+/// those no process has open too.
+pub fn make_all(t: &mut Tracee, made: &mut Made, m: &Manifest) -> Result<()> {
+    for id in 0..m.posix_queues.len() {
+        made_queue(t, made, m, id)?;
+    }
+    Ok(())
+}
+
 /// Opens queue `id` of the image for `t`, with the access mode and
 /// `O_NONBLOCK` of `flags`; returns its fd in `t`.
 pub fn open(
@@ -65,12 +74,37 @@ pub fn open(
     transport: &Transport,
 ) -> Result<u64> {
     let pid = t.ns_pid;
+    let q = made_queue(t, made, m, id)?;
+    let name = q.name.clone();
+    let ours = in_ns(&q.ns, Ns::Ipc, q.pid, move || {
+        sys::mq_open(&name, flags as libc::c_int, None)
+    })?
+    .map_err(|e| Error::Restore {
+        pid,
+        stage: "POSIX message queue",
+        detail: format!("open {}: {e}", q.name),
+    })?;
+    q.left = q.left.saturating_sub(1);
+    if q.left == 0 {
+        q.unlink();
+    }
+    transport.pass(t, ours.as_fd())
+}
+
+/// Queue `id` of the image, made in `t`'s IPC namespace if it is not yet.
+fn made_queue<'a>(
+    t: &mut Tracee,
+    made: &'a mut Made,
+    m: &Manifest,
+    id: usize,
+) -> Result<&'a mut Queue> {
+    let pid = t.ns_pid;
     let fail = |detail: String| Error::Restore {
         pid,
         stage: "POSIX message queue",
         detail,
     };
-    let q = match made.0.entry(id) {
+    Ok(match made.0.entry(id) {
         Entry::Occupied(e) => e.into_mut(),
         Entry::Vacant(e) => {
             let q = m
@@ -100,17 +134,7 @@ pub fn open(
                 unlink: q.deleted,
             })
         }
-    };
-    let name = q.name.clone();
-    let ours = in_ns(&q.ns, Ns::Ipc, q.pid, move || {
-        sys::mq_open(&name, flags as libc::c_int, None)
-    })?
-    .map_err(|e| fail(format!("open {}: {e}", q.name)))?;
-    q.left = q.left.saturating_sub(1);
-    if q.left == 0 {
-        q.unlink();
-    }
-    transport.pass(t, ours.as_fd())
+    })
 }
 
 /// Whether the image's queue can be made as it says.
