@@ -760,6 +760,13 @@ pub enum FileKind {
         path: String,
         rdev: u64,
     },
+    /// A pseudo-terminal whose master is outside the tree (the terminal
+    /// the tree was started from), held at a stdio fd: the restorer's
+    /// stdio at that fd stands in, as for a pipe to a process outside.
+    OuterTerminal {
+        path: String,
+        rdev: u64,
+    },
     /// A named pipe; unread data (of the pipe object `pipe`) is in
     /// `pipe-<pipe>.img` (no such file: none).
     Fifo {

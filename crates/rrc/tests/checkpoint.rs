@@ -65,11 +65,15 @@ struct Running {
 }
 
 fn start(bin: &Path, dir: &Path) -> Running {
+    start_with_stdin(bin, dir, Stdio::null())
+}
+
+fn start_with_stdin(bin: &Path, dir: &Path, stdin: Stdio) -> Running {
     let log = dir.join("fixture.log");
     let f = fs::File::create(&log).unwrap();
     let child = Command::new(bin)
         .current_dir(dir)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(f.try_clone().unwrap())
         .stderr(f)
         .spawn()
@@ -969,6 +973,83 @@ fn a_message_queue_someone_awaits_a_notification_from_is_refused_and_left_runnin
 #[test]
 fn a_namespace_file_held_open_is_refused_and_left_running() {
     refused("unsupported_ns_fd", "a namespace file");
+}
+
+#[test]
+fn a_pseudo_terminal_master_is_refused_and_left_running() {
+    refused("unsupported_pty_master", "a pseudo-terminal master");
+}
+
+/// A pseudo-terminal pair: its master, and its terminal opened.
+fn pty_pair() -> (fs::File, fs::File) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |path: &str| {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)
+            .unwrap()
+    };
+    let master = open("/dev/ptmx");
+    let unlock: libc::c_int = 0;
+    let mut n: libc::c_uint = 0;
+    // SAFETY: both ioctls take a pointer to an int the call reads or fills.
+    unsafe {
+        assert_eq!(
+            libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock),
+            0
+        );
+        assert_eq!(libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n), 0);
+    }
+    let terminal = open(&format!("/dev/pts/{n}"));
+    (master, terminal)
+}
+
+#[test]
+fn the_terminal_a_tree_was_started_from_is_the_restorers_after_restore() {
+    // The fixture's stdin is a terminal whose master the test holds: not
+    // opened again by its path (/dev/pts/N may be another's by then), the
+    // terminal `rrc restore` runs on stands in, as for a pipe.
+    require_root();
+    become_subreaper();
+    let name = "tty_stdio";
+    let dir = scratch(name);
+    let bin = build(name, &dir);
+    let (first, first_tty) = pty_pair();
+    let mut run = start_with_stdin(&bin, &dir, Stdio::from(first_tty));
+    let images = dir.join("images");
+    checkpoint_and_reap(&mut run, &images);
+    drop(first);
+    let (second, second_tty) = pty_pair();
+    let mut restore = Command::new(RRC);
+    restore
+        .args(["restore", "--images", images.to_str().unwrap()])
+        .stdin(Stdio::from(second_tty));
+    // Not `output`, which gives its command no stdin.
+    let restored = restore.output().unwrap();
+    assert!(restored.status.success(), "{restored:?}");
+    let (code, log) = run.verdict();
+    assert!(
+        code == 0 && log.trim_end().ends_with("PASS"),
+        "{name} after restore: exit {code}\n{log}"
+    );
+    // What the restored fixture wrote to its fd 0 is on the second pair.
+    let mut said = Vec::new();
+    let fd = std::os::fd::AsFd::as_fd(&second);
+    let line = "said through the restorer's terminal";
+    wait_until("the fixture's line", Duration::from_secs(10), || {
+        let mut pfd = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+        if nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO).unwrap_or(0) > 0 {
+            let mut buf = [0u8; 256];
+            if let Ok(n) = nix::unistd::read(fd, &mut buf) {
+                said.extend_from_slice(&buf[..n]);
+            }
+        }
+        String::from_utf8_lossy(&said).contains(line)
+    });
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -605,6 +605,37 @@ pub fn resolve_in_flight(
     Ok(())
 }
 
+/// Every pseudo-terminal of the tree is one its master is outside of
+/// (masters are refused), which the restorer's stdio can stand in for
+/// only where the tree holds it at a stdio fd.
+pub fn check_terminals(table: &FileTable, images: &[ProcessImage], problems: &mut Vec<String>) {
+    for f in &table.files {
+        let FileKind::OuterTerminal { path, .. } = &f.kind else {
+            continue;
+        };
+        let at_stdio = images
+            .iter()
+            .flat_map(|p| p.fds.iter())
+            .any(|fd| fd.file == f.id && fd.fd <= 2);
+        if !at_stdio {
+            let holders: Vec<String> = images
+                .iter()
+                .flat_map(|p| {
+                    p.fds
+                        .iter()
+                        .filter(|fd| fd.file == f.id)
+                        .map(move |fd| format!("process {}: fd {}", p.pid, fd.fd))
+                })
+                .collect();
+            problems.push(format!(
+                "{}: terminal {path}, whose master is outside the tree, held at no stdio fd \
+                 (opened again by its path, it could be another's)",
+                holders.join(", ")
+            ));
+        }
+    }
+}
+
 /// The path a restore opens a file of this kind again by, if it does.
 fn reopened_by(kind: &FileKind) -> Option<&str> {
     match kind {
@@ -842,9 +873,26 @@ fn classify(
             path,
             deleted: deleted.then_some(owner),
         },
-        libc::S_IFCHR if !deleted => FileKind::CharDevice {
-            path,
-            rdev: meta.rdev(),
+        libc::S_IFCHR if !deleted => match libc::major(meta.rdev()) {
+            // /dev/ptmx (5:2) and the old BSD masters: opened again, a
+            // master makes a new pair, not this one with its number.
+            5 if libc::minor(meta.rdev()) == 2 => {
+                return problem(
+                    "a pseudo-terminal master: the pair it makes cannot be made again \
+                     with its number"
+                        .into(),
+                );
+            }
+            128..=135 => return problem("a pseudo-terminal master".into()),
+            // /dev/pts/N: opened again by its path, it could be another's.
+            136..=143 => FileKind::OuterTerminal {
+                path,
+                rdev: meta.rdev(),
+            },
+            _ => FileKind::CharDevice {
+                path,
+                rdev: meta.rdev(),
+            },
         },
         libc::S_IFIFO if !deleted => {
             let pipe = meta.ino();

@@ -609,6 +609,7 @@ pub(crate) fn take(
         );
     }
     files::check_unix_peers(&mut files, &mut problems);
+    files::check_terminals(&files, &images, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);

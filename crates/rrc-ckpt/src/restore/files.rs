@@ -189,15 +189,16 @@ impl FilePlan {
                 .collect();
             creator.insert(f.id, lca(&all));
             // One end in the tree and the other open outside it (an end
-            // whose other side is closed is just made and closed again).
-            if matches!(
+            // whose other side is closed is just made and closed again);
+            // a terminal whose master is outside.
+            let outer_pipe = matches!(
                 f.kind,
                 FileKind::Pipe {
                     peer_closed: false,
                     ..
                 }
-            ) && group.len() == 1
-            {
+            ) && group.len() == 1;
+            if outer_pipe || matches!(f.kind, FileKind::OuterTerminal { .. }) {
                 let slot = procs
                     .values()
                     .flat_map(|p| p.fds.iter())
@@ -310,6 +311,16 @@ pub fn create_owned(
                 )?;
                 held.insert(f.id, fd);
                 continue;
+            }
+            Some(None) if matches!(f.kind, FileKind::OuterTerminal { .. }) => {
+                return Err(rerr(
+                    pid,
+                    "terminal",
+                    format!(
+                        "open file {}: a terminal outside the tree held at no stdio fd",
+                        f.id
+                    ),
+                ));
             }
             Some(None) => {
                 tracing::warn!(
@@ -576,7 +587,28 @@ fn create(
                 .map_err(|e| rerr(pid, "recreate a deleted directory", format!("{path}: {e}")))?;
             fd
         }
-        FileKind::CharDevice { path, .. } => open_path(t, path, f.flags)?,
+        FileKind::CharDevice { path, rdev } => {
+            let fd = open_path(t, path, f.flags)?;
+            // The device the image names, not whatever is at its path now.
+            let found = fs::metadata(format!("/proc/{}/fd/{fd}", t.pid))
+                .map(|m| std::os::unix::fs::MetadataExt::rdev(&m));
+            if found.as_ref().ok() != Some(rdev) {
+                return Err(rerr(
+                    pid,
+                    "open a device",
+                    format!("{path} is not device {rdev:#x} ({found:?})"),
+                ));
+            }
+            fd
+        }
+        // Stood in for by the restorer's stdio (see `external`).
+        FileKind::OuterTerminal { path, .. } => {
+            return Err(rerr(
+                pid,
+                "terminal",
+                format!("{path}: a terminal outside the tree held at no stdio fd"),
+            ));
+        }
         FileKind::Fifo { path, pipe } => {
             // Held open read-write by the engine, the FIFO has a reader and
             // a writer, so the process's open cannot block or fail.
