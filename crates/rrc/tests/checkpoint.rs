@@ -976,6 +976,11 @@ fn a_namespace_file_held_open_is_refused_and_left_running() {
 }
 
 #[test]
+fn a_fuse_connection_is_refused_and_left_running() {
+    refused("unsupported_fuse", "a FUSE connection");
+}
+
+#[test]
 fn a_pseudo_terminal_master_is_refused_and_left_running() {
     refused("unsupported_pty_master", "a pseudo-terminal master");
 }

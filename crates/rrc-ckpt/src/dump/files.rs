@@ -605,6 +605,20 @@ pub fn resolve_in_flight(
     Ok(())
 }
 
+/// What an open file of misc device `minor` (major 10) is, if it is a
+/// thing of its own that opening the device again does not bring back.
+fn stateful_misc_device(minor: u32) -> Option<&'static str> {
+    Some(match minor {
+        200 => "a TUN/TAP interface (/dev/net/tun)",
+        229 => "a FUSE connection (/dev/fuse)",
+        232 => "a KVM handle (/dev/kvm)",
+        238 => "a vhost-net device (/dev/vhost-net)",
+        241 => "a vhost-vsock device (/dev/vhost-vsock)",
+        223 => "a uinput device (/dev/uinput)",
+        _ => return None,
+    })
+}
+
 /// Every pseudo-terminal of the tree is one its master is outside of
 /// (masters are refused), which the restorer's stdio can stand in for
 /// only where the tree holds it at a stdio fd.
@@ -889,6 +903,14 @@ fn classify(
                 path,
                 rdev: meta.rdev(),
             },
+            // Devices whose open file is a thing of its own (an interface,
+            // a file system's connection, a virtual machine...): opened
+            // again, the device gives a new one.
+            10 if let Some(what) = stateful_misc_device(libc::minor(meta.rdev())) => {
+                return problem(format!(
+                    "{what}: opened again, the device would give a new one, not this"
+                ));
+            }
             _ => FileKind::CharDevice {
                 path,
                 rdev: meta.rdev(),
