@@ -214,6 +214,9 @@ pub struct ProcessImage {
     pub child_subreaper: bool,
     pub thp_disable: bool,
     pub keepcaps: bool,
+    /// `PR_GET_SECUREBITS` (its keep-caps bit is `keepcaps`).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub securebits: u32,
 }
 
 /// The names of a UTS namespace.

@@ -48,6 +48,8 @@ pub(crate) mod pr {
     pub const SET_NAME: u64 = 15;
     pub const GET_NAME: u64 = 16;
     pub const CAPBSET_DROP: u64 = 24;
+    pub const GET_SECUREBITS: u64 = 27;
+    pub const SET_SECUREBITS: u64 = 28;
     pub const SET_TIMERSLACK: u64 = 29;
     pub const GET_TIMERSLACK: u64 = 30;
     pub const SET_THP_DISABLE: u64 = 41;

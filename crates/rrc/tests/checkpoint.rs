@@ -1058,6 +1058,11 @@ fn the_terminal_a_tree_was_started_from_is_the_restorers_after_restore() {
 }
 
 #[test]
+fn securebits_come_back_locked_with_the_capabilities_they_were_set_with() {
+    checkpoint_restore("securebits");
+}
+
+#[test]
 fn time_namespaces_of_the_tree_keep_their_clocks_and_members() {
     checkpoint_restore("timens");
 }

@@ -534,6 +534,7 @@ pub(crate) fn take(
             child_subreaper: ts.child_subreaper,
             thp_disable: ts.thp_disable,
             keepcaps: ts.keepcaps,
+            securebits: ts.securebits,
         });
     }
     for (host, lock) in std::mem::take(&mut files.locks) {

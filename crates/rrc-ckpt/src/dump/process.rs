@@ -130,6 +130,7 @@ pub struct ThreadsAndSignals {
     pub child_subreaper: bool,
     pub thp_disable: bool,
     pub keepcaps: bool,
+    pub securebits: u32,
 }
 
 fn u64_at(buf: &[u8], at: usize) -> u64 {
@@ -295,6 +296,7 @@ pub fn threads_and_signals(
     );
     let thp_i = b.push(nr::SYS_prctl, &[pr::GET_THP_DISABLE]);
     let keep_i = b.push(nr::SYS_prctl, &[pr::GET_KEEPCAPS]);
+    let secure_i = b.push(nr::SYS_prctl, &[pr::GET_SECUREBITS]);
     let r = inj.batch(pid, &b)?;
     let mut o = vec![0u8; at as usize];
     inj.read_scratch(OUT_AT, &mut o)?;
@@ -360,6 +362,7 @@ pub fn threads_and_signals(
     let child_subreaper = u64_at(&o, reaper_o as usize) & 0xffff_ffff != 0;
     let thp_disable = check_ok("prctl(PR_GET_THP_DISABLE)", pid, r[thp_i])? != 0;
     let keepcaps = check_ok("prctl(PR_GET_KEEPCAPS)", pid, r[keep_i])? != 0;
+    let securebits = check_ok("prctl(PR_GET_SECUREBITS)", pid, r[secure_i])? as u32;
     let shared_pending = sys::peek_siginfo(pid, true)
         .map_err(|e| Error::io(format!("shared pending signals of process {pid}"))(e))?
         .into_iter()
@@ -377,6 +380,7 @@ pub fn threads_and_signals(
         child_subreaper,
         thp_disable,
         keepcaps,
+        securebits,
     })
 }
 

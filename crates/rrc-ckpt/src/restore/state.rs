@@ -273,6 +273,46 @@ pub fn pending_signals(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     Ok(())
 }
 
+/// `SECBIT_*` (linux/securebits.h).
+mod secbit {
+    pub const KEEP_CAPS: u32 = 1 << 4;
+    /// Keep-caps locked and no ambient raise (with its lock): set last,
+    /// as they stop the restore's own steps.
+    pub const LATE: u32 = KEEP_CAPS | 1 << 5 | 1 << 6 | 1 << 7;
+    pub const CAP_SETPCAP: u32 = 8;
+}
+
+/// A `capset` data block (version 3) for these effective, permitted and
+/// inheritable sets.
+fn cap_data(eff: u64, prm: u64, inh: u64) -> Vec<u8> {
+    let mut data = Vec::with_capacity(24);
+    for half in 0..2 {
+        for set in [eff, prm, inh] {
+            data.extend_from_slice(&((set >> (32 * half)) as u32).to_ne_bytes());
+        }
+    }
+    data
+}
+
+/// Raises `p`'s ambient capabilities and sets its keep-caps flag.
+fn ambient_and_keepcaps(t: &mut Tracee, p: &ProcessImage, last: u64) -> Result<()> {
+    for cap in 0..=last {
+        if p.creds.cap_amb & (1 << cap) != 0 {
+            t.call(
+                "raise an ambient capability",
+                nr::SYS_prctl,
+                &[pr::CAP_AMBIENT, pr::CAP_AMBIENT_RAISE, cap, 0, 0],
+            )?;
+        }
+    }
+    t.call(
+        "prctl(PR_SET_KEEPCAPS)",
+        nr::SYS_prctl,
+        &[pr::SET_KEEPCAPS, u64::from(p.keepcaps)],
+    )
+    .map(drop)
+}
+
 /// The highest capability number this kernel knows.
 fn cap_last() -> u64 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -297,6 +337,23 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
             )?;
         }
     }
+    // Securebits that only change what exec and uid changes do to
+    // capabilities now, while every capability is there to set them:
+    // with them, the uid change below keeps the capabilities, which are
+    // set exactly after it anyway. Those that would stop the steps below
+    // (keep-caps locked, no ambient raise) come last.
+    let early = p.securebits & !secbit::LATE;
+    if early != 0 {
+        t.call(
+            "prctl(PR_SET_SECUREBITS)",
+            nr::SYS_prctl,
+            &[pr::SET_SECUREBITS, u64::from(early)],
+        )?;
+    }
+    let late = p.securebits & secbit::LATE & !secbit::KEEP_CAPS != 0;
+    // The sets the process works with until its own: its permitted set,
+    // and CAP_SETPCAP for the late securebits.
+    let working = c.cap_prm | if late { 1 << secbit::CAP_SETPCAP } else { 0 };
     let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
     let a = t.arg(&groups)?;
     t.call("setgroups", nr::SYS_setgroups, &[c.groups.len() as u64, a])?;
@@ -332,12 +389,7 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     let mut hdr = Vec::with_capacity(8);
     hdr.extend_from_slice(&CAP_V3.to_ne_bytes());
     hdr.extend_from_slice(&0i32.to_ne_bytes());
-    let mut data = Vec::with_capacity(24);
-    for half in 0..2 {
-        for set in [c.cap_eff, c.cap_prm, c.cap_inh] {
-            data.extend_from_slice(&((set >> (32 * half)) as u32).to_ne_bytes());
-        }
-    }
+    let data = cap_data(c.cap_eff, c.cap_prm, c.cap_inh);
     if c.uid[3] != c.uid[1] {
         // setresuid made the fs uid the effective one. setfsuid to another
         // id needs CAP_SETUID in the effective set, which a change away
@@ -345,34 +397,30 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
         // and the exact sets follow. Changing the fs uid from or to 0
         // changes the effective set, so the sets are set after it.
         let h = t.arg(&hdr)?;
-        let mut all = Vec::with_capacity(24);
-        for half in 0..2 {
-            for set in [c.cap_prm, c.cap_prm, c.cap_inh] {
-                all.extend_from_slice(&((set >> (32 * half)) as u32).to_ne_bytes());
-            }
-        }
-        let d = t.arg(&all)?;
+        let d = t.arg(&cap_data(working, working, c.cap_inh))?;
         let r = t.raw_on(t.pid, libc::SYS_capset, &[h, d])?;
         warn_failed(p.pid, "capabilities for the fs uid", r);
         set_fs_id(t, p.pid, libc::SYS_setfsuid, "fs uid", c.uid[3])?;
     }
+    if late {
+        // The ambient set and keep-caps before the securebits that lock
+        // them, with CAP_SETPCAP effective to set those.
+        let h = t.arg(&hdr)?;
+        let d = t.arg(&cap_data(working, working, c.cap_inh))?;
+        t.call("capset (to set securebits)", libc::SYS_capset, &[h, d])?;
+        ambient_and_keepcaps(t, p, last)?;
+        t.call(
+            "prctl(PR_SET_SECUREBITS)",
+            nr::SYS_prctl,
+            &[pr::SET_SECUREBITS, u64::from(p.securebits)],
+        )?;
+    }
     let h = t.arg(&hdr)?;
     let d = t.arg(&data)?;
     t.call("capset", libc::SYS_capset, &[h, d])?;
-    for cap in 0..=last {
-        if c.cap_amb & (1 << cap) != 0 {
-            t.call(
-                "raise an ambient capability",
-                nr::SYS_prctl,
-                &[pr::CAP_AMBIENT, pr::CAP_AMBIENT_RAISE, cap, 0, 0],
-            )?;
-        }
+    if !late {
+        ambient_and_keepcaps(t, p, last)?;
     }
-    t.call(
-        "prctl(PR_SET_KEEPCAPS)",
-        nr::SYS_prctl,
-        &[pr::SET_KEEPCAPS, u64::from(p.keepcaps)],
-    )?;
     if p.thp_disable {
         t.call(
             "prctl(PR_SET_THP_DISABLE)",
