@@ -171,7 +171,6 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
             messages,
         });
     }
-    // Last: the thread's mount namespace is its own from here on.
     let queues = if nested { Vec::new() } else { posix_queues()? };
     Ok(Namespace {
         objects,
@@ -182,40 +181,44 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
 }
 
 /// The POSIX message queues of the calling thread's IPC namespace, each
-/// open read-write and non-blocking. The namespace's queue file system is
-/// mounted where only this thread sees it: over /tmp in a mount namespace
-/// the thread makes for itself, private (nothing of it reaches ours) and
-/// gone with the thread.
+/// open read-write and non-blocking, read through a mount of the
+/// namespace's queue file system that is attached nowhere (made with
+/// `fsopen`/`fsmount`: no mount table is touched, and it goes with its
+/// fd).
 fn posix_queues() -> std::io::Result<Vec<(String, std::fs::File)>> {
-    use nix::mount::{MsFlags, mount};
-    use nix::sched::{CloneFlags, unshare};
-    use std::os::unix::fs::OpenOptionsExt;
-    unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS)?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
+    use rustix::fs::{Mode, OFlags, openat};
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsmount, fsopen,
+    };
+    let fs = fsopen("mqueue", FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_create(&fs)?;
+    let mnt = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_NOSUID
+            | MountAttrFlags::MOUNT_ATTR_NODEV
+            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
     )?;
-    let at = "/tmp";
-    mount(
-        Some("mqueue"),
-        at,
-        Some("mqueue"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
+    let dir = openat(
+        &mnt,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
     )?;
     let mut queues = Vec::new();
-    for entry in std::fs::read_dir(at)? {
+    for entry in rustix::fs::Dir::read_from(&dir)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(entry.path())?;
-        queues.push((name, file));
+        if name == "." || name == ".." {
+            continue;
+        }
+        let fd = openat(
+            &mnt,
+            entry.file_name(),
+            OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        queues.push((name, std::fs::File::from(fd)));
     }
     queues.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(queues)
