@@ -1356,6 +1356,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_queue_name_is_one_mq_open_takes() {
+        let long = format!("/{}", "q".repeat(255));
+        for good in ["/q", "/fx_mq.42", "/...", long.as_str()] {
+            assert!(PosixQueue::valid_name(good), "{good:?}");
+        }
+        let too_long = format!("/{}", "q".repeat(256));
+        for bad in [
+            "",
+            "/",
+            "q",
+            "/a/b",
+            "/.",
+            "/..",
+            "/a\0b",
+            "//",
+            too_long.as_str(),
+        ] {
+            assert!(!PosixQueue::valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bpf_instructions_pack_and_unpack_unchanged() {
         let i = libc::sock_filter {
             code: 0x15,

@@ -183,3 +183,42 @@ fn make(q: &PosixQueue, name: &str) -> std::io::Result<()> {
     }
     filled
 }
+
+#[cfg(test)]
+mod tests {
+    use super::check;
+    use crate::image::{Hex, Owner, PosixMessage, PosixQueue};
+
+    fn queue(max_messages: i64, message_size: i64, texts: &[&str]) -> PosixQueue {
+        PosixQueue {
+            name: "/q".into(),
+            deleted: false,
+            max_messages,
+            message_size,
+            owner: Owner {
+                uid: 0,
+                gid: 0,
+                mode: 0o600,
+            },
+            messages: texts
+                .iter()
+                .map(|t| PosixMessage {
+                    priority: 1,
+                    text: Hex(t.as_bytes().to_vec()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_image_queue_must_hold_what_its_limits_allow() {
+        assert!(check(&queue(2, 4, &["ab", ""])).is_ok());
+        assert!(check(&queue(1, 4, &["ab", "cd"])).is_err(), "too many");
+        assert!(check(&queue(2, 1, &["ab"])).is_err(), "too long");
+        assert!(check(&queue(0, 4, &[])).is_err(), "no room");
+        assert!(check(&queue(2, -1, &[])).is_err(), "negative size");
+        let mut bad = queue(2, 4, &[]);
+        bad.name = "/a/b".into();
+        assert!(check(&bad).is_err(), "a name with a slash");
+    }
+}
