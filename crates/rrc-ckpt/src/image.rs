@@ -668,6 +668,9 @@ pub enum ShmemKind {
         key: i32,
         shmid: i32,
         mode: u32,
+        /// The process of the tree that made it, if one did (`shm_cpid`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        creator: Option<i32>,
     },
 }
 

@@ -522,6 +522,12 @@ fn ps_record(name: &str) -> serde_json::Value {
 /// restores the container once it is ready, and expects its checks to
 /// pass.
 fn fixture_moves_in_a_container(fixture: &str, args: &[&str]) {
+    fixture_moves_in_a_container_as(fixture, args, false)
+}
+
+/// As [`fixture_moves_in_a_container`], the fixture the child of a shell
+/// (the container's first process) with `under_shell`.
+fn fixture_moves_in_a_container_as(fixture: &str, args: &[&str], under_shell: bool) {
     require_root();
     let name = format!("fx{}{}", fixture.replace('_', ""), std::process::id());
     let dir = scratch(&name);
@@ -535,9 +541,19 @@ fn fixture_moves_in_a_container(fixture: &str, args: &[&str]) {
         "--share",
         dir.to_str().unwrap(),
         "--",
-        bin.to_str().unwrap(),
     ];
-    run.extend_from_slice(args);
+    let script = format!(
+        "cd {} && {} {}; sleep 1000",
+        dir.display(),
+        bin.display(),
+        args.join(" ")
+    );
+    if under_shell {
+        run.extend_from_slice(&["/bin/sh", "-c", &script]);
+    } else {
+        run.push(bin.to_str().unwrap());
+        run.extend_from_slice(args);
+    }
     rrc(&run).ok();
     let log = ps_record(&name)["log"].as_str().unwrap().to_string();
     let said = |what: &str| {
@@ -554,7 +570,14 @@ fn fixture_moves_in_a_container(fixture: &str, args: &[&str]) {
     let restored = out.code == 0;
     let text = if restored {
         let init = ps_record(&name)["init"]["pid"].as_i64().unwrap();
-        nix_kill(init as i32, libc::SIGUSR1);
+        let fixture_pid = if under_shell {
+            let children =
+                std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+            children.split_whitespace().next().unwrap().parse().unwrap()
+        } else {
+            init
+        };
+        nix_kill(fixture_pid as i32, libc::SIGUSR1);
         said("PASS")
     } else {
         String::new()
@@ -631,4 +654,12 @@ fn a_containers_posix_message_queues_move_with_it() {
     // The container's IPC namespace dies with it: its queues are made
     // again in the new one, with their messages in order.
     fixture_moves_in_a_container("posix_mqueue", &[]);
+}
+
+#[test]
+fn a_segment_a_containers_second_process_made_is_made_by_it_again() {
+    // The fixture runs under a shell, the container's first process: its
+    // SysV segment is made again by it, so that it is the segment's
+    // creator again (shm_cpid), not the container's first process.
+    fixture_moves_in_a_container_as("mem_shared", &[], true);
 }

@@ -26,8 +26,9 @@ use crate::{procfs as pfs, sys};
 /// What a namespace holds, as a checkpoint keeps it.
 pub struct Namespace {
     pub objects: IpcObjects,
-    /// The mode of each shared memory segment, by id.
-    pub segment_modes: BTreeMap<i32, u32>,
+    /// Each shared memory segment's mode and creator (as our pid
+    /// namespace numbers it), by id.
+    pub segments: BTreeMap<i32, Segment>,
     /// The segments no process attaches (the root's namespace only).
     pub unattached: Vec<Unattached>,
     /// The POSIX message queues by name, each open read-write and
@@ -35,12 +36,21 @@ pub struct Namespace {
     pub queues: Vec<(String, std::fs::File)>,
 }
 
+/// What a namespace's listing says of a shared memory segment.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    pub mode: u32,
+    /// The process that made it (`shm_cpid`), as our pid namespace
+    /// numbers it.
+    pub creator: i32,
+}
+
 /// A shared memory segment no process attaches, with the file its
 /// contents are read from.
 pub struct Unattached {
     pub key: i32,
     pub id: i32,
-    pub mode: u32,
+    pub segment: Segment,
     pub file: std::fs::File,
 }
 
@@ -108,12 +118,16 @@ fn read(first: Pid, nested: bool) -> Read {
 
 /// The objects of the calling thread's IPC namespace.
 fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namespace> {
-    let mut segment_modes = BTreeMap::new();
+    let mut segments = BTreeMap::new();
     let mut unattached = Vec::new();
     for seg in listing("shm")? {
         let perm = seg.perm()?;
         let (id, key) = (perm.id, perm.key);
-        segment_modes.insert(id, perm.mode);
+        let segment = Segment {
+            mode: perm.mode,
+            creator: seg.get("cpid")? as i32,
+        };
+        segments.insert(id, segment);
         if nested {
             problems.push(format!(
                 "SysV shared memory segment {id} (key {key}) is in a nested IPC namespace, \
@@ -124,7 +138,7 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
                 Ok(file) => unattached.push(Unattached {
                     key,
                     id,
-                    mode: perm.mode,
+                    segment,
                     file,
                 }),
                 Err(e) => problems.push(format!(
@@ -174,7 +188,7 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
     let queues = if nested { Vec::new() } else { posix_queues()? };
     Ok(Namespace {
         objects,
-        segment_modes,
+        segments,
         unattached,
         queues,
     })
@@ -224,15 +238,17 @@ fn posix_queues() -> std::io::Result<Vec<(String, std::fs::File)>> {
     Ok(queues)
 }
 
-/// The mode of SysV segment `shmid` in the checkpointing process's own
-/// IPC namespace.
-pub fn own_segment_mode(shmid: i32) -> Option<u32> {
-    listing("shm")
+/// What the checkpointing process's own IPC namespace lists of SysV
+/// segment `shmid`.
+pub fn own_segment(shmid: i32) -> Option<Segment> {
+    let seg = listing("shm")
         .ok()?
         .into_iter()
-        .find(|seg| seg.get("shmid").ok() == Some(i64::from(shmid)))
-        .and_then(|seg| seg.perm().ok())
-        .map(|p| p.mode)
+        .find(|seg| seg.get("shmid").ok() == Some(i64::from(shmid)))?;
+    Some(Segment {
+        mode: seg.perm().ok()?.mode,
+        creator: seg.get("cpid").ok()? as i32,
+    })
 }
 
 /// One line of a `/proc/sysvipc` table, by column name.

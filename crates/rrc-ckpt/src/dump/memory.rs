@@ -434,6 +434,7 @@ pub(crate) fn classify(
                     key: *key,
                     shmid: m.inode as i32,
                     mode: 0,
+                    creator: None,
                 },
             )?;
             VmaKind::Shmem {
@@ -535,14 +536,32 @@ fn save_mapped(
 }
 
 impl ShmemTable {
-    /// Gives the SysV segments their modes as the tree's own IPC namespace
-    /// lists them (the checkpointing process reads another namespace's).
-    pub fn set_segment_modes(&mut self, modes: &BTreeMap<i32, u32>) {
+    /// Gives the SysV segments their modes and creators as the tree's own
+    /// IPC namespace lists them (the checkpointing process reads another
+    /// namespace's).
+    pub fn set_segments(&mut self, listed: &BTreeMap<i32, crate::dump::ipc::Segment>) {
         for obj in &mut self.objects {
-            if let ShmemKind::SysV { shmid, mode, .. } = &mut obj.kind
-                && let Some(m) = modes.get(shmid)
+            if let ShmemKind::SysV {
+                shmid,
+                mode,
+                creator,
+                ..
+            } = &mut obj.kind
+                && let Some(seg) = listed.get(shmid)
             {
-                *mode = *m;
+                *mode = seg.mode;
+                *creator = Some(seg.creator);
+            }
+        }
+    }
+
+    /// Numbers the SysV segments' creators as the tree does (they were
+    /// read as our pid namespace numbers them): a creator outside the tree
+    /// is none.
+    pub fn resolve_creators(&mut self, ns_of: &std::collections::BTreeMap<Pid, i32>) {
+        for obj in &mut self.objects {
+            if let ShmemKind::SysV { creator, .. } = &mut obj.kind {
+                *creator = creator.and_then(|host| ns_of.get(&Pid::from_raw(host)).copied());
             }
         }
     }
@@ -585,11 +604,15 @@ impl ShmemTable {
                 name,
                 seals: memfd_seals(&f),
             },
-            ShmemKind::SysV { key, shmid, .. } => ShmemKind::SysV {
-                key,
-                shmid,
-                mode: crate::dump::ipc::own_segment_mode(shmid).unwrap_or(0o600),
-            },
+            ShmemKind::SysV { key, shmid, .. } => {
+                let listed = crate::dump::ipc::own_segment(shmid);
+                ShmemKind::SysV {
+                    key,
+                    shmid,
+                    mode: listed.map_or(0o600, |s| s.mode),
+                    creator: listed.map(|s| s.creator),
+                }
+            }
             k => k,
         };
         self.objects.push(SharedMemory {
@@ -621,7 +644,8 @@ impl ShmemTable {
         let kind = ShmemKind::SysV {
             key: seg.key,
             shmid: seg.id,
-            mode: seg.mode,
+            mode: seg.segment.mode,
+            creator: Some(seg.segment.creator),
         };
         self.open_object(&seg.file, kind, img)
     }

@@ -577,7 +577,7 @@ pub(crate) fn take(
             }
         };
         if !read.nested {
-            shmem.set_segment_modes(&ns.segment_modes);
+            shmem.set_segments(&ns.segments);
             for seg in &ns.unattached {
                 shmem.unattached_segment(seg, img)?;
             }
@@ -600,6 +600,7 @@ pub(crate) fn take(
         }
     }
     phases.ipc = ipc_waited.elapsed();
+    shmem.resolve_creators(&ns_of);
     // Queues are made in the namespace of the first process that has
     // one open: with more than one namespace, which one is a guess.
     if !own_ns.ipc.is_empty() && !files.queues.saved.is_empty() {

@@ -37,6 +37,9 @@ pub struct MemCtx<'a> {
     /// Where private anonymous memory is filled while the program runs
     /// (`None`: before it runs).
     pub lazy: Option<LazyPages>,
+    /// Which process makes each SysV segment, by object id
+    /// ([`sysv_makers`]).
+    pub sysv_makers: HashMap<usize, i32>,
 }
 
 impl MemCtx<'_> {
@@ -468,7 +471,7 @@ fn map_shmem(
             t.call("close a memfd", nr::SYS_close, &[fd])?;
         }
         ShmemKind::SysV { shmid, .. } => {
-            // Created (and filled) by the tree's root before anything else.
+            // Made (and filled) by its maker before any process maps it.
             if offset != 0 {
                 return Err(rerr(
                     pid,
@@ -490,13 +493,69 @@ fn map_shmem(
     Ok(())
 }
 
-/// Recreates every SysV segment of the image, with its key, id, mode and
-/// contents, from the tree's root (so it is their creator).
+/// Which process makes each SysV segment again, by object id: the one
+/// that made it (so that it is its creator again, `shm_cpid`) where it
+/// can, the root otherwise. It can if it is restored, not a zombie, in the
+/// root's IPC namespace (no process from it up to the root below the root
+/// has one of its own) and restored before every process that maps the
+/// segment (each is it or one of its descendants: a parent's memory is in
+/// place before its children are made).
+pub fn sysv_makers(
+    shmem: &[SharedMemory],
+    procs: &std::collections::BTreeMap<i32, ProcessImage>,
+    root: i32,
+) -> HashMap<usize, i32> {
+    // `p` and the processes above it, `p` first.
+    let lineage = |p: i32| {
+        std::iter::successors(Some(p), |q| procs.get(q).and_then(|q| q.parent))
+            .take(procs.len() + 1)
+            .collect::<Vec<i32>>()
+    };
+    let maps = |q: &ProcessImage, id: usize| {
+        q.vmas
+            .iter()
+            .any(|v| matches!(v.kind, VmaKind::Shmem { id: o, .. } if o == id))
+    };
+    let can_make = |c: i32, id: usize| {
+        let Some(p) = procs.get(&c) else {
+            return false;
+        };
+        let line = lineage(c);
+        p.zombie.is_none()
+            && line.last() == Some(&root)
+            && line
+                .iter()
+                .all(|q| *q == root || procs.get(q).is_some_and(|q| q.ipc.is_none()))
+            && procs
+                .values()
+                .filter(|q| maps(q, id))
+                .all(|q| lineage(q.pid).contains(&c))
+    };
+    shmem
+        .iter()
+        .filter_map(|obj| match obj.kind {
+            ShmemKind::SysV { creator, .. } => Some((
+                obj.id,
+                creator.filter(|&c| can_make(c, obj.id)).unwrap_or(root),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Recreates the SysV segments of the image `t` makes ([`sysv_makers`]),
+/// with their keys, ids, modes and contents.
 pub fn create_sysv_segments(t: &mut Tracee, ctx: &MemCtx) -> Result<()> {
     for obj in ctx.shmem {
-        let ShmemKind::SysV { key, shmid, mode } = obj.kind else {
+        let ShmemKind::SysV {
+            key, shmid, mode, ..
+        } = obj.kind
+        else {
             continue;
         };
+        if ctx.sysv_makers.get(&obj.id) != Some(&t.ns_pid) {
+            continue;
+        }
         let pid = t.ns_pid;
         // Still there (same host, same IPC namespace: segments outlive their
         // processes)? Then it is the very segment, contents and all.
@@ -952,6 +1011,70 @@ fn set_mm(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_segment_is_made_by_its_creator_when_that_is_restored_before_its_users() {
+        use crate::image::{IpcObjects, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
+        use std::collections::BTreeMap;
+        let process = |pid: i32, parent: Option<i32>, maps: bool| ProcessImage {
+            pid,
+            parent,
+            vmas: if maps {
+                vec![Vma {
+                    start: 0x1000,
+                    end: 0x2000,
+                    prot: 3,
+                    shared: true,
+                    kind: VmaKind::Shmem { id: 0, offset: 0 },
+                    flags: Vec::new(),
+                }]
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        let segment = |creator: Option<i32>| {
+            vec![SharedMemory {
+                id: 0,
+                kind: ShmemKind::SysV {
+                    key: 1,
+                    shmid: 0,
+                    mode: 0o600,
+                    creator,
+                },
+                size: 4096,
+                dev: 0,
+                ino: 0,
+                pages: Vec::new(),
+            }]
+        };
+        // 1 -> 2 -> 3; 2 and 3 map the segment.
+        let mut procs: BTreeMap<i32, ProcessImage> = [
+            process(1, None, false),
+            process(2, Some(1), true),
+            process(3, Some(2), true),
+        ]
+        .into_iter()
+        .map(|p| (p.pid, p))
+        .collect();
+        let maker = |shm: &[SharedMemory], procs: &BTreeMap<i32, ProcessImage>| {
+            sysv_makers(shm, procs, 1)[&0]
+        };
+        assert_eq!(maker(&segment(Some(2)), &procs), 2, "its creator");
+        assert_eq!(
+            maker(&segment(Some(3)), &procs),
+            1,
+            "2 maps it before 3 exists"
+        );
+        assert_eq!(maker(&segment(Some(9)), &procs), 1, "made outside the tree");
+        assert_eq!(maker(&segment(None), &procs), 1, "no creator known");
+        procs.get_mut(&2).unwrap().ipc = Some(IpcObjects::default());
+        assert_eq!(
+            maker(&segment(Some(2)), &procs),
+            1,
+            "2 has an IPC namespace of its own"
+        );
+    }
 
     const P: u64 = PAGE_SIZE;
 

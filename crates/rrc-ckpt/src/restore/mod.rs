@@ -643,9 +643,8 @@ fn restore_process(
             mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m)?;
         }
     }
-    if pid == ctx.m.root {
-        mm::create_sysv_segments(&mut t, &ctx.mem)?;
-    }
+    // The SysV segments it made, before any process maps them.
+    mm::create_sysv_segments(&mut t, &ctx.mem)?;
     // A process sharing its parent's fd table leaves the table to the
     // parent, who arranges it once every child is made.
     if !p.shares_table() {
@@ -1031,6 +1030,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             // Inherited by every skeleton, for passing files in.
             transport: sockets::Transport::new()?,
             lazy: opts.lazy_pages.then(lazy::LazyPages::default),
+            sysv_makers: mm::sysv_makers(&m.shmem, &procs, m.root),
         },
         done: Vec::new(),
         orphan_sessions: orphan_sessions(&m, &procs),
