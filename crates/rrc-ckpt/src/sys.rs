@@ -1418,8 +1418,7 @@ pub fn mq_open(
     create: Option<(i64, i64)>,
 ) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
-    let bare = std::ffi::CString::new(name.trim_start_matches('/'))
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let bare = queue_name(name)?;
     // SAFETY: a zeroed mq_attr is valid.
     let mut attr: libc::mq_attr = unsafe { mem::zeroed() };
     // Close-on-exec set apart: given to mq_open, it would stay in the
@@ -1453,10 +1452,16 @@ pub fn mq_open(
 /// Removes the name of POSIX message queue `name` ("/name") in the calling
 /// thread's IPC namespace.
 pub fn mq_unlink(name: &str) -> io::Result<()> {
-    let bare = std::ffi::CString::new(name.trim_start_matches('/'))
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let bare = queue_name(name)?;
     // SAFETY: the name is a C string outliving the call.
     check(unsafe { libc::syscall(libc::SYS_mq_unlink, bare.as_ptr()) }).map(drop)
+}
+
+/// Queue name `name` ("/name") as the system calls take it: without its
+/// slash.
+fn queue_name(name: &str) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(name.trim_start_matches('/'))
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
 #[cfg(test)]

@@ -1062,16 +1062,24 @@ fn fanotify_group(pid: i32, lines: &[String]) -> std::result::Result<FileKind, S
     })
 }
 
+/// Process `pid`'s mount table as it sees it, each line split in words
+/// ("36 35 254:0 / / rw,relatime shared:1 - ext4 /dev/root rw": mount id,
+/// parent, device, root of the mount in its file system, mount point...).
+fn mount_table(pid: i32) -> std::io::Result<Vec<Vec<String>>> {
+    let mountinfo = crate::procfs::read_text(format!("/proc/{pid}/mountinfo"))?;
+    Ok(mountinfo
+        .lines()
+        .map(|l| l.split(' ').map(str::to_string).collect())
+        .collect())
+}
+
 /// The mount point, as process `pid` sees it, of the first of its mounts
 /// whose mountinfo line (split in words) `which` picks.
 fn mount_point(pid: i32, which: impl Fn(&[&str]) -> bool) -> std::io::Result<String> {
-    let mountinfo = crate::procfs::read_text(format!("/proc/{pid}/mountinfo"))?;
-    // "36 35 254:0 / / rw,relatime shared:1 - ext4 /dev/root rw"
-    mountinfo
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|w| which(w))
-        .and_then(|w| w.get(4).map(|s| s.to_string()))
+    mount_table(pid)?
+        .into_iter()
+        .find(|w| which(&w.iter().map(String::as_str).collect::<Vec<_>>()))
+        .and_then(|mut w| (w.len() > 4).then(|| w.swap_remove(4)))
         .ok_or_else(|| std::io::Error::other("no such mount in its mount table"))
 }
 
@@ -1117,14 +1125,12 @@ fn watched_path(
     handle: &[u8],
 ) -> std::io::Result<(String, (u64, u64))> {
     let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
-    let mountinfo = crate::procfs::read_text(format!("/proc/{pid}/mountinfo"))?;
-    // "36 35 254:0 /srv/x /mnt rw,relatime shared:1 - ext4 /dev/root rw":
+    let table = mount_table(pid)?;
     // (root of the mount in its file system, where it is mounted).
-    let mounts: Vec<(&str, &str)> = mountinfo
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .filter(|w| w.get(2) == Some(&dev.as_str()))
-        .filter_map(|w| Some((*w.get(3)?, *w.get(4)?)))
+    let mounts: Vec<(&str, &str)> = table
+        .iter()
+        .filter(|w| w.get(2) == Some(&dev))
+        .filter_map(|w| Some((w.get(3)?.as_str(), w.get(4)?.as_str())))
         .collect();
     let &(via_root, via_point) = mounts
         .first()

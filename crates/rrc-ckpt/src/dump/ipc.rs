@@ -123,10 +123,7 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
     for seg in listing("shm")? {
         let perm = seg.perm()?;
         let (id, key) = (perm.id, perm.key);
-        let segment = Segment {
-            mode: perm.mode,
-            creator: seg.get("cpid")? as i32,
-        };
+        let segment = seg.segment()?;
         segments.insert(id, segment);
         if nested {
             problems.push(format!(
@@ -241,14 +238,12 @@ fn posix_queues() -> std::io::Result<Vec<(String, std::fs::File)>> {
 /// What the checkpointing process's own IPC namespace lists of SysV
 /// segment `shmid`.
 pub fn own_segment(shmid: i32) -> Option<Segment> {
-    let seg = listing("shm")
+    listing("shm")
         .ok()?
         .into_iter()
-        .find(|seg| seg.get("shmid").ok() == Some(i64::from(shmid)))?;
-    Some(Segment {
-        mode: seg.perm().ok()?.mode,
-        creator: seg.get("cpid").ok()? as i32,
-    })
+        .find(|seg| seg.get("shmid").ok() == Some(i64::from(shmid)))?
+        .segment()
+        .ok()
 }
 
 /// One line of a `/proc/sysvipc` table, by column name.
@@ -260,6 +255,14 @@ impl Row {
             .get(column)
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| bad(format!("no number in column {column}")))
+    }
+
+    /// A shared memory segment's row: its mode and creator.
+    fn segment(&self) -> std::io::Result<Segment> {
+        Ok(Segment {
+            mode: self.perm()?.mode,
+            creator: self.get("cpid")? as i32,
+        })
     }
 
     fn perm(&self) -> std::io::Result<IpcPerm> {

@@ -312,24 +312,16 @@ pub fn create_owned(
                 held.insert(f.id, fd);
                 continue;
             }
-            Some(None) if matches!(f.kind, FileKind::OuterTerminal { .. }) => {
-                return Err(rerr(
-                    pid,
-                    "terminal",
-                    format!(
-                        "open file {}: a terminal outside the tree held at no stdio fd",
-                        f.id
-                    ),
-                ));
-            }
-            Some(None) => {
+            // A terminal held at no stdio fd goes on to `create`, which
+            // refuses it.
+            Some(None) if matches!(f.kind, FileKind::Pipe { .. }) => {
                 tracing::warn!(
                     pid,
                     file = f.id,
                     "a pipe to a process outside the tree is restored unconnected"
                 );
             }
-            None => {}
+            Some(None) | None => {}
         }
         if let FileKind::Pipe { pipe, .. } = f.kind {
             let (rd, wr) = make_pipe(t, m, img, f, pipe)?;
@@ -601,7 +593,8 @@ fn create(
             }
             fd
         }
-        // Stood in for by the restorer's stdio (see `external`).
+        // Stood in for by the restorer's stdio (see `external`), where
+        // the tree held it at a stdio fd.
         FileKind::OuterTerminal { path, .. } => {
             return Err(rerr(
                 pid,
