@@ -194,6 +194,7 @@ fn memory_round(rrc: &Path, mb: usize, work: &Path) -> Result<CkptResult> {
 
     let report = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
         root: pid,
+        aio_idle: false,
         images: &images,
         leave_running: true,
         annotations: Default::default(),
@@ -314,6 +315,7 @@ fn redis_measure(
     let addr = format!("127.0.0.1:{port}").parse()?;
     let report = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
         root: pid,
+        aio_idle: false,
         images,
         leave_running: false,
         annotations: Default::default(),

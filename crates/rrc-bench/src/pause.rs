@@ -319,6 +319,7 @@ fn measure(
                 let cpu0 = self_cpu();
                 let r = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
                     root: s.pid,
+                    aio_idle: false,
                     images: &dir,
                     leave_running: true,
                     annotations: Default::default(),
@@ -340,6 +341,7 @@ fn measure(
             let series = SeriesDir::create(&dir, false)?;
             let mut inc = Incremental::new(IncrementalOptions {
                 root: s.pid,
+                aio_idle: false,
                 annotations: Default::default(),
                 copy,
             });

@@ -616,6 +616,94 @@ pub enum VmaKind {
     VvarVclock,
     /// `[vsyscall]`: fixed by the kernel, nothing to do.
     Vsyscall,
+    /// The completion ring of a Linux AIO context (`io_setup`), whose
+    /// handle is the mapping's address; `id` is its place in the process's
+    /// table of contexts. It holds `nr` events; the kernel has written up
+    /// to `tail`, the program has read up to `head`, and `events` are those
+    /// in between, in ring order (32 bytes each).
+    AioRing {
+        id: u32,
+        nr: u32,
+        head: u32,
+        tail: u32,
+        events: Hex,
+    },
+}
+
+/// The layout of an AIO completion ring (`struct aio_ring` of
+/// `linux/aio.h`, followed by its `struct io_event`s), defined here only.
+pub mod aio_ring {
+    /// Bytes of the ring's header.
+    pub const HEADER: usize = 32;
+    /// Bytes of one event.
+    pub const EVENT: usize = 32;
+    /// `aio_ring::magic`.
+    pub const MAGIC: u32 = 0xa10a_10a1;
+    /// Offsets of the header's fields.
+    pub const ID: usize = 0;
+    pub const NR: usize = 4;
+    pub const HEAD: usize = 8;
+    pub const TAIL: usize = 12;
+    pub const MAGIC_AT: usize = 16;
+    pub const COMPAT_AT: usize = 20;
+    pub const INCOMPAT_AT: usize = 24;
+    pub const HEADER_LENGTH_AT: usize = 28;
+
+    /// How many events a ring of `len` bytes holds.
+    pub fn capacity(len: u64) -> u64 {
+        len.saturating_sub(HEADER as u64) / EVENT as u64
+    }
+
+    /// The `nr_events` to give `io_setup` for a ring of `capacity` events:
+    /// the kernel makes that at least four per possible CPU, doubles it,
+    /// adds two, and fills the pages that needs (`aio_setup_ring`), so the
+    /// largest request that fits the same pages gives the same ring.
+    pub fn setup_request(capacity: u64) -> u64 {
+        capacity.saturating_sub(2) / 2
+    }
+
+    /// Contexts a process may have, and so the ids a ring may have (the
+    /// kernel's own bound is the machine's `fs.aio-max-nr` requests).
+    pub const MAX_CONTEXTS: u32 = 4096;
+
+    /// Whether a ring of `len` bytes recorded as `id`, `nr`, `head`, `tail`
+    /// with `events` bytes of pending events is one the kernel makes; what
+    /// is wrong with it if not.
+    pub fn check(
+        len: u64,
+        id: u32,
+        nr: u32,
+        head: u32,
+        tail: u32,
+        events: usize,
+    ) -> Result<(), String> {
+        if u64::from(nr) != capacity(len) || nr < 2 || head >= nr || tail >= nr {
+            return Err(format!(
+                "an AIO ring of {len} bytes has nr {nr}, head {head}, tail {tail}"
+            ));
+        }
+        if id >= MAX_CONTEXTS {
+            return Err(format!(
+                "an AIO ring has id {id}: more than {MAX_CONTEXTS} contexts"
+            ));
+        }
+        let pending = pending(nr, head, tail);
+        if events as u64 != pending * EVENT as u64 {
+            return Err(format!(
+                "an AIO ring with {pending} events pending has {events} bytes of them"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Unreaped events from `head` to `tail` in a ring of `nr`.
+    pub fn pending(nr: u32, head: u32, tail: u32) -> u64 {
+        if tail >= head {
+            u64::from(tail - head)
+        } else {
+            u64::from(nr).saturating_sub(u64::from(head)) + u64::from(tail)
+        }
+    }
 }
 
 /// A file's handle (`name_to_handle_at`) and the mount it was seen on.
@@ -1357,6 +1445,45 @@ pub fn unpack_bpf(v: u64) -> libc::sock_filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ring `io_setup(n)` makes, as `aio_setup_ring` sizes it.
+    fn kernel_ring(n: u64, cpus: u64) -> u64 {
+        let events = n.max(cpus * 4) * 2 + 2;
+        let pages = (aio_ring::HEADER as u64 + events * aio_ring::EVENT as u64).div_ceil(4096);
+        aio_ring::capacity(pages * 4096)
+    }
+
+    #[test]
+    fn an_aio_ring_is_made_again_with_its_size() {
+        for cpus in [1, 2, 8, 64] {
+            for n in 1..3000 {
+                let nr = kernel_ring(n, cpus);
+                let again = aio_ring::setup_request(nr);
+                assert_eq!(kernel_ring(again, cpus), nr, "io_setup({n}) on {cpus} CPUs");
+                assert!(again >= n, "no fewer requests than asked for");
+            }
+        }
+    }
+
+    #[test]
+    fn an_aio_ring_that_is_not_the_kernels_is_refused() {
+        use aio_ring::check;
+        let page = 4096;
+        assert!(check(page, 0, 127, 3, 1, 127 * 32 - 2 * 32).is_ok());
+        assert!(check(page, 0, 127, 5, 5, 0).is_ok());
+        assert!(check(page, 0, 126, 0, 0, 0).is_err(), "nr beyond the size");
+        assert!(
+            check(page, 0, 127, 127, 0, 0).is_err(),
+            "head out of the ring"
+        );
+        assert!(
+            check(page, 0, 127, 0, 200, 0).is_err(),
+            "tail out of the ring"
+        );
+        assert!(check(page, 0, 127, 0, 2, 32).is_err(), "events missing");
+        assert!(check(page, 5000, 127, 0, 0, 0).is_err(), "id out of bounds");
+        assert_eq!(aio_ring::pending(127, 200, 3), 3, "no wrap below zero");
+    }
 
     #[test]
     fn a_queue_name_is_one_mq_open_takes() {

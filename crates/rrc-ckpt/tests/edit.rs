@@ -38,6 +38,7 @@ fn checkpointed(tag: &str) -> (Fixture, std::path::PathBuf) {
     let images = dir.join("images");
     checkpoint(&CheckpointOptions {
         root: fx.pid,
+        aio_idle: false,
         images: &images,
         leave_running: true,
         annotations: BTreeMap::new(),
@@ -460,6 +461,7 @@ fn mutated_images_that_load_restore_or_are_refused_cleanly() {
     let images = dir.join("images");
     checkpoint(&CheckpointOptions {
         root: fx.pid,
+        aio_idle: false,
         images: &images,
         leave_running: false,
         annotations: BTreeMap::new(),

@@ -297,6 +297,7 @@ impl Container {
         }
         let opts = CheckpointOptions {
             root: self.init,
+            aio_idle: false,
             images,
             leave_running,
             annotations,

@@ -82,6 +82,7 @@ fn a_delta_cut_off_mid_transfer_leaves_the_committed_checkpoint() {
     let sleeper = Sleeper(Command::new("sleep").arg("100").spawn().unwrap());
     let mut inc = Incremental::new(IncrementalOptions {
         root: Pid::from_raw(sleeper.0.id() as i32),
+        aio_idle: false,
         annotations: Default::default(),
         copy: CopyMode::Direct,
     });

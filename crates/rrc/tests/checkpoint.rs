@@ -289,6 +289,11 @@ fn checkpoint_restore(name: &str) {
 /// Checkpoint (killing the original), wait `down`, restore, check; gives
 /// what the checkpoint said.
 fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
+    checkpoint_restore_with(name, down, &[])
+}
+
+/// As [`checkpoint_restore_after`], the checkpoint given `options` too.
+fn checkpoint_restore_with(name: &str, down: Duration, options: &[&str]) -> Out {
     require_root();
     become_subreaper();
     let dir = scratch(name);
@@ -297,7 +302,7 @@ fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
     let images = dir.join("images");
     let pid = run.pid.to_string();
     let before = outside_view(run.pid);
-    let said = checkpoint_and_reap(&mut run, &images);
+    let said = checkpoint_and_reap_with(&mut run, &images, options);
     std::thread::sleep(down);
     let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
@@ -346,17 +351,30 @@ fn checkpoint_restore_after(name: &str, down: Duration) -> Out {
 /// `rrc checkpoint --pid` of a running fixture, which kills it; the
 /// original is reaped so that its pid is free again.
 fn checkpoint_and_reap(run: &mut Running, images: &Path) -> Out {
+    checkpoint_and_reap_with(run, images, &[])
+}
+
+/// As [`checkpoint_and_reap`], the checkpoint given `options` too.
+fn checkpoint_and_reap_with(run: &mut Running, images: &Path, options: &[&str]) -> Out {
     let pid = run.pid.to_string();
     let tree = tree_of(run.pid);
-    let out = rrc(&[
+    let mut args = vec![
         "checkpoint",
         "--pid",
         &pid,
         "--images",
         images.to_str().unwrap(),
-    ])
-    .ok();
+    ];
+    args.extend_from_slice(options);
+    let out = rrc(&args).ok();
     assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    reap_killed(run, &tree);
+    out
+}
+
+/// Reaps the killed original of `run` (so that its pid is free again) and
+/// waits for the rest of its `tree` to be gone.
+fn reap_killed(run: &mut Running, tree: &[Pid]) {
     // Reap the original so its pid is free again (another test's
     // [`reap_orphans`] may have reaped it first: its status is then in
     // REAPED).
@@ -389,7 +407,6 @@ fn checkpoint_and_reap(run: &mut Running, images: &Path) -> Out {
         tree.iter()
             .all(|p| !Path::new(&format!("/proc/{p}")).exists())
     });
-    out
 }
 
 /// `rrc restore --lazy-pages`: the program runs before its memory is in
@@ -963,6 +980,50 @@ fn posix_message_queues_keep_their_messages_limits_and_descriptions() {
     // In the host's IPC namespace the queue outlives the killed tree and
     // is found again by its name; the unlinked one is made again.
     checkpoint_restore("posix_mqueue");
+}
+
+/// The default refuses them ([`linux_aio_is_refused_by_name_and_left_running`]).
+#[test]
+fn aio_contexts_with_unread_and_wrapped_completions_come_back_with_aio_idle() {
+    checkpoint_restore_with("aio", Duration::ZERO, &["--aio-idle"]);
+}
+
+/// A series carries them too: each checkpoint reads the rings again, and
+/// the last one restores them.
+#[test]
+fn aio_contexts_come_back_from_the_last_checkpoint_of_a_series() {
+    require_root();
+    become_subreaper();
+    let dir = scratch("aio_series");
+    let bin = build("aio", &dir);
+    let mut run = start(&bin, &dir);
+    let series = dir.join("series");
+    let pid = run.pid.to_string();
+    let tree = tree_of(run.pid);
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        series.to_str().unwrap(),
+        "--every",
+        "50ms",
+        "--count",
+        "3",
+        "--aio-idle",
+    ])
+    .ok();
+    assert!(out.stdout.contains("3 checkpoints"), "{out:?}");
+    kill(run.pid, Signal::SIGKILL).unwrap();
+    reap_killed(&mut run, &tree);
+    let out = rrc(&["restore", "--images", series.to_str().unwrap()]).ok();
+    assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
+    let (code, log) = run.verdict();
+    assert!(
+        code == 0 && log.trim_end().ends_with("PASS"),
+        "aio after a series: exit {code}\n{log}"
+    );
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]

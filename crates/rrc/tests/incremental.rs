@@ -330,6 +330,7 @@ fn churn(tag: &str, copy: CopyMode, epochs: u64) {
     SeriesDir::create(&series, true).unwrap();
     let mut inc = Incremental::new(IncrementalOptions {
         root: run.pid(),
+        aio_idle: false,
         annotations: Default::default(),
         copy,
     });
@@ -359,6 +360,7 @@ fn churn(tag: &str, copy: CopyMode, epochs: u64) {
     let full = run.dir.join("full");
     rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
         root: run.pid(),
+        aio_idle: false,
         images: &full,
         leave_running: true,
         annotations: Default::default(),
@@ -411,6 +413,7 @@ fn series_with_deltas(run: &Churn, series: &Path, epochs: u64, seed: u64, n: u32
     SeriesDir::create(series, true).unwrap();
     let mut inc = Incremental::new(IncrementalOptions {
         root: run.pid(),
+        aio_idle: false,
         annotations: Default::default(),
         copy: CopyMode::Auto,
     });
@@ -431,6 +434,7 @@ fn a_missing_corrupt_or_repeated_delta_is_refused() {
     SeriesDir::create(&other, true).unwrap();
     let mut inc2 = Incremental::new(IncrementalOptions {
         root: run.pid(),
+        aio_idle: false,
         annotations: Default::default(),
         copy: CopyMode::Auto,
     });
@@ -607,6 +611,7 @@ fn a_connection_not_yet_accepted_defers_a_checkpoint_without_ending_the_series()
         .expect("a port");
     let mut inc = Incremental::new(IncrementalOptions {
         root: pid,
+        aio_idle: false,
         annotations: Default::default(),
         copy: CopyMode::Direct,
     });
@@ -617,6 +622,7 @@ fn a_connection_not_yet_accepted_defers_a_checkpoint_without_ending_the_series()
     // A checkpoint that kills the tree is refused the same way.
     let once = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
         root: pid,
+        aio_idle: false,
         images: &dir.join("once"),
         leave_running: false,
         annotations: Default::default(),

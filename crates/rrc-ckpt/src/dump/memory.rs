@@ -458,16 +458,13 @@ pub(crate) fn classify(
                     offset: m.offset,
                 }
             } else if s.starts_with("/[aio]") {
-                // The ring of an AIO context. The ring could be made
-                // again, but requests still in flight (a poll waits for as
-                // long as its file stays quiet) are nowhere to be seen from
-                // user space: a restored context would lose them silently.
-                problems.push(problem(
-                    "uses Linux AIO (io_setup): requests in flight in its context cannot be \
-                     seen from user space, so it cannot be restored without losing them"
-                        .into(),
-                ));
-                return Ok(None);
+                match aio_ring(pid, start, end)? {
+                    Ok(ring) => ring,
+                    Err(what) => {
+                        problems.push(problem(what));
+                        return Ok(None);
+                    }
+                }
             } else if let Some(path) = s.strip_prefix('/').and(s.strip_suffix(" (deleted)")) {
                 match save_mapped(pid, m, dev, img, shmem)? {
                     Some(owner) => VmaKind::File {
@@ -503,6 +500,43 @@ pub(crate) fn classify(
             problems.push(problem(format!("unsupported mapping kind {other:?}")));
             return Ok(None);
         }
+    }))
+}
+
+/// The completion ring of an AIO context mapped at `start`..`end`, or why
+/// it is not one this engine can make again. The kernel writes the ring;
+/// a header it did not write (or a process that rewrote it) is refused.
+fn aio_ring(pid: Pid, start: u64, end: u64) -> Result<std::result::Result<VmaKind, String>> {
+    use crate::image::aio_ring::*;
+    let mut header = [0u8; HEADER];
+    crate::procmem::read(pid, start, &mut header)?;
+    let word = |at: usize| u32::from_ne_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let (id, nr, head, tail) = (word(ID), word(NR), word(HEAD), word(TAIL));
+    let count = pending(nr, head, tail) as usize;
+    let kernels = word(MAGIC_AT) == MAGIC
+        && word(COMPAT_AT) == 1
+        && word(INCOMPAT_AT) == 0
+        && word(HEADER_LENGTH_AT) as usize == HEADER;
+    if !kernels {
+        return Ok(Err(
+            "an AIO ring whose header is not the kernel's (written over by the program?)".into(),
+        ));
+    }
+    if let Err(what) = check(end - start, id, nr, head, tail, count * EVENT) {
+        return Ok(Err(format!("{what}: not a ring the kernel makes")));
+    }
+    let mut events = vec![0u8; count * EVENT];
+    // In ring order: from head to the end, then from the start.
+    let first = count.min((nr - head) as usize);
+    let at = |slot: u32| start + (HEADER + slot as usize * EVENT) as u64;
+    crate::procmem::read(pid, at(head), &mut events[..first * EVENT])?;
+    crate::procmem::read(pid, at(0), &mut events[first * EVENT..])?;
+    Ok(Ok(VmaKind::AioRing {
+        id,
+        nr,
+        head,
+        tail,
+        events: crate::image::Hex(events),
     }))
 }
 

@@ -23,7 +23,9 @@ use crate::common::{self, cpu_info, kernel_release};
 use crate::dump::inject::Injector;
 use crate::dump::memory::{MemoryDump, ShmemTable};
 use crate::dump::seize::SeizedProcess;
-use crate::image::{Exit, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION};
+use crate::image::{
+    Exit, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION, Vma, VmaKind,
+};
 use crate::{Error, Result, sys};
 
 pub struct CheckpointOptions<'a> {
@@ -33,6 +35,10 @@ pub struct CheckpointOptions<'a> {
     /// Let the tree go on running afterwards instead of killing it.
     pub leave_running: bool,
     pub annotations: BTreeMap<String, serde_json::Value>,
+    /// The caller vouches that no Linux AIO request of the tree is in
+    /// flight when it is stopped (see [`refuse_aio`]); its AIO contexts
+    /// are then saved, else refused.
+    pub aio_idle: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -180,6 +186,7 @@ pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<Check
             root: opts.root,
             leave_running: opts.leave_running,
             annotations: opts.annotations.clone(),
+            aio_idle: opts.aio_idle,
             series: None,
             exclude: &[],
             shmem_limits: &extras.shmem_limits,
@@ -196,11 +203,32 @@ pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<Check
     result
 }
 
+/// Refuses the AIO contexts among `vmas` (of process `pid`). A context's
+/// ring shows the completions the program has not read yet, but requests
+/// still in flight (a poll waits for as long as its file stays quiet, a
+/// direct read for its device) are nowhere to be seen from user space: a
+/// restored context would lose them without a word. Only the caller can
+/// know there are none.
+fn refuse_aio(pid: Pid, vmas: &[Vma], problems: &mut Vec<String>) {
+    for v in vmas {
+        if let VmaKind::AioRing { .. } = v.kind {
+            problems.push(format!(
+                "process {pid}: mapping {:#x}-{:#x}: uses Linux AIO (io_setup): requests in \
+                 flight in its context cannot be seen from user space and would be lost (if the \
+                 program never has one in flight when checkpointed, `rrc checkpoint --pid \
+                 --aio-idle` carries its contexts)",
+                v.start, v.end
+            ));
+        }
+    }
+}
+
 /// What one checkpoint of a tree is to do.
 pub(crate) struct Take<'a> {
     pub root: Pid,
     pub leave_running: bool,
     pub annotations: BTreeMap<String, serde_json::Value>,
+    pub aio_idle: bool,
     /// For a checkpoint of a series: this one and the one it follows (none
     /// for the first). Its files then get checksums.
     pub series: Option<(Lineage, Option<Lineage>)>,
@@ -436,6 +464,9 @@ pub(crate) fn take(
             problems: &mut problems,
         })?;
         inj.finish()?;
+        if !t.aio_idle {
+            refuse_aio(p.pid, &mem.vmas, &mut problems);
+        }
         let t2 = Instant::now();
         let fds = files::dump(p.pid, img, &mut files, &mut shmem, &unix, &mut problems)?;
         let table = tables.get(&p.pid).copied();

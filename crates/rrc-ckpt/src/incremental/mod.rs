@@ -33,12 +33,15 @@ pub struct IncrementalOptions {
     pub root: Pid,
     pub annotations: BTreeMap<String, serde_json::Value>,
     pub copy: CopyMode,
+    /// As [`crate::dump::CheckpointOptions::aio_idle`].
+    pub aio_idle: bool,
 }
 
 /// A series of checkpoints of one tree, taken one after the other.
 pub struct Incremental {
     root: Pid,
     annotations: BTreeMap<String, serde_json::Value>,
+    aio_idle: bool,
     series: String,
     next_epoch: u64,
     last: Option<Lineage>,
@@ -107,6 +110,7 @@ impl Incremental {
         Incremental {
             root: opts.root,
             annotations: opts.annotations,
+            aio_idle: opts.aio_idle,
             series: new_series_id(),
             next_epoch: 0,
             last: None,
@@ -163,6 +167,7 @@ impl Incremental {
                 root: self.root,
                 leave_running: true,
                 annotations: self.annotations.clone(),
+                aio_idle: self.aio_idle,
                 series: Some((lineage.clone(), self.last.clone())),
                 exclude: &exclude,
                 shmem_limits: &self.shmem_limits,

@@ -10,11 +10,11 @@ use nix::unistd::Pid;
 use crate::image::{ImageDir, PageRun, ProcessImage, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::PAGE_SIZE;
 use crate::remote::Batch;
-use crate::restore::cow;
 use crate::restore::files::{GhostDir, Ghosts};
 use crate::restore::lazy::LazyPages;
 use crate::restore::sockets::Transport;
 use crate::restore::tracee::{SCRATCH_SIZE, Tracee};
+use crate::restore::{aio, cow};
 use crate::{Error, Result, nr};
 
 /// The highest user address of a 47-bit address space.
@@ -240,6 +240,8 @@ pub fn replace(
             }) as u64;
         match &v.kind {
             VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => continue,
+            // Made by the kernel, once the rest is in place.
+            VmaKind::AioRing { .. } => continue,
             VmaKind::Anon if kept.binary_search(&(v.start, v.end)).is_ok() => {
                 if map_prot != v.prot {
                     maps.push((
@@ -374,6 +376,7 @@ pub fn replace(
 
     let lazy = ctx.lazy.as_ref().filter(|_| lazy);
     fill_memory(t, p, ctx.img, parent.map(|q| (q, kept.as_slice())), lazy)?;
+    aio::make_rings(t, &p.vmas)?;
 
     let mut protect = Batch::new();
     for v in &fix_prot {

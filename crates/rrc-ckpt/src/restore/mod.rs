@@ -10,6 +10,7 @@
 //! threads stay stopped until the whole tree is ready; then every thread
 //! gets its registers back and is let go.
 
+mod aio;
 mod cow;
 mod files;
 mod ipc;
@@ -207,6 +208,23 @@ fn check_sizes(
                     v.start, v.end
                 ),
             });
+        }
+        for v in &p.vmas {
+            if let crate::image::VmaKind::AioRing {
+                id,
+                nr,
+                head,
+                tail,
+                events,
+            } = &v.kind
+            {
+                let len = v.end - v.start;
+                crate::image::aio_ring::check(len, *id, *nr, *head, *tail, events.0.len())
+                    .map_err(|what| Error::CorruptImage {
+                        path: img.file(&ImageDir::process_name(*pid)),
+                        detail: format!("process {pid}, mapping at {:#x}: {what}", v.start),
+                    })?;
+            }
         }
     }
     for obj in &m.shmem {

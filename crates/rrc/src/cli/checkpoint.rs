@@ -17,8 +17,9 @@ use rrc_container::{ContainerName, HostState, Status};
 ///
 /// Every thread of the tree is stopped while its state is read; afterwards
 /// the tree is killed, or left running with --leave-running. Anything the
-/// engine cannot restore faithfully (io_uring, Linux AIO, perf events,
-/// ...) is reported by process and fd, and the tree is left untouched.
+/// engine cannot restore faithfully (io_uring, perf events, Linux AIO
+/// unless --aio-idle, ...) is reported by process and fd, and the tree is
+/// left untouched.
 ///
 /// With --every, checkpoints are taken periodically into a series
 /// directory while the tree runs on: the first is full, each later one
@@ -62,6 +63,13 @@ pub struct CheckpointArgs {
     /// measured (auto).
     #[arg(long, value_enum, default_value_t = Copy::Auto, requires = "every")]
     copy: Copy,
+    /// With --pid: the program never has a Linux AIO request in flight
+    /// when it is checkpointed (a poll waiting, a direct I/O unfinished),
+    /// so its AIO contexts can be saved: their rings, with the completions
+    /// not read yet, come back where they were. Requests in flight cannot
+    /// be seen from user space; without this the contexts are refused.
+    #[arg(long, requires = "pid")]
+    aio_idle: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -90,6 +98,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
         (Some(pid), _) => {
             let opts = CheckpointOptions {
                 root: Pid::from_raw(pid),
+                aio_idle: a.aio_idle,
                 images: &a.images,
                 leave_running: a.leave_running,
                 annotations: Default::default(),
@@ -267,6 +276,7 @@ fn tree_series(
     let mut inc =
         rrc_ckpt::incremental::Incremental::new(rrc_ckpt::incremental::IncrementalOptions {
             root: Pid::from_raw(pid),
+            aio_idle: a.aio_idle,
             annotations: Default::default(),
             copy: CopyChoice::from(a.copy).into(),
         });
