@@ -168,6 +168,7 @@ impl Container {
         record.net = spec.net.clone();
         record.root = spec.root.clone();
         record.share = spec.share.clone();
+        record.aio_idle = spec.aio_idle;
         let claim = host.claim(&record)?;
         let mut partial = Partial {
             claim: Some(claim),

@@ -55,7 +55,7 @@ impl EpochCheckpointer {
         rrc_ckpt::incremental::check_supported()?;
         let inc = Incremental::new(IncrementalOptions {
             root: c.init_pid(),
-            aio_idle: false,
+            aio_idle: c.record().aio_idle,
             annotations: c.annotations()?,
             copy,
         })

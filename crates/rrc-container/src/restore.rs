@@ -39,6 +39,9 @@ pub struct ContainerAnnotation {
     /// Host directories shared into its root (`rrc run --share`).
     #[serde(default)]
     pub share: Vec<PathBuf>,
+    /// `rrc run --aio-idle`: its next checkpoints save AIO contexts too.
+    #[serde(default)]
+    pub aio_idle: bool,
 }
 
 /// The annotation key of [`ContainerAnnotation`].
@@ -54,6 +57,7 @@ impl ContainerAnnotation {
             root: record.root.clone(),
             log: record.log.clone(),
             share: record.share.clone(),
+            aio_idle: record.aio_idle,
         }
     }
 
@@ -90,6 +94,8 @@ pub struct RestoreSpec {
     /// replay's log, capture and takeover socket, added by the caller):
     /// not the container's, so its next images do not ask for them.
     pub share_now: Vec<PathBuf>,
+    /// As it was started (see [`crate::state::ContainerRecord::aio_idle`]).
+    pub aio_idle: bool,
     /// TCP connections stay in repair mode (silent, their state as saved)
     /// for whoever takes them over; normally they go live.
     pub tcp_repair: bool,
@@ -137,6 +143,7 @@ impl RestoreSpec {
             log: ann.log,
             share: ann.share,
             share_now: Vec::new(),
+            aio_idle: ann.aio_idle,
             tcp_repair: false,
             lazy_pages: false,
         })
@@ -156,6 +163,7 @@ impl Container {
         record.net = spec.net.clone();
         record.root = spec.root.clone();
         record.share = spec.share.clone();
+        record.aio_idle = spec.aio_idle;
         let claim = host.claim(&record)?;
         let mut partial = Partial {
             claim: Some(claim),

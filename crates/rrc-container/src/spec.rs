@@ -244,6 +244,8 @@ pub struct ContainerSpec {
     /// Host directories bound into a private root at their own paths,
     /// writable (absolute, canonical).
     pub share: Vec<PathBuf>,
+    /// See [`crate::state::ContainerRecord::aio_idle`].
+    pub aio_idle: bool,
 }
 
 /// Finds `cmd` the way `execvp` will, so a typo is reported before a

@@ -90,6 +90,10 @@ pub struct ContainerRecord {
     /// Host directories shared into its root.
     #[serde(default)]
     pub share: Vec<PathBuf>,
+    /// Its program never has a Linux AIO request in flight when it is
+    /// checkpointed: its AIO contexts are saved, not refused.
+    #[serde(default)]
+    pub aio_idle: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +132,7 @@ impl ContainerRecord {
             log: None,
             root: crate::rootfs::RootFs::Host,
             share: Vec::new(),
+            aio_idle: false,
         }
     }
 

@@ -297,7 +297,7 @@ impl Container {
         }
         let opts = CheckpointOptions {
             root: self.init,
-            aio_idle: false,
+            aio_idle: self.record.aio_idle,
             images,
             leave_running,
             annotations,

@@ -528,6 +528,17 @@ fn fixture_moves_in_a_container(fixture: &str, args: &[&str]) {
 /// As [`fixture_moves_in_a_container`], the fixture the child of a shell
 /// (the container's first process) with `under_shell`.
 fn fixture_moves_in_a_container_as(fixture: &str, args: &[&str], under_shell: bool) {
+    fixture_moves_in_a_container_with(fixture, args, under_shell, &[])
+}
+
+/// As [`fixture_moves_in_a_container_as`], the container run with
+/// `run_options` too.
+fn fixture_moves_in_a_container_with(
+    fixture: &str,
+    args: &[&str],
+    under_shell: bool,
+    run_options: &[&str],
+) {
     require_root();
     let name = format!("fx{}{}", fixture.replace('_', ""), std::process::id());
     let dir = scratch(&name);
@@ -540,8 +551,9 @@ fn fixture_moves_in_a_container_as(fixture: &str, args: &[&str], under_shell: bo
         &name,
         "--share",
         dir.to_str().unwrap(),
-        "--",
     ];
+    run.extend_from_slice(run_options);
+    run.push("--");
     let script = format!(
         "cd {} && {} {}; sleep 1000",
         dir.display(),
@@ -589,6 +601,13 @@ fn fixture_moves_in_a_container_as(fixture: &str, args: &[&str], under_shell: bo
     let _ = std::fs::remove_file(&log);
     assert!(restored, "checkpoint or restore failed: {out:?}");
     assert!(text.contains("PASS") && !text.contains("FAIL"), "{text}");
+}
+
+#[test]
+fn a_container_run_with_aio_idle_moves_with_its_aio_contexts() {
+    // The container said at its start that its program has no AIO request
+    // in flight when checkpointed: its contexts move with it.
+    fixture_moves_in_a_container_with("aio", &[], false, &["--aio-idle"]);
 }
 
 #[test]

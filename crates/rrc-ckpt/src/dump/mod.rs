@@ -216,7 +216,7 @@ fn refuse_aio(pid: Pid, vmas: &[Vma], problems: &mut Vec<String>) {
                 "process {pid}: mapping {:#x}-{:#x}: uses Linux AIO (io_setup): requests in \
                  flight in its context cannot be seen from user space and would be lost (if the \
                  program never has one in flight when checkpointed, `rrc checkpoint --pid \
-                 --aio-idle` carries its contexts)",
+                 --aio-idle`, or `rrc run --aio-idle` for a container, carries its contexts)",
                 v.start, v.end
             ));
         }

@@ -76,6 +76,13 @@ pub struct ContainerArgs {
     /// more. Only with a private root: the host's root shows everything.
     #[arg(long, value_name = "DIR")]
     share: Vec<std::path::PathBuf>,
+    /// The program never has a Linux AIO request in flight when it is
+    /// checkpointed (a poll waiting, a direct I/O unfinished): its AIO
+    /// contexts are saved with every checkpoint, and so with its restores
+    /// and takeovers. Requests in flight cannot be seen from user space;
+    /// without this a program using AIO cannot be checkpointed.
+    #[arg(long)]
+    aio_idle: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -148,6 +155,7 @@ impl ContainerArgs {
                     Ok(c)
                 })
                 .collect::<Result<_>>()?,
+            aio_idle: self.aio_idle,
         };
         Ok(Launch::new(Source::Program(spec))
             .detach(self.detach)
