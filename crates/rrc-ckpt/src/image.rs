@@ -64,6 +64,9 @@ pub struct Manifest {
     /// POSIX message queues open in the tree, by index.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub posix_queues: Vec<PosixQueue>,
+    /// Pseudo-terminals whose master the tree holds, by index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ptys: Vec<Pty>,
     /// Data kept on behalf of the layer that asked for the checkpoint (for
     /// containers: name, network settings).
     pub annotations: BTreeMap<String, serde_json::Value>,
@@ -630,6 +633,35 @@ pub enum VmaKind {
     },
 }
 
+/// A pseudo-terminal pair whose master the tree holds. Its terminal end
+/// is opened again through the master (`TIOCGPTPEER`), never by a path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pty {
+    /// Its number (`/dev/pts/N` where its file system is mounted).
+    pub index: u32,
+    /// The terminal's and the master's `struct termios2` (`TCGETS2`).
+    pub termios: Hex,
+    pub master_termios: Hex,
+    /// `struct winsize` (`TIOCGWINSZ`).
+    pub winsize: Hex,
+    /// Packet mode (`TIOCPKT`), exclusive (`TIOCEXCL`). (A locked pair is
+    /// refused: its terminal cannot be opened to be read.)
+    pub packet: bool,
+    pub exclusive: bool,
+    /// The session (its leader's pid) whose controlling terminal it is.
+    pub session: Option<i32>,
+    /// Its foreground process group, as the image numbers it.
+    pub foreground: Option<i32>,
+    /// What the terminal's side wrote that the master had not read yet.
+    pub output: Hex,
+}
+
+impl Pty {
+    /// Bytes of `struct termios2` and of `struct winsize`.
+    pub const TERMIOS: usize = 44;
+    pub const WINSIZE: usize = 8;
+}
+
 /// The layout of an AIO completion ring (`struct aio_ring` of
 /// `linux/aio.h`, followed by its `struct io_event`s), defined here only.
 pub mod aio_ring {
@@ -853,6 +885,15 @@ pub enum FileKind {
     CharDevice {
         path: String,
         rdev: u64,
+    },
+    /// The master of pseudo-terminal `pty` ([`Manifest::ptys`]).
+    PtyMaster {
+        pty: usize,
+    },
+    /// A description of the terminal of pseudo-terminal `pty`, whose
+    /// master the tree holds.
+    PtyTerminal {
+        pty: usize,
     },
     /// A pseudo-terminal whose master is outside the tree (the terminal
     /// the tree was started from), held at a stdio fd: the restorer's

@@ -1501,3 +1501,124 @@ mod tests {
         }
     }
 }
+
+/// Calls on pseudo-terminals and terminals: each an `ioctl` of an int, a
+/// struct given as bytes, or nothing.
+pub mod tty {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+    use super::{check, ioctl_int};
+    use crate::image::Pty;
+
+    /// A master's number (`TIOCGPTN`).
+    pub fn index(master: BorrowedFd<'_>) -> io::Result<u32> {
+        ioctl_int(master, libc::TIOCGPTN as libc::c_ulong).map(|n| n as u32)
+    }
+
+    /// A new description of a master's terminal (`TIOCGPTPEER`), with
+    /// `flags` (access mode, `O_NONBLOCK`); never a controlling terminal.
+    /// Not `O_CLOEXEC`, which the kernel would keep among its status
+    /// flags.
+    pub fn peer(master: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
+        let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;
+        // SAFETY: TIOCGPTPEER takes its flags by value and returns a new fd.
+        let fd = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, flags) };
+        check(fd as libc::c_long)?;
+        // SAFETY: the fd was just made for us and nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// `struct termios2` (`TCGETS2`).
+    pub fn termios(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+        let mut b = vec![0u8; Pty::TERMIOS];
+        // SAFETY: TCGETS2 writes one struct termios2, the size of `b`.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCGETS2, b.as_mut_ptr()) };
+        check(r as libc::c_long)?;
+        Ok(b)
+    }
+
+    /// Sets `struct termios2` (`TCSETS2`: at once, nothing flushed).
+    pub fn set_termios(fd: BorrowedFd<'_>, t: &[u8]) -> io::Result<()> {
+        if t.len() != Pty::TERMIOS {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: TCSETS2 reads one struct termios2, which `t` is.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCSETS2, t.as_ptr()) };
+        check(r as libc::c_long)?;
+        Ok(())
+    }
+
+    /// Writes `output` through the terminal `fd` with output processing
+    /// (`OPOST`) off, as it was processed once already, then sets its
+    /// `termios` back.
+    pub fn write_unprocessed(fd: BorrowedFd<'_>, termios: &[u8], output: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let mut raw = termios.to_vec();
+        // c_oflag is the second u32 of struct termios2.
+        let oflag = u32::from_ne_bytes(raw[4..8].try_into().expect("4 bytes"));
+        raw[4..8].copy_from_slice(&(oflag & !libc::OPOST).to_ne_bytes());
+        set_termios(fd, &raw)?;
+        let written = std::fs::File::from(fd.try_clone_to_owned()?).write_all(output);
+        set_termios(fd, termios)?;
+        written
+    }
+
+    /// `struct winsize` (`TIOCGWINSZ`).
+    pub fn winsize(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+        let mut b = vec![0u8; Pty::WINSIZE];
+        // SAFETY: TIOCGWINSZ writes one struct winsize, the size of `b`.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, b.as_mut_ptr()) };
+        check(r as libc::c_long)?;
+        Ok(b)
+    }
+
+    pub fn set_winsize(fd: BorrowedFd<'_>, w: &[u8]) -> io::Result<()> {
+        if w.len() != Pty::WINSIZE {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: TIOCSWINSZ reads one struct winsize, which `w` is.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, w.as_ptr()) };
+        check(r as libc::c_long)?;
+        Ok(())
+    }
+
+    /// A master's packet mode, lock, and its terminal's exclusive mode
+    /// (`TIOCGPKT`, `TIOCGPTLCK`, `TIOCGEXCL`).
+    pub fn modes(master: BorrowedFd<'_>) -> io::Result<(bool, bool, bool)> {
+        let get = |req| ioctl_int(master, req as libc::c_ulong).map(|v| v != 0);
+        Ok((
+            get(libc::TIOCGPKT)?,
+            get(libc::TIOCGPTLCK)?,
+            get(libc::TIOCGEXCL)?,
+        ))
+    }
+
+    /// Sets packet mode or the lock (`TIOCPKT`, `TIOCSPTLCK`).
+    pub fn set_mode(master: BorrowedFd<'_>, request: libc::c_ulong, on: bool) -> io::Result<()> {
+        let v: libc::c_int = on.into();
+        // SAFETY: TIOCPKT and TIOCSPTLCK read one int through the pointer.
+        let r = unsafe { libc::ioctl(master.as_raw_fd(), request, &v) };
+        check(r as libc::c_long)?;
+        Ok(())
+    }
+
+    /// Makes the terminal exclusive (`TIOCEXCL`).
+    pub fn set_exclusive(fd: BorrowedFd<'_>) -> io::Result<()> {
+        // SAFETY: TIOCEXCL takes no argument.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCEXCL) };
+        check(r as libc::c_long)?;
+        Ok(())
+    }
+
+    /// Bytes waiting to be read (`FIONREAD`).
+    pub fn queued(fd: BorrowedFd<'_>) -> io::Result<usize> {
+        ioctl_int(fd, libc::FIONREAD as libc::c_ulong).map(|n| n.max(0) as usize)
+    }
+
+    /// The foreground process group (`TIOCGPGRP`; 0: none), as our pid
+    /// namespace numbers it.
+    pub fn foreground(master: BorrowedFd<'_>) -> io::Result<i32> {
+        ioctl_int(master, libc::TIOCGPGRP as libc::c_ulong)
+    }
+}

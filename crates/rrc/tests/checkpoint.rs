@@ -1027,6 +1027,11 @@ fn aio_contexts_come_back_from_the_last_checkpoint_of_a_series() {
 }
 
 #[test]
+fn a_pseudo_terminal_pair_the_tree_holds_comes_back_with_its_session() {
+    checkpoint_restore("pty");
+}
+
+#[test]
 fn a_message_queue_someone_awaits_a_notification_from_is_refused_and_left_running() {
     refused("unsupported_mq_notify", "mq_notify");
 }
@@ -1042,8 +1047,16 @@ fn a_fuse_connection_is_refused_and_left_running() {
 }
 
 #[test]
-fn a_pseudo_terminal_master_is_refused_and_left_running() {
-    refused("unsupported_pty_master", "a pseudo-terminal master");
+fn a_pseudo_terminal_pair_in_packet_and_raw_mode_keeps_its_unread_output() {
+    checkpoint_restore("pty_raw");
+}
+
+#[test]
+fn a_pseudo_terminal_with_input_not_read_yet_is_refused_and_left_running() {
+    refused(
+        "unsupported_pty_input",
+        "input its programs have not read yet",
+    );
 }
 
 /// A pseudo-terminal pair: its master, and its terminal opened.

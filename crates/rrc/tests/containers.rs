@@ -611,6 +611,13 @@ fn a_container_run_with_aio_idle_moves_with_its_aio_contexts() {
 }
 
 #[test]
+fn a_pseudo_terminal_session_in_a_container_moves_with_it() {
+    // On the container's own devpts: the pair is made again there with
+    // its number, the terminal opened by its path inside.
+    fixture_moves_in_a_container("pty", &[]);
+}
+
+#[test]
 fn a_containers_semaphores_and_message_queues_move_with_it() {
     // The container's IPC namespace is its own and dies with it: the
     // checkpoint keeps its semaphore sets and message queues, the restore

@@ -64,6 +64,9 @@ pub struct FileTable {
     flying: Vec<std::os::fd::OwnedFd>,
     /// POSIX message queues met so far.
     pub queues: crate::dump::mqueue::Queues,
+    /// Pseudo-terminals whose master the tree holds, and the terminal
+    /// descriptions met.
+    pub ptys: crate::dump::pty::Ptys,
 }
 
 /// What tells a lock from the others (see [`FileTable::locks`]).
@@ -486,6 +489,9 @@ fn file_of(
     table.holders.push((pid, fd));
     table.links.push(link.to_string());
     table.by_inode.entry(key).or_default().push(id);
+    if let FileKind::OuterTerminal { .. } = table.files[id].kind {
+        table.ptys.terminals.push((id, meta.dev()));
+    }
     if let FileKind::Regular { deleted: true, .. } = table.files[id].kind {
         save_deleted(pid.as_raw(), fd, &img.file_data(id))?;
     }
@@ -888,17 +894,23 @@ fn classify(
             deleted: deleted.then_some(owner),
         },
         libc::S_IFCHR if !deleted => match libc::major(meta.rdev()) {
-            // /dev/ptmx (5:2) and the old BSD masters: opened again, a
-            // master makes a new pair, not this one with its number.
+            // /dev/ptmx (5:2): a master, read through a copy (opened
+            // again, it would make a new pair).
             5 if libc::minor(meta.rdev()) == 2 => {
-                return problem(
-                    "a pseudo-terminal master: the pair it makes cannot be made again \
-                     with its number"
-                        .into(),
-                );
+                let master = table
+                    .take_fd(pid, fd)?
+                    .try_clone()
+                    .map_err(Error::io(format!("copy fd {fd} of process {pid}")))?;
+                return match table.ptys.master(master)? {
+                    Ok(pty) => Ok(Some(FileKind::PtyMaster { pty })),
+                    Err(what) => problem(what),
+                };
             }
-            128..=135 => return problem("a pseudo-terminal master".into()),
-            // /dev/pts/N: opened again by its path, it could be another's.
+            // The old BSD masters: opened again, one makes a new pair.
+            128..=135 => return problem("a BSD pseudo-terminal master".into()),
+            // /dev/pts/N: one of a pair whose master the tree holds once
+            // that master is met ([`crate::dump::pty::Ptys::claim_terminals`]),
+            // else one whose master is outside.
             136..=143 => FileKind::OuterTerminal {
                 path,
                 rdev: meta.rdev(),

@@ -8,6 +8,7 @@ pub(crate) mod memory;
 mod mqueue;
 mod namespaces;
 pub(crate) mod process;
+mod pty;
 pub mod seize;
 mod splice;
 
@@ -642,6 +643,28 @@ pub(crate) fn take(
         );
     }
     files::check_unix_peers(&mut files, &mut problems);
+    files.ptys.claim_terminals(&mut files.files);
+    {
+        // Session leaders and groups as the image numbers them, by ours.
+        let mut leaders: HashMap<i32, i32> = HashMap::new();
+        let mut groups: HashMap<i32, i32> = HashMap::new();
+        for p in &seized.processes {
+            let Some(image) = images.iter().find(|i| i.pid == ns_of[&p.pid]) else {
+                continue;
+            };
+            if image.sid == image.pid {
+                leaders.insert(p.pid.as_raw(), image.pid);
+            }
+            if let Ok(pgid) = nix::unistd::getpgid(Some(p.pid)) {
+                groups.insert(pgid.as_raw(), image.pgid);
+            }
+        }
+        files.ptys.number_sessions(
+            |sid| leaders.get(&sid).copied(),
+            |pgid| groups.get(&pgid).copied(),
+            &mut problems,
+        );
+    }
     files::check_terminals(&files, &images, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
@@ -675,6 +698,7 @@ pub(crate) fn take(
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,
         posix_queues: std::mem::take(&mut files.queues.saved),
+        ptys: std::mem::take(&mut files.ptys.saved),
         annotations,
         parent,
         lineage,

@@ -68,6 +68,8 @@ pub struct FilePlan {
     mapped_ghosts: HashMap<(u64, u64), crate::image::Owner>,
     /// POSIX message queues made so far.
     pub queues: crate::restore::mqueue::Made,
+    /// Pseudo-terminal pairs made so far.
+    pub ptys: crate::restore::pty::Made,
 }
 
 impl FilePlan {
@@ -225,6 +227,7 @@ impl FilePlan {
                 .filter_map(crate::image::Vma::deleted_file)
                 .collect(),
             queues: Default::default(),
+            ptys: Default::default(),
         }
     }
 }
@@ -724,6 +727,16 @@ fn create(
         }
         FileKind::PosixQueue { queue } => {
             crate::restore::mqueue::open(t, &mut plan.queues, m, *queue, f.flags, &mem.transport)?
+        }
+        FileKind::PtyMaster { pty } => {
+            let fd = plan.ptys.master(t, m, *pty, &mem.transport)?;
+            set_flags(t, fd, f.flags)?;
+            fd
+        }
+        FileKind::PtyTerminal { pty } => {
+            let fd = plan.ptys.terminal(t, m, *pty, f.flags, &mem.transport)?;
+            set_flags(t, fd, f.flags)?;
+            fd
         }
         FileKind::Memfd { shmem, pos } => {
             let fd = match mem.reopen(t, *shmem)? {

@@ -18,6 +18,7 @@ pub mod lazy;
 mod mm;
 mod mqueue;
 mod namespaces;
+mod pty;
 mod sockets;
 pub use files::GhostPlace;
 pub use sockets::{Connection, build_connections};
@@ -313,6 +314,33 @@ fn check_references(
             return Err(corrupt(format!(
                 "open file {} is a memfd of shared memory {id}, which it does not hold",
                 f.id
+            )));
+        }
+        if let crate::image::FileKind::PtyMaster { pty }
+        | crate::image::FileKind::PtyTerminal { pty } = f.kind
+            && pty >= m.ptys.len()
+        {
+            return Err(corrupt(format!(
+                "open file {} is an end of pseudo-terminal pair {pty}, which it does not hold",
+                f.id
+            )));
+        }
+    }
+    for pty in &m.ptys {
+        use crate::image::Pty;
+        let leader = |sid: &i32| procs.get(sid).is_some_and(|p| p.sid == *sid);
+        if pty.termios.0.len() != Pty::TERMIOS
+            || pty.master_termios.0.len() != Pty::TERMIOS
+            || pty.winsize.0.len() != Pty::WINSIZE
+            || pty.session.is_some_and(|sid| !leader(&sid))
+            || pty
+                .foreground
+                .is_some_and(|g| !procs.values().any(|p| p.pgid == g))
+        {
+            return Err(corrupt(format!(
+                "pseudo-terminal {} has settings of the wrong size, or a session or group \
+                 not in the tree",
+                pty.index
             )));
         }
     }
@@ -698,8 +726,14 @@ fn restore_process(
         let ct = fork_in_place(ctx, &mut t, child, &mut children_ns)?;
         restore_process(ctx, ct, held.clone(), inherited, Some(pid))?;
     }
-    // Session and group before the other children, who inherit them.
+    // Session and group before the other children, who inherit them, and
+    // so the session's controlling terminal.
     join_session(&mut t, p, ctx.procs)?;
+    if leads {
+        ctx.plan
+            .ptys
+            .controlling(&mut t, ctx.m, &ctx.mem.transport)?;
+    }
     // Children adopted from a session whose leader has exited are forked
     // in that session, made again by a helper.
     let (adopted, kids): (Vec<i32>, Vec<i32>) = kids
@@ -738,6 +772,10 @@ fn restore_process(
     let children = ctx.children.get(&pid).map(Vec::as_slice).unwrap_or(&[]);
     if children.iter().any(|c| ctx.procs[c].zombie.is_some()) {
         flush_sigchld(&mut t)?;
+    }
+    if leads {
+        let nested = !p.nested_pids.is_empty();
+        (ctx.plan.ptys).foreground(&mut t, ctx.m, nested, &ctx.mem.transport)?;
     }
     if !p.shares_table() {
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
@@ -1112,6 +1150,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in ctx.done.iter_mut() {
             files::set_owners(t, &procs[&t.ns_pid], &procs, &m, &mut owned)?;
         }
+        ctx.plan.ptys.finish(&m)?;
         // Files in flight once every file exists, pidfds included.
         files::pass_in_flight(&mut ctx.done, &procs, &m, &img, &mut ctx.plan)?;
         // Every file is open: the names of the deleted files recreated go,

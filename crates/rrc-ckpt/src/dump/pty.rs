@@ -1,0 +1,161 @@
+//! Pseudo-terminals whose master the tree holds.
+//!
+//! A master is read through a copy of it (`pidfd_getfd`: opening
+//! /proc/PID/fd/N of a master would make a new pair). Its terminal's
+//! state is read through a description of the terminal made from the
+//! master (`TIOCGPTPEER`), which also tells its file system instance: the
+//! terminals the tree holds are matched to their master by number and
+//! instance once every process is read.
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::image::{FileKind, Hex, OpenFile, Pty};
+use crate::sys::tty;
+
+/// What a master met tells beyond its record.
+struct Found {
+    /// The file system instance its terminals are on.
+    dev: u64,
+    /// Its session and foreground group as our pid namespace numbers them.
+    session: i32,
+    foreground: i32,
+}
+
+#[derive(Default)]
+pub struct Ptys {
+    found: Vec<Found>,
+    /// By index: what the image keeps (sessions numbered in
+    /// [`Ptys::number_sessions`]).
+    pub saved: Vec<Pty>,
+    /// The terminal descriptions met, to be matched with a master: file
+    /// id and file system instance.
+    pub terminals: Vec<(usize, u64)>,
+}
+
+impl Ptys {
+    /// Reads the pair whose master `master` is (a copy of the tree's);
+    /// its index in [`Ptys::saved`], or why it cannot be saved. What the
+    /// terminal side wrote and the master had not read is read, and put
+    /// back at once as it was: the tree goes on with it whatever becomes
+    /// of the checkpoint.
+    pub fn master(&mut self, master: OwnedFd) -> crate::Result<Result<usize, String>> {
+        let io = |what: &'static str| crate::Error::io(what);
+        let fd = master.as_fd();
+        let index = tty::index(fd).map_err(io("TIOCGPTN"))?;
+        let (packet, locked, exclusive) = tty::modes(fd).map_err(io("pseudo-terminal modes"))?;
+        if locked {
+            return Ok(Err(format!(
+                "pseudo-terminal {index} is still locked (unlockpt not called): its terminal \
+                 cannot be opened to be read"
+            )));
+        }
+        let peer = tty::peer(fd, libc::O_RDWR | libc::O_NONBLOCK)
+            .map_err(io("open a pseudo-terminal's terminal"))?;
+        let dev = nix::sys::stat::fstat(&peer)
+            .map_err(|e| crate::Error::io("stat a terminal")(e.into()))?
+            .st_dev;
+        let termios = tty::termios(peer.as_fd()).map_err(io("TCGETS2"))?;
+        if tty::queued(peer.as_fd()).map_err(io("FIONREAD"))? > 0 {
+            return Ok(Err(format!(
+                "pseudo-terminal {index} has input its programs have not read yet (it cannot \
+                 be put back as it was)"
+            )));
+        }
+        let output = drain(&master, packet).map_err(io("read a pseudo-terminal's output"))?;
+        if !output.is_empty() {
+            tty::write_unprocessed(peer.as_fd(), &termios, &output)
+                .map_err(io("put a pseudo-terminal's output back"))?;
+        }
+        let session = crate::sys::ioctl_int(fd, libc::TIOCGSID as libc::c_ulong).unwrap_or(0);
+        let foreground = tty::foreground(fd).unwrap_or(0);
+        self.saved.push(Pty {
+            index,
+            termios: Hex(termios),
+            master_termios: Hex(tty::termios(fd).map_err(io("TCGETS2"))?),
+            winsize: Hex(tty::winsize(fd).map_err(io("TIOCGWINSZ"))?),
+            packet,
+            exclusive,
+            session: None,
+            foreground: None,
+            output: Hex(output),
+        });
+        self.found.push(Found {
+            dev,
+            session,
+            foreground,
+        });
+        Ok(Ok(self.saved.len() - 1))
+    }
+
+    /// Makes every terminal description whose master is in the tree one
+    /// of its pair ([`FileKind::PtyTerminal`]); the others stay terminals
+    /// of a master outside.
+    pub fn claim_terminals(&self, files: &mut [OpenFile]) {
+        for &(id, dev) in &self.terminals {
+            let Some(f) = files.get_mut(id) else { continue };
+            let FileKind::OuterTerminal { rdev, .. } = f.kind else {
+                continue;
+            };
+            let index = (libc::major(rdev) - 136) * 256 + libc::minor(rdev);
+            if let Some(pty) = (self.saved.iter().zip(&self.found))
+                .position(|(s, found)| s.index == index && found.dev == dev)
+            {
+                f.kind = FileKind::PtyTerminal { pty };
+            }
+        }
+    }
+
+    /// Numbers each pair's session and foreground group as the image does
+    /// (`leader` and `group` give none for those outside the tree); a pair
+    /// that is the controlling terminal of a session the tree does not
+    /// lead is refused.
+    pub fn number_sessions(
+        &mut self,
+        leader: impl Fn(i32) -> Option<i32>,
+        group: impl Fn(i32) -> Option<i32>,
+        problems: &mut Vec<String>,
+    ) {
+        for (s, found) in self.saved.iter_mut().zip(&self.found) {
+            if found.session <= 0 {
+                continue;
+            }
+            match leader(found.session) {
+                Some(sid) => s.session = Some(sid),
+                None => problems.push(format!(
+                    "pseudo-terminal {} is the controlling terminal of session {}, whose \
+                     leader is not in the tree",
+                    s.index, found.session
+                )),
+            }
+            s.foreground = (found.foreground > 0)
+                .then(|| group(found.foreground))
+                .flatten();
+        }
+    }
+}
+
+/// Reads what waits to be read on `master` (our copy, so its description's
+/// `O_NONBLOCK` is not ours to change: only as much as it says it holds).
+/// In packet mode each read starts with a status byte, left out.
+fn drain(master: &OwnedFd, packet: bool) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut f = std::fs::File::from(master.try_clone()?);
+    loop {
+        let n = tty::queued(master.as_fd())?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut buf = vec![0u8; n + usize::from(packet)];
+        let got = f.read(&mut buf)?;
+        let data = if packet {
+            buf.get(1..got).unwrap_or(&[])
+        } else {
+            &buf[..got]
+        };
+        out.extend_from_slice(data);
+        if got == 0 {
+            return Ok(out);
+        }
+    }
+}
