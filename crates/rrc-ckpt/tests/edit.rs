@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use rrc_ckpt::Error;
@@ -516,5 +516,125 @@ fn mutated_images_that_load_restore_or_are_refused_cleanly() {
     }
     eprintln!("{tried} mutated images that load: {restored} restored, {refused} refused");
     assert!(tried >= 100, "only {tried} mutated images loaded");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Checkpoints fixture `name` (killed); its image directory and pid.
+fn image_of(name: &str, aio_idle: bool) -> (PathBuf, PathBuf, i32) {
+    let dir = scratch(name);
+    let bin = build(name, &dir);
+    let mut fx = Fixture::start(&bin, &dir, &[]);
+    let images = dir.join("images");
+    checkpoint(&CheckpointOptions {
+        root: fx.pid,
+        aio_idle,
+        images: &images,
+        leave_running: false,
+        annotations: BTreeMap::new(),
+    })
+    .unwrap();
+    fx.reap_killed();
+    (dir, images, fx.pid.as_raw())
+}
+
+/// A copy of `images` whose record `name` `edit` changed must be refused
+/// when loaded, before anything is made, naming the image as corrupt.
+fn refused_when(images: &Path, name: &str, what: &str, edit: impl Fn(&mut serde_json::Value)) {
+    let copy = WorkingCopy::of(images).unwrap();
+    let path = copy.path().join(name);
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut v);
+    fs::remove_file(&path).unwrap();
+    fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    match rrc_ckpt::restore::load(copy.path()) {
+        Err(Error::CorruptImage { .. }) => {}
+        other => panic!("{what}: loaded as {:?}", other.map(|_| ())),
+    }
+}
+
+/// AIO rings and pseudo-terminals that are not what the kernel makes, or
+/// that name what the image does not hold, are refused at load.
+#[test]
+fn hostile_aio_rings_and_pseudo_terminals_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, pid) = image_of("aio", true);
+    let process = ImageDir::process_name(pid);
+    let ring = |v: &mut serde_json::Value| -> serde_json::Value {
+        let vmas = v["vmas"].as_array_mut().unwrap();
+        let at = vmas
+            .iter()
+            .position(|m| m["kind"]["type"] == "aio_ring" && m["kind"]["events"] != "")
+            .expect("a ring with events pending");
+        vmas[at]["kind"].take()
+    };
+    let with_ring = |f: fn(&mut serde_json::Value)| {
+        move |v: &mut serde_json::Value| {
+            let mut kind = ring(v);
+            f(&mut kind);
+            let vmas = v["vmas"].as_array_mut().unwrap();
+            let at = vmas.iter().position(|m| m["kind"].is_null()).unwrap();
+            vmas[at]["kind"] = kind;
+        }
+    };
+    refused_when(
+        &images,
+        &process,
+        "a ring bigger than its mapping",
+        with_ring(|k| k["nr"] = (k["nr"].as_u64().unwrap() + 1).into()),
+    );
+    refused_when(
+        &images,
+        &process,
+        "a head out of the ring",
+        with_ring(|k| k["head"] = k["nr"].clone()),
+    );
+    refused_when(
+        &images,
+        &process,
+        "events missing",
+        with_ring(|k| {
+            let e = k["events"].as_str().unwrap();
+            k["events"] = e[..e.len() - 64].into()
+        }),
+    );
+    refused_when(
+        &images,
+        &process,
+        "an id past any table",
+        with_ring(|k| k["id"] = 1_000_000.into()),
+    );
+    let _ = fs::remove_dir_all(&dir);
+
+    let (dir, images, _) = image_of("pty_raw", false);
+    refused_when(
+        &images,
+        "manifest.json",
+        "settings of the wrong size",
+        |m| {
+            let t = m["ptys"][0]["termios"].as_str().unwrap().to_string();
+            m["ptys"][0]["termios"] = t[2..].into();
+        },
+    );
+    refused_when(
+        &images,
+        "manifest.json",
+        "a session no process leads",
+        |m| {
+            m["ptys"][0]["session"] = 4_000_000.into();
+        },
+    );
+    refused_when(
+        &images,
+        "manifest.json",
+        "an end of a pair it does not hold",
+        |m| {
+            let files = m["files"].as_array_mut().unwrap();
+            let f = files
+                .iter_mut()
+                .find(|f| f["kind"]["type"] == "pty_master")
+                .expect("a master");
+            f["kind"]["pty"] = 9.into();
+        },
+    );
     let _ = fs::remove_dir_all(&dir);
 }
