@@ -791,6 +791,10 @@ pub enum ShmemKind {
         /// The process of the tree that made it, if one did (`shm_cpid`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         creator: Option<i32>,
+        /// The IPC namespace it is in, by the process that is the first in
+        /// it; none for the root's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ns: Option<i32>,
     },
 }
 

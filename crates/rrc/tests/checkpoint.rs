@@ -971,8 +971,8 @@ fn an_ipc_namespace_of_a_process_of_the_tree_keeps_its_semaphores_queues_and_lim
 }
 
 #[test]
-fn a_segment_of_a_nested_ipc_namespace_is_refused_and_left_running() {
-    refused("unsupported_ipc_segment", "in a nested IPC namespace");
+fn segments_of_a_nested_ipc_namespace_come_back_there_even_with_the_roots_ids() {
+    checkpoint_restore("ipc_own_segments");
 }
 
 #[test]

@@ -6,8 +6,10 @@
 //! the namespace. Shared memory segments are saved with the memory of
 //! the processes that attach them; one that no process attaches is read
 //! here (attached read-only by the reading thread for a moment), so that
-//! it is saved with them. Segments of a nested namespace are refused: the
-//! restore makes segments from the root, in the root's namespace.
+//! it is saved with them. Ids are a namespace's own (and the segment's
+//! inode number), so each segment is also known by its file handle, which
+//! tells segments of one id in two namespaces apart: a mapping is matched
+//! with the namespace that lists it, and its segment made again there.
 //!
 //! The root's namespace's POSIX message queues are listed here too, so
 //! that those no process has open are saved with the others.
@@ -29,7 +31,9 @@ pub struct Namespace {
     /// Each shared memory segment's mode and creator (as our pid
     /// namespace numbers it), by id.
     pub segments: BTreeMap<i32, Segment>,
-    /// The segments no process attaches (the root's namespace only).
+    /// Each segment's id by its file handle.
+    pub handles: BTreeMap<Vec<u8>, i32>,
+    /// The segments no process attaches.
     pub unattached: Vec<Unattached>,
     /// The POSIX message queues by name, each open read-write and
     /// non-blocking (the root's namespace only).
@@ -119,30 +123,40 @@ fn read(first: Pid, nested: bool) -> Read {
 /// The objects of the calling thread's IPC namespace.
 fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namespace> {
     let mut segments = BTreeMap::new();
+    let mut handles = BTreeMap::new();
     let mut unattached = Vec::new();
     for seg in listing("shm")? {
         let perm = seg.perm()?;
         let (id, key) = (perm.id, perm.key);
         let segment = seg.segment()?;
         segments.insert(id, segment);
-        if nested {
-            problems.push(format!(
-                "SysV shared memory segment {id} (key {key}) is in a nested IPC namespace, \
-                 which a restore does not make again"
-            ));
-        } else if seg.get("nattch")? == 0 {
-            match sys::shm_file(id, seg.get("size")? as u64) {
-                Ok(file) => unattached.push(Unattached {
-                    key,
-                    id,
-                    segment,
-                    file,
-                }),
-                Err(e) => problems.push(format!(
-                    "SysV shared memory segment {id} (key {key}), attached by no process, \
-                     cannot be read: {e}"
-                )),
+        let file = match sys::shm_file(id, seg.get("size")? as u64) {
+            Ok(file) => file,
+            Err(e) => {
+                problems.push(format!(
+                    "SysV shared memory segment {id} (key {key}) cannot be read: {e}"
+                ));
+                continue;
             }
+        };
+        match sys::name_to_handle(std::path::Path::new(&format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&file)
+        ))) {
+            Ok((_, _, handle)) => {
+                handles.insert(handle, id);
+            }
+            Err(e) => problems.push(format!(
+                "SysV shared memory segment {id} (key {key}) cannot be told from others: {e}"
+            )),
+        }
+        if seg.get("nattch")? == 0 {
+            unattached.push(Unattached {
+                key,
+                id,
+                segment,
+                file,
+            });
         }
     }
     let mut objects = IpcObjects::default();
@@ -186,6 +200,7 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
     Ok(Namespace {
         objects,
         segments,
+        handles,
         unattached,
         queues,
     })

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use crate::dump::inject::Injector;
 use crate::dump::splice::PageSplicer;
 use crate::image::{ImageDir, Owner, PageRun, SharedMemory, ShmemKind, Vma, VmaKind};
 use crate::procfs::{PAGE_SIZE, PageMap, has_own_data, runs};
-use crate::{Error, Result};
+use crate::{Error, Result, sys};
 
 /// Shared memory objects met so far in the tree, by (dev, inode).
 #[derive(Default)]
@@ -26,6 +27,10 @@ pub struct ShmemTable {
     keep: HashMap<(u64, u64), u64>,
     /// Deleted mapped files whose content is saved, by (dev, inode).
     mapped_saved: std::collections::HashSet<(u64, u64)>,
+    /// SysV segments by file handle (their inode numbers are their ids,
+    /// which two IPC namespaces may both have), and each one's handle.
+    sysv: HashMap<Vec<u8>, usize>,
+    sysv_handles: HashMap<usize, Vec<u8>>,
 }
 
 /// What a process's memory turned into.
@@ -435,6 +440,7 @@ pub(crate) fn classify(
                     shmid: m.inode as i32,
                     mode: 0,
                     creator: None,
+                    ns: None,
                 },
             )?;
             VmaKind::Shmem {
@@ -570,21 +576,27 @@ fn save_mapped(
 }
 
 impl ShmemTable {
-    /// Gives the SysV segments their modes and creators as the tree's own
-    /// IPC namespace lists them (the checkpointing process reads another
+    /// Gives the SysV segments IPC namespace `ns` lists (none: the
+    /// root's) that namespace, and their modes and creators as it lists
+    /// them (the checkpointing process's own listing is another
     /// namespace's).
-    pub fn set_segments(&mut self, listed: &BTreeMap<i32, crate::dump::ipc::Segment>) {
+    pub fn set_segments(&mut self, listed: &crate::dump::ipc::Namespace, ns: Option<i32>) {
         for obj in &mut self.objects {
             if let ShmemKind::SysV {
                 shmid,
                 mode,
                 creator,
+                ns: in_ns,
                 ..
             } = &mut obj.kind
-                && let Some(seg) = listed.get(shmid)
+                && let Some(handle) = self.sysv_handles.get(&obj.id)
+                && let Some(id) = listed.handles.get(handle)
+                && let Some(seg) = listed.segments.get(id)
             {
+                *shmid = *id;
                 *mode = seg.mode;
                 *creator = Some(seg.creator);
+                *in_ns = ns;
             }
         }
     }
@@ -617,14 +629,27 @@ impl ShmemTable {
         img: &ImageDir,
         kind: ShmemKind,
     ) -> Result<usize> {
-        if let Some(&id) = self.index.get(&(dev, m.inode)) {
+        let (start, end) = m.address;
+        let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+        let handle = match kind {
+            ShmemKind::SysV { .. } => {
+                let (_, _, handle) = sys::name_to_handle(Path::new(&path))
+                    .map_err(Error::io(format!("file handle of {path}")))?;
+                if let Some(&id) = self.sysv.get(&handle) {
+                    return Ok(id);
+                }
+                Some(handle)
+            }
+            _ => None,
+        };
+        if handle.is_none()
+            && let Some(&id) = self.index.get(&(dev, m.inode))
+        {
             return Ok(id);
         }
-        let (start, end) = m.address;
         // The object itself, whole (or as far as its limit says), through
         // the kernel's handle on the mapping (it also reaches pages this
         // process never touched).
-        let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
         let f = File::open(&path).map_err(|e| Error::Proc {
             pid: pid.as_raw(),
             what: "shared memory",
@@ -645,6 +670,7 @@ impl ShmemTable {
                     shmid,
                     mode: listed.map_or(0o600, |s| s.mode),
                     creator: listed.map(|s| s.creator),
+                    ns: None,
                 }
             }
             k => k,
@@ -657,7 +683,15 @@ impl ShmemTable {
             ino: m.inode,
             pages,
         });
-        self.index.insert((dev, m.inode), id);
+        match handle {
+            Some(handle) => {
+                self.sysv.insert(handle.clone(), id);
+                self.sysv_handles.insert(id, handle);
+            }
+            None => {
+                self.index.insert((dev, m.inode), id);
+            }
+        }
         Ok(id)
     }
 
@@ -668,20 +702,45 @@ impl ShmemTable {
     }
 
     /// Saves a SysV segment no process of the tree attaches (read from
-    /// the file its namespace's reader opened), to be made again with the
-    /// namespace.
+    /// the file its namespace's reader opened), to be made again with
+    /// namespace `ns` (none: the root's).
     pub fn unattached_segment(
         &mut self,
         seg: &crate::dump::ipc::Unattached,
+        ns: Option<i32>,
         img: &ImageDir,
     ) -> Result<usize> {
+        let path = format!("/proc/self/fd/{}", seg.file.as_raw_fd());
+        let (_, _, handle) = sys::name_to_handle(Path::new(&path))
+            .map_err(Error::io(format!("file handle of SysV segment {}", seg.id)))?;
+        if let Some(&id) = self.sysv.get(&handle) {
+            return Ok(id);
+        }
         let kind = ShmemKind::SysV {
             key: seg.key,
             shmid: seg.id,
             mode: seg.segment.mode,
             creator: Some(seg.segment.creator),
+            ns,
         };
-        self.open_object(&seg.file, kind, img)
+        let id = self.objects.len();
+        let meta = seg
+            .file
+            .metadata()
+            .map_err(Error::io("stat shared memory"))?;
+        let keep = self.keep.get(&(meta.dev(), meta.ino())).copied();
+        let (size, pages) = save_object(&seg.file, &img.shmem_file(id), keep)?;
+        self.objects.push(SharedMemory {
+            id,
+            kind,
+            size,
+            dev: meta.dev(),
+            ino: meta.ino(),
+            pages,
+        });
+        self.sysv.insert(handle.clone(), id);
+        self.sysv_handles.insert(id, handle);
+        Ok(id)
     }
 
     /// The id of the shared memory object `f` is open on, saving it the

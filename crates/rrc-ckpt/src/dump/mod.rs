@@ -608,11 +608,14 @@ pub(crate) fn take(
                 continue;
             }
         };
+        // Segments are made again in their namespace: the root's, or the
+        // one its first process makes.
+        let tag = read.nested.then(|| ns_of[&read.first]);
+        shmem.set_segments(&ns, tag);
+        for seg in &ns.unattached {
+            shmem.unattached_segment(seg, tag, img)?;
+        }
         if !read.nested {
-            shmem.set_segments(&ns.segments);
-            for seg in &ns.unattached {
-                shmem.unattached_segment(seg, img)?;
-            }
             // After every fd of the tree: those it holds are saved.
             for (name, file) in &ns.queues {
                 match files.queues.unheld(name, file) {
@@ -633,6 +636,34 @@ pub(crate) fn take(
     }
     phases.ipc = ipc_waited.elapsed();
     shmem.resolve_creators(&ns_of);
+    {
+        // A process attaches segments of its own IPC namespace only (one
+        // that attached a segment and then made a namespace of its own
+        // could not attach it again there).
+        let starts: std::collections::HashSet<i32> = own_ns.ipc.iter().map(|p| ns_of[p]).collect();
+        let ns_of_image = |pid: i32| {
+            std::iter::successors(Some(pid), |q| {
+                images.iter().find(|i| i.pid == *q).and_then(|i| i.parent)
+            })
+            .take(images.len() + 1)
+            .find(|q| starts.contains(q))
+        };
+        for p in &images {
+            for v in &p.vmas {
+                if let VmaKind::Shmem { id, .. } = v.kind
+                    && let Some(crate::image::ShmemKind::SysV { shmid, ns, .. }) =
+                        shmem.objects.get(id).map(|o| &o.kind)
+                    && *ns != ns_of_image(p.pid)
+                {
+                    problems.push(format!(
+                        "process {}: SysV segment {shmid} at {:#x} is of another IPC namespace \
+                         than the process's (attached before it made its own)",
+                        p.pid, v.start
+                    ));
+                }
+            }
+        }
+    }
     // Queues are made in the namespace of the first process that has
     // one open: with more than one namespace, which one is a guess.
     if !own_ns.ipc.is_empty() && !files.queues.saved.is_empty() {

@@ -498,9 +498,10 @@ fn map_shmem(
 
 /// Which process makes each SysV segment again, by object id: the one
 /// that made it (so that it is its creator again, `shm_cpid`) where it
-/// can, the root otherwise. It can if it is restored, not a zombie, in the
-/// root's IPC namespace (no process from it up to the root below the root
-/// has one of its own) and restored before every process that maps the
+/// can, else the first process of the segment's IPC namespace (the root
+/// for the root's). It can if it is restored, not a zombie, in the
+/// segment's namespace (the first process at or above it that starts one
+/// is that namespace's) and restored before every process that maps the
 /// segment (each is it or one of its descendants: a parent's memory is in
 /// place before its children are made).
 pub fn sysv_makers(
@@ -514,21 +515,25 @@ pub fn sysv_makers(
             .take(procs.len() + 1)
             .collect::<Vec<i32>>()
     };
+    // The first process of `p`'s IPC namespace (`p` and those above it
+    // alone can start it; the root starts the root's).
+    let namespace_of = |p: i32| {
+        let line = lineage(p);
+        (line.last() == Some(&root)).then(|| {
+            *line
+                .iter()
+                .find(|q| **q == root || procs.get(q).is_some_and(|q| q.ipc.is_some()))
+                .expect("the root is in its own lineage")
+        })
+    };
     let maps = |q: &ProcessImage, id: usize| {
         q.vmas
             .iter()
             .any(|v| matches!(v.kind, VmaKind::Shmem { id: o, .. } if o == id))
     };
-    let can_make = |c: i32, id: usize| {
-        let Some(p) = procs.get(&c) else {
-            return false;
-        };
-        let line = lineage(c);
-        p.zombie.is_none()
-            && line.last() == Some(&root)
-            && line
-                .iter()
-                .all(|q| *q == root || procs.get(q).is_some_and(|q| q.ipc.is_none()))
+    let can_make = |c: i32, id: usize, first: i32| {
+        procs.get(&c).is_some_and(|p| p.zombie.is_none())
+            && namespace_of(c) == Some(first)
             && procs
                 .values()
                 .filter(|q| maps(q, id))
@@ -537,10 +542,15 @@ pub fn sysv_makers(
     shmem
         .iter()
         .filter_map(|obj| match obj.kind {
-            ShmemKind::SysV { creator, .. } => Some((
-                obj.id,
-                creator.filter(|&c| can_make(c, obj.id)).unwrap_or(root),
-            )),
+            ShmemKind::SysV { creator, ns, .. } => {
+                let first = ns.unwrap_or(root);
+                Some((
+                    obj.id,
+                    creator
+                        .filter(|&c| can_make(c, obj.id, first))
+                        .unwrap_or(first),
+                ))
+            }
             _ => None,
         })
         .collect()
@@ -1036,7 +1046,7 @@ mod tests {
             },
             ..Default::default()
         };
-        let segment = |creator: Option<i32>| {
+        let in_ns = |creator: Option<i32>, ns: Option<i32>| {
             vec![SharedMemory {
                 id: 0,
                 kind: ShmemKind::SysV {
@@ -1044,6 +1054,7 @@ mod tests {
                     shmid: 0,
                     mode: 0o600,
                     creator,
+                    ns,
                 },
                 size: 4096,
                 dev: 0,
@@ -1051,6 +1062,7 @@ mod tests {
                 pages: Vec::new(),
             }]
         };
+        let segment = |creator: Option<i32>| in_ns(creator, None);
         // 1 -> 2 -> 3; 2 and 3 map the segment.
         let mut procs: BTreeMap<i32, ProcessImage> = [
             process(1, None, false),
@@ -1076,6 +1088,24 @@ mod tests {
             maker(&segment(Some(2)), &procs),
             1,
             "2 has an IPC namespace of its own"
+        );
+        // A segment of 2's namespace.
+        assert_eq!(maker(&in_ns(Some(2), Some(2)), &procs), 2, "its creator");
+        assert_eq!(
+            maker(&in_ns(Some(3), Some(2)), &procs),
+            2,
+            "2 maps it before 3 exists: the namespace's first process"
+        );
+        assert_eq!(
+            maker(&in_ns(Some(1), Some(2)), &procs),
+            2,
+            "1 is not in the namespace"
+        );
+        procs.get_mut(&2).unwrap().vmas.clear();
+        assert_eq!(
+            maker(&in_ns(Some(3), Some(2)), &procs),
+            3,
+            "its creator, alone to map it"
         );
     }
 
