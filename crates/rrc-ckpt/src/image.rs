@@ -295,12 +295,15 @@ pub struct Message {
     pub text: Hex,
 }
 
-/// A POSIX message queue (`mq_open`) a process of the tree has open, in
-/// the tree's IPC namespace.
+/// A POSIX message queue (`mq_open`) of an IPC namespace of the tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PosixQueue {
     /// Its name ("/name", as `mq_open` takes it).
     pub name: String,
+    /// The IPC namespace it is in, by the process that is the first in
+    /// it; none for the root's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ns: Option<i32>,
     /// Unlinked while open: made under a name of the restore's own, then
     /// unlinked again.
     pub deleted: bool,

@@ -971,6 +971,11 @@ fn an_ipc_namespace_of_a_process_of_the_tree_keeps_its_semaphores_queues_and_lim
 }
 
 #[test]
+fn message_queues_of_a_nested_ipc_namespace_come_back_there_even_with_the_roots_names() {
+    checkpoint_restore("mqueue_own_ns");
+}
+
+#[test]
 fn segments_of_a_nested_ipc_namespace_come_back_there_even_with_the_roots_ids() {
     checkpoint_restore("ipc_own_segments");
 }

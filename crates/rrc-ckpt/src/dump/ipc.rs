@@ -11,8 +11,9 @@
 //! tells segments of one id in two namespaces apart: a mapping is matched
 //! with the namespace that lists it, and its segment made again there.
 //!
-//! The root's namespace's POSIX message queues are listed here too, so
-//! that those no process has open are saved with the others.
+//! Each namespace's POSIX message queues are listed here too, so that
+//! those no process has open are saved with the others, and the device of
+//! its queue file system tells which namespace a queue an fd holds is in.
 //!
 //! What the kernel keeps per process and shows nowhere is not carried
 //! over: `SEM_UNDO` adjustments, and which process last used an object.
@@ -36,8 +37,9 @@ pub struct Namespace {
     /// The segments no process attaches.
     pub unattached: Vec<Unattached>,
     /// The POSIX message queues by name, each open read-write and
-    /// non-blocking (the root's namespace only).
+    /// non-blocking, and the device of the namespace's queue file system.
     pub queues: Vec<(String, std::fs::File)>,
+    pub queue_dev: u64,
 }
 
 /// What a namespace's listing says of a shared memory segment.
@@ -106,7 +108,7 @@ impl Reader {
 /// Reads the objects of process `first`'s IPC namespace.
 fn read(first: Pid, nested: bool) -> Read {
     let mut found = Vec::new();
-    let namespace = in_ns_of(first, Ns::Ipc, || read_here(nested, &mut found))
+    let namespace = in_ns_of(first, Ns::Ipc, || read_here(&mut found))
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()));
     Read {
@@ -121,7 +123,7 @@ fn read(first: Pid, nested: bool) -> Read {
 }
 
 /// The objects of the calling thread's IPC namespace.
-fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namespace> {
+fn read_here(problems: &mut Vec<String>) -> std::io::Result<Namespace> {
     let mut segments = BTreeMap::new();
     let mut handles = BTreeMap::new();
     let mut unattached = Vec::new();
@@ -196,13 +198,14 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
             messages,
         });
     }
-    let queues = if nested { Vec::new() } else { posix_queues()? };
+    let (queues, queue_dev) = posix_queues()?;
     Ok(Namespace {
         objects,
         segments,
         handles,
         unattached,
         queues,
+        queue_dev,
     })
 }
 
@@ -211,7 +214,7 @@ fn read_here(nested: bool, problems: &mut Vec<String>) -> std::io::Result<Namesp
 /// namespace's queue file system that is attached nowhere (made with
 /// `fsopen`/`fsmount`: no mount table is touched, and it goes with its
 /// fd).
-fn posix_queues() -> std::io::Result<Vec<(String, std::fs::File)>> {
+fn posix_queues() -> std::io::Result<(Vec<(String, std::fs::File)>, u64)> {
     use rustix::fs::{Mode, OFlags, openat};
     use rustix::mount::{
         FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsmount, fsopen,
@@ -231,6 +234,7 @@ fn posix_queues() -> std::io::Result<Vec<(String, std::fs::File)>> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
+    let dev = rustix::fs::fstat(&dir)?.st_dev;
     let mut queues = Vec::new();
     for entry in rustix::fs::Dir::read_from(&dir)? {
         let entry = entry?;
@@ -247,7 +251,7 @@ fn posix_queues() -> std::io::Result<Vec<(String, std::fs::File)>> {
         queues.push((name, std::fs::File::from(fd)));
     }
     queues.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(queues)
+    Ok((queues, dev))
 }
 
 /// What the checkpointing process's own IPC namespace lists of SysV

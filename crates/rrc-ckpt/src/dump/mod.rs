@@ -596,6 +596,7 @@ pub(crate) fn take(
     // root's (its segments' modes are read there, and the segments no
     // process attaches are saved with the others), and each nested one's.
     let ipc_waited = Instant::now();
+    let mut queue_devs = HashMap::new();
     for read in ipc_reader.finish() {
         problems.extend(read.problems);
         let ns = match read.namespace {
@@ -615,31 +616,31 @@ pub(crate) fn take(
         for seg in &ns.unattached {
             shmem.unattached_segment(seg, tag, img)?;
         }
-        if !read.nested {
-            // After every fd of the tree: those it holds are saved.
-            for (name, file) in &ns.queues {
-                match files.queues.unheld(name, file) {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(what)) => {
-                        problems.push(format!("process {}'s IPC namespace: {what}", read.first))
-                    }
-                    Err(e) => problems.push(format!(
-                        "process {}'s IPC namespace: POSIX message queue /{name}: {e}",
-                        read.first
-                    )),
+        // After every fd of the tree: those it holds are saved.
+        for (name, file) in &ns.queues {
+            match files.queues.unheld(name, file) {
+                Ok(Ok(_)) => {}
+                Ok(Err(what)) => {
+                    problems.push(format!("process {}'s IPC namespace: {what}", read.first))
                 }
+                Err(e) => problems.push(format!(
+                    "process {}'s IPC namespace: POSIX message queue /{name}: {e}",
+                    read.first
+                )),
             }
         }
+        queue_devs.insert(ns.queue_dev, tag);
         if let Some(p) = images.iter_mut().find(|p| p.pid == ns_of[&read.first]) {
             p.ipc = Some(ns.objects);
         }
     }
     phases.ipc = ipc_waited.elapsed();
     shmem.resolve_creators(&ns_of);
+    files.queues.set_namespaces(&queue_devs);
     {
-        // A process attaches segments of its own IPC namespace only (one
-        // that attached a segment and then made a namespace of its own
-        // could not attach it again there).
+        // A process attaches segments, and opens queues, of its own IPC
+        // namespace only (one that did before it made a namespace of its
+        // own could not do it again there).
         let starts: std::collections::HashSet<i32> = own_ns.ipc.iter().map(|p| ns_of[p]).collect();
         let ns_of_image = |pid: i32| {
             std::iter::successors(Some(pid), |q| {
@@ -662,16 +663,19 @@ pub(crate) fn take(
                     ));
                 }
             }
+            for fd in &p.fds {
+                if let Some(crate::image::FileKind::PosixQueue { queue }) =
+                    files.files.get(fd.file).map(|f| &f.kind)
+                    && files.queues.ns_of(*queue) != ns_of_image(p.pid)
+                {
+                    problems.push(format!(
+                        "process {}: fd {}: a POSIX message queue of another IPC namespace than \
+                         the process's (opened before it made its own)",
+                        p.pid, fd.fd
+                    ));
+                }
+            }
         }
-    }
-    // Queues are made in the namespace of the first process that has
-    // one open: with more than one namespace, which one is a guess.
-    if !own_ns.ipc.is_empty() && !files.queues.saved.is_empty() {
-        problems.push(
-            "POSIX message queues in a tree with a nested IPC namespace (which namespace \
-             a queue is in cannot be told)"
-                .into(),
-        );
     }
     files::check_unix_peers(&mut files, &mut problems);
     files.ptys.claim_terminals(&mut files.files);

@@ -24,6 +24,25 @@ pub struct Queues {
     index: HashMap<(u64, u64), usize>,
 }
 
+impl Queues {
+    /// Gives each queue its IPC namespace: the one whose queue file system
+    /// is the queue's device (`namespaces`: device and namespace, as
+    /// [`PosixQueue::ns`] names it); none (the root's) for a device of
+    /// none of them.
+    pub fn set_namespaces(&mut self, namespaces: &HashMap<u64, Option<i32>>) {
+        for (&(dev, _), &id) in &self.index {
+            if let Some(ns) = namespaces.get(&dev) {
+                self.saved[id].ns = *ns;
+            }
+        }
+    }
+
+    /// The namespace of the queue saved as `id`.
+    pub fn ns_of(&self, id: usize) -> Option<i32> {
+        self.saved.get(id).and_then(|q| q.ns)
+    }
+}
+
 /// Whether fd `fd` of `pid`, a regular file by its mode, is a POSIX
 /// message queue (asked only of files on a device with no disk behind it,
 /// where the queues' file system is).
@@ -118,6 +137,7 @@ impl Queues {
         let id = self.saved.len();
         self.saved.push(PosixQueue {
             name: name.to_string(),
+            ns: None,
             deleted,
             max_messages,
             message_size,

@@ -326,6 +326,15 @@ fn check_references(
             )));
         }
     }
+    // A queue's namespace is one a process of the tree starts.
+    if let Some(q) = m.posix_queues.iter().find(|q| {
+        q.ns.is_some_and(|f| f == m.root || procs.get(&f).is_none_or(|p| p.ipc.is_none()))
+    }) {
+        return Err(corrupt(format!(
+            "POSIX message queue {} is in the IPC namespace of process {:?}, which starts none",
+            q.name, q.ns
+        )));
+    }
     for pty in &m.ptys {
         use crate::image::Pty;
         let leader = |sid: &i32| procs.get(sid).is_some_and(|p| p.sid == *sid);
@@ -683,11 +692,9 @@ fn restore_process(
             ipc::unshare(&mut t)?;
         }
         ipc::make(&mut t, objects)?;
-        // The root's namespace's queues, those no process has open too
-        // (a nested namespace has none: the checkpoint refuses them).
-        if pid == ctx.m.root {
-            mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m)?;
-        }
+        // The namespace's queues, those no process has open too.
+        let ns = (pid != ctx.m.root).then_some(pid);
+        mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m, ns)?;
     }
     // The SysV segments it made, before any process maps them.
     mm::create_sysv_segments(&mut t, &ctx.mem)?;

@@ -1,5 +1,6 @@
-//! POSIX message queues made again: each by a thread of ours in the IPC
-//! namespace of the first process that has it open, with its limits,
+//! POSIX message queues made again: each by a thread of ours in its IPC
+//! namespace (entered through the namespace's first process, or the
+//! first process that has it open), with its limits,
 //! messages (sent in the order they were taken, which is the order they
 //! are received in), owner and mode. A queue still there by its name (the
 //! same host and IPC namespace: queues outlive their processes, and the
@@ -54,11 +55,14 @@ impl Drop for Made {
     }
 }
 
-/// Makes every queue of the image in `t`'s IPC namespace, new with it:
-/// those no process has open too.
-pub fn make_all(t: &mut Tracee, made: &mut Made, m: &Manifest) -> Result<()> {
+/// Makes every queue of the image's IPC namespace `ns` ([`PosixQueue::ns`])
+/// in `t`'s, new with it and `t` the first process in it: those no
+/// process has open too.
+pub fn make_all(t: &mut Tracee, made: &mut Made, m: &Manifest, ns: Option<i32>) -> Result<()> {
     for id in 0..m.posix_queues.len() {
-        made_queue(t, made, m, id)?;
+        if m.posix_queues[id].ns == ns {
+            made_queue(t, made, m, id)?;
+        }
     }
     Ok(())
 }
@@ -192,6 +196,7 @@ mod tests {
     fn queue(max_messages: i64, message_size: i64, texts: &[&str]) -> PosixQueue {
         PosixQueue {
             name: "/q".into(),
+            ns: None,
             deleted: false,
             max_messages,
             message_size,
