@@ -642,9 +642,9 @@ pub enum VmaKind {
 pub struct Pty {
     /// Its number (`/dev/pts/N` where its file system is mounted).
     pub index: u32,
-    /// The terminal's and the master's `struct termios2` (`TCGETS2`).
+    /// The terminal's `struct termios2` (`TCGETS2`; a master has none of
+    /// its own to ask for: the call on it answers for its terminal).
     pub termios: Hex,
-    pub master_termios: Hex,
     /// `struct winsize` (`TIOCGWINSZ`).
     pub winsize: Hex,
     /// Packet mode (`TIOCPKT`), exclusive (`TIOCEXCL`). (A locked pair is

@@ -50,12 +50,17 @@ impl Ptys {
                  cannot be opened to be read"
             )));
         }
+        // A description of the terminal of our own, for its file system
+        // instance and its input queue. (Where no process has the
+        // terminal open, its last close then makes the master's reads
+        // fail with EIO until one does, as after any terminal's close;
+        // one never opened since the pair was made had not.)
         let peer = tty::peer(fd, libc::O_RDWR | libc::O_NONBLOCK)
             .map_err(io("open a pseudo-terminal's terminal"))?;
         let dev = nix::sys::stat::fstat(&peer)
             .map_err(|e| crate::Error::io("stat a terminal")(e.into()))?
             .st_dev;
-        let termios = tty::termios(peer.as_fd()).map_err(io("TCGETS2"))?;
+        let termios = tty::termios(fd).map_err(io("TCGETS2"))?;
         if tty::queued(peer.as_fd()).map_err(io("FIONREAD"))? > 0 {
             return Ok(Err(format!(
                 "pseudo-terminal {index} has input its programs have not read yet (it cannot \
@@ -72,7 +77,6 @@ impl Ptys {
         self.saved.push(Pty {
             index,
             termios: Hex(termios),
-            master_termios: Hex(tty::termios(fd).map_err(io("TCGETS2"))?),
             winsize: Hex(tty::winsize(fd).map_err(io("TIOCGWINSZ"))?),
             packet,
             exclusive,

@@ -339,7 +339,6 @@ fn check_references(
         use crate::image::Pty;
         let leader = |sid: &i32| procs.get(sid).is_some_and(|p| p.sid == *sid);
         if pty.termios.0.len() != Pty::TERMIOS
-            || pty.master_termios.0.len() != Pty::TERMIOS
             || pty.winsize.0.len() != Pty::WINSIZE
             || pty.session.is_some_and(|sid| !leader(&sid))
             || pty

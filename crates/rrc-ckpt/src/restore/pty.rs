@@ -250,11 +250,11 @@ fn make(t: &mut Tracee, pty: &Pty) -> Result<OwnedFd> {
 /// (unlocked: its terminal is opened from it).
 fn set_up(master: BorrowedFd<'_>, pty: &Pty) -> std::io::Result<()> {
     tty::set_mode(master, libc::TIOCSPTLCK as libc::c_ulong, false)?;
-    tty::set_termios(master, &pty.master_termios.0)?;
-    let peer = tty::peer(master, libc::O_RDWR | libc::O_NONBLOCK)?;
-    tty::set_termios(peer.as_fd(), &pty.termios.0)?;
-    tty::set_winsize(peer.as_fd(), &pty.winsize.0)?;
+    // Settings asked of a master are its terminal's.
+    tty::set_termios(master, &pty.termios.0)?;
+    tty::set_winsize(master, &pty.winsize.0)?;
     if !pty.output.0.is_empty() {
+        let peer = tty::peer(master, libc::O_RDWR | libc::O_NONBLOCK)?;
         tty::write_unprocessed(peer.as_fd(), &pty.termios.0, &pty.output.0)?;
     }
     // Last: in packet mode, changes of the terminal's flow control would
