@@ -632,19 +632,10 @@ impl ShmemTable {
         let (start, end) = m.address;
         let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
         let handle = match kind {
-            ShmemKind::SysV { .. } => {
-                let (_, _, handle) = sys::name_to_handle(Path::new(&path))
-                    .map_err(Error::io(format!("file handle of {path}")))?;
-                if let Some(&id) = self.sysv.get(&handle) {
-                    return Ok(id);
-                }
-                Some(handle)
-            }
+            ShmemKind::SysV { .. } => Some(sysv_handle(&path)?),
             _ => None,
         };
-        if handle.is_none()
-            && let Some(&id) = self.index.get(&(dev, m.inode))
-        {
+        if let Some(id) = self.known(handle.as_deref(), dev, m.inode) {
             return Ok(id);
         }
         // The object itself, whole (or as far as its limit says), through
@@ -683,22 +674,35 @@ impl ShmemTable {
             ino: m.inode,
             pages,
         });
+        self.remember(id, handle, dev, m.inode);
+        Ok(id)
+    }
+
+    /// The object met already with `handle` (SysV segments) or device and
+    /// inode (the others).
+    fn known(&self, handle: Option<&[u8]>, dev: u64, ino: u64) -> Option<usize> {
         match handle {
-            Some(handle) => {
-                self.sysv.insert(handle.clone(), id);
-                self.sysv_handles.insert(id, handle);
+            Some(h) => self.sysv.get(h).copied(),
+            None => self.index.get(&(dev, ino)).copied(),
+        }
+    }
+
+    fn remember(&mut self, id: usize, handle: Option<Vec<u8>>, dev: u64, ino: u64) {
+        match handle {
+            Some(h) => {
+                self.sysv.insert(h.clone(), id);
+                self.sysv_handles.insert(id, h);
             }
             None => {
-                self.index.insert((dev, m.inode), id);
+                self.index.insert((dev, ino), id);
             }
         }
-        Ok(id)
     }
 
     /// The id of a memfd open as a file (saving it if it was not mapped).
     pub fn memfd(&mut self, f: &File, name: String, img: &ImageDir) -> Result<usize> {
         let seals = memfd_seals(f);
-        self.open_object(f, ShmemKind::Memfd { name, seals }, img)
+        self.open_object(f, ShmemKind::Memfd { name, seals }, img, None)
     }
 
     /// Saves a SysV segment no process of the tree attaches (read from
@@ -710,12 +714,7 @@ impl ShmemTable {
         ns: Option<i32>,
         img: &ImageDir,
     ) -> Result<usize> {
-        let path = format!("/proc/self/fd/{}", seg.file.as_raw_fd());
-        let (_, _, handle) = sys::name_to_handle(Path::new(&path))
-            .map_err(Error::io(format!("file handle of SysV segment {}", seg.id)))?;
-        if let Some(&id) = self.sysv.get(&handle) {
-            return Ok(id);
-        }
+        let handle = sysv_handle(&format!("/proc/self/fd/{}", seg.file.as_raw_fd()))?;
         let kind = ShmemKind::SysV {
             key: seg.key,
             shmid: seg.id,
@@ -723,31 +722,20 @@ impl ShmemTable {
             creator: Some(seg.segment.creator),
             ns,
         };
-        let id = self.objects.len();
-        let meta = seg
-            .file
-            .metadata()
-            .map_err(Error::io("stat shared memory"))?;
-        let keep = self.keep.get(&(meta.dev(), meta.ino())).copied();
-        let (size, pages) = save_object(&seg.file, &img.shmem_file(id), keep)?;
-        self.objects.push(SharedMemory {
-            id,
-            kind,
-            size,
-            dev: meta.dev(),
-            ino: meta.ino(),
-            pages,
-        });
-        self.sysv.insert(handle.clone(), id);
-        self.sysv_handles.insert(id, handle);
-        Ok(id)
+        self.open_object(&seg.file, kind, img, Some(handle))
     }
 
-    /// The id of the shared memory object `f` is open on, saving it the
-    /// first time it is met.
-    fn open_object(&mut self, f: &File, kind: ShmemKind, img: &ImageDir) -> Result<usize> {
+    /// The id of the shared memory object `f` is open on (a SysV segment
+    /// known by `handle`), saving it the first time it is met.
+    fn open_object(
+        &mut self,
+        f: &File,
+        kind: ShmemKind,
+        img: &ImageDir,
+        handle: Option<Vec<u8>>,
+    ) -> Result<usize> {
         let meta = f.metadata().map_err(Error::io("stat shared memory"))?;
-        if let Some(&id) = self.index.get(&(meta.dev(), meta.ino())) {
+        if let Some(id) = self.known(handle.as_deref(), meta.dev(), meta.ino()) {
             return Ok(id);
         }
         let id = self.objects.len();
@@ -761,9 +749,17 @@ impl ShmemTable {
             ino: meta.ino(),
             pages,
         });
-        self.index.insert((meta.dev(), meta.ino()), id);
+        self.remember(id, handle, meta.dev(), meta.ino());
         Ok(id)
     }
+}
+
+/// A SysV segment's file handle, through a path to its file: it tells
+/// apart segments of one id (their inode number) in two IPC namespaces.
+fn sysv_handle(path: &str) -> Result<Vec<u8>> {
+    sys::name_to_handle(Path::new(path))
+        .map(|(_, _, handle)| handle)
+        .map_err(Error::io(format!("file handle of {path}")))
 }
 
 fn memfd_seals(f: &File) -> u32 {
