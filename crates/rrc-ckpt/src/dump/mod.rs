@@ -224,6 +224,53 @@ fn refuse_aio(pid: Pid, vmas: &[Vma], problems: &mut Vec<String>) {
     }
 }
 
+/// A process attaches SysV segments, and opens POSIX queues, of its own
+/// IPC namespace only (one that did before it made a namespace of its own
+/// could not do it again there): refuses the others. `starts` are the
+/// first processes of the nested namespaces.
+fn check_own_ipc_objects(
+    images: &[ProcessImage],
+    starts: &std::collections::HashSet<i32>,
+    shmem: &ShmemTable,
+    files: &files::FileTable,
+    problems: &mut Vec<String>,
+) {
+    use crate::image::{FileKind, ShmemKind};
+    let ns_of = |pid: i32| {
+        std::iter::successors(Some(pid), |q| {
+            images.iter().find(|i| i.pid == *q).and_then(|i| i.parent)
+        })
+        .take(images.len() + 1)
+        .find(|q| starts.contains(q))
+    };
+    for p in images {
+        for v in &p.vmas {
+            if let VmaKind::Shmem { id, .. } = v.kind
+                && let Some(ShmemKind::SysV { shmid, ns, .. }) =
+                    shmem.objects.get(id).map(|o| &o.kind)
+                && *ns != ns_of(p.pid)
+            {
+                problems.push(format!(
+                    "process {}: SysV segment {shmid} at {:#x} is of another IPC namespace \
+                     than the process's (attached before it made its own)",
+                    p.pid, v.start
+                ));
+            }
+        }
+        for fd in &p.fds {
+            if let Some(FileKind::PosixQueue { queue }) = files.files.get(fd.file).map(|f| &f.kind)
+                && files.queues.ns_of(*queue) != ns_of(p.pid)
+            {
+                problems.push(format!(
+                    "process {}: fd {}: a POSIX message queue of another IPC namespace than \
+                     the process's (opened before it made its own)",
+                    p.pid, fd.fd
+                ));
+            }
+        }
+    }
+}
+
 /// What one checkpoint of a tree is to do.
 pub(crate) struct Take<'a> {
     pub root: Pid,
@@ -637,69 +684,13 @@ pub(crate) fn take(
     phases.ipc = ipc_waited.elapsed();
     shmem.resolve_creators(&ns_of);
     files.queues.set_namespaces(&queue_devs);
-    {
-        // A process attaches segments, and opens queues, of its own IPC
-        // namespace only (one that did before it made a namespace of its
-        // own could not do it again there).
-        let starts: std::collections::HashSet<i32> = own_ns.ipc.iter().map(|p| ns_of[p]).collect();
-        let ns_of_image = |pid: i32| {
-            std::iter::successors(Some(pid), |q| {
-                images.iter().find(|i| i.pid == *q).and_then(|i| i.parent)
-            })
-            .take(images.len() + 1)
-            .find(|q| starts.contains(q))
-        };
-        for p in &images {
-            for v in &p.vmas {
-                if let VmaKind::Shmem { id, .. } = v.kind
-                    && let Some(crate::image::ShmemKind::SysV { shmid, ns, .. }) =
-                        shmem.objects.get(id).map(|o| &o.kind)
-                    && *ns != ns_of_image(p.pid)
-                {
-                    problems.push(format!(
-                        "process {}: SysV segment {shmid} at {:#x} is of another IPC namespace \
-                         than the process's (attached before it made its own)",
-                        p.pid, v.start
-                    ));
-                }
-            }
-            for fd in &p.fds {
-                if let Some(crate::image::FileKind::PosixQueue { queue }) =
-                    files.files.get(fd.file).map(|f| &f.kind)
-                    && files.queues.ns_of(*queue) != ns_of_image(p.pid)
-                {
-                    problems.push(format!(
-                        "process {}: fd {}: a POSIX message queue of another IPC namespace than \
-                         the process's (opened before it made its own)",
-                        p.pid, fd.fd
-                    ));
-                }
-            }
-        }
-    }
+    let starts: std::collections::HashSet<i32> = own_ns.ipc.iter().map(|p| ns_of[p]).collect();
+    check_own_ipc_objects(&images, &starts, &shmem, &files, &mut problems);
     files::check_unix_peers(&mut files, &mut problems);
     files.ptys.claim_terminals(&mut files.files);
-    {
-        // Session leaders and groups as the image numbers them, by ours.
-        let mut leaders: HashMap<i32, i32> = HashMap::new();
-        let mut groups: HashMap<i32, i32> = HashMap::new();
-        for p in &seized.processes {
-            let Some(image) = images.iter().find(|i| i.pid == ns_of[&p.pid]) else {
-                continue;
-            };
-            if image.sid == image.pid {
-                leaders.insert(p.pid.as_raw(), image.pid);
-            }
-            if let Ok(pgid) = nix::unistd::getpgid(Some(p.pid)) {
-                groups.insert(pgid.as_raw(), image.pgid);
-            }
-        }
-        files.ptys.number_sessions(
-            |sid| leaders.get(&sid).copied(),
-            |pgid| groups.get(&pgid).copied(),
-            &mut problems,
-        );
-    }
+    files
+        .ptys
+        .number_sessions(&seized.processes, &images, &ns_of, &mut problems);
     files::check_terminals(&files, &images, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);

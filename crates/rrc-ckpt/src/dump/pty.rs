@@ -111,30 +111,43 @@ impl Ptys {
     }
 
     /// Numbers each pair's session and foreground group as the image does
-    /// (`leader` and `group` give none for those outside the tree); a pair
-    /// that is the controlling terminal of a session the tree does not
-    /// lead is refused.
+    /// (`processes` are the tree's, `images` their records, `ns_of` their
+    /// pids as the image numbers them); a pair that is the controlling
+    /// terminal of a session the tree does not lead is refused.
     pub fn number_sessions(
         &mut self,
-        leader: impl Fn(i32) -> Option<i32>,
-        group: impl Fn(i32) -> Option<i32>,
+        processes: &[crate::dump::seize::SeizedProcess],
+        images: &[crate::image::ProcessImage],
+        ns_of: &std::collections::BTreeMap<nix::unistd::Pid, i32>,
         problems: &mut Vec<String>,
     ) {
+        // Session leaders and groups as the image numbers them, by ours.
+        let mut leaders = std::collections::HashMap::new();
+        let mut groups = std::collections::HashMap::new();
+        for p in processes {
+            let Some(image) = images.iter().find(|i| i.pid == ns_of[&p.pid]) else {
+                continue;
+            };
+            if image.sid == image.pid {
+                leaders.insert(p.pid.as_raw(), image.pid);
+            }
+            if let Ok(pgid) = nix::unistd::getpgid(Some(p.pid)) {
+                groups.insert(pgid.as_raw(), image.pgid);
+            }
+        }
         for (s, found) in self.saved.iter_mut().zip(&self.found) {
             if found.session <= 0 {
                 continue;
             }
-            match leader(found.session) {
-                Some(sid) => s.session = Some(sid),
+            match leaders.get(&found.session) {
+                Some(&sid) => s.session = Some(sid),
                 None => problems.push(format!(
                     "pseudo-terminal {} is the controlling terminal of session {}, whose \
                      leader is not in the tree",
                     s.index, found.session
                 )),
             }
-            s.foreground = (found.foreground > 0)
-                .then(|| group(found.foreground))
-                .flatten();
+            s.foreground = groups.get(&found.foreground).copied();
         }
     }
 }
