@@ -115,20 +115,16 @@ impl Made {
         let Some(id) = m.ptys.iter().position(|p| p.session == Some(t.ns_pid)) else {
             return Ok(());
         };
-        let fd = self.terminal(t, m, id, libc::O_RDWR as u32, transport)?;
-        let r = t.raw_on(t.pid, libc::SYS_ioctl, &[fd, libc::TIOCSCTTY, 0]);
-        t.call("close", nr::SYS_close, &[fd])?;
-        match r? {
-            0 => Ok(()),
-            e => Err(rerr(
-                t.ns_pid,
-                format!(
-                    "make pseudo-terminal {} the session's controlling terminal: {}",
-                    m.ptys[id].index,
-                    std::io::Error::from_raw_os_error(-e as i32)
-                ),
-            )),
-        }
+        self.ioctl_in(t, m, id, transport, libc::TIOCSCTTY, None)
+            .map_err(|e| {
+                rerr(
+                    t.ns_pid,
+                    format!(
+                        "make pseudo-terminal {} the session's controlling terminal: {e}",
+                        m.ptys[id].index
+                    ),
+                )
+            })
     }
 
     /// Sets the foreground group of the controlling terminal of `t`'s
@@ -161,21 +157,51 @@ impl Made {
                 ),
             ));
         }
-        let fd = self.terminal(t, m, id, libc::O_RDWR as u32, transport)?;
-        let at = t.arg(&pgrp.to_ne_bytes())?;
-        let r = t.raw_on(t.pid, libc::SYS_ioctl, &[fd, libc::TIOCSPGRP, at]);
-        t.call("close", nr::SYS_close, &[fd])?;
-        match r? {
-            0 => Ok(()),
-            e => Err(rerr(
+        self.ioctl_in(
+            t,
+            m,
+            id,
+            transport,
+            libc::TIOCSPGRP,
+            Some(&pgrp.to_ne_bytes()),
+        )
+        .map_err(|e| {
+            rerr(
                 t.ns_pid,
                 format!(
-                    "set the foreground group of pseudo-terminal {} to {pgrp} (a group of the \
-                     session not restored yet?): {}",
-                    pty.index,
-                    std::io::Error::from_raw_os_error(-e as i32)
+                    "set the foreground group of pseudo-terminal {} to {pgrp} (a group of \
+                         the session not restored yet?): {e}",
+                    m.ptys[id].index
                 ),
-            )),
+            )
+        })
+    }
+
+    /// Makes `t` ask `request` of a description of pair `id`'s terminal of
+    /// its own (opened for it, closed after), with `arg` in its memory (or
+    /// 0); the call's error, if it failed.
+    fn ioctl_in(
+        &mut self,
+        t: &mut Tracee,
+        m: &Manifest,
+        id: usize,
+        transport: &Transport,
+        request: libc::c_ulong,
+        arg: Option<&[u8]>,
+    ) -> std::result::Result<(), String> {
+        let fd = self
+            .terminal(t, m, id, libc::O_RDWR as u32, transport)
+            .map_err(|e| e.to_string())?;
+        let at = match arg {
+            Some(bytes) => t.arg(bytes).map_err(|e| e.to_string())?,
+            None => 0,
+        };
+        let r = t.raw_on(t.pid, libc::SYS_ioctl, &[fd, request, at]);
+        t.call("close", nr::SYS_close, &[fd])
+            .map_err(|e| e.to_string())?;
+        match r.map_err(|e| e.to_string())? {
+            0 => Ok(()),
+            e => Err(std::io::Error::from_raw_os_error(-e as i32).to_string()),
         }
     }
 
