@@ -160,6 +160,13 @@ fn container_errors() {
     lab.rrc_on("primary", &["stop", "ghost"])
         .fails_with("no container named `ghost`");
 
+    // A container's word on AIO is given at its start, not per checkpoint.
+    lab.rrc_on(
+        "primary",
+        &["checkpoint", "ghost", "--images", "/tmp/none", "--aio-idle"],
+    )
+    .fails_with("rrc run --aio-idle");
+
     // Lab-level mistakes.
     rrc(&["lab", "up", "--lab", "Bad-Name"]).fails_with("invalid lab name");
     rrc(&["lab", "up", "--lab", &lab.name, "--subnet", "10.250.0.0/24"])

@@ -91,6 +91,12 @@ impl From<Copy> for CopyChoice {
 
 pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
     rrc_container::probe::require_root("rrc checkpoint")?;
+    if a.aio_idle && a.pid.is_none() {
+        bail!(
+            "--aio-idle is for a process tree (--pid); a container says it when it is started \
+             (rrc run --aio-idle), so that all its checkpoints carry its AIO contexts"
+        );
+    }
     if let Some(every) = a.every {
         return series(&a, every);
     }
