@@ -589,8 +589,12 @@ impl ShmemTable {
                 ns: in_ns,
                 ..
             } = &mut obj.kind
-                && let Some(handle) = self.sysv_handles.get(&obj.id)
-                && let Some(id) = listed.handles.get(handle)
+                && let Some(id) = match self.sysv_handles.get(&obj.id) {
+                    Some(handle) => listed.handles.get(handle),
+                    // One whose file gives no handle (huge pages): by its
+                    // id, in the root's namespace.
+                    None => ns.is_none().then_some(&*shmid),
+                }
                 && let Some(seg) = listed.segments.get(id)
             {
                 *shmid = *id;
@@ -632,7 +636,7 @@ impl ShmemTable {
         let (start, end) = m.address;
         let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
         let handle = match kind {
-            ShmemKind::SysV { .. } => Some(sysv_handle(&path)?),
+            ShmemKind::SysV { .. } => sysv_handle(&path),
             _ => None,
         };
         if let Some(id) = self.known(handle.as_deref(), dev, m.inode) {
@@ -714,7 +718,7 @@ impl ShmemTable {
         ns: Option<i32>,
         img: &ImageDir,
     ) -> Result<usize> {
-        let handle = sysv_handle(&format!("/proc/self/fd/{}", seg.file.as_raw_fd()))?;
+        let handle = sysv_handle(&format!("/proc/self/fd/{}", seg.file.as_raw_fd()));
         let kind = ShmemKind::SysV {
             key: seg.key,
             shmid: seg.id,
@@ -722,7 +726,7 @@ impl ShmemTable {
             creator: Some(seg.segment.creator),
             ns,
         };
-        self.open_object(&seg.file, kind, img, Some(handle))
+        self.open_object(&seg.file, kind, img, handle)
     }
 
     /// The id of the shared memory object `f` is open on (a SysV segment
@@ -756,10 +760,12 @@ impl ShmemTable {
 
 /// A SysV segment's file handle, through a path to its file: it tells
 /// apart segments of one id (their inode number) in two IPC namespaces.
-fn sysv_handle(path: &str) -> Result<Vec<u8>> {
+/// None where the file system gives none (huge pages): such a segment is
+/// known by its id, as one of the root's namespace.
+fn sysv_handle(path: &str) -> Option<Vec<u8>> {
     sys::name_to_handle(Path::new(path))
         .map(|(_, _, handle)| handle)
-        .map_err(Error::io(format!("file handle of {path}")))
+        .ok()
 }
 
 fn memfd_seals(f: &File) -> u32 {
