@@ -326,13 +326,25 @@ fn check_references(
             )));
         }
     }
-    // A queue's namespace is one a process of the tree starts.
-    if let Some(q) = m.posix_queues.iter().find(|q| {
-        q.ns.is_some_and(|f| f == m.root || procs.get(&f).is_none_or(|p| p.ipc.is_none()))
-    }) {
+    // A queue's or segment's namespace is one a process of the tree
+    // starts.
+    let starts_none = |ns: &Option<i32>| {
+        ns.is_some_and(|f| f == m.root || procs.get(&f).is_none_or(|p| p.ipc.is_none()))
+    };
+    if let Some(q) = m.posix_queues.iter().find(|q| starts_none(&q.ns)) {
         return Err(corrupt(format!(
             "POSIX message queue {} is in the IPC namespace of process {:?}, which starts none",
             q.name, q.ns
+        )));
+    }
+    if let Some(o) = m
+        .shmem
+        .iter()
+        .find(|o| matches!(&o.kind, crate::image::ShmemKind::SysV { ns, .. } if starts_none(ns)))
+    {
+        return Err(corrupt(format!(
+            "SysV segment {} is in an IPC namespace no process of the tree starts",
+            o.id
         )));
     }
     for pty in &m.ptys {
