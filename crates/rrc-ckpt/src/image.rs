@@ -134,6 +134,11 @@ pub struct ProcessImage {
     /// is another), rooted at its cgroup, which its descendants share.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub own_cgroup_ns: bool,
+    /// The first process of a network namespace of its own (its parent's
+    /// is another), which has a loopback interface only and its
+    /// descendants share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_net: Option<OwnNet>,
     /// The first process of an IPC namespace of its own (the root: the
     /// tree's, when it was not the checkpointing process's): the objects
     /// in it, but for shared memory segments (with the memory).
@@ -663,6 +668,14 @@ impl Pty {
     /// Bytes of `struct termios2` and of `struct winsize`.
     pub const TERMIOS: usize = 44;
     pub const WINSIZE: usize = 8;
+}
+
+/// A network namespace a process of the tree made: its loopback interface,
+/// its only one, with its own addresses (127.0.0.1/8, ::1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnNet {
+    /// The loopback interface is up.
+    pub lo_up: bool,
 }
 
 /// The layout of an AIO completion ring (`struct aio_ring` of

@@ -1622,3 +1622,41 @@ pub mod tty {
         ioctl_int(master, libc::TIOCGPGRP as libc::c_ulong)
     }
 }
+
+/// Whether the loopback interface of the calling thread's network
+/// namespace is up.
+pub fn loopback_up() -> io::Result<bool> {
+    Ok(loopback_flags(None)? & libc::IFF_UP as i16 != 0)
+}
+
+/// Brings the loopback interface of the calling thread's network namespace
+/// up.
+pub fn set_loopback_up() -> io::Result<()> {
+    let flags = loopback_flags(None)?;
+    loopback_flags(Some(flags | libc::IFF_UP as i16)).map(|_| ())
+}
+
+/// The loopback interface's flags (`SIOCGIFFLAGS`), after setting them
+/// to `set` (`SIOCSIFFLAGS`) if given.
+fn loopback_flags(set: Option<i16>) -> io::Result<i16> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: socket takes integers and returns a new fd or -1.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd.into())?;
+    // SAFETY: the fd was just made for us and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // struct ifreq: the name (16 bytes), then a union whose first member
+    // here is the flags (a short); 40 bytes in all.
+    let mut req = [0u8; 40];
+    req[..2].copy_from_slice(b"lo");
+    let (request, flags) = match set {
+        Some(f) => (libc::SIOCSIFFLAGS, f),
+        None => (libc::SIOCGIFFLAGS, 0),
+    };
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: both requests read and write one struct ifreq, which `req`
+    // is.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), request, req.as_mut_ptr()) };
+    check(r.into())?;
+    Ok(i16::from_ne_bytes([req[16], req[17]]))
+}

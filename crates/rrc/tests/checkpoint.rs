@@ -971,6 +971,16 @@ fn an_ipc_namespace_of_a_process_of_the_tree_keeps_its_semaphores_queues_and_lim
 }
 
 #[test]
+fn a_network_namespace_of_a_process_comes_back_with_its_loopback_and_sockets() {
+    checkpoint_restore("netns_own");
+}
+
+#[test]
+fn a_network_namespace_with_more_than_a_loopback_is_refused_and_left_running() {
+    refused("unsupported_netns", "address 10.9.8.7");
+}
+
+#[test]
 fn message_queues_of_a_nested_ipc_namespace_come_back_there_even_with_the_roots_names() {
     checkpoint_restore("mqueue_own_ns");
 }

@@ -1235,17 +1235,20 @@ fn describe_anon(name: &str) -> String {
 
 /// A unix socket: listening, connected (with what it has queued to read)
 /// or neither.
-/// The unix sockets of the tree's network namespace (asked of sock_diag
-/// once, when the first unix socket is met: most processes have none).
+/// The unix sockets of the tree's network namespaces (asked of sock_diag
+/// once, when the first unix socket is met: most processes have none;
+/// inode numbers are the host's, whatever the namespace).
 pub struct UnixTable {
-    root: Pid,
+    /// A process in each namespace: the root, and the first of each the
+    /// tree made.
+    namespaces: Vec<Pid>,
     map: std::cell::OnceCell<HashMap<u32, UnixInfo>>,
 }
 
 impl UnixTable {
-    pub fn new(root: Pid) -> UnixTable {
+    pub fn new(namespaces: Vec<Pid>) -> UnixTable {
         UnixTable {
-            root,
+            namespaces,
             map: std::cell::OnceCell::new(),
         }
     }
@@ -1254,9 +1257,13 @@ impl UnixTable {
         if let Some(m) = self.map.get() {
             return Ok(m);
         }
-        let m = crate::common::in_netns_of(self.root, crate::unixdiag::query)?
-            .map_err(Error::io("list unix sockets (sock_diag)"))?;
-        Ok(self.map.get_or_init(|| m))
+        let mut all = HashMap::new();
+        for pid in &self.namespaces {
+            let m = crate::common::in_netns_of(*pid, crate::unixdiag::query)?
+                .map_err(Error::io("list unix sockets (sock_diag)"))?;
+            all.extend(m);
+        }
+        Ok(self.map.get_or_init(|| all))
     }
 }
 

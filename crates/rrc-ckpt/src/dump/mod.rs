@@ -422,6 +422,11 @@ pub(crate) fn take(
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
     let mut own_ns = namespaces::check_shared(t.root, &seized.processes, &mut problems);
+    // Connections waiting to be accepted in the network namespaces the
+    // tree made, as in the root's.
+    for first in own_ns.net.keys() {
+        refuse_if_busy(&seized, &crate::sockdiag::ListenerProbe::of(*first)?)?;
+    }
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
@@ -446,7 +451,11 @@ pub(crate) fn take(
         .chain(namespaces::root_owns_ipc(t.root).then_some((t.root, false)))
         .collect();
     let ipc_reader = ipc::Reader::start(ipc_owners);
-    let unix = files::UnixTable::new(t.root);
+    let unix = files::UnixTable::new(
+        std::iter::once(t.root)
+            .chain(own_ns.net.keys().copied())
+            .collect(),
+    );
     let tables = fd_tables(&seized.processes);
     // The first process (its image's pid) seen using each fd table.
     let mut first_with_table: HashMap<usize, i32> = HashMap::new();
@@ -566,6 +575,7 @@ pub(crate) fn take(
             children_pid_ns: place.children_pid_ns,
             uts: own_ns.uts.remove(&p.pid),
             own_cgroup_ns: own_ns.cgroup.contains(&p.pid),
+            own_net: own_ns.net.get(&p.pid).copied(),
             ipc: None,
             time_ns: time.ns,
             children_time_ns: time.children,

@@ -687,7 +687,7 @@ fn restore_process(
         join_session(&mut t, p, ctx.procs)?;
         return end_zombie(t, exit);
     }
-    // Its own UTS, cgroup and time namespaces before its children are
+    // Its own UTS, cgroup, network and time namespaces before its children are
     // forked into them.
     namespaces::enter_time(&mut t, p)?;
     if let Some(names) = &p.uts {
@@ -695,6 +695,9 @@ fn restore_process(
     }
     if p.own_cgroup_ns {
         namespaces::own_cgroup(&mut t)?;
+    }
+    if let Some(net) = &p.own_net {
+        namespaces::own_net(&mut t, net)?;
     }
     // Its IPC namespace's objects before anyone uses them; a container's
     // root was made in a new one.
