@@ -358,7 +358,7 @@ fn a_restored_container_is_kept_as_the_original_was() {
     };
     rrc(&["stop", &name]).ok();
     let _ = std::fs::remove_dir_all(&images);
-    let _ = std::fs::remove_dir_all(&private);
+    remove_private_root(&name);
     assert_eq!(answer.trim(), "REFUSED");
 }
 
@@ -424,7 +424,7 @@ fn a_container_with_a_private_root_sees_the_host_read_only_and_keeps_its_files_a
     let log = rrc(&["stop", &name]);
     let _ = std::fs::remove_dir_all(&images);
     let _ = std::fs::remove_file(&host_file);
-    let _ = std::fs::remove_dir_all(&private);
+    remove_private_root(&name);
     let out = std::fs::read_to_string(shared.join("out")).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&shared);
     assert_eq!(out, "shared-before\nshared-after\n");
@@ -469,7 +469,7 @@ fn a_link_a_container_leaves_in_its_private_root_is_never_followed_on_the_host()
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&host_dir).unwrap().permissions(),
     ) & 0o7777;
-    let _ = std::fs::remove_dir_all(&private);
+    remove_private_root(&name);
     let _ = std::fs::remove_dir_all(&host_dir);
     let _ = std::fs::remove_dir_all(&images);
     imaged.ok();

@@ -347,6 +347,8 @@ pub fn remove_private_root(name: &str) {
     if let Ok(dir) = rrc_container::rootfs::RootFs::private_dir(&name) {
         let _ = fs::remove_dir_all(dir);
     }
+    // And the output of a detached run, which outlives its container.
+    let _ = fs::remove_file(rrc_container::HostState::current().log_path(&name));
 }
 
 /// A scratch directory of this test process.
