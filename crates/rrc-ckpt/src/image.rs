@@ -744,6 +744,20 @@ pub mod aio_ring {
         Ok(())
     }
 
+    /// [`check`] of mapping `v`, if it is an AIO ring.
+    pub fn check_vma(v: &super::Vma) -> Result<(), String> {
+        match &v.kind {
+            super::VmaKind::AioRing {
+                id,
+                nr,
+                head,
+                tail,
+                events,
+            } => check(v.end - v.start, *id, *nr, *head, *tail, events.0.len()),
+            _ => Ok(()),
+        }
+    }
+
     /// Unreaped events from `head` to `tail` in a ring of `nr`.
     pub fn pending(nr: u32, head: u32, tail: u32) -> u64 {
         if tail >= head {

@@ -1529,24 +1529,43 @@ pub mod tty {
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
-    /// `struct termios2` (`TCGETS2`).
-    pub fn termios(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-        let mut b = vec![0u8; Pty::TERMIOS];
-        // SAFETY: TCGETS2 writes one struct termios2, the size of `b`.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCGETS2, b.as_mut_ptr()) };
+    /// A struct of `len` bytes that `request` writes (`TCGETS2`,
+    /// `TIOCGWINSZ`).
+    fn get_struct(fd: BorrowedFd<'_>, request: libc::c_ulong, len: usize) -> io::Result<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        // SAFETY: the requests passed here write one struct of `len`
+        // bytes, the size of `b`.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, b.as_mut_ptr()) };
         check(r as libc::c_long)?;
         Ok(b)
     }
 
-    /// Sets `struct termios2` (`TCSETS2`: at once, nothing flushed).
-    pub fn set_termios(fd: BorrowedFd<'_>, t: &[u8]) -> io::Result<()> {
-        if t.len() != Pty::TERMIOS {
+    /// Gives `request` (`TCSETS2`, `TIOCSWINSZ`) the struct `bytes`, which
+    /// must be `len` bytes long.
+    fn set_struct(
+        fd: BorrowedFd<'_>,
+        request: libc::c_ulong,
+        len: usize,
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        if bytes.len() != len {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: TCSETS2 reads one struct termios2, which `t` is.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TCSETS2, t.as_ptr()) };
+        // SAFETY: the requests passed here read one struct of `len` bytes,
+        // which `bytes` is.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, bytes.as_ptr()) };
         check(r as libc::c_long)?;
         Ok(())
+    }
+
+    /// `struct termios2` (`TCGETS2`).
+    pub fn termios(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+        get_struct(fd, libc::TCGETS2, Pty::TERMIOS)
+    }
+
+    /// Sets `struct termios2` (`TCSETS2`: at once, nothing flushed).
+    pub fn set_termios(fd: BorrowedFd<'_>, t: &[u8]) -> io::Result<()> {
+        set_struct(fd, libc::TCSETS2, Pty::TERMIOS, t)
     }
 
     /// Writes `output` through the terminal `fd` with output processing
@@ -1566,21 +1585,11 @@ pub mod tty {
 
     /// `struct winsize` (`TIOCGWINSZ`).
     pub fn winsize(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-        let mut b = vec![0u8; Pty::WINSIZE];
-        // SAFETY: TIOCGWINSZ writes one struct winsize, the size of `b`.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, b.as_mut_ptr()) };
-        check(r as libc::c_long)?;
-        Ok(b)
+        get_struct(fd, libc::TIOCGWINSZ, Pty::WINSIZE)
     }
 
     pub fn set_winsize(fd: BorrowedFd<'_>, w: &[u8]) -> io::Result<()> {
-        if w.len() != Pty::WINSIZE {
-            return Err(io::Error::from(io::ErrorKind::InvalidInput));
-        }
-        // SAFETY: TIOCSWINSZ reads one struct winsize, which `w` is.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, w.as_ptr()) };
-        check(r as libc::c_long)?;
-        Ok(())
+        set_struct(fd, libc::TIOCSWINSZ, Pty::WINSIZE, w)
     }
 
     /// A master's packet mode, lock, and its terminal's exclusive mode

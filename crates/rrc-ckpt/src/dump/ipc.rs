@@ -144,10 +144,8 @@ fn read_here(problems: &mut Vec<String>) -> std::io::Result<Namespace> {
         // A file system without handles (huge pages): known by its id in
         // the root's namespace; a nested one's is then refused, as its
         // mappings are not matched with it.
-        if let Ok((_, _, handle)) = sys::name_to_handle(std::path::Path::new(&format!(
-            "/proc/self/fd/{}",
-            std::os::fd::AsRawFd::as_raw_fd(&file)
-        ))) {
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+        if let Some(handle) = crate::dump::memory::sysv_handle(&path) {
             handles.insert(handle, id);
         }
         if seg.get("nattch")? == 0 {

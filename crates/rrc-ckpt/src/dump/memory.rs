@@ -762,7 +762,7 @@ impl ShmemTable {
 /// apart segments of one id (their inode number) in two IPC namespaces.
 /// None where the file system gives none (huge pages): such a segment is
 /// known by its id, as one of the root's namespace.
-fn sysv_handle(path: &str) -> Option<Vec<u8>> {
+pub(crate) fn sysv_handle(path: &str) -> Option<Vec<u8>> {
     sys::name_to_handle(Path::new(path))
         .map(|(_, _, handle)| handle)
         .ok()

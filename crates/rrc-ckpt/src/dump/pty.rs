@@ -121,6 +121,11 @@ impl Ptys {
         ns_of: &std::collections::BTreeMap<nix::unistd::Pid, i32>,
         problems: &mut Vec<String>,
     ) {
+        // Nothing to ask of every process at every checkpoint of a tree
+        // that holds no master.
+        if self.saved.is_empty() {
+            return;
+        }
         // Session leaders and groups as the image numbers them, by ours.
         let mut leaders = std::collections::HashMap::new();
         let mut groups = std::collections::HashMap::new();

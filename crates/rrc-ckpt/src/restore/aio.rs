@@ -96,8 +96,9 @@ fn make_ring(t: &mut Tracee, v: &Vma) -> Result<()> {
     let (id, nr, head, tail) = (*id, *nr, *head, *tail);
     let len = v.end - v.start;
     let pending = aio_ring::pending(nr, head, tail);
-    aio_ring::check(len, id, nr, head, tail, events.0.len())
-        .map_err(|what| rerr(pid, format!("at {:#x}: {what}", v.start)))?;
+    // Checked when the image was loaded; again here, as the slicing below
+    // relies on it.
+    aio_ring::check_vma(v).map_err(|what| rerr(pid, format!("at {:#x}: {what}", v.start)))?;
     let ctx = setup(t, aio_ring::setup_request(u64::from(nr)))?;
     let (made, made_id) = (word(t.pid, ctx + NR as u64)?, word(t.pid, ctx + ID as u64)?);
     if made != nr || made_id != id {

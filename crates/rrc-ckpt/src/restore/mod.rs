@@ -211,21 +211,10 @@ fn check_sizes(
             });
         }
         for v in &p.vmas {
-            if let crate::image::VmaKind::AioRing {
-                id,
-                nr,
-                head,
-                tail,
-                events,
-            } = &v.kind
-            {
-                let len = v.end - v.start;
-                crate::image::aio_ring::check(len, *id, *nr, *head, *tail, events.0.len())
-                    .map_err(|what| Error::CorruptImage {
-                        path: img.file(&ImageDir::process_name(*pid)),
-                        detail: format!("process {pid}, mapping at {:#x}: {what}", v.start),
-                    })?;
-            }
+            crate::image::aio_ring::check_vma(v).map_err(|what| Error::CorruptImage {
+                path: img.file(&ImageDir::process_name(*pid)),
+                detail: format!("process {pid}, mapping at {:#x}: {what}", v.start),
+            })?;
         }
     }
     for obj in &m.shmem {
