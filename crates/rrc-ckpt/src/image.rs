@@ -139,6 +139,11 @@ pub struct ProcessImage {
     /// descendants share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_net: Option<OwnNet>,
+    /// The first process of a mount namespace of its own (its parent's is
+    /// another), which its descendants share: how it differs from its
+    /// parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_mounts: Option<mounts::MountNs>,
     /// The first process of an IPC namespace of its own (the root: the
     /// tree's, when it was not the checkpointing process's): the objects
     /// in it, but for shared memory segments (with the memory).
@@ -680,6 +685,8 @@ pub struct OwnNet {
 
 /// The layout of an AIO completion ring (`struct aio_ring` of
 /// `linux/aio.h`, followed by its `struct io_event`s), defined here only.
+pub mod mounts;
+
 pub mod aio_ring {
     /// Bytes of the ring's header.
     pub const HEADER: usize = 32;
@@ -1488,6 +1495,12 @@ impl ImageDir {
     /// The content of a deleted file a process had mapped.
     pub fn mapped_data(&self, dev: u64, ino: u64) -> PathBuf {
         self.file(&format!("mapped-{dev}-{ino}.img"))
+    }
+
+    /// The contents of the files of file system `n` that process `pid`'s
+    /// mount namespace made (`mounts::MountOp::Tmpfs`).
+    pub fn mount_data(&self, pid: i32, n: usize) -> PathBuf {
+        self.file(&format!("mount-{pid}-{n}.img"))
     }
 
     pub fn pipe_data(&self, pipe: u64) -> PathBuf {

@@ -1177,11 +1177,16 @@ fn deleted_files_and_directories_and_a_chrooted_working_directory() {
 }
 
 #[test]
-fn a_process_in_a_mount_namespace_of_its_own_is_refused_and_left_running() {
+fn a_process_in_a_user_namespace_of_its_own_is_refused_and_left_running() {
     refused_for_each(
         "unsupported_namespaces",
-        &["1 namespace(s) other than the root's (mnt)"],
+        &["1 namespace(s) other than the root's (user)"],
     );
+}
+
+#[test]
+fn a_mount_namespace_of_a_process_comes_back_with_its_mounts_and_tmpfs_files() {
+    checkpoint_restore("mntns_own");
 }
 
 #[test]

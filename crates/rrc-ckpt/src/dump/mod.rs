@@ -5,6 +5,7 @@ pub(crate) mod files;
 pub mod inject;
 mod ipc;
 pub(crate) mod memory;
+mod mounts;
 mod mqueue;
 mod namespaces;
 pub(crate) mod process;
@@ -427,6 +428,11 @@ pub(crate) fn take(
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
     let mut own_ns = namespaces::check_shared(t.root, &seized.processes, &mut problems);
+    for (p, m) in &mut own_ns.mnt {
+        if let Err(e) = m.number_makers(|h| ns_of.get(&h).copied()) {
+            problems.push(format!("process {p}'s mount namespace: {e}"));
+        }
+    }
     // Connections waiting to be accepted in the network namespaces the
     // tree made, as in the root's.
     for first in own_ns.net.keys() {
@@ -581,6 +587,11 @@ pub(crate) fn take(
             uts: own_ns.uts.remove(&p.pid),
             own_cgroup_ns: own_ns.cgroup.contains(&p.pid),
             own_net: own_ns.net.get(&p.pid).copied(),
+            own_mounts: own_ns
+                .mnt
+                .remove(&p.pid)
+                .map(|m| m.save(img, ns_of[&p.pid]))
+                .transpose()?,
             ipc: None,
             time_ns: time.ns,
             children_time_ns: time.children,

@@ -173,9 +173,9 @@ impl PidLevels {
 }
 
 /// The kinds of namespace a restore makes every process of the tree share
-/// with the root (pid, UTS, cgroup, IPC, network and time namespaces
-/// apart).
-const SHARED_KINDS: [&str; 2] = ["mnt", "user"];
+/// with the root (pid, mount, UTS, cgroup, IPC, network and time
+/// namespaces apart).
+const SHARED_KINDS: [&str; 1] = ["user"];
 
 /// The namespaces of their own some processes start: each such process's
 /// UTS names, and which start a cgroup or an IPC namespace.
@@ -185,6 +185,7 @@ pub struct OwnNamespaces {
     pub cgroup: BTreeSet<Pid>,
     pub ipc: BTreeSet<Pid>,
     pub net: BTreeMap<Pid, crate::image::OwnNet>,
+    pub mnt: BTreeMap<Pid, super::mounts::OwnMounts>,
 }
 
 /// Refuses processes that are in a namespace of one of the shared kinds
@@ -250,6 +251,19 @@ pub fn check_shared(
             )),
             Err(e) => problems.push(format!(
                 "process {p}: its network namespace cannot be read: {e}"
+            )),
+        }
+    }
+    let live: Vec<Pid> = others.iter().map(|p| p.pid).collect();
+    for p in first_of_own(processes, &others, "mnt", "mount", problems) {
+        let parent = others.iter().find(|q| q.pid == p).and_then(|q| q.parent);
+        match super::mounts::read(p, parent.unwrap_or(root), &live) {
+            Ok(m) => {
+                own.mnt.insert(p, m);
+            }
+            Err(what) => problems.push(format!(
+                "process {p} is in a mount namespace of its own with {what}, which a \
+                 restore does not make again"
             )),
         }
     }

@@ -40,6 +40,9 @@ pub struct MemCtx<'a> {
     /// Which process makes each SysV segment, by object id
     /// ([`sysv_makers`]).
     pub sysv_makers: HashMap<usize, i32>,
+    /// The devices of the tmpfs file systems the restore makes again
+    /// (`mounts::remade_devices`): their files are new ones.
+    pub remade_devices: std::collections::HashSet<u64>,
 }
 
 impl MemCtx<'_> {
@@ -314,7 +317,10 @@ pub fn replace(
                         )?;
                         let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", t.pid))
                             .map_err(|e| rerr(pid, "mapped file", format!("{path}: {e}")))?;
-                        if deleted.is_none() && (meta.ino() != *ino || meta.dev() != *dev) {
+                        if deleted.is_none()
+                            && !ctx.remade_devices.contains(dev)
+                            && (meta.ino() != *ino || meta.dev() != *dev)
+                        {
                             t.call("close", nr::SYS_close, &[fd])?;
                             return Err(rerr(
                                 pid,

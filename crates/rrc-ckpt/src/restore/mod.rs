@@ -16,6 +16,7 @@ mod files;
 mod ipc;
 pub mod lazy;
 mod mm;
+mod mounts;
 mod mqueue;
 mod namespaces;
 mod pty;
@@ -149,6 +150,10 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
     }
     check_references(images, &m, &procs)?;
     check_sizes(&img, &m, &procs)?;
+    mounts::check(&img, &procs, m.root).map_err(|detail| Error::CorruptImage {
+        path: images.into(),
+        detail,
+    })?;
     if let Some(p) = procs.values().find(|p| p.zombie.is_none()) {
         mm::check_vdso(p)?;
     }
@@ -688,6 +693,11 @@ fn restore_process(
     if let Some(net) = &p.own_net {
         namespaces::own_net(&mut t, net)?;
     }
+    // Its mount namespace before it opens or maps a file.
+    if let Some(ns) = &p.own_mounts {
+        mounts::make(&mut t, p, ns, ctx.img)?;
+    }
+    mounts::made_by(&mut t, ctx.procs)?;
     // Its IPC namespace's objects before anyone uses them; a container's
     // root was made in a new one.
     if let Some(objects) = &p.ipc {
@@ -1097,6 +1107,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             transport: sockets::Transport::new()?,
             lazy: opts.lazy_pages.then(lazy::LazyPages::default),
             sysv_makers: mm::sysv_makers(&m.shmem, &procs, m.root),
+            remade_devices: mounts::remade_devices(&procs),
         },
         done: Vec::new(),
         orphan_sessions: orphan_sessions(&m, &procs),

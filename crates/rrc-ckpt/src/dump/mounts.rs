@@ -1,0 +1,647 @@
+//! A mount namespace a process of the tree made, read as the steps that
+//! turn a copy of its parent's into it (format: `image::mounts`).
+//!
+//! Both mount tables are read from mountinfo, each as its process sees it.
+//! A namespace unshared is a copy of its parent's, mount for mount, so
+//! the two trees are matched from their roots down (same place, file
+//! system and root); what is left over is what the process changed:
+//! mounts it removed, flags and propagation it changed, and new mounts.
+//! A new mount is a bind mount when its file system is mounted elsewhere
+//! in either table; otherwise it must be a tmpfs (saved with its files) or
+//! a proc file system (made again by a process of its pid namespace).
+//! Anything else is a reason to refuse the tree.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+
+use nix::unistd::Pid;
+use procfs::FromBufRead;
+use procfs::process::{MountInfo, MountOptFields};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+
+use crate::image::ImageDir;
+use crate::image::mounts::{
+    Entry, EntryKind, MountFlag, MountNs, MountOp, Propagation, options_allowed,
+};
+
+/// A tmpfs's regular files to save: its step's index, its top directory,
+/// open, and each file (path below the top, length) in `entries` order.
+struct TmpfsFiles {
+    step: usize,
+    top: OwnedFd,
+    files: Vec<(String, u64)>,
+}
+
+/// A tmpfs read: its device, its top's entry and the others.
+struct Tmpfs {
+    dev: u64,
+    root: Entry,
+    entries: Vec<Entry>,
+    files: TmpfsFiles,
+}
+
+/// A mount namespace read, with what saving its tmpfs contents needs.
+pub struct OwnMounts {
+    pub ns: MountNs,
+    /// What each tmpfs step's data file is made of.
+    contents: Vec<TmpfsFiles>,
+    /// Proc steps' makers, by the host's pids: index, pid.
+    makers: Vec<(usize, Pid)>,
+}
+
+type Found<T> = std::result::Result<T, String>;
+
+/// Reads the mount namespace process `pid` made: how it differs from that
+/// of its parent `parent`. `peers` are the tree's other live processes,
+/// among which a proc file system's maker is found. `Err` says what the
+/// namespace holds that a restore cannot make again.
+pub fn read(pid: Pid, parent: Pid, peers: &[Pid]) -> Found<OwnMounts> {
+    let stat_root = |p: Pid| {
+        rustix::fs::stat(format!("/proc/{p}/root"))
+            .map(|s| (s.st_dev, s.st_ino))
+            .map_err(|e| format!("its root cannot be read: {e}"))
+    };
+    if stat_root(pid)? != stat_root(parent)? {
+        return Err("another root directory than its parent's".into());
+    }
+    let mine = table(pid)?;
+    let theirs = table(parent)?;
+    let matched = match_trees(&mine, &theirs)?;
+    let mut own = OwnMounts {
+        ns: MountNs::default(),
+        contents: Vec::new(),
+        makers: Vec::new(),
+    };
+    propagation_changes(&mine, &theirs, &matched, &mut own.ns.ops)?;
+    unmounts(&theirs, &matched, &mut own.ns.ops)?;
+    for (i, m) in mine.iter().enumerate() {
+        if let Some(j) = matched[i]
+            && flags(m) != flags(&theirs[j])
+        {
+            refuse_covered(&mine, i, "its flags changed")?;
+            own.ns.ops.push(MountOp::Flags {
+                path: point(m),
+                flags: flags(m),
+            });
+        }
+    }
+    for (i, m) in matched.iter().enumerate() {
+        if m.is_none() {
+            new_mount(pid, peers, &mine, &theirs, i, &mut own)?;
+        }
+    }
+    Ok(own)
+}
+
+impl OwnMounts {
+    /// The proc steps' makers by the image's pids (`image_pid` gives them).
+    pub fn number_makers(&mut self, image_pid: impl Fn(Pid) -> Option<i32>) -> Found<()> {
+        for (n, host) in &self.makers {
+            if let MountOp::Proc { by, .. } = &mut self.ns.ops[*n] {
+                *by =
+                    image_pid(*host).ok_or_else(|| format!("process {host} is not in the tree"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes each tmpfs's files to its data file, for the image of
+    /// process `image_pid`; the namespace's steps for its image.
+    pub fn save(self, img: &ImageDir, image_pid: i32) -> crate::Result<MountNs> {
+        for TmpfsFiles { step, top, files } in &self.contents {
+            let path = img.mount_data(image_pid, *step);
+            let mut out = File::create(&path).map_err(|e| crate::Error::image(&path, e))?;
+            for (rel, len) in files {
+                let mut copy = || -> std::io::Result<()> {
+                    let fd = rustix::fs::openat2(
+                        top,
+                        rel.as_str(),
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                        Mode::empty(),
+                        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV,
+                    )?;
+                    let copied = std::io::copy(&mut File::from(fd).take(*len), &mut out)?;
+                    if copied != *len {
+                        return Err(std::io::Error::other(format!(
+                            "{copied} bytes where {len} were"
+                        )));
+                    }
+                    Ok(())
+                };
+                copy().map_err(|e| crate::Error::Proc {
+                    pid: image_pid,
+                    what: "tmpfs of its mount namespace",
+                    detail: format!("{rel}: {e}"),
+                })?;
+            }
+            out.flush().map_err(|e| crate::Error::image(&path, e))?;
+        }
+        Ok(self.ns)
+    }
+}
+
+/// Process `pid`'s mount table, as it sees it.
+fn table(pid: Pid) -> Found<Vec<MountInfo>> {
+    let f = File::open(format!("/proc/{pid}/mountinfo"))
+        .map_err(|e| format!("its mount table cannot be read: {e}"))?;
+    procfs::process::MountInfos::from_buf_read(std::io::BufReader::new(f))
+        .map(|m| m.0)
+        .map_err(|e| format!("its mount table cannot be read: {e}"))
+}
+
+fn point(m: &MountInfo) -> String {
+    m.mount_point.to_string_lossy().into_owned()
+}
+
+/// Its per-mount flags, in order.
+fn flags(m: &MountInfo) -> Vec<MountFlag> {
+    let mut f: Vec<MountFlag> = m
+        .mount_options
+        .keys()
+        .filter_map(|k| MountFlag::from_option(k))
+        .collect();
+    f.sort();
+    f
+}
+
+fn propagation(m: &MountInfo) -> Propagation {
+    let has = |f: fn(&MountOptFields) -> bool| m.opt_fields.iter().any(f);
+    let shared = has(|f| matches!(f, MountOptFields::Shared(_)));
+    let slave = has(|f| matches!(f, MountOptFields::Master(_)));
+    match (shared, slave) {
+        (true, true) => Propagation::SharedSlave,
+        (true, false) => Propagation::Shared,
+        (false, true) => Propagation::Slave,
+        _ if has(|f| matches!(f, MountOptFields::Unbindable)) => Propagation::Unbindable,
+        _ => Propagation::Private,
+    }
+}
+
+/// Whether two mounts are copies of one another.
+fn alike(a: &MountInfo, b: &MountInfo) -> bool {
+    a.mount_point == b.mount_point
+        && a.majmin == b.majmin
+        && a.root == b.root
+        && a.fs_type == b.fs_type
+}
+
+/// The index of the root of a table: the mount whose parent is not in it.
+fn root_of(t: &[MountInfo]) -> Option<usize> {
+    let ids: HashSet<i32> = t.iter().map(|m| m.mnt_id).collect();
+    t.iter()
+        .position(|m| !ids.contains(&m.pid) || m.pid == m.mnt_id)
+}
+
+fn children(t: &[MountInfo], of: usize) -> impl Iterator<Item = usize> + '_ {
+    let id = t[of].mnt_id;
+    (0..t.len()).filter(move |&i| i != of && t[i].pid == id)
+}
+
+/// For each mount of `mine`, the mount of `theirs` it is a copy of.
+fn match_trees(mine: &[MountInfo], theirs: &[MountInfo]) -> Found<Vec<Option<usize>>> {
+    let (Some(r), Some(s)) = (root_of(mine), root_of(theirs)) else {
+        return Err("a mount table without a root".into());
+    };
+    if !alike(&mine[r], &theirs[s]) {
+        return Err("another root mount than its parent's".into());
+    }
+    let mut matched = vec![None; mine.len()];
+    let mut used = vec![false; theirs.len()];
+    matched[r] = Some(s);
+    used[s] = true;
+    let mut queue = std::collections::VecDeque::from([(r, s)]);
+    while let Some((a, b)) = queue.pop_front() {
+        for c in children(mine, a) {
+            if let Some(d) = children(theirs, b).find(|&d| !used[d] && alike(&mine[c], &theirs[d]))
+            {
+                matched[c] = Some(d);
+                used[d] = true;
+                queue.push_back((c, d));
+            }
+        }
+    }
+    Ok(matched)
+}
+
+/// Whether mount `a` is an ancestor of mount `b` in table `t`.
+fn is_ancestor(t: &[MountInfo], a: usize, b: usize) -> bool {
+    let by_id: HashMap<i32, usize> = t.iter().enumerate().map(|(i, m)| (m.mnt_id, i)).collect();
+    let mut at = b;
+    for _ in 0..t.len() {
+        let Some(&up) = by_id.get(&t[at].pid) else {
+            return false;
+        };
+        if up == at {
+            return false;
+        }
+        if up == a {
+            return true;
+        }
+        at = up;
+    }
+    false
+}
+
+fn under(path: &str, dir: &str) -> bool {
+    dir == "/" || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
+}
+
+/// Refuses mount `i` if another mount hides it: one at its place above
+/// it, or one at a directory above its place not below it. A step names
+/// a mount by its place, which would reach the other.
+fn refuse_covered(t: &[MountInfo], i: usize, why: &str) -> Found<()> {
+    let p = point(&t[i]);
+    for j in 0..t.len() {
+        if j == i || is_ancestor(t, j, i) {
+            continue;
+        }
+        let q = point(&t[j]);
+        if q == p || (under(&p, &q) && !is_ancestor(t, i, j)) {
+            return Err(format!(
+                "the mount at {p} ({why}) under another mount at {q}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Propagation steps: one for every mount when all share one kind that
+/// differs from their parent's copies', else one per mount that differs.
+fn propagation_changes(
+    mine: &[MountInfo],
+    theirs: &[MountInfo],
+    matched: &[Option<usize>],
+    ops: &mut Vec<MountOp>,
+) -> Found<()> {
+    let pairs: Vec<(usize, usize)> = matched
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.map(|j| (i, j)))
+        .collect();
+    let differ: Vec<usize> = pairs
+        .iter()
+        .filter(|(i, j)| propagation(&mine[*i]) != propagation(&theirs[*j]))
+        .map(|(i, _)| *i)
+        .collect();
+    let Some(&first) = differ.first() else {
+        return Ok(());
+    };
+    let kind = propagation(&mine[first]);
+    if pairs.iter().all(|(i, _)| propagation(&mine[*i]) == kind) {
+        ops.push(MountOp::Propagation {
+            path: "/".into(),
+            kind,
+            recursive: true,
+        });
+        return Ok(());
+    }
+    for i in differ {
+        refuse_covered(mine, i, "its propagation changed")?;
+        ops.push(MountOp::Propagation {
+            path: point(&mine[i]),
+            kind: propagation(&mine[i]),
+            recursive: false,
+        });
+    }
+    Ok(())
+}
+
+/// A step for each mount of the parent's that is gone, the topmost of
+/// each subtree gone, the last mounted first.
+fn unmounts(theirs: &[MountInfo], matched: &[Option<usize>], ops: &mut Vec<MountOp>) -> Found<()> {
+    let kept: HashSet<usize> = matched.iter().flatten().copied().collect();
+    let by_id: HashMap<i32, usize> = theirs
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.mnt_id, i))
+        .collect();
+    for j in (0..theirs.len()).rev() {
+        if kept.contains(&j) {
+            continue;
+        }
+        let parent_kept = by_id.get(&theirs[j].pid).is_some_and(|p| kept.contains(p));
+        if !parent_kept {
+            continue;
+        }
+        // Hidden in the parent's table, where the copy's place was read.
+        refuse_covered(theirs, j, "unmounted")?;
+        ops.push(MountOp::Unmount {
+            path: point(&theirs[j]),
+        });
+    }
+    Ok(())
+}
+
+/// The step that makes new mount `i` of `mine`.
+fn new_mount(
+    pid: Pid,
+    peers: &[Pid],
+    mine: &[MountInfo],
+    theirs: &[MountInfo],
+    i: usize,
+    own: &mut OwnMounts,
+) -> Found<()> {
+    let m = &mine[i];
+    let target = point(m);
+    let in_parents = theirs.iter().any(|t| t.majmin == m.majmin);
+    // A bind mount: from a mount of the same file system before it that
+    // holds its root.
+    let source = mine[..i]
+        .iter()
+        .find(|s| s.majmin == m.majmin && (s.root == m.root || under(&m.root, &s.root)));
+    if let Some(s) = source {
+        // Below the source's root, with its leading `/` ("" for the root).
+        let rest = match s.root.as_str() {
+            "/" => m.root.as_str(),
+            r => m.root.strip_prefix(r).unwrap_or(""),
+        };
+        let rest = if rest == "/" { "" } else { rest };
+        let src = match (point(s).as_str(), rest) {
+            (p, "") => p.to_string(),
+            ("/", r) => r.to_string(),
+            (p, r) => format!("{p}{r}"),
+        };
+        own.ns.ops.push(MountOp::Bind {
+            source: src,
+            target: target.clone(),
+            flags: flags(m),
+        });
+        push_kind(m, &target, &mut own.ns.ops);
+        return Ok(());
+    }
+    if in_parents || mine[..i].iter().any(|s| s.majmin == m.majmin) {
+        return Err(format!(
+            "a mount at {target} bound from a part of its file system no mount shows"
+        ));
+    }
+    let options = super_options(m);
+    if !options_allowed(&m.fs_type, &options) {
+        return Err(format!(
+            "a new {} file system at {target} (options {options:?})",
+            m.fs_type
+        ));
+    }
+    match m.fs_type.as_str() {
+        "tmpfs" if m.root == "/" => {
+            let n = own.ns.ops.len();
+            let Tmpfs {
+                dev,
+                root,
+                entries,
+                files,
+            } = read_tmpfs(pid, m, n)?;
+            own.contents.push(files);
+            own.ns.ops.push(MountOp::Tmpfs {
+                target: target.clone(),
+                flags: flags(m),
+                options,
+                dev,
+                root,
+                entries,
+            });
+        }
+        "proc" if m.root == "/" => {
+            let maker = proc_maker(pid, peers, &target)?;
+            own.makers.push((own.ns.ops.len(), maker));
+            own.ns.ops.push(MountOp::Proc {
+                target: target.clone(),
+                flags: flags(m),
+                options,
+                by: 0,
+            });
+        }
+        other => {
+            return Err(format!(
+                "a new {other} file system at {target} (of its root {})",
+                m.root
+            ));
+        }
+    }
+    push_kind(m, &target, &mut own.ns.ops);
+    Ok(())
+}
+
+/// A propagation step for a new mount that is not private, as a new
+/// mount in a private namespace is.
+fn push_kind(m: &MountInfo, target: &str, ops: &mut Vec<MountOp>) {
+    let kind = propagation(m);
+    if kind != Propagation::Private {
+        ops.push(MountOp::Propagation {
+            path: target.into(),
+            kind,
+            recursive: false,
+        });
+    }
+}
+
+/// Its super options, as a mount's data string, without `rw` and `ro`.
+fn super_options(m: &MountInfo) -> String {
+    let mut o: Vec<String> = m
+        .super_options
+        .iter()
+        .filter(|(k, _)| *k != "rw" && *k != "ro")
+        .map(|(k, v)| match v {
+            Some(v) => format!("{k}={v}"),
+            None => k.clone(),
+        })
+        .collect();
+    o.sort();
+    o.join(",")
+}
+
+/// The process of the tree that makes the proc file system at `target`
+/// of process `pid`'s namespace again: the one in its mount namespace that
+/// is first in the proc's pid namespace (or `pid` itself, if in it).
+fn proc_maker(pid: Pid, peers: &[Pid], target: &str) -> Found<Pid> {
+    let link = |p: &str| std::fs::read_link(p).ok();
+    let ns = link(&format!("/proc/{pid}/root{target}/1/ns/pid")).ok_or_else(|| {
+        format!("a proc file system at {target} whose pid namespace has no first process")
+    })?;
+    let mnt = link(&format!("/proc/{pid}/ns/mnt"));
+    let of = |p: Pid, what: &str| link(&format!("/proc/{p}/ns/{what}"));
+    std::iter::once(pid)
+        .chain(peers.iter().copied())
+        .find(|p| {
+            of(*p, "pid").as_ref() == Some(&ns)
+                && of(*p, "mnt") == mnt
+                && (*p == pid || {
+                    let ppid = procfs::process::Process::new(p.as_raw())
+                        .and_then(|q| q.stat())
+                        .map(|s| Pid::from_raw(s.ppid));
+                    ppid.is_ok_and(|pp| of(pp, "pid").as_ref() != Some(&ns))
+                })
+        })
+        .ok_or_else(|| {
+            format!(
+                "a proc file system at {target} for a pid namespace whose first process is not \
+                 in its mount namespace"
+            )
+        })
+}
+
+/// A tmpfs's files (step `step`'s), read through the process's root.
+fn read_tmpfs(pid: Pid, m: &MountInfo, step: usize) -> Found<Tmpfs> {
+    let target = point(m);
+    let top = rustix::fs::open(
+        PathBuf::from(format!("/proc/{pid}/root{target}")),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("the tmpfs at {target} cannot be opened: {e}"))?;
+    let sx = rustix::fs::statx(
+        &top,
+        "",
+        AtFlags::EMPTY_PATH,
+        rustix::fs::StatxFlags::MNT_ID,
+    )
+    .map_err(|e| format!("the tmpfs at {target}: {e}"))?;
+    if sx.stx_mnt_id != m.mnt_id as u64 {
+        return Err(format!("the tmpfs at {target} under another mount"));
+    }
+    let st = rustix::fs::fstat(&top).map_err(|e| e.to_string())?;
+    let mut walk = Walk {
+        dev: st.st_dev,
+        target: &target,
+        entries: Vec::new(),
+        files: Vec::new(),
+        offset: 0,
+    };
+    let root = walk
+        .entry(&top, "", &st)?
+        .ok_or("a tmpfs whose top is a socket")?;
+    walk.dir(&top, "")?;
+    Ok(Tmpfs {
+        dev: st.st_dev,
+        root,
+        entries: walk.entries,
+        files: TmpfsFiles {
+            step,
+            top,
+            files: walk.files,
+        },
+    })
+}
+
+struct Walk<'a> {
+    dev: u64,
+    target: &'a str,
+    entries: Vec<Entry>,
+    files: Vec<(String, u64)>,
+    offset: u64,
+}
+
+impl Walk<'_> {
+    fn dir(&mut self, fd: &OwnedFd, rel: &str) -> Found<()> {
+        let fail = |e: rustix::io::Errno| format!("the tmpfs at {}: {rel}: {e}", self.target);
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for d in rustix::fs::Dir::read_from(fd).map_err(fail)? {
+            let d = d.map_err(fail)?;
+            let name = d.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(name.to_vec());
+            }
+        }
+        names.sort();
+        for name in names {
+            let name = String::from_utf8(name).map_err(|_| {
+                format!(
+                    "the tmpfs at {}: a name that is not UTF-8 in {rel:?}",
+                    self.target
+                )
+            })?;
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let st = rustix::fs::statat(fd, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| format!("the tmpfs at {}: {path}: {e}", self.target))?;
+            if st.st_dev != self.dev {
+                // Another mount over it: a step of its own; the directory
+                // under it comes back empty.
+                self.entries.push(Entry {
+                    path,
+                    kind: EntryKind::Dir,
+                    mode: 0o755,
+                    uid: 0,
+                    gid: 0,
+                    mtime: (0, 0),
+                });
+                continue;
+            }
+            let Some(e) = self.entry(fd, &path, &st)? else {
+                continue;
+            };
+            let is_dir = e.kind == EntryKind::Dir;
+            self.entries.push(e);
+            if is_dir {
+                let sub = rustix::fs::openat(
+                    fd,
+                    name.as_str(),
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| format!("the tmpfs at {}: {path}: {e}", self.target))?;
+                self.dir(&sub, &path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry for `path` (`st` its status), read at `dir`.
+    /// `None` for a named socket.
+    fn entry(
+        &mut self,
+        dir: &impl AsFd,
+        path: &str,
+        st: &rustix::fs::Stat,
+    ) -> Found<Option<Entry>> {
+        let name = path.rsplit('/').next().unwrap_or("");
+        let kind = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => EntryKind::Dir,
+            FileType::RegularFile => {
+                if st.st_nlink > 1 {
+                    return Err(format!(
+                        "a file with hard links in the tmpfs at {}: {path}",
+                        self.target
+                    ));
+                }
+                let len = st.st_size as u64;
+                self.files.push((path.to_string(), len));
+                let k = EntryKind::File {
+                    offset: self.offset,
+                    len,
+                };
+                self.offset += len;
+                k
+            }
+            FileType::Symlink => {
+                let t = rustix::fs::readlinkat(dir, name, Vec::new())
+                    .map_err(|e| format!("the tmpfs at {}: {path}: {e}", self.target))?;
+                EntryKind::Symlink {
+                    target: t.to_string_lossy().into_owned(),
+                }
+            }
+            FileType::Fifo => EntryKind::Fifo,
+            // A named socket's file is made again by its socket's bind.
+            FileType::Socket => return Ok(None),
+            other => {
+                return Err(format!(
+                    "a {other:?} in the tmpfs at {}: {path}",
+                    self.target
+                ));
+            }
+        };
+        Ok(Some(Entry {
+            path: path.to_string(),
+            kind,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mtime: (st.st_mtime, st.st_mtime_nsec as u32),
+        }))
+    }
+}

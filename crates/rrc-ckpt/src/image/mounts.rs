@@ -1,0 +1,392 @@
+//! A mount namespace a process of the tree made, recorded as the steps
+//! that turn a copy of its parent's namespace into it (defined here only).
+//!
+//! A restore makes the process unshare a mount namespace, a copy of the one
+//! it is restored in, and take these steps in order: propagation first (so
+//! that nothing the next steps do reaches the namespace it was copied
+//! from), then mounts removed, flags changed and mounts made. Paths are
+//! absolute, as the process sees them. A tmpfs comes back with its files,
+//! whose contents are in `mount-<pid>-<n>.img` (`n`: the step's index).
+
+use serde::{Deserialize, Serialize};
+
+/// The most steps, and files of a tmpfs, an image may give (the kernel's
+/// default limit is 100,000 mounts per namespace).
+pub const MAX_OPS: usize = 100_000;
+pub const MAX_ENTRIES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MountNs {
+    pub ops: Vec<MountOp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum MountOp {
+    /// The propagation of the mount at `path`, and with `recursive` of
+    /// every mount under it.
+    Propagation {
+        path: String,
+        kind: Propagation,
+        recursive: bool,
+    },
+    /// The mount at `path` removed, with whatever is mounted under it.
+    Unmount { path: String },
+    /// The per-mount flags of the mount at `path`.
+    Flags { path: String, flags: Vec<MountFlag> },
+    /// What is at `source` mounted at `target` too, with `flags`.
+    Bind {
+        source: String,
+        target: String,
+        flags: Vec<MountFlag>,
+    },
+    /// A new tmpfs at `target` with its options (`size=`, `mode=`...) and
+    /// its files: `root` for its top directory, then every other one,
+    /// each after the directory that holds it.
+    Tmpfs {
+        target: String,
+        flags: Vec<MountFlag>,
+        options: String,
+        /// Its device number at the checkpoint: files of the image on it
+        /// are the new tmpfs's.
+        dev: u64,
+        root: Entry,
+        entries: Vec<Entry>,
+    },
+    /// A new proc file system at `target` for the pid namespace process
+    /// `by` is in, made by that process (itself, or a descendant in this
+    /// mount namespace that is its pid namespace's first process).
+    Proc {
+        target: String,
+        flags: Vec<MountFlag>,
+        options: String,
+        by: i32,
+    },
+}
+
+impl MountOp {
+    /// The path the step acts on.
+    pub fn path(&self) -> &str {
+        match self {
+            MountOp::Propagation { path, .. }
+            | MountOp::Unmount { path }
+            | MountOp::Flags { path, .. } => path,
+            MountOp::Bind { target, .. }
+            | MountOp::Tmpfs { target, .. }
+            | MountOp::Proc { target, .. } => target,
+        }
+    }
+}
+
+/// How mount events spread between a mount and others (`shared:` and
+/// `master:` in mountinfo).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Propagation {
+    Private,
+    Shared,
+    Slave,
+    /// A slave of one peer group and shared in another.
+    SharedSlave,
+    Unbindable,
+}
+
+/// A per-mount flag, as mountinfo's fifth field names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MountFlag {
+    ReadOnly,
+    NoSuid,
+    NoDev,
+    NoExec,
+    NoAtime,
+    NoDirAtime,
+    RelAtime,
+}
+
+impl MountFlag {
+    /// The flag a mountinfo option names (`None` for `rw` and the rest).
+    pub fn from_option(name: &str) -> Option<MountFlag> {
+        Some(match name {
+            "ro" => MountFlag::ReadOnly,
+            "nosuid" => MountFlag::NoSuid,
+            "nodev" => MountFlag::NoDev,
+            "noexec" => MountFlag::NoExec,
+            "noatime" => MountFlag::NoAtime,
+            "nodiratime" => MountFlag::NoDirAtime,
+            "relatime" => MountFlag::RelAtime,
+            _ => return None,
+        })
+    }
+
+    /// `mount(2)`'s flags for `flags`; no access-time flag asks for
+    /// strict access times (the kernel would make it relatime).
+    pub fn bits(flags: &[MountFlag]) -> u64 {
+        let mut bits = 0;
+        for f in flags {
+            bits |= match f {
+                MountFlag::ReadOnly => libc::MS_RDONLY,
+                MountFlag::NoSuid => libc::MS_NOSUID,
+                MountFlag::NoDev => libc::MS_NODEV,
+                MountFlag::NoExec => libc::MS_NOEXEC,
+                MountFlag::NoAtime => libc::MS_NOATIME,
+                MountFlag::NoDirAtime => libc::MS_NODIRATIME,
+                MountFlag::RelAtime => libc::MS_RELATIME,
+            };
+        }
+        if bits & (libc::MS_NOATIME | libc::MS_RELATIME) == 0 {
+            bits |= libc::MS_STRICTATIME;
+        }
+        bits
+    }
+}
+
+/// A file of a tmpfs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Below the tmpfs's top ("" for the top itself), `/` between names.
+    pub path: String,
+    pub kind: EntryKind,
+    /// Permission bits, with set-id and sticky bits.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time: seconds and nanoseconds.
+    pub mtime: (i64, u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EntryKind {
+    Dir,
+    /// A regular file: its contents at `offset` in the step's data file.
+    File {
+        offset: u64,
+        len: u64,
+    },
+    Symlink {
+        target: String,
+    },
+    Fifo,
+}
+
+/// The options a tmpfs may be given again; anything else (`mpol=`,
+/// quotas...) is not carried.
+const TMPFS_OPTIONS: [&str; 8] = [
+    "size",
+    "nr_inodes",
+    "mode",
+    "uid",
+    "gid",
+    "inode64",
+    "huge",
+    "noswap",
+];
+const PROC_OPTIONS: [&str; 3] = ["hidepid", "subset", "gid"];
+
+/// Whether `options` (a mountinfo super-options field without `rw`/`ro`)
+/// are only of those a fresh file system of type `fstype` is given.
+pub fn options_allowed(fstype: &str, options: &str) -> bool {
+    let allowed: &[&str] = match fstype {
+        "tmpfs" => &TMPFS_OPTIONS,
+        "proc" => &PROC_OPTIONS,
+        _ => return false,
+    };
+    options.is_empty()
+        || options.split(',').all(|o| {
+            let key = o.split('=').next().unwrap_or("");
+            allowed.contains(&key)
+                && o.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"=_-".contains(&b))
+        })
+}
+
+/// An absolute path with no empty, `.` or `..` component and no NUL.
+pub fn is_clean_path(path: &str) -> bool {
+    path == "/"
+        || (path.starts_with('/')
+            && path.len() < libc::PATH_MAX as usize
+            && path[1..].split('/').all(crate::image::is_plain_file_name))
+}
+
+/// Checks what an image says of a mount namespace before a restore acts
+/// on it; `data_len(n)` is the length of step `n`'s data file.
+pub fn check(ns: &MountNs, data_len: impl Fn(usize) -> Option<u64>) -> Result<(), String> {
+    if ns.ops.len() > MAX_OPS {
+        return Err(format!("{} mount steps", ns.ops.len()));
+    }
+    for (n, op) in ns.ops.iter().enumerate() {
+        if !is_clean_path(op.path()) {
+            return Err(format!("mount step {n} has the path {:?}", op.path()));
+        }
+        match op {
+            MountOp::Bind { source, .. } if !is_clean_path(source) => {
+                return Err(format!("mount step {n} binds {source:?}"));
+            }
+            MountOp::Tmpfs {
+                options,
+                root,
+                entries,
+                ..
+            } => {
+                if !options_allowed("tmpfs", options) {
+                    return Err(format!("mount step {n}: tmpfs options {options:?}"));
+                }
+                check_entries(root, entries, data_len(n))
+                    .map_err(|e| format!("mount step {n}: {e}"))?;
+            }
+            MountOp::Proc { options, .. } if !options_allowed("proc", options) => {
+                return Err(format!("mount step {n}: proc options {options:?}"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_entries(root: &Entry, entries: &[Entry], data: Option<u64>) -> Result<(), String> {
+    if entries.len() > MAX_ENTRIES {
+        return Err(format!("{} files", entries.len()));
+    }
+    if !root.path.is_empty() || root.kind != EntryKind::Dir {
+        return Err("its top is not a directory".into());
+    }
+    let mut dirs = std::collections::HashSet::from([""]);
+    let mut seen = std::collections::HashSet::new();
+    for e in std::iter::once(root).chain(entries) {
+        if e.mode & !0o7777 != 0 {
+            return Err(format!("{:?} has mode {:o}", e.path, e.mode));
+        }
+        if e.path.is_empty() {
+            if !std::ptr::eq(e, root) {
+                return Err("a second top".into());
+            }
+            continue;
+        }
+        let (dir, name) = e.path.rsplit_once('/').unwrap_or(("", &e.path));
+        if !crate::image::is_plain_file_name(name) || !dirs.contains(dir) || !seen.insert(&e.path) {
+            return Err(format!(
+                "{:?} is not a new name in a directory before it",
+                e.path
+            ));
+        }
+        match &e.kind {
+            EntryKind::Dir => {
+                dirs.insert(&e.path);
+            }
+            EntryKind::File { offset, len } => {
+                let end = offset.checked_add(*len);
+                if end.is_none() || end > data {
+                    return Err(format!("{:?} lies beyond the data file", e.path));
+                }
+            }
+            EntryKind::Symlink { target } => {
+                if target.is_empty() || target.contains('\0') || target.len() >= 4096 {
+                    return Err(format!("{:?} is a link to {target:?}", e.path));
+                }
+            }
+            EntryKind::Fifo => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: (0, 0),
+        }
+    }
+
+    fn tmpfs(entries: Vec<Entry>) -> MountNs {
+        MountNs {
+            ops: vec![MountOp::Tmpfs {
+                target: "/tmp".into(),
+                flags: vec![],
+                options: "size=1024k,mode=1777".into(),
+                dev: 42,
+                root: entry("", EntryKind::Dir),
+                entries,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_sound_namespace_passes_and_round_trips() {
+        let ns = tmpfs(vec![
+            entry("d", EntryKind::Dir),
+            entry("d/f", EntryKind::File { offset: 0, len: 4 }),
+            entry(
+                "l",
+                EntryKind::Symlink {
+                    target: "../etc".into(),
+                },
+            ),
+        ]);
+        assert_eq!(check(&ns, |_| Some(4)), Ok(()));
+        let json = serde_json::to_string(&ns).unwrap();
+        assert_eq!(serde_json::from_str::<MountNs>(&json).unwrap(), ns);
+    }
+
+    #[test]
+    fn hostile_paths_options_and_files_are_refused() {
+        let bad_paths = ["tmp", "/tmp/../etc", "/tmp//x", "/a/./b", "/a\0b", ""];
+        for p in bad_paths {
+            let ns = MountNs {
+                ops: vec![MountOp::Unmount { path: p.into() }],
+            };
+            assert!(check(&ns, |_| None).is_err(), "{p:?}");
+        }
+        let ns = MountNs {
+            ops: vec![MountOp::Bind {
+                source: "/x/..".into(),
+                target: "/y".into(),
+                flags: vec![],
+            }],
+        };
+        assert!(check(&ns, |_| None).is_err());
+        let mut ns = tmpfs(vec![]);
+        if let MountOp::Tmpfs { options, .. } = &mut ns.ops[0] {
+            *options = "size=1k,mpol=bind".into();
+        }
+        assert!(check(&ns, |_| Some(0)).is_err());
+        for entries in [
+            vec![entry("../x", EntryKind::Dir)],
+            vec![entry("a/b", EntryKind::Dir)],
+            vec![entry("a", EntryKind::Dir), entry("a", EntryKind::Dir)],
+            vec![entry("f", EntryKind::File { offset: 2, len: 4 })],
+            vec![entry(
+                "f",
+                EntryKind::File {
+                    offset: u64::MAX,
+                    len: 4,
+                },
+            )],
+        ] {
+            assert!(
+                check(&tmpfs(entries.clone()), |_| Some(4)).is_err(),
+                "{entries:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mount_flags_ask_for_strict_access_times_when_none_is_named() {
+        assert_eq!(
+            MountFlag::bits(&[MountFlag::ReadOnly]),
+            libc::MS_RDONLY | libc::MS_STRICTATIME
+        );
+        assert_eq!(
+            MountFlag::bits(&[MountFlag::NoSuid, MountFlag::RelAtime]),
+            libc::MS_NOSUID | libc::MS_RELATIME
+        );
+    }
+}
