@@ -638,3 +638,135 @@ fn hostile_aio_rings_and_pseudo_terminals_are_refused_before_anything_is_made() 
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Unmounts what the `mntns_own` fixture (root `pid`) and a test of its
+/// image mounted on the host, and removes its directory.
+struct MountsOf(String);
+
+impl Drop for MountsOf {
+    fn drop(&mut self) {
+        for m in ["shared/x", "shared", "a", "b"] {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", &format!("{}/{m}", self.0)])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether the host has a mount at `path`.
+fn host_mount_at(path: &str) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(path))
+}
+
+/// Mount steps an image gives are checked at load, and at a restore each
+/// step's path must lead where it says without a link and may not lie
+/// under a mount shared with the host's: nothing an image says reaches
+/// the host's mounts.
+#[test]
+fn hostile_mount_steps_are_refused_and_never_reach_the_hosts_mounts() {
+    require_root();
+    let (dir, images, root) = image_of("mntns_own", false);
+    let base = format!("/tmp/fx_mntns.{root}");
+    let _mounts = MountsOf(base.clone());
+    let process = fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| {
+            n.starts_with("process-")
+                && fs::read_to_string(images.join(n))
+                    .unwrap()
+                    .contains("own_mounts")
+        })
+        .expect("a process with a mount namespace of its own");
+    let step = |kind: &'static str| {
+        move |v: &serde_json::Value| {
+            v["own_mounts"]["ops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .position(|o| o["op"] == kind)
+                .unwrap()
+        }
+    };
+    let tmpfs = step("tmpfs");
+    let proc = step("proc");
+    refused_when(&images, &process, "a path climbing out", |v| {
+        v["own_mounts"]["ops"][0]["path"] = "/tmp/../etc".into()
+    });
+    refused_when(&images, &process, "tmpfs options not carried", |v| {
+        let n = tmpfs(v);
+        v["own_mounts"]["ops"][n]["options"] = "size=1m,mpol=bind".into()
+    });
+    refused_when(&images, &process, "a file beyond the data", |v| {
+        let n = tmpfs(v);
+        let entries = v["own_mounts"]["ops"][n]["entries"].as_array_mut().unwrap();
+        let f = entries
+            .iter_mut()
+            .find(|e| e["kind"]["kind"] == "file")
+            .unwrap();
+        f["kind"]["len"] = (1u64 << 40).into();
+    });
+    refused_when(&images, &process, "a name with a slash", |v| {
+        let n = tmpfs(v);
+        v["own_mounts"]["ops"][n]["entries"][0]["path"] = "../../etc".into()
+    });
+    refused_when(&images, &process, "proc made by the root", |v| {
+        let n = proc(v);
+        v["own_mounts"]["ops"][n]["by"] = root.into()
+    });
+
+    // A mount shared with the host's, and a link to it.
+    let shared = format!("{base}/shared");
+    fs::create_dir(&shared).unwrap();
+    let ok = |args: &[&str]| {
+        assert!(
+            std::process::Command::new(args[0])
+                .args(&args[1..])
+                .status()
+                .unwrap()
+                .success(),
+            "{args:?}"
+        )
+    };
+    ok(&["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", &shared]);
+    ok(&["mount", "--make-shared", &shared]);
+    fs::create_dir(format!("{shared}/x")).unwrap();
+    std::os::unix::fs::symlink(&shared, format!("{base}/link")).unwrap();
+    let new_tmpfs = |target: &str| {
+        serde_json::json!([{
+            "op": "tmpfs", "target": target, "flags": [], "options": "size=64k", "dev": 1,
+            "root": {"path": "", "kind": {"kind": "dir"}, "mode": 0o755, "uid": 0, "gid": 0,
+                     "mtime": [0, 0]},
+            "entries": []
+        }])
+    };
+    for (target, why) in [
+        (format!("{shared}/x"), "under a mount shared"),
+        (format!("{base}/link/x"), "without following links"),
+    ] {
+        let copy = WorkingCopy::of(&images).unwrap();
+        let path = copy.path().join(&process);
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        v["own_mounts"]["ops"] = new_tmpfs(&target);
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        match rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions::tree(copy.path())) {
+            Err(e) => assert!(e.to_string().contains(why), "{target}: {e}"),
+            Ok(done) => {
+                let _ = nix::sys::signal::kill(done.root, nix::sys::signal::Signal::SIGKILL);
+                panic!("{target}: restored");
+            }
+        }
+        assert!(
+            !host_mount_at(&format!("{shared}/x")),
+            "{target}: the host got a mount"
+        );
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
