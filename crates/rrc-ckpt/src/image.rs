@@ -140,8 +140,9 @@ pub struct ProcessImage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_net: Option<OwnNet>,
     /// The first process of a mount namespace of its own (its parent's is
-    /// another), which its descendants share: how it differs from its
-    /// parent's.
+    /// another; the root: the checkpointing process's is, and the root
+    /// has the same root directory), which its descendants share: how it
+    /// differs from its parent's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_mounts: Option<mounts::MountNs>,
     /// The first process of an IPC namespace of its own (the root: the

@@ -1190,6 +1190,11 @@ fn a_mount_namespace_of_a_process_comes_back_with_its_mounts_and_tmpfs_files() {
 }
 
 #[test]
+fn a_root_in_a_mount_namespace_of_its_own_gets_it_back() {
+    checkpoint_restore("mntns_root");
+}
+
+#[test]
 fn linux_aio_is_refused_by_name_and_left_running() {
     refused("unsupported_aio", "AIO");
 }

@@ -59,12 +59,7 @@ type Found<T> = std::result::Result<T, String>;
 /// among which a proc file system's maker is found. `Err` says what the
 /// namespace holds that a restore cannot make again.
 pub fn read(pid: Pid, parent: Pid, peers: &[Pid]) -> Found<OwnMounts> {
-    let stat_root = |p: Pid| {
-        rustix::fs::stat(format!("/proc/{p}/root"))
-            .map(|s| (s.st_dev, s.st_ino))
-            .map_err(|e| format!("its root cannot be read: {e}"))
-    };
-    if stat_root(pid)? != stat_root(parent)? {
+    if !same_root(pid, parent) {
         return Err("another root directory than its parent's".into());
     }
     let mine = table(pid)?;
@@ -94,6 +89,17 @@ pub fn read(pid: Pid, parent: Pid, peers: &[Pid]) -> Found<OwnMounts> {
         }
     }
     Ok(own)
+}
+
+/// Whether processes `a` and `b` have one root directory (each table
+/// shows places from its process's root).
+pub fn same_root(a: Pid, b: Pid) -> bool {
+    let root = |p: Pid| {
+        rustix::fs::stat(format!("/proc/{p}/root"))
+            .map(|s| (s.st_dev, s.st_ino))
+            .ok()
+    };
+    matches!((root(a), root(b)), (Some(x), Some(y)) if x == y)
 }
 
 impl OwnMounts {

@@ -202,6 +202,7 @@ pub fn check_shared(
     problems: &mut Vec<String>,
 ) -> OwnNamespaces {
     let mut own = OwnNamespaces::default();
+    root_mounts(root, processes, &mut own, problems);
     let others: Vec<&SeizedProcess> = processes
         .iter()
         .filter(|p| p.pid != root && !p.threads.is_empty())
@@ -283,6 +284,36 @@ pub fn check_shared(
         }
     }
     own
+}
+
+/// The mount namespace of a root in one other than the checkpointing
+/// process's that it made where it is (same root directory; `unshare -m`):
+/// how it differs from ours. A root with a root directory of its own (a
+/// container's) is left alone: the restore puts it where its caller says.
+fn root_mounts(
+    root: Pid,
+    processes: &[SeizedProcess],
+    own: &mut OwnNamespaces,
+    problems: &mut Vec<String>,
+) {
+    let me = Pid::this();
+    if ns_link(root, "mnt") == ns_link(me, "mnt") || !super::mounts::same_root(root, me) {
+        return;
+    }
+    let live: Vec<Pid> = processes
+        .iter()
+        .filter(|p| p.pid != root && !p.threads.is_empty())
+        .map(|p| p.pid)
+        .collect();
+    match super::mounts::read(root, me, &live) {
+        Ok(m) => {
+            own.mnt.insert(root, m);
+        }
+        Err(what) => problems.push(format!(
+            "the root, process {root}, is in a mount namespace other than rrc's with {what}, \
+             which a restore does not make again"
+        )),
+    }
 }
 
 /// The processes of `others` in a namespace of kind `kind` other than

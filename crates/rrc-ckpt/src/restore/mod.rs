@@ -150,7 +150,7 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
     }
     check_references(images, &m, &procs)?;
     check_sizes(&img, &m, &procs)?;
-    mounts::check(&img, &procs, m.root).map_err(|detail| Error::CorruptImage {
+    mounts::check(&img, &procs).map_err(|detail| Error::CorruptImage {
         path: images.into(),
         detail,
     })?;
