@@ -677,11 +677,117 @@ impl Pty {
 }
 
 /// A network namespace a process of the tree made: its loopback interface,
-/// its only one, with its own addresses (127.0.0.1/8, ::1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// its only one, with the addresses a new namespace gives it (127.0.0.1/8,
+/// ::1) and those given to it since, its routes and its nftables rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnNet {
     /// The loopback interface is up.
     pub lo_up: bool,
+    /// Addresses on the loopback interface besides 127.0.0.1/8 and ::1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NetAddress>,
+    /// Routes of the main tables but those the kernel makes for addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<NetRoute>,
+    /// Its nftables rules, as `nft list ruleset` prints them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nftables: Option<String>,
+}
+
+/// An address of the loopback interface: `ip addr add ADDRESS/PREFIX dev
+/// lo [label LABEL] [scope SCOPE]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAddress {
+    pub address: std::net::IpAddr,
+    pub prefix: u8,
+    /// An IPv4 address's label when it is not the interface's name
+    /// (`lo:1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RouteScope>,
+}
+
+impl NetAddress {
+    /// A label the kernel takes for the loopback: `lo:` and up to 12
+    /// letters, digits or `._-:`.
+    pub fn label_allowed(label: &str) -> bool {
+        label.len() < 16
+            && label.strip_prefix("lo:").is_some_and(|rest| {
+                !rest.is_empty()
+                    && rest
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+            })
+    }
+}
+
+/// A route: `ip route add [KIND] DESTINATION [via GATEWAY] [dev lo]
+/// [metric METRIC] [scope SCOPE] [src SOURCE]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRoute {
+    pub kind: RouteKind,
+    /// An address and its prefix length; `None`: the default route.
+    pub destination: Option<(std::net::IpAddr, u8)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::IpAddr>,
+    /// Through the loopback interface.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub on_lo: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RouteScope>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<std::net::IpAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    Unicast,
+    Blackhole,
+    Unreachable,
+    Prohibit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteScope {
+    Global,
+    Link,
+    Host,
+}
+
+impl OwnNet {
+    /// Checks what an image says before a restore acts on it: prefixes in
+    /// range for their family, and rules that read no file.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let fits = |a: &std::net::IpAddr, p: u8| p <= if a.is_ipv4() { 32 } else { 128 };
+        if let Some(a) = self.addresses.iter().find(|a| {
+            !fits(&a.address, a.prefix)
+                || a.label
+                    .as_deref()
+                    .is_some_and(|l| !NetAddress::label_allowed(l))
+        }) {
+            return Err(format!("address {}/{}", a.address, a.prefix));
+        }
+        for r in &self.routes {
+            if r.destination.is_some_and(|(a, p)| !fits(&a, p)) {
+                return Err(format!("a route to {:?}", r.destination));
+            }
+        }
+        // `nft -f` reads what `include` names (the word is refused
+        // anywhere, a comment's too).
+        if let Some(rules) = &self.nftables
+            && rules
+                .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+                .any(|w| w == "include")
+        {
+            return Err("nftables rules that include a file".into());
+        }
+        Ok(())
+    }
 }
 
 /// The layout of an AIO completion ring (`struct aio_ring` of

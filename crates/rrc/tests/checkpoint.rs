@@ -976,8 +976,13 @@ fn a_network_namespace_of_a_process_comes_back_with_its_loopback_and_sockets() {
 }
 
 #[test]
+fn a_network_namespace_keeps_its_addresses_routes_and_nftables_rules() {
+    checkpoint_restore("netns_routes");
+}
+
+#[test]
 fn a_network_namespace_with_more_than_a_loopback_is_refused_and_left_running() {
-    refused("unsupported_netns", "address 10.9.8.7");
+    refused("unsupported_netns", "interface fxv");
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub(crate) mod memory;
 mod mounts;
 mod mqueue;
 mod namespaces;
+mod netns;
 pub(crate) mod process;
 mod pty;
 pub mod seize;
@@ -586,7 +587,7 @@ pub(crate) fn take(
             children_pid_ns: place.children_pid_ns,
             uts: own_ns.uts.remove(&p.pid),
             own_cgroup_ns: own_ns.cgroup.contains(&p.pid),
-            own_net: own_ns.net.get(&p.pid).copied(),
+            own_net: own_ns.net.remove(&p.pid),
             own_mounts: own_ns
                 .mnt
                 .remove(&p.pid)

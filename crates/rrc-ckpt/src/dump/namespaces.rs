@@ -241,7 +241,7 @@ pub fn check_shared(
         .into_iter()
         .collect();
     for p in first_of_own(processes, &others, "net", "network", problems) {
-        match own_net(p) {
+        match super::netns::read(p) {
             Ok(Ok(net)) => {
                 own.net.insert(p, net);
             }
@@ -349,71 +349,6 @@ fn first_of_own(
         first.insert(ns, p.pid);
     }
     first.into_values().collect()
-}
-
-/// What a network namespace of its own that process `pid` made holds, if
-/// a restore makes it again (a loopback interface only, with its own
-/// addresses and no route of the main table); what else it holds if not.
-/// The /proc/PID/net files show the process's namespace.
-fn own_net(
-    pid: Pid,
-) -> std::result::Result<std::result::Result<crate::image::OwnNet, String>, String> {
-    let read =
-        |what: &str| pfs::read_text(format!("/proc/{pid}/net/{what}")).map_err(|e| e.to_string());
-    let interfaces: Vec<String> = read("dev")?
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
-        .collect();
-    // The fallback tunnel devices the kernel makes in every network
-    // namespace while their modules are loaded come back with it.
-    const FALLBACK: [&str; 9] = [
-        "tunl0", "sit0", "ip6tnl0", "gre0", "gretap0", "erspan0", "ip6gre0", "ip_vti0", "ip6_vti0",
-    ];
-    if let Some(other) = interfaces
-        .iter()
-        .find(|n| *n != "lo" && !FALLBACK.contains(&n.as_str()))
-    {
-        return Ok(Err(format!("interface {other}")));
-    }
-    if read("route")?.lines().skip(1).any(|l| !l.trim().is_empty()) {
-        return Ok(Err("routes of its own".into()));
-    }
-    if let Some(a) = read("if_inet6")?
-        .lines()
-        .find(|l| !l.starts_with("00000000000000000000000000000001 "))
-    {
-        return Ok(Err(format!(
-            "IPv6 address {}",
-            a.split(' ').next().unwrap_or("")
-        )));
-    }
-    for tables in ["ip_tables_names", "ip6_tables_names"] {
-        // There only while the module is loaded.
-        if let Ok(names) = pfs::read_text(format!("/proc/{pid}/net/{tables}"))
-            && !names.trim().is_empty()
-        {
-            return Ok(Err(format!(
-                "firewall tables ({})",
-                names.trim().replace('\n', ", ")
-            )));
-        }
-    }
-    // Local addresses: a "|-- ADDR" line followed by "/32 host LOCAL".
-    let trie = read("fib_trie")?;
-    let lines: Vec<&str> = trie.lines().map(str::trim).collect();
-    for w in lines.windows(2) {
-        if let Some(addr) = w[0].strip_prefix("|-- ")
-            && w[1].starts_with("/32 host LOCAL")
-            && addr != "127.0.0.1"
-        {
-            return Ok(Err(format!("address {addr}")));
-        }
-    }
-    let lo_up = in_ns_of(pid, Ns::Net, crate::sys::loopback_up)
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(Ok(crate::image::OwnNet { lo_up }))
 }
 
 /// Process `pid`'s `/proc/PID/cgroup` as its cgroup namespace shows it,

@@ -19,6 +19,7 @@ mod mm;
 mod mounts;
 mod mqueue;
 mod namespaces;
+mod netns;
 mod pty;
 mod sockets;
 pub use files::GhostPlace;
@@ -691,7 +692,7 @@ fn restore_process(
         namespaces::own_cgroup(&mut t)?;
     }
     if let Some(net) = &p.own_net {
-        namespaces::own_net(&mut t, net)?;
+        netns::own_net(&mut t, net)?;
     }
     // Its mount namespace before it opens or maps a file.
     if let Some(ns) = &p.own_mounts {

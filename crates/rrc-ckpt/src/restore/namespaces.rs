@@ -146,27 +146,6 @@ pub fn own_cgroup(t: &mut Tracee) -> Result<()> {
     .map(drop)
 }
 
-/// Makes `t` the first process of a network namespace of its own, with
-/// its loopback interface up if it was (a thread of ours in the namespace
-/// brings it up: the kernel gives a new one its loopback interface, down).
-pub fn own_net(t: &mut Tracee, net: &crate::image::OwnNet) -> Result<()> {
-    t.call(
-        "unshare(CLONE_NEWNET)",
-        libc::SYS_unshare,
-        &[libc::CLONE_NEWNET as u64],
-    )?;
-    if net.lo_up {
-        crate::common::in_netns_of(t.pid, crate::sys::set_loopback_up)?.map_err(|e| {
-            Error::Restore {
-                pid: t.ns_pid,
-                stage: "network namespace",
-                detail: format!("bring its loopback interface up: {e}"),
-            }
-        })?;
-    }
-    Ok(())
-}
-
 /// The pids `clone3` is to give a process: the innermost first, down to
 /// the tree's namespace.
 pub fn set_tid(p: &ProcessImage) -> Vec<i32> {
@@ -213,6 +192,10 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
         }
         if p.ipc.is_some() && p.zombie.is_some() {
             return Err(format!("process {pid} has an IPC namespace it cannot have"));
+        }
+        if let Some(net) = &p.own_net {
+            net.check()
+                .map_err(|e| format!("process {pid}'s network namespace: {e}"))?;
         }
         if let Some(u) = &p.uts {
             let bad = |n: &str| n.len() > UTS_LEN || n.contains('\0');

@@ -1,0 +1,300 @@
+//! A network namespace a process of the tree made, read for its image
+//! (`image::OwnNet`): its loopback interface, the addresses and routes
+//! given to it, and its nftables rules. Interfaces the kernel made (the
+//! loopback, fallback tunnels) are all it may have; what else it holds is
+//! named, for the tree to be refused.
+//!
+//! The /proc/PID/net files show the process's namespace; addresses, routes
+//! and rules are read by `ip -json` and `nft list ruleset` run from a
+//! thread of ours in it (a child process starts in its parent thread's
+//! namespaces).
+
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::common::in_netns_of;
+use crate::image::{NetAddress, NetRoute, OwnNet, RouteKind, RouteScope};
+use crate::procfs as pfs;
+
+type Found<T> = std::result::Result<T, String>;
+
+/// The fallback tunnel devices the kernel makes in every network namespace
+/// while their modules are loaded: they come back with it.
+const FALLBACK: [&str; 9] = [
+    "tunl0", "sit0", "ip6tnl0", "gre0", "gretap0", "erspan0", "ip6gre0", "ip_vti0", "ip6_vti0",
+];
+
+/// What the network namespace process `pid` made holds: `Ok(Ok)` if a
+/// restore makes it again, `Ok(Err(what))` naming what it cannot, `Err`
+/// if it cannot be read.
+pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
+    let read =
+        |what: &str| pfs::read_text(format!("/proc/{pid}/net/{what}")).map_err(|e| e.to_string());
+    let interfaces: Vec<String> = read("dev")?
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
+        .collect();
+    if let Some(other) = interfaces
+        .iter()
+        .find(|n| *n != "lo" && !FALLBACK.contains(&n.as_str()))
+    {
+        return Ok(Err(format!("interface {other}")));
+    }
+    for tables in ["ip_tables_names", "ip6_tables_names"] {
+        // There only while the module is loaded.
+        if let Ok(names) = pfs::read_text(format!("/proc/{pid}/net/{tables}"))
+            && !names.trim().is_empty()
+        {
+            return Ok(Err(format!(
+                "iptables tables ({})",
+                names.trim().replace('\n', ", ")
+            )));
+        }
+    }
+    let lo_up = in_netns_of(pid, crate::sys::loopback_up)
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let addresses = match addresses(&json(pid, &["-json", "address", "show"])?) {
+        Ok(a) => a,
+        Err(what) => return Ok(Err(what)),
+    };
+    let mut routes = Vec::new();
+    for family in ["-4", "-6"] {
+        if let Err(what) = check_rules(family, &json(pid, &[family, "-json", "rule", "show"])?) {
+            return Ok(Err(what));
+        }
+        let table = json(pid, &[family, "-json", "route", "show", "table", "all"])?;
+        match read_routes(&table) {
+            Ok(r) => routes.extend(r),
+            Err(what) => return Ok(Err(what)),
+        }
+    }
+    let rules = run(pid, "nft", &["list", "ruleset"])?;
+    Ok(Ok(OwnNet {
+        lo_up,
+        addresses,
+        routes,
+        nftables: (!rules.trim().is_empty()).then_some(rules),
+    }))
+}
+
+/// The output of `program args` run in process `pid`'s network namespace.
+fn run(pid: Pid, program: &str, args: &[&str]) -> Found<String> {
+    let out = in_netns_of(pid, || {
+        std::process::Command::new(program).args(args).output()
+    })
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("{program}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    String::from_utf8(out.stdout).map_err(|_| format!("{program}: output that is not UTF-8"))
+}
+
+fn json(pid: Pid, args: &[&str]) -> Found<Vec<Value>> {
+    let text = run(pid, "ip", args)?;
+    serde_json::from_str(&text).map_err(|e| format!("ip {}: {e}", args.join(" ")))
+}
+
+fn ip_of(v: &Value) -> Option<std::net::IpAddr> {
+    v.as_str()?.parse().ok()
+}
+
+/// The loopback's addresses a new namespace does not have; another
+/// interface with an address is a reason to refuse.
+fn addresses(links: &[Value]) -> Found<Vec<NetAddress>> {
+    let mut out = Vec::new();
+    for link in links {
+        let name = link["ifname"].as_str().unwrap_or("?");
+        for a in link["addr_info"].as_array().into_iter().flatten() {
+            let (Some(address), Some(prefix)) = (ip_of(&a["local"]), a["prefixlen"].as_u64())
+            else {
+                return Err(format!("an address of {name} ip does not show"));
+            };
+            if name != "lo" {
+                return Err(format!("address {address}/{prefix} on {name}"));
+            }
+            let given = matches!((address, prefix), (std::net::IpAddr::V4(v4), 8) if v4.octets() == [127, 0, 0, 1])
+                || (address == std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+                    && prefix == 128);
+            if given {
+                continue;
+            }
+            const KNOWN: [&str; 7] = [
+                "family",
+                "local",
+                "prefixlen",
+                "scope",
+                "label",
+                "valid_life_time",
+                "preferred_life_time",
+            ];
+            let plain = a
+                .as_object()
+                .is_some_and(|o| o.keys().all(|k| KNOWN.contains(&k.as_str())));
+            let forever = a["valid_life_time"] == u32::MAX && a["preferred_life_time"] == u32::MAX;
+            if !plain || !forever {
+                return Err(format!(
+                    "address {address}/{prefix} with flags or a lifetime ({a})"
+                ));
+            }
+            let label = a["label"]
+                .as_str()
+                .filter(|l| *l != "lo")
+                .map(str::to_string);
+            if label
+                .as_deref()
+                .is_some_and(|l| !NetAddress::label_allowed(l))
+            {
+                return Err(format!("address {address}/{prefix} labelled {label:?}"));
+            }
+            let scope = match a["scope"].as_str() {
+                None | Some("global") => None,
+                Some("link") => Some(RouteScope::Link),
+                Some("host") => Some(RouteScope::Host),
+                Some(s) => return Err(format!("address {address}/{prefix} of scope {s}")),
+            };
+            out.push(NetAddress {
+                address,
+                prefix: prefix as u8,
+                label,
+                scope,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The rules of a new namespace: local, main and (IPv4) default tables.
+fn check_rules(family: &str, rules: &[Value]) -> Found<()> {
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    for r in rules {
+        let keys_ok = r.as_object().is_some_and(|o| {
+            o.keys()
+                .all(|k| ["priority", "src", "table"].contains(&k.as_str()))
+        });
+        if !keys_ok || r["src"] != "all" {
+            return Err(format!("routing rules of its own ({r})"));
+        }
+        seen.push((
+            r["priority"].as_u64().unwrap_or(u64::MAX),
+            r["table"].as_str().unwrap_or("").to_string(),
+        ));
+    }
+    let mut given = vec![(0, "local".to_string()), (32766, "main".to_string())];
+    if family == "-4" {
+        given.push((32767, "default".to_string()));
+    }
+    if seen != given {
+        return Err(format!("routing rules of its own ({seen:?})"));
+    }
+    Ok(())
+}
+
+/// The routes of the main table the kernel did not make for an address.
+fn read_routes(table: &[Value]) -> Found<Vec<NetRoute>> {
+    const KNOWN: [&str; 10] = [
+        "type", "dst", "gateway", "dev", "metric", "scope", "prefsrc", "protocol", "flags", "pref",
+    ];
+    let mut out = Vec::new();
+    for r in table {
+        let Some(o) = r.as_object() else {
+            return Err(format!("a route ip shows as {r}"));
+        };
+        if r["protocol"] == "kernel" || r["table"] == "local" {
+            continue;
+        }
+        if let Some(t) = r["table"].as_str() {
+            return Err(format!("routing table {t}"));
+        }
+        if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(format!("a route with {k} ({r})"));
+        }
+        let plain_flags = r["flags"].as_array().is_none_or(|f| f.is_empty());
+        let plain_pref = r["pref"].is_null() || r["pref"] == "medium";
+        let plain_proto =
+            r["protocol"].is_null() || r["protocol"] == "boot" || r["protocol"] == "static";
+        let on_lo = match r["dev"].as_str() {
+            None => false,
+            Some("lo") => true,
+            Some(d) => return Err(format!("a route through {d}")),
+        };
+        if !(plain_flags && plain_pref && plain_proto) {
+            return Err(format!(
+                "a route with flags, a preference or a protocol ({r})"
+            ));
+        }
+        let kind = match r["type"].as_str() {
+            None | Some("unicast") => RouteKind::Unicast,
+            Some("blackhole") => RouteKind::Blackhole,
+            Some("unreachable") => RouteKind::Unreachable,
+            Some("prohibit") => RouteKind::Prohibit,
+            Some(t) => return Err(format!("a {t} route")),
+        };
+        let destination = match r["dst"].as_str() {
+            Some("default") => None,
+            Some(d) => {
+                let (a, p) = d.split_once('/').unwrap_or((d, ""));
+                let a: std::net::IpAddr = a.parse().map_err(|_| format!("a route to {d}"))?;
+                let p = match p {
+                    "" if a.is_ipv4() => 32,
+                    "" => 128,
+                    p => p.parse().map_err(|_| format!("a route to {d}"))?,
+                };
+                Some((a, p))
+            }
+            None => return Err(format!("a route without a destination ({r})")),
+        };
+        let scope = match r["scope"].as_str() {
+            None => None,
+            Some("global" | "universe") => Some(RouteScope::Global),
+            Some("link") => Some(RouteScope::Link),
+            Some("host") => Some(RouteScope::Host),
+            Some(s) => return Err(format!("a route of scope {s}")),
+        };
+        out.push(NetRoute {
+            kind,
+            destination,
+            gateway: ip_of(&r["gateway"]),
+            on_lo,
+            metric: r["metric"].as_u64().and_then(|m| u32::try_from(m).ok()),
+            scope,
+            source: ip_of(&r["prefsrc"]),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_the_kernel_makes_are_left_and_others_kept_or_named() {
+        let table: Vec<Value> = serde_json::from_str(
+            r#"[{"dst":"10.20.0.0/16","dev":"lo","scope":"link","metric":5,"flags":[]},
+                {"type":"blackhole","dst":"10.30.0.0/16","flags":[]},
+                {"type":"local","dst":"10.1.1.1","dev":"lo","table":"local","protocol":"kernel","scope":"host","prefsrc":"10.1.1.1","flags":[]},
+                {"dst":"fd00::7","dev":"lo","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},
+                {"dst":"default","gateway":"10.1.1.2","dev":"lo","flags":[]}]"#,
+        )
+        .unwrap();
+        let r = read_routes(&table).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].destination, Some(("10.20.0.0".parse().unwrap(), 16)));
+        assert_eq!(r[0].metric, Some(5));
+        assert_eq!(r[1].kind, RouteKind::Blackhole);
+        assert_eq!(r[2].destination, None);
+        let other: Vec<Value> =
+            serde_json::from_str(r#"[{"dst":"10.0.0.0/8","dev":"lo","table":"100"}]"#).unwrap();
+        assert_eq!(read_routes(&other).unwrap_err(), "routing table 100");
+        let multipath: Vec<Value> =
+            serde_json::from_str(r#"[{"dst":"10.0.0.0/8","nexthops":[]}]"#).unwrap();
+        assert!(read_routes(&multipath).unwrap_err().contains("nexthops"));
+    }
+}

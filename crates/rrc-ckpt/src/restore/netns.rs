@@ -1,0 +1,172 @@
+//! Network namespaces of the tree's own, made again (record
+//! `image::OwnNet`): the first process unshares one, and a thread of ours
+//! in it brings the loopback interface up, gives it its addresses and
+//! routes (`ip`) and loads its nftables rules (`nft -f -`). Everything
+//! happens in that new namespace only; what an image says is checked at
+//! load (`OwnNet::check`) and given to the programs as arguments, never
+//! through a shell.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::image::{NetRoute, OwnNet, RouteKind, RouteScope};
+use crate::restore::tracee::Tracee;
+use crate::{Error, Result};
+
+/// Makes `t` the first process of a network namespace of its own, as
+/// `net` says (the kernel gives a new one its loopback interface, down).
+pub fn own_net(t: &mut Tracee, net: &OwnNet) -> Result<()> {
+    t.call(
+        "unshare(CLONE_NEWNET)",
+        libc::SYS_unshare,
+        &[libc::CLONE_NEWNET as u64],
+    )?;
+    let pid = t.ns_pid;
+    let fail = |detail: String| Error::Restore {
+        pid,
+        stage: "network namespace",
+        detail,
+    };
+    crate::common::in_netns_of(t.pid, || -> std::result::Result<(), String> {
+        if net.lo_up {
+            crate::sys::set_loopback_up()
+                .map_err(|e| format!("bring its loopback interface up: {e}"))?;
+        }
+        for a in &net.addresses {
+            let at = format!("{}/{}", a.address, a.prefix);
+            let mut args = vec!["address", "add", &at, "dev", "lo"];
+            if let Some(l) = &a.label {
+                args.extend(["label", l]);
+            }
+            args.extend(a.scope.map(|s| ["scope", scope_name(s)]).iter().flatten());
+            run("ip", &args, None)?;
+        }
+        for r in &net.routes {
+            let args = route_args(r);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run("ip", &args, None)?;
+        }
+        if let Some(rules) = &net.nftables {
+            run("nft", &["-f", "-"], Some(rules))?;
+        }
+        Ok(())
+    })?
+    .map_err(fail)
+}
+
+/// `ip route add ...` for route `r`.
+fn route_args(r: &NetRoute) -> Vec<String> {
+    let v6 = r
+        .destination
+        .map(|(a, _)| a)
+        .or(r.gateway)
+        .or(r.source)
+        .is_some_and(|a| a.is_ipv6());
+    let mut a: Vec<String> = vec![
+        if v6 { "-6" } else { "-4" }.into(),
+        "route".into(),
+        "add".into(),
+    ];
+    match r.kind {
+        RouteKind::Unicast => {}
+        RouteKind::Blackhole => a.push("blackhole".into()),
+        RouteKind::Unreachable => a.push("unreachable".into()),
+        RouteKind::Prohibit => a.push("prohibit".into()),
+    }
+    a.push(match r.destination {
+        Some((addr, prefix)) => format!("{addr}/{prefix}"),
+        None => "default".into(),
+    });
+    if let Some(g) = r.gateway {
+        a.extend(["via".into(), g.to_string()]);
+    }
+    if r.on_lo {
+        a.extend(["dev".into(), "lo".into()]);
+    }
+    if let Some(m) = r.metric {
+        a.extend(["metric".into(), m.to_string()]);
+    }
+    if let Some(s) = r.scope {
+        a.extend(["scope".into(), scope_name(s).into()]);
+    }
+    if let Some(src) = r.source {
+        a.extend(["src".into(), src.to_string()]);
+    }
+    a
+}
+
+fn scope_name(s: RouteScope) -> &'static str {
+    match s {
+        RouteScope::Global => "global",
+        RouteScope::Link => "link",
+        RouteScope::Host => "host",
+    }
+}
+
+/// Runs `program args` (with `input` on its stdin) from this thread's
+/// namespaces; its error output on failure.
+fn run(program: &str, args: &[&str], input: Option<&str>) -> std::result::Result<(), String> {
+    let what = || format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", what()))?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("{}: {e}", what()))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{}: {e}", what()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {}",
+            what(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_become_the_arguments_that_make_them() {
+        let r = NetRoute {
+            kind: RouteKind::Blackhole,
+            destination: Some(("10.30.0.0".parse().unwrap(), 16)),
+            gateway: None,
+            on_lo: false,
+            metric: Some(7),
+            scope: None,
+            source: None,
+        };
+        assert_eq!(
+            route_args(&r).join(" "),
+            "-4 route add blackhole 10.30.0.0/16 metric 7"
+        );
+        let r = NetRoute {
+            kind: RouteKind::Unicast,
+            destination: Some(("fd01::".parse().unwrap(), 64)),
+            gateway: None,
+            on_lo: true,
+            metric: None,
+            scope: Some(RouteScope::Link),
+            source: None,
+        };
+        assert_eq!(
+            route_args(&r).join(" "),
+            "-6 route add fd01::/64 dev lo scope link"
+        );
+    }
+}
