@@ -694,6 +694,46 @@ pub struct OwnNet {
     pub nftables: Option<String>,
 }
 
+/// A kind of namespace, as `/proc/PID/ns` names its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NsKind {
+    Cgroup,
+    Ipc,
+    Mnt,
+    Net,
+    Pid,
+    Time,
+    User,
+    Uts,
+}
+
+impl NsKind {
+    const ALL: [(NsKind, &'static str); 8] = [
+        (NsKind::Cgroup, "cgroup"),
+        (NsKind::Ipc, "ipc"),
+        (NsKind::Mnt, "mnt"),
+        (NsKind::Net, "net"),
+        (NsKind::Pid, "pid"),
+        (NsKind::Time, "time"),
+        (NsKind::User, "user"),
+        (NsKind::Uts, "uts"),
+    ];
+
+    /// Its file's name under `/proc/PID/ns`, which its link also starts
+    /// with (`net:[4026531840]`).
+    pub fn file(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map_or("", |(_, n)| n)
+    }
+
+    pub fn from_file(name: &str) -> Option<NsKind> {
+        Self::ALL.iter().find(|(_, n)| *n == name).map(|(k, _)| *k)
+    }
+}
+
 /// An address of the loopback interface: `ip addr add ADDRESS/PREFIX dev
 /// lo [label LABEL] [scope SCOPE]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1090,6 +1130,14 @@ pub enum FileKind {
     /// (`O_EXCL`), as the tree numbers them. Made again once the whole
     /// tree exists, one per fd that held it.
     PidFd {
+        pid: i32,
+    },
+    /// A namespace file (`/proc/PID/ns/NAME`) of a namespace process `pid`
+    /// of the tree is in, as the tree numbers it. Made again once the
+    /// whole tree exists, one per fd that held it, from that process's
+    /// file.
+    NsFile {
+        ns: NsKind,
         pid: i32,
     },
     /// A pidfd of a process (or, with `O_EXCL` in the flags, a thread)

@@ -366,6 +366,23 @@ pub fn start_writeback(f: &std::fs::File, at: u64, len: u64) -> io::Result<()> {
     .map(|_| ())
 }
 
+/// The `ioctl` of a pidfd that opens its process's namespace of kind
+/// `ns` (`PIDFD_GET_*_NAMESPACE` of `linux/pidfd.h`: `_IO(0xFF, n)`).
+pub fn pidfd_namespace_ioctl(ns: crate::image::NsKind) -> u64 {
+    use crate::image::NsKind as K;
+    let n = match ns {
+        K::Cgroup => 1,
+        K::Ipc => 2,
+        K::Mnt => 3,
+        K::Net => 4,
+        K::Pid => 5,
+        K::Time => 7,
+        K::User => 9,
+        K::Uts => 10,
+    };
+    (0xFF << 8) | n
+}
+
 /// A pidfd for process `pid`.
 pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;

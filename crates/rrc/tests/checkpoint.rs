@@ -150,6 +150,18 @@ fn tree_of(root: Pid) -> Vec<Pid> {
 
 /// A path as compared: a deleted file is recreated where the restore
 /// chooses, and pipes and sockets get new inode numbers.
+/// A namespace file's link (`net:[4026532175]`) as the process of the tree
+/// in that namespace (a restore makes the tree's namespaces again, with
+/// new numbers); `None` for other links and other namespaces.
+fn ns_of_tree(link: &str, tree: &[Pid]) -> Option<String> {
+    let (kind, _) = link.split_once(":[")?;
+    tree.iter()
+        .find(|p| {
+            fs::read_link(format!("/proc/{p}/ns/{kind}")).is_ok_and(|l| l.to_string_lossy() == link)
+        })
+        .map(|p| format!("the {kind} namespace of {p}"))
+}
+
 fn same_name(path: &str) -> String {
     if path.starts_with("pipe:[") {
         "pipe".into()
@@ -212,7 +224,8 @@ fn socket_options(pid: Pid, fd: i32) -> String {
 /// Inode numbers, ids and timers' remaining times are left out.
 fn outside_view(root: Pid) -> BTreeMap<String, String> {
     let mut view = BTreeMap::new();
-    for p in tree_of(root) {
+    let tree = tree_of(root);
+    for &p in &tree {
         let maps = fs::read_to_string(format!("/proc/{p}/maps")).unwrap_or_default();
         let maps: Vec<String> = maps
             .lines()
@@ -245,7 +258,8 @@ fn outside_view(root: Pid) -> BTreeMap<String, String> {
             let link = fs::read_link(format!("/proc/{p}/fd/{fd}"))
                 .map(|l| l.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            view.insert(format!("{p} fd {fd}"), same_name(&link));
+            let named = ns_of_tree(&link, &tree).unwrap_or_else(|| same_name(&link));
+            view.insert(format!("{p} fd {fd}"), named);
             let info = fs::read_to_string(format!("/proc/{p}/fdinfo/{fd}")).unwrap_or_default();
             // Epoll targets are listed in the order of their files' kernel
             // addresses: sorted.
@@ -1057,8 +1071,13 @@ fn a_message_queue_someone_awaits_a_notification_from_is_refused_and_left_runnin
 }
 
 #[test]
-fn a_namespace_file_held_open_is_refused_and_left_running() {
-    refused("unsupported_ns_fd", "a namespace file");
+fn a_namespace_file_of_a_namespace_outside_the_tree_is_refused_and_left_running() {
+    refused("unsupported_ns_fd", "no process of the tree is in");
+}
+
+#[test]
+fn namespace_files_held_open_name_the_same_namespaces_after_restore() {
+    checkpoint_restore("ns_files");
 }
 
 #[test]

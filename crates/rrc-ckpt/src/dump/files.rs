@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use crate::dump::memory::ShmemTable;
 use crate::image::{
     Blob, EpollTarget, FanotifyMark, Fd, FileKind, FileLock, FileOwner, ImageDir, InFlight,
-    InotifyWatch, LockKind, MarkOn, OpenFile, Owner, OwnerKind, ProcessImage,
+    InotifyWatch, LockKind, MarkOn, NsKind, OpenFile, Owner, OwnerKind, ProcessImage,
 };
 use crate::procfs::{self as pfs, FdInfo};
 use crate::sockopt::{self, Sock};
@@ -270,6 +270,37 @@ pub fn resolve_owners(
                 "process {hp}: fd {hfd}: its I/O signals (F_SETOWN) go to {kind:?} {host}, \
                  outside the tree"
             )),
+        }
+    }
+}
+
+/// Names, for every namespace file, a process of the tree in that
+/// namespace, as the tree numbers it (the restore opens that process's
+/// file). A namespace no process of the tree is in is a problem: the
+/// restore makes only the tree's.
+pub fn resolve_ns_files(
+    table: &mut FileTable,
+    ns_of: &std::collections::BTreeMap<Pid, i32>,
+    problems: &mut Vec<String>,
+) {
+    for id in 0..table.files.len() {
+        let FileKind::NsFile { ns, .. } = table.files[id].kind else {
+            continue;
+        };
+        let link = &table.links[id];
+        let found = ns_of.iter().find(|(host, _)| {
+            fs::read_link(format!("/proc/{host}/ns/{}", ns.file()))
+                .is_ok_and(|l| l.as_os_str() == link.as_str())
+        });
+        match found {
+            Some((_, pid)) => table.files[id].kind = FileKind::NsFile { ns, pid: *pid },
+            None => {
+                let (hp, hfd) = table.holders[id];
+                problems.push(format!(
+                    "process {hp}: fd {hfd}: a namespace file ({link}) of a namespace no \
+                     process of the tree is in"
+                ));
+            }
         }
     }
 }
@@ -841,17 +872,19 @@ fn classify(
             pos: info.pos,
         }));
     }
-    // What is left has a path: a namespace file ("uts:[4026531838]")
-    // does not, and the namespace it keeps is not one a restore makes.
+    // A namespace file ("uts:[4026531838]"): of which process, once the
+    // tree is known ([`resolve_ns_files`]).
+    if let Some(ns) = link
+        .split_once(":[")
+        .and_then(|(kind, _)| NsKind::from_file(kind))
+    {
+        return Ok(Some(FileKind::NsFile { ns, pid: 0 }));
+    }
+    // What is left has a path.
     if !link.starts_with('/') {
-        return problem(format!(
-            "{} has no path to open again",
-            if link.contains(":[") {
-                "a namespace file (from /proc/PID/ns)"
-            } else {
-                "a file of a kind this engine does not know"
-            }
-        ));
+        return problem(
+            "a file of a kind this engine does not know has no path to open again".into(),
+        );
     }
     if crate::dump::mqueue::is_queue(raw, fd, meta) {
         return match table.queues.queue(raw, fd, link, meta)? {

@@ -723,6 +723,7 @@ pub(crate) fn take(
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);
     files::resolve_pidfds(&mut files, &ns_of, &images, depth, &mut problems);
+    files::resolve_ns_files(&mut files, &ns_of, &mut problems);
     files.finish(img)?;
     let sockets = files.socket_time;
     // Dropped on any error from here on, the set takes the connections out

@@ -636,8 +636,8 @@ fn create(
         }
         FileKind::Pipe { .. } => unreachable!("pipes are made in pairs by make_pipe"),
         // Its process may not exist yet: a placeholder takes its numbers
-        // until [`make_pidfds`].
-        FileKind::PidFd { .. } => {
+        // until [`make_pidfds`] (a namespace file's: [`make_ns_files`]).
+        FileKind::PidFd { .. } | FileKind::NsFile { .. } => {
             t.call("eventfd2 (a pidfd's place)", nr::SYS_eventfd2, &[0, 0])?
         }
         // A process of the engine's ends as that one did and is reaped
@@ -1416,6 +1416,63 @@ pub fn make_pidfds(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()>
     Ok(())
 }
 
+/// Puts in `t`'s fds the namespace files it held, now that every process
+/// of the tree is in its namespaces: each opened by `t` through a pidfd of
+/// the process the image names (`PIDFD_GET_*_NAMESPACE`) and moved over
+/// the placeholder at its number.
+pub fn make_ns_files(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    procs: &std::collections::BTreeMap<i32, ProcessImage>,
+    m: &Manifest,
+) -> Result<()> {
+    if p.shares_table() {
+        return Ok(());
+    }
+    for fd in &p.fds {
+        let Some(OpenFile {
+            kind: FileKind::NsFile { ns, pid: of },
+            flags,
+            ..
+        }) = m.files.get(fd.file)
+        else {
+            continue;
+        };
+        let what = || format!("fd {}: the {} namespace of process {of}", fd.fd, ns.file());
+        let Some(seen) = p.sees(procs, *of) else {
+            return Err(rerr(
+                p.pid,
+                "namespace files",
+                format!("{}, which it cannot see", what()),
+            ));
+        };
+        let pidfd = t
+            .call("pidfd_open", libc::SYS_pidfd_open, &[seen as u64, 0])
+            .map_err(failed_call(p.pid, "namespace files", what()))?;
+        let nsfd = t.call(
+            "ioctl(PIDFD_GET_NAMESPACE)",
+            libc::SYS_ioctl,
+            &[pidfd, sys::pidfd_namespace_ioctl(*ns), 0],
+        );
+        t.call("close", nr::SYS_close, &[pidfd])?;
+        let got = nsfd.map_err(failed_call(p.pid, "namespace files", what()))?;
+        // Opened again, as by `open` (which adds O_LARGEFILE), with its
+        // flags.
+        let nsfd = reopen_own(t, got, *flags);
+        t.call("close", nr::SYS_close, &[got])?;
+        let nsfd = nsfd?;
+        set_flags(t, nsfd, *flags)?;
+        let cloexec = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
+        t.call(
+            "put a namespace file in place",
+            nr::SYS_dup3,
+            &[nsfd, fd.fd as u64, cloexec as u64],
+        )?;
+        t.call("close", nr::SYS_close, &[nsfd])?;
+    }
+    Ok(())
+}
+
 /// Makes the epoll registrations of pidfds that fall to `t`, now that its
 /// pidfds are in place at their numbers ([`check_pidfds`] made sure that
 /// some process can make each).
@@ -1562,6 +1619,25 @@ pub fn check_in_flight(
     for p in procs.values() {
         if p.parked.iter().any(|fd| !p.fds.iter().any(|f| f.fd == *fd)) {
             return Err(format!("process {} parks an fd it does not hold", p.pid));
+        }
+    }
+    Ok(())
+}
+
+/// Every namespace file names a live process of the image.
+pub fn check_ns_files(
+    m: &Manifest,
+    procs: &std::collections::BTreeMap<i32, ProcessImage>,
+) -> std::result::Result<(), String> {
+    for f in &m.files {
+        if let FileKind::NsFile { pid, .. } = f.kind
+            && procs.get(&pid).is_none_or(|p| p.zombie.is_some())
+        {
+            return Err(format!(
+                "open file {} is a namespace file of process {pid}, which is not a live \
+                 process of the image",
+                f.id
+            ));
         }
     }
     Ok(())

@@ -371,6 +371,7 @@ fn check_references(
     }
     files::check_inotify(m, procs).map_err(corrupt)?;
     files::check_pidfds(m, procs).map_err(corrupt)?;
+    files::check_ns_files(m, procs).map_err(corrupt)?;
     files::check_in_flight(m, procs).map_err(corrupt)?;
     files::check_fanotify(m, procs).map_err(corrupt)?;
     namespaces::check(procs, m.root).map_err(corrupt)?;
@@ -1162,6 +1163,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         // tree, which now all exist.
         for t in ctx.done.iter_mut() {
             files::make_pidfds(t, &procs[&t.ns_pid], &m)?;
+            files::make_ns_files(t, &procs[&t.ns_pid], &procs, &m)?;
         }
         // Only once every pidfd is made: a child sharing its parent's fd
         // table is done before the parent, who makes the table's pidfds.
