@@ -428,7 +428,7 @@ pub(crate) fn take(
     for p in &seized.processes {
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
-    let mut own_ns = namespaces::check_shared(t.root, &seized.processes, &mut problems);
+    let mut own_ns = namespaces::check_shared(t.root, own_pid_ns, &seized.processes, &mut problems);
     for (p, m) in &mut own_ns.mnt {
         if let Err(e) = m.number_makers(|h| ns_of.get(&h).copied()) {
             problems.push(format!("process {p}'s mount namespace: {e}"));

@@ -198,11 +198,14 @@ pub struct OwnNamespaces {
 /// Reads six links per process but the root (none for a tree of one).
 pub fn check_shared(
     root: Pid,
+    whole_pid_ns: bool,
     processes: &[SeizedProcess],
     problems: &mut Vec<String>,
 ) -> OwnNamespaces {
     let mut own = OwnNamespaces::default();
-    root_mounts(root, processes, &mut own, problems);
+    if !whole_pid_ns {
+        root_mounts(root, processes, &mut own, problems);
+    }
     let others: Vec<&SeizedProcess> = processes
         .iter()
         .filter(|p| p.pid != root && !p.threads.is_empty())
@@ -288,8 +291,10 @@ pub fn check_shared(
 
 /// The mount namespace of a root in one other than the checkpointing
 /// process's that it made where it is (same root directory; `unshare -m`):
-/// how it differs from ours. A root with a root directory of its own (a
-/// container's) is left alone: the restore puts it where its caller says.
+/// how it differs from ours. A root with a root directory of its own, or
+/// the first process of a pid namespace of its own (a container's, which
+/// [`check_shared`] is told), is left alone: the restore puts it where its
+/// caller says.
 fn root_mounts(
     root: Pid,
     processes: &[SeizedProcess],
