@@ -224,6 +224,10 @@ pub struct ProcessImage {
     /// later ones are in [`ThreadImage::seccomp`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seccomp: Vec<Vec<u64>>,
+    /// Its main thread is in seccomp's strict mode (read, write, exit and
+    /// sigreturn only): entered again as the last call of the restore.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seccomp_strict: bool,
     pub pdeath_signal: u64,
     pub child_subreaper: bool,
     pub thp_disable: bool,

@@ -114,9 +114,21 @@ pub fn wait_stop(tid: Pid) -> Result<Stop> {
 /// without it (and its filters, if any, apply).
 fn suspending(options: Options, set: impl Fn(Options) -> nix::Result<()>) -> nix::Result<()> {
     match set(options | Options::from_bits_retain(libc::PTRACE_O_SUSPEND_SECCOMP)) {
-        Err(Errno::EINVAL | Errno::EPERM) => set(options),
+        Err(Errno::EINVAL | Errno::EPERM) => {
+            SUSPEND_REFUSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            set(options)
+        }
         r => r,
     }
+}
+
+/// Set once the kernel refused to suspend seccomp for a traced thread.
+static SUSPEND_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether every thread traced so far has its seccomp suspended: a thread
+/// in seccomp's strict mode can make no call of the engine's otherwise.
+pub fn seccomp_suspended() -> bool {
+    !SUSPEND_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 pub fn seize(tid: Pid, options: Options) -> Result<()> {

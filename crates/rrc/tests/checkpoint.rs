@@ -502,6 +502,11 @@ fn seccomp_filters_that_differ_between_threads_come_back_thread_by_thread() {
 }
 
 #[test]
+fn a_process_in_seccomps_strict_mode_is_in_it_again() {
+    checkpoint_restore("seccomp_strict");
+}
+
+#[test]
 fn threads_under_load_keep_computing() {
     checkpoint_restore("threads_load");
 }

@@ -408,6 +408,13 @@ pub(crate) fn take(
         let status = Process::new(raw)
             .and_then(|proc| proc.status())
             .map_err(Error::proc(raw, "status"))?;
+        // Any call of ours would kill it.
+        if status.seccomp == Some(1) && !crate::ptrace::seccomp_suspended() {
+            return Err(Error::Unsupported(vec![format!(
+                "process {raw} runs in seccomp's strict mode, and the kernel does not let \
+                 seccomp be suspended for the checkpoint's calls (PTRACE_O_SUSPEND_SECCOMP)"
+            )]));
+        }
         statuses.insert(p.pid, status);
     }
     // Each process's pids from the tree's namespace inwards, and where it
@@ -478,15 +485,10 @@ pub(crate) fn take(
         let status = statuses.remove(&p.pid).expect("read above");
         let st = proc.stat().map_err(Error::proc(raw, "stat"))?;
         let (seccomp, thread_seccomp) = match status.seccomp.unwrap_or(0) {
-            0 => Default::default(),
             2 => seccomp_filters(p)?,
-            _ => {
-                problems.push(format!(
-                    "process {raw} runs in seccomp's strict mode, which cannot be entered again at a restore"
-                ));
-                Default::default()
-            }
+            _ => Default::default(),
         };
+        let seccomp_strict = status.seccomp == Some(1);
         if p.threads.is_empty() {
             // A zombie: only its place in the tree and how it ended.
             let code = st.exit_code.unwrap_or(0);
@@ -636,6 +638,7 @@ pub(crate) fn take(
             dumpable: ts.dumpable,
             no_new_privs: status.nonewprivs.unwrap_or(0) != 0,
             seccomp,
+            seccomp_strict,
             pdeath_signal: ts.pdeath_signal,
             child_subreaper: ts.child_subreaper,
             thp_disable: ts.thp_disable,

@@ -1183,8 +1183,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in ctx.done.iter_mut() {
             files::drain_notifications(t, &procs[&t.ns_pid], &m)?;
         }
-        // Everything is in place: drop the scratch regions, then let go.
+        // Everything is in place: seccomp's strict mode, whose process
+        // takes the engine's calls only while its seccomp is suspended;
+        // then drop the scratch regions and let go.
         for t in ctx.done.iter_mut() {
+            if procs[&t.ns_pid].seccomp_strict {
+                state::strict_mode(t)?;
+            }
             t.call(
                 "unmap the scratch region",
                 libc::SYS_munmap,

@@ -450,6 +450,29 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     Ok(())
 }
 
+/// Puts `t`'s main thread in seccomp's strict mode, which refuses the
+/// engine's next calls unless seccomp is suspended for them.
+pub fn strict_mode(t: &mut Tracee) -> Result<()> {
+    if !crate::ptrace::seccomp_suspended() {
+        return Err(Error::Restore {
+            pid: t.ns_pid,
+            stage: "seccomp",
+            detail: "its strict mode needs seccomp suspended for the restore's last calls \
+                     (PTRACE_O_SUSPEND_SECCOMP), which the kernel refused"
+                .into(),
+        });
+    }
+    t.call(
+        "prctl(PR_SET_SECCOMP, SECCOMP_MODE_STRICT)",
+        nr::SYS_prctl,
+        &[
+            libc::PR_SET_SECCOMP as u64,
+            libc::SECCOMP_MODE_STRICT as u64,
+        ],
+    )
+    .map(drop)
+}
+
 /// The process's seccomp filters, the first first, for all its threads at
 /// once (`SECCOMP_FILTER_FLAG_TSYNC`), then each thread's own after them:
 /// installed while the restored process still has CAP_SYS_ADMIN, before
