@@ -680,14 +680,19 @@ impl Pty {
     pub const WINSIZE: usize = 8;
 }
 
-/// A network namespace a process of the tree made: its loopback interface,
-/// its only one, with the addresses a new namespace gives it (127.0.0.1/8,
-/// ::1) and those given to it since, its routes and its nftables rules.
+/// A network namespace a process of the tree made: its loopback interface
+/// and veth pairs with both ends in it, the addresses given to them (the
+/// loopback's 127.0.0.1/8 and ::1 apart), its routes and its nftables
+/// rules.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnNet {
     /// The loopback interface is up.
     pub lo_up: bool,
-    /// Addresses on the loopback interface besides 127.0.0.1/8 and ::1.
+    /// Veth pairs with both ends in the namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub veths: Vec<(VethEnd, VethEnd)>,
+    /// Addresses of its interfaces, but the loopback's 127.0.0.1/8 and ::1
+    /// and the link-local ones the kernel derives from a MAC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<NetAddress>,
     /// Routes of the main tables but those the kernel makes for addresses.
@@ -738,10 +743,35 @@ impl NsKind {
     }
 }
 
-/// An address of the loopback interface: `ip addr add ADDRESS/PREFIX dev
-/// lo [label LABEL] [scope SCOPE]`.
+/// One end of a veth pair: `ip link add NAME index INDEX address MAC mtu
+/// MTU type veth peer ...`, then up if it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VethEnd {
+    pub name: String,
+    /// Its interface index in the namespace.
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub up: bool,
+}
+
+/// A name the kernel takes for an interface, and no option of `ip`'s: up
+/// to 15 letters, digits or `._-`, not starting with `-` or a dot.
+pub fn interface_name_allowed(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && !name.starts_with(['-', '.'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// An address of an interface: `ip addr add ADDRESS/PREFIX dev DEV [label
+/// LABEL] [scope SCOPE]` (with `nodad` for IPv6: it was past its duplicate
+/// detection).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetAddress {
+    #[serde(default = "loopback")]
+    pub dev: String,
     pub address: std::net::IpAddr,
     pub prefix: u8,
     /// An IPv4 address's label when it is not the interface's name
@@ -750,23 +780,31 @@ pub struct NetAddress {
     pub label: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scope: Option<RouteScope>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broadcast: Option<std::net::IpAddr>,
+}
+
+fn loopback() -> String {
+    "lo".into()
 }
 
 impl NetAddress {
-    /// A label the kernel takes for the loopback: `lo:` and up to 12
-    /// letters, digits or `._-:`.
-    pub fn label_allowed(label: &str) -> bool {
+    /// A label the kernel takes for an address of `dev`: `DEV:` and
+    /// letters, digits or `._-:`, 15 bytes in all.
+    pub fn label_allowed(dev: &str, label: &str) -> bool {
         label.len() < 16
-            && label.strip_prefix("lo:").is_some_and(|rest| {
-                !rest.is_empty()
-                    && rest
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
-            })
+            && (label.strip_prefix(dev))
+                .and_then(|r| r.strip_prefix(':'))
+                .is_some_and(|rest| {
+                    !rest.is_empty()
+                        && rest
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b))
+                })
     }
 }
 
-/// A route: `ip route add [KIND] DESTINATION [via GATEWAY] [dev lo]
+/// A route: `ip route add [KIND] DESTINATION [via GATEWAY] [dev DEV]
 /// [metric METRIC] [scope SCOPE] [src SOURCE]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetRoute {
@@ -775,9 +813,9 @@ pub struct NetRoute {
     pub destination: Option<(std::net::IpAddr, u8)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<std::net::IpAddr>,
-    /// Through the loopback interface.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub on_lo: bool,
+    /// The interface it goes through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -808,17 +846,37 @@ impl OwnNet {
     /// range for their family, and rules that read no file.
     pub fn check(&self) -> std::result::Result<(), String> {
         let fits = |a: &std::net::IpAddr, p: u8| p <= if a.is_ipv4() { 32 } else { 128 };
+        let mut devices = vec!["lo"];
+        for (a, b) in &self.veths {
+            for end in [a, b] {
+                if !interface_name_allowed(&end.name) || devices.contains(&end.name.as_str()) {
+                    return Err(format!("a veth named {:?}", end.name));
+                }
+                if !(68..=65535).contains(&end.mtu) || !(2..1 << 30).contains(&end.index) {
+                    return Err(format!(
+                        "veth {} with MTU {} and index {}",
+                        end.name, end.mtu, end.index
+                    ));
+                }
+                devices.push(&end.name);
+            }
+        }
+        let known = |d: &str| devices.contains(&d);
         if let Some(a) = self.addresses.iter().find(|a| {
-            !fits(&a.address, a.prefix)
-                || a.label
-                    .as_deref()
-                    .is_some_and(|l| !NetAddress::label_allowed(l))
+            !known(&a.dev)
+                || !fits(&a.address, a.prefix)
+                || (a.label.as_deref()).is_some_and(|l| !NetAddress::label_allowed(&a.dev, l))
         }) {
-            return Err(format!("address {}/{}", a.address, a.prefix));
+            return Err(format!("address {}/{} on {:?}", a.address, a.prefix, a.dev));
         }
         for r in &self.routes {
-            if r.destination.is_some_and(|(a, p)| !fits(&a, p)) {
-                return Err(format!("a route to {:?}", r.destination));
+            if r.destination.is_some_and(|(a, p)| !fits(&a, p))
+                || r.dev.as_deref().is_some_and(|d| !known(d))
+            {
+                return Err(format!(
+                    "a route to {:?} through {:?}",
+                    r.destination, r.dev
+                ));
             }
         }
         // `nft -f` reads what `include` names (the word is refused

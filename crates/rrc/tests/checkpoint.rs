@@ -1001,7 +1001,10 @@ fn a_network_namespace_keeps_its_addresses_routes_and_nftables_rules() {
 
 #[test]
 fn a_network_namespace_with_more_than_a_loopback_is_refused_and_left_running() {
-    refused("unsupported_netns", "interface fxv");
+    refused(
+        "unsupported_netns",
+        "whose peer is in another network namespace",
+    );
 }
 
 #[test]

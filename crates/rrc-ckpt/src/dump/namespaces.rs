@@ -250,8 +250,8 @@ pub fn check_shared(
             }
             Ok(Err(what)) => problems.push(format!(
                 "process {p} is in a network namespace of its own with {what}, which a \
-                 restore does not make again (only a loopback interface with its own \
-                 addresses is)"
+                 restore does not make again (its loopback and veth pairs within it, their \
+                 addresses, routes and nftables rules are)"
             )),
             Err(e) => problems.push(format!(
                 "process {p}: its network namespace cannot be read: {e}"

@@ -1,8 +1,9 @@
 //! A network namespace a process of the tree made, read for its image
-//! (`image::OwnNet`): its loopback interface, the addresses and routes
-//! given to it, and its nftables rules. Interfaces the kernel made (the
-//! loopback, fallback tunnels) are all it may have; what else it holds is
-//! named, for the tree to be refused.
+//! (`image::OwnNet`): its loopback interface and veth pairs with both
+//! ends in it, the addresses and routes given to them, and its nftables
+//! rules. Besides those, interfaces the kernel made (fallback tunnels) are
+//! all it may have; what else it holds is named, for the tree to be
+//! refused.
 //!
 //! The /proc/PID/net files show the process's namespace; addresses, routes
 //! and rules are read by `ip -json` and `nft list ruleset` run from a
@@ -13,7 +14,9 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::common::in_netns_of;
-use crate::image::{NetAddress, NetRoute, OwnNet, RouteKind, RouteScope};
+use crate::image::{
+    NetAddress, NetRoute, OwnNet, RouteKind, RouteScope, VethEnd, interface_name_allowed,
+};
 use crate::procfs as pfs;
 
 type Found<T> = std::result::Result<T, String>;
@@ -35,12 +38,6 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
         .skip(2)
         .filter_map(|l| l.split(':').next().map(|n| n.trim().to_string()))
         .collect();
-    if let Some(other) = interfaces
-        .iter()
-        .find(|n| *n != "lo" && !FALLBACK.contains(&n.as_str()))
-    {
-        return Ok(Err(format!("interface {other}")));
-    }
     for tables in ["ip_tables_names", "ip6_tables_names"] {
         // There only while the module is loaded.
         if let Ok(names) = pfs::read_text(format!("/proc/{pid}/net/{tables}"))
@@ -52,10 +49,21 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
             )));
         }
     }
+    let links = json(pid, &["-json", "-details", "link", "show"])?;
+    let veths = match veth_pairs(&links) {
+        Ok(v) => v,
+        Err(what) => return Ok(Err(what)),
+    };
+    let ends: Vec<&VethEnd> = veths.iter().flat_map(|(a, b)| [a, b]).collect();
+    if let Some(other) = interfaces.iter().find(|n| {
+        *n != "lo" && !FALLBACK.contains(&n.as_str()) && !ends.iter().any(|e| e.name == **n)
+    }) {
+        return Ok(Err(format!("interface {other}")));
+    }
     let lo_up = in_netns_of(pid, crate::sys::loopback_up)
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let addresses = match addresses(&json(pid, &["-json", "address", "show"])?) {
+    let addresses = match addresses(&json(pid, &["-json", "address", "show"])?, &ends) {
         Ok(a) => a,
         Err(what) => return Ok(Err(what)),
     };
@@ -65,7 +73,7 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
             return Ok(Err(what));
         }
         let table = json(pid, &[family, "-json", "route", "show", "table", "all"])?;
-        match read_routes(&table) {
+        match read_routes(&table, &ends) {
             Ok(r) => routes.extend(r),
             Err(what) => return Ok(Err(what)),
         }
@@ -73,10 +81,98 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
     let rules = run(pid, "nft", &["list", "ruleset"])?;
     Ok(Ok(OwnNet {
         lo_up,
+        veths,
         addresses,
         routes,
         nftables: (!rules.trim().is_empty()).then_some(rules),
     }))
+}
+
+/// The veth pairs with both ends in the namespace, by `ip -details link`;
+/// a veth whose peer is elsewhere is named.
+fn veth_pairs(links: &[Value]) -> Found<Vec<(VethEnd, VethEnd)>> {
+    let end = |l: &Value| -> Found<VethEnd> {
+        let name = l["ifname"].as_str().unwrap_or("?").to_string();
+        let mac = parse_mac(l["address"].as_str().unwrap_or(""))
+            .ok_or_else(|| format!("veth {name} without a MAC ip shows"))?;
+        if !interface_name_allowed(&name) {
+            return Err(format!("an interface named {name:?}"));
+        }
+        Ok(VethEnd {
+            index: l["ifindex"]
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| format!("veth {name} without an index ip shows"))?,
+            mtu: l["mtu"]
+                .as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(1500),
+            up: l["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "UP")),
+            name,
+            mac,
+        })
+    };
+    let veths: Vec<&Value> = links
+        .iter()
+        .filter(|l| l["linkinfo"]["info_kind"] == "veth")
+        .collect();
+    let mut pairs = Vec::new();
+    for (i, l) in veths.iter().enumerate() {
+        let name = l["ifname"].as_str().unwrap_or("?");
+        if !l["link_netnsid"].is_null() {
+            return Err(format!(
+                "veth {name}, whose peer is in another network namespace"
+            ));
+        }
+        let Some(peer) = l["link"].as_str() else {
+            return Err(format!("veth {name} without a peer ip shows"));
+        };
+        let Some(p) = veths.iter().position(|o| o["ifname"] == peer) else {
+            return Err(format!(
+                "veth {name}, whose peer {peer} is not in its namespace"
+            ));
+        };
+        if p > i {
+            pairs.push((end(l)?, end(veths[p])?));
+        }
+    }
+    Ok(pairs)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// The IPv6 link-local address the kernel gives an interface with MAC
+/// `mac` (EUI-64).
+fn link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    let m = mac;
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        m[0] ^ 2,
+        m[1],
+        m[2],
+        0xff,
+        0xfe,
+        m[3],
+        m[4],
+        m[5],
+    ])
 }
 
 /// The output of `program args` run in process `pid`'s network namespace.
@@ -105,32 +201,41 @@ fn ip_of(v: &Value) -> Option<std::net::IpAddr> {
     v.as_str()?.parse().ok()
 }
 
-/// The loopback's addresses a new namespace does not have; another
-/// interface with an address is a reason to refuse.
-fn addresses(links: &[Value]) -> Found<Vec<NetAddress>> {
+/// The addresses of the loopback and of the veths `ends` a new namespace
+/// does not have (nor the link-local ones the kernel derives from a MAC);
+/// another interface with an address is a reason to refuse.
+fn addresses(links: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetAddress>> {
+    use std::net::IpAddr;
     let mut out = Vec::new();
     for link in links {
         let name = link["ifname"].as_str().unwrap_or("?");
+        let veth = ends.iter().find(|e| e.name == name);
         for a in link["addr_info"].as_array().into_iter().flatten() {
             let (Some(address), Some(prefix)) = (ip_of(&a["local"]), a["prefixlen"].as_u64())
             else {
                 return Err(format!("an address of {name} ip does not show"));
             };
-            if name != "lo" {
+            if name != "lo" && veth.is_none() {
                 return Err(format!("address {address}/{prefix} on {name}"));
             }
-            let given = matches!((address, prefix), (std::net::IpAddr::V4(v4), 8) if v4.octets() == [127, 0, 0, 1])
-                || (address == std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
-                    && prefix == 128);
+            let given = match (name, address) {
+                ("lo", IpAddr::V4(v4)) => v4.octets() == [127, 0, 0, 1] && prefix == 8,
+                ("lo", IpAddr::V6(v6)) => v6 == std::net::Ipv6Addr::LOCALHOST && prefix == 128,
+                (_, IpAddr::V6(v6)) => {
+                    veth.is_some_and(|e| v6 == link_local(e.mac)) && prefix == 64
+                }
+                _ => false,
+            };
             if given {
                 continue;
             }
-            const KNOWN: [&str; 7] = [
+            const KNOWN: [&str; 8] = [
                 "family",
                 "local",
                 "prefixlen",
                 "scope",
                 "label",
+                "broadcast",
                 "valid_life_time",
                 "preferred_life_time",
             ];
@@ -145,11 +250,11 @@ fn addresses(links: &[Value]) -> Found<Vec<NetAddress>> {
             }
             let label = a["label"]
                 .as_str()
-                .filter(|l| *l != "lo")
+                .filter(|l| *l != name)
                 .map(str::to_string);
             if label
                 .as_deref()
-                .is_some_and(|l| !NetAddress::label_allowed(l))
+                .is_some_and(|l| !NetAddress::label_allowed(name, l))
             {
                 return Err(format!("address {address}/{prefix} labelled {label:?}"));
             }
@@ -160,10 +265,12 @@ fn addresses(links: &[Value]) -> Found<Vec<NetAddress>> {
                 Some(s) => return Err(format!("address {address}/{prefix} of scope {s}")),
             };
             out.push(NetAddress {
+                dev: name.to_string(),
                 address,
                 prefix: prefix as u8,
                 label,
                 scope,
+                broadcast: ip_of(&a["broadcast"]),
             });
         }
     }
@@ -197,7 +304,7 @@ fn check_rules(family: &str, rules: &[Value]) -> Found<()> {
 }
 
 /// The routes of the main table the kernel did not make for an address.
-fn read_routes(table: &[Value]) -> Found<Vec<NetRoute>> {
+fn read_routes(table: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRoute>> {
     const KNOWN: [&str; 10] = [
         "type", "dst", "gateway", "dev", "metric", "scope", "prefsrc", "protocol", "flags", "pref",
     ];
@@ -215,13 +322,14 @@ fn read_routes(table: &[Value]) -> Found<Vec<NetRoute>> {
         if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(format!("a route with {k} ({r})"));
         }
-        let plain_flags = r["flags"].as_array().is_none_or(|f| f.is_empty());
+        // Whether a link has its carrier is no route's.
+        let plain_flags = (r["flags"].as_array()).is_none_or(|f| f.iter().all(|x| x == "linkdown"));
         let plain_pref = r["pref"].is_null() || r["pref"] == "medium";
         let plain_proto =
             r["protocol"].is_null() || r["protocol"] == "boot" || r["protocol"] == "static";
-        let on_lo = match r["dev"].as_str() {
-            None => false,
-            Some("lo") => true,
+        let dev = match r["dev"].as_str() {
+            None => None,
+            Some(d) if d == "lo" || ends.iter().any(|e| e.name == d) => Some(d.to_string()),
             Some(d) => return Err(format!("a route through {d}")),
         };
         if !(plain_flags && plain_pref && plain_proto) {
@@ -261,7 +369,7 @@ fn read_routes(table: &[Value]) -> Found<Vec<NetRoute>> {
             kind,
             destination,
             gateway: ip_of(&r["gateway"]),
-            on_lo,
+            dev,
             metric: r["metric"].as_u64().and_then(|m| u32::try_from(m).ok()),
             scope,
             source: ip_of(&r["prefsrc"]),
@@ -284,7 +392,7 @@ mod tests {
                 {"dst":"default","gateway":"10.1.1.2","dev":"lo","flags":[]}]"#,
         )
         .unwrap();
-        let r = read_routes(&table).unwrap();
+        let r = read_routes(&table, &[]).unwrap();
         assert_eq!(r.len(), 3);
         assert_eq!(r[0].destination, Some(("10.20.0.0".parse().unwrap(), 16)));
         assert_eq!(r[0].metric, Some(5));
@@ -292,9 +400,13 @@ mod tests {
         assert_eq!(r[2].destination, None);
         let other: Vec<Value> =
             serde_json::from_str(r#"[{"dst":"10.0.0.0/8","dev":"lo","table":"100"}]"#).unwrap();
-        assert_eq!(read_routes(&other).unwrap_err(), "routing table 100");
+        assert_eq!(read_routes(&other, &[]).unwrap_err(), "routing table 100");
         let multipath: Vec<Value> =
             serde_json::from_str(r#"[{"dst":"10.0.0.0/8","nexthops":[]}]"#).unwrap();
-        assert!(read_routes(&multipath).unwrap_err().contains("nexthops"));
+        assert!(
+            read_routes(&multipath, &[])
+                .unwrap_err()
+                .contains("nexthops")
+        );
     }
 }

@@ -195,16 +195,24 @@ fn step(t: &mut Tracee, op: &MountOp, data: &std::path::Path) -> Result<()> {
             entries,
             ..
         } => {
+            // Written before it is made read-only, if it is.
+            let writable: Vec<MountFlag> = (flags.iter())
+                .filter(|f| **f != MountFlag::ReadOnly)
+                .copied()
+                .collect();
             mount(
                 t,
                 Some("tmpfs"),
                 target,
                 Some("tmpfs"),
-                MountFlag::bits(flags),
+                MountFlag::bits(&writable),
                 Some(options),
             )?;
             fill(t, target, root, entries, data)
                 .map_err(|e| rerr(pid, format!("the files of the tmpfs at {target}: {e}")))?;
+            if writable.len() != flags.len() {
+                remount(t, target, flags)?;
+            }
         }
         MountOp::Proc {
             target,

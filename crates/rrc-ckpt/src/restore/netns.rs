@@ -1,7 +1,8 @@
 //! Network namespaces of the tree's own, made again (record
 //! `image::OwnNet`): the first process unshares one, and a thread of ours
-//! in it brings the loopback interface up, gives it its addresses and
-//! routes (`ip`) and loads its nftables rules (`nft -f -`). Everything
+//! in it brings the loopback interface up, makes its veth pairs, gives
+//! them their addresses, brings them up, adds the routes (`ip`) and loads
+//! the nftables rules (`nft -f -`). Everything
 //! happens in that new namespace only; what an image says is checked at
 //! load (`OwnNet::check`) and given to the programs as arguments, never
 //! through a shell.
@@ -32,14 +33,35 @@ pub fn own_net(t: &mut Tracee, net: &OwnNet) -> Result<()> {
             crate::sys::set_loopback_up()
                 .map_err(|e| format!("bring its loopback interface up: {e}"))?;
         }
+        for (a, b) in &net.veths {
+            let (mac_a, mac_b) = (mac(a.mac), mac(b.mac));
+            let (mtu_a, mtu_b) = (a.mtu.to_string(), b.mtu.to_string());
+            let (index_a, index_b) = (a.index.to_string(), b.index.to_string());
+            #[rustfmt::skip]
+            let args = [
+                "link", "add", &a.name, "index", &index_a, "address", &mac_a, "mtu", &mtu_a,
+                "type", "veth",
+                "peer", "name", &b.name, "index", &index_b, "address", &mac_b, "mtu", &mtu_b,
+            ];
+            run("ip", &args, None)?;
+        }
         for a in &net.addresses {
             let at = format!("{}/{}", a.address, a.prefix);
-            let mut args = vec!["address", "add", &at, "dev", "lo"];
+            let mut args = vec!["address", "add", &at, "dev", &a.dev];
             if let Some(l) = &a.label {
                 args.extend(["label", l]);
             }
             args.extend(a.scope.map(|s| ["scope", scope_name(s)]).iter().flatten());
+            let brd = a.broadcast.map(|b| b.to_string());
+            args.extend(brd.as_deref().map(|b| ["broadcast", b]).iter().flatten());
+            // It had been through duplicate address detection.
+            if a.address.is_ipv6() && a.dev != "lo" {
+                args.push("nodad");
+            }
             run("ip", &args, None)?;
+        }
+        for end in net.veths.iter().flat_map(|(a, b)| [a, b]).filter(|e| e.up) {
+            run("ip", &["link", "set", &end.name, "up"], None)?;
         }
         for r in &net.routes {
             let args = route_args(r);
@@ -80,8 +102,8 @@ fn route_args(r: &NetRoute) -> Vec<String> {
     if let Some(g) = r.gateway {
         a.extend(["via".into(), g.to_string()]);
     }
-    if r.on_lo {
-        a.extend(["dev".into(), "lo".into()]);
+    if let Some(d) = &r.dev {
+        a.extend(["dev".into(), d.clone()]);
     }
     if let Some(m) = r.metric {
         a.extend(["metric".into(), m.to_string()]);
@@ -93,6 +115,11 @@ fn route_args(r: &NetRoute) -> Vec<String> {
         a.extend(["src".into(), src.to_string()]);
     }
     a
+}
+
+fn mac(m: [u8; 6]) -> String {
+    let hex: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
+    hex.join(":")
 }
 
 fn scope_name(s: RouteScope) -> &'static str {
@@ -146,7 +173,7 @@ mod tests {
             kind: RouteKind::Blackhole,
             destination: Some(("10.30.0.0".parse().unwrap(), 16)),
             gateway: None,
-            on_lo: false,
+            dev: None,
             metric: Some(7),
             scope: None,
             source: None,
@@ -159,7 +186,7 @@ mod tests {
             kind: RouteKind::Unicast,
             destination: Some(("fd01::".parse().unwrap(), 64)),
             gateway: None,
-            on_lo: true,
+            dev: Some("lo".into()),
             metric: None,
             scope: Some(RouteScope::Link),
             source: None,
