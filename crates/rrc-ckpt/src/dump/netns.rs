@@ -49,8 +49,19 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
             )));
         }
     }
-    let links = json(pid, &["-json", "-details", "link", "show"])?;
-    let veths = match veth_pairs(&links) {
+    // Every listing at once: each is a program started in the namespace,
+    // and the tree is stopped meanwhile.
+    #[rustfmt::skip]
+    let [links, addrs, rules4, rules6, routes4, routes6, nft] = run_all(pid, [
+        ("ip", &["-json", "-details", "link", "show"][..]),
+        ("ip", &["-json", "address", "show"]),
+        ("ip", &["-4", "-json", "rule", "show"]),
+        ("ip", &["-6", "-json", "rule", "show"]),
+        ("ip", &["-4", "-json", "route", "show", "table", "all"]),
+        ("ip", &["-6", "-json", "route", "show", "table", "all"]),
+        ("nft", &["list", "ruleset"]),
+    ])?;
+    let veths = match veth_pairs(&json(&links)?) {
         Ok(v) => v,
         Err(what) => return Ok(Err(what)),
     };
@@ -63,28 +74,26 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
     let lo_up = in_netns_of(pid, crate::sys::loopback_up)
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let addresses = match addresses(&json(pid, &["-json", "address", "show"])?, &ends) {
+    let addresses = match addresses(&json(&addrs)?, &ends) {
         Ok(a) => a,
         Err(what) => return Ok(Err(what)),
     };
     let mut routes = Vec::new();
-    for family in ["-4", "-6"] {
-        if let Err(what) = check_rules(family, &json(pid, &[family, "-json", "rule", "show"])?) {
+    for (family, rules, table) in [("-4", rules4, routes4), ("-6", rules6, routes6)] {
+        if let Err(what) = check_rules(family, &json(&rules)?) {
             return Ok(Err(what));
         }
-        let table = json(pid, &[family, "-json", "route", "show", "table", "all"])?;
-        match read_routes(&table, &ends) {
+        match read_routes(&json(&table)?, &ends) {
             Ok(r) => routes.extend(r),
             Err(what) => return Ok(Err(what)),
         }
     }
-    let rules = run(pid, "nft", &["list", "ruleset"])?;
     Ok(Ok(OwnNet {
         lo_up,
         veths,
         addresses,
         routes,
-        nftables: (!rules.trim().is_empty()).then_some(rules),
+        nftables: (!nft.trim().is_empty()).then_some(nft),
     }))
 }
 
@@ -175,26 +184,55 @@ fn link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
     ])
 }
 
-/// The output of `program args` run in process `pid`'s network namespace.
-fn run(pid: Pid, program: &str, args: &[&str]) -> Found<String> {
-    let out = in_netns_of(pid, || {
-        std::process::Command::new(program).args(args).output()
+/// The outputs of the commands `(program, args)`, run side by side in
+/// process `pid`'s network namespace.
+fn run_all<const N: usize>(pid: Pid, commands: [(&str, &[&str]); N]) -> Found<[String; N]> {
+    let what = |(program, args): (&str, &[&str])| format!("{program} {}", args.join(" "));
+    let children = in_netns_of(pid, || {
+        commands.map(|(program, args)| {
+            std::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+        })
     })
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("{program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    .map_err(|e| e.to_string())?;
+    let mut outputs = Vec::with_capacity(N);
+    let mut failed = None;
+    // Every child is waited for, whatever failed.
+    for (child, command) in children.into_iter().zip(commands) {
+        let out = child
+            .and_then(|c| c.wait_with_output())
+            .map_err(|e| format!("{}: {e}", what(command)))
+            .and_then(|out| {
+                if !out.status.success() {
+                    return Err(format!(
+                        "{}: {}",
+                        what(command),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+                String::from_utf8(out.stdout)
+                    .map_err(|_| format!("{}: output that is not UTF-8", what(command)))
+            });
+        match out {
+            Ok(text) => outputs.push(text),
+            Err(e) => {
+                failed.get_or_insert(e);
+                outputs.push(String::new());
+            }
+        }
     }
-    String::from_utf8(out.stdout).map_err(|_| format!("{program}: output that is not UTF-8"))
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    Ok(outputs.try_into().expect("one output per command"))
 }
 
-fn json(pid: Pid, args: &[&str]) -> Found<Vec<Value>> {
-    let text = run(pid, "ip", args)?;
-    serde_json::from_str(&text).map_err(|e| format!("ip {}: {e}", args.join(" ")))
+fn json(text: &str) -> Found<Vec<Value>> {
+    serde_json::from_str(text).map_err(|e| format!("ip's JSON: {e}"))
 }
 
 fn ip_of(v: &Value) -> Option<std::net::IpAddr> {
