@@ -604,6 +604,8 @@ fn hostile_aio_rings_and_pseudo_terminals_are_refused_before_anything_is_made() 
         with_ring(|k| k["id"] = 1_000_000.into()),
     );
     let _ = fs::remove_dir_all(&dir);
+    // The fixture was killed by the checkpoint, before it removed its file.
+    let _ = fs::remove_file(format!("/tmp/fx_aio.{pid}"));
 
     let (dir, images, _) = image_of("pty_raw", false);
     refused_when(
