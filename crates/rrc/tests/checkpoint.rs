@@ -1222,6 +1222,11 @@ fn a_mount_namespace_of_a_process_comes_back_with_its_mounts_and_tmpfs_files() {
 }
 
 #[test]
+fn a_root_in_uts_network_and_cgroup_namespaces_of_its_own_gets_them_back() {
+    checkpoint_restore("ns_root");
+}
+
+#[test]
 fn a_root_in_a_mount_namespace_of_its_own_gets_it_back() {
     checkpoint_restore("mntns_root");
 }

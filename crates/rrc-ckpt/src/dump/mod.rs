@@ -443,7 +443,7 @@ pub(crate) fn take(
     }
     // Connections waiting to be accepted in the network namespaces the
     // tree made, as in the root's.
-    for first in own_ns.net.keys() {
+    for first in own_ns.net.keys().filter(|p| **p != t.root) {
         refuse_if_busy(&seized, &crate::sockdiag::ListenerProbe::of(*first)?)?;
     }
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
@@ -472,7 +472,7 @@ pub(crate) fn take(
     let ipc_reader = ipc::Reader::start(ipc_owners);
     let unix = files::UnixTable::new(
         std::iter::once(t.root)
-            .chain(own_ns.net.keys().copied())
+            .chain(own_ns.net.keys().copied().filter(|p| *p != t.root))
             .collect(),
     );
     let tables = fd_tables(&seized.processes);

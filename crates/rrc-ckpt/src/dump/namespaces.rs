@@ -203,8 +203,15 @@ pub fn check_shared(
     problems: &mut Vec<String>,
 ) -> OwnNamespaces {
     let mut own = OwnNamespaces::default();
+    let me = Pid::this();
+    if ns_link(root, "user") != ns_link(me, "user") {
+        problems.push(format!(
+            "the root, process {root}, is in a user namespace other than rrc's, which a restore \
+             does not make again"
+        ));
+    }
     if !whole_pid_ns {
-        root_mounts(root, processes, &mut own, problems);
+        root_namespaces(root, processes, &mut own, problems);
     }
     let others: Vec<&SeizedProcess> = processes
         .iter()
@@ -244,19 +251,7 @@ pub fn check_shared(
         .into_iter()
         .collect();
     for p in first_of_own(processes, &others, "net", "network", problems) {
-        match super::netns::read(p) {
-            Ok(Ok(net)) => {
-                own.net.insert(p, net);
-            }
-            Ok(Err(what)) => problems.push(format!(
-                "process {p} is in a network namespace of its own with {what}, which a \
-                 restore does not make again (its loopback and veth pairs within it, their \
-                 addresses, routes and nftables rules are)"
-            )),
-            Err(e) => problems.push(format!(
-                "process {p}: its network namespace cannot be read: {e}"
-            )),
-        }
+        own_net(p, &mut own.net, problems);
     }
     let live: Vec<Pid> = others.iter().map(|p| p.pid).collect();
     for p in first_of_own(processes, &others, "mnt", "mount", problems) {
@@ -272,21 +267,43 @@ pub fn check_shared(
         }
     }
     for p in first_of_own(processes, &others, "cgroup", "cgroup", problems) {
-        match cgroup_view(p) {
-            Ok(view) if view.lines().all(|l| l.ends_with(":/")) => {
-                own.cgroup.insert(p);
+        own_cgroup(p, &mut own.cgroup, problems);
+    }
+    own
+}
+
+/// The namespaces of a root (of a tree that is not a whole pid namespace)
+/// other than the checkpointing process's, which a restore into ours
+/// makes again as for a process of the tree that made them: UTS, network,
+/// cgroup and mount namespaces (IPC and time ones are the tree's own,
+/// made apart).
+fn root_namespaces(
+    root: Pid,
+    processes: &[SeizedProcess],
+    own: &mut OwnNamespaces,
+    problems: &mut Vec<String>,
+) {
+    let me = Pid::this();
+    let differs = |kind: &str| ns_link(root, kind) != ns_link(me, kind);
+    if differs("uts") {
+        match uts_names(root) {
+            Ok(names) => {
+                own.uts.insert(root, names);
             }
-            Ok(view) => problems.push(format!(
-                "process {p} is in a cgroup namespace rooted elsewhere than its cgroup \
-                 (it sees {:?}), which a restore cannot make again",
-                view.trim_end()
-            )),
             Err(e) => problems.push(format!(
-                "process {p}: its cgroups as its cgroup namespace shows them cannot be read: {e}"
+                "the root, process {root}: the names of its UTS namespace cannot be read: {e}"
             )),
         }
     }
-    own
+    if differs("net") {
+        own_net(root, &mut own.net, problems);
+    }
+    if differs("cgroup") {
+        own_cgroup(root, &mut own.cgroup, problems);
+    }
+    if differs("mnt") {
+        root_mounts(root, processes, own, problems);
+    }
 }
 
 /// The mount namespace of a root in one other than the checkpointing
@@ -302,7 +319,7 @@ fn root_mounts(
     problems: &mut Vec<String>,
 ) {
     let me = Pid::this();
-    if ns_link(root, "mnt") == ns_link(me, "mnt") || !super::mounts::same_root(root, me) {
+    if !super::mounts::same_root(root, me) {
         return;
     }
     let live: Vec<Pid> = processes
@@ -317,6 +334,41 @@ fn root_mounts(
         Err(what) => problems.push(format!(
             "the root, process {root}, is in a mount namespace other than rrc's with {what}, \
              which a restore does not make again"
+        )),
+    }
+}
+
+/// Reads the network namespace process `p` is the first in into `net`.
+fn own_net(p: Pid, net: &mut BTreeMap<Pid, crate::image::OwnNet>, problems: &mut Vec<String>) {
+    match super::netns::read(p) {
+        Ok(Ok(n)) => {
+            net.insert(p, n);
+        }
+        Ok(Err(what)) => problems.push(format!(
+            "process {p} is in a network namespace of its own with {what}, which a \
+             restore does not make again (its loopback and veth pairs within it, their \
+             addresses, routes and nftables rules are)"
+        )),
+        Err(e) => problems.push(format!(
+            "process {p}: its network namespace cannot be read: {e}"
+        )),
+    }
+}
+
+/// Notes in `cgroup` that process `p` is the first in its cgroup
+/// namespace, which must be rooted at its cgroup.
+fn own_cgroup(p: Pid, cgroup: &mut BTreeSet<Pid>, problems: &mut Vec<String>) {
+    match cgroup_view(p) {
+        Ok(view) if view.lines().all(|l| l.ends_with(":/")) => {
+            cgroup.insert(p);
+        }
+        Ok(view) => problems.push(format!(
+            "process {p} is in a cgroup namespace rooted elsewhere than its cgroup \
+             (it sees {:?}), which a restore cannot make again",
+            view.trim_end()
+        )),
+        Err(e) => problems.push(format!(
+            "process {p}: its cgroups as its cgroup namespace shows them cannot be read: {e}"
         )),
     }
 }

@@ -185,7 +185,7 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
         if pid == root && (d > 0 || p.pid_ns.is_some()) {
             return Err("the root is not in the tree's pid namespace".into());
         }
-        if p.own_cgroup_ns && (pid == root || p.zombie.is_some()) {
+        if p.own_cgroup_ns && p.zombie.is_some() {
             return Err(format!(
                 "process {pid} has a cgroup namespace it cannot have"
             ));
@@ -199,7 +199,7 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
         }
         if let Some(u) = &p.uts {
             let bad = |n: &str| n.len() > UTS_LEN || n.contains('\0');
-            if pid == root || p.zombie.is_some() || bad(&u.hostname) || bad(&u.domainname) {
+            if p.zombie.is_some() || bad(&u.hostname) || bad(&u.domainname) {
                 return Err(format!("process {pid} has a UTS namespace it cannot have"));
             }
         }
