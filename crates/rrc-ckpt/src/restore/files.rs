@@ -1405,15 +1405,21 @@ pub fn make_pidfds(t: &mut Tracee, p: &ProcessImage, m: &Manifest) -> Result<()>
                 "pidfds",
                 format!("fd {}: pidfd of {target}", fd.fd),
             ))?;
-        let cloexec = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
-        t.call(
-            "put a pidfd in place",
-            nr::SYS_dup3,
-            &[pidfd, fd.fd as u64, cloexec as u64],
-        )?;
-        t.call("close", nr::SYS_close, &[pidfd])?;
+        place(t, pidfd, fd)?;
     }
     Ok(())
+}
+
+/// Moves `t`'s fd `from` to the number of `fd`, with its close-on-exec
+/// flag (over the placeholder there).
+fn place(t: &mut Tracee, from: u64, fd: &crate::image::Fd) -> Result<()> {
+    let cloexec = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
+    t.call(
+        "put a file in place",
+        nr::SYS_dup3,
+        &[from, fd.fd as u64, cloexec as u64],
+    )?;
+    t.call("close", nr::SYS_close, &[from]).map(drop)
 }
 
 /// Puts in `t`'s fds the namespace files it held, now that every process
@@ -1462,13 +1468,7 @@ pub fn make_ns_files(
         t.call("close", nr::SYS_close, &[got])?;
         let nsfd = nsfd?;
         set_flags(t, nsfd, *flags)?;
-        let cloexec = if fd.cloexec { libc::O_CLOEXEC } else { 0 };
-        t.call(
-            "put a namespace file in place",
-            nr::SYS_dup3,
-            &[nsfd, fd.fd as u64, cloexec as u64],
-        )?;
-        t.call("close", nr::SYS_close, &[nsfd])?;
+        place(t, nsfd, fd)?;
     }
     Ok(())
 }
