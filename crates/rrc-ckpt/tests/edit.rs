@@ -772,3 +772,52 @@ fn hostile_mount_steps_are_refused_and_never_reach_the_hosts_mounts() {
     }
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A network namespace's interfaces, addresses, routes and rules are
+/// checked at load: nothing an image says reaches `ip` or `nft` unchecked.
+#[test]
+fn hostile_network_namespaces_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, _) = image_of("netns_routes", false);
+    let process = fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| {
+            n.starts_with("process-")
+                && fs::read_to_string(images.join(n))
+                    .unwrap()
+                    .contains("own_net")
+        })
+        .expect("a process with a network namespace of its own");
+    let net = |v: &mut serde_json::Value| -> serde_json::Value { v["own_net"].take() };
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 6] = [
+        ("rules that include a file", |n| {
+            n["nftables"] = "include \"/etc/shadow\"\n".into()
+        }),
+        ("a veth named like an option", |n| {
+            n["veths"][0][0]["name"] = "-evil".into()
+        }),
+        ("a veth named twice", |n| {
+            n["veths"][0][1]["name"] = n["veths"][0][0]["name"].clone()
+        }),
+        ("an address on an interface it does not have", |n| {
+            n["addresses"][0]["dev"] = "eth9".into()
+        }),
+        ("a prefix too long", |n| {
+            n["addresses"][0]["prefix"] = 33.into()
+        }),
+        ("a route through an interface it does not have", |n| {
+            n["routes"][0]["dev"] = "eth9".into()
+        }),
+    ];
+    for (what, edit) in edits {
+        refused_when(&images, &process, what, |v| {
+            let mut n = net(v);
+            edit(&mut n);
+            v["own_net"] = n;
+        });
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
