@@ -701,6 +701,10 @@ pub struct OwnNet {
     /// Its nftables rules, as `nft list ruleset` prints them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nftables: Option<String>,
+    /// Its values of the settings of [`OwnNet::SYSCTLS`] (under
+    /// /proc/sys), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sysctls: BTreeMap<String, String>,
 }
 
 /// A kind of namespace, as `/proc/PID/ns` names its file.
@@ -842,6 +846,34 @@ pub enum RouteScope {
 }
 
 impl OwnNet {
+    /// The settings of a network namespace's own that programs and their
+    /// launchers change, kept with it (paths under /proc/sys); written at
+    /// a restore where a new namespace's differ.
+    pub const SYSCTLS: [&'static str; 22] = [
+        "net/ipv6/conf/all/disable_ipv6",
+        "net/ipv6/conf/default/disable_ipv6",
+        "net/ipv4/ip_forward",
+        "net/ipv4/conf/all/forwarding",
+        "net/ipv4/conf/default/forwarding",
+        "net/ipv6/conf/all/forwarding",
+        "net/ipv6/conf/default/forwarding",
+        "net/ipv4/conf/all/rp_filter",
+        "net/ipv4/conf/default/rp_filter",
+        "net/ipv4/ping_group_range",
+        "net/ipv4/ip_unprivileged_port_start",
+        "net/ipv4/ip_local_port_range",
+        "net/ipv4/ip_default_ttl",
+        "net/ipv4/icmp_echo_ignore_all",
+        "net/core/somaxconn",
+        "net/ipv4/tcp_syncookies",
+        "net/ipv4/tcp_keepalive_time",
+        "net/ipv4/tcp_keepalive_intvl",
+        "net/ipv4/tcp_keepalive_probes",
+        "net/ipv4/tcp_fin_timeout",
+        "net/ipv4/tcp_tw_reuse",
+        "net/ipv4/tcp_max_syn_backlog",
+    ];
+
     /// Checks what an image says before a restore acts on it: prefixes in
     /// range for their family, and rules that read no file.
     pub fn check(&self) -> std::result::Result<(), String> {
@@ -878,6 +910,15 @@ impl OwnNet {
                     r.destination, r.dev
                 ));
             }
+        }
+        if let Some((name, value)) = self.sysctls.iter().find(|(n, v)| {
+            !Self::SYSCTLS.contains(&n.as_str())
+                || v.len() > 64
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b" \t-".contains(&b))
+        }) {
+            return Err(format!("setting {name:?} = {value:?}"));
         }
         // `nft -f` reads what `include` names (the word is refused
         // anywhere, a comment's too).

@@ -71,9 +71,18 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
     }) {
         return Ok(Err(format!("interface {other}")));
     }
-    let lo_up = in_netns_of(pid, crate::sys::loopback_up)
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let (lo_up, sysctls) = in_netns_of(pid, || {
+        // The settings read are the reading thread's namespace's.
+        let sysctls: std::collections::BTreeMap<String, String> = (OwnNet::SYSCTLS.iter())
+            .filter_map(|name| {
+                let value = pfs::read_text(format!("/proc/sys/{name}")).ok()?;
+                Some((name.to_string(), value.trim_end().to_string()))
+            })
+            .collect();
+        crate::sys::loopback_up().map(|up| (up, sysctls))
+    })
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
     let addresses = match addresses(&json(&addrs)?, &ends) {
         Ok(a) => a,
         Err(what) => return Ok(Err(what)),
@@ -94,6 +103,7 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
         addresses,
         routes,
         nftables: (!nft.trim().is_empty()).then_some(nft),
+        sysctls,
     }))
 }
 

@@ -29,6 +29,14 @@ pub fn own_net(t: &mut Tracee, net: &OwnNet) -> Result<()> {
         detail,
     };
     crate::common::in_netns_of(t.pid, || -> std::result::Result<(), String> {
+        // First: with IPv6 off, its addresses are not made.
+        for (name, value) in &net.sysctls {
+            let path = format!("/proc/sys/{name}");
+            let now = crate::procfs::read_text(&path).map_err(|e| format!("{path}: {e}"))?;
+            if now.trim_end() != value {
+                std::fs::write(&path, value).map_err(|e| format!("{path} = {value}: {e}"))?;
+            }
+        }
         if net.lo_up {
             crate::sys::set_loopback_up()
                 .map_err(|e| format!("bring its loopback interface up: {e}"))?;
