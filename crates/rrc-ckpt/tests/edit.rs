@@ -792,7 +792,7 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
         .expect("a process with a network namespace of its own");
     let net = |v: &mut serde_json::Value| -> serde_json::Value { v["own_net"].take() };
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 6] = [
+    let edits: [(&str, Edit); 8] = [
         ("rules that include a file", |n| {
             n["nftables"] = "include \"/etc/shadow\"\n".into()
         }),
@@ -810,6 +810,12 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
         }),
         ("a route through an interface it does not have", |n| {
             n["routes"][0]["dev"] = "eth9".into()
+        }),
+        ("a setting outside the network's", |n| {
+            n["sysctls"]["../../kernel/core_pattern"] = "|/tmp/x".into()
+        }),
+        ("a setting with a line of its own", |n| {
+            n["sysctls"]["net/core/somaxconn"] = "1\n2".into()
         }),
     ];
     for (what, edit) in edits {
