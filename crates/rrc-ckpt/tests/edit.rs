@@ -686,18 +686,19 @@ fn hostile_mount_steps_are_refused_and_never_reach_the_hosts_mounts() {
                     .contains("own_mounts")
         })
         .expect("a process with a mount namespace of its own");
-    let step = |kind: &'static str| {
+    let step = |kind: &'static str, fs: Option<&'static str>| {
         move |v: &serde_json::Value| {
             v["own_mounts"]["ops"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .position(|o| o["op"] == kind)
+                .position(|o| o["op"] == kind && fs.is_none_or(|f| o["fs"] == f))
                 .unwrap()
         }
     };
-    let tmpfs = step("tmpfs");
-    let proc = step("proc");
+    let tmpfs = step("tmpfs", None);
+    let proc = step("namespaced", Some("proc"));
+    let queues = step("namespaced", Some("mqueue"));
     refused_when(&images, &process, "a path climbing out", |v| {
         v["own_mounts"]["ops"][0]["path"] = "/tmp/../etc".into()
     });
@@ -721,6 +722,10 @@ fn hostile_mount_steps_are_refused_and_never_reach_the_hosts_mounts() {
     refused_when(&images, &process, "proc made by the root", |v| {
         let n = proc(v);
         v["own_mounts"]["ops"][n]["by"] = root.into()
+    });
+    refused_when(&images, &process, "a queue file system with options", |v| {
+        let n = queues(v);
+        v["own_mounts"]["ops"][n]["options"] = "size=1".into()
     });
 
     // A mount shared with the host's, and a link to it.

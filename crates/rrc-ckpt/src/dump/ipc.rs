@@ -205,12 +205,10 @@ fn read_here(problems: &mut Vec<String>) -> std::io::Result<Namespace> {
     })
 }
 
-/// The POSIX message queues of the calling thread's IPC namespace, each
-/// open read-write and non-blocking, read through a mount of the
-/// namespace's queue file system that is attached nowhere (made with
-/// `fsopen`/`fsmount`: no mount table is touched, and it goes with its
-/// fd).
-fn posix_queues() -> std::io::Result<(Vec<(String, std::fs::File)>, u64)> {
+/// The top directory of the calling thread's IPC namespace's queue file
+/// system, through a mount of it attached nowhere (its device tells the
+/// namespace: every mount of it shows one).
+pub fn queue_fs() -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{Mode, OFlags, openat};
     use rustix::mount::{
         FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsmount, fsopen,
@@ -224,12 +222,22 @@ fn posix_queues() -> std::io::Result<(Vec<(String, std::fs::File)>, u64)> {
             | MountAttrFlags::MOUNT_ATTR_NODEV
             | MountAttrFlags::MOUNT_ATTR_NOEXEC,
     )?;
-    let dir = openat(
+    Ok(openat(
         &mnt,
         ".",
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
-    )?;
+    )?)
+}
+
+/// The POSIX message queues of the calling thread's IPC namespace, each
+/// open read-write and non-blocking, read through a mount of the
+/// namespace's queue file system that is attached nowhere (made with
+/// `fsopen`/`fsmount`: no mount table is touched, and it goes with its
+/// fd).
+fn posix_queues() -> std::io::Result<(Vec<(String, std::fs::File)>, u64)> {
+    use rustix::fs::{Mode, OFlags, openat};
+    let dir = queue_fs()?;
     let dev = rustix::fs::fstat(&dir)?.st_dev;
     let mut queues = Vec::new();
     for entry in rustix::fs::Dir::read_from(&dir)? {
@@ -239,7 +247,7 @@ fn posix_queues() -> std::io::Result<(Vec<(String, std::fs::File)>, u64)> {
             continue;
         }
         let fd = openat(
-            &mnt,
+            &dir,
             entry.file_name(),
             OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::empty(),

@@ -7,8 +7,9 @@
 //! system and root); what is left over is what the process changed:
 //! mounts it removed, flags and propagation it changed, and new mounts.
 //! A new mount is a bind mount when its file system is mounted elsewhere
-//! in either table; otherwise it must be a tmpfs (saved with its files) or
-//! a proc file system (made again by a process of its pid namespace).
+//! in either table; otherwise it must be a tmpfs (saved with its files), a
+//! proc file system (made again by a process of its pid namespace) or a
+//! queue file system (by a process of its IPC namespace).
 //! Anything else is a reason to refuse the tree.
 
 use std::collections::{HashMap, HashSet};
@@ -24,7 +25,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
 use crate::image::ImageDir;
 use crate::image::mounts::{
-    Entry, EntryKind, MountFlag, MountNs, MountOp, Propagation, options_allowed,
+    Entry, EntryKind, MountFlag, MountNs, MountOp, NamespacedFs, Propagation, options_allowed,
 };
 
 /// A tmpfs's regular files to save: its step's index, its top directory,
@@ -106,7 +107,7 @@ impl OwnMounts {
     /// The proc steps' makers by the image's pids (`image_pid` gives them).
     pub fn number_makers(&mut self, image_pid: impl Fn(Pid) -> Option<i32>) -> Found<()> {
         for (n, host) in &self.makers {
-            if let MountOp::Proc { by, .. } = &mut self.ns.ops[*n] {
+            if let MountOp::Namespaced { by, .. } = &mut self.ns.ops[*n] {
                 *by =
                     image_pid(*host).ok_or_else(|| format!("process {host} is not in the tree"))?;
             }
@@ -409,10 +410,15 @@ fn new_mount(
                 entries,
             });
         }
-        "proc" if m.root == "/" => {
-            let maker = proc_maker(pid, peers, &target)?;
+        "proc" | "mqueue" if m.root == "/" => {
+            let (fs, maker) = if m.fs_type == "proc" {
+                (NamespacedFs::Proc, proc_maker(pid, peers, &target)?)
+            } else {
+                (NamespacedFs::Mqueue, queue_fs_maker(pid, peers, m)?)
+            };
             own.makers.push((own.ns.ops.len(), maker));
-            own.ns.ops.push(MountOp::Proc {
+            own.ns.ops.push(MountOp::Namespaced {
+                fs,
                 target: target.clone(),
                 flags: flags(m),
                 options,
@@ -484,6 +490,43 @@ fn proc_maker(pid: Pid, peers: &[Pid], target: &str) -> Found<Pid> {
             format!(
                 "a proc file system at {target} for a pid namespace whose first process is not \
                  in its mount namespace"
+            )
+        })
+}
+
+/// The process of the tree that makes the queue file system `m` of
+/// process `pid`'s mount namespace again: the first process in that
+/// namespace of the IPC namespace whose queue file system it is (told by
+/// its device, which a mount of each candidate's made by a thread of ours
+/// shows).
+fn queue_fs_maker(pid: Pid, peers: &[Pid], m: &MountInfo) -> Found<Pid> {
+    let link = |p: Pid, what: &str| std::fs::read_link(format!("/proc/{p}/ns/{what}")).ok();
+    let mnt = link(pid, "mnt");
+    let majmin = |d: u64| format!("{}:{}", rustix::fs::major(d), rustix::fs::minor(d));
+    let ours = |p: Pid| {
+        crate::common::in_ns_of(p, crate::common::Ns::Ipc, || {
+            crate::dump::ipc::queue_fs().and_then(|d| Ok(rustix::fs::fstat(&d)?.st_dev))
+        })
+        .ok()
+        .and_then(|r| r.ok())
+        .is_some_and(|d| majmin(d) == m.majmin)
+    };
+    let parent_ipc = |p: Pid| {
+        procfs::process::Process::new(p.as_raw())
+            .and_then(|q| q.stat())
+            .ok()
+            .and_then(|s| link(Pid::from_raw(s.ppid), "ipc"))
+    };
+    std::iter::once(pid)
+        .chain(peers.iter().copied())
+        .filter(|p| link(*p, "mnt") == mnt)
+        .filter(|p| *p == pid || parent_ipc(*p) != link(*p, "ipc"))
+        .find(|p| ours(*p))
+        .ok_or_else(|| {
+            format!(
+                "a queue file system at {} of an IPC namespace whose first process is not in \
+                 its mount namespace",
+                point(m)
             )
         })
 }

@@ -53,10 +53,13 @@ pub enum MountOp {
         root: Entry,
         entries: Vec<Entry>,
     },
-    /// A new proc file system at `target` for the pid namespace process
-    /// `by` is in, made by that process (itself, or a descendant in this
-    /// mount namespace that is its pid namespace's first process).
-    Proc {
+    /// A new file system that shows a namespace of process `by`'s, made
+    /// by that process: proc (its pid namespace; `by` is this namespace's
+    /// first process or a descendant in it that is its pid namespace's
+    /// first), mqueue (its IPC namespace; `by` is this namespace's first
+    /// process or a descendant in it that is its IPC namespace's first).
+    Namespaced {
+        fs: NamespacedFs,
         target: String,
         flags: Vec<MountFlag>,
         options: String,
@@ -73,7 +76,25 @@ impl MountOp {
             | MountOp::Flags { path, .. } => path,
             MountOp::Bind { target, .. }
             | MountOp::Tmpfs { target, .. }
-            | MountOp::Proc { target, .. } => target,
+            | MountOp::Namespaced { target, .. } => target,
+        }
+    }
+}
+
+/// A file system that shows a namespace of the process that mounts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NamespacedFs {
+    Proc,
+    Mqueue,
+}
+
+impl NamespacedFs {
+    /// Its type, as mount(2) and mountinfo name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            NamespacedFs::Proc => "proc",
+            NamespacedFs::Mqueue => "mqueue",
         }
     }
 }
@@ -190,6 +211,7 @@ pub fn options_allowed(fstype: &str, options: &str) -> bool {
     let allowed: &[&str] = match fstype {
         "tmpfs" => &TMPFS_OPTIONS,
         "proc" => &PROC_OPTIONS,
+        "mqueue" => &[],
         _ => return false,
     };
     options.is_empty()
@@ -235,8 +257,8 @@ pub fn check(ns: &MountNs, data_len: impl Fn(usize) -> Option<u64>) -> Result<()
                 check_entries(root, entries, data_len(n))
                     .map_err(|e| format!("mount step {n}: {e}"))?;
             }
-            MountOp::Proc { options, .. } if !options_allowed("proc", options) => {
-                return Err(format!("mount step {n}: proc options {options:?}"));
+            MountOp::Namespaced { fs, options, .. } if !options_allowed(fs.name(), options) => {
+                return Err(format!("mount step {n}: {} options {options:?}", fs.name()));
             }
             _ => {}
         }

@@ -695,11 +695,6 @@ fn restore_process(
     if let Some(net) = &p.own_net {
         netns::own_net(&mut t, net)?;
     }
-    // Its mount namespace before it opens or maps a file.
-    if let Some(ns) = &p.own_mounts {
-        mounts::make(&mut t, p, ns, ctx.img)?;
-    }
-    mounts::made_by(&mut t, ctx.procs)?;
     // Its IPC namespace's objects before anyone uses them; a container's
     // root was made in a new one.
     if let Some(objects) = &p.ipc {
@@ -711,6 +706,12 @@ fn restore_process(
         let ns = (pid != ctx.m.root).then_some(pid);
         mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m, ns)?;
     }
+    // Its mount namespace before it opens or maps a file, once it is in
+    // the namespaces its file systems show.
+    if let Some(ns) = &p.own_mounts {
+        mounts::make(&mut t, p, ns, ctx.img)?;
+    }
+    mounts::made_by(&mut t, ctx.procs)?;
     // The SysV segments it made, before any process maps them.
     mm::create_sysv_segments(&mut t, &ctx.mem)?;
     // A process sharing its parent's fd table leaves the table to the

@@ -1,8 +1,9 @@
 //! Mount namespaces of the tree's own, made again (format:
 //! `image::mounts`). The namespace's first process unshares one, a copy of
 //! the namespace it is restored in, and takes the image's steps in it
-//! with calls of its own; a proc file system for another pid namespace is
-//! mounted by that namespace's first process when it is restored.
+//! with calls of its own; a proc or queue file system of another pid or
+//! IPC namespace is mounted by that namespace's first process when it is
+//! restored.
 //!
 //! An image is not trusted: every step's path must lead where it says
 //! without a symbolic link (resolved as the process sees its files), and a
@@ -18,7 +19,9 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 
-use crate::image::mounts::{Entry, EntryKind, MountFlag, MountNs, MountOp, Propagation};
+use crate::image::mounts::{
+    Entry, EntryKind, MountFlag, MountNs, MountOp, NamespacedFs, Propagation,
+};
 use crate::image::{ImageDir, ProcessImage};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result};
@@ -35,8 +38,8 @@ fn rerr(pid: i32, detail: String) -> Error {
 
 /// Checks the mount namespaces an image gives before anything is made:
 /// each step (`image::mounts::check`), each data file's length, and each
-/// proc step's maker (the namespace's first process, or a descendant in
-/// its namespace first in its pid namespace).
+/// namespaced file system's maker (the namespace's first process, or a
+/// descendant in its namespace first in the pid or IPC namespace shown).
 pub fn check(
     img: &ImageDir,
     procs: &BTreeMap<i32, ProcessImage>,
@@ -52,14 +55,22 @@ pub fn check(
         };
         crate::image::mounts::check(ns, len).map_err(|e| format!("process {}: {e}", p.pid))?;
         for op in &ns.ops {
-            if let MountOp::Proc { by, .. } = op
-                && *by != p.pid
-                && first_in_ns(procs, *by) != Some(p.pid)
-            {
+            let MountOp::Namespaced { fs, by, .. } = op else {
+                continue;
+            };
+            let first = |q: &ProcessImage| match fs {
+                NamespacedFs::Proc => q.nested_pids.last() == Some(&1),
+                NamespacedFs::Mqueue => q.ipc.is_some(),
+            };
+            let made_here = *by == p.pid
+                || (procs.get(by))
+                    .is_some_and(|q| first(q) && mount_ns_of(procs, q) == Some(p.pid));
+            if !made_here {
                 return Err(format!(
-                    "process {}'s proc file system is made by process {by}, not a first process \
-                     of a pid namespace in its mount namespace",
-                    p.pid
+                    "process {}'s {} file system is made by process {by}, not the first of a \
+                     namespace it shows in its mount namespace",
+                    p.pid,
+                    fs.name()
                 ));
             }
         }
@@ -67,11 +78,10 @@ pub fn check(
     Ok(())
 }
 
-/// The first process of the mount namespace process `pid` is in, if that
-/// is one the tree made and `pid` is the first of its pid namespace.
-fn first_in_ns(procs: &BTreeMap<i32, ProcessImage>, pid: i32) -> Option<i32> {
-    let p = procs.get(&pid)?;
-    if p.nested_pids.last() != Some(&1) || p.own_mounts.is_some() {
+/// The first process of the mount namespace a tree made that process `p`
+/// (not its first) is in.
+fn mount_ns_of(procs: &BTreeMap<i32, ProcessImage>, p: &ProcessImage) -> Option<i32> {
+    if p.own_mounts.is_some() {
         return None;
     }
     let mut at = p.parent?;
@@ -108,7 +118,7 @@ pub fn make(t: &mut Tracee, p: &ProcessImage, ns: &MountNs, img: &ImageDir) -> R
         &[libc::CLONE_NEWNS as u64],
     )?;
     for (n, op) in ns.ops.iter().enumerate() {
-        if matches!(op, MountOp::Proc { by, .. } if *by != p.pid) {
+        if matches!(op, MountOp::Namespaced { by, .. } if *by != p.pid) {
             continue;
         }
         step(t, op, &img.mount_data(p.pid, n))?;
@@ -116,17 +126,18 @@ pub fn make(t: &mut Tracee, p: &ProcessImage, ns: &MountNs, img: &ImageDir) -> R
     Ok(())
 }
 
-/// Mounts the proc file systems process `t` makes in the mount namespace
-/// an ancestor made (nothing for most processes).
+/// Mounts the file systems process `t` makes in the mount namespace an
+/// ancestor made, those that show a namespace it is the first in
+/// (nothing for most processes).
 pub fn made_by(t: &mut Tracee, procs: &BTreeMap<i32, ProcessImage>) -> Result<()> {
-    let Some(first) = first_in_ns(procs, t.ns_pid) else {
+    let Some(first) = procs.get(&t.ns_pid).and_then(|p| mount_ns_of(procs, p)) else {
         return Ok(());
     };
     let Some(ns) = &procs[&first].own_mounts else {
         return Ok(());
     };
     for op in &ns.ops {
-        if matches!(op, MountOp::Proc { by, .. } if *by == t.ns_pid) {
+        if matches!(op, MountOp::Namespaced { by, .. } if *by == t.ns_pid) {
             step(t, op, std::path::Path::new(""))?;
         }
     }
@@ -214,16 +225,17 @@ fn step(t: &mut Tracee, op: &MountOp, data: &std::path::Path) -> Result<()> {
                 remount(t, target, flags)?;
             }
         }
-        MountOp::Proc {
+        MountOp::Namespaced {
+            fs,
             target,
             flags,
             options,
             ..
         } => mount(
             t,
-            Some("proc"),
+            Some(fs.name()),
             target,
-            Some("proc"),
+            Some(fs.name()),
             MountFlag::bits(flags),
             Some(options),
         )?,
