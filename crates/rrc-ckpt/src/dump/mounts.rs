@@ -8,8 +8,9 @@
 //! mounts it removed, flags and propagation it changed, and new mounts.
 //! A new mount is a bind mount when its file system is mounted elsewhere
 //! in either table; otherwise it must be a tmpfs (saved with its files), a
-//! proc file system (made again by a process of its pid namespace) or a
-//! queue file system (by a process of its IPC namespace).
+//! proc file system (made again by a process of its pid namespace), a
+//! queue file system (of its IPC namespace) or a sysfs (of its network
+//! namespace).
 //! Anything else is a reason to refuse the tree.
 
 use std::collections::{HashMap, HashSet};
@@ -23,6 +24,7 @@ use procfs::FromBufRead;
 use procfs::process::{MountInfo, MountOptFields};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
+use crate::common::Ns;
 use crate::image::ImageDir;
 use crate::image::mounts::{
     Entry, EntryKind, MountFlag, MountNs, MountOp, NamespacedFs, Propagation, options_allowed,
@@ -410,11 +412,17 @@ fn new_mount(
                 entries,
             });
         }
-        "proc" | "mqueue" if m.root == "/" => {
-            let (fs, maker) = if m.fs_type == "proc" {
-                (NamespacedFs::Proc, proc_maker(pid, peers, &target)?)
-            } else {
-                (NamespacedFs::Mqueue, queue_fs_maker(pid, peers, m)?)
+        "proc" | "mqueue" | "sysfs" if m.root == "/" => {
+            let (fs, maker) = match m.fs_type.as_str() {
+                "proc" => (NamespacedFs::Proc, proc_maker(pid, peers, &target)?),
+                "mqueue" => (
+                    NamespacedFs::Mqueue,
+                    device_maker(pid, peers, m, Ns::Ipc, "ipc")?,
+                ),
+                _ => (
+                    NamespacedFs::Sysfs,
+                    device_maker(pid, peers, m, Ns::Net, "net")?,
+                ),
             };
             own.makers.push((own.ns.ops.len(), maker));
             own.ns.ops.push(MountOp::Namespaced {
@@ -494,41 +502,61 @@ fn proc_maker(pid: Pid, peers: &[Pid], target: &str) -> Found<Pid> {
         })
 }
 
-/// The process of the tree that makes the queue file system `m` of
-/// process `pid`'s mount namespace again: the first process in that
-/// namespace of the IPC namespace whose queue file system it is (told by
-/// its device, which a mount of each candidate's made by a thread of ours
-/// shows).
-fn queue_fs_maker(pid: Pid, peers: &[Pid], m: &MountInfo) -> Found<Pid> {
-    let link = |p: Pid, what: &str| std::fs::read_link(format!("/proc/{p}/ns/{what}")).ok();
-    let mnt = link(pid, "mnt");
+/// The process of the tree that makes file system `m` of process `pid`'s
+/// mount namespace again, a queue file system or a sysfs, which show the
+/// IPC or network namespace (of kind `ns`, named `link` under
+/// /proc/PID/ns) they were mounted in: the first process in this mount
+/// namespace of the namespace whose file system it is, told by its device
+/// (every mount of that file system made in a namespace shows one: a
+/// thread of ours in each candidate's makes one attached nowhere).
+fn device_maker(pid: Pid, peers: &[Pid], m: &MountInfo, ns: Ns, link: &str) -> Found<Pid> {
+    let ns_link = |p: Pid, what: &str| std::fs::read_link(format!("/proc/{p}/ns/{what}")).ok();
+    let mnt = ns_link(pid, "mnt");
     let majmin = |d: u64| format!("{}:{}", rustix::fs::major(d), rustix::fs::minor(d));
-    let ours = |p: Pid| {
-        crate::common::in_ns_of(p, crate::common::Ns::Ipc, || {
-            crate::dump::ipc::queue_fs().and_then(|d| Ok(rustix::fs::fstat(&d)?.st_dev))
-        })
-        .ok()
-        .and_then(|r| r.ok())
-        .is_some_and(|d| majmin(d) == m.majmin)
+    let shows = |p: Pid| {
+        crate::common::in_ns_of(p, ns, || fs_device(&m.fs_type))
+            .ok()
+            .and_then(|r| r.ok())
+            .is_some_and(|d| majmin(d) == m.majmin)
     };
-    let parent_ipc = |p: Pid| {
+    let parents = |p: Pid| {
         procfs::process::Process::new(p.as_raw())
             .and_then(|q| q.stat())
             .ok()
-            .and_then(|s| link(Pid::from_raw(s.ppid), "ipc"))
+            .and_then(|s| ns_link(Pid::from_raw(s.ppid), link))
     };
     std::iter::once(pid)
         .chain(peers.iter().copied())
-        .filter(|p| link(*p, "mnt") == mnt)
-        .filter(|p| *p == pid || parent_ipc(*p) != link(*p, "ipc"))
-        .find(|p| ours(*p))
+        .filter(|p| ns_link(*p, "mnt") == mnt)
+        .filter(|p| *p == pid || parents(*p) != ns_link(*p, link))
+        .find(|p| shows(*p))
         .ok_or_else(|| {
             format!(
-                "a queue file system at {} of an IPC namespace whose first process is not in \
-                 its mount namespace",
+                "a {} file system at {} of a namespace whose first process is not in its mount \
+                 namespace",
+                m.fs_type,
                 point(m)
             )
         })
+}
+
+/// The device of a file system of type `fstype` the calling thread mounts
+/// (attached nowhere).
+fn fs_device(fstype: &str) -> std::io::Result<u64> {
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsmount, fsopen,
+    };
+    if fstype == "mqueue" {
+        return Ok(rustix::fs::fstat(super::ipc::queue_fs()?)?.st_dev);
+    }
+    let fs = fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_create(&fs)?;
+    let mnt = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY,
+    )?;
+    Ok(rustix::fs::fstat(&mnt)?.st_dev)
 }
 
 /// A tmpfs's files (step `step`'s), read through the process's root.

@@ -54,10 +54,10 @@ pub enum MountOp {
         entries: Vec<Entry>,
     },
     /// A new file system that shows a namespace of process `by`'s, made
-    /// by that process: proc (its pid namespace; `by` is this namespace's
-    /// first process or a descendant in it that is its pid namespace's
-    /// first), mqueue (its IPC namespace; `by` is this namespace's first
-    /// process or a descendant in it that is its IPC namespace's first).
+    /// by that process: proc (its pid namespace), mqueue (its IPC
+    /// namespace), sysfs (its network namespace); `by` is this
+    /// namespace's first process or a descendant in it that is the first
+    /// in the namespace shown.
     Namespaced {
         fs: NamespacedFs,
         target: String,
@@ -87,6 +87,7 @@ impl MountOp {
 pub enum NamespacedFs {
     Proc,
     Mqueue,
+    Sysfs,
 }
 
 impl NamespacedFs {
@@ -95,6 +96,7 @@ impl NamespacedFs {
         match self {
             NamespacedFs::Proc => "proc",
             NamespacedFs::Mqueue => "mqueue",
+            NamespacedFs::Sysfs => "sysfs",
         }
     }
 }
@@ -211,7 +213,7 @@ pub fn options_allowed(fstype: &str, options: &str) -> bool {
     let allowed: &[&str] = match fstype {
         "tmpfs" => &TMPFS_OPTIONS,
         "proc" => &PROC_OPTIONS,
-        "mqueue" => &[],
+        "mqueue" | "sysfs" => &[],
         _ => return false,
     };
     options.is_empty()

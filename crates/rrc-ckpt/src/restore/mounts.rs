@@ -61,6 +61,7 @@ pub fn check(
             let first = |q: &ProcessImage| match fs {
                 NamespacedFs::Proc => q.nested_pids.last() == Some(&1),
                 NamespacedFs::Mqueue => q.ipc.is_some(),
+                NamespacedFs::Sysfs => q.own_net.is_some(),
             };
             let made_here = *by == p.pid
                 || (procs.get(by))
