@@ -664,6 +664,7 @@ fn refused_for_each(fixture: &str, whats: &[&str]) {
     );
     let (code, log) = run.verdict();
     assert_eq!(code, 0, "the original must carry on untouched: {log}");
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -763,6 +764,7 @@ fn leave_running_then_restore_after_the_original_ends() {
     };
     let (code, log) = again.verdict();
     assert!(code == 0 && log.trim_end().ends_with("PASS"), "{log}");
+    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -790,6 +792,7 @@ fn bad_checkpoint_and_restore_input() {
         .fails_with("manifest.json");
     fs::write(dir.join("manifest.json"), "{}").unwrap();
     rrc(&["restore", "--images", dir.to_str().unwrap()]).fails_with("unusable");
+    let _ = fs::remove_dir_all(&dir);
 }
 
 /// An image holds a process's memory: only its owner may read it.
