@@ -1,11 +1,11 @@
 //! Network namespaces of the tree's own, made again (record
 //! `image::OwnNet`): the first process unshares one, and a thread of ours
-//! in it brings the loopback interface up, makes its veth pairs, gives
-//! them their addresses, brings them up, adds the routes (`ip`) and loads
-//! the nftables rules (`nft -f -`). Everything
-//! happens in that new namespace only; what an image says is checked at
-//! load (`OwnNet::check`) and given to the programs as arguments, never
-//! through a shell.
+//! in it writes its settings (/proc/sys), brings the loopback interface
+//! up, makes its veth pairs, gives them their addresses, brings them up,
+//! adds the routes (`ip`) and loads the nftables rules (`nft -f -`).
+//! Everything happens in that new namespace only; what an image says is
+//! checked at load (`OwnNet::check`) and given to the programs as
+//! arguments, never through a shell.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
