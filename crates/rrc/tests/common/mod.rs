@@ -407,5 +407,9 @@ impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
+        // And the scratch directory it was made in, if nothing else is.
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
