@@ -845,6 +845,27 @@ pub enum RouteScope {
     Host,
 }
 
+impl RouteScope {
+    /// As `ip` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RouteScope::Global => "global",
+            RouteScope::Link => "link",
+            RouteScope::Host => "host",
+        }
+    }
+
+    /// The scope `ip` names `name` (`universe` is `global`'s other name).
+    pub fn from_name(name: &str) -> Option<RouteScope> {
+        Some(match name {
+            "global" | "universe" => RouteScope::Global,
+            "link" => RouteScope::Link,
+            "host" => RouteScope::Host,
+            _ => return None,
+        })
+    }
+}
+
 impl OwnNet {
     /// The settings of a network namespace's own that programs and their
     /// launchers change, kept with it (paths under /proc/sys); written at

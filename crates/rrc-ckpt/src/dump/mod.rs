@@ -441,9 +441,16 @@ pub(crate) fn take(
             problems.push(format!("process {p}'s mount namespace: {e}"));
         }
     }
-    // Connections waiting to be accepted in the network namespaces the
-    // tree made, as in the root's.
-    for first in own_ns.net.keys().filter(|p| **p != t.root) {
+    // The network namespaces processes of the tree made (the root's is
+    // the tree's), whose waiting connections refuse a checkpoint as the
+    // root's do.
+    let nested_nets: Vec<Pid> = own_ns
+        .net
+        .keys()
+        .copied()
+        .filter(|p| *p != t.root)
+        .collect();
+    for first in &nested_nets {
         refuse_if_busy(&seized, &crate::sockdiag::ListenerProbe::of(*first)?)?;
     }
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
@@ -470,11 +477,7 @@ pub(crate) fn take(
         .chain(namespaces::root_owns_ipc(t.root).then_some((t.root, false)))
         .collect();
     let ipc_reader = ipc::Reader::start(ipc_owners);
-    let unix = files::UnixTable::new(
-        std::iter::once(t.root)
-            .chain(own_ns.net.keys().copied().filter(|p| *p != t.root))
-            .collect(),
-    );
+    let unix = files::UnixTable::new(std::iter::once(t.root).chain(nested_nets).collect());
     let tables = fd_tables(&seized.processes);
     // The first process (its image's pid) seen using each fd table.
     let mut first_with_table: HashMap<usize, i32> = HashMap::new();

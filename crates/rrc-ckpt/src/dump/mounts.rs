@@ -65,8 +65,8 @@ pub fn read(pid: Pid, parent: Pid, peers: &[Pid]) -> Found<OwnMounts> {
     if !same_root(pid, parent) {
         return Err("another root directory than its parent's".into());
     }
-    let mine = table(pid)?;
-    let theirs = table(parent)?;
+    let mine = Table::read(pid)?;
+    let theirs = Table::read(parent)?;
     let matched = match_trees(&mine, &theirs)?;
     let mut own = OwnMounts {
         ns: MountNs::default(),
@@ -79,7 +79,7 @@ pub fn read(pid: Pid, parent: Pid, peers: &[Pid]) -> Found<OwnMounts> {
         if let Some(j) = matched[i]
             && flags(m) != flags(&theirs[j])
         {
-            refuse_covered(&mine, i, "its flags changed")?;
+            mine.refuse_covered(i, "its flags changed")?;
             own.ns.ops.push(MountOp::Flags {
                 path: point(m),
                 flags: flags(m),
@@ -152,13 +152,79 @@ impl OwnMounts {
     }
 }
 
-/// Process `pid`'s mount table, as it sees it.
-fn table(pid: Pid) -> Found<Vec<MountInfo>> {
-    let f = File::open(format!("/proc/{pid}/mountinfo"))
-        .map_err(|e| format!("its mount table cannot be read: {e}"))?;
-    procfs::process::MountInfos::from_buf_read(std::io::BufReader::new(f))
-        .map(|m| m.0)
-        .map_err(|e| format!("its mount table cannot be read: {e}"))
+/// A process's mount table, as it sees it, with each mount's parent in
+/// it (read as the mounts themselves: `Deref`).
+struct Table {
+    mounts: Vec<MountInfo>,
+    /// The index of each mount's parent; `None` for the table's root,
+    /// whose parent is not shown.
+    up: Vec<Option<usize>>,
+}
+
+impl std::ops::Deref for Table {
+    type Target = [MountInfo];
+    fn deref(&self) -> &[MountInfo] {
+        &self.mounts
+    }
+}
+
+impl Table {
+    /// Process `pid`'s.
+    fn read(pid: Pid) -> Found<Table> {
+        let f = File::open(format!("/proc/{pid}/mountinfo"))
+            .map_err(|e| format!("its mount table cannot be read: {e}"))?;
+        let mounts = procfs::process::MountInfos::from_buf_read(std::io::BufReader::new(f))
+            .map_err(|e| format!("its mount table cannot be read: {e}"))?
+            .0;
+        let by_id: HashMap<i32, usize> = (mounts.iter().enumerate())
+            .map(|(i, m)| (m.mnt_id, i))
+            .collect();
+        let up = (mounts.iter().enumerate())
+            .map(|(i, m)| by_id.get(&m.pid).copied().filter(|&p| p != i))
+            .collect();
+        Ok(Table { mounts, up })
+    }
+
+    /// The index of its root.
+    fn root(&self) -> Option<usize> {
+        self.up.iter().position(Option::is_none)
+    }
+
+    fn children(&self, of: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len()).filter(move |&i| self.up[i] == Some(of))
+    }
+
+    /// Whether mount `a` is an ancestor of mount `b`.
+    fn is_ancestor(&self, a: usize, b: usize) -> bool {
+        let mut at = b;
+        for _ in 0..self.len() {
+            match self.up[at] {
+                None => return false,
+                Some(up) if up == a => return true,
+                Some(up) => at = up,
+            }
+        }
+        false
+    }
+
+    /// Refuses mount `i` if another mount hides it: one at its place
+    /// above it, or one at a directory above its place not below it. A
+    /// step names a mount by its place, which would reach the other.
+    fn refuse_covered(&self, i: usize, why: &str) -> Found<()> {
+        let p = point(&self[i]);
+        for j in 0..self.len() {
+            if j == i || self.is_ancestor(j, i) {
+                continue;
+            }
+            let q = point(&self[j]);
+            if q == p || (under(&p, &q) && !self.is_ancestor(i, j)) {
+                return Err(format!(
+                    "the mount at {p} ({why}) under another mount at {q}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn point(m: &MountInfo) -> String {
@@ -197,21 +263,9 @@ fn alike(a: &MountInfo, b: &MountInfo) -> bool {
         && a.fs_type == b.fs_type
 }
 
-/// The index of the root of a table: the mount whose parent is not in it.
-fn root_of(t: &[MountInfo]) -> Option<usize> {
-    let ids: HashSet<i32> = t.iter().map(|m| m.mnt_id).collect();
-    t.iter()
-        .position(|m| !ids.contains(&m.pid) || m.pid == m.mnt_id)
-}
-
-fn children(t: &[MountInfo], of: usize) -> impl Iterator<Item = usize> + '_ {
-    let id = t[of].mnt_id;
-    (0..t.len()).filter(move |&i| i != of && t[i].pid == id)
-}
-
 /// For each mount of `mine`, the mount of `theirs` it is a copy of.
-fn match_trees(mine: &[MountInfo], theirs: &[MountInfo]) -> Found<Vec<Option<usize>>> {
-    let (Some(r), Some(s)) = (root_of(mine), root_of(theirs)) else {
+fn match_trees(mine: &Table, theirs: &Table) -> Found<Vec<Option<usize>>> {
+    let (Some(r), Some(s)) = (mine.root(), theirs.root()) else {
         return Err("a mount table without a root".into());
     };
     if !alike(&mine[r], &theirs[s]) {
@@ -223,8 +277,8 @@ fn match_trees(mine: &[MountInfo], theirs: &[MountInfo]) -> Found<Vec<Option<usi
     used[s] = true;
     let mut queue = std::collections::VecDeque::from([(r, s)]);
     while let Some((a, b)) = queue.pop_front() {
-        for c in children(mine, a) {
-            if let Some(d) = children(theirs, b).find(|&d| !used[d] && alike(&mine[c], &theirs[d]))
+        for c in mine.children(a) {
+            if let Some(d) = (theirs.children(b)).find(|&d| !used[d] && alike(&mine[c], &theirs[d]))
             {
                 matched[c] = Some(d);
                 used[d] = true;
@@ -235,52 +289,14 @@ fn match_trees(mine: &[MountInfo], theirs: &[MountInfo]) -> Found<Vec<Option<usi
     Ok(matched)
 }
 
-/// Whether mount `a` is an ancestor of mount `b` in table `t`.
-fn is_ancestor(t: &[MountInfo], a: usize, b: usize) -> bool {
-    let by_id: HashMap<i32, usize> = t.iter().enumerate().map(|(i, m)| (m.mnt_id, i)).collect();
-    let mut at = b;
-    for _ in 0..t.len() {
-        let Some(&up) = by_id.get(&t[at].pid) else {
-            return false;
-        };
-        if up == at {
-            return false;
-        }
-        if up == a {
-            return true;
-        }
-        at = up;
-    }
-    false
-}
-
 fn under(path: &str, dir: &str) -> bool {
     dir == "/" || path.strip_prefix(dir).is_some_and(|r| r.starts_with('/'))
-}
-
-/// Refuses mount `i` if another mount hides it: one at its place above
-/// it, or one at a directory above its place not below it. A step names
-/// a mount by its place, which would reach the other.
-fn refuse_covered(t: &[MountInfo], i: usize, why: &str) -> Found<()> {
-    let p = point(&t[i]);
-    for j in 0..t.len() {
-        if j == i || is_ancestor(t, j, i) {
-            continue;
-        }
-        let q = point(&t[j]);
-        if q == p || (under(&p, &q) && !is_ancestor(t, i, j)) {
-            return Err(format!(
-                "the mount at {p} ({why}) under another mount at {q}"
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Propagation steps: one for every mount when all share one kind that
 /// differs from their parent's copies', else one per mount that differs.
 fn propagation_changes(
-    mine: &[MountInfo],
+    mine: &Table,
     theirs: &[MountInfo],
     matched: &[Option<usize>],
     ops: &mut Vec<MountOp>,
@@ -308,7 +324,7 @@ fn propagation_changes(
         return Ok(());
     }
     for i in differ {
-        refuse_covered(mine, i, "its propagation changed")?;
+        mine.refuse_covered(i, "its propagation changed")?;
         ops.push(MountOp::Propagation {
             path: point(&mine[i]),
             kind: propagation(&mine[i]),
@@ -320,23 +336,14 @@ fn propagation_changes(
 
 /// A step for each mount of the parent's that is gone, the topmost of
 /// each subtree gone, the last mounted first.
-fn unmounts(theirs: &[MountInfo], matched: &[Option<usize>], ops: &mut Vec<MountOp>) -> Found<()> {
+fn unmounts(theirs: &Table, matched: &[Option<usize>], ops: &mut Vec<MountOp>) -> Found<()> {
     let kept: HashSet<usize> = matched.iter().flatten().copied().collect();
-    let by_id: HashMap<i32, usize> = theirs
-        .iter()
-        .enumerate()
-        .map(|(i, m)| (m.mnt_id, i))
-        .collect();
     for j in (0..theirs.len()).rev() {
-        if kept.contains(&j) {
-            continue;
-        }
-        let parent_kept = by_id.get(&theirs[j].pid).is_some_and(|p| kept.contains(p));
-        if !parent_kept {
+        if kept.contains(&j) || !theirs.up[j].is_some_and(|p| kept.contains(&p)) {
             continue;
         }
         // Hidden in the parent's table, where the copy's place was read.
-        refuse_covered(theirs, j, "unmounted")?;
+        theirs.refuse_covered(j, "unmounted")?;
         ops.push(MountOp::Unmount {
             path: point(&theirs[j]),
         });

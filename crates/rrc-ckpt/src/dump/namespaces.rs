@@ -203,20 +203,20 @@ pub fn check_shared(
     problems: &mut Vec<String>,
 ) -> OwnNamespaces {
     let mut own = OwnNamespaces::default();
-    let me = Pid::this();
-    if ns_link(root, "user") != ns_link(me, "user") {
+    if ns_link(root, "user") != ns_link(Pid::this(), "user") {
         problems.push(format!(
             "the root, process {root}, is in a user namespace other than rrc's, which a restore \
              does not make again"
         ));
     }
-    if !whole_pid_ns {
-        root_namespaces(root, processes, &mut own, problems);
-    }
     let others: Vec<&SeizedProcess> = processes
         .iter()
         .filter(|p| p.pid != root && !p.threads.is_empty())
         .collect();
+    let live: Vec<Pid> = others.iter().map(|p| p.pid).collect();
+    if !whole_pid_ns {
+        root_namespaces(root, &live, &mut own, problems);
+    }
     if others.is_empty() {
         return own;
     }
@@ -238,14 +238,7 @@ pub fn check_shared(
         }
     }
     for p in first_of_own(processes, &others, "uts", "UTS", problems) {
-        match uts_names(p) {
-            Ok(names) => {
-                own.uts.insert(p, names);
-            }
-            Err(e) => problems.push(format!(
-                "process {p}: the names of its UTS namespace cannot be read: {e}"
-            )),
-        }
+        own_uts(p, &mut own.uts, problems);
     }
     own.ipc = first_of_own(processes, &others, "ipc", "IPC", problems)
         .into_iter()
@@ -253,18 +246,9 @@ pub fn check_shared(
     for p in first_of_own(processes, &others, "net", "network", problems) {
         own_net(p, &mut own.net, problems);
     }
-    let live: Vec<Pid> = others.iter().map(|p| p.pid).collect();
     for p in first_of_own(processes, &others, "mnt", "mount", problems) {
         let parent = others.iter().find(|q| q.pid == p).and_then(|q| q.parent);
-        match super::mounts::read(p, parent.unwrap_or(root), &live) {
-            Ok(m) => {
-                own.mnt.insert(p, m);
-            }
-            Err(what) => problems.push(format!(
-                "process {p} is in a mount namespace of its own with {what}, which a \
-                 restore does not make again"
-            )),
-        }
+        own_mounts(p, parent.unwrap_or(root), &live, &mut own.mnt, problems);
     }
     for p in first_of_own(processes, &others, "cgroup", "cgroup", problems) {
         own_cgroup(p, &mut own.cgroup, problems);
@@ -276,24 +260,15 @@ pub fn check_shared(
 /// other than the checkpointing process's, which a restore into ours
 /// makes again as for a process of the tree that made them: UTS, network,
 /// cgroup and mount namespaces (IPC and time ones are the tree's own,
-/// made apart).
-fn root_namespaces(
-    root: Pid,
-    processes: &[SeizedProcess],
-    own: &mut OwnNamespaces,
-    problems: &mut Vec<String>,
-) {
+/// made apart). A mount namespace only where the root has our root
+/// directory (`unshare -m`): one with a root of its own, a container's,
+/// is left where the restore's caller puts it. `live` are the tree's other
+/// live processes.
+fn root_namespaces(root: Pid, live: &[Pid], own: &mut OwnNamespaces, problems: &mut Vec<String>) {
     let me = Pid::this();
     let differs = |kind: &str| ns_link(root, kind) != ns_link(me, kind);
     if differs("uts") {
-        match uts_names(root) {
-            Ok(names) => {
-                own.uts.insert(root, names);
-            }
-            Err(e) => problems.push(format!(
-                "the root, process {root}: the names of its UTS namespace cannot be read: {e}"
-            )),
-        }
+        own_uts(root, &mut own.uts, problems);
     }
     if differs("net") {
         own_net(root, &mut own.net, problems);
@@ -301,39 +276,40 @@ fn root_namespaces(
     if differs("cgroup") {
         own_cgroup(root, &mut own.cgroup, problems);
     }
-    if differs("mnt") {
-        root_mounts(root, processes, own, problems);
+    if differs("mnt") && super::mounts::same_root(root, me) {
+        own_mounts(root, me, live, &mut own.mnt, problems);
     }
 }
 
-/// The mount namespace of a root in one other than the checkpointing
-/// process's that it made where it is (same root directory; `unshare -m`):
-/// how it differs from ours. A root with a root directory of its own, or
-/// the first process of a pid namespace of its own (a container's, which
-/// [`check_shared`] is told), is left alone: the restore puts it where its
-/// caller says.
-fn root_mounts(
-    root: Pid,
-    processes: &[SeizedProcess],
-    own: &mut OwnNamespaces,
+/// Reads the names of the UTS namespace process `p` is the first in into
+/// `uts`.
+fn own_uts(p: Pid, uts: &mut BTreeMap<Pid, UtsNames>, problems: &mut Vec<String>) {
+    match uts_names(p) {
+        Ok(names) => {
+            uts.insert(p, names);
+        }
+        Err(e) => problems.push(format!(
+            "process {p}: the names of its UTS namespace cannot be read: {e}"
+        )),
+    }
+}
+
+/// Reads the mount namespace process `p` is the first in, against that of
+/// `parent`, into `mnt`; `live` are the tree's processes but the root.
+fn own_mounts(
+    p: Pid,
+    parent: Pid,
+    live: &[Pid],
+    mnt: &mut BTreeMap<Pid, super::mounts::OwnMounts>,
     problems: &mut Vec<String>,
 ) {
-    let me = Pid::this();
-    if !super::mounts::same_root(root, me) {
-        return;
-    }
-    let live: Vec<Pid> = processes
-        .iter()
-        .filter(|p| p.pid != root && !p.threads.is_empty())
-        .map(|p| p.pid)
-        .collect();
-    match super::mounts::read(root, me, &live) {
+    match super::mounts::read(p, parent, live) {
         Ok(m) => {
-            own.mnt.insert(root, m);
+            mnt.insert(p, m);
         }
         Err(what) => problems.push(format!(
-            "the root, process {root}, is in a mount namespace other than rrc's with {what}, \
-             which a restore does not make again"
+            "process {p} is in a mount namespace of its own with {what}, which a restore does \
+             not make again"
         )),
     }
 }

@@ -306,11 +306,11 @@ fn addresses(links: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetAddress>> {
             {
                 return Err(format!("address {address}/{prefix} labelled {label:?}"));
             }
-            let scope = match a["scope"].as_str() {
-                None | Some("global") => None,
-                Some("link") => Some(RouteScope::Link),
-                Some("host") => Some(RouteScope::Host),
-                Some(s) => return Err(format!("address {address}/{prefix} of scope {s}")),
+            // Global, an address's own, goes without saying.
+            let scope = match a["scope"].as_str().map(|s| (s, RouteScope::from_name(s))) {
+                None | Some((_, Some(RouteScope::Global))) => None,
+                Some((_, Some(scope))) => Some(scope),
+                Some((s, None)) => return Err(format!("address {address}/{prefix} of scope {s}")),
             };
             out.push(NetAddress {
                 dev: name.to_string(),
@@ -408,10 +408,7 @@ fn read_routes(table: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRoute>> {
         };
         let scope = match r["scope"].as_str() {
             None => None,
-            Some("global" | "universe") => Some(RouteScope::Global),
-            Some("link") => Some(RouteScope::Link),
-            Some("host") => Some(RouteScope::Host),
-            Some(s) => return Err(format!("a route of scope {s}")),
+            Some(s) => Some(RouteScope::from_name(s).ok_or(format!("a route of scope {s}"))?),
         };
         out.push(NetRoute {
             kind,

@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::image::{NetRoute, OwnNet, RouteKind, RouteScope};
+use crate::image::{NetRoute, OwnNet, RouteKind};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result};
 
@@ -59,7 +59,7 @@ pub fn own_net(t: &mut Tracee, net: &OwnNet) -> Result<()> {
             if let Some(l) = &a.label {
                 args.extend(["label", l]);
             }
-            args.extend(a.scope.map(|s| ["scope", scope_name(s)]).iter().flatten());
+            args.extend(a.scope.map(|s| ["scope", s.name()]).iter().flatten());
             let brd = a.broadcast.map(|b| b.to_string());
             args.extend(brd.as_deref().map(|b| ["broadcast", b]).iter().flatten());
             // It had been through duplicate address detection.
@@ -117,7 +117,7 @@ fn route_args(r: &NetRoute) -> Vec<String> {
         a.extend(["metric".into(), m.to_string()]);
     }
     if let Some(s) = r.scope {
-        a.extend(["scope".into(), scope_name(s).into()]);
+        a.extend(["scope".into(), s.name().into()]);
     }
     if let Some(src) = r.source {
         a.extend(["src".into(), src.to_string()]);
@@ -128,14 +128,6 @@ fn route_args(r: &NetRoute) -> Vec<String> {
 fn mac(m: [u8; 6]) -> String {
     let hex: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
     hex.join(":")
-}
-
-fn scope_name(s: RouteScope) -> &'static str {
-    match s {
-        RouteScope::Global => "global",
-        RouteScope::Link => "link",
-        RouteScope::Host => "host",
-    }
 }
 
 /// Runs `program args` (with `input` on its stdin) from this thread's
@@ -174,6 +166,7 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> std::result::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::RouteScope;
 
     #[test]
     fn routes_become_the_arguments_that_make_them() {
