@@ -641,6 +641,22 @@ fn hostile_aio_rings_and_pseudo_terminals_are_refused_before_anything_is_made() 
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// The name of the process record of `images` that has field `field`.
+fn record_with(images: &Path, field: &str) -> String {
+    fs::read_dir(images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| {
+            n.starts_with("process-")
+                && serde_json::from_slice::<serde_json::Value>(&fs::read(images.join(n)).unwrap())
+                    .unwrap()
+                    .get(field)
+                    .is_some()
+        })
+        .unwrap_or_else(|| panic!("no process record has {field}"))
+}
+
 /// Unmounts what the `mntns_own` fixture (root `pid`) and a test of its
 /// image mounted on the host, and removes its directory.
 struct MountsOf(String);
@@ -675,17 +691,7 @@ fn hostile_mount_steps_are_refused_and_never_reach_the_hosts_mounts() {
     let (dir, images, root) = image_of("mntns_own", false);
     let base = format!("/tmp/fx_mntns.{root}");
     let _mounts = MountsOf(base.clone());
-    let process = fs::read_dir(&images)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| {
-            n.starts_with("process-")
-                && fs::read_to_string(images.join(n))
-                    .unwrap()
-                    .contains("own_mounts")
-        })
-        .expect("a process with a mount namespace of its own");
+    let process = record_with(&images, "own_mounts");
     let step = |kind: &'static str, fs: Option<&'static str>| {
         move |v: &serde_json::Value| {
             v["own_mounts"]["ops"]
@@ -784,17 +790,7 @@ fn hostile_mount_steps_are_refused_and_never_reach_the_hosts_mounts() {
 fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     require_root();
     let (dir, images, _) = image_of("netns_routes", false);
-    let process = fs::read_dir(&images)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| {
-            n.starts_with("process-")
-                && fs::read_to_string(images.join(n))
-                    .unwrap()
-                    .contains("own_net")
-        })
-        .expect("a process with a network namespace of its own");
+    let process = record_with(&images, "own_net");
     let net = |v: &mut serde_json::Value| -> serde_json::Value { v["own_net"].take() };
     type Edit = fn(&mut serde_json::Value);
     let edits: [(&str, Edit); 8] = [
