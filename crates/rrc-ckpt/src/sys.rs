@@ -383,6 +383,19 @@ pub fn pidfd_namespace_ioctl(ns: crate::image::NsKind) -> u64 {
     (0xFF << 8) | n
 }
 
+/// A new mount of a file system of type `fstype` made by the calling
+/// thread (in its namespaces), attached nowhere: no mount table is
+/// touched, and it goes with its fd.
+pub fn detached_mount(
+    fstype: &str,
+    attrs: rustix::mount::MountAttrFlags,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::mount::{FsMountFlags, FsOpenFlags, fsconfig_create, fsmount, fsopen};
+    let fs = fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
+    fsconfig_create(&fs)?;
+    Ok(fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, attrs)?)
+}
+
 /// A pidfd for process `pid`.
 pub fn pidfd_open(pid: Pid) -> io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;

@@ -210,17 +210,10 @@ fn read_here(problems: &mut Vec<String>) -> std::io::Result<Namespace> {
 /// namespace: every mount of it shows one).
 pub fn queue_fs() -> std::io::Result<std::os::fd::OwnedFd> {
     use rustix::fs::{Mode, OFlags, openat};
-    use rustix::mount::{
-        FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsmount, fsopen,
-    };
-    let fs = fsopen("mqueue", FsOpenFlags::FSOPEN_CLOEXEC)?;
-    fsconfig_create(&fs)?;
-    let mnt = fsmount(
-        &fs,
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_NOSUID
-            | MountAttrFlags::MOUNT_ATTR_NODEV
-            | MountAttrFlags::MOUNT_ATTR_NOEXEC,
+    use rustix::mount::MountAttrFlags as A;
+    let mnt = sys::detached_mount(
+        "mqueue",
+        A::MOUNT_ATTR_NOSUID | A::MOUNT_ATTR_NODEV | A::MOUNT_ATTR_NOEXEC,
     )?;
     Ok(openat(
         &mnt,

@@ -550,19 +550,7 @@ fn device_maker(pid: Pid, peers: &[Pid], m: &MountInfo, ns: Ns, link: &str) -> F
 /// The device of a file system of type `fstype` the calling thread mounts
 /// (attached nowhere).
 fn fs_device(fstype: &str) -> std::io::Result<u64> {
-    use rustix::mount::{
-        FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsmount, fsopen,
-    };
-    if fstype == "mqueue" {
-        return Ok(rustix::fs::fstat(super::ipc::queue_fs()?)?.st_dev);
-    }
-    let fs = fsopen(fstype, FsOpenFlags::FSOPEN_CLOEXEC)?;
-    fsconfig_create(&fs)?;
-    let mnt = fsmount(
-        &fs,
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_RDONLY,
-    )?;
+    let mnt = crate::sys::detached_mount(fstype, rustix::mount::MountAttrFlags::MOUNT_ATTR_RDONLY)?;
     Ok(rustix::fs::fstat(&mnt)?.st_dev)
 }
 
