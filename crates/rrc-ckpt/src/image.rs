@@ -85,6 +85,10 @@ pub struct Manifest {
     /// CRC-32 of every other file of a delta, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checksums: BTreeMap<String, u32>,
+    /// User namespaces of the tree's, children of the checkpointing
+    /// process's, by index (`ProcessImage::user_ns`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_namespaces: Vec<userns::UserNs>,
 }
 
 /// A checkpoint within a series: its number and an identity no other
@@ -159,6 +163,10 @@ pub struct ProcessImage {
     /// `unshare(CLONE_NEWTIME)`): its clocks' offsets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub children_time_ns: Option<TimeOffsets>,
+    /// The user namespace it is in, when not the checkpointing process's:
+    /// an index of `Manifest::user_namespaces`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_ns: Option<usize>,
     pub pgid: i32,
     pub sid: i32,
     pub exe: String,
@@ -954,10 +962,11 @@ impl OwnNet {
     }
 }
 
+pub mod mounts;
+pub mod userns;
+
 /// The layout of an AIO completion ring (`struct aio_ring` of
 /// `linux/aio.h`, followed by its `struct io_event`s), defined here only.
-pub mod mounts;
-
 pub mod aio_ring {
     /// Bytes of the ring's header.
     pub const HEADER: usize = 32;

@@ -1699,3 +1699,119 @@ fn loopback_flags(set: Option<i16>) -> io::Result<i16> {
     check(r.into())?;
     Ok(i16::from_ne_bytes([req[16], req[17]]))
 }
+
+/// `NS_GET_USERNS`, `NS_GET_PARENT` and `NS_GET_OWNER_UID` of
+/// linux/nsfs.h: `_IO(0xb7, 1)`, `_IO(0xb7, 2)`, `_IO(0xb7, 4)`.
+const NS_GET_USERNS: libc::c_ulong = 0xb701;
+const NS_GET_PARENT: libc::c_ulong = 0xb702;
+const NS_GET_OWNER_UID: libc::c_ulong = 0xb704;
+
+/// The user namespace that owns namespace `ns` (for a user namespace: its
+/// parent, with `parent`), open.
+pub fn ns_owner(ns: std::os::fd::BorrowedFd<'_>, parent: bool) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let request = if parent { NS_GET_PARENT } else { NS_GET_USERNS };
+    // SAFETY: these requests take no argument and return a new fd we own.
+    let fd = check(unsafe { libc::ioctl(ns.as_raw_fd(), request) } as libc::c_long)? as i32;
+    // SAFETY: fd was just returned to us and nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// The uid (in the caller's user namespace) that made user namespace `ns`.
+pub fn user_ns_owner_uid(ns: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: NS_GET_OWNER_UID writes one uid_t through the pointer.
+    check(unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_OWNER_UID, &mut uid) } as libc::c_long)?;
+    Ok(uid)
+}
+
+/// A child process of ours, alone in a user namespace it made with uid
+/// `owner`, waiting until [`UserNsMaker::finish`] (or its drop) ends it:
+/// for its maps to be written from outside and the namespace opened.
+pub struct UserNsMaker {
+    pub pid: Pid,
+    go: Option<std::os::fd::OwnedFd>,
+}
+
+impl UserNsMaker {
+    pub fn start(owner: u32) -> io::Result<UserNsMaker> {
+        use std::os::fd::AsRawFd;
+        let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let (ready_w_raw, go_r_raw) = (ready_w.as_raw_fd(), go_r.as_raw_fd());
+        // The child's copies of the parent's ends: closed, or its read
+        // would never see the end of the pipe.
+        let (ready_r_raw, go_w_raw) = (ready_r.as_raw_fd(), go_w.as_raw_fd());
+        let args = CloneArgs {
+            exit_signal: libc::SIGCHLD as u64,
+            ..Default::default()
+        };
+        // SAFETY: the child makes only raw system calls on integers and a
+        // byte of its own stack, then ends with _exit: nothing of the
+        // parent's other threads (locks, allocator) is touched.
+        let ret = unsafe { clone3(&args) };
+        if ret == 0 {
+            // SAFETY: as above; each call takes integers or a pointer to a
+            // live local byte.
+            unsafe {
+                libc::close(ready_r_raw);
+                libc::close(go_w_raw);
+                let code = if libc::syscall(libc::SYS_setresuid, owner, owner, owner) == 0
+                    && libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) == 0
+                {
+                    let b = 1u8;
+                    libc::write(ready_w_raw, (&raw const b).cast(), 1);
+                    let mut b = 0u8;
+                    // Until the parent closes its end.
+                    libc::read(go_r_raw, (&raw mut b).cast(), 1);
+                    0
+                } else {
+                    1
+                };
+                libc::_exit(code)
+            }
+        }
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut maker = UserNsMaker {
+            pid: Pid::from_raw(ret as i32),
+            go: Some(go_w),
+        };
+        drop(ready_w);
+        drop(go_r);
+        let mut b = [0u8; 1];
+        match nix::unistd::read(&ready_r, &mut b) {
+            Ok(1) => Ok(maker),
+            Ok(_) => {
+                maker.end();
+                Err(io::Error::other(
+                    "the process making the user namespace could not take its owner's uid or unshare",
+                ))
+            }
+            Err(e) => {
+                maker.end();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Lets the child go and reaps it.
+    fn end(&mut self) {
+        self.go = None;
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+    }
+
+    pub fn finish(mut self) {
+        self.end();
+    }
+}
+
+impl Drop for UserNsMaker {
+    fn drop(&mut self) {
+        if self.go.is_some() {
+            self.end();
+        }
+    }
+}

@@ -828,3 +828,57 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     }
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// User namespaces whose maps the kernel would refuse, or that leave a
+/// process's ids unmapped, or a process in one that a restore could not
+/// put there, are refused at load.
+#[test]
+fn hostile_user_namespaces_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, _) = image_of("userns_own", false);
+    let process = record_with(&images, "user_ns");
+    type Edit = fn(&mut serde_json::Value);
+    let in_manifest: [(&str, Edit); 5] = [
+        ("no uid ranges", |m| {
+            m["user_namespaces"][0]["uid_map"] = serde_json::json!([])
+        }),
+        ("an empty range", |m| {
+            m["user_namespaces"][0]["gid_map"][0]["count"] = 0.into()
+        }),
+        ("a range that wraps", |m| {
+            m["user_namespaces"][0]["uid_map"][0]["outside"] = u32::MAX.into()
+        }),
+        ("overlapping ranges", |m| {
+            let r = m["user_namespaces"][0]["uid_map"][0].clone();
+            m["user_namespaces"][0]["uid_map"]
+                .as_array_mut()
+                .unwrap()
+                .push(r)
+        }),
+        ("maps that leave the process's ids out", |m| {
+            for map in ["uid_map", "gid_map"] {
+                m["user_namespaces"][0][map] =
+                    serde_json::json!([{"inside": 0, "outside": 7777, "count": 1}]);
+            }
+        }),
+    ];
+    for (what, edit) in in_manifest {
+        refused_when(&images, "manifest.json", what, edit);
+    }
+    let in_process: [(&str, Edit); 3] = [
+        ("a namespace the image does not have", |p| {
+            p["user_ns"] = 9.into()
+        }),
+        ("two threads in one", |p| {
+            let th = p["threads"][0].clone();
+            p["threads"].as_array_mut().unwrap().push(th)
+        }),
+        ("a zombie in one", |p| {
+            p["zombie"] = serde_json::json!({"type": "code", "code": 0})
+        }),
+    ];
+    for (what, edit) in in_process {
+        refused_when(&images, &process, what, edit);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -1212,11 +1212,21 @@ fn deleted_files_and_directories_and_a_chrooted_working_directory() {
 }
 
 #[test]
-fn a_process_in_a_user_namespace_of_its_own_is_refused_and_left_running() {
-    refused_for_each(
+fn a_uts_namespace_a_user_namespace_owns_is_refused_and_left_running() {
+    refused(
         "unsupported_namespaces",
-        &["1 namespace(s) other than the root's (user)"],
+        "uts namespace(s) belong to its user namespace",
     );
+}
+
+#[test]
+fn processes_in_user_namespaces_of_their_own_get_them_back_with_their_ids() {
+    checkpoint_restore("userns_own");
+}
+
+#[test]
+fn a_root_that_made_itself_root_of_a_user_namespace_gets_it_back() {
+    checkpoint_restore("userns_root");
 }
 
 #[test]

@@ -13,6 +13,7 @@ pub(crate) mod process;
 mod pty;
 pub mod seize;
 mod splice;
+mod userns;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -435,7 +436,8 @@ pub(crate) fn take(
     for p in &seized.processes {
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
-    let mut own_ns = namespaces::check_shared(t.root, own_pid_ns, &seized.processes, &mut problems);
+    let mut own_ns =
+        namespaces::own_namespaces(t.root, own_pid_ns, &seized.processes, &mut problems);
     for (p, m) in &mut own_ns.mnt {
         if let Err(e) = m.number_makers(|h| ns_of.get(&h).copied()) {
             problems.push(format!("process {p}'s mount namespace: {e}"));
@@ -453,6 +455,7 @@ pub(crate) fn take(
     for first in &nested_nets {
         refuse_if_busy(&seized, &crate::sockdiag::ListenerProbe::of(*first)?)?;
     }
+    let mut users = userns::read(&seized.processes, &statuses, &mut problems);
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
@@ -601,6 +604,7 @@ pub(crate) fn take(
             ipc: None,
             time_ns: time.ns,
             children_time_ns: time.children,
+            user_ns: users.of.remove(&p.pid),
             pgid: tree_level(&status.nspgid, st.pgrp),
             sid: tree_level(&status.nssid, st.session),
             exe: link("exe"),
@@ -763,6 +767,7 @@ pub(crate) fn take(
         parent,
         lineage,
         checksums: BTreeMap::new(),
+        user_namespaces: std::mem::take(&mut users.namespaces),
         net_lock: net_lock.name().map(str::to_string),
     };
     let lock_name = manifest.net_lock.clone();

@@ -1,13 +1,13 @@
 //! The namespaces of the tree's processes. A restore puts every process in
-//! the root's namespaces, but for five kinds. UTS, cgroup and IPC
-//! namespaces: a process whose parent is in another is the first of its
-//! own, made again (with its names; rooted at its cgroup; with its objects,
-//! module `ipc`). Pid namespaces nested in the tree's: each process's pids at every
+//! the root's namespaces, but where it made others. UTS, cgroup, IPC,
+//! network and mount namespaces: a process whose parent is in another is
+//! the first of its own, made again (with its names; rooted at its cgroup;
+//! with its objects, module `ipc`; modules `netns` and `mounts`). Pid namespaces nested in the tree's: each process's pids at every
 //! level below the tree's, the namespace it is in (named by its first
 //! process) and the one its next children go to. Time namespaces: whether a
 //! process is in its parent's, in the one its parent made for its children,
-//! or in one of its own, and the clocks' offsets of each one made. A
-//! process in a namespace of any other kind than the root's is refused.
+//! or in one of its own, and the clocks' offsets of each one made. User
+//! namespaces: module `userns`.
 //!
 //! The tree's namespace is the root's. A process `unshare(CLONE_NEWPID)`
 //! or `clone(CLONE_NEWPID)` made deeper has pids there too (`NSpid`, the
@@ -172,11 +172,6 @@ impl PidLevels {
     }
 }
 
-/// The kinds of namespace a restore makes every process of the tree share
-/// with the root (pid, mount, UTS, cgroup, IPC, network and time
-/// namespaces apart).
-const SHARED_KINDS: [&str; 1] = ["user"];
-
 /// The namespaces of their own some processes start: each such process's
 /// UTS names, and which start a cgroup or an IPC namespace.
 #[derive(Default)]
@@ -188,27 +183,21 @@ pub struct OwnNamespaces {
     pub mnt: BTreeMap<Pid, super::mounts::OwnMounts>,
 }
 
-/// Refuses processes that are in a namespace of one of the shared kinds
-/// other than the root's: a restore would put them in the root's,
-/// silently; and finds the first process of each UTS and cgroup namespace
-/// other than the root's: a process in another than its parent's, which
-/// no other process shares but its descendants. A cgroup namespace must be
-/// rooted at its first process's cgroup, as one it unshared where it is
-/// (the restore unshares one in the cgroup the tree is restored to).
-/// Reads six links per process but the root (none for a tree of one).
-pub fn check_shared(
+/// Finds the first process of each UTS, IPC, network, mount and cgroup
+/// namespace other than the root's: a process in another than its
+/// parent's, which no other process shares but its descendants (any other
+/// is a problem), and those of the root (see [`root_namespaces`]). A cgroup
+/// namespace must be rooted at its first process's cgroup, as one it
+/// unshared where it is (the restore unshares one in the cgroup the tree
+/// is restored to). Reads five links per process but the root (none for a
+/// tree of one).
+pub fn own_namespaces(
     root: Pid,
     whole_pid_ns: bool,
     processes: &[SeizedProcess],
     problems: &mut Vec<String>,
 ) -> OwnNamespaces {
     let mut own = OwnNamespaces::default();
-    if ns_link(root, "user") != ns_link(Pid::this(), "user") {
-        problems.push(format!(
-            "the root, process {root}, is in a user namespace other than rrc's, which a restore \
-             does not make again"
-        ));
-    }
     let others: Vec<&SeizedProcess> = processes
         .iter()
         .filter(|p| p.pid != root && !p.threads.is_empty())
@@ -219,23 +208,6 @@ pub fn check_shared(
     }
     if others.is_empty() {
         return own;
-    }
-    let roots: Vec<_> = SHARED_KINDS.iter().map(|k| ns_link(root, k)).collect();
-    for p in &others {
-        let differ: Vec<&str> = SHARED_KINDS
-            .iter()
-            .zip(&roots)
-            .filter(|(k, r)| ns_link(p.pid, k) != **r)
-            .map(|(k, _)| *k)
-            .collect();
-        if !differ.is_empty() {
-            problems.push(format!(
-                "process {} is in {} namespace(s) other than the root's ({}), which a restore does not make again",
-                p.pid,
-                differ.len(),
-                differ.join(", ")
-            ));
-        }
     }
     for p in first_of_own(processes, &others, "uts", "UTS", problems) {
         own_uts(p, &mut own.uts, problems);

@@ -29,6 +29,7 @@ pub mod tracee;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -151,10 +152,12 @@ pub fn load(images: &Path) -> Result<(ImageDir, Manifest, BTreeMap<i32, ProcessI
     }
     check_references(images, &m, &procs)?;
     check_sizes(&img, &m, &procs)?;
-    mounts::check(&img, &procs).map_err(|detail| Error::CorruptImage {
-        path: images.into(),
-        detail,
-    })?;
+    mounts::check(&img, &procs)
+        .and_then(|()| namespaces::check_users(&m, &procs))
+        .map_err(|detail| Error::CorruptImage {
+            path: images.into(),
+            detail,
+        })?;
     if let Some(p) = procs.values().find(|p| p.zombie.is_none()) {
         mm::check_vdso(p)?;
     }
@@ -649,6 +652,8 @@ struct Ctx<'a> {
     orphan_sessions: BTreeSet<i32>,
     /// Whether the root was made in an IPC namespace of its own.
     root_new_ipc: bool,
+    /// The tree's user namespaces, by index.
+    users: Vec<std::os::fd::OwnedFd>,
 }
 
 /// Sessions whose leader had exited: neither the session the root was
@@ -800,6 +805,12 @@ fn restore_process(
         let nested = !p.nested_pids.is_empty();
         (ctx.plan.ptys).foreground(&mut t, ctx.m, nested, &ctx.mem.transport)?;
     }
+    // Its user namespace once its children are forked (their pids need
+    // rights over the tree's pid namespace that it leaves outside) and
+    // while the fd the engine passes files through is still in its table.
+    if let Some(i) = p.user_ns {
+        namespaces::enter_user(&mut t, p, ctx.users[i].as_fd(), &ctx.mem.transport)?;
+    }
     if !p.shares_table() {
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     }
@@ -808,7 +819,8 @@ fn restore_process(
     state::process_state(&mut t, p, &mut ctx.plan.ghosts)?;
     state::thread_state(&mut t, p)?;
     state::pending_signals(&mut t, p)?;
-    state::identity(&mut t, p)?;
+    let user = p.user_ns.map(|i| &ctx.m.user_namespaces[i]);
+    state::identity(&mut t, p, user)?;
     ctx.done.push(t);
     Ok(())
 }
@@ -1115,6 +1127,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         done: Vec::new(),
         orphan_sessions: orphan_sessions(&m, &procs),
         root_new_ipc: flags & libc::CLONE_NEWIPC as u64 != 0,
+        users: namespaces::make_users(&m)?,
     };
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {

@@ -10,11 +10,20 @@
 //! children, gives it its offsets and enters it; one whose children go to
 //! another unshares that before its children are forked, and a child that
 //! is to stay in its parent's own goes back there through an fd of it the
-//! parent opened before the fork.
+//! parent opened before the fork. User namespaces: made before the tree
+//! by a child of ours with their owner's uid, their maps written from
+//! here; each process in one enters it once its children are forked
+//! (their pids need rights over the tree's pid namespace it leaves
+//! outside), before its fds are put in place and it takes its
+//! credentials again.
 
 use std::collections::BTreeMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
 
-use crate::image::{ChildrenPidNs, ProcessImage, ThreadImage, TimeNs, TimeOffsets, UtsNames};
+use crate::image::userns::IdKind;
+use crate::image::{
+    ChildrenPidNs, Manifest, ProcessImage, ThreadImage, TimeNs, TimeOffsets, UtsNames,
+};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result};
 
@@ -366,6 +375,102 @@ pub fn restore_children_ns(
             Ok(())
         }
     }
+}
+
+/// Checks an image's user namespaces: maps the kernel takes, and each
+/// process in one a live one with one thread (its threads could not get
+/// their ids: see `dump::userns`) whose ids are all mapped there.
+pub fn check_users(
+    m: &Manifest,
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> std::result::Result<(), String> {
+    for (i, u) in m.user_namespaces.iter().enumerate() {
+        u.check().map_err(|e| format!("user namespace {i}: {e}"))?;
+    }
+    for p in procs.values() {
+        let Some(i) = p.user_ns else { continue };
+        let pid = p.pid;
+        let u = m
+            .user_namespaces
+            .get(i)
+            .ok_or_else(|| format!("process {pid} is in user namespace {i}, which is not in it"))?;
+        if p.zombie.is_some() || p.threads.len() != 1 {
+            return Err(format!(
+                "process {pid} is in a user namespace with {} threads",
+                p.threads.len()
+            ));
+        }
+        if !u.maps(&p.creds) {
+            return Err(format!(
+                "process {pid} has ids its user namespace does not map"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Makes the tree's user namespaces, each with its owner and maps, and
+/// holds them open (no process is in them until the tree's enter).
+pub fn make_users(m: &Manifest) -> Result<Vec<OwnedFd>> {
+    let fail = |detail: String| Error::Restore {
+        pid: m.root,
+        stage: "user namespaces",
+        detail,
+    };
+    let mut made = Vec::new();
+    for u in &m.user_namespaces {
+        let maker = crate::sys::UserNsMaker::start(u.owner)
+            .map_err(|e| fail(format!("make one as uid {}: {e}", u.owner)))?;
+        let dir = format!("/proc/{}", maker.pid);
+        let write = |file: &str, text: &str| {
+            std::fs::write(format!("{dir}/{file}"), text)
+                .map_err(|e| fail(format!("write {file} ({}): {e}", text.trim_end())))
+        };
+        // setgroups before the gid map, which allows it otherwise.
+        if !u.setgroups {
+            write("setgroups", "deny")?;
+        }
+        write(IdKind::Uid.file(), &u.map_text(IdKind::Uid))?;
+        write(IdKind::Gid.file(), &u.map_text(IdKind::Gid))?;
+        let ns = std::fs::File::open(format!("{dir}/ns/user"))
+            .map_err(|e| fail(format!("open it: {e}")))?;
+        maker.finish();
+        made.push(OwnedFd::from(ns));
+    }
+    Ok(made)
+}
+
+/// Puts `t` in user namespace `ns` (of `transport`'s reach), its
+/// supplementary groups set first as the host numbers them (the namespace
+/// may deny `setgroups`). Its capabilities are then every one there and
+/// none outside, its securebits the defaults: [`crate::restore::state::identity`]
+/// sets both after.
+pub fn enter_user(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    ns: BorrowedFd<'_>,
+    transport: &crate::restore::sockets::Transport,
+) -> Result<()> {
+    let groups: Vec<u8> = p
+        .creds
+        .groups
+        .iter()
+        .flat_map(|g| g.to_ne_bytes())
+        .collect();
+    let a = t.arg(&groups)?;
+    t.call(
+        "setgroups",
+        libc::SYS_setgroups,
+        &[p.creds.groups.len() as u64, a],
+    )?;
+    let fd = transport.pass(t, ns)?;
+    let r = t.call(
+        "setns (user namespace)",
+        libc::SYS_setns,
+        &[fd, libc::CLONE_NEWUSER as u64],
+    );
+    t.call("close", libc::SYS_close, &[fd])?;
+    r.map(drop)
 }
 
 #[cfg(test)]

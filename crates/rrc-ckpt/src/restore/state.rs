@@ -2,6 +2,7 @@
 //! timers, limits, identity, and per-thread registrations.
 
 use crate::image::ProcessImage;
+use crate::image::userns::{IdKind, UserNs};
 use crate::restore::files::{GhostDir, Ghosts};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, nr, pr};
@@ -322,10 +323,25 @@ fn cap_last() -> u64 {
 }
 
 /// Identity last: capabilities and credentials, then what changing them
-/// resets.
-pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+/// resets. In user namespace `user` (entered already, with the groups
+/// set), ids are given as it numbers them.
+pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Result<()> {
     seccomp(t, p)?;
     let c = &p.creds;
+    let inside = |kind: IdKind, ids: [u32; 4]| -> Result<[u32; 4]> {
+        let Some(u) = user else { return Ok(ids) };
+        let mut out = ids;
+        for (o, id) in out.iter_mut().zip(ids) {
+            *o = u.inside(kind, id).ok_or_else(|| Error::Restore {
+                pid: p.pid,
+                stage: "credentials",
+                detail: format!("id {id} is not mapped in its user namespace"),
+            })?;
+        }
+        Ok(out)
+    };
+    let uid = inside(IdKind::Uid, c.uid)?;
+    let gid = inside(IdKind::Gid, c.gid)?;
     let last = cap_last();
     // The bounding set only shrinks, and needs CAP_SETPCAP: first.
     for cap in 0..=last {
@@ -354,21 +370,19 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     // The sets the process works with until its own: its permitted set,
     // and CAP_SETPCAP for the late securebits.
     let working = c.cap_prm | if late { 1 << secbit::CAP_SETPCAP } else { 0 };
-    let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-    let a = t.arg(&groups)?;
-    t.call("setgroups", nr::SYS_setgroups, &[c.groups.len() as u64, a])?;
+    if user.is_none() {
+        let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let a = t.arg(&groups)?;
+        t.call("setgroups", nr::SYS_setgroups, &[c.groups.len() as u64, a])?;
+    }
     t.call(
         "setresgid",
         nr::SYS_setresgid,
-        &[
-            u64::from(c.gid[0]),
-            u64::from(c.gid[1]),
-            u64::from(c.gid[2]),
-        ],
+        &[u64::from(gid[0]), u64::from(gid[1]), u64::from(gid[2])],
     )?;
     // setresgid made the fs gid the effective one; the recorded one may
     // differ (setfsgid). Still with every capability, this cannot fail.
-    set_fs_id(t, p.pid, libc::SYS_setfsgid, "fs gid", c.gid[3])?;
+    set_fs_id(t, p.pid, libc::SYS_setfsgid, "fs gid", gid[3])?;
     // Capabilities survive the uid change so they can be set exactly after.
     t.call(
         "prctl(PR_SET_KEEPCAPS)",
@@ -378,11 +392,7 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     t.call(
         "setresuid",
         nr::SYS_setresuid,
-        &[
-            u64::from(c.uid[0]),
-            u64::from(c.uid[1]),
-            u64::from(c.uid[2]),
-        ],
+        &[u64::from(uid[0]), u64::from(uid[1]), u64::from(uid[2])],
     )?;
     // capset, version 3: a header and two 32-bit halves of each set.
     const CAP_V3: u32 = 0x2008_0522;
@@ -390,7 +400,7 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     hdr.extend_from_slice(&CAP_V3.to_ne_bytes());
     hdr.extend_from_slice(&0i32.to_ne_bytes());
     let data = cap_data(c.cap_eff, c.cap_prm, c.cap_inh);
-    if c.uid[3] != c.uid[1] {
+    if uid[3] != uid[1] {
         // setresuid made the fs uid the effective one. setfsuid to another
         // id needs CAP_SETUID in the effective set, which a change away
         // from uid 0 cleared: the permitted set is made effective for it,
@@ -400,7 +410,7 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
         let d = t.arg(&cap_data(working, working, c.cap_inh))?;
         let r = t.raw_on(t.pid, libc::SYS_capset, &[h, d])?;
         warn_failed(p.pid, "capabilities for the fs uid", r);
-        set_fs_id(t, p.pid, libc::SYS_setfsuid, "fs uid", c.uid[3])?;
+        set_fs_id(t, p.pid, libc::SYS_setfsuid, "fs uid", uid[3])?;
     }
     if late {
         // The ambient set and keep-caps before the securebits that lock

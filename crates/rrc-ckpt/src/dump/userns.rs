@@ -1,0 +1,184 @@
+//! The user namespaces of the tree's processes. A process in a user
+//! namespace other than ours is recorded with that namespace (its owner,
+//! id maps and `setgroups` setting, read once), which a restore makes
+//! again and has the process enter once its children are forked, before
+//! its fds are put in place and it takes its credentials again (as the
+//! namespace numbers them). What that cannot give back is refused:
+//!
+//! - a namespace nested in another than ours (a restore makes children of
+//!   its own only);
+//! - a process with more than one thread there: a thread gets its id by
+//!   `clone3`'s `set_tid`, which needs CAP_SYS_ADMIN over the tree's pid
+//!   namespace, and one in the namespace has it only there; while
+//!   `setns` into a user namespace needs a single thread;
+//! - a namespace of another kind owned by the user namespace (a network
+//!   namespace `unshare -Urn` made, say): a restore makes those outside
+//!   of it, and the process would lose its capabilities over them;
+//! - ids of the process the namespace does not map.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsFd;
+
+use nix::unistd::Pid;
+use procfs::process::Status;
+
+use crate::dump::seize::SeizedProcess;
+use crate::image::userns::UserNs;
+
+/// The kinds of namespace a user namespace may own, as `/proc/PID/ns`
+/// names them.
+const OWNED_KINDS: [&str; 9] = [
+    "uts",
+    "ipc",
+    "net",
+    "mnt",
+    "cgroup",
+    "pid",
+    "pid_for_children",
+    "time",
+    "time_for_children",
+];
+
+/// The user namespaces of the tree, and the one of each process in one.
+#[derive(Default)]
+pub struct UserPlaces {
+    pub namespaces: Vec<UserNs>,
+    pub of: BTreeMap<Pid, usize>,
+}
+
+/// A namespace's identity: the device and inode of its nsfs file.
+type NsId = (u64, u64);
+
+fn ns_id(f: impl AsFd) -> std::io::Result<NsId> {
+    let st = rustix::fs::fstat(f)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// Reads the user namespaces of the tree's live processes (`statuses`:
+/// theirs); what a restore could not make again goes to `problems`.
+pub fn read(
+    processes: &[SeizedProcess],
+    statuses: &BTreeMap<Pid, Status>,
+    problems: &mut Vec<String>,
+) -> UserPlaces {
+    let mut places = UserPlaces::default();
+    let mine = match File::open("/proc/self/ns/user").and_then(ns_id) {
+        Ok(id) => id,
+        Err(e) => {
+            problems.push(format!("our own user namespace cannot be read: {e}"));
+            return places;
+        }
+    };
+    let mut known: BTreeMap<NsId, usize> = BTreeMap::new();
+    for p in processes.iter().filter(|p| !p.threads.is_empty()) {
+        let pid = p.pid;
+        let opened =
+            File::open(format!("/proc/{pid}/ns/user")).and_then(|f| ns_id(&f).map(|id| (f, id)));
+        let (file, id) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                problems.push(format!(
+                    "process {pid}'s user namespace cannot be read: {e}"
+                ));
+                continue;
+            }
+        };
+        if id == mine {
+            continue;
+        }
+        if p.threads.len() > 1 {
+            problems.push(format!(
+                "process {pid} has {} threads in a user namespace other than rrc's: a restore \
+                 enters the namespace before it makes the threads (setns needs a single one), \
+                 and the threads can then not be given their ids (clone3's set_tid needs \
+                 CAP_SYS_ADMIN over the tree's pid namespace)",
+                p.threads.len()
+            ));
+        }
+        let owned = owned_kinds(pid, id);
+        if !owned.is_empty() {
+            problems.push(format!(
+                "process {pid}'s {} namespace(s) belong to its user namespace, which a restore \
+                 makes them outside of (it would lose its capabilities over them)",
+                owned.join(", ")
+            ));
+        }
+        let index = match known.get(&id) {
+            Some(i) => *i,
+            None => match namespace(pid, &file, mine) {
+                Ok(u) => {
+                    places.namespaces.push(u);
+                    known.insert(id, places.namespaces.len() - 1);
+                    places.namespaces.len() - 1
+                }
+                Err(what) => {
+                    problems.push(format!(
+                        "process {pid} is in a user namespace {what}, which a restore does not \
+                         make again"
+                    ));
+                    continue;
+                }
+            },
+        };
+        places.of.insert(pid, index);
+        if let Some(st) = statuses.get(&pid) {
+            let c = crate::dump::process::creds(st);
+            if !places.namespaces[index].maps(&c) {
+                problems.push(format!(
+                    "process {pid} has ids its user namespace does not map (uids {:?}, gids {:?}), \
+                     which it could not be given again there",
+                    c.uid, c.gid
+                ));
+            }
+        }
+    }
+    places
+}
+
+/// The user namespace of process `pid` (open: `file`), which must be a
+/// child of ours (`mine`): its owner, maps and `setgroups`.
+fn namespace(pid: Pid, file: &File, mine: NsId) -> Result<UserNs, String> {
+    let parent = crate::sys::ns_owner(file.as_fd(), true)
+        .and_then(ns_id)
+        .map_err(|e| format!("whose parent cannot be read ({e})"))?;
+    if parent != mine {
+        return Err("nested in another than rrc's".into());
+    }
+    let owner = crate::sys::user_ns_owner_uid(file.as_fd())
+        .map_err(|e| format!("whose owner cannot be read ({e})"))?;
+    let read = |what: &str| {
+        crate::procfs::read_text(format!("/proc/{pid}/{what}"))
+            .map_err(|e| format!("whose {what} cannot be read ({e})"))
+    };
+    let map = |what: &str| {
+        UserNs::parse_map(&read(what)?).map_err(|e| format!("whose {what} is odd ({e})"))
+    };
+    let u = UserNs {
+        owner,
+        uid_map: map("uid_map")?,
+        gid_map: map("gid_map")?,
+        setgroups: read("setgroups")?.trim() == "allow",
+    };
+    // A namespace whose maps were never written has no ids at all.
+    u.check()
+        .map_err(|e| format!("whose maps a restore cannot write ({e})"))?;
+    Ok(u)
+}
+
+/// The kinds of namespace of process `pid` that user namespace `user`
+/// owns.
+fn owned_kinds(pid: Pid, user: NsId) -> Vec<&'static str> {
+    OWNED_KINDS
+        .iter()
+        .filter(|kind| {
+            // A link that cannot be opened (a children's namespace no
+            // process is in yet) belongs to no one yet.
+            File::open(format!("/proc/{pid}/ns/{kind}"))
+                .and_then(|f| crate::sys::ns_owner(f.as_fd(), false))
+                .and_then(ns_id)
+                .is_ok_and(|owner| owner == user)
+        })
+        .copied()
+        .collect()
+}
