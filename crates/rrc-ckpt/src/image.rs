@@ -703,9 +703,13 @@ pub struct OwnNet {
     /// and the link-local ones the kernel derives from a MAC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<NetAddress>,
-    /// Routes of the main tables but those the kernel makes for addresses.
+    /// Routes of its tables (but the local ones) other than those the
+    /// kernel makes for addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<NetRoute>,
+    /// Routing rules but the ones a new namespace has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<NetRule>,
     /// Its nftables rules, as `nft list ruleset` prints them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nftables: Option<String>,
@@ -834,7 +838,53 @@ pub struct NetRoute {
     pub scope: Option<RouteScope>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<std::net::IpAddr>,
+    /// The routing table it is in; `None`: the main one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<u32>,
 }
+
+/// A routing rule (`ip rule`): packets that match every selector given
+/// (or, with `not`, that do not) take `action`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRule {
+    pub ipv6: bool,
+    pub priority: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not: bool,
+    /// Source and destination: an address and its prefix length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<(std::net::IpAddr, u8)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<(std::net::IpAddr, u8)>,
+    /// Interfaces packets come in and go out through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iif: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oif: Option<String>,
+    /// The firewall mark and its mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fwmark: Option<(u32, u32)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tos: Option<u8>,
+    pub action: RuleAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleAction {
+    /// Look the route up in this table.
+    Table(u32),
+    /// Go on with the rules from this priority.
+    Goto(u32),
+    Blackhole,
+    Unreachable,
+    Prohibit,
+}
+
+/// The routing tables the kernel names (`rt_tables`).
+pub const TABLE_DEFAULT: u32 = 253;
+pub const TABLE_MAIN: u32 = 254;
+pub const TABLE_LOCAL: u32 = 255;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -930,14 +980,35 @@ impl OwnNet {
         }) {
             return Err(format!("address {}/{} on {:?}", a.address, a.prefix, a.dev));
         }
+        // The local table is the kernel's; the main one is `None`.
+        let table_ok = |t: u32| t != 0 && t != TABLE_MAIN && t != TABLE_LOCAL;
         for r in &self.routes {
             if r.destination.is_some_and(|(a, p)| !fits(&a, p))
                 || r.dev.as_deref().is_some_and(|d| !known(d))
+                || r.table.is_some_and(|t| !table_ok(t))
             {
                 return Err(format!(
-                    "a route to {:?} through {:?}",
-                    r.destination, r.dev
+                    "a route to {:?} through {:?} in table {:?}",
+                    r.destination, r.dev, r.table
                 ));
+            }
+        }
+        for r in &self.rules {
+            let family = |a: &(std::net::IpAddr, u8)| a.0.is_ipv6() == r.ipv6 && fits(&a.0, a.1);
+            let ok = r.from.as_ref().is_none_or(family)
+                && r.to.as_ref().is_none_or(family)
+                && [&r.iif, &r.oif]
+                    .iter()
+                    .all(|d| d.as_deref().is_none_or(known))
+                && match r.action {
+                    // The kernel's rules are those of priorities 0, 32766
+                    // and 32767 only: any table may be named.
+                    RuleAction::Table(t) => t != 0,
+                    RuleAction::Goto(p) => p > r.priority,
+                    _ => true,
+                };
+            if !ok {
+                return Err(format!("routing rule {} ({:?})", r.priority, r.action));
             }
         }
         if let Some((name, value)) = self.sysctls.iter().find(|(n, v)| {

@@ -793,7 +793,25 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     let process = record_with(&images, "own_net");
     let net = |v: &mut serde_json::Value| -> serde_json::Value { v["own_net"].take() };
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 8] = [
+    let edits: [(&str, Edit); 12] = [
+        ("a route in the local table", |n| {
+            n["routes"][0]["table"] = 255.into()
+        }),
+        ("a routing rule on an interface it does not have", |n| {
+            n["rules"] = serde_json::json!([
+                {"ipv6": false, "priority": 5, "iif": "eth9", "action": {"table": 100}}
+            ])
+        }),
+        ("a routing rule going back", |n| {
+            n["rules"] = serde_json::json!([
+                {"ipv6": false, "priority": 5, "action": {"goto": 1}}
+            ])
+        }),
+        ("a routing rule of the other family", |n| {
+            n["rules"] = serde_json::json!([
+                {"ipv6": true, "priority": 5, "from": ["10.0.0.0", 8], "action": "prohibit"}
+            ])
+        }),
         ("rules that include a file", |n| {
             n["nftables"] = "include \"/etc/shadow\"\n".into()
         }),
@@ -826,6 +844,16 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
             v["own_net"] = n;
         });
     }
+    // The same rules, well made, load: the ones above are refused for
+    // what they say.
+    let copy = corrupted(&images, &process, |v| {
+        v["own_net"]["rules"] = serde_json::json!([
+            {"ipv6": false, "priority": 5, "iif": "lo", "action": {"table": 100}},
+            {"ipv6": false, "priority": 6, "action": {"goto": 7}},
+            {"ipv6": true, "priority": 8, "from": ["fd00::", 8], "action": "prohibit"}
+        ])
+    });
+    rrc_ckpt::restore::load(copy.path()).expect("well-made rules load");
     let _ = fs::remove_dir_all(&dir);
 }
 

@@ -1240,6 +1240,11 @@ fn a_root_in_uts_network_and_cgroup_namespaces_of_its_own_gets_them_back() {
 }
 
 #[test]
+fn routing_tables_and_rules_of_a_network_namespace_come_back() {
+    checkpoint_restore("netns_rules");
+}
+
+#[test]
 fn a_root_in_a_mount_namespace_of_its_own_gets_it_back() {
     checkpoint_restore("mntns_root");
 }

@@ -1,7 +1,7 @@
 //! A network namespace a process of the tree made, read for its image
 //! (`image::OwnNet`): its loopback interface and veth pairs with both
-//! ends in it, the addresses and routes given to them, and its nftables
-//! rules. Besides those, interfaces the kernel made (fallback tunnels) are
+//! ends in it, the addresses and routes given to them (in any table but
+//! the local one), its routing rules and its nftables rules. Besides those, interfaces the kernel made (fallback tunnels) are
 //! all it may have; what else it holds is named, for the tree to be
 //! refused.
 //!
@@ -15,7 +15,8 @@ use serde_json::Value;
 
 use crate::common::in_netns_of;
 use crate::image::{
-    NetAddress, NetRoute, OwnNet, RouteKind, RouteScope, VethEnd, interface_name_allowed,
+    NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RouteScope, RuleAction, TABLE_DEFAULT,
+    TABLE_LOCAL, TABLE_MAIN, VethEnd, interface_name_allowed,
 };
 use crate::procfs as pfs;
 
@@ -88,9 +89,11 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
         Err(what) => return Ok(Err(what)),
     };
     let mut routes = Vec::new();
-    for (family, rules, table) in [("-4", rules4, routes4), ("-6", rules6, routes6)] {
-        if let Err(what) = check_rules(family, &json(&rules)?) {
-            return Ok(Err(what));
+    let mut rules = Vec::new();
+    for (v6, listed, table) in [(false, rules4, routes4), (true, rules6, routes6)] {
+        match read_rules(v6, &json(&listed)?, &ends) {
+            Ok(r) => rules.extend(r),
+            Err(what) => return Ok(Err(what)),
         }
         match read_routes(&json(&table)?, &ends) {
             Ok(r) => routes.extend(r),
@@ -102,6 +105,7 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
         veths,
         addresses,
         routes,
+        rules,
         nftables: (!nft.trim().is_empty()).then_some(nft),
         sysctls,
     }))
@@ -325,36 +329,136 @@ fn addresses(links: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetAddress>> {
     Ok(out)
 }
 
-/// The rules of a new namespace: local, main and (IPv4) default tables.
-fn check_rules(family: &str, rules: &[Value]) -> Found<()> {
-    let mut seen: Vec<(u64, String)> = Vec::new();
-    for r in rules {
-        let keys_ok = r.as_object().is_some_and(|o| {
-            o.keys()
-                .all(|k| ["priority", "src", "table"].contains(&k.as_str()))
-        });
-        if !keys_ok || r["src"] != "all" {
-            return Err(format!("routing rules of its own ({r})"));
-        }
-        seen.push((
-            r["priority"].as_u64().unwrap_or(u64::MAX),
-            r["table"].as_str().unwrap_or("").to_string(),
-        ));
+/// A routing table as `ip` names it: by number, or one of the kernel's
+/// names (`main`: `None`).
+fn table_number(name: &str) -> Found<Option<u32>> {
+    match name {
+        "main" => Ok(None),
+        "default" => Ok(Some(TABLE_DEFAULT)),
+        "local" => Ok(Some(TABLE_LOCAL)),
+        n => n
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("routing table {n:?}")),
     }
-    let mut given = vec![(0, "local".to_string()), (32766, "main".to_string())];
-    if family == "-4" {
-        given.push((32767, "default".to_string()));
-    }
-    if seen != given {
-        return Err(format!("routing rules of its own ({seen:?})"));
-    }
-    Ok(())
 }
 
-/// The routes of the main table the kernel did not make for an address.
+/// A number `ip` prints in hexadecimal (`0x10`).
+fn hex(v: &Value) -> Option<u32> {
+    u32::from_str_radix(v.as_str()?.strip_prefix("0x")?, 16).ok()
+}
+
+/// An address and prefix length `ip rule` shows as `key` and `keylen`
+/// (`all`, or nothing: none).
+fn rule_prefix(r: &Value, key: &str) -> Found<Option<(std::net::IpAddr, u8)>> {
+    match r[key].as_str() {
+        None | Some("all") => Ok(None),
+        Some(a) => {
+            let addr: std::net::IpAddr = a.parse().map_err(|_| format!("a rule's {key} {a}"))?;
+            let full = if addr.is_ipv4() { 32 } else { 128 };
+            let len = r[format!("{key}len")].as_u64().unwrap_or(full);
+            let len = u8::try_from(len).map_err(|_| format!("a rule's {key} {a}/{len}"))?;
+            Ok(Some((addr, len)))
+        }
+    }
+}
+
+/// The routing rules of a family but those a new namespace has (local,
+/// main and, for IPv4, default tables at 0, 32766 and 32767), which must
+/// all be there still.
+fn read_rules(v6: bool, rules: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRule>> {
+    const KNOWN: [&str; 14] = [
+        "priority", "not", "src", "srclen", "dst", "dstlen", "iif", "oif", "fwmark", "fwmask",
+        "tos", "table", "goto", "action",
+    ];
+    let mut given = vec![(0, "local"), (32766, "main")];
+    if !v6 {
+        given.push((32767, "default"));
+    }
+    let mut out = Vec::new();
+    for r in rules {
+        let Some(o) = r.as_object() else {
+            return Err(format!("a routing rule ip shows as {r}"));
+        };
+        if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(format!("a routing rule with {k} ({r})"));
+        }
+        let priority = r["priority"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| format!("a routing rule without a priority ({r})"))?;
+        let plain = o.len() == 3 && r["src"] == "all";
+        if plain
+            && let Some(i) = (given.iter()).position(|(p, t)| *p == priority && r["table"] == *t)
+        {
+            given.remove(i);
+            continue;
+        }
+        let device = |key: &str| match r[key].as_str() {
+            None => Ok(None),
+            Some(d) if d == "lo" || ends.iter().any(|e| e.name == d) => Ok(Some(d.to_string())),
+            Some(d) => Err(format!("a routing rule on {d}")),
+        };
+        let action = match (
+            r["table"].as_str(),
+            r["goto"].as_u64(),
+            r["action"].as_str(),
+        ) {
+            (Some(t), None, None) => RuleAction::Table(table_number(t)?.unwrap_or(TABLE_MAIN)),
+            (None, Some(g), None) => RuleAction::Goto(
+                u32::try_from(g).map_err(|_| format!("a routing rule going to {g}"))?,
+            ),
+            (None, None, Some("blackhole")) => RuleAction::Blackhole,
+            (None, None, Some("unreachable")) => RuleAction::Unreachable,
+            (None, None, Some("prohibit")) => RuleAction::Prohibit,
+            _ => {
+                return Err(format!(
+                    "a routing rule that does what rrc does not know ({r})"
+                ));
+            }
+        };
+        let fwmark = match (r.get("fwmark"), r.get("fwmask")) {
+            (None, None) => None,
+            (Some(m), mask) => Some((
+                hex(m).ok_or_else(|| format!("a rule's mark {m}"))?,
+                mask.map_or(Some(u32::MAX), hex)
+                    .ok_or_else(|| format!("a rule's mask {mask:?}"))?,
+            )),
+            (None, Some(_)) => return Err(format!("a rule with a mask and no mark ({r})")),
+        };
+        let tos = match r.get("tos") {
+            None => None,
+            Some(t) => Some(
+                hex(t)
+                    .and_then(|v| u8::try_from(v).ok())
+                    .ok_or_else(|| format!("a rule's tos {t}"))?,
+            ),
+        };
+        out.push(NetRule {
+            ipv6: v6,
+            priority,
+            not: o.contains_key("not"),
+            from: rule_prefix(r, "src")?,
+            to: rule_prefix(r, "dst")?,
+            iif: device("iif")?,
+            oif: device("oif")?,
+            fwmark,
+            tos,
+            action,
+        });
+    }
+    if let Some((p, t)) = given.first() {
+        return Err(format!("its rule {p} (table {t}) removed"));
+    }
+    Ok(out)
+}
+
+/// The routes of its tables (but the local one) the kernel did not make for
+/// an address.
 fn read_routes(table: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRoute>> {
-    const KNOWN: [&str; 10] = [
+    const KNOWN: [&str; 11] = [
         "type", "dst", "gateway", "dev", "metric", "scope", "prefsrc", "protocol", "flags", "pref",
+        "table",
     ];
     let mut out = Vec::new();
     for r in table {
@@ -364,9 +468,10 @@ fn read_routes(table: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRoute>> {
         if r["protocol"] == "kernel" || r["table"] == "local" {
             continue;
         }
-        if let Some(t) = r["table"].as_str() {
-            return Err(format!("routing table {t}"));
-        }
+        let table = match r["table"].as_str() {
+            None => None,
+            Some(t) => table_number(t)?,
+        };
         if let Some(k) = o.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(format!("a route with {k} ({r})"));
         }
@@ -418,6 +523,7 @@ fn read_routes(table: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRoute>> {
             metric: r["metric"].as_u64().and_then(|m| u32::try_from(m).ok()),
             scope,
             source: ip_of(&r["prefsrc"]),
+            table,
         });
     }
     Ok(out)
@@ -443,15 +549,79 @@ mod tests {
         assert_eq!(r[0].metric, Some(5));
         assert_eq!(r[1].kind, RouteKind::Blackhole);
         assert_eq!(r[2].destination, None);
-        let other: Vec<Value> =
-            serde_json::from_str(r#"[{"dst":"10.0.0.0/8","dev":"lo","table":"100"}]"#).unwrap();
-        assert_eq!(read_routes(&other, &[]).unwrap_err(), "routing table 100");
+        let other: Vec<Value> = serde_json::from_str(
+            r#"[{"dst":"10.0.0.0/8","dev":"lo","table":"100"},
+                {"dst":"10.7.0.0/16","dev":"lo","table":"default"}]"#,
+        )
+        .unwrap();
+        let r = read_routes(&other, &[]).unwrap();
+        assert_eq!((r[0].table, r[1].table), (Some(100), Some(TABLE_DEFAULT)));
+        let named: Vec<Value> =
+            serde_json::from_str(r#"[{"dst":"10.0.0.0/8","dev":"lo","table":"vpn"}]"#).unwrap();
+        assert_eq!(
+            read_routes(&named, &[]).unwrap_err(),
+            "routing table \"vpn\""
+        );
         let multipath: Vec<Value> =
             serde_json::from_str(r#"[{"dst":"10.0.0.0/8","nexthops":[]}]"#).unwrap();
         assert!(
             read_routes(&multipath, &[])
                 .unwrap_err()
                 .contains("nexthops")
+        );
+    }
+
+    #[test]
+    fn rules_a_new_namespace_has_are_left_and_others_kept_or_named() {
+        let listed = |extra: &str| -> Vec<Value> {
+            serde_json::from_str(&format!(
+                r#"[{{"priority":0,"src":"all","table":"local"}},{extra}
+                    {{"priority":32766,"src":"all","table":"main"}},
+                    {{"priority":32767,"src":"all","table":"default"}}]"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(read_rules(false, &listed(""), &[]).unwrap(), vec![]);
+        let r = read_rules(
+            false,
+            &listed(
+                r#"{"priority":50,"src":"10.9.0.0","srclen":16,"goto":32766},
+                   {"priority":300,"src":"all","fwmark":"0x5","fwmask":"0xff","table":"300"},
+                   {"priority":400,"not":null,"src":"10.3.0.0","srclen":16,"action":"blackhole"},
+                   {"priority":700,"src":"all","dst":"10.2.0.0","dstlen":24,"iif":"lo","tos":"0x10","table":"main"},"#,
+            ),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(r.len(), 4);
+        assert_eq!(r[0].action, RuleAction::Goto(32766));
+        assert_eq!(r[0].from, Some(("10.9.0.0".parse().unwrap(), 16)));
+        assert_eq!(
+            (r[1].fwmark, r[1].action),
+            (Some((5, 0xff)), RuleAction::Table(300))
+        );
+        assert!(r[2].not && r[2].action == RuleAction::Blackhole);
+        assert_eq!(r[3].to, Some(("10.2.0.0".parse().unwrap(), 24)));
+        assert_eq!((r[3].iif.as_deref(), r[3].tos), (Some("lo"), Some(0x10)));
+        assert_eq!(r[3].action, RuleAction::Table(TABLE_MAIN));
+        let on_eth: Vec<Value> = listed(r#"{"priority":5,"src":"all","iif":"eth0","table":"5"},"#);
+        assert_eq!(
+            read_rules(false, &on_eth, &[]).unwrap_err(),
+            "a routing rule on eth0"
+        );
+        let uid: Vec<Value> =
+            listed(r#"{"priority":5,"src":"all","uidrange":"0-10","table":"5"},"#);
+        assert!(
+            read_rules(false, &uid, &[])
+                .unwrap_err()
+                .contains("uidrange")
+        );
+        let removed: Vec<Value> =
+            serde_json::from_str(r#"[{"priority":0,"src":"all","table":"local"}]"#).unwrap();
+        assert!(
+            read_rules(true, &removed, &[])
+                .unwrap_err()
+                .contains("32766")
         );
     }
 }

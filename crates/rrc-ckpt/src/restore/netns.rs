@@ -2,7 +2,8 @@
 //! `image::OwnNet`): the first process unshares one, and a thread of ours
 //! in it writes its settings (/proc/sys), brings the loopback interface
 //! up, makes its veth pairs, gives them their addresses, brings them up,
-//! adds the routes (`ip`) and loads the nftables rules (`nft -f -`).
+//! adds the routes and routing rules (`ip`) and loads the nftables rules
+//! (`nft -f -`).
 //! Everything happens in that new namespace only; what an image says is
 //! checked at load (`OwnNet::check`) and given to the programs as
 //! arguments, never through a shell.
@@ -10,7 +11,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::image::{NetRoute, OwnNet, RouteKind};
+use crate::image::{NetRoute, NetRule, OwnNet, RouteKind, RuleAction};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result};
 
@@ -71,8 +72,8 @@ pub fn own_net(t: &mut Tracee, net: &OwnNet) -> Result<()> {
         for end in net.veths.iter().flat_map(|(a, b)| [a, b]).filter(|e| e.up) {
             run("ip", &["link", "set", &end.name, "up"], None)?;
         }
-        for r in &net.routes {
-            let args = route_args(r);
+        let routes = net.routes.iter().map(route_args);
+        for args in routes.chain(net.rules.iter().map(rule_args)) {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             run("ip", &args, None)?;
         }
@@ -121,6 +122,47 @@ fn route_args(r: &NetRoute) -> Vec<String> {
     }
     if let Some(src) = r.source {
         a.extend(["src".into(), src.to_string()]);
+    }
+    if let Some(t) = r.table {
+        a.extend(["table".into(), t.to_string()]);
+    }
+    a
+}
+
+/// `ip rule add ...` for rule `r`.
+fn rule_args(r: &NetRule) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        if r.ipv6 { "-6" } else { "-4" }.into(),
+        "rule".into(),
+        "add".into(),
+        "priority".into(),
+        r.priority.to_string(),
+    ];
+    if r.not {
+        a.push("not".into());
+    }
+    let prefix = |(addr, len): (std::net::IpAddr, u8)| format!("{addr}/{len}");
+    a.extend(["from".into(), r.from.map_or("all".into(), prefix)]);
+    if let Some(to) = r.to {
+        a.extend(["to".into(), prefix(to)]);
+    }
+    for (key, dev) in [("iif", &r.iif), ("oif", &r.oif)] {
+        if let Some(d) = dev {
+            a.extend([key.into(), d.clone()]);
+        }
+    }
+    if let Some((mark, mask)) = r.fwmark {
+        a.extend(["fwmark".into(), format!("{mark:#x}/{mask:#x}")]);
+    }
+    if let Some(tos) = r.tos {
+        a.extend(["tos".into(), format!("{tos:#x}")]);
+    }
+    match r.action {
+        RuleAction::Table(t) => a.extend(["table".into(), t.to_string()]),
+        RuleAction::Goto(p) => a.extend(["goto".into(), p.to_string()]),
+        RuleAction::Blackhole => a.push("blackhole".into()),
+        RuleAction::Unreachable => a.push("unreachable".into()),
+        RuleAction::Prohibit => a.push("prohibit".into()),
     }
     a
 }
@@ -178,6 +220,7 @@ mod tests {
             metric: Some(7),
             scope: None,
             source: None,
+            table: None,
         };
         assert_eq!(
             route_args(&r).join(" "),
@@ -191,10 +234,48 @@ mod tests {
             metric: None,
             scope: Some(RouteScope::Link),
             source: None,
+            table: Some(100),
         };
         assert_eq!(
             route_args(&r).join(" "),
-            "-6 route add fd01::/64 dev lo scope link"
+            "-6 route add fd01::/64 dev lo scope link table 100"
+        );
+    }
+
+    #[test]
+    fn rules_become_the_arguments_that_make_them() {
+        let r = NetRule {
+            ipv6: false,
+            priority: 400,
+            not: true,
+            from: Some(("10.3.0.0".parse().unwrap(), 16)),
+            to: Some(("10.2.0.0".parse().unwrap(), 24)),
+            iif: Some("lo".into()),
+            oif: None,
+            fwmark: Some((5, 0xff)),
+            tos: Some(0x10),
+            action: RuleAction::Table(100),
+        };
+        assert_eq!(
+            rule_args(&r).join(" "),
+            "-4 rule add priority 400 not from 10.3.0.0/16 to 10.2.0.0/24 iif lo \
+             fwmark 0x5/0xff tos 0x10 table 100"
+        );
+        let r = NetRule {
+            ipv6: true,
+            priority: 50,
+            not: false,
+            from: None,
+            to: None,
+            iif: None,
+            oif: None,
+            fwmark: None,
+            tos: None,
+            action: RuleAction::Goto(32766),
+        };
+        assert_eq!(
+            rule_args(&r).join(" "),
+            "-6 rule add priority 50 from all goto 32766"
         );
     }
 }
