@@ -167,6 +167,10 @@ pub struct ProcessImage {
     /// an index of `Manifest::user_namespaces`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_ns: Option<usize>,
+    /// Of the UTS, cgroup, network, IPC and mount namespaces it is the
+    /// first of, those that belong to its user namespace (made in it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub user_owned: Vec<NsKind>,
     pub pgid: i32,
     pub sid: i32,
     pub exe: String,

@@ -1212,11 +1212,16 @@ fn deleted_files_and_directories_and_a_chrooted_working_directory() {
 }
 
 #[test]
-fn a_uts_namespace_a_user_namespace_owns_is_refused_and_left_running() {
+fn pid_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
     refused(
         "unsupported_namespaces",
-        "uts namespace(s) belong to its user namespace",
+        "pid_for_children namespace(s) belong to its user namespace",
     );
+}
+
+#[test]
+fn namespaces_made_in_a_user_namespace_come_back_in_it() {
+    checkpoint_restore("userns_made");
 }
 
 #[test]

@@ -28,7 +28,7 @@ use crate::dump::inject::Injector;
 use crate::dump::memory::{MemoryDump, ShmemTable};
 use crate::dump::seize::SeizedProcess;
 use crate::image::{
-    Exit, FORMAT, ImageDir, Lineage, Manifest, ProcessImage, VERSION, Vma, VmaKind,
+    Exit, FORMAT, ImageDir, Lineage, Manifest, NsKind, ProcessImage, VERSION, Vma, VmaKind,
 };
 use crate::{Error, Result, sys};
 
@@ -473,11 +473,12 @@ pub(crate) fn take(
     // The IPC namespaces the tree owns (the root's, when it is not ours,
     // and each nested one), read by a thread of their own while the
     // processes are: nothing else touches them while the tree is stopped.
+    let root_ipc = namespaces::root_owns_ipc(t.root);
     let ipc_owners = own_ns
         .ipc
         .iter()
         .map(|p| (*p, true))
-        .chain(namespaces::root_owns_ipc(t.root).then_some((t.root, false)))
+        .chain(root_ipc.then_some((t.root, false)))
         .collect();
     let ipc_reader = ipc::Reader::start(ipc_owners);
     let unix = files::UnixTable::new(std::iter::once(t.root).chain(nested_nets).collect());
@@ -587,6 +588,31 @@ pub(crate) fn take(
             .unwrap_or(0);
         let place = places.remove(&p.pid).unwrap_or_default();
         let time = times.remove(&p.pid).unwrap_or_default();
+        // A pid namespace unshared for its next children, which no process
+        // is in yet, shows no owner: in a user namespace, it may be its.
+        if users.of.contains_key(&p.pid)
+            && matches!(
+                place.children_pid_ns,
+                Some(crate::image::ChildrenPidNs::New)
+            )
+        {
+            problems.push(format!(
+                "process {raw} unshared a pid namespace for its next children, which may belong \
+                 to its user namespace, where a restore does not make pid namespaces"
+            ));
+        }
+        // Those of its namespaces of its user namespace it is the first of
+        // (the others it shares with its parent, which makes them).
+        let user_owned = (users.owned.remove(&p.pid).unwrap_or_default().into_iter())
+            .filter(|k| match k {
+                NsKind::Uts => own_ns.uts.contains_key(&p.pid),
+                NsKind::Cgroup => own_ns.cgroup.contains(&p.pid),
+                NsKind::Net => own_ns.net.contains_key(&p.pid),
+                NsKind::Mnt => own_ns.mnt.contains_key(&p.pid),
+                NsKind::Ipc => own_ns.ipc.contains(&p.pid) || (p.pid == t.root && root_ipc),
+                _ => false,
+            })
+            .collect();
         images.push(ProcessImage {
             pid: ns_of[&p.pid],
             parent: p.parent.map(|pp| ns_of[&pp]),
@@ -605,6 +631,7 @@ pub(crate) fn take(
             time_ns: time.ns,
             children_time_ns: time.children,
             user_ns: users.of.remove(&p.pid),
+            user_owned,
             pgid: tree_level(&status.nspgid, st.pgrp),
             sid: tree_level(&status.nssid, st.session),
             exe: link("exe"),

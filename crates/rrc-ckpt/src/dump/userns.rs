@@ -11,9 +11,11 @@
 //!   `clone3`'s `set_tid`, which needs CAP_SYS_ADMIN over the tree's pid
 //!   namespace, and one in the namespace has it only there; while
 //!   `setns` into a user namespace needs a single thread;
-//! - a namespace of another kind owned by the user namespace (a network
-//!   namespace `unshare -Urn` made, say): a restore makes those outside
-//!   of it, and the process would lose its capabilities over them;
+//! - a pid or time namespace owned by the user namespace (`unshare
+//!   -Urpf`): a restore makes those outside of it, and the process would
+//!   lose its rights over them (UTS, IPC, network, mount and cgroup ones
+//!   it is the first of are made in it: `ProcessImage::user_owned`), or a
+//!   namespace owned by a user namespace other than its own;
 //! - ids of the process the namespace does not map.
 
 use std::collections::BTreeMap;
@@ -24,27 +26,28 @@ use nix::unistd::Pid;
 use procfs::process::Status;
 
 use crate::dump::seize::SeizedProcess;
+use crate::image::NsKind;
 use crate::image::userns::UserNs;
 
-/// The kinds of namespace a user namespace may own, as `/proc/PID/ns`
-/// names them.
-const OWNED_KINDS: [&str; 9] = [
-    "uts",
-    "ipc",
-    "net",
-    "mnt",
-    "cgroup",
-    "pid",
-    "pid_for_children",
-    "time",
-    "time_for_children",
+/// The kinds of namespace a user namespace may own that a restore makes
+/// in it, and those it does not, as `/proc/PID/ns` names them.
+const MADE_IN_IT: [NsKind; 5] = [
+    NsKind::Uts,
+    NsKind::Ipc,
+    NsKind::Net,
+    NsKind::Mnt,
+    NsKind::Cgroup,
 ];
+const MADE_OUTSIDE: [&str; 4] = ["pid", "pid_for_children", "time", "time_for_children"];
 
 /// The user namespaces of the tree, and the one of each process in one.
 #[derive(Default)]
 pub struct UserPlaces {
     pub namespaces: Vec<UserNs>,
     pub of: BTreeMap<Pid, usize>,
+    /// The namespaces of each process's (of the kinds a restore makes in
+    /// a user namespace) that belong to its user namespace.
+    pub owned: BTreeMap<Pid, Vec<NsKind>>,
 }
 
 /// A namespace's identity: the device and inode of its nsfs file.
@@ -96,14 +99,30 @@ pub fn read(
                 p.threads.len()
             ));
         }
-        let owned = owned_kinds(pid, id);
-        if !owned.is_empty() {
+        let owner = |kind: &str| owner_of(pid, kind).filter(|o| *o != mine);
+        let outside: Vec<&str> = (MADE_OUTSIDE.iter())
+            .filter(|k| owner(k).is_some())
+            .copied()
+            .collect();
+        if !outside.is_empty() {
             problems.push(format!(
                 "process {pid}'s {} namespace(s) belong to its user namespace, which a restore \
-                 makes them outside of (it would lose its capabilities over them)",
-                owned.join(", ")
+                 makes them outside of (it would lose its rights over them)",
+                outside.join(", ")
             ));
         }
+        let mut owned = Vec::new();
+        for kind in MADE_IN_IT {
+            match owner(kind.file()) {
+                None => {}
+                Some(o) if o == id => owned.push(kind),
+                Some(_) => problems.push(format!(
+                    "process {pid}'s {} namespace belongs to a user namespace other than its own",
+                    kind.file()
+                )),
+            }
+        }
+        places.owned.insert(pid, owned);
         let index = match known.get(&id) {
             Some(i) => *i,
             None => match namespace(pid, &file, mine) {
@@ -166,19 +185,12 @@ fn namespace(pid: Pid, file: &File, mine: NsId) -> Result<UserNs, String> {
     Ok(u)
 }
 
-/// The kinds of namespace of process `pid` that user namespace `user`
-/// owns.
-fn owned_kinds(pid: Pid, user: NsId) -> Vec<&'static str> {
-    OWNED_KINDS
-        .iter()
-        .filter(|kind| {
-            // A link that cannot be opened (a children's namespace no
-            // process is in yet) belongs to no one yet.
-            File::open(format!("/proc/{pid}/ns/{kind}"))
-                .and_then(|f| crate::sys::ns_owner(f.as_fd(), false))
-                .and_then(ns_id)
-                .is_ok_and(|owner| owner == user)
-        })
-        .copied()
-        .collect()
+/// The user namespace that owns process `pid`'s namespace of kind `kind`
+/// (`None` if it cannot be read: a children's namespace no process is in
+/// yet belongs to no one yet).
+fn owner_of(pid: Pid, kind: &str) -> Option<NsId> {
+    File::open(format!("/proc/{pid}/ns/{kind}"))
+        .and_then(|f| crate::sys::ns_owner(f.as_fd(), false))
+        .and_then(ns_id)
+        .ok()
 }

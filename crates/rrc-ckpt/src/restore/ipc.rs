@@ -12,16 +12,6 @@ use crate::image::{IPC_LIMITS, IpcObjects, IpcPerm};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, sys};
 
-/// Makes `t` the first process of a new IPC namespace.
-pub fn unshare(t: &mut Tracee) -> Result<()> {
-    t.call(
-        "unshare(CLONE_NEWIPC)",
-        libc::SYS_unshare,
-        &[libc::CLONE_NEWIPC as u64],
-    )
-    .map(drop)
-}
-
 /// Makes `objects` in `t`'s IPC namespace, which has none of their ids,
 /// its limits first.
 pub fn make(t: &mut Tracee, objects: &IpcObjects) -> Result<()> {

@@ -565,10 +565,12 @@ fn wait_started(tid: Pid, ns: i32) -> Result<()> {
 }
 
 /// clone3 arguments in the tracee's scratch: fork-like, or a thread.
-/// `ids`: the pids to give it, the innermost pid namespace's first.
+/// `ids`: the pids to give it, the innermost pid namespace's first (none:
+/// the kernel's choice).
 fn clone_args(t: &mut Tracee, flags: u64, exit_signal: u64, ids: &[i32]) -> Result<u64> {
     let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_ne_bytes()).collect();
-    let set_tid = t.arg(&bytes)?;
+    // clone3 refuses an array of no pids.
+    let set_tid = if ids.is_empty() { 0 } else { t.arg(&bytes)? };
     let mut a = Vec::with_capacity(88);
     for v in [
         flags,
@@ -688,31 +690,27 @@ fn restore_process(
         join_session(&mut t, p, ctx.procs)?;
         return end_zombie(t, exit);
     }
-    // Its own UTS, cgroup, network and time namespaces before its children are
-    // forked into them.
+    // Its own time, UTS, cgroup, network, IPC and mount namespaces before
+    // its children are forked into them: made (a container's root was made
+    // in a new IPC one), then each filled.
     namespaces::enter_time(&mut t, p)?;
+    let root_has_ipc = pid == ctx.m.root && ctx.root_new_ipc;
+    namespaces::make_own(&mut t, p, root_has_ipc, &ctx.users, &ctx.mem.transport)?;
     if let Some(names) = &p.uts {
-        namespaces::own_uts(&mut t, names)?;
-    }
-    if p.own_cgroup_ns {
-        namespaces::own_cgroup(&mut t)?;
+        namespaces::name_uts(&mut t, names)?;
     }
     if let Some(net) = &p.own_net {
-        netns::own_net(&mut t, net)?;
+        netns::fill(&mut t, net)?;
     }
-    // Its IPC namespace's objects before anyone uses them; a container's
-    // root was made in a new one.
+    // Its IPC namespace's objects before anyone uses them.
     if let Some(objects) = &p.ipc {
-        if !(pid == ctx.m.root && ctx.root_new_ipc) {
-            ipc::unshare(&mut t)?;
-        }
         ipc::make(&mut t, objects)?;
         // The namespace's queues, those no process has open too.
         let ns = (pid != ctx.m.root).then_some(pid);
         mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m, ns)?;
     }
-    // Its mount namespace before it opens or maps a file, once it is in
-    // the namespaces its file systems show.
+    // Its mount namespace's mounts before it opens or maps a file, once
+    // it is in the namespaces its file systems show.
     if let Some(ns) = &p.own_mounts {
         mounts::make(&mut t, p, ns, ctx.img)?;
     }

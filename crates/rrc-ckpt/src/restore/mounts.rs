@@ -110,14 +110,9 @@ pub fn remade_devices(procs: &BTreeMap<i32, ProcessImage>) -> std::collections::
         .collect()
 }
 
-/// Makes `t` (process `p`) the first process of its mount namespace and
-/// takes the namespace's steps but proc file systems others make.
+/// Takes the steps of the mount namespace `t` (process `p`) is the first
+/// of, made (a copy of its parent's), but proc file systems others make.
 pub fn make(t: &mut Tracee, p: &ProcessImage, ns: &MountNs, img: &ImageDir) -> Result<()> {
-    t.call(
-        "unshare(CLONE_NEWNS)",
-        libc::SYS_unshare,
-        &[libc::CLONE_NEWNS as u64],
-    )?;
     for (n, op) in ns.ops.iter().enumerate() {
         if matches!(op, MountOp::Namespaced { by, .. } if *by != p.pid) {
             continue;

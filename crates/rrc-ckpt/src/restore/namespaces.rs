@@ -18,11 +18,11 @@
 //! credentials again.
 
 use std::collections::BTreeMap;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::image::userns::IdKind;
 use crate::image::{
-    ChildrenPidNs, Manifest, ProcessImage, ThreadImage, TimeNs, TimeOffsets, UtsNames,
+    ChildrenPidNs, Manifest, NsKind, ProcessImage, ThreadImage, TimeNs, TimeOffsets, UtsNames,
 };
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result};
@@ -33,14 +33,104 @@ const MAX_NESTING: usize = 32;
 /// The longest host or domain name (`__NEW_UTS_LEN`).
 const UTS_LEN: usize = 64;
 
-/// Makes `t` the first process of a UTS namespace of its own, named
-/// `names`.
-pub fn own_uts(t: &mut Tracee, names: &UtsNames) -> Result<()> {
+/// Makes `t` (process `p`) the first process of the UTS, cgroup, network,
+/// IPC (unless it has its own already: `has_ipc`) and mount namespaces it
+/// is the first of, new and empty (a cgroup namespace rooted where it is,
+/// a copy of its parent's mounts), for the code of each kind to fill:
+/// unshared at once, but those that belong to its user namespace (one of
+/// `users`), which a child of its unshares in that namespace and `t`
+/// enters.
+pub fn make_own(
+    t: &mut Tracee,
+    p: &ProcessImage,
+    has_ipc: bool,
+    users: &[OwnedFd],
+    transport: &crate::restore::sockets::Transport,
+) -> Result<()> {
+    let (mut here, mut in_user) = (0, 0);
+    for (kind, flag, first) in [
+        (NsKind::Uts, libc::CLONE_NEWUTS, p.uts.is_some()),
+        (NsKind::Cgroup, libc::CLONE_NEWCGROUP, p.own_cgroup_ns),
+        (NsKind::Net, libc::CLONE_NEWNET, p.own_net.is_some()),
+        (NsKind::Ipc, libc::CLONE_NEWIPC, p.ipc.is_some() && !has_ipc),
+        (NsKind::Mnt, libc::CLONE_NEWNS, p.own_mounts.is_some()),
+    ] {
+        match (first, p.user_owned.contains(&kind)) {
+            (false, _) => {}
+            (true, false) => here |= flag as u64,
+            (true, true) => in_user |= flag as u64,
+        }
+    }
+    if here != 0 {
+        t.call("unshare (its namespaces)", libc::SYS_unshare, &[here])?;
+    }
+    match p.user_ns.and_then(|i| users.get(i)) {
+        Some(user) if in_user != 0 => made_in_user(t, in_user, user.as_fd(), transport),
+        _ => Ok(()),
+    }
+}
+
+/// Puts `t` in new namespaces of `flags` that belong to user namespace
+/// `user`: a child of `t` enters that one and unshares them, `t` enters
+/// them through a pidfd of the child, and the child ends. `t` stays where
+/// it is as to users, with every right over them.
+fn made_in_user(
+    t: &mut Tracee,
+    flags: u64,
+    user: BorrowedFd<'_>,
+    transport: &crate::restore::sockets::Transport,
+) -> Result<()> {
+    // `t` has no children yet: the helper is the one it reaps.
+    let mut h = super::fork_child(t, &[], 0)?;
+    let made = (|| -> Result<()> {
+        crate::ptrace::set_sigmask(h.pid, crate::common::BLOCK_ALL)?;
+        let fd = transport.pass(&mut h, user)?;
+        h.call(
+            "setns (user namespace)",
+            libc::SYS_setns,
+            &[fd, libc::CLONE_NEWUSER as u64],
+        )?;
+        h.call(
+            "unshare (namespaces of its user namespace)",
+            libc::SYS_unshare,
+            &[flags],
+        )?;
+        let pidfd = crate::sys::pidfd_open(h.pid).map_err(|e| Error::Restore {
+            pid: t.ns_pid,
+            stage: "namespaces",
+            detail: format!("a pidfd of the process making them: {e}"),
+        })?;
+        let fd = transport.pass(t, pidfd.as_fd())?;
+        let r = t.call(
+            "setns (namespaces of its user namespace)",
+            libc::SYS_setns,
+            &[fd, flags],
+        );
+        t.call("close", libc::SYS_close, &[fd])?;
+        r.map(drop)
+    })();
+    let ended = h.end(libc::SYS_exit, &[0]);
+    made?;
+    match ended? {
+        crate::restore::tracee::Ended::Exited(0) => {}
+        other => {
+            return Err(Error::Restore {
+                pid: t.ns_pid,
+                stage: "namespaces",
+                detail: format!("the process making them ended as {other:?}"),
+            });
+        }
+    }
     t.call(
-        "unshare(CLONE_NEWUTS)",
-        libc::SYS_unshare,
-        &[libc::CLONE_NEWUTS as u64],
+        "reap a helper",
+        libc::SYS_wait4,
+        &[u64::MAX, 0, libc::__WALL as u64, 0],
     )?;
+    super::flush_sigchld(t)
+}
+
+/// Names the UTS namespace `t` is the first process of `names`.
+pub fn name_uts(t: &mut Tracee, names: &UtsNames) -> Result<()> {
     let h = t.arg(names.hostname.as_bytes())?;
     t.call(
         "sethostname",
@@ -142,17 +232,6 @@ pub fn join_time(c: &mut Tracee, fd: u64, join: bool, shares_table: bool) -> Res
 /// Closes the fd [`own_time_fd`] opened.
 pub fn close_time_fd(t: &mut Tracee, fd: u64) -> Result<()> {
     t.call("close", libc::SYS_close, &[fd]).map(drop)
-}
-
-/// Makes `t` the first process of a cgroup namespace of its own, rooted at
-/// the cgroup it is in.
-pub fn own_cgroup(t: &mut Tracee) -> Result<()> {
-    t.call(
-        "unshare(CLONE_NEWCGROUP)",
-        libc::SYS_unshare,
-        &[libc::CLONE_NEWCGROUP as u64],
-    )
-    .map(drop)
 }
 
 /// The pids `clone3` is to give a process: the innermost first, down to
@@ -388,8 +467,26 @@ pub fn check_users(
         u.check().map_err(|e| format!("user namespace {i}: {e}"))?;
     }
     for p in procs.values() {
-        let Some(i) = p.user_ns else { continue };
         let pid = p.pid;
+        let first_of = |k: &NsKind| match k {
+            NsKind::Uts => p.uts.is_some(),
+            NsKind::Cgroup => p.own_cgroup_ns,
+            NsKind::Net => p.own_net.is_some(),
+            NsKind::Ipc => p.ipc.is_some(),
+            NsKind::Mnt => p.own_mounts.is_some(),
+            _ => false,
+        };
+        if let Some(k) = p
+            .user_owned
+            .iter()
+            .find(|k| !first_of(k) || p.user_ns.is_none())
+        {
+            return Err(format!(
+                "process {pid} has a {} namespace of its user namespace it does not make",
+                k.file()
+            ));
+        }
+        let Some(i) = p.user_ns else { continue };
         let u = m
             .user_namespaces
             .get(i)

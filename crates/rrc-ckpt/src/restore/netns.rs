@@ -1,5 +1,5 @@
 //! Network namespaces of the tree's own, made again (record
-//! `image::OwnNet`): the first process unshares one, and a thread of ours
+//! `image::OwnNet`): the first process unshares one (`namespaces::make_own`), and a thread of ours
 //! in it writes its settings (/proc/sys), brings the loopback interface
 //! up, makes its veth pairs, gives them their addresses, brings them up,
 //! adds the routes and routing rules (`ip`) and loads the nftables rules
@@ -15,14 +15,9 @@ use crate::image::{NetRoute, NetRule, OwnNet, RouteKind, RuleAction};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result};
 
-/// Makes `t` the first process of a network namespace of its own, as
-/// `net` says (the kernel gives a new one its loopback interface, down).
-pub fn own_net(t: &mut Tracee, net: &OwnNet) -> Result<()> {
-    t.call(
-        "unshare(CLONE_NEWNET)",
-        libc::SYS_unshare,
-        &[libc::CLONE_NEWNET as u64],
-    )?;
+/// Makes the new network namespace `t` is the first process of as `net`
+/// says (the kernel gives a new one its loopback interface, down).
+pub fn fill(t: &mut Tracee, net: &OwnNet) -> Result<()> {
     let pid = t.ns_pid;
     let fail = |detail: String| Error::Restore {
         pid,
