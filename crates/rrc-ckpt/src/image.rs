@@ -562,6 +562,10 @@ pub struct ThreadImage {
     /// ([`ProcessImage::seccomp`]), the first installed first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub seccomp: Vec<Vec<u64>>,
+    /// Its no_new_privs flag, where it is not the process's (each thread
+    /// has its own: set after the thread was made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_new_privs: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -247,6 +247,32 @@ fn outside_view(root: Pid) -> BTreeMap<String, String> {
             let v = status.lines().find_map(|l| l.strip_prefix(key));
             view.insert(format!("{p} {key}"), v.unwrap_or("").trim().to_string());
         }
+        // Each thread's credentials, capabilities and seccomp (each thread
+        // has its own).
+        for task in fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let tid = task.file_name().to_string_lossy().into_owned();
+            let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let identity: Vec<&str> = (status.lines())
+                .filter(|l| {
+                    let key = l.split(':').next().unwrap_or("");
+                    [
+                        "Uid",
+                        "Gid",
+                        "Groups",
+                        "NoNewPrivs",
+                        "Seccomp",
+                        "Seccomp_filters",
+                    ]
+                    .contains(&key)
+                        || key.starts_with("Cap")
+                })
+                .collect();
+            view.insert(format!("{p} thread {tid} identity"), identity.join("; "));
+        }
         let mut fds: Vec<i32> = fs::read_dir(format!("/proc/{p}/fd"))
             .into_iter()
             .flatten()
@@ -1222,6 +1248,11 @@ fn pid_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
 #[test]
 fn namespaces_made_in_a_user_namespace_come_back_in_it() {
     checkpoint_restore("userns_made");
+}
+
+#[test]
+fn every_thread_gets_its_credentials_and_no_new_privs_back() {
+    checkpoint_restore("creds_threads");
 }
 
 #[test]

@@ -455,7 +455,12 @@ pub(crate) fn take(
     for first in &nested_nets {
         refuse_if_busy(&seized, &crate::sockdiag::ListenerProbe::of(*first)?)?;
     }
-    let mut users = userns::read(&seized.processes, &statuses, &mut problems);
+    let mut users = userns::read(
+        &seized.processes,
+        &statuses,
+        |pid| depth == 1 && !levels.is_nested(pid),
+        &mut problems,
+    );
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
@@ -531,6 +536,21 @@ pub(crate) fn take(
         namespaces::thread_levels(p, &levels, &mut ts.threads)?;
         for (th, own) in ts.threads.iter_mut().zip(thread_seccomp) {
             th.seccomp = own;
+        }
+        // no_new_privs is each thread's: where a thread's differs from the
+        // process's (set after the thread was made), it is noted.
+        let process_nnp = status.nonewprivs.unwrap_or(0) != 0;
+        for (th, seized) in ts.threads.iter_mut().zip(&p.threads).skip(1) {
+            let path = format!("/proc/{}/task/{}/status", p.pid, seized.tid);
+            let nnp = crate::procfs::read_text(&path)
+                .map_err(|e| Error::Proc {
+                    pid: p.pid.as_raw(),
+                    what: "status",
+                    detail: e.to_string(),
+                })?
+                .lines()
+                .any(|l| l.starts_with("NoNewPrivs:") && l.trim_end().ends_with('1'));
+            th.no_new_privs = (nnp != process_nnp).then_some(nnp);
         }
         let t1 = Instant::now();
         let mem = policy.capture(Frozen {

@@ -76,6 +76,11 @@ impl PidLevels {
         self.levels.get(&pid).map_or(pid.as_raw(), |l| l[0])
     }
 
+    /// Whether it is in a pid namespace nested in the tree's.
+    pub fn is_nested(&self, pid: Pid) -> bool {
+        !self.nested(pid).is_empty()
+    }
+
     fn nested(&self, pid: Pid) -> &[i32] {
         self.levels.get(&pid).map_or(&[], |l| &l[1..])
     }

@@ -246,6 +246,7 @@ pub fn threads_and_signals(
             timer_slack_ns,
             nice,
             seccomp: Vec::new(),
+            no_new_privs: None,
         });
     }
 

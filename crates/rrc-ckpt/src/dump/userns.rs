@@ -7,10 +7,12 @@
 //!
 //! - a namespace nested in another than ours (a restore makes children of
 //!   its own only);
-//! - a process with more than one thread there: a thread gets its id by
-//!   `clone3`'s `set_tid`, which needs CAP_SYS_ADMIN over the tree's pid
-//!   namespace, and one in the namespace has it only there; while
-//!   `setns` into a user namespace needs a single thread;
+//! - a process with more than one thread there in a nested pid namespace
+//!   (the tree's own, or one below it): a thread gets its id by `clone3`'s
+//!   `set_tid`, which needs CAP_SYS_ADMIN over the pid namespace, which a
+//!   process in the user namespace lacks, while `setns` into a user
+//!   namespace needs a single thread; in ours, the restore sets the next
+//!   pid for it (`ns_last_pid`);
 //! - a pid or time namespace owned by the user namespace (`unshare
 //!   -Urpf`): a restore makes those outside of it, and the process would
 //!   lose its rights over them (UTS, IPC, network, mount and cgroup ones
@@ -59,10 +61,13 @@ fn ns_id(f: impl AsFd) -> std::io::Result<NsId> {
 }
 
 /// Reads the user namespaces of the tree's live processes (`statuses`:
-/// theirs); what a restore could not make again goes to `problems`.
+/// theirs; `threads_may`: whether a process may have more than one thread
+/// in one, being in the tree's pid namespace, ours); what a restore could
+/// not make again goes to `problems`.
 pub fn read(
     processes: &[SeizedProcess],
     statuses: &BTreeMap<Pid, Status>,
+    threads_may: impl Fn(Pid) -> bool,
     problems: &mut Vec<String>,
 ) -> UserPlaces {
     let mut places = UserPlaces::default();
@@ -90,12 +95,12 @@ pub fn read(
         if id == mine {
             continue;
         }
-        if p.threads.len() > 1 {
+        if p.threads.len() > 1 && !threads_may(pid) {
             problems.push(format!(
-                "process {pid} has {} threads in a user namespace other than rrc's: a restore \
-                 enters the namespace before it makes the threads (setns needs a single one), \
-                 and the threads can then not be given their ids (clone3's set_tid needs \
-                 CAP_SYS_ADMIN over the tree's pid namespace)",
+                "process {pid} has {} threads in a user namespace other than rrc's and in a \
+                 nested pid namespace: a restore enters the user namespace before it makes \
+                 the threads (setns needs a single one), and the threads can then get their \
+                 ids only as the next pids of the restorer's namespace",
                 p.threads.len()
             ));
         }

@@ -619,24 +619,60 @@ fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
 
 fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     for th in p.threads.iter().skip(1) {
-        let args = clone_args(t, CLONE_THREAD_FLAGS, 0, &namespaces::thread_set_tid(th))?;
-        let (_, spawned) = t
-            .call_spawning("clone3 (thread)", libc::SYS_clone3, &[args, 88])
-            .map_err(|e| match e {
-                Error::RemoteFailed {
-                    errno: nix::errno::Errno::EEXIST,
-                    ..
-                } => Error::PidTaken(th.tid),
-                e => e,
-            })?;
-        let host = *spawned
-            .tids
-            .first()
-            .ok_or_else(|| rerr(p.pid, "create a thread", "the new thread was not reported"))?;
-        wait_started(host, p.pid)?;
+        // In a user namespace, the process cannot ask for a pid: see
+        // `thread_at_next_pid`.
+        let ids = match p.user_ns {
+            Some(_) => Vec::new(),
+            None => namespaces::thread_set_tid(th),
+        };
+        let mut tries = 0;
+        let host = loop {
+            if p.user_ns.is_some() {
+                namespaces::next_pid_is(th.tid)?;
+            }
+            let host = spawn_thread(t, th.tid, &ids)?;
+            if ids.is_empty() && host.as_raw() != th.tid {
+                // Another process took the pid first: this thread goes.
+                t.end_thread(host)?;
+                tries += 1;
+                if tries < namespaces::NEXT_PID_TRIES {
+                    continue;
+                }
+                return Err(rerr(
+                    p.pid,
+                    "create a thread",
+                    format!("thread {} got pid {host} {tries} times", th.tid),
+                ));
+            }
+            break host;
+        };
         t.threads.push((th.tid, host));
     }
     Ok(())
+}
+
+/// Makes a thread of `t`, with pids `ids` (none: the kernel's next one);
+/// returns its pid as we see it.
+fn spawn_thread(t: &mut Tracee, tid: i32, ids: &[i32]) -> Result<Pid> {
+    let args = clone_args(t, CLONE_THREAD_FLAGS, 0, ids)?;
+    let (_, spawned) = t
+        .call_spawning("clone3 (thread)", libc::SYS_clone3, &[args, 88])
+        .map_err(|e| match e {
+            Error::RemoteFailed {
+                errno: nix::errno::Errno::EEXIST,
+                ..
+            } => Error::PidTaken(tid),
+            e => e,
+        })?;
+    let host = *spawned.tids.first().ok_or_else(|| {
+        rerr(
+            t.ns_pid,
+            "create a thread",
+            "the new thread was not reported",
+        )
+    })?;
+    wait_started(host, t.ns_pid)?;
+    Ok(host)
 }
 
 struct Ctx<'a> {

@@ -129,6 +129,30 @@ fn made_in_user(
     super::flush_sigchld(t)
 }
 
+/// How many times a thread of a process in a user namespace is made
+/// before the restore gives up: each time another process of the host
+/// took its pid first.
+pub const NEXT_PID_TRIES: u32 = 100;
+
+/// Makes `pid` the next pid of our pid namespace, the tree's: a process in
+/// a user namespace has no right to ask for a pid (`set_tid` needs
+/// CAP_SYS_ADMIN over the tree's pid namespace, which it left), so its
+/// threads take the next one, which we set just before (another process
+/// of the host may take it first: the thread made then ends, and this is
+/// tried again). A pid in use is an error at once.
+pub fn next_pid_is(pid: i32) -> Result<()> {
+    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(Error::PidTaken(pid));
+    }
+    std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).map_err(|e| {
+        Error::Restore {
+            pid,
+            stage: "thread in a user namespace",
+            detail: format!("set the next pid: {e}"),
+        }
+    })
+}
+
 /// Names the UTS namespace `t` is the first process of `names`.
 pub fn name_uts(t: &mut Tracee, names: &UtsNames) -> Result<()> {
     let h = t.arg(names.hostname.as_bytes())?;
@@ -457,8 +481,9 @@ pub fn restore_children_ns(
 }
 
 /// Checks an image's user namespaces: maps the kernel takes, and each
-/// process in one a live one with one thread (its threads could not get
-/// their ids: see `dump::userns`) whose ids are all mapped there.
+/// process in one a live one whose ids are all mapped there, with one
+/// thread unless it is in the tree's pid namespace, restored in ours (its
+/// threads could not get their ids: see [`next_pid_is`]).
 pub fn check_users(
     m: &Manifest,
     procs: &BTreeMap<i32, ProcessImage>,
@@ -491,9 +516,13 @@ pub fn check_users(
             .user_namespaces
             .get(i)
             .ok_or_else(|| format!("process {pid} is in user namespace {i}, which is not in it"))?;
-        if p.zombie.is_some() || p.threads.len() != 1 {
+        // Threads get the next pid of the restorer's namespace: only there.
+        let nested = m.own_pid_ns
+            || !p.nested_pids.is_empty()
+            || p.threads.iter().any(|th| !th.nested_tids.is_empty());
+        if p.zombie.is_some() || (p.threads.len() != 1 && nested) {
             return Err(format!(
-                "process {pid} is in a user namespace with {} threads",
+                "process {pid} is in a user namespace with {} threads in a nested pid namespace",
                 p.threads.len()
             ));
         }

@@ -1,6 +1,8 @@
 //! The kernel state of a restored process beyond memory and files: signals,
 //! timers, limits, identity, and per-thread registrations.
 
+use nix::unistd::Pid;
+
 use crate::image::ProcessImage;
 use crate::image::userns::{IdKind, UserNs};
 use crate::restore::files::{GhostDir, Ghosts};
@@ -295,18 +297,21 @@ fn cap_data(eff: u64, prm: u64, inh: u64) -> Vec<u8> {
     data
 }
 
-/// Raises `p`'s ambient capabilities and sets its keep-caps flag.
-fn ambient_and_keepcaps(t: &mut Tracee, p: &ProcessImage, last: u64) -> Result<()> {
+/// Raises `p`'s ambient capabilities and sets its keep-caps flag, for
+/// thread `tid`.
+fn ambient_and_keepcaps(t: &mut Tracee, tid: Pid, p: &ProcessImage, last: u64) -> Result<()> {
     for cap in 0..=last {
         if p.creds.cap_amb & (1 << cap) != 0 {
-            t.call(
+            t.call_on(
+                tid,
                 "raise an ambient capability",
                 nr::SYS_prctl,
                 &[pr::CAP_AMBIENT, pr::CAP_AMBIENT_RAISE, cap, 0, 0],
             )?;
         }
     }
-    t.call(
+    t.call_on(
+        tid,
         "prctl(PR_SET_KEEPCAPS)",
         nr::SYS_prctl,
         &[pr::SET_KEEPCAPS, u64::from(p.keepcaps)],
@@ -322,11 +327,16 @@ fn cap_last() -> u64 {
         .unwrap_or(40)
 }
 
-/// Identity last: capabilities and credentials, then what changing them
-/// resets. In user namespace `user` (entered already, with the groups
-/// set), ids are given as it numbers them.
-pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Result<()> {
-    seccomp(t, p)?;
+/// Thread `tid`'s capabilities and credentials, the process's (each thread
+/// has its own: the restorer's, as it was made), then what changing them
+/// resets for it.
+fn thread_identity(
+    t: &mut Tracee,
+    tid: Pid,
+    no_new_privs: bool,
+    p: &ProcessImage,
+    user: Option<&UserNs>,
+) -> Result<()> {
     let c = &p.creds;
     let inside = |kind: IdKind, ids: [u32; 4]| -> Result<[u32; 4]> {
         let Some(u) = user else { return Ok(ids) };
@@ -346,7 +356,8 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Resu
     // The bounding set only shrinks, and needs CAP_SETPCAP: first.
     for cap in 0..=last {
         if c.cap_bnd & (1 << cap) == 0 {
-            t.call(
+            t.call_on(
+                tid,
                 "prctl(PR_CAPBSET_DROP)",
                 nr::SYS_prctl,
                 &[pr::CAPBSET_DROP, cap],
@@ -360,7 +371,8 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Resu
     // (keep-caps locked, no ambient raise) come last.
     let early = p.securebits & !secbit::LATE;
     if early != 0 {
-        t.call(
+        t.call_on(
+            tid,
             "prctl(PR_SET_SECUREBITS)",
             nr::SYS_prctl,
             &[pr::SET_SECUREBITS, u64::from(early)],
@@ -373,23 +385,31 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Resu
     if user.is_none() {
         let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
         let a = t.arg(&groups)?;
-        t.call("setgroups", nr::SYS_setgroups, &[c.groups.len() as u64, a])?;
+        t.call_on(
+            tid,
+            "setgroups",
+            nr::SYS_setgroups,
+            &[c.groups.len() as u64, a],
+        )?;
     }
-    t.call(
+    t.call_on(
+        tid,
         "setresgid",
         nr::SYS_setresgid,
         &[u64::from(gid[0]), u64::from(gid[1]), u64::from(gid[2])],
     )?;
     // setresgid made the fs gid the effective one; the recorded one may
     // differ (setfsgid). Still with every capability, this cannot fail.
-    set_fs_id(t, p.pid, libc::SYS_setfsgid, "fs gid", gid[3])?;
+    set_fs_id(t, tid, p.pid, libc::SYS_setfsgid, "fs gid", gid[3])?;
     // Capabilities survive the uid change so they can be set exactly after.
-    t.call(
+    t.call_on(
+        tid,
         "prctl(PR_SET_KEEPCAPS)",
         nr::SYS_prctl,
         &[pr::SET_KEEPCAPS, 1],
     )?;
-    t.call(
+    t.call_on(
+        tid,
         "setresuid",
         nr::SYS_setresuid,
         &[u64::from(uid[0]), u64::from(uid[1]), u64::from(uid[2])],
@@ -408,18 +428,19 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Resu
         // changes the effective set, so the sets are set after it.
         let h = t.arg(&hdr)?;
         let d = t.arg(&cap_data(working, working, c.cap_inh))?;
-        let r = t.raw_on(t.pid, libc::SYS_capset, &[h, d])?;
+        let r = t.raw_on(tid, libc::SYS_capset, &[h, d])?;
         warn_failed(p.pid, "capabilities for the fs uid", r);
-        set_fs_id(t, p.pid, libc::SYS_setfsuid, "fs uid", uid[3])?;
+        set_fs_id(t, tid, p.pid, libc::SYS_setfsuid, "fs uid", uid[3])?;
     }
     if late {
         // The ambient set and keep-caps before the securebits that lock
         // them, with CAP_SETPCAP effective to set those.
         let h = t.arg(&hdr)?;
         let d = t.arg(&cap_data(working, working, c.cap_inh))?;
-        t.call("capset (to set securebits)", libc::SYS_capset, &[h, d])?;
-        ambient_and_keepcaps(t, p, last)?;
-        t.call(
+        t.call_on(tid, "capset (to set securebits)", libc::SYS_capset, &[h, d])?;
+        ambient_and_keepcaps(t, tid, p, last)?;
+        t.call_on(
+            tid,
             "prctl(PR_SET_SECUREBITS)",
             nr::SYS_prctl,
             &[pr::SET_SECUREBITS, u64::from(p.securebits)],
@@ -427,9 +448,33 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Resu
     }
     let h = t.arg(&hdr)?;
     let d = t.arg(&data)?;
-    t.call("capset", libc::SYS_capset, &[h, d])?;
+    t.call_on(tid, "capset", libc::SYS_capset, &[h, d])?;
     if !late {
-        ambient_and_keepcaps(t, p, last)?;
+        ambient_and_keepcaps(t, tid, p, last)?;
+    }
+    if no_new_privs {
+        t.call_on(
+            tid,
+            "prctl(PR_SET_NO_NEW_PRIVS)",
+            nr::SYS_prctl,
+            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// Identity last: seccomp filters, then every thread's credentials (see
+/// [`thread_identity`]), then what the process has once. In user
+/// namespace `user` (entered already, with the groups set, before the
+/// threads were made), ids are given as it numbers them.
+pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Result<()> {
+    seccomp(t, p)?;
+    for th in &p.threads {
+        let Some(&(_, host)) = t.threads.iter().find(|(ns, _)| *ns == th.tid) else {
+            continue;
+        };
+        let no_new_privs = th.no_new_privs.unwrap_or(p.no_new_privs);
+        thread_identity(t, host, no_new_privs, p, user)?;
     }
     if p.thp_disable {
         t.call(
@@ -438,18 +483,13 @@ pub fn identity(t: &mut Tracee, p: &ProcessImage, user: Option<&UserNs>) -> Resu
             &[pr::SET_THP_DISABLE, 1, 0, 0, 0],
         )?;
     }
-    if p.no_new_privs {
-        t.call(
-            "prctl(PR_SET_NO_NEW_PRIVS)",
-            nr::SYS_prctl,
-            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
-        )?;
-    }
     t.call(
         "prctl(PR_SET_DUMPABLE)",
         nr::SYS_prctl,
         &[libc::PR_SET_DUMPABLE as u64, p.dumpable],
     )?;
+    // Its parent's death signals the main thread only (a thread starts
+    // without one).
     if p.pdeath_signal != 0 {
         t.call(
             "prctl(PR_SET_PDEATHSIG)",
@@ -545,9 +585,9 @@ fn install_filter(
 /// setfsuid or setfsgid (`nr`) to `id`. They return the previous id and
 /// never an error: the id is read back (an invalid id changes nothing and
 /// returns the current one) to know whether it took.
-fn set_fs_id(t: &mut Tracee, pid: i32, nr: i64, what: &str, id: u32) -> Result<()> {
-    t.raw_on(t.pid, nr, &[u64::from(id)])?;
-    let now = t.raw_on(t.pid, nr, &[u64::from(u32::MAX)])?;
+fn set_fs_id(t: &mut Tracee, tid: Pid, pid: i32, nr: i64, what: &str, id: u32) -> Result<()> {
+    t.raw_on(tid, nr, &[u64::from(id)])?;
+    let now = t.raw_on(tid, nr, &[u64::from(u32::MAX)])?;
     if now as u32 != id {
         tracing::warn!(pid, want = id, got = now, "{what} not restored");
     }

@@ -106,6 +106,19 @@ impl Tracee {
         }
     }
 
+    /// Ends thread `tid` of the process, one just made and not yet among
+    /// its `threads`.
+    pub fn end_thread(&self, tid: Pid) -> Result<()> {
+        match self.remote_for(tid).final_call(libc::SYS_exit, &[0])? {
+            ptrace::Stop::Exited(_) => Ok(()),
+            other => Err(Error::Restore {
+                pid: self.ns_pid,
+                stage: "end a thread",
+                detail: format!("{other:?}"),
+            }),
+        }
+    }
+
     /// Ends the process by signal `sig`, delivered from the stop it is in
     /// (it must not block it, and its action must be the default one);
     /// returns how it ended.
