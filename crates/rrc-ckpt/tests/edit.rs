@@ -897,8 +897,10 @@ fn hostile_user_namespaces_are_refused_before_anything_is_made() {
         ("a namespace the image does not have", |p| {
             p["user_ns"] = 9.into()
         }),
-        ("two threads in one", |p| {
-            let th = p["threads"][0].clone();
+        ("two threads in one, in a nested pid namespace", |p| {
+            let mut th = p["threads"][0].clone();
+            th["tid"] = (th["tid"].as_i64().unwrap() + 1).into();
+            th["nested_tids"] = serde_json::json!([2]);
             p["threads"].as_array_mut().unwrap().push(th)
         }),
         ("a zombie in one", |p| {

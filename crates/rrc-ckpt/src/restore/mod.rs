@@ -600,27 +600,14 @@ fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
         libc::SIGCHLD as u64
     };
     let args = clone_args(parent, flags, exit_signal, ids)?;
-    let (_, spawned) = parent
-        .call_spawning("clone3 (fork)", libc::SYS_clone3, &[args, 88])
-        .map_err(|e| match e {
-            Error::RemoteFailed {
-                errno: nix::errno::Errno::EEXIST,
-                ..
-            } => Error::PidTaken(ns_pid),
-            e => e,
-        })?;
-    let host = *spawned
-        .tids
-        .first()
-        .ok_or_else(|| rerr(ns_pid, "fork", "the new process was not reported"))?;
-    wait_started(host, ns_pid)?;
+    let host = clone_in(parent, "clone3 (fork)", args, ns_pid)?;
     Tracee::new(ns_pid, host, parent.scratch)
 }
 
 fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     for th in p.threads.iter().skip(1) {
         // In a user namespace, the process cannot ask for a pid: see
-        // `thread_at_next_pid`.
+        // `namespaces::next_pid_is`.
         let ids = match p.user_ns {
             Some(_) => Vec::new(),
             None => namespaces::thread_set_tid(th),
@@ -641,7 +628,10 @@ fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
                 return Err(rerr(
                     p.pid,
                     "create a thread",
-                    format!("thread {} got pid {host} {tries} times", th.tid),
+                    format!(
+                        "thread {} got another pid {tries} times (processes of the host took it first)",
+                        th.tid
+                    ),
                 ));
             }
             break host;
@@ -655,23 +645,26 @@ fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
 /// returns its pid as we see it.
 fn spawn_thread(t: &mut Tracee, tid: i32, ids: &[i32]) -> Result<Pid> {
     let args = clone_args(t, CLONE_THREAD_FLAGS, 0, ids)?;
+    clone_in(t, "clone3 (thread)", args, tid)
+}
+
+/// Runs `t`'s clone3 of `args` (asking for pid `id`, for errors); returns
+/// the new task's pid as we see it, once it has stopped at its start.
+fn clone_in(t: &mut Tracee, what: &'static str, args: u64, id: i32) -> Result<Pid> {
     let (_, spawned) = t
-        .call_spawning("clone3 (thread)", libc::SYS_clone3, &[args, 88])
+        .call_spawning(what, libc::SYS_clone3, &[args, 88])
         .map_err(|e| match e {
             Error::RemoteFailed {
                 errno: nix::errno::Errno::EEXIST,
                 ..
-            } => Error::PidTaken(tid),
+            } => Error::PidTaken(id),
             e => e,
         })?;
-    let host = *spawned.tids.first().ok_or_else(|| {
-        rerr(
-            t.ns_pid,
-            "create a thread",
-            "the new thread was not reported",
-        )
-    })?;
-    wait_started(host, t.ns_pid)?;
+    let host = *spawned
+        .tids
+        .first()
+        .ok_or_else(|| rerr(id, what, "the new task was not reported"))?;
+    wait_started(host, id)?;
     Ok(host)
 }
 
@@ -991,20 +984,7 @@ fn session_helper(
         // The exit signal of a CLONE_PARENT child is the helper's own (SIGCHLD);
         // clone3 wants none given.
         let args = clone_args(&mut h, libc::CLONE_PARENT as u64, 0, &[m])?;
-        let (_, spawned) = h
-            .call_spawning("clone3 (into a session)", libc::SYS_clone3, &[args, 88])
-            .map_err(|e| match e {
-                Error::RemoteFailed {
-                    errno: nix::errno::Errno::EEXIST,
-                    ..
-                } => Error::PidTaken(m),
-                e => e,
-            })?;
-        let host = *spawned
-            .tids
-            .first()
-            .ok_or_else(|| rerr(m, "fork", "the new process was not reported"))?;
-        wait_started(host, m)?;
+        let host = clone_in(&mut h, "clone3 (into a session)", args, m)?;
         // The helper holds the parent's memory.
         let mut ct = Tracee::new(m, host, parent.scratch)?;
         if let Some(fd) = fd {

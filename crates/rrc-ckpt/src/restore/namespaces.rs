@@ -520,7 +520,10 @@ pub fn check_users(
         let nested = m.own_pid_ns
             || !p.nested_pids.is_empty()
             || p.threads.iter().any(|th| !th.nested_tids.is_empty());
-        if p.zombie.is_some() || (p.threads.len() != 1 && nested) {
+        if p.zombie.is_some() {
+            return Err(format!("process {pid} is a zombie in a user namespace"));
+        }
+        if p.threads.len() != 1 && nested {
             return Err(format!(
                 "process {pid} is in a user namespace with {} threads in a nested pid namespace",
                 p.threads.len()
