@@ -842,6 +842,8 @@ fn restore_process(
         files::arrange(&mut t, p, ctx.m, &held, &mut ctx.plan)?;
     }
     files::take_locks(&mut t, p)?;
+    // What its threads inherit, set once.
+    state::before_threads(&mut t, p)?;
     spawn_threads(&mut t, p)?;
     state::process_state(&mut t, p, &mut ctx.plan.ghosts)?;
     state::thread_state(&mut t, p)?;

@@ -5,6 +5,7 @@ use nix::unistd::Pid;
 
 use crate::image::ProcessImage;
 use crate::image::userns::{IdKind, UserNs};
+use crate::remote::Batch;
 use crate::restore::files::{GhostDir, Ghosts};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, nr, pr};
@@ -297,28 +298,6 @@ fn cap_data(eff: u64, prm: u64, inh: u64) -> Vec<u8> {
     data
 }
 
-/// Raises `p`'s ambient capabilities and sets its keep-caps flag, for
-/// thread `tid`.
-fn ambient_and_keepcaps(t: &mut Tracee, tid: Pid, p: &ProcessImage, last: u64) -> Result<()> {
-    for cap in 0..=last {
-        if p.creds.cap_amb & (1 << cap) != 0 {
-            t.call_on(
-                tid,
-                "raise an ambient capability",
-                nr::SYS_prctl,
-                &[pr::CAP_AMBIENT, pr::CAP_AMBIENT_RAISE, cap, 0, 0],
-            )?;
-        }
-    }
-    t.call_on(
-        tid,
-        "prctl(PR_SET_KEEPCAPS)",
-        nr::SYS_prctl,
-        &[pr::SET_KEEPCAPS, u64::from(p.keepcaps)],
-    )
-    .map(drop)
-}
-
 /// The highest capability number this kernel knows.
 fn cap_last() -> u64 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
@@ -327,9 +306,111 @@ fn cap_last() -> u64 {
         .unwrap_or(40)
 }
 
-/// Thread `tid`'s capabilities and credentials, the process's (each thread
-/// has its own: the restorer's, as it was made), then what changing them
-/// resets for it.
+/// What every thread of `p` inherits from its main thread, set there
+/// before the threads are made: the bounding set, the securebits that
+/// only change what exec and uid changes do to capabilities, and (outside
+/// a user namespace, whose process set them before entering it) the
+/// supplementary groups. The capabilities in use stay until
+/// [`identity`].
+pub fn before_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+    let c = &p.creds;
+    // The bounding set only shrinks, and needs CAP_SETPCAP.
+    let mut b = Batch::new();
+    for cap in (0..=cap_last()).filter(|cap| c.cap_bnd & (1 << cap) == 0) {
+        b.push(nr::SYS_prctl, &[pr::CAPBSET_DROP, cap]);
+    }
+    let failed = t.batch(&b)?.into_iter().find(|r| *r < 0);
+    if let Some(r) = failed {
+        return Err(Error::Restore {
+            pid: p.pid,
+            stage: "credentials",
+            detail: format!("drop a capability from the bounding set: errno {}", -r),
+        });
+    }
+    // With these, the uid changes of `identity` keep the capabilities,
+    // which are set exactly after them anyway. Those that would stop its
+    // steps (keep-caps locked, no ambient raise) come last.
+    let early = p.securebits & !secbit::LATE;
+    if early != 0 {
+        t.call(
+            "prctl(PR_SET_SECUREBITS)",
+            nr::SYS_prctl,
+            &[pr::SET_SECUREBITS, u64::from(early)],
+        )?;
+    }
+    if p.user_ns.is_none() {
+        let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
+        let a = t.arg(&groups)?;
+        t.call("setgroups", nr::SYS_setgroups, &[c.groups.len() as u64, a])?;
+    }
+    Ok(())
+}
+
+/// How a result of [`thread_identity`]'s calls is taken.
+#[derive(Clone, Copy)]
+enum Check {
+    /// A failure fails the restore.
+    Must,
+    /// A failure is warned of (the capabilities for setting the fs uid).
+    Warn,
+    /// `setfs*id(-1)` must give this id back, else a warning.
+    Is(u32),
+}
+
+/// System calls for one round trip, each with how its result is taken.
+#[derive(Default)]
+struct Calls {
+    batch: Batch,
+    checks: Vec<(&'static str, Check)>,
+}
+
+impl Calls {
+    fn push(&mut self, what: &'static str, check: Check, nr: i64, args: &[u64]) {
+        self.batch.push(nr, args);
+        self.checks.push((what, check));
+    }
+
+    /// Raises `p`'s ambient capabilities and sets its keep-caps flag.
+    fn ambient_and_keepcaps(&mut self, p: &ProcessImage) {
+        for cap in (0..=cap_last()).filter(|cap| p.creds.cap_amb & (1 << cap) != 0) {
+            let raise = [pr::CAP_AMBIENT, pr::CAP_AMBIENT_RAISE, cap, 0, 0];
+            self.push(
+                "raise an ambient capability",
+                Check::Must,
+                nr::SYS_prctl,
+                &raise,
+            );
+        }
+        let keep = [pr::SET_KEEPCAPS, u64::from(p.keepcaps)];
+        self.push("keep-caps", Check::Must, nr::SYS_prctl, &keep);
+    }
+
+    /// Makes the calls by thread `tid` of `t` (process `pid`).
+    fn run(self, t: &mut Tracee, tid: Pid, pid: i32) -> Result<()> {
+        let results = t.batch_on(tid, &self.batch)?;
+        for ((what, check), r) in self.checks.into_iter().zip(results) {
+            match check {
+                Check::Must if r < 0 => {
+                    return Err(Error::Restore {
+                        pid,
+                        stage: "credentials",
+                        detail: format!("{what} failed in thread {tid}: errno {}", -r),
+                    });
+                }
+                Check::Warn => warn_failed(pid, what, r),
+                Check::Is(id) if r as u32 != id => {
+                    tracing::warn!(pid, want = id, got = r, "{what} not restored");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Thread `tid`'s credentials, the process's (each thread has its own:
+/// the restorer's, as it was made, with what [`before_threads`] set),
+/// then what changing them resets for it, in one round trip.
 fn thread_identity(
     t: &mut Tracee,
     tid: Pid,
@@ -352,115 +433,66 @@ fn thread_identity(
     };
     let uid = inside(IdKind::Uid, c.uid)?;
     let gid = inside(IdKind::Gid, c.gid)?;
-    let last = cap_last();
-    // The bounding set only shrinks, and needs CAP_SETPCAP: first.
-    for cap in 0..=last {
-        if c.cap_bnd & (1 << cap) == 0 {
-            t.call_on(
-                tid,
-                "prctl(PR_CAPBSET_DROP)",
-                nr::SYS_prctl,
-                &[pr::CAPBSET_DROP, cap],
-            )?;
-        }
-    }
-    // Securebits that only change what exec and uid changes do to
-    // capabilities now, while every capability is there to set them:
-    // with them, the uid change below keeps the capabilities, which are
-    // set exactly after it anyway. Those that would stop the steps below
-    // (keep-caps locked, no ambient raise) come last.
-    let early = p.securebits & !secbit::LATE;
-    if early != 0 {
-        t.call_on(
-            tid,
-            "prctl(PR_SET_SECUREBITS)",
-            nr::SYS_prctl,
-            &[pr::SET_SECUREBITS, u64::from(early)],
-        )?;
-    }
     let late = p.securebits & secbit::LATE & !secbit::KEEP_CAPS != 0;
-    // The sets the process works with until its own: its permitted set,
+    // The sets the thread works with until its own: its permitted set,
     // and CAP_SETPCAP for the late securebits.
     let working = c.cap_prm | if late { 1 << secbit::CAP_SETPCAP } else { 0 };
-    if user.is_none() {
-        let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_ne_bytes()).collect();
-        let a = t.arg(&groups)?;
-        t.call_on(
-            tid,
-            "setgroups",
-            nr::SYS_setgroups,
-            &[c.groups.len() as u64, a],
-        )?;
-    }
-    t.call_on(
-        tid,
-        "setresgid",
-        nr::SYS_setresgid,
-        &[u64::from(gid[0]), u64::from(gid[1]), u64::from(gid[2])],
-    )?;
-    // setresgid made the fs gid the effective one; the recorded one may
-    // differ (setfsgid). Still with every capability, this cannot fail.
-    set_fs_id(t, tid, p.pid, libc::SYS_setfsgid, "fs gid", gid[3])?;
-    // Capabilities survive the uid change so they can be set exactly after.
-    t.call_on(
-        tid,
-        "prctl(PR_SET_KEEPCAPS)",
-        nr::SYS_prctl,
-        &[pr::SET_KEEPCAPS, 1],
-    )?;
-    t.call_on(
-        tid,
-        "setresuid",
-        nr::SYS_setresuid,
-        &[u64::from(uid[0]), u64::from(uid[1]), u64::from(uid[2])],
-    )?;
     // capset, version 3: a header and two 32-bit halves of each set.
     const CAP_V3: u32 = 0x2008_0522;
     let mut hdr = Vec::with_capacity(8);
     hdr.extend_from_slice(&CAP_V3.to_ne_bytes());
     hdr.extend_from_slice(&0i32.to_ne_bytes());
-    let data = cap_data(c.cap_eff, c.cap_prm, c.cap_inh);
+    let hdr = t.arg(&hdr)?;
+    let working = t.arg(&cap_data(working, working, c.cap_inh))?;
+    let exact = t.arg(&cap_data(c.cap_eff, c.cap_prm, c.cap_inh))?;
+    let mut calls = Calls::default();
+    let ids = |i: [u32; 4]| [u64::from(i[0]), u64::from(i[1]), u64::from(i[2])];
+    calls.push("setresgid", Check::Must, nr::SYS_setresgid, &ids(gid));
+    // setresgid made the fs gid the effective one; the recorded one may
+    // differ (setfsgid). Still with every capability, this cannot fail.
+    if gid[3] != gid[1] {
+        let (set, get) = ([u64::from(gid[3])], [u64::from(u32::MAX)]);
+        calls.push("setfsgid", Check::Warn, libc::SYS_setfsgid, &set);
+        calls.push("fs gid", Check::Is(gid[3]), libc::SYS_setfsgid, &get);
+    }
+    // Capabilities survive the uid change so they can be set exactly after.
+    calls.push(
+        "keep-caps",
+        Check::Must,
+        nr::SYS_prctl,
+        &[pr::SET_KEEPCAPS, 1],
+    );
+    calls.push("setresuid", Check::Must, nr::SYS_setresuid, &ids(uid));
     if uid[3] != uid[1] {
         // setresuid made the fs uid the effective one. setfsuid to another
         // id needs CAP_SETUID in the effective set, which a change away
         // from uid 0 cleared: the permitted set is made effective for it,
         // and the exact sets follow. Changing the fs uid from or to 0
         // changes the effective set, so the sets are set after it.
-        let h = t.arg(&hdr)?;
-        let d = t.arg(&cap_data(working, working, c.cap_inh))?;
-        let r = t.raw_on(tid, libc::SYS_capset, &[h, d])?;
-        warn_failed(p.pid, "capabilities for the fs uid", r);
-        set_fs_id(t, tid, p.pid, libc::SYS_setfsuid, "fs uid", uid[3])?;
+        let what = "capabilities for the fs uid";
+        calls.push(what, Check::Warn, libc::SYS_capset, &[hdr, working]);
+        let (set, get) = ([u64::from(uid[3])], [u64::from(u32::MAX)]);
+        calls.push("setfsuid", Check::Warn, libc::SYS_setfsuid, &set);
+        calls.push("fs uid", Check::Is(uid[3]), libc::SYS_setfsuid, &get);
     }
     if late {
         // The ambient set and keep-caps before the securebits that lock
         // them, with CAP_SETPCAP effective to set those.
-        let h = t.arg(&hdr)?;
-        let d = t.arg(&cap_data(working, working, c.cap_inh))?;
-        t.call_on(tid, "capset (to set securebits)", libc::SYS_capset, &[h, d])?;
-        ambient_and_keepcaps(t, tid, p, last)?;
-        t.call_on(
-            tid,
-            "prctl(PR_SET_SECUREBITS)",
-            nr::SYS_prctl,
-            &[pr::SET_SECUREBITS, u64::from(p.securebits)],
-        )?;
+        let what = "capset (to set securebits)";
+        calls.push(what, Check::Must, libc::SYS_capset, &[hdr, working]);
+        calls.ambient_and_keepcaps(p);
+        let bits = [pr::SET_SECUREBITS, u64::from(p.securebits)];
+        calls.push("securebits", Check::Must, nr::SYS_prctl, &bits);
     }
-    let h = t.arg(&hdr)?;
-    let d = t.arg(&data)?;
-    t.call_on(tid, "capset", libc::SYS_capset, &[h, d])?;
+    calls.push("capset", Check::Must, libc::SYS_capset, &[hdr, exact]);
     if !late {
-        ambient_and_keepcaps(t, tid, p, last)?;
+        calls.ambient_and_keepcaps(p);
     }
     if no_new_privs {
-        t.call_on(
-            tid,
-            "prctl(PR_SET_NO_NEW_PRIVS)",
-            nr::SYS_prctl,
-            &[libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0],
-        )?;
+        let nnp = [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0];
+        calls.push("no_new_privs", Check::Must, nr::SYS_prctl, &nnp);
     }
-    Ok(())
+    calls.run(t, tid, p.pid)
 }
 
 /// Identity last: seccomp filters, then every thread's credentials (see
@@ -580,18 +612,6 @@ fn install_filter(
         nr::SYS_seccomp,
         &[SECCOMP_SET_MODE_FILTER, flags, prog],
     )
-}
-
-/// setfsuid or setfsgid (`nr`) to `id`. They return the previous id and
-/// never an error: the id is read back (an invalid id changes nothing and
-/// returns the current one) to know whether it took.
-fn set_fs_id(t: &mut Tracee, tid: Pid, pid: i32, nr: i64, what: &str, id: u32) -> Result<()> {
-    t.raw_on(tid, nr, &[u64::from(id)])?;
-    let now = t.raw_on(tid, nr, &[u64::from(u32::MAX)])?;
-    if now as u32 != id {
-        tracing::warn!(pid, want = id, got = now, "{what} not restored");
-    }
-    Ok(())
 }
 
 /// Puts every thread's registers and mask back and lets it run.

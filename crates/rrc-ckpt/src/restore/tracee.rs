@@ -148,6 +148,11 @@ impl Tracee {
     /// returns each call's raw result. Arguments placed with
     /// [`Tracee::arg`] before stay where they are.
     pub fn batch(&mut self, batch: &Batch) -> Result<Vec<i64>> {
+        self.batch_on(self.pid, batch)
+    }
+
+    /// As [`Tracee::batch`], by thread `tid`.
+    pub fn batch_on(&mut self, tid: Pid, batch: &Batch) -> Result<Vec<i64>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -168,7 +173,7 @@ impl Tracee {
             piece.push(nr, &args);
             if piece.len() == room || i + 1 == batch.len() {
                 let r = self
-                    .remote_for(self.pid)
+                    .remote_for(tid)
                     .run_batch(&piece, code, self.scratch + table_at);
                 out.extend(r?);
                 piece = Batch::new();
