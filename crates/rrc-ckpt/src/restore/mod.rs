@@ -614,10 +614,12 @@ fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
         };
         let mut tries = 0;
         let host = loop {
-            if p.user_ns.is_some() {
-                namespaces::next_pid_is(th.tid)?;
-            }
+            let cursor = match p.user_ns {
+                Some(_) => Some(namespaces::next_pid_is(th.tid)?),
+                None => None,
+            };
             let host = spawn_thread(t, th.tid, &ids)?;
+            drop(cursor);
             if ids.is_empty() && host.as_raw() != th.tid {
                 // Another process took the pid first: this thread goes.
                 t.end_thread(host)?;

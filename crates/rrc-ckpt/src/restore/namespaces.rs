@@ -134,23 +134,52 @@ fn made_in_user(
 /// took its pid first.
 pub const NEXT_PID_TRIES: u32 = 100;
 
-/// Makes `pid` the next pid of our pid namespace, the tree's: a process in
-/// a user namespace has no right to ask for a pid (`set_tid` needs
-/// CAP_SYS_ADMIN over the tree's pid namespace, which it left), so its
-/// threads take the next one, which we set just before (another process
-/// of the host may take it first: the thread made then ends, and this is
+/// Where our pid namespace's next pid is handed out from
+/// (`/proc/sys/kernel/ns_last_pid`).
+const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
+
+/// Our pid namespace's last pid handed out, moved back for one thread's
+/// pid by [`next_pid_is`] and put forward again when dropped: the pids
+/// just below where the kernel stood are those of processes that ended a
+/// moment ago (a tree being restored, maybe), which the host's next
+/// processes must not take.
+pub struct NextPid {
+    before: i32,
+}
+
+impl Drop for NextPid {
+    fn drop(&mut self) {
+        let now = crate::procfs::read_text(LAST_PID)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if now.is_some_and(|n| n < self.before) {
+            let _ = std::fs::write(LAST_PID, self.before.to_string());
+        }
+    }
+}
+
+/// Makes `pid` the next pid of our pid namespace, the tree's, until the
+/// result is dropped: a process in a user namespace has no right to ask
+/// for a pid (`set_tid` needs CAP_SYS_ADMIN over the tree's pid namespace,
+/// which it left), so its threads take the next one (another process of
+/// the host may take it first: the thread made then ends, and this is
 /// tried again). A pid in use is an error at once.
-pub fn next_pid_is(pid: i32) -> Result<()> {
+pub fn next_pid_is(pid: i32) -> Result<NextPid> {
     if std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(Error::PidTaken(pid));
     }
-    std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).map_err(|e| {
-        Error::Restore {
-            pid,
-            stage: "thread in a user namespace",
-            detail: format!("set the next pid: {e}"),
-        }
-    })
+    let fail = |e: std::io::Error| Error::Restore {
+        pid,
+        stage: "thread in a user namespace",
+        detail: format!("set the next pid: {e}"),
+    };
+    let before = crate::procfs::read_text(LAST_PID)
+        .map_err(fail)?
+        .trim()
+        .parse()
+        .map_err(|_| fail(std::io::Error::other("ns_last_pid is not a number")))?;
+    std::fs::write(LAST_PID, (pid - 1).to_string()).map_err(fail)?;
+    Ok(NextPid { before })
 }
 
 /// Names the UTS namespace `t` is the first process of `names`.
