@@ -45,15 +45,19 @@ pub fn read_text(path: impl AsRef<Path>) -> std::io::Result<String> {
 /// A task's pids (the `NSpid` line of its `status` at `path`), the
 /// outermost pid namespace's first; `None` when it has no such line.
 pub fn read_nspid(path: impl AsRef<Path>) -> std::io::Result<Option<Vec<i32>>> {
-    let text = read_text(path)?;
-    Ok(text
+    Ok(nspid_of(&read_text(path)?))
+}
+
+/// The `NSpid:` line of a status file's text, as [`read_nspid`] gives it.
+pub fn nspid_of(status: &str) -> Option<Vec<i32>> {
+    status
         .lines()
         .find_map(|l| l.strip_prefix("NSpid:"))
         .map(|l| {
             l.split_whitespace()
                 .filter_map(|w| w.parse().ok())
                 .collect()
-        }))
+        })
 }
 
 /// The clock offsets of the time namespace process `pid`'s next children

@@ -533,21 +533,24 @@ pub(crate) fn take(
         let t0 = Instant::now();
         let mut inj = Injector::new(p)?;
         let mut ts = process::threads_and_signals(p, &mut inj, cpu.xsave_size)?;
-        namespaces::thread_levels(p, &levels, &mut ts.threads)?;
+        // Each thread's own status but the main thread's (`status`), read
+        // once: its pids at every level, its no_new_privs.
+        let others = process::thread_statuses(p)?;
+        namespaces::thread_levels(
+            p,
+            &levels,
+            status.nspid.as_deref(),
+            &others,
+            &mut ts.threads,
+        )?;
         for (th, own) in ts.threads.iter_mut().zip(thread_seccomp) {
             th.seccomp = own;
         }
         // no_new_privs is each thread's: where a thread's differs from the
         // process's (set after the thread was made), it is noted.
         let process_nnp = status.nonewprivs.unwrap_or(0) != 0;
-        for (th, seized) in ts.threads.iter_mut().zip(&p.threads).skip(1) {
-            let path = format!("/proc/{}/task/{}/status", p.pid, seized.tid);
-            let nnp = crate::procfs::read_text(&path)
-                .map_err(|e| Error::Proc {
-                    pid: p.pid.as_raw(),
-                    what: "status",
-                    detail: e.to_string(),
-                })?
+        for (th, text) in ts.threads.iter_mut().skip(1).zip(&others) {
+            let nnp = text
                 .lines()
                 .any(|l| l.starts_with("NoNewPrivs:") && l.trim_end().ends_with('1'));
             th.no_new_privs = (nnp != process_nnp).then_some(nnp);

@@ -497,24 +497,22 @@ fn uts_names(pid: Pid) -> std::result::Result<UtsNames, String> {
 
 /// Gives the threads of a process in a nested namespace (`threads`, in the
 /// order of `p.threads`) their tids at every level: the injected `gettid`
-/// told only the innermost.
+/// told only the innermost. `main_nspid`: the main thread's (its
+/// process's status); `others`: the other threads' status files.
 pub fn thread_levels(
     p: &SeizedProcess,
     levels: &PidLevels,
+    main_nspid: Option<&[i32]>,
+    others: &[String],
     threads: &mut [ThreadImage],
 ) -> Result<()> {
     if levels.nested(p.pid).is_empty() {
         return Ok(());
     }
-    for (seized, th) in p.threads.iter().zip(threads.iter_mut()) {
-        let path = format!("/proc/{}/task/{}/status", p.pid, seized.tid);
-        let all = pfs::read_nspid(&path)
-            .map_err(|e| Error::Proc {
-                pid: p.pid.as_raw(),
-                what: "status",
-                detail: e.to_string(),
-            })?
-            .unwrap_or_default();
+    let all = std::iter::once(main_nspid.map(<[i32]>::to_vec))
+        .chain(others.iter().map(|text| pfs::nspid_of(text)));
+    for ((seized, th), all) in p.threads.iter().zip(threads.iter_mut()).zip(all) {
+        let all = all.unwrap_or_default();
         let mine = all.get(levels.depth - 1..).unwrap_or_default();
         let Some((tid, nested)) = mine.split_first() else {
             return Err(Error::Proc {

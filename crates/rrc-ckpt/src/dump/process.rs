@@ -427,6 +427,23 @@ pub fn creds(status: &procfs::process::Status) -> Creds {
     }
 }
 
+/// The status files of `p`'s threads but its main thread, in order.
+pub fn thread_statuses(p: &SeizedProcess) -> Result<Vec<String>> {
+    p.threads
+        .iter()
+        .skip(1)
+        .map(|th| {
+            pfs::read_text(format!("/proc/{}/task/{}/status", p.pid, th.tid)).map_err(|e| {
+                Error::Proc {
+                    pid: p.pid.as_raw(),
+                    what: "status",
+                    detail: e.to_string(),
+                }
+            })
+        })
+        .collect()
+}
+
 /// Soft and hard limits for every resource, from /proc/PID/limits (readable
 /// where prlimit(2) on another user's process is not).
 pub fn rlimits(pid: i32) -> Result<Vec<(u64, u64)>> {

@@ -606,41 +606,37 @@ fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
 
 fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     for th in p.threads.iter().skip(1) {
-        // In a user namespace, the process cannot ask for a pid: see
-        // `namespaces::next_pid_is`.
-        let ids = match p.user_ns {
-            Some(_) => Vec::new(),
-            None => namespaces::thread_set_tid(th),
-        };
-        let mut tries = 0;
-        let host = loop {
-            let cursor = match p.user_ns {
-                Some(_) => Some(namespaces::next_pid_is(th.tid)?),
-                None => None,
-            };
-            let host = spawn_thread(t, th.tid, &ids)?;
-            drop(cursor);
-            if ids.is_empty() && host.as_raw() != th.tid {
-                // Another process took the pid first: this thread goes.
-                t.end_thread(host)?;
-                tries += 1;
-                if tries < namespaces::NEXT_PID_TRIES {
-                    continue;
-                }
-                return Err(rerr(
-                    p.pid,
-                    "create a thread",
-                    format!(
-                        "thread {} got another pid {tries} times (processes of the host took it first)",
-                        th.tid
-                    ),
-                ));
-            }
-            break host;
+        let host = match p.user_ns {
+            None => spawn_thread(t, th.tid, &namespaces::thread_set_tid(th))?,
+            // In a user namespace, the process cannot ask for a pid.
+            Some(_) => thread_at_next_pid(t, th.tid)?,
         };
         t.threads.push((th.tid, host));
     }
     Ok(())
+}
+
+/// Makes a thread of `t` that is to have pid `tid`, as the next pid of our
+/// namespace (see `namespaces::next_pid_is`): one that got another, which
+/// a process of the host took first, ends and another is made.
+fn thread_at_next_pid(t: &mut Tracee, tid: i32) -> Result<Pid> {
+    for _ in 0..namespaces::NEXT_PID_TRIES {
+        let cursor = namespaces::next_pid_is(tid)?;
+        let host = spawn_thread(t, tid, &[])?;
+        drop(cursor);
+        if host.as_raw() == tid {
+            return Ok(host);
+        }
+        t.end_thread(host)?;
+    }
+    Err(rerr(
+        t.ns_pid,
+        "create a thread",
+        format!(
+            "thread {tid} got another pid {} times (processes of the host took it first)",
+            namespaces::NEXT_PID_TRIES
+        ),
+    ))
 }
 
 /// Makes a thread of `t`, with pids `ids` (none: the kernel's next one);
