@@ -452,6 +452,19 @@ pub enum LockKind {
 }
 
 impl ProcessImage {
+    /// Whether it is the first of a namespace of `kind` of its own that a
+    /// restore makes by unsharing it (UTS, cgroup, network, IPC, mount).
+    pub fn makes(&self, kind: NsKind) -> bool {
+        match kind {
+            NsKind::Uts => self.uts.is_some(),
+            NsKind::Cgroup => self.own_cgroup_ns,
+            NsKind::Net => self.own_net.is_some(),
+            NsKind::Ipc => self.ipc.is_some(),
+            NsKind::Mnt => self.own_mounts.is_some(),
+            _ => false,
+        }
+    }
+
     /// Whether this process can make epoll `epoll`'s registration of open
     /// file `target`: it holds both (the target is put at the registered
     /// number for the while). Pidfds are registered so, once made.

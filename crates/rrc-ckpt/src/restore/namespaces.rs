@@ -48,17 +48,20 @@ pub fn make_own(
     transport: &crate::restore::sockets::Transport,
 ) -> Result<()> {
     let (mut here, mut in_user) = (0, 0);
-    for (kind, flag, first) in [
-        (NsKind::Uts, libc::CLONE_NEWUTS, p.uts.is_some()),
-        (NsKind::Cgroup, libc::CLONE_NEWCGROUP, p.own_cgroup_ns),
-        (NsKind::Net, libc::CLONE_NEWNET, p.own_net.is_some()),
-        (NsKind::Ipc, libc::CLONE_NEWIPC, p.ipc.is_some() && !has_ipc),
-        (NsKind::Mnt, libc::CLONE_NEWNS, p.own_mounts.is_some()),
+    for (kind, flag) in [
+        (NsKind::Uts, libc::CLONE_NEWUTS),
+        (NsKind::Cgroup, libc::CLONE_NEWCGROUP),
+        (NsKind::Net, libc::CLONE_NEWNET),
+        (NsKind::Ipc, libc::CLONE_NEWIPC),
+        (NsKind::Mnt, libc::CLONE_NEWNS),
     ] {
-        match (first, p.user_owned.contains(&kind)) {
-            (false, _) => {}
-            (true, false) => here |= flag as u64,
-            (true, true) => in_user |= flag as u64,
+        if !p.makes(kind) || (kind == NsKind::Ipc && has_ipc) {
+            continue;
+        }
+        if p.user_owned.contains(&kind) {
+            in_user |= flag as u64;
+        } else {
+            here |= flag as u64;
         }
     }
     if here != 0 {
@@ -522,18 +525,10 @@ pub fn check_users(
     }
     for p in procs.values() {
         let pid = p.pid;
-        let first_of = |k: &NsKind| match k {
-            NsKind::Uts => p.uts.is_some(),
-            NsKind::Cgroup => p.own_cgroup_ns,
-            NsKind::Net => p.own_net.is_some(),
-            NsKind::Ipc => p.ipc.is_some(),
-            NsKind::Mnt => p.own_mounts.is_some(),
-            _ => false,
-        };
         if let Some(k) = p
             .user_owned
             .iter()
-            .find(|k| !first_of(k) || p.user_ns.is_none())
+            .find(|k| !p.makes(**k) || p.user_ns.is_none())
         {
             return Err(format!(
                 "process {pid} has a {} namespace of its user namespace it does not make",
