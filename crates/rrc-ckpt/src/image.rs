@@ -731,6 +731,9 @@ pub struct OwnNet {
     /// Routing rules but the ones a new namespace has.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<NetRule>,
+    /// Its TUN and TAP interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tuns: Vec<TunDevice>,
     /// Its nftables rules, as `nft list ruleset` prints them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nftables: Option<String>,
@@ -790,6 +793,147 @@ pub struct VethEnd {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
+}
+
+/// A TUN or TAP interface: made persistent at a restore (`TUNSETIFINDEX`,
+/// `TUNSETIFF`, `TUNSETOWNER`, `TUNSETGROUP`, `TUNSETPERSIST`) with its
+/// MAC and MTU, for the tree's open files of it to attach to; one that was
+/// not persistent is made so again by the first to attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunDevice {
+    pub name: String,
+    /// Its interface index in the namespace.
+    pub index: u32,
+    /// A TAP interface (Ethernet frames), else a TUN one (IP packets).
+    pub tap: bool,
+    /// Packets carry no protocol information (`IFF_NO_PI`).
+    pub no_pi: bool,
+    /// Several files may attach to it (`IFF_MULTI_QUEUE`).
+    pub multi_queue: bool,
+    /// It outlives its files (`TUNSETPERSIST`).
+    pub persist: bool,
+    /// The user and group allowed to attach to it, where set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<u32>,
+    /// A TAP interface's MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
+    pub up: bool,
+}
+
+impl TunDevice {
+    /// The flags `TUNSETIFF` makes or attaches to it with.
+    pub fn flags(&self) -> u16 {
+        let mut f = if self.tap {
+            libc::IFF_TAP
+        } else {
+            libc::IFF_TUN
+        };
+        if self.no_pi {
+            f |= libc::IFF_NO_PI;
+        }
+        if self.multi_queue {
+            f |= libc::IFF_MULTI_QUEUE;
+        }
+        f as u16
+    }
+
+    /// Flags an open file of it may show: its own, `IFF_PERSIST`, and
+    /// those a file sets for itself that the restore passes on
+    /// (`IFF_ONE_QUEUE`, which does nothing).
+    pub const FILE_FLAGS: u16 = (libc::IFF_TUN
+        | libc::IFF_TAP
+        | libc::IFF_NO_PI
+        | libc::IFF_MULTI_QUEUE
+        | libc::IFF_PERSIST
+        | libc::IFF_ONE_QUEUE) as u16;
+}
+
+/// The process that made the network namespace `p` is in, when the tree
+/// made it: `p`, or its nearest ancestor that made one. `procs` are the
+/// tree's processes.
+pub fn net_maker<'a>(procs: &[&'a ProcessImage], p: &'a ProcessImage) -> Option<&'a ProcessImage> {
+    let mut at = Some(p);
+    for _ in 0..=procs.len() {
+        let q = at?;
+        if q.own_net.is_some() {
+            return Some(q);
+        }
+        at = q
+            .parent
+            .and_then(|pid| procs.iter().find(|r| r.pid == pid).copied());
+    }
+    None
+}
+
+/// The TUN/TAP files of `files` the processes in the network namespace
+/// process `maker` made hold.
+pub fn tun_files_in<'a>(
+    files: &'a [OpenFile],
+    procs: &[&ProcessImage],
+    maker: i32,
+) -> Vec<&'a OpenFile> {
+    let held_there = |id: usize| {
+        procs.iter().any(|p| {
+            p.fds.iter().any(|fd| fd.file == id)
+                && net_maker(procs, p).is_some_and(|m| m.pid == maker)
+        })
+    };
+    (files.iter())
+        .filter(|f| matches!(f.kind, FileKind::Tun { .. }) && held_there(f.id))
+        .collect()
+}
+
+/// Every TUN/TAP file is held only by processes in a network namespace
+/// the tree made (`OwnNet`), which has its interface with the file's
+/// flags: a restore attaches files to interfaces it made, never to one
+/// of the host's. `procs` are the tree's processes.
+pub fn check_tun_files(
+    files: &[OpenFile],
+    procs: &[&ProcessImage],
+) -> std::result::Result<(), String> {
+    for f in files {
+        let FileKind::Tun { iface, flags, .. } = &f.kind else {
+            continue;
+        };
+        let mut maker = None;
+        for p in procs
+            .iter()
+            .filter(|p| p.fds.iter().any(|fd| fd.file == f.id))
+        {
+            let m = net_maker(procs, p).map(|m| m.pid);
+            if maker.get_or_insert(m) != &m {
+                return Err(format!(
+                    "TUN/TAP file {} is held in two network namespaces",
+                    f.id
+                ));
+            }
+            let net = net_maker(procs, p).and_then(|m| m.own_net.as_ref());
+            let found = net.and_then(|net| net.tuns.iter().find(|t| t.name == *iface));
+            let Some(dev) = found else {
+                return Err(format!(
+                    "process {}: a TUN/TAP file of interface {iface:?}, which is not one of a \
+                     network namespace the tree made",
+                    p.pid
+                ));
+            };
+            let own = flags & !((libc::IFF_PERSIST | libc::IFF_ONE_QUEUE) as u16);
+            if flags & !TunDevice::FILE_FLAGS != 0
+                || own != dev.flags()
+                || (flags & libc::IFF_PERSIST as u16 != 0) != dev.persist
+            {
+                return Err(format!(
+                    "process {}: a TUN/TAP file of {iface} with flags {flags:#x}, not its \
+                     interface's",
+                    p.pid
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A name the kernel takes for an interface, and no option of `ip`'s: up
@@ -992,6 +1136,23 @@ impl OwnNet {
                 }
                 devices.push(&end.name);
             }
+        }
+        for t in &self.tuns {
+            if !interface_name_allowed(&t.name) || devices.contains(&t.name.as_str()) {
+                return Err(format!("a TUN/TAP interface named {:?}", t.name));
+            }
+            if !(68..=65535).contains(&t.mtu)
+                || !(2..1 << 30).contains(&t.index)
+                || [t.owner, t.group].contains(&Some(u32::MAX))
+                || t.mac.is_some() != t.tap
+            {
+                return Err(format!(
+                    "TUN/TAP interface {} with MTU {}, index {}, owner {:?}, group {:?} and \
+                     MAC {:?}",
+                    t.name, t.mtu, t.index, t.owner, t.group, t.mac
+                ));
+            }
+            devices.push(&t.name);
         }
         let known = |d: &str| devices.contains(&d);
         if let Some(a) = self.addresses.iter().find(|a| {
@@ -1298,6 +1459,21 @@ pub enum FileKind {
     CharDevice {
         path: String,
         rdev: u64,
+    },
+    /// An open file of `/dev/net/tun` (device `rdev`, opened at `path`)
+    /// attached to interface `iface` of its holder's network namespace,
+    /// one the tree made ([`OwnNet::tuns`]): opened again and attached
+    /// with `TUNSETIFF`.
+    Tun {
+        path: String,
+        rdev: u64,
+        iface: String,
+        /// What `TUNGETIFF` gave: `IFF_TUN` or `IFF_TAP`, `IFF_NO_PI`,
+        /// `IFF_MULTI_QUEUE`, `IFF_PERSIST`...
+        flags: u16,
+        /// Its send buffer (`TUNGETSNDBUF`), where not the default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sndbuf: Option<i32>,
     },
     /// The master of pseudo-terminal `pty` ([`Manifest::ptys`]).
     PtyMaster {

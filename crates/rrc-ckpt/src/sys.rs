@@ -1815,3 +1815,113 @@ impl Drop for UserNsMaker {
         }
     }
 }
+
+/// Calls on TUN/TAP files (`/dev/net/tun`), and the making of a TUN/TAP
+/// interface, in the calling thread's network namespace.
+pub mod tun {
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+    use super::{check, ioctl_int};
+
+    /// A `struct ifreq` with `name` and `flags` (40 bytes: the name, then
+    /// a union whose first member here is the flags, a short).
+    fn ifreq(name: &str, flags: u16) -> [u8; 40] {
+        let mut req = [0u8; 40];
+        let n = name.len().min(15);
+        req[..n].copy_from_slice(&name.as_bytes()[..n]);
+        req[16..18].copy_from_slice(&flags.to_ne_bytes());
+        req
+    }
+
+    /// The interface file `fd` is attached to and its flags (`TUNGETIFF`);
+    /// `None` for a file attached to none (never attached, or a queue
+    /// detached from its interface).
+    pub fn attached(fd: BorrowedFd<'_>) -> io::Result<Option<(String, u16)>> {
+        let mut req = [0u8; 40];
+        // SAFETY: TUNGETIFF writes one struct ifreq, which `req` is.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETIFF, req.as_mut_ptr()) };
+        match check(r.into()) {
+            Err(e) if e.raw_os_error() == Some(libc::EBADFD) => return Ok(None),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        let len = req[..16].iter().position(|b| *b == 0).unwrap_or(16);
+        let name = String::from_utf8_lossy(&req[..len]).into_owned();
+        Ok(Some((name, u16::from_ne_bytes([req[16], req[17]]))))
+    }
+
+    /// The inode of the network namespace of the interface `fd` is
+    /// attached to (`TUNGETDEVNETNS`).
+    pub fn device_netns(fd: BorrowedFd<'_>) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: TUNGETDEVNETNS takes no argument and returns a new fd.
+        let ns = check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETDEVNETNS) }.into())?;
+        // SAFETY: the fd was just made for us and nothing else owns it.
+        let ns = unsafe { OwnedFd::from_raw_fd(ns as i32) };
+        Ok(std::fs::File::from(ns).metadata()?.ino())
+    }
+
+    /// Its send buffer (`TUNGETSNDBUF`).
+    pub fn sndbuf(fd: BorrowedFd<'_>) -> io::Result<i32> {
+        ioctl_int(fd, libc::TUNGETSNDBUF as libc::c_ulong)
+    }
+
+    /// Whether a TAP file has a socket filter attached (`TUNGETFILTER`
+    /// copies its program's header, of length 0 without one).
+    pub fn has_filter(fd: BorrowedFd<'_>) -> io::Result<bool> {
+        let mut prog = libc::sock_fprog {
+            len: 0,
+            filter: std::ptr::null_mut(),
+        };
+        // SAFETY: TUNGETFILTER writes one struct sock_fprog, which `prog` is.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNGETFILTER, &mut prog) };
+        check(r.into())?;
+        Ok(prog.len != 0)
+    }
+
+    /// A new file of the TUN/TAP device at `path` (attached to nothing),
+    /// with access mode `access`; its interfaces go to the calling
+    /// thread's network namespace.
+    pub fn open(path: &str, access: i32) -> io::Result<OwnedFd> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(access != libc::O_WRONLY)
+            .write(access != libc::O_RDONLY)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(path)?;
+        Ok(f.into())
+    }
+
+    /// The index the next interface `fd` makes gets (`TUNSETIFINDEX`).
+    pub fn set_index(fd: BorrowedFd<'_>, index: u32) -> io::Result<()> {
+        // SAFETY: TUNSETIFINDEX reads one unsigned int through the pointer.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFINDEX, &index) }.into())?;
+        Ok(())
+    }
+
+    /// Attaches `fd` to interface `name`, made with `flags` if there is
+    /// none (`TUNSETIFF`).
+    pub fn attach(fd: BorrowedFd<'_>, name: &str, flags: u16) -> io::Result<()> {
+        let mut req = ifreq(name, flags);
+        // SAFETY: TUNSETIFF reads and writes one struct ifreq, which `req` is.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) }.into())?;
+        Ok(())
+    }
+
+    /// An ioctl of `fd`'s interface or queue taking its value as the
+    /// argument itself: `TUNSETOWNER`, `TUNSETGROUP`, `TUNSETPERSIST`.
+    pub fn set(fd: BorrowedFd<'_>, request: libc::Ioctl, value: u32) -> io::Result<()> {
+        // SAFETY: these requests read no memory: the value is the argument.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, libc::c_ulong::from(value)) };
+        check(r.into())?;
+        Ok(())
+    }
+
+    /// Sets its send buffer (`TUNSETSNDBUF`).
+    pub fn set_sndbuf(fd: BorrowedFd<'_>, size: i32) -> io::Result<()> {
+        // SAFETY: TUNSETSNDBUF reads one int through the pointer.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETSNDBUF, &size) }.into())?;
+        Ok(())
+    }
+}

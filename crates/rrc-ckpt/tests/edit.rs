@@ -857,6 +857,69 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// TUN/TAP interfaces and files are checked at load: a file is attached
+/// only to an interface of a network namespace the restore makes, never
+/// to one of the host's, and an interface is made only as the kernel
+/// could have made it.
+#[test]
+fn hostile_tun_interfaces_and_files_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, _) = image_of("netns_tun", false);
+    let process = record_with(&images, "own_net");
+    type Edit = fn(&mut serde_json::Value);
+    let in_net: [(&str, Edit); 5] = [
+        ("an interface named like an option", |n| {
+            n["tuns"][0]["name"] = "-evil".into()
+        }),
+        ("an interface named as a veth", |n| {
+            n["tuns"][0]["name"] = "lo".into()
+        }),
+        ("an MTU the kernel refuses", |n| {
+            n["tuns"][0]["mtu"] = 0.into()
+        }),
+        ("an owner that is none", |n| {
+            n["tuns"][0]["owner"] = u32::MAX.into()
+        }),
+        ("a TUN interface with a MAC", |n| {
+            let tun = (n["tuns"].as_array_mut().unwrap().iter_mut())
+                .find(|t| t["tap"] == false)
+                .unwrap();
+            tun["mac"] = serde_json::json!([2, 0, 0, 0, 0, 1]);
+        }),
+    ];
+    for (what, edit) in in_net {
+        refused_when(&images, &process, what, |v| edit(&mut v["own_net"]));
+    }
+    refused_when(
+        &images,
+        &process,
+        "a file in a namespace the tree did not make",
+        |v| v["own_net"] = serde_json::Value::Null,
+    );
+    let in_manifest: [(&str, Edit); 3] = [
+        ("a file of an interface of the host's", |f| {
+            f["iface"] = "eth0".into()
+        }),
+        ("a file of a TAP interface as a TUN one", |f| {
+            f["flags"] = (f["flags"].as_u64().unwrap() ^ 3).into()
+        }),
+        ("a file with flags the restore does not make", |f| {
+            f["flags"] = (f["flags"].as_u64().unwrap() | 0x4000).into()
+        }),
+    ];
+    for (what, edit) in in_manifest {
+        refused_when(&images, "manifest.json", what, |m| {
+            let files = m["files"].as_array_mut().unwrap();
+            let tun = files
+                .iter_mut()
+                .find(|f| f["kind"]["type"] == "tun")
+                .unwrap();
+            edit(&mut tun["kind"]);
+        });
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// User namespaces whose maps the kernel would refuse, or that leave a
 /// process's ids unmapped, or a process in one that a restore could not
 /// put there, are refused at load.

@@ -287,13 +287,17 @@ fn outside_view(root: Pid) -> BTreeMap<String, String> {
             let named = ns_of_tree(&link, &tree).unwrap_or_else(|| same_name(&link));
             view.insert(format!("{p} fd {fd}"), named);
             let info = fs::read_to_string(format!("/proc/{p}/fdinfo/{fd}")).unwrap_or_default();
+            // A TUN/TAP file's position is the length of the last packet
+            // read from it (the kernel sets it so, and no seek moves it).
+            let tun = info.lines().any(|l| l.starts_with("iff:"));
             // Epoll targets are listed in the order of their files' kernel
             // addresses: sorted.
             let mut info: Vec<String> = info
                 .lines()
                 .filter(|l| {
                     let key = l.split(':').next().unwrap_or("");
-                    !["mnt_id", "ino", "eventfd-id", "it_value", "ticks"].contains(&key)
+                    let ignored = ["mnt_id", "ino", "eventfd-id", "it_value", "ticks"];
+                    !(ignored.contains(&key) || tun && key == "pos")
                 })
                 .map(|l| match l.find(" pos:") {
                     Some(at) if l.starts_with("tfd:") => l[..at].trim_end().to_string(),
@@ -1026,6 +1030,22 @@ fn a_network_namespace_of_a_process_comes_back_with_its_loopback_and_sockets() {
 #[test]
 fn a_network_namespace_keeps_its_addresses_routes_and_nftables_rules() {
     checkpoint_restore("netns_routes");
+}
+
+#[test]
+fn tun_and_tap_interfaces_of_a_network_namespace_come_back_with_their_files_attached() {
+    checkpoint_restore("netns_tun");
+}
+
+#[test]
+fn tun_files_of_the_hosts_interfaces_or_with_virtio_headers_are_refused_and_left_running() {
+    refused_for_each(
+        "unsupported_tun",
+        &[
+            "which is not one of a network namespace the tree made",
+            "virtio-net headers",
+        ],
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
@@ -646,7 +646,6 @@ pub fn resolve_in_flight(
 /// thing of its own that opening the device again does not bring back.
 fn stateful_misc_device(minor: u32) -> Option<&'static str> {
     Some(match minor {
-        200 => "a TUN/TAP interface (/dev/net/tun)",
         229 => "a FUSE connection (/dev/fuse)",
         232 => "a KVM handle (/dev/kvm)",
         238 => "a vhost-net device (/dev/vhost-net)",
@@ -654,6 +653,52 @@ fn stateful_misc_device(minor: u32) -> Option<&'static str> {
         223 => "a uinput device (/dev/uinput)",
         _ => return None,
     })
+}
+
+/// A TUN/TAP file of process `pid` (`file`, a copy of it, opened at
+/// `path`): the interface it is attached to, in the process's network
+/// namespace (whether the tree made that namespace is checked once the
+/// tree is known, [`crate::image::check_tun_files`]), or what a restore
+/// could not bring back.
+fn tun_file(
+    pid: i32,
+    file: BorrowedFd<'_>,
+    path: String,
+    rdev: u64,
+) -> std::io::Result<std::result::Result<FileKind, String>> {
+    let Some((iface, flags)) = sys::tun::attached(file)? else {
+        return Ok(Err(
+            "a TUN/TAP file attached to no interface (new, or a queue \
+             detached from its interface: the kernel does not tell which)"
+                .into(),
+        ));
+    };
+    if flags & !crate::image::TunDevice::FILE_FLAGS != 0 {
+        return Ok(Err(format!(
+            "a file of TUN/TAP interface {iface} with flags {flags:#x} (virtio-net headers, \
+             whose offloads cannot be read back, or NAPI)"
+        )));
+    }
+    let here = std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino();
+    if sys::tun::device_netns(file)? != here {
+        return Ok(Err(format!(
+            "a file of TUN/TAP interface {iface}, which is in another network namespace \
+             than the process"
+        )));
+    }
+    if flags & libc::IFF_TAP as u16 != 0 && sys::tun::has_filter(file)? {
+        return Ok(Err(format!(
+            "a file of TAP interface {iface} with a socket filter (TUNATTACHFILTER)"
+        )));
+    }
+    let sndbuf = sys::tun::sndbuf(file)?;
+    Ok(Ok(FileKind::Tun {
+        path,
+        rdev,
+        iface,
+        flags,
+        sndbuf: (sndbuf != i32::MAX).then_some(sndbuf),
+    }))
 }
 
 /// Every pseudo-terminal of the tree is one its master is outside of
@@ -948,6 +993,17 @@ fn classify(
                 path,
                 rdev: meta.rdev(),
             },
+            // A TUN/TAP file: attached again to its interface, which a
+            // network namespace the tree made has again.
+            10 if libc::minor(meta.rdev()) == 200 => {
+                let file = table.take_fd(pid, fd)?;
+                let kind = tun_file(raw, file.as_fd(), path, meta.rdev())
+                    .map_err(Error::io(format!("read TUN/TAP fd {fd} of process {pid}")))?;
+                return match kind {
+                    Ok(kind) => Ok(Some(kind)),
+                    Err(what) => problem(what),
+                };
+            }
             // Devices whose open file is a thing of its own (an interface,
             // a file system's connection, a virtual machine...): opened
             // again, the device gives a new one.

@@ -780,6 +780,10 @@ pub(crate) fn take(
         .number_sessions(&seized.processes, &images, &ns_of, &mut problems);
     files::check_terminals(&files, &images, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
+    let all: Vec<&ProcessImage> = images.iter().collect();
+    if let Err(what) = crate::image::check_tun_files(&files.files, &all) {
+        problems.push(what);
+    }
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);
     files::resolve_pidfds(&mut files, &ns_of, &images, depth, &mut problems);

@@ -299,7 +299,7 @@ fn own_net(p: Pid, net: &mut BTreeMap<Pid, crate::image::OwnNet>, problems: &mut
         }
         Ok(Err(what)) => problems.push(format!(
             "process {p} is in a network namespace of its own with {what}, which a \
-             restore does not make again (its loopback and veth pairs within it, their \
+             restore does not make again (its loopback, veth pairs and TUN/TAP interfaces, their \
              addresses, routes and nftables rules are)"
         )),
         Err(e) => problems.push(format!(

@@ -1,7 +1,8 @@
 //! A network namespace a process of the tree made, read for its image
-//! (`image::OwnNet`): its loopback interface and veth pairs with both
-//! ends in it, the addresses and routes given to them (in any table but
-//! the local one), its routing rules and its nftables rules. Besides those, interfaces the kernel made (fallback tunnels) are
+//! (`image::OwnNet`): its loopback interface, veth pairs with both ends
+//! in it and TUN/TAP interfaces, the addresses and routes given to them
+//! (in any table but the local one), its routing rules and its nftables
+//! rules. Besides those, interfaces the kernel made (fallback tunnels) are
 //! all it may have; what else it holds is named, for the tree to be
 //! refused.
 //!
@@ -16,7 +17,7 @@ use serde_json::Value;
 use crate::common::in_netns_of;
 use crate::image::{
     NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RouteScope, RuleAction, TABLE_DEFAULT,
-    TABLE_LOCAL, TABLE_MAIN, VethEnd, interface_name_allowed,
+    TABLE_LOCAL, TABLE_MAIN, TunDevice, VethEnd, interface_name_allowed,
 };
 use crate::procfs as pfs;
 
@@ -62,11 +63,21 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
         ("ip", &["-6", "-json", "route", "show", "table", "all"]),
         ("nft", &["list", "ruleset"]),
     ])?;
-    let veths = match veth_pairs(&json(&links)?) {
-        Ok(v) => v,
+    let links = json(&links)?;
+    let (veths, tuns) = match veth_pairs(&links).and_then(|v| Ok((v, tun_devices(&links)?))) {
+        Ok(made) => made,
         Err(what) => return Ok(Err(what)),
     };
-    let ends: Vec<&VethEnd> = veths.iter().flat_map(|(a, b)| [a, b]).collect();
+    let ends = veths.iter().flat_map(|(a, b)| [a, b]).map(|e| Made {
+        name: &e.name,
+        link_local: LinkLocal::FromMac(e.mac),
+    });
+    let ends: Vec<Made> = ends
+        .chain(tuns.iter().map(|t| Made {
+            name: &t.name,
+            link_local: t.mac.map_or(LinkLocal::Random, LinkLocal::FromMac),
+        }))
+        .collect();
     if let Some(other) = interfaces.iter().find(|n| {
         *n != "lo" && !FALLBACK.contains(&n.as_str()) && !ends.iter().any(|e| e.name == **n)
     }) {
@@ -103,6 +114,7 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
     Ok(Ok(OwnNet {
         lo_up,
         veths,
+        tuns,
         addresses,
         routes,
         rules,
@@ -115,25 +127,14 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
 /// a veth whose peer is elsewhere is named.
 fn veth_pairs(links: &[Value]) -> Found<Vec<(VethEnd, VethEnd)>> {
     let end = |l: &Value| -> Found<VethEnd> {
-        let name = l["ifname"].as_str().unwrap_or("?").to_string();
+        let link = Link::of(l)?;
         let mac = parse_mac(l["address"].as_str().unwrap_or(""))
-            .ok_or_else(|| format!("veth {name} without a MAC ip shows"))?;
-        if !interface_name_allowed(&name) {
-            return Err(format!("an interface named {name:?}"));
-        }
+            .ok_or_else(|| format!("veth {} without a MAC ip shows", link.name))?;
         Ok(VethEnd {
-            index: l["ifindex"]
-                .as_u64()
-                .and_then(|i| u32::try_from(i).ok())
-                .ok_or_else(|| format!("veth {name} without an index ip shows"))?,
-            mtu: l["mtu"]
-                .as_u64()
-                .and_then(|m| u32::try_from(m).ok())
-                .unwrap_or(1500),
-            up: l["flags"]
-                .as_array()
-                .is_some_and(|f| f.iter().any(|x| x == "UP")),
-            name,
+            index: link.index,
+            mtu: link.mtu,
+            up: link.up,
+            name: link.name,
             mac,
         })
     };
@@ -162,6 +163,146 @@ fn veth_pairs(links: &[Value]) -> Found<Vec<(VethEnd, VethEnd)>> {
         }
     }
     Ok(pairs)
+}
+
+/// What `ip -details link` shows of any interface the restore makes.
+struct Link {
+    name: String,
+    index: u32,
+    mtu: u32,
+    up: bool,
+}
+
+impl Link {
+    fn of(l: &Value) -> Found<Link> {
+        let name = l["ifname"].as_str().unwrap_or("?").to_string();
+        if !interface_name_allowed(&name) {
+            return Err(format!("an interface named {name:?}"));
+        }
+        Ok(Link {
+            index: l["ifindex"]
+                .as_u64()
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| format!("interface {name} without an index ip shows"))?,
+            mtu: l["mtu"]
+                .as_u64()
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(1500),
+            up: l["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "UP")),
+            name,
+        })
+    }
+}
+
+/// An interface the restore makes besides the loopback, by name, and how
+/// the kernel derives the IPv6 link-local address it gives it by itself.
+struct Made<'a> {
+    name: &'a str,
+    link_local: LinkLocal,
+}
+
+enum LinkLocal {
+    /// EUI-64, from its MAC.
+    FromMac([u8; 6]),
+    /// At random (an interface without a MAC: a TUN one), so another one
+    /// after a restore.
+    Random,
+}
+
+impl Made<'_> {
+    /// Whether `a/prefix` is the link-local address the kernel gave it.
+    fn given(&self, a: std::net::Ipv6Addr, prefix: u64) -> bool {
+        prefix == 64
+            && match self.link_local {
+                LinkLocal::FromMac(mac) => a == link_local(mac),
+                LinkLocal::Random => a.segments()[..4] == [0xfe80, 0, 0, 0],
+            }
+    }
+}
+
+/// The TUN/TAP interfaces, by `ip -details link`; one a restore could not
+/// make as it is is named.
+fn tun_devices(links: &[Value]) -> Found<Vec<TunDevice>> {
+    const KNOWN: [&str; 9] = [
+        "type",
+        "pi",
+        "vnet_hdr",
+        "multi_queue",
+        "numqueues",
+        "numdisabled",
+        "persist",
+        "user",
+        "group",
+    ];
+    let tuns = links.iter().filter(|l| l["linkinfo"]["info_kind"] == "tun");
+    tuns.map(|l| {
+        let link = Link::of(l)?;
+        let name = &link.name;
+        let d = &l["linkinfo"]["info_data"];
+        let Some(data) = d.as_object() else {
+            return Err(format!(
+                "TUN/TAP interface {name} whose kind ip does not show"
+            ));
+        };
+        if let Some(k) = data.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+            return Err(format!("TUN/TAP interface {name} with {k} ({d})"));
+        }
+        if d["vnet_hdr"] == true {
+            return Err(format!(
+                "TUN/TAP interface {name} with virtio-net headers (its offloads cannot be \
+                 read back)"
+            ));
+        }
+        if d["numdisabled"].as_u64().unwrap_or(0) > 0 {
+            return Err(format!("TUN/TAP interface {name} with queues detached"));
+        }
+        let tap = match d["type"].as_str() {
+            Some("tap") => true,
+            Some("tun") => false,
+            t => return Err(format!("TUN/TAP interface {name} of type {t:?}")),
+        };
+        // `ip` names them where the machine's files do.
+        let id = |key: &str| -> Found<Option<u32>> {
+            let Some(v) = d[key].as_str() else {
+                return Ok(d[key].as_u64().and_then(|n| u32::try_from(n).ok()));
+            };
+            let named = match key {
+                "user" => nix::unistd::User::from_name(v).map(|u| u.map(|u| u.uid.as_raw())),
+                _ => nix::unistd::Group::from_name(v).map(|g| g.map(|g| g.gid.as_raw())),
+            };
+            match named {
+                Ok(Some(n)) => Ok(Some(n)),
+                _ => v
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| format!("TUN/TAP interface {name} of {key} {v:?}")),
+            }
+        };
+        let mac = if tap {
+            Some(
+                parse_mac(l["address"].as_str().unwrap_or(""))
+                    .ok_or_else(|| format!("TAP interface {name} without a MAC ip shows"))?,
+            )
+        } else {
+            None
+        };
+        Ok(TunDevice {
+            tap,
+            no_pi: d["pi"] == false,
+            multi_queue: d["multi_queue"] == true,
+            persist: d["persist"] == true,
+            owner: id("user")?,
+            group: id("group")?,
+            mac,
+            index: link.index,
+            mtu: link.mtu,
+            up: link.up,
+            name: link.name,
+        })
+    })
+    .collect()
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -253,29 +394,27 @@ fn ip_of(v: &Value) -> Option<std::net::IpAddr> {
     v.as_str()?.parse().ok()
 }
 
-/// The addresses of the loopback and of the veths `ends` a new namespace
-/// does not have (nor the link-local ones the kernel derives from a MAC);
+/// The addresses of the loopback and of the interfaces `ends` a new
+/// namespace does not have (nor the link-local ones the kernel derives from a MAC);
 /// another interface with an address is a reason to refuse.
-fn addresses(links: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetAddress>> {
+fn addresses(links: &[Value], ends: &[Made]) -> Found<Vec<NetAddress>> {
     use std::net::IpAddr;
     let mut out = Vec::new();
     for link in links {
         let name = link["ifname"].as_str().unwrap_or("?");
-        let veth = ends.iter().find(|e| e.name == name);
+        let made = ends.iter().find(|e| e.name == name);
         for a in link["addr_info"].as_array().into_iter().flatten() {
             let (Some(address), Some(prefix)) = (ip_of(&a["local"]), a["prefixlen"].as_u64())
             else {
                 return Err(format!("an address of {name} ip does not show"));
             };
-            if name != "lo" && veth.is_none() {
+            if name != "lo" && made.is_none() {
                 return Err(format!("address {address}/{prefix} on {name}"));
             }
             let given = match (name, address) {
                 ("lo", IpAddr::V4(v4)) => v4.octets() == [127, 0, 0, 1] && prefix == 8,
                 ("lo", IpAddr::V6(v6)) => v6 == std::net::Ipv6Addr::LOCALHOST && prefix == 128,
-                (_, IpAddr::V6(v6)) => {
-                    veth.is_some_and(|e| v6 == link_local(e.mac)) && prefix == 64
-                }
+                (_, IpAddr::V6(v6)) => made.is_some_and(|e| e.given(v6, prefix)),
                 _ => false,
             };
             if given {
@@ -366,7 +505,7 @@ fn rule_prefix(r: &Value, key: &str) -> Found<Option<(std::net::IpAddr, u8)>> {
 /// The routing rules of a family but those a new namespace has (local,
 /// main and, for IPv4, default tables at 0, 32766 and 32767), which must
 /// all be there still.
-fn read_rules(v6: bool, rules: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRule>> {
+fn read_rules(v6: bool, rules: &[Value], ends: &[Made]) -> Found<Vec<NetRule>> {
     const KNOWN: [&str; 14] = [
         "priority", "not", "src", "srclen", "dst", "dstlen", "iif", "oif", "fwmark", "fwmask",
         "tos", "table", "goto", "action",
@@ -455,7 +594,7 @@ fn read_rules(v6: bool, rules: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRule
 
 /// The routes of its tables (but the local one) the kernel did not make for
 /// an address.
-fn read_routes(table: &[Value], ends: &[&VethEnd]) -> Found<Vec<NetRoute>> {
+fn read_routes(table: &[Value], ends: &[Made]) -> Found<Vec<NetRoute>> {
     const KNOWN: [&str; 11] = [
         "type", "dst", "gateway", "dev", "metric", "scope", "prefsrc", "protocol", "flags", "pref",
         "table",
@@ -569,6 +708,55 @@ mod tests {
                 .unwrap_err()
                 .contains("nexthops")
         );
+    }
+
+    #[test]
+    fn tun_and_tap_interfaces_are_read_or_named() {
+        let links = |data: &str| -> Vec<Value> {
+            serde_json::from_str(&format!(
+                r#"[{{"ifindex":3,"ifname":"tap0","flags":["BROADCAST","UP"],"mtu":1400,
+                     "address":"02:11:22:33:44:55","linkinfo":{{"info_kind":"tun",
+                     "info_data":{data}}}}}]"#
+            ))
+            .unwrap()
+        };
+        let tap = tun_devices(&links(
+            r#"{"type":"tap","pi":false,"vnet_hdr":false,"multi_queue":true,"numqueues":2,
+                "numdisabled":0,"persist":false,"user":4242,"group":"4343"}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            tap,
+            vec![TunDevice {
+                name: "tap0".into(),
+                index: 3,
+                tap: true,
+                no_pi: true,
+                multi_queue: true,
+                persist: false,
+                owner: Some(4242),
+                group: Some(4343),
+                mac: Some([2, 0x11, 0x22, 0x33, 0x44, 0x55]),
+                mtu: 1400,
+                up: true,
+            }]
+        );
+        assert_eq!(
+            tap[0].flags(),
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as u16
+        );
+        for (data, named) in [
+            (r#"{"type":"tap","vnet_hdr":true}"#, "virtio-net headers"),
+            (
+                r#"{"type":"tap","multi_queue":true,"numdisabled":1}"#,
+                "queues detached",
+            ),
+            (r#"{"type":"tap","napi":true}"#, "with napi"),
+            (r#"{"type":"tunnel"}"#, "of type"),
+        ] {
+            let e = tun_devices(&links(data)).unwrap_err();
+            assert!(e.contains(named), "{data}: {e}");
+        }
     }
 
     #[test]

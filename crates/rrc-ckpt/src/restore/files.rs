@@ -70,6 +70,9 @@ pub struct FilePlan {
     pub queues: crate::restore::mqueue::Made,
     /// Pseudo-terminal pairs made so far.
     pub ptys: crate::restore::pty::Made,
+    /// TUN/TAP files made with their interfaces, by id, until their
+    /// creators take them.
+    pub tuns: HashMap<usize, std::os::fd::OwnedFd>,
 }
 
 impl FilePlan {
@@ -228,6 +231,7 @@ impl FilePlan {
                 .collect(),
             queues: Default::default(),
             ptys: Default::default(),
+            tuns: HashMap::new(),
         }
     }
 }
@@ -506,6 +510,22 @@ fn open_path(t: &mut Tracee, path: &str, flags: u32) -> Result<u64> {
     })
 }
 
+/// Opens device `rdev` at `path` in `t`: the device the image names, not
+/// whatever is at its path now.
+fn open_device(t: &mut Tracee, path: &str, rdev: u64, flags: u32) -> Result<u64> {
+    let fd = open_path(t, path, flags)?;
+    let found = fs::metadata(format!("/proc/{}/fd/{fd}", t.pid))
+        .map(|m| std::os::unix::fs::MetadataExt::rdev(&m));
+    if found.as_ref().ok() != Some(&rdev) {
+        return Err(rerr(
+            t.ns_pid,
+            "open a device",
+            format!("{path} is not device {rdev:#x} ({found:?})"),
+        ));
+    }
+    Ok(fd)
+}
+
 /// Creates one (non-pipe) open file in `t`; returns its fd.
 fn create(
     t: &mut Tracee,
@@ -582,19 +602,17 @@ fn create(
                 .map_err(|e| rerr(pid, "recreate a deleted directory", format!("{path}: {e}")))?;
             fd
         }
-        FileKind::CharDevice { path, rdev } => {
-            let fd = open_path(t, path, f.flags)?;
-            // The device the image names, not whatever is at its path now.
-            let found = fs::metadata(format!("/proc/{}/fd/{fd}", t.pid))
-                .map(|m| std::os::unix::fs::MetadataExt::rdev(&m));
-            if found.as_ref().ok() != Some(rdev) {
+        FileKind::CharDevice { path, rdev } => open_device(t, path, *rdev, f.flags)?,
+        // Made with its interface ([`crate::restore::netns::fill`]).
+        FileKind::Tun { iface, .. } => {
+            let Some(file) = plan.tuns.remove(&f.id) else {
                 return Err(rerr(
                     pid,
-                    "open a device",
-                    format!("{path} is not device {rdev:#x} ({found:?})"),
+                    "TUN/TAP file",
+                    format!("a file of {iface} its network namespace did not make"),
                 ));
-            }
-            fd
+            };
+            mem.transport.pass(t, file.as_fd())?
         }
         // Stood in for by the restorer's stdio (see `external`), where
         // the tree held it at a stdio fd.

@@ -1,7 +1,8 @@
 //! Network namespaces of the tree's own, made again (record
 //! `image::OwnNet`): the first process unshares one (`namespaces::make_own`), and a thread of ours
 //! in it writes its settings (/proc/sys), brings the loopback interface
-//! up, makes its veth pairs, gives them their addresses, brings them up,
+//! up, makes its veth pairs and TUN/TAP interfaces, gives them their
+//! addresses, brings them up,
 //! adds the routes and routing rules (`ip`) and loads the nftables rules
 //! (`nft -f -`).
 //! Everything happens in that new namespace only; what an image says is
@@ -11,19 +12,44 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::image::{NetRoute, NetRule, OwnNet, RouteKind, RuleAction};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::image::{
+    FileKind, NetRoute, NetRule, OpenFile, OwnNet, RouteKind, RuleAction, TunDevice,
+};
 use crate::restore::tracee::Tracee;
-use crate::{Error, Result};
+use crate::{Error, Result, sys};
 
 /// Makes the new network namespace `t` is the first process of as `net`
 /// says (the kernel gives a new one its loopback interface, down).
-pub fn fill(t: &mut Tracee, net: &OwnNet) -> Result<()> {
+/// `tun_files` are the TUN/TAP files of the tree in it: made here with
+/// their interfaces, kept in `made` by file id for their creators.
+pub fn fill(
+    t: &mut Tracee,
+    net: &OwnNet,
+    tun_files: &[&OpenFile],
+    made: &mut HashMap<usize, OwnedFd>,
+) -> Result<()> {
     let pid = t.ns_pid;
     let fail = |detail: String| Error::Restore {
         pid,
         stage: "network namespace",
         detail,
     };
+    // Opened where the process sees its files.
+    let tuns = crate::common::in_view_of(t.pid, || {
+        let mut files = Vec::new();
+        for tun in &net.tuns {
+            let of_it: Vec<&OpenFile> = (tun_files.iter().copied())
+                .filter(|f| matches!(&f.kind, FileKind::Tun { iface, .. } if *iface == tun.name))
+                .collect();
+            files.extend(make_tun(tun, &of_it)?);
+        }
+        Ok::<_, String>(files)
+    })?
+    .map_err(fail)?;
+    made.extend(tuns);
     crate::common::in_netns_of(t.pid, || -> std::result::Result<(), String> {
         // First: with IPv6 off, its addresses are not made.
         for (name, value) in &net.sysctls {
@@ -49,6 +75,13 @@ pub fn fill(t: &mut Tracee, net: &OwnNet) -> Result<()> {
             ];
             run("ip", &args, None)?;
         }
+        for tun in &net.tuns {
+            let mtu = tun.mtu.to_string();
+            let mut args = vec!["link", "set", "dev", &tun.name, "mtu", &mtu];
+            let mac = tun.mac.map(mac);
+            args.extend(mac.as_deref().map(|m| ["address", m]).iter().flatten());
+            run("ip", &args, None)?;
+        }
         for a in &net.addresses {
             let at = format!("{}/{}", a.address, a.prefix);
             let mut args = vec!["address", "add", &at, "dev", &a.dev];
@@ -64,8 +97,11 @@ pub fn fill(t: &mut Tracee, net: &OwnNet) -> Result<()> {
             }
             run("ip", &args, None)?;
         }
-        for end in net.veths.iter().flat_map(|(a, b)| [a, b]).filter(|e| e.up) {
-            run("ip", &["link", "set", &end.name, "up"], None)?;
+        let ends = net.veths.iter().flat_map(|(a, b)| [a, b]);
+        let up = (ends.filter(|e| e.up).map(|e| &e.name))
+            .chain(net.tuns.iter().filter(|t| t.up).map(|t| &t.name));
+        for name in up {
+            run("ip", &["link", "set", name, "up"], None)?;
         }
         let routes = net.routes.iter().map(route_args);
         for args in routes.chain(net.rules.iter().map(rule_args)) {
@@ -78,6 +114,80 @@ pub fn fill(t: &mut Tracee, net: &OwnNet) -> Result<()> {
         Ok(())
     })?
     .map_err(fail)
+}
+
+/// Makes TUN/TAP interface `tun` by attaching the first of `files` (or a
+/// file of ours, for an interface no file holds) with its index, owner
+/// and group, then attaches the others. Returns the files by id: they keep
+/// the interface while the restore holds them (it outlives them only if
+/// persistent), and its carrier never goes down, as it would between a
+/// file of ours and one made again.
+fn make_tun(
+    tun: &TunDevice,
+    files: &[&OpenFile],
+) -> std::result::Result<Vec<(usize, OwnedFd)>, String> {
+    let err =
+        |what: &str, e: std::io::Error| format!("{what} of TUN/TAP interface {}: {e}", tun.name);
+    let ours = (None, "/dev/net/tun", None, libc::O_RDWR, tun.flags(), None);
+    let wants: Vec<_> = match files {
+        [] => vec![ours],
+        files => (files.iter())
+            .filter_map(|f| match &f.kind {
+                FileKind::Tun {
+                    path,
+                    rdev,
+                    flags,
+                    sndbuf,
+                    ..
+                } => Some((
+                    Some(f.id),
+                    path.as_str(),
+                    Some(*rdev),
+                    (f.flags & libc::O_ACCMODE as u32) as i32,
+                    *flags,
+                    *sndbuf,
+                )),
+                _ => None,
+            })
+            .collect(),
+    };
+    let mut made = Vec::new();
+    for (i, (id, path, rdev, access, flags, sndbuf)) in wants.into_iter().enumerate() {
+        // The device the image names, looked at before it is opened.
+        let device = |f: &std::fs::Metadata| std::os::unix::fs::MetadataExt::rdev(f);
+        let is = std::fs::metadata(path).map(|m| device(&m));
+        if rdev.is_some_and(|r| is.as_ref().ok() != Some(&r)) {
+            return Err(format!(
+                "{path} is not device {:#x} ({is:?})",
+                rdev.unwrap_or(0)
+            ));
+        }
+        let fd = sys::tun::open(path, access).map_err(|e| err(&format!("open {path}"), e))?;
+        if i == 0 {
+            sys::tun::set_index(fd.as_fd(), tun.index).map_err(|e| err("the index", e))?;
+        }
+        let flags = flags & !(libc::IFF_PERSIST as u16);
+        sys::tun::attach(fd.as_fd(), &tun.name, flags).map_err(|e| err("attach a file", e))?;
+        if i == 0 {
+            let set = [
+                (libc::TUNSETOWNER, tun.owner),
+                (libc::TUNSETGROUP, tun.group),
+                (libc::TUNSETPERSIST, tun.persist.then_some(1)),
+            ];
+            for (request, value) in set {
+                if let Some(v) = value {
+                    sys::tun::set(fd.as_fd(), request, v).map_err(|e| err("the owner", e))?;
+                }
+            }
+        }
+        if let Some(size) = sndbuf {
+            sys::tun::set_sndbuf(fd.as_fd(), size).map_err(|e| err("a send buffer", e))?;
+        }
+        if let Some(id) = id {
+            made.push((id, fd));
+        }
+    }
+    Ok(made)
 }
 
 /// `ip route add ...` for route `r`.
