@@ -810,6 +810,9 @@ pub struct TunDevice {
     pub no_pi: bool,
     /// Several files may attach to it (`IFF_MULTI_QUEUE`).
     pub multi_queue: bool,
+    /// Packets carry a virtio-net header (`IFF_VNET_HDR`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vnet_hdr: bool,
     /// It outlives its files (`TUNSETPERSIST`).
     pub persist: bool,
     /// The user and group allowed to attach to it, where set.
@@ -822,6 +825,51 @@ pub struct TunDevice {
     pub mac: Option<[u8; 6]>,
     pub mtu: u32,
     pub up: bool,
+}
+
+/// What a TUN/TAP interface with virtio-net headers (`IFF_VNET_HDR`)
+/// puts before each packet and lets pass in one (the same for all its
+/// files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VnetHdr {
+    /// The header's length (`TUNGETVNETHDRSZ`).
+    pub size: i32,
+    /// Its fields are little-endian whatever the machine (`TUNGETVNETLE`).
+    pub little_endian: bool,
+    /// Offloads (`TUN_F_*`, as `TUNSETOFFLOAD` takes them).
+    pub offloads: u32,
+}
+
+impl VnetHdr {
+    /// The offloads `TUNSETOFFLOAD` knows, and the features (as `ethtool
+    /// -k` names them) each turns on; UDP segmentation is on only with
+    /// both of its.
+    pub const OFFLOADS: [(u32, &'static str); 6] = [
+        (libc::TUN_F_CSUM, "tx-checksum-ip-generic"),
+        (libc::TUN_F_TSO4, "tx-tcp-segmentation"),
+        (libc::TUN_F_TSO6, "tx-tcp6-segmentation"),
+        (libc::TUN_F_TSO_ECN, "tx-tcp-ecn-segmentation"),
+        (libc::TUN_F_USO4, "tx-udp-segmentation"),
+        (libc::TUN_F_USO6, "tx-udp-segmentation"),
+    ];
+
+    /// The offloads an interface with `features` on was given.
+    pub fn offloads_of(features: &[String]) -> u32 {
+        let on = |name: &str| features.iter().any(|f| f == name);
+        // Without checksums the kernel keeps none of the others.
+        if !on(Self::OFFLOADS[0].1) {
+            return 0;
+        }
+        (Self::OFFLOADS.iter())
+            .filter(|(_, name)| on(name))
+            .fold(0, |all, (bit, _)| all | bit)
+    }
+
+    /// The header's length and the offloads are ones the kernel takes.
+    pub fn valid(&self) -> bool {
+        let known = Self::OFFLOADS.iter().fold(0, |all, (bit, _)| all | bit);
+        (10..=4096).contains(&self.size) && self.offloads & !known == 0
+    }
 }
 
 impl TunDevice {
@@ -838,6 +886,9 @@ impl TunDevice {
         if self.multi_queue {
             f |= libc::IFF_MULTI_QUEUE;
         }
+        if self.vnet_hdr {
+            f |= libc::IFF_VNET_HDR;
+        }
         f as u16
     }
 
@@ -848,6 +899,7 @@ impl TunDevice {
         | libc::IFF_TAP
         | libc::IFF_NO_PI
         | libc::IFF_MULTI_QUEUE
+        | libc::IFF_VNET_HDR
         | libc::IFF_PERSIST
         | libc::IFF_ONE_QUEUE) as u16;
 }
@@ -896,9 +948,20 @@ pub fn check_tun_files(
     procs: &[&ProcessImage],
 ) -> std::result::Result<(), String> {
     for f in files {
-        let FileKind::Tun { iface, flags, .. } = &f.kind else {
+        let FileKind::Tun {
+            iface, flags, vnet, ..
+        } = &f.kind
+        else {
             continue;
         };
+        if vnet.is_some() != (flags & libc::IFF_VNET_HDR as u16 != 0)
+            || vnet.is_some_and(|v| !v.valid())
+        {
+            return Err(format!(
+                "TUN/TAP file {} with virtio-net headers {vnet:?} and flags {flags:#x}",
+                f.id
+            ));
+        }
         let mut maker = None;
         for p in procs
             .iter()
@@ -920,15 +983,34 @@ pub fn check_tun_files(
                     p.pid
                 ));
             };
-            let own = flags & !((libc::IFF_PERSIST | libc::IFF_ONE_QUEUE) as u16);
+            // `IFF_NO_PI`'s bit also says a file has no socket filter.
+            let own = flags & !((libc::IFF_PERSIST | libc::IFF_ONE_QUEUE | libc::IFF_NO_PI) as u16);
             if flags & !TunDevice::FILE_FLAGS != 0
-                || own != dev.flags()
+                || own != dev.flags() & !(libc::IFF_NO_PI as u16)
                 || (flags & libc::IFF_PERSIST as u16 != 0) != dev.persist
             {
                 return Err(format!(
                     "process {}: a TUN/TAP file of {iface} with flags {flags:#x}, not its \
                      interface's",
                     p.pid
+                ));
+            }
+        }
+    }
+    // An interface's virtio-net header and offloads are read from a file
+    // of it.
+    for p in procs {
+        let tuns = p.own_net.iter().flat_map(|n| n.tuns.iter());
+        for t in tuns.filter(|t| t.vnet_hdr) {
+            let files = tun_files_in(files, procs, p.pid);
+            if !files
+                .iter()
+                .any(|f| matches!(&f.kind, FileKind::Tun { iface, .. } if *iface == t.name))
+            {
+                return Err(format!(
+                    "process {}: TUN/TAP interface {} with virtio-net headers and no file of \
+                     the tree's (its header and offloads are read from one)",
+                    p.pid, t.name
                 ));
             }
         }
@@ -1468,12 +1550,16 @@ pub enum FileKind {
         path: String,
         rdev: u64,
         iface: String,
-        /// What `TUNGETIFF` gave: `IFF_TUN` or `IFF_TAP`, `IFF_NO_PI`,
-        /// `IFF_MULTI_QUEUE`, `IFF_PERSIST`...
+        /// What `TUNGETIFF` gave: its interface's flags (`IFF_TUN` or
+        /// `IFF_TAP`, `IFF_MULTI_QUEUE`, `IFF_PERSIST`...), with the bit of
+        /// `IFF_NO_PI` also set for a file without a socket filter.
         flags: u16,
         /// Its send buffer (`TUNGETSNDBUF`), where not the default.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sndbuf: Option<i32>,
+        /// With `IFF_VNET_HDR`: its interface's header and offloads.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vnet: Option<VnetHdr>,
     },
     /// The master of pseudo-terminal `pty` ([`Manifest::ptys`]).
     PtyMaster {
@@ -2089,6 +2175,42 @@ pub fn unpack_bpf(v: u64) -> libc::sock_filter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn offloads_are_the_features_tunsetoffload_turns_on() {
+        let on = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let tso = on(&[
+            "tx-checksum-ip-generic",
+            "tx-tcp-segmentation",
+            "tx-tcp6-segmentation",
+            "rx-gro",
+        ]);
+        assert_eq!(
+            VnetHdr::offloads_of(&tso),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        );
+        // Segmentation without checksums is not an offload a file gave.
+        assert_eq!(VnetHdr::offloads_of(&on(&["tx-tcp-segmentation"])), 0);
+        let uso = on(&["tx-checksum-ip-generic", "tx-udp-segmentation"]);
+        assert_eq!(
+            VnetHdr::offloads_of(&uso),
+            libc::TUN_F_CSUM | libc::TUN_F_USO4 | libc::TUN_F_USO6
+        );
+        let v = VnetHdr {
+            size: 12,
+            little_endian: false,
+            offloads: VnetHdr::offloads_of(&uso),
+        };
+        assert!(v.valid());
+        assert!(!VnetHdr { size: 4, ..v }.valid());
+        assert!(
+            !VnetHdr {
+                offloads: 1 << 20,
+                ..v
+            }
+            .valid()
+        );
+    }
 
     /// The ring `io_setup(n)` makes, as `aio_setup_ring` sizes it.
     fn kernel_ring(n: u64, cpus: u64) -> u64 {

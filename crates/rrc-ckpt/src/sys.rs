@@ -1834,9 +1834,10 @@ pub mod tun {
         req
     }
 
-    /// The interface file `fd` is attached to and its flags (`TUNGETIFF`);
-    /// `None` for a file attached to none (never attached, or a queue
-    /// detached from its interface).
+    /// The interface file `fd` is attached to and its flags (`TUNGETIFF`:
+    /// the interface's, with `IFF_DETACH_QUEUE` for a queue detached from
+    /// it and `IFF_NOFILTER`, the bit of `IFF_NO_PI`, for a file without
+    /// a socket filter); `None` for a file attached to none.
     pub fn attached(fd: BorrowedFd<'_>) -> io::Result<Option<(String, u16)>> {
         let mut req = [0u8; 40];
         // SAFETY: TUNGETIFF writes one struct ifreq, which `req` is.
@@ -1918,10 +1919,102 @@ pub mod tun {
         Ok(())
     }
 
+    /// Its interface's virtio-net header length (`TUNGETVNETHDRSZ`) and
+    /// whether the header is little-endian whatever the machine
+    /// (`TUNGETVNETLE`).
+    pub fn vnet(fd: BorrowedFd<'_>) -> io::Result<(i32, bool)> {
+        let size = ioctl_int(fd, libc::TUNGETVNETHDRSZ as libc::c_ulong)?;
+        let le = ioctl_int(fd, libc::TUNGETVNETLE as libc::c_ulong)?;
+        Ok((size, le != 0))
+    }
+
+    /// Sets its interface's virtio-net header length, endianness and
+    /// offloads (`TUNSETVNETHDRSZ`, `TUNSETVNETLE`, `TUNSETOFFLOAD`).
+    pub fn set_vnet(fd: BorrowedFd<'_>, size: i32, le: bool, offloads: u32) -> io::Result<()> {
+        let le = libc::c_int::from(le);
+        // SAFETY: TUNSETVNETHDRSZ and TUNSETVNETLE read one int through
+        // the pointer; TUNSETOFFLOAD takes its value as the argument.
+        unsafe {
+            check(libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size).into())?;
+            check(libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETLE, &le).into())?;
+            let offloads = libc::c_ulong::from(offloads);
+            check(libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, offloads).into())?;
+        }
+        Ok(())
+    }
+
     /// Sets its send buffer (`TUNSETSNDBUF`).
     pub fn set_sndbuf(fd: BorrowedFd<'_>, size: i32) -> io::Result<()> {
         // SAFETY: TUNSETSNDBUF reads one int through the pointer.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETSNDBUF, &size) }.into())?;
         Ok(())
+    }
+}
+
+/// Reading a network interface's features (`SIOCETHTOOL`), in the calling
+/// thread's network namespace.
+pub mod ethtool {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::check;
+
+    const ETHTOOL_GSTRINGS: u32 = 0x1b;
+    const ETHTOOL_GSSET_INFO: u32 = 0x37;
+    const ETHTOOL_GFEATURES: u32 = 0x3a;
+    const ETH_SS_FEATURES: u32 = 4;
+
+    /// Runs ethtool command `buf` (its first word) on interface `name`
+    /// through `sock`; the kernel writes its answer into `buf`.
+    fn run(sock: &OwnedFd, name: &str, buf: &mut [u32]) -> io::Result<()> {
+        // struct ifreq: the name (16 bytes), then a union whose member
+        // here is a pointer to the command (ifr_data); 40 bytes in all.
+        let mut req = [0u8; 40];
+        let n = name.len().min(15);
+        req[..n].copy_from_slice(&name.as_bytes()[..n]);
+        req[16..24].copy_from_slice(&(buf.as_mut_ptr() as u64).to_ne_bytes());
+        // SAFETY: SIOCETHTOOL reads the ifreq, and reads and writes the
+        // command it points to, which `buf` holds whole: each command's
+        // buffer is sized by the caller from the counts it announces.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, req.as_mut_ptr()) };
+        check(r.into()).map(|_| ())
+    }
+
+    /// The names of the features interface `name` has on (`ethtool -k`
+    /// calls them so: `tx-tcp-segmentation`...).
+    pub fn active_features(name: &str) -> io::Result<Vec<String>> {
+        // SAFETY: socket takes integers and returns a new fd or -1.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        check(fd.into())?;
+        // SAFETY: the fd was just made for us and nothing else owns it.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // struct ethtool_sset_info: cmd, reserved, a 64-bit mask of sets,
+        // then one count per set asked for.
+        let mut info = [ETHTOOL_GSSET_INFO, 0, 1 << ETH_SS_FEATURES, 0, 0, 0];
+        run(&sock, name, &mut info)?;
+        let count = info[4] as usize;
+        if info[2] & (1 << ETH_SS_FEATURES) == 0 || count > 4096 {
+            return Err(io::Error::other("no feature names"));
+        }
+        // struct ethtool_gstrings: cmd, set, count, then 32 bytes a name.
+        let mut strings = vec![0u32; 3 + count * 8];
+        strings[..3].copy_from_slice(&[ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count as u32]);
+        run(&sock, name, &mut strings)?;
+        let bytes: Vec<u8> = strings[3..].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        // struct ethtool_gfeatures: cmd, blocks, then per 32 features
+        // available, requested, active and never-changed words.
+        let blocks = count.div_ceil(32);
+        let mut features = vec![0u32; 2 + blocks * 4];
+        features[..2].copy_from_slice(&[ETHTOOL_GFEATURES, blocks as u32]);
+        run(&sock, name, &mut features)?;
+        let active = |i: usize| features[2 + (i / 32) * 4 + 2] & (1 << (i % 32)) != 0;
+        Ok((0..count)
+            .filter(|&i| active(i))
+            .map(|i| {
+                let s = &bytes[i * 32..(i + 1) * 32];
+                let len = s.iter().position(|b| *b == 0).unwrap_or(32);
+                String::from_utf8_lossy(&s[..len]).into_owned()
+            })
+            .collect())
     }
 }

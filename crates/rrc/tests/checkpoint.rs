@@ -1038,12 +1038,13 @@ fn tun_and_tap_interfaces_of_a_network_namespace_come_back_with_their_files_atta
 }
 
 #[test]
-fn tun_files_of_the_hosts_interfaces_or_with_virtio_headers_are_refused_and_left_running() {
+fn tun_files_of_the_hosts_interfaces_or_of_detached_queues_are_refused_and_left_running() {
     refused_for_each(
         "unsupported_tun",
         &[
             "which is not one of a network namespace the tree made",
-            "virtio-net headers",
+            "with queues detached",
+            "a queue detached from TUN/TAP interface fxv0",
         ],
     );
 }

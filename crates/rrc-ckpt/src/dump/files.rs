@@ -673,10 +673,15 @@ fn tun_file(
                 .into(),
         ));
     };
+    if flags & libc::IFF_DETACH_QUEUE as u16 != 0 {
+        return Ok(Err(format!(
+            "a queue detached from TUN/TAP interface {iface} (TUNSETQUEUE)"
+        )));
+    }
     if flags & !crate::image::TunDevice::FILE_FLAGS != 0 {
         return Ok(Err(format!(
-            "a file of TUN/TAP interface {iface} with flags {flags:#x} (virtio-net headers, \
-             whose offloads cannot be read back, or NAPI)"
+            "a file of TUN/TAP interface {iface} with flags {flags:#x} (NAPI, for tests of \
+             the kernel)"
         )));
     }
     let here = std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino();
@@ -692,12 +697,30 @@ fn tun_file(
         )));
     }
     let sndbuf = sys::tun::sndbuf(file)?;
+    let vnet = if flags & libc::IFF_VNET_HDR as u16 != 0 {
+        let (size, little_endian) = sys::tun::vnet(file)?;
+        // The offloads are its interface's features, seen from its
+        // namespace.
+        let features = crate::common::in_netns_of(Pid::from_raw(pid), || {
+            sys::ethtool::active_features(&iface)
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let offloads = crate::image::VnetHdr::offloads_of(&features);
+        Some(crate::image::VnetHdr {
+            size,
+            little_endian,
+            offloads,
+        })
+    } else {
+        None
+    };
     Ok(Ok(FileKind::Tun {
         path,
         rdev,
         iface,
         flags,
         sndbuf: (sndbuf != i32::MAX).then_some(sndbuf),
+        vnet,
     }))
 }
 

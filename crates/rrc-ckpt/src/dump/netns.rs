@@ -249,12 +249,6 @@ fn tun_devices(links: &[Value]) -> Found<Vec<TunDevice>> {
         if let Some(k) = data.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(format!("TUN/TAP interface {name} with {k} ({d})"));
         }
-        if d["vnet_hdr"] == true {
-            return Err(format!(
-                "TUN/TAP interface {name} with virtio-net headers (its offloads cannot be \
-                 read back)"
-            ));
-        }
         if d["numdisabled"].as_u64().unwrap_or(0) > 0 {
             return Err(format!("TUN/TAP interface {name} with queues detached"));
         }
@@ -292,6 +286,7 @@ fn tun_devices(links: &[Value]) -> Found<Vec<TunDevice>> {
             tap,
             no_pi: d["pi"] == false,
             multi_queue: d["multi_queue"] == true,
+            vnet_hdr: d["vnet_hdr"] == true,
             persist: d["persist"] == true,
             owner: id("user")?,
             group: id("group")?,
@@ -733,6 +728,7 @@ mod tests {
                 tap: true,
                 no_pi: true,
                 multi_queue: true,
+                vnet_hdr: false,
                 persist: false,
                 owner: Some(4242),
                 group: Some(4343),
@@ -746,7 +742,6 @@ mod tests {
             (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as u16
         );
         for (data, named) in [
-            (r#"{"type":"tap","vnet_hdr":true}"#, "virtio-net headers"),
             (
                 r#"{"type":"tap","multi_queue":true,"numdisabled":1}"#,
                 "queues detached",

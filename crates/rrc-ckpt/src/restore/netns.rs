@@ -128,7 +128,15 @@ fn make_tun(
 ) -> std::result::Result<Vec<(usize, OwnedFd)>, String> {
     let err =
         |what: &str, e: std::io::Error| format!("{what} of TUN/TAP interface {}: {e}", tun.name);
-    let ours = (None, "/dev/net/tun", None, libc::O_RDWR, tun.flags(), None);
+    let ours = (
+        None,
+        "/dev/net/tun",
+        None,
+        libc::O_RDWR,
+        tun.flags(),
+        None,
+        None,
+    );
     let wants: Vec<_> = match files {
         [] => vec![ours],
         files => (files.iter())
@@ -138,6 +146,7 @@ fn make_tun(
                     rdev,
                     flags,
                     sndbuf,
+                    vnet,
                     ..
                 } => Some((
                     Some(f.id),
@@ -146,13 +155,14 @@ fn make_tun(
                     (f.flags & libc::O_ACCMODE as u32) as i32,
                     *flags,
                     *sndbuf,
+                    *vnet,
                 )),
                 _ => None,
             })
             .collect(),
     };
     let mut made = Vec::new();
-    for (i, (id, path, rdev, access, flags, sndbuf)) in wants.into_iter().enumerate() {
+    for (i, (id, path, rdev, access, flags, sndbuf, vnet)) in wants.into_iter().enumerate() {
         // The device the image names, looked at before it is opened.
         let device = |f: &std::fs::Metadata| std::os::unix::fs::MetadataExt::rdev(f);
         let is = std::fs::metadata(path).map(|m| device(&m));
@@ -166,7 +176,9 @@ fn make_tun(
         if i == 0 {
             sys::tun::set_index(fd.as_fd(), tun.index).map_err(|e| err("the index", e))?;
         }
-        let flags = flags & !(libc::IFF_PERSIST as u16);
+        // The interface's flags: a file's own say only whether it has a
+        // filter (none here) besides.
+        let flags = tun.flags() | (flags & libc::IFF_ONE_QUEUE as u16);
         sys::tun::attach(fd.as_fd(), &tun.name, flags).map_err(|e| err("attach a file", e))?;
         if i == 0 {
             let set = [
@@ -179,6 +191,10 @@ fn make_tun(
                     sys::tun::set(fd.as_fd(), request, v).map_err(|e| err("the owner", e))?;
                 }
             }
+        }
+        if let Some(v) = vnet {
+            sys::tun::set_vnet(fd.as_fd(), v.size, v.little_endian, v.offloads)
+                .map_err(|e| err("virtio-net headers", e))?;
         }
         if let Some(size) = sndbuf {
             sys::tun::set_sndbuf(fd.as_fd(), size).map_err(|e| err("a send buffer", e))?;
