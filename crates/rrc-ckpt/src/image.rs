@@ -487,6 +487,15 @@ impl ProcessImage {
         self.table_sharer().is_some()
     }
 
+    /// Whether it is in a pid namespace of its user namespace (made in
+    /// it at a restore: the process is born in the user namespace, and
+    /// asks for its pids in that pid namespace only). `procs` are the
+    /// tree's processes.
+    pub fn in_user_pid_ns(&self, procs: &BTreeMap<i32, ProcessImage>) -> bool {
+        (self.pid_ns.and_then(|init| procs.get(&init)))
+            .is_some_and(|init| init.user_owned.contains(&NsKind::Pid))
+    }
+
     /// Its pid as it sees it (in its own pid namespace).
     pub fn own_pid(&self) -> i32 {
         self.nested_pids.last().copied().unwrap_or(self.pid)
@@ -902,6 +911,59 @@ impl TunDevice {
         | libc::IFF_VNET_HDR
         | libc::IFF_PERSIST
         | libc::IFF_ONE_QUEUE) as u16;
+}
+
+/// Pid namespaces of a user namespace, as a restore makes them: each
+/// nested once in the tree's, which is the restorer's (`own_pid_ns`
+/// false: the pids outside it are set as the next ones there), its first
+/// process made in the user namespace by its parent's helper, and each
+/// process in it born in that user namespace (none deeper, in another
+/// user namespace, in another time namespace, unsharing a pid namespace
+/// for its children or forked by a sibling sharing its fd table), with
+/// its first process's supplementary groups (which it inherits, and may
+/// not change there).
+pub fn check_user_pid_namespaces(
+    procs: &[&ProcessImage],
+    own_pid_ns: bool,
+) -> std::result::Result<(), String> {
+    let by_pid = |pid: i32| procs.iter().find(|q| q.pid == pid).copied();
+    for p in procs {
+        let pid = p.pid;
+        if p.user_owned.contains(&NsKind::Pid)
+            && (own_pid_ns
+                || p.user_ns.is_none()
+                || p.nested_pids != [1]
+                || p.pid_ns != Some(pid)
+                || p.zombie.is_some())
+        {
+            return Err(format!(
+                "process {pid} is the first of a pid namespace of its user namespace a restore \
+                 does not make (one nested once in rrc's, its first process live)"
+            ));
+        }
+        let Some(init) = p.pid_ns.and_then(by_pid) else {
+            continue;
+        };
+        if !init.user_owned.contains(&NsKind::Pid) {
+            continue;
+        }
+        if p.user_ns != init.user_ns
+            || p.depth() != 1
+            || p.children_pid_ns.is_some()
+            || p.time_ns != TimeNs::Parents
+            || p.children_time_ns.is_some()
+            || p.creds.groups != init.creds.groups
+            || p.shares_files_with.is_some()
+        {
+            return Err(format!(
+                "process {pid} is in the pid namespace of a user namespace process {} is first \
+                 of, in another user or time namespace, below it, or with other supplementary \
+                 groups",
+                init.pid
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The process that made the network namespace `p` is in, when the tree

@@ -920,6 +920,61 @@ fn hostile_tun_interfaces_and_files_are_refused_before_anything_is_made() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// Pid namespaces of user namespaces are made only as a restore can: the
+/// first process of one pid 1 there, each process in it born in that user
+/// namespace with the first one's groups.
+#[test]
+fn hostile_pid_namespaces_of_user_namespaces_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, _) = image_of("userns_pidns", false);
+    let records: Vec<(String, serde_json::Value)> = fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("process-"))
+        .map(|n| {
+            let v = serde_json::from_slice(&fs::read(images.join(&n)).unwrap()).unwrap();
+            (n, v)
+        })
+        .collect();
+    let find = |nested: i64| {
+        (records.iter())
+            .find(|(_, v)| v["nested_pids"] == serde_json::json!([nested]))
+            .map(|(n, _)| n.clone())
+            .unwrap()
+    };
+    // a (pid 1 there, or v) and b (pid 2 there).
+    let (first, member) = (find(1), find(2));
+    type Edit = fn(&mut serde_json::Value);
+    let on_first: [(&str, Edit); 2] = [
+        ("a first process in no user namespace", |p| {
+            p["user_ns"] = serde_json::Value::Null
+        }),
+        ("a first process that is not pid 1", |p| {
+            p["nested_pids"] = serde_json::json!([4]);
+            p["threads"][0]["nested_tids"] = serde_json::json!([4]);
+        }),
+    ];
+    for (what, edit) in on_first {
+        refused_when(&images, &first, what, edit);
+    }
+    let on_member: [(&str, Edit); 3] = [
+        ("a member of another user namespace", |p| {
+            p["user_ns"] = (1 - p["user_ns"].as_u64().unwrap()).into()
+        }),
+        ("a member with other groups", |p| {
+            p["creds"]["groups"] = serde_json::json!([0, 4242])
+        }),
+        ("a member that claims the namespace too", |p| {
+            p["user_owned"] = serde_json::json!(["pid"])
+        }),
+    ];
+    for (what, edit) in on_member {
+        refused_when(&images, &member, what, edit);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// User namespaces whose maps the kernel would refuse, or that leave a
 /// process's ids unmapped, or a process in one that a restore could not
 /// put there, are refused at load.

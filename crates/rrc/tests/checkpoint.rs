@@ -1259,10 +1259,10 @@ fn deleted_files_and_directories_and_a_chrooted_working_directory() {
 }
 
 #[test]
-fn pid_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
+fn time_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
     refused(
         "unsupported_namespaces",
-        "pid_for_children namespace(s) belong to its user namespace",
+        "time_for_children namespace(s) belong to its user namespace",
     );
 }
 
@@ -1279,6 +1279,11 @@ fn every_thread_gets_its_credentials_and_no_new_privs_back() {
 #[test]
 fn processes_in_user_namespaces_of_their_own_get_them_back_with_their_ids() {
     checkpoint_restore("userns_own");
+}
+
+#[test]
+fn a_pid_namespace_of_a_user_namespace_comes_back_in_it_with_its_pids() {
+    checkpoint_restore("userns_pidns");
 }
 
 #[test]

@@ -455,10 +455,13 @@ pub(crate) fn take(
     for first in &nested_nets {
         refuse_if_busy(&seized, &crate::sockdiag::ListenerProbe::of(*first)?)?;
     }
+    // In ours, a restore sets the next pid for a thread or process it
+    // cannot ask for one: at the tree's level, below a user namespace's
+    // own pid namespace at most.
     let mut users = userns::read(
         &seized.processes,
         &statuses,
-        |pid| depth == 1 && !levels.is_nested(pid),
+        |pid, pid_ns_owned| depth == 1 && levels.nesting(pid) <= usize::from(pid_ns_owned),
         &mut problems,
     );
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
@@ -626,13 +629,30 @@ pub(crate) fn take(
         }
         // Those of its namespaces of its user namespace it is the first of
         // (the others it shares with its parent, which makes them).
-        let user_owned = (users.owned.remove(&p.pid).unwrap_or_default().into_iter())
+        let owned = users.owned.remove(&p.pid).unwrap_or_default();
+        // Made in its user namespace, its pids outside it set as the next
+        // ones of rrc's namespace: nested once in rrc's.
+        if owned.contains(&NsKind::Pid) && !(depth == 1 && place.nested_pids.len() == 1) {
+            problems.push(format!(
+                "process {raw} is in a pid namespace of its user namespace nested {} deep in \
+                 the tree's, which is {}: a restore makes one nested once in rrc's only (it sets \
+                 the pids outside it as the next ones there)",
+                place.nested_pids.len(),
+                if depth == 1 {
+                    "rrc's"
+                } else {
+                    "a pid namespace of its own"
+                }
+            ));
+        }
+        let user_owned = (owned.into_iter())
             .filter(|k| match k {
                 NsKind::Uts => own_ns.uts.contains_key(&p.pid),
                 NsKind::Cgroup => own_ns.cgroup.contains(&p.pid),
                 NsKind::Net => own_ns.net.contains_key(&p.pid),
                 NsKind::Mnt => own_ns.mnt.contains_key(&p.pid),
                 NsKind::Ipc => own_ns.ipc.contains(&p.pid) || (p.pid == t.root && root_ipc),
+                NsKind::Pid => place.nested_pids.last() == Some(&1),
                 _ => false,
             })
             .collect();
@@ -782,6 +802,9 @@ pub(crate) fn take(
     files::check_deleted_watches(&files, &images, &mut problems);
     let all: Vec<&ProcessImage> = images.iter().collect();
     if let Err(what) = crate::image::check_tun_files(&files.files, &all) {
+        problems.push(what);
+    }
+    if let Err(what) = crate::image::check_user_pid_namespaces(&all, own_pid_ns) {
         problems.push(what);
     }
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);

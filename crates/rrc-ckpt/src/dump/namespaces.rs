@@ -76,9 +76,9 @@ impl PidLevels {
         self.levels.get(&pid).map_or(pid.as_raw(), |l| l[0])
     }
 
-    /// Whether it is in a pid namespace nested in the tree's.
-    pub fn is_nested(&self, pid: Pid) -> bool {
-        !self.nested(pid).is_empty()
+    /// How many pid namespaces nested in the tree's it is below.
+    pub fn nesting(&self, pid: Pid) -> usize {
+        self.nested(pid).len()
     }
 
     fn nested(&self, pid: Pid) -> &[i32] {

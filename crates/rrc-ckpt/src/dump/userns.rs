@@ -8,16 +8,21 @@
 //! - a namespace nested in another than ours (a restore makes children of
 //!   its own only);
 //! - a process with more than one thread there in a nested pid namespace
-//!   (the tree's own, or one below it): a thread gets its id by `clone3`'s
-//!   `set_tid`, which needs CAP_SYS_ADMIN over the pid namespace, which a
-//!   process in the user namespace lacks, while `setns` into a user
-//!   namespace needs a single thread; in ours, the restore sets the next
-//!   pid for it (`ns_last_pid`);
-//! - a pid or time namespace owned by the user namespace (`unshare
-//!   -Urpf`): a restore makes those outside of it, and the process would
-//!   lose its rights over them (UTS, IPC, network, mount and cgroup ones
-//!   it is the first of are made in it: `ProcessImage::user_owned`), or a
-//!   namespace owned by a user namespace other than its own;
+//!   (the tree's own, or one below it) other than one of its user
+//!   namespace's: a thread gets its id by `clone3`'s `set_tid`, which
+//!   needs CAP_SYS_ADMIN over each pid namespace it names, which a process
+//!   in the user namespace lacks over those outside it, while `setns` into
+//!   a user namespace needs a single thread; in ours, the restore sets the
+//!   next pid for it (`ns_last_pid`), and asks for the id it has in a pid
+//!   namespace of its user namespace;
+//! - a pid namespace owned by the user namespace (`unshare -Urpf`) but
+//!   one nested once in ours, which a restore makes in it
+//!   (`ProcessImage::user_owned`, as the UTS, IPC, network, mount and
+//!   cgroup ones it is the first of), with each process's pid in ours set
+//!   as the next one;
+//! - a time namespace owned by the user namespace (a restore makes those
+//!   outside of it, and the process would lose its rights over them), or
+//!   a namespace owned by a user namespace other than its own;
 //! - ids of the process the namespace does not map.
 
 use std::collections::BTreeMap;
@@ -32,7 +37,8 @@ use crate::image::NsKind;
 use crate::image::userns::UserNs;
 
 /// The kinds of namespace a user namespace may own that a restore makes
-/// in it, and those it does not, as `/proc/PID/ns` names them.
+/// in it (and its pid namespace, made in it when nested once in ours),
+/// and those it does not, as `/proc/PID/ns` names them.
 const MADE_IN_IT: [NsKind; 5] = [
     NsKind::Uts,
     NsKind::Ipc,
@@ -40,7 +46,7 @@ const MADE_IN_IT: [NsKind; 5] = [
     NsKind::Mnt,
     NsKind::Cgroup,
 ];
-const MADE_OUTSIDE: [&str; 4] = ["pid", "pid_for_children", "time", "time_for_children"];
+const MADE_OUTSIDE: [&str; 2] = ["time", "time_for_children"];
 
 /// The user namespaces of the tree, and the one of each process in one.
 #[derive(Default)]
@@ -62,12 +68,14 @@ fn ns_id(f: impl AsFd) -> std::io::Result<NsId> {
 
 /// Reads the user namespaces of the tree's live processes (`statuses`:
 /// theirs; `threads_may`: whether a process may have more than one thread
-/// in one, being in the tree's pid namespace, ours); what a restore could
-/// not make again goes to `problems`.
+/// in one, given whether its pid namespace is its user namespace's:
+/// being in the tree's pid namespace, ours, or in one of its user
+/// namespace's nested once in it); what a restore could not make again
+/// goes to `problems`.
 pub fn read(
     processes: &[SeizedProcess],
     statuses: &BTreeMap<Pid, Status>,
-    threads_may: impl Fn(Pid) -> bool,
+    threads_may: impl Fn(Pid, bool) -> bool,
     problems: &mut Vec<String>,
 ) -> UserPlaces {
     let mut places = UserPlaces::default();
@@ -95,7 +103,9 @@ pub fn read(
         if id == mine {
             continue;
         }
-        if p.threads.len() > 1 && !threads_may(pid) {
+        let owner = |kind: &str| owner_of(pid, kind).filter(|o| *o != mine);
+        let pid_ns_owned = owner("pid") == Some(id);
+        if p.threads.len() > 1 && !threads_may(pid, pid_ns_owned) {
             problems.push(format!(
                 "process {pid} has {} threads in a user namespace other than rrc's and in a \
                  nested pid namespace: a restore enters the user namespace before it makes \
@@ -104,7 +114,6 @@ pub fn read(
                 p.threads.len()
             ));
         }
-        let owner = |kind: &str| owner_of(pid, kind).filter(|o| *o != mine);
         let outside: Vec<&str> = (MADE_OUTSIDE.iter())
             .filter(|k| owner(k).is_some())
             .copied()
@@ -117,6 +126,19 @@ pub fn read(
             ));
         }
         let mut owned = Vec::new();
+        for kind in ["pid", "pid_for_children"] {
+            match owner(kind) {
+                None => {}
+                Some(o) if o == id => {}
+                Some(_) => problems.push(format!(
+                    "process {pid}'s {kind} namespace belongs to a user namespace other than its \
+                     own"
+                )),
+            }
+        }
+        if pid_ns_owned {
+            owned.push(NsKind::Pid);
+        }
         for kind in MADE_IN_IT {
             match owner(kind.file()) {
                 None => {}

@@ -592,8 +592,15 @@ fn clone_args(t: &mut Tracee, flags: u64, exit_signal: u64, ids: &[i32]) -> Resu
     t.arg(&a)
 }
 
+/// Forks a child of `parent` with pids `ids` (the innermost first; none:
+/// the kernel's next one).
 fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
-    let ns_pid = ids.last().copied().unwrap_or(0);
+    fork_asking(parent, ids, ids.last().copied().unwrap_or(0), flags)
+}
+
+/// Forks a child of `parent` that is to be process `ns_pid` of the tree,
+/// asking for pids `ids` (the innermost first).
+fn fork_asking(parent: &mut Tracee, ids: &[i32], ns_pid: i32, flags: u64) -> Result<Tracee> {
     // A CLONE_PARENT child ends with its maker's exit signal; clone3
     // wants none given.
     let exit_signal = if flags & libc::CLONE_PARENT as u64 != 0 {
@@ -606,25 +613,119 @@ fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
     Tracee::new(ns_pid, host, parent.scratch)
 }
 
+/// Forks the process of pids `ids` (the innermost first) from `forker`,
+/// which is in a user namespace and may ask for its pids in that
+/// namespace's pid namespace only: its pid in ours, the tree's (the
+/// last), is set as the next one (`namespaces::next_pid_is`). One that
+/// got another pid (a process of the host took it first) ends, is reaped
+/// by `reaper` (the forker itself, which sees it by its pid in its own
+/// namespace, or the parent of a `CLONE_PARENT` child, in ours), and
+/// another is made.
+fn fork_at_next_pid(
+    forker: &mut Tracee,
+    mut reaper: Option<&mut Tracee>,
+    ids: &[i32],
+    flags: u64,
+) -> Result<Tracee> {
+    let Some((&outer, inner)) = ids.split_last() else {
+        return fork_child(forker, ids, flags);
+    };
+    for _ in 0..namespaces::NEXT_PID_TRIES {
+        let cursor = namespaces::next_pid_is(outer)?;
+        let made = fork_asking(forker, inner, outer, flags);
+        drop(cursor);
+        let ct = made?;
+        let host = ct.pid;
+        if host.as_raw() == outer {
+            return Ok(ct);
+        }
+        ct.end(libc::SYS_exit, &[0])?;
+        let (r, seen) = match reaper.as_deref_mut() {
+            Some(r) => (r, host.as_raw()),
+            None => (
+                &mut *forker,
+                inner.first().copied().unwrap_or(host.as_raw()),
+            ),
+        };
+        r.call(
+            "reap a child that got another pid",
+            libc::SYS_wait4,
+            &[seen as u64, 0, libc::__WALL as u64, 0],
+        )?;
+        flush_sigchld(r)?;
+    }
+    Err(rerr(
+        outer,
+        "fork",
+        format!(
+            "process {outer} got another pid {} times (processes of the host took it first)",
+            namespaces::NEXT_PID_TRIES
+        ),
+    ))
+}
+
+/// Forks `c`, the first process of a pid namespace of its user namespace,
+/// from its parent `t`: a helper child of `t` takes `c`'s supplementary
+/// groups, enters the user namespace and unshares a pid namespace there
+/// (which so belongs to it), and forks `c` into that as `t`'s child
+/// (`CLONE_PARENT`), pid 1 there and its pid in ours set as the next one;
+/// then the helper ends and `t` reaps it.
+fn fork_into_user_pid_ns(ctx: &Ctx, t: &mut Tracee, c: &ProcessImage) -> Result<Tracee> {
+    let user = (c.user_ns.and_then(|i| ctx.users.get(i)))
+        .ok_or_else(|| rerr(c.pid, "pid namespace", "in no user namespace"))?;
+    let mut h = fork_child(t, &[], 0)?;
+    let made = (|| -> Result<Tracee> {
+        ptrace::set_sigmask(h.pid, BLOCK_ALL)?;
+        namespaces::enter_user(&mut h, c, user.as_fd(), &ctx.mem.transport)?;
+        h.call(
+            "unshare(CLONE_NEWPID)",
+            libc::SYS_unshare,
+            &[libc::CLONE_NEWPID as u64],
+        )?;
+        let flags = libc::CLONE_PARENT as u64;
+        fork_at_next_pid(&mut h, Some(&mut *t), &namespaces::set_tid(c), flags)
+    })();
+    let helper = h.pid;
+    let ended = h.end(libc::SYS_exit, &[0]);
+    let ct = made?;
+    if !matches!(ended?, tracee::Ended::Exited(0)) {
+        return Err(rerr(c.pid, "pid namespace", "its maker did not end well"));
+    }
+    t.call(
+        "reap a helper",
+        libc::SYS_wait4,
+        &[helper.as_raw() as u64, 0, libc::__WALL as u64, 0],
+    )?;
+    flush_sigchld(t)?;
+    Ok(ct)
+}
+
 fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
     for th in p.threads.iter().skip(1) {
+        let ids = namespaces::thread_set_tid(th);
         let host = match p.user_ns {
-            None => spawn_thread(t, th.tid, &namespaces::thread_set_tid(th))?,
-            // In a user namespace, the process cannot ask for a pid.
-            Some(_) => thread_at_next_pid(t, th.tid)?,
+            None => spawn_thread(t, th.tid, &ids)?,
+            // In a user namespace, the process cannot ask for a pid in
+            // ours.
+            Some(_) => thread_at_next_pid(t, &ids)?,
         };
         t.threads.push((th.tid, host));
     }
     Ok(())
 }
 
-/// Makes a thread of `t` that is to have pid `tid`, as the next pid of our
-/// namespace (see `namespaces::next_pid_is`): one that got another, which
-/// a process of the host took first, ends and another is made.
-fn thread_at_next_pid(t: &mut Tracee, tid: i32) -> Result<Pid> {
+/// Makes a thread of `t` with ids `ids` (the innermost first), asking for
+/// those of a pid namespace of its user namespace only: its id in ours,
+/// the tree's (the last), is set as the next one (see
+/// `namespaces::next_pid_is`); one that got another, which a process of
+/// the host took first, ends and another is made.
+fn thread_at_next_pid(t: &mut Tracee, ids: &[i32]) -> Result<Pid> {
+    let (&tid, inner) = ids
+        .split_last()
+        .ok_or_else(|| rerr(t.ns_pid, "create a thread", "a thread without an id"))?;
     for _ in 0..namespaces::NEXT_PID_TRIES {
         let cursor = namespaces::next_pid_is(tid)?;
-        let host = spawn_thread(t, tid, &[])?;
+        let host = spawn_thread(t, tid, inner)?;
         drop(cursor);
         if host.as_raw() == tid {
             return Ok(host);
@@ -724,7 +825,9 @@ fn restore_process(
     // in a new IPC one), then each filled.
     namespaces::enter_time(&mut t, p)?;
     let root_has_ipc = pid == ctx.m.root && ctx.root_new_ipc;
-    namespaces::make_own(&mut t, p, root_has_ipc, &ctx.users, &ctx.mem.transport)?;
+    let born_in_user = p.in_user_pid_ns(ctx.procs);
+    #[rustfmt::skip]
+    namespaces::make_own(&mut t, p, root_has_ipc, born_in_user, &ctx.users, &ctx.mem.transport)?;
     if let Some(names) = &p.uts {
         namespaces::name_uts(&mut t, names)?;
     }
@@ -837,7 +940,10 @@ fn restore_process(
     // Its user namespace once its children are forked (their pids need
     // rights over the tree's pid namespace that it leaves outside) and
     // while the fd the engine passes files through is still in its table.
-    if let Some(i) = p.user_ns {
+    // (Unless it was born there, in a pid namespace of its.)
+    if let Some(i) = p.user_ns
+        && !born_in_user
+    {
         namespaces::enter_user(&mut t, p, ctx.users[i].as_fd(), &ctx.mem.transport)?;
     }
     if !p.shares_table() {
@@ -887,7 +993,14 @@ fn fork_in_place(
     let fd = namespaces::back_to_own_time(p, c)
         .then(|| namespaces::own_time_fd(t))
         .transpose()?;
-    let mut ct = fork_child(t, &namespaces::set_tid(c), flags)?;
+    let ids = namespaces::set_tid(c);
+    let mut ct = if new_ns && c.user_owned.contains(&crate::image::NsKind::Pid) {
+        fork_into_user_pid_ns(ctx, t, c)?
+    } else if p.in_user_pid_ns(ctx.procs) {
+        fork_at_next_pid(t, None, &ids, flags)?
+    } else {
+        fork_child(t, &ids, flags)?
+    };
     if let Some(fd) = fd {
         namespaces::join_time(&mut ct, fd, true, c.shares_parent_files)?;
         namespaces::close_time_fd(t, fd)?;

@@ -39,11 +39,12 @@ const UTS_LEN: usize = 64;
 /// a copy of its parent's mounts), for the code of each kind to fill:
 /// unshared at once, but those that belong to its user namespace (one of
 /// `users`), which a child of its unshares in that namespace and `t`
-/// enters.
+/// enters (unless `t` was born in it, in a pid namespace of its).
 pub fn make_own(
     t: &mut Tracee,
     p: &ProcessImage,
     has_ipc: bool,
+    born_in_user: bool,
     users: &[OwnedFd],
     transport: &crate::restore::sockets::Transport,
 ) -> Result<()> {
@@ -58,7 +59,7 @@ pub fn make_own(
         if !p.makes(kind) || (kind == NsKind::Ipc && has_ipc) {
             continue;
         }
-        if p.user_owned.contains(&kind) {
+        if p.user_owned.contains(&kind) && !born_in_user {
             in_user |= flag as u64;
         } else {
             here |= flag as u64;
@@ -523,12 +524,12 @@ pub fn check_users(
     for (i, u) in m.user_namespaces.iter().enumerate() {
         u.check().map_err(|e| format!("user namespace {i}: {e}"))?;
     }
+    let all: Vec<&ProcessImage> = procs.values().collect();
+    crate::image::check_user_pid_namespaces(&all, m.own_pid_ns)?;
     for p in procs.values() {
         let pid = p.pid;
-        if let Some(k) = p
-            .user_owned
-            .iter()
-            .find(|k| !p.makes(**k) || p.user_ns.is_none())
+        if let Some(k) = (p.user_owned.iter())
+            .find(|k| (**k != NsKind::Pid && !p.makes(**k)) || p.user_ns.is_none())
         {
             return Err(format!(
                 "process {pid} has a {} namespace of its user namespace it does not make",
@@ -540,10 +541,13 @@ pub fn check_users(
             .user_namespaces
             .get(i)
             .ok_or_else(|| format!("process {pid} is in user namespace {i}, which is not in it"))?;
-        // Threads get the next pid of the restorer's namespace: only there.
+        // Threads get the next pid of the restorer's namespace: only there,
+        // and ask for their ids in a pid namespace of their user
+        // namespace's below it.
         let nested = m.own_pid_ns
-            || !p.nested_pids.is_empty()
-            || p.threads.iter().any(|th| !th.nested_tids.is_empty());
+            || (!p.in_user_pid_ns(procs)
+                && (!p.nested_pids.is_empty()
+                    || p.threads.iter().any(|th| !th.nested_tids.is_empty())));
         if p.zombie.is_some() {
             return Err(format!("process {pid} is a zombie in a user namespace"));
         }
