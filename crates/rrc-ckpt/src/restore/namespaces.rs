@@ -15,7 +15,9 @@
 //! here; each process in one enters it once its children are forked
 //! (their pids need rights over the tree's pid namespace it leaves
 //! outside), before its fds are put in place and it takes its
-//! credentials again.
+//! credentials again; the processes of a pid namespace of a user namespace
+//! are born in it instead (`restore::fork_into_user_pid_ns`), asking for
+//! their pids there, those in ours set as the next ones ([`next_pid_is`]).
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -164,17 +166,17 @@ impl Drop for NextPid {
 
 /// Makes `pid` the next pid of our pid namespace, the tree's, until the
 /// result is dropped: a process in a user namespace has no right to ask
-/// for a pid (`set_tid` needs CAP_SYS_ADMIN over the tree's pid namespace,
-/// which it left), so its threads take the next one (another process of
-/// the host may take it first: the thread made then ends, and this is
-/// tried again). A pid in use is an error at once.
+/// for a pid there (`set_tid` needs CAP_SYS_ADMIN over the tree's pid
+/// namespace, which it left), so its threads and children take the next
+/// one (another process of the host may take it first: the one made then
+/// ends, and this is tried again). A pid in use is an error at once.
 pub fn next_pid_is(pid: i32) -> Result<NextPid> {
     if std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(Error::PidTaken(pid));
     }
     let fail = |e: std::io::Error| Error::Restore {
         pid,
-        stage: "thread in a user namespace",
+        stage: "process or thread in a user namespace",
         detail: format!("set the next pid: {e}"),
     };
     let before = crate::procfs::read_text(LAST_PID)
