@@ -1107,6 +1107,55 @@ pub struct NetAddress {
     pub scope: Option<RouteScope>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broadcast: Option<std::net::IpAddr>,
+    /// Flags given it (`noprefixroute`...), by `ip`'s names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<AddressFlag>,
+    /// Seconds it had left to be valid and preferred, where not forever
+    /// (given again as they were, so longer by the time the tree was
+    /// down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetimes: Option<(u32, u32)>,
+}
+
+/// A flag an address is given (`ip address add ... FLAG`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AddressFlag {
+    /// No route is made for its prefix.
+    NoPrefixRoute,
+    /// A home address (mobile IPv6).
+    Home,
+    /// Not put through duplicate address detection.
+    NoDad,
+    /// Temporary addresses are made from it (IPv6 privacy).
+    MngTmpAddr,
+    /// A multicast group joined with it.
+    AutoJoin,
+}
+
+impl AddressFlag {
+    const NAMES: [(AddressFlag, &'static str); 5] = [
+        (AddressFlag::NoPrefixRoute, "noprefixroute"),
+        (AddressFlag::Home, "home"),
+        (AddressFlag::NoDad, "nodad"),
+        (AddressFlag::MngTmpAddr, "mngtmpaddr"),
+        (AddressFlag::AutoJoin, "autojoin"),
+    ];
+
+    /// As `ip` names it.
+    pub fn name(self) -> &'static str {
+        Self::NAMES
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map_or("", |(_, n)| n)
+    }
+
+    pub fn from_name(name: &str) -> Option<AddressFlag> {
+        Self::NAMES
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(f, _)| *f)
+    }
 }
 
 fn loopback() -> String {
@@ -1150,6 +1199,35 @@ pub struct NetRoute {
     /// The routing table it is in; `None`: the main one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<u32>,
+    /// Who made it (`proto`: a routing daemon's name, or a number), where
+    /// not `boot`, the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Its gateway is taken as on the link whatever its prefix (`onlink`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub onlink: bool,
+    /// An IPv6 route's preference, where not medium: `low` or `high`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pref: Option<RoutePref>,
+}
+
+/// An IPv6 route's preference other than the default, medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutePref {
+    Low,
+    High,
+}
+
+impl NetRoute {
+    /// A protocol `ip route` takes as `proto`: a name of letters, digits
+    /// and `_-.` (not starting with `-`), or a number.
+    pub fn protocol_allowed(p: &str) -> bool {
+        (1..32).contains(&p.len())
+            && !p.starts_with('-')
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    }
 }
 
 /// A routing rule (`ip rule`): packets that match every selector given
@@ -1312,6 +1390,7 @@ impl OwnNet {
             if r.destination.is_some_and(|(a, p)| !fits(&a, p))
                 || r.dev.as_deref().is_some_and(|d| !known(d))
                 || r.table.is_some_and(|t| !table_ok(t))
+                || (r.protocol.as_deref()).is_some_and(|p| !NetRoute::protocol_allowed(p))
             {
                 return Err(format!(
                     "a route to {:?} through {:?} in table {:?}",

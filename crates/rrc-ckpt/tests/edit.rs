@@ -793,9 +793,12 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     let process = record_with(&images, "own_net");
     let net = |v: &mut serde_json::Value| -> serde_json::Value { v["own_net"].take() };
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 12] = [
+    let edits: [(&str, Edit); 13] = [
         ("a route in the local table", |n| {
             n["routes"][0]["table"] = 255.into()
+        }),
+        ("a route's protocol named like an option", |n| {
+            n["routes"][0]["protocol"] = "-evil".into()
         }),
         ("a routing rule on an interface it does not have", |n| {
             n["rules"] = serde_json::json!([

@@ -16,8 +16,8 @@ use serde_json::Value;
 
 use crate::common::in_netns_of;
 use crate::image::{
-    NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RouteScope, RuleAction, TABLE_DEFAULT,
-    TABLE_LOCAL, TABLE_MAIN, TunDevice, VethEnd, interface_name_allowed,
+    AddressFlag, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RouteScope,
+    RuleAction, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN, TunDevice, VethEnd, interface_name_allowed,
 };
 use crate::procfs as pfs;
 
@@ -415,7 +415,9 @@ fn addresses(links: &[Value], ends: &[Made]) -> Found<Vec<NetAddress>> {
             if given {
                 continue;
             }
-            const KNOWN: [&str; 8] = [
+            // What its flags, lifetimes and order (a secondary IPv4
+            // address comes after its primary) make it, or the kernel does.
+            const KNOWN: [&str; 11] = [
                 "family",
                 "local",
                 "prefixlen",
@@ -424,16 +426,32 @@ fn addresses(links: &[Value], ends: &[Made]) -> Found<Vec<NetAddress>> {
                 "broadcast",
                 "valid_life_time",
                 "preferred_life_time",
+                "secondary",
+                "dynamic",
+                "deprecated",
             ];
-            let plain = a
-                .as_object()
-                .is_some_and(|o| o.keys().all(|k| KNOWN.contains(&k.as_str())));
-            let forever = a["valid_life_time"] == u32::MAX && a["preferred_life_time"] == u32::MAX;
-            if !plain || !forever {
-                return Err(format!(
-                    "address {address}/{prefix} with flags or a lifetime ({a})"
-                ));
+            let Some(o) = a.as_object() else {
+                return Err(format!("an address of {name} ip shows as {a}"));
+            };
+            let mut flags = Vec::new();
+            for k in o.keys().filter(|k| !KNOWN.contains(&k.as_str())) {
+                match AddressFlag::from_name(k) {
+                    Some(f) if a[k] == true => flags.push(f),
+                    _ => {
+                        return Err(format!("address {address}/{prefix} with {k} ({a})"));
+                    }
+                }
             }
+            let life = |key: &str| a[key].as_u64().and_then(|v| u32::try_from(v).ok());
+            let lifetimes = match (life("valid_life_time"), life("preferred_life_time")) {
+                (Some(u32::MAX), Some(u32::MAX)) => None,
+                (Some(valid), Some(preferred)) => Some((valid, preferred)),
+                _ => {
+                    return Err(format!(
+                        "address {address}/{prefix} without lifetimes ({a})"
+                    ));
+                }
+            };
             let label = a["label"]
                 .as_str()
                 .filter(|l| *l != name)
@@ -457,6 +475,8 @@ fn addresses(links: &[Value], ends: &[Made]) -> Found<Vec<NetAddress>> {
                 label,
                 scope,
                 broadcast: ip_of(&a["broadcast"]),
+                flags,
+                lifetimes,
             });
         }
     }
@@ -610,19 +630,30 @@ fn read_routes(table: &[Value], ends: &[Made]) -> Found<Vec<NetRoute>> {
             return Err(format!("a route with {k} ({r})"));
         }
         // Whether a link has its carrier is no route's.
-        let plain_flags = (r["flags"].as_array()).is_none_or(|f| f.iter().all(|x| x == "linkdown"));
-        let plain_pref = r["pref"].is_null() || r["pref"] == "medium";
-        let plain_proto =
-            r["protocol"].is_null() || r["protocol"] == "boot" || r["protocol"] == "static";
+        let flags: Vec<&Value> = r["flags"].as_array().into_iter().flatten().collect();
+        let onlink = flags.iter().any(|f| *f == "onlink");
+        let plain_flags = flags.iter().all(|f| *f == "linkdown" || *f == "onlink");
+        let pref = match r["pref"].as_str() {
+            None | Some("medium") => None,
+            Some("low") => Some(RoutePref::Low),
+            Some("high") => Some(RoutePref::High),
+            Some(p) => return Err(format!("a route of preference {p}")),
+        };
+        // `boot`, the default, is `ip route add`'s.
+        let protocol = match &r["protocol"] {
+            Value::Null => None,
+            Value::String(p) if p == "boot" => None,
+            Value::String(p) if NetRoute::protocol_allowed(p) => Some(p.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            p => return Err(format!("a route of protocol {p}")),
+        };
         let dev = match r["dev"].as_str() {
             None => None,
             Some(d) if d == "lo" || ends.iter().any(|e| e.name == d) => Some(d.to_string()),
             Some(d) => return Err(format!("a route through {d}")),
         };
-        if !(plain_flags && plain_pref && plain_proto) {
-            return Err(format!(
-                "a route with flags, a preference or a protocol ({r})"
-            ));
+        if !plain_flags {
+            return Err(format!("a route with flags ({r})"));
         }
         let kind = match r["type"].as_str() {
             None | Some("unicast") => RouteKind::Unicast,
@@ -658,6 +689,9 @@ fn read_routes(table: &[Value], ends: &[Made]) -> Found<Vec<NetRoute>> {
             scope,
             source: ip_of(&r["prefsrc"]),
             table,
+            protocol,
+            onlink,
+            pref,
         });
     }
     Ok(out)
@@ -696,12 +730,62 @@ mod tests {
             read_routes(&named, &[]).unwrap_err(),
             "routing table \"vpn\""
         );
+        let routed: Vec<Value> = serde_json::from_str(
+            r#"[{"dst":"10.70.0.0/16","dev":"lo","protocol":"bird","flags":[]},
+                {"dst":"10.71.0.0/16","dev":"lo","protocol":99,"flags":[]},
+                {"dst":"10.72.0.0/16","gateway":"192.168.9.1","dev":"lo","flags":["onlink"]},
+                {"dst":"fd03::/64","dev":"lo","protocol":"static","pref":"high","flags":[]}]"#,
+        )
+        .unwrap();
+        let r = read_routes(&routed, &[]).unwrap();
+        assert_eq!(r[0].protocol.as_deref(), Some("bird"));
+        assert_eq!(r[1].protocol.as_deref(), Some("99"));
+        assert!(r[2].onlink && r[2].protocol.is_none());
+        assert_eq!(
+            (r[3].protocol.as_deref(), r[3].pref),
+            (Some("static"), Some(RoutePref::High))
+        );
+        let offloaded: Vec<Value> =
+            serde_json::from_str(r#"[{"dst":"10.0.0.0/8","dev":"lo","flags":["offload"]}]"#)
+                .unwrap();
+        assert!(read_routes(&offloaded, &[]).unwrap_err().contains("flags"));
         let multipath: Vec<Value> =
             serde_json::from_str(r#"[{"dst":"10.0.0.0/8","nexthops":[]}]"#).unwrap();
         assert!(
             read_routes(&multipath, &[])
                 .unwrap_err()
                 .contains("nexthops")
+        );
+    }
+
+    #[test]
+    fn addresses_keep_their_flags_and_lifetimes_or_are_named() {
+        let links: Vec<Value> = serde_json::from_str(
+            r#"[{"ifname":"lo","addr_info":[
+                  {"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host","label":"lo",
+                   "valid_life_time":4294967295,"preferred_life_time":4294967295},
+                  {"family":"inet","local":"10.1.0.1","prefixlen":16,"scope":"global","label":"lo",
+                   "valid_life_time":4294967295,"preferred_life_time":4294967295},
+                  {"family":"inet","local":"10.1.0.2","prefixlen":16,"scope":"global",
+                   "secondary":true,"noprefixroute":true,"label":"lo","dynamic":true,
+                   "valid_life_time":3000,"preferred_life_time":0,"deprecated":true}]}]"#,
+        )
+        .unwrap();
+        let a = addresses(&links, &[]).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!((a[0].flags.as_slice(), a[0].lifetimes), (&[][..], None));
+        assert_eq!(a[1].flags, vec![AddressFlag::NoPrefixRoute]);
+        assert_eq!(a[1].lifetimes, Some((3000, 0)));
+        let tentative: Vec<Value> = serde_json::from_str(
+            r#"[{"ifname":"lo","addr_info":[{"family":"inet6","local":"fd00::1","prefixlen":64,
+                 "tentative":true,"valid_life_time":4294967295,
+                 "preferred_life_time":4294967295}]}]"#,
+        )
+        .unwrap();
+        assert!(
+            addresses(&tentative, &[])
+                .unwrap_err()
+                .contains("tentative")
         );
     }
 

@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::image::{
-    FileKind, NetRoute, NetRule, OpenFile, OwnNet, RouteKind, RuleAction, TunDevice,
+    AddressFlag, FileKind, NetRoute, NetRule, OpenFile, OwnNet, RouteKind, RoutePref, RuleAction,
+    TunDevice,
 };
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, sys};
@@ -91,9 +92,14 @@ pub fn fill(
             args.extend(a.scope.map(|s| ["scope", s.name()]).iter().flatten());
             let brd = a.broadcast.map(|b| b.to_string());
             args.extend(brd.as_deref().map(|b| ["broadcast", b]).iter().flatten());
+            args.extend(a.flags.iter().map(|f| f.name()));
             // It had been through duplicate address detection.
-            if a.address.is_ipv6() && a.dev != "lo" {
+            if a.address.is_ipv6() && a.dev != "lo" && !a.flags.contains(&AddressFlag::NoDad) {
                 args.push("nodad");
+            }
+            let lifetimes = a.lifetimes.map(|(v, p)| (v.to_string(), p.to_string()));
+            if let Some((valid, preferred)) = &lifetimes {
+                args.extend(["valid_lft", valid, "preferred_lft", preferred]);
             }
             run("ip", &args, None)?;
         }
@@ -247,6 +253,17 @@ fn route_args(r: &NetRoute) -> Vec<String> {
     if let Some(t) = r.table {
         a.extend(["table".into(), t.to_string()]);
     }
+    if let Some(p) = &r.protocol {
+        a.extend(["proto".into(), p.clone()]);
+    }
+    if r.onlink {
+        a.push("onlink".into());
+    }
+    match r.pref {
+        None => {}
+        Some(RoutePref::Low) => a.extend(["pref".into(), "low".into()]),
+        Some(RoutePref::High) => a.extend(["pref".into(), "high".into()]),
+    }
     a
 }
 
@@ -342,6 +359,9 @@ mod tests {
             scope: None,
             source: None,
             table: None,
+            protocol: None,
+            onlink: false,
+            pref: None,
         };
         assert_eq!(
             route_args(&r).join(" "),
@@ -356,10 +376,13 @@ mod tests {
             scope: Some(RouteScope::Link),
             source: None,
             table: Some(100),
+            protocol: Some("bird".into()),
+            onlink: true,
+            pref: Some(RoutePref::High),
         };
         assert_eq!(
             route_args(&r).join(" "),
-            "-6 route add fd01::/64 dev lo scope link table 100"
+            "-6 route add fd01::/64 dev lo scope link table 100 proto bird onlink pref high"
         );
     }
 
