@@ -1734,8 +1734,19 @@ pub struct UserNsMaker {
     go: Option<std::os::fd::OwnedFd>,
 }
 
+/// A user namespace another is made in: open, with the uid and gid the
+/// maker takes there (as it numbers them; the uid is the new namespace's
+/// owner, and the new one's creator must have both mapped there).
+pub struct InParent<'a> {
+    pub ns: std::os::fd::BorrowedFd<'a>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 impl UserNsMaker {
-    pub fn start(owner: u32) -> io::Result<UserNsMaker> {
+    /// Starts one that makes the namespace, in ours with uid `owner`, or
+    /// in `parent` with its ids there.
+    pub fn start(owner: u32, parent: Option<InParent<'_>>) -> io::Result<UserNsMaker> {
         use std::os::fd::AsRawFd;
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -1757,8 +1768,18 @@ impl UserNsMaker {
             unsafe {
                 libc::close(ready_r_raw);
                 libc::close(go_w_raw);
-                let code = if libc::syscall(libc::SYS_setresuid, owner, owner, owner) == 0
-                    && libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) == 0
+                let entered = match &parent {
+                    None => libc::syscall(libc::SYS_setresuid, owner, owner, owner) == 0,
+                    Some(p) => {
+                        libc::syscall(libc::SYS_setns, p.ns.as_raw_fd(), libc::CLONE_NEWUSER) == 0
+                            && libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid) == 0
+                            && libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid) == 0
+                    }
+                };
+                // Its /proc files its own again (the uid change made them
+                // root's), for its parent namespace to write its maps.
+                let entered = entered && libc::prctl(libc::PR_SET_DUMPABLE, 1) == 0;
+                let code = if entered && libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) == 0
                 {
                     let b = 1u8;
                     libc::write(ready_w_raw, (&raw const b).cast(), 1);
@@ -1813,6 +1834,81 @@ impl Drop for UserNsMaker {
         if self.go.is_some() {
             self.end();
         }
+    }
+}
+
+/// Writes `files` (at most 3, each a path and its text: a nested user
+/// namespace's `setgroups`, `uid_map`, `gid_map` under /proc/PID) from user namespace
+/// `parent`, where the kernel wants a namespace's maps written from (its
+/// parent's, with CAP_SETUID there), by a child of ours that enters it and
+/// takes file-system uid `fsuid` there (the files' owner's: the
+/// namespace's creator's).
+pub fn write_in_user_ns(
+    parent: std::os::fd::BorrowedFd<'_>,
+    fsuid: u32,
+    files: &[(&str, &str)],
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let files: Vec<(std::ffi::CString, &[u8])> = files
+        .iter()
+        .map(|(path, text)| {
+            std::ffi::CString::new(*path)
+                .map(|c| (c, text.as_bytes()))
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+        })
+        .collect::<io::Result<_>>()?;
+    let ns = parent.as_raw_fd();
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the child makes only raw system calls on integers and on
+    // paths and texts made before the clone, then ends with _exit: nothing
+    // of the parent's other threads (locks, allocator) is touched.
+    let ret = unsafe { clone3(&args) };
+    if ret == 0 {
+        // SAFETY: as above; each pointer is to memory of the child's own
+        // copy, live until it ends.
+        unsafe {
+            // The exit code: 0, or 64 times the step that failed (0: the
+            // entry, then each file's) and its errno (below 64).
+            let fail = |step: i32| {
+                let errno = (*libc::__errno_location()).clamp(1, 63);
+                libc::_exit(step * 64 + errno)
+            };
+            if libc::syscall(libc::SYS_setns, ns, libc::CLONE_NEWUSER) != 0 {
+                fail(0);
+            }
+            libc::syscall(libc::SYS_setfsuid, fsuid);
+            for (i, (path, text)) in files.iter().enumerate() {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0
+                    || libc::write(fd, text.as_ptr().cast(), text.len()) != text.len() as isize
+                {
+                    fail(1 + i as i32);
+                }
+                libc::close(fd);
+            }
+            libc::_exit(0)
+        }
+    }
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let status = nix::sys::wait::waitpid(Pid::from_raw(ret as i32), None)?;
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+        nix::sys::wait::WaitStatus::Exited(_, code) => {
+            let what = match (code / 64) as usize {
+                0 => "enter the parent namespace".to_string(),
+                n => files
+                    .get(n - 1)
+                    .map_or("?".into(), |f| f.0.to_string_lossy().into_owned()),
+            };
+            let e = io::Error::from_raw_os_error(code % 64);
+            Err(io::Error::other(format!("{what}: {e}")))
+        }
+        other => Err(io::Error::other(format!("the writer ended as {other:?}"))),
     }
 }
 

@@ -987,7 +987,10 @@ fn hostile_user_namespaces_are_refused_before_anything_is_made() {
     let (dir, images, _) = image_of("userns_own", false);
     let process = record_with(&images, "user_ns");
     type Edit = fn(&mut serde_json::Value);
-    let in_manifest: [(&str, Edit); 5] = [
+    let in_manifest: [(&str, Edit); 6] = [
+        ("nested in itself", |m| {
+            m["user_namespaces"][0]["parent"] = 0.into()
+        }),
         ("no uid ranges", |m| {
             m["user_namespaces"][0]["uid_map"] = serde_json::json!([])
         }),

@@ -1282,6 +1282,11 @@ fn processes_in_user_namespaces_of_their_own_get_them_back_with_their_ids() {
 }
 
 #[test]
+fn user_namespaces_nested_as_a_rootless_containers_come_back_nested() {
+    checkpoint_restore("userns_nested");
+}
+
+#[test]
 fn a_pid_namespace_of_a_user_namespace_comes_back_in_it_with_its_pids() {
     checkpoint_restore("userns_pidns");
 }

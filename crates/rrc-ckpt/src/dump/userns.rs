@@ -5,8 +5,8 @@
 //! its fds are put in place and it takes its credentials again (as the
 //! namespace numbers them). What that cannot give back is refused:
 //!
-//! - a namespace nested in another than ours (a restore makes children of
-//!   its own only);
+//! - a namespace nested in one no process of the tree is in (its maps are
+//!   read through a process in it);
 //! - a process with more than one thread there in a nested pid namespace
 //!   (the tree's own, or one below it) other than one of its user
 //!   namespace's: a thread gets its id by `clone3`'s `set_tid`, which
@@ -87,6 +87,15 @@ pub fn read(
         }
     };
     let mut known: BTreeMap<NsId, usize> = BTreeMap::new();
+    // A process in each namespace, through which it is read.
+    let members: Vec<(Pid, File, NsId)> = (processes.iter())
+        .filter(|p| !p.threads.is_empty())
+        .filter_map(|p| {
+            let f = File::open(format!("/proc/{}/ns/user", p.pid)).ok()?;
+            let id = ns_id(&f).ok()?;
+            (id != mine).then_some((p.pid, f, id))
+        })
+        .collect();
     for p in processes.iter().filter(|p| !p.threads.is_empty()) {
         let pid = p.pid;
         let opened =
@@ -150,22 +159,16 @@ pub fn read(
             }
         }
         places.owned.insert(pid, owned);
-        let index = match known.get(&id) {
-            Some(i) => *i,
-            None => match namespace(pid, &file, mine) {
-                Ok(u) => {
-                    places.namespaces.push(u);
-                    known.insert(id, places.namespaces.len() - 1);
-                    places.namespaces.len() - 1
-                }
-                Err(what) => {
-                    problems.push(format!(
-                        "process {pid} is in a user namespace {what}, which a restore does not \
-                         make again"
-                    ));
-                    continue;
-                }
-            },
+        drop(file);
+        let index = match record(id, &members, mine, &mut known, &mut places.namespaces) {
+            Ok(i) => i,
+            Err(what) => {
+                problems.push(format!(
+                    "process {pid} is in a user namespace {what}, which a restore does not make \
+                     again"
+                ));
+                continue;
+            }
         };
         places.of.insert(pid, index);
         if let Some(st) = statuses.get(&pid) {
@@ -182,15 +185,38 @@ pub fn read(
     places
 }
 
-/// The user namespace of process `pid` (open: `file`), which must be a
-/// child of ours (`mine`): its owner, maps and `setgroups`.
-fn namespace(pid: Pid, file: &File, mine: NsId) -> Result<UserNs, String> {
+/// The index in `namespaces` of user namespace `id`, recorded there (a
+/// parent before its children, read through a process of `members` in
+/// each) if it is not yet (`known`).
+fn record(
+    id: NsId,
+    members: &[(Pid, File, NsId)],
+    mine: NsId,
+    known: &mut BTreeMap<NsId, usize>,
+    namespaces: &mut Vec<UserNs>,
+) -> Result<usize, String> {
+    if let Some(i) = known.get(&id) {
+        return Ok(*i);
+    }
+    let Some((pid, file, _)) = members.iter().find(|(_, _, m)| *m == id) else {
+        return Err("nested in one no process of the tree is in".into());
+    };
     let parent = crate::sys::ns_owner(file.as_fd(), true)
         .and_then(ns_id)
         .map_err(|e| format!("whose parent cannot be read ({e})"))?;
-    if parent != mine {
-        return Err("nested in another than rrc's".into());
-    }
+    let parent = match parent == mine {
+        true => None,
+        false => Some(record(parent, members, mine, known, namespaces)?),
+    };
+    let u = namespace(*pid, file, parent)?;
+    namespaces.push(u);
+    known.insert(id, namespaces.len() - 1);
+    Ok(namespaces.len() - 1)
+}
+
+/// The user namespace of process `pid` (open: `file`), nested in the
+/// tree's `parent` (none: ours): its owner, maps and `setgroups`.
+fn namespace(pid: Pid, file: &File, parent: Option<usize>) -> Result<UserNs, String> {
     let owner = crate::sys::user_ns_owner_uid(file.as_fd())
         .map_err(|e| format!("whose owner cannot be read ({e})"))?;
     let read = |what: &str| {
@@ -205,6 +231,7 @@ fn namespace(pid: Pid, file: &File, mine: NsId) -> Result<UserNs, String> {
         uid_map: map("uid_map")?,
         gid_map: map("gid_map")?,
         setgroups: read("setgroups")?.trim() == "allow",
+        parent,
     };
     // A namespace whose maps were never written has no ids at all.
     u.check()

@@ -1,12 +1,13 @@
 //! User namespaces of the tree's (defined here only): each one a child of
-//! the checkpointing process's, with its id maps and whether `setgroups`
-//! is allowed in it. Ids outside a namespace are those of the parent (the
-//! host's, as `/proc/PID/status` shows them to it); a process's ids in its
-//! image are always these.
+//! the checkpointing process's or of another of the tree's, with its id
+//! maps and whether `setgroups` is allowed in it. Ids outside a namespace
+//! are the checkpointing process's (the host's, as `/proc/PID/status` and
+//! the maps show them to it, whatever the namespaces between); a
+//! process's ids in its image are always these.
 //!
-//! A restore makes each namespace before the tree, and each process in
-//! one enters it before it takes its own credentials again, translated
-//! through the maps.
+//! A restore makes each namespace before the tree, a parent before its
+//! children, and each process in one enters it before it takes its own
+//! credentials again, translated through the maps.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,11 @@ pub struct UserNs {
     /// `/proc/PID/setgroups` reads "allow" (false: "deny", as an
     /// unprivileged `unshare -r` leaves it).
     pub setgroups: bool,
+    /// The namespace of the tree's it is nested in (an index of
+    /// `Manifest::user_namespaces`, an earlier one); none: a child of the
+    /// checkpointing process's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<usize>,
 }
 
 /// `count` ids from `inside` in the namespace are `outside` onwards in its
@@ -76,12 +82,31 @@ impl UserNs {
             && (c.gid.iter()).all(|id| self.inside(IdKind::Gid, *id).is_some())
     }
 
-    /// A map as its `/proc/PID/*_map` file is written: one range a line.
+    /// A map as its `/proc/PID/*_map` file is written by a process of the
+    /// checkpointing process's namespace: one range a line.
     pub fn map_text(&self, kind: IdKind) -> String {
         self.map(kind)
             .iter()
             .map(|r| format!("{} {} {}\n", r.inside, r.outside, r.count))
             .collect()
+    }
+
+    /// The same written from `parent`, the namespace it is nested in
+    /// (where the kernel wants its maps written from): each range's
+    /// outside ids as the parent numbers them, which must all be mapped
+    /// there, in one of its ranges.
+    pub fn map_text_in(&self, kind: IdKind, parent: &UserNs) -> Option<String> {
+        let mut text = String::new();
+        for r in self.map(kind) {
+            // The kernel wants each range within one of the parent's.
+            let holder = parent.map(kind).iter().find(|p| {
+                let off = r.outside.checked_sub(p.outside);
+                off.is_some_and(|o| u64::from(o) + u64::from(r.count) <= u64::from(p.count))
+            })?;
+            let first = holder.inside + (r.outside - holder.outside);
+            text += &format!("{} {} {}\n", r.inside, first, r.count);
+        }
+        Some(text)
     }
 
     /// Parses a `/proc/PID/*_map` file as read from the parent namespace.
@@ -145,12 +170,49 @@ impl UserNs {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_nested_namespaces_maps_are_written_as_its_parent_numbers_ids() {
+        let range = |inside, outside, count| IdRange {
+            inside,
+            outside,
+            count,
+        };
+        let parent = UserNs {
+            uid_map: vec![range(0, 100_000, 65536)],
+            gid_map: vec![range(0, 100_000, 10), range(10, 200_000, 10)],
+            ..Default::default()
+        };
+        let child = UserNs {
+            uid_map: vec![range(0, 101_000, 1000)],
+            gid_map: vec![range(0, 200_005, 5)],
+            parent: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            child.map_text_in(IdKind::Uid, &parent).unwrap(),
+            "0 1000 1000\n"
+        );
+        assert_eq!(child.map_text_in(IdKind::Gid, &parent).unwrap(), "0 15 5\n");
+        // Across two of the parent's ranges, or beyond them: not mapped.
+        let across = UserNs {
+            gid_map: vec![range(0, 100_005, 10)],
+            ..child.clone()
+        };
+        assert_eq!(across.map_text_in(IdKind::Gid, &parent), None);
+        let beyond = UserNs {
+            uid_map: vec![range(0, 165_000, 1000)],
+            ..child
+        };
+        assert_eq!(beyond.map_text_in(IdKind::Uid, &parent), None);
+    }
+
     fn ns(uid: &str, gid: &str) -> UserNs {
         UserNs {
             owner: 1000,
             uid_map: UserNs::parse_map(uid).unwrap(),
             gid_map: UserNs::parse_map(gid).unwrap(),
             setgroups: false,
+            parent: None,
         }
     }
 

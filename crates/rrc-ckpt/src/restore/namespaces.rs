@@ -525,6 +525,21 @@ pub fn check_users(
 ) -> std::result::Result<(), String> {
     for (i, u) in m.user_namespaces.iter().enumerate() {
         u.check().map_err(|e| format!("user namespace {i}: {e}"))?;
+        // Nested in one made before it, its ids all mapped there.
+        if let Some(p) = u.parent {
+            let parent = (m.user_namespaces[..i].get(p)).ok_or_else(|| {
+                format!("user namespace {i} is nested in {p}, not an earlier one")
+            })?;
+            let mapped = [IdKind::Uid, IdKind::Gid]
+                .iter()
+                .all(|k| u.map_text_in(*k, parent).is_some());
+            if !mapped || parent.inside(IdKind::Uid, u.owner).is_none() {
+                return Err(format!(
+                    "user namespace {i} maps ids its parent {p} does not, or has an owner it does \
+                     not map"
+                ));
+            }
+        }
     }
     let all: Vec<&ProcessImage> = procs.values().collect();
     crate::image::check_user_pid_namespaces(&all, m.own_pid_ns)?;
@@ -576,21 +591,57 @@ pub fn make_users(m: &Manifest) -> Result<Vec<OwnedFd>> {
         stage: "user namespaces",
         detail,
     };
-    let mut made = Vec::new();
+    let mut made: Vec<OwnedFd> = Vec::new();
     for u in &m.user_namespaces {
-        let maker = crate::sys::UserNsMaker::start(u.owner)
+        // Its parent, made before it ([`check_users`]).
+        let parent =
+            (u.parent).and_then(|i| Some((m.user_namespaces.get(i)?, made.get(i)?.as_fd())));
+        let owner_there = parent.map(|(pu, _)| pu.inside(IdKind::Uid, u.owner));
+        let in_parent = match (parent, owner_there) {
+            (Some((pu, ns)), Some(Some(uid))) => Some(crate::sys::InParent {
+                ns,
+                uid,
+                // Any id of the parent's will do for the maker's group.
+                gid: pu.gid_map.first().map_or(0, |r| r.inside),
+            }),
+            (Some(_), _) => return Err(fail(format!("owner {} outside its parent", u.owner))),
+            (None, _) => None,
+        };
+        let maker = crate::sys::UserNsMaker::start(u.owner, in_parent)
             .map_err(|e| fail(format!("make one as uid {}: {e}", u.owner)))?;
         let dir = format!("/proc/{}", maker.pid);
-        let write = |file: &str, text: &str| {
-            std::fs::write(format!("{dir}/{file}"), text)
-                .map_err(|e| fail(format!("write {file} ({}): {e}", text.trim_end())))
-        };
         // setgroups before the gid map, which allows it otherwise.
+        let mut files = Vec::new();
         if !u.setgroups {
-            write("setgroups", "deny")?;
+            files.push(("setgroups", "deny".to_string()));
         }
-        write(IdKind::Uid.file(), &u.map_text(IdKind::Uid))?;
-        write(IdKind::Gid.file(), &u.map_text(IdKind::Gid))?;
+        for kind in [IdKind::Uid, IdKind::Gid] {
+            let text = match parent {
+                None => Some(u.map_text(kind)),
+                Some((pu, _)) => u.map_text_in(kind, pu),
+            };
+            let text =
+                text.ok_or_else(|| fail(format!("its {} outside its parent", kind.file())))?;
+            files.push((kind.file(), text));
+        }
+        match (parent, owner_there.flatten()) {
+            // From its parent, as the kernel wants for a nested one.
+            (Some((_, ns)), Some(uid)) => {
+                let paths: Vec<(String, &str)> = (files.iter())
+                    .map(|(f, text)| (format!("{dir}/{f}"), text.as_str()))
+                    .collect();
+                let paths: Vec<(&str, &str)> =
+                    paths.iter().map(|(p, t)| (p.as_str(), *t)).collect();
+                crate::sys::write_in_user_ns(ns, uid, &paths)
+                    .map_err(|e| fail(format!("write its maps: {e}")))?;
+            }
+            _ => {
+                for (file, text) in &files {
+                    std::fs::write(format!("{dir}/{file}"), text)
+                        .map_err(|e| fail(format!("write {file} ({}): {e}", text.trim_end())))?;
+                }
+            }
+        }
         let ns = std::fs::File::open(format!("{dir}/ns/user"))
             .map_err(|e| fail(format!("open it: {e}")))?;
         maker.finish();
