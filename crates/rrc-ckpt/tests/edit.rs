@@ -733,6 +733,11 @@ fn hostile_mount_steps_are_refused_and_never_reach_the_hosts_mounts() {
         let n = queues(v);
         v["own_mounts"]["ops"][n]["options"] = "size=1".into()
     });
+    refused_when(&images, &process, "devpts options not carried", |v| {
+        v["own_mounts"]["ops"] = serde_json::json!([
+            {"op": "devpts", "target": "/tmp", "flags": [], "options": "mode=620,size=1"}
+        ])
+    });
 
     // A mount shared with the host's, and a link to it.
     let shared = format!("{base}/shared");

@@ -1312,6 +1312,11 @@ fn routing_tables_and_rules_of_a_network_namespace_come_back() {
 }
 
 #[test]
+fn a_devpts_instance_of_a_mount_namespace_comes_back_with_its_pseudo_terminals() {
+    checkpoint_restore("mntns_devpts");
+}
+
+#[test]
 fn a_root_in_a_mount_namespace_of_its_own_gets_it_back() {
     checkpoint_restore("mntns_root");
 }

@@ -419,6 +419,12 @@ fn new_mount(
                 entries,
             });
         }
+        // Its pseudo-terminals are the tree's, or refused as any other.
+        "devpts" if m.root == "/" => own.ns.ops.push(MountOp::Devpts {
+            target: target.clone(),
+            flags: flags(m),
+            options,
+        }),
         "proc" | "mqueue" | "sysfs" if m.root == "/" => {
             let (fs, maker) = match m.fs_type.as_str() {
                 "proc" => (NamespacedFs::Proc, proc_maker(pid, peers, &target)?),

@@ -53,6 +53,15 @@ pub enum MountOp {
         root: Entry,
         entries: Vec<Entry>,
     },
+    /// A new devpts instance at `target` with its options (`mode=`,
+    /// `ptmxmode=`, `gid=`...): empty, for the pseudo-terminals of the
+    /// tree's in it, made again by opening its ptmx where the process sees
+    /// it (`restore::pty`).
+    Devpts {
+        target: String,
+        flags: Vec<MountFlag>,
+        options: String,
+    },
     /// A new file system that shows a namespace of process `by`'s, made
     /// by that process: proc (its pid namespace), mqueue (its IPC
     /// namespace), sysfs (its network namespace); `by` is this
@@ -76,6 +85,7 @@ impl MountOp {
             | MountOp::Flags { path, .. } => path,
             MountOp::Bind { target, .. }
             | MountOp::Tmpfs { target, .. }
+            | MountOp::Devpts { target, .. }
             | MountOp::Namespaced { target, .. } => target,
         }
     }
@@ -206,6 +216,7 @@ const TMPFS_OPTIONS: [&str; 8] = [
     "noswap",
 ];
 const PROC_OPTIONS: [&str; 3] = ["hidepid", "subset", "gid"];
+const DEVPTS_OPTIONS: [&str; 5] = ["mode", "ptmxmode", "gid", "uid", "max"];
 
 /// Whether `options` (a mountinfo super-options field without `rw`/`ro`)
 /// are only of those a fresh file system of type `fstype` is given.
@@ -213,6 +224,7 @@ pub fn options_allowed(fstype: &str, options: &str) -> bool {
     let allowed: &[&str] = match fstype {
         "tmpfs" => &TMPFS_OPTIONS,
         "proc" => &PROC_OPTIONS,
+        "devpts" => &DEVPTS_OPTIONS,
         "mqueue" | "sysfs" => &[],
         _ => return false,
     };
@@ -258,6 +270,9 @@ pub fn check(ns: &MountNs, data_len: impl Fn(usize) -> Option<u64>) -> Result<()
                 }
                 check_entries(root, entries, data_len(n))
                     .map_err(|e| format!("mount step {n}: {e}"))?;
+            }
+            MountOp::Devpts { options, .. } if !options_allowed("devpts", options) => {
+                return Err(format!("mount step {n}: devpts options {options:?}"));
             }
             MountOp::Namespaced { fs, options, .. } if !options_allowed(fs.name(), options) => {
                 return Err(format!("mount step {n}: {} options {options:?}", fs.name()));

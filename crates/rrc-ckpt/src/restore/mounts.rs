@@ -221,6 +221,25 @@ fn step(t: &mut Tracee, op: &MountOp, data: &std::path::Path) -> Result<()> {
                 remount(t, target, flags)?;
             }
         }
+        MountOp::Devpts {
+            target,
+            flags,
+            options,
+        } => {
+            let options = match options.as_str() {
+                "" => "newinstance".to_string(),
+                o => format!("newinstance,{o}"),
+            };
+            let bits = MountFlag::bits(flags);
+            mount(
+                t,
+                Some("devpts"),
+                target,
+                Some("devpts"),
+                bits,
+                Some(&options),
+            )?;
+        }
         MountOp::Namespaced {
             fs,
             target,
