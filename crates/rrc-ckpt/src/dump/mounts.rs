@@ -586,11 +586,18 @@ fn read_tmpfs(pid: Pid, m: &MountInfo, step: usize) -> Found<Tmpfs> {
         entries: Vec::new(),
         files: Vec::new(),
         offset: 0,
+        links: HashMap::new(),
     };
     let root = walk
         .entry(&top, "", &st)?
         .ok_or("a tmpfs whose top is a socket")?;
     walk.dir(&top, "")?;
+    // A name under another mount would be lost.
+    if let Some((path, _)) = walk.links.values().find(|(_, left)| *left > 0) {
+        return Err(format!(
+            "a file with hard links in the tmpfs at {target} some of which no path shows: {path}"
+        ));
+    }
     Ok(Tmpfs {
         dev: st.st_dev,
         root,
@@ -609,6 +616,9 @@ struct Walk<'a> {
     entries: Vec<Entry>,
     files: Vec<(String, u64)>,
     offset: u64,
+    /// Files with other names (hard links), by inode: the first name met
+    /// and how many names are yet to be met.
+    links: HashMap<u64, (String, u64)>,
 }
 
 impl Walk<'_> {
@@ -680,13 +690,13 @@ impl Walk<'_> {
         let name = path.rsplit('/').next().unwrap_or("");
         let kind = match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => EntryKind::Dir,
+            // Another name of a file met before: a link to it.
+            _ if st.st_nlink > 1 && self.links.contains_key(&st.st_ino) => {
+                let (to, left) = self.links.get_mut(&st.st_ino).expect("just seen");
+                *left -= 1;
+                EntryKind::Link { to: to.clone() }
+            }
             FileType::RegularFile => {
-                if st.st_nlink > 1 {
-                    return Err(format!(
-                        "a file with hard links in the tmpfs at {}: {path}",
-                        self.target
-                    ));
-                }
                 let len = st.st_size as u64;
                 self.files.push((path.to_string(), len));
                 let k = EntryKind::File {
@@ -695,6 +705,12 @@ impl Walk<'_> {
                 };
                 self.offset += len;
                 k
+            }
+            FileType::Symlink if st.st_nlink > 1 => {
+                return Err(format!(
+                    "a symbolic link with hard links in the tmpfs at {}: {path}",
+                    self.target
+                ));
             }
             FileType::Symlink => {
                 let t = rustix::fs::readlinkat(dir, name, Vec::new())
@@ -713,6 +729,9 @@ impl Walk<'_> {
                 ));
             }
         };
+        if st.st_nlink > 1 && matches!(kind, EntryKind::File { .. } | EntryKind::Fifo) {
+            (self.links).insert(st.st_ino, (path.to_string(), st.st_nlink - 1));
+        }
         Ok(Some(Entry {
             path: path.to_string(),
             kind,

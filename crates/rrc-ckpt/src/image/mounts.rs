@@ -201,6 +201,10 @@ pub enum EntryKind {
         target: String,
     },
     Fifo,
+    /// Another name of the file an earlier entry at `to` is (a hard link).
+    Link {
+        to: String,
+    },
 }
 
 /// The options a tmpfs may be given again; anything else (`mpol=`,
@@ -292,6 +296,8 @@ fn check_entries(root: &Entry, entries: &[Entry], data: Option<u64>) -> Result<(
     }
     let mut dirs = std::collections::HashSet::from([""]);
     let mut seen = std::collections::HashSet::new();
+    // The files a hard link may name: earlier regular files and FIFOs.
+    let mut linkable = std::collections::HashSet::new();
     for e in std::iter::once(root).chain(entries) {
         if e.mode & !0o7777 != 0 {
             return Err(format!("{:?} has mode {:o}", e.path, e.mode));
@@ -325,6 +331,17 @@ fn check_entries(root: &Entry, entries: &[Entry], data: Option<u64>) -> Result<(
                 }
             }
             EntryKind::Fifo => {}
+            EntryKind::Link { to } => {
+                if !linkable.contains(to.as_str()) {
+                    return Err(format!(
+                        "{:?} is a link to {to:?}, no file before it",
+                        e.path
+                    ));
+                }
+            }
+        }
+        if matches!(e.kind, EntryKind::File { .. } | EntryKind::Fifo) {
+            linkable.insert(e.path.as_str());
         }
     }
     Ok(())
@@ -369,6 +386,7 @@ mod tests {
                     target: "../etc".into(),
                 },
             ),
+            entry("h", EntryKind::Link { to: "d/f".into() }),
         ]);
         assert_eq!(check(&ns, |_| Some(4)), Ok(()));
         let json = serde_json::to_string(&ns).unwrap();
@@ -397,7 +415,12 @@ mod tests {
             *options = "size=1k,mpol=bind".into();
         }
         assert!(check(&ns, |_| Some(0)).is_err());
+        let link = |to: &str| entry("h", EntryKind::Link { to: to.into() });
         for entries in [
+            // Hard links to what is not a file before them.
+            vec![link("f"), entry("f", EntryKind::Fifo)],
+            vec![entry("d", EntryKind::Dir), link("d")],
+            vec![entry("f", EntryKind::Fifo), link("../etc/passwd")],
             vec![entry("../x", EntryKind::Dir)],
             vec![entry("a/b", EntryKind::Dir)],
             vec![entry("a", EntryKind::Dir), entry("a", EntryKind::Dir)],

@@ -419,6 +419,17 @@ fn make_entry(top: &OwnedFd, e: &Entry, data: Option<&File>) -> std::io::Result<
             rustix::fs::mknodat(&parent, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?
         }
         EntryKind::Symlink { target } => rustix::fs::symlinkat(target.as_str(), &parent, name)?,
+        EntryKind::Link { to } => {
+            // The file made for its first name, found beneath the top.
+            let file = rustix::fs::openat2(
+                top,
+                to.as_str(),
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_XDEV,
+            )?;
+            rustix::fs::linkat(&file, "", &parent, name, AtFlags::EMPTY_PATH)?;
+        }
         EntryKind::File { offset, len } => {
             let fd = rustix::fs::openat(
                 &parent,
@@ -437,6 +448,10 @@ fn make_entry(top: &OwnedFd, e: &Entry, data: Option<&File>) -> std::io::Result<
                 done += want as u64;
             }
         }
+    }
+    // A hard link's file has its owner, mode and time from its first name.
+    if matches!(e.kind, EntryKind::Link { .. }) {
+        return Ok(());
     }
     set_owner(&parent, name, e)?;
     if e.kind != EntryKind::Dir {
