@@ -720,6 +720,17 @@ impl Walk<'_> {
                 }
             }
             FileType::Fifo => EntryKind::Fifo,
+            FileType::CharacterDevice => {
+                let (major, minor) = (rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev));
+                if !crate::image::mounts::harmless_device(major, minor) {
+                    return Err(format!(
+                        "device {major}:{minor} in the tmpfs at {}: {path} (of the devices, only \
+                         null, zero, full, random, urandom and tty are made again)",
+                        self.target
+                    ));
+                }
+                EntryKind::CharDevice { major, minor }
+            }
             // A named socket's file is made again by its socket's bind.
             FileType::Socket => return Ok(None),
             other => {

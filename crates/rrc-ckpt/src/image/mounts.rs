@@ -205,6 +205,31 @@ pub enum EntryKind {
     Link {
         to: String,
     },
+    /// A character device node, one of [`HARMLESS_DEVICES`].
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+}
+
+/// The character devices a tmpfs may hold that a restore makes again:
+/// those a container runtime gives every container (null, zero, full,
+/// random, urandom, tty), which reach nothing of the host's. Any other
+/// node an image named would be a way into the host's devices.
+pub const HARMLESS_DEVICES: [(u32, u32, &str); 6] = [
+    (1, 3, "null"),
+    (1, 5, "zero"),
+    (1, 7, "full"),
+    (1, 8, "random"),
+    (1, 9, "urandom"),
+    (5, 0, "tty"),
+];
+
+/// Whether device `major:minor` is one of [`HARMLESS_DEVICES`].
+pub fn harmless_device(major: u32, minor: u32) -> bool {
+    HARMLESS_DEVICES
+        .iter()
+        .any(|(a, b, _)| (*a, *b) == (major, minor))
 }
 
 /// The options a tmpfs may be given again; anything else (`mpol=`,
@@ -331,6 +356,10 @@ fn check_entries(root: &Entry, entries: &[Entry], data: Option<u64>) -> Result<(
                 }
             }
             EntryKind::Fifo => {}
+            EntryKind::CharDevice { major, minor } if !harmless_device(*major, *minor) => {
+                return Err(format!("{:?} is device {major}:{minor}", e.path));
+            }
+            EntryKind::CharDevice { .. } => {}
             EntryKind::Link { to } => {
                 if !linkable.contains(to.as_str()) {
                     return Err(format!(
@@ -387,6 +416,7 @@ mod tests {
                 },
             ),
             entry("h", EntryKind::Link { to: "d/f".into() }),
+            entry("null", EntryKind::CharDevice { major: 1, minor: 3 }),
         ]);
         assert_eq!(check(&ns, |_| Some(4)), Ok(()));
         let json = serde_json::to_string(&ns).unwrap();
@@ -421,6 +451,8 @@ mod tests {
             vec![link("f"), entry("f", EntryKind::Fifo)],
             vec![entry("d", EntryKind::Dir), link("d")],
             vec![entry("f", EntryKind::Fifo), link("../etc/passwd")],
+            // A disk's node.
+            vec![entry("sda", EntryKind::CharDevice { major: 8, minor: 0 })],
             vec![entry("../x", EntryKind::Dir)],
             vec![entry("a/b", EntryKind::Dir)],
             vec![entry("a", EntryKind::Dir), entry("a", EntryKind::Dir)],

@@ -419,6 +419,14 @@ fn make_entry(top: &OwnedFd, e: &Entry, data: Option<&File>) -> std::io::Result<
             rustix::fs::mknodat(&parent, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?
         }
         EntryKind::Symlink { target } => rustix::fs::symlinkat(target.as_str(), &parent, name)?,
+        // One of `HARMLESS_DEVICES` (checked at load).
+        EntryKind::CharDevice { major, minor } => rustix::fs::mknodat(
+            &parent,
+            name,
+            FileType::CharacterDevice,
+            Mode::from_raw_mode(0o600),
+            rustix::fs::makedev(*major, *minor),
+        )?,
         EntryKind::Link { to } => {
             // The file made for its first name, found beneath the top.
             let file = rustix::fs::openat2(
