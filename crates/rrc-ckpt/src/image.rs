@@ -710,12 +710,21 @@ pub struct Pty {
     pub foreground: Option<i32>,
     /// What the terminal's side wrote that the master had not read yet.
     pub output: Hex,
+    /// What the master wrote that the terminal's programs had not read
+    /// yet, the terminal in non-canonical mode (in canonical mode such
+    /// input is refused: lines would not be put together again as they
+    /// were).
+    #[serde(default, skip_serializing_if = "Hex::is_empty")]
+    pub input: Hex,
 }
 
 impl Pty {
     /// Bytes of `struct termios2` and of `struct winsize`.
     pub const TERMIOS: usize = 44;
     pub const WINSIZE: usize = 8;
+    /// A terminal's input buffer (`N_TTY_BUF_SIZE`): unread input is
+    /// shorter.
+    pub const INPUT_MAX: usize = 4096;
 }
 
 /// A network namespace a process of the tree made: its loopback interface
@@ -2042,6 +2051,12 @@ pub enum OptValue {
 /// Bytes kept as a hex string in the JSON records.
 #[derive(Clone, PartialEq, Eq, Default)]
 pub struct Hex(pub Vec<u8>);
+
+impl Hex {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 impl std::fmt::Debug for Hex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

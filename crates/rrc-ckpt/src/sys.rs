@@ -1613,6 +1613,46 @@ pub mod tty {
         written
     }
 
+    /// Whether `termios` (a `struct termios2`) is in canonical mode: its
+    /// input read a line at a time, put together by the line discipline.
+    pub fn canonical(termios: &[u8]) -> bool {
+        // c_lflag is the fourth u32 of struct termios2.
+        let lflag = u32::from_ne_bytes(termios[12..16].try_into().expect("4 bytes"));
+        lflag & libc::ICANON != 0
+    }
+
+    /// Writes `input` to `master` as its terminal's unread input, the line
+    /// discipline's input processing (translations, flow control,
+    /// signals, echo) off for the while (`termios` taken for it and then
+    /// set back, if it had any), so that it reads as it was read: byte for
+    /// byte in non-canonical mode (the caller's only use).
+    pub fn write_input(master: BorrowedFd<'_>, termios: &[u8], input: &[u8]) -> io::Result<()> {
+        use std::io::Write;
+        let word = |at: usize| u32::from_ne_bytes(termios[at..at + 4].try_into().expect("4 bytes"));
+        let (iflag, lflag) = (word(0), word(12));
+        let iflag_off = libc::ICRNL
+            | libc::INLCR
+            | libc::IGNCR
+            | libc::IUCLC
+            | libc::ISTRIP
+            | libc::IXON
+            | libc::IXOFF;
+        let lflag_off =
+            libc::ECHO | libc::ECHOE | libc::ECHOK | libc::ECHONL | libc::ISIG | libc::IEXTEN;
+        let mut raw = termios.to_vec();
+        raw[0..4].copy_from_slice(&(iflag & !iflag_off).to_ne_bytes());
+        raw[12..16].copy_from_slice(&(lflag & !lflag_off).to_ne_bytes());
+        let changed = raw != termios;
+        if changed {
+            set_termios(master, &raw)?;
+        }
+        let written = std::fs::File::from(master.try_clone_to_owned()?).write_all(input);
+        if changed {
+            set_termios(master, termios)?;
+        }
+        written
+    }
+
     /// `struct winsize` (`TIOCGWINSZ`).
     pub fn winsize(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
         get_struct(fd, libc::TIOCGWINSZ, Pty::WINSIZE)

@@ -1144,15 +1144,15 @@ fn a_fuse_connection_is_refused_and_left_running() {
 }
 
 #[test]
-fn a_pseudo_terminal_pair_in_packet_and_raw_mode_keeps_its_unread_output() {
+fn a_pseudo_terminal_pair_in_packet_and_raw_mode_keeps_its_unread_output_and_input() {
     checkpoint_restore("pty_raw");
 }
 
 #[test]
-fn a_pseudo_terminal_with_input_not_read_yet_is_refused_and_left_running() {
+fn a_pseudo_terminal_with_input_not_read_yet_in_canonical_mode_is_refused_and_left_running() {
     refused(
         "unsupported_pty_input",
-        "input its programs have not read yet",
+        "input its programs have not read yet, in canonical mode",
     );
 }
 

@@ -61,11 +61,21 @@ impl Ptys {
             .map_err(|e| crate::Error::io("stat a terminal")(e.into()))?
             .st_dev;
         let termios = tty::termios(fd).map_err(io("TCGETS2"))?;
+        // Input not read yet: read, and written back through the master
+        // at once, in non-canonical mode (where it reads as it was).
+        let mut input = Vec::new();
         if tty::queued(peer.as_fd()).map_err(io("FIONREAD"))? > 0 {
-            return Ok(Err(format!(
-                "pseudo-terminal {index} has input its programs have not read yet (it cannot \
-                 be put back as it was)"
-            )));
+            if tty::canonical(&termios) {
+                return Ok(Err(format!(
+                    "pseudo-terminal {index} has input its programs have not read yet, in \
+                     canonical mode (its lines cannot be put back as they were)"
+                )));
+            }
+            input = drain_input(&peer).map_err(io("read a pseudo-terminal's input"))?;
+            if !input.is_empty() {
+                tty::write_input(fd, &termios, &input)
+                    .map_err(io("put a pseudo-terminal's input back"))?;
+            }
         }
         let output = drain(&master, packet).map_err(io("read a pseudo-terminal's output"))?;
         if !output.is_empty() {
@@ -83,6 +93,7 @@ impl Ptys {
             session: None,
             foreground: None,
             output: Hex(output),
+            input: Hex(input),
         });
         self.found.push(Found {
             dev,
@@ -160,6 +171,22 @@ impl Ptys {
 /// Reads what waits to be read on `master` (our copy, so its description's
 /// `O_NONBLOCK` is not ours to change: only as much as it says it holds).
 /// In packet mode each read starts with a status byte, left out.
+/// What a terminal's programs have not read yet, read through `peer` (a
+/// description of the terminal of our own, not blocking).
+fn drain_input(peer: &OwnedFd) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut f = std::fs::File::from(peer.try_clone()?);
+    let mut buf = [0u8; 4096];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(out),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn drain(master: &OwnedFd, packet: bool) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut f = std::fs::File::from(master.try_clone()?);

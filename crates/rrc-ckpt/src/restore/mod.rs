@@ -348,16 +348,22 @@ fn check_references(
     for pty in &m.ptys {
         use crate::image::Pty;
         let leader = |sid: &i32| procs.get(sid).is_some_and(|p| p.sid == *sid);
+        // Unread input only as a terminal in non-canonical mode holds it,
+        // within its line discipline's buffer (a write of more would
+        // wait for a reader forever).
+        let bad_input = !pty.input.0.is_empty()
+            && (pty.input.0.len() >= Pty::INPUT_MAX || sys::tty::canonical(&pty.termios.0));
         if pty.termios.0.len() != Pty::TERMIOS
             || pty.winsize.0.len() != Pty::WINSIZE
+            || bad_input
             || pty.session.is_some_and(|sid| !leader(&sid))
             || pty
                 .foreground
                 .is_some_and(|g| !procs.values().any(|p| p.pgid == g))
         {
             return Err(corrupt(format!(
-                "pseudo-terminal {} has settings of the wrong size, or a session or group \
-                 not in the tree",
+                "pseudo-terminal {} has settings of the wrong size, input it cannot hold, or \
+                 a session or group not in the tree",
                 pty.index
             )));
         }

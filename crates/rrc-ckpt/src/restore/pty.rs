@@ -272,7 +272,8 @@ fn make(t: &mut Tracee, pty: &Pty) -> Result<OwnedFd> {
     Ok(master)
 }
 
-/// The modes, settings and unread output of `pty` on its new `master`
+/// The modes, settings and unread output and input of `pty` on its new
+/// `master`
 /// (unlocked: its terminal is opened from it).
 fn set_up(master: BorrowedFd<'_>, pty: &Pty) -> std::io::Result<()> {
     tty::set_mode(master, libc::TIOCSPTLCK as libc::c_ulong, false)?;
@@ -282,6 +283,9 @@ fn set_up(master: BorrowedFd<'_>, pty: &Pty) -> std::io::Result<()> {
     if !pty.output.0.is_empty() {
         let peer = tty::peer(master, libc::O_RDWR | libc::O_NONBLOCK)?;
         tty::write_unprocessed(peer.as_fd(), &pty.termios.0, &pty.output.0)?;
+    }
+    if !pty.input.0.is_empty() {
+        tty::write_input(master, &pty.termios.0, &pty.input.0)?;
     }
     // Last: in packet mode, changes of the terminal's flow control would
     // queue status bytes for the master to read.
