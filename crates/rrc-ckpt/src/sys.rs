@@ -1766,6 +1766,22 @@ pub fn user_ns_owner_uid(ns: std::os::fd::BorrowedFd<'_>) -> io::Result<u32> {
     Ok(uid)
 }
 
+/// Forks a child of ours, which ends with SIGCHLD to us (`clone3` with
+/// no flags): 0 in the child, its pid in the parent, or -1.
+///
+/// # Safety
+///
+/// As for [`clone3`]: the child may make only raw system calls, on what
+/// was made before the fork, and must end with `_exit`.
+unsafe fn fork_raw() -> libc::c_long {
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the caller keeps the child to what `clone3` asks.
+    unsafe { clone3(&args) }
+}
+
 /// A child process of ours, alone in a user namespace it made with uid
 /// `owner`, waiting until [`UserNsMaker::finish`] (or its drop) ends it:
 /// for its maps to be written from outside and the namespace opened.
@@ -1794,14 +1810,10 @@ impl UserNsMaker {
         // The child's copies of the parent's ends: closed, or its read
         // would never see the end of the pipe.
         let (ready_r_raw, go_w_raw) = (ready_r.as_raw_fd(), go_w.as_raw_fd());
-        let args = CloneArgs {
-            exit_signal: libc::SIGCHLD as u64,
-            ..Default::default()
-        };
         // SAFETY: the child makes only raw system calls on integers and a
         // byte of its own stack, then ends with _exit: nothing of the
         // parent's other threads (locks, allocator) is touched.
-        let ret = unsafe { clone3(&args) };
+        let ret = unsafe { fork_raw() };
         if ret == 0 {
             // SAFETY: as above; each call takes integers or a pointer to a
             // live local byte.
@@ -1898,14 +1910,10 @@ pub fn write_in_user_ns(
         })
         .collect::<io::Result<_>>()?;
     let ns = parent.as_raw_fd();
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        ..Default::default()
-    };
     // SAFETY: the child makes only raw system calls on integers and on
     // paths and texts made before the clone, then ends with _exit: nothing
     // of the parent's other threads (locks, allocator) is touched.
-    let ret = unsafe { clone3(&args) };
+    let ret = unsafe { fork_raw() };
     if ret == 0 {
         // SAFETY: as above; each pointer is to memory of the child's own
         // copy, live until it ends.
