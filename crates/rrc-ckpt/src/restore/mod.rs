@@ -832,8 +832,8 @@ fn restore_process(
     namespaces::enter_time(&mut t, p)?;
     let root_has_ipc = pid == ctx.m.root && ctx.root_new_ipc;
     let born_in_user = p.in_user_pid_ns(ctx.procs);
-    #[rustfmt::skip]
-    namespaces::make_own(&mut t, p, root_has_ipc, born_in_user, &ctx.users, &ctx.mem.transport)?;
+    let (users, transport) = (&ctx.users, &ctx.mem.transport);
+    namespaces::make_own(&mut t, p, root_has_ipc, born_in_user, users, transport)?;
     if let Some(names) = &p.uts {
         namespaces::name_uts(&mut t, names)?;
     }

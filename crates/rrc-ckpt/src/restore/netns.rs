@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use crate::image::{
     AddressFlag, FileKind, NetRoute, NetRule, OpenFile, OwnNet, RouteKind, RoutePref, RuleAction,
-    TunDevice,
+    TunDevice, VnetHdr,
 };
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, sys};
@@ -122,6 +122,60 @@ pub fn fill(
     .map_err(fail)
 }
 
+/// A TUN/TAP file to make: one of the tree's (by id), or one of ours.
+struct TunFile<'a> {
+    id: Option<usize>,
+    /// Where it is opened, and the device that must be there.
+    path: &'a str,
+    rdev: Option<u64>,
+    /// `O_RDONLY`, `O_WRONLY` or `O_RDWR`.
+    access: i32,
+    /// Flags a file sets for itself besides its interface's.
+    own_flags: u16,
+    sndbuf: Option<i32>,
+    vnet: Option<VnetHdr>,
+}
+
+impl<'a> TunFile<'a> {
+    fn of(f: &'a OpenFile) -> Option<TunFile<'a>> {
+        let FileKind::Tun {
+            path,
+            rdev,
+            flags,
+            sndbuf,
+            vnet,
+            ..
+        } = &f.kind
+        else {
+            return None;
+        };
+        Some(TunFile {
+            id: Some(f.id),
+            path,
+            rdev: Some(*rdev),
+            access: (f.flags & libc::O_ACCMODE as u32) as i32,
+            // `IFF_ONE_QUEUE`, which does nothing: the others are the
+            // interface's, or say the file has no filter (none here).
+            own_flags: flags & libc::IFF_ONE_QUEUE as u16,
+            sndbuf: *sndbuf,
+            vnet: *vnet,
+        })
+    }
+
+    /// A file of ours that makes an interface none of the tree's holds.
+    fn ours() -> TunFile<'static> {
+        TunFile {
+            id: None,
+            path: "/dev/net/tun",
+            rdev: None,
+            access: libc::O_RDWR,
+            own_flags: 0,
+            sndbuf: None,
+            vnet: None,
+        }
+    }
+}
+
 /// Makes TUN/TAP interface `tun` by attaching the first of `files` (or a
 /// file of ours, for an interface no file holds) with its index, owner
 /// and group, then attaches the others. Returns the files by id: they keep
@@ -134,78 +188,44 @@ fn make_tun(
 ) -> std::result::Result<Vec<(usize, OwnedFd)>, String> {
     let err =
         |what: &str, e: std::io::Error| format!("{what} of TUN/TAP interface {}: {e}", tun.name);
-    let ours = (
-        None,
-        "/dev/net/tun",
-        None,
-        libc::O_RDWR,
-        tun.flags(),
-        None,
-        None,
-    );
-    let wants: Vec<_> = match files {
-        [] => vec![ours],
-        files => (files.iter())
-            .filter_map(|f| match &f.kind {
-                FileKind::Tun {
-                    path,
-                    rdev,
-                    flags,
-                    sndbuf,
-                    vnet,
-                    ..
-                } => Some((
-                    Some(f.id),
-                    path.as_str(),
-                    Some(*rdev),
-                    (f.flags & libc::O_ACCMODE as u32) as i32,
-                    *flags,
-                    *sndbuf,
-                    *vnet,
-                )),
-                _ => None,
-            })
-            .collect(),
-    };
+    let mut wants: Vec<TunFile> = files.iter().filter_map(|f| TunFile::of(f)).collect();
+    if wants.is_empty() {
+        wants.push(TunFile::ours());
+    }
     let mut made = Vec::new();
-    for (i, (id, path, rdev, access, flags, sndbuf, vnet)) in wants.into_iter().enumerate() {
+    for (i, want) in wants.into_iter().enumerate() {
+        let path = want.path;
         // The device the image names, looked at before it is opened.
-        let device = |f: &std::fs::Metadata| std::os::unix::fs::MetadataExt::rdev(f);
-        let is = std::fs::metadata(path).map(|m| device(&m));
-        if rdev.is_some_and(|r| is.as_ref().ok() != Some(&r)) {
-            return Err(format!(
-                "{path} is not device {:#x} ({is:?})",
-                rdev.unwrap_or(0)
-            ));
+        let is = std::fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::rdev(&m));
+        if let Some(rdev) = want.rdev.filter(|r| is.as_ref().ok() != Some(r)) {
+            return Err(format!("{path} is not device {rdev:#x} ({is:?})"));
         }
-        let fd = sys::tun::open(path, access).map_err(|e| err(&format!("open {path}"), e))?;
+        let fd = sys::tun::open(path, want.access).map_err(|e| err(&format!("open {path}"), e))?;
         if i == 0 {
             sys::tun::set_index(fd.as_fd(), tun.index).map_err(|e| err("the index", e))?;
         }
-        // The interface's flags: a file's own say only whether it has a
-        // filter (none here) besides.
-        let flags = tun.flags() | (flags & libc::IFF_ONE_QUEUE as u16);
-        sys::tun::attach(fd.as_fd(), &tun.name, flags).map_err(|e| err("attach a file", e))?;
+        sys::tun::attach(fd.as_fd(), &tun.name, tun.flags() | want.own_flags)
+            .map_err(|e| err("attach a file", e))?;
         if i == 0 {
             let set = [
-                (libc::TUNSETOWNER, tun.owner),
-                (libc::TUNSETGROUP, tun.group),
-                (libc::TUNSETPERSIST, tun.persist.then_some(1)),
+                ("the owner", libc::TUNSETOWNER, tun.owner),
+                ("the group", libc::TUNSETGROUP, tun.group),
+                ("persistence", libc::TUNSETPERSIST, tun.persist.then_some(1)),
             ];
-            for (request, value) in set {
+            for (what, request, value) in set {
                 if let Some(v) = value {
-                    sys::tun::set(fd.as_fd(), request, v).map_err(|e| err("the owner", e))?;
+                    sys::tun::set(fd.as_fd(), request, v).map_err(|e| err(what, e))?;
                 }
             }
         }
-        if let Some(v) = vnet {
+        if let Some(v) = want.vnet {
             sys::tun::set_vnet(fd.as_fd(), v.size, v.little_endian, v.offloads)
                 .map_err(|e| err("virtio-net headers", e))?;
         }
-        if let Some(size) = sndbuf {
+        if let Some(size) = want.sndbuf {
             sys::tun::set_sndbuf(fd.as_fd(), size).map_err(|e| err("a send buffer", e))?;
         }
-        if let Some(id) = id {
+        if let Some(id) = want.id {
             made.push((id, fd));
         }
     }
