@@ -1020,11 +1020,23 @@ pub fn check_tun_files(
 ) -> std::result::Result<(), String> {
     for f in files {
         let FileKind::Tun {
-            iface, flags, vnet, ..
+            iface,
+            flags,
+            vnet,
+            rdev,
+            ..
         } = &f.kind
         else {
             continue;
         };
+        // Opened by its path at a restore: the TUN/TAP device and no other
+        // (a disk, a watchdog...) may be named.
+        if *rdev != libc::makedev(10, 200) {
+            return Err(format!(
+                "TUN/TAP file {} names device {rdev:#x}, not /dev/net/tun's",
+                f.id
+            ));
+        }
         if vnet.is_some() != (flags & libc::IFF_VNET_HDR as u16 != 0)
             || vnet.is_some_and(|v| !v.valid())
         {

@@ -1782,10 +1782,11 @@ unsafe fn fork_raw() -> libc::c_long {
     unsafe { clone3(&args) }
 }
 
-/// A child process of ours, alone in a user namespace it made with uid
-/// `owner`, waiting until [`UserNsMaker::finish`] (or its drop) ends it:
-/// for its maps to be written from outside and the namespace opened.
-pub struct UserNsMaker {
+/// A child process of ours in a user namespace, waiting until
+/// [`UserNsChild::finish`] (or its drop) ends it: alone in one it made,
+/// for its maps to be written from outside and the namespace opened, or
+/// in one it entered, for its maps to be read.
+pub struct UserNsChild {
     pub pid: Pid,
     go: Option<std::os::fd::OwnedFd>,
 }
@@ -1799,10 +1800,42 @@ pub struct InParent<'a> {
     pub gid: u32,
 }
 
-impl UserNsMaker {
-    /// Starts one that makes the namespace, in ours with uid `owner`, or
-    /// in `parent` with its ids there.
-    pub fn start(owner: u32, parent: Option<InParent<'_>>) -> io::Result<UserNsMaker> {
+impl UserNsChild {
+    /// Starts one that makes a namespace, in ours with uid `owner`, or in
+    /// `parent` with its ids there.
+    pub fn make(owner: u32, parent: Option<InParent<'_>>) -> io::Result<UserNsChild> {
+        use std::os::fd::AsRawFd;
+        let parent = parent.map(|p| (p.ns.as_raw_fd(), p.uid, p.gid));
+        // SAFETY: raw system calls on integers only.
+        Self::start(&|| unsafe {
+            let entered = match parent {
+                None => libc::syscall(libc::SYS_setresuid, owner, owner, owner) == 0,
+                Some((ns, uid, gid)) => {
+                    libc::syscall(libc::SYS_setns, ns, libc::CLONE_NEWUSER) == 0
+                        && libc::syscall(libc::SYS_setresgid, gid, gid, gid) == 0
+                        && libc::syscall(libc::SYS_setresuid, uid, uid, uid) == 0
+                }
+            };
+            // Its /proc files its own again (the uid change made them
+            // root's), for its parent namespace to write its maps.
+            entered
+                && libc::prctl(libc::PR_SET_DUMPABLE, 1) == 0
+                && libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) == 0
+        })
+    }
+
+    /// Starts one that enters namespace `ns`, which no process of ours may
+    /// be in, for its maps to be read through its /proc files.
+    pub fn visit(ns: std::os::fd::BorrowedFd<'_>) -> io::Result<UserNsChild> {
+        use std::os::fd::AsRawFd;
+        let ns = ns.as_raw_fd();
+        // SAFETY: a raw system call on integers.
+        Self::start(&|| unsafe { libc::syscall(libc::SYS_setns, ns, libc::CLONE_NEWUSER) == 0 })
+    }
+
+    /// Forks the child, which takes `step` (raw system calls only: it runs
+    /// in a copy of a process of many threads) and waits.
+    fn start(step: &dyn Fn() -> bool) -> io::Result<UserNsChild> {
         use std::os::fd::AsRawFd;
         let (ready_r, ready_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -1810,9 +1843,10 @@ impl UserNsMaker {
         // The child's copies of the parent's ends: closed, or its read
         // would never see the end of the pipe.
         let (ready_r_raw, go_w_raw) = (ready_r.as_raw_fd(), go_w.as_raw_fd());
-        // SAFETY: the child makes only raw system calls on integers and a
-        // byte of its own stack, then ends with _exit: nothing of the
-        // parent's other threads (locks, allocator) is touched.
+        // SAFETY: the child makes only raw system calls (`step`'s, and on
+        // integers and a byte of its own stack), then ends with _exit:
+        // nothing of the parent's other threads (locks, allocator) is
+        // touched.
         let ret = unsafe { fork_raw() };
         if ret == 0 {
             // SAFETY: as above; each call takes integers or a pointer to a
@@ -1820,19 +1854,7 @@ impl UserNsMaker {
             unsafe {
                 libc::close(ready_r_raw);
                 libc::close(go_w_raw);
-                let entered = match &parent {
-                    None => libc::syscall(libc::SYS_setresuid, owner, owner, owner) == 0,
-                    Some(p) => {
-                        libc::syscall(libc::SYS_setns, p.ns.as_raw_fd(), libc::CLONE_NEWUSER) == 0
-                            && libc::syscall(libc::SYS_setresgid, p.gid, p.gid, p.gid) == 0
-                            && libc::syscall(libc::SYS_setresuid, p.uid, p.uid, p.uid) == 0
-                    }
-                };
-                // Its /proc files its own again (the uid change made them
-                // root's), for its parent namespace to write its maps.
-                let entered = entered && libc::prctl(libc::PR_SET_DUMPABLE, 1) == 0;
-                let code = if entered && libc::syscall(libc::SYS_unshare, libc::CLONE_NEWUSER) == 0
-                {
+                let code = if step() {
                     let b = 1u8;
                     libc::write(ready_w_raw, (&raw const b).cast(), 1);
                     let mut b = 0u8;
@@ -1848,7 +1870,7 @@ impl UserNsMaker {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut maker = UserNsMaker {
+        let mut child = UserNsChild {
             pid: Pid::from_raw(ret as i32),
             go: Some(go_w),
         };
@@ -1856,15 +1878,15 @@ impl UserNsMaker {
         drop(go_r);
         let mut b = [0u8; 1];
         match nix::unistd::read(&ready_r, &mut b) {
-            Ok(1) => Ok(maker),
+            Ok(1) => Ok(child),
             Ok(_) => {
-                maker.end();
+                child.end();
                 Err(io::Error::other(
-                    "the process making the user namespace could not take its owner's uid or unshare",
+                    "the process could not take its ids or enter or make the user namespace",
                 ))
             }
             Err(e) => {
-                maker.end();
+                child.end();
                 Err(e.into())
             }
         }
@@ -1881,7 +1903,7 @@ impl UserNsMaker {
     }
 }
 
-impl Drop for UserNsMaker {
+impl Drop for UserNsChild {
     fn drop(&mut self) {
         if self.go.is_some() {
             self.end();

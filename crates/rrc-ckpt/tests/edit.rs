@@ -904,9 +904,13 @@ fn hostile_tun_interfaces_and_files_are_refused_before_anything_is_made() {
         "a file in a namespace the tree did not make",
         |v| v["own_net"] = serde_json::Value::Null,
     );
-    let in_manifest: [(&str, Edit); 3] = [
+    let in_manifest: [(&str, Edit); 4] = [
         ("a file of an interface of the host's", |f| {
             f["iface"] = "eth0".into()
+        }),
+        ("a file of another device, a disk's", |f| {
+            f["path"] = "/dev/sda".into();
+            f["rdev"] = 0x800.into();
         }),
         ("a file of a TAP interface as a TUN one", |f| {
             f["flags"] = (f["flags"].as_u64().unwrap() ^ 3).into()

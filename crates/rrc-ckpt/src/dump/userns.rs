@@ -1,12 +1,13 @@
 //! The user namespaces of the tree's processes. A process in a user
 //! namespace other than ours is recorded with that namespace (its owner,
-//! id maps and `setgroups` setting, read once), which a restore makes
-//! again and has the process enter once its children are forked, before
-//! its fds are put in place and it takes its credentials again (as the
-//! namespace numbers them). What that cannot give back is refused:
+//! id maps and `setgroups` setting, read once, through a process of the
+//! tree in it; the namespaces it is nested in too, a parent before its
+//! children, one no process of the tree is in read through a child of
+//! ours that enters it), which a restore makes again and has the process
+//! enter once its children are forked, before its fds are put in place
+//! and it takes its credentials again (as the namespace numbers them).
+//! What that cannot give back is refused:
 //!
-//! - a namespace nested in one no process of the tree is in (its maps are
-//!   read through a process in it);
 //! - a process with more than one thread there in a nested pid namespace
 //!   (the tree's own, or one below it) other than one of its user
 //!   namespace's: a thread gets its id by `clone3`'s `set_tid`, which
@@ -159,8 +160,15 @@ pub fn read(
             }
         }
         places.owned.insert(pid, owned);
-        drop(file);
-        let index = match record(id, &members, mine, &mut known, &mut places.namespaces) {
+        let recorded = record(
+            id,
+            file.as_fd(),
+            &members,
+            mine,
+            &mut known,
+            &mut places.namespaces,
+        );
+        let index = match recorded {
             Ok(i) => i,
             Err(what) => {
                 problems.push(format!(
@@ -185,11 +193,13 @@ pub fn read(
     places
 }
 
-/// The index in `namespaces` of user namespace `id`, recorded there (a
-/// parent before its children, read through a process of `members` in
-/// each) if it is not yet (`known`).
+/// The index in `namespaces` of user namespace `id` (open: `ns`),
+/// recorded there if it is not yet (`known`), a parent before its
+/// children. Each is read through a process of `members` in it, or
+/// through a child of ours that enters it if no process of the tree is.
 fn record(
     id: NsId,
+    ns: std::os::fd::BorrowedFd<'_>,
     members: &[(Pid, File, NsId)],
     mine: NsId,
     known: &mut BTreeMap<NsId, usize>,
@@ -198,26 +208,44 @@ fn record(
     if let Some(i) = known.get(&id) {
         return Ok(*i);
     }
-    let Some((pid, file, _)) = members.iter().find(|(_, _, m)| *m == id) else {
-        return Err("nested in one no process of the tree is in".into());
-    };
-    let parent = crate::sys::ns_owner(file.as_fd(), true)
-        .and_then(ns_id)
-        .map_err(|e| format!("whose parent cannot be read ({e})"))?;
-    let parent = match parent == mine {
+    let parent_ns =
+        crate::sys::ns_owner(ns, true).map_err(|e| format!("whose parent cannot be read ({e})"))?;
+    let parent_id = ns_id(&parent_ns).map_err(|e| format!("whose parent cannot be read ({e})"))?;
+    let parent = match parent_id == mine {
         true => None,
-        false => Some(record(parent, members, mine, known, namespaces)?),
+        false => Some(record(
+            parent_id,
+            parent_ns.as_fd(),
+            members,
+            mine,
+            known,
+            namespaces,
+        )?),
     };
-    let u = namespace(*pid, file, parent)?;
+    let u = match members.iter().find(|(_, _, m)| *m == id) {
+        Some((pid, _, _)) => namespace(*pid, ns, parent)?,
+        None => {
+            let visitor = crate::sys::UserNsChild::visit(ns).map_err(|e| {
+                format!("no process of the tree is in, which cannot be entered ({e})")
+            })?;
+            let u = namespace(visitor.pid, ns, parent);
+            visitor.finish();
+            u?
+        }
+    };
     namespaces.push(u);
     known.insert(id, namespaces.len() - 1);
     Ok(namespaces.len() - 1)
 }
 
-/// The user namespace of process `pid` (open: `file`), nested in the
+/// User namespace `ns`, read through process `pid` in it, nested in the
 /// tree's `parent` (none: ours): its owner, maps and `setgroups`.
-fn namespace(pid: Pid, file: &File, parent: Option<usize>) -> Result<UserNs, String> {
-    let owner = crate::sys::user_ns_owner_uid(file.as_fd())
+fn namespace(
+    pid: Pid,
+    ns: std::os::fd::BorrowedFd<'_>,
+    parent: Option<usize>,
+) -> Result<UserNs, String> {
+    let owner = crate::sys::user_ns_owner_uid(ns)
         .map_err(|e| format!("whose owner cannot be read ({e})"))?;
     let read = |what: &str| {
         crate::procfs::read_text(format!("/proc/{pid}/{what}"))

@@ -607,7 +607,7 @@ pub fn make_users(m: &Manifest) -> Result<Vec<OwnedFd>> {
             (Some(_), _) => return Err(fail(format!("owner {} outside its parent", u.owner))),
             (None, _) => None,
         };
-        let maker = crate::sys::UserNsMaker::start(u.owner, in_parent)
+        let maker = crate::sys::UserNsChild::make(u.owner, in_parent)
             .map_err(|e| fail(format!("make one as uid {}: {e}", u.owner)))?;
         let dir = format!("/proc/{}", maker.pid);
         // setgroups before the gid map, which allows it otherwise.
