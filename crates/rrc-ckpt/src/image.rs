@@ -922,43 +922,54 @@ impl TunDevice {
         | libc::IFF_ONE_QUEUE) as u16;
 }
 
-/// Pid namespaces of a user namespace, as a restore makes them: each
-/// nested once in the tree's, which is the restorer's (`own_pid_ns`
-/// false: the pids outside it are set as the next ones there), its first
-/// process made in the user namespace by its parent's helper, and each
-/// process in it born in that user namespace (none deeper, in another
-/// user namespace, in another time namespace, unsharing a pid namespace
-/// for its children or forked by a sibling sharing its fd table), with
-/// its first process's supplementary groups (which it inherits, and may
-/// not change there).
+/// Pid namespaces of a user namespace, as a restore makes them, in a
+/// tree whose pid namespace is the restorer's (`own_pid_ns` false: the
+/// pids outside them are set as the next ones there): one nested once in
+/// it, its first process made in the user namespace by its parent's
+/// helper, or one below a pid namespace of the same user namespace, its
+/// first process forked by its parent there. Each process in one is
+/// born in that user namespace (in no other, nor in another time
+/// namespace, nor forked by a sibling sharing its fd table), with its
+/// first process's supplementary groups (which it inherits, and may not
+/// change there).
 pub fn check_user_pid_namespaces(
     procs: &[&ProcessImage],
     own_pid_ns: bool,
 ) -> std::result::Result<(), String> {
     let by_pid = |pid: i32| procs.iter().find(|q| q.pid == pid).copied();
+    // The first process of its pid namespace, if that is one of its user
+    // namespace's.
+    let user_init = |q: &ProcessImage| {
+        q.pid_ns
+            .and_then(by_pid)
+            .filter(|init| init.user_owned.contains(&NsKind::Pid))
+    };
     for p in procs {
         let pid = p.pid;
-        if p.user_owned.contains(&NsKind::Pid)
-            && (own_pid_ns
+        if p.user_owned.contains(&NsKind::Pid) {
+            let by_helper = p.nested_pids == [1];
+            let by_parent = (p.parent.and_then(by_pid)).is_some_and(|q| {
+                user_init(q).is_some() && q.user_ns == p.user_ns && p.depth() == q.depth() + 1
+            });
+            if own_pid_ns
                 || p.user_ns.is_none()
-                || p.nested_pids != [1]
+                || p.nested_pids.last() != Some(&1)
                 || p.pid_ns != Some(pid)
-                || p.zombie.is_some())
-        {
-            return Err(format!(
-                "process {pid} is the first of a pid namespace of its user namespace a restore \
-                 does not make (one nested once in rrc's, its first process live)"
-            ));
+                || p.zombie.is_some()
+                || !(by_helper || by_parent)
+            {
+                return Err(format!(
+                    "process {pid} is the first of a pid namespace of its user namespace a \
+                     restore does not make (nested once in rrc's, or below one of the same user \
+                     namespace, its first process live)"
+                ));
+            }
         }
-        let Some(init) = p.pid_ns.and_then(by_pid) else {
+        let Some(init) = user_init(p) else {
             continue;
         };
-        if !init.user_owned.contains(&NsKind::Pid) {
-            continue;
-        }
         if p.user_ns != init.user_ns
-            || p.depth() != 1
-            || p.children_pid_ns.is_some()
+            || p.depth() != init.depth()
             || p.time_ns != TimeNs::Parents
             || p.children_time_ns.is_some()
             || p.creds.groups != init.creds.groups
@@ -966,8 +977,7 @@ pub fn check_user_pid_namespaces(
         {
             return Err(format!(
                 "process {pid} is in the pid namespace of a user namespace process {} is first \
-                 of, in another user or time namespace, below it, or with other supplementary \
-                 groups",
+                 of, in another user or time namespace, or with other supplementary groups",
                 init.pid
             ));
         }

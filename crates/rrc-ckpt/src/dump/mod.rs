@@ -456,12 +456,12 @@ pub(crate) fn take(
         refuse_if_busy(&seized, &crate::sockdiag::ListenerProbe::of(*first)?)?;
     }
     // In ours, a restore sets the next pid for a thread or process it
-    // cannot ask for one: at the tree's level, below a user namespace's
-    // own pid namespace at most.
+    // cannot ask for one: at the tree's level, the others asked for in
+    // pid namespaces of its user namespace.
     let mut users = userns::read(
         &seized.processes,
         &statuses,
-        |pid, pid_ns_owned| depth == 1 && levels.nesting(pid) <= usize::from(pid_ns_owned),
+        |pid, pid_ns_owned| depth == 1 && (levels.nesting(pid) == 0 || pid_ns_owned),
         &mut problems,
     );
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
@@ -614,9 +614,14 @@ pub(crate) fn take(
             .unwrap_or(0);
         let place = places.remove(&p.pid).unwrap_or_default();
         let time = times.remove(&p.pid).unwrap_or_default();
+        // Those of its namespaces of its user namespace it is the first of
+        // (the others it shares with its parent, which makes them).
+        let owned = users.owned.remove(&p.pid).unwrap_or_default();
         // A pid namespace unshared for its next children, which no process
-        // is in yet, shows no owner: in a user namespace, it may be its.
+        // is in yet, shows no owner: in a user namespace, it may be its
+        // (which a restore makes so only for a process born there).
         if users.of.contains_key(&p.pid)
+            && !owned.contains(&NsKind::Pid)
             && matches!(
                 place.children_pid_ns,
                 Some(crate::image::ChildrenPidNs::New)
@@ -627,22 +632,13 @@ pub(crate) fn take(
                  to its user namespace, where a restore does not make pid namespaces"
             ));
         }
-        // Those of its namespaces of its user namespace it is the first of
-        // (the others it shares with its parent, which makes them).
-        let owned = users.owned.remove(&p.pid).unwrap_or_default();
         // Made in its user namespace, its pids outside it set as the next
-        // ones of rrc's namespace: nested once in rrc's.
-        if owned.contains(&NsKind::Pid) && !(depth == 1 && place.nested_pids.len() == 1) {
+        // ones of rrc's namespace (the rest: `check_user_pid_namespaces`).
+        if owned.contains(&NsKind::Pid) && depth != 1 {
             problems.push(format!(
-                "process {raw} is in a pid namespace of its user namespace nested {} deep in \
-                 the tree's, which is {}: a restore makes one nested once in rrc's only (it sets \
-                 the pids outside it as the next ones there)",
-                place.nested_pids.len(),
-                if depth == 1 {
-                    "rrc's"
-                } else {
-                    "a pid namespace of its own"
-                }
+                "process {raw} is in a pid namespace of its user namespace in a tree that is a \
+                 pid namespace of its own: a restore sets the pids outside it as the next ones \
+                 of rrc's namespace only"
             ));
         }
         let user_owned = (owned.into_iter())

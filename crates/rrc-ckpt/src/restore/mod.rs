@@ -1000,10 +1000,12 @@ fn fork_in_place(
         .then(|| namespaces::own_time_fd(t))
         .transpose()?;
     let ids = namespaces::set_tid(c);
-    let mut ct = if new_ns && c.user_owned.contains(&crate::image::NsKind::Pid) {
-        fork_into_user_pid_ns(ctx, t, c)?
-    } else if p.in_user_pid_ns(ctx.procs) {
+    // A process born in a user namespace forks there, a new pid namespace
+    // too; one outside has a helper make one of its user namespace.
+    let mut ct = if p.in_user_pid_ns(ctx.procs) {
         fork_at_next_pid(t, None, &ids, flags)?
+    } else if new_ns && c.user_owned.contains(&crate::image::NsKind::Pid) {
+        fork_into_user_pid_ns(ctx, t, c)?
     } else {
         fork_child(t, &ids, flags)?
     };
