@@ -227,18 +227,18 @@ fn refuse_aio(pid: Pid, vmas: &[Vma], problems: &mut Vec<String>) {
     }
 }
 
-/// A process attaches SysV segments, and opens POSIX queues, of its own
-/// IPC namespace only (one that did before it made a namespace of its own
-/// could not do it again there): refuses the others. `starts` are the
-/// first processes of the nested namespaces.
+/// A process attaches SysV segments of its own IPC namespace only (one
+/// that did before it made a namespace of its own could not do it again
+/// there; a POSIX queue of another namespace is opened there by the
+/// restore and passed in): refuses the others. `starts` are the first
+/// processes of the nested namespaces.
 fn check_own_ipc_objects(
     images: &[ProcessImage],
     starts: &std::collections::HashSet<i32>,
     shmem: &ShmemTable,
-    files: &files::FileTable,
     problems: &mut Vec<String>,
 ) {
-    use crate::image::{FileKind, ShmemKind};
+    use crate::image::ShmemKind;
     // With no namespace of the tree's own, every object and process is in
     // the root's.
     if starts.is_empty() {
@@ -262,17 +262,6 @@ fn check_own_ipc_objects(
                     "process {}: SysV segment {shmid} at {:#x} is of another IPC namespace \
                      than the process's (attached before it made its own)",
                     p.pid, v.start
-                ));
-            }
-        }
-        for fd in &p.fds {
-            if let Some(FileKind::PosixQueue { queue }) = files.files.get(fd.file).map(|f| &f.kind)
-                && files.queues.ns_of(*queue) != ns_of(p.pid)
-            {
-                problems.push(format!(
-                    "process {}: fd {}: a POSIX message queue of another IPC namespace than \
-                     the process's (opened before it made its own)",
-                    p.pid, fd.fd
                 ));
             }
         }
@@ -788,7 +777,7 @@ pub(crate) fn take(
     shmem.resolve_creators(&ns_of);
     files.queues.set_namespaces(&queue_devs);
     let starts: std::collections::HashSet<i32> = own_ns.ipc.iter().map(|p| ns_of[p]).collect();
-    check_own_ipc_objects(&images, &starts, &shmem, &files, &mut problems);
+    check_own_ipc_objects(&images, &starts, &shmem, &mut problems);
     files::check_unix_peers(&mut files, &mut problems);
     files.ptys.claim_terminals(&mut files.files);
     files

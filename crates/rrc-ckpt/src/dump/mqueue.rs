@@ -36,11 +36,6 @@ impl Queues {
             }
         }
     }
-
-    /// The namespace of the queue saved as `id`.
-    pub fn ns_of(&self, id: usize) -> Option<i32> {
-        self.saved.get(id).and_then(|q| q.ns)
-    }
 }
 
 /// Whether fd `fd` of `pid`, a regular file by its mode, is a POSIX

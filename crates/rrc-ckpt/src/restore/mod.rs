@@ -848,6 +848,10 @@ fn restore_process(
         // The namespace's queues, those no process has open too.
         let ns = (pid != ctx.m.root).then_some(pid);
         mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m, ns)?;
+    } else if pid == ctx.m.root {
+        // The queues of the tree's IPC namespace, the restorer's, made in
+        // it before any process that made one of its own opens them.
+        mqueue::make_all(&mut t, &mut ctx.plan.queues, ctx.m, None)?;
     }
     // Its mount namespace's mounts before it opens or maps a file, once
     // it is in the namespaces its file systems show.
