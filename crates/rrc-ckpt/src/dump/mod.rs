@@ -227,47 +227,6 @@ fn refuse_aio(pid: Pid, vmas: &[Vma], problems: &mut Vec<String>) {
     }
 }
 
-/// A process attaches SysV segments of its own IPC namespace only (one
-/// that did before it made a namespace of its own could not do it again
-/// there; a POSIX queue of another namespace is opened there by the
-/// restore and passed in): refuses the others. `starts` are the first
-/// processes of the nested namespaces.
-fn check_own_ipc_objects(
-    images: &[ProcessImage],
-    starts: &std::collections::HashSet<i32>,
-    shmem: &ShmemTable,
-    problems: &mut Vec<String>,
-) {
-    use crate::image::ShmemKind;
-    // With no namespace of the tree's own, every object and process is in
-    // the root's.
-    if starts.is_empty() {
-        return;
-    }
-    let ns_of = |pid: i32| {
-        std::iter::successors(Some(pid), |q| {
-            images.iter().find(|i| i.pid == *q).and_then(|i| i.parent)
-        })
-        .take(images.len() + 1)
-        .find(|q| starts.contains(q))
-    };
-    for p in images {
-        for v in &p.vmas {
-            if let VmaKind::Shmem { id, .. } = v.kind
-                && let Some(ShmemKind::SysV { shmid, ns, .. }) =
-                    shmem.objects.get(id).map(|o| &o.kind)
-                && *ns != ns_of(p.pid)
-            {
-                problems.push(format!(
-                    "process {}: SysV segment {shmid} at {:#x} is of another IPC namespace \
-                     than the process's (attached before it made its own)",
-                    p.pid, v.start
-                ));
-            }
-        }
-    }
-}
-
 /// What one checkpoint of a tree is to do.
 pub(crate) struct Take<'a> {
     pub root: Pid,
@@ -776,8 +735,6 @@ pub(crate) fn take(
     phases.ipc = ipc_waited.elapsed();
     shmem.resolve_creators(&ns_of);
     files.queues.set_namespaces(&queue_devs);
-    let starts: std::collections::HashSet<i32> = own_ns.ipc.iter().map(|p| ns_of[p]).collect();
-    check_own_ipc_objects(&images, &starts, &shmem, &mut problems);
     files::check_unix_peers(&mut files, &mut problems);
     files.ptys.claim_terminals(&mut files.files);
     files

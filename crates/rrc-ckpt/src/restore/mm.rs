@@ -40,6 +40,10 @@ pub struct MemCtx<'a> {
     /// Which process makes each SysV segment, by object id
     /// ([`sysv_makers`]).
     pub sysv_makers: HashMap<usize, i32>,
+    /// The IPC namespace each SysV segment made so far is in, by object
+    /// id: a process attaches one of another namespace (attached before it
+    /// made its own) by going there for the while.
+    pub sysv_ns: HashMap<usize, File>,
     /// The devices of the tmpfs file systems the restore makes again
     /// (`mounts::remade_devices`): their files are new ones.
     pub remade_devices: std::collections::HashSet<u64>,
@@ -496,10 +500,53 @@ fn map_shmem(
                 flags |= libc::SHM_EXEC as u64;
             }
             tracing::debug!(shmid, start = v.start, flags, "shmat");
-            t.call("shmat", libc::SYS_shmat, &[*shmid as u64, v.start, flags])?;
+            let attach = |t: &mut Tracee| {
+                t.call("shmat", libc::SYS_shmat, &[*shmid as u64, v.start, flags])
+                    .map(drop)
+            };
+            match ctx.sysv_ns.get(&id) {
+                Some(there) if !same_ns(there, t.pid) => {
+                    in_ipc_ns(t, there, &ctx.transport, attach)?
+                }
+                _ => attach(t)?,
+            }
         }
     }
     Ok(())
+}
+
+/// Whether namespace file `ns` is the IPC namespace of process `pid` (as
+/// we number it).
+fn same_ns(ns: &File, pid: nix::unistd::Pid) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ino = |m: std::io::Result<std::fs::Metadata>| m.ok().map(|m| (m.dev(), m.ino()));
+    let theirs = ino(std::fs::metadata(format!("/proc/{pid}/ns/ipc")));
+    theirs.is_some() && ino(ns.metadata()) == theirs
+}
+
+/// Runs `f` in `t` while `t` is in IPC namespace `ns` (passed in through
+/// `transport`), then puts `t` back in its own.
+fn in_ipc_ns(
+    t: &mut Tracee,
+    ns: &File,
+    transport: &Transport,
+    f: impl FnOnce(&mut Tracee) -> Result<()>,
+) -> Result<()> {
+    let flag = libc::CLONE_NEWIPC as u64;
+    let at = t.arg_str("/proc/self/ns/ipc")?;
+    let open = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    let own = t.call(
+        "open its IPC namespace",
+        nr::SYS_openat,
+        &[libc::AT_FDCWD as u64, at, open],
+    )?;
+    let there = transport.pass(t, ns.as_fd())?;
+    let went = t.call("setns (an IPC namespace)", libc::SYS_setns, &[there, flag]);
+    let done = went.and_then(|_| f(t));
+    let back = t.call("setns (its IPC namespace)", libc::SYS_setns, &[own, flag]);
+    t.call("close", nr::SYS_close, &[there])?;
+    t.call("close", nr::SYS_close, &[own])?;
+    done.and(back.map(drop))
 }
 
 /// Which process makes each SysV segment again, by object id: the one
@@ -564,7 +611,7 @@ pub fn sysv_makers(
 
 /// Recreates the SysV segments of the image `t` makes ([`sysv_makers`]),
 /// with their keys, ids, modes and contents.
-pub fn create_sysv_segments(t: &mut Tracee, ctx: &MemCtx) -> Result<()> {
+pub fn create_sysv_segments(t: &mut Tracee, ctx: &mut MemCtx) -> Result<()> {
     for obj in ctx.shmem {
         let ShmemKind::SysV {
             key, shmid, mode, ..
@@ -576,6 +623,9 @@ pub fn create_sysv_segments(t: &mut Tracee, ctx: &MemCtx) -> Result<()> {
             continue;
         }
         let pid = t.ns_pid;
+        let ns = File::open(format!("/proc/{}/ns/ipc", t.pid))
+            .map_err(|e| rerr(pid, "shared memory", format!("its IPC namespace: {e}")))?;
+        ctx.sysv_ns.insert(obj.id, ns);
         // Still there (same host, same IPC namespace: segments outlive their
         // processes)? Then it is the very segment, contents and all.
         let r = t.raw_on(t.pid, libc::SYS_shmget, &[key as u32 as u64, 0, 0])?;

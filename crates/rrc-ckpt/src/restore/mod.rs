@@ -860,7 +860,7 @@ fn restore_process(
     }
     mounts::made_by(&mut t, ctx.procs)?;
     // The SysV segments it made, before any process maps them.
-    mm::create_sysv_segments(&mut t, &ctx.mem)?;
+    mm::create_sysv_segments(&mut t, &mut ctx.mem)?;
     // A process sharing its parent's fd table leaves the table to the
     // parent, who arranges it once every child is made.
     if !p.shares_table() {
@@ -1265,6 +1265,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
             transport: sockets::Transport::new()?,
             lazy: opts.lazy_pages.then(lazy::LazyPages::default),
             sysv_makers: mm::sysv_makers(&m.shmem, &procs, m.root),
+            sysv_ns: Default::default(),
             remade_devices: mounts::remade_devices(&procs),
         },
         done: Vec::new(),
