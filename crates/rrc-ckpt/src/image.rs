@@ -813,10 +813,11 @@ pub struct VethEnd {
     pub up: bool,
 }
 
-/// A TUN or TAP interface: made persistent at a restore (`TUNSETIFINDEX`,
-/// `TUNSETIFF`, `TUNSETOWNER`, `TUNSETGROUP`, `TUNSETPERSIST`) with its
-/// MAC and MTU, for the tree's open files of it to attach to; one that was
-/// not persistent is made so again by the first to attach.
+/// A TUN or TAP interface: made at a restore by the first of the tree's
+/// files of it (`TUNSETIFINDEX`, `TUNSETIFF`, `TUNSETOWNER`,
+/// `TUNSETGROUP`, `TUNSETPERSIST` if it was persistent; by a file of the
+/// restore's own for a persistent one no file holds), then given its MAC
+/// and MTU; the tree's other files attach to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunDevice {
     pub name: String,

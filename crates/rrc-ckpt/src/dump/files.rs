@@ -667,11 +667,7 @@ fn tun_file(
     rdev: u64,
 ) -> std::io::Result<std::result::Result<FileKind, String>> {
     let Some((iface, flags)) = sys::tun::attached(file)? else {
-        return Ok(Err(
-            "a TUN/TAP file attached to no interface (new, or a queue \
-             detached from its interface: the kernel does not tell which)"
-                .into(),
-        ));
+        return Ok(Err("a TUN/TAP file attached to no interface yet".into()));
     };
     if flags & libc::IFF_DETACH_QUEUE as u16 != 0 {
         return Ok(Err(format!(
