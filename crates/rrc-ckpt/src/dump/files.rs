@@ -658,7 +658,7 @@ fn stateful_misc_device(minor: u32) -> Option<&'static str> {
 /// A TUN/TAP file of process `pid` (`file`, a copy of it, opened at
 /// `path`): the interface it is attached to, in the process's network
 /// namespace (whether the tree made that namespace is checked once the
-/// tree is known, [`crate::image::check_tun_files`]), or what a restore
+/// tree is known, [`crate::image::netns::check_tun_files`]), or what a restore
 /// could not bring back.
 fn tun_file(
     pid: i32,
@@ -674,7 +674,7 @@ fn tun_file(
             "a queue detached from TUN/TAP interface {iface} (TUNSETQUEUE)"
         )));
     }
-    if flags & !crate::image::TunDevice::FILE_FLAGS != 0 {
+    if flags & !crate::image::netns::TunDevice::FILE_FLAGS != 0 {
         return Ok(Err(format!(
             "a file of TUN/TAP interface {iface} with flags {flags:#x} (NAPI, for tests of \
              the kernel)"
@@ -701,8 +701,8 @@ fn tun_file(
             sys::ethtool::active_features(&iface)
         })
         .map_err(|e| std::io::Error::other(e.to_string()))??;
-        let offloads = crate::image::VnetHdr::offloads_of(&features);
-        Some(crate::image::VnetHdr {
+        let offloads = crate::image::netns::VnetHdr::offloads_of(&features);
+        Some(crate::image::netns::VnetHdr {
             size,
             little_endian,
             offloads,

@@ -743,7 +743,7 @@ pub(crate) fn take(
     files::check_terminals(&files, &images, &mut problems);
     files::check_deleted_watches(&files, &images, &mut problems);
     let all: Vec<&ProcessImage> = images.iter().collect();
-    if let Err(what) = crate::image::check_tun_files(&files.files, &all) {
+    if let Err(what) = crate::image::netns::check_tun_files(&files.files, &all) {
         problems.push(what);
     }
     if let Err(what) = crate::image::check_user_pid_namespaces(&all, own_pid_ns) {

@@ -184,7 +184,7 @@ pub struct OwnNamespaces {
     pub uts: BTreeMap<Pid, UtsNames>,
     pub cgroup: BTreeSet<Pid>,
     pub ipc: BTreeSet<Pid>,
-    pub net: BTreeMap<Pid, crate::image::OwnNet>,
+    pub net: BTreeMap<Pid, crate::image::netns::OwnNet>,
     pub mnt: BTreeMap<Pid, super::mounts::OwnMounts>,
 }
 
@@ -292,7 +292,11 @@ fn own_mounts(
 }
 
 /// Reads the network namespace process `p` is the first in into `net`.
-fn own_net(p: Pid, net: &mut BTreeMap<Pid, crate::image::OwnNet>, problems: &mut Vec<String>) {
+fn own_net(
+    p: Pid,
+    net: &mut BTreeMap<Pid, crate::image::netns::OwnNet>,
+    problems: &mut Vec<String>,
+) {
     match super::netns::read(p) {
         Ok(Ok(n)) => {
             net.insert(p, n);

@@ -1,5 +1,5 @@
 //! A network namespace a process of the tree made, read for its image
-//! (`image::OwnNet`): its loopback interface, veth pairs with both ends
+//! (`image::netns::OwnNet`): its loopback interface, veth pairs with both ends
 //! in it and TUN/TAP interfaces, the addresses and routes given to them
 //! (in any table but the local one), its routing rules and its nftables
 //! rules. Besides those, interfaces the kernel made (fallback tunnels) are
@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::common::in_netns_of;
-use crate::image::{
+use crate::image::netns::{
     AddressFlag, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RouteScope,
     RuleAction, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN, TunDevice, VethEnd, interface_name_allowed,
 };

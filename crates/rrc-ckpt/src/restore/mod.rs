@@ -384,7 +384,7 @@ fn check_references(
     files::check_in_flight(m, procs).map_err(corrupt)?;
     files::check_fanotify(m, procs).map_err(corrupt)?;
     let all: Vec<&ProcessImage> = procs.values().collect();
-    crate::image::check_tun_files(&m.files, &all).map_err(corrupt)?;
+    crate::image::netns::check_tun_files(&m.files, &all).map_err(corrupt)?;
     namespaces::check(procs, m.root).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
@@ -839,7 +839,7 @@ fn restore_process(
     }
     if let Some(net) = &p.own_net {
         let all: Vec<&ProcessImage> = ctx.procs.values().collect();
-        let tun_files = crate::image::tun_files_in(&ctx.m.files, &all, pid);
+        let tun_files = crate::image::netns::tun_files_in(&ctx.m.files, &all, pid);
         netns::fill(&mut t, net, &tun_files, &mut ctx.plan.tuns)?;
     }
     // Its IPC namespace's objects before anyone uses them.

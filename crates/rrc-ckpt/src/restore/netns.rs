@@ -1,5 +1,5 @@
 //! Network namespaces of the tree's own, made again (record
-//! `image::OwnNet`): the first process unshares one (`namespaces::make_own`), and a thread of ours
+//! `image::netns::OwnNet`): the first process unshares one (`namespaces::make_own`), and a thread of ours
 //! in it writes its settings (/proc/sys), brings the loopback interface
 //! up, makes its veth pairs and TUN/TAP interfaces, gives them their
 //! addresses, brings them up,
@@ -15,10 +15,10 @@ use std::process::{Command, Stdio};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 
-use crate::image::{
-    AddressFlag, FileKind, NetRoute, NetRule, OpenFile, OwnNet, RouteKind, RoutePref, RuleAction,
-    TunDevice, VnetHdr,
+use crate::image::netns::{
+    AddressFlag, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RuleAction, TunDevice, VnetHdr,
 };
+use crate::image::{FileKind, OpenFile};
 use crate::restore::tracee::Tracee;
 use crate::{Error, Result, sys};
 
@@ -366,7 +366,7 @@ fn run(program: &str, args: &[&str], input: Option<&str>) -> std::result::Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::RouteScope;
+    use crate::image::netns::RouteScope;
 
     #[test]
     fn routes_become_the_arguments_that_make_them() {
