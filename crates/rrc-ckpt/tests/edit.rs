@@ -318,6 +318,8 @@ fn an_image_whose_records_do_not_refer_to_each_other_is_refused() {
         }),
         "is for permission events",
     );
+    drop(fx);
+    let _ = fs::remove_dir_all(images.parent().expect("a scratch directory"));
 }
 
 /// A small seeded generator (xorshift64*), so that a failing run can be
@@ -428,6 +430,8 @@ fn a_thousand_mutated_images_load_or_are_refused_never_panic() {
     }
     eprintln!("1000 mutated images: {loaded} loaded, {refused} refused");
     assert!(refused > 0);
+    drop(fx);
+    let _ = fs::remove_dir_all(images.parent().expect("a scratch directory"));
 }
 
 /// Whether process `pid` is gone (reaped if it was our child) within 2 s.
