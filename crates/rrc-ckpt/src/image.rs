@@ -768,8 +768,9 @@ impl NsKind {
 }
 
 /// Pid namespaces of a user namespace, as a restore makes them, in a
-/// tree whose pid namespace is the restorer's (`own_pid_ns` false: the
-/// pids outside them are set as the next ones there): one nested once in
+/// tree whose pid namespace is the restorer's (`own_pid_ns` false, for a
+/// tree not in a pid namespace of its own: the pids outside them are set
+/// as the next ones there): one nested once in
 /// it, its first process made in the user namespace by its parent's
 /// helper, or one below a pid namespace of the same user namespace, its
 /// first process forked by its parent there. Each process in one is
@@ -805,8 +806,8 @@ pub fn check_user_pid_namespaces(
             {
                 return Err(format!(
                     "process {pid} is the first of a pid namespace of its user namespace a \
-                     restore does not make (nested once in rrc's, or below one of the same user \
-                     namespace, its first process live)"
+                     restore does not make (in a tree in rrc's pid namespace, nested once in it \
+                     or below one of the same user namespace, its first process live)"
                 ));
             }
         }

@@ -1794,6 +1794,7 @@ pub struct UserNsChild {
 /// A user namespace another is made in: open, with the uid and gid the
 /// maker takes there (as it numbers them; the uid is the new namespace's
 /// owner, and the new one's creator must have both mapped there).
+#[derive(Clone, Copy)]
 pub struct InParent<'a> {
     pub ns: std::os::fd::BorrowedFd<'a>,
     pub uid: u32,
@@ -1920,13 +1921,13 @@ impl Drop for UserNsChild {
 pub fn write_in_user_ns(
     parent: std::os::fd::BorrowedFd<'_>,
     fsuid: u32,
-    files: &[(&str, &str)],
+    files: &[(String, String)],
 ) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     let files: Vec<(std::ffi::CString, &[u8])> = files
         .iter()
         .map(|(path, text)| {
-            std::ffi::CString::new(*path)
+            std::ffi::CString::new(path.as_str())
                 .map(|c| (c, text.as_bytes()))
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
         })

@@ -580,15 +580,6 @@ pub(crate) fn take(
                  to its user namespace, where a restore does not make pid namespaces"
             ));
         }
-        // Made in its user namespace, its pids outside it set as the next
-        // ones of rrc's namespace (the rest: `check_user_pid_namespaces`).
-        if owned.contains(&NsKind::Pid) && depth != 1 {
-            problems.push(format!(
-                "process {raw} is in a pid namespace of its user namespace in a tree that is a \
-                 pid namespace of its own: a restore sets the pids outside it as the next ones \
-                 of rrc's namespace only"
-            ));
-        }
         let user_owned = (owned.into_iter())
             .filter(|k| match k {
                 NsKind::Uts => own_ns.uts.contains_key(&p.pid),
@@ -746,7 +737,9 @@ pub(crate) fn take(
     if let Err(what) = crate::image::netns::check_tun_files(&files.files, &all) {
         problems.push(what);
     }
-    if let Err(what) = crate::image::check_user_pid_namespaces(&all, own_pid_ns) {
+    // Pid namespaces of user namespaces, their pids outside them set as the
+    // next ones of rrc's namespace at a restore: only in a tree in ours.
+    if let Err(what) = crate::image::check_user_pid_namespaces(&all, depth != 1) {
         problems.push(what);
     }
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);

@@ -240,14 +240,15 @@ pub fn check_tun_files(
             .iter()
             .filter(|p| p.fds.iter().any(|fd| fd.file == f.id))
         {
-            let m = net_maker(procs, p).map(|m| m.pid);
+            let made_by = net_maker(procs, p);
+            let m = made_by.map(|m| m.pid);
             if maker.get_or_insert(m) != &m {
                 return Err(format!(
                     "TUN/TAP file {} is held in two network namespaces",
                     f.id
                 ));
             }
-            let net = net_maker(procs, p).and_then(|m| m.own_net.as_ref());
+            let net = made_by.and_then(|m| m.own_net.as_ref());
             let found = net.and_then(|net| net.tuns.iter().find(|t| t.name == *iface));
             let Some(dev) = found else {
                 return Err(format!(
@@ -272,10 +273,12 @@ pub fn check_tun_files(
     }
     // An interface's virtio-net header and offloads are read from a file
     // of it.
-    for p in procs {
-        let tuns = p.own_net.iter().flat_map(|n| n.tuns.iter());
-        for t in tuns.filter(|t| t.vnet_hdr) {
-            let files = tun_files_in(files, procs, p.pid);
+    for (p, net) in procs.iter().filter_map(|p| Some((p, p.own_net.as_ref()?))) {
+        if !net.tuns.iter().any(|t| t.vnet_hdr) {
+            continue;
+        }
+        let files = tun_files_in(files, procs, p.pid);
+        for t in net.tuns.iter().filter(|t| t.vnet_hdr) {
             if !files
                 .iter()
                 .any(|f| matches!(&f.kind, FileKind::Tun { iface, .. } if *iface == t.name))

@@ -533,13 +533,7 @@ fn in_ipc_ns(
     f: impl FnOnce(&mut Tracee) -> Result<()>,
 ) -> Result<()> {
     let flag = libc::CLONE_NEWIPC as u64;
-    let at = t.arg_str("/proc/self/ns/ipc")?;
-    let open = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
-    let own = t.call(
-        "open its IPC namespace",
-        nr::SYS_openat,
-        &[libc::AT_FDCWD as u64, at, open],
-    )?;
+    let own = crate::restore::namespaces::open_in(t, "/proc/self/ns/ipc")?;
     let there = transport.pass(t, ns.as_fd())?;
     let went = t.call("setns (an IPC namespace)", libc::SYS_setns, &[there, flag]);
     let done = went.and_then(|_| f(t));

@@ -622,11 +622,10 @@ fn fork_asking(parent: &mut Tracee, ids: &[i32], ns_pid: i32, flags: u64) -> Res
 /// Forks the process of pids `ids` (the innermost first) from `forker`,
 /// which is in a user namespace and may ask for its pids in that
 /// namespace's pid namespace only: its pid in ours, the tree's (the
-/// last), is set as the next one (`namespaces::next_pid_is`). One that
-/// got another pid (a process of the host took it first) ends, is reaped
-/// by `reaper` (the forker itself, which sees it by its pid in its own
-/// namespace, or the parent of a `CLONE_PARENT` child, in ours), and
-/// another is made.
+/// last), is set as the next one (`namespaces::at_next_pid`). One that
+/// got another pid ends and is reaped by `reaper` (the forker itself,
+/// which sees it by its pid in its own namespace, or the parent of a
+/// `CLONE_PARENT` child, in ours).
 fn fork_at_next_pid(
     forker: &mut Tracee,
     mut reaper: Option<&mut Tracee>,
@@ -636,14 +635,11 @@ fn fork_at_next_pid(
     let Some((&outer, inner)) = ids.split_last() else {
         return fork_child(forker, ids, flags);
     };
-    for _ in 0..namespaces::NEXT_PID_TRIES {
-        let cursor = namespaces::next_pid_is(outer)?;
-        let made = fork_asking(forker, inner, outer, flags);
-        drop(cursor);
-        let ct = made?;
+    namespaces::at_next_pid(outer, || {
+        let ct = fork_asking(forker, inner, outer, flags)?;
         let host = ct.pid;
         if host.as_raw() == outer {
-            return Ok(ct);
+            return Ok(Some(ct));
         }
         ct.end(libc::SYS_exit, &[0])?;
         let (r, seen) = match reaper.as_deref_mut() {
@@ -659,15 +655,8 @@ fn fork_at_next_pid(
             &[seen as u64, 0, libc::__WALL as u64, 0],
         )?;
         flush_sigchld(r)?;
-    }
-    Err(rerr(
-        outer,
-        "fork",
-        format!(
-            "process {outer} got another pid {} times (processes of the host took it first)",
-            namespaces::NEXT_PID_TRIES
-        ),
-    ))
+        Ok(None)
+    })
 }
 
 /// Forks `c`, the first process of a pid namespace of its user namespace,
@@ -722,30 +711,20 @@ fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
 
 /// Makes a thread of `t` with ids `ids` (the innermost first), asking for
 /// those of a pid namespace of its user namespace only: its id in ours,
-/// the tree's (the last), is set as the next one (see
-/// `namespaces::next_pid_is`); one that got another, which a process of
-/// the host took first, ends and another is made.
+/// the tree's (the last), is set as the next one
+/// (`namespaces::at_next_pid`); one that got another ends.
 fn thread_at_next_pid(t: &mut Tracee, ids: &[i32]) -> Result<Pid> {
     let (&tid, inner) = ids
         .split_last()
         .ok_or_else(|| rerr(t.ns_pid, "create a thread", "a thread without an id"))?;
-    for _ in 0..namespaces::NEXT_PID_TRIES {
-        let cursor = namespaces::next_pid_is(tid)?;
+    namespaces::at_next_pid(tid, || {
         let host = spawn_thread(t, tid, inner)?;
-        drop(cursor);
         if host.as_raw() == tid {
-            return Ok(host);
+            return Ok(Some(host));
         }
         t.end_thread(host)?;
-    }
-    Err(rerr(
-        t.ns_pid,
-        "create a thread",
-        format!(
-            "thread {tid} got another pid {} times (processes of the host took it first)",
-            namespaces::NEXT_PID_TRIES
-        ),
-    ))
+        Ok(None)
+    })
 }
 
 /// Makes a thread of `t`, with pids `ids` (none: the kernel's next one);

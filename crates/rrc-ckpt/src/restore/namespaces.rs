@@ -17,7 +17,7 @@
 //! outside), before its fds are put in place and it takes its
 //! credentials again; the processes of a pid namespace of a user namespace
 //! are born in it instead (`restore::fork_into_user_pid_ns`), asking for
-//! their pids there, those in ours set as the next ones ([`next_pid_is`]).
+//! their pids there, those in ours set as the next ones ([`at_next_pid`]).
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -135,10 +135,10 @@ fn made_in_user(
     super::flush_sigchld(t)
 }
 
-/// How many times a thread of a process in a user namespace is made
-/// before the restore gives up: each time another process of the host
-/// took its pid first.
-pub const NEXT_PID_TRIES: u32 = 100;
+/// How many times a process or thread is made at the next pid before the
+/// restore gives up: each time another process of the host took its pid
+/// first.
+const NEXT_PID_TRIES: u32 = 100;
 
 /// Where our pid namespace's next pid is handed out from
 /// (`/proc/sys/kernel/ns_last_pid`).
@@ -149,7 +149,7 @@ const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
 /// just below where the kernel stood are those of processes that ended a
 /// moment ago (a tree being restored, maybe), which the host's next
 /// processes must not take.
-pub struct NextPid {
+struct NextPid {
     before: i32,
 }
 
@@ -168,9 +168,9 @@ impl Drop for NextPid {
 /// result is dropped: a process in a user namespace has no right to ask
 /// for a pid there (`set_tid` needs CAP_SYS_ADMIN over the tree's pid
 /// namespace, which it left), so its threads and children take the next
-/// one (another process of the host may take it first: the one made then
-/// ends, and this is tried again). A pid in use is an error at once.
-pub fn next_pid_is(pid: i32) -> Result<NextPid> {
+/// one (another process of the host may take it first: see
+/// [`at_next_pid`]). A pid in use is an error at once.
+fn next_pid_is(pid: i32) -> Result<NextPid> {
     if std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(Error::PidTaken(pid));
     }
@@ -186,6 +186,29 @@ pub fn next_pid_is(pid: i32) -> Result<NextPid> {
         .map_err(|_| fail(std::io::Error::other("ns_last_pid is not a number")))?;
     std::fs::write(LAST_PID, (pid - 1).to_string()).map_err(fail)?;
     Ok(NextPid { before })
+}
+
+/// What `attempt` makes (a process or a thread) with pid `pid` in our
+/// pid namespace, the tree's, that pid set as the next one for each
+/// attempt ([`next_pid_is`]). `attempt` ends what got another pid (a
+/// process of the host took it first) and gives `None`; it is then tried
+/// again, [`NEXT_PID_TRIES`] times at most.
+pub fn at_next_pid<T>(pid: i32, mut attempt: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    for _ in 0..NEXT_PID_TRIES {
+        let cursor = next_pid_is(pid)?;
+        let made = attempt();
+        drop(cursor);
+        if let Some(made) = made? {
+            return Ok(made);
+        }
+    }
+    Err(Error::Restore {
+        pid,
+        stage: "process or thread in a user namespace",
+        detail: format!(
+            "it got another pid {NEXT_PID_TRIES} times (processes of the host took it first)"
+        ),
+    })
 }
 
 /// Names the UTS namespace `t` is the first process of `names`.
@@ -240,7 +263,7 @@ fn children_time(t: &mut Tracee, offsets: &TimeOffsets) -> Result<()> {
 }
 
 /// Opens `path` read-only in `t`; returns the fd.
-fn open_in(t: &mut Tracee, path: &str) -> Result<u64> {
+pub(crate) fn open_in(t: &mut Tracee, path: &str) -> Result<u64> {
     let at = t.arg_str(path)?;
     t.call(
         "open",
@@ -518,7 +541,7 @@ pub fn restore_children_ns(
 /// Checks an image's user namespaces: maps the kernel takes, and each
 /// process in one a live one whose ids are all mapped there, with one
 /// thread unless it is in the tree's pid namespace, restored in ours (its
-/// threads could not get their ids: see [`next_pid_is`]).
+/// threads could not get their ids: see [`at_next_pid`]).
 pub fn check_users(
     m: &Manifest,
     procs: &BTreeMap<i32, ProcessImage>,
@@ -593,52 +616,46 @@ pub fn make_users(m: &Manifest) -> Result<Vec<OwnedFd>> {
     };
     let mut made: Vec<OwnedFd> = Vec::new();
     for u in &m.user_namespaces {
-        // Its parent, made before it ([`check_users`]).
-        let parent =
-            (u.parent).and_then(|i| Some((m.user_namespaces.get(i)?, made.get(i)?.as_fd())));
-        let owner_there = parent.map(|(pu, _)| pu.inside(IdKind::Uid, u.owner));
-        let in_parent = match (parent, owner_there) {
-            (Some((pu, ns)), Some(Some(uid))) => Some(crate::sys::InParent {
-                ns,
-                uid,
-                // Any id of the parent's will do for the maker's group.
-                gid: pu.gid_map.first().map_or(0, |r| r.inside),
-            }),
-            (Some(_), _) => return Err(fail(format!("owner {} outside its parent", u.owner))),
-            (None, _) => None,
+        // Its parent, made before it ([`check_users`]), and where its maker
+        // goes: there, with its owner's uid and any gid as it numbers them.
+        let parent = match u.parent {
+            None => None,
+            Some(i) => {
+                let (Some(pu), Some(ns)) = (m.user_namespaces.get(i), made.get(i)) else {
+                    return Err(fail(format!("its parent {i} is not made before it")));
+                };
+                let uid = (pu.inside(IdKind::Uid, u.owner))
+                    .ok_or_else(|| fail(format!("owner {} outside its parent", u.owner)))?;
+                let gid = pu.gid_map.first().map_or(0, |r| r.inside);
+                let ns = ns.as_fd();
+                Some((pu, crate::sys::InParent { ns, uid, gid }))
+            }
         };
-        let maker = crate::sys::UserNsChild::make(u.owner, in_parent)
+        let maker = crate::sys::UserNsChild::make(u.owner, parent.as_ref().map(|(_, at)| *at))
             .map_err(|e| fail(format!("make one as uid {}: {e}", u.owner)))?;
         let dir = format!("/proc/{}", maker.pid);
         // setgroups before the gid map, which allows it otherwise.
         let mut files = Vec::new();
         if !u.setgroups {
-            files.push(("setgroups", "deny".to_string()));
+            files.push((format!("{dir}/setgroups"), "deny".to_string()));
         }
         for kind in [IdKind::Uid, IdKind::Gid] {
-            let text = match parent {
+            let text = match &parent {
                 None => Some(u.map_text(kind)),
                 Some((pu, _)) => u.map_text_in(kind, pu),
             };
             let text =
                 text.ok_or_else(|| fail(format!("its {} outside its parent", kind.file())))?;
-            files.push((kind.file(), text));
+            files.push((format!("{dir}/{}", kind.file()), text));
         }
-        match (parent, owner_there.flatten()) {
+        match &parent {
             // From its parent, as the kernel wants for a nested one.
-            (Some((_, ns)), Some(uid)) => {
-                let paths: Vec<(String, &str)> = (files.iter())
-                    .map(|(f, text)| (format!("{dir}/{f}"), text.as_str()))
-                    .collect();
-                let paths: Vec<(&str, &str)> =
-                    paths.iter().map(|(p, t)| (p.as_str(), *t)).collect();
-                crate::sys::write_in_user_ns(ns, uid, &paths)
-                    .map_err(|e| fail(format!("write its maps: {e}")))?;
-            }
-            _ => {
-                for (file, text) in &files {
-                    std::fs::write(format!("{dir}/{file}"), text)
-                        .map_err(|e| fail(format!("write {file} ({}): {e}", text.trim_end())))?;
+            Some((_, at)) => crate::sys::write_in_user_ns(at.ns, at.uid, &files)
+                .map_err(|e| fail(format!("write its maps: {e}")))?,
+            None => {
+                for (path, text) in &files {
+                    std::fs::write(path, text)
+                        .map_err(|e| fail(format!("write {path} ({}): {e}", text.trim_end())))?;
                 }
             }
         }
