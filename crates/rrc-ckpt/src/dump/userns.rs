@@ -88,21 +88,23 @@ pub fn read(
         }
     };
     let mut known: BTreeMap<NsId, usize> = BTreeMap::new();
-    // A process in each namespace, through which it is read.
-    let members: Vec<(Pid, File, NsId)> = (processes.iter())
-        .filter(|p| !p.threads.is_empty())
-        .filter_map(|p| {
-            let f = File::open(format!("/proc/{}/ns/user", p.pid)).ok()?;
-            let id = ns_id(&f).ok()?;
-            (id != mine).then_some((p.pid, f, id))
+    let live: Vec<&SeizedProcess> = processes.iter().filter(|p| !p.threads.is_empty()).collect();
+    let opened: Vec<std::io::Result<(File, NsId)>> = (live.iter())
+        .map(|p| {
+            File::open(format!("/proc/{}/ns/user", p.pid)).and_then(|f| ns_id(&f).map(|id| (f, id)))
         })
         .collect();
-    for p in processes.iter().filter(|p| !p.threads.is_empty()) {
+    // A process in each namespace, through which it is read.
+    let members: Vec<(Pid, &File, NsId)> = (live.iter().zip(&opened))
+        .filter_map(|(p, o)| {
+            let (f, id) = o.as_ref().ok()?;
+            (*id != mine).then_some((p.pid, f, *id))
+        })
+        .collect();
+    for (p, opened) in live.iter().zip(&opened) {
         let pid = p.pid;
-        let opened =
-            File::open(format!("/proc/{pid}/ns/user")).and_then(|f| ns_id(&f).map(|id| (f, id)));
         let (file, id) = match opened {
-            Ok(o) => o,
+            Ok((f, id)) => (f, *id),
             Err(e) => {
                 problems.push(format!(
                     "process {pid}'s user namespace cannot be read: {e}"
@@ -200,7 +202,7 @@ pub fn read(
 fn record(
     id: NsId,
     ns: std::os::fd::BorrowedFd<'_>,
-    members: &[(Pid, File, NsId)],
+    members: &[(Pid, &File, NsId)],
     mine: NsId,
     known: &mut BTreeMap<NsId, usize>,
     namespaces: &mut Vec<UserNs>,
