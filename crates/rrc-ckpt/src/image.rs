@@ -767,21 +767,16 @@ impl NsKind {
     }
 }
 
-/// Pid namespaces of a user namespace, as a restore makes them, in a
-/// tree whose pid namespace is the restorer's (`own_pid_ns` false, for a
-/// tree not in a pid namespace of its own: the pids outside them are set
-/// as the next ones there): one nested once in
-/// it, its first process made in the user namespace by its parent's
-/// helper, or one below a pid namespace of the same user namespace, its
-/// first process forked by its parent there. Each process in one is
-/// born in that user namespace (in no other, nor in another time
-/// namespace, nor forked by a sibling sharing its fd table), with its
-/// first process's supplementary groups (which it inherits, and may not
-/// change there).
-pub fn check_user_pid_namespaces(
-    procs: &[&ProcessImage],
-    own_pid_ns: bool,
-) -> std::result::Result<(), String> {
+/// Pid namespaces of a user namespace, as a restore makes them (the pids
+/// outside them set as the next ones of the tree's pid namespace): one
+/// nested once in the tree's, its first process made in the user
+/// namespace by its parent's helper, or one below a pid namespace of the
+/// same user namespace, its first process forked by its parent there.
+/// Each process in one is born in that user namespace (in no other, nor
+/// in another time namespace, nor forked by a sibling sharing its fd
+/// table), with its first process's supplementary groups (which it
+/// inherits, and may not change there).
+pub fn check_user_pid_namespaces(procs: &[&ProcessImage]) -> std::result::Result<(), String> {
     let by_pid = |pid: i32| procs.iter().find(|q| q.pid == pid).copied();
     // The first process of its pid namespace, if that is one of its user
     // namespace's.
@@ -797,8 +792,7 @@ pub fn check_user_pid_namespaces(
             let by_parent = (p.parent.and_then(by_pid)).is_some_and(|q| {
                 user_init(q).is_some() && q.user_ns == p.user_ns && p.depth() == q.depth() + 1
             });
-            if own_pid_ns
-                || p.user_ns.is_none()
+            if p.user_ns.is_none()
                 || p.nested_pids.last() != Some(&1)
                 || p.pid_ns != Some(pid)
                 || p.zombie.is_some()
@@ -806,8 +800,8 @@ pub fn check_user_pid_namespaces(
             {
                 return Err(format!(
                     "process {pid} is the first of a pid namespace of its user namespace a \
-                     restore does not make (in a tree in rrc's pid namespace, nested once in it \
-                     or below one of the same user namespace, its first process live)"
+                     restore does not make (nested once in the tree's or below one of the same \
+                     user namespace, its first process live)"
                 ));
             }
         }

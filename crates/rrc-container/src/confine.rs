@@ -241,31 +241,59 @@ const REFUSED: &[i64] = &[
     libc::SYS_vhangup,
 ];
 
+/// The calls [`REFUSED`] lists that a container allowed user namespaces
+/// (`rrc run --user-namespaces`) may make: a sandbox's (bubblewrap's)
+/// namespaces and mounts. Without CAP_SYS_ADMIN, which a container does
+/// not have, they act only inside the user namespaces the program makes;
+/// what they open is the kernel's larger surface there, which is why the
+/// default refuses them.
+const USER_NAMESPACE_CALLS: &[i64] = &[
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_mount_setattr,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_fsopen,
+    libc::SYS_fsmount,
+    libc::SYS_fsconfig,
+    libc::SYS_fspick,
+];
+
 /// The seccomp filters a container's first process installs just before
 /// its program (the checkpoint engine carries them across a checkpoint
 /// and restore like any process's filters): [`REFUSED`] and `clone` with
-/// `CLONE_NEWUSER` refused with EPERM; and `clone3`, whose flags sit in
-/// memory a filter cannot read, answered ENOSYS so that the C library
-/// falls back to `clone` (as mainstream runtimes do).
-pub fn seccomp_filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::Error> {
+/// `CLONE_NEWUSER` refused with EPERM (but, with `user_namespaces`, those
+/// and [`USER_NAMESPACE_CALLS`]); and `clone3`, whose flags sit in memory
+/// a filter cannot read, answered ENOSYS so that the C library falls
+/// back to `clone` (as mainstream runtimes do).
+pub fn seccomp_filters(
+    user_namespaces: bool,
+) -> Result<Vec<seccompiler::BpfProgram>, seccompiler::Error> {
     use seccompiler::{
         SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
         SeccompRule, TargetArch,
     };
     use std::collections::BTreeMap;
     let arch = TargetArch::try_from(std::env::consts::ARCH)?;
-    let mut refused: BTreeMap<i64, Vec<SeccompRule>> =
-        REFUSED.iter().map(|nr| (*nr, Vec::new())).collect();
+    let mut refused: BTreeMap<i64, Vec<SeccompRule>> = (REFUSED.iter())
+        .filter(|nr| !(user_namespaces && USER_NAMESPACE_CALLS.contains(nr)))
+        .map(|nr| (*nr, Vec::new()))
+        .collect();
     let new_user = libc::CLONE_NEWUSER as u64;
-    refused.insert(
-        libc::SYS_clone,
-        vec![SeccompRule::new(vec![SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(new_user),
-            new_user,
-        )?])?],
-    );
+    if !user_namespaces {
+        refused.insert(
+            libc::SYS_clone,
+            vec![SeccompRule::new(vec![SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(new_user),
+                new_user,
+            )?])?],
+        );
+    }
     let refuse = SeccompFilter::new(
         refused,
         SeccompAction::Allow,

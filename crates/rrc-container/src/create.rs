@@ -254,7 +254,7 @@ impl Container {
         if root.as_ref().is_some_and(|r| r.fresh()) {
             partial.root = Some(spec.name.clone());
         }
-        let filters = crate::confine::seccomp_filters().map_err(|e| {
+        let filters = crate::confine::seccomp_filters(spec.user_namespaces).map_err(|e| {
             Error::InvalidSpec(format!("the seccomp profile cannot be built here: {e}"))
         })?;
         let (go_rd, go_wr) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(nix_setup_err("pipe"))?;

@@ -246,6 +246,9 @@ pub struct ContainerSpec {
     pub share: Vec<PathBuf>,
     /// See [`crate::state::ContainerRecord::aio_idle`].
     pub aio_idle: bool,
+    /// The program may make user namespaces, and in them what a sandbox
+    /// makes (see [`crate::confine::seccomp_filters`]).
+    pub user_namespaces: bool,
 }
 
 /// Finds `cmd` the way `execvp` will, so a typo is reported before a

@@ -1267,6 +1267,48 @@ fn time_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
 }
 
 #[test]
+fn a_tree_whose_own_pid_namespace_a_user_namespace_owns_is_refused_and_left_running() {
+    // A rootless container's first process (`unshare -Urpf`): the tree's
+    // own pid namespace would come back as rrc's, not its user
+    // namespace's.
+    require_root();
+    let mut outer = Command::new("unshare")
+        .args(["-Urpf", "--mount-proc", "sleep", "1000"])
+        .spawn()
+        .unwrap();
+    let outer_pid = outer.id();
+    let mut first = None;
+    wait_until(
+        "the sandbox's first process",
+        Duration::from_secs(10),
+        || {
+            first = fs::read_to_string(format!("/proc/{outer_pid}/task/{outer_pid}/children"))
+                .ok()
+                .and_then(|c| c.split_whitespace().next()?.parse::<i32>().ok());
+            first.is_some()
+        },
+    );
+    let first = first.unwrap();
+    let dir = scratch("rootless_pid_ns");
+    let images = dir.join("images");
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &first.to_string(),
+        "--images",
+        images.to_str().unwrap(),
+    ]);
+    let alive = fs::read_to_string(format!("/proc/{first}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.starts_with(" Z")));
+    let _ = outer.kill();
+    let _ = kill(Pid::from_raw(first), Signal::SIGKILL);
+    let _ = outer.wait();
+    let _ = fs::remove_dir_all(&dir);
+    out.fails_with("the tree's own, belongs to its user namespace");
+    assert!(alive, "the refused tree was not left running");
+}
+
+#[test]
 fn namespaces_made_in_a_user_namespace_come_back_in_it() {
     checkpoint_restore("userns_made");
 }

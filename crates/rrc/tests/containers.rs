@@ -284,6 +284,36 @@ fn a_program_in_a_container_is_kept_from_the_hosts_kernel_controls() {
 }
 
 #[test]
+fn a_container_allowed_user_namespaces_makes_them_and_gains_nothing_outside() {
+    // `--user-namespaces`: the program makes a user namespace and mounts a
+    // tmpfs in a mount namespace of its there (a sandbox's steps); outside
+    // it, mounting, a network namespace of its own and the kernel's
+    // controls stay refused (its capabilities are the default ones).
+    require_root();
+    let name = format!("confu{}", std::process::id());
+    let out = rrc(&[
+        "run",
+        "--name",
+        &name,
+        "--user-namespaces",
+        "--",
+        "sh",
+        "-c",
+        "unshare -Urm sh -c 'mount -t tmpfs x /mnt && echo SANDBOX-MOUNTED'; \
+         mount -t tmpfs x /mnt 2>/dev/null && echo MOUNTED; \
+         unshare -n true 2>/dev/null && echo NETNS; \
+         (echo 0 > /proc/sys/kernel/sysrq) 2>/dev/null && echo WROTE-SYSCTL; \
+         echo DONE",
+    ]);
+    let text = out.stdout.clone();
+    assert!(text.contains("DONE"), "{out:?}");
+    assert!(text.contains("SANDBOX-MOUNTED"), "{out:?}");
+    for bad in ["MOUNTED", "NETNS", "WROTE-SYSCTL"] {
+        assert!(!text.lines().any(|l| l == bad), "{bad}: {out:?}");
+    }
+}
+
+#[test]
 fn a_restored_container_is_kept_as_the_original_was() {
     // Checkpointed and restored, the container's program has the same
     // bounding set, masked, read-only kernel paths, device list and
@@ -601,6 +631,20 @@ fn fixture_moves_in_a_container_with(
     let _ = std::fs::remove_file(&log);
     assert!(restored, "checkpoint or restore failed: {out:?}");
     assert!(text.contains("PASS") && !text.contains("FAIL"), "{text}");
+}
+
+#[test]
+fn a_rootless_sandbox_in_a_container_moves_with_its_pid_namespaces() {
+    // Allowed user namespaces, the container's program makes pid
+    // namespaces of them (`unshare -Urpf`, bubblewrap's clone): they come
+    // back in them, their pids in the container's set as the next ones
+    // there by a helper in its pid namespace.
+    fixture_moves_in_a_container_with("userns_pidns", &[], false, &["--user-namespaces"]);
+}
+
+#[test]
+fn a_threaded_process_in_a_user_namespace_of_a_container_moves_with_its_thread_ids() {
+    fixture_moves_in_a_container_with("userns_own", &[], false, &["--user-namespaces"]);
 }
 
 #[test]

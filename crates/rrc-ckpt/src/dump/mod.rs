@@ -409,7 +409,7 @@ pub(crate) fn take(
     let mut users = userns::read(
         &seized.processes,
         &statuses,
-        |pid, pid_ns_owned| depth == 1 && (levels.nesting(pid) == 0 || pid_ns_owned),
+        |pid, pid_ns_owned| levels.nesting(pid) == 0 || pid_ns_owned,
         &mut problems,
     );
     let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
@@ -580,6 +580,14 @@ pub(crate) fn take(
                  to its user namespace, where a restore does not make pid namespaces"
             ));
         }
+        // The tree's own pid namespace is made by rrc, outside any user
+        // namespace.
+        if owned.contains(&NsKind::Pid) && place.nested_pids.is_empty() {
+            problems.push(format!(
+                "process {raw}'s pid namespace, the tree's own, belongs to its user namespace \
+                 (a rootless container's), where a restore does not make the tree's"
+            ));
+        }
         let user_owned = (owned.into_iter())
             .filter(|k| match k {
                 NsKind::Uts => own_ns.uts.contains_key(&p.pid),
@@ -738,8 +746,8 @@ pub(crate) fn take(
         problems.push(what);
     }
     // Pid namespaces of user namespaces, their pids outside them set as the
-    // next ones of rrc's namespace at a restore: only in a tree in ours.
-    if let Err(what) = crate::image::check_user_pid_namespaces(&all, depth != 1) {
+    // next ones of the tree's namespace at a restore.
+    if let Err(what) = crate::image::check_user_pid_namespaces(&all) {
         problems.push(what);
     }
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);

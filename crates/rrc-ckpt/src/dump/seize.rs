@@ -219,20 +219,14 @@ impl Seized {
                 .iter()
                 .flat_map(|p| p.threads.iter().map(|t| t.tid))
                 .collect();
-            let mut lingering: Vec<(Pid, u64)> = Vec::new();
-            collect_deaths(
+            let aside = collect_deaths(
                 &mut left,
                 |_| true,
-                |tid| {
-                    if !(firsts.contains(&tid) && exiting(tid)) {
-                        return false;
-                    }
-                    if let Some(at) = start_time(tid) {
-                        lingering.push((tid, at));
-                    }
-                    true
-                },
+                |tid| firsts.contains(&tid) && exiting(tid),
             );
+            let lingering: Vec<(Pid, u64)> = (aside.into_iter())
+                .filter_map(|tid| Some((tid, start_time(tid)?)))
+                .collect();
             if !lingering.is_empty() {
                 // Their deaths are ours to collect still (or their parents
                 // never see them): a thread of ours does it meanwhile,
@@ -261,29 +255,46 @@ impl Seized {
 
 /// Collects the deaths of traced threads `left` for up to 30 s. A thread
 /// `still` no longer names (a later task given its number) is dropped;
-/// one `set_aside` takes (on its way out, say) is no longer waited for.
+/// one `set_aside` takes (on its way out, say) is no longer waited for,
+/// but collected meanwhile if it can be (a pid namespace's first process
+/// waits for its namespace's other tasks, one of which may be a thread
+/// set aside); those not collected are returned.
 fn collect_deaths(
     left: &mut Vec<Pid>,
     still: impl Fn(Pid) -> bool,
     mut set_aside: impl FnMut(Pid) -> bool,
-) {
+) -> Vec<Pid> {
+    // Whether `tid` is still to be collected.
+    let pending = |tid: Pid| -> bool {
+        if !still(tid) {
+            return false;
+        }
+        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
+            Ok(WaitStatus::StillAlive) => true,
+            Ok(_) => {
+                let _ = nix::sys::ptrace::cont(tid, None);
+                true
+            }
+        }
+    };
+    let mut aside = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !left.is_empty() && std::time::Instant::now() < deadline {
         left.retain(|&tid| {
-            if !still(tid) {
+            if !pending(tid) {
                 return false;
             }
-            match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
-                Ok(WaitStatus::StillAlive) => !set_aside(tid),
-                Ok(_) => {
-                    let _ = nix::sys::ptrace::cont(tid, None);
-                    true
-                }
+            if set_aside(tid) {
+                aside.push(tid);
+                return false;
             }
+            true
         });
+        aside.retain(|&tid| pending(tid));
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    aside
 }
 
 /// When task `tid` started (its stat's field 22), which tells it from a

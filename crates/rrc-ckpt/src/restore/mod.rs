@@ -604,6 +604,14 @@ fn fork_child(parent: &mut Tracee, ids: &[i32], flags: u64) -> Result<Tracee> {
     fork_asking(parent, ids, ids.last().copied().unwrap_or(0), flags)
 }
 
+/// Forks a helper child of `parent` at pid `id` of its namespace, which
+/// signals no one when it ends (its parent reaps it with `__WALL`).
+fn fork_silent(parent: &mut Tracee, id: i32) -> Result<Tracee> {
+    let args = clone_args(parent, 0, 0, &[id])?;
+    let host = clone_in(parent, "clone3 (a helper)", args, id)?;
+    Tracee::new(id, host, parent.scratch)
+}
+
 /// Forks a child of `parent` that is to be process `ns_pid` of the tree,
 /// asking for pids `ids` (the innermost first).
 fn fork_asking(parent: &mut Tracee, ids: &[i32], ns_pid: i32, flags: u64) -> Result<Tracee> {
@@ -621,25 +629,32 @@ fn fork_asking(parent: &mut Tracee, ids: &[i32], ns_pid: i32, flags: u64) -> Res
 
 /// Forks the process of pids `ids` (the innermost first) from `forker`,
 /// which is in a user namespace and may ask for its pids in that
-/// namespace's pid namespace only: its pid in ours, the tree's (the
-/// last), is set as the next one (`namespaces::at_next_pid`). One that
-/// got another pid ends and is reaped by `reaper` (the forker itself,
-/// which sees it by its pid in its own namespace, or the parent of a
-/// `CLONE_PARENT` child, in ours).
+/// namespace's pid namespace only: its pid in the tree's (the last) is
+/// set as the next one (`next`). One that got another pid in ours ends
+/// and is reaped by `reaper` (the forker itself, which sees it by its pid
+/// in its own namespace, or the parent of a `CLONE_PARENT` child, in
+/// ours).
 fn fork_at_next_pid(
     forker: &mut Tracee,
     mut reaper: Option<&mut Tracee>,
+    next: &mut namespaces::NextPids,
     ids: &[i32],
     flags: u64,
 ) -> Result<Tracee> {
     let Some((&outer, inner)) = ids.split_last() else {
         return fork_child(forker, ids, flags);
     };
-    namespaces::at_next_pid(outer, || {
+    let level = next.level();
+    next.at(outer, || {
         let ct = fork_asking(forker, inner, outer, flags)?;
         let host = ct.pid;
-        if host.as_raw() == outer {
+        let got = namespaces::pid_at_level(host, level)?;
+        if got == outer {
             return Ok(Some(ct));
+        }
+        if level != 0 {
+            // Nothing else takes pids in the tree's own namespace.
+            return Err(rerr(outer, "fork", format!("it got pid {got}")));
         }
         ct.end(libc::SYS_exit, &[0])?;
         let (r, seen) = match reaper.as_deref_mut() {
@@ -665,7 +680,7 @@ fn fork_at_next_pid(
 /// (which so belongs to it), and forks `c` into that as `t`'s child
 /// (`CLONE_PARENT`), pid 1 there and its pid in ours set as the next one;
 /// then the helper ends and `t` reaps it.
-fn fork_into_user_pid_ns(ctx: &Ctx, t: &mut Tracee, c: &ProcessImage) -> Result<Tracee> {
+fn fork_into_user_pid_ns(ctx: &mut Ctx, t: &mut Tracee, c: &ProcessImage) -> Result<Tracee> {
     let user = (c.user_ns.and_then(|i| ctx.users.get(i)))
         .ok_or_else(|| rerr(c.pid, "pid namespace", "in no user namespace"))?;
     let mut h = fork_child(t, &[], 0)?;
@@ -678,9 +693,12 @@ fn fork_into_user_pid_ns(ctx: &Ctx, t: &mut Tracee, c: &ProcessImage) -> Result<
             &[libc::CLONE_NEWPID as u64],
         )?;
         let flags = libc::CLONE_PARENT as u64;
-        fork_at_next_pid(&mut h, Some(&mut *t), &namespaces::set_tid(c), flags)
+        let ids = namespaces::set_tid(c);
+        fork_at_next_pid(&mut h, Some(&mut *t), &mut ctx.next_pids, &ids, flags)
     })();
-    let helper = h.pid;
+    // Reaped by its pid as `t` sees it (in a tree of a pid namespace of
+    // its own, not ours).
+    let helper = namespaces::pid_seen_by(t.pid, h.pid);
     let ended = h.end(libc::SYS_exit, &[0]);
     let ct = made?;
     if !matches!(ended?, tracee::Ended::Exited(0)) {
@@ -689,20 +707,20 @@ fn fork_into_user_pid_ns(ctx: &Ctx, t: &mut Tracee, c: &ProcessImage) -> Result<
     t.call(
         "reap a helper",
         libc::SYS_wait4,
-        &[helper.as_raw() as u64, 0, libc::__WALL as u64, 0],
+        &[helper? as u64, 0, libc::__WALL as u64, 0],
     )?;
     flush_sigchld(t)?;
     Ok(ct)
 }
 
-fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
+fn spawn_threads(t: &mut Tracee, p: &ProcessImage, next: &mut namespaces::NextPids) -> Result<()> {
     for th in p.threads.iter().skip(1) {
         let ids = namespaces::thread_set_tid(th);
         let host = match p.user_ns {
             None => spawn_thread(t, th.tid, &ids)?,
             // In a user namespace, the process cannot ask for a pid in
             // ours.
-            Some(_) => thread_at_next_pid(t, &ids)?,
+            Some(_) => thread_at_next_pid(t, next, &ids)?,
         };
         t.threads.push((th.tid, host));
     }
@@ -710,16 +728,17 @@ fn spawn_threads(t: &mut Tracee, p: &ProcessImage) -> Result<()> {
 }
 
 /// Makes a thread of `t` with ids `ids` (the innermost first), asking for
-/// those of a pid namespace of its user namespace only: its id in ours,
-/// the tree's (the last), is set as the next one
-/// (`namespaces::at_next_pid`); one that got another ends.
-fn thread_at_next_pid(t: &mut Tracee, ids: &[i32]) -> Result<Pid> {
+/// those of a pid namespace of its user namespace only: its id in the
+/// tree's (the last) is set as the next one (`next`); one that got
+/// another ends.
+fn thread_at_next_pid(t: &mut Tracee, next: &mut namespaces::NextPids, ids: &[i32]) -> Result<Pid> {
     let (&tid, inner) = ids
         .split_last()
         .ok_or_else(|| rerr(t.ns_pid, "create a thread", "a thread without an id"))?;
-    namespaces::at_next_pid(tid, || {
+    let level = next.level();
+    next.at(tid, || {
         let host = spawn_thread(t, tid, inner)?;
-        if host.as_raw() == tid {
+        if namespaces::pid_at_level(host, level)? == tid {
             return Ok(Some(host));
         }
         t.end_thread(host)?;
@@ -771,6 +790,8 @@ struct Ctx<'a> {
     root_new_ipc: bool,
     /// The tree's user namespaces, by index.
     users: Vec<std::os::fd::OwnedFd>,
+    /// Where the next pid of the tree's namespace is set.
+    next_pids: namespaces::NextPids,
 }
 
 /// Sessions whose leader had exited: neither the session the root was
@@ -941,7 +962,7 @@ fn restore_process(
     files::take_locks(&mut t, p)?;
     // What its threads inherit, set once.
     state::before_threads(&mut t, p)?;
-    spawn_threads(&mut t, p)?;
+    spawn_threads(&mut t, p, &mut ctx.next_pids)?;
     state::process_state(&mut t, p, &mut ctx.plan.ghosts)?;
     state::thread_state(&mut t, p)?;
     state::pending_signals(&mut t, p)?;
@@ -956,7 +977,7 @@ fn restore_process(
 /// pointed there if not; `children_ns` says where they go now) with its
 /// pids there.
 fn fork_in_place(
-    ctx: &Ctx,
+    ctx: &mut Ctx,
     t: &mut Tracee,
     child: i32,
     children_ns: &mut Option<i32>,
@@ -986,7 +1007,7 @@ fn fork_in_place(
     // A process born in a user namespace forks there, a new pid namespace
     // too; one outside has a helper make one of its user namespace.
     let mut ct = if p.in_user_pid_ns(ctx.procs) {
-        fork_at_next_pid(t, None, &ids, flags)?
+        fork_at_next_pid(t, None, &mut ctx.next_pids, &ids, flags)?
     } else if new_ns && c.user_owned.contains(&crate::image::NsKind::Pid) {
         fork_into_user_pid_ns(ctx, t, c)?
     } else {
@@ -1168,14 +1189,39 @@ fn discard_tree(known: &[Pid]) {
     for p in &all {
         let _ = kill(*p, Signal::SIGKILL);
     }
+    // Never waited for without end: a task whose end is reported to
+    // another (one of the tree's processes it was reparented to) would
+    // hold the restore's error back for ever.
+    let deadline = Instant::now() + DISCARD_WAIT;
+    let reaped = |tid: Pid| loop {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => break,
+            // Stops reported on the way to the end.
+            Ok(WaitStatus::StillAlive) => {
+                tracing::warn!(
+                    tid = tid.as_raw(),
+                    "a task of a failed restore was not reaped"
+                );
+                break;
+            }
+            Ok(_) => {}
+        }
+    };
     for (p, tids) in threads {
         // Threads first: a process is reaped once its threads are.
         for tid in tids.into_iter().filter(|t| *t != p) {
-            let _ = nix::sys::wait::waitpid(tid, Some(nix::sys::wait::WaitPidFlag::__WALL));
+            reaped(tid);
         }
-        let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::__WALL));
+        reaped(p);
     }
 }
+
+/// How long a failed restore waits for its processes to be reaped.
+const DISCARD_WAIT: Duration = Duration::from_secs(5);
 
 /// The threads of process `p`.
 fn tasks(p: Pid) -> Vec<Pid> {
@@ -1251,6 +1297,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         orphan_sessions: orphan_sessions(&m, &procs),
         root_new_ipc: flags & libc::CLONE_NEWIPC as u64 != 0,
         users: namespaces::make_users(&m)?,
+        next_pids: namespaces::NextPids::Ours,
     };
     let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
@@ -1274,7 +1321,13 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
                 crate::nr::SYS_prlimit64,
                 &[0, libc::RLIMIT_NOFILE as u64, a, 0],
             );
-            restore_process(&mut ctx, t, Held::new(), m.outer_session, None)
+            ctx.next_pids = namespaces::NextPids::for_tree(&mut t, &m, &procs, &ctx.mem.transport)?;
+            restore_process(&mut ctx, t, Held::new(), m.outer_session, None)?;
+            let next = std::mem::replace(&mut ctx.next_pids, namespaces::NextPids::Ours);
+            match ctx.done.iter_mut().find(|t| t.ns_pid == m.root) {
+                Some(root) => next.finish(root),
+                None => Ok(()),
+            }
         });
     let outcome = outcome.and_then(|()| {
         mm::seal_memfds(&ctx.mem)?;
@@ -1345,6 +1398,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         lazy.let_go();
     }
     if let Err(e) = outcome {
+        tracing::debug!("the restore failed ({e}): its processes go");
         let mut pids: Vec<Pid> = ctx.done.iter().map(|t| t.pid).collect();
         pids.push(root_pid);
         discard_tree(&pids);

@@ -17,7 +17,7 @@
 //! outside), before its fds are put in place and it takes its
 //! credentials again; the processes of a pid namespace of a user namespace
 //! are born in it instead (`restore::fork_into_user_pid_ns`), asking for
-//! their pids there, those in ours set as the next ones ([`at_next_pid`]).
+//! their pids there, those in the tree's set as the next ones ([`NextPids`]).
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -86,7 +86,6 @@ fn made_in_user(
     user: BorrowedFd<'_>,
     transport: &crate::restore::sockets::Transport,
 ) -> Result<()> {
-    // `t` has no children yet: the helper is the one it reaps.
     let mut h = super::fork_child(t, &[], 0)?;
     let made = (|| -> Result<()> {
         crate::ptrace::set_sigmask(h.pid, crate::common::BLOCK_ALL)?;
@@ -115,6 +114,7 @@ fn made_in_user(
         t.call("close", libc::SYS_close, &[fd])?;
         r.map(drop)
     })();
+    let seen = pid_seen_by(t.pid, h.pid);
     let ended = h.end(libc::SYS_exit, &[0]);
     made?;
     match ended? {
@@ -130,30 +130,178 @@ fn made_in_user(
     t.call(
         "reap a helper",
         libc::SYS_wait4,
-        &[u64::MAX, 0, libc::__WALL as u64, 0],
+        &[seen? as u64, 0, libc::__WALL as u64, 0],
     )?;
     super::flush_sigchld(t)
 }
 
-/// How many times a process or thread is made at the next pid before the
-/// restore gives up: each time another process of the host took its pid
-/// first.
+/// How many times a process or thread is made at the next pid of our
+/// namespace before the restore gives up: each time another process of
+/// the host took its pid first.
 const NEXT_PID_TRIES: u32 = 100;
 
-/// Where our pid namespace's next pid is handed out from
-/// (`/proc/sys/kernel/ns_last_pid`).
+/// Where a pid namespace's next pid is handed out from: the namespace of
+/// the process that writes it (`/proc/sys/kernel/ns_last_pid`).
 const LAST_PID: &str = "/proc/sys/kernel/ns_last_pid";
 
-/// Our pid namespace's last pid handed out, moved back for one thread's
-/// pid by [`next_pid_is`] and put forward again when dropped: the pids
-/// just below where the kernel stood are those of processes that ended a
+/// Where the restore sets the next pid of the tree's pid namespace for
+/// the processes and threads that cannot ask for theirs: those of a
+/// process in a user namespace, where `set_tid` would need CAP_SYS_ADMIN
+/// over the tree's pid namespace, which the process left (it still asks
+/// for its pids in a pid namespace of its user namespace).
+pub enum NextPids {
+    /// The tree is in our pid namespace: we set our own, where another
+    /// process of the host may take the pid first.
+    Ours,
+    /// The tree is a pid namespace of its own (a container's): a helper,
+    /// a child of its first process forked at a pid no process of the
+    /// tree has, writes our `ns_last_pid` file, which then sets the next
+    /// pid of its own namespace, the tree's, where no process of the host
+    /// takes pids.
+    Tree { helper: Tracee, file: u64 },
+}
+
+impl NextPids {
+    /// For a tree whose first process is `root` (just made, not yet
+    /// restored): a helper of its in the tree's namespace if the tree is
+    /// one of its own and a process of it is in a user namespace.
+    pub fn for_tree(
+        root: &mut Tracee,
+        m: &Manifest,
+        procs: &BTreeMap<i32, ProcessImage>,
+        transport: &crate::restore::sockets::Transport,
+    ) -> Result<NextPids> {
+        if !m.own_pid_ns || procs.values().all(|p| p.user_ns.is_none()) {
+            return Ok(NextPids::Ours);
+        }
+        let taken: std::collections::BTreeSet<i32> = (procs.values())
+            .flat_map(|p| std::iter::once(p.pid).chain(p.threads.iter().map(|t| t.tid)))
+            .collect();
+        let free = (2..).find(|id| !taken.contains(id)).unwrap_or(2);
+        let mut helper = super::fork_silent(root, free)?;
+        let made = (|| -> Result<u64> {
+            crate::ptrace::set_sigmask(helper.pid, crate::common::BLOCK_ALL)?;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(LAST_PID)
+                .map_err(|e| Error::Restore {
+                    pid: m.root,
+                    stage: "pids of processes in user namespaces",
+                    detail: format!("open {LAST_PID}: {e}"),
+                })?;
+            transport.pass(&mut helper, file.as_fd())
+        })();
+        match made {
+            Ok(file) => Ok(NextPids::Tree { helper, file }),
+            Err(e) => {
+                let _ = NextPids::Tree { helper, file: 0 }.finish(root);
+                Err(e)
+            }
+        }
+    }
+
+    /// The level of the tree's pid namespace in a task's `NSpid`, as we
+    /// see it.
+    pub fn level(&self) -> usize {
+        match self {
+            NextPids::Ours => 0,
+            NextPids::Tree { .. } => 1,
+        }
+    }
+
+    /// What `attempt` makes (a process or a thread) with pid `pid` in the
+    /// tree's pid namespace, that pid set as the next one for each
+    /// attempt. `attempt` ends what got another pid (in ours, a process of
+    /// the host took it first) and gives `None`; it is then tried again,
+    /// [`NEXT_PID_TRIES`] times at most (once in the tree's own, where
+    /// nothing else takes pids).
+    pub fn at<T>(&mut self, pid: i32, mut attempt: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+        let tries = match self {
+            NextPids::Ours => NEXT_PID_TRIES,
+            NextPids::Tree { .. } => 1,
+        };
+        for _ in 0..tries {
+            let cursor = self.set(pid)?;
+            let made = attempt();
+            drop(cursor);
+            if let Some(made) = made? {
+                return Ok(made);
+            }
+        }
+        Err(Error::Restore {
+            pid,
+            stage: "process or thread in a user namespace",
+            detail: format!("it got another pid {tries} time(s) (another process took it first)"),
+        })
+    }
+
+    /// Makes `pid` the next pid of the tree's namespace; in ours, until
+    /// the result is dropped. A pid in use in ours is an error at once.
+    fn set(&mut self, pid: i32) -> Result<Option<OurNextPid>> {
+        let fail = |e: std::io::Error| Error::Restore {
+            pid,
+            stage: "process or thread in a user namespace",
+            detail: format!("set the next pid: {e}"),
+        };
+        match self {
+            NextPids::Ours => {
+                if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    return Err(Error::PidTaken(pid));
+                }
+                let before = crate::procfs::read_text(LAST_PID)
+                    .map_err(fail)?
+                    .trim()
+                    .parse()
+                    .map_err(|_| fail(std::io::Error::other("ns_last_pid is not a number")))?;
+                std::fs::write(LAST_PID, (pid - 1).to_string()).map_err(fail)?;
+                Ok(Some(OurNextPid { before }))
+            }
+            NextPids::Tree { helper, file } => {
+                let text = (pid - 1).to_string();
+                let at = helper.arg(text.as_bytes())?;
+                helper.call(
+                    "write the next pid",
+                    libc::SYS_pwrite64,
+                    &[*file, at, text.len() as u64, 0],
+                )?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Ends the helper, if any, and has `root`, its parent, reap it.
+    pub fn finish(self, root: &mut Tracee) -> Result<()> {
+        let NextPids::Tree { helper, .. } = self else {
+            return Ok(());
+        };
+        let id = helper.ns_pid;
+        let ended = helper.end(libc::SYS_exit, &[0])?;
+        if !matches!(ended, crate::restore::tracee::Ended::Exited(0)) {
+            return Err(Error::Restore {
+                pid: root.ns_pid,
+                stage: "pids of processes in user namespaces",
+                detail: format!("the helper setting them ended as {ended:?}"),
+            });
+        }
+        root.call(
+            "reap a helper",
+            libc::SYS_wait4,
+            &[id as u64, 0, libc::__WALL as u64, 0],
+        )
+        .map(drop)
+    }
+}
+
+/// Our pid namespace's last pid handed out, moved back for one pid by
+/// [`NextPids::set`] and put forward again when dropped: the pids just
+/// below where the kernel stood are those of processes that ended a
 /// moment ago (a tree being restored, maybe), which the host's next
 /// processes must not take.
-struct NextPid {
+struct OurNextPid {
     before: i32,
 }
 
-impl Drop for NextPid {
+impl Drop for OurNextPid {
     fn drop(&mut self) {
         let now = crate::procfs::read_text(LAST_PID)
             .ok()
@@ -164,51 +312,38 @@ impl Drop for NextPid {
     }
 }
 
-/// Makes `pid` the next pid of our pid namespace, the tree's, until the
-/// result is dropped: a process in a user namespace has no right to ask
-/// for a pid there (`set_tid` needs CAP_SYS_ADMIN over the tree's pid
-/// namespace, which it left), so its threads and children take the next
-/// one (another process of the host may take it first: see
-/// [`at_next_pid`]). A pid in use is an error at once.
-fn next_pid_is(pid: i32) -> Result<NextPid> {
-    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        return Err(Error::PidTaken(pid));
+/// Task `host`'s pid at `level` of its `NSpid` (0: ours, `host` itself).
+pub fn pid_at_level(host: nix::unistd::Pid, level: usize) -> Result<i32> {
+    if level == 0 {
+        return Ok(host.as_raw());
     }
-    let fail = |e: std::io::Error| Error::Restore {
-        pid,
-        stage: "process or thread in a user namespace",
-        detail: format!("set the next pid: {e}"),
-    };
-    let before = crate::procfs::read_text(LAST_PID)
-        .map_err(fail)?
-        .trim()
-        .parse()
-        .map_err(|_| fail(std::io::Error::other("ns_last_pid is not a number")))?;
-    std::fs::write(LAST_PID, (pid - 1).to_string()).map_err(fail)?;
-    Ok(NextPid { before })
+    nspid(host)?
+        .get(level)
+        .copied()
+        .ok_or_else(|| Error::Restore {
+            pid: host.as_raw(),
+            stage: "pids",
+            detail: format!("it has no pid at level {level}"),
+        })
 }
 
-/// What `attempt` makes (a process or a thread) with pid `pid` in our
-/// pid namespace, the tree's, that pid set as the next one for each
-/// attempt ([`next_pid_is`]). `attempt` ends what got another pid (a
-/// process of the host took it first) and gives `None`; it is then tried
-/// again, [`NEXT_PID_TRIES`] times at most.
-pub fn at_next_pid<T>(pid: i32, mut attempt: impl FnMut() -> Result<Option<T>>) -> Result<T> {
-    for _ in 0..NEXT_PID_TRIES {
-        let cursor = next_pid_is(pid)?;
-        let made = attempt();
-        drop(cursor);
-        if let Some(made) = made? {
-            return Ok(made);
-        }
-    }
-    Err(Error::Restore {
-        pid,
-        stage: "process or thread in a user namespace",
-        detail: format!(
-            "it got another pid {NEXT_PID_TRIES} times (processes of the host took it first)"
-        ),
-    })
+/// Task `host`'s pid as task `seer` (an ancestor's namespace or its
+/// own) sees it.
+pub fn pid_seen_by(seer: nix::unistd::Pid, host: nix::unistd::Pid) -> Result<i32> {
+    pid_at_level(host, nspid(seer)?.len().saturating_sub(1))
+}
+
+/// Task `host`'s pids, ours first.
+fn nspid(host: nix::unistd::Pid) -> Result<Vec<i32>> {
+    crate::procfs::read_nspid(format!("/proc/{host}/status"))
+        .ok()
+        .flatten()
+        .filter(|l| !l.is_empty())
+        .ok_or_else(|| Error::Restore {
+            pid: host.as_raw(),
+            stage: "pids",
+            detail: "its pids cannot be read".into(),
+        })
 }
 
 /// Names the UTS namespace `t` is the first process of `names`.
@@ -540,8 +675,8 @@ pub fn restore_children_ns(
 
 /// Checks an image's user namespaces: maps the kernel takes, and each
 /// process in one a live one whose ids are all mapped there, with one
-/// thread unless it is in the tree's pid namespace, restored in ours (its
-/// threads could not get their ids: see [`at_next_pid`]).
+/// thread unless it is in the tree's pid namespace or one of its user
+/// namespace's (its threads could not get their ids: see [`NextPids`]).
 pub fn check_users(
     m: &Manifest,
     procs: &BTreeMap<i32, ProcessImage>,
@@ -565,7 +700,7 @@ pub fn check_users(
         }
     }
     let all: Vec<&ProcessImage> = procs.values().collect();
-    crate::image::check_user_pid_namespaces(&all, m.own_pid_ns)?;
+    crate::image::check_user_pid_namespaces(&all)?;
     for p in procs.values() {
         let pid = p.pid;
         if let Some(k) = (p.user_owned.iter())
@@ -581,13 +716,11 @@ pub fn check_users(
             .user_namespaces
             .get(i)
             .ok_or_else(|| format!("process {pid} is in user namespace {i}, which is not in it"))?;
-        // Threads get the next pid of the restorer's namespace: only there,
+        // Threads get the next pid of the tree's namespace: only there,
         // and ask for their ids in a pid namespace of their user
         // namespace's below it.
-        let nested = m.own_pid_ns
-            || (!p.in_user_pid_ns(procs)
-                && (!p.nested_pids.is_empty()
-                    || p.threads.iter().any(|th| !th.nested_tids.is_empty())));
+        let nested = !p.in_user_pid_ns(procs)
+            && (!p.nested_pids.is_empty() || p.threads.iter().any(|th| !th.nested_tids.is_empty()));
         if p.zombie.is_some() {
             return Err(format!("process {pid} is a zombie in a user namespace"));
         }

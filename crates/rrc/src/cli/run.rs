@@ -83,6 +83,13 @@ pub struct ContainerArgs {
     /// without this a program using AIO cannot be checkpointed.
     #[arg(long)]
     aio_idle: bool,
+    /// Let the program make user namespaces (`unshare -r`, a bubblewrap
+    /// sandbox) and, inside them, the namespaces and mounts it owns there:
+    /// the seccomp profile refuses those calls otherwise, as mainstream
+    /// runtimes' do. Outside its user namespaces the program gains
+    /// nothing: its capabilities stay the default ones.
+    #[arg(long)]
+    user_namespaces: bool,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -156,6 +163,7 @@ impl ContainerArgs {
                 })
                 .collect::<Result<_>>()?,
             aio_idle: self.aio_idle,
+            user_namespaces: self.user_namespaces,
         };
         Ok(Launch::new(Source::Program(spec))
             .detach(self.detach)
