@@ -193,6 +193,7 @@ fn memory_round(rrc: &Path, mb: usize, work: &Path) -> Result<CkptResult> {
     std::thread::sleep(Duration::from_millis(100));
 
     let report = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
+        container: false,
         root: pid,
         aio_idle: false,
         images: &images,
@@ -314,6 +315,7 @@ fn redis_measure(
 ) -> Result<CkptResult> {
     let addr = format!("127.0.0.1:{port}").parse()?;
     let report = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
+        container: false,
         root: pid,
         aio_idle: false,
         images,

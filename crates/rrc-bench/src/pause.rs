@@ -318,6 +318,7 @@ fn measure(
                 let dir = work.join(format!("full-{i}"));
                 let cpu0 = self_cpu();
                 let r = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
+                    container: false,
                     root: s.pid,
                     aio_idle: false,
                     images: &dir,
@@ -340,6 +341,7 @@ fn measure(
             let _ = fs::remove_dir_all(&dir);
             let series = SeriesDir::create(&dir, false)?;
             let mut inc = Incremental::new(IncrementalOptions {
+                container: false,
                 root: s.pid,
                 aio_idle: false,
                 annotations: Default::default(),

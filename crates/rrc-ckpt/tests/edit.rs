@@ -37,6 +37,7 @@ fn checkpointed(tag: &str) -> (Fixture, std::path::PathBuf) {
     let fx = Fixture::start(&bin, &dir, &[]);
     let images = dir.join("images");
     checkpoint(&CheckpointOptions {
+        container: false,
         root: fx.pid,
         aio_idle: false,
         images: &images,
@@ -464,6 +465,7 @@ fn mutated_images_that_load_restore_or_are_refused_cleanly() {
     let mut fx = Fixture::start(&bin, &dir, &[]);
     let images = dir.join("images");
     checkpoint(&CheckpointOptions {
+        container: false,
         root: fx.pid,
         aio_idle: false,
         images: &images,
@@ -530,6 +532,7 @@ fn image_of(name: &str, aio_idle: bool) -> (PathBuf, PathBuf, i32) {
     let mut fx = Fixture::start(&bin, &dir, &[]);
     let images = dir.join("images");
     checkpoint(&CheckpointOptions {
+        container: false,
         root: fx.pid,
         aio_idle,
         images: &images,

@@ -92,6 +92,7 @@ fn limited_objects_restore_their_first_page_and_zeros() {
     };
     checkpoint_with(
         &CheckpointOptions {
+            container: false,
             root: fx.pid,
             aio_idle: false,
             images: &images,
@@ -134,6 +135,7 @@ fn every_checkpoint_of_a_series_is_limited_and_calls_the_hook_once() {
     let (_f, whole) = limit_of(fx.pid, 11, 0);
     let (_g, file_only) = limit_of(fx.pid, 12, 1);
     let mut series = Incremental::new(IncrementalOptions {
+        container: false,
         root: fx.pid,
         aio_idle: false,
         annotations: BTreeMap::from([("who".to_string(), json!("caller"))]),

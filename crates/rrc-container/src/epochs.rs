@@ -54,6 +54,7 @@ impl EpochCheckpointer {
     pub fn start(c: &Container, copy: CopyMode) -> Result<EpochCheckpointer> {
         rrc_ckpt::incremental::check_supported()?;
         let inc = Incremental::new(IncrementalOptions {
+            container: true,
             root: c.init_pid(),
             aio_idle: c.record().aio_idle,
             annotations: c.annotations()?,

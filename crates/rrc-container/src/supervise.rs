@@ -296,6 +296,7 @@ impl Container {
             }
         }
         let opts = CheckpointOptions {
+            container: true,
             root: self.init,
             aio_idle: self.record.aio_idle,
             images,

@@ -81,6 +81,7 @@ fn a_delta_cut_off_mid_transfer_leaves_the_committed_checkpoint() {
     let work = scratch("cut");
     let sleeper = Sleeper(Command::new("sleep").arg("100").spawn().unwrap());
     let mut inc = Incremental::new(IncrementalOptions {
+        container: false,
         root: Pid::from_raw(sleeper.0.id() as i32),
         aio_idle: false,
         annotations: Default::default(),

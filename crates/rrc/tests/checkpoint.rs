@@ -1266,6 +1266,83 @@ fn time_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
     );
 }
 
+/// Runs fixture `name` as the first process of a pid namespace of its own
+/// with its own /proc (`unshare -pf --mount-proc`), checkpoints it by its
+/// pid, restores it and expects its checks to pass; gives the restored
+/// root's pid.
+fn checkpoint_restore_as_pid_namespace_root(name: &str) -> i32 {
+    require_root();
+    become_subreaper();
+    let dir = scratch(&format!("{name}_pidns_root"));
+    let bin = build(name, &dir);
+    let log = dir.join("fixture.log");
+    let f = fs::File::create(&log).unwrap();
+    let mut outer = Command::new("unshare")
+        .args(["-pf", "--mount-proc"])
+        .arg(&bin)
+        .current_dir(&dir)
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap();
+    let text = || fs::read_to_string(&log).unwrap_or_default();
+    wait_until("READY", Duration::from_secs(10), || {
+        text().contains("READY")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let outer_pid = outer.id();
+    let first: i32 = fs::read_to_string(format!("/proc/{outer_pid}/task/{outer_pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let images = dir.join("images");
+    let pid = first.to_string();
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        images.to_str().unwrap(),
+    ])
+    .ok();
+    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    let _ = outer.wait();
+    let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
+    let root: i32 = (out.stdout.split("root pid ").nth(1))
+        .and_then(|r| r.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no root pid: {out:?}"));
+    kill(Pid::from_raw(root), Signal::SIGUSR1).unwrap();
+    wait_until("the verdict", Duration::from_secs(20), || {
+        text().contains("PASS") || text().contains("FAIL")
+    });
+    let said = text();
+    wait_until("the restored root's end", Duration::from_secs(10), || {
+        reap_orphans();
+        !Path::new(&format!("/proc/{root}")).exists()
+    });
+    let _ = fs::remove_dir_all(&dir);
+    assert!(
+        said.contains("PASS") && !said.contains("FAIL"),
+        "{name}: {said}"
+    );
+    root
+}
+
+#[test]
+fn a_pid_namespaces_first_process_gets_its_uts_network_and_cgroup_namespaces_back() {
+    // A `--pid` tree whose root is pid 1 of its own pid namespace, not a
+    // container's: its other namespaces are the tree's to make again too.
+    checkpoint_restore_as_pid_namespace_root("ns_root");
+}
+
+#[test]
+fn a_pid_namespaces_first_process_gets_its_mount_namespace_and_proc_back() {
+    checkpoint_restore_as_pid_namespace_root("mntns_root");
+}
+
 #[test]
 fn a_tree_whose_own_pid_namespace_a_user_namespace_owns_is_refused_and_left_running() {
     // A rootless container's first process (`unshare -Urpf`): the tree's

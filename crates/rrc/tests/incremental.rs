@@ -329,6 +329,7 @@ fn churn(tag: &str, copy: CopyMode, epochs: u64) {
     let series = run.dir.join("series");
     SeriesDir::create(&series, true).unwrap();
     let mut inc = Incremental::new(IncrementalOptions {
+        container: false,
         root: run.pid(),
         aio_idle: false,
         annotations: Default::default(),
@@ -359,6 +360,7 @@ fn churn(tag: &str, copy: CopyMode, epochs: u64) {
     }
     let full = run.dir.join("full");
     rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
+        container: false,
         root: run.pid(),
         aio_idle: false,
         images: &full,
@@ -412,6 +414,7 @@ fn copy_dir(from: &Path, to: &Path) {
 fn series_with_deltas(run: &Churn, series: &Path, epochs: u64, seed: u64, n: u32) {
     SeriesDir::create(series, true).unwrap();
     let mut inc = Incremental::new(IncrementalOptions {
+        container: false,
         root: run.pid(),
         aio_idle: false,
         annotations: Default::default(),
@@ -433,6 +436,7 @@ fn a_missing_corrupt_or_repeated_delta_is_refused() {
     let other = run.dir.join("other");
     SeriesDir::create(&other, true).unwrap();
     let mut inc2 = Incremental::new(IncrementalOptions {
+        container: false,
         root: run.pid(),
         aio_idle: false,
         annotations: Default::default(),
@@ -610,6 +614,7 @@ fn a_connection_not_yet_accepted_defers_a_checkpoint_without_ending_the_series()
         .and_then(|p| p.trim().parse().ok())
         .expect("a port");
     let mut inc = Incremental::new(IncrementalOptions {
+        container: false,
         root: pid,
         aio_idle: false,
         annotations: Default::default(),
@@ -621,6 +626,7 @@ fn a_connection_not_yet_accepted_defers_a_checkpoint_without_ending_the_series()
     let refused = inc.checkpoint(&dir.join("1")).map(|_| ());
     // A checkpoint that kills the tree is refused the same way.
     let once = rrc_ckpt::dump::checkpoint(&rrc_ckpt::dump::CheckpointOptions {
+        container: false,
         root: pid,
         aio_idle: false,
         images: &dir.join("once"),

@@ -43,6 +43,12 @@ pub struct CheckpointOptions<'a> {
     /// flight when it is stopped (see [`refuse_aio`]); its AIO contexts
     /// are then saved, else refused.
     pub aio_idle: bool,
+    /// The tree is a container's, whose first process's namespaces its
+    /// restore makes (rrc's runtime: its network with its TAP device, its
+    /// root, its host name): a tree that is a pid namespace of its own
+    /// records its root's UTS, network, cgroup and mount namespaces only
+    /// without it, as any root's.
+    pub container: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +197,7 @@ pub fn checkpoint_with(opts: &CheckpointOptions, extras: Extras) -> Result<Check
             leave_running: opts.leave_running,
             annotations: opts.annotations.clone(),
             aio_idle: opts.aio_idle,
+            container: opts.container,
             series: None,
             exclude: &[],
             shmem_limits: &extras.shmem_limits,
@@ -233,6 +240,8 @@ pub(crate) struct Take<'a> {
     pub leave_running: bool,
     pub annotations: BTreeMap<String, serde_json::Value>,
     pub aio_idle: bool,
+    /// As [`CheckpointOptions::container`].
+    pub container: bool,
     /// For a checkpoint of a series: this one and the one it follows (none
     /// for the first). Its files then get checksums.
     pub series: Option<(Lineage, Option<Lineage>)>,
@@ -384,8 +393,11 @@ pub(crate) fn take(
     for p in &seized.processes {
         ns_of.insert(p.pid, levels.tree_pid(p.pid));
     }
+    // A container's root namespaces are its restore's to make; any other
+    // root's, a pid namespace's first or not, are the tree's.
+    let root_ns_made = own_pid_ns && t.container;
     let mut own_ns =
-        namespaces::own_namespaces(t.root, own_pid_ns, &seized.processes, &mut problems);
+        namespaces::own_namespaces(t.root, root_ns_made, &seized.processes, &mut problems);
     for (p, m) in &mut own_ns.mnt {
         if let Err(e) = m.number_makers(|h| ns_of.get(&h).copied()) {
             problems.push(format!("process {p}'s mount namespace: {e}"));

@@ -191,14 +191,15 @@ pub struct OwnNamespaces {
 /// Finds the first process of each UTS, IPC, network, mount and cgroup
 /// namespace other than the root's: a process in another than its
 /// parent's, which no other process shares but its descendants (any other
-/// is a problem), and those of the root (see [`root_namespaces`]). A cgroup
+/// is a problem), and those of the root unless the tree is a `container`'s
+/// (see [`root_namespaces`]). A cgroup
 /// namespace must be rooted at its first process's cgroup, as one it
 /// unshared where it is (the restore unshares one in the cgroup the tree
 /// is restored to). Reads five links per process but the root (none for a
 /// tree of one).
 pub fn own_namespaces(
     root: Pid,
-    whole_pid_ns: bool,
+    container: bool,
     processes: &[SeizedProcess],
     problems: &mut Vec<String>,
 ) -> OwnNamespaces {
@@ -208,7 +209,7 @@ pub fn own_namespaces(
         .filter(|p| p.pid != root && !p.threads.is_empty())
         .collect();
     let live: Vec<Pid> = others.iter().map(|p| p.pid).collect();
-    if !whole_pid_ns {
+    if !container {
         root_namespaces(root, &live, &mut own, problems);
     }
     if others.is_empty() {
@@ -233,8 +234,8 @@ pub fn own_namespaces(
     own
 }
 
-/// The namespaces of a root (of a tree that is not a whole pid namespace)
-/// other than the checkpointing process's, which a restore into ours
+/// The namespaces of a root (of a tree that is not a container's) other
+/// than the checkpointing process's, which a restore into ours
 /// makes again as for a process of the tree that made them: UTS, network,
 /// cgroup and mount namespaces (IPC and time ones are the tree's own,
 /// made apart). A mount namespace only where the root has our root

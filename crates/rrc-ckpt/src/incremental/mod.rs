@@ -35,6 +35,8 @@ pub struct IncrementalOptions {
     pub copy: CopyMode,
     /// As [`crate::dump::CheckpointOptions::aio_idle`].
     pub aio_idle: bool,
+    /// As [`crate::dump::CheckpointOptions::container`].
+    pub container: bool,
 }
 
 /// A series of checkpoints of one tree, taken one after the other.
@@ -42,6 +44,7 @@ pub struct Incremental {
     root: Pid,
     annotations: BTreeMap<String, serde_json::Value>,
     aio_idle: bool,
+    container: bool,
     series: String,
     next_epoch: u64,
     last: Option<Lineage>,
@@ -111,6 +114,7 @@ impl Incremental {
             root: opts.root,
             annotations: opts.annotations,
             aio_idle: opts.aio_idle,
+            container: opts.container,
             series: new_series_id(),
             next_epoch: 0,
             last: None,
@@ -168,6 +172,7 @@ impl Incremental {
                 leave_running: true,
                 annotations: self.annotations.clone(),
                 aio_idle: self.aio_idle,
+                container: self.container,
                 series: Some((lineage.clone(), self.last.clone())),
                 exclude: &exclude,
                 shmem_limits: &self.shmem_limits,

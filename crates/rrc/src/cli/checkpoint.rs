@@ -103,6 +103,7 @@ pub fn checkpoint(a: CheckpointArgs) -> Result<i32> {
     let (report, what) = match (a.pid, &a.name) {
         (Some(pid), _) => {
             let opts = CheckpointOptions {
+                container: false,
                 root: Pid::from_raw(pid),
                 aio_idle: a.aio_idle,
                 images: &a.images,
@@ -281,6 +282,7 @@ fn tree_series(
     let dir = rrc_ckpt::store::SeriesDir::create(&a.images, a.keep_deltas)?;
     let mut inc =
         rrc_ckpt::incremental::Incremental::new(rrc_ckpt::incremental::IncrementalOptions {
+            container: false,
             root: Pid::from_raw(pid),
             aio_idle: a.aio_idle,
             annotations: Default::default(),
