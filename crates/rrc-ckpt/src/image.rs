@@ -47,6 +47,11 @@ pub struct Manifest {
     /// Whether the tree was the whole of its own pid namespace (a
     /// container): it is then restored into a new one, as pid 1.
     pub own_pid_ns: bool,
+    /// For such a tree checkpointed by its root's pid (not a container's):
+    /// that pid, the root's in the checkpointer's pid namespace, which a
+    /// restore gives it again there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outer_pid: Option<i32>,
     /// The session the tree's root was started in (its own if it does not
     /// lead it, else its parent's), as the tree's pid namespace numbers it
     /// (0: outside of it). A process of

@@ -498,24 +498,24 @@ unsafe fn clone3(args: &CloneArgs) -> libc::c_long {
 }
 
 /// Forks (fork(2) semantics: `None` in the child) with `flags`, giving the
-/// child the pid `pid` in its innermost pid namespace when `pid` is set.
+/// child the pids `pids` (`clone3`'s `set_tid`: the innermost pid
+/// namespace's first; none: the kernel's next ones).
 ///
 /// # Safety
 ///
 /// As for fork(2) in a program: the caller must be single-threaded, and the
 /// child must only make system calls (glibc's cached thread id names the
 /// parent's thread) until it execs, exits or is taken over by a tracer.
-pub unsafe fn fork_with_pid(flags: u64, pid: Option<i32>) -> io::Result<Option<Pid>> {
-    let set_tid = [pid.unwrap_or(0)];
+pub unsafe fn fork_with_pid(flags: u64, pids: &[i32]) -> io::Result<Option<Pid>> {
     let args = CloneArgs {
         flags,
         exit_signal: libc::SIGCHLD as u64,
-        set_tid: if pid.is_some() {
-            set_tid.as_ptr() as u64
-        } else {
+        set_tid: if pids.is_empty() {
             0
+        } else {
+            pids.as_ptr() as u64
         },
-        set_tid_size: u64::from(pid.is_some()),
+        set_tid_size: pids.len() as u64,
         ..Default::default()
     };
     // SAFETY: as for this function; the set_tid array `args` points to

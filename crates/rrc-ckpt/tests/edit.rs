@@ -991,6 +991,24 @@ fn hostile_pid_namespaces_of_user_namespaces_are_refused_before_anything_is_made
     for (what, edit) in on_member {
         refused_when(&images, &member, what, edit);
     }
+    // The root's pid outside its namespace, which a restore asks for:
+    // only of a tree that is a pid namespace, and a pid.
+    let on_manifest: [(&str, Edit); 3] = [
+        ("an outer pid of a tree in ours", |m| {
+            m["outer_pid"] = 4242.into()
+        }),
+        ("an outer pid 0", |m| {
+            m["own_pid_ns"] = true.into();
+            m["outer_pid"] = 0.into()
+        }),
+        ("an outer pid past the highest", |m| {
+            m["own_pid_ns"] = true.into();
+            m["outer_pid"] = (1i64 << 23).into()
+        }),
+    ];
+    for (what, edit) in on_manifest {
+        refused_when(&images, "manifest.json", what, edit);
+    }
     let _ = fs::remove_dir_all(&dir);
 }
 

@@ -1268,9 +1268,9 @@ fn time_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
 
 /// Runs fixture `name` as the first process of a pid namespace of its own
 /// with its own /proc (`unshare -pf --mount-proc`), checkpoints it by its
-/// pid, restores it and expects its checks to pass; gives the restored
-/// root's pid.
-fn checkpoint_restore_as_pid_namespace_root(name: &str) -> i32 {
+/// pid, restores it and expects its checks to pass and its pid to be the
+/// same.
+fn checkpoint_restore_as_pid_namespace_root(name: &str) {
     require_root();
     become_subreaper();
     let dir = scratch(&format!("{name}_pidns_root"));
@@ -1319,6 +1319,10 @@ fn checkpoint_restore_as_pid_namespace_root(name: &str) -> i32 {
         text().contains("PASS") || text().contains("FAIL")
     });
     let said = text();
+    assert_eq!(
+        root, first,
+        "the root's pid outside its namespace is not kept"
+    );
     wait_until("the restored root's end", Duration::from_secs(10), || {
         reap_orphans();
         !Path::new(&format!("/proc/{root}")).exists()
@@ -1328,7 +1332,6 @@ fn checkpoint_restore_as_pid_namespace_root(name: &str) -> i32 {
         said.contains("PASS") && !said.contains("FAIL"),
         "{name}: {said}"
     );
-    root
 }
 
 #[test]

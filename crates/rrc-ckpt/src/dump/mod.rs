@@ -790,6 +790,7 @@ pub(crate) fn take(
         root: root_ns_pid,
         processes: images.iter().map(|p| p.pid).collect(),
         own_pid_ns,
+        outer_pid: (own_pid_ns && !t.container).then_some(t.root.as_raw()),
         outer_session: Some(outer_session),
         files: std::mem::take(&mut files.files),
         shmem: shmem.objects,

@@ -378,6 +378,14 @@ fn check_references(
             "a process is in session {sid}, which is not a process id"
         )));
     }
+    // The root's pid outside its pid namespace: a pid, of such a tree.
+    if let Some(outer) = m.outer_pid
+        && (!m.own_pid_ns || !(1..=crate::image::PID_MAX).contains(&outer))
+    {
+        return Err(corrupt(format!(
+            "the root's outer pid {outer} is not a pid of a tree that is a pid namespace"
+        )));
+    }
     files::check_inotify(m, procs).map_err(corrupt)?;
     files::check_pidfds(m, procs).map_err(corrupt)?;
     files::check_ns_files(m, procs).map_err(corrupt)?;
@@ -497,16 +505,23 @@ fn choose_scratch(procs: &BTreeMap<i32, ProcessImage>) -> Result<u64> {
 
 /// Forks the root with its recorded pid and turns it into a traced,
 /// stopped skeleton.
-fn spawn_root(p: &ProcessImage, flags: u64, setup: Option<RootSetup>, scratch: u64) -> Result<Pid> {
+fn spawn_root(
+    p: &ProcessImage,
+    outer: Option<i32>,
+    flags: u64,
+    setup: Option<RootSetup>,
+    scratch: u64,
+) -> Result<Pid> {
     let (mut ready_rd, mut ready_wr) = pipe()?;
     let (hold_rd, hold_wr) = pipe()?;
     // SAFETY: the engine restores from a single thread (the CLI starts
     // none before), and the child only runs `root_setup`, maps its scratch
     // region, reports and blocks until it is taken over.
-    let forked = unsafe { sys::fork_with_pid(flags, Some(p.pid)) };
+    let pids: Vec<i32> = std::iter::once(p.pid).chain(outer).collect();
+    let forked = unsafe { sys::fork_with_pid(flags, &pids) };
     match forked {
         Err(e) => Err(match e.raw_os_error() {
-            Some(libc::EEXIST) => Error::PidTaken(p.pid),
+            Some(libc::EEXIST) => Error::PidTaken(outer.unwrap_or(p.pid)),
             _ => rerr(p.pid, "fork the root", e.to_string()),
         }),
         Ok(None) => {
@@ -1244,6 +1259,11 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
     let mut flags = opts.root_flags;
     if m.own_pid_ns {
         flags |= libc::CLONE_NEWPID as u64;
+        if let Some(outer) = m.outer_pid
+            && std::path::Path::new(&format!("/proc/{outer}")).exists()
+        {
+            return Err(Error::PidTaken(outer));
+        }
     } else {
         for p in procs.values() {
             for id in std::iter::once(p.pid).chain(p.threads.iter().map(|t| t.tid)) {
@@ -1299,7 +1319,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         users: namespaces::make_users(&m)?,
         next_pids: namespaces::NextPids::Ours,
     };
-    let root_pid = spawn_root(root, flags, opts.root_setup, scratch)?;
+    let root_pid = spawn_root(root, m.outer_pid, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
         Some(f) => f(root_pid).map_err(|e| rerr(root.pid, "prepare the root", e)),
         None => Ok(()),

@@ -158,7 +158,7 @@ pub enum NextPids {
     /// tree has, writes our `ns_last_pid` file, which then sets the next
     /// pid of its own namespace, the tree's, where no process of the host
     /// takes pids.
-    Tree { helper: Tracee, file: u64 },
+    Tree { helper: Box<Tracee>, file: u64 },
 }
 
 impl NextPids {
@@ -192,9 +192,16 @@ impl NextPids {
             transport.pass(&mut helper, file.as_fd())
         })();
         match made {
-            Ok(file) => Ok(NextPids::Tree { helper, file }),
+            Ok(file) => Ok(NextPids::Tree {
+                helper: Box::new(helper),
+                file,
+            }),
             Err(e) => {
-                let _ = NextPids::Tree { helper, file: 0 }.finish(root);
+                let _ = NextPids::Tree {
+                    helper: Box::new(helper),
+                    file: 0,
+                }
+                .finish(root);
                 Err(e)
             }
         }
@@ -275,7 +282,7 @@ impl NextPids {
             return Ok(());
         };
         let id = helper.ns_pid;
-        let ended = helper.end(libc::SYS_exit, &[0])?;
+        let ended = (*helper).end(libc::SYS_exit, &[0])?;
         if !matches!(ended, crate::restore::tracee::Ended::Exited(0)) {
             return Err(Error::Restore {
                 pid: root.ns_pid,
