@@ -514,10 +514,11 @@ fn spawn_root(
 ) -> Result<Pid> {
     let (mut ready_rd, mut ready_wr) = pipe()?;
     let (hold_rd, hold_wr) = pipe()?;
+    // Its pid in its own namespace, then, for a tree that is one, in ours.
+    let pids: Vec<i32> = std::iter::once(p.pid).chain(outer).collect();
     // SAFETY: the engine restores from a single thread (the CLI starts
     // none before), and the child only runs `root_setup`, maps its scratch
     // region, reports and blocks until it is taken over.
-    let pids: Vec<i32> = std::iter::once(p.pid).chain(outer).collect();
     let forked = unsafe { sys::fork_with_pid(flags, &pids) };
     match forked {
         Err(e) => Err(match e.raw_os_error() {
