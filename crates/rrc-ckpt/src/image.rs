@@ -458,7 +458,8 @@ pub enum LockKind {
 
 impl ProcessImage {
     /// Whether it is the first of a namespace of `kind` of its own that a
-    /// restore makes by unsharing it (UTS, cgroup, network, IPC, mount).
+    /// restore makes by unsharing it (UTS, cgroup, network, IPC, mount;
+    /// time: its own or its children's).
     pub fn makes(&self, kind: NsKind) -> bool {
         match kind {
             NsKind::Uts => self.uts.is_some(),
@@ -466,6 +467,9 @@ impl ProcessImage {
             NsKind::Net => self.own_net.is_some(),
             NsKind::Ipc => self.ipc.is_some(),
             NsKind::Mnt => self.own_mounts.is_some(),
+            NsKind::Time => {
+                matches!(self.time_ns, TimeNs::Own { .. }) || self.children_time_ns.is_some()
+            }
             _ => false,
         }
     }
@@ -499,6 +503,35 @@ impl ProcessImage {
     pub fn in_user_pid_ns(&self, procs: &BTreeMap<i32, ProcessImage>) -> bool {
         (self.pid_ns.and_then(|init| procs.get(&init)))
             .is_some_and(|init| init.user_owned.contains(&NsKind::Pid))
+    }
+
+    /// Whether it is forked in its user namespace at a restore, by a
+    /// process in it then: it is in a pid namespace of its user namespace,
+    /// or its parent, in the same user namespace, is in it when it forks
+    /// ([`ProcessImage::in_user_when_forking`]). It then does not enter its
+    /// user namespace, being in it, and makes the namespaces it makes
+    /// there.
+    pub fn born_in_user(&self, procs: &BTreeMap<i32, ProcessImage>) -> bool {
+        self.user_ns.is_some()
+            && (self.in_user_pid_ns(procs)
+                || (self.parent.and_then(|q| procs.get(&q)))
+                    .is_some_and(|q| q.user_ns == self.user_ns && q.in_user_when_forking(procs)))
+    }
+
+    /// Whether it enters its user namespace before anything else at a
+    /// restore (not born there): to make the time namespaces its user
+    /// namespace owns there, since a time namespace belongs to the user
+    /// namespace its maker is in.
+    pub fn enters_user_first(&self, procs: &BTreeMap<i32, ProcessImage>) -> bool {
+        self.user_ns.is_some()
+            && self.user_owned.contains(&NsKind::Time)
+            && !self.born_in_user(procs)
+    }
+
+    /// Whether it is in its user namespace when it forks its children at a
+    /// restore: born there or entered first.
+    pub fn in_user_when_forking(&self, procs: &BTreeMap<i32, ProcessImage>) -> bool {
+        self.born_in_user(procs) || self.enters_user_first(procs)
     }
 
     /// Its pid as it sees it (in its own pid namespace).
@@ -825,6 +858,73 @@ pub fn check_user_pid_namespaces(procs: &[&ProcessImage]) -> std::result::Result
                  of, in another user or time namespace, or with other supplementary groups",
                 init.pid
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Time namespaces of a user namespace, as a restore makes them: by a
+/// process in it that makes time namespaces (its own, its children's),
+/// entering its user namespace before anything else, or born there (its
+/// parent in it when it forks). A process in its user namespace from the
+/// start (but those of a pid namespace of their user namespace, see
+/// [`check_user_pid_namespaces`]) makes every namespace it makes there,
+/// so its user namespace must own them, and is in the tree's pid
+/// namespace, pointing no children at another; it forks its children in
+/// the user namespace, asking for their pids there only (those in the
+/// tree's pid namespace set as the next ones), so they are in its user
+/// namespace, in its pid namespace or first of one of their user
+/// namespace, in its session or one of their own, in its time namespace
+/// for children or one of their own, and none is forked by a sibling
+/// sharing its fd table.
+pub fn check_user_time_namespaces(
+    procs: &BTreeMap<i32, ProcessImage>,
+) -> std::result::Result<(), String> {
+    for p in procs.values() {
+        let pid = p.pid;
+        if !p.in_user_when_forking(procs) || p.in_user_pid_ns(procs) {
+            continue;
+        }
+        let outside = [
+            NsKind::Uts,
+            NsKind::Cgroup,
+            NsKind::Net,
+            NsKind::Ipc,
+            NsKind::Mnt,
+            NsKind::Time,
+        ]
+        .into_iter()
+        .any(|k| p.makes(k) && !p.user_owned.contains(&k));
+        if !p.nested_pids.is_empty()
+            || p.children_pid_ns.is_some()
+            || outside
+            || p.zombie.is_some()
+            || procs.values().any(|q| q.shares_files_with == Some(pid))
+        {
+            return Err(format!(
+                "process {pid}, in its user namespace from the start at a restore (to make time \
+                 namespaces there), is in a nested pid namespace, points its children at \
+                 another, makes namespaces its user namespace does not own or has siblings \
+                 forked into its fd table"
+            ));
+        }
+        for c in procs.values().filter(|c| c.parent == Some(pid)) {
+            let time_ok = match c.time_ns {
+                TimeNs::Parents => p.children_time_ns.is_none(),
+                TimeNs::ParentsChildren | TimeNs::Own { .. } => true,
+            };
+            if c.user_ns != p.user_ns
+                || !(c.nested_pids.is_empty() || c.user_owned.contains(&NsKind::Pid))
+                || !(c.sid == p.sid || c.sid == c.pid)
+                || !time_ok
+            {
+                return Err(format!(
+                    "process {}, a child of process {pid}, which is in its user namespace from \
+                     the start at a restore (to make time namespaces there), is in another user \
+                     namespace, pid namespace, session or time namespace than it is forked in",
+                    c.pid
+                ));
+            }
         }
     }
     Ok(())

@@ -1012,6 +1012,60 @@ fn hostile_pid_namespaces_of_user_namespaces_are_refused_before_anything_is_made
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// Time namespaces of user namespaces are made only as a restore can: by
+/// a process in the user namespace that makes them, whose children it
+/// forks there.
+#[test]
+fn hostile_time_namespaces_of_user_namespaces_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, _) = image_of("userns_timens", false);
+    let records: Vec<(String, serde_json::Value)> = fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("process-"))
+        .map(|n| {
+            let v = serde_json::from_slice(&fs::read(images.join(&n)).unwrap()).unwrap();
+            (n, v)
+        })
+        .collect();
+    // u, whose children's time namespace its user namespace owns, and g,
+    // its child there.
+    let (u, u_pid) = (records.iter())
+        .find(|(_, v)| !v["children_time_ns"].is_null())
+        .map(|(n, v)| (n.clone(), v["pid"].clone()))
+        .unwrap();
+    let g = (records.iter())
+        .find(|(_, v)| v["parent"] == u_pid)
+        .map(|(n, _)| n.clone())
+        .unwrap();
+    type Edit = fn(&mut serde_json::Value);
+    let on_u: [(&str, Edit); 2] = [
+        ("a maker in no user namespace", |p| {
+            p["user_ns"] = serde_json::Value::Null
+        }),
+        ("a maker that makes no time namespace", |p| {
+            p["children_time_ns"] = serde_json::Value::Null
+        }),
+    ];
+    for (what, edit) in on_u {
+        refused_when(&images, &u, what, edit);
+    }
+    let on_g: [(&str, Edit); 3] = [
+        ("a child claiming a namespace it does not make", |p| {
+            p["user_owned"] = serde_json::json!(["time"])
+        }),
+        ("a child in another session", |p| p["sid"] = 1.into()),
+        ("a child in its parent's own time namespace", |p| {
+            p.as_object_mut().unwrap().remove("time_ns");
+        }),
+    ];
+    for (what, edit) in on_g {
+        refused_when(&images, &g, what, edit);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// User namespaces whose maps the kernel would refuse, or that leave a
 /// process's ids unmapped, or a process in one that a restore could not
 /// put there, are refused at load.

@@ -1259,10 +1259,15 @@ fn deleted_files_and_directories_and_a_chrooted_working_directory() {
 }
 
 #[test]
-fn time_namespaces_a_user_namespace_owns_are_refused_and_left_running() {
+fn time_namespaces_of_user_namespaces_come_back_in_them() {
+    checkpoint_restore("userns_timens");
+}
+
+#[test]
+fn a_time_namespace_of_another_user_namespace_than_its_process_is_refused_and_left_running() {
     refused(
         "unsupported_namespaces",
-        "time_for_children namespace(s) belong to its user namespace",
+        "time namespace belongs to a user namespace other than its own",
     );
 }
 

@@ -648,6 +648,13 @@ fn a_threaded_process_in_a_user_namespace_of_a_container_moves_with_its_thread_i
 }
 
 #[test]
+fn time_namespaces_of_a_containers_user_namespaces_move_with_it() {
+    // Made again by their makers in their user namespaces, which they
+    // enter first; their children forked there at the container's pids.
+    fixture_moves_in_a_container_with("userns_timens", &[], false, &["--user-namespaces"]);
+}
+
+#[test]
 fn a_container_run_with_aio_idle_moves_with_its_aio_contexts() {
     // The container said at its start that its program has no AIO request
     // in flight when checkpointed: its contexts move with it.

@@ -418,13 +418,21 @@ pub(crate) fn take(
     // In ours, a restore sets the next pid for a thread or process it
     // cannot ask for one: at the tree's level, the others asked for in
     // pid namespaces of its user namespace.
+    let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
     let mut users = userns::read(
         &seized.processes,
         &statuses,
         |pid, pid_ns_owned| levels.nesting(pid) == 0 || pid_ns_owned,
+        |pid| {
+            times.get(&pid).map_or((false, false), |t| {
+                (
+                    matches!(t.ns, crate::image::TimeNs::Own { .. }),
+                    t.children.is_some(),
+                )
+            })
+        },
         &mut problems,
     );
-    let mut times = namespaces::time_places(t.root, &seized.processes, &mut problems);
     let mut places = levels.places(
         t.root,
         &seized.processes,
@@ -608,6 +616,7 @@ pub(crate) fn take(
                 NsKind::Mnt => own_ns.mnt.contains_key(&p.pid),
                 NsKind::Ipc => own_ns.ipc.contains(&p.pid) || (p.pid == t.root && root_ipc),
                 NsKind::Pid => place.nested_pids.last() == Some(&1),
+                NsKind::Time => true,
                 _ => false,
             })
             .collect();
@@ -761,6 +770,15 @@ pub(crate) fn take(
     // next ones of the tree's namespace at a restore.
     if let Err(what) = crate::image::check_user_pid_namespaces(&all) {
         problems.push(what);
+    }
+    // Time namespaces of user namespaces, made by processes in them from
+    // the start.
+    if images.iter().any(|p| p.user_owned.contains(&NsKind::Time)) {
+        let by_pid: BTreeMap<i32, ProcessImage> =
+            images.iter().map(|p| (p.pid, p.clone())).collect();
+        if let Err(what) = crate::image::check_user_time_namespaces(&by_pid) {
+            problems.push(what);
+        }
     }
     files::resolve_owners(&mut files, &ns_of, &images, depth, &mut problems);
     files::resolve_epoll_targets(&mut files, &mut problems);

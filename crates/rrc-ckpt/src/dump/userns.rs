@@ -21,9 +21,11 @@
 //!   (`ProcessImage::user_owned`, as the UTS, IPC, network, mount and
 //!   cgroup ones it is the first of), with each process's pid in ours set
 //!   as the next one;
-//! - a time namespace owned by the user namespace (a restore makes those
-//!   outside of it, and the process would lose its rights over them), or
-//!   a namespace owned by a user namespace other than its own;
+//! - a process making time namespaces (its own, its children's) some of
+//!   which its user namespace owns and some not: a restore makes those
+//!   its user namespace owns in it (`NsKind::Time` in
+//!   `ProcessImage::user_owned`), the process entering it first;
+//! - a namespace owned by a user namespace other than its own;
 //! - ids of the process the namespace does not map.
 
 use std::collections::BTreeMap;
@@ -38,8 +40,8 @@ use crate::image::NsKind;
 use crate::image::userns::UserNs;
 
 /// The kinds of namespace a user namespace may own that a restore makes
-/// in it (and its pid namespace, made in it when nested once in ours),
-/// and those it does not, as `/proc/PID/ns` names them.
+/// in it (and its pid namespace, made in it when nested once in ours, and
+/// its time namespaces), as `/proc/PID/ns` names them.
 const MADE_IN_IT: [NsKind; 5] = [
     NsKind::Uts,
     NsKind::Ipc,
@@ -47,7 +49,6 @@ const MADE_IN_IT: [NsKind; 5] = [
     NsKind::Mnt,
     NsKind::Cgroup,
 ];
-const MADE_OUTSIDE: [&str; 2] = ["time", "time_for_children"];
 
 /// The user namespaces of the tree, and the one of each process in one.
 #[derive(Default)]
@@ -71,12 +72,14 @@ fn ns_id(f: impl AsFd) -> std::io::Result<NsId> {
 /// theirs; `threads_may`: whether a process may have more than one thread
 /// in one, given whether its pid namespace is its user namespace's:
 /// being in the tree's pid namespace, ours, or in one of its user
-/// namespace's nested once in it); what a restore could not make again
-/// goes to `problems`.
+/// namespace's nested once in it; `makes_time`: whether a process makes
+/// its own time namespace and its children's); what a restore could not
+/// make again goes to `problems`.
 pub fn read(
     processes: &[SeizedProcess],
     statuses: &BTreeMap<Pid, Status>,
     threads_may: impl Fn(Pid, bool) -> bool,
+    makes_time: impl Fn(Pid) -> (bool, bool),
     problems: &mut Vec<String>,
 ) -> UserPlaces {
     let mut places = UserPlaces::default();
@@ -126,18 +129,34 @@ pub fn read(
                 p.threads.len()
             ));
         }
-        let outside: Vec<&str> = (MADE_OUTSIDE.iter())
-            .filter(|k| owner(k).is_some())
-            .copied()
-            .collect();
-        if !outside.is_empty() {
-            problems.push(format!(
-                "process {pid}'s {} namespace(s) belong to its user namespace, which a restore \
-                 makes them outside of (it would lose its rights over them)",
-                outside.join(", ")
-            ));
-        }
         let mut owned = Vec::new();
+        // The time namespaces it makes (its own, its children's): all in
+        // its user namespace or none (a restore makes them all there, or
+        // all outside); those it is in only are its makers'.
+        let (own_time, children_time) = makes_time(pid);
+        let mut made_in = Vec::new();
+        let mut made_outside = Vec::new();
+        for (kind, made) in [("time", own_time), ("time_for_children", children_time)] {
+            match owner(kind) {
+                Some(o) if o != id => problems.push(format!(
+                    "process {pid}'s {kind} namespace belongs to a user namespace other than its \
+                     own"
+                )),
+                Some(_) if made => made_in.push(kind),
+                None if made => made_outside.push(kind),
+                _ => {}
+            }
+        }
+        if !made_in.is_empty() && !made_outside.is_empty() {
+            problems.push(format!(
+                "process {pid} made its {} namespace in its user namespace and its {} namespace \
+                 outside it, which a restore does not both do",
+                made_in.join(", "),
+                made_outside.join(", ")
+            ));
+        } else if !made_in.is_empty() {
+            owned.push(NsKind::Time);
+        }
         for kind in ["pid", "pid_for_children"] {
             match owner(kind) {
                 None => {}

@@ -842,14 +842,23 @@ fn restore_process(
         join_session(&mut t, p, ctx.procs)?;
         return end_zombie(t, exit);
     }
+    // A process making time namespaces of its user namespace is in it
+    // before it makes them (their owner is their maker's).
+    let born_in_user = p.born_in_user(ctx.procs);
+    let user_first = p.enters_user_first(ctx.procs);
+    if let Some(i) = p.user_ns
+        && user_first
+    {
+        namespaces::enter_user(&mut t, p, ctx.users[i].as_fd(), &ctx.mem.transport)?;
+    }
     // Its own time, UTS, cgroup, network, IPC and mount namespaces before
     // its children are forked into them: made (a container's root was made
     // in a new IPC one), then each filled.
     namespaces::enter_time(&mut t, p)?;
     let root_has_ipc = pid == ctx.m.root && ctx.root_new_ipc;
-    let born_in_user = p.in_user_pid_ns(ctx.procs);
+    let in_user = born_in_user || user_first;
     let (users, transport) = (&ctx.users, &ctx.mem.transport);
-    namespaces::make_own(&mut t, p, root_has_ipc, born_in_user, users, transport)?;
+    namespaces::make_own(&mut t, p, root_has_ipc, in_user, users, transport)?;
     if let Some(names) = &p.uts {
         namespaces::name_uts(&mut t, names)?;
     }
@@ -966,9 +975,9 @@ fn restore_process(
     // Its user namespace once its children are forked (their pids need
     // rights over the tree's pid namespace that it leaves outside) and
     // while the fd the engine passes files through is still in its table.
-    // (Unless it was born there, in a pid namespace of its.)
+    // (Unless it is there already.)
     if let Some(i) = p.user_ns
-        && !born_in_user
+        && !in_user
     {
         namespaces::enter_user(&mut t, p, ctx.users[i].as_fd(), &ctx.mem.transport)?;
     }
@@ -1020,9 +1029,9 @@ fn fork_in_place(
         .then(|| namespaces::own_time_fd(t))
         .transpose()?;
     let ids = namespaces::set_tid(c);
-    // A process born in a user namespace forks there, a new pid namespace
+    // A process in its user namespace forks there, a new pid namespace
     // too; one outside has a helper make one of its user namespace.
-    let mut ct = if p.in_user_pid_ns(ctx.procs) {
+    let mut ct = if p.in_user_when_forking(ctx.procs) {
         fork_at_next_pid(t, None, &mut ctx.next_pids, &ids, flags)?
     } else if new_ns && c.user_owned.contains(&crate::image::NsKind::Pid) {
         fork_into_user_pid_ns(ctx, t, c)?

@@ -41,16 +41,16 @@ const UTS_LEN: usize = 64;
 /// a copy of its parent's mounts), for the code of each kind to fill:
 /// unshared at once, but those that belong to its user namespace (one of
 /// `users`), which a child of its unshares in that namespace and `t`
-/// enters (unless `t` was born in it, in a pid namespace of its).
+/// enters (unless `t` is in it already: `in_user`).
 pub fn make_own(
     t: &mut Tracee,
     p: &ProcessImage,
     has_ipc: bool,
-    born_in_user: bool,
+    in_user: bool,
     users: &[OwnedFd],
     transport: &crate::restore::sockets::Transport,
 ) -> Result<()> {
-    let (mut here, mut in_user) = (0, 0);
+    let (mut here, mut made_in_user) = (0, 0);
     for (kind, flag) in [
         (NsKind::Uts, libc::CLONE_NEWUTS),
         (NsKind::Cgroup, libc::CLONE_NEWCGROUP),
@@ -61,8 +61,8 @@ pub fn make_own(
         if !p.makes(kind) || (kind == NsKind::Ipc && has_ipc) {
             continue;
         }
-        if p.user_owned.contains(&kind) && !born_in_user {
-            in_user |= flag as u64;
+        if p.user_owned.contains(&kind) && !in_user {
+            made_in_user |= flag as u64;
         } else {
             here |= flag as u64;
         }
@@ -71,7 +71,9 @@ pub fn make_own(
         t.call("unshare (its namespaces)", libc::SYS_unshare, &[here])?;
     }
     match p.user_ns.and_then(|i| users.get(i)) {
-        Some(user) if in_user != 0 => made_in_user(t, in_user, user.as_fd(), transport),
+        Some(user) if made_in_user != 0 => {
+            made_in_user_ns(t, made_in_user, user.as_fd(), transport)
+        }
         _ => Ok(()),
     }
 }
@@ -80,7 +82,7 @@ pub fn make_own(
 /// `user`: a child of `t` enters that one and unshares them, `t` enters
 /// them through a pidfd of the child, and the child ends. `t` stays where
 /// it is as to users, with every right over them.
-fn made_in_user(
+fn made_in_user_ns(
     t: &mut Tracee,
     flags: u64,
     user: BorrowedFd<'_>,
@@ -708,6 +710,7 @@ pub fn check_users(
     }
     let all: Vec<&ProcessImage> = procs.values().collect();
     crate::image::check_user_pid_namespaces(&all)?;
+    crate::image::check_user_time_namespaces(procs)?;
     for p in procs.values() {
         let pid = p.pid;
         if let Some(k) = (p.user_owned.iter())
