@@ -699,6 +699,8 @@ fn fork_at_next_pid(
 fn fork_into_user_pid_ns(ctx: &mut Ctx, t: &mut Tracee, c: &ProcessImage) -> Result<Tracee> {
     let user = (c.user_ns.and_then(|i| ctx.users.get(i)))
         .ok_or_else(|| rerr(c.pid, "pid namespace", "in no user namespace"))?;
+    // The helper lives while `c` is forked: at no pid `c` may ask for.
+    ctx.next_pids.clear_of_tree()?;
     let mut h = fork_child(t, &[], 0)?;
     let made = (|| -> Result<Tracee> {
         ptrace::set_sigmask(h.pid, BLOCK_ALL)?;

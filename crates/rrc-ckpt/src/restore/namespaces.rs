@@ -159,8 +159,13 @@ pub enum NextPids {
     /// a child of its first process forked at a pid no process of the
     /// tree has, writes our `ns_last_pid` file, which then sets the next
     /// pid of its own namespace, the tree's, where no process of the host
-    /// takes pids.
-    Tree { helper: Box<Tracee>, file: u64 },
+    /// takes pids. `above`: the highest pid of the tree's processes and
+    /// threads.
+    Tree {
+        helper: Box<Tracee>,
+        file: u64,
+        above: i32,
+    },
 }
 
 impl NextPids {
@@ -180,6 +185,7 @@ impl NextPids {
             .flat_map(|p| std::iter::once(p.pid).chain(p.threads.iter().map(|t| t.tid)))
             .collect();
         let free = (2..).find(|id| !taken.contains(id)).unwrap_or(2);
+        let above = taken.last().copied().unwrap_or(1);
         let mut helper = super::fork_silent(root, free)?;
         let made = (|| -> Result<u64> {
             crate::ptrace::set_sigmask(helper.pid, crate::common::BLOCK_ALL)?;
@@ -197,11 +203,13 @@ impl NextPids {
             Ok(file) => Ok(NextPids::Tree {
                 helper: Box::new(helper),
                 file,
+                above,
             }),
             Err(e) => {
                 let _ = NextPids::Tree {
                     helper: Box::new(helper),
                     file: 0,
+                    above,
                 }
                 .finish(root);
                 Err(e)
@@ -265,16 +273,25 @@ impl NextPids {
                 std::fs::write(LAST_PID, (pid - 1).to_string()).map_err(fail)?;
                 Ok(Some(OurNextPid { before }))
             }
-            NextPids::Tree { helper, file } => {
-                let text = (pid - 1).to_string();
-                let at = helper.arg(text.as_bytes())?;
-                helper.call(
-                    "write the next pid",
-                    libc::SYS_pwrite64,
-                    &[*file, at, text.len() as u64, 0],
-                )?;
+            NextPids::Tree { helper, file, .. } => {
+                write_last_pid(helper, *file, pid - 1)?;
                 Ok(None)
             }
+        }
+    }
+
+    /// Makes the next pid of the tree's namespace one no process or thread
+    /// of the tree has, for a helper forked with no pid asked for that
+    /// lives while the tree's processes are forked (in ours, the host's
+    /// next pids are far from the tree's).
+    pub fn clear_of_tree(&mut self) -> Result<()> {
+        match self {
+            NextPids::Ours => Ok(()),
+            NextPids::Tree {
+                helper,
+                file,
+                above,
+            } => write_last_pid(helper, *file, *above),
         }
     }
 
@@ -299,6 +316,19 @@ impl NextPids {
         )
         .map(drop)
     }
+}
+
+/// Has `helper` write `last` to the `ns_last_pid` file at its fd `file`.
+fn write_last_pid(helper: &mut Tracee, file: u64, last: i32) -> Result<()> {
+    let text = last.to_string();
+    let at = helper.arg(text.as_bytes())?;
+    helper
+        .call(
+            "write the next pid",
+            libc::SYS_pwrite64,
+            &[file, at, text.len() as u64, 0],
+        )
+        .map(drop)
 }
 
 /// Our pid namespace's last pid handed out, moved back for one pid by
