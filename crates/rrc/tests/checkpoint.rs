@@ -1351,6 +1351,131 @@ fn a_pid_namespaces_first_process_gets_its_mount_namespace_and_proc_back() {
     checkpoint_restore_as_pid_namespace_root("mntns_root");
 }
 
+/// Process `pid`'s mount table as it sees it, without the numbers a new
+/// mount gets (ids, peer groups): place, root, flags, propagation kinds,
+/// type, source and options of each mount.
+fn mount_table(pid: i32) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split(' ').collect();
+            let kinds: Vec<&str> = (w[6..].iter())
+                .take_while(|f| **f != "-")
+                .map(|f| f.split(':').next().unwrap_or(""))
+                .collect();
+            let dash = w.iter().position(|f| *f == "-").unwrap_or(w.len());
+            format!(
+                "{} {} {} [{}] {}",
+                w[4],
+                w[3],
+                w[5],
+                kinds.join(","),
+                w[dash..].join(" ")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_bubblewrap_sandbox_comes_back_with_its_root_and_mounts() {
+    // bwrap's sandbox: user, pid and mount namespaces of its own, a root
+    // of its own (a directory of a tmpfs, `pivot_root`) with links to the
+    // host's /usr bound read-only, /proc, a /dev of its own (a tmpfs with
+    // the host's device nodes bound on files, a devpts), a tmpfs /tmp with
+    // the test's directory bound in it; fixture `threads` runs there.
+    require_root();
+    become_subreaper();
+    let dir = scratch("bwrap");
+    let bin = build("threads", &dir);
+    let log = dir.join("fixture.log");
+    let f = fs::File::create(&log).unwrap();
+    let d = dir.to_str().unwrap();
+    let mut child = Command::new("bwrap")
+        .args(["--ro-bind", "/usr", "/usr"])
+        .args(["--symlink", "usr/lib", "/lib"])
+        .args(["--symlink", "usr/lib64", "/lib64"])
+        .args(["--symlink", "usr/bin", "/bin"])
+        .args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"])
+        .args(["--bind", d, d, "--chdir", d])
+        .args(["--unshare-pid", "--unshare-user", "--uid", "0", "--"])
+        .arg(&bin)
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .expect("bwrap (scripts/setup installs it)");
+    let text = || fs::read_to_string(&log).unwrap_or_default();
+    wait_until("READY", Duration::from_secs(10), || {
+        text().contains("READY")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let outer = Pid::from_raw(child.id() as i32);
+    let tree = tree_of(outer);
+    let fixture = (tree.iter())
+        .find(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "threads")
+        })
+        .copied()
+        .expect("the fixture in the sandbox");
+    // The sandbox's processes' (the host's changes with other tests).
+    let ours = fs::read_link("/proc/self/ns/mnt").unwrap();
+    let inside: Vec<Pid> = (tree.iter().copied())
+        .filter(|p| fs::read_link(format!("/proc/{p}/ns/mnt")).is_ok_and(|l| l != ours))
+        .collect();
+    assert_eq!(
+        inside.len(),
+        2,
+        "bwrap's init and the fixture in the sandbox"
+    );
+    let before: Vec<Vec<String>> = inside.iter().map(|p| mount_table(p.as_raw())).collect();
+    let images = dir.join("images");
+    let pid = outer.to_string();
+    let out = rrc(&[
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        images.to_str().unwrap(),
+    ])
+    .ok();
+    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    let _ = child.wait();
+    wait_until(
+        "the sandbox's processes gone",
+        Duration::from_secs(10),
+        || {
+            reap_orphans();
+            tree.iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        },
+    );
+    let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
+    assert!(out.stdout.contains(&format!("root pid {pid}")), "{out:?}");
+    let after: Vec<Vec<String>> = inside.iter().map(|p| mount_table(p.as_raw())).collect();
+    kill(fixture, Signal::SIGUSR1).unwrap();
+    wait_until("the verdict", Duration::from_secs(20), || {
+        text().contains("PASS") || text().contains("FAIL")
+    });
+    let said = text();
+    wait_until(
+        "the restored sandbox's end",
+        Duration::from_secs(10),
+        || {
+            reap_orphans();
+            tree.iter()
+                .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+        },
+    );
+    let left: Vec<String> = (fs::read_dir("/tmp").unwrap().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".rrc-root-") && n.contains(&format!("-{}-", inside[0])))
+        .collect();
+    let _ = fs::remove_dir_all(&dir);
+    assert_eq!(before, after, "the sandbox's mount tables differ");
+    assert!(said.contains("PASS") && !said.contains("FAIL"), "{said}");
+    assert!(left.is_empty(), "left in /tmp: {left:?}");
+}
+
 #[test]
 fn a_tree_whose_own_pid_namespace_a_user_namespace_owns_is_refused_and_left_running() {
     // A rootless container's first process (`unshare -Urpf`): the tree's

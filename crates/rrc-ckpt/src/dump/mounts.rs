@@ -62,17 +62,18 @@ type Found<T> = std::result::Result<T, String>;
 /// among which a proc file system's maker is found. `Err` says what the
 /// namespace holds that a restore cannot make again.
 pub fn read(pid: Pid, parent: Pid, peers: &[Pid]) -> Found<OwnMounts> {
-    if !same_root(pid, parent) {
-        return Err("another root directory than its parent's".into());
-    }
     let mine = Table::read(pid)?;
     let theirs = Table::read(parent)?;
-    let matched = match_trees(&mine, &theirs)?;
     let mut own = OwnMounts {
         ns: MountNs::default(),
         contents: Vec::new(),
         makers: Vec::new(),
     };
+    if !same_root(pid, parent) {
+        new_root(pid, peers, &mine, &theirs, &mut own)?;
+        return Ok(own);
+    }
+    let matched = match_trees(&mine, &theirs)?;
     propagation_changes(&mine, &theirs, &matched, &mut own.ns.ops)?;
     unmounts(&theirs, &matched, &mut own.ns.ops)?;
     for (i, m) in mine.iter().enumerate() {
@@ -88,15 +89,41 @@ pub fn read(pid: Pid, parent: Pid, peers: &[Pid]) -> Found<OwnMounts> {
     }
     for (i, m) in matched.iter().enumerate() {
         if m.is_none() {
-            new_mount(pid, peers, &mine, &theirs, i, &mut own)?;
+            new_mount(pid, peers, &mine, &theirs, i, false, &mut own)?;
         }
     }
     Ok(own)
 }
 
+/// The steps of a namespace with a root of its own (`pivot_root`), whose
+/// mounts are all new: each made after the one it is on, in the order of
+/// its table, the root first; proc file systems by the namespace's first
+/// process itself, which builds the tree before it makes it its root.
+fn new_root(
+    pid: Pid,
+    peers: &[Pid],
+    mine: &Table,
+    theirs: &Table,
+    own: &mut OwnMounts,
+) -> Found<()> {
+    if mine.root() != Some(0) || (1..mine.len()).any(|i| mine.up[i].is_none_or(|u| u >= i)) {
+        return Err("a root of its own whose mounts are not listed after those they are on".into());
+    }
+    own.ns.ops.push(MountOp::NewRoot);
+    for i in 0..mine.len() {
+        new_mount(pid, peers, mine, theirs, i, true, own)?;
+    }
+    if own.makers.iter().any(|(_, maker)| *maker != pid) {
+        return Err(
+            "a root of its own with a proc, queue or sys file system another process makes".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Whether processes `a` and `b` have one root directory (each table
 /// shows places from its process's root).
-pub fn same_root(a: Pid, b: Pid) -> bool {
+fn same_root(a: Pid, b: Pid) -> bool {
     let root = |p: Pid| {
         rustix::fs::stat(format!("/proc/{p}/root"))
             .map(|s| (s.st_dev, s.st_ino))
@@ -351,24 +378,30 @@ fn unmounts(theirs: &Table, matched: &[Option<usize>], ops: &mut Vec<MountOp>) -
     Ok(())
 }
 
-/// The step that makes new mount `i` of `mine`.
+/// The step that makes new mount `i` of `mine` (in a tree of its own:
+/// `new_root`).
 fn new_mount(
     pid: Pid,
     peers: &[Pid],
     mine: &[MountInfo],
     theirs: &[MountInfo],
     i: usize,
+    new_root: bool,
     own: &mut OwnMounts,
 ) -> Found<()> {
     let m = &mine[i];
     let target = point(m);
     let in_parents = theirs.iter().any(|t| t.majmin == m.majmin);
     // A bind mount: from a mount of the same file system before it that
-    // holds its root.
-    let source = mine[..i]
-        .iter()
-        .find(|s| s.majmin == m.majmin && (s.root == m.root || under(&m.root, &s.root)));
-    if let Some(s) = source {
+    // holds its root (in a tree of its own, or from one of the parent's).
+    let holds =
+        |s: &&MountInfo| s.majmin == m.majmin && (s.root == m.root || under(&m.root, &s.root));
+    let source = match mine[..i].iter().find(holds) {
+        Some(s) => Some((s, false)),
+        None if new_root => theirs.iter().find(holds).map(|s| (s, true)),
+        None => None,
+    };
+    if let Some((s, from_parent)) = source {
         // Below the source's root, with its leading `/` ("" for the root).
         let rest = match s.root.as_str() {
             "/" => m.root.as_str(),
@@ -384,6 +417,7 @@ fn new_mount(
             source: src,
             target: target.clone(),
             flags: flags(m),
+            from_parent,
         });
         push_kind(m, &target, &mut own.ns.ops);
         return Ok(());
@@ -400,8 +434,11 @@ fn new_mount(
             m.fs_type
         ));
     }
+    // The root of a tree of its own may be a directory of a tmpfs (its
+    // files but those below it are out of sight, and not saved).
+    let whole = m.root == "/" || (new_root && i == 0);
     match m.fs_type.as_str() {
-        "tmpfs" if m.root == "/" => {
+        "tmpfs" if whole => {
             let n = own.ns.ops.len();
             let Tmpfs {
                 dev,
@@ -417,6 +454,7 @@ fn new_mount(
                 dev,
                 root,
                 entries,
+                shows: (m.root != "/").then(|| m.root.trim_start_matches('/').to_string()),
             });
         }
         // Its pseudo-terminals are the tree's, or refused as any other.
@@ -649,10 +687,18 @@ impl Walk<'_> {
                 .map_err(|e| format!("the tmpfs at {}: {path}: {e}", self.target))?;
             if st.st_dev != self.dev {
                 // Another mount over it: a step of its own; the directory
-                // under it comes back empty.
+                // under it comes back empty, and so does the file a file
+                // is bound on (a sandbox's /dev/null).
+                let kind = match FileType::from_raw_mode(st.st_mode) {
+                    FileType::Directory => EntryKind::Dir,
+                    _ => EntryKind::File {
+                        offset: self.offset,
+                        len: 0,
+                    },
+                };
                 self.entries.push(Entry {
                     path,
-                    kind: EntryKind::Dir,
+                    kind,
                     mode: 0o755,
                     uid: 0,
                     gid: 0,

@@ -238,10 +238,8 @@ pub fn own_namespaces(
 /// than the checkpointing process's, which a restore into ours
 /// makes again as for a process of the tree that made them: UTS, network,
 /// cgroup and mount namespaces (IPC and time ones are the tree's own,
-/// made apart). A mount namespace only where the root has our root
-/// directory (`unshare -m`): one with a root of its own, a container's,
-/// is left where the restore's caller puts it. `live` are the tree's other
-/// live processes.
+/// made apart), and a mount namespace (`unshare -m`, or a root of its
+/// own: a sandbox's). `live` are the tree's other live processes.
 fn root_namespaces(root: Pid, live: &[Pid], own: &mut OwnNamespaces, problems: &mut Vec<String>) {
     let me = Pid::this();
     let differs = |kind: &str| ns_link(root, kind) != ns_link(me, kind);
@@ -254,7 +252,7 @@ fn root_namespaces(root: Pid, live: &[Pid], own: &mut OwnNamespaces, problems: &
     if differs("cgroup") {
         own_cgroup(root, &mut own.cgroup, problems);
     }
-    if differs("mnt") && super::mounts::same_root(root, me) {
+    if differs("mnt") {
         own_mounts(root, me, live, &mut own.mnt, problems);
     }
 }

@@ -7,6 +7,14 @@
 //! from), then mounts removed, flags changed and mounts made. Paths are
 //! absolute, as the process sees them. A tmpfs comes back with its files,
 //! whose contents are in `mount-<pid>-<n>.img` (`n`: the step's index).
+//!
+//! A namespace with a root of its own (`pivot_root`, as bubblewrap and
+//! container runtimes leave one) starts with [`MountOp::NewRoot`]: every
+//! step after it makes a mount of the new tree, the first its root (at
+//! `/`), each after the one it is mounted on, at the place the process
+//! sees once in it; a bind mount's source is in that tree too, or, with
+//! `from_parent`, where the parent sees it. The restore builds the tree at
+//! a place of its own and then makes it the root, the old one detached.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +26,13 @@ pub const MAX_ENTRIES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MountNs {
     pub ops: Vec<MountOp>,
+}
+
+impl MountNs {
+    /// Whether it has a root of its own ([`MountOp::NewRoot`]).
+    pub fn new_root(&self) -> bool {
+        self.ops.first() == Some(&MountOp::NewRoot)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,6 +54,10 @@ pub enum MountOp {
         source: String,
         target: String,
         flags: Vec<MountFlag>,
+        /// In a namespace with a root of its own: `source` is where the
+        /// parent sees it, not in the new tree.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        from_parent: bool,
     },
     /// A new tmpfs at `target` with its options (`size=`, `mode=`...) and
     /// its files: `root` for its top directory, then every other one,
@@ -52,6 +71,11 @@ pub enum MountOp {
         dev: u64,
         root: Entry,
         entries: Vec<Entry>,
+        /// The directory of the tmpfs the mount shows, when not its top
+        /// (`a/b`): a new root's only, as bubblewrap's `/newroot`; its files
+        /// are those of that directory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shows: Option<String>,
     },
     /// A new devpts instance at `target` with its options (`mode=`,
     /// `ptmxmode=`, `gid=`...): empty, for the pseudo-terminals of the
@@ -74,12 +98,15 @@ pub enum MountOp {
         options: String,
         by: i32,
     },
+    /// The steps after this one build a root of the namespace's own.
+    NewRoot,
 }
 
 impl MountOp {
     /// The path the step acts on.
     pub fn path(&self) -> &str {
         match self {
+            MountOp::NewRoot => "/",
             MountOp::Propagation { path, .. }
             | MountOp::Unmount { path }
             | MountOp::Flags { path, .. } => path,
@@ -280,9 +307,39 @@ pub fn check(ns: &MountNs, data_len: impl Fn(usize) -> Option<u64>) -> Result<()
     if ns.ops.len() > MAX_OPS {
         return Err(format!("{} mount steps", ns.ops.len()));
     }
+    let new_root = ns.new_root();
     for (n, op) in ns.ops.iter().enumerate() {
         if !is_clean_path(op.path()) {
             return Err(format!("mount step {n} has the path {:?}", op.path()));
+        }
+        // A new tree: its root first, at `/`, mounts on it after; nothing
+        // of the old one changed.
+        if new_root {
+            let root_step = n == 1;
+            let fits = match op {
+                MountOp::NewRoot => n == 0,
+                MountOp::Unmount { .. } => false,
+                MountOp::Tmpfs { target, .. } | MountOp::Bind { target, .. } if root_step => {
+                    target == "/"
+                }
+                _ => !root_step && op.path() != "/",
+            };
+            if !fits {
+                return Err(format!(
+                    "mount step {n} is not a step of a new root's tree in its place"
+                ));
+            }
+        } else if matches!(
+            op,
+            MountOp::NewRoot
+                | MountOp::Bind {
+                    from_parent: true,
+                    ..
+                }
+        ) {
+            return Err(format!(
+                "mount step {n} is a new root's in a namespace without one"
+            ));
         }
         match op {
             MountOp::Bind { source, .. } if !is_clean_path(source) => {
@@ -292,10 +349,19 @@ pub fn check(ns: &MountNs, data_len: impl Fn(usize) -> Option<u64>) -> Result<()
                 options,
                 root,
                 entries,
+                shows,
                 ..
             } => {
                 if !options_allowed("tmpfs", options) {
                     return Err(format!("mount step {n}: tmpfs options {options:?}"));
+                }
+                if let Some(dir) = shows
+                    && !(new_root
+                        && n == 1
+                        && dir.len() < 4096
+                        && dir.split('/').all(crate::image::is_plain_file_name))
+                {
+                    return Err(format!("mount step {n} shows its directory {dir:?}"));
                 }
                 check_entries(root, entries, data_len(n))
                     .map_err(|e| format!("mount step {n}: {e}"))?;
@@ -400,6 +466,7 @@ mod tests {
                 dev: 42,
                 root: entry("", EntryKind::Dir),
                 entries,
+                shows: None,
             }],
         }
     }
@@ -437,6 +504,7 @@ mod tests {
                 source: "/x/..".into(),
                 target: "/y".into(),
                 flags: vec![],
+                from_parent: false,
             }],
         };
         assert!(check(&ns, |_| None).is_err());
@@ -469,6 +537,80 @@ mod tests {
                 check(&tmpfs(entries.clone()), |_| Some(4)).is_err(),
                 "{entries:?}"
             );
+        }
+    }
+
+    /// A new root's tree as bubblewrap leaves one: the root a directory of
+    /// a tmpfs, the host's /usr bound on it, a tmpfs /tmp.
+    fn new_root() -> MountNs {
+        let mut root = tmpfs(vec![
+            entry("usr", EntryKind::Dir),
+            entry("tmp", EntryKind::Dir),
+        ]);
+        if let MountOp::Tmpfs { target, shows, .. } = &mut root.ops[0] {
+            *target = "/".into();
+            *shows = Some("newroot".into());
+        }
+        let mut ops = vec![MountOp::NewRoot];
+        ops.append(&mut root.ops);
+        ops.push(MountOp::Bind {
+            source: "/usr".into(),
+            target: "/usr".into(),
+            flags: vec![MountFlag::ReadOnly],
+            from_parent: true,
+        });
+        ops.append(&mut tmpfs(vec![]).ops);
+        MountNs { ops }
+    }
+
+    #[test]
+    fn a_new_roots_tree_passes_and_round_trips() {
+        let ns = new_root();
+        assert!(ns.new_root());
+        assert_eq!(check(&ns, |_| Some(0)), Ok(()));
+        let json = serde_json::to_string(&ns).unwrap();
+        assert_eq!(serde_json::from_str::<MountNs>(&json).unwrap(), ns);
+    }
+
+    #[test]
+    fn a_new_roots_steps_out_of_place_are_refused() {
+        type Edit = fn(&mut Vec<MountOp>);
+        let edits: [(&str, Edit); 7] = [
+            ("a new root not first", |ops| ops.swap(0, 1)),
+            ("a root not at /", |ops| {
+                if let MountOp::Tmpfs { target, .. } = &mut ops[1] {
+                    *target = "/x".into();
+                }
+            }),
+            ("a second mount at /", |ops| {
+                if let MountOp::Bind { target, .. } = &mut ops[2] {
+                    *target = "/".into();
+                }
+            }),
+            ("an unmount", |ops| {
+                ops.push(MountOp::Unmount {
+                    path: "/usr".into(),
+                })
+            }),
+            ("a shown directory out of the tmpfs", |ops| {
+                if let MountOp::Tmpfs { shows, .. } = &mut ops[1] {
+                    *shows = Some("../etc".into());
+                }
+            }),
+            ("a shown directory of a mount not the root", |ops| {
+                if let MountOp::Tmpfs { shows, .. } = &mut ops[3] {
+                    *shows = Some("a".into());
+                }
+            }),
+            ("a bind from the parent's tree without a new root", |ops| {
+                ops.remove(0);
+                ops.remove(0);
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut ns = new_root();
+            edit(&mut ns.ops);
+            assert!(check(&ns, |_| Some(0)).is_err(), "{what}");
         }
     }
 

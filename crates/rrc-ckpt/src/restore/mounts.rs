@@ -63,9 +63,11 @@ pub fn check(
                 NamespacedFs::Mqueue => q.ipc.is_some(),
                 NamespacedFs::Sysfs => q.own_net.is_some(),
             };
+            // A new root's tree is built by its first process alone.
             let made_here = *by == p.pid
-                || (procs.get(by))
-                    .is_some_and(|q| first(q) && mount_ns_of(procs, q) == Some(p.pid));
+                || (!ns.new_root()
+                    && (procs.get(by))
+                        .is_some_and(|q| first(q) && mount_ns_of(procs, q) == Some(p.pid)));
             if !made_here {
                 return Err(format!(
                     "process {}'s {} file system is made by process {by}, not the first of a \
@@ -113,6 +115,9 @@ pub fn remade_devices(procs: &BTreeMap<i32, ProcessImage>) -> std::collections::
 /// Takes the steps of the mount namespace `t` (process `p`) is the first
 /// of, made (a copy of its parent's), but proc file systems others make.
 pub fn make(t: &mut Tracee, p: &ProcessImage, ns: &MountNs, img: &ImageDir) -> Result<()> {
+    if ns.new_root() {
+        return make_new_root(t, p, ns, img);
+    }
     for (n, op) in ns.ops.iter().enumerate() {
         if matches!(op, MountOp::Namespaced { by, .. } if *by != p.pid) {
             continue;
@@ -120,6 +125,111 @@ pub fn make(t: &mut Tracee, p: &ProcessImage, ns: &MountNs, img: &ImageDir) -> R
         step(t, op, &img.mount_data(p.pid, n))?;
     }
     Ok(())
+}
+
+/// Builds the tree of a namespace with a root of its own (every step
+/// after [`MountOp::NewRoot`], each at its place below a directory of the
+/// restore's own in the `/tmp` the process sees, once every mount there is
+/// private, so that nothing reaches the namespace it was copied from),
+/// then makes it the process's root (`pivot_root`), the old one detached.
+fn make_new_root(t: &mut Tracee, p: &ProcessImage, ns: &MountNs, img: &ImageDir) -> Result<()> {
+    let pid = t.ns_pid;
+    let private = MountOp::Propagation {
+        path: "/".into(),
+        kind: Propagation::Private,
+        recursive: true,
+    };
+    step(t, &private, std::path::Path::new(""))?;
+    let place = Staging::make(t)?;
+    for (n, op) in ns.ops.iter().enumerate().skip(1) {
+        step(t, &staged(op, &place.path), &img.mount_data(p.pid, n))?;
+    }
+    let mut call = |what: &'static str, nr: i64, path: &str, more: u64| -> Result<()> {
+        let at = t.arg_str(path)?;
+        let args: &[u64] = match nr {
+            libc::SYS_pivot_root => &[at, at],
+            _ => &[at, more],
+        };
+        t.call(what, nr, args)
+            .map(drop)
+            .map_err(named(pid, format!("{what} {path}")))
+    };
+    call("chdir", libc::SYS_chdir, &place.path, 0)?;
+    call("pivot_root", libc::SYS_pivot_root, ".", 0)?;
+    call("umount2", libc::SYS_umount2, ".", libc::MNT_DETACH as u64)?;
+    call("chdir", libc::SYS_chdir, "/", 0)?;
+    drop(place);
+    Ok(())
+}
+
+/// `op` made at `at` instead of `/`: its places, and a bind's source but
+/// one from the parent's tree.
+fn staged(op: &MountOp, at: &str) -> MountOp {
+    let under = |path: &String| match path.as_str() {
+        "/" => at.to_string(),
+        p => format!("{at}{p}"),
+    };
+    let mut op = op.clone();
+    match &mut op {
+        MountOp::Propagation { path, .. } | MountOp::Flags { path, .. } => *path = under(path),
+        MountOp::Bind {
+            source,
+            target,
+            from_parent,
+            ..
+        } => {
+            if !*from_parent {
+                *source = under(source);
+            }
+            *target = under(target);
+        }
+        MountOp::Tmpfs { target, .. }
+        | MountOp::Devpts { target, .. }
+        | MountOp::Namespaced { target, .. } => *target = under(target),
+        MountOp::Unmount { path } => *path = under(path),
+        MountOp::NewRoot => {}
+    }
+    op
+}
+
+/// A directory of the restore's own in the `/tmp` a process sees, where a
+/// new root's tree is built; removed when dropped (once the tree is the
+/// root, nothing is mounted on it any more).
+struct Staging {
+    dir: OwnedFd,
+    name: String,
+    /// As the process sees it.
+    path: String,
+}
+
+impl Staging {
+    fn make(t: &Tracee) -> Result<Staging> {
+        let pid = t.ns_pid;
+        let dir = resolve(t, "/tmp", OFlags::PATH | OFlags::DIRECTORY)
+            .map_err(|e| rerr(pid, format!("/tmp, to build its new root in: {e}")))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(".rrc-root-{}-{nanos}", t.pid);
+        // Searchable by a process in a user namespace (rrc's umask is 077).
+        rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o700))
+            .and_then(|()| {
+                let mode = Mode::from_raw_mode(0o755);
+                rustix::fs::chmodat(&dir, name.as_str(), mode, AtFlags::empty())
+            })
+            .map_err(|e| rerr(pid, format!("/tmp/{name}, to build its new root in: {e}")))?;
+        let path = format!("/tmp/{name}");
+        Ok(Staging { dir, name, path })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = rustix::fs::unlinkat(&self.dir, self.name.as_str(), AtFlags::REMOVEDIR) {
+            tracing::warn!("/tmp/{} (where a new root was built) stays: {e}", self.name);
+        }
+    }
 }
 
 /// Mounts the file systems process `t` makes in the mount namespace an
@@ -186,10 +296,12 @@ fn step(t: &mut Tracee, op: &MountOp, data: &std::path::Path) -> Result<()> {
                 .map_err(named(pid, format!("unmount {path}")))?;
         }
         MountOp::Flags { path, flags } => remount(t, path, flags)?,
+        MountOp::NewRoot => {}
         MountOp::Bind {
             source,
             target,
             flags,
+            ..
         } => {
             mount(t, Some(source), target, None, libc::MS_BIND, None)?;
             remount(t, target, flags)?;
@@ -200,6 +312,7 @@ fn step(t: &mut Tracee, op: &MountOp, data: &std::path::Path) -> Result<()> {
             options,
             root,
             entries,
+            shows,
             ..
         } => {
             // Written before it is made read-only, if it is.
@@ -215,6 +328,24 @@ fn step(t: &mut Tracee, op: &MountOp, data: &std::path::Path) -> Result<()> {
                 MountFlag::bits(&writable),
                 Some(options),
             )?;
+            // A directory of it shown at its place: made, and bound on
+            // the tmpfs's top there.
+            if let Some(dir) = shows {
+                let top = resolve(t, target, OFlags::PATH | OFlags::DIRECTORY)
+                    .map_err(|e| rerr(pid, format!("the tmpfs at {target}: {e}")))?;
+                let mut at = String::new();
+                for part in dir.split('/') {
+                    at = if at.is_empty() {
+                        part.to_string()
+                    } else {
+                        format!("{at}/{part}")
+                    };
+                    rustix::fs::mkdirat(&top, at.as_str(), Mode::from_raw_mode(0o755))
+                        .map_err(|e| rerr(pid, format!("{target}/{at}: {e}")))?;
+                }
+                let source = format!("{}/{dir}", target.trim_end_matches('/'));
+                mount(t, Some(&source), target, None, libc::MS_BIND, None)?;
+            }
             fill(t, target, root, entries, data)
                 .map_err(|e| rerr(pid, format!("the files of the tmpfs at {target}: {e}")))?;
             if writable.len() != flags.len() {
