@@ -655,6 +655,81 @@ fn time_namespaces_of_a_containers_user_namespaces_move_with_it() {
 }
 
 #[test]
+fn a_bubblewrap_sandbox_in_a_container_moves_with_its_root_and_mounts() {
+    // A sandbox of its own inside the container (allowed user
+    // namespaces): bwrap's user and mount namespaces, a root of their own
+    // (pivot_root) with the container's /usr and /proc bound in it (with
+    // the mounts the runtime put below /proc, which a user namespace may
+    // not uncover: bound along), a /dev and /tmp of its own; fixture
+    // `threads` in it checks itself after the move, and its mount table
+    // reads as before.
+    require_root();
+    let name = format!("fxbwrap{}", std::process::id());
+    let dir = scratch(&name);
+    let bin = build("threads", &dir);
+    let images = dir.join("images");
+    let d = dir.to_str().unwrap();
+    #[rustfmt::skip]
+    let sandbox = [
+        "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib",
+        "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin",
+        "--ro-bind", "/proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--bind", d, d, "--chdir", d, "--unshare-user", "--uid", "0", "--",
+    ];
+    let mut run = vec!["run", "--detach", "--name", &name, "--share", d];
+    run.extend(["--user-namespaces", "--", "bwrap"]);
+    run.extend(sandbox);
+    run.push(bin.to_str().unwrap());
+    rrc(&run).ok();
+    let log = ps_record(&name)["log"].as_str().unwrap().to_string();
+    let said = |what: &str| {
+        wait_until(what, Duration::from_secs(30), || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains(what) || l.contains("FAIL"))
+        });
+        std::fs::read_to_string(&log).unwrap_or_default()
+    };
+    said("READY");
+    // The fixture: the container's first process's child.
+    let fixture = || -> Option<i32> {
+        let init = ps_record(&name)["init"]["pid"].as_i64()?;
+        let kids = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).ok()?;
+        kids.split_whitespace().next()?.parse().ok()
+    };
+    let table = |pid: Option<i32>| -> Vec<String> {
+        let text = std::fs::read_to_string(format!("/proc/{}/mountinfo", pid.unwrap_or(0)));
+        (text.unwrap_or_default().lines())
+            .map(|l| {
+                let w: Vec<&str> = l.split(' ').collect();
+                format!("{} {} {} {:?}", w[3], w[4], w[5], &w[w.len() - 3..])
+            })
+            .collect()
+    };
+    let before = table(fixture());
+    let mut out = rrc(&["checkpoint", &name, "--images", images.to_str().unwrap()]);
+    if out.code == 0 {
+        out = rrc(&["restore", "--images", images.to_str().unwrap()]);
+    }
+    let restored = out.code == 0;
+    let after = table(fixture());
+    let text = if restored {
+        nix_kill(fixture().unwrap_or(0), libc::SIGUSR1);
+        said("PASS")
+    } else {
+        String::new()
+    };
+    let _ = rrc(&["stop", &name]);
+    remove_private_root(&name);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log);
+    assert!(restored, "checkpoint or restore failed: {out:?}");
+    assert!(
+        !before.is_empty() && before == after,
+        "{before:#?}\n{after:#?}"
+    );
+    assert!(text.contains("PASS") && !text.contains("FAIL"), "{text}");
+}
+
+#[test]
 fn a_container_run_with_aio_idle_moves_with_its_aio_contexts() {
     // The container said at its start that its program has no AIO request
     // in flight when checkpointed: its contexts move with it.

@@ -110,8 +110,14 @@ fn new_root(
         return Err("a root of its own whose mounts are not listed after those they are on".into());
     }
     own.ns.ops.push(MountOp::NewRoot);
+    let mut made = vec![false; mine.len()];
     for i in 0..mine.len() {
+        if made[i] {
+            continue;
+        }
+        let step = own.ns.ops.len();
         new_mount(pid, peers, mine, theirs, i, true, own)?;
+        recursive_bind(mine, theirs, i, step, &mut made, &mut own.ns.ops);
     }
     if own.makers.iter().any(|(_, maker)| *maker != pid) {
         return Err(
@@ -119,6 +125,70 @@ fn new_root(
         );
     }
     Ok(())
+}
+
+/// Makes step `step`, if it binds mount `i` of `mine`, recursive when
+/// its source has mounts below it and each is found again below it, in
+/// place (a sandbox binds so: a bind in a user namespace of a mount with
+/// mounts the namespace may not uncover must take them along), those
+/// marked `made`, with a step for each one's flags and propagation if
+/// they differ from its source's.
+fn recursive_bind(
+    mine: &Table,
+    theirs: &Table,
+    i: usize,
+    step: usize,
+    made: &mut [bool],
+    ops: &mut Vec<MountOp>,
+) {
+    let Some(MountOp::Bind {
+        source,
+        target,
+        from_parent,
+        recursive,
+        ..
+    }) = ops.get_mut(step)
+    else {
+        return;
+    };
+    let (table, before): (&[MountInfo], usize) = if *from_parent {
+        (theirs, theirs.len())
+    } else {
+        (mine, i)
+    };
+    let below = |p: &str, dir: &str| dir != p && under(p, dir);
+    let mut found = Vec::new();
+    for c in table[..before].iter().filter(|c| below(&point(c), source)) {
+        let rest = &point(c)[source.trim_end_matches('/').len()..];
+        let place = format!("{}{rest}", target.trim_end_matches('/'));
+        let again = (i + 1..mine.len()).find(|&j| {
+            !made[j]
+                && point(&mine[j]) == place
+                && mine[j].majmin == c.majmin
+                && mine[j].root == c.root
+        });
+        match again {
+            Some(j) => found.push((j, c)),
+            None => return,
+        }
+    }
+    if found.is_empty() {
+        return;
+    }
+    *recursive = true;
+    let mut more = Vec::new();
+    for (j, c) in found {
+        made[j] = true;
+        let place = point(&mine[j]);
+        if flags(&mine[j]) != flags(c) {
+            more.push(MountOp::Flags {
+                path: place.clone(),
+                flags: flags(&mine[j]),
+            });
+        }
+        push_kind(&mine[j], &place, &mut more);
+    }
+    ops.extend(more);
 }
 
 /// Whether processes `a` and `b` have one root directory (each table
@@ -418,6 +488,7 @@ fn new_mount(
             target: target.clone(),
             flags: flags(m),
             from_parent,
+            recursive: false,
         });
         push_kind(m, &target, &mut own.ns.ops);
         return Ok(());

@@ -58,6 +58,11 @@ pub enum MountOp {
         /// parent sees it, not in the new tree.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         from_parent: bool,
+        /// With the mounts below `source` (`MS_REC`): in a namespace with a
+        /// root of its own, where the steps after it name those of them
+        /// whose flags or propagation differ.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        recursive: bool,
     },
     /// A new tmpfs at `target` with its options (`size=`, `mode=`...) and
     /// its files: `root` for its top directory, then every other one,
@@ -336,6 +341,10 @@ pub fn check(ns: &MountNs, data_len: impl Fn(usize) -> Option<u64>) -> Result<()
                     from_parent: true,
                     ..
                 }
+                | MountOp::Bind {
+                    recursive: true,
+                    ..
+                }
         ) {
             return Err(format!(
                 "mount step {n} is a new root's in a namespace without one"
@@ -505,6 +514,7 @@ mod tests {
                 target: "/y".into(),
                 flags: vec![],
                 from_parent: false,
+                recursive: false,
             }],
         };
         assert!(check(&ns, |_| None).is_err());
@@ -558,6 +568,7 @@ mod tests {
             target: "/usr".into(),
             flags: vec![MountFlag::ReadOnly],
             from_parent: true,
+            recursive: true,
         });
         ops.append(&mut tmpfs(vec![]).ops);
         MountNs { ops }

@@ -301,9 +301,11 @@ fn step(t: &mut Tracee, op: &MountOp, data: &std::path::Path) -> Result<()> {
             source,
             target,
             flags,
+            recursive,
             ..
         } => {
-            mount(t, Some(source), target, None, libc::MS_BIND, None)?;
+            let rec = if *recursive { libc::MS_REC } else { 0 };
+            mount(t, Some(source), target, None, libc::MS_BIND | rec, None)?;
             remount(t, target, flags)?;
         }
         MountOp::Tmpfs {
