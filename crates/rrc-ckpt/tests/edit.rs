@@ -939,14 +939,9 @@ fn hostile_tun_interfaces_and_files_are_refused_before_anything_is_made() {
     let _ = fs::remove_dir_all(&dir);
 }
 
-/// Pid namespaces of user namespaces are made only as a restore can: the
-/// first process of one pid 1 there, each process in it born in that user
-/// namespace with the first one's groups.
-#[test]
-fn hostile_pid_namespaces_of_user_namespaces_are_refused_before_anything_is_made() {
-    require_root();
-    let (dir, images, _) = image_of("userns_pidns", false);
-    let records: Vec<(String, serde_json::Value)> = fs::read_dir(&images)
+/// The process records of `images`: each file's name and contents.
+fn process_records(images: &Path) -> Vec<(String, serde_json::Value)> {
+    fs::read_dir(images)
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -955,7 +950,17 @@ fn hostile_pid_namespaces_of_user_namespaces_are_refused_before_anything_is_made
             let v = serde_json::from_slice(&fs::read(images.join(&n)).unwrap()).unwrap();
             (n, v)
         })
-        .collect();
+        .collect()
+}
+
+/// Pid namespaces of user namespaces are made only as a restore can: the
+/// first process of one pid 1 there, each process in it born in that user
+/// namespace with the first one's groups.
+#[test]
+fn hostile_pid_namespaces_of_user_namespaces_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, _) = image_of("userns_pidns", false);
+    let records = process_records(&images);
     let find = |nested: i64| {
         (records.iter())
             .find(|(_, v)| v["nested_pids"] == serde_json::json!([nested]))
@@ -1019,16 +1024,7 @@ fn hostile_pid_namespaces_of_user_namespaces_are_refused_before_anything_is_made
 fn hostile_time_namespaces_of_user_namespaces_are_refused_before_anything_is_made() {
     require_root();
     let (dir, images, _) = image_of("userns_timens", false);
-    let records: Vec<(String, serde_json::Value)> = fs::read_dir(&images)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("process-"))
-        .map(|n| {
-            let v = serde_json::from_slice(&fs::read(images.join(&n)).unwrap()).unwrap();
-            (n, v)
-        })
-        .collect();
+    let records = process_records(&images);
     // u, whose children's time namespace its user namespace owns, and g,
     // its child there.
     let (u, u_pid) = (records.iter())

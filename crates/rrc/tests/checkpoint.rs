@@ -1271,6 +1271,14 @@ fn a_time_namespace_of_another_user_namespace_than_its_process_is_refused_and_le
     );
 }
 
+/// `rrc checkpoint --pid PID`, the tree killed, into `images`.
+fn checkpoint_pid(pid: i32, images: &Path) {
+    let pid = pid.to_string();
+    let images = images.to_str().unwrap();
+    let out = rrc(&["checkpoint", "--pid", &pid, "--images", images]).ok();
+    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+}
+
 /// Runs fixture `name` as the first process of a pid namespace of its own
 /// with its own /proc (`unshare -pf --mount-proc`), checkpoints it by its
 /// pid, restores it and expects its checks to pass and its pid to be the
@@ -1304,16 +1312,7 @@ fn checkpoint_restore_as_pid_namespace_root(name: &str) {
         .parse()
         .unwrap();
     let images = dir.join("images");
-    let pid = first.to_string();
-    let out = rrc(&[
-        "checkpoint",
-        "--pid",
-        &pid,
-        "--images",
-        images.to_str().unwrap(),
-    ])
-    .ok();
-    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    checkpoint_pid(first, &images);
     let _ = outer.wait();
     let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
     let root: i32 = (out.stdout.split("root pid ").nth(1))
@@ -1430,15 +1429,7 @@ fn a_bubblewrap_sandbox_comes_back_with_its_root_and_mounts() {
     let before: Vec<Vec<String>> = inside.iter().map(|p| mount_table(p.as_raw())).collect();
     let images = dir.join("images");
     let pid = outer.to_string();
-    let out = rrc(&[
-        "checkpoint",
-        "--pid",
-        &pid,
-        "--images",
-        images.to_str().unwrap(),
-    ])
-    .ok();
-    assert!(out.stdout.contains("the original was killed"), "{out:?}");
+    checkpoint_pid(outer.as_raw(), &images);
     let _ = child.wait();
     wait_until(
         "the sandbox's processes gone",
