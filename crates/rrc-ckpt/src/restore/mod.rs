@@ -714,20 +714,9 @@ fn fork_into_user_pid_ns(ctx: &mut Ctx, t: &mut Tracee, c: &ProcessImage) -> Res
         let ids = namespaces::set_tid(c);
         fork_at_next_pid(&mut h, Some(&mut *t), &mut ctx.next_pids, &ids, flags)
     })();
-    // Reaped by its pid as `t` sees it (in a tree of a pid namespace of
-    // its own, not ours).
-    let helper = namespaces::pid_seen_by(t.pid, h.pid);
-    let ended = h.end(libc::SYS_exit, &[0]);
+    let ended = end_helper(t, h);
     let ct = made?;
-    if !matches!(ended?, tracee::Ended::Exited(0)) {
-        return Err(rerr(c.pid, "pid namespace", "its maker did not end well"));
-    }
-    t.call(
-        "reap a helper",
-        libc::SYS_wait4,
-        &[helper? as u64, 0, libc::__WALL as u64, 0],
-    )?;
-    flush_sigchld(t)?;
+    ended?;
     Ok(ct)
 }
 
@@ -1160,19 +1149,28 @@ fn session_helper(
 /// reaps it and takes the SIGCHLD its exit sent (it is blocked; signals
 /// the process really had pending are queued again later).
 fn end_helper(parent: &mut Tracee, h: Tracee) -> Result<()> {
-    let sid = h.ns_pid;
+    end_and_reap(parent, h)?;
+    flush_sigchld(parent)
+}
+
+/// Ends helper process `h`, a child of `parent` that `parent` then reaps
+/// by its pid as `parent` sees it (in a tree that is a pid namespace of
+/// its own, not ours); a helper forked with no exit signal sends none.
+pub(super) fn end_and_reap(parent: &mut Tracee, h: Tracee) -> Result<()> {
+    let id = h.ns_pid;
+    let seen = namespaces::pid_seen_by(parent.pid, h.pid);
     match h.end(libc::SYS_exit, &[0])? {
         Ended::Exited(0) => {}
         other => {
-            return Err(rerr(sid, "end a helper", format!("{other:?}")));
+            return Err(rerr(id, "end a helper", format!("{other:?}")));
         }
     }
     parent.call(
         "reap a helper",
         libc::SYS_wait4,
-        &[sid as u64, 0, libc::__WALL as u64, 0],
+        &[seen? as u64, 0, libc::__WALL as u64, 0],
     )?;
-    flush_sigchld(parent)
+    Ok(())
 }
 
 /// Takes a pending SIGCHLD out of `t`'s queue, if there is one.

@@ -116,25 +116,9 @@ fn made_in_user_ns(
         t.call("close", libc::SYS_close, &[fd])?;
         r.map(drop)
     })();
-    let seen = pid_seen_by(t.pid, h.pid);
-    let ended = h.end(libc::SYS_exit, &[0]);
+    let ended = super::end_helper(t, h);
     made?;
-    match ended? {
-        crate::restore::tracee::Ended::Exited(0) => {}
-        other => {
-            return Err(Error::Restore {
-                pid: t.ns_pid,
-                stage: "namespaces",
-                detail: format!("the process making them ended as {other:?}"),
-            });
-        }
-    }
-    t.call(
-        "reap a helper",
-        libc::SYS_wait4,
-        &[seen? as u64, 0, libc::__WALL as u64, 0],
-    )?;
-    super::flush_sigchld(t)
+    ended
 }
 
 /// How many times a process or thread is made at the next pid of our
@@ -295,26 +279,13 @@ impl NextPids {
         }
     }
 
-    /// Ends the helper, if any, and has `root`, its parent, reap it.
+    /// Ends the helper, if any, and has `root`, its parent, reap it (it
+    /// sends no SIGCHLD: `root`'s own pending signals are in place).
     pub fn finish(self, root: &mut Tracee) -> Result<()> {
-        let NextPids::Tree { helper, .. } = self else {
-            return Ok(());
-        };
-        let id = helper.ns_pid;
-        let ended = (*helper).end(libc::SYS_exit, &[0])?;
-        if !matches!(ended, crate::restore::tracee::Ended::Exited(0)) {
-            return Err(Error::Restore {
-                pid: root.ns_pid,
-                stage: "pids of processes in user namespaces",
-                detail: format!("the helper setting them ended as {ended:?}"),
-            });
+        match self {
+            NextPids::Ours => Ok(()),
+            NextPids::Tree { helper, .. } => super::end_and_reap(root, *helper),
         }
-        root.call(
-            "reap a helper",
-            libc::SYS_wait4,
-            &[id as u64, 0, libc::__WALL as u64, 0],
-        )
-        .map(drop)
     }
 }
 
