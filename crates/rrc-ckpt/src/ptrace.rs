@@ -187,6 +187,52 @@ pub fn detach(tid: Pid, sig: Option<Signal>) -> Result<()> {
     ptrace::detach(tid, sig).map_err(err("detach", tid))
 }
 
+/// Collects the deaths of traced threads `left` for up to `within`, the
+/// threads whose deaths were not collected left in it. A thread
+/// `still` no longer names (a later task given its number) is dropped;
+/// one `set_aside` takes (on its way out, say) is no longer waited for,
+/// but collected meanwhile if it can be (a pid namespace's first process
+/// waits for its namespace's other tasks, one of which may be a thread
+/// set aside); those not collected are returned.
+pub fn collect_deaths(
+    left: &mut Vec<Pid>,
+    still: impl Fn(Pid) -> bool,
+    mut set_aside: impl FnMut(Pid) -> bool,
+    within: std::time::Duration,
+) -> Vec<Pid> {
+    // Whether `tid` is still to be collected.
+    let pending = |tid: Pid| -> bool {
+        if !still(tid) {
+            return false;
+        }
+        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
+            Ok(WaitStatus::StillAlive) => true,
+            Ok(_) => {
+                let _ = nix::sys::ptrace::cont(tid, None);
+                true
+            }
+        }
+    };
+    let mut aside = Vec::new();
+    let deadline = std::time::Instant::now() + within;
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        left.retain(|&tid| {
+            if !pending(tid) {
+                return false;
+            }
+            if set_aside(tid) {
+                aside.push(tid);
+                return false;
+            }
+            true
+        });
+        aside.retain(|&tid| pending(tid));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    aside
+}
+
 pub fn io_errno(e: std::io::Error) -> Errno {
     Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }

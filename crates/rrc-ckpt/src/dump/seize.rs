@@ -6,10 +6,9 @@ use std::fs;
 use nix::errno::Errno;
 use nix::sys::ptrace::Options;
 use nix::sys::signal::{Signal, kill};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::ptrace::{self, Stop};
+use crate::ptrace::{self, Stop, collect_deaths};
 use crate::{Error, Result};
 
 const PTRACE_EVENT_STOP: i32 = 128;
@@ -223,6 +222,7 @@ impl Seized {
                 &mut left,
                 |_| true,
                 |tid| firsts.contains(&tid) && exiting(tid),
+                DEATHS_WAIT,
             );
             let lingering: Vec<(Pid, u64)> = (aside.into_iter())
                 .filter_map(|tid| Some((tid, start_time(tid)?)))
@@ -240,6 +240,7 @@ impl Seized {
                         &mut tids,
                         |t| start_time(t) == starts.get(&t).copied(),
                         |_| false,
+                        DEATHS_WAIT,
                     );
                 });
             }
@@ -253,49 +254,8 @@ impl Seized {
     }
 }
 
-/// Collects the deaths of traced threads `left` for up to 30 s. A thread
-/// `still` no longer names (a later task given its number) is dropped;
-/// one `set_aside` takes (on its way out, say) is no longer waited for,
-/// but collected meanwhile if it can be (a pid namespace's first process
-/// waits for its namespace's other tasks, one of which may be a thread
-/// set aside); those not collected are returned.
-fn collect_deaths(
-    left: &mut Vec<Pid>,
-    still: impl Fn(Pid) -> bool,
-    mut set_aside: impl FnMut(Pid) -> bool,
-) -> Vec<Pid> {
-    // Whether `tid` is still to be collected.
-    let pending = |tid: Pid| -> bool {
-        if !still(tid) {
-            return false;
-        }
-        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(_) => false,
-            Ok(WaitStatus::StillAlive) => true,
-            Ok(_) => {
-                let _ = nix::sys::ptrace::cont(tid, None);
-                true
-            }
-        }
-    };
-    let mut aside = Vec::new();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !left.is_empty() && std::time::Instant::now() < deadline {
-        left.retain(|&tid| {
-            if !pending(tid) {
-                return false;
-            }
-            if set_aside(tid) {
-                aside.push(tid);
-                return false;
-            }
-            true
-        });
-        aside.retain(|&tid| pending(tid));
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    aside
-}
+/// How long the deaths of a killed tree's threads are collected.
+const DEATHS_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// When task `tid` started (its stat's field 22), which tells it from a
 /// later task given the same number.

@@ -1210,38 +1210,19 @@ fn discard_tree(known: &[Pid]) {
             );
         }
     }
-    let threads: Vec<(Pid, Vec<Pid>)> = all.iter().map(|p| (*p, tasks(*p))).collect();
+    let mut threads: Vec<Pid> = all.iter().flat_map(|p| tasks(*p)).collect();
     for p in &all {
         let _ = kill(*p, Signal::SIGKILL);
     }
     // Never waited for without end: a task whose end is reported to
     // another (one of the tree's processes it was reparented to) would
     // hold the restore's error back for ever.
-    let deadline = Instant::now() + DISCARD_WAIT;
-    let reaped = |tid: Pid| loop {
-        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) | Err(_) => break,
-            // Stops reported on the way to the end.
-            Ok(WaitStatus::StillAlive) => {
-                tracing::warn!(
-                    tid = tid.as_raw(),
-                    "a task of a failed restore was not reaped"
-                );
-                break;
-            }
-            Ok(_) => {}
-        }
-    };
-    for (p, tids) in threads {
-        // Threads first: a process is reaped once its threads are.
-        for tid in tids.into_iter().filter(|t| *t != p) {
-            reaped(tid);
-        }
-        reaped(p);
+    crate::ptrace::collect_deaths(&mut threads, |_| true, |_| false, DISCARD_WAIT);
+    for tid in threads {
+        tracing::warn!(
+            tid = tid.as_raw(),
+            "a task of a failed restore was not reaped"
+        );
     }
 }
 
