@@ -327,6 +327,8 @@ pub fn check(ns: &MountNs, data_len: impl Fn(usize) -> Option<u64>) -> Result<()
                 MountOp::Tmpfs { target, .. } | MountOp::Bind { target, .. } if root_step => {
                     target == "/"
                 }
+                // The root's own propagation and flags may follow it.
+                MountOp::Propagation { .. } | MountOp::Flags { .. } => !root_step,
                 _ => !root_step && op.path() != "/",
             };
             if !fits {
@@ -576,7 +578,16 @@ mod tests {
 
     #[test]
     fn a_new_roots_tree_passes_and_round_trips() {
-        let ns = new_root();
+        let mut ns = new_root();
+        // A root mount that is not private.
+        ns.ops.insert(
+            2,
+            MountOp::Propagation {
+                path: "/".into(),
+                kind: Propagation::Slave,
+                recursive: false,
+            },
+        );
         assert!(ns.new_root());
         assert_eq!(check(&ns, |_| Some(0)), Ok(()));
         let json = serde_json::to_string(&ns).unwrap();
