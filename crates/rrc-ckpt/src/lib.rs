@@ -32,6 +32,7 @@ pub mod procmem;
 pub mod ptrace;
 pub mod remote;
 pub mod restore;
+mod rtnl;
 pub mod sockdiag;
 pub mod sockopt;
 pub mod store;

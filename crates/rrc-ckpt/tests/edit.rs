@@ -872,6 +872,99 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// Veths to the checkpointer's network namespace are checked at load:
+/// their peers, made in the restorer's, get only names, addresses and
+/// routes of their own (nothing another interface of the host has, no
+/// route in the kernel's table), and only for a namespace whose maker's
+/// parent is in the restorer's, in a tree restored there.
+#[test]
+fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, pid) = image_of("netns_veth_host", false);
+    let left = VethHostLeftovers {
+        bridge: format!("fxb{pid}"),
+        images: images.clone(),
+    };
+    let process = record_with(&images, "own_net");
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit); 8] = [
+        ("a peer named like an option", |n| {
+            n["host_veths"][0]["peer"]["name"] = "-evil".into()
+        }),
+        ("an end named as the loopback", |n| {
+            n["host_veths"][0]["end"]["name"] = "lo".into()
+        }),
+        ("two peers of one name", |n| {
+            n["host_veths"][1]["peer"]["name"] = n["host_veths"][0]["peer"]["name"].clone()
+        }),
+        ("a bridge named like an option", |n| {
+            n["host_veths"][1]["bridge"] = "-evil".into()
+        }),
+        ("a peer's address on another interface of the host", |n| {
+            n["host_veths"][0]["peer_addresses"][0]["dev"] = "eth0".into()
+        }),
+        (
+            "a peer's route through another interface of the host",
+            |n| n["host_veths"][0]["peer_routes"][0]["dev"] = "eth0".into(),
+        ),
+        ("a peer's route in the local table", |n| {
+            n["host_veths"][0]["peer_routes"][0]["table"] = 255.into()
+        }),
+        ("a peer's MTU the kernel refuses", |n| {
+            n["host_veths"][0]["peer"]["mtu"] = 0.into()
+        }),
+    ];
+    for (what, edit) in edits {
+        refused_when(&images, &process, what, |v| edit(&mut v["own_net"]));
+    }
+    // The root in a namespace the restore makes: its child's peers would
+    // be there, not in the restorer's.
+    refused_when(
+        &images,
+        &ImageDir::process_name(pid),
+        "a veth to the restorer's from a namespace below another",
+        |v| v["own_net"] = serde_json::json!({"lo_up": true}),
+    );
+    // A tree restored in a network namespace of its own (a container's)
+    // has none: refused before anything is made.
+    let mut opts = rrc_ckpt::restore::RestoreOptions::tree(&images);
+    opts.root_flags = libc::CLONE_NEWNET as u64;
+    match rrc_ckpt::restore::restore(&opts) {
+        Err(e) => assert!(
+            e.to_string().contains("in a tree restored in a new one"),
+            "{e}"
+        ),
+        Ok(done) => {
+            let _ = nix::sys::signal::kill(done.root, nix::sys::signal::Signal::SIGKILL);
+            panic!("restored into a network namespace of its own");
+        }
+    }
+    drop(left);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// What an image of `netns_veth_host` never restored leaves on the host:
+/// the fixture's bridge and the lock holding its connections still.
+struct VethHostLeftovers {
+    bridge: String,
+    images: PathBuf,
+}
+
+impl Drop for VethHostLeftovers {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        let manifest = fs::read(self.images.join("manifest.json")).unwrap_or_default();
+        let lock = serde_json::from_slice::<serde_json::Value>(&manifest)
+            .ok()
+            .and_then(|m| m["net_lock"].as_str().map(str::to_string));
+        if let Some(table) = lock {
+            let _ = rrc_ckpt::netlock::unlock(&table);
+        }
+    }
+}
+
 /// TUN/TAP interfaces and files are checked at load: a file is attached
 /// only to an interface of a network namespace the restore makes, never
 /// to one of the host's, and an interface is made only as the kernel

@@ -1049,11 +1049,48 @@ fn tun_files_of_the_hosts_interfaces_or_of_detached_queues_are_refused_and_left_
     );
 }
 
+/// The peers come back in the restorer's namespace with their names,
+/// MACs, MTUs, indexes, bridge, addresses and routes, and a TCP
+/// connection through one carries on.
 #[test]
-fn a_network_namespace_with_more_than_a_loopback_is_refused_and_left_running() {
+fn veths_to_the_checkpointers_namespace_come_back_with_their_peers() {
+    let _bridge = RemoveBridgesLeft;
+    checkpoint_restore("netns_veth_host");
+}
+
+/// The bridges `netns_veth_host` makes in the host's namespace (`fxbPID`)
+/// are removed by the fixture as it ends; one whose fixture is gone (a
+/// failed run) goes at the end of the test.
+struct RemoveBridgesLeft;
+
+impl Drop for RemoveBridgesLeft {
+    fn drop(&mut self) {
+        let Ok(out) = Command::new("ip")
+            .args(["-o", "link", "show", "type", "bridge"])
+            .output()
+        else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split(": ").nth(1).unwrap_or("");
+            let Some(pid) = name
+                .strip_prefix("fxb")
+                .filter(|p| p.parse::<u32>().is_ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["link", "del", name]).status();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_veth_between_two_network_namespaces_of_the_tree_is_refused_and_left_running() {
     refused(
         "unsupported_netns",
-        "whose peer is in another network namespace",
+        "whose peer is in a network namespace other than the checkpointer's",
     );
 }
 

@@ -857,6 +857,7 @@ pub(crate) fn take(
         img.sync()?;
         synced = t.elapsed();
         seized.release(true);
+        netns::remove_host_peers(&images);
         // Killed in repair mode, the connections close without FIN or RST;
         // the lock keeps their peers quiet until the restore.
         repaired.close_silently();

@@ -302,8 +302,9 @@ fn own_net(
         }
         Ok(Err(what)) => problems.push(format!(
             "process {p} is in a network namespace of its own with {what}, which a \
-             restore does not make again (its loopback, veth pairs and TUN/TAP interfaces, their \
-             addresses, routes and nftables rules are)"
+             restore does not make again (its loopback, veth pairs within it or to the \
+             checkpointer's namespace and TUN/TAP interfaces, their addresses, routes and \
+             nftables rules are)"
         )),
         Err(e) => problems.push(format!(
             "process {p}: its network namespace cannot be read: {e}"

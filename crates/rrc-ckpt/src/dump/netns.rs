@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::common::in_netns_of;
 use crate::image::netns::{
-    AddressFlag, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RouteScope,
+    AddressFlag, HostVeth, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RouteScope,
     RuleAction, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN, TunDevice, VethEnd, interface_name_allowed,
 };
 use crate::procfs as pfs;
@@ -54,7 +54,7 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
     // Every listing at once: each is a program started in the namespace,
     // and the tree is stopped meanwhile.
     #[rustfmt::skip]
-    let [links, addrs, rules4, rules6, routes4, routes6, nft] = run_all(pid, [
+    let [links, addrs, rules4, rules6, routes4, routes6, nft] = run_all(Some(pid), [
         ("ip", &["-json", "-details", "link", "show"][..]),
         ("ip", &["-json", "address", "show"]),
         ("ip", &["-4", "-json", "rule", "show"]),
@@ -64,14 +64,21 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
         ("nft", &["list", "ruleset"]),
     ])?;
     let links = json(&links)?;
-    let (veths, tuns) = match veth_pairs(&links).and_then(|v| Ok((v, tun_devices(&links)?))) {
-        Ok(made) => made,
+    let ((veths, outward), tuns) =
+        match veth_pairs(&links).and_then(|v| Ok((v, tun_devices(&links)?))) {
+            Ok(made) => made,
+            Err(what) => return Ok(Err(what)),
+        };
+    let host_veths = match host_veths(pid, outward)? {
+        Ok(h) => h,
         Err(what) => return Ok(Err(what)),
     };
-    let ends = veths.iter().flat_map(|(a, b)| [a, b]).map(|e| Made {
-        name: &e.name,
-        link_local: LinkLocal::FromMac(e.mac),
-    });
+    let ends = (veths.iter().flat_map(|(a, b)| [a, b]))
+        .chain(host_veths.iter().map(|h| &h.end))
+        .map(|e| Made {
+            name: &e.name,
+            link_local: LinkLocal::FromMac(e.mac),
+        });
     let ends: Vec<Made> = ends
         .chain(tuns.iter().map(|t| Made {
             name: &t.name,
@@ -114,6 +121,7 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
     Ok(Ok(OwnNet {
         lo_up,
         veths,
+        host_veths,
         tuns,
         addresses,
         routes,
@@ -123,32 +131,53 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
     }))
 }
 
-/// The veth pairs with both ends in the namespace, by `ip -details link`;
-/// a veth whose peer is elsewhere is named.
-fn veth_pairs(links: &[Value]) -> Found<Vec<(VethEnd, VethEnd)>> {
-    let end = |l: &Value| -> Found<VethEnd> {
-        let link = Link::of(l)?;
-        let mac = parse_mac(l["address"].as_str().unwrap_or(""))
-            .ok_or_else(|| format!("veth {} without a MAC ip shows", link.name))?;
-        Ok(VethEnd {
-            index: link.index,
-            mtu: link.mtu,
-            up: link.up,
-            name: link.name,
-            mac,
-        })
-    };
+type VethPair = (VethEnd, VethEnd);
+
+/// A veth of the namespace whose peer is in another: its end, and its
+/// peer's index and namespace as the namespace numbers them.
+struct Outward {
+    end: VethEnd,
+    peer_index: u32,
+    nsid: i64,
+}
+
+/// One end of a veth, as `ip -details link` shows it.
+fn veth_end(l: &Value) -> Found<VethEnd> {
+    let link = Link::of(l)?;
+    let mac = parse_mac(l["address"].as_str().unwrap_or(""))
+        .ok_or_else(|| format!("veth {} without a MAC ip shows", link.name))?;
+    Ok(VethEnd {
+        index: link.index,
+        mtu: link.mtu,
+        up: link.up,
+        name: link.name,
+        mac,
+    })
+}
+
+/// The veth pairs with both ends in the namespace, and the veths whose
+/// peer is in another, by `ip -details link`.
+fn veth_pairs(links: &[Value]) -> Found<(Vec<VethPair>, Vec<Outward>)> {
+    let end = veth_end;
     let veths: Vec<&Value> = links
         .iter()
         .filter(|l| l["linkinfo"]["info_kind"] == "veth")
         .collect();
     let mut pairs = Vec::new();
+    let mut outward = Vec::new();
     for (i, l) in veths.iter().enumerate() {
         let name = l["ifname"].as_str().unwrap_or("?");
-        if !l["link_netnsid"].is_null() {
-            return Err(format!(
-                "veth {name}, whose peer is in another network namespace"
-            ));
+        if let Some(nsid) = l["link_netnsid"].as_i64() {
+            let Some(peer_index) = l["link_index"].as_u64().and_then(|i| u32::try_from(i).ok())
+            else {
+                return Err(format!("veth {name} without a peer ip shows"));
+            };
+            outward.push(Outward {
+                end: end(l)?,
+                peer_index,
+                nsid,
+            });
+            continue;
         }
         let Some(peer) = l["link"].as_str() else {
             return Err(format!("veth {name} without a peer ip shows"));
@@ -162,7 +191,121 @@ fn veth_pairs(links: &[Value]) -> Found<Vec<(VethEnd, VethEnd)>> {
             pairs.push((end(l)?, end(veths[p])?));
         }
     }
-    Ok(pairs)
+    Ok((pairs, outward))
+}
+
+/// The veths of process `pid`'s network namespace whose peer is in ours
+/// (where the restore makes it again), with what their peers are given
+/// here; a peer elsewhere, or in something other than a bridge, is
+/// named.
+fn host_veths(pid: Pid, outward: Vec<Outward>) -> Found<Found<Vec<HostVeth>>> {
+    if outward.is_empty() {
+        return Ok(Ok(Vec::new()));
+    }
+    // The id its namespace gives ours.
+    let ours = in_netns_of(pid, || crate::rtnl::netnsid_of(Pid::this()))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("the id of our network namespace in process {pid}'s: {e}"))?;
+    if let Some(o) = outward.iter().find(|o| ours != Some(o.nsid)) {
+        return Ok(Err(format!(
+            "veth {}, whose peer is in a network namespace other than the checkpointer's",
+            o.end.name
+        )));
+    }
+    #[rustfmt::skip]
+    let [links, addrs, routes4, routes6] = run_all(None, [
+        ("ip", &["-json", "-details", "link", "show"][..]),
+        ("ip", &["-json", "address", "show"]),
+        ("ip", &["-4", "-json", "route", "show", "table", "all"]),
+        ("ip", &["-6", "-json", "route", "show", "table", "all"]),
+    ])?;
+    let (links, addrs) = (json(&links)?, json(&addrs)?);
+    let routes: Vec<Value> = json(&routes4)?.into_iter().chain(json(&routes6)?).collect();
+    let mut out = Vec::new();
+    for o in outward {
+        let name = &o.end.name;
+        let found = links.iter().find(|l| {
+            l["ifindex"].as_u64() == Some(o.peer_index.into())
+                && l["linkinfo"]["info_kind"] == "veth"
+                && l["link_index"].as_u64() == Some(o.end.index.into())
+                && !l["link_netnsid"].is_null()
+        });
+        let Some(l) = found else {
+            return Ok(Err(format!("veth {name}, whose peer ip does not show")));
+        };
+        let peer = match veth_end(l) {
+            Ok(p) => p,
+            Err(what) => return Ok(Err(what)),
+        };
+        let bridge = match l["master"].as_str() {
+            None => None,
+            Some(m)
+                if links
+                    .iter()
+                    .any(|b| b["ifname"] == m && b["linkinfo"]["info_kind"] == "bridge") =>
+            {
+                Some(m.to_string())
+            }
+            Some(m) => {
+                return Ok(Err(format!(
+                    "veth {name}, whose peer {} is a port of {m}, which is not a bridge",
+                    peer.name
+                )));
+            }
+        };
+        let made = [Made {
+            name: &peer.name,
+            link_local: LinkLocal::FromMac(peer.mac),
+        }];
+        let of_peer = |v: &&Value| v["ifname"] == peer.name.as_str();
+        let addrs: Vec<Value> = addrs.iter().filter(of_peer).cloned().collect();
+        let through: Vec<Value> = (routes.iter())
+            .filter(|r| r["dev"] == peer.name.as_str())
+            .cloned()
+            .collect();
+        let read = addresses(&addrs, &made).and_then(|a| Ok((a, read_routes(&through, &made)?)));
+        let (peer_addresses, peer_routes) = match read {
+            Ok(both) => both,
+            Err(what) => return Ok(Err(format!("veth {name}'s peer {} with {what}", peer.name))),
+        };
+        out.push(HostVeth {
+            end: o.end,
+            peer,
+            bridge,
+            peer_addresses,
+            peer_routes,
+        });
+    }
+    Ok(Ok(out))
+}
+
+/// Removes the peers the killed tree's veths had in our namespace, which
+/// a restore makes again: they would go with their namespace, which a
+/// socket closing (in `TIME_WAIT`) may keep for a minute. Each goes only
+/// if it is still the veth the image names.
+pub fn remove_host_peers(images: &[crate::image::ProcessImage]) {
+    let veths = images.iter().filter_map(|p| p.own_net.as_ref());
+    for h in veths.flat_map(|n| &n.host_veths) {
+        let name = &h.peer.name;
+        let Ok([shown]) = run_all(
+            None,
+            [(
+                "ip",
+                &["-json", "-details", "link", "show", "dev", name][..],
+            )],
+        ) else {
+            continue;
+        };
+        let same = json(&shown).is_ok_and(|l| {
+            l.first().is_some_and(|l| {
+                l["ifindex"].as_u64() == Some(h.peer.index.into())
+                    && l["linkinfo"]["info_kind"] == "veth"
+            })
+        });
+        if same && let Err(e) = run_all(None, [("ip", &["link", "del", "dev", name][..])]) {
+            tracing::warn!("veth {name} of the killed tree stays until its namespace goes: {e}");
+        }
+    }
 }
 
 /// What `ip -details link` shows of any interface the restore makes.
@@ -335,10 +478,10 @@ fn link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
 }
 
 /// The outputs of the commands `(program, args)`, run side by side in
-/// process `pid`'s network namespace.
-fn run_all<const N: usize>(pid: Pid, commands: [(&str, &[&str]); N]) -> Found<[String; N]> {
+/// process `pid`'s network namespace (ours: `None`).
+fn run_all<const N: usize>(pid: Option<Pid>, commands: [(&str, &[&str]); N]) -> Found<[String; N]> {
     let what = |(program, args): (&str, &[&str])| format!("{program} {}", args.join(" "));
-    let children = in_netns_of(pid, || {
+    let spawn = || {
         commands.map(|(program, args)| {
             std::process::Command::new(program)
                 .args(args)
@@ -347,8 +490,11 @@ fn run_all<const N: usize>(pid: Pid, commands: [(&str, &[&str]); N]) -> Found<[S
                 .stderr(std::process::Stdio::piped())
                 .spawn()
         })
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    let children = match pid {
+        Some(pid) => in_netns_of(pid, spawn).map_err(|e| e.to_string())?,
+        None => spawn(),
+    };
     let mut outputs = Vec::with_capacity(N);
     let mut failed = None;
     // Every child is waited for, whatever failed.

@@ -20,6 +20,9 @@ pub struct OwnNet {
     /// Veth pairs with both ends in the namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub veths: Vec<(VethEnd, VethEnd)>,
+    /// Veth pairs with their peer in the namespace the restore runs in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_veths: Vec<HostVeth>,
     /// Addresses of its interfaces, but the loopback's 127.0.0.1/8 and ::1
     /// and the link-local ones the kernel derives from a MAC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -53,6 +56,28 @@ pub struct VethEnd {
     pub mac: [u8; 6],
     pub mtu: u32,
     pub up: bool,
+}
+
+/// A veth pair with one end in the namespace and its peer in the network
+/// namespace the checkpoint was taken from (the host's, for a process
+/// tree checkpointed there), where the restore puts it again: by its name,
+/// MAC and MTU (and index, where free), a port of the bridge it was in,
+/// with its addresses and its routes other than the kernel's, up if it
+/// was. Only a process whose parent is in the restorer's network
+/// namespace may have one, and only in a tree restored there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostVeth {
+    /// The end in the namespace.
+    pub end: VethEnd,
+    /// The end in the restorer's.
+    pub peer: VethEnd,
+    /// The bridge the peer is a port of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_addresses: Vec<NetAddress>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_routes: Vec<NetRoute>,
 }
 
 /// A TUN or TAP interface: made at a restore by the first of the tree's
@@ -558,19 +583,54 @@ impl OwnNet {
     /// range for their family, and rules that read no file.
     pub fn check(&self) -> std::result::Result<(), String> {
         let fits = |a: &std::net::IpAddr, p: u8| p <= if a.is_ipv4() { 32 } else { 128 };
+        let veth_end = |end: &VethEnd, devices: &[&str]| {
+            if !interface_name_allowed(&end.name) || devices.contains(&end.name.as_str()) {
+                return Err(format!("a veth named {:?}", end.name));
+            }
+            if !(68..=65535).contains(&end.mtu) || !(2..1 << 30).contains(&end.index) {
+                return Err(format!(
+                    "veth {} with MTU {} and index {}",
+                    end.name, end.mtu, end.index
+                ));
+            }
+            Ok(())
+        };
         let mut devices = vec!["lo"];
-        for (a, b) in &self.veths {
-            for end in [a, b] {
-                if !interface_name_allowed(&end.name) || devices.contains(&end.name.as_str()) {
-                    return Err(format!("a veth named {:?}", end.name));
-                }
-                if !(68..=65535).contains(&end.mtu) || !(2..1 << 30).contains(&end.index) {
-                    return Err(format!(
-                        "veth {} with MTU {} and index {}",
-                        end.name, end.mtu, end.index
-                    ));
-                }
-                devices.push(&end.name);
+        let inner = (self.veths.iter().flat_map(|(a, b)| [a, b]))
+            .chain(self.host_veths.iter().map(|h| &h.end));
+        for end in inner {
+            veth_end(end, &devices)?;
+            devices.push(&end.name);
+        }
+        // Their peers are named in the restorer's namespace.
+        let mut peers = Vec::new();
+        for h in &self.host_veths {
+            let peer = &h.peer;
+            veth_end(peer, &peers)?;
+            peers.push(&peer.name);
+            if h.bridge
+                .as_deref()
+                .is_some_and(|b| !interface_name_allowed(b))
+            {
+                return Err(format!("veth {} in bridge {:?}", peer.name, h.bridge));
+            }
+            if let Some(a) = h.peer_addresses.iter().find(|a| {
+                a.dev != peer.name
+                    || !fits(&a.address, a.prefix)
+                    || (a.label.as_deref()).is_some_and(|l| !NetAddress::label_allowed(&a.dev, l))
+            }) {
+                return Err(format!("address {}/{} on {:?}", a.address, a.prefix, a.dev));
+            }
+            if let Some(r) = h.peer_routes.iter().find(|r| {
+                r.destination.is_some_and(|(a, p)| !fits(&a, p))
+                    || r.dev.as_deref() != Some(peer.name.as_str())
+                    || r.table.is_some_and(|t| t == 0 || t == TABLE_LOCAL)
+                    || (r.protocol.as_deref()).is_some_and(|p| !NetRoute::protocol_allowed(p))
+            }) {
+                return Err(format!(
+                    "a route to {:?} through {:?} in table {:?}",
+                    r.destination, r.dev, r.table
+                ));
             }
         }
         for t in &self.tuns {

@@ -799,6 +799,8 @@ struct Ctx<'a> {
     users: Vec<std::os::fd::OwnedFd>,
     /// Where the next pid of the tree's namespace is set.
     next_pids: namespaces::NextPids,
+    /// Veths with their peer in the restorer's network namespace.
+    host_peers: netns::HostPeers,
 }
 
 /// Sessions whose leader had exited: neither the session the root was
@@ -856,7 +858,7 @@ fn restore_process(
     if let Some(net) = &p.own_net {
         let all: Vec<&ProcessImage> = ctx.procs.values().collect();
         let tun_files = crate::image::netns::tun_files_in(&ctx.m.files, &all, pid);
-        netns::fill(&mut t, net, &tun_files, &mut ctx.plan.tuns)?;
+        netns::fill(&mut t, net, &ctx.host_peers, &tun_files, &mut ctx.plan.tuns)?;
     }
     // Its IPC namespace's objects before anyone uses them.
     if let Some(objects) = &p.ipc {
@@ -1248,6 +1250,19 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         .get(&m.root)
         .ok_or_else(|| rerr(m.root, "read the image", "the root process is missing"))?;
     let mut flags = opts.root_flags;
+    // The tree's network namespace is not the restorer's then.
+    let to_host = procs
+        .values()
+        .find(|p| p.own_net.as_ref().is_some_and(|n| !n.host_veths.is_empty()));
+    if let Some(p) = to_host
+        && flags & libc::CLONE_NEWNET as u64 != 0
+    {
+        return Err(rerr(
+            p.pid,
+            "read the image",
+            "a veth to the restorer's network namespace, in a tree restored in a new one",
+        ));
+    }
     if m.own_pid_ns {
         flags |= libc::CLONE_NEWPID as u64;
         if let Some(outer) = m.outer_pid
@@ -1309,6 +1324,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         root_new_ipc: flags & libc::CLONE_NEWIPC as u64 != 0,
         users: namespaces::make_users(&m)?,
         next_pids: namespaces::NextPids::Ours,
+        host_peers: netns::HostPeers::make(&procs)?,
     };
     let root_pid = spawn_root(root, m.outer_pid, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
@@ -1400,6 +1416,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in &ctx.done {
             state::release(t, &procs[&t.ns_pid])?;
         }
+        ctx.host_peers.keep();
         Ok(())
     });
     // Also when the restore failed.

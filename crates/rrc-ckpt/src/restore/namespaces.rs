@@ -511,6 +511,18 @@ pub fn check(procs: &BTreeMap<i32, ProcessImage>, root: i32) -> std::result::Res
         if let Some(net) = &p.own_net {
             net.check()
                 .map_err(|e| format!("process {pid}'s network namespace: {e}"))?;
+            // A veth's peer goes where the restore runs, which must be
+            // where its parent is.
+            let all: Vec<&ProcessImage> = procs.values().collect();
+            let parent = p.parent.and_then(|q| procs.get(&q));
+            if !net.host_veths.is_empty()
+                && parent.is_some_and(|q| crate::image::netns::net_maker(&all, q).is_some())
+            {
+                return Err(format!(
+                    "process {pid}'s network namespace has a veth to the restorer's, which its \
+                     parent is not in"
+                ));
+            }
         }
         if let Some(u) = &p.uts {
             let bad = |n: &str| n.len() > UTS_LEN || n.contains('\0');

@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::image::netns::{
-    AddressFlag, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RuleAction, TunDevice, VnetHdr,
+    AddressFlag, HostVeth, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RuleAction,
+    TunDevice, VnetHdr,
 };
 use crate::image::{FileKind, OpenFile};
 use crate::restore::tracee::Tracee;
@@ -29,6 +30,7 @@ use crate::{Error, Result, sys};
 pub fn fill(
     t: &mut Tracee,
     net: &OwnNet,
+    peers: &HostPeers,
     tun_files: &[&OpenFile],
     made: &mut HashMap<usize, OwnedFd>,
 ) -> Result<()> {
@@ -51,6 +53,18 @@ pub fn fill(
     })?
     .map_err(fail)?;
     made.extend(tuns);
+    // Veths to ours: their peers are here already.
+    for h in &net.host_veths {
+        let index = peers
+            .made_for(t.ns_pid, &h.end.name)
+            .ok_or_else(|| fail(format!("veth {}: its pair was not made", h.end.name)))?;
+        crate::rtnl::move_link(index, t.pid, &h.end.name, h.end.index).map_err(|e| {
+            fail(format!(
+                "move veth {} into the namespace as index {}: {e}",
+                h.end.name, h.end.index
+            ))
+        })?;
+    }
     crate::common::in_netns_of(t.pid, || -> std::result::Result<(), String> {
         // First: with IPv6 off, its addresses are not made.
         for (name, value) in &net.sysctls {
@@ -83,43 +97,246 @@ pub fn fill(
             args.extend(mac.as_deref().map(|m| ["address", m]).iter().flatten());
             run("ip", &args, None)?;
         }
-        for a in &net.addresses {
-            let at = format!("{}/{}", a.address, a.prefix);
-            let mut args = vec!["address", "add", &at, "dev", &a.dev];
-            if let Some(l) = &a.label {
-                args.extend(["label", l]);
-            }
-            args.extend(a.scope.map(|s| ["scope", s.name()]).iter().flatten());
-            let brd = a.broadcast.map(|b| b.to_string());
-            args.extend(brd.as_deref().map(|b| ["broadcast", b]).iter().flatten());
-            args.extend(a.flags.iter().map(|f| f.name()));
-            // It had been through duplicate address detection.
-            if a.address.is_ipv6() && a.dev != "lo" && !a.flags.contains(&AddressFlag::NoDad) {
-                args.push("nodad");
-            }
-            let lifetimes = a.lifetimes.map(|(v, p)| (v.to_string(), p.to_string()));
-            if let Some((valid, preferred)) = &lifetimes {
-                args.extend(["valid_lft", valid, "preferred_lft", preferred]);
-            }
-            run("ip", &args, None)?;
-        }
-        let ends = net.veths.iter().flat_map(|(a, b)| [a, b]);
+        ip_all(net.addresses.iter().map(address_args))?;
+        let ends = (net.veths.iter().flat_map(|(a, b)| [a, b]))
+            .chain(net.host_veths.iter().map(|h| &h.end));
         let up = (ends.filter(|e| e.up).map(|e| &e.name))
             .chain(net.tuns.iter().filter(|t| t.up).map(|t| &t.name));
-        for name in up {
-            run("ip", &["link", "set", name, "up"], None)?;
-        }
-        let routes = net.routes.iter().map(route_args);
-        for args in routes.chain(net.rules.iter().map(rule_args)) {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run("ip", &args, None)?;
-        }
+        ip_all(up.map(|name| link_up(name)))?;
+        ip_all(net.routes.iter().map(route_args))?;
+        ip_all(net.rules.iter().map(rule_args))?;
         if let Some(rules) = &net.nftables {
             run("nft", &["-f", "-"], Some(rules))?;
         }
         Ok(())
     })?
     .map_err(fail)
+}
+
+/// The veth pairs of the tree's network namespaces with a peer in ours
+/// (the restorer's), made before any process is: a socket of the tree in
+/// ours may be bound to a peer's address. Each is made here under a name
+/// of ours, its peer given its name, MAC, MTU, index (where free),
+/// bridge, addresses, state and routes; the other end is moved into its
+/// namespace once that is made ([`fill`]). A restore that fails removes
+/// them (either end takes the other with it).
+pub struct HostPeers {
+    /// By the image's pid of the namespace's maker and the end's name:
+    /// the end's index here, and its peer's name.
+    made: Vec<(i32, String, u32, String)>,
+    kept: bool,
+}
+
+impl HostPeers {
+    /// How long the peers of a tree just killed may keep their names: its
+    /// namespace goes once its last socket has.
+    const NAMES_FREE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub fn make(
+        procs: &std::collections::BTreeMap<i32, crate::image::ProcessImage>,
+    ) -> Result<HostPeers> {
+        let mut peers = HostPeers {
+            made: Vec::new(),
+            kept: false,
+        };
+        for p in procs.values() {
+            let Some(net) = p.own_net.as_ref().filter(|n| !n.host_veths.is_empty()) else {
+                continue;
+            };
+            let fail = |detail: String| Error::Restore {
+                pid: p.pid,
+                stage: "network namespace",
+                detail,
+            };
+            for h in &net.host_veths {
+                peers.make_one(p.pid, h, &net.host_veths).map_err(fail)?;
+            }
+        }
+        Ok(peers)
+    }
+
+    /// Waits for the names of `veths`' peers to be free here, checks
+    /// their bridges are, and says which of their indexes are free, and
+    /// from where on every index is.
+    fn ready(veths: &[HostVeth]) -> std::result::Result<(Vec<u32>, u32), String> {
+        let started = std::time::Instant::now();
+        loop {
+            let links = links_here()?;
+            let named = |n: &str| links.iter().find(|l| l["ifname"] == n);
+            let taken = veths.iter().find(|h| named(&h.peer.name).is_some());
+            if let Some(h) = taken {
+                if started.elapsed() < Self::NAMES_FREE_WITHIN {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                return Err(format!(
+                    "the peer of veth {}, {}, cannot be made in this network namespace: an \
+                     interface there has its name (the original's, if its namespace is \
+                     still there: `ip link del {}` removes both its ends)",
+                    h.end.name, h.peer.name, h.peer.name
+                ));
+            }
+            for h in veths {
+                if let Some(b) = &h.bridge
+                    && !named(b).is_some_and(|l| l["linkinfo"]["info_kind"] == "bridge")
+                {
+                    return Err(format!(
+                        "the peer of veth {} was a port of bridge {b}, which this network \
+                         namespace does not have",
+                        h.end.name
+                    ));
+                }
+            }
+            let indexes: Vec<u64> = links.iter().filter_map(|l| l["ifindex"].as_u64()).collect();
+            let free = (veths.iter().map(|h| h.peer.index))
+                .filter(|i| !indexes.contains(&u64::from(*i)))
+                .collect();
+            let above = indexes.iter().max().map_or(1, |i| *i + 1);
+            return Ok((free, u32::try_from(above).unwrap_or(u32::MAX)));
+        }
+    }
+
+    /// Makes veth `h` of the namespace process `maker` makes (whose veths
+    /// to ours are `all`).
+    fn make_one(
+        &mut self,
+        maker: i32,
+        h: &HostVeth,
+        all: &[HostVeth],
+    ) -> std::result::Result<(), String> {
+        let (a, b) = (&h.end, &h.peer);
+        // Ours until it is moved: unique to this restore.
+        let temporary = format!("rrc{:x}.{}", std::process::id(), self.made.len());
+        let (mac_a, mac_b) = (mac(a.mac), mac(b.mac));
+        let (mtu_a, mtu_b) = (a.mtu.to_string(), b.mtu.to_string());
+        let index_b = b.index.to_string();
+        // An index taken meanwhile (interfaces made elsewhere on the host)
+        // fails the call: tried again with the indexes free then.
+        let mut tries = 0;
+        let index = loop {
+            let (free, mut spare) = Self::ready(std::slice::from_ref(h))?;
+            // The kernel gives a veth's peer the index asked for only if
+            // the veth is given one too: one no peer asks for.
+            while all.iter().any(|h| h.peer.index == spare) {
+                spare += 1;
+            }
+            let index_a = spare.to_string();
+            #[rustfmt::skip]
+            let mut args = vec![
+                "link", "add", &temporary, "index", &index_a, "address", &mac_a, "mtu", &mtu_a,
+                "type", "veth", "peer", "name", &b.name, "address", &mac_b, "mtu", &mtu_b,
+            ];
+            if free.contains(&b.index) {
+                args.extend(["index", &index_b]);
+            }
+            match run("ip", &args, None) {
+                Ok(()) => break spare,
+                Err(_) if tries < 4 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        self.made
+            .push((maker, a.name.clone(), index, b.name.clone()));
+        let peer = &b.name;
+        ip_all(
+            h.bridge
+                .iter()
+                .map(|br| strings(["link", "set", peer, "master", br])),
+        )?;
+        ip_all(h.peer_addresses.iter().map(address_args))?;
+        if b.up {
+            ip_all([link_up(peer)])?;
+        }
+        ip_all(h.peer_routes.iter().map(route_args))
+    }
+
+    /// The index here of the end named `name` of the namespace process
+    /// `maker` makes.
+    fn made_for(&self, maker: i32, name: &str) -> Option<u32> {
+        (self.made.iter())
+            .find(|(m, n, _, _)| *m == maker && n == name)
+            .map(|(_, _, index, _)| *index)
+    }
+
+    /// The restore succeeded: they stay.
+    pub fn keep(&mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for HostPeers {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        for (_, _, _, peer) in &self.made {
+            if let Err(e) = run("ip", &["link", "del", peer], None) {
+                tracing::warn!("veth {peer} made for a failed restore stays: {e}");
+            }
+        }
+    }
+}
+
+/// What `ip -details link show` shows of the interfaces here.
+fn links_here() -> std::result::Result<Vec<serde_json::Value>, String> {
+    let out = Command::new("ip")
+        .args(["-json", "-details", "link", "show"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("ip link show: {e}"))?;
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("ip link show: {e}"))
+}
+
+/// `ip` with each of `commands`' arguments, one after the other.
+fn ip_all(commands: impl IntoIterator<Item = Vec<String>>) -> std::result::Result<(), String> {
+    for args in commands {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("ip", &args, None)?;
+    }
+    Ok(())
+}
+
+fn strings<const N: usize>(words: [&str; N]) -> Vec<String> {
+    words.iter().map(|w| w.to_string()).collect()
+}
+
+fn link_up(name: &str) -> Vec<String> {
+    strings(["link", "set", name, "up"])
+}
+
+/// `ip address add` of address `a`.
+fn address_args(a: &NetAddress) -> Vec<String> {
+    let mut args = strings([
+        "address",
+        "add",
+        &format!("{}/{}", a.address, a.prefix),
+        "dev",
+        &a.dev,
+    ]);
+    if let Some(l) = &a.label {
+        args.extend(strings(["label", l]));
+    }
+    if let Some(s) = a.scope {
+        args.extend(strings(["scope", s.name()]));
+    }
+    if let Some(b) = a.broadcast {
+        args.extend(strings(["broadcast", &b.to_string()]));
+    }
+    args.extend(a.flags.iter().map(|f| f.name().to_string()));
+    // It had been through duplicate address detection.
+    if a.address.is_ipv6() && a.dev != "lo" && !a.flags.contains(&AddressFlag::NoDad) {
+        args.push("nodad".into());
+    }
+    if let Some((valid, preferred)) = a.lifetimes {
+        args.extend(strings([
+            "valid_lft",
+            &valid.to_string(),
+            "preferred_lft",
+            &preferred.to_string(),
+        ]));
+    }
+    args
 }
 
 /// A TUN/TAP file to make: one of the tree's (by id), or one of ours.
