@@ -943,6 +943,41 @@ fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// Veths between the tree's network namespaces are made only as pairs
+/// both of whose ends the image records, each in its own namespace.
+#[test]
+fn hostile_veths_between_the_trees_namespaces_are_refused_before_anything_is_made() {
+    require_root();
+    let (dir, images, root) = image_of("netns_veth_tree", false);
+    let process = record_with(&images, "own_net");
+    type Edit = fn(&mut serde_json::Value, i32);
+    let edits: [(&str, Edit); 4] = [
+        ("a peer in its own namespace", |v, _| {
+            let veth = &mut v["own_net"]["tree_veths"][0];
+            veth["peer_index"] = veth["end"]["index"].clone();
+            v["own_net"]["tree_veths"][0]["peer_ns"] = v["pid"].clone();
+        }),
+        ("a peer at another index", |v, _| {
+            v["own_net"]["tree_veths"][0]["peer_index"] = 77.into()
+        }),
+        (
+            "a peer in a namespace the restore does not make",
+            |v, root| v["own_net"]["tree_veths"][0]["peer_ns"] = root.into(),
+        ),
+        ("a second end of the same pair", |v, _| {
+            let veths = &mut v["own_net"]["tree_veths"];
+            let mut twin = veths[0].clone();
+            twin["end"]["name"] = "fxtwin".into();
+            twin["end"]["index"] = 9.into();
+            veths.as_array_mut().unwrap().push(twin);
+        }),
+    ];
+    for (what, edit) in edits {
+        refused_when(&images, &process, what, |v| edit(v, root));
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// What an image of `netns_veth_host` never restored leaves on the host:
 /// the fixture's bridge and the lock holding its connections still.
 struct VethHostLeftovers {

@@ -628,7 +628,13 @@ pub(crate) fn take(
             children_pid_ns: place.children_pid_ns,
             uts: own_ns.uts.remove(&p.pid),
             own_cgroup_ns: own_ns.cgroup.contains(&p.pid),
-            own_net: own_ns.net.remove(&p.pid),
+            own_net: own_ns.net.remove(&p.pid).map(|mut net| {
+                // Its veths' peers' namespaces, as the tree numbers them.
+                for v in &mut net.tree_veths {
+                    v.peer_ns = ns_of.get(&Pid::from_raw(v.peer_ns)).copied().unwrap_or(0);
+                }
+                net
+            }),
             own_mounts: own_ns
                 .mnt
                 .remove(&p.pid)

@@ -209,8 +209,19 @@ pub fn own_namespaces(
         .filter(|p| p.pid != root && !p.threads.is_empty())
         .collect();
     let live: Vec<Pid> = others.iter().map(|p| p.pid).collect();
+    // The makers of the tree's network namespaces, where a veth's peer may
+    // be.
+    let mut net_makers = if others.is_empty() {
+        Vec::new()
+    } else {
+        first_of_own(processes, &others, "net", "network", problems)
+    };
+    let root_net = !container && ns_link(root, "net") != ns_link(Pid::this(), "net");
+    if root_net {
+        net_makers.push(root);
+    }
     if !container {
-        root_namespaces(root, &live, &mut own, problems);
+        root_namespaces(root, &live, &net_makers, &mut own, problems);
     }
     if others.is_empty() {
         return own;
@@ -221,8 +232,8 @@ pub fn own_namespaces(
     own.ipc = first_of_own(processes, &others, "ipc", "IPC", problems)
         .into_iter()
         .collect();
-    for p in first_of_own(processes, &others, "net", "network", problems) {
-        own_net(p, &mut own.net, problems);
+    for &p in net_makers.iter().filter(|p| **p != root) {
+        own_net(p, &net_makers, &mut own.net, problems);
     }
     for p in first_of_own(processes, &others, "mnt", "mount", problems) {
         let parent = others.iter().find(|q| q.pid == p).and_then(|q| q.parent);
@@ -240,14 +251,20 @@ pub fn own_namespaces(
 /// cgroup and mount namespaces (IPC and time ones are the tree's own,
 /// made apart), and a mount namespace (`unshare -m`, or a root of its
 /// own: a sandbox's). `live` are the tree's other live processes.
-fn root_namespaces(root: Pid, live: &[Pid], own: &mut OwnNamespaces, problems: &mut Vec<String>) {
+fn root_namespaces(
+    root: Pid,
+    live: &[Pid],
+    net_makers: &[Pid],
+    own: &mut OwnNamespaces,
+    problems: &mut Vec<String>,
+) {
     let me = Pid::this();
     let differs = |kind: &str| ns_link(root, kind) != ns_link(me, kind);
     if differs("uts") {
         own_uts(root, &mut own.uts, problems);
     }
     if differs("net") {
-        own_net(root, &mut own.net, problems);
+        own_net(root, net_makers, &mut own.net, problems);
     }
     if differs("cgroup") {
         own_cgroup(root, &mut own.cgroup, problems);
@@ -290,13 +307,15 @@ fn own_mounts(
     }
 }
 
-/// Reads the network namespace process `p` is the first in into `net`.
+/// Reads the network namespace process `p` is the first in into `net`;
+/// `makers` are the first processes of the tree's network namespaces.
 fn own_net(
     p: Pid,
+    makers: &[Pid],
     net: &mut BTreeMap<Pid, crate::image::netns::OwnNet>,
     problems: &mut Vec<String>,
 ) {
-    match super::netns::read(p) {
+    match super::netns::read(p, makers) {
         Ok(Ok(n)) => {
             net.insert(p, n);
         }

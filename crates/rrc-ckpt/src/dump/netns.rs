@@ -1,6 +1,10 @@
 //! A network namespace a process of the tree made, read for its image
 //! (`image::netns::OwnNet`): its loopback interface, veth pairs with both ends
-//! in it and TUN/TAP interfaces, the addresses and routes given to them
+//! in it, veths whose peer is in ours (read here with its bridge,
+//! addresses and routes) or in another namespace of the tree's (each end
+//! recorded in its own namespace), told apart by the ids the namespace
+//! gives those (`rtnl::netnsid_of`), and TUN/TAP interfaces, the
+//! addresses and routes given to them
 //! (in any table but the local one), its routing rules and its nftables
 //! rules. Besides those, interfaces the kernel made (fallback tunnels) are
 //! all it may have; what else it holds is named, for the tree to be
@@ -17,7 +21,8 @@ use serde_json::Value;
 use crate::common::in_netns_of;
 use crate::image::netns::{
     AddressFlag, HostVeth, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RouteScope,
-    RuleAction, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN, TunDevice, VethEnd, interface_name_allowed,
+    RuleAction, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN, TreeVeth, TunDevice, VethEnd,
+    interface_name_allowed,
 };
 use crate::procfs as pfs;
 
@@ -31,8 +36,9 @@ const FALLBACK: [&str; 9] = [
 
 /// What the network namespace process `pid` made holds: `Ok(Ok)` if a
 /// restore makes it again, `Ok(Err(what))` naming what it cannot, `Err`
-/// if it cannot be read.
-pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
+/// if it cannot be read. `makers` are the first processes of the tree's
+/// network namespaces (where a veth's peer may be).
+pub fn read(pid: Pid, makers: &[Pid]) -> Found<Found<OwnNet>> {
     let read =
         |what: &str| pfs::read_text(format!("/proc/{pid}/net/{what}")).map_err(|e| e.to_string());
     let interfaces: Vec<String> = read("dev")?
@@ -69,12 +75,13 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
             Ok(made) => made,
             Err(what) => return Ok(Err(what)),
         };
-    let host_veths = match host_veths(pid, outward)? {
-        Ok(h) => h,
+    let (host_veths, tree_veths) = match outward_veths(pid, outward, makers)? {
+        Ok(both) => both,
         Err(what) => return Ok(Err(what)),
     };
     let ends = (veths.iter().flat_map(|(a, b)| [a, b]))
         .chain(host_veths.iter().map(|h| &h.end))
+        .chain(tree_veths.iter().map(|v| &v.end))
         .map(|e| Made {
             name: &e.name,
             link_local: LinkLocal::FromMac(e.mac),
@@ -122,6 +129,7 @@ pub fn read(pid: Pid) -> Found<Found<OwnNet>> {
         lo_up,
         veths,
         host_veths,
+        tree_veths,
         tuns,
         addresses,
         routes,
@@ -194,23 +202,55 @@ fn veth_pairs(links: &[Value]) -> Found<(Vec<VethPair>, Vec<Outward>)> {
     Ok((pairs, outward))
 }
 
-/// The veths of process `pid`'s network namespace whose peer is in ours
-/// (where the restore makes it again), with what their peers are given
-/// here; a peer elsewhere, or in something other than a bridge, is
+/// The veths of process `pid`'s network namespace whose peer is in
+/// another: in ours (where the restore makes it again), with what their
+/// peers are given here, or in the namespace of one of `makers`, the
+/// tree's; a peer elsewhere, or in something other than a bridge here, is
 /// named.
-fn host_veths(pid: Pid, outward: Vec<Outward>) -> Found<Found<Vec<HostVeth>>> {
+fn outward_veths(
+    pid: Pid,
+    outward: Vec<Outward>,
+    makers: &[Pid],
+) -> Found<Found<(Vec<HostVeth>, Vec<TreeVeth>)>> {
+    if outward.is_empty() {
+        return Ok(Ok((Vec::new(), Vec::new())));
+    }
+    // The ids its namespace gives ours and the tree's others.
+    let others: Vec<Pid> = makers.iter().copied().filter(|m| *m != pid).collect();
+    let ids = in_netns_of(pid, || {
+        let ours = crate::rtnl::netnsid_of(Pid::this())?;
+        let theirs = (others.iter())
+            .map(|m| crate::rtnl::netnsid_of(*m))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok::<_, std::io::Error>((ours, theirs))
+    })
+    .map_err(|e| e.to_string())?;
+    let (ours, theirs) =
+        ids.map_err(|e| format!("the ids of network namespaces in process {pid}'s: {e}"))?;
+    let (home, away): (Vec<Outward>, Vec<Outward>) =
+        outward.into_iter().partition(|o| ours == Some(o.nsid));
+    let mut tree_veths = Vec::new();
+    for o in away {
+        let Some(at) = theirs.iter().position(|id| *id == Some(o.nsid)) else {
+            return Ok(Err(format!(
+                "veth {}, whose peer is in a network namespace other than the checkpointer's \
+                 or the tree's",
+                o.end.name
+            )));
+        };
+        tree_veths.push(TreeVeth {
+            end: o.end,
+            peer_ns: others[at].as_raw(),
+            peer_index: o.peer_index,
+        });
+    }
+    Ok(host_veths(home)?.map(|h| (h, tree_veths)))
+}
+
+/// What the peers of veths `outward`, here, are given.
+fn host_veths(outward: Vec<Outward>) -> Found<Found<Vec<HostVeth>>> {
     if outward.is_empty() {
         return Ok(Ok(Vec::new()));
-    }
-    // The id its namespace gives ours.
-    let ours = in_netns_of(pid, || crate::rtnl::netnsid_of(Pid::this()))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("the id of our network namespace in process {pid}'s: {e}"))?;
-    if let Some(o) = outward.iter().find(|o| ours != Some(o.nsid)) {
-        return Ok(Err(format!(
-            "veth {}, whose peer is in a network namespace other than the checkpointer's",
-            o.end.name
-        )));
     }
     #[rustfmt::skip]
     let [links, addrs, routes4, routes6] = run_all(None, [

@@ -23,6 +23,9 @@ pub struct OwnNet {
     /// Veth pairs with their peer in the namespace the restore runs in.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_veths: Vec<HostVeth>,
+    /// Veths with their peer in another network namespace of the tree's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tree_veths: Vec<TreeVeth>,
     /// Addresses of its interfaces, but the loopback's 127.0.0.1/8 and ::1
     /// and the link-local ones the kernel derives from a MAC.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -78,6 +81,50 @@ pub struct HostVeth {
     pub peer_addresses: Vec<NetAddress>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peer_routes: Vec<NetRoute>,
+}
+
+/// A veth with its peer in another network namespace the tree made (or
+/// the root's, if the restore makes it): each end is recorded in its own
+/// namespace's record, naming the other's namespace and index. A restore
+/// makes the pair before the tree, under names of its own, and moves each
+/// end into its namespace, with its name and index there, as that is
+/// made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeVeth {
+    pub end: VethEnd,
+    /// The process (as the tree numbers it) whose record has the peer's
+    /// namespace.
+    pub peer_ns: i32,
+    /// The peer's index there.
+    pub peer_index: u32,
+}
+
+/// Every veth between two network namespaces of the tree has both its
+/// ends recorded, each once, in namespaces the restore makes. `procs`
+/// are the tree's processes.
+pub fn check_tree_veths(procs: &[&ProcessImage]) -> std::result::Result<(), String> {
+    fn ends(p: &ProcessImage) -> impl Iterator<Item = &TreeVeth> {
+        p.own_net.iter().flat_map(|n| &n.tree_veths)
+    }
+    for p in procs {
+        for v in ends(p) {
+            let peer = procs.iter().find(|q| q.pid == v.peer_ns && q.pid != p.pid);
+            let back = peer.map(|q| {
+                ends(q)
+                    .filter(|w| w.end.index == v.peer_index && w.peer_ns == p.pid)
+                    .filter(|w| w.peer_index == v.end.index)
+                    .count()
+            });
+            if back != Some(1) {
+                return Err(format!(
+                    "process {}: veth {} whose peer (index {} of process {}'s network \
+                     namespace) is not recorded there once",
+                    p.pid, v.end.name, v.peer_index, v.peer_ns
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A TUN or TAP interface: made at a restore by the first of the tree's
@@ -597,7 +644,8 @@ impl OwnNet {
         };
         let mut devices = vec!["lo"];
         let inner = (self.veths.iter().flat_map(|(a, b)| [a, b]))
-            .chain(self.host_veths.iter().map(|h| &h.end));
+            .chain(self.host_veths.iter().map(|h| &h.end))
+            .chain(self.tree_veths.iter().map(|v| &v.end));
         for end in inner {
             veth_end(end, &devices)?;
             devices.push(&end.name);

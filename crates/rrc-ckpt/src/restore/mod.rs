@@ -393,6 +393,7 @@ fn check_references(
     files::check_fanotify(m, procs).map_err(corrupt)?;
     let all: Vec<&ProcessImage> = procs.values().collect();
     crate::image::netns::check_tun_files(&m.files, &all).map_err(corrupt)?;
+    crate::image::netns::check_tree_veths(&all).map_err(corrupt)?;
     namespaces::check(procs, m.root).map_err(corrupt)?;
     for (at, pid) in m.processes.iter().enumerate() {
         let p = &procs[pid];
@@ -799,8 +800,8 @@ struct Ctx<'a> {
     users: Vec<std::os::fd::OwnedFd>,
     /// Where the next pid of the tree's namespace is set.
     next_pids: namespaces::NextPids,
-    /// Veths with their peer in the restorer's network namespace.
-    host_peers: netns::HostPeers,
+    /// Veths with an end outside their namespace, made before the tree.
+    early_veths: netns::EarlyVeths,
 }
 
 /// Sessions whose leader had exited: neither the session the root was
@@ -858,7 +859,13 @@ fn restore_process(
     if let Some(net) = &p.own_net {
         let all: Vec<&ProcessImage> = ctx.procs.values().collect();
         let tun_files = crate::image::netns::tun_files_in(&ctx.m.files, &all, pid);
-        netns::fill(&mut t, net, &ctx.host_peers, &tun_files, &mut ctx.plan.tuns)?;
+        netns::fill(
+            &mut t,
+            net,
+            &ctx.early_veths,
+            &tun_files,
+            &mut ctx.plan.tuns,
+        )?;
     }
     // Its IPC namespace's objects before anyone uses them.
     if let Some(objects) = &p.ipc {
@@ -1324,7 +1331,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         root_new_ipc: flags & libc::CLONE_NEWIPC as u64 != 0,
         users: namespaces::make_users(&m)?,
         next_pids: namespaces::NextPids::Ours,
-        host_peers: netns::HostPeers::make(&procs)?,
+        early_veths: netns::EarlyVeths::make(&procs)?,
     };
     let root_pid = spawn_root(root, m.outer_pid, flags, opts.root_setup, scratch)?;
     let prepared = match opts.after_spawn {
@@ -1416,7 +1423,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<Restored> {
         for t in &ctx.done {
             state::release(t, &procs[&t.ns_pid])?;
         }
-        ctx.host_peers.keep();
+        ctx.early_veths.keep();
         Ok(())
     });
     // Also when the restore failed.

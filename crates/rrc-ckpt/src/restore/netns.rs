@@ -1,13 +1,15 @@
 //! Network namespaces of the tree's own, made again (record
-//! `image::netns::OwnNet`): the first process unshares one (`namespaces::make_own`), and a thread of ours
-//! in it writes its settings (/proc/sys), brings the loopback interface
-//! up, makes its veth pairs and TUN/TAP interfaces, gives them their
-//! addresses, brings them up,
-//! adds the routes and routing rules (`ip`) and loads the nftables rules
-//! (`nft -f -`).
-//! Everything happens in that new namespace only; what an image says is
-//! checked at load (`OwnNet::check`) and given to the programs as
-//! arguments, never through a shell.
+//! `image::netns::OwnNet`): the first process unshares one
+//! (`namespaces::make_own`); the ends of its veths to ours or to another
+//! of the tree's namespaces, made here before the tree ([`EarlyVeths`]),
+//! are moved in; a thread of ours in it writes its settings (/proc/sys),
+//! brings the loopback interface up, makes its veth pairs and TUN/TAP
+//! interfaces, gives them their addresses, brings them up, adds the
+//! routes and routing rules (`ip`) and loads the nftables rules (`nft -f
+//! -`). Everything happens in that new namespace only, but the peers of
+//! veths to ours, which the image says are here; what an image says is
+//! checked at load (`OwnNet::check`, `check_tree_veths`) and given to the
+//! programs as arguments, never through a shell.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -17,7 +19,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use crate::image::netns::{
     AddressFlag, HostVeth, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RuleAction,
-    TunDevice, VnetHdr,
+    TunDevice, VethEnd, VnetHdr,
 };
 use crate::image::{FileKind, OpenFile};
 use crate::restore::tracee::Tracee;
@@ -30,7 +32,7 @@ use crate::{Error, Result, sys};
 pub fn fill(
     t: &mut Tracee,
     net: &OwnNet,
-    peers: &HostPeers,
+    early: &EarlyVeths,
     tun_files: &[&OpenFile],
     made: &mut HashMap<usize, OwnedFd>,
 ) -> Result<()> {
@@ -53,15 +55,16 @@ pub fn fill(
     })?
     .map_err(fail)?;
     made.extend(tuns);
-    // Veths to ours: their peers are here already.
-    for h in &net.host_veths {
-        let index = peers
-            .made_for(t.ns_pid, &h.end.name)
-            .ok_or_else(|| fail(format!("veth {}: its pair was not made", h.end.name)))?;
-        crate::rtnl::move_link(index, t.pid, &h.end.name, h.end.index).map_err(|e| {
+    // Veths to ours or to another of the tree's: made already, here.
+    let outward =
+        (net.host_veths.iter().map(|h| &h.end)).chain(net.tree_veths.iter().map(|v| &v.end));
+    for end in outward {
+        let index = (early.made_for(t.ns_pid, &end.name))
+            .ok_or_else(|| fail(format!("veth {}: its pair was not made", end.name)))?;
+        crate::rtnl::move_link(index, t.pid, &end.name, end.index).map_err(|e| {
             fail(format!(
                 "move veth {} into the namespace as index {}: {e}",
-                h.end.name, h.end.index
+                end.name, end.index
             ))
         })?;
     }
@@ -99,7 +102,8 @@ pub fn fill(
         }
         ip_all(net.addresses.iter().map(address_args))?;
         let ends = (net.veths.iter().flat_map(|(a, b)| [a, b]))
-            .chain(net.host_veths.iter().map(|h| &h.end));
+            .chain(net.host_veths.iter().map(|h| &h.end))
+            .chain(net.tree_veths.iter().map(|v| &v.end));
         let up = (ends.filter(|e| e.up).map(|e| &e.name))
             .chain(net.tuns.iter().filter(|t| t.up).map(|t| &t.name));
         ip_all(up.map(|name| link_up(name)))?;
@@ -113,34 +117,39 @@ pub fn fill(
     .map_err(fail)
 }
 
-/// The veth pairs of the tree's network namespaces with a peer in ours
-/// (the restorer's), made before any process is: a socket of the tree in
-/// ours may be bound to a peer's address. Each is made here under a name
-/// of ours, its peer given its name, MAC, MTU, index (where free),
-/// bridge, addresses, state and routes; the other end is moved into its
-/// namespace once that is made ([`fill`]). A restore that fails removes
-/// them (either end takes the other with it).
-pub struct HostPeers {
-    /// By the image's pid of the namespace's maker and the end's name:
-    /// the end's index here, and its peer's name.
-    made: Vec<(i32, String, u32, String)>,
+/// The veth pairs of the tree's network namespaces with an end outside
+/// of them, in ours (the restorer's), or in another namespace of the
+/// tree's, made before any process is: a socket of the tree's in ours may
+/// be bound to a peer's address, and a process's socket in its namespace
+/// to its end's. Each is made here under names of ours; a peer in ours is
+/// given its name, MAC, MTU, index (where free), bridge, addresses, state
+/// and routes at once; every other end is moved into its namespace once
+/// that is made ([`fill`]). A restore that fails removes them (either end
+/// takes the other with it).
+pub struct EarlyVeths {
+    /// Each end to move into a namespace: by the image's pid of the
+    /// namespace's maker and its name there, its index here.
+    ends: Vec<(i32, String, u32)>,
+    /// What a failed restore removes here.
+    made: Vec<String>,
     kept: bool,
 }
 
-impl HostPeers {
+impl EarlyVeths {
     /// How long the peers of a tree just killed may keep their names: its
     /// namespace goes once its last socket has.
     const NAMES_FREE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
     pub fn make(
         procs: &std::collections::BTreeMap<i32, crate::image::ProcessImage>,
-    ) -> Result<HostPeers> {
-        let mut peers = HostPeers {
+    ) -> Result<EarlyVeths> {
+        let mut early = EarlyVeths {
+            ends: Vec::new(),
             made: Vec::new(),
             kept: false,
         };
         for p in procs.values() {
-            let Some(net) = p.own_net.as_ref().filter(|n| !n.host_veths.is_empty()) else {
+            let Some(net) = &p.own_net else {
                 continue;
             };
             let fail = |detail: String| Error::Restore {
@@ -149,94 +158,93 @@ impl HostPeers {
                 detail,
             };
             for h in &net.host_veths {
-                peers.make_one(p.pid, h, &net.host_veths).map_err(fail)?;
+                early.host_pair(p.pid, h, &net.host_veths).map_err(fail)?;
+            }
+            // Each pair once, from the namespace of the lower pid; its other
+            // end is there (checked at load).
+            for v in net.tree_veths.iter().filter(|v| p.pid < v.peer_ns) {
+                let other = (procs.get(&v.peer_ns))
+                    .and_then(|q| q.own_net.as_ref())
+                    .and_then(|n| n.tree_veths.iter().find(|w| w.end.index == v.peer_index));
+                let Some(w) = other else {
+                    return Err(fail(format!("veth {}: its peer is not there", v.end.name)));
+                };
+                early
+                    .tree_pair((p.pid, &v.end), (v.peer_ns, &w.end))
+                    .map_err(fail)?;
             }
         }
-        Ok(peers)
+        Ok(early)
     }
 
-    /// Waits for the names of `veths`' peers to be free here, checks
-    /// their bridges are, and says which of their indexes are free, and
-    /// from where on every index is.
-    fn ready(veths: &[HostVeth]) -> std::result::Result<(Vec<u32>, u32), String> {
-        let started = std::time::Instant::now();
+    /// A name of ours for an end until it is moved: unique to this
+    /// restore.
+    fn temporary(&self, n: usize) -> String {
+        format!("rrc{:x}.{}", std::process::id(), self.ends.len() + n)
+    }
+
+    /// Makes a pair by `ip link add` with the arguments `args` gives for
+    /// the indexes of its first end and, if `second`, of the other: the
+    /// first ones free here, but `avoid`. An index taken meanwhile (by an
+    /// interface made elsewhere on the host) fails the call, which is
+    /// tried again with the indexes free then. Gives both indexes.
+    fn add_pair(
+        args: impl Fn(&str, &str) -> Vec<String>,
+        avoid: &[u32],
+    ) -> std::result::Result<(u32, u32), String> {
+        let mut tries = 0;
         loop {
             let links = links_here()?;
-            let named = |n: &str| links.iter().find(|l| l["ifname"] == n);
-            let taken = veths.iter().find(|h| named(&h.peer.name).is_some());
-            if let Some(h) = taken {
-                if started.elapsed() < Self::NAMES_FREE_WITHIN {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                    continue;
-                }
-                return Err(format!(
-                    "the peer of veth {}, {}, cannot be made in this network namespace: an \
-                     interface there has its name (the original's, if its namespace is \
-                     still there: `ip link del {}` removes both its ends)",
-                    h.end.name, h.peer.name, h.peer.name
-                ));
-            }
-            for h in veths {
-                if let Some(b) = &h.bridge
-                    && !named(b).is_some_and(|l| l["linkinfo"]["info_kind"] == "bridge")
-                {
-                    return Err(format!(
-                        "the peer of veth {} was a port of bridge {b}, which this network \
-                         namespace does not have",
-                        h.end.name
-                    ));
-                }
-            }
-            let indexes: Vec<u64> = links.iter().filter_map(|l| l["ifindex"].as_u64()).collect();
-            let free = (veths.iter().map(|h| h.peer.index))
-                .filter(|i| !indexes.contains(&u64::from(*i)))
+            let taken: Vec<u32> = (links.iter())
+                .filter_map(|l| l["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok()))
+                .chain(avoid.iter().copied())
                 .collect();
-            let above = indexes.iter().max().map_or(1, |i| *i + 1);
-            return Ok((free, u32::try_from(above).unwrap_or(u32::MAX)));
+            let mut spare = (2..).filter(|i| !taken.contains(i));
+            let (a, b) = (spare.next().unwrap_or(0), spare.next().unwrap_or(0));
+            let args = args(&a.to_string(), &b.to_string());
+            let words: Vec<&str> = args.iter().map(String::as_str).collect();
+            match run("ip", &words, None) {
+                Ok(()) => return Ok((a, b)),
+                Err(_) if tries < 4 => tries += 1,
+                Err(e) => return Err(e),
+            }
         }
     }
 
     /// Makes veth `h` of the namespace process `maker` makes (whose veths
-    /// to ours are `all`).
-    fn make_one(
+    /// to ours are `all`), its peer here as it was.
+    fn host_pair(
         &mut self,
         maker: i32,
         h: &HostVeth,
         all: &[HostVeth],
     ) -> std::result::Result<(), String> {
         let (a, b) = (&h.end, &h.peer);
-        // Ours until it is moved: unique to this restore.
-        let temporary = format!("rrc{:x}.{}", std::process::id(), self.made.len());
+        let free = Self::ready(h)?;
+        let temporary = self.temporary(0);
         let (mac_a, mac_b) = (mac(a.mac), mac(b.mac));
         let (mtu_a, mtu_b) = (a.mtu.to_string(), b.mtu.to_string());
         let index_b = b.index.to_string();
-        // An index taken meanwhile (interfaces made elsewhere on the host)
-        // fails the call: tried again with the indexes free then.
-        let mut tries = 0;
-        let index = loop {
-            let (free, mut spare) = Self::ready(std::slice::from_ref(h))?;
-            // The kernel gives a veth's peer the index asked for only if
-            // the veth is given one too: one no peer asks for.
-            while all.iter().any(|h| h.peer.index == spare) {
-                spare += 1;
-            }
-            let index_a = spare.to_string();
-            #[rustfmt::skip]
-            let mut args = vec![
-                "link", "add", &temporary, "index", &index_a, "address", &mac_a, "mtu", &mtu_a,
-                "type", "veth", "peer", "name", &b.name, "address", &mac_b, "mtu", &mtu_b,
-            ];
-            if free.contains(&b.index) {
-                args.extend(["index", &index_b]);
-            }
-            match run("ip", &args, None) {
-                Ok(()) => break spare,
-                Err(_) if tries < 4 => tries += 1,
-                Err(e) => return Err(e),
-            }
-        };
-        self.made
-            .push((maker, a.name.clone(), index, b.name.clone()));
+        // The kernel gives a veth's peer the index asked for only if the
+        // veth is given one too: one no peer asks for.
+        let peers: Vec<u32> = all.iter().map(|h| h.peer.index).collect();
+        let (index, _) = Self::add_pair(
+            |index_a, _| {
+                #[rustfmt::skip]
+                let mut args = strings([
+                    "link", "add", &temporary, "index", index_a, "address", &mac_a, "mtu",
+                    &mtu_a, "type", "veth", "peer", "name", &b.name, "address", &mac_b, "mtu",
+                    &mtu_b,
+                ]);
+                if free {
+                    args.extend(strings(["index", &index_b]));
+                }
+                args
+            },
+            &peers,
+        )?;
+        self.ends.push((maker, a.name.clone(), index));
+        self.made.push(b.name.clone());
         let peer = &b.name;
         ip_all(
             h.bridge
@@ -250,12 +258,73 @@ impl HostPeers {
         ip_all(h.peer_routes.iter().map(route_args))
     }
 
+    /// Makes a veth between the namespaces processes `maker_a` and
+    /// `maker_b` make, with ends `a` and `b`.
+    fn tree_pair(
+        &mut self,
+        (maker_a, a): (i32, &VethEnd),
+        (maker_b, b): (i32, &VethEnd),
+    ) -> std::result::Result<(), String> {
+        let (name_a, name_b) = (self.temporary(0), self.temporary(1));
+        let (mac_a, mac_b) = (mac(a.mac), mac(b.mac));
+        let (mtu_a, mtu_b) = (a.mtu.to_string(), b.mtu.to_string());
+        let (index_a, index_b) = Self::add_pair(
+            |index_a, index_b| {
+                #[rustfmt::skip]
+                let args = strings([
+                    "link", "add", &name_a, "index", index_a, "address", &mac_a, "mtu", &mtu_a,
+                    "type", "veth", "peer", "name", &name_b, "index", index_b, "address",
+                    &mac_b, "mtu", &mtu_b,
+                ]);
+                args
+            },
+            &[],
+        )?;
+        self.ends.push((maker_a, a.name.clone(), index_a));
+        self.ends.push((maker_b, b.name.clone(), index_b));
+        self.made.push(name_a);
+        Ok(())
+    }
+
+    /// Waits for the name of `h`'s peer to be free here, checks its
+    /// bridge is, and says whether its index is free.
+    fn ready(h: &HostVeth) -> std::result::Result<bool, String> {
+        let started = std::time::Instant::now();
+        loop {
+            let links = links_here()?;
+            let named = |n: &str| links.iter().find(|l| l["ifname"] == n);
+            if named(&h.peer.name).is_some() {
+                if started.elapsed() < Self::NAMES_FREE_WITHIN {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                return Err(format!(
+                    "the peer of veth {}, {}, cannot be made in this network namespace: an \
+                     interface there has its name (the original's, if its namespace is \
+                     still there: `ip link del {}` removes both its ends)",
+                    h.end.name, h.peer.name, h.peer.name
+                ));
+            }
+            if let Some(b) = &h.bridge
+                && !named(b).is_some_and(|l| l["linkinfo"]["info_kind"] == "bridge")
+            {
+                return Err(format!(
+                    "the peer of veth {} was a port of bridge {b}, which this network \
+                     namespace does not have",
+                    h.end.name
+                ));
+            }
+            let index = Some(u64::from(h.peer.index));
+            return Ok(!links.iter().any(|l| l["ifindex"].as_u64() == index));
+        }
+    }
+
     /// The index here of the end named `name` of the namespace process
     /// `maker` makes.
     fn made_for(&self, maker: i32, name: &str) -> Option<u32> {
-        (self.made.iter())
-            .find(|(m, n, _, _)| *m == maker && n == name)
-            .map(|(_, _, index, _)| *index)
+        (self.ends.iter())
+            .find(|(m, n, _)| *m == maker && n == name)
+            .map(|(_, _, index)| *index)
     }
 
     /// The restore succeeded: they stay.
@@ -264,14 +333,17 @@ impl HostPeers {
     }
 }
 
-impl Drop for HostPeers {
+impl Drop for EarlyVeths {
     fn drop(&mut self) {
-        if self.kept {
+        if self.kept || self.made.is_empty() {
             return;
         }
-        for (_, _, _, peer) in &self.made {
-            if let Err(e) = run("ip", &["link", "del", peer], None) {
-                tracing::warn!("veth {peer} made for a failed restore stays: {e}");
+        // Those still here: one moved goes with its namespace.
+        let here = links_here().unwrap_or_default();
+        let left = (self.made.iter()).filter(|n| here.iter().any(|l| l["ifname"] == n.as_str()));
+        for name in left {
+            if let Err(e) = run("ip", &["link", "del", name], None) {
+                tracing::warn!("veth {name} made for a failed restore stays: {e}");
             }
         }
     }
