@@ -881,8 +881,8 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
 fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
     require_root();
     let (dir, images, pid) = image_of("netns_veth_host", false);
-    let left = VethHostLeftovers {
-        bridge: format!("fxb{pid}"),
+    let left = Leftovers {
+        bridge: Some(format!("fxb{pid}")),
         images: images.clone(),
     };
     let process = record_with(&images, "own_net");
@@ -949,6 +949,10 @@ fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
 fn hostile_veths_between_the_trees_namespaces_are_refused_before_anything_is_made() {
     require_root();
     let (dir, images, root) = image_of("netns_veth_tree", false);
+    let left = Leftovers {
+        bridge: None,
+        images: images.clone(),
+    };
     let process = record_with(&images, "own_net");
     type Edit = fn(&mut serde_json::Value, i32);
     let edits: [(&str, Edit); 4] = [
@@ -975,21 +979,24 @@ fn hostile_veths_between_the_trees_namespaces_are_refused_before_anything_is_mad
     for (what, edit) in edits {
         refused_when(&images, &process, what, |v| edit(v, root));
     }
+    drop(left);
     let _ = fs::remove_dir_all(&dir);
 }
 
-/// What an image of `netns_veth_host` never restored leaves on the host:
-/// the fixture's bridge and the lock holding its connections still.
-struct VethHostLeftovers {
-    bridge: String,
+/// What an image never restored leaves on the host: the lock holding its
+/// connections still, and a bridge its fixture made.
+struct Leftovers {
+    bridge: Option<String>,
     images: PathBuf,
 }
 
-impl Drop for VethHostLeftovers {
+impl Drop for Leftovers {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
+        if let Some(bridge) = &self.bridge {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", bridge])
+                .status();
+        }
         let manifest = fs::read(self.images.join("manifest.json")).unwrap_or_default();
         let lock = serde_json::from_slice::<serde_json::Value>(&manifest)
             .ok()

@@ -83,9 +83,15 @@ fn start_with_stdin(bin: &Path, dir: &Path, stdin: Stdio) -> Running {
         child: Some(child),
         log,
     };
-    wait_until("READY", Duration::from_secs(10), || {
-        r.log_text().contains("READY")
-    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !r.log_text().contains("READY") {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for READY: {}",
+            r.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // Let the state settle (threads reach their loops).
     std::thread::sleep(Duration::from_millis(300));
     r
