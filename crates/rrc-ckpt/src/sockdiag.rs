@@ -158,6 +158,83 @@ impl ListenerProbe {
     }
 }
 
+impl ListenerProbe {
+    /// Its unix listeners that hold connections not yet accepted.
+    pub fn unix_backlogs(&self) -> std::io::Result<Vec<UnixBacklog>> {
+        use netlink_packet_sock_diag::unix::nlas::{Nla, UnixDiagName};
+        use netlink_packet_sock_diag::unix::{ShowFlags, StateFlags, UnixRequest};
+        let request = SockDiagMessage::UnixRequest(UnixRequest {
+            state_flags: StateFlags::LISTEN,
+            inode: 0,
+            show_flags: ShowFlags::NAME | ShowFlags::ICONS,
+            cookie: [0xff; 8],
+        });
+        let mut out = Vec::new();
+        dump_on(&self.socket, request, |m| {
+            let SockDiagMessage::UnixResponse(r) = m else {
+                return;
+            };
+            let mut backlog = UnixBacklog {
+                inode: r.header.inode,
+                name: String::new(),
+                clients: Vec::new(),
+            };
+            for nla in &r.nlas {
+                match nla {
+                    Nla::PendingConnections(c) => backlog.clients = c.clone(),
+                    Nla::Name(UnixDiagName::Pathname(p)) => backlog.name = p.display().to_string(),
+                    Nla::Name(UnixDiagName::Abstract(a)) => {
+                        backlog.name = format!("@{}", String::from_utf8_lossy(a))
+                    }
+                    _ => {}
+                }
+            }
+            if !backlog.clients.is_empty() {
+                out.push(backlog);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Of the connected unix sockets `inodes`, those that sent data no one
+    /// has read yet.
+    pub fn unix_sent_unread(&self, inodes: &[u32]) -> std::io::Result<Vec<u32>> {
+        use netlink_packet_sock_diag::unix::{ShowFlags, StateFlags, UnixRequest, nlas::Nla};
+        let request = SockDiagMessage::UnixRequest(UnixRequest {
+            state_flags: StateFlags::ESTABLISHED,
+            inode: 0,
+            show_flags: ShowFlags::RQLEN,
+            cookie: [0xff; 8],
+        });
+        let mut out = Vec::new();
+        dump_on(&self.socket, request, |m| {
+            let SockDiagMessage::UnixResponse(r) = m else {
+                return;
+            };
+            // For a socket not listening: what it has to read, and what it
+            // sent that is still queued at its peer.
+            let sent = r
+                .nlas
+                .iter()
+                .any(|n| matches!(n, Nla::ReceiveQueueLength(_, w) if *w > 0));
+            if sent && inodes.contains(&r.header.inode) {
+                out.push(r.header.inode);
+            }
+        })?;
+        Ok(out)
+    }
+}
+
+/// A unix listener with connections waiting to be accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixBacklog {
+    pub inode: u32,
+    /// Its name as sock_diag gives it.
+    pub name: String,
+    /// The inodes of the clients, in the order they will be accepted.
+    pub clients: Vec<u32>,
+}
+
 /// A TCP listener with connections waiting to be accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusyListener {

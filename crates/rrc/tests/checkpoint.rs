@@ -1092,6 +1092,58 @@ impl Drop for RemoveBridgesLeft {
     }
 }
 
+/// Unix connections not yet accepted whose clients sent data, one of them
+/// from outside the tree: the checkpoint waits for the program to accept
+/// them (it does 1.5 s after it is ready), and they come back.
+#[test]
+fn unix_connections_waiting_with_data_put_a_checkpoint_off_until_accepted() {
+    require_root();
+    become_subreaper();
+    let dir = scratch("unix_backlog");
+    let bin = build("unix_backlog", &dir);
+    let mut run = start(&bin, &dir);
+    let images = dir.join("images");
+    checkpoint_and_reap(&mut run, &images);
+    let out = rrc(&["restore", "--images", images.to_str().unwrap()]).ok();
+    assert!(
+        out.stdout.contains(&format!("root pid {}", run.pid)),
+        "{out:?}"
+    );
+    let (code, log) = run.verdict();
+    assert!(code == 0 && log.trim_end().ends_with("PASS"), "{log}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// A program that does not accept them: the checkpoint is refused as
+/// "not now" once it has waited, and the tree goes on untouched.
+#[test]
+fn unix_connections_never_accepted_refuse_a_checkpoint_as_not_now() {
+    require_root();
+    become_subreaper();
+    let dir = scratch("unix_backlog_never");
+    let bin = build("unix_backlog", &dir);
+    fs::write(dir.join("never"), "").unwrap();
+    let run = start(&bin, &dir);
+    let images = dir.join("images");
+    let pid = run.pid.to_string();
+    let args = [
+        "checkpoint",
+        "--pid",
+        &pid,
+        "--images",
+        images.to_str().unwrap(),
+    ];
+    let out = rrc(&args).fails_with("cannot checkpoint now");
+    assert!(
+        out.stderr
+            .contains("1 from outside the tree, 1 with data sent"),
+        "{out:?}"
+    );
+    let (code, log) = run.verdict();
+    assert!(code == 0 && log.trim_end().ends_with("PASS"), "{log}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// A network emulator's hosts: both ends come back in their namespaces,
 /// with a connection through them.
 #[test]

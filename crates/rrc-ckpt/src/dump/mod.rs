@@ -286,16 +286,21 @@ pub(crate) trait MemoryPolicy {
 }
 
 /// A TCP connection that its program has not accepted yet cannot be saved
-/// (no call puts it back in a listener's queue): a checkpoint finding one
-/// in the tree is refused before anything is read, so that the caller may
-/// try again once the program has accepted it (a series keeps its place).
-/// One sock_diag request; the tree's sockets are listed only if some
-/// listener of its network namespace has connections waiting.
+/// (no call puts it back in a listener's queue), nor can a unix one whose
+/// client is outside the tree (it cannot connect again) or has sent data
+/// (it sits in a socket no fd holds yet): a checkpoint finding one in the
+/// tree is refused before anything is read, so that the caller may try
+/// again once the program has accepted it (a series keeps its place). A
+/// sock_diag request for each family; the tree's sockets are listed only
+/// if some listener of its network namespace has connections waiting.
 fn refuse_if_busy(seized: &seize::Seized, probe: &crate::sockdiag::ListenerProbe) -> Result<()> {
     let busy = probe
         .busy_listeners()
         .map_err(Error::io("list TCP listeners (sock_diag)"))?;
-    if busy.is_empty() {
+    let backlogs = probe
+        .unix_backlogs()
+        .map_err(Error::io("list unix listeners (sock_diag)"))?;
+    if busy.is_empty() && backlogs.is_empty() {
         return Ok(());
     }
     let ours: std::collections::BTreeSet<u32> = seized
@@ -313,17 +318,35 @@ fn refuse_if_busy(seized: &seize::Seized, probe: &crate::sockdiag::ListenerProbe
                 })
         })
         .collect();
-    let waiting: Vec<String> = busy
+    let mut waiting: Vec<String> = busy
         .iter()
         .filter(|l| ours.contains(&l.inode))
         .map(|l| format!("{} ({} waiting)", l.addr, l.waiting))
         .collect();
+    for l in backlogs.iter().filter(|l| ours.contains(&l.inode)) {
+        let (inside, outside): (Vec<u32>, Vec<u32>) =
+            l.clients.iter().partition(|c| ours.contains(c));
+        let sent = if inside.is_empty() {
+            Vec::new()
+        } else {
+            (probe.unix_sent_unread(&inside))
+                .map_err(Error::io("list unix connections (sock_diag)"))?
+        };
+        if !outside.is_empty() || !sent.is_empty() {
+            waiting.push(format!(
+                "unix socket {} ({} from outside the tree, {} with data sent)",
+                l.name,
+                outside.len(),
+                sent.len()
+            ));
+        }
+    }
     if waiting.is_empty() {
         return Ok(());
     }
     Err(Error::Busy(format!(
-        "TCP connections not yet accepted by the program, on {} (nothing was saved; \
-         try again once it has accepted them)",
+        "connections not yet accepted by the program, on {} (nothing was saved; try again \
+         once it has accepted them)",
         waiting.join(", ")
     )))
 }
