@@ -805,7 +805,17 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     let process = record_with(&images, "own_net");
     let net = |v: &mut serde_json::Value| -> serde_json::Value { v["own_net"].take() };
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 13] = [
+    let edits: [(&str, Edit); 15] = [
+        ("a routing rule's protocol named like an option", |n| {
+            n["rules"] = serde_json::json!([
+                {"ipv6": false, "priority": 5, "ipproto": "-evil", "action": {"table": 100}}
+            ])
+        }),
+        ("a routing rule's uid range going back", |n| {
+            n["rules"] = serde_json::json!([
+                {"ipv6": false, "priority": 5, "uids": [10, 1], "action": {"table": 100}}
+            ])
+        }),
         ("a route in the local table", |n| {
             n["routes"][0]["table"] = 255.into()
         }),

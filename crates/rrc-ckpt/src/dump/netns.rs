@@ -669,18 +669,69 @@ fn addresses(links: &[Value], ends: &[Made]) -> Found<Vec<NetAddress>> {
     Ok(out)
 }
 
-/// A routing table as `ip` names it: by number, or one of the kernel's
-/// names (`main`: `None`).
+/// A routing table as `ip` names it: by number, by one of the kernel's
+/// names (`main`: `None`), or by a name given it in `rt_tables`, which
+/// `ip`, run by us, reads where we see the files.
 fn table_number(name: &str) -> Found<Option<u32>> {
     match name {
         "main" => Ok(None),
         "default" => Ok(Some(TABLE_DEFAULT)),
         "local" => Ok(Some(TABLE_LOCAL)),
-        n => n
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("routing table {n:?}")),
+        n => match n.parse() {
+            Ok(number) => Ok(Some(number)),
+            Err(_) => table_named(n).map(Some),
+        },
     }
+}
+
+/// The number of the routing table named `name` in `rt_tables` and
+/// `rt_tables.d/*.conf` (of /etc/iproute2 and /usr/share/iproute2): one
+/// number, given that name alone.
+fn table_named(name: &str) -> Found<u32> {
+    let mut files = Vec::new();
+    for dir in ["/usr/share/iproute2", "/etc/iproute2"] {
+        files.push(std::path::PathBuf::from(dir).join("rt_tables"));
+        let confs = std::fs::read_dir(format!("{dir}/rt_tables.d"))
+            .into_iter()
+            .flatten();
+        let mut confs: Vec<_> = (confs.flatten().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "conf"))
+            .collect();
+        confs.sort();
+        files.extend(confs);
+    }
+    let mut numbers = std::collections::BTreeSet::new();
+    for text in files.iter().filter_map(|f| std::fs::read_to_string(f).ok()) {
+        numbers.extend(tables_named(&text, name));
+    }
+    match (numbers.len(), numbers.first()) {
+        (1, Some(n)) => Ok(*n),
+        (0, _) => Err(format!(
+            "routing table {name:?}, which rt_tables does not name"
+        )),
+        _ => Err(format!(
+            "routing table {name:?}, which rt_tables gives {numbers:?}"
+        )),
+    }
+}
+
+/// The numbers `rt_tables` text gives `name` (`NUMBER NAME` lines, the
+/// number decimal or `0x` hexadecimal; `#` comments).
+fn tables_named(text: &str, name: &str) -> Vec<u32> {
+    let lines = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim());
+    lines
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            let (number, named) = (words.next()?, words.next()?);
+            (named == name).then_some(())?;
+            match number.strip_prefix("0x") {
+                Some(hex) => u32::from_str_radix(hex, 16).ok(),
+                None => number.parse().ok(),
+            }
+        })
+        .collect()
 }
 
 /// A number `ip` prints in hexadecimal (`0x10`).
@@ -707,9 +758,32 @@ fn rule_prefix(r: &Value, key: &str) -> Found<Option<(std::net::IpAddr, u8)>> {
 /// main and, for IPv4, default tables at 0, 32766 and 32767), which must
 /// all be there still.
 fn read_rules(v6: bool, rules: &[Value], ends: &[Made]) -> Found<Vec<NetRule>> {
-    const KNOWN: [&str; 14] = [
-        "priority", "not", "src", "srclen", "dst", "dstlen", "iif", "oif", "fwmark", "fwmask",
-        "tos", "table", "goto", "action",
+    const KNOWN: [&str; 25] = [
+        "priority",
+        "not",
+        "src",
+        "srclen",
+        "dst",
+        "dstlen",
+        "iif",
+        "oif",
+        "fwmark",
+        "fwmask",
+        "tos",
+        "table",
+        "goto",
+        "action",
+        "uid_start",
+        "uid_end",
+        "ipproto",
+        "sport",
+        "sport_start",
+        "sport_end",
+        "dport",
+        "dport_start",
+        "dport_end",
+        "suppress_prefixlen",
+        "protocol",
     ];
     let mut given = vec![(0, "local"), (32766, "main")];
     if !v6 {
@@ -774,6 +848,36 @@ fn read_rules(v6: bool, rules: &[Value], ends: &[Made]) -> Found<Vec<NetRule>> {
                     .ok_or_else(|| format!("a rule's tos {t}"))?,
             ),
         };
+        let number = |key: &str| r[key].as_u64();
+        let uids = match (number("uid_start"), number("uid_end")) {
+            (None, None) => None,
+            (Some(a), Some(b)) => Some((
+                u32::try_from(a).map_err(|_| format!("a rule's uid {a}"))?,
+                u32::try_from(b).map_err(|_| format!("a rule's uid {b}"))?,
+            )),
+            _ => return Err(format!("a rule with half a uid range ({r})")),
+        };
+        let port = |key: &str| -> Found<Option<(u16, u16)>> {
+            let as_port = |v: u64| u16::try_from(v).map_err(|_| format!("a rule's {key} {v}"));
+            let (start, end) = (format!("{key}_start"), format!("{key}_end"));
+            match (number(key), number(&start), number(&end)) {
+                (None, None, None) => Ok(None),
+                (Some(p), None, None) => Ok(Some((as_port(p)?, as_port(p)?))),
+                (None, Some(a), Some(b)) => Ok(Some((as_port(a)?, as_port(b)?))),
+                _ => Err(format!("a rule's {key} ({r})")),
+            }
+        };
+        let ipproto = match &r["ipproto"] {
+            Value::Null => None,
+            Value::String(p) => Some(p.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            p => return Err(format!("a rule's protocol {p}")),
+        };
+        // Who added it (`proto`) is not kept: only `ip rule` and the
+        // kernel's, which a restore makes as `ip rule`'s.
+        if !matches!(r["protocol"].as_str(), None | Some("boot") | Some("kernel")) {
+            return Err(format!("a routing rule of protocol {}", r["protocol"]));
+        }
         out.push(NetRule {
             ipv6: v6,
             priority,
@@ -784,6 +888,13 @@ fn read_rules(v6: bool, rules: &[Value], ends: &[Made]) -> Found<Vec<NetRule>> {
             oif: device("oif")?,
             fwmark,
             tos,
+            uids,
+            ipproto,
+            sport: port("sport")?,
+            dport: port("dport")?,
+            suppress_prefixlen: (number("suppress_prefixlen"))
+                .map(|l| u8::try_from(l).map_err(|_| format!("a rule suppressing /{l}")))
+                .transpose()?,
             action,
         });
     }
@@ -914,7 +1025,7 @@ mod tests {
             serde_json::from_str(r#"[{"dst":"10.0.0.0/8","dev":"lo","table":"vpn"}]"#).unwrap();
         assert_eq!(
             read_routes(&named, &[]).unwrap_err(),
-            "routing table \"vpn\""
+            "routing table \"vpn\", which rt_tables does not name"
         );
         let routed: Vec<Value> = serde_json::from_str(
             r#"[{"dst":"10.70.0.0/16","dev":"lo","protocol":"bird","flags":[]},
@@ -1025,6 +1136,16 @@ mod tests {
     }
 
     #[test]
+    fn routing_tables_are_named_as_rt_tables_names_them() {
+        let text = "# reserved\n255\tlocal\n100 vpn # ours\n0x10  lab\n#7 off\n";
+        assert_eq!(tables_named(text, "vpn"), [100]);
+        assert_eq!(tables_named(text, "lab"), [16]);
+        assert!(tables_named(text, "off").is_empty());
+        assert_eq!(table_number("42"), Ok(Some(42)));
+        assert_eq!(table_number("main"), Ok(None));
+    }
+
+    #[test]
     fn rules_a_new_namespace_has_are_left_and_others_kept_or_named() {
         let listed = |extra: &str| -> Vec<Value> {
             serde_json::from_str(&format!(
@@ -1062,12 +1183,28 @@ mod tests {
             read_rules(false, &on_eth, &[]).unwrap_err(),
             "a routing rule on eth0"
         );
-        let uid: Vec<Value> =
-            listed(r#"{"priority":5,"src":"all","uidrange":"0-10","table":"5"},"#);
+        let selectors: Vec<Value> = listed(
+            r#"{"priority":5,"src":"all","uid_start":1000,"uid_end":2000,"table":"5"},
+               {"priority":6,"src":"all","ipproto":"udp","sport_start":10,"sport_end":20,"table":"6"},
+               {"priority":7,"src":"all","ipproto":"tcp","dport":80,"table":"7"},
+               {"priority":8,"src":"all","table":"main","suppress_prefixlen":0},"#,
+        );
+        let r = read_rules(false, &selectors, &[]).unwrap();
+        assert_eq!(r[0].uids, Some((1000, 2000)));
+        assert_eq!(
+            (r[1].ipproto.as_deref(), r[1].sport),
+            (Some("udp"), Some((10, 20)))
+        );
+        assert_eq!(
+            (r[2].ipproto.as_deref(), r[2].dport),
+            (Some("tcp"), Some((80, 80)))
+        );
+        assert_eq!(r[3].suppress_prefixlen, Some(0));
+        let l3mdev: Vec<Value> = listed(r#"{"priority":5,"src":"all","l3mdev":null},"#);
         assert!(
-            read_rules(false, &uid, &[])
+            read_rules(false, &l3mdev, &[])
                 .unwrap_err()
-                .contains("uidrange")
+                .contains("l3mdev")
         );
         let removed: Vec<Value> =
             serde_json::from_str(r#"[{"priority":0,"src":"all","table":"local"}]"#).unwrap();

@@ -539,6 +539,20 @@ pub struct NetRule {
     pub fwmark: Option<(u32, u32)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tos: Option<u8>,
+    /// The range of user ids of the sockets it applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uids: Option<(u32, u32)>,
+    /// The IP protocol (as `ip` names it: `tcp`, or a number) and the
+    /// ranges of source and destination ports it applies to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipproto: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sport: Option<(u16, u16)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dport: Option<(u16, u16)>,
+    /// Routes found with a prefix this long or shorter are not taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suppress_prefixlen: Option<u8>,
     pub action: RuleAction,
 }
 
@@ -722,7 +736,15 @@ impl OwnNet {
         }
         for r in &self.rules {
             let family = |a: &(std::net::IpAddr, u8)| a.0.is_ipv6() == r.ipv6 && fits(&a.0, a.1);
+            let range = |r: &Option<(u16, u16)>| r.is_none_or(|(a, b)| a <= b);
             let ok = r.from.as_ref().is_none_or(family)
+                && r.uids.is_none_or(|(a, b)| a <= b && b != u32::MAX)
+                && range(&r.sport)
+                && range(&r.dport)
+                && r.suppress_prefixlen.is_none_or(|l| l <= 128)
+                && (r.ipproto.as_deref()).is_none_or(|p| {
+                    (1..=16).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric())
+                })
                 && r.to.as_ref().is_none_or(family)
                 && [&r.iif, &r.oif]
                     .iter()

@@ -604,6 +604,20 @@ fn rule_args(r: &NetRule) -> Vec<String> {
     if let Some(tos) = r.tos {
         a.extend(["tos".into(), format!("{tos:#x}")]);
     }
+    if let Some((first, last)) = r.uids {
+        a.extend(["uidrange".into(), format!("{first}-{last}")]);
+    }
+    if let Some(p) = &r.ipproto {
+        a.extend(["ipproto".into(), p.clone()]);
+    }
+    for (key, range) in [("sport", r.sport), ("dport", r.dport)] {
+        if let Some((first, last)) = range {
+            a.extend([key.into(), format!("{first}-{last}")]);
+        }
+    }
+    if let Some(len) = r.suppress_prefixlen {
+        a.extend(["suppress_prefixlength".into(), len.to_string()]);
+    }
     match r.action {
         RuleAction::Table(t) => a.extend(["table".into(), t.to_string()]),
         RuleAction::Goto(p) => a.extend(["goto".into(), p.to_string()]),
@@ -707,12 +721,17 @@ mod tests {
             oif: None,
             fwmark: Some((5, 0xff)),
             tos: Some(0x10),
+            uids: Some((1000, 2000)),
+            ipproto: Some("tcp".into()),
+            sport: None,
+            dport: Some((80, 80)),
+            suppress_prefixlen: None,
             action: RuleAction::Table(100),
         };
         assert_eq!(
             rule_args(&r).join(" "),
             "-4 rule add priority 400 not from 10.3.0.0/16 to 10.2.0.0/24 iif lo \
-             fwmark 0x5/0xff tos 0x10 table 100"
+             fwmark 0x5/0xff tos 0x10 uidrange 1000-2000 ipproto tcp dport 80-80 table 100"
         );
         let r = NetRule {
             ipv6: true,
@@ -724,11 +743,16 @@ mod tests {
             oif: None,
             fwmark: None,
             tos: None,
+            uids: None,
+            ipproto: None,
+            sport: Some((1, 1024)),
+            dport: None,
+            suppress_prefixlen: Some(0),
             action: RuleAction::Goto(32766),
         };
         assert_eq!(
             rule_args(&r).join(" "),
-            "-6 rule add priority 50 from all goto 32766"
+            "-6 rule add priority 50 from all sport 1-1024 suppress_prefixlength 0 goto 32766"
         );
     }
 }
