@@ -805,7 +805,17 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
     let process = record_with(&images, "own_net");
     let net = |v: &mut serde_json::Value| -> serde_json::Value { v["own_net"].take() };
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 15] = [
+    let edits: [(&str, Edit); 17] = [
+        ("a next hop through an interface it does not have", |n| {
+            let r = &mut n["routes"][0];
+            (r["dev"], r["gateway"]) = (serde_json::Value::Null, serde_json::Value::Null);
+            r["nexthops"] = serde_json::json!([{"dev": "eth9", "weight": 1}]);
+        }),
+        ("a next hop of no weight", |n| {
+            let r = &mut n["routes"][0];
+            (r["dev"], r["gateway"]) = (serde_json::Value::Null, serde_json::Value::Null);
+            r["nexthops"] = serde_json::json!([{"dev": "lo", "weight": 0}]);
+        }),
         ("a routing rule's protocol named like an option", |n| {
             n["rules"] = serde_json::json!([
                 {"ipv6": false, "priority": 5, "ipproto": "-evil", "action": {"table": 100}}
@@ -879,6 +889,13 @@ fn hostile_network_namespaces_are_refused_before_anything_is_made() {
         ])
     });
     rrc_ckpt::restore::load(copy.path()).expect("well-made rules load");
+    let copy = corrupted(&images, &process, |v| {
+        let r = &mut v["own_net"]["routes"][0];
+        (r["dev"], r["gateway"]) = (serde_json::Value::Null, serde_json::Value::Null);
+        r["nexthops"] =
+            serde_json::json!([{"dev": "lo", "weight": 1}, {"dev": "lo", "weight": 256}]);
+    });
+    rrc_ckpt::restore::load(copy.path()).expect("a well-made multipath route loads");
     let _ = fs::remove_dir_all(&dir);
 }
 

@@ -20,8 +20,8 @@ use serde_json::Value;
 
 use crate::common::in_netns_of;
 use crate::image::netns::{
-    AddressFlag, HostVeth, NetAddress, NetRoute, NetRule, OwnNet, RouteKind, RoutePref, RouteScope,
-    RuleAction, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN, TreeVeth, TunDevice, VethEnd,
+    AddressFlag, HostVeth, NetAddress, NetRoute, NetRule, NextHop, OwnNet, RouteKind, RoutePref,
+    RouteScope, RuleAction, TABLE_DEFAULT, TABLE_LOCAL, TABLE_MAIN, TreeVeth, TunDevice, VethEnd,
     interface_name_allowed,
 };
 use crate::procfs as pfs;
@@ -907,9 +907,9 @@ fn read_rules(v6: bool, rules: &[Value], ends: &[Made]) -> Found<Vec<NetRule>> {
 /// The routes of its tables (but the local one) the kernel did not make for
 /// an address.
 fn read_routes(table: &[Value], ends: &[Made]) -> Found<Vec<NetRoute>> {
-    const KNOWN: [&str; 11] = [
+    const KNOWN: [&str; 12] = [
         "type", "dst", "gateway", "dev", "metric", "scope", "prefsrc", "protocol", "flags", "pref",
-        "table",
+        "table", "nexthops",
     ];
     let mut out = Vec::new();
     for r in table {
@@ -977,6 +977,33 @@ fn read_routes(table: &[Value], ends: &[Made]) -> Found<Vec<NetRoute>> {
             None => None,
             Some(s) => Some(RouteScope::from_name(s).ok_or(format!("a route of scope {s}"))?),
         };
+        let mut nexthops = Vec::new();
+        for h in r["nexthops"].as_array().into_iter().flatten() {
+            const HOP: [&str; 4] = ["gateway", "dev", "weight", "flags"];
+            let Some(o) = h.as_object() else {
+                return Err(format!("a next hop ip shows as {h}"));
+            };
+            if let Some(k) = o.keys().find(|k| !HOP.contains(&k.as_str())) {
+                return Err(format!("a next hop with {k} ({h})"));
+            }
+            let flags: Vec<&Value> = h["flags"].as_array().into_iter().flatten().collect();
+            if !flags.iter().all(|f| *f == "linkdown" || *f == "onlink") {
+                return Err(format!("a next hop with flags ({h})"));
+            }
+            let dev = match h["dev"].as_str() {
+                None => None,
+                Some(d) if d == "lo" || ends.iter().any(|e| e.name == d) => Some(d.to_string()),
+                Some(d) => return Err(format!("a next hop through {d}")),
+            };
+            nexthops.push(NextHop {
+                gateway: ip_of(&h["gateway"]),
+                dev,
+                weight: (h["weight"].as_u64())
+                    .and_then(|w| u16::try_from(w).ok())
+                    .unwrap_or(1),
+                onlink: flags.iter().any(|f| *f == "onlink"),
+            });
+        }
         out.push(NetRoute {
             kind,
             destination,
@@ -989,6 +1016,7 @@ fn read_routes(table: &[Value], ends: &[Made]) -> Found<Vec<NetRoute>> {
             protocol,
             onlink,
             pref,
+            nexthops,
         });
     }
     Ok(out)
@@ -1046,12 +1074,25 @@ mod tests {
             serde_json::from_str(r#"[{"dst":"10.0.0.0/8","dev":"lo","flags":["offload"]}]"#)
                 .unwrap();
         assert!(read_routes(&offloaded, &[]).unwrap_err().contains("flags"));
-        let multipath: Vec<Value> =
-            serde_json::from_str(r#"[{"dst":"10.0.0.0/8","nexthops":[]}]"#).unwrap();
-        assert!(
-            read_routes(&multipath, &[])
-                .unwrap_err()
-                .contains("nexthops")
+        let multipath: Vec<Value> = serde_json::from_str(
+            r#"[{"dst":"10.9.0.0/16","metric":7,"flags":["linkdown"],"nexthops":[
+                  {"gateway":"10.1.0.2","dev":"lo","weight":2,"flags":["linkdown"]},
+                  {"gateway":"10.2.0.2","dev":"lo","weight":1,"flags":["onlink"]}]}]"#,
+        )
+        .unwrap();
+        let r = read_routes(&multipath, &[]).unwrap();
+        assert_eq!(r[0].nexthops.len(), 2);
+        assert_eq!(
+            (r[0].nexthops[0].weight, r[0].nexthops[1].onlink),
+            (2, true)
+        );
+        let elsewhere: Vec<Value> = serde_json::from_str(
+            r#"[{"dst":"10.9.0.0/16","nexthops":[{"gateway":"10.1.0.2","dev":"eth0"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read_routes(&elsewhere, &[]).unwrap_err(),
+            "a next hop through eth0"
         );
     }
 

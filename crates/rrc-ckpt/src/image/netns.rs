@@ -495,6 +495,24 @@ pub struct NetRoute {
     /// An IPv6 route's preference, where not medium: `low` or `high`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pref: Option<RoutePref>,
+    /// A multipath route's next hops (it has no gateway or interface of
+    /// its own then).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nexthops: Vec<NextHop>,
+}
+
+/// One next hop of a multipath route: `nexthop [via GATEWAY] [dev DEV]
+/// weight WEIGHT [onlink]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextHop {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dev: Option<String>,
+    /// Its share of the traffic, 1 to 256.
+    pub weight: u16,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub onlink: bool,
 }
 
 /// An IPv6 route's preference other than the default, medium.
@@ -723,7 +741,19 @@ impl OwnNet {
         // The local table is the kernel's; the main one is `None`.
         let table_ok = |t: u32| t != 0 && t != TABLE_MAIN && t != TABLE_LOCAL;
         for r in &self.routes {
+            let v6 = r.destination.map(|(a, _)| a.is_ipv6());
+            let hop_ok = |h: &NextHop| {
+                (1..=256).contains(&h.weight)
+                    && h.dev.as_deref().is_none_or(known)
+                    && (h.gateway.is_some() || h.dev.is_some())
+                    && h.gateway
+                        .is_none_or(|g| v6.is_none_or(|v6| g.is_ipv6() == v6))
+            };
+            let multipath_ok = r.nexthops.is_empty()
+                || (r.gateway.is_none() && r.dev.is_none() && r.nexthops.len() <= 64);
             if r.destination.is_some_and(|(a, p)| !fits(&a, p))
+                || !multipath_ok
+                || !r.nexthops.iter().all(hop_ok)
                 || r.dev.as_deref().is_some_and(|d| !known(d))
                 || r.table.is_some_and(|t| !table_ok(t))
                 || (r.protocol.as_deref()).is_some_and(|p| !NetRoute::protocol_allowed(p))

@@ -528,6 +528,7 @@ fn route_args(r: &NetRoute) -> Vec<String> {
         .map(|(a, _)| a)
         .or(r.gateway)
         .or(r.source)
+        .or(r.nexthops.iter().find_map(|h| h.gateway))
         .is_some_and(|a| a.is_ipv6());
     let mut a: Vec<String> = vec![
         if v6 { "-6" } else { "-4" }.into(),
@@ -572,6 +573,19 @@ fn route_args(r: &NetRoute) -> Vec<String> {
         None => {}
         Some(RoutePref::Low) => a.extend(["pref".into(), "low".into()]),
         Some(RoutePref::High) => a.extend(["pref".into(), "high".into()]),
+    }
+    for h in &r.nexthops {
+        a.push("nexthop".into());
+        if let Some(g) = h.gateway {
+            a.extend(["via".into(), g.to_string()]);
+        }
+        if let Some(d) = &h.dev {
+            a.extend(["dev".into(), d.clone()]);
+        }
+        a.extend(["weight".into(), h.weight.to_string()]);
+        if h.onlink {
+            a.push("onlink".into());
+        }
     }
     a
 }
@@ -685,10 +699,30 @@ mod tests {
             protocol: None,
             onlink: false,
             pref: None,
+            nexthops: Vec::new(),
         };
         assert_eq!(
             route_args(&r).join(" "),
             "-4 route add blackhole 10.30.0.0/16 metric 7"
+        );
+        let hop = |g: &str, dev: &str, weight, onlink| crate::image::netns::NextHop {
+            gateway: Some(g.parse().unwrap()),
+            dev: Some(dev.into()),
+            weight,
+            onlink,
+        };
+        let multipath = NetRoute {
+            kind: RouteKind::Unicast,
+            nexthops: vec![
+                hop("10.1.0.2", "a0", 2, false),
+                hop("10.2.0.2", "b0", 1, true),
+            ],
+            ..r
+        };
+        assert_eq!(
+            route_args(&multipath).join(" "),
+            "-4 route add 10.30.0.0/16 metric 7 nexthop via 10.1.0.2 dev a0 weight 2 \
+             nexthop via 10.2.0.2 dev b0 weight 1 onlink"
         );
         let r = NetRoute {
             kind: RouteKind::Unicast,
@@ -702,6 +736,7 @@ mod tests {
             protocol: Some("bird".into()),
             onlink: true,
             pref: Some(RoutePref::High),
+            nexthops: Vec::new(),
         };
         assert_eq!(
             route_args(&r).join(" "),
