@@ -952,6 +952,31 @@ fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
         "a veth to the restorer's from a namespace below another",
         |v| v["own_net"] = serde_json::json!({"lo_up": true}),
     );
+    // A bridge gone since: the restore fails naming it, and the peer it
+    // made before it found out goes again.
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &format!("fxb{pid}")])
+        .status();
+    match rrc_ckpt::restore::restore(&rrc_ckpt::restore::RestoreOptions::tree(&images)) {
+        Err(e) => assert!(
+            e.to_string().contains("which this network namespace"),
+            "{e}"
+        ),
+        Ok(done) => {
+            let _ = nix::sys::signal::kill(done.root, nix::sys::signal::Signal::SIGKILL);
+            panic!("restored without its bridge");
+        }
+    }
+    let left = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(
+        !left.contains(&format!("fxh{pid}"))
+            && !left.contains(&format!("rrc{:x}.", std::process::id())),
+        "a failed restore left interfaces: {left}"
+    );
     // A tree restored in a network namespace of its own (a container's)
     // has none: refused before anything is made.
     let mut opts = rrc_ckpt::restore::RestoreOptions::tree(&images);
