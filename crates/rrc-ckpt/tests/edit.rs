@@ -967,15 +967,15 @@ fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
             panic!("restored without its bridge");
         }
     }
-    let left = std::process::Command::new("ip")
+    let links = std::process::Command::new("ip")
         .args(["-o", "link", "show"])
         .output()
         .unwrap();
-    let left = String::from_utf8_lossy(&left.stdout);
+    let links = String::from_utf8_lossy(&links.stdout);
     assert!(
-        !left.contains(&format!("fxh{pid}"))
-            && !left.contains(&format!("rrc{:x}.", std::process::id())),
-        "a failed restore left interfaces: {left}"
+        !links.contains(&format!("fxh{pid}"))
+            && !links.contains(&format!("rrc{:x}.", std::process::id())),
+        "a failed restore left interfaces: {links}"
     );
     // A tree restored in a network namespace of its own (a container's)
     // has none: refused before anything is made.
