@@ -1,7 +1,8 @@
 //! The kernel's sock_diag interface: one dump request, every answer.
 //! Unix sockets are read through it in [`crate::unixdiag`]; here, the TCP
-//! listeners that hold connections their program has not accepted yet, and
-//! where a connection under way is going.
+//! and unix listeners that hold connections their program has not accepted
+//! yet (with, for unix ones, whether their clients sent data), and where a
+//! connection under way is going.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -122,7 +123,7 @@ pub fn connecting_to(pid: nix::unistd::Pid, ino: u32) -> Option<SocketAddr> {
     crate::common::in_netns_of(pid, look).ok()?.ok()?
 }
 
-/// Asks a process's network namespace about its TCP listeners, again and
+/// Asks a process's network namespace about its listeners, again and
 /// again: entering the namespace (a thread of its own) costs more than the
 /// question, so a series of checkpoints keeps one.
 pub struct ListenerProbe {
@@ -156,9 +157,7 @@ impl ListenerProbe {
         })?;
         Ok(out)
     }
-}
 
-impl ListenerProbe {
     /// Its unix listeners that hold connections not yet accepted.
     pub fn unix_backlogs(&self) -> std::io::Result<Vec<UnixBacklog>> {
         use netlink_packet_sock_diag::unix::nlas::{Nla, UnixDiagName};

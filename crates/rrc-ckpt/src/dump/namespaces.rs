@@ -322,8 +322,8 @@ fn own_net(
         Ok(Err(what)) => problems.push(format!(
             "process {p} is in a network namespace of its own with {what}, which a \
              restore does not make again (its loopback, veth pairs within it or to the \
-             checkpointer's namespace and TUN/TAP interfaces, their addresses, routes and \
-             nftables rules are)"
+             checkpointer's namespace or another of the tree's and TUN/TAP interfaces, their \
+             addresses, routes and nftables rules are)"
         )),
         Err(e) => problems.push(format!(
             "process {p}: its network namespace cannot be read: {e}"
