@@ -166,7 +166,6 @@ fn veth_end(l: &Value) -> Found<VethEnd> {
 /// The veth pairs with both ends in the namespace, and the veths whose
 /// peer is in another, by `ip -details link`.
 fn veth_pairs(links: &[Value]) -> Found<(Vec<VethPair>, Vec<Outward>)> {
-    let end = veth_end;
     let veths: Vec<&Value> = links
         .iter()
         .filter(|l| l["linkinfo"]["info_kind"] == "veth")
@@ -181,7 +180,7 @@ fn veth_pairs(links: &[Value]) -> Found<(Vec<VethPair>, Vec<Outward>)> {
                 return Err(format!("veth {name} without a peer ip shows"));
             };
             outward.push(Outward {
-                end: end(l)?,
+                end: veth_end(l)?,
                 peer_index,
                 nsid,
             });
@@ -196,7 +195,7 @@ fn veth_pairs(links: &[Value]) -> Found<(Vec<VethPair>, Vec<Outward>)> {
             ));
         };
         if p > i {
-            pairs.push((end(l)?, end(veths[p])?));
+            pairs.push((veth_end(l)?, veth_end(veths[p])?));
         }
     }
     Ok((pairs, outward))
@@ -325,22 +324,20 @@ fn host_veths(outward: Vec<Outward>) -> Found<Found<Vec<HostVeth>>> {
 /// if it is still the veth the image names.
 pub fn remove_host_peers(images: &[crate::image::ProcessImage]) {
     let veths = images.iter().filter_map(|p| p.own_net.as_ref());
-    for h in veths.flat_map(|n| &n.host_veths) {
-        let name = &h.peer.name;
-        let Ok([shown]) = run_all(
-            None,
-            [(
-                "ip",
-                &["-json", "-details", "link", "show", "dev", name][..],
-            )],
-        ) else {
-            continue;
-        };
-        let same = json(&shown).is_ok_and(|l| {
-            l.first().is_some_and(|l| {
-                l["ifindex"].as_u64() == Some(h.peer.index.into())
-                    && l["linkinfo"]["info_kind"] == "veth"
-            })
+    let peers: Vec<&VethEnd> = veths.flat_map(|n| &n.host_veths).map(|h| &h.peer).collect();
+    if peers.is_empty() {
+        return;
+    }
+    let listed = run_all(None, [("ip", &["-json", "-details", "link", "show"][..])]);
+    let Ok(links) = listed.and_then(|[shown]| json(&shown)) else {
+        return;
+    };
+    for peer in peers {
+        let name = &peer.name;
+        let same = links.iter().any(|l| {
+            l["ifname"] == name.as_str()
+                && l["ifindex"].as_u64() == Some(peer.index.into())
+                && l["linkinfo"]["info_kind"] == "veth"
         });
         if same && let Err(e) = run_all(None, [("ip", &["link", "del", "dev", name][..])]) {
             tracing::warn!("veth {name} of the killed tree stays until its namespace goes: {e}");

@@ -184,28 +184,31 @@ impl EarlyVeths {
     }
 
     /// Makes a pair by `ip link add` with the arguments `args` gives for
-    /// the indexes of its first end and, if `second`, of the other: the
-    /// first ones free here, but `avoid`. An index taken meanwhile (by an
-    /// interface made elsewhere on the host) fails the call, which is
-    /// tried again with the indexes free then. Gives both indexes.
+    /// two indexes free here but `avoid` (one for each end; the indexes
+    /// taken are passed too), from the listing `links` of the interfaces
+    /// here. An index taken meanwhile (by an interface made elsewhere on
+    /// the host) fails the call, which is tried again with a new listing.
+    /// Gives both indexes.
     fn add_pair(
-        args: impl Fn(&str, &str) -> Vec<String>,
+        args: impl Fn(&str, &str, &[u32]) -> Vec<String>,
         avoid: &[u32],
+        mut links: Vec<serde_json::Value>,
     ) -> std::result::Result<(u32, u32), String> {
         let mut tries = 0;
         loop {
-            let links = links_here()?;
             let taken: Vec<u32> = (links.iter())
                 .filter_map(|l| l["ifindex"].as_u64().and_then(|i| u32::try_from(i).ok()))
-                .chain(avoid.iter().copied())
                 .collect();
-            let mut spare = (2..).filter(|i| !taken.contains(i));
+            let mut spare = (2..).filter(|i| !taken.contains(i) && !avoid.contains(i));
             let (a, b) = (spare.next().unwrap_or(0), spare.next().unwrap_or(0));
-            let args = args(&a.to_string(), &b.to_string());
+            let args = args(&a.to_string(), &b.to_string(), &taken);
             let words: Vec<&str> = args.iter().map(String::as_str).collect();
             match run("ip", &words, None) {
                 Ok(()) => return Ok((a, b)),
-                Err(_) if tries < 4 => tries += 1,
+                Err(_) if tries < 4 => {
+                    tries += 1;
+                    links = links_here()?;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -220,7 +223,7 @@ impl EarlyVeths {
         all: &[HostVeth],
     ) -> std::result::Result<(), String> {
         let (a, b) = (&h.end, &h.peer);
-        let free = Self::ready(h)?;
+        let links = Self::ready(h)?;
         let temporary = self.temporary(0);
         let (mac_a, mac_b) = (mac(a.mac), mac(b.mac));
         let (mtu_a, mtu_b) = (a.mtu.to_string(), b.mtu.to_string());
@@ -229,19 +232,21 @@ impl EarlyVeths {
         // veth is given one too: one no peer asks for.
         let peers: Vec<u32> = all.iter().map(|h| h.peer.index).collect();
         let (index, _) = Self::add_pair(
-            |index_a, _| {
+            |index_a, _, taken| {
                 #[rustfmt::skip]
                 let mut args = strings([
                     "link", "add", &temporary, "index", index_a, "address", &mac_a, "mtu",
                     &mtu_a, "type", "veth", "peer", "name", &b.name, "address", &mac_b, "mtu",
                     &mtu_b,
                 ]);
-                if free {
+                // Its own index again, where free.
+                if !taken.contains(&b.index) {
                     args.extend(strings(["index", &index_b]));
                 }
                 args
             },
             &peers,
+            links,
         )?;
         self.ends.push((maker, a.name.clone(), index));
         self.made.push(b.name.clone());
@@ -269,7 +274,7 @@ impl EarlyVeths {
         let (mac_a, mac_b) = (mac(a.mac), mac(b.mac));
         let (mtu_a, mtu_b) = (a.mtu.to_string(), b.mtu.to_string());
         let (index_a, index_b) = Self::add_pair(
-            |index_a, index_b| {
+            |index_a, index_b, _| {
                 #[rustfmt::skip]
                 let args = strings([
                     "link", "add", &name_a, "index", index_a, "address", &mac_a, "mtu", &mtu_a,
@@ -279,6 +284,7 @@ impl EarlyVeths {
                 args
             },
             &[],
+            links_here()?,
         )?;
         self.ends.push((maker_a, a.name.clone(), index_a));
         self.ends.push((maker_b, b.name.clone(), index_b));
@@ -287,8 +293,8 @@ impl EarlyVeths {
     }
 
     /// Waits for the name of `h`'s peer to be free here, checks its
-    /// bridge is, and says whether its index is free.
-    fn ready(h: &HostVeth) -> std::result::Result<bool, String> {
+    /// bridge is, and gives the interfaces here then.
+    fn ready(h: &HostVeth) -> std::result::Result<Vec<serde_json::Value>, String> {
         let started = std::time::Instant::now();
         loop {
             let links = links_here()?;
@@ -314,8 +320,7 @@ impl EarlyVeths {
                     h.end.name
                 ));
             }
-            let index = Some(u64::from(h.peer.index));
-            return Ok(!links.iter().any(|l| l["ifindex"].as_u64() == index));
+            return Ok(links);
         }
     }
 
