@@ -914,7 +914,7 @@ fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
     };
     let process = record_with(&images, "own_net");
     type Edit = fn(&mut serde_json::Value);
-    let edits: [(&str, Edit); 8] = [
+    let edits: [(&str, Edit); 9] = [
         ("a peer named like an option", |n| {
             n["host_veths"][0]["peer"]["name"] = "-evil".into()
         }),
@@ -933,6 +933,13 @@ fn hostile_veths_to_the_host_are_refused_before_anything_is_made() {
         (
             "a peer's route through another interface of the host",
             |n| n["host_veths"][0]["peer_routes"][0]["dev"] = "eth0".into(),
+        ),
+        (
+            "a peer's route with next hops through other interfaces of the host",
+            |n| {
+                n["host_veths"][0]["peer_routes"][0]["nexthops"] =
+                    serde_json::json!([{"dev": "eth0", "weight": 1}, {"dev": "eth1", "weight": 1}])
+            },
         ),
         ("a peer's route in the local table", |n| {
             n["host_veths"][0]["peer_routes"][0]["table"] = 255.into()

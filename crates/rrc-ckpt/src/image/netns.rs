@@ -702,8 +702,11 @@ impl OwnNet {
                 return Err(format!("address {}/{} on {:?}", a.address, a.prefix, a.dev));
             }
             if let Some(r) = h.peer_routes.iter().find(|r| {
+                // A multipath route's next hops name their own devices:
+                // none is made through the peer.
                 r.destination.is_some_and(|(a, p)| !fits(&a, p))
                     || r.dev.as_deref() != Some(peer.name.as_str())
+                    || !r.nexthops.is_empty()
                     || r.table.is_some_and(|t| t == 0 || t == TABLE_LOCAL)
                     || (r.protocol.as_deref()).is_some_and(|p| !NetRoute::protocol_allowed(p))
             }) {
